@@ -1,0 +1,405 @@
+"""Conversion between our encoder and the released Hugging Face / PyTorch format (SPEC §1.4).
+
+One declarative table maps every parameter of ours to a key of the release's state dict, with
+the layout change between them (PyTorch Linear stores (out, in); the patch embedding is a Conv2d
+over (channel, row, column); the pooling head fuses q/k/v into one in-projection). Export and
+import both walk that table, so a key can never be handled in one direction only.
+
+Only safetensors is read or written (never pickle). The reader and writer here handle bfloat16,
+which `safetensors.numpy` cannot, and need neither torch nor the Hugging Face libraries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Callable, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from ove_jax import sharding
+from ove_jax.models.encoder import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig
+
+Path = tuple  # a parameter path in nnx.state, e.g. ('blocks', 0, 'mlp', 'fc1', 'kernel')
+
+CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = ('config.json', 'model.safetensors',
+                                                'preprocessor_config.json')
+
+
+class CheckpointError(ValueError):
+  """A directory that is not a usable OneVision-Encoder checkpoint; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The mapping table
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  hf_key: str
+  paths: tuple[Path, ...]          # our parameter(s) that make up this release tensor
+  hf_shape: tuple[int, ...]
+  to_hf: Callable[[Sequence[np.ndarray]], np.ndarray]
+  from_hf: Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+def _same(arrays):
+  return arrays[0]
+
+
+def _one(array):
+  return [array]
+
+
+def _linear_to_hf(arrays):
+  return arrays[0].T
+
+
+def _linear_from_hf(array):
+  return [array.T]
+
+
+def _patch_rules(cfg: EncoderConfig):
+  ps, ch, c = cfg.patch_size, cfg.num_channels, cfg.width
+
+  def to_hf(arrays):  # [ps*ps*ch (row, col, channel), C] -> (C, ch, row, col)
+    return arrays[0].reshape(ps, ps, ch, c).transpose(3, 2, 0, 1)
+
+  def from_hf(array):
+    return [array.transpose(2, 3, 1, 0).reshape(ps * ps * ch, c)]
+  return to_hf, from_hf
+
+
+def _qkv_to_hf(arrays):  # three [C, C] kernels (in, out) -> fused (3C, C) rows q, k, v
+  return np.concatenate([a.T for a in arrays], axis=0)
+
+
+def _qkv_from_hf(array):
+  return [a.T for a in np.split(array, 3, axis=0)]
+
+
+def _qkv_bias_to_hf(arrays):
+  return np.concatenate(arrays, axis=0)
+
+
+def _qkv_bias_from_hf(array):
+  return np.split(array, 3, axis=0)
+
+
+def mapping(cfg: EncoderConfig) -> list[Rule]:
+  """Every release key with the parameter(s) of ours it corresponds to."""
+  c, i = cfg.width, cfg.mlp_dim
+  rules = []
+
+  def linear(hf_prefix, path, d_in, d_out):
+    rules.append(Rule(f'{hf_prefix}.weight', (path + ('kernel',),), (d_out, d_in),
+                      _linear_to_hf, _linear_from_hf))
+    rules.append(Rule(f'{hf_prefix}.bias', (path + ('bias',),), (d_out,), _same, _one))
+
+  def layer_norm(hf_prefix, path):
+    rules.append(Rule(f'{hf_prefix}.weight', (path + ('scale',),), (c,), _same, _one))
+    rules.append(Rule(f'{hf_prefix}.bias', (path + ('bias',),), (c,), _same, _one))
+
+  patch_to_hf, patch_from_hf = _patch_rules(cfg)
+  rules.append(Rule('embeddings.patch_embedding.weight', (('patch_embed', 'kernel'),),
+                    (c, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+                    patch_to_hf, patch_from_hf))
+  layer_norm('layernorm_pre', ('layernorm_pre',))
+  for n in range(cfg.depth):
+    hf, ours = f'encoder.layers.{n}', ('blocks', n)
+    layer_norm(f'{hf}.layer_norm1', ours + ('layer_norm1',))
+    for proj in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
+      linear(f'{hf}.self_attn.{proj}', ours + ('self_attn', proj), c, c)
+    layer_norm(f'{hf}.layer_norm2', ours + ('layer_norm2',))
+    linear(f'{hf}.mlp.fc1', ours + ('mlp', 'fc1'), c, i)
+    linear(f'{hf}.mlp.fc2', ours + ('mlp', 'fc2'), i, c)
+  if cfg.use_head:
+    layer_norm('layernorm_post', ('layernorm_post',))
+    rules.append(Rule('head.probe', (('head', 'probe'),), (1, 1, c), _same, _one))
+    qkv = tuple(('head', p) for p in ('q_proj', 'k_proj', 'v_proj'))
+    rules.append(Rule('head.attention.in_proj_weight', tuple(p + ('kernel',) for p in qkv),
+                      (3 * c, c), _qkv_to_hf, _qkv_from_hf))
+    rules.append(Rule('head.attention.in_proj_bias', tuple(p + ('bias',) for p in qkv),
+                      (3 * c,), _qkv_bias_to_hf, _qkv_bias_from_hf))
+    linear('head.attention.out_proj', ('head', 'out_proj'), c, c)
+    rules.append(Rule('head.norm.weight', (('head', 'norm', 'scale'),), (c,), _same, _one))
+    linear('head.mlp.fc1', ('head', 'mlp', 'fc1'), c, i)
+    linear('head.mlp.fc2', ('head', 'mlp', 'fc2'), i, c)
+  return rules
+
+
+def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str, np.ndarray]:
+  """Our flat parameters (path -> array) to the release's state dict (key -> array)."""
+  out = {}
+  for rule in mapping(cfg):
+    missing = [p for p in rule.paths if p not in params]
+    if missing:
+      raise CheckpointError(f'parameter {"/".join(map(str, missing[0]))} is missing; it is needed '
+                            f'for {rule.hf_key} {rule.hf_shape}')
+    tensor = np.ascontiguousarray(rule.to_hf([np.asarray(params[p]) for p in rule.paths]))
+    assert tensor.shape == rule.hf_shape, (rule.hf_key, tensor.shape, rule.hf_shape)
+    out[rule.hf_key] = tensor
+  return out
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
+                 source: str = 'state dict') -> dict[Path, np.ndarray]:
+  """The release's state dict to our flat parameters; strict about keys and shapes."""
+  rules = mapping(cfg)
+  expected = {r.hf_key for r in rules}
+  missing = [r for r in rules if r.hf_key not in tensors]
+  if missing:
+    r = missing[0]
+    raise CheckpointError(f'{source}: key {r.hf_key} is missing (expected shape {r.hf_shape}); '
+                          f'{len(missing)} of {len(rules)} expected keys are missing')
+  unexpected = sorted(set(tensors) - expected)
+  if unexpected:
+    raise CheckpointError(f'{source}: unexpected key {unexpected[0]} with shape '
+                          f'{tuple(tensors[unexpected[0]].shape)} ({len(unexpected)} unexpected '
+                          'keys); is config.json the checkpoint\'s own?')
+  params = {}
+  for rule in rules:
+    tensor = tensors[rule.hf_key]
+    if tuple(tensor.shape) != rule.hf_shape:
+      raise CheckpointError(f'{source}: key {rule.hf_key} has shape {tuple(tensor.shape)}, '
+                            f'expected {rule.hf_shape} from config.json')
+    for path, array in zip(rule.paths, rule.from_hf(np.asarray(tensor))):
+      params[path] = np.ascontiguousarray(array)
+  return params
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json
+# ------------------------------------------------------------------------------------------------
+
+def hf_config(cfg: EncoderConfig, dtype: str = 'float32') -> dict:
+  return {
+      'model_type': 'onevision_encoder',
+      'architectures': ['OneVisionEncoderModel'],
+      'hidden_size': cfg.width,
+      'intermediate_size': cfg.mlp_dim,
+      'num_hidden_layers': cfg.depth,
+      'num_attention_heads': cfg.num_heads,
+      'num_channels': cfg.num_channels,
+      'image_size': cfg.image_size,
+      'patch_size': cfg.patch_size,
+      'hidden_act': 'gelu',
+      'layer_norm_eps': cfg.layer_norm_eps,
+      'layer_norm_type': 'layer_norm',
+      'attention_dropout': 0.0,
+      'initializer_range': 0.02,
+      'rope_theta': cfg.rope_theta,
+      'rope_temporal_size': cfg.rope_temporal_size,
+      'use_head': cfg.use_head,
+      'torch_dtype': dtype,
+      'dtype': dtype,
+  }
+
+
+_REQUIRED = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+
+
+def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> EncoderConfig:
+  """EncoderConfig from a release config.json dict; refuses what is not an OV-Encoder."""
+  if hf.get('model_type') != 'onevision_encoder':
+    raise CheckpointError(f'{source}: model_type is {hf.get("model_type")!r}, expected '
+                          "'onevision_encoder'; this is not a OneVision-Encoder checkpoint")
+  for key in _REQUIRED:
+    if not isinstance(hf.get(key), int):
+      raise CheckpointError(f'{source}: {key} is {hf.get(key)!r}; expected an integer')
+  checks = {'hidden_act': ('gelu',), 'layer_norm_type': ('layer_norm',)}
+  for key, allowed in checks.items():
+    if hf.get(key, allowed[0]) not in allowed:
+      raise CheckpointError(f'{source}: {key} is {hf[key]!r}; this port supports {allowed}')
+  try:
+    return EncoderConfig(
+        width=hf['hidden_size'], depth=hf['num_hidden_layers'],
+        num_heads=hf['num_attention_heads'], mlp_dim=hf['intermediate_size'],
+        patch_size=hf.get('patch_size', 14), num_channels=hf.get('num_channels', 3),
+        rope_theta=float(hf.get('rope_theta', 10000.0)),
+        rope_temporal_size=hf.get('rope_temporal_size') or 64,
+        use_head=bool(hf.get('use_head', True)),
+        layer_norm_eps=float(hf.get('layer_norm_eps', 1e-6)),
+        image_size=hf.get('image_size', 448), **overrides)
+  except ValueError as e:
+    raise CheckpointError(f'{source}: {e}') from e
+
+
+def preprocessor_config(cfg: EncoderConfig) -> dict:
+  """The release's CLIP preprocessing: shortest side to image_size (bicubic), centre crop."""
+  return {
+      'image_processor_type': 'CLIPImageProcessor',
+      'do_convert_rgb': True,
+      'do_resize': True,
+      'size': {'shortest_edge': cfg.image_size},
+      'resample': 3,  # PIL bicubic
+      'do_center_crop': True,
+      'crop_size': {'height': cfg.image_size, 'width': cfg.image_size},
+      'do_rescale': True,
+      'rescale_factor': 1 / 255,
+      'do_normalize': True,
+      'image_mean': list(CLIP_MEAN),
+      'image_std': list(CLIP_STD),
+      'patch_size': cfg.patch_size,
+  }
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors, read and written directly (format: u64 header size, JSON header, raw data)
+# ------------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8),
+    'BOOL': np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
+  header, offset, blobs = {}, 0, []
+  for key in sorted(tensors):
+    a = np.ascontiguousarray(tensors[key])
+    if a.dtype not in _NAMES:
+      raise ValueError(f'{key}: dtype {a.dtype} cannot be stored in safetensors')
+    blob = a.tobytes()
+    header[key] = {'dtype': _NAMES[a.dtype], 'shape': list(a.shape),
+                   'data_offsets': [offset, offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  header['__metadata__'] = {'format': 'pt', **(metadata or {})}
+  head = json.dumps(header, separators=(',', ':')).encode()
+  head += b' ' * (-len(head) % 8)  # keep the data 8-byte aligned
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(struct.pack('<Q', len(head)))
+    f.write(head)
+    for blob in blobs:
+      f.write(blob)
+  os.replace(tmp, path)  # never leave a half-written weights file behind
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    raw = f.read(8)
+    if len(raw) < 8:
+      raise CheckpointError(f'{path}: truncated (no safetensors header)')
+    (n,) = struct.unpack('<Q', raw)
+    if n > size - 8:
+      raise CheckpointError(f'{path}: header length {n} exceeds the file; not a safetensors file '
+                            'or truncated')
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointError(f'{path}: unreadable safetensors header ({e})') from e
+    base = 8 + n
+    data = np.memmap(path, dtype=np.uint8, mode='r') if size > base else np.zeros(0, np.uint8)
+  out = {}
+  for key, info in header.items():
+    if key == '__metadata__':
+      continue
+    if info.get('dtype') not in _DTYPES:
+      raise CheckpointError(f'{path}: tensor {key} has unsupported dtype {info.get("dtype")}')
+    start, end = info['data_offsets']
+    if base + end > size:
+      raise CheckpointError(f'{path}: tensor {key} runs past the end of the file (truncated)')
+    dtype = _DTYPES[info['dtype']]
+    out[key] = np.array(data[base + start:base + end]).view(dtype).reshape(info['shape'])
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Our model <-> a Hugging Face directory
+# ------------------------------------------------------------------------------------------------
+
+def model_params(model: Encoder) -> dict[Path, np.ndarray]:
+  """Flat path -> host numpy array of every parameter."""
+  state = nnx.state(model, nnx.Param)
+  return {tuple(path): np.asarray(jax.device_get(var[...]))
+          for path, var in nnx.to_flat_state(state)}
+
+
+def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
+                 params: dict[Path, np.ndarray] | None = None) -> str:
+  """Writes `directory` in the release's format: config.json, model.safetensors and
+  preprocessor_config.json. `dtype` is the stored precision (float32, bfloat16 or float16).
+
+  `params` (flat path -> array) overrides the model's own, for exporting training checkpoints.
+  """
+  cfg = model.cfg
+  store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
+  if dtype not in store:
+    raise ValueError(f'dtype={dtype!r}; choose one of {sorted(store)}')
+  tensors = params_to_hf(params if params is not None else model_params(model), cfg)
+  tensors = {k: v.astype(store[dtype]) for k, v in tensors.items()}
+  os.makedirs(directory, exist_ok=True)
+  write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors)
+  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+    json.dump(hf_config(cfg, dtype), f, indent=2)
+  with open(os.path.join(directory, PREPROCESSOR_FILE), 'w') as f:
+    json.dump(preprocessor_config(cfg), f, indent=2)
+  return directory
+
+
+def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
+  if not os.path.isdir(directory):
+    raise CheckpointError(f'{directory}: no such directory')
+  config_path = os.path.join(directory, CONFIG_FILE)
+  weights_path = os.path.join(directory, WEIGHTS_FILE)
+  for p in (config_path, weights_path):
+    if not os.path.isfile(p):
+      extra = ''
+      if p == weights_path and any(f.endswith(('.bin', '.pt', '.pth'))
+                                   for f in os.listdir(directory)):
+        extra = ' (pickled PyTorch weights are never loaded; convert them to safetensors)'
+      raise CheckpointError(f'{directory}: {os.path.basename(p)} is missing{extra}')
+  try:
+    with open(config_path) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{config_path}: not valid JSON ({e})') from e
+  return hf, read_safetensors(weights_path)
+
+
+def load_pytorch(directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES,
+                 **config_overrides) -> Encoder:
+  """Our encoder with the weights of a release-format directory (e.g. the released
+  `onevision-encoder-large`). `dtype` is the compute dtype; parameters are float32.
+
+  With a mesh set (`jax.set_mesh`), parameters are placed sharded by `rules`.
+  """
+  hf, tensors = read_directory(directory)
+  cfg = config_from_hf(hf, source=os.path.join(directory, CONFIG_FILE), dtype=dtype,
+                       **config_overrides)
+  params = hf_to_params(tensors, cfg, source=os.path.join(directory, WEIGHTS_FILE))
+  return model_from_params(cfg, params, rules=rules)
+
+
+def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
+                      rules=sharding.DEFAULT_RULES) -> Encoder:
+  """An encoder whose parameters are `params` (flat path -> array), without a random init."""
+  abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0), rules=rules))
+  graphdef, state = nnx.split(abstract)
+  mesh = sharding.current_mesh()
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    if path not in params:
+      raise CheckpointError(f'parameter {"/".join(map(str, path))} is missing')
+    value = np.asarray(params[path], dtype=np.float32)
+    expected = var.get_raw_value().shape
+    if value.shape != expected:
+      raise CheckpointError(f'parameter {"/".join(map(str, path))} has shape {value.shape}, '
+                            f'expected {expected}')
+    if mesh is not None:
+      spec = nnx.get_partition_spec(nnx.State({'v': var}))['v'][...]
+      value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+    else:
+      value = jax.numpy.asarray(value)
+    flat.append((path, var.replace(value)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))

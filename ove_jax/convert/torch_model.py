@@ -1,0 +1,529 @@
+"""A self-contained PyTorch OneVision encoder that reads and writes the release's checkpoints.
+
+This module depends only on torch, numpy and safetensors, so a checkpoint exported from the
+JAX code can be used by people who do not have JAX installed, and so the converter has an
+independent reference to compare against. The module names and parameter shapes follow the
+public release exactly (SPEC section 1.4), which means a release directory loads here unchanged
+and a directory written here loads in the release.
+
+Usage:
+
+  from ove_jax.convert.torch_model import load_pretrained
+  model = load_pretrained('path/to/onevision-encoder-large').eval()
+  with torch.no_grad():
+    out = model(pixel_values_Bx3xHxW)                       # images, CLIP-normalised
+    out = model(video_Bx3xTxHxW)                            # every patch of T frames
+    out = model(video_Bx3x64xHxW, visible_indices=idx_BxK)  # codec-selected patches
+  out['last_hidden_state']  # (B, L, C), after layernorm_post
+  out['pooler_output']      # (B, C), the MAP head's embedding (None without the head)
+
+  model = OVEncoderTorch(OVEncoderConfig(hidden_size=128, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=2))
+  save_pretrained(model, 'some/dir')  # config.json + model.safetensors
+
+Checkpoints are read with safetensors only; pickled torch files are never opened.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_TYPE = 'onevision_encoder'
+ARCHITECTURES = ['OneVisionEncoderModel']
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+WEIGHTS_INDEX_NAME = 'model.safetensors.index.json'
+
+# Sizes with no sensible default: a config file without them is not a usable config.
+_REQUIRED_KEYS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclasses.dataclass
+class OVEncoderConfig:
+  """The fields of the release's `config.json` that shape the model (SPEC 1.4)."""
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_hidden_layers: int = 24
+  num_attention_heads: int = 16
+  num_channels: int = 3
+  image_size: int = 448
+  patch_size: int = 14
+  hidden_act: str = 'gelu'
+  layer_norm_eps: float = 1e-6
+  layer_norm_type: str = 'layer_norm'
+  attention_dropout: float = 0.0
+  initializer_range: float = 0.02
+  rope_theta: float = 10000.0
+  rope_temporal_size: int = 64
+  use_head: bool = True
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def rope_axis_sizes(self) -> tuple:
+    """(n_t, n_h, n_w): the 4:6:6 split of head_dim / 2."""
+    unit = self.head_dim // 2 // 16
+    return 4 * unit, 6 * unit, 6 * unit
+
+  def validate(self, source: Optional[str] = None):
+    where = f' in {source}' if source else ''
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_attention_heads '
+                       f'{self.num_attention_heads}{where}')
+    # The 4:6:6 RoPE split needs head_dim / 2 to be a multiple of 16 (64 in every release size).
+    if (self.head_dim // 2) % 16 or self.head_dim % 2:
+      raise ValueError(f'head_dim {self.head_dim} (hidden_size / num_attention_heads) is not '
+                       f'supported{where}: head_dim / 2 must be divisible by 16 for the 4:6:6 '
+                       f'RoPE split (the release uses 64)')
+    # Anything else would be computed silently wrong, so refuse it rather than approximate it.
+    if self.hidden_act != 'gelu':
+      raise ValueError(f'hidden_act {self.hidden_act!r}{where} is not supported; only the exact '
+                       f'(erf) "gelu" of the release is')
+    if self.layer_norm_type != 'layer_norm':
+      raise ValueError(f'layer_norm_type {self.layer_norm_type!r}{where} is not supported; only '
+                       f'"layer_norm" is')
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], source: Optional[str] = None) -> 'OVEncoderConfig':
+    """Builds a config from a `config.json` dict; keys that are not fields are ignored."""
+    where = source or 'the config dict'
+    model_type = d.get('model_type')
+    if model_type is not None and model_type != MODEL_TYPE:
+      raise ValueError(f'{where} has model_type {model_type!r}, expected {MODEL_TYPE!r}')
+    missing = [k for k in _REQUIRED_KEYS if k not in d]
+    if missing:
+      raise ValueError(f'{where} lacks the required field(s) {missing}')
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    # Bypass __post_init__ so a failed check can name the file it came from.
+    config = cls.__new__(cls)
+    for f in dataclasses.fields(cls):
+      value = kwargs.get(f.name, f.default)
+      setattr(config, f.name, value)
+    config.validate(source)
+    return config
+
+  @classmethod
+  def from_json_file(cls, path: PathLike) -> 'OVEncoderConfig':
+    with open(path, 'r', encoding='utf-8') as f:
+      d = json.load(f)
+    return cls.from_dict(d, source=str(path))
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embedding (SPEC 1.3)
+# ------------------------------------------------------------------------------------------------
+
+def rope_inv_freqs(config: OVEncoderConfig, device=None) -> tuple:
+  """float32 inverse frequencies per axis; each axis is normalised by its own size (k/n)."""
+  out = []
+  for n in config.rope_axis_sizes:
+    k = torch.arange(n, dtype=torch.float32, device=device)
+    out.append(1.0 / (config.rope_theta ** (k / n)))
+  return tuple(out)
+
+
+def rope_angles(positions_BxLx3: torch.Tensor, config: OVEncoderConfig) -> torch.Tensor:
+  """(B, L, head_dim) float32 angles for positions (t, h, w)."""
+  pos = positions_BxLx3.to(torch.float32)
+  inv_t, inv_h, inv_w = rope_inv_freqs(config, device=pos.device)
+  half = torch.cat([pos[..., 0:1] * inv_t, pos[..., 1:2] * inv_h, pos[..., 2:3] * inv_w], dim=-1)
+  # Duplicated by concatenation, not interleaving: the released weights were trained this way.
+  return torch.cat([half, half], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+  """rotate_pairs(x)[2i] = -x[2i+1], rotate_pairs(x)[2i+1] = x[2i]."""
+  pairs = x.unflatten(-1, (-1, 2))
+  return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+def apply_rope(x_BxHxLxD: torch.Tensor, angles_BxLxD: torch.Tensor) -> torch.Tensor:
+  # cos/sin are taken in float32, then rounded to the activation dtype, as the release does.
+  cos = torch.cos(angles_BxLxD).to(x_BxHxLxD.dtype)[:, None]
+  sin = torch.sin(angles_BxLxD).to(x_BxHxLxD.dtype)[:, None]
+  return x_BxHxLxD * cos + rotate_pairs(x_BxHxLxD) * sin
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+
+class OVEmbeddings(nn.Module):
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
+                                     kernel_size=config.patch_size, stride=config.patch_size,
+                                     bias=False)
+
+
+class OVAttention(nn.Module):
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    c = config.hidden_size
+    self.num_heads = config.num_attention_heads
+    self.head_dim = config.head_dim
+    self.dropout = config.attention_dropout
+    self.q_proj = nn.Linear(c, c)
+    self.k_proj = nn.Linear(c, c)
+    self.v_proj = nn.Linear(c, c)
+    self.out_proj = nn.Linear(c, c)
+
+  def forward(self, x_BxLxC: torch.Tensor, angles_BxLxD: torch.Tensor) -> torch.Tensor:
+    b, l, c = x_BxLxC.shape
+    split = lambda y: y.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+    q = apply_rope(split(self.q_proj(x_BxLxC)), angles_BxLxD)
+    k = apply_rope(split(self.k_proj(x_BxLxC)), angles_BxLxD)
+    v = split(self.v_proj(x_BxLxC))
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                       scale=self.head_dim ** -0.5)
+    return self.out_proj(o.transpose(1, 2).reshape(b, l, c))
+
+
+class OVMLP(nn.Module):
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+    self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # F.gelu's default is the exact erf form; the tanh approximation would drift from the release.
+    return self.fc2(F.gelu(self.fc1(x)))
+
+
+class OVEncoderLayer(nn.Module):
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+    self.self_attn = OVAttention(config)
+    self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+    self.mlp = OVMLP(config)
+
+  def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    x = x + self.self_attn(self.layer_norm1(x), angles)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class OVEncoder(nn.Module):
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    self.layers = nn.ModuleList([OVEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+class OVRMSNorm(nn.Module):
+  """RMSNorm with a weight and no bias; statistics in float32 so bf16 runs stay stable."""
+
+  def __init__(self, dim: int, eps: float = 1e-6):
+    super().__init__()
+    self.eps = eps
+    self.weight = nn.Parameter(torch.ones(dim))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x32 = x.to(torch.float32)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+    return y.to(x.dtype) * self.weight
+
+
+class OVPoolingHead(nn.Module):
+  """The MAP head: a learned probe attends to every token (no RoPE), then a residual MLP."""
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    c = config.hidden_size
+    self.probe = nn.Parameter(torch.empty(1, 1, c))
+    self.attention = nn.MultiheadAttention(c, config.num_attention_heads, batch_first=True)
+    self.norm = OVRMSNorm(c, eps=1e-6)
+    self.mlp = OVMLP(config)
+
+  def forward(self, x_BxLxC: torch.Tensor) -> torch.Tensor:
+    probe = self.probe.expand(x_BxLxC.shape[0], -1, -1)
+    a = self.attention(probe, x_BxLxC, x_BxLxC, need_weights=False)[0]
+    y = a + self.mlp(self.norm(a))
+    return y[:, 0]
+
+
+class OVEncoderTorch(nn.Module):
+  """The OneVision encoder with the release's parameter names (SPEC 1.2-1.4)."""
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    config.validate()
+    self.config = config
+    c = config.hidden_size
+    self.embeddings = OVEmbeddings(config)
+    self.layernorm_pre = nn.LayerNorm(c, eps=config.layer_norm_eps)
+    self.encoder = OVEncoder(config)
+    if config.use_head:
+      self.layernorm_post = nn.LayerNorm(c, eps=config.layer_norm_eps)
+      self.head = OVPoolingHead(config)
+    else:
+      self.layernorm_post = None
+      self.head = None
+    self.reset_parameters()
+
+  # -- initialisation ----------------------------------------------------------------------------
+
+  @torch.no_grad()
+  def reset_parameters(self):
+    """From-scratch initialisation of SPEC 1.2."""
+    std = self.config.initializer_range
+    for m in self.modules():
+      # MultiheadAttention's out_proj is a Linear subclass, so it is covered here too.
+      if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0.0, std)
+        if m.bias is not None:
+          nn.init.zeros_(m.bias)
+      elif isinstance(m, nn.Conv2d):
+        nn.init.normal_(m.weight, 0.0, std)
+      elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+      elif isinstance(m, OVRMSNorm):
+        nn.init.ones_(m.weight)
+    if self.head is not None:
+      nn.init.normal_(self.head.probe, 0.0, 1.0)
+      nn.init.xavier_uniform_(self.head.attention.in_proj_weight)
+      nn.init.zeros_(self.head.attention.in_proj_bias)
+
+  # -- inputs to tokens --------------------------------------------------------------------------
+
+  def _patch_grid(self, h: int, w: int) -> tuple:
+    p = self.config.patch_size
+    if h % p or w % p:
+      raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+    return h // p, w // p
+
+  def _embed_frames(self, pixel_values: torch.Tensor) -> tuple:
+    """Patch tokens (B, T*Hp*Wp, C) ordered frame, row, column; plus (T, Hp, Wp)."""
+    weight = self.embeddings.patch_embedding.weight
+    if pixel_values.dim() == 4:
+      frames = pixel_values[:, :, None]
+    elif pixel_values.dim() == 5:
+      frames = pixel_values
+    else:
+      raise ValueError(f'pixel_values must be (B, 3, H, W) or (B, 3, T, H, W), got shape '
+                       f'{tuple(pixel_values.shape)}')
+    b, ch, t, h, w = frames.shape
+    if ch != self.config.num_channels:
+      raise ValueError(f'pixel_values has {ch} channels, the model expects '
+                       f'{self.config.num_channels} (channels first)')
+    hp, wp = self._patch_grid(h, w)
+    frames = frames.permute(0, 2, 1, 3, 4).reshape(b * t, ch, h, w).to(weight.dtype)
+    x = self.embeddings.patch_embedding(frames)  # (B*T, C, Hp, Wp)
+    x = x.flatten(2).transpose(1, 2).reshape(b, t * hp * wp, -1)
+    return x, (t, hp, wp)
+
+  @staticmethod
+  def _grid_positions(t: int, hp: int, wp: int, batch: int, device) -> torch.Tensor:
+    tt, hh, ww = torch.meshgrid(torch.arange(t, device=device), torch.arange(hp, device=device),
+                                torch.arange(wp, device=device), indexing='ij')
+    pos = torch.stack([tt, hh, ww], dim=-1).reshape(1, t * hp * wp, 3).to(torch.float32)
+    return pos.expand(batch, -1, -1)
+
+  def forward(self, pixel_values: torch.Tensor, visible_indices: Optional[torch.Tensor] = None,
+              patch_positions: Optional[torch.Tensor] = None,
+              output_hidden_states: bool = False) -> Dict[str, Any]:
+    """Encodes images (B, 3, H, W) or videos (B, 3, T, H, W) with the release's conventions.
+
+    visible_indices (B, K): flat patch indices n on a virtual grid of `rope_temporal_size`
+      frames, giving t = n // (Hp*Wp), h = (n // Wp) % Hp, w = n % Wp. When K differs from the
+      number of input patches the tokens at those indices are gathered; when it is equal, the
+      input already holds exactly the visible patches and the indices only assign positions.
+    patch_positions (B, L, 3): explicit (t, h, w) per token, overriding any other positions.
+    """
+    x, (t, hp, wp) = self._embed_frames(pixel_values)
+    b, n, _ = x.shape
+    positions = None
+    if visible_indices is not None:
+      if visible_indices.dim() != 2 or visible_indices.shape[0] != b:
+        raise ValueError(f'visible_indices must be (B={b}, K), got shape '
+                         f'{tuple(visible_indices.shape)}')
+      if visible_indices.is_floating_point():
+        raise ValueError('visible_indices must be an integer tensor')
+      idx = visible_indices.to(device=x.device, dtype=torch.long)
+      if idx.shape[1] != n:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+          raise ValueError(f'visible_indices must lie in [0, {n}) to gather from the {n} input '
+                           f'patches; got range [{int(idx.min())}, {int(idx.max())}]')
+        x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+      positions = torch.stack([idx // (hp * wp), (idx // wp) % hp, idx % wp],
+                              dim=-1).to(torch.float32)
+    if patch_positions is not None:
+      if patch_positions.dim() != 3 or patch_positions.shape[-1] != 3:
+        raise ValueError(f'patch_positions must be (B, L, 3), got shape '
+                         f'{tuple(patch_positions.shape)}')
+      if tuple(patch_positions.shape[:2]) != tuple(x.shape[:2]):
+        raise ValueError(f'patch_positions has shape {tuple(patch_positions.shape)} but there are '
+                         f'{x.shape[1]} tokens for batch {x.shape[0]}')
+      positions = patch_positions.to(device=x.device, dtype=torch.float32)
+    if positions is None:
+      positions = self._grid_positions(t, hp, wp, b, x.device)
+    return self._trunk(x, positions, output_hidden_states)
+
+  def forward_tokens(self, patches: torch.Tensor, positions: torch.Tensor,
+                     output_hidden_states: bool = False) -> Dict[str, Any]:
+    """Encodes pre-flattened patches (B, L, p*p*3) in (row, column, channel) order.
+
+    This is the layout of a packed token pipeline; one sample per row, no padding.
+    """
+    weight = self.embeddings.patch_embedding.weight  # (C, ch, p, p): (channel, row, column)
+    c, ch, p, _ = weight.shape
+    if patches.dim() != 3 or patches.shape[-1] != p * p * ch:
+      raise ValueError(f'patches must be (B, L, {p * p * ch}), got shape {tuple(patches.shape)}')
+    if tuple(positions.shape) != (*patches.shape[:2], 3):
+      raise ValueError(f'positions must be {(*patches.shape[:2], 3)}, got '
+                       f'{tuple(positions.shape)}')
+    w_rcc = weight.permute(0, 2, 3, 1).reshape(c, p * p * ch)
+    x = patches.to(weight.dtype) @ w_rcc.t()
+    return self._trunk(x, positions.to(device=x.device, dtype=torch.float32),
+                       output_hidden_states)
+
+  # -- transformer -------------------------------------------------------------------------------
+
+  def _trunk(self, x: torch.Tensor, positions: torch.Tensor,
+             output_hidden_states: bool) -> Dict[str, Any]:
+    angles = rope_angles(positions, self.config)
+    x = self.layernorm_pre(x)
+    hidden = [x] if output_hidden_states else None
+    for layer in self.encoder.layers:
+      x = layer(x, angles)
+      if hidden is not None:
+        hidden.append(x)
+    pooled = None
+    if self.head is not None:
+      x = self.layernorm_post(x)
+      pooled = self.head(x)
+    out = {'last_hidden_state': x, 'pooler_output': pooled}
+    if output_hidden_states:
+      out['hidden_states'] = tuple(hidden)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint I/O
+# ------------------------------------------------------------------------------------------------
+
+def expected_shapes(config: OVEncoderConfig) -> Dict[str, tuple]:
+  """The release's state-dict keys and shapes for `config` (SPEC 1.4)."""
+  c, i, p, ch = config.hidden_size, config.intermediate_size, config.patch_size, config.num_channels
+  shapes = {'embeddings.patch_embedding.weight': (c, ch, p, p),
+            'layernorm_pre.weight': (c,), 'layernorm_pre.bias': (c,)}
+  for li in range(config.num_hidden_layers):
+    pre = f'encoder.layers.{li}.'
+    for name in ('layer_norm1', 'layer_norm2'):
+      shapes[pre + name + '.weight'] = (c,)
+      shapes[pre + name + '.bias'] = (c,)
+    for name in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
+      shapes[pre + f'self_attn.{name}.weight'] = (c, c)
+      shapes[pre + f'self_attn.{name}.bias'] = (c,)
+    shapes.update({pre + 'mlp.fc1.weight': (i, c), pre + 'mlp.fc1.bias': (i,),
+                   pre + 'mlp.fc2.weight': (c, i), pre + 'mlp.fc2.bias': (c,)})
+  if config.use_head:
+    shapes.update({
+        'layernorm_post.weight': (c,), 'layernorm_post.bias': (c,),
+        'head.probe': (1, 1, c),
+        'head.attention.in_proj_weight': (3 * c, c), 'head.attention.in_proj_bias': (3 * c,),
+        'head.attention.out_proj.weight': (c, c), 'head.attention.out_proj.bias': (c,),
+        'head.norm.weight': (c,),
+        'head.mlp.fc1.weight': (i, c), 'head.mlp.fc1.bias': (i,),
+        'head.mlp.fc2.weight': (c, i), 'head.mlp.fc2.bias': (c,),
+    })
+  return shapes
+
+
+def _read_weights(directory: pathlib.Path) -> tuple:
+  """(state_dict, description of the file(s)); a sharded index is followed if present."""
+  single = directory / WEIGHTS_NAME
+  if single.is_file():
+    return safetensors.torch.load_file(str(single)), str(single)
+  index = directory / WEIGHTS_INDEX_NAME
+  if index.is_file():
+    with open(index, 'r', encoding='utf-8') as f:
+      shard_names = sorted(set(json.load(f)['weight_map'].values()))
+    state = {}
+    for name in shard_names:
+      state.update(safetensors.torch.load_file(str(directory / name)))
+    return state, f'{index} (shards {shard_names})'
+  raise FileNotFoundError(f'no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}')
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], config: OVEncoderConfig,
+                     source: str = 'the state dict'):
+  """Raises ValueError on any missing key, unexpected key or wrong shape."""
+  expected = expected_shapes(config)
+  missing = [k for k in expected if k not in state]
+  if missing:
+    k = missing[0]
+    raise ValueError(f'{source} lacks {len(missing)} key(s), first {k!r} (expected shape '
+                     f'{expected[k]}); all missing: {missing}')
+  unexpected = [k for k in state if k not in expected]
+  if unexpected:
+    raise ValueError(f'{source} has {len(unexpected)} unexpected key(s) for this config, first '
+                     f'{unexpected[0]!r} (shape {tuple(state[unexpected[0]].shape)}); all: '
+                     f'{unexpected}')
+  for k, shape in expected.items():
+    if tuple(state[k].shape) != shape:
+      raise ValueError(f'{source}: key {k!r} has shape {tuple(state[k].shape)}, expected '
+                       f'{shape}')
+
+
+def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> OVEncoderTorch:
+  """Loads a release-format directory (config.json + model.safetensors) into OVEncoderTorch."""
+  directory = pathlib.Path(directory)
+  config = OVEncoderConfig.from_json_file(directory / CONFIG_NAME)
+  state, source = _read_weights(directory)
+  check_state_dict(state, config, source)
+  state = {k: v.to(dtype) for k, v in state.items()}
+  # Built on the meta device so a large model is not randomly initialised only to be overwritten.
+  with torch.device('meta'):
+    model = OVEncoderTorch(config)
+  model.load_state_dict(state, strict=True, assign=True)
+  return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+  return str(dtype).replace('torch.', '')
+
+
+def save_pretrained(model: OVEncoderTorch, directory: PathLike):
+  """Writes config.json and model.safetensors in the release's format."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+  check_state_dict(state, model.config, 'the model being saved')
+  dtypes = {v.dtype for v in state.values()}
+  dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+  config = {'model_type': MODEL_TYPE, 'architectures': list(ARCHITECTURES),
+            **model.config.to_dict(), 'torch_dtype': _dtype_name(dtype)}
+  with open(directory / CONFIG_NAME, 'w', encoding='utf-8') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write('\n')
+  safetensors.torch.save_file(state, str(directory / WEIGHTS_NAME), metadata={'format': 'pt'})
+
+
+def num_parameters(model: nn.Module) -> int:
+  return int(sum(np.prod(p.shape) for p in model.parameters()))

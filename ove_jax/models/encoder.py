@@ -1,0 +1,462 @@
+"""The OneVision encoder: a sparse ViT over codec-selected patches with a shared 3D RoPE.
+
+One file, read top to bottom: config and presets, norms, 3D RoPE, attention, MLP, block, the
+MAP pooling head, and the encoder with its two entry points:
+
+  `Encoder.__call__(patches_BxLxP, positions_BxLx3, segment_ids_BxL, num_segments=S)`
+      the native, packed interface the trainer uses. Rows hold several samples; attention stays
+      within a segment and the head pools each segment on its own.
+  `Encoder.forward_pixels(pixel_values, visible_indices=None, patch_positions=None)`
+      the released PyTorch model's forward, with its position conventions (SPEC §1.3), for
+      feature extraction and for checking against the release.
+
+Patches are flattened in (row, column, channel) order, channel fastest, matching NHWC pixels;
+the converter permutes to the release's Conv2d (C, 3, 14, 14) layout.
+
+Every parameter carries logical axis names (see `ove_jax.sharding`); a rules table maps them
+onto the mesh. Parameters are float32; `dtype` sets the compute dtype (bfloat16 for training).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ove_jax import sharding
+from ove_jax.models.attention import dot_product_attention, IMPLEMENTATIONS
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ------------------------------------------------------------------------------------------------
+# Config and presets
+# ------------------------------------------------------------------------------------------------
+
+# name: (width, depth, heads, mlp_dim). head_dim is 64 in every size: the 4:6:6 RoPE split needs
+# head_dim / 2 divisible by 16.
+PRESETS = {
+    'tiny': (128, 2, 2, 512),
+    'small': (384, 12, 6, 1536),
+    'base': (768, 12, 12, 3072),
+    'large': (1024, 24, 16, 4096),
+    'huge': (1280, 32, 20, 5120),
+}
+
+REMAT_POLICIES = ('none', 'full', 'dots')
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 2
+  mlp_dim: int = 512
+  patch_size: int = 14
+  num_channels: int = 3
+  rope_theta: float = 10000.0
+  rope_temporal_size: int = 64   # the virtual frame grid of flat visible indices
+  use_head: bool = True
+  layer_norm_eps: float = 1e-6
+  image_size: int = 448          # recorded in exported configs; inputs may have any size
+  dtype: str = 'float32'         # compute dtype; parameters stay float32
+  remat: str = 'none'            # per block: 'none', 'full', or 'dots' (keep matmul outputs)
+  attention: str = 'xla'         # see ove_jax.models.attention.IMPLEMENTATIONS
+
+  def __post_init__(self):
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
+    if self.head_dim % 32:
+      raise ValueError(
+          f'head_dim = width / num_heads = {self.head_dim}; the 4:6:6 3D RoPE needs head_dim / 2 '
+          'divisible by 16 (use head_dim 64, as every preset does)')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r}; choose one of {REMAT_POLICIES}')
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f'attention={self.attention!r}; choose one of {IMPLEMENTATIONS}')
+    if self.dtype not in ('float32', 'bfloat16', 'float16'):
+      raise ValueError(f'dtype={self.dtype!r}; choose float32, bfloat16 or float16')
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size * self.patch_size * self.num_channels
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> 'EncoderConfig':
+    if name not in PRESETS:
+      raise ValueError(f'unknown encoder preset {name!r}; choose one of {sorted(PRESETS)}')
+    width, depth, heads, mlp = PRESETS[name]
+    return cls(**{'width': width, 'depth': depth, 'num_heads': heads, 'mlp_dim': mlp,
+                  **overrides})
+
+
+def num_params(cfg: EncoderConfig) -> int:
+  """Analytic parameter count (with the head when `use_head`)."""
+  c, i = cfg.width, cfg.mlp_dim
+  block = 4 * (c * c + c) + (c * i + i) + (i * c + c) + 4 * c
+  total = cfg.patch_dim * c + 2 * c + cfg.depth * block
+  if cfg.use_head:
+    total += 2 * c + c + 4 * (c * c + c) + c + (c * i + i) + (i * c + c)
+  return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisers with logical axis names
+# ------------------------------------------------------------------------------------------------
+
+def _param_init(init, names, rules):
+  return nnx.with_partitioning(init, names, sharding_rules=rules)
+
+
+def _dense(cfg, rules, d_in, d_out, names, *, use_bias=True, kernel_init=None, rngs):
+  return nnx.Linear(
+      d_in, d_out, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      kernel_init=_param_init(kernel_init or nnx.initializers.normal(0.02), names, rules),
+      bias_init=_param_init(nnx.initializers.zeros, names[1:], rules), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 (two-pass variance, as PyTorch), output in compute dtype."""
+
+  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
+    del rngs
+    self.eps, self.dtype = cfg.layer_norm_eps, cfg.compute_dtype
+    self.scale = nnx.Param(_param_init(nnx.initializers.ones, ('norm',), rules)(
+        jax.random.key(0), (cfg.width,), jnp.float32))
+    self.bias = nnx.Param(_param_init(nnx.initializers.zeros, ('norm',), rules)(
+        jax.random.key(0), (cfg.width,), jnp.float32))
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
+    del rngs
+    self.eps, self.dtype = cfg.layer_norm_eps, cfg.compute_dtype
+    self.scale = nnx.Param(_param_init(nnx.initializers.ones, ('norm',), rules)(
+        jax.random.key(0), (cfg.width,), jnp.float32))
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+    return y.astype(self.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3D rotary position embedding (SPEC §1.3; must match the release bit for bit)
+# ------------------------------------------------------------------------------------------------
+
+def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
+  """Frequencies per axis (t, h, w): 4:6:6 of head_dim / 2, i.e. 8, 12, 12 for head_dim 64."""
+  unit = head_dim // 2 // 16
+  return 4 * unit, 6 * unit, 6 * unit
+
+
+def rope_inv_freqs(head_dim: int, theta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  # Each axis is normalised by its own size, and the exponent is k/n (not 2k/n).
+  return tuple(
+      1.0 / (jnp.float32(theta) ** (jnp.arange(n, dtype=jnp.float32) / jnp.float32(n)))
+      for n in rope_axis_sizes(head_dim))
+
+
+def rope_angles(positions_BxLx3: jax.Array, head_dim: int, theta: float) -> jax.Array:
+  """float32 angles [B, L, head_dim]: concat(t*inv_t, h*inv_h, w*inv_w), duplicated by concat."""
+  pos = positions_BxLx3.astype(jnp.float32)
+  inv_t, inv_h, inv_w = rope_inv_freqs(head_dim, theta)
+  half = jnp.concatenate([pos[..., 0:1] * inv_t, pos[..., 1:2] * inv_h, pos[..., 2:3] * inv_w],
+                         axis=-1)
+  return jnp.concatenate([half, half], axis=-1)
+
+
+def rotate_pairs(x):
+  """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation of adjacent pairs."""
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
+  # The concatenated angles pair two different neighbouring frequencies, so this is not a pure
+  # rotation; the released weights were trained with it, so it is reproduced exactly.
+  cos = cos_BxLxD[:, :, None, :].astype(x_BxLxHxD.dtype)
+  sin = sin_BxLxD[:, :, None, :].astype(x_BxLxHxD.dtype)
+  return x_BxLxHxD * cos + rotate_pairs(x_BxLxHxD) * sin
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------
+
+class SelfAttention(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
+    self.cfg, self.rules = cfg, rules
+    c = cfg.width
+    self.q_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
+    self.k_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
+    self.v_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
+    self.out_proj = _dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
+
+  def __call__(self, x_BxLxC, cos_BxLxD, sin_BxLxD, segment_ids_BxL):
+    cfg = self.cfg
+    b, l, _ = x_BxLxC.shape
+
+    def heads(y_BxLxC):
+      y_BxLxC = sharding.constrain(y_BxLxC, ('act_batch', 'act_length', 'act_heads'), self.rules)
+      return y_BxLxC.reshape(b, l, cfg.num_heads, cfg.head_dim)
+
+    q = apply_rope(heads(self.q_proj(x_BxLxC)), cos_BxLxD, sin_BxLxD)
+    k = apply_rope(heads(self.k_proj(x_BxLxC)), cos_BxLxD, sin_BxLxD)
+    v = heads(self.v_proj(x_BxLxC))
+    o_BxLxHxD = dot_product_attention(q, k, v, segment_ids_BxL, implementation=cfg.attention)
+    o_BxLxC = sharding.constrain(o_BxLxHxD.reshape(b, l, cfg.width),
+                                 ('act_batch', 'act_length', 'act_heads'), self.rules)
+    return self.out_proj(o_BxLxC)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
+    self.rules = rules
+    self.fc1 = _dense(cfg, rules, cfg.width, cfg.mlp_dim, ('embed', 'mlp'), rngs=rngs)
+    self.fc2 = _dense(cfg, rules, cfg.mlp_dim, cfg.width, ('mlp', 'embed'), rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.gelu(self.fc1(x), approximate=False)  # exact (erf) GELU, as released
+    h = sharding.constrain(h, ('act_batch', 'act_length', 'act_mlp'), self.rules)
+    return self.fc2(h)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
+    self.rules = rules
+    self.layer_norm1 = LayerNorm(cfg, rules, rngs=rngs)
+    self.self_attn = SelfAttention(cfg, rules, rngs=rngs)
+    self.layer_norm2 = LayerNorm(cfg, rules, rngs=rngs)
+    self.mlp = Mlp(cfg, rules, rngs=rngs)
+
+  def __call__(self, x, cos, sin, segment_ids):
+    x = x + self.self_attn(self.layer_norm1(x), cos, sin, segment_ids)
+    x = x + self.mlp(self.layer_norm2(x))
+    return sharding.constrain(x, ('act_batch', 'act_length', 'act_embed'), self.rules)
+
+
+def _xavier_fused_qkv(width: int):
+  """Xavier-uniform bounds of the release's fused (3C, C) in-projection, one third at a time."""
+  bound = float(np.sqrt(6.0 / (width + 3 * width)))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class MAPHead(nnx.Module):
+  """Multi-head attention pooling: a learned probe attends to each segment's tokens (no RoPE).
+
+  The release keeps q/k/v as one fused (3C, C) matrix; we keep three so tensor parallelism
+  splits heads cleanly. The converter fuses and splits them.
+  """
+
+  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
+    self.cfg, self.rules = cfg, rules
+    c = cfg.width
+    self.probe = nnx.Param(_param_init(nnx.initializers.normal(1.0), (None, None, 'embed'), rules)(
+        rngs.params(), (1, 1, c), jnp.float32))
+    xavier = _xavier_fused_qkv(c)
+    self.q_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
+    self.k_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
+    self.v_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
+    self.out_proj = _dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
+    self.norm = RMSNorm(cfg, rules, rngs=rngs)
+    self.mlp = Mlp(cfg, rules, rngs=rngs)
+
+  def __call__(self, x_BxLxC, segment_ids_BxL, num_segments: int):
+    """Returns pooled [B, S, C] and valid [B, S] (segment s+1 has at least one token)."""
+    cfg = self.cfg
+    b, l, _ = x_BxLxC.shape
+    h, d, s = cfg.num_heads, cfg.head_dim, num_segments
+    probe_1x1xC = self.probe[...].astype(cfg.compute_dtype)
+    q_1xHxD = self.q_proj(probe_1x1xC).reshape(1, h, d)
+    k_BxLxHxD = self.k_proj(x_BxLxC).reshape(b, l, h, d)
+    v_BxLxHxD = self.v_proj(x_BxLxC).reshape(b, l, h, d)
+    logits_BxHxL = jnp.einsum('hd,blhd->bhl', q_1xHxD[0], k_BxLxHxD,
+                              preferred_element_type=jnp.float32) * d ** -0.5
+    member_BxSxL = segment_ids_BxL[:, None, :] == jnp.arange(1, s + 1)[None, :, None]
+    valid_BxS = member_BxSxL.any(-1)
+    # An empty segment softmaxes over nothing; let it see everything so values stay finite.
+    mask_BxSxL = member_BxSxL | ~valid_BxS[..., None]
+    logits_BxSxHxL = jnp.where(mask_BxSxL[:, :, None, :], logits_BxHxL[:, None],
+                               jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BxSxHxL, axis=-1).astype(v_BxLxHxD.dtype)
+    a_BxSxHxD = jnp.einsum('bshl,blhd->bshd', probs, v_BxLxHxD)
+    a_BxSxC = self.out_proj(a_BxSxHxD.reshape(b, s, cfg.width))
+    return a_BxSxC + self.mlp(self.norm(a_BxSxC)), valid_BxS
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder
+# ------------------------------------------------------------------------------------------------
+
+def _remat_policy(name):
+  return {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+class Encoder(nnx.Module):
+  """OneVision encoder. Create under `jax.set_mesh(mesh)` to get parameters sharded by `rules`;
+  with no mesh set, parameters are created unsharded (annotations kept for later sharding)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
+    self.cfg, self.rules = cfg, tuple(tuple(r) for r in rules)
+    no_mesh = sharding.current_mesh() is None
+    with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
+      self.patch_embed = _dense(cfg, rules, cfg.patch_dim, cfg.width, ('patch', 'embed'),
+                                use_bias=False, rngs=rngs)
+      self.layernorm_pre = LayerNorm(cfg, rules, rngs=rngs)
+      self.blocks = nnx.List([Block(cfg, rules, rngs=rngs) for _ in range(cfg.depth)])
+      if cfg.use_head:
+        self.layernorm_post = LayerNorm(cfg, rules, rngs=rngs)
+        self.head = MAPHead(cfg, rules, rngs=rngs)
+
+  def __call__(self, patches_BxLxP, positions_BxLx3, segment_ids_BxL=None, *,
+               num_segments: int = 1, return_hidden_states: bool = False) -> dict[str, Any]:
+    """Packed forward.
+
+    Args:
+      patches_BxLxP: flattened patches (row, column, channel), CLIP-normalised.
+      positions_BxLx3: (t, h, w) of every token; any values, integer or float.
+      segment_ids_BxL: 0 for padding, 1..S for the samples packed in the row (default: all 1).
+      num_segments: S, how many segments per row the head pools (static).
+      return_hidden_states: also return every block's input/output (no post-norm).
+
+    Returns a dict: `last_hidden_state` [B, L, C] (after layernorm_post when the head is used),
+    `pooled` [B, S, C] and `pooled_valid` [B, S] (with the head), `hidden_states` (on request).
+    """
+    cfg = self.cfg
+    b, l, p = patches_BxLxP.shape
+    if p != cfg.patch_dim:
+      raise ValueError(f'patches have {p} values per token; this encoder expects '
+                       f'{cfg.patch_dim} = {cfg.patch_size}x{cfg.patch_size}x{cfg.num_channels}')
+    if positions_BxLx3.shape != (b, l, 3):
+      raise ValueError(f'positions shape {positions_BxLx3.shape}; expected {(b, l, 3)}')
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
+    angles_BxLxD = rope_angles(positions_BxLx3, cfg.head_dim, cfg.rope_theta)
+    cos, sin = jnp.cos(angles_BxLxD), jnp.sin(angles_BxLxD)
+
+    x = self.patch_embed(patches_BxLxP.astype(cfg.compute_dtype))
+    x = self.layernorm_pre(x)
+    x = sharding.constrain(x, ('act_batch', 'act_length', 'act_embed'), self.rules)
+
+    def run_block(block, x, cos, sin, segment_ids):
+      return block(x, cos, sin, segment_ids)
+    if cfg.remat != 'none':
+      run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat))
+
+    hidden = [x]
+    for block in self.blocks:
+      x = run_block(block, x, cos, sin, segment_ids_BxL)
+      hidden.append(x)
+
+    out = {}
+    if cfg.use_head:
+      x = self.layernorm_post(x)
+      out['pooled'], out['pooled_valid'] = self.head(x, segment_ids_BxL, num_segments)
+    out['last_hidden_state'] = x
+    if return_hidden_states:
+      out['hidden_states'] = tuple(hidden)
+    return out
+
+  # ----------------------------------------------------------------------------------------------
+  # The release's entry point (contract)
+  # ----------------------------------------------------------------------------------------------
+
+  def forward_pixels(self, pixel_values, visible_indices=None, patch_positions=None, *,
+                     output_hidden_states: bool = False) -> dict[str, Any]:
+    """The released model's forward, in NHWC.
+
+    Args:
+      pixel_values: [B, H, W, 3] image or [B, T, H, W, 3] video, CLIP-normalised; H and W
+        multiples of the patch size.
+      visible_indices: [B, K] flat indices n on a virtual `rope_temporal_size`-frame grid
+        (t = n // (Hp*Wp), h = (n // Wp) % Hp, w = n % Wp). When K differs from the number of
+        input patches they also select the tokens (gather); otherwise they only place them.
+      patch_positions: [B, L, 3] explicit (t, h, w) per token (takes precedence for positions).
+
+    Without indices or positions an image sits at t = 0 and a T-frame video at t = 0..T-1.
+    Returns `last_hidden_state`, `pooler_output` and, on request, `hidden_states`.
+    """
+    cfg = self.cfg
+    pixel_values = jnp.asarray(pixel_values)
+    if pixel_values.ndim == 4:
+      pixel_values = pixel_values[:, None]
+    if pixel_values.ndim != 5 or pixel_values.shape[-1] != cfg.num_channels:
+      raise ValueError(f'pixel_values shape {pixel_values.shape}; expected [B, H, W, '
+                       f'{cfg.num_channels}] or [B, T, H, W, {cfg.num_channels}] (channels last)')
+    b, t, hgt, wid, _ = pixel_values.shape
+    ps = cfg.patch_size
+    if hgt % ps or wid % ps:
+      raise ValueError(f'pixel_values are {hgt}x{wid}; height and width must be multiples of the '
+                       f'patch size {ps} (resize or centre-crop first)')
+    hp, wp = hgt // ps, wid // ps
+    n = t * hp * wp
+    patches = patchify(pixel_values, ps)                      # [B, N, P], frame-major order
+
+    grid_BxNx3 = jnp.broadcast_to(_grid_positions(t, hp, wp), (b, n, 3))
+    positions = grid_BxNx3
+    if visible_indices is not None:
+      idx_BxK = jnp.asarray(visible_indices).astype(jnp.int32)
+      if idx_BxK.ndim != 2 or idx_BxK.shape[0] != b:
+        raise ValueError(f'visible_indices shape {idx_BxK.shape}; expected [B={b}, K]')
+      plane = hp * wp
+      positions = jnp.stack([idx_BxK // plane, (idx_BxK // wp) % hp, idx_BxK % wp], axis=-1)
+      if idx_BxK.shape[1] != n:
+        patches = jnp.take_along_axis(patches, idx_BxK[..., None], axis=1)
+    if patch_positions is not None:
+      positions = jnp.asarray(patch_positions)
+      if positions.shape[:2] != patches.shape[:2] or positions.shape[-1] != 3:
+        raise ValueError(f'patch_positions shape {positions.shape}; expected '
+                         f'{(*patches.shape[:2], 3)} (one (t, h, w) per token)')
+    out = self(patches, positions, None, num_segments=1, return_hidden_states=output_hidden_states)
+    result = {'last_hidden_state': out['last_hidden_state'],
+              'pooler_output': out['pooled'][:, 0] if cfg.use_head else None}
+    if output_hidden_states:
+      result['hidden_states'] = out['hidden_states']
+    return result
+
+
+def patchify(pixels_BxTxHxWxC, patch_size: int):
+  """[B, T, H, W, C] -> [B, T*Hp*Wp, ps*ps*C], tokens frame-major then row then column."""
+  b, t, h, w, c = pixels_BxTxHxWxC.shape
+  hp, wp = h // patch_size, w // patch_size
+  x = pixels_BxTxHxWxC.reshape(b, t, hp, patch_size, wp, patch_size, c)
+  x = x.transpose(0, 1, 2, 4, 3, 5, 6)
+  return x.reshape(b, t * hp * wp, patch_size * patch_size * c)
+
+
+def _grid_positions(t: int, hp: int, wp: int) -> jax.Array:
+  tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(hp), jnp.arange(wp), indexing='ij')
+  return jnp.stack([tt, hh, ww], axis=-1).reshape(1, t * hp * wp, 3).astype(jnp.int32)
+
+
+def uniform_frame_times(num_frames: int, temporal_size: int = 64) -> np.ndarray:
+  """Where T uniformly sampled frames sit on the virtual grid: floor(linspace(0, size-1, T))."""
+  return np.floor(np.linspace(0, temporal_size - 1, num_frames)).astype(np.int32)
+
+
+def create_encoder(cfg: EncoderConfig, seed: int = 0, *, rules=sharding.DEFAULT_RULES) -> Encoder:
+  """Builds an encoder with fresh parameters (sharded when a mesh is set)."""
+  return Encoder(cfg, rngs=nnx.Rngs(seed), rules=rules)

@@ -1,0 +1,31 @@
+"""pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+def pytest_configure(config):
+  del config
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def sharpen():
+  """Scales every q/k projection so attention is far from uniform.
+
+  At the from-scratch init (N(0, 0.02)) attention logits are ~0 and positions barely matter,
+  which would let a wrong RoPE pass a parity test; trained weights are not like that.
+  """
+  def apply(model, factor=12.0, head=True):
+    for module in [*model.blocks] + ([model.head] if model.cfg.use_head and head else []):
+      attn = getattr(module, 'self_attn', module)
+      for proj in (attn.q_proj, attn.k_proj):
+        proj.kernel[...] = proj.kernel[...] * factor
+    return model
+  return apply
