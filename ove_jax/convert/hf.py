@@ -397,8 +397,9 @@ def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
       raise CheckpointError(f'parameter {"/".join(map(str, path))} has shape {value.shape}, '
                             f'expected {expected}')
     if mesh is not None:
-      spec = nnx.get_partition_spec(nnx.State({'v': var}))['v'][...]
-      value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+      meta = var.get_metadata()
+      spec = sharding.logical_to_spec(meta.get('out_sharding') or (), rules)
+      value = jax.device_put(value, spec)  # onto the mesh set by jax.set_mesh
     else:
       value = jax.numpy.asarray(value)
     flat.append((path, var.replace(value)))

@@ -1,0 +1,209 @@
+"""Conversion to and from the release's format: keys, layouts, round trips, bad directories."""
+import json
+import os
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+from jax.sharding import AxisType
+
+from ove_jax import checkpoint, convert
+from ove_jax.convert import torch_model
+from ove_jax.models import EncoderConfig, create_encoder
+from ove_jax_tools import convert_checkpoint
+
+TINY = EncoderConfig.preset('tiny')
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  model = create_encoder(TINY, seed=7)
+  directory = str(tmp_path_factory.mktemp('hf'))
+  convert.save_pytorch(model, directory)
+  return model, directory
+
+
+def _copy(directory, tmp_path):
+  target = str(tmp_path / 'copy')
+  shutil.copytree(directory, target)
+  return target
+
+
+def test_keys_shapes_and_config_match_release(exported):
+  _, directory = exported
+  tensors = safetensors.numpy.load_file(os.path.join(directory, 'model.safetensors'))
+  c, i = TINY.width, TINY.mlp_dim
+  assert tensors['embeddings.patch_embedding.weight'].shape == (c, 3, 14, 14)
+  assert tensors['encoder.layers.1.self_attn.out_proj.weight'].shape == (c, c)
+  assert tensors['encoder.layers.0.mlp.fc1.weight'].shape == (i, c)
+  assert tensors['head.attention.in_proj_weight'].shape == (3 * c, c)
+  assert tensors['head.probe'].shape == (1, 1, c)
+  assert 'head.norm.bias' not in tensors and 'embeddings.patch_embedding.bias' not in tensors
+  assert len(tensors) == 3 + TINY.depth * 16 + 2 + 1 + 4 + 1 + 4
+  with open(os.path.join(directory, 'config.json')) as f:
+    cfg = json.load(f)
+  assert cfg['model_type'] == 'onevision_encoder'
+  assert cfg['architectures'] == ['OneVisionEncoderModel']
+  for key, value in {'hidden_size': c, 'intermediate_size': i, 'num_hidden_layers': 2,
+                     'num_attention_heads': 2, 'patch_size': 14, 'rope_theta': 10000.0,
+                     'rope_temporal_size': 64, 'use_head': True, 'layer_norm_eps': 1e-6,
+                     'hidden_act': 'gelu', 'layer_norm_type': 'layer_norm'}.items():
+    assert cfg[key] == value, key
+  with open(os.path.join(directory, 'preprocessor_config.json')) as f:
+    pre = json.load(f)
+  assert pre['image_mean'] == [0.48145466, 0.4578275, 0.40821073]
+  assert pre['crop_size'] == {'height': 448, 'width': 448} and pre['resample'] == 3
+
+
+def test_patch_embedding_layout_is_conv_over_channel_row_column(exported):
+  model, directory = exported
+  weight = safetensors.numpy.load_file(
+      os.path.join(directory, 'model.safetensors'))['embeddings.patch_embedding.weight']
+  kernel = np.asarray(model.patch_embed.kernel[...])  # [(row, col, channel), C]
+  rng = np.random.RandomState(0)
+  patch = rng.randn(14, 14, 3).astype(np.float32)
+  ours = patch.reshape(-1) @ kernel
+  conv = np.einsum('ocrs,rsc->o', weight, patch)
+  np.testing.assert_allclose(ours, conv, rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_is_bit_exact(exported, tmp_path):
+  model, directory = exported
+  back = convert.load_pytorch(directory)
+  a, b = convert.model_params(model), convert.model_params(back)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  again = str(tmp_path / 'again')
+  convert.save_pytorch(back, again)
+  with open(os.path.join(directory, 'model.safetensors'), 'rb') as f1, \
+      open(os.path.join(again, 'model.safetensors'), 'rb') as f2:
+    assert f1.read() == f2.read()
+
+
+def test_port_round_trip_and_safetensors_interop(exported, tmp_path):
+  # The port's own save (the `safetensors` library) loads back into JAX bit-exactly.
+  model, directory = exported
+  port = torch_model.load_pretrained(directory)
+  torch_dir = str(tmp_path / 'from_torch')
+  torch_model.save_pretrained(port, torch_dir)
+  back = convert.model_params(convert.load_pytorch(torch_dir))
+  for k, v in convert.model_params(model).items():
+    assert np.array_equal(v, back[k]), k
+
+
+def test_bfloat16_export(exported, tmp_path):
+  model, _ = exported
+  directory = str(tmp_path / 'bf16')
+  convert.save_pytorch(model, directory, dtype='bfloat16')
+  raw = convert.read_safetensors(os.path.join(directory, 'model.safetensors'))
+  assert raw['head.probe'].dtype == ml_dtypes.bfloat16
+  port = torch_model.load_pretrained(directory)  # the torch side reads our bf16 file too
+  assert port.head.probe.dtype.is_floating_point
+  back = convert.model_params(convert.load_pytorch(directory))
+  ref = convert.model_params(model)
+  for k in ref:
+    np.testing.assert_array_equal(back[k], ref[k].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_load_onto_a_mesh_shards_parameters(exported):
+  _, directory = exported
+  mesh = jax.make_mesh((1, 2, 4), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    model = convert.load_pytorch(directory)
+  kernel = model.blocks[0].mlp.fc1.kernel[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad directories: the error names the file, the key and the expected shape
+# ------------------------------------------------------------------------------------------------
+
+def _rewrite(directory, edit):
+  path = os.path.join(directory, 'model.safetensors')
+  tensors = convert.read_safetensors(path)
+  edit(tensors)
+  convert.write_safetensors(path, tensors)
+
+
+def test_missing_key_is_named(exported, tmp_path):
+  d = _copy(exported[1], tmp_path)
+  _rewrite(d, lambda t: t.pop('encoder.layers.1.mlp.fc2.bias'))
+  with pytest.raises(convert.CheckpointError,
+                     match=r'key encoder\.layers\.1\.mlp\.fc2\.bias is missing \(expected shape '
+                           r'\(128,\)\)'):
+    convert.load_pytorch(d)
+
+
+def test_wrong_shape_is_named(exported, tmp_path):
+  d = _copy(exported[1], tmp_path)
+  _rewrite(d, lambda t: t.update({'head.attention.in_proj_weight': np.zeros((128, 128),
+                                                                            np.float32)}))
+  with pytest.raises(convert.CheckpointError,
+                     match=r'head\.attention\.in_proj_weight has shape \(128, 128\), expected '
+                           r'\(384, 128\)'):
+    convert.load_pytorch(d)
+
+
+def test_unexpected_key_is_named(exported, tmp_path):
+  d = _copy(exported[1], tmp_path)
+  _rewrite(d, lambda t: t.update({'vision_model.extra': np.zeros(3, np.float32)}))
+  with pytest.raises(convert.CheckpointError, match='unexpected key vision_model.extra'):
+    convert.load_pytorch(d)
+
+
+def test_not_an_ov_encoder_config(exported, tmp_path):
+  d = _copy(exported[1], tmp_path)
+  with open(os.path.join(d, 'config.json'), 'w') as f:
+    json.dump({'model_type': 'siglip_vision_model', 'hidden_size': 128}, f)
+  with pytest.raises(convert.CheckpointError, match="model_type is 'siglip_vision_model'"):
+    convert.load_pytorch(d)
+
+
+def test_missing_files_and_pickles_are_refused(exported, tmp_path):
+  d = _copy(exported[1], tmp_path)
+  os.remove(os.path.join(d, 'model.safetensors'))
+  with open(os.path.join(d, 'pytorch_model.bin'), 'wb') as f:
+    f.write(b'not loaded')
+  with pytest.raises(convert.CheckpointError, match='model.safetensors is missing.*never loaded'):
+    convert.load_pytorch(d)
+  with pytest.raises(convert.CheckpointError, match='no such directory'):
+    convert.load_pytorch(str(tmp_path / 'nowhere'))
+
+
+def test_truncated_weights_are_reported(exported, tmp_path):
+  d = _copy(exported[1], tmp_path)
+  path = os.path.join(d, 'model.safetensors')
+  with open(path, 'rb') as f:
+    data = f.read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(convert.CheckpointError, match='truncated'):
+    convert.load_pytorch(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI, both directions
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_both_directions_and_verify(tmp_path, capsys):
+  hf, params, hf2 = (str(tmp_path / n) for n in ('hf', 'params', 'hf2'))
+  assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--seed', '3', '--out', hf]) == 0
+  assert convert_checkpoint.main(['from-hf', '--hf', hf, '--out', params]) == 0
+  cfg, flat = checkpoint.load_params(params)
+  assert cfg == TINY and len(flat) == 51
+  assert convert_checkpoint.main(['to-hf', '--params', params, '--out', hf2]) == 0
+  with open(os.path.join(hf, 'model.safetensors'), 'rb') as f1, \
+      open(os.path.join(hf2, 'model.safetensors'), 'rb') as f2:
+    assert f1.read() == f2.read()
+  assert convert_checkpoint.main(['verify', '--hf', hf, '--resolution', '224']) == 0
+  assert '"ok": true' in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+  assert convert_checkpoint.main(['from-hf', '--hf', str(tmp_path), '--out',
+                                  str(tmp_path / 'o')]) == 2
+  assert 'config.json is missing' in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""Convert encoder checkpoints between ove_jax and the released PyTorch / Hugging Face format.
+
+  # a fresh preset (random init, SPEC §1.2) -> release-format directory
+  python tools/convert_checkpoint.py to-hf --preset large --out /tmp/ove_large_hf
+  # an ove_jax parameter directory -> release format, stored in bfloat16
+  python tools/convert_checkpoint.py to-hf --params /tmp/ove_params --out /tmp/hf --dtype bfloat16
+  # release-format directory (e.g. the released onevision-encoder-large) -> ove_jax parameters
+  python tools/convert_checkpoint.py from-hf --hf /path/to/onevision-encoder-large --out /tmp/p
+  # numerical check: our JAX encoder vs our PyTorch port on the same directory and inputs
+  python tools/convert_checkpoint.py verify --hf /tmp/ove_large_hf
+
+Every conversion ends with a numerical check of the written checkpoint against the source
+(parameters bit-exact, and with `verify` both frameworks' outputs on the same pixels). Installed
+as the console script `ove-convert`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _to_hf(args) -> int:
+  from ove_jax import checkpoint, convert
+  from ove_jax.models import EncoderConfig, create_encoder
+  from ove_jax.convert.hf import model_from_params
+
+  if args.params:
+    cfg, params = checkpoint.load_params(args.params)
+    model = model_from_params(cfg, params)
+    source = args.params
+  else:
+    model = create_encoder(EncoderConfig.preset(args.preset), seed=args.seed)
+    source = f'preset {args.preset} (seed {args.seed})'
+  convert.save_pytorch(model, args.out, dtype=args.dtype)
+  written = convert.hf_to_params(convert.read_safetensors(os.path.join(args.out,
+                                                                       'model.safetensors')),
+                                 model.cfg)
+  mine = convert.model_params(model)
+  if args.dtype == 'float32':
+    worst = max(float(np.abs(written[k] - mine[k]).max()) for k in mine)
+    print(f'round trip check: max |difference| over {len(mine)} parameters = {worst}')
+    if worst != 0.0:
+      print('error: the written checkpoint does not reproduce the parameters', file=sys.stderr)
+      return 1
+  print(f'wrote {args.out} ({args.dtype}) from {source}')
+  return 0
+
+
+def _from_hf(args) -> int:
+  from ove_jax import checkpoint, convert
+
+  model = convert.load_pytorch(args.hf)
+  params = convert.model_params(model)
+  checkpoint.save_params(args.out, model.cfg, params)
+  cfg, back = checkpoint.load_params(args.out)
+  same = all(np.array_equal(back[k], params[k]) for k in params)
+  print(f'round trip check: {len(params)} parameters {"bit-exact" if same else "DIFFER"}')
+  if not same:
+    return 1
+  print(f'wrote ove_jax parameters to {args.out} (width {cfg.width}, depth {cfg.depth})')
+  return 0
+
+
+def _verify(args) -> int:
+  import jax
+  from flax import nnx
+
+  from ove_jax import convert
+  try:
+    import torch
+    from ove_jax.convert import torch_model
+  except ImportError:
+    print('error: verify needs PyTorch: pip install "ove_jax[torch]" (torch==2.13.0)',
+          file=sys.stderr)
+    return 2
+  model = convert.load_pytorch(args.hf)
+  port = torch_model.load_pretrained(args.hf).eval()
+  rng = np.random.RandomState(0)
+  res = args.resolution
+  cases = {
+      'image': (rng.randn(1, res, res, 3), {}),
+      'video, 8 frames': (rng.randn(1, 8, 224, 224, 3), {}),
+      'video, 64 frames, 2048 visible patches': (
+          rng.randn(1, 64, 224, 224, 3),
+          {'visible_indices': np.sort(rng.choice(64 * 256, 2048, replace=False))[None]}),
+  }
+  forward = nnx.jit(lambda m, x, **k: m.forward_pixels(x, **k))
+  worst = 0.0
+  for name, (x, kwargs) in cases.items():
+    x = x.astype(np.float32)
+    ours = jax.device_get(forward(model, x, **kwargs))
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2) if x.ndim == 4 else \
+        torch.from_numpy(x).permute(0, 4, 1, 2, 3)
+    with torch.no_grad():
+      ref = port(tx, **{k: torch.from_numpy(v) for k, v in kwargs.items()})
+    for key in ('last_hidden_state', 'pooler_output'):
+      b = ref[key].numpy()
+      rel = float(np.abs(ours[key] - b).max() / np.abs(b).max())
+      worst = max(worst, rel)
+      print(f'{name:42s} {key:18s} max relative difference {rel:.2e}')
+  ok = worst <= args.tolerance
+  print(json.dumps({'directory': args.hf, 'max_relative_difference': worst,
+                    'tolerance': args.tolerance, 'ok': ok}))
+  return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
+  sub = parser.add_subparsers(dest='command', required=True)
+  to_hf = sub.add_parser('to-hf', help='ove_jax (preset or parameters) -> release format')
+  src = to_hf.add_mutually_exclusive_group(required=True)
+  src.add_argument('--preset', help='tiny, small, base, large or huge, freshly initialised')
+  src.add_argument('--params', help='an ove_jax parameter directory (see `from-hf`)')
+  to_hf.add_argument('--seed', type=int, default=0)
+  to_hf.add_argument('--out', required=True)
+  to_hf.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
+  from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
+  from_hf.add_argument('--hf', required=True, help='directory with config.json and '
+                       'model.safetensors')
+  from_hf.add_argument('--out', required=True)
+  verify = sub.add_parser('verify', help='JAX vs PyTorch port on one release-format directory')
+  verify.add_argument('--hf', required=True)
+  verify.add_argument('--resolution', type=int, default=448)
+  verify.add_argument('--tolerance', type=float, default=1e-4)
+  args = parser.parse_args(argv)
+
+  from ove_jax.convert import CheckpointError
+  try:
+    return {'to-hf': _to_hf, 'from-hf': _from_hf, 'verify': _verify}[args.command](args)
+  except (CheckpointError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())
