@@ -188,6 +188,9 @@ def test_forward_pixels_rejects_bad_shapes(model):
     pixels(model, np.zeros((1, 3, 28, 28), np.float32))
   with pytest.raises(ValueError, match='patch_positions shape'):
     pixels(model, np.zeros((1, 28, 28, 3), np.float32), patch_positions=np.zeros((1, 3, 3)))
+  with pytest.raises(ValueError, match=r'must lie in \[0, 15\]; got \[0, 40\]'):
+    model.forward_pixels(np.zeros((1, 4, 28, 28, 3), np.float32),
+                         visible_indices=np.array([[0, 5, 40]]))
   with pytest.raises(ValueError, match='patches have 10 values'):
     call(model, np.zeros((1, 4, 10)), np.zeros((1, 4, 3)))
 

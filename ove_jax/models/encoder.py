@@ -424,6 +424,13 @@ class Encoder(nnx.Module):
       plane = hp * wp
       positions = jnp.stack([idx_BxK // plane, (idx_BxK // wp) % hp, idx_BxK % wp], axis=-1)
       if idx_BxK.shape[1] != n:
+        if not isinstance(idx_BxK, jax.core.Tracer) and (
+            int(idx_BxK.min()) < 0 or int(idx_BxK.max()) >= n):
+          raise ValueError(
+              f'visible_indices select {idx_BxK.shape[1]} of the {n} input patches, so they must '
+              f'lie in [0, {n - 1}]; got [{int(idx_BxK.min())}, {int(idx_BxK.max())}] (pass '
+              f'all {t} frames of the grid, or as many indices as input patches to only place '
+              'them)')
         patches = jnp.take_along_axis(patches, idx_BxK[..., None], axis=1)
     if patch_positions is not None:
       positions = jnp.asarray(patch_positions)
