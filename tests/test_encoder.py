@@ -278,3 +278,21 @@ def test_remat_gives_same_gradients(policy):
   g1 = jax.tree.leaves(grads(EncoderConfig.preset('tiny', remat=policy)))
   for a, b in zip(g0, g1):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_encoder_flops_analytic_identities():
+  cfg = EncoderConfig.preset('base')
+  c, i, s, l = cfg.width, cfg.mlp_dim, 1, 1024
+  f = enc.encoder_flops
+  # Doubling the tokens doubles everything except attention's L^2 term and per-row/segment terms.
+  assert f(cfg, 2 * l) - 2 * f(cfg, l) == cfg.depth * 8 * c * l ** 2 - (2 * c * c + 2 * s * (
+      c * c + 2 * c * i))
+  assert f(cfg, l, backward=True) == 3 * f(cfg, l)
+  # Against XLA's own count of the jitted forward (which also counts elementwise work).
+  small = EncoderConfig.preset('tiny')
+  model = create_encoder(small)
+  x = jnp.zeros((1, 256, small.patch_dim))
+  pos = jnp.zeros((1, 256, 3), jnp.int32)
+  cost = nnx.jit(lambda m, a, b: m(a, b)['pooled']).lower(model, x, pos).compile().cost_analysis()
+  xla = cost['flops'] if isinstance(cost, dict) else cost[0]['flops']
+  assert 0.9 < f(small, 256) / xla < 1.05

@@ -112,6 +112,32 @@ def num_params(cfg: EncoderConfig) -> int:
   return total
 
 
+def encoder_flops(cfg: EncoderConfig, num_tokens: int, *, num_segments: int = 1,
+                  backward: bool = False) -> int:
+  """Matmul FLOPs (2 per multiply-add) of the encoder on one row of `num_tokens` tokens.
+
+  Forward: 2 x (parameters in matmuls) x L for the patch embedding and the blocks' projections
+  and MLPs, plus 4 L^2 C per block for attention (QK^T and PV, over all heads). Attention is
+  counted over the full L x L square, as the xla path computes it whatever the segments. With the
+  head: the k/v projections of every token, the probe's logits over the row, and per segment the
+  weighted sum, out projection and MLP (the probe's own q projection is counted once per row).
+  Norms, RoPE, GELU, softmax and bias adds are not counted.
+
+  `backward=True` gives forward + backward = 3x forward (the usual 2x for the backward; it
+  slightly overcounts the patch embedding, whose input needs no gradient).
+  """
+  c, i, l, s = cfg.width, cfg.mlp_dim, num_tokens, num_segments
+  flops = 2 * cfg.patch_dim * c * l
+  flops += cfg.depth * (2 * (4 * c * c + 2 * c * i) * l + 4 * l * l * c)
+  if cfg.use_head:
+    flops += 2 * 2 * c * c * l                  # k and v projections of every token
+    flops += 2 * c * c                          # q projection of the probe
+    flops += 2 * c * l                          # probe . k, all heads, once per row
+    flops += 2 * s * l * c                      # probabilities . v, per segment
+    flops += 2 * s * (c * c + 2 * c * i)        # out projection and MLP, per segment
+  return 3 * flops if backward else flops
+
+
 # ------------------------------------------------------------------------------------------------
 # Initialisers with logical axis names
 # ------------------------------------------------------------------------------------------------
