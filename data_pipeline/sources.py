@@ -1,0 +1,202 @@
+"""Random-access record sources for the Grain pipeline: ArrayRecord shards, image folders, TFDS.
+
+Every source is a sequence (len, getitem) whose item i is a small dict:
+  index  int          i, the record's place in the source (it reaches the batch as `sample_index`)
+  name   str          where the record lives, for warnings and errors: 'shard.array_record#12'
+  raw    bytes | dict a `records.encode` payload, or a record dict; `to_record` gives the dict
+
+Reading the raw bytes is all a source does; decoding happens in the transform, inside the
+pipeline's error handling, so one corrupt record cannot stop the pipeline. Sources are picklable
+(Grain's worker processes start by spawn): readers reopen lazily in each process.
+
+`open_source(spec)` picks a source from a config string:
+  '/data/train-*.array_record' (one or more comma-separated globs)   ArrayRecord shards, sorted
+  'folder:/data/images'                                              an image folder
+  'folder:/data/images?labels=/data/labels.npy'                      ... with cluster labels
+  'tfds:my_dataset/config:1.0.0?split=train&data_dir=/data/tfds'     a TFDS ArrayRecord build
+"""
+from __future__ import annotations
+
+import bisect
+import glob
+import os
+import urllib.parse
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from data_pipeline import records
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+
+
+def expand_paths(patterns: Union[str, Sequence[str]]) -> list[str]:
+  """Sorted files matching each glob (comma-separated in a string); a pattern matching nothing
+  is an error, so a typo cannot silently train on less data."""
+  if isinstance(patterns, str):
+    patterns = [p for p in patterns.split(',') if p.strip()]
+  paths = []
+  for pattern in patterns:
+    matched = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+    if not matched:
+      raise FileNotFoundError(f'no files match {pattern!r}')
+    paths.extend(matched)
+  return paths
+
+
+def to_record(raw: Union[bytes, dict]) -> dict[str, Any]:
+  """A source item's `raw` as a record dict (decoding `records.encode` bytes)."""
+  if isinstance(raw, (bytes, bytearray, memoryview)):
+    return records.decode(bytes(raw))
+  if isinstance(raw, dict):
+    return raw
+  raise TypeError(f'a record is bytes or a dict, not {type(raw).__name__}')
+
+
+class ArrayRecordSource:
+  """Records of ArrayRecord shards, in shard order then record order."""
+
+  def __init__(self, paths: Union[str, Sequence[str]]):
+    # Imported here: array_record is only needed by pipelines that read shards.
+    from array_record.python import array_record_data_source, array_record_module
+    self.paths = expand_paths(paths)
+    counts = []
+    for path in self.paths:
+      reader = array_record_module.ArrayRecordReader(path)
+      counts.append(reader.num_records())
+      reader.close()
+    self._ends = list(np.cumsum(counts, dtype=np.int64).tolist())
+    # Grain's own reader source: thread-safe, picklable, opens each shard lazily per process.
+    self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return self._ends[-1] if self._ends else 0
+
+  def name(self, index: int) -> str:
+    shard = bisect.bisect_right(self._ends, index)
+    start = self._ends[shard - 1] if shard else 0
+    return f'{self.paths[shard]}#{index - start}'
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    return {'index': index, 'name': self.name(index), 'raw': self._source[index]}
+
+  def __repr__(self) -> str:
+    return f'ArrayRecordSource({len(self.paths)} shards, {len(self)} records)'
+
+
+class ImageFolderSource:
+  """Image files under a folder (recursive, sorted by relative path) as image records.
+
+  Labels: `labels` names a .npy of shape [N] or [N, n] int, row i for the i-th file in sorted
+  order (cluster ids from the k-means tool); without it, the index of the file's top-level
+  subfolder among the sorted subfolders is its one label (a class-per-folder layout).
+  """
+
+  def __init__(self, root: str, labels: str | None = None):
+    self.root = os.path.expanduser(root)
+    if not os.path.isdir(self.root):
+      raise FileNotFoundError(f'image folder {self.root!r} does not exist')
+    files = []
+    for folder, _, names in os.walk(self.root):
+      for name in names:
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+          files.append(os.path.relpath(os.path.join(folder, name), self.root))
+    self.files = sorted(files)
+    if not self.files:
+      raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {self.root!r}')
+    if labels is not None:
+      table = np.load(labels, allow_pickle=False)
+      if table.ndim == 1:
+        table = table[:, None]
+      if table.ndim != 2 or len(table) != len(self.files):
+        raise ValueError(f'{labels}: labels of shape {table.shape}; expected [{len(self.files)}] '
+                         f'or [{len(self.files)}, n], one row per image in sorted order')
+      self.labels = table.astype(np.int32)
+    else:
+      tops = [f.split(os.sep)[0] if os.sep in f else None for f in self.files]
+      if None in tops:
+        raise ValueError(f'{self.root}: images directly in the folder have no class; give a '
+                         'labels .npy or put each class in its own subfolder')
+      classes = sorted(set(tops))
+      self.labels = np.asarray([[classes.index(t)] for t in tops], np.int32)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    path = os.path.join(self.root, self.files[index])
+    with open(path, 'rb') as f:
+      data = f.read()
+    return {'index': index, 'name': path,
+            'raw': {'image': data, 'labels': self.labels[index], 'source': path}}
+
+  def __repr__(self) -> str:
+    return f'ImageFolderSource({self.root!r}, {len(self)} images)'
+
+
+class TfdsSource:
+  """A TFDS dataset built with file_format='array_record', read without TensorFlow.
+
+  An example holds either one `record` feature (the bytes of `records.encode`) or the record's
+  fields as features; bytes features (`tfds.features.Tensor(shape=(), dtype=np.object_)`) come back
+  as bytes.
+  """
+
+  def __init__(self, name: str, split: str = 'train', data_dir: str | None = None):
+    self.name, self.split, self.data_dir = name, split, data_dir
+    self._source = None
+    self._length = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds  # imported here: slow, and only TFDS sources need it
+      self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+    return self._source
+
+  def __getstate__(self):
+    # Workers reopen from (name, split, data_dir) rather than unpickling TFDS's builder objects.
+    return {**self.__dict__, '_source': None}
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    example = self._open()[index]
+    if 'record' in example:
+      raw = bytes(example['record'])
+    else:
+      raw = {key: _plain(value) for key, value in example.items()}
+    return {'index': index, 'name': f'tfds:{self.name}[{self.split}]#{index}', 'raw': raw}
+
+  def __repr__(self) -> str:
+    return f'TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)'
+
+
+def _plain(value: Any) -> Any:
+  """TFDS feature values as record values: 0-d bytes/object arrays become bytes or str."""
+  if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in 'OSU':
+    value = value.item()
+  return value
+
+
+def open_source(spec: Union[str, Sequence[str]]):
+  """A source from a config string (see the module docstring) or a list of shard globs."""
+  if not isinstance(spec, str):
+    return ArrayRecordSource(list(spec))
+  kind, sep, rest = spec.partition(':')
+  if sep and kind in ('folder', 'tfds'):
+    path, _, query = rest.partition('?')
+    options = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+    if kind == 'folder':
+      unknown = set(options) - {'labels'}
+      if unknown:
+        raise ValueError(f'{spec}: unknown option(s) {sorted(unknown)}; folder takes labels=')
+      return ImageFolderSource(path, labels=options.get('labels'))
+    unknown = set(options) - {'split', 'data_dir'}
+    if unknown:
+      raise ValueError(f'{spec}: unknown option(s) {sorted(unknown)}; tfds takes split=, data_dir=')
+    return TfdsSource(path, split=options.get('split', 'train'), data_dir=options.get('data_dir'))
+  return ArrayRecordSource(spec)

@@ -1,0 +1,120 @@
+"""Opening videos and decoding chosen frames with PyAV, with errors that name the file.
+
+Shared by the codec analysis, the precompute tool and the input pipeline. `video` is everywhere a
+path or the bytes of a file.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence, Union
+
+import av
+import numpy as np
+
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+
+class VideoError(ValueError):
+  """A video that cannot be used; the message names the file and the reason."""
+
+
+def describe(video: VideoSource) -> str:
+  if isinstance(video, (bytes, bytearray, memoryview)):
+    return f'<{len(video)} bytes in memory>'
+  return os.fspath(video)
+
+
+def open_video(video: VideoSource):
+  """An open PyAV container with at least one video stream, or a VideoError saying why not."""
+  name = describe(video)
+  if isinstance(video, (bytes, bytearray, memoryview)):
+    if len(video) == 0:
+      raise VideoError(f'{name}: empty (0 bytes)')
+    source = io.BytesIO(bytes(video))
+  else:
+    path = os.fspath(video)
+    if not os.path.exists(path):
+      raise VideoError(f'{name}: no such file')
+    if os.path.isdir(path):
+      raise VideoError(f'{name}: is a directory, not a video file')
+    if os.path.getsize(path) == 0:
+      raise VideoError(f'{name}: empty (0 bytes)')
+    source = path
+  try:
+    container = av.open(source, mode='r')
+  except av.FFmpegError as e:
+    raise VideoError(f'{name}: not a video PyAV can read ({e.__class__.__name__}: {e})') from e
+  if not container.streams.video:
+    kinds = sorted({s.type for s in container.streams}) or ['none']
+    container.close()
+    raise VideoError(f'{name}: no video stream (streams: {", ".join(kinds)})')
+  return container
+
+
+def resize_short_side_center_crop(rgb_HxWx3: np.ndarray, resolution: int) -> np.ndarray:
+  """Shortest side to `resolution` (bicubic), then a centre crop to resolution x resolution."""
+  frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb_HxWx3), format='rgb24')
+  return _resize_crop_frame(frame, resolution)
+
+
+def _resize_crop_frame(frame, resolution: int) -> np.ndarray:
+  h, w = frame.height, frame.width
+  scale = resolution / min(h, w)
+  new_h, new_w = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+  rgb = frame.reformat(width=new_w, height=new_h, format='rgb24',
+                       interpolation='BICUBIC').to_ndarray()
+  top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+  return np.ascontiguousarray(rgb[top:top + resolution, left:left + resolution])
+
+
+def crop_box(height: int, width: int, resolution: int) -> tuple[float, int, int, int, int]:
+  """The geometry of `resize_short_side_center_crop` in source pixels.
+
+  Returns (scale, new_h, new_w, top, left): the source is scaled by `scale` to new_h x new_w and
+  the window [top, top + resolution) x [left, left + resolution) of that is kept.
+  """
+  scale = resolution / min(height, width)
+  new_h, new_w = max(resolution, round(height * scale)), max(resolution, round(width * scale))
+  return scale, new_h, new_w, (new_h - resolution) // 2, (new_w - resolution) // 2
+
+
+def decode_frames(video: VideoSource, frame_ids: Sequence[int], resolution: int = 224
+                  ) -> np.ndarray:
+  """RGB uint8 [len(frame_ids), resolution, resolution, 3] of the given frames.
+
+  Frame ids count decoded frames in presentation order from 0. Only frames up to the largest id
+  are decoded, and only the wanted ones are converted to RGB. Ids past the end of a short video
+  get its last frame (the selection's timeline repeats the last frame the same way).
+  """
+  ids = np.asarray(frame_ids, dtype=np.int64)
+  if ids.size == 0:
+    return np.zeros((0, resolution, resolution, 3), np.uint8)
+  if ids.min() < 0:
+    raise ValueError(f'{describe(video)}: negative frame id {int(ids.min())}')
+  wanted = set(int(i) for i in ids)
+  last_wanted = int(ids.max())
+  got: dict[int, np.ndarray] = {}
+  container = open_video(video)
+  last_index, last_frame = -1, None
+  try:
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'  # plain decoding (no vector export) may use frame threads
+    for index, frame in enumerate(container.decode(stream)):
+      last_index, last_frame = index, frame
+      if index in wanted:
+        got[index] = _resize_crop_frame(frame, resolution)
+      if index >= last_wanted:
+        break
+  except av.FFmpegError as e:
+    if last_frame is None:
+      raise VideoError(f'{describe(video)}: corrupt, no frame could be decoded ({e})') from e
+    # A truncated tail: keep what decoded, the rest repeats the last good frame below.
+  finally:
+    container.close()
+  if last_frame is None:
+    raise VideoError(f'{describe(video)}: the video stream has no decodable frames')
+  tail = got.get(last_index)
+  if tail is None:
+    tail = _resize_crop_frame(last_frame, resolution)
+  return np.stack([got.get(int(i), tail) if i <= last_index else tail for i in ids])
