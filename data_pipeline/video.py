@@ -14,6 +14,10 @@ import numpy as np
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
+# FFmpeg renders any text file as a 'video' of ANSI art; that is never what a caller means.
+TEXT_FORMATS = frozenset({'tty'})
+TEXT_CODECS = frozenset({'ansi', 'text', 'bintext', 'xbin', 'idf'})
+
 
 class VideoError(ValueError):
   """A video that cannot be used; the message names the file and the reason."""
@@ -49,6 +53,11 @@ def open_video(video: VideoSource):
     kinds = sorted({s.type for s in container.streams}) or ['none']
     container.close()
     raise VideoError(f'{name}: no video stream (streams: {", ".join(kinds)})')
+  if (container.format.name in TEXT_FORMATS
+      or container.streams.video[0].codec_context.name in TEXT_CODECS):
+    fmt = container.format.name
+    container.close()
+    raise VideoError(f'{name}: not a video (FFmpeg reads it as text, format {fmt!r})')
   return container
 
 

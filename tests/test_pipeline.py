@@ -430,3 +430,11 @@ def test_image_folder_and_tfds_sources(tmp_path):
                                 num_epochs=1, worker_count=0)
   batches = [step['images'] for step in pipeline.make_iterator(cfg)]
   assert sorted(_valid_indices(batches)) == list(range(4))
+
+
+def test_decode_frames_refuses_text_files(tmp_path):
+  from data_pipeline import video
+  path = tmp_path / 'notes.txt'
+  path.write_text('this is not a video\n' * 50)
+  with pytest.raises(video.VideoError, match=r'notes\.txt: not a video \(FFmpeg reads it as text'):
+    video.decode_frames(str(path), [0])

@@ -1,0 +1,31 @@
+"""Codec patch selection (SPEC 2): which patches of a clip carry motion and prediction residual.
+
+Contract:
+
+  from data_pipeline import codec
+  sel = codec.select(video, num_frames=64, budget=2048, resolution=224, patch_size=14,
+                     **options)          # video: a path or the bytes of a file
+  sel.frame_ids      int32 [T]     source frames of the T timeline positions
+  sel.positions      int32 [K, 3]  (t, h, w) of the K = budget selected patches, sorted
+  sel.picture_types  uint8 [T]     codes into records.PICTURE_TYPES ('?', 'I', 'P', 'B')
+  sel.scores         float32 [T, Hp, Wp]
+  sel.record_fields()              the clip-record fields of data_pipeline.records
+
+Baselines with the same return type: `select_uniform_frames`, `select_random`. Options and their
+allowed values: `Options` (unknown names and bad values raise ValueError). Input that cannot be
+used raises `VideoError` naming the file and the reason. The same input gives the same selection
+on every run and every machine (no frame threads while vectors are exported, single-threaded
+x264 for the transcode, ties broken by (t, h, w)).
+
+Modules: `bitstream` (PyAV reading, vectors, transcode), `maps` (motion/residual maps,
+normalisation, fusion, camera compensation, centre prior, model-grid scores), `selection`
+(policies, static fallback, top-K, baselines), `options`.
+"""
+from data_pipeline.codec.options import (CAMERA_COMPENSATIONS, DEFAULT_GOP, FUSIONS, POLICIES,
+                                         Options)
+from data_pipeline.codec.selection import (Selection, select, select_random,
+                                           select_uniform_frames)
+from data_pipeline.video import VideoError
+
+__all__ = ['select', 'select_uniform_frames', 'select_random', 'Selection', 'Options',
+           'VideoError', 'POLICIES', 'FUSIONS', 'CAMERA_COMPENSATIONS', 'DEFAULT_GOP']

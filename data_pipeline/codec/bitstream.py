@@ -1,0 +1,344 @@
+"""The bitstream side of codec selection: frame counts, H.264 motion vectors, the libx264 transcode.
+
+Stock FFmpeg exports the coded motion vectors of H.264 through `flags2=+export_mvs` (side data
+`MOTION_VECTORS` on each P/B frame) but exports nothing for HEVC or VP9, and no coded residual at
+all. So an H.264 source is read as it is, and anything else (or an H.264 source when a fixed GOP
+is asked for) is first re-encoded, in memory, to a plain H.264 stream of the sampled frames:
+fixed GOP, no scene-cut I-frames, no B-frames, one reference frame.
+
+What FFmpeg exports does not say *which* frame a vector points to, only the direction (`source`
+-1 past, +1 future). `frames_with_references` therefore hands each wanted frame over with a short
+list of candidate reference frames per direction, found from presentation and decode order (a
+frame can only be predicted from frames decoded before it); `maps.py` keeps the candidate that
+predicts the frame best. For the transcoded streams (one reference, no B-frames) the candidate is
+always the previous frame, so there is nothing to guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import av
+import numpy as np
+
+from data_pipeline.codec import maps
+from data_pipeline.video import VideoError, VideoSource, describe, open_video
+
+# FFmpeg picture types folded onto records.PICTURE_TYPES ('?', 'I', 'P', 'B').
+_KIND_OF_PICTURE = {'I': 'I', 'SI': 'I', 'P': 'P', 'SP': 'P', 'S': 'P', 'B': 'B', 'BI': 'B'}
+# Pixel formats whose first plane is 8-bit luma we can read without a conversion.
+_Y8_FORMATS = frozenset({'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p',
+                         'yuv440p', 'yuvj440p', 'yuv411p', 'yuv410p', 'nv12', 'nv21', 'gray'})
+# x264 allows up to 16 consecutive B-frames, so no reference lies further away than this.
+REFERENCE_REACH = 18
+TRANSCODE_FPS = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """What the container says about its first video stream."""
+  name: str           # describe(video), for messages
+  codec: str          # decoder name: 'h264', 'hevc', 'vp9', ...
+  width: int
+  height: int
+  num_frames: int     # frames in the stream (header count, else counted packets)
+  counted: bool       # True when num_frames came from counting packets
+
+
+def probe(video: VideoSource) -> Probe:
+  """Codec, size and frame count of the first video stream; VideoError if there is none."""
+  name = describe(video)
+  container = open_video(video)
+  try:
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    codec, width, height = ctx.name, ctx.width, ctx.height
+    num_frames, counted = int(stream.frames or 0), False
+    if num_frames <= 0:
+      # Matroska/WebM and raw streams carry no count; demuxing (no decoding) is cheap and exact.
+      num_frames, counted = _count_packets(container, stream, name), True
+  finally:
+    container.close()
+  if num_frames <= 0:
+    raise VideoError(f'{name}: the video stream has no frames (empty, or truncated before '
+                     f'the first one)')
+  if width <= 0 or height <= 0:
+    raise VideoError(f'{name}: the video stream has no frame size ({width}x{height})')
+  return Probe(name, codec, width, height, num_frames, counted)
+
+
+def _count_packets(container, stream, name: str) -> int:
+  count = 0
+  try:
+    for packet in container.demux(stream):
+      if packet.size:
+        count += 1
+  except av.FFmpegError as e:
+    if count == 0:
+      raise VideoError(f'{name}: corrupt, no packet could be read ({e})') from e
+  return count
+
+
+def timeline(num_source_frames: int, num_frames: int) -> np.ndarray:
+  """floor(linspace(0, N-1, T)) in presentation order; with N < T frames repeat."""
+  return np.floor(np.linspace(0, num_source_frames - 1, num_frames)).astype(np.int64)
+
+
+@dataclasses.dataclass
+class CodedFrame:
+  """One decoded picture, as much of it as the analysis needs."""
+  index: int                      # presentation index, counting decoded frames from 0
+  decode_index: int               # position in decode order; -1 when the packets carry no pts
+  kind: str                       # 'I', 'P', 'B' or '?'
+  luma: Optional[np.ndarray]      # [H/step, W/step] luma at the analysis resolution (float32);
+                                  # only kept for frames near a wanted one
+  vectors: Optional[np.ndarray]   # the MOTION_VECTORS structured array; wanted frames only
+  height: int = 0                 # the coded frame's size
+  width: int = 0
+
+  @property
+  def is_anchor(self) -> bool:
+    return self.kind in ('I', 'P')
+
+
+def luma_of(frame) -> np.ndarray:
+  """The 8-bit luma plane of a decoded frame, uint8 [H, W] (a copy)."""
+  h, w = frame.height, frame.width
+  if frame.format.name in _Y8_FORMATS:
+    plane = frame.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+    return rows[:h, :w].copy()
+  return frame.reformat(format='gray').to_ndarray()
+
+
+def _kind(frame) -> str:
+  try:
+    name = av.video.frame.PictureType(frame.pict_type).name
+  except ValueError:
+    return '?'
+  return _KIND_OF_PICTURE.get(name, '?')
+
+
+def decoded_frames(packets: Iterable, decode: Callable) -> Iterator[tuple]:
+  """(frame, decode_index) in presentation order, `decode(packet)` giving frames per packet.
+
+  The decode index of a frame is the position of its packet in the stream, found by pts (the
+  decoder hands frames back reordered, tagged with the pts of the packet they came from).
+  """
+  order: dict[int, int] = {}
+  count = 0
+  for packet in packets:
+    if packet is not None and packet.size and packet.pts is not None:
+      order[packet.pts] = count
+      count += 1
+    for frame in decode(packet):
+      pts = frame.pts
+      yield frame, (order.pop(pts, -1) if pts is not None else -1)
+
+
+class Decoded:
+  """How far a `frames_with_references` run got (read after the generator is exhausted)."""
+
+  def __init__(self):
+    self.count = 0              # frames decoded
+    self.error: Optional[Exception] = None   # a decoder error that ended the stream early
+
+
+def frames_with_references(frames: Iterable[tuple], wanted: Sequence[int], decoded: Decoded,
+                           step: int = 1, reach: int = REFERENCE_REACH) -> Iterator[tuple]:
+  """For each wanted presentation index: (frame, past candidates, future candidates).
+
+  `frames` yields (av frame, decode_index) as `decoded_frames` does, from a decoder with vector
+  export on. Wanted frames come out in increasing index order. Candidates per direction, nearest
+  first, are frames decoded before this one: the nearest such frame and the nearest I/P frame
+  (for P-frames only the latter; with B-pyramids a B-frame may reference another B). An I-frame
+  gets its predecessor as the 'past' candidate, used with zero vectors (a frame difference).
+  Decoding stops once the last wanted frame is out, so only the needed prefix is decoded.
+  Luma is kept block-averaged by `step` (maps.downscale), so memory follows the analysis size.
+  """
+  wanted_sorted = np.unique(np.asarray(wanted, dtype=np.int64))
+  if wanted_sorted.size == 0:
+    return
+  wanted_set = set(int(i) for i in wanted_sorted)
+  last_wanted = int(wanted_sorted[-1])
+  window: dict[int, CodedFrame] = {}
+  pending: list[CodedFrame] = []
+
+  def near_wanted(i: int) -> bool:
+    j = int(np.searchsorted(wanted_sorted, i - reach))
+    return j < wanted_sorted.size and int(wanted_sorted[j]) <= i + reach
+
+  def release(frame: CodedFrame):
+    return frame, _candidates(frame, window, -1), _candidates(frame, window, +1)
+
+  def needs_future(frame: CodedFrame) -> bool:
+    if frame.kind == 'B':
+      return True
+    return frame.vectors is not None and bool(np.any(frame.vectors['source'] > 0))
+
+  try:
+    for index, (frame, decode_index) in enumerate(frames):
+      decoded.count = index + 1
+      is_wanted = index in wanted_set
+      vectors = None
+      if is_wanted:
+        side = frame.side_data.get('MOTION_VECTORS')
+        vectors = side.to_ndarray().copy() if side is not None else None
+      luma = maps.downscale(luma_of(frame), step) if near_wanted(index) else None
+      coded = CodedFrame(index, decode_index, _kind(frame), luma, vectors, frame.height,
+                         frame.width)
+      window[index] = coded
+      if coded.is_anchor:
+        # Every pending B-frame before this anchor now has all its future candidates in view.
+        while pending:
+          yield release(pending.pop(0))
+      # Without picture types (no anchors) nothing further than `reach` can be a reference.
+      while pending and pending[0].index < index - reach:
+        yield release(pending.pop(0))
+      if is_wanted:
+        if needs_future(coded):
+          pending.append(coded)
+        else:
+          yield release(coded)
+      if index >= last_wanted and not pending:
+        return
+      _prune(window, min([p.index for p in pending] + [index]))
+  except av.FFmpegError as e:
+    decoded.error = e
+  # End of stream (or a decoder error): pending frames get the candidates that exist.
+  while pending:
+    yield release(pending.pop(0))
+
+
+def _candidates(frame: CodedFrame, window: dict, direction: int) -> list[CodedFrame]:
+  if frame.kind == 'I' or (frame.vectors is None and frame.kind != 'B'):
+    if direction > 0:
+      return []
+    previous = window.get(frame.index - 1)
+    return [previous] if previous is not None and previous.luma is not None else []
+  nearest = anchor = None
+  i = frame.index + direction
+  while i in window:
+    other = window[i]
+    if (frame.decode_index < 0 or other.decode_index < 0
+        or other.decode_index < frame.decode_index):
+      nearest = nearest or other
+      if other.is_anchor:
+        anchor = other
+        break
+    i += direction
+  if frame.kind == 'B':
+    found = [nearest, anchor]
+  elif direction < 0:
+    found = [anchor or nearest]
+  else:
+    found = [nearest]
+  out = []
+  for other in found:
+    if other is not None and other.luma is not None and all(other is not o for o in out):
+      out.append(other)
+  return out
+
+
+def _prune(window: dict, lowest_needed: int, cap: int = 64):
+  # Keep the latest I/P frame before the oldest frame still to be analysed, and all after it.
+  keep_from = lowest_needed - cap
+  for i in range(lowest_needed - 1, lowest_needed - cap, -1):
+    other = window.get(i)
+    if other is None:
+      break
+    if other.is_anchor:
+      keep_from = i
+      break
+  for i in [i for i in window if i < keep_from]:
+    del window[i]
+
+
+def open_with_vectors(video: VideoSource):
+  """(container, stream) of the first video stream: vector export on, no frame threads."""
+  container = open_video(video)
+  stream = container.streams.video[0]
+  # Frame threads make the exported vectors differ from run to run; slice threads do not.
+  stream.thread_type = 'SLICE'
+  stream.codec_context.options = {'flags2': '+export_mvs'}
+  return container, stream
+
+
+def container_frames(container, stream) -> Iterator[tuple]:
+  return decoded_frames(container.demux(stream), lambda packet: packet.decode())
+
+
+def analysis_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+  """Transcode size: short side down to `short_side` (never up), both even and at least 16."""
+  scale = min(1.0, short_side / min(height, width))
+  def even(x: float) -> int:
+    return max(16, 2 * int(round(x * scale / 2)))
+  return even(height), even(width)
+
+
+def read_frames(video: VideoSource, frame_ids: Sequence[int], height: int, width: int
+                ) -> tuple[dict, int, Optional[Exception]]:
+  """The wanted frames as yuv420p VideoFrames at height x width, decoded with frame threads.
+
+  Returns ({index: frame}, frames decoded, decoder error or None); frames past the end of a
+  short or truncated stream are missing from the dict.
+  """
+  wanted = set(int(i) for i in frame_ids)
+  last = max(wanted)
+  got: dict[int, object] = {}
+  count, error = 0, None
+  container = open_video(video)
+  try:
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'  # no vectors are read here, so frame threads are fine
+    for index, frame in enumerate(container.decode(stream)):
+      count = index + 1
+      if index in wanted:
+        got[index] = frame.reformat(width=width, height=height, format='yuv420p',
+                                    interpolation='AREA')
+      if index >= last:
+        break
+  except av.FFmpegError as e:
+    error = e
+  finally:
+    container.close()
+  return got, count, error
+
+
+def x264_params(gop: int) -> str:
+  # Fixed GOP, no scene-cut I-frames, no B-frames, one reference: every P-frame's vectors point
+  # at the previous sampled frame. No weighted prediction, so MC(Y_ref) needs no weights.
+  # One thread: x264's output depends on its thread count, so on the machine. mbtree=0: the
+  # macroblock-tree is the part of x264 seen to vary from run to run (with B-frames).
+  return (f'keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:ref=1:weightp=0:'
+          f'partitions=p8x8,p4x4,i8x8,i4x4:mbtree=0:threads=1:lookahead-threads=1:'
+          f'sliced-threads=0')
+
+
+def encode_h264(frames: Sequence, gop: int, crf: int) -> list:
+  """libx264 packets of yuv420p VideoFrames (all the same size), in memory."""
+  first = frames[0]
+  encoder = av.CodecContext.create('libx264', 'w')
+  encoder.width, encoder.height, encoder.pix_fmt = first.width, first.height, 'yuv420p'
+  encoder.time_base = Fraction(1, TRANSCODE_FPS)
+  encoder.framerate = Fraction(TRANSCODE_FPS)
+  encoder.thread_count = 1
+  encoder.options = {'preset': 'veryfast', 'crf': str(crf), 'x264-params': x264_params(gop)}
+  packets = []
+  for i, frame in enumerate(frames):
+    # A decoded frame keeps its source picture type, which libx264 would obey as a forced type.
+    frame.pict_type = av.video.frame.PictureType.NONE
+    frame.pts = i
+    frame.time_base = encoder.time_base
+    packets.extend(encoder.encode(frame))
+  packets.extend(encoder.encode(None))
+  return packets
+
+
+def h264_packet_frames(packets: Sequence) -> Iterator[tuple]:
+  """(frame, decode_index) of an in-memory H.264 packet list, with vector export."""
+  decoder = av.CodecContext.create('h264', 'r')
+  decoder.thread_type = 'SLICE'
+  decoder.options = {'flags2': '+export_mvs'}
+  return decoded_frames(list(packets) + [None], decoder.decode)

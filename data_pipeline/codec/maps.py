@@ -1,0 +1,324 @@
+"""Per-frame motion and residual maps, their normalisation and fusion, and the model-grid scores.
+
+All maps live at the analysis resolution: the coded frame, block-averaged by an integer `step`
+for large frames (a 1080p frame with step 4 is analysed at 480x270; the scores only need the
+14x14-patch level of a 224 crop). Motion vectors are painted onto a grid of 4x4-pixel cells of
+the coded frame (the smallest H.264 partition), one grid per reference direction, vectorised
+over blocks, and sampled from there at each analysis pixel's centre. The residual is
+|Y_t - MC(Y_ref)|, with MC a bilinear (quarter-pel) motion-compensated prediction from those
+grids, averaged over the two directions where a block has both (bi-prediction), with the zero
+vector where no vector was coded.
+
+Vectors are expressed per frame of temporal distance (a P-frame four frames after its reference
+moves four times as far as its neighbouring B-frames); the per-frame normalisation makes this
+matter little, but it keeps the two directions of one B-frame on the same scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from data_pipeline.video import crop_box
+
+CELL = 4                  # pixels per side of a vector-grid cell
+PERCENTILE = 95.0
+MOTION_FLOOR = 1e-6       # in pixels per frame
+RESIDUAL_FLOOR = 1.0      # in 0-255 luma levels
+TRIM_KEEP = 0.7           # share of points kept by each trimming pass of the similarity fit
+TRIM_PASSES = 2
+PRIOR_SIGMA = 0.35        # centre-prior Gaussian sigma, as a share of min(H, W)
+
+
+@dataclasses.dataclass
+class VectorGrid:
+  """Block vectors of one direction painted on the cell grid: float32 [Hc, Wc] each."""
+  dx_HcxWc: np.ndarray    # displacement src - dst in pixels (sub-pixel)
+  dy_HcxWc: np.ndarray
+  has_HcxWc: np.ndarray   # bool: a vector was coded for this cell
+
+  @property
+  def count(self) -> int:
+    return int(self.has_HcxWc.sum())
+
+
+def paint_vectors(vectors: Optional[np.ndarray], height: int, width: int, direction: int
+                  ) -> VectorGrid:
+  """Paint the blocks of one direction (-1 past, +1 future) onto the 4x4-pixel grid.
+
+  FFmpeg reports each block by its centre (dst_x, dst_y) and size (w, h); the displacement in
+  pixels is motion / motion_scale (= src - dst, sub-pixel). Blocks reaching past the frame
+  (coded sizes are padded to macroblocks) are clipped.
+  """
+  hc, wc = -(-height // CELL), -(-width // CELL)
+  dx = np.zeros((hc, wc), np.float32)
+  dy = np.zeros((hc, wc), np.float32)
+  has = np.zeros((hc, wc), bool)
+  if vectors is None or len(vectors) == 0:
+    return VectorGrid(dx, dy, has)
+  mv = vectors[(vectors['source'] < 0) if direction < 0 else (vectors['source'] > 0)]
+  if len(mv) == 0:
+    return VectorGrid(dx, dy, has)
+  bw = np.maximum(mv['w'].astype(np.int64) // CELL, 1)
+  bh = np.maximum(mv['h'].astype(np.int64) // CELL, 1)
+  x0 = (mv['dst_x'].astype(np.int64) - mv['w'].astype(np.int64) // 2) // CELL
+  y0 = (mv['dst_y'].astype(np.int64) - mv['h'].astype(np.int64) // 2) // CELL
+  scale = mv['motion_scale'].astype(np.float32)
+  safe = np.maximum(scale, 1)
+  # A zero motion_scale would be a broken stream; fall back on the integer src - dst then.
+  vx = np.where(scale > 0, mv['motion_x'] / safe, mv['src_x'] - mv['dst_x']).astype(np.float32)
+  vy = np.where(scale > 0, mv['motion_y'] / safe, mv['src_y'] - mv['dst_y']).astype(np.float32)
+  # One row per (block, cell) pair: block id repeated by its cell count, offset within it.
+  cells = bw * bh
+  block = np.repeat(np.arange(len(mv)), cells)
+  offset = np.arange(int(cells.sum())) - np.repeat(np.cumsum(cells) - cells, cells)
+  cx = x0[block] + offset % bw[block]
+  cy = y0[block] + offset // bw[block]
+  inside = (cx >= 0) & (cx < wc) & (cy >= 0) & (cy < hc)
+  cx, cy, block = cx[inside], cy[inside], block[inside]
+  dx[cy, cx] = vx[block]
+  dy[cy, cx] = vy[block]
+  has[cy, cx] = True
+  return VectorGrid(dx, dy, has)
+
+
+def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1
+                     ) -> np.ndarray:
+  """The cell value under the centre of each analysis pixel (each covers step x step coded)."""
+  hc, wc = cells_HcxWc.shape
+  rows = np.minimum((step * np.arange(height) + step // 2) // CELL, hc - 1)
+  cols = np.minimum((step * np.arange(width) + step // 2) // CELL, wc - 1)
+  return cells_HcxWc.take(rows, axis=0).take(cols, axis=1)  # 6x faster than 2-D indexing
+
+
+def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
+  """Block mean over step x step pixels (the ragged bottom/right edge is dropped), float32."""
+  if step == 1:
+    return luma_HxW.astype(np.float32)
+  h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
+  blocks = luma_HxW[:h * step, :w * step].reshape(h, step, w, step)
+  return blocks.sum(axis=(1, 3), dtype=np.uint32).astype(np.float32) / (step * step)
+
+
+def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
+  """Bilinear motion-compensated prediction of a frame from `ref` (edges replicated), float32.
+
+  `ref` is at the analysis resolution (coded / step); vectors are in coded pixels. A vector is
+  constant over its cell, so its integer part and bilinear weights are worked out per cell and
+  only expanded to pixels for the gathers.
+  """
+  h, w = ref_HxW.shape
+  flat = ref_HxW.reshape(-1).astype(np.float32, copy=False)
+  if not (grid.dx_HcxWc.any() or grid.dy_HcxWc.any()):
+    return flat.reshape(h, w).copy()
+  fx_HcxWc, fy_HcxWc = grid.dx_HcxWc / step, grid.dy_HcxWc / step
+  ix_HcxWc, iy_HcxWc = np.floor(fx_HcxWc), np.floor(fy_HcxWc)
+  ax = _cells_to_pixels((fx_HcxWc - ix_HcxWc).astype(np.float32), h, w, step)
+  ay = _cells_to_pixels((fy_HcxWc - iy_HcxWc).astype(np.float32), h, w, step)
+  x0 = _cells_to_pixels(ix_HcxWc.astype(np.int32), h, w, step) + np.arange(w, dtype=np.int32)
+  y0 = (_cells_to_pixels(iy_HcxWc.astype(np.int32), h, w, step)
+        + np.arange(h, dtype=np.int32)[:, None])
+  x1 = np.minimum(np.maximum(x0 + 1, 0), w - 1)
+  y1 = np.minimum(np.maximum(y0 + 1, 0), h - 1) * w
+  np.minimum(np.maximum(x0, 0, out=x0), w - 1, out=x0)
+  np.minimum(np.maximum(y0, 0, out=y0), h - 1, out=y0)
+  y0 *= w
+  top = flat[y0 + x0]
+  top += (flat[y0 + x1] - top) * ax
+  bottom = flat[y1 + x0]
+  bottom += (flat[y1 + x1] - bottom) * ax
+  bottom -= top
+  bottom *= ay
+  top += bottom
+  return top
+
+
+def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, has_HcxWc: np.ndarray,
+                  step: int) -> float:
+  mask = _cells_to_pixels(has_HcxWc, *luma_HxW.shape, step)
+  if not mask.any():
+    return float(np.mean(np.abs(luma_HxW - prediction_HxW)))
+  return float(np.mean(np.abs(luma_HxW - prediction_HxW)[mask]))
+
+
+@dataclasses.dataclass
+class FrameMaps:
+  """Raw maps of one frame at the analysis resolution (before normalisation)."""
+  motion_HxW: np.ndarray      # coded pixels per frame of reference distance
+  residual_HxW: np.ndarray    # |Y_t - MC(Y_ref)| in luma levels
+  vectors_past: int = 0       # cells with a past / future vector (both are used when present)
+  vectors_future: int = 0
+  reference_distance: tuple = ()   # chosen (past, future) reference distances, 0 for none
+
+
+def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', step: int = 1
+               ) -> FrameMaps:
+  """Motion and residual maps of a decoded frame given its candidate references.
+
+  `frame`, `past`, `future` are `bitstream.CodedFrame`s (index, vectors, and luma at the
+  analysis resolution: the coded frame block-averaged by `step`). Among several candidates of
+  one direction, the one whose motion-compensated prediction fits the blocks coded in that
+  direction best is taken as the reference the encoder used.
+  """
+  luma = frame.luma.astype(np.float32, copy=False)
+  h, w = luma.shape
+  grids, predictions, distances = [], [], []
+  for direction, candidates in ((-1, past), (+1, future)):
+    grid = paint_vectors(frame.vectors, h * step, w * step, direction)
+    best, best_error = None, np.inf
+    for candidate in candidates:
+      if candidate.luma is None or candidate.luma.shape != luma.shape:
+        continue
+      prediction = predict(candidate.luma, grid, step)
+      error = (_masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1
+               else 0.0)
+      if error < best_error:
+        best, best_error = (candidate, prediction), error
+    if best is None:
+      grid = VectorGrid(grid.dx_HcxWc, grid.dy_HcxWc, np.zeros_like(grid.has_HcxWc))
+      grids.append(grid)
+      predictions.append(None)
+      distances.append(0)
+    else:
+      grids.append(grid)
+      predictions.append(best[1])
+      distances.append(abs(best[0].index - frame.index))
+  past_grid, future_grid = grids
+  past_prediction, future_prediction = predictions
+
+  # Residual: bi-predicted cells average both predictions; cells without vectors (intra blocks,
+  # I-frames) use the zero vector from the past reference (the future one if there is no past).
+  if past_prediction is None and future_prediction is None:
+    residual_HxW = np.zeros((h, w), np.float32)
+  else:
+    p0 = past_prediction if past_prediction is not None else future_prediction
+    p1 = future_prediction if future_prediction is not None else past_prediction
+    has0 = _cells_to_pixels(past_grid.has_HcxWc, h, w, step)
+    has1 = _cells_to_pixels(future_grid.has_HcxWc, h, w, step)
+    prediction_HxW = np.where(has0 & has1, 0.5 * (p0 + p1), np.where(has1 & ~has0, p1, p0))
+    residual_HxW = np.abs(luma - prediction_HxW)
+
+  # Motion: magnitude per frame of reference distance, after removing the camera's motion;
+  # the mean over the directions coded for each cell.
+  magnitude_sum = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
+  directions = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
+  for grid, distance in zip(grids, distances):
+    if distance == 0 or not grid.has_HcxWc.any():
+      continue
+    dx, dy = compensate_camera(grid, camera)
+    magnitude_sum += np.where(grid.has_HcxWc, np.hypot(dx, dy) / distance, 0)
+    directions += grid.has_HcxWc
+  motion_HxW = _cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
+  return FrameMaps(motion_HxW.astype(np.float32), residual_HxW.astype(np.float32),
+                   past_grid.count, future_grid.count, tuple(distances))
+
+
+def compensate_camera(grid: VectorGrid, camera: str) -> tuple[np.ndarray, np.ndarray]:
+  """The grid's vectors minus the camera's motion: 'none', 'median' or 'similarity'."""
+  dx, dy, has = grid.dx_HcxWc, grid.dy_HcxWc, grid.has_HcxWc
+  if camera == 'none' or has.sum() < 3:
+    return dx, dy
+  if camera == 'median':
+    return dx - np.median(dx[has]), dy - np.median(dy[has])
+  if camera == 'similarity':
+    flow_x, flow_y = similarity_flow(grid)
+    return dx - flow_x, dy - flow_y
+  raise ValueError(f'camera_compensation={camera!r}: allowed values are none, median, similarity')
+
+
+def similarity_flow(grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Least-squares similarity motion (zoom, rotation, shift) of the cells, robust to objects.
+
+  The displacement d = src - dst of a camera that zooms, rotates and pans is
+  dx = a*x - b*y + tx, dy = b*x + a*y + ty (a, b linear in scale and angle). Fit on all cells,
+  then `passes` times: rank all cells by their residual to the current fit, refit on the best
+  `keep` share. Returns the fitted flow on the whole grid.
+  """
+  hc, wc = grid.has_HcxWc.shape
+  ys, xs = np.mgrid[0:hc, 0:wc].astype(np.float64) * CELL + CELL / 2
+  cy, cx = ys.mean(), xs.mean()
+  xs, ys = xs - cx, ys - cy  # centred coordinates keep the normal equations well conditioned
+  has = grid.has_HcxWc.reshape(-1)
+  x, y = xs.reshape(-1)[has], ys.reshape(-1)[has]
+  dx = grid.dx_HcxWc.reshape(-1)[has].astype(np.float64)
+  dy = grid.dy_HcxWc.reshape(-1)[has].astype(np.float64)
+  n = x.size
+  design = np.concatenate([np.stack([x, -y, np.ones(n), np.zeros(n)], 1),
+                           np.stack([y, x, np.zeros(n), np.ones(n)], 1)])
+  target = np.concatenate([dx, dy])
+  chosen = np.arange(n)
+  for step in range(passes + 1):
+    rows = np.concatenate([chosen, chosen + n])
+    # Normal equations: 4 unknowns, so a 4x4 solve is far cheaper than an SVD of the rows.
+    fit_rows = design[rows]
+    params = np.linalg.lstsq(fit_rows.T @ fit_rows, fit_rows.T @ target[rows], rcond=None)[0]
+    if step == passes:
+      break
+    fit = design @ params
+    error = np.hypot(dx - fit[:n], dy - fit[n:])
+    chosen = np.sort(np.argsort(error, kind='stable')[:max(3, int(np.ceil(keep * n)))])
+  a, b, tx, ty = params
+  flow_x = (a * xs - b * ys + tx).astype(np.float32)
+  flow_y = (b * xs + a * ys + ty).astype(np.float32)
+  return flow_x, flow_y
+
+
+def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
+  """map / max(p95(map), floor), clipped to [0, 1]."""
+  scale = max(float(np.percentile(map_HxW, PERCENTILE)), floor)
+  return np.clip(map_HxW / scale, 0.0, 1.0)
+
+
+def fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, fusion: str = 'mean',
+         motion_weight: float = 1.0, residual_weight: float = 1.0) -> np.ndarray:
+  """Fuse two normalised maps: weighted 'mean' (default), 'max', weighted 'sum', 'geomean'."""
+  total = motion_weight + residual_weight
+  if fusion == 'mean':
+    return (motion_weight * motion_HxW + residual_weight * residual_HxW) / total
+  if fusion == 'max':
+    return np.maximum(motion_weight * motion_HxW, residual_weight * residual_HxW)
+  if fusion == 'sum':
+    return motion_weight * motion_HxW + residual_weight * residual_HxW
+  if fusion == 'geomean':
+    # Weighted geometric mean; maps are in [0, 1], so zero anywhere gives zero.
+    return (np.power(motion_HxW, motion_weight / total)
+            * np.power(residual_HxW, residual_weight / total))
+  raise ValueError(f'fusion={fusion!r}: allowed values are mean, max, sum, geomean')
+
+
+def center_prior(height: int, width: int, strength: float) -> np.ndarray:
+  """1 + strength * g, g a Gaussian of sigma 0.35 * min(H, W) at the centre, float32 [H, W]."""
+  sigma = PRIOR_SIGMA * min(height, width)
+  gy = np.exp(-0.5 * ((np.arange(height) - (height - 1) / 2) / sigma) ** 2)
+  gx = np.exp(-0.5 * ((np.arange(width) - (width - 1) / 2) / sigma) ** 2)
+  return (1.0 + strength * np.outer(gy, gx)).astype(np.float32)
+
+
+def patch_integrators(height: int, width: int, resolution: int, patch_size: int, step: int = 1
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]).
+
+  `height` x `width` is the source frame; the map has one value per step x step source pixels.
+  The model sees the frame with its short side resized to `resolution` and centre-cropped
+  (`video.crop_box`). Model patch row p covers resized rows [top + p*ps, top + (p+1)*ps), that
+  is source rows [that / sy); Ay[p, y] is the overlap of map row y (source rows
+  [y*step, (y+1)*step)) with it, times sy, so `Ay @ map @ Ax.T` is the map's integral over each
+  patch in model-pixel units (a map of ones gives patch_size**2 everywhere). Exact area
+  weighting, whatever the scale.
+  """
+  _, new_h, new_w, top, left = crop_box(height, width, resolution)
+  def axis(size: int, new_size: int, start: int) -> np.ndarray:
+    scale = new_size / size
+    edges = (start + np.arange(resolution // patch_size + 1) * patch_size) / scale
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixel = np.arange(size // step)[None, :] * step
+    overlap = np.clip(np.minimum(pixel + step, hi) - np.maximum(pixel, lo), 0, None)
+    return (overlap * scale).astype(np.float32)
+  return axis(height, new_h, top), axis(width, new_w, left)
+
+
+def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  ay, ax = integrators
+  return ay @ map_HxW.astype(np.float32) @ ax.T

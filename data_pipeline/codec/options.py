@@ -1,0 +1,112 @@
+"""The options of `codec.select`, checked by name and value.
+
+Defaults follow the paper where the paper and the release differ (policy 'paper'); the release's
+evaluation-path extras (camera compensation, centre prior, static fallback) are off by default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Optional
+
+import numpy as np
+
+POLICIES = ('paper', 'first_frame', 'zero')
+FUSIONS = ('mean', 'max', 'sum', 'geomean')
+CAMERA_COMPENSATIONS = ('none', 'median', 'similarity')
+DEFAULT_GOP = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Every option of `select`; see the field comments for meaning and allowed values."""
+  # Which frames are kept whole: 'paper' I-frames, 'first_frame' frame 0, 'zero' none (I-frame
+  # and first-frame scores set to 0, pure top-K).
+  policy: str = 'paper'
+  # How the normalised motion and residual maps combine: 'mean' (weighted), 'max', 'sum',
+  # 'geomean'; the weights apply to all four.
+  fusion: str = 'mean'
+  motion_weight: float = 1.0
+  residual_weight: float = 1.0
+  # Camera-motion compensation of the vectors: 'none', 'median' (per-frame median vector),
+  # 'similarity' (least-squares zoom/rotation/shift, 2 trimming passes keeping 70%).
+  camera_compensation: str = 'none'
+  # Centre prior strength s: fused * (1 + s * g). The release uses 0.3; 0 turns it off.
+  center_prior: float = 0.0
+  # Static fallback (SPEC 2.7): a clip whose scores are faint or flat keeps `static_frames`
+  # uniformly spaced frames whole. With m the mean score of each patch location over the
+  # scored frames (per pixel, so in [0, 1] for 'mean' fusion): static when p95(m) is below
+  # `static_threshold` (0.03: a still synthetic clip gives ~0.02, moving objects 0.2-0.35), or
+  # (p95 - p50) / p95 below `static_rel_threshold`.
+  static_fallback: bool = False
+  static_threshold: float = 0.03
+  static_rel_threshold: float = 0.38
+  static_frames: int = 4
+  # GOP of the libx264 transcode. None: H.264 sources are read as they are and other codecs
+  # are transcoded with GOP 32 (2 I-frames over 64 frames); an int forces the transcode.
+  gop: Optional[int] = None
+  crf: int = 18                        # libx264 quality of the transcode (0-51)
+  # Short side of the analysis, None: `resolution`. The transcode scales to it (never up);
+  # H.264 read as it is is block-averaged by the largest integer factor that keeps its short
+  # side at least this (vectors stay in coded pixels).
+  analysis_size: Optional[int] = None
+  # A stream that decodes fewer frames than its container promises raises VideoError; with
+  # True the timeline is laid over the frames that do decode.
+  allow_truncated: bool = False
+
+  @classmethod
+  def from_kwargs(cls, options: dict[str, Any]) -> 'Options':
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+      if key not in names:
+        raise ValueError(f'unknown option {key!r}; the options are: {", ".join(names)}')
+    values = dict(options)
+    if values.get('camera_compensation', 'none') is None:
+      values['camera_compensation'] = 'none'
+    out = cls(**values)
+    out.check()
+    return out
+
+  def check(self):
+    _choice('policy', self.policy, POLICIES)
+    _choice('fusion', self.fusion, FUSIONS)
+    _choice('camera_compensation', self.camera_compensation, CAMERA_COMPENSATIONS)
+    _number('motion_weight', self.motion_weight, 'a number >= 0', lambda v: v >= 0)
+    _number('residual_weight', self.residual_weight, 'a number >= 0', lambda v: v >= 0)
+    if self.motion_weight + self.residual_weight <= 0:
+      raise ValueError('motion_weight and residual_weight: allowed values are numbers >= 0, '
+                       'not both 0')
+    _number('center_prior', self.center_prior, 'a number >= 0', lambda v: v >= 0)
+    _flag('static_fallback', self.static_fallback)
+    _number('static_threshold', self.static_threshold, 'a number >= 0', lambda v: v >= 0)
+    _number('static_rel_threshold', self.static_rel_threshold, 'a number in [0, 1]',
+            lambda v: 0 <= v <= 1)
+    _integer('static_frames', self.static_frames, 'an integer >= 1', lambda v: v >= 1)
+    if self.gop is not None:
+      _integer('gop', self.gop, 'None or an integer >= 1', lambda v: v >= 1)
+    _integer('crf', self.crf, 'an integer in [0, 51]', lambda v: 0 <= v <= 51)
+    if self.analysis_size is not None:
+      _integer('analysis_size', self.analysis_size, 'None or an integer >= 16',
+               lambda v: v >= 16)
+    _flag('allow_truncated', self.allow_truncated)
+
+
+def _choice(name: str, value, allowed: tuple):
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f'option {name}={value!r}: allowed values are '
+                     f'{", ".join(repr(a) for a in allowed)}')
+
+
+def _number(name: str, value, allowed: str, ok):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+    raise ValueError(f'option {name}={value!r}: allowed values are {allowed}')
+
+
+def _integer(name: str, value, allowed: str, ok):
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(value):
+    raise ValueError(f'option {name}={value!r}: allowed values are {allowed}')
+
+
+def _flag(name: str, value):
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'option {name}={value!r}: allowed values are True, False')

@@ -1,0 +1,123 @@
+"""Codec patch selection over a video corpus, into sharded ArrayRecord files (resumable).
+
+  python tools/precompute_codec.py VIDEOS OUT_DIR [--num-frames 64 --budget 2048
+      --resolution 224 --patch-size 14 --policy paper] [--options '{"key": value}' | opts.json]
+      [--workers 16] [--clips-per-shard 1000 | --num-shards N] [--inline-max-bytes 1048576]
+
+VIDEOS is a list file (one path per line, optionally a tab and label ids "3,17,42"; relative
+paths are relative to the list file) or a folder searched recursively for video files. Every good
+clip becomes one record (data_pipeline/records.py: source, frame ids, positions, picture types,
+labels, stats_*; the file itself when it is small). Bad clips are listed in
+OUT_DIR/failures.jsonl as they happen and never stop the run. Running the same command again
+skips the finished shards, so a killed run is resumed by re-running it. At the end the summary
+(clips/s, failures, kept fractions, shards) is printed and written to OUT_DIR/summary.json.
+
+Reading the output (D/ove_codec/1.0.0 as OUT_DIR makes D a TFDS data_dir):
+  --format records (default)  data_pipeline.sources.open_source('OUT_DIR/ove_codec-train.*')
+  --format tfds               tfds.builder_from_directory(OUT_DIR).as_data_source('train'),
+                              tfds.data_source('ove_codec', data_dir=D),
+                              data_pipeline.sources.open_source('tfds:ove_codec?data_dir=D')
+  either format               data_pipeline.precompute.read_shard / read_record
+
+The library side is data_pipeline/precompute.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _parse_options(text: str | None) -> dict:
+  """--options: inline JSON, or the path of a JSON file."""
+  if not text:
+    return {}
+  if os.path.isfile(text):
+    with open(text, encoding='utf-8') as f:
+      text = f.read()
+  try:
+    options = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise SystemExit(f'--options: not JSON and not a JSON file ({e})') from None
+  if not isinstance(options, dict):
+    raise SystemExit('--options: must be a JSON object of select() keyword arguments')
+  return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog='precompute_codec', description=__doc__.split('\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('inputs', help='video list file, or a folder searched recursively')
+  p.add_argument('out_dir', help='output folder (shards, manifests, TFDS metadata)')
+  sel = p.add_argument_group('selection (passed to data_pipeline.codec.select; '
+                             'unset flags keep its defaults)')
+  sel.add_argument('--num-frames', type=int, help='frames sampled per clip (T)')
+  sel.add_argument('--budget', type=int, help='patches kept per clip (K)')
+  sel.add_argument('--resolution', type=int, help='model input side in pixels')
+  sel.add_argument('--patch-size', type=int, help='patch side in pixels')
+  sel.add_argument('--policy', help='frame policy: paper, first_frame or zero')
+  sel.add_argument('--options', help='more select() keyword arguments: a JSON object or the '
+                   'path of a JSON file; the flags above override its keys')
+  sel.add_argument('--selector', default=None,
+                   help='module:function used instead of data_pipeline.codec:select '
+                   '(e.g. data_pipeline.codec:select_random for an ablation)')
+  out = p.add_argument_group('output')
+  out.add_argument('--clips-per-shard', type=int, default=1000)
+  out.add_argument('--num-shards', type=int, help='shard count (overrides --clips-per-shard)')
+  out.add_argument('--shuffle-seed', type=int, default=0,
+                   help='seed of the write-time shuffle of the input list')
+  out.add_argument('--no-shuffle', action='store_true', help='keep the input order')
+  out.add_argument('--inline-max-bytes', type=int, default=1 << 20,
+                   help='store files up to this size inside the record (0: never)')
+  out.add_argument('--store-scores', action='store_true',
+                   help='also store each clip\'s score map (float16) for inspection')
+  out.add_argument('--name', default='ove_codec', help='dataset name (TFDS; names the shards)')
+  out.add_argument('--split', default='train')
+  out.add_argument('--format', default='records', choices=('records', 'tfds'),
+                   help='records: records.encode bytes per entry (shard globs of '
+                   'data_pipeline.sources); tfds: tf.train.Example entries plus TFDS metadata '
+                   '(tfds.data_source, builder_from_directory)')
+  run = p.add_argument_group('run')
+  run.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                   help='worker processes (0: in this process)')
+  run.add_argument('--overwrite', action='store_true',
+                   help='delete an earlier run\'s outputs in OUT_DIR and start over')
+  run.add_argument('--max-shards', type=int,
+                   help='write at most this many shards, then stop (run in instalments)')
+  run.add_argument('--no-progress', action='store_true', help='no progress bar')
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  # Imported after parsing so --help is instant.
+  from data_pipeline import precompute
+
+  options = _parse_options(args.options)
+  for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy'):
+    value = getattr(args, flag)
+    if value is not None:
+      options[flag] = value
+  try:
+    summary = precompute.precompute(
+        args.inputs, args.out_dir, options=options, clips_per_shard=args.clips_per_shard,
+        num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+        workers=args.workers, inline_max_bytes=args.inline_max_bytes,
+        store_scores=args.store_scores, name=args.name, split=args.split,
+        record_format=args.format, selector=args.selector or precompute.DEFAULT_SELECTOR,
+        overwrite=args.overwrite, progress=not args.no_progress, max_shards=args.max_shards)
+  except (precompute.PlanMismatch, FileNotFoundError, ValueError) as e:
+    print(f'precompute_codec: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps(summary, indent=2, sort_keys=True))
+  print(f'{summary["records"]} records in {summary["shards_finished"]}/{summary["shards"]} shards '
+        f'({summary["shards_skipped"]} already done), {summary["failures"]} failures '
+        f'(see {summary["failure_manifest"]}), {summary["clips_per_second"]:.1f} clips/s, '
+        f'{100 * summary["patches_kept_fraction"]:.2f}% of patches kept', file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
