@@ -299,6 +299,15 @@ class _HeadMixIterator(grain.DatasetIterator):
     self._step = int(state['step'])
 
 
+def _ensure_absl_flags_parsed():
+  # Grain reads absl flags when it starts worker processes and fails with
+  # UnparsedFlagAccessError in programs that do not use absl.app (plain scripts, notebooks).
+  # Programs that parse flags themselves are left alone.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def build(cfg: Union[PipelineConfig, Mapping[str, Any]], sources_by_head=None) -> grain.IterDataset:
   """The host's input: an IterDataset of {head name: batch} dicts; `iter()` it to read.
 
@@ -306,6 +315,7 @@ def build(cfg: Union[PipelineConfig, Mapping[str, Any]], sources_by_head=None) -
   """
   if not isinstance(cfg, PipelineConfig):
     cfg = PipelineConfig.from_dict(cfg)
+  _ensure_absl_flags_parsed()
   sources_by_head = sources_by_head or {}
   heads = {name: head_dataset(name, head, cfg, sources_by_head.get(name))
            for name, head in cfg.heads.items()}

@@ -2,17 +2,21 @@
 
   python tools/demo.py --workdir /tmp/ove_demo
 
-What it runs today, on an 8-virtual-device CPU mesh (data 2 x fsdp 2 x tensor 2):
-  1. makes two 64-frame clips (a textured square moving over a photograph, drawn in numpy);
-  2. picks K = 2048 of each clip's 16,384 patches by temporal change (a frame-difference
-     stand-in for the codec selection of `data_pipeline.codec`, which replaces it when it lands)
-     and, for comparison, 8 whole frames placed on the 64-frame grid at the same budget;
-  3. packs both selections into rows of the encoder's native interface and runs the tiny encoder
-     sharded over the mesh, checking it against a single-device run of the same weights;
-  4. exports the encoder to the release's PyTorch format and, when torch is installed, checks
-     our PyTorch port on the exported directory against the JAX features.
+What it runs today (each stage prints its progress):
+  1. writes synthetic 64-frame H.264 clips (textured objects moving over photographs, with
+     B-frames; `data_pipeline.synthetic`), labelled by object shape and motion direction;
+  2. precomputes their codec selections, K = 2048 of 16,384 patches per clip
+     (`data_pipeline.precompute`, the library behind tools/precompute_codec.py) into ArrayRecord
+     shards, and draws one selection as PNG/GIF;
+  3. measures, with the clips' ground-truth motion, the share of kept patches that land on moving
+     objects: codec selection vs uniform frames vs random patches at the same budget;
+  4. reads the shards back through the Grain pipeline (codec mode, packed rows, worker process)
+     and runs the tiny encoder on a batch, sharded over an 8-virtual-device CPU mesh
+     (data 2 x fsdp 2 x tensor 2), checked against a single-device run;
+  5. exports the encoder to the release's PyTorch format and, when torch is installed, checks our
+     PyTorch port on the exported directory against the JAX features.
 It writes `summary.json` into the work directory. The pretraining, labels and probe stages join
-this demo as the trainer and data pipeline land (issues 3-5).
+this demo as the trainer lands (issues 4-5).
 """
 from __future__ import annotations
 
@@ -30,62 +34,18 @@ def _set_cpu_devices(n: int):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
 
 
-def make_clip(seed: int, frames: int = 64, size: int = 224):
-  """A textured square moving across a photograph.
-
-  Returns the clip, uint8 [T, H, W, 3], and which 14x14 patches the square touches [T, 16, 16].
-  """
-  import numpy as np
-  from sklearn.datasets import load_sample_images
-
-  rng = np.random.RandomState(seed)
-  photo = load_sample_images().images[seed % 2]
-  y0, x0 = rng.randint(0, photo.shape[0] - size), rng.randint(0, photo.shape[1] - size)
-  background = photo[y0:y0 + size, x0:x0 + size].astype(np.float32)
-  texture = rng.randint(0, 255, size=(8, 8, 3)).repeat(6, 0).repeat(6, 1).astype(np.float32)
-  side = texture.shape[0]
-  start = rng.randint(0, size - side, 2).astype(np.float32)
-  velocity = rng.uniform(-2.5, 2.5, 2).astype(np.float32)
-  clip = np.empty((frames, size, size, 3), np.uint8)
-  on_object = np.zeros((frames, size // 14, size // 14), bool)
-  for t in range(frames):
-    y, x = np.clip(start + velocity * t, 0, size - side).astype(int)
-    frame = background.copy()
-    frame[y:y + side, x:x + side] = texture
-    clip[t] = frame
-    on_object[t, y // 14:(y + side - 1) // 14 + 1, x // 14:(x + side - 1) // 14 + 1] = True
-  return clip, on_object
-
-
-def normalise(clip_uint8):
-  import numpy as np
-  from ove_jax.models import CLIP_MEAN, CLIP_STD
-  return ((clip_uint8.astype(np.float32) / 255.0 - np.array(CLIP_MEAN, np.float32))
-          / np.array(CLIP_STD, np.float32))
-
-
-def select_by_change(clip, budget: int, patch: int = 14):
-  """Top-`budget` patches by mean absolute temporal difference, sorted by (t, h, w)."""
-  import numpy as np
-  x = clip.astype(np.float32).mean(-1)
-  diff = np.abs(np.diff(x, axis=0, prepend=x[:1]))
-  t, h, w = diff.shape
-  scores = diff.reshape(t, h // patch, patch, w // patch, patch).mean((2, 4))
-  scores[0] = scores[1:].max() + 1  # frame 0 has no predecessor: keep it whole (first-frame-dense)
-  flat = np.sort(np.argsort(-scores.reshape(-1), kind='stable')[:budget])
-  hp, wp = h // patch, w // patch
-  return flat, np.stack([flat // (hp * wp), (flat // wp) % hp, flat % wp], -1)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', default='/tmp/ove_demo')
+  parser.add_argument('--clips', type=int, default=8)
   parser.add_argument('--budget', type=int, default=2048)
   parser.add_argument('--devices', type=int, default=8, help='virtual CPU devices')
   args = parser.parse_args(argv)
   if args.budget % 256 or not 256 <= args.budget <= 64 * 256:
     parser.error(f'--budget {args.budget}: use a multiple of 256 (whole 224x224 frames, for the '
                  'uniform-frame comparison) between 256 and 16384')
+  if args.clips < 2:
+    parser.error('--clips must be at least 2')
   _set_cpu_devices(args.devices)
 
   import jax
@@ -93,8 +53,10 @@ def main(argv=None) -> int:
   from flax import nnx
   from jax.sharding import AxisType
 
+  from data_pipeline import codec, pipeline, precompute, records, synthetic, video
   from ove_jax import convert
-  from ove_jax.models import EncoderConfig, create_encoder, patchify, uniform_frame_times
+  from ove_jax.models import EncoderConfig, create_encoder
+  from ove_jax_tools import visualize_selection
 
   start = time.time()
   os.makedirs(args.workdir, exist_ok=True)
@@ -103,37 +65,65 @@ def main(argv=None) -> int:
   def stage(name):
     print(f'[{time.time() - start:6.1f}s] {name}', flush=True)
 
-  stage('1/4 making two 64-frame clips on built-in photographs')
-  clips, on_object = zip(*[make_clip(seed) for seed in (0, 1)])
+  stage(f'1/5 writing {args.clips} synthetic 64-frame clips (H.264 with B-frames)')
+  clip_dir = os.path.join(args.workdir, 'videos')
+  os.makedirs(clip_dir, exist_ok=True)
+  clips, lines = [], []
+  for seed in range(args.clips):
+    clip = synthetic.make_clip(seed, num_frames=64, bframes=2, num_objects=1,
+                               background='pan' if seed % 2 else 'static')
+    path = clip.write(os.path.join(clip_dir, f'clip{seed:03d}.mp4'))
+    # Two labels per clip for now (object shape, motion direction); cluster labels replace them
+    # when tools/cluster_labels.py lands.
+    labels = [clip.labels['shape_id'], len(synthetic.SHAPES) + clip.labels['direction_id']]
+    clips.append((path, clip))
+    lines.append(f'{os.path.basename(path)}\t{labels[0]},{labels[1]}')
+  list_file = os.path.join(clip_dir, 'clips.tsv')
+  with open(list_file, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
 
-  n_frames = args.budget // 256
-  stage(f'2/4 selecting K={args.budget} patches per clip (temporal change) and {n_frames} '
-        'uniform frames')
-  rows_patches, rows_pos = [], []
-  share_on_object = {'change': [], 'uniform_frames': []}
-  selections = [select_by_change(clip, args.budget) for clip in clips]
-  for clip, (flat, pos) in zip(clips, selections):
-    tokens = np.asarray(patchify(normalise(clip)[None], 14))[0]
-    rows_patches.append(tokens[flat])
-    rows_pos.append(pos)
-  times = uniform_frame_times(n_frames)
-  for clip_mask, (flat, pos) in zip(on_object, selections):
-    share_on_object['change'].append(float(clip_mask[tuple(pos.T)].mean()))
-    share_on_object['uniform_frames'].append(float(clip_mask[times].mean()))
-  print(f'        share of kept patches on the moving object: temporal change '
-        f'{np.mean(share_on_object["change"]):.2f}, uniform frames '
-        f'{np.mean(share_on_object["uniform_frames"]):.2f} (same budget)')
-  uniform_tokens = [np.asarray(patchify(normalise(c[times])[None], 14))[0] for c in clips]
-  grid = np.stack(np.meshgrid(times, np.arange(16), np.arange(16), indexing='ij'), -1)
-  uniform_pos = grid.reshape(-1, 3)
+  stage(f'2/5 precomputing codec selections, K={args.budget} of 16384 patches per clip')
+  record_dir = os.path.join(args.workdir, 'records')
+  options = {'num_frames': 64, 'budget': args.budget, 'resolution': 224, 'patch_size': 14,
+             'policy': 'zero', 'camera_compensation': 'median'}
+  result = precompute.precompute(list_file, record_dir, options=options, clips_per_shard=4,
+                                 workers=1, progress=True)
+  shards = precompute.shard_files(record_dir)
+  first = precompute.read_record(shards[0], 0)
+  frames = video.decode_frames(first.get('video') or first['source'], first['frame_ids'])
+  pictures = visualize_selection.render(frames, first['frame_ids'], first['positions'],
+                                        first['picture_types'],
+                                        os.path.join(args.workdir, 'selection'))
+  print(f'        {result["records"]} clips in {len(shards)} shards; selection '
+        f'pictures: {", ".join(pictures.values())}')
+  summary.update(records=record_dir, selection_pictures=pictures)
 
-  # Packed rows: row 0 holds the two codec-style selections, row 1 the two uniform ones; each
-  # row has 4096 tokens and two segments.
-  patches = np.stack([np.concatenate(rows_patches), np.concatenate(uniform_tokens)])
-  positions = np.stack([np.concatenate(rows_pos), np.concatenate([uniform_pos, uniform_pos])])
-  segments = np.repeat(np.repeat([[1, 2]], args.budget, axis=1), 2, axis=0).astype(np.int32)
+  stage('3/5 share of kept patches on moving objects (same budget)')
+  shares = {'codec': [], 'uniform_frames': [], 'random_patches': []}
+  for path, clip in clips:
+    for name, fn in (('codec', lambda v: codec.select(v, budget=args.budget, policy='zero',
+                                                      camera_compensation='median')),
+                     ('uniform_frames', lambda v: codec.select_uniform_frames(v,
+                                                                              budget=args.budget)),
+                     ('random_patches', lambda v: codec.select_random(v, budget=args.budget))):
+      sel = fn(path)
+      mask = clip.patch_mask(sel.frame_ids)
+      shares[name].append(float(mask[tuple(sel.positions.T)].mean()))
+  for name, values in shares.items():
+    print(f'        {name:15s} {np.mean(values):.3f}')
+  summary['share_of_kept_patches_on_moving_objects'] = {
+      k: round(float(np.mean(v)), 4) for k, v in shares.items()}
 
-  stage(f'3/4 tiny encoder, sharded over {jax.device_count()} devices vs one device')
+  stage('4/5 Grain pipeline -> packed rows -> tiny encoder, sharded vs one device')
+  cfg_pipe = pipeline.PipelineConfig.from_dict({
+      'seed': 0, 'worker_count': 1, 'num_epochs': 1,
+      'heads': {'video': {'kind': 'video', 'source': ','.join(shards), 'rows': 2,
+                          'tokens_per_row': 2 * args.budget, 'max_segments': 2,
+                          'num_labels': 2, 'video_modes': (1.0, 0.0, 0.0)}}})
+  batch = next(pipeline.make_iterator(cfg_pipe))['video']
+  patches, positions, segments = batch['patches'], batch['positions'], batch['segment_ids']
+  print(f'        batch: patches {patches.shape}, {int(batch["segment_valid"].sum())} clips '
+        f'in {patches.shape[0]} rows')
   cfg = EncoderConfig.preset('tiny')
   forward = nnx.jit(lambda m, p, q, s: m(p, q, s, num_segments=2)['pooled'])
   single = create_encoder(cfg, seed=0)
@@ -143,28 +133,23 @@ def main(argv=None) -> int:
                        axis_types=(AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):
     sharded = create_encoder(cfg, seed=0)
-    t0 = time.time()
     out = np.asarray(forward(sharded, patches, positions, segments))
-    seconds = time.time() - t0
   diff = float(np.abs(out - ref).max())
-  print(f'        pooled embeddings [rows, segments, C] = {out.shape}; sharded vs single device '
-        f'max |difference| {diff:.1e}; first call {seconds:.1f}s (includes compilation)')
-  cos = (out[0] * out[1]).sum(-1) / np.linalg.norm(out[0], axis=-1) / np.linalg.norm(out[1],
-                                                                                       axis=-1)
-  summary.update(mesh=dict(mesh.shape), sharded_vs_single_max_abs_diff=diff,
-                 share_of_kept_patches_on_object=share_on_object,
-                 cosine_codec_vs_uniform_embedding=[float(c) for c in cos])
+  print(f'        pooled [rows, segments, C] = {out.shape}; sharded vs one device max '
+        f'|difference| {diff:.1e}')
+  summary.update(mesh=dict(mesh.shape), sharded_vs_single_max_abs_diff=diff)
 
-  stage('4/4 exporting to the release format and checking our PyTorch port on it')
+  stage('5/5 exporting to the release format and checking our PyTorch port on it')
   export = os.path.join(args.workdir, 'hf_export')
   convert.save_pytorch(single, export)
   try:
     import torch
     from ove_jax.convert import torch_model
     port = torch_model.load_pretrained(export).eval()
+    n = int((segments[0] == 1).sum())
     with torch.no_grad():
-      ref_torch = port.forward_tokens(torch.from_numpy(patches[:1, :args.budget]),
-                                      torch.from_numpy(positions[:1, :args.budget]))
+      ref_torch = port.forward_tokens(torch.from_numpy(np.asarray(patches[:1, :n])),
+                                      torch.from_numpy(np.asarray(positions[:1, :n])))
     rel = float(np.abs(ref_torch['pooler_output'].numpy()[0] - ref[0, 0]).max()
                 / np.abs(ref[0, 0]).max())
     print(f'        PyTorch port vs JAX, pooled embedding: max relative difference {rel:.1e}')
@@ -178,7 +163,7 @@ def main(argv=None) -> int:
     json.dump(summary, f, indent=2)
   print('\nsummary')
   for key, value in summary.items():
-    print(f'  {key:38s} {value}')
+    print(f'  {key:42s} {value}')
   print(f'\nwrote {os.path.join(args.workdir, "summary.json")}')
   ok = diff < 1e-4 and summary.get('torch_port_max_rel_diff', 0.0) < 1e-4
   return 0 if ok else 1
