@@ -15,7 +15,7 @@ def pytest_configure(config):
 import pytest  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def sharpen():
   """Scales every q/k projection so attention is far from uniform.
 

@@ -129,29 +129,18 @@ def _rewrite(directory, edit):
   convert.write_safetensors(path, tensors)
 
 
-def test_missing_key_is_named(exported, tmp_path):
+@pytest.mark.parametrize('edit, message', [
+    (lambda t: t.pop('encoder.layers.1.mlp.fc2.bias'),
+     r'key encoder\.layers\.1\.mlp\.fc2\.bias is missing \(expected shape \(128,\)\)'),
+    (lambda t: t.update({'head.attention.in_proj_weight': np.zeros((128, 128), np.float32)}),
+     r'head\.attention\.in_proj_weight has shape \(128, 128\), expected \(384, 128\)'),
+    (lambda t: t.update({'vision_model.extra': np.zeros(3, np.float32)}),
+     r'unexpected key vision_model\.extra'),
+], ids=['missing_key', 'wrong_shape', 'unexpected_key'])
+def test_bad_tensors_are_named(exported, tmp_path, edit, message):
   d = _copy(exported[1], tmp_path)
-  _rewrite(d, lambda t: t.pop('encoder.layers.1.mlp.fc2.bias'))
-  with pytest.raises(convert.CheckpointError,
-                     match=r'key encoder\.layers\.1\.mlp\.fc2\.bias is missing \(expected shape '
-                           r'\(128,\)\)'):
-    convert.load_pytorch(d)
-
-
-def test_wrong_shape_is_named(exported, tmp_path):
-  d = _copy(exported[1], tmp_path)
-  _rewrite(d, lambda t: t.update({'head.attention.in_proj_weight': np.zeros((128, 128),
-                                                                            np.float32)}))
-  with pytest.raises(convert.CheckpointError,
-                     match=r'head\.attention\.in_proj_weight has shape \(128, 128\), expected '
-                           r'\(384, 128\)'):
-    convert.load_pytorch(d)
-
-
-def test_unexpected_key_is_named(exported, tmp_path):
-  d = _copy(exported[1], tmp_path)
-  _rewrite(d, lambda t: t.update({'vision_model.extra': np.zeros(3, np.float32)}))
-  with pytest.raises(convert.CheckpointError, match='unexpected key vision_model.extra'):
+  _rewrite(d, edit)
+  with pytest.raises(convert.CheckpointError, match=message):
     convert.load_pytorch(d)
 
 

@@ -20,12 +20,8 @@ pixels = nnx.jit(lambda m, *a, **k: m.forward_pixels(*a, **k),
 
 
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
-  model = create_encoder(EncoderConfig.preset('tiny'), seed=4)
-  for module in [*model.blocks, model.head]:
-    attn = getattr(module, 'self_attn', module)
-    for proj in (attn.q_proj, attn.k_proj):
-      proj.kernel[...] = proj.kernel[...] * 12.0
+def models(tmp_path_factory, sharpen):
+  model = sharpen(create_encoder(EncoderConfig.preset('tiny'), seed=4))
   directory = str(tmp_path_factory.mktemp('export'))
   convert.save_pytorch(model, directory)
   port = torch_model.load_pretrained(directory).eval()

@@ -99,16 +99,26 @@ def main(argv=None) -> int:
   summary.update(records=record_dir, selection_pictures=pictures)
 
   stage('3/5 share of kept patches on moving objects (same budget)')
+  # Codec selections come from the records just written; the baselines are cheap to compute.
+  codec_by_source = {}
+  for shard in shards:
+    for record in precompute.read_shard(shard):
+      codec_by_source[os.path.abspath(record['source'])] = (record['frame_ids'],
+                                                            record['positions'])
+  missing = [p for p, _ in clips if os.path.abspath(p) not in codec_by_source]
+  if missing:
+    raise SystemExit(f'error: no codec record for {missing[0]}; see '
+                     f'{os.path.join(record_dir, "failures.jsonl")} for why it failed')
   shares = {'codec': [], 'uniform_frames': [], 'random_patches': []}
   for path, clip in clips:
-    for name, fn in (('codec', lambda v: codec.select(v, budget=args.budget, policy='zero',
-                                                      camera_compensation='median')),
-                     ('uniform_frames', lambda v: codec.select_uniform_frames(v,
-                                                                              budget=args.budget)),
-                     ('random_patches', lambda v: codec.select_random(v, budget=args.budget))):
-      sel = fn(path)
-      mask = clip.patch_mask(sel.frame_ids)
-      shares[name].append(float(mask[tuple(sel.positions.T)].mean()))
+    uniform = codec.select_uniform_frames(path, budget=args.budget)
+    rand = codec.select_random(path, budget=args.budget)
+    for name, (frame_ids, positions) in (
+        ('codec', codec_by_source[os.path.abspath(path)]),
+        ('uniform_frames', (uniform.frame_ids, uniform.positions)),
+        ('random_patches', (rand.frame_ids, rand.positions))):
+      mask = clip.patch_mask(frame_ids)
+      shares[name].append(float(mask[tuple(np.asarray(positions).T)].mean()))
   for name, values in shares.items():
     print(f'        {name:15s} {np.mean(values):.3f}')
   summary['share_of_kept_patches_on_moving_objects'] = {
