@@ -250,6 +250,28 @@ def frame_patches(frames_TxHxWx3: np.ndarray) -> np.ndarray:
   return to_patches(frames_TxHxWx3.reshape(t * frames_TxHxWx3.shape[1], *frames_TxHxWx3.shape[2:]))
 
 
+def check_positions(positions, num_frames: int) -> np.ndarray:
+  """Codec positions [K, 3] (t on the clip's timeline, h, w on the 16 x 16 grid), validated."""
+  pos_Kx3 = np.asarray(positions, np.int64)
+  if pos_Kx3.ndim != 2 or pos_Kx3.shape[1] != 3 or len(pos_Kx3) == 0:
+    raise ValueError(f'`positions` of shape {pos_Kx3.shape}; expected [K > 0, 3]')
+  t_K, h_K, w_K = pos_Kx3.T
+  if (t_K.min() < 0 or t_K.max() >= num_frames or min(h_K.min(), w_K.min()) < 0
+      or max(h_K.max(), w_K.max()) >= VIDEO_GRID):
+    raise ValueError(f'`positions` outside the {num_frames} x {VIDEO_GRID} x {VIDEO_GRID} '
+                     'grid of the clip')
+  return pos_Kx3
+
+
+def codec_patches(video, frame_ids: np.ndarray, positions) -> np.ndarray:
+  """uint8 [K, 588] pixels of the selected patches, decoding only the frames they use."""
+  frame_ids = np.asarray(frame_ids, np.int64).reshape(-1)
+  t_K, h_K, w_K = check_positions(positions, len(frame_ids)).T
+  used_t = np.unique(t_K)  # a sparse selection touches few frames: decode only those
+  frames = video_lib.decode_frames(video, frame_ids[used_t], VIDEO_RESOLUTION)
+  return gather_patches(frames, np.searchsorted(used_t, t_K), h_K, w_K)
+
+
 def gather_patches(frames_UxHxWx3: np.ndarray, frame_U_of_K: np.ndarray, h_K: np.ndarray,
                    w_K: np.ndarray) -> np.ndarray:
   """Patch (h, w) of frame u for every selected token: uint8 [K, 588]."""
@@ -302,21 +324,20 @@ class VideoTransform:
     return frame_ids
 
   def codec(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The record's selected patches, decoding only the frames they use."""
+    """The record's selected patches: stored in the record (precompute's store_patches), or
+    gathered from only the frames they use."""
     frame_ids = self._timeline(record)
     if record.get('positions') is None:
       raise ValueError('codec mode needs the record\'s selected `positions` [K, 3]')
-    pos_Kx3 = np.asarray(record['positions'], np.int64)
-    if pos_Kx3.ndim != 2 or pos_Kx3.shape[1] != 3 or len(pos_Kx3) == 0:
-      raise ValueError(f'`positions` of shape {pos_Kx3.shape}; expected [K > 0, 3]')
+    pos_Kx3 = check_positions(record['positions'], len(frame_ids))
+    if record.get('patches') is not None:
+      patches = np.asarray(record['patches'])
+      if patches.dtype != np.uint8 or patches.shape != (len(pos_Kx3), PATCH_DIM):
+        raise ValueError(f'stored `patches` {patches.dtype} {patches.shape}; expected uint8 '
+                         f'[{len(pos_Kx3)}, {PATCH_DIM}] (one per position)')
+    else:
+      patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3)
     t_K, h_K, w_K = pos_Kx3.T
-    if (t_K.min() < 0 or t_K.max() >= len(frame_ids) or min(h_K.min(), w_K.min()) < 0
-        or max(h_K.max(), w_K.max()) >= VIDEO_GRID):
-      raise ValueError(f'`positions` outside the {len(frame_ids)} x {VIDEO_GRID} x {VIDEO_GRID} '
-                       'grid of the clip')
-    used_t = np.unique(t_K)  # a sparse selection touches few frames: decode only those
-    frames = video_lib.decode_frames(self.video_of(record), frame_ids[used_t], VIDEO_RESOLUTION)
-    patches = gather_patches(frames, np.searchsorted(used_t, t_K), h_K, w_K)
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[t_K]
     return patches, np.stack([grid_t, h_K, w_K], axis=-1).astype(np.int32)
 

@@ -23,6 +23,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('mlp', 'tensor'),
     ('patch', None),
     ('norm', None),
+    # class centres of the cluster-discrimination heads: rows over every device (ove_jax.losses)
+    ('classes', ('data', 'fsdp', 'tensor')),
+    ('centre_embed', None),
     # activations
     ('act_batch', ('data', 'fsdp')),
     ('act_length', None),

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='store files up to this size inside the record (0: never)')
   out.add_argument('--store-scores', action='store_true',
                    help='also store each clip\'s score map (float16) for inspection')
+  out.add_argument('--store-patches', action='store_true',
+                   help='also store the selected patches\' pixels (uint8 [K, 588]) so training '
+                   'reads them instead of decoding the video')
   out.add_argument('--name', default='ove_codec', help='dataset name (TFDS; names the shards)')
   out.add_argument('--split', default='train')
   out.add_argument('--format', default='records', choices=('records', 'tfds'),
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
         args.inputs, args.out_dir, options=options, clips_per_shard=args.clips_per_shard,
         num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         workers=args.workers, inline_max_bytes=args.inline_max_bytes,
-        store_scores=args.store_scores, name=args.name, split=args.split,
+        store_scores=args.store_scores, store_patches=args.store_patches, name=args.name, split=args.split,
         record_format=args.format, selector=args.selector or precompute.DEFAULT_SELECTOR,
         overwrite=args.overwrite, progress=not args.no_progress, max_shards=args.max_shards)
   except (precompute.PlanMismatch, FileNotFoundError, ValueError) as e:

@@ -1,0 +1,370 @@
+"""The built-in training data: labelled synthetic clips and images, made once under a folder.
+
+The trainer's `demo_cpu` experiment trains on this so that a first run needs no download and no
+data preparation. `ensure(root)` makes it on first use and returns the `sources.open_source`
+strings and label counts to train on; later calls (or a second trainer process on the same
+machine) find it ready and return at once.
+
+Layout under `root`:
+  videos/clip-{i:05d}.mp4      64-frame 224x224 H.264 clips with B-frames (`synthetic.make_clip`)
+  videos/clips.tsv             the clip list with label ids (`precompute.read_inputs` format)
+  videos/made.tsv, images/made.tsv   finished files and their labels (for resuming)
+  records/                     their codec selections (`precompute.precompute` output folder)
+  images/img-{i:05d}.png       224x224 stills of one object (a 1-frame synthetic clip)
+  images/labels.npy            int32 [N, 3], one row per image in sorted file order
+  builtin.json                 the parameters and the result, written last: the data is ready
+  .lock                        the flock that serialises concurrent calls
+
+Labels come from the synthetic ground truth, three per sample: a fine class and the two
+attributes it combines, so a probe can learn something real from a few dozen samples.
+  videos (53): shape * 8 + direction (0..39), 40 + shape (40..44), 45 + direction (45..52)
+  images (29): shape * 4 + texture (0..19), 20 + shape (20..24), 25 + texture (25..28)
+
+A killed run is resumed: files are written by rename, and a log per folder (`made.tsv`) records
+each finished file's labels, so the next call reuses every logged file that still decodes, makes
+the rest, and lets `precompute` resume its unfinished shards.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import io
+import os
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from data_pipeline import precompute, sources, synthetic
+from data_pipeline import video as video_lib
+
+VERSION = 2                 # bump when the same parameters would make different data
+NUM_FRAMES = 64
+RESOLUTION = 224
+PATCH_SIZE = 14
+NUM_LABELS = 3
+CLIPS_PER_SHARD = 8         # small shards: a killed precompute loses little
+VIDEO_CLASSES = (len(synthetic.SHAPES) * len(synthetic.DIRECTIONS) + len(synthetic.SHAPES)
+                 + len(synthetic.DIRECTIONS))
+IMAGE_CLASSES = (len(synthetic.SHAPES) * len(synthetic.TEXTURES) + len(synthetic.SHAPES)
+                 + len(synthetic.TEXTURES))
+SELECTION_OPTIONS = {'num_frames': NUM_FRAMES, 'resolution': RESOLUTION,
+                     'patch_size': PATCH_SIZE, 'policy': 'zero', 'camera_compensation': 'median'}
+
+_MARKER = 'builtin.json'
+_STARTED = '.builtin-started.json'
+_LOCK = '.lock'
+_LIST = 'clips.tsv'
+_IMAGE_LABELS = 'labels.npy'
+_LOG = 'made.tsv'
+# Seed streams of synthetic.make_clip: videos and images never share a seed.
+_VIDEO_STREAM, _IMAGE_STREAM = 0, 1
+# Characters that the source strings give a meaning to: ',' separates shard paths, glob
+# patterns expand, and the folder spec is URL-query parsed ('?', '&', '+', '%').
+_UNSAFE = ',*?[&+%'
+
+
+def video_labels(labels: dict) -> tuple[int, int, int]:
+  """A clip's three label ids from `SyntheticClip.labels`."""
+  shape, direction = labels['shape_id'], labels['direction_id']
+  if direction < 0:
+    raise ValueError('the clip\'s first object does not move; it has no direction class')
+  num_shapes, num_directions = len(synthetic.SHAPES), len(synthetic.DIRECTIONS)
+  return (shape * num_directions + direction, num_shapes * num_directions + shape,
+          num_shapes * num_directions + num_shapes + direction)
+
+
+def image_labels(labels: dict) -> tuple[int, int, int]:
+  """An image's three label ids from the `SyntheticClip.labels` of its 1-frame clip."""
+  shape, texture = labels['shape_id'], labels['texture_id']
+  num_shapes, num_textures = len(synthetic.SHAPES), len(synthetic.TEXTURES)
+  return (shape * num_textures + texture, num_shapes * num_textures + shape,
+          num_shapes * num_textures + num_shapes + texture)
+
+
+def item_seed(seed: int, stream: int, index: int) -> int:
+  """make_clip's seed of item `index`: independent streams, no overlap between nearby seeds."""
+  return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0])
+
+
+def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, seed: int = 0,
+           workers: int = 1, progress: bool = True) -> dict:
+  """Makes (or finds) the built-in data under `root`; returns what a trainer config needs.
+
+  Args:
+    root: the folder; created if needed. Use a fresh one per set of parameters.
+    clips / images: how many video clips and still images.
+    budget: patches the codec selection keeps per clip (the video head's tokens per row).
+    seed: seeds every clip and image.
+    workers: precompute's processes (0: in this process). Does not change the data.
+    progress: print a line per stage (and precompute's progress bar).
+
+  Returns:
+    {'video_source', 'image_source'} (`sources.open_source` strings), 'video_classes',
+    'image_classes', 'num_labels', and 'clips' / 'images': the samples each source holds.
+
+  Raises:
+    ValueError: `root` holds data made with other parameters (named in the message).
+    RuntimeError: fewer than 2 clips survived the selection (see the failure manifest named).
+  """
+  if clips < 2 or images < 1:
+    raise ValueError(f'clips={clips}, images={images}: need at least 2 clips and 1 image')
+  frame_patches = (RESOLUTION // PATCH_SIZE) ** 2
+  if not 1 <= budget <= NUM_FRAMES * frame_patches:
+    raise ValueError(f'budget={budget}: between 1 and {NUM_FRAMES * frame_patches} patches '
+                     f'({NUM_FRAMES} frames of {frame_patches})')
+  if seed < 0:
+    raise ValueError(f'seed={seed}: must be >= 0')
+  root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+  unsafe = sorted(set(_UNSAFE) & set(root))
+  if unsafe:
+    raise ValueError(f'{root}: the built-in data folder\'s path must not contain '
+                     f'{" ".join(unsafe)} (they mean something in source strings)')
+  params = {'version': VERSION, 'clips': int(clips), 'images': int(images),
+            'budget': int(budget), 'seed': int(seed)}
+
+  # No lock on the way in: the marker is written last, by rename, so if it is there and
+  # matches, everything it names is complete.
+  ready = _ready(root, params)
+  if ready is not None:
+    return ready
+  os.makedirs(root, exist_ok=True)
+
+  def say(text: str) -> None:
+    if progress:
+      print(f'[builtin data] {text}', flush=True)
+
+  with _locked(os.path.join(root, _LOCK), say):
+    ready = _ready(root, params)  # another process may have made it while we waited
+    if ready is not None:
+      say(f'ready in {root} (made by another process)')
+      return ready
+    _check_params(root, precompute._read_json(os.path.join(root, _STARTED)), params)
+    precompute._write_json_atomic(os.path.join(root, _STARTED), params)
+    start = time.perf_counter()
+    list_file = _make_videos(root, params, say)
+    shards, num_records = _make_records(root, list_file, params, workers, progress, say)
+    _make_images(root, params, say)
+    result = _result(root, shards, num_records, params)
+    # Fail here, not in the trainer, if a source string does not open.
+    for spec, expected in ((result['video_source'], num_records),
+                           (result['image_source'], params['images'])):
+      found = len(sources.open_source(spec))
+      if found != expected:
+        raise RuntimeError(f'{spec}: {found} records where {expected} were made')
+    precompute._write_json_atomic(os.path.join(root, _MARKER), {
+        'params': params, 'shards': [os.path.basename(p) for p in shards],
+        'clips': num_records})
+    os.remove(os.path.join(root, _STARTED))
+    say(f'ready in {root}: {num_records} clips, {params["images"]} images '
+        f'({time.perf_counter() - start:.1f} s)')
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Marker, parameters, lock
+# ---------------------------------------------------------------------------------------------
+
+def _result(root: str, shards: Sequence[str], num_records: int, params: dict) -> dict:
+  images = os.path.join(root, 'images')
+  return {'video_source': ','.join(shards),
+          'image_source': f'folder:{images}?labels={os.path.join(images, _IMAGE_LABELS)}',
+          'video_classes': VIDEO_CLASSES, 'image_classes': IMAGE_CLASSES,
+          'num_labels': NUM_LABELS, 'clips': num_records, 'images': params['images']}
+
+
+def _ready(root: str, params: dict) -> Optional[dict]:
+  """The result when `root` holds finished data for `params`; None when it must be (re)made."""
+  marker = precompute._read_json(os.path.join(root, _MARKER))
+  if marker is None:
+    return None
+  _check_params(root, marker['params'], params)
+  shards = [os.path.join(root, 'records', name) for name in marker['shards']]
+  # Made, then partly deleted by hand: remake what is missing rather than fail in the trainer.
+  if not all(map(os.path.exists, shards + [os.path.join(root, 'images', _IMAGE_LABELS)])):
+    return None
+  return _result(root, shards, marker['clips'], params)
+
+
+def _check_params(root: str, old: Optional[dict], new: dict) -> None:
+  if old is None or old == new:
+    return
+  changed = [f'{key}={old.get(key)!r} there, {new[key]!r} asked' for key in new
+             if old.get(key) != new[key]]
+  raise ValueError(f'{root} holds built-in data made with other parameters '
+                   f'({"; ".join(changed)}); use another root, or delete {root} to remake it')
+
+
+@contextlib.contextmanager
+def _locked(path: str, say: Callable[[str], None]) -> Iterator[None]:
+  """An exclusive flock on `path`: one process makes the data, the others wait for it."""
+  with open(path, 'a') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      say(f'another process is making the data in {os.path.dirname(path)}; waiting')
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+def _make_videos(root: str, params: dict, say) -> str:
+  folder = os.path.join(root, 'videos')
+  names = [f'clip-{i:05d}.mp4' for i in range(params['clips'])]
+
+  def make(i: int) -> tuple[bytes, tuple[int, ...]]:
+    clip = synthetic.make_clip(item_seed(params['seed'], _VIDEO_STREAM, i),
+                               num_frames=NUM_FRAMES, bframes=2, num_objects=1,
+                               background='pan' if i % 2 else 'static')
+    return clip.data, video_labels(clip.labels)
+
+  labels = _make_files(folder, names, make, _video_ok, 'clips', say)
+  list_file = os.path.join(folder, _LIST)
+  _write_if_changed(list_file, ''.join(f'{name}\t{",".join(map(str, ids))}\n'
+                                       for name, ids in zip(names, labels)).encode())
+  return list_file
+
+
+def _make_records(root: str, list_file: str, params: dict, workers: int, progress: bool,
+                  say) -> tuple[list[str], int]:
+  out_dir = os.path.join(root, 'records')
+  say(f'precomputing codec selections (budget {params["budget"]}, {workers} worker(s))')
+  kwargs = dict(options={**SELECTION_OPTIONS, 'budget': params['budget']},
+                clips_per_shard=CLIPS_PER_SHARD, workers=workers, progress=progress,
+                # Pixels in the records: training reads them instead of decoding the clips, so
+                # the tiny demo model is not input-bound on 2 cores.
+                store_patches=True)
+  try:
+    summary = precompute.precompute(list_file, out_dir, **kwargs)
+  except precompute.PlanMismatch as e:
+    # The parameters are checked already, so the records are of this data at another path
+    # (the folder was moved) or of an older selection: they are ours to redo.
+    say(f'redoing the selections ({e})')
+    summary = precompute.precompute(list_file, out_dir, overwrite=True, **kwargs)
+  if summary['records'] < 2:
+    raise RuntimeError(f'only {summary["records"]} of {params["clips"]} built-in clips have a '
+                       f'codec selection (2 needed); the reasons are in '
+                       f'{summary["failure_manifest"]}')
+  if summary['failures']:
+    say(f'{summary["failures"]} clip(s) failed the selection; see {summary["failure_manifest"]}')
+  say(f'{summary["records"]} clip selections in {out_dir}')
+  return precompute.shard_files(out_dir), summary['records']
+
+
+def _make_images(root: str, params: dict, say) -> None:
+  folder = os.path.join(root, 'images')
+  names = [f'img-{i:05d}.png' for i in range(params['images'])]
+
+  def make(i: int) -> tuple[bytes, tuple[int, ...]]:
+    # A 1-frame clip is the still: the same renderer and classes as the videos, and the 1-frame
+    # encode it pays for is a few milliseconds.
+    clip = synthetic.make_clip(item_seed(params['seed'], _IMAGE_STREAM, i), num_frames=1,
+                               height=RESOLUTION, width=RESOLUTION, num_objects=1,
+                               keep_frames=True)
+    return _png(clip.frames[0]), image_labels(clip.labels)
+
+  labels = _make_files(folder, names, make, _image_ok, 'images', say)
+  buffer = io.BytesIO()
+  np.save(buffer, np.asarray(labels, np.int32).reshape(len(names), NUM_LABELS))
+  _write_if_changed(os.path.join(folder, _IMAGE_LABELS), buffer.getvalue())
+
+
+def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
+                usable: Callable[[str], bool], what: str, say) -> list[tuple[int, ...]]:
+  """Each file of `names` (reused when logged and usable, else made); their labels in order.
+
+  `make(i)` returns (file bytes, label ids). A file is written by rename and then logged with
+  its labels, so a file in the log is complete and its labels need no re-rendering.
+  """
+  os.makedirs(folder, exist_ok=True)
+  for stale in glob.glob(os.path.join(glob.escape(folder), '*.tmp-*')):
+    os.remove(stale)  # left by a killed run; we hold the lock, so nobody is writing them
+  log_path = os.path.join(folder, _LOG)
+  logged = _read_log(log_path)
+  start, reused, labels = time.perf_counter(), 0, []
+  with open(log_path, 'a', encoding='utf-8') as log:
+    for i, name in enumerate(names):
+      path = os.path.join(folder, name)
+      if name in logged and usable(path):
+        labels.append(logged[name])
+        reused += 1
+        continue
+      data, ids = make(i)
+      _write_atomic(path, data)
+      log.write(f'{name}\t{",".join(map(str, ids))}\n')
+      log.flush()
+      labels.append(tuple(ids))
+  say(f'{len(names)} {what} in {folder} ({len(names) - reused} made, {reused} reused, '
+      f'{time.perf_counter() - start:.1f} s)')
+  return labels
+
+
+def _read_log(path: str) -> dict[str, tuple[int, ...]]:
+  """name -> label ids of the complete lines of a log (a killed run may leave half a line)."""
+  entries = {}
+  try:
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        name, _, ids = line.rstrip('\n').partition('\t')
+        try:
+          values = tuple(int(x) for x in ids.split(','))
+        except ValueError:
+          continue
+        if line.endswith('\n') and len(values) == NUM_LABELS:
+          entries[name] = values
+  except FileNotFoundError:
+    pass
+  return entries
+
+
+def _video_ok(path: str) -> bool:
+  """The clip decodes, all of its frames (a cheap check: ~10 ms for 64 frames at 224)."""
+  try:
+    container = video_lib.open_video(path)
+    with container:
+      return sum(1 for _ in container.decode(video=0)) == NUM_FRAMES
+  except Exception:  # pylint: disable=broad-except  -- anything unreadable is simply remade
+    return False
+
+
+def _image_ok(path: str) -> bool:
+  from PIL import Image
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return image.size == (RESOLUTION, RESOLUTION)
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def _png(rgb: np.ndarray) -> bytes:
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(rgb).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  # The temporary name keeps no image or video extension, so no reader ever lists it.
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _write_if_changed(path: str, data: bytes) -> None:
+  """Leaves an identical file alone: a resumed run then changes nothing it need not change."""
+  try:
+    with open(path, 'rb') as f:
+      if f.read() == data:
+        return
+  except FileNotFoundError:
+    pass
+  _write_atomic(path, data)

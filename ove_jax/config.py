@@ -1,0 +1,325 @@
+"""Experiment configs: the defaults, `get_config(arg)` argument strings, overrides, validation.
+
+An experiment is a Python file under `experiments/` with `get_config(arg)` returning an
+ml_collections ConfigDict built on `defaults()`. The trainer loads it by path:
+
+  python -m ove_jax.train --config=experiments/demo_cpu.py:smoke --workdir=/tmp/run \\
+      --config.total_steps=50 --config.optim.lr=3e-4
+
+Every key or value error (an unknown key, a value outside its allowed set, a mesh that does not
+divide the devices, a batch that does not divide the mesh) is a `ConfigError` that names the key
+and what it accepts, raised before anything is compiled.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+KNOWN_DEVICES = {  # device memory presets for the AOT memory planner, in bytes
+    'h100': 80e9, 'h200': 141e9, 'tpu_v5p': 95e9,
+}
+
+
+class ConfigError(ValueError):
+  """A wrong key or value in an experiment config or an override."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every key an experiment may set, with the release's values where SPEC §4-5 gives them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3        # the last N checkpoints ...
+  c.keep_every = 0              # ... plus every M-th step for good (0: none)
+  c.eval_every = 0              # held-out loss every N steps (0: never); a multiple of log_every
+  c.eval_steps = 2              # batches per evaluation
+  c.accumulate = 1              # micro-batches per step (gradient accumulation by scan)
+  c.peak_flops = 0.0            # per device, for MFU; 0: the device table, or measured on CPU
+  c.cpu_devices = 0              # virtual CPU devices per process (CPU only; 0: as started)
+  c.watchdog_seconds = 0.0      # dump all stacks when no step finishes in this time (0: off)
+  c.profile_start = -1          # first step of a profiler trace into <workdir>/profile (-1: none)
+  c.profile_steps = 3
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one size may be -1
+  c.rules = ()                  # ((logical name, mesh axes), ...) overriding sharding.DEFAULT_RULES
+
+  c.model = ml_collections.ConfigDict(dict(
+      preset='tiny', dtype='bfloat16', remat='none', attention='xla', rope_theta=10000.0))
+
+  c.init = ml_collections.ConfigDict(dict(
+      pytorch='',               # a release-format directory (config.json + model.safetensors)
+      checkpoint='',            # an earlier stage's workdir or checkpoint step directory
+      heads='keep',             # with `checkpoint`: 'keep' its heads (same names) or 'fresh'
+  ))
+
+  # Defaults of every head's Partial FC loss (SPEC §4); heads.<name> may override any of them.
+  c.loss = ml_collections.ConfigDict(dict(
+      sample_rate=0.1, num_slots=8, margin=0.3, scale=64.0, filter_threshold=0.75,
+      sampling_blocks=256, init_std=0.01))
+  c.heads = ml_collections.ConfigDict()   # name -> {num_classes, weight, [loss overrides]}
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup=0.1, decay='linear', end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.05, weight_decay_mask='all', clip_norm=5.0))
+
+  # The input pipeline (data_pipeline.pipeline.PipelineConfig); heads' `rows` are GLOBAL rows,
+  # divided among the hosts. Sources may name '{builtin:video}' / '{builtin:image}'.
+  c.data = ml_collections.ConfigDict(dict(
+      seed=0, worker_count=2, worker_buffer=2, mixing='all', patch_dtype='float32',
+      heads=ml_collections.ConfigDict()))
+  # Built-in synthetic data (data_pipeline.builtin), generated on first use.
+  c.builtin = ml_collections.ConfigDict(dict(
+      enabled=False, root='', clips=32, images=64, budget=1024))
+  return c
+
+
+def head(num_classes: int, weight: float = 1.0, **loss_overrides) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(num_classes=num_classes, weight=weight, **loss_overrides))
+
+
+# ------------------------------------------------------------------------------------------------
+# get_config(arg): typed argument strings such as 'variant=L/14,frames=64,smoke'
+# ------------------------------------------------------------------------------------------------
+
+def parse_arg(arg: str | None, **defaults_: Any) -> ml_collections.ConfigDict:
+  """Parses `arg` against typed defaults; a bare word is a boolean flag set to True."""
+  out = ml_collections.ConfigDict(defaults_)
+  for item in (arg or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, text = item.partition('=')
+    key = key.strip()
+    if key not in defaults_:
+      raise ConfigError(f'unknown experiment argument {key!r}; allowed: '
+                        f'{", ".join(f"{k}={v!r}" for k, v in defaults_.items())}')
+    out[key] = _coerce(f'argument {key}', defaults_[key], text.strip() if eq else 'true')
+  return out
+
+
+def _coerce(name: str, current: Any, text: str) -> Any:
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ('1', 'true', 'yes', 'on'):
+      return True
+    if low in ('0', 'false', 'no', 'off'):
+      return False
+    raise ConfigError(f'{name}={text!r}: expected true or false')
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f'{name}={text!r}: expected an integer') from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f'{name}={text!r}: expected a number') from None
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(f'{name}={text!r}: expected a Python literal such as (1, 8)') from None
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and overriding
+# ------------------------------------------------------------------------------------------------
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`path/to/experiment.py[:arg]` with `key.sub=value` overrides applied, then validated."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config={spec}: no experiment file {path!r} (see experiments/)')
+  module_spec = importlib.util.spec_from_file_location(
+      f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} has no get_config(arg) function')
+  config = module.get_config(arg or None)
+  for item in overrides:
+    apply_override(config, item)
+  validate(config)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Applies 'a.b=value' (the text after --config.)."""
+  key, eq, text = item.partition('=')
+  if not eq:
+    raise ConfigError(f'--config.{item}: expected --config.{key}=VALUE')
+  node, parts = config, key.split('.')
+  for depth, part in enumerate(parts):
+    where = '.'.join(parts[:depth]) or 'the config'
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+      raise ConfigError(f'--config.{key}: {where} has no key {part!r}; its keys: '
+                        f'{", ".join(known)}')
+    if depth == len(parts) - 1:
+      current = node[part]
+      if isinstance(current, (ml_collections.ConfigDict, dict)):
+        raise ConfigError(f'--config.{key} is a section ({", ".join(sorted(current.keys()))}); '
+                          'set one of its keys')
+      with config.unlocked() if hasattr(config, 'unlocked') else _null():
+        node[part] = _coerce(f'--config.{key}', current, text)
+    else:
+      node = node[part]
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation (no devices needed; the trainer checks the mesh against the devices it has)
+# ------------------------------------------------------------------------------------------------
+
+def _one_of(key, value, allowed):
+  if value not in allowed:
+    raise ConfigError(f'{key}={value!r}; allowed values: {", ".join(map(str, allowed))}')
+
+
+def _at_least(key, value, low):
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ConfigError(f'{key}={value!r}; must be an integer >= {low}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  from data_pipeline import pipeline
+  from ove_jax import optim
+  from ove_jax.models import PRESETS
+  from ove_jax.models.attention import IMPLEMENTATIONS
+  from ove_jax.models.encoder import REMAT_POLICIES
+
+  missing = sorted(set(defaults().keys()) - set(config.keys()))
+  if missing:
+    raise ConfigError(f'the config lacks {", ".join(missing)}: build it on '
+                      'ove_jax.config.defaults()')
+  unknown = sorted(set(config.keys()) - set(defaults().keys()))
+  if unknown:
+    raise ConfigError(f'unknown top-level key(s) {", ".join(unknown)}; known: '
+                      f'{", ".join(sorted(defaults().keys()))}')
+  for key in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'accumulate',
+              'eval_steps'):
+    _at_least(key, config[key], 1)
+  for key in ('keep_every', 'eval_every', 'profile_steps', 'cpu_devices'):
+    _at_least(key, config[key], 0)
+  if config.eval_every and config.eval_every % config.log_every:
+    raise ConfigError(f'eval_every={config.eval_every} must be a multiple of log_every='
+                      f'{config.log_every} (evaluations are logged on metrics lines)')
+
+  m = config.model
+  _one_of('model.preset', m.preset, sorted(PRESETS))
+  _one_of('model.dtype', m.dtype, ('float32', 'bfloat16', 'float16'))
+  _one_of('model.remat', m.remat, REMAT_POLICIES)
+  _one_of('model.attention', m.attention, IMPLEMENTATIONS)
+
+  sizes = dict(config.mesh)
+  if set(sizes) != {'data', 'fsdp', 'tensor'}:
+    raise ConfigError(f'mesh keys {sorted(sizes)}; expected data, fsdp, tensor')
+  if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ConfigError(f'mesh {sizes}: sizes are >= 1, and at most one may be -1 (the rest)')
+
+  _one_of('init.heads', config.init.heads, ('keep', 'fresh'))
+  if config.init.pytorch and config.init.checkpoint:
+    raise ConfigError('init.pytorch and init.checkpoint are both set; choose one')
+
+  o = config.optim
+  _one_of('optim.decay', o.decay, optim.DECAYS)
+  _one_of('optim.weight_decay_mask', o.weight_decay_mask, optim.DECAY_MASKS)
+  if not o.lr > 0 or o.warmup < 0 or not 0 <= o.end_lr_fraction <= 1:
+    raise ConfigError(f'optim: lr={o.lr} must be > 0, warmup={o.warmup} >= 0 (steps, or a '
+                      f'fraction < 1), end_lr_fraction={o.end_lr_fraction} in [0, 1]')
+
+  heads = set(config.heads.keys())
+  data_heads = set(config.data.heads.keys())
+  if not heads:
+    raise ConfigError('no heads: set heads.<name> = ove_jax.config.head(num_classes)')
+  if heads != data_heads:
+    raise ConfigError(f'heads {sorted(heads)} and data.heads {sorted(data_heads)} must name the '
+                      'same heads')
+  for name in sorted(heads):
+    head_loss_config(config, name)  # raises on bad loss values
+  if config.accumulate > 1 and config.data.mixing != 'all':
+    raise ConfigError('accumulate > 1 needs data.mixing="all" (every micro-batch has every head)')
+  try:
+    pipeline.PipelineConfig.from_dict(pipeline_dict(config, placeholder_sources=True))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'data: {e}') from None
+
+
+def head_loss_config(config, name: str):
+  from ove_jax import losses
+  h = dict(config.heads[name])
+  allowed = {'num_classes', 'weight'} | set(config.loss.keys())
+  unknown = sorted(set(h) - allowed)
+  if unknown:
+    raise ConfigError(f'heads.{name}: unknown key(s) {unknown}; allowed: {sorted(allowed)}')
+  if 'num_classes' not in h:
+    raise ConfigError(f'heads.{name}.num_classes is not set')
+  merged = {**dict(config.loss), **h}
+  try:
+    return losses.PartialFCConfig(
+        num_classes=merged['num_classes'], sample_rate=merged['sample_rate'],
+        num_slots=merged['num_slots'], margin=merged['margin'], scale=merged['scale'],
+        filter_threshold=merged['filter_threshold'], sampling_blocks=merged['sampling_blocks'],
+        seed=config.seed)
+  except ValueError as e:
+    raise ConfigError(f'heads.{name}: {e}') from None
+
+
+def pipeline_dict(config, *, process_index: int = 0, process_count: int = 1,
+                  sources: Mapping[str, str] | None = None,
+                  placeholder_sources: bool = False) -> dict:
+  """The PipelineConfig dict of this host: global rows divided among the hosts, builtin sources
+  filled in."""
+  data = config.data.to_dict()
+  heads = {}
+  for name, h in data.pop('heads').items():
+    h = dict(h)
+    rows = h.get('rows', 8)
+    if rows % process_count:
+      raise ConfigError(f'data.heads.{name}.rows={rows} (global) is not divisible by the '
+                        f'{process_count} processes')
+    h['rows'] = rows // process_count
+    src = h.get('source', '')
+    if isinstance(src, str) and src.startswith('{builtin:'):
+      if placeholder_sources:
+        src = '/dev/null'
+      elif sources is None or src not in sources:
+        raise ConfigError(f'data.heads.{name}.source={src!r} needs builtin.enabled=True')
+      else:
+        src = sources[src]
+    h['source'] = src
+    heads[name] = h
+  data['heads'] = heads
+  data.update(seed=data.get('seed', 0), process_index=process_index, process_count=process_count)
+  return data
+
+
+def flatten(config, prefix: str = '') -> dict[str, Any]:
+  """{'optim.lr': 0.001, ...}: the config as sorted dotted keys (golden snapshots, logs)."""
+  out = {}
+  for key in sorted(config.keys()):
+    value = config[key]
+    name = f'{prefix}{key}'
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out

@@ -1,0 +1,321 @@
+"""What the trainer reports about itself: metric logs, peak FLOP/s for MFU, and a hang watchdog.
+
+`MetricWriter` appends every logged step to `<workdir>/metrics.jsonl`, the record that scripts
+and tests read back with `read_metrics`, and mirrors the scalars to TensorBoard for people.
+`peak_flops_per_device` gives the denominator of MFU. `Watchdog` turns a silent hang (a stuck
+collective, a dead data worker) into a stack dump in the log.
+"""
+from __future__ import annotations
+
+import faulthandler
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILE, TENSORBOARD_DIR = 'metrics.jsonl', 'tensorboard'
+
+# JSON has no NaN or Inf; these strings stand for them so every line stays strict JSON.
+_NONFINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric logs
+# ------------------------------------------------------------------------------------------------
+
+class MetricWriter:
+  """Writes scalars to `<workdir>/metrics.jsonl` (one JSON object a line) and to TensorBoard.
+
+  Each line is flushed as it is written, so a run that is killed keeps every step it logged.
+  A resumed run appends to the same file and rewrites the steps after its checkpoint;
+  `read_metrics` keeps the last line of each step. With `enabled=False` (every process but the
+  main one of a multi-host run) all methods do nothing and nothing is created on disk.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self._file = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, METRICS_FILE)
+    _end_partial_line(path)
+    self._file = open(path, 'a', encoding='utf-8')
+    # tensorboardX is imported here so that processes that never write do not load it.
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
+    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Logs `metrics` (scalars: Python, NumPy or JAX) for `step` as one line and to TensorBoard.
+
+    Write all of a step's metrics in one call: `read_metrics` keeps only a step's last line.
+    """
+    if not self.enabled:
+      return
+    if 'step' in metrics:
+      raise ValueError("'step' is the line's own key; rename that metric")
+    step = int(step)
+    values = {key: _to_python_scalar(key, value) for key, value in metrics.items()}
+    line = {'step': step, **{key: _encode_nonfinite(value) for key, value in values.items()}}
+    self._file.write(json.dumps(line, allow_nan=False) + '\n')
+    self._file.flush()
+    for key, value in values.items():
+      self._tb.add_scalar(key, value, global_step=step)
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    """Logs a piece of text (a config dump, a sample) to TensorBoard."""
+    if not self.enabled:
+      return
+    self._tb.add_text(name, text, global_step=int(step))
+
+  def flush(self) -> None:
+    if not self.enabled:
+      return
+    self._file.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes both outputs; calling it again does nothing."""
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    self.enabled = False
+
+  def __enter__(self) -> MetricWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The lines of `<workdir>/metrics.jsonl`, the last one written for each step, sorted by step.
+
+  A resumed run rewrites the steps after its checkpoint, so a later line of a step replaces an
+  earlier one. The strings 'nan', 'inf' and '-inf' become floats again. A line that is not JSON
+  (the half-written last line of a killed run) is skipped with a warning.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  by_step: dict[int, dict] = {}
+  with open(path, encoding='utf-8') as f:
+    for number, text in enumerate(f, start=1):
+      if not text.strip():
+        continue
+      try:
+        line = json.loads(text)
+      except json.JSONDecodeError:
+        logging.warning('%s:%d is not JSON (a run killed mid-write?); skipped', path, number)
+        continue
+      by_step[line['step']] = {key: _decode_nonfinite(value) for key, value in line.items()}
+  return [by_step[step] for step in sorted(by_step)]
+
+
+def _end_partial_line(path: str) -> None:
+  """Ends a half-written last line, so that the next run's first line is not glued onto it."""
+  try:
+    with open(path, 'rb+') as f:
+      f.seek(0, os.SEEK_END)
+      if f.tell() == 0:
+        return
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b'\n':
+        f.write(b'\n')
+  except FileNotFoundError:
+    pass
+
+
+def _to_python_scalar(key: str, value: Any) -> int | float:
+  """A Python int (integers and bools) or float from a Python, NumPy or JAX scalar."""
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f'metric {key!r} is not a scalar: shape {array.shape}')
+  array = array.reshape(())
+  if array.dtype.kind in 'biu':
+    return int(array)
+  try:
+    return float(array)  # also bfloat16 and the other ml_dtypes, whose kind is not 'f'
+  except (TypeError, ValueError) as e:
+    raise TypeError(f'metric {key!r} is not a number: {value!r}') from e
+
+
+def _encode_nonfinite(value: int | float) -> int | float | str:
+  if isinstance(value, float) and not math.isfinite(value):
+    return 'nan' if math.isnan(value) else ('inf' if value > 0 else '-inf')
+  return value
+
+
+def _decode_nonfinite(value: Any) -> Any:
+  return _NONFINITE[value] if isinstance(value, str) and value in _NONFINITE else value
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak FLOP/s
+# ------------------------------------------------------------------------------------------------
+
+UNKNOWN_PEAK_SOURCE = 'unknown: set config.peak_flops'
+
+# Dense (not 2:4 sparse) bf16 matmul peak of one JAX device, from the vendors' datasheets. Matched
+# in order against the lower-cased `device_kind`, so a variant stands before its family. Variants
+# whose peak differs and is not listed here (H100 NVL, H200 NVL, TPU v4 lite) map to None: an
+# unknown peak is reported as such, never borrowed from a sibling.
+_PEAK_TABLE: tuple[tuple[str, float | None, str], ...] = (
+    (r'\bh[12]00\b.*\bnvl\b', None, ''),
+    (r'\bh100\b.*\bpcie\b', 756e12, 'NVIDIA H100 PCIe'),
+    (r'\bh100\b', 989e12, 'NVIDIA H100 SXM'),
+    (r'\bh200\b', 989e12, 'NVIDIA H200'),
+    (r'\ba100\b', 312e12, 'NVIDIA A100'),
+    (r'\bl4\b', 121e12, 'NVIDIA L4'),  # \b keeps L40 and L40S out
+    (r'^tpu v4$', 275e12, 'TPU v4'),
+    (r'^tpu v5 ?(lite|e)$', 197e12, 'TPU v5e'),
+    (r'^tpu v5p?$', 459e12, 'TPU v5p'),  # JAX names v5p plain 'TPU v5'
+    (r'^tpu v6 ?(lite|e)$', 918e12, 'TPU v6e'),
+)
+
+_host_flops: float | None = None
+
+
+def peak_flops_per_device(device=None, *, override: float = 0.0) -> tuple[float, str]:
+  """(peak bf16 matmul FLOP/s of one device, where that number comes from), for MFU.
+
+  Accelerators are looked up by `device.device_kind`; one that is not in the table gives
+  (0.0, 'unknown: set config.peak_flops'), since a guessed peak would make MFU a wrong number
+  that looks right. On CPU the peak is measured (fp32 matmul, once per process) and split among
+  the XLA virtual devices that share the host's cores. `override > 0` (config.peak_flops) wins.
+  """
+  if override > 0:
+    return float(override), 'config.peak_flops'
+  if device is None:
+    device = jax.local_devices()[0]
+  if getattr(device, 'platform', None) == 'cpu':
+    shared_by = len(jax.local_devices(backend='cpu'))
+    source = 'measured fp32 matmul on the host'
+    if shared_by > 1:
+      source += f', shared by {shared_by} virtual devices'
+    return _measure_host_flops(device) / shared_by, source
+  kind = str(getattr(device, 'device_kind', '')).strip().lower()
+  for pattern, flops, name in _PEAK_TABLE:
+    if re.search(pattern, kind):
+      if flops is None:
+        break
+      return flops, f'table: {name} dense bf16'
+  return 0.0, UNKNOWN_PEAK_SOURCE
+
+
+def _measure_host_flops(device, n: int = 1024, budget_s: float = 0.5) -> float:
+  """Best FLOP/s of a jitted n x n fp32 matmul on `device` over ~`budget_s`; cached."""
+  global _host_flops
+  if _host_flops is None:
+    rng = np.random.default_rng(0)
+    a, b = (jax.device_put(rng.standard_normal((n, n), np.float32), device) for _ in range(2))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compiles and warms up
+    best, runs, start = math.inf, 0, time.perf_counter()
+    while runs < 3 or (time.perf_counter() - start < budget_s and runs < 100):
+      tick = time.perf_counter()
+      matmul(a, b).block_until_ready()
+      best = min(best, time.perf_counter() - tick)
+      runs += 1
+    _host_flops = 2 * n ** 3 / best
+  return _host_flops
+
+
+# ------------------------------------------------------------------------------------------------
+# Hang watchdog
+# ------------------------------------------------------------------------------------------------
+
+class Watchdog:
+  """Dumps every Python thread's stack to stderr when no step finishes within `timeout_seconds`.
+
+  A multi-host run that hangs (a collective one host never joins, a stuck input worker) otherwise
+  sits silent until the job's wall-clock limit. Call `kick(step)` after every step. The clock
+  starts at construction, so the timeout must also cover the first step's compilation. A stall
+  is reported once, then `on_timeout()` is called (e.g. to abort); the next kick re-arms it.
+  `timeout_seconds=0` disables the watchdog: no thread, every method a no-op.
+  """
+
+  def __init__(self, timeout_seconds: float, *, on_timeout: Callable[[], Any] | None = None):
+    if timeout_seconds < 0:
+      raise ValueError(f'timeout_seconds must be >= 0 (0 disables), got {timeout_seconds}')
+    self.timeout_seconds = float(timeout_seconds)
+    self._on_timeout = on_timeout
+    self._cond = threading.Condition()
+    self._last_kick = time.monotonic()
+    self._last_step: int | None = None
+    self._kicks = 0
+    self._closed = False
+    self._thread = None
+    if self.timeout_seconds > 0:
+      self._thread = threading.Thread(target=self._run, name='ove-watchdog', daemon=True)
+      self._thread.start()
+
+  def kick(self, step: int | None = None) -> None:
+    """Marks a step as done: the clock restarts and a reported stall is re-armed."""
+    if self._thread is None:
+      return
+    with self._cond:
+      self._last_kick = time.monotonic()
+      self._last_step = step
+      self._kicks += 1
+      self._cond.notify()
+
+  def close(self) -> None:
+    if self._thread is None:
+      return
+    with self._cond:
+      self._closed = True
+      self._cond.notify()
+    if threading.current_thread() is not self._thread:  # on_timeout may call close()
+      self._thread.join()
+
+  def __enter__(self) -> Watchdog:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def _run(self) -> None:
+    reported = None  # the kick count at the last report: one report per stall
+    while True:
+      with self._cond:
+        if self._closed:
+          return
+        if self._kicks == reported:
+          self._cond.wait()
+          continue
+        waited = time.monotonic() - self._last_kick
+        if waited < self.timeout_seconds:
+          self._cond.wait(self.timeout_seconds - waited)
+          continue
+        reported, step = self._kicks, self._last_step
+      self._report(waited, step)
+
+  def _report(self, waited: float, step: int | None) -> None:
+    last = 'none yet' if step is None else str(step)
+    sys.stderr.write(f'Watchdog: no step finished in {waited:.1f} s (timeout '
+                     f'{self.timeout_seconds:g} s); last kicked step: {last}. '
+                     'Stacks of all threads follow.\n')
+    sys.stderr.flush()
+    try:
+      faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+      faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)  # no fileno
+    if self._on_timeout is not None:
+      try:
+        self._on_timeout()
+      except Exception:  # pylint: disable=broad-except
+        logging.exception('Watchdog on_timeout raised')

@@ -1,0 +1,649 @@
+"""The one trainer: cluster-discrimination pretraining of the encoder on a device mesh.
+
+  python -m ove_jax.train --config=experiments/demo_cpu.py[:args] --workdir=DIR \\
+      [--config.key=value ...]
+
+Reads top to bottom: command line, mesh, model and optimiser, sharded init, step, data,
+checkpoints (save / restore / initialise from another run), evaluation, the loop. A restart in
+the same workdir resumes from its last checkpoint: parameters, optimiser, step and every host's
+input-iterator position, so the resumed run repeats the uninterrupted one exactly.
+
+Multi-host: run one copy per host (tools/launch_local.py does it on one machine); each loads its
+share of the global batch, every process writes its part of the checkpoints, only process 0
+writes metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from ove_jax import config as config_lib
+from ove_jax import distributed, losses, metrics as metrics_lib, optim, sharding
+from ove_jax.models import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig, encoder_flops
+
+log = logging.getLogger('ove_jax.train')
+
+CHECKPOINT_DIR = 'checkpoints'
+BATCH_FIELDS = ('patches', 'positions', 'segment_ids', 'labels', 'segment_valid', 'sample_index')
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (diverged, data ran out); the message says what and where."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh
+# ------------------------------------------------------------------------------------------------
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise config_lib.ConfigError(
+          f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]}: the fixed sizes '
+          f'({known}) do not divide the {num_devices} devices')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise config_lib.ConfigError(
+        f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs '
+        f'{int(np.prod(sizes))} devices but this run has {num_devices}; set one size to -1 '
+        f'(e.g. --config.mesh.data=-1) or change the sizes')
+  return tuple(sizes)
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(config, len(devices))
+  return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def rules_of(config) -> tuple:
+  custom = {name: axes for name, axes in (config.rules or ())}
+  return tuple((name, custom.pop(name, axes)) for name, axes in sharding.DEFAULT_RULES) + tuple(
+      custom.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and optimiser
+# ------------------------------------------------------------------------------------------------
+
+def encoder_config(config) -> EncoderConfig:
+  m = config.model
+  return EncoderConfig.preset(m.preset, dtype=m.dtype, remat=m.remat, attention=m.attention,
+                              rope_theta=m.rope_theta)
+
+
+class PretrainModel(nnx.Module):
+  """The encoder and one matrix of class centres per head (rows sharded by `classes`)."""
+
+  def __init__(self, cfg: EncoderConfig, heads: Mapping[str, losses.PartialFCConfig], *,
+               rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES, init_std: float = 0.01):
+    self.encoder = Encoder(cfg, rngs=rngs, rules=rules)
+    init = nnx.with_partitioning(nnx.initializers.normal(init_std), ('classes', 'centre_embed'),
+                                 sharding_rules=rules)
+    eager = sharding.current_mesh() is not None
+    with nnx.use_eager_sharding(eager):
+      self.heads = nnx.Dict({name: nnx.Param(init(rngs.params(), (h.padded_classes, cfg.width)))
+                             for name, h in sorted(heads.items())})
+
+
+def _nest(items) -> dict:
+  tree: dict = {}
+  for path, value in items:
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _normalize_uint8(patches):
+  # The affine map of data_pipeline.transforms.normalize, on the device (channel fastest).
+  reps = patches.shape[-1] // 3
+  mean = jnp.tile(jnp.asarray(CLIP_MEAN, jnp.float32), reps)
+  std = jnp.tile(jnp.asarray(CLIP_STD, jnp.float32), reps)
+  return (patches.astype(jnp.float32) / 255.0 - mean) / std
+
+
+class Program:
+  """What one config compiles on one mesh: sharded init, the train step, the eval step."""
+
+  def __init__(self, config, mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    self.rules = rules_of(config)
+    self.encoder_cfg = encoder_config(config)
+    self.heads = {name: config_lib.head_loss_config(config, name) for name in config.heads}
+    for name, h in self.heads.items():
+      try:
+        h.check_devices(mesh.size, name)
+      except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    self.weights = {name: float(config.heads[name].get('weight', 1.0)) for name in self.heads}
+    self.accumulate = config.accumulate
+    self.batch_axes = tuple(a for a in sharding.logical_to_spec(('act_batch',), self.rules)[0]
+                            or () if a in mesh.axis_names)
+    batch_shards = int(np.prod([mesh.shape[a] for a in self.batch_axes]))
+    for name, h in config.data.heads.items():
+      if h.rows % batch_shards:
+        raise config_lib.ConfigError(
+            f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
+            f'{batch_shards} batch shards of the mesh ({" x ".join(self.batch_axes)})')
+    self.tx, self.lr = optim.make(config.optim, config.total_steps)
+
+    with jax.set_mesh(mesh):
+      abstract = nnx.eval_shape(self._model)
+    self.graphdef, abstract_state = nnx.split(abstract)
+    flat = nnx.to_flat_state(abstract_state)
+    self.param_shardings = _nest(
+        (path, NamedSharding(mesh, sharding.logical_to_spec(
+            var.get_metadata().get('out_sharding') or (), self.rules))) for path, var in flat)
+    abstract_params = abstract_state.to_pure_dict()
+    replicated = NamedSharding(mesh, P())
+    opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, opt_abstract, self.param_shardings,
+        transform_non_params=lambda _: replicated)
+    self.state_shardings = {'params': self.param_shardings, 'opt_state': opt_shardings,
+                            'step': replicated}
+    abstract_state_tree = {'params': abstract_params, 'opt_state': opt_abstract,
+                           'step': jax.ShapeDtypeStruct((), jnp.int32)}
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state_tree, self.state_shardings)
+    self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    self.step = jax.jit(self._step, out_shardings=(self.state_shardings, replicated),
+                        donate_argnums=0)
+    self.evaluate = jax.jit(self._evaluate, out_shardings=replicated)
+
+  def _model(self) -> PretrainModel:
+    return PretrainModel(self.encoder_cfg, self.heads, rngs=nnx.Rngs(self.config.seed),
+                         rules=self.rules, init_std=self.config.loss.init_std)
+
+  def _init(self):
+    params = nnx.state(self._model()).to_pure_dict()
+    return {'params': params, 'opt_state': self.tx.init(params),
+            'step': jnp.zeros((), jnp.int32)}
+
+  # ----------------------------------------------------------------------------------------------
+  # The step
+  # ----------------------------------------------------------------------------------------------
+
+  def _loss(self, params, micro_batch, step, micro):
+    model = nnx.merge(self.graphdef, params)
+    total, aux = 0.0, {}
+    for name in sorted(micro_batch):
+      b = micro_batch[name]
+      patches = b['patches']
+      if patches.dtype == jnp.uint8:
+        patches = _normalize_uint8(patches)
+      rows, segments, n = b['labels'].shape
+      out = model.encoder(patches, b['positions'], b['segment_ids'], num_segments=segments)
+      e = out['pooled'].reshape(rows * segments, -1)
+      res = losses.partial_fc_loss(
+          e, b['segment_valid'].reshape(-1), b['labels'].reshape(rows * segments, n),
+          b['sample_index'].reshape(-1), model.heads[name][...], step, self.heads[name],
+          self.rules, micro=micro)
+      total = total + self.weights[name] * res['loss']
+      aux.update({f'{name}/{k}': v for k, v in res.items()})
+    aux['loss'] = total
+    return total, aux
+
+  def _grads(self, params, batch, step):
+    """Mean gradient and metrics over the micro-batches of `batch` ([A, rows, ...] leaves)."""
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+    def body(carry, micro):
+      acc, i = carry
+      (_, aux), grads = grad_fn(params, micro, step, i)
+      return (jax.tree.map(jnp.add, acc, grads), i + 1), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, _), aux = jax.lax.scan(body, (zeros, jnp.int32(0)), batch)
+    grads = jax.tree.map(lambda g: g / self.accumulate, grads)
+    aux = {k: jnp.sum(v) if k.endswith('/dropped') else jnp.mean(v) for k, v in aux.items()}
+    return grads, aux
+
+  def _step(self, state, batch):
+    params, step = state['params'], state['step']
+    grads, aux = self._grads(params, batch, step)
+    updates, opt_state = self.tx.update(grads, state['opt_state'], params)
+    params = optax.apply_updates(params, updates)
+    aux.update({f'grad_norm/{g}': n for g, n in optim.group_norms(grads).items()})
+    aux['param_norm'] = optax.global_norm(params)
+    aux['lr'] = self.lr(step)
+    return {'params': params, 'opt_state': opt_state, 'step': step + 1}, aux
+
+  def _evaluate(self, params, batch, step):
+    aux = jax.lax.map(lambda micro: self._loss(params, micro, step, 0)[1], batch)
+    return {k: jnp.sum(v) if k.endswith('/dropped') else jnp.mean(v) for k, v in aux.items()}
+
+  # ----------------------------------------------------------------------------------------------
+  # Host batches -> global arrays
+  # ----------------------------------------------------------------------------------------------
+
+  def device_batch(self, host_batches: Sequence[Mapping[str, Mapping[str, np.ndarray]]]):
+    """Stacks this host's micro-batches ({head: fields}) and makes global [A, rows, ...] arrays
+    whose rows are split over the batch axes of the mesh, each host holding its share."""
+    heads = sorted(host_batches[0])
+    out = {}
+    for name in heads:
+      fields = {}
+      for key in BATCH_FIELDS:
+        local = np.stack([np.asarray(b[name][key]) for b in host_batches])
+        if key == 'sample_index':
+          local = (local % (2**31 - 1)).astype(np.int32)
+        spec = P(None, self.batch_axes or None)
+        global_shape = (local.shape[0], local.shape[1] * jax.process_count()) + local.shape[2:]
+        fields[key] = jax.make_array_from_process_local_data(
+            NamedSharding(self.mesh, spec), local, global_shape)
+      out[name] = fields
+    return out
+
+  def flops_per_step(self, batch) -> int:
+    """Analytic matmul FLOPs of one step (encoder forward + backward, and the heads' logits)."""
+    total = 0
+    for name, b in batch.items():
+      a, rows, length = b['patches'].shape[:3]
+      _, _, segments, n = b['labels'].shape
+      total += a * rows * encoder_flops(self.encoder_cfg, length, num_segments=segments,
+                                        backward=True)
+      total += a * losses.loss_flops(self.heads[name], rows * segments, self.encoder_cfg.width, n)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, keep_period=config.keep_every or None,
+      enable_async_checkpointing=True, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options)
+
+
+def save(manager, step: int, state, iterator, config, program: Program) -> None:
+  import grain
+  import orbax.checkpoint as ocp
+  meta = {'step': step, 'config': config.to_dict(),
+          'encoder_config': dataclasses.asdict(program.encoder_cfg),
+          'process_count': jax.process_count(), 'mesh': dict(program.mesh.shape)}
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(iterator),
+      meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=list)))))
+
+
+def restore(manager, step: int, iterator, program: Program):
+  """The train state at `step`, placed on this program's mesh (any mesh shape), and the input
+  iterator moved to where it was."""
+  import grain
+  import orbax.checkpoint as ocp
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(program.abstract_state),
+      data=grain.checkpoint.CheckpointRestore(iterator)))
+  return restored['state']
+
+
+def _step_dir(path: str) -> tuple[str, int]:
+  """(checkpoint step directory, step) for a workdir, its checkpoints/ or one step directory."""
+  path = os.path.abspath(path)
+  for root in (os.path.join(path, CHECKPOINT_DIR), path):
+    steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
+    if steps:
+      return os.path.join(root, str(max(steps))), max(steps)
+  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return path, int(os.path.basename(path))
+  raise FileNotFoundError(f'{path}: no training checkpoint (expected <workdir>/{CHECKPOINT_DIR}/'
+                          '<step>/state, a checkpoints folder, or a step folder)')
+
+
+def load_checkpoint_params(path: str) -> tuple[dict, dict, int]:
+  """(params as nested numpy dicts, the run's meta, step) of a training checkpoint, on the host:
+  for exporting and for starting a later stage, whatever mesh wrote it."""
+  import orbax.checkpoint as ocp
+  step_dir, step = _step_dir(path)
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(os.path.join(step_dir, 'state')).tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = checkpointer.restore(os.path.join(step_dir, 'state'),
+                               args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return state['params'], meta, step
+
+
+def _put_like(value: np.ndarray, like: jax.Array, name: str) -> jax.Array:
+  if tuple(value.shape) != tuple(like.shape):
+    raise config_lib.ConfigError(f'{name}: shape {tuple(value.shape)} in the source, '
+                                 f'{tuple(like.shape)} in this run')
+  return jax.device_put(np.asarray(value, like.dtype), like.sharding)
+
+
+def initialise_from(state, config, program: Program):
+  """Replaces freshly initialised parameters by a released PyTorch model's or an earlier
+  stage's (init.pytorch / init.checkpoint). Optimiser state and step start fresh."""
+  params = state['params']
+  if config.init.pytorch:
+    from ove_jax.convert import hf
+    directory = config.init.pytorch
+    raw, tensors = hf.read_directory(directory)
+    source_cfg = hf.config_from_hf(raw, source=directory)
+    mine = program.encoder_cfg
+    for field in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'use_head'):
+      if getattr(source_cfg, field) != getattr(mine, field):
+        raise config_lib.ConfigError(
+            f'init.pytorch={directory}: its {field} is {getattr(source_cfg, field)}, this run\'s '
+            f'model.preset={config.model.preset} has {getattr(mine, field)}')
+    flat = hf.hf_to_params(tensors, mine, source=directory)
+    new = {}
+    for path, like in nnx.to_flat_state(nnx.State(params['encoder'])):
+      new[path] = _put_like(flat[tuple(path)], like, 'encoder/' + '/'.join(map(str, path)))
+    params = {**params, 'encoder': _nest(new.items())}
+    log.info('initialised the encoder from %s (heads fresh)', directory)
+  elif config.init.checkpoint:
+    source, _, step = load_checkpoint_params(config.init.checkpoint)
+    def take(tree, like, prefix):
+      if isinstance(like, dict):
+        return {k: take(tree.get(str(k), tree.get(k)) if isinstance(tree, dict) else None,
+                        v, f'{prefix}/{k}') for k, v in like.items()}
+      if tree is None:
+        raise config_lib.ConfigError(f'init.checkpoint: {prefix} is missing in the source')
+      return _put_like(tree, like, prefix)
+    params = {**params, 'encoder': take(source['encoder'], params['encoder'], 'encoder')}
+    if config.init.heads == 'keep':
+      for name in params['heads']:
+        if name not in source.get('heads', {}):
+          raise config_lib.ConfigError(
+              f'init.heads=keep: the source has no head {name!r} (it has '
+              f'{sorted(source.get("heads", {}))}); use --config.init.heads=fresh')
+        params['heads'][name] = _put_like(source['heads'][name], params['heads'][name],
+                                          f'heads/{name}')
+    log.info('initialised from %s step %d (heads %s)', config.init.checkpoint, step,
+             config.init.heads)
+  return {**state, 'params': params}
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+def data_sources(config, workdir: str) -> dict[str, str]:
+  """The built-in data's source strings (generated on first use) when builtin.enabled."""
+  if not config.builtin.enabled:
+    return {}
+  from data_pipeline import builtin
+  root = config.builtin.root or os.path.join(workdir, 'builtin_data')
+  info = builtin.ensure(root, clips=config.builtin.clips, images=config.builtin.images,
+                        budget=config.builtin.budget, seed=config.seed,
+                        progress=jax.process_index() == 0)
+  return {'{builtin:video}': info['video_source'], '{builtin:image}': info['image_source']}
+
+
+def make_iterator(config, sources: Mapping[str, str], *, seed_offset: int = 0,
+                  worker_count: int | None = None):
+  from data_pipeline import pipeline
+  data = config_lib.pipeline_dict(config, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), sources=sources)
+  data['seed'] = (data['seed'] + seed_offset) % 2**32
+  if worker_count is not None:
+    data['worker_count'] = worker_count
+  return pipeline.make_iterator(data)
+
+
+def host_stats(host_batches) -> dict[str, float]:
+  clips = tokens = skipped = 0
+  for batch in host_batches:
+    for b in batch.values():
+      clips += int(np.sum(b['segment_valid']))
+      tokens += int(np.sum(np.asarray(b['segment_ids']) > 0))
+      skipped += int(b['num_skipped'])
+  return {'clips': clips, 'tokens': tokens, 'skipped': skipped}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+class _Stop:
+  """SIGTERM (preemption) asks for a clean save at the end of the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if hasattr(signal, 'SIGTERM'):
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: no handler, no clean stop
+        self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def _fetch(tree) -> dict[str, float]:
+  return {k: float(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics."""
+  info = distributed.initialize(local_device_count=config.cpu_devices or None)
+  main_process = info['process_index'] == 0
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh(config)
+  peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
+  log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)
+  log.info('mesh %s on %d devices (%d processes)', dict(mesh.shape), mesh.size,
+           info['process_count'])
+
+  with jax.set_mesh(mesh):
+    program = Program(config, mesh)
+    sources = data_sources(config, workdir)
+    iterator = make_iterator(config, sources)
+    manager = checkpoint_manager(workdir, config)
+    start = manager.latest_step()
+    if start is not None:
+      state = restore(manager, start, iterator, program)
+      log.info('resumed from %s step %d', workdir, start)
+    else:
+      state = program.init()
+      state = initialise_from(state, config, program)
+      start = 0
+    if main_process:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        json.dump(config.to_dict(), f, indent=2, default=list)
+
+    writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
+    eval_iterator = None
+    last: dict[str, Any] = {}
+    step = start
+    pending = None          # (step, device metrics, host stats, input wait, seconds)
+    window = {'seconds': 0.0, 'wait': 0.0, 'steps': 0, 'clips': 0, 'tokens': 0, 'skipped': 0}
+    evals: dict[int, dict[str, float]] = {}
+    flops = None
+    profiling = False
+    progress = _progress(config.total_steps, start, main_process)
+
+    def finish(entry):
+      """Host side of a finished step: NaN check, then the metrics line every log_every."""
+      nonlocal last
+      done_step, device_metrics, stats, wait, seconds = entry
+      values = _fetch(device_metrics)
+      if not np.isfinite(values['loss']):
+        raise TrainingError(
+            f'loss is {values["loss"]} at step {done_step}; stopping without saving this '
+            f'state. The last checkpoint is in {os.path.join(workdir, CHECKPOINT_DIR)}; lower '
+            'optim.lr or check the data of this step.')
+      if done_step > start + 1:  # the first step of a process compiles: not in the rates
+        window['seconds'] += seconds
+        window['wait'] += wait
+        window['steps'] += 1
+        for k in ('clips', 'tokens', 'skipped'):
+          window[k] += stats[k]
+      progress.update(1)
+      progress.set_postfix(loss=f'{values["loss"]:.3f}', refresh=False)
+      if done_step % config.log_every and done_step != config.total_steps:
+        return
+      line = dict(values)
+      if window['steps']:
+        secs = window['seconds']
+        line.update(step_seconds=secs / window['steps'], clips_per_second=window['clips'] / secs,
+                    tokens_per_second=window['tokens'] / secs,
+                    input_wait_fraction=window['wait'] / secs)
+        if peak > 0 and flops:
+          line['mfu'] = flops * window['steps'] / secs / (peak * mesh.size)
+      line['skipped_records'] = window['skipped']
+      line.update(evals.pop(done_step, {}))
+      writer.write(done_step, line)
+      last = {'step': done_step, **line}
+      for k in window:
+        window[k] = 0 if k != 'seconds' else 0.0
+
+    watchdog = metrics_lib.Watchdog(config.watchdog_seconds)
+    tick = time.perf_counter()
+    with _Stop() as stop:
+      try:
+        while step < config.total_steps:
+          if step == config.profile_start:
+            jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+            profiling = True
+          t0 = time.perf_counter()
+          try:
+            host = [next(iterator) for _ in range(config.accumulate)]
+          except StopIteration:
+            raise TrainingError(f'the input ran out at step {step} (data.num_epochs is set); '
+                                'unset it to repeat the data') from None
+          batch = program.device_batch(host)
+          wait = time.perf_counter() - t0
+          if flops is None:
+            flops = program.flops_per_step(batch)
+          state, device_metrics = program.step(state, batch)
+          step += 1
+          if pending is not None:
+            finish(pending)
+          now = time.perf_counter()
+          pending = (step, device_metrics, host_stats(host), wait, now - tick)
+          tick = now
+          watchdog.kick(step)
+          if profiling and step >= config.profile_start + config.profile_steps:
+            jax.profiler.stop_trace()
+            profiling = False
+          if config.eval_every and step % config.eval_every == 0:
+            if eval_iterator is None:
+              eval_iterator = make_iterator(config, sources, seed_offset=1, worker_count=0)
+            evals[step] = evaluate(program, state, eval_iterator, config, step)
+          if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+            finish(pending)
+            pending = None
+            save(manager, step, state, iterator, config, program)
+          if stop.requested:
+            log.warning('SIGTERM: saved step %d in %s; exiting', step, workdir)
+            break
+        if pending is not None:
+          finish(pending)
+      finally:
+        manager.wait_until_finished()
+        watchdog.close()
+        progress.close()
+        writer.close()
+        if profiling:
+          jax.profiler.stop_trace()
+  if stop.requested:
+    last['stopped'] = 'SIGTERM'
+  return last
+
+
+def evaluate(program: Program, state, iterator, config, step: int) -> dict[str, float]:
+  """Held-out loss and accuracy: `eval_steps` batches of the same heads, no update."""
+  totals: dict[str, float] = {}
+  for i in range(config.eval_steps):
+    host = [next(iterator) for _ in range(config.accumulate)]
+    values = _fetch(program.evaluate(state['params'], program.device_batch(host),
+                                     jnp.int32(-1 - i)))
+    for k, v in values.items():
+      totals[k] = totals.get(k, 0.0) + v / config.eval_steps
+  return {f'eval/{k}': v for k, v in totals.items()}
+
+
+def _progress(total: int, start: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, desc='train', unit='step',
+              dynamic_ncols=True, mininterval=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+USAGE = ('python -m ove_jax.train --config=experiments/<name>.py[:args] --workdir=DIR '
+         '[--config.key=value ...]')
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, str, list[str]]:
+  spec = workdir = None
+  overrides = []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      overrides.append(arg[len('--config.'):])
+    elif arg.startswith('--config='):
+      spec = arg[len('--config='):]
+    elif arg.startswith('--workdir='):
+      workdir = arg[len('--workdir='):]
+    elif arg in ('-h', '--help'):
+      print(__doc__)
+      raise SystemExit(0)
+    else:
+      raise config_lib.ConfigError(f'unknown argument {arg!r}; usage: {USAGE}')
+  if not spec or not workdir:
+    raise config_lib.ConfigError(f'--config and --workdir are required; usage: {USAGE}')
+  return spec, workdir, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    spec, workdir, overrides = parse_args(argv)
+    config = config_lib.load(spec, overrides)   # before JAX starts: errors come fast
+    train(config, workdir)
+  except config_lib.ConfigError as e:
+    print(f'config error: {e}', file=sys.stderr)
+    return 2
+  except TrainingError as e:
+    print(f'training stopped: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

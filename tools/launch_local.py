@@ -1,0 +1,194 @@
+"""Runs one command as N JAX processes on this machine, each with M virtual CPU devices.
+
+  python tools/launch_local.py --processes=2 --devices_per_process=4 -- python train.py ...
+
+It stands in for a multi-host cluster on one CPU machine: each copy gets the environment that
+`ove_jax.distributed.initialize()` reads (OVE_COORDINATOR_ADDRESS on a free local port,
+OVE_NUM_PROCESSES, OVE_PROCESS_ID, OVE_LOCAL_DEVICE_COUNT), JAX_PLATFORMS=cpu and an XLA_FLAGS
+device count of M. Output lines come back prefixed `[p<i>] `. When one process fails the others
+are stopped (a process waiting on a dead peer would otherwise hang in a collective), and the
+launcher exits with the failing code; 124 on --timeout, 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+_DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
+
+
+def child_env(base: dict, *, address: str, processes: int, index: int, devices: int) -> dict:
+  """The environment of process `index`: `base` plus the multi-process and device settings."""
+  env = dict(base)
+  flags = _DEVICE_FLAG.sub('', env.get('XLA_FLAGS', ''))
+  env['XLA_FLAGS'] = ' '.join(flags.split() + [f'--xla_force_host_platform_device_count={devices}'])
+  env.update({
+      'OVE_COORDINATOR_ADDRESS': address,
+      'OVE_NUM_PROCESSES': str(processes),
+      'OVE_PROCESS_ID': str(index),
+      'OVE_LOCAL_DEVICE_COUNT': str(devices),
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONUNBUFFERED': '1',  # so lines arrive as they are printed, not at exit
+  })
+  return env
+
+
+def _free_port() -> int:
+  try:
+    import portpicker
+    return portpicker.pick_unused_port()
+  except ImportError:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      return s.getsockname()[1]
+
+
+class _Stop(Exception):
+  """Raised in the main thread when the launcher itself is sent SIGTERM."""
+
+
+def _forward(stream, out, prefix: str, lock: threading.Lock):
+  for raw in iter(stream.readline, b''):
+    line = raw.decode('utf-8', errors='replace')
+    with lock:
+      out.write(prefix + line if line.endswith('\n') else prefix + line + '\n')
+      out.flush()
+  stream.close()
+
+
+def _signal_all(procs, sig):
+  for proc in procs:
+    if proc.poll() is None:
+      try:
+        # Each child leads its own process group, so its own workers (grain, ...) go too.
+        os.killpg(proc.pid, sig)
+      except ProcessLookupError:
+        pass
+
+
+def _stop_all(procs, grace: float):
+  """SIGTERM to every running process, SIGKILL to those still running after `grace` seconds."""
+  _signal_all(procs, signal.SIGTERM)
+  deadline = time.monotonic() + grace
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  _signal_all(procs, signal.SIGKILL)
+  for proc in procs:
+    proc.wait()
+
+
+def _exit_code(returncode: int) -> int:
+  # A child killed by signal N reads as -N from Popen; shells report 128 + N.
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      usage='%(prog)s --processes=N --devices_per_process=M [--port=P] [--timeout=S] '
+            '-- COMMAND [ARGS ...]')
+  parser.add_argument('--processes', type=int, required=True, help='processes to start (N)')
+  parser.add_argument('--devices_per_process', type=int, default=1,
+                      help='virtual CPU devices in each process (M)')
+  parser.add_argument('--port', type=int, default=0,
+                      help='coordinator port on 127.0.0.1; default: a free one')
+  parser.add_argument('--timeout', type=float, default=0,
+                      help='seconds before every process is stopped (exit 124); 0: no limit')
+  parser.add_argument('--grace', type=float, default=5.0,
+                      help='seconds between SIGTERM and SIGKILL when stopping processes')
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if '--' in argv:
+    split = argv.index('--')
+    argv, command = argv[:split], argv[split + 1:]
+  else:
+    argv, command = argv, []
+  args, extra = parser.parse_known_args(argv)
+  if extra:
+    parser.error(f'unrecognised arguments {" ".join(extra)}: put the command to run after "--", '
+                 'e.g. -- python train.py')
+  if args.processes < 1:
+    parser.error(f'--processes={args.processes}: at least 1 process is needed')
+  if args.devices_per_process < 1:
+    parser.error(f'--devices_per_process={args.devices_per_process}: each process needs at least '
+                 '1 device')
+  if not 0 <= args.port < 65536:
+    parser.error(f'--port={args.port}: give a port from 1 to 65535, or 0 for a free one')
+  if args.timeout < 0 or args.grace < 0:
+    parser.error('--timeout and --grace take seconds, 0 or more')
+  if not command:
+    parser.error('no command given: put it after "--", e.g. -- python train.py')
+  args.command = command
+  return args
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  address = f'127.0.0.1:{args.port or _free_port()}'
+  lock = threading.Lock()
+  procs, threads = [], []
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    raise _Stop()
+
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+  code = 0
+  try:
+    for i in range(args.processes):
+      env = child_env(os.environ, address=address, processes=args.processes, index=i,
+                      devices=args.devices_per_process)
+      proc = subprocess.Popen(args.command, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True)
+      procs.append(proc)
+      for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+        thread = threading.Thread(target=_forward, args=(stream, out, f'[p{i}] ', lock),
+                                  daemon=True)
+        thread.start()
+        threads.append(thread)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = next((c for c in codes if c not in (None, 0)), None)
+      if failed is not None:
+        index = codes.index(failed)
+        code = _exit_code(failed)
+        _report(lock, f'process {index} exited with code {code}; stopping the others')
+        break
+      if all(c == 0 for c in codes):
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        _report(lock, f'timed out after {args.timeout:g} s; stopping all processes')
+        code = 124
+        break
+      time.sleep(0.05)
+  except (KeyboardInterrupt, _Stop) as stop:
+    code = 130 if isinstance(stop, KeyboardInterrupt) else 128 + signal.SIGTERM
+    _report(lock, 'interrupted; sending SIGTERM to all processes')
+  except OSError as err:  # the command could not be started
+    _report(lock, f'cannot start {args.command[0]!r}: {err}')
+    code = 127
+  finally:
+    _stop_all(procs, args.grace)
+    for thread in threads:
+      thread.join(timeout=2)
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous)
+  return code
+
+
+def _report(lock: threading.Lock, message: str):
+  with lock:
+    sys.stderr.write(f'[launch_local] {message}\n')
+    sys.stderr.flush()
+
+
+if __name__ == '__main__':
+  sys.exit(main())
