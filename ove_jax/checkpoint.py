@@ -56,6 +56,15 @@ def save_params(directory: str, cfg: EncoderConfig, params: dict[tuple, np.ndarr
   return directory
 
 
+def encoder_config(fields: dict, source: str) -> EncoderConfig:
+  """EncoderConfig from its saved fields (encoder_config.json, a training checkpoint's meta)."""
+  known = {f.name for f in dataclasses.fields(EncoderConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'{source}: unknown field {unknown[0]!r}; known fields: {sorted(known)}')
+  return EncoderConfig(**fields)
+
+
 def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]:
   directory = os.path.abspath(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
@@ -63,11 +72,6 @@ def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]
     raise FileNotFoundError(f'{config_path} is missing; {directory} is not an ove_jax parameter '
                             'directory (made by save_params or tools/convert_checkpoint.py)')
   with open(config_path) as f:
-    fields = json.load(f)
-  known = {f.name for f in dataclasses.fields(EncoderConfig)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f'{config_path}: unknown field {unknown[0]!r}; known fields: {sorted(known)}')
-  cfg = EncoderConfig(**fields)
+    cfg = encoder_config(json.load(f), config_path)
   tree = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR))
   return cfg, {k: np.asarray(jax.device_get(v)) for k, v in flatten(tree).items()}

@@ -79,8 +79,18 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+HEAD_LOSS_KEYS = ('sample_rate', 'num_slots', 'margin', 'scale', 'filter_threshold',
+                  'sampling_blocks')
+
+
 def head(num_classes: int, weight: float = 1.0, **loss_overrides) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(num_classes=num_classes, weight=weight, **loss_overrides))
+  """One head's section: its classes, loss weight, and any of the `loss` keys for this head alone
+  (None: the `loss` section's value), so `--config.heads.video.sample_rate=0.2` works."""
+  unknown = sorted(set(loss_overrides) - set(HEAD_LOSS_KEYS))
+  if unknown:
+    raise ConfigError(f'head(): unknown loss key(s) {unknown}; allowed: {list(HEAD_LOSS_KEYS)}')
+  fields = {k: loss_overrides.get(k) for k in HEAD_LOSS_KEYS}
+  return ml_collections.ConfigDict(dict(num_classes=num_classes, weight=weight, **fields))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,10 +151,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise ConfigError(f'--config={spec}: no experiment file {path!r} (see experiments/)')
-  module_spec = importlib.util.spec_from_file_location(
-      f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_module(path)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path} has no get_config(arg) function')
   config = module.get_config(arg or None)
@@ -152,6 +159,16 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     apply_override(config, item)
   validate(config)
   return config
+
+
+def load_module(path: str):
+  """Imports an experiment file by path (experiments are files, not a package); an experiment
+  builds on another with `load_module(os.path.join(os.path.dirname(__file__), 'other.py'))`."""
+  module_spec = importlib.util.spec_from_file_location(
+      f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
@@ -266,13 +283,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def head_loss_config(config, name: str):
   from ove_jax import losses
   h = dict(config.heads[name])
-  allowed = {'num_classes', 'weight'} | set(config.loss.keys())
+  allowed = {'num_classes', 'weight'} | set(HEAD_LOSS_KEYS)
   unknown = sorted(set(h) - allowed)
   if unknown:
     raise ConfigError(f'heads.{name}: unknown key(s) {unknown}; allowed: {sorted(allowed)}')
   if 'num_classes' not in h:
     raise ConfigError(f'heads.{name}.num_classes is not set')
-  merged = {**dict(config.loss), **h}
+  merged = {**dict(config.loss), **{k: v for k, v in h.items() if v is not None}}
   try:
     return losses.PartialFCConfig(
         num_classes=merged['num_classes'], sample_rate=merged['sample_rate'],
@@ -323,3 +340,25 @@ def flatten(config, prefix: str = '') -> dict[str, Any]:
     else:
       out[name] = value
   return out
+
+
+def cpu_smoke(c: ml_collections.ConfigDict, *, data_root: str = '', steps: int = 3
+              ) -> ml_collections.ConfigDict:
+  """Shrinks experiment `c` to a few steps on 8 virtual CPU devices on the built-in data (the
+  experiment then sets its heads): the tiny preset in float32, data 4 x fsdp 2, every class scored
+  (the class counts are tiny), 3 label slots (built-in samples have 3 labels), no input workers."""
+  c.total_steps = steps
+  c.log_every = 1
+  c.checkpoint_every = steps
+  c.eval_every = 0
+  c.accumulate = 1
+  c.cpu_devices = 8
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 1
+  c.model.preset, c.model.dtype, c.model.remat = 'tiny', 'float32', 'none'
+  c.builtin.enabled = True
+  c.builtin.root = data_root
+  c.builtin.clips, c.builtin.images, c.builtin.budget = 8, 16, 512  # as demo_cpu's smoke
+  c.loss.sampling_blocks, c.loss.sample_rate, c.loss.num_slots = 8, 1.0, 3
+  c.data.worker_count = 0
+  c.data.patch_dtype = 'float32'
+  return c

@@ -225,7 +225,7 @@ class Program:
     updates, opt_state = self.tx.update(grads, state['opt_state'], params)
     params = optax.apply_updates(params, updates)
     aux.update({f'grad_norm/{g}': n for g, n in optim.group_norms(grads).items()})
-    aux['param_norm'] = optax.global_norm(params)
+    aux['param_norm'] = optax.tree.norm(params)
     aux['lr'] = self.lr(step)
     return {'params': params, 'opt_state': opt_state, 'step': step + 1}, aux
 
@@ -324,7 +324,7 @@ def load_checkpoint_params(path: str) -> tuple[dict, dict, int]:
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     meta = json.load(f)
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(os.path.join(step_dir, 'state')).tree
+  tree = checkpointer.metadata(os.path.join(step_dir, 'state')).item_metadata.tree
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   state = checkpointer.restore(os.path.join(step_dir, 'state'),
                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
@@ -355,8 +355,12 @@ def initialise_from(state, config, program: Program):
             f'model.preset={config.model.preset} has {getattr(mine, field)}')
     flat = hf.hf_to_params(tensors, mine, source=directory)
     new = {}
-    for path, like in nnx.to_flat_state(nnx.State(params['encoder'])):
-      new[path] = _put_like(flat[tuple(path)], like, 'encoder/' + '/'.join(map(str, path)))
+    for path, like in jax.tree_util.tree_leaves_with_path(params['encoder']):
+      key = tuple(k.key for k in path)
+      if key not in flat:
+        raise config_lib.ConfigError(f'init.pytorch={directory} has no weights for '
+                                     f'encoder/{"/".join(map(str, key))}')
+      new[key] = _put_like(flat[key], like, 'encoder/' + '/'.join(map(str, key)))
     params = {**params, 'encoder': _nest(new.items())}
     log.info('initialised the encoder from %s (heads fresh)', directory)
   elif config.init.checkpoint:

@@ -1,0 +1,282 @@
+"""The trainer: sharded step == single-device step, accumulation == one large batch, exact resume
+after SIGKILL, 2 processes x 4 devices == 1 process x 8, clean stop on SIGTERM, later stages."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ove_jax import config as config_lib
+from ove_jax import metrics as metrics_lib
+from ove_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
+
+
+def small_config(**changes):
+  c = config_lib.load(DEMO + ':smoke')
+  c.optim.warmup = 0          # lr(0) > 0: the first step must move the parameters
+  # Adam's first update is lr * g / (|g| + eps): for gradients at float-noise level (the MAP
+  # head's key bias has an exactly zero gradient in exact arithmetic: softmax ignores a shift
+  # shared by all keys) it is +-lr whatever the noise's sign, so summation order alone would
+  # move such entries by 2 lr. A larger eps keeps the update linear in g there; the gradients
+  # themselves are compared through their norms.
+  c.optim.eps = 1e-3
+  c.loss.num_slots = 2        # of 4 labels: the slot draw matters
+  c.loss.sample_rate = 0.5
+  for key, value in changes.items():
+    config_lib.apply_override(c, f'{key}={value}')
+  for name in ('video', 'image'):
+    c.data.heads[name].rows = 8
+  config_lib.validate(c)
+  return c
+
+
+def host_batch(seed, rows=8, length=64, segments=2, num_labels=4, classes=(('image', 29),
+                                                                           ('video', 53))):
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, n_classes in classes:
+    seg = np.zeros((rows, length), np.int32)
+    seg[:, :30], seg[:, 30:60] = 1, 2
+    out[name] = {
+        'patches': rng.normal(size=(rows, length, 588)).astype(np.float32),
+        'positions': rng.integers(0, 16, (rows, length, 3)).astype(np.int32),
+        'segment_ids': seg,
+        'labels': rng.integers(0, n_classes, (rows, segments, num_labels)).astype(np.int32),
+        'segment_valid': np.ones((rows, segments), bool),
+        'sample_index': (seed * 1000 + np.arange(rows * segments)).reshape(rows, segments),
+        'num_skipped': np.int32(0),
+    }
+  return out
+
+
+def run_step(config, devices, batches):
+  mesh = train.make_mesh(config, devices)
+  with jax.set_mesh(mesh):
+    program = train.Program(config, mesh)
+    state = program.init()
+    state, metrics = program.step(state, program.device_batch(batches))
+    params = jax.tree.map(np.asarray, state['params'])
+    return params, {k: float(v) for k, v in metrics.items()}
+
+
+def max_diff(a, b):
+  return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize('mesh', [(2, 4, 1), (2, 2, 2)])
+def test_sharded_step_equals_single_device_step(mesh):
+  batches = [host_batch(0)]
+  data, fsdp, tensor = mesh
+  sharded, m8 = run_step(small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp,
+                                         'mesh.tensor': tensor}), jax.devices(), batches)
+  single, m1 = run_step(small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}),
+                        jax.devices()[:1], batches)
+  assert max_diff(sharded, single) <= 1e-5
+  for key in m1:
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
+  # The step really moved the parameters (a no-op step would pass the equality trivially).
+  init = small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1})
+  mesh1 = train.make_mesh(init, jax.devices()[:1])
+  with jax.set_mesh(mesh1):
+    before = jax.tree.map(np.asarray, train.Program(init, mesh1).init()['params'])
+  assert max_diff(before, single) > 1e-4
+
+
+def test_accumulation_equals_one_large_batch():
+  micro = [host_batch(i) for i in range(4)]
+  large = {name: {k: (np.concatenate([m[name][k] for m in micro]) if k != 'num_skipped'
+                      else np.int32(0)) for k in micro[0][name]} for name in micro[0]}
+  # Every class scored: a large batch and its micro-batches then see the same classes.
+  accumulated, ma = run_step(small_config(accumulate=4, **{'loss.sample_rate': 1.0}),
+                             jax.devices(), micro)
+  c = small_config(**{'loss.sample_rate': 1.0})
+  for name in ('video', 'image'):
+    c.data.heads[name].rows = 32
+  one, mb = run_step(c, jax.devices(), [large])
+  assert max_diff(accumulated, one) <= 1e-5
+  np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-5)
+
+
+def test_mesh_and_batch_errors_name_the_fix():
+  c = small_config(**{'mesh.data': 4, 'mesh.fsdp': 4})
+  with pytest.raises(config_lib.ConfigError, match='needs 16 devices but this run has 8'):
+    train.make_mesh(c)
+  c = small_config(**{'mesh.data': 3, 'mesh.fsdp': -1})
+  with pytest.raises(config_lib.ConfigError, match='do not divide the 8 devices'):
+    train.make_mesh(c)
+  c = small_config()
+  c.data.heads.video.rows = 4
+  mesh = train.make_mesh(c)
+  with pytest.raises(config_lib.ConfigError, match=r'data.heads.video.rows=4 .* 8 batch shards'):
+    train.Program(c, mesh)
+  c = small_config(**{'heads.video.sampling_blocks': 4})
+  with pytest.raises(config_lib.ConfigError, match='sampling_blocks=8'):
+    train.Program(c, train.make_mesh(c))
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs (subprocesses): resume, multi-process, SIGTERM
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  from data_pipeline import builtin
+  root = str(tmp_path_factory.mktemp('builtin'))
+  c = config_lib.load(DEMO + ':smoke')
+  builtin.ensure(root, clips=c.builtin.clips, images=c.builtin.images, budget=c.builtin.budget,
+                 seed=c.seed, progress=False)
+  return root
+
+
+def command(workdir, data_root, *extra, arg='smoke'):
+  return [sys.executable, '-m', 'ove_jax.train', f'--config={DEMO}:{arg},data_root={data_root}',
+          f'--workdir={workdir}', *extra]
+
+
+def env():
+  e = dict(os.environ)
+  e.pop('XLA_FLAGS', None)  # the experiment asks for its 8 CPU devices itself
+  e['PYTHONPATH'] = ROOT
+  return e
+
+
+def losses_by_step(workdir):
+  return {m['step']: m['loss'] for m in metrics_lib.read_metrics(workdir)}
+
+
+def committed_steps(workdir):
+  root = os.path.join(workdir, train.CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root)
+                if d.isdigit() and os.path.exists(os.path.join(root, d, 'commit_success.txt')))
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root):
+  straight = str(tmp_path / 'straight')
+  subprocess.run(command(straight, data_root), env=env(), check=True, capture_output=True,
+                 timeout=600)
+  killed = str(tmp_path / 'killed')
+  proc = subprocess.Popen(command(killed, data_root), env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not committed_steps(killed) or committed_steps(killed)[-1] < 10:
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed_from = committed_steps(killed)[-1]
+  assert resumed_from < 20
+  result = subprocess.run(command(killed, data_root), env=env(), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resumed from {killed} step {resumed_from}' in result.stderr
+  want, got = losses_by_step(straight), losses_by_step(killed)
+  later = [s for s in want if s > resumed_from]
+  assert later and max(later) == 20
+  for s in later:
+    assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6), s
+  # Falling loss on the demo data, and every line has step and loss.
+  lines = metrics_lib.read_metrics(straight)
+  assert all('loss' in m and 'step' in m for m in lines)
+  assert lines[-1]['loss'] < lines[0]['loss']
+
+
+def test_two_processes_equal_one_process(tmp_path, data_root):
+  steps = ['--config.total_steps=6', '--config.checkpoint_every=3']
+  one = str(tmp_path / 'one')
+  subprocess.run(command(one, data_root, *steps, arg='smoke,workers=0'), env=env(), check=True,
+                 capture_output=True, timeout=600)
+  two = str(tmp_path / 'two')
+  launch = [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
+            '--devices_per_process=4', '--timeout=500', '--',
+            *command(two, data_root, *steps, '--config.cpu_devices=4', arg='smoke,workers=0')]
+  result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  a, b = losses_by_step(one), losses_by_step(two)
+  assert sorted(a) == sorted(b) and len(a) >= 3
+  for s in a:
+    assert b[s] == pytest.approx(a[s], rel=1e-5), s
+  # Each process saved its own input position in the same checkpoint step.
+  assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def test_sigterm_saves_and_the_next_run_continues(tmp_path, data_root):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(command(workdir, data_root, '--config.checkpoint_every=100',
+                                  '--config.total_steps=40'),
+                          env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or not metrics_lib.read_metrics(
+      workdir):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = committed_steps(workdir)
+  assert len(saved) == 1 and 0 < saved[0] < 40, saved
+  assert f'SIGTERM: saved step {saved[0]}' in err
+  with open(os.path.join(workdir, 'checkpoints', str(saved[0]), 'meta', 'metadata')) as f:
+    assert json.load(f)['step'] == saved[0]
+
+
+def test_later_stage_starts_from_an_earlier_one(tmp_path, data_root):
+  first = str(tmp_path / 'stage1')
+  subprocess.run(command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
+                 env=env(), check=True, capture_output=True, timeout=600)
+  source, meta, step = train.load_checkpoint_params(first)
+  assert step == 2 and meta['step'] == 2
+  c = small_config(**{'init.checkpoint': first, 'init.heads': 'keep', 'mesh.data': 2,
+                      'mesh.fsdp': 2, 'mesh.tensor': 2})
+  mesh = train.make_mesh(c)   # another mesh shape than the one that wrote it
+  with jax.set_mesh(mesh):
+    program = train.Program(c, mesh)
+    state = train.initialise_from(program.init(), c, program)
+  got = jax.tree.map(np.asarray, state['params'])
+  np.testing.assert_array_equal(got['heads']['video'], source['heads']['video'])
+  np.testing.assert_array_equal(got['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
+                                source['encoder']['blocks']['1']['mlp']['fc1']['kernel'])
+  c.init.heads = 'fresh'
+  with jax.set_mesh(mesh):
+    fresh = train.initialise_from(program.init(), c, program)
+  assert not np.array_equal(np.asarray(fresh['params']['heads']['video']),
+                            source['heads']['video'])
+
+
+def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
+  from ove_jax.convert import hf
+  from ove_jax.models import create_encoder
+  c = small_config()
+  released = create_encoder(train.encoder_config(c), seed=123)
+  hf.save_pytorch(released, str(tmp_path / 'release'))
+  c.init.pytorch = str(tmp_path / 'release')
+  mesh = train.make_mesh(c)
+  with jax.set_mesh(mesh):
+    program = train.Program(c, mesh)
+    fresh = program.init()
+    state = train.initialise_from(fresh, c, program)
+    kernel = state['params']['encoder']['blocks'][0]['self_attn']['q_proj']['kernel']
+    assert kernel.sharding == program.param_shardings['encoder']['blocks'][0]['self_attn'][
+        'q_proj']['kernel']
+  want = hf.model_params(released)
+  got = jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state['params']['encoder']))
+  assert len(got) == len(want)
+  for path, value in got:
+    np.testing.assert_array_equal(value, want[tuple(k.key for k in path)])
+  c.model.preset = 'small'
+  with pytest.raises(config_lib.ConfigError, match='its width is 128'):
+    mesh = train.make_mesh(c)
+    with jax.set_mesh(mesh):
+      program = train.Program(c, mesh)
+      train.initialise_from(jax.eval_shape(program.init), c, program)
