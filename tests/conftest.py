@@ -29,3 +29,29 @@ def sharpen():
         proj.kernel[...] = proj.kernel[...] * factor
     return model
   return apply
+
+
+@pytest.fixture(scope='session')
+def builtin_root(tmp_path_factory):
+  """One folder for the built-in data of the trainer runs in tests (made by the first run, reused
+  by the others: every smoke config asks for the same data, see ove_jax.config.cpu_smoke)."""
+  return str(tmp_path_factory.mktemp('builtin_data'))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def run_trainer():
+  """`python -m ove_jax.train ARGS` in a subprocess from the repository root; returns the
+  CompletedProcess (text output) and how long it took."""
+  import subprocess
+  import sys
+  import time
+
+  def run(*args, timeout=300):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, '-m', 'ove_jax.train', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+  return run

@@ -2,15 +2,18 @@
 import json
 import os
 import shutil
+import time
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
+from flax import nnx
 from jax.sharding import AxisType
 
-from ove_jax import checkpoint, convert
+from ove_jax import checkpoint, convert, train
 from ove_jax.convert import torch_model
 from ove_jax.models import EncoderConfig, create_encoder
 from ove_jax_tools import convert_checkpoint
@@ -196,3 +199,50 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
   assert convert_checkpoint.main(['from-hf', '--hf', str(tmp_path), '--out',
                                   str(tmp_path / 'o')]) == 2
   assert 'config.json is missing' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# A training checkpoint's encoder -> release format (from-train)
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, run_trainer,
+                                                      capsys):
+  # The demo's smoke run for 2 steps (about 40 s), then its encoder through the CLI; the PyTorch
+  # port on the export must compute what our encoder computes from the checkpoint's parameters.
+  workdir, out = tmp_path / 'run', str(tmp_path / 'hf')
+  proc, train_seconds = run_trainer(
+      f'--config=experiments/demo_cpu.py:smoke,steps=2,data_root={builtin_root}',
+      f'--workdir={workdir}', '--config.checkpoint_every=2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  start = time.perf_counter()
+  assert convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '2',
+                                  '--out', out]) == 0
+  export_seconds = time.perf_counter() - start
+  assert 'step 2' in capsys.readouterr().out
+  assert convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '7',
+                                  '--out', out]) == 2
+  err = capsys.readouterr().err
+  assert 'no checkpoint of step 7' in err and 'has steps [2]' in err
+
+  bf16 = str(tmp_path / 'hf_bf16')
+  assert convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--out', bf16,
+                                  '--dtype', 'bfloat16']) == 0
+  raw = convert.read_safetensors(os.path.join(bf16, 'model.safetensors'))
+  assert raw['head.probe'].dtype == ml_dtypes.bfloat16
+
+  params, meta, step = train.load_checkpoint_params(str(workdir))
+  assert step == 2 and set(params['heads']) == {'video', 'image'}
+  cfg = checkpoint.encoder_config(meta['encoder_config'], 'meta')
+  model = convert.model_from_params(cfg, checkpoint.flatten(params['encoder']))
+  port = torch_model.load_pretrained(out).eval()
+
+  rng = np.random.RandomState(0)
+  patches = rng.randn(2, 48, 588).astype(np.float32)
+  positions = np.stack([rng.randint(0, 64, (2, 48)), rng.randint(0, 16, (2, 48)),
+                        rng.randint(0, 16, (2, 48))], -1).astype(np.int32)
+  ours = nnx.jit(lambda m, p, q, s: m(p, q, s, num_segments=1))(
+      model, patches, positions, np.ones((2, 48), np.int32))['pooled'][:, 0]
+  with torch.no_grad():
+    ref = port.forward_tokens(torch.from_numpy(patches), torch.from_numpy(positions))
+  np.testing.assert_allclose(np.asarray(ours), ref['pooler_output'].numpy(), atol=1e-4, rtol=0)
+  print(f'from-train: training {train_seconds:.1f} s, export {export_seconds:.1f} s')

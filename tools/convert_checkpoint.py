@@ -4,14 +4,17 @@
   python tools/convert_checkpoint.py to-hf --preset large --out /tmp/ove_large_hf
   # an ove_jax parameter directory -> release format, stored in bfloat16
   python tools/convert_checkpoint.py to-hf --params /tmp/ove_params --out /tmp/hf --dtype bfloat16
+  # a training run's encoder (latest checkpoint, or --step N) -> release format
+  python tools/convert_checkpoint.py from-train --workdir /ckpt/stage2 --out /tmp/hf \
+      [--step 20000] [--dtype bfloat16]
   # release-format directory (e.g. the released onevision-encoder-large) -> ove_jax parameters
   python tools/convert_checkpoint.py from-hf --hf /path/to/onevision-encoder-large --out /tmp/p
   # numerical check: our JAX encoder vs our PyTorch port on the same directory and inputs
   python tools/convert_checkpoint.py verify --hf /tmp/ove_large_hf
 
 Every conversion ends with a numerical check of the written checkpoint against the source
-(parameters bit-exact, and with `verify` both frameworks' outputs on the same pixels). Installed
-as the console script `ove-convert`.
+(parameters bit-exact at the stored precision, and with `verify` both frameworks' outputs on the
+same pixels). Installed as the console script `ove-convert`.
 """
 from __future__ import annotations
 
@@ -35,19 +38,53 @@ def _to_hf(args) -> int:
   else:
     model = create_encoder(EncoderConfig.preset(args.preset), seed=args.seed)
     source = f'preset {args.preset} (seed {args.seed})'
-  convert.save_pytorch(model, args.out, dtype=args.dtype)
-  written = convert.hf_to_params(convert.read_safetensors(os.path.join(args.out,
-                                                                       'model.safetensors')),
+  return _write(model, args.out, args.dtype, source)
+
+
+def _write(model, out: str, dtype: str, source: str) -> int:
+  """Saves `model` in the release format, then checks the written file against its parameters
+  (bit-exact in float32; in bfloat16 / float16, to the stored precision)."""
+  import ml_dtypes
+  from ove_jax import convert
+
+  convert.save_pytorch(model, out, dtype=dtype)
+  written = convert.hf_to_params(convert.read_safetensors(os.path.join(out, 'model.safetensors')),
                                  model.cfg)
-  mine = convert.model_params(model)
-  if args.dtype == 'float32':
-    worst = max(float(np.abs(written[k] - mine[k]).max()) for k in mine)
-    print(f'round trip check: max |difference| over {len(mine)} parameters = {worst}')
-    if worst != 0.0:
-      print('error: the written checkpoint does not reproduce the parameters', file=sys.stderr)
-      return 1
-  print(f'wrote {args.out} ({args.dtype}) from {source}')
+  store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}[dtype]
+  mine = {k: v.astype(store).astype(np.float32) for k, v in convert.model_params(model).items()}
+  worst = max(float(np.abs(written[k].astype(np.float32) - mine[k]).max()) for k in mine)
+  print(f'round trip check ({dtype}): max |difference| over {len(mine)} parameters = {worst}')
+  if worst != 0.0:
+    print('error: the written checkpoint does not reproduce the parameters', file=sys.stderr)
+    return 1
+  print(f'wrote {out} ({dtype}) from {source}')
   return 0
+
+
+def _from_train(args) -> int:
+  import dataclasses
+
+  from ove_jax import checkpoint
+  from ove_jax.convert.hf import model_from_params
+  from ove_jax.train import CHECKPOINT_DIR, load_checkpoint_params
+
+  path = args.workdir
+  if args.step is not None:
+    path = os.path.join(args.workdir, CHECKPOINT_DIR, str(args.step))
+    if not os.path.isdir(path):
+      root = os.path.join(args.workdir, CHECKPOINT_DIR)
+      steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) \
+          else []
+      raise FileNotFoundError(f'{path}: no checkpoint of step {args.step}; {root} has steps '
+                              f'{steps or "none"}')
+  params, meta, step = load_checkpoint_params(path)
+  cfg = checkpoint.encoder_config(meta['encoder_config'], f'{path} (meta)')
+  # Training-only settings (bf16 compute, remat, fused attention) are no part of the export.
+  cfg = dataclasses.replace(cfg, dtype='float32', remat='none', attention='xla')
+  model = model_from_params(cfg, checkpoint.flatten(params['encoder']))
+  heads = ', '.join(sorted(params.get('heads', {}))) or 'none'
+  return _write(model, args.out, args.dtype,
+                f'{args.workdir} step {step} (the encoder; heads left out: {heads})')
 
 
 def _from_hf(args) -> int:
@@ -120,6 +157,13 @@ def main(argv=None) -> int:
   to_hf.add_argument('--seed', type=int, default=0)
   to_hf.add_argument('--out', required=True)
   to_hf.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
+  from_train = sub.add_parser('from-train', help='a training checkpoint\'s encoder -> release '
+                              'format')
+  from_train.add_argument('--workdir', required=True, help='the run\'s workdir (python -m '
+                          'ove_jax.train --workdir=...)')
+  from_train.add_argument('--step', type=int, help='the checkpoint step (default: the latest)')
+  from_train.add_argument('--out', required=True)
+  from_train.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
   from_hf.add_argument('--hf', required=True, help='directory with config.json and '
                        'model.safetensors')
@@ -132,7 +176,8 @@ def main(argv=None) -> int:
 
   from ove_jax.convert import CheckpointError
   try:
-    return {'to-hf': _to_hf, 'from-hf': _from_hf, 'verify': _verify}[args.command](args)
+    return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf,
+            'verify': _verify}[args.command](args)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

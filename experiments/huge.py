@@ -1,0 +1,42 @@
+r"""The huge encoder (width 1280, 32 layers, ~650M parameters) on the stage-2 data, for large meshes.
+
+Not a release run: the release trained base (stage 1) and large (stage 2) only. This is
+experiments/stage2_video.py (the same heads, data, per-GPU batches 16 / 8 / 16, global batch
+20,480, optimiser; see its docstring for which values are the release's) with the huge preset,
+sized by default for 256 GPUs: mesh fsdp=16 and accumulate = 20,480 / (40 x 256) = 2. Every
+argument of stage2_video.py applies; only the defaults of gpus and fsdp differ.
+
+Data: the sources are placeholders, as in stage2_video.py:
+  --config.data.heads.image.source=... --config.data.heads.ocr.source=...
+  --config.data.heads.video.source=...
+
+Multi-host, one process per host (32 hosts x 8 GPUs):
+  OVE_COORDINATOR_ADDRESS=host0:12355 OVE_NUM_PROCESSES=32 OVE_PROCESS_ID=<0..31> \
+  python -m ove_jax.train --config=experiments/huge.py --workdir=/ckpt/huge
+  # or under SLURM:
+  srun --nodes=32 --ntasks-per-node=1 python -m ove_jax.train \
+      --config=experiments/huge.py --workdir=/ckpt/huge
+  # 512 GPUs: the global batch stays 20,480 (accumulate 1)
+  srun --nodes=64 --ntasks-per-node=1 python -m ove_jax.train \
+      --config=experiments/huge.py:gpus=512,fsdp=32 --workdir=/ckpt/huge
+Single host (8 GPUs; accumulate 64, slow, for checking memory before a large run):
+  python -m ove_jax.train --config=experiments/huge.py:gpus=8,fsdp=8 --workdir=/tmp/huge
+On this CPU (the tiny preset, like stage2_video's smoke), and as 2 hosts x 4 devices:
+  python -m ove_jax.train --config=experiments/huge.py:smoke --workdir=/tmp/huge_smoke
+  python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
+      python -m ove_jax.train --config=experiments/huge.py:smoke \
+      --workdir=/tmp/huge_smoke_2x4 --config.cpu_devices=4
+
+Arguments: those of experiments/stage2_video.py, with gpus=256 and fsdp=16 by default.
+"""
+import os
+
+from ove_jax import config as config_lib
+
+stage2 = config_lib.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                             'stage2_video.py'))
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, **{**stage2.ARGS, 'gpus': 256, 'fsdp': 16})
+  return stage2.build(a, preset='huge')

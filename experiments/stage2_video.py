@@ -1,0 +1,113 @@
+r"""Stage 2 of the release: image + OCR + video heads together on the large encoder (SPEC §3, §5).
+
+The release's values: the large encoder, started from stage 1; three heads with their own class
+centres: image (2,000,000 classes, 10 labels, 448 = 32 x 32 = 1024 tokens, random-resized crop,
+flip 0.5), OCR (365,187 word classes, 100 labels cyclically padded, 448, centre crop, no flip) and
+video (400,000 classes, 10 labels; per clip one of codec K = 2048 patches / 8 uniform frames x 256
+patches / an 8-frame collage, drawn 50% / 37.5% / 12.5%; 2048 tokens per row); loss weights 1, 1,
+1; 128 GPUs with per-GPU batches 16 / 8 / 16 (image / OCR / video) and gradient accumulation 4,
+i.e. a global batch of 20,480 samples; AdamW (0.9, 0.999, 1e-8), lr 5e-5 (the paper: 1e-4),
+weight decay 0.05, warmup 1e-4 of the steps then linear decay, clipping at 5 per parameter group,
+bf16 compute. The release trained on 320M to 4B samples.
+
+Ours, not the release's: rows per head = per-GPU batch x `gpus` (image 2048, OCR 1024, video 2048
+at gpus=128), accumulate = batch / (40 x gpus) so the global batch stays 20,480 on any GPU count
+that divides it; total_steps = samples / batch (default samples=4e9: 195,313 steps, warmup 20);
+mesh data x fsdp=8 with full rematerialisation; 1024 sampling blocks (a multiple of the device
+count; fine up to 1024 devices); uint8 patches normalised on the device.
+
+Data: the sources below are placeholders. Point them at your precomputed records (see
+tools/precompute_codec.py for the video head's codec selections; records whose `source` is a
+relative path are joined to data.heads.video.video_root for the uniform and collage modes):
+  --config.data.heads.image.source='/data/laion-*.array_record' \
+  --config.data.heads.ocr.source='/data/ocr-*.array_record' \
+  --config.data.heads.video.source='/data/video-codec-*.array_record'
+
+Single host (its local GPUs; gpus= is the device count the batch is sized for):
+  python -m ove_jax.train --config=experiments/stage2_video.py:gpus=8,init=/ckpt/stage1 \
+      --workdir=/ckpt/stage2 --config.data.heads.image.source=... (and ocr, video)
+Multi-host, one process per host (16 hosts x 8 GPUs = the release's 128 GPUs):
+  OVE_COORDINATOR_ADDRESS=host0:12355 OVE_NUM_PROCESSES=16 OVE_PROCESS_ID=<0..15> \
+  python -m ove_jax.train --config=experiments/stage2_video.py:init=/ckpt/stage1 \
+      --workdir=/ckpt/stage2
+  # or under SLURM:
+  srun --nodes=16 --ntasks-per-node=1 python -m ove_jax.train \
+      --config=experiments/stage2_video.py:init=/ckpt/stage1 --workdir=/ckpt/stage2
+The paper's learning rate: add `paper` (lr 1e-4). Keep the heads of a stage-2 checkpoint
+(init=<stage-2 workdir>,heads=keep); a stage-1 run has no OCR or video head, so from stage 1
+the heads start fresh (the default).
+On this CPU (3 steps of every head and video mode on the built-in data, about a minute), and as
+2 hosts x 4 devices:
+  python -m ove_jax.train --config=experiments/stage2_video.py:smoke --workdir=/tmp/stage2_smoke
+  python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
+      python -m ove_jax.train --config=experiments/stage2_video.py:smoke \
+      --workdir=/tmp/stage2_smoke_2x4 --config.cpu_devices=4
+
+Arguments: smoke, paper, gpus=N, fsdp=N (mesh.fsdp), batch=N (global samples per step),
+samples=X (samples seen in all), steps=N (total_steps directly), blocks=N (loss.sampling_blocks),
+init=PATH (an earlier stage's workdir or step folder), heads=fresh|keep, workers=N (input worker
+processes per head and host), data_root=PATH (smoke: the built-in data's folder).
+"""
+from ove_jax import config as config_lib
+
+PER_GPU = {'image': 16, 'ocr': 8, 'video': 16}     # the release's per-GPU batches
+CLASSES = {'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
+ARGS = dict(smoke=False, paper=False, gpus=128, fsdp=8, batch=20_480, samples=4e9, steps=0,
+            blocks=1024, init='', heads='fresh', workers=8, data_root='')
+
+
+def get_config(arg=None):
+  return build(config_lib.parse_arg(arg, **ARGS), preset='large')
+
+
+def build(a, *, preset: str):
+  """The stage-2 config for parsed arguments `a` (ARGS) on the encoder `preset`."""
+  per_step = sum(PER_GPU.values()) * a.gpus
+  if a.batch % per_step:
+    raise config_lib.ConfigError(
+        f'argument batch={a.batch} is not a multiple of the {per_step} samples of one '
+        f'micro-batch ({" + ".join(map(str, PER_GPU.values()))} per GPU x gpus={a.gpus})')
+  c = config_lib.defaults()
+  c.model.update(dict(preset=preset, dtype='bfloat16', remat='full'))
+  c.init.checkpoint, c.init.heads = a.init, a.heads
+  c.optim.update(dict(lr=1e-4 if a.paper else 5e-5, warmup=1e-4, decay='linear',
+                      end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                      clip_norm=5.0))
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, a.fsdp, 1
+  c.accumulate = a.batch // per_step
+  c.total_steps = a.steps or max(1, round(a.samples / a.batch))
+  c.log_every, c.checkpoint_every, c.keep_checkpoints, c.keep_every = 20, 1000, 3, 20_000
+  c.loss.sampling_blocks = a.blocks
+  c.data.worker_count = a.workers
+  c.data.patch_dtype = 'uint8'
+  c.data.mixing = 'all'
+  for name, classes in CLASSES.items():
+    c.heads[name] = config_lib.head(classes)
+  rows = {name: n * a.gpus for name, n in PER_GPU.items()}
+  c.data.heads.image = dict(kind='image', source='/data/laion-*.array_record', rows=rows['image'],
+                            tokens_per_row=1024, max_segments=1, num_labels=10, resolution=448,
+                            crop='random_resized', flip_prob=0.5)
+  c.data.heads.ocr = dict(kind='ocr', source='/data/ocr-*.array_record', rows=rows['ocr'],
+                          tokens_per_row=1024, max_segments=1, num_labels=100, resolution=448,
+                          crop='center', flip_prob=0.0)
+  c.data.heads.video = dict(kind='video', source='/data/video-codec-*.array_record',
+                            rows=rows['video'], tokens_per_row=2048, max_segments=1,
+                            num_labels=10, video_modes=(0.5, 0.375, 0.125), num_frames=8,
+                            video_root='')
+  if a.smoke:
+    smoke(c, a)
+  return c
+
+
+def smoke(c, a):
+  """Every head and video mode at toy sizes on the built-in data: 112-pixel images (64 tokens),
+  2-frame uniform / collage clips and 512-patch codec selections, 2 accumulated micro-batches."""
+  config_lib.cpu_smoke(c, data_root=a.data_root, steps=a.steps or 3)
+  c.accumulate = 2
+  for name in CLASSES:
+    c.heads[name] = config_lib.head(64)   # built-in labels: images 0..28, videos 0..52
+  for name in ('image', 'ocr'):
+    c.data.heads[name].update(dict(source='{builtin:image}', rows=8, tokens_per_row=64,
+                                   num_labels=3, resolution=112))
+  c.data.heads.video.update(dict(source='{builtin:video}', rows=8, tokens_per_row=512,
+                                 num_labels=3, num_frames=2))
