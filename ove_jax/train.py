@@ -153,7 +153,7 @@ class Program:
     self.param_shardings = _nest(
         (path, NamedSharding(mesh, sharding.logical_to_spec(
             var.get_metadata().get('out_sharding') or (), self.rules))) for path, var in flat)
-    abstract_params = abstract_state.to_pure_dict()
+    abstract_params = nnx.to_pure_dict(abstract_state)
     replicated = NamedSharding(mesh, P())
     opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
@@ -176,7 +176,7 @@ class Program:
                          rules=self.rules, init_std=self.config.loss.init_std)
 
   def _init(self):
-    params = nnx.state(self._model()).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(self._model()))
     return {'params': params, 'opt_state': self.tx.init(params),
             'step': jnp.zeros((), jnp.int32)}
 
