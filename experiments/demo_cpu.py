@@ -49,6 +49,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
 
   c.data.worker_count = a.workers
+  c.data.patch_dtype = 'uint8'   # 4x less to move between processes; normalised on the device
   c.data.heads.video = dict(kind='video', source='{builtin:video}', rows=8, tokens_per_row=512,
                             max_segments=1, num_labels=3, video_modes=(1.0, 0.0, 0.0))
   c.data.heads.image = dict(kind='image', source='{builtin:image}', rows=8, tokens_per_row=256,

@@ -164,9 +164,15 @@ def committed_steps(workdir):
 def straight(data_root, tmp_path_factory):
   """The uninterrupted smoke run the interrupted ones are compared with."""
   workdir = str(tmp_path_factory.mktemp('straight'))
-  subprocess.run(command(workdir, data_root), env=env(), check=True, capture_output=True,
-                 timeout=600)
+  # Checkpoints at 5, 10, 15, 20: keep the last 2 and every 10th.
+  subprocess.run(command(workdir, data_root, '--config.keep_checkpoints=2',
+                         '--config.keep_every=10'),
+                 env=env(), check=True, capture_output=True, timeout=600)
   return workdir
+
+
+def test_keeps_the_last_n_and_every_mth_checkpoint(straight):
+  assert committed_steps(straight) == [10, 15, 20]
 
 
 def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
