@@ -18,8 +18,10 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -280,15 +282,27 @@ def checkpoint_manager(workdir: str, config):
                                options=options)
 
 
-def save(manager, step: int, state, iterator, config, program: Program) -> None:
-  import grain
+class _Position:
+  """An input position (`iterator.get_state()`, as JSON) in the form Grain's orbax handler saves."""
+
+  def __init__(self, state_json: str):
+    self._json = state_json
+
+  def get_state(self) -> bytes:
+    return self._json.encode()
+
+
+def save(manager, step: int, state, position: str, config, program: Program) -> None:
+  """Saves step `step`: the train state, this process's input position after the step's batches
+  (`position`, from DevicePrefetch), and the run's meta."""
   import orbax.checkpoint as ocp
+  import grain
   meta = {'step': step, 'config': config.to_dict(),
           'encoder_config': dataclasses.asdict(program.encoder_cfg),
           'process_count': jax.process_count(), 'mesh': dict(program.mesh.shape)}
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(iterator),
+      data=grain.checkpoint.CheckpointSave(_Position(position)),
       meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=list)))))
 
 
@@ -423,6 +437,62 @@ def host_stats(host_batches) -> dict[str, float]:
   return {'clips': clips, 'tokens': tokens, 'skipped': skipped}
 
 
+class DevicePrefetch:
+  """Reads this host's batches and puts them on the devices in a background thread, `size` steps
+  ahead, so the step waits neither for the input workers (while they keep up) nor for the
+  host-to-device copy. Each item carries the iterator position after its batches: what a
+  checkpoint saved after that step must hold, however far the thread has read ahead."""
+
+  _END = object()
+
+  def __init__(self, iterator, program: Program, accumulate: int, size: int = 2):
+    self._iterator, self._program, self._accumulate = iterator, program, accumulate
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name='device-prefetch', daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        host = [next(self._iterator) for _ in range(self._accumulate)]
+        position = json.dumps(self._iterator.get_state())
+        item = (self._program.device_batch(host), host_stats(host), position)
+        if not self._put(item):
+          return
+    except StopIteration:
+      self._put(self._END)
+    except BaseException as e:  # pylint: disable=broad-except  -- re-raised in the train loop
+      self._put(e)
+
+  def next(self):
+    """(device batch, host stats, position after it); blocks until the thread has one."""
+    item = self._queue.get()
+    if item is self._END:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self._stop.set()
+    while True:  # unblock a put, then let the thread see the stop flag
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
@@ -532,6 +602,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         window[k] = 0 if k != 'seconds' else 0.0
 
     watchdog = metrics_lib.Watchdog(config.watchdog_seconds)
+    prefetch = DevicePrefetch(iterator, program, config.accumulate)
     tick = time.perf_counter()
     with _Stop() as stop:
       try:
@@ -541,11 +612,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             profiling = True
           t0 = time.perf_counter()
           try:
-            host = [next(iterator) for _ in range(config.accumulate)]
+            batch, stats, position = prefetch.next()
           except StopIteration:
             raise TrainingError(f'the input ran out at step {step} (data.num_epochs is set); '
                                 'unset it to repeat the data') from None
-          batch = program.device_batch(host)
           wait = time.perf_counter() - t0
           if flops is None:
             flops = program.flops_per_step(batch)
@@ -554,7 +624,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           if pending is not None:
             finish(pending)
           now = time.perf_counter()
-          pending = (step, device_metrics, host_stats(host), wait, now - tick)
+          pending = (step, device_metrics, stats, wait, now - tick)
           tick = now
           watchdog.kick(step)
           if profiling and step >= config.profile_start + config.profile_steps:
@@ -567,13 +637,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
             finish(pending)
             pending = None
-            save(manager, step, state, iterator, config, program)
+            save(manager, step, state, position, config, program)
           if stop.requested:
             log.warning('SIGTERM: saved step %d in %s; exiting', step, workdir)
             break
         if pending is not None:
           finish(pending)
       finally:
+        prefetch.close()
         manager.wait_until_finished()
         watchdog.close()
         progress.close()

@@ -177,14 +177,16 @@ def test_keeps_the_last_n_and_every_mth_checkpoint(straight):
 
 def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
   killed = str(tmp_path / 'killed')
+  # Its own process group, killed whole: the trainer and its input workers die at once, as in a
+  # preempted job.
   proc = subprocess.Popen(command(killed, data_root), env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+                          stderr=subprocess.DEVNULL, start_new_session=True)
   deadline = time.time() + 300
   while not committed_steps(killed) or committed_steps(killed)[-1] < 10:
     assert proc.poll() is None, 'the run ended before it could be killed'
     assert time.time() < deadline
     time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
+  os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   resumed_from = committed_steps(killed)[-1]
   assert resumed_from < 20

@@ -61,30 +61,41 @@ def _write(model, out: str, dtype: str, source: str) -> int:
   return 0
 
 
-def _from_train(args) -> int:
+def trained_encoder(workdir: str, step: int | None = None):
+  """(encoder model, step, head names) of a training run's checkpoint, ready to export.
+
+  `workdir` is the run's workdir (or its checkpoints folder, or one step folder); `step` picks a
+  checkpoint of the workdir (default: the latest). The encoder is built from the checkpoint's
+  parameters and saved encoder config, without the training-only settings (bf16 compute, remat,
+  fused attention): float32, no remat, XLA attention. The heads are not part of it.
+  """
   import dataclasses
 
   from ove_jax import checkpoint
   from ove_jax.convert.hf import model_from_params
   from ove_jax.train import CHECKPOINT_DIR, load_checkpoint_params
 
-  path = args.workdir
-  if args.step is not None:
-    path = os.path.join(args.workdir, CHECKPOINT_DIR, str(args.step))
+  path = workdir
+  if step is not None:
+    path = os.path.join(workdir, CHECKPOINT_DIR, str(step))
     if not os.path.isdir(path):
-      root = os.path.join(args.workdir, CHECKPOINT_DIR)
+      root = os.path.join(workdir, CHECKPOINT_DIR)
       steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) \
           else []
-      raise FileNotFoundError(f'{path}: no checkpoint of step {args.step}; {root} has steps '
+      raise FileNotFoundError(f'{path}: no checkpoint of step {step}; {root} has steps '
                               f'{steps or "none"}')
-  params, meta, step = load_checkpoint_params(path)
+  params, meta, found = load_checkpoint_params(path)
   cfg = checkpoint.encoder_config(meta['encoder_config'], f'{path} (meta)')
-  # Training-only settings (bf16 compute, remat, fused attention) are no part of the export.
   cfg = dataclasses.replace(cfg, dtype='float32', remat='none', attention='xla')
   model = model_from_params(cfg, checkpoint.flatten(params['encoder']))
-  heads = ', '.join(sorted(params.get('heads', {}))) or 'none'
+  return model, found, sorted(params.get('heads', {}))
+
+
+def _from_train(args) -> int:
+  model, step, heads = trained_encoder(args.workdir, args.step)
   return _write(model, args.out, args.dtype,
-                f'{args.workdir} step {step} (the encoder; heads left out: {heads})')
+                f'{args.workdir} step {step} (the encoder; heads left out: '
+                f'{", ".join(heads) or "none"})')
 
 
 def _from_hf(args) -> int:
