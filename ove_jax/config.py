@@ -37,8 +37,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.keep_checkpoints = 3        # the last N checkpoints ...
   c.keep_every = 0              # ... plus every M-th step for good (0: none)
-  c.eval_every = 0              # held-out loss every N steps (0: never); a multiple of log_every
+  c.eval_every = 0              # evaluation loss every N steps (0: never); a multiple of log_every
   c.eval_steps = 2              # batches per evaluation
+  # Per head, where evaluation batches come from: a source string like data.heads.<name>.source.
+  # Heads not named here evaluate on their training source, reshuffled (not held out).
+  c.eval_sources = ml_collections.ConfigDict()
   c.accumulate = 1              # micro-batches per step (gradient accumulation by scan)
   c.peak_flops = 0.0            # per device, for MFU; 0: the device table, or measured on CPU
   c.cpu_devices = 0              # virtual CPU devices per process (CPU only; 0: as started)
@@ -179,6 +182,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   node, parts = config, key.split('.')
   for depth, part in enumerate(parts):
     where = '.'.join(parts[:depth]) or 'the config'
+    if parts[:depth] == ['eval_sources'] and depth == len(parts) - 1:
+      with config.unlocked() if hasattr(config, 'unlocked') else _null():
+        node[part] = text  # a mapping of head -> source: new keys are expected
+      return
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
       known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
       raise ConfigError(f'--config.{key}: {where} has no key {part!r}; its keys: '
@@ -275,7 +282,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.accumulate > 1 and config.data.mixing != 'all':
     raise ConfigError('accumulate > 1 needs data.mixing="all" (every micro-batch has every head)')
   try:
-    pipeline.PipelineConfig.from_dict(pipeline_dict(config, placeholder_sources=True))
+    pipeline.PipelineConfig.from_dict(pipeline_dict(
+        config, placeholder_sources=True, source_overrides=dict(config.eval_sources)))
   except (ValueError, TypeError) as e:
     raise ConfigError(f'data: {e}') from None
 
@@ -302,13 +310,21 @@ def head_loss_config(config, name: str):
 
 def pipeline_dict(config, *, process_index: int = 0, process_count: int = 1,
                   sources: Mapping[str, str] | None = None,
-                  placeholder_sources: bool = False) -> dict:
+                  placeholder_sources: bool = False,
+                  source_overrides: Mapping[str, str] | None = None) -> dict:
   """The PipelineConfig dict of this host: global rows divided among the hosts, builtin sources
-  filled in."""
+  filled in, and any head's source replaced by `source_overrides` (evaluation)."""
   data = config.data.to_dict()
   heads = {}
+  overrides = dict(source_overrides or {})
+  unknown = sorted(set(overrides) - set(data['heads']))
+  if unknown:
+    raise ConfigError(f'eval_sources names head(s) {unknown}; the heads are '
+                      f'{sorted(data["heads"])}')
   for name, h in data.pop('heads').items():
     h = dict(h)
+    if name in overrides:
+      h['source'] = overrides[name]
     rows = h.get('rows', 8)
     if rows % process_count:
       raise ConfigError(f'data.heads.{name}.rows={rows} (global) is not divisible by the '

@@ -417,10 +417,11 @@ def data_sources(config, workdir: str) -> dict[str, str]:
 
 
 def make_iterator(config, sources: Mapping[str, str], *, seed_offset: int = 0,
-                  worker_count: int | None = None):
+                  worker_count: int | None = None, evaluation: bool = False):
   from data_pipeline import pipeline
-  data = config_lib.pipeline_dict(config, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), sources=sources)
+  data = config_lib.pipeline_dict(
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      sources=sources, source_overrides=dict(config.eval_sources) if evaluation else None)
   data['seed'] = (data['seed'] + seed_offset) % 2**32
   if worker_count is not None:
     data['worker_count'] = worker_count
@@ -632,7 +633,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             profiling = False
           if config.eval_every and step % config.eval_every == 0:
             if eval_iterator is None:
-              eval_iterator = make_iterator(config, sources, seed_offset=1, worker_count=0)
+              eval_iterator = make_iterator(config, sources, seed_offset=1, worker_count=0,
+                                            evaluation=True)
             evals[step] = evaluate(program, state, eval_iterator, config, step)
           if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
             finish(pending)
@@ -657,7 +659,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def evaluate(program: Program, state, iterator, config, step: int) -> dict[str, float]:
-  """Held-out loss and accuracy: `eval_steps` batches of the same heads, no update."""
+  """Loss and accuracy on `eval_steps` batches of every head (from `eval_sources`, else the
+  training data reshuffled), no update."""
   totals: dict[str, float] = {}
   for i in range(config.eval_steps):
     host = [next(iterator) for _ in range(config.accumulate)]

@@ -165,14 +165,23 @@ def straight(data_root, tmp_path_factory):
   """The uninterrupted smoke run the interrupted ones are compared with."""
   workdir = str(tmp_path_factory.mktemp('straight'))
   # Checkpoints at 5, 10, 15, 20: keep the last 2 and every 10th.
+  # Evaluation every 10 steps (its own iterator: the training losses are untouched).
   subprocess.run(command(workdir, data_root, '--config.keep_checkpoints=2',
-                         '--config.keep_every=10'),
+                         '--config.keep_every=10', '--config.eval_every=10',
+                         '--config.eval_steps=1', '--config.eval_sources.image=' +
+                         f'folder:{data_root}/images?labels={data_root}/images/labels.npy'),
                  env=env(), check=True, capture_output=True, timeout=600)
   return workdir
 
 
-def test_keeps_the_last_n_and_every_mth_checkpoint(straight):
+def test_keeps_the_last_n_and_every_mth_checkpoint_and_evaluates(straight):
   assert committed_steps(straight) == [10, 15, 20]
+  lines = {m['step']: m for m in metrics_lib.read_metrics(straight)}
+  for step in (10, 20):
+    assert np.isfinite(lines[step]['eval/video/loss']) and 'eval/image/accuracy' in lines[step]
+  assert 'eval/video/loss' not in lines[8]
+  with pytest.raises(config_lib.ConfigError, match=r"eval_sources names head\(s\) \['audio'\]"):
+    config_lib.load(DEMO + ':smoke', ['eval_sources.audio=/data/x'])
 
 
 def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
