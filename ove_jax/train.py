@@ -311,6 +311,16 @@ def restore(manager, step: int, iterator, program: Program):
   iterator moved to where it was."""
   import grain
   import orbax.checkpoint as ocp
+  meta_path = os.path.join(str(manager.directory), str(step), 'meta', 'metadata')
+  if os.path.isfile(meta_path):
+    with open(meta_path) as f:
+      saved_processes = json.load(f).get('process_count', jax.process_count())
+    if saved_processes != jax.process_count():
+      raise TrainingError(
+          f'{os.path.dirname(os.path.dirname(meta_path))} was saved by {saved_processes} '
+          f'process(es) and this run has {jax.process_count()}: the input position is saved per '
+          'process, so resume with the same number of processes (the mesh shape may change), or '
+          'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights')
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(program.abstract_state),
       data=grain.checkpoint.CheckpointRestore(iterator)))

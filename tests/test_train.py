@@ -232,6 +232,11 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
   # Each process saved its own input position in the same checkpoint step.
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+  # Resuming it with another process count is refused with the reason, not a missing-file error.
+  again = subprocess.run(command(two, data_root, '--config.total_steps=8', arg='smoke,workers=0'),
+                         env=env(), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 1
+  assert 'was saved by 2 process(es) and this run has 1' in again.stderr
 
 
 def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):

@@ -27,7 +27,7 @@ import numpy as np
 
 
 def _to_hf(args) -> int:
-  from ove_jax import checkpoint, convert
+  from ove_jax import checkpoint
   from ove_jax.models import EncoderConfig, create_encoder
   from ove_jax.convert.hf import model_from_params
 

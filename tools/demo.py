@@ -106,7 +106,7 @@ def main(argv=None) -> int:
   from flax import nnx
   from jax.sharding import AxisType
 
-  from data_pipeline import codec, pipeline, precompute, records, synthetic, video
+  from data_pipeline import codec, pipeline, precompute, synthetic, video
   from ove_jax import config as config_lib, convert, metrics as metrics_lib, train
   from ove_jax.models import EncoderConfig, create_encoder
   from ove_jax_tools import convert_checkpoint, visualize_selection
