@@ -165,8 +165,10 @@ def straight(data_root, tmp_path_factory):
   """The uninterrupted smoke run the interrupted ones are compared with."""
   workdir = str(tmp_path_factory.mktemp('straight'))
   # Checkpoints at 5, 10, 15, 20: keep the last 2 and every 10th.
-  # Evaluation every 10 steps (its own iterator: the training losses are untouched).
-  subprocess.run(command(workdir, data_root, '--config.keep_checkpoints=2',
+  # Evaluation every 10 steps (its own iterator: the training losses are untouched), and a
+  # profiler trace of steps 3-4.
+  subprocess.run(command(workdir, data_root, '--config.profile_start=3',
+                         '--config.profile_steps=2', '--config.keep_checkpoints=2',
                          '--config.keep_every=10', '--config.eval_every=10',
                          '--config.eval_steps=1', '--config.eval_sources.image=' +
                          f'folder:{data_root}/images?labels={data_root}/images/labels.npy'),
@@ -174,8 +176,10 @@ def straight(data_root, tmp_path_factory):
   return workdir
 
 
-def test_keeps_the_last_n_and_every_mth_checkpoint_and_evaluates(straight):
+def test_keeps_the_last_n_and_every_mth_checkpoint_evaluates_and_profiles(straight):
   assert committed_steps(straight) == [10, 15, 20]
+  traces = [f for _, _, files in os.walk(os.path.join(straight, 'profile')) for f in files]
+  assert any(f.endswith('.xplane.pb') for f in traces), traces
   lines = {m['step']: m for m in metrics_lib.read_metrics(straight)}
   for step in (10, 20):
     assert np.isfinite(lines[step]['eval/video/loss']) and 'eval/image/accuracy' in lines[step]
