@@ -19,9 +19,9 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-KNOWN_DEVICES = {  # device memory presets for the AOT memory planner, in bytes
-    'h100': 80e9, 'h200': 141e9, 'tpu_v5p': 95e9,
-}
+INIT_HEADS = ('keep', 'matching', 'fresh')
+# Sections whose keys are fixed by defaults() (a typo there must not be silently ignored).
+FIXED_SECTIONS = ('mesh', 'model', 'init', 'loss', 'optim', 'builtin')
 
 
 class ConfigError(ValueError):
@@ -58,7 +58,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(
       pytorch='',               # a release-format directory (config.json + model.safetensors)
       checkpoint='',            # an earlier stage's workdir or checkpoint step directory
-      heads='keep',             # with `checkpoint`: 'keep' its heads (same names) or 'fresh'
+      heads='keep',             # with `checkpoint`: 'keep' its heads (all must exist there),
+                                # 'matching' (keep those it has, same shape; others fresh), 'fresh'
   ))
 
   # Defaults of every head's Partial FC loss (SPEC §4); heads.<name> may override any of them.
@@ -238,11 +239,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ConfigError(f'unknown top-level key(s) {", ".join(unknown)}; known: '
                       f'{", ".join(sorted(defaults().keys()))}')
+  reference = defaults()
+  for section in FIXED_SECTIONS:
+    extra = sorted(set(config[section].keys()) - set(reference[section].keys()))
+    lacking = sorted(set(reference[section].keys()) - set(config[section].keys()))
+    if extra or lacking:
+      raise ConfigError(f'{section}: ' + '; '.join(
+          ([f'unknown key(s) {extra}'] if extra else []) +
+          ([f'missing key(s) {lacking}'] if lacking else [])) +
+          f'; its keys: {", ".join(sorted(reference[section].keys()))}')
   for key in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'accumulate',
               'eval_steps'):
     _at_least(key, config[key], 1)
   for key in ('keep_every', 'eval_every', 'profile_steps', 'cpu_devices'):
     _at_least(key, config[key], 0)
+  if config.keep_every and config.keep_every % config.checkpoint_every:
+    raise ConfigError(f'keep_every={config.keep_every} must be a multiple of checkpoint_every='
+                      f'{config.checkpoint_every} (only saved steps can be kept)')
+  if config.optim.warmup >= 1 and config.optim.warmup != int(config.optim.warmup):
+    raise ConfigError(f'optim.warmup={config.optim.warmup}: a step count (a whole number >= 1) '
+                      'or a fraction of total_steps (< 1)')
   if config.eval_every and config.eval_every % config.log_every:
     raise ConfigError(f'eval_every={config.eval_every} must be a multiple of log_every='
                       f'{config.log_every} (evaluations are logged on metrics lines)')
@@ -259,7 +275,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ConfigError(f'mesh {sizes}: sizes are >= 1, and at most one may be -1 (the rest)')
 
-  _one_of('init.heads', config.init.heads, ('keep', 'fresh'))
+  _one_of('init.heads', config.init.heads, INIT_HEADS)
   if config.init.pytorch and config.init.checkpoint:
     raise ConfigError('init.pytorch and init.checkpoint are both set; choose one')
 
@@ -366,6 +382,7 @@ def cpu_smoke(c: ml_collections.ConfigDict, *, data_root: str = '', steps: int =
   c.total_steps = steps
   c.log_every = 1
   c.checkpoint_every = steps
+  c.keep_every = 0
   c.eval_every = 0
   c.accumulate = 1
   c.cpu_devices = 8

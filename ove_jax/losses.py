@@ -19,7 +19,8 @@ the global class id, the sampled set does not depend on the mesh: any mesh whose
 divides `sampling_blocks` trains identically, which is what lets a run resume on another mesh. A
 positive that does not fit its block's quota (more positives in one block than kept classes; the
 release grows the subset instead) leaves its sample out of that slot's loss and is counted in
-`dropped`; size `sample_rate` and `sampling_blocks` so this stays zero (it is logged).
+`dropped` (the trainer warns whenever it is not zero); size `sample_rate` and `sampling_blocks`
+so that it stays zero.
 
 Slots. Each sample has n labels (its nearest centres); each step draws `num_slots` of them without
 replacement, by a hash of (seed, step, sample id, label position): deterministic, and independent
@@ -149,7 +150,9 @@ def _slot(e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: Part
       True, mode='drop')
   # Positives first, then a hash order; padding classes last.
   rand = (hash_u32(cfg.seed, step, micro, slot, ids) >> 2).astype(jnp.int32)   # [0, 2^30)
-  score = jnp.where(positive, jnp.int32(2**30), jnp.where(ids < cfg.num_classes, rand, -1))
+  # Positives in [2^30, 2^31), ordered among themselves by the same hash: when a block has more
+  # positives than it keeps, which ones are left out is random, not always the highest ids.
+  score = jnp.where(positive, rand | jnp.int32(2**30), jnp.where(ids < cfg.num_classes, rand, -1))
   _, top = jax.lax.top_k(score.reshape(n_local // bs, bs), k)
   chosen = (top + (jnp.arange(n_local // bs) * bs)[:, None]).reshape(-1)  # [k_local]
   chosen_ids = ids[chosen]

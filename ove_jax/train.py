@@ -40,7 +40,8 @@ from ove_jax.models import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig, encoder_
 log = logging.getLogger('ove_jax.train')
 
 CHECKPOINT_DIR = 'checkpoints'
-BATCH_FIELDS = ('patches', 'positions', 'segment_ids', 'labels', 'segment_valid', 'sample_index')
+BATCH_FIELDS = ('patches', 'positions', 'segment_ids', 'labels', 'segment_valid', 'sample_index',
+                'skipped')
 
 
 class TrainingError(RuntimeError):
@@ -146,6 +147,11 @@ class Program:
         raise config_lib.ConfigError(
             f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
             f'{batch_shards} batch shards of the mesh ({" x ".join(self.batch_axes)})')
+    if batch_shards % jax.process_count():
+      raise config_lib.ConfigError(
+          f'the mesh has {batch_shards} batch shards ({" x ".join(self.batch_axes)}) for '
+          f'{jax.process_count()} processes: each process must feed whole batch shards, so make '
+          'mesh.data x mesh.fsdp a multiple of the process count')
     self.tx, self.lr = optim.make(config.optim, config.total_steps)
 
     with jax.set_mesh(mesh):
@@ -229,6 +235,10 @@ class Program:
     aux.update({f'grad_norm/{g}': n for g, n in optim.group_norms(grads).items()})
     aux['param_norm'] = optax.tree.norm(params)
     aux['lr'] = self.lr(step)
+    # Counted on the global batch (every host's rows), not on the host that logs.
+    aux['clips'] = sum(jnp.sum(b['segment_valid']) for b in batch.values()).astype(jnp.float32)
+    aux['tokens'] = sum(jnp.sum(b['segment_ids'] > 0) for b in batch.values()).astype(jnp.float32)
+    aux['skipped'] = sum(jnp.sum(b['skipped']) for b in batch.values()).astype(jnp.float32)
     return {'params': params, 'opt_state': opt_state, 'step': step + 1}, aux
 
   def _evaluate(self, params, batch, step):
@@ -247,7 +257,12 @@ class Program:
     for name in heads:
       fields = {}
       for key in BATCH_FIELDS:
-        local = np.stack([np.asarray(b[name][key]) for b in host_batches])
+        if key == 'skipped':  # this host's dropped records, on its first row (summed in the step)
+          rows = np.asarray(host_batches[0][name]['segment_valid']).shape[0]
+          local = np.zeros((len(host_batches), rows), np.int32)
+          local[:, 0] = [int(b[name]['num_skipped']) for b in host_batches]
+        else:
+          local = np.stack([np.asarray(b[name][key]) for b in host_batches])
         if key == 'sample_index':
           local = (local % (2**31 - 1)).astype(np.int32)
         spec = P(None, self.batch_axes or None)
@@ -306,21 +321,27 @@ def save(manager, step: int, state, position: str, config, program: Program) -> 
       meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=list)))))
 
 
+def read_meta(manager, step: int) -> dict:
+  """The `meta` item of a checkpoint step (config, encoder config, process count, mesh)."""
+  path = os.path.join(str(manager.directory), str(step), 'meta', 'metadata')
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def restore(manager, step: int, iterator, program: Program):
   """The train state at `step`, placed on this program's mesh (any mesh shape), and the input
   iterator moved to where it was."""
   import grain
   import orbax.checkpoint as ocp
-  meta_path = os.path.join(str(manager.directory), str(step), 'meta', 'metadata')
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      saved_processes = json.load(f).get('process_count', jax.process_count())
-    if saved_processes != jax.process_count():
-      raise TrainingError(
-          f'{os.path.dirname(os.path.dirname(meta_path))} was saved by {saved_processes} '
-          f'process(es) and this run has {jax.process_count()}: the input position is saved per '
-          'process, so resume with the same number of processes (the mesh shape may change), or '
-          'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights')
+  saved_processes = read_meta(manager, step).get('process_count', jax.process_count())
+  if saved_processes != jax.process_count():
+    raise TrainingError(
+        f'{os.path.join(str(manager.directory), str(step))} was saved by {saved_processes} '
+        f'process(es) and this run has {jax.process_count()}: the input position is saved per '
+        'process, so resume with the same number of processes (the mesh shape may change), or '
+        'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights')
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(program.abstract_state),
       data=grain.checkpoint.CheckpointRestore(iterator)))
@@ -388,7 +409,15 @@ def initialise_from(state, config, program: Program):
     params = {**params, 'encoder': _nest(new.items())}
     log.info('initialised the encoder from %s (heads fresh)', directory)
   elif config.init.checkpoint:
-    source, _, step = load_checkpoint_params(config.init.checkpoint)
+    source, meta, step = load_checkpoint_params(config.init.checkpoint)
+    saved = meta.get('encoder_config', {})
+    for field in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'use_head'):
+      if field in saved and saved[field] != getattr(program.encoder_cfg, field):
+        raise config_lib.ConfigError(
+            f'init.checkpoint={config.init.checkpoint}: its encoder has {field}='
+            f'{saved[field]} (model.preset={meta.get("config", {}).get("model", {}).get("preset")}'
+            f'), this run\'s model.preset={config.model.preset} has '
+            f'{getattr(program.encoder_cfg, field)}')
     def take(tree, like, prefix):
       if isinstance(like, dict):
         return {k: take(tree.get(str(k), tree.get(k)) if isinstance(tree, dict) else None,
@@ -397,16 +426,21 @@ def initialise_from(state, config, program: Program):
         raise config_lib.ConfigError(f'init.checkpoint: {prefix} is missing in the source')
       return _put_like(tree, like, prefix)
     params = {**params, 'encoder': take(source['encoder'], params['encoder'], 'encoder')}
-    if config.init.heads == 'keep':
-      for name in params['heads']:
-        if name not in source.get('heads', {}):
-          raise config_lib.ConfigError(
-              f'init.heads=keep: the source has no head {name!r} (it has '
-              f'{sorted(source.get("heads", {}))}); use --config.init.heads=fresh')
-        params['heads'][name] = _put_like(source['heads'][name], params['heads'][name],
-                                          f'heads/{name}')
-    log.info('initialised from %s step %d (heads %s)', config.init.checkpoint, step,
-             config.init.heads)
+    kept = []
+    for name in params['heads'] if config.init.heads != 'fresh' else ():
+      theirs = source.get('heads', {}).get(name)
+      if config.init.heads == 'matching' and (
+          theirs is None or tuple(theirs.shape) != tuple(params['heads'][name].shape)):
+        continue
+      if theirs is None:
+        raise config_lib.ConfigError(
+            f'init.heads=keep: the source has no head {name!r} (it has '
+            f'{sorted(source.get("heads", {}))}); use --config.init.heads=matching (keep the '
+            'heads it has, start the others fresh) or fresh')
+      params['heads'][name] = _put_like(theirs, params['heads'][name], f'heads/{name}')
+      kept.append(name)
+    log.info('initialised from %s step %d (heads kept: %s)', config.init.checkpoint, step,
+             ', '.join(kept) or 'none')
   return {**state, 'params': params}
 
 
@@ -438,16 +472,6 @@ def make_iterator(config, sources: Mapping[str, str], *, seed_offset: int = 0,
   return pipeline.make_iterator(data)
 
 
-def host_stats(host_batches) -> dict[str, float]:
-  clips = tokens = skipped = 0
-  for batch in host_batches:
-    for b in batch.values():
-      clips += int(np.sum(b['segment_valid']))
-      tokens += int(np.sum(np.asarray(b['segment_ids']) > 0))
-      skipped += int(b['num_skipped'])
-  return {'clips': clips, 'tokens': tokens, 'skipped': skipped}
-
-
 class DevicePrefetch:
   """Reads this host's batches and puts them on the devices in a background thread, `size` steps
   ahead, so the step waits neither for the input workers (while they keep up) nor for the
@@ -477,7 +501,7 @@ class DevicePrefetch:
       while not self._stop.is_set():
         host = [next(self._iterator) for _ in range(self._accumulate)]
         position = json.dumps(self._iterator.get_state())
-        item = (self._program.device_batch(host), host_stats(host), position)
+        item = (self._program.device_batch(host), position)
         if not self._put(item):
           return
     except StopIteration:
@@ -486,7 +510,7 @@ class DevicePrefetch:
       self._put(e)
 
   def next(self):
-    """(device batch, host stats, position after it); blocks until the thread has one."""
+    """(device batch, input position after it); blocks until the thread has one."""
     item = self._queue.get()
     if item is self._END:
       raise StopIteration
@@ -537,9 +561,52 @@ def _fetch(tree) -> dict[str, float]:
   return {k: float(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
 
 
+def _local_devices(config) -> int | None:
+  # A launcher's OVE_LOCAL_DEVICE_COUNT states the topology it started; it wins over the config.
+  env = os.environ.get('OVE_LOCAL_DEVICE_COUNT')
+  return int(env) if env else (config.cpu_devices or None)
+
+
+# Keys that may change between a run and its resumption (layout, logging, housekeeping).
+_RESUME_FREE = ('mesh.', 'cpu_devices', 'log_every', 'checkpoint_every', 'keep_', 'eval_',
+                'profile_', 'watchdog_seconds', 'peak_flops', 'init.', 'builtin.root',
+                'data.worker_buffer')
+# Keys whose change makes the saved state unusable (shapes), not merely the resumption inexact.
+_RESUME_FATAL = ('model.preset', 'heads.', 'loss.sampling_blocks', 'rules')
+
+
+def check_resume(saved: Mapping[str, Any], config) -> None:
+  """Names what changed since the checkpoint was written: an error where the saved state cannot
+  fit, a warning where the resumed run will not repeat the uninterrupted one."""
+  before = config_lib.flatten(ml_collections.ConfigDict(saved))
+  now = config_lib.flatten(config)
+  changed = sorted(k for k in set(before) | set(now)
+                   if json.dumps(before.get(k), default=list) != json.dumps(now.get(k), default=list)
+                   and not k.startswith(_RESUME_FREE))
+  fatal = [k for k in changed if k.startswith(_RESUME_FATAL)]
+  if fatal:
+    raise config_lib.ConfigError(
+        'the checkpoint in this workdir was written with other values of '
+        + ', '.join(f'{k} ({before.get(k)!r} then, {now.get(k)!r} now)' for k in fatal)
+        + '; use another --workdir, or start from it with --config.init.checkpoint=<workdir>')
+  if changed:
+    log.warning('resuming with changed config values (the run will not repeat the original '
+                'exactly): %s', ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}'
+                                          for k in changed))
+
+
+def _agree(flag: bool) -> bool:
+  """True on every process when it is true on any (a SIGTERM reaches hosts at different steps;
+  all must save and stop at the same one or the collectives hang)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))) > 0)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics."""
-  info = distributed.initialize(local_device_count=config.cpu_devices or None)
+  info = distributed.initialize(local_device_count=_local_devices(config))
   main_process = info['process_index'] == 0
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -551,10 +618,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   with jax.set_mesh(mesh):
     program = Program(config, mesh)
-    sources = data_sources(config, workdir)
-    iterator = make_iterator(config, sources)
     manager = checkpoint_manager(workdir, config)
     start = manager.latest_step()
+    if start is not None:
+      check_resume(read_meta(manager, start).get('config', {}), config)
+    sources = data_sources(config, workdir)
+    iterator = make_iterator(config, sources)
     if start is not None:
       state = restore(manager, start, iterator, program)
       log.info('resumed from %s step %d', workdir, start)
@@ -567,12 +636,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         json.dump(config.to_dict(), f, indent=2, default=list)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
-    eval_iterator = None
     last: dict[str, Any] = {}
     step = start
-    pending = None          # (step, device metrics, host stats, input wait, seconds)
-    window = {'seconds': 0.0, 'wait': 0.0, 'steps': 0, 'clips': 0, 'tokens': 0, 'skipped': 0}
-    evals: dict[int, dict[str, float]] = {}
+    pending = None          # (step, device metrics, input wait, seconds)
+    window = dict.fromkeys(('seconds', 'wait', 'steps', 'clips', 'tokens', 'skipped'), 0.0)
+    carry: dict[str, float] = {}   # eval results and save timings, for the next metrics line
     flops = None
     profiling = False
     progress = _progress(config.total_steps, start, main_process)
@@ -580,23 +648,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def finish(entry):
       """Host side of a finished step: NaN check, then the metrics line every log_every."""
       nonlocal last
-      done_step, device_metrics, stats, wait, seconds = entry
+      done_step, device_metrics, wait, seconds = entry
       values = _fetch(device_metrics)
-      if not np.isfinite(values['loss']):
+      # Inf gradients with a finite loss give NaN weights through the clip (5 / inf * inf):
+      # check what the update produced too, so such a state is never saved.
+      bad = [k for k in ('loss', 'param_norm', *sorted(k for k in values
+                                                       if k.startswith('grad_norm/')))
+             if not np.isfinite(values[k])]
+      if bad:
         raise TrainingError(
-            f'loss is {values["loss"]} at step {done_step}; stopping without saving this '
-            f'state. The last checkpoint is in {os.path.join(workdir, CHECKPOINT_DIR)}; lower '
-            'optim.lr or check the data of this step.')
+            f'{", ".join(f"{k} is {values[k]}" for k in bad)} at step {done_step}; stopping '
+            f'without saving this state. The last checkpoint is in '
+            f'{os.path.join(workdir, CHECKPOINT_DIR)}; lower optim.lr or check the data of this '
+            'step.')
+      counts = {k: values.pop(k) for k in ('clips', 'tokens', 'skipped')}
       if done_step > start + 1:  # the first step of a process compiles: not in the rates
         window['seconds'] += seconds
         window['wait'] += wait
         window['steps'] += 1
-        for k in ('clips', 'tokens', 'skipped'):
-          window[k] += stats[k]
+        for k, v in counts.items():
+          window[k] += v
       progress.update(1)
       progress.set_postfix(loss=f'{values["loss"]:.3f}', refresh=False)
       if done_step % config.log_every and done_step != config.total_steps:
         return
+      dropped = {k: v for k, v in values.items() if k.endswith('/dropped') and v > 0}
+      if dropped:
+        log.warning('step %d: positives left out of the loss (more positives in a class block '
+                    'than it keeps; raise sample_rate or sampling_blocks): %s', done_step, dropped)
       line = dict(values)
       if window['steps']:
         secs = window['seconds']
@@ -606,11 +685,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if peak > 0 and flops:
           line['mfu'] = flops * window['steps'] / secs / (peak * mesh.size)
       line['skipped_records'] = window['skipped']
-      line.update(evals.pop(done_step, {}))
+      line.update(carry)
+      carry.clear()
       writer.write(done_step, line)
       last = {'step': done_step, **line}
       for k in window:
-        window[k] = 0 if k != 'seconds' else 0.0
+        window[k] = 0.0
 
     watchdog = metrics_lib.Watchdog(config.watchdog_seconds)
     prefetch = DevicePrefetch(iterator, program, config.accumulate)
@@ -623,7 +703,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             profiling = True
           t0 = time.perf_counter()
           try:
-            batch, stats, position = prefetch.next()
+            batch, position = prefetch.next()
           except StopIteration:
             raise TrainingError(f'the input ran out at step {step} (data.num_epochs is set); '
                                 'unset it to repeat the data') from None
@@ -635,22 +715,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           if pending is not None:
             finish(pending)
           now = time.perf_counter()
-          pending = (step, device_metrics, stats, wait, now - tick)
+          pending = (step, device_metrics, wait, now - tick)
           tick = now
           watchdog.kick(step)
           if profiling and step >= config.profile_start + config.profile_steps:
             jax.profiler.stop_trace()
             profiling = False
           if config.eval_every and step % config.eval_every == 0:
-            if eval_iterator is None:
-              eval_iterator = make_iterator(config, sources, seed_offset=1, worker_count=0,
-                                            evaluation=True)
-            evals[step] = evaluate(program, state, eval_iterator, config, step)
-          if step % config.checkpoint_every == 0 or step == config.total_steps or stop.requested:
+            t_eval = time.perf_counter()
+            results = evaluate(program, state, make_iterator(
+                config, sources, seed_offset=1, worker_count=0, evaluation=True), config, step)
+            carry.update(results, eval_seconds=time.perf_counter() - t_eval)
+            tick = time.perf_counter()  # evaluation time is not the next step's
+          stopping = _agree(stop.requested)
+          if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
             finish(pending)
             pending = None
+            t_save = time.perf_counter()
             save(manager, step, state, position, config, program)
-          if stop.requested:
+            carry['checkpoint_seconds'] = time.perf_counter() - t_save
+            tick = time.perf_counter()
+          if stopping:
             log.warning('SIGTERM: saved step %d in %s; exiting', step, workdir)
             break
         if pending is not None:

@@ -2,6 +2,7 @@
 after SIGKILL, 2 processes x 4 devices == 1 process x 8, clean stop on SIGTERM, later stages."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -281,7 +282,10 @@ def test_divergence_stops_with_the_step(tmp_path, data_root):
               '--config.optim.clip_norm=0.0'),
       env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 1
-  assert 'training stopped: loss is nan at step' in result.stderr
+  # The update at step 1 already overflows the weights: caught there, before anything is saved.
+  assert re.search(r'training stopped: (loss|param_norm) is (nan|inf)\b.* at step 1;',
+                   result.stderr), result.stderr[-2000:]
+  assert not committed_steps(str(tmp_path / 'nan'))
   assert 'Traceback' not in result.stderr
 
 
@@ -347,3 +351,23 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
     with jax.set_mesh(mesh):
       program = train.Program(c, mesh)
       train.initialise_from(jax.eval_shape(program.init), c, program)
+
+
+def test_resume_names_what_changed(caplog):
+  saved = small_config().to_dict()
+  train.check_resume(saved, small_config(**{'mesh.data': 2, 'mesh.tensor': 2}))  # layout: free
+  assert not caplog.records
+  train.check_resume(saved, small_config(**{'optim.lr': 0.5}))
+  assert 'optim.lr: 0.002 -> 0.5' in caplog.text
+  with pytest.raises(config_lib.ConfigError, match=r'heads.video.num_classes \(53 then, 60 now\)'):
+    train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
+
+
+def test_config_sections_refuse_typos():
+  c = config_lib.load(DEMO + ':smoke')
+  with c.unlocked() if hasattr(c, 'unlocked') else open(os.devnull):
+    c.optim.weight_decy = 0.1
+  with pytest.raises(config_lib.ConfigError, match=r"optim: unknown key\(s\) \['weight_decy'\]"):
+    config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError, match='keep_every=7 must be a multiple'):
+    config_lib.load(DEMO + ':smoke', ['keep_every=7'])
