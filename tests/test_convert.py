@@ -245,4 +245,11 @@ def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, ru
   with torch.no_grad():
     ref = port.forward_tokens(torch.from_numpy(patches), torch.from_numpy(positions))
   np.testing.assert_allclose(np.asarray(ours), ref['pooler_output'].numpy(), atol=1e-4, rtol=0)
+  # The probe and the cluster-label tools take the same workdir as their encoder (a training
+  # workdir holds a config.json too; it must not be mistaken for a release-format directory).
+  from ove_jax_tools import cluster_labels, probe
+  for encoder in (probe.load_encoder(str(workdir))[0], cluster_labels.load_teacher(str(workdir))):
+    np.testing.assert_array_equal(
+        np.asarray(encoder.blocks[0].mlp.fc1.kernel[...]),
+        np.asarray(params['encoder']['blocks']['0']['mlp']['fc1']['kernel']))
   print(f'from-train: training {train_seconds:.1f} s, export {export_seconds:.1f} s')

@@ -130,14 +130,15 @@ def _shards(pattern: str) -> list[str]:
 def load_teacher(path: str, step=None):
   if not os.path.isdir(path):
     raise UsageError(f'--teacher {path}: no such folder')
-  if os.path.exists(os.path.join(path, 'config.json')):
+  # A training workdir has a config.json too (the experiment's): the weights file decides.
+  if os.path.exists(os.path.join(path, 'model.safetensors')):
     from ove_jax import convert
     return convert.load_pytorch(path)
   from ove_jax_tools.convert_checkpoint import trained_encoder
   try:
     model, _, _ = trained_encoder(path, step)
   except FileNotFoundError as e:
-    raise UsageError(f'--teacher {path}: neither a release-format directory (config.json) nor a '
+    raise UsageError(f'--teacher {path}: neither a release-format directory (model.safetensors) nor a '
                      f'training workdir ({e})') from None
   return model
 

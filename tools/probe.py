@@ -63,7 +63,8 @@ def load_encoder(spec: str, seed: int = 0):
     raise InputError(f'--checkpoint {spec}: no such directory (give a training workdir, a '
                      'release-format directory, or random:<preset>)')
   try:
-    if os.path.isfile(os.path.join(spec, 'config.json')):
+    # A training workdir has a config.json too (the experiment's): the weights file decides.
+    if os.path.isfile(os.path.join(spec, 'model.safetensors')):
       from ove_jax import convert
       return convert.load_pytorch(spec), f'release-format directory {spec}'
     from ove_jax_tools.convert_checkpoint import trained_encoder
