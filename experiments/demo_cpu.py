@@ -9,7 +9,7 @@ image heads together on 8 virtual CPU devices (data 4 x fsdp 2). A few minutes o
   # two processes x 4 devices, as two hosts would run it:
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
       python -m ove_jax.train --config=experiments/demo_cpu.py:smoke,workers=0 \
-      --workdir=/tmp/ove_smoke_2x4 --config.cpu_devices=4
+      --workdir=/tmp/ove_smoke_2x4
 
 Arguments: smoke (20 steps on 8 clips), steps=N, workers=N (input worker processes per head),
 data_root=PATH (where the built-in data lives; default <workdir>/builtin_data).

@@ -25,7 +25,7 @@ On this CPU (the tiny preset, like stage2_video's smoke), and as 2 hosts x 4 dev
   python -m ove_jax.train --config=experiments/huge.py:smoke --workdir=/tmp/huge_smoke
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
       python -m ove_jax.train --config=experiments/huge.py:smoke \
-      --workdir=/tmp/huge_smoke_2x4 --config.cpu_devices=4
+      --workdir=/tmp/huge_smoke_2x4
 
 Arguments: those of experiments/stage2_video.py, with gpus=256 and fsdp=16 by default.
 """

@@ -32,7 +32,7 @@ On this CPU (a few steps on the built-in images, about a minute), and as 2 hosts
   python -m ove_jax.train --config=experiments/stage1_image.py:smoke --workdir=/tmp/stage1_smoke
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
       python -m ove_jax.train --config=experiments/stage1_image.py:smoke \
-      --workdir=/tmp/stage1_smoke_2x4 --config.cpu_devices=4
+      --workdir=/tmp/stage1_smoke_2x4
 
 Arguments: smoke, paper, batch=N (global images per step), samples=X (images seen in all;
 total_steps = samples / batch), steps=N (total_steps directly), blocks=N (loss.sampling_blocks),

@@ -41,7 +41,7 @@ On this CPU (3 steps of every head and video mode on the built-in data, about a 
   python -m ove_jax.train --config=experiments/stage2_video.py:smoke --workdir=/tmp/stage2_smoke
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
       python -m ove_jax.train --config=experiments/stage2_video.py:smoke \
-      --workdir=/tmp/stage2_smoke_2x4 --config.cpu_devices=4
+      --workdir=/tmp/stage2_smoke_2x4
 
 Arguments: smoke, paper, gpus=N, fsdp=N (mesh.fsdp), batch=N (global samples per step),
 samples=X (samples seen in all), steps=N (total_steps directly), blocks=N (loss.sampling_blocks),

@@ -225,9 +225,10 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
   subprocess.run(command(one, data_root, *steps, arg='smoke,workers=0'), env=env(), check=True,
                  capture_output=True, timeout=600)
   two = str(tmp_path / 'two')
+  # The experiment asks for 8 CPU devices; the launcher's 4 per process win.
   launch = [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
             '--devices_per_process=4', '--timeout=500', '--',
-            *command(two, data_root, *steps, '--config.cpu_devices=4', arg='smoke,workers=0')]
+            *command(two, data_root, *steps, arg='smoke,workers=0')]
   result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   a, b = losses_by_step(one), losses_by_step(two)
