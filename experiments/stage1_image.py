@@ -9,7 +9,7 @@ norm 5 per parameter group, bf16 compute with fp32 master weights, per-GPU batch
 
 Ours, not the release's: `batch` is the GLOBAL number of images per step (default 1024 = 128 per
 GPU x 8 GPUs; set batch=128*GPUS to keep the release's per-GPU batch), total_steps =
-samples / batch (13e9 / 1024 = 12,695,313 steps), 1024 sampling blocks (a multiple of the device
+samples / batch (13e9 / 1024 = 12,695,312 steps), 1024 sampling blocks (a multiple of the device
 count; fine up to 1024 devices), uint8 patches normalised on the device, and the logging and
 checkpoint cadence.
 

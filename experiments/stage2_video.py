@@ -12,7 +12,7 @@ bf16 compute. The release trained on 320M to 4B samples.
 
 Ours, not the release's: rows per head = per-GPU batch x `gpus` (image 2048, OCR 1024, video 2048
 at gpus=128), accumulate = batch / (40 x gpus) so the global batch stays 20,480 on any GPU count
-that divides it; total_steps = samples / batch (default samples=4e9: 195,313 steps, warmup 20);
+that divides it; total_steps = samples / batch (default samples=4e9: 195,312 steps, warmup 20);
 mesh data x fsdp=8 with full rematerialisation; 1024 sampling blocks (a multiple of the device
 count; fine up to 1024 devices); uint8 patches normalised on the device.
 

@@ -21,14 +21,15 @@ from ove_jax.models.encoder import EncoderConfig
 PARAMS_DIR, CONFIG_FILE = 'params', 'encoder_config.json'
 
 
-def nest(flat: dict[tuple, np.ndarray]) -> dict:
-  """{('blocks', 0, 'mlp', 'fc1', 'kernel'): a} -> {'blocks': {'0': {...}}} (string keys)."""
+def nest(flat: dict[tuple, np.ndarray], key=str) -> dict:
+  """{('blocks', 0, 'mlp', 'fc1', 'kernel'): a} -> {'blocks': {'0': {...}}}: string keys, or keys
+  as `key` makes them (`key=lambda k: k` keeps list indices as ints, as nnx.to_pure_dict does)."""
   tree: dict = {}
   for path, value in flat.items():
     node = tree
-    for key in path[:-1]:
-      node = node.setdefault(str(key), {})
-    node[str(path[-1])] = value
+    for k in path[:-1]:
+      node = node.setdefault(key(k), {})
+    node[key(path[-1])] = value
   return tree
 
 

@@ -184,7 +184,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
   for depth, part in enumerate(parts):
     where = '.'.join(parts[:depth]) or 'the config'
     if parts[:depth] == ['eval_sources'] and depth == len(parts) - 1:
-      with config.unlocked() if hasattr(config, 'unlocked') else _null():
+      with config.unlocked():
         node[part] = text  # a mapping of head -> source: new keys are expected
       return
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
@@ -196,18 +196,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
       if isinstance(current, (ml_collections.ConfigDict, dict)):
         raise ConfigError(f'--config.{key} is a section ({", ".join(sorted(current.keys()))}); '
                           'set one of its keys')
-      with config.unlocked() if hasattr(config, 'unlocked') else _null():
+      with config.unlocked():
         node[part] = _coerce(f'--config.{key}', current, text)
     else:
       node = node[part]
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 # ------------------------------------------------------------------------------------------------

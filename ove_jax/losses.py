@@ -240,7 +240,7 @@ def partial_fc_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step,
                       cfg, _LOCAL)
   cfg.check_devices(mesh.size)
   class_axes = tuple(mesh.axis_names)
-  batch_axes = _batch_axes(mesh, rules)
+  batch_axes = sharding.batch_axes(mesh, rules)
   reduce = _Reduce(sum=lambda x: jax.lax.psum(x, class_axes),
                    max=lambda x: jax.lax.pmax(x, class_axes))
   n_local = cfg.padded_classes // mesh.size
@@ -260,12 +260,6 @@ def partial_fc_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step,
       in_specs=(batch, batch, batch, batch, P(class_axes), P(), P()),
       out_specs=P(),
   )(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step, micro)
-
-
-def _batch_axes(mesh, rules) -> tuple[str, ...]:
-  entry = dict(rules).get('act_batch')
-  entry = (entry,) if isinstance(entry, str) else tuple(entry or ())
-  return tuple(a for a in entry if a in mesh.axis_names)
 
 
 def _check_shapes(e, valid, labels, ids, centres, cfg):

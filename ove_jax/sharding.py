@@ -41,6 +41,13 @@ def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES) -> P:
   return P(*(table.get(n) if n is not None else None for n in names))
 
 
+def batch_axes(mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: the `act_batch` rule, restricted to this mesh."""
+  entry = dict(rules).get('act_batch')
+  entry = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  return tuple(a for a in entry if a in mesh.axis_names)
+
+
 def current_mesh():
   """The mesh set with `jax.set_mesh`, or None when there is none."""
   mesh = jax.sharding.get_abstract_mesh()

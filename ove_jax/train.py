@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from ove_jax import config as config_lib
-from ove_jax import distributed, losses, metrics as metrics_lib, optim, sharding
+from ove_jax import checkpoint, distributed, losses, metrics as metrics_lib, optim, sharding
 from ove_jax.models import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig, encoder_flops
 
 log = logging.getLogger('ove_jax.train')
@@ -107,13 +107,8 @@ class PretrainModel(nnx.Module):
 
 
 def _nest(items) -> dict:
-  tree: dict = {}
-  for path, value in items:
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  # Keys as they are (ints for list indices), the layout of nnx.to_pure_dict.
+  return checkpoint.nest(dict(items), key=lambda k: k)
 
 
 def _normalize_uint8(patches):
@@ -139,8 +134,7 @@ class Program:
         raise config_lib.ConfigError(str(e)) from None
     self.weights = {name: float(config.heads[name].get('weight', 1.0)) for name in self.heads}
     self.accumulate = config.accumulate
-    self.batch_axes = tuple(a for a in sharding.logical_to_spec(('act_batch',), self.rules)[0]
-                            or () if a in mesh.axis_names)
+    self.batch_axes = sharding.batch_axes(mesh, self.rules)
     batch_shards = int(np.prod([mesh.shape[a] for a in self.batch_axes]))
     for name, h in config.data.heads.items():
       if h.rows % batch_shards:
@@ -383,6 +377,10 @@ def _put_like(value: np.ndarray, like: jax.Array, name: str) -> jax.Array:
   return jax.device_put(np.asarray(value, like.dtype), like.sharding)
 
 
+# What must agree for an encoder's weights to load into another run's encoder.
+_ARCH_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'use_head')
+
+
 def initialise_from(state, config, program: Program):
   """Replaces freshly initialised parameters by a released PyTorch model's or an earlier
   stage's (init.pytorch / init.checkpoint). Optimiser state and step start fresh."""
@@ -393,7 +391,7 @@ def initialise_from(state, config, program: Program):
     raw, tensors = hf.read_directory(directory)
     source_cfg = hf.config_from_hf(raw, source=directory)
     mine = program.encoder_cfg
-    for field in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'use_head'):
+    for field in _ARCH_FIELDS:
       if getattr(source_cfg, field) != getattr(mine, field):
         raise config_lib.ConfigError(
             f'init.pytorch={directory}: its {field} is {getattr(source_cfg, field)}, this run\'s '
@@ -411,7 +409,7 @@ def initialise_from(state, config, program: Program):
   elif config.init.checkpoint:
     source, meta, step = load_checkpoint_params(config.init.checkpoint)
     saved = meta.get('encoder_config', {})
-    for field in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'use_head'):
+    for field in _ARCH_FIELDS:
       if field in saved and saved[field] != getattr(program.encoder_cfg, field):
         raise config_lib.ConfigError(
             f'init.checkpoint={config.init.checkpoint}: its encoder has {field}='
@@ -558,7 +556,9 @@ class _Stop:
 
 
 def _fetch(tree) -> dict[str, float]:
-  return {k: float(np.asarray(v.addressable_data(0))) for k, v in tree.items()}
+  # One batched device-to-host read (every metric is a replicated scalar).
+  values = jax.device_get({k: v.addressable_data(0) for k, v in tree.items()})
+  return {k: float(v) for k, v in values.items()}
 
 
 def _local_devices(config) -> int | None:
@@ -580,9 +580,9 @@ def check_resume(saved: Mapping[str, Any], config) -> None:
   fit, a warning where the resumed run will not repeat the uninterrupted one."""
   before = config_lib.flatten(ml_collections.ConfigDict(saved))
   now = config_lib.flatten(config)
+  same = lambda k: json.dumps(before.get(k), default=list) == json.dumps(now.get(k), default=list)
   changed = sorted(k for k in set(before) | set(now)
-                   if json.dumps(before.get(k), default=list) != json.dumps(now.get(k), default=list)
-                   and not k.startswith(_RESUME_FREE))
+                   if not same(k) and not k.startswith(_RESUME_FREE))
   fatal = [k for k in changed if k.startswith(_RESUME_FATAL)]
   if fatal:
     raise config_lib.ConfigError(
@@ -727,8 +727,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 config, sources, seed_offset=1, worker_count=0, evaluation=True), config, step)
             carry.update(results, eval_seconds=time.perf_counter() - t_eval)
             tick = time.perf_counter()  # evaluation time is not the next step's
-          stopping = _agree(stop.requested)
-          if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+          # Several hosts agree on a SIGTERM at log and checkpoint steps only: the check is a
+          # collective and a host wait, too dear for every step. One host stops at once.
+          due = step % config.checkpoint_every == 0 or step == config.total_steps
+          if jax.process_count() == 1 or due or step % config.log_every == 0:
+            stopping = _agree(stop.requested)
+          else:
+            stopping = False
+          if due or stopping:
             finish(pending)
             pending = None
             t_save = time.perf_counter()
@@ -801,7 +807,9 @@ def parse_args(argv: Sequence[str]) -> tuple[str, str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  # force: absl (imported with orbax) may already have put its own handler on the root logger,
+  # which would make basicConfig a no-op and drop every INFO line.
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
   argv = sys.argv[1:] if argv is None else list(argv)

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                                background='pan' if seed % 2 else 'static')
     path = clip.write(os.path.join(clip_dir, f'clip{seed:03d}.mp4'))
     # Two labels per clip for now (object shape, motion direction); cluster labels replace them
-    # when tools/cluster_labels.py lands.
+    # in the demo (issue 5).
     labels = [clip.labels['shape_id'], len(synthetic.SHAPES) + clip.labels['direction_id']]
     clips.append((path, clip))
     lines.append(f'{os.path.basename(path)}\t{labels[0]},{labels[1]}')
