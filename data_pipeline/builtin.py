@@ -15,9 +15,12 @@ Layout under `root`:
   builtin.json                 the parameters and the result, written last: the data is ready
   .lock                        the flock that serialises concurrent calls
 
-Labels come from the synthetic ground truth, three per sample: a fine class and the two
-attributes it combines, so a probe can learn something real from a few dozen samples.
-  videos (53): shape * 8 + direction (0..39), 40 + shape (40..44), 45 + direction (45..52)
+Labels come from the synthetic ground truth of the (one) object: a fine class and the
+attributes it combines, so a probe can learn something real from a few dozen samples. Videos
+carry a fourth, the object's texture, which the demo probes; a trainer head reading 3 labels
+per sample takes the first three.
+  videos (57): shape * 8 + direction (0..39), 40 + shape (40..44), 45 + direction (45..52),
+               53 + texture (53..56)
   images (29): shape * 4 + texture (0..19), 20 + shape (20..24), 25 + texture (25..28)
 
 A killed run is resumed: files are written by rename, and a log per folder (`made.tsv`) records
@@ -37,16 +40,18 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from data_pipeline import precompute, sources, synthetic
+from data_pipeline.codec.options import POLICIES
 from data_pipeline import video as video_lib
 
-VERSION = 2                 # bump when the same parameters would make different data
+VERSION = 3                 # bump when the same parameters would make different data
 NUM_FRAMES = 64
 RESOLUTION = 224
 PATCH_SIZE = 14
-NUM_LABELS = 3
+VIDEO_LABELS = 4            # labels per clip (fine, shape, direction, texture)
+IMAGE_LABELS = 3            # labels per image (fine, shape, texture)
 CLIPS_PER_SHARD = 8         # small shards: a killed precompute loses little
 VIDEO_CLASSES = (len(synthetic.SHAPES) * len(synthetic.DIRECTIONS) + len(synthetic.SHAPES)
-                 + len(synthetic.DIRECTIONS))
+                 + len(synthetic.DIRECTIONS) + len(synthetic.TEXTURES))
 IMAGE_CLASSES = (len(synthetic.SHAPES) * len(synthetic.TEXTURES) + len(synthetic.SHAPES)
                  + len(synthetic.TEXTURES))
 SELECTION_OPTIONS = {'num_frames': NUM_FRAMES, 'resolution': RESOLUTION,
@@ -65,14 +70,30 @@ _VIDEO_STREAM, _IMAGE_STREAM = 0, 1
 _UNSAFE = ',*?[&+%'
 
 
-def video_labels(labels: dict) -> tuple[int, int, int]:
-  """A clip's three label ids from `SyntheticClip.labels`."""
-  shape, direction = labels['shape_id'], labels['direction_id']
+def video_labels(labels: dict) -> tuple[int, int, int, int]:
+  """A clip's four label ids from `SyntheticClip.labels`."""
+  shape, direction, texture = labels['shape_id'], labels['direction_id'], labels['texture_id']
   if direction < 0:
     raise ValueError('the clip\'s first object does not move; it has no direction class')
   num_shapes, num_directions = len(synthetic.SHAPES), len(synthetic.DIRECTIONS)
-  return (shape * num_directions + direction, num_shapes * num_directions + shape,
-          num_shapes * num_directions + num_shapes + direction)
+  first = num_shapes * num_directions
+  return (shape * num_directions + direction, first + shape, first + num_shapes + direction,
+          first + num_shapes + num_directions + texture)
+
+
+def video_attributes(label_ids) -> dict[str, int]:
+  """The ground truth behind a clip's label ids (`video_labels`): shape, direction and texture as
+  indices into synthetic.SHAPES / DIRECTIONS / TEXTURES."""
+  _, shape, direction, texture = (int(x) for x in np.asarray(label_ids).reshape(-1)[:VIDEO_LABELS])
+  first = len(synthetic.SHAPES) * len(synthetic.DIRECTIONS)
+  return {'shape': shape - first, 'direction': direction - first - len(synthetic.SHAPES),
+          'texture': texture - first - len(synthetic.SHAPES) - len(synthetic.DIRECTIONS)}
+
+
+def image_attributes(label_ids) -> dict[str, int]:
+  """The ground truth behind an image's label ids (`image_labels`): shape and texture."""
+  fine = int(np.asarray(label_ids).reshape(-1)[0])
+  return {'shape': fine // len(synthetic.TEXTURES), 'texture': fine % len(synthetic.TEXTURES)}
 
 
 def image_labels(labels: dict) -> tuple[int, int, int]:
@@ -89,7 +110,8 @@ def item_seed(seed: int, stream: int, index: int) -> int:
 
 
 def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, seed: int = 0,
-           workers: int = 1, progress: bool = True) -> dict:
+           workers: int = 1, progress: bool = True,
+           policy: str = SELECTION_OPTIONS['policy']) -> dict:
   """Makes (or finds) the built-in data under `root`; returns what a trainer config needs.
 
   Args:
@@ -97,12 +119,15 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     clips / images: how many video clips and still images.
     budget: patches the codec selection keeps per clip (the video head's tokens per row).
     seed: seeds every clip and image.
+    policy: the selection's frame policy (codec.POLICIES; SPEC §2.6), an ablation knob. Data of
+      another policy is other data: a root made with one refuses another, like `budget`.
     workers: precompute's processes (0: in this process). Does not change the data.
     progress: print a line per stage (and precompute's progress bar).
 
   Returns:
     {'video_source', 'image_source'} (`sources.open_source` strings), 'video_classes',
-    'image_classes', 'num_labels', and 'clips' / 'images': the samples each source holds.
+    'image_classes', 'video_labels' / 'image_labels' (labels per sample), and 'clips' / 'images':
+    the samples each source holds.
 
   Raises:
     ValueError: `root` holds data made with other parameters (named in the message).
@@ -116,6 +141,8 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
                      f'({NUM_FRAMES} frames of {frame_patches})')
   if seed < 0:
     raise ValueError(f'seed={seed}: must be >= 0')
+  if policy not in POLICIES:
+    raise ValueError(f'policy={policy!r}: allowed values are {", ".join(POLICIES)}')
   root = os.path.abspath(os.path.expanduser(os.fspath(root)))
   unsafe = sorted(set(_UNSAFE) & set(root))
   if unsafe:
@@ -123,6 +150,8 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
                      f'{" ".join(unsafe)} (they mean something in source strings)')
   params = {'version': VERSION, 'clips': int(clips), 'images': int(images),
             'budget': int(budget), 'seed': int(seed)}
+  if policy != SELECTION_OPTIONS['policy']:  # only when set, so earlier folders still match
+    params['policy'] = policy
 
   # No lock on the way in: the marker is written last, by rename, so if it is there and
   # matches, everything it names is complete.
@@ -171,7 +200,7 @@ def _result(root: str, shards: Sequence[str], num_records: int, params: dict) ->
   return {'video_source': ','.join(shards),
           'image_source': f'folder:{images}?labels={os.path.join(images, _IMAGE_LABELS)}',
           'video_classes': VIDEO_CLASSES, 'image_classes': IMAGE_CLASSES,
-          'num_labels': NUM_LABELS, 'clips': num_records, 'images': params['images']}
+          'video_labels': VIDEO_LABELS, 'image_labels': IMAGE_LABELS, 'clips': num_records, 'images': params['images']}
 
 
 def _ready(root: str, params: dict) -> Optional[dict]:
@@ -190,8 +219,12 @@ def _ready(root: str, params: dict) -> Optional[dict]:
 def _check_params(root: str, old: Optional[dict], new: dict) -> None:
   if old is None or old == new:
     return
-  changed = [f'{key}={old.get(key)!r} there, {new[key]!r} asked' for key in new
-             if old.get(key) != new[key]]
+  # A parameter left out of the marker has its default (see `policy` in ensure).
+  implied = {'policy': SELECTION_OPTIONS['policy']}
+  value = lambda params, key: params.get(key, implied.get(key))
+  changed = [f'{key}={value(old, key)!r} there, {value(new, key)!r} asked'
+             for key in sorted(set(old) | set(new))
+             if value(old, key) != value(new, key)]
   raise ValueError(f'{root} holds built-in data made with other parameters '
                    f'({"; ".join(changed)}); use another root, or delete {root} to remake it')
 
@@ -225,7 +258,7 @@ def _make_videos(root: str, params: dict, say) -> str:
                                background='pan' if i % 2 else 'static')
     return clip.data, video_labels(clip.labels)
 
-  labels = _make_files(folder, names, make, _video_ok, 'clips', say)
+  labels = _make_files(folder, names, make, _video_ok, 'clips', VIDEO_LABELS, say)
   list_file = os.path.join(folder, _LIST)
   _write_if_changed(list_file, ''.join(f'{name}\t{",".join(map(str, ids))}\n'
                                        for name, ids in zip(names, labels)).encode())
@@ -236,7 +269,8 @@ def _make_records(root: str, list_file: str, params: dict, workers: int, progres
                   say) -> tuple[list[str], int]:
   out_dir = os.path.join(root, 'records')
   say(f'precomputing codec selections (budget {params["budget"]}, {workers} worker(s))')
-  kwargs = dict(options={**SELECTION_OPTIONS, 'budget': params['budget']},
+  kwargs = dict(options={**SELECTION_OPTIONS, 'budget': params['budget'],
+                         'policy': params.get('policy', SELECTION_OPTIONS['policy'])},
                 clips_per_shard=CLIPS_PER_SHARD, workers=workers, progress=progress,
                 # Pixels in the records: training reads them instead of decoding the clips, so
                 # the tiny demo model is not input-bound on 2 cores.
@@ -270,14 +304,15 @@ def _make_images(root: str, params: dict, say) -> None:
                                keep_frames=True)
     return _png(clip.frames[0]), image_labels(clip.labels)
 
-  labels = _make_files(folder, names, make, _image_ok, 'images', say)
+  labels = _make_files(folder, names, make, _image_ok, 'images', IMAGE_LABELS, say)
   buffer = io.BytesIO()
-  np.save(buffer, np.asarray(labels, np.int32).reshape(len(names), NUM_LABELS))
+  np.save(buffer, np.asarray(labels, np.int32).reshape(len(names), IMAGE_LABELS))
   _write_if_changed(os.path.join(folder, _IMAGE_LABELS), buffer.getvalue())
 
 
 def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
-                usable: Callable[[str], bool], what: str, say) -> list[tuple[int, ...]]:
+                usable: Callable[[str], bool], what: str, num_labels: int,
+                say) -> list[tuple[int, ...]]:
   """Each file of `names` (reused when logged and usable, else made); their labels in order.
 
   `make(i)` returns (file bytes, label ids). A file is written by rename and then logged with
@@ -287,7 +322,7 @@ def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
   for stale in glob.glob(os.path.join(glob.escape(folder), '*.tmp-*')):
     os.remove(stale)  # left by a killed run; we hold the lock, so nobody is writing them
   log_path = os.path.join(folder, _LOG)
-  logged = _read_log(log_path)
+  logged = _read_log(log_path, num_labels)
   start, reused, labels = time.perf_counter(), 0, []
   with open(log_path, 'a', encoding='utf-8') as log:
     for i, name in enumerate(names):
@@ -306,7 +341,7 @@ def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
   return labels
 
 
-def _read_log(path: str) -> dict[str, tuple[int, ...]]:
+def _read_log(path: str, num_labels: int) -> dict[str, tuple[int, ...]]:
   """name -> label ids of the complete lines of a log (a killed run may leave half a line)."""
   entries = {}
   try:
@@ -317,7 +352,7 @@ def _read_log(path: str) -> dict[str, tuple[int, ...]]:
           values = tuple(int(x) for x in ids.split(','))
         except ValueError:
           continue
-        if line.endswith('\n') and len(values) == NUM_LABELS:
+        if line.endswith('\n') and len(values) == num_labels:
           entries[name] = values
   except FileNotFoundError:
     pass

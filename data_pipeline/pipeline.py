@@ -79,7 +79,7 @@ class HeadConfig:
   native_aspect: bool = False                  # keep the image's aspect, up to max_image_tokens
   max_image_tokens: int | None = None          # native-aspect budget (default tokens_per_row)
   # Videos.
-  video_modes: tuple[float, float, float] = (0.5, 0.375, 0.125)  # codec, uniform, collage
+  video_modes: tuple[float, ...] = (0.5, 0.375, 0.125)  # codec, uniform, collage[, random]
   num_frames: int = 8                          # frames of the uniform and collage modes
   temporal_size: int = transforms.TEMPORAL_SIZE
   video_root: str = ''                         # prefix of records' relative `source` paths
@@ -94,7 +94,7 @@ class HeadConfig:
     # (Codec samples have the size their record gives; a too-long one is named when packed.)
     if self.kind == 'video':
       frames_tokens = self.num_frames * transforms.VIDEO_GRID ** 2
-      if max(self.video_modes[1:]) > 0 and frames_tokens > self.tokens_per_row:
+      if max(self.video_modes[1:3]) > 0 and frames_tokens > self.tokens_per_row:
         raise ValueError(f'{self.num_frames} frames x {transforms.VIDEO_GRID ** 2} patches = '
                          f'{frames_tokens} tokens > tokens_per_row={self.tokens_per_row}')
     else:

@@ -17,11 +17,14 @@ short-side resize and centre crop, no flip. Optionally `native_aspect`: the crop
 the largest patch grid of (about) its own aspect that fits a token budget.
 
 Videos (records of `data_pipeline.records`: `frame_ids` [T] on the clip's timeline, `positions`
-[K, 3] of the codec-selected patches with t indexing `frame_ids`), one of three modes per sample,
-drawn with the head's ratios (the release's large run: 0.5 / 0.375 / 0.125):
+[K, 3] of the codec-selected patches with t indexing `frame_ids`), one of four modes per sample,
+drawn with the head's ratios (the release's large run: 0.5 / 0.375 / 0.125 / 0):
   codec    the K selected patches, gathered from only the frames they use;
   uniform  `num_frames` bins over the timeline, one random frame per bin, all 256 patches each;
-  collage  the same frames stacked top to bottom into one (num_frames*224) x 224 image at t = 0.
+  collage  the same frames stacked top to bottom into one (num_frames*224) x 224 image at t = 0;
+  random   K patches (the record's budget) drawn uniformly from all T x 256 at their true
+           (t, h, w): the codec selection's baseline at an equal budget, as codec.select_random
+           draws it (not a release mode; for ablations). Needs the video, like uniform.
 Timeline index j sits on the encoder's virtual 64-frame grid at floor(linspace(0, 63, T))[j]
 (the release's placement of uniformly sampled frames); with the usual T = 64 that is t = j.
 
@@ -52,9 +55,11 @@ TEMPORAL_SIZE = 64                    # the encoder's virtual frame grid (rope_t
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-MODE_IMAGE, MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE = 0, 1, 2, 3
-VIDEO_MODES = ('codec', 'uniform', 'collage')
-_VIDEO_MODE_IDS = (MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE)
+MODE_IMAGE, MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM = 0, 1, 2, 3, 4
+# mode_probs / video_modes give one weight per mode in this order; the fourth may be left out
+# (the release's three modes, random weight 0).
+VIDEO_MODES = ('codec', 'uniform', 'collage', 'random')
+_VIDEO_MODE_IDS = (MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM)
 CROPS = ('random_resized', 'center', 'resize')
 
 # Per token, value = pixel * _SCALE + _OFFSET == (pixel / 255 - mean) / std, the channel pattern
@@ -283,8 +288,8 @@ def gather_patches(frames_UxHxWx3: np.ndarray, frame_U_of_K: np.ndarray, h_K: np
 
 @dataclasses.dataclass(frozen=True)
 class VideoTransform:
-  """A video clip record -> a sample in one of the modes codec / uniform / collage."""
-  mode_probs: tuple[float, float, float] = (0.5, 0.375, 0.125)  # codec, uniform, collage
+  """A video clip record -> a sample in one of the modes codec / uniform / collage / random."""
+  mode_probs: tuple[float, ...] = (0.5, 0.375, 0.125)  # codec, uniform, collage[, random]
   num_frames: int = 8               # frames of the uniform and collage modes
   temporal_size: int = TEMPORAL_SIZE
   num_labels: int = 10
@@ -292,13 +297,14 @@ class VideoTransform:
 
   def __post_init__(self):
     probs = np.asarray(self.mode_probs, np.float64)
-    if probs.shape != (3,) or probs.min() < 0 or probs.sum() <= 0:
-      raise ValueError(f'mode_probs={self.mode_probs}: three non-negative weights for '
-                       f'{VIDEO_MODES}, not all 0')
+    if probs.shape not in ((3,), (4,)) or probs.min() < 0 or probs.sum() <= 0:
+      raise ValueError(f'mode_probs={self.mode_probs}: three or four non-negative weights for '
+                       f'{VIDEO_MODES} (a missing fourth is 0), not all 0')
 
   def choose_mode(self, rng: np.random.Generator) -> str:
     probs = np.asarray(self.mode_probs, np.float64)
-    return VIDEO_MODES[int(rng.choice(3, p=probs / probs.sum()))]
+    # Three weights draw exactly as before the random mode existed (same generator calls).
+    return VIDEO_MODES[int(rng.choice(len(probs), p=probs / probs.sum()))]
 
   def video_of(self, record: Mapping[str, Any]) -> video_lib.VideoSource:
     if record.get('video') is not None:
@@ -312,6 +318,8 @@ class VideoTransform:
     mode = self.choose_mode(rng)
     if mode == 'codec':
       patches, positions = self.codec(record)
+    elif mode == 'random':
+      patches, positions = self.random(record, rng)
     else:
       patches, positions = self.frames(record, rng, collage=mode == 'collage')
     return {'patches': patches, 'positions': positions, 'labels': labels,
@@ -340,6 +348,23 @@ class VideoTransform:
     t_K, h_K, w_K = pos_Kx3.T
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[t_K]
     return patches, np.stack([grid_t, h_K, w_K], axis=-1).astype(np.int32)
+
+  def random(self, record: Mapping[str, Any], rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """As many patches as the record's codec selection (its budget K), drawn uniformly without
+    replacement from all T x 16 x 16 of the timeline, sorted by (t, h, w), at their true t on
+    the grid: the ablation's baseline of equal budget and no codec signal."""
+    frame_ids = self._timeline(record)
+    if record.get('positions') is None:
+      raise ValueError('random mode takes its budget from the record\'s `positions` [K, 3]')
+    budget = len(check_positions(record['positions'], len(frame_ids)))
+    per_frame = VIDEO_GRID * VIDEO_GRID
+    flat = np.sort(rng.choice(len(frame_ids) * per_frame, size=budget, replace=False))
+    pos_Kx3 = np.stack([flat // per_frame, (flat // VIDEO_GRID) % VIDEO_GRID, flat % VIDEO_GRID],
+                       axis=-1)
+    patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3)
+    grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[pos_Kx3[:, 0]]
+    return patches, np.stack([grid_t, pos_Kx3[:, 1], pos_Kx3[:, 2]], axis=-1).astype(np.int32)
 
   def frames(self, record: Mapping[str, Any], rng: np.random.Generator, *, collage: bool
              ) -> tuple[np.ndarray, np.ndarray]:

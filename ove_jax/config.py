@@ -53,7 +53,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.rules = ()                  # ((logical name, mesh axes), ...) overriding sharding.DEFAULT_RULES
 
   c.model = ml_collections.ConfigDict(dict(
-      preset='tiny', dtype='bfloat16', remat='none', attention='xla', rope_theta=10000.0))
+      preset='tiny', dtype='bfloat16', remat='none', attention='xla', rope_theta=10000.0,
+      rope='3d'))               # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
 
   c.init = ml_collections.ConfigDict(dict(
       pytorch='',               # a release-format directory (config.json + model.safetensors)
@@ -77,9 +78,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       seed=0, worker_count=2, worker_buffer=2, mixing='all', patch_dtype='float32',
       heads=ml_collections.ConfigDict()))
-  # Built-in synthetic data (data_pipeline.builtin), generated on first use.
+  # Built-in synthetic data (data_pipeline.builtin), generated on first use. `policy` is the codec
+  # selection's frame policy (SPEC §2.6: 'paper', 'first_frame', 'zero'); like budget, a value
+  # other than the data's needs its own root.
   c.builtin = ml_collections.ConfigDict(dict(
-      enabled=False, root='', clips=32, images=64, budget=1024))
+      enabled=False, root='', clips=32, images=64, budget=1024, policy='zero'))
   return c
 
 
@@ -218,10 +221,11 @@ def _at_least(key, value, low):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   from data_pipeline import pipeline
+  from data_pipeline.codec.options import POLICIES
   from ove_jax import optim
   from ove_jax.models import PRESETS
   from ove_jax.models.attention import IMPLEMENTATIONS
-  from ove_jax.models.encoder import REMAT_POLICIES
+  from ove_jax.models.encoder import REMAT_POLICIES, ROPE_VARIANTS
 
   missing = sorted(set(defaults().keys()) - set(config.keys()))
   if missing:
@@ -260,6 +264,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('model.dtype', m.dtype, ('float32', 'bfloat16', 'float16'))
   _one_of('model.remat', m.remat, REMAT_POLICIES)
   _one_of('model.attention', m.attention, IMPLEMENTATIONS)
+  _one_of('model.rope', m.rope, ROPE_VARIANTS)
+  _one_of('builtin.policy', config.builtin.policy, POLICIES)
 
   sizes = dict(config.mesh)
   if set(sizes) != {'data', 'fsdp', 'tensor'}:

@@ -89,7 +89,7 @@ def rules_of(config) -> tuple:
 def encoder_config(config) -> EncoderConfig:
   m = config.model
   return EncoderConfig.preset(m.preset, dtype=m.dtype, remat=m.remat, attention=m.attention,
-                              rope_theta=m.rope_theta)
+                              rope_theta=m.rope_theta, rope=m.rope)
 
 
 class PretrainModel(nnx.Module):
@@ -453,7 +453,8 @@ def data_sources(config, workdir: str) -> dict[str, str]:
   from data_pipeline import builtin
   root = config.builtin.root or os.path.join(workdir, 'builtin_data')
   info = builtin.ensure(root, clips=config.builtin.clips, images=config.builtin.images,
-                        budget=config.builtin.budget, seed=config.seed,
+                        budget=config.builtin.budget, policy=config.builtin.policy,
+                        seed=config.seed,
                         progress=jax.process_index() == 0)
   return {'{builtin:video}': info['video_source'], '{builtin:image}': info['image_source']}
 

@@ -43,24 +43,26 @@ def test_result_sources_and_labels(built):
   assert result == {
       'video_source': result['video_source'],
       'image_source': f'folder:{images}?labels={images}/labels.npy',
-      'video_classes': 53, 'image_classes': 29, 'num_labels': 3, 'clips': 4, 'images': 6}
+      'video_classes': 57, 'image_classes': 29, 'video_labels': 4, 'image_labels': 3,
+      'clips': 4, 'images': 6}
   assert len(sources.open_source(result['video_source'])) == 4
   assert len(sources.open_source(result['image_source'])) == 6
 
-  # Videos: fine class, then its shape and direction, as the clip's ground truth says.
+  # Videos: fine class, then its shape, direction and texture, as the clip's ground truth says.
   clip_labels = {}
   for path in result['video_source'].split(','):
     for record in precompute.read_shard(path):
-      fine, shape, direction = record['labels'].tolist()
-      assert (shape, direction) == (40 + fine // 8, 45 + fine % 8)
+      fine, shape, direction, texture = record['labels'].tolist()
+      assert (shape, direction) == (40 + fine // 8, 45 + fine % 8) and 53 <= texture < 57
       assert len(record['positions']) == SMALL['budget']
-      clip_labels[os.path.basename(record['source'])] = (fine, shape, direction)
+      clip_labels[os.path.basename(record['source'])] = (fine, shape, direction, texture)
   assert sorted(clip_labels) == [f'clip-{i:05d}.mp4' for i in range(4)]
   clip = synthetic.make_clip(builtin.item_seed(0, 0, 1), num_frames=64, bframes=2,
                              num_objects=1, background='pan')
   truth = clip.labels
   assert clip_labels['clip-00001.mp4'] == (truth['shape_id'] * 8 + truth['direction_id'],
-                                           40 + truth['shape_id'], 45 + truth['direction_id'])
+                                           40 + truth['shape_id'], 45 + truth['direction_id'],
+                                           53 + truth['texture_id'])
   with open(os.path.join(root, 'videos', 'clip-00001.mp4'), 'rb') as f:
     assert f.read() == clip.data
 
@@ -81,10 +83,10 @@ def test_pipeline_reads_both_sources(built):
   cfg = {'seed': 0, 'worker_count': 0, 'heads': {
       'video': {'kind': 'video', 'source': result['video_source'], 'rows': 4,
                 'video_modes': (1.0, 0.0, 0.0), 'tokens_per_row': budget, 'max_segments': 1,
-                'num_labels': result['num_labels']},
+                'num_labels': 3},  # the first three of the clips' four
       'image': {'kind': 'image', 'source': result['image_source'], 'rows': 4,
                 'resolution': 224, 'tokens_per_row': 256, 'max_segments': 1,
-                'num_labels': result['num_labels']}}}
+                'num_labels': result['image_labels']}}}
   iterator = pipeline.make_iterator(cfg)
   for _ in range(2):
     batch = next(iterator)

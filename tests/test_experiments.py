@@ -18,6 +18,8 @@ ARGUMENTS = {
     'stage2_video.py': ['', 'smoke', 'paper', 'gpus=8', 'gpus=256,fsdp=16',
                         'init=/ckpt/stage1,heads=keep', 'smoke,steps=2'],
     'huge.py': ['', 'smoke', 'gpus=512,fsdp=32', 'gpus=8,fsdp=8'],
+    'ablations.py': ['', 'smoke', 'smoke,study=budget,steps=3,workers=0', 'study=rope,gpus=8',
+                     'budget=1024,policy=paper'],
 }
 CASES = [(name, arg) for name, args in ARGUMENTS.items() for arg in args]
 

@@ -32,7 +32,6 @@ Installed as the console script `ove-cluster-labels`.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument('--features', help='.npy [N, D] or [N, F, D], or .npz with `features` (and '
                    'optionally `ids`)')
   src.add_argument('--teacher', help='ove_jax encoder: release-format HF dir or training workdir')
-  p.add_argument('--records', help='glob of record shards: the teacher\'s input, and/or records '
+  p.add_argument('--records', help='precompute output folder, or glob of record shards: the teacher\'s input, and/or records '
                  'to write relabelled copies of (one per feature row, in sorted shard order)')
   p.add_argument('--step', type=int, help='checkpoint step of a training workdir (default latest)')
   p.add_argument('--batch', type=int, default=32, help='frames per teacher forward')
@@ -121,9 +120,22 @@ def load_features(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def _shards(pattern: str) -> list[str]:
-  paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p) and not p.endswith('.json'))
+  """The ArrayRecord shards of a precompute output folder (its finished shards, in order) or of
+  a glob; a folder's plan, progress and failure files are not shards and are skipped."""
+  from data_pipeline import precompute, sources
+  if os.path.isdir(pattern):
+    try:
+      paths = precompute.shard_files(pattern)
+    except FileNotFoundError as e:
+      raise UsageError(f'--records {pattern}: {e}') from None
+  else:
+    try:
+      paths = [p for p in sources.expand_paths(pattern)
+               if os.path.isfile(p) and '.array_record' in os.path.basename(p)]
+    except FileNotFoundError as e:
+      raise UsageError(f'--records {pattern}: {e}') from None
   if not paths:
-    raise UsageError(f'--records {pattern}: matches no files')
+    raise UsageError(f'--records {pattern}: no ArrayRecord shards (*.array_record*) there')
   return paths
 
 

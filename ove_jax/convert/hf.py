@@ -177,6 +177,14 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
 # ------------------------------------------------------------------------------------------------
 
 def hf_config(cfg: EncoderConfig, dtype: str = 'float32') -> dict:
+  """The release's config.json of `cfg`. Refuses an encoder trained with another RoPE: the format
+  has no field for it, and every loader of the release would silently apply 3D RoPE."""
+  if cfg.rope != '3d':
+    raise CheckpointError(
+        f'this encoder uses rope={cfg.rope!r} (an ablation, model.rope); the release format '
+        'knows only the 3D RoPE, so its loaders would run these weights with the wrong '
+        'positions. Keep it as an ove_jax checkpoint (checkpoint.save_params records the rope '
+        'in encoder_config.json) instead of exporting it')
   return {
       'model_type': 'onevision_encoder',
       'architectures': ['OneVisionEncoderModel'],
@@ -336,12 +344,13 @@ def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
   store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
   if dtype not in store:
     raise ValueError(f'dtype={dtype!r}; choose one of {sorted(store)}')
+  config = hf_config(cfg, dtype)  # refuses what the format cannot hold, before writing anything
   tensors = params_to_hf(params if params is not None else model_params(model), cfg)
   tensors = {k: v.astype(store[dtype]) for k, v in tensors.items()}
   os.makedirs(directory, exist_ok=True)
   write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors)
   with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    json.dump(hf_config(cfg, dtype), f, indent=2)
+    json.dump(config, f, indent=2)
   with open(os.path.join(directory, PREPROCESSOR_FILE), 'w') as f:
     json.dump(preprocessor_config(cfg), f, indent=2)
   return directory

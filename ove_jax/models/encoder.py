@@ -48,6 +48,15 @@ PRESETS = {
 }
 
 REMAT_POLICIES = ('none', 'full', 'dots')
+# Position encodings (an ablation knob; '3d' is the release's and the only one it can load):
+#   '3d'    the release's 4:6:6 split of the frequencies over (t, h, w) (SPEC §1.3);
+#   '1d'    each (t, h, w) flattened to one index (t * G + h) * G + w, G = ROPE_1D_GRID, rotated
+#           with frequencies over the whole head dim, as a language model's RoPE;
+#   'none'  no rotation: the encoder sees no positions at all (a bag of patches).
+ROPE_VARIANTS = ('3d', '1d', 'none')
+# Row and frame strides of the '1d' flattening: 32 patches covers a 448-pixel image, the 16 x 16
+# video grid and the 16-wide collage; grids wider than 32 patches would share indices.
+ROPE_1D_GRID = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,7 @@ class EncoderConfig:
   num_channels: int = 3
   rope_theta: float = 10000.0
   rope_temporal_size: int = 64   # the virtual frame grid of flat visible indices
+  rope: str = '3d'               # ROPE_VARIANTS; only '3d' exports to the release's format
   use_head: bool = True
   layer_norm_eps: float = 1e-6
   image_size: int = 448          # recorded in exported configs; inputs may have any size
@@ -80,6 +90,8 @@ class EncoderConfig:
       raise ValueError(f'attention={self.attention!r}; choose one of {IMPLEMENTATIONS}')
     if self.dtype not in ('float32', 'bfloat16', 'float16'):
       raise ValueError(f'dtype={self.dtype!r}; choose float32, bfloat16 or float16')
+    if self.rope not in ROPE_VARIANTS:
+      raise ValueError(f'rope={self.rope!r}; choose one of {ROPE_VARIANTS}')
 
   @property
   def head_dim(self) -> int:
@@ -211,6 +223,26 @@ def rope_angles(positions_BxLx3: jax.Array, head_dim: int, theta: float) -> jax.
   return jnp.concatenate([half, half], axis=-1)
 
 
+def rope_angles_1d(positions_BxLx3: jax.Array, head_dim: int, theta: float) -> jax.Array:
+  """float32 angles [B, L, head_dim] of the '1d' ablation: one flat index per token over the
+  whole half dim (inv[k] = theta^(-k/half), the 3D axes' normalisation), duplicated by concat."""
+  pos = positions_BxLx3.astype(jnp.float32)
+  index = (pos[..., 0:1] * ROPE_1D_GRID + pos[..., 1:2]) * ROPE_1D_GRID + pos[..., 2:3]
+  half = head_dim // 2
+  inv = 1.0 / (jnp.float32(theta) ** (jnp.arange(half, dtype=jnp.float32) / jnp.float32(half)))
+  a_half = index * inv
+  return jnp.concatenate([a_half, a_half], axis=-1)
+
+
+def rope_tables(positions_BxLx3: jax.Array, cfg: EncoderConfig):
+  """(cos, sin) [B, L, head_dim] float32 of `cfg.rope`, or (None, None) for 'none'."""
+  if cfg.rope == 'none':
+    return None, None
+  angle_fn = rope_angles if cfg.rope == '3d' else rope_angles_1d
+  angles_BxLxD = angle_fn(positions_BxLx3, cfg.head_dim, cfg.rope_theta)
+  return jnp.cos(angles_BxLxD), jnp.sin(angles_BxLxD)
+
+
 def rotate_pairs(x):
   """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation of adjacent pairs."""
   pairs = x.reshape(*x.shape[:-1], -1, 2)
@@ -218,6 +250,8 @@ def rotate_pairs(x):
 
 
 def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
+  if cos_BxLxD is None:  # rope='none'
+    return x_BxLxHxD
   # The concatenated angles pair two different neighbouring frequencies, so this is not a pure
   # rotation; the released weights were trained with it, so it is reproduced exactly.
   cos = cos_BxLxD[:, :, None, :].astype(x_BxLxHxD.dtype)
@@ -380,8 +414,7 @@ class Encoder(nnx.Module):
       raise ValueError(f'positions shape {positions_BxLx3.shape}; expected {(b, l, 3)}')
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((b, l), jnp.int32)
-    angles_BxLxD = rope_angles(positions_BxLx3, cfg.head_dim, cfg.rope_theta)
-    cos, sin = jnp.cos(angles_BxLxD), jnp.sin(angles_BxLxD)
+    cos, sin = rope_tables(positions_BxLx3, cfg)
 
     x = self.patch_embed(patches_BxLxP.astype(cfg.compute_dtype))
     x = self.layernorm_pre(x)
