@@ -127,7 +127,7 @@ def main(argv=None) -> int:
   parser.add_argument('--test-clips', type=int, default=None,
                       help='held-out clips for the probes\' test split (default 96; 8 --smoke)')
   parser.add_argument('--k', type=int, default=None,
-                      help='k-means centres for the clips (default 32; 4 --smoke); images get '
+                      help='k-means centres for the clips (default 32; 8 --smoke); images get '
                       'half')
   parser.add_argument('--probe-seeds', default=None,
                       help='probe seeds, comma-separated (default 0,1,2; 0 --smoke)')
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                       help='attentive probe epochs (default 30, SPEC §6 for small sets; 2 --smoke)')
   parser.add_argument('--smoke', action='store_true',
                       help='a quick run for the tests: the experiment\'s smoke variant (8 clips '
-                      'and 16 images of built-in data), 8 held-out clips, k = 4, short probes')
+                      'and 16 images of built-in data), 8 held-out clips, k = 8, short probes')
   args = parser.parse_args(argv)
   if args.train_steps is not None and args.train_steps < 2:
     parser.error('--train-steps must be at least 2 (the demo compares the first and last loss)')
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
   if args.seed < 0:
     parser.error(f'--seed {args.seed}: must be >= 0')
   args.test_clips = args.test_clips or (8 if args.smoke else 96)
-  args.k = args.k or (4 if args.smoke else 32)
+  args.k = args.k or (8 if args.smoke else 32)
   args.probe_epochs = args.probe_epochs or (2 if args.smoke else 30)
   try:
     args.probe_seeds = [int(x) for x in (args.probe_seeds or ('0' if args.smoke else '0,1,2'))
