@@ -263,9 +263,17 @@ _worker_settings: Optional[_Settings] = None
 _selectors: dict[str, Callable] = {}
 
 
-def _init_worker(settings: _Settings):
-  global _worker_settings
+_blas_limits = None  # the worker's BLAS thread limit, kept alive for the process's life
+
+
+def _init_worker(settings: _Settings, blas_threads: int = 0):
+  global _worker_settings, _blas_limits
   _worker_settings = settings
+  if blas_threads:
+    # Each worker's BLAS would start a thread per core: N workers x cores threads on `cores`
+    # cores made 2 workers slower than 1 on a 2-core machine.
+    import threadpoolctl
+    _blas_limits = threadpoolctl.threadpool_limits(blas_threads)
 
 
 def resolve_selector(spec: str) -> Callable:
@@ -321,7 +329,8 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, settings: _Setting
     return
   # spawn, not fork: the parent may hold threads (tqdm, JAX in a notebook) that fork would copy.
   pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
-                                     initializer=_init_worker, initargs=(settings,))
+                                     initializer=_init_worker,
+                                     initargs=(settings, max(1, (os.cpu_count() or 1) // workers)))
   try:
     iterator = iter(items)
     window = collections.deque(pool.submit(fn, item)

@@ -296,8 +296,6 @@ def main(argv=None) -> int:
 
   stage(f'4/8 built-in data: {data_config.builtin.clips} clips and {data_config.builtin.images} '
         f'stills to pretrain on, {args.test_clips} held-out clips to test the probes on')
-  # Precompute workers with one BLAS thread each: two multi-threaded workers fight over 2 cores.
-  os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
   made = builtin.ensure(data_root, clips=data_config.builtin.clips,
                         images=data_config.builtin.images, budget=data_config.builtin.budget,
                         seed=args.seed, workers=2)
@@ -393,13 +391,14 @@ def main(argv=None) -> int:
   t0 = time.time()
   probes = {}
   attentive = evaluators.AttentiveConfig(epochs=args.probe_epochs)
+  samples = {mode: [evaluators.video_samples(records, mode, frames, seed=args.seed,
+                                             label_index=TEXTURE_LABEL)
+                    for records in (train_records, test_records)]
+             for mode in ('codec', 'uniform')}
   for name, encoder, mode in (('pretrained', trained, 'codec'),
                               ('random_init', random_init, 'codec'),
                               ('pretrained', trained, 'uniform')):
-    train_samples, test_samples = (
-        evaluators.video_samples(records, mode, frames, seed=args.seed,
-                                 label_index=TEXTURE_LABEL)
-        for records in (train_records, test_records))
+    train_samples, test_samples = samples[mode]
     result = evaluators.evaluate(encoder, train_samples, test_samples, seeds=args.probe_seeds,
                                  attentive=attentive, progress=True)
     probes.setdefault(name, {})[mode] = {
