@@ -358,7 +358,9 @@ def test_resume_names_what_changed(caplog):
   assert not caplog.records
   train.check_resume(saved, small_config(**{'optim.lr': 0.5}))
   assert 'optim.lr: 0.002 -> 0.5' in caplog.text
-  with pytest.raises(config_lib.ConfigError, match=r'heads.video.num_classes \(53 then, 60 now\)'):
+  classes = saved['heads']['video']['num_classes']
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf'heads.video.num_classes \({classes} then, 60 now\)'):
     train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
