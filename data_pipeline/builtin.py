@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import io
 import os
 import time
@@ -39,7 +38,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from data_pipeline import precompute, sources, synthetic
+from data_pipeline import fileio, precompute, sources, synthetic
 from data_pipeline.codec.options import POLICIES
 from data_pipeline import video as video_lib
 
@@ -169,8 +168,8 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     if ready is not None:
       say(f'ready in {root} (made by another process)')
       return ready
-    _check_params(root, precompute._read_json(os.path.join(root, _STARTED)), params)
-    precompute._write_json_atomic(os.path.join(root, _STARTED), params)
+    _check_params(root, fileio.read_json(os.path.join(root, _STARTED)), params)
+    fileio.write_json(os.path.join(root, _STARTED), params)
     start = time.perf_counter()
     list_file = _make_videos(root, params, say)
     shards, num_records = _make_records(root, list_file, params, workers, progress, say)
@@ -182,7 +181,7 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
       found = len(sources.open_source(spec))
       if found != expected:
         raise RuntimeError(f'{spec}: {found} records where {expected} were made')
-    precompute._write_json_atomic(os.path.join(root, _MARKER), {
+    fileio.write_json(os.path.join(root, _MARKER), {
         'params': params, 'shards': [os.path.basename(p) for p in shards],
         'clips': num_records})
     os.remove(os.path.join(root, _STARTED))
@@ -205,7 +204,7 @@ def _result(root: str, shards: Sequence[str], num_records: int, params: dict) ->
 
 def _ready(root: str, params: dict) -> Optional[dict]:
   """The result when `root` holds finished data for `params`; None when it must be (re)made."""
-  marker = precompute._read_json(os.path.join(root, _MARKER))
+  marker = fileio.read_json(os.path.join(root, _MARKER))
   if marker is None:
     return None
   _check_params(root, marker['params'], params)
@@ -319,8 +318,7 @@ def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
   its labels, so a file in the log is complete and its labels need no re-rendering.
   """
   os.makedirs(folder, exist_ok=True)
-  for stale in glob.glob(os.path.join(glob.escape(folder), '*.tmp-*')):
-    os.remove(stale)  # left by a killed run; we hold the lock, so nobody is writing them
+  fileio.remove_stale_temporaries(folder)  # left by a killed run; we hold the lock
   log_path = os.path.join(folder, _LOG)
   logged = _read_log(log_path, num_labels)
   start, reused, labels = time.perf_counter(), 0, []
@@ -332,7 +330,7 @@ def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
         reused += 1
         continue
       data, ids = make(i)
-      _write_atomic(path, data)
+      fileio.write_atomic(path, data)
       log.write(f'{name}\t{",".join(map(str, ids))}\n')
       log.flush()
       labels.append(tuple(ids))
@@ -386,13 +384,6 @@ def _png(rgb: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-  # The temporary name keeps no image or video extension, so no reader ever lists it.
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
 
 def _write_if_changed(path: str, data: bytes) -> None:
   """Leaves an identical file alone: a resumed run then changes nothing it need not change."""
@@ -402,4 +393,4 @@ def _write_if_changed(path: str, data: bytes) -> None:
         return
   except FileNotFoundError:
     pass
-  _write_atomic(path, data)
+  fileio.write_atomic(path, data)

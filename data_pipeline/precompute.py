@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import numpy as np
 
-from data_pipeline import records, transforms
+from data_pipeline import fileio, records, transforms
 from data_pipeline.video import VideoError
 
 VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mkv', '.webm', '.avi', '.mov', '.mpg', '.mpeg', '.ts',
@@ -164,7 +164,7 @@ def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
 
 def shard_files(out_dir: str) -> list[str]:
   """The shard paths of a finished or partial output folder, in shard order (finished ones)."""
-  plan = _read_json(os.path.join(out_dir, _PLAN))
+  plan = fileio.read_json(os.path.join(out_dir, _PLAN))
   if plan is None:
     raise FileNotFoundError(f'{out_dir}: no {_PLAN}; not a precompute output folder')
   paths = []
@@ -176,7 +176,7 @@ def shard_files(out_dir: str) -> list[str]:
 
 
 def read_plan(out_dir: str) -> Optional[dict]:
-  return _read_json(os.path.join(out_dir, _PLAN))
+  return fileio.read_json(os.path.join(out_dir, _PLAN))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,20 +358,6 @@ def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _read_json(path: str) -> Optional[dict]:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-
-
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
 
 
 def _marker_path(out_dir: str, index: int) -> str:
@@ -382,21 +368,21 @@ def _clear_outputs(out_dir: str, plan: dict) -> None:
   """Removes what a previous plan wrote (its shards, markers and metadata), nothing else."""
   for i in range(plan['num_shards']):
     path = os.path.join(out_dir, shard_name(plan['name'], plan['split'], i, plan['num_shards']))
-    for p in (path, path + '.tmp'):
-      if os.path.exists(p):
-        os.remove(p)
+    if os.path.exists(path):
+      os.remove(path)
+  fileio.remove_stale_temporaries(out_dir)
   shutil.rmtree(os.path.join(out_dir, _PROGRESS_DIR), ignore_errors=True)
   for name in (_PLAN, _FAILURES, _SUMMARY, 'dataset_info.json', 'features.json'):
     if os.path.exists(os.path.join(out_dir, name)):
       os.remove(os.path.join(out_dir, name))
 
 
-class _ShardWriter:
+class ShardWriter:
   """One shard written to a temporary file, renamed into place when complete."""
 
   def __init__(self, path: str):
     from array_record.python.array_record_module import ArrayRecordWriter
-    self.path, self.tmp = path, path + '.tmp'
+    self.path, self.tmp = path, fileio.temp_name(path)
     # group_size:1 is what grain and TFDS want for fast random access.
     self._writer = ArrayRecordWriter(self.tmp, 'group_size:1')
     self.count = 0
@@ -408,7 +394,7 @@ class _ShardWriter:
   def commit(self) -> int:
     self._writer.close()
     self._writer = None
-    os.replace(self.tmp, self.path)
+    fileio.commit(self.tmp, self.path)
     return os.path.getsize(self.path)
 
   def abandon(self):
@@ -507,13 +493,13 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
         f'{out_dir} holds the output of a different run ({"; ".join(changed)}); '
         'use a new folder, or overwrite=True / --overwrite to replace it')
   os.makedirs(os.path.join(out_dir, _PROGRESS_DIR), exist_ok=True)
-  _write_json_atomic(os.path.join(out_dir, _PLAN), plan)
+  fileio.write_json(os.path.join(out_dir, _PLAN), plan)
 
   paths = [os.path.join(out_dir, shard_name(name, split, i, len(shards)))
            for i in range(len(shards))]
   markers: dict[int, dict] = {}
   for i, digest in enumerate(shard_digests):
-    marker = _read_json(_marker_path(out_dir, i))
+    marker = fileio.read_json(_marker_path(out_dir, i))
     if marker is not None and marker.get('digest') == digest and os.path.exists(paths[i]):
       markers[i] = marker
   skipped = len(markers)
@@ -534,7 +520,7 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
   try:
     with open(failures_path, 'a', encoding='utf-8') as failures_file:
       for i in todo:
-        writer = _ShardWriter(paths[i])
+        writer = ShardWriter(paths[i])
         shard_failures, kept, candidates = [], 0, 0
         for clip in shards[i]:
           result = next(results)
@@ -566,7 +552,7 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
                       'candidate_patches': candidates,
                       'failures': shard_failures}
         # The marker goes last: a shard file without its marker is redone on the next run.
-        _write_json_atomic(_marker_path(out_dir, i), markers[i])
+        fileio.write_json(_marker_path(out_dir, i), markers[i])
         run['written'] += 1
   finally:
     bar.close()
@@ -581,17 +567,13 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
     if record_format == 'tfds':
       write_tfds_metadata(out_dir, name, split, [markers[i] for i in range(len(shards))])
   summary = _summary(out_dir, plan, markers, run, skipped, seconds, complete, failures_path)
-  _write_json_atomic(os.path.join(out_dir, _SUMMARY), summary)
+  fileio.write_json(os.path.join(out_dir, _SUMMARY), summary)
   return summary
 
 
 def _write_failures(path: str, markers: Mapping[int, dict]) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for i in sorted(markers):
-      for entry in markers[i]['failures']:
-        f.write(json.dumps(entry) + '\n')
-  os.replace(tmp, path)
+  fileio.write_atomic(path, ''.join(json.dumps(entry) + '\n' for i in sorted(markers)
+                                    for entry in markers[i]['failures']))
 
 
 def _summary(out_dir, plan, markers, run, skipped, seconds, complete, failures_path) -> dict:

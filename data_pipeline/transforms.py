@@ -43,17 +43,9 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import video as video_lib
-
-PATCH = 14
-CHANNELS = 3
-PATCH_DIM = PATCH * PATCH * CHANNELS  # 588
-VIDEO_RESOLUTION = 224                # the codec grid: 16 x 16 patches per frame
-VIDEO_GRID = VIDEO_RESOLUTION // PATCH
-TEMPORAL_SIZE = 64                    # the encoder's virtual frame grid (rope_temporal_size)
-
-# SPEC §1.2; copied rather than imported because data_pipeline never imports ove_jax.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from data_pipeline.tokens import (CHANNELS, CLIP_MEAN, CLIP_STD, PATCH, PATCH_DIM,  # noqa: F401
+                                  TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION, grid_positions,
+                                  normalize, timeline_to_grid, to_patches)
 
 MODE_IMAGE, MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM = 0, 1, 2, 3, 4
 # mode_probs / video_modes give one weight per mode in this order; the fourth may be left out
@@ -62,50 +54,10 @@ VIDEO_MODES = ('codec', 'uniform', 'collage', 'random')
 _VIDEO_MODE_IDS = (MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM)
 CROPS = ('random_resized', 'center', 'resize')
 
-# Per token, value = pixel * _SCALE + _OFFSET == (pixel / 255 - mean) / std, the channel pattern
-# repeated over the 196 pixels of a patch (channel fastest).
-_SCALE_P = np.tile(1.0 / (255.0 * np.asarray(CLIP_STD, np.float64)),
-                   PATCH * PATCH).astype(np.float32)
-_OFFSET_P = np.tile(-np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64),
-                    PATCH * PATCH).astype(np.float32)
-
 
 # ------------------------------------------------------------------------------------------------
 # Shared helpers
 # ------------------------------------------------------------------------------------------------
-
-def normalize(patches_NxP: np.ndarray) -> np.ndarray:
-  """CLIP normalisation of uint8 patches [..., 588] -> float32 (pixel/255 - mean) / std."""
-  if patches_NxP.shape[-1] != PATCH_DIM:
-    raise ValueError(f'patches have {patches_NxP.shape[-1]} values per token; expected {PATCH_DIM}')
-  return patches_NxP.astype(np.float32) * _SCALE_P + _OFFSET_P
-
-
-def to_patches(pixels_HxWx3: np.ndarray) -> np.ndarray:
-  """[H, W, 3] -> [Hp*Wp, 588], tokens row-major over the patch grid, pixels (row, col, channel)."""
-  h, w, c = pixels_HxWx3.shape
-  if h % PATCH or w % PATCH or c != CHANNELS:
-    raise ValueError(f'pixels of shape {pixels_HxWx3.shape}: need H, W multiples of {PATCH} and 3 '
-                     'channels')
-  hp, wp = h // PATCH, w // PATCH
-  grid = pixels_HxWx3.reshape(hp, PATCH, wp, PATCH, c).transpose(0, 2, 1, 3, 4)
-  return np.ascontiguousarray(grid).reshape(hp * wp, PATCH_DIM)
-
-
-def grid_positions(t: int, hp: int, wp: int) -> np.ndarray:
-  """(t, h, w) of an hp x wp patch grid at time t, row-major: int32 [hp*wp, 3]."""
-  hh, ww = np.meshgrid(np.arange(hp), np.arange(wp), indexing='ij')
-  return np.stack([np.full(hp * wp, t), hh.reshape(-1), ww.reshape(-1)], axis=-1).astype(np.int32)
-
-
-def timeline_to_grid(num_frames: int, temporal_size: int = TEMPORAL_SIZE) -> np.ndarray:
-  """Grid time of each timeline index j of a T-frame clip: floor(linspace(0, size - 1, T))[j].
-
-  The same placement as the encoder's `uniform_frame_times`: a clip's timeline is uniform over the
-  clip, so its frames are uniform over the 64-frame grid. With T = 64 this is the identity.
-  """
-  return np.floor(np.linspace(0, temporal_size - 1, num_frames)).astype(np.int32)
-
 
 def cyclic_labels(labels: Any, num_labels: int) -> np.ndarray:
   """Labels padded by repeating them cyclically (or truncated) to exactly `num_labels` ids.

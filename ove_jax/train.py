@@ -33,9 +33,10 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from data_pipeline import fileio, tokens
 from ove_jax import config as config_lib
 from ove_jax import checkpoint, distributed, losses, metrics as metrics_lib, optim, sharding
-from ove_jax.models import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig, encoder_flops
+from ove_jax.models import Encoder, EncoderConfig, encoder_flops
 
 log = logging.getLogger('ove_jax.train')
 
@@ -111,12 +112,6 @@ def _nest(items) -> dict:
   return checkpoint.nest(dict(items), key=lambda k: k)
 
 
-def _normalize_uint8(patches):
-  # The affine map of data_pipeline.transforms.normalize, on the device (channel fastest).
-  reps = patches.shape[-1] // 3
-  mean = jnp.tile(jnp.asarray(CLIP_MEAN, jnp.float32), reps)
-  std = jnp.tile(jnp.asarray(CLIP_STD, jnp.float32), reps)
-  return (patches.astype(jnp.float32) / 255.0 - mean) / std
 
 
 class Program:
@@ -193,7 +188,7 @@ class Program:
       b = micro_batch[name]
       patches = b['patches']
       if patches.dtype == jnp.uint8:
-        patches = _normalize_uint8(patches)
+        patches = tokens.normalize(patches)
       rows, segments, n = b['labels'].shape
       out = model.encoder(patches, b['positions'], b['segment_ids'], num_segments=segments)
       e = out['pooled'].reshape(rows * segments, -1)
@@ -633,8 +628,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state = initialise_from(state, config, program)
       start = 0
     if main_process:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        json.dump(config.to_dict(), f, indent=2, default=list)
+      fileio.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), sort_keys=False,
+                        default=list)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
     last: dict[str, Any] = {}

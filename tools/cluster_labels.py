@@ -272,7 +272,7 @@ def write_records(shards: list[str], shard_records: list[list[dict]], labels_NxL
     target = os.path.join(out_dir, os.path.basename(path))
     if os.path.abspath(target) == os.path.abspath(path):
       raise UsageError(f'--out: {target} would overwrite its input shard')
-    writer = precompute._ShardWriter(target)  # pylint: disable=protected-access
+    writer = precompute.ShardWriter(target)
     try:
       for record in recs:
         writer.write(records.encode({**record, 'labels': labels_NxL[i]}))

@@ -60,6 +60,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from data_pipeline import fileio
 from ove_jax import config as config_lib
 
 USAGE = ('python tools/sweep.py --config=experiments/<name>.py[:args] --root=DIR '
@@ -333,8 +334,8 @@ def write_results(root: str, columns: Sequence[str], rows: Sequence[Mapping[str,
   writer.writeheader()
   for row in rows:
     writer.writerow({k: row.get(k, '') for k in columns})
-  _write_atomic(csv_path, buffer.getvalue())
-  _write_atomic(md_path, markdown_table(columns, rows))
+  fileio.write_atomic(csv_path, buffer.getvalue())
+  fileio.write_atomic(md_path, markdown_table(columns, rows))
   return csv_path, md_path
 
 
@@ -348,17 +349,11 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) ->
   return '\n'.join(lines) + '\n'
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
 
 def write_sweep_json(root: str, spec: str, points: Sequence[Point],
                      commands: Mapping[str, Sequence[str]], status: Mapping[str, str]) -> str:
   path = os.path.join(root, SWEEP_JSON)
-  _write_atomic(path, json.dumps({
+  fileio.write_atomic(path, json.dumps({
       'config': spec, 'points': [
           {'name': p.name, 'overrides': dict(p.overrides), 'columns': dict(p.columns),
            'command': shlex.join(commands[p.name]), 'status': status.get(p.name, '')}
@@ -500,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if mode == 'job-array':
     path = os.path.abspath(opts['job_array'])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _write_atomic(path, job_array_text(spec, root, [commands[p.name] for p in points], path))
+    fileio.write_atomic(path, job_array_text(spec, root, [commands[p.name] for p in points], path))
     write_sweep_json(root, spec, points, commands, {})
     print(f'wrote {len(points)} commands to {path}')
     return 0

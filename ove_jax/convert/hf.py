@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from data_pipeline import fileio
 from ove_jax import sharding
 from ove_jax.models.encoder import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig
 
@@ -283,13 +284,12 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
   head = json.dumps(header, separators=(',', ':')).encode()
   head += b' ' * (-len(head) % 8)  # keep the data 8-byte aligned
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(struct.pack('<Q', len(head)))
-    f.write(head)
-    for blob in blobs:
-      f.write(blob)
-  os.replace(tmp, path)  # never leave a half-written weights file behind
+  with fileio.atomic_path(path) as tmp:  # never leave a half-written weights file behind
+    with open(tmp, 'wb') as f:
+      f.write(struct.pack('<Q', len(head)))
+      f.write(head)
+      for blob in blobs:
+        f.write(blob)
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

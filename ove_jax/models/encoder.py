@@ -30,8 +30,10 @@ from flax import nnx
 from ove_jax import sharding
 from ove_jax.models.attention import dot_product_attention, IMPLEMENTATIONS
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The token contract (CLIP mean/std, patch order, frame placement) has one home, shared with the
+# input pipeline; re-exported here for the model's users.
+from data_pipeline.tokens import CLIP_MEAN, CLIP_STD, patchify  # noqa: E402,F401
+from data_pipeline.tokens import timeline_to_grid as uniform_frame_times  # noqa: E402,F401
 
 # ------------------------------------------------------------------------------------------------
 # Config and presets
@@ -504,13 +506,6 @@ class Encoder(nnx.Module):
     return result
 
 
-def patchify(pixels_BxTxHxWxC, patch_size: int):
-  """[B, T, H, W, C] -> [B, T*Hp*Wp, ps*ps*C], tokens frame-major then row then column."""
-  b, t, h, w, c = pixels_BxTxHxWxC.shape
-  hp, wp = h // patch_size, w // patch_size
-  x = pixels_BxTxHxWxC.reshape(b, t, hp, patch_size, wp, patch_size, c)
-  x = x.transpose(0, 1, 2, 4, 3, 5, 6)
-  return x.reshape(b, t * hp * wp, patch_size * patch_size * c)
 
 
 def _grid_positions(t: int, hp: int, wp: int) -> jax.Array:
@@ -518,9 +513,6 @@ def _grid_positions(t: int, hp: int, wp: int) -> jax.Array:
   return jnp.stack([tt, hh, ww], axis=-1).reshape(1, t * hp * wp, 3).astype(jnp.int32)
 
 
-def uniform_frame_times(num_frames: int, temporal_size: int = 64) -> np.ndarray:
-  """Where T uniformly sampled frames sit on the virtual grid: floor(linspace(0, size-1, T))."""
-  return np.floor(np.linspace(0, temporal_size - 1, num_frames)).astype(np.int32)
 
 
 def create_encoder(cfg: EncoderConfig, seed: int = 0, *, rules=sharding.DEFAULT_RULES) -> Encoder:
