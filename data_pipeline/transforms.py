@@ -44,8 +44,8 @@ from PIL import Image
 
 from data_pipeline import video as video_lib
 from data_pipeline.tokens import (CHANNELS, CLIP_MEAN, CLIP_STD, PATCH, PATCH_DIM,  # noqa: F401
-                                  TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION, grid_positions,
-                                  normalize, timeline_to_grid, to_patches)
+                                  TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION, clip_positions,
+                                  grid_positions, normalize, timeline_to_grid, to_patches)
 
 MODE_IMAGE, MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM = 0, 1, 2, 3, 4
 # mode_probs / video_modes give one weight per mode in this order; the fourth may be left out
@@ -310,10 +310,9 @@ class VideoTransform:
     if record.get('positions') is None:
       raise ValueError('random mode takes its budget from the record\'s `positions` [K, 3]')
     budget = len(check_positions(record['positions'], len(frame_ids)))
-    per_frame = VIDEO_GRID * VIDEO_GRID
-    flat = np.sort(rng.choice(len(frame_ids) * per_frame, size=budget, replace=False))
-    pos_Kx3 = np.stack([flat // per_frame, (flat // VIDEO_GRID) % VIDEO_GRID, flat % VIDEO_GRID],
-                       axis=-1)
+    candidates_Nx3 = clip_positions(len(frame_ids), VIDEO_GRID, VIDEO_GRID)  # token order
+    flat = np.sort(rng.choice(len(candidates_Nx3), size=budget, replace=False))
+    pos_Kx3 = candidates_Nx3[flat].astype(np.int64)
     patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3)
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[pos_Kx3[:, 0]]
     return patches, np.stack([grid_t, pos_Kx3[:, 1], pos_Kx3[:, 2]], axis=-1).astype(np.int32)
