@@ -115,8 +115,9 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     clips / images: how many video clips and still images.
     budget: patches the codec selection keeps per clip (the video head's tokens per row).
     seed: seeds every clip and image.
-    policy: the selection's frame policy (codec.POLICIES; SPEC §2.6), an ablation knob. Data of
-      another policy is other data: a root made with one refuses another, like `budget`.
+    policy: the selection's frame policy (codec.POLICIES; docs/spec.md §2.6), an ablation knob.
+      Data of another policy is other data: a root made with one refuses another, like
+      `budget`.
     workers: precompute's processes (0: in this process). Does not change the data.
     progress: print a line per stage (and precompute's progress bar).
 

@@ -1,6 +1,6 @@
 """The per-host Grain input pipeline: records -> samples -> packed token rows, per head, mixed.
 
-One head (image, OCR or video; SPEC §3) is this chain of Grain stages:
+One head (image, OCR or video; docs/spec.md §3) is this chain of Grain stages:
 
   source (sources.open_source)                 item i = {index, name, raw bytes}
   .shuffle(seed)                               global, the same permutation on every host
@@ -48,8 +48,8 @@ _log = logging.getLogger(__name__)
 KINDS = ('image', 'ocr', 'video')
 MIXING = ('all', 'weighted')
 
-# Per kind: labels per sample, resolution, crop, flip probability (SPEC §3; the OCR crop is the
-# release's: short side to 448, centre crop, which keeps text undistorted).
+# Per kind: labels per sample, resolution, crop, flip probability (docs/spec.md §3; the OCR crop
+# is the release's: short side to 448, centre crop, which keeps text undistorted).
 _KIND_DEFAULTS = {
     'image': dict(num_labels=10, resolution=224, crop='random_resized', flip_prob=0.5),
     'ocr': dict(num_labels=100, resolution=448, crop='center', flip_prob=0.0),

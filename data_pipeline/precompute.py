@@ -215,11 +215,20 @@ def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int
     path = shard_path(out_dir, plan, i)
     if marker is None or marker.get('digest') != shard_digest or not os.path.exists(path):
       continue
-    if verify and (os.path.getsize(path) != marker['num_bytes']
-                   or count_records(path) != marker['num_records']):
+    if verify and not intact(path, marker):
       continue
     out[i] = marker
   return out
+
+
+def intact(path: str, marker: dict) -> bool:
+  """Whether a shard file has the size and record count its marker says."""
+  if os.path.getsize(path) != marker['num_bytes']:
+    return False
+  try:
+    return count_records(path) == marker['num_records']
+  except Exception:  # pylint: disable=broad-except  -- any reader error: not intact
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,7 +122,24 @@ def death_reason(exitcode: Optional[int]) -> str:
   return f'the worker process exited with code {exitcode}'
 
 
-def _worker_main(conn, fn: Callable, initializer: Optional[Callable], initargs: tuple) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+  """Linux: this process gets SIGKILL when its parent dies, so a worker stuck in a hung decoder
+  never outlives a run that was killed (the parent's own time limits die with it)."""
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: workers still exit when their pipe closes
+    return
+  if os.getppid() != parent_pid:  # the parent died before the line above
+    os._exit(1)
+
+
+def _worker_main(conn, fn: Callable, initializer: Optional[Callable], initargs: tuple,
+                 parent_pid: int) -> None:
+  _die_with_parent(parent_pid)
+  # Ctrl-C reaches the whole process group: the parent stops the workers, they do not stop
+  # themselves mid-task with a traceback each.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   if initializer is not None:
     initializer(*initargs)
   conn.send('ready')
@@ -146,8 +163,8 @@ class _Slot:
 
   def __init__(self, fn, initializer, initargs):
     self.conn, child = _CONTEXT.Pipe()
-    self.process = _CONTEXT.Process(target=_worker_main, args=(child, fn, initializer, initargs),
-                                    daemon=True)
+    self.process = _CONTEXT.Process(target=_worker_main, daemon=True,
+                                    args=(child, fn, initializer, initargs, os.getpid()))
     self.process.start()
     child.close()
     self.ready = False
