@@ -414,10 +414,12 @@ class Run:
     from tqdm import tqdm
     bar = tqdm(total=sum(len(self.shards[i]) for i in todo), unit='clip', desc='precompute',
                disable=not progress, dynamic_ncols=True)
-    blas_threads = max(1, workers_lib.usable_cpus() // max(1, workers))
+    # One BLAS thread per worker: processes are the parallelism. The selection's matrix work
+    # is small, and a second BLAS thread per worker made it 3.5x slower per clip on a busy
+    # 2-core machine (1.1 s -> 3.9 s for a 64-frame clip).
     results = workers_lib.ordered_map(process_clip, self.tasks(todo), workers,
                                       timeout=clip_timeout, initializer=init_worker,
-                                      initargs=(settings, blas_threads if workers else 0))
+                                      initargs=(settings, 1 if workers else 0))
     writer = None
     try:
       with open(self.journal, 'a', encoding='utf-8') as journal:
