@@ -155,7 +155,10 @@ def _worker_main(conn, fn: Callable, initializer: Optional[Callable], initargs: 
       result = fn(item)
     except Exception as e:  # pylint: disable=broad-except  -- reported as the item's result
       result = Lost(f'{type(e).__name__}: {e}')
-    conn.send((index, result))
+    try:
+      conn.send((index, result))
+    except (TypeError, AttributeError, ValueError) as e:  # a result that does not pickle
+      conn.send((index, Lost(f'the result cannot be sent back ({type(e).__name__}: {e})')))
 
 
 class _Slot:
@@ -244,9 +247,10 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *,
         if slot not in busy:
           continue
         was_ready = slot.ready
-        index, value = _collect(slot, ready, timeout)
-        if value is None:
+        said = _collect(slot, ready, timeout)
+        if said is None:
           continue
+        index, value = said
         if not was_ready:
           raise WorkerStartError(
               f'a worker process could not start ({value.reason}); if this runs from a '
@@ -261,10 +265,11 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *,
       slot.stop(kill=slot.task is not None)
 
 
-def _collect(slot: _Slot, ready: list, timeout: Optional[float]) -> tuple[Optional[int], Any]:
-  """What a busy slot has to say, as (index, result): (None, None) while it works (or when it
-  just became ready); its task's result; `Lost` when the task timed out or the process died,
-  with the slot's task left set so the caller replaces the worker."""
+def _collect(slot: _Slot, ready: list, timeout: Optional[float]
+             ) -> Optional[tuple[Optional[int], Any]]:
+  """What a busy slot has to say: None while it works (or when it just became ready); else
+  (index, result) of its task, with `Lost` as the result when the task timed out or the
+  process died (the slot's task then stays set, so the caller replaces the worker)."""
   if slot.conn in ready or slot.conn.poll():
     try:
       message = slot.conn.recv()
@@ -276,7 +281,7 @@ def _collect(slot: _Slot, ready: list, timeout: Optional[float]) -> tuple[Option
         slot.process.join()
     if message == 'ready':
       slot.ready, slot.started = True, time.monotonic()
-      return None, None
+      return None
     if message is not None:
       slot.task = None
       return message
@@ -288,4 +293,4 @@ def _collect(slot: _Slot, ready: list, timeout: Optional[float]) -> tuple[Option
     return None, Lost(f'no answer after {STARTUP_SECONDS:g} s')
   if slot.ready and timeout and elapsed > timeout:
     return slot.task, Lost(f'timed out after {timeout:g} s (the worker was killed)')
-  return None, None
+  return None

@@ -25,7 +25,10 @@ def open_clip(name: str) -> str:
 
 
 def work(item):
-  """2 * item for numbers; 'segfault...' / 'hang...' strings crash or hang; 'raise' raises."""
+  """2 * item for numbers, None for None; 'segfault...' / 'hang...' strings crash or hang;
+  'raise' raises."""
+  if item is None:
+    return None
   if item == 'raise':
     raise ValueError('asked to raise')
   crash_or_hang(item)
