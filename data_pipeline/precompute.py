@@ -478,22 +478,30 @@ class Run:
     self.counts['written'] += 1
 
   def finish(self, seconds: float, record_format: str) -> dict:
+    """Summaries: this task's (returned; summary.json of a single task), and once every shard
+    is finished the corpus's (summary.json, with the final manifest and metadata)."""
     task_index, num_tasks = self.task
     all_markers = finished_markers(self.out_dir, self.plan)
     complete = len(all_markers) == self.plan['num_shards']
-    summary = make_summary(self.out_dir, self.plan, all_markers if num_tasks == 1
-                           else self.markers, self.counts, self.skipped, seconds)
-    summary.update(complete=complete, task_index=task_index, num_tasks=num_tasks,
-                   shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
-                   corpus_shards_finished=len(all_markers))
     if complete:
       finalize(self.out_dir, self.plan, all_markers, record_format)
-    summary['failure_manifest'] = (os.path.join(self.out_dir, FAILURES) if complete
-                                   else self.journal)
-    fileio.write_json(os.path.join(self.out_dir, SUMMARY if num_tasks == 1 else os.path.join(
-        PROGRESS_DIR, f'summary-task-{task_index:05d}-of-{num_tasks:05d}.json')), summary)
-    if complete and num_tasks > 1:
-      fileio.write_json(os.path.join(self.out_dir, SUMMARY), summary)
+
+    def summary_of(markers: Mapping[int, dict]) -> dict:
+      out = make_summary(self.out_dir, self.plan, markers, self.counts, self.skipped, seconds)
+      out.update(complete=complete, task_index=task_index, num_tasks=num_tasks,
+                 shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
+                 corpus_shards_finished=len(all_markers),
+                 failure_manifest=os.path.join(self.out_dir, FAILURES) if complete
+                 else self.journal)
+      return out
+
+    summary = summary_of(all_markers if num_tasks == 1 else self.markers)
+    if num_tasks > 1:
+      fileio.write_json(os.path.join(self.out_dir, PROGRESS_DIR, f'summary-task-'
+                                     f'{task_index:05d}-of-{num_tasks:05d}.json'), summary)
+    if num_tasks == 1 or complete:
+      fileio.write_json(os.path.join(self.out_dir, SUMMARY),
+                        summary if num_tasks == 1 else summary_of(all_markers))
     return summary
 
 

@@ -154,6 +154,11 @@ def test_tasks_write_disjoint_shards_that_equal_one_machine_byte_for_byte(clips,
   assert precompute_codec.main([*args, '--task-index=0', '--workers=1']) == 0
   summary = json.loads(capsys.readouterr().out)
   assert summary['complete'] and summary['shards_written'] == 2
+  # 7 clips in shards of 1, 2, 2 and 2: this task's shards 0 and 2 hold 3 of them.
+  assert summary['records'] + summary['failures'] == 3
+  with open(split / 'summary.json') as f:
+    corpus = json.load(f)
+  assert corpus['complete'] and corpus['records'] == len(clips) and corpus['failures'] == 1
   assert shard_bytes(split) == shard_bytes(one)  # disjoint halves, the same bytes
   assert failures(split) == failures(one) and len(failures(one)) == 1
   assert precompute_codec.main(['--check', str(split)]) == 0
