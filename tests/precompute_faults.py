@@ -1,9 +1,10 @@
 """Faults a web-scale corpus holds, injected through precompute's real hooks (for the tests).
 
 `open_clip` is a `reader` (precompute's hook for corpora behind a custom loader): names starting
-with 'segfault' crash the worker process with SIGSEGV, as a decoder bug does; names starting
-with 'hang' never return, as a stuck network read or decoder does; any other name is a local
-path. `work` is the same for `data_pipeline.workers.ordered_map` on plain numbers.
+with 'segfault' crash the worker process with SIGSEGV, as a decoder bug does; 'oom' ones get the
+SIGKILL of the kernel's out-of-memory killer; 'hang' ones never return, as a stuck network read
+or decoder does; any other name is a local path. `work` is the same for
+`data_pipeline.workers.ordered_map` on plain numbers.
 """
 import os
 import signal
@@ -14,6 +15,8 @@ def crash_or_hang(name: str) -> None:
   base = os.path.basename(str(name))
   if base.startswith('segfault'):
     os.kill(os.getpid(), signal.SIGSEGV)
+  if base.startswith('oom'):  # what the kernel's out-of-memory killer sends
+    os.kill(os.getpid(), signal.SIGKILL)
   if base.startswith('hang'):
     while True:
       time.sleep(60)

@@ -86,10 +86,11 @@ def test_a_segfault_and_a_hang_cost_their_clip_not_the_run(clips, tmp_path):
 
 
 def test_the_pool_survives_crashes_hangs_and_errors_in_order():
-  items = [1, 'segfault', 2, 'hang', 3, 'raise', 4, 5, None]
+  items = [1, 'segfault', 2, 'hang', 3, 'raise', 4, 'oom', None, 5]
   got = list(workers.ordered_map(_import_faults().work, items, 2, timeout=3.0))
   assert len(got) == len(items)
-  assert got[0::2] == [2, 4, 6, 8, None] and got[7] == 10
+  assert got[0::2] == [2, 4, 6, 8, None] and got[9] == 10
+  assert 'SIGKILL' in got[7].reason and 'out-of-memory' in got[7].reason
   assert 'SIGSEGV' in got[1].reason and 'timed out after 3 s' in got[3].reason
   assert got[5].reason == 'ValueError: asked to raise'
   # In this process (workers=0): the same results where nothing crashes.
