@@ -46,7 +46,7 @@ import numpy as np
 
 from data_pipeline import fileio, locks, workers as workers_lib
 from data_pipeline.clip_work import (Clip, Done, Failed, Settings, init_worker,  # noqa: F401
-                                     picture_type_codes, process_clip, selection_record)
+                                     picture_type_codes, process_clip, resolve, selection_record)
 from data_pipeline.shards import (FAILURES, FORMATS, PLAN, PROGRESS_DIR, SUMMARY,  # noqa: F401
                                   TFDS_FILES, DecodedSource, ShardWriter, count_records,
                                   marker_path, read_plan, read_record, read_shard, shard_files,
@@ -94,21 +94,26 @@ def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> li
     raise FileNotFoundError(f'{source}: neither a video list file nor a folder')
   base = os.path.dirname(os.path.abspath(source))
   clips = []
-  with open(source, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip('\r\n')
-      if not line.strip() or line.lstrip().startswith('#'):
-        continue
-      # Paths may hold spaces, so only a tab separates the labels.
-      path, _, label_text = line.partition('\t')
-      labels = None
-      if label_text.strip():
-        try:
-          labels = tuple(int(x) for x in re.split(r'[,\s]+', label_text.strip()))
-        except ValueError:
-          raise ValueError(f'{source}:{number}: label ids must be integers, got '
-                           f'{label_text.strip()!r}') from None
-      clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
+  try:
+    with open(source, encoding='utf-8') as f:
+      lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
+  except UnicodeDecodeError:
+    raise ValueError(f'{source}: not a text list of videos (one path per line); give a list '
+                     'file or a folder of videos') from None
+  for number, line in enumerate(lines, 1):
+    line = line.rstrip('\r\n')
+    if not line.strip() or line.lstrip().startswith('#'):
+      continue
+    # Paths may hold spaces, so only a tab separates the labels.
+    path, _, label_text = line.partition('\t')
+    labels = None
+    if label_text.strip():
+      try:
+        labels = tuple(int(x) for x in re.split(r'[,\s]+', label_text.strip()))
+      except ValueError:
+        raise ValueError(f'{source}:{number}: label ids must be integers, got '
+                         f'{label_text.strip()!r}') from None
+    clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
   return clips
 
 
@@ -252,7 +257,7 @@ def read_journals(out_dir: str) -> list[dict]:
                                               'failures-task-*.jsonl')))]:
     try:
       with open(path, encoding='utf-8') as f:
-        lines = f.read().splitlines()
+        lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
     except FileNotFoundError:
       continue
     for line in lines:
@@ -334,6 +339,9 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
   options = dict(options or {})
   if selector == DEFAULT_SELECTOR:
     selector = None
+  for spec, what in ((selector, 'selector'), (reader, 'reader')):
+    if spec:
+      resolve(spec, what)  # a wrong name fails here, not in every worker
   check_options(options, selector)
   if workers is None:
     workers = workers_lib.usable_cpus()

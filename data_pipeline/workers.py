@@ -253,9 +253,9 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *,
         index, value = said
         if not was_ready:
           raise WorkerStartError(
-              f'a worker process could not start ({value.reason}); if this runs from a '
-              "script, its code needs an `if __name__ == '__main__':` guard (workers are "
-              'spawned and import the main module)')
+              f'a worker process could not start ({value.reason}; its error is printed '
+              'above); if this runs from a script, the script needs an `if __name__ == '
+              "'__main__':` guard (workers are spawned and import the main module)")
         done[index] = value
         if slot.task is not None:  # timed out or died holding its task: a fresh worker
           slot.stop(kill=True)

@@ -207,3 +207,21 @@ def test_tfds_output_reads_by_name_in_the_readme_layout(clips, tmp_path):
     sources.open_source(f'tfds:other?data_dir={out}')
   with pytest.raises(FileNotFoundError, match='no dataset there'):
     sources.open_source(f'tfds:ove_codec?data_dir={tmp_path}')
+
+
+def test_wrong_hooks_are_refused_before_any_worker_starts(clips, tmp_path, capsys):
+  listing = tmp_path / 'videos.txt'
+  listing.write_text(clips[0] + '\n')
+  for flag, spec in (('--selector', 'data_pipeline.codec:no_such_selector'),
+                     ('--reader', 'no_such_module:read')):
+    argv = [str(listing), str(tmp_path / 'out'), *FLAGS, flag, spec]
+    assert precompute_codec.main(argv) == 2
+    err = capsys.readouterr().err
+    assert spec in err and flag[2:] in err
+  # A video given where the list goes is named, not answered with a decoding error.
+  assert precompute_codec.main([clips[0], str(tmp_path / 'out'), *FLAGS]) == 2
+  assert f'{clips[0]}: not a text list of videos' in capsys.readouterr().err
+  # A worker that cannot start stops the map with the reason, instead of retrying forever.
+  with pytest.raises(workers.WorkerStartError, match='could not start'):
+    list(workers.ordered_map(_import_faults().work, [1, 2], 1,
+                             initializer=_import_faults().work, initargs=('raise',)))
