@@ -13,7 +13,7 @@ Layout under `root`:
   images/img-{i:05d}.png       224x224 stills of one object (a 1-frame synthetic clip)
   images/labels.npy            int32 [N, 3], one row per image in sorted file order
   builtin.json                 the parameters and the result, written last: the data is ready
-  .lock                        the flock that serialises concurrent calls
+  .lock-builtin                the flock that serialises concurrent calls (`data_pipeline.locks`)
 
 Labels come from the synthetic ground truth of the (one) object: a fine class and the
 attributes it combines, so a probe can learn something real from a few dozen samples. Videos
@@ -29,16 +29,14 @@ the rest, and lets `precompute` resume its unfinished shards.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import os
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from data_pipeline import fileio, precompute, sources, synthetic
+from data_pipeline import fileio, locks, precompute, sources, synthetic
 from data_pipeline.codec.options import POLICIES
 from data_pipeline import video as video_lib
 
@@ -58,7 +56,6 @@ SELECTION_OPTIONS = {'num_frames': NUM_FRAMES, 'resolution': RESOLUTION,
 
 _MARKER = 'builtin.json'
 _STARTED = '.builtin-started.json'
-_LOCK = '.lock'
 _LIST = 'clips.tsv'
 _IMAGE_LABELS = 'labels.npy'
 _LOG = 'made.tsv'
@@ -118,8 +115,9 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     clips / images: how many video clips and still images.
     budget: patches the codec selection keeps per clip (the video head's tokens per row).
     seed: seeds every clip and image.
-    policy: the selection's frame policy (codec.POLICIES; SPEC §2.6), an ablation knob. Data of
-      another policy is other data: a root made with one refuses another, like `budget`.
+    policy: the selection's frame policy (codec.POLICIES; docs/spec.md §2.6), an ablation knob.
+      Data of another policy is other data: a root made with one refuses another, like
+      `budget`.
     workers: precompute's processes (0: in this process). Does not change the data.
     progress: print a line per stage (and precompute's progress bar).
 
@@ -163,7 +161,7 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     if progress:
       print(f'[builtin data] {text}', flush=True)
 
-  with _locked(os.path.join(root, _LOCK), say):
+  with locks.hold(root, 'builtin', 'making the built-in data', wait=say):
     ready = _ready(root, params)  # another process may have made it while we waited
     if ready is not None:
       say(f'ready in {root} (made by another process)')
@@ -199,7 +197,8 @@ def _result(root: str, shards: Sequence[str], num_records: int, params: dict) ->
   return {'video_source': ','.join(shards),
           'image_source': f'folder:{images}?labels={os.path.join(images, _IMAGE_LABELS)}',
           'video_classes': VIDEO_CLASSES, 'image_classes': IMAGE_CLASSES,
-          'video_labels': VIDEO_LABELS, 'image_labels': IMAGE_LABELS, 'clips': num_records, 'images': params['images']}
+          'video_labels': VIDEO_LABELS, 'image_labels': IMAGE_LABELS, 'clips': num_records,
+          'images': params['images']}
 
 
 def _ready(root: str, params: dict) -> Optional[dict]:
@@ -226,21 +225,6 @@ def _check_params(root: str, old: Optional[dict], new: dict) -> None:
              if value(old, key) != value(new, key)]
   raise ValueError(f'{root} holds built-in data made with other parameters '
                    f'({"; ".join(changed)}); use another root, or delete {root} to remake it')
-
-
-@contextlib.contextmanager
-def _locked(path: str, say: Callable[[str], None]) -> Iterator[None]:
-  """An exclusive flock on `path`: one process makes the data, the others wait for it."""
-  with open(path, 'a') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      say(f'another process is making the data in {os.path.dirname(path)}; waiting')
-      fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,10 +31,27 @@ def _fsync(path: str) -> None:
     os.close(fd)
 
 
+def _fsync_folder(folder: str) -> None:
+  """Makes a rename in `folder` durable; file systems that cannot fsync a folder (some network
+  and FUSE mounts) are left as they are."""
+  try:
+    fd = os.open(folder or '.', os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
 def commit(tmp: str, path: str) -> None:
-  """Makes a finished temporary file `tmp` the file `path` (fsync, then an atomic rename)."""
+  """Makes a finished temporary file `tmp` the file `path` (fsync, an atomic rename, then an
+  fsync of the folder, so a file written after this one never outlives it in a crash)."""
   _fsync(tmp)
   os.replace(tmp, path)
+  _fsync_folder(os.path.dirname(path))
 
 
 @contextlib.contextmanager

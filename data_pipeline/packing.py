@@ -9,7 +9,7 @@ and the encoder's head pools segment s+1 into `pooled[:, s]`, which lines up wit
 Batch (numpy), from samples of `data_pipeline.transforms`:
   patches        [R, L, 588]  float32 CLIP-normalised (padding 0), or uint8 raw pixels when
                               patch_dtype='uint8' (then normalise on the device with the affine
-                              map of `transforms.normalize`: 4x less host memory and transfer)
+                              map of `tokens.normalize`: 4x less host memory and transfer)
   positions      [R, L, 3]    int32 (t, h, w); padding (0, 0, 0)
   segment_ids    [R, L]       int32, 0 = padding, 1..S
   labels         [R, S, n]    int32; empty segments hold id 0 (a real id, as the loss wants)
@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 import grain
 import numpy as np
 
-from data_pipeline import transforms
+from data_pipeline import tokens
 
 SKIPPED = 'skipped'  # a sample dict with this key stands for a dropped record: counted, not packed
 
@@ -61,7 +61,7 @@ class BatchPacker:
 
   def _reset(self):
     r, l, s = self.rows, self.tokens_per_row, self.max_segments
-    self._patches_RxLxP = np.zeros((r, l, transforms.PATCH_DIM), np.uint8)
+    self._patches_RxLxP = np.zeros((r, l, tokens.PATCH_DIM), np.uint8)
     self._positions_RxLx3 = np.zeros((r, l, 3), np.int32)
     self._segment_ids_RxL = np.zeros((r, l), np.int32)
     self._labels_RxSxN = np.zeros((r, s, self.num_labels), np.int32)
@@ -80,9 +80,9 @@ class BatchPacker:
           f'{self.tokens_per_row}; raise tokens_per_row or lower this head\'s token budget')
     if n == 0:
       raise ValueError(f'{sample_name(sample)}: a sample with no tokens')
-    if sample['patches'].shape != (n, transforms.PATCH_DIM) or sample['positions'].shape != (n, 3):
+    if sample['patches'].shape != (n, tokens.PATCH_DIM) or sample['positions'].shape != (n, 3):
       raise ValueError(f'{sample_name(sample)}: patches {sample["patches"].shape} / positions '
-                       f'{sample["positions"].shape}; expected [{n}, {transforms.PATCH_DIM}] / '
+                       f'{sample["positions"].shape}; expected [{n}, {tokens.PATCH_DIM}] / '
                        f'[{n}, 3]')
     if np.shape(sample['labels']) != (self.num_labels,):
       raise ValueError(f'{sample_name(sample)}: labels of shape {np.shape(sample["labels"])}; '
@@ -112,7 +112,7 @@ class BatchPacker:
   def finish(self, num_skipped: int = 0) -> dict[str, np.ndarray]:
     """The batch filled so far (empty rows are all padding); the packer starts a new batch."""
     if self.patch_dtype == 'float32':
-      patches = transforms.normalize(self._patches_RxLxP)
+      patches = tokens.normalize(self._patches_RxLxP)
       patches[self._segment_ids_RxL == 0] = 0.0  # padding stays exactly zero
     else:
       patches = self._patches_RxLxP

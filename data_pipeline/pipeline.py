@@ -1,6 +1,6 @@
 """The per-host Grain input pipeline: records -> samples -> packed token rows, per head, mixed.
 
-One head (image, OCR or video; SPEC §3) is this chain of Grain stages:
+One head (image, OCR or video; docs/spec.md §3) is this chain of Grain stages:
 
   source (sources.open_source)                 item i = {index, name, raw bytes}
   .shuffle(seed)                               global, the same permutation on every host
@@ -41,15 +41,15 @@ from typing import Any, Mapping, Sequence, Union
 import grain
 import numpy as np
 
-from data_pipeline import packing, sources, transforms
+from data_pipeline import packing, sources, tokens, transforms
 
 _log = logging.getLogger(__name__)
 
 KINDS = ('image', 'ocr', 'video')
 MIXING = ('all', 'weighted')
 
-# Per kind: labels per sample, resolution, crop, flip probability (SPEC §3; the OCR crop is the
-# release's: short side to 448, centre crop, which keeps text undistorted).
+# Per kind: labels per sample, resolution, crop, flip probability (docs/spec.md §3; the OCR crop
+# is the release's: short side to 448, centre crop, which keeps text undistorted).
 _KIND_DEFAULTS = {
     'image': dict(num_labels=10, resolution=224, crop='random_resized', flip_prob=0.5),
     'ocr': dict(num_labels=100, resolution=448, crop='center', flip_prob=0.0),
@@ -81,7 +81,7 @@ class HeadConfig:
   # Videos.
   video_modes: tuple[float, ...] = (0.5, 0.375, 0.125)  # codec, uniform, collage[, random]
   num_frames: int = 8                          # frames of the uniform and collage modes
-  temporal_size: int = transforms.TEMPORAL_SIZE
+  temporal_size: int = tokens.TEMPORAL_SIZE
   video_root: str = ''                         # prefix of records' relative `source` paths
 
   def __post_init__(self):
@@ -93,16 +93,16 @@ class HeadConfig:
     # Samples of a known size must fit a row; say so here rather than from a worker process.
     # (Codec samples have the size their record gives; a too-long one is named when packed.)
     if self.kind == 'video':
-      frames_tokens = self.num_frames * transforms.VIDEO_GRID ** 2
+      frames_tokens = self.num_frames * tokens.VIDEO_GRID ** 2
       if max(self.video_modes[1:3]) > 0 and frames_tokens > self.tokens_per_row:
-        raise ValueError(f'{self.num_frames} frames x {transforms.VIDEO_GRID ** 2} patches = '
+        raise ValueError(f'{self.num_frames} frames x {tokens.VIDEO_GRID ** 2} patches = '
                          f'{frames_tokens} tokens > tokens_per_row={self.tokens_per_row}')
     else:
-      tokens = ((self.max_image_tokens or self.tokens_per_row) if self.native_aspect
-                else (self.get('resolution') // transforms.PATCH) ** 2)
-      if tokens > self.tokens_per_row:
-        raise ValueError(f'{self.kind} samples have up to {tokens} tokens > tokens_per_row='
-                         f'{self.tokens_per_row}')
+      image_tokens = ((self.max_image_tokens or self.tokens_per_row) if self.native_aspect
+                      else (self.get('resolution') // tokens.PATCH) ** 2)
+      if image_tokens > self.tokens_per_row:
+        raise ValueError(f'{self.kind} samples have up to {image_tokens} tokens > '
+                         f'tokens_per_row={self.tokens_per_row}')
 
   def get(self, field: str) -> Any:
     value = getattr(self, field)

@@ -4,90 +4,68 @@ Selection reads every frame of a clip and exports motion vectors, so it is done 
 and the training input reads only the kept patches' frames. `precompute` runs
 `data_pipeline.codec.select` over a list of videos in a pool of processes and writes one record
 (`data_pipeline.records`, video clip fields) per good clip. `tools/precompute_codec.py` is its
-command line.
-
-Layout of an output directory:
-  {name}-{split}.array_record-{i:05d}-of-{n:05d}   shard i: one records.encode(...) per good clip
-  progress/shard-{i:05d}.json                     shard i is finished (written after its rename)
-  plan.json                                       what was asked: inputs digest, options, shards
-  failures.jsonl                                  {"file", "reason", "shard"} per clip not kept
-  summary.json                                    figures of the last run
-  dataset_info.json, features.json               TFDS metadata (format 'tfds', once complete)
+command line. The folder's layout and record formats, the writer and the readers are
+`data_pipeline.shards`; one clip's work is `data_pipeline.clip_work`; the worker processes are
+`data_pipeline.workers`.
 
 Guarantees:
 - Deterministic: the same input list and settings give the same clips in the same shards in the
-  same order (inputs are shuffled with a fixed seed, then cut into balanced contiguous shards).
-- Resumable: a shard is finished when its file and its progress marker exist, and both are
-  written by rename, so a killed run leaves no half shard behind; re-running the same command
-  skips finished shards and does the rest. A different plan in the same folder is refused.
-- Bad clips never stop a run: their reason goes to the failure manifest as they happen. The one
-  exception is a run whose first clips all fail with errors that are not VideoError, which
-  means the options or the selector are wrong, not the videos.
-
-Two record formats, the same content:
-- 'records' (default): each ArrayRecord entry is `records.encode` bytes, what
-  `data_pipeline.sources` reads from shard globs ('OUT_DIR/ove_codec-train.array_record-*') and
-  what grain's ArrayRecordDataSource returns.
-- 'tfds': each entry is a tf.train.Example holding those bytes in one feature `record`, and the
-  folder gets TFDS metadata, so it is a TFDS ArrayRecord dataset read without TensorFlow:
-  `tfds.builder_from_directory(out_dir).as_data_source(split)`, `tfds.data_source(name,
-  data_dir=D)` when out_dir is D/name/version, or the 'tfds:' spec of `data_pipeline.sources`.
-  (A TFDS dataset of raw `records.encode` entries would need every reader to pass
-  deserialize_method=RAW_BYTES; plain TFDS readers would fail on it, so 'records' folders carry
-  no TFDS metadata.)
-`read_record`, `read_shard` and `tfds_data_source` read either format back as record dicts.
+  same order (inputs are shuffled with a fixed seed, then cut into balanced contiguous shards),
+  byte for byte, on any machine and with any number of workers or tasks.
+- Resumable: a shard is finished when its file and its progress marker exist; the file is
+  fsynced and renamed from a unique temporary name before the marker is written, so a killed
+  run leaves no half shard behind; re-running the same command skips finished shards and does
+  the rest. A different plan in the same folder is refused.
+- Bad clips never stop a run: their reason goes to the failure manifest as they happen. A clip
+  that runs past `clip_timeout` or crashes its worker process (a segfault in a decoder, the
+  out-of-memory killer) is a failure like any other, and a fresh worker takes over. Failures
+  are not retried by a re-run unless asked (`retry_failures`). The one exception is a run whose
+  first clips all fail with errors that are not VideoError, which means the options or the
+  selector are wrong, not the videos.
+- One writer: a run holds a lock on the folder (`data_pipeline.locks`); a second run on the same
+  folder (or the same task of it) refuses, naming the pid and host of the first.
+- Split over machines: task I of N (`task_index`, `num_tasks`: a SLURM array, a Kubernetes
+  indexed job) writes shards I, I + N, I + 2N, ... of the one plan; the task that finds every
+  shard finished writes the corpus's failure manifest, summary and TFDS metadata, and `check`
+  says whether a folder is complete and which shards (of which task) are missing.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
+import glob
 import hashlib
-import importlib
-import itertools
+import inspect
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
 import time
-from concurrent import futures
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from data_pipeline import fileio, records, transforms
-from data_pipeline.video import VideoError
+from data_pipeline import fileio, locks, workers as workers_lib
+from data_pipeline.clip_work import (Clip, Done, Failed, Settings, init_worker,  # noqa: F401
+                                     picture_type_codes, process_clip, resolve, selection_record)
+from data_pipeline.shards import (FAILURES, FORMATS, PLAN, PROGRESS_DIR, SUMMARY,  # noqa: F401
+                                  TFDS_FILES, DecodedSource, ShardWriter, count_records,
+                                  marker_path, read_plan, read_record, read_shard, shard_files,
+                                  shard_name, shard_path, tfds_data_source, write_tfds_metadata)
 
 VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mkv', '.webm', '.avi', '.mov', '.mpg', '.mpeg', '.ts',
                     '.flv', '.3gp', '.wmv', '.h264', '.264', '.hevc')
+# The name plans record for the default selection (codec.select, called directly).
 DEFAULT_SELECTOR = 'data_pipeline.codec:select'
 DEFAULT_NAME = 'ove_codec'
 DEFAULT_SPLIT = 'train'
-FORMATS = ('records', 'tfds')
 # A run whose first this-many clips all fail with errors other than VideoError is stopped: the
 # options or the selector are wrong, and a million-line failure manifest helps nobody.
 ABORT_WINDOW = 16
-
-_PROGRESS_DIR = 'progress'
-_FAILURES = 'failures.jsonl'
-_PLAN = 'plan.json'
-_SUMMARY = 'summary.json'
-_PLAN_VERSION = 1
-# Arguments of codec.select that are not codec.Options fields.
-_GRID_OPTIONS = ('num_frames', 'budget', 'resolution', 'patch_size')
+PLAN_VERSION = 1
 
 
 class PlanMismatch(RuntimeError):
   """The output folder holds shards of a different run (other inputs, options or sharding)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Clip:
-  """One input video: where it is and, optionally, its label ids."""
-  path: str
-  labels: Optional[tuple[int, ...]] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,21 +94,26 @@ def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> li
     raise FileNotFoundError(f'{source}: neither a video list file nor a folder')
   base = os.path.dirname(os.path.abspath(source))
   clips = []
-  with open(source, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip('\r\n')
-      if not line.strip() or line.lstrip().startswith('#'):
-        continue
-      # Paths may hold spaces, so only a tab separates the labels.
-      path, _, label_text = line.partition('\t')
-      labels = None
-      if label_text.strip():
-        try:
-          labels = tuple(int(x) for x in re.split(r'[,\s]+', label_text.strip()))
-        except ValueError:
-          raise ValueError(f'{source}:{number}: label ids must be integers, got '
-                           f'{label_text.strip()!r}') from None
-      clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
+  try:
+    with open(source, encoding='utf-8') as f:
+      lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
+  except UnicodeDecodeError:
+    raise ValueError(f'{source}: not a text list of videos (one path per line); give a list '
+                     'file or a folder of videos') from None
+  for number, line in enumerate(lines, 1):
+    line = line.rstrip('\r\n')
+    if not line.strip() or line.lstrip().startswith('#'):
+      continue
+    # Paths may hold spaces, so only a tab separates the labels.
+    path, _, label_text = line.partition('\t')
+    labels = None
+    if label_text.strip():
+      try:
+        labels = tuple(int(x) for x in re.split(r'[,\s]+', label_text.strip()))
+      except ValueError:
+        raise ValueError(f'{source}:{number}: label ids must be integers, got '
+                         f'{label_text.strip()!r}') from None
+    clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
   return clips
 
 
@@ -157,262 +140,152 @@ def plan_shards(clips: Sequence[Clip], num_shards: int, shuffle_seed: Optional[i
   return [[clips[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(num_shards)]
 
 
-def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
-  # TFDS's default file template, so the folder doubles as a TFDS dataset.
-  return f'{name}-{split}.array_record-{index:05d}-of-{num_shards:05d}'
+def task_shards(num_shards: int, task_index: int = 0, num_tasks: int = 1) -> list[int]:
+  """The shards task `task_index` of `num_tasks` writes: every num_tasks-th, from its index
+  (interleaved, so tasks that start together share the work evenly even when stopped early)."""
+  if num_tasks < 1 or not 0 <= task_index < num_tasks:
+    raise ValueError(f'task_index={task_index}, num_tasks={num_tasks}: need num_tasks >= 1 and '
+                     '0 <= task_index < num_tasks')
+  return list(range(task_index, num_shards, num_tasks))
 
 
-def shard_files(out_dir: str) -> list[str]:
-  """The shard paths of a finished or partial output folder, in shard order (finished ones)."""
-  plan = fileio.read_json(os.path.join(out_dir, _PLAN))
-  if plan is None:
-    raise FileNotFoundError(f'{out_dir}: no {_PLAN}; not a precompute output folder')
-  paths = []
-  for i in range(plan['num_shards']):
-    path = os.path.join(out_dir, shard_name(plan['name'], plan['split'], i, plan['num_shards']))
-    if os.path.exists(_marker_path(out_dir, i)) and os.path.exists(path):
-      paths.append(path)
-  return paths
-
-
-def read_plan(out_dir: str) -> Optional[dict]:
-  return fileio.read_json(os.path.join(out_dir, _PLAN))
-
-
-# ---------------------------------------------------------------------------------------------
-# One clip -> one record (runs in the worker processes)
-# ---------------------------------------------------------------------------------------------
-
-def picture_type_codes(picture_types) -> np.ndarray:
-  """uint8 codes of records.PICTURE_TYPES from ints or from 'I'/'P'/'B' strings."""
-  values = list(picture_types)
-  if values and isinstance(values[0], (str, bytes, np.str_, np.bytes_)):
-    codes = []
-    for v in values:
-      v = v.decode() if isinstance(v, (bytes, np.bytes_)) else str(v)
-      v = v.rsplit('.', 1)[-1][:1].upper()  # 'I', 'PictureType.I' -> 'I'
-      codes.append(records.PICTURE_TYPES.index(v) if v in records.PICTURE_TYPES else 0)
-    return np.asarray(codes, np.uint8)
-  return np.asarray(values, np.uint8).reshape(-1)
-
-
-def _generic_fields(selection) -> dict[str, Any]:
-  """Record fields of a selector without `record_fields()`: the contract's arrays, plus the
-  numbers of a `stats` mapping as `stats_*`."""
-  fields = {'frame_ids': np.asarray(selection.frame_ids, np.int32).reshape(-1),
-            'positions': np.asarray(selection.positions),
-            'picture_types': picture_type_codes(selection.picture_types)}
-  stats = getattr(selection, 'stats', None)
-  for key, value in (stats.items() if isinstance(stats, Mapping) else ()):
-    if isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
-      fields[f'stats_{key}'] = value.item() if isinstance(value, np.generic) else value
-  return fields
-
-
-def selection_record(selection, source: str, labels: Optional[Sequence[int]] = None,
-                     store_scores: bool = False) -> dict[str, Any]:
-  """The video clip record (records.py fields) of one selection."""
-  # The codec's Selection says itself which fields and statistics a record holds.
-  if hasattr(selection, 'record_fields'):
-    record = dict(selection.record_fields())
-  else:
-    record = _generic_fields(selection)
-  positions = np.asarray(record['positions'])
-  if positions.ndim != 2 or positions.shape[1] != 3:
-    raise ValueError(f'{source}: selection positions have shape {positions.shape}, not [K, 3]')
-  if positions.size and (positions.min() < 0 or positions.max() > np.iinfo(np.int16).max):
-    raise ValueError(f'{source}: selection positions out of the int16 range')
-  record['positions'] = positions.astype(np.int16)
-  record['source'] = source
-  if labels is not None:
-    record['labels'] = np.asarray(labels, np.int32).reshape(-1)
-  scores = np.asarray(selection.scores)
-  if 'stats_kept_fraction' not in record and scores.size:
-    record['stats_kept_fraction'] = float(len(positions) / scores.size)
-  if store_scores:
-    # float16 halves the size; the map is for inspection, not for training.
-    record['scores'] = scores.astype(np.float16)
-  return record
-
-
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-  selector: str
-  options: dict
-  inline_max_bytes: int
-  store_scores: bool
-  record_format: str
-  store_patches: bool = False
-
-
-@dataclasses.dataclass
-class _Done:
-  data: bytes
-  kept: int
-  candidates: int
-  seconds: float
-
-
-@dataclasses.dataclass
-class _Failed:
-  reason: str
-  video_error: bool  # a bad input (expected), as opposed to a bug or wrong options
-
-
-_worker_settings: Optional[_Settings] = None
-_selectors: dict[str, Callable] = {}
-
-
-_blas_limits = None  # the worker's BLAS thread limit, kept alive for the process's life
-
-
-def _init_worker(settings: _Settings, blas_threads: int = 0):
-  global _worker_settings, _blas_limits
-  _worker_settings = settings
-  if blas_threads:
-    # Each worker's BLAS would start a thread per core: N workers x cores threads on `cores`
-    # cores made 2 workers slower than 1 on a 2-core machine.
-    import threadpoolctl
-    _blas_limits = threadpoolctl.threadpool_limits(blas_threads)
-
-
-def resolve_selector(spec: str) -> Callable:
-  """'package.module:function' -> the function (imported once per process)."""
-  if spec not in _selectors:
-    module, _, attr = spec.partition(':')
-    if not attr:
-      raise ValueError(f'selector {spec!r} must look like "package.module:function"')
-    _selectors[spec] = getattr(importlib.import_module(module), attr)
-  return _selectors[spec]
-
-
-def _reason(path: str, error: BaseException) -> str:
-  text = f'{type(error).__name__}: {error}'
-  return text if path in text else f'{path}: {text}'
-
-
-def _process(clip: Clip):
-  """Select one clip and encode its record; every error becomes a _Failed naming the file."""
-  settings = _worker_settings
-  start = time.perf_counter()
-  try:
-    select = resolve_selector(settings.selector)
-    # The path, not the bytes: the selector's errors then name the file.
-    selection = select(clip.path, **settings.options)
-    record = selection_record(selection, clip.path, clip.labels, settings.store_scores)
-    if settings.store_patches:
-      record['patches'] = transforms.codec_patches(clip.path, record['frame_ids'],
-                                                   record['positions'])
-    if settings.inline_max_bytes > 0 and os.path.getsize(clip.path) <= settings.inline_max_bytes:
-      with open(clip.path, 'rb') as f:
-        record['video'] = f.read()
-    data = records.encode(record)
-    if settings.record_format == 'tfds':
-      data = _tfds_features().serialize_example({'record': data})
-  except Exception as e:  # pylint: disable=broad-except  -- one bad clip must not stop the run
-    return _Failed(_reason(clip.path, e), isinstance(e, VideoError))
-  return _Done(data, kept=len(record['positions']),
-               candidates=int(np.asarray(selection.scores).size),
-               seconds=time.perf_counter() - start)
-
-
-def _ordered_map(fn: Callable, items: Iterable, workers: int, settings: _Settings) -> Iterator:
-  """fn over items in order, in `workers` spawned processes (0: in this process).
-
-  A bounded window of submitted tasks keeps memory flat on huge lists while keeping every
-  worker busy; results are consumed in input order so shards come out deterministic.
-  """
-  if workers <= 0:
-    _init_worker(settings)
-    for item in items:
-      yield fn(item)
+def check_options(options: Mapping[str, Any], selector: Optional[str]) -> None:
+  """Unknown names and bad values of codec.select fail here, before a pool starts, not once per
+  clip. (A custom selector checks its own options.)"""
+  json.dumps(dict(options))  # options that cannot be recorded in the plan
+  if selector:
     return
-  # spawn, not fork: the parent may hold threads (tqdm, JAX in a notebook) that fork would copy.
-  pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'),
-                                     initializer=_init_worker,
-                                     initargs=(settings, max(1, (os.cpu_count() or 1) // workers)))
+  from data_pipeline import codec
+  # select's own arguments (the grid, and whatever it names besides Options' fields).
+  named = {'num_frames', 'budget', 'resolution', 'patch_size'} | {
+      p.name for p in inspect.signature(codec.select).parameters.values()
+      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+  codec.Options.from_kwargs({k: v for k, v in options.items() if k not in named})
+
+
+def digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def make_plan(clips: Sequence[Clip], shards: Sequence[Sequence[Clip]], name: str, split: str,
+              shuffle_seed: Optional[int], common: dict) -> dict:
+  """plan.json: what was asked, with a digest per shard (its clips and the settings)."""
+  shard_digests = [digest({'clips': [[c.path, c.labels] for c in shard], **common})
+                   for shard in shards]
+  plan = {'version': PLAN_VERSION, 'name': name, 'split': split, 'num_shards': len(shards),
+          'num_clips': len(clips), 'shuffle_seed': shuffle_seed, **common,
+          'inputs_digest': digest([[c.path, c.labels] for c in clips]),
+          'shard_digests': shard_digests}
+  # Compared with the plan.json of an earlier run, so in its JSON form (tuples become lists).
+  return json.loads(json.dumps(plan))
+
+
+def plan_changes(old: dict, new: dict) -> list[str]:
+  """What differs between two plans, in words (the digests change with everything else, so the
+  cause is named instead)."""
+  changed = []
+  for key in sorted(set(new) | set(old)):
+    a, b = old.get(key), new.get(key)
+    if key == 'shard_digests' or a == b:
+      continue
+    if isinstance(a, dict) and isinstance(b, dict):
+      changed += [f'{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
+                  if a.get(k) != b.get(k)]
+    elif key == 'inputs_digest':
+      changed.append('the input list')
+    else:
+      changed.append(f'{key}: {a!r} -> {b!r}')
+  return changed
+
+
+def clear_outputs(out_dir: str, plan: dict) -> None:
+  """Removes what a previous plan wrote (its shards, markers and metadata), nothing else."""
+  for i in range(plan['num_shards']):
+    for path in [shard_path(out_dir, plan, i), *glob.glob(glob.escape(shard_path(
+        out_dir, plan, i)) + '.tmp*')]:
+      if os.path.exists(path):
+        os.remove(path)
+  shutil.rmtree(os.path.join(out_dir, PROGRESS_DIR), ignore_errors=True)
+  for name in (PLAN, FAILURES, SUMMARY, *TFDS_FILES):
+    if os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
+
+
+def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int, dict]:
+  """The markers of the plan's finished shards: marker of this plan's shard, and its file there
+  (with `verify`, also of the size and record count the marker says)."""
+  out = {}
+  for i, shard_digest in enumerate(plan['shard_digests']):
+    marker = fileio.read_json(marker_path(out_dir, i))
+    path = shard_path(out_dir, plan, i)
+    if marker is None or marker.get('digest') != shard_digest or not os.path.exists(path):
+      continue
+    if verify and not intact(path, marker):
+      continue
+    out[i] = marker
+  return out
+
+
+def intact(path: str, marker: dict) -> bool:
+  """Whether a shard file has the size and record count its marker says."""
+  if os.path.getsize(path) != marker['num_bytes']:
+    return False
   try:
-    iterator = iter(items)
-    window = collections.deque(pool.submit(fn, item)
-                               for item in itertools.islice(iterator, 4 * workers))
-    while window:
+    return count_records(path) == marker['num_records']
+  except Exception:  # pylint: disable=broad-except  -- any reader error: not intact
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Failure journals
+# ---------------------------------------------------------------------------------------------
+
+def journal_path(out_dir: str, task_index: int, num_tasks: int) -> str:
+  """Where a run appends failures as they happen: the manifest itself for a single task, a file
+  per task otherwise (tasks may run on machines that share no append-safe file)."""
+  if num_tasks == 1:
+    return os.path.join(out_dir, FAILURES)
+  return os.path.join(out_dir, PROGRESS_DIR,
+                      f'failures-task-{task_index:05d}-of-{num_tasks:05d}.jsonl')
+
+
+def read_journals(out_dir: str) -> list[dict]:
+  """Every failure entry in the folder's manifest and task journals."""
+  entries = []
+  for path in [os.path.join(out_dir, FAILURES),
+               *sorted(glob.glob(os.path.join(glob.escape(out_dir), PROGRESS_DIR,
+                                              'failures-task-*.jsonl')))]:
+    try:
+      with open(path, encoding='utf-8') as f:
+        lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
+    except FileNotFoundError:
+      continue
+    for line in lines:
       try:
-        result = window.popleft().result()
-      except BrokenProcessPool as e:
-        raise RuntimeError(
-            'a worker process died (a crash inside FFmpeg, out of memory, or a calling script '
-            "without an `if __name__ == '__main__':` guard); finished shards are kept, run the "
-            'same command again to resume') from e
-      for item in itertools.islice(iterator, 1):
-        window.append(pool.submit(fn, item))
-      yield result
-  finally:
-    pool.shutdown(wait=True, cancel_futures=True)
+        entries.append(json.loads(line))
+      except ValueError:
+        pass  # the last line of a run killed mid-write
+  return entries
+
+
+def write_failures(path: str, entries: Sequence[dict]) -> None:
+  fileio.write_atomic(path, ''.join(json.dumps(entry) + '\n' for entry in entries))
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def _digest(obj) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-
-
-def _marker_path(out_dir: str, index: int) -> str:
-  return os.path.join(out_dir, _PROGRESS_DIR, f'shard-{index:05d}.json')
-
-
-def _clear_outputs(out_dir: str, plan: dict) -> None:
-  """Removes what a previous plan wrote (its shards, markers and metadata), nothing else."""
-  for i in range(plan['num_shards']):
-    path = os.path.join(out_dir, shard_name(plan['name'], plan['split'], i, plan['num_shards']))
-    if os.path.exists(path):
-      os.remove(path)
-  fileio.remove_stale_temporaries(out_dir)
-  shutil.rmtree(os.path.join(out_dir, _PROGRESS_DIR), ignore_errors=True)
-  for name in (_PLAN, _FAILURES, _SUMMARY, 'dataset_info.json', 'features.json'):
-    if os.path.exists(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
-
-
-class ShardWriter:
-  """One shard written to a temporary file, renamed into place when complete."""
-
-  def __init__(self, path: str):
-    from array_record.python.array_record_module import ArrayRecordWriter
-    self.path, self.tmp = path, fileio.temp_name(path)
-    # group_size:1 is what grain and TFDS want for fast random access.
-    self._writer = ArrayRecordWriter(self.tmp, 'group_size:1')
-    self.count = 0
-
-  def write(self, data: bytes):
-    self._writer.write(data)
-    self.count += 1
-
-  def commit(self) -> int:
-    self._writer.close()
-    self._writer = None
-    fileio.commit(self.tmp, self.path)
-    return os.path.getsize(self.path)
-
-  def abandon(self):
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
-    if os.path.exists(self.tmp):
-      os.remove(self.tmp)
-
-
 def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = None,
                clips_per_shard: int = 1000, num_shards: Optional[int] = None,
                shuffle_seed: Optional[int] = 0, workers: Optional[int] = None,
                inline_max_bytes: int = 1 << 20, store_scores: bool = False,
                name: str = DEFAULT_NAME, split: str = DEFAULT_SPLIT,
-               record_format: str = 'records', selector: str = DEFAULT_SELECTOR,
-               overwrite: bool = False, progress: bool = True, max_shards: Optional[int] = None,
-               store_patches: bool = False) -> dict:
+               record_format: str = 'records', selector: Optional[str] = None,
+               reader: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+               max_shards: Optional[int] = None, store_patches: bool = False,
+               clip_timeout: Optional[float] = None, task_index: int = 0, num_tasks: int = 1,
+               retry_failures: bool = False) -> dict:
   """Runs (or resumes) the selection over `inputs` into `out_dir`; returns the summary.
 
   Args:
@@ -422,12 +295,17 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
       `patch_size`, `policy`, ...), JSON-serialisable.
     clips_per_shard / num_shards: shard size, or the shard count directly.
     shuffle_seed: seed of the write-time shuffle; None keeps the input order.
-    workers: processes (default: all CPUs); 0 runs in this process (debugging).
+    workers: processes (default: the CPUs this process may use, `workers.usable_cpus`); 0 runs
+      in this process (debugging: no time limit, and a crash stops the run).
     inline_max_bytes: files up to this size are stored in the record (`video`); 0: never.
     store_scores: also store the [T, Hp, Wp] score map (float16) in each record.
     name, split: dataset name and split (they name the shard files, TFDS style).
-    record_format: 'records' or 'tfds' (see the module docstring).
-    selector: 'module:function' of the selection (an alternative selection for ablations).
+    record_format: 'records' or 'tfds' (see `data_pipeline.shards`).
+    selector: 'module:function' used instead of codec.select (an alternative selection for
+      ablations, such as 'data_pipeline.codec:select_random'); None: codec.select.
+    reader: 'module:function' that turns a clip's name into what the selector reads (a local
+      path or the file's bytes): for corpora on object storage or behind a custom loader.
+      None: names are local paths.
     overwrite: delete an earlier run's outputs and start over (default: resume the same plan,
       refuse a different one).
     progress: show a tqdm progress bar.
@@ -436,6 +314,11 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
     store_patches: also store the selected patches' pixels (uint8 [K, 588], about 0.6 KB a
       patch) so that training reads them instead of decoding the video: the input pipeline then
       costs almost nothing per clip (codec mode only; the frame modes still decode).
+    clip_timeout: seconds a clip may take in its worker before the worker is killed and the
+      clip listed as failed (None: no limit; needs workers >= 1).
+    task_index, num_tasks: this run is task I of N over one plan (see the module docstring).
+    retry_failures: select again the clips that failed in earlier runs (default: a known
+      failure is kept, not retried).
   """
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
     raise ValueError(f'dataset name {name!r}: use lower case letters, digits and _ (TFDS rule)')
@@ -443,253 +326,247 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
     raise ValueError(f'split {split!r}: use lower case letters, digits and _')
   if record_format not in FORMATS:
     raise ValueError(f'record format {record_format!r}: one of {FORMATS}')
+  if clip_timeout is not None and clip_timeout <= 0:
+    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
+  task_shards(0, task_index, num_tasks)  # validates the task numbers
+  if overwrite and num_tasks > 1:
+    raise ValueError('overwrite with num_tasks > 1: tasks would delete each other\'s shards; '
+                     'clear the folder once (a single --overwrite run, or rm) before the tasks')
   if isinstance(inputs, (str, os.PathLike)):
     clips = read_inputs(inputs)
   else:
     clips = [c if isinstance(c, Clip) else Clip(os.path.abspath(os.fspath(c))) for c in inputs]
   options = dict(options or {})
-  json.dumps(options)  # fail now, not in a worker, on options that cannot be recorded
   if selector == DEFAULT_SELECTOR:
-    # Unknown names and bad values fail here, before a pool starts, not once per clip.
-    from data_pipeline.codec import Options
-    Options.from_kwargs({k: v for k, v in options.items() if k not in _GRID_OPTIONS})
+    selector = None
+  for spec, what in ((selector, 'selector'), (reader, 'reader')):
+    if spec:
+      resolve(spec, what)  # a wrong name fails here, not in every worker
+  check_options(options, selector)
   if workers is None:
-    workers = os.cpu_count() or 1
+    workers = workers_lib.usable_cpus()
   shards = plan_shards(clips, num_shards or num_shards_for(len(clips), clips_per_shard),
                        shuffle_seed)
-  settings = _Settings(selector, options, int(inline_max_bytes), bool(store_scores),
-                       record_format, bool(store_patches))
-  common = {'selector': selector, 'options': options, 'inline_max_bytes': int(inline_max_bytes),
-            'store_scores': bool(store_scores), 'format': record_format}
-  if store_patches:  # only when set, so earlier runs' plans still match
+  settings = Settings(options, int(inline_max_bytes), bool(store_scores), record_format,
+                      bool(store_patches), selector, reader)
+  common = {'selector': selector or DEFAULT_SELECTOR, 'options': options,
+            'inline_max_bytes': int(inline_max_bytes), 'store_scores': bool(store_scores),
+            'format': record_format}
+  # Only when set, so earlier runs' plans still match.
+  if store_patches:
     common['store_patches'] = True
-  shard_digests = [_digest({'clips': [[c.path, c.labels] for c in shard], **common})
-                   for shard in shards]
-  plan = {'version': _PLAN_VERSION, 'name': name, 'split': split, 'num_shards': len(shards),
-          'num_clips': len(clips), 'shuffle_seed': shuffle_seed, **common,
-          'inputs_digest': _digest([[c.path, c.labels] for c in clips]),
-          'shard_digests': shard_digests}
-  # Compared with the plan.json of an earlier run, so in its JSON form (tuples become lists).
-  plan = json.loads(json.dumps(plan))
+  if reader:
+    common['reader'] = reader
+  plan = make_plan(clips, shards, name, split, shuffle_seed, common)
 
   os.makedirs(out_dir, exist_ok=True)
-  old_plan = read_plan(out_dir)
-  if old_plan is not None and overwrite:
-    _clear_outputs(out_dir, old_plan)
-  elif old_plan is not None and old_plan != plan:
-    changed = []
-    for key in sorted(set(plan) | set(old_plan)):
-      a, b = old_plan.get(key), plan.get(key)
-      if key == 'shard_digests' or a == b:
-        continue  # the digests change with everything else; name the cause instead
-      if isinstance(a, dict) and isinstance(b, dict):
-        changed += [f'{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
-                    if a.get(k) != b.get(k)]
-      elif key == 'inputs_digest':
-        changed.append('the input list')
+  with locks.hold(out_dir, f'task-{task_index:05d}-of-{num_tasks:05d}',
+                  f'task {task_index} of {num_tasks}',
+                  conflicts=lambda other: not other.endswith(f'-of-{num_tasks:05d}')):
+    old_plan = read_plan(out_dir)
+    if old_plan is not None and overwrite:
+      clear_outputs(out_dir, old_plan)
+    elif old_plan is not None and old_plan != plan:
+      changes = '; '.join(plan_changes(old_plan, plan))
+      raise PlanMismatch(f'{out_dir} holds the output of a different run ({changes}); use a new '
+                         'folder, or overwrite=True / --overwrite to replace it')
+    os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
+    fileio.write_json(os.path.join(out_dir, PLAN), plan)
+    run = Run(out_dir, plan, shards, task_index, num_tasks, retry_failures)
+    return run.execute(settings, workers, clip_timeout, max_shards, progress)
+
+
+class Run:
+  """One run of one task over a plan: which shards to do, their known failures, the loop."""
+
+  def __init__(self, out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]],
+               task_index: int, num_tasks: int, retry_failures: bool):
+    self.out_dir, self.plan, self.shards = out_dir, plan, shards
+    self.task = (task_index, num_tasks)
+    mine = task_shards(len(shards), task_index, num_tasks)
+    finished = finished_markers(out_dir, plan)
+    if retry_failures:
+      finished = {i: m for i, m in finished.items() if not m['failures'] or i not in mine}
+    self.markers = {i: m for i, m in finished.items() if i in mine}
+    self.todo = [i for i in mine if i not in self.markers]
+    self.skipped = len(self.markers)
+    # Failures of unfinished shards recorded by a run that was killed: kept, not retried.
+    todo = set(self.todo)
+    self.known = {} if retry_failures else {
+        (e['shard'], e['file']): e['reason'] for e in read_journals(out_dir)
+        if e.get('shard') in todo and 'file' in e and 'reason' in e}
+    self.journal = journal_path(out_dir, task_index, num_tasks)
+    # The journal restarts from the finished shards' failures and the known ones, so failures
+    # of an unfinished shard are not listed twice; new ones are appended as they happen.
+    listed = finished if num_tasks == 1 else self.markers
+    write_failures(self.journal, [e for i in sorted(listed) for e in listed[i]['failures']]
+                   + [{'file': f, 'reason': r, 'shard': s} for (s, f), r in sorted(
+                       self.known.items())])
+    self.counts = {'processed': 0, 'failed': 0, 'unexpected': 0, 'written': 0, 'known': 0,
+                   'select_seconds': 0.0}
+
+  def tasks(self, todo: Sequence[int]):
+    """The clips the workers select: every clip of the shards to do, but known failures."""
+    for i in todo:
+      for clip in self.shards[i]:
+        if (i, clip.path) not in self.known:
+          yield clip
+
+  def execute(self, settings: Settings, workers: int, clip_timeout: Optional[float],
+              max_shards: Optional[int], progress: bool) -> dict:
+    todo = self.todo[:max_shards]
+    for i in todo:  # temporaries a killed run left; ours to remove, we hold the shard's lock
+      for stale in glob.glob(glob.escape(shard_path(self.out_dir, self.plan, i)) + '.tmp*'):
+        os.remove(stale)
+    start = time.perf_counter()
+    from tqdm import tqdm
+    bar = tqdm(total=sum(len(self.shards[i]) for i in todo), unit='clip', desc='precompute',
+               disable=not progress, dynamic_ncols=True)
+    # One BLAS thread per worker: processes are the parallelism. The selection's matrix work
+    # is small, and a second BLAS thread per worker made it 3.5x slower per clip on a busy
+    # 2-core machine (1.1 s -> 3.9 s for a 64-frame clip).
+    results = workers_lib.ordered_map(process_clip, self.tasks(todo), workers,
+                                      timeout=clip_timeout, initializer=init_worker,
+                                      initargs=(settings, 1 if workers else 0))
+    writer = None
+    try:
+      with open(self.journal, 'a', encoding='utf-8') as journal:
+        for i in todo:
+          writer = ShardWriter(shard_path(self.out_dir, self.plan, i))
+          self.write_shard(i, writer, results, journal, bar)
+          writer = None
+    finally:
+      bar.close()
+      if writer is not None:
+        writer.abandon()
+      results.close()  # stops the worker processes
+    return self.finish(time.perf_counter() - start, settings.record_format)
+
+  def write_shard(self, i: int, writer: ShardWriter, results, journal, bar) -> None:
+    shard_failures, kept, candidates, seconds = [], 0, 0, 0.0
+    for clip in self.shards[i]:
+      reason = self.known.get((i, clip.path))
+      if reason is not None:
+        self.counts['known'] += 1
+        shard_failures.append({'file': clip.path, 'reason': reason, 'shard': i})
+        bar.update(1)
+        continue  # already in the journal
+      result = next(results)
+      self.counts['processed'] += 1
+      if isinstance(result, Done):
+        writer.write(result.data)
+        kept += result.kept
+        candidates += result.candidates
+        seconds += result.seconds
       else:
-        changed.append(f'{key}: {a!r} -> {b!r}')
-    raise PlanMismatch(
-        f'{out_dir} holds the output of a different run ({"; ".join(changed)}); '
-        'use a new folder, or overwrite=True / --overwrite to replace it')
-  os.makedirs(os.path.join(out_dir, _PROGRESS_DIR), exist_ok=True)
-  fileio.write_json(os.path.join(out_dir, _PLAN), plan)
+        if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
+          result = Failed(f'{clip.path}: {result.reason}', video_error=False)
+        entry = {'file': clip.path, 'reason': result.reason, 'shard': i}
+        shard_failures.append(entry)
+        journal.write(json.dumps(entry) + '\n')
+        journal.flush()
+        self.counts['failed'] += 1
+        self.counts['unexpected'] += not result.video_error
+        if self.counts['processed'] == self.counts['unexpected'] == ABORT_WINDOW:
+          raise RuntimeError(
+              f'the first {ABORT_WINDOW} clips all failed with errors that are not '
+              f'VideoError, e.g. {result.reason!r}; check the options and the selector '
+              f'(failures in {self.journal})')
+      bar.update(1)
+      bar.set_postfix(failed=self.counts['failed'], refresh=False)
+    num_bytes = writer.commit()  # fsynced and renamed: the marker may name it now
+    self.counts['select_seconds'] += seconds
+    self.markers[i] = {'shard': i, 'digest': self.plan['shard_digests'][i],
+                       'file': os.path.basename(writer.path),
+                       'num_records': writer.count, 'num_bytes': num_bytes,
+                       'kept_patches': kept, 'candidate_patches': candidates,
+                       'failures': shard_failures}
+    # The marker goes last: a shard file without its marker is redone on the next run.
+    fileio.write_json(marker_path(self.out_dir, i), self.markers[i])
+    self.counts['written'] += 1
 
-  paths = [os.path.join(out_dir, shard_name(name, split, i, len(shards)))
-           for i in range(len(shards))]
-  markers: dict[int, dict] = {}
-  for i, digest in enumerate(shard_digests):
-    marker = fileio.read_json(_marker_path(out_dir, i))
-    if marker is not None and marker.get('digest') == digest and os.path.exists(paths[i]):
-      markers[i] = marker
-  skipped = len(markers)
-  todo = [i for i in range(len(shards)) if i not in markers][:max_shards]
+  def finish(self, seconds: float, record_format: str) -> dict:
+    """Summaries: this task's (returned; summary.json of a single task), and once every shard
+    is finished the corpus's (summary.json, with the final manifest and metadata)."""
+    task_index, num_tasks = self.task
+    all_markers = finished_markers(self.out_dir, self.plan)
+    complete = len(all_markers) == self.plan['num_shards']
+    if complete:
+      finalize(self.out_dir, self.plan, all_markers, record_format)
 
-  # The manifest restarts from the finished shards' failures, so failures of a killed run's
-  # unfinished shard are not listed twice; new ones are appended (and flushed) as they happen.
-  failures_path = os.path.join(out_dir, _FAILURES)
-  _write_failures(failures_path, markers)
-  run = {'processed': 0, 'failed': 0, 'unexpected': 0, 'written': 0, 'select_seconds': 0.0}
-  start = time.perf_counter()
-  from tqdm import tqdm
-  bar = tqdm(total=sum(len(shards[i]) for i in todo), unit='clip', desc='precompute',
-             disable=not progress, dynamic_ncols=True)
-  tasks = (clip for i in todo for clip in shards[i])
-  results = _ordered_map(_process, tasks, workers, settings)
-  writer = None
-  try:
-    with open(failures_path, 'a', encoding='utf-8') as failures_file:
-      for i in todo:
-        writer = ShardWriter(paths[i])
-        shard_failures, kept, candidates = [], 0, 0
-        for clip in shards[i]:
-          result = next(results)
-          run['processed'] += 1
-          if isinstance(result, _Done):
-            writer.write(result.data)
-            kept += result.kept
-            candidates += result.candidates
-            run['select_seconds'] += result.seconds
-          else:
-            entry = {'file': clip.path, 'reason': result.reason, 'shard': i}
-            shard_failures.append(entry)
-            failures_file.write(json.dumps(entry) + '\n')
-            failures_file.flush()
-            run['failed'] += 1
-            run['unexpected'] += not result.video_error
-            if run['processed'] == run['unexpected'] == ABORT_WINDOW:
-              raise RuntimeError(
-                  f'the first {ABORT_WINDOW} clips all failed with errors that are not '
-                  f'VideoError, e.g. {result.reason!r}; check the options and the selector '
-                  f'(failures in {failures_path})')
-          bar.update(1)
-          bar.set_postfix(failed=run['failed'], refresh=False)
-        num_bytes = writer.commit()
-        writer = None
-        markers[i] = {'shard': i, 'digest': shard_digests[i], 'file': os.path.basename(paths[i]),
-                      'num_records': len(shards[i]) - len(shard_failures),
-                      'num_bytes': num_bytes, 'kept_patches': kept,
-                      'candidate_patches': candidates,
-                      'failures': shard_failures}
-        # The marker goes last: a shard file without its marker is redone on the next run.
-        fileio.write_json(_marker_path(out_dir, i), markers[i])
-        run['written'] += 1
-  finally:
-    bar.close()
-    if writer is not None:
-      writer.abandon()
-    results.close()  # stops the worker pool
+    def summary_of(markers: Mapping[int, dict]) -> dict:
+      out = make_summary(self.out_dir, self.plan, markers, self.counts, self.skipped, seconds)
+      out.update(complete=complete, task_index=task_index, num_tasks=num_tasks,
+                 shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
+                 corpus_shards_finished=len(all_markers),
+                 failure_manifest=os.path.join(self.out_dir, FAILURES) if complete
+                 else self.journal)
+      return out
 
-  seconds = time.perf_counter() - start
-  complete = len(markers) == len(shards)
-  if complete:
-    _write_failures(failures_path, markers)  # shard order, whatever order the runs went in
-    if record_format == 'tfds':
-      write_tfds_metadata(out_dir, name, split, [markers[i] for i in range(len(shards))])
-  summary = _summary(out_dir, plan, markers, run, skipped, seconds, complete, failures_path)
-  fileio.write_json(os.path.join(out_dir, _SUMMARY), summary)
-  return summary
+    summary = summary_of(all_markers if num_tasks == 1 else self.markers)
+    if num_tasks > 1:
+      fileio.write_json(os.path.join(self.out_dir, PROGRESS_DIR, f'summary-task-'
+                                     f'{task_index:05d}-of-{num_tasks:05d}.json'), summary)
+    if num_tasks == 1 or complete:
+      fileio.write_json(os.path.join(self.out_dir, SUMMARY),
+                        summary if num_tasks == 1 else summary_of(all_markers))
+    return summary
 
 
-def _write_failures(path: str, markers: Mapping[int, dict]) -> None:
-  fileio.write_atomic(path, ''.join(json.dumps(entry) + '\n' for i in sorted(markers)
-                                    for entry in markers[i]['failures']))
+def finalize(out_dir: str, plan: dict, markers: Mapping[int, dict], record_format: str) -> None:
+  """What a complete corpus gets once: the failure manifest in shard order (whatever order the
+  runs went in) and, for format 'tfds', the TFDS metadata."""
+  write_failures(os.path.join(out_dir, FAILURES),
+                 [e for i in sorted(markers) for e in markers[i]['failures']])
+  if record_format == 'tfds':
+    write_tfds_metadata(out_dir, plan['name'], plan['split'],
+                        [markers[i] for i in range(plan['num_shards'])])
 
 
-def _summary(out_dir, plan, markers, run, skipped, seconds, complete, failures_path) -> dict:
+def make_summary(out_dir, plan, markers, counts, skipped, seconds) -> dict:
+  """Figures of a run: over `markers` (the corpus's finished shards, or one task's) and this
+  run's `counts`."""
   records_total = sum(m['num_records'] for m in markers.values())
   clips_done = sum(m['num_records'] + len(m['failures']) for m in markers.values())
   kept = sum(m['kept_patches'] for m in markers.values())
   candidates = sum(m['candidate_patches'] for m in markers.values())
+  selected = counts['processed'] - counts['failed']
   return {
       'out_dir': os.path.abspath(out_dir),
-      'complete': complete,
       'shards': plan['num_shards'],
       'shards_finished': len(markers),
-      'shards_written': run['written'],
+      'shards_written': counts['written'],
       'shards_skipped': skipped,
       'clips': plan['num_clips'],
-      'clips_processed': run['processed'],
+      'clips_processed': counts['processed'],
       'records': records_total,
       'failures': sum(len(m['failures']) for m in markers.values()),
-      'failures_this_run': run['failed'],
+      'failures_this_run': counts['failed'],
+      'failures_known': counts['known'],
       # Over the finished shards: the share of clips that became records, and the share of
       # candidate patches the selection kept.
       'clips_kept_fraction': records_total / clips_done if clips_done else 0.0,
       'patches_kept_fraction': kept / candidates if candidates else 0.0,
       'seconds': round(seconds, 3),
-      'clips_per_second': run['processed'] / seconds if seconds > 0 else 0.0,
-      'select_seconds_per_clip': (run['select_seconds'] / (run['processed'] - run['failed'])
-                                  if run['processed'] > run['failed'] else 0.0),
-      'failure_manifest': failures_path,
+      'clips_per_second': counts['processed'] / seconds if seconds > 0 else 0.0,
+      'select_seconds_per_clip': counts['select_seconds'] / selected if selected else 0.0,
   }
 
 
-# ---------------------------------------------------------------------------------------------
-# TFDS
-# ---------------------------------------------------------------------------------------------
-
-_features = None
-
-
-def _tfds_features():
-  """The one-feature TFDS schema of format 'tfds': the record's bytes."""
-  global _features
-  if _features is None:
-    import tensorflow_datasets as tfds  # slow to import; only the 'tfds' format needs it
-    _features = tfds.features.FeaturesDict(
-        {'record': tfds.features.Tensor(shape=(), dtype=np.object_)})
-  return _features
-
-
-def write_tfds_metadata(out_dir: str, name: str, split: str, markers: Sequence[dict]) -> None:
-  """dataset_info.json and features.json describing the shards, for TFDS's folder loader."""
-  import tensorflow_datasets as tfds
-  template = tfds.core.ShardedFileTemplate(data_dir=out_dir, dataset_name=name, split=split,
-                                           filetype_suffix='array_record')
-  split_info = tfds.core.SplitInfo(name=split, shard_lengths=[m['num_records'] for m in markers],
-                                   num_bytes=sum(m['num_bytes'] for m in markers),
-                                   filename_template=template)
-  base = os.path.basename(os.path.normpath(out_dir))
-  version = base if tfds.core.Version.is_valid(base) else '1.0.0'
-  tfds.folder_dataset.write_metadata(
-      data_dir=out_dir, features=_tfds_features(), split_infos=[split_info], version=version,
-      check_data=False,
-      description=('OneVision-Encoder codec patch selections (data_pipeline.precompute): one '
-                   'video clip per example; the feature `record` holds '
-                   'data_pipeline.records.encode bytes (frame ids, positions, picture types, '
-                   'labels, source, stats_*), decoded by data_pipeline.records.decode.'))
-
-
-class DecodedSource:
-  """Random access to record dicts over a TFDS source of format 'tfds'."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index) -> dict:
-    return records.decode(self._source[index]['record'])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-    return [records.decode(ex['record']) for ex in self._source.__getitems__(list(indices))]
-
-
-def tfds_data_source(out_dir: str, split: str = DEFAULT_SPLIT) -> DecodedSource:
-  """The records of a 'tfds'-format output folder through TFDS, decoded."""
+def check(out_dir: str) -> dict:
+  """Whether `out_dir` holds its whole plan: every shard finished, its file there with the size
+  and record count its marker says. Finalises a complete corpus (manifest, TFDS metadata) and
+  returns {'complete', 'shards', 'finished', 'missing': [shard indices], 'records', 'failures'}.
+  """
   plan = read_plan(out_dir)
-  if plan is not None and plan['format'] != 'tfds':
-    raise ValueError(f'{out_dir} was written in format {plan["format"]!r}, not as a TFDS '
-                     'dataset; read its shards with data_pipeline.sources or read_shard')
-  import tensorflow_datasets as tfds
-  return DecodedSource(tfds.builder_from_directory(out_dir).as_data_source(split))
-
-
-def _shard_format(path: str) -> str:
-  plan = read_plan(os.path.dirname(os.path.abspath(path)))
-  return plan['format'] if plan else 'records'
-
-
-def _decode_entry(data: bytes, record_format: str) -> dict:
-  if record_format == 'tfds':
-    data = _tfds_features().deserialize_example_np(data)['record']
-  return records.decode(data)
-
-
-def read_record(path: str, index: int) -> dict:
-  """Record `index` of one shard, decoded (either format; see the run's plan.json)."""
-  from array_record.python.array_record_data_source import ArrayRecordDataSource
-  with ArrayRecordDataSource([path]) as source:
-    if not 0 <= index < len(source):
-      raise IndexError(f'{path}: record {index} out of range (the shard has {len(source)})')
-    return _decode_entry(source[index], _shard_format(path))
-
-
-def read_shard(path: str) -> list[dict]:
-  """Every record of one shard, decoded (for tools and tests; training reads through grain)."""
-  from array_record.python.array_record_data_source import ArrayRecordDataSource
-  record_format = _shard_format(path)
-  with ArrayRecordDataSource([path]) as source:
-    return [_decode_entry(source[i], record_format) for i in range(len(source))]
+  if plan is None:
+    raise FileNotFoundError(f'{out_dir}: no {PLAN}; not a precompute output folder')
+  markers = finished_markers(out_dir, plan, verify=True)
+  missing = [i for i in range(plan['num_shards']) if i not in markers]
+  complete = not missing
+  if complete:
+    finalize(out_dir, plan, markers, plan['format'])
+  return {'out_dir': os.path.abspath(out_dir), 'complete': complete,
+          'shards': plan['num_shards'], 'finished': len(markers), 'missing': missing,
+          'records': sum(m['num_records'] for m in markers.values()),
+          'failures': sum(len(m['failures']) for m in markers.values())}

@@ -14,11 +14,14 @@ pipeline's error handling, so one corrupt record cannot stop the pipeline. Sourc
   'folder:/data/images'                                              an image folder
   'folder:/data/images?labels=/data/labels.npy'                      ... with cluster labels
   'tfds:my_dataset/config:1.0.0?split=train&data_dir=/data/tfds'     a TFDS ArrayRecord build
+  'tfds:ove_codec?data_dir=/data/ove_codec_tfds'                     ... data_dir may also be the
+                                                                     dataset's own folder
 """
 from __future__ import annotations
 
 import bisect
 import glob
+import json
 import os
 import urllib.parse
 from typing import Any, Sequence, Union
@@ -136,6 +139,37 @@ class ImageFolderSource:
     return f'ImageFolderSource({self.root!r}, {len(self)} images)'
 
 
+def tfds_dataset_folder(name: str, data_dir: str | None) -> str | None:
+  """The folder of dataset `name` ('name', 'name:1.0.0', 'name/config:1.0.0') under `data_dir`
+  when `data_dir` is the dataset's own folder (its dataset_info.json names it; the layout
+  `tools/precompute_codec.py VIDEOS OUT_DIR --format tfds` writes), else None: TFDS's layout
+  data_dir/name[/config]/version is TFDS's to find.
+
+  Raises FileNotFoundError when `data_dir` holds neither, instead of TFDS's list of every
+  dataset it knows.
+  """
+  if data_dir is None:
+    return None  # a dataset of TFDS's catalogue, in its default folder
+  data_dir = os.path.expanduser(data_dir)
+  base, _, version = name.partition(':')
+  base = base.split('/')[0]
+  info_path = os.path.join(data_dir, 'dataset_info.json')
+  if os.path.isfile(info_path):
+    with open(info_path, encoding='utf-8') as f:
+      info = json.load(f)
+    if info.get('name') == base and (not version or info.get('version') == version):
+      return data_dir
+    raise FileNotFoundError(
+        f'tfds:{name} with data_dir={data_dir}: that folder is the dataset '
+        f'{info.get("name")!r} version {info.get("version")!r}, not {name!r}')
+  if not os.path.isdir(os.path.join(data_dir, base)):
+    raise FileNotFoundError(
+        f'tfds:{name} with data_dir={data_dir}: no dataset there (looked for '
+        f'{os.path.join(data_dir, base)}/[config/]VERSION/ and {info_path}); give the folder that '
+        'holds dataset_info.json, or its grandparent when it is NAME/VERSION')
+  return None
+
+
 class TfdsSource:
   """A TFDS dataset built with file_format='array_record', read without TensorFlow.
 
@@ -152,7 +186,11 @@ class TfdsSource:
   def _open(self):
     if self._source is None:
       import tensorflow_datasets as tfds  # imported here: slow, and only TFDS sources need it
-      self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+      folder = tfds_dataset_folder(self.name, self.data_dir)
+      if folder is not None:
+        self._source = tfds.builder_from_directory(folder).as_data_source(self.split)
+      else:
+        self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
     return self._source
 
   def __getstate__(self):

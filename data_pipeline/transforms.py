@@ -3,18 +3,19 @@
 A sample is a dict of numpy arrays, ready for `data_pipeline.packing`:
 
   patches    uint8 [N, 588]   14x14x3 pixels per token, flattened (row, column, channel), channel
-                              fastest: the order of `ove_jax.models.encoder.patchify` on NHWC pixels
-  positions  int32 [N, 3]     (t, h, w) of every token, the encoder's RoPE positions (SPEC §1.3)
+                              fastest: the order of `data_pipeline.tokens.patchify` (the contract)
+  positions  int32 [N, 3]     (t, h, w) of every token, the encoder's RoPE positions
+                              (docs/spec.md §1.3)
   labels     int32 [n]        cluster ids, cyclically padded / truncated to the head's n
   mode       int              what made the tokens: MODE_IMAGE / _CODEC / _UNIFORM / _COLLAGE
 
 Pixels stay uint8 here; CLIP normalisation (`normalize`) runs once per packed batch, which is
 cheaper than per sample and lets a trainer ship uint8 to the device and normalise there instead.
 
-Images (SPEC §3): random-resized crop (area 0.7-1.0 of the image, aspect 0.8-1.25), horizontal
-flip with probability 0.5, bicubic resize to 224 or 448; OCR images at 448 with the release's
-short-side resize and centre crop, no flip. Optionally `native_aspect`: the crop is resized to
-the largest patch grid of (about) its own aspect that fits a token budget.
+Images (docs/spec.md §3): random-resized crop (area 0.7-1.0 of the image, aspect 0.8-1.25),
+horizontal flip with probability 0.5, bicubic resize to 224 or 448; OCR images at 448 with the
+release's short-side resize and centre crop, no flip. Optionally `native_aspect`: the crop is
+resized to the largest patch grid of (about) its own aspect that fits a token budget.
 
 Videos (records of `data_pipeline.records`: `frame_ids` [T] on the clip's timeline, `positions`
 [K, 3] of the codec-selected patches with t indexing `frame_ids`), one of four modes per sample,
@@ -44,8 +45,8 @@ from PIL import Image
 
 from data_pipeline import video as video_lib
 from data_pipeline.tokens import (CHANNELS, CLIP_MEAN, CLIP_STD, PATCH, PATCH_DIM,  # noqa: F401
-                                  TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION, grid_positions,
-                                  normalize, timeline_to_grid, to_patches)
+                                  TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION, clip_positions,
+                                  grid_positions, normalize, timeline_to_grid, to_patches)
 
 MODE_IMAGE, MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM = 0, 1, 2, 3, 4
 # mode_probs / video_modes give one weight per mode in this order; the fourth may be left out
@@ -62,7 +63,8 @@ CROPS = ('random_resized', 'center', 'resize')
 def cyclic_labels(labels: Any, num_labels: int) -> np.ndarray:
   """Labels padded by repeating them cyclically (or truncated) to exactly `num_labels` ids.
 
-  Padding repeats real ids rather than inventing a filler id: the loss needs valid ids (SPEC §4).
+  Padding repeats real ids rather than inventing a filler id: the loss needs valid ids
+  (docs/spec.md §4).
   """
   ids = np.asarray(labels, dtype=np.int64).reshape(-1)
   if ids.size == 0:
@@ -191,8 +193,9 @@ class ImageTransform:
 def pick_uniform_frames(num_timeline: int, num_frames: int, rng: np.random.Generator) -> np.ndarray:
   """One random timeline index per bin, `num_frames` contiguous bins over the T-frame timeline.
 
-  With T = 64 and 8 frames: bins of 8, as in SPEC §3. Bins are [floor(b*T/n), floor((b+1)*T/n));
-  a timeline shorter than the frame count repeats frames instead of leaving a bin empty.
+  With T = 64 and 8 frames: bins of 8, as in docs/spec.md §3. Bins are
+  [floor(b*T/n), floor((b+1)*T/n)); a timeline shorter than the frame count repeats frames
+  instead of leaving a bin empty.
   """
   edges = (np.arange(num_frames + 1) * num_timeline) // num_frames
   picks = []
@@ -310,10 +313,9 @@ class VideoTransform:
     if record.get('positions') is None:
       raise ValueError('random mode takes its budget from the record\'s `positions` [K, 3]')
     budget = len(check_positions(record['positions'], len(frame_ids)))
-    per_frame = VIDEO_GRID * VIDEO_GRID
-    flat = np.sort(rng.choice(len(frame_ids) * per_frame, size=budget, replace=False))
-    pos_Kx3 = np.stack([flat // per_frame, (flat // VIDEO_GRID) % VIDEO_GRID, flat % VIDEO_GRID],
-                       axis=-1)
+    candidates_Nx3 = clip_positions(len(frame_ids), VIDEO_GRID, VIDEO_GRID)  # token order
+    flat = np.sort(rng.choice(len(candidates_Nx3), size=budget, replace=False))
+    pos_Kx3 = candidates_Nx3[flat].astype(np.int64)
     patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3)
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[pos_Kx3[:, 0]]
     return patches, np.stack([grid_t, pos_Kx3[:, 1], pos_Kx3[:, 2]], axis=-1).astype(np.int32)

@@ -68,12 +68,9 @@ def resize_short_side_center_crop(rgb_HxWx3: np.ndarray, resolution: int) -> np.
 
 
 def _resize_crop_frame(frame, resolution: int) -> np.ndarray:
-  h, w = frame.height, frame.width
-  scale = resolution / min(h, w)
-  new_h, new_w = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+  _, new_h, new_w, top, left = crop_box(frame.height, frame.width, resolution)
   rgb = frame.reformat(width=new_w, height=new_h, format='rgb24',
                        interpolation='BICUBIC').to_ndarray()
-  top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
   return np.ascontiguousarray(rgb[top:top + resolution, left:left + resolution])
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from data_pipeline import builtin, pipeline, precompute, sources, synthetic
+from data_pipeline import builtin, codec, pipeline, precompute, sources, synthetic
 from data_pipeline.video import VideoError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_concurrent_calls_make_it_once(tmp_path):
 def test_too_few_selected_clips_fail_clearly(tmp_path, monkeypatch):
   def no_selection(path, **_):
     raise VideoError(f'{path}: no selection (test)')
-  monkeypatch.setattr(precompute, '_selectors', {precompute.DEFAULT_SELECTOR: no_selection})
+  monkeypatch.setattr(codec, 'select', no_selection)  # precompute calls codec.select
   with pytest.raises(RuntimeError, match='failures.jsonl'):
     builtin.ensure(str(tmp_path), **TINY, workers=0, progress=False)
   assert not os.path.exists(tmp_path / 'builtin.json')

@@ -12,14 +12,29 @@ OUT_DIR/failures.jsonl as they happen and never stop the run. Running the same c
 skips the finished shards, so a killed run is resumed by re-running it. At the end the summary
 (clips/s, failures, kept fractions, shards) is printed and written to OUT_DIR/summary.json.
 
+At corpus scale: a clip that runs past --clip-timeout seconds or crashes its worker process
+(segfault, out-of-memory kill) is listed in failures.jsonl with the reason and a fresh worker
+goes on; known failures are not retried by a re-run unless --retry-failures. A second run on
+the same folder refuses (naming the first run's pid and host). N machines (a SLURM array, a
+Kubernetes indexed job) split one plan with --task-index I --num-tasks N, each writing shards
+I, I+N, ...; the task that finds every shard finished writes the final manifest and metadata,
+and `--check OUT_DIR` says whether the corpus is complete (exit 0) or which shards are missing
+(exit 1).
+
+  # SLURM: sbatch --array=0-15 ..., each task running
+  ove-precompute-codec videos.tsv /data/ove_codec --num-shards 1600 \
+      --task-index $SLURM_ARRAY_TASK_ID --num-tasks 16
+  ove-precompute-codec --check /data/ove_codec
+
 Reading the output (D/ove_codec/1.0.0 as OUT_DIR makes D a TFDS data_dir):
   --format records (default)  data_pipeline.sources.open_source('OUT_DIR/ove_codec-train.*')
-  --format tfds               tfds.builder_from_directory(OUT_DIR).as_data_source('train'),
-                              tfds.data_source('ove_codec', data_dir=D),
-                              data_pipeline.sources.open_source('tfds:ove_codec?data_dir=D')
+  --format tfds               data_pipeline.sources.open_source('tfds:ove_codec?data_dir=OUT_DIR')
+                              (or data_dir=D), tfds.data_source('ove_codec', data_dir=D),
+                              tfds.builder_from_directory(OUT_DIR).as_data_source('train')
   either format               data_pipeline.precompute.read_shard / read_record
 
-The library side is data_pipeline/precompute.py.
+The library side is data_pipeline/precompute.py (the run) and data_pipeline/shards.py (the
+files).
 """
 from __future__ import annotations
 
@@ -27,6 +42,10 @@ import argparse
 import json
 import os
 import sys
+
+# Long enough for an hour of 1080p source (selection reads every frame), short enough that a
+# hung decoder costs minutes, not the run.
+DEFAULT_CLIP_TIMEOUT = 900.0
 
 
 def _parse_options(text: str | None) -> dict:
@@ -47,10 +66,12 @@ def _parse_options(text: str | None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='precompute_codec', description=__doc__.split('\n')[0],
+      prog='ove-precompute-codec', description=__doc__.split('\n')[0], epilog=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('inputs', help='video list file, or a folder searched recursively')
-  p.add_argument('out_dir', help='output folder (shards, manifests, TFDS metadata)')
+  p.add_argument('inputs', nargs='?', metavar='VIDEOS',
+                 help='video list file, or a folder searched recursively')
+  p.add_argument('out_dir', nargs='?', metavar='OUT_DIR',
+                 help='output folder (shards, manifests, TFDS metadata)')
   sel = p.add_argument_group('selection (passed to data_pipeline.codec.select; '
                              'unset flags keep its defaults)')
   sel.add_argument('--num-frames', type=int, help='frames sampled per clip (T)')
@@ -61,10 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
   sel.add_argument('--options', help='more select() keyword arguments: a JSON object or the '
                    'path of a JSON file; the flags above override its keys')
   sel.add_argument('--selector', default=None,
-                   help='module:function used instead of data_pipeline.codec:select '
+                   help='module:function used instead of data_pipeline.codec.select '
                    '(e.g. data_pipeline.codec:select_random for an ablation)')
+  sel.add_argument('--reader', default=None,
+                   help='module:function turning each input name into a local path or the '
+                   'file\'s bytes (e.g. a fetcher for gs:// or s3:// names); default: names '
+                   'are local paths')
   out = p.add_argument_group('output')
-  out.add_argument('--clips-per-shard', type=int, default=1000)
+  out.add_argument('--clips-per-shard', type=int, default=1000, help='clips per shard')
   out.add_argument('--num-shards', type=int, help='shard count (overrides --clips-per-shard)')
   out.add_argument('--shuffle-seed', type=int, default=0,
                    help='seed of the write-time shuffle of the input list')
@@ -77,14 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also store the selected patches\' pixels (uint8 [K, 588]) so training '
                    'reads them instead of decoding the video')
   out.add_argument('--name', default='ove_codec', help='dataset name (TFDS; names the shards)')
-  out.add_argument('--split', default='train')
+  out.add_argument('--split', default='train', help='split name (TFDS; names the shards)')
   out.add_argument('--format', default='records', choices=('records', 'tfds'),
                    help='records: records.encode bytes per entry (shard globs of '
                    'data_pipeline.sources); tfds: tf.train.Example entries plus TFDS metadata '
                    '(tfds.data_source, builder_from_directory)')
   run = p.add_argument_group('run')
-  run.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                   help='worker processes (0: in this process)')
+  run.add_argument('--workers', type=int, default=None,
+                   help='worker processes (default: the CPUs this process may use, from its '
+                   'affinity mask and cgroup CPU quota; 0: in this process, no time limit)')
+  run.add_argument('--clip-timeout', type=float, default=DEFAULT_CLIP_TIMEOUT,
+                   help='seconds one clip may take before its worker is killed and the clip '
+                   f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)')
+  run.add_argument('--retry-failures', action='store_true',
+                   help='select again the clips that failed in earlier runs (default: known '
+                   'failures are kept)')
+  run.add_argument('--task-index', type=int, default=0,
+                   help='this machine\'s task I of --num-tasks (e.g. $SLURM_ARRAY_TASK_ID, '
+                   '$JOB_COMPLETION_INDEX); it writes shards I, I+N, I+2N, ...')
+  run.add_argument('--num-tasks', type=int, default=1,
+                   help='machines sharing the plan (all run the same command but --task-index)')
+  run.add_argument('--check', metavar='OUT_DIR',
+                   help='only check that OUT_DIR holds its whole corpus (exit 0) or list the '
+                   'missing shards (exit 1); writes the final manifest when complete')
   run.add_argument('--overwrite', action='store_true',
                    help='delete an earlier run\'s outputs in OUT_DIR and start over')
   run.add_argument('--max-shards', type=int,
@@ -94,10 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.check is None and (args.inputs is None or args.out_dir is None):
+    parser.error('give VIDEOS and OUT_DIR (or --check OUT_DIR)')
   # Imported after parsing so --help is instant.
-  from data_pipeline import precompute
+  from data_pipeline import locks, precompute
 
+  if args.check is not None:
+    return _check(precompute, args.check)
   options = _parse_options(args.options)
   for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy'):
     value = getattr(args, flag)
@@ -108,18 +153,44 @@ def main(argv=None) -> int:
         args.inputs, args.out_dir, options=options, clips_per_shard=args.clips_per_shard,
         num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         workers=args.workers, inline_max_bytes=args.inline_max_bytes,
-        store_scores=args.store_scores, store_patches=args.store_patches, name=args.name, split=args.split,
-        record_format=args.format, selector=args.selector or precompute.DEFAULT_SELECTOR,
-        overwrite=args.overwrite, progress=not args.no_progress, max_shards=args.max_shards)
-  except (precompute.PlanMismatch, FileNotFoundError, ValueError) as e:
-    print(f'precompute_codec: {e}', file=sys.stderr)
+        store_scores=args.store_scores, store_patches=args.store_patches, name=args.name,
+        split=args.split, record_format=args.format, selector=args.selector,
+        reader=args.reader, overwrite=args.overwrite, progress=not args.no_progress,
+        max_shards=args.max_shards, clip_timeout=args.clip_timeout or None,
+        task_index=args.task_index, num_tasks=args.num_tasks,
+        retry_failures=args.retry_failures)
+  except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
+    print(f'ove-precompute-codec: {e}', file=sys.stderr)
     return 2
   print(json.dumps(summary, indent=2, sort_keys=True))
   print(f'{summary["records"]} records in {summary["shards_finished"]}/{summary["shards"]} shards '
         f'({summary["shards_skipped"]} already done), {summary["failures"]} failures '
         f'(see {summary["failure_manifest"]}), {summary["clips_per_second"]:.1f} clips/s, '
         f'{100 * summary["patches_kept_fraction"]:.2f}% of patches kept', file=sys.stderr)
+  if args.num_tasks > 1:
+    print(f'task {args.task_index} of {args.num_tasks}: corpus '
+          f'{summary["corpus_shards_finished"]}/{summary["shards"]} shards finished'
+          + (' (complete)' if summary['complete'] else ''), file=sys.stderr)
   return 0
+
+
+def _check(precompute, out_dir: str) -> int:
+  try:
+    report = precompute.check(out_dir)
+  except FileNotFoundError as e:
+    print(f'ove-precompute-codec: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps(report, indent=2, sort_keys=True))
+  if report['complete']:
+    print(f'{out_dir}: complete, {report["records"]} records in {report["shards"]} shards, '
+          f'{report["failures"]} failures', file=sys.stderr)
+    return 0
+  shown = ', '.join(map(str, report['missing'][:20])) + (' ...' if len(report['missing']) > 20
+                                                         else '')
+  print(f'{out_dir}: incomplete, {len(report["missing"])} of {report["shards"]} shards missing '
+        f'({shown}); re-run the tasks that own them (shard i belongs to task i % N)',
+        file=sys.stderr)
+  return 1
 
 
 if __name__ == '__main__':

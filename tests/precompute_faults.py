@@ -1,0 +1,38 @@
+"""Faults a web-scale corpus holds, injected through precompute's real hooks (for the tests).
+
+`open_clip` is a `reader` (precompute's hook for corpora behind a custom loader): names starting
+with 'segfault' crash the worker process with SIGSEGV, as a decoder bug does; 'oom' ones get the
+SIGKILL of the kernel's out-of-memory killer; 'hang' ones never return, as a stuck network read
+or decoder does; any other name is a local path. `work` is the same for
+`data_pipeline.workers.ordered_map` on plain numbers.
+"""
+import os
+import signal
+import time
+
+
+def crash_or_hang(name: str) -> None:
+  base = os.path.basename(str(name))
+  if base.startswith('segfault'):
+    os.kill(os.getpid(), signal.SIGSEGV)
+  if base.startswith('oom'):  # what the kernel's out-of-memory killer sends
+    os.kill(os.getpid(), signal.SIGKILL)
+  if base.startswith('hang'):
+    while True:
+      time.sleep(60)
+
+
+def open_clip(name: str) -> str:
+  crash_or_hang(name)
+  return name
+
+
+def work(item):
+  """2 * item for numbers, None for None; 'segfault...' / 'hang...' strings crash or hang;
+  'raise' raises."""
+  if item is None:
+    return None
+  if item == 'raise':
+    raise ValueError('asked to raise')
+  crash_or_hang(item)
+  return 2 * item
