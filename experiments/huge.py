@@ -1,4 +1,4 @@
-r"""The huge encoder (width 1280, 32 layers, ~650M parameters) on the stage-2 data, for large meshes.
+r"""The huge encoder (width 1280, 32 layers, ~650M parameters) on the stage-2 data, large meshes.
 
 Not a release run: the release trained base (stage 1) and large (stage 2) only. This is
 experiments/stage2_video.py (the same heads, data, per-GPU batches 16 / 8 / 16, global batch

@@ -203,7 +203,8 @@ def test_unknown_experiment_argument_lists_the_allowed_ones():
     config_lib.load(f'{_path("huge.py")}:gpu=8')
   message = str(e.value)
   assert "unknown experiment argument 'gpu'" in message
-  for arg in ('smoke=False', 'paper=False', 'gpus=256', 'fsdp=16', 'batch=20480', 'init=', 'heads='):
+  for arg in ('smoke=False', 'paper=False', 'gpus=256', 'fsdp=16', 'batch=20480', 'init=',
+              'heads='):
     assert arg in message
 
 
