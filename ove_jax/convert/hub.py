@@ -53,7 +53,8 @@ def resolve(name_or_path) -> str:
            f'(huggingface-cli download {repo_id}) or unset HF_HUB_OFFLINE' if offline else
            f' and could not be downloaded ({e})')) from None
   except HfHubHTTPError as e:
-    raise FileNotFoundError(f'{text}: not a local directory, and the hub refused it ({e})') from None
+    raise FileNotFoundError(f'{text}: not a local directory, and the hub refused it ({e})'
+                            ) from None
 
 
 def weight_files(directory: str) -> list[str]:

@@ -13,13 +13,14 @@ copy of this file, written by `ove_jax.convert.save_pytorch`.
   out.last_hidden_state  # (B, L, C) after layernorm_post;  out.pooler_output  # (B, C)
   out = model(x, output_hidden_states=True).hidden_states  # block inputs/outputs, no post-norm
 """
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_onevision_encoder import OneVisionEncoderConfig
+
 # transformers copies a local export's modules through the direct relative imports of the file
 # it loads only, so the port's own `.hub` is named here too.
 from .hub import WEIGHTS_NAME  # noqa: F401
@@ -47,10 +48,10 @@ class OneVisionEncoderModel(EncoderForward, OneVisionEncoderPreTrainedModel):
     self.build_modules(config)
     self.post_init()
 
-  def forward(self, pixel_values: torch.Tensor, visible_indices: Optional[torch.Tensor] = None,
-              patch_positions: Optional[torch.Tensor] = None,
-              output_attentions: Optional[bool] = None,
-              output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+  def forward(self, pixel_values: torch.Tensor, visible_indices: torch.Tensor | None = None,
+              patch_positions: torch.Tensor | None = None,
+              output_attentions: bool | None = None,
+              output_hidden_states: bool | None = None, return_dict: bool | None = None,
               **kwargs):
     """pixel_values (B, 3, H, W) or (B, 3, T, H, W); visible_indices (B, K) flat indices on the
     virtual `rope_temporal_size`-frame grid; patch_positions (B, L, 3) explicit (t, h, w)
