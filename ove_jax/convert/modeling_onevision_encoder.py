@@ -66,7 +66,7 @@ class OneVisionEncoderModel(EncoderForward, OneVisionEncoderPreTrainedModel):
     if output_hidden_states is None:
       output_hidden_states = self.config.output_hidden_states
     if return_dict is None:
-      return_dict = getattr(self.config, 'use_return_dict', True)
+      return_dict = getattr(self.config, 'return_dict', True)
     out = EncoderForward.forward(self, pixel_values, visible_indices=visible_indices,
                                  patch_positions=patch_positions,
                                  output_hidden_states=bool(output_hidden_states))
