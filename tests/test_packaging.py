@@ -44,6 +44,9 @@ def test_wheel_contains_the_experiments_and_the_tools(wheel):
   assert shipped and shipped <= names
   assert 'ove_jax_experiments/stage2_video.py' in names
   assert 'ove_jax_tools/sweep.py' in names and 'ove_jax/config.py' in names
+  # The remote code that every export copies out of the installed package (hf_modeling.py).
+  from ove_jax.convert import hf_modeling
+  assert {f'ove_jax/convert/{n}' for n in hf_modeling.REMOTE_CODE} <= names
   assert not any(n.startswith(('experiments/', 'tools/', 'tests/')) for n in names)
 
 
