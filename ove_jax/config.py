@@ -159,22 +159,22 @@ EXPERIMENTS_PACKAGE = 'ove_jax_experiments'  # setup.cfg installs experiments/ u
 
 
 def experiments_dir() -> str:
-  """The folder of the experiments that ship with ove_jax: the installed `ove_jax_experiments`
-  (a namespace package: located, never imported), else `experiments/` beside the `ove_jax`
-  folder (a checkout used through PYTHONPATH without installing it)."""
+  """The folder of the experiments that ship with ove_jax: in a source checkout (this package's
+  folder beside setup.cfg, whether installed editable or put on PYTHONPATH) its `experiments/`,
+  else the installed `ove_jax_experiments` (a namespace package: located, never imported)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  checkout = os.path.join(root, 'experiments')
+  if os.path.isfile(os.path.join(root, 'setup.cfg')) and os.path.isdir(checkout):
+    return checkout
   try:
     found = importlib.util.find_spec(EXPERIMENTS_PACKAGE)
   except (ImportError, ValueError):
     found = None
   if found is not None and found.submodule_search_locations:
     return os.path.abspath(list(found.submodule_search_locations)[0])
-  checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          'experiments')
-  if os.path.isdir(checkout):
-    return checkout
   raise ConfigError(f'the experiments that ship with ove_jax are not installed (no package '
-                    f'{EXPERIMENTS_PACKAGE!r}, no {checkout}); reinstall ove_jax, or give an '
-                    'experiment file by path')
+                    f'{EXPERIMENTS_PACKAGE!r} and no checkout at {root}); reinstall ove_jax, or '
+                    'give an experiment file by path')
 
 
 def experiment_names() -> list[str]:
