@@ -275,3 +275,16 @@ def test_push_to_hub_uploads_the_export(exported):
   assert upload['folder_path'] == directory and upload['repo_id'] == 'me/ove-tiny'
   assert '*.safetensors' in upload['allow_patterns'] and '*.py' in upload['allow_patterns']
   assert not any(p.endswith(('.bin', '.pt')) for p in upload['allow_patterns'])
+
+
+def test_paths_that_are_not_hub_ids_never_reach_the_hub(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'runs').mkdir()
+  assert hub.is_hub_id('lmms-lab-encoder/onevision-encoder-large')
+  assert hub.is_hub_id('org/name@v1.0') and not hub.is_hub_id('./org/name')
+  for text in (str(tmp_path / 'nowhere'), 'runs/export', '../x', 'a/b/c'):
+    with pytest.raises(FileNotFoundError, match='no such directory'):
+      hub.resolve(text)  # 'runs/export' is a path: its first folder exists here
+  with pytest.raises(convert.CheckpointError, match='no such directory'):
+    convert.load_pytorch('runs/export')
+  assert hub.resolve(str(tmp_path / 'runs')) == str(tmp_path / 'runs')
