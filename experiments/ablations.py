@@ -36,7 +36,7 @@ On this CPU (each study's runs one after another, then results.csv / results.md 
   python tools/sweep.py --config=experiments/ablations.py:smoke,study=rope --root=/tmp/sweep_rope \
       --run --config.total_steps=20
 One run of a study by hand (the baseline, or any point's overrides):
-  python -m ove_jax.train --config=experiments/ablations.py:smoke --workdir=/tmp/abl \
+  ove-train --config=ablations:smoke --workdir=/tmp/abl \
       --config.model.rope=1d
 Full size, as a job array for a cluster (sources as in stage2_video.py; the video one comes from
 video_data, not from --config, because the budget and policy studies change it):

@@ -11,13 +11,13 @@ devices (data 4 x fsdp 2). Two variants:
               their nearest centres; report.json: k) and, when DIR/image exists, the image head
               on the images of data_root with DIR/image/labels.npy
 
-  python -m ove_jax.train --config=experiments/demo_cpu.py --workdir=/tmp/ove_demo_cpu
-  python -m ove_jax.train --config=experiments/demo_cpu.py:smoke --workdir=/tmp/ove_smoke
-  python -m ove_jax.train --config=experiments/demo_cpu.py:student=/tmp/labels,data_root=/tmp/d \
+  ove-train --config=demo_cpu --workdir=/tmp/ove_demo_cpu
+  ove-train --config=demo_cpu:smoke --workdir=/tmp/ove_smoke
+  ove-train --config=demo_cpu:student=/tmp/labels,data_root=/tmp/d \
       --workdir=/tmp/ove_student
   # two processes x 4 devices, as two hosts would run it:
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
-      python -m ove_jax.train --config=experiments/demo_cpu.py:smoke,workers=0 \
+      ove-train --config=demo_cpu:smoke,workers=0 \
       --workdir=/tmp/ove_smoke_2x4
 
 Arguments: smoke (a few steps on 8 clips and 16 images), steps=N, workers=N (input worker

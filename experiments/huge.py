@@ -1,4 +1,4 @@
-r"""The huge encoder (width 1280, 32 layers, ~650M parameters) on the stage-2 data, for large meshes.
+r"""The huge encoder (width 1280, 32 layers, ~650M parameters) on the stage-2 data, large meshes.
 
 Not a release run: the release trained base (stage 1) and large (stage 2) only. This is
 experiments/stage2_video.py (the same heads, data, per-GPU batches 16 / 8 / 16, global batch
@@ -12,19 +12,19 @@ Data: the sources are placeholders, as in stage2_video.py:
 
 Multi-host, one process per host (32 hosts x 8 GPUs):
   OVE_COORDINATOR_ADDRESS=host0:12355 OVE_NUM_PROCESSES=32 OVE_PROCESS_ID=<0..31> \
-  python -m ove_jax.train --config=experiments/huge.py --workdir=/ckpt/huge
+  ove-train --config=huge --workdir=/ckpt/huge
   # or under SLURM:
-  srun --nodes=32 --ntasks-per-node=1 python -m ove_jax.train \
-      --config=experiments/huge.py --workdir=/ckpt/huge
+  srun --nodes=32 --ntasks-per-node=1 ove-train \
+      --config=huge --workdir=/ckpt/huge
   # 512 GPUs: the global batch stays 20,480 (accumulate 1)
-  srun --nodes=64 --ntasks-per-node=1 python -m ove_jax.train \
-      --config=experiments/huge.py:gpus=512,fsdp=32 --workdir=/ckpt/huge
+  srun --nodes=64 --ntasks-per-node=1 ove-train \
+      --config=huge:gpus=512,fsdp=32 --workdir=/ckpt/huge
 Single host (8 GPUs; accumulate 64, slow, for checking memory before a large run):
-  python -m ove_jax.train --config=experiments/huge.py:gpus=8,fsdp=8 --workdir=/tmp/huge
+  ove-train --config=huge:gpus=8,fsdp=8 --workdir=/tmp/huge
 On this CPU (the tiny preset, like stage2_video's smoke), and as 2 hosts x 4 devices:
-  python -m ove_jax.train --config=experiments/huge.py:smoke --workdir=/tmp/huge_smoke
+  ove-train --config=huge:smoke --workdir=/tmp/huge_smoke
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
-      python -m ove_jax.train --config=experiments/huge.py:smoke \
+      ove-train --config=huge:smoke \
       --workdir=/tmp/huge_smoke_2x4
 
 Arguments: those of experiments/stage2_video.py, with gpus=256 and fsdp=16 by default.

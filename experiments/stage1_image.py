@@ -18,20 +18,20 @@ Data: the source below is a placeholder. Point it at your precomputed records (i
   --config.data.heads.image.source='/data/laion-*.array_record'
 
 Single host (all local GPUs):
-  python -m ove_jax.train --config=experiments/stage1_image.py:batch=1024 \
+  ove-train --config=stage1_image:batch=1024 \
       --workdir=/ckpt/stage1 --config.data.heads.image.source='/data/laion-*.array_record'
 Multi-host, one process per host (every host runs the same command):
   OVE_COORDINATOR_ADDRESS=host0:12355 OVE_NUM_PROCESSES=4 OVE_PROCESS_ID=<0..3> \
-  python -m ove_jax.train --config=experiments/stage1_image.py:batch=4096 --workdir=/ckpt/stage1
+  ove-train --config=stage1_image:batch=4096 --workdir=/ckpt/stage1
   # or under SLURM (one task per node; the coordinator is the first node of the step):
-  srun --nodes=4 --ntasks-per-node=1 python -m ove_jax.train \
-      --config=experiments/stage1_image.py:batch=4096 --workdir=/ckpt/stage1
+  srun --nodes=4 --ntasks-per-node=1 ove-train \
+      --config=stage1_image:batch=4096 --workdir=/ckpt/stage1
 The paper's variant (large encoder, weight decay 0.2):
-  python -m ove_jax.train --config=experiments/stage1_image.py:paper,batch=1024 --workdir=...
+  ove-train --config=stage1_image:paper,batch=1024 --workdir=...
 On this CPU (a few steps on the built-in images, about a minute), and as 2 hosts x 4 devices:
-  python -m ove_jax.train --config=experiments/stage1_image.py:smoke --workdir=/tmp/stage1_smoke
+  ove-train --config=stage1_image:smoke --workdir=/tmp/stage1_smoke
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
-      python -m ove_jax.train --config=experiments/stage1_image.py:smoke \
+      ove-train --config=stage1_image:smoke \
       --workdir=/tmp/stage1_smoke_2x4
 
 Arguments: smoke, paper, batch=N (global images per step), samples=X (images seen in all;

@@ -24,23 +24,23 @@ relative path are joined to data.heads.video.video_root for the uniform and coll
   --config.data.heads.video.source='/data/video-codec-*.array_record'
 
 Single host (its local GPUs; gpus= is the device count the batch is sized for):
-  python -m ove_jax.train --config=experiments/stage2_video.py:gpus=8,init=/ckpt/stage1 \
+  ove-train --config=stage2_video:gpus=8,init=/ckpt/stage1 \
       --workdir=/ckpt/stage2 --config.data.heads.image.source=... (and ocr, video)
 Multi-host, one process per host (16 hosts x 8 GPUs = the release's 128 GPUs):
   OVE_COORDINATOR_ADDRESS=host0:12355 OVE_NUM_PROCESSES=16 OVE_PROCESS_ID=<0..15> \
-  python -m ove_jax.train --config=experiments/stage2_video.py:init=/ckpt/stage1 \
+  ove-train --config=stage2_video:init=/ckpt/stage1 \
       --workdir=/ckpt/stage2
   # or under SLURM:
-  srun --nodes=16 --ntasks-per-node=1 python -m ove_jax.train \
-      --config=experiments/stage2_video.py:init=/ckpt/stage1 --workdir=/ckpt/stage2
+  srun --nodes=16 --ntasks-per-node=1 ove-train \
+      --config=stage2_video:init=/ckpt/stage1 --workdir=/ckpt/stage2
 The paper's learning rate: add `paper` (lr 1e-4). Keep the heads of a stage-2 checkpoint
 (init=<stage-2 workdir>,heads=keep); a stage-1 run has no OCR or video head, so from stage 1
 the heads start fresh (the default).
 On this CPU (3 steps of every head and video mode on the built-in data, about a minute), and as
 2 hosts x 4 devices:
-  python -m ove_jax.train --config=experiments/stage2_video.py:smoke --workdir=/tmp/stage2_smoke
+  ove-train --config=stage2_video:smoke --workdir=/tmp/stage2_smoke
   python tools/launch_local.py --processes=2 --devices_per_process=4 -- \
-      python -m ove_jax.train --config=experiments/stage2_video.py:smoke \
+      ove-train --config=stage2_video:smoke \
       --workdir=/tmp/stage2_smoke_2x4
 
 Arguments: smoke, paper, gpus=N, fsdp=N (mesh.fsdp), batch=N (global samples per step),

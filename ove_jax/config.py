@@ -1,10 +1,12 @@
 """Experiment configs: the defaults, `get_config(arg)` argument strings, overrides, validation.
 
-An experiment is a Python file under `experiments/` with `get_config(arg)` returning an
-ml_collections ConfigDict built on `defaults()`. The trainer loads it by path:
+An experiment is a Python file with `get_config(arg)` returning an ml_collections ConfigDict
+built on `defaults()`. The repository's `experiments/` folder ships with the package (installed as
+`ove_jax_experiments`), so an experiment is named from any directory, or given by path:
 
-  python -m ove_jax.train --config=experiments/demo_cpu.py:smoke --workdir=/tmp/run \\
+  ove-train --config=demo_cpu:smoke --workdir=/tmp/run \\
       --config.total_steps=50 --config.optim.lr=3e-4
+  ove-train --config=experiments/demo_cpu.py:smoke ...    (the same file; or any other path)
 
 Every key or value error (an unknown key, a value outside its allowed set, a mesh that does not
 divide the devices, a batch that does not divide the mesh) is a `ConfigError` that names the key
@@ -153,14 +155,73 @@ def _coerce(name: str, current: Any, text: str) -> Any:
 # Loading and overriding
 # ------------------------------------------------------------------------------------------------
 
+EXPERIMENTS_PACKAGE = 'ove_jax_experiments'  # setup.cfg installs experiments/ under this name
+
+
+def experiments_dir() -> str:
+  """The folder of the experiments that ship with ove_jax: in a source checkout (this package's
+  folder beside setup.cfg, whether installed editable or put on PYTHONPATH) its `experiments/`,
+  else the installed `ove_jax_experiments` (a namespace package: located, never imported)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  checkout = os.path.join(root, 'experiments')
+  if os.path.isfile(os.path.join(root, 'setup.cfg')) and os.path.isdir(checkout):
+    return checkout
+  try:
+    found = importlib.util.find_spec(EXPERIMENTS_PACKAGE)
+  except (ImportError, ValueError):
+    found = None
+  if found is not None and found.submodule_search_locations:
+    return os.path.abspath(list(found.submodule_search_locations)[0])
+  raise ConfigError(f'the experiments that ship with ove_jax are not installed (no package '
+                    f'{EXPERIMENTS_PACKAGE!r} and no checkout at {root}); reinstall ove_jax, or '
+                    'give an experiment file by path')
+
+
+def experiment_names() -> list[str]:
+  """The names of the shipped experiments (`stage2_video`, ...), sorted."""
+  return sorted(name[:-3] for name in os.listdir(experiments_dir())
+                if name.endswith('.py') and not name.startswith(('_', '.')))
+
+
+def experiment_path(name_or_path: str) -> str:
+  """The file of an experiment given by path (`experiments/stage2_video.py`, `my/exp.py`) or by
+  name (`stage2_video`, `stage2_video.py`). A path that exists is that file; otherwise a bare
+  name, or the repository's spelling `experiments/<name>.py`, is the shipped experiment, so
+  README's commands also work outside a checkout."""
+  text = name_or_path.strip()
+  if os.path.isfile(text):
+    return text
+  head, base = os.path.split(text)
+  name = base[:-3] if base.endswith('.py') else base
+  if os.path.normpath(head) in ('.', 'experiments') and name:
+    shipped = os.path.join(experiments_dir(), f'{name}.py')
+    if os.path.isfile(shipped):
+      return shipped
+  names = experiment_names()
+  raise ConfigError(f'--config={name_or_path}: no experiment file {text!r} and no shipped '
+                    f'experiment of that name; the experiments are {", ".join(names)} (in '
+                    f'{experiments_dir()}): give one by name (--config=NAME[:args]) or a path '
+                    'to your own file (--config=path/to/exp.py[:args])')
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+  """'name_or_path[:arg]' -> (the experiment's file, arg or '')."""
+  where, _, arg = spec.partition(':')
+  return experiment_path(where), arg
+
+
+def load_experiment(spec: str):
+  """(module, arg) of `name_or_path[:arg]`: the experiment file imported, its argument string."""
+  path, arg = split_spec(spec)
+  return load_module(path), arg
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`path/to/experiment.py[:arg]` with `key.sub=value` overrides applied, then validated."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise ConfigError(f'--config={spec}: no experiment file {path!r} (see experiments/)')
-  module = load_module(path)
+  """`name[:arg]` or `path/to/experiment.py[:arg]` with `key.sub=value` overrides applied, then
+  validated."""
+  module, arg = load_experiment(spec)
   if not hasattr(module, 'get_config'):
-    raise ConfigError(f'{path} has no get_config(arg) function')
+    raise ConfigError(f'{module.__file__} has no get_config(arg) function')
   config = module.get_config(arg or None)
   for item in overrides:
     apply_override(config, item)

@@ -3,6 +3,8 @@ say, overrides apply, bad keys and values are named, and a stage-2 smoke run tra
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -35,6 +37,57 @@ def _get(name, arg=''):
 def test_every_experiment_file_is_covered():
   found = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'experiments', '*.py'))}
   assert found == set(ARGUMENTS)
+  assert {f'{name}.py' for name in config_lib.experiment_names()} == found
+
+
+def test_experiments_resolve_by_name_and_by_path_from_any_directory(tmp_path, monkeypatch):
+  by_path = config_lib.flatten(config_lib.load(f'{_path("stage2_video.py")}:gpus=64'))
+  assert by_path['accumulate'] == 8
+  monkeypatch.chdir(tmp_path)  # no experiments/ here: names and README's spelling still resolve
+  for spec in ('stage2_video:gpus=64', 'stage2_video.py:gpus=64',
+               'experiments/stage2_video.py:gpus=64', './experiments/stage2_video.py:gpus=64'):
+    assert config_lib.flatten(config_lib.load(spec)) == by_path, spec
+  shipped = config_lib.experiment_path('stage2_video')
+  assert os.path.samefile(shipped, _path('stage2_video.py'))
+  assert config_lib.split_spec('huge:gpus=8,fsdp=8') == (
+      config_lib.experiment_path('huge'), 'gpus=8,fsdp=8')
+
+
+def test_a_file_given_by_path_wins_and_may_build_on_a_shipped_experiment(tmp_path, monkeypatch):
+  mine = tmp_path / 'experiments' / 'demo_cpu.py'  # shadows the shipped name, by path only
+  mine.parent.mkdir()
+  mine.write_text('from ove_jax import config as config_lib\n'
+                  "demo = config_lib.load_module(config_lib.experiment_path('demo_cpu'))\n"
+                  'def get_config(arg=None):\n'
+                  '  c = demo.get_config(arg)\n'
+                  '  c.total_steps = 7\n'
+                  '  return c\n')
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.load('experiments/demo_cpu.py:smoke').total_steps == 7
+  assert config_lib.load(f'{mine}:smoke').total_steps == 7
+  assert config_lib.load('demo_cpu:smoke').total_steps == _get('demo_cpu.py', 'smoke').total_steps
+  assert config_lib.load('demo_cpu:smoke').total_steps != 7
+
+
+@pytest.mark.parametrize('spec', ['stage3_video', 'experiments/nope.py:smoke', 'elsewhere/x.py'])
+def test_unknown_experiment_lists_the_shipped_ones(spec, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load(spec)
+  message = str(e.value)
+  assert f'--config={spec.partition(":")[0]}: no experiment file' in message
+  for name in ARGUMENTS:
+    assert name[:-3] in message
+  assert '--config=path/to/exp.py' in message
+
+
+def test_cli_resolves_a_name_outside_the_checkout(tmp_path):
+  # A config error about an override means the experiment was found and built first.
+  proc = subprocess.run([sys.executable, '-m', 'ove_jax.train', '--config=demo_cpu:smoke',
+                         f'--workdir={tmp_path / "run"}', '--config.optim.nope=1'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert "config error: --config.optim.nope: optim has no key 'nope'" in proc.stderr
 
 
 @pytest.mark.parametrize('name, arg', CASES, ids=[f'{n[:-3]}:{a or "default"}' for n, a in CASES])
@@ -150,7 +203,8 @@ def test_unknown_experiment_argument_lists_the_allowed_ones():
     config_lib.load(f'{_path("huge.py")}:gpu=8')
   message = str(e.value)
   assert "unknown experiment argument 'gpu'" in message
-  for arg in ('smoke=False', 'paper=False', 'gpus=256', 'fsdp=16', 'batch=20480', 'init=', 'heads='):
+  for arg in ('smoke=False', 'paper=False', 'gpus=256', 'fsdp=16', 'batch=20480', 'init=',
+              'heads='):
     assert arg in message
 
 

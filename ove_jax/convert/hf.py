@@ -334,12 +334,16 @@ def model_params(model: Encoder) -> dict[Path, np.ndarray]:
 
 
 def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
-                 params: dict[Path, np.ndarray] | None = None) -> str:
-  """Writes `directory` in the release's format: config.json, model.safetensors and
-  preprocessor_config.json. `dtype` is the stored precision (float32, bfloat16 or float16).
+                 params: dict[Path, np.ndarray] | None = None,
+                 max_shard_size: int | str = '5GB') -> str:
+  """Writes `directory` in the release's format: config.json, model.safetensors (or shards of
+  at most `max_shard_size` with an index) and preprocessor_config.json, plus the remote code
+  that AutoModel.from_pretrained(directory, trust_remote_code=True) loads (hf_modeling.py).
+  `dtype` is the stored precision (float32, bfloat16 or float16).
 
   `params` (flat path -> array) overrides the model's own, for exporting training checkpoints.
   """
+  from ove_jax.convert import hf_modeling
   cfg = model.cfg
   store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
   if dtype not in store:
@@ -348,7 +352,9 @@ def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
   tensors = params_to_hf(params if params is not None else model_params(model), cfg)
   tensors = {k: v.astype(store[dtype]) for k, v in tensors.items()}
   os.makedirs(directory, exist_ok=True)
-  write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors)
+  hf_modeling.write_weights(directory, tensors, max_shard_size)
+  hf_modeling.write_remote_code(directory)
+  config = hf_modeling.with_auto_map(config)
   with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
     json.dump(config, f, indent=2)
   with open(os.path.join(directory, PREPROCESSOR_FILE), 'w') as f:
@@ -357,11 +363,16 @@ def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
 
 
 def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
-  if not os.path.isdir(directory):
-    raise CheckpointError(f'{directory}: no such directory')
+  """(config.json's dict, tensors) of a directory or hub id; sharded weights are merged."""
+  from ove_jax.convert import hf_modeling, hub
+  try:
+    directory = hub.resolve(directory)
+  except FileNotFoundError as e:
+    raise CheckpointError(str(e)) from None
   config_path = os.path.join(directory, CONFIG_FILE)
   weights_path = os.path.join(directory, WEIGHTS_FILE)
-  for p in (config_path, weights_path):
+  sharded = os.path.isfile(os.path.join(directory, hub.WEIGHTS_INDEX_NAME))
+  for p in (config_path, *([] if sharded else [weights_path])):
     if not os.path.isfile(p):
       extra = ''
       if p == weights_path and any(f.endswith(('.bin', '.pt', '.pth'))
@@ -373,7 +384,7 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
       hf = json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f'{config_path}: not valid JSON ({e})') from e
-  return hf, read_safetensors(weights_path)
+  return hf, hf_modeling.read_weights(directory)
 
 
 def load_pytorch(directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES,

@@ -21,7 +21,8 @@ Usage:
                                          num_hidden_layers=2, num_attention_heads=2))
   save_pretrained(model, 'some/dir')  # config.json + model.safetensors
 
-Checkpoints are read with safetensors only; pickled torch files are never opened.
+Checkpoints are read with safetensors only; pickled torch files are never opened. The one
+relative import, `.hub` (standard library only), finds the files of a directory or a hub id.
 """
 from __future__ import annotations
 
@@ -37,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, resolve, weight_files
+
 MODEL_TYPE = 'onevision_encoder'
 ARCHITECTURES = ['OneVisionEncoderModel']
 CONFIG_NAME = 'config.json'
-WEIGHTS_NAME = 'model.safetensors'
-WEIGHTS_INDEX_NAME = 'model.safetensors.index.json'
 
 # Sizes with no sensible default: a config file without them is not a usable config.
 _REQUIRED_KEYS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
@@ -77,9 +78,7 @@ class OVEncoderConfig:
 
   @property
   def rope_axis_sizes(self) -> tuple:
-    """(n_t, n_h, n_w): the 4:6:6 split of head_dim / 2."""
-    unit = self.head_dim // 2 // 16
-    return 4 * unit, 6 * unit, 6 * unit
+    return rope_axis_sizes(self)
 
   def validate(self, source: Optional[str] = None):
     where = f' in {source}' if source else ''
@@ -133,10 +132,17 @@ class OVEncoderConfig:
 # Rotary position embedding (SPEC 1.3)
 # ------------------------------------------------------------------------------------------------
 
+def rope_axis_sizes(config) -> tuple:
+  """(n_t, n_h, n_w): the 4:6:6 split of head_dim / 2. `config` is any object with the release's
+  fields (OVEncoderConfig, or the transformers config of an export)."""
+  unit = config.hidden_size // config.num_attention_heads // 2 // 16
+  return 4 * unit, 6 * unit, 6 * unit
+
+
 def rope_inv_freqs(config: OVEncoderConfig, device=None) -> tuple:
   """float32 inverse frequencies per axis; each axis is normalised by its own size (k/n)."""
   out = []
-  for n in config.rope_axis_sizes:
+  for n in rope_axis_sizes(config):
     k = torch.arange(n, dtype=torch.float32, device=device)
     out.append(1.0 / (config.rope_theta ** (k / n)))
   return tuple(out)
@@ -183,7 +189,7 @@ class OVAttention(nn.Module):
     super().__init__()
     c = config.hidden_size
     self.num_heads = config.num_attention_heads
-    self.head_dim = config.head_dim
+    self.head_dim = config.hidden_size // config.num_attention_heads
     self.dropout = config.attention_dropout
     self.q_proj = nn.Linear(c, c)
     self.k_proj = nn.Linear(c, c)
@@ -266,13 +272,39 @@ class OVPoolingHead(nn.Module):
     return y[:, 0]
 
 
-class OVEncoderTorch(nn.Module):
-  """The OneVision encoder with the release's parameter names (SPEC 1.2-1.4)."""
+@torch.no_grad()
+def init_module(module: nn.Module, std: float) -> None:
+  """From-scratch initialisation of one module (SPEC 1.2), not of its children: linear and
+  patch weights N(0, std), biases 0, norm weights 1 (the pooling head's own parameters: see
+  init_head)."""
+  # MultiheadAttention's out_proj is a Linear subclass, so it is covered here too.
+  if isinstance(module, nn.Linear):
+    nn.init.normal_(module.weight, 0.0, std)
+    if module.bias is not None:
+      nn.init.zeros_(module.bias)
+  elif isinstance(module, nn.Conv2d):
+    nn.init.normal_(module.weight, 0.0, std)
+  elif isinstance(module, nn.LayerNorm):
+    nn.init.ones_(module.weight)
+    nn.init.zeros_(module.bias)
+  elif isinstance(module, OVRMSNorm):
+    nn.init.ones_(module.weight)
 
-  def __init__(self, config: OVEncoderConfig):
-    super().__init__()
-    config.validate()
-    self.config = config
+
+@torch.no_grad()
+def init_head(head: OVPoolingHead) -> None:
+  """The pooling head's probe N(0, 1) and its fused in-projection Xavier-uniform, bias 0."""
+  nn.init.normal_(head.probe, 0.0, 1.0)
+  nn.init.xavier_uniform_(head.attention.in_proj_weight)
+  nn.init.zeros_(head.attention.in_proj_bias)
+
+
+class EncoderForward:
+  """The encoder's modules (named as the release's state dict) and its forward pass, over a
+  `config` with the release's fields. Shared by OVEncoderTorch and the transformers model that
+  exports carry (modeling_onevision_encoder.py), so both compute exactly the same thing."""
+
+  def build_modules(self, config) -> None:
     c = config.hidden_size
     self.embeddings = OVEmbeddings(config)
     self.layernorm_pre = nn.LayerNorm(c, eps=config.layer_norm_eps)
@@ -283,31 +315,6 @@ class OVEncoderTorch(nn.Module):
     else:
       self.layernorm_post = None
       self.head = None
-    self.reset_parameters()
-
-  # -- initialisation ----------------------------------------------------------------------------
-
-  @torch.no_grad()
-  def reset_parameters(self):
-    """From-scratch initialisation of SPEC 1.2."""
-    std = self.config.initializer_range
-    for m in self.modules():
-      # MultiheadAttention's out_proj is a Linear subclass, so it is covered here too.
-      if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, 0.0, std)
-        if m.bias is not None:
-          nn.init.zeros_(m.bias)
-      elif isinstance(m, nn.Conv2d):
-        nn.init.normal_(m.weight, 0.0, std)
-      elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-      elif isinstance(m, OVRMSNorm):
-        nn.init.ones_(m.weight)
-    if self.head is not None:
-      nn.init.normal_(self.head.probe, 0.0, 1.0)
-      nn.init.xavier_uniform_(self.head.attention.in_proj_weight)
-      nn.init.zeros_(self.head.attention.in_proj_bias)
 
   # -- inputs to tokens --------------------------------------------------------------------------
 
@@ -423,6 +430,25 @@ class OVEncoderTorch(nn.Module):
     return out
 
 
+class OVEncoderTorch(EncoderForward, nn.Module):
+  """The OneVision encoder with the release's parameter names (SPEC 1.2-1.4)."""
+
+  def __init__(self, config: OVEncoderConfig):
+    super().__init__()
+    config.validate()
+    self.config = config
+    self.build_modules(config)
+    self.reset_parameters()
+
+  @torch.no_grad()
+  def reset_parameters(self):
+    """From-scratch initialisation of SPEC 1.2."""
+    for m in self.modules():
+      init_module(m, self.config.initializer_range)
+    if self.head is not None:
+      init_head(self.head)
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoint I/O
 # ------------------------------------------------------------------------------------------------
@@ -457,18 +483,13 @@ def expected_shapes(config: OVEncoderConfig) -> Dict[str, tuple]:
 
 def _read_weights(directory: pathlib.Path) -> tuple:
   """(state_dict, description of the file(s)); a sharded index is followed if present."""
-  single = directory / WEIGHTS_NAME
-  if single.is_file():
-    return safetensors.torch.load_file(str(single)), str(single)
-  index = directory / WEIGHTS_INDEX_NAME
-  if index.is_file():
-    with open(index, 'r', encoding='utf-8') as f:
-      shard_names = sorted(set(json.load(f)['weight_map'].values()))
-    state = {}
-    for name in shard_names:
-      state.update(safetensors.torch.load_file(str(directory / name)))
-    return state, f'{index} (shards {shard_names})'
-  raise FileNotFoundError(f'no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {directory}')
+  files = weight_files(str(directory))
+  state = {}
+  for path in files:
+    state.update(safetensors.torch.load_file(path))
+  if len(files) == 1:
+    return state, files[0]
+  return state, f'{directory / WEIGHTS_INDEX_NAME} (shards {[os.path.basename(p) for p in files]})'
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], config: OVEncoderConfig,
@@ -492,8 +513,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], config: OVEncoderConfig,
 
 
 def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> OVEncoderTorch:
-  """Loads a release-format directory (config.json + model.safetensors) into OVEncoderTorch."""
-  directory = pathlib.Path(directory)
+  """Loads a release-format directory (config.json + model.safetensors or its shards) into
+  OVEncoderTorch; a Hugging Face hub id (`org/name[@revision]`) is read from the hub's cache."""
+  directory = pathlib.Path(resolve(directory))
   config = OVEncoderConfig.from_json_file(directory / CONFIG_NAME)
   state, source = _read_weights(directory)
   check_state_dict(state, config, source)
