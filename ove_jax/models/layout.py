@@ -1,0 +1,98 @@
+"""The two parameter layouts of the encoder's blocks, and exact conversion between them.
+
+  unrolled  (`scan_layers=False`): one module per block, paths ('blocks', n, ...), e.g.
+            ('blocks', 3, 'mlp', 'fc1', 'kernel') of shape [C, I];
+  stacked   (`scan_layers=True`): one module whose parameters carry a leading 'layers' axis,
+            paths ('blocks', ...), e.g. ('blocks', 'mlp', 'fc1', 'kernel') of shape [N, C, I].
+
+Parameters are given as flat dicts (path tuple -> array), the form `ove_jax.convert` and
+`ove_jax.checkpoint` use. Stacking and unstacking only copy values, so a round trip is bit-exact;
+everything outside 'blocks' passes through unchanged. Host (numpy) arrays stay numpy, device
+arrays stay JAX arrays.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCKS = 'blocks'
+
+Params = Mapping[tuple, Any]
+
+
+def _is_block_path(path: tuple) -> bool:
+  return len(path) > 1 and path[0] == BLOCKS
+
+
+def _layer_index(path: tuple):
+  """n of an unrolled path ('blocks', n, ...) (int, or a digit string as in nested dicts)."""
+  n = path[1]
+  if isinstance(n, (int, np.integer)):
+    return int(n)
+  if isinstance(n, str) and n.isdigit():
+    return int(n)
+  return None
+
+
+def is_stacked(params: Params) -> bool:
+  """Whether `params` hold the blocks stacked (True) or unrolled (False)."""
+  block_paths = [p for p in params if _is_block_path(p)]
+  if not block_paths:
+    raise ValueError('no block parameters (paths starting with "blocks") in the parameters')
+  unrolled = [_layer_index(p) is not None for p in block_paths]
+  if any(unrolled) and not all(unrolled):
+    raise ValueError('the parameters mix the unrolled (blocks/<n>/...) and stacked (blocks/...) '
+                     'layouts')
+  return not unrolled[0]
+
+
+def stack_blocks(params: Params, depth: int) -> dict[tuple, Any]:
+  """Unrolled -> stacked: ('blocks', n, *rest) for n < depth -> ('blocks', *rest) [depth, ...]."""
+  per_rest: dict[tuple, dict[int, Any]] = {}
+  out = {}
+  for path, value in params.items():
+    if not _is_block_path(path):
+      out[path] = value
+      continue
+    n = _layer_index(path)
+    if n is None:
+      raise ValueError(f'parameter {"/".join(map(str, path))} is already stacked')
+    per_rest.setdefault(path[2:], {})[n] = value
+  for rest, layers in per_rest.items():
+    if sorted(layers) != list(range(depth)):
+      missing = sorted(set(range(depth)) - set(layers)) or sorted(set(layers) - set(range(depth)))
+      raise ValueError(f'blocks/<n>/{"/".join(map(str, rest))}: layers {sorted(layers)} do not '
+                       f'cover 0..{depth - 1} (first mismatch: {missing[0]}); is depth {depth} '
+                       'the checkpoint\'s own?')
+    values = [layers[n] for n in range(depth)]
+    stack = jnp.stack if any(isinstance(v, jax.Array) for v in values) else np.stack
+    out[(BLOCKS,) + rest] = stack(values)
+  return out
+
+
+def unstack_blocks(params: Params) -> dict[tuple, Any]:
+  """Stacked -> unrolled: ('blocks', *rest) [depth, ...] -> ('blocks', n, *rest) for every n."""
+  out = {}
+  depths = set()
+  for path, value in params.items():
+    if not _is_block_path(path):
+      out[path] = value
+      continue
+    if _layer_index(path) is not None:
+      raise ValueError(f'parameter {"/".join(map(str, path))} is already unrolled')
+    depths.add(value.shape[0])
+    for n in range(value.shape[0]):
+      out[(BLOCKS, n) + path[1:]] = value[n]
+  if len(depths) > 1:
+    raise ValueError(f'stacked block parameters disagree on the depth: {sorted(depths)}')
+  return out
+
+
+def to_layout(params: Params, *, scan_layers: bool, depth: int) -> dict[tuple, Any]:
+  """`params` in the layout of `scan_layers` (converted only when they are in the other one)."""
+  if is_stacked(params) == scan_layers:
+    return dict(params)
+  return stack_blocks(params, depth) if scan_layers else unstack_blocks(params)
