@@ -200,3 +200,15 @@ def test_port_save_loads_into_a_scanned_encoder(pair, tmp_path):
   back = convert.model_params(convert.load_pytorch(torch_dir, scan_layers=True))
   for k, v in convert.model_params(scanned).items():
     assert np.array_equal(v, back[k]), k
+
+
+def test_compile_time_tool_compiles_both_layouts(capsys):
+  import json
+  from ove_jax_tools import compile_time
+  assert compile_time.main(['--preset', 'tiny', '--tokens', '16', '--dtype', 'float32']) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  for layout in ('scanned', 'unrolled'):
+    assert result[layout]['compile_s'] > 0 and result[layout]['temp_bytes'] > 0
+  with pytest.raises(SystemExit):
+    compile_time.main(['--layouts', 'diagonal'])
+  assert 'choose from scanned,unrolled' in capsys.readouterr().err
