@@ -212,3 +212,18 @@ def test_compile_time_tool_compiles_both_layouts(capsys):
   with pytest.raises(SystemExit):
     compile_time.main(['--layouts', 'diagonal'])
   assert 'choose from scanned,unrolled' in capsys.readouterr().err
+
+
+def test_scanned_encoder_created_on_a_mesh_equals_the_unsharded_one():
+  # The trainer's path: parameters created sharded (eager sharding under jax.set_mesh).
+  cfg = EncoderConfig.preset('tiny', scan_layers=True)
+  ref = convert.model_params(create_encoder(cfg, seed=3))
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    model = create_encoder(cfg, seed=3)
+    assert model.blocks.mlp.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+        None, 'fsdp', 'tensor')
+  got = convert.model_params(model)
+  assert got.keys() == ref.keys()
+  for k in ref:
+    assert np.array_equal(got[k], ref[k]), k
