@@ -120,6 +120,15 @@ def test_layout_conversion_is_exact_both_ways(pair):
   for k in flat_u:
     assert np.array_equal(back[k], flat_u[k]), k
   assert to_layout(flat_u, scan_layers=False, depth=3).keys() == flat_u.keys()
+  # A training state: the blocks under a prefix (the model's, the optimiser moments').
+  state = {('opt', 'mu', 'encoder') + k: v for k, v in flat_u.items()}
+  state[('opt', 'count')] = np.int32(7)
+  stacked_state = stack_blocks(state, 3)
+  assert np.array_equal(stacked_state[('opt', 'mu', 'encoder', 'blocks', 'mlp', 'fc1', 'kernel')],
+                        flat_s[('blocks', 'mlp', 'fc1', 'kernel')])
+  back_state = unstack_blocks(stacked_state)
+  assert back_state.keys() == state.keys()
+  assert all(np.array_equal(back_state[k], state[k]) for k in state)
   # Model level, and back again.
   again = convert.model_params(convert.with_layout(scanned, scan_layers=False))
   for k in flat_u:

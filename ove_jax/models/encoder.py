@@ -62,6 +62,8 @@ def with_layers_rule(rules) -> tuple:
   """`rules` as a tuple of pairs, with LAYERS_RULE added when they do not name 'layers'."""
   rules = tuple(tuple(r) for r in rules)
   return rules if any(name == 'layers' for name, _ in rules) else rules + (LAYERS_RULE,)
+
+
 # Position encodings (an ablation knob; '3d' is the release's and the only one it can load):
 #   '3d'    the release's 4:6:6 split of the frequencies over (t, h, w) (SPEC §1.3);
 #   '1d'    each (t, h, w) flattened to one index (t * G + h) * G + w, G = ROPE_1D_GRID, rotated
@@ -531,7 +533,8 @@ class Encoder(nnx.Module):
       patch_positions: [B, L, 3] explicit (t, h, w) per token (takes precedence for positions).
 
     Without indices or positions an image sits at t = 0 and a T-frame video at t = 0..T-1.
-    Returns `last_hidden_state`, `pooler_output` and, on request, `hidden_states`.
+    Returns `last_hidden_state`, `pooler_output` and, on request, `hidden_states` (depth + 1:
+    element 0 the input of block 0, element i the output of block i; either block layout).
     """
     cfg = self.cfg
     pixel_values = jnp.asarray(pixel_values)

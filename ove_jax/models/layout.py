@@ -6,9 +6,10 @@
             paths ('blocks', ...), e.g. ('blocks', 'mlp', 'fc1', 'kernel') of shape [N, C, I].
 
 Parameters are given as flat dicts (path tuple -> array), the form `ove_jax.convert` and
-`ove_jax.checkpoint` use. Stacking and unstacking only copy values, so a round trip is bit-exact;
-everything outside 'blocks' passes through unchanged. Host (numpy) arrays stay numpy, device
-arrays stay JAX arrays.
+`ove_jax.checkpoint` use. 'blocks' may sit anywhere in a path (('encoder', 'blocks', n, ...) in a
+training state, or under an optimiser's moments), so a whole train state converts the same way.
+Stacking and unstacking only copy values, so a round trip is bit-exact; everything outside
+'blocks' passes through unchanged. Host (numpy) arrays stay numpy, device arrays stay JAX arrays.
 """
 from __future__ import annotations
 
@@ -23,13 +24,21 @@ BLOCKS = 'blocks'
 Params = Mapping[tuple, Any]
 
 
+def _split(path: tuple):
+  """(prefix up to and with 'blocks', the rest) of a block parameter's path, else None."""
+  if BLOCKS not in path[:-1]:
+    return None
+  i = path.index(BLOCKS) + 1
+  return path[:i], path[i:]
+
+
 def _is_block_path(path: tuple) -> bool:
-  return len(path) > 1 and path[0] == BLOCKS
+  return _split(path) is not None
 
 
 def _layer_index(path: tuple):
-  """n of an unrolled path ('blocks', n, ...) (int, or a digit string as in nested dicts)."""
-  n = path[1]
+  """n of an unrolled path (..., 'blocks', n, ...) (int, or a digit string as in nested dicts)."""
+  n = _split(path)[1][0]
   if isinstance(n, (int, np.integer)):
     return int(n)
   if isinstance(n, str) and n.isdigit():
@@ -51,7 +60,7 @@ def is_stacked(params: Params) -> bool:
 
 def stack_blocks(params: Params, depth: int) -> dict[tuple, Any]:
   """Unrolled -> stacked: ('blocks', n, *rest) for n < depth -> ('blocks', *rest) [depth, ...]."""
-  per_rest: dict[tuple, dict[int, Any]] = {}
+  per_rest: dict[tuple, dict[int, Any]] = {}   # (prefix, rest) -> layer -> value
   out = {}
   for path, value in params.items():
     if not _is_block_path(path):
@@ -60,16 +69,17 @@ def stack_blocks(params: Params, depth: int) -> dict[tuple, Any]:
     n = _layer_index(path)
     if n is None:
       raise ValueError(f'parameter {"/".join(map(str, path))} is already stacked')
-    per_rest.setdefault(path[2:], {})[n] = value
-  for rest, layers in per_rest.items():
+    prefix, rest = _split(path)
+    per_rest.setdefault((prefix, rest[1:]), {})[n] = value
+  for (prefix, rest), layers in per_rest.items():
     if sorted(layers) != list(range(depth)):
       missing = sorted(set(range(depth)) - set(layers)) or sorted(set(layers) - set(range(depth)))
-      raise ValueError(f'blocks/<n>/{"/".join(map(str, rest))}: layers {sorted(layers)} do not '
-                       f'cover 0..{depth - 1} (first mismatch: {missing[0]}); is depth {depth} '
-                       'the checkpoint\'s own?')
+      name = '/'.join(map(str, prefix + ('<n>',) + rest))
+      raise ValueError(f'{name}: layers {sorted(layers)} do not cover 0..{depth - 1} (first '
+                       f'mismatch: {missing[0]}); is depth {depth} the checkpoint\'s own?')
     values = [layers[n] for n in range(depth)]
     stack = jnp.stack if any(isinstance(v, jax.Array) for v in values) else np.stack
-    out[(BLOCKS,) + rest] = stack(values)
+    out[prefix + rest] = stack(values)
   return out
 
 
@@ -83,9 +93,10 @@ def unstack_blocks(params: Params) -> dict[tuple, Any]:
       continue
     if _layer_index(path) is not None:
       raise ValueError(f'parameter {"/".join(map(str, path))} is already unrolled')
+    prefix, rest = _split(path)
     depths.add(value.shape[0])
     for n in range(value.shape[0]):
-      out[(BLOCKS, n) + path[1:]] = value[n]
+      out[prefix + (n,) + rest] = value[n]
   if len(depths) > 1:
     raise ValueError(f'stacked block parameters disagree on the depth: {sorted(depths)}')
   return out
