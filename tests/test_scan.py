@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from ove_jax import convert
-from ove_jax.models import (EncoderConfig, create_encoder, is_stacked, stack_blocks, to_layout,
-                            unstack_blocks)
+from ove_jax.models import (EncoderConfig, create_encoder, is_stacked, is_stacked_path,
+                            stack_blocks, to_layout, unstack_blocks)
 
 TINY = EncoderConfig.preset('tiny')
 TOL = 1e-5
@@ -129,6 +129,13 @@ def test_layout_conversion_is_exact_both_ways(pair):
   back_state = unstack_blocks(stacked_state)
   assert back_state.keys() == state.keys()
   assert all(np.array_equal(back_state[k], state[k]) for k in state)
+  # Rank rules (weight decay on matrices) can discount the layers axis, also on JAX key paths.
+  assert is_stacked_path(('encoder', 'blocks', 'mlp', 'fc1', 'bias'))
+  assert not is_stacked_path(('encoder', 'blocks', 0, 'mlp', 'fc1', 'bias'))
+  assert not is_stacked_path(('head', 'mlp', 'fc1', 'bias'))
+  tree = {'encoder': {'blocks': {'mlp': {'bias': np.zeros((3, 4))}}}, 'probe': np.zeros((1, 4))}
+  marks = jax.tree_util.tree_map_with_path(lambda p, v: is_stacked_path(p), tree)
+  assert marks == {'encoder': {'blocks': {'mlp': {'bias': True}}}, 'probe': False}
   # Model level, and back again.
   again = convert.model_params(convert.with_layout(scanned, scan_layers=False))
   for k in flat_u:

@@ -46,6 +46,15 @@ def _layer_index(path: tuple):
   return None
 
 
+def is_stacked_path(path) -> bool:
+  """Whether `path` names a stacked block parameter (leading 'layers' axis): ..., 'blocks', then
+  a name, not a layer number. Takes plain keys or JAX key entries (`tree_map_with_path`), so a
+  rule on parameter rank (e.g. weight decay on matrices only) can discount the layers axis."""
+  keys = tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
+  split = _split(keys)
+  return split is not None and _layer_index(keys) is None
+
+
 def is_stacked(params: Params) -> bool:
   """Whether `params` hold the blocks stacked (True) or unrolled (False)."""
   block_paths = [p for p in params if _is_block_path(p)]
