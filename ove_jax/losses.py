@@ -16,11 +16,17 @@ padding classes are never chosen as valid). Each block keeps `ceil(sample_rate *
 classes: its positives first, then the others in the order of a hash of (seed, step, slot, class
 id), which is uniform and deterministic given the step. Because the draw is per block and keyed by
 the global class id, the sampled set does not depend on the mesh: any mesh whose device count
-divides `sampling_blocks` trains identically, which is what lets a run resume on another mesh. A
-positive that does not fit its block's quota (more positives in one block than kept classes; the
-release grows the subset instead) leaves its sample out of that slot's loss and is counted in
-`dropped` (the trainer warns whenever it is not zero); size `sample_rate` and `sampling_blocks`
-so that it stays zero.
+divides `sampling_blocks` trains identically, which is what lets a run resume on another mesh.
+
+A block with more positives than its quota keeps all of them and no random others, as the
+release's Partial FC does on a rank whose positives overflow (its subset grows to the positives).
+Shapes stay static: each block scores `block_capacity(B)` classes, the quota plus a headroom of
+`positive_headroom` quotas (never more than the batch or the block can need); the slots beyond a
+block's quota that hold no positive are masked out. Positives beyond the headroom (more distinct
+positives in one block than the capacity) leave their samples out of that slot's loss and are
+counted in `dropped` (the trainer warns whenever it is not zero): raise `positive_headroom`.
+The headroom costs compute only when the batch exceeds the quota: the logits are
+[B, sampling_blocks * block_capacity(B)] per slot.
 
 Slots. Each sample has n labels (its nearest centres); each step draws `num_slots` of them without
 replacement, by a hash of (seed, step, sample id, label position): deterministic, and independent
@@ -57,6 +63,7 @@ class PartialFCConfig:
   filter_threshold: float = 0.75  # non-target cos above this -> 0 (>= 1 disables)
   sampling_blocks: int = 8        # a multiple of the device count (see the module docstring)
   seed: int = 0                   # salt of the sampling hashes
+  positive_headroom: float = 1.0  # extra classes per block for overflowing positives, in quotas
 
   def __post_init__(self):
     if self.num_classes < 1:
@@ -69,6 +76,9 @@ class PartialFCConfig:
       raise ValueError(f'sampling_blocks={self.sampling_blocks}; must be >= 1')
     if self.scale <= 0:
       raise ValueError(f'scale={self.scale}; must be > 0')
+    if self.positive_headroom < 0:
+      raise ValueError(f'positive_headroom={self.positive_headroom}; must be >= 0 (0 keeps at '
+                       'most the quota of positives per block)')
 
   @property
   def padded_classes(self) -> int:
@@ -82,6 +92,13 @@ class PartialFCConfig:
   def block_samples(self) -> int:
     """Classes kept per block per slot: positives first, then random ones."""
     return max(1, min(self.block_size, math.ceil(self.sample_rate * self.block_size)))
+
+  def block_capacity(self, batch: int) -> int:
+    """Classes scored per block per slot for a global batch of `batch` samples: the quota, or up
+    to `positive_headroom` quotas more when the batch can hold more positives than the quota."""
+    k = self.block_samples
+    extra = math.ceil(self.positive_headroom * k)
+    return max(k, min(self.block_size, batch, k + extra))
 
   def check_devices(self, num_devices: int, name: str = '') -> None:
     """The centres are sharded by whole blocks over every device."""
@@ -114,6 +131,12 @@ def hash_u32(*values) -> jax.Array:
   return h
 
 
+def class_keys(cfg: PartialFCConfig, step, micro, slot, class_ids) -> jax.Array:
+  """int32 keys in [0, 2^30) ordering the negatives of a (step, micro-batch, slot): the uniform
+  random draw of Partial FC, the same on every device and mesh."""
+  return (hash_u32(cfg.seed, step, micro, slot, class_ids) >> 2).astype(jnp.int32)
+
+
 def choose_slots(labels_BxN: jax.Array, sample_ids_B: jax.Array, step, cfg: PartialFCConfig
                  ) -> jax.Array:
   """[J, B] labels: J = min(num_slots, n) of each sample's n labels, without replacement."""
@@ -142,6 +165,7 @@ def _slot(e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: Part
   """Per-sample loss, found-target flag and correctness of one slot; see the module docstring."""
   n_local = centres_NxC.shape[0]
   bs, k = cfg.block_size, cfg.block_samples
+  cap = cfg.block_capacity(y_B.shape[0])
   ids = offset + jnp.arange(n_local, dtype=jnp.int32)          # global class ids of this shard
   # Positives of the global batch that live here.
   local_y = y_B - offset
@@ -149,14 +173,17 @@ def _slot(e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: Part
   positive = jnp.zeros((n_local,), bool).at[jnp.where(here, local_y, n_local)].set(
       True, mode='drop')
   # Positives first, then a hash order; padding classes last.
-  rand = (hash_u32(cfg.seed, step, micro, slot, ids) >> 2).astype(jnp.int32)   # [0, 2^30)
+  rand = class_keys(cfg, step, micro, slot, ids)                  # [0, 2^30)
   # Positives in [2^30, 2^31), ordered among themselves by the same hash: when a block has more
-  # positives than it keeps, which ones are left out is random, not always the highest ids.
+  # positives than its capacity, which ones are left out is random, not always the highest ids.
   score = jnp.where(positive, rand | jnp.int32(2**30), jnp.where(ids < cfg.num_classes, rand, -1))
-  _, top = jax.lax.top_k(score.reshape(n_local // bs, bs), k)
+  _, top = jax.lax.top_k(score.reshape(n_local // bs, bs), cap)
   chosen = (top + (jnp.arange(n_local // bs) * bs)[:, None]).reshape(-1)  # [k_local]
   chosen_ids = ids[chosen]
-  real = chosen_ids < cfg.num_classes
+  # A block keeps its first k (positives, then random) and beyond them only positives: a block
+  # whose positives overflow the quota scores exactly its positives, as the release.
+  within_quota = jnp.tile(jnp.arange(cap) < k, n_local // bs)
+  real = (chosen_ids < cfg.num_classes) & (within_quota | positive[chosen])
 
   w = centres_NxC[chosen].astype(jnp.float32)
   w = w * jax.lax.rsqrt(jnp.maximum(jnp.sum(w * w, axis=1, keepdims=True), 1e-24))
@@ -278,6 +305,7 @@ def init_centres(key, cfg: PartialFCConfig, width: int, std: float = 0.01) -> ja
 
 
 def loss_flops(cfg: PartialFCConfig, batch: int, width: int, num_labels: int) -> int:
-  """Matmul FLOPs of one head's loss, forward and backward (3x the forward's 2*B*k*C per slot)."""
-  k = cfg.sampling_blocks * cfg.block_samples
+  """Matmul FLOPs of one head's loss, forward and backward (3x the forward's 2*B*k*C per slot,
+  k the scored classes including the positive headroom)."""
+  k = cfg.sampling_blocks * cfg.block_capacity(batch)
   return 3 * 2 * batch * k * width * min(cfg.num_slots, num_labels)

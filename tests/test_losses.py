@@ -74,8 +74,9 @@ def test_sampling_keeps_every_positive_and_the_quota():
 
 
 def test_positives_beyond_the_quota_are_counted_not_hidden():
-  # One block keeps 1 class per slot; of the distinct positives only one fits.
-  cfg = losses.PartialFCConfig(num_classes=20, sample_rate=0.01, num_slots=1, sampling_blocks=1)
+  # One block keeps 1 class per slot and no headroom; of the distinct positives only one fits.
+  cfg = losses.PartialFCConfig(num_classes=20, sample_rate=0.01, num_slots=1, sampling_blocks=1,
+                               positive_headroom=0.0)
   e, valid, labels, ids, centres = problem(cfg, num_labels=1)
   y = labels[valid, 0]
   assert len(set(y.tolist())) > 1
@@ -132,19 +133,21 @@ def test_sharded_loss_and_gradients_equal_plain(mesh_name):
   assert np.abs(np.asarray(gc0)).sum() > 0
 
 
-def test_sharded_step_holds_no_batch_by_classes_buffer():
+@pytest.mark.parametrize('headroom, kept', [(0.0, 52), (1.0, 64)])
+def test_sharded_step_holds_no_batch_by_classes_buffer(headroom, kept):
   cfg = losses.PartialFCConfig(num_classes=4096, sample_rate=0.1, num_slots=2,
-                               sampling_blocks=8)
+                               sampling_blocks=8, positive_headroom=headroom)
+  assert cfg.block_capacity(64) == kept
   e, valid, labels, ids, centres = problem(cfg, batch=64, width=16)
   mesh = make_mesh((2, 4, 1))
   with jax.set_mesh(mesh):
     fn = jax.jit(jax.grad(lambda e, c: losses.partial_fc_loss(e, valid, labels, ids, c, 0,
                                                                cfg)['loss'], argnums=(0, 1)))
     text = fn.lower(e, centres).compile().as_text()
-  # Per device: 64 x 52 kept classes per slot. A [64, 4096] (or [64, 512] local) buffer
-  # would mean logits over every class.
+  # Per device: 64 x 52 kept classes per slot (64 with the headroom: the batch caps it). A
+  # [64, 4096] (or [64, 512] local) buffer would mean logits over every class.
   assert 'f32[64,4096]' not in text and 'f32[64,512]' not in text
-  assert 'f32[64,52]' in text or 'f32[2,64,52]' in text
+  assert f'f32[64,{kept}]' in text or f'f32[2,64,{kept}]' in text
 
 
 def test_config_errors_name_the_fix():
@@ -157,3 +160,105 @@ def test_config_errors_name_the_fix():
     losses.reference_loss(np.zeros((4, 8), np.float32), np.ones(4, bool),
                           np.zeros((4, 2), np.int32), np.arange(4, dtype=np.int32),
                           np.zeros((10, 8), np.float32), 0, cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Overflowing blocks keep every positive, as the release's Partial FC
+# ------------------------------------------------------------------------------------------------
+
+def release_subset(positives, keys, k):
+  """The release's per-rank Partial FC sampling (training/fused_partial_fc_v2_multi_res.py,
+  `PartialFC_V2.sample`), transcribed: with room for them, the positives plus the top of a
+  uniform random ordering up to k classes; without, exactly the positives. `keys` stands in
+  for its torch.rand draw (the same uniform order our hash gives), indices local to the block."""
+  positives = np.unique(positives)
+  if k - positives.size >= 0:
+    perm = keys.astype(np.float64) / 2.0 ** 30     # uniform in [0, 1)
+    perm[positives] = 2.0
+    return np.sort(np.argsort(-perm, kind='stable')[:k])
+  return positives
+
+
+def release_loss(e, labels_JxB, centres, cfg, step, micro=0):
+  """Mean over slots of the mean over the batch of the CosFace softmax over each slot's subset
+  (docs/spec.md §4), the subset drawn block by block with `release_subset`."""
+  e = e.astype(np.float64)
+  e = e / np.linalg.norm(e, axis=1, keepdims=True)
+  w_all = centres.astype(np.float64)
+  w_all = w_all / np.linalg.norm(w_all, axis=1, keepdims=True)
+  bs, k = cfg.block_size, cfg.block_samples
+  per_slot = []
+  for j, y in enumerate(labels_JxB):
+    keys = np.asarray(losses.class_keys(cfg, step, micro, j, np.arange(cfg.padded_classes)))
+    subset = []
+    for block in range(cfg.sampling_blocks):
+      lo = block * bs
+      here = y[(y >= lo) & (y < lo + bs)] - lo
+      subset.append(lo + release_subset(here, keys[lo:lo + bs], k))
+    subset = np.concatenate(subset)
+    assert np.isin(y, subset).all()
+    cos = np.clip(e @ w_all[subset].T, -1, 1)
+    onehot = subset[None, :] == y[:, None]
+    logits = cfg.scale * np.where(onehot, cos - cfg.margin,
+                                  np.where(cos > cfg.filter_threshold, 0.0, cos))
+    top = logits.max(axis=1, keepdims=True)
+    loss = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0] - logits[onehot]
+    per_slot.append(loss.mean())
+  return float(np.mean(per_slot))
+
+
+def ocr_problem(batch=48, num_labels=100, num_classes=4000, width=32, seed=0):
+  """OCR-like labels: a frequency-ordered vocabulary (id = frequency rank), 100 words a sample
+  drawn Zipf-like, so the frequent words crowd the first class blocks."""
+  rng = np.random.default_rng(seed)
+  ranks = np.arange(1, num_classes + 1, dtype=np.float64)
+  p = 1.0 / ranks
+  labels = np.stack([rng.choice(num_classes, num_labels, replace=False, p=p / p.sum())
+                     for _ in range(batch)]).astype(np.int32)
+  e = rng.normal(size=(batch, width)).astype(np.float32)
+  return e, labels
+
+
+def test_frequency_ordered_labels_keep_every_positive_as_the_release():
+  base = dict(num_classes=4000, sample_rate=0.05, num_slots=8, sampling_blocks=8)
+  before = losses.PartialFCConfig(**base, positive_headroom=0.0)   # the quota only, as before
+  cfg = losses.PartialFCConfig(**base, positive_headroom=2.0)
+  e, labels = ocr_problem()
+  b = e.shape[0]
+  valid, ids = np.ones(b, bool), np.arange(b, dtype=np.int32)
+  centres = np.asarray(losses.init_centres(jax.random.key(1), cfg, e.shape[1]))
+  step = 3
+  y_JxB = np.asarray(losses.choose_slots(jnp.asarray(labels), jnp.asarray(ids), step, cfg))
+  first_block = (y_JxB < cfg.block_size)
+  distinct = max(len(set(y[m].tolist())) for y, m in zip(y_JxB, first_block))
+  assert distinct > cfg.block_samples == 25  # block 0 overflows its quota in some slot
+
+  old = losses.reference_loss(e, valid, labels, ids, centres, step, before)
+  assert int(old['dropped']) > 0            # the quota alone loses positives ...
+  new = losses.reference_loss(e, valid, labels, ids, centres, step, cfg)
+  assert int(new['dropped']) == 0           # ... the headroom keeps all of them
+  np.testing.assert_allclose(float(new['loss']), release_loss(e, y_JxB, centres, cfg, step),
+                             rtol=1e-5)
+  # Sharded over 8 devices (one block each): the same loss and the same count.
+  with jax.set_mesh(make_mesh((2, 2, 2))):
+    sharded = jax.jit(lambda e, c: losses.partial_fc_loss(e, valid, labels, ids, c, step, cfg))(
+        e, centres)
+  np.testing.assert_allclose(float(sharded['loss']), float(new['loss']), rtol=1e-6)
+  assert int(sharded['dropped']) == 0
+
+
+def test_past_the_headroom_positives_are_counted():
+  base = dict(num_classes=4000, sample_rate=0.05, num_slots=8, sampling_blocks=8)
+  e, labels = ocr_problem()
+  b = e.shape[0]
+  valid, ids = np.ones(b, bool), np.arange(b, dtype=np.int32)
+  centres = np.asarray(losses.init_centres(jax.random.key(1), losses.PartialFCConfig(**base),
+                                           e.shape[1]))
+  dropped = [int(losses.reference_loss(e, valid, labels, ids, centres, 3, losses.PartialFCConfig(
+      **base, positive_headroom=h))['dropped']) for h in (0.0, 0.2, 0.6, 2.0)]
+  assert dropped[0] > dropped[1] > 0 and dropped[-1] == 0
+  assert dropped == sorted(dropped, reverse=True)
+  assert losses.PartialFCConfig(**base).block_capacity(b) == 48   # the batch caps the headroom
+  assert losses.PartialFCConfig(**base).block_capacity(8) == 25   # small batch: no headroom
+  with pytest.raises(ValueError, match='positive_headroom'):
+    losses.PartialFCConfig(**base, positive_headroom=-1)

@@ -2,7 +2,8 @@
 
 The JAX model is exported with `save_pytorch` and loaded by the port with `load_pretrained`, so
 these tests cover the converter's layouts too. Weights are sharpened (see conftest) so that
-attention, and therefore RoPE, matters.
+attention, and therefore RoPE, matters. Every test runs with the blocks unrolled and scanned
+(stacked parameters, exported through the per-layer keys).
 """
 import numpy as np
 import pytest
@@ -19,9 +20,12 @@ pixels = nnx.jit(lambda m, *a, **k: m.forward_pixels(*a, **k),
                  static_argnames=('output_hidden_states',))
 
 
-@pytest.fixture(scope='module')
-def models(tmp_path_factory, sharpen):
+@pytest.fixture(scope='module', params=['unrolled', 'scanned'])
+def models(request, tmp_path_factory, sharpen):
   model = sharpen(create_encoder(EncoderConfig.preset('tiny'), seed=4))
+  if request.param == 'scanned':
+    model = convert.with_layout(model, scan_layers=True)
+    assert model.cfg.scan_layers
   directory = str(tmp_path_factory.mktemp('export'))
   convert.save_pytorch(model, directory)
   port = torch_model.load_pretrained(directory).eval()

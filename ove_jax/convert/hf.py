@@ -5,6 +5,10 @@ the layout change between them (PyTorch Linear stores (out, in); the patch embed
 over (channel, row, column); the pooling head fuses q/k/v into one in-projection). Export and
 import both walk that table, so a key can never be handled in one direction only.
 
+The table is written for the unrolled block layout (`encoder.layers.{n}.*` <-> ('blocks', n,
+...)); parameters of a scanned encoder (blocks stacked on a leading 'layers' axis, see
+`ove_jax.models.layout`) are unstacked on export and stacked on import, exactly.
+
 Only safetensors is read or written (never pickle). The reader and writer here handle bfloat16,
 which `safetensors.numpy` cannot, and need neither torch nor the Hugging Face libraries.
 """
@@ -23,9 +27,11 @@ from flax import nnx
 
 from data_pipeline import fileio
 from ove_jax import sharding
+from ove_jax.models import layout
 from ove_jax.models.encoder import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig
 
 Path = tuple  # a parameter path in nnx.state, e.g. ('blocks', 0, 'mlp', 'fc1', 'kernel')
+#                (unrolled) or ('blocks', 'mlp', 'fc1', 'kernel') (scanned: [depth, C, I])
 
 CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = ('config.json', 'model.safetensors',
                                                 'preprocessor_config.json')
@@ -134,7 +140,8 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
 
 
 def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str, np.ndarray]:
-  """Our flat parameters (path -> array) to the release's state dict (key -> array)."""
+  """Our flat parameters (path -> array, either block layout) to the release's state dict."""
+  params = _in_layout(params, cfg, scan_layers=False)
   out = {}
   for rule in mapping(cfg):
     missing = [p for p in rule.paths if p not in params]
@@ -149,7 +156,8 @@ def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str
 
 def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
                  source: str = 'state dict') -> dict[Path, np.ndarray]:
-  """The release's state dict to our flat parameters; strict about keys and shapes."""
+  """The release's state dict to our flat parameters, in the block layout of
+  `cfg.scan_layers`; strict about keys and shapes."""
   rules = mapping(cfg)
   expected = {r.hf_key for r in rules}
   missing = [r for r in rules if r.hf_key not in tensors]
@@ -170,7 +178,15 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
                             f'expected {rule.hf_shape} from config.json')
     for path, array in zip(rule.paths, rule.from_hf(np.asarray(tensor))):
       params[path] = np.ascontiguousarray(array)
-  return params
+  return _in_layout(params, cfg, scan_layers=cfg.scan_layers)
+
+
+def _in_layout(params: dict[Path, np.ndarray], cfg: EncoderConfig, *, scan_layers: bool
+               ) -> dict[Path, np.ndarray]:
+  try:
+    return layout.to_layout(params, scan_layers=scan_layers, depth=cfg.depth)
+  except ValueError as e:
+    raise CheckpointError(f'block parameters: {e}') from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,7 +419,12 @@ def load_pytorch(directory: str, *, dtype: str = 'float32', rules=sharding.DEFAU
 
 def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
                       rules=sharding.DEFAULT_RULES) -> Encoder:
-  """An encoder whose parameters are `params` (flat path -> array), without a random init."""
+  """An encoder whose parameters are `params` (flat path -> array), without a random init.
+
+  `params` may be in either block layout; they are stacked or unstacked to `cfg.scan_layers`
+  (so a checkpoint saved unrolled loads into a scanned encoder, and back).
+  """
+  params = _in_layout(params, cfg, scan_layers=cfg.scan_layers)
   abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0), rules=rules))
   graphdef, state = nnx.split(abstract)
   mesh = sharding.current_mesh()
@@ -424,3 +445,9 @@ def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
       value = jax.numpy.asarray(value)
     flat.append((path, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def with_layout(model: Encoder, scan_layers: bool) -> Encoder:
+  """The same encoder (same weights, bit for bit) with its blocks unrolled or scanned."""
+  cfg = dataclasses.replace(model.cfg, scan_layers=scan_layers)
+  return model_from_params(cfg, model_params(model), rules=model.rules)

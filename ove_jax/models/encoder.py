@@ -50,6 +50,20 @@ PRESETS = {
 }
 
 REMAT_POLICIES = ('none', 'full', 'dots')
+# Presets whose blocks run as one scanned, stacked module by default (`scan_layers`): compile
+# time and XLA's memory plan stay flat in depth. The small presets default to the unrolled list.
+SCANNED_PRESETS = ('base', 'large', 'huge')
+# The stacked layers axis stays unsharded (each device holds every layer's slice of a weight);
+# appended to the rules an encoder is given unless they map 'layers' themselves.
+LAYERS_RULE = ('layers', None)
+
+
+def with_layers_rule(rules) -> tuple:
+  """`rules` as a tuple of pairs, with LAYERS_RULE added when they do not name 'layers'."""
+  rules = tuple(tuple(r) for r in rules)
+  return rules if any(name == 'layers' for name, _ in rules) else rules + (LAYERS_RULE,)
+
+
 # Position encodings (an ablation knob; '3d' is the release's and the only one it can load):
 #   '3d'    the release's 4:6:6 split of the frequencies over (t, h, w) (SPEC §1.3);
 #   '1d'    each (t, h, w) flattened to one index (t * G + h) * G + w, G = ROPE_1D_GRID, rotated
@@ -78,6 +92,7 @@ class EncoderConfig:
   dtype: str = 'float32'         # compute dtype; parameters stay float32
   remat: str = 'none'            # per block: 'none', 'full', or 'dots' (keep matmul outputs)
   attention: str = 'xla'         # see ove_jax.models.attention.IMPLEMENTATIONS
+  scan_layers: bool = False      # blocks stacked on a leading 'layers' axis, run by one scan
 
   def __post_init__(self):
     if self.width % self.num_heads:
@@ -109,9 +124,12 @@ class EncoderConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides) -> 'EncoderConfig':
+    """A preset's sizes; `scan_layers` defaults to on for SCANNED_PRESETS (None = default)."""
     if name not in PRESETS:
       raise ValueError(f'unknown encoder preset {name!r}; choose one of {sorted(PRESETS)}')
     width, depth, heads, mlp = PRESETS[name]
+    if overrides.get('scan_layers') is None:
+      overrides['scan_layers'] = name in SCANNED_PRESETS
     return cls(**{'width': width, 'depth': depth, 'num_heads': heads, 'mlp_dim': mlp,
                   **overrides})
 
@@ -160,19 +178,28 @@ def _param_init(init, names, rules):
   return nnx.with_partitioning(init, names, sharding_rules=rules)
 
 
-def _dense(cfg, rules, d_in, d_out, names, *, use_bias=True, kernel_init=None, rngs):
+def _dense(cfg, rules, d_in, d_out, names, *, use_bias=True, kernel_init=None, rngs,
+           float32_out=False):
+  """A Linear whose inputs are cast to the compute dtype; `float32_out` accumulates and returns
+  float32 (bf16 inputs, float32 products: the MAP head's q and k)."""
   return nnx.Linear(
       d_in, d_out, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      preferred_element_type=jnp.float32 if float32_out else None,
       kernel_init=_param_init(kernel_init or nnx.initializers.normal(0.02), names, rules),
       bias_init=_param_init(nnx.initializers.zeros, names[1:], rules), rngs=rngs)
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm computed in float32 (two-pass variance, as PyTorch), output in compute dtype."""
+  """LayerNorm computed in float32 (two-pass variance, as PyTorch), output float32.
+
+  As under the release's autocast, where LayerNorm runs and returns float32: the next matmul
+  casts its input to the compute dtype, and the residual stream stays float32 (docs/spec.md
+  §1.2).
+  """
 
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     del rngs
-    self.eps, self.dtype = cfg.layer_norm_eps, cfg.compute_dtype
+    self.eps = cfg.layer_norm_eps
     self.scale = nnx.Param(_param_init(nnx.initializers.ones, ('norm',), rules)(
         jax.random.key(0), (cfg.width,), jnp.float32))
     self.bias = nnx.Param(_param_init(nnx.initializers.zeros, ('norm',), rules)(
@@ -182,21 +209,21 @@ class LayerNorm(nnx.Module):
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 class RMSNorm(nnx.Module):
+  """RMSNorm in float32, output float32 (as LayerNorm)."""
+
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     del rngs
-    self.eps, self.dtype = cfg.layer_norm_eps, cfg.compute_dtype
+    self.eps = cfg.layer_norm_eps
     self.scale = nnx.Param(_param_init(nnx.initializers.ones, ('norm',), rules)(
         jax.random.key(0), (cfg.width,), jnp.float32))
 
   def __call__(self, x):
     x = x.astype(jnp.float32)
-    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
-    return y.astype(self.dtype)
+    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,8 +366,12 @@ class MAPHead(nnx.Module):
     self.probe = nnx.Param(_param_init(nnx.initializers.normal(1.0), (None, None, 'embed'), rules)(
         rngs.params(), (1, 1, c), jnp.float32))
     xavier = _xavier_fused_qkv(c)
-    self.q_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
-    self.k_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
+    # q and k come out float32 so that the pooling logits are float32 end to end; v stays in
+    # the compute dtype.
+    self.q_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs,
+                         float32_out=True)
+    self.k_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs,
+                         float32_out=True)
     self.v_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
     self.out_proj = _dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
     self.norm = RMSNorm(cfg, rules, rngs=rngs)
@@ -351,7 +382,7 @@ class MAPHead(nnx.Module):
     cfg = self.cfg
     b, l, _ = x_BxLxC.shape
     h, d, s = cfg.num_heads, cfg.head_dim, num_segments
-    probe_1x1xC = self.probe[...].astype(cfg.compute_dtype)
+    probe_1x1xC = self.probe[...]
     q_1xHxD = self.q_proj(probe_1x1xC).reshape(1, h, d)
     k_BxLxHxD = self.k_proj(x_BxLxC).reshape(b, l, h, d)
     v_BxLxHxD = self.v_proj(x_BxLxC).reshape(b, l, h, d)
@@ -365,7 +396,8 @@ class MAPHead(nnx.Module):
                                jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxSxHxL, axis=-1).astype(v_BxLxHxD.dtype)
     a_BxSxHxD = jnp.einsum('bshl,blhd->bshd', probs, v_BxLxHxD)
-    a_BxSxC = self.out_proj(a_BxSxHxD.reshape(b, s, cfg.width))
+    # The head's residual add in float32, as the blocks'.
+    a_BxSxC = self.out_proj(a_BxSxHxD.reshape(b, s, cfg.width)).astype(jnp.float32)
     return a_BxSxC + self.mlp(self.norm(a_BxSxC)), valid_BxS
 
 
@@ -377,18 +409,58 @@ def _remat_policy(name):
   return {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
+def _block_fn(cfg: EncoderConfig, *, in_scan: bool):
+  """One block's forward, rematerialised by `cfg.remat` (the body of the loop or of the scan;
+  a scan body needs no CSE barrier, jax.checkpoint's documented advice)."""
+  def run_block(block, x, cos, sin, segment_ids):
+    return block(x, cos, sin, segment_ids)
+  if cfg.remat != 'none':
+    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat),
+                          prevent_cse=not in_scan)
+  return run_block
+
+
+def stacked_blocks(cfg: EncoderConfig, rules, rngs: nnx.Rngs) -> Block:
+  """`cfg.depth` blocks as one Block whose parameters have a leading 'layers' axis (each layer
+  drawn from its own split of `rngs`); the axis is unsharded unless `rules` map 'layers'."""
+  @nnx.split_rngs(splits=cfg.depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return Block(cfg, rules, rngs=rngs)
+  return make(rngs)
+
+
+def scan_blocks(cfg: EncoderConfig, blocks: Block, x, cos, sin, segment_ids, *,
+                collect: bool = False):
+  """Runs stacked `blocks` over x with one `nnx.scan`: XLA compiles (and plans the memory of) one
+  block whatever the depth. Returns the output and, with `collect`, every block's output
+  stacked [depth, ...] (else None)."""
+  run_block = _block_fn(cfg, in_scan=True)
+
+  @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def body(block, x, cos, sin, segment_ids):
+    y = run_block(block, x, cos, sin, segment_ids)
+    return y, (y if collect else None)
+  return body(blocks, x, cos, sin, segment_ids)
+
+
 class Encoder(nnx.Module):
   """OneVision encoder. Create under `jax.set_mesh(mesh)` to get parameters sharded by `rules`;
   with no mesh set, parameters are created unsharded (annotations kept for later sharding)."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES):
-    self.cfg, self.rules = cfg, tuple(tuple(r) for r in rules)
+    self.cfg, self.rules = cfg, with_layers_rule(rules)
+    rules = self.rules
     no_mesh = sharding.current_mesh() is None
     with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
       self.patch_embed = _dense(cfg, rules, cfg.patch_dim, cfg.width, ('patch', 'embed'),
                                 use_bias=False, rngs=rngs)
       self.layernorm_pre = LayerNorm(cfg, rules, rngs=rngs)
-      self.blocks = nnx.List([Block(cfg, rules, rngs=rngs) for _ in range(cfg.depth)])
+      if cfg.scan_layers:
+        self.blocks = stacked_blocks(cfg, rules, rngs)
+      else:
+        self.blocks = nnx.List([Block(cfg, rules, rngs=rngs) for _ in range(cfg.depth)])
       if cfg.use_head:
         self.layernorm_post = LayerNorm(cfg, rules, rngs=rngs)
         self.head = MAPHead(cfg, rules, rngs=rngs)
@@ -402,7 +474,8 @@ class Encoder(nnx.Module):
       positions_BxLx3: (t, h, w) of every token; any values, integer or float.
       segment_ids_BxL: 0 for padding, 1..S for the samples packed in the row (default: all 1).
       num_segments: S, how many segments per row the head pools (static).
-      return_hidden_states: also return every block's input/output (no post-norm).
+      return_hidden_states: also return every block's input/output (no post-norm): element 0
+        is the input of block 0, element i the output of block i (either layout).
 
     Returns a dict: `last_hidden_state` [B, L, C] (after layernorm_post when the head is used),
     `pooled` [B, S, C] and `pooled_valid` [B, S] (with the head), `hidden_states` (on request).
@@ -422,15 +495,17 @@ class Encoder(nnx.Module):
     x = self.layernorm_pre(x)
     x = sharding.constrain(x, ('act_batch', 'act_length', 'act_embed'), self.rules)
 
-    def run_block(block, x, cos, sin, segment_ids):
-      return block(x, cos, sin, segment_ids)
-    if cfg.remat != 'none':
-      run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat))
-
     hidden = [x]
-    for block in self.blocks:
-      x = run_block(block, x, cos, sin, segment_ids_BxL)
-      hidden.append(x)
+    if cfg.scan_layers:
+      x, outputs_NxBxLxC = scan_blocks(cfg, self.blocks, x, cos, sin, segment_ids_BxL,
+                                       collect=return_hidden_states)
+      if return_hidden_states:
+        hidden += [outputs_NxBxLxC[n] for n in range(cfg.depth)]
+    else:
+      run_block = _block_fn(cfg, in_scan=False)
+      for block in self.blocks:
+        x = run_block(block, x, cos, sin, segment_ids_BxL)
+        hidden.append(x)
 
     out = {}
     if cfg.use_head:
@@ -458,7 +533,8 @@ class Encoder(nnx.Module):
       patch_positions: [B, L, 3] explicit (t, h, w) per token (takes precedence for positions).
 
     Without indices or positions an image sits at t = 0 and a T-frame video at t = 0..T-1.
-    Returns `last_hidden_state`, `pooler_output` and, on request, `hidden_states`.
+    Returns `last_hidden_state`, `pooler_output` and, on request, `hidden_states` (depth + 1:
+    element 0 the input of block 0, element i the output of block i; either block layout).
     """
     cfg = self.cfg
     pixel_values = jnp.asarray(pixel_values)
@@ -507,11 +583,9 @@ class Encoder(nnx.Module):
 
 
 
-
 def _grid_positions(t: int, hp: int, wp: int) -> jax.Array:
   tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(hp), jnp.arange(wp), indexing='ij')
   return jnp.stack([tt, hh, ww], axis=-1).reshape(1, t * hp * wp, 3).astype(jnp.int32)
-
 
 
 
