@@ -35,6 +35,28 @@ import sys
 PROG = 'ove-precompute-images'
 
 
+# The run's flags, each as (flag, add_argument options).
+RUN_FLAGS = (
+    ('--workers', dict(type=int, help='worker processes (default: the usable CPUs; 0: in this '
+                       'process, no time limit)')),
+    ('--image-timeout', dict(type=float, default=60.0, help='seconds one image may take before '
+                             'its worker is killed and the image listed as failed (0: none)')),
+    ('--retry-failures', dict(action='store_true', help='check again the images that failed in '
+                              'earlier runs (default: a known failure stays one)')),
+    ('--task-index', dict(type=int, default=0, help='this machine\'s task I of --num-tasks '
+                          '($SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX): shards I, I+N, ...')),
+    ('--num-tasks', dict(type=int, default=1, help='machines sharing one plan, each running this '
+                         'command with its own --task-index')),
+    ('--check', dict(metavar='OUT_DIR', help='say whether OUT_DIR holds its whole corpus '
+                     '(exit 0) or which shards are missing (exit 1); nothing else is done')),
+    ('--overwrite', dict(action='store_true', help='start over: remove what an earlier run wrote '
+                         'to OUT_DIR')),
+    ('--max-shards', dict(type=int, help='stop after writing this many shards (a run in '
+                          'instalments; the next run goes on)')),
+    ('--no-progress', dict(action='store_true', help='do not draw a progress bar')),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog=PROG, description=__doc__.split('\n')[0], epilog=__doc__,
@@ -71,38 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
   out.add_argument('--max-pixels', type=int, default=None,
                    help='images with more pixels are rejected as decompression bombs '
                    '(default: pillow\'s limit, 89478485)')
-  run = p.add_argument_group('run')
-  run.add_argument('--workers', type=int, default=None,
-                   help='worker processes (default: the usable CPUs; 0: in this process)')
-  run.add_argument('--image-timeout', type=float, default=60.0,
-                   help='seconds one image may take before its worker is killed and the image '
-                   'listed as failed (0: no limit)')
-  run.add_argument('--retry-failures', action='store_true',
-                   help='check again the images that failed in earlier runs')
-  run.add_argument('--task-index', type=int, default=0,
-                   help='this machine\'s task I of --num-tasks; it writes shards I, I+N, ...')
-  run.add_argument('--num-tasks', type=int, default=1,
-                   help='machines sharing the plan (all run the same command but --task-index)')
-  run.add_argument('--check', metavar='OUT_DIR',
-                   help='only check that OUT_DIR holds its whole corpus (exit 0) or list the '
-                   'missing shards (exit 1)')
-  run.add_argument('--overwrite', action='store_true',
-                   help='delete an earlier run\'s outputs in OUT_DIR and start over')
-  run.add_argument('--max-shards', type=int,
-                   help='write at most this many shards, then stop (run in instalments)')
-  run.add_argument('--no-progress', action='store_true', help='no progress bar')
+  run = p.add_argument_group('run (the video precompute\'s: resume, manifest, task split)')
+  for flag, options in RUN_FLAGS:
+    run.add_argument(flag, **options)
   return p
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  if args.check is None and (args.source is None or args.out_dir is None):
-    parser.error('give SOURCE and OUT_DIR (or --check OUT_DIR)')
-  # Imported after parsing so --help is instant.
-  from data_pipeline import image_precompute, locks, precompute
-
-  if args.check is not None:
+  if args.check:
+    from data_pipeline import precompute  # imported after parsing: --help is instant
     try:
       report = precompute.check(args.check)
     except FileNotFoundError as e:
@@ -110,26 +111,28 @@ def main(argv=None) -> int:
       return 2
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0 if report['complete'] else 1
+  if not (args.source and args.out_dir):
+    parser.error('SOURCE and OUT_DIR are needed (or only --check OUT_DIR)')
+  from data_pipeline import image_precompute, locks, precompute
   shuffle = None if args.no_shuffle else ('auto' if args.shuffle_seed is None
                                           else args.shuffle_seed)
   try:
+    # Flags named as precompute_images' parameters pass through as they are.
+    same = {k: getattr(args, k) for k in (
+        'kind', 'labels', 'json_label_key', 'image_column', 'images_per_shard', 'num_shards',
+        'workers', 'name', 'split', 'overwrite', 'max_shards', 'task_index', 'num_tasks',
+        'retry_failures')}
     summary = image_precompute.precompute_images(
-        args.source, args.out_dir, kind=args.kind, labels=args.labels,
-        json_label_key=args.json_label_key, image_column=args.image_column,
-        label_columns=args.label_column, images_per_shard=args.images_per_shard,
-        num_shards=args.num_shards, shuffle_seed=shuffle, workers=args.workers,
+        args.source, args.out_dir, label_columns=args.label_column, shuffle_seed=shuffle,
         max_pixels=args.max_pixels or image_precompute.DEFAULT_MAX_PIXELS,
-        image_timeout=args.image_timeout or None, name=args.name, split=args.split,
-        overwrite=args.overwrite, progress=not args.no_progress, max_shards=args.max_shards,
-        task_index=args.task_index, num_tasks=args.num_tasks,
-        retry_failures=args.retry_failures)
+        image_timeout=args.image_timeout or None, progress=not args.no_progress, **same)
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
-    print(f'{PROG}: {e}', file=sys.stderr)
-    return 2
+    parser.exit(2, f'{PROG}: {e}\n')
   print(json.dumps(summary, indent=2, sort_keys=True))
-  print(f'{summary["records"]} images in {summary["shards_finished"]}/{summary["shards"]} shards '
-        f'({summary["shards_skipped"]} already done), {summary["failures"]} rejected (see '
-        f'{summary["failure_manifest"]})', file=sys.stderr)
+  state = 'complete' if summary['complete'] else (
+      f'{summary["corpus_shards_finished"]} of {summary["shards"]} shards finished')
+  sys.stderr.write(f'{PROG}: {summary["records"]} images kept, {summary["failures"]} rejected '
+                   f'(listed in {summary["failure_manifest"]}); corpus {state}\n')
   return 0
 
 
