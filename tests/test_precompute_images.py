@@ -273,3 +273,35 @@ def test_listing_errors_name_the_input(tmp_path):
   (tmp_path / 'x.tar').write_bytes(b'\x1f\x8b' + b'0' * 600)  # gzip-compressed: no offsets
   items, _ = image_precompute.list_images(str(tmp_path / 'x.tar'))
   assert len(items) == 1 and 'decompressed' in items[0].problem
+
+
+def test_unlabelled_images_get_cluster_labels_then_train(tmp_path):
+  """No labels in the source: the shards take their labels from ove-cluster-labels --records,
+  whose relabelled copies the image head reads."""
+  from ove_jax_tools import cluster_labels
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  write_files(str(folder), ORDER)
+  out = str(tmp_path / 'laion')
+  summary = image_precompute.precompute_images(str(folder), out, name='laion', num_shards=2,
+                                               workers=0, progress=False)
+  assert summary['records'] == len(GOOD)
+  _, records = all_records(out, 'laion')
+  assert all('labels' not in r for r in records)
+  features = np.random.default_rng(1).normal(size=(len(GOOD), 8)).astype(np.float32)
+  np.save(tmp_path / 'features.npy', features)
+  assert cluster_labels.main(['--features', str(tmp_path / 'features.npy'), '--records', out,
+                              '--k', '2', '--num-labels', '2', '--out',
+                              str(tmp_path / 'labels')]) in (0, None)
+  labels_NxL = np.load(tmp_path / 'labels' / 'labels.npy')
+  relabelled = str(tmp_path / 'labels' / 'records')
+  pattern, records = all_records(relabelled, 'laion')
+  assert [r['source'] for r in records] == [r['source'] for r in all_records(out, 'laion')[1]]
+  head = pipeline.HeadConfig(kind='image', source=pattern, rows=1, tokens_per_row=256)
+  ds = pipeline.sample_dataset('image', head, pipeline.PipelineConfig(
+      heads={'image': head}, num_epochs=1, worker_count=0))
+  assert len(ds) == len(GOOD)
+  for i in range(len(ds)):
+    sample = ds[i]
+    np.testing.assert_array_equal(sample['labels'],
+                                  transforms.cyclic_labels(labels_NxL[sample['index']], 10))
