@@ -5,6 +5,7 @@ reads back, so a reader (training, the labels tool, the visualiser) needs nothin
 
 Layout of an output folder:
   {name}-{split}.array_record-{i:05d}-of-{n:05d}   shard i: one records.encode(...) per good clip
+                                                  (or the plan's `shard_template`: images)
   progress/shard-{i:05d}.json                     shard i is finished (written after its rename)
   plan.json                                       what was asked: inputs digest, options, shards
   failures.jsonl                                  {"file", "reason", "shard"} per clip not kept

@@ -273,6 +273,23 @@ def test_listing_errors_name_the_input(tmp_path):
   (tmp_path / 'x.tar').write_bytes(b'\x1f\x8b' + b'0' * 600)  # gzip-compressed: no offsets
   items, _ = image_precompute.list_images(str(tmp_path / 'x.tar'))
   assert len(items) == 1 and 'decompressed' in items[0].problem
+  # A tar cut short: the samples before the cut are kept, the cut one and the rest are listed.
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode='w') as tar:
+    for i in range(4):
+      info = tarfile.TarInfo(f'{i}.jpg')
+      info.size = len(JPEG)
+      tar.addfile(info, io.BytesIO(JPEG))
+  cut = 512 + 2 * (512 + -(-len(JPEG) // 512) * 512)  # into the third member's data
+  (tmp_path / 'cut.tar').write_bytes(buffer.getvalue()[:cut])
+  summary = image_precompute.precompute_images(str(tmp_path / 'cut.tar'), str(tmp_path / 'out'),
+                                               workers=0, progress=False)
+  assert summary['records'] == 2
+  with open(tmp_path / 'out' / precompute.FAILURES, encoding='utf-8') as f:
+    reasons = {json.loads(line)['file'].rsplit('#', 1)[1]: json.loads(line)['reason']
+               for line in f}
+  assert sorted(reasons) == ['(rest)', '2.jpg'] and 'cut short' in reasons['2.jpg']
+  assert 'unreadable tar after 3 samples' in reasons['(rest)']
 
 
 def test_unlabelled_images_get_cluster_labels_then_train(tmp_path):
