@@ -266,7 +266,8 @@ def list_images(source: str, kind: Optional[str] = None, labels: Optional[str] =
     # Labels are all or nothing: a sample without one in a labelled set is a failure.
     if any(i.labels for i in items):
       items = [i if i.labels or i.problem else dataclasses.replace(
-          i, problem=f'{i.path}: no .cls or .json label (other samples have one)')
+          i, problem=f'{i.path}: no label (key.cls, or key.json field {json_label_key!r}) '
+          'where other samples have one')
                for i in items]
   else:
     paths = expand_files(source)

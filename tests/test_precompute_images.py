@@ -170,8 +170,9 @@ def test_tar_set_with_bad_images_and_labels(tmp_path):
   summary = image_precompute.precompute_images(
       str(tmp_path / 'shard-{000..001}.tar'), out, num_shards=2, workers=2, progress=False)
   assert summary['complete']
-  check_corpus(out, BAD, LABELS, extra_bad={'badlabel.jpg': "label 'cat' is not integer ids",
-                                            'nolabel.jpg': 'no .cls or .json label'})
+  check_corpus(out, BAD, LABELS, extra_bad={
+      'badlabel.jpg': "label 'cat' is not integer ids",
+      'nolabel.jpg': "no label (key.cls, or key.json field 'label')"})
   # Tar sets keep their order (sequential reads): shard 0 starts with the first tar's first key.
   first = shards.read_record(shards.shard_files(out)[0], 0)
   assert first['source'].endswith(f'shard-000.tar#{ORDER[0]}')
@@ -263,6 +264,21 @@ def test_resume_redoes_nothing_and_tasks_split_the_plan(tmp_path):
   for a, b in zip(shards.shard_files(out), shards.shard_files(split)):
     with open(a, 'rb') as fa, open(b, 'rb') as fb:
       assert fa.read() == fb.read()  # the same plan gives the same shards, however it is split
+
+
+def test_list_file_with_labels(tmp_path):
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  write_files(str(folder), ['rgb.jpg', 'deep.png', 'text.jpg'])
+  (tmp_path / 'list.tsv').write_text(
+      '# path<TAB>labels\nimages/rgb.jpg\t3,4\nimages/deep.png\t5 6\nimages/text.jpg\t7\n')
+  out = str(tmp_path / 'out')
+  summary = image_precompute.precompute_images(str(tmp_path / 'list.tsv'), out, workers=0,
+                                               progress=False)
+  assert summary['records'] == 2 and summary['failures'] == 1
+  _, records = all_records(out)
+  assert {os.path.basename(r['source']): r['labels'].tolist() for r in records} == {
+      'rgb.jpg': [3, 4], 'deep.png': [5, 6]}
 
 
 def test_listing_errors_name_the_input(tmp_path):
