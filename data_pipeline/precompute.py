@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -320,18 +320,8 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
     retry_failures: select again the clips that failed in earlier runs (default: a known
       failure is kept, not retried).
   """
-  if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
-    raise ValueError(f'dataset name {name!r}: use lower case letters, digits and _ (TFDS rule)')
-  if not re.fullmatch(r'[a-z][a-z0-9_]*', split):
-    raise ValueError(f'split {split!r}: use lower case letters, digits and _')
-  if record_format not in FORMATS:
-    raise ValueError(f'record format {record_format!r}: one of {FORMATS}')
-  if clip_timeout is not None and clip_timeout <= 0:
-    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
-  task_shards(0, task_index, num_tasks)  # validates the task numbers
-  if overwrite and num_tasks > 1:
-    raise ValueError('overwrite with num_tasks > 1: tasks would delete each other\'s shards; '
-                     'clear the folder once (a single --overwrite run, or rm) before the tasks')
+  check_run_arguments(name, split, record_format, clip_timeout, task_index, num_tasks,
+                      overwrite)
   if isinstance(inputs, (str, os.PathLike)):
     clips = read_inputs(inputs)
   else:
@@ -358,7 +348,33 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
   if reader:
     common['reader'] = reader
   plan = make_plan(clips, shards, name, split, shuffle_seed, common)
+  return run_plan(out_dir, plan, shards, task_index, num_tasks, overwrite, retry_failures,
+                  lambda run: run.execute(settings, workers, clip_timeout, max_shards, progress))
 
+
+def check_run_arguments(name: str, split: str, record_format: str, clip_timeout: Optional[float],
+                        task_index: int, num_tasks: int, overwrite: bool) -> None:
+  """The checks of a run's arguments that need no input: before anything is read or written."""
+  if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
+    raise ValueError(f'dataset name {name!r}: use lower case letters, digits and _ (TFDS rule)')
+  if not re.fullmatch(r'[a-z][a-z0-9_]*', split):
+    raise ValueError(f'split {split!r}: use lower case letters, digits and _')
+  if record_format not in FORMATS:
+    raise ValueError(f'record format {record_format!r}: one of {FORMATS}')
+  if clip_timeout is not None and clip_timeout <= 0:
+    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
+  task_shards(0, task_index, num_tasks)  # validates the task numbers
+  if overwrite and num_tasks > 1:
+    raise ValueError('overwrite with num_tasks > 1: tasks would delete each other\'s shards; '
+                     'clear the folder once (a single --overwrite run, or rm) before the tasks')
+
+
+def run_plan(out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]], task_index: int,
+             num_tasks: int, overwrite: bool, retry_failures: bool,
+             execute: Callable[['Run'], dict]) -> dict:
+  """Runs `execute` on this task's `Run` of `plan`, holding the task's lock on `out_dir`: an
+  earlier plan there is resumed when equal, cleared with `overwrite`, else refused. Shared by
+  every precompute (videos here, images in `data_pipeline.image_precompute`)."""
   os.makedirs(out_dir, exist_ok=True)
   with locks.hold(out_dir, f'task-{task_index:05d}-of-{num_tasks:05d}',
                   f'task {task_index} of {num_tasks}',
@@ -372,8 +388,7 @@ def precompute(inputs, out_dir: str, *, options: Optional[Mapping[str, Any]] = N
                          'folder, or overwrite=True / --overwrite to replace it')
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
     fileio.write_json(os.path.join(out_dir, PLAN), plan)
-    run = Run(out_dir, plan, shards, task_index, num_tasks, retry_failures)
-    return run.execute(settings, workers, clip_timeout, max_shards, progress)
+    return execute(Run(out_dir, plan, shards, task_index, num_tasks, retry_failures))
 
 
 class Run:
@@ -413,20 +428,23 @@ class Run:
           yield clip
 
   def execute(self, settings: Settings, workers: int, clip_timeout: Optional[float],
-              max_shards: Optional[int], progress: bool) -> dict:
+              max_shards: Optional[int], progress: bool, work: Callable = process_clip,
+              initializer: Callable = init_worker, unit: str = 'clip') -> dict:
+    """Writes this task's shards to do; `work(clip)` (run in the workers after
+    `initializer(settings, blas_threads)`) returns a `Done` or a `Failed` per input."""
     todo = self.todo[:max_shards]
     for i in todo:  # temporaries a killed run left; ours to remove, we hold the shard's lock
       for stale in glob.glob(glob.escape(shard_path(self.out_dir, self.plan, i)) + '.tmp*'):
         os.remove(stale)
     start = time.perf_counter()
     from tqdm import tqdm
-    bar = tqdm(total=sum(len(self.shards[i]) for i in todo), unit='clip', desc='precompute',
+    bar = tqdm(total=sum(len(self.shards[i]) for i in todo), unit=unit, desc='precompute',
                disable=not progress, dynamic_ncols=True)
     # One BLAS thread per worker: processes are the parallelism. The selection's matrix work
     # is small, and a second BLAS thread per worker made it 3.5x slower per clip on a busy
     # 2-core machine (1.1 s -> 3.9 s for a 64-frame clip).
-    results = workers_lib.ordered_map(process_clip, self.tasks(todo), workers,
-                                      timeout=clip_timeout, initializer=init_worker,
+    results = workers_lib.ordered_map(work, self.tasks(todo), workers,
+                                      timeout=clip_timeout, initializer=initializer,
                                       initargs=(settings, 1 if workers else 0))
     writer = None
     try:

@@ -5,6 +5,7 @@ reads back, so a reader (training, the labels tool, the visualiser) needs nothin
 
 Layout of an output folder:
   {name}-{split}.array_record-{i:05d}-of-{n:05d}   shard i: one records.encode(...) per good clip
+                                                  (or the plan's `shard_template`: images)
   progress/shard-{i:05d}.json                     shard i is finished (written after its rename)
   plan.json                                       what was asked: inputs digest, options, shards
   failures.jsonl                                  {"file", "reason", "shard"} per clip not kept
@@ -47,6 +48,12 @@ def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
 
 
 def shard_path(out_dir: str, plan: dict, index: int) -> str:
+  """Shard `index` of a plan: TFDS's name, or the plan's own `shard_template` when it has one
+  (a str.format of name, split, index and num_shards; image corpora end in .array_record)."""
+  template = plan.get('shard_template')
+  if template:
+    return os.path.join(out_dir, template.format(name=plan['name'], split=plan['split'],
+                                                 index=index, num_shards=plan['num_shards']))
   return os.path.join(out_dir, shard_name(plan['name'], plan['split'], index, plan['num_shards']))
 
 
