@@ -15,6 +15,8 @@ import re
 from typing import Mapping, Sequence
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -99,7 +101,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """The size of every axis of MESH_AXES for `num_devices` devices: `sizes` maps axis names to
   sizes (a missing axis has size 1; one size may be -1, the rest of the devices). A ValueError
   says what does not fit."""
-  unknown = sorted(set(sizes) - set(MESH_AXES))
+  unknown = sorted(set(sizes) - set(MESH_AXES) - set(DCN_KEYS))  # dcn_*: make_hybrid_mesh
   if unknown:
     raise ValueError(f'mesh axis {unknown[0]!r} is not one of {MESH_AXES}')
   full = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
@@ -122,6 +124,8 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   """A mesh over `devices` (default: all of them) with axes MESH_AXES of the given sizes (see
   `mesh_shape`), every axis `AxisType.Auto` (what `with_sharding_constraint` and Flax need)."""
   devices = list(devices) if devices is not None else jax.devices()
+  if any(int(sizes.get(k, 1)) != 1 for k in DCN_KEYS):
+    return make_hybrid_mesh(sizes, devices)
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
@@ -150,3 +154,65 @@ def parse_mesh(text: str) -> dict[str, int]:
   sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
   _check_sizes(sizes)
   return sizes
+
+
+# ------------------------------------------------------------------------------------------------
+# Hybrid meshes: TPU slices or GPU nodes joined by the slower data-centre network (DCN)
+# ------------------------------------------------------------------------------------------------
+
+DCN_KEYS = tuple(f'dcn_{axis}' for axis in MESH_AXES)
+
+
+def make_hybrid_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+                     ) -> jax.sharding.Mesh:
+  """A mesh whose axes span several granules (TPU slices, GPU nodes) by the `dcn_*` sizes.
+
+  `sizes` is a config's `mesh` section: `data`, `fsdp`, `tensor` are each axis's whole size (as
+  for `make_mesh`; one may be -1) and `dcn_<axis>` how many granules it spans (default 1; it
+  divides the axis's size). Each granule holds an equal block of every axis: only collectives
+  along an axis with `dcn_<axis>` > 1 cross the slower network, so the batch axes (`data`, whose
+  gradient all-reduce is the least traffic per step) belong there and fsdp/tensor within.
+
+  Granules: TPU slices where the devices report `slice_index` (multi-slice; the layout within a
+  slice follows its physical torus, `mesh_utils.create_hybrid_device_mesh`); otherwise
+  processes, in order of process index, consecutive processes making one granule (one process
+  per GPU node, or several per node when SLURM starts one per GPU; process ids go node by node);
+  a single process (virtual CPU devices in tests) is cut into consecutive blocks of devices.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(sizes, len(devices))
+  dcn = tuple(int(sizes.get(k, 1)) for k in DCN_KEYS)
+  for axis, size, across in zip(MESH_AXES, shape, dcn):
+    if across < 1 or size % across:
+      raise ValueError(f'mesh dcn_{axis}={across} must be >= 1 and divide {axis}={size} '
+                       f'(mesh {_describe(dict(zip(MESH_AXES, shape)))})')
+  ici = tuple(size // across for size, across in zip(shape, dcn))
+  if len({getattr(d, 'slice_index', 0) for d in devices}) > 1:
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  else:
+    blocks = [mesh_utils.create_device_mesh(ici, group)
+              for group in device_granules(devices, math.prod(dcn))]
+    grid = np.empty(dcn, dtype=object)
+    for index, block in zip(np.ndindex(*dcn), blocks):
+      grid[index] = block
+    array = np.block(grid.tolist())
+  return jax.sharding.Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_granules(devices: Sequence[jax.Device], count: int) -> list[list[jax.Device]]:
+  """`devices` cut into `count` equal groups of whole processes, in order of (process index,
+  device id); with one process, equal blocks of its devices. A ValueError says when the
+  processes cannot be grouped so."""
+  ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+  if len(ordered) % count:
+    raise ValueError(f'{len(ordered)} devices cannot be cut into {count} equal granules (the '
+                     'product of the mesh dcn_* sizes)')
+  size = len(ordered) // count
+  groups = [ordered[i * size:(i + 1) * size] for i in range(count)]
+  processes = [{d.process_index for d in group} for group in groups]
+  if len({d.process_index for d in ordered}) > 1 and any(
+      a & b for a, b in zip(processes, processes[1:])):
+    raise ValueError(f'the mesh dcn_* sizes ask for {count} granules of {size} devices, which '
+                     'would split a process between granules; the number of processes must be a '
+                     'multiple of the product of the dcn_* sizes')
+  return groups

@@ -1,12 +1,17 @@
-"""Multi-process start-up: resolving the setup from the environment, and real 2-process runs."""
+"""Multi-process start-up: what JAX's cluster detection and our overrides make of each scheduler's
+variables (simulated environments), hybrid meshes, and real 2-process runs."""
+import http.server
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
 import pytest
+from jax._src import clusters
 
 from ove_jax import distributed
 from ove_jax_tools import launch_local
@@ -15,48 +20,190 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, 'tools', 'launch_local.py')
 
 
-def test_nodelist_expansion():
-  expand = distributed.expand_slurm_nodelist
-  assert expand('node[01-04,07]') == ['node01', 'node02', 'node03', 'node04', 'node07']
-  assert expand('a,b') == ['a', 'b']
-  assert expand('gpu[8-10],login') == ['gpu8', 'gpu9', 'gpu10', 'login']
-  assert expand('r[1-2]n[1,3]') == ['r1n1', 'r1n3', 'r2n1', 'r2n3']
-  assert expand('single') == ['single']
-  assert expand('') == []
-  for bad in ('node[01-04', 'node[4-1]', 'node[a-b]'):
-    with pytest.raises(ValueError, match='SLURM node list'):
-      expand(bad)
+# Every variable a scheduler (or a user) sets that JAX's detection or ours reads.
+_SCHEDULER_VARS = re.compile(r'^(SLURM_|OMPI_|OVE_|JAX_COORDINATOR|JAX_LOCAL_DEVICE_IDS|TPU_|'
+                             r'MEGASCALE_|KUBERNETES_SERVICE_HOST$|CUDA_VISIBLE_DEVICES$|'
+                             r'GCE_METADATA_IP$|JOB_COMPLETION_INDEX$)')
 
 
-def test_no_request_is_single_process():
-  assert distributed.from_environment({}) is None
-  assert distributed.from_environment({'SLURM_NTASKS': '1', 'SLURM_PROCID': '0'}) is None
-  assert distributed.from_environment({'OVE_NUM_PROCESSES': '1'}) is None
+@pytest.fixture
+def scheduler(monkeypatch):
+  """Sets a scheduler's variables (after removing every such variable of this machine) and
+  returns (what ove_jax passes to jax.distributed.initialize, what JAX's detection then makes of
+  it: coordinator, process count, process id, local device ids)."""
+  for var in list(os.environ):
+    if _SCHEDULER_VARS.match(var):
+      monkeypatch.delenv(var)
+
+  def run(env, **explicit):
+    for var, value in env.items():
+      monkeypatch.setenv(var, value)
+    cluster = distributed.detect_cluster()
+    kwargs = distributed.plan(explicit, os.environ, cluster, initialization_timeout=30,
+                              heartbeat_timeout=20)
+    if kwargs is None:
+      return cluster, None, None
+    # The call jax.distributed.initialize makes with these arguments (jax/_src/distributed.py).
+    seen = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        kwargs.get('coordinator_address'), kwargs.get('num_processes'),
+        kwargs.get('process_id'), kwargs.get('local_device_ids'), None, 30)
+    return cluster, kwargs, tuple(seen)
+  return run
 
 
-def test_ove_variables():
+def _slurm(procid, localid, nodeid, tasks_per_node, ntasks, **more):
+  env = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'gpu[07-08]', 'SLURM_NTASKS': ntasks,
+         'SLURM_PROCID': procid, 'SLURM_LOCALID': localid, 'SLURM_NODEID': nodeid,
+         'SLURM_STEP_TASKS_PER_NODE': tasks_per_node, 'SLURM_STEP_NUM_NODES': '2'}
+  return {k: str(v) for k, v in {**env, **more}.items()}
+
+
+SLURM_PORT = 4242 % 4096 + 61440   # JAX's port for SLURM job 4242
+
+
+def test_no_request_is_single_process(scheduler):
+  assert scheduler({}) == (None, None, None)
+  assert scheduler({'OVE_NUM_PROCESSES': '1'}) == (None, None, None)
+  cluster, kwargs, _ = scheduler(_slurm(0, 0, 0, '1', 1))   # srun -n 1, or one task
+  assert cluster.name == 'slurm' and kwargs is None
+
+
+def test_slurm_one_task_per_gpu(scheduler):
+  """srun --ntasks-per-node=8 (--gpus-per-node=8): every task sees the node's 8 GPUs and owns the
+  one numbered by its local rank; JAX's detection gives coordinator, count and id."""
+  owned = []
+  for localid in range(8):
+    cluster, kwargs, seen = scheduler(_slurm(8 + localid, localid, 1, '8(x2)', 16,
+                                             CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'))
+    assert cluster.name == 'slurm'
+    assert kwargs == {'local_device_ids': [localid], 'initialization_timeout': 30,
+                      'heartbeat_timeout_seconds': 20}
+    assert seen == (f'gpu07:{SLURM_PORT}', 16, 8 + localid, [localid])
+    owned.append(seen[3])
+  assert sorted(sum(owned, [])) == list(range(8))   # each GPU owned by exactly one process
+  # SLURM bound one GPU to each task (--gpus-per-task=1): the one it sees is its own.
+  _, kwargs, seen = scheduler(_slurm(5, 5, 0, '8(x2)', 16, CUDA_VISIBLE_DEVICES='5'))
+  assert kwargs['local_device_ids'] == [] and seen[3] == []
+  # No GPU list at all (no gres): device = local rank, as JAX does by itself.
+  _, kwargs, seen = scheduler(_slurm(3, 3, 0, '4(x2)', 8, CUDA_VISIBLE_DEVICES=''))
+  assert kwargs['local_device_ids'] == [3] and seen[3] == [3]
+
+
+def test_slurm_one_task_per_node(scheduler):
+  """srun --ntasks-per-node=1: the task owns all its node's GPUs, where JAX alone would have it use
+  GPU 0 only (its local rank)."""
+  env = _slurm(1, 0, 1, '1(x2)', 2, CUDA_VISIBLE_DEVICES='0,1,2,3')
+  cluster, kwargs, seen = scheduler(env)
+  assert cluster.name == 'slurm' and kwargs['local_device_ids'] == []
+  assert seen == (f'gpu07:{SLURM_PORT}', 2, 1, [])
+  jax_alone = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, None, None, 30)
+  assert jax_alone[3] == [0]
+  # Two tasks per node, each seeing the node's 8 GPUs: four each.
+  _, kwargs, _ = scheduler(_slurm(3, 1, 1, '2(x2)', 4, CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'))
+  assert kwargs['local_device_ids'] == [4, 5, 6, 7]
+  # Four GPUs bound to each of two tasks (--gpus-per-task=4): its own four.
+  _, kwargs, _ = scheduler(_slurm(1, 1, 0, '2', 2, CUDA_VISIBLE_DEVICES='4,5,6,7',
+                                  SLURM_GPUS_PER_TASK='a100:4'))
+  assert kwargs['local_device_ids'] == []
+  assert distributed.slurm_tasks_on_node({'SLURM_STEP_TASKS_PER_NODE': '4(x2),2',
+                                          'SLURM_NODEID': '2'}) == 2
+  assert distributed.slurm_tasks_on_node({'SLURM_NTASKS_PER_NODE': '3'}) == 3
+
+
+def test_overrides_win_value_by_value(scheduler):
+  env = _slurm(2, 0, 2, '1(x4)', 4, OVE_COORDINATOR_ADDRESS='head:7000',
+               OVE_LOCAL_DEVICE_IDS='0,1')
+  _, kwargs, seen = scheduler(env)
+  assert kwargs['coordinator_address'] == 'head:7000' and 'num_processes' not in kwargs
+  assert seen == ('head:7000', 4, 2, [0, 1])
+  _, _, seen = scheduler({'OVE_COORDINATOR_ADDRESS': '', 'OVE_LOCAL_DEVICE_IDS': 'all',
+                          'JAX_COORDINATOR_PORT': '7777'})
+  assert seen == ('gpu07:7777', 4, 2, [])
+  _, kwargs, seen = scheduler({}, process_id=3, local_device_ids=[1])
+  assert kwargs['process_id'] == 3 and seen == ('gpu07:7777', 4, 3, [1])
+
+
+def test_open_mpi(scheduler):
+  """mpirun: JAX reads the coordinator from Open MPI's URI; one rank per node owns all GPUs, one
+  per GPU its own."""
+  uri = '1531576320.0;tcp://10.96.0.1,10.148.0.1,10.108.0.1:34911'
+  port = 1531576320 // 4096 % 4096 + 61440
+  env = {'OMPI_MCA_orte_hnp_uri': uri, 'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '2',
+         'OMPI_COMM_WORLD_LOCAL_RANK': '0', 'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}
+  cluster, kwargs, seen = scheduler(env)
+  assert cluster.name == 'ompi' and kwargs['local_device_ids'] == []
+  assert seen == (f'10.96.0.1:{port}', 4, 2, [])
+  _, kwargs, seen = scheduler({'OMPI_COMM_WORLD_LOCAL_RANK': '2',
+                               'OMPI_COMM_WORLD_LOCAL_SIZE': '4'})
+  assert seen == (f'10.96.0.1:{port}', 4, 2, [2])
+
+
+def _on_tpu_vm(monkeypatch):
+  """What jax's import does on a Cloud TPU VM (jax/_src/cloud_tpu_init.py): TPU chips found."""
+  from jax._src.clusters import cloud_tpu_cluster, cluster
+  monkeypatch.setattr(cloud_tpu_cluster, 'running_in_cloud_tpu_vm', True)
+  monkeypatch.setattr(cluster, 'running_in_cloud_tpu_vm', True)
+
+
+def test_gke_tpu_multislice(scheduler, monkeypatch):
+  """A GKE JobSet (XPK) of 2 slices of 4 hosts: JAX reads the workers and the slice from the
+  variables GKE sets; TPU processes are never restricted to some of their chips."""
+  _on_tpu_vm(monkeypatch)
+  env = {'TPU_SKIP_MDS_QUERY': 'true',   # GKE's TPU pods have no TPU VM metadata server
+         'TPU_WORKER_HOSTNAMES': 'localhost,w-1,w-2,w-3', 'TPU_WORKER_ID': '2',
+         'MEGASCALE_NUM_SLICES': '2', 'MEGASCALE_SLICE_ID': '1',
+         'MEGASCALE_COORDINATOR_ADDRESS': 'localhost:8080'}
+  cluster, kwargs, seen = scheduler(env)
+  assert cluster.name == 'gketpu' and 'local_device_ids' not in kwargs
+  assert seen == ('localhost:8482', 8, 6, None)
+
+
+def test_cloud_tpu_vm_pod(scheduler, monkeypatch):
+  """`gcloud compute tpus tpu-vm ssh --worker=all`: JAX asks the TPU VM's metadata server (here a
+  local one serving what a v4-16's worker 1 gets) for its worker number and the workers."""
+  _on_tpu_vm(monkeypatch)
+  attributes = {'agent-worker-number': '1', 'worker-network-endpoints': 'localhost,t1k-w-1',
+                'tpu-env': "ACCELERATOR_TYPE: 'v4-16'\nWORKER_ID: '1'\n"}
+
+  class Metadata(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+      key = self.path.rsplit('/', 1)[-1]
+      ok = key in attributes and self.headers.get('Metadata-Flavor') == 'Google'
+      body = attributes.get(key, 'not found').encode()
+      self.send_response(200 if ok else 404)
+      self.send_header('Content-Length', str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    def log_message(self, *args):
+      del args
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Metadata)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    cluster, kwargs, seen = scheduler({'GCE_METADATA_IP': f'127.0.0.1:{server.server_port}'})
+  finally:
+    server.shutdown()
+  assert cluster.name == 'gcetpu' and 'local_device_ids' not in kwargs
+  assert seen == ('localhost:8482', 2, 1, None)
+
+
+def test_ove_variables(scheduler):
   env = {'OVE_COORDINATOR_ADDRESS': '10.0.0.1:5000', 'OVE_NUM_PROCESSES': '4',
          'OVE_PROCESS_ID': '3'}
-  assert distributed.from_environment(env) == {
-      'coordinator_address': '10.0.0.1:5000', 'num_processes': 4, 'process_id': 3}
-
-
-def test_slurm_variables():
-  env = {'SLURM_NTASKS': '8', 'SLURM_PROCID': '5', 'SLURM_JOB_NODELIST': 'other[1-9]',
-         'SLURM_STEP_NODELIST': 'node[07-08],node11'}
-  assert distributed.from_environment(env) == {
-      'coordinator_address': 'node07:12355', 'num_processes': 8, 'process_id': 5}
-  env = {'SLURM_NTASKS': '2', 'SLURM_PROCID': '0', 'SLURM_JOB_NODELIST': 'a,b',
-         'OVE_COORDINATOR_PORT': '4000'}
-  assert distributed.from_environment(env)['coordinator_address'] == 'a:4000'
-  # OVE variables win over SLURM's, value by value.
-  env['OVE_COORDINATOR_ADDRESS'] = 'head:7000'
-  assert distributed.from_environment(env)['coordinator_address'] == 'head:7000'
+  cluster, kwargs, seen = scheduler(env)
+  assert cluster is None and seen == ('10.0.0.1:5000', 4, 3, None)
+  assert kwargs == {'coordinator_address': '10.0.0.1:5000', 'num_processes': 4,
+                    'process_id': 3, 'initialization_timeout': 30,
+                    'heartbeat_timeout_seconds': 20}
 
 
 def test_explicit_arguments_win():
   env = {'OVE_COORDINATOR_ADDRESS': 'x:1', 'OVE_NUM_PROCESSES': '4', 'OVE_PROCESS_ID': '3'}
-  assert distributed._resolve({'process_id': 1, 'num_processes': 2}, env) == {
+  kwargs = distributed.plan({'process_id': 1, 'num_processes': 2}, env, None)
+  assert {k: kwargs[k] for k in ('coordinator_address', 'num_processes', 'process_id')} == {
       'coordinator_address': 'x:1', 'num_processes': 2, 'process_id': 1}
 
 
@@ -73,17 +220,19 @@ def test_explicit_arguments_win():
      'OVE_COORDINATOR_ADDRESS=.localhost.: the coordinator address must be host:port'),
     ({'OVE_COORDINATOR_ADDRESS': 'h:99999', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '0'},
      'OVE_COORDINATOR_ADDRESS'),
-    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2'}, 'OVE_PROCESS_ID'),
-    ({'SLURM_NTASKS': '2', 'SLURM_JOB_NODELIST': 'a,b'}, 'SLURM_NTASKS.*OVE_PROCESS_ID.*srun'),
-    ({'SLURM_NTASKS': '2', 'SLURM_PROCID': '2', 'SLURM_JOB_NODELIST': 'a,b'},
-     'SLURM_PROCID=2 is out of range for SLURM_NTASKS=2'),
-    ({'SLURM_NTASKS': 'many'}, 'SLURM_NTASKS'),
-    ({'SLURM_NTASKS': '2', 'SLURM_PROCID': '0', 'SLURM_JOB_NODELIST': 'a',
-      'OVE_COORDINATOR_PORT': 'x'}, 'OVE_COORDINATOR_PORT'),
+    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2'},
+     'OVE_PROCESS_ID is missing and no cluster'),
+    ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
+      'SLURM_LOCALID': '0', 'OVE_PROCESS_ID': '2'},
+     'OVE_PROCESS_ID=2 is out of range for the slurm process count=2'),
+    ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
+      'SLURM_LOCALID': '0', 'OVE_LOCAL_DEVICE_IDS': 'gpu0'}, 'OVE_LOCAL_DEVICE_IDS=.gpu0.'),
+    ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
+      'SLURM_LOCALID': '0', 'SLURM_STEP_TASKS_PER_NODE': '2(2)'}, 'SLURM_STEP_TASKS_PER_NODE'),
 ])
-def test_invalid_values_name_the_variable(env, match):
+def test_invalid_values_name_the_variable(scheduler, env, match):
   with pytest.raises(ValueError, match=match):
-    distributed.from_environment(env)
+    scheduler(env)
 
 
 def test_initialize_after_backend_started_explains(monkeypatch):
