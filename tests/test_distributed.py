@@ -1,6 +1,7 @@
 """Multi-process start-up: what JAX's cluster detection and our overrides make of each scheduler's
 variables (simulated environments), hybrid meshes, and real 2-process runs."""
 import http.server
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,11 @@ import jax
 import pytest
 from jax._src import clusters
 
-from ove_jax import distributed
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ove_jax import distributed, sharding
 from ove_jax_tools import launch_local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +240,61 @@ def test_invalid_values_name_the_variable(scheduler, env, match):
     scheduler(env)
 
 
+def test_initialize_passes_the_plan_to_jax(scheduler, monkeypatch):
+  """What `initialize` hands jax.distributed.initialize under SLURM, one task per GPU: nothing
+  but the device ids and the config's timeouts; JAX detects the rest."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, '_backend_initialized', lambda: False)
+  scheduler(_slurm(6, 2, 1, '4(x2)', 8))
+  distributed.initialize(initialization_timeout=45, heartbeat_timeout=15)
+  assert calls == [{'local_device_ids': [2], 'initialization_timeout': 45,
+                    'heartbeat_timeout_seconds': 15}]
+
+
+_SLURM_CHILD = """
+import json
+import jax
+from jax._src import xla_bridge
+from ove_jax import distributed, sharding
+
+info = distributed.initialize(initialization_timeout=60, heartbeat_timeout=30)
+mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1, 'dcn_data': 2})
+rows = [sorted({d.process_index for d in row.flat}) for row in mesh.devices]
+print('RESULT ' + json.dumps(dict(info, visible=xla_bridge.CUDA_VISIBLE_DEVICES.value,
+                                  rows=rows)), flush=True)
+"""
+
+
+@pytest.mark.parametrize('layout', ['per_gpu', 'per_node'])
+def test_two_slurm_tasks_start_through_jax_detection(tmp_path, layout):
+  """Two real processes started as srun would start them (SLURM's variables, no OVE_*), on this
+  machine: JAX's SLURM detection connects them; one task per GPU owns device = its local rank,
+  one task per node all devices; the hybrid mesh puts one process in each data row."""
+  script = tmp_path / 'child.py'
+  script.write_text(_SLURM_CHILD)
+  base = {k: v for k, v in os.environ.items() if not _SCHEDULER_VARS.match(k)}
+  base = distributed.cpu_devices_env(base, 2)
+  port = str(launch_local.free_port())
+  procs = []
+  for i in range(2):
+    per_gpu = layout == 'per_gpu'
+    env = dict(base, JAX_PLATFORMS='cpu', JAX_COORDINATOR_PORT=port, **_slurm(
+        i, i if per_gpu else 0, 0 if per_gpu else i, '2' if per_gpu else '1(x2)', 2,
+        SLURM_STEP_NODELIST='localhost' if per_gpu else 'localhost,localhost'))
+    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err[-3000:]
+    results.append(json.loads(out.split('RESULT ', 1)[1]))
+  for i, result in enumerate(results):
+    assert (result['process_index'], result['process_count']) == (i, 2), result
+    assert result['global_device_count'] == 4 and result['rows'] == [[0], [1]], result
+    assert result['visible'] == (str(i) if layout == 'per_gpu' else 'all'), result
+
+
 def test_initialize_after_backend_started_explains(monkeypatch):
   for var in ('OVE_COORDINATOR_ADDRESS', 'OVE_NUM_PROCESSES', 'OVE_PROCESS_ID',
               'OVE_LOCAL_DEVICE_COUNT', 'SLURM_NTASKS'):
@@ -305,7 +365,11 @@ def test_two_processes_compute_a_global_sum(tmp_path):
       import jax.numpy as jnp
       import numpy as np
       from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-      from ove_jax import distributed
+      import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ove_jax import distributed, sharding
 
       logging.basicConfig(level=logging.INFO)
       info = distributed.initialize()
@@ -347,3 +411,56 @@ def test_timeout_returns_124(tmp_path):
       """, '--processes=2', '--timeout=1', timeout=30)
   assert result.returncode == 124, result.stdout + result.stderr
   assert 'timed out' in result.stderr
+
+
+def test_hybrid_mesh_compiles_a_sharded_step():
+  """dcn_data=2 x fsdp=4 on 8 virtual devices: each data row is one granule (devices 0-3, 4-7),
+  and a train-like step (batch over data, weights over fsdp, a gradient) compiles and is exact."""
+  sizes = {'data': 2, 'fsdp': 4, 'tensor': 1, 'dcn_data': 2, 'dcn_fsdp': 1, 'dcn_tensor': 1}
+  mesh = sharding.make_hybrid_mesh(sizes)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert [[d.id for d in row.flat] for row in mesh.devices] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert sharding.make_mesh(sizes).devices.tolist() == mesh.devices.tolist()
+
+  rng = np.random.default_rng(0)
+  x_BxD = rng.normal(size=(16, 32)).astype(np.float32)
+  w_DxF = rng.normal(size=(32, 8)).astype(np.float32)
+  x = jax.device_put(x_BxD, NamedSharding(mesh, P(('data', 'fsdp'))))
+  w = jax.device_put(w_DxF, NamedSharding(mesh, P('fsdp')))
+
+  def loss(w, x):
+    return jnp.mean(jnp.square(x @ w))
+
+  step = jax.jit(jax.value_and_grad(loss), out_shardings=(NamedSharding(mesh, P()),
+                                                          NamedSharding(mesh, P('fsdp'))))
+  compiled = step.lower(w, x).compile()
+  assert 'all-reduce' in compiled.as_text() or 'reduce-scatter' in compiled.as_text()
+  value, grad = compiled(w, x)
+  expected = np.mean(np.square(x_BxD.astype(np.float64) @ w_DxF))
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+  grad_expected = 2 * x_BxD.T.astype(np.float64) @ (x_BxD @ w_DxF) / (16 * 8)
+  np.testing.assert_allclose(np.asarray(grad), grad_expected, rtol=1e-4, atol=1e-6)
+  assert grad.sharding.spec == P('fsdp')
+
+
+def test_hybrid_mesh_granules_and_errors():
+  devices = jax.devices()
+  # dcn over two axes: four granules of two devices, each a (1, 2, 1) block.
+  mesh = sharding.make_hybrid_mesh({'data': 4, 'fsdp': 2, 'dcn_data': 2, 'dcn_fsdp': 2})
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  assert [[d.id for d in row.flat] for row in mesh.devices] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+  with pytest.raises(ValueError, match='dcn_fsdp=3 must be >= 1 and divide fsdp=4'):
+    sharding.make_hybrid_mesh({'data': 2, 'fsdp': 4, 'dcn_fsdp': 3})
+  with pytest.raises(ValueError, match='mesh axis .dcn_batch. is not one of'):
+    sharding.make_hybrid_mesh({'data': 8, 'dcn_batch': 2})
+
+  class Remote:   # a device of another process, as jax.devices() lists it in a multi-host run
+    def __init__(self, device, process):
+      self.id, self.process_index = device.id, process
+
+  three_processes = [Remote(d, min(d.id // 3, 2)) for d in devices]   # 3 + 3 + 2 devices
+  with pytest.raises(ValueError, match='would split a process between granules'):
+    sharding.device_granules(three_processes, 2)
+  four_processes = [Remote(d, d.id // 2) for d in reversed(devices)]
+  groups = sharding.device_granules(four_processes, 2)
+  assert [[d.process_index for d in g] for g in groups] == [[0, 0, 1, 1], [2, 2, 3, 3]]

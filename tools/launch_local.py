@@ -35,7 +35,8 @@ def child_env(base: dict, *, address: str, processes: int, index: int, devices: 
   return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+  """A free TCP port on this machine, for a coordinator."""
   try:
     import portpicker
     return portpicker.pick_unused_port()
@@ -125,7 +126,7 @@ def _parse(argv):
 
 def main(argv=None) -> int:
   args = _parse(argv)
-  address = f'127.0.0.1:{args.port or _free_port()}'
+  address = f'127.0.0.1:{args.port or free_port()}'
   lock = threading.Lock()
   procs, threads = [], []
 
