@@ -50,8 +50,8 @@ LOCAL_DEVICE_IDS_VAR = 'OVE_LOCAL_DEVICE_IDS'
 
 # Where SLURM and Open MPI say this process's rank on its node and how many processes share it.
 _LOCAL_LAYOUT = {
-    'slurm': ('SLURM_LOCALID', None),
-    'ompi': ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE'),
+    'SlurmCluster': ('SLURM_LOCALID', None),
+    'OmpiCluster': ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE'),
 }
 
 
@@ -60,8 +60,8 @@ def detect_cluster():
 
   JAX's own detectors (`jax._src.clusters`; no public name exists for them), asked in JAX's order
   with JAX's checks; opt-in-only ones (mpi4py) are skipped as JAX skips them without
-  `cluster_detection_method`. The result has `.name` ('slurm', 'ompi', 'gketpu', 'gcetpu',
-  'k8s') and JAX's `get_process_count()` etc.
+  `cluster_detection_method`. The result is JAX's class (`SlurmCluster`, `OmpiCluster`,
+  `GkeTpuCluster`, `GceTpuCluster`, `K8sCluster`), with JAX's `get_process_count()` etc.
   """
   from jax._src import clusters
   return next((env for env in clusters.ClusterEnv._cluster_types
@@ -111,14 +111,16 @@ def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
   else:
     count = values.get('num_processes') or cluster.get_process_count()
   if 'process_id' in values and not 0 <= values['process_id'] < count:
-    count_source = sources.get('num_processes', f'the {cluster and cluster.name} process count')
+    count_source = (sources['num_processes'] if 'num_processes' in sources
+                    else f'the {cluster.__name__} process count')
     raise ValueError(f'{sources["process_id"]}={values["process_id"]} is out of range for '
                      f'{count_source}={count}: process ids run from 0 to {count - 1}.')
   if count == 1:
     return None
   kwargs = dict(values, initialization_timeout=int(initialization_timeout),
                 heartbeat_timeout_seconds=int(heartbeat_timeout))
-  device_ids = local_device_ids(env, cluster and cluster.name, explicit.get('local_device_ids'))
+  device_ids = local_device_ids(env, cluster and cluster.__name__,
+                               explicit.get('local_device_ids'))
   if device_ids is not None:
     kwargs['local_device_ids'] = device_ids
   return kwargs
@@ -127,7 +129,8 @@ def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
 def local_device_ids(env: Mapping[str, str], cluster_name: str | None,
                      explicit: Any = None) -> list[int] | None:
   """The accelerators (numbers among those this process can see) it should own, or None to leave
-  it to JAX. An empty list means all the process can see.
+  it to JAX. An empty list means all the process can see. `cluster_name` is the class name of
+  `detect_cluster()`'s answer.
 
   Explicit ids, then OVE_LOCAL_DEVICE_IDS (`0,1` or `all`), win. JAX_LOCAL_DEVICE_IDS, which JAX
   reads itself, comes next (None here). Under SLURM and Open MPI, with `n` processes on this
@@ -279,7 +282,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def _describe(setup: Mapping[str, Any], cluster) -> str:
-  detected = f'detected by JAX: {cluster.name}' if cluster is not None else 'no cluster detected'
+  detected = f'JAX detected {cluster.__name__}' if cluster is not None else 'no cluster detected'
   given = ', '.join(f'{k}={setup[k]}' for k in ('coordinator_address', 'num_processes',
                                                   'process_id', 'local_device_ids') if k in setup)
   return f'{detected}; given {given or "nothing else"}'

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import jax
 import pytest
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ove_jax import distributed, sharding
+from ove_jax import config as config_lib, distributed, sharding
 from ove_jax_tools import launch_local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def scheduler(monkeypatch):
     if _SCHEDULER_VARS.match(var):
       monkeypatch.delenv(var)
 
-  def run(env, **explicit):
+  def run(env, timeout=30, **explicit):
     for var, value in env.items():
       monkeypatch.setenv(var, value)
     cluster = distributed.detect_cluster()
@@ -51,7 +52,7 @@ def scheduler(monkeypatch):
     # The call jax.distributed.initialize makes with these arguments (jax/_src/distributed.py).
     seen = clusters.ClusterEnv.auto_detect_unset_distributed_params(
         kwargs.get('coordinator_address'), kwargs.get('num_processes'),
-        kwargs.get('process_id'), kwargs.get('local_device_ids'), None, 30)
+        kwargs.get('process_id'), kwargs.get('local_device_ids'), None, timeout)
     return cluster, kwargs, tuple(seen)
   return run
 
@@ -70,7 +71,7 @@ def test_no_request_is_single_process(scheduler):
   assert scheduler({}) == (None, None, None)
   assert scheduler({'OVE_NUM_PROCESSES': '1'}) == (None, None, None)
   cluster, kwargs, _ = scheduler(_slurm(0, 0, 0, '1', 1))   # srun -n 1, or one task
-  assert cluster.name == 'slurm' and kwargs is None
+  assert cluster.__name__ == 'SlurmCluster' and kwargs is None
 
 
 def test_slurm_one_task_per_gpu(scheduler):
@@ -80,7 +81,7 @@ def test_slurm_one_task_per_gpu(scheduler):
   for localid in range(8):
     cluster, kwargs, seen = scheduler(_slurm(8 + localid, localid, 1, '8(x2)', 16,
                                              CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'))
-    assert cluster.name == 'slurm'
+    assert cluster.__name__ == 'SlurmCluster'
     assert kwargs == {'local_device_ids': [localid], 'initialization_timeout': 30,
                       'heartbeat_timeout_seconds': 20}
     assert seen == (f'gpu07:{SLURM_PORT}', 16, 8 + localid, [localid])
@@ -99,7 +100,7 @@ def test_slurm_one_task_per_node(scheduler):
   GPU 0 only (its local rank)."""
   env = _slurm(1, 0, 1, '1(x2)', 2, CUDA_VISIBLE_DEVICES='0,1,2,3')
   cluster, kwargs, seen = scheduler(env)
-  assert cluster.name == 'slurm' and kwargs['local_device_ids'] == []
+  assert cluster.__name__ == 'SlurmCluster' and kwargs['local_device_ids'] == []
   assert seen == (f'gpu07:{SLURM_PORT}', 2, 1, [])
   jax_alone = clusters.ClusterEnv.auto_detect_unset_distributed_params(
       None, None, None, None, None, 30)
@@ -137,7 +138,7 @@ def test_open_mpi(scheduler):
   env = {'OMPI_MCA_orte_hnp_uri': uri, 'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '2',
          'OMPI_COMM_WORLD_LOCAL_RANK': '0', 'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}
   cluster, kwargs, seen = scheduler(env)
-  assert cluster.name == 'ompi' and kwargs['local_device_ids'] == []
+  assert cluster.__name__ == 'OmpiCluster' and kwargs['local_device_ids'] == []
   assert seen == (f'10.96.0.1:{port}', 4, 2, [])
   _, kwargs, seen = scheduler({'OMPI_COMM_WORLD_LOCAL_RANK': '2',
                                'OMPI_COMM_WORLD_LOCAL_SIZE': '4'})
@@ -160,7 +161,7 @@ def test_gke_tpu_multislice(scheduler, monkeypatch):
          'MEGASCALE_NUM_SLICES': '2', 'MEGASCALE_SLICE_ID': '1',
          'MEGASCALE_COORDINATOR_ADDRESS': 'localhost:8080'}
   cluster, kwargs, seen = scheduler(env)
-  assert cluster.name == 'gketpu' and 'local_device_ids' not in kwargs
+  assert cluster.__name__ == 'GkeTpuCluster' and 'local_device_ids' not in kwargs
   assert seen == ('localhost:8482', 8, 6, None)
 
 
@@ -191,8 +192,49 @@ def test_cloud_tpu_vm_pod(scheduler, monkeypatch):
     cluster, kwargs, seen = scheduler({'GCE_METADATA_IP': f'127.0.0.1:{server.server_port}'})
   finally:
     server.shutdown()
-  assert cluster.name == 'gcetpu' and 'local_device_ids' not in kwargs
+  assert cluster.__name__ == 'GceTpuCluster' and 'local_device_ids' not in kwargs
   assert seen == ('localhost:8482', 2, 1, None)
+
+
+def test_kubernetes_indexed_job(scheduler, monkeypatch):
+  """An Indexed Job of 4 pods behind a headless service (jax[k8s]): JAX asks the Kubernetes API
+  (here the `kubernetes` client's calls answered as the API server answers them for pod 3) for
+  the Job's parallelism and the coordinator pod; no device restriction (one process per pod)."""
+  from jax._src.clusters import k8s_cluster
+  ns = types.SimpleNamespace
+  pod = ns(metadata=ns(name='ove-train-3-abcde', labels={'job-name': 'ove-train'},
+                       owner_references=[ns(controller=True, kind='Job')]),
+           spec=ns(subdomain='ove-svc'))
+  job = ns(metadata=ns(name='ove-train', labels={'job-name': 'ove-train'}),
+           spec=ns(parallelism=4))
+  queries = []
+
+  class CoreV1Api:
+    def list_namespaced_pod(self, namespace, field_selector):
+      queries.append((namespace, field_selector))
+      return ns(items=[pod])
+
+  class BatchV1Api:
+    def read_namespaced_job(self, name, namespace):
+      queries.append((namespace, name))
+      return job
+
+  client = ns(CoreV1Api=CoreV1Api, BatchV1Api=BatchV1Api, exceptions=ns(ApiException=OSError))
+  monkeypatch.setitem(sys.modules, 'kubernetes', ns(config=ns(load_incluster_config=lambda: None),
+                                                     client=client))
+  monkeypatch.setattr(k8s_cluster.K8sCluster, '_namespace', classmethod(lambda cls: 'team'))
+  for name in ('_pod', '_job', '_controller', '_headless_svc'):
+    k8s_cluster.K8sCluster.__dict__[name].__func__.cache_clear()
+  try:
+    cluster, kwargs, seen = scheduler(
+        {'KUBERNETES_SERVICE_HOST': '10.0.0.1', 'HOSTNAME': 'localhost',
+         'JOB_COMPLETION_INDEX': '3'}, timeout=0)   # 0: no wait for the coordinator's DNS name
+  finally:
+    for name in ('_pod', '_job', '_controller', '_headless_svc'):
+      k8s_cluster.K8sCluster.__dict__[name].__func__.cache_clear()
+  assert cluster.__name__ == 'K8sCluster' and 'local_device_ids' not in kwargs
+  assert seen == ('ove-train-0.ove-svc:55527', 4, 3, None)
+  assert ('team', 'ove-train') in queries
 
 
 def test_ove_variables(scheduler):
@@ -229,7 +271,7 @@ def test_explicit_arguments_win():
      'OVE_PROCESS_ID is missing and no cluster'),
     ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
       'SLURM_LOCALID': '0', 'OVE_PROCESS_ID': '2'},
-     'OVE_PROCESS_ID=2 is out of range for the slurm process count=2'),
+     'OVE_PROCESS_ID=2 is out of range for the SlurmCluster process count=2'),
     ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
       'SLURM_LOCALID': '0', 'OVE_LOCAL_DEVICE_IDS': 'gpu0'}, 'OVE_LOCAL_DEVICE_IDS=.gpu0.'),
     ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
@@ -256,7 +298,7 @@ _SLURM_CHILD = """
 import json
 import jax
 from jax._src import xla_bridge
-from ove_jax import distributed, sharding
+from ove_jax import config as config_lib, distributed, sharding
 
 info = distributed.initialize(initialization_timeout=60, heartbeat_timeout=30)
 mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1, 'dcn_data': 2})
@@ -365,11 +407,7 @@ def test_two_processes_compute_a_global_sum(tmp_path):
       import jax.numpy as jnp
       import numpy as np
       from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-      import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from ove_jax import distributed, sharding
+      from ove_jax import distributed, sharding
 
       logging.basicConfig(level=logging.INFO)
       info = distributed.initialize()
@@ -382,10 +420,18 @@ from ove_jax import distributed, sharding
       assert x.shape == (32,)
       total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
       print(f'SUM {float(total):.1f} from process {jax.process_index()}')
+      # The hybrid mesh across the two processes (as across two GPU nodes): one per data row.
+      hybrid = sharding.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1, 'dcn_data': 2})
+      assert [{d.process_index for d in row.flat} for row in hybrid.devices] == [{0}, {1}]
+      y = jax.make_array_from_process_local_data(
+          NamedSharding(hybrid, P(('data', 'fsdp'))), local)
+      total = jax.jit(jnp.sum, out_shardings=NamedSharding(hybrid, P()))(y)
+      print(f'HYBRID SUM {float(total):.1f} from process {jax.process_index()}')
       """, '--processes=2', '--devices_per_process=4', '--timeout=50')
   assert result.returncode == 0, result.stdout + result.stderr
   for i in range(2):
     assert f'[p{i}] SUM 496.0 from process {i}' in result.stdout, result.stdout + result.stderr
+    assert f'[p{i}] HYBRID SUM 496.0 from process {i}' in result.stdout, result.stdout
     assert f'[p{i}] INFO:ove_jax.distributed:JAX process {i}/2: 4 local devices, 8 global' \
         in result.stderr
 
@@ -464,3 +510,19 @@ def test_hybrid_mesh_granules_and_errors():
   four_processes = [Remote(d, d.id // 2) for d in reversed(devices)]
   groups = sharding.device_granules(four_processes, 2)
   assert [[d.process_index for d in g] for g in groups] == [[0, 0, 1, 1], [2, 2, 3, 3]]
+
+
+def test_config_keys_for_launch():
+  """mesh.dcn_* and distributed.* are config keys, checked when the config loads."""
+  demo = os.path.join(REPO, 'experiments', 'demo_cpu.py')
+  config = config_lib.load(demo, ['mesh.dcn_fsdp=2', 'distributed.heartbeat_timeout=30'])
+  assert (config.mesh.dcn_fsdp, config.distributed.heartbeat_timeout) == (2, 30)
+  assert config_lib.defaults().distributed.to_dict() == {
+      'initialization_timeout': distributed.DEFAULT_INITIALIZATION_TIMEOUT,
+      'heartbeat_timeout': distributed.DEFAULT_HEARTBEAT_TIMEOUT}
+  for override, match in (('mesh.dcn_fsdp=3', 'mesh.dcn_fsdp=3 must divide mesh.fsdp=2'),
+                          ('mesh.dcn_data=0', 'mesh.dcn_data=0; must be an integer >= 1'),
+                          ('distributed.initialization_timeout=0',
+                           'distributed.initialization_timeout=0; must be an integer >= 1')):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.load(demo, [override])
