@@ -384,6 +384,8 @@ def test_use_cpu_devices_before_and_after_the_backend_starts():
 @pytest.mark.parametrize('argv, message', [
     (['--processes=0', '--', 'true'], 'at least 1 process'),
     (['--processes=2', '--devices_per_process=0', '--', 'true'], 'at least 1 device'),
+    (['--processes=2', '--devices-per-process', '0', '--', 'true'],
+     'ove-launch-local: error: --devices-per-process=0: each process needs at least 1 device'),
     (['--processes=2'], 'no command given'),
 ])
 def test_launcher_argument_errors(argv, message, capsys):
