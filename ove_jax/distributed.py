@@ -108,8 +108,16 @@ def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
           'a Kubernetes Job) is present. Set all of OVE_COORDINATOR_ADDRESS, OVE_NUM_PROCESSES '
           'and OVE_PROCESS_ID, or none of them for a single-process run.')
     count = values['num_processes']
+  elif 'num_processes' in values:
+    count = values['num_processes']
   else:
-    count = values.get('num_processes') or cluster.get_process_count()
+    try:
+      count = cluster.get_process_count()
+    except Exception as e:  # JAX's detectors raise what their scheduler's API raises
+      raise RuntimeError(
+          f'JAX detected {cluster.__name__} here but could not read its process count ({e!r}). '
+          'Fix the scheduler setup (see docs/launch.md), or set OVE_NUM_PROCESSES=1 for a '
+          'single-process run on this machine.') from e
   if 'process_id' in values and not 0 <= values['process_id'] < count:
     count_source = (sources['num_processes'] if 'num_processes' in sources
                     else f'the {cluster.__name__} process count')

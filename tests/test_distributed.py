@@ -237,6 +237,15 @@ def test_kubernetes_indexed_job(scheduler, monkeypatch):
   assert ('team', 'ove-train') in queries
 
 
+def test_unreadable_cluster_layout_explains(scheduler):
+  """A cluster JAX detects but cannot read: the error says so, and OVE_NUM_PROCESSES=1 runs this
+  machine alone (a notebook pod, a SLURM login shell)."""
+  with pytest.raises(RuntimeError, match="JAX detected SlurmCluster here but could not read its "
+                     "process count.*OVE_NUM_PROCESSES=1"):
+    scheduler(_slurm(0, 0, 0, '1', 'all'))
+  assert scheduler({'OVE_NUM_PROCESSES': '1'})[1:] == (None, None)
+
+
 def test_ove_variables(scheduler):
   env = {'OVE_COORDINATOR_ADDRESS': '10.0.0.1:5000', 'OVE_NUM_PROCESSES': '4',
          'OVE_PROCESS_ID': '3'}
