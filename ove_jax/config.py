@@ -23,7 +23,7 @@ import ml_collections
 
 INIT_HEADS = ('keep', 'matching', 'fresh')
 # Sections whose keys are fixed by defaults() (a typo there must not be silently ignored).
-FIXED_SECTIONS = ('mesh', 'model', 'init', 'loss', 'optim', 'builtin')
+FIXED_SECTIONS = ('mesh', 'distributed', 'model', 'init', 'loss', 'optim', 'builtin')
 
 
 class ConfigError(ValueError):
@@ -52,6 +52,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.profile_steps = 3
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one size may be -1
+  # How many TPU slices (or GPU nodes) each axis spans; each divides its axis's size above. The
+  # batch axes go across slices, fsdp/tensor within (sharding.make_hybrid_mesh).
+  c.mesh.update(dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  # jax.distributed.initialize's timeouts, in seconds (multi-process runs only).
+  c.distributed = ml_collections.ConfigDict(dict(initialization_timeout=300, heartbeat_timeout=100))
   c.rules = ()                  # ((logical name, mesh axes), ...) overriding sharding.DEFAULT_RULES
 
   c.model = ml_collections.ConfigDict(dict(
@@ -328,11 +333,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('model.rope', m.rope, ROPE_VARIANTS)
   _one_of('builtin.policy', config.builtin.policy, POLICIES)
 
-  sizes = dict(config.mesh)
-  if set(sizes) != {'data', 'fsdp', 'tensor'}:
-    raise ConfigError(f'mesh keys {sorted(sizes)}; expected data, fsdp, tensor')
+  sizes = {k: v for k, v in config.mesh.items() if not k.startswith('dcn_')}
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ConfigError(f'mesh {sizes}: sizes are >= 1, and at most one may be -1 (the rest)')
+  for axis, size in sizes.items():
+    _at_least(f'mesh.dcn_{axis}', config.mesh[f'dcn_{axis}'], 1)
+    if size != -1 and size % config.mesh[f'dcn_{axis}']:
+      raise ConfigError(f'mesh.dcn_{axis}={config.mesh[f"dcn_{axis}"]} must divide mesh.{axis}='
+                        f'{size} (the slices or nodes the axis spans)')
+  for key in ('initialization_timeout', 'heartbeat_timeout'):
+    _at_least(f'distributed.{key}', config.distributed[key], 1)
 
   _one_of('init.heads', config.init.heads, INIT_HEADS)
   if config.init.pytorch and config.init.checkpoint:

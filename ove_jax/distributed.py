@@ -1,19 +1,29 @@
 """Starting JAX for one process or many: the one call every entry point makes first.
 
-A multi-process run (several hosts, or several processes on one machine for tests) needs
-`jax.distributed.initialize` before anything touches the JAX backend: once the backend exists, it
-only ever sees this process's devices. `initialize()` finds out whether such a run was asked for,
-from explicit arguments, then `OVE_*` environment variables (set by tools/launch_local.py or by
-hand), then SLURM, and starts `jax.distributed` only then. A plain single-process run needs none
-of it. The resolution is pure (`from_environment`, `expand_slurm_nodelist`) so it is tested
-without starting JAX.
+A multi-process run (hosts of a TPU pod or a GPU cluster, or several processes on one machine
+for tests) needs `jax.distributed.initialize` before anything touches the JAX backend: once the
+backend exists, it only ever sees this process's devices.
 
-Environment variables:
+Which cluster this is, and its coordinator, process count and process id, are JAX's own business:
+`jax.distributed.initialize()` detects Cloud TPU VM pods (GCE and GKE, multi-slice included),
+SLURM, Open MPI and Kubernetes Jobs (the `jax[k8s]` extra) from what those schedulers set. This
+module only decides three things:
+  - whether a multi-process run is wanted at all (a detected cluster with more than one process,
+    or overrides that say so); a plain single-process run starts no coordinator;
+  - which overrides apply: explicit arguments, else the `OVE_*` variables below, value by value;
+    every value not overridden is left to JAX's detection;
+  - which accelerators each process owns under SLURM and Open MPI (`local_device_ids`), where
+    JAX's default (device number = local rank) is right only for one process per device.
+Initialization and heartbeat timeouts come from the config (`distributed.*`).
+
+Environment variables (all optional):
   OVE_COORDINATOR_ADDRESS  host:port of process 0's coordinator service
   OVE_NUM_PROCESSES        how many processes take part
   OVE_PROCESS_ID           this process's index, 0 .. OVE_NUM_PROCESSES - 1
+  OVE_LOCAL_DEVICE_IDS     the accelerators this process owns: `0,1` or `all`
   OVE_LOCAL_DEVICE_COUNT   virtual CPU devices per process (CPU only)
-  OVE_COORDINATOR_PORT     the coordinator's port under SLURM (default 12355)
+JAX itself also reads JAX_COORDINATOR_ADDRESS, JAX_COORDINATOR_PORT (the port on the detected
+coordinator host) and JAX_LOCAL_DEVICE_IDS.
 """
 from __future__ import annotations
 
@@ -26,152 +36,172 @@ import jax
 
 logger = logging.getLogger('ove_jax.distributed')
 
-DEFAULT_SLURM_PORT = 12355
+# JAX's own defaults for jax.distributed.initialize; the config's distributed.* keys set them.
+DEFAULT_INITIALIZATION_TIMEOUT = 300
+DEFAULT_HEARTBEAT_TIMEOUT = 100
 
-# (field, OVE variable, argument of `initialize`) for the three values a multi-process run needs.
-_FIELDS = (
-    ('coordinator_address', 'OVE_COORDINATOR_ADDRESS', 'coordinator_address'),
-    ('num_processes', 'OVE_NUM_PROCESSES', 'num_processes'),
-    ('process_id', 'OVE_PROCESS_ID', 'process_id'),
+# (argument of `initialize` and of jax.distributed.initialize, its OVE variable).
+OVERRIDES = (
+    ('coordinator_address', 'OVE_COORDINATOR_ADDRESS'),
+    ('num_processes', 'OVE_NUM_PROCESSES'),
+    ('process_id', 'OVE_PROCESS_ID'),
 )
+LOCAL_DEVICE_IDS_VAR = 'OVE_LOCAL_DEVICE_IDS'
+
+# Where SLURM and Open MPI say this process's rank on its node and how many processes share it.
+_LOCAL_LAYOUT = {
+    'SlurmCluster': ('SLURM_LOCALID', None),
+    'OmpiCluster': ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE'),
+}
 
 
-def expand_slurm_nodelist(text: str) -> list[str]:
-  """Expands a SLURM host list such as `node[01-04,07],login` into host names, in order.
+def detect_cluster():
+  """The cluster environment `jax.distributed.initialize()` would use here, or None.
 
-  Handles comma-separated hosts, bracketed ranges and lists (zero padding kept), and several
-  bracket groups in one name (`r[1-2]n[1-2]`); that is all SLURM writes for plain clusters, so
-  `scontrol show hostnames` is not needed (nor always installed where the job runs).
+  JAX's own detectors (`jax._src.clusters`; no public name exists for them), asked in JAX's order
+  with JAX's checks; opt-in-only ones (mpi4py) are skipped as JAX skips them without
+  `cluster_detection_method`. The result is JAX's class (`SlurmCluster`, `OmpiCluster`,
+  `GkeTpuCluster`, `GceTpuCluster`, `K8sCluster`), with JAX's `get_process_count()` etc.
   """
-  text = text.strip()
-  if not text:
-    return []
-  hosts = []
-  for item in _split_top_level(text):
-    hosts.extend(_expand_one(item, text))
-  return hosts
+  from jax._src import clusters
+  return next((env for env in clusters.ClusterEnv._cluster_types
+               if not env.opt_in_only_method and env.is_env_present()), None)
 
 
-def _split_top_level(text: str) -> list[str]:
-  """Splits at commas outside brackets."""
-  items, depth, start = [], 0, 0
-  for i, ch in enumerate(text):
-    if ch == '[':
-      depth += 1
-    elif ch == ']':
-      depth -= 1
-      if depth < 0:
-        raise ValueError(f'bad SLURM node list {text!r}: unbalanced "]"')
-    elif ch == ',' and depth == 0:
-      items.append(text[start:i])
-      start = i + 1
-  if depth:
-    raise ValueError(f'bad SLURM node list {text!r}: unbalanced "["')
-  items.append(text[start:])
-  return [item.strip() for item in items if item.strip()]
+def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
+         *, initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT,
+         heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT) -> dict | None:
+  """The keyword arguments for `jax.distributed.initialize`, or None for a single-process run.
 
-
-def _expand_one(item: str, whole: str) -> list[str]:
-  match = re.match(r'^([^\[]*)\[([^\]]*)\](.*)$', item)
-  if match is None:
-    return [item]
-  prefix, body, rest = match.groups()
-  names = []
-  for part in body.split(','):
-    part = part.strip()
-    bounds = re.fullmatch(r'(\d+)(?:-(\d+))?', part)
-    if bounds is None:
-      raise ValueError(f'bad SLURM node list {whole!r}: cannot read range {part!r}')
-    lo, hi = bounds.group(1), bounds.group(2) or bounds.group(1)
-    if int(hi) < int(lo):
-      raise ValueError(f'bad SLURM node list {whole!r}: range {part!r} runs backwards')
-    names.extend(f'{prefix}{n:0{len(lo)}d}' for n in range(int(lo), int(hi) + 1))
-  return [name + tail for name in names for tail in _expand_one(rest, whole)] if rest else names
-
-
-def from_environment(env: Mapping[str, str]) -> dict | None:
-  """The multi-process setup that `env` asks for, or None for a single-process run.
-
-  Returns `{'coordinator_address', 'num_processes', 'process_id'}`. `OVE_*` variables win over
-  SLURM value by value (so `OVE_COORDINATOR_ADDRESS` can override the SLURM coordinator). Raises
-  ValueError naming the variable when a value is malformed or one of the three is missing.
+  `explicit` holds the arguments given to `initialize` (None: not given); they win over the
+  `OVE_*` variables of `env`, value by value. `cluster` is `detect_cluster()`'s answer. Values
+  neither given nor overridden are left out, for JAX's detection to fill in. Without a detected
+  cluster, overrides must give all three of coordinator, count and id. Raises ValueError naming
+  the variable when a value is malformed or missing.
   """
-  return _resolve({}, env)
-
-
-def _resolve(explicit: Mapping[str, Any], env: Mapping[str, str]) -> dict | None:
-  """Merges explicit arguments over `OVE_*` over SLURM, field by field, and validates."""
-  layers = [
-      {k: (v, f'argument {k}') for k, v in explicit.items() if v is not None},
-      _ove_values(env),
-      _slurm_values(env),
-  ]
   values, sources = {}, {}
-  for field, _, _ in _FIELDS:
-    for layer in layers:
-      if field in layer:
-        values[field], sources[field] = layer[field]
-        break
-  if not values:
-    return None
+  for field, var in OVERRIDES:
+    if explicit.get(field) is not None:
+      values[field], sources[field] = explicit[field], f'argument {field}'
+    elif env.get(var, '').strip():
+      values[field], sources[field] = env[var].strip(), var
   if 'num_processes' in values:
-    num = _as_int(values['num_processes'], sources['num_processes'])
-    if num == 1 and set(values) == {'num_processes'}:
-      return None  # `OVE_NUM_PROCESSES=1` alone: a single-process run, said outright.
-  missing = [(var, arg) for field, var, arg in _FIELDS if field not in values]
-  if missing:
-    given = ', '.join(sources[f] for f, _, _ in _FIELDS if f in sources)
-    need = ', '.join(f'{var} (or the argument {arg})' for var, arg in missing)
-    fix = ('Set all of OVE_COORDINATOR_ADDRESS, OVE_NUM_PROCESSES and OVE_PROCESS_ID, or none of '
-           'them for a single-process run.')
-    if any(src.startswith('SLURM') for src in sources.values()):
-      fix += (' Under SLURM, start each task with srun, which sets SLURM_PROCID and '
-              'SLURM_STEP_NODELIST.')
-    raise ValueError(f'A multi-process run was asked for ({given}) but {need} is missing. {fix}')
-  num = _as_int(values['num_processes'], sources['num_processes'])
-  pid = _as_int(values['process_id'], sources['process_id'])
-  if num < 1:
-    raise ValueError(f'{sources["num_processes"]}={num}: the number of processes must be at '
-                     'least 1.')
-  if not 0 <= pid < num:
-    raise ValueError(f'{sources["process_id"]}={pid} is out of range for '
-                     f'{sources["num_processes"]}={num}: process ids run from 0 to {num - 1}.')
-  address = _check_address(values['coordinator_address'], sources['coordinator_address'])
-  if num == 1:
+    values['num_processes'] = _as_int(values['num_processes'], sources['num_processes'])
+    if values['num_processes'] < 1:
+      raise ValueError(f'{sources["num_processes"]}={values["num_processes"]}: the number of '
+                       'processes must be at least 1.')
+  if 'process_id' in values:
+    values['process_id'] = _as_int(values['process_id'], sources['process_id'])
+  if 'coordinator_address' in values:
+    values['coordinator_address'] = _check_address(values['coordinator_address'],
+                                                   sources['coordinator_address'])
+
+  if cluster is None:
+    if not values or set(values) == {'num_processes'} and values['num_processes'] == 1:
+      return None   # nothing asked for, or `OVE_NUM_PROCESSES=1` alone: said outright
+    missing = [var for field, var in OVERRIDES if field not in values]
+    if missing:
+      given = ', '.join(sources[f] for f, _ in OVERRIDES if f in sources)
+      raise ValueError(
+          f'A multi-process run was asked for ({given}) but {", ".join(missing)} is missing and '
+          'no cluster that jax.distributed detects (Cloud TPU, GKE, SLURM under srun, Open MPI, '
+          'a Kubernetes Job) is present. Set all of OVE_COORDINATOR_ADDRESS, OVE_NUM_PROCESSES '
+          'and OVE_PROCESS_ID, or none of them for a single-process run.')
+    count = values['num_processes']
+  elif 'num_processes' in values:
+    count = values['num_processes']
+  else:
+    try:
+      count = cluster.get_process_count()
+    except Exception as e:  # JAX's detectors raise what their scheduler's API raises
+      raise RuntimeError(
+          f'JAX detected {cluster.__name__} here but could not read its process count ({e!r}). '
+          'Fix the scheduler setup (see docs/launch.md), or set OVE_NUM_PROCESSES=1 for a '
+          'single-process run on this machine.') from e
+  if 'process_id' in values and not 0 <= values['process_id'] < count:
+    count_source = (sources['num_processes'] if 'num_processes' in sources
+                    else f'the {cluster.__name__} process count')
+    raise ValueError(f'{sources["process_id"]}={values["process_id"]} is out of range for '
+                     f'{count_source}={count}: process ids run from 0 to {count - 1}.')
+  if count == 1:
     return None
-  return {'coordinator_address': address, 'num_processes': num, 'process_id': pid}
+  kwargs = dict(values, initialization_timeout=int(initialization_timeout),
+                heartbeat_timeout_seconds=int(heartbeat_timeout))
+  device_ids = local_device_ids(env, cluster and cluster.__name__,
+                               explicit.get('local_device_ids'))
+  if device_ids is not None:
+    kwargs['local_device_ids'] = device_ids
+  return kwargs
 
 
-def _ove_values(env: Mapping[str, str]) -> dict:
-  return {field: (env[var].strip(), var) for field, var, _ in _FIELDS
-          if env.get(var, '').strip()}
+def local_device_ids(env: Mapping[str, str], cluster_name: str | None,
+                     explicit: Any = None) -> list[int] | None:
+  """The accelerators (numbers among those this process can see) it should own, or None to leave
+  it to JAX. An empty list means all the process can see. `cluster_name` is the class name of
+  `detect_cluster()`'s answer.
 
-
-def _slurm_values(env: Mapping[str, str]) -> dict:
-  """The SLURM task layout, when this is one task of several (`SLURM_NTASKS` > 1).
-
-  Start the program with `srun` (one task per process): a script run straight from the batch
-  shell is a single task, but it sees the job's `SLURM_NTASKS` and would wait for tasks that never
-  start.
+  Explicit ids, then OVE_LOCAL_DEVICE_IDS (`0,1` or `all`), win. JAX_LOCAL_DEVICE_IDS, which JAX
+  reads itself, comes next (None here). Under SLURM and Open MPI, with `n` processes on this
+  node and this one's local rank `r`, JAX's own default is device `r` alone: right for one
+  process per device, wrong for one per node (it would use device 0 of 8). So:
+    - one process on the node: all devices it sees;
+    - the scheduler bound devices to each process (CUDA_VISIBLE_DEVICES lists one device, or as
+      many as SLURM_GPUS_PER_TASK): all devices it sees (only its own);
+    - every process sees all `v` devices of the node and `n` divides `v`: devices
+      r*v/n .. (r+1)*v/n - 1 (one per GPU: device r);
+    - otherwise (no device list to go by): device r, as JAX would.
+  Cloud TPU and Kubernetes: None (JAX never restricts TPU processes; Kubernetes Jobs run one
+  process per pod).
   """
-  ntasks = env.get('SLURM_NTASKS', '').strip()
-  if not ntasks:
-    return {}
-  num = _as_int(ntasks, 'SLURM_NTASKS')
-  if num <= 1:
-    return {}
-  values = {'num_processes': (num, 'SLURM_NTASKS')}
-  if env.get('SLURM_PROCID', '').strip():
-    values['process_id'] = (env['SLURM_PROCID'].strip(), 'SLURM_PROCID')
-  nodelist_var = next((v for v in ('SLURM_STEP_NODELIST', 'SLURM_JOB_NODELIST')
-                       if env.get(v, '').strip()), None)
-  if nodelist_var is not None:
-    hosts = expand_slurm_nodelist(env[nodelist_var])
-    port = _as_int(env.get('OVE_COORDINATOR_PORT', '').strip() or DEFAULT_SLURM_PORT,
-                   'OVE_COORDINATOR_PORT')
-    values['coordinator_address'] = (f'{hosts[0]}:{port}',
-                                     f'{nodelist_var} (first host) with OVE_COORDINATOR_PORT')
-  return values
+  if explicit is not None:
+    return [] if explicit == 'all' else [int(i) for i in explicit]
+  text = env.get(LOCAL_DEVICE_IDS_VAR, '').strip()
+  if text:
+    if text == 'all':
+      return []
+    try:
+      return [int(i) for i in text.split(',')]
+    except ValueError:
+      raise ValueError(f'{LOCAL_DEVICE_IDS_VAR}={text!r}: expected device numbers such as 0,1 '
+                       'or "all".') from None
+  if env.get('JAX_LOCAL_DEVICE_IDS', '').strip() or cluster_name not in _LOCAL_LAYOUT:
+    return None
+  rank_var, size_var = _LOCAL_LAYOUT[cluster_name]
+  rank = _as_int(env[rank_var], rank_var)
+  size = (_as_int(env[size_var], size_var) if size_var and env.get(size_var, '').strip()
+          else slurm_tasks_on_node(env))
+  if size is None:
+    return [rank]
+  if size == 1:
+    return []
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  per_task = re.search(r'(\d+)$', env.get('SLURM_GPUS_PER_TASK', '').strip())
+  if visible and (len(visible) == 1 or per_task and len(visible) == int(per_task.group(1))):
+    return []
+  if visible and len(visible) % size == 0:
+    share = len(visible) // size
+    return list(range(rank * share, (rank + 1) * share))
+  return [rank]
+
+
+def slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
+  """How many tasks of this SLURM job step run on this node: SLURM_NTASKS_PER_NODE, else this
+  node's entry (SLURM_NODEID) of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE, which SLURM
+  writes run-length coded (`4(x2),2` is 4, 4, 2); None when neither is set."""
+  if env.get('SLURM_NTASKS_PER_NODE', '').strip():
+    return _as_int(env['SLURM_NTASKS_PER_NODE'], 'SLURM_NTASKS_PER_NODE')
+  var = next((v for v in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE')
+              if env.get(v, '').strip()), None)
+  if var is None:
+    return None
+  counts = []
+  for part in env[var].split(','):
+    match = re.fullmatch(r'\s*(\d+)(?:\(x(\d+)\))?\s*', part)
+    if match is None:
+      raise ValueError(f'{var}={env[var]!r}: expected counts such as 4(x2),2.')
+    counts += [int(match.group(1))] * int(match.group(2) or 1)
+  node = _as_int(env.get('SLURM_NODEID', '0') or '0', 'SLURM_NODEID')
+  return counts[node] if node < len(counts) else counts[-1]
 
 
 def _as_int(value, source: str) -> int:
@@ -196,7 +226,10 @@ def _check_address(address, source: str) -> str:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_count: int | None = None) -> dict:
+               process_id: int | None = None, local_device_count: int | None = None, *,
+               local_device_ids: list[int] | str | None = None,
+               initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT,
+               heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT) -> dict:
   """Starts JAX for this run, multi-process when asked, and returns what it sees.
 
   Call it first, before any other JAX call: `jax.distributed` and the CPU device count can only
@@ -205,47 +238,43 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   'platform'}`, and logs the same as one line.
 
   Args:
-    coordinator_address: host:port of process 0; else `OVE_COORDINATOR_ADDRESS`, else SLURM.
-    num_processes: else `OVE_NUM_PROCESSES`, else `SLURM_NTASKS`.
-    process_id: else `OVE_PROCESS_ID`, else `SLURM_PROCID`.
+    coordinator_address: host:port of process 0; else `OVE_COORDINATOR_ADDRESS`, else JAX's
+      cluster detection.
+    num_processes: else `OVE_NUM_PROCESSES`, else JAX's cluster detection.
+    process_id: else `OVE_PROCESS_ID`, else JAX's cluster detection.
     local_device_count: virtual CPU devices for this process, else `OVE_LOCAL_DEVICE_COUNT`;
       it sets `jax_num_cpu_devices`, which only the CPU backend reads.
+    local_device_ids: the accelerators this process owns (`'all'`: all it sees); else
+      `OVE_LOCAL_DEVICE_IDS`, else see `local_device_ids`.
+    initialization_timeout: seconds to wait for every process to connect (config
+      `distributed.initialization_timeout`).
+    heartbeat_timeout: seconds without a heartbeat after which a process counts as dead and the
+      job is stopped (config `distributed.heartbeat_timeout`).
   """
   explicit = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
-              'process_id': process_id}
-  setup = _resolve(explicit, os.environ)
+              'process_id': process_id, 'local_device_ids': local_device_ids}
   devices = _local_device_count(local_device_count)
   started = jax.distributed.is_initialized()
-  backend_up = _backend_initialized()
 
   if devices is not None and not started:
-    if backend_up:
-      if jax.default_backend() == 'cpu' and jax.local_device_count() != devices:
-        raise RuntimeError(
-            f'ove_jax.distributed.initialize: asked for {devices} CPU devices but the JAX '
-            f'backend already started with {jax.local_device_count()}. Call initialize() at the '
-            'very start of the program, before any other JAX call (jax.devices(), jnp arrays, '
-            'jit), or set XLA_FLAGS=--xla_force_host_platform_device_count=N before Python '
-            'starts.')
-    else:
-      jax.config.update('jax_num_cpu_devices', devices)
+    use_cpu_devices(devices, caller='ove_jax.distributed.initialize')
 
-  if setup is not None and not started:
-    if backend_up:
-      raise RuntimeError(
-          'ove_jax.distributed.initialize: a multi-process run was requested '
-          f'({setup["num_processes"]} processes, coordinator {setup["coordinator_address"]}) '
-          'but the JAX backend has already started in this process, so it can only see its '
-          'own devices. Call ove_jax.distributed.initialize() at the very start of the '
-          'program, before anything else uses JAX (jax.devices(), creating arrays, jit, '
-          'jax.config changes that start the backend).')
-    logger.info('Starting jax.distributed: process %d of %d, coordinator %s.',
-                setup['process_id'], setup['num_processes'], setup['coordinator_address'])
-    jax.distributed.initialize(coordinator_address=setup['coordinator_address'],
-                               num_processes=setup['num_processes'],
-                               process_id=setup['process_id'])
-  elif setup is None and not started:
-    logger.info('Single-process run: jax.distributed not started.')
+  if not started:
+    cluster = detect_cluster()
+    setup = plan(explicit, os.environ, cluster, initialization_timeout=initialization_timeout,
+                 heartbeat_timeout=heartbeat_timeout)
+    if setup is None:
+      logger.info('Single-process run: jax.distributed not started.')
+    else:
+      if _backend_initialized():
+        raise RuntimeError(
+            'ove_jax.distributed.initialize: a multi-process run was requested '
+            f'({_describe(setup, cluster)}) but the JAX backend has already started in this '
+            'process, so it can only see its own devices. Call ove_jax.distributed.initialize() '
+            'at the very start of the program, before anything else uses JAX (jax.devices(), '
+            'creating arrays, jit, jax.config changes that start the backend).')
+      logger.info('Starting jax.distributed: %s.', _describe(setup, cluster))
+      jax.distributed.initialize(**setup)
 
   info = {
       'process_index': jax.process_index(),
@@ -260,6 +289,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return info
 
 
+def _describe(setup: Mapping[str, Any], cluster) -> str:
+  detected = f'JAX detected {cluster.__name__}' if cluster is not None else 'no cluster detected'
+  given = ', '.join(f'{k}={setup[k]}' for k in ('coordinator_address', 'num_processes',
+                                                  'process_id', 'local_device_ids') if k in setup)
+  return f'{detected}; given {given or "nothing else"}'
+
+
 def _local_device_count(value: int | None) -> int | None:
   source = 'argument local_device_count'
   if value is None:
@@ -270,6 +306,39 @@ def _local_device_count(value: int | None) -> int | None:
   if count < 1:
     raise ValueError(f'{source}={count}: the local device count must be at least 1.')
   return count
+
+
+def use_cpu_devices(count: int, *, caller: str = 'ove_jax.distributed.use_cpu_devices') -> None:
+  """`count` virtual CPU devices in this process (`jax_num_cpu_devices`; only the CPU backend
+  reads it). It must run before the JAX backend starts; afterwards it is accepted only when the
+  backend already has that many devices (or is not the CPU), else a RuntimeError says where to
+  call it. A process started by another (a launcher, a test) gets its count from
+  `cpu_devices_env` instead."""
+  count = _as_int(count, 'the CPU device count')
+  if count < 1:
+    raise ValueError(f'{caller}: asked for {count} CPU devices; at least 1 is needed.')
+  if not _backend_initialized():
+    jax.config.update('jax_num_cpu_devices', count)
+  elif jax.default_backend() == 'cpu' and jax.local_device_count() != count:
+    raise RuntimeError(
+        f'{caller}: asked for {count} CPU devices but the JAX backend already started with '
+        f'{jax.local_device_count()}. Call it at the very start of the program, before any '
+        'other JAX call (jax.devices(), jnp arrays, jit), or set '
+        f'XLA_FLAGS={CPU_DEVICES_FLAG}=N before Python starts.')
+
+
+CPU_DEVICES_FLAG = '--xla_force_host_platform_device_count'
+
+
+def cpu_devices_env(env: Mapping[str, str], count: int) -> dict[str, str]:
+  """`env` for a child process that must start with `count` virtual CPU devices: its XLA_FLAGS
+  with the device-count flag replaced (other flags kept, in order) and OVE_LOCAL_DEVICE_COUNT,
+  which `initialize` reads."""
+  out = dict(env)
+  flags = [f for f in out.get('XLA_FLAGS', '').split() if not f.startswith(CPU_DEVICES_FLAG + '=')]
+  out['XLA_FLAGS'] = ' '.join(flags + [f'{CPU_DEVICES_FLAG}={int(count)}'])
+  out['OVE_LOCAL_DEVICE_COUNT'] = str(int(count))
+  return out
 
 
 def _backend_initialized() -> bool:

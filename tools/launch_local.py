@@ -1,6 +1,6 @@
 """Runs one command as N JAX processes on this machine, each with M virtual CPU devices.
 
-  python tools/launch_local.py --processes=2 --devices_per_process=4 -- python train.py ...
+  python tools/launch_local.py --processes=2 --devices-per-process=4 -- python train.py ...
 
 It stands in for a multi-host cluster on one CPU machine: each copy gets the environment that
 `ove_jax.distributed.initialize()` reads (OVE_COORDINATOR_ADDRESS on a free local port,
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,26 +20,23 @@ import sys
 import threading
 import time
 
-_DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
-
+from ove_jax import distributed
 
 def child_env(base: dict, *, address: str, processes: int, index: int, devices: int) -> dict:
   """The environment of process `index`: `base` plus the multi-process and device settings."""
-  env = dict(base)
-  flags = _DEVICE_FLAG.sub('', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = ' '.join(flags.split() + [f'--xla_force_host_platform_device_count={devices}'])
+  env = distributed.cpu_devices_env(base, devices)
   env.update({
       'OVE_COORDINATOR_ADDRESS': address,
       'OVE_NUM_PROCESSES': str(processes),
       'OVE_PROCESS_ID': str(index),
-      'OVE_LOCAL_DEVICE_COUNT': str(devices),
       'JAX_PLATFORMS': 'cpu',
       'PYTHONUNBUFFERED': '1',  # so lines arrive as they are printed, not at exit
   })
   return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+  """A free TCP port on this machine, for a coordinator."""
   try:
     import portpicker
     return portpicker.pick_unused_port()
@@ -91,12 +87,14 @@ def _exit_code(returncode: int) -> int:
 
 def _parse(argv):
   parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      usage='%(prog)s --processes=N --devices_per_process=M [--port=P] [--timeout=S] '
+      prog='ove-launch-local', description=__doc__.split('\n\n')[0],
+      usage='%(prog)s --processes=N --devices-per-process=M [--port=P] [--timeout=S] '
             '-- COMMAND [ARGS ...]')
   parser.add_argument('--processes', type=int, required=True, help='processes to start (N)')
-  parser.add_argument('--devices_per_process', type=int, default=1,
-                      help='virtual CPU devices in each process (M)')
+  parser.add_argument('--devices-per-process', '--devices_per_process', type=int, default=1,
+                      dest='devices_per_process',
+                      help='virtual CPU devices in each process (M); --devices_per_process is '
+                           'the older spelling')
   parser.add_argument('--port', type=int, default=0,
                       help='coordinator port on 127.0.0.1; default: a free one')
   parser.add_argument('--timeout', type=float, default=0,
@@ -116,8 +114,8 @@ def _parse(argv):
   if args.processes < 1:
     parser.error(f'--processes={args.processes}: at least 1 process is needed')
   if args.devices_per_process < 1:
-    parser.error(f'--devices_per_process={args.devices_per_process}: each process needs at least '
-                 '1 device')
+    parser.error(f'--devices-per-process={args.devices_per_process}: each process needs at '
+                 'least 1 device')
   if not 0 <= args.port < 65536:
     parser.error(f'--port={args.port}: give a port from 1 to 65535, or 0 for a free one')
   if args.timeout < 0 or args.grace < 0:
@@ -130,7 +128,7 @@ def _parse(argv):
 
 def main(argv=None) -> int:
   args = _parse(argv)
-  address = f'127.0.0.1:{args.port or _free_port()}'
+  address = f'127.0.0.1:{args.port or free_port()}'
   lock = threading.Lock()
   procs, threads = [], []
 
