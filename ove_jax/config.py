@@ -61,7 +61,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       preset='tiny', dtype='bfloat16', remat='none', attention='xla', rope_theta=10000.0,
-      rope='3d'))               # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
+      rope='3d',                # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
+      scan_layers=None))        # blocks through one nnx.scan; None: the preset's default (on for
+                                # base/large/huge, off for tiny/small)
 
   c.init = ml_collections.ConfigDict(dict(
       pytorch='',               # a release-format directory (config.json + model.safetensors)
@@ -73,7 +75,8 @@ def defaults() -> ml_collections.ConfigDict:
   # Defaults of every head's Partial FC loss (SPEC §4); heads.<name> may override any of them.
   c.loss = ml_collections.ConfigDict(dict(
       sample_rate=0.1, num_slots=8, margin=0.3, scale=64.0, filter_threshold=0.75,
-      sampling_blocks=256, init_std=0.01))
+      sampling_blocks=256, init_std=0.01,
+      positive_headroom=1.0))   # room for positives past a class block's quota (x quota)
   c.heads = ml_collections.ConfigDict()   # name -> {num_classes, weight, [loss overrides]}
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -94,7 +97,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 HEAD_LOSS_KEYS = ('sample_rate', 'num_slots', 'margin', 'scale', 'filter_threshold',
-                  'sampling_blocks')
+                  'sampling_blocks', 'positive_headroom')
 
 
 def head(num_classes: int, weight: float = 1.0, **loss_overrides) -> ml_collections.ConfigDict:
@@ -388,7 +391,7 @@ def head_loss_config(config, name: str):
         num_classes=merged['num_classes'], sample_rate=merged['sample_rate'],
         num_slots=merged['num_slots'], margin=merged['margin'], scale=merged['scale'],
         filter_threshold=merged['filter_threshold'], sampling_blocks=merged['sampling_blocks'],
-        seed=config.seed)
+        positive_headroom=merged['positive_headroom'], seed=config.seed)
   except ValueError as e:
     raise ConfigError(f'heads.{name}: {e}') from None
 

@@ -23,7 +23,8 @@ def sharpen():
   which would let a wrong RoPE pass a parity test; trained weights are not like that.
   """
   def apply(model, factor=12.0, head=True):
-    for module in [*model.blocks] + ([model.head] if model.cfg.use_head and head else []):
+    blocks = [model.blocks] if model.cfg.scan_layers else [*model.blocks]  # stacked: one module
+    for module in blocks + ([model.head] if model.cfg.use_head and head else []):
       attn = getattr(module, 'self_attn', module)
       for proj in (attn.q_proj, attn.k_proj):
         proj.kernel[...] = proj.kernel[...] * factor
