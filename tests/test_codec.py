@@ -341,7 +341,7 @@ def test_bad_options():
   with pytest.raises(ValueError, match="unknown option 'polcy'.*policy"):
     codec.select(data, polcy='zero')
   for option, value, allowed in (('policy', 'all', 'paper'), ('fusion', 'min', 'geomean'),
-                                 ('camera_compensation', 'affine', 'similarity'),
+                                 ('camera_compensation', 'homography', 'affine'),
                                  ('gop', 0, 'integer >= 1'), ('static_fallback', 'yes', 'True'),
                                  ('center_prior', -1, '>= 0')):
     with pytest.raises(ValueError, match=f'{option}.*allowed values.*{allowed}'):

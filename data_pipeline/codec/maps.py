@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from data_pipeline.video import crop_box
+from data_pipeline.codec import geometry as geometry_lib
+from data_pipeline.codec import release
 
 CELL = 4                  # pixels per side of a vector-grid cell
 PERCENTILE = 95.0
@@ -152,14 +153,16 @@ class FrameMaps:
   reference_distance: tuple = ()   # chosen (past, future) reference distances, 0 for none
 
 
-def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', step: int = 1
-               ) -> FrameMaps:
+def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', step: int = 1,
+               maths: str = 'ove', inconsistency: int = 0) -> FrameMaps:
   """Motion and residual maps of a decoded frame given its candidate references.
 
   `frame`, `past`, `future` are `bitstream.CodedFrame`s (index, vectors, and luma at the
   analysis resolution: the coded frame block-averaged by `step`). Among several candidates of
   one direction, the one whose motion-compensated prediction fits the blocks coded in that
-  direction best is taken as the reference the encoder used.
+  direction best is taken as the reference the encoder used. `maths='release'` measures motion
+  as the release does (`release_motion`); `inconsistency` > 0 replaces the motion magnitude by
+  its local variance in that window (`release.local_variance`).
   """
   luma = frame.luma.astype(np.float32, copy=False)
   h, w = luma.shape
@@ -199,32 +202,54 @@ def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', st
     prediction_HxW = np.where(has0 & has1, 0.5 * (p0 + p1), np.where(has1 & ~has0, p1, p0))
     residual_HxW = np.abs(luma - prediction_HxW)
 
-  # Motion: magnitude per frame of reference distance, after removing the camera's motion;
-  # the mean over the directions coded for each cell.
-  magnitude_sum = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
-  directions = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
-  for grid, distance in zip(grids, distances):
-    if distance == 0 or not grid.has_HcxWc.any():
-      continue
-    dx, dy = compensate_camera(grid, camera)
-    magnitude_sum += np.where(grid.has_HcxWc, np.hypot(dx, dy) / distance, 0)
-    directions += grid.has_HcxWc
-  motion_HxW = _cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
+  if maths == 'release':
+    motion_HxW = release_motion(past_grid, h, w, camera, step)
+  else:
+    # Motion: magnitude per frame of reference distance, after removing the camera's motion;
+    # the mean over the directions coded for each cell.
+    magnitude_sum = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
+    directions = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
+    for grid, distance in zip(grids, distances):
+      if distance == 0 or not grid.has_HcxWc.any():
+        continue
+      dx, dy = compensate_camera(grid, camera)
+      magnitude_sum += np.where(grid.has_HcxWc, np.hypot(dx, dy) / distance, 0)
+      directions += grid.has_HcxWc
+    motion_HxW = _cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
+  if inconsistency:
+    motion_HxW = release.local_variance(motion_HxW, inconsistency)
   return FrameMaps(motion_HxW.astype(np.float32), residual_HxW.astype(np.float32),
                    past_grid.count, future_grid.count, tuple(distances))
 
 
+def release_motion(l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
+                   ) -> np.ndarray:
+  """The release's motion magnitude at each analysis pixel: list-0 vectors in pixels (zero where
+  none was coded), compensated over all pixels by `release.compensate`."""
+  dx = _cells_to_pixels(np.where(l0.has_HcxWc, l0.dx_HcxWc, 0), height, width, step)
+  dy = _cells_to_pixels(np.where(l0.has_HcxWc, l0.dy_HcxWc, 0), height, width, step)
+  dx, dy = release.compensate(dx.astype(np.float32), dy.astype(np.float32), camera)
+  return np.sqrt(dx * dx + dy * dy)
+
+
 def compensate_camera(grid: VectorGrid, camera: str) -> tuple[np.ndarray, np.ndarray]:
-  """The grid's vectors minus the camera's motion: 'none', 'median' or 'similarity'."""
+  """The grid's vectors minus the camera's motion, statistics over the coded cells: 'none',
+  'median', 'mean', 'similarity' (`similarity_flow`) or 'affine' (the release's fit)."""
   dx, dy, has = grid.dx_HcxWc, grid.dy_HcxWc, grid.has_HcxWc
   if camera == 'none' or has.sum() < 3:
     return dx, dy
   if camera == 'median':
     return dx - np.median(dx[has]), dy - np.median(dy[has])
+  if camera == 'mean':
+    return dx - np.mean(dx[has]), dy - np.mean(dy[has])
   if camera == 'similarity':
     flow_x, flow_y = similarity_flow(grid)
     return dx - flow_x, dy - flow_y
-  raise ValueError(f'camera_compensation={camera!r}: allowed values are none, median, similarity')
+  if camera == 'affine':
+    flow_x, flow_y = release.camera_flow(np.where(has, dx, 0), np.where(has, dy, 0), 'affine')
+    return dx - flow_x, dy - flow_y
+  raise ValueError(f'camera_compensation={camera!r}: allowed values are none, median, mean, '
+                   f'similarity, affine')
 
 
 def similarity_flow(grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
@@ -288,35 +313,23 @@ def fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, fusion: str = 'mean',
   raise ValueError(f'fusion={fusion!r}: allowed values are mean, max, sum, geomean')
 
 
-def center_prior(height: int, width: int, strength: float) -> np.ndarray:
-  """1 + strength * g, g a Gaussian of sigma 0.35 * min(H, W) at the centre, float32 [H, W]."""
-  sigma = PRIOR_SIGMA * min(height, width)
+def center_prior(height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA,
+                 maths: str = 'ove') -> np.ndarray:
+  """1 + strength * g, g a Gaussian of sigma `sigma_share` * min(H, W) at the centre,
+  float32 [H, W]; with maths 'release' g is scaled to peak 1 (`release.center_prior_map`)."""
+  if maths == 'release':
+    return 1.0 + strength * release.center_prior_map(height, width, sigma_share)
+  sigma = sigma_share * min(height, width)
   gy = np.exp(-0.5 * ((np.arange(height) - (height - 1) / 2) / sigma) ** 2)
   gx = np.exp(-0.5 * ((np.arange(width) - (width - 1) / 2) / sigma) ** 2)
   return (1.0 + strength * np.outer(gy, gx)).astype(np.float32)
 
 
-def patch_integrators(height: int, width: int, resolution: int, patch_size: int, step: int = 1
-                      ) -> tuple[np.ndarray, np.ndarray]:
-  """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]).
-
-  `height` x `width` is the source frame; the map has one value per step x step source pixels.
-  The model sees the frame with its short side resized to `resolution` and centre-cropped
-  (`video.crop_box`). Model patch row p covers resized rows [top + p*ps, top + (p+1)*ps), that
-  is source rows [that / sy); Ay[p, y] is the overlap of map row y (source rows
-  [y*step, (y+1)*step)) with it, times sy, so `Ay @ map @ Ax.T` is the map's integral over each
-  patch in model-pixel units (a map of ones gives patch_size**2 everywhere). Exact area
-  weighting, whatever the scale.
-  """
-  _, new_h, new_w, top, left = crop_box(height, width, resolution)
-  def axis(size: int, new_size: int, start: int) -> np.ndarray:
-    scale = new_size / size
-    edges = (start + np.arange(resolution // patch_size + 1) * patch_size) / scale
-    lo, hi = edges[:-1, None], edges[1:, None]
-    pixel = np.arange(size // step)[None, :] * step
-    overlap = np.clip(np.minimum(pixel + step, hi) - np.maximum(pixel, lo), 0, None)
-    return (overlap * scale).astype(np.float32)
-  return axis(height, new_h, top), axis(width, new_w, left)
+def patch_integrators(height: int, width: int, resolution: int, patch_size: int, step: int = 1,
+                      geometry: str = 'crop') -> tuple[np.ndarray, np.ndarray]:
+  """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]);
+  `geometry.patch_integrators` (exact area weighting, whatever the scale)."""
+  return geometry_lib.patch_integrators(height, width, resolution, patch_size, geometry, step)
 
 
 def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
