@@ -144,21 +144,38 @@ def compensate(vx_HxW: np.ndarray, vy_HxW: np.ndarray, mode: str
   return vx_HxW - flow_x, vy_HxW - flow_y
 
 
-def box_mean(x_HxW: np.ndarray, k: int) -> np.ndarray:
-  """k x k mean with edge replication (an integral image), float64 [H, W]."""
+def window_variance(x_HxW: np.ndarray, k: int) -> np.ndarray:
+  """The release's k x k local variance, float32 [H-1, W-1].
+
+  As the release computes it: edge padding of k // 2, a float32 integral image without a leading
+  zero row and column, so the window sums come out one row and one column short and entry
+  (i, j) is the window centred on pixel (i + 1, j + 1); float32 like the release, whose
+  cancellation noise (~1e-4 on flat fields) is part of what it ranks.
+  """
   pad = k // 2
-  padded = np.pad(x_HxW.astype(np.float64), pad, mode='edge')
-  integral = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1))
-  integral[1:, 1:] = padded.cumsum(0).cumsum(1)
-  total = integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
-  return total / (k * k)
+  def box(a: np.ndarray) -> np.ndarray:
+    integral = np.pad(a, pad, mode='edge').cumsum(0).cumsum(1)
+    return (integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k]
+            + integral[:-k, :-k]) / np.float32(k * k)
+  x = x_HxW.astype(np.float32)
+  mean = box(x)
+  return np.maximum(box(x * x) - mean * mean, np.float32(0.0))
+
+
+def nearest_resize(map_hxw: np.ndarray, height: int, width: int) -> np.ndarray:
+  """OpenCV's INTER_NEAREST resize: source index floor(dst * src / dst_size)."""
+  rows = np.minimum((np.arange(height) * map_hxw.shape[0]) // height, map_hxw.shape[0] - 1)
+  cols = np.minimum((np.arange(width) * map_hxw.shape[1]) // width, map_hxw.shape[1] - 1)
+  return map_hxw[rows][:, cols]
 
 
 def local_variance(x_HxW: np.ndarray, k: int) -> np.ndarray:
-  """The release's MV inconsistency: variance in each k x k window (k odd >= 3), float32."""
-  mean = box_mean(x_HxW, k)
-  return np.maximum(box_mean(np.square(x_HxW.astype(np.float64)), k) - mean * mean,
-                    0.0).astype(np.float32)
+  """The release's MV inconsistency at every pixel, float32 [H, W]: `window_variance` stretched
+  back to H x W by nearest neighbour, as the release's resize to the frame does (so the map is
+  shifted by up to one pixel against the magnitude; the p95 normalisation then runs on this
+  stretched map, where the release takes it just before the stretch)."""
+  h, w = x_HxW.shape
+  return nearest_resize(window_variance(x_HxW, k), h, w).astype(np.float32)
 
 
 def center_prior_map(height: int, width: int, sigma_share: float) -> np.ndarray:
