@@ -134,12 +134,13 @@ def select(video: VideoSource, num_frames: int = 64, budget: int = 2048, resolut
 
   tick = time.perf_counter()
   valid = geometry.valid_patches(info.height, info.width, resolution, patch_size, opts.geometry)
-  if opts.geometry != 'crop' and budget > num_frames * int(valid.sum()) + hp * wp:
-    raise VideoError(f'{info.name}: budget={budget} exceeds the patches inside the '
-                     f'{info.width}x{info.height} picture on the {resolution} letterbox '
-                     f'({int(valid.sum())} per frame); lower the budget or use geometry=crop')
-  positions, whole, fallback = choose(analysis.scores, analysis.kinds, analysis.repeats, budget,
-                                      opts, patch_size, valid)
+  try:
+    positions, whole, fallback = choose(analysis.scores, analysis.kinds, analysis.repeats,
+                                        budget, opts, patch_size, valid)
+  except ValueError as e:
+    raise VideoError(f'{info.name}: {e}: the {info.width}x{info.height} picture covers '
+                     f'{int(valid.sum())} of the {hp * wp} patches of the {resolution} '
+                     f'{opts.geometry}; lower the budget or use geometry=crop') from e
   timings['select'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
   return Selection(
@@ -295,8 +296,9 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
            ) -> tuple[np.ndarray, np.ndarray, bool]:
   """Frame policy, static fallback, global top-K: (positions [K, 3], whole frames, fallback).
 
-  Only patches marked in `valid_HpxWp` (the letterbox's picture; default all) are candidates
-  for the top-K; whole frames are taken whole, padding included."""
+  Only patches marked in `valid_HpxWp` (the letterbox's picture; default all) are candidates:
+  the first frame, when kept whole, is taken whole, padding included (the release's LLaVA
+  layout: a full first image); any later whole frame is its picture's patches."""
   num_frames, hp, wp = scores_TxHpxWp.shape
   per_frame = hp * wp
   rank_TxHpxWp = scores_TxHpxWp.copy()
@@ -336,12 +338,17 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
     whole = whole[np.floor(np.linspace(0, whole.size - 1, room)).astype(np.int64)]
   chosen_TxHpxWp = np.zeros(scores_TxHpxWp.shape, bool)
   chosen_TxHpxWp[whole] = True
-  rest = budget - whole.size * per_frame
+  if valid_HpxWp is not None:
+    chosen_TxHpxWp[whole[whole > 0]] &= valid_HpxWp
+  rest = budget - int(chosen_TxHpxWp.sum())
   if rest:
     open_TxHpxWp = ~chosen_TxHpxWp
     if valid_HpxWp is not None:
       open_TxHpxWp &= valid_HpxWp[None]
     candidates = np.flatnonzero(open_TxHpxWp.reshape(-1))
+    if candidates.size < rest:
+      raise ValueError(f'budget={budget} exceeds the {candidates.size + budget - rest} patches '
+                       f'that can be selected (whole frames and patches inside the picture)')
     order = np.argsort(-rank_TxHpxWp.reshape(-1)[candidates], kind='stable')
     chosen_TxHpxWp.reshape(-1)[candidates[order[:rest]]] = True
   positions = np.argwhere(chosen_TxHpxWp).astype(np.int32)   # row-major: sorted by (t, h, w)
