@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data_pipeline.video import VideoError, VideoSource, crop_box, describe, decode_frames, open_video
+from data_pipeline import video as video_lib
+from data_pipeline.video import VideoError, VideoSource, crop_box, describe, open_video
 
 GEOMETRIES = ('crop', 'letterbox')
 RESAMPLES = ('area', 'linear', 'cubic')
@@ -154,7 +155,7 @@ def decode_canvas(video: VideoSource, frame_ids: Sequence[int], resolution: int 
   """RGB uint8 [len(frame_ids), R, R, 3] of the given frames in `geometry`; ids past the end of
   the stream get its last frame (as `video.decode_frames`, which serves 'crop')."""
   if geometry == 'crop':
-    return decode_frames(video, frame_ids, resolution)
+    return video_lib.decode_frames(video, frame_ids, resolution)
   canvas(1, 1, resolution, geometry)   # checks the name
   ids = [int(i) for i in np.asarray(frame_ids, np.int64).reshape(-1)]
   wanted, last_wanted = set(ids), max(ids)
