@@ -285,10 +285,9 @@ class Scorer:
       return self.canvas_sums(fused_HxW, height, width)
     key = ('area', height, width)
     if key not in self._matrices:
-      self._matrices[key] = maps.patch_integrators(height, width, self.resolution,
-                                                   self.patch_size, self.step,
-                                                   self.opts.geometry)
-    return maps.to_patches(fused_HxW, self._matrices[key])
+      self._matrices[key] = tuple(maps.Band.of(m) for m in maps.patch_integrators(
+          height, width, self.resolution, self.patch_size, self.step, self.opts.geometry))
+    return maps.to_patches_banded(fused_HxW, self._matrices[key])
 
 
 def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budget: int,
