@@ -29,8 +29,8 @@ MOTION_FLOOR = 1e-6       # in pixels per frame
 RESIDUAL_FLOOR = 1.0      # in 0-255 luma levels
 TRIM_KEEP = 0.7           # share of points kept by each trimming pass of the similarity fit
 TRIM_PASSES = 2
-PRIOR_SIGMA = 0.35
-SPARSE_SHARE = 0.5        # below this share of moving cells `predict` interpolates only them        # centre-prior Gaussian sigma, as a share of min(H, W)
+PRIOR_SIGMA = 0.35        # centre-prior Gaussian sigma, as a share of min(H, W)
+SPARSE_SHARE = 0.5        # below this share of moving cells `predict` interpolates only them
 
 
 @dataclasses.dataclass
@@ -127,11 +127,15 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   x0 = _cells_to_pixels(ix_HcxWc.astype(np.int32), h, w, step) + np.arange(w, dtype=np.int32)
   y0 = (_cells_to_pixels(iy_HcxWc.astype(np.int32), h, w, step)
         + np.arange(h, dtype=np.int32)[:, None])
+  return _bilinear(flat, x0, y0, ax, ay, h, w)
+
+
+def _bilinear(flat: np.ndarray, x0, y0, ax, ay, h: int, w: int) -> np.ndarray:
+  """Bilinear samples of the h x w image `flat` at (x0 + ax, y0 + ay), edges replicated."""
   x1 = np.minimum(np.maximum(x0 + 1, 0), w - 1)
   y1 = np.minimum(np.maximum(y0 + 1, 0), h - 1) * w
-  np.minimum(np.maximum(x0, 0, out=x0), w - 1, out=x0)
-  np.minimum(np.maximum(y0, 0, out=y0), h - 1, out=y0)
-  y0 *= w
+  x0 = np.minimum(np.maximum(x0, 0), w - 1)
+  y0 = np.minimum(np.maximum(y0, 0), h - 1) * w
   top = flat[y0 + x0]
   top += (flat[y0 + x1] - top) * ax
   bottom = flat[y1 + x0]
@@ -156,19 +160,8 @@ def _predict_moving(flat: np.ndarray, h: int, w: int, moving_HcxWc: np.ndarray,
   ay = fracy_HcxWc.astype(np.float32).reshape(-1)[cell]
   x0 = ix_HcxWc.astype(np.int32).reshape(-1)[cell] + px
   y0 = iy_HcxWc.astype(np.int32).reshape(-1)[cell] + py
-  x1 = np.minimum(np.maximum(x0 + 1, 0), w - 1)
-  y1 = np.minimum(np.maximum(y0 + 1, 0), h - 1) * w
-  x0 = np.minimum(np.maximum(x0, 0), w - 1)
-  y0 = np.minimum(np.maximum(y0, 0), h - 1) * w
-  top = flat[y0 + x0]
-  top += (flat[y0 + x1] - top) * ax
-  bottom = flat[y1 + x0]
-  bottom += (flat[y1 + x1] - bottom) * ax
-  bottom -= top
-  bottom *= ay
-  top += bottom
   out = flat.copy()
-  out[pixels] = top
+  out[pixels] = _bilinear(flat, x0, y0, ax, ay, h, w)
   return out.reshape(h, w)
 
 
