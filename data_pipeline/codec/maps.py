@@ -234,9 +234,12 @@ def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', st
   else:
     p0 = past_prediction if past_prediction is not None else future_prediction
     p1 = future_prediction if future_prediction is not None else past_prediction
-    has0 = _cells_to_pixels(past_grid.has_HcxWc, h, w, step)
-    has1 = _cells_to_pixels(future_grid.has_HcxWc, h, w, step)
-    prediction_HxW = np.where(has0 & has1, 0.5 * (p0 + p1), np.where(has1 & ~has0, p1, p0))
+    if not future_grid.has_HcxWc.any():
+      prediction_HxW = p0      # no future vectors (P- and I-frames): what the general case gives
+    else:
+      has0 = _cells_to_pixels(past_grid.has_HcxWc, h, w, step)
+      has1 = _cells_to_pixels(future_grid.has_HcxWc, h, w, step)
+      prediction_HxW = np.where(has0 & has1, 0.5 * (p0 + p1), np.where(has1 & ~has0, p1, p0))
     residual_HxW = np.abs(luma - prediction_HxW)
 
   if maths == 'release':
