@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import video as video_lib
+from data_pipeline.codec.geometry import decode_canvas
 from data_pipeline.tokens import (CHANNELS, CLIP_MEAN, CLIP_STD, PATCH, PATCH_DIM,  # noqa: F401
                                   TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION, clip_positions,
                                   grid_positions, normalize, timeline_to_grid, to_patches)
@@ -223,12 +224,13 @@ def check_positions(positions, num_frames: int) -> np.ndarray:
   return pos_Kx3
 
 
-def codec_patches(video, frame_ids: np.ndarray, positions) -> np.ndarray:
-  """uint8 [K, 588] pixels of the selected patches, decoding only the frames they use."""
+def codec_patches(video, frame_ids: np.ndarray, positions, geometry: str = 'crop') -> np.ndarray:
+  """uint8 [K, 588] pixels of the selected patches, decoding only the frames they use; on the
+  canvas of `geometry` ('crop', or 'letterbox' for a codec.select(geometry='letterbox'))."""
   frame_ids = np.asarray(frame_ids, np.int64).reshape(-1)
   t_K, h_K, w_K = check_positions(positions, len(frame_ids)).T
   used_t = np.unique(t_K)  # a sparse selection touches few frames: decode only those
-  frames = video_lib.decode_frames(video, frame_ids[used_t], VIDEO_RESOLUTION)
+  frames = decode_canvas(video, frame_ids[used_t], VIDEO_RESOLUTION, geometry)
   return gather_patches(frames, np.searchsorted(used_t, t_K), h_K, w_K)
 
 
@@ -249,6 +251,7 @@ class VideoTransform:
   temporal_size: int = TEMPORAL_SIZE
   num_labels: int = 10
   video_root: str = ''              # joined to a record's `source` when it carries no bytes
+  geometry: str = 'crop'            # canvas of the records' codec positions: 'crop', 'letterbox'
 
   def __post_init__(self):
     probs = np.asarray(self.mode_probs, np.float64)
@@ -299,7 +302,7 @@ class VideoTransform:
         raise ValueError(f'stored `patches` {patches.dtype} {patches.shape}; expected uint8 '
                          f'[{len(pos_Kx3)}, {PATCH_DIM}] (one per position)')
     else:
-      patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3)
+      patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3, self.geometry)
     t_K, h_K, w_K = pos_Kx3.T
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[t_K]
     return patches, np.stack([grid_t, h_K, w_K], axis=-1).astype(np.int32)
@@ -316,7 +319,7 @@ class VideoTransform:
     candidates_Nx3 = clip_positions(len(frame_ids), VIDEO_GRID, VIDEO_GRID)  # token order
     flat = np.sort(rng.choice(len(candidates_Nx3), size=budget, replace=False))
     pos_Kx3 = candidates_Nx3[flat].astype(np.int64)
-    patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3)
+    patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3, self.geometry)
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[pos_Kx3[:, 0]]
     return patches, np.stack([grid_t, pos_Kx3[:, 1], pos_Kx3[:, 2]], axis=-1).astype(np.int32)
 

@@ -275,6 +275,24 @@ def test_patch_geometry_matches_the_crop():
   assert (ay @ mark @ ax.T).sum() == pytest.approx((224 / 180) ** 2, rel=1e-3)
 
 
+def test_banded_patch_sums_equal_the_matrix_products():
+  rng = np.random.default_rng(0)
+  for height, width, step, geometry in ((272, 640, 1, 'crop'), (720, 1280, 3, 'crop'),
+                                        (144, 176, 1, 'letterbox'), (1920, 1080, 4, 'letterbox'),
+                                        (50, 70, 1, 'crop')):
+    dense = maps.patch_integrators(height, width, 224, 14, step, geometry)
+    bands = tuple(maps.Band.of(m) for m in dense)
+    for band, matrix in zip(bands, dense):   # the band holds every non-zero of the matrix
+      rebuilt = np.zeros_like(matrix)
+      cols = np.minimum(band.start_P[:, None] + np.arange(band.weights_PxB.shape[1]),
+                        matrix.shape[1] - 1)
+      np.add.at(rebuilt, (np.arange(len(matrix))[:, None], cols), band.weights_PxB)
+      np.testing.assert_array_equal(rebuilt, matrix)
+    map_HxW = rng.random((height // step, width // step)).astype(np.float32)
+    np.testing.assert_allclose(maps.to_patches_banded(map_HxW, bands),
+                               maps.to_patches(map_HxW, dense), rtol=1e-5, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- determinism
 
 def test_deterministic():
@@ -341,7 +359,7 @@ def test_bad_options():
   with pytest.raises(ValueError, match="unknown option 'polcy'.*policy"):
     codec.select(data, polcy='zero')
   for option, value, allowed in (('policy', 'all', 'paper'), ('fusion', 'min', 'geomean'),
-                                 ('camera_compensation', 'affine', 'similarity'),
+                                 ('camera_compensation', 'homography', 'affine'),
                                  ('gop', 0, 'integer >= 1'), ('static_fallback', 'yes', 'True'),
                                  ('center_prior', -1, '>= 0')):
     with pytest.raises(ValueError, match=f'{option}.*allowed values.*{allowed}'):
@@ -397,6 +415,20 @@ def test_synthetic_labels_and_masks_follow_the_motion(tmp_path):
   assert not synthetic.make_clip(2, num_frames=4, moving=False).masks.any()
   with pytest.raises(ValueError, match='codec'):
     synthetic.make_clip(0, codec='av2')
+
+
+def test_bench_selection_speed_mode(capsys, tmp_path):
+  from ove_jax_tools import bench_selection
+  path = clip(2).write(tmp_path / 'clip.mp4')
+  assert bench_selection.main(['--speed', path, '--clips', '1', '--frames', '16', '--repeat',
+                               '1', '--variant', 'preset=release_llava']) == 0
+  out = capsys.readouterr().out
+  rows = [line for line in out.splitlines() if line.startswith('| clip.mp4')
+          or line.startswith('| synthetic 0')]
+  assert len(rows) == 2 and 'preset=release_llava' in out
+  for row in rows:                          # wall and CPU for both, and three ratios > 0
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert len(cells) == 8 and all(float(c) > 0 for c in cells[5:])
 
 
 def test_bench_selection_runs(capsys):

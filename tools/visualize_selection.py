@@ -1,12 +1,14 @@
 """Shows which patches the codec selection keeps: a PNG grid and an animated GIF.
 
   python tools/visualize_selection.py VIDEO --out DIR [--num-frames 64 --budget 2048
-      --resolution 224 --patch-size 14 --policy paper --options JSON] [--heatmap]
+      --resolution 224 --patch-size 14 --policy paper --preset NAME --geometry letterbox
+      --options JSON] [--heatmap]
   python tools/visualize_selection.py SHARD --index I --out DIR [--heatmap]
 
 With a video the selection is run here (data_pipeline.codec.select); with a precomputed shard
 (tools/precompute_codec.py) record I is shown as stored. Every sampled frame is drawn at the
-model resolution with the kept patches at full brightness and outlined, the rest dimmed, and a
+model resolution (on the selection's canvas: centre crop, or the letterbox with its black
+padding) with the kept patches at full brightness and outlined, the rest dimmed, and a
 caption "t / source frame / picture type / kept patches". Writes DIR/selection.png (grid),
 DIR/selection.gif (one frame per sampled frame) and, with --heatmap, DIR/heatmap.png (the per-patch
 score map over the frames; for a record it is the stored map, or the selection re-run with the
@@ -135,16 +137,19 @@ def _run_settings(shard: str) -> tuple[dict, str | None]:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='visualize_selection', description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='ove-visualize-selection',
+                              description=__doc__.split('\n')[0])
   p.add_argument('source', help='a video file, or a precomputed shard with --index')
   p.add_argument('--index', type=int, help='record index in the shard (record mode)')
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('--heatmap', action='store_true', help='also write the score heatmap')
-  p.add_argument('--num-frames', type=int)
-  p.add_argument('--budget', type=int)
-  p.add_argument('--resolution', type=int)
-  p.add_argument('--patch-size', type=int)
-  p.add_argument('--policy')
+  p.add_argument('--num-frames', type=int, help='T, frames on the timeline (select default 64)')
+  p.add_argument('--budget', type=int, help='K, patches kept (select default 2048)')
+  p.add_argument('--resolution', type=int, help='model resolution (select default 224)')
+  p.add_argument('--patch-size', type=int, help='model patch size (select default 14)')
+  p.add_argument('--policy', help='frame policy: paper, first_frame, zero, zero_first')
+  p.add_argument('--preset', help='release_train, release_probe or release_llava')
+  p.add_argument('--geometry', help='crop (default) or letterbox')
   p.add_argument('--options', help='more select() keyword arguments as a JSON object')
   p.add_argument('--selector', help='module:function instead of data_pipeline.codec:select')
   p.add_argument('--cols', type=int, default=8, help='frames per row of the grid')
@@ -152,7 +157,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   from data_pipeline.precompute import picture_type_codes, read_record
-  from data_pipeline.video import decode_frames
+  from data_pipeline.codec.geometry import decode_canvas
+  from data_pipeline.codec.release import PRESETS
 
   try:
     options = json.loads(args.options) if args.options else {}
@@ -168,11 +174,14 @@ def main(argv=None) -> int:
       return 2
     run_options, run_selector = _run_settings(args.source)
     options, selector = {**run_options, **options}, selector or run_selector
-  for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy'):
+  for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy', 'preset',
+               'geometry'):
     if getattr(args, flag) is not None:
       options[flag] = getattr(args, flag)
   resolution = int(options.get('resolution', 224))
   patch_size = int(options.get('patch_size', 14))
+  geometry = options.get('geometry') or PRESETS.get(options.get('preset'), {}).get('geometry',
+                                                                                 'crop')
 
   try:
     if record is None:
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
           # Not stored: the selection is deterministic, so re-running it gives the same map.
           scores = np.asarray(_select(video, selector, options).scores)
         scores = np.asarray(scores, np.float32)
-    frames = decode_frames(video, frame_ids, resolution)
+    frames = decode_canvas(video, frame_ids, resolution, geometry)
   except ValueError as e:  # VideoError (a bad file) or options the selector refuses
     print(f'visualize_selection: {e}', file=sys.stderr)
     return 2

@@ -1,15 +1,20 @@
-"""Codec patch selection (SPEC 2): which patches of a clip carry motion and prediction residual.
+"""Codec patch selection (docs/spec.md §2): which patches of a clip carry motion and prediction
+residual.
 
 Contract:
 
   from data_pipeline import codec
   sel = codec.select(video, num_frames=64, budget=2048, resolution=224, patch_size=14,
-                     **options)          # video: a path or the bytes of a file
+                     preset=None, **options)   # video: a path or the bytes of a file
   sel.frame_ids      int32 [T]     source frames of the T timeline positions
   sel.positions      int32 [K, 3]  (t, h, w) of the K = budget selected patches, sorted
   sel.picture_types  uint8 [T]     codes into records.PICTURE_TYPES ('?', 'I', 'P', 'B')
   sel.scores         float32 [T, Hp, Wp]
   sel.record_fields()              the clip-record fields of data_pipeline.records
+
+`preset` ('release_train', 'release_probe', 'release_llava') starts from the values of that
+release pipeline (`release.PRESETS`); explicit options win. `geometry='letterbox'` puts positions
+on the square canvas of a letterboxed frame (`geometry`).
 
 Baselines with the same return type: `select_uniform_frames`, `select_random`. Options and their
 allowed values: `Options` (unknown names and bad values raise ValueError). Input that cannot be
@@ -18,14 +23,18 @@ on every run and every machine (no frame threads while vectors are exported, sin
 x264 for the transcode, ties broken by (t, h, w)).
 
 Modules: `bitstream` (PyAV reading, vectors, transcode), `maps` (motion/residual maps,
-normalisation, fusion, camera compensation, centre prior, model-grid scores), `selection`
-(policies, static fallback, top-K, baselines), `options`.
+normalisation, fusion, camera compensation, centre prior, model-grid scores), `release` (the
+release's maths and the presets), `geometry` (crop / letterbox canvas, resampling, canvas
+decoding), `selection` (policies, static fallback, top-K, baselines), `options`.
 """
+from data_pipeline.codec.geometry import GEOMETRIES, decode_canvas
 from data_pipeline.codec.options import (CAMERA_COMPENSATIONS, DEFAULT_GOP, FUSIONS, POLICIES,
                                          Options)
+from data_pipeline.codec.release import PRESETS
 from data_pipeline.codec.selection import (Selection, select, select_random,
                                            select_uniform_frames)
 from data_pipeline.video import VideoError
 
 __all__ = ['select', 'select_uniform_frames', 'select_random', 'Selection', 'Options',
-           'VideoError', 'POLICIES', 'FUSIONS', 'CAMERA_COMPENSATIONS', 'DEFAULT_GOP']
+           'VideoError', 'POLICIES', 'FUSIONS', 'CAMERA_COMPENSATIONS', 'DEFAULT_GOP', 'PRESETS',
+           'GEOMETRIES', 'decode_canvas']

@@ -1,7 +1,9 @@
-"""The options of `codec.select`, checked by name and value.
+"""The options of `codec.select`, checked by name and value, and the release presets.
 
 Defaults follow the paper where the paper and the release differ (policy 'paper'); the release's
 evaluation-path extras (camera compensation, centre prior, static fallback) are off by default.
+`select(..., preset='release_train' | 'release_probe' | 'release_llava')` starts from the values
+in `release.PRESETS` instead; options given explicitly win over the preset's.
 """
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-POLICIES = ('paper', 'first_frame', 'zero')
+from data_pipeline.codec.geometry import GEOMETRIES, RESAMPLES
+from data_pipeline.codec.release import PRESETS
+
+POLICIES = ('paper', 'first_frame', 'zero', 'zero_first')
 FUSIONS = ('mean', 'max', 'sum', 'geomean')
-CAMERA_COMPENSATIONS = ('none', 'median', 'similarity')
+CAMERA_COMPENSATIONS = ('none', 'median', 'mean', 'similarity', 'affine')
+MATHS = ('ove', 'release')
+STATIC_TESTS = ('ove', 'release')
 DEFAULT_GOP = 32
 
 
@@ -21,24 +28,48 @@ DEFAULT_GOP = 32
 class Options:
   """Every option of `select`; see the field comments for meaning and allowed values."""
   # Which frames are kept whole: 'paper' I-frames, 'first_frame' frame 0, 'zero' none (I-frame
-  # and first-frame scores set to 0, pure top-K).
+  # and first-frame scores set to 0, pure top-K), 'zero_first' none (only the first position's
+  # scores set to 0: the release's training data, which assumes only frame 0 is an I-frame).
   policy: str = 'paper'
+  # 'ove': vectors of both directions per frame of reference distance, coded cells only in the
+  # statistics. 'release': the release's maths (`release` module): list-0 vectors in pixels,
+  # uncoded cells as zero vectors, its compensation fits, fused map and centre prior clipped.
+  maths: str = 'ove'
   # How the normalised motion and residual maps combine: 'mean' (weighted), 'max', 'sum',
   # 'geomean'; the weights apply to all four.
   fusion: str = 'mean'
   motion_weight: float = 1.0
   residual_weight: float = 1.0
-  # Camera-motion compensation of the vectors: 'none', 'median' (per-frame median vector),
-  # 'similarity' (least-squares zoom/rotation/shift, 2 trimming passes keeping 70%).
+  # Camera-motion compensation of the vectors: 'none', 'median' / 'mean' (per-frame median /
+  # mean vector), 'similarity' (least-squares zoom/rotation/shift; 'ove': 2 trimming passes
+  # keeping 70% of the coded cells; 'release': the release's fit on moving vectors), 'affine'
+  # (six-parameter least squares, the release's fit).
   camera_compensation: str = 'none'
+  # 0, or an odd k >= 3: the motion score is the k x k local variance of the compensated
+  # magnitude (the release's MV "inconsistency") instead of the magnitude.
+  motion_inconsistency: int = 0
   # Centre prior strength s: fused * (1 + s * g). The release uses 0.3; 0 turns it off.
   center_prior: float = 0.0
+  center_sigma: float = 0.35           # the prior's sigma as a share of min(H, W)
+  # True: the fused map is stored as uint8 (floor(255 x)) and the canvas rounded to uint8
+  # before the patch sums, as the release's train and probe paths do.
+  quantise: bool = False
+  # How a map reaches the canvas: 'area' (exact area integral), 'linear' / 'cubic' (OpenCV's
+  # INTER_LINEAR / INTER_CUBIC resize, then patch sums: the release's LLaVA / probe paths).
+  resample: str = 'area'
+  # 'crop' (short side to resolution, centre crop) or 'letterbox' (long side to resolution,
+  # centred on a zero canvas; only patches wholly inside the picture are candidates).
+  geometry: str = 'crop'
   # Static fallback (SPEC 2.7): a clip whose scores are faint or flat keeps `static_frames`
   # uniformly spaced frames whole. With m the mean score of each patch location over the
   # scored frames (per pixel, so in [0, 1] for 'mean' fusion): static when p95(m) is below
   # `static_threshold` (0.03: a still synthetic clip gives ~0.02, moving objects 0.2-0.35), or
   # (p95 - p50) / p95 below `static_rel_threshold`.
+  # static_test 'release': m over all T x Hp x Wp patch means on the 0-255 scale, static when
+  # p95 < static_threshold, or p95 < 2 * static_threshold and rel < static_rel_threshold (the
+  # release's probe: 126 and 0.38).
   static_fallback: bool = False
+  static_test: str = 'ove'
   static_threshold: float = 0.03
   static_rel_threshold: float = 0.38
   static_frames: int = 4
@@ -55,12 +86,16 @@ class Options:
   allow_truncated: bool = False
 
   @classmethod
-  def from_kwargs(cls, options: dict[str, Any]) -> 'Options':
+  def from_kwargs(cls, options: dict[str, Any], preset: Optional[str] = None) -> 'Options':
+    """Options from keyword arguments, on top of `preset`'s values when one is named."""
     names = [f.name for f in dataclasses.fields(cls)]
     for key in options:
       if key not in names:
         raise ValueError(f'unknown option {key!r}; the options are: {", ".join(names)}')
-    values = dict(options)
+    if preset is not None and preset not in PRESETS:
+      raise ValueError(f'preset={preset!r}: allowed values are None, '
+                       f'{", ".join(repr(p) for p in PRESETS)}')
+    values = {**(PRESETS[preset] if preset else {}), **options}
     if values.get('camera_compensation', 'none') is None:
       values['camera_compensation'] = 'none'
     out = cls(**values)
@@ -71,6 +106,14 @@ class Options:
     _choice('policy', self.policy, POLICIES)
     _choice('fusion', self.fusion, FUSIONS)
     _choice('camera_compensation', self.camera_compensation, CAMERA_COMPENSATIONS)
+    _choice('maths', self.maths, MATHS)
+    _choice('resample', self.resample, RESAMPLES)
+    _choice('geometry', self.geometry, GEOMETRIES)
+    _choice('static_test', self.static_test, STATIC_TESTS)
+    _integer('motion_inconsistency', self.motion_inconsistency, '0 or an odd integer >= 3',
+             lambda v: v == 0 or (v >= 3 and v % 2 == 1))
+    _number('center_sigma', self.center_sigma, 'a number > 0', lambda v: v > 0)
+    _flag('quantise', self.quantise)
     _number('motion_weight', self.motion_weight, 'a number >= 0', lambda v: v >= 0)
     _number('residual_weight', self.residual_weight, 'a number >= 0', lambda v: v >= 0)
     if self.motion_weight + self.residual_weight <= 0:

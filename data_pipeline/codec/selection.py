@@ -32,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from data_pipeline.codec import bitstream, maps
+from data_pipeline.codec import bitstream, geometry, maps, release
 from data_pipeline.codec.options import DEFAULT_GOP, Options
 from data_pipeline.records import PICTURE_TYPES
 from data_pipeline.video import VideoError, VideoSource
@@ -100,13 +100,15 @@ def _check_grid(num_frames, budget, resolution, patch_size) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- codec selection
 
 def select(video: VideoSource, num_frames: int = 64, budget: int = 2048, resolution: int = 224,
-           patch_size: int = 14, **options) -> Selection:
-  """Codec patch selection of one clip (SPEC 2); see `Options` for the options.
+           patch_size: int = 14, preset: Optional[str] = None, **options) -> Selection:
+  """Codec patch selection of one clip (docs/spec.md §2); see `Options` for the options.
 
-  `video` is a path or the bytes of a file. Raises VideoError (naming the file and the reason)
-  for input that cannot be used, ValueError for unknown options or bad values.
+  `video` is a path or the bytes of a file. `preset` ('release_train', 'release_probe',
+  'release_llava') starts from the release pipeline's values (`release.PRESETS`); options given
+  here win over them. Raises VideoError (naming the file and the reason) for input that cannot
+  be used, ValueError for unknown options or bad values.
   """
-  opts = Options.from_kwargs(options)
+  opts = Options.from_kwargs(options, preset)
   hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
   start = time.perf_counter()
   info = bitstream.probe(video)
@@ -131,8 +133,14 @@ def select(video: VideoSource, num_frames: int = 64, budget: int = 2048, resolut
     analysis.truncated = True
 
   tick = time.perf_counter()
-  positions, whole, fallback = choose(analysis.scores, analysis.kinds, analysis.repeats, budget,
-                                      opts, patch_size)
+  valid = geometry.valid_patches(info.height, info.width, resolution, patch_size, opts.geometry)
+  try:
+    positions, whole, fallback = choose(analysis.scores, analysis.kinds, analysis.repeats,
+                                        budget, opts, patch_size, valid)
+  except ValueError as e:
+    raise VideoError(f'{info.name}: {e}: the {info.width}x{info.height} picture covers '
+                     f'{int(valid.sum())} of the {hp * wp} patches of the {resolution} '
+                     f'{opts.geometry}; lower the budget or use geometry=crop') from e
   timings['select'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
   return Selection(
@@ -191,29 +199,18 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
 
   decoded = bitstream.Decoded()
   per_frame: dict[int, tuple] = {}
-  integrators: dict[tuple, tuple] = {}
-  priors: dict[tuple, np.ndarray] = {}
+  scorer = Scorer(opts, resolution, patch_size, step)
   vectors_past = vectors_future = 0
   map_seconds = 0.0
   try:
     for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
       map_tick = time.perf_counter()
-      raw = maps.frame_maps(frame, past, future, opts.camera_compensation, step)
+      raw = maps.frame_maps(frame, past, future, opts.camera_compensation, step, opts.maths,
+                            opts.motion_inconsistency)
       vectors_past += raw.vectors_past
       vectors_future += raw.vectors_future
-      fused_HxW = maps.fuse(maps.normalise(raw.motion_HxW, maps.MOTION_FLOOR),
-                            maps.normalise(raw.residual_HxW, maps.RESIDUAL_FLOOR),
-                            opts.fusion, opts.motion_weight, opts.residual_weight)
-      shape = fused_HxW.shape
-      if opts.center_prior > 0:
-        if shape not in priors:
-          priors[shape] = maps.center_prior(*shape, opts.center_prior)
-        fused_HxW = fused_HxW * priors[shape]
-      coded = (frame.height, frame.width)
-      if coded not in integrators:
-        integrators[coded] = maps.patch_integrators(*coded, resolution, patch_size, step)
       source_id = int(distinct[frame.index]) if transcoded else frame.index
-      per_frame[source_id] = (maps.to_patches(fused_HxW, integrators[coded]), frame.kind)
+      per_frame[source_id] = (scorer(raw, frame.height, frame.width), frame.kind)
       map_seconds += time.perf_counter() - map_tick
   finally:
     if container is not None:
@@ -240,9 +237,67 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
                    decoded.count, [], decoded.error, vectors_past, vectors_future)
 
 
+class Scorer:
+  """Raw per-frame maps -> model-grid scores [Hp, Wp] under one clip's options (docs/spec.md
+  §2.5-§2.6): normalise, fuse, centre prior, then onto the canvas. Caches the prior and the
+  canvas matrices per frame size."""
+
+  def __init__(self, opts: Options, resolution: int, patch_size: int, step: int):
+    self.opts, self.resolution, self.patch_size, self.step = opts, resolution, patch_size, step
+    self._priors: dict[tuple, np.ndarray] = {}
+    self._matrices: dict[tuple, tuple] = {}
+
+  def fused(self, raw: maps.FrameMaps) -> np.ndarray:
+    opts = self.opts
+    fused_HxW = maps.fuse(maps.normalise(raw.motion_HxW, maps.MOTION_FLOOR),
+                          maps.normalise(raw.residual_HxW, maps.RESIDUAL_FLOOR),
+                          opts.fusion, opts.motion_weight, opts.residual_weight)
+    if opts.maths == 'release':
+      fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
+    if opts.center_prior > 0:
+      shape = fused_HxW.shape
+      if shape not in self._priors:
+        self._priors[shape] = maps.center_prior(*shape, opts.center_prior, opts.center_sigma,
+                                                opts.maths)
+      fused_HxW = fused_HxW * self._priors[shape]
+      if opts.maths == 'release':
+        fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
+    return release.quantise(fused_HxW) if opts.quantise else fused_HxW
+
+  def canvas_sums(self, fused_HxW: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resample onto the canvas (rounded to uint8 levels with `quantise`), then patch sums."""
+    key = ('canvas', height, width)
+    if key not in self._matrices:
+      self._matrices[key] = geometry.canvas_matrices(height, width, self.resolution,
+                                                     self.opts.geometry, self.opts.resample,
+                                                     self.step)
+    ry, rx = self._matrices[key]
+    canvas_RxR = ry @ fused_HxW.astype(np.float32) @ rx.T
+    if self.opts.quantise:
+      canvas_RxR = np.clip(np.rint(canvas_RxR * 255.0), 0, 255) / 255.0
+    side, ps = self.resolution // self.patch_size, self.patch_size
+    return canvas_RxR.reshape(side, ps, side, ps).sum(axis=(1, 3), dtype=np.float64
+                                                      ).astype(np.float32)
+
+  def __call__(self, raw: maps.FrameMaps, height: int, width: int) -> np.ndarray:
+    fused_HxW = self.fused(raw)
+    if self.opts.resample != 'area' or self.opts.quantise:
+      return self.canvas_sums(fused_HxW, height, width)
+    key = ('area', height, width)
+    if key not in self._matrices:
+      self._matrices[key] = tuple(maps.Band.of(m) for m in maps.patch_integrators(
+          height, width, self.resolution, self.patch_size, self.step, self.opts.geometry))
+    return maps.to_patches_banded(fused_HxW, self._matrices[key])
+
+
 def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budget: int,
-           opts: Options, patch_size: int) -> tuple[np.ndarray, np.ndarray, bool]:
-  """Frame policy, static fallback, global top-K: (positions [K, 3], whole frames, fallback)."""
+           opts: Options, patch_size: int, valid_HpxWp: Optional[np.ndarray] = None
+           ) -> tuple[np.ndarray, np.ndarray, bool]:
+  """Frame policy, static fallback, global top-K: (positions [K, 3], whole frames, fallback).
+
+  Only patches marked in `valid_HpxWp` (the letterbox's picture; default all) are candidates:
+  the first frame, when kept whole, is taken whole, padding included (the release's LLaVA
+  layout: a full first image); any later whole frame is its picture's patches."""
   num_frames, hp, wp = scores_TxHpxWp.shape
   per_frame = hp * wp
   rank_TxHpxWp = scores_TxHpxWp.copy()
@@ -252,14 +307,18 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
     whole = list(np.flatnonzero(is_intra))
   elif opts.policy == 'first_frame':
     whole = [0]
-  else:  # 'zero'
+  else:  # 'zero' / 'zero_first'
     whole = []
-    zeroed = is_intra.copy()
+    zeroed = is_intra.copy() if opts.policy == 'zero' else np.zeros(num_frames, bool)
     zeroed[0] = True
     rank_TxHpxWp[zeroed] = 0
 
   fallback = False
-  if opts.static_fallback:
+  if opts.static_fallback and opts.static_test == 'release':
+    # All T x Hp x Wp patch means on the 0-255 scale, zeroed frames included, as the release.
+    fallback = is_static_release(rank_TxHpxWp.reshape(-1) * 255.0 / patch_size**2,
+                                 opts.static_threshold, opts.static_rel_threshold)
+  elif opts.static_fallback:
     judged = ~repeats_T & ~zeroed
     judged[whole] = False
     # m: each patch location's mean score over the judged frames, per pixel (fused units).
@@ -267,9 +326,9 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
                   else np.zeros((0,)))
     fallback = is_static(mean_HpxWp.reshape(-1), opts.static_threshold,
                          opts.static_rel_threshold)
-    if fallback:
-      spread = np.floor(np.linspace(0, num_frames - 1, min(opts.static_frames, num_frames)))
-      whole = sorted(set(int(t) for t in whole) | set(int(t) for t in spread))
+  if fallback:
+    spread = np.floor(np.linspace(0, num_frames - 1, min(opts.static_frames, num_frames)))
+    whole = sorted(set(int(t) for t in whole) | set(int(t) for t in spread))
 
   whole = np.array(sorted(int(t) for t in whole), np.int64)
   room = budget // per_frame
@@ -278,9 +337,17 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
     whole = whole[np.floor(np.linspace(0, whole.size - 1, room)).astype(np.int64)]
   chosen_TxHpxWp = np.zeros(scores_TxHpxWp.shape, bool)
   chosen_TxHpxWp[whole] = True
-  rest = budget - whole.size * per_frame
+  if valid_HpxWp is not None:
+    chosen_TxHpxWp[whole[whole > 0]] &= valid_HpxWp
+  rest = budget - int(chosen_TxHpxWp.sum())
   if rest:
-    candidates = np.flatnonzero(~chosen_TxHpxWp.reshape(-1))
+    open_TxHpxWp = ~chosen_TxHpxWp
+    if valid_HpxWp is not None:
+      open_TxHpxWp &= valid_HpxWp[None]
+    candidates = np.flatnonzero(open_TxHpxWp.reshape(-1))
+    if candidates.size < rest:
+      raise ValueError(f'budget={budget} exceeds the {candidates.size + budget - rest} patches '
+                       f'that can be selected (whole frames and patches inside the picture)')
     order = np.argsort(-rank_TxHpxWp.reshape(-1)[candidates], kind='stable')
     chosen_TxHpxWp.reshape(-1)[candidates[order[:rest]]] = True
   positions = np.argwhere(chosen_TxHpxWp).astype(np.int32)   # row-major: sorted by (t, h, w)
@@ -296,6 +363,15 @@ def is_static(mean_scores: np.ndarray, threshold: float, rel_threshold: float) -
   if p95 < threshold or p95 <= 0:
     return True
   return (p95 - p50) / p95 < rel_threshold
+
+
+def is_static_release(patch_means: np.ndarray, threshold: float, rel_threshold: float) -> bool:
+  """The release probe's static test on patch means m (0-255 scale): p95 < threshold, or
+  p95 < 2 * threshold and (p95 - p50) / max(p95, 1e-6) < rel_threshold."""
+  p95 = float(np.percentile(patch_means, 95.0))
+  p50 = float(np.percentile(patch_means, 50.0))
+  rel = (p95 - p50) / max(p95, 1e-6)
+  return p95 < threshold or (p95 < 2.0 * threshold and rel < rel_threshold)
 
 
 # ----------------------------------------------------------------------------- baselines

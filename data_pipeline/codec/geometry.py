@@ -1,0 +1,178 @@
+"""Where a source frame lands on the model's square canvas, and the matrices that take a map there.
+
+Two geometries (docs/spec.md §2.3 leaves the resize open; the release uses both):
+
+  'crop'       short side resized to `resolution`, centre crop (the release's pretraining and
+               attentive-probe inputs; `video.crop_box`).
+  'letterbox'  long side resized to `resolution`, the picture centred on a zero canvas (the
+               release's LLaVA path, `llava_next/Compressed_Video_Reader/tool/stage1.py`):
+               scale = R / max(H, W), picture round(H * scale) x round(W * scale) at
+               ((R - h) // 2, (R - w) // 2). Only patches wholly inside the picture are
+               candidates (`valid_patches`); positions stay on the square canvas grid.
+
+A map at the analysis resolution (one value per step x step source pixels) reaches the canvas
+through one matrix per axis, `canvas_matrices`: row c of Ry holds the weights of the map rows
+for canvas row c (zero rows on padding). 'area' weights are exact pixel-area overlaps (the
+patch sums of today's `maps.patch_integrators`), 'linear' and 'cubic' are OpenCV's INTER_LINEAR
+and INTER_CUBIC resampling (half-pixel centres, replicated edges, no antialiasing), which is how
+the release resizes its fused maps before summing patches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from data_pipeline import video as video_lib
+from data_pipeline.video import VideoError, VideoSource, crop_box, describe, open_video
+
+GEOMETRIES = ('crop', 'letterbox')
+RESAMPLES = ('area', 'linear', 'cubic')
+CUBIC_A = -0.75          # OpenCV's bicubic coefficient
+
+
+@dataclasses.dataclass(frozen=True)
+class Canvas:
+  """The picture resized to new_h x new_w, its top-left corner at (top, left) of the canvas
+  (negative for a crop: the canvas starts inside the picture)."""
+  resolution: int
+  new_h: int
+  new_w: int
+  top: int
+  left: int
+
+
+def canvas(height: int, width: int, resolution: int, geometry: str = 'crop') -> Canvas:
+  if geometry == 'crop':
+    _, new_h, new_w, top, left = crop_box(height, width, resolution)
+    return Canvas(resolution, new_h, new_w, -top, -left)
+  if geometry == 'letterbox':
+    scale = resolution / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return Canvas(resolution, new_h, new_w, (resolution - new_h) // 2, (resolution - new_w) // 2)
+  raise ValueError(f'geometry={geometry!r}: allowed values are {", ".join(GEOMETRIES)}')
+
+
+def valid_patches(height: int, width: int, resolution: int, patch_size: int,
+                  geometry: str = 'crop') -> np.ndarray:
+  """bool [Hp, Wp]: patches wholly inside the picture (all of them for a crop)."""
+  box = canvas(height, width, resolution, geometry)
+  edges = np.arange(resolution // patch_size + 1) * patch_size
+  def axis(start: int, size: int) -> np.ndarray:
+    return (edges[:-1] >= start) & (edges[1:] <= start + size)
+  return axis(box.top, box.new_h)[:, None] & axis(box.left, box.new_w)[None, :]
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+  x = np.abs(x)
+  a = CUBIC_A
+  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+def resize_matrix(size: int, new_size: int, kind: str, step: int = 1) -> np.ndarray:
+  """float64 [new_size, size // step]: resized row r as weights of the map rows.
+
+  The map has one row per `step` source rows (map row y covers source [y*step, (y+1)*step)).
+  'area' averages the source interval of each resized row exactly; 'linear' / 'cubic' sample at
+  OpenCV's source coordinate (r + 0.5) * size / new_size - 0.5, in map rows.
+  """
+  rows = size // step
+  out = np.zeros((new_size, rows))
+  if kind == 'area':
+    lo = np.arange(new_size)[:, None] * size / new_size
+    hi = lo + size / new_size
+    pixel = np.arange(rows)[None, :] * step
+    overlap = np.clip(np.minimum(pixel + step, hi) - np.maximum(pixel, lo), 0, None)
+    return overlap / np.maximum(overlap.sum(axis=1, keepdims=True), 1e-12)
+  src = ((np.arange(new_size) + 0.5) * size / new_size - 0.5 - (step - 1) / 2) / step
+  base = np.floor(src).astype(np.int64)
+  frac = src - base
+  r = np.arange(new_size)
+  if kind == 'linear':
+    # OpenCV clamps the coordinate into the image before interpolating.
+    below, above = src < 0, base >= rows - 1
+    base = np.where(below, 0, np.where(above, rows - 1, base))
+    frac = np.where(below | above, 0.0, frac)
+    np.add.at(out, (r, base), 1 - frac)
+    np.add.at(out, (r, np.minimum(base + 1, rows - 1)), frac)
+    return out
+  if kind == 'cubic':
+    for k in (-1, 0, 1, 2):
+      np.add.at(out, (r, np.clip(base + k, 0, rows - 1)), _cubic(frac - k))
+    return out
+  raise ValueError(f'resample={kind!r}: allowed values are {", ".join(RESAMPLES)}')
+
+
+def canvas_matrices(height: int, width: int, resolution: int, geometry: str, kind: str,
+                    step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(Ry [R, H//step], Rx [R, W//step]) float32: canvas = Ry @ map @ Rx.T (zeros on padding)."""
+  box = canvas(height, width, resolution, geometry)
+  def axis(size: int, new_size: int, start: int) -> np.ndarray:
+    resized = resize_matrix(size, new_size, kind, step)
+    out = np.zeros((resolution, resized.shape[1]))
+    lo, hi = max(start, 0), min(start + new_size, resolution)
+    out[lo:hi] = resized[lo - start:hi - start]
+    return out.astype(np.float32)
+  return axis(height, box.new_h, box.top), axis(width, box.new_w, box.left)
+
+
+def patch_integrators(height: int, width: int, resolution: int, patch_size: int,
+                      geometry: str = 'crop', step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """(Ay [Hp, H//step], Ax [Wp, W//step]): `Ay @ map @ Ax.T` is the map's exact area integral
+  over each model patch in canvas-pixel units (a map of ones gives patch_size**2 on patches
+  inside the picture, 0 on padding).
+
+  Patch row p covers canvas rows [p*ps, (p+1)*ps), that is source rows
+  [(p*ps - top) / sy, ((p+1)*ps - top) / sy) clipped to the picture; Ay[p, y] is the overlap of
+  map row y (source rows [y*step, (y+1)*step)) with it, times sy.
+  """
+  box = canvas(height, width, resolution, geometry)
+  def axis(size: int, new_size: int, start: int) -> np.ndarray:
+    scale = new_size / size
+    edges = (np.arange(resolution // patch_size + 1) * patch_size - start) / scale
+    lo, hi = edges[:-1, None], edges[1:, None]
+    pixel = np.arange(size // step)[None, :] * step
+    overlap = np.clip(np.minimum(pixel + step, hi) - np.maximum(pixel, lo), 0, None)
+    return (overlap * scale).astype(np.float32)
+  return axis(height, box.new_h, box.top), axis(width, box.new_w, box.left)
+
+
+def letterbox_frame(frame, resolution: int) -> np.ndarray:
+  """RGB uint8 [R, R, 3] of a decoded av frame: long side to R (bicubic, as the crop path
+  resizes), centred on black."""
+  box = canvas(frame.height, frame.width, resolution, 'letterbox')
+  rgb = frame.reformat(width=box.new_w, height=box.new_h, format='rgb24',
+                       interpolation='BICUBIC').to_ndarray()
+  out = np.zeros((resolution, resolution, 3), np.uint8)
+  out[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = rgb
+  return out
+
+
+def decode_canvas(video: VideoSource, frame_ids: Sequence[int], resolution: int = 224,
+                  geometry: str = 'crop') -> np.ndarray:
+  """RGB uint8 [len(frame_ids), R, R, 3] of the given frames in `geometry`; ids past the end of
+  the stream get its last frame (as `video.decode_frames`, which serves 'crop')."""
+  if geometry == 'crop':
+    return video_lib.decode_frames(video, frame_ids, resolution)
+  canvas(1, 1, resolution, geometry)   # checks the name
+  ids = [int(i) for i in np.asarray(frame_ids, np.int64).reshape(-1)]
+  wanted, last_wanted = set(ids), max(ids)
+  got: dict[int, np.ndarray] = {}
+  frame, index = None, -1
+  container = open_video(video)
+  try:
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'
+    for index, frame in enumerate(container.decode(stream)):
+      if index in wanted:
+        got[index] = letterbox_frame(frame, resolution)
+      if index >= last_wanted:
+        break
+  finally:
+    container.close()
+  if frame is None:
+    raise VideoError(f'{describe(video)}: the video stream has no decodable frames')
+  tail = got[index] if index in got else letterbox_frame(frame, resolution)
+  return np.stack([got.get(i, tail) for i in ids])
