@@ -160,7 +160,8 @@ def expand(spec: str) -> list[Point]:
   for point in points:
     if point.name in seen:
       raise config_lib.ConfigError(
-          f'{path}: two sweep points are both named {point.name!r} ({dict(seen[point.name].overrides)}'
+          f'{path}: two sweep points are both named {point.name!r} '
+          f'({dict(seen[point.name].overrides)}'
           f' and {dict(point.overrides)}); give them labels that differ')
     seen[point.name] = point
   return points

@@ -88,7 +88,8 @@ def snapshots(path: str, variants, stem: str | None = None) -> dict[str, str]:
       for point in sweeps.expand(spec):
         args = ' '.join(f'--config.{a}' for a in point.override_args())
         out[f'{base}--{point.name}.txt'] = render(
-            sweeps.point_config(spec, point), f'{shown}:{variant} sweep point {point.name} ({args})')
+            sweeps.point_config(spec, point),
+            f'{shown}:{variant} sweep point {point.name} ({args})')
   return out
 
 
