@@ -1,6 +1,6 @@
 """ove_jax/sweeps.py and ove-sweep: expansion and names, printed commands, job array files, and a
-real two-run sweep (one run fails in the trainer, the other trains 2 steps) that is re-run to show finished
-runs are skipped and failures recorded."""
+real two-run sweep (one run fails in the trainer, the other trains 2 steps) that is re-run to
+show finished runs are skipped and failures recorded."""
 import csv
 import json
 import os
