@@ -331,7 +331,8 @@ def report_lines(r: Mapping[str, Any], spec: str) -> list[str]:
                  f'another dimension of the model): {", ".join(r["batch_by_classes_unchecked"])}')
   if r['batch_by_classes_buffer']:
     lines.append('batch x classes buffers FOUND (a head\'s logits over all its classes): '
-                 + '; '.join(f'{k}: {", ".join(v)}' for k, v in r['batch_by_classes_shapes'].items()))
+                 + '; '.join(f'{k}: {", ".join(v)}'
+                             for k, v in r['batch_by_classes_shapes'].items()))
   elif len(r['batch_by_classes_unchecked']) < len(r['heads']):
     lines.append('no batch x classes buffer on any device (class dimension sharded)')
   lines.append(f'analytic FLOPs per step (for MFU): {r["flops_per_step"]:.4g} '

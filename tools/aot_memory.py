@@ -1,10 +1,10 @@
 """Ahead-of-time memory check: compile an experiment's train step for a target mesh, run nothing.
 
 Out-of-memory errors on a 256-accelerator run should be found before the accelerators are
-rented. This command (over `ove_jax.memory`) builds the trainer's `Program` for the experiment on N virtual CPU devices,
-lowers and compiles its train step from abstract inputs (`jax.ShapeDtypeStruct` with the
-state's and batch's shardings: no parameter, optimiser state or batch is ever allocated), and
-prints what one device would hold:
+rented. This command (over `ove_jax.memory`) builds the trainer's `Program` for the experiment
+on N virtual CPU devices, lowers and compiles its train step from abstract inputs
+(`jax.ShapeDtypeStruct` with the state's and batch's shardings: no parameter, optimiser state
+or batch is ever allocated), and prints what one device would hold:
 
   params      the device's shard of the float32 master weights (from the param shardings)
   optimizer   its shard of the AdamW moments (and the optimiser's small counters)
