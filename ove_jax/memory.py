@@ -4,15 +4,9 @@ Out-of-memory errors on a 256-accelerator run should be found before the acceler
 rented. `analyse(config, num_devices)` builds the trainer's `Program` for the experiment on N
 virtual CPU devices (or this machine's own accelerators), lowers and compiles its train step from
 abstract inputs (`jax.ShapeDtypeStruct` with the state's and batch's shardings: no parameter,
-optimiser state or batch is ever allocated), and reports what one device would hold:
-
-  params      the device's shard of the float32 master weights (from the param shardings)
-  optimizer   its shard of the AdamW moments (and the optimiser's small counters)
-  batch       its share of one step's batch (all accumulated micro-batches, every head)
-  temp        XLA's temporaries of the step: activations kept for the backward pass, gradients,
-              the loss's sampled logits, collective buffers (`compiled.memory_analysis()`)
-  total       arguments + outputs - aliased (the donated state) + temporaries: the step's peak
-
+optimiser state or batch is ever allocated), and reports what one device would hold: its
+shard of the float32 parameters and of the optimiser state, its share of one step's batch,
+XLA's temporaries of the step and the total (arguments + outputs - donated + temporaries),
 with whether the total fits an H100 (80 GB), an H200 (141 GB), a TPU v5p (95 GB) or a given
 size, the analytic FLOPs per step the trainer uses for MFU, the compile time, and a check of the
 compiled per-device program: no buffer of (batch x classes) for any head, since the class
@@ -166,11 +160,13 @@ def cpu_devices(n: int) -> list:
   """N virtual CPU devices. Set before JAX's backend starts; when it has already started (a
   test, or a caller that used JAX), the first N of the devices it has."""
   import jax
+  from ove_jax import distributed
   try:
-    jax.config.update('jax_num_cpu_devices', n)   # raises once the backend is up
-    jax.config.update('jax_platforms', 'cpu')
-  except RuntimeError:   # the backend is up: its devices are fixed
+    distributed.use_cpu_devices(n, caller='ove-aot-memory --devices')
+  except RuntimeError:   # the backend is up with another count: its devices are fixed
     pass
+  else:
+    jax.config.update('jax_platforms', 'cpu')   # no effect once the backend is up
   devices = jax.devices()
   if len(devices) < n:
     raise PlanError(f'--devices={n}: this process already started JAX with {len(devices)} '
