@@ -1,25 +1,49 @@
-"""Checkpoints of our own: plain nested dicts of arrays written with orbax.
+"""Checkpoints on disk: the one module that knows their layout.
 
-A parameter directory holds `params/` (an orbax PyTree checkpoint of the encoder's parameters as
-a nested dict with string keys, e.g. params['blocks']['0']['mlp']['fc1']['kernel']) and
-`encoder_config.json` (the EncoderConfig fields). Plain dicts, not module objects, so that
-refactoring a module never breaks a checkpoint. The trainer's checkpoints (train state, data
-iterator, step) build on this layout.
+Two kinds of directory:
+
+- A training run's checkpoints, `<workdir>/checkpoints/<step>/`, written by orbax's
+  CheckpointManager with three items: `state` (params, optimiser state and step as nested dicts
+  of arrays), `data` (each process's input-iterator position) and `meta` (the run's config,
+  encoder config, process count and mesh). Every read goes through orbax's own API (its step
+  listing, its metadata, partial restore): nothing here knows orbax's file names.
+- A parameter directory, `params/` (an orbax PyTree of the encoder's parameters as a nested dict
+  with string keys, e.g. params['blocks']['0']['mlp']['fc1']['kernel']) and
+  `encoder_config.json`, made by `save_params`.
+
+Plain dicts, not module objects, so that refactoring a module never breaks a checkpoint.
+Exporting an encoder reads only its parameters (`restore_params`): the optimiser's moments, twice
+the parameters' size, are never read (docs/spec.md §7 gives the checkpoint format).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ove_jax.models.encoder import EncoderConfig
+from data_pipeline import fileio
+from ove_jax import sharding
+from ove_jax.models.encoder import PRESETS, Encoder, EncoderConfig
 
 PARAMS_DIR, CONFIG_FILE = 'params', 'encoder_config.json'
+CHECKPOINT_DIR = 'checkpoints'             # of a training workdir
+STATE, DATA, META = 'state', 'data', 'meta'  # the items of a training checkpoint step
+ENCODER = ('params', 'encoder')            # where the encoder sits in the train state
 
+ACCEPTED = (f'a training workdir, its {CHECKPOINT_DIR} folder or one step folder; a '
+            'release-format (Hugging Face) directory with config.json and model.safetensors; an ove_jax '
+            f'parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> with a '
+            f'preset of {sorted(PRESETS)}')
+
+
+# ------------------------------------------------------------------------------------------------
+# Nested dicts
+# ------------------------------------------------------------------------------------------------
 
 def nest(flat: dict[tuple, np.ndarray], key=str) -> dict:
   """{('blocks', 0, 'mlp', 'fc1', 'kernel'): a} -> {'blocks': {'0': {...}}}: string keys, or keys
@@ -45,6 +69,10 @@ def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
   return flat
 
 
+# ------------------------------------------------------------------------------------------------
+# Parameter directories
+# ------------------------------------------------------------------------------------------------
+
 def save_params(directory: str, cfg: EncoderConfig, params: dict[tuple, np.ndarray]) -> str:
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -52,8 +80,7 @@ def save_params(directory: str, cfg: EncoderConfig, params: dict[tuple, np.ndarr
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(target, nest({k: np.asarray(v) for k, v in params.items()}), force=True)
   checkpointer.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
+  fileio.write_json(os.path.join(directory, CONFIG_FILE), dataclasses.asdict(cfg))
   return directory
 
 
@@ -71,8 +98,276 @@ def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]
   config_path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{config_path} is missing; {directory} is not an ove_jax parameter '
-                            'directory (made by save_params or tools/convert_checkpoint.py)')
+                            'directory (made by save_params or ove-convert from-hf)')
   with open(config_path) as f:
     cfg = encoder_config(json.load(f), config_path)
   tree = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR))
   return cfg, {k: np.asarray(jax.device_get(v)) for k, v in flatten(tree).items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# A training run's checkpoints: managers, steps, meta
+# ------------------------------------------------------------------------------------------------
+
+def root_of(workdir: str) -> str:
+  """The checkpoints folder of a training workdir."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def open_manager(root: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
+                 create: bool = False, asynchronous: bool = False) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager on a checkpoints folder: for writing (the trainer: `create`,
+  `asynchronous`, retention) or for reading (the defaults). A reading manager knows the handler
+  of every item, so that asking for a step's metadata reads it without orbax warning about items
+  it cannot interpret."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, keep_period=keep_period, create=create,
+      enable_async_checkpointing=asynchronous)
+  handlers = None
+  if not create:
+    import grain
+    handlers = {STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+                DATA: grain.checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
+
+
+def _steps_in(root: str) -> list[int]:
+  if not os.path.isdir(root):
+    return []
+  return sorted(open_manager(root).all_steps())
+
+
+def list_steps(workdir: str) -> list[int]:
+  """The committed checkpoint steps of a training workdir (or of its checkpoints folder), in
+  order, as orbax lists them: a step still being written, or cut short, is not among them."""
+  for root in (root_of(workdir), os.path.abspath(workdir)):
+    steps = _steps_in(root)
+    if steps:
+      return steps
+  return []
+
+
+TRAINING = (f'a training workdir (<workdir>/{CHECKPOINT_DIR}/<step>), its checkpoints folder or '
+            'one step folder')
+
+
+def locate(path: str, step: int | None = None, *, accepted: str = TRAINING) -> tuple[str, int]:
+  """(checkpoints folder, step) for a training workdir, its checkpoints folder or one step
+  folder; `step` picks one of a folder's steps (default: the latest). `accepted` is what the
+  error says a caller takes when `path` is none of them."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: no such directory; expected {accepted}')
+  for root in (root_of(path), path):
+    steps = _steps_in(root)
+    if steps:
+      if step is None:
+        return root, steps[-1]
+      if step not in steps:
+        raise FileNotFoundError(f'{path}: no checkpoint of step {step}; {root} has steps {steps}')
+      return root, step
+  parent, name = os.path.split(path)
+  names = ocp.step.standard_name_format()
+  found = [s for s in _steps_in(parent) if names.build_name(s) == name]
+  if found and step in (None, found[0]):
+    return parent, found[0]
+  if found:
+    raise FileNotFoundError(f'{path} is the checkpoint of step {found[0]}, not of step {step}')
+  raise FileNotFoundError(f'{path}: no committed training checkpoint there; expected {accepted}')
+
+
+def read_meta(path: str, step: int | None = None) -> dict:
+  """The `meta` item of a checkpoint step (config, encoder config, process count, mesh), read
+  through orbax; `path` is a workdir, its checkpoints folder or a step folder. {} for a step
+  written without one."""
+  root, step = locate(path, step)
+  return _meta(open_manager(root), step)
+
+
+def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  if META not in manager.metadata(step).item_metadata.keys():
+    return {}
+  return dict(manager.restore(step, args=ocp.args.Composite(
+      **{META: ocp.args.JsonRestore()}))[META])
+
+
+class Position:
+  """An input position (`iterator.get_state()`, as JSON) in the form Grain's orbax handler saves."""
+
+  def __init__(self, state_json: str):
+    self._json = state_json
+
+  def get_state(self) -> bytes:
+    return self._json.encode()
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, position: str,
+         meta: Mapping[str, Any]) -> None:
+  """Saves step `step` (asynchronously with a trainer's manager): the train state, this
+  process's input position after the step's batches (JSON) and the run's meta."""
+  import grain
+  manager.save(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(state),
+      DATA: grain.checkpoint.CheckpointSave(Position(position)),
+      META: ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=list)))}))
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, iterator):
+  """The whole train state at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
+  shardings: any mesh shape), and the input iterator moved to where it was: for resuming."""
+  import grain
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(abstract_state),
+      DATA: grain.checkpoint.CheckpointRestore(iterator)}))
+  return restored[STATE]
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters only
+# ------------------------------------------------------------------------------------------------
+
+def _child(node, key, where: str):
+  """node[key] for a key that may be saved as a string ('0') and asked for as an int (0)."""
+  for k in (key, str(key)):
+    if isinstance(node, Mapping) and k in node:
+      return node[k]
+  have = sorted(map(str, node)) if isinstance(node, Mapping) else []
+  raise ValueError(f'{where}: no {key!r} in the checkpoint (it has {have})')
+
+
+def restore_params(path: str, step: int | None = None, *,
+                   subtree: Sequence[str] = ENCODER, target=None) -> tuple[Any, dict, int]:
+  """(a part of the parameters, the run's meta, step) of a training checkpoint.
+
+  Only the leaves under `subtree` of the train state are read, with orbax's partial restore
+  (e.g. ('params', 'encoder'), ('params', 'heads', 'video') or ('params',)): never the optimiser
+  state. With `target` (the subtree as jax.ShapeDtypeStructs with shardings, keys as
+  nnx.to_pure_dict makes them) the arrays are restored straight onto those shardings, whatever
+  mesh wrote them; without it, onto the host as numpy arrays keyed as saved (strings).
+  `path` is a training workdir, its checkpoints folder or one step folder.
+  """
+  root, step = locate(path, step)
+  manager = open_manager(root)
+  where = f'{root} step {step}'
+  node = manager.metadata(step).item_metadata[STATE]
+  node = getattr(node, 'tree', node)
+  for key in subtree:
+    node = _child(node, key, where)
+  if target is None:
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), node)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  else:
+    _check_shapes(node, target, '/'.join(subtree))
+    item = target
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  for key in reversed(tuple(subtree)):
+    item, restore_args = {key: item}, {key: restore_args}
+  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True)}))[STATE]
+  for key in subtree:
+    restored = restored[key]
+  return restored, _meta(manager, step), step
+
+
+def _check_shapes(saved, target, prefix: str) -> None:
+  """Every leaf of `target` exists in `saved` (metadata) with the same shape."""
+  if isinstance(target, Mapping):
+    for k, v in target.items():
+      _check_shapes(_child(saved, k, prefix), v, f'{prefix}/{k}')
+  elif tuple(saved.shape) != tuple(target.shape):
+    raise ValueError(f'{prefix}: shape {tuple(saved.shape)} in the checkpoint, '
+                     f'{tuple(target.shape)} here')
+
+
+def place(host_tree, target_tree, prefix: str = ''):
+  """`host_tree` (numpy leaves, keys as saved) placed like `target_tree` (jax arrays or
+  ShapeDtypeStructs with shardings, keys as nnx.to_pure_dict makes them): its dtypes and
+  shardings. A missing key or a shape that differs is a ValueError naming the key."""
+  if isinstance(target_tree, Mapping):
+    return {k: place(_child(host_tree, k, prefix or 'the source'), v,
+                     f'{prefix}/{k}' if prefix else str(k)) for k, v in target_tree.items()}
+  value = np.asarray(host_tree)
+  if tuple(value.shape) != tuple(target_tree.shape):
+    raise ValueError(f'{prefix}: shape {tuple(value.shape)} in the source, '
+                     f'{tuple(target_tree.shape)} in this run')
+  return jax.device_put(value.astype(target_tree.dtype, copy=False), target_tree.sharding)
+
+
+# ------------------------------------------------------------------------------------------------
+# One encoder from anywhere
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedEncoder:
+  """An encoder ready for inference (float32, no remat, XLA attention) and where it came from."""
+  model: Encoder
+  config: EncoderConfig
+  step: int | None          # the training step, for a training checkpoint
+  heads: list[str]          # the cluster heads the checkpoint also holds (not loaded)
+  source: str               # for people: 'training run /x step 20', 'random init base', ...
+
+
+def _inference(cfg: EncoderConfig) -> EncoderConfig:
+  return dataclasses.replace(cfg, dtype='float32', remat='none', attention='xla')
+
+
+def encoder_from_tree(cfg: EncoderConfig, tree: dict, source: str) -> Encoder:
+  """An encoder whose parameters are `tree` (nested, numpy leaves), built without a random init.
+  Leaves are moved into the model one at a time and dropped from `tree` (which is emptied), so
+  the parameters are held once, not twice. With a mesh set, each is placed by its logical axes."""
+  from flax import nnx
+  abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  flat = flatten(tree)
+  tree.clear()
+  mesh = sharding.current_mesh()
+  leaves = []
+  for path, var in nnx.to_flat_state(state):
+    name = '/'.join(map(str, path))
+    if path not in flat:
+      raise ValueError(f'{source}: parameter {name} is missing')
+    value = flat.pop(path)
+    expected = var.get_raw_value().shape
+    if tuple(value.shape) != tuple(expected):
+      raise ValueError(f'{source}: parameter {name} has shape {tuple(value.shape)}, expected '
+                       f'{tuple(expected)}')
+    spec = sharding.logical_to_spec(var.get_metadata().get('out_sharding') or ()) if mesh else None
+    leaves.append((path, var.replace(jax.device_put(np.asarray(value, np.float32), spec))))
+    del value
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> LoadedEncoder:
+  """The encoder of `path`: a training workdir, its checkpoints folder or one step folder (only
+  the encoder's parameters are read), a release-format / Hugging Face directory, an ove_jax
+  parameter directory, or `random:<preset>` (a fresh init with `seed`). `step` picks a training
+  checkpoint (default: the latest). FileNotFoundError / ValueError name the path and what is
+  accepted."""
+  if path.startswith('random:'):
+    preset = path.split(':', 1)[1]
+    if preset not in PRESETS:
+      raise ValueError(f'{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
+    from flax import nnx
+    cfg = _inference(EncoderConfig.preset(preset))
+    return LoadedEncoder(Encoder(cfg, rngs=nnx.Rngs(seed)), cfg, None, [],
+                         f'random init {preset} (seed {seed})')
+  full = os.path.abspath(path)
+  if not os.path.isdir(full):
+    raise FileNotFoundError(f'{path}: no such directory; expected {ACCEPTED}')
+  # A training workdir holds a config.json too (the experiment's): the weights file decides.
+  if os.path.isfile(os.path.join(full, 'model.safetensors')):
+    from ove_jax import convert
+    model = convert.load_pytorch(full)
+    return LoadedEncoder(model, model.cfg, None, [], f'release-format directory {full}')
+  if os.path.isfile(os.path.join(full, CONFIG_FILE)):
+    cfg, flat = load_params(full)
+    cfg = _inference(cfg)
+    return LoadedEncoder(encoder_from_tree(cfg, nest(flat), full), cfg, None, [],
+                         f'ove_jax parameter directory {full}')
+  root, found = locate(full, step, accepted=ACCEPTED)
+  params, meta, found = restore_params(root, found)
+  heads = sorted(_child(meta, 'config', root).get('heads', {})) if 'config' in meta else []
+  cfg = _inference(encoder_config(_child(meta, 'encoder_config', f'{root} step {found} meta'),
+                                  f'{root} step {found} (meta)'))
+  model = encoder_from_tree(cfg, params, f'{root} step {found}')
+  return LoadedEncoder(model, cfg, found, heads, f'training run {full} step {found}')

@@ -219,16 +219,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   backend_up = _backend_initialized()
 
   if devices is not None and not started:
-    if backend_up:
-      if jax.default_backend() == 'cpu' and jax.local_device_count() != devices:
-        raise RuntimeError(
-            f'ove_jax.distributed.initialize: asked for {devices} CPU devices but the JAX '
-            f'backend already started with {jax.local_device_count()}. Call initialize() at the '
-            'very start of the program, before any other JAX call (jax.devices(), jnp arrays, '
-            'jit), or set XLA_FLAGS=--xla_force_host_platform_device_count=N before Python '
-            'starts.')
-    else:
-      jax.config.update('jax_num_cpu_devices', devices)
+    use_cpu_devices(devices, caller='ove_jax.distributed.initialize')
 
   if setup is not None and not started:
     if backend_up:
@@ -270,6 +261,39 @@ def _local_device_count(value: int | None) -> int | None:
   if count < 1:
     raise ValueError(f'{source}={count}: the local device count must be at least 1.')
   return count
+
+
+def use_cpu_devices(count: int, *, caller: str = 'ove_jax.distributed.use_cpu_devices') -> None:
+  """`count` virtual CPU devices in this process (`jax_num_cpu_devices`; only the CPU backend
+  reads it). It must run before the JAX backend starts; afterwards it is accepted only when the
+  backend already has that many devices (or is not the CPU), else a RuntimeError says where to
+  call it. A process started by another (a launcher, a test) gets its count from
+  `cpu_devices_env` instead."""
+  count = _as_int(count, 'the CPU device count')
+  if count < 1:
+    raise ValueError(f'{caller}: asked for {count} CPU devices; at least 1 is needed.')
+  if not _backend_initialized():
+    jax.config.update('jax_num_cpu_devices', count)
+  elif jax.default_backend() == 'cpu' and jax.local_device_count() != count:
+    raise RuntimeError(
+        f'{caller}: asked for {count} CPU devices but the JAX backend already started with '
+        f'{jax.local_device_count()}. Call it at the very start of the program, before any '
+        'other JAX call (jax.devices(), jnp arrays, jit), or set '
+        f'XLA_FLAGS={CPU_DEVICES_FLAG}=N before Python starts.')
+
+
+CPU_DEVICES_FLAG = '--xla_force_host_platform_device_count'
+
+
+def cpu_devices_env(env: Mapping[str, str], count: int) -> dict[str, str]:
+  """`env` for a child process that must start with `count` virtual CPU devices: its XLA_FLAGS
+  with the device-count flag replaced (other flags kept, in order) and OVE_LOCAL_DEVICE_COUNT,
+  which `initialize` reads."""
+  out = dict(env)
+  flags = [f for f in out.get('XLA_FLAGS', '').split() if not f.startswith(CPU_DEVICES_FLAG + '=')]
+  out['XLA_FLAGS'] = ' '.join(flags + [f'{CPU_DEVICES_FLAG}={int(count)}'])
+  out['OVE_LOCAL_DEVICE_COUNT'] = str(int(count))
+  return out
 
 
 def _backend_initialized() -> bool:

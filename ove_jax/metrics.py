@@ -2,7 +2,8 @@
 
 `MetricWriter` appends every logged step to `<workdir>/metrics.jsonl`, the record that scripts
 and tests read back with `read_metrics`, and mirrors the scalars to TensorBoard for people.
-`peak_flops_per_device` gives the denominator of MFU. `Watchdog` turns a silent hang (a stuck
+`peak_flops_per_device` gives the denominator of MFU (`matmul_peak_flops` measures a
+machine's). `Watchdog` turns a silent hang (a stuck
 collective, a dead data worker) into a stack dump in the log.
 """
 from __future__ import annotations
@@ -103,14 +104,18 @@ class MetricWriter:
     self.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The lines of `<workdir>/metrics.jsonl`, the last one written for each step, sorted by step.
+def read_metrics(path: str, *, merge_steps: bool = False) -> list[dict]:
+  """The lines of a metrics.jsonl (`path` is the file or the workdir holding it), one per step,
+  sorted by step: the one reader of the file.
 
   A resumed run rewrites the steps after its checkpoint, so a later line of a step replaces an
-  earlier one. The strings 'nan', 'inf' and '-inf' become floats again. A line that is not JSON
-  (the half-written last line of a killed run) is skipped with a warning.
+  earlier one; with `merge_steps` it is merged into it instead (its keys win), for files where
+  several writers log the same step on lines of their own. The strings 'nan', 'inf' and '-inf'
+  become floats again. A line that is not JSON, or has no integer step (the half-written last
+  line of a killed run), is skipped with a warning.
   """
-  path = os.path.join(workdir, METRICS_FILE)
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
   by_step: dict[int, dict] = {}
   with open(path, encoding='utf-8') as f:
     for number, text in enumerate(f, start=1):
@@ -119,9 +124,16 @@ def read_metrics(workdir: str) -> list[dict]:
       try:
         line = json.loads(text)
       except json.JSONDecodeError:
-        logging.warning('%s:%d is not JSON (a run killed mid-write?); skipped', path, number)
+        line = None
+      if not isinstance(line, dict) or not isinstance(line.get('step'), int):
+        logging.warning('%s:%d is not a metrics line (a run killed mid-write?); skipped', path,
+                        number)
         continue
-      by_step[line['step']] = {key: _decode_nonfinite(value) for key, value in line.items()}
+      values = {key: _decode_nonfinite(value) for key, value in line.items()}
+      if merge_steps:
+        by_step.setdefault(line['step'], {}).update(values)
+      else:
+        by_step[line['step']] = values
   return [by_step[step] for step in sorted(by_step)]
 
 
@@ -216,21 +228,32 @@ def peak_flops_per_device(device=None, *, override: float = 0.0) -> tuple[float,
   return 0.0, UNKNOWN_PEAK_SOURCE
 
 
-def _measure_host_flops(device, n: int = 1024, budget_s: float = 0.5) -> float:
-  """Best FLOP/s of a jitted n x n fp32 matmul on `device` over ~`budget_s`; cached."""
+def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, *, device=None,
+                      size: int | None = None) -> float:
+  """FLOP/s of the fastest of `repeats` runs (after a warm-up) of a jitted square matmul of
+  `dtype` with float32 accumulation on `device` (default: the first): this machine's practical
+  peak for the dtype. `size` defaults to 2048 on CPU, 8192 on accelerators."""
+  if device is None:
+    device = jax.local_devices()[0]
+  n = size or (2048 if device.platform == 'cpu' else 8192)
+  rng = np.random.default_rng(0)
+  a, b = (jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), device)
+          for _ in range(2))
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  matmul(a, b).block_until_ready()  # compiles and warms up
+  best = math.inf
+  for _ in range(max(1, repeats)):
+    tick = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - tick)
+  return 2 * n ** 3 / best
+
+
+def _measure_host_flops(device) -> float:
+  """The host's fp32 matmul peak (`matmul_peak_flops` on a 1024 matrix), measured once."""
   global _host_flops
   if _host_flops is None:
-    rng = np.random.default_rng(0)
-    a, b = (jax.device_put(rng.standard_normal((n, n), np.float32), device) for _ in range(2))
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()  # compiles and warms up
-    best, runs, start = math.inf, 0, time.perf_counter()
-    while runs < 3 or (time.perf_counter() - start < budget_s and runs < 100):
-      tick = time.perf_counter()
-      matmul(a, b).block_until_ready()
-      best = min(best, time.perf_counter() - tick)
-      runs += 1
-    _host_flops = 2 * n ** 3 / best
+    _host_flops = matmul_peak_flops('float32', repeats=10, device=device, size=1024)
   return _host_flops
 
 

@@ -4,15 +4,22 @@ Every parameter and every large activation of the models is annotated with *logi
 (`embed`, `mlp`, `heads`, ...). A rules table, a tuple of `(logical_name, mesh_axes)` pairs held
 in the experiment config, decides how each is laid out on the mesh (axes `data`, `fsdp`,
 `tensor`). Changing the parallelism of a run means changing that table, never the model code.
+
+The mesh itself comes from sizes per axis (`make_mesh`), written in a config's `mesh` section or
+on a command line as `--mesh data=4,fsdp=2` / `--mesh 4x2x1` (`parse_mesh`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+import re
+from typing import Mapping, Sequence
 
 import jax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_FORMS = ('data=4,fsdp=2 (axes not named have size 1), or sizes in the order data, fsdp, '
+              'tensor: 4x2x1 or 4,2,1; one size may be -1 (the rest of the devices)')
 
 # FSDP shards the model dimension of every weight matrix; tensor parallelism shards heads and
 # the MLP hidden dimension (Megatron-style: column-parallel in, row-parallel out).
@@ -72,3 +79,74 @@ def _keep_axes(entry, axis_names):
     return entry if entry in axis_names else None
   kept = tuple(a for a in entry if a in axis_names)
   return kept or None
+
+
+# ------------------------------------------------------------------------------------------------
+# The mesh
+# ------------------------------------------------------------------------------------------------
+
+def _describe(sizes: Mapping[str, int]) -> str:
+  return ' x '.join(f'{a}={sizes[a]}' for a in MESH_AXES)
+
+
+def _check_sizes(sizes: Mapping[str, int]) -> None:
+  if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ValueError(f'mesh {_describe(sizes)}: sizes are >= 1, and at most one may be -1 '
+                     '(the rest of the devices)')
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """The size of every axis of MESH_AXES for `num_devices` devices: `sizes` maps axis names to
+  sizes (a missing axis has size 1; one size may be -1, the rest of the devices). A ValueError
+  says what does not fit."""
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f'mesh axis {unknown[0]!r} is not one of {MESH_AXES}')
+  full = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+  _check_sizes(full)
+  known = math.prod(v for v in full.values() if v != -1)
+  rest = [a for a, v in full.items() if v == -1]
+  if rest:
+    if num_devices % known:
+      raise ValueError(f'mesh {_describe(full)}: the fixed sizes ({known}) do not divide the '
+                       f'{num_devices} devices')
+    full[rest[0]] = num_devices // known
+  if math.prod(full.values()) != num_devices:
+    raise ValueError(f'mesh {_describe(full)} needs {math.prod(full.values())} devices but this '
+                     f'run has {num_devices}; set one size to -1 (the rest) or change the sizes')
+  return tuple(full[a] for a in MESH_AXES)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  """A mesh over `devices` (default: all of them) with axes MESH_AXES of the given sizes (see
+  `mesh_shape`), every axis `AxisType.Auto` (what `with_sharding_constraint` and Flax need)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """Sizes from a `--mesh` string: `data=4,fsdp=2` (axes not named have size 1) or sizes in the
+  order of MESH_AXES, `4x2x1` or `4,2,1` (missing trailing sizes are 1). One size may be -1."""
+  text = text.strip()
+  try:
+    if '=' in text:
+      sizes = {}
+      for part in text.split(','):
+        name, _, value = part.partition('=')
+        name = name.strip()
+        if name in sizes or name not in MESH_AXES:
+          raise ValueError(name)
+        sizes[name] = int(value)
+    else:
+      values = [int(v) for v in re.split(r'[x,]', text)]
+      if not 1 <= len(values) <= len(MESH_AXES):
+        raise ValueError(text)
+      sizes = dict(zip(MESH_AXES, values))
+  except ValueError:
+    raise ValueError(f'mesh {text!r}: expected {MESH_FORMS}') from None
+  sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
+  _check_sizes(sizes)
+  return sizes

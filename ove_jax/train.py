@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipeline import fileio, tokens
 from ove_jax import config as config_lib
@@ -40,7 +40,7 @@ from ove_jax.models import Encoder, EncoderConfig, encoder_flops
 
 log = logging.getLogger('ove_jax.train')
 
-CHECKPOINT_DIR = 'checkpoints'
+CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
 BATCH_FIELDS = ('patches', 'positions', 'segment_ids', 'labels', 'segment_valid', 'sample_index',
                 'skipped')
 
@@ -54,27 +54,17 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
-  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if num_devices % known:
-      raise config_lib.ConfigError(
-          f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]}: the fixed sizes '
-          f'({known}) do not divide the {num_devices} devices')
-    sizes[sizes.index(-1)] = num_devices // known
-  if int(np.prod(sizes)) != num_devices:
-    raise config_lib.ConfigError(
-        f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs '
-        f'{int(np.prod(sizes))} devices but this run has {num_devices}; set one size to -1 '
-        f'(e.g. --config.mesh.data=-1) or change the sizes')
-  return tuple(sizes)
+  """The config's mesh sizes (`config.mesh`, one may be -1) resolved for `num_devices`."""
+  try:
+    return sharding.mesh_shape(dict(config.mesh), num_devices)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'{e} (e.g. --config.mesh.data=-1)') from None
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   devices = list(devices) if devices is not None else jax.devices()
-  shape = mesh_shape(config, len(devices))
-  return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  mesh_shape(config, len(devices))
+  return sharding.make_mesh(dict(config.mesh), devices)
 
 
 def rules_of(config) -> tuple:
@@ -278,91 +268,38 @@ class Program:
 # ------------------------------------------------------------------------------------------------
 
 def checkpoint_manager(workdir: str, config):
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, keep_period=config.keep_every or None,
-      enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options)
-
-
-class _Position:
-  """An input position (`iterator.get_state()`, as JSON) in the form Grain's orbax handler saves."""
-
-  def __init__(self, state_json: str):
-    self._json = state_json
-
-  def get_state(self) -> bytes:
-    return self._json.encode()
+  return checkpoint.open_manager(
+      checkpoint.root_of(workdir), max_to_keep=config.keep_checkpoints,
+      keep_period=config.keep_every or None, create=True, asynchronous=True)
 
 
 def save(manager, step: int, state, position: str, config, program: Program) -> None:
   """Saves step `step`: the train state, this process's input position after the step's batches
   (`position`, from DevicePrefetch), and the run's meta."""
-  import orbax.checkpoint as ocp
-  import grain
   meta = {'step': step, 'config': config.to_dict(),
           'encoder_config': dataclasses.asdict(program.encoder_cfg),
           'process_count': jax.process_count(), 'mesh': dict(program.mesh.shape)}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(_Position(position)),
-      meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=list)))))
-
-
-def read_meta(manager, step: int) -> dict:
-  """The `meta` item of a checkpoint step (config, encoder config, process count, mesh)."""
-  path = os.path.join(str(manager.directory), str(step), 'meta', 'metadata')
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  checkpoint.save(manager, step, state, position, meta)
 
 
 def restore(manager, step: int, iterator, program: Program):
   """The train state at `step`, placed on this program's mesh (any mesh shape), and the input
   iterator moved to where it was."""
-  import grain
-  import orbax.checkpoint as ocp
-  saved_processes = read_meta(manager, step).get('process_count', jax.process_count())
+  saved_processes = checkpoint.read_meta(str(manager.directory), step).get(
+      'process_count', jax.process_count())
   if saved_processes != jax.process_count():
     raise TrainingError(
         f'{os.path.join(str(manager.directory), str(step))} was saved by {saved_processes} '
         f'process(es) and this run has {jax.process_count()}: the input position is saved per '
         'process, so resume with the same number of processes (the mesh shape may change), or '
         'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(program.abstract_state),
-      data=grain.checkpoint.CheckpointRestore(iterator)))
-  return restored['state']
-
-
-def _step_dir(path: str) -> tuple[str, int]:
-  """(checkpoint step directory, step) for a workdir, its checkpoints/ or one step directory."""
-  path = os.path.abspath(path)
-  for root in (os.path.join(path, CHECKPOINT_DIR), path):
-    steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
-    if steps:
-      return os.path.join(root, str(max(steps))), max(steps)
-  if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, 'state')):
-    return path, int(os.path.basename(path))
-  raise FileNotFoundError(f'{path}: no training checkpoint (expected <workdir>/{CHECKPOINT_DIR}/'
-                          '<step>/state, a checkpoints folder, or a step folder)')
+  return checkpoint.restore_state(manager, step, program.abstract_state, iterator)
 
 
 def load_checkpoint_params(path: str) -> tuple[dict, dict, int]:
   """(params as nested numpy dicts, the run's meta, step) of a training checkpoint, on the host:
   for exporting and for starting a later stage, whatever mesh wrote it."""
-  import orbax.checkpoint as ocp
-  step_dir, step = _step_dir(path)
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(os.path.join(step_dir, 'state')).item_metadata.tree
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  state = checkpointer.restore(os.path.join(step_dir, 'state'),
-                               args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return state['params'], meta, step
+  return checkpoint.restore_params(path, subtree=('params',))
 
 
 def _put_like(value: np.ndarray, like: jax.Array, name: str) -> jax.Array:
@@ -617,7 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     manager = checkpoint_manager(workdir, config)
     start = manager.latest_step()
     if start is not None:
-      check_resume(read_meta(manager, start).get('config', {}), config)
+      check_resume(checkpoint.read_meta(workdir, start).get('config', {}), config)
     sources = data_sources(config, workdir)
     iterator = make_iterator(config, sources)
     if start is not None:

@@ -110,6 +110,26 @@ def test_child_env_replaces_device_count():
   assert env['OVE_LOCAL_DEVICE_COUNT'] == '4' and env['JAX_PLATFORMS'] == 'cpu'
 
 
+def test_use_cpu_devices_before_and_after_the_backend_starts():
+  jax.devices()
+  distributed.use_cpu_devices(jax.local_device_count())   # what it has: accepted
+  with pytest.raises(RuntimeError, match='asked for 3 CPU devices but the JAX backend already '
+                     'started with 8'):
+    distributed.use_cpu_devices(3)
+  with pytest.raises(ValueError, match='at least 1'):
+    distributed.use_cpu_devices(0)
+  env = distributed.cpu_devices_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, 2)
+  env.pop('JAX_PLATFORMS', None)
+  result = subprocess.run(
+      [sys.executable, '-c', 'import jax\nfrom ove_jax import distributed\n'
+       'distributed.use_cpu_devices(3)\nprint(jax.local_device_count())'],
+      env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
+      text=True, timeout=120, cwd=REPO)
+  assert result.stdout.strip() == '3', result.stderr[-2000:]
+  assert env == {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+                 'OVE_LOCAL_DEVICE_COUNT': '2'}
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--processes=0', '--', 'true'], 'at least 1 process'),
     (['--processes=2', '--devices_per_process=0', '--', 'true'], 'at least 1 device'),

@@ -77,6 +77,20 @@ def test_read_metrics_keeps_last_line_of_resumed_steps(tmp_path):
   assert rows[1]['grad_norm'] == math.inf
 
 
+def test_read_metrics_takes_the_file_and_merges_lines_of_a_step(tmp_path):
+  path = str(tmp_path / 'metrics.jsonl')
+  with open(path, 'w') as f:
+    f.write('{"step": 5, "loss": 2.0, "lr": 0.1}\n["not", "a", "line"]\n'
+            '{"step": 5, "probe/top1": 0.5, "lr": 0.2}\n{"step": 3, "loss": "nan"}\n')
+  assert read_metrics(path) == read_metrics(str(tmp_path))
+  assert read_metrics(path)[1] == {'step': 5, 'probe/top1': 0.5, 'lr': 0.2}
+  merged = read_metrics(path, merge_steps=True)
+  assert [row['step'] for row in merged] == [3, 5] and math.isnan(merged[0]['loss'])
+  assert merged[1] == {'step': 5, 'loss': 2.0, 'lr': 0.2, 'probe/top1': 0.5}
+  with pytest.raises(FileNotFoundError):
+    read_metrics(str(tmp_path / 'none'))
+
+
 # ------------------------------------------------------------------------------------------------
 # Peak FLOP/s
 # ------------------------------------------------------------------------------------------------
@@ -129,6 +143,13 @@ def test_peak_measured_on_cpu():
   # Cached: a second call measures nothing and returns the same number.
   assert peak_flops_per_device(jax.devices('cpu')[-1]) == (peak, source)
   assert metrics_lib._host_flops == pytest.approx(peak * n)
+
+
+def test_matmul_peak_flops_measures_the_dtype():
+  # A 256 matmul takes microseconds: the figure is positive and finite, not a size-free constant.
+  small = metrics_lib.matmul_peak_flops('float32', repeats=2, size=256)
+  bf16 = metrics_lib.matmul_peak_flops('bfloat16', repeats=2, size=256)
+  assert 0 < small < math.inf and 0 < bf16 < math.inf
 
 
 # ------------------------------------------------------------------------------------------------

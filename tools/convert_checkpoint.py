@@ -62,40 +62,22 @@ def _write(model, out: str, dtype: str, source: str) -> int:
 
 
 def trained_encoder(workdir: str, step: int | None = None):
-  """(encoder model, step, head names) of a training run's checkpoint, ready to export.
-
-  `workdir` is the run's workdir (or its checkpoints folder, or one step folder); `step` picks a
-  checkpoint of the workdir (default: the latest). The encoder is built from the checkpoint's
-  parameters and saved encoder config, without the training-only settings (bf16 compute, remat,
-  fused attention): float32, no remat, XLA attention. The heads are not part of it.
-  """
-  import dataclasses
-
+  """(encoder model, step, head names) of a training run's checkpoint: `checkpoint.load_encoder`
+  (kept for the tools that still call it here)."""
   from ove_jax import checkpoint
-  from ove_jax.convert.hf import model_from_params
-  from ove_jax.train import CHECKPOINT_DIR, load_checkpoint_params
-
-  path = workdir
-  if step is not None:
-    path = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-    if not os.path.isdir(path):
-      root = os.path.join(workdir, CHECKPOINT_DIR)
-      steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) \
-          else []
-      raise FileNotFoundError(f'{path}: no checkpoint of step {step}; {root} has steps '
-                              f'{steps or "none"}')
-  params, meta, found = load_checkpoint_params(path)
-  cfg = checkpoint.encoder_config(meta['encoder_config'], f'{path} (meta)')
-  cfg = dataclasses.replace(cfg, dtype='float32', remat='none', attention='xla')
-  model = model_from_params(cfg, checkpoint.flatten(params['encoder']))
-  return model, found, sorted(params.get('heads', {}))
+  loaded = checkpoint.load_encoder(workdir, step=step)
+  return loaded.model, loaded.step, loaded.heads
 
 
 def _from_train(args) -> int:
-  model, step, heads = trained_encoder(args.workdir, args.step)
-  return _write(model, args.out, args.dtype,
-                f'{args.workdir} step {step} (the encoder; heads left out: '
-                f'{", ".join(heads) or "none"})')
+  from ove_jax import checkpoint
+  loaded = checkpoint.load_encoder(args.workdir, step=args.step)
+  if loaded.step is None:
+    raise ValueError(f'{args.workdir}: not a training run ({loaded.source}); from-train takes a '
+                     'training workdir, its checkpoints folder or one step folder')
+  return _write(loaded.model, args.out, args.dtype,
+                f'{args.workdir} step {loaded.step} (the encoder; heads left out: '
+                f'{", ".join(loaded.heads) or "none"})')
 
 
 def _from_hf(args) -> int:

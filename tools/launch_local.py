@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,19 +20,15 @@ import sys
 import threading
 import time
 
-_DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
-
+from ove_jax import distributed
 
 def child_env(base: dict, *, address: str, processes: int, index: int, devices: int) -> dict:
   """The environment of process `index`: `base` plus the multi-process and device settings."""
-  env = dict(base)
-  flags = _DEVICE_FLAG.sub('', env.get('XLA_FLAGS', ''))
-  env['XLA_FLAGS'] = ' '.join(flags.split() + [f'--xla_force_host_platform_device_count={devices}'])
+  env = distributed.cpu_devices_env(base, devices)
   env.update({
       'OVE_COORDINATOR_ADDRESS': address,
       'OVE_NUM_PROCESSES': str(processes),
       'OVE_PROCESS_ID': str(index),
-      'OVE_LOCAL_DEVICE_COUNT': str(devices),
       'JAX_PLATFORMS': 'cpu',
       'PYTHONUNBUFFERED': '1',  # so lines arrive as they are printed, not at exit
   })
