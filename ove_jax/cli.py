@@ -29,6 +29,15 @@ class Parser(argparse.ArgumentParser):
     raise UsageError(f'{message} (see --help)')
 
 
+def about(flag: str, value: str, error: Exception) -> str:
+  """`FLAG VALUE: message` for an error of the library about `value` (whose message may start
+  with the value already: it is not repeated)."""
+  message = str(error)
+  if message.startswith(f'{value}: '):
+    message = message[len(value) + 2:]
+  return f'{flag} {value}: {message}'
+
+
 def config_overrides(rest: Sequence[str]) -> list[str]:
   """`KEY=VALUE` of every `--config.KEY=VALUE` / `--config.KEY VALUE` in `rest` (what
   `parse_known_args` left); anything else there is an unknown argument."""

@@ -238,45 +238,24 @@ def train_command(spec: str, root: str, point: Point, config, common: Sequence[s
 # ------------------------------------------------------------------------------------------------
 
 def is_finished(run_dir: str, total_steps: int) -> bool:
-  """The trainer's checkpoint of step `total_steps` is in `run_dir` and committed (orbax moves a
-  step folder to its final name when complete and writes its commit marker)."""
-  step_dir = os.path.join(run_dir, 'checkpoints', str(total_steps))
-  if os.path.isfile(os.path.join(step_dir, 'commit_success.txt')):
-    return True
-  try:
-    with open(os.path.join(step_dir, '_CHECKPOINT_METADATA')) as f:
-      return bool(json.load(f).get('commit_timestamp_nsecs'))
-  except (OSError, ValueError):
-    return False
+  """The trainer's checkpoint of step `total_steps` is in `run_dir` and committed."""
+  from ove_jax import checkpoint
+  return total_steps in checkpoint.list_steps(run_dir)
 
 
 def final_metrics(run_dir: str) -> dict[str, Any]:
   """Every key's latest value in `<run_dir>/metrics.jsonl` (by step, a later line of the same
   step winning: a resumed run rewrites steps, and probes may log on a line of their own); {}
   when there is none. Lines that are not JSON (a killed run's last) are skipped."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  lines = []
+  from ove_jax import metrics as metrics_lib
   try:
-    with open(path, encoding='utf-8') as f:
-      for order, text in enumerate(f):
-        try:
-          line = json.loads(text)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(line, dict) and isinstance(line.get('step'), int):
-          lines.append((line['step'], order, line))
+    lines = metrics_lib.read_metrics(run_dir, merge_steps=True)
   except FileNotFoundError:
     return {}
   out: dict[str, Any] = {}
-  for _, _, line in sorted(lines, key=lambda x: x[:2]):
+  for line in lines:
     out.update(line)
-  return {k: _number(v) for k, v in out.items()}
-
-
-def _number(value):
-  if isinstance(value, str) and value in ('nan', 'inf', '-inf'):
-    return float(value)  # how the metric writer stores non-finite values
-  return value
+  return out
 
 
 def result_keys(metrics: Mapping[str, Any]) -> list[str]:

@@ -220,7 +220,7 @@ def teacher(tmp_path_factory):
 
 def write_shard(path, recs):
   from data_pipeline import precompute, records
-  writer = precompute._ShardWriter(str(path))
+  writer = precompute.ShardWriter(str(path))
   for r in recs:
     writer.write(records.encode(r))
   writer.commit()
