@@ -17,8 +17,8 @@ The stages (each prints its progress):
      codec-selected at K = 512, and 256 stills for pretraining, plus 96 held-out clips for the
      probes' test split;
   5. cluster labels from a teacher (`ove_jax.labels`, as `ove-cluster-labels`): k-means (k = 32
-     for clips, 16 for images) over the teacher's features, each sample labelled with its nearest centres, the
-     clips' records rewritten with them. The teacher is an ORACLE: no teacher network can be
+     for clips, 16 for images) over the teacher's features, each sample labelled with its
+     nearest centres, the clips' records rewritten with them. The teacher is an ORACLE: no teacher network can be
      downloaded here (the paper's is MetaCLIP-H/14), so each sample's teacher feature embeds
      the generator's ground truth of its object (texture, motion direction, shape; one-hot
      blocks weighted 1, 0.8, 0.6). The student never sees those attributes, only cluster ids;
