@@ -1,4 +1,4 @@
-"""K-means for cluster labels (SPEC §3), with the centres sharded over the mesh.
+"""K-means for cluster labels (docs/spec.md §3), with the centres sharded over the mesh.
 
 The labels of a head are each sample's nearest centres of a k-means over teacher features, with k
 in the millions (2M image centres, 400k video centres). An N x k distance matrix, or even the
@@ -205,7 +205,7 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
 
 
 # One jitted Lloyd pass on points and centres already placed by `put_points` / `put_centres`:
-# what `fit` iterates, and what tools/bench_kmeans.py times.
+# what `fit` iterates, and what ove_jax.benchmarks.kmeans_throughput times.
 lloyd_pass = jax.jit(_lloyd_pass, static_argnums=(3, 4))
 
 
