@@ -85,16 +85,6 @@ def time_runs(fn, *, warmup: int, repeats: int) -> dict:
           'sys_s': (cpu_end.system - cpu_start.system) / repeats}
 
 
-def matmul_peak_flops(dtype: str, *, repeats: int = 5) -> float:
-  """FLOP/s of one large jitted square matmul: this machine's practical peak for the dtype."""
-  n = 2048 if jax.default_backend() == 'cpu' else 8192
-  x = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-  y = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  timing = time_runs(lambda: jax.block_until_ready(f(x, y)), warmup=2, repeats=repeats)
-  return 2 * n ** 3 / timing['median_s']
-
-
 def peak_rss_gb() -> float | None:
   try:
     import resource  # pylint: disable=g-import-not-at-top

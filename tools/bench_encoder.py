@@ -12,9 +12,9 @@ output, and the gradient for every parameter, timed with `jax.block_until_ready`
      gradients of both are compared, so we know the two compute the same thing.
 
 Printed beside the times: the analytic FLOPs (`encoder_flops`), achieved GFLOP/s and their share
-of this machine's matmul peak (measured here with one large jitted matmul), the dense/sparse
-speedup against the analytic FLOP ratio (aim: >= 90% of it), and the JAX/PyTorch time ratio
-(aim: <= 1). A markdown summary at the end is what README records.
+of this machine's matmul peak (`metrics.matmul_peak_flops`: one large jitted matmul, the fastest
+of 5), the dense/sparse speedup against the analytic FLOP ratio (aim: >= 90% of it), and the
+JAX/PyTorch time ratio (aim: <= 1). A markdown summary at the end is what README records.
 
 Commands:
 
@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ove_jax import benchmarks as bench
+from ove_jax import metrics
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
 
@@ -158,7 +159,7 @@ def main(argv=None):
         f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up')
   sys.stdout.flush()
 
-  peak = bench.matmul_peak_flops(cfg.dtype)
+  peak = metrics.matmul_peak_flops(cfg.dtype)
   print(f'matmul peak (measured, {cfg.dtype}): {peak / 1e9:.1f} GFLOP/s', flush=True)
 
   (dense_x, dense_pos), (sparse_x, sparse_pos) = bench.clip_inputs(cfg, b, args.frames, k,
