@@ -132,6 +132,22 @@ def test_print_gives_one_trainer_command_per_point(tmp_path, capsys):
   assert not os.path.exists(root)   # printing writes nothing
 
 
+def test_flags_take_a_value_after_a_space_or_an_equals_sign(tmp_path, capsys):
+  spec = ABLATIONS + ':smoke,study=rope'
+  root = str(tmp_path / 'sweep')
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--config.total_steps=4']) == 0
+  with_equals = capsys.readouterr().out
+  assert sweep.main(['--config', spec, '--root', root, '--config.total_steps', '4']) == 0
+  assert capsys.readouterr().out == with_equals
+  assert with_equals.count('--config.total_steps=4') == 3
+  jobs = str(tmp_path / 'rope.jobs')
+  assert sweep.main(['--config', spec, '--root', root, '--job-array', jobs]) == 0
+  text = open(jobs).read()
+  # Generated scripts call console scripts or modules, never a tool by a relative path.
+  assert f'#   ove-sweep --config={spec} --root={root} --collect' in text
+  assert 'tools/' not in text.replace(REPO, '')
+
+
 def test_job_array_file_indexes_one_command_per_task(tmp_path, capsys):
   spec = ABLATIONS + ':smoke,study=rope'
   root, jobs = str(tmp_path / 'sweep'), str(tmp_path / 'rope.jobs')
