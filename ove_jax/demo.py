@@ -325,7 +325,7 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
   from data_pipeline import builtin, fileio, synthetic
   from ove_jax import checkpoint, convert, evaluators
   from ove_jax import metrics as metrics_lib
-  from ove_jax import train
+  from ove_jax import sharding
   from ove_jax.models import create_encoder
 
   start = time.time()
@@ -402,7 +402,8 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
 
   config = experiment_config(
       experiment, exp_args + [f'student={labels_dir}', f'data_root={data_root}'], overrides)
-  train_mesh = dict(zip(('data', 'fsdp', 'tensor'), train.mesh_shape(config, jax.device_count())))
+  train_mesh = dict(zip(sharding.MESH_AXES,
+                        sharding.mesh_shape(dict(config.mesh), jax.device_count())))
   stage(f'6/8 pretraining the tiny encoder from scratch on the cluster labels '
         f'(experiments/{EXPERIMENT}:student=..., {config.total_steps} steps, heads '
         f'{", ".join(sorted(config.heads))}), {jax.device_count()}-device CPU mesh '
@@ -419,7 +420,7 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
       train_loss_first=round(float(loss_first), 4), train_loss_last=round(float(loss_last), 4),
       train_input_wait_fraction=round(wait, 4), train_seconds=round(train_seconds, 1),
       tensorboard=os.path.join(train_dir, metrics_lib.TENSORBOARD_DIR),
-      checkpoints=os.path.join(train_dir, train.CHECKPOINT_DIR),
+      checkpoints=os.path.join(train_dir, checkpoint.CHECKPOINT_DIR),
       metrics=os.path.join(train_dir, metrics_lib.METRICS_FILE))
 
   from absl import logging as absl_logging
