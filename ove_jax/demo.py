@@ -95,12 +95,6 @@ def fresh_train_dir(path: str) -> None:
   shutil.rmtree(path)
 
 
-def read_records(source: str) -> list:
-  """The records of a comma-separated list of shards."""
-  from data_pipeline import precompute
-  return [r for path in source.split(',') for r in precompute.read_shard(path)]
-
-
 # ------------------------------------------------------------------------------------------------
 # Stages 1-3: clips, codec selection, pipeline
 # ------------------------------------------------------------------------------------------------
@@ -384,8 +378,8 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
                         seed=opts.seed, workers=2)
   held_out = builtin.ensure(data_root + '_test', clips=opts.test_clips, images=1,
                             budget=b.budget, seed=opts.seed + TEST_SEED, workers=2)
-  train_records = read_records(made['video_source'])
-  test_records = read_records(held_out['video_source'])
+  train_records = probes_lib.read_records(made['video_source'].split(','))
+  test_records = probes_lib.read_records(held_out['video_source'].split(','))
   summary.update(pretrain_clips=len(train_records), pretrain_images=made['images'],
                  test_clips=len(test_records), builtin_data=data_root)
 
