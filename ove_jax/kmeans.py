@@ -1,4 +1,4 @@
-"""K-means for cluster labels (SPEC §3), with the centres sharded over the mesh.
+"""K-means for cluster labels (docs/spec.md §3), with the centres sharded over the mesh.
 
 The labels of a head are each sample's nearest centres of a k-means over teacher features, with k
 in the millions (2M image centres, 400k video centres). An N x k distance matrix, or even the
@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ove_jax import sharding
+from ove_jax.vectors import l2_normalize
 
 # Elements of the per-device [chunk, k_local] distance buffer the default chunk aims at: small on
 # CPU, where a buffer that stays in cache is faster (bench_kmeans), large on accelerators, where a
@@ -72,7 +73,9 @@ class KMeans:
 # ------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class Layout:
+  """The sharded layout of one k-means problem (`layout`); `put_points` / `put_centres` place
+  host arrays by it, and `lloyd_pass` / `fit` / `nearest` read it."""
   axes: tuple[str, ...]   # every mesh axis: centres and points are both sharded over all of them
   devices: int
   k: int
@@ -100,7 +103,9 @@ def _mesh_scope():
   return jax.set_mesh(one)
 
 
-def _layout(n: int, k: int, chunk: Optional[int]) -> _Layout:
+def layout(n: int, k: int, chunk: Optional[int]) -> Layout:
+  """How N points and k centres lie on the current mesh (set with `jax.set_mesh`): centres per
+  device, points per device per chunk, chunks per pass."""
   mesh = sharding.current_mesh()
   devices = mesh.size
   k_local = -(-k // devices)
@@ -111,10 +116,10 @@ def _layout(n: int, k: int, chunk: Optional[int]) -> _Layout:
     raise ValueError(f'chunk={chunk}; must be >= 1')
   rows = max(1, min(-(-chunk // devices), -(-n // devices)))
   chunks = -(-n // (rows * devices))
-  return _Layout(tuple(mesh.axis_names), devices, k, k_local, rows, chunks, n)
+  return Layout(tuple(mesh.axis_names), devices, k, k_local, rows, chunks, n)
 
 
-def _put_points(x_NxD: np.ndarray, lay: _Layout):
+def put_points(x_NxD: np.ndarray, lay: Layout):
   """Points padded to whole chunks and sharded by row; `valid` marks the real ones.
 
   Device d's shard holds rows [d*R*C, (d+1)*R*C) with R = rows, C = chunks; its c-th row block is
@@ -132,29 +137,20 @@ def _put_points(x_NxD: np.ndarray, lay: _Layout):
   return jax.device_put(x[order], spec), jax.device_put(valid[order], spec), order
 
 
-def _put_centres(c_KxD: np.ndarray, lay: _Layout) -> jax.Array:
+def put_centres(c_KxD: np.ndarray, lay: Layout) -> jax.Array:
   c = np.zeros((lay.k_padded, c_KxD.shape[1]), np.float32)
   c[:lay.k] = c_KxD
   return jax.device_put(c, P(lay.axes))
-
-
-def _normalise(x, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def _normalise_np(x):
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
 # One Lloyd pass: assign every point, accumulate the owners' sums and counts
 # ------------------------------------------------------------------------------------------------
 
-def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: _Layout, spherical: bool):
+def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
   """(new centres, counts, labels, min sq. distances, inertia, centre shift) of one pass.
 
-  labels / distances come back in the sharded row order of `_put_points`; the new centres keep
+  labels / distances come back in the sharded row order of `put_points`; the new centres keep
   the old centre where a cluster got no point (the caller re-seeds those).
   """
   axes, k_local, rows = lay.axes, lay.k_local, lay.rows
@@ -199,7 +195,7 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: _Layout, spherical: bool):
     (sums, counts, inertia), (labels, dists) = jax.lax.scan(body, init, (x_blocks, v_blocks))
     new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
     if spherical:
-      new = jnp.where(counts[:, None] > 0, _normalise(new), centres)
+      new = jnp.where(counts[:, None] > 0, l2_normalize(new), centres)
     shift = jax.lax.psum(jnp.sum(jnp.where(real[:, None], (new - centres) ** 2, 0.0)), axes)
     return new, counts, labels.reshape(-1), dists.reshape(-1), inertia, shift
 
@@ -208,7 +204,9 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: _Layout, spherical: bool):
                        out_specs=(spec, spec, spec, spec, P(), P()))(x_NxD, valid_N, centres_KxD)
 
 
-_jit_pass = jax.jit(_lloyd_pass, static_argnums=(3, 4))
+# One jitted Lloyd pass on points and centres already placed by `put_points` / `put_centres`:
+# what `fit` iterates, and what ove_jax.benchmarks.kmeans_throughput times.
+lloyd_pass = jax.jit(_lloyd_pass, static_argnums=(3, 4))
 
 
 @jax.jit
@@ -273,7 +271,7 @@ def _initial_centres(x_NxD, k, init, seed, spherical) -> np.ndarray:
     if c.shape != (k, x_NxD.shape[1]):
       raise ValueError(f'init centres of shape {c.shape}; expected {(k, x_NxD.shape[1])}')
   c = np.array(c, np.float32)
-  return _normalise_np(c) if spherical else c
+  return l2_normalize(c) if spherical else c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,16 +308,16 @@ def fit(x_NxD, k: int, *, init: Union[str, np.ndarray] = 'k-means++', iters: int
   """
   x = _check_points(x_NxD, k)
   if spherical:
-    x = _normalise_np(x)
+    x = l2_normalize(x)
   centres0 = _initial_centres(x, k, init, seed, spherical)
   threshold = float(tol * np.mean(np.var(x, axis=0)))
   with _mesh_scope():
-    lay = _layout(len(x), k, chunk)
-    xs, valid, order = _put_points(x, lay)
-    centres = _put_centres(centres0, lay)
+    lay = layout(len(x), k, chunk)
+    xs, valid, order = put_points(x, lay)
+    centres = put_centres(centres0, lay)
     prev, reseeded, converged, it = None, 0, False, 0
     for it in range(1, iters + 1):
-      new, counts, labels, dists, _, shift = _jit_pass(xs, valid, centres, lay, spherical)
+      new, counts, labels, dists, _, shift = lloyd_pass(xs, valid, centres, lay, spherical)
       empty = np.flatnonzero(np.asarray(counts)[:k] == 0)
       if len(empty):
         # The shift counts a re-seeded centre's jump too, so a re-seed never looks converged.
@@ -332,7 +330,7 @@ def fit(x_NxD, k: int, *, init: Union[str, np.ndarray] = 'k-means++', iters: int
         converged = True
         break
       prev = labels
-    _, counts, labels, _, inertia, _ = _jit_pass(xs, valid, centres, lay, spherical)
+    _, counts, labels, _, inertia, _ = lloyd_pass(xs, valid, centres, lay, spherical)
     unpermute = np.empty_like(order)
     unpermute[order] = np.arange(len(order))
     labels_N = np.asarray(labels)[unpermute][:lay.n].astype(np.int32)
@@ -341,7 +339,7 @@ def fit(x_NxD, k: int, *, init: Union[str, np.ndarray] = 'k-means++', iters: int
                   empty_reseeded=reseeded, converged=converged, sharded_centres=centres)
 
 
-def _nearest_pass(x_NxD, valid_N, centres_KxD, lay: _Layout, n: int, spherical: bool):
+def _nearest_pass(x_NxD, valid_N, centres_KxD, lay: Layout, n: int, spherical: bool):
   axes, k_local, rows = lay.axes, lay.k_local, lay.rows
   take = min(n, k_local)
 
@@ -396,11 +394,11 @@ def nearest(x_NxD, centres_KxD, n: int = 10, *, spherical: bool = True,
   if not 1 <= n <= len(centres):
     raise ValueError(f'n={n} nearest of {len(centres)} centres; need 1 <= n <= k')
   if spherical:
-    x, centres = _normalise_np(x), _normalise_np(centres)
+    x, centres = l2_normalize(x), l2_normalize(centres)
   with _mesh_scope():
-    lay = _layout(len(x), len(centres), chunk)
-    xs, valid, order = _put_points(x, lay)
-    ids, scores = _jit_nearest(xs, valid, _put_centres(centres, lay), lay, n, spherical)
+    lay = layout(len(x), len(centres), chunk)
+    xs, valid, order = put_points(x, lay)
+    ids, scores = _jit_nearest(xs, valid, put_centres(centres, lay), lay, n, spherical)
     unpermute = np.empty_like(order)
     unpermute[order] = np.arange(len(order))
     ids = np.asarray(ids)[unpermute][:lay.n].astype(np.int32)

@@ -15,7 +15,7 @@ from ove_jax import checkpoint, convert, train
 from ove_jax import config as config_lib
 from ove_jax.models import EncoderConfig, create_encoder
 from ove_jax.models import encoder as enc
-from ove_jax_tools import sweep
+from ove_jax import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
@@ -202,9 +202,9 @@ def test_trainer_passes_the_frame_policy(tmp_path, monkeypatch):
 
 def test_selection_points_differ_only_in_the_selection_at_one_budget():
   spec = ABLATIONS + ':smoke,study=selection'
-  points = sweep.expand(spec)
+  points = sweeps.expand(spec)
   assert [p.name for p in points] == ['selection=codec', 'selection=uniform', 'selection=random']
-  flats = [config_lib.flatten(sweep.point_config(spec, p)) for p in points]
+  flats = [config_lib.flatten(sweeps.point_config(spec, p)) for p in points]
   differ = {k for k in flats[0] if len({repr(f[k]) for f in flats}) > 1}
   assert differ == {'data.heads.video.video_modes'}
   modes = [f['data.heads.video.video_modes'] for f in flats]
@@ -222,10 +222,10 @@ def test_every_study_sweeps_a_real_key_in_both_sizes():
       if size == '' and study in ('budget', 'policy'):
         key_full = 'data.heads.video.source'   # full size: other precomputed records
       spec = f'{ABLATIONS}:{size}study={study}'
-      values = {repr(config_lib.flatten(sweep.point_config(spec, p))[key_full])
-                for p in sweep.expand(spec)}
+      values = {repr(config_lib.flatten(sweeps.point_config(spec, p))[key_full])
+                for p in sweeps.expand(spec)}
       assert len(values) >= 3, (spec, values)
   with pytest.raises(config_lib.ConfigError, match='argument study=.lr.; allowed: selection'):
-    sweep.expand(ABLATIONS + ':study=lr')
+    sweeps.expand(ABLATIONS + ':study=lr')
   with pytest.raises(config_lib.ConfigError, match='multiple of 256'):
-    sweep.expand(ABLATIONS + ':smoke,budget=600')
+    sweeps.expand(ABLATIONS + ':smoke,budget=600')

@@ -14,6 +14,7 @@ import pytest
 
 from ove_jax import config as config_lib
 from ove_jax.models import EncoderConfig, num_params
+from ove_jax import memory
 from ove_jax_tools import aot_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def test_one_device_exact_params_and_finds_the_unsharded_logits(one_device):
   # Unsharded, the loss holds [slots, batch, classes] logits: the check must see them.
   assert r['batch_by_classes_buffer'] is True and r['batch_by_classes_unchecked'] == []
   for name, h in heads.items():
-    found = aot_memory.hlo_shapes(' '.join(r['batch_by_classes_shapes'][name]))
+    found = memory.hlo_shapes(' '.join(r['batch_by_classes_shapes'][name]))
     assert found and all(h.padded_classes in dims for _, dims in found), found
   assert 'batch x classes buffers FOUND' in out
 
@@ -103,12 +104,12 @@ def test_eight_devices_shard_params_and_logits(one_device, eight_devices):
 def test_batch_by_class_shapes_reads_hlo_shapes():
   text = ('%a = f32[3,8,56]{2,1,0} fusion(...), %b = bf16[8,256,2,56]{3,2,1,0} dot(...), '
           '%c = pred[56,8]{1,0} compare(...), %d = f32[1,56]{1,0} x, %e = s32[] constant(0)')
-  shapes = aot_memory.hlo_shapes(text)
+  shapes = memory.hlo_shapes(text)
   assert ('s32', ()) in shapes and ('f32', (3, 8, 56)) in shapes
   # Adjacent batch and class dimensions only; a batch of one is no batch.
-  assert aot_memory.batch_by_class_shapes(shapes, {8, 1}, {56}) == ['f32[3,8,56]', 'pred[56,8]']
-  assert aot_memory.batch_by_class_shapes(shapes, {8}, {53}) == []
-  assert aot_memory.largest_buffer(shapes) == (8 * 256 * 2 * 56, 2 * 8 * 256 * 2 * 56,
+  assert memory.batch_by_class_shapes(shapes, {8, 1}, {56}) == ['f32[3,8,56]', 'pred[56,8]']
+  assert memory.batch_by_class_shapes(shapes, {8}, {53}) == []
+  assert memory.largest_buffer(shapes) == (8 * 256 * 2 * 56, 2 * 8 * 256 * 2 * 56,
                                                'bf16[8,256,2,56]')
 
 

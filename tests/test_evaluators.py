@@ -200,3 +200,21 @@ def test_probe_tool_names_records_that_match_nothing(tmp_path, capsys):
   pattern = str(tmp_path / 'none-*')
   assert probe_tool.main(['--checkpoint', 'random:tiny', '--records', pattern]) == 2
   assert f'--records {pattern!r}: no file matches' in capsys.readouterr().err
+
+
+def test_probe_labels_are_named_and_a_bad_name_lists_the_names(builtin_data, capsys):
+  from ove_jax import probes
+  root, records = builtin_data
+  assert probes.label_index('texture', probes.BUILTIN_LABELS) == 3
+  assert probes.label_index('2', probes.BUILTIN_LABELS) == 2
+  assert probes.label_names(records) == ('label0', 'label1', 'label2', 'label3')
+  with pytest.raises(probes.ProbeError, match='give 4 different names'):
+    probes.label_names(records, ['a', 'b'])
+  # The built-in data's slot named texture holds the object's texture, offset by a constant.
+  textures = probes.record_labels(records, probes.label_index('texture', probes.BUILTIN_LABELS))
+  assert len({t - builtin.video_attributes(r['labels'])['texture']
+              for t, r in zip(textures, records)}) == 1
+  assert probe_tool.main(['--checkpoint', 'random:tiny', '--builtin', root, '--label',
+                          'colour']) == 2
+  assert ('--label colour: the records\' labels are fine, shape, direction, texture'
+          in capsys.readouterr().err)

@@ -1,7 +1,7 @@
 """Golden snapshots of every experiment's flattened config, so a changed value shows in review.
 
 For each experiment file under experiments/, each of its named argument variants (VARIANTS
-below) and each point of its sweep(add, arg) (as tools/sweep.py makes it), the config's sorted
+below) and each point of its sweep(add, arg) (as ove_jax/sweeps.py makes it), the config's sorted
 `key: value` lines (ove_jax.config.flatten) are compared with tests/golden_configs/<file>.txt:
 
   <experiment>--<variant or 'default'>.txt              the variant's config
@@ -26,7 +26,7 @@ import tempfile
 import pytest
 
 from ove_jax import config as config_lib
-from ove_jax_tools import sweep
+from ove_jax import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO, 'experiments')
@@ -85,10 +85,11 @@ def snapshots(path: str, variants, stem: str | None = None) -> dict[str, str]:
       seen.add(flat)
       out[f'{base}.txt'] = render(config, f'{shown}:{variant}')
     if hasattr(module, 'sweep'):
-      for point in sweep.expand(spec):
+      for point in sweeps.expand(spec):
         args = ' '.join(f'--config.{a}' for a in point.override_args())
         out[f'{base}--{point.name}.txt'] = render(
-            sweep.point_config(spec, point), f'{shown}:{variant} sweep point {point.name} ({args})')
+            sweeps.point_config(spec, point),
+            f'{shown}:{variant} sweep point {point.name} ({args})')
   return out
 
 

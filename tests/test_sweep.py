@@ -1,6 +1,6 @@
-"""tools/sweep.py: expansion and names, printed commands, job array files, and a real two-run
-sweep (one run fails in the trainer, the other trains 2 steps) that is re-run to show finished
-runs are skipped and failures recorded."""
+"""ove_jax/sweeps.py and ove-sweep: expansion and names, printed commands, job array files, and a
+real two-run sweep (one run fails in the trainer, the other trains 2 steps) that is re-run to
+show finished runs are skipped and failures recorded."""
 import csv
 import json
 import os
@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from ove_jax import config as config_lib
+from ove_jax import sweeps
 from ove_jax_tools import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def test_names_come_from_labels_or_short_keys_and_are_stable(tmp_path):
         add(**{'loss.scale': 1.0 + 1e-9, 'optim.lr': 0.001, 'data.heads.video.source': 'x' * 200})
         add()
       ''')
-  points = sweep.expand(spec)
+  points = sweeps.expand(spec)
   names = [p.name for p in points]
   assert names[:6] == [
       'margin=0.1', 'loss.sample_rate=0.5,video.sample_rate=0.25', 'selection=uniform',
@@ -57,12 +58,12 @@ def test_names_come_from_labels_or_short_keys_and_are_stable(tmp_path):
       names[5]]
   assert names[6] == 'baseline'
   assert len(names[5]) == 120 and names[5].startswith('scale=1.000000001,lr=0.001,source=xxx')
-  assert [p.name for p in sweep.expand(spec)] == names   # the same sweep, the same names
+  assert [p.name for p in sweeps.expand(spec)] == names   # the same sweep, the same names
   assert points[2].columns == {'selection': 'uniform'}
   assert points[2].override_args() == ['data.heads.video.video_modes=(0, 1, 0, 0)']
   assert dict(points[1].columns) == {'loss.sample_rate': 0.5, 'video.sample_rate': 0.25}
   # Every point's config is the experiment's with its overrides, as the trainer will make it.
-  c = sweep.point_config(spec, points[3])
+  c = sweeps.point_config(spec, points[3])
   assert c.data.heads.video.video_modes == (0.0, 0.0, 0.0, 1.0) and c.model.rope == '1d'
 
 
@@ -81,8 +82,8 @@ def test_names_come_from_labels_or_short_keys_and_are_stable(tmp_path):
 def test_bad_sweeps_are_named(tmp_path, body, message):
   spec = _experiment(tmp_path, f'def sweep(add, arg=None):\n  {body}\n')
   with pytest.raises(config_lib.ConfigError, match=message):
-    for point in sweep.expand(spec):
-      sweep.point_config(spec, point)
+    for point in sweeps.expand(spec):
+      sweeps.point_config(spec, point)
 
 
 def test_sweep_arg_and_errors_of_the_command_line(tmp_path, capsys):
@@ -91,7 +92,7 @@ def test_sweep_arg_and_errors_of_the_command_line(tmp_path, capsys):
         for rope in (arg or '3d,1d').split(';'):
           add(**{'model.rope': rope})
       ''')
-  assert [p.name for p in sweep.expand(spec + ':none;1d')] == ['rope=none', 'rope=1d']
+  assert [p.name for p in sweeps.expand(spec + ':none;1d')] == ['rope=none', 'rope=1d']
   assert sweep.main([f'--config={spec}:none', '--root=/tmp/x', '--config.model.rope=3d']) == 2
   assert 'model.rope is swept by the experiment (point rope=none)' in capsys.readouterr().err
   no_sweep = tmp_path / 'plain.py'
@@ -125,10 +126,26 @@ def test_print_gives_one_trainer_command_per_point(tmp_path, capsys):
   roots = [shlex.split(line)[-1] for line in lines]
   assert roots[1].startswith(f'--config.builtin.root={root}/builtin_data/budget1024_policy-zero')
   assert len(set(roots)) == 4
-  selection = sweep.expand(ABLATIONS + ':smoke,study=selection')
-  configs = [sweep.point_config(ABLATIONS + ':smoke,study=selection', p) for p in selection]
-  assert len({sweep.builtin_folder(c) for c in configs}) == 1
+  selection = sweeps.expand(ABLATIONS + ':smoke,study=selection')
+  configs = [sweeps.point_config(ABLATIONS + ':smoke,study=selection', p) for p in selection]
+  assert len({sweeps.builtin_folder(c) for c in configs}) == 1
   assert not os.path.exists(root)   # printing writes nothing
+
+
+def test_flags_take_a_value_after_a_space_or_an_equals_sign(tmp_path, capsys):
+  spec = ABLATIONS + ':smoke,study=rope'
+  root = str(tmp_path / 'sweep')
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--config.total_steps=4']) == 0
+  with_equals = capsys.readouterr().out
+  assert sweep.main(['--config', spec, '--root', root, '--config.total_steps', '4']) == 0
+  assert capsys.readouterr().out == with_equals
+  assert with_equals.count('--config.total_steps=4') == 3
+  jobs = str(tmp_path / 'rope.jobs')
+  assert sweep.main(['--config', spec, '--root', root, '--job-array', jobs]) == 0
+  text = open(jobs).read()
+  # Generated scripts call console scripts or modules, never a tool by a relative path.
+  assert f'#   ove-sweep --config={spec} --root={root} --collect' in text
+  assert 'tools/' not in text.replace(REPO, '')
 
 
 def test_job_array_file_indexes_one_command_per_task(tmp_path, capsys):
@@ -149,7 +166,7 @@ def test_job_array_file_indexes_one_command_per_task(tmp_path, capsys):
                                                      str(task)},
                          capture_output=True, text=True, check=True).stdout
     assert out == commands[task]
-  saved = json.load(open(os.path.join(root, sweep.SWEEP_JSON)))
+  saved = json.load(open(os.path.join(root, sweeps.SWEEP_JSON)))
   assert [p['name'] for p in saved['points']] == ['rope=3d', 'rope=1d', 'rope=none']
 
 
@@ -172,8 +189,8 @@ def test_results_take_each_key_latest_value(tmp_path):
         add(**{'loss.margin': 0.3})
       ''')
   root = str(tmp_path / 'root')
-  points = sweep.expand(spec)
-  configs = {p.name: sweep.point_config(spec, p) for p in points}
+  points = sweeps.expand(spec)
+  configs = {p.name: sweeps.point_config(spec, p) for p in points}
   first = os.path.join(root, points[0].name)
   _write_lines(os.path.join(first, 'metrics.jsonl'), [
       {'step': 1, 'loss': 9.0, 'video/accuracy': 0.0, 'lr': 1.0},
@@ -186,7 +203,7 @@ def test_results_take_each_key_latest_value(tmp_path):
   open(os.path.join(first, 'checkpoints', '2', 'commit_success.txt'), 'w').close()
   _write_lines(os.path.join(root, points[1].name, 'metrics.jsonl'),
                [{'step': 1, 'loss': 'nan', 'video/accuracy': 0.25}])
-  columns, rows = sweep.gather(root, points, configs, {points[2].name: 'failed (exit 2)'})
+  columns, rows = sweeps.gather(root, points, configs, {points[2].name: 'failed (exit 2)'})
   assert columns == ['name', 'margin', 'status', 'step', 'loss', 'video/accuracy',
                      'eval/video/loss', 'probe/video/knn_top1']
   assert rows[0] == {'name': 'margin=0.1', 'margin': 0.1, 'status': 'finished', 'step': 2,
@@ -194,7 +211,7 @@ def test_results_take_each_key_latest_value(tmp_path):
                      'probe/video/knn_top1': 0.75}
   assert rows[1]['status'] == 'unfinished' and rows[1]['loss'] != rows[1]['loss']  # nan
   assert rows[2]['status'] == 'failed (exit 2)' and rows[2]['step'] == ''
-  csv_path, md_path = sweep.write_results(root, columns, rows)
+  csv_path, md_path = sweeps.write_results(root, columns, rows)
   table = open(md_path).read().splitlines()
   assert table[0] == ('| name | margin | status | step | loss | video/accuracy | '
                       'eval/video/loss | probe/video/knn_top1 |')
@@ -221,7 +238,7 @@ def test_run_records_a_failure_goes_on_and_skips_finished_runs(tmp_path, capsys)
   assert '[2/2] margin=0.2: finished in' in out.out
   assert '1 of 2 runs failed: fsdp=3' in out.err
   assert 'do not divide the 8 devices' in open(os.path.join(root, 'fsdp=3', 'train.log')).read()
-  rows = list(csv.DictReader(open(os.path.join(root, sweep.RESULTS_CSV))))
+  rows = list(csv.DictReader(open(os.path.join(root, sweeps.RESULTS_CSV))))
   assert [(r['name'], r['status'], r['step']) for r in rows] == [
       ('fsdp=3', 'failed (exit 2)', ''), ('margin=0.2', 'finished', '2')]
   loss = float(rows[1]['loss'])
@@ -234,8 +251,8 @@ def test_run_records_a_failure_goes_on_and_skips_finished_runs(tmp_path, capsys)
   out = capsys.readouterr().out
   assert '[2/2] margin=0.2: finished already, skipped' in out
   assert open(log).read() == before
-  rows = list(csv.DictReader(open(os.path.join(root, sweep.RESULTS_CSV))))
+  rows = list(csv.DictReader(open(os.path.join(root, sweeps.RESULTS_CSV))))
   assert float(rows[1]['loss']) == loss
   assert sweep.main(args[:2] + ['--collect']) == 0
-  saved = json.load(open(os.path.join(root, sweep.SWEEP_JSON)))
+  saved = json.load(open(os.path.join(root, sweeps.SWEEP_JSON)))
   assert [p['status'] for p in saved['points']] == ['unfinished', 'finished']

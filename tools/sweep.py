@@ -1,28 +1,16 @@
-r"""Sweeps: an experiment's `sweep(add, arg)` as one run folder and one trainer command per point.
+"""Sweeps: an experiment's `sweep(add, arg)` as one run folder and one trainer command per point.
 
-  python tools/sweep.py --config=experiments/ablations.py:smoke,study=selection \
+  ove-sweep --config=experiments/ablations.py:smoke,study=selection \
       --root=/tmp/sweep_sel --run                 # run them here, one after another
   ove-sweep --config=experiments/ablations.py:study=budget --root=/ckpt/abl_budget --print
   ove-sweep --config=experiments/ablations.py:study=budget --root=/ckpt/abl_budget \
       --job-array=/ckpt/abl_budget.jobs --config.data.heads.image.source=...
   ove-sweep --config=... --root=/ckpt/abl_budget --collect   # results of runs made elsewhere
 
-An experiment file defines, next to `get_config(arg)`:
-
-  def sweep(add, arg=None):        # arg: the same typed argument string as get_config's
-    for lr in (1e-3, 3e-4):
-      add(**{'optim.lr': lr})       # dotted config keys, as in --config.optim.lr=0.001
-    # several keys that make one setting, named by a label (the run's name and table columns):
-    add(label={'selection': 'uniform'}, **{'data.heads.video.video_modes': (0, 1, 0, 0)})
-
-Each point runs in <root>/<name>. The name comes from the label, else from the overrides (each
-key shortened to its last dotted parts that tell it apart within the point), with characters
-other than letters, digits and `._=,+-` replaced: `selection=uniform`, `rope=1d`,
-`margin=0.3`. The same overrides always give the same name. Its command is
-`python -m ove_jax.train --config=SPEC --workdir=<root>/<name> --config.KEY=VALUE ...`: the point's
-overrides, then the ones given here (which may not set a swept key). Points whose built-in data
-would be the same (builtin.enabled with no builtin.root) share one folder under
-<root>/builtin_data, named by the data's parameters, instead of making it once per run.
+How an experiment defines its sweep, how points are named and what the results table holds:
+the `ove_jax.sweeps` docstring (docs/sweeps.md). Each point's command is
+`python -m ove_jax.train --config=SPEC --workdir=<root>/<name> --config.KEY=VALUE ...`: the
+point's overrides, then the --config.KEY=VALUE given here (which may not set a swept key).
 
 Modes (one; --print when none is given):
   --run        run the points here in turn. A finished run (its checkpoint of step total_steps is
@@ -31,488 +19,94 @@ Modes (one; --print when none is given):
                exit status is 1 when any failed. The runs share a JAX compilation cache
                (--compile-cache, default <root>/jax_cache), so points of one shape compile once.
   --print      print the commands, one a line.
-  --job-array=FILE  write the commands to FILE, one a line, under a comment showing how an array
+  --job-array FILE  write the commands to FILE, one a line, under a comment showing how an array
                task picks its line (SLURM's sbatch --array, or any scheduler's task index).
   --collect    only gather the results of the runs in <root>.
---only=NAME keeps the named point (repeat it for more; names may hold commas). --job-array, --run
+--only NAME keeps the named point (repeat it for more; names may hold commas). --job-array, --run
 and --collect write <root>/sweep.json (the points, their commands and status); --run and
---collect write <root>/results.csv and results.md: per point its swept values, status, final
-step, and from metrics.jsonl the loss, each head's accuracy, the eval/* and probe/* values (the
-latest value of each key). --print writes nothing.
+--collect write <root>/results.csv and results.md. --print writes nothing.
 
 A config error (an unknown key in a point, a value that does not survive the command line, a
 duplicate name) exits with status 2 before anything runs, naming the point and the key.
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import hashlib
-import inspect
-import io
-import json
-import math
+import argparse
 import os
-import re
 import shlex
-import subprocess
 import sys
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
-from data_pipeline import fileio
+from ove_jax import cli
 from ove_jax import config as config_lib
-
-USAGE = ('python tools/sweep.py --config=experiments/<name>.py[:args] --root=DIR '
-         '[--run | --print | --job-array=FILE | --collect] [--only=NAME ...] '
-         '[--compile-cache=DIR] [--config.key=value ...]')
-RESULTS_CSV = 'results.csv'
-RESULTS_MD = 'results.md'
-SWEEP_JSON = 'sweep.json'
-TRAIN_LOG = 'train.log'
-BUILTIN_DIR = 'builtin_data'
-_NAME_CHARS = re.compile(r'[^A-Za-z0-9._=,+-]')
-_MAX_NAME = 120
+from ove_jax import sweeps
 
 
-@dataclasses.dataclass(frozen=True)
-class Point:
-  """One run of a sweep: its folder name, its overrides (dotted key -> value, in the order the
-  experiment gave them) and its table columns (the label, else the shortened keys)."""
-  name: str
-  overrides: Mapping[str, Any]
-  columns: Mapping[str, Any]
-
-  def override_args(self) -> list[str]:
-    """The overrides as the trainer's `--config.` arguments (without that prefix)."""
-    return [f'{key}={format_value(value)}' for key, value in self.overrides.items()]
-
-
-# ------------------------------------------------------------------------------------------------
-# Expansion and names
-# ------------------------------------------------------------------------------------------------
-
-def format_value(value: Any) -> str:
-  """A value as `--config.key=` text that config.apply_override turns back into the value."""
-  if isinstance(value, bool):
-    return 'true' if value else 'false'
-  if isinstance(value, str):
-    return value
-  if isinstance(value, (list, tuple)):
-    return repr(tuple(value))
-  return repr(value)
-
-
-def _name_value(value: Any) -> str:
-  if isinstance(value, bool):
-    return 'true' if value else 'false'
-  if isinstance(value, (list, tuple)):
-    return '-'.join(_name_value(v) for v in value)
-  if value is None:
-    return 'none'
-  return value if isinstance(value, str) else repr(value)
-
-
-def short_keys(keys: Sequence[str]) -> dict[str, str]:
-  """Each dotted key's last part, or as many last parts as tell it apart from the others."""
-  out = {}
-  for key in keys:
-    parts = key.split('.')
-    for n in range(1, len(parts) + 1):
-      short = '.'.join(parts[-n:])
-      if not any(other != key and (other == short or other.endswith('.' + short))
-                 for other in keys):
-        break
-    out[key] = short
-  return out
-
-
-def point_name(columns: Mapping[str, Any]) -> str:
-  """The run folder's name of a point with these columns: stable, filesystem-safe."""
-  text = ','.join(f'{k}={_name_value(v)}' for k, v in columns.items()) or 'baseline'
-  safe = _NAME_CHARS.sub('_', text)
-  if safe.startswith(('.', '-')):
-    safe = '_' + safe
-  if len(safe) > _MAX_NAME:  # keep it readable and unique: a prefix and a digest of the whole
-    safe = safe[:_MAX_NAME - 11] + '-' + hashlib.sha1(text.encode()).hexdigest()[:10]
-  return safe
-
-
-def expand(spec: str) -> list[Point]:
-  """The points of the experiment `spec` (`path.py[:arg]`), from its sweep(add, arg)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise config_lib.ConfigError(f'--config={spec}: no experiment file {path!r}')
-  module = config_lib.load_module(path)
-  sweep_fn = getattr(module, 'sweep', None)
-  if sweep_fn is None:
-    raise config_lib.ConfigError(
-        f'{path} has no sweep(add, arg=None) function; define one that calls add(**overrides) '
-        'once per run (see tools/sweep.py)')
-  points: list[Point] = []
-
-  def add(label: Mapping[str, Any] | None = None, **overrides: Any) -> None:
-    where = f'{path}: sweep point {len(points) + 1}'
-    if label is not None and (not isinstance(label, Mapping) or not label
-                              or not all(isinstance(k, str) for k in label)):
-      raise config_lib.ConfigError(f'{where}: label={label!r}; give a non-empty dict of '
-                                   'column name -> value, e.g. label={"selection": "uniform"}')
-    reserved = sorted(set(label or ()) & {'name', 'status', 'step'})
-    if reserved:
-      raise config_lib.ConfigError(f'{where}: label column(s) {reserved} are the results '
-                                   'table\'s own; rename them')
-    columns = dict(label) if label else {
-        short: overrides[key] for key, short in short_keys(list(overrides)).items()}
-    points.append(Point(point_name(columns), dict(overrides), columns))
-
-  if len(inspect.signature(sweep_fn).parameters) >= 2:
-    sweep_fn(add, arg or None)
-  else:  # sweep(add): one sweep whatever the argument
-    sweep_fn(add)
-  if not points:
-    raise config_lib.ConfigError(f'{path}: sweep({arg or ""}) added no points')
-  seen: dict[str, Point] = {}
-  for point in points:
-    if point.name in seen:
-      raise config_lib.ConfigError(
-          f'{path}: two sweep points are both named {point.name!r} ({dict(seen[point.name].overrides)}'
-          f' and {dict(point.overrides)}); give them labels that differ')
-    seen[point.name] = point
-  return points
-
-
-def point_config(spec: str, point: Point, common: Sequence[str] = ()):
-  """The validated config of one point, made the way the trainer will make it: the experiment,
-  then the point's overrides as command-line text, then `common`."""
-  swept = set(point.overrides)
-  for item in common:
-    key = item.partition('=')[0]
-    if key in swept:
-      raise config_lib.ConfigError(
-          f'--config.{item}: {key} is swept by the experiment (point {point.name}); change the '
-          'sweep, or run that point by hand with python -m ove_jax.train')
-  try:
-    config = config_lib.load(spec, [*point.override_args(), *common])
-  except config_lib.ConfigError as e:
-    raise config_lib.ConfigError(f'sweep point {point.name}: {e}') from None
-  flat = config_lib.flatten(config)
-  for key, value in point.overrides.items():
-    got = flat.get(key)
-    want = tuple(value) if isinstance(value, list) else value
-    if got != want or type(got) is not type(want) and not _same_number(got, want):
-      raise config_lib.ConfigError(
-          f'sweep point {point.name}: {key}={value!r} becomes {got!r} on the command line '
-          f'(the key holds a {type(got).__name__}); give a value of that type')
-  return config
-
-
-def _same_number(a, b) -> bool:
-  numbers = (int, float)
-  return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
-          and not isinstance(b, bool) and a == b)
-
-
-def builtin_folder(config) -> str | None:
-  """The shared built-in data folder name of a config that makes its own (None otherwise)."""
-  from data_pipeline import builtin
-  b = config.builtin
-  if not b.enabled or b.root:
-    return None
-  # Its version too: data of an older layout is refused by builtin.ensure, not silently reused.
-  return (f'budget{b.budget}_policy-{b.policy}_clips{b.clips}_images{b.images}_'
-          f'seed{config.seed}_v{builtin.VERSION}')
-
-
-def train_command(spec: str, root: str, point: Point, config, common: Sequence[str] = (),
-                  python: str = 'python') -> list[str]:
-  """argv of the point's trainer run."""
-  args = [python, '-m', 'ove_jax.train', f'--config={spec}',
-          f'--workdir={os.path.join(root, point.name)}']
-  args += [f'--config.{item}' for item in [*point.override_args(), *common]]
-  folder = builtin_folder(config)
-  if folder:
-    args.append(f'--config.builtin.root={os.path.join(root, BUILTIN_DIR, folder)}')
-  return args
-
-
-# ------------------------------------------------------------------------------------------------
-# Run state and results
-# ------------------------------------------------------------------------------------------------
-
-def is_finished(run_dir: str, total_steps: int) -> bool:
-  """The trainer's checkpoint of step `total_steps` is in `run_dir` and committed (orbax moves a
-  step folder to its final name when complete and writes its commit marker)."""
-  step_dir = os.path.join(run_dir, 'checkpoints', str(total_steps))
-  if os.path.isfile(os.path.join(step_dir, 'commit_success.txt')):
-    return True
-  try:
-    with open(os.path.join(step_dir, '_CHECKPOINT_METADATA')) as f:
-      return bool(json.load(f).get('commit_timestamp_nsecs'))
-  except (OSError, ValueError):
-    return False
-
-
-def final_metrics(run_dir: str) -> dict[str, Any]:
-  """Every key's latest value in `<run_dir>/metrics.jsonl` (by step, a later line of the same
-  step winning: a resumed run rewrites steps, and probes may log on a line of their own); {}
-  when there is none. Lines that are not JSON (a killed run's last) are skipped."""
-  path = os.path.join(run_dir, 'metrics.jsonl')
-  lines = []
-  try:
-    with open(path, encoding='utf-8') as f:
-      for order, text in enumerate(f):
-        try:
-          line = json.loads(text)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(line, dict) and isinstance(line.get('step'), int):
-          lines.append((line['step'], order, line))
-  except FileNotFoundError:
-    return {}
-  out: dict[str, Any] = {}
-  for _, _, line in sorted(lines, key=lambda x: x[:2]):
-    out.update(line)
-  return {k: _number(v) for k, v in out.items()}
-
-
-def _number(value):
-  if isinstance(value, str) and value in ('nan', 'inf', '-inf'):
-    return float(value)  # how the metric writer stores non-finite values
-  return value
-
-
-def result_keys(metrics: Mapping[str, Any]) -> list[str]:
-  """The reported metrics of one run: loss, <head>/accuracy, eval/*, probe/*."""
-  heads = sorted(k for k in metrics if re.fullmatch(r'[^/]+/accuracy', k))
-  evals = sorted(k for k in metrics if k.startswith('eval/'))
-  probes = sorted(k for k in metrics if k.startswith('probe/'))
-  return [k for k in ('loss',) if k in metrics] + heads + evals + probes
-
-
-def gather(root: str, points: Sequence[Point], configs: Mapping[str, Any],
-           failures: Mapping[str, str] | None = None) -> tuple[list[str], list[dict]]:
-  """(columns, one row per point) of the results table."""
-  failures = failures or {}
-  rows, metric_keys, label_keys = [], [], []
-  for point in points:
-    run_dir = os.path.join(root, point.name)
-    metrics = final_metrics(run_dir)
-    if point.name in failures:
-      status = failures[point.name]
-    elif is_finished(run_dir, configs[point.name].total_steps):
-      status = 'finished'
-    elif os.path.isdir(run_dir):
-      status = 'unfinished'
-    else:
-      status = 'not started'
-    row = {'name': point.name, **{k: _cell(v) for k, v in point.columns.items()},
-           'status': status, 'step': metrics.get('step', '')}
-    for key in result_keys(metrics):
-      row[key] = metrics[key]
-      if key not in metric_keys:
-        metric_keys.append(key)
-    for key in point.columns:
-      if key not in label_keys:
-        label_keys.append(key)
-    rows.append(row)
-  order = {k: i for i, k in enumerate(result_keys(dict.fromkeys(metric_keys)))}
-  columns = ['name', *label_keys, 'status', 'step', *sorted(metric_keys, key=order.get)]
-  return columns, rows
-
-
-def _cell(value):
-  return _name_value(value) if isinstance(value, (list, tuple, bool)) or value is None else value
-
-
-def write_results(root: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
-                  ) -> tuple[str, str]:
-  """results.csv (full precision) and results.md (a Markdown table, 4 significant digits)."""
-  csv_path, md_path = os.path.join(root, RESULTS_CSV), os.path.join(root, RESULTS_MD)
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction='ignore',
-                          lineterminator='\n')
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: row.get(k, '') for k in columns})
-  fileio.write_atomic(csv_path, buffer.getvalue())
-  fileio.write_atomic(md_path, markdown_table(columns, rows))
-  return csv_path, md_path
-
-
-def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-  def cell(value):
-    if isinstance(value, float):
-      return 'nan' if math.isnan(value) else f'{value:.4g}'
-    return str(value).replace('|', '\\|')
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  lines += ['| ' + ' | '.join(cell(row.get(k, '')) for k in columns) + ' |' for row in rows]
-  return '\n'.join(lines) + '\n'
-
-
-
-def write_sweep_json(root: str, spec: str, points: Sequence[Point],
-                     commands: Mapping[str, Sequence[str]], status: Mapping[str, str]) -> str:
-  path = os.path.join(root, SWEEP_JSON)
-  fileio.write_atomic(path, json.dumps({
-      'config': spec, 'points': [
-          {'name': p.name, 'overrides': dict(p.overrides), 'columns': dict(p.columns),
-           'command': shlex.join(commands[p.name]), 'status': status.get(p.name, '')}
-          for p in points]}, indent=2, default=list) + '\n')
-  return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Modes
-# ------------------------------------------------------------------------------------------------
-
-def job_array_text(spec: str, root: str, commands: Sequence[Sequence[str]], path: str) -> str:
-  """The job array file `path`: a comment on how to index it, then one command a line."""
-  n, here = len(commands), os.getcwd()
-  header = [
-      f'# ove-sweep job array: {n} runs of {spec} under {root}',
-      '# Array task i runs the (i+1)-th line that is not a comment, from the directory the',
-      f'# sweep was made in ({here}). A SLURM wrapper (sbatch wrapper.sh):',
-      '#   #!/bin/bash',
-      f'#   #SBATCH --array=0-{n - 1}',
-      f'#   cd {shlex.quote(here)}',
-      f'#   eval "$(grep -v \'^#\' {shlex.quote(path)} | sed -n "$((SLURM_ARRAY_TASK_ID + 1))p")"',
-      '# Any scheduler: replace SLURM_ARRAY_TASK_ID by its task index. A finished run started',
-      '# again ends at once; an unfinished one resumes. Results afterwards:',
-      f'#   python tools/sweep.py --config={shlex.quote(spec)} --root={shlex.quote(root)} '
-      '--collect',
-  ]
-  return '\n'.join(header + [shlex.join(c) for c in commands]) + '\n'
-
-
-def run_points(root: str, points: Sequence[Point], configs: Mapping[str, Any],
-               commands: Mapping[str, Sequence[str]], *, compile_cache: str = '',
-               say: Callable[[str], None] = print) -> dict[str, str]:
-  """Runs the unfinished points in turn; returns {name: failure text} of those that failed."""
-  env = dict(os.environ)
-  if compile_cache:
-    env.setdefault('JAX_COMPILATION_CACHE_DIR', compile_cache)
-  failures: dict[str, str] = {}
-  for i, point in enumerate(points, start=1):
-    run_dir = os.path.join(root, point.name)
-    where = f'[{i}/{len(points)}] {point.name}'
-    if is_finished(run_dir, configs[point.name].total_steps):
-      say(f'{where}: finished already, skipped')
-      continue
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, TRAIN_LOG)
-    say(f'{where}: running (output in {log_path})')
-    start = time.perf_counter()
-    with open(log_path, 'a', encoding='utf-8') as log:
-      log.write(f'$ {shlex.join(commands[point.name])}\n')
-      log.flush()
-      code = subprocess.run(list(commands[point.name]), stdout=log, stderr=subprocess.STDOUT,
-                            env=env, check=False).returncode
-    seconds = time.perf_counter() - start
-    if code == 0 and is_finished(run_dir, configs[point.name].total_steps):
-      say(f'{where}: finished in {seconds:.1f} s')
-      continue
-    failures[point.name] = (f'failed (exit {code})' if code else
-                            'failed (exited 0 before total_steps)')
-    say(f'{where}: {failures[point.name]} after {seconds:.1f} s; last lines of {log_path}:')
-    say(_tail(log_path))
-  return failures
-
-
-def _tail(path: str, lines: int = 12) -> str:
-  with open(path, encoding='utf-8', errors='replace') as f:
-    # The progress bar redraws with carriage returns: keep each line's last state.
-    text = [line.rsplit('\r', 1)[-1] for line in f.read().splitlines()]
-  return '\n'.join('    ' + line for line in text[-lines:])
-
-
-def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-  opts: dict[str, Any] = {'spec': None, 'root': None, 'mode': None, 'job_array': None,
-                          'only': None, 'compile_cache': None, 'common': []}
-
-  def set_mode(mode):
-    if opts['mode'] not in (None, mode):
-      raise config_lib.ConfigError(f'--{opts["mode"]} and --{mode}: choose one mode; usage: '
-                                   f'{USAGE}')
-    opts['mode'] = mode
-
-  for arg in argv:
-    if arg.startswith('--config.'):
-      opts['common'].append(arg[len('--config.'):])
-    elif arg.startswith('--config='):
-      opts['spec'] = arg[len('--config='):]
-    elif arg.startswith('--root='):
-      opts['root'] = arg[len('--root='):]
-    elif arg in ('--run', '--print', '--collect'):
-      set_mode(arg[2:])
-    elif arg.startswith('--job-array='):
-      set_mode('job-array')
-      opts['job_array'] = arg[len('--job-array='):]
-    elif arg.startswith('--only='):
-      opts['only'] = (opts['only'] or []) + [arg[len('--only='):]]
-    elif arg.startswith('--compile-cache='):
-      opts['compile_cache'] = arg[len('--compile-cache='):]
-    elif arg in ('-h', '--help'):
-      print(__doc__)
-      raise SystemExit(0)
-    else:
-      raise config_lib.ConfigError(f'unknown argument {arg!r}; usage: {USAGE}')
-  if not opts['spec'] or not opts['root']:
-    raise config_lib.ConfigError(f'--config and --root are required; usage: {USAGE}')
-  if opts['mode'] == 'job-array' and not opts['job_array']:
-    raise config_lib.ConfigError('--job-array=FILE needs a file name')
-  opts['mode'] = opts['mode'] or 'print'
-  return opts
+def build_parser() -> cli.Parser:
+  p = cli.Parser(prog='ove-sweep', description=__doc__.split('\n\n')[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                 epilog=__doc__.split('\n\n', 1)[1] + '\nAny --config.KEY=VALUE overrides '
+                 'every point\'s config, as in the trainer.')
+  p.add_argument('--config', required=True, metavar='SPEC',
+                 help='the experiment with its sweep: experiments/<name>.py[:args]')
+  p.add_argument('--root', required=True, help='the folder of the runs (one per point)')
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument('--run', action='store_const', const='run', dest='mode',
+                    help='run the unfinished points here, one after another')
+  mode.add_argument('--print', action='store_const', const='print', dest='mode',
+                    help='print the commands, one a line (the default)')
+  mode.add_argument('--job-array', metavar='FILE',
+                    help='write the commands to FILE, one a line, for a scheduler\'s job array')
+  mode.add_argument('--collect', action='store_const', const='collect', dest='mode',
+                    help='only gather the results of the runs in --root')
+  p.add_argument('--only', action='append', metavar='NAME',
+                 help='keep this point (repeat for more)')
+  p.add_argument('--compile-cache', metavar='DIR',
+                 help='JAX compilation cache of --run (default <root>/jax_cache; empty: none)')
+  return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
-    opts = parse_args(argv)
-    spec, common = opts['spec'], opts['common']
-    root = os.path.abspath(opts['root'])
-    points = expand(spec)
-    if opts['only'] is not None:
-      names = {p.name for p in points}
-      unknown = [n for n in opts['only'] if n not in names]
-      if unknown:
-        raise config_lib.ConfigError(f'--only names {unknown}; the points are '
-                                     f'{", ".join(sorted(names))}')
-      points = [p for p in points if p.name in opts['only']]
-    configs = {p.name: point_config(spec, p, common) for p in points}
+    args, rest = build_parser().parse_known_args(argv)
+    common = cli.config_overrides(rest)
+  except cli.UsageError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  mode = 'job-array' if args.job_array else (args.mode or 'print')
+  spec, root = args.config, os.path.abspath(args.root)
+  try:
+    points = sweeps.select(sweeps.expand(spec), args.only)
+    configs = {p.name: sweeps.point_config(spec, p, common) for p in points}
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
 
-  mode = opts['mode']
   python = sys.executable if mode == 'run' else 'python'
-  commands = {p.name: train_command(spec, root, p, configs[p.name], common, python)
+  commands = {p.name: sweeps.train_command(spec, root, p, configs[p.name], common, python)
               for p in points}
   if mode == 'print':
     for p in points:
       print(shlex.join(commands[p.name]))
     return 0
-  os.makedirs(root, exist_ok=True)
   if mode == 'job-array':
-    path = os.path.abspath(opts['job_array'])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fileio.write_atomic(path, job_array_text(spec, root, [commands[p.name] for p in points], path))
-    write_sweep_json(root, spec, points, commands, {})
+    path = sweeps.write_job_array(args.job_array, spec, root, points, commands)
     print(f'wrote {len(points)} commands to {path}')
     return 0
 
   failures: dict[str, str] = {}
   interrupted = False
   if mode == 'run':
-    cache = opts['compile_cache']
+    cache = args.compile_cache
     cache = os.path.join(root, 'jax_cache') if cache is None else cache
+    os.makedirs(root, exist_ok=True)
     try:
-      failures = run_points(root, points, configs, commands, compile_cache=cache)
+      failures = sweeps.run_points(root, points, configs, commands, compile_cache=cache)
     except KeyboardInterrupt:
       interrupted = True
       print('interrupted; writing the results so far', file=sys.stderr)
-  columns, rows = gather(root, points, configs, failures)
-  write_sweep_json(root, spec, points, commands, {r['name']: r['status'] for r in rows})
-  csv_path, md_path = write_results(root, columns, rows)
+  csv_path, md_path = sweeps.collect(root, spec, points, configs, commands, failures)
   with open(md_path, encoding='utf-8') as f:
     print(f.read(), end='')
   print(f'results: {md_path}, {csv_path}')

@@ -1,9 +1,9 @@
-"""Probes of a frozen encoder: attentive (SPEC §6), linear (logistic regression) and k-NN.
+"""Probes of a frozen encoder: attentive (docs/spec.md §6), linear (logistic regression) and k-NN.
 
   evaluate(encoder, train_samples, test_samples, probes=('attentive', 'linear', 'knn'))
       extracts features once (`features.extract`) and runs the chosen probes; the one call for a
-      standalone evaluation (tools/probe.py) and for a periodic one during training (cheap
-      settings: few epochs, `probes=('knn',)`, a few hundred samples).
+      standalone evaluation (ove_jax.probes, ove-probe) and for a periodic one during training
+      (cheap settings: few epochs, `probes=('knn',)`, a few hundred samples).
   run_probes(train_features, test_features, encoder_config)
       the probes alone, on features already extracted.
   video_samples(records, mode='codec' | 'uniform', num_frames)

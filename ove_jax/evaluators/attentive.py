@@ -1,4 +1,4 @@
-"""The attentive probe (SPEC §6): a new MAP head on a frozen encoder's output tokens.
+"""The attentive probe (docs/spec.md §6): a new MAP head on a frozen encoder's output tokens.
 
   tokens [B, L, C] -> MAPHead (as the encoder's, fresh weights) -> LayerNorm -> Linear(classes)
 
@@ -31,8 +31,8 @@ from ove_jax.models.encoder import EncoderConfig, MAPHead
 
 @dataclasses.dataclass(frozen=True)
 class AttentiveConfig:
-  """The probe's training settings; the defaults are SPEC §6's."""
-  epochs: int = 10                  # SPEC: 10, or 30 for small sets
+  """The probe's training settings; the defaults are docs/spec.md §6's."""
+  epochs: int = 10                  # docs/spec.md §6: 10, or 30 for small sets
   batch_size: int = 32
   learning_rate: float = 1e-4       # AdamW peak, linearly decayed to end_learning_rate
   end_learning_rate: float = 0.0

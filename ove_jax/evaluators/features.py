@@ -3,7 +3,7 @@
 `video_samples(records, mode)` turns labelled video records into token samples at an equal token
 budget: 'codec' gives a record's K selected patches, 'uniform' gives `num_frames` whole frames
 (256 patches each) at their true t on the 64-frame grid, so codec K = 2048 against 8 uniform
-frames is the paper's comparison (SPEC §6).
+frames is the paper's comparison (docs/spec.md §6).
 
 `extract(encoder, samples)` runs the encoder once over them and keeps, per sample, its output
 tokens (`last_hidden_state`, for the attentive probe) and its pooled embedding (for the linear

@@ -13,14 +13,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ove_jax.vectors import l2_normalize
+
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 MIN_SAMPLES_FOR_SEARCH = 6  # below this, 3 folds are too small to rank C: use DEFAULT_C
 DEFAULT_C = 10.0
-
-
-def l2_normalize(x_NxC: np.ndarray) -> np.ndarray:
-  x_NxC = np.asarray(x_NxC, np.float64)
-  return x_NxC / np.maximum(np.linalg.norm(x_NxC, axis=-1, keepdims=True), 1e-12)
 
 
 def _model(c: float, seed: int):
@@ -37,7 +34,8 @@ def linear_probe(train_NxC, train_labels_N, test_MxC, test_labels_M, *, C: float
   from sklearn.exceptions import ConvergenceWarning
   from sklearn.model_selection import KFold, cross_val_score
 
-  x_train, x_test = l2_normalize(train_NxC), l2_normalize(test_MxC)
+  x_train = l2_normalize(np.asarray(train_NxC, np.float64))
+  x_test = l2_normalize(np.asarray(test_MxC, np.float64))
   y_train = np.asarray(train_labels_N, np.int64)
   y_test = np.asarray(test_labels_M, np.int64)
   if len(y_train) == 0 or len(y_test) == 0:

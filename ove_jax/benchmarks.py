@@ -1,0 +1,429 @@
+"""Benchmark computations: timing, the encoder step (sparse vs dense, JAX vs our PyTorch port),
+and the sharded k-means pass against scikit-learn. The programs `ove-bench-encoder` and
+`ove-bench-kmeans` (tools/) print what these measure; what each figure means is in their help.
+
+Figures are ratios measured side by side in one run (sparse vs dense, our code vs a baseline,
+achieved FLOP/s vs the machine's measured matmul peak); nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ove_jax.models import encoder as enc
+
+IMAGE_SIZE = 224
+PATCH_SIZE = 14
+GRID = IMAGE_SIZE // PATCH_SIZE          # 16 patches a side
+PATCHES_PER_FRAME = GRID * GRID          # 256
+
+# Benchmark-only sizes (width, depth, heads, mlp_dim); ove-bench-encoder's help says why.
+BENCH_PRESETS = {'micro': (64, 2, 1, 256)}
+
+# XLA:CPU's memory_analysis under-reports the peak: measured peak RSS was 1.1x the planned
+# temporaries with one head and up to 2.4x with two (jax 0.10.2, L = 8192), so on CPU the dense
+# case is run only when twice the plan fits in the available RAM.
+CPU_MEMORY_MARGIN = 2.0
+
+# Settings that change these timings; recorded with the figures when set.
+ENV_VARS = ('XLA_FLAGS', 'GLIBC_TUNABLES', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'JAX_PLATFORMS')
+
+# The aims: sparse speedup at least 90% of the FLOP ratio; JAX no slower than torch.
+SPEEDUP_AIM = 0.90
+TORCH_AIM = 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+def clip_inputs(cfg, batch: int, frames: int, budget: int, seed: int):
+  """Dense patches [B, N, P] and (t, h, w) [B, N, 3] of a random clip, and the sparse choice of
+  `budget` of them per row (sorted, as the codec selection hands them over)."""
+  rng = np.random.default_rng(seed)
+  n = frames * PATCHES_PER_FRAME
+  # CLIP-normalised pixels are roughly unit Gaussian; values do not change the timing.
+  dense_patches = rng.standard_normal((batch, n, cfg.patch_dim), dtype=np.float32)
+  flat = np.arange(n)
+  grid = np.stack([flat // PATCHES_PER_FRAME, (flat // GRID) % GRID, flat % GRID], axis=-1)
+  dense_positions = np.broadcast_to(grid, (batch, n, 3)).astype(np.int32)
+  idx_BxK = np.stack([np.sort(rng.choice(n, budget, replace=False)) for _ in range(batch)])
+  sparse_patches = np.take_along_axis(dense_patches, idx_BxK[..., None], axis=1)
+  sparse_positions = np.take_along_axis(dense_positions, idx_BxK[..., None], axis=1)
+  return (dense_patches, dense_positions), (sparse_patches, sparse_positions)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+def time_runs(fn, *, warmup: int, repeats: int) -> dict:
+  """Wall times of `repeats` calls after `warmup`, their median, and the process's CPU time per
+  call split into user and system (on CPU a large system share is page faults, not compute)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  cpu_start = os.times()
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  cpu_end = os.times()
+  return {'times_s': times, 'median_s': statistics.median(times),
+          'user_s': (cpu_end.user - cpu_start.user) / repeats,
+          'sys_s': (cpu_end.system - cpu_start.system) / repeats}
+
+
+def peak_rss_gb() -> float | None:
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+  return kb / 1e6 if sys.platform.startswith('linux') else None
+
+
+def available_memory_bytes() -> tuple[float | None, float]:
+  """(bytes the compiled step may use, margin to apply to XLA's plan)."""
+  if jax.default_backend() == 'cpu':
+    try:
+      with open('/proc/meminfo') as f:
+        for line in f:
+          if line.startswith('MemAvailable:'):
+            return int(line.split()[1]) * 1024, CPU_MEMORY_MARGIN
+    except OSError:
+      pass
+    return None, CPU_MEMORY_MARGIN
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get('bytes_limit')
+  return (limit - stats.get('bytes_in_use', 0) if limit else None), 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX
+# ------------------------------------------------------------------------------------------------
+
+def make_jax_step(model):
+  """Jitted (loss, grads) of sum(pooled^2) w.r.t. all parameters, and the forward alone."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def pooled(params, patches, positions):
+    return nnx.merge(graphdef, params, rest)(patches, positions)['pooled']
+
+  def loss_fn(params, patches, positions):
+    return jnp.sum(jnp.square(pooled(params, patches, positions).astype(jnp.float32)))
+
+  return jax.jit(jax.value_and_grad(loss_fn)), jax.jit(pooled), params
+
+
+def bench_jax(step, params, patches, positions, *, warmup, repeats, check_memory=False):
+  """Compiles and times `step`; returns a result dict (with 'skipped' if it would not fit)."""
+  start = time.perf_counter()
+  compiled = step.lower(params, patches, positions).compile()
+  compile_s = time.perf_counter() - start
+  result = {'compile_s': compile_s}
+  try:
+    mem = compiled.memory_analysis()
+    result['planned_temp_gb'] = mem.temp_size_in_bytes / 1e9
+    planned = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+  except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+    planned = None
+  if check_memory and planned is not None:
+    available, margin = available_memory_bytes()
+    if available is not None and planned * margin > available:
+      result['skipped'] = (f'needs about {planned * margin / 1e9:.1f} GB ({planned / 1e9:.1f} GB '
+                           f'planned by XLA x {margin:g}), {available / 1e9:.1f} GB available')
+      return result, None
+  run = lambda: jax.block_until_ready(compiled(params, patches, positions))
+  result.update(time_runs(run, warmup=warmup, repeats=repeats))
+  outputs = compiled(params, patches, positions)
+  return result, outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch
+# ------------------------------------------------------------------------------------------------
+
+def bench_torch(model, cfg, patches_np, positions_np, *, dtype, warmup, repeats):
+  """Exports `model`, loads it in our PyTorch port and times the same step on the same input.
+
+  Returns (result, pooled [B, C] numpy, loss, grads keyed like the release state dict)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from ove_jax.convert import hf, torch_model  # pylint: disable=g-import-not-at-top
+
+  # Torch on the same kind of device as JAX, so the ratio compares like with like.
+  on_gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
+  device = torch.device('cuda' if on_gpu else 'cpu')
+  with tempfile.TemporaryDirectory() as directory:
+    hf.save_pytorch(model, directory)
+    tmodel = torch_model.load_pretrained(directory).to(device).train()
+  for p in tmodel.parameters():
+    p.requires_grad_(True)
+  x = torch.from_numpy(patches_np).to(device)
+  pos = torch.from_numpy(positions_np.astype(np.float32)).to(device)
+  # Our bfloat16 is mixed precision (float32 parameters, bfloat16 compute): autocast is that.
+  autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
+              else contextlib.nullcontext())
+  sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+
+  def step():
+    for p in tmodel.parameters():
+      p.grad = None
+    with autocast:
+      pooled = tmodel.forward_tokens(x, pos)['pooler_output']
+    loss = pooled.float().square().sum()
+    loss.backward()
+    sync()
+    return loss
+
+  timing = time_runs(step, warmup=warmup, repeats=repeats)
+  loss = float(step().detach())
+  grads = {k: p.grad.float().cpu().numpy() for k, p in tmodel.named_parameters()}
+  with torch.no_grad(), autocast:
+    pooled = tmodel.forward_tokens(x, pos)['pooler_output'].float().cpu().numpy()
+  result = {**timing, 'device': str(device),
+            'threads': torch.get_num_threads(), 'version': torch.__version__}
+  return result, pooled, loss, grads
+
+
+def max_rel_diff(a, b) -> float:
+  """max |a - b| / max |b|: relative to the tensor's scale, so near-zero entries do not blow up."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+
+def device_info() -> dict:
+  dev = jax.devices()[0]
+  info = {'backend': jax.default_backend(), 'device_kind': dev.device_kind,
+          'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
+          'jax': jax.__version__, 'python': platform.python_version()}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['cpu_model'] = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  env = {k: os.environ[k] for k in ENV_VARS if os.environ.get(k)}
+  if env:
+    info['env'] = env
+  return info
+
+
+def encoder_config(preset: str, *, width=None, depth=None, heads=None, mlp_dim=None,
+                   dtype: str = 'float32', attention: str = 'xla') -> enc.EncoderConfig:
+  """The benchmarked encoder: a preset (BENCH_PRESETS or the model's) with sizes overridden."""
+  if preset in BENCH_PRESETS:
+    d_width, d_depth, d_heads, d_mlp = BENCH_PRESETS[preset]
+  else:
+    d_width, d_depth, d_heads, d_mlp = enc.PRESETS[preset]
+  sizes = {'width': width or d_width, 'depth': depth or d_depth,
+           'num_heads': heads or d_heads, 'mlp_dim': mlp_dim or d_mlp}
+  return enc.EncoderConfig(**sizes, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, dtype=dtype,
+                           attention=attention)
+
+
+def attention_error(attention: str) -> str | None:
+  """Why `attention` cannot run on this backend, or None."""
+  backend = jax.default_backend()
+  needs = {'cudnn': ('gpu',), 'pallas_gpu': ('gpu',), 'splash': ('tpu',)}.get(attention)
+  if needs and backend not in needs:
+    return (f'--attention {attention} needs a {needs[0].upper()}; this backend is {backend!r} '
+            '(use xla or jax)')
+  return None
+
+
+def env_settings(info: dict) -> str:
+  """The timing-relevant environment settings of `device_info`, as shell assignments."""
+  return ' '.join(f'{k}={shlex.quote(v)}' for k, v in info.get('env', {}).items())
+
+
+def format_seconds(seconds) -> str:
+  return '-' if seconds is None else (f'{seconds * 1e3:.1f} ms' if seconds < 1 else
+                                      f'{seconds:.2f} s')
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder benchmark's figures
+# ------------------------------------------------------------------------------------------------
+
+def add_rates(result: dict, cfg, batch: int, tokens: int, peak: float) -> dict:
+  """Adds the step's analytic FLOPs (forward + backward), achieved FLOP/s and share of `peak`
+  (and the peak RSS so far, on CPU) to a `bench_jax` / `bench_torch` result."""
+  flops = batch * enc.encoder_flops(cfg, tokens, backward=True)
+  result.update(tokens=tokens, flops=flops)
+  if 'median_s' in result:
+    result['flops_per_s'] = flops / result['median_s']
+    result['peak_fraction'] = result['flops_per_s'] / peak
+  rss = peak_rss_gb()
+  if rss is not None and jax.default_backend() == 'cpu':
+    result['peak_rss_gb'] = rss
+  return result
+
+
+def torch_unavailable(skip: bool) -> str | None:
+  """Why the PyTorch comparison does not run, or None when it does."""
+  if skip:
+    return 'skipped (--skip-torch)'
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return 'skipped: torch is not installed (pip install -e .[torch])'
+  if jax.default_backend() != 'cpu' and not torch.cuda.is_available():
+    return (f'skipped: JAX runs on {jax.default_backend()} but this torch has no CUDA; a '
+            'GPU/TPU against a CPU says nothing about the code')
+  return None
+
+
+def torch_agreement(cfg, jax_grads, jax_pooled, jax_loss: float, t_pooled, t_loss: float,
+                    t_grads: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """How far our PyTorch port's pooled output, loss and gradients are from JAX's, and whether
+  they agree: float32 judges output and gradients at 1e-4; bfloat16 the output at 5e-2 (our
+  bfloat16 rounds every layer's output, autocast keeps norms and softmax in float32, so small
+  gradients such as norm biases differ by tens of percent)."""
+  from ove_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  flat = {tuple(path): np.asarray(v[...]) for path, v in nnx.to_flat_state(jax_grads)}
+  jax_grads_hf = hf.params_to_hf(flat, cfg)
+  grad_diffs = {key: max_rel_diff(jax_grads_hf[key], t_grads[key]) for key in t_grads}
+  worst = max(grad_diffs, key=grad_diffs.get)
+  check = {'pooled_max_rel_diff': max_rel_diff(jax_pooled, t_pooled),
+           'loss_jax': jax_loss, 'loss_torch': t_loss,
+           'grad_max_rel_diff': grad_diffs[worst], 'grad_worst_key': worst}
+  if cfg.dtype == 'float32':
+    tol = 1e-4
+    check['agree'] = max(check['pooled_max_rel_diff'], check['grad_max_rel_diff']) < tol
+  else:
+    tol = 5e-2
+    check['agree'] = check['pooled_max_rel_diff'] < tol
+  check['tolerance'] = tol
+  return check
+
+
+def speedups(rows: Mapping[str, dict]) -> dict[str, float]:
+  """Dense / sparse time against the analytic FLOP ratio, and JAX / PyTorch time."""
+  summary = {}
+  sparse, dense, torch_row = rows['JAX sparse'], rows.get('JAX dense'), rows.get('PyTorch sparse')
+  if dense is not None and 'median_s' in dense:
+    measured = dense['median_s'] / sparse['median_s']
+    analytic = dense['flops'] / sparse['flops']
+    summary.update(speedup_measured=measured, speedup_analytic=analytic,
+                   speedup_fraction=measured / analytic)
+  if torch_row is not None:
+    summary['jax_over_torch'] = sparse['median_s'] / torch_row['median_s']
+  return summary
+
+
+def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, frames: int,
+                     repeats: int, peak: float, rows: Mapping[str, dict], summary: dict,
+                     check: dict, dense_note: str | None, torch_note: str | None) -> list[str]:
+  """The Markdown section README records: the table of cases and the two aims."""
+  on_cpu = info['backend'] == 'cpu'
+  env_text = env_settings(info)
+  torch_row = rows.get('PyTorch sparse')
+  torch_text = (f"; torch {torch_row['version']} ({torch_row['device']}, "
+                f"{torch_row['threads']} threads)" if torch_row else '')
+  lines = ['', '## Encoder benchmark', '',
+           f'`{command}`', '',
+           f"Device: {info['device_kind']} ({info['backend']}), {info['cpu_count']} CPUs"
+           f"{' (' + info['cpu_model'] + ')' if 'cpu_model' in info else ''}; jax {info['jax']}"
+           f"{'; env `' + env_text + '`' if env_text else ''}"
+           f"{torch_text}",
+           f'Model: {preset} (width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, '
+           f'MLP {cfg.mlp_dim}, {enc.num_params(cfg) / 1e6:.2f}M parameters), {cfg.dtype}, '
+           f'attention {cfg.attention}; batch {batch}, {frames} frames; forward+backward, '
+           f'median of {repeats}. Matmul peak measured: {peak / 1e9:.1f} GFLOP/s.', '',
+           '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |'
+           + (' CPU s/step (user + sys) |' if on_cpu else ''),
+           '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else '')]
+  for name, row in rows.items():
+    if 'median_s' not in row:
+      lines.append(f"| {name} | {row['tokens']} | {row['flops'] / 1e9:.1f} | skipped | | | |"
+                   + (' |' if on_cpu else ''))
+      continue
+    compile_s = f"{row['compile_s']:.1f} s" if 'compile_s' in row else '-'
+    lines.append(f"| {name} | {row['tokens']} | {row['flops'] / 1e9:.1f} | "
+                 f"{format_seconds(row['median_s'])} | {row['flops_per_s'] / 1e9:.1f} | "
+                 f"{100 * row['peak_fraction']:.0f}% | {compile_s} |"
+                 + (f" {row['user_s']:.2f} + {row['sys_s']:.2f} |" if on_cpu else ''))
+  lines.append('')
+  if 'speedup_measured' in summary:
+    met = summary['speedup_fraction'] >= SPEEDUP_AIM
+    lines.append(f"Sparse speedup (dense / sparse time): {summary['speedup_measured']:.1f}x "
+                 f"measured vs {summary['speedup_analytic']:.1f}x analytic FLOP ratio = "
+                 f"{100 * summary['speedup_fraction']:.0f}% (aim >= {100 * SPEEDUP_AIM:.0f}%: "
+                 f"{'met' if met else 'NOT met'}).")
+  else:
+    lines.append(f'Sparse speedup: dense case {dense_note}.')
+  if 'jax_over_torch' in summary:
+    met = summary['jax_over_torch'] <= TORCH_AIM
+    lines.append(f"JAX / PyTorch time on the sparse input: {summary['jax_over_torch']:.2f} "
+                 f"(aim <= {TORCH_AIM:g}: {'met' if met else 'NOT met'}); outputs "
+                 f"{'agree' if check.get('agree') else 'DO NOT agree'} (pooled max rel diff "
+                 f"{check['pooled_max_rel_diff']:.1e}, gradients "
+                 f"{check['grad_max_rel_diff']:.1e}).")
+  else:
+    lines.append(f'JAX vs PyTorch: {torch_note}.')
+  return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# K-means assignment throughput
+# ------------------------------------------------------------------------------------------------
+
+def kmeans_throughput(n: int, d: int, k: int, *, chunk: int | None = None, repeats: int = 3,
+                      sklearn: bool = True, say: Callable[[str], None] = print) -> dict:
+  """One Lloyd pass of `ove_jax.kmeans` (assignment and per-cluster sums, on points already on
+  the devices of the current mesh) against scikit-learn's `KMeans.predict` (assignment only) on
+  the same N random points and k centres: best of `repeats` after a warm-up, in points x
+  centres per second."""
+  import warnings
+  from ove_jax import kmeans, sharding
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  centres = x[rng.choice(n, k, replace=False)]
+  pairs = n * k
+  mesh = sharding.current_mesh()
+  figures = {'n': n, 'd': d, 'k': k, 'devices': mesh.size, 'mesh': list(mesh.shape.values()),
+             'platform': jax.devices()[0].platform}
+  lay = kmeans.layout(n, k, chunk)
+  xs, valid, _ = kmeans.put_points(x, lay)
+  cs = kmeans.put_centres(centres, lay)
+  run = lambda: jax.block_until_ready(kmeans.lloyd_pass(xs, valid, cs, lay, False))
+  t_jax = min(time_runs(run, warmup=1, repeats=repeats)['times_s'])
+  figures.update(jax_seconds=t_jax, jax_pairs_per_second=pairs / t_jax,
+                 jax_chunk=lay.rows * lay.devices)
+  say(f'N={n} D={d} k={k} on {mesh.size} {figures["platform"]} device(s), mesh '
+      f'{tuple(figures["mesh"])}, chunk {figures["jax_chunk"]}')
+  say(f'  jax Lloyd pass (assign + sums)  {t_jax * 1e3:9.1f} ms   '
+      f'{pairs / t_jax:.3e} points x centres / s')
+  if sklearn:
+    from sklearn.cluster import KMeans
+    with warnings.catch_warnings():  # fitted on the centres themselves, only to make predict()
+      warnings.simplefilter('ignore')
+      km = KMeans(k, init=centres, n_init=1, max_iter=1).fit(centres)
+    km.cluster_centers_ = centres.copy()  # the same centres as the JAX pass
+    t_sk = min(time_runs(lambda: km.predict(x), warmup=1, repeats=repeats)['times_s'])
+    figures.update(sklearn_seconds=t_sk, sklearn_pairs_per_second=pairs / t_sk,
+                   jax_over_sklearn=t_sk / t_jax)
+    say(f'  sklearn predict (assign)        {t_sk * 1e3:9.1f} ms   '
+        f'{pairs / t_sk:.3e} points x centres / s')
+    say(f'  jax / sklearn throughput: {t_sk / t_jax:.2f}x')
+  return figures
