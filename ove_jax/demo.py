@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ove_jax import config as config_lib
 from ove_jax import probes as probes_lib
 
 EXPERIMENT = 'demo_cpu.py'
@@ -70,18 +71,8 @@ def oracle_features(attributes):
 
 
 def find_experiment(name: str = EXPERIMENT) -> str:
-  """experiments/<name> of the repository: next to the ove_jax package (a checkout or an
-  editable install), or under the current directory."""
-  import ove_jax  # no JAX import: safe before the device count is set
-  roots = [os.path.dirname(os.path.dirname(os.path.abspath(ove_jax.__file__))), os.getcwd()]
-  candidates = list(dict.fromkeys(os.path.join(r, 'experiments', name) for r in roots))
-  for path in candidates:
-    if os.path.isfile(path):
-      return path
-  raise FileNotFoundError(
-      f'the pretraining stage needs the experiment file experiments/{name}, which is not '
-      f'installed with the package; looked for {", ".join(candidates)}. Run the demo from a '
-      'checkout of the repository (pip install -e . there, or cd into it).')
+  """The shipped experiment file `name` (a checkout's experiments/ or the installed package's)."""
+  return config_lib.experiment_path(name)
 
 
 def fresh_train_dir(path: str) -> None:

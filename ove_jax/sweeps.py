@@ -124,10 +124,8 @@ def point_name(columns: Mapping[str, Any]) -> str:
 
 
 def expand(spec: str) -> list[Point]:
-  """The points of the experiment `spec` (`path.py[:arg]`), from its sweep(add, arg)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise config_lib.ConfigError(f'--config={spec}: no experiment file {path!r}')
+  """The points of the experiment `spec` (`name_or_path[:arg]`), from its sweep(add, arg)."""
+  path, arg = config_lib.split_spec(spec)   # a path, or a shipped experiment's name
   module = config_lib.load_module(path)
   sweep_fn = getattr(module, 'sweep', None)
   if sweep_fn is None:

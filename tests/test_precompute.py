@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import precompute, records, synthetic
+from data_pipeline import pictures, precompute, records, synthetic
 from ove_jax_tools import precompute_codec, visualize_selection
 
 NUM_FRAMES, BUDGET, RESOLUTION, PATCH = 8, 48, 112, 14
@@ -302,7 +302,7 @@ def test_overlay_dims_dropped_patches_and_outlines_kept_ones():
   mask[0, 0, 0] = mask[1, 1, 1] = True
   shown = visualize_selection.overlay(frames, mask, dim=0.25)
   assert np.all(shown[0, 1:13, 1:13] == 200)  # inside the kept patch: untouched
-  assert np.all(shown[0, 0, :14] == visualize_selection._OUTLINE)  # its border: outlined
+  assert np.all(shown[0, 0, :14] == pictures.OUTLINE)  # its border: outlined
   assert np.all(shown[0, 14:, :] == 50) and np.all(shown[1, :14, :] == 50)  # dimmed
 
 
@@ -340,7 +340,7 @@ def test_visualize_a_video_and_a_record(first_run, tmp_path):
   kept = kept[t].repeat(PATCH, 0).repeat(PATCH, 1)
   dimmed = (frames[t].astype(np.float32) * 0.3).astype(np.uint8)
   np.testing.assert_array_equal(tile[~kept], dimmed[~kept])
-  as_is = np.all(tile == frames[t], -1) | np.all(tile == visualize_selection._OUTLINE, -1)
+  as_is = np.all(tile == frames[t], -1) | np.all(tile == pictures.OUTLINE, -1)
   assert as_is[kept].all()
   # A record that is not there is an error, not a traceback.
   assert visualize_selection.main([shard, '--index', '99', '--out', str(out)]) == 2

@@ -108,7 +108,7 @@ def options(parser: argparse.ArgumentParser, argv=None):
                  '--probe-seeds must name a seed')
   try:
     demo.find_experiment()
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     parser.error(str(e))
   return opts
 
@@ -117,9 +117,9 @@ def main(argv=None) -> int:
   opts = options(build_parser(), argv)
   from ove_jax import demo, distributed
   distributed.use_cpu_devices(opts.devices)
-  from ove_jax_tools import visualize_selection
+  from data_pipeline import pictures
   try:
-    summary, failed = demo.run(opts, visualize_selection.render,
+    summary, failed = demo.run(opts, pictures.render,
                                say=lambda line: print(line, flush=True))
   except demo.DemoError as e:
     print(f'{"config error" if e.exit_code == 2 else "error"}: {e}', file=sys.stderr)
