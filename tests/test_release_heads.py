@@ -73,3 +73,30 @@ def test_wrong_class_count_or_width_names_the_file(tmp_path, full):
     release_heads.assemble(template)
   with pytest.raises(FileNotFoundError, match='no rank-0 shard'):
     release_heads.assemble(str(tmp_path / 'nothing_%03d.npy'))
+
+
+def test_release_single_node_recipe():
+  """stage2_video:release_single_node,si=DIR holds the values of the release's 8-GPU stage-2
+  script (shells/ov_encoder_large_stage2_residual_8gpus.sh) and validates on 8 devices."""
+  import os
+  from ove_jax import config as config_lib, train
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
+                      'stage2_video.py')
+  module = config_lib.load_module(path)
+  c = module.get_config('release_single_node,si=/ckpt/si')
+  config_lib.validate(c)
+  data, fsdp, _ = train.mesh_shape(c, 8)
+  for name, h in c.data.heads.items():
+    assert h.rows % (data * fsdp) == 0
+    config_lib.head_loss_config(c, name).check_devices(8, name)
+  assert (c.init.pytorch, c.init.checkpoint, c.init.heads) == ('/ckpt/si', '', 'fresh')
+  assert module.RELEASE_CENTRES % '/ckpt/si' % 3 == \
+      '/ckpt/si/ov_encoder_si_8gpus/ov_encoder_si_003.npy'
+  assert {n: h.num_classes for n, h in c.heads.items()} == {'image': 2_000_000, 'video': 400_000}
+  assert {n: h.rows for n, h in c.data.heads.items()} == {'image': 64, 'video': 64}
+  assert c.accumulate == 4 and c.total_steps == 2_500_000    # 1.28e9 samples / (16 x 8 x 4)
+  assert (c.optim.lr, c.optim.warmup, c.model.preset) == (5e-5, 1e-3, 'large')
+  assert tuple(c.data.heads.video.video_modes) == (0.375, 0.375, 0.25)
+  assert (c.data.heads.image.resolution, c.data.heads.video.num_frames) == (448, 8)
+  with pytest.raises(config_lib.ConfigError, match='needs si=DIR'):
+    module.get_config('release_single_node')

@@ -6,7 +6,8 @@ The release's `-si` checkpoint ships the image head's centres as one file per tr
 trainer starts a head from them with `--list_init_partial_fc_paths <dir>/ov_encoder_si_%03d.npy`,
 the `%03d` filled with the rank (release: training/train.py, `init_partial_fc % rank`;
 shells/ov_encoder_large_stage2_residual_8gpus.sh). The rows of rank r are classes
-[start_r, start_r + num_local_r) of the contiguous split of training/fused_partial_fc_v2_multi_res.py:
+[start_r, start_r + num_local_r) of the contiguous split of
+training/fused_partial_fc_v2_multi_res.py:
 
     num_local_r = num_classes // world + (r < num_classes % world)
     start_r     = num_classes // world * r + min(r, num_classes % world)
