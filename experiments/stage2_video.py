@@ -61,8 +61,8 @@ ov_encoder_si_%03d.npy (`--list_init_partial_fc_paths`), the video head fresh:
       --workdir=/ckpt/stage2_single_node --config.data.heads.image.source=... (and video)
 
 Arguments: smoke, paper, release_single_node, si=DIR, gpus=N, fsdp=N (mesh.fsdp), batch=N
-(global samples per step), samples=X (samples seen in all), steps=N (total_steps directly), blocks=N (loss.sampling_blocks),
-init=PATH (an earlier stage's workdir or step folder), heads=fresh|keep, workers=N (input worker
+(global samples per step), samples=X (samples seen in all), steps=N (total_steps directly),
+blocks=N (loss.sampling_blocks), init=PATH (an earlier stage's workdir or step folder), heads=fresh|keep, workers=N (input worker
 processes per head and host), data_root=PATH (smoke: the built-in data's folder).
 """
 from ove_jax import config as config_lib
@@ -73,7 +73,8 @@ CLASSES = {'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
 RELEASE_PER_GPU = {'image': 8, 'video': 8}
 RELEASE_CENTRES = '%s/ov_encoder_si_8gpus/ov_encoder_si_%%03d.npy'   # % si, then % rank
 ARGS = dict(smoke=False, paper=False, release_single_node=False, si='', gpus=128, fsdp=8,
-            batch=20_480, samples=4e9, steps=0, blocks=1024, init='', heads='fresh', workers=8, data_root='')
+            batch=20_480, samples=4e9, steps=0, blocks=1024, init='', heads='fresh', workers=8,
+            data_root='')
 
 
 def get_config(arg=None):
