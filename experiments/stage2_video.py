@@ -62,8 +62,9 @@ ov_encoder_si_%03d.npy (`--list_init_partial_fc_paths`), the video head fresh:
 
 Arguments: smoke, paper, release_single_node, si=DIR, gpus=N, fsdp=N (mesh.fsdp), batch=N
 (global samples per step), samples=X (samples seen in all), steps=N (total_steps directly),
-blocks=N (loss.sampling_blocks), init=PATH (an earlier stage's workdir or step folder), heads=fresh|keep, workers=N (input worker
-processes per head and host), data_root=PATH (smoke: the built-in data's folder).
+blocks=N (loss.sampling_blocks), init=PATH (an earlier stage's workdir or step folder),
+heads=fresh|keep, workers=N (input worker processes per head and host), data_root=PATH (smoke:
+the built-in data's folder).
 """
 from ove_jax import config as config_lib
 
