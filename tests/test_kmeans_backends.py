@@ -112,3 +112,16 @@ def test_two_processes_equal_one(tmp_path):
     assert float(p['inertia']) == pytest.approx(ref.inertia, rel=1e-5)
     assert int(p['n_iter']) == ref.n_iter
     np.testing.assert_array_equal(p['sizes'], ref.sizes)
+
+
+def test_bench_tool_writes_every_backend(tmp_path, capsys):
+  from ove_jax_tools import bench_kmeans_backends
+  out = tmp_path / 'bench.json'
+  assert bench_kmeans_backends.main(['--n=600', '--d=8', '--clusters=6', '--k', '6',
+                                     '--iters=2', '--repeats=1', f'--json={out}']) == 0
+  import json
+  figures = json.loads(out.read_text())
+  assert [r['backend'] for r in figures['rows']] == list(kb.BACKENDS)
+  assert 'objectives within' in capsys.readouterr().out
+  assert bench_kmeans_backends.main(['--backends=jax,cuml']) == 2
+  assert "['cuml']" in capsys.readouterr().err
