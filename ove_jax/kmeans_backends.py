@@ -46,17 +46,17 @@ def initial_centres(x_NxD: np.ndarray, k: int, init: Union[str, np.ndarray] = 'k
   distinct points; an array is checked and used as given.
   """
   x = unit(x_NxD) if spherical else np.asarray(x_NxD, np.float32)
-  if isinstance(init, str):
-    if init == 'k-means++':
-      c = kmeans.kmeans_plusplus(x, k, seed)
-    elif init == 'random':
-      c = x[np.sort(np.random.default_rng(seed).choice(len(x), k, replace=False))]
-    else:
-      raise ValueError(f'init={init!r}; use "k-means++", "random" or a [k, D] array')
-  else:
+  if not isinstance(init, str):
     c = np.asarray(init, np.float32)
     if c.shape != (k, x.shape[1]):
       raise ValueError(f'init centres of shape {c.shape}; expected {(k, x.shape[1])}')
+  elif init in ('k-means++', 'random'):
+    # The draws of ove_jax.kmeans.fit's own init of the same name and seed.
+    rng = np.random.default_rng(seed)
+    c = (kmeans.kmeans_plusplus(x, k, seed) if init == 'k-means++' else
+         x[np.sort(rng.choice(len(x), k, replace=False))])
+  else:
+    raise ValueError(f'init={init!r}; use "k-means++", "random" or a [k, D] array')
   return unit(c) if spherical else np.array(c, np.float32)
 
 

@@ -125,3 +125,12 @@ def test_bench_tool_writes_every_backend(tmp_path, capsys):
   assert 'objectives within' in capsys.readouterr().out
   assert bench_kmeans_backends.main(['--backends=jax,cuml']) == 2
   assert "['cuml']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('init', ['k-means++', 'random'])
+def test_initial_centres_are_those_of_kmeans_fit(init):
+  """The JAX backend from initial_centres(...) is kmeans.fit with the same init name and seed."""
+  x = _blobs(400, k=5)
+  ref = kmeans.fit(x, 5, init=init, seed=7, iters=3)
+  got = kmeans.fit(x, 5, init=kb.initial_centres(x, 5, init, seed=7), iters=3)
+  np.testing.assert_array_equal(got.centres, ref.centres)
