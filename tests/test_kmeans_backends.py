@@ -99,6 +99,10 @@ def test_two_processes_equal_one(tmp_path):
       r = kmeans_multiprocess.fit(mine, 11, init=c0, iters=40, chunk_rows=16)
       np.savez({str(tmp_path)!r} + f'/p{{jax.process_index()}}.npz', labels=r.labels,
                centres=r.centres, inertia=r.inertia, n_iter=r.n_iter, sizes=r.sizes)
+      # k-means++ drawn by process 0 from its own points and broadcast; cosine.
+      s = kmeans_multiprocess.fit(mine, 11, init='k-means++', seed=4, spherical=True, iters=40)
+      np.savez({str(tmp_path)!r} + f'/s{{jax.process_index()}}.npz', labels=s.labels,
+               centres=s.centres, inertia=s.inertia)
       """))
   result = subprocess.run([sys.executable, LAUNCHER, '--processes=2', '--devices_per_process=4',
                            '--timeout=150', '--', sys.executable, str(script)],
@@ -112,6 +116,13 @@ def test_two_processes_equal_one(tmp_path):
     assert float(p['inertia']) == pytest.approx(ref.inertia, rel=1e-5)
     assert int(p['n_iter']) == ref.n_iter
     np.testing.assert_array_equal(p['sizes'], ref.sizes)
+  c_pp = kb.initial_centres(x[:500], 11, 'k-means++', seed=4, spherical=True)
+  ref = kmeans.fit(x, 11, init=c_pp, iters=40, spherical=True)
+  parts = [np.load(tmp_path / f's{i}.npz') for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([p['labels'] for p in parts]), ref.labels)
+  for p in parts:
+    np.testing.assert_allclose(p['centres'], ref.centres, atol=1e-5)
+    assert float(p['inertia']) == pytest.approx(ref.inertia, rel=1e-5)
 
 
 def test_bench_tool_writes_every_backend(tmp_path, capsys):
