@@ -100,3 +100,17 @@ def test_release_single_node_recipe():
   assert (c.data.heads.image.resolution, c.data.heads.video.num_frames) == (448, 8)
   with pytest.raises(config_lib.ConfigError, match='needs si=DIR'):
     module.get_config('release_single_node')
+
+
+def test_sources_from_a_config_string(tmp_path, full):
+  template = _write(tmp_path / 'si', full, 8)
+  assert release_heads.parse_sources(f'image={template}, video=/v/*.npy') == {
+      'image': template, 'video': '/v/*.npy'}
+  assert release_heads.parse_sources('') == {}
+  cfg = losses.PartialFCConfig(num_classes=1003)
+  got = release_heads.load_release_centres(f'image={template}', {'image': cfg})
+  np.testing.assert_array_equal(got['image'], full)
+  with pytest.raises(ValueError, match="'image' is not head=SOURCE"):
+    release_heads.parse_sources('image')
+  with pytest.raises(ValueError, match="head 'image' is named twice"):
+    release_heads.parse_sources('image=a,image=b')

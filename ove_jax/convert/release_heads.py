@@ -106,11 +106,28 @@ def assemble(pattern: str, num_classes: Optional[int] = None,
   return np.concatenate([np.asarray(a, np.float32) for a in shards], axis=0)
 
 
+def parse_sources(text: str, key: str = 'init.release_centres') -> dict[str, str]:
+  """'image=DIR/ov_encoder_si_%03d.npy,video=GLOB' -> {head: source} (the form a config string
+  takes; a source holds no comma)."""
+  out = {}
+  for item in filter(None, (t.strip() for t in (text or '').split(','))):
+    head, eq, source = item.partition('=')
+    if not eq or not head.strip() or not source.strip():
+      raise ValueError(f'{key}={text!r}: {item!r} is not head=SOURCE (SOURCE: the release\'s '
+                       '%03d template, a glob or a folder of per-rank .npy shards)')
+    if head.strip() in out:
+      raise ValueError(f'{key}={text!r}: head {head.strip()!r} is named twice')
+    out[head.strip()] = source.strip()
+  return out
+
+
 def load_release_centres(sources: Mapping[str, str], heads: Mapping[str, object],
                          width: Optional[int] = None) -> dict[str, np.ndarray]:
   """{head: float32 [num_classes, C]} for each head named in `sources` (head -> template, glob
-  or folder of its shards); `heads` maps our head names to their losses.PartialFCConfig (or
+  or folder of its shards, or a `parse_sources` string); `heads` maps our head names to their losses.PartialFCConfig (or
   anything with `num_classes`), whose class count the shards must make up."""
+  if isinstance(sources, str):
+    sources = parse_sources(sources)
   unknown = sorted(set(sources) - set(heads))
   if unknown:
     raise ValueError(f'release centres for head(s) {unknown}, but this run has heads '
