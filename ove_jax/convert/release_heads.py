@@ -22,7 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
@@ -121,11 +121,12 @@ def parse_sources(text: str, key: str = 'init.release_centres') -> dict[str, str
   return out
 
 
-def load_release_centres(sources: Mapping[str, str], heads: Mapping[str, object],
+def load_release_centres(sources: Union[str, Mapping[str, str]], heads: Mapping[str, object],
                          width: Optional[int] = None) -> dict[str, np.ndarray]:
   """{head: float32 [num_classes, C]} for each head named in `sources` (head -> template, glob
-  or folder of its shards, or a `parse_sources` string); `heads` maps our head names to their losses.PartialFCConfig (or
-  anything with `num_classes`), whose class count the shards must make up."""
+  or folder of its shards, or a `parse_sources` string); `heads` maps our head names to their
+  losses.PartialFCConfig (or anything with `num_classes`), whose class count the shards must make
+  up."""
   if isinstance(sources, str):
     sources = parse_sources(sources)
   unknown = sorted(set(sources) - set(heads))
