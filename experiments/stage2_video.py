@@ -43,17 +43,39 @@ On this CPU (3 steps of every head and video mode on the built-in data, about a 
       ove-train --config=stage2_video:smoke \
       --workdir=/tmp/stage2_smoke_2x4
 
-Arguments: smoke, paper, gpus=N, fsdp=N (mesh.fsdp), batch=N (global samples per step),
-samples=X (samples seen in all), steps=N (total_steps directly), blocks=N (loss.sampling_blocks),
-init=PATH (an earlier stage's workdir or step folder), heads=fresh|keep, workers=N (input worker
-processes per head and host), data_root=PATH (smoke: the built-in data's folder).
+The release's single-node stage 2 (`release_single_node,si=DIR`, DIR the release's
+`onevision-encoder-large-si` folder): the encoder from DIR (init.pytorch) and the image and video
+heads only, with the release's values of shells/ov_encoder_large_stage2_residual_8gpus.sh
+(EvolvingLMMs-Lab/OneVision-Encoder): 8 GPUs, per-GPU batches 8 (image, 448 px) and 8 (video,
+8 frames of 224 px, 2048 patches), backward_passes_per_step 4 (a global batch of 512), lr 5e-5,
+warmup_ratio 0.001, sample rates 0.1 / 0.1, num_sampled_data 1.28e9 (2,500,000 steps of 512);
+the video modes are training/train.py's defaults residual_ratio 0.4 / frame_sampling_ratio 0.4
+as its integer split of a per-GPU batch of 8 makes them (n1 = int(8 x 0.4) = 3 codec, 3
+uniform-frame, 2 collage clips: 0.375 / 0.375 / 0.25); image head 2,000,000 classes with 10
+labels (dataset/dataset_onevision_encoder.py, onevision_encoder_si_cfs_single_node), video
+400,000. The image head starts from the release's centres, DIR/ov_encoder_si_8gpus/
+ov_encoder_si_%03d.npy (`--list_init_partial_fc_paths`), the video head fresh:
+`ove_jax.convert.release_heads.load_release_centres({'image': RELEASE_CENTRES % si}, ...)`
+(docs/kmeans_and_release_heads.md). gpus, batch, samples and init do not apply:
+  ove-train --config=stage2_video:release_single_node,si=/ckpt/onevision-encoder-large-si \
+      --workdir=/ckpt/stage2_single_node --config.data.heads.image.source=... (and video)
+
+Arguments: smoke, paper, release_single_node, si=DIR, gpus=N, fsdp=N (mesh.fsdp), batch=N
+(global samples per step), samples=X (samples seen in all), steps=N (total_steps directly),
+blocks=N (loss.sampling_blocks), init=PATH (an earlier stage's workdir or step folder),
+heads=fresh|keep, workers=N (input worker processes per head and host), data_root=PATH (smoke:
+the built-in data's folder).
 """
 from ove_jax import config as config_lib
 
 PER_GPU = {'image': 16, 'ocr': 8, 'video': 16}     # the release's per-GPU batches
 CLASSES = {'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
-ARGS = dict(smoke=False, paper=False, gpus=128, fsdp=8, batch=20_480, samples=4e9, steps=0,
-            blocks=1024, init='', heads='fresh', workers=8, data_root='')
+# The release's single-node stage 2 (shells/ov_encoder_large_stage2_residual_8gpus.sh).
+RELEASE_PER_GPU = {'image': 8, 'video': 8}
+RELEASE_CENTRES = '%s/ov_encoder_si_8gpus/ov_encoder_si_%%03d.npy'   # % si, then % rank
+ARGS = dict(smoke=False, paper=False, release_single_node=False, si='', gpus=128, fsdp=8,
+            batch=20_480, samples=4e9, steps=0, blocks=1024, init='', heads='fresh', workers=8,
+            data_root='')
 
 
 def get_config(arg=None):
@@ -94,9 +116,29 @@ def build(a, *, preset: str):
                             rows=rows['video'], tokens_per_row=2048, max_segments=1,
                             num_labels=10, video_modes=(0.5, 0.375, 0.125), num_frames=8,
                             video_root='')
+  if a.release_single_node:
+    release_single_node(c, a, preset)
   if a.smoke:
     smoke(c, a)
   return c
+
+
+def release_single_node(c, a, preset: str):
+  """The release's 8-GPU stage 2 from its `-si` checkpoint (the module docstring cites it)."""
+  if preset != 'large' or not a.si:
+    raise config_lib.ConfigError(
+        'argument release_single_node needs si=DIR (the release\'s onevision-encoder-large-si '
+        f'folder) and the large encoder (this experiment\'s preset is {preset!r})')
+  gpus, accumulate = 8, 4
+  c.init.pytorch, c.init.checkpoint, c.init.heads = a.si, '', 'fresh'
+  c.optim.update(dict(lr=5e-5, warmup=1e-3))
+  c.accumulate = accumulate
+  c.total_steps = a.steps or round(1.28e9 / (sum(RELEASE_PER_GPU.values()) * gpus * accumulate))
+  del c.heads['ocr']
+  del c.data.heads['ocr']
+  c.data.heads.image.rows = RELEASE_PER_GPU['image'] * gpus
+  c.data.heads.video.update(dict(rows=RELEASE_PER_GPU['video'] * gpus,
+                                 video_modes=(0.375, 0.375, 0.25)))
 
 
 def smoke(c, a):

@@ -40,7 +40,7 @@ VARIANTS = {
     # (student=DIR reads a labels folder: its config holds that machine's path.)
     'demo_cpu.py': ['', 'smoke'],
     'stage1_image.py': ['', 'smoke', 'paper'],
-    'stage2_video.py': ['', 'smoke', 'paper', 'gpus=8'],
+    'stage2_video.py': ['', 'smoke', 'paper', 'gpus=8', 'release_single_node,si=/ckpt/si'],
     'huge.py': ['', 'smoke', 'gpus=512,fsdp=32', 'gpus=8,fsdp=8'],
     # The default study is selection; the others are variants of their own.
     'ablations.py': ['', 'smoke'] + [f'{size}study={s}' for s in _ABLATION_STUDIES
