@@ -1,0 +1,87 @@
+"""ove-gpu-check on CPU: the tool's own run end to end (tiny sizes), its JSON report, and that
+its comparison fails a wrong attention path."""
+import json
+
+import numpy as np
+import pytest
+
+from ove_jax import gpu_check
+from ove_jax_tools import gpu_check as tool
+
+
+def test_cpu_mode_end_to_end(tmp_path, capsys):
+  out = tmp_path / 'report' / 'gpu.json'
+  code = tool.main(['--platform=cpu', '--tiny', '--paths', 'jax,cudnn,pallas_gpu',
+                    '--warmup=1', '--steps=1', f'--out={out}'])
+  printed = capsys.readouterr().out
+  assert code == 0, printed
+  report = json.loads(out.read_text())
+  assert json.loads(printed.strip().splitlines()[-1]) == report   # the last line is the JSON
+  assert report['platform'] == 'cpu' and report['tiny']
+  by = {(r['implementation'], r['dtype']): r for r in report['attention']}
+  assert set(by) == {(p, d) for p in ('jax', 'cudnn', 'pallas_gpu')
+                     for d in ('float32', 'bfloat16')}
+  for dtype, tol in (('float32', 1e-4), ('bfloat16', 1e-2)):
+    assert by['cudnn', dtype]['status'] == 'skipped'
+    assert 'needs a GPU' in by['cudnn', dtype]['reason']
+    for path in ('jax', 'pallas_gpu'):
+      r = by[path, dtype]
+      assert r['status'] == 'pass' and r['tolerance'] == tol
+      assert 0 <= r['max_rel'] <= tol and set(r['errors']) == {'out', 'dq', 'dk', 'dv'}
+  assert by['pallas_gpu', 'float32']['interpret'] and not by['jax', 'float32']['interpret']
+  (step,) = report['steps']
+  assert step['status'] == 'pass' and step['preset'] == 'tiny'
+  assert np.isfinite(step['loss']) and step['step_seconds'] > 0 and step['timed_steps'] == 1
+  assert step['flops_per_step'] > 0 and 0 < step['mfu']
+  assert step['plan']['total_bytes'] == (step['plan']['argument_bytes'] + step['plan'][
+      'output_bytes'] - step['plan']['alias_bytes'] + step['plan']['temp_bytes']) > 0
+  assert set(step['rows']) == {'image', 'ocr', 'video'}
+  assert report['summary'] == {'pass': 5, 'fail': 0, 'skipped': 2, 'error': 0, 'ok': True}
+  assert 'no GPU: the GPU checks above are skipped, not passed' in printed
+
+
+def test_base_and_large_are_skipped_without_gpu():
+  results = gpu_check.check_steps('cpu', [None], ('base', 'large'), tiny=False)
+  assert [(r['preset'], r['status']) for r in results] == [('base', 'skipped'),
+                                                            ('large', 'skipped')]
+  assert all('needs a GPU' in r['reason'] for r in results)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_a_wrong_attention_fails_the_comparison(dtype):
+  inputs = gpu_check.packed_inputs(2, 64, 2, 64)
+  reference = gpu_check.attention_outputs('xla', inputs, dtype)
+  tol = gpu_check.TOLERANCES[dtype]
+  assert gpu_check.compare(reference, reference, tol)['status'] == 'pass'
+  # Attention that ignores the segments (one segment a row): outputs and gradients differ.
+  q, k, v, segment_ids, cot = inputs
+  unmasked = gpu_check.attention_outputs('xla', (q, k, v, np.ones_like(segment_ids), cot), dtype)
+  result = gpu_check.compare(unmasked, reference, tol)
+  assert result['status'] == 'fail' and result['max_rel'] > tol
+  # A small perturbation of the output alone, past the tolerance, fails too; NaN fails.
+  perturbed = dict(reference, out=reference['out'] + 3 * tol * reference['out'].max())
+  assert gpu_check.compare(perturbed, reference, tol)['status'] == 'fail'
+  nan = dict(reference, dq=np.full_like(reference['dq'], np.nan))
+  assert gpu_check.compare(nan, reference, tol)['status'] == 'fail'
+
+
+def test_attention_plan_by_platform():
+  names = ('jax', 'cudnn', 'splash', 'pallas_gpu')
+  assert gpu_check.attention_plan('gpu', names) == [
+      ('jax', False, ''), ('cudnn', False, ''),
+      ('splash', False, 'needs a TPU; the backend is gpu'), ('pallas_gpu', False, '')]
+  cpu = gpu_check.attention_plan('cpu', names)
+  assert [(n, i) for n, i, _ in cpu] == [('jax', False), ('cudnn', False), ('splash', True),
+                                         ('pallas_gpu', True)]
+  assert cpu[1][2] == 'needs a GPU; the backend is cpu'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--paths=flash'], "'flash' is not an attention path"),
+    (['--presets=giant'], "'giant' is not a preset"),
+    (['--steps=0'], '--steps must be >= 1'),
+])
+def test_bad_flags(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    tool.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err
