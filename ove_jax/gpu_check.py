@@ -260,6 +260,7 @@ def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
   peak, source = metrics.peak_flops_per_device(devices[0], override=peak_flops)
   seconds = statistics.median(times)
   measured = peak_bytes(devices[0])
+  planned = plan['total_bytes']
   loss = float(aux['loss'])
   return {
       'status': PASS if math.isfinite(loss) else FAIL,
@@ -275,7 +276,7 @@ def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
       'flops_per_step': flops, 'peak_flops_per_device': peak, 'peak_source': source,
       'mfu': flops / seconds / (peak * len(devices)) if peak > 0 else None,
       'peak_bytes_in_use': measured, 'plan': plan,
-      'peak_over_plan': measured / plan['total_bytes'] if measured and plan['total_bytes'] else None,
+      'peak_over_plan': measured / planned if measured and planned else None,
   }
 
 
