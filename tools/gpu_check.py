@@ -20,15 +20,12 @@ import os
 import sys
 from typing import Sequence
 
-PRESETS = ('tiny', 'small', 'base', 'large', 'huge')
-
-
 def _csv(text: str) -> list[str]:
   return [x.strip() for x in text.split(',') if x.strip()]
 
 
 def parse_args(argv: Sequence[str] | None):
-  from ove_jax.models import attention
+  from ove_jax.models import PRESETS, attention
   parser = argparse.ArgumentParser(prog='ove-gpu-check', description=__doc__.split('\n\n')[0],
                                    allow_abbrev=False)
   parser.add_argument('--platform', choices=('auto', 'gpu', 'cpu'), default='auto',
@@ -68,7 +65,8 @@ def parse_args(argv: Sequence[str] | None):
                  f'{",".join(attention.IMPLEMENTATIONS)}')
   for name in a.presets or ():
     if name not in PRESETS:
-      parser.error(f'--presets: {name!r} is not a preset; choose from {",".join(PRESETS)}')
+      parser.error(f'--presets: {name!r} is not a preset; choose from '
+                   f'{",".join(sorted(PRESETS))}')
   if a.devices < 1 or a.steps < 1 or a.warmup < 0 or a.classes < 0:
     parser.error('--devices and --steps must be >= 1, --warmup and --classes >= 0')
   return a
