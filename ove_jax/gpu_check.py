@@ -11,7 +11,8 @@ Two parts, each a list of results that say pass, fail, skipped (with the reason)
              and settings, synthetic inputs of the right shapes) for the presets asked for, with
              their scanned layers: step time after warm-up (block_until_ready), MFU against the
              device's peak (ove_jax.metrics), and the device's peak memory
-             (`memory_stats()['peak_bytes_in_use']`) next to the compiler's ahead-of-time plan
+             (`memory_stats()['peak_bytes_in_use']`, a process-wide high-water mark: the peak
+             before the step is reported too) next to the compiler's ahead-of-time plan
              for the very executable that is timed (`memory_analysis()`: arguments + outputs -
              aliased + temporaries).
 
@@ -240,6 +241,7 @@ def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
                peak_flops: float = 0.0) -> dict[str, Any]:
   """Compiles, plans, warms up and times one config's train step on `devices`."""
   mesh = train.make_mesh(config, devices)
+  before = peak_bytes(devices[0])   # the process's peak so far (earlier checks, steps)
   with jax.set_mesh(mesh):
     program = train.Program(config, mesh)
     state = program.init()
@@ -275,7 +277,7 @@ def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
       'step_seconds': seconds, 'step_seconds_min': min(times), 'timed_steps': len(times),
       'flops_per_step': flops, 'peak_flops_per_device': peak, 'peak_source': source,
       'mfu': flops / seconds / (peak * len(devices)) if peak > 0 else None,
-      'peak_bytes_in_use': measured, 'plan': plan,
+      'peak_bytes_in_use': measured, 'peak_bytes_before': before, 'plan': plan,
       'peak_over_plan': measured / planned if measured and planned else None,
   }
 

@@ -85,3 +85,8 @@ def test_bad_flags(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     tool.main(argv)
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_platform_gpu_without_a_gpu_is_refused(capsys):
+  assert tool.main(['--platform=gpu']) == 2
+  assert "--platform=gpu, but JAX's backend is 'cpu'" in capsys.readouterr().err
