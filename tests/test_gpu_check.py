@@ -90,3 +90,28 @@ def test_bad_flags(argv, message, capsys):
 def test_platform_gpu_without_a_gpu_is_refused(capsys):
   assert tool.main(['--platform=gpu']) == 2
   assert "--platform=gpu, but JAX's backend is 'cpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('preset', ['base', 'large'])
+def test_gpu_step_is_stage2_per_gpu(preset):
+  """The GPU steps' config (not run here): stage 2's heads and per-GPU batch on one device, the
+  preset scanned, and a synthetic batch of its shapes that the trainer's Program accepts."""
+  import jax
+  from ove_jax import train
+  c = gpu_check.step_config(preset, 1, attention_impl='cudnn')
+  assert (c.model.preset, c.model.attention, c.model.dtype, c.accumulate) == (
+      preset, 'cudnn', 'bfloat16', 1)
+  assert {n: h.num_classes for n, h in c.heads.items()} == {
+      'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
+  assert {n: (h.rows, h.tokens_per_row) for n, h in c.data.heads.items()} == {
+      'image': (16, 1024), 'ocr': (8, 1024), 'video': (16, 2048)}
+  program = train.Program(c, train.make_mesh(c, jax.devices()[:1]))
+  assert program.encoder_cfg.scan_layers
+  host = gpu_check.synthetic_batch(program, c)
+  for name, h in c.data.heads.items():
+    b = host[name]
+    assert b['patches'].shape == (h.rows, h.tokens_per_row, program.encoder_cfg.patch_dim)
+    assert b['patches'].dtype == np.uint8 and b['labels'].shape == (h.rows, 1, h.num_labels)
+    assert 0 <= b['labels'].min() and b['labels'].max() < c.heads[name].num_classes
+    assert set(b) - {'num_skipped'} == set(train.BATCH_FIELDS) - {'skipped'}
+  assert gpu_check.step_config(preset, 1, classes=1000).heads.ocr.num_classes == 1000
