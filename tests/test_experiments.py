@@ -2,6 +2,7 @@
 say, overrides apply, bad keys and values are named, and a stage-2 smoke run trains end to end."""
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,7 +103,8 @@ def test_named_arguments_validate(name, arg):
   for head in c.heads:
     config_lib.head_loss_config(c, head).check_devices(devices, head)
   if 'smoke' in arg:
-    assert c.model.preset == 'tiny' and c.builtin.enabled and c.cpu_devices == 8
+    assert c.model.preset == ('huge_smoke' if name == 'huge.py' else 'tiny')
+    assert c.builtin.enabled and c.cpu_devices == 8
     assert c.total_steps <= 20
   else:
     assert not c.builtin.enabled or name == 'demo_cpu.py'
@@ -234,3 +236,27 @@ def test_stage2_smoke_trains_end_to_end(tmp_path, builtin_root, run_trainer):
     assert lines[-1][f'{head}/dropped'] == 0
   assert os.path.isdir(workdir / 'checkpoints' / '3')
   print(f'stage2 smoke: {seconds:.1f} s')
+
+
+def test_huge_smoke_is_huge_at_a_cpu_width(tmp_path, builtin_root, run_trainer):
+  c, full = _get('huge.py', 'smoke'), _get('huge.py')
+  small, huge = train.encoder_config(c), train.encoder_config(full)
+  assert (small.head_dim, small.mlp_dim / small.width) == (huge.head_dim, huge.mlp_dim / huge.width)
+  assert small.depth == math.ceil(huge.depth * small.width / huge.width) and small.scan_layers
+  assert (c.model.dtype, c.model.remat) == (full.model.dtype, full.model.remat) == (
+      'bfloat16', 'full')
+  assert c.mesh.fsdp > c.mesh.data > 1 and full.mesh.fsdp == 16
+  assert c.loss.sample_rate == full.loss.sample_rate == 0.1
+  assert set(c.heads) == set(full.heads) and c.accumulate == full.accumulate == 2
+  workdir = tmp_path / 'huge'
+  proc, seconds = run_trainer(f'--config=huge:smoke,data_root={builtin_root}',
+                              f'--workdir={workdir}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'metrics.jsonl') as f:
+    lines = [json.loads(line) for line in f]
+  assert [line['step'] for line in lines if 'loss' in line] == [1, 2, 3]
+  assert all(math.isfinite(line['loss']) for line in lines if 'loss' in line)
+  for head in ('image', 'ocr', 'video'):
+    assert lines[-1][f'{head}/dropped'] == 0
+  assert os.path.isdir(workdir / 'checkpoints' / '3')
+  print(f'huge smoke: {seconds:.1f} s')

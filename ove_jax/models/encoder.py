@@ -47,12 +47,15 @@ PRESETS = {
     'base': (768, 12, 12, 3072),
     'large': (1024, 24, 16, 4096),
     'huge': (1280, 32, 20, 5120),
+    # huge's shape at a CPU-sized width, for experiments/huge.py:smoke: head_dim 64, MLP 4x,
+    # depth / width as huge's 32 / 1280 (rounded up to 4 blocks), scanned as huge is.
+    'huge_smoke': (128, 4, 2, 512),
 }
 
 REMAT_POLICIES = ('none', 'full', 'dots')
 # Presets whose blocks run as one scanned, stacked module by default (`scan_layers`): compile
 # time and XLA's memory plan stay flat in depth. The small presets default to the unrolled list.
-SCANNED_PRESETS = ('base', 'large', 'huge')
+SCANNED_PRESETS = ('base', 'large', 'huge', 'huge_smoke')
 # The stacked layers axis stays unsharded (each device holds every layer's slice of a weight);
 # appended to the rules an encoder is given unless they map 'layers' themselves.
 LAYERS_RULE = ('layers', None)
