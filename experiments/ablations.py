@@ -31,17 +31,17 @@ Studies (the baseline's value first in each list; the others are what the sweep 
                and the batch's positives overflow it).
 
 On this CPU (each study's runs one after another, then results.csv / results.md in the root):
-  python tools/sweep.py --config=experiments/ablations.py:smoke,study=selection \
+  ove-sweep --config=ablations:smoke,study=selection \
       --root=/tmp/sweep_sel --run
-  python tools/sweep.py --config=experiments/ablations.py:smoke,study=rope --root=/tmp/sweep_rope \
+  ove-sweep --config=ablations:smoke,study=rope --root=/tmp/sweep_rope \
       --run --config.total_steps=20
 One run of a study by hand (the baseline, or any point's overrides):
   ove-train --config=ablations:smoke --workdir=/tmp/abl \
       --config.model.rope=1d
 Full size, as a job array for a cluster (sources as in stage2_video.py; the video one comes from
 video_data, not from --config, because the budget and policy studies change it):
-  python tools/sweep.py --root=/ckpt/ablations/budget --job-array=/ckpt/budget.jobs \
-      --config='experiments/ablations.py:study=budget,video_data=/data/k{budget}-{policy}-*' \
+  ove-sweep --root=/ckpt/ablations/budget --job-array=/ckpt/budget.jobs \
+      --config='ablations:study=budget,video_data=/data/k{budget}-{policy}-*' \
       --config.data.heads.image.source=... --config.data.heads.ocr.source=...
 
 Arguments: smoke, study=NAME (which sweep), budget=K (0: 512 smoke, 2048 full), policy=NAME
