@@ -189,14 +189,16 @@ def save_npy(path: str, array: np.ndarray) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  num_frames: int = 64
-  resolution: int = 576
-  patch_size: int = 16
-  budget: int = 10368
-  num_images: int = 8
-  first_full: bool = True
-  image_format: str = 'jpg'
-  preset: str = 'release_llava'
+  """The release's stage1 / stage2 defaults: 64 frames on a 576 canvas of 16-pixel patches,
+  8 canvases of 36 x 36 patches (K = 10368), the first canvas the whole first frame."""
+  num_frames: int = 64            # stage1 --sequence_length
+  resolution: int = 576           # --square_size
+  patch_size: int = 16            # --patch_size / --patch
+  budget: int = 10368             # K = keep_frames_equiv (8) x 36 x 36
+  num_images: int = 8             # stage2 --num_images
+  first_full: bool = True         # stage2 --first_full
+  image_format: str = 'jpg'       # 'png' keeps pixels exact (stage2 reads either)
+  preset: str = 'release_llava'   # codec.select preset
 
 
 def clip_paths(item: Item, visidx_root: str, image_root: str, s: Settings) -> dict:

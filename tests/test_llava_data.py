@@ -1,4 +1,4 @@
-"""The release's LLaVA data path (data_pipeline/llava.py, tools/llava_data.py) on synthetic clips."""
+"""The release's LLaVA data path (data_pipeline/llava.py, tools/llava_data.py), synthetic clips."""
 import hashlib
 import io
 import json

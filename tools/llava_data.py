@@ -27,19 +27,19 @@ import sys
 from data_pipeline import llava, records, shards
 
 
-def _options(text):
-  if not text:
-    return {}
+def json_object(text: str) -> dict:
+  """argparse type of --options: a JSON object given inline or as a file's path."""
+  source = text
   if os.path.isfile(text):
     with open(text, encoding='utf-8') as f:
-      text = f.read()
+      source = f.read()
   try:
-    options = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise SystemExit(f'--options: not JSON ({e}); give a JSON object or a JSON file') from e
-  if not isinstance(options, dict):
-    raise SystemExit('--options: give a JSON object of codec.select options')
-  return options
+    value = json.loads(source)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f'not JSON ({e}); give a JSON object or its file') from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError('give a JSON object of codec.select options')
+  return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
   make.add_argument('--no-first-full', action='store_true',
                     help='pack canvas 0 like the others (default: the whole first frame, '
                          'as the release\'s --first_full)')
-  make.add_argument('--options', help='JSON object (or file) of codec.select options over the '
+  make.add_argument('--options', type=json_object, default={}, help='JSON object (or file) of codec.select options over the '
                                       'release_llava preset')
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
   make.add_argument('--retry-failures', action='store_true',
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                               image_format=args.image_format)
     counts = llava.run(args.dataset, args.visidx_root, args.image_root, args.out_jsonl,
                        settings, failures=args.failures, retry_failures=args.retry_failures,
-                       **_options(args.options))
+                       **args.options)
     print(json.dumps(counts))
     return 0
   paths = list(llava.release_files(args.visidx_root))
