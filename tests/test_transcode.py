@@ -71,7 +71,8 @@ def test_paired_sequence():
 def test_select_in_every_mode(clip, mode):
   sel = codec.select(clip.data, num_frames=T, budget=300, transcode=mode)
   assert sel.transcoded and sel.frame_ids.tolist() == list(range(0, 65, 8))
-  assert ''.join(sel.picture_type_letters) == 'I' + 'P' * (T - 1) and sel.whole_frames.tolist() == [0]
+  assert ''.join(sel.picture_type_letters) == 'I' + 'P' * (T - 1)
+  assert sel.whole_frames.tolist() == [0]
   # The moving object is what is selected after the first frame.
   later = sel.positions[sel.positions[:, 0] > 0]
   rows, cols = np.nonzero(clip.masks[sel.frame_ids[later[:, 0]]].any(axis=0))

@@ -84,7 +84,7 @@ class Options:
   # re-encode), 'paired' each sample after the source frame just before it (the step between
   # source frames at twice the frames of 'sampled'). I-frames fall on the same samples in all
   # three. docs/codec.md gives the costs.
-  transcode: str = 'sampled'
+  transcode: str = 'paired'
   # Short side of the analysis, None: `resolution`. The transcode scales to it (never up);
   # H.264 read as it is is block-averaged by the largest integer factor that keeps its short
   # side at least this (vectors stay in coded pixels).
