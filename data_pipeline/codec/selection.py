@@ -6,8 +6,8 @@ where the spec leaves room:
 
 - A timeline position that repeats the frame of the position before it (clips shorter than T)
   brings nothing new: its scores are 0 and it is never kept whole. Both the native and the
-  transcoded path analyse each distinct frame once (the transcode encodes distinct frames only,
-  so its GOP counts distinct frames).
+  transcoded path analyse each distinct frame once (the transcode's I-frames fall on every
+  gop-th distinct frame in every `transcode` mode, so its GOP counts distinct frames).
 - K always equals the budget. If the whole frames (policy plus static fallback) hold more than
   the budget, the budget // (Hp*Wp) of them evenly spaced over the list are kept whole (the
   earliest ones would all sit at the start of a clip with many I-frames) and the remainder is
