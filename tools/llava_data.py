@@ -61,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
   make.add_argument('--no-first-full', action='store_true',
                     help='pack canvas 0 like the others (default: the whole first frame, '
                          'as the release\'s --first_full)')
-  make.add_argument('--options', type=json_object, default={}, help='JSON object (or file) of codec.select options over the '
-                                      'release_llava preset')
+  make.add_argument('--options', type=json_object, default={},
+                    help='JSON object (or file) of codec.select options over the release_llava '
+                         'preset')
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
   make.add_argument('--retry-failures', action='store_true',
                     help='try the videos of the failures file again')

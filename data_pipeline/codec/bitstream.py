@@ -281,6 +281,30 @@ def analysis_size(height: int, width: int, short_side: int) -> tuple[int, int]:
   return even(height), even(width)
 
 
+def scaled_frames(video: VideoSource, frame_ids: Sequence[int], height: int, width: int,
+                  decoded: Decoded) -> Iterator[tuple]:
+  """(index, yuv420p VideoFrame at height x width) of the wanted frames, in order, decoded with
+  frame threads up to the last one; `decoded` says how far decoding got (frames past the end of
+  a short or truncated stream are simply not yielded)."""
+  wanted = set(int(i) for i in frame_ids)
+  last = max(wanted)
+  container = open_video(video)
+  try:
+    stream = container.streams.video[0]
+    stream.thread_type = 'AUTO'  # no vectors are read here, so frame threads are fine
+    for index, frame in enumerate(container.decode(stream)):
+      decoded.count = index + 1
+      if index in wanted:
+        yield index, frame.reformat(width=width, height=height, format='yuv420p',
+                                    interpolation='AREA')
+      if index >= last:
+        break
+  except av.FFmpegError as e:
+    decoded.error = e
+  finally:
+    container.close()
+
+
 def read_frames(video: VideoSource, frame_ids: Sequence[int], height: int, width: int
                 ) -> tuple[dict, int, Optional[Exception]]:
   """The wanted frames as yuv420p VideoFrames at height x width, decoded with frame threads.
@@ -288,26 +312,9 @@ def read_frames(video: VideoSource, frame_ids: Sequence[int], height: int, width
   Returns ({index: frame}, frames decoded, decoder error or None); frames past the end of a
   short or truncated stream are missing from the dict.
   """
-  wanted = set(int(i) for i in frame_ids)
-  last = max(wanted)
-  got: dict[int, object] = {}
-  count, error = 0, None
-  container = open_video(video)
-  try:
-    stream = container.streams.video[0]
-    stream.thread_type = 'AUTO'  # no vectors are read here, so frame threads are fine
-    for index, frame in enumerate(container.decode(stream)):
-      count = index + 1
-      if index in wanted:
-        got[index] = frame.reformat(width=width, height=height, format='yuv420p',
-                                    interpolation='AREA')
-      if index >= last:
-        break
-  except av.FFmpegError as e:
-    error = e
-  finally:
-    container.close()
-  return got, count, error
+  decoded = Decoded()
+  got = dict(scaled_frames(video, frame_ids, height, width, decoded))
+  return got, decoded.count, decoded.error
 
 
 def x264_params(gop: int) -> str:
@@ -386,25 +393,11 @@ def transcode_segment(video: VideoSource, frame_ids: Sequence[int], height: int,
   first, last = int(ids[0]), int(ids[-1])
   intra = set(int(i) for i in ids[::gop])
   encoder = h264_encoder(width, height, last - first + 2, crf)
-  packets, count, error = [], 0, None
-  container = open_video(video)
-  try:
-    stream = container.streams.video[0]
-    stream.thread_type = 'AUTO'  # no vectors are read here, so frame threads are fine
-    for index, frame in enumerate(container.decode(stream)):
-      count = index + 1
-      if index >= first:
-        scaled = frame.reformat(width=width, height=height, format='yuv420p',
-                                interpolation='AREA')
-        packets.extend(encode_frame(encoder, scaled, index - first, index in intra))
-      if index >= last:
-        break
-  except av.FFmpegError as e:
-    error = e
-  finally:
-    container.close()
+  packets, decoded = [], Decoded()
+  for index, frame in scaled_frames(video, range(first, last + 1), height, width, decoded):
+    packets.extend(encode_frame(encoder, frame, index - first, index in intra))
   packets.extend(encoder.encode(None))
-  return packets, count, error
+  return packets, decoded.count, decoded.error
 
 
 def h264_packet_frames(packets: Sequence) -> Iterator[tuple]:
