@@ -269,18 +269,33 @@ def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **opti
   return jsonl_line(item, paths, s)
 
 
+def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
+  """The jsonl of one task: `out_jsonl` itself, or with the release's per-shard suffix
+  `.shard{I:02d}of{N:02d}.jsonl` when the list is split over N > 1 tasks."""
+  if num_tasks == 1:
+    return out_jsonl
+  return f'{out_jsonl}.shard{task_index:02d}of{num_tasks:02d}.jsonl'
+
+
 def run(dataset: str, visidx_root: str, image_root: str, out_jsonl: str,
         settings: Settings = Settings(), failures: Optional[str] = None,
-        retry_failures: bool = False, **options) -> dict:
+        retry_failures: bool = False, task_index: int = 0, num_tasks: int = 1,
+        **options) -> dict:
   """The whole list: each clip's files, then the jsonl (written atomically, in dataset order).
 
-  A video that fails is recorded in `failures` (default `<out_jsonl>.failures.jsonl`: id,
-  video, reason) and left out of the jsonl; the run goes on. A re-run skips clips whose files
-  are all there, and known failures unless `retry_failures`. Returns the counts."""
+  A video that fails is recorded in `failures` (default `<jsonl>.failures.jsonl`: id, video,
+  reason) and left out of the jsonl; the run goes on. A re-run skips clips whose files are all
+  there, and known failures unless `retry_failures`. With `num_tasks` N > 1 (N processes or
+  machines), task I takes the rows I, I + N, ... and writes `task_jsonl(out_jsonl, I, N)`;
+  concatenating the N jsonl files gives the whole set. Returns the counts."""
   if settings.image_format not in IMAGE_FORMATS:
     raise ValueError(f'image_format={settings.image_format!r}: allowed values are '
                      f'{", ".join(IMAGE_FORMATS)}')
-  items = read_items(dataset)
+  if not 0 <= task_index < num_tasks:
+    raise ValueError(f'task_index={task_index}, num_tasks={num_tasks}: need '
+                     f'0 <= task_index < num_tasks')
+  items = read_items(dataset)[task_index::num_tasks]
+  out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'
   known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
   for path in (failures, out_jsonl):

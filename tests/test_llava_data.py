@@ -229,3 +229,19 @@ def test_make_tool_jpeg_and_flags(tmp_path):
     llava_data.main(['make', str(listing), '--visidx-root', 'v', '--image-root', 'i',
                      '--out-jsonl', out, '--options', '[1]'])
   assert re.search('ove-llava-data', llava_data.parser().format_usage())
+
+
+def test_tasks_split_the_list(made):
+  out = made['args']['out_jsonl']
+  with open(out) as f:
+    whole = f.read()
+  counts = [llava.run(made['dataset'], settings=made['settings'], task_index=i, num_tasks=2,
+                      **made['args']) for i in range(2)]
+  assert counts == [{'clips': 1, 'made': 0, 'skipped': 1, 'failed': 0},
+                    {'clips': 1, 'made': 0, 'skipped': 0, 'failed': 1}]
+  shards = [llava.task_jsonl(out, i, 2) for i in range(2)]
+  assert shards[1].endswith('train.jsonl.shard01of02.jsonl')
+  assert ''.join(open(p).read() for p in shards) == whole
+  assert [e['id'] for e in llava.read_failures(shards[1] + '.failures.jsonl')] == ['8']
+  with pytest.raises(ValueError, match='task_index=2, num_tasks=2'):
+    llava.run(made['dataset'], task_index=2, num_tasks=2, **made['args'])

@@ -13,6 +13,8 @@
 the jsonl; data_pipeline/llava.py says what differs); selection is
 codec.select(preset='release_llava'). Bad videos go to OUT_JSONL.failures.jsonl and the run
 goes on; running it again skips finished clips (and known failures unless --retry-failures).
+--task-index I --num-tasks N splits the list over N processes or machines (a SLURM array), each
+writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for the whole set.
 `import` writes records readable by data_pipeline.sources.open_source('out.array_record');
 with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
 (train with the video head's geometry='letterbox').
@@ -67,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
   make.add_argument('--retry-failures', action='store_true',
                     help='try the videos of the failures file again')
+  make.add_argument('--task-index', type=int, default=0,
+                    help='this task\'s index I: it makes rows I, I+N, ... of the list')
+  make.add_argument('--num-tasks', type=int, default=1,
+                    help='N tasks (processes, machines) splitting the list; each writes '
+                         'OUT_JSONL.shardIIofNN.jsonl')
   imp = sub.add_parser('import', help='stage1 files -> an ArrayRecord shard of clip records')
   imp.add_argument('visidx_root', help='folder searched for *.visidx_thw.npy')
   imp.add_argument('out', help='the .array_record shard to write')
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
                               image_format=args.image_format)
     counts = llava.run(args.dataset, args.visidx_root, args.image_root, args.out_jsonl,
                        settings, failures=args.failures, retry_failures=args.retry_failures,
-                       **args.options)
+                       task_index=args.task_index, num_tasks=args.num_tasks, **args.options)
     print(json.dumps(counts))
     return 0
   paths = list(llava.release_files(args.visidx_root))
