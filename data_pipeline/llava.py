@@ -291,6 +291,15 @@ def run(dataset: str, visidx_root: str, image_root: str, out_jsonl: str,
   if settings.image_format not in IMAGE_FORMATS:
     raise ValueError(f'image_format={settings.image_format!r}: allowed values are '
                      f'{", ".join(IMAGE_FORMATS)}')
+  side = settings.resolution // max(settings.patch_size, 1)
+  if (settings.resolution % max(settings.patch_size, 1) or settings.budget % settings.num_images
+      or settings.budget // settings.num_images > side * side):
+    # Checked here, not per clip: a setting error would otherwise fail every clip, and known
+    # failures are skipped on re-runs.
+    raise ValueError(f'resolution={settings.resolution}, patch_size={settings.patch_size}, '
+                     f'budget={settings.budget}, num_images={settings.num_images}: the budget '
+                     f'must split into num_images canvases of at most {side}x{side} patches '
+                     f'(the release: 576, 16, 10368, 8)')
   if not 0 <= task_index < num_tasks:
     raise ValueError(f'task_index={task_index}, num_tasks={num_tasks}: need '
                      f'0 <= task_index < num_tasks')
