@@ -246,7 +246,7 @@ def test_tasks_split_the_list(made):
   with pytest.raises(ValueError, match='task_index=2, num_tasks=2'):
     llava.run(made['dataset'], task_index=2, num_tasks=2, **made['args'])
   # A budget that cannot fill the canvases stops the run before any clip is tried.
-  with pytest.raises(ValueError, match='budget=10000, num_images=8: the budget must split'):
-    llava.run(made['dataset'], settings=llava.Settings(budget=10000), **made['args'])
+  with pytest.raises(ValueError, match='budget=10001, num_images=8: the budget must split'):
+    llava.run(made['dataset'], settings=llava.Settings(budget=10001), **made['args'])
   with pytest.raises(ValueError, match='at most 36x36 patches'):
     llava.run(made['dataset'], settings=llava.Settings(budget=8 * 1300), **made['args'])
