@@ -14,7 +14,8 @@ Contract:
 
 `preset` ('release_train', 'release_probe', 'release_llava') starts from the values of that
 release pipeline (`release.PRESETS`); explicit options win. `geometry='letterbox'` puts positions
-on the square canvas of a letterboxed frame (`geometry`).
+on the square canvas of a letterboxed frame (`geometry`). `transcode` ('paired', 'faithful',
+'sampled') says what the libx264 transcode of a non-H.264 source re-encodes (`bitstream`).
 
 Baselines with the same return type: `select_uniform_frames`, `select_random`. Options and their
 allowed values: `Options` (unknown names and bad values raise ValueError). Input that cannot be
@@ -29,7 +30,7 @@ decoding), `selection` (policies, static fallback, top-K, baselines), `options`.
 """
 from data_pipeline.codec.geometry import GEOMETRIES, decode_canvas
 from data_pipeline.codec.options import (CAMERA_COMPENSATIONS, DEFAULT_GOP, FUSIONS, POLICIES,
-                                         Options)
+                                         TRANSCODES, Options)
 from data_pipeline.codec.release import PRESETS
 from data_pipeline.codec.selection import (Selection, select, select_random,
                                            select_uniform_frames)
@@ -37,4 +38,4 @@ from data_pipeline.video import VideoError
 
 __all__ = ['select', 'select_uniform_frames', 'select_random', 'Selection', 'Options',
            'VideoError', 'POLICIES', 'FUSIONS', 'CAMERA_COMPENSATIONS', 'DEFAULT_GOP', 'PRESETS',
-           'GEOMETRIES', 'decode_canvas']
+           'GEOMETRIES', 'TRANSCODES', 'decode_canvas']

@@ -22,6 +22,7 @@ CAMERA_COMPENSATIONS = ('none', 'median', 'mean', 'similarity', 'affine')
 MATHS = ('ove', 'release')
 STATIC_TESTS = ('ove', 'release')
 DEFAULT_GOP = 32
+TRANSCODES = ('sampled', 'faithful', 'paired')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,13 @@ class Options:
   # are transcoded with GOP 32 (2 I-frames over 64 frames); an int forces the transcode.
   gop: Optional[int] = None
   crf: int = 18                        # libx264 quality of the transcode (0-51)
+  # What the transcode re-encodes: 'sampled' the distinct sampled frames only (vectors measure
+  # the step from one sample to the next), 'faithful' every source frame from the first sample
+  # to the last (vectors measure the step between source frames, as the release's full
+  # re-encode), 'paired' each sample after the source frame just before it (the step between
+  # source frames at twice the frames of 'sampled'). I-frames fall on the same samples in all
+  # three. docs/codec.md gives the costs.
+  transcode: str = 'paired'
   # Short side of the analysis, None: `resolution`. The transcode scales to it (never up);
   # H.264 read as it is is block-averaged by the largest integer factor that keeps its short
   # side at least this (vectors stay in coded pixels).
@@ -127,6 +135,7 @@ class Options:
     _integer('static_frames', self.static_frames, 'an integer >= 1', lambda v: v >= 1)
     if self.gop is not None:
       _integer('gop', self.gop, 'None or an integer >= 1', lambda v: v >= 1)
+    _choice('transcode', self.transcode, TRANSCODES)
     _integer('crf', self.crf, 'an integer in [0, 51]', lambda v: 0 <= v <= 51)
     if self.analysis_size is not None:
       _integer('analysis_size', self.analysis_size, 'None or an integer >= 16',

@@ -6,8 +6,8 @@ where the spec leaves room:
 
 - A timeline position that repeats the frame of the position before it (clips shorter than T)
   brings nothing new: its scores are 0 and it is never kept whole. Both the native and the
-  transcoded path analyse each distinct frame once (the transcode encodes distinct frames only,
-  so its GOP counts distinct frames).
+  transcoded path analyse each distinct frame once (the transcode's I-frames fall on every
+  gop-th distinct frame in every `transcode` mode, so its GOP counts distinct frames).
 - K always equals the budget. If the whole frames (policy plus static fallback) hold more than
   the budget, the budget // (Hp*Wp) of them evenly spaced over the list are kept whole (the
   earliest ones would all sit at the start of a clip with many I-frames) and the remainder is
@@ -179,15 +179,27 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
   if transcoded:
     height, width = bitstream.analysis_size(info.height, info.width,
                                             opts.analysis_size or resolution)
-    got, count, error = bitstream.read_frames(video, distinct, height, width)
-    missing = [int(i) for i in distinct if int(i) not in got]
+    # source_ids[i]: the source frame at transcode position i; wanted: the samples' positions.
+    gop = opts.gop or DEFAULT_GOP
+    if opts.transcode == 'faithful':
+      packets, count, error = bitstream.transcode_segment(video, distinct, height, width, gop,
+                                                          opts.crf)
+      missing = [int(i) for i in distinct if int(i) >= count]
+      source_ids = np.arange(distinct[0], distinct[-1] + 1)
+      wanted = distinct - distinct[0]
+    else:
+      source_ids, wanted = (bitstream.paired_sequence(distinct) if opts.transcode == 'paired'
+                            else (distinct, np.arange(distinct.size)))
+      got, count, error = bitstream.read_frames(video, source_ids, height, width)
+      missing = [int(i) for i in distinct if int(i) not in got]
+      if not missing:
+        # I-frames on every gop-th sample (for 'sampled', x264's own GOP does the same).
+        packets = bitstream.encode_h264([got[int(i)] for i in source_ids], gop, opts.crf,
+                                        wanted[::gop] if opts.transcode == 'paired' else None)
     if missing:
       return _Analysis(frame_ids, None, [], None, num_source_frames, True, count, missing, error)
-    packets = bitstream.encode_h264([got[int(i)] for i in distinct],
-                                    opts.gop or DEFAULT_GOP, opts.crf)
     timings['transcode'] = time.perf_counter() - tick
     frames = bitstream.h264_packet_frames(packets)
-    wanted = np.arange(distinct.size)      # the transcode holds exactly the distinct frames
     step = 1
   else:
     container, stream = bitstream.open_with_vectors(video)
@@ -209,7 +221,7 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
                             opts.motion_inconsistency)
       vectors_past += raw.vectors_past
       vectors_future += raw.vectors_future
-      source_id = int(distinct[frame.index]) if transcoded else frame.index
+      source_id = int(source_ids[frame.index]) if transcoded else frame.index
       per_frame[source_id] = (scorer(raw, frame.height, frame.width), frame.kind)
       map_seconds += time.perf_counter() - map_tick
   finally:

@@ -1,0 +1,411 @@
+"""The release's LLaVA training data from a video list, and its selection files back into records.
+
+EvolvingLMMs-Lab/OneVision-Encoder builds LLaVA data in two steps under
+`llava_next/Compressed_Video_Reader/tool/`; this module writes what they write, file for file:
+
+  stage1.py  per clip, in `visidx_root`, named
+             sample_{id}__{stem}__{sha1(path)[:8]}__{sha1(key)[:8]}_T{T}_square{R}_p{P}_K{K}
+             + '.visidx_thw.npy'  int32 [K, 3]  the selected (t, h, w) on the R/P square grid
+             + '.frame_ids.npy'   int32 [T]     source frames of the T timeline positions
+             + '.meta.json'                     sizes, padding, the valid patch ranges
+             (key = '{video}|{id}|{row}', row the item's line in the dataset). Our selection is
+             `codec.select(..., preset='release_llava')`: letterbox to R, the first frame whole
+             (padding included), then the best patches inside the picture (docs/codec.md).
+  stage2.py  per clip, in `image_root/sample_{id}__{stem}__{sha1(path)[:8]}/`, the K positions
+             sorted by (t, h, w) cut into `num_images` canvases of K / num_images patches:
+             '{stem}_{i:03d}.jpg' (R x R), canvas 0 the whole first frame (`first_full`, the
+             release's --first_full), the others packed densely in raster order (its
+             'time_spatial' layout with padding_policy 'zero': patch j of a canvas at grid cell
+             (j // (R/P), j % (R/P))); 'positions_thw.npy' int32 [n, 3] the source (t, h, w) of
+             every packed patch in canvas order (canvas 0 adds none when it is the whole frame,
+             as the release); and a jsonl line {"id", "conversations", "image": [paths],
+             "positions_thw": path} whose first human turn has its '<video>' replaced by one
+             '<image>' per canvas.
+
+Where the pixels differ from the release: frames are decoded by PyAV and resized bicubic
+(`codec.geometry.letterbox_frame`, as our pipeline gathers them), where stage2 decodes with
+OpenCV and resizes bilinear; stage1's visidx rows are sorted by (t, h, w) where the release keeps
+top-k order (stage2 sorts them before packing, so the canvases are the same).
+
+`release_record` reads stage1's files (ours or the release's) into a clip record of
+`data_pipeline.records`, so data selected by the release trains here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from data_pipeline import fileio
+
+STAGE1_SUFFIXES = ('.visidx_thw.npy', '.frame_ids.npy', '.meta.json')
+IMAGE_FORMATS = ('jpg', 'png')
+
+
+def sha8(text: str) -> str:
+  return hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]
+
+
+def stem_of(video: str) -> str:
+  """The file name without its last extension (Python's Path.stem)."""
+  name = os.path.basename(str(video))
+  stem, _ = os.path.splitext(name)
+  return stem if stem else name
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One line of the dataset: a sample id, its video path, its conversation, its row."""
+  id: str
+  video: str
+  conversations: list
+  row: int
+
+  @property
+  def sample_key(self) -> str:
+    return f'{self.video}|{self.id}|{self.row}'
+
+  def stage1_prefix(self, num_frames: int, resolution: int, patch_size: int, budget: int) -> str:
+    return (f'sample_{self.id}__{stem_of(self.video)}__{sha8(self.video)}__'
+            f'{sha8(self.sample_key)}_T{num_frames}_square{resolution}_p{patch_size}_K{budget}')
+
+  @property
+  def pack_dir(self) -> str:
+    return f'sample_{self.id}__{stem_of(self.video)}__{sha8(self.video)}'
+
+
+def read_items(path: str) -> list[Item]:
+  """The dataset: a .jsonl (one object a line) or .json (an array) of objects with 'id' and
+  'video' (and 'conversations', optional; '_row_idx' as the release's pre-sharded files), or a
+  .txt of video paths, one a line (id = the line number, no conversation)."""
+  lower = path.lower()
+  if lower.endswith('.txt'):
+    with open(path, encoding='utf-8') as f:
+      videos = [line.strip() for line in f if line.strip()]
+    return [Item(str(i), v, [], i) for i, v in enumerate(videos)]
+  if lower.endswith('.jsonl'):
+    with open(path, encoding='utf-8') as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  elif lower.endswith('.json'):
+    with open(path, encoding='utf-8') as f:
+      rows = json.load(f)
+    if not isinstance(rows, list):
+      raise ValueError(f'{path}: a .json dataset must hold an array of objects')
+  else:
+    raise ValueError(f'{path}: unsupported dataset; use .jsonl, .json (an array) or .txt (one '
+                     f'video path a line)')
+  items = []
+  for i, row in enumerate(rows):
+    if not isinstance(row, dict) or row.get('id') is None or not row.get('video'):
+      raise ValueError(f'{path}: row {i} needs the fields "id" and "video", got {row!r:.200}')
+    items.append(Item(str(row['id']), str(row['video']), list(row.get('conversations') or []),
+                      int(row.get('_row_idx', i))))
+  return items
+
+
+def conversations_with_images(conversations: Sequence, num_images: int) -> list:
+  """The first human turn with its first '<video>' replaced by `num_images` '<image>' lines
+  (left alone when it already has '<image>', the images put in front when it has neither), as
+  the release's stage2 rewrites it."""
+  images = '\n'.join(['<image>'] * num_images)
+  out, done = [], False
+  for turn in conversations:
+    if not done and isinstance(turn, dict) and turn.get('from') == 'human' and isinstance(
+        turn.get('value'), str):
+      turn, value, done = dict(turn), turn['value'], True
+      if '<video>' in value:
+        turn['value'] = value.replace('<video>', images, 1)
+      elif '<image>' not in value:
+        turn['value'] = images + '\n' + value
+    out.append(turn)
+  return out
+
+
+def valid_ranges(valid_HpxWp: np.ndarray) -> dict:
+  hb, wb = valid_HpxWp.shape
+  out = {'S_valid': int(valid_HpxWp.sum()), 'hb_total': int(hb), 'wb_total': int(wb)}
+  ys, xs = np.nonzero(valid_HpxWp)
+  if ys.size:
+    out.update(valid_h_start=int(ys.min()), valid_h_end=int(ys.max()) + 1,
+               valid_w_start=int(xs.min()), valid_w_end=int(xs.max()) + 1)
+  return out
+
+
+def pack_canvases(frames_TxRxRx3: np.ndarray, positions_Kx3: np.ndarray, num_images: int,
+                  patch_size: int, first_full: bool = True) -> tuple[list, np.ndarray]:
+  """(canvases uint8 [R, R, 3] each, positions_thw int32 [n, 3]) as the release's stage2 packs
+  them (module docstring). K must be num_images x a whole number of patches per canvas, at most
+  the (R/P)^2 cells of one canvas."""
+  _, res, _, _ = frames_TxRxRx3.shape
+  side, k = res // patch_size, len(positions_Kx3)
+  if k % num_images:
+    raise ValueError(f'{k} selected patches do not split into {num_images} canvases; use a '
+                     f'budget that is a multiple of --num-images')
+  per_image = k // num_images
+  if per_image > side * side:
+    raise ValueError(f'{per_image} patches per canvas exceed its {side}x{side} cells; raise '
+                     f'--num-images or lower the budget')
+  thw = np.asarray(positions_Kx3, np.int64)
+  thw = thw[np.lexsort((thw[:, 2], thw[:, 1], thw[:, 0]))]
+  canvases, packed = [], []
+  ps = patch_size
+  for i in range(num_images):
+    chunk = thw[i * per_image:(i + 1) * per_image]
+    if first_full and i == 0:
+      canvases.append(frames_TxRxRx3[0].copy())
+      continue
+    canvas = np.zeros((res, res, 3), np.uint8)
+    for j, (t, h, w) in enumerate(chunk):
+      y, x = (j // side) * ps, (j % side) * ps
+      canvas[y:y + ps, x:x + ps] = frames_TxRxRx3[t, h * ps:(h + 1) * ps, w * ps:(w + 1) * ps]
+    canvases.append(canvas)
+    packed.append(chunk)
+  positions = (np.concatenate(packed) if packed else np.zeros((0, 3))).astype(np.int32)
+  return canvases, positions
+
+
+def encode_image(rgb_HxWx3: np.ndarray, image_format: str) -> bytes:
+  from PIL import Image
+  buffer = io.BytesIO()
+  if image_format == 'jpg':
+    # The release writes with OpenCV's default JPEG quality, 95.
+    Image.fromarray(rgb_HxWx3).save(buffer, format='JPEG', quality=95)
+  else:
+    Image.fromarray(rgb_HxWx3).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.save(buffer, array, allow_pickle=False)
+  fileio.write_atomic(path, buffer.getvalue())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The release's stage1 / stage2 defaults: 64 frames on a 576 canvas of 16-pixel patches,
+  8 canvases of 36 x 36 patches (K = 10368), the first canvas the whole first frame."""
+  num_frames: int = 64            # stage1 --sequence_length
+  resolution: int = 576           # --square_size
+  patch_size: int = 16            # --patch_size / --patch
+  budget: int = 10368             # K = keep_frames_equiv (8) x 36 x 36
+  num_images: int = 8             # stage2 --num_images
+  first_full: bool = True         # stage2 --first_full
+  image_format: str = 'jpg'       # 'png' keeps pixels exact (stage2 reads either)
+  preset: str = 'release_llava'   # codec.select preset
+
+
+def clip_paths(item: Item, visidx_root: str, image_root: str, s: Settings) -> dict:
+  prefix = os.path.join(visidx_root, item.stage1_prefix(s.num_frames, s.resolution,
+                                                        s.patch_size, s.budget))
+  pack = os.path.join(image_root, item.pack_dir)
+  stem = stem_of(item.video)
+  return {'visidx': prefix + '.visidx_thw.npy', 'frame_ids': prefix + '.frame_ids.npy',
+          'meta': prefix + '.meta.json', 'positions': os.path.join(pack, 'positions_thw.npy'),
+          'images': [os.path.join(pack, f'{stem}_{i:03d}.{s.image_format}')
+                     for i in range(s.num_images)]}
+
+
+def jsonl_line(item: Item, paths: dict, s: Settings) -> dict:
+  return {'id': item.id, 'conversations': conversations_with_images(item.conversations,
+                                                                     s.num_images),
+          'image': paths['images'], 'positions_thw': paths['positions']}
+
+
+def finished(paths: dict) -> bool:
+  """All of a clip's files exist (each is written atomically; the meta last of stage1's)."""
+  return all(os.path.exists(p) for p in [paths['visidx'], paths['frame_ids'], paths['meta'],
+                                         paths['positions'], *paths['images']])
+
+
+def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **options) -> dict:
+  """Select, pack and write one clip's files; returns its jsonl line. Raises VideoError for a
+  video that cannot be used."""
+  from data_pipeline import codec
+  from data_pipeline.codec import bitstream, geometry
+
+  paths = clip_paths(item, visidx_root, image_root, s)
+  sel = codec.select(item.video, num_frames=s.num_frames, budget=s.budget,
+                     resolution=s.resolution, patch_size=s.patch_size, preset=s.preset,
+                     **options)
+  frames = geometry.decode_canvas(item.video, sel.frame_ids, s.resolution, 'letterbox')
+  canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size,
+                                   s.first_full)
+  for path, canvas in zip(paths['images'], canvases):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fileio.write_atomic(path, encode_image(canvas, s.image_format))
+  save_npy(paths['positions'], packed)
+
+  info = bitstream.probe(item.video)
+  box = geometry.canvas(info.height, info.width, s.resolution, 'letterbox')
+  valid = geometry.valid_patches(info.height, info.width, s.resolution, s.patch_size,
+                                 'letterbox')
+  os.makedirs(visidx_root, exist_ok=True)
+  save_npy(paths['visidx'], sel.positions.astype(np.int32))
+  save_npy(paths['frame_ids'], sel.frame_ids.astype(np.int32))
+  side = s.resolution // s.patch_size
+  fileio.write_json(paths['meta'], {
+      'sample_id': item.id, 'sample_key': item.sample_key, 'video': item.video,
+      'T': s.num_frames, 'frame_ids': None, 'preprocess': f'square{s.resolution}',
+      'square_size': s.resolution, 'patch': s.patch_size,
+      'keep_frames_equiv': s.budget // (side * side), 'padding_policy': 'zero',
+      'keep_uniform_first': False, 'keep_first_full_frame': True, 'H0': info.height,
+      'W0': info.width,
+      'pad_info': {'scale': s.resolution / max(info.height, info.width), 'Hn': box.new_h,
+                   'Wn': box.new_w, 'pad_top': box.top, 'pad_left': box.left,
+                   'pad_bottom': s.resolution - box.new_h - box.top,
+                   'pad_right': s.resolution - box.new_w - box.left,
+                   'out_size': s.resolution, 'H0': info.height, 'W0': info.width},
+      'hb': side, 'wb': side, 'S_total': side * side, 'S_valid': int(valid.sum()),
+      'K': int(len(sel.positions)), 'padding_patch_filtered': 0,
+      'valid_ranges': valid_ranges(valid), 'selection': s.preset, 'codec': sel.codec,
+      'transcoded': bool(sel.transcoded)}, sort_keys=False)
+  return jsonl_line(item, paths, s)
+
+
+def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
+  """The jsonl of one task: `out_jsonl` itself, or with the release's per-shard suffix
+  `.shard{I:02d}of{N:02d}.jsonl` when the list is split over N > 1 tasks."""
+  if num_tasks == 1:
+    return out_jsonl
+  return f'{out_jsonl}.shard{task_index:02d}of{num_tasks:02d}.jsonl'
+
+
+def run(dataset: str, visidx_root: str, image_root: str, out_jsonl: str,
+        settings: Settings = Settings(), failures: Optional[str] = None,
+        retry_failures: bool = False, task_index: int = 0, num_tasks: int = 1,
+        **options) -> dict:
+  """The whole list: each clip's files, then the jsonl (written atomically, in dataset order).
+
+  A video that fails is recorded in `failures` (default `<jsonl>.failures.jsonl`: id, video,
+  reason) and left out of the jsonl; the run goes on. A re-run skips clips whose files are all
+  there, and known failures unless `retry_failures`. With `num_tasks` N > 1 (N processes or
+  machines), task I takes the rows I, I + N, ... and writes `task_jsonl(out_jsonl, I, N)`;
+  concatenating the N jsonl files gives the whole set. Returns the counts."""
+  if settings.image_format not in IMAGE_FORMATS:
+    raise ValueError(f'image_format={settings.image_format!r}: allowed values are '
+                     f'{", ".join(IMAGE_FORMATS)}')
+  side = settings.resolution // max(settings.patch_size, 1)
+  if (settings.resolution % max(settings.patch_size, 1) or settings.budget % settings.num_images
+      or settings.budget // settings.num_images > side * side):
+    # Checked here, not per clip: a setting error would otherwise fail every clip, and known
+    # failures are skipped on re-runs.
+    raise ValueError(f'resolution={settings.resolution}, patch_size={settings.patch_size}, '
+                     f'budget={settings.budget}, num_images={settings.num_images}: the budget '
+                     f'must split into num_images canvases of at most {side}x{side} patches '
+                     f'(the release: 576, 16, 10368, 8)')
+  if not 0 <= task_index < num_tasks:
+    raise ValueError(f'task_index={task_index}, num_tasks={num_tasks}: need '
+                     f'0 <= task_index < num_tasks')
+  items = read_items(dataset)[task_index::num_tasks]
+  out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
+  failures = failures or out_jsonl + '.failures.jsonl'
+  known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
+  for path in (failures, out_jsonl):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  lines, failed = [], []
+  counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': 0}
+  for item in items:
+    paths = clip_paths(item, visidx_root, image_root, settings)
+    if (item.id, item.video) in known:
+      failed.append(known[(item.id, item.video)])
+      counts['failed'] += 1
+      continue
+    if finished(paths):
+      lines.append(jsonl_line(item, paths, settings))
+      counts['skipped'] += 1
+      continue
+    try:
+      lines.append(make_clip(item, visidx_root, image_root, settings, **options))
+      counts['made'] += 1
+    except Exception as e:  # any bad video: record it, go on
+      reason = f'{type(e).__name__}: {e}'
+      failed.append({'id': item.id, 'video': item.video, 'reason': reason})
+      counts['failed'] += 1
+    # Failures are written as they happen, so a killed run keeps them.
+    fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
+  fileio.write_atomic(out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n'
+                                         for line in lines))
+  return counts
+
+
+def read_failures(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------ the release's files -> ours
+
+def regrid(positions_Kx3: np.ndarray, num_frames: int, grid: int, model_grid: int,
+           min_cover: float = 0.5) -> np.ndarray:
+  """(t, h, w) on a `grid` x `grid` square canvas -> the cells of a `model_grid` x `model_grid`
+  grid over the same canvas that the selected cells cover for at least `min_cover` of their
+  area, int64 [K', 3] sorted. Both grids split one square canvas (the release's 576 / 16 = 36
+  and our 224 / 14 = 16 tile the same letterboxed picture), so the overlap is exact."""
+  def overlap(fine: int, coarse: int) -> np.ndarray:
+    lo_f, hi_f = np.arange(fine) / fine, np.arange(1, fine + 1) / fine
+    lo_c, hi_c = np.arange(coarse)[:, None] / coarse, np.arange(1, coarse + 1)[:, None] / coarse
+    return np.clip(np.minimum(hi_f, hi_c) - np.maximum(lo_f, lo_c), 0, None) * coarse
+  m = overlap(grid, model_grid)                                    # [model_grid, grid]
+  chosen_TxGxG = np.zeros((num_frames, grid, grid))
+  chosen_TxGxG[tuple(np.asarray(positions_Kx3, np.int64).T)] = 1.0
+  cover_TxMxM = np.einsum('ag,tgh,bh->tab', m, chosen_TxGxG, m)
+  return np.argwhere(cover_TxMxM >= min_cover - 1e-9).astype(np.int64)
+
+
+def release_record(visidx_path: str, frame_ids_path: Optional[str] = None,
+                   source: Optional[str] = None, grid: Optional[int] = None,
+                   model_grid: Optional[int] = None) -> dict[str, Any]:
+  """A clip record (`data_pipeline.records`) of stage1's `*.visidx_thw.npy` and its
+  `*.frame_ids.npy` (default: the same prefix). `source` defaults to the video named in the
+  `*.meta.json` beside them; `grid` (patches a side) defaults to the meta's hb.
+
+  positions become int16, sorted by (t, h, w) as our records keep them; with `model_grid`
+  (e.g. 16 for our 224 / 14 model) they are moved onto that grid (`regrid`); picture types are
+  unknown (the release does not store them)."""
+  if not visidx_path.endswith('.visidx_thw.npy'):
+    raise ValueError(f'{visidx_path}: not a stage1 selection file (*.visidx_thw.npy)')
+  prefix = visidx_path[:-len('.visidx_thw.npy')]
+  frame_ids_path = frame_ids_path or prefix + '.frame_ids.npy'
+  meta = fileio.read_json(prefix + '.meta.json') or {}
+  if not os.path.exists(frame_ids_path):
+    raise ValueError(f'{visidx_path}: its frame ids {frame_ids_path} are missing; pass '
+                     f'frame_ids_path')
+  thw = np.load(visidx_path, allow_pickle=False)
+  frame_ids = np.load(frame_ids_path, allow_pickle=False)
+  if thw.ndim != 2 or thw.shape[1] != 3 or thw.dtype.kind not in 'iu':
+    raise ValueError(f'{visidx_path}: expected integer [K, 3] (t, h, w), got {thw.dtype} '
+                     f'{thw.shape}')
+  if frame_ids.ndim != 1 or frame_ids.dtype.kind not in 'iu':
+    raise ValueError(f'{frame_ids_path}: expected integer [T] frame ids, got {frame_ids.dtype} '
+                     f'{frame_ids.shape}')
+  grid = int(grid or meta.get('hb') or 0)
+  if not grid:
+    raise ValueError(f'{visidx_path}: no meta.json gives the grid (hb); pass grid')
+  if len(thw) and (thw.min() < 0 or thw[:, 0].max() >= len(frame_ids)
+                   or thw[:, 1:].max() >= grid):
+    raise ValueError(f'{visidx_path}: positions outside T={len(frame_ids)} x {grid} x {grid}')
+  thw = np.unique(thw.astype(np.int64), axis=0)          # sorted by (t, h, w), no repeats
+  if model_grid and model_grid != grid:
+    thw, grid = regrid(thw, len(frame_ids), grid, model_grid), model_grid
+  source = source or meta.get('video')
+  if not source:
+    raise ValueError(f'{visidx_path}: no meta.json names the video; pass source')
+  return {'source': str(source), 'frame_ids': frame_ids.astype(np.int32),
+          'positions': thw.astype(np.int16),
+          'picture_types': np.zeros(len(frame_ids), np.uint8),
+          'stats_kept_fraction': float(len(thw) / (len(frame_ids) * grid * grid))}
+
+
+def release_files(visidx_root: str) -> Iterator[str]:
+  """Every `*.visidx_thw.npy` under a stage1 folder, sorted."""
+  yield from sorted(glob.glob(os.path.join(visidx_root, '**', '*.visidx_thw.npy'),
+                              recursive=True))

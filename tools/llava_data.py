@@ -1,0 +1,118 @@
+"""LLaVA training data in the release's format, and the release's selections as our records.
+
+  # A video list (.jsonl / .json with "id", "video", "conversations"; or .txt, one path a line)
+  # -> the release's stage1 files, canvases and training jsonl:
+  ove-llava-data make DATASET --visidx-root V --image-root I --out-jsonl train.jsonl
+      [--num-frames 64 --resolution 576 --patch-size 16 --budget 10368 --num-images 8]
+      [--image-format jpg|png] [--no-first-full] [--options '{"key": value}']
+
+  # The release's (or our) stage1 files -> one ArrayRecord shard of clip records:
+  ove-llava-data import V out.array_record [--model-grid 16] [--video-root ROOT]
+
+`make` follows llava_next/Compressed_Video_Reader/tool/stage1.py and stage2.py (names, shapes,
+the jsonl; data_pipeline/llava.py says what differs); selection is
+codec.select(preset='release_llava'). Bad videos go to OUT_JSONL.failures.jsonl and the run
+goes on; running it again skips finished clips (and known failures unless --retry-failures).
+--task-index I --num-tasks N splits the list over N processes or machines (a SLURM array), each
+writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for the whole set.
+`import` writes records readable by data_pipeline.sources.open_source('out.array_record');
+with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
+(train with the video head's geometry='letterbox').
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from data_pipeline import llava, records, shards
+
+
+def json_object(text: str) -> dict:
+  """argparse type of --options: a JSON object given inline or as a file's path."""
+  source = text
+  if os.path.isfile(text):
+    with open(text, encoding='utf-8') as f:
+      source = f.read()
+  try:
+    value = json.loads(source)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f'not JSON ({e}); give a JSON object or its file') from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError('give a JSON object of codec.select options')
+  return value
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='ove-llava-data', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest='command', required=True)
+  make = sub.add_parser('make', help='video list -> stage1 files, canvases, training jsonl')
+  make.add_argument('dataset', help='.jsonl / .json (id, video, conversations) or .txt list')
+  make.add_argument('--visidx-root', required=True, help='folder of the stage1 files')
+  make.add_argument('--image-root', required=True, help='folder of the per-clip canvases')
+  make.add_argument('--out-jsonl', required=True, help='the training jsonl to write')
+  make.add_argument('--num-frames', type=int, default=64, help='timeline length T')
+  make.add_argument('--resolution', type=int, default=576, help='square canvas side')
+  make.add_argument('--patch-size', type=int, default=16, help='patch side in pixels')
+  make.add_argument('--budget', type=int, default=10368, help='selected patches K per clip')
+  make.add_argument('--num-images', type=int, default=8, help='canvases per clip')
+  make.add_argument('--image-format', default='jpg', choices=llava.IMAGE_FORMATS,
+                    help='jpg as the release (quality 95); png keeps the pixels exactly')
+  make.add_argument('--no-first-full', action='store_true',
+                    help='pack canvas 0 like the others (default: the whole first frame, '
+                         'as the release\'s --first_full)')
+  make.add_argument('--options', type=json_object, default={},
+                    help='JSON object (or file) of codec.select options over the release_llava '
+                         'preset')
+  make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
+  make.add_argument('--retry-failures', action='store_true',
+                    help='try the videos of the failures file again')
+  make.add_argument('--task-index', type=int, default=0,
+                    help='this task\'s index I: it makes rows I, I+N, ... of the list')
+  make.add_argument('--num-tasks', type=int, default=1,
+                    help='N tasks (processes, machines) splitting the list; each writes '
+                         'OUT_JSONL.shardIIofNN.jsonl')
+  imp = sub.add_parser('import', help='stage1 files -> an ArrayRecord shard of clip records')
+  imp.add_argument('visidx_root', help='folder searched for *.visidx_thw.npy')
+  imp.add_argument('out', help='the .array_record shard to write')
+  imp.add_argument('--model-grid', type=int, default=None,
+                   help='move positions onto this grid (16 for our 224 / 14 model)')
+  imp.add_argument('--video-root', default='',
+                   help='stored sources relative to this folder (default: as in meta.json)')
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  if args.command == 'make':
+    settings = llava.Settings(num_frames=args.num_frames, resolution=args.resolution,
+                              patch_size=args.patch_size, budget=args.budget,
+                              num_images=args.num_images, first_full=not args.no_first_full,
+                              image_format=args.image_format)
+    counts = llava.run(args.dataset, args.visidx_root, args.image_root, args.out_jsonl,
+                       settings, failures=args.failures, retry_failures=args.retry_failures,
+                       task_index=args.task_index, num_tasks=args.num_tasks, **args.options)
+    print(json.dumps(counts))
+    return 0
+  paths = list(llava.release_files(args.visidx_root))
+  if not paths:
+    raise SystemExit(f'{args.visidx_root}: no *.visidx_thw.npy files found')
+  writer = shards.ShardWriter(args.out)
+  try:
+    for path in paths:
+      record = llava.release_record(path, model_grid=args.model_grid)
+      if args.video_root:
+        record['source'] = os.path.relpath(record['source'], args.video_root)
+      writer.write(records.encode(record))
+    writer.commit()
+  except BaseException:
+    writer.abandon()
+    raise
+  print(json.dumps({'records': len(paths), 'out': args.out}))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
