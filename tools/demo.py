@@ -22,7 +22,8 @@ The stages (each prints its progress):
      teacher network can be downloaded here (the paper's is MetaCLIP-H/14), so each sample's
      teacher feature embeds the generator's ground truth of its object (texture, motion
      direction, shape; one-hot blocks weighted 1, 0.8, 0.6). The student never sees those
-     attributes, only cluster ids; a real teacher is one flag away (`ove-cluster-labels --teacher DIR` or `--features`);
+     attributes, only cluster ids; a real teacher is one flag away (`ove-cluster-labels
+     --teacher DIR` or `--features`);
   6. pretrains the tiny encoder from scratch on the cluster labels with the trainer
      (`ove_jax.train`, experiments/demo_cpu.py:student=...: video and image heads, Partial FC
      with CosFace, 8-device CPU mesh data 4 x fsdp 2); metrics in <workdir>/train/metrics.jsonl
