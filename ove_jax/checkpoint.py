@@ -248,11 +248,7 @@ def restore_params(path: str, step: int | None = None, *,
   """
   root, step = locate(path, step)
   manager = open_manager(root)
-  where = f'{root} step {step}'
-  node = manager.metadata(step).item_metadata[STATE]
-  node = getattr(node, 'tree', node)
-  for key in subtree:
-    node = _child(node, key, where)
+  node = _saved(manager, step, subtree, f'{root} step {step}')
   if target is None:
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), node)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -267,6 +263,24 @@ def restore_params(path: str, step: int | None = None, *,
   for key in subtree:
     restored = restored[key]
   return restored, _meta(manager, step), step
+
+
+def _saved(manager: ocp.CheckpointManager, step: int, subtree: Sequence[str], where: str):
+  """The orbax metadata (shape, dtype) of the train state's leaves under `subtree`."""
+  node = manager.metadata(step).item_metadata[STATE]
+  node = getattr(node, 'tree', node)
+  for key in subtree:
+    node = _child(node, key, where)
+  return node
+
+
+def param_shapes(path: str, step: int | None = None, *, subtree: Sequence[str] = ('params',)):
+  """The shapes (tuples) of the saved leaves under `subtree`, nested as saved; nothing is read
+  but orbax's metadata. E.g. `param_shapes(run, subtree=('params', 'heads'))` -> {'video':
+  (1024, 768), ...}."""
+  root, step = locate(path, step)
+  node = _saved(open_manager(root), step, subtree, f'{root} step {step}')
+  return jax.tree.map(lambda m: tuple(m.shape), node)
 
 
 def _check_shapes(saved, target, prefix: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -267,11 +268,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('model.rope', m.rope, ROPE_VARIANTS)
   _one_of('builtin.policy', config.builtin.policy, POLICIES)
 
+  from ove_jax import sharding
   sizes = dict(config.mesh)
-  if set(sizes) != {'data', 'fsdp', 'tensor'}:
-    raise ConfigError(f'mesh keys {sorted(sizes)}; expected data, fsdp, tensor')
-  if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
-    raise ConfigError(f'mesh {sizes}: sizes are >= 1, and at most one may be -1 (the rest)')
+  if set(sizes) != set(sharding.MESH_AXES):
+    raise ConfigError(f'mesh keys {sorted(sizes)}; expected {", ".join(sharding.MESH_AXES)}')
+  try:
+    sharding.check_sizes(sizes)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
   _one_of('init.heads', config.init.heads, INIT_HEADS)
   if config.init.pytorch and config.init.checkpoint:
@@ -300,6 +304,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config, placeholder_sources=True, source_overrides=dict(config.eval_sources)))
   except (ValueError, TypeError) as e:
     raise ConfigError(f'data: {e}') from None
+
+
+def check_layout(config, mesh_shape: Mapping[str, int], batch_axes: Sequence[str],
+                 process_count: int) -> None:
+  """What a mesh of `mesh_shape` (batch split over `batch_axes`) must fit for this config: every
+  head's class blocks, every head's global rows, and whole batch shards for each process."""
+  devices = math.prod(mesh_shape.values())
+  for name in config.heads:
+    try:
+      head_loss_config(config, name).check_devices(devices, name)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
+  axes = ' x '.join(batch_axes)
+  for name, h in config.data.heads.items():
+    if h.rows % batch_shards:
+      raise ConfigError(f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
+                        f'{batch_shards} batch shards of the mesh ({axes})')
+  if batch_shards % process_count:
+    raise ConfigError(
+        f'the mesh has {batch_shards} batch shards ({axes}) for {process_count} processes: each '
+        'process must feed whole batch shards, so make mesh.data x mesh.fsdp a multiple of the '
+        'process count')
 
 
 def head_loss_config(config, name: str):
