@@ -237,6 +237,12 @@ class Program:
     aux = jax.lax.map(lambda micro: self._loss(params, micro, step, 0)[1], batch)
     return {k: jnp.sum(v) if k.endswith('/dropped') else jnp.mean(v) for k, v in aux.items()}
 
+  def meta(self, step: int) -> dict:
+    """What a checkpoint of this program records besides the state (checkpoint.read_meta)."""
+    return {'step': step, 'config': self.config.to_dict(),
+            'encoder_config': dataclasses.asdict(self.encoder_cfg),
+            'process_count': jax.process_count(), 'mesh': dict(self.mesh.shape)}
+
   def device_batch(self, host_batches: Sequence[Mapping[str, Mapping[str, np.ndarray]]]):
     """This host's micro-batches as the step's global [A, rows, ...] arrays (prefetch)."""
     return device_batch(host_batches, self.mesh, self.batch_axes)
@@ -389,10 +395,8 @@ class Run:
     if due or stopping:
       self.report(loop)
       t_save = time.perf_counter()
-      checkpoint.save(self.manager, loop.step, loop.state, position, {
-          'step': loop.step, 'config': c.to_dict(),
-          'encoder_config': dataclasses.asdict(self.program.encoder_cfg),
-          'process_count': jax.process_count(), 'mesh': dict(self.program.mesh.shape)})
+      checkpoint.save(self.manager, loop.step, loop.state, position,
+                      self.program.meta(loop.step))
       self.reporter.extra['checkpoint_seconds'] = time.perf_counter() - t_save
       loop.tick = time.perf_counter()
     if stopping:
