@@ -364,6 +364,29 @@ def test_resume_names_what_changed(caplog):
     train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
+def test_command_line_spellings(capsys):
+  args, overrides = train.parse_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
+                                      '--config.optim.lr', '0.5', '--config.seed=3',
+                                      '--mesh', 'data=2,tensor=2'])
+  assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
+  assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
+  assert train.parse_args([f'--config={DEMO}', '--show-config'])[0].show_config
+  for argv, message in ((['--config', DEMO], '--workdir is required'),
+                        (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
+                        (['--workdir', 'w'], '--config'),
+                        (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus')):
+    with pytest.raises(SystemExit):
+      train.parse_args(argv)
+    assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    train.parse_args(['--help'])
+  text = capsys.readouterr().out
+  assert all(flag in text for flag in ('--config', '--workdir', '--mesh', '--show-config'))
+  assert 'list them with their values' in text and text.startswith('usage: ove-train')
+  assert train.main(['--config', DEMO + ':smoke', '--show-config', '--config.optim.lr=0.25']) == 0
+  assert 'optim.lr = 0.25' in capsys.readouterr().out.splitlines()
+
+
 def test_config_sections_refuse_typos():
   c = config_lib.load(DEMO + ':smoke')
   with c.unlocked():

@@ -61,14 +61,6 @@ def _write(model, out: str, dtype: str, source: str) -> int:
   return 0
 
 
-def trained_encoder(workdir: str, step: int | None = None):
-  """(encoder model, step, head names) of a training run's checkpoint: `checkpoint.load_encoder`
-  (kept for the tools that still call it here)."""
-  from ove_jax import checkpoint
-  loaded = checkpoint.load_encoder(workdir, step=step)
-  return loaded.model, loaded.step, loaded.heads
-
-
 def _from_train(args) -> int:
   from ove_jax import checkpoint
   loaded = checkpoint.load_encoder(args.workdir, step=args.step)
