@@ -36,9 +36,9 @@ STATE, DATA, META = 'state', 'data', 'meta'  # the items of a training checkpoin
 ENCODER = ('params', 'encoder')            # where the encoder sits in the train state
 
 ACCEPTED = (f'a training workdir, its {CHECKPOINT_DIR} folder or one step folder; a '
-            'release-format (Hugging Face) directory with config.json and model.safetensors; an ove_jax '
-            f'parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> with a '
-            f'preset of {sorted(PRESETS)}')
+            'release-format (Hugging Face) directory with config.json and model.safetensors; an '
+            f'ove_jax parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> '
+            f'with a preset of {sorted(PRESETS)}')
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,16 +36,14 @@ class StepResult:
   seconds: float                  # wall time since the previous step ended
 
 
-@dataclasses.dataclass
 class Window:
   """Sums over the steps since the last metrics line (the first step of a process, which
-  compiles, is left out)."""
-  seconds: float = 0.0
-  wait: float = 0.0
-  steps: int = 0
-  clips: float = 0.0
-  tokens: float = 0.0
-  skipped: float = 0.0
+  compiles, is left out): wall and input-wait seconds, and the COUNTS."""
+
+  def __init__(self):
+    self.steps = 0
+    self.seconds = self.wait = 0.0
+    self.clips = self.tokens = self.skipped = 0.0
 
   def rates(self, flops_per_step: int | None, peak_per_device: float, devices: int) -> dict:
     if not self.steps:

@@ -538,12 +538,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   if jax.process_index() == 0:
     workdir = os.path.abspath(args.workdir)
-    steps = checkpoint.list_steps(workdir)
+    tensorboard = os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)
     print(f'{"stopped (SIGTERM) at" if last.get("stopped") else "finished"} step '
           f'{last.get("step", "-")} of {args.workdir}\n'
-          f'  checkpoints: {checkpoint.root_of(workdir)} (steps {steps})\n'
+          f'  checkpoints: {checkpoint.root_of(workdir)} (steps {checkpoint.list_steps(workdir)})\n'
           f'  metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}\n'
-          f'  TensorBoard: tensorboard --logdir {os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}')
+          f'  TensorBoard: tensorboard --logdir {tensorboard}')
   return 0
 
 

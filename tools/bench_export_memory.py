@@ -66,21 +66,19 @@ _NEW_LOAD = '''
 def load():
   return _ckpt.load_encoder(WORKDIR).model
 '''
-_OLD_LOAD = '''
-import importlib.util
-spec = importlib.util.spec_from_file_location(
-    'old_convert_checkpoint', os.path.join(SOURCE_PATHS[0], 'tools', 'convert_checkpoint.py'))
-old = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(old)
-def load():
-  return old.trained_encoder(WORKDIR)[0]
-'''
-_CLI_LOAD = '''
+# The source's tools/convert_checkpoint.py, imported by path as `cli`.
+_IMPORT_CLI = '''
 import importlib.util, tempfile
 spec = importlib.util.spec_from_file_location(
     'convert_checkpoint', os.path.join(SOURCE_PATHS[0], 'tools', 'convert_checkpoint.py'))
 cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cli)
+'''
+_OLD_LOAD = _IMPORT_CLI + '''
+def load():
+  return cli.trained_encoder(WORKDIR)[0]
+'''
+_CLI_LOAD = _IMPORT_CLI + '''
 from ove_jax import convert
 def load():
   out = tempfile.mkdtemp()
