@@ -13,7 +13,8 @@ Two kinds of directory:
 
 Plain dicts, not module objects, so that refactoring a module never breaks a checkpoint.
 Exporting an encoder reads only its parameters (`restore_params`): the optimiser's moments, twice
-the parameters' size, are never read (docs/spec.md §7 gives the checkpoint format).
+the parameters' size, are never read. (The release's own format, which ove_jax.convert writes, is
+docs/spec.md §1.4.)
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 takes the encoder, and with `init.heads` the cluster heads, of another run's checkpoint (a later
 stage starting from an earlier one). Only parameters are read (never the source's optimiser
 state), straight onto this run's shardings, whatever mesh wrote them; the optimiser state and the
-step start fresh (docs/spec.md §5).
+step start fresh.
 """
 from __future__ import annotations
 

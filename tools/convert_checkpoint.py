@@ -1,6 +1,6 @@
 """Convert encoder checkpoints between ove_jax and the released PyTorch / Hugging Face format.
 
-  # a fresh preset (random init, SPEC §1.2) -> release-format directory
+  # a fresh preset (random init, docs/spec.md §1.2) -> release-format directory
   python tools/convert_checkpoint.py to-hf --preset large --out /tmp/ove_large_hf
   # an ove_jax parameter directory -> release format, stored in bfloat16
   python tools/convert_checkpoint.py to-hf --params /tmp/ove_params --out /tmp/hf --dtype bfloat16
