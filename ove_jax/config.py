@@ -268,14 +268,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('model.rope', m.rope, ROPE_VARIANTS)
   _one_of('builtin.policy', config.builtin.policy, POLICIES)
 
-  from ove_jax import sharding
   sizes = dict(config.mesh)
-  if set(sizes) != set(sharding.MESH_AXES):
-    raise ConfigError(f'mesh keys {sorted(sizes)}; expected {", ".join(sharding.MESH_AXES)}')
-  try:
-    sharding.check_sizes(sizes)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  if set(sizes) != {'data', 'fsdp', 'tensor'}:
+    raise ConfigError(f'mesh keys {sorted(sizes)}; expected data, fsdp, tensor')
+  if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ConfigError(f'mesh {sizes}: sizes are >= 1, and at most one may be -1 (the rest)')
 
   _one_of('init.heads', config.init.heads, INIT_HEADS)
   if config.init.pytorch and config.init.checkpoint:

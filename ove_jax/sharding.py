@@ -89,8 +89,7 @@ def _describe(sizes: Mapping[str, int]) -> str:
   return ' x '.join(f'{a}={sizes[a]}' for a in MESH_AXES)
 
 
-def check_sizes(sizes: Mapping[str, int]) -> None:
-  """ValueError unless every size is >= 1 or -1, and at most one is -1."""
+def _check_sizes(sizes: Mapping[str, int]) -> None:
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ValueError(f'mesh {_describe(sizes)}: sizes are >= 1, and at most one may be -1 '
                      '(the rest of the devices)')
@@ -104,7 +103,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   if unknown:
     raise ValueError(f'mesh axis {unknown[0]!r} is not one of {MESH_AXES}')
   full = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
-  check_sizes(full)
+  _check_sizes(full)
   known = math.prod(v for v in full.values() if v != -1)
   rest = [a for a, v in full.items() if v == -1]
   if rest:
@@ -149,5 +148,5 @@ def parse_mesh(text: str) -> dict[str, int]:
   except ValueError:
     raise ValueError(f'mesh {text!r}: expected {MESH_FORMS}') from None
   sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
-  check_sizes(sizes)
+  _check_sizes(sizes)
   return sizes

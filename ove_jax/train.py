@@ -62,8 +62,8 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The config's mesh over `devices` (default: all of this run's)."""
   devices = list(devices) if devices is not None else jax.devices()
-  return sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape(config, len(devices)))),
-                            devices)
+  mesh_shape(config, len(devices))   # a ConfigError naming the fix when it does not fit
+  return sharding.make_mesh(dict(config.mesh), devices)
 
 
 def rules_of(config) -> tuple:

@@ -169,7 +169,7 @@ def test_two_processes_compute_a_global_sum(tmp_path):
       assert x.shape == (32,)
       total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
       print(f'SUM {float(total):.1f} from process {jax.process_index()}')
-      """, '--processes', '2', '--devices-per-process', '4', '--timeout=50')
+      """, '--processes=2', '--devices_per_process=4', '--timeout=50')
   assert result.returncode == 0, result.stdout + result.stderr
   for i in range(2):
     assert f'[p{i}] SUM 496.0 from process {i}' in result.stdout, result.stdout + result.stderr

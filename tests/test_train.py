@@ -225,7 +225,7 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
   two = str(tmp_path / 'two')
   # The experiment asks for 8 CPU devices; the launcher's 4 per process win.
   launch = [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
-            '--devices-per-process=4', '--timeout=500', '--',
+            '--devices_per_process=4', '--timeout=500', '--',
             *command(two, data_root, *steps, arg='smoke,workers=0')]
   result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Runs one command as N JAX processes on this machine, each with M virtual CPU devices.
 
-  ove-launch-local --processes 2 --devices-per-process 4 -- ove-train --config ... --workdir ...
+  python tools/launch_local.py --processes=2 --devices_per_process=4 -- python train.py ...
 
 It stands in for a multi-host cluster on one CPU machine: each copy gets the environment that
 `ove_jax.distributed.initialize()` reads (OVE_COORDINATOR_ADDRESS on a free local port,
@@ -86,12 +86,11 @@ def _exit_code(returncode: int) -> int:
 
 def _parse(argv):
   parser = argparse.ArgumentParser(
-      prog='ove-launch-local', description=__doc__.split('\n\n')[0],
-      usage='%(prog)s --processes N --devices-per-process M [--port P] [--timeout S] '
+      description=__doc__.split('\n\n')[0],
+      usage='%(prog)s --processes=N --devices_per_process=M [--port=P] [--timeout=S] '
             '-- COMMAND [ARGS ...]')
   parser.add_argument('--processes', type=int, required=True, help='processes to start (N)')
-  parser.add_argument('--devices-per-process', '--devices_per_process', type=int, default=1,
-                      dest='devices_per_process',
+  parser.add_argument('--devices_per_process', type=int, default=1,
                       help='virtual CPU devices in each process (M)')
   parser.add_argument('--port', type=int, default=0,
                       help='coordinator port on 127.0.0.1; default: a free one')
@@ -108,18 +107,18 @@ def _parse(argv):
   args, extra = parser.parse_known_args(argv)
   if extra:
     parser.error(f'unrecognised arguments {" ".join(extra)}: put the command to run after "--", '
-                 'e.g. -- ove-train --config ...')
+                 'e.g. -- python train.py')
   if args.processes < 1:
     parser.error(f'--processes={args.processes}: at least 1 process is needed')
   if args.devices_per_process < 1:
-    parser.error(f'--devices-per-process={args.devices_per_process}: each process needs at least '
+    parser.error(f'--devices_per_process={args.devices_per_process}: each process needs at least '
                  '1 device')
   if not 0 <= args.port < 65536:
     parser.error(f'--port={args.port}: give a port from 1 to 65535, or 0 for a free one')
   if args.timeout < 0 or args.grace < 0:
     parser.error('--timeout and --grace take seconds, 0 or more')
   if not command:
-    parser.error('no command given: put it after "--", e.g. -- ove-train --config ...')
+    parser.error('no command given: put it after "--", e.g. -- python train.py')
   args.command = command
   return args
 
