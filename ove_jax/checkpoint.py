@@ -120,14 +120,16 @@ def open_manager(root: str, *, max_to_keep: int | None = None, keep_period: int 
   """An orbax CheckpointManager on a checkpoints folder: for writing (the trainer: `create`,
   `asynchronous`, retention) or for reading (the defaults). A reading manager knows the handler
   of every item, so that asking for a step's metadata reads it without orbax warning about items
-  it cannot interpret."""
+  it cannot interpret, and reads at most 1 GB at a time (orbax's restore_concurrent_gb), so a
+  restore holds its result and little more."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_period, create=create,
       enable_async_checkpointing=asynchronous)
   handlers = None
   if not create:
     import grain
-    handlers = {STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+    handlers = {STATE: ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1),
+                META: ocp.JsonCheckpointHandler(),
                 DATA: grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
 
@@ -380,9 +382,19 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
     return LoadedEncoder(encoder_from_tree(cfg, nest(flat), full), cfg, None, [],
                          f'ove_jax parameter directory {full}')
   root, found = locate(full, step, accepted=ACCEPTED)
-  params, meta, found = restore_params(root, found)
-  heads = sorted(_child(meta, 'config', root).get('heads', {})) if 'config' in meta else []
-  cfg = _inference(encoder_config(_child(meta, 'encoder_config', f'{root} step {found} meta'),
-                                  f'{root} step {found} (meta)'))
-  model = encoder_from_tree(cfg, params, f'{root} step {found}')
+  meta = read_meta(root, found)
+  where = f'{root} step {found}'
+  heads = sorted(meta['config'].get('heads', {})) if 'config' in meta else []
+  cfg = _inference(encoder_config(_child(meta, 'encoder_config', f'{where} meta'),
+                                  f'{where} (meta)'))
+  if sharding.current_mesh() is not None:  # placed by the logical axes on that mesh
+    model = encoder_from_tree(cfg, restore_params(root, found)[0], where)
+  else:  # straight into device arrays: the parameters are held once, with no host copy
+    from flax import nnx
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=device),
+                          nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restore_params(root, found, target=target)[0])
+    model = nnx.merge(graphdef, state)
   return LoadedEncoder(model, cfg, found, heads, f'training run {full} step {found}')
