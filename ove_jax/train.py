@@ -410,7 +410,8 @@ class Run:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics."""
+  """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics. Process 0
+  ends by printing where the checkpoints, metrics.jsonl and TensorBoard logs are."""
   info = distributed.initialize(local_device_count=_local_devices(config))
   main_process = info['process_index'] == 0
   workdir = os.path.abspath(workdir)
@@ -454,6 +455,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last = dict(reporter.last)
   if stop.requested:
     last['stopped'] = 'SIGTERM'
+  if main_process:  # the manager's own list: opening another would wait for the other processes
+    tensorboard = os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)
+    print(f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step} of '
+          f'{workdir}\n  checkpoints: {checkpoint.root_of(workdir)} (steps '
+          f'{sorted(manager.all_steps())})\n  metrics:     '
+          f'{os.path.join(workdir, metrics_lib.METRICS_FILE)}\n  TensorBoard: tensorboard '
+          f'--logdir {tensorboard}', flush=True)
   return last
 
 
@@ -529,21 +537,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')
       return 0
-    last = train(config, args.workdir)
+    train(config, args.workdir)
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
   except TrainingError as e:
     print(f'training stopped: {e}', file=sys.stderr)
     return 1
-  if jax.process_index() == 0:
-    workdir = os.path.abspath(args.workdir)
-    tensorboard = os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)
-    print(f'{"stopped (SIGTERM) at" if last.get("stopped") else "finished"} step '
-          f'{last.get("step", "-")} of {args.workdir}\n'
-          f'  checkpoints: {checkpoint.root_of(workdir)} (steps {checkpoint.list_steps(workdir)})\n'
-          f'  metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}\n'
-          f'  TensorBoard: tensorboard --logdir {tensorboard}')
   return 0
 
 
