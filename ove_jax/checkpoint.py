@@ -254,18 +254,36 @@ def restore_params(path: str, step: int | None = None, *,
   node = _saved(manager, step, subtree, f'{root} step {step}')
   if target is None:
     item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), node)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   else:
     _check_shapes(node, target, '/'.join(subtree))
     item = target
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  for key in reversed(tuple(subtree)):
-    item, restore_args = {key: item}, {key: restore_args}
+  return _restore_parts(manager, step, tuple(subtree), item, target is None), _meta(
+      manager, step), step
+
+
+PART_BYTES = 64 * 2**20   # restore at most about this much per orbax call
+
+
+def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, item, host: bool):
+  """The leaves of `item` (ShapeDtypeStructs at `subtree` of the state) restored a part at a time
+  (a dict of more than PART_BYTES goes key by key), so that what orbax holds in flight besides
+  the result stays small: one block of a large encoder, not the whole of it."""
+  leaves = jax.tree.leaves(item)
+  if isinstance(item, Mapping) and len(leaves) > 1 and sum(
+      int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves) > PART_BYTES:
+    return {k: _restore_parts(manager, step, subtree + (k,), v, host) for k, v in item.items()}
+  if host:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  nested, nested_args = item, restore_args
+  for key in reversed(subtree):
+    nested, nested_args = {key: nested}, {key: nested_args}
   restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True)}))[STATE]
+      item=nested, restore_args=nested_args, partial_restore=True)}))[STATE]
   for key in subtree:
-    restored = restored[key]
-  return restored, _meta(manager, step), step
+    restored = _child(restored, key, 'the restored state')
+  return restored
 
 
 def _saved(manager: ocp.CheckpointManager, step: int, subtree: Sequence[str], where: str):

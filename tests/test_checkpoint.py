@@ -167,3 +167,24 @@ def test_healthy_checkpoints_load_without_orbax_warnings(run, caplog):
   with caplog.at_level(logging.WARNING):
     ocp.PyTreeCheckpointer().metadata(os.path.join(checkpoint.root_of(workdir), '5', 'state'))
   assert 'Metadata file does not exist' in caplog.text
+
+
+def test_restores_in_parts_read_the_same(run, reads, monkeypatch):
+  workdir, state, _ = run
+  whole = checkpoint.load_encoder(workdir)
+  calls = len(reads)
+  reads.clear()
+  monkeypatch.setattr(checkpoint, 'PART_BYTES', 1)   # every leaf on its own
+  parts = checkpoint.load_encoder(workdir)
+  assert sorted(reads) == sorted(n for n in reads if n.startswith('params.encoder.'))
+  assert len(reads) == calls
+  for a, b in zip(jax.tree.leaves(nnx_params(whole.model)), jax.tree.leaves(nnx_params(
+      parts.model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  host, _, _ = checkpoint.restore_params(workdir, subtree=('params',))
+  np.testing.assert_array_equal(host['heads']['video'], state['params']['heads']['video'])
+
+
+def nnx_params(model):
+  from flax import nnx
+  return nnx.state(model, nnx.Param)
