@@ -13,7 +13,8 @@ Two kinds of directory:
 
 Plain dicts, not module objects, so that refactoring a module never breaks a checkpoint.
 Exporting an encoder reads only its parameters (`restore_params`): the optimiser's moments, twice
-the parameters' size, are never read (docs/spec.md §7 gives the checkpoint format).
+the parameters' size, are never read. (The release's own format, which ove_jax.convert writes, is
+docs/spec.md §1.4.)
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ STATE, DATA, META = 'state', 'data', 'meta'  # the items of a training checkpoin
 ENCODER = ('params', 'encoder')            # where the encoder sits in the train state
 
 ACCEPTED = (f'a training workdir, its {CHECKPOINT_DIR} folder or one step folder; a '
-            'release-format (Hugging Face) directory with config.json and model.safetensors; an ove_jax '
-            f'parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> with a '
-            f'preset of {sorted(PRESETS)}')
+            'release-format (Hugging Face) directory with config.json and model.safetensors; an '
+            f'ove_jax parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> '
+            f'with a preset of {sorted(PRESETS)}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,14 +120,16 @@ def open_manager(root: str, *, max_to_keep: int | None = None, keep_period: int 
   """An orbax CheckpointManager on a checkpoints folder: for writing (the trainer: `create`,
   `asynchronous`, retention) or for reading (the defaults). A reading manager knows the handler
   of every item, so that asking for a step's metadata reads it without orbax warning about items
-  it cannot interpret."""
+  it cannot interpret, and reads at most 1 GB at a time (orbax's restore_concurrent_gb), so a
+  restore holds its result and little more."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_period, create=create,
       enable_async_checkpointing=asynchronous)
   handlers = None
   if not create:
     import grain
-    handlers = {STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler(),
+    handlers = {STATE: ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1),
+                META: ocp.JsonCheckpointHandler(),
                 DATA: grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
 
@@ -248,25 +251,57 @@ def restore_params(path: str, step: int | None = None, *,
   """
   root, step = locate(path, step)
   manager = open_manager(root)
-  where = f'{root} step {step}'
+  node = _saved(manager, step, subtree, f'{root} step {step}')
+  if target is None:
+    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), node)
+  else:
+    _check_shapes(node, target, '/'.join(subtree))
+    item = target
+  return _restore_parts(manager, step, tuple(subtree), item, target is None), _meta(
+      manager, step), step
+
+
+PART_BYTES = 64 * 2**20   # restore at most about this much per orbax call
+
+
+def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, item, host: bool):
+  """The leaves of `item` (ShapeDtypeStructs at `subtree` of the state) restored a part at a time
+  (a dict of more than PART_BYTES goes key by key), so that what orbax holds in flight besides
+  the result stays small: one block of a large encoder, not the whole of it."""
+  leaves = jax.tree.leaves(item)
+  if isinstance(item, Mapping) and len(leaves) > 1 and sum(
+      int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves) > PART_BYTES:
+    return {k: _restore_parts(manager, step, subtree + (k,), v, host) for k, v in item.items()}
+  if host:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  nested, nested_args = item, restore_args
+  for key in reversed(subtree):
+    nested, nested_args = {key: nested}, {key: nested_args}
+  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+      item=nested, restore_args=nested_args, partial_restore=True)}))[STATE]
+  for key in subtree:
+    restored = _child(restored, key, 'the restored state')
+  return restored
+
+
+def _saved(manager: ocp.CheckpointManager, step: int, subtree: Sequence[str], where: str):
+  """The orbax metadata (shape, dtype) of the train state's leaves under `subtree`."""
   node = manager.metadata(step).item_metadata[STATE]
   node = getattr(node, 'tree', node)
   for key in subtree:
     node = _child(node, key, where)
-  if target is None:
-    item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), node)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  else:
-    _check_shapes(node, target, '/'.join(subtree))
-    item = target
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  for key in reversed(tuple(subtree)):
-    item, restore_args = {key: item}, {key: restore_args}
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True)}))[STATE]
-  for key in subtree:
-    restored = restored[key]
-  return restored, _meta(manager, step), step
+  return node
+
+
+def param_shapes(path: str, step: int | None = None, *, subtree: Sequence[str] = ('params',)):
+  """The shapes (tuples) of the saved leaves under `subtree`, nested as saved; nothing is read
+  but orbax's metadata. E.g. `param_shapes(run, subtree=('params', 'heads'))` -> {'video':
+  (1024, 768), ...}."""
+  root, step = locate(path, step)
+  node = _saved(open_manager(root), step, subtree, f'{root} step {step}')
+  return jax.tree.map(lambda m: tuple(m.shape), node)
 
 
 def _check_shapes(saved, target, prefix: str) -> None:
@@ -365,9 +400,19 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
     return LoadedEncoder(encoder_from_tree(cfg, nest(flat), full), cfg, None, [],
                          f'ove_jax parameter directory {full}')
   root, found = locate(full, step, accepted=ACCEPTED)
-  params, meta, found = restore_params(root, found)
-  heads = sorted(_child(meta, 'config', root).get('heads', {})) if 'config' in meta else []
-  cfg = _inference(encoder_config(_child(meta, 'encoder_config', f'{root} step {found} meta'),
-                                  f'{root} step {found} (meta)'))
-  model = encoder_from_tree(cfg, params, f'{root} step {found}')
+  meta = read_meta(root, found)
+  where = f'{root} step {found}'
+  heads = sorted(meta['config'].get('heads', {})) if 'config' in meta else []
+  cfg = _inference(encoder_config(_child(meta, 'encoder_config', f'{where} meta'),
+                                  f'{where} (meta)'))
+  if sharding.current_mesh() is not None:  # placed by the logical axes on that mesh
+    model = encoder_from_tree(cfg, restore_params(root, found)[0], where)
+  else:  # straight into device arrays: the parameters are held once, with no host copy
+    from flax import nnx
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=device),
+                          nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restore_params(root, found, target=target)[0])
+    model = nnx.merge(graphdef, state)
   return LoadedEncoder(model, cfg, found, heads, f'training run {full} step {found}')

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -374,6 +375,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config, placeholder_sources=True, source_overrides=dict(config.eval_sources)))
   except (ValueError, TypeError) as e:
     raise ConfigError(f'data: {e}') from None
+
+
+def check_layout(config, mesh_shape: Mapping[str, int], batch_axes: Sequence[str],
+                 process_count: int) -> None:
+  """What a mesh of `mesh_shape` (batch split over `batch_axes`) must fit for this config: every
+  head's class blocks, every head's global rows, and whole batch shards for each process."""
+  devices = math.prod(mesh_shape.values())
+  for name in config.heads:
+    try:
+      head_loss_config(config, name).check_devices(devices, name)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
+  axes = ' x '.join(batch_axes)
+  for name, h in config.data.heads.items():
+    if h.rows % batch_shards:
+      raise ConfigError(f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
+                        f'{batch_shards} batch shards of the mesh ({axes})')
+  if batch_shards % process_count:
+    raise ConfigError(
+        f'the mesh has {batch_shards} batch shards ({axes}) for {process_count} processes: each '
+        'process must feed whole batch shards, so make mesh.data x mesh.fsdp a multiple of the '
+        'process count')
 
 
 def head_loss_config(config, name: str):

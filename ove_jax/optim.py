@@ -1,4 +1,4 @@
-"""The optimiser of SPEC §5: AdamW, warmup then decay, gradient clipping per parameter group.
+"""The optimiser of docs/spec.md §5: AdamW, warmup then decay, gradient clipping per group.
 
 Groups are the top-level parts of the parameter tree: the backbone ('encoder') and each head
 ('heads/<name>'). The release clips each group's gradient to global norm 5 on its own, so one

@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from jax.sharding import AxisType
 
-from ove_jax import checkpoint, convert, train
+from ove_jax import checkpoint, convert
 from ove_jax.convert import torch_model
 from ove_jax.models import EncoderConfig, create_encoder
 from ove_jax_tools import convert_checkpoint
@@ -230,7 +230,7 @@ def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, ru
   raw = convert.read_safetensors(os.path.join(bf16, 'model.safetensors'))
   assert raw['head.probe'].dtype == ml_dtypes.bfloat16
 
-  params, meta, step = train.load_checkpoint_params(str(workdir))
+  params, meta, step = checkpoint.restore_params(str(workdir), subtree=('params',))
   assert step == 2 and set(params['heads']) == {'video', 'image'}
   cfg = checkpoint.encoder_config(meta['encoder_config'], 'meta')
   model = convert.model_from_params(cfg, checkpoint.flatten(params['encoder']))

@@ -14,7 +14,7 @@ import pytest
 
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
-from ove_jax import train
+from ove_jax import checkpoint, train, warm_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
@@ -152,7 +152,7 @@ def losses_by_step(workdir):
 
 
 def committed_steps(workdir):
-  root = os.path.join(workdir, train.CHECKPOINT_DIR)
+  root = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   if not os.path.isdir(root):
     return []
   return sorted(int(d) for d in os.listdir(root)
@@ -305,21 +305,21 @@ def test_later_stage_starts_from_an_earlier_one(tmp_path, data_root):
   first = str(tmp_path / 'stage1')
   subprocess.run(command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
                  env=env(), check=True, capture_output=True, timeout=600)
-  source, meta, step = train.load_checkpoint_params(first)
+  source, meta, step = checkpoint.restore_params(first, subtree=('params',))
   assert step == 2 and meta['step'] == 2
   c = small_config(**{'init.checkpoint': first, 'init.heads': 'keep', 'mesh.data': 2,
                       'mesh.fsdp': 2, 'mesh.tensor': 2})
   mesh = train.make_mesh(c)   # another mesh shape than the one that wrote it
   with jax.set_mesh(mesh):
     program = train.Program(c, mesh)
-    state = train.initialise_from(program.init(), c, program)
+    state = warm_start.initialise_from(program.init(), c, program)
   got = jax.tree.map(np.asarray, state['params'])
   np.testing.assert_array_equal(got['heads']['video'], source['heads']['video'])
   np.testing.assert_array_equal(got['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
                                 source['encoder']['blocks']['1']['mlp']['fc1']['kernel'])
   c.init.heads = 'fresh'
   with jax.set_mesh(mesh):
-    fresh = train.initialise_from(program.init(), c, program)
+    fresh = warm_start.initialise_from(program.init(), c, program)
   assert not np.array_equal(np.asarray(fresh['params']['heads']['video']),
                             source['heads']['video'])
 
@@ -335,7 +335,7 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
   with jax.set_mesh(mesh):
     program = train.Program(c, mesh)
     fresh = program.init()
-    state = train.initialise_from(fresh, c, program)
+    state = warm_start.initialise_from(fresh, c, program)
     kernel = state['params']['encoder']['blocks'][0]['self_attn']['q_proj']['kernel']
     assert kernel.sharding == program.param_shardings['encoder']['blocks'][0]['self_attn'][
         'q_proj']['kernel']
@@ -349,7 +349,7 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
     mesh = train.make_mesh(c)
     with jax.set_mesh(mesh):
       program = train.Program(c, mesh)
-      train.initialise_from(jax.eval_shape(program.init), c, program)
+      warm_start.initialise_from(jax.eval_shape(program.init), c, program)
 
 
 def test_resume_names_what_changed(caplog):
@@ -362,6 +362,29 @@ def test_resume_names_what_changed(caplog):
   with pytest.raises(config_lib.ConfigError,
                      match=rf'heads.video.num_classes \({classes} then, 60 now\)'):
     train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
+
+
+def test_command_line_spellings(capsys):
+  args, overrides = train.parse_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
+                                      '--config.optim.lr', '0.5', '--config.seed=3',
+                                      '--mesh', 'data=2,tensor=2'])
+  assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
+  assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
+  assert train.parse_args([f'--config={DEMO}', '--show-config'])[0].show_config
+  for argv, message in ((['--config', DEMO], '--workdir is required'),
+                        (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
+                        (['--workdir', 'w'], '--config'),
+                        (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus')):
+    with pytest.raises(SystemExit):
+      train.parse_args(argv)
+    assert message in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    train.parse_args(['--help'])
+  text = capsys.readouterr().out
+  assert all(flag in text for flag in ('--config', '--workdir', '--mesh', '--show-config'))
+  assert 'list them with their values' in text and text.startswith('usage: ove-train')
+  assert train.main(['--config', DEMO + ':smoke', '--show-config', '--config.optim.lr=0.25']) == 0
+  assert 'optim.lr = 0.25' in capsys.readouterr().out.splitlines()
 
 
 def test_config_sections_refuse_typos():

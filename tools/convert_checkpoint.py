@@ -1,6 +1,6 @@
 """Convert encoder checkpoints between ove_jax and the released PyTorch / Hugging Face format.
 
-  # a fresh preset (random init, SPEC §1.2) -> release-format directory
+  # a fresh preset (random init, docs/spec.md §1.2) -> release-format directory
   python tools/convert_checkpoint.py to-hf --preset large --out /tmp/ove_large_hf
   # an ove_jax parameter directory -> release format, stored in bfloat16
   python tools/convert_checkpoint.py to-hf --params /tmp/ove_params --out /tmp/hf --dtype bfloat16
@@ -59,14 +59,6 @@ def _write(model, out: str, dtype: str, source: str) -> int:
     return 1
   print(f'wrote {out} ({dtype}) from {source}')
   return 0
-
-
-def trained_encoder(workdir: str, step: int | None = None):
-  """(encoder model, step, head names) of a training run's checkpoint: `checkpoint.load_encoder`
-  (kept for the tools that still call it here)."""
-  from ove_jax import checkpoint
-  loaded = checkpoint.load_encoder(workdir, step=step)
-  return loaded.model, loaded.step, loaded.heads
 
 
 def _from_train(args) -> int:

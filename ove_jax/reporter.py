@@ -1,0 +1,119 @@
+"""What the trainer says about each step: the NaN check, the metrics line, rates and MFU.
+
+The loop hands every finished step to `StepReporter.finish` one step late (`StepResult` holds
+its metrics still on the devices), so reading them never stalls the next step's dispatch. Every
+step is checked for NaN/Inf; every `log_every` steps one line goes to metrics.jsonl and
+TensorBoard with the step's metrics, the window's rates (step time, clips and tokens per second,
+input-wait fraction, MFU), the dropped records, and what the loop added since (`extra`:
+evaluation results, checkpoint time).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+
+from ove_jax import metrics as metrics_lib
+
+log = logging.getLogger('ove_jax.train')
+
+COUNTS = ('clips', 'tokens', 'skipped')   # summed over the window, not logged per step
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (diverged, data ran out); the message says what and where."""
+
+
+@dataclasses.dataclass
+class StepResult:
+  """A step whose metrics may still be on the devices."""
+  step: int
+  metrics: dict[str, jax.Array]   # replicated scalars
+  wait: float                     # seconds the step waited for its input
+  seconds: float                  # wall time since the previous step ended
+
+
+class Window:
+  """Sums over the steps since the last metrics line (the first step of a process, which
+  compiles, is left out): wall and input-wait seconds, and the COUNTS."""
+
+  def __init__(self):
+    self.steps = 0
+    self.seconds = self.wait = 0.0
+    self.clips = self.tokens = self.skipped = 0.0
+
+  def rates(self, flops_per_step: int | None, peak_per_device: float, devices: int) -> dict:
+    if not self.steps:
+      return {}
+    out = {'step_seconds': self.seconds / self.steps, 'clips_per_second': self.clips / self.seconds,
+           'tokens_per_second': self.tokens / self.seconds,
+           'input_wait_fraction': self.wait / self.seconds}
+    if peak_per_device > 0 and flops_per_step:
+      out['mfu'] = flops_per_step * self.steps / self.seconds / (peak_per_device * devices)
+    return out
+
+
+def fetch(tree: dict[str, jax.Array]) -> dict[str, float]:
+  """Replicated device scalars as floats, in one batched device-to-host read."""
+  values = jax.device_get({k: v.addressable_data(0) for k, v in tree.items()})
+  return {k: float(v) for k, v in values.items()}
+
+
+class StepReporter:
+  """The metrics writer, the progress bar and the current window of one training process (only
+  the main process writes)."""
+
+  def __init__(self, workdir: str, *, total_steps: int, log_every: int, start: int,
+               peak_per_device: float, devices: int, checkpoints: str, main_process: bool):
+    from tqdm import tqdm
+    self.total_steps, self.log_every, self.start = total_steps, log_every, start
+    self.peak_per_device, self.devices, self.checkpoints = peak_per_device, devices, checkpoints
+    self.flops_per_step: int | None = None   # set by the loop once it has seen a batch
+    self.extra: dict[str, float] = {}        # for the next metrics line
+    self.last: dict[str, Any] = {}           # the last line written
+    self.window = Window()
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
+    self.progress = tqdm(total=total_steps, initial=start, disable=not main_process, desc='train',
+                         unit='step', dynamic_ncols=True, mininterval=1.0)
+
+  def finish(self, done: StepResult) -> None:
+    """Checks a finished step, counts it, and writes the metrics line every log_every steps."""
+    values = fetch(done.metrics)
+    # Inf gradients with a finite loss give NaN weights through the clip (5 / inf * inf):
+    # check what the update produced too, so such a state is never saved.
+    checked = ('loss', 'param_norm', *sorted(k for k in values if k.startswith('grad_norm/')))
+    bad = [k for k in checked if not np.isfinite(values[k])]
+    if bad:
+      raise TrainingError(
+          f'{", ".join(f"{k} is {values[k]}" for k in bad)} at step {done.step}; stopping '
+          f'without saving this state. The last checkpoint is in {self.checkpoints}; lower '
+          'optim.lr or check the data of this step.')
+    counts = {k: values.pop(k) for k in COUNTS}
+    if done.step > self.start + 1:  # the first step of a process compiles: not in the rates
+      w = self.window
+      w.seconds, w.wait, w.steps = w.seconds + done.seconds, w.wait + done.wait, w.steps + 1
+      for k, v in counts.items():
+        setattr(w, k, getattr(w, k) + v)
+    self.progress.update(1)
+    self.progress.set_postfix(loss=f'{values["loss"]:.3f}', refresh=False)
+    if done.step % self.log_every and done.step != self.total_steps:
+      return
+    dropped = {k: v for k, v in values.items() if k.endswith('/dropped') and v > 0}
+    if dropped:
+      log.warning('step %d: positives left out of the loss (more positives in a class block '
+                  'than it keeps; raise sample_rate or sampling_blocks): %s', done.step, dropped)
+    line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device,
+                                          self.devices)}
+    line['skipped_records'] = self.window.skipped
+    line.update(self.extra)
+    self.extra.clear()
+    self.writer.write(done.step, line)
+    self.last = {'step': done.step, **line}
+    self.window = Window()
+
+  def close(self) -> None:
+    self.progress.close()
+    self.writer.close()

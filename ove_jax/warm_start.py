@@ -1,0 +1,92 @@
+"""Warm start: a run's first parameters from a released model or from an earlier stage.
+
+`init.pytorch` takes the encoder of a release-format (Hugging Face) directory; `init.checkpoint`
+takes the encoder, and with `init.heads` the cluster heads, of another run's checkpoint (a later
+stage starting from an earlier one). Only parameters are read (never the source's optimiser
+state), straight onto this run's shardings, whatever mesh wrote them; the optimiser state and the
+step start fresh.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ove_jax import checkpoint
+from ove_jax import config as config_lib
+
+log = logging.getLogger('ove_jax.train')
+
+# What must agree for an encoder's weights to load into another run's encoder.
+ARCH_FIELDS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size', 'use_head')
+
+
+def initialise_from(state: dict, config, program) -> dict:
+  """`state` (a fresh train state of `program`) with its parameters replaced as config.init says;
+  unchanged when it names no source."""
+  if config.init.pytorch:
+    params = _from_release(state['params'], config, program)
+  elif config.init.checkpoint:
+    params = _from_checkpoint(state['params'], config, program)
+  else:
+    return state
+  return {**state, 'params': params}
+
+
+def _check_arch(source: str, theirs: dict[str, Any], config, program) -> None:
+  mine = program.encoder_cfg
+  for field in ARCH_FIELDS:
+    if field in theirs and theirs[field] != getattr(mine, field):
+      raise config_lib.ConfigError(
+          f'{source}: its {field} is {theirs[field]}, this run\'s '
+          f'model.preset={config.model.preset} has {getattr(mine, field)}')
+
+
+def _from_release(params: dict, config, program) -> dict:
+  import dataclasses
+
+  from ove_jax.convert import hf
+  directory = config.init.pytorch
+  raw, tensors = hf.read_directory(directory)
+  _check_arch(f'init.pytorch={directory}', dataclasses.asdict(hf.config_from_hf(
+      raw, source=directory)), config, program)
+  flat = hf.hf_to_params(tensors, program.encoder_cfg, source=directory)
+  try:
+    encoder = checkpoint.place(checkpoint.nest(flat), params['encoder'], 'encoder')
+  except ValueError as e:
+    raise config_lib.ConfigError(f'init.pytorch={directory}: {e}') from None
+  log.info('initialised the encoder from %s (heads fresh)', directory)
+  return {**params, 'encoder': encoder}
+
+
+def _from_checkpoint(params: dict, config, program) -> dict:
+  source = config.init.checkpoint
+  where = f'init.checkpoint={source}'
+  try:
+    meta = checkpoint.read_meta(source)
+    _check_arch(where + f' (model.preset={meta.get("config", {}).get("model", {}).get("preset")})',
+                meta.get('encoder_config', {}), config, program)
+    abstract = program.abstract_state['params']
+    encoder, _, step = checkpoint.restore_params(source, subtree=checkpoint.ENCODER,
+                                                 target=abstract['encoder'])
+    heads = dict(params['heads'])
+    theirs = checkpoint.param_shapes(source, step, subtree=('params', 'heads'))
+    kept = []
+    for name in sorted(heads) if config.init.heads != 'fresh' else ():
+      if name not in theirs:
+        if config.init.heads == 'matching':
+          continue
+        raise config_lib.ConfigError(
+            f'init.heads=keep: the source has no head {name!r} (it has {sorted(theirs)}); use '
+            '--config.init.heads=matching (keep the heads it has, start the others fresh) or '
+            'fresh')
+      if config.init.heads == 'matching' and theirs[name] != tuple(heads[name].shape):
+        continue
+      heads[name], _, _ = checkpoint.restore_params(
+          source, step, subtree=('params', 'heads', name), target=abstract['heads'][name])
+      kept.append(name)
+  except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, config_lib.ConfigError):
+      raise
+    raise config_lib.ConfigError(f'{where}: {e}') from None
+  log.info('initialised from %s step %d (heads kept: %s)', source, step, ', '.join(kept) or 'none')
+  return {**params, 'encoder': encoder, 'heads': heads}
