@@ -54,9 +54,8 @@ as its integer split of a per-GPU batch of 8 makes them (n1 = int(8 x 0.4) = 3 c
 uniform-frame, 2 collage clips: 0.375 / 0.375 / 0.25); image head 2,000,000 classes with 10
 labels (dataset/dataset_onevision_encoder.py, onevision_encoder_si_cfs_single_node), video
 400,000. The image head starts from the release's centres, DIR/ov_encoder_si_8gpus/
-ov_encoder_si_%03d.npy (`--list_init_partial_fc_paths`), the video head fresh:
-`ove_jax.convert.release_heads.load_release_centres({'image': RELEASE_CENTRES % si}, ...)`
-(docs/kmeans_and_release_heads.md). gpus, batch, samples and init do not apply:
+ov_encoder_si_%03d.npy (`--list_init_partial_fc_paths`; config key init.release_centres), the
+video head fresh (docs/kmeans_and_release_heads.md). gpus, batch, samples and init do not apply:
   ove-train --config=stage2_video:release_single_node,si=/ckpt/onevision-encoder-large-si \
       --workdir=/ckpt/stage2_single_node --config.data.heads.image.source=... (and video)
 
@@ -180,6 +179,7 @@ def release_single_node(c, a, preset: str):
     )
   gpus, accumulate = 8, 4
   c.init.pytorch, c.init.checkpoint, c.init.heads = a.si, '', 'fresh'
+  c.init.release_centres = f'image={RELEASE_CENTRES % a.si}'
   c.optim.update(dict(lr=5e-5, warmup=1e-3))
   c.accumulate = accumulate
   c.total_steps = a.steps or round(1.28e9 / (sum(RELEASE_PER_GPU.values()) * gpus * accumulate))

@@ -39,6 +39,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   # class centres of the cluster-discrimination heads: rows over every device (ove_jax.losses)
   ('classes', ('data', 'fsdp', 'tensor')),
   ('centre_embed', None),
+  # the leading axis of scanned blocks' stacked parameters (models.encoder scan_layers)
+  ('layers', None),
   # activations
   ('act_batch', ('data', 'fsdp')),
   ('act_length', None),

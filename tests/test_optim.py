@@ -63,3 +63,19 @@ def test_weight_decay_masks():
     assert (float(updates['encoder']['bias'][0]) != 0.0) == bias_decays
   with pytest.raises(ValueError, match='weight_decay_mask'):
     optim.decay_mask('norms')
+
+
+def test_matrices_mask_discounts_the_layers_axis_of_scanned_blocks():
+  # Stacked (scanned) blocks carry a leading layers axis: a stacked bias is 2-D but not a matrix.
+  params = {
+    'blocks': {
+      'mlp': {'fc1': {'kernel': jnp.ones((3, 4, 5)), 'bias': jnp.ones((3, 5))}},
+      'norm1': {'scale': jnp.ones((3, 4))},
+    },
+    'patch': {'kernel': jnp.ones((4, 4))},
+    'ln': {'bias': jnp.ones(4)},
+  }
+  mask = optim.decay_mask('matrices')(params)
+  assert mask['blocks']['mlp']['fc1'] == {'kernel': True, 'bias': False}
+  assert mask['blocks']['norm1']['scale'] is False
+  assert mask['patch']['kernel'] is True and mask['ln']['bias'] is False
