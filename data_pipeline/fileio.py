@@ -6,7 +6,6 @@ and fsynced, then renamed over its final name, so two runs never collide on a te
 a crash leaves either the old file or the new one. Temporary names end in `.tmp-<pid>-<hex>` and
 never keep the final extension, so no glob for shards or images lists them.
 """
-
 from __future__ import annotations
 
 import contextlib

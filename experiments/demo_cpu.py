@@ -24,7 +24,6 @@ Arguments: smoke (a few steps on 8 clips and 16 images), steps=N, workers=N (inp
 processes per head), data_root=PATH (where the built-in data lives; default
 <workdir>/builtin_data), clips=N and images=N (built-in data sizes), student=DIR.
 """
-
 import json
 import os
 
@@ -37,9 +36,8 @@ STUDENT_LABELS = 3
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(
-    arg, smoke=False, steps=0, workers=1, data_root='', clips=0, images=0, student=''
-  )
+  a = config_lib.parse_arg(arg, smoke=False, steps=0, workers=1, data_root='', clips=0, images=0,
+                           student='')
   c = config_lib.defaults()
   c.total_steps = a.steps or (20 if a.smoke else 300)
   c.log_every = 2 if a.smoke else 10
@@ -68,25 +66,11 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
 
   c.data.worker_count = a.workers
-  c.data.patch_dtype = 'uint8'  # 4x less to move between processes; normalised on the device
-  video = dict(
-    kind='video',
-    source='{builtin:video}',
-    rows=8,
-    tokens_per_row=512,
-    max_segments=1,
-    num_labels=3,
-    video_modes=(1.0, 0.0, 0.0),
-  )
-  image = dict(
-    kind='image',
-    source='{builtin:image}',
-    rows=8,
-    tokens_per_row=256,
-    max_segments=1,
-    num_labels=builtin.IMAGE_LABELS,
-    resolution=224,
-  )
+  c.data.patch_dtype = 'uint8'   # 4x less to move between processes; normalised on the device
+  video = dict(kind='video', source='{builtin:video}', rows=8, tokens_per_row=512,
+               max_segments=1, num_labels=3, video_modes=(1.0, 0.0, 0.0))
+  image = dict(kind='image', source='{builtin:image}', rows=8, tokens_per_row=256,
+               max_segments=1, num_labels=builtin.IMAGE_LABELS, resolution=224)
   if not a.student:
     # The clips' first three labels (fine, shape, direction); the fourth, texture, is the probe's.
     c.heads.video = config_lib.head(builtin.VIDEO_CLASSES)
@@ -97,23 +81,19 @@ def get_config(arg=None):
     labels = os.path.abspath(os.path.expanduser(a.student))
     c.builtin.enabled = False  # the clips come relabelled, from DIR/video/records
     c.heads.video = config_lib.head(_num_centres(os.path.join(labels, 'video'), a.student))
-    c.data.heads.video = dict(
-      video, source=os.path.join(labels, 'video', 'records', '*'), num_labels=STUDENT_LABELS
-    )
+    c.data.heads.video = dict(video, source=os.path.join(labels, 'video', 'records', '*'),
+                              num_labels=STUDENT_LABELS)
     image_labels = os.path.join(labels, 'image')
     if os.path.isdir(image_labels):
       if not a.data_root:
         raise config_lib.ConfigError(
-          f'demo_cpu:student={a.student}: {image_labels} labels images; give data_root=PATH, '
-          'the built-in data folder that holds them (PATH/images)'
-        )
+            f'demo_cpu:student={a.student}: {image_labels} labels images; give data_root=PATH, '
+            'the built-in data folder that holds them (PATH/images)')
       images = os.path.join(os.path.abspath(os.path.expanduser(a.data_root)), 'images')
       c.heads.image = config_lib.head(_num_centres(image_labels, a.student))
       c.data.heads.image = dict(
-        image,
-        source=f'folder:{images}?labels={os.path.join(image_labels, "labels.npy")}',
-        num_labels=STUDENT_LABELS,
-      )
+          image, source=f'folder:{images}?labels={os.path.join(image_labels, "labels.npy")}',
+          num_labels=STUDENT_LABELS)
   return c
 
 
@@ -125,7 +105,6 @@ def _num_centres(folder: str, arg: str) -> int:
       return int(json.load(f)['k'])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise config_lib.ConfigError(
-      f'demo_cpu:student={arg}: cannot read k from {report} ({e}); make the labels first, '
-      'e.g. python tools/cluster_labels.py --features FEATURES.npz --records '
-      f'<built-in data>/records --k K --out {folder}'
-    ) from None
+        f'demo_cpu:student={arg}: cannot read k from {report} ({e}); make the labels first, '
+        'e.g. python tools/cluster_labels.py --features FEATURES.npz --records '
+        f'<built-in data>/records --k K --out {folder}') from None

@@ -5,7 +5,6 @@ Tools that take an experiment (`ove-sweep`, `ove-aot-memory`) accept the trainer
 `--config.KEY=VALUE` (or `--config.KEY VALUE`) beside their own flags; argparse does not know
 those keys, so they come back from `parse_known_args` and are split off here.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -35,7 +34,7 @@ def about(flag: str, value: str, error: Exception) -> str:
   with the value already: it is not repeated)."""
   message = str(error)
   if message.startswith(f'{value}: '):
-    message = message[len(value) + 2 :]
+    message = message[len(value) + 2:]
   return f'{flag} {value}: {message}'
 
 
@@ -46,9 +45,9 @@ def config_overrides(rest: Sequence[str]) -> list[str]:
   while i < len(rest):
     arg = rest[i]
     if arg.startswith(OVERRIDE_PREFIX) and '=' in arg:
-      overrides.append(arg[len(OVERRIDE_PREFIX) :])
+      overrides.append(arg[len(OVERRIDE_PREFIX):])
     elif arg.startswith(OVERRIDE_PREFIX) and i + 1 < len(rest):
-      overrides.append(f'{arg[len(OVERRIDE_PREFIX) :]}={rest[i + 1]}')
+      overrides.append(f'{arg[len(OVERRIDE_PREFIX):]}={rest[i + 1]}')
       i += 1
     else:
       unknown.append(arg)

@@ -23,7 +23,6 @@ OUT/records/ holds a copy of every input shard (same file names, records format)
 replaced. Bad input raises `LabelsError`, whose message names the argument (spelled as the
 `ove-cluster-labels` flag of the same name) and the file.
 """
-
 from __future__ import annotations
 
 import os
@@ -36,7 +35,7 @@ from data_pipeline import fileio
 from ove_jax.vectors import l2_normalize
 
 NUM_LABELS = 10
-FRAMES = 8  # frames per video feature (docs/spec.md §3)
+FRAMES = 8                  # frames per video feature (docs/spec.md §3)
 SKLEARN_MAX_WORK = 1 << 26  # k * N up to which the default backend is scikit-learn
 BACKENDS = ('sklearn', 'jax')
 
@@ -49,7 +48,6 @@ class LabelsError(ValueError):
 # Features
 # ------------------------------------------------------------------------------------------------
 
-
 def combine_frames(f_NxFxD: np.ndarray) -> np.ndarray:
   """Per-frame L2 normalisation, concatenation, re-normalisation (docs/spec.md §3): [N, F*D]."""
   n = f_NxFxD.shape[0]
@@ -60,10 +58,8 @@ def prepare_features(feats: np.ndarray, where: str = 'features') -> np.ndarray:
   """Checked float32 unit rows [N, D] of [N, D] or [N, F, D] (per-frame) features."""
   feats = np.asarray(feats)
   if feats.ndim not in (2, 3) or feats.dtype.kind not in 'fiu' or 0 in feats.shape:
-    raise LabelsError(
-      f'{where}: array of shape {feats.shape} ({feats.dtype}); expected '
-      'numbers of shape [N, D] or [N, F, D] (per-frame features)'
-    )
+    raise LabelsError(f'{where}: array of shape {feats.shape} ({feats.dtype}); expected '
+                      'numbers of shape [N, D] or [N, F, D] (per-frame features)')
   if not np.isfinite(feats).all():
     raise LabelsError(f'{where}: holds NaN or infinite values')
   return combine_frames(feats) if feats.ndim == 3 else l2_normalize(feats.astype(np.float32))
@@ -82,9 +78,8 @@ def load_features(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   if isinstance(data, np.lib.npyio.NpzFile):
     with data:
       if 'features' not in data.files:
-        raise LabelsError(
-          f'{where}: the .npz has {sorted(data.files)}; it needs `features` (and optionally `ids`)'
-        )
+        raise LabelsError(f'{where}: the .npz has {sorted(data.files)}; it needs `features` '
+                          '(and optionally `ids`)')
       feats = data['features']
       ids = data['ids'] if 'ids' in data.files else None
   else:
@@ -98,16 +93,12 @@ def record_shards(pattern: str) -> list[str]:
   """The ArrayRecord shards of a precompute output folder (its finished shards, in order) or of
   a glob; a folder's plan, progress and failure files are not shards and are skipped."""
   from data_pipeline import precompute, sources
-
   try:
     if os.path.isdir(pattern):
       paths = precompute.shard_files(pattern)
     else:
-      paths = [
-        p
-        for p in sources.expand_paths(pattern)
-        if os.path.isfile(p) and '.array_record' in os.path.basename(p)
-      ]
+      paths = [p for p in sources.expand_paths(pattern)
+               if os.path.isfile(p) and '.array_record' in os.path.basename(p)]
   except FileNotFoundError as e:
     raise LabelsError(f'--records {pattern}: {e}') from None
   if not paths:
@@ -118,19 +109,16 @@ def record_shards(pattern: str) -> list[str]:
 def read_shards(paths: Sequence[str]) -> list[list[dict]]:
   """Every shard's records, shard by shard."""
   from data_pipeline import precompute
-
   return [precompute.read_shard(p) for p in paths]
 
 
 def record_frames(record: dict, index: int, seed: int) -> np.ndarray:
   """uint8 [F, 256, 588]: one 224 centre crop of an image record, 8 uniform frames of a video."""
   from data_pipeline import transforms
-
   if 'image' in record:
     # ImageTransform wants labels, which records get only from cluster labels: any will do here.
-    transform = transforms.ImageTransform(
-      resolution=transforms.VIDEO_RESOLUTION, crop='center', flip_prob=0.0
-    )
+    transform = transforms.ImageTransform(resolution=transforms.VIDEO_RESOLUTION, crop='center',
+                                          flip_prob=0.0)
     sample = transform({**record, 'labels': np.zeros(1, np.int32)}, np.random.default_rng(0))
     return sample['patches'][None]
   transform = transforms.VideoTransform(mode_probs=(0, 1, 0), num_frames=FRAMES)
@@ -152,12 +140,12 @@ def teacher_features(model, recs: Sequence[dict], batch: int = 32, seed: int = 0
   counts = {len(f) for f in frames}
   if len(counts) > 1:
     raise LabelsError('--records mixes image and video records; cluster each kind separately')
-  flat = np.concatenate(frames).astype(np.uint8)  # [N*F, 256, 588]
+  flat = np.concatenate(frames).astype(np.uint8)               # [N*F, 256, 588]
   grid = transforms.VIDEO_RESOLUTION // transforms.PATCH
   pos = np.broadcast_to(transforms.grid_positions(0, grid, grid), (batch, grid * grid, 3))
   out = []
   for start in tqdm(range(0, len(flat), batch), desc='teacher', unit='batch'):
-    part = flat[start : start + batch]
+    part = flat[start:start + batch]
     n = len(part)
     if n < batch:  # one compiled shape for every batch
       part = np.concatenate([part, np.zeros((batch - n, *part.shape[1:]), part.dtype)])
@@ -169,7 +157,6 @@ def teacher_features(model, recs: Sequence[dict], batch: int = 32, seed: int = 0
 # ------------------------------------------------------------------------------------------------
 # Clustering
 # ------------------------------------------------------------------------------------------------
-
 
 def initial_centres(init: str, k: int, d: int):
   """'k-means++', 'random', or the [k, D] centres of a .npy file."""
@@ -183,18 +170,9 @@ def initial_centres(init: str, k: int, d: int):
   return c.astype(np.float32)
 
 
-def cluster(
-  x_NxD: np.ndarray,
-  k: int,
-  *,
-  backend: str | None = None,
-  init: str = 'k-means++',
-  iters: int = 100,
-  tol: float = 1e-4,
-  seed: int = 0,
-  chunk: int | None = None,
-  mesh=None,
-) -> dict[str, Any]:
+def cluster(x_NxD: np.ndarray, k: int, *, backend: str | None = None, init: str = 'k-means++',
+            iters: int = 100, tol: float = 1e-4, seed: int = 0, chunk: int | None = None,
+            mesh=None) -> dict[str, Any]:
   """Centres, sizes, inertia and iteration count of the chosen backend (None: scikit-learn when
   k * N <= SKLEARN_MAX_WORK, else the JAX k-means on `mesh`)."""
   start = initial_centres(init, k, x_NxD.shape[1])
@@ -203,73 +181,45 @@ def cluster(
     raise LabelsError(f'--backend {backend}: choose one of {BACKENDS}')
   if backend == 'sklearn':
     from sklearn.cluster import KMeans
-
-    km = KMeans(
-      k, init=start, n_init=1, max_iter=iters, tol=tol, random_state=seed, algorithm='lloyd'
-    ).fit(x_NxD)
+    km = KMeans(k, init=start, n_init=1, max_iter=iters, tol=tol, random_state=seed,
+                algorithm='lloyd').fit(x_NxD)
     sizes = np.bincount(km.labels_, minlength=k)
-    return {
-      'backend': backend,
-      'centres': km.cluster_centers_.astype(np.float32),
-      'inertia': float(km.inertia_),
-      'iterations': int(km.n_iter_),
-      'sizes': sizes,
-      'empty_reseeded': None,
-      'converged': int(km.n_iter_) < iters,
-      'objective': 'squared euclidean on L2-normalised features',
-    }
+    return {'backend': backend, 'centres': km.cluster_centers_.astype(np.float32),
+            'inertia': float(km.inertia_), 'iterations': int(km.n_iter_), 'sizes': sizes,
+            'empty_reseeded': None, 'converged': int(km.n_iter_) < iters,
+            'objective': 'squared euclidean on L2-normalised features'}
   import jax
 
   from ove_jax import kmeans
-
   with jax.set_mesh(mesh or default_mesh()):
-    r = kmeans.fit(
-      x_NxD, k, init=start, iters=iters, tol=tol, seed=seed, spherical=True, chunk=chunk
-    )
-  return {
-    'backend': backend,
-    'centres': r.centres,
-    'inertia': r.inertia,
-    'iterations': r.n_iter,
-    'sizes': r.sizes,
-    'empty_reseeded': r.empty_reseeded,
-    'converged': r.converged,
-    'objective': 'spherical: sum of 2 - 2 cos (squared distance on the sphere)',
-  }
+    r = kmeans.fit(x_NxD, k, init=start, iters=iters, tol=tol, seed=seed, spherical=True,
+                   chunk=chunk)
+  return {'backend': backend, 'centres': r.centres, 'inertia': r.inertia, 'iterations': r.n_iter,
+          'sizes': r.sizes, 'empty_reseeded': r.empty_reseeded, 'converged': r.converged,
+          'objective': 'spherical: sum of 2 - 2 cos (squared distance on the sphere)'}
 
 
 def default_mesh():
   """Every device on the data axis: centres and points are sharded over all of them anyway."""
   from ove_jax import sharding
-
   return sharding.make_mesh({'data': -1})
 
 
 def size_report(sizes: np.ndarray, bins: int = 10) -> dict:
   """Min, median, max and a histogram of the cluster sizes."""
   counts, edges = np.histogram(sizes, bins=min(bins, max(1, int(sizes.max()) + 1)))
-  return {
-    'min': int(sizes.min()),
-    'median': float(np.median(sizes)),
-    'max': int(sizes.max()),
-    'histogram': {'edges': [float(e) for e in edges], 'counts': counts.tolist()},
-  }
+  return {'min': int(sizes.min()), 'median': float(np.median(sizes)), 'max': int(sizes.max()),
+          'histogram': {'edges': [float(e) for e in edges], 'counts': counts.tolist()}}
 
 
 # ------------------------------------------------------------------------------------------------
 # Records and the whole run
 # ------------------------------------------------------------------------------------------------
 
-
-def write_records(
-  shards: Sequence[str],
-  shard_records: Sequence[Sequence[dict]],
-  labels_NxL: np.ndarray,
-  out_dir: str,
-) -> list[str]:
+def write_records(shards: Sequence[str], shard_records: Sequence[Sequence[dict]],
+                  labels_NxL: np.ndarray, out_dir: str) -> list[str]:
   """Copies of the input shards with `labels` replaced, row i of labels for record i in order."""
   from data_pipeline import precompute, records
-
   os.makedirs(out_dir, exist_ok=True)
   written, i = [], 0
   for path, recs in zip(shards, shard_records):
@@ -289,25 +239,12 @@ def write_records(
   return written
 
 
-def make_labels(
-  x_NxD: np.ndarray,
-  out: str,
-  *,
-  k: int,
-  num_labels: int = NUM_LABELS,
-  ids: np.ndarray | None = None,
-  shards: Sequence[str] = (),
-  shard_records: Sequence[Sequence[dict]] = (),
-  source: str = '',
-  backend: str | None = None,
-  init: str = 'k-means++',
-  iters: int = 100,
-  tol: float = 1e-4,
-  seed: int = 0,
-  chunk: int | None = None,
-  mesh=None,
-  start: float | None = None,
-) -> dict[str, Any]:
+def make_labels(x_NxD: np.ndarray, out: str, *, k: int, num_labels: int = NUM_LABELS,
+                ids: np.ndarray | None = None, shards: Sequence[str] = (),
+                shard_records: Sequence[Sequence[dict]] = (), source: str = '',
+                backend: str | None = None, init: str = 'k-means++', iters: int = 100,
+                tol: float = 1e-4, seed: int = 0, chunk: int | None = None, mesh=None,
+                start: float | None = None) -> dict[str, Any]:
   """Clusters the unit rows `x_NxD`, labels every row with its `num_labels` nearest centres and
   writes labels.npy, centres.npy, ids.npy (with `ids`), report.json and, with `shards`, the
   relabelled records into `out`. Returns the report (`start`: the perf_counter its `seconds`
@@ -328,13 +265,11 @@ def make_labels(
   if shards and num_records != n:
     raise LabelsError(f'{num_records} records but {n} feature rows ({source})')
   mesh = mesh or default_mesh()
-  result = cluster(
-    x_NxD, k, backend=backend, init=init, iters=iters, tol=tol, seed=seed, chunk=chunk, mesh=mesh
-  )
+  result = cluster(x_NxD, k, backend=backend, init=init, iters=iters, tol=tol, seed=seed,
+                   chunk=chunk, mesh=mesh)
   with jax.set_mesh(mesh):
-    labels, _ = kmeans.nearest(
-      x_NxD, result['centres'], min(num_labels, k), spherical=True, chunk=chunk
-    )
+    labels, _ = kmeans.nearest(x_NxD, result['centres'], min(num_labels, k), spherical=True,
+                               chunk=chunk)
   os.makedirs(out, exist_ok=True)
   np.save(os.path.join(out, 'labels.npy'), labels.astype(np.int32))
   np.save(os.path.join(out, 'centres.npy'), result['centres'].astype(np.float32))
@@ -342,21 +277,12 @@ def make_labels(
     np.save(os.path.join(out, 'ids.npy'), ids)
   sizes = np.asarray(result['sizes'])
   report = {
-    'k': k,
-    'N': n,
-    'D': int(x_NxD.shape[1]),
-    'backend': result['backend'],
-    'objective': result['objective'],
-    'inertia': result['inertia'],
-    'iterations': result['iterations'],
-    'converged': bool(result['converged']),
-    'empty_clusters': int(np.sum(sizes == 0)),
-    'empty_reseeded': result['empty_reseeded'],
-    'sizes': size_report(sizes),
-    'num_labels': int(labels.shape[1]),
-    'source': source,
-    'seconds': round(time.perf_counter() - start, 3),
-  }
+      'k': k, 'N': n, 'D': int(x_NxD.shape[1]), 'backend': result['backend'],
+      'objective': result['objective'], 'inertia': result['inertia'],
+      'iterations': result['iterations'], 'converged': bool(result['converged']),
+      'empty_clusters': int(np.sum(sizes == 0)), 'empty_reseeded': result['empty_reseeded'],
+      'sizes': size_report(sizes), 'num_labels': int(labels.shape[1]), 'source': source,
+      'seconds': round(time.perf_counter() - start, 3)}
   if shards:
     written = write_records(shards, shard_records, labels, os.path.join(out, 'records'))
     report['records'] = {'shards': len(written), 'dir': os.path.join(out, 'records')}

@@ -6,7 +6,6 @@ and tests read back with `read_metrics`, and mirrors the scalars to TensorBoard 
 machine's). `Watchdog` turns a silent hang (a stuck
 collective, a dead data worker) into a stack dump in the log.
 """
-
 from __future__ import annotations
 
 import faulthandler
@@ -35,7 +34,6 @@ _NONFINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 # Metric logs
 # ------------------------------------------------------------------------------------------------
 
-
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` (one JSON object a line) and to TensorBoard.
 
@@ -57,7 +55,6 @@ class MetricWriter:
     self._file = open(path, 'a', encoding='utf-8')
     # tensorboardX is imported here so that processes that never write do not load it.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
     # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
     self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
 
@@ -129,9 +126,8 @@ def read_metrics(path: str, *, merge_steps: bool = False) -> list[dict]:
       except json.JSONDecodeError:
         line = None
       if not isinstance(line, dict) or not isinstance(line.get('step'), int):
-        logging.warning(
-          '%s:%d is not a metrics line (a run killed mid-write?); skipped', path, number
-        )
+        logging.warning('%s:%d is not a metrics line (a run killed mid-write?); skipped', path,
+                        number)
         continue
       values = {key: _decode_nonfinite(value) for key, value in line.items()}
       if merge_steps:
@@ -190,16 +186,16 @@ UNKNOWN_PEAK_SOURCE = 'unknown: set config.peak_flops'
 # whose peak differs and is not listed here (H100 NVL, H200 NVL, TPU v4 lite) map to None: an
 # unknown peak is reported as such, never borrowed from a sibling.
 _PEAK_TABLE: tuple[tuple[str, float | None, str], ...] = (
-  (r'\bh[12]00\b.*\bnvl\b', None, ''),
-  (r'\bh100\b.*\bpcie\b', 756e12, 'NVIDIA H100 PCIe'),
-  (r'\bh100\b', 989e12, 'NVIDIA H100 SXM'),
-  (r'\bh200\b', 989e12, 'NVIDIA H200'),
-  (r'\ba100\b', 312e12, 'NVIDIA A100'),
-  (r'\bl4\b', 121e12, 'NVIDIA L4'),  # \b keeps L40 and L40S out
-  (r'^tpu v4$', 275e12, 'TPU v4'),
-  (r'^tpu v5 ?(lite|e)$', 197e12, 'TPU v5e'),
-  (r'^tpu v5p?$', 459e12, 'TPU v5p'),  # JAX names v5p plain 'TPU v5'
-  (r'^tpu v6 ?(lite|e)$', 918e12, 'TPU v6e'),
+    (r'\bh[12]00\b.*\bnvl\b', None, ''),
+    (r'\bh100\b.*\bpcie\b', 756e12, 'NVIDIA H100 PCIe'),
+    (r'\bh100\b', 989e12, 'NVIDIA H100 SXM'),
+    (r'\bh200\b', 989e12, 'NVIDIA H200'),
+    (r'\ba100\b', 312e12, 'NVIDIA A100'),
+    (r'\bl4\b', 121e12, 'NVIDIA L4'),  # \b keeps L40 and L40S out
+    (r'^tpu v4$', 275e12, 'TPU v4'),
+    (r'^tpu v5 ?(lite|e)$', 197e12, 'TPU v5e'),
+    (r'^tpu v5p?$', 459e12, 'TPU v5p'),  # JAX names v5p plain 'TPU v5'
+    (r'^tpu v6 ?(lite|e)$', 918e12, 'TPU v6e'),
 )
 
 _host_flops: float | None = None
@@ -232,9 +228,8 @@ def peak_flops_per_device(device=None, *, override: float = 0.0) -> tuple[float,
   return 0.0, UNKNOWN_PEAK_SOURCE
 
 
-def matmul_peak_flops(
-  dtype: str = 'float32', repeats: int = 5, *, device=None, size: int | None = None
-) -> float:
+def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, *, device=None,
+                      size: int | None = None) -> float:
   """FLOP/s of the fastest of `repeats` runs (after a warm-up) of a jitted square matmul of
   `dtype` with float32 accumulation on `device` (default: the first): this machine's practical
   peak for the dtype. `size` defaults to 2048 on CPU, 8192 on accelerators."""
@@ -242,10 +237,8 @@ def matmul_peak_flops(
     device = jax.local_devices()[0]
   n = size or (2048 if device.platform == 'cpu' else 8192)
   rng = np.random.default_rng(0)
-  a, b = (
-    jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), device)
-    for _ in range(2)
-  )
+  a, b = (jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), device)
+          for _ in range(2))
   matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()  # compiles and warms up
   best = math.inf
@@ -253,7 +246,7 @@ def matmul_peak_flops(
     tick = time.perf_counter()
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - tick)
-  return 2 * n**3 / best
+  return 2 * n ** 3 / best
 
 
 def _measure_host_flops(device) -> float:
@@ -267,7 +260,6 @@ def _measure_host_flops(device) -> float:
 # ------------------------------------------------------------------------------------------------
 # Hang watchdog
 # ------------------------------------------------------------------------------------------------
-
 
 class Watchdog:
   """Dumps every Python thread's stack to stderr when no step finishes within `timeout_seconds`.
@@ -337,11 +329,9 @@ class Watchdog:
 
   def _report(self, waited: float, step: int | None) -> None:
     last = 'none yet' if step is None else str(step)
-    sys.stderr.write(
-      f'Watchdog: no step finished in {waited:.1f} s (timeout '
-      f'{self.timeout_seconds:g} s); last kicked step: {last}. '
-      'Stacks of all threads follow.\n'
-    )
+    sys.stderr.write(f'Watchdog: no step finished in {waited:.1f} s (timeout '
+                     f'{self.timeout_seconds:g} s); last kicked step: {last}. '
+                     'Stacks of all threads follow.\n')
     sys.stderr.flush()
     try:
       faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

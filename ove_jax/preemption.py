@@ -5,7 +5,6 @@ turns the signal into a flag the loop reads between steps; `agree` makes every p
 multi-host run stop at the same step (the signal reaches hosts at different steps, and a host
 that saves while another steps on would hang the collectives).
 """
-
 from __future__ import annotations
 
 import signal
@@ -46,5 +45,4 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
-
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))) > 0)

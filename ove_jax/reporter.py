@@ -7,7 +7,6 @@ TensorBoard with the step's metrics, the window's rates (step time, clips and to
 input-wait fraction, MFU), the dropped records, and what the loop added since (`extra`:
 evaluation results, checkpoint time).
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +20,7 @@ from ove_jax import metrics as metrics_lib
 
 log = logging.getLogger('ove_jax.train')
 
-COUNTS = ('clips', 'tokens', 'skipped')  # summed over the window, not logged per step
+COUNTS = ('clips', 'tokens', 'skipped')   # summed over the window, not logged per step
 
 
 class TrainingError(RuntimeError):
@@ -31,11 +30,10 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class StepResult:
   """A step whose metrics may still be on the devices."""
-
   step: int
-  metrics: dict[str, jax.Array]  # replicated scalars
-  wait: float  # seconds the step waited for its input
-  seconds: float  # wall time since the previous step ended
+  metrics: dict[str, jax.Array]   # replicated scalars
+  wait: float                     # seconds the step waited for its input
+  seconds: float                  # wall time since the previous step ended
 
 
 class Window:
@@ -50,12 +48,9 @@ class Window:
   def rates(self, flops_per_step: int | None, peak_per_device: float, devices: int) -> dict:
     if not self.steps:
       return {}
-    out = {
-      'step_seconds': self.seconds / self.steps,
-      'clips_per_second': self.clips / self.seconds,
-      'tokens_per_second': self.tokens / self.seconds,
-      'input_wait_fraction': self.wait / self.seconds,
-    }
+    out = {'step_seconds': self.seconds / self.steps, 'clips_per_second': self.clips / self.seconds,
+           'tokens_per_second': self.tokens / self.seconds,
+           'input_wait_fraction': self.wait / self.seconds}
     if peak_per_device > 0 and flops_per_step:
       out['mfu'] = flops_per_step * self.steps / self.seconds / (peak_per_device * devices)
     return out
@@ -71,36 +66,18 @@ class StepReporter:
   """The metrics writer, the progress bar and the current window of one training process (only
   the main process writes)."""
 
-  def __init__(
-    self,
-    workdir: str,
-    *,
-    total_steps: int,
-    log_every: int,
-    start: int,
-    peak_per_device: float,
-    devices: int,
-    checkpoints: str,
-    main_process: bool,
-  ):
+  def __init__(self, workdir: str, *, total_steps: int, log_every: int, start: int,
+               peak_per_device: float, devices: int, checkpoints: str, main_process: bool):
     from tqdm import tqdm
-
     self.total_steps, self.log_every, self.start = total_steps, log_every, start
     self.peak_per_device, self.devices, self.checkpoints = peak_per_device, devices, checkpoints
-    self.flops_per_step: int | None = None  # set by the loop once it has seen a batch
-    self.extra: dict[str, float] = {}  # for the next metrics line
-    self.last: dict[str, Any] = {}  # the last line written
+    self.flops_per_step: int | None = None   # set by the loop once it has seen a batch
+    self.extra: dict[str, float] = {}        # for the next metrics line
+    self.last: dict[str, Any] = {}           # the last line written
     self.window = Window()
     self.writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
-    self.progress = tqdm(
-      total=total_steps,
-      initial=start,
-      disable=not main_process,
-      desc='train',
-      unit='step',
-      dynamic_ncols=True,
-      mininterval=1.0,
-    )
+    self.progress = tqdm(total=total_steps, initial=start, disable=not main_process, desc='train',
+                         unit='step', dynamic_ncols=True, mininterval=1.0)
 
   def finish(self, done: StepResult) -> None:
     """Checks a finished step, counts it, and writes the metrics line every log_every steps."""
@@ -111,10 +88,9 @@ class StepReporter:
     bad = [k for k in checked if not np.isfinite(values[k])]
     if bad:
       raise TrainingError(
-        f'{", ".join(f"{k} is {values[k]}" for k in bad)} at step {done.step}; stopping '
-        f'without saving this state. The last checkpoint is in {self.checkpoints}; lower '
-        'optim.lr or check the data of this step.'
-      )
+          f'{", ".join(f"{k} is {values[k]}" for k in bad)} at step {done.step}; stopping '
+          f'without saving this state. The last checkpoint is in {self.checkpoints}; lower '
+          'optim.lr or check the data of this step.')
     counts = {k: values.pop(k) for k in COUNTS}
     if done.step > self.start + 1:  # the first step of a process compiles: not in the rates
       w = self.window
@@ -127,13 +103,11 @@ class StepReporter:
       return
     dropped = {k: v for k, v in values.items() if k.endswith('/dropped') and v > 0}
     if dropped:
-      log.warning(
-        'step %d: positives left out of the loss (more distinct positives in a class '
-        'block than its capacity, quota + headroom; raise loss.positive_headroom): %s',
-        done.step,
-        dropped,
-      )
-    line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device, self.devices)}
+      log.warning('step %d: positives left out of the loss (more distinct positives in a class '
+                  'block than its capacity, quota + headroom; raise loss.positive_headroom): %s',
+                  done.step, dropped)
+    line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device,
+                                          self.devices)}
     line['skipped_records'] = self.window.skipped
     line.update(self.extra)
     self.extra.clear()

@@ -14,7 +14,6 @@ Multi-host: run one copy per host (ove-launch-local does it on one machine); eac
 share of the global batch, every process writes its part of the checkpoints, only process 0
 writes metrics.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -53,7 +52,6 @@ CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
 # Mesh
 # ------------------------------------------------------------------------------------------------
 
-
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   """The config's mesh sizes (`config.mesh`, one may be -1) resolved for `num_devices`."""
   try:
@@ -65,15 +63,14 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The config's mesh over `devices` (default: all of this run's)."""
   devices = list(devices) if devices is not None else jax.devices()
-  mesh_shape(config, len(devices))  # a ConfigError naming the fix when it does not fit
+  mesh_shape(config, len(devices))   # a ConfigError naming the fix when it does not fit
   return sharding.make_mesh(dict(config.mesh), devices)
 
 
 def rules_of(config) -> tuple:
   custom = {name: axes for name, axes in (config.rules or ())}
   return tuple((name, custom.pop(name, axes)) for name, axes in sharding.DEFAULT_RULES) + tuple(
-    custom.items()
-  )
+      custom.items())
 
 
 def _local_devices(config) -> int | None:
@@ -86,43 +83,25 @@ def _local_devices(config) -> int | None:
 # Data
 # ------------------------------------------------------------------------------------------------
 
-
 def data_sources(config, workdir: str) -> dict[str, str]:
   """The built-in data's source strings (generated on first use) when builtin.enabled."""
   if not config.builtin.enabled:
     return {}
   from data_pipeline import builtin
-
   root = config.builtin.root or os.path.join(workdir, 'builtin_data')
-  info = builtin.ensure(
-    root,
-    clips=config.builtin.clips,
-    images=config.builtin.images,
-    budget=config.builtin.budget,
-    policy=config.builtin.policy,
-    seed=config.seed,
-    progress=jax.process_index() == 0,
-  )
+  info = builtin.ensure(root, clips=config.builtin.clips, images=config.builtin.images,
+                        budget=config.builtin.budget, policy=config.builtin.policy,
+                        seed=config.seed,
+                        progress=jax.process_index() == 0)
   return {'{builtin:video}': info['video_source'], '{builtin:image}': info['image_source']}
 
 
-def make_iterator(
-  config,
-  sources: Mapping[str, str],
-  *,
-  seed_offset: int = 0,
-  worker_count: int | None = None,
-  evaluation: bool = False,
-):
+def make_iterator(config, sources: Mapping[str, str], *, seed_offset: int = 0,
+                  worker_count: int | None = None, evaluation: bool = False):
   from data_pipeline import pipeline
-
   data = config_lib.pipeline_dict(
-    config,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    sources=sources,
-    source_overrides=dict(config.eval_sources) if evaluation else None,
-  )
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      sources=sources, source_overrides=dict(config.eval_sources) if evaluation else None)
   data['seed'] = (data['seed'] + seed_offset) % 2**32
   if worker_count is not None:
     data['worker_count'] = worker_count
@@ -133,44 +112,24 @@ def make_iterator(
 # Model and optimiser, sharded init, the step
 # ------------------------------------------------------------------------------------------------
 
-
 def encoder_config(config) -> EncoderConfig:
   m = config.model
-  return EncoderConfig.preset(
-    m.preset,
-    dtype=m.dtype,
-    remat=m.remat,
-    attention=m.attention,
-    rope_theta=m.rope_theta,
-    rope=m.rope,
-    scan_layers=m.scan_layers,
-  )
+  return EncoderConfig.preset(m.preset, dtype=m.dtype, remat=m.remat, attention=m.attention,
+                              rope_theta=m.rope_theta, rope=m.rope, scan_layers=m.scan_layers)
 
 
 class PretrainModel(nnx.Module):
   """The encoder and one matrix of class centres per head (rows sharded by `classes`)."""
 
-  def __init__(
-    self,
-    cfg: EncoderConfig,
-    heads: Mapping[str, losses.PartialFCConfig],
-    *,
-    rngs: nnx.Rngs,
-    rules=sharding.DEFAULT_RULES,
-    init_std: float = 0.01,
-  ):
+  def __init__(self, cfg: EncoderConfig, heads: Mapping[str, losses.PartialFCConfig], *,
+               rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES, init_std: float = 0.01):
     self.encoder = Encoder(cfg, rngs=rngs, rules=rules)
-    init = nnx.with_partitioning(
-      nnx.initializers.normal(init_std), ('classes', 'centre_embed'), sharding_rules=rules
-    )
+    init = nnx.with_partitioning(nnx.initializers.normal(init_std), ('classes', 'centre_embed'),
+                                 sharding_rules=rules)
     eager = sharding.current_mesh() is not None
     with nnx.use_eager_sharding(eager):
-      self.heads = nnx.Dict(
-        {
-          name: nnx.Param(init(rngs.params(), (h.padded_classes, cfg.width)))
-          for name, h in sorted(heads.items())
-        }
-      )
+      self.heads = nnx.Dict({name: nnx.Param(init(rngs.params(), (h.padded_classes, cfg.width)))
+                             for name, h in sorted(heads.items())})
 
 
 class Program:
@@ -191,61 +150,36 @@ class Program:
       abstract = nnx.eval_shape(self._model)
     self.graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
-    self.param_shardings = checkpoint.nest(
-      dict(
-        (
-          path,
-          NamedSharding(
-            mesh, sharding.logical_to_spec(var.get_metadata().get('out_sharding') or (), self.rules)
-          ),
-        )
-        for path, var in flat
-      ),
-      key=lambda k: k,
-    )  # int list indices, as nnx.to_pure_dict has them
+    self.param_shardings = checkpoint.nest(dict(
+        (path, NamedSharding(mesh, sharding.logical_to_spec(
+            var.get_metadata().get('out_sharding') or (), self.rules))) for path, var in flat),
+        key=lambda k: k)  # int list indices, as nnx.to_pure_dict has them
     abstract_params = nnx.to_pure_dict(abstract_state)
     replicated = NamedSharding(mesh, P())
     opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
-      self.tx,
-      lambda _, s: s,
-      opt_abstract,
-      self.param_shardings,
-      transform_non_params=lambda _: replicated,
-    )
-    self.state_shardings = {
-      'params': self.param_shardings,
-      'opt_state': opt_shardings,
-      'step': replicated,
-    }
-    abstract_state_tree = {
-      'params': abstract_params,
-      'opt_state': opt_abstract,
-      'step': jax.ShapeDtypeStruct((), jnp.int32),
-    }
+        self.tx, lambda _, s: s, opt_abstract, self.param_shardings,
+        transform_non_params=lambda _: replicated)
+    self.state_shardings = {'params': self.param_shardings, 'opt_state': opt_shardings,
+                            'step': replicated}
+    abstract_state_tree = {'params': abstract_params, 'opt_state': opt_abstract,
+                           'step': jax.ShapeDtypeStruct((), jnp.int32)}
     self.abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state_tree,
-      self.state_shardings,
-    )
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state_tree, self.state_shardings)
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    self.step = jax.jit(
-      self._step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
-    )
+    self.step = jax.jit(self._step, out_shardings=(self.state_shardings, replicated),
+                        donate_argnums=0)
     self.evaluate = jax.jit(self._evaluate, out_shardings=replicated)
 
   def _model(self) -> PretrainModel:
-    return PretrainModel(
-      self.encoder_cfg,
-      self.heads,
-      rngs=nnx.Rngs(self.config.seed),
-      rules=self.rules,
-      init_std=self.config.loss.init_std,
-    )
+    return PretrainModel(self.encoder_cfg, self.heads, rngs=nnx.Rngs(self.config.seed),
+                         rules=self.rules, init_std=self.config.loss.init_std)
 
   def _init(self):
     params = nnx.to_pure_dict(nnx.state(self._model()))
-    return {'params': params, 'opt_state': self.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    return {'params': params, 'opt_state': self.tx.init(params),
+            'step': jnp.zeros((), jnp.int32)}
 
   # ----------------------------------------------------------------------------------------------
   # The step
@@ -263,16 +197,9 @@ class Program:
       out = model.encoder(patches, b['positions'], b['segment_ids'], num_segments=segments)
       e = out['pooled'].reshape(rows * segments, -1)
       res = losses.partial_fc_loss(
-        e,
-        b['segment_valid'].reshape(-1),
-        b['labels'].reshape(rows * segments, n),
-        b['sample_index'].reshape(-1),
-        model.heads[name][...],
-        step,
-        self.heads[name],
-        self.rules,
-        micro=micro,
-      )
+          e, b['segment_valid'].reshape(-1), b['labels'].reshape(rows * segments, n),
+          b['sample_index'].reshape(-1), model.heads[name][...], step, self.heads[name],
+          self.rules, micro=micro)
       total = total + self.weights[name] * res['loss']
       aux.update({f'{name}/{k}': v for k, v in res.items()})
     aux['loss'] = total
@@ -313,13 +240,9 @@ class Program:
 
   def meta(self, step: int) -> dict:
     """What a checkpoint of this program records besides the state (checkpoint.read_meta)."""
-    return {
-      'step': step,
-      'config': self.config.to_dict(),
-      'encoder_config': dataclasses.asdict(self.encoder_cfg),
-      'process_count': jax.process_count(),
-      'mesh': dict(self.mesh.shape),
-    }
+    return {'step': step, 'config': self.config.to_dict(),
+            'encoder_config': dataclasses.asdict(self.encoder_cfg),
+            'process_count': jax.process_count(), 'mesh': dict(self.mesh.shape)}
 
   def device_batch(self, host_batches: Sequence[Mapping[str, Mapping[str, np.ndarray]]]):
     """This host's micro-batches as the step's global [A, rows, ...] arrays (prefetch)."""
@@ -331,9 +254,8 @@ class Program:
     for name, b in batch.items():
       a, rows, length = b['patches'].shape[:3]
       _, _, segments, n = b['labels'].shape
-      total += (
-        a * rows * encoder_flops(self.encoder_cfg, length, num_segments=segments, backward=True)
-      )
+      total += a * rows * encoder_flops(self.encoder_cfg, length, num_segments=segments,
+                                        backward=True)
       total += a * losses.loss_flops(self.heads[name], rows * segments, self.encoder_cfg.width, n)
     return total
 
@@ -343,20 +265,9 @@ class Program:
 # ------------------------------------------------------------------------------------------------
 
 # Keys that may change between a run and its resumption (layout, logging, housekeeping).
-_RESUME_FREE = (
-  'mesh.',
-  'cpu_devices',
-  'log_every',
-  'checkpoint_every',
-  'keep_',
-  'eval_',
-  'profile_',
-  'watchdog_seconds',
-  'peak_flops',
-  'init.',
-  'builtin.root',
-  'data.worker_buffer',
-)
+_RESUME_FREE = ('mesh.', 'cpu_devices', 'log_every', 'checkpoint_every', 'keep_', 'eval_',
+                'profile_', 'watchdog_seconds', 'peak_flops', 'init.', 'builtin.root',
+                'data.worker_buffer')
 # Keys whose change makes the saved state unusable (shapes), not merely the resumption inexact.
 _RESUME_FATAL = ('model.preset', 'heads.', 'loss.sampling_blocks', 'rules')
 
@@ -367,21 +278,18 @@ def check_resume(saved: Mapping[str, Any], config) -> None:
   before = config_lib.flatten(ml_collections.ConfigDict(saved))
   now = config_lib.flatten(config)
   same = lambda k: json.dumps(before.get(k), default=list) == json.dumps(now.get(k), default=list)
-  changed = sorted(
-    k for k in set(before) | set(now) if not same(k) and not k.startswith(_RESUME_FREE)
-  )
+  changed = sorted(k for k in set(before) | set(now)
+                   if not same(k) and not k.startswith(_RESUME_FREE))
   fatal = [k for k in changed if k.startswith(_RESUME_FATAL)]
   if fatal:
     raise config_lib.ConfigError(
-      'the checkpoint in this workdir was written with other values of '
-      + ', '.join(f'{k} ({before.get(k)!r} then, {now.get(k)!r} now)' for k in fatal)
-      + '; use another --workdir, or start from it with --config.init.checkpoint=<workdir>'
-    )
+        'the checkpoint in this workdir was written with other values of '
+        + ', '.join(f'{k} ({before.get(k)!r} then, {now.get(k)!r} now)' for k in fatal)
+        + '; use another --workdir, or start from it with --config.init.checkpoint=<workdir>')
   if changed:
-    log.warning(
-      'resuming with changed config values (the run will not repeat the original exactly): %s',
-      ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed),
-    )
+    log.warning('resuming with changed config values (the run will not repeat the original '
+                'exactly): %s', ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}'
+                                          for k in changed))
 
 
 def start_state(manager, workdir: str, iterator, program: Program, config) -> tuple[dict, int]:
@@ -395,11 +303,10 @@ def start_state(manager, workdir: str, iterator, program: Program, config) -> tu
   saved_processes = meta.get('process_count', jax.process_count())
   if saved_processes != jax.process_count():
     raise TrainingError(
-      f'{os.path.join(str(manager.directory), str(start))} was saved by {saved_processes} '
-      f'process(es) and this run has {jax.process_count()}: the input position is saved per '
-      'process, so resume with the same number of processes (the mesh shape may change), or '
-      'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights'
-    )
+        f'{os.path.join(str(manager.directory), str(start))} was saved by {saved_processes} '
+        f'process(es) and this run has {jax.process_count()}: the input position is saved per '
+        'process, so resume with the same number of processes (the mesh shape may change), or '
+        'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights')
   state = checkpoint.restore_state(manager, start, program.abstract_state, iterator)
   log.info('resumed from %s step %d', workdir, start)
   return state, start
@@ -409,16 +316,15 @@ def start_state(manager, workdir: str, iterator, program: Program, config) -> tu
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 
-
 def evaluate(program: Program, state, iterator, config) -> dict[str, float]:
   """Loss and accuracy on `eval_steps` batches of every head (from `eval_sources`, else the
   training data reshuffled), no update."""
   from ove_jax.reporter import fetch
-
   totals: dict[str, float] = {}
   for i in range(config.eval_steps):
     host = [next(iterator) for _ in range(config.accumulate)]
-    values = fetch(program.evaluate(state['params'], program.device_batch(host), jnp.int32(-1 - i)))
+    values = fetch(program.evaluate(state['params'], program.device_batch(host),
+                                    jnp.int32(-1 - i)))
     for k, v in values.items():
       totals[k] = totals.get(k, 0.0) + v / config.eval_steps
   return {f'eval/{k}': v for k, v in totals.items()}
@@ -428,26 +334,23 @@ def evaluate(program: Program, state, iterator, config) -> dict[str, float]:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
-
 @dataclasses.dataclass
 class Loop:
   """Where the loop stands between steps."""
-
-  state: dict  # params, opt_state, step: on the mesh
+  state: dict                        # params, opt_state, step: on the mesh
   step: int
   pending: StepResult | None = None  # the last step, reported one step late
-  tick: float = 0.0  # when the last step (or evaluation, or save) ended
+  tick: float = 0.0                  # when the last step (or evaluation, or save) ended
   profiling: bool = False
 
 
 @dataclasses.dataclass
 class Run:
   """One training process's run: what the loop works with."""
-
   config: ml_collections.ConfigDict
   workdir: str
   program: Program
-  manager: Any  # orbax CheckpointManager of <workdir>/checkpoints
+  manager: Any                       # orbax CheckpointManager of <workdir>/checkpoints
   sources: dict[str, str]
   prefetch: DevicePrefetch
   reporter: StepReporter
@@ -465,10 +368,8 @@ class Run:
     try:
       batch, position = self.prefetch.next()
     except StopIteration:
-      raise TrainingError(
-        f'the input ran out at step {loop.step} (data.num_epochs is set); '
-        'unset it to repeat the data'
-      ) from None
+      raise TrainingError(f'the input ran out at step {loop.step} (data.num_epochs is set); '
+                          'unset it to repeat the data') from None
     wait = time.perf_counter() - t0
     if self.reporter.flops_per_step is None:
       self.reporter.flops_per_step = self.program.flops_per_step(batch)
@@ -483,24 +384,20 @@ class Run:
       loop.profiling = False
     if c.eval_every and loop.step % c.eval_every == 0:
       t_eval = time.perf_counter()
-      results = evaluate(
-        self.program,
-        loop.state,
-        make_iterator(c, self.sources, seed_offset=1, worker_count=0, evaluation=True),
-        c,
-      )
+      results = evaluate(self.program, loop.state, make_iterator(
+          c, self.sources, seed_offset=1, worker_count=0, evaluation=True), c)
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
     # Several hosts agree on a SIGTERM at log and checkpoint steps only: the check is a
     # collective and a host wait, too dear for every step. One host stops at once.
     due = loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps
     stopping = (jax.process_count() == 1 or due or loop.step % c.log_every == 0) and agree(
-      self.stop.requested
-    )
+        self.stop.requested)
     if due or stopping:
       self.report(loop)
       t_save = time.perf_counter()
-      checkpoint.save(self.manager, loop.step, loop.state, position, self.program.meta(loop.step))
+      checkpoint.save(self.manager, loop.step, loop.state, position,
+                      self.program.meta(loop.step))
       self.reporter.extra['checkpoint_seconds'] = time.perf_counter() - t_save
       loop.tick = time.perf_counter()
     if stopping:
@@ -516,58 +413,36 @@ class Run:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics. Process 0
   ends by printing where the checkpoints, metrics.jsonl and TensorBoard logs are."""
-  info = distributed.initialize(
-    local_device_count=_local_devices(config), **config.distributed.to_dict()
-  )
+  info = distributed.initialize(local_device_count=_local_devices(config),
+                                **config.distributed.to_dict())
   main_process = info['process_index'] == 0
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(config)
   peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
   log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)
-  log.info(
-    'mesh %s on %d devices (%d processes)', dict(mesh.shape), mesh.size, info['process_count']
-  )
+  log.info('mesh %s on %d devices (%d processes)', dict(mesh.shape), mesh.size,
+           info['process_count'])
 
   with jax.set_mesh(mesh):
     program = Program(config, mesh)
     manager = checkpoint.open_manager(
-      checkpoint.root_of(workdir),
-      max_to_keep=config.keep_checkpoints,
-      keep_period=config.keep_every or None,
-      create=True,
-      asynchronous=True,
-    )
+        checkpoint.root_of(workdir), max_to_keep=config.keep_checkpoints,
+        keep_period=config.keep_every or None, create=True, asynchronous=True)
     sources = data_sources(config, workdir)
     iterator = make_iterator(config, sources)
     state, start = start_state(manager, workdir, iterator, program, config)
     if main_process:
-      fileio.write_json(
-        os.path.join(workdir, 'config.json'), config.to_dict(), sort_keys=False, default=list
-      )
-    reporter = StepReporter(
-      workdir,
-      total_steps=config.total_steps,
-      log_every=config.log_every,
-      start=start,
-      peak_per_device=peak,
-      devices=mesh.size,
-      checkpoints=checkpoint.root_of(workdir),
-      main_process=main_process,
-    )
+      fileio.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), sort_keys=False,
+                        default=list)
+    reporter = StepReporter(workdir, total_steps=config.total_steps, log_every=config.log_every,
+                            start=start, peak_per_device=peak, devices=mesh.size,
+                            checkpoints=checkpoint.root_of(workdir), main_process=main_process)
     loop = Loop(state=state, step=start, tick=time.perf_counter())
     with StopRequest() as stop:
-      run = Run(
-        config,
-        workdir,
-        program,
-        manager,
-        sources,
-        DevicePrefetch(iterator, program.device_batch, config.accumulate),
-        reporter,
-        metrics_lib.Watchdog(config.watchdog_seconds),
-        stop,
-      )
+      run = Run(config, workdir, program, manager, sources,
+                DevicePrefetch(iterator, program.device_batch, config.accumulate), reporter,
+                metrics_lib.Watchdog(config.watchdog_seconds), stop)
       try:
         while loop.step < config.total_steps and not run.step(loop):
           pass
@@ -584,14 +459,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     last['stopped'] = 'SIGTERM'
   if main_process:  # the manager's own list: opening another would wait for the other processes
     tensorboard = os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)
-    print(
-      f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step} of '
-      f'{workdir}\n  checkpoints: {checkpoint.root_of(workdir)} (steps '
-      f'{sorted(manager.all_steps())})\n  metrics:     '
-      f'{os.path.join(workdir, metrics_lib.METRICS_FILE)}\n  TensorBoard: tensorboard '
-      f'--logdir {tensorboard}',
-      flush=True,
-    )
+    print(f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step} of '
+          f'{workdir}\n  checkpoints: {checkpoint.root_of(workdir)} (steps '
+          f'{sorted(manager.all_steps())})\n  metrics:     '
+          f'{os.path.join(workdir, metrics_lib.METRICS_FILE)}\n  TensorBoard: tensorboard '
+          f'--logdir {tensorboard}', flush=True)
   return last
 
 
@@ -610,34 +482,19 @@ where its checkpoints, metrics.jsonl and TensorBoard logs are."""
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    prog='ove-train',
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
-    'a run.',
-    epilog=EPILOG,
-  )
-  parser.add_argument(
-    '--config',
-    required=True,
-    metavar='EXPERIMENT[:ARGS]',
-    help='the experiment file and its arguments, e.g. experiments/demo_cpu.py:smoke',
-  )
-  parser.add_argument(
-    '--workdir',
-    metavar='DIR',
-    help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
-    '(required unless --show-config)',
-  )
-  parser.add_argument(
-    '--mesh',
-    metavar='SIZES',
-    help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}',
-  )
-  parser.add_argument(
-    '--show-config',
-    action='store_true',
-    help='print every key of the config (after overrides) and exit',
-  )
+      prog='ove-train', formatter_class=argparse.RawDescriptionHelpFormatter,
+      description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
+                  'a run.', epilog=EPILOG)
+  parser.add_argument('--config', required=True, metavar='EXPERIMENT[:ARGS]',
+                      help='the experiment file and its arguments, e.g. '
+                           'experiments/demo_cpu.py:smoke')
+  parser.add_argument('--workdir', metavar='DIR',
+                      help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
+                           '(required unless --show-config)')
+  parser.add_argument('--mesh', metavar='SIZES',
+                      help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}')
+  parser.add_argument('--show-config', action='store_true',
+                      help='print every key of the config (after overrides) and exit')
   return parser
 
 
@@ -649,7 +506,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   while argv:
     arg = argv.pop(0)
     if arg.startswith('--config.'):
-      item = arg[len('--config.') :]
+      item = arg[len('--config.'):]
       if '=' not in item:
         if not argv:
           parser.error(f'{arg} needs a value: {arg}=VALUE')
@@ -674,11 +531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   # which would make basicConfig a no-op and drop every INFO line.
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
   from absl import logging as absl_logging
-
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    config = config_lib.load(args.config, overrides)  # before JAX starts: errors come fast
+    config = config_lib.load(args.config, overrides)   # before JAX starts: errors come fast
     if args.show_config:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')

@@ -1,17 +1,14 @@
 """pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers."""
-
 import os
 
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-).strip()
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
 def pytest_configure(config):
   del config
   from absl import flags
-
   flags.FLAGS.mark_as_parsed()
 
 
@@ -25,7 +22,6 @@ def sharpen():
   At the from-scratch init (N(0, 0.02)) attention logits are ~0 and positions barely matter,
   which would let a wrong RoPE pass a parity test; trained weights are not like that.
   """
-
   def apply(model, factor=12.0, head=True):
     blocks = [model.blocks] if model.cfg.scan_layers else [*model.blocks]  # stacked: one module
     for module in blocks + ([model.head] if model.cfg.use_head and head else []):
@@ -33,7 +29,6 @@ def sharpen():
       for proj in (attn.q_proj, attn.k_proj):
         proj.kernel[...] = proj.kernel[...] * factor
     return model
-
   return apply
 
 
@@ -57,13 +52,7 @@ def run_trainer():
 
   def run(*args, timeout=300):
     start = time.perf_counter()
-    proc = subprocess.run(
-      [sys.executable, '-m', 'ove_jax.train', *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-    )
+    proc = subprocess.run([sys.executable, '-m', 'ove_jax.train', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - start
-
   return run

@@ -1,5 +1,4 @@
 """README's first command runs end to end and reports what it checked."""
-
 import json
 import math
 import os
@@ -12,22 +11,8 @@ from ove_jax_tools import demo
 def test_demo_runs_and_writes_summary(tmp_path):
   # The smoke variant of the experiment (8 clips / 16 images of built-in data, 8 held-out clips,
   # k = 8, 2-epoch probes) and 16 steps keep this near a minute; the default run is README's.
-  assert (
-    demo.main(
-      [
-        '--workdir',
-        str(tmp_path),
-        '--clips',
-        '4',
-        '--budget',
-        '512',
-        '--smoke',
-        '--train-steps',
-        '16',
-      ]
-    )
-    == 0
-  )
+  assert demo.main(['--workdir', str(tmp_path), '--clips', '4', '--budget', '512', '--smoke',
+                    '--train-steps', '16']) == 0
   with open(os.path.join(tmp_path, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['sharded_vs_single_max_abs_diff'] < 1e-4

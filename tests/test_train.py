@@ -1,6 +1,5 @@
 """The trainer: sharded step == single-device step, accumulation == one large batch, exact resume
 after SIGKILL, 2 processes x 4 devices == 1 process x 8, clean stop on SIGTERM, later stages."""
-
 import json
 import os
 import re
@@ -23,14 +22,14 @@ DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
 
 def small_config(**changes):
   c = config_lib.load(DEMO + ':smoke')
-  c.optim.warmup = 0  # lr(0) > 0: the first step must move the parameters
+  c.optim.warmup = 0          # lr(0) > 0: the first step must move the parameters
   # Adam's first update is lr * g / (|g| + eps): for gradients at float-noise level (the MAP
   # head's key bias has an exactly zero gradient in exact arithmetic: softmax ignores a shift
   # shared by all keys) it is +-lr whatever the noise's sign, so summation order alone would
   # move such entries by 2 lr. A larger eps keeps the update linear in g there; the gradients
   # themselves are compared through their norms.
   c.optim.eps = 1e-3
-  c.loss.num_slots = 2  # of 4 labels: the slot draw matters
+  c.loss.num_slots = 2        # of 4 labels: the slot draw matters
   c.loss.sample_rate = 0.5
   for key, value in changes.items():
     config_lib.apply_override(c, f'{key}={value}')
@@ -38,22 +37,21 @@ def small_config(**changes):
   return c
 
 
-def host_batch(
-  seed, rows=8, length=64, segments=2, num_labels=4, classes=(('image', 29), ('video', 53))
-):
+def host_batch(seed, rows=8, length=64, segments=2, num_labels=4, classes=(('image', 29),
+                                                                           ('video', 53))):
   rng = np.random.default_rng(seed)
   out = {}
   for name, n_classes in classes:
     seg = np.zeros((rows, length), np.int32)
     seg[:, :30], seg[:, 30:60] = 1, 2
     out[name] = {
-      'patches': rng.normal(size=(rows, length, 588)).astype(np.float32),
-      'positions': rng.integers(0, 16, (rows, length, 3)).astype(np.int32),
-      'segment_ids': seg,
-      'labels': rng.integers(0, n_classes, (rows, segments, num_labels)).astype(np.int32),
-      'segment_valid': np.ones((rows, segments), bool),
-      'sample_index': (seed * 1000 + np.arange(rows * segments)).reshape(rows, segments),
-      'num_skipped': np.int32(0),
+        'patches': rng.normal(size=(rows, length, 588)).astype(np.float32),
+        'positions': rng.integers(0, 16, (rows, length, 3)).astype(np.int32),
+        'segment_ids': seg,
+        'labels': rng.integers(0, n_classes, (rows, segments, num_labels)).astype(np.int32),
+        'segment_valid': np.ones((rows, segments), bool),
+        'sample_index': (seed * 1000 + np.arange(rows * segments)).reshape(rows, segments),
+        'num_skipped': np.int32(0),
     }
   return out
 
@@ -76,14 +74,10 @@ def max_diff(a, b):
 def test_sharded_step_equals_single_device_step(mesh):
   batches = [host_batch(0)]
   data, fsdp, tensor = mesh
-  sharded, m8 = run_step(
-    small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor}),
-    jax.devices(),
-    batches,
-  )
-  single, m1 = run_step(
-    small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}), jax.devices()[:1], batches
-  )
+  sharded, m8 = run_step(small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp,
+                                         'mesh.tensor': tensor}), jax.devices(), batches)
+  single, m1 = run_step(small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}),
+                        jax.devices()[:1], batches)
   assert max_diff(sharded, single) <= 1e-5
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
@@ -97,17 +91,11 @@ def test_sharded_step_equals_single_device_step(mesh):
 
 def test_accumulation_equals_one_large_batch():
   micro = [host_batch(i) for i in range(4)]
-  large = {
-    name: {
-      k: (np.concatenate([m[name][k] for m in micro]) if k != 'num_skipped' else np.int32(0))
-      for k in micro[0][name]
-    }
-    for name in micro[0]
-  }
+  large = {name: {k: (np.concatenate([m[name][k] for m in micro]) if k != 'num_skipped'
+                      else np.int32(0)) for k in micro[0][name]} for name in micro[0]}
   # Every class scored: a large batch and its micro-batches then see the same classes.
-  accumulated, ma = run_step(
-    small_config(accumulate=4, **{'loss.sample_rate': 1.0}), jax.devices(), micro
-  )
+  accumulated, ma = run_step(small_config(accumulate=4, **{'loss.sample_rate': 1.0}),
+                             jax.devices(), micro)
   c = small_config(**{'loss.sample_rate': 1.0})
   for name in ('video', 'image'):
     c.data.heads[name].rows = 32
@@ -137,33 +125,19 @@ def test_mesh_and_batch_errors_name_the_fix():
 # Whole runs (subprocesses): resume, multi-process, SIGTERM
 # ------------------------------------------------------------------------------------------------
 
-
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
   from data_pipeline import builtin
-
   root = str(tmp_path_factory.mktemp('builtin'))
   c = config_lib.load(DEMO + ':smoke')
-  builtin.ensure(
-    root,
-    clips=c.builtin.clips,
-    images=c.builtin.images,
-    budget=c.builtin.budget,
-    seed=c.seed,
-    progress=False,
-  )
+  builtin.ensure(root, clips=c.builtin.clips, images=c.builtin.images, budget=c.builtin.budget,
+                 seed=c.seed, progress=False)
   return root
 
 
 def command(workdir, data_root, *extra, arg='smoke'):
-  return [
-    sys.executable,
-    '-m',
-    'ove_jax.train',
-    f'--config={DEMO}:{arg},data_root={data_root}',
-    f'--workdir={workdir}',
-    *extra,
-  ]
+  return [sys.executable, '-m', 'ove_jax.train', f'--config={DEMO}:{arg},data_root={data_root}',
+          f'--workdir={workdir}', *extra]
 
 
 def env():
@@ -181,11 +155,8 @@ def committed_steps(workdir):
   root = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   if not os.path.isdir(root):
     return []
-  return sorted(
-    int(d)
-    for d in os.listdir(root)
-    if d.isdigit() and os.path.exists(os.path.join(root, d, 'commit_success.txt'))
-  )
+  return sorted(int(d) for d in os.listdir(root)
+                if d.isdigit() and os.path.exists(os.path.join(root, d, 'commit_success.txt')))
 
 
 @pytest.fixture(scope='module')
@@ -195,24 +166,12 @@ def straight(data_root, tmp_path_factory):
   # Checkpoints at 5, 10, 15, 20: keep the last 2 and every 10th.
   # Evaluation every 10 steps (its own iterator: the training losses are untouched), and a
   # profiler trace of steps 3-4.
-  subprocess.run(
-    command(
-      workdir,
-      data_root,
-      '--config.profile_start=3',
-      '--config.profile_steps=2',
-      '--config.keep_checkpoints=2',
-      '--config.keep_every=10',
-      '--config.eval_every=10',
-      '--config.eval_steps=1',
-      '--config.eval_sources.image='
-      + f'folder:{data_root}/images?labels={data_root}/images/labels.npy',
-    ),
-    env=env(),
-    check=True,
-    capture_output=True,
-    timeout=600,
-  )
+  subprocess.run(command(workdir, data_root, '--config.profile_start=3',
+                         '--config.profile_steps=2', '--config.keep_checkpoints=2',
+                         '--config.keep_every=10', '--config.eval_every=10',
+                         '--config.eval_steps=1', '--config.eval_sources.image=' +
+                         f'folder:{data_root}/images?labels={data_root}/images/labels.npy'),
+                 env=env(), check=True, capture_output=True, timeout=600)
   return workdir
 
 
@@ -232,13 +191,8 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
   killed = str(tmp_path / 'killed')
   # Its own process group, killed whole: the trainer and its input workers die at once, as in a
   # preempted job.
-  proc = subprocess.Popen(
-    command(killed, data_root),
-    env=env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-    start_new_session=True,
-  )
+  proc = subprocess.Popen(command(killed, data_root), env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
   deadline = time.time() + 300
   while not committed_steps(killed) or committed_steps(killed)[-1] < 10:
     assert proc.poll() is None, 'the run ended before it could be killed'
@@ -248,9 +202,8 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
   proc.wait()
   resumed_from = committed_steps(killed)[-1]
   assert resumed_from < 20
-  result = subprocess.run(
-    command(killed, data_root), env=env(), capture_output=True, text=True, timeout=600
-  )
+  result = subprocess.run(command(killed, data_root), env=env(), capture_output=True, text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resumed from {killed} step {resumed_from}' in result.stderr
   want, got = losses_by_step(straight), losses_by_step(killed)
@@ -267,24 +220,13 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
 def test_two_processes_equal_one_process(tmp_path, data_root):
   steps = ['--config.total_steps=6', '--config.checkpoint_every=3']
   one = str(tmp_path / 'one')
-  subprocess.run(
-    command(one, data_root, *steps, arg='smoke,workers=0'),
-    env=env(),
-    check=True,
-    capture_output=True,
-    timeout=600,
-  )
+  subprocess.run(command(one, data_root, *steps, arg='smoke,workers=0'), env=env(), check=True,
+                 capture_output=True, timeout=600)
   two = str(tmp_path / 'two')
   # The experiment asks for 8 CPU devices; the launcher's 4 per process win.
-  launch = [
-    sys.executable,
-    os.path.join(ROOT, 'tools', 'launch_local.py'),
-    '--processes=2',
-    '--devices_per_process=4',
-    '--timeout=500',
-    '--',
-    *command(two, data_root, *steps, arg='smoke,workers=0'),
-  ]
+  launch = [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
+            '--devices_per_process=4', '--timeout=500', '--',
+            *command(two, data_root, *steps, arg='smoke,workers=0')]
   result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   a, b = losses_by_step(one), losses_by_step(two)
@@ -293,35 +235,21 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
     assert b[s] == pytest.approx(a[s], rel=1e-5), s
   # Each process saved its own input position in the same checkpoint step.
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
-    'commit_success.txt',
-    'process_0-of-2.json',
-    'process_1-of-2.json',
-  ]
+      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
   # Resuming it with another process count is refused with the reason, not a missing-file error.
-  again = subprocess.run(
-    command(two, data_root, '--config.total_steps=8', arg='smoke,workers=0'),
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  again = subprocess.run(command(two, data_root, '--config.total_steps=8', arg='smoke,workers=0'),
+                         env=env(), capture_output=True, text=True, timeout=600)
   assert again.returncode == 1
   assert 'was saved by 2 process(es) and this run has 1' in again.stderr
 
 
 def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):
   workdir = str(tmp_path / 'run')
-  proc = subprocess.Popen(
-    command(workdir, data_root, '--config.checkpoint_every=100'),
-    env=env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  proc = subprocess.Popen(command(workdir, data_root, '--config.checkpoint_every=100'),
+                          env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or not metrics_lib.read_metrics(
-    workdir
-  ):
+      workdir):
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
@@ -335,13 +263,9 @@ def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straigh
   # Resume on data 2 x fsdp 2 x tensor 2: the state is resharded on restore, and the sampling
   # does not depend on the mesh, so the run goes on as the uninterrupted one (up to summation
   # order).
-  result = subprocess.run(
-    command(workdir, data_root, '--config.mesh.data=2', '--config.mesh.tensor=2'),
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  result = subprocess.run(command(workdir, data_root, '--config.mesh.data=2',
+                                  '--config.mesh.tensor=2'),
+                          env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'step {saved[0]}' in result.stderr and 'resumed from' in result.stderr
   want, got = losses_by_step(straight), losses_by_step(workdir)
@@ -353,23 +277,13 @@ def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straigh
 
 def test_divergence_stops_with_the_step(tmp_path, data_root):
   result = subprocess.run(
-    command(
-      str(tmp_path / 'nan'),
-      data_root,
-      '--config.optim.lr=1e30',
-      '--config.optim.warmup=0',
-      '--config.optim.clip_norm=0.0',
-    ),
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+      command(str(tmp_path / 'nan'), data_root, '--config.optim.lr=1e30', '--config.optim.warmup=0',
+              '--config.optim.clip_norm=0.0'),
+      env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 1
   # The update at step 1 already overflows the weights: caught there, before anything is saved.
-  assert re.search(
-    r'training stopped: (loss|param_norm) is (nan|inf)\b.* at step 1;', result.stderr
-  ), result.stderr[-2000:]
+  assert re.search(r'training stopped: (loss|param_norm) is (nan|inf)\b.* at step 1;',
+                   result.stderr), result.stderr[-2000:]
   assert not committed_steps(str(tmp_path / 'nan'))
   assert 'Traceback' not in result.stderr
 
@@ -379,7 +293,7 @@ def test_bf16_and_remat_steps(tmp_path):
   devices = jax.devices()
   ref, m32 = run_step(small_config(), devices, batches)
   remat, mr = run_step(small_config(**{'model.remat': 'full'}), devices, batches)
-  assert max_diff(ref, remat) <= 1e-5  # rematerialisation recomputes, it does not change maths
+  assert max_diff(ref, remat) <= 1e-5   # rematerialisation recomputes, it does not change maths
   bf16, m16 = run_step(small_config(**{'model.dtype': 'bfloat16'}), devices, batches)
   assert all(np.isfinite(v) for v in m16.values())
   # bf16 activations, fp32 master weights and fp32 loss: the loss agrees to bf16 precision.
@@ -389,44 +303,30 @@ def test_bf16_and_remat_steps(tmp_path):
 
 def test_later_stage_starts_from_an_earlier_one(tmp_path, data_root):
   first = str(tmp_path / 'stage1')
-  subprocess.run(
-    command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
-    env=env(),
-    check=True,
-    capture_output=True,
-    timeout=600,
-  )
+  subprocess.run(command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
+                 env=env(), check=True, capture_output=True, timeout=600)
   source, meta, step = checkpoint.restore_params(first, subtree=('params',))
   assert step == 2 and meta['step'] == 2
-  c = small_config(
-    **{
-      'init.checkpoint': first,
-      'init.heads': 'keep',
-      'mesh.data': 2,
-      'mesh.fsdp': 2,
-      'mesh.tensor': 2,
-    }
-  )
-  mesh = train.make_mesh(c)  # another mesh shape than the one that wrote it
+  c = small_config(**{'init.checkpoint': first, 'init.heads': 'keep', 'mesh.data': 2,
+                      'mesh.fsdp': 2, 'mesh.tensor': 2})
+  mesh = train.make_mesh(c)   # another mesh shape than the one that wrote it
   with jax.set_mesh(mesh):
     program = train.Program(c, mesh)
     state = warm_start.initialise_from(program.init(), c, program)
   got = jax.tree.map(np.asarray, state['params'])
   np.testing.assert_array_equal(got['heads']['video'], source['heads']['video'])
-  np.testing.assert_array_equal(
-    got['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
-    source['encoder']['blocks']['1']['mlp']['fc1']['kernel'],
-  )
+  np.testing.assert_array_equal(got['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
+                                source['encoder']['blocks']['1']['mlp']['fc1']['kernel'])
   c.init.heads = 'fresh'
   with jax.set_mesh(mesh):
     fresh = warm_start.initialise_from(program.init(), c, program)
-  assert not np.array_equal(np.asarray(fresh['params']['heads']['video']), source['heads']['video'])
+  assert not np.array_equal(np.asarray(fresh['params']['heads']['video']),
+                            source['heads']['video'])
 
 
 def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
   from ove_jax.convert import hf
   from ove_jax.models import create_encoder
-
   c = small_config()
   released = create_encoder(train.encoder_config(c), seed=123)
   hf.save_pytorch(released, str(tmp_path / 'release'))
@@ -437,10 +337,8 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
     fresh = program.init()
     state = warm_start.initialise_from(fresh, c, program)
     kernel = state['params']['encoder']['blocks'][0]['self_attn']['q_proj']['kernel']
-    assert (
-      kernel.sharding
-      == program.param_shardings['encoder']['blocks'][0]['self_attn']['q_proj']['kernel']
-    )
+    assert kernel.sharding == program.param_shardings['encoder']['blocks'][0]['self_attn'][
+        'q_proj']['kernel']
   want = hf.model_params(released)
   got = jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state['params']['encoder']))
   assert len(got) == len(want)
@@ -461,34 +359,22 @@ def test_resume_names_what_changed(caplog):
   train.check_resume(saved, small_config(**{'optim.lr': 0.5}))
   assert 'optim.lr: 0.002 -> 0.5' in caplog.text
   classes = saved['heads']['video']['num_classes']
-  with pytest.raises(
-    config_lib.ConfigError, match=rf'heads.video.num_classes \({classes} then, 60 now\)'
-  ):
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf'heads.video.num_classes \({classes} then, 60 now\)'):
     train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
 def test_command_line_spellings(capsys):
-  args, overrides = train.parse_args(
-    [
-      '--config',
-      DEMO + ':smoke',
-      '--workdir=/tmp/w',
-      '--config.optim.lr',
-      '0.5',
-      '--config.seed=3',
-      '--mesh',
-      'data=2,tensor=2',
-    ]
-  )
+  args, overrides = train.parse_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
+                                      '--config.optim.lr', '0.5', '--config.seed=3',
+                                      '--mesh', 'data=2,tensor=2'])
   assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
   assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
   assert train.parse_args([f'--config={DEMO}', '--show-config'])[0].show_config
-  for argv, message in (
-    (['--config', DEMO], '--workdir is required'),
-    (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
-    (['--workdir', 'w'], '--config'),
-    (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus'),
-  ):
+  for argv, message in ((['--config', DEMO], '--workdir is required'),
+                        (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
+                        (['--workdir', 'w'], '--config'),
+                        (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus')):
     with pytest.raises(SystemExit):
       train.parse_args(argv)
     assert message in capsys.readouterr().err

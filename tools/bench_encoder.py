@@ -56,7 +56,6 @@ Before the dense step runs, its compiled memory plan is checked against the memo
 (host RAM on CPU, with a 2x margin for that undercount; device memory elsewhere); if it would
 not fit, the dense case is skipped with a message rather than the process being killed.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -78,42 +77,27 @@ from ove_jax.models.attention import IMPLEMENTATIONS
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    prog='ove-bench-encoder',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+      prog='ove-bench-encoder', description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
   presets = list(bench.BENCH_PRESETS) + list(enc.PRESETS)
-  parser.add_argument(
-    '--preset',
-    default='micro',
-    choices=presets,
-    help='model size (default micro, sized for a CPU; base/large/huge are for GPU/TPU)',
-  )
+  parser.add_argument('--preset', default='micro', choices=presets,
+                      help="model size (default micro, sized for a CPU; base/large/huge are for "
+                           "GPU/TPU)")
   parser.add_argument('--width', type=int, help='override the preset width')
   parser.add_argument('--depth', type=int, help='override the preset depth')
   parser.add_argument('--heads', type=int, help='override the preset number of heads')
   parser.add_argument('--mlp-dim', type=int, help='override the preset MLP width')
   parser.add_argument('--frames', type=int, default=64, help='frames in the clip (default 64)')
-  parser.add_argument(
-    '--budget', type=int, default=2048, help='K, patches kept in the sparse case (default 2048)'
-  )
+  parser.add_argument('--budget', type=int, default=2048,
+                      help='K, patches kept in the sparse case (default 2048)')
   parser.add_argument('--batch', type=int, default=1, help='clips per step (default 1)')
-  parser.add_argument(
-    '--dtype',
-    default='float32',
-    choices=('float32', 'bfloat16'),
-    help='compute dtype; parameters stay float32',
-  )
-  parser.add_argument(
-    '--attention',
-    default='xla',
-    choices=IMPLEMENTATIONS,
-    help='attention implementation (default xla)',
-  )
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='compute dtype; parameters stay float32')
+  parser.add_argument('--attention', default='xla', choices=IMPLEMENTATIONS,
+                      help='attention implementation (default xla)')
   parser.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported')
   parser.add_argument('--warmup', type=int, default=1, help='untimed runs after compiling')
-  parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
+  parser.add_argument('--seed', type=int, default=0, help='the model\'s init and the input clip')
   parser.add_argument('--skip-dense', action='store_true', help='no dense (all patches) case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
   parser.add_argument('--json', metavar='PATH', help='also write the results here')
@@ -134,13 +118,10 @@ def print_row(name: str, result: dict) -> None:
     extra += f', XLA temporaries {result["planned_temp_gb"]:.2f} GB'
   if 'peak_rss_gb' in result:
     extra += f', peak RSS so far {result["peak_rss_gb"]:.2f} GB'
-  print(
-    f'{name}: L={result["tokens"]}, fwd+bwd {fmt(result["median_s"])} (median; runs '
-    f'{", ".join(fmt(t) for t in result["times_s"])}), {result["flops"] / 1e9:.1f} GFLOP, '
-    f'{result["flops_per_s"] / 1e9:.1f} GFLOP/s = {100 * result["peak_fraction"]:.0f}% '
-    f'of peak{extra}',
-    flush=True,
-  )
+  print(f'{name}: L={result["tokens"]}, fwd+bwd {fmt(result["median_s"])} (median; runs '
+        f'{", ".join(fmt(t) for t in result["times_s"])}), {result["flops"] / 1e9:.1f} GFLOP, '
+        f'{result["flops_per_s"] / 1e9:.1f} GFLOP/s = {100 * result["peak_fraction"]:.0f}% '
+        f'of peak{extra}', flush=True)
 
 
 def main(argv=None):
@@ -152,23 +133,14 @@ def main(argv=None):
   if error:
     parser.error(error)
   try:
-    cfg = bench.encoder_config(
-      args.preset,
-      width=args.width,
-      depth=args.depth,
-      heads=args.heads,
-      mlp_dim=args.mlp_dim,
-      dtype=args.dtype,
-      attention=args.attention,
-    )
+    cfg = bench.encoder_config(args.preset, width=args.width, depth=args.depth, heads=args.heads,
+                               mlp_dim=args.mlp_dim, dtype=args.dtype, attention=args.attention)
   except ValueError as e:
     parser.error(str(e))
   n_all = args.frames * bench.PATCHES_PER_FRAME
   if not 0 < args.budget <= n_all:
-    parser.error(
-      f'--budget {args.budget} must be in [1, {n_all}] ({args.frames} frames x '
-      f'{bench.PATCHES_PER_FRAME} patches)'
-    )
+    parser.error(f'--budget {args.budget} must be in [1, {n_all}] ({args.frames} frames x '
+                 f'{bench.PATCHES_PER_FRAME} patches)')
   if min(args.repeats, args.batch, args.frames) < 1 or args.warmup < 0:
     parser.error('--repeats, --batch and --frames must be positive, --warmup not negative')
 
@@ -177,28 +149,21 @@ def main(argv=None):
   env_text = bench.env_settings(info)
   b, k = args.batch, args.budget
   print(f'command: {command}')
-  print(
-    f'device: {info["device_kind"]} ({info["backend"]}, {info["num_devices"]} device(s)), '
-    f'{info["cpu_count"]} CPUs{", " + info["cpu_model"] if "cpu_model" in info else ""}; '
-    f'jax {info["jax"]}{"; env " + env_text if env_text else ""}'
-  )
-  print(
-    f'model: {args.preset} width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} '
-    f'mlp={cfg.mlp_dim} ({enc.num_params(cfg) / 1e6:.2f}M parameters), dtype={cfg.dtype}, '
-    f'attention={cfg.attention}'
-  )
-  print(
-    f'input: batch {b}, {args.frames} frames of {bench.IMAGE_SIZE}x{bench.IMAGE_SIZE} '
-    f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up'
-  )
+  print(f"device: {info['device_kind']} ({info['backend']}, {info['num_devices']} device(s)), "
+        f"{info['cpu_count']} CPUs{', ' + info['cpu_model'] if 'cpu_model' in info else ''}; "
+        f"jax {info['jax']}{'; env ' + env_text if env_text else ''}")
+  print(f'model: {args.preset} width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} '
+        f'mlp={cfg.mlp_dim} ({enc.num_params(cfg) / 1e6:.2f}M parameters), dtype={cfg.dtype}, '
+        f'attention={cfg.attention}')
+  print(f'input: batch {b}, {args.frames} frames of {bench.IMAGE_SIZE}x{bench.IMAGE_SIZE} '
+        f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up')
   sys.stdout.flush()
 
   peak = metrics.matmul_peak_flops(cfg.dtype)
   print(f'matmul peak (measured, {cfg.dtype}): {peak / 1e9:.1f} GFLOP/s', flush=True)
 
-  (dense_x, dense_pos), (sparse_x, sparse_pos) = bench.clip_inputs(
-    cfg, b, args.frames, k, args.seed
-  )
+  (dense_x, dense_pos), (sparse_x, sparse_pos) = bench.clip_inputs(cfg, b, args.frames, k,
+                                                                   args.seed)
   model = enc.create_encoder(cfg, seed=args.seed)
   step, forward, params = bench.make_jax_step(model)
   rows = {}
@@ -209,9 +174,8 @@ def main(argv=None):
 
   # -- sparse ------------------------------------------------------------------------------------
   sx, spos = jnp.asarray(sparse_x), jnp.asarray(sparse_pos)
-  result, (jax_loss, jax_grads) = bench.bench_jax(
-    step, params, sx, spos, warmup=args.warmup, repeats=args.repeats
-  )
+  result, (jax_loss, jax_grads) = bench.bench_jax(step, params, sx, spos, warmup=args.warmup,
+                                                  repeats=args.repeats)
   record('JAX sparse', k, result)
   jax_loss = float(jax_loss)
   jax_pooled = np.asarray(forward(params, sx, spos)[:, 0], np.float32)
@@ -221,19 +185,17 @@ def main(argv=None):
   torch_note = bench.torch_unavailable(args.skip_torch)
   if torch_note is None:
     tresult, t_pooled, t_loss, t_grads = bench.bench_torch(
-      model, cfg, sparse_x, sparse_pos, dtype=cfg.dtype, warmup=args.warmup, repeats=args.repeats
-    )
+        model, cfg, sparse_x, sparse_pos, dtype=cfg.dtype, warmup=args.warmup,
+        repeats=args.repeats)
     record('PyTorch sparse', k, tresult)
-    check = bench.torch_agreement(cfg, jax_grads, jax_pooled, jax_loss, t_pooled, t_loss, t_grads)
-    print(
-      f'agreement JAX vs PyTorch ({tresult["device"]}, {tresult["threads"]} threads, torch '
-      f'{tresult["version"]}): pooled max rel diff {check["pooled_max_rel_diff"]:.2e}, '
-      f'loss {jax_loss:.6g} vs {t_loss:.6g}, gradients max rel diff '
-      f'{check["grad_max_rel_diff"]:.2e} ({check["grad_worst_key"]}) -> '
-      f'{"agree" if check["agree"] else "MISMATCH"} (tolerance {check["tolerance"]:g}'
-      f'{"" if cfg.dtype == "float32" else ", on the output only"})',
-      flush=True,
-    )
+    check = bench.torch_agreement(cfg, jax_grads, jax_pooled, jax_loss, t_pooled, t_loss,
+                                  t_grads)
+    print(f"agreement JAX vs PyTorch ({tresult['device']}, {tresult['threads']} threads, torch "
+          f"{tresult['version']}): pooled max rel diff {check['pooled_max_rel_diff']:.2e}, "
+          f"loss {jax_loss:.6g} vs {t_loss:.6g}, gradients max rel diff "
+          f"{check['grad_max_rel_diff']:.2e} ({check['grad_worst_key']}) -> "
+          f"{'agree' if check['agree'] else 'MISMATCH'} (tolerance {check['tolerance']:g}"
+          f"{'' if cfg.dtype == 'float32' else ', on the output only'})", flush=True)
   else:
     print(f'PyTorch: {torch_note}', flush=True)
   del jax_grads
@@ -245,9 +207,8 @@ def main(argv=None):
   else:
     dense_note = None
     dx, dpos = jnp.asarray(dense_x), jnp.asarray(dense_pos)
-    result, outputs = bench.bench_jax(
-      step, params, dx, dpos, warmup=args.warmup, repeats=args.repeats, check_memory=True
-    )
+    result, outputs = bench.bench_jax(step, params, dx, dpos, warmup=args.warmup,
+                                      repeats=args.repeats, check_memory=True)
     del outputs, dx, dpos
     gc.collect()
     record('JAX dense', n_all, result)
@@ -256,47 +217,19 @@ def main(argv=None):
 
   # -- ratios and summary ------------------------------------------------------------------------
   summary = bench.speedups(rows)
-  print(
-    '\n'.join(
-      bench.markdown_summary(
-        command=command,
-        info=info,
-        preset=args.preset,
-        cfg=cfg,
-        batch=b,
-        frames=args.frames,
-        repeats=args.repeats,
-        peak=peak,
-        rows=rows,
-        summary=summary,
-        check=check,
-        dense_note=dense_note,
-        torch_note=torch_note,
-      )
-    ),
-    flush=True,
-  )
+  print('\n'.join(bench.markdown_summary(
+      command=command, info=info, preset=args.preset, cfg=cfg, batch=b, frames=args.frames,
+      repeats=args.repeats, peak=peak, rows=rows, summary=summary, check=check,
+      dense_note=dense_note, torch_note=torch_note)), flush=True)
 
   if args.json:
-    report = {
-      'command': command,
-      'device': info,
-      'args': vars(args),
-      'config': {
-        'preset': args.preset,
-        'width': cfg.width,
-        'depth': cfg.depth,
-        'num_heads': cfg.num_heads,
-        'mlp_dim': cfg.mlp_dim,
-        'num_params': enc.num_params(cfg),
-        'dtype': cfg.dtype,
-        'attention': cfg.attention,
-      },
-      'matmul_peak_flops_per_s': peak,
-      'results': rows,
-      'agreement': check,
-      'summary': summary,
-    }
+    report = {'command': command, 'device': info, 'args': vars(args),
+              'config': {'preset': args.preset, 'width': cfg.width, 'depth': cfg.depth,
+                         'num_heads': cfg.num_heads, 'mlp_dim': cfg.mlp_dim,
+                         'num_params': enc.num_params(cfg), 'dtype': cfg.dtype,
+                         'attention': cfg.attention},
+              'matmul_peak_flops_per_s': peak, 'results': rows, 'agreement': check,
+              'summary': summary}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)

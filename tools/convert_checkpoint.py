@@ -16,7 +16,6 @@ Every conversion ends with a numerical check of the written checkpoint against t
 (parameters bit-exact at the stored precision, and with `verify` both frameworks' outputs on the
 same pixels). Installed as the console script `ove-convert`.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -50,9 +49,8 @@ def _write(model, out: str, dtype: str, source: str) -> int:
   from ove_jax import convert
 
   convert.save_pytorch(model, out, dtype=dtype)
-  written = convert.hf_to_params(
-    convert.read_safetensors(os.path.join(out, 'model.safetensors')), model.cfg
-  )
+  written = convert.hf_to_params(convert.read_safetensors(os.path.join(out, 'model.safetensors')),
+                                 model.cfg)
   store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}[dtype]
   mine = {k: v.astype(store).astype(np.float32) for k, v in convert.model_params(model).items()}
   worst = max(float(np.abs(written[k].astype(np.float32) - mine[k]).max()) for k in mine)
@@ -66,20 +64,13 @@ def _write(model, out: str, dtype: str, source: str) -> int:
 
 def _from_train(args) -> int:
   from ove_jax import checkpoint
-
   loaded = checkpoint.load_encoder(args.workdir, step=args.step)
   if loaded.step is None:
-    raise ValueError(
-      f'{args.workdir}: not a training run ({loaded.source}); from-train takes a '
-      'training workdir, its checkpoints folder or one step folder'
-    )
-  return _write(
-    loaded.model,
-    args.out,
-    args.dtype,
-    f'{args.workdir} step {loaded.step} (the encoder; heads left out: '
-    f'{", ".join(loaded.heads) or "none"})',
-  )
+    raise ValueError(f'{args.workdir}: not a training run ({loaded.source}); from-train takes a '
+                     'training workdir, its checkpoints folder or one step folder')
+  return _write(loaded.model, args.out, args.dtype,
+                f'{args.workdir} step {loaded.step} (the encoder; heads left out: '
+                f'{", ".join(loaded.heads) or "none"})')
 
 
 def _from_hf(args) -> int:
@@ -102,38 +93,32 @@ def _verify(args) -> int:
   from flax import nnx
 
   from ove_jax import convert
-
   try:
     import torch
 
     from ove_jax.convert import torch_model
   except ImportError:
-    print(
-      'error: verify needs PyTorch: pip install "ove_jax[torch]" (torch==2.13.0)', file=sys.stderr
-    )
+    print('error: verify needs PyTorch: pip install "ove_jax[torch]" (torch==2.13.0)',
+          file=sys.stderr)
     return 2
   model = convert.load_pytorch(args.hf)
   port = torch_model.load_pretrained(args.hf).eval()
   rng = np.random.RandomState(0)
   res = args.resolution
   cases = {
-    'image': (rng.randn(1, res, res, 3), {}),
-    'video, 8 frames': (rng.randn(1, 8, 224, 224, 3), {}),
-    'video, 64 frames, 2048 visible patches': (
-      rng.randn(1, 64, 224, 224, 3),
-      {'visible_indices': np.sort(rng.choice(64 * 256, 2048, replace=False))[None]},
-    ),
+      'image': (rng.randn(1, res, res, 3), {}),
+      'video, 8 frames': (rng.randn(1, 8, 224, 224, 3), {}),
+      'video, 64 frames, 2048 visible patches': (
+          rng.randn(1, 64, 224, 224, 3),
+          {'visible_indices': np.sort(rng.choice(64 * 256, 2048, replace=False))[None]}),
   }
   forward = nnx.jit(lambda m, x, **k: m.forward_pixels(x, **k))
   worst = 0.0
   for name, (x, kwargs) in cases.items():
     x = x.astype(np.float32)
     ours = jax.device_get(forward(model, x, **kwargs))
-    tx = (
-      torch.from_numpy(x).permute(0, 3, 1, 2)
-      if x.ndim == 4
-      else torch.from_numpy(x).permute(0, 4, 1, 2, 3)
-    )
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2) if x.ndim == 4 else \
+        torch.from_numpy(x).permute(0, 4, 1, 2, 3)
     with torch.no_grad():
       ref = port(tx, **{k: torch.from_numpy(v) for k, v in kwargs.items()})
     for key in ('last_hidden_state', 'pooler_output'):
@@ -142,25 +127,15 @@ def _verify(args) -> int:
       worst = max(worst, rel)
       print(f'{name:42s} {key:18s} max relative difference {rel:.2e}')
   ok = worst <= args.tolerance
-  print(
-    json.dumps(
-      {
-        'directory': args.hf,
-        'max_relative_difference': worst,
-        'tolerance': args.tolerance,
-        'ok': ok,
-      }
-    )
-  )
+  print(json.dumps({'directory': args.hf, 'max_relative_difference': worst,
+                    'tolerance': args.tolerance, 'ok': ok}))
   return 0 if ok else 1
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n\n', 1)[1])
   sub = parser.add_subparsers(dest='command', required=True)
   to_hf = sub.add_parser('to-hf', help='ove_jax (preset or parameters) -> release format')
   src = to_hf.add_mutually_exclusive_group(required=True)
@@ -169,19 +144,16 @@ def main(argv=None) -> int:
   to_hf.add_argument('--seed', type=int, default=0)
   to_hf.add_argument('--out', required=True)
   to_hf.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
-  from_train = sub.add_parser(
-    'from-train', help="a training checkpoint's encoder -> release format"
-  )
-  from_train.add_argument(
-    '--workdir', required=True, help="the run's workdir (python -m ove_jax.train --workdir=...)"
-  )
+  from_train = sub.add_parser('from-train', help='a training checkpoint\'s encoder -> release '
+                              'format')
+  from_train.add_argument('--workdir', required=True, help='the run\'s workdir (python -m '
+                          'ove_jax.train --workdir=...)')
   from_train.add_argument('--step', type=int, help='the checkpoint step (default: the latest)')
   from_train.add_argument('--out', required=True)
   from_train.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
-  from_hf.add_argument(
-    '--hf', required=True, help='directory with config.json and model.safetensors'
-  )
+  from_hf.add_argument('--hf', required=True, help='directory with config.json and '
+                       'model.safetensors')
   from_hf.add_argument('--out', required=True)
   verify = sub.add_parser('verify', help='JAX vs PyTorch port on one release-format directory')
   verify.add_argument('--hf', required=True)
@@ -190,11 +162,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from ove_jax.convert import CheckpointError
-
   try:
-    return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf, 'verify': _verify}[
-      args.command
-    ](args)
+    return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf,
+            'verify': _verify}[args.command](args)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

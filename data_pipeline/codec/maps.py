@@ -13,7 +13,6 @@ Vectors are expressed per frame of temporal distance (a P-frame four frames afte
 moves four times as far as its neighbouring B-frames); the per-frame normalisation makes this
 matter little, but it keeps the two directions of one B-frame on the same scale.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -24,32 +23,30 @@ import numpy as np
 from data_pipeline.codec import geometry as geometry_lib
 from data_pipeline.codec import release
 
-CELL = 4  # pixels per side of a vector-grid cell
+CELL = 4                  # pixels per side of a vector-grid cell
 PERCENTILE = 95.0
-MOTION_FLOOR = 1e-6  # in pixels per frame
-RESIDUAL_FLOOR = 1.0  # in 0-255 luma levels
-TRIM_KEEP = 0.7  # share of points kept by each trimming pass of the similarity fit
+MOTION_FLOOR = 1e-6       # in pixels per frame
+RESIDUAL_FLOOR = 1.0      # in 0-255 luma levels
+TRIM_KEEP = 0.7           # share of points kept by each trimming pass of the similarity fit
 TRIM_PASSES = 2
-PRIOR_SIGMA = 0.35  # centre-prior Gaussian sigma, as a share of min(H, W)
-SPARSE_SHARE = 0.25  # below this share of moving cells `predict` interpolates only them
+PRIOR_SIGMA = 0.35        # centre-prior Gaussian sigma, as a share of min(H, W)
+SPARSE_SHARE = 0.25       # below this share of moving cells `predict` interpolates only them
 
 
 @dataclasses.dataclass
 class VectorGrid:
   """Block vectors of one direction painted on the cell grid: float32 [Hc, Wc] each."""
-
-  dx_HcxWc: np.ndarray  # displacement src - dst in pixels (sub-pixel)
+  dx_HcxWc: np.ndarray    # displacement src - dst in pixels (sub-pixel)
   dy_HcxWc: np.ndarray
-  has_HcxWc: np.ndarray  # bool: a vector was coded for this cell
+  has_HcxWc: np.ndarray   # bool: a vector was coded for this cell
 
   @property
   def count(self) -> int:
     return int(self.has_HcxWc.sum())
 
 
-def paint_vectors(
-  vectors: np.ndarray | None, height: int, width: int, direction: int
-) -> VectorGrid:
+def paint_vectors(vectors: np.ndarray | None, height: int, width: int, direction: int
+                  ) -> VectorGrid:
   """Paint the blocks of one direction (-1 past, +1 future) onto the 4x4-pixel grid.
 
   FFmpeg reports each block by its centre (dst_x, dst_y) and size (w, h); the displacement in
@@ -88,7 +85,8 @@ def paint_vectors(
   return VectorGrid(dx, dy, has)
 
 
-def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
+def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1
+                     ) -> np.ndarray:
   """The cell value under the centre of each analysis pixel (each covers step x step coded)."""
   hc, wc = cells_HcxWc.shape
   rows = np.minimum((step * np.arange(height) + step // 2) // CELL, hc - 1)
@@ -103,7 +101,7 @@ def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
   # Rows, then columns: two reductions over neighbouring memory, ~3x faster than one over
   # axes (1, 3), and the same integer sums.
-  rows = luma_HxW[: h * step, : w * step].reshape(h, step, w * step).sum(axis=1, dtype=np.uint32)
+  rows = luma_HxW[:h * step, :w * step].reshape(h, step, w * step).sum(axis=1, dtype=np.uint32)
   return rows.reshape(h, w, step).sum(axis=2, dtype=np.uint32).astype(np.float32) / (step * step)
 
 
@@ -124,15 +122,13 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   fx_HcxWc, fy_HcxWc = grid.dx_HcxWc / step, grid.dy_HcxWc / step
   ix_HcxWc, iy_HcxWc = np.floor(fx_HcxWc), np.floor(fy_HcxWc)
   if moving_HcxWc.mean() < SPARSE_SHARE:
-    return _predict_moving(
-      flat, h, w, moving_HcxWc, fx_HcxWc - ix_HcxWc, fy_HcxWc - iy_HcxWc, ix_HcxWc, iy_HcxWc, step
-    )
+    return _predict_moving(flat, h, w, moving_HcxWc, fx_HcxWc - ix_HcxWc, fy_HcxWc - iy_HcxWc,
+                           ix_HcxWc, iy_HcxWc, step)
   ax = _cells_to_pixels((fx_HcxWc - ix_HcxWc).astype(np.float32), h, w, step)
   ay = _cells_to_pixels((fy_HcxWc - iy_HcxWc).astype(np.float32), h, w, step)
   x0 = _cells_to_pixels(ix_HcxWc.astype(np.int32), h, w, step) + np.arange(w, dtype=np.int32)
-  y0 = (
-    _cells_to_pixels(iy_HcxWc.astype(np.int32), h, w, step) + np.arange(h, dtype=np.int32)[:, None]
-  )
+  y0 = (_cells_to_pixels(iy_HcxWc.astype(np.int32), h, w, step)
+        + np.arange(h, dtype=np.int32)[:, None])
   return _bilinear(flat, x0, y0, ax, ay, h, w)
 
 
@@ -157,17 +153,9 @@ def _bilinear(flat: np.ndarray, x0, y0, ax, ay, h: int, w: int) -> np.ndarray:
   return top
 
 
-def _predict_moving(
-  flat: np.ndarray,
-  h: int,
-  w: int,
-  moving_HcxWc: np.ndarray,
-  fracx_HcxWc: np.ndarray,
-  fracy_HcxWc: np.ndarray,
-  ix_HcxWc: np.ndarray,
-  iy_HcxWc: np.ndarray,
-  step: int,
-) -> np.ndarray:
+def _predict_moving(flat: np.ndarray, h: int, w: int, moving_HcxWc: np.ndarray,
+                    fracx_HcxWc: np.ndarray, fracy_HcxWc: np.ndarray, ix_HcxWc: np.ndarray,
+                    iy_HcxWc: np.ndarray, step: int) -> np.ndarray:
   """`predict`'s arithmetic on the pixels of moving cells only; the others keep `flat`."""
   hc, wc = moving_HcxWc.shape
   rows = np.minimum((step * np.arange(h) + step // 2) // CELL, hc - 1)
@@ -184,9 +172,8 @@ def _predict_moving(
   return out.reshape(h, w)
 
 
-def _masked_error(
-  luma_HxW: np.ndarray, prediction_HxW: np.ndarray, has_HcxWc: np.ndarray, step: int
-) -> float:
+def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, has_HcxWc: np.ndarray,
+                  step: int) -> float:
   mask = _cells_to_pixels(has_HcxWc, *luma_HxW.shape, step)
   if not mask.any():
     return float(np.mean(np.abs(luma_HxW - prediction_HxW)))
@@ -196,23 +183,15 @@ def _masked_error(
 @dataclasses.dataclass
 class FrameMaps:
   """Raw maps of one frame at the analysis resolution (before normalisation)."""
-
-  motion_HxW: np.ndarray  # coded pixels per frame of reference distance
-  residual_HxW: np.ndarray  # |Y_t - MC(Y_ref)| in luma levels
-  vectors_past: int = 0  # cells with a past / future vector (both are used when present)
+  motion_HxW: np.ndarray      # coded pixels per frame of reference distance
+  residual_HxW: np.ndarray    # |Y_t - MC(Y_ref)| in luma levels
+  vectors_past: int = 0       # cells with a past / future vector (both are used when present)
   vectors_future: int = 0
-  reference_distance: tuple = ()  # chosen (past, future) reference distances, 0 for none
+  reference_distance: tuple = ()   # chosen (past, future) reference distances, 0 for none
 
 
-def frame_maps(
-  frame,
-  past: Sequence,
-  future: Sequence,
-  camera: str = 'none',
-  step: int = 1,
-  maths: str = 'ove',
-  inconsistency: int = 0,
-) -> FrameMaps:
+def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', step: int = 1,
+               maths: str = 'ove', inconsistency: int = 0) -> FrameMaps:
   """Motion and residual maps of a decoded frame given its candidate references.
 
   `frame`, `past`, `future` are `bitstream.CodedFrame`s (index, vectors, and luma at the
@@ -232,7 +211,8 @@ def frame_maps(
       if candidate.luma is None or candidate.luma.shape != luma.shape:
         continue
       prediction = predict(candidate.luma, grid, step)
-      error = _masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1 else 0.0
+      error = (_masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1
+               else 0.0)
       if error < best_error:
         best, best_error = (candidate, prediction), error
     if best is None:
@@ -255,7 +235,7 @@ def frame_maps(
     p0 = past_prediction if past_prediction is not None else future_prediction
     p1 = future_prediction if future_prediction is not None else past_prediction
     if not future_grid.has_HcxWc.any():
-      prediction_HxW = p0  # no future vectors (P- and I-frames): what the general case gives
+      prediction_HxW = p0      # no future vectors (P- and I-frames): what the general case gives
     else:
       has0 = _cells_to_pixels(past_grid.has_HcxWc, h, w, step)
       has1 = _cells_to_pixels(future_grid.has_HcxWc, h, w, step)
@@ -278,18 +258,12 @@ def frame_maps(
     motion_HxW = _cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
   if inconsistency:
     motion_HxW = release.local_variance(motion_HxW, inconsistency)
-  return FrameMaps(
-    motion_HxW.astype(np.float32),
-    residual_HxW.astype(np.float32),
-    past_grid.count,
-    future_grid.count,
-    tuple(distances),
-  )
+  return FrameMaps(motion_HxW.astype(np.float32), residual_HxW.astype(np.float32),
+                   past_grid.count, future_grid.count, tuple(distances))
 
 
-def release_motion(
-  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
-) -> np.ndarray:
+def release_motion(l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
+                   ) -> np.ndarray:
   """The release's motion magnitude at each analysis pixel: list-0 vectors in pixels (zero where
   none was coded), compensated over all pixels by `release.compensate`."""
   dx = _cells_to_pixels(np.where(l0.has_HcxWc, l0.dx_HcxWc, 0), height, width, step)
@@ -314,14 +288,12 @@ def compensate_camera(grid: VectorGrid, camera: str) -> tuple[np.ndarray, np.nda
   if camera == 'affine':
     flow_x, flow_y = release.camera_flow(np.where(has, dx, 0), np.where(has, dy, 0), 'affine')
     return dx - flow_x, dy - flow_y
-  raise ValueError(
-    f'camera_compensation={camera!r}: allowed values are none, median, mean, similarity, affine'
-  )
+  raise ValueError(f'camera_compensation={camera!r}: allowed values are none, median, mean, '
+                   f'similarity, affine')
 
 
-def similarity_flow(
-  grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
-) -> tuple[np.ndarray, np.ndarray]:
+def similarity_flow(grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
+                    ) -> tuple[np.ndarray, np.ndarray]:
   """Least-squares similarity motion (zoom, rotation, shift) of the cells, robust to objects.
 
   The displacement d = src - dst of a camera that zooms, rotates and pans is
@@ -338,9 +310,8 @@ def similarity_flow(
   dx = grid.dx_HcxWc.reshape(-1)[has].astype(np.float64)
   dy = grid.dy_HcxWc.reshape(-1)[has].astype(np.float64)
   n = x.size
-  design = np.concatenate(
-    [np.stack([x, -y, np.ones(n), np.zeros(n)], 1), np.stack([y, x, np.zeros(n), np.ones(n)], 1)]
-  )
+  design = np.concatenate([np.stack([x, -y, np.ones(n), np.zeros(n)], 1),
+                           np.stack([y, x, np.zeros(n), np.ones(n)], 1)])
   target = np.concatenate([dx, dy])
   chosen = np.arange(n)
   for step in range(passes + 1):
@@ -352,7 +323,7 @@ def similarity_flow(
       break
     fit = design @ params
     error = np.hypot(dx - fit[:n], dy - fit[n:])
-    chosen = np.sort(np.argsort(error, kind='stable')[: max(3, int(np.ceil(keep * n)))])
+    chosen = np.sort(np.argsort(error, kind='stable')[:max(3, int(np.ceil(keep * n)))])
   a, b, tx, ty = params
   flow_x = (a * xs - b * ys + tx).astype(np.float32)
   flow_y = (b * xs + a * ys + ty).astype(np.float32)
@@ -365,13 +336,8 @@ def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
   return np.clip(map_HxW / scale, 0.0, 1.0)
 
 
-def fuse(
-  motion_HxW: np.ndarray,
-  residual_HxW: np.ndarray,
-  fusion: str = 'mean',
-  motion_weight: float = 1.0,
-  residual_weight: float = 1.0,
-) -> np.ndarray:
+def fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, fusion: str = 'mean',
+         motion_weight: float = 1.0, residual_weight: float = 1.0) -> np.ndarray:
   """Fuse two normalised maps: weighted 'mean' (default), 'max', weighted 'sum', 'geomean'."""
   total = motion_weight + residual_weight
   if fusion == 'mean':
@@ -382,15 +348,13 @@ def fuse(
     return motion_weight * motion_HxW + residual_weight * residual_HxW
   if fusion == 'geomean':
     # Weighted geometric mean; maps are in [0, 1], so zero anywhere gives zero.
-    return np.power(motion_HxW, motion_weight / total) * np.power(
-      residual_HxW, residual_weight / total
-    )
+    return (np.power(motion_HxW, motion_weight / total)
+            * np.power(residual_HxW, residual_weight / total))
   raise ValueError(f'fusion={fusion!r}: allowed values are mean, max, sum, geomean')
 
 
-def center_prior(
-  height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA, maths: str = 'ove'
-) -> np.ndarray:
+def center_prior(height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA,
+                 maths: str = 'ove') -> np.ndarray:
   """1 + strength * g, g a Gaussian of sigma `sigma_share` * min(H, W) at the centre,
   float32 [H, W]; with maths 'release' g is scaled to peak 1 (`release.center_prior_map`)."""
   if maths == 'release':
@@ -401,9 +365,8 @@ def center_prior(
   return (1.0 + strength * np.outer(gy, gx)).astype(np.float32)
 
 
-def patch_integrators(
-  height: int, width: int, resolution: int, patch_size: int, step: int = 1, geometry: str = 'crop'
-) -> tuple[np.ndarray, np.ndarray]:
+def patch_integrators(height: int, width: int, resolution: int, patch_size: int, step: int = 1,
+                      geometry: str = 'crop') -> tuple[np.ndarray, np.ndarray]:
   """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]);
   `geometry.patch_integrators` (exact area weighting, whatever the scale)."""
   return geometry_lib.patch_integrators(height, width, resolution, patch_size, geometry, step)
@@ -418,7 +381,6 @@ def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) 
 class Band:
   """A matrix whose rows are zero outside one run of columns: row p is `weights_PxB[p]` at
   columns start_P[p] ... start_P[p] + B - 1 (zero weights past the end)."""
-
   start_P: np.ndarray
   weights_PxB: np.ndarray
 
@@ -437,9 +399,8 @@ class Band:
 
   def rows(self, map_HxW: np.ndarray) -> np.ndarray:
     """self @ map without a BLAS call: [P, W]."""
-    index = np.minimum(
-      self.start_P[:, None] + np.arange(self.weights_PxB.shape[1]), map_HxW.shape[0] - 1
-    )
+    index = np.minimum(self.start_P[:, None] + np.arange(self.weights_PxB.shape[1]),
+                       map_HxW.shape[0] - 1)
     return np.einsum('pb,pbw->pw', self.weights_PxB, map_HxW[index])
 
 

@@ -6,7 +6,6 @@ modeling_onevision_encoder.py and the PyTorch port (torch_model.py, hub.py), wri
 `ove_jax.convert.save_pytorch`; inside ove_jax it is an ordinary module. The fields and their
 defaults are the port's `OVEncoderConfig`, which also checks them (head_dim, GELU, LayerNorm).
 """
-
 import dataclasses
 
 try:  # transformers 5 names it PreTrainedConfig; 4.x only PretrainedConfig
@@ -24,7 +23,6 @@ FIELDS = {f.name: f.default for f in dataclasses.fields(OVEncoderConfig)}
 
 class OneVisionEncoderConfig(PreTrainedConfig):
   """The release's config.json fields (hidden_size, num_hidden_layers, rope_theta, ...)."""
-
   model_type = MODEL_TYPE
 
   def __init__(self, **kwargs):

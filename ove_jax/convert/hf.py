@@ -12,7 +12,6 @@ The table is written for the unrolled block layout (`encoder.layers.{n}.*` <-> (
 Only safetensors is read or written (never pickle). The reader and writer here handle bfloat16,
 which `safetensors.numpy` cannot, and need neither torch nor the Hugging Face libraries.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +33,8 @@ from ove_jax.models.encoder import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig
 Path = tuple  # a parameter path in nnx.state, e.g. ('blocks', 0, 'mlp', 'fc1', 'kernel')
 #                (unrolled) or ('blocks', 'mlp', 'fc1', 'kernel') (scanned: [depth, C, I])
 
-CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = (
-  'config.json',
-  'model.safetensors',
-  'preprocessor_config.json',
-)
+CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = ('config.json', 'model.safetensors',
+                                                'preprocessor_config.json')
 
 
 class CheckpointError(ValueError):
@@ -49,11 +45,10 @@ class CheckpointError(ValueError):
 # The mapping table
 # ------------------------------------------------------------------------------------------------
 
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
   hf_key: str
-  paths: tuple[Path, ...]  # our parameter(s) that make up this release tensor
+  paths: tuple[Path, ...]          # our parameter(s) that make up this release tensor
   hf_shape: tuple[int, ...]
   to_hf: Callable[[Sequence[np.ndarray]], np.ndarray]
   from_hf: Callable[[np.ndarray], Sequence[np.ndarray]]
@@ -83,7 +78,6 @@ def _patch_rules(cfg: EncoderConfig):
 
   def from_hf(array):
     return [array.transpose(2, 3, 1, 0).reshape(ps * ps * ch, c)]
-
   return to_hf, from_hf
 
 
@@ -109,11 +103,8 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
   rules = []
 
   def linear(hf_prefix, path, d_in, d_out):
-    rules.append(
-      Rule(
-        f'{hf_prefix}.weight', (path + ('kernel',),), (d_out, d_in), _linear_to_hf, _linear_from_hf
-      )
-    )
+    rules.append(Rule(f'{hf_prefix}.weight', (path + ('kernel',),), (d_out, d_in),
+                      _linear_to_hf, _linear_from_hf))
     rules.append(Rule(f'{hf_prefix}.bias', (path + ('bias',),), (d_out,), _same, _one))
 
   def layer_norm(hf_prefix, path):
@@ -121,15 +112,9 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
     rules.append(Rule(f'{hf_prefix}.bias', (path + ('bias',),), (c,), _same, _one))
 
   patch_to_hf, patch_from_hf = _patch_rules(cfg)
-  rules.append(
-    Rule(
-      'embeddings.patch_embedding.weight',
-      (('patch_embed', 'kernel'),),
-      (c, cfg.num_channels, cfg.patch_size, cfg.patch_size),
-      patch_to_hf,
-      patch_from_hf,
-    )
-  )
+  rules.append(Rule('embeddings.patch_embedding.weight', (('patch_embed', 'kernel'),),
+                    (c, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+                    patch_to_hf, patch_from_hf))
   layer_norm('layernorm_pre', ('layernorm_pre',))
   for n in range(cfg.depth):
     hf, ours = f'encoder.layers.{n}', ('blocks', n)
@@ -143,24 +128,10 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
     layer_norm('layernorm_post', ('layernorm_post',))
     rules.append(Rule('head.probe', (('head', 'probe'),), (1, 1, c), _same, _one))
     qkv = tuple(('head', p) for p in ('q_proj', 'k_proj', 'v_proj'))
-    rules.append(
-      Rule(
-        'head.attention.in_proj_weight',
-        tuple(p + ('kernel',) for p in qkv),
-        (3 * c, c),
-        _qkv_to_hf,
-        _qkv_from_hf,
-      )
-    )
-    rules.append(
-      Rule(
-        'head.attention.in_proj_bias',
-        tuple(p + ('bias',) for p in qkv),
-        (3 * c,),
-        _qkv_bias_to_hf,
-        _qkv_bias_from_hf,
-      )
-    )
+    rules.append(Rule('head.attention.in_proj_weight', tuple(p + ('kernel',) for p in qkv),
+                      (3 * c, c), _qkv_to_hf, _qkv_from_hf))
+    rules.append(Rule('head.attention.in_proj_bias', tuple(p + ('bias',) for p in qkv),
+                      (3 * c,), _qkv_bias_to_hf, _qkv_bias_from_hf))
     linear('head.attention.out_proj', ('head', 'out_proj'), c, c)
     rules.append(Rule('head.norm.weight', (('head', 'norm', 'scale'),), (c,), _same, _one))
     linear('head.mlp.fc1', ('head', 'mlp', 'fc1'), c, i)
@@ -175,19 +146,16 @@ def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str
   for rule in mapping(cfg):
     missing = [p for p in rule.paths if p not in params]
     if missing:
-      raise CheckpointError(
-        f'parameter {"/".join(map(str, missing[0]))} is missing; it is needed '
-        f'for {rule.hf_key} {rule.hf_shape}'
-      )
+      raise CheckpointError(f'parameter {"/".join(map(str, missing[0]))} is missing; it is needed '
+                            f'for {rule.hf_key} {rule.hf_shape}')
     tensor = np.ascontiguousarray(rule.to_hf([np.asarray(params[p]) for p in rule.paths]))
     assert tensor.shape == rule.hf_shape, (rule.hf_key, tensor.shape, rule.hf_shape)
     out[rule.hf_key] = tensor
   return out
 
 
-def hf_to_params(
-  tensors: dict[str, np.ndarray], cfg: EncoderConfig, *, source: str = 'state dict'
-) -> dict[Path, np.ndarray]:
+def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
+                 source: str = 'state dict') -> dict[Path, np.ndarray]:
   """The release's state dict to our flat parameters, in the block layout of
   `cfg.scan_layers`; strict about keys and shapes."""
   rules = mapping(cfg)
@@ -195,33 +163,26 @@ def hf_to_params(
   missing = [r for r in rules if r.hf_key not in tensors]
   if missing:
     r = missing[0]
-    raise CheckpointError(
-      f'{source}: key {r.hf_key} is missing (expected shape {r.hf_shape}); '
-      f'{len(missing)} of {len(rules)} expected keys are missing'
-    )
+    raise CheckpointError(f'{source}: key {r.hf_key} is missing (expected shape {r.hf_shape}); '
+                          f'{len(missing)} of {len(rules)} expected keys are missing')
   unexpected = sorted(set(tensors) - expected)
   if unexpected:
-    raise CheckpointError(
-      f'{source}: unexpected key {unexpected[0]} with shape '
-      f'{tuple(tensors[unexpected[0]].shape)} ({len(unexpected)} unexpected '
-      "keys); is config.json the checkpoint's own?"
-    )
+    raise CheckpointError(f'{source}: unexpected key {unexpected[0]} with shape '
+                          f'{tuple(tensors[unexpected[0]].shape)} ({len(unexpected)} unexpected '
+                          'keys); is config.json the checkpoint\'s own?')
   params = {}
   for rule in rules:
     tensor = tensors[rule.hf_key]
     if tuple(tensor.shape) != rule.hf_shape:
-      raise CheckpointError(
-        f'{source}: key {rule.hf_key} has shape {tuple(tensor.shape)}, '
-        f'expected {rule.hf_shape} from config.json'
-      )
+      raise CheckpointError(f'{source}: key {rule.hf_key} has shape {tuple(tensor.shape)}, '
+                            f'expected {rule.hf_shape} from config.json')
     for path, array in zip(rule.paths, rule.from_hf(np.asarray(tensor))):
       params[path] = np.ascontiguousarray(array)
   return _in_layout(params, cfg, scan_layers=cfg.scan_layers)
 
 
-def _in_layout(
-  params: dict[Path, np.ndarray], cfg: EncoderConfig, *, scan_layers: bool
-) -> dict[Path, np.ndarray]:
+def _in_layout(params: dict[Path, np.ndarray], cfg: EncoderConfig, *, scan_layers: bool
+               ) -> dict[Path, np.ndarray]:
   try:
     return layout.to_layout(params, scan_layers=scan_layers, depth=cfg.depth)
   except ValueError as e:
@@ -232,37 +193,35 @@ def _in_layout(
 # config.json
 # ------------------------------------------------------------------------------------------------
 
-
 def hf_config(cfg: EncoderConfig, dtype: str = 'float32') -> dict:
   """The release's config.json of `cfg`. Refuses an encoder trained with another RoPE: the format
   has no field for it, and every loader of the release would silently apply 3D RoPE."""
   if cfg.rope != '3d':
     raise CheckpointError(
-      f'this encoder uses rope={cfg.rope!r} (an ablation, model.rope); the release format '
-      'knows only the 3D RoPE, so its loaders would run these weights with the wrong '
-      'positions. Keep it as an ove_jax checkpoint (checkpoint.save_params records the rope '
-      'in encoder_config.json) instead of exporting it'
-    )
+        f'this encoder uses rope={cfg.rope!r} (an ablation, model.rope); the release format '
+        'knows only the 3D RoPE, so its loaders would run these weights with the wrong '
+        'positions. Keep it as an ove_jax checkpoint (checkpoint.save_params records the rope '
+        'in encoder_config.json) instead of exporting it')
   return {
-    'model_type': 'onevision_encoder',
-    'architectures': ['OneVisionEncoderModel'],
-    'hidden_size': cfg.width,
-    'intermediate_size': cfg.mlp_dim,
-    'num_hidden_layers': cfg.depth,
-    'num_attention_heads': cfg.num_heads,
-    'num_channels': cfg.num_channels,
-    'image_size': cfg.image_size,
-    'patch_size': cfg.patch_size,
-    'hidden_act': 'gelu',
-    'layer_norm_eps': cfg.layer_norm_eps,
-    'layer_norm_type': 'layer_norm',
-    'attention_dropout': 0.0,
-    'initializer_range': 0.02,
-    'rope_theta': cfg.rope_theta,
-    'rope_temporal_size': cfg.rope_temporal_size,
-    'use_head': cfg.use_head,
-    'torch_dtype': dtype,
-    'dtype': dtype,
+      'model_type': 'onevision_encoder',
+      'architectures': ['OneVisionEncoderModel'],
+      'hidden_size': cfg.width,
+      'intermediate_size': cfg.mlp_dim,
+      'num_hidden_layers': cfg.depth,
+      'num_attention_heads': cfg.num_heads,
+      'num_channels': cfg.num_channels,
+      'image_size': cfg.image_size,
+      'patch_size': cfg.patch_size,
+      'hidden_act': 'gelu',
+      'layer_norm_eps': cfg.layer_norm_eps,
+      'layer_norm_type': 'layer_norm',
+      'attention_dropout': 0.0,
+      'initializer_range': 0.02,
+      'rope_theta': cfg.rope_theta,
+      'rope_temporal_size': cfg.rope_temporal_size,
+      'use_head': cfg.use_head,
+      'torch_dtype': dtype,
+      'dtype': dtype,
   }
 
 
@@ -272,10 +231,8 @@ _REQUIRED = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_atten
 def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> EncoderConfig:
   """EncoderConfig from a release config.json dict; refuses what is not an OV-Encoder."""
   if hf.get('model_type') != 'onevision_encoder':
-    raise CheckpointError(
-      f'{source}: model_type is {hf.get("model_type")!r}, expected '
-      "'onevision_encoder'; this is not a OneVision-Encoder checkpoint"
-    )
+    raise CheckpointError(f'{source}: model_type is {hf.get("model_type")!r}, expected '
+                          "'onevision_encoder'; this is not a OneVision-Encoder checkpoint")
   for key in _REQUIRED:
     if not isinstance(hf.get(key), int):
       raise CheckpointError(f'{source}: {key} is {hf.get(key)!r}; expected an integer')
@@ -285,19 +242,14 @@ def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> Encod
       raise CheckpointError(f'{source}: {key} is {hf[key]!r}; this port supports {allowed}')
   try:
     return EncoderConfig(
-      width=hf['hidden_size'],
-      depth=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'],
-      mlp_dim=hf['intermediate_size'],
-      patch_size=hf.get('patch_size', 14),
-      num_channels=hf.get('num_channels', 3),
-      rope_theta=float(hf.get('rope_theta', 10000.0)),
-      rope_temporal_size=hf.get('rope_temporal_size') or 64,
-      use_head=bool(hf.get('use_head', True)),
-      layer_norm_eps=float(hf.get('layer_norm_eps', 1e-6)),
-      image_size=hf.get('image_size', 448),
-      **overrides,
-    )
+        width=hf['hidden_size'], depth=hf['num_hidden_layers'],
+        num_heads=hf['num_attention_heads'], mlp_dim=hf['intermediate_size'],
+        patch_size=hf.get('patch_size', 14), num_channels=hf.get('num_channels', 3),
+        rope_theta=float(hf.get('rope_theta', 10000.0)),
+        rope_temporal_size=hf.get('rope_temporal_size') or 64,
+        use_head=bool(hf.get('use_head', True)),
+        layer_norm_eps=float(hf.get('layer_norm_eps', 1e-6)),
+        image_size=hf.get('image_size', 448), **overrides)
   except ValueError as e:
     raise CheckpointError(f'{source}: {e}') from e
 
@@ -305,19 +257,19 @@ def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> Encod
 def preprocessor_config(cfg: EncoderConfig) -> dict:
   """The release's CLIP preprocessing: shortest side to image_size (bicubic), centre crop."""
   return {
-    'image_processor_type': 'CLIPImageProcessor',
-    'do_convert_rgb': True,
-    'do_resize': True,
-    'size': {'shortest_edge': cfg.image_size},
-    'resample': 3,  # PIL bicubic
-    'do_center_crop': True,
-    'crop_size': {'height': cfg.image_size, 'width': cfg.image_size},
-    'do_rescale': True,
-    'rescale_factor': 1 / 255,
-    'do_normalize': True,
-    'image_mean': list(CLIP_MEAN),
-    'image_std': list(CLIP_STD),
-    'patch_size': cfg.patch_size,
+      'image_processor_type': 'CLIPImageProcessor',
+      'do_convert_rgb': True,
+      'do_resize': True,
+      'size': {'shortest_edge': cfg.image_size},
+      'resample': 3,  # PIL bicubic
+      'do_center_crop': True,
+      'crop_size': {'height': cfg.image_size, 'width': cfg.image_size},
+      'do_rescale': True,
+      'rescale_factor': 1 / 255,
+      'do_normalize': True,
+      'image_mean': list(CLIP_MEAN),
+      'image_std': list(CLIP_STD),
+      'patch_size': cfg.patch_size,
   }
 
 
@@ -326,16 +278,10 @@ def preprocessor_config(cfg: EncoderConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 _DTYPES = {
-  'F64': np.dtype(np.float64),
-  'F32': np.dtype(np.float32),
-  'F16': np.dtype(np.float16),
-  'BF16': np.dtype(ml_dtypes.bfloat16),
-  'I64': np.dtype(np.int64),
-  'I32': np.dtype(np.int32),
-  'I16': np.dtype(np.int16),
-  'I8': np.dtype(np.int8),
-  'U8': np.dtype(np.uint8),
-  'BOOL': np.dtype(np.bool_),
+    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8),
+    'BOOL': np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -347,11 +293,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     if a.dtype not in _NAMES:
       raise ValueError(f'{key}: dtype {a.dtype} cannot be stored in safetensors')
     blob = a.tobytes()
-    header[key] = {
-      'dtype': _NAMES[a.dtype],
-      'shape': list(a.shape),
-      'data_offsets': [offset, offset + len(blob)],
-    }
+    header[key] = {'dtype': _NAMES[a.dtype], 'shape': list(a.shape),
+                   'data_offsets': [offset, offset + len(blob)]}
     offset += len(blob)
     blobs.append(blob)
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
@@ -373,9 +316,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
       raise CheckpointError(f'{path}: truncated (no safetensors header)')
     (n,) = struct.unpack('<Q', raw)
     if n > size - 8:
-      raise CheckpointError(
-        f'{path}: header length {n} exceeds the file; not a safetensors file or truncated'
-      )
+      raise CheckpointError(f'{path}: header length {n} exceeds the file; not a safetensors file '
+                            'or truncated')
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -392,7 +334,7 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if base + end > size:
       raise CheckpointError(f'{path}: tensor {key} runs past the end of the file (truncated)')
     dtype = _DTYPES[info['dtype']]
-    out[key] = np.array(data[base + start : base + end]).view(dtype).reshape(info['shape'])
+    out[key] = np.array(data[base + start:base + end]).view(dtype).reshape(info['shape'])
   return out
 
 
@@ -400,23 +342,16 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 # Our model <-> a Hugging Face directory
 # ------------------------------------------------------------------------------------------------
 
-
 def model_params(model: Encoder) -> dict[Path, np.ndarray]:
   """Flat path -> host numpy array of every parameter."""
   state = nnx.state(model, nnx.Param)
-  return {
-    tuple(path): np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(state)
-  }
+  return {tuple(path): np.asarray(jax.device_get(var[...]))
+          for path, var in nnx.to_flat_state(state)}
 
 
-def save_pytorch(
-  model: Encoder,
-  directory: str,
-  *,
-  dtype: str = 'float32',
-  params: dict[Path, np.ndarray] | None = None,
-  max_shard_size: int | str = '5GB',
-) -> str:
+def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
+                 params: dict[Path, np.ndarray] | None = None,
+                 max_shard_size: int | str = '5GB') -> str:
   """Writes `directory` in the release's format: config.json, model.safetensors (or shards of
   at most `max_shard_size` with an index) and preprocessor_config.json, plus the remote code
   that AutoModel.from_pretrained(directory, trust_remote_code=True) loads (hf_modeling.py).
@@ -425,7 +360,6 @@ def save_pytorch(
   `params` (flat path -> array) overrides the model's own, for exporting training checkpoints.
   """
   from ove_jax.convert import hf_modeling
-
   cfg = model.cfg
   store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
   if dtype not in store:
@@ -447,7 +381,6 @@ def save_pytorch(
 def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
   """(config.json's dict, tensors) of a directory or hub id; sharded weights are merged."""
   from ove_jax.convert import hf_modeling, hub
-
   try:
     directory = hub.resolve(directory)
   except FileNotFoundError as e:
@@ -458,9 +391,8 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
   for p in (config_path, *([] if sharded else [weights_path])):
     if not os.path.isfile(p):
       extra = ''
-      if p == weights_path and any(
-        f.endswith(('.bin', '.pt', '.pth')) for f in os.listdir(directory)
-      ):
+      if p == weights_path and any(f.endswith(('.bin', '.pt', '.pth'))
+                                   for f in os.listdir(directory)):
         extra = ' (pickled PyTorch weights are never loaded; convert them to safetensors)'
       raise CheckpointError(f'{directory}: {os.path.basename(p)} is missing{extra}')
   try:
@@ -471,25 +403,22 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
   return hf, hf_modeling.read_weights(directory)
 
 
-def load_pytorch(
-  directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES, **config_overrides
-) -> Encoder:
+def load_pytorch(directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES,
+                 **config_overrides) -> Encoder:
   """Our encoder with the weights of a release-format directory (e.g. the released
   `onevision-encoder-large`). `dtype` is the compute dtype; parameters are float32.
 
   With a mesh set (`jax.set_mesh`), parameters are placed sharded by `rules`.
   """
   hf, tensors = read_directory(directory)
-  cfg = config_from_hf(
-    hf, source=os.path.join(directory, CONFIG_FILE), dtype=dtype, **config_overrides
-  )
+  cfg = config_from_hf(hf, source=os.path.join(directory, CONFIG_FILE), dtype=dtype,
+                       **config_overrides)
   params = hf_to_params(tensors, cfg, source=os.path.join(directory, WEIGHTS_FILE))
   return model_from_params(cfg, params, rules=rules)
 
 
-def model_from_params(
-  cfg: EncoderConfig, params: dict[Path, np.ndarray], *, rules=sharding.DEFAULT_RULES
-) -> Encoder:
+def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
+                      rules=sharding.DEFAULT_RULES) -> Encoder:
   """An encoder whose parameters are `params` (flat path -> array), without a random init.
 
   `params` may be in either block layout; they are stacked or unstacked to `cfg.scan_layers`
@@ -506,9 +435,8 @@ def model_from_params(
     value = np.asarray(params[path], dtype=np.float32)
     expected = var.get_raw_value().shape
     if value.shape != expected:
-      raise CheckpointError(
-        f'parameter {"/".join(map(str, path))} has shape {value.shape}, expected {expected}'
-      )
+      raise CheckpointError(f'parameter {"/".join(map(str, path))} has shape {value.shape}, '
+                            f'expected {expected}')
     if mesh is not None:
       meta = var.get_metadata()
       spec = sharding.logical_to_spec(meta.get('out_sharding') or (), rules)

@@ -11,7 +11,6 @@ It trains on precomputed features (`features.extract`), never through the encode
 a few million parameters, so each step is cheap and a probe on hundreds of samples at width 128
 runs in seconds on a CPU.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -33,15 +32,14 @@ from ove_jax.models.encoder import EncoderConfig, MAPHead
 @dataclasses.dataclass(frozen=True)
 class AttentiveConfig:
   """The probe's training settings; the defaults are docs/spec.md §6's."""
-
-  epochs: int = 10  # docs/spec.md §6: 10, or 30 for small sets
+  epochs: int = 10                  # docs/spec.md §6: 10, or 30 for small sets
   batch_size: int = 32
-  learning_rate: float = 1e-4  # AdamW peak, linearly decayed to end_learning_rate
+  learning_rate: float = 1e-4       # AdamW peak, linearly decayed to end_learning_rate
   end_learning_rate: float = 0.0
   weight_decay: float = 0.0
   label_smoothing: float = 0.1
-  clip_norm: float = 5.0  # global gradient norm
-  seed: int = 0  # initialisation and batch order
+  clip_norm: float = 5.0            # global gradient norm
+  seed: int = 0                     # initialisation and batch order
 
   def __post_init__(self):
     if self.epochs < 1 or self.batch_size < 1:
@@ -63,9 +61,8 @@ class AttentiveProbe(nnx.Module):
     with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
       self.pool = MAPHead(cfg, sharding.DEFAULT_RULES, rngs=rngs)
     self.norm = nnx.LayerNorm(cfg.width, epsilon=cfg.layer_norm_eps, rngs=rngs)
-    self.classifier = nnx.Linear(
-      cfg.width, num_classes, rngs=rngs, kernel_init=nnx.initializers.normal(0.02)
-    )
+    self.classifier = nnx.Linear(cfg.width, num_classes, rngs=rngs,
+                                 kernel_init=nnx.initializers.normal(0.02))
 
   def __call__(self, tokens_BxLxC, mask_BxL):
     pooled_Bx1xC, _ = self.pool(tokens_BxLxC, mask_BxL.astype(jnp.int32), 1)
@@ -75,13 +72,10 @@ class AttentiveProbe(nnx.Module):
 def optimizer(config: AttentiveConfig, total_steps: int) -> optax.GradientTransformation:
   """Clip at global norm `clip_norm`, then AdamW with a linear decay from `learning_rate` to
   `end_learning_rate` over `total_steps`."""
-  schedule = optax.linear_schedule(
-    config.learning_rate, config.end_learning_rate, max(total_steps, 1)
-  )
-  return optax.chain(
-    optax.clip_by_global_norm(config.clip_norm),
-    optax.adamw(schedule, weight_decay=config.weight_decay),
-  )
+  schedule = optax.linear_schedule(config.learning_rate, config.end_learning_rate,
+                                   max(total_steps, 1))
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                     optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
 def smoothed_cross_entropy(logits_BxK, labels_B, smoothing: float):
@@ -107,20 +101,9 @@ def _take(array, index_B):
 # Module-level jits with the probe's structure and settings as static arguments: a probe
 # retrained with other seeds, or again at the next periodic evaluation, reuses the compiled step.
 
-
 @functools.partial(jax.jit, static_argnames=('graphdef', 'config', 'total_steps'))
-def _train_step(
-  params,
-  opt_state,
-  tokens_BxLxC,
-  mask_BxL,
-  labels_B,
-  weights_B,
-  *,
-  graphdef,
-  config: AttentiveConfig,
-  total_steps: int,
-):
+def _train_step(params, opt_state, tokens_BxLxC, mask_BxL, labels_B, weights_B, *, graphdef,
+                config: AttentiveConfig, total_steps: int):
   def loss_fn(params):
     logits = nnx.merge(graphdef, params)(tokens_BxLxC, mask_BxL)
     per_sample = smoothed_cross_entropy(logits, labels_B, config.label_smoothing)
@@ -136,19 +119,10 @@ def _predict(params, tokens_BxLxC, mask_BxL, *, graphdef):
   return nnx.merge(graphdef, params)(tokens_BxLxC, mask_BxL).argmax(-1)
 
 
-def train_attentive(
-  train_tokens_NxLxC,
-  train_mask_NxL,
-  train_labels_N,
-  test_tokens_MxLxC,
-  test_mask_MxL,
-  test_labels_M,
-  encoder_config: EncoderConfig,
-  *,
-  num_classes: int | None = None,
-  config: AttentiveConfig = AttentiveConfig(),
-  log=None,
-) -> dict[str, Any]:
+def train_attentive(train_tokens_NxLxC, train_mask_NxL, train_labels_N, test_tokens_MxLxC,
+                    test_mask_MxL, test_labels_M, encoder_config: EncoderConfig, *,
+                    num_classes: int | None = None, config: AttentiveConfig = AttentiveConfig(),
+                    log=None) -> dict[str, Any]:
   """Trains the probe on the training features; top-1 on the test features after each epoch.
 
   Train and test tokens may have different lengths (each is padded to its own longest sample).
@@ -163,10 +137,8 @@ def train_attentive(
   if num_classes is None:
     num_classes = int(max(train_labels_N.max(), test_labels_M.max())) + 1
   if train_tokens_NxLxC.shape[-1] != encoder_config.width:
-    raise ValueError(
-      f'token features are {train_tokens_NxLxC.shape[-1]} wide; the encoder '
-      f'config says {encoder_config.width}'
-    )
+    raise ValueError(f'token features are {train_tokens_NxLxC.shape[-1]} wide; the encoder '
+                     f'config says {encoder_config.width}')
   start = time.perf_counter()
   n, b = len(train_labels_N), config.batch_size
   steps_per_epoch = -(-n // b)
@@ -175,18 +147,14 @@ def train_attentive(
   graphdef, params = nnx.split(model)
   opt_state = optimizer(config, total_steps).init(params)
   # The jitted step's static key leaves out the seed: repeats over seeds compile once.
-  static = dict(
-    graphdef=graphdef, config=dataclasses.replace(config, seed=0), total_steps=total_steps
-  )
+  static = dict(graphdef=graphdef, config=dataclasses.replace(config, seed=0),
+                total_steps=total_steps)
 
   def accuracy(params) -> float:
     correct = 0
     for index in _batches(len(test_labels_M), b, None):
-      pred = np.asarray(
-        _predict(
-          params, _take(test_tokens_MxLxC, index), _take(test_mask_MxL, index), graphdef=graphdef
-        )
-      )
+      pred = np.asarray(_predict(params, _take(test_tokens_MxLxC, index),
+                                 _take(test_mask_MxL, index), graphdef=graphdef))
       correct += int(((pred == _take(test_labels_M, index)) & (index >= 0)).sum())
     return correct / len(test_labels_M)
 
@@ -196,33 +164,16 @@ def train_attentive(
     losses = []
     for index in _batches(n, b, rng):
       params, opt_state, loss = _train_step(
-        params,
-        opt_state,
-        _take(train_tokens_NxLxC, index),
-        _take(train_mask_NxL, index),
-        _take(train_labels_N, index),
-        (index >= 0).astype(np.float32),
-        **static,
-      )
+          params, opt_state, _take(train_tokens_NxLxC, index), _take(train_mask_NxL, index),
+          _take(train_labels_N, index), (index >= 0).astype(np.float32), **static)
       losses.append(loss)
-    entry = {
-      'epoch': epoch,
-      'loss': float(np.mean(jax.device_get(losses))),
-      'top1': accuracy(params),
-    }
+    entry = {'epoch': epoch, 'loss': float(np.mean(jax.device_get(losses))),
+             'top1': accuracy(params)}
     history.append(entry)
     if log is not None:
-      log(
-        f'attentive probe epoch {epoch}/{config.epochs}: loss {entry["loss"]:.4f}, '
-        f'top-1 {entry["top1"]:.4f}'
-      )
+      log(f'attentive probe epoch {epoch}/{config.epochs}: loss {entry["loss"]:.4f}, '
+          f'top-1 {entry["top1"]:.4f}')
   best = max(history, key=lambda e: e['top1'])  # the first epoch reaching the best
-  return {
-    'top1_best': best['top1'],
-    'top1_last': history[-1]['top1'],
-    'best_epoch': best['epoch'],
-    'epochs': config.epochs,
-    'history': history,
-    'seconds': time.perf_counter() - start,
-    'settings': dataclasses.asdict(config),
-  }
+  return {'top1_best': best['top1'], 'top1_last': history[-1]['top1'],
+          'best_epoch': best['epoch'], 'epochs': config.epochs, 'history': history,
+          'seconds': time.perf_counter() - start, 'settings': dataclasses.asdict(config)}
