@@ -253,3 +253,41 @@ def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, ru
         np.asarray(encoder.blocks[0].mlp.fc1.kernel[...]),
         np.asarray(params['encoder']['blocks']['0']['mlp']['fc1']['kernel']))
   print(f'from-train: training {train_seconds:.1f} s, export {export_seconds:.1f} s')
+
+
+def test_export_converts_one_tensor_at_a_time_and_verifies_tensor_by_tensor(tmp_path, monkeypatch):
+  # save_pytorch writes Deferred tensors: each is made when written and dropped before the next,
+  # so an export never holds a second copy of the weights; verify_export reads one at a time too.
+  import gc
+  import weakref
+
+  from ove_jax.convert import hf
+  model = create_encoder(EncoderConfig.preset('tiny'), seed=0)
+  alive, made = [], [0]
+  original = hf._to_hf
+
+  def spy(rule, params, dtype):
+    gc.collect()
+    assert not [r for r in alive if r() is not None], 'an earlier converted tensor is still alive'
+    tensor = original(rule, params, dtype)
+    if tensor.base is None and not any(tensor is params[p] for p in rule.paths):
+      alive.append(weakref.ref(tensor))  # a converted copy (not the parameter itself)
+    made[0] += 1
+    return tensor
+
+  monkeypatch.setattr(hf, '_to_hf', spy)
+  convert.save_pytorch(model, str(tmp_path / 'out'))
+  assert made[0] == len(hf.mapping(model.cfg))
+  worst, count = convert.verify_export(model, str(tmp_path / 'out'))
+  assert worst == 0.0 and count == len(convert.model_params(model))
+  # a changed weight in the file is found
+  path = str(tmp_path / 'out' / 'model.safetensors')
+  tensors = convert.read_safetensors(path)
+  tensors['layernorm_post.bias'] = tensors['layernorm_post.bias'] + 1.0
+  convert.write_safetensors(path, tensors)
+  assert convert.verify_export(model, str(tmp_path / 'out'))[0] == pytest.approx(1.0)
+  # a tensor that comes out other than announced is refused before the file is kept
+  bad = {'x': hf.Deferred((2, 3), np.dtype(np.float32), lambda: np.zeros((3, 2), np.float32))}
+  with pytest.raises(ValueError, match='announced'):
+    convert.write_safetensors(str(tmp_path / 'bad.safetensors'), bad)
+  assert not os.path.exists(tmp_path / 'bad.safetensors')

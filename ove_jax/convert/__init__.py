@@ -11,7 +11,8 @@ import importlib
 
 _HF = ('save_pytorch', 'load_pytorch', 'CheckpointError', 'mapping', 'params_to_hf',
        'hf_to_params', 'model_params', 'model_from_params', 'read_safetensors',
-       'write_safetensors', 'config_from_hf', 'hf_config', 'read_directory', 'with_layout')
+       'write_safetensors', 'iter_safetensors', 'verify_export', 'hf_tensors', 'config_from_hf',
+       'hf_config', 'read_directory', 'with_layout')
 
 __all__ = list(_HF)
 

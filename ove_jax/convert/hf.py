@@ -139,8 +139,23 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
   return rules
 
 
-def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str, np.ndarray]:
-  """Our flat parameters (path -> array, either block layout) to the release's state dict."""
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+  """A tensor made only when it is written: shape and dtype up front (a safetensors header needs
+  them), the values from `make()` later, so an export holds one converted tensor at a time."""
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  make: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def hf_tensors(params: dict[Path, np.ndarray], cfg: EncoderConfig, dtype=np.float32
+               ) -> dict[str, Deferred]:
+  """Our flat parameters (path -> array, either block layout) as the release's state dict, each
+  tensor converted (and cast to `dtype`) only when its `make()` is called."""
   params = _in_layout(params, cfg, scan_layers=False)
   out = {}
   for rule in mapping(cfg):
@@ -148,10 +163,21 @@ def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str
     if missing:
       raise CheckpointError(f'parameter {"/".join(map(str, missing[0]))} is missing; it is needed '
                             f'for {rule.hf_key} {rule.hf_shape}')
-    tensor = np.ascontiguousarray(rule.to_hf([np.asarray(params[p]) for p in rule.paths]))
-    assert tensor.shape == rule.hf_shape, (rule.hf_key, tensor.shape, rule.hf_shape)
-    out[rule.hf_key] = tensor
+    out[rule.hf_key] = Deferred(rule.hf_shape, np.dtype(dtype),
+                                lambda rule=rule: _to_hf(rule, params, dtype))
   return out
+
+
+def _to_hf(rule: Rule, params: dict[Path, np.ndarray], dtype) -> np.ndarray:
+  tensor = np.ascontiguousarray(rule.to_hf([np.asarray(params[p]) for p in rule.paths]),
+                                dtype=dtype)
+  assert tensor.shape == rule.hf_shape, (rule.hf_key, tensor.shape, rule.hf_shape)
+  return tensor
+
+
+def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str, np.ndarray]:
+  """Our flat parameters (path -> array, either block layout) to the release's state dict."""
+  return {key: tensor.make() for key, tensor in hf_tensors(params, cfg).items()}
 
 
 def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
@@ -286,17 +312,20 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None):
-  header, offset, blobs = {}, 0, []
+def write_safetensors(path: str, tensors: dict[str, np.ndarray | Deferred],
+                      metadata: dict | None = None):
+  """Writes `tensors` (arrays, or `Deferred` ones made as they are written: the header needs only
+  shapes and dtypes, so at most one tensor is in memory beyond its source)."""
+  header, offset = {}, 0
   for key in sorted(tensors):
-    a = np.ascontiguousarray(tensors[key])
-    if a.dtype not in _NAMES:
-      raise ValueError(f'{key}: dtype {a.dtype} cannot be stored in safetensors')
-    blob = a.tobytes()
-    header[key] = {'dtype': _NAMES[a.dtype], 'shape': list(a.shape),
-                   'data_offsets': [offset, offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
+    t = tensors[key]
+    dtype, shape = np.dtype(t.dtype), tuple(t.shape)
+    if dtype not in _NAMES:
+      raise ValueError(f'{key}: dtype {dtype} cannot be stored in safetensors')
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[key] = {'dtype': _NAMES[dtype], 'shape': list(shape),
+                   'data_offsets': [offset, offset + size]}
+    offset += size
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
   head = json.dumps(header, separators=(',', ':')).encode()
   head += b' ' * (-len(head) % 8)  # keep the data 8-byte aligned
@@ -304,11 +333,22 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     with open(tmp, 'wb') as f:
       f.write(struct.pack('<Q', len(head)))
       f.write(head)
-      for blob in blobs:
-        f.write(blob)
+      for key in sorted(tensors):
+        t = tensors[key]
+        a = np.ascontiguousarray(t.make() if isinstance(t, Deferred) else t)
+        if a.shape != tuple(header[key]['shape']) or _NAMES[a.dtype] != header[key]['dtype']:
+          raise ValueError(f'{key}: made {a.dtype}{list(a.shape)}, announced '
+                           f'{header[key]["dtype"]}{header[key]["shape"]}')
+        f.write(a.reshape(-1).view(np.uint8).data)
+        del a
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  return dict(iter_safetensors(path))
+
+
+def iter_safetensors(path: str):
+  """(key, array) of each tensor of a safetensors file, read one at a time (header order)."""
   size = os.path.getsize(path)
   with open(path, 'rb') as f:
     raw = f.read(8)
@@ -323,19 +363,20 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise CheckpointError(f'{path}: unreadable safetensors header ({e})') from e
     base = 8 + n
-    data = np.memmap(path, dtype=np.uint8, mode='r') if size > base else np.zeros(0, np.uint8)
-  out = {}
-  for key, info in header.items():
-    if key == '__metadata__':
-      continue
-    if info.get('dtype') not in _DTYPES:
-      raise CheckpointError(f'{path}: tensor {key} has unsupported dtype {info.get("dtype")}')
-    start, end = info['data_offsets']
-    if base + end > size:
-      raise CheckpointError(f'{path}: tensor {key} runs past the end of the file (truncated)')
-    dtype = _DTYPES[info['dtype']]
-    out[key] = np.array(data[base + start:base + end]).view(dtype).reshape(info['shape'])
-  return out
+    # Plain reads, tensor by tensor (not a memory map: mapped pages stay resident until the map
+    # goes, so reading a whole file through one would hold all of it).
+    for key, info in header.items():
+      if key == '__metadata__':
+        continue
+      if info.get('dtype') not in _DTYPES:
+        raise CheckpointError(f'{path}: tensor {key} has unsupported dtype {info.get("dtype")}')
+      start, end = info['data_offsets']
+      if base + end > size:
+        raise CheckpointError(f'{path}: tensor {key} runs past the end of the file (truncated)')
+      buffer = bytearray(end - start)
+      f.seek(base + start)
+      f.readinto(buffer)
+      yield key, np.frombuffer(buffer, _DTYPES[info['dtype']]).reshape(info['shape'])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,12 +402,12 @@ def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
   """
   from ove_jax.convert import hf_modeling
   cfg = model.cfg
-  store = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
+  store = STORE_DTYPES
   if dtype not in store:
     raise ValueError(f'dtype={dtype!r}; choose one of {sorted(store)}')
   config = hf_config(cfg, dtype)  # refuses what the format cannot hold, before writing anything
-  tensors = params_to_hf(params if params is not None else model_params(model), cfg)
-  tensors = {k: v.astype(store[dtype]) for k, v in tensors.items()}
+  # Deferred: each tensor is converted and cast as it is written (one at a time in memory).
+  tensors = hf_tensors(params if params is not None else model_params(model), cfg, store[dtype])
   os.makedirs(directory, exist_ok=True)
   hf_modeling.write_weights(directory, tensors, max_shard_size)
   hf_modeling.write_remote_code(directory)
@@ -376,6 +417,34 @@ def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
   with open(os.path.join(directory, PREPROCESSOR_FILE), 'w') as f:
     json.dump(preprocessor_config(cfg), f, indent=2)
   return directory
+
+
+STORE_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}
+
+
+def verify_export(model: Encoder, directory: str, dtype: str = 'float32') -> tuple[float, int]:
+  """(largest |difference|, parameters compared) between `model` and the weights written in
+  `directory` (one file or shards), after rounding the model's values to the stored `dtype`; one
+  tensor at a time, so checking an export holds no second copy of the weights. A key the model
+  lacks, or a parameter the files lack, is a CheckpointError."""
+  from ove_jax.convert import hub
+  store = STORE_DTYPES[dtype]
+  params = _in_layout(model_params(model), model.cfg, scan_layers=False)
+  rules = {rule.hf_key: rule for rule in mapping(model.cfg)}
+  worst, seen = 0.0, set()
+  for path in hub.weight_files(directory):
+    for key, tensor in iter_safetensors(path):
+      if key not in rules:
+        raise CheckpointError(f'{path}: unexpected key {key}')
+      for p, got in zip(rules[key].paths, rules[key].from_hf(tensor)):
+        want = np.asarray(params[p]).astype(store).astype(np.float32)
+        worst = max(worst, float(np.abs(got.astype(np.float32) - want).max(initial=0.0)))
+        seen.add(p)
+  missing = sorted(set(params) - seen, key=str)
+  if missing:
+    raise CheckpointError(f'{directory}: parameter {"/".join(map(str, missing[0]))} was not '
+                          'written')
+  return worst, len(seen)
 
 
 def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]]:

@@ -53,7 +53,7 @@ def write_weights(directory: str, tensors: dict[str, np.ndarray],
   `max_shard_size` (bytes, or '5GB' / '500MB'); removes the weight files of an earlier export in
   `directory` that the new ones do not replace. Returns the files written."""
   from ove_jax.convert.hf import write_safetensors
-  sizes = {name: int(np.asarray(tensors[name]).nbytes) for name in sorted(tensors)}
+  sizes = {name: int(tensors[name].nbytes) for name in sorted(tensors)}  # arrays or Deferred
   shards = hub.plan_shards(sizes, hub.parse_size(max_shard_size))
   if len(shards) == 1:
     written = [os.path.join(directory, hub.WEIGHTS_NAME)]
