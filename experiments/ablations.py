@@ -1,5 +1,5 @@
 r"""The paper's ablations as sweeps: codec budget, patch selection, frame policy, RoPE, CosFace
-margin and scale, Partial FC sample rate (SPEC §1.3, §2, §4).
+margin and scale, Partial FC sample rate (docs/spec.md §1.3, §2, §4).
 
 `get_config(arg)` is the baseline run (`study=` does not change it); `sweep(add, arg)` adds one
 run per value of the study named by `study=` (tools/sweep.py expands it into run folders and
@@ -18,7 +18,8 @@ trainer commands). Two sizes:
 Studies (the baseline's value first in each list; the others are what the sweep adds):
   selection    codec / uniform / random at the baseline budget: the K codec patches, K / 256 whole
                frames (one per equal bin of the clip), or K patches drawn uniformly at random
-               (data.heads.video.video_modes; uniform also sets num_frames). SPEC §2: codec beats
+               (data.heads.video.video_modes; uniform also sets num_frames). docs/spec.md §2:
+               codec beats
                uniform frames at equal budgets.
   budget       K = 512, 1024, 2048, 4096 codec patches per clip (tokens per row follow K).
   policy       frame policy of the selection: paper (I-frames whole), first_frame, zero

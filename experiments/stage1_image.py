@@ -1,4 +1,4 @@
-r"""Stage 1 of the release: cluster discrimination on images alone, at 224 (SPEC §3, §5).
+r"""Stage 1 of the release: cluster discrimination on images alone, at 224 (docs/spec.md §3, §5).
 
 The release's values: the base encoder (the paper: large), one image head of 2,000,000 cluster
 centres with 10 labels per image, random-resized crop (area 0.7-1.0, aspect 0.8-1.25) and flip

@@ -1,4 +1,4 @@
-r"""Stage 2 of the release: image + OCR + video heads together on the large encoder (SPEC §3, §5).
+r"""Stage 2 of the release: image + OCR + video heads on the large encoder (docs/spec.md §3, §5).
 
 The release's values: the large encoder, started from stage 1; three heads with their own class
 centres: image (2,000,000 classes, 10 labels, 448 = 32 x 32 = 1024 tokens, random-resized crop,

@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """Every key an experiment may set, with the release's values where SPEC §4-5 gives them."""
+  """Every key an experiment may set, with the release's values where docs/spec.md §4-5 has
+  them."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
@@ -75,7 +76,7 @@ def defaults() -> ml_collections.ConfigDict:
                                 # .npy shards (a %03d template, a glob or a folder)
   ))
 
-  # Defaults of every head's Partial FC loss (SPEC §4); heads.<name> may override any of them.
+  # Defaults of every head's Partial FC loss (docs/spec.md §4); heads.<name> may override any.
   c.loss = ml_collections.ConfigDict(dict(
       sample_rate=0.1, num_slots=8, margin=0.3, scale=64.0, filter_threshold=0.75,
       sampling_blocks=256, init_std=0.01,
@@ -92,8 +93,8 @@ def defaults() -> ml_collections.ConfigDict:
       seed=0, worker_count=2, worker_buffer=2, mixing='all', patch_dtype='float32',
       heads=ml_collections.ConfigDict()))
   # Built-in synthetic data (data_pipeline.builtin), generated on first use. `policy` is the codec
-  # selection's frame policy (SPEC §2.6: 'paper', 'first_frame', 'zero'); like budget, a value
-  # other than the data's needs its own root.
+  # selection's frame policy (docs/spec.md §2.6: 'paper', 'first_frame', 'zero'); like budget, a
+  # value other than the data's needs its own root.
   c.builtin = ml_collections.ConfigDict(dict(
       enabled=False, root='', clips=32, images=64, budget=1024, policy='zero'))
   return c

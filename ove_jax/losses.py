@@ -1,4 +1,4 @@
-"""Cluster discrimination with Partial FC (SPEC §4), with class centres sharded over the mesh.
+"""Cluster discrimination with Partial FC (docs/spec.md §4), class centres sharded over the mesh.
 
 Each head (image, OCR, video) owns a matrix of class centres W [N, C]. Per step and per label slot,
 every sample's embedding is scored against a subset S of the centres: every positive of that slot
@@ -54,7 +54,7 @@ _NEG = -1e9  # logit of an unsampled slot: exp() underflows to exactly 0, gradie
 
 @dataclasses.dataclass(frozen=True)
 class PartialFCConfig:
-  """One head's loss. Defaults are the release's values (SPEC §4)."""
+  """One head's loss. Defaults are the release's values (docs/spec.md §4)."""
   num_classes: int
   sample_rate: float = 0.1        # share of each block's centres scored per slot
   num_slots: int = 8              # label slots per step (at most the labels per sample)
@@ -301,7 +301,7 @@ def _check_shapes(e, valid, labels, ids, centres, cfg):
 
 
 def init_centres(key, cfg: PartialFCConfig, width: int, std: float = 0.01) -> jax.Array:
-  """N(0, std) centres (SPEC §4: 0.01); padding rows too (they are never scored)."""
+  """N(0, std) centres (docs/spec.md §4: 0.01); padding rows too (they are never scored)."""
   return std * jax.random.normal(key, (cfg.padded_classes, width), jnp.float32)
 
 

@@ -39,7 +39,7 @@ def test_probes_learn_separable_features_and_stay_near_chance_on_random_labels(r
   k = 5
   train = _token_set(240, k, 0, random_labels=random_labels)
   test = _token_set(100, k, 1, random_labels=random_labels)
-  # SPEC §6's settings (lr 1e-4, 30 epochs for a small set), not tuned for the test.
+  # docs/spec.md §6's settings (lr 1e-4, 30 epochs for a small set), not tuned for the test.
   result = evaluators.train_attentive(*train, *test, CFG,
                                       config=evaluators.AttentiveConfig(epochs=30))
   pooled = [tokens.sum(1) / mask.sum(1, keepdims=True) for tokens, mask, _ in (train, test)]

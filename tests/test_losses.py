@@ -1,4 +1,4 @@
-"""Partial FC: the maths against SPEC §4 in numpy, and the sharded loss against the plain one."""
+"""Partial FC: the maths of docs/spec.md §4 in numpy, the sharded loss against the plain one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +15,7 @@ def make_mesh(shape):
 
 
 def numpy_cosface(e, labels_B, centres, cfg):
-  """Per-sample loss over all classes, written straight from SPEC §4 (sample_rate 1)."""
+  """Per-sample loss over all classes, written straight from docs/spec.md §4 (sample_rate 1)."""
   e = e / np.linalg.norm(e, axis=1, keepdims=True)
   w = centres[:cfg.num_classes]
   w = w / np.linalg.norm(w, axis=1, keepdims=True)

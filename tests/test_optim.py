@@ -1,4 +1,4 @@
-"""The optimiser of SPEC §5: schedules, clipping per parameter group, weight-decay masks."""
+"""The optimiser of docs/spec.md §5: schedules, clipping per parameter group, weight-decay masks."""
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -61,7 +61,7 @@ class Options:
   # 'crop' (short side to resolution, centre crop) or 'letterbox' (long side to resolution,
   # centred on a zero canvas; only patches wholly inside the picture are candidates).
   geometry: str = 'crop'
-  # Static fallback (SPEC 2.7): a clip whose scores are faint or flat keeps `static_frames`
+  # Static fallback (docs/spec.md §2.7): a clip whose scores are faint or flat keeps `static_frames`
   # uniformly spaced frames whole. With m the mean score of each patch location over the
   # scored frames (per pixel, so in [0, 1] for 'mean' fusion): static when p95(m) is below
   # `static_threshold` (0.03: a still synthetic clip gives ~0.02, moving objects 0.2-0.35), or

@@ -1,4 +1,4 @@
-"""Codec patch selection end to end (SPEC 2), and the two baselines at the same budget.
+"""Codec patch selection end to end (docs/spec.md §2), and the two baselines at the same budget.
 
 `select` reads the vectors (`bitstream`), builds per-frame maps and model-grid scores (`maps`),
 then applies the frame policy, the optional static fallback and one global top-K. Decisions
@@ -366,7 +366,7 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
 
 
 def is_static(mean_scores: np.ndarray, threshold: float, rel_threshold: float) -> bool:
-  """SPEC 2.7 on the per-patch mean scores m: faint (p95 < threshold) or flat
+  """docs/spec.md §2.7 on the per-patch mean scores m: faint (p95 < threshold) or flat
   ((p95 - p50) / p95 < rel_threshold)."""
   if mean_scores.size == 0:
     return True

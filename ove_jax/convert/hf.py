@@ -1,4 +1,4 @@
-"""Conversion between our encoder and the released Hugging Face / PyTorch format (SPEC §1.4).
+"""Conversion between our encoder and the release's Hugging Face format (docs/spec.md §1.4).
 
 One declarative table maps every parameter of ours to a key of the release's state dict, with
 the layout change between them (PyTorch Linear stores (out, in); the patch embedding is a Conv2d

@@ -3,7 +3,7 @@
 This module depends only on torch, numpy and safetensors, so a checkpoint exported from the
 JAX code can be used by people who do not have JAX installed, and so the converter has an
 independent reference to compare against. The module names and parameter shapes follow the
-public release exactly (SPEC section 1.4), which means a release directory loads here unchanged
+public release exactly (docs/spec.md §1.4), which means a release directory loads here unchanged
 and a directory written here loads in the release.
 
 Usage:
@@ -52,19 +52,24 @@ PathLike = str | os.PathLike
 
 @dataclasses.dataclass
 class OVEncoderConfig:
-  """The fields of the release's `config.json` that shape the model (SPEC 1.4)."""
+  """The fields of the release's `config.json` that shape the model (docs/spec.md §1.4), with
+  the release's defaults (its large model)."""
+  # sizes
   hidden_size: int = 1024
   intermediate_size: int = 4096
   num_hidden_layers: int = 24
   num_attention_heads: int = 16
+  # input
   num_channels: int = 3
   image_size: int = 448
   patch_size: int = 14
+  # layers: only the release's choices are accepted (validate)
   hidden_act: str = 'gelu'
   layer_norm_eps: float = 1e-6
   layer_norm_type: str = 'layer_norm'
   attention_dropout: float = 0.0
   initializer_range: float = 0.02
+  # positions (docs/spec.md §1.3) and the pooling head
   rope_theta: float = 10000.0
   rope_temporal_size: int = 64
   use_head: bool = True
@@ -129,7 +134,7 @@ class OVEncoderConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Rotary position embedding (SPEC 1.3)
+# Rotary position embedding (docs/spec.md §1.3)
 # ------------------------------------------------------------------------------------------------
 
 def rope_axis_sizes(config) -> tuple:
@@ -274,7 +279,7 @@ class OVPoolingHead(nn.Module):
 
 @torch.no_grad()
 def init_module(module: nn.Module, std: float) -> None:
-  """From-scratch initialisation of one module (SPEC 1.2), not of its children: linear and
+  """From-scratch initialisation of one module (docs/spec.md §1.2), not of its children: linear and
   patch weights N(0, std), biases 0, norm weights 1 (the pooling head's own parameters: see
   init_head)."""
   # MultiheadAttention's out_proj is a Linear subclass, so it is covered here too.
@@ -431,7 +436,7 @@ class EncoderForward:
 
 
 class OVEncoderTorch(EncoderForward, nn.Module):
-  """The OneVision encoder with the release's parameter names (SPEC 1.2-1.4)."""
+  """The OneVision encoder with the release's parameter names (docs/spec.md §1.2-1.4)."""
 
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
@@ -442,7 +447,7 @@ class OVEncoderTorch(EncoderForward, nn.Module):
 
   @torch.no_grad()
   def reset_parameters(self):
-    """From-scratch initialisation of SPEC 1.2."""
+    """From-scratch initialisation of docs/spec.md §1.2."""
     for m in self.modules():
       init_module(m, self.config.initializer_range)
     if self.head is not None:
@@ -454,7 +459,7 @@ class OVEncoderTorch(EncoderForward, nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 def expected_shapes(config: OVEncoderConfig) -> dict[str, tuple]:
-  """The release's state-dict keys and shapes for `config` (SPEC 1.4)."""
+  """The release's state-dict keys and shapes for `config` (docs/spec.md §1.4)."""
   c, i, p, ch = config.hidden_size, config.intermediate_size, config.patch_size, config.num_channels
   shapes = {'embeddings.patch_embedding.weight': (c, ch, p, p),
             'layernorm_pre.weight': (c,), 'layernorm_pre.bias': (c,)}

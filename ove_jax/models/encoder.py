@@ -7,7 +7,7 @@ MAP pooling head, and the encoder with its two entry points:
       the native, packed interface the trainer uses. Rows hold several samples; attention stays
       within a segment and the head pools each segment on its own.
   `Encoder.forward_pixels(pixel_values, visible_indices=None, patch_positions=None)`
-      the released PyTorch model's forward, with its position conventions (SPEC §1.3), for
+      the released PyTorch model's forward, with its position conventions (docs/spec.md §1.3), for
       feature extraction and for checking against the release.
 
 Patches are flattened in (row, column, channel) order, channel fastest, matching NHWC pixels;
@@ -67,7 +67,7 @@ def with_layers_rule(rules) -> tuple:
 
 
 # Position encodings (an ablation knob; '3d' is the release's and the only one it can load):
-#   '3d'    the release's 4:6:6 split of the frequencies over (t, h, w) (SPEC §1.3);
+#   '3d'    the release's 4:6:6 split of the frequencies over (t, h, w) (docs/spec.md §1.3);
 #   '1d'    each (t, h, w) flattened to one index (t * G + h) * G + w, G = ROPE_1D_GRID, rotated
 #           with frequencies over the whole head dim, as a language model's RoPE;
 #   'none'  no rotation: the encoder sees no positions at all (a bag of patches).
@@ -229,7 +229,7 @@ class RMSNorm(nnx.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3D rotary position embedding (SPEC §1.3; must match the release bit for bit)
+# 3D rotary position embedding (docs/spec.md §1.3; must match the release bit for bit)
 # ------------------------------------------------------------------------------------------------
 
 def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
