@@ -2,6 +2,8 @@
 
   x, ids = load_features('feats.npz')                 # [N, D] or [N, F, D] -> unit rows
   x = teacher_features(encoder, records)              # or an ove_jax encoder over records
+  x, ids = sharded_teacher_features(HFTeacher('openai/clip-vit-base-patch16'), records,
+                                    '/data/labels/features')   # or a transformers model
   report = make_labels(x, '/data/labels', k=2000)     # labels.npy, centres.npy, report.json
 
 Features. A file holds [N, D] (one feature per sample) or [N, F, D] (F per-frame features of a
@@ -9,12 +11,15 @@ video: each frame L2-normalised, the F concatenated and re-normalised, as the pa
 MetaCLIP frames); a `.npz` holds `features` and optionally `ids`. Or an ove_jax encoder is the
 teacher, run on precomputed records: an image record gives one feature (224 centre crop); a
 video record gives 8 uniform frames (one per bin of its timeline, seeded per record), each
-encoded alone on the 16 x 16 grid at t = 0, pooled, and combined as above.
+encoded alone on the 16 x 16 grid at t = 0, pooled, and combined as above. Or a transformers
+vision model (`HFTeacher`) is the teacher on the same frames, its features written in resumable
+shards (`sharded_teacher_features`).
 
-Clustering. scikit-learn (Lloyd, one init) or `ove_jax.kmeans` (centres sharded over the mesh,
-points in chunks); the default is scikit-learn when k * N is small. Features are L2-normalised
-first and the JAX k-means is spherical (cosine), as the labels are by cosine; scikit-learn runs
-Euclidean k-means on the normalised features.
+Clustering. scikit-learn (Lloyd, one init), `ove_jax.kmeans` (centres sharded over the mesh,
+points in chunks) or faiss (`ove_jax.kmeans_backends.fit`); the default ('auto') is scikit-learn
+when k * N is small, else JAX. Features are L2-normalised first and the JAX and faiss k-means are
+spherical (cosine), as the labels are by cosine; scikit-learn runs Euclidean k-means on the
+normalised features.
 
 Outputs: labels.npy int32 [N, n] (the n = 10 nearest centres by cosine, nearest first),
 centres.npy float32 [k, D], ids.npy (when the features had ids), report.json: k, N, inertia,
@@ -37,7 +42,8 @@ from ove_jax.vectors import l2_normalize
 NUM_LABELS = 10
 FRAMES = 8                  # frames per video feature (docs/spec.md §3)
 SKLEARN_MAX_WORK = 1 << 26  # k * N up to which the default backend is scikit-learn
-BACKENDS = ('sklearn', 'jax')
+SPHERICAL_OBJECTIVE = 'spherical: sum of 2 - 2 cos (squared distance on the sphere)'
+BACKENDS = ('auto', 'sklearn', 'jax', 'faiss')
 
 
 class LabelsError(ValueError):
@@ -173,12 +179,24 @@ def initial_centres(init: str, k: int, d: int):
 def cluster(x_NxD: np.ndarray, k: int, *, backend: str | None = None, init: str = 'k-means++',
             iters: int = 100, tol: float = 1e-4, seed: int = 0, chunk: int | None = None,
             mesh=None) -> dict[str, Any]:
-  """Centres, sizes, inertia and iteration count of the chosen backend (None: scikit-learn when
-  k * N <= SKLEARN_MAX_WORK, else the JAX k-means on `mesh`)."""
+  """Centres, sizes, inertia and iteration count of the chosen backend (None or 'auto':
+  scikit-learn when k * N <= SKLEARN_MAX_WORK, else the JAX k-means on `mesh`; 'faiss':
+  spherical faiss k-means through `ove_jax.kmeans_backends.fit`)."""
   start = initial_centres(init, k, x_NxD.shape[1])
-  backend = backend or ('sklearn' if k * len(x_NxD) <= SKLEARN_MAX_WORK else 'jax')
-  if backend not in BACKENDS:
+  if backend not in BACKENDS + (None,):
     raise LabelsError(f'--backend {backend}: choose one of {BACKENDS}')
+  if backend in (None, 'auto'):
+    backend = 'sklearn' if k * len(x_NxD) <= SKLEARN_MAX_WORK else 'jax'
+  if backend == 'faiss':
+    from ove_jax import kmeans_backends
+    try:
+      r = kmeans_backends.fit(x_NxD, k, backend='faiss', init=start, iters=iters, seed=seed,
+                              spherical=True)
+    except ImportError as e:
+      raise LabelsError(f'--backend faiss: {e}') from None
+    return {'backend': backend, 'centres': r.centres, 'inertia': r.inertia,
+            'iterations': r.n_iter, 'sizes': r.sizes, 'empty_reseeded': None,
+            'converged': r.converged, 'objective': SPHERICAL_OBJECTIVE}
   if backend == 'sklearn':
     from sklearn.cluster import KMeans
     km = KMeans(k, init=start, n_init=1, max_iter=iters, tol=tol, random_state=seed,
@@ -196,7 +214,7 @@ def cluster(x_NxD: np.ndarray, k: int, *, backend: str | None = None, init: str 
                    chunk=chunk)
   return {'backend': backend, 'centres': r.centres, 'inertia': r.inertia, 'iterations': r.n_iter,
           'sizes': r.sizes, 'empty_reseeded': r.empty_reseeded, 'converged': r.converged,
-          'objective': 'spherical: sum of 2 - 2 cos (squared distance on the sphere)'}
+          'objective': SPHERICAL_OBJECTIVE}
 
 
 def default_mesh():
@@ -288,3 +306,161 @@ def make_labels(x_NxD: np.ndarray, out: str, *, k: int, num_labels: int = NUM_LA
     report['records'] = {'shards': len(written), 'dir': os.path.join(out, 'records')}
   fileio.write_json(os.path.join(out, 'report.json'), report, sort_keys=False)
   return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Teachers from transformers (`--teacher hf:DIR_OR_HUB_ID`)
+# ------------------------------------------------------------------------------------------------
+
+HF_PREFIX = 'hf:'
+SHARD_RECORDS = 1024   # records per feature shard of a transformers teacher
+
+
+def record_pixels(record: dict, index: int, seed: int) -> np.ndarray:
+  """uint8 [F, 224, 224, 3]: the frames of `record_frames` as pictures (the inverse of
+  data_pipeline.tokens.patchify on the 16 x 16 grid)."""
+  from data_pipeline import tokens
+  patches = record_frames(record, index, seed)
+  f, grid, p = len(patches), tokens.VIDEO_GRID, tokens.PATCH
+  x = patches.reshape(f, grid, grid, p, p, tokens.CHANNELS).transpose(0, 1, 3, 2, 4, 5)
+  return np.ascontiguousarray(x.reshape(f, grid * p, grid * p, tokens.CHANNELS))
+
+
+class HFTeacher:
+  """A transformers vision model as the teacher: the pooled image embedding of every frame.
+
+  The embedding is `get_image_features` of a two-tower model (CLIP, SigLIP, MetaCLIP), else the
+  vision model's `image_embeds` (with a projection) or `pooler_output`. Pictures are prepared by
+  the directory's own image processor when it has one (preprocessor_config.json), else resized
+  to the model's `image_size` and normalised with the CLIP mean / std. Runs on CUDA when torch
+  sees a GPU.
+  """
+
+  def __init__(self, name: str):
+    import torch
+    import transformers
+
+    from ove_jax.convert import hub
+    where = f'--teacher {HF_PREFIX}{name}'
+    try:
+      self.path = hub.resolve(name)
+    except FileNotFoundError as e:
+      raise LabelsError(f'{where}: {e}') from None
+    try:
+      config = transformers.AutoConfig.from_pretrained(self.path)
+    except (OSError, ValueError) as e:
+      raise LabelsError(f'{where}: not a transformers model directory ({e})') from None
+    vision = getattr(config, 'vision_config', None) or config
+    self.image_size = getattr(vision, 'image_size', None)
+    arch = (getattr(config, 'architectures', None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls if cls is not None else transformers.AutoModel
+    try:
+      model = cls.from_pretrained(self.path)
+    except (OSError, ValueError) as e:
+      raise LabelsError(f'{where}: transformers cannot load it ({e})') from None
+    import inspect
+    self.two_towers = callable(getattr(model, 'get_image_features', None))
+    takes_pixels = 'pixel_values' in inspect.signature(model.forward).parameters
+    if not self.image_size or not (self.two_towers or takes_pixels):
+      raise LabelsError(f'{where}: {type(model).__name__} ({config.model_type}) is not a vision '
+                        'model (no image_size / pixel_values); give a CLIP, SigLIP or MetaCLIP '
+                        'vision model or two-tower model')
+    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    self.model = model.to(self.device).eval()
+    self.processor = None
+    if os.path.isfile(os.path.join(self.path, 'preprocessor_config.json')):
+      self.processor = transformers.AutoImageProcessor.from_pretrained(self.path)
+
+  def pixel_values(self, pictures_BxHxWx3: np.ndarray) -> np.ndarray:
+    """float32 [B, 3, S, S]: the model's input for uint8 pictures."""
+    if self.processor is not None:
+      return np.asarray(self.processor(images=list(pictures_BxHxWx3),
+                                       return_tensors='np')['pixel_values'], np.float32)
+    from PIL import Image
+
+    from data_pipeline import tokens
+    s = int(self.image_size)
+    x = np.stack([np.asarray(Image.fromarray(p).resize((s, s), Image.Resampling.BICUBIC))
+                  for p in pictures_BxHxWx3]).astype(np.float32) / 255.0
+    x = (x - np.asarray(tokens.CLIP_MEAN, np.float32)) / np.asarray(tokens.CLIP_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+  def embed(self, pictures_BxHxWx3: np.ndarray) -> np.ndarray:
+    """float32 [B, D]: the pooled embeddings (not normalised) of uint8 pictures."""
+    import torch
+    x = torch.from_numpy(self.pixel_values(pictures_BxHxWx3)).to(self.device)
+    with torch.inference_mode():
+      if self.two_towers:
+        out = self.model.get_image_features(pixel_values=x)
+      else:
+        out = self.model(pixel_values=x)
+        emb = getattr(out, 'image_embeds', None)
+        out = emb if emb is not None else out.pooler_output
+    return out.float().cpu().numpy()
+
+
+def hf_record_features(teacher: HFTeacher, recs: Sequence[dict], batch: int, seed: int,
+                       offset: int = 0) -> np.ndarray:
+  """float32 unit rows [n, D] (D = F x width for videos) of `recs` (global record numbers from
+  `offset`, which seed the video frames as `teacher_features` does)."""
+  pictures = [record_pixels(r, offset + i, seed) for i, r in enumerate(recs)]
+  if len({len(p) for p in pictures}) > 1:
+    raise LabelsError('--records mixes image and video records; cluster each kind separately')
+  flat = np.concatenate(pictures)                               # [n*F, 224, 224, 3]
+  out = np.concatenate([teacher.embed(flat[s:s + batch]) for s in range(0, len(flat), batch)])
+  f = out.astype(np.float32).reshape(len(recs), len(pictures[0]), -1)
+  return combine_frames(f) if f.shape[1] > 1 else l2_normalize(f[:, 0])
+
+
+def record_ids(recs: Sequence[dict], offset: int = 0) -> np.ndarray:
+  """Every record's `source` (its number when it has none): the ids of its feature row."""
+  return np.asarray([str(r.get('source', offset + i)) for i, r in enumerate(recs)])
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+  """`array` as a .npy file at `path`, written atomically (np.save would rename a temp name)."""
+  import io
+  buf = io.BytesIO()
+  np.save(buf, array, allow_pickle=False)
+  fileio.write_atomic(path, buf.getvalue())
+
+
+def sharded_teacher_features(teacher: HFTeacher, recs: Sequence[dict], folder: str, *,
+                             batch: int = 32, seed: int = 0, shard_records: int = SHARD_RECORDS,
+                             about: str = '') -> tuple[np.ndarray, np.ndarray]:
+  """(features [N, D], ids [N]) of a transformers teacher over `recs`, written to `folder` as
+  features-SSSSS.npy + ids-SSSSS.npy per `shard_records` records; a shard already there (same
+  ids, written by the same teacher, seed and shard size per folder/meta.json) is read, not
+  recomputed, so an interrupted run over a corpus resumes."""
+  from tqdm import tqdm
+  if shard_records < 1:
+    raise LabelsError(f'--shard-records {shard_records}: must be >= 1')
+  os.makedirs(folder, exist_ok=True)
+  meta = {'teacher': about, 'seed': seed, 'shard_records': shard_records}
+  meta_path = os.path.join(folder, 'meta.json')
+  if os.path.isfile(meta_path):
+    if fileio.read_json(meta_path) != meta:
+      raise LabelsError(f'{folder}: feature shards of {fileio.read_json(meta_path)}, not of '
+                        f'{meta}; remove the folder or give another --out')
+  else:
+    fileio.write_json(meta_path, meta)
+  feats, ids = [], []
+  for s, start in enumerate(tqdm(range(0, len(recs), shard_records), desc='teacher shards')):
+    part = recs[start:start + shard_records]
+    f_path, i_path = (os.path.join(folder, f'{kind}-{s:05d}.npy') for kind in ('features', 'ids'))
+    want = record_ids(part, start)
+    if os.path.isfile(f_path) and os.path.isfile(i_path):
+      have = np.load(i_path, allow_pickle=False)
+      if have.shape != want.shape or (have != want).any():
+        raise LabelsError(f'{i_path}: its ids are not those of records {start}..'
+                          f'{start + len(part) - 1} of --records; remove {folder} or give '
+                          'another --out')
+      x = np.load(f_path, allow_pickle=False)
+    else:
+      x = hf_record_features(teacher, part, batch, seed, start)
+      save_npy(i_path, want)
+      save_npy(f_path, x)   # last: a shard counts as done when its features are there
+    feats.append(x)
+    ids.append(want)
+  return np.concatenate(feats), np.concatenate(ids)

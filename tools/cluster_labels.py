@@ -6,6 +6,10 @@
   # records are written to OUT/records/
   ove-cluster-labels --teacher /ckpt/ove_hf --records '/data/codec/ove_codec-*' \
       --k 2000 --out /data/labels
+  # a transformers vision model as the teacher (a directory or a hub id; CUDA when torch sees
+  # one); its features are written in shards to OUT/features/ and reused by a re-run
+  ove-cluster-labels --teacher hf:openai/clip-vit-base-patch16 --records /data/codec \
+      --k 2000 --batch 64 --out /data/labels --backend faiss
   # the sharded JAX k-means on 8 virtual CPU devices (on TPU/GPU: --mesh over the real devices)
   ove-cluster-labels --features feats.npz --k 5000 --backend jax --devices 8 \
       --mesh 2,4,1 --out /tmp/labels
@@ -17,12 +21,20 @@ paper does with 8 MetaCLIP frames); a `.npz` holds `features` and optionally `id
 workdir or one of its step folders) run on the records of `--records GLOB`: an image record
 gives one feature (224 centre crop); a video record gives 8 uniform frames (one per bin of its
 timeline, seeded per record), each encoded alone on the 16 x 16 grid at t = 0, pooled, and
-combined as above.
+combined as above. Or `--teacher hf:DIR_OR_HUB_ID`: a transformers vision model (CLIP, SigLIP,
+MetaCLIP: a vision tower or a two-tower model; hub ids from the Hugging Face cache, offline with
+HF_HUB_OFFLINE=1) on the same frames at its own input size: its pooled image embedding
+(`image_embeds` / `get_image_features` with a projection, else `pooler_output`), prepared by the
+directory's image processor when it has one, else CLIP mean / std. Its features are written to
+OUT/features/ (features-SSSSS.npy and ids-SSSSS.npy per --shard-records records); a re-run reads
+the shards already there and computes only the missing ones.
 
-Clustering. k-means with `--backend sklearn` (scikit-learn, Lloyd, one init) or `--backend jax`
-(`ove_jax.kmeans`: centres sharded over the mesh, points in chunks); the default is sklearn when
-k * N is small. Features are L2-normalised first and the JAX k-means is spherical (cosine), as
-the labels are by cosine; scikit-learn runs Euclidean k-means on the normalised features.
+Clustering. k-means with `--backend sklearn` (scikit-learn, Lloyd, one init), `--backend jax`
+(`ove_jax.kmeans`: centres sharded over the mesh, points in chunks) or `--backend faiss`
+(spherical faiss k-means, GPU faiss where installed; runs --iters updates, no --tol); `auto`
+(the default) is sklearn when k * N is small, else jax. Features are L2-normalised first and the
+JAX and faiss k-means are spherical (cosine), as the labels are by cosine; scikit-learn runs
+Euclidean k-means on the normalised features.
 
 Outputs in `--out`: labels.npy int32 [N, n] (the n = 10 nearest centres by cosine, nearest
 first), centres.npy float32 [k, D], report.json (printed too): k, N, inertia, iterations, empty
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -48,17 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument('--features', help='.npy [N, D] or [N, F, D], or .npz with `features` (and '
                    'optionally `ids`)')
   src.add_argument('--teacher', help='ove_jax encoder: release-format HF dir, training workdir '
-                   'or step folder')
+                   f'or step folder; or {labels_lib.HF_PREFIX}DIR_OR_HUB_ID: a transformers '
+                   'vision model')
   p.add_argument('--records', help='precompute output folder, or glob of record shards: the '
                  'teacher\'s input, and/or records to write relabelled copies of (one per '
                  'feature row, in sorted shard order)')
   p.add_argument('--step', type=int, help='checkpoint step of a training workdir (default latest)')
   p.add_argument('--batch', type=int, default=32, help='frames per teacher forward')
+  p.add_argument('--shard-records', type=int, default=labels_lib.SHARD_RECORDS,
+                 help='records per feature shard of a transformers (hf:) teacher')
   p.add_argument('--k', type=int, required=True, help='number of centres')
   p.add_argument('--num-labels', type=int, default=labels_lib.NUM_LABELS,
                  help='nearest centres per sample')
-  p.add_argument('--backend', choices=labels_lib.BACKENDS,
-                 help=f'default: sklearn when k * N <= {labels_lib.SKLEARN_MAX_WORK}, else jax')
+  p.add_argument('--backend', choices=labels_lib.BACKENDS, default='auto',
+                 help=f'k-means engine; auto: sklearn when k * N <= '
+                 f'{labels_lib.SKLEARN_MAX_WORK}, else jax')
   p.add_argument('--init', default='k-means++',
                  help='"k-means++", "random", or a .npy of [k, D] initial centres')
   p.add_argument('--iters', type=int, default=100, help='at most this many Lloyd iterations')
@@ -107,6 +124,14 @@ def run(args) -> dict:
     if args.records and len(recs) != len(x):
       raise labels_lib.LabelsError(f'--records {args.records}: {len(recs)} records but {len(x)} '
                                    f'feature rows in --features {args.features}')
+  elif args.teacher.startswith(labels_lib.HF_PREFIX):
+    if args.batch < 1:
+      raise labels_lib.LabelsError(f'--batch {args.batch}: must be >= 1')
+    teacher = labels_lib.HFTeacher(args.teacher[len(labels_lib.HF_PREFIX):])
+    x, ids = labels_lib.sharded_teacher_features(
+        teacher, recs, os.path.join(args.out, 'features'), batch=args.batch, seed=args.seed,
+        shard_records=args.shard_records, about=args.teacher)
+    source = f'--records {args.records}'
   else:
     x = labels_lib.teacher_features(load_teacher(args.teacher, args.step), recs, args.batch,
                                     args.seed)
