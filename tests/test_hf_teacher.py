@@ -27,10 +27,16 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_
 
 @pytest.fixture(scope='module')
 def clip_dir(tmp_path_factory):
-  """A random CLIPVisionModel, no image processor."""
+  """A random CLIPVisionModel, no image processor. Its final layer norm gets random weights and
+  biases: with the initial ones every pooled output has norm sqrt(32), and the per-frame
+  normalisation of a video would go untested."""
   torch.manual_seed(0)
   path = str(tmp_path_factory.mktemp('clip'))
-  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_CLIP)).save_pretrained(path)
+  model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_CLIP))
+  with torch.no_grad():
+    for p in model.vision_model.post_layernorm.parameters():
+      p.copy_(torch.randn_like(p) * 2)
+  model.save_pretrained(path)
   return path
 
 
@@ -68,15 +74,18 @@ def unit(x):
 
 
 def by_hand(model_dir, pictures_Fx224x224x3):
-  """The pooled output of the saved CLIPVisionModel on pictures prepared by hand (bicubic resize
-  to 32, CLIP mean / std)."""
+  """The pooled output of the saved CLIPVisionModel on pictures prepared by hand."""
   model = transformers.CLIPVisionModel.from_pretrained(model_dir).eval()
-  x = np.stack([np.asarray(Image.fromarray(p).resize((32, 32), Image.Resampling.BICUBIC))
-                for p in pictures_Fx224x224x3]).astype(np.float32) / 255.0
-  x = (x - np.asarray(tokens.CLIP_MEAN)) / np.asarray(tokens.CLIP_STD)
+  x = np.stack([by_hand_pixels(p) for p in pictures_Fx224x224x3])
   with torch.no_grad():
-    out = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32)))
-  return out.pooler_output.numpy()
+    return model(pixel_values=torch.from_numpy(x)).pooler_output.numpy()
+
+
+def by_hand_pixels(picture_HxWx3):
+  """float32 [3, 32, 32]: bicubic resize to 32, CLIP mean / std."""
+  x = np.asarray(Image.fromarray(picture_HxWx3).resize((32, 32), Image.Resampling.BICUBIC))
+  x = (x.astype(np.float32) / 255.0 - np.asarray(tokens.CLIP_MEAN)) / np.asarray(tokens.CLIP_STD)
+  return x.transpose(2, 0, 1).astype(np.float32)
 
 
 def shard_features(out):
@@ -158,6 +167,30 @@ def test_stills_use_the_image_processor_and_projection(clip_proj_dir, corpus, tm
   assert (out / 'report.json').is_file() and (out / 'centres.npy').is_file()
 
 
+def test_two_tower_clip_gives_its_image_features(corpus, tmp_path):
+  _, still = corpus
+  torch.manual_seed(2)
+  path = str(tmp_path / 'clip_full')
+  config = transformers.CLIPConfig(
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, vocab_size=99),
+      vision_config=TINY_CLIP, projection_dim=8)
+  transformers.CLIPModel(config).save_pretrained(path)
+  out = tmp_path / 'out'
+  assert cluster_labels.main(['--teacher', f'hf:{path}', '--records', still, '--k', '2',
+                              '--out', str(out)]) == 0
+  recs = precompute.read_shard(still)
+  pictures = np.concatenate([labels.record_pixels(r, i, 0) for i, r in enumerate(recs)])
+  model = transformers.CLIPModel.from_pretrained(path).eval()
+  x = labels.HFTeacher(path).pixel_values(pictures)       # CLIP mean / std at 32 (no processor)
+  np.testing.assert_allclose(x, np.stack([by_hand_pixels(p) for p in pictures]), atol=1e-6)
+  with torch.no_grad():
+    want = unit(model.get_image_features(pixel_values=torch.from_numpy(x)).numpy())
+  feats = shard_features(out)
+  assert feats.shape == (len(recs), 8)
+  np.testing.assert_allclose(feats, want, atol=2e-5)
+
+
 def test_faiss_backend_labels_by_the_nearest_centre(clip_dir, corpus, tmp_path, capsys):
   video, _ = corpus
   out = tmp_path / 'out'
@@ -181,10 +214,9 @@ def test_hub_id_from_the_offline_cache_and_bad_teachers(clip_dir, corpus, tmp_pa
   video, _ = corpus
   cache = tmp_path / 'hub'
   repo = cache / 'models--ove-test--tiny-clip'
-  commit = 'a' * 40
+  commit = 'a' * 40          # the cache's layout: refs/main names the snapshot folder
   (repo / 'refs').mkdir(parents=True)
   (repo / 'refs' / 'main').write_text(commit)
-
   shutil.copytree(clip_dir, repo / 'snapshots' / commit)
   monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
   monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
