@@ -404,12 +404,17 @@ def hf_record_features(teacher: HFTeacher, recs: Sequence[dict], batch: int, see
                        offset: int = 0) -> np.ndarray:
   """float32 unit rows [n, D] (D = F x width for videos) of `recs` (global record numbers from
   `offset`, which seed the video frames as `teacher_features` does)."""
-  pictures = [record_pixels(r, offset + i, seed) for i, r in enumerate(recs)]
-  if len({len(p) for p in pictures}) > 1:
-    raise LabelsError('--records mixes image and video records; cluster each kind separately')
-  flat = np.concatenate(pictures)                               # [n*F, 224, 224, 3]
-  out = np.concatenate([teacher.embed(flat[s:s + batch]) for s in range(0, len(flat), batch)])
-  f = out.astype(np.float32).reshape(len(recs), len(pictures[0]), -1)
+  counts, pending, out = set(), [], []   # frames waiting for a forward: fewer than batch + F
+  for i, r in enumerate(recs):
+    pictures = record_pixels(r, offset + i, seed)               # [F, 224, 224, 3]
+    counts.add(len(pictures))
+    if len(counts) > 1:
+      raise LabelsError('--records mixes image and video records; cluster each kind separately')
+    pending.extend(pictures)
+    while len(pending) >= batch or (pending and i == len(recs) - 1):
+      out.append(teacher.embed(np.stack(pending[:batch])))
+      del pending[:batch]
+  f = np.concatenate(out).astype(np.float32).reshape(len(recs), counts.pop(), -1)
   return combine_frames(f) if f.shape[1] > 1 else l2_normalize(f[:, 0])
 
 
@@ -436,6 +441,8 @@ def sharded_teacher_features(teacher: HFTeacher, recs: Sequence[dict], folder: s
   from tqdm import tqdm
   if shard_records < 1:
     raise LabelsError(f'--shard-records {shard_records}: must be >= 1')
+  if not recs:
+    raise LabelsError('--records: the shards hold no records')
   os.makedirs(folder, exist_ok=True)
   meta = {'teacher': about, 'seed': seed, 'shard_records': shard_records}
   meta_path = os.path.join(folder, 'meta.json')
