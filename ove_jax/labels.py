@@ -341,7 +341,7 @@ class HFTeacher:
     import transformers
 
     from ove_jax.convert import hub
-    where = f'--teacher {HF_PREFIX}{name}'
+    self.where = where = f'--teacher {HF_PREFIX}{name}'
     try:
       self.path = hub.resolve(name)
     except FileNotFoundError as e:
@@ -396,7 +396,12 @@ class HFTeacher:
       else:
         out = self.model(pixel_values=x)
         emb = getattr(out, 'image_embeds', None)
-        out = emb if emb is not None else out.pooler_output
+        emb = emb if emb is not None else getattr(out, 'pooler_output', None)
+        if emb is None:
+          raise LabelsError(f'{self.where}: {type(self.model).__name__} gives '
+                            'no pooled image embedding (image_embeds or pooler_output); give a '
+                            'vision model with a pooler, or a CLIP / SigLIP two-tower model')
+        out = emb
     return out.float().cpu().numpy()
 
 

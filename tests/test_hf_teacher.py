@@ -240,3 +240,10 @@ def test_hub_id_from_the_offline_cache_and_bad_teachers(clip_dir, corpus, tmp_pa
       vocab_size=99)).save_pretrained(str(text))
   assert cluster_labels.main(['--teacher', f'hf:{text}', *base]) == 2
   assert 'is not a vision model' in capsys.readouterr().err
+  mae = tmp_path / 'mae_model'            # takes pixels but pools nothing
+  transformers.ViTMAEModel(transformers.ViTMAEConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+      image_size=32, patch_size=8)).save_pretrained(str(mae))
+  assert cluster_labels.main(['--teacher', f'hf:{mae}', *base[:-1], str(tmp_path / 'o2')]) == 2
+  assert f'--teacher hf:{mae}: ViTMAEModel gives no pooled image embedding' in (
+      capsys.readouterr().err)
