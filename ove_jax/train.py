@@ -437,7 +437,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         default=list)
     reporter = StepReporter(workdir, total_steps=config.total_steps, log_every=config.log_every,
                             start=start, peak_per_device=peak, devices=mesh.size,
-                            checkpoints=checkpoint.root_of(workdir), main_process=main_process)
+                            checkpoints=checkpoint.root_of(workdir), main_process=main_process,
+                            writers=tuple(config.metrics.writers),
+                            wandb_options={k[len('wandb_'):]: v for k, v in
+                                           config.metrics.items() if k.startswith('wandb_')},
+                            run_config=config.to_dict())
     loop = Loop(state=state, step=start, tick=time.perf_counter())
     with StopRequest() as stop:
       run = Run(config, workdir, program, manager, sources,
