@@ -37,8 +37,9 @@ def wandb_history(path):
       continue
     record, pending = wandb_internal_pb2.Record.FromString(pending), b''
     if record.WhichOneof('record_type') == 'history':
-      items = {item.key: item.value_json for item in record.history.item}
-      history[int(items['_step'])] = items
+      # A key with '/' is stored split, in nested_key.
+      history[record.history.step.num] = {
+          '/'.join(item.nested_key) or item.key: item.value_json for item in record.history.item}
   return history
 
 
@@ -95,6 +96,7 @@ def test_jsonl_tensorboard_and_offline_wandb_in_a_run_and_its_resume(tmp_path, d
   assert sorted(history) == [1, 2, 3, 4, 5, 6]
   for step, line in lines.items():
     assert float(history[step]['loss']) == pytest.approx(line['loss'], rel=1e-6), step
+  assert float(history[4]['input_wait/max']) == pytest.approx(lines[4]['input_wait/max'])
 
 
 class FakeDevice:
