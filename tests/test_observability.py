@@ -43,17 +43,8 @@ def wandb_history(path):
   return history
 
 
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  from data_pipeline import builtin
-  root = str(tmp_path_factory.mktemp('builtin'))
-  c = config_lib.load(DEMO + ':smoke')
-  builtin.ensure(root, clips=c.builtin.clips, images=c.builtin.images, budget=c.builtin.budget,
-                 seed=c.seed, progress=False)
-  return root
-
-
-def train(workdir, data_root, steps):
+def train(workdir, steps):
+  """The demo's smoke run; its built-in data is made in <workdir>/builtin_data once."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # the experiment asks for its 8 CPU devices itself
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
@@ -61,19 +52,21 @@ def train(workdir, data_root, steps):
   env.pop('WANDB_API_KEY', None)
   result = subprocess.run(
       [sys.executable, '-m', 'ove_jax.train',
-       f'--config={DEMO}:smoke,workers=0,steps={steps},data_root={data_root}',
+       f'--config={DEMO}:smoke,workers=0,steps={steps}',
        f'--workdir={workdir}', '--config.log_every=1', '--config.checkpoint_every=2',
        "--config.metrics.writers=('jsonl','tensorboard','wandb')",
        '--config.metrics.wandb_mode=offline', '--config.metrics.wandb_name=smoke'],
       env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
 
 
-def test_jsonl_tensorboard_and_offline_wandb_in_a_run_and_its_resume(tmp_path, data_root):
+def test_jsonl_tensorboard_and_offline_wandb_in_a_run_and_its_resume(tmp_path):
   workdir = str(tmp_path / 'run')
-  train(workdir, data_root, steps=4)
+  train(workdir, steps=4)
   run_id = open(os.path.join(workdir, metrics_lib.WANDB_RUN_ID_FILE)).read().strip()
-  train(workdir, data_root, steps=6)   # resumes from the checkpoint of step 4
+  printed = train(workdir, steps=6)   # resumes from the checkpoint of step 4
+  assert f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}' in printed
   assert open(os.path.join(workdir, metrics_lib.WANDB_RUN_ID_FILE)).read().strip() == run_id
 
   lines = {m['step']: m for m in metrics_lib.read_metrics(workdir)}
