@@ -24,7 +24,8 @@ import ml_collections
 
 INIT_HEADS = ('keep', 'matching', 'fresh')
 # Sections whose keys are fixed by defaults() (a typo there must not be silently ignored).
-FIXED_SECTIONS = ('mesh', 'distributed', 'model', 'init', 'loss', 'optim', 'builtin')
+FIXED_SECTIONS = ('mesh', 'distributed', 'metrics', 'model', 'init', 'loss', 'optim',
+                  'builtin')
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.watchdog_seconds = 0.0      # dump all stacks when no step finishes in this time (0: off)
   c.profile_start = -1          # first step of a profiler trace into <workdir>/profile (-1: none)
   c.profile_steps = 3
+  # Where metrics lines go (metrics.WRITERS): metrics.jsonl (read back by read_metrics and the
+  # tools), TensorBoard, Weights & Biases (pip install 'ove_jax[wandb]'). The wandb_* keys are
+  # wandb.init's project, name, entity and mode ('' leaves each to wandb and its WANDB_*
+  # environment variables; mode 'offline' keeps the run on disk under <workdir>/wandb).
+  c.metrics = ml_collections.ConfigDict(dict(
+      writers=('jsonl', 'tensorboard'), wandb_project='ove_jax', wandb_name='', wandb_entity='',
+      wandb_mode=''))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one size may be -1
   # How many TPU slices (or GPU nodes) each axis spans; each divides its axis's size above. The
@@ -296,6 +304,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from data_pipeline import pipeline
   from data_pipeline.codec.options import POLICIES
   from ove_jax import optim
+  from ove_jax.metrics import check_writers
   from ove_jax.models import PRESETS
   from ove_jax.models.attention import IMPLEMENTATIONS
   from ove_jax.models.encoder import REMAT_POLICIES, ROPE_VARIANTS
@@ -331,6 +340,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval_every and config.eval_every % config.log_every:
     raise ConfigError(f'eval_every={config.eval_every} must be a multiple of log_every='
                       f'{config.log_every} (evaluations are logged on metrics lines)')
+
+  try:
+    check_writers(config.metrics.writers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _one_of('metrics.wandb_mode', config.metrics.wandb_mode, ('', 'online', 'offline', 'disabled'))
 
   m = config.model
   _one_of('model.preset', m.preset, sorted(PRESETS))

@@ -1,7 +1,8 @@
 """What the trainer reports about itself: metric logs, peak FLOP/s for MFU, and a hang watchdog.
 
-`MetricWriter` appends every logged step to `<workdir>/metrics.jsonl`, the record that scripts
-and tests read back with `read_metrics`, and mirrors the scalars to TensorBoard for people.
+`MetricWriter` sends every logged step to the writers a config chooses: `<workdir>/metrics.jsonl`
+(the record that scripts and tests read back with `read_metrics`), TensorBoard and Weights &
+Biases. `device_memory` reads what the accelerators say they hold.
 `peak_flops_per_device` gives the denominator of MFU (`matmul_peak_flops` measures a
 machine's). `Watchdog` turns a silent hang (a stuck
 collective, a dead data worker) into a stack dump in the log.
@@ -18,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 from typing import Any, Callable, Mapping
 
 import jax
@@ -34,32 +36,43 @@ _NONFINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 # Metric logs
 # ------------------------------------------------------------------------------------------------
 
-class MetricWriter:
-  """Writes scalars to `<workdir>/metrics.jsonl` (one JSON object a line) and to TensorBoard.
+WRITERS = ('jsonl', 'tensorboard', 'wandb')
+WANDB_DIR, WANDB_RUN_ID_FILE = 'wandb', 'wandb_run_id'
 
-  Each line is flushed as it is written, so a run that is killed keeps every step it logged.
+
+class MetricWriter:
+  """Writes scalars to the outputs named in `writers` (config `metrics.writers`, a subset of
+  WRITERS): 'jsonl' appends one JSON object a line to `<workdir>/metrics.jsonl` (the record that
+  `read_metrics`, scripts and tests read back), 'tensorboard' mirrors the scalars to
+  `<workdir>/tensorboard`, 'wandb' logs them to a Weights & Biases run under `<workdir>/wandb`.
+
+  Each jsonl line is flushed as it is written, so a run that is killed keeps every step it logged.
   A resumed run appends to the same file and rewrites the steps after its checkpoint;
-  `read_metrics` keeps the last line of each step. With `enabled=False` (every process but the
-  main one of a multi-host run) all methods do nothing and nothing is created on disk.
+  `read_metrics` keeps the last line of each step; the wandb run is resumed under the same id
+  (kept in `<workdir>/wandb_run_id`). With `enabled=False` (every process but the main one of a
+  multi-host run) all methods do nothing and nothing is created on disk.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
+               wandb_options: Mapping[str, str] | None = None,
+               run_config: Mapping[str, Any] | None = None):
+    check_writers(writers)
     self.enabled = enabled
-    self._file = None
-    self._tb = None
+    self._outputs: list[Any] = []
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, METRICS_FILE)
-    _end_partial_line(path)
-    self._file = open(path, 'a', encoding='utf-8')
-    # tensorboardX is imported here so that processes that never write do not load it.
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
-    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
+    for name in writers:
+      if name == 'jsonl':
+        self._outputs.append(_JsonlOutput(workdir))
+      elif name == 'tensorboard':
+        self._outputs.append(_TensorBoardOutput(workdir))
+      else:
+        self._outputs.append(_WandbOutput(workdir, wandb_options or {}, run_config))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
-    """Logs `metrics` (scalars: Python, NumPy or JAX) for `step` as one line and to TensorBoard.
+    """Logs `metrics` (scalars: Python, NumPy or JAX) for `step` to every output.
 
     Write all of a step's metrics in one call: `read_metrics` keeps only a step's last line.
     """
@@ -67,34 +80,26 @@ class MetricWriter:
       return
     if 'step' in metrics:
       raise ValueError("'step' is the line's own key; rename that metric")
-    step = int(step)
     values = {key: _to_python_scalar(key, value) for key, value in metrics.items()}
-    line = {'step': step, **{key: _encode_nonfinite(value) for key, value in values.items()}}
-    self._file.write(json.dumps(line, allow_nan=False) + '\n')
-    self._file.flush()
-    for key, value in values.items():
-      self._tb.add_scalar(key, value, global_step=step)
+    for output in self._outputs:
+      output.write(int(step), values)
 
   def write_text(self, step: int, name: str, text: str) -> None:
-    """Logs a piece of text (a config dump, a sample) to TensorBoard."""
+    """Logs a piece of text (a config dump, a sample) to the outputs that show text."""
     if not self.enabled:
       return
-    self._tb.add_text(name, text, global_step=int(step))
+    for output in self._outputs:
+      output.write_text(int(step), name, text)
 
   def flush(self) -> None:
-    if not self.enabled:
-      return
-    self._file.flush()
-    self._tb.flush()
+    for output in self._outputs:
+      output.flush()
 
   def close(self) -> None:
-    """Flushes and closes both outputs; calling it again does nothing."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    """Flushes and closes every output; calling it again does nothing."""
+    outputs, self._outputs = self._outputs, []
+    for output in outputs:
+      output.close()
     self.enabled = False
 
   def __enter__(self) -> MetricWriter:
@@ -102,6 +107,107 @@ class MetricWriter:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def check_writers(writers) -> None:
+  """Raises ValueError naming the fix unless `writers` is a non-empty tuple of WRITERS names,
+  each once."""
+  if isinstance(writers, str) or not writers:
+    raise ValueError(f'metrics.writers={writers!r}: a non-empty tuple of names out of {WRITERS}, '
+                     "e.g. metrics.writers=\"('jsonl','tensorboard')\"")
+  unknown = [w for w in writers if w not in WRITERS]
+  if unknown:
+    raise ValueError(f'metrics.writers: unknown writer(s) {unknown}; known: {", ".join(WRITERS)}')
+  if len(set(writers)) != len(writers):
+    raise ValueError(f'metrics.writers={tuple(writers)} names a writer twice')
+
+
+class _JsonlOutput:
+  """metrics.jsonl: one strict-JSON object a line, flushed at once."""
+
+  def __init__(self, workdir: str):
+    path = os.path.join(workdir, METRICS_FILE)
+    _end_partial_line(path)
+    self._file = open(path, 'a', encoding='utf-8')
+
+  def write(self, step: int, values: Mapping[str, int | float]) -> None:
+    line = {'step': step, **{key: _encode_nonfinite(value) for key, value in values.items()}}
+    self._file.write(json.dumps(line, allow_nan=False) + '\n')
+    self._file.flush()
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    del step, name, text  # a metrics line holds numbers only
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class _TensorBoardOutput:
+  """Scalars and text for TensorBoard, in <workdir>/tensorboard."""
+
+  def __init__(self, workdir: str):
+    # tensorboardX is imported here so that processes that never write do not load it.
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
+    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
+
+  def write(self, step: int, values: Mapping[str, int | float]) -> None:
+    for key, value in values.items():
+      self._tb.add_scalar(key, value, global_step=step)
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    self._tb.add_text(name, text, global_step=step)
+
+  def flush(self) -> None:
+    self._tb.flush()
+
+  def close(self) -> None:
+    self._tb.close()
+
+
+class _WandbOutput:
+  """A Weights & Biases run with its files under <workdir>/wandb.
+
+  `options` holds project, name, entity and mode (each '' for wandb's default; mode 'offline'
+  writes the run to disk only, for `wandb sync` later, as does WANDB_MODE=offline). The run id is
+  made once and kept in <workdir>/wandb_run_id, so a resumed training run continues the same
+  wandb run instead of starting a new one.
+  """
+
+  def __init__(self, workdir: str, options: Mapping[str, str],
+               run_config: Mapping[str, Any] | None):
+    try:
+      import wandb  # pylint: disable=g-import-not-at-top  -- only when chosen
+    except ImportError as e:
+      raise ImportError("metrics.writers names 'wandb' but wandb is not installed: "
+                        "pip install 'ove_jax[wandb]' (or drop 'wandb' from metrics.writers)"
+                        ) from e
+    from data_pipeline import fileio  # pylint: disable=g-import-not-at-top
+    id_path = os.path.join(workdir, WANDB_RUN_ID_FILE)
+    if os.path.exists(id_path):
+      with open(id_path, encoding='utf-8') as f:
+        run_id = f.read().strip()
+    else:
+      run_id = uuid.uuid4().hex[:16]  # letters and digits, as wandb ids must be
+      fileio.write_atomic(id_path, run_id + '\n')
+    kwargs = {k: v for k, v in options.items() if v}
+    self._run = wandb.init(id=run_id, resume='allow', dir=workdir, config=dict(run_config or {}),
+                           **kwargs)
+
+  def write(self, step: int, values: Mapping[str, int | float]) -> None:
+    self._run.log(dict(values), step=step)
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    self._run.summary[name] = text  # the latest text of each name, shown on the run's page
+
+  def flush(self) -> None:
+    pass  # wandb's own process writes the run file as it goes
+
+  def close(self) -> None:
+    self._run.finish()
 
 
 def read_metrics(path: str, *, merge_steps: bool = False) -> list[dict]:
@@ -255,6 +361,31 @@ def _measure_host_flops(device) -> float:
   if _host_flops is None:
     _host_flops = matmul_peak_flops('float32', repeats=10, device=device, size=1024)
   return _host_flops
+
+
+# ------------------------------------------------------------------------------------------------
+# Device memory
+# ------------------------------------------------------------------------------------------------
+
+def device_memory(devices=None) -> dict[str, int]:
+  """The accelerator memory this process's devices (default: `jax.local_devices()`) hold:
+  {'memory/bytes_in_use': ..., 'memory/peak_bytes_in_use': ...}, each the largest over the
+  devices (the fullest device is the one that runs out first), from `device.memory_stats()`.
+
+  Backends that do not report memory (CPU returns None) give {}: nothing is logged.
+  """
+  if devices is None:
+    devices = jax.local_devices()
+  out: dict[str, int] = {}
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):
+      stats = None
+    for key in ('bytes_in_use', 'peak_bytes_in_use'):
+      if stats and key in stats:
+        out[f'memory/{key}'] = max(out.get(f'memory/{key}', 0), int(stats[key]))
+  return out
 
 
 # ------------------------------------------------------------------------------------------------

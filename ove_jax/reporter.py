@@ -2,10 +2,11 @@
 
 The loop hands every finished step to `StepReporter.finish` one step late (`StepResult` holds
 its metrics still on the devices), so reading them never stalls the next step's dispatch. Every
-step is checked for NaN/Inf; every `log_every` steps one line goes to metrics.jsonl and
-TensorBoard with the step's metrics, the window's rates (step time, clips and tokens per second,
-input-wait fraction, MFU), the dropped records, and what the loop added since (`extra`:
-evaluation results, checkpoint time).
+step is checked for NaN/Inf; every `log_every` steps one line goes to the metrics writers
+(metrics.jsonl, TensorBoard, wandb) with the step's metrics, the window's rates (step time, clips
+and tokens per second, input-wait fraction, MFU), the input wait of the slowest process, the
+device memory in use, the dropped records, and what the loop added since (`extra`: evaluation
+results, checkpoint time).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jax.experimental import multihost_utils
 
 from ove_jax import metrics as metrics_lib
 
@@ -56,6 +59,22 @@ class Window:
     return out
 
 
+def input_wait_across_processes(wait_fraction: float) -> dict[str, float]:
+  """Every process's input-wait fraction (this one's is `wait_fraction`) gathered: their max and
+  mean, and the index of the slowest process (the one that waited most for its input).
+
+  A collective: every process calls it at the same steps (the log steps). A multi-host run goes
+  at the pace of its slowest input, which no single process's own fraction shows.
+  """
+  if jax.process_count() == 1:
+    fractions = np.asarray([wait_fraction], np.float32)
+  else:
+    fractions = np.asarray(multihost_utils.process_allgather(
+        np.asarray([wait_fraction], np.float32))).reshape(-1)
+  return {'input_wait/max': float(fractions.max()), 'input_wait/mean': float(fractions.mean()),
+          'input_wait/slowest_process': int(fractions.argmax())}
+
+
 def fetch(tree: dict[str, jax.Array]) -> dict[str, float]:
   """Replicated device scalars as floats, in one batched device-to-host read."""
   values = jax.device_get({k: v.addressable_data(0) for k, v in tree.items()})
@@ -67,7 +86,9 @@ class StepReporter:
   the main process writes)."""
 
   def __init__(self, workdir: str, *, total_steps: int, log_every: int, start: int,
-               peak_per_device: float, devices: int, checkpoints: str, main_process: bool):
+               peak_per_device: float, devices: int, checkpoints: str, main_process: bool,
+               writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
+               wandb_options: dict[str, str] | None = None, run_config: dict | None = None):
     from tqdm import tqdm
     self.total_steps, self.log_every, self.start = total_steps, log_every, start
     self.peak_per_device, self.devices, self.checkpoints = peak_per_device, devices, checkpoints
@@ -75,7 +96,8 @@ class StepReporter:
     self.extra: dict[str, float] = {}        # for the next metrics line
     self.last: dict[str, Any] = {}           # the last line written
     self.window = Window()
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=main_process, writers=writers,
+                                           wandb_options=wandb_options, run_config=run_config)
     self.progress = tqdm(total=total_steps, initial=start, disable=not main_process, desc='train',
                          unit='step', dynamic_ncols=True, mininterval=1.0)
 
@@ -109,6 +131,9 @@ class StepReporter:
     line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device,
                                           self.devices)}
     line['skipped_records'] = self.window.skipped
+    if self.window.steps:  # the same on every process: each joins the gather or none does
+      line.update(input_wait_across_processes(self.window.wait / self.window.seconds))
+    line.update(metrics_lib.device_memory())
     line.update(self.extra)
     self.extra.clear()
     self.writer.write(done.step, line)

@@ -412,7 +412,7 @@ class Run:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics. Process 0
-  ends by printing where the checkpoints, metrics.jsonl and TensorBoard logs are."""
+  ends by printing where the checkpoints and the outputs of the metrics writers are."""
   info = distributed.initialize(local_device_count=_local_devices(config),
                                 **config.distributed.to_dict())
   main_process = info['process_index'] == 0
@@ -437,7 +437,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         default=list)
     reporter = StepReporter(workdir, total_steps=config.total_steps, log_every=config.log_every,
                             start=start, peak_per_device=peak, devices=mesh.size,
-                            checkpoints=checkpoint.root_of(workdir), main_process=main_process)
+                            checkpoints=checkpoint.root_of(workdir), main_process=main_process,
+                            writers=tuple(config.metrics.writers),
+                            wandb_options={k[len('wandb_'):]: v for k, v in
+                                           config.metrics.items() if k.startswith('wandb_')},
+                            run_config=config.to_dict())
     loop = Loop(state=state, step=start, tick=time.perf_counter())
     with StopRequest() as stop:
       run = Run(config, workdir, program, manager, sources,
@@ -458,12 +462,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if stop.requested:
     last['stopped'] = 'SIGTERM'
   if main_process:  # the manager's own list: opening another would wait for the other processes
-    tensorboard = os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)
+    outputs = {'jsonl': f'metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}',
+               'tensorboard': 'TensorBoard: tensorboard --logdir '
+                              f'{os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}',
+               'wandb': f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}'}
     print(f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step} of '
           f'{workdir}\n  checkpoints: {checkpoint.root_of(workdir)} (steps '
-          f'{sorted(manager.all_steps())})\n  metrics:     '
-          f'{os.path.join(workdir, metrics_lib.METRICS_FILE)}\n  TensorBoard: tensorboard '
-          f'--logdir {tensorboard}', flush=True)
+          f'{sorted(manager.all_steps())})' +
+          ''.join(f'\n  {outputs[w]}' for w in config.metrics.writers), flush=True)
   return last
 
 

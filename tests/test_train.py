@@ -233,6 +233,10 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
   assert sorted(a) == sorted(b) and len(a) >= 3
   for s in a:
     assert b[s] == pytest.approx(a[s], rel=1e-5), s
+  # The input wait of both processes is gathered at log steps: the slowest one is named.
+  lines = metrics_lib.read_metrics(two)
+  assert lines[-1]['input_wait/slowest_process'] in (0, 1)
+  assert 0 <= lines[-1]['input_wait/mean'] <= lines[-1]['input_wait/max'] <= 1
   # Each process saved its own input position in the same checkpoint step.
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
