@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
 from jax.experimental import multihost_utils
 
 from ove_jax import metrics as metrics_lib
