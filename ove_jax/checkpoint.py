@@ -37,7 +37,8 @@ STATE, DATA, META = 'state', 'data', 'meta'  # the items of a training checkpoin
 ENCODER = ('params', 'encoder')            # where the encoder sits in the train state
 
 ACCEPTED = (f'a training workdir, its {CHECKPOINT_DIR} folder or one step folder; a '
-            'release-format (Hugging Face) directory with config.json and model.safetensors; an '
+            'release-format (Hugging Face) directory with config.json and model.safetensors (or '
+            'shards), or its hub id org/name[@revision] (from the local cache offline); an '
             f'ove_jax parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> '
             f'with a preset of {sorted(PRESETS)}')
 
@@ -387,10 +388,16 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
     return LoadedEncoder(Encoder(cfg, rngs=nnx.Rngs(seed)), cfg, None, [],
                          f'random init {preset} (seed {seed})')
   full = os.path.abspath(path)
+  from ove_jax.convert import hub
+  if not os.path.exists(full) and hub.is_hub_id(path):  # org/name[@rev]: the hub's cache
+    from ove_jax import convert
+    model = convert.load_pytorch(path)
+    return LoadedEncoder(model, model.cfg, None, [], f'Hugging Face hub id {path}')
   if not os.path.isdir(full):
     raise FileNotFoundError(f'{path}: no such directory; expected {ACCEPTED}')
   # A training workdir holds a config.json too (the experiment's): the weights file decides.
-  if os.path.isfile(os.path.join(full, 'model.safetensors')):
+  if any(os.path.isfile(os.path.join(full, n)) for n in (hub.WEIGHTS_NAME,
+                                                           hub.WEIGHTS_INDEX_NAME)):
     from ove_jax import convert
     model = convert.load_pytorch(full)
     return LoadedEncoder(model, model.cfg, None, [], f'release-format directory {full}')

@@ -291,3 +291,23 @@ def test_export_converts_one_tensor_at_a_time_and_verifies_tensor_by_tensor(tmp_
   with pytest.raises(ValueError, match='announced'):
     convert.write_safetensors(str(tmp_path / 'bad.safetensors'), bad)
   assert not os.path.exists(tmp_path / 'bad.safetensors')
+
+
+def test_cli_writes_sharded_exports_and_checks_every_shard(tmp_path, capsys):
+  out = str(tmp_path / 'sharded')
+  assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--out', out,
+                                  '--max-shard-size', '200KB']) == 0
+  assert os.path.isfile(os.path.join(out, 'model.safetensors.index.json'))
+  shards = sorted(f for f in os.listdir(out) if f.startswith('model-'))
+  assert len(shards) > 1 and not os.path.exists(os.path.join(out, 'model.safetensors'))
+  assert 'max |difference| over' in capsys.readouterr().out
+  # a changed weight in one shard fails the check tool's own verification
+  path = os.path.join(out, shards[0])
+  tensors = convert.read_safetensors(path)
+  key = sorted(tensors)[0]
+  tensors[key] = tensors[key] + 1.0
+  convert.write_safetensors(path, tensors)
+  model = convert.load_pytorch(out)
+  fresh = create_encoder(EncoderConfig.preset('tiny'), seed=0)
+  assert convert.verify_export(fresh, out)[0] > 0.5
+  assert convert.verify_export(model, out)[0] == 0.0

@@ -230,6 +230,10 @@ with torch.no_grad():
 jax_model = convert.load_pytorch('ove-test/tiny')
 jax_out = jax_model.forward_pixels(x.permute(0, 2, 3, 1).numpy())
 out['jax'] = np.asarray(jax_out['pooler_output']).tolist()
+from ove_jax import checkpoint  # what ove-probe / ove-cluster-labels load a teacher with
+loaded = checkpoint.load_encoder('ove-test/tiny').model
+out['load_encoder'] = np.asarray(
+    loaded.forward_pixels(x.permute(0, 2, 3, 1).numpy())['pooler_output']).tolist()
 try:
   convert.load_pytorch('ove-test/absent')
 except convert.CheckpointError as e:
@@ -251,7 +255,7 @@ def test_hub_id_loads_from_the_local_cache_offline(exported, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   ref = np.asarray(pixels(model, x.transpose(0, 2, 3, 1))['pooler_output'])
-  for loader in ('auto', 'port', 'jax'):
+  for loader in ('auto', 'port', 'jax', 'load_encoder'):
     assert _rel(out[loader], ref) <= TOL, loader
   assert 'ove-test/absent' in out['error'] and 'HF_HUB_OFFLINE' in out['error']
 

@@ -37,22 +37,27 @@ def _to_hf(args) -> int:
   else:
     model = create_encoder(EncoderConfig.preset(args.preset), seed=args.seed)
     source = f'preset {args.preset} (seed {args.seed})'
-  return _write(model, args.out, args.dtype, source)
+  return _write(model, args.out, args.dtype, source, args)
 
 
-def _write(model, out: str, dtype: str, source: str) -> int:
+def _write(model, out: str, dtype: str, source: str, args=None) -> int:
   """Saves `model` in the release format, then checks the written file against its parameters
-  (bit-exact in float32; in bfloat16 / float16, to the stored precision)."""
+  (bit-exact in float32; in bfloat16 / float16, to the stored precision); with --push-to-hub,
+  uploads the checked export."""
 
   from ove_jax import convert
 
-  convert.save_pytorch(model, out, dtype=dtype)
+  convert.save_pytorch(model, out, dtype=dtype,
+                       max_shard_size=getattr(args, 'max_shard_size', None) or '5GB')
   worst, count = convert.verify_export(model, out, dtype)  # tensor by tensor: no second copy
   print(f'round trip check ({dtype}): max |difference| over {count} parameters = {worst}')
   if worst != 0.0:
     print('error: the written checkpoint does not reproduce the parameters', file=sys.stderr)
     return 1
   print(f'wrote {out} ({dtype}) from {source}')
+  if getattr(args, 'push_to_hub', None):
+    from ove_jax.convert import hf_modeling
+    print(f'pushed to {hf_modeling.push_to_hub(out, args.push_to_hub, private=args.private)}')
   return 0
 
 
@@ -64,7 +69,7 @@ def _from_train(args) -> int:
                      'training workdir, its checkpoints folder or one step folder')
   return _write(loaded.model, args.out, args.dtype,
                 f'{args.workdir} step {loaded.step} (the encoder; heads left out: '
-                f'{", ".join(loaded.heads) or "none"})')
+                f'{", ".join(loaded.heads) or "none"})', args)
 
 
 def _from_hf(args) -> int:
@@ -126,8 +131,19 @@ def _verify(args) -> int:
   return 0 if ok else 1
 
 
+def _export_flags(p) -> None:
+  p.add_argument('--out', required=True, help='the release-format directory to write')
+  p.add_argument('--max-shard-size', default='5GB',
+                 help='above this, weights are written as model-0000i-of-0000n.safetensors shards '
+                      'with model.safetensors.index.json (bytes, or e.g. 2GB / 500MB)')
+  p.add_argument('--push-to-hub', metavar='ORG/NAME',
+                 help='after the round-trip check, upload the export to this hub repository '
+                      '(needs network and HF_TOKEN or huggingface-cli login)')
+  p.add_argument('--private', action='store_true', help='with --push-to-hub: a private repository')
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+  parser = argparse.ArgumentParser(prog='ove-convert', description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
   sub = parser.add_subparsers(dest='command', required=True)
@@ -135,24 +151,27 @@ def main(argv=None) -> int:
   src = to_hf.add_mutually_exclusive_group(required=True)
   src.add_argument('--preset', help='tiny, small, base, large or huge, freshly initialised')
   src.add_argument('--params', help='an ove_jax parameter directory (see `from-hf`)')
-  to_hf.add_argument('--seed', type=int, default=0)
-  to_hf.add_argument('--out', required=True)
-  to_hf.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
+  to_hf.add_argument('--seed', type=int, default=0, help='the initialisation seed of --preset')
+  to_hf.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                     help='the stored precision')
+  _export_flags(to_hf)
   from_train = sub.add_parser('from-train', help='a training checkpoint\'s encoder -> release '
                               'format')
-  from_train.add_argument('--workdir', required=True, help='the run\'s workdir (python -m '
-                          'ove_jax.train --workdir=...)')
+  from_train.add_argument('--workdir', required=True, help='the run\'s workdir (ove-train '
+                          '--workdir=...), its checkpoints folder or one step folder')
   from_train.add_argument('--step', type=int, help='the checkpoint step (default: the latest)')
-  from_train.add_argument('--out', required=True)
-  from_train.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  from_train.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                          help='the stored precision')
+  _export_flags(from_train)
   from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
   from_hf.add_argument('--hf', required=True, help='directory with config.json and '
-                       'model.safetensors')
-  from_hf.add_argument('--out', required=True)
+                       'model.safetensors (or shards), or a hub id org/name[@revision]')
+  from_hf.add_argument('--out', required=True, help='the ove_jax parameter directory to write')
   verify = sub.add_parser('verify', help='JAX vs PyTorch port on one release-format directory')
-  verify.add_argument('--hf', required=True)
-  verify.add_argument('--resolution', type=int, default=448)
-  verify.add_argument('--tolerance', type=float, default=1e-4)
+  verify.add_argument('--hf', required=True, help='the release-format directory or hub id')
+  verify.add_argument('--resolution', type=int, default=448, help='image side of the test input')
+  verify.add_argument('--tolerance', type=float, default=1e-4,
+                      help='largest relative difference accepted')
   args = parser.parse_args(argv)
 
   from ove_jax.convert import CheckpointError
