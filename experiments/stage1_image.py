@@ -14,8 +14,13 @@ count; fine up to 1024 devices), uint8 patches normalised on the device, and the
 checkpoint cadence.
 
 Data: the source below is a placeholder. Point it at your precomputed records (images with their
-10 nearest-centre labels, data_pipeline.records format):
-  --config.data.heads.image.source='/data/laion-*.array_record'
+10 nearest-centre labels, data_pipeline.records format). Make them from a webdataset tar set, a
+folder or parquet files (docs/images.md), then label unlabelled images with a teacher
+(docs/labels_and_probes.md):
+  ove-precompute-images '/data/laion-wds/{00000..01999}.tar' /data/laion --name laion
+  ove-cluster-labels --teacher hf:facebook/metaclip-h14-fullcc2.5b \
+      --records '/data/laion/laion-*.array_record*' --k 2000000 --backend faiss --out /data/labels
+  --config.data.heads.image.source='/data/labels/records/laion-*.array_record*'
 
 Single host (all local GPUs):
   ove-train --config=stage1_image:batch=1024 \

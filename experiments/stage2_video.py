@@ -16,9 +16,14 @@ that divides it; total_steps = samples / batch (default samples=4e9: 195,312 ste
 mesh data x fsdp=8 with full rematerialisation; 1024 sampling blocks (a multiple of the device
 count; fine up to 1024 devices); uint8 patches normalised on the device.
 
-Data: the sources below are placeholders. Point them at your precomputed records (see
-tools/precompute_codec.py for the video head's codec selections; records whose `source` is a
-relative path are joined to data.heads.video.video_root for the uniform and collage modes):
+Data: the sources below are placeholders. Point them at your precomputed records: the video
+head's codec selections with `ove-precompute-codec` (docs/codec.md), the image and OCR heads'
+images with `ove-precompute-images` (docs/images.md), e.g.
+  ove-precompute-images '/data/laion-wds/{00000..01999}.tar' /data/laion --name laion
+  ove-precompute-images '/data/ocr/*.parquet' /data/ocr --name ocr --label-column word_ids
+and cluster labels from a teacher where the images have none (docs/labels_and_probes.md). Records
+whose video `source` is a relative path are joined to data.heads.video.video_root for the uniform
+and collage modes:
   --config.data.heads.image.source='/data/laion-*.array_record' \
   --config.data.heads.ocr.source='/data/ocr-*.array_record' \
   --config.data.heads.video.source='/data/video-codec-*.array_record'
