@@ -256,7 +256,9 @@ def kmeans_plusplus(x_NxD: np.ndarray, k: int, seed: int = 0,
   return centres
 
 
-def _initial_centres(x_NxD, k, init, seed, spherical) -> np.ndarray:
+def initial_centres(x_NxD, k, init, seed, spherical) -> np.ndarray:
+  """[k, D] float32 starting centres: k-means++, k distinct random points, or a given array
+  (checked); unit rows when spherical. Shared with ove_jax.kmeans_backends."""
   if isinstance(init, str):
     if init == 'k-means++':
       c = kmeans_plusplus(x_NxD, k, seed)
@@ -308,7 +310,7 @@ def fit(x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int = 100
   x = _check_points(x_NxD, k)
   if spherical:
     x = l2_normalize(x)
-  centres0 = _initial_centres(x, k, init, seed, spherical)
+  centres0 = initial_centres(x, k, init, seed, spherical)
   threshold = float(tol * np.mean(np.var(x, axis=0)))
   with _mesh_scope():
     lay = layout(len(x), k, chunk)

@@ -27,14 +27,14 @@ import time
 import numpy as np
 
 from ove_jax import kmeans
+from ove_jax.vectors import l2_normalize
 
 BACKENDS = ('jax', 'sklearn', 'faiss')
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-  """Rows L2-normalised (float32)."""
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  """Rows L2-normalised, as float32 (ove_jax.vectors.l2_normalize)."""
+  return l2_normalize(np.asarray(x, np.float32))
 
 
 def initial_centres(x_NxD: np.ndarray, k: int, init: str | np.ndarray = 'k-means++',
@@ -45,18 +45,7 @@ def initial_centres(x_NxD: np.ndarray, k: int, init: str | np.ndarray = 'k-means
   distinct points; an array is checked and used as given.
   """
   x = unit(x_NxD) if spherical else np.asarray(x_NxD, np.float32)
-  if not isinstance(init, str):
-    c = np.asarray(init, np.float32)
-    if c.shape != (k, x.shape[1]):
-      raise ValueError(f'init centres of shape {c.shape}; expected {(k, x.shape[1])}')
-  elif init in ('k-means++', 'random'):
-    # The draws of ove_jax.kmeans.fit's own init of the same name and seed.
-    rng = np.random.default_rng(seed)
-    c = (kmeans.kmeans_plusplus(x, k, seed) if init == 'k-means++' else
-         x[np.sort(rng.choice(len(x), k, replace=False))])
-  else:
-    raise ValueError(f'init={init!r}; use "k-means++", "random" or a [k, D] array')
-  return unit(c) if spherical else np.array(c, np.float32)
+  return kmeans.initial_centres(x, k, init, seed, spherical)  # kmeans.fit's own init
 
 
 def assign(x_NxD: np.ndarray, centres_KxD: np.ndarray, *, spherical: bool = False,
