@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ove_jax import config as config_lib
-from ove_jax import metrics, train
+from ove_jax import memory, metrics, train
 from ove_jax.models import attention
 
 # docs/spec.md §1.4: the tolerance seen between the release's own attention kernels.
@@ -220,16 +220,6 @@ def synthetic_batch(program, config, seed: int = 0) -> dict[str, dict[str, np.nd
   return out
 
 
-def plan_bytes(memory_analysis) -> dict[str, int]:
-  """The compiler's per-device plan of an executable (as ove-aot-memory reports it)."""
-  m = memory_analysis
-  plan = {'argument_bytes': m.argument_size_in_bytes, 'output_bytes': m.output_size_in_bytes,
-          'alias_bytes': m.alias_size_in_bytes, 'temp_bytes': m.temp_size_in_bytes}
-  plan['total_bytes'] = (plan['argument_bytes'] + plan['output_bytes'] - plan['alias_bytes']
-                         + plan['temp_bytes'])
-  return plan
-
-
 def peak_bytes(device) -> int | None:
   """The device's peak allocation so far in this process (None where the backend keeps none)."""
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
@@ -249,7 +239,7 @@ def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
     t0 = time.perf_counter()
     compiled = program.step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
-    plan = plan_bytes(compiled.memory_analysis())
+    plan = memory.plan_bytes(compiled.memory_analysis())
     times, aux = [], None
     for i in range(warmup + steps):
       tick = time.perf_counter()

@@ -202,6 +202,17 @@ def check_mesh(config, num_devices: int) -> None:
     raise PlanError(str(e)) from None
 
 
+def plan_bytes(memory_analysis) -> dict[str, int]:
+  """The compiler's per-device plan of an executable from `compiled.memory_analysis()`:
+  arguments + outputs - aliased (donated) + temporaries; also what ove-gpu-check compares with."""
+  m = memory_analysis
+  plan = {'argument_bytes': m.argument_size_in_bytes, 'output_bytes': m.output_size_in_bytes,
+          'alias_bytes': m.alias_size_in_bytes, 'temp_bytes': m.temp_size_in_bytes}
+  plan['total_bytes'] = (plan['argument_bytes'] + plan['output_bytes'] - plan['alias_bytes']
+                         + plan['temp_bytes'])
+  return plan
+
+
 def analyse(config, num_devices: int, device_memory_gb: float | None = None,
             platform: str = 'cpu') -> dict[str, Any]:
   """Compiles the train step of `config` on `num_devices` devices (virtual CPU devices, or
@@ -235,9 +246,9 @@ def analyse(config, num_devices: int, device_memory_gb: float | None = None,
   params = shard_bytes(state['params'])
   optimizer = shard_bytes(state['opt_state'])
   batch_bytes = shard_bytes(batch)
-  argument, output = mem.argument_size_in_bytes, mem.output_size_in_bytes
-  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  total = argument + output - alias + temp
+  plan = plan_bytes(mem)
+  argument, output, alias, temp, total = (plan[k] for k in (
+      'argument_bytes', 'output_bytes', 'alias_bytes', 'temp_bytes', 'total_bytes'))
 
   batch_shards = math.prod(mesh.shape[a] for a in program.batch_axes)
   # A class count equal to another dimension of the model cannot be told apart in the HLO (small
