@@ -2,9 +2,10 @@
 
 `AutoConfig.from_pretrained(export_dir, trust_remote_code=True)` builds this from config.json
 (whose `auto_map` names it). Every export carries a copy of this file beside
-modeling_onevision_encoder.py and the PyTorch port (torch_model.py, hub.py), written by
-`ove_jax.convert.save_pytorch`; inside ove_jax it is an ordinary module. The fields and their
-defaults are the port's `OVEncoderConfig`, which also checks them (head_dim, GELU, LayerNorm).
+modeling_onevision_encoder.py and the PyTorch port (torch_model.py, hub.py, release_config.py),
+written by `ove_jax.convert.save_pytorch`; inside ove_jax it is an ordinary module. The fields
+and their defaults are the release schema's `OVEncoderConfig` (release_config.py), which also
+checks them (head_dim, GELU, LayerNorm).
 """
 import dataclasses
 
@@ -14,9 +15,10 @@ except ImportError:
   from transformers import PretrainedConfig as PreTrainedConfig
 
 # transformers copies a local export's modules through the direct relative imports of the file
-# it loads only, so the port's own `.hub` is named here too.
+# it loads only, so the port's own `.hub` and `.torch_model` are named here too.
 from .hub import WEIGHTS_NAME  # noqa: F401
-from .torch_model import MODEL_TYPE, OVEncoderConfig
+from .release_config import MODEL_TYPE, OVEncoderConfig
+from .torch_model import EncoderForward  # noqa: F401
 
 FIELDS = {f.name: f.default for f in dataclasses.fields(OVEncoderConfig)}
 

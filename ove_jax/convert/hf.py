@@ -30,6 +30,8 @@ from ove_jax import sharding
 from ove_jax.models import layout
 from ove_jax.models.encoder import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig
 
+from .release_config import ARCHITECTURES, MODEL_TYPE, OVEncoderConfig
+
 Path = tuple  # a parameter path in nnx.state, e.g. ('blocks', 0, 'mlp', 'fc1', 'kernel')
 #                (unrolled) or ('blocks', 'mlp', 'fc1', 'kernel') (scanned: [depth, C, I])
 
@@ -228,54 +230,21 @@ def hf_config(cfg: EncoderConfig, dtype: str = 'float32') -> dict:
         'knows only the 3D RoPE, so its loaders would run these weights with the wrong '
         'positions. Keep it as an ove_jax checkpoint (checkpoint.save_params records the rope '
         'in encoder_config.json) instead of exporting it')
-  return {
-      'model_type': 'onevision_encoder',
-      'architectures': ['OneVisionEncoderModel'],
-      'hidden_size': cfg.width,
-      'intermediate_size': cfg.mlp_dim,
-      'num_hidden_layers': cfg.depth,
-      'num_attention_heads': cfg.num_heads,
-      'num_channels': cfg.num_channels,
-      'image_size': cfg.image_size,
-      'patch_size': cfg.patch_size,
-      'hidden_act': 'gelu',
-      'layer_norm_eps': cfg.layer_norm_eps,
-      'layer_norm_type': 'layer_norm',
-      'attention_dropout': 0.0,
-      'initializer_range': 0.02,
-      'rope_theta': cfg.rope_theta,
-      'rope_temporal_size': cfg.rope_temporal_size,
-      'use_head': cfg.use_head,
-      'torch_dtype': dtype,
-      'dtype': dtype,
-  }
-
-
-_REQUIRED = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+  return {'model_type': MODEL_TYPE, 'architectures': list(ARCHITECTURES),
+          **OVEncoderConfig.from_ours(cfg).to_dict(), 'torch_dtype': dtype, 'dtype': dtype}
 
 
 def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> EncoderConfig:
   """EncoderConfig from a release config.json dict; refuses what is not an OV-Encoder."""
-  if hf.get('model_type') != 'onevision_encoder':
+  if hf.get('model_type') != MODEL_TYPE:
     raise CheckpointError(f'{source}: model_type is {hf.get("model_type")!r}, expected '
-                          "'onevision_encoder'; this is not a OneVision-Encoder checkpoint")
-  for key in _REQUIRED:
-    if not isinstance(hf.get(key), int):
-      raise CheckpointError(f'{source}: {key} is {hf.get(key)!r}; expected an integer')
-  checks = {'hidden_act': ('gelu',), 'layer_norm_type': ('layer_norm',)}
-  for key, allowed in checks.items():
-    if hf.get(key, allowed[0]) not in allowed:
-      raise CheckpointError(f'{source}: {key} is {hf[key]!r}; this port supports {allowed}')
+                          f'{MODEL_TYPE!r}; this is not a OneVision-Encoder checkpoint')
   try:
-    return EncoderConfig(
-        width=hf['hidden_size'], depth=hf['num_hidden_layers'],
-        num_heads=hf['num_attention_heads'], mlp_dim=hf['intermediate_size'],
-        patch_size=hf.get('patch_size', 14), num_channels=hf.get('num_channels', 3),
-        rope_theta=float(hf.get('rope_theta', 10000.0)),
-        rope_temporal_size=hf.get('rope_temporal_size') or 64,
-        use_head=bool(hf.get('use_head', True)),
-        layer_norm_eps=float(hf.get('layer_norm_eps', 1e-6)),
-        image_size=hf.get('image_size', 448), **overrides)
+    release = OVEncoderConfig.from_dict(hf, source)  # its messages name `source`
+  except ValueError as e:
+    raise CheckpointError(str(e)) from e
+  try:
+    return EncoderConfig(**release.ours(), **overrides)
   except ValueError as e:
     raise CheckpointError(f'{source}: {e}') from e
 

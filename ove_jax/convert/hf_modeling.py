@@ -3,7 +3,8 @@
 `save_pytorch` (hf.py) writes, besides the release's config.json, weights and
 preprocessor_config.json:
   - `auto_map` in config.json and our remote code: configuration_onevision_encoder.py,
-    modeling_onevision_encoder.py and the PyTorch port they build on (torch_model.py, hub.py),
+    modeling_onevision_encoder.py and the PyTorch port they build on (torch_model.py, hub.py,
+    release_config.py),
     so `AutoModel.from_pretrained(export_dir, trust_remote_code=True)` loads the export (as
     LLaVA-style code loads the released vision tower) with no ove_jax installed;
   - the weights as one model.safetensors, or, above `max_shard_size`, as shards
@@ -24,7 +25,7 @@ from ove_jax.convert import hub
 
 # The remote code every export carries (files of this package, copied unchanged).
 REMOTE_CODE = ('configuration_onevision_encoder.py', 'modeling_onevision_encoder.py',
-               'torch_model.py', 'hub.py')
+               'torch_model.py', 'hub.py', 'release_config.py')
 AUTO_MAP = {'AutoConfig': 'configuration_onevision_encoder.OneVisionEncoderConfig',
             'AutoModel': 'modeling_onevision_encoder.OneVisionEncoderModel'}
 MAX_SHARD_SIZE = '5GB'  # transformers' default: the large encoder in fp32 (1.26 GB) is one file

@@ -22,8 +22,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_onevision_encoder import OneVisionEncoderConfig
 
 # transformers copies a local export's modules through the direct relative imports of the file
-# it loads only, so the port's own `.hub` is named here too.
+# it loads only, so the port's own `.hub` and
+# `.release_config` are named here too.
 from .hub import WEIGHTS_NAME  # noqa: F401
+from .release_config import CONFIG_NAME  # noqa: F401
 from .torch_model import EncoderForward, OVPoolingHead, init_head, init_module
 
 

@@ -21,12 +21,12 @@ Usage:
                                          num_hidden_layers=2, num_attention_heads=2))
   save_pretrained(model, 'some/dir')  # config.json + model.safetensors
 
-Checkpoints are read with safetensors only; pickled torch files are never opened. The one
-relative import, `.hub` (standard library only), finds the files of a directory or a hub id.
+Checkpoints are read with safetensors only; pickled torch files are never opened. Its relative
+imports use the standard library only: `.hub` finds the files of a directory or a hub id, and
+`.release_config` is the release's config.json schema.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -39,110 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, resolve, weight_files
-
-MODEL_TYPE = 'onevision_encoder'
-ARCHITECTURES = ['OneVisionEncoderModel']
-CONFIG_NAME = 'config.json'
-
-# Sizes with no sensible default: a config file without them is not a usable config.
-_REQUIRED_KEYS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+from .release_config import ARCHITECTURES, CONFIG_NAME, MODEL_TYPE, OVEncoderConfig, rope_axis_sizes
 
 PathLike = str | os.PathLike
-
-
-@dataclasses.dataclass
-class OVEncoderConfig:
-  """The fields of the release's `config.json` that shape the model (docs/spec.md §1.4), with
-  the release's defaults (its large model)."""
-  # sizes
-  hidden_size: int = 1024
-  intermediate_size: int = 4096
-  num_hidden_layers: int = 24
-  num_attention_heads: int = 16
-  # input
-  num_channels: int = 3
-  image_size: int = 448
-  patch_size: int = 14
-  # layers: only the release's choices are accepted (validate)
-  hidden_act: str = 'gelu'
-  layer_norm_eps: float = 1e-6
-  layer_norm_type: str = 'layer_norm'
-  attention_dropout: float = 0.0
-  initializer_range: float = 0.02
-  # positions (docs/spec.md §1.3) and the pooling head
-  rope_theta: float = 10000.0
-  rope_temporal_size: int = 64
-  use_head: bool = True
-
-  def __post_init__(self):
-    self.validate()
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
-
-  @property
-  def rope_axis_sizes(self) -> tuple:
-    return rope_axis_sizes(self)
-
-  def validate(self, source: str | None = None):
-    where = f' in {source}' if source else ''
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_attention_heads '
-                       f'{self.num_attention_heads}{where}')
-    # The 4:6:6 RoPE split needs head_dim / 2 to be a multiple of 16 (64 in every release size).
-    if (self.head_dim // 2) % 16 or self.head_dim % 2:
-      raise ValueError(f'head_dim {self.head_dim} (hidden_size / num_attention_heads) is not '
-                       f'supported{where}: head_dim / 2 must be divisible by 16 for the 4:6:6 '
-                       f'RoPE split (the release uses 64)')
-    # Anything else would be computed silently wrong, so refuse it rather than approximate it.
-    if self.hidden_act != 'gelu':
-      raise ValueError(f'hidden_act {self.hidden_act!r}{where} is not supported; only the exact '
-                       f'(erf) "gelu" of the release is')
-    if self.layer_norm_type != 'layer_norm':
-      raise ValueError(f'layer_norm_type {self.layer_norm_type!r}{where} is not supported; only '
-                       f'"layer_norm" is')
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> OVEncoderConfig:
-    """Builds a config from a `config.json` dict; keys that are not fields are ignored."""
-    where = source or 'the config dict'
-    model_type = d.get('model_type')
-    if model_type is not None and model_type != MODEL_TYPE:
-      raise ValueError(f'{where} has model_type {model_type!r}, expected {MODEL_TYPE!r}')
-    missing = [k for k in _REQUIRED_KEYS if k not in d]
-    if missing:
-      raise ValueError(f'{where} lacks the required field(s) {missing}')
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in d.items() if k in names}
-    # Bypass __post_init__ so a failed check can name the file it came from.
-    config = cls.__new__(cls)
-    for f in dataclasses.fields(cls):
-      value = kwargs.get(f.name, f.default)
-      setattr(config, f.name, value)
-    config.validate(source)
-    return config
-
-  @classmethod
-  def from_json_file(cls, path: PathLike) -> OVEncoderConfig:
-    with open(path, encoding='utf-8') as f:
-      d = json.load(f)
-    return cls.from_dict(d, source=str(path))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------------------------------
 # Rotary position embedding (docs/spec.md §1.3)
 # ------------------------------------------------------------------------------------------------
-
-def rope_axis_sizes(config) -> tuple:
-  """(n_t, n_h, n_w): the 4:6:6 split of head_dim / 2. `config` is any object with the release's
-  fields (OVEncoderConfig, or the transformers config of an export)."""
-  unit = config.hidden_size // config.num_attention_heads // 2 // 16
-  return 4 * unit, 6 * unit, 6 * unit
-
 
 def rope_inv_freqs(config: OVEncoderConfig, device=None) -> tuple:
   """float32 inverse frequencies per axis; each axis is normalised by its own size (k/n)."""
