@@ -218,8 +218,9 @@ def format_table(results: dict) -> str:
   for mode, entry in results['modes'].items():
     for probe in results['probes']:
       r = entry[probe]
-      extra = (f'  (best of {r["runs"][0]["epochs"]} epochs; last epoch {r["top1_last"]:.3f})'
-               if probe == 'attentive' else '')
+      extra = (f'  (epoch chosen on validation of {r["runs"][0]["epochs"]}; top-5 '
+               f'{r["top5"]:.3f}; last epoch {r["top1_last"]:.3f})' if probe == 'attentive'
+               else '')
       lines.append(f'{mode:8} {entry["tokens_per_sample"]:6.0f}  {probe:9}  '
                    f'{r["top1"]:.3f} ± {r["top1_std"]:.3f}{extra}')
   return '\n'.join(lines)
