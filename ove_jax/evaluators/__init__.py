@@ -27,6 +27,7 @@ from ove_jax.evaluators.attentive import AttentiveConfig, AttentiveProbe, train_
 from ove_jax.evaluators.features import Features, extract, record_label, video_samples
 from ove_jax.evaluators.knn import knn_probe
 from ove_jax.evaluators.linear import linear_probe
+from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
 
 PROBES = ('attentive', 'linear', 'knn')
 
@@ -121,5 +122,5 @@ def evaluate(encoder, train_samples: Sequence[Mapping[str, Any]],
 
 
 __all__ = ['PROBES', 'AttentiveConfig', 'AttentiveProbe', 'Features', 'evaluate', 'extract',
-           'knn_probe', 'linear_probe', 'record_label', 'run_probes', 'train_attentive',
-           'video_samples']
+           'knn_probe', 'linear_probe', 'ProtocolConfig', 'record_label', 'run_probes',
+           'run_protocol', 'train_attentive', 'video_samples']
