@@ -79,6 +79,8 @@ def test_suite_refuses_bad_input(dataset, tmp_path, capsys):
          str(tmp_path)]
   assert suite_tool.main(bad) == 2
   assert 'num_classes' in capsys.readouterr().err
+  assert suite_tool.main(['--encoders', 'random:tiny']) == 2  # --config and --out missing
+  assert 'required' in capsys.readouterr().err
   assert suite_tool.build_parser().prog == 'ove-probe-suite'
 
 

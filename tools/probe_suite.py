@@ -20,11 +20,10 @@ for bad input (a message naming the flag or file).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from ove_jax import cli, probe_suite
 from ove_jax import config as config_lib
-from ove_jax import probe_suite
 
 
 def _names(text: str | None) -> list[str]:
@@ -38,10 +37,8 @@ def _ints(text: str | None, flag: str) -> list[int]:
     raise probe_suite.SuiteError(f'{flag} {text!r}: expected comma-separated integers') from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='ove-probe-suite', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split('\n\n', 1)[1])
+def build_parser() -> cli.Parser:
+  parser = cli.doc_parser('ove-probe-suite', __doc__)
   parser.add_argument('--config', required=True,
                       help='the benchmarks: an experiment and its argument, e.g. '
                       'probe_benchmarks:data_root=/data/ap (experiments/probe_benchmarks.py)')
@@ -89,13 +86,8 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    rows = run(args)
-  except probe_suite.SuiteError as e:
-    print(f'ove-probe-suite: error: {e}', file=sys.stderr)
-    return 2
-  return 0 if all(r['status'] == 'ok' for r in rows) else 1
+  return cli.main_of('ove-probe-suite', build_parser(), run, (probe_suite.SuiteError,), argv,
+                     ok=lambda rows: all(r['status'] == 'ok' for r in rows))
 
 
 if __name__ == '__main__':
