@@ -35,15 +35,19 @@ the protocol seeds it per (seed, epoch, clip) when training and per clip at test
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipeline import fileio
 from data_pipeline import video as video_lib
 from data_pipeline.benchmarks import ProbeClip
 from data_pipeline.tokens import (PATCH_DIM, TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION,
                                   timeline_to_grid)
-from data_pipeline.transforms import codec_patches, frame_patches, grid_positions
+from data_pipeline.transforms import frame_patches, gather_patches, grid_positions
 
 KINDS = ('codec', 'uniform')
 INTERVENTIONS = ('none', 'shuffle_positions', 'static_motion', 'counterfactual_motion')
@@ -196,6 +200,14 @@ def static_replacement(positions_Kx3: np.ndarray, scores_TxHxW: np.ndarray, shar
 # Clips -> samples
 # ------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class ClipSelection:
+  """What the sampler keeps of a clip's codec selection (not its timings or picture types)."""
+  frame_ids: np.ndarray    # int [64] source frames of the timeline
+  positions: np.ndarray    # int [K, 3] (t, h, w), t on the timeline
+  scores: np.ndarray       # float16 [64, 16, 16] (the static_motion intervention's ranking)
+
+
 def _crop(frames_TxHxWx3: np.ndarray) -> np.ndarray:
   return np.stack([video_lib.resize_short_side_center_crop(f, VIDEO_RESOLUTION)
                    for f in frames_TxHxWx3])
@@ -206,7 +218,11 @@ class ClipSampler:
 
   def __init__(self, clips: Sequence[ProbeClip], mode: InputMode | str, *,
                augment: ColorJitter | None = ColorJitter(), static_share: float = 0.5,
-               preset: str = CODEC_PRESET, temporal_size: int = TEMPORAL_SIZE):
+               preset: str = CODEC_PRESET, temporal_size: int = TEMPORAL_SIZE,
+               selection_cache: str | None = None):
+    """`selection_cache`: a folder keeping every clip's codec selection as .npz (by a hash of
+    the clip, K and the preset), so a rerun or another encoder does not make it again (the
+    release caches its visible indices the same way)."""
     self.clips = list(clips)
     self.mode = InputMode.parse(mode) if isinstance(mode, str) else mode
     if self.mode.intervention == 'counterfactual_motion' and len(self.clips) < 2:
@@ -215,7 +231,7 @@ class ClipSampler:
       raise ValueError(f'static_share={static_share}: must be in [0, 1]')
     self.augment, self.static_share = augment, static_share
     self.preset, self.temporal_size = preset, temporal_size
-    self._videos: dict[int, Any] = {}
+    self.selection_cache = selection_cache
     self._selections: dict[int, Any] = {}
 
   def __len__(self) -> int:
@@ -258,25 +274,51 @@ class ClipSampler:
     return video_lib.decode_frames(clip.video, ids, VIDEO_RESOLUTION)
 
   def video(self, index: int):
-    """A decodable video of the clip: its file, or (a segment, a frames array) its frames at
-    224 x 224 re-encoded with H.264 once and kept."""
+    """A decodable video of the clip for its codec selection: its file, or (a segment, a frames
+    array) its frames at 224 x 224 encoded with H.264 (GOP 16)."""
     clip = self.clips[index]
     if clip.start is None and not isinstance(clip.video, np.ndarray):
       return clip.video
-    if index not in self._videos:
-      from data_pipeline.synthetic import encode
-      frames = self.frames(index, np.arange(self.num_frames(index)))
-      self._videos[index] = encode(frames, 'h264', gop=16, crf=SEGMENT_CRF)
-    return self._videos[index]
+    from data_pipeline.synthetic import encode
+    frames = self.frames(index, np.arange(self.num_frames(index)))
+    return encode(frames, 'h264', gop=16, crf=SEGMENT_CRF)
 
-  def selection(self, index: int):
-    """The clip's release_probe codec selection at the mode's K over 64 frames (kept)."""
-    if index not in self._selections:
+  def selection(self, index: int) -> ClipSelection:
+    """The clip's release_probe codec selection at the mode's K over 64 frames: made once, kept
+    in `selection_cache` when given (and read from there each time: a large set's selections
+    need not fit in memory), else in memory."""
+    if index in self._selections:
+      return self._selections[index]
+    path = self._cache_path(index)
+    if path and os.path.isfile(path):
+      with np.load(path) as stored:
+        found = ClipSelection(stored['frame_ids'], stored['positions'], stored['scores'])
+    else:
       from data_pipeline import codec
-      self._selections[index] = codec.select(
-          self.video(index), num_frames=CODEC_TIMELINE, budget=self.mode.amount,
-          resolution=VIDEO_RESOLUTION, preset=self.preset)
-    return self._selections[index]
+      sel = codec.select(self.video(index), num_frames=CODEC_TIMELINE, budget=self.mode.amount,
+                         resolution=VIDEO_RESOLUTION, preset=self.preset)
+      found = ClipSelection(sel.frame_ids.astype(np.int32), sel.positions.astype(np.int16),
+                            sel.scores.astype(np.float16))
+      if path:
+        buffer = io.BytesIO()
+        np.savez(buffer, **dataclasses.asdict(found))
+        fileio.write_atomic(path, buffer.getvalue())
+    if not path:
+      self._selections[index] = found
+    return found
+
+  def _cache_path(self, index: int) -> str | None:
+    if not self.selection_cache:
+      return None
+    clip = self.clips[index]
+    if isinstance(clip.video, (bytes, bytearray, np.ndarray)):
+      what = hashlib.sha1(bytes(clip.video) if not isinstance(clip.video, np.ndarray)
+                          else clip.video.tobytes()).hexdigest()
+    else:
+      what = os.path.abspath(os.fspath(clip.video))
+    key = f'{what}\0{clip.start}\0{clip.end}\0{self.mode.amount}\0{self.preset}'
+    os.makedirs(self.selection_cache, exist_ok=True)
+    return os.path.join(self.selection_cache, hashlib.sha1(key.encode()).hexdigest() + '.npz')
 
   # -- modes -------------------------------------------------------------------------------------
 
@@ -292,10 +334,15 @@ class ClipSampler:
     sel = self.selection(index)
     positions = np.asarray(sel.positions, np.int64)
     if self.mode.intervention == 'static_motion':
-      positions = static_replacement(positions, sel.scores, self.static_share, rng)
+      positions = static_replacement(positions, sel.scores.astype(np.float32),
+                                     self.static_share, rng)
     elif self.mode.intervention == 'counterfactual_motion':
       positions = np.asarray(self.selection((index + 1) % len(self.clips)).positions, np.int64)
-    patches = codec_patches(self.video(index), sel.frame_ids, positions)
+    # The pixels come from the clip itself (its file, segment or array), only the frames used.
+    used_t = np.unique(positions[:, 0])
+    frames = self.frames(index, np.asarray(sel.frame_ids)[used_t])
+    patches = gather_patches(frames, np.searchsorted(used_t, positions[:, 0]), positions[:, 1],
+                             positions[:, 2])
     assert patches.shape == (self.mode.amount, PATCH_DIM), patches.shape
     grid_t = timeline_to_grid(len(sel.frame_ids), self.temporal_size)
     positions = np.stack([grid_t[positions[:, 0]], positions[:, 1], positions[:, 2]], -1)

@@ -10,8 +10,9 @@ suite goes on. Rerunning the same command resumes: cells already 'ok' are read, 
 and missing ones run. The table (`results.csv`, `results.md`) is rewritten from all cell files
 after every cell, so it is current while the suite runs.
 
-Clips are read, and codec selections made, once per (benchmark, mode) and shared by the
-encoders; each encoder is loaded once.
+Clips are read once per (benchmark, mode) and shared by the encoders; codec selections are made
+once per clip and K and kept in `selection_cache` (default OUT/selections), so a rerun reads them;
+each encoder is loaded once.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class Plan:
   protocol: ProtocolConfig          # epochs, batch and lrs are each benchmark's
   static_share: float = 0.5
   encoder_seed: int = 0             # the init of random:<preset> encoders
+  selection_cache: str | None = None  # codec selections kept here (default OUT/selections)
 
   def cells(self) -> list[tuple[BenchmarkSpec, InputMode, str]]:
     return [(b, m, e) for b in self.benchmarks for m in self.modes for e in self.encoders]
@@ -68,7 +70,8 @@ class Plan:
 def suite_plan(config, *, encoders: Sequence[str], modes: Sequence[str] = (),
                benchmarks: Sequence[str] = (), seeds: Sequence[int] = (),
                epochs: int | None = None, batch_size: int | None = None,
-               eval_batch_size: int = 32, encoder_seed: int = 0) -> Plan:
+               eval_batch_size: int = 32, encoder_seed: int = 0,
+               selection_cache: str | None = None) -> Plan:
   """A plan from an experiment config (experiments/probe_benchmarks.py) and command-line picks
   (empty: the config's)."""
   entries = [dict(e) for e in config.benchmarks]
@@ -94,7 +97,8 @@ def suite_plan(config, *, encoders: Sequence[str], modes: Sequence[str] = (),
                             end_learning_rate=config.end_learning_rate,
                             label_smoothing=config.label_smoothing,
                             init_scale=config.init_scale, eval_batch_size=eval_batch_size)
-  return Plan(specs, parsed, tuple(encoders), protocol, encoder_seed=encoder_seed)
+  return Plan(specs, parsed, tuple(encoders), protocol, encoder_seed=encoder_seed,
+              selection_cache=selection_cache)
 
 
 def cell_key(benchmark: str, mode: str, encoder: str) -> str:
@@ -166,8 +170,8 @@ def write_table(out_dir: str, plan: Plan | None = None) -> list[dict]:
 class _Resources:
   """Clips, samplers and encoders, each made once per suite run."""
 
-  def __init__(self, plan: Plan):
-    self.plan = plan
+  def __init__(self, plan: Plan, selection_cache: str):
+    self.plan, self.selection_cache = plan, selection_cache
     self.clips: dict[tuple[str, str], list] = {}
     self.samplers: dict[tuple[str, str], tuple[ClipSampler, ClipSampler]] = {}
     self.encoders: dict[str, Any] = {}
@@ -180,9 +184,9 @@ class _Resources:
         if (bench.name, spec) not in self.clips:
           self.clips[(bench.name, spec)] = benchmarks_lib.open_clips(spec, bench.root)
         splits.append(self.clips[(bench.name, spec)])
-      self.samplers[key] = (
-          ClipSampler(splits[0], mode, augment=ColorJitter(), static_share=self.plan.static_share),
-          ClipSampler(splits[1], mode, augment=None, static_share=self.plan.static_share))
+      common = dict(static_share=self.plan.static_share, selection_cache=self.selection_cache)
+      self.samplers[key] = (ClipSampler(splits[0], mode, augment=ColorJitter(), **common),
+                            ClipSampler(splits[1], mode, augment=None, **common))
     return self.samplers[key]
 
   def encoder(self, spec: str):
@@ -205,7 +209,7 @@ def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -
   """Runs the plan's unfinished cells (see the module docstring); returns the table's rows."""
   os.makedirs(os.path.join(out_dir, 'cells'), exist_ok=True)
   fileio.remove_stale_temporaries(os.path.join(out_dir, 'cells'))
-  resources = _Resources(plan)
+  resources = _Resources(plan, plan.selection_cache or os.path.join(out_dir, 'selections'))
   cells = plan.cells()
   for n, (bench, mode, encoder) in enumerate(cells, 1):
     path = cell_path(out_dir, bench.name, mode.name, encoder)

@@ -48,6 +48,7 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
     assert (r['num_train'], r['num_val'], r['num_test'], r['tokens']) == ('6', '2', '4', '256')
   table = (out / 'results.md').read_text()
   assert '| toy | codec:256 | random:tiny |' in table and 'top-5' in table
+  assert len(os.listdir(out / 'selections')) == 12  # every clip's codec:256 selection, kept
   cells = sorted(os.listdir(out / 'cells'))
   stamps = {n: os.stat(out / 'cells' / n).st_mtime_ns for n in cells}
 
@@ -68,6 +69,21 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
   assert all(r['encoder'] == 'random:nonexistent' and 'unknown preset' in r['error']
              for r in failed)
   assert 'failed: ValueError' in (out / 'results.md').read_text()
+
+
+def test_selections_are_read_back_from_the_cache(dataset, tmp_path, monkeypatch):
+  from data_pipeline import codec, probe_inputs
+  clips = benchmarks.read_video_list(str(dataset / 'test.csv'))
+  made = probe_inputs.ClipSampler(clips, 'codec:128', selection_cache=str(tmp_path))
+  first = made.sample(1, train=False, rng=np.random.default_rng(0))
+
+  def fail(*args, **kwargs):
+    raise AssertionError('the selection was made again')
+  monkeypatch.setattr(codec, 'select', fail)
+  again = probe_inputs.ClipSampler(clips, 'codec:128', selection_cache=str(tmp_path))
+  second = again.sample(1, train=False, rng=np.random.default_rng(0))
+  assert np.array_equal(first['patches'], second['patches'])
+  assert np.array_equal(first['positions'], second['positions'])
 
 
 def test_suite_refuses_bad_input(dataset, tmp_path, capsys):

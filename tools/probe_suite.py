@@ -58,6 +58,8 @@ def build_parser() -> cli.Parser:
                       help='clips per encoder forward when scoring')
   parser.add_argument('--encoder-seed', type=int, default=0,
                       help='the init of random:<preset> encoders')
+  parser.add_argument('--selection-cache',
+                      help='folder keeping the clips\' codec selections (default OUT/selections)')
   return parser
 
 
@@ -78,7 +80,7 @@ def run(args) -> list[dict]:
       config, encoders=_names(args.encoders), modes=_names(args.modes),
       benchmarks=_names(args.benchmarks), seeds=_ints(args.seeds, '--seeds'),
       epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-      encoder_seed=args.encoder_seed)
+      encoder_seed=args.encoder_seed, selection_cache=args.selection_cache)
   rows = probe_suite.run_suite(plan, args.out, log=lambda line: print(line, flush=True))
   print()
   print(probe_suite.format_markdown(rows))
