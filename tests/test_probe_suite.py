@@ -153,3 +153,36 @@ def test_a_frames_array_clip_feeds_both_modes():
     for i in range(2):
       sample = sampler.sample(i, train=False, rng=np.random.default_rng(0))
       assert sample['patches'].shape == (tokens, 588) and sample['positions'].shape == (tokens, 3)
+
+
+def test_a_tfds_video_dataset_is_a_source(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class OveProbeTestVideos(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'frames': tfds.features.Tensor(shape=(None, 32, 40, 3), dtype=np.uint8),
+          'action': tfds.features.Tensor(shape=(), dtype=np.int64)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'test': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(3):
+        yield i, {'frames': np.full((6 + i, 32, 40, 3), 40 * i, np.uint8), 'action': i}
+
+  OveProbeTestVideos(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  clips = benchmarks.open_clips(
+      f'tfds:ove_probe_test_videos?split=test&data_dir={tmp_path}&video=frames&label=action')
+  # (TFDS stores the examples in its own order)
+  assert sorted((c.label, c.video.shape[0]) for c in clips) == [(0, 6), (1, 7), (2, 8)]
+  from data_pipeline import probe_inputs
+  which = [c.label for c in clips].index(2)
+  sample = probe_inputs.ClipSampler(clips, 'uniform:2').sample(which, train=False,
+                                                               rng=np.random.default_rng(0))
+  assert sample['label'] == 2 and np.all(sample['patches'] == 80)
+  with pytest.raises(benchmarks.BenchmarkError, match='datasets'):
+    benchmarks.open_clips('hf:/nowhere?split=train')  # `datasets` is not installed here
