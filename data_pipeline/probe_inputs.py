@@ -27,8 +27,9 @@ token budget:
                          random, replaced by the same number of the clip's most static patches
                          (lowest codec score, unselected) (the paper: half replaced, -6.1)
   counterfactual_motion  the clip's own pixels at the selection of another clip (the next one
-                         of the list): patches where some other video moved, so the selection
-                         carries motion that does not belong to the clip
+                         of the list whose selection differs from the clip's own): patches where
+                         some other video moved, so the selection carries motion that does not
+                         belong to the clip
 The random draws (offsets, jitter, which patches, the permutation) come from the `rng` argument:
 the protocol seeds it per (seed, epoch, clip) when training and per clip at test.
 """
@@ -53,6 +54,7 @@ KINDS = ('codec', 'uniform')
 INTERVENTIONS = ('none', 'shuffle_positions', 'static_motion', 'counterfactual_motion')
 CODEC_TIMELINE = 64  # the release's codec probe reads 64 frames (sequence_length 64)
 CODEC_PRESET = 'release_probe'
+DONOR_TRIES = 8      # clips counterfactual_motion looks at for a selection other than the clip's
 SEGMENT_CRF = 18     # re-encoding of a segment / a frames array before its codec selection
 
 
@@ -320,6 +322,18 @@ class ClipSampler:
     os.makedirs(self.selection_cache, exist_ok=True)
     return os.path.join(self.selection_cache, hashlib.sha1(key.encode()).hexdigest() + '.npz')
 
+  def donor_selection(self, index: int) -> ClipSelection:
+    """The selection counterfactual_motion lends clip `index`: the next clip's in list order
+    whose positions differ from the clip's own (two static-fallback clips share theirs), among
+    the next `DONOR_TRIES`; the next clip's when none differs."""
+    own = np.asarray(self.selection(index).positions)
+    candidates = [(index + j) % len(self.clips) for j in range(1, len(self.clips))]
+    for j in candidates[:DONOR_TRIES]:
+      found = self.selection(j)
+      if not np.array_equal(np.asarray(found.positions), own):
+        return found
+    return self.selection(candidates[0])
+
   # -- modes -------------------------------------------------------------------------------------
 
   def _uniform(self, index: int, *, train: bool, rng: np.random.Generator):
@@ -337,7 +351,7 @@ class ClipSampler:
       positions = static_replacement(positions, sel.scores.astype(np.float32),
                                      self.static_share, rng)
     elif self.mode.intervention == 'counterfactual_motion':
-      positions = np.asarray(self.selection((index + 1) % len(self.clips)).positions, np.int64)
+      positions = np.asarray(self.donor_selection(index).positions, np.int64)
     # The pixels come from the clip itself (its file, segment or array), only the frames used.
     used_t = np.unique(positions[:, 0])
     frames = self.frames(index, np.asarray(sel.frame_ids)[used_t])

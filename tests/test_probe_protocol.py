@@ -256,6 +256,18 @@ def test_codec_interventions_keep_the_budget(clip_files):
   assert not np.array_equal(out['positions'], base[0]['positions'])
 
 
+def test_counterfactual_donor_is_the_next_clip_with_another_selection():
+  clips = [benchmarks.ProbeClip(f'c{i}', 0) for i in range(4)]
+  sampler = probe_inputs.ClipSampler(clips, 'codec:2+counterfactual_motion')
+  same, other = np.array([[0, 0, 0], [0, 0, 1]]), np.array([[5, 1, 1], [9, 2, 2]])
+  table = {0: same, 1: same, 2: other, 3: same}  # clip 1 shares clip 0's (static fallback)
+  sampler.selection = lambda i: probe_inputs.ClipSelection(np.arange(64), table[i], None)
+  assert np.array_equal(sampler.donor_selection(0).positions, other)
+  assert np.array_equal(sampler.donor_selection(2).positions, same)
+  table[2] = same  # nobody differs: the next clip's
+  assert np.array_equal(sampler.donor_selection(3).positions, same)
+
+
 def test_input_modes_parse_and_refuse_bad_ones():
   assert InputMode.parse('codec:2048').tokens == 2048
   assert InputMode.parse('uniform:8').tokens == 2048
