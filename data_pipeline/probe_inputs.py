@@ -235,6 +235,7 @@ class ClipSampler:
     self.preset, self.temporal_size = preset, temporal_size
     self.selection_cache = selection_cache
     self._selections: dict[int, Any] = {}
+    self._frame_counts: dict[int, int] = {}
 
   def __len__(self) -> int:
     return len(self.clips)
@@ -264,8 +265,10 @@ class ClipSampler:
       return clip.end - clip.start
     if isinstance(clip.video, np.ndarray):
       return len(clip.video)
-    from data_pipeline.codec import bitstream
-    return bitstream.probe(clip.video).num_frames
+    if index not in self._frame_counts:  # the container's count, read once
+      from data_pipeline.codec import bitstream
+      self._frame_counts[index] = bitstream.probe(clip.video).num_frames
+    return self._frame_counts[index]
 
   def frames(self, index: int, frame_ids: np.ndarray) -> np.ndarray:
     """uint8 [n, 224, 224, 3] of the clip's frames (ids within its segment)."""
