@@ -168,14 +168,14 @@ def test_lr_and_epoch_are_chosen_on_validation_never_on_test(encoder):
 
 def test_test_split_is_scored_once_after_the_choice(encoder, monkeypatch):
   order = []
-  real_call = protocol._Evaluator.__call__
+  real_call = protocol.ClipScorer.__call__
 
   def spy(self, params, graphdef):
     order.append('test' if self.sampler is test else 'val')
     return real_call(self, params, graphdef)
 
   train, test = FakeSampler([0, 1, 2] * 4), FakeSampler([0, 1, 2] * 2)
-  monkeypatch.setattr(protocol._Evaluator, '__call__', spy)
+  monkeypatch.setattr(protocol.ClipScorer, '__call__', spy)
   config = protocol.ProtocolConfig(epochs=2, batch_size=4, learning_rates=(1e-4, 1e-3),
                                    val_fraction=0.25, seeds=(0, 1), eval_batch_size=4)
   result = protocol.run_protocol(encoder, train, test, config, num_classes=3)

@@ -82,7 +82,7 @@ def clip_features(encoder, samples: Sequence[dict], batch_size: int
   return feats.tokens_NxLxC, feats.mask_NxL
 
 
-class _Evaluator:
+class ClipScorer:
   """Scores a probe on a fixed list of clips of a sampler (test sampling, no augmentation)."""
 
   def __init__(self, encoder, sampler, indices: np.ndarray, config: ProtocolConfig):
@@ -124,7 +124,7 @@ class _Evaluator:
 
 def evaluate_clips(encoder, sampler, indices, config: ProtocolConfig):
   """A scorer of probes on clips `indices` of `sampler` (called with (params, graphdef))."""
-  return _Evaluator(encoder, sampler, indices, config)
+  return ClipScorer(encoder, sampler, indices, config)
 
 
 def _train_one(encoder, train, fit: np.ndarray, validate, config: ProtocolConfig,
