@@ -25,6 +25,9 @@ files); seeds=N (seeds 0..N-1); val_fraction=F; smoke (1 epoch, seed 0: a quick 
 from data_pipeline import benchmarks as benchmarks_lib
 from ove_jax import config as config_lib
 
+# A recipe for ove-probe-suite, not a trainer config (ove_jax.config.load refuses it by name).
+PROBE_SUITE = True
+
 
 def _entry(name, train, test, root, num_classes, batch_size, epochs, lrs):
   return dict(name=name, train=train, test=test, root=root, num_classes=num_classes,
