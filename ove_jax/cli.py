@@ -55,3 +55,24 @@ def config_overrides(rest: Sequence[str]) -> list[str]:
   if unknown:
     raise UsageError(f'unknown argument(s) {" ".join(unknown)} (see --help)')
   return overrides
+
+
+def doc_parser(prog: str, doc: str) -> Parser:
+  """A tool's `Parser`: `prog` its console script, the first paragraph of its docstring the
+  description and the rest, as written, the epilog."""
+  description, _, epilog = doc.partition('\n\n')
+  return Parser(prog=prog, description=description, epilog=epilog,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def main_of(prog: str, parser: argparse.ArgumentParser, run, errors: tuple, argv=None,
+            ok=lambda result: True) -> int:
+  """A tool's main(): `run(args)`; a usage error or one of `errors` is printed as
+  `prog: error: ...` with status 2; else status 0, or 1 when `ok(result)` is false."""
+  import sys
+  try:
+    result = run(parser.parse_args(argv))
+  except (UsageError, *errors) as e:
+    print(f'{prog}: error: {e}', file=sys.stderr)
+    return 2
+  return 0 if ok(result) else 1

@@ -240,6 +240,9 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """`name[:arg]` or `path/to/experiment.py[:arg]` with `key.sub=value` overrides applied, then
   validated."""
   module, arg = load_experiment(spec)
+  if getattr(module, 'PROBE_SUITE', False):
+    raise ConfigError(f'--config={spec}: {module.__file__} holds probe benchmarks, not a '
+                      f'training run; run it with ove-probe-suite --config={spec} ...')
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{module.__file__} has no get_config(arg) function')
   config = module.get_config(arg or None)

@@ -21,7 +21,8 @@ shape, 5; direction, 8; texture, 4); records of your own have slots named by you
 The split is deterministic by record index: record i is a test record when
 floor((i + 1) f) > floor(i f), f = test_fraction, which spreads the test records evenly over
 the file order. Epochs default to docs/spec.md §6's: 10, or 30 for a small training split
-(< 1000 clips). With several seeds the attentive and linear probes are retrained per seed and
+(< 1000 clips); the attentive probe's epoch is chosen on a validation split held out of the
+training features (`AttentiveConfig.val_fraction`), never on the test split. With several seeds the attentive and linear probes are retrained per seed and
 the table gives mean ± std (k-NN is deterministic and runs once).
 """
 from __future__ import annotations
@@ -137,9 +138,8 @@ def record_labels(records: Sequence[dict], label: int) -> list[int]:
 
 def split(n: int, test_fraction: float) -> tuple[list[int], list[int]]:
   """(train, test) record indices: i is a test record when floor((i+1) f) > floor(i f)."""
-  test = [i for i in range(n) if int((i + 1) * test_fraction) > int(i * test_fraction)]
-  chosen = set(test)
-  return [i for i in range(n) if i not in chosen], test
+  train, test = evaluators.attentive.split_indices(n, test_fraction)
+  return train.tolist(), test.tolist()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,8 +218,9 @@ def format_table(results: dict) -> str:
   for mode, entry in results['modes'].items():
     for probe in results['probes']:
       r = entry[probe]
-      extra = (f'  (best of {r["runs"][0]["epochs"]} epochs; last epoch {r["top1_last"]:.3f})'
-               if probe == 'attentive' else '')
+      extra = (f'  (epoch chosen on validation of {r["runs"][0]["epochs"]}; top-5 '
+               f'{r["top5"]:.3f}; last epoch {r["top1_last"]:.3f})' if probe == 'attentive'
+               else '')
       lines.append(f'{mode:8} {entry["tokens_per_sample"]:6.0f}  {probe:9}  '
                    f'{r["top1"]:.3f} ± {r["top1_std"]:.3f}{extra}')
   return '\n'.join(lines)

@@ -23,8 +23,14 @@ ARGUMENTS = {
     'huge.py': ['', 'smoke', 'gpus=512,fsdp=32', 'gpus=8,fsdp=8'],
     'ablations.py': ['', 'smoke', 'smoke,study=budget,steps=3,workers=0', 'study=rope,gpus=8',
                      'budget=1024,policy=paper'],
+    # Probe recipes for ove-probe-suite (PROBE_SUITE = True), not trainer configs.
+    'probe_benchmarks.py': ['', 'smoke', 'data_root=/data/ap', 'name=hmdb51,seeds=1',
+                            'name=mine,train=/d/t.csv,test=/d/v.csv,num_classes=5'],
 }
-CASES = [(name, arg) for name, args in ARGUMENTS.items() for arg in args]
+PROBE_EXPERIMENTS = ('probe_benchmarks.py',)
+CASES = [(name, arg) for name, args in ARGUMENTS.items() for arg in args
+         if name not in PROBE_EXPERIMENTS]
+PROBE_CASES = [(name, arg) for name in PROBE_EXPERIMENTS for arg in ARGUMENTS[name]]
 
 
 def _path(name):
@@ -108,6 +114,20 @@ def test_named_arguments_validate(name, arg):
     assert c.total_steps <= 20
   else:
     assert not c.builtin.enabled or name == 'demo_cpu.py'
+
+
+@pytest.mark.parametrize('name, arg', PROBE_CASES,
+                         ids=[f'{n[:-3]}:{a or "default"}' for n, a in PROBE_CASES])
+def test_probe_recipes_load_and_are_refused_as_training_runs(name, arg):
+  c = _get(name, arg)
+  assert c.benchmarks and tuple(c.modes) and tuple(c.seeds)
+  for entry in c.benchmarks:
+    assert entry['num_classes'] > 1 and entry['batch_size'] >= 1 and entry['epochs'] >= 1
+    assert entry['train'] and entry['test'] and entry['learning_rates']
+  if 'smoke' in arg:
+    assert all(e['epochs'] == 1 for e in c.benchmarks) and tuple(c.seeds) == (0,)
+  with pytest.raises(config_lib.ConfigError, match='ove-probe-suite'):
+    config_lib.load(f'{_path(name)}:{arg}' if arg else _path(name))
 
 
 def _gpus(name, arg):

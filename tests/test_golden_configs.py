@@ -45,6 +45,8 @@ VARIANTS = {
     # The default study is selection; the others are variants of their own.
     'ablations.py': ['', 'smoke'] + [f'{size}study={s}' for s in _ABLATION_STUDIES
                                       for size in ('', 'smoke,')],
+    # A probe recipe (ove-probe-suite): its config is not a trainer's and is not validated.
+    'probe_benchmarks.py': ['', 'smoke', 'data_root=/data/ap'],
 }
 
 
@@ -79,7 +81,10 @@ def snapshots(path: str, variants, stem: str | None = None) -> dict[str, str]:
   for variant in variants:
     spec = f'{path}:{variant}' if variant else path
     base = f'{stem}--{_safe(variant) or "default"}'
-    config = config_lib.load(spec)
+    if getattr(module, 'PROBE_SUITE', False):
+      config = module.get_config(variant or None)
+    else:
+      config = config_lib.load(spec)
     flat = repr(sorted(config_lib.flatten(config).items()))
     if flat not in seen:
       seen.add(flat)

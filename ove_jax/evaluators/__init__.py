@@ -10,7 +10,10 @@
       labelled token samples of video records, for the codec vs uniform-frames comparison.
 
 Each probe's result holds `top1` (the mean over `seeds`), `top1_std` and its per-seed `runs`;
-the attentive probe's `top1` is the best epoch's (the paper's protocol) and `top1_last` the last's.
+the attentive probe's `top1` / `top5` are those of the epoch chosen on a validation split held out
+of the training features (never on the test split) and `top1_last` the last epoch's.
+`protocol.run_protocol` is the release's full protocol on clips (features recomputed per batch
+with the training augmentation, a list of learning rates, top-1 and top-5).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from ove_jax.evaluators.attentive import AttentiveConfig, AttentiveProbe, train_
 from ove_jax.evaluators.features import Features, extract, record_label, video_samples
 from ove_jax.evaluators.knn import knn_probe
 from ove_jax.evaluators.linear import linear_probe
+from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
 
 PROBES = ('attentive', 'linear', 'knn')
 
@@ -73,7 +77,7 @@ def run_probes(train: Features, test: Features, encoder_config, *,
                               num_classes=num_classes,
                               config=dataclasses.replace(attentive, seed=seed), log=log)
               for seed in seeds]
-      results[probe] = _summary(runs, ('top1_best', 'top1_last'))
+      results[probe] = _summary(runs, ('top1_best', 'top5', 'top1_last'))
     elif probe == 'linear':
       runs = [linear_probe(train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N,
                            C=linear_C, seed=seed) for seed in seeds]
@@ -118,5 +122,5 @@ def evaluate(encoder, train_samples: Sequence[Mapping[str, Any]],
 
 
 __all__ = ['PROBES', 'AttentiveConfig', 'AttentiveProbe', 'Features', 'evaluate', 'extract',
-           'knn_probe', 'linear_probe', 'record_label', 'run_probes', 'train_attentive',
-           'video_samples']
+           'knn_probe', 'linear_probe', 'ProtocolConfig', 'record_label', 'run_probes',
+           'run_protocol', 'train_attentive', 'video_samples']
