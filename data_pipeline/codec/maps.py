@@ -91,8 +91,10 @@ def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int
   hc, wc = cells_HcxWc.shape
   rows = np.minimum((step * np.arange(height) + step // 2) // CELL, hc - 1)
   cols = np.minimum((step * np.arange(width) + step // 2) // CELL, wc - 1)
-  # Rows by take(), then columns by indexing: 2x faster than take() twice, 6x than 2-D indexing.
-  return cells_HcxWc.take(rows, axis=0)[:, cols]
+  # Columns first (on the small cell grid), then whole rows: 8x faster than rows first, and
+  # C-contiguous (indexing the columns of the tall array instead gives a transposed layout
+  # that every later pass pays for).
+  return cells_HcxWc.take(cols, axis=1).take(rows, axis=0)
 
 
 def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
@@ -171,13 +173,13 @@ def _predict_moving(flat: np.ndarray, h: int, w: int, moving_HcxWc: np.ndarray,
   hc, wc = moving_HcxWc.shape
   rows = np.minimum((step * np.arange(h) + step // 2) // CELL, hc - 1)
   cols = np.minimum((step * np.arange(w) + step // 2) // CELL, wc - 1)
-  pixels = np.flatnonzero(moving_HcxWc.take(rows, axis=0).take(cols, axis=1))
+  pixels = np.flatnonzero(moving_HcxWc.take(cols, axis=1).take(rows, axis=0))
   py, px = np.divmod(pixels, w)
-  cell = rows[py] * wc + cols[px]
-  ax = fracx_HcxWc.astype(np.float32).reshape(-1)[cell]
-  ay = fracy_HcxWc.astype(np.float32).reshape(-1)[cell]
-  x0 = ix_HcxWc.astype(np.intp).reshape(-1)[cell] + px
-  y0 = iy_HcxWc.astype(np.intp).reshape(-1)[cell] + py
+  cell = rows.take(py) * wc + cols.take(px)
+  ax = fracx_HcxWc.astype(np.float32).reshape(-1).take(cell)
+  ay = fracy_HcxWc.astype(np.float32).reshape(-1).take(cell)
+  x0 = ix_HcxWc.astype(np.intp).reshape(-1).take(cell) + px
+  y0 = iy_HcxWc.astype(np.intp).reshape(-1).take(cell) + py
   out = flat.copy()
   out[pixels] = _bilinear(flat, x0, y0, ax, ay, h, w)
   return out.reshape(h, w)
