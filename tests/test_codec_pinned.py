@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import codec, synthetic
+from data_pipeline.codec import maps
 
 # (name, make_clip kwargs, select kwargs)
 CASES = [
@@ -63,3 +64,72 @@ def test_selection_is_pinned(name, clip_kwargs, select_kwargs):
   want_digest, want_sum = PINNED[name]
   assert digest(sel) == want_digest, f'{name}: the selection moved'
   assert float(sel.scores.sum(dtype=np.float64)) == pytest.approx(want_sum, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- exact kernels
+
+def test_percentile_is_numpys_bit_for_bit():
+  rng = np.random.default_rng(0)
+  for i in range(300):
+    n = int(rng.integers(1, 60000))
+    kind = i % 4
+    if kind == 0:
+      x = rng.random(n) ** 3 * 50
+    elif kind == 1:
+      x = np.round(rng.random(n) * 10)        # many ties
+    elif kind == 2:
+      x = np.where(rng.random(n) < 0.97, 0.0, rng.random(n))   # mostly zero (a still frame)
+    else:
+      x = np.sort(rng.random(n))[::-1]
+    x = x.astype(np.float32)
+    for q in (95.0, 50.0, 99.0):
+      assert maps.percentile(x, q) == float(np.percentile(x, q)), (i, n, q)
+  # A sample that misleads the threshold (every 16th value large) takes numpy's own path.
+  x = rng.random(20000).astype(np.float32)
+  x[::16] = 100.0
+  assert maps.percentile(x, 90.0) == float(np.percentile(x, 90.0))
+  assert maps.percentile(np.arange(101.0), 95.0) == 95.0    # float64 goes to numpy
+
+
+def reference_bilinear(ref_HxW, grid, step):
+  """The prediction as the code before the speed work computed it: per-pixel weights and four
+  gathers with x0, x0 + 1, y0, y0 + 1 each clipped to the image."""
+  h, w = ref_HxW.shape
+  flat = ref_HxW.reshape(-1).astype(np.float32)
+  hc, wc = grid.dx_HcxWc.shape
+  rows = np.minimum((step * np.arange(h) + step // 2) // maps.CELL, hc - 1)
+  cols = np.minimum((step * np.arange(w) + step // 2) // maps.CELL, wc - 1)
+  fx, fy = grid.dx_HcxWc / step, grid.dy_HcxWc / step
+  ix, iy = np.floor(fx), np.floor(fy)
+  ax = (fx - ix).astype(np.float32)[rows][:, cols]
+  ay = (fy - iy).astype(np.float32)[rows][:, cols]
+  x0 = ix.astype(np.int32)[rows][:, cols] + np.arange(w, dtype=np.int32)
+  y0 = iy.astype(np.int32)[rows][:, cols] + np.arange(h, dtype=np.int32)[:, None]
+  x1, y1 = np.clip(x0 + 1, 0, w - 1), np.clip(y0 + 1, 0, h - 1) * w
+  x0, y0 = np.clip(x0, 0, w - 1), np.clip(y0, 0, h - 1) * w
+  top = flat[y0 + x0]
+  top += (flat[y0 + x1] - top) * ax
+  bottom = flat[y1 + x0]
+  bottom += (flat[y1 + x1] - bottom) * ax
+  bottom -= top
+  bottom *= ay
+  top += bottom
+  return top
+
+
+@pytest.mark.parametrize('step', [1, 2, 3])
+@pytest.mark.parametrize('moving_share', [0.1, 0.9])
+def test_prediction_matches_the_four_gather_formula(step, moving_share):
+  rng = np.random.default_rng(step)
+  h, w = 61, 83                       # analysis size; the coded frame is step times larger
+  hc, wc = -(-h * step // maps.CELL), -(-w * step // maps.CELL)
+  ref = (rng.random((h, w)) * 255).astype(np.float32)
+  moving = rng.random((hc, wc)) < moving_share
+  # Quarter-pel vectors, some far past the edges.
+  dx = np.where(moving, np.round(rng.normal(0, 20, (hc, wc)) * 4) / 4, 0).astype(np.float32)
+  dy = np.where(moving, np.round(rng.normal(0, 20, (hc, wc)) * 4) / 4, 0).astype(np.float32)
+  grid = maps.VectorGrid(dx, dy, moving)
+  want = np.where(np.repeat(np.repeat(moving, maps.CELL, 0), maps.CELL, 1)[
+      (step * np.arange(h) + step // 2)][:, (step * np.arange(w) + step // 2)],
+      reference_bilinear(ref, grid, step).reshape(h, w), ref)
+  np.testing.assert_array_equal(maps.predict(ref, grid, step), want)
