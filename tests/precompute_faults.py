@@ -36,3 +36,8 @@ def work(item):
     raise ValueError('asked to raise')
   crash_or_hang(item)
   return 2 * item
+
+
+def env(name: str):
+  """A worker's view of one environment variable."""
+  return os.environ.get(name)

@@ -97,6 +97,14 @@ def test_the_pool_survives_crashes_hangs_and_errors_in_order():
   assert list(workers.ordered_map(_import_faults().work, [1, 2, 3], 0)) == [2, 4, 6]
 
 
+def test_workers_start_with_one_blas_thread_unless_the_user_set_it(monkeypatch):
+  monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+  monkeypatch.setenv('OPENBLAS_NUM_THREADS', '3')
+  names = ['OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS']
+  assert list(workers.ordered_map(_import_faults().env, names, 1)) == ['1', '3']
+  assert 'OMP_NUM_THREADS' not in os.environ  # the parent's own libraries keep their pools
+
+
 def _import_faults():
   import precompute_faults  # tests/ is on sys.path under pytest, and so in spawned workers
   return precompute_faults
