@@ -471,11 +471,11 @@ def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, 
     j, t = c['jax'], c['torch']
     cpu_cells = (f" {j['user_s']:.2f} + {j['sys_s']:.2f} | {t['user_s']:.2f} + "
                  f"{t['sys_s']:.2f} |" if on_cpu else '')
+    agree = f"{'yes' if c['check']['agree'] else 'NO'} ({c['check']['grad_max_rel_diff']:.0e})"
     lines.append(f"| {c['width']} | {c['depth']} | {c['heads']} | {c['mlp']} | "
                  f"{format_seconds(j['median_s'])} | {format_seconds(t['median_s'])} | "
                  f"{c['speed']:.2f}x [{c['speed_min']:.2f}, {c['speed_max']:.2f}] | "
-                 f"{c['speed_cpu']:.2f}x |{cpu_cells} "
-                 f"{'yes' if c['check']['agree'] else 'NO'} ({c['check']['grad_max_rel_diff']:.0e}) |")
+                 f"{c['speed_cpu']:.2f}x |{cpu_cells} {agree} |")
   worst = min(c['speed'] for c in comparisons)
   lines += ['', f'Slowest width: {worst:.2f}x the PyTorch speed (aim >= {TORCH_AIM:g}x: '
             f"{'met' if worst >= TORCH_AIM else 'NOT met'}; target {TORCH_TARGET:g}x: "

@@ -5,42 +5,41 @@ all), one jitted training step of the encoder alone: forward, loss = sum of squa
 output, and the gradient for every parameter, timed with `jax.block_until_ready` after compiling
 (compile time is reported on its own), median of `--repeats` runs after `--warmup` runs.
 
-  1. sparse: K = `--budget` patches drawn at random from the clip, with their (t, h, w) positions;
-  2. dense: all frames x 256 patches;
-  3. PyTorch: the same model exported with `save_pytorch`, loaded with `load_pretrained`, and the
-     same step (same input, same loss) on the sparse input; the pooled outputs, losses and all
-     gradients of both are compared, so we know the two compute the same thing.
+  1. sparse vs dense, on `--preset` (default 'micro'): K = `--budget` patches drawn at random
+     from the clip with their (t, h, w) positions, against all frames x 256 patches; printed
+     beside the analytic FLOP ratio (aim: measured speedup >= 90% of it);
+  2. JAX vs PyTorch, at each of `--widths` (default 256, 512, 768, 1024; head_dim 64, MLP 4x,
+     `--compare-depth` blocks): the same model exported with `save_pytorch` and loaded in our
+     PyTorch port, run the release's way: eager attention (the release's only CPU path) and the
+     K patches packed into K / 256 frames of pixels with their `visible_indices` on the clip's
+     grid, as the release's trainer feeds it. The two steps alternate (`--repeats` pairs), so a
+     change in the machine's load hits both; speed = PyTorch time / JAX time per pair (aim:
+     >= 1 at every width, target 1.5), with the same ratio of CPU time. Pooled outputs, losses
+     and every gradient are compared, so we know the two compute the same thing.
 
 Printed beside the times: the analytic FLOPs (`encoder_flops`), achieved GFLOP/s and their share
 of this machine's matmul peak (`metrics.matmul_peak_flops`: one large jitted matmul, the fastest
-of 5), the dense/sparse speedup against the analytic FLOP ratio (aim: >= 90% of it), and the
-JAX/PyTorch time ratio (aim: <= 1). A markdown summary at the end is what README records.
+of 5), and CPU time per step, user + system (on CPU a large system share is page faults, not
+arithmetic). A markdown summary at the end is what docs/benchmarks.md records.
 
 Commands:
 
-  # CPU (the default): the 'micro' model, 64 frames, K = 2048 vs 16,384 tokens, PyTorch too.
+  # CPU (the default): micro sparse vs dense, and JAX vs PyTorch at widths 256-1024.
   ove-bench-encoder
-  ove-bench-encoder --json /tmp/bench_encoder.json          # the same, as the console script
+  ove-bench-encoder --compare-depth 1 --repeats 3 --json /tmp/bench_encoder.json
+  ove-bench-encoder --widths 256,512 --skip-dense         # only part of the comparison
 
-  # GPU / TPU: the real sizes, in bfloat16, with a flash-attention kernel for the dense case.
-  ove-bench-encoder --preset base --dtype bfloat16 --attention cudnn
+  # GPU / TPU: the real sizes, in bfloat16, with a flash-attention kernel.
+  ove-bench-encoder --preset base --widths= --dtype bfloat16 --attention cudnn
   ove-bench-encoder --preset large --dtype bfloat16 --attention splash --skip-torch
 
-  # one part only
-  ove-bench-encoder --skip-dense        # sparse JAX vs PyTorch
-  ove-bench-encoder --skip-torch        # sparse vs dense
-
-  # CPU with the two environment settings that take XLA:CPU's overheads out of the figures
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce ove-bench-encoder
-
-On XLA:CPU (jax 0.10.2) the step's temporaries are allocated afresh on every run; the dense
-step's multi-GB buffers then spend more CPU time in page faults than in arithmetic (the 'sys'
-column of the table). `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` backs malloc with transparent huge
-pages and cuts the faults about 30-fold. The YNNPACK reduce fusions that XLA:CPU makes of the
-softmax backward run far slower than plain XLA code; the XLA flag above turns them off. Both are
-recorded in the summary when set. PyTorch runs on the same kind of device as JAX: on a GPU
-without a CUDA build of torch the comparison is skipped, not made against the CPU.
+The command applies `ove_jax.host_runtime.configure()` before JAX starts, as `ove-train` does:
+XLA:CPU allocates a step's temporaries afresh on every run, and glibc's default returns large
+blocks to the kernel, so every step page-faulted its temporaries in again (the dense step spent
+more system time than user time); the malloc settings keep freed memory in the process. It also
+turns off XLA:CPU's YNNPACK reduce fusions (slower than XLA's own loops for the softmax). A flag
+already named in XLA_FLAGS, or malloc settings in GLIBC_TUNABLES / MALLOC_*, are left as the
+user set them; OVE_HOST_TUNING=0 turns it all off. What was applied is printed and recorded.
 
 Why the CPU default is 'micro' (width 64, depth 2, one 64-wide head, MLP 256) and not 'tiny':
 with the xla attention the dense step materialises B x heads x L x L float32 logits per layer,
