@@ -32,7 +32,9 @@ CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-reduce',)
 
 # mallopt parameters (glibc malloc.h) and the values tune_malloc sets.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-MALLOPT_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
+# M_TRIM_THRESHOLD -1 turns trimming off (mallopt(3)); a finite threshold is an int, at most
+# 2 GB, and a dense step's 4.5 GB of temporaries went back to the kernel at every step with it.
+MALLOPT_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 
 DISABLE_VAR = 'OVE_HOST_TUNING'
 
