@@ -39,9 +39,14 @@ CPU_MEMORY_MARGIN = 2.0
 # Settings that change these timings; recorded with the figures when set.
 ENV_VARS = ('XLA_FLAGS', 'GLIBC_TUNABLES', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'JAX_PLATFORMS')
 
-# The aims: sparse speedup at least 90% of the FLOP ratio; JAX no slower than torch.
+# The aims: sparse speedup at least 90% of the FLOP ratio; our step at least as fast as the
+# release-style PyTorch step (PyTorch time / JAX time >= 1), with 1.5 as the target.
 SPEEDUP_AIM = 0.90
 TORCH_AIM = 1.0
+TORCH_TARGET = 1.5
+
+# Widths compared with PyTorch by default (head_dim 64, MLP 4x width): base's and large's.
+COMPARE_WIDTHS = (256, 512, 768, 1024)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,6 +88,27 @@ def time_runs(fn, *, warmup: int, repeats: int) -> dict:
   return {'times_s': times, 'median_s': statistics.median(times),
           'user_s': (cpu_end.user - cpu_start.user) / repeats,
           'sys_s': (cpu_end.system - cpu_start.system) / repeats}
+
+
+def paired_runs(fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int) -> dict:
+  """Times several steps side by side: each round runs every fn once, in turn, so a change in
+  the machine's load hits all of them alike. Per fn: wall times, median, and CPU time per call
+  (user, system) as in time_runs."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  out = {name: {'times_s': [], 'user_s': 0.0, 'sys_s': 0.0} for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      cpu_start, start = os.times(), time.perf_counter()
+      fn()
+      wall, cpu_end = time.perf_counter() - start, os.times()
+      out[name]['times_s'].append(wall)
+      out[name]['user_s'] += (cpu_end.user - cpu_start.user) / repeats
+      out[name]['sys_s'] += (cpu_end.system - cpu_start.system) / repeats
+  for row in out.values():
+    row['median_s'] = statistics.median(row['times_s'])
+  return out
 
 
 def peak_rss_gb() -> float | None:
@@ -127,12 +153,12 @@ def make_jax_step(model):
   return jax.jit(jax.value_and_grad(loss_fn)), jax.jit(pooled), params
 
 
-def bench_jax(step, params, patches, positions, *, warmup, repeats, check_memory=False):
-  """Compiles and times `step`; returns a result dict (with 'skipped' if it would not fit)."""
+def compile_jax(step, params, patches, positions, *, check_memory=False):
+  """Compiles `step`; returns (result dict with compile time and plan, or 'skipped' if it would
+  not fit; a no-argument function that runs one step and waits for it, or None)."""
   start = time.perf_counter()
   compiled = step.lower(params, patches, positions).compile()
-  compile_s = time.perf_counter() - start
-  result = {'compile_s': compile_s}
+  result = {'compile_s': time.perf_counter() - start}
   try:
     mem = compiled.memory_analysis()
     result['planned_temp_gb'] = mem.temp_size_in_bytes / 1e9
@@ -145,20 +171,48 @@ def bench_jax(step, params, patches, positions, *, warmup, repeats, check_memory
       result['skipped'] = (f'needs about {planned * margin / 1e9:.1f} GB ({planned / 1e9:.1f} GB '
                            f'planned by XLA x {margin:g}), {available / 1e9:.1f} GB available')
       return result, None
-  run = lambda: jax.block_until_ready(compiled(params, patches, positions))
+  return result, lambda: jax.block_until_ready(compiled(params, patches, positions))
+
+
+def bench_jax(step, params, patches, positions, *, warmup, repeats, check_memory=False):
+  """Compiles and times `step`; returns a result dict (with 'skipped' if it would not fit) and
+  the step's outputs (None when skipped)."""
+  result, run = compile_jax(step, params, patches, positions, check_memory=check_memory)
+  if run is None:
+    return result, None
   result.update(time_runs(run, warmup=warmup, repeats=repeats))
-  outputs = compiled(params, patches, positions)
-  return result, outputs
+  return result, run()
 
 
 # ------------------------------------------------------------------------------------------------
 # PyTorch
 # ------------------------------------------------------------------------------------------------
 
-def bench_torch(model, cfg, patches_np, positions_np, *, dtype, warmup, repeats):
-  """Exports `model`, loads it in our PyTorch port and times the same step on the same input.
+def release_inputs(patches_BxKxP: np.ndarray, positions_BxKx3: np.ndarray, patch_size: int):
+  """The sparse input as the release's trainer feeds its model: the K patches packed into
+  K / 256 frames of pixels [B, 3, K/256, 224, 224] (channels first), in order, and their flat
+  `visible_indices` [B, K] on the clip's frame grid (t * 256 + h * 16 + w), which only place
+  them (docs/spec.md §1.3)."""
+  b, k, _ = patches_BxKxP.shape
+  if k % PATCHES_PER_FRAME:
+    raise ValueError(f'K = {k} patches do not pack into whole frames of {PATCHES_PER_FRAME}; '
+                     f'choose --budget as a multiple of {PATCHES_PER_FRAME}')
+  frames = k // PATCHES_PER_FRAME
+  ps = patch_size
+  x = patches_BxKxP.reshape(b, frames, GRID, GRID, ps, ps, -1)      # (row, column, channel)
+  x = x.transpose(0, 6, 1, 2, 4, 3, 5).reshape(b, -1, frames, GRID * ps, GRID * ps)
+  t, h, w = (positions_BxKx3[..., i].astype(np.int64) for i in range(3))
+  return np.ascontiguousarray(x), t * PATCHES_PER_FRAME + h * GRID + w
 
-  Returns (result, pooled [B, C] numpy, loss, grads keyed like the release state dict)."""
+
+def make_torch_step(model, cfg, patches_np, positions_np, *, dtype, attention: str = 'eager'):
+  """Exports `model` and loads it in our PyTorch port, with `attention` ('eager', as the release
+  runs on CPU, or 'sdpa'); the step is the JAX step's (loss sum(pooled^2), all gradients) on the
+  same input given the release's way (`release_inputs`: pixels packed into frames, and
+  `visible_indices`).
+
+  Returns (step, results): `step()` runs one forward + backward; `results()` returns (pooled
+  [B, C] numpy, loss, grads keyed like the release state dict, info dict)."""
   import contextlib  # pylint: disable=g-import-not-at-top
 
   import torch  # pylint: disable=g-import-not-at-top
@@ -171,33 +225,38 @@ def bench_torch(model, cfg, patches_np, positions_np, *, dtype, warmup, repeats)
   with tempfile.TemporaryDirectory() as directory:
     hf.save_pytorch(model, directory)
     tmodel = torch_model.load_pretrained(directory).to(device).train()
+  torch_model.set_attention_implementation(tmodel, attention)
   for p in tmodel.parameters():
     p.requires_grad_(True)
-  x = torch.from_numpy(patches_np).to(device)
-  pos = torch.from_numpy(positions_np.astype(np.float32)).to(device)
+  pixels_np, indices_np = release_inputs(patches_np, positions_np, cfg.patch_size)
+  pixels = torch.from_numpy(pixels_np).to(device)
+  indices = torch.from_numpy(indices_np).to(device)
   # Our bfloat16 is mixed precision (float32 parameters, bfloat16 compute): autocast is that.
   autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
               else contextlib.nullcontext())
   sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
+  def forward():
+    with autocast:
+      return tmodel(pixels, visible_indices=indices)['pooler_output']
+
   def step():
     for p in tmodel.parameters():
       p.grad = None
-    with autocast:
-      pooled = tmodel.forward_tokens(x, pos)['pooler_output']
-    loss = pooled.float().square().sum()
+    loss = forward().float().square().sum()
     loss.backward()
     sync()
     return loss
 
-  timing = time_runs(step, warmup=warmup, repeats=repeats)
-  loss = float(step().detach())
-  grads = {k: p.grad.float().cpu().numpy() for k, p in tmodel.named_parameters()}
-  with torch.no_grad(), autocast:
-    pooled = tmodel.forward_tokens(x, pos)['pooler_output'].float().cpu().numpy()
-  result = {**timing, 'device': str(device),
-            'threads': torch.get_num_threads(), 'version': torch.__version__}
-  return result, pooled, loss, grads
+  def results():
+    loss = float(step().detach())
+    grads = {k: p.grad.float().cpu().numpy() for k, p in tmodel.named_parameters()}
+    with torch.no_grad():
+      pooled = forward().float().cpu().numpy()
+    info = {'device': str(device), 'attention': attention, 'threads': torch.get_num_threads(),
+            'version': torch.__version__}
+    return pooled, loss, grads, info
+  return step, results
 
 
 def max_rel_diff(a, b) -> float:
@@ -318,54 +377,75 @@ def torch_agreement(cfg, jax_grads, jax_pooled, jax_loss: float, t_pooled, t_los
   return check
 
 
-def speedups(rows: Mapping[str, dict]) -> dict[str, float]:
-  """Dense / sparse time against the analytic FLOP ratio, and JAX / PyTorch time."""
-  summary = {}
-  sparse, dense, torch_row = rows['JAX sparse'], rows.get('JAX dense'), rows.get('PyTorch sparse')
-  if dense is not None and 'median_s' in dense:
-    measured = dense['median_s'] / sparse['median_s']
-    analytic = dense['flops'] / sparse['flops']
-    summary.update(speedup_measured=measured, speedup_analytic=analytic,
-                   speedup_fraction=measured / analytic)
-  if torch_row is not None:
-    summary['jax_over_torch'] = sparse['median_s'] / torch_row['median_s']
-  return summary
+def compare_with_torch(cfg, *, batch: int, frames: int, budget: int, seed: int, warmup: int,
+                       repeats: int, peak: float) -> dict[str, Any]:
+  """Our JAX step against our PyTorch port run the release's way (`make_torch_step`: eager
+  attention, pixels packed into frames with visible indices), on the same weights and the same
+  sparse input of `budget` patches, timed side by side (`paired_runs`); with their agreement.
+
+  'speed' is PyTorch time / JAX time per pair of runs (above 1: ours is faster): its median,
+  min and max, and the same ratio of CPU time (user + system) per step."""
+  _, (sparse_x, sparse_pos) = clip_inputs(cfg, batch, frames, budget, seed)
+  model = enc.create_encoder(cfg, seed=seed)
+  step, forward, params = make_jax_step(model)
+  x, pos = jnp.asarray(sparse_x), jnp.asarray(sparse_pos)
+  compiled, run_jax = compile_jax(step, params, x, pos)
+  run_torch, torch_results = make_torch_step(model, cfg, sparse_x, sparse_pos, dtype=cfg.dtype)
+  timing = paired_runs({'jax': run_jax, 'torch': run_torch}, warmup=warmup, repeats=repeats)
+  jax_loss, jax_grads = run_jax()
+  jax_pooled = np.asarray(forward(params, x, pos)[:, 0], np.float32)
+  t_pooled, t_loss, t_grads, info = torch_results()
+  check = torch_agreement(cfg, jax_grads, jax_pooled, float(jax_loss), t_pooled, t_loss, t_grads)
+  jax_row = add_rates({**compiled, **timing['jax']}, cfg, batch, budget, peak)
+  torch_row = add_rates({**timing['torch'], **info}, cfg, batch, budget, peak)
+  ratios = [t / j for j, t in zip(jax_row['times_s'], torch_row['times_s'])]
+  cpu = lambda row: row['user_s'] + row['sys_s']
+  return {'width': cfg.width, 'depth': cfg.depth, 'heads': cfg.num_heads, 'mlp': cfg.mlp_dim,
+          'params': enc.num_params(cfg), 'jax': jax_row, 'torch': torch_row, 'check': check,
+          'speed': statistics.median(ratios), 'speed_min': min(ratios),
+          'speed_max': max(ratios), 'speed_cpu': cpu(torch_row) / cpu(jax_row)}
+
+
+def sparse_speedup(rows: Mapping[str, dict]) -> dict[str, float]:
+  """Dense / sparse time against the analytic FLOP ratio, when both ran."""
+  sparse, dense = rows.get('JAX sparse'), rows.get('JAX dense')
+  if not (sparse and dense and 'median_s' in sparse and 'median_s' in dense):
+    return {}
+  measured = dense['median_s'] / sparse['median_s']
+  analytic = dense['flops'] / sparse['flops']
+  return {'speedup_measured': measured, 'speedup_analytic': analytic,
+          'speedup_fraction': measured / analytic}
 
 
 def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, frames: int,
                      repeats: int, peak: float, rows: Mapping[str, dict], summary: dict,
-                     check: dict, dense_note: str | None, torch_note: str | None) -> list[str]:
-  """The Markdown section README records: the table of cases and the two aims."""
+                     comparisons: list, dense_note: str | None, torch_note: str | None,
+                     tuning: str) -> list[str]:
+  """The Markdown section README records: sparse vs dense, then JAX vs PyTorch per width."""
   on_cpu = info['backend'] == 'cpu'
   env_text = env_settings(info)
-  torch_row = rows.get('PyTorch sparse')
-  torch_text = (f"; torch {torch_row['version']} ({torch_row['device']}, "
-                f"{torch_row['threads']} threads)" if torch_row else '')
-  lines = ['', '## Encoder benchmark', '',
-           f'`{command}`', '',
+  cpu_col = ' CPU s/step (user + sys) |' if on_cpu else ''
+  lines = ['', '## Encoder benchmark', '', f'`{command}`', '',
            f"Device: {info['device_kind']} ({info['backend']}), {info['cpu_count']} CPUs"
            f"{' (' + info['cpu_model'] + ')' if 'cpu_model' in info else ''}; jax {info['jax']}"
-           f"{'; env `' + env_text + '`' if env_text else ''}"
-           f"{torch_text}",
-           f'Model: {preset} (width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, '
-           f'MLP {cfg.mlp_dim}, {enc.num_params(cfg) / 1e6:.2f}M parameters), {cfg.dtype}, '
-           f'attention {cfg.attention}; batch {batch}, {frames} frames; forward+backward, '
-           f'median of {repeats}. Matmul peak measured: {peak / 1e9:.1f} GFLOP/s.', '',
+           f"{'; env `' + env_text + '`' if env_text else ''}; {tuning}.", '',
+           f'Sparse vs dense: {preset} (width {cfg.width}, depth {cfg.depth}, heads '
+           f'{cfg.num_heads}, MLP {cfg.mlp_dim}), {cfg.dtype}, attention {cfg.attention}; batch '
+           f'{batch}, {frames} frames; forward+backward, median of {repeats}. Matmul peak '
+           f'measured: {peak / 1e9:.1f} GFLOP/s.', '',
            '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |'
-           + (' CPU s/step (user + sys) |' if on_cpu else ''),
-           '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else '')]
+           + cpu_col, '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else '')]
   for name, row in rows.items():
     if 'median_s' not in row:
       lines.append(f"| {name} | {row['tokens']} | {row['flops'] / 1e9:.1f} | skipped | | | |"
                    + (' |' if on_cpu else ''))
       continue
-    compile_s = f"{row['compile_s']:.1f} s" if 'compile_s' in row else '-'
     lines.append(f"| {name} | {row['tokens']} | {row['flops'] / 1e9:.1f} | "
                  f"{format_seconds(row['median_s'])} | {row['flops_per_s'] / 1e9:.1f} | "
-                 f"{100 * row['peak_fraction']:.0f}% | {compile_s} |"
+                 f"{100 * row['peak_fraction']:.0f}% | {row['compile_s']:.1f} s |"
                  + (f" {row['user_s']:.2f} + {row['sys_s']:.2f} |" if on_cpu else ''))
   lines.append('')
-  if 'speedup_measured' in summary:
+  if summary:
     met = summary['speedup_fraction'] >= SPEEDUP_AIM
     lines.append(f"Sparse speedup (dense / sparse time): {summary['speedup_measured']:.1f}x "
                  f"measured vs {summary['speedup_analytic']:.1f}x analytic FLOP ratio = "
@@ -373,15 +453,33 @@ def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, 
                  f"{'met' if met else 'NOT met'}).")
   else:
     lines.append(f'Sparse speedup: dense case {dense_note}.')
-  if 'jax_over_torch' in summary:
-    met = summary['jax_over_torch'] <= TORCH_AIM
-    lines.append(f"JAX / PyTorch time on the sparse input: {summary['jax_over_torch']:.2f} "
-                 f"(aim <= {TORCH_AIM:g}: {'met' if met else 'NOT met'}); outputs "
-                 f"{'agree' if check.get('agree') else 'DO NOT agree'} (pooled max rel diff "
-                 f"{check['pooled_max_rel_diff']:.1e}, gradients "
-                 f"{check['grad_max_rel_diff']:.1e}).")
-  else:
+  lines.append('')
+  if not comparisons:
     lines.append(f'JAX vs PyTorch: {torch_note}.')
+    return lines
+  t = comparisons[0]['torch']
+  lines += [f"JAX vs our PyTorch port run the release's way (torch {t['version']} on "
+            f"{t['device']}, {t['threads']} threads, {t['attention']} attention, the K patches "
+            f'packed into frames with visible indices), {cfg.dtype}, forward+backward, the two '
+            f'steps alternated {repeats} times. Speed = PyTorch time / JAX time (above 1: ours '
+            'is faster), median [min, max] over the pairs.', '',
+            '| width | depth | heads | MLP | JAX | PyTorch | speed | speed by CPU time |'
+            + (' JAX CPU s (user + sys) | PyTorch CPU s |' if on_cpu else '') + ' agree |',
+            '|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if on_cpu else '')
+            + '---|']
+  for c in comparisons:
+    j, t = c['jax'], c['torch']
+    cpu_cells = (f" {j['user_s']:.2f} + {j['sys_s']:.2f} | {t['user_s']:.2f} + "
+                 f"{t['sys_s']:.2f} |" if on_cpu else '')
+    agree = f"{'yes' if c['check']['agree'] else 'NO'} ({c['check']['grad_max_rel_diff']:.0e})"
+    lines.append(f"| {c['width']} | {c['depth']} | {c['heads']} | {c['mlp']} | "
+                 f"{format_seconds(j['median_s'])} | {format_seconds(t['median_s'])} | "
+                 f"{c['speed']:.2f}x [{c['speed_min']:.2f}, {c['speed_max']:.2f}] | "
+                 f"{c['speed_cpu']:.2f}x |{cpu_cells} {agree} |")
+  worst = min(c['speed'] for c in comparisons)
+  lines += ['', f'Slowest width: {worst:.2f}x the PyTorch speed (aim >= {TORCH_AIM:g}x: '
+            f"{'met' if worst >= TORCH_AIM else 'NOT met'}; target {TORCH_TARGET:g}x: "
+            f"{'met' if worst >= TORCH_TARGET else 'not met'})."]
   return lines
 
 

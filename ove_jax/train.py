@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipeline import fileio, tokens
-from ove_jax import checkpoint, distributed, losses, optim, sharding, warm_start
+from ove_jax import checkpoint, distributed, host_runtime, losses, optim, sharding, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 from ove_jax.models import Encoder, EncoderConfig, encoder_flops
@@ -533,12 +533,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  # Before JAX starts: XLA:CPU flags and malloc settings (the user's own values win).
+  tuning = host_runtime.configure()
   # force: absl (imported with orbax) may already have put its own handler on the root logger,
   # which would make basicConfig a no-op and drop every INFO line.
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  logging.info(host_runtime.describe(tuning))
   try:
     config = config_lib.load(args.config, overrides)   # before JAX starts: errors come fast
     if args.show_config:

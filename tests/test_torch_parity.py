@@ -122,3 +122,24 @@ def test_packed_tokens_match_port_per_sample(models):
     assert _rel(out['last_hidden_state'][0, start:start + n],
                 ref['last_hidden_state'][0].numpy()) <= TOL
     start += n
+
+
+def test_eager_attention_equals_sdpa(models):
+  """The release's eager attention path (ove-bench-encoder's PyTorch baseline) computes what
+  scaled_dot_product_attention does, on the codec path's input."""
+  _, port = models
+  rng = np.random.RandomState(6)
+  idx = torch.from_numpy(np.sort(rng.choice(64 * 64, 256, replace=False))[None])
+  x = torch.from_numpy(_video(rng, 1, 4, 112, 112)).permute(0, 4, 1, 2, 3)
+  try:
+    with torch.no_grad():
+      sdpa = port(x, visible_indices=idx)['last_hidden_state'].numpy()
+      torch_model.set_attention_implementation(port, 'eager')
+      assert all(m.attn_implementation == 'eager' for m in port.modules()
+                 if isinstance(m, torch_model.OVAttention))
+      eager = port(x, visible_indices=idx)['last_hidden_state'].numpy()
+  finally:
+    torch_model.set_attention_implementation(port, 'sdpa')
+  assert _rel(eager, sdpa) <= TOL
+  with pytest.raises(ValueError, match='eager'):
+    torch_model.set_attention_implementation(port, 'flash')

@@ -5,42 +5,41 @@ all), one jitted training step of the encoder alone: forward, loss = sum of squa
 output, and the gradient for every parameter, timed with `jax.block_until_ready` after compiling
 (compile time is reported on its own), median of `--repeats` runs after `--warmup` runs.
 
-  1. sparse: K = `--budget` patches drawn at random from the clip, with their (t, h, w) positions;
-  2. dense: all frames x 256 patches;
-  3. PyTorch: the same model exported with `save_pytorch`, loaded with `load_pretrained`, and the
-     same step (same input, same loss) on the sparse input; the pooled outputs, losses and all
-     gradients of both are compared, so we know the two compute the same thing.
+  1. sparse vs dense, on `--preset` (default 'micro'): K = `--budget` patches drawn at random
+     from the clip with their (t, h, w) positions, against all frames x 256 patches; printed
+     beside the analytic FLOP ratio (aim: measured speedup >= 90% of it);
+  2. JAX vs PyTorch, at each of `--widths` (default 256, 512, 768, 1024; head_dim 64, MLP 4x,
+     `--compare-depth` blocks): the same model exported with `save_pytorch` and loaded in our
+     PyTorch port, run the release's way: eager attention (the release's only CPU path) and the
+     K patches packed into K / 256 frames of pixels with their `visible_indices` on the clip's
+     grid, as the release's trainer feeds it. The two steps alternate (`--repeats` pairs), so a
+     change in the machine's load hits both; speed = PyTorch time / JAX time per pair (aim:
+     >= 1 at every width, target 1.5), with the same ratio of CPU time. Pooled outputs, losses
+     and every gradient are compared, so we know the two compute the same thing.
 
 Printed beside the times: the analytic FLOPs (`encoder_flops`), achieved GFLOP/s and their share
 of this machine's matmul peak (`metrics.matmul_peak_flops`: one large jitted matmul, the fastest
-of 5), the dense/sparse speedup against the analytic FLOP ratio (aim: >= 90% of it), and the
-JAX/PyTorch time ratio (aim: <= 1). A markdown summary at the end is what README records.
+of 5), and CPU time per step, user + system (on CPU a large system share is page faults, not
+arithmetic). A markdown summary at the end is what docs/benchmarks.md records.
 
 Commands:
 
-  # CPU (the default): the 'micro' model, 64 frames, K = 2048 vs 16,384 tokens, PyTorch too.
+  # CPU (the default): micro sparse vs dense, and JAX vs PyTorch at widths 256-1024.
   ove-bench-encoder
-  ove-bench-encoder --json /tmp/bench_encoder.json          # the same, as the console script
+  ove-bench-encoder --compare-depth 1 --repeats 3 --json /tmp/bench_encoder.json
+  ove-bench-encoder --widths 256,512 --skip-dense         # only part of the comparison
 
-  # GPU / TPU: the real sizes, in bfloat16, with a flash-attention kernel for the dense case.
-  ove-bench-encoder --preset base --dtype bfloat16 --attention cudnn
+  # GPU / TPU: the real sizes, in bfloat16, with a flash-attention kernel.
+  ove-bench-encoder --preset base --widths= --dtype bfloat16 --attention cudnn
   ove-bench-encoder --preset large --dtype bfloat16 --attention splash --skip-torch
 
-  # one part only
-  ove-bench-encoder --skip-dense        # sparse JAX vs PyTorch
-  ove-bench-encoder --skip-torch        # sparse vs dense
-
-  # CPU with the two environment settings that take XLA:CPU's overheads out of the figures
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce ove-bench-encoder
-
-On XLA:CPU (jax 0.10.2) the step's temporaries are allocated afresh on every run; the dense
-step's multi-GB buffers then spend more CPU time in page faults than in arithmetic (the 'sys'
-column of the table). `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` backs malloc with transparent huge
-pages and cuts the faults about 30-fold. The YNNPACK reduce fusions that XLA:CPU makes of the
-softmax backward run far slower than plain XLA code; the XLA flag above turns them off. Both are
-recorded in the summary when set. PyTorch runs on the same kind of device as JAX: on a GPU
-without a CUDA build of torch the comparison is skipped, not made against the CPU.
+The command applies `ove_jax.host_runtime.configure()` before JAX starts, as `ove-train` does:
+XLA:CPU allocates a step's temporaries afresh on every run, and glibc's default returns large
+blocks to the kernel, so every step page-faulted its temporaries in again (the dense step spent
+more system time than user time); the malloc settings keep freed memory in the process. It also
+turns off XLA:CPU's YNNPACK reduce fusions (slower than XLA's own loops for the softmax). A flag
+already named in XLA_FLAGS, or malloc settings in GLIBC_TUNABLES / MALLOC_*, are left as the
+user set them; OVE_HOST_TUNING=0 turns it all off. What was applied is printed and recorded.
 
 Why the CPU default is 'micro' (width 64, depth 2, one 64-wide head, MLP 256) and not 'tiny':
 with the xla attention the dense step materialises B x heads x L x L float32 logits per layer,
@@ -67,12 +66,25 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ove_jax import benchmarks as bench
+from ove_jax import host_runtime
 from ove_jax import metrics
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
+
+
+def width_list(text: str) -> tuple[int, ...]:
+  """'256,512' -> (256, 512); '' -> () (compare at the preset's own sizes)."""
+  try:
+    widths = tuple(int(w) for w in text.split(',') if w.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'--widths {text!r}: give comma-separated integers, '
+                                     'e.g. 256,512') from None
+  if any(w <= 0 or w % 64 for w in widths):
+    raise argparse.ArgumentTypeError(f'--widths {text!r}: each width must be a positive '
+                                     'multiple of 64 (head_dim 64)')
+  return widths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,15 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
   presets = list(bench.BENCH_PRESETS) + list(enc.PRESETS)
   parser.add_argument('--preset', default='micro', choices=presets,
-                      help="model size (default micro, sized for a CPU; base/large/huge are for "
-                           "GPU/TPU)")
+                      help="model of the sparse vs dense case (default micro, sized for a CPU; "
+                           "base/large/huge are for GPU/TPU)")
   parser.add_argument('--width', type=int, help='override the preset width')
   parser.add_argument('--depth', type=int, help='override the preset depth')
   parser.add_argument('--heads', type=int, help='override the preset number of heads')
   parser.add_argument('--mlp-dim', type=int, help='override the preset MLP width')
+  parser.add_argument('--widths', type=width_list,
+                      default=','.join(map(str, bench.COMPARE_WIDTHS)),
+                      help='widths of the JAX vs PyTorch comparison, comma-separated (head_dim '
+                           '64, MLP 4x width; default %(default)s); empty: the preset\'s sizes')
+  parser.add_argument('--compare-depth', type=int, default=2,
+                      help='blocks of the models in the JAX vs PyTorch comparison (default 2)')
   parser.add_argument('--frames', type=int, default=64, help='frames in the clip (default 64)')
   parser.add_argument('--budget', type=int, default=2048,
-                      help='K, patches kept in the sparse case (default 2048)')
+                      help='K, patches kept in the sparse case (default 2048; a multiple of 256, '
+                           'the PyTorch step packs them into K / 256 frames)')
   parser.add_argument('--batch', type=int, default=1, help='clips per step (default 1)')
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='compute dtype; parameters stay float32')
@@ -98,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported')
   parser.add_argument('--warmup', type=int, default=1, help='untimed runs after compiling')
   parser.add_argument('--seed', type=int, default=0, help='the model\'s init and the input clip')
-  parser.add_argument('--skip-dense', action='store_true', help='no dense (all patches) case')
+  parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
   parser.add_argument('--json', metavar='PATH', help='also write the results here')
   return parser
@@ -125,6 +144,8 @@ def print_row(name: str, result: dict) -> None:
 
 
 def main(argv=None):
+  # Before JAX starts: the XLA flags and malloc settings that take XLA:CPU's overheads out.
+  tuning = host_runtime.describe(host_runtime.configure())
   parser = build_parser()
   args = parser.parse_args(argv)
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -135,14 +156,22 @@ def main(argv=None):
   try:
     cfg = bench.encoder_config(args.preset, width=args.width, depth=args.depth, heads=args.heads,
                                mlp_dim=args.mlp_dim, dtype=args.dtype, attention=args.attention)
+    compare_cfgs = [bench.encoder_config('tiny', width=w, depth=args.compare_depth,
+                                         heads=w // 64, mlp_dim=4 * w, dtype=args.dtype,
+                                         attention=args.attention) for w in args.widths] or [cfg]
   except ValueError as e:
     parser.error(str(e))
   n_all = args.frames * bench.PATCHES_PER_FRAME
   if not 0 < args.budget <= n_all:
     parser.error(f'--budget {args.budget} must be in [1, {n_all}] ({args.frames} frames x '
                  f'{bench.PATCHES_PER_FRAME} patches)')
-  if min(args.repeats, args.batch, args.frames) < 1 or args.warmup < 0:
-    parser.error('--repeats, --batch and --frames must be positive, --warmup not negative')
+  if min(args.repeats, args.batch, args.frames, args.compare_depth) < 1 or args.warmup < 0:
+    parser.error('--repeats, --batch, --frames and --compare-depth must be positive, --warmup '
+                 'not negative')
+  torch_note = bench.torch_unavailable(args.skip_torch)
+  if torch_note is None and args.budget % bench.PATCHES_PER_FRAME:
+    parser.error(f'--budget {args.budget}: the PyTorch step packs the patches into whole frames, '
+                 f'so use a multiple of {bench.PATCHES_PER_FRAME} (or --skip-torch)')
 
   command = ' '.join(['ove-bench-encoder', shlex.join(argv)]).strip()
   info = bench.device_info()
@@ -152,9 +181,7 @@ def main(argv=None):
   print(f"device: {info['device_kind']} ({info['backend']}, {info['num_devices']} device(s)), "
         f"{info['cpu_count']} CPUs{', ' + info['cpu_model'] if 'cpu_model' in info else ''}; "
         f"jax {info['jax']}{'; env ' + env_text if env_text else ''}")
-  print(f'model: {args.preset} width={cfg.width} depth={cfg.depth} heads={cfg.num_heads} '
-        f'mlp={cfg.mlp_dim} ({enc.num_params(cfg) / 1e6:.2f}M parameters), dtype={cfg.dtype}, '
-        f'attention={cfg.attention}')
+  print(tuning)
   print(f'input: batch {b}, {args.frames} frames of {bench.IMAGE_SIZE}x{bench.IMAGE_SIZE} '
         f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up')
   sys.stdout.flush()
@@ -162,74 +189,58 @@ def main(argv=None):
   peak = metrics.matmul_peak_flops(cfg.dtype)
   print(f'matmul peak (measured, {cfg.dtype}): {peak / 1e9:.1f} GFLOP/s', flush=True)
 
-  (dense_x, dense_pos), (sparse_x, sparse_pos) = bench.clip_inputs(cfg, b, args.frames, k,
-                                                                   args.seed)
-  model = enc.create_encoder(cfg, seed=args.seed)
-  step, forward, params = bench.make_jax_step(model)
-  rows = {}
-
-  def record(name, tokens, result):
-    rows[name] = bench.add_rates(result, cfg, b, tokens, peak)
-    print_row(name, result)
-
-  # -- sparse ------------------------------------------------------------------------------------
-  sx, spos = jnp.asarray(sparse_x), jnp.asarray(sparse_pos)
-  result, (jax_loss, jax_grads) = bench.bench_jax(step, params, sx, spos, warmup=args.warmup,
-                                                  repeats=args.repeats)
-  record('JAX sparse', k, result)
-  jax_loss = float(jax_loss)
-  jax_pooled = np.asarray(forward(params, sx, spos)[:, 0], np.float32)
-
-  # -- PyTorch -----------------------------------------------------------------------------------
-  check = {}
-  torch_note = bench.torch_unavailable(args.skip_torch)
-  if torch_note is None:
-    tresult, t_pooled, t_loss, t_grads = bench.bench_torch(
-        model, cfg, sparse_x, sparse_pos, dtype=cfg.dtype, warmup=args.warmup,
-        repeats=args.repeats)
-    record('PyTorch sparse', k, tresult)
-    check = bench.torch_agreement(cfg, jax_grads, jax_pooled, jax_loss, t_pooled, t_loss,
-                                  t_grads)
-    print(f"agreement JAX vs PyTorch ({tresult['device']}, {tresult['threads']} threads, torch "
-          f"{tresult['version']}): pooled max rel diff {check['pooled_max_rel_diff']:.2e}, "
-          f"loss {jax_loss:.6g} vs {t_loss:.6g}, gradients max rel diff "
-          f"{check['grad_max_rel_diff']:.2e} ({check['grad_worst_key']}) -> "
-          f"{'agree' if check['agree'] else 'MISMATCH'} (tolerance {check['tolerance']:g}"
-          f"{'' if cfg.dtype == 'float32' else ', on the output only'})", flush=True)
-  else:
-    print(f'PyTorch: {torch_note}', flush=True)
-  del jax_grads
-  gc.collect()
-
-  # -- dense (last: it is by far the biggest) ----------------------------------------------------
-  if args.skip_dense:
-    dense_note = 'skipped (--skip-dense)'
-  else:
+  # -- sparse vs dense, on the preset ------------------------------------------------------------
+  rows, dense_note = {}, 'skipped (--skip-dense)'
+  if not args.skip_dense:
+    print(f'sparse vs dense: {args.preset} width={cfg.width} depth={cfg.depth} '
+          f'heads={cfg.num_heads} mlp={cfg.mlp_dim} ({enc.num_params(cfg) / 1e6:.2f}M '
+          f'parameters), dtype={cfg.dtype}, attention={cfg.attention}', flush=True)
     dense_note = None
-    dx, dpos = jnp.asarray(dense_x), jnp.asarray(dense_pos)
-    result, outputs = bench.bench_jax(step, params, dx, dpos, warmup=args.warmup,
-                                      repeats=args.repeats, check_memory=True)
-    del outputs, dx, dpos
+    inputs = bench.clip_inputs(cfg, b, args.frames, k, args.seed)
+    step, _, params = bench.make_jax_step(enc.create_encoder(cfg, seed=args.seed))
+    # Dense last: it is by far the biggest.
+    for name, (x, pos), tokens in (('JAX sparse', inputs[1], k), ('JAX dense', inputs[0], n_all)):
+      result, outputs = bench.bench_jax(step, params, jnp.asarray(x), jnp.asarray(pos),
+                                        warmup=args.warmup, repeats=args.repeats,
+                                        check_memory=name == 'JAX dense')
+      del outputs
+      gc.collect()
+      rows[name] = bench.add_rates(result, cfg, b, tokens, peak)
+      print_row(name, result)
+      if 'skipped' in result:
+        dense_note = f'skipped: {result["skipped"]}'
+    del inputs, step, params
     gc.collect()
-    record('JAX dense', n_all, result)
-    if 'skipped' in result:
-      dense_note = f'skipped: {result["skipped"]}'
+  summary = bench.sparse_speedup(rows)
 
-  # -- ratios and summary ------------------------------------------------------------------------
-  summary = bench.speedups(rows)
+  # -- JAX vs PyTorch, per width -----------------------------------------------------------------
+  comparisons = []
+  for ccfg in ([] if torch_note else compare_cfgs):
+    c = bench.compare_with_torch(ccfg, batch=b, frames=args.frames, budget=k, seed=args.seed,
+                                 warmup=args.warmup, repeats=args.repeats, peak=peak)
+    comparisons.append(c)
+    for name, row in (('JAX', c['jax']), ('PyTorch', c['torch'])):
+      print_row(f'width {c["width"]} depth {c["depth"]} {name}', row)
+    print(f"width {c['width']}: speed vs PyTorch {c['speed']:.2f}x [{c['speed_min']:.2f}, "
+          f"{c['speed_max']:.2f}], by CPU time {c['speed_cpu']:.2f}x; agreement: pooled "
+          f"{c['check']['pooled_max_rel_diff']:.1e}, gradients "
+          f"{c['check']['grad_max_rel_diff']:.1e} ({c['check']['grad_worst_key']}) -> "
+          f"{'agree' if c['check']['agree'] else 'MISMATCH'}", flush=True)
+    gc.collect()
+
   print('\n'.join(bench.markdown_summary(
       command=command, info=info, preset=args.preset, cfg=cfg, batch=b, frames=args.frames,
-      repeats=args.repeats, peak=peak, rows=rows, summary=summary, check=check,
-      dense_note=dense_note, torch_note=torch_note)), flush=True)
+      repeats=args.repeats, peak=peak, rows=rows, summary=summary, comparisons=comparisons,
+      dense_note=dense_note, torch_note=torch_note, tuning=tuning)), flush=True)
 
   if args.json:
-    report = {'command': command, 'device': info, 'args': vars(args),
+    report = {'command': command, 'device': info, 'args': vars(args), 'host_tuning': tuning,
               'config': {'preset': args.preset, 'width': cfg.width, 'depth': cfg.depth,
                          'num_heads': cfg.num_heads, 'mlp_dim': cfg.mlp_dim,
                          'num_params': enc.num_params(cfg), 'dtype': cfg.dtype,
                          'attention': cfg.attention},
-              'matmul_peak_flops_per_s': peak, 'results': rows, 'agreement': check,
-              'summary': summary}
+              'matmul_peak_flops_per_s': peak, 'results': rows, 'summary': summary,
+              'comparisons': comparisons}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)

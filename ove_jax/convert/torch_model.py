@@ -92,10 +92,37 @@ class OVEmbeddings(nn.Module):
                                      bias=False)
 
 
+# How OVAttention computes attention: 'sdpa' (F.scaled_dot_product_attention, the default) or
+# 'eager' (explicit logits, a float32 softmax, then the weighted sum: the path transformers takes
+# with attn_implementation='eager', the release's only CPU path). Both compute the same function.
+ATTENTION_IMPLEMENTATIONS = ('sdpa', 'eager')
+
+
+def eager_attention(q_BxHxLxD: torch.Tensor, k_BxHxLxD: torch.Tensor, v_BxHxLxD: torch.Tensor,
+                    scale: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+  """transformers' eager_attention_forward: the [B, H, L, L] probabilities materialised."""
+  weights = torch.matmul(q_BxHxLxD, k_BxHxLxD.transpose(2, 3)) * scale
+  weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q_BxHxLxD.dtype)
+  weights = F.dropout(weights, p=dropout, training=training)
+  return torch.matmul(weights, v_BxHxLxD)
+
+
+def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Module:
+  """Switches every OVAttention of `model` to `implementation` (ATTENTION_IMPLEMENTATIONS)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation {implementation!r}; choose one of '
+                     f'{ATTENTION_IMPLEMENTATIONS}')
+  for module in model.modules():
+    if isinstance(module, OVAttention):
+      module.attn_implementation = implementation
+  return model
+
+
 class OVAttention(nn.Module):
 
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
+    self.attn_implementation = 'sdpa'
     c = config.hidden_size
     self.num_heads = config.num_attention_heads
     self.head_dim = config.hidden_size // config.num_attention_heads
@@ -111,8 +138,12 @@ class OVAttention(nn.Module):
     q = apply_rope(split(self.q_proj(x_BxLxC)), angles_BxLxD)
     k = apply_rope(split(self.k_proj(x_BxLxC)), angles_BxLxD)
     v = split(self.v_proj(x_BxLxC))
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                       scale=self.head_dim ** -0.5)
+    if self.attn_implementation == 'eager':
+      o = eager_attention(q, k, v, self.head_dim ** -0.5, self.dropout, self.training)
+    else:
+      o = F.scaled_dot_product_attention(q, k, v,
+                                         dropout_p=self.dropout if self.training else 0.0,
+                                         scale=self.head_dim ** -0.5)
     return self.out_proj(o.transpose(1, 2).reshape(b, l, c))
 
 

@@ -63,17 +63,32 @@ def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
 
 
 def xla_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float):
-  # Heads-major einsums: with 'bqhd,bkhd->bhqk' XLA:CPU copied the [L, L] probabilities and
-  # their gradients into transposed layouts (about 40% of a 2048-token step in
-  # tools/bench_encoder.py); transposing q, k, v ([L, D] each) instead is cheap.
+  """Softmax attention written so that XLA (and its autodiff) touch the [B, H, L, L] logits as few
+  times as possible; every pass over them is memory-bound on CPU:
+
+  - heads-major einsums: with 'bqhd,bkhd->bhqk' XLA:CPU copied the [L, L] probabilities and
+    their gradients into transposed layouts (about 40% of a 2048-token step in
+    tools/bench_encoder.py); transposing q, k, v ([L, D] each) instead is cheap;
+  - the scale multiplies q ([L, D]), not the logits (1/8 for head_dim 64: exact either way);
+  - the softmax is left unnormalised: e = exp(s - max s) feeds the value matmul and the
+    [L, D] output is divided by the row sums, instead of dividing the [L, L] probabilities.
+    The max is a constant to autodiff (softmax does not depend on it), so the backward pass is
+    the flash-attention one: dS = e * (dO / l @ V^T - rowsum(dO * O) / l), one pass over [L, L].
+  Masked entries get exp(min - max) = 0; every row keeps its own token, so no row sum is 0.
+  """
   q_BxHxLxD, k_BxHxLxD, v_BxHxLxD = (x.transpose(0, 2, 1, 3)
                                      for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
+  q_BxHxLxD = q_BxHxLxD * jnp.asarray(scale, q_BxHxLxD.dtype)
   logits_BxHxLxL = jnp.einsum('bhqd,bhkd->bhqk', q_BxHxLxD, k_BxHxLxD,
-                              preferred_element_type=jnp.float32) * scale
+                              preferred_element_type=jnp.float32)
   logits_BxHxLxL = jnp.where(segment_mask(segment_ids_BxL), logits_BxHxLxL,
                              jnp.finfo(jnp.float32).min)
-  probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(v_BxLxHxD.dtype)
-  return jnp.einsum('bhqk,bhkd->bhqd', probs_BxHxLxL, v_BxHxLxD).transpose(0, 2, 1, 3)
+  max_BxHxLx1 = jax.lax.stop_gradient(logits_BxHxLxL.max(-1, keepdims=True))
+  e_BxHxLxL = jnp.exp(logits_BxHxLxL - max_BxHxLx1)
+  sum_BxHxLx1 = e_BxHxLxL.sum(-1, keepdims=True)
+  o_BxHxLxD = jnp.einsum('bhqk,bhkd->bhqd', e_BxHxLxL.astype(v_BxHxLxD.dtype), v_BxHxLxD,
+                         preferred_element_type=jnp.float32) / sum_BxHxLx1
+  return o_BxHxLxD.astype(v_BxLxHxD.dtype).transpose(0, 2, 1, 3)
 
 
 def jax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float):

@@ -1,0 +1,92 @@
+"""Process settings that make XLA:CPU steps fast, applied by our command lines before JAX starts.
+
+Measured with `ove-bench-encoder` (docs/benchmarks.md) on a 2-core CPU, two overheads outside the
+arithmetic decided the figures:
+
+  - page faults: XLA:CPU allocates a step's temporaries afresh on every run. glibc serves large
+    blocks with mmap and returns them to the kernel on free, so every step faults its
+    temporaries in again (the dense 16k-token step spent more system time in faults than user
+    time in arithmetic). `tune_malloc` keeps freed memory in the process (one malloc arena,
+    no mmap'd blocks, no trimming), so from the second step on the temporaries reuse pages
+    already mapped. Same results, bit for bit: only where the bytes live changes.
+  - YNNPACK reduce fusions: XLA:CPU hands the softmax's reductions to YNNPACK, which ran them far
+    slower than XLA's own loops. `CPU_XLA_FLAGS` turns them off (XLA's loops compute the same
+    sums; the parity and scan tests pass either way).
+
+`configure()` applies both unless the user already chose: a flag named in XLA_FLAGS is never
+overridden, and malloc is left alone when GLIBC_TUNABLES sets glibc.malloc.* or any MALLOC_*
+variable is set. `OVE_HOST_TUNING=0` turns all of it off. XLA reads XLA_FLAGS when its first
+backend starts, so `configure()` must run before the first JAX computation (importing jax is
+fine); the command lines call it first thing in main().
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import MutableMapping
+
+# XLA:CPU flags added to XLA_FLAGS when the user's XLA_FLAGS does not name them.
+CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-reduce',)
+
+# mallopt parameters (glibc malloc.h) and the values tune_malloc sets.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+# M_TRIM_THRESHOLD -1 turns trimming off (mallopt(3)); a finite threshold is an int, at most
+# 2 GB, and a dense step's 4.5 GB of temporaries went back to the kernel at every step with it.
+MALLOPT_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+
+DISABLE_VAR = 'OVE_HOST_TUNING'
+
+
+def add_xla_flags(environ: MutableMapping[str, str], flags=CPU_XLA_FLAGS) -> list[str]:
+  """Appends each of `flags` to environ['XLA_FLAGS'] unless a flag of that name is already
+  there; returns the flags added."""
+  current = environ.get('XLA_FLAGS', '').split()
+  named = {f.split('=', 1)[0] for f in current}
+  added = [f for f in flags if f.split('=', 1)[0] not in named]
+  if added:
+    environ['XLA_FLAGS'] = ' '.join(current + added)
+  return added
+
+
+def user_malloc_settings(environ: MutableMapping[str, str]) -> list[str]:
+  """The environment variables by which the user already configured glibc malloc."""
+  chosen = [k for k in environ if k.startswith('MALLOC_')]
+  if 'glibc.malloc' in environ.get('GLIBC_TUNABLES', ''):
+    chosen.append('GLIBC_TUNABLES')
+  return chosen
+
+
+def tune_malloc() -> bool:
+  """Keeps freed memory in the process (see the module docstring); True when glibc took every
+  setting. False off Linux/glibc."""
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+    return False
+  return all(mallopt(param, value) == 1 for param, value in MALLOPT_SETTINGS)
+
+
+def configure(environ: MutableMapping[str, str] | None = None) -> dict[str, object]:
+  """Applies CPU_XLA_FLAGS and tune_malloc where the user has not chosen otherwise; returns what
+  was applied ({} when OVE_HOST_TUNING=0), for the command line to report."""
+  environ = os.environ if environ is None else environ
+  if environ.get(DISABLE_VAR, '1') == '0':
+    return {}
+  applied: dict[str, object] = {'xla_flags': add_xla_flags(environ)}
+  user = user_malloc_settings(environ)
+  applied['malloc'] = f'left to the user ({", ".join(user)})' if user else (
+      'one arena, no mmap, no trim' if tune_malloc() else 'not tuned (no glibc mallopt)')
+  return applied
+
+
+def describe(applied: dict[str, object]) -> str:
+  """One line for a log: what `configure` did."""
+  if not applied:
+    return f'host tuning off ({DISABLE_VAR}=0)'
+  flags = ' '.join(applied['xla_flags']) or 'none (XLA_FLAGS already names them)'
+  return f'host tuning: XLA flags added: {flags}; malloc: {applied["malloc"]}'
