@@ -20,24 +20,41 @@ devices (data 4 x fsdp 2). Two variants:
       ove-train --config=demo_cpu:smoke,workers=0 \
       --workdir=/tmp/ove_smoke_2x4
 
+The clips are fed in the release's mixed video modes (data_pipeline/transforms.py, docs/spec.md
+§3): each sample is its codec-selected patches, uniform frames or the same frames as one collage
+image, drawn with weights codec / uniform / collage = 0.5 / 0.375 / 0.125 (the release's large
+run); the frames are budget / 256 whole 224 x 224 frames (2 at K = 512), so every mode has the
+same token count.
+
 Arguments: smoke (a few steps on 8 clips and 16 images), steps=N, workers=N (input worker
 processes per head), data_root=PATH (where the built-in data lives; default
-<workdir>/builtin_data), clips=N and images=N (built-in data sizes), student=DIR.
+<workdir>/builtin_data), clips=N and images=N (built-in data sizes), student=DIR, codec=W,
+uniform=W, collage=W (the video modes' weights; codec=1,uniform=0,collage=0 trains on codec
+inputs only).
 """
 import json
 import os
 
-from data_pipeline import builtin
+from data_pipeline import builtin, tokens
 from ove_jax import config as config_lib
 
 # The student reads the nearest 3 of the (by default 10) centres cluster_labels writes: at this
 # size, farther centres are other concepts more than neighbours of the sample's own.
 STUDENT_LABELS = 3
+# Weights of the video modes codec / uniform frames / collage: the release's large run's
+# (data_pipeline/pipeline.py's default; docs/spec.md §3).
+VIDEO_MODES = (0.5, 0.375, 0.125)
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, smoke=False, steps=0, workers=1, data_root='', clips=0, images=0,
-                           student='')
+                           student='', codec=VIDEO_MODES[0], uniform=VIDEO_MODES[1],
+                           collage=VIDEO_MODES[2])
+  modes = (a.codec, a.uniform, a.collage)
+  if min(modes) < 0 or sum(modes) <= 0:
+    raise config_lib.ConfigError(f'demo_cpu: codec={a.codec}, uniform={a.uniform}, '
+                                 f'collage={a.collage}: the video modes\' weights must be >= 0 '
+                                 'and not all 0')
   c = config_lib.defaults()
   c.total_steps = a.steps or (20 if a.smoke else 300)
   c.log_every = 2 if a.smoke else 10
@@ -68,7 +85,8 @@ def get_config(arg=None):
   c.data.worker_count = a.workers
   c.data.patch_dtype = 'uint8'   # 4x less to move between processes; normalised on the device
   video = dict(kind='video', source='{builtin:video}', rows=8, tokens_per_row=512,
-               max_segments=1, num_labels=3, video_modes=(1.0, 0.0, 0.0))
+               max_segments=1, num_labels=3, video_modes=modes,
+               num_frames=c.builtin.budget // tokens.VIDEO_GRID ** 2)
   image = dict(kind='image', source='{builtin:image}', rows=8, tokens_per_row=256,
                max_segments=1, num_labels=builtin.IMAGE_LABELS, resolution=224)
   if not a.student:

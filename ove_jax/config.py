@@ -25,7 +25,7 @@ import ml_collections
 INIT_HEADS = ('keep', 'matching', 'fresh')
 # Sections whose keys are fixed by defaults() (a typo there must not be silently ignored).
 FIXED_SECTIONS = ('mesh', 'distributed', 'metrics', 'model', 'init', 'loss', 'optim',
-                  'builtin')
+                  'builtin', 'probe')
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,15 @@ def defaults() -> ml_collections.ConfigDict:
   # Per head, where evaluation batches come from: a source string like data.heads.<name>.source.
   # Heads not named here evaluate on their training source, reshuffled (not held out).
   c.eval_sources = ml_collections.ConfigDict()
+  # Probes during training (ove_jax/training_probes.py): every probe_every steps (0: never; a
+  # multiple of log_every) the probes train on the frozen encoder's features of a held-out set of
+  # labelled video records and log probe/<probe>_top1. source: comma-separated globs of the
+  # records; label: the label slot; mode: 'codec' or 'uniform' (num_frames frames; 0: the codec
+  # budget in frames); the first max_records records, test_fraction of them the probes' test part.
+  c.probe_every = 0
+  c.probe = ml_collections.ConfigDict(dict(
+      source='', label=0, probes=('knn', 'linear'), mode='codec', num_frames=0,
+      test_fraction=0.3, max_records=512, batch_size=8, knn_k=20))
   c.accumulate = 1              # micro-batches per step (gradient accumulation by scan)
   c.peak_flops = 0.0            # per device, for MFU; 0: the device table, or measured on CPU
   c.cpu_devices = 0              # virtual CPU devices per process (CPU only; 0: as started)
@@ -332,7 +341,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'accumulate',
               'eval_steps'):
     _at_least(key, config[key], 1)
-  for key in ('keep_every', 'eval_every', 'profile_steps', 'cpu_devices'):
+  for key in ('keep_every', 'eval_every', 'probe_every', 'profile_steps', 'cpu_devices'):
     _at_least(key, config[key], 0)
   if config.keep_every and config.keep_every % config.checkpoint_every:
     raise ConfigError(f'keep_every={config.keep_every} must be a multiple of checkpoint_every='
@@ -343,6 +352,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval_every and config.eval_every % config.log_every:
     raise ConfigError(f'eval_every={config.eval_every} must be a multiple of log_every='
                       f'{config.log_every} (evaluations are logged on metrics lines)')
+  if config.probe_every:
+    from ove_jax import training_probes  # JAX and the probes, only for runs that probe
+    training_probes.check(config)
 
   try:
     check_writers(config.metrics.writers)

@@ -24,7 +24,11 @@ EXPERIMENT = 'demo_cpu.py'
 TEXTURE_LABEL = probes_lib.BUILTIN_LABELS.index('texture')  # the probes' label slot
 HEADLINE_PROBE = 'linear'  # the summary's probe_top1_*: logistic regression on the pooled embedding
 TEST_SEED = 1000           # the held-out clips' data seed, offset from the demo's seed
-PROBE_RUNS = (('pretrained', 'codec'), ('random_init', 'codec'), ('pretrained', 'uniform'))
+# Every encoder on both inputs: the random-init encoder's codec vs uniform gap is what the inputs
+# alone give, the pretrained encoder's (pretrained on all video modes) what pretraining adds.
+PROBE_RUNS = (('pretrained', 'codec'), ('random_init', 'codec'), ('pretrained', 'uniform'),
+              ('random_init', 'uniform'))
+VIDEO_MODE_NAMES = ('codec', 'uniform', 'collage')  # the experiment's arguments, in this order
 
 
 @dataclasses.dataclass
@@ -38,9 +42,11 @@ class Options:
   seed: int = 0
   test_clips: int = 96
   k: int = 32
-  probe_seeds: Sequence[int] = (0, 1, 2)
+  probe_seeds: Sequence[int] = (0,)
   probe_epochs: int = 30
   smoke: bool = False
+  # Pretraining's video modes, weights of codec / uniform frames / collage (the release's).
+  video_modes: Sequence[float] = (0.5, 0.375, 0.125)
 
 
 class DemoError(RuntimeError):
@@ -249,7 +255,7 @@ def pretrain(config, train_dir: str) -> tuple[list[dict], float]:
 def probe_runs(trained, random_init, train_records, test_records, frames: int, opts: Options,
                say: Callable[[str], None]) -> dict:
   """The probes on the clips' texture: {encoder name: {input mode: {probe: top1, top1_std}}}
-  for the pretrained and random-init encoders on codec inputs, and codec vs uniform inputs."""
+  for the pretrained and random-init encoders, each on codec and on uniform-frame inputs."""
   from ove_jax import evaluators
   attentive = evaluators.AttentiveConfig(epochs=opts.probe_epochs)
   samples = {mode: [evaluators.video_samples(records, mode, frames, seed=opts.seed,
@@ -323,7 +329,8 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
   # The student's config names the cluster labels, made in stage 5: here the default variant
   # checks the arguments and gives the built-in data's sizes.
   exp_args = (['smoke'] if opts.smoke else []) + (
-      [f'steps={opts.train_steps}'] if opts.train_steps is not None else [])
+      [f'steps={opts.train_steps}'] if opts.train_steps is not None else []) + [
+      f'{name}={weight}' for name, weight in zip(VIDEO_MODE_NAMES, opts.video_modes)]
   data_root = os.path.join(workdir, f'builtin_data{"_smoke" if opts.smoke else ""}'
                            f'{f"_seed{opts.seed}" if opts.seed else ""}')
   labels_dir = os.path.join(workdir, 'cluster_labels')
@@ -331,7 +338,7 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
   data_config = experiment_config(experiment, exp_args + [f'data_root={data_root}'], overrides)
   train_dir = os.path.join(workdir, 'train')
   fresh_train_dir(train_dir)
-  summary: dict[str, Any] = {}
+  summary: dict[str, Any] = {'seed': opts.seed}
 
   def stage(name):
     say(f'[{time.time() - start:6.1f}s] {name}')
@@ -392,9 +399,13 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
       experiment, exp_args + [f'student={labels_dir}', f'data_root={data_root}'], overrides)
   train_mesh = dict(zip(sharding.MESH_AXES,
                         sharding.mesh_shape(dict(config.mesh), jax.device_count())))
+  video_head = config.data.heads.video
+  modes = dict(zip(VIDEO_MODE_NAMES, (float(w) for w in video_head.video_modes)))
   stage(f'6/8 pretraining the tiny encoder from scratch on the cluster labels '
         f'(experiments/{EXPERIMENT}:student=..., {config.total_steps} steps, heads '
-        f'{", ".join(sorted(config.heads))}), {jax.device_count()}-device CPU mesh '
+        f'{", ".join(sorted(config.heads))}; clips as ' + ' / '.join(modes) + ' = '
+        + ' / '.join(f'{w:g}' for w in modes.values()) + f', {video_head.num_frames} frames), '
+        f'{jax.device_count()}-device CPU mesh '
         f'({" x ".join(f"{k} {v}" for k, v in train_mesh.items() if v > 1)})')
   logged, train_seconds = pretrain(config, train_dir)
   loss_first, loss_last = logged[0]['loss'], logged[-1]['loss']
@@ -407,6 +418,7 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
       train_steps=int(logged[-1]['step']), train_mesh=train_mesh,
       train_loss_first=round(float(loss_first), 4), train_loss_last=round(float(loss_last), 4),
       train_input_wait_fraction=round(wait, 4), train_seconds=round(train_seconds, 1),
+      train_video_modes=modes, train_video_frames=int(video_head.num_frames),
       tensorboard=os.path.join(train_dir, metrics_lib.TENSORBOARD_DIR),
       checkpoints=os.path.join(train_dir, checkpoint.CHECKPOINT_DIR),
       metrics=os.path.join(train_dir, metrics_lib.METRICS_FILE))
@@ -423,8 +435,8 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
   frames_per_clip = b.budget // evaluators.features.FRAME_TOKENS
   stage(f'7/8 probes on the object\'s texture ({len(synthetic.TEXTURES)} classes; '
         f'{len(train_records)} train / {len(test_records)} held-out test clips): pretrained '
-        f'(step {step}) vs random-init encoder, codec patches vs {frames_per_clip} uniform '
-        f'frames at {b.budget} tokens; probe seeds {list(opts.probe_seeds)}')
+        f'(step {step}) and random-init encoder, each on codec patches and on {frames_per_clip} '
+        f'uniform frames at {b.budget} tokens; probe seeds {list(opts.probe_seeds)}')
   t0 = time.time()
   probes = probe_runs(trained, random_init, train_records, test_records, frames_per_clip, opts,
                       say)
@@ -435,6 +447,8 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
       probe_top1_random_init=headline('random_init', 'codec'),
       probe_top1_codec_inputs=headline('pretrained', 'codec'),
       probe_top1_uniform_inputs=headline('pretrained', 'uniform'),
+      probe_top1_codec_inputs_random_init=headline('random_init', 'codec'),
+      probe_top1_uniform_inputs_random_init=headline('random_init', 'uniform'),
       probes=probes, probe_seconds=round(time.time() - t0, 1))
 
   stage('8/8 exporting the trained encoder to the release format and checking our PyTorch port '
@@ -482,4 +496,42 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
   lines.append(f'\nselection pictures: {", ".join(summary["selection_pictures"].values())}')
   lines.append(f'TensorBoard logs:   {summary["tensorboard"]}  (tensorboard --logdir '
                f'{summary["tensorboard"]})')
+  return lines
+
+
+
+def seed_figures(summary: dict[str, Any]) -> dict[str, float]:
+  """The figures of one demo run's summary that `seed_table` compares across runs."""
+  out = {
+      'linear probe, pretrained, codec inputs': summary['probe_top1_codec_inputs'],
+      'linear probe, pretrained, uniform frames': summary['probe_top1_uniform_inputs'],
+      'linear probe, random init, codec inputs': summary['probe_top1_codec_inputs_random_init'],
+      'linear probe, random init, uniform frames':
+          summary['probe_top1_uniform_inputs_random_init']}
+  for probe in ('knn', 'attentive'):
+    for name, mode in PROBE_RUNS:
+      out[f'{probe} probe, {name.replace("_", " ")}, {mode} inputs'] = (
+          summary['probes'][name][mode][probe]['top1'])
+  out.update({
+      'clip clusters vs ground truth (NMI), texture': summary['cluster_nmi']['texture'],
+      'total loss, first logged step': summary['train_loss_first'],
+      'total loss, last logged step': summary['train_loss_last'],
+      'pretraining seconds': summary['train_seconds'],
+      'probe stage seconds': summary['probe_seconds'],
+      'whole demo seconds': summary['seconds']})
+  return {k: float(v) for k, v in out.items()}
+
+
+def seed_table(summaries: Sequence[dict[str, Any]]) -> list[str]:
+  """Several demo runs' figures (their summary.json, e.g. one per --seed) as Markdown table
+  lines: per figure, mean ± std (population std over the runs) and each run's value."""
+  figures = [seed_figures(s) for s in summaries]
+  lines = ['| figure | mean ± std | ' + ' | '.join(f'seed {s.get("seed", "?")}'
+                                                   for s in summaries) + ' |',
+           '|---|---|' + '---|' * len(summaries)]
+  for label in figures[0]:
+    values = np.asarray([f[label] for f in figures])
+    digits = 1 if 'seconds' in label or 'loss' in label else 3
+    lines.append(f'| {label} | {values.mean():.{digits}f} ± {values.std():.{digits}f} | '
+                 + ' | '.join(f'{v:.{digits}f}' for v in values) + ' |')
   return lines

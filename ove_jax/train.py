@@ -38,6 +38,7 @@ from data_pipeline import fileio, tokens
 from ove_jax import checkpoint, distributed, host_runtime, losses, optim, sharding, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
+from ove_jax import training_probes
 from ove_jax.models import Encoder, EncoderConfig, encoder_flops
 from ove_jax.preemption import StopRequest, agree
 from ove_jax.prefetch import BATCH_FIELDS, DevicePrefetch, device_batch  # noqa: F401 (tools)
@@ -266,7 +267,7 @@ class Program:
 
 # Keys that may change between a run and its resumption (layout, logging, housekeeping).
 _RESUME_FREE = ('mesh.', 'cpu_devices', 'log_every', 'checkpoint_every', 'keep_', 'eval_',
-                'profile_', 'watchdog_seconds', 'peak_flops', 'init.', 'builtin.root',
+                'profile_', 'watchdog_seconds', 'peak_flops', 'init.', 'builtin.root', 'probe',
                 'data.worker_buffer')
 # Keys whose change makes the saved state unusable (shapes), not merely the resumption inexact.
 _RESUME_FATAL = ('model.preset', 'heads.', 'loss.sampling_blocks', 'rules')
@@ -388,6 +389,9 @@ class Run:
           c, self.sources, seed_offset=1, worker_count=0, evaluation=True), c)
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
+    if training_probes.due(c, loop.step):  # probes during training (probe_every)
+      self.reporter.extra.update(training_probes.run(c, self.program, loop.state))
+      loop.tick = time.perf_counter()  # probe time is not the next step's
     # Several hosts agree on a SIGTERM at log and checkpoint steps only: the check is a
     # collective and a host wait, too dear for every step. One host stops at once.
     due = loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every experiment file with the argument strings its docstring names.
 ARGUMENTS = {
-    'demo_cpu.py': ['', 'smoke', 'steps=5,workers=0'],
+    'demo_cpu.py': ['', 'smoke', 'steps=5,workers=0', 'codec=1,uniform=0,collage=0'],
     'stage1_image.py': ['', 'smoke', 'paper', 'paper,batch=4096', 'samples=1e6,blocks=512'],
     'stage2_video.py': ['', 'smoke', 'paper', 'gpus=8', 'gpus=256,fsdp=16',
                         'init=/ckpt/stage1,heads=keep', 'smoke,steps=2'],
@@ -137,6 +137,17 @@ def _gpus(name, arg):
 
 def _global_batch(c):
   return sum(h.rows for h in c.data.heads.values()) * c.accumulate
+
+
+def test_demo_video_modes_are_the_release_mix_at_an_equal_token_count():
+  c = _get('demo_cpu.py')
+  video = c.data.heads.video
+  assert tuple(video.video_modes) == (0.5, 0.375, 0.125)  # codec, uniform, collage
+  assert video.num_frames * 256 == c.builtin.budget == video.tokens_per_row  # 2 frames = 512
+  assert tuple(_get('demo_cpu.py', 'codec=1,uniform=0,collage=0').data.heads.video.video_modes
+               ) == (1.0, 0.0, 0.0)
+  with pytest.raises(config_lib.ConfigError, match="video modes' weights"):
+    _get('demo_cpu.py', 'codec=0,uniform=0,collage=0')
 
 
 def test_stage1_release_values():

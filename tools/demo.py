@@ -2,6 +2,7 @@
 
   ove-demo --workdir /tmp/ove_demo                           # a few minutes on 2 cores
   ove-demo --workdir /tmp/ove_quick --smoke --train-steps 6   # the tests' version
+  ove-demo --table /tmp/ove_demo_s{0,1,2}/summary.json          # several runs' figures
 
 The stages (each prints its progress):
   1. writes synthetic 64-frame H.264 clips (textured objects moving over photographs, with
@@ -26,14 +27,17 @@ The stages (each prints its progress):
      --teacher DIR` or `--features`);
   6. pretrains the tiny encoder from scratch on the cluster labels with the trainer
      (`ove_jax.train`, experiments/demo_cpu.py:student=...: video and image heads, Partial FC
-     with CosFace, 8-device CPU mesh data 4 x fsdp 2); metrics in <workdir>/train/metrics.jsonl
-     and TensorBoard, checkpoints in <workdir>/train/checkpoints;
+     with CosFace, 8-device CPU mesh data 4 x fsdp 2), the clips in the release's mixed video
+     modes (codec patches / 2 uniform frames / the 2 frames as a collage, weights
+     0.5 / 0.375 / 0.125, `--video-modes`); metrics in <workdir>/train/metrics.jsonl and
+     TensorBoard, checkpoints in <workdir>/train/checkpoints;
   7. probes the frozen encoder (`ove_jax.evaluators`) on the object's texture (4 classes; the
      256 pretraining clips with their true labels train the probes, the 96 held-out clips test
-     them): pretrained vs random-init encoder on codec inputs, and codec vs uniform-frame inputs
-     (K / 256 = 2 whole frames: the same 512 tokens) on the pretrained encoder. Attentive probe
-     (docs/spec.md §6, 30 epochs, several seeds), logistic regression and k-NN on the pooled
-     embedding; the summary's `probe_top1_*` are the logistic-regression probe's (see README);
+     them): the pretrained and the random-init encoder, each on codec inputs and on uniform
+     frames (K / 256 = 2 whole frames: the same 512 tokens), so that the random-init encoder's
+     codec vs uniform gap shows what the inputs alone give. Attentive probe (docs/spec.md §6, 30
+     epochs), logistic regression and k-NN on the pooled embedding; the summary's
+     `probe_top1_*` are the logistic-regression probe's (docs/demo.md);
   8. exports the trained encoder of the last checkpoint to the release's PyTorch format
      (<workdir>/hf_export, as `ove-convert from-train` does) and, when torch is
      installed, checks our PyTorch port on the exported directory against the JAX encoder.
@@ -68,10 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help='k-means centres for the clips (default 32; 8 --smoke); images get '
                       'half')
   parser.add_argument('--probe-seeds', default=None,
-                      help='probe seeds, comma-separated (default 0,1,2; 0 --smoke)')
+                      help='probe seeds, comma-separated (default 0: one run of each probe; '
+                      'the spread the docs give is over demo --seed values)')
   parser.add_argument('--probe-epochs', type=int, default=None,
                       help='attentive probe epochs (default 30, docs/spec.md §6 for small sets; '
                       '2 --smoke)')
+  parser.add_argument('--video-modes', default='0.5,0.375,0.125',
+                      help='pretraining\'s video modes: weights of codec patches, uniform frames '
+                      'and collage, comma-separated (default the release\'s 0.5,0.375,0.125; '
+                      '1,0,0 pretrains on codec inputs only)')
+  parser.add_argument('--table', nargs='+', metavar='SUMMARY', default=None,
+                      help='print the Markdown table (mean ± std and per-run values) of earlier '
+                      'runs\' summary.json files, e.g. one per --seed, and exit')
   parser.add_argument('--smoke', action='store_true',
                       help='a quick run for the tests: the experiment\'s smoke variant (8 clips '
                       'and 16 images of built-in data), 8 held-out clips, k = 8, short probes')
@@ -94,16 +106,24 @@ def options(parser: argparse.ArgumentParser, argv=None):
   if args.seed < 0:
     parser.error(f'--seed {args.seed}: must be >= 0')
   try:
-    seeds = [int(x) for x in (args.probe_seeds or ('0' if args.smoke else '0,1,2')).split(',')
+    seeds = [int(x) for x in (args.probe_seeds or '0').split(',')
              if x.strip()]
   except ValueError:
     parser.error(f'--probe-seeds {args.probe_seeds!r}: expected comma-separated integers')
+  try:
+    modes = tuple(float(x) for x in args.video_modes.split(','))
+  except ValueError:
+    modes = ()
+  if len(modes) != 3 or min(modes) < 0 or sum(modes) <= 0:
+    parser.error(f'--video-modes {args.video_modes!r}: three comma-separated weights >= 0 '
+                 '(codec, uniform, collage), not all 0')
   opts = demo.Options(
       workdir=args.workdir, clips=args.clips, budget=args.budget, devices=args.devices,
       train_steps=args.train_steps, seed=args.seed,
       test_clips=args.test_clips or (8 if args.smoke else 96),
       k=args.k or (8 if args.smoke else 32), probe_seeds=seeds,
-      probe_epochs=args.probe_epochs or (2 if args.smoke else 30), smoke=args.smoke)
+      probe_epochs=args.probe_epochs or (2 if args.smoke else 30), smoke=args.smoke,
+      video_modes=modes)
   if opts.test_clips < 2 or opts.k < 2 or opts.probe_epochs < 1 or not opts.probe_seeds:
     parser.error('--test-clips and --k must be at least 2, --probe-epochs at least 1, and '
                  '--probe-seeds must name a seed')
@@ -114,8 +134,32 @@ def options(parser: argparse.ArgumentParser, argv=None):
   return opts
 
 
+def print_table(paths) -> int:
+  """Prints the seed table of these summary.json files (ove_jax.demo.seed_table)."""
+  from data_pipeline import fileio
+  from ove_jax import demo
+  summaries = []
+  for path in paths:
+    try:
+      summaries.append(fileio.read_json(path))
+    except (OSError, ValueError) as e:
+      print(f'error: --table: cannot read {path}: {e}', file=sys.stderr)
+      return 2
+  try:
+    print('\n'.join(demo.seed_table(summaries)))
+  except KeyError as e:
+    print(f'error: --table: a summary lacks {e} (written by an older demo?); rerun it',
+          file=sys.stderr)
+    return 2
+  return 0
+
+
 def main(argv=None) -> int:
-  opts = options(build_parser(), argv)
+  parser = build_parser()
+  args, _ = parser.parse_known_args(argv)
+  if args.table:
+    return print_table(args.table)
+  opts = options(parser, argv)
   from ove_jax import demo, distributed
   distributed.use_cpu_devices(opts.devices)
   from data_pipeline import pictures
