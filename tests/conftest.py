@@ -111,13 +111,17 @@ def gcs(gcs_server, monkeypatch, tmp_path):
   """A new, empty bucket on the GCS server as 'gs://<name>'. STORAGE_EMULATOR_HOST (read by
   gcsfs and google-cloud-storage, which then use anonymous credentials) and
   TENSORSTORE_GCS_HTTP_URL (TensorStore, orbax's array I/O) point at the server, for this
-  process and the subprocesses it starts; XDG_CACHE_HOME keeps staged objects in tmp_path."""
+  process and the subprocesses it starts; XDG_CACHE_HOME keeps staged objects in tmp_path.
+  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false picks gcsfs's plain file system: its default one first
+  asks the Storage Control API (gRPC, which the server does not serve) for the bucket's layout,
+  on every call when the answer is unknown."""
   import uuid
   from google.auth.credentials import AnonymousCredentials
   from google.cloud import storage
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)
   monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', gcs_server)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.setenv('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
   name = f'ove-{uuid.uuid4().hex[:12]}'
   storage.Client(project='test', credentials=AnonymousCredentials()).create_bucket(name)
   return f'gs://{name}'

@@ -47,16 +47,16 @@ def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(gcs, tmp_pa
                                                                       monkeypatch):
   # One compilation cache for the three runs: the later ones skip compiling (same programs).
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'jax_cache'))
-  arg = 'smoke,steps=12'
+  arg = 'smoke,steps=10,workers=0'
   local = str(tmp_path / 'local')
   subprocess.run(command(local, data_root, arg=arg), env=env(), check=True, capture_output=True,
                  timeout=600, cwd=tmp_path)
   run = paths.join(gcs, 'run')
   monkeypatch.chdir(tmp_path)  # the trainer runs in ROOT; this test's own paths in tmp_path
   resumed_from, result = kill_then_resume(run, data_root, 5, arg=arg)
-  assert 5 <= resumed_from < 12
+  assert 5 <= resumed_from < 10
   assert f'checkpoints: {run}/checkpoints' in result.stdout
-  assert_same_losses_after(resumed_from, local, run, 12)
+  assert_same_losses_after(resumed_from, local, run, 10)
   names = paths.listdir(run)
   assert {'checkpoints', 'config.json', metrics_lib.METRICS_FILE,
           metrics_lib.TENSORBOARD_DIR} <= set(names), names
@@ -67,6 +67,46 @@ def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(gcs, tmp_pa
                            'from-train', f'--workdir={run}', f'--out={out}'], env=env(),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert export.returncode == 0, export.stderr[-3000:]
-  assert 'max |difference| over' in export.stdout and f'from {run} step 12' in export.stdout
+  assert 'max |difference| over' in export.stdout and f'from {run} step 10' in export.stdout
   assert os.path.isfile(os.path.join(out, 'model.safetensors'))
   assert not no_url_folders(tmp_path, ROOT)
+
+
+def test_precompute_into_a_bucket_and_the_pipeline_reads_it(gcs, tmp_path, monkeypatch):
+  from data_pipeline import pipeline, precompute, sources
+  from ove_jax_tools import precompute_codec
+  from test_precompute import FLAGS, write_clip
+  monkeypatch.chdir(tmp_path)
+  videos = []
+  for i in range(3):
+    write_clip(tmp_path / f'clip{i}.mp4', seed=i)
+    videos.append(f'clip{i}.mp4\t{i},{i + 1}')
+  (tmp_path / 'videos.tsv').write_text('\n'.join(videos) + '\n')
+  out = paths.join(gcs, 'codec')
+  argv = ['videos.tsv', out, *FLAGS, '--clips-per-shard', '2', '--workers', '0']
+  assert precompute_codec.main(argv) == 0
+  summary = fileio.read_json(paths.join(out, 'summary.json'))
+  assert summary['out_dir'] == out and summary['records'] == 3 and summary['shards'] == 2
+  assert precompute_codec.main(['--check', out]) == 0
+  assert precompute_codec.main(argv) == 0  # a re-run finds both shards finished in the bucket
+  assert fileio.read_json(paths.join(out, 'summary.json'))['shards_skipped'] == 2
+  pattern = paths.join(out, 'ove_codec-train.*')
+  shards = paths.glob(pattern)
+  assert len(shards) == 2 and all(s.startswith(gcs) for s in shards)
+  # ArrayRecord reads local files: the shards are staged into data.local_cache_dir once.
+  cache = str(tmp_path / 'shard_cache')
+  source = sources.open_source(pattern, cache_dir=cache)
+  assert len(source) == 3 and source.paths == shards
+  labels = sorted(tuple(sources.to_record(source[i]['raw'])['labels']) for i in range(3))
+  assert labels == [(0, 1), (1, 2), (2, 3)]
+  assert [r['labels'] for r in precompute.read_shard(shards[0])]  # staged by the reader too
+  staged = sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache)
+                  for f in fs)
+  assert staged == [os.path.join('gs', gcs[len('gs://'):], 'codec', paths.basename(s))
+                    for s in shards]
+  head = pipeline.HeadConfig(kind='video', source=pattern, rows=2, tokens_per_row=256,
+                             max_segments=2, num_labels=2, video_modes=(1.0, 0.0, 0.0))
+  cfg = pipeline.PipelineConfig(heads={'video': head}, worker_count=0, local_cache_dir=cache)
+  batch = next(iter(pipeline.build(cfg)))['video']
+  assert batch['segment_valid'].any()
+  assert not no_url_folders(tmp_path)
