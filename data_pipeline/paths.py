@@ -201,7 +201,19 @@ def upload(local: str, url: str) -> None:
     with open(local, 'rb') as src, open_file(url, 'wb') as dst:
       shutil.copyfileobj(src, dst)
   else:
+    os.makedirs(os.path.dirname(absolute(url)), exist_ok=True)
     shutil.copyfile(local, absolute(url))
+
+
+def upload_folder(local: str, url: str) -> list[str]:
+  """Copies every file under the local folder `local` to the same relative place under `url`
+  (each file one upload); returns the URLs written."""
+  written = []
+  for path in walk_files(local):
+    target = join(url, *os.path.relpath(path, local).split(os.sep))
+    upload(path, target)
+    written.append(target)
+  return written
 
 
 def default_cache_dir() -> str:

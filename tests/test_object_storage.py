@@ -62,13 +62,13 @@ def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(gcs, tmp_pa
           metrics_lib.TENSORBOARD_DIR} <= set(names), names
   assert paths.glob(paths.join(run, metrics_lib.TENSORBOARD_DIR, 'events.out.tfevents.*'))
 
-  out = str(tmp_path / 'hf')
+  out = paths.join(gcs, 'hf')  # written and checked locally, then uploaded
   export = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_checkpoint.py'),
                            'from-train', f'--workdir={run}', f'--out={out}'], env=env(),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert export.returncode == 0, export.stderr[-3000:]
   assert 'max |difference| over' in export.stdout and f'from {run} step 10' in export.stdout
-  assert os.path.isfile(os.path.join(out, 'model.safetensors'))
+  assert {'config.json', 'model.safetensors'} <= set(paths.listdir(out)), paths.listdir(out)
   assert not no_url_folders(tmp_path, ROOT)
 
 
