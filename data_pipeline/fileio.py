@@ -100,6 +100,15 @@ def write_json(path: str, obj: Any, *, sort_keys: bool = True, default=None) -> 
   write_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + '\n')
 
 
+def write_npy(path: str, array) -> None:
+  """`array` as a .npy file (numpy.save's format), written atomically (to a URL: one upload)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_atomic(path, buffer.getvalue())
+
+
 def read_json(path: str) -> Any | None:
   """The JSON value in `path`, or None when there is no such file."""
   try:
