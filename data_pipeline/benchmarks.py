@@ -199,6 +199,7 @@ def _hf_dataset(path: str, split: str):
 
 def _tfds_dataset(name: str, split: str, data_dir: str | None):
   import tensorflow_datasets as tfds
+
   from data_pipeline.sources import tfds_dataset_folder
   try:
     folder = tfds_dataset_folder(name, data_dir)

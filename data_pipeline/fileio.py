@@ -5,6 +5,11 @@ through here. A file is written under a temporary name unique to this process an
 and fsynced, then renamed over its final name, so two runs never collide on a temporary name and
 a crash leaves either the old file or the new one. Temporary names end in `.tmp-<pid>-<hex>` and
 never keep the final extension, so no glob for shards or images lists them.
+
+On an object store (`gs://`, `s3://`: see data_pipeline/paths.py) there is no rename, and none is
+needed: an object upload is all-or-nothing, so a reader sees the old object or the new one, never
+part of one. There `write_atomic` uploads the object directly, and `atomic_path` hands its caller
+a local temporary file that is uploaded to the final name in one piece when the caller is done.
 """
 from __future__ import annotations
 
@@ -15,11 +20,17 @@ import os
 import uuid
 from typing import Any, Iterator
 
+from data_pipeline import paths
+
 TMP_MARK = '.tmp-'
 
 
 def temp_name(path: str) -> str:
-  """A temporary name beside `path`, unique to this process and this call."""
+  """A temporary name beside `path`, unique to this process and this call (for a URL, a local
+  file in the system's temporary folder: see atomic_path)."""
+  if paths.is_url(path):
+    import tempfile  # pylint: disable=g-import-not-at-top
+    path = os.path.join(tempfile.gettempdir(), paths.basename(path))
   return f'{path}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}'
 
 
@@ -48,7 +59,12 @@ def _fsync_folder(folder: str) -> None:
 
 def commit(tmp: str, path: str) -> None:
   """Makes a finished temporary file `tmp` the file `path` (fsync, an atomic rename, then an
-  fsync of the folder, so a file written after this one never outlives it in a crash)."""
+  fsync of the folder, so a file written after this one never outlives it in a crash). For a
+  URL `path`: one upload of `tmp` (all-or-nothing, so no rename is needed), then `tmp` goes."""
+  if paths.is_url(path):
+    paths.upload(tmp, path)
+    os.remove(tmp)
+    return
   _fsync(tmp)
   os.replace(tmp, path)
   _fsync_folder(os.path.dirname(path))
@@ -69,7 +85,11 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_atomic(path: str, data: bytes | str) -> None:
-  """Writes `data` (bytes, or text as UTF-8) to `path` atomically."""
+  """Writes `data` (bytes, or text as UTF-8) to `path` atomically (to a URL: in one upload)."""
+  if paths.is_url(path):
+    with paths.open_file(path, 'wb') as f:
+      f.write(data.encode('utf-8') if isinstance(data, str) else data)
+    return
   with atomic_path(path) as tmp:
     with open(tmp, 'wb') as f:
       f.write(data.encode('utf-8') if isinstance(data, str) else data)
@@ -80,17 +100,30 @@ def write_json(path: str, obj: Any, *, sort_keys: bool = True, default=None) -> 
   write_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + '\n')
 
 
+def write_npy(path: str, array) -> None:
+  """`array` as a .npy file (numpy.save's format), written atomically (to a URL: one upload)."""
+  import io  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_atomic(path, buffer.getvalue())
+
+
 def read_json(path: str) -> Any | None:
   """The JSON value in `path`, or None when there is no such file."""
   try:
-    with open(path, encoding='utf-8') as f:
+    with paths.open_file(path, 'r', encoding='utf-8') as f:
       return json.load(f)
   except FileNotFoundError:
     return None
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
-  """Removes temporary files a killed writer left in `folder`; returns their paths."""
+  """Removes temporary files a killed writer left in `folder`; returns their paths. (An object
+  store holds none: its temporary files are local.)"""
+  if paths.is_url(folder):
+    return []
   stale = glob.glob(os.path.join(glob.escape(folder), f'*{TMP_MARK}*'))
   for path in stale:
     with contextlib.suppress(FileNotFoundError):

@@ -137,6 +137,7 @@ class PipelineConfig:
   mixing: str = 'all'              # 'all': every head each step; 'weighted': one head per step
   patch_dtype: str = 'float32'     # 'float32' (CLIP-normalised) or 'uint8' (normalise on device)
   max_consecutive_skips: int = 1000  # this many failed records in a row is an error, not bad luck
+  local_cache_dir: str = ''        # where shards in object storage are staged ('': default)
 
   def __post_init__(self):
     if not self.heads:
@@ -210,7 +211,8 @@ class SampleFn:
 def sample_dataset(name: str, head: HeadConfig, cfg: PipelineConfig, source=None
                    ) -> grain.MapDataset:
   """This host's samples of one head (before packing): a MapDataset, indexable for inspection."""
-  source = sources.open_source(head.source) if source is None else source
+  source = (sources.open_source(head.source, cfg.local_cache_dir or None) if source is None
+            else source)
   if len(source) == 0:
     raise ValueError(f'head {name!r}: the source {head.source!r} has no records')
   seed = head_seed(cfg.seed, name)

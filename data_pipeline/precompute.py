@@ -38,13 +38,12 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import fileio, locks
+from data_pipeline import fileio, locks, paths
 from data_pipeline import shards as shard_format
 from data_pipeline import workers as workers_lib
 from data_pipeline.clip_work import (  # noqa: F401
@@ -228,14 +227,12 @@ def plan_changes(old: dict, new: dict) -> list[str]:
 def clear_outputs(out_dir: str, plan: dict) -> None:
   """Removes what a previous plan wrote (its shards, markers and metadata), nothing else."""
   for i in range(plan['num_shards']):
-    for path in [shard_path(out_dir, plan, i), *glob.glob(glob.escape(shard_path(
+    for path in [shard_path(out_dir, plan, i), *paths.glob(glob.escape(shard_path(
         out_dir, plan, i)) + '.tmp*')]:
-      if os.path.exists(path):
-        os.remove(path)
-  shutil.rmtree(os.path.join(out_dir, PROGRESS_DIR), ignore_errors=True)
+      paths.remove(path)
+  paths.rmtree(paths.join(out_dir, PROGRESS_DIR))
   for name in (PLAN, FAILURES, SUMMARY, *TFDS_FILES):
-    if os.path.exists(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
+    paths.remove(paths.join(out_dir, name))
 
 
 def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int, dict]:
@@ -245,7 +242,7 @@ def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int
   for i, shard_digest in enumerate(plan['shard_digests']):
     marker = fileio.read_json(marker_path(out_dir, i))
     path = shard_path(out_dir, plan, i)
-    if marker is None or marker.get('digest') != shard_digest or not os.path.exists(path):
+    if marker is None or marker.get('digest') != shard_digest or not paths.exists(path):
       continue
     if verify and not intact(path, marker):
       continue
@@ -255,7 +252,7 @@ def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int
 
 def intact(path: str, marker: dict) -> bool:
   """Whether a shard file has the size and record count its marker says."""
-  if os.path.getsize(path) != marker['num_bytes']:
+  if paths.getsize(path) != marker['num_bytes']:
     return False
   try:
     return count_records(path) == marker['num_records']
@@ -365,9 +362,12 @@ def run_plan(out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]], task_in
              execute: Callable[[Run], dict]) -> dict:
   """Runs `execute` on this task's `Run` of `plan`, holding the task's lock on `out_dir`: an
   earlier plan there is resumed when equal, cleared with `overwrite`, else refused. Shared by
-  every precompute (videos here, images in `data_pipeline.image_precompute`)."""
-  os.makedirs(out_dir, exist_ok=True)
-  with locks.hold(out_dir, f'task-{task_index:05d}-of-{num_tasks:05d}',
+  every precompute (videos here, images in `data_pipeline.image_precompute`). The task locks of
+  an object store `out_dir` are local files at its `paths.local_folder` (objects cannot be
+  locked): they keep two runs of one task on one machine apart, not on two."""
+  paths.makedirs(out_dir)
+  os.makedirs(paths.local_folder(out_dir), exist_ok=True)
+  with locks.hold(paths.local_folder(out_dir), f'task-{task_index:05d}-of-{num_tasks:05d}',
                   f'task {task_index} of {num_tasks}',
                   conflicts=lambda other: not other.endswith(f'-of-{num_tasks:05d}')):
     old_plan = read_plan(out_dir)
@@ -377,8 +377,8 @@ def run_plan(out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]], task_in
       changes = '; '.join(plan_changes(old_plan, plan))
       raise PlanMismatch(f'{out_dir} holds the output of a different run ({changes}); use a new '
                          'folder, or overwrite=True / --overwrite to replace it')
-    os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-    fileio.write_json(os.path.join(out_dir, PLAN), plan)
+    paths.makedirs(paths.join(out_dir, PROGRESS_DIR))
+    fileio.write_json(paths.join(out_dir, PLAN), plan)
     return execute(Run(out_dir, plan, shards, task_index, num_tasks, retry_failures))
 
 
@@ -425,8 +425,8 @@ class Run:
     `initializer(settings, blas_threads)`) returns a `Done` or a `Failed` per input."""
     todo = self.todo[:max_shards]
     for i in todo:  # temporaries a killed run left; ours to remove, we hold the shard's lock
-      for stale in glob.glob(glob.escape(shard_path(self.out_dir, self.plan, i)) + '.tmp*'):
-        os.remove(stale)
+      for stale in paths.glob(glob.escape(shard_path(self.out_dir, self.plan, i)) + '.tmp*'):
+        paths.remove(stale)
     start = time.perf_counter()
     from tqdm import tqdm
     bar = tqdm(total=sum(len(self.shards[i]) for i in todo), unit=unit, desc='precompute',
@@ -508,16 +508,16 @@ class Run:
       out.update(complete=complete, task_index=task_index, num_tasks=num_tasks,
                  shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
                  corpus_shards_finished=len(all_markers),
-                 failure_manifest=os.path.join(self.out_dir, FAILURES) if complete
+                 failure_manifest=paths.join(self.out_dir, FAILURES) if complete
                  else self.journal)
       return out
 
     summary = summary_of(all_markers if num_tasks == 1 else self.markers)
     if num_tasks > 1:
-      fileio.write_json(os.path.join(self.out_dir, PROGRESS_DIR, f'summary-task-'
-                                     f'{task_index:05d}-of-{num_tasks:05d}.json'), summary)
+      fileio.write_json(paths.join(self.out_dir, PROGRESS_DIR, f'summary-task-'
+                                   f'{task_index:05d}-of-{num_tasks:05d}.json'), summary)
     if num_tasks == 1 or complete:
-      fileio.write_json(os.path.join(self.out_dir, SUMMARY),
+      fileio.write_json(paths.join(self.out_dir, SUMMARY),
                         summary if num_tasks == 1 else summary_of(all_markers))
     return summary
 
@@ -525,7 +525,7 @@ class Run:
 def finalize(out_dir: str, plan: dict, markers: Mapping[int, dict], record_format: str) -> None:
   """What a complete corpus gets once: the failure manifest in shard order (whatever order the
   runs went in) and, for format 'tfds', the TFDS metadata."""
-  shard_format.write_failures(os.path.join(out_dir, FAILURES),
+  shard_format.write_failures(paths.join(out_dir, FAILURES),
                  [e for i in sorted(markers) for e in markers[i]['failures']])
   if record_format == 'tfds':
     write_tfds_metadata(out_dir, plan['name'], plan['split'],
@@ -541,7 +541,7 @@ def make_summary(out_dir, plan, markers, counts, skipped, seconds) -> dict:
   candidates = sum(m['candidate_patches'] for m in markers.values())
   selected = counts['processed'] - counts['failed']
   return {
-      'out_dir': os.path.abspath(out_dir),
+      'out_dir': paths.absolute(out_dir),
       'shards': plan['num_shards'],
       'shards_finished': len(markers),
       'shards_written': counts['written'],
@@ -575,7 +575,7 @@ def check(out_dir: str) -> dict:
   complete = not missing
   if complete:
     finalize(out_dir, plan, markers, plan['format'])
-  return {'out_dir': os.path.abspath(out_dir), 'complete': complete,
+  return {'out_dir': paths.absolute(out_dir), 'complete': complete,
           'shards': plan['num_shards'], 'finished': len(markers), 'missing': missing,
           'records': sum(m['num_records'] for m in markers.values()),
           'failures': sum(len(m['failures']) for m in markers.values())}

@@ -46,8 +46,13 @@ import numpy as np
 from data_pipeline import fileio
 from data_pipeline import video as video_lib
 from data_pipeline.benchmarks import ProbeClip
-from data_pipeline.tokens import (PATCH_DIM, TEMPORAL_SIZE, VIDEO_GRID, VIDEO_RESOLUTION,
-                                  timeline_to_grid)
+from data_pipeline.tokens import (
+  PATCH_DIM,
+  TEMPORAL_SIZE,
+  VIDEO_GRID,
+  VIDEO_RESOLUTION,
+  timeline_to_grid,
+)
 from data_pipeline.transforms import frame_patches, gather_patches, grid_positions
 
 KINDS = ('codec', 'uniform')

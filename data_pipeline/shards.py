@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_pipeline import fileio, records
+from data_pipeline import fileio, paths, records
 
 PROGRESS_DIR = 'progress'
 FAILURES = 'failures.jsonl'
@@ -54,18 +54,18 @@ def shard_path(out_dir: str, plan: dict, index: int) -> str:
   (a str.format of name, split, index and num_shards; image corpora end in .array_record)."""
   template = plan.get('shard_template')
   if template:
-    return os.path.join(out_dir, template.format(name=plan['name'], split=plan['split'],
-                                                 index=index, num_shards=plan['num_shards']))
-  return os.path.join(out_dir, shard_name(plan['name'], plan['split'], index, plan['num_shards']))
+    return paths.join(out_dir, template.format(name=plan['name'], split=plan['split'],
+                                               index=index, num_shards=plan['num_shards']))
+  return paths.join(out_dir, shard_name(plan['name'], plan['split'], index, plan['num_shards']))
 
 
 def marker_path(out_dir: str, index: int) -> str:
   """The file that says shard `index` is finished (its figures and failures)."""
-  return os.path.join(out_dir, PROGRESS_DIR, f'shard-{index:05d}.json')
+  return paths.join(out_dir, PROGRESS_DIR, f'shard-{index:05d}.json')
 
 
 def read_plan(out_dir: str) -> dict | None:
-  return fileio.read_json(os.path.join(out_dir, PLAN))
+  return fileio.read_json(paths.join(out_dir, PLAN))
 
 
 def shard_files(out_dir: str) -> list[str]:
@@ -73,18 +73,18 @@ def shard_files(out_dir: str) -> list[str]:
   plan = read_plan(out_dir)
   if plan is None:
     raise FileNotFoundError(f'{out_dir}: no {PLAN}; not a precompute output folder')
-  paths = []
+  found = []
   for i in range(plan['num_shards']):
     path = shard_path(out_dir, plan, i)
-    if os.path.exists(marker_path(out_dir, i)) and os.path.exists(path):
-      paths.append(path)
-  return paths
+    if paths.exists(marker_path(out_dir, i)) and paths.exists(path):
+      found.append(path)
+  return found
 
 
 def count_records(path: str) -> int:
   """The number of records in one shard (read from its index, not by reading the records)."""
   from array_record.python.array_record_module import ArrayRecordReader
-  reader = ArrayRecordReader(path)
+  reader = ArrayRecordReader(paths.stage(path))  # the reader needs a local file
   try:
     return reader.num_records()
   finally:
@@ -92,7 +92,8 @@ def count_records(path: str) -> int:
 
 
 class ShardWriter:
-  """One shard written to a temporary file, renamed into place when complete.
+  """One shard written to a temporary file, renamed into place when complete (into an object
+  store: uploaded in one piece, see data_pipeline.fileio).
 
   The temporary name is unique to the process and call (`fileio.temp_name`), and the file is
   fsynced before its rename, so a marker written after `commit` never names a shard that a
@@ -115,7 +116,7 @@ class ShardWriter:
     self._writer.close()
     self._writer = None
     fileio.commit(self.tmp, self.path)
-    return os.path.getsize(self.path)
+    return paths.getsize(self.path)
 
   def abandon(self):
     if self._writer is not None:
@@ -189,7 +190,7 @@ def tfds_data_source(out_dir: str, split: str = 'train') -> DecodedSource:
 
 def shard_format(path: str) -> str:
   """'records' or 'tfds': the format of a shard, from its folder's plan.json."""
-  plan = read_plan(os.path.dirname(os.path.abspath(path)))
+  plan = read_plan(paths.dirname(paths.absolute(path)))
   return plan['format'] if plan else 'records'
 
 
@@ -211,7 +212,7 @@ def encode_entry(record: dict, record_format: str) -> bytes:
 def read_record(path: str, index: int) -> dict:
   """Record `index` of one shard, decoded (either format; see the run's plan.json)."""
   from array_record.python.array_record_data_source import ArrayRecordDataSource
-  with ArrayRecordDataSource([path]) as source:
+  with ArrayRecordDataSource([paths.stage(path)]) as source:
     if not 0 <= index < len(source):
       raise IndexError(f'{path}: record {index} out of range (the shard has {len(source)})')
     return decode_entry(source[index], shard_format(path))
@@ -221,7 +222,7 @@ def read_shard(path: str) -> list[dict]:
   """Every record of one shard, decoded (for tools and tests; training reads through grain)."""
   from array_record.python.array_record_data_source import ArrayRecordDataSource
   record_format = shard_format(path)
-  with ArrayRecordDataSource([path]) as source:
+  with ArrayRecordDataSource([paths.stage(path)]) as source:
     return [decode_entry(source[i], record_format) for i in range(len(source))]
 
 
@@ -231,7 +232,10 @@ def read_shard(path: str) -> list[dict]:
 
 def journal_path(out_dir: str, task_index: int, num_tasks: int) -> str:
   """Where a run appends failures as they happen: the manifest itself for a single task, a file
-  per task otherwise (tasks may run on machines that share no append-safe file)."""
+  per task otherwise (tasks may run on machines that share no append-safe file). Objects cannot
+  be appended to: for an object store `out_dir` the journal is a local file at the folder's
+  `paths.local_folder`, and the manifest in `out_dir` is written whole when the corpus is done."""
+  out_dir = paths.local_folder(out_dir)
   if num_tasks == 1:
     return os.path.join(out_dir, FAILURES)
   return os.path.join(out_dir, PROGRESS_DIR,
@@ -241,11 +245,13 @@ def journal_path(out_dir: str, task_index: int, num_tasks: int) -> str:
 def read_journals(out_dir: str) -> list[dict]:
   """Every failure entry in the folder's manifest and task journals."""
   entries = []
-  for path in [os.path.join(out_dir, FAILURES),
-               *sorted(glob.glob(os.path.join(glob.escape(out_dir), PROGRESS_DIR,
-                                              'failures-task-*.jsonl')))]:
+  # A URL's journals are local (in its local folder).
+  folders = dict.fromkeys([paths.absolute(out_dir), paths.local_folder(out_dir)])
+  for path in [p for folder in folders for p in [
+      paths.join(folder, FAILURES), *paths.glob(paths.join(
+          glob.escape(folder), PROGRESS_DIR, 'failures-task-*.jsonl'))]]:
     try:
-      with open(path, encoding='utf-8') as f:
+      with paths.open_file(path, 'r', encoding='utf-8') as f:
         lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
     except FileNotFoundError:
       continue

@@ -20,7 +20,6 @@ pipeline's error handling, so one corrupt record cannot stop the pipeline. Sourc
 from __future__ import annotations
 
 import bisect
-import glob
 import json
 import os
 import urllib.parse
@@ -28,23 +27,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipeline import records
+from data_pipeline import paths, records
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 
 
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
-  """Sorted files matching each glob (comma-separated in a string); a pattern matching nothing
-  is an error, so a typo cannot silently train on less data."""
+  """Sorted files matching each glob (comma-separated in a string; local or `gs://`, `s3://`
+  URLs: data_pipeline.paths); a pattern matching nothing is an error, so a typo cannot silently
+  train on less data."""
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(',') if p.strip()]
-  paths = []
+  found = []
   for pattern in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+    matched = paths.glob(pattern)
     if not matched:
       raise FileNotFoundError(f'no files match {pattern!r}')
-    paths.extend(matched)
-  return paths
+    found.extend(matched)
+  return found
 
 
 def to_record(raw: bytes | dict) -> dict[str, Any]:
@@ -57,20 +57,27 @@ def to_record(raw: bytes | dict) -> dict[str, Any]:
 
 
 class ArrayRecordSource:
-  """Records of ArrayRecord shards, in shard order then record order."""
+  """Records of ArrayRecord shards, in shard order then record order.
 
-  def __init__(self, paths: str | Sequence[str]):
+  ArrayRecord's reader opens local files only: shards given as URLs (`gs://...`) are staged
+  first, each copied once into `cache_dir` (config `data.local_cache_dir`; default
+  `paths.default_cache_dir()`) and read from there; `self.paths` keeps the URLs, for names in
+  warnings. A bucket mounted with gcsfuse is read in place instead (give its local path).
+  """
+
+  def __init__(self, patterns: str | Sequence[str], cache_dir: str | None = None):
     # Imported here: array_record is only needed by pipelines that read shards.
     from array_record.python import array_record_data_source, array_record_module
-    self.paths = expand_paths(paths)
+    self.paths = expand_paths(patterns)
+    local = [paths.stage(p, cache_dir) for p in self.paths]
     counts = []
-    for path in self.paths:
+    for path in local:
       reader = array_record_module.ArrayRecordReader(path)
       counts.append(reader.num_records())
       reader.close()
     self._ends = list(np.cumsum(counts, dtype=np.int64).tolist())
     # Grain's own reader source: thread-safe, picklable, opens each shard lazily per process.
-    self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+    self._source = array_record_data_source.ArrayRecordDataSource(local)
 
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
@@ -220,10 +227,11 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def open_source(spec: str | Sequence[str]):
-  """A source from a config string (see the module docstring) or a list of shard globs."""
+def open_source(spec: str | Sequence[str], cache_dir: str | None = None):
+  """A source from a config string (see the module docstring) or a list of shard globs;
+  `cache_dir`: where shards given as URLs are staged (ArrayRecordSource)."""
   if not isinstance(spec, str):
-    return ArrayRecordSource(list(spec))
+    return ArrayRecordSource(list(spec), cache_dir)
   kind, sep, rest = spec.partition(':')
   if sep and kind in ('folder', 'tfds'):
     path, _, query = rest.partition('?')
@@ -237,4 +245,4 @@ def open_source(spec: str | Sequence[str]):
     if unknown:
       raise ValueError(f'{spec}: unknown option(s) {sorted(unknown)}; tfds takes split=, data_dir=')
     return TfdsSource(path, split=options.get('split', 'train'), data_dir=options.get('data_dir'))
-  return ArrayRecordSource(spec)
+  return ArrayRecordSource(spec, cache_dir)

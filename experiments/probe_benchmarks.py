@@ -8,7 +8,8 @@ r"""The paper's attentive-probe benchmarks as recipes for `ove-probe-suite` (doc
   ove-probe-suite --config=probe_benchmarks:data_root=/data/ap --benchmarks ssv2,diving48 \
       --modes codec:2048,uniform:8 --encoders /ckpt/stage2 --out /results/probe
   # a data set of your own: its two lists (train, test), its class count
-  ove-probe-suite --config=probe_benchmarks:name=mine,train=/d/train.csv,test=/d/test.csv,num_classes=10 \
+  ove-probe-suite \
+      --config=probe_benchmarks:name=mine,train=/d/train.csv,test=/d/test.csv,num_classes=10 \
       --encoders /ckpt/stage2 --out /results/mine
 
 Each recipe has the release's class count, epochs (30 for Diving-48, HMDB-51, Perception Test;

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from data_pipeline import fileio
+from data_pipeline import fileio, paths
 from ove_jax import sharding
 from ove_jax.models.encoder import PRESETS, Encoder, EncoderConfig
 
@@ -76,13 +75,13 @@ def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 
 def save_params(directory: str, cfg: EncoderConfig, params: dict[tuple, np.ndarray]) -> str:
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, PARAMS_DIR)
+  directory = paths.absolute(directory)
+  paths.makedirs(directory)
+  target = paths.join(directory, PARAMS_DIR)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(target, nest({k: np.asarray(v) for k, v in params.items()}), force=True)
   checkpointer.wait_until_finished()
-  fileio.write_json(os.path.join(directory, CONFIG_FILE), dataclasses.asdict(cfg))
+  fileio.write_json(paths.join(directory, CONFIG_FILE), dataclasses.asdict(cfg))
   return directory
 
 
@@ -96,14 +95,13 @@ def encoder_config(fields: dict, source: str) -> EncoderConfig:
 
 
 def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]:
-  directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  directory = paths.absolute(directory)
+  config_path = paths.join(directory, CONFIG_FILE)
+  if not paths.isfile(config_path):
     raise FileNotFoundError(f'{config_path} is missing; {directory} is not an ove_jax parameter '
                             'directory (made by save_params or ove-convert from-hf)')
-  with open(config_path) as f:
-    cfg = encoder_config(json.load(f), config_path)
-  tree = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR))
+  cfg = encoder_config(fileio.read_json(config_path), config_path)
+  tree = ocp.StandardCheckpointer().restore(paths.join(directory, PARAMS_DIR))
   return cfg, {k: np.asarray(jax.device_get(v)) for k, v in flatten(tree).items()}
 
 
@@ -112,8 +110,9 @@ def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]
 # ------------------------------------------------------------------------------------------------
 
 def root_of(workdir: str) -> str:
-  """The checkpoints folder of a training workdir."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  """The checkpoints folder of a training workdir (a local folder or a URL: `gs://b/run`
+  gives `gs://b/run/checkpoints`, handed to orbax as it is)."""
+  return paths.join(paths.absolute(workdir), CHECKPOINT_DIR)
 
 
 def open_manager(root: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
@@ -136,7 +135,7 @@ def open_manager(root: str, *, max_to_keep: int | None = None, keep_period: int 
 
 
 def _steps_in(root: str) -> list[int]:
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     return []
   return sorted(open_manager(root).all_steps())
 
@@ -144,7 +143,7 @@ def _steps_in(root: str) -> list[int]:
 def list_steps(workdir: str) -> list[int]:
   """The committed checkpoint steps of a training workdir (or of its checkpoints folder), in
   order, as orbax lists them: a step still being written, or cut short, is not among them."""
-  for root in (root_of(workdir), os.path.abspath(workdir)):
+  for root in (root_of(workdir), paths.absolute(workdir)):
     steps = _steps_in(root)
     if steps:
       return steps
@@ -159,8 +158,8 @@ def locate(path: str, step: int | None = None, *, accepted: str = TRAINING) -> t
   """(checkpoints folder, step) for a training workdir, its checkpoints folder or one step
   folder; `step` picks one of a folder's steps (default: the latest). `accepted` is what the
   error says a caller takes when `path` is none of them."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.absolute(path)
+  if not paths.isdir(path):
     raise FileNotFoundError(f'{path}: no such directory; expected {accepted}')
   for root in (root_of(path), path):
     steps = _steps_in(root)
@@ -170,7 +169,7 @@ def locate(path: str, step: int | None = None, *, accepted: str = TRAINING) -> t
       if step not in steps:
         raise FileNotFoundError(f'{path}: no checkpoint of step {step}; {root} has steps {steps}')
       return root, step
-  parent, name = os.path.split(path)
+  parent, name = paths.dirname(path), paths.basename(path)
   names = ocp.step.standard_name_format()
   found = [s for s in _steps_in(parent) if names.build_name(s) == name]
   if found and step in (None, found[0]):
@@ -387,21 +386,22 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
     cfg = _inference(EncoderConfig.preset(preset))
     return LoadedEncoder(Encoder(cfg, rngs=nnx.Rngs(seed)), cfg, None, [],
                          f'random init {preset} (seed {seed})')
-  full = os.path.abspath(path)
+  full = paths.absolute(path)
   from ove_jax.convert import hub
-  if not os.path.exists(full) and hub.is_hub_id(path):  # org/name[@rev]: the hub's cache
+  # org/name[@rev]: the hub's cache
+  if not paths.is_url(path) and not paths.exists(full) and hub.is_hub_id(path):
     from ove_jax import convert
     model = convert.load_pytorch(path)
     return LoadedEncoder(model, model.cfg, None, [], f'Hugging Face hub id {path}')
-  if not os.path.isdir(full):
+  if not paths.isdir(full):
     raise FileNotFoundError(f'{path}: no such directory; expected {ACCEPTED}')
   # A training workdir holds a config.json too (the experiment's): the weights file decides.
-  if any(os.path.isfile(os.path.join(full, n)) for n in (hub.WEIGHTS_NAME,
-                                                           hub.WEIGHTS_INDEX_NAME)):
+  if any(paths.isfile(paths.join(full, n)) for n in (hub.WEIGHTS_NAME,
+                                                      hub.WEIGHTS_INDEX_NAME)):
     from ove_jax import convert
     model = convert.load_pytorch(full)
     return LoadedEncoder(model, model.cfg, None, [], f'release-format directory {full}')
-  if os.path.isfile(os.path.join(full, CONFIG_FILE)):
+  if paths.isfile(paths.join(full, CONFIG_FILE)):
     cfg, flat = load_params(full)
     cfg = _inference(cfg)
     return LoadedEncoder(encoder_from_tree(cfg, nest(flat), full), cfg, None, [],

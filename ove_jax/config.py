@@ -108,7 +108,7 @@ def defaults() -> ml_collections.ConfigDict:
   # divided among the hosts. Sources may name '{builtin:video}' / '{builtin:image}'.
   c.data = ml_collections.ConfigDict(dict(
       seed=0, worker_count=2, worker_buffer=2, mixing='all', patch_dtype='float32',
-      heads=ml_collections.ConfigDict()))
+      local_cache_dir='', heads=ml_collections.ConfigDict()))
   # Built-in synthetic data (data_pipeline.builtin), generated on first use. `policy` is the codec
   # selection's frame policy (docs/spec.md §2.6: 'paper', 'first_frame', 'zero'); like budget, a
   # value other than the data's needs its own root.

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipeline import fileio
+from data_pipeline import fileio, paths
 from ove_jax.vectors import l2_normalize
 
 NUM_LABELS = 10
@@ -238,11 +238,11 @@ def write_records(shards: Sequence[str], shard_records: Sequence[Sequence[dict]]
                   labels_NxL: np.ndarray, out_dir: str) -> list[str]:
   """Copies of the input shards with `labels` replaced, row i of labels for record i in order."""
   from data_pipeline import precompute, records
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   written, i = [], 0
   for path, recs in zip(shards, shard_records):
-    target = os.path.join(out_dir, os.path.basename(path))
-    if os.path.abspath(target) == os.path.abspath(path):
+    target = paths.join(out_dir, paths.basename(path))
+    if paths.absolute(target) == paths.absolute(path):
       raise LabelsError(f'--out: {target} would overwrite its input shard')
     writer = precompute.ShardWriter(target)
     try:
@@ -288,11 +288,11 @@ def make_labels(x_NxD: np.ndarray, out: str, *, k: int, num_labels: int = NUM_LA
   with jax.set_mesh(mesh):
     labels, _ = kmeans.nearest(x_NxD, result['centres'], min(num_labels, k), spherical=True,
                                chunk=chunk)
-  os.makedirs(out, exist_ok=True)
-  np.save(os.path.join(out, 'labels.npy'), labels.astype(np.int32))
-  np.save(os.path.join(out, 'centres.npy'), result['centres'].astype(np.float32))
+  paths.makedirs(out)  # a local folder or a URL (data_pipeline.paths)
+  fileio.write_npy(paths.join(out, 'labels.npy'), labels.astype(np.int32))
+  fileio.write_npy(paths.join(out, 'centres.npy'), result['centres'].astype(np.float32))
   if ids is not None:
-    np.save(os.path.join(out, 'ids.npy'), ids)
+    fileio.write_npy(paths.join(out, 'ids.npy'), ids)
   sizes = np.asarray(result['sizes'])
   report = {
       'k': k, 'N': n, 'D': int(x_NxD.shape[1]), 'backend': result['backend'],
@@ -302,9 +302,9 @@ def make_labels(x_NxD: np.ndarray, out: str, *, k: int, num_labels: int = NUM_LA
       'sizes': size_report(sizes), 'num_labels': int(labels.shape[1]), 'source': source,
       'seconds': round(time.perf_counter() - start, 3)}
   if shards:
-    written = write_records(shards, shard_records, labels, os.path.join(out, 'records'))
-    report['records'] = {'shards': len(written), 'dir': os.path.join(out, 'records')}
-  fileio.write_json(os.path.join(out, 'report.json'), report, sort_keys=False)
+    written = write_records(shards, shard_records, labels, paths.join(out, 'records'))
+    report['records'] = {'shards': len(written), 'dir': paths.join(out, 'records')}
+  fileio.write_json(paths.join(out, 'report.json'), report, sort_keys=False)
   return report
 
 

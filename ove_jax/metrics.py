@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipeline import fileio, paths
+
 METRICS_FILE, TENSORBOARD_DIR = 'metrics.jsonl', 'tensorboard'
 
 # JSON has no NaN or Inf; these strings stand for them so every line stays strict JSON.
@@ -62,10 +64,11 @@ class MetricWriter:
     self._outputs: list[Any] = []
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     for name in writers:
       if name == 'jsonl':
-        self._outputs.append(_JsonlOutput(workdir))
+        self._outputs.append(_JsonlOutput(workdir) if not paths.is_url(workdir)
+                             else _JsonlObjectOutput(workdir))
       elif name == 'tensorboard':
         self._outputs.append(_TensorBoardOutput(workdir))
       else:
@@ -145,14 +148,43 @@ class _JsonlOutput:
     self._file.close()
 
 
+class _JsonlObjectOutput(_JsonlOutput):
+  """metrics.jsonl in an object store, which cannot append: the lines are kept in memory and the
+  whole object is uploaded again after every line. An upload is all-or-nothing, so a reader (or a
+  killed run) sees every line up to some step, never half a line. A resumed run starts from the
+  object's lines. At a line per log step (every 10-100 steps) of a few hundred bytes, the
+  uploads stay small next to a checkpoint."""
+
+  def __init__(self, workdir: str):  # pylint: disable=super-init-not-called
+    self._path = paths.join(workdir, METRICS_FILE)
+    try:
+      text = paths.read_bytes(self._path).decode('utf-8')
+    except FileNotFoundError:
+      text = ''
+    self._text = text if not text or text.endswith('\n') else text + '\n'
+
+  def write(self, step: int, values: Mapping[str, int | float]) -> None:
+    line = {'step': step, **{key: _encode_nonfinite(value) for key, value in values.items()}}
+    self._text += json.dumps(line, allow_nan=False) + '\n'
+    fileio.write_atomic(self._path, self._text)
+
+  def flush(self) -> None:
+    pass  # every line is uploaded as it is written
+
+  def close(self) -> None:
+    pass
+
+
 class _TensorBoardOutput:
-  """Scalars and text for TensorBoard, in <workdir>/tensorboard."""
+  """Scalars and text for TensorBoard, in <workdir>/tensorboard. tensorboardX writes `gs://`
+  itself (the whole events object uploaded again at each flush, through google-cloud-storage)
+  and `s3://` through boto3."""
 
   def __init__(self, workdir: str):
     # tensorboardX is imported here so that processes that never write do not load it.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
-    self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
+    self._tb = SummaryWriter(paths.join(workdir, TENSORBOARD_DIR), flush_secs=30)
 
   def write(self, step: int, values: Mapping[str, int | float]) -> None:
     for key, value in values.items():
@@ -185,16 +217,16 @@ class _WandbOutput:
       raise ImportError("metrics.writers names 'wandb' but wandb is not installed: "
                         "pip install 'ove_jax[wandb]' (or drop 'wandb' from metrics.writers)"
                         ) from e
-    from data_pipeline import fileio  # pylint: disable=g-import-not-at-top
-    id_path = os.path.join(workdir, WANDB_RUN_ID_FILE)
-    if os.path.exists(id_path):
-      with open(id_path, encoding='utf-8') as f:
-        run_id = f.read().strip()
+    id_path = paths.join(workdir, WANDB_RUN_ID_FILE)
+    if paths.exists(id_path):
+      run_id = paths.read_bytes(id_path).decode('utf-8').strip()
     else:
       run_id = uuid.uuid4().hex[:16]  # letters and digits, as wandb ids must be
       fileio.write_atomic(id_path, run_id + '\n')
     kwargs = {k: v for k, v in options.items() if v}
-    self._run = wandb.init(id=run_id, resume='allow', dir=workdir, config=dict(run_config or {}),
+    local = paths.local_folder(workdir)  # wandb writes local files only
+    os.makedirs(local, exist_ok=True)
+    self._run = wandb.init(id=run_id, resume='allow', dir=local, config=dict(run_config or {}),
                            **kwargs)
 
   def write(self, step: int, values: Mapping[str, int | float]) -> None:
@@ -220,10 +252,10 @@ def read_metrics(path: str, *, merge_steps: bool = False) -> list[dict]:
   become floats again. A line that is not JSON, or has no integer step (the half-written last
   line of a killed run), is skipped with a warning.
   """
-  if os.path.isdir(path):
-    path = os.path.join(path, METRICS_FILE)
+  if paths.isdir(path):
+    path = paths.join(path, METRICS_FILE)
   by_step: dict[int, dict] = {}
-  with open(path, encoding='utf-8') as f:
+  with paths.open_file(path, 'r', encoding='utf-8') as f:
     for number, text in enumerate(f, start=1):
       if not text.strip():
         continue

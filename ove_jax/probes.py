@@ -22,8 +22,9 @@ The split is deterministic by record index: record i is a test record when
 floor((i + 1) f) > floor(i f), f = test_fraction, which spreads the test records evenly over
 the file order. Epochs default to docs/spec.md §6's: 10, or 30 for a small training split
 (< 1000 clips); the attentive probe's epoch is chosen on a validation split held out of the
-training features (`AttentiveConfig.val_fraction`), never on the test split. With several seeds the attentive and linear probes are retrained per seed and
-the table gives mean ± std (k-NN is deterministic and runs once).
+training features (`AttentiveConfig.val_fraction`), never on the test split. With several seeds
+the attentive and linear probes are retrained per seed and the table gives mean ± std (k-NN is
+deterministic and runs once).
 """
 from __future__ import annotations
 

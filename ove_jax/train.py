@@ -34,11 +34,19 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_pipeline import fileio, tokens
-from ove_jax import checkpoint, distributed, host_runtime, losses, optim, sharding, warm_start
+from data_pipeline import fileio, paths, tokens
+from ove_jax import (
+  checkpoint,
+  distributed,
+  host_runtime,
+  losses,
+  optim,
+  sharding,
+  training_probes,
+  warm_start,
+)
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
-from ove_jax import training_probes
 from ove_jax.models import Encoder, EncoderConfig, encoder_flops
 from ove_jax.preemption import StopRequest, agree
 from ove_jax.prefetch import BATCH_FIELDS, DevicePrefetch, device_batch  # noqa: F401 (tools)
@@ -89,7 +97,7 @@ def data_sources(config, workdir: str) -> dict[str, str]:
   if not config.builtin.enabled:
     return {}
   from data_pipeline import builtin
-  root = config.builtin.root or os.path.join(workdir, 'builtin_data')
+  root = config.builtin.root or paths.local_folder(paths.join(workdir, 'builtin_data'))
   info = builtin.ensure(root, clips=config.builtin.clips, images=config.builtin.images,
                         budget=config.builtin.budget, policy=config.builtin.policy,
                         seed=config.seed,
@@ -363,7 +371,7 @@ class Run:
     the run after saving."""
     c = self.config
     if loop.step == c.profile_start:
-      jax.profiler.start_trace(os.path.join(self.workdir, 'profile'))
+      jax.profiler.start_trace(paths.local_folder(paths.join(self.workdir, 'profile')))
       loop.profiling = True
     t0 = time.perf_counter()
     try:
@@ -420,8 +428,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   info = distributed.initialize(local_device_count=_local_devices(config),
                                 **config.distributed.to_dict())
   main_process = info['process_index'] == 0
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
+  paths.makedirs(workdir)
   mesh = make_mesh(config)
   peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
   log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)

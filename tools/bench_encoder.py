@@ -68,8 +68,7 @@ import jax
 import jax.numpy as jnp
 
 from ove_jax import benchmarks as bench
-from ove_jax import host_runtime
-from ove_jax import metrics
+from ove_jax import host_runtime, metrics
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
 

@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from data_pipeline import paths
 from ove_jax import labels as labels_lib
 
 
@@ -128,9 +128,10 @@ def run(args) -> dict:
     if args.batch < 1:
       raise labels_lib.LabelsError(f'--batch {args.batch}: must be >= 1')
     teacher = labels_lib.HFTeacher(args.teacher[len(labels_lib.HF_PREFIX):])
+    # The resumable feature cache is local files: for an --out URL, in its local folder.
     x, ids = labels_lib.sharded_teacher_features(
-        teacher, recs, os.path.join(args.out, 'features'), batch=args.batch, seed=args.seed,
-        shard_records=args.shard_records, about=args.teacher)
+        teacher, recs, paths.local_folder(paths.join(args.out, 'features')), batch=args.batch,
+        seed=args.seed, shard_records=args.shard_records, about=args.teacher)
     source = f'--records {args.records}'
   else:
     x = labels_lib.teacher_features(load_teacher(args.teacher, args.step), recs, args.batch,

@@ -43,9 +43,19 @@ def _to_hf(args) -> int:
 def _write(model, out: str, dtype: str, source: str, args=None) -> int:
   """Saves `model` in the release format, then checks the written file against its parameters
   (bit-exact in float32; in bfloat16 / float16, to the stored precision); with --push-to-hub,
-  uploads the checked export."""
-
+  uploads the checked export. An `out` in object storage (gs://, s3://) is written and checked
+  in a local temporary folder, then uploaded file by file."""
+  from data_pipeline import paths
   from ove_jax import convert
+
+  if paths.is_url(out):
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix='ove_export_') as local:
+      code = _write(model, local, dtype, source, args)
+      if code == 0:
+        paths.upload_folder(local, out)
+        print(f'uploaded to {out}')
+      return code
 
   convert.save_pytorch(model, out, dtype=dtype,
                        max_shard_size=getattr(args, 'max_shard_size', None) or '5GB')
@@ -132,7 +142,8 @@ def _verify(args) -> int:
 
 
 def _export_flags(p) -> None:
-  p.add_argument('--out', required=True, help='the release-format directory to write')
+  p.add_argument('--out', required=True, help='the release-format directory to write (a local '
+                 'folder or a gs:// / s3:// URL)')
   p.add_argument('--max-shard-size', default='5GB',
                  help='above this, weights are written as model-0000i-of-0000n.safetensors shards '
                       'with model.safetensors.index.json (bytes, or e.g. 2GB / 500MB)')

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
+from data_pipeline import fileio, paths
 from ove_jax import probes as probes_lib
 
 
@@ -98,7 +98,8 @@ def run(args) -> dict:
   start = time.perf_counter()
   seeds = _int_list(args.seeds, '--seeds')
   probes = [p.strip() for p in args.probes.split(',') if p.strip()]
-  if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+  if args.out and not paths.is_url(args.out) and not paths.isdir(
+      paths.dirname(paths.absolute(args.out))):
     raise probes_lib.ProbeError(f'--out {args.out}: its folder does not exist')
   encoder, source = load_encoder(args.checkpoint, args.seed, args.step)
   if args.builtin:
@@ -106,9 +107,9 @@ def run(args) -> dict:
                                                        budget=args.budget)
     label = args.label or probes_lib.BUILTIN_DEFAULT_LABEL
   else:
-    paths = probes_lib.record_files(args.records)
-    records = probes_lib.read_records(paths)
-    where = f'{len(paths)} record file(s) of {args.records}'
+    files = probes_lib.record_files(args.records)
+    records = probes_lib.read_records(files)
+    where = f'{len(files)} record file(s) of {args.records}'
     names = probes_lib.label_names(
         records, args.label_names.split(',') if args.label_names else None)
     label = args.label or 0
@@ -135,8 +136,7 @@ def run(args) -> dict:
   print(probes_lib.format_table(results))
   print(f'\n{results["seconds"]:.1f} s')
   if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(results, f, indent=1)
+    fileio.write_atomic(args.out, json.dumps(results, indent=1))  # a local path or a URL
     print(f'wrote {args.out}')
   return results
 

@@ -9,7 +9,8 @@ r"""Attentive probes over benchmarks x input modes x encoders, as the release's 
       --modes codec:2048,codec:2048+shuffle_positions --seeds 0 --encoders /ckpt/stage2 \
       --out /results/probe
   # your own lists (path,label[,start,end] per line)
-  ove-probe-suite --config=probe_benchmarks:name=mine,train=/d/train.csv,test=/d/test.csv,num_classes=10 \
+  ove-probe-suite \
+      --config=probe_benchmarks:name=mine,train=/d/train.csv,test=/d/test.csv,num_classes=10 \
       --encoders /ckpt/stage2 --out /results/mine
 
 Writes OUT/cells/<cell>.json per (benchmark, mode, encoder) as each ends, and OUT/results.csv

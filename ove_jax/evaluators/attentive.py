@@ -128,7 +128,8 @@ def top_k_hits(logits_BxK, labels_B, k: int) -> np.ndarray:
   return (top == np.asarray(labels_B)[:, None]).any(-1)
 
 
-def new_probe(encoder_config: EncoderConfig, num_classes: int, config: AttentiveConfig, total_steps):
+def new_probe(encoder_config: EncoderConfig, num_classes: int, config: AttentiveConfig,
+              total_steps):
   """(graphdef, params, opt_state, static step arguments) of a fresh probe for `config`."""
   model = AttentiveProbe(encoder_config, num_classes, rngs=nnx.Rngs(config.seed),
                          init_scale=config.init_scale)
