@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ove_jax import checkpoint, train, warm_start
+from ove_jax import checkpoint, resume, train, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 
@@ -358,14 +358,14 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
 
 def test_resume_names_what_changed(caplog):
   saved = small_config().to_dict()
-  train.check_resume(saved, small_config(**{'mesh.data': 2, 'mesh.tensor': 2}))  # layout: free
+  resume.check_resume(saved, small_config(**{'mesh.data': 2, 'mesh.tensor': 2}))  # layout: free
   assert not caplog.records
-  train.check_resume(saved, small_config(**{'optim.lr': 0.5}))
+  resume.check_resume(saved, small_config(**{'optim.lr': 0.5}))
   assert 'optim.lr: 0.002 -> 0.5' in caplog.text
   classes = saved['heads']['video']['num_classes']
   with pytest.raises(config_lib.ConfigError,
                      match=rf'heads.video.num_classes \({classes} then, 60 now\)'):
-    train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
+    resume.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
 def test_command_line_spellings(capsys):
