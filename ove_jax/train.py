@@ -3,7 +3,7 @@
   ove-train --config experiments/demo_cpu.py[:args] --workdir DIR [--config.key=value ...]
 
 Reads top to bottom: the mesh, the data, the model and optimiser with their sharded init, the
-step, evaluation, the loop, the command line. A restart in the same workdir resumes from its
+step, evaluation, the loop, `main` (its flags are parsed in cli.parse_train_args). A restart in the same workdir resumes from its
 last checkpoint: parameters, optimiser, step and every host's input-iterator position, so the
 resumed run repeats the uninterrupted one exactly (on another process count: the same state, the
 input re-derived; see resume). Its neighbours: resume (where a process starts), checkpoint (the
@@ -17,7 +17,6 @@ writes metrics.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -35,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from data_pipeline import fileio, tokens
-from ove_jax import checkpoint, distributed, losses, optim, preemption, resume, sharding
+from ove_jax import checkpoint, cli, distributed, losses, optim, preemption, resume, sharding
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 from ove_jax.models import Encoder, EncoderConfig, encoder_flops
@@ -423,63 +422,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# main
 # ------------------------------------------------------------------------------------------------
-
-EPILOG = """\
-The experiment's keys: every key of the config can be set with --config.KEY=VALUE (e.g.
---config.optim.lr=1e-3, --config.mesh.data=-1, tuples as "(1,8)"); list them with their values
-with --show-config, e.g. `ove-train --config experiments/demo_cpu.py --show-config`.
-
-A restart with the same --workdir resumes from its last checkpoint. The run ends by printing
-where its checkpoints, metrics.jsonl and TensorBoard logs are."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='ove-train', formatter_class=argparse.RawDescriptionHelpFormatter,
-      description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
-                  'a run.', epilog=EPILOG)
-  parser.add_argument('--config', required=True, metavar='EXPERIMENT[:ARGS]',
-                      help='the experiment file and its arguments, e.g. '
-                           'experiments/demo_cpu.py:smoke')
-  parser.add_argument('--workdir', metavar='DIR',
-                      help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
-                           '(required unless --show-config)')
-  parser.add_argument('--mesh', metavar='SIZES',
-                      help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}')
-  parser.add_argument('--show-config', action='store_true',
-                      help='print every key of the config (after overrides) and exit')
-  return parser
-
-
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  """(flags, config overrides 'key=value'). `--config.KEY=VALUE` and `--config.KEY VALUE`, like
-  every flag, are accepted in both spellings."""
-  parser = build_parser()
-  rest, overrides, argv = [], [], list(argv)
-  while argv:
-    arg = argv.pop(0)
-    if arg.startswith('--config.'):
-      item = arg[len('--config.'):]
-      if '=' not in item:
-        if not argv:
-          parser.error(f'{arg} needs a value: {arg}=VALUE')
-        item += '=' + argv.pop(0)
-      overrides.append(item)
-    else:
-      rest.append(arg)
-  args = parser.parse_args(rest)
-  if args.mesh:
-    try:
-      sizes = sharding.parse_mesh(args.mesh)
-    except ValueError as e:
-      parser.error(f'--mesh: {e}')
-    overrides += [f'mesh.{axis}={size}' for axis, size in sizes.items()]
-  if not args.workdir and not args.show_config:
-    parser.error('--workdir is required (where the run writes its checkpoints and logs)')
-  return args, overrides
-
 
 def main(argv: Sequence[str] | None = None) -> int:
   # force: absl (imported with orbax) may already have put its own handler on the root logger,
@@ -487,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
-  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  args, overrides = cli.parse_train_args(sys.argv[1:] if argv is None else argv)
   try:
     config = config_lib.load(args.config, overrides)   # before JAX starts: errors come fast
     if args.show_config:

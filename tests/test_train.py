@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ove_jax import checkpoint, preemption, resume, train, warm_start
+from ove_jax import checkpoint, cli, preemption, resume, train, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 
@@ -481,21 +481,21 @@ def test_resume_names_what_changed(caplog):
 
 
 def test_command_line_spellings(capsys):
-  args, overrides = train.parse_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
+  args, overrides = cli.parse_train_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
                                       '--config.optim.lr', '0.5', '--config.seed=3',
                                       '--mesh', 'data=2,tensor=2'])
   assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
   assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
-  assert train.parse_args([f'--config={DEMO}', '--show-config'])[0].show_config
+  assert cli.parse_train_args([f'--config={DEMO}', '--show-config'])[0].show_config
   for argv, message in ((['--config', DEMO], '--workdir is required'),
                         (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
                         (['--workdir', 'w'], '--config'),
                         (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus')):
     with pytest.raises(SystemExit):
-      train.parse_args(argv)
+      cli.parse_train_args(argv)
     assert message in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    train.parse_args(['--help'])
+    cli.parse_train_args(['--help'])
   text = capsys.readouterr().out
   assert all(flag in text for flag in ('--config', '--workdir', '--mesh', '--show-config'))
   assert 'list them with their values' in text and text.startswith('usage: ove-train')
