@@ -190,6 +190,19 @@ def test_keeps_the_last_n_and_every_mth_checkpoint_evaluates_and_profiles(straig
     config_lib.load(DEMO + ':smoke', ['eval_sources.audio=/data/x'])
 
 
+def resumes_as(straight, restart, workdir, step, **tolerance):
+  """Runs `restart` (the command that restarts `workdir`, saved at `step`): it resumes there, and
+  its later losses are the uninterrupted run's within `tolerance`."""
+  result = subprocess.run(restart, env=env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resumed from {workdir} step {step}' in result.stderr
+  want, got = losses_by_step(straight), losses_by_step(workdir)
+  later = [s for s in want if s > step]
+  assert later and max(later) == 20
+  for s in later:
+    assert got[s] == pytest.approx(want[s], **tolerance), s
+
+
 def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
   killed = str(tmp_path / 'killed')
   # Its own process group, killed whole: the trainer and its input workers die at once, as in a
@@ -205,15 +218,7 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
   proc.wait()
   resumed_from = committed_steps(killed)[-1]
   assert resumed_from < 20
-  result = subprocess.run(command(killed, data_root), env=env(), capture_output=True, text=True,
-                          timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'resumed from {killed} step {resumed_from}' in result.stderr
-  want, got = losses_by_step(straight), losses_by_step(killed)
-  later = [s for s in want if s > resumed_from]
-  assert later and max(later) == 20
-  for s in later:
-    assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6), s
+  resumes_as(straight, command(killed, data_root), killed, resumed_from, rel=1e-6, abs=1e-6)
   # Falling loss on the demo data, and every line has step and loss.
   lines = metrics_lib.read_metrics(straight)
   assert all('loss' in m and 'step' in m for m in lines)
@@ -296,16 +301,8 @@ def test_two_processes_sigterm_to_one_saves_the_same_step_and_resumes_exactly(
   assert set(saved) == {'0', '1'} and saved['0'] == saved['1'], err[-3000:]
   step = int(saved['0'])
   assert committed_steps(workdir) == [step] and 2 <= step < 20
-  result = subprocess.run(launch(workdir, data_root), env=env(), capture_output=True, text=True,
-                          timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'resumed from {workdir} step {step}' in result.stderr
   # The uninterrupted run: one process (2 x 4 devices == 1 x 8, up to summation order).
-  want, got = losses_by_step(straight), losses_by_step(workdir)
-  later = [s for s in want if s > step]
-  assert later and max(later) == 20
-  for s in later:
-    assert got[s] == pytest.approx(want[s], rel=1e-5), s
+  resumes_as(straight, launch(workdir, data_root), workdir, step, rel=1e-5)
 
 
 def test_two_processes_resume_a_one_process_checkpoint_with_its_optimizer_state(
