@@ -380,6 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   log.info('mesh %s on %d devices (%d processes); compilation cache: %s', dict(mesh.shape),
            mesh.size, info['process_count'], cache or 'off')
 
+  sources = data_sources(config, workdir)   # built-in data made on first use: minutes, not a hang
   # From here on a stall (a lost peer, a stuck input or restore) ends the process with the stacks.
   with (metrics_lib.Watchdog(config.watchdog_seconds, on_timeout=preemption.exit_hung) as watchdog,
         jax.set_mesh(mesh), preemption.Preemption() as stop):
@@ -387,7 +388,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     manager = checkpoint.open_manager(
         checkpoint.root_of(workdir), max_to_keep=config.keep_checkpoints,
         keep_period=config.keep_every or None, create=True, asynchronous=True)
-    sources = data_sources(config, workdir)
     iterator = make_iterator(config, sources)
     state, start = resume.start_state(manager, workdir, iterator, program, config)
     if main_process:
