@@ -336,7 +336,8 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
   """Process 1 stopped (SIGSTOP) mid-run: process 0 waits in the step's collectives, and its
   watchdog dumps every thread's stack and exits with HANG_EXIT_CODE."""
   workdir = str(tmp_path / 'run')
-  proc = subprocess.Popen(launch(workdir, data_root, '--config.watchdog_seconds=60',
+  # The timeout covers the first step's compilation of two processes on a busy machine.
+  proc = subprocess.Popen(launch(workdir, data_root, '--config.watchdog_seconds=90',
                                  '--config.distributed.heartbeat_timeout=600'),
                           env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_metrics(workdir, proc)
@@ -350,7 +351,7 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
     except ProcessLookupError:
       pass
   assert proc.returncode == preemption.HANG_EXIT_CODE, out[-2000:] + err[-3000:]
-  assert re.search(r'\[p0\] Watchdog: no step finished in \d+\.\d s \(timeout 60 s\)', err), (
+  assert re.search(r'\[p0\] Watchdog: no step finished in \d+\.\d s \(timeout 90 s\)', err), (
       err[-3000:])
   assert '[p0] Thread 0x' in err and '(most recent call first)' in err
   assert f'[p0] Watchdog: exiting with code {preemption.HANG_EXIT_CODE}' in err
