@@ -34,6 +34,7 @@ ml_collections dict:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import zlib
 from typing import Any, Mapping, Sequence
@@ -328,3 +329,55 @@ def build(cfg: PipelineConfig | Mapping[str, Any], sources_by_head=None) -> grai
 def make_iterator(cfg: PipelineConfig | Mapping[str, Any]) -> grain.DatasetIterator:
   """`iter(build(cfg))`: a checkpointable iterator (get_state / set_state, orbax CheckpointSave)."""
   return iter(build(cfg))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming on another process count
+# ------------------------------------------------------------------------------------------------
+
+def _index_leaves(state: Any, path: tuple = ()) -> list[tuple]:
+  """The paths of every `next_index` in an iterator state, in order (one per reading iterator:
+  the host's, or each worker's)."""
+  if isinstance(state, Mapping):
+    return [p for k in sorted(state) for p in (
+        [path + (k,)] if k == 'next_index' else _index_leaves(state[k], path + (k,)))]
+  if isinstance(state, (list, tuple)):
+    return [p for i, v in enumerate(state) for p in _index_leaves(v, path + (i,))]
+  return []
+
+
+def _get(state, path):
+  for key in path:
+    state = state[key]
+  return state
+
+
+def records_read(state: Mapping[str, Any]) -> dict[str, int]:
+  """Per head, how many of its host's records an iterator (a `make_iterator` state) has used: the
+  records of the batches it gave (what workers read ahead is not in a state)."""
+  return {name: sum(int(_get(head, p)) for p in _index_leaves(head))
+          for name, head in state['heads'].items()}
+
+
+def state_after(fresh: Mapping[str, Any], global_read: Mapping[str, int], process_index: int,
+                process_count: int, draws: int) -> dict[str, Any]:
+  """An iterator state for host `process_index` of `process_count` that starts each head at
+  global record `global_read[head]` of the shuffled order (the sum of every old host's
+  `records_read`), from `fresh` (a new iterator's `get_state()`), and the head mixture at its
+  `draws`-th draw.
+
+  Host j reads global records j, j + n, ... (the host slice above), so the records before G are
+  exactly its first ceil((G - j) / n); within a host, worker w of W reads the host's
+  records w, w + W, .... The records are the ones the uninterrupted run reads from there, up to
+  the few each old host had read past the others; which of them share a batch differs (packing
+  runs per host and worker).
+  """
+  state = json.loads(json.dumps(fresh))
+  for name, head in state['heads'].items():
+    total = int(global_read[name])
+    mine = total // process_count + (1 if process_index < total % process_count else 0)
+    leaves = _index_leaves(head)
+    for w, path in enumerate(leaves):
+      _get(head, path[:-1])[path[-1]] = mine // len(leaves) + (1 if w < mine % len(leaves) else 0)
+  state['step'] = int(draws)
+  return state

@@ -61,6 +61,8 @@ def get_config(arg=None):
   c.checkpoint_every = 5 if a.smoke else 50
   c.eval_every = 0 if a.smoke else 100
   c.cpu_devices = 8
+  # A stall (a stuck input worker, a lost peer) ends the run with the stacks of every thread.
+  c.watchdog_seconds = 600.0
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 1
 
   c.model.preset = 'tiny'

@@ -48,6 +48,9 @@ from ove_jax import config as config_lib
 RELEASE = dict(preset='base', lr=1e-3, weight_decay=0.05, samples=13e9)
 PAPER = dict(preset='large', weight_decay=0.2)
 IMAGE_CLASSES = 2_000_000
+# No finished step in this long: stacks of every thread, exit 70 (ove_jax/preemption.py). It
+# covers the restore and the first step's compilation at this size.
+WATCHDOG_SECONDS = 1800.0
 
 
 def get_config(arg=None):
@@ -64,6 +67,7 @@ def get_config(arg=None):
   c.total_steps = a.steps or max(1, round(a.samples / a.batch))
   c.log_every, c.checkpoint_every, c.keep_checkpoints, c.keep_every = 100, 5000, 3, 100_000
   c.data.worker_count = a.workers
+  c.watchdog_seconds = WATCHDOG_SECONDS
   c.data.patch_dtype = 'uint8'
   c.heads.image = config_lib.head(IMAGE_CLASSES)
   c.data.heads.image = dict(kind='image', source='/data/laion-*.array_record', rows=a.batch,

@@ -74,6 +74,9 @@ from ove_jax import config as config_lib
 
 PER_GPU = {'image': 16, 'ocr': 8, 'video': 16}     # the release's per-GPU batches
 CLASSES = {'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
+# No finished step in this long: stacks of every thread, exit 70 (ove_jax/preemption.py). It
+# covers the restore and the first step's compilation at this size.
+WATCHDOG_SECONDS = 1800.0
 # The release's single-node stage 2 (shells/ov_encoder_large_stage2_residual_8gpus.sh).
 RELEASE_PER_GPU = {'image': 8, 'video': 8}
 RELEASE_CENTRES = '%s/ov_encoder_si_8gpus/ov_encoder_si_%%03d.npy'   # % si, then % rank
@@ -105,6 +108,7 @@ def build(a, *, preset: str):
   c.log_every, c.checkpoint_every, c.keep_checkpoints, c.keep_every = 20, 1000, 3, 20_000
   c.loss.sampling_blocks = a.blocks
   c.data.worker_count = a.workers
+  c.watchdog_seconds = WATCHDOG_SECONDS
   c.data.patch_dtype = 'uint8'
   c.data.mixing = 'all'
   for name, classes in CLASSES.items():

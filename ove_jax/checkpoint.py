@@ -215,14 +215,25 @@ def save(manager: ocp.CheckpointManager, step: int, state, position: str,
       META: ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=list)))}))
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, iterator):
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=None):
   """The whole train state at `step`, placed as `abstract_state` says (ShapeDtypeStructs with
-  shardings: any mesh shape), and the input iterator moved to where it was: for resuming."""
+  shardings: any mesh shape, any process count), and the input iterator moved to where it was
+  (this process's own saved position: same process count only; None leaves it alone)."""
   import grain
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract_state),
-      DATA: grain.checkpoint.CheckpointRestore(iterator)}))
-  return restored[STATE]
+  items = {STATE: ocp.args.StandardRestore(abstract_state)}
+  if iterator is not None:
+    items[DATA] = grain.checkpoint.CheckpointRestore(iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+
+
+def read_positions(manager: ocp.CheckpointManager, step: int, processes: int) -> list[dict]:
+  """Every process's saved input position at `step` of a run of `processes` processes (Grain's
+  handler writes one JSON file per process into the step's data item)."""
+  from etils import epath
+  folder = (epath.Path(manager.directory) / ocp.step.standard_name_format().build_name(step)
+            / DATA)
+  return [json.loads((folder / f'process_{i}-of-{processes}.json').read_text())
+          for i in range(processes)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -76,3 +76,65 @@ def main_of(prog: str, parser: argparse.ArgumentParser, run, errors: tuple, argv
     print(f'{prog}: error: {e}', file=sys.stderr)
     return 2
   return 0 if ok(result) else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# ove-train
+# ------------------------------------------------------------------------------------------------
+
+TRAIN_EPILOG = """\
+The experiment's keys: every key of the config can be set with --config.KEY=VALUE (e.g.
+--config.optim.lr=1e-3, --config.mesh.data=-1, tuples as "(1,8)"); list them with their values
+with --show-config, e.g. `ove-train --config experiments/demo_cpu.py --show-config`.
+
+A restart with the same --workdir resumes from its last checkpoint. The run ends by printing
+where its checkpoints, metrics.jsonl and TensorBoard logs are."""
+
+
+def train_parser() -> argparse.ArgumentParser:
+  """`ove-train`'s flags (ove_jax/train.py)."""
+  from ove_jax import sharding
+  parser = argparse.ArgumentParser(
+      prog='ove-train', formatter_class=argparse.RawDescriptionHelpFormatter,
+      description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
+                  'a run.', epilog=TRAIN_EPILOG)
+  parser.add_argument('--config', required=True, metavar='EXPERIMENT[:ARGS]',
+                      help='the experiment file and its arguments, e.g. '
+                           'experiments/demo_cpu.py:smoke')
+  parser.add_argument('--workdir', metavar='DIR',
+                      help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
+                           '(required unless --show-config)')
+  parser.add_argument('--mesh', metavar='SIZES',
+                      help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}')
+  parser.add_argument('--show-config', action='store_true',
+                      help='print every key of the config (after overrides) and exit')
+  return parser
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """(flags, config overrides 'key=value'). `--config.KEY=VALUE` and `--config.KEY VALUE`, like
+  every flag, are accepted in both spellings."""
+  from ove_jax import sharding
+  parser = train_parser()
+  rest, overrides, argv = [], [], list(argv)
+  while argv:
+    arg = argv.pop(0)
+    if arg.startswith('--config.'):
+      item = arg[len('--config.'):]
+      if '=' not in item:
+        if not argv:
+          parser.error(f'{arg} needs a value: {arg}=VALUE')
+        item += '=' + argv.pop(0)
+      overrides.append(item)
+    else:
+      rest.append(arg)
+  args = parser.parse_args(rest)
+  if args.mesh:
+    try:
+      sizes = sharding.parse_mesh(args.mesh)
+    except ValueError as e:
+      parser.error(f'--mesh: {e}')
+    overrides += [f'mesh.{axis}={size}' for axis, size in sizes.items()]
+  if not args.workdir and not args.show_config:
+    parser.error('--workdir is required (where the run writes its checkpoints and logs)')
+  return args, overrides

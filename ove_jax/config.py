@@ -59,7 +59,15 @@ def defaults() -> ml_collections.ConfigDict:
   c.accumulate = 1              # micro-batches per step (gradient accumulation by scan)
   c.peak_flops = 0.0            # per device, for MFU; 0: the device table, or measured on CPU
   c.cpu_devices = 0              # virtual CPU devices per process (CPU only; 0: as started)
-  c.watchdog_seconds = 0.0      # dump all stacks when no step finishes in this time (0: off)
+  # No finished step (nor evaluation, nor save) in this time: every thread's stack to stderr, then
+  # exit with preemption.HANG_EXIT_CODE. 0: off. The real experiments set it; it must cover the
+  # restore and the first step's compilation.
+  c.watchdog_seconds = 0.0
+  # JAX's persistent compilation cache (distributed.use_compilation_cache): a restart loads its
+  # executables instead of compiling. In the workdir by default ('{workdir}' is replaced), so it
+  # outlives a preempted machine and every host of the run shares it; '' turns it off, and
+  # JAX_COMPILATION_CACHE_DIR in the environment wins.
+  c.compilation_cache_dir = '{workdir}/compilation_cache'
   c.profile_start = -1          # first step of a profiler trace into <workdir>/profile (-1: none)
   c.profile_steps = 3
   # Where metrics lines go (metrics.WRITERS): metrics.jsonl (read back by read_metrics and the

@@ -1,28 +1,56 @@
-"""Preemption: SIGTERM asks the trainer for a clean save at the end of the current step.
+"""Preemption and hangs: how a training process ends under a cluster scheduler.
 
-A cluster scheduler preempts a job with SIGTERM and a grace period before SIGKILL. `StopRequest`
-turns the signal into a flag the loop reads between steps; `agree` makes every process of a
-multi-host run stop at the same step (the signal reaches hosts at different steps, and a host
-that saves while another steps on would hang the collectives).
+A scheduler preempts a job with SIGTERM and a grace period before SIGKILL (about 30 s on Cloud
+TPU and GKE). `Preemption.reached(step)` is checked after every step and says when to save and
+stop:
+
+- Several processes (after `jax.distributed.initialize`): JAX's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`). Its notifier catches SIGTERM on whichever
+  host gets it and tells the coordination service; every process then reports its step, and all
+  of them return True at the same step (the largest reported + 1), so every host saves that same
+  step, within a step or two of the notice. The check itself is local (no collective), so it
+  costs nothing per step. Python's SIGTERM handler is left alone here: installing one would
+  replace JAX's notifier.
+- One process: a SIGTERM handler sets a flag; the step in flight finishes and is saved.
+
+After the preemption save the trainer exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL of
+sysexits.h: "try again later"), not 0: a Kubernetes Job counts exit 0 as success and never
+restarts it. docs/launch.md has the scheduler settings that restart on this code.
+
+A hang (a collective a peer never joins, a stuck input read) ends through the watchdog
+(`metrics.Watchdog`, `on_timeout=exit_hung`): every thread's stack goes to stderr, then the
+process exits with `HANG_EXIT_CODE` (70, EX_SOFTWARE), so the job fails instead of holding its
+machines until its wall-clock limit.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import jax
-import numpy as np
+
+PREEMPTED_EXIT_CODE = 75   # saved after SIGTERM: restart me (sysexits EX_TEMPFAIL)
+HANG_EXIT_CODE = 70        # the watchdog saw no finished step in time (sysexits EX_SOFTWARE)
 
 
-class StopRequest:
-  """While entered, SIGTERM sets `requested` instead of killing the process. The previous handler
-  comes back on exit. Off the main thread (where Python allows no handler) it never fires."""
+def _sync_manager_running() -> bool:
+  # jax.distributed.initialize starts the sync manager unless the service is turned off.
+  return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
+
+
+class Preemption:
+  """While entered, `reached(step)` (called after every step, on every process) is True at the
+  step where every process should save and stop. See the module docstring for how."""
 
   def __init__(self):
-    self.requested = False
+    self.requested = False     # SIGTERM seen (one process), or the sync point reached
+    self._synced = False
     self._previous = None
 
-  def __enter__(self) -> StopRequest:
-    if hasattr(signal, 'SIGTERM'):
+  def __enter__(self) -> Preemption:
+    self._synced = jax.process_count() > 1 and _sync_manager_running()
+    if not self._synced and hasattr(signal, 'SIGTERM'):
       try:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
       except ValueError:  # not the main thread: no handler, no clean stop
@@ -33,16 +61,23 @@ class StopRequest:
     del signum, frame
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """True on every process at the same step once any of them got SIGTERM."""
+    if self._synced:
+      from jax.experimental import multihost_utils
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def __exit__(self, *exc) -> bool:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
     return False
 
 
-def agree(flag: bool) -> bool:
-  """True on every process when it is true on any. A collective: every process must call it at
-  the same step."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))) > 0)
+def exit_hung() -> None:
+  """The watchdog's `on_timeout`: exits now with HANG_EXIT_CODE (os._exit: a thread blocked in a
+  collective would keep a normal exit waiting forever)."""
+  sys.stderr.write(f'Watchdog: exiting with code {HANG_EXIT_CODE} (hang)\n')
+  sys.stderr.flush()
+  sys.stdout.flush()
+  os._exit(HANG_EXIT_CODE)

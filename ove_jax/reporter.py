@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -91,6 +92,7 @@ class StepReporter:
     from tqdm import tqdm
     self.total_steps, self.log_every, self.start = total_steps, log_every, start
     self.peak_per_device, self.devices, self.checkpoints = peak_per_device, devices, checkpoints
+    self.writers = writers
     self.flops_per_step: int | None = None   # set by the loop once it has seen a batch
     self.extra: dict[str, float] = {}        # for the next metrics line
     self.last: dict[str, Any] = {}           # the last line written
@@ -138,6 +140,15 @@ class StepReporter:
     self.writer.write(done.step, line)
     self.last = {'step': done.step, **line}
     self.window = Window()
+
+  def print_outputs(self, workdir: str, heading: str, steps: list[int]) -> None:
+    """Prints where the run's checkpoints (`steps` of them) and the writers' outputs are."""
+    outputs = {'jsonl': f'metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}',
+               'tensorboard': 'TensorBoard: tensorboard --logdir '
+                              f'{os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}',
+               'wandb': f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}'}
+    print(f'{heading} of {workdir}\n  checkpoints: {self.checkpoints} (steps {steps})' +
+          ''.join(f'\n  {outputs[w]}' for w in self.writers), flush=True)
 
   def close(self) -> None:
     self.progress.close()

@@ -2,13 +2,14 @@
 
   ove-train --config experiments/demo_cpu.py[:args] --workdir DIR [--config.key=value ...]
 
-Reads top to bottom: the mesh, the data, the model and optimiser with their sharded init, the
-step, restoring a run, evaluation, the loop, the command line. A restart in the same workdir
-resumes from its last checkpoint: parameters, optimiser, step and every host's input-iterator
-position, so the resumed run repeats the uninterrupted one exactly. Its neighbours: checkpoint
-(the layout on disk), warm_start (a first state from a release or an earlier stage), prefetch
-(batches onto the devices ahead of the step), reporter (the metrics line, NaN check, MFU) and
-preemption (SIGTERM).
+Reads top to bottom: the mesh, the data, the model and optimiser with their sharded init, the step,
+evaluation, the loop, `main` (its flags are parsed in cli.parse_train_args). A restart in the same
+workdir resumes from its last checkpoint: parameters, optimiser, step and every host's input-
+iterator position, so the resumed run repeats the uninterrupted one exactly (on another process
+count: the same state, the input re-derived; see resume). Its neighbours: resume (where a process
+starts), checkpoint (the layout on disk), warm_start (a first state from a release or an earlier
+stage), prefetch (batches onto the devices ahead of the step), reporter (the metrics line, NaN
+check, MFU) and preemption (SIGTERM: save, exit PREEMPTED_EXIT_CODE; the hang watchdog's exit).
 
 Multi-host: run one copy per host (ove-launch-local does it on one machine); each loads its
 share of the global batch, every process writes its part of the checkpoints, only process 0
@@ -16,9 +17,7 @@ writes metrics.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -37,18 +36,19 @@ from jax.sharding import PartitionSpec as P
 from data_pipeline import fileio, paths, tokens
 from ove_jax import (
   checkpoint,
+  cli,
   distributed,
   host_runtime,
   losses,
   optim,
+  preemption,
+  resume,
   sharding,
   training_probes,
-  warm_start,
 )
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 from ove_jax.models import Encoder, EncoderConfig, encoder_flops
-from ove_jax.preemption import StopRequest, agree
 from ove_jax.prefetch import BATCH_FIELDS, DevicePrefetch, device_batch  # noqa: F401 (tools)
 from ove_jax.reporter import StepReporter, StepResult, TrainingError
 
@@ -270,58 +270,6 @@ class Program:
 
 
 # ------------------------------------------------------------------------------------------------
-# Restore
-# ------------------------------------------------------------------------------------------------
-
-# Keys that may change between a run and its resumption (layout, logging, housekeeping).
-_RESUME_FREE = ('mesh.', 'cpu_devices', 'log_every', 'checkpoint_every', 'keep_', 'eval_',
-                'profile_', 'watchdog_seconds', 'peak_flops', 'init.', 'builtin.root', 'probe',
-                'data.worker_buffer')
-# Keys whose change makes the saved state unusable (shapes), not merely the resumption inexact.
-_RESUME_FATAL = ('model.preset', 'heads.', 'loss.sampling_blocks', 'rules')
-
-
-def check_resume(saved: Mapping[str, Any], config) -> None:
-  """Names what changed since the checkpoint was written: an error where the saved state cannot
-  fit, a warning where the resumed run will not repeat the uninterrupted one."""
-  before = config_lib.flatten(ml_collections.ConfigDict(saved))
-  now = config_lib.flatten(config)
-  same = lambda k: json.dumps(before.get(k), default=list) == json.dumps(now.get(k), default=list)
-  changed = sorted(k for k in set(before) | set(now)
-                   if not same(k) and not k.startswith(_RESUME_FREE))
-  fatal = [k for k in changed if k.startswith(_RESUME_FATAL)]
-  if fatal:
-    raise config_lib.ConfigError(
-        'the checkpoint in this workdir was written with other values of '
-        + ', '.join(f'{k} ({before.get(k)!r} then, {now.get(k)!r} now)' for k in fatal)
-        + '; use another --workdir, or start from it with --config.init.checkpoint=<workdir>')
-  if changed:
-    log.warning('resuming with changed config values (the run will not repeat the original '
-                'exactly): %s', ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}'
-                                          for k in changed))
-
-
-def start_state(manager, workdir: str, iterator, program: Program, config) -> tuple[dict, int]:
-  """(train state, step) to start from: the workdir's last checkpoint (the iterator moved to
-  its position), else a fresh init, warm-started as config.init says."""
-  start = manager.latest_step()
-  if start is None:
-    return warm_start.initialise_from(program.init(), config, program), 0
-  meta = checkpoint.read_meta(workdir, start)
-  check_resume(meta.get('config', {}), config)
-  saved_processes = meta.get('process_count', jax.process_count())
-  if saved_processes != jax.process_count():
-    raise TrainingError(
-        f'{os.path.join(str(manager.directory), str(start))} was saved by {saved_processes} '
-        f'process(es) and this run has {jax.process_count()}: the input position is saved per '
-        'process, so resume with the same number of processes (the mesh shape may change), or '
-        'start a new workdir with --config.init.checkpoint=<this workdir> to keep the weights')
-  state = checkpoint.restore_state(manager, start, program.abstract_state, iterator)
-  log.info('resumed from %s step %d', workdir, start)
-  return state, start
-
-
-# ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 
@@ -350,6 +298,7 @@ class Loop:
   step: int
   pending: StepResult | None = None  # the last step, reported one step late
   tick: float = 0.0                  # when the last step (or evaluation, or save) ended
+  started: float = 0.0               # when train() was called
   profiling: bool = False
 
 
@@ -364,11 +313,11 @@ class Run:
   prefetch: DevicePrefetch
   reporter: StepReporter
   watchdog: metrics_lib.Watchdog
-  stop: StopRequest
+  preemption: preemption.Preemption
 
   def step(self, loop: Loop) -> bool:
-    """Runs one step (with its profile, evaluation and checkpoint); True when a SIGTERM stopped
-    the run after saving."""
+    """Runs one step (with its profile, evaluation and checkpoint); True when a preemption
+    stopped the run after saving."""
     c = self.config
     if loop.step == c.profile_start:
       jax.profiler.start_trace(paths.local_folder(paths.join(self.workdir, 'profile')))
@@ -384,6 +333,10 @@ class Run:
       self.reporter.flops_per_step = self.program.flops_per_step(batch)
     loop.state, device_metrics = self.program.step(loop.state, batch)
     loop.step += 1
+    if loop.step == self.reporter.start + 1:  # compiled and ran: what a restart waits for
+      jax.block_until_ready(device_metrics)
+      log.info('first step of this process (%d) done %.1f s after the trainer started',
+               loop.step, time.perf_counter() - loop.started)
     self.report(loop)
     now = time.perf_counter()
     loop.pending, loop.tick = StepResult(loop.step, device_metrics, wait, now - loop.tick), now
@@ -397,23 +350,25 @@ class Run:
           c, self.sources, seed_offset=1, worker_count=0, evaluation=True), c)
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
+      self.watchdog.kick(loop.step)
     if training_probes.due(c, loop.step):  # probes during training (probe_every)
       self.reporter.extra.update(training_probes.run(c, self.program, loop.state))
       loop.tick = time.perf_counter()  # probe time is not the next step's
-    # Several hosts agree on a SIGTERM at log and checkpoint steps only: the check is a
-    # collective and a host wait, too dear for every step. One host stops at once.
-    due = loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps
-    stopping = (jax.process_count() == 1 or due or loop.step % c.log_every == 0) and agree(
-        self.stop.requested)
-    if due or stopping:
+      self.watchdog.kick(loop.step)
+    # Every step, on every process (the sync point needs each step): true at the same step
+    # everywhere once any host got SIGTERM.
+    stopping = self.preemption.reached(loop.step)
+    if stopping or loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps:
       self.report(loop)
       t_save = time.perf_counter()
       checkpoint.save(self.manager, loop.step, loop.state, position,
                       self.program.meta(loop.step))
       self.reporter.extra['checkpoint_seconds'] = time.perf_counter() - t_save
       loop.tick = time.perf_counter()
+      self.watchdog.kick(loop.step)   # an evaluation or a save is progress too
     if stopping:
-      log.warning('SIGTERM: saved step %d in %s; exiting', loop.step, self.workdir)
+      log.warning('preempted (SIGTERM): saved step %d in %s; exiting with code %d', loop.step,
+                  self.workdir, preemption.PREEMPTED_EXIT_CODE)
     return stopping
 
   def report(self, loop: Loop) -> None:
@@ -424,26 +379,32 @@ class Run:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment in `workdir`; returns the last logged metrics. Process 0
-  ends by printing where the checkpoints and the outputs of the metrics writers are."""
+  ends by printing where the checkpoints and the outputs of the metrics writers are. After a
+  preemption save the result has 'stopped' (main exits with PREEMPTED_EXIT_CODE)."""
+  started = time.perf_counter()
   info = distributed.initialize(local_device_count=_local_devices(config),
                                 **config.distributed.to_dict())
   main_process = info['process_index'] == 0
   workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
   paths.makedirs(workdir)
+  cache = distributed.use_compilation_cache(
+      config.compilation_cache_dir.replace('{workdir}', workdir))
   mesh = make_mesh(config)
   peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
   log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)
-  log.info('mesh %s on %d devices (%d processes)', dict(mesh.shape), mesh.size,
-           info['process_count'])
+  log.info('mesh %s on %d devices (%d processes); compilation cache: %s', dict(mesh.shape),
+           mesh.size, info['process_count'], cache or 'off')
 
-  with jax.set_mesh(mesh):
+  sources = data_sources(config, workdir)   # built-in data made on first use: minutes, not a hang
+  # From here on a stall (a lost peer, a stuck input or restore) ends the process with the stacks.
+  with (metrics_lib.Watchdog(config.watchdog_seconds, on_timeout=preemption.exit_hung) as watchdog,
+        jax.set_mesh(mesh), preemption.Preemption() as stop):
     program = Program(config, mesh)
     manager = checkpoint.open_manager(
         checkpoint.root_of(workdir), max_to_keep=config.keep_checkpoints,
         keep_period=config.keep_every or None, create=True, asynchronous=True)
-    sources = data_sources(config, workdir)
     iterator = make_iterator(config, sources)
-    state, start = start_state(manager, workdir, iterator, program, config)
+    state, start = resume.start_state(manager, workdir, iterator, program, config)
     if main_process:
       fileio.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), sort_keys=False,
                         default=list)
@@ -454,95 +415,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             wandb_options={k[len('wandb_'):]: v for k, v in
                                            config.metrics.items() if k.startswith('wandb_')},
                             run_config=config.to_dict())
-    loop = Loop(state=state, step=start, tick=time.perf_counter())
-    with StopRequest() as stop:
-      run = Run(config, workdir, program, manager, sources,
-                DevicePrefetch(iterator, program.device_batch, config.accumulate), reporter,
-                metrics_lib.Watchdog(config.watchdog_seconds), stop)
-      try:
-        while loop.step < config.total_steps and not run.step(loop):
-          pass
-        run.report(loop)
-      finally:
-        run.prefetch.close()
-        manager.wait_until_finished()
-        run.watchdog.close()
-        reporter.close()
-        if loop.profiling:
-          jax.profiler.stop_trace()
-  last = dict(reporter.last)
-  if stop.requested:
-    last['stopped'] = 'SIGTERM'
+    loop = Loop(state=state, step=start, tick=time.perf_counter(), started=started)
+    run = Run(config, workdir, program, manager, sources,
+              DevicePrefetch(iterator, program.device_batch, config.accumulate), reporter,
+              watchdog, stop)
+    try:
+      while loop.step < config.total_steps and not run.step(loop):
+        pass
+      run.report(loop)
+    finally:
+      run.prefetch.close()
+      manager.wait_until_finished()
+      reporter.close()
+      if loop.profiling:
+        jax.profiler.stop_trace()
+  last = dict(reporter.last, **({'stopped': 'SIGTERM'} if stop.requested else {}))
   if main_process:  # the manager's own list: opening another would wait for the other processes
-    outputs = {'jsonl': f'metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}',
-               'tensorboard': 'TensorBoard: tensorboard --logdir '
-                              f'{os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}',
-               'wandb': f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}'}
-    print(f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step} of '
-          f'{workdir}\n  checkpoints: {checkpoint.root_of(workdir)} (steps '
-          f'{sorted(manager.all_steps())})' +
-          ''.join(f'\n  {outputs[w]}' for w in config.metrics.writers), flush=True)
+    reporter.print_outputs(workdir, f'{"stopped (SIGTERM) at" if stop.requested else "finished"} '
+                           f'step {loop.step}', sorted(manager.all_steps()))
   return last
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# main
 # ------------------------------------------------------------------------------------------------
-
-EPILOG = """\
-The experiment's keys: every key of the config can be set with --config.KEY=VALUE (e.g.
---config.optim.lr=1e-3, --config.mesh.data=-1, tuples as "(1,8)"); list them with their values
-with --show-config, e.g. `ove-train --config experiments/demo_cpu.py --show-config`.
-
-A restart with the same --workdir resumes from its last checkpoint. The run ends by printing
-where its checkpoints, metrics.jsonl and TensorBoard logs are."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog='ove-train', formatter_class=argparse.RawDescriptionHelpFormatter,
-      description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
-                  'a run.', epilog=EPILOG)
-  parser.add_argument('--config', required=True, metavar='EXPERIMENT[:ARGS]',
-                      help='the experiment file and its arguments, e.g. '
-                           'experiments/demo_cpu.py:smoke')
-  parser.add_argument('--workdir', metavar='DIR',
-                      help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
-                           '(required unless --show-config)')
-  parser.add_argument('--mesh', metavar='SIZES',
-                      help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}')
-  parser.add_argument('--show-config', action='store_true',
-                      help='print every key of the config (after overrides) and exit')
-  return parser
-
-
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-  """(flags, config overrides 'key=value'). `--config.KEY=VALUE` and `--config.KEY VALUE`, like
-  every flag, are accepted in both spellings."""
-  parser = build_parser()
-  rest, overrides, argv = [], [], list(argv)
-  while argv:
-    arg = argv.pop(0)
-    if arg.startswith('--config.'):
-      item = arg[len('--config.'):]
-      if '=' not in item:
-        if not argv:
-          parser.error(f'{arg} needs a value: {arg}=VALUE')
-        item += '=' + argv.pop(0)
-      overrides.append(item)
-    else:
-      rest.append(arg)
-  args = parser.parse_args(rest)
-  if args.mesh:
-    try:
-      sizes = sharding.parse_mesh(args.mesh)
-    except ValueError as e:
-      parser.error(f'--mesh: {e}')
-    overrides += [f'mesh.{axis}={size}' for axis, size in sizes.items()]
-  if not args.workdir and not args.show_config:
-    parser.error('--workdir is required (where the run writes its checkpoints and logs)')
-  return args, overrides
-
 
 def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX starts: XLA:CPU flags and malloc settings (the user's own values win).
@@ -552,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
-  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  args, overrides = cli.parse_train_args(sys.argv[1:] if argv is None else argv)
   logging.info(host_runtime.describe(tuning))
   try:
     config = config_lib.load(args.config, overrides)   # before JAX starts: errors come fast
@@ -560,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')
       return 0
-    train(config, args.workdir)
+    if train(config, args.workdir).get('stopped'):
+      return preemption.PREEMPTED_EXIT_CODE   # saved: a scheduler should restart the job
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2

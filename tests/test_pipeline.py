@@ -359,6 +359,37 @@ def test_restore_with_workers_is_bit_exact(data):
              for h in first if h in resumed[0])
 
 
+def test_another_host_count_goes_on_from_the_global_record_count(data):
+  one = _config(data, heads=['image'], process_index=0, process_count=1)
+  records = pipeline.sample_dataset('image', one.heads['image'], one)   # repeats forever
+  order = [int(records[k].get('index', -1)) for k in range(8 * data['num_images'])]
+  it = pipeline.make_iterator(one)
+  seen = _valid_indices([next(it)['image'] for _ in range(3)])
+  saved = it.get_state()
+  read = pipeline.records_read(saved)['image']
+  assert read >= len(seen) and set(seen) <= set(order[:read])
+  # Two hosts (the resumed run): host j reads global positions j, j + 2, ... from the first at or
+  # after `read`, so together they go on with the global order where the one host stopped.
+  for j in range(2):
+    cfg = _config(data, heads=['image'], process_index=j, process_count=2)
+    host = pipeline.make_iterator(cfg)
+    state = pipeline.state_after(host.get_state(), {'image': read}, j, 2, draws=3)
+    assert state['step'] == 3
+    host.set_state(state)
+    got = _valid_indices([next(host)['image']])
+    first = read + (read + j) % 2            # the first position of host j at or after `read`
+    want = [order[p] for p in range(first, first + 4 * len(got), 2) if order[p] >= 0]
+    assert got and sorted(got) == sorted(want[:len(got)]), (j, read)
+
+  # Input workers: each reads every W-th record of its host's share.
+  workers = {'step': 0, 'heads': {'image': {'next_index_in_cycle': 0, 'iterators_in_use_states': [
+      {'parent': {'next_index': 0}}, {'parent': {'next_index': 0}}]}}}
+  moved = pipeline.state_after(workers, {'image': 11}, 1, 2, draws=0)   # host 1 of 2: 5 records
+  assert [w['parent']['next_index'] for w in moved['heads']['image']['iterators_in_use_states']
+          ] == [3, 2]
+  assert pipeline.records_read(moved) == {'image': 5}
+
+
 def test_config_from_dict_and_errors(data):
   cfg = pipeline.PipelineConfig.from_dict({
       'seed': 1, 'heads': {'ocr': {'kind': 'ocr', 'source': data['image_glob'],

@@ -1,8 +1,11 @@
 """The trainer: sharded step == single-device step, accumulation == one large batch, exact resume
-after SIGKILL, 2 processes x 4 devices == 1 process x 8, clean stop on SIGTERM, later stages."""
+after SIGKILL, 2 processes x 4 devices == 1 process x 8, clean stop on SIGTERM (one process or
+two: the same step saved, exit 75, exact resume), the hang watchdog, resume on another process
+count with the optimizer state, later stages."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import paths
-from ove_jax import checkpoint, train, warm_start
+from ove_jax import checkpoint, cli, preemption, resume, train, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 
@@ -189,6 +192,19 @@ def test_keeps_the_last_n_and_every_mth_checkpoint_evaluates_and_profiles(straig
     config_lib.load(DEMO + ':smoke', ['eval_sources.audio=/data/x'])
 
 
+def resumes_as(straight, restart, workdir, step, **tolerance):
+  """Runs `restart` (the command that restarts `workdir`, saved at `step`): it resumes there, and
+  its later losses are the uninterrupted run's within `tolerance`."""
+  result = subprocess.run(restart, env=env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resumed from {workdir} step {step}' in result.stderr
+  want, got = losses_by_step(straight), losses_by_step(workdir)
+  later = [s for s in want if s > step]
+  assert later and max(later) == 20
+  for s in later:
+    assert got[s] == pytest.approx(want[s], **tolerance), s
+
+
 def kill_then_resume(workdir, data_root, after, *extra, arg='smoke'):
   """Starts a run in `workdir`, kills it (SIGKILL, the whole process group: the trainer and its
   input workers die at once, as in a preempted job) once a checkpoint of step `after` or later
@@ -254,11 +270,114 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
   # Each process saved its own input position in the same checkpoint step.
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
       'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
-  # Resuming it with another process count is refused with the reason, not a missing-file error.
+  # Resuming it on one process goes on from its state, with the input re-derived and a warning.
   again = subprocess.run(command(two, data_root, '--config.total_steps=8', arg='smoke,workers=0'),
                          env=env(), capture_output=True, text=True, timeout=600)
-  assert again.returncode == 1
-  assert 'was saved by 2 process(es) and this run has 1' in again.stderr
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resuming step 6, saved by 2 process(es), on 1' in again.stderr
+  assert 'the losses will not repeat' in again.stderr
+  assert committed_steps(two)[-1] == 8
+
+
+def launch(workdir, data_root, *extra, timeout=500):
+  """The smoke run as 2 processes x 4 devices (tools/launch_local.py)."""
+  return [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
+          '--devices_per_process=4', f'--timeout={timeout}', '--',
+          *command(workdir, data_root, *extra, arg='smoke,workers=0')]
+
+
+def trainer_process(launcher_pid, index):
+  """The pid of trainer process `index` started by the launcher `launcher_pid`."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        parent = int(f.read().rsplit(')', 1)[1].split()[1])
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        environ = f.read().split(b'\0')
+    except (OSError, IndexError):
+      continue
+    if parent == launcher_pid and f'OVE_PROCESS_ID={index}'.encode() in environ:
+      return int(pid)
+  raise AssertionError(f'no trainer process {index} under {launcher_pid}')
+
+
+def wait_for_metrics(workdir, proc):
+  deadline = time.time() + 400
+  while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or not metrics_lib.read_metrics(
+      workdir):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+
+
+def test_two_processes_sigterm_to_one_saves_the_same_step_and_resumes_exactly(
+    tmp_path, data_root, straight):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(launch(workdir, data_root, '--config.checkpoint_every=100'), env=env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_metrics(workdir, proc)
+  os.kill(trainer_process(proc.pid, 1), signal.SIGTERM)   # the notice reaches one host only
+  out, err = proc.communicate(timeout=400)
+  assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, out[-2000:] + err[-3000:]
+  saved = dict(re.findall(r'\[p(\d)\] .*preempted \(SIGTERM\): saved step (\d+)', err))
+  assert set(saved) == {'0', '1'} and saved['0'] == saved['1'], err[-3000:]
+  step = int(saved['0'])
+  assert committed_steps(workdir) == [step] and 2 <= step < 20
+  # The uninterrupted run: one process (2 x 4 devices == 1 x 8, up to summation order).
+  resumes_as(straight, launch(workdir, data_root), workdir, step, rel=1e-5)
+
+
+def test_two_processes_resume_a_one_process_checkpoint_with_its_optimizer_state(
+    tmp_path, data_root, straight):
+  workdir = str(tmp_path / 'run')
+  folder = os.path.join(checkpoint.CHECKPOINT_DIR, '10')
+  shutil.copytree(os.path.join(straight, folder), os.path.join(workdir, folder))
+  result = subprocess.run(launch(workdir, data_root, '--config.total_steps=11'), env=env(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resuming step 10, saved by 1 process(es), on 2' in result.stderr
+  assert committed_steps(workdir) == [10, 11]
+  assert checkpoint.read_meta(workdir, 11)['process_count'] == 2
+
+  def opt_state(path, step):
+    tree, _, _ = checkpoint.restore_params(path, step, subtree=('opt_state',))
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  before, after = opt_state(straight, 10), opt_state(workdir, 11)
+  counts = [k for k in after if k.endswith("['count']")]
+  assert counts and all(int(before[k]) == 10 and int(after[k]) == 11 for k in counts)
+  # Adam's second moments went on from the saved ones (nu' = b2 nu + (1 - b2) g^2 >= b2 nu): a
+  # fresh optimizer state would hold (1 - b2) g^2 alone.
+  b2 = config_lib.load(DEMO + ':smoke').optim.b2
+  nus = [k for k in after if "['nu']" in k]
+  assert nus and all(np.all(after[k] >= b2 * before[k] * (1 - 1e-6)) for k in nus)
+  assert sum(float(before[k].sum()) for k in nus) > 0
+
+
+def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
+  """Process 1 stopped (SIGSTOP) mid-run: process 0 waits in the step's collectives, and its
+  watchdog dumps every thread's stack and exits with HANG_EXIT_CODE."""
+  workdir = str(tmp_path / 'run')
+  # The timeout covers the first step's compilation of two processes on a busy machine.
+  proc = subprocess.Popen(launch(workdir, data_root, '--config.watchdog_seconds=90',
+                                 '--config.distributed.heartbeat_timeout=600'),
+                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_metrics(workdir, proc)
+  stopped = trainer_process(proc.pid, 1)
+  os.kill(stopped, signal.SIGSTOP)
+  try:
+    out, err = proc.communicate(timeout=400)
+  finally:
+    try:
+      os.kill(stopped, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert proc.returncode == preemption.HANG_EXIT_CODE, out[-2000:] + err[-3000:]
+  # (after the progress bar's last '\r', which text mode turns into a line break: no prefix)
+  assert re.search(r'Watchdog: no step finished in \d+\.\d s \(timeout 90 s\)', err), (
+      err[-3000:])
+  assert '[p0] Thread 0x' in err and '(most recent call first)' in err
+  assert f'[p0] Watchdog: exiting with code {preemption.HANG_EXIT_CODE}' in err
 
 
 def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):
@@ -272,10 +391,10 @@ def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straigh
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
   saved = committed_steps(workdir)
   assert len(saved) == 1 and 0 < saved[0] < 20, saved
-  assert f'SIGTERM: saved step {saved[0]}' in err
+  assert f'preempted (SIGTERM): saved step {saved[0]}' in err
   with open(os.path.join(workdir, 'checkpoints', str(saved[0]), 'meta', 'metadata')) as f:
     assert json.load(f)['mesh'] == {'data': 4, 'fsdp': 2, 'tensor': 1}
   # Resume on data 2 x fsdp 2 x tensor 2: the state is resharded on restore, and the sampling
@@ -372,32 +491,32 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
 
 def test_resume_names_what_changed(caplog):
   saved = small_config().to_dict()
-  train.check_resume(saved, small_config(**{'mesh.data': 2, 'mesh.tensor': 2}))  # layout: free
+  resume.check_resume(saved, small_config(**{'mesh.data': 2, 'mesh.tensor': 2}))  # layout: free
   assert not caplog.records
-  train.check_resume(saved, small_config(**{'optim.lr': 0.5}))
+  resume.check_resume(saved, small_config(**{'optim.lr': 0.5}))
   assert 'optim.lr: 0.002 -> 0.5' in caplog.text
   classes = saved['heads']['video']['num_classes']
   with pytest.raises(config_lib.ConfigError,
                      match=rf'heads.video.num_classes \({classes} then, 60 now\)'):
-    train.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
+    resume.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
 def test_command_line_spellings(capsys):
-  args, overrides = train.parse_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
+  args, overrides = cli.parse_train_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
                                       '--config.optim.lr', '0.5', '--config.seed=3',
                                       '--mesh', 'data=2,tensor=2'])
   assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
   assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
-  assert train.parse_args([f'--config={DEMO}', '--show-config'])[0].show_config
+  assert cli.parse_train_args([f'--config={DEMO}', '--show-config'])[0].show_config
   for argv, message in ((['--config', DEMO], '--workdir is required'),
                         (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
                         (['--workdir', 'w'], '--config'),
                         (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus')):
     with pytest.raises(SystemExit):
-      train.parse_args(argv)
+      cli.parse_train_args(argv)
     assert message in capsys.readouterr().err
   with pytest.raises(SystemExit):
-    train.parse_args(['--help'])
+    cli.parse_train_args(['--help'])
   text = capsys.readouterr().out
   assert all(flag in text for flag in ('--config', '--workdir', '--mesh', '--show-config'))
   assert 'list them with their values' in text and text.startswith('usage: ove-train')

@@ -7,7 +7,10 @@ It stands in for a multi-host cluster on one CPU machine: each copy gets the env
 OVE_NUM_PROCESSES, OVE_PROCESS_ID, OVE_LOCAL_DEVICE_COUNT), JAX_PLATFORMS=cpu and an XLA_FLAGS
 device count of M. Output lines come back prefixed `[p<i>] `. When one process fails the others
 are stopped (a process waiting on a dead peer would otherwise hang in a collective), and the
-launcher exits with the failing code; 124 on --timeout, 130 on Ctrl-C.
+launcher exits with the failing code; 124 on --timeout, 130 on Ctrl-C. A process that exits with
+the trainer's preemption code (75: it saved after a SIGTERM) is not a failure: its peers saved
+the same step and exit too, and the launcher waits for them and exits 75 (as it does when it is
+sent SIGTERM itself and every process saves and exits so).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import threading
 import time
 
 from ove_jax import distributed
+from ove_jax.preemption import PREEMPTED_EXIT_CODE
 
 
 def child_env(base: dict, *, address: str, processes: int, index: int, devices: int) -> dict:
@@ -155,13 +159,14 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     while True:
       codes = [p.poll() for p in procs]
-      failed = next((c for c in codes if c not in (None, 0)), None)
+      failed = next((c for c in codes if c not in (None, 0, PREEMPTED_EXIT_CODE)), None)
       if failed is not None:
         index = codes.index(failed)
         code = _exit_code(failed)
         _report(lock, f'process {index} exited with code {code}; stopping the others')
         break
-      if all(c == 0 for c in codes):
+      if all(c is not None for c in codes):
+        code = PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes else 0
         break
       if deadline is not None and time.monotonic() > deadline:
         _report(lock, f'timed out after {args.timeout:g} s; stopping all processes')
@@ -176,6 +181,8 @@ def main(argv=None) -> int:
     code = 127
   finally:
     _stop_all(procs, args.grace)
+    if code == 128 + signal.SIGTERM and all(p.returncode == PREEMPTED_EXIT_CODE for p in procs):
+      code = PREEMPTED_EXIT_CODE   # every process saved and asked to be restarted
     for thread in threads:
       thread.join(timeout=2)
     if in_main_thread:
