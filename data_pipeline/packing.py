@@ -9,7 +9,7 @@ and the encoder's head pools segment s+1 into `pooled[:, s]`, which lines up wit
 Batch (numpy), from samples of `data_pipeline.transforms`:
   patches        [R, L, 588]  float32 CLIP-normalised (padding 0), or uint8 raw pixels when
                               patch_dtype='uint8' (then normalise on the device with the affine
-                              map of `tokens.normalize`: 4x less host memory and transfer)
+                              map of `tokens.normalise`: 4x less host memory and transfer)
   positions      [R, L, 3]    int32 (t, h, w); padding (0, 0, 0)
   segment_ids    [R, L]       int32, 0 = padding, 1..S
   labels         [R, S, n]    int32; empty segments hold id 0 (a real id, as the loss wants)
@@ -112,7 +112,7 @@ class BatchPacker:
   def finish(self, num_skipped: int = 0) -> dict[str, np.ndarray]:
     """The batch filled so far (empty rows are all padding); the packer starts a new batch."""
     if self.patch_dtype == 'float32':
-      patches = tokens.normalize(self._patches_RxLxP)
+      patches = tokens.normalise(self._patches_RxLxP)
       patches[self._segment_ids_RxL == 0] = 0.0  # padding stays exactly zero
     else:
       patches = self._patches_RxLxP

@@ -53,7 +53,7 @@ MIXING = ('all', 'weighted')
 # is the release's: short side to 448, centre crop, which keeps text undistorted).
 _KIND_DEFAULTS = {
     'image': dict(num_labels=10, resolution=224, crop='random_resized', flip_prob=0.5),
-    'ocr': dict(num_labels=100, resolution=448, crop='center', flip_prob=0.0),
+    'ocr': dict(num_labels=100, resolution=448, crop='centre', flip_prob=0.0),
     'video': dict(num_labels=10),  # frames are always 224 (the codec grid), never flipped
 }
 
@@ -73,7 +73,7 @@ class HeadConfig:
   num_labels: int | None = None                # n: 10 (image, video) or 100 (OCR)
   # Images and OCR.
   resolution: int | None = None                # 224 or 448
-  crop: str | None = None                      # 'random_resized', 'center' or 'resize'
+  crop: str | None = None                      # 'random_resized', 'centre' or 'resize'
   area_range: tuple[float, float] = (0.7, 1.0)
   aspect_range: tuple[float, float] = (0.8, 1.25)
   flip_prob: float | None = None

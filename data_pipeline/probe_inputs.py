@@ -216,7 +216,7 @@ class ClipSelection:
 
 
 def _crop(frames_TxHxWx3: np.ndarray) -> np.ndarray:
-  return np.stack([video_lib.resize_short_side_center_crop(f, VIDEO_RESOLUTION)
+  return np.stack([video_lib.resize_short_side_centre_crop(f, VIDEO_RESOLUTION)
                    for f in frames_TxHxWx3])
 
 

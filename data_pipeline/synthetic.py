@@ -13,7 +13,7 @@ images that stays still ('static') or pans at 1-2.5 pixels per frame ('pan').
   clip.labels                      # {'shape': 'disc', 'texture': 'stripes', 'direction': 'NE', ...}
 
 The masks are per source frame; `patch_mask` maps them onto the model grid with the geometry of
-`video.resize_short_side_center_crop` (short side to `resolution`, centre crop), so they line up
+`video.resize_short_side_centre_crop` (short side to `resolution`, centre crop), so they line up
 with `codec.select(...).frame_ids` and positions. A patch counts as moving when moving objects
 cover at least `min_coverage` of it. Objects that do not move (`moving=False`) are drawn but are
 not in the masks.

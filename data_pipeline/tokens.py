@@ -7,7 +7,7 @@ One home for the facts both sides of the data path must agree on (docs/spec.md Â
   - T uniformly sampled frames sit on the encoder's virtual 64-frame grid at
     floor(linspace(0, 63, T)).
 
-numpy only, and array-API neutral where it computes: `normalize` and `patchify` take numpy or
+numpy only, and array-API neutral where it computes: `normalise` and `patchify` take numpy or
 JAX arrays alike (the trainer normalises uint8 patches on the device with the same function the
 pipeline uses on the host). The models import this module (it is the contract, not the data
 machinery); it imports nothing of the project.
@@ -34,7 +34,7 @@ _OFFSET_P = np.tile(-np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np
                     PATCH * PATCH).astype(np.float32)
 
 
-def normalize(patches_NxP):
+def normalise(patches_NxP):
   """CLIP normalisation of uint8 patches [..., 588] -> float32; numpy in, numpy out, and JAX in,
   JAX out (the same affine map, so host and device agree to the last bit of float32)."""
   if patches_NxP.shape[-1] != PATCH_DIM:

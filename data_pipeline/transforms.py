@@ -9,7 +9,7 @@ A sample is a dict of numpy arrays, ready for `data_pipeline.packing`:
   labels     int32 [n]        cluster ids, cyclically padded / truncated to the head's n
   mode       int              what made the tokens: MODE_IMAGE / _CODEC / _UNIFORM / _COLLAGE
 
-Pixels stay uint8 here; CLIP normalisation (`normalize`) runs once per packed batch, which is
+Pixels stay uint8 here; CLIP normalisation (`normalise`) runs once per packed batch, which is
 cheaper than per sample and lets a trainer ship uint8 to the device and normalise there instead.
 
 Images (docs/spec.md §3): random-resized crop (area 0.7-1.0 of the image, aspect 0.8-1.25),
@@ -56,7 +56,7 @@ from data_pipeline.tokens import (  # noqa: F401
   VIDEO_RESOLUTION,
   clip_positions,
   grid_positions,
-  normalize,
+  normalise,
   timeline_to_grid,
   to_patches,
 )
@@ -66,7 +66,7 @@ MODE_IMAGE, MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM = 0, 1, 2, 3, 4
 # (the release's three modes, random weight 0).
 VIDEO_MODES = ('codec', 'uniform', 'collage', 'random')
 _VIDEO_MODE_IDS = (MODE_CODEC, MODE_UNIFORM, MODE_COLLAGE, MODE_RANDOM)
-CROPS = ('random_resized', 'center', 'resize')
+CROPS = ('random_resized', 'centre', 'resize')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def native_grid(height: int, width: int, max_tokens: int) -> tuple[int, int]:
 class ImageTransform:
   """An image record (`image` bytes, `labels`) -> a sample on an Hp x Wp grid at t = 0."""
   resolution: int = 224
-  crop: str = 'random_resized'      # 'random_resized', 'center' (short side + centre), 'resize'
+  crop: str = 'random_resized'      # 'random_resized', 'centre' (short side + centre), 'resize'
   area_range: tuple[float, float] = (0.7, 1.0)
   aspect_range: tuple[float, float] = (0.8, 1.25)
   flip_prob: float = 0.5
@@ -182,10 +182,10 @@ class ImageTransform:
       top, left, crop_h, crop_w = random_resized_crop_box(
           height, width, rng, self.area_range, self.aspect_range,
           relative_aspect=self.native_aspect)
-    elif self.crop == 'center' and not self.native_aspect:
+    elif self.crop == 'centre' and not self.native_aspect:
       side = min(height, width)
       top, left, crop_h, crop_w = (height - side) // 2, (width - side) // 2, side, side
-    else:  # 'resize', or 'center' in native mode, where the whole image already keeps its aspect
+    else:  # 'resize', or 'centre' in native mode, where the whole image already keeps its aspect
       top, left, crop_h, crop_w = 0, 0, height, width
     if self.native_aspect:
       hp, wp = native_grid(crop_h, crop_w, self.max_tokens)

@@ -61,7 +61,7 @@ def open_video(video: VideoSource):
   return container
 
 
-def resize_short_side_center_crop(rgb_HxWx3: np.ndarray, resolution: int) -> np.ndarray:
+def resize_short_side_centre_crop(rgb_HxWx3: np.ndarray, resolution: int) -> np.ndarray:
   """Shortest side to `resolution` (bicubic), then a centre crop to resolution x resolution."""
   frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb_HxWx3), format='rgb24')
   return _resize_crop_frame(frame, resolution)
@@ -75,7 +75,7 @@ def _resize_crop_frame(frame, resolution: int) -> np.ndarray:
 
 
 def crop_box(height: int, width: int, resolution: int) -> tuple[float, int, int, int, int]:
-  """The geometry of `resize_short_side_center_crop` in source pixels.
+  """The geometry of `resize_short_side_centre_crop` in source pixels.
 
   Returns (scale, new_h, new_w, top, left): the source is scaled by `scale` to new_h x new_w and
   the window [top, top + resolution) x [left, left + resolution) of that is kept.

@@ -119,7 +119,7 @@ def build(a, *, preset: str):
                             crop='random_resized', flip_prob=0.5)
   c.data.heads.ocr = dict(kind='ocr', source='/data/ocr-*.array_record', rows=rows['ocr'],
                           tokens_per_row=1024, max_segments=1, num_labels=100, resolution=448,
-                          crop='center', flip_prob=0.0)
+                          crop='centre', flip_prob=0.0)
   c.data.heads.video = dict(kind='video', source='/data/video-codec-*.array_record',
                             rows=rows['video'], tokens_per_row=2048, max_segments=1,
                             num_labels=10, video_modes=(0.5, 0.375, 0.125), num_frames=8,

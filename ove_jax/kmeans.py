@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ove_jax import sharding
-from ove_jax.vectors import l2_normalize
+from ove_jax.vectors import l2_normalise
 
 # Elements of the per-device [chunk, k_local] distance buffer the default chunk aims at: small on
 # CPU, where a buffer that stays in cache is faster (bench_kmeans), large on accelerators, where a
@@ -194,7 +194,7 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
     (sums, counts, inertia), (labels, dists) = jax.lax.scan(body, init, (x_blocks, v_blocks))
     new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centres)
     if spherical:
-      new = jnp.where(counts[:, None] > 0, l2_normalize(new), centres)
+      new = jnp.where(counts[:, None] > 0, l2_normalise(new), centres)
     shift = jax.lax.psum(jnp.sum(jnp.where(real[:, None], (new - centres) ** 2, 0.0)), axes)
     return new, counts, labels.reshape(-1), dists.reshape(-1), inertia, shift
 
@@ -272,7 +272,7 @@ def initial_centres(x_NxD, k, init, seed, spherical) -> np.ndarray:
     if c.shape != (k, x_NxD.shape[1]):
       raise ValueError(f'init centres of shape {c.shape}; expected {(k, x_NxD.shape[1])}')
   c = np.array(c, np.float32)
-  return l2_normalize(c) if spherical else c
+  return l2_normalise(c) if spherical else c
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def fit(x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int = 100
   """
   x = _check_points(x_NxD, k)
   if spherical:
-    x = l2_normalize(x)
+    x = l2_normalise(x)
   centres0 = initial_centres(x, k, init, seed, spherical)
   threshold = float(tol * np.mean(np.var(x, axis=0)))
   with _mesh_scope():
@@ -395,7 +395,7 @@ def nearest(x_NxD, centres_KxD, n: int = 10, *, spherical: bool = True,
   if not 1 <= n <= len(centres):
     raise ValueError(f'n={n} nearest of {len(centres)} centres; need 1 <= n <= k')
   if spherical:
-    x, centres = l2_normalize(x), l2_normalize(centres)
+    x, centres = l2_normalise(x), l2_normalise(centres)
   with _mesh_scope():
     lay = layout(len(x), len(centres), chunk)
     xs, valid, order = put_points(x, lay)

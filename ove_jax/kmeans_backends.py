@@ -27,14 +27,14 @@ import time
 import numpy as np
 
 from ove_jax import kmeans
-from ove_jax.vectors import l2_normalize
+from ove_jax.vectors import l2_normalise
 
 BACKENDS = ('jax', 'sklearn', 'faiss')
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-  """Rows L2-normalised, as float32 (ove_jax.vectors.l2_normalize)."""
-  return l2_normalize(np.asarray(x, np.float32))
+  """Rows L2-normalised, as float32 (ove_jax.vectors.l2_normalise)."""
+  return l2_normalise(np.asarray(x, np.float32))
 
 
 def initial_centres(x_NxD: np.ndarray, k: int, init: str | np.ndarray = 'k-means++',

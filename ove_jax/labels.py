@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from data_pipeline import fileio, paths
-from ove_jax.vectors import l2_normalize
+from ove_jax.vectors import l2_normalise
 
 NUM_LABELS = 10
 FRAMES = 8                  # frames per video feature (docs/spec.md §3)
@@ -57,7 +57,7 @@ class LabelsError(ValueError):
 def combine_frames(f_NxFxD: np.ndarray) -> np.ndarray:
   """Per-frame L2 normalisation, concatenation, re-normalisation (docs/spec.md §3): [N, F*D]."""
   n = f_NxFxD.shape[0]
-  return l2_normalize(l2_normalize(f_NxFxD.astype(np.float32)).reshape(n, -1))
+  return l2_normalise(l2_normalise(f_NxFxD.astype(np.float32)).reshape(n, -1))
 
 
 def prepare_features(feats: np.ndarray, where: str = 'features') -> np.ndarray:
@@ -68,7 +68,7 @@ def prepare_features(feats: np.ndarray, where: str = 'features') -> np.ndarray:
                       'numbers of shape [N, D] or [N, F, D] (per-frame features)')
   if not np.isfinite(feats).all():
     raise LabelsError(f'{where}: holds NaN or infinite values')
-  return combine_frames(feats) if feats.ndim == 3 else l2_normalize(feats.astype(np.float32))
+  return combine_frames(feats) if feats.ndim == 3 else l2_normalise(feats.astype(np.float32))
 
 
 def load_features(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -123,7 +123,7 @@ def record_frames(record: dict, index: int, seed: int) -> np.ndarray:
   from data_pipeline import transforms
   if 'image' in record:
     # ImageTransform wants labels, which records get only from cluster labels: any will do here.
-    transform = transforms.ImageTransform(resolution=transforms.VIDEO_RESOLUTION, crop='center',
+    transform = transforms.ImageTransform(resolution=transforms.VIDEO_RESOLUTION, crop='centre',
                                           flip_prob=0.0)
     sample = transform({**record, 'labels': np.zeros(1, np.int32)}, np.random.default_rng(0))
     return sample['patches'][None]
@@ -155,9 +155,9 @@ def teacher_features(model, recs: Sequence[dict], batch: int = 32, seed: int = 0
     n = len(part)
     if n < batch:  # one compiled shape for every batch
       part = np.concatenate([part, np.zeros((batch - n, *part.shape[1:]), part.dtype)])
-    out.append(np.asarray(jax.device_get(forward(model, transforms.normalize(part), pos)))[:n])
+    out.append(np.asarray(jax.device_get(forward(model, transforms.normalise(part), pos)))[:n])
   f = np.concatenate(out).astype(np.float32).reshape(len(recs), counts.pop(), -1)
-  return combine_frames(f) if f.shape[1] > 1 else l2_normalize(f[:, 0])
+  return combine_frames(f) if f.shape[1] > 1 else l2_normalise(f[:, 0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def hf_record_features(teacher: HFTeacher, recs: Sequence[dict], batch: int, see
       out.append(teacher.embed(np.stack(pending[:batch])))
       del pending[:batch]
   f = np.concatenate(out).astype(np.float32).reshape(len(recs), counts.pop(), -1)
-  return combine_frames(f) if f.shape[1] > 1 else l2_normalize(f[:, 0])
+  return combine_frames(f) if f.shape[1] > 1 else l2_normalise(f[:, 0])
 
 
 def record_ids(recs: Sequence[dict], offset: int = 0) -> np.ndarray:

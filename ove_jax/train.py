@@ -201,7 +201,7 @@ class Program:
       b = micro_batch[name]
       patches = b['patches']
       if patches.dtype == jnp.uint8:
-        patches = tokens.normalize(patches)
+        patches = tokens.normalise(patches)
       rows, segments, n = b['labels'].shape
       out = model.encoder(patches, b['positions'], b['segment_ids'], num_segments=segments)
       e = out['pooled'].reshape(rows * segments, -1)

@@ -14,7 +14,7 @@ import numpy as np
 EPS = 1e-12  # the norm floor: an all-zero row stays zero instead of becoming NaN
 
 
-def l2_normalize(x, axis: int = -1, eps: float = EPS):
+def l2_normalise(x, axis: int = -1, eps: float = EPS):
   """`x / max(||x||, eps)` along `axis`; numpy in, numpy out (its dtype kept; integers become
   float64), and JAX in, JAX out (traceable: usable inside jit and shard_map)."""
   jax = sys.modules.get('jax')  # a JAX array exists only once JAX is imported: no import here

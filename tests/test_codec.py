@@ -246,20 +246,20 @@ def test_camera_compensation():
   assert np.mean(gains) > 0.1, gains
 
 
-def test_fusion_and_center_prior():
+def test_fusion_and_centre_prior():
   m, r = np.array([0.0, 0.5, 1.0]), np.array([1.0, 0.5, 0.0])
   np.testing.assert_allclose(maps.fuse(m, r, 'mean'), 0.5)
   np.testing.assert_allclose(maps.fuse(m, r, 'max'), [1, 0.5, 1])
   np.testing.assert_allclose(maps.fuse(m, r, 'sum'), 1.0)
   np.testing.assert_allclose(maps.fuse(m, r, 'geomean'), [0, 0.5, 0])
   np.testing.assert_allclose(maps.fuse(m, r, 'mean', 3, 1), [0.25, 0.5, 0.75])
-  prior = maps.center_prior(41, 81, 0.3)
+  prior = maps.centre_prior(41, 81, 0.3)
   assert prior[20, 40] == pytest.approx(1.3) and prior[0, 0] == pytest.approx(
       1 + 0.3 * np.exp(-0.5 * ((20**2 + 40**2) / (0.35 * 41) ** 2)))
   np.testing.assert_allclose(maps.normalise(np.arange(101.0), 1.0), np.minimum(
       np.arange(101) / 95.0, 1))
   assert maps.normalise(np.zeros(10), maps.MOTION_FLOOR).max() == 0
-  sel = codec.select(clip(1).data, fusion='geomean', center_prior=0.3, policy='zero')
+  sel = codec.select(clip(1).data, fusion='geomean', centre_prior=0.3, policy='zero')
   check_contract(sel)
 
 
@@ -361,7 +361,7 @@ def test_bad_options():
   for option, value, allowed in (('policy', 'all', 'paper'), ('fusion', 'min', 'geomean'),
                                  ('camera_compensation', 'homography', 'affine'),
                                  ('gop', 0, 'integer >= 1'), ('static_fallback', 'yes', 'True'),
-                                 ('center_prior', -1, '>= 0')):
+                                 ('centre_prior', -1, '>= 0')):
     with pytest.raises(ValueError, match=f'{option}.*allowed values.*{allowed}'):
       codec.select(data, **{option: value})
   with pytest.raises(ValueError, match='budget'):

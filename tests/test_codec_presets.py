@@ -78,7 +78,7 @@ def ref_local_var(x, k=3):
   return np.maximum(box(x * x) - m1 * m1, 0.0)
 
 
-def ref_center_prior(fused, cp, sigma_share=0.35):
+def ref_centre_prior(fused, cp, sigma_share=0.35):
   h, w = fused.shape
   sigma = max(sigma_share * min(h, w), 1.0)
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -200,20 +200,20 @@ def test_inconsistency_is_release_local_variance():
   assert release.local_variance(magnitude, 3)[16:20, 24:48].max() > 1
 
 
-def test_center_prior_and_clipping_match_release():
+def test_centre_prior_and_clipping_match_release():
   rng = np.random.default_rng(0)
   fused = rng.random((45, 80)).astype(np.float32)
-  opts = Options.from_kwargs({'center_prior': 0.3}, 'release_probe')
+  opts = Options.from_kwargs({'centre_prior': 0.3}, 'release_probe')
   scorer = selection.Scorer(opts, 224, 14, 1)
-  ours = np.clip(fused * maps.center_prior(45, 80, 0.3, 0.35, 'release'), 0, 1)
-  np.testing.assert_allclose(ours, ref_center_prior(fused, 0.3), atol=1e-6)
+  ours = np.clip(fused * maps.centre_prior(45, 80, 0.3, 0.35, 'release'), 0, 1)
+  np.testing.assert_allclose(ours, ref_centre_prior(fused, 0.3), atol=1e-6)
   # Through the scorer: normalise, fuse (clipped), prior (clipped), uint8 storage.
   raw = maps.FrameMaps(rng.random((45, 80)).astype(np.float32) * 7,
                        rng.random((45, 80)).astype(np.float32) * 40)
   got = scorer.fused(raw)
   norm_m = np.clip(raw.motion_HxW / max(np.percentile(raw.motion_HxW, 95), 1e-6), 0, 1)
   norm_r = np.clip(raw.residual_HxW / max(np.percentile(raw.residual_HxW, 95), 1.0), 0, 1)
-  ref = ref_center_prior(np.clip((norm_m + norm_r) / 2, 0, 1), 0.3)
+  ref = ref_centre_prior(np.clip((norm_m + norm_r) / 2, 0, 1), 0.3)
   np.testing.assert_allclose(got, (ref * 255.0).astype(np.uint8) / 255.0, atol=1e-6)
   assert got.max() <= 1.0
 
@@ -308,8 +308,8 @@ def test_train_and_probe_policies():
 
 
 def test_presets_and_overrides():
-  opts = Options.from_kwargs({'center_prior': 0.0, 'gop': None}, 'release_probe')
-  assert opts.center_prior == 0.0 and opts.gop is None and opts.camera_compensation == 'similarity'
+  opts = Options.from_kwargs({'centre_prior': 0.0, 'gop': None}, 'release_probe')
+  assert opts.centre_prior == 0.0 and opts.gop is None and opts.camera_compensation == 'similarity'
   assert opts.static_threshold == 126.0 and opts.static_rel_threshold == 0.38
   assert Options.from_kwargs({}, 'release_train').policy == 'zero_first'
   llava = Options.from_kwargs({}, 'release_llava')

@@ -129,7 +129,7 @@ def test_extract_packs_rows_without_changing_features():
   np.testing.assert_allclose(packed.tokens_NxLxC, one.tokens_NxLxC, atol=1e-5)
   np.testing.assert_allclose(packed.pooled_NxC, one.pooled_NxC, atol=1e-5)
   # The same as the encoder on the one sample alone, CLIP-normalised on the host.
-  out = encoder(jnp.asarray(transforms.normalize(samples[1]['patches']))[None],
+  out = encoder(jnp.asarray(transforms.normalise(samples[1]['patches']))[None],
                 jnp.asarray(samples[1]['positions'])[None])
   np.testing.assert_allclose(one.pooled_NxC[1], out['pooled'][0, 0], atol=1e-5)
   np.testing.assert_allclose(one.tokens_NxLxC[1], out['last_hidden_state'][0], atol=1e-5)

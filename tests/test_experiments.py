@@ -181,7 +181,7 @@ def test_stage2_release_values():
   d = c.data.heads
   assert (d.image.resolution, d.image.tokens_per_row, d.image.num_labels) == (448, 1024, 10)
   assert (d.ocr.resolution, d.ocr.crop, d.ocr.flip_prob, d.ocr.num_labels) == (
-      448, 'center', 0.0, 100)
+      448, 'centre', 0.0, 100)
   assert (d.video.tokens_per_row, d.video.num_frames, tuple(d.video.video_modes)) == (
       2048, 8, (0.5, 0.375, 0.125))
   # Fewer GPUs keep the global batch by accumulating more.

@@ -299,16 +299,16 @@ def test_tool_teacher_on_video_records_uses_eight_frames(tmp_path, teacher):
   assert first[0] == first[2] != first[1] == first[3]
 
 
-def test_l2_normalize_is_one_function_for_numpy_and_jax():
-  from ove_jax.vectors import l2_normalize
+def test_l2_normalise_is_one_function_for_numpy_and_jax():
+  from ove_jax.vectors import l2_normalise
   x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
   x[2] = 0.0                                       # a zero row stays zero, not NaN
-  host = l2_normalize(x)
-  device = l2_normalize(jax.numpy.asarray(x))
+  host = l2_normalise(x)
+  device = l2_normalise(jax.numpy.asarray(x))
   assert isinstance(host, np.ndarray) and host.dtype == np.float32
   assert isinstance(device, jax.Array)
   np.testing.assert_allclose(np.asarray(device), host, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.linalg.norm(host[[0, 1, 3, 4]], axis=1), 1.0, rtol=1e-6)
   assert not host[2].any()
-  traced = jax.jit(l2_normalize)(jax.numpy.asarray(x))     # traceable inside jit
+  traced = jax.jit(l2_normalise)(jax.numpy.asarray(x))     # traceable inside jit
   np.testing.assert_allclose(np.asarray(traced), host, rtol=1e-6, atol=1e-7)

@@ -150,7 +150,7 @@ def test_packing_first_fit_keeps_samples_whole_and_in_place():
         # Contiguous, segment ids 1..S in arrival order, content and positions as the sample's.
         np.testing.assert_array_equal(seg_ids[start:start + n], s + 1)
         np.testing.assert_array_equal(batch['patches'][r, start:start + n],
-                                      transforms.normalize(samples[i]['patches']))
+                                      transforms.normalise(samples[i]['patches']))
         np.testing.assert_array_equal(batch['positions'][r, start:start + n],
                                       samples[i]['positions'])
         np.testing.assert_array_equal(batch['labels'][r, s], samples[i]['labels'])
@@ -174,11 +174,11 @@ def test_packing_max_segments_uint8_and_too_long():
     packing.pack([_sample(9, 9)], rows=1, tokens_per_row=8, max_segments=2, num_labels=2)
 
 
-def test_normalize_is_clip():
+def test_normalise_is_clip():
   patch = np.arange(P, dtype=np.int64).astype(np.uint8)
   pixels = patch.reshape(14, 14, 3).astype(np.float64) / 255
   expected = (pixels - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
-  np.testing.assert_allclose(transforms.normalize(patch), expected.reshape(P), atol=1e-5)
+  np.testing.assert_allclose(transforms.normalise(patch), expected.reshape(P), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

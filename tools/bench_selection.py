@@ -51,7 +51,7 @@ DEFAULT_VARIANTS = ('policy=paper', 'policy=paper,camera_compensation=median',
 
 
 def parse_variant(text: str) -> dict:
-  """'policy=zero,center_prior=0.3' -> {'policy': 'zero', 'center_prior': 0.3}; 'preset=NAME'
+  """'policy=zero,centre_prior=0.3' -> {'policy': 'zero', 'centre_prior': 0.3}; 'preset=NAME'
   names a release preset."""
   options = {}
   for item in filter(None, (part.strip() for part in text.split(','))):

@@ -430,12 +430,12 @@ def fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, fusion: str = 'mean',
   raise ValueError(f'fusion={fusion!r}: allowed values are mean, max, sum, geomean')
 
 
-def center_prior(height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA,
+def centre_prior(height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA,
                  maths: str = 'ove') -> np.ndarray:
   """1 + strength * g, g a Gaussian of sigma `sigma_share` * min(H, W) at the centre,
-  float32 [H, W]; with maths 'release' g is scaled to peak 1 (`release.center_prior_map`)."""
+  float32 [H, W]; with maths 'release' g is scaled to peak 1 (`release.centre_prior_map`)."""
   if maths == 'release':
-    return 1.0 + strength * release.center_prior_map(height, width, sigma_share)
+    return 1.0 + strength * release.centre_prior_map(height, width, sigma_share)
   sigma = sigma_share * min(height, width)
   gy = np.exp(-0.5 * ((np.arange(height) - (height - 1) / 2) / sigma) ** 2)
   gx = np.exp(-0.5 * ((np.arange(width) - (width - 1) / 2) / sigma) ** 2)

@@ -50,8 +50,8 @@ class Options:
   # magnitude (the release's MV "inconsistency") instead of the magnitude.
   motion_inconsistency: int = 0
   # Centre prior strength s: fused * (1 + s * g). The release uses 0.3; 0 turns it off.
-  center_prior: float = 0.0
-  center_sigma: float = 0.35           # the prior's sigma as a share of min(H, W)
+  centre_prior: float = 0.0
+  centre_sigma: float = 0.35           # the prior's sigma as a share of min(H, W)
   # True: the fused map is stored as uint8 (floor(255 x)) and the canvas rounded to uint8
   # before the patch sums, as the release's train and probe paths do.
   quantise: bool = False
@@ -120,14 +120,14 @@ class Options:
     _choice('static_test', self.static_test, STATIC_TESTS)
     _integer('motion_inconsistency', self.motion_inconsistency, '0 or an odd integer >= 3',
              lambda v: v == 0 or (v >= 3 and v % 2 == 1))
-    _number('center_sigma', self.center_sigma, 'a number > 0', lambda v: v > 0)
+    _number('centre_sigma', self.centre_sigma, 'a number > 0', lambda v: v > 0)
     _flag('quantise', self.quantise)
     _number('motion_weight', self.motion_weight, 'a number >= 0', lambda v: v >= 0)
     _number('residual_weight', self.residual_weight, 'a number >= 0', lambda v: v >= 0)
     if self.motion_weight + self.residual_weight <= 0:
       raise ValueError('motion_weight and residual_weight: allowed values are numbers >= 0, '
                        'not both 0')
-    _number('center_prior', self.center_prior, 'a number >= 0', lambda v: v >= 0)
+    _number('centre_prior', self.centre_prior, 'a number >= 0', lambda v: v >= 0)
     _flag('static_fallback', self.static_fallback)
     _number('static_threshold', self.static_threshold, 'a number >= 0', lambda v: v >= 0)
     _number('static_rel_threshold', self.static_rel_threshold, 'a number in [0, 1]',

@@ -28,8 +28,8 @@ What they share, and what `maths='release'` switches on (docs/spec.md §2.4-§2.
   outline against a coherent background.
 - Normalisation: motion / max(p95, 1e-6), residual / max(p95, 1) (0-255 levels), each clipped to
   [0, 1]; weighted-mean fusion, clipped to [0, 1].
-- Centre prior (`center_prior_map`): fused * (1 + s * g), g a Gaussian of sigma
-  `center_sigma * min(H, W)` at ((H-1)/2, (W-1)/2) scaled to peak 1, the product clipped to
+- Centre prior (`centre_prior_map`): fused * (1 + s * g), g a Gaussian of sigma
+  `centre_sigma * min(H, W)` at ((H-1)/2, (W-1)/2) scaled to peak 1, the product clipped to
   [0, 1].
 - The train and probe paths store the fused map as uint8 (floor(255 * x)) and resize that
   (option `quantise`); the static test looks at all patch means on that 0-255 scale
@@ -52,18 +52,18 @@ MOVING = 1e-3
 PRESETS = {
     'release_train': dict(
         maths='release', policy='zero_first', camera_compensation='none',
-        motion_inconsistency=0, center_prior=0.0, fusion='mean', motion_weight=1.0,
+        motion_inconsistency=0, centre_prior=0.0, fusion='mean', motion_weight=1.0,
         residual_weight=1.0, quantise=True, resample='area', geometry='crop',
         static_fallback=False, gop=16, crf=23),
     'release_probe': dict(
         maths='release', policy='zero', camera_compensation='similarity',
-        motion_inconsistency=3, center_prior=0.3, center_sigma=0.35, fusion='mean',
+        motion_inconsistency=3, centre_prior=0.3, centre_sigma=0.35, fusion='mean',
         motion_weight=1.0, residual_weight=1.0, quantise=True, resample='cubic',
         geometry='crop', static_fallback=True, static_test='release', static_threshold=126.0,
         static_rel_threshold=0.38, static_frames=4, gop=16, crf=23),
     'release_llava': dict(
         maths='release', policy='first_frame', camera_compensation='median',
-        motion_inconsistency=0, center_prior=0.0, fusion='mean', motion_weight=1.0,
+        motion_inconsistency=0, centre_prior=0.0, fusion='mean', motion_weight=1.0,
         residual_weight=1.0, quantise=False, resample='linear', geometry='letterbox',
         static_fallback=False, gop=None),
 }
@@ -178,7 +178,7 @@ def local_variance(x_HxW: np.ndarray, k: int) -> np.ndarray:
   return nearest_resize(window_variance(x_HxW, k), h, w).astype(np.float32)
 
 
-def center_prior_map(height: int, width: int, sigma_share: float) -> np.ndarray:
+def centre_prior_map(height: int, width: int, sigma_share: float) -> np.ndarray:
   """g of the release's centre prior: a Gaussian scaled to peak 1, float32 [H, W] (zeros, no
   prior, where the release skips it: a side of one pixel)."""
   if height <= 1 or width <= 1:

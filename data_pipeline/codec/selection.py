@@ -265,10 +265,10 @@ class Scorer:
                           opts.fusion, opts.motion_weight, opts.residual_weight)
     if opts.maths == 'release':
       fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
-    if opts.center_prior > 0:
+    if opts.centre_prior > 0:
       shape = fused_HxW.shape
       if shape not in self._priors:
-        self._priors[shape] = maps.center_prior(*shape, opts.center_prior, opts.center_sigma,
+        self._priors[shape] = maps.centre_prior(*shape, opts.centre_prior, opts.centre_sigma,
                                                 opts.maths)
       fused_HxW = fused_HxW * self._priors[shape]
       if opts.maths == 'release':

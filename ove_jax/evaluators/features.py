@@ -119,7 +119,7 @@ def _forward(state, patches_BxLxP, positions_BxLx3, segment_ids_BxL, *, graphdef
   a static argument, so a periodic evaluation during training reuses the compiled forward."""
   model = nnx.merge(graphdef, state)
   if patches_BxLxP.dtype == jnp.uint8:  # normalised here: uint8 is a quarter of the transfer
-    patches_BxLxP = transforms.normalize(patches_BxLxP)  # numpy maths, traced as jnp
+    patches_BxLxP = transforms.normalise(patches_BxLxP)  # numpy maths, traced as jnp
   out = model(patches_BxLxP, positions_BxLx3, segment_ids_BxL, num_segments=s)
   tokens = out['last_hidden_state'].astype(jnp.float32)
   if model.cfg.use_head:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ove_jax.vectors import l2_normalize
+from ove_jax.vectors import l2_normalise
 
 VOTES = ('weighted', 'majority')
 
@@ -27,8 +27,8 @@ def knn_probe(train_NxC, train_labels_N, test_MxC, test_labels_M, *, k: int = 20
   if len(y_train) == 0 or len(y_test) == 0:
     raise ValueError('the k-NN probe needs at least one training and one test sample')
   k = min(k, len(y_train))
-  sims_MxN = (l2_normalize(np.asarray(test_MxC, np.float64))
-              @ l2_normalize(np.asarray(train_NxC, np.float64)).T)
+  sims_MxN = (l2_normalise(np.asarray(test_MxC, np.float64))
+              @ l2_normalise(np.asarray(train_NxC, np.float64)).T)
   nearest_MxK = np.argpartition(-sims_MxN, k - 1, axis=1)[:, :k]
   sims_MxK = np.take_along_axis(sims_MxN, nearest_MxK, axis=1)
   weights_MxK = np.exp(sims_MxK / temperature) if vote == 'weighted' else np.ones_like(sims_MxK)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ove_jax.vectors import l2_normalize
+from ove_jax.vectors import l2_normalise
 
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 MIN_SAMPLES_FOR_SEARCH = 6  # below this, 3 folds are too small to rank C: use DEFAULT_C
@@ -37,8 +37,8 @@ def linear_probe(train_NxC, train_labels_N, test_MxC, test_labels_M, *, C: float
   from sklearn.exceptions import ConvergenceWarning
   from sklearn.model_selection import KFold, cross_val_score
 
-  x_train = l2_normalize(np.asarray(train_NxC, np.float64))
-  x_test = l2_normalize(np.asarray(test_MxC, np.float64))
+  x_train = l2_normalise(np.asarray(train_NxC, np.float64))
+  x_test = l2_normalise(np.asarray(test_MxC, np.float64))
   y_train = np.asarray(train_labels_N, np.int64)
   y_test = np.asarray(test_labels_M, np.int64)
   if len(y_train) == 0 or len(y_test) == 0:
