@@ -48,7 +48,7 @@ import subprocess
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from data_pipeline import fileio
+from data_pipeline import fileio, paths
 from ove_jax import config as config_lib
 
 RESULTS_CSV = 'results.csv'
@@ -223,11 +223,12 @@ def train_command(spec: str, root: str, point: Point, config, common: Sequence[s
                   python: str = 'python') -> list[str]:
   """argv of the point's trainer run."""
   args = [python, '-m', 'ove_jax.train', f'--config={spec}',
-          f'--workdir={os.path.join(root, point.name)}']
+          f'--workdir={paths.join(root, point.name)}']
   args += [f'--config.{item}' for item in [*point.override_args(), *common]]
   folder = builtin_folder(config)
-  if folder:
-    args.append(f'--config.builtin.root={os.path.join(root, BUILTIN_DIR, folder)}')
+  if folder:  # generated data is local files: a URL root keeps it in its local folder
+    args.append(f'--config.builtin.root='
+                f'{os.path.join(paths.local_folder(root), BUILTIN_DIR, folder)}')
   return args
 
 
@@ -270,13 +271,13 @@ def gather(root: str, points: Sequence[Point], configs: Mapping[str, Any],
   failures = failures or {}
   rows, metric_keys, label_keys = [], [], []
   for point in points:
-    run_dir = os.path.join(root, point.name)
+    run_dir = paths.join(root, point.name)
     metrics = final_metrics(run_dir)
     if point.name in failures:
       status = failures[point.name]
     elif is_finished(run_dir, configs[point.name].total_steps):
       status = 'finished'
-    elif os.path.isdir(run_dir):
+    elif paths.isdir(run_dir):
       status = 'unfinished'
     else:
       status = 'not started'
@@ -302,7 +303,7 @@ def _cell(value):
 def write_results(root: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
                   ) -> tuple[str, str]:
   """results.csv (full precision) and results.md (a Markdown table, 4 significant digits)."""
-  csv_path, md_path = os.path.join(root, RESULTS_CSV), os.path.join(root, RESULTS_MD)
+  csv_path, md_path = paths.join(root, RESULTS_CSV), paths.join(root, RESULTS_MD)
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction='ignore',
                           lineterminator='\n')
@@ -327,7 +328,7 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) ->
 
 def write_sweep_json(root: str, spec: str, points: Sequence[Point],
                      commands: Mapping[str, Sequence[str]], status: Mapping[str, str]) -> str:
-  path = os.path.join(root, SWEEP_JSON)
+  path = paths.join(root, SWEEP_JSON)
   fileio.write_atomic(path, json.dumps({
       'config': spec, 'points': [
           {'name': p.name, 'overrides': dict(p.overrides), 'columns': dict(p.columns),
@@ -364,7 +365,7 @@ def write_job_array(path: str, spec: str, root: str, points: Sequence[Point],
   """The job array file `path` (one command a line) and <root>/sweep.json; returns `path`."""
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  os.makedirs(root, exist_ok=True)
+  paths.makedirs(root)
   fileio.write_atomic(path, job_array_text(spec, root, [commands[p.name] for p in points], path))
   write_sweep_json(root, spec, points, commands, {})
   return path
@@ -375,7 +376,7 @@ def collect(root: str, spec: str, points: Sequence[Point], configs: Mapping[str,
             ) -> tuple[str, str]:
   """The results of the runs in `root`: sweep.json (with each point's status), results.csv and
   results.md; returns the paths of the last two."""
-  os.makedirs(root, exist_ok=True)
+  paths.makedirs(root)
   columns, rows = gather(root, points, configs, failures)
   write_sweep_json(root, spec, points, commands, {r['name']: r['status'] for r in rows})
   return write_results(root, columns, rows)
@@ -390,13 +391,16 @@ def run_points(root: str, points: Sequence[Point], configs: Mapping[str, Any],
     env.setdefault('JAX_COMPILATION_CACHE_DIR', compile_cache)
   failures: dict[str, str] = {}
   for i, point in enumerate(points, start=1):
-    run_dir = os.path.join(root, point.name)
+    run_dir = paths.join(root, point.name)
     where = f'[{i}/{len(points)}] {point.name}'
     if is_finished(run_dir, configs[point.name].total_steps):
       say(f'{where}: finished already, skipped')
       continue
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, TRAIN_LOG)
+    # The trainer's output is appended as it runs: a local file (for a URL root, in its local
+    # folder: objects cannot be appended to).
+    log_dir = paths.local_folder(run_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, TRAIN_LOG)
     say(f'{where}: running (output in {log_path})')
     start = time.perf_counter()
     with open(log_path, 'a', encoding='utf-8') as log:

@@ -112,3 +112,37 @@ def test_precompute_into_a_bucket_and_the_pipeline_reads_it(gcs, tmp_path, monke
   batch = next(iter(pipeline.build(cfg)))['video']
   assert batch['segment_valid'].any()
   assert not no_url_folders(tmp_path)
+
+
+def test_a_sweep_in_a_bucket_writes_its_job_array_and_collects_the_results(gcs, tmp_path,
+                                                                         monkeypatch, capsys):
+  import json
+  import shlex
+
+  from ove_jax import sweeps
+  from ove_jax_tools import sweep
+  monkeypatch.chdir(tmp_path)
+  spec = os.path.join(ROOT, 'experiments', 'ablations.py') + ':smoke,study=rope'
+  root, jobs = paths.join(gcs, 'sweep'), str(tmp_path / 'rope.jobs')
+  assert sweep.main([f'--config={spec}', f'--root={root}', f'--job-array={jobs}']) == 0
+  saved = fileio.read_json(paths.join(root, sweeps.SWEEP_JSON))
+  names = [p['name'] for p in saved['points']]
+  commands = [shlex.split(line) for line in open(jobs).read().splitlines()
+              if not line.startswith('#')]
+  assert [next(a for a in c if a.startswith('--workdir=')) for c in commands] == [
+      f'--workdir={root}/{name}' for name in names]
+  # Generated data is local files: never a URL as builtin.root.
+  assert not [a for c in commands for a in c
+              if a.startswith('--config.builtin.root=') and paths.is_url(a.split('=', 1)[1])]
+  # One point has logged (in the bucket, as its trainer would), the others have not started.
+  fileio.write_atomic(paths.join(root, names[0], 'metrics.jsonl'),
+                      json.dumps({'step': 1, 'loss': 4.5}) + '\n')
+  capsys.readouterr()
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--collect']) == 0
+  printed = capsys.readouterr().out
+  table = paths.read_bytes(paths.join(root, sweeps.RESULTS_MD)).decode()
+  assert table in printed and f'results: {root}/{sweeps.RESULTS_MD}' in printed
+  rows = table.splitlines()[2:]
+  assert rows[0].startswith(f'| {names[0]} |') and '| unfinished | 1 | 4.5 |' in rows[0]
+  assert all('| not started |' in row for row in rows[1:])
+  assert not no_url_folders(tmp_path, ROOT)

@@ -32,11 +32,11 @@ duplicate name) exits with status 2 before anything runs, naming the point and t
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from typing import Sequence
 
+from data_pipeline import paths
 from ove_jax import cli, sweeps
 from ove_jax import config as config_lib
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   mode = 'job-array' if args.job_array else (args.mode or 'print')
-  spec, root = args.config, os.path.abspath(args.root)
+  spec, root = args.config, paths.absolute(args.root)  # a URL (gs://...) stays one
   try:
     points = sweeps.select(sweeps.expand(spec), args.only)
     configs = {p.name: sweeps.point_config(spec, p, common) for p in points}
@@ -98,15 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   interrupted = False
   if mode == 'run':
     cache = args.compile_cache
-    cache = os.path.join(root, 'jax_cache') if cache is None else cache
-    os.makedirs(root, exist_ok=True)
+    cache = paths.join(root, 'jax_cache') if cache is None else cache
+    paths.makedirs(root)
     try:
       failures = sweeps.run_points(root, points, configs, commands, compile_cache=cache)
     except KeyboardInterrupt:
       interrupted = True
       print('interrupted; writing the results so far', file=sys.stderr)
   csv_path, md_path = sweeps.collect(root, spec, points, configs, commands, failures)
-  with open(md_path, encoding='utf-8') as f:
+  with paths.open_file(md_path, encoding='utf-8') as f:
     print(f.read(), end='')
   print(f'results: {md_path}, {csv_path}')
   if interrupted:
