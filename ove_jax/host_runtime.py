@@ -71,17 +71,32 @@ def tune_malloc() -> bool:
   return all(mallopt(param, value) == 1 for param, value in MALLOPT_SETTINGS)
 
 
-def configure(environ: MutableMapping[str, str] | None = None) -> dict[str, object]:
-  """Applies CPU_XLA_FLAGS and tune_malloc where the user has not chosen otherwise; returns what
-  was applied ({} when OVE_HOST_TUNING=0), for the command line to report."""
+def configure(environ: MutableMapping[str, str] | None = None, malloc: bool = True
+              ) -> dict[str, object]:
+  """Applies CPU_XLA_FLAGS and (with `malloc`) tune_malloc where the user has not chosen
+  otherwise; returns what was applied ({} when OVE_HOST_TUNING=0), for the command line to
+  report. The XLA flags must come before JAX starts; malloc may be tuned later
+  (`configure_malloc`), once the process knows its backend is the CPU."""
   environ = os.environ if environ is None else environ
   if environ.get(DISABLE_VAR, '1') == '0':
     return {}
   applied: dict[str, object] = {'xla_flags': add_xla_flags(environ)}
-  user = user_malloc_settings(environ)
-  applied['malloc'] = f'left to the user ({", ".join(user)})' if user else (
-      'one arena, no mmap, no trim' if tune_malloc() else 'not tuned (no glibc mallopt)')
+  if malloc:
+    applied['malloc'] = configure_malloc(environ)
   return applied
+
+
+def configure_malloc(environ: MutableMapping[str, str] | None = None) -> str:
+  """tune_malloc unless the user configured malloc or set OVE_HOST_TUNING=0; says what it did.
+  Worth it where XLA:CPU allocates every step's temporaries from the host heap; a GPU or TPU
+  host's data threads keep glibc's defaults (one arena would serialise their allocations)."""
+  environ = os.environ if environ is None else environ
+  if environ.get(DISABLE_VAR, '1') == '0':
+    return f'left alone ({DISABLE_VAR}=0)'
+  user = user_malloc_settings(environ)
+  if user:
+    return f'left to the user ({", ".join(user)})'
+  return 'one arena, no mmap, no trim' if tune_malloc() else 'not tuned (no glibc mallopt)'
 
 
 def describe(applied: dict[str, object]) -> str:
@@ -89,4 +104,5 @@ def describe(applied: dict[str, object]) -> str:
   if not applied:
     return f'host tuning off ({DISABLE_VAR}=0)'
   flags = ' '.join(applied['xla_flags']) or 'none (XLA_FLAGS already names them)'
-  return f'host tuning: XLA flags added: {flags}; malloc: {applied["malloc"]}'
+  malloc = applied.get('malloc', 'tuned only on a CPU backend')
+  return f'host tuning: XLA flags added: {flags}; malloc: {malloc}'

@@ -385,6 +385,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   info = distributed.initialize(local_device_count=_local_devices(config),
                                 **config.distributed.to_dict())
   main_process = info['process_index'] == 0
+  if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
+    log.info('malloc: %s', host_runtime.configure_malloc())
   workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
   paths.makedirs(workdir)
   cache = distributed.use_compilation_cache(
@@ -441,8 +443,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-  # Before JAX starts: XLA:CPU flags and malloc settings (the user's own values win).
-  tuning = host_runtime.configure()
+  # Before JAX starts: XLA:CPU flags (the user's own values win); malloc once the backend is known.
+  tuning = host_runtime.configure(malloc=False)
   # force: absl (imported with orbax) may already have put its own handler on the root logger,
   # which would make basicConfig a no-op and drop every INFO line.
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)

@@ -68,3 +68,13 @@ def test_release_inputs_pack_patches_into_frames():
   np.testing.assert_array_equal(indices, flat)
   with pytest.raises(ValueError, match='multiple of 256'):
     benchmarks.release_inputs(patches[:, :300], positions[:, :300], ps)
+
+
+def test_malloc_waits_for_the_backend_when_asked():
+  env = {'XLA_FLAGS': ''}
+  applied = host_runtime.configure(env, malloc=False)
+  assert 'malloc' not in applied and applied['xla_flags']
+  assert 'tuned only on a CPU backend' in host_runtime.describe(applied)
+  assert host_runtime.configure_malloc({'MALLOC_ARENA_MAX': '4'}) == (
+      'left to the user (MALLOC_ARENA_MAX)')
+  assert host_runtime.configure_malloc({host_runtime.DISABLE_VAR: '0'}).startswith('left alone')
