@@ -25,6 +25,7 @@ release's data_root layout (`<name>_hevc/train_new.csv`, ...). The release's "va
 split it reports on: here it is the test split, and the probe's validation split is carved
 from the training list (docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ RELEASE_DEVICES = 8
 class ProbeClip:
   """One labelled clip: `video` a path, the bytes of a file, or frames uint8 [T, H, W, 3];
   `start` / `end` a segment of it in frame ids (end exclusive; None: the whole video)."""
+
   video: Any
   label: int
   start: int | None = None
@@ -52,11 +54,12 @@ class ProbeClip:
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   """A benchmark's probe recipe (the release's values; `batch_size` is per device)."""
+
   name: str
   num_classes: int
   batch_size: int
   epochs: int
-  folder: str                      # under data_root
+  folder: str  # under data_root
   train_list: str = 'train_new.csv'
   test_list: str = 'val_new.csv'
   learning_rates: tuple[float, ...] = (1e-4,)
@@ -77,17 +80,21 @@ def _recipe(name: str, num_classes: int, batch_size: int, epochs: int, **kw) -> 
 
 # The paper's eight video sets (the release's DEFAULT_DATASETS, class counts of its
 # nb_classes_map, get_batch_size and get_epochs of common_codec.sh).
-BENCHMARKS = {b.name: b for b in (
+BENCHMARKS = {
+  b.name: b
+  for b in (
     _recipe('ssv2', 174, 4, 10, train_list='ssv2_train_new.csv', test_list='ssv2_val_new.csv'),
-    _recipe('diving48', 48, 4, 30, train_list='diving48_train_new.csv',
-            test_list='diving48_val_new.csv'),
+    _recipe(
+      'diving48', 48, 4, 30, train_list='diving48_train_new.csv', test_list='diving48_val_new.csv'
+    ),
     _recipe('perception_test', 63, 4, 30),
     _recipe('epic_verb', 97, 16, 10),
     _recipe('epic_noun', 300, 16, 10),
     _recipe('hmdb51', 51, 2, 30),
     _recipe('k400', 400, 16, 10),
     _recipe('charadesego', 157, 16, 10),
-)}
+  )
+}
 # The input modes of the paper's comparison: codec selections at the 8- and 16-frame budgets
 # (release_probe selection) and 8 / 16 uniform frames.
 PAPER_MODES = ('codec:2048', 'codec:4096', 'uniform:8', 'uniform:16')
@@ -101,12 +108,15 @@ class BenchmarkError(ValueError):
 # Video lists
 # ------------------------------------------------------------------------------------------------
 
+
 def read_video_list(path: str, root: str | None = None) -> list[ProbeClip]:
   """The clips of a release-format list: `path,label[,start,end]` per line."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise BenchmarkError(f'{path}: no such video list; give a file of `path,label[,start,end]` '
-                         'lines (the release\'s probe lists)')
+    raise BenchmarkError(
+      f'{path}: no such video list; give a file of `path,label[,start,end]` '
+      "lines (the release's probe lists)"
+    )
   root = os.path.dirname(os.path.abspath(path)) if root is None else os.path.expanduser(root)
   clips = []
   with open(path, encoding='utf-8') as f:
@@ -116,14 +126,17 @@ def read_video_list(path: str, root: str | None = None) -> list[ProbeClip]:
         continue
       fields = [x.strip() for x in (line.split(',') if ',' in line else line.split())]
       if len(fields) not in (2, 4):
-        raise BenchmarkError(f'{path}:{number}: {line!r} has {len(fields)} field(s); expected '
-                             '`path,label` or `path,label,start,end`')
+        raise BenchmarkError(
+          f'{path}:{number}: {line!r} has {len(fields)} field(s); expected '
+          '`path,label` or `path,label,start,end`'
+        )
       try:
         label = int(fields[1])
         start, end = (int(fields[2]), int(fields[3])) if len(fields) == 4 else (None, None)
       except ValueError:
-        raise BenchmarkError(f'{path}:{number}: {line!r}: label, start and end must be '
-                             'integers') from None
+        raise BenchmarkError(
+          f'{path}:{number}: {line!r}: label, start and end must be integers'
+        ) from None
       if label < 0 or (start is not None and not 0 <= start < end):
         raise BenchmarkError(f'{path}:{number}: {line!r}: a label >= 0 and 0 <= start < end')
       video = fields[0] if os.path.isabs(fields[0]) else os.path.join(root, fields[0])
@@ -136,6 +149,7 @@ def read_video_list(path: str, root: str | None = None) -> list[ProbeClip]:
 def write_video_list(path: str, clips: Iterable[ProbeClip], root: str = '') -> str:
   """Writes clips (paths relative to `root` when under it) as a release-format list."""
   from data_pipeline import fileio
+
   lines = []
   for clip in clips:
     where = os.fspath(clip.video)
@@ -151,6 +165,7 @@ def write_video_list(path: str, clips: Iterable[ProbeClip], root: str = '') -> s
 # Example datasets (TFDS, Hugging Face datasets)
 # ------------------------------------------------------------------------------------------------
 
+
 def _video_of(value: Any, where: str) -> Any:
   """A clip's video from an example field: a path, bytes, {'path'|'bytes'} or frames."""
   if isinstance(value, Mapping):
@@ -161,14 +176,22 @@ def _video_of(value: Any, where: str) -> Any:
     return value
   frames = np.asarray(value)
   if frames.ndim != 4 or frames.shape[-1] != 3:
-    raise BenchmarkError(f'{where}: the video field holds {type(value).__name__} of shape '
-                         f'{frames.shape}; expected a path, file bytes or frames [T, H, W, 3]')
+    raise BenchmarkError(
+      f'{where}: the video field holds {type(value).__name__} of shape '
+      f'{frames.shape}; expected a path, file bytes or frames [T, H, W, 3]'
+    )
   return frames.astype(np.uint8)
 
 
-def clips_from_examples(examples: Sequence[Mapping[str, Any]], *, video: str = 'video',
-                        label: str = 'label', start: str = '', end: str = '',
-                        name: str = 'dataset') -> list[ProbeClip]:
+def clips_from_examples(
+  examples: Sequence[Mapping[str, Any]],
+  *,
+  video: str = 'video',
+  label: str = 'label',
+  start: str = '',
+  end: str = '',
+  name: str = 'dataset',
+) -> list[ProbeClip]:
   """Clips of example dicts (a TFDS data source, a `datasets.Dataset`, a list of dicts)."""
   clips = []
   for i in range(len(examples)):
@@ -176,11 +199,14 @@ def clips_from_examples(examples: Sequence[Mapping[str, Any]], *, video: str = '
     where = f'{name}[{i}]'
     missing = [k for k in (video, label, start, end) if k and k not in example]
     if missing:
-      raise BenchmarkError(f'{where}: no field {missing[0]!r} (fields: {sorted(example)}); name '
-                           'the video and label fields with video= and label=')
-    segment = ((int(example[start]), int(example[end])) if start and end else (None, None))
-    clips.append(ProbeClip(_video_of(example[video], where), int(example[label]), *segment,
-                           name=where))
+      raise BenchmarkError(
+        f'{where}: no field {missing[0]!r} (fields: {sorted(example)}); name '
+        'the video and label fields with video= and label='
+      )
+    segment = (int(example[start]), int(example[end])) if start and end else (None, None)
+    clips.append(
+      ProbeClip(_video_of(example[video], where), int(example[label]), *segment, name=where)
+    )
   return clips
 
 
@@ -188,9 +214,11 @@ def _hf_dataset(path: str, split: str):
   try:
     import datasets  # optional: pip install datasets (not among ove_jax's pins)
   except ImportError:
-    raise BenchmarkError(f'hf:{path}: the Hugging Face `datasets` package is not installed '
-                         '(pip install datasets), or pass the dataset object to '
-                         'clips_from_examples') from None
+    raise BenchmarkError(
+      f'hf:{path}: the Hugging Face `datasets` package is not installed '
+      '(pip install datasets), or pass the dataset object to '
+      'clips_from_examples'
+    ) from None
   if os.path.isdir(os.path.expanduser(path)):
     loaded = datasets.load_from_disk(os.path.expanduser(path))
     return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -201,6 +229,7 @@ def _tfds_dataset(name: str, split: str, data_dir: str | None):
   import tensorflow_datasets as tfds
 
   from data_pipeline.sources import tfds_dataset_folder
+
   try:
     folder = tfds_dataset_folder(name, data_dir)
   except FileNotFoundError as e:
@@ -217,17 +246,26 @@ def open_clips(spec: str, root: str | None = None) -> list[ProbeClip]:
     return read_video_list(spec, root)
   path, _, query = rest.partition('?')
   options = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
-  allowed = {'list': {'root'}, 'tfds': {'split', 'data_dir', 'video', 'label', 'start', 'end'},
-             'hf': {'split', 'video', 'label', 'start', 'end'}}[kind]
+  allowed = {
+    'list': {'root'},
+    'tfds': {'split', 'data_dir', 'video', 'label', 'start', 'end'},
+    'hf': {'split', 'video', 'label', 'start', 'end'},
+  }[kind]
   unknown = sorted(set(options) - allowed)
   if unknown:
-    raise BenchmarkError(f'{spec}: unknown option(s) {unknown}; {kind}: takes '
-                         f'{", ".join(sorted(allowed))}')
+    raise BenchmarkError(
+      f'{spec}: unknown option(s) {unknown}; {kind}: takes {", ".join(sorted(allowed))}'
+    )
   if kind == 'list':
     return read_video_list(path, options.get('root', root))
-  fields = {k: options.get(k, d) for k, d in (('video', 'video'), ('label', 'label'),
-                                               ('start', ''), ('end', ''))}
+  fields = {
+    k: options.get(k, d)
+    for k, d in (('video', 'video'), ('label', 'label'), ('start', ''), ('end', ''))
+  }
   split = options.get('split', 'train')
-  examples = (_tfds_dataset(path, split, options.get('data_dir')) if kind == 'tfds'
-              else _hf_dataset(path, split))
+  examples = (
+    _tfds_dataset(path, split, options.get('data_dir'))
+    if kind == 'tfds'
+    else _hf_dataset(path, split)
+  )
   return clips_from_examples(examples, name=f'{kind}:{path}[{split}]', **fields)

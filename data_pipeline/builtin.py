@@ -27,6 +27,7 @@ A killed run is resumed: files are written by rename, and a log per folder (`mad
 each finished file's labels, so the next call reuses every logged file that still decodes, makes
 the rest, and lets `precompute` resume its unfinished shards.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,19 +41,29 @@ from data_pipeline import fileio, locks, precompute, sources, synthetic
 from data_pipeline import video as video_lib
 from data_pipeline.codec.options import POLICIES
 
-VERSION = 3                 # bump when the same parameters would make different data
+VERSION = 3  # bump when the same parameters would make different data
 NUM_FRAMES = 64
 RESOLUTION = 224
 PATCH_SIZE = 14
-VIDEO_LABELS = 4            # labels per clip (fine, shape, direction, texture)
-IMAGE_LABELS = 3            # labels per image (fine, shape, texture)
-CLIPS_PER_SHARD = 8         # small shards: a killed precompute loses little
-VIDEO_CLASSES = (len(synthetic.SHAPES) * len(synthetic.DIRECTIONS) + len(synthetic.SHAPES)
-                 + len(synthetic.DIRECTIONS) + len(synthetic.TEXTURES))
-IMAGE_CLASSES = (len(synthetic.SHAPES) * len(synthetic.TEXTURES) + len(synthetic.SHAPES)
-                 + len(synthetic.TEXTURES))
-SELECTION_OPTIONS = {'num_frames': NUM_FRAMES, 'resolution': RESOLUTION,
-                     'patch_size': PATCH_SIZE, 'policy': 'zero', 'camera_compensation': 'median'}
+VIDEO_LABELS = 4  # labels per clip (fine, shape, direction, texture)
+IMAGE_LABELS = 3  # labels per image (fine, shape, texture)
+CLIPS_PER_SHARD = 8  # small shards: a killed precompute loses little
+VIDEO_CLASSES = (
+  len(synthetic.SHAPES) * len(synthetic.DIRECTIONS)
+  + len(synthetic.SHAPES)
+  + len(synthetic.DIRECTIONS)
+  + len(synthetic.TEXTURES)
+)
+IMAGE_CLASSES = (
+  len(synthetic.SHAPES) * len(synthetic.TEXTURES) + len(synthetic.SHAPES) + len(synthetic.TEXTURES)
+)
+SELECTION_OPTIONS = {
+  'num_frames': NUM_FRAMES,
+  'resolution': RESOLUTION,
+  'patch_size': PATCH_SIZE,
+  'policy': 'zero',
+  'camera_compensation': 'median',
+}
 
 _MARKER = 'builtin.json'
 _STARTED = '.builtin-started.json'
@@ -70,11 +81,15 @@ def video_labels(labels: dict) -> tuple[int, int, int, int]:
   """A clip's four label ids from `SyntheticClip.labels`."""
   shape, direction, texture = labels['shape_id'], labels['direction_id'], labels['texture_id']
   if direction < 0:
-    raise ValueError('the clip\'s first object does not move; it has no direction class')
+    raise ValueError("the clip's first object does not move; it has no direction class")
   num_shapes, num_directions = len(synthetic.SHAPES), len(synthetic.DIRECTIONS)
   first = num_shapes * num_directions
-  return (shape * num_directions + direction, first + shape, first + num_shapes + direction,
-          first + num_shapes + num_directions + texture)
+  return (
+    shape * num_directions + direction,
+    first + shape,
+    first + num_shapes + direction,
+    first + num_shapes + num_directions + texture,
+  )
 
 
 def video_attributes(label_ids) -> dict[str, int]:
@@ -82,8 +97,11 @@ def video_attributes(label_ids) -> dict[str, int]:
   indices into synthetic.SHAPES / DIRECTIONS / TEXTURES."""
   _, shape, direction, texture = (int(x) for x in np.asarray(label_ids).reshape(-1)[:VIDEO_LABELS])
   first = len(synthetic.SHAPES) * len(synthetic.DIRECTIONS)
-  return {'shape': shape - first, 'direction': direction - first - len(synthetic.SHAPES),
-          'texture': texture - first - len(synthetic.SHAPES) - len(synthetic.DIRECTIONS)}
+  return {
+    'shape': shape - first,
+    'direction': direction - first - len(synthetic.SHAPES),
+    'texture': texture - first - len(synthetic.SHAPES) - len(synthetic.DIRECTIONS),
+  }
 
 
 def image_attributes(label_ids) -> dict[str, int]:
@@ -96,8 +114,11 @@ def image_labels(labels: dict) -> tuple[int, int, int]:
   """An image's three label ids from the `SyntheticClip.labels` of its 1-frame clip."""
   shape, texture = labels['shape_id'], labels['texture_id']
   num_shapes, num_textures = len(synthetic.SHAPES), len(synthetic.TEXTURES)
-  return (shape * num_textures + texture, num_shapes * num_textures + shape,
-          num_shapes * num_textures + num_shapes + texture)
+  return (
+    shape * num_textures + texture,
+    num_shapes * num_textures + shape,
+    num_shapes * num_textures + num_shapes + texture,
+  )
 
 
 def item_seed(seed: int, stream: int, index: int) -> int:
@@ -105,9 +126,17 @@ def item_seed(seed: int, stream: int, index: int) -> int:
   return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0])
 
 
-def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, seed: int = 0,
-           workers: int = 1, progress: bool = True,
-           policy: str = SELECTION_OPTIONS['policy']) -> dict:
+def ensure(
+  root: str,
+  *,
+  clips: int = 32,
+  images: int = 64,
+  budget: int = 1024,
+  seed: int = 0,
+  workers: int = 1,
+  progress: bool = True,
+  policy: str = SELECTION_OPTIONS['policy'],
+) -> dict:
   """Makes (or finds) the built-in data under `root`; returns what a trainer config needs.
 
   Args:
@@ -134,8 +163,10 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     raise ValueError(f'clips={clips}, images={images}: need at least 2 clips and 1 image')
   frame_patches = (RESOLUTION // PATCH_SIZE) ** 2
   if not 1 <= budget <= NUM_FRAMES * frame_patches:
-    raise ValueError(f'budget={budget}: between 1 and {NUM_FRAMES * frame_patches} patches '
-                     f'({NUM_FRAMES} frames of {frame_patches})')
+    raise ValueError(
+      f'budget={budget}: between 1 and {NUM_FRAMES * frame_patches} patches '
+      f'({NUM_FRAMES} frames of {frame_patches})'
+    )
   if seed < 0:
     raise ValueError(f'seed={seed}: must be >= 0')
   if policy not in POLICIES:
@@ -143,10 +174,17 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
   root = os.path.abspath(os.path.expanduser(os.fspath(root)))
   unsafe = sorted(set(_UNSAFE) & set(root))
   if unsafe:
-    raise ValueError(f'{root}: the built-in data folder\'s path must not contain '
-                     f'{" ".join(unsafe)} (they mean something in source strings)')
-  params = {'version': VERSION, 'clips': int(clips), 'images': int(images),
-            'budget': int(budget), 'seed': int(seed)}
+    raise ValueError(
+      f"{root}: the built-in data folder's path must not contain "
+      f'{" ".join(unsafe)} (they mean something in source strings)'
+    )
+  params = {
+    'version': VERSION,
+    'clips': int(clips),
+    'images': int(images),
+    'budget': int(budget),
+    'seed': int(seed),
+  }
   if policy != SELECTION_OPTIONS['policy']:  # only when set, so earlier folders still match
     params['policy'] = policy
 
@@ -174,17 +212,22 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
     _make_images(root, params, say)
     result = _result(root, shards, num_records, params)
     # Fail here, not in the trainer, if a source string does not open.
-    for spec, expected in ((result['video_source'], num_records),
-                           (result['image_source'], params['images'])):
+    for spec, expected in (
+      (result['video_source'], num_records),
+      (result['image_source'], params['images']),
+    ):
       found = len(sources.open_source(spec))
       if found != expected:
         raise RuntimeError(f'{spec}: {found} records where {expected} were made')
-    fileio.write_json(os.path.join(root, _MARKER), {
-        'params': params, 'shards': [os.path.basename(p) for p in shards],
-        'clips': num_records})
+    fileio.write_json(
+      os.path.join(root, _MARKER),
+      {'params': params, 'shards': [os.path.basename(p) for p in shards], 'clips': num_records},
+    )
     os.remove(os.path.join(root, _STARTED))
-    say(f'ready in {root}: {num_records} clips, {params["images"]} images '
-        f'({time.perf_counter() - start:.1f} s)')
+    say(
+      f'ready in {root}: {num_records} clips, {params["images"]} images '
+      f'({time.perf_counter() - start:.1f} s)'
+    )
     return result
 
 
@@ -192,13 +235,19 @@ def ensure(root: str, *, clips: int = 32, images: int = 64, budget: int = 1024, 
 # Marker, parameters, lock
 # ---------------------------------------------------------------------------------------------
 
+
 def _result(root: str, shards: Sequence[str], num_records: int, params: dict) -> dict:
   images = os.path.join(root, 'images')
-  return {'video_source': ','.join(shards),
-          'image_source': f'folder:{images}?labels={os.path.join(images, _IMAGE_LABELS)}',
-          'video_classes': VIDEO_CLASSES, 'image_classes': IMAGE_CLASSES,
-          'video_labels': VIDEO_LABELS, 'image_labels': IMAGE_LABELS, 'clips': num_records,
-          'images': params['images']}
+  return {
+    'video_source': ','.join(shards),
+    'image_source': f'folder:{images}?labels={os.path.join(images, _IMAGE_LABELS)}',
+    'video_classes': VIDEO_CLASSES,
+    'image_classes': IMAGE_CLASSES,
+    'video_labels': VIDEO_LABELS,
+    'image_labels': IMAGE_LABELS,
+    'clips': num_records,
+    'images': params['images'],
+  }
 
 
 def _ready(root: str, params: dict) -> dict | None:
@@ -220,44 +269,63 @@ def _check_params(root: str, old: dict | None, new: dict) -> None:
   # A parameter left out of the marker has its default (see `policy` in ensure).
   implied = {'policy': SELECTION_OPTIONS['policy']}
   value = lambda params, key: params.get(key, implied.get(key))
-  changed = [f'{key}={value(old, key)!r} there, {value(new, key)!r} asked'
-             for key in sorted(set(old) | set(new))
-             if value(old, key) != value(new, key)]
-  raise ValueError(f'{root} holds built-in data made with other parameters '
-                   f'({"; ".join(changed)}); use another root, or delete {root} to remake it')
+  changed = [
+    f'{key}={value(old, key)!r} there, {value(new, key)!r} asked'
+    for key in sorted(set(old) | set(new))
+    if value(old, key) != value(new, key)
+  ]
+  raise ValueError(
+    f'{root} holds built-in data made with other parameters '
+    f'({"; ".join(changed)}); use another root, or delete {root} to remake it'
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
 
+
 def _make_videos(root: str, params: dict, say) -> str:
   folder = os.path.join(root, 'videos')
   names = [f'clip-{i:05d}.mp4' for i in range(params['clips'])]
 
   def make(i: int) -> tuple[bytes, tuple[int, ...]]:
-    clip = synthetic.make_clip(item_seed(params['seed'], _VIDEO_STREAM, i),
-                               num_frames=NUM_FRAMES, bframes=2, num_objects=1,
-                               background='pan' if i % 2 else 'static')
+    clip = synthetic.make_clip(
+      item_seed(params['seed'], _VIDEO_STREAM, i),
+      num_frames=NUM_FRAMES,
+      bframes=2,
+      num_objects=1,
+      background='pan' if i % 2 else 'static',
+    )
     return clip.data, video_labels(clip.labels)
 
   labels = _make_files(folder, names, make, _video_ok, 'clips', VIDEO_LABELS, say)
   list_file = os.path.join(folder, _LIST)
-  _write_if_changed(list_file, ''.join(f'{name}\t{",".join(map(str, ids))}\n'
-                                       for name, ids in zip(names, labels)).encode())
+  _write_if_changed(
+    list_file,
+    ''.join(f'{name}\t{",".join(map(str, ids))}\n' for name, ids in zip(names, labels)).encode(),
+  )
   return list_file
 
 
-def _make_records(root: str, list_file: str, params: dict, workers: int, progress: bool,
-                  say) -> tuple[list[str], int]:
+def _make_records(
+  root: str, list_file: str, params: dict, workers: int, progress: bool, say
+) -> tuple[list[str], int]:
   out_dir = os.path.join(root, 'records')
   say(f'precomputing codec selections (budget {params["budget"]}, {workers} worker(s))')
-  kwargs = dict(options={**SELECTION_OPTIONS, 'budget': params['budget'],
-                         'policy': params.get('policy', SELECTION_OPTIONS['policy'])},
-                clips_per_shard=CLIPS_PER_SHARD, workers=workers, progress=progress,
-                # Pixels in the records: training reads them instead of decoding the clips, so
-                # the tiny demo model is not input-bound on 2 cores.
-                store_patches=True)
+  kwargs = dict(
+    options={
+      **SELECTION_OPTIONS,
+      'budget': params['budget'],
+      'policy': params.get('policy', SELECTION_OPTIONS['policy']),
+    },
+    clips_per_shard=CLIPS_PER_SHARD,
+    workers=workers,
+    progress=progress,
+    # Pixels in the records: training reads them instead of decoding the clips, so
+    # the tiny demo model is not input-bound on 2 cores.
+    store_patches=True,
+  )
   try:
     summary = precompute.precompute(list_file, out_dir, **kwargs)
   except precompute.PlanMismatch as e:
@@ -266,9 +334,11 @@ def _make_records(root: str, list_file: str, params: dict, workers: int, progres
     say(f'redoing the selections ({e})')
     summary = precompute.precompute(list_file, out_dir, overwrite=True, **kwargs)
   if summary['records'] < 2:
-    raise RuntimeError(f'only {summary["records"]} of {params["clips"]} built-in clips have a '
-                       f'codec selection (2 needed); the reasons are in '
-                       f'{summary["failure_manifest"]}')
+    raise RuntimeError(
+      f'only {summary["records"]} of {params["clips"]} built-in clips have a '
+      f'codec selection (2 needed); the reasons are in '
+      f'{summary["failure_manifest"]}'
+    )
   if summary['failures']:
     say(f'{summary["failures"]} clip(s) failed the selection; see {summary["failure_manifest"]}')
   say(f'{summary["records"]} clip selections in {out_dir}')
@@ -282,9 +352,14 @@ def _make_images(root: str, params: dict, say) -> None:
   def make(i: int) -> tuple[bytes, tuple[int, ...]]:
     # A 1-frame clip is the still: the same renderer and classes as the videos, and the 1-frame
     # encode it pays for is a few milliseconds.
-    clip = synthetic.make_clip(item_seed(params['seed'], _IMAGE_STREAM, i), num_frames=1,
-                               height=RESOLUTION, width=RESOLUTION, num_objects=1,
-                               keep_frames=True)
+    clip = synthetic.make_clip(
+      item_seed(params['seed'], _IMAGE_STREAM, i),
+      num_frames=1,
+      height=RESOLUTION,
+      width=RESOLUTION,
+      num_objects=1,
+      keep_frames=True,
+    )
     return _png(clip.frames[0]), image_labels(clip.labels)
 
   labels = _make_files(folder, names, make, _image_ok, 'images', IMAGE_LABELS, say)
@@ -293,9 +368,15 @@ def _make_images(root: str, params: dict, say) -> None:
   _write_if_changed(os.path.join(folder, _IMAGE_LABELS), buffer.getvalue())
 
 
-def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
-                usable: Callable[[str], bool], what: str, num_labels: int,
-                say) -> list[tuple[int, ...]]:
+def _make_files(
+  folder: str,
+  names: Sequence[str],
+  make: Callable[[int], tuple],
+  usable: Callable[[str], bool],
+  what: str,
+  num_labels: int,
+  say,
+) -> list[tuple[int, ...]]:
   """Each file of `names` (reused when logged and usable, else made); their labels in order.
 
   `make(i)` returns (file bytes, label ids). A file is written by rename and then logged with
@@ -318,8 +399,10 @@ def _make_files(folder: str, names: Sequence[str], make: Callable[[int], tuple],
       log.write(f'{name}\t{",".join(map(str, ids))}\n')
       log.flush()
       labels.append(tuple(ids))
-  say(f'{len(names)} {what} in {folder} ({len(names) - reused} made, {reused} reused, '
-      f'{time.perf_counter() - start:.1f} s)')
+  say(
+    f'{len(names)} {what} in {folder} ({len(names) - reused} made, {reused} reused, '
+    f'{time.perf_counter() - start:.1f} s)'
+  )
   return labels
 
 
@@ -353,6 +436,7 @@ def _video_ok(path: str) -> bool:
 
 def _image_ok(path: str) -> bool:
   from PIL import Image
+
   try:
     with Image.open(path) as image:
       image.load()
@@ -363,10 +447,10 @@ def _image_ok(path: str) -> bool:
 
 def _png(rgb: np.ndarray) -> bytes:
   from PIL import Image
+
   buffer = io.BytesIO()
   Image.fromarray(rgb).save(buffer, format='PNG')
   return buffer.getvalue()
-
 
 
 def _write_if_changed(path: str, data: bytes) -> None:

@@ -9,6 +9,7 @@ worker pool's to catch (`data_pipeline.workers`).
 A record is a pure function of the clip and the settings: per-clip timings stay out of it (they
 go to the run's summary), so the same plan gives the same shard bytes on any machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ from data_pipeline.video import VideoError
 @dataclasses.dataclass(frozen=True)
 class Clip:
   """One input video: where it is and, optionally, its label ids."""
+
   path: str
   labels: tuple[int, ...] | None = None
 
@@ -33,13 +35,14 @@ class Clip:
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What every clip of a run shares (sent once to each worker)."""
+
   options: dict
   inline_max_bytes: int
   store_scores: bool
   record_format: str
   store_patches: bool = False
-  selector: str | None = None   # 'module:function' instead of codec.select (ablations)
-  reader: str | None = None     # 'module:function': clip name -> path or bytes to select on
+  selector: str | None = None  # 'module:function' instead of codec.select (ablations)
+  reader: str | None = None  # 'module:function': clip name -> path or bytes to select on
 
 
 @dataclasses.dataclass
@@ -83,18 +86,21 @@ def picture_type_codes(picture_types) -> np.ndarray:
 def generic_fields(selection) -> dict[str, Any]:
   """Record fields of a selector without `record_fields()`: the contract's arrays, plus the
   numbers of a `stats` mapping as `stats_*`."""
-  fields = {'frame_ids': np.asarray(selection.frame_ids, np.int32).reshape(-1),
-            'positions': np.asarray(selection.positions),
-            'picture_types': picture_type_codes(selection.picture_types)}
+  fields = {
+    'frame_ids': np.asarray(selection.frame_ids, np.int32).reshape(-1),
+    'positions': np.asarray(selection.positions),
+    'picture_types': picture_type_codes(selection.picture_types),
+  }
   stats = getattr(selection, 'stats', None)
-  for key, value in (stats.items() if isinstance(stats, Mapping) else ()):
+  for key, value in stats.items() if isinstance(stats, Mapping) else ():
     if isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
       fields[f'stats_{key}'] = value.item() if isinstance(value, np.generic) else value
   return fields
 
 
-def selection_record(selection, source: str, labels: Sequence[int] | None = None,
-                     store_scores: bool = False) -> dict[str, Any]:
+def selection_record(
+  selection, source: str, labels: Sequence[int] | None = None, store_scores: bool = False
+) -> dict[str, Any]:
   """The video clip record (records.py fields) of one selection."""
   # The codec's Selection says itself which fields and statistics a record holds.
   if hasattr(selection, 'record_fields'):
@@ -138,12 +144,14 @@ def init_worker(settings: Settings, blas_threads: int = 0) -> None:
     _select = resolve(settings.selector)
   else:
     from data_pipeline import codec
+
     _select = codec.select
   _read = resolve(settings.reader, 'reader') if settings.reader else None
   if blas_threads:
     # Each worker's BLAS would start a thread per core: N workers x cores threads on `cores`
     # cores made 2 workers slower than 1 on a 2-core machine.
     import threadpoolctl
+
     _blas_limits = threadpoolctl.threadpool_limits(blas_threads)
 
 
@@ -162,8 +170,7 @@ def process_clip(clip: Clip):
     selection = _select(video, **settings.options)
     record = selection_record(selection, clip.path, clip.labels, settings.store_scores)
     if settings.store_patches:
-      record['patches'] = transforms.codec_patches(video, record['frame_ids'],
-                                                   record['positions'])
+      record['patches'] = transforms.codec_patches(video, record['frame_ids'], record['positions'])
     if settings.inline_max_bytes > 0:
       if isinstance(video, (bytes, bytearray, memoryview)):
         if len(video) <= settings.inline_max_bytes:
@@ -174,6 +181,9 @@ def process_clip(clip: Clip):
     data = shards.encode_entry(record, settings.record_format)
   except Exception as e:  # pylint: disable=broad-except  -- one bad clip must not stop the run
     return Failed(failure_reason(clip.path, e), isinstance(e, VideoError))
-  return Done(data, kept=len(record['positions']),
-              candidates=int(np.asarray(selection.scores).size),
-              seconds=time.perf_counter() - start)
+  return Done(
+    data,
+    kept=len(record['positions']),
+    candidates=int(np.asarray(selection.scores).size),
+    seconds=time.perf_counter() - start,
+  )

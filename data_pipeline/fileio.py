@@ -11,6 +11,7 @@ needed: an object upload is all-or-nothing, so a reader sees the old object or t
 part of one. There `write_atomic` uploads the object directly, and `atomic_path` hands its caller
 a local temporary file that is uploaded to the final name in one piece when the caller is done.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,6 +31,7 @@ def temp_name(path: str) -> str:
   file in the system's temporary folder: see atomic_path)."""
   if paths.is_url(path):
     import tempfile  # pylint: disable=g-import-not-at-top
+
     path = os.path.join(tempfile.gettempdir(), paths.basename(path))
   return f'{path}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}'
 
@@ -105,6 +107,7 @@ def write_npy(path: str, array) -> None:
   import io  # pylint: disable=g-import-not-at-top
 
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   buffer = io.BytesIO()
   np.save(buffer, array)
   write_atomic(path, buffer.getvalue())

@@ -29,6 +29,7 @@ trainer's `transforms.decode_image` to the pixels meant:
                   other modes (32-bit float, I beyond 16 bits, LAB, HSV), a bad label
 A rejected image is a failure manifest entry {"file", "reason", "shard"}, never an exception.
 """
+
 from __future__ import annotations
 
 import collections
@@ -75,6 +76,7 @@ class ImageItem(Clip):
     the row within it.
   problem: a fault found while listing (a bad label); the image fails with it.
   """
+
   container: str = ''
   offset: int = 0
   size: int = 0
@@ -84,14 +86,16 @@ class ImageItem(Clip):
 @dataclasses.dataclass(frozen=True)
 class ImageSettings:
   """What every image of a run shares (sent once to each worker)."""
+
   max_pixels: int = DEFAULT_MAX_PIXELS
   image_column: str = ''
-  record_format: str = 'records'   # what Run.finish reads; image corpora are always 'records'
+  record_format: str = 'records'  # what Run.finish reads; image corpora are always 'records'
 
 
 # ---------------------------------------------------------------------------------------------
 # Listing a source
 # ---------------------------------------------------------------------------------------------
+
 
 def expand_braces(pattern: str) -> list[str]:
   """'shard-{000..009}.tar' -> shard-000.tar ... shard-009.tar (widths kept), '{a,b}' -> both;
@@ -99,7 +103,7 @@ def expand_braces(pattern: str) -> list[str]:
   match = re.search(r'\{([^{}]*)\}', pattern)
   if match is None:
     return [pattern]
-  head, tail, body = pattern[:match.start()], pattern[match.end():], match.group(1)
+  head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
   numbers = re.fullmatch(r'(\d+)\.\.(\d+)', body)
   if numbers:
     lo, hi = numbers.groups()
@@ -135,8 +139,10 @@ def source_kind(source: str) -> str:
     return 'parquet'
   if os.path.isfile(source):
     return 'list'
-  raise FileNotFoundError(f'{source}: not a folder, a list file, .tar files or .parquet files; '
-                          'give one of those (or name the kind with --kind)')
+  raise FileNotFoundError(
+    f'{source}: not a folder, a list file, .tar files or .parquet files; '
+    'give one of those (or name the kind with --kind)'
+  )
 
 
 def parse_label_ids(value: Any, where: str) -> tuple[int, ...]:
@@ -163,8 +169,10 @@ def folder_items(root: str, labels: str | None) -> list[ImageItem]:
   if labels is None:
     return [ImageItem(c.path) for c in precompute.read_inputs(root, sources.IMAGE_EXTENSIONS)]
   folder = sources.ImageFolderSource(root, None if labels == 'folders' else labels)
-  return [ImageItem(os.path.abspath(os.path.join(folder.root, f)), tuple(map(int, row)))
-          for f, row in zip(folder.files, folder.labels)]
+  return [
+    ImageItem(os.path.abspath(os.path.join(folder.root, f)), tuple(map(int, row)))
+    for f, row in zip(folder.files, folder.labels)
+  ]
 
 
 def tar_items(path: str, json_label_key: str = 'label') -> list[ImageItem]:
@@ -185,8 +193,10 @@ def tar_items(path: str, json_label_key: str = 'label') -> list[ImageItem]:
         elif ext in ('cls', 'json'):
           sample[ext] = tar.extractfile(member).read()
   except (tarfile.TarError, OSError, EOFError) as e:
-    problem = f'{path}: unreadable tar after {len(found)} samples ({type(e).__name__}: {e}); ' \
-              'a compressed tar must be decompressed first'
+    problem = (
+      f'{path}: unreadable tar after {len(found)} samples ({type(e).__name__}: {e}); '
+      'a compressed tar must be decompressed first'
+    )
   items = []
   for key, sample in found.items():
     if 'image' not in sample:
@@ -212,12 +222,14 @@ def tar_items(path: str, json_label_key: str = 'label') -> list[ImageItem]:
 def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) -> list[ImageItem]:
   """One item per row of a parquet file (labels read now; image bytes by the workers)."""
   import pyarrow.parquet as pq
+
   meta = pq.ParquetFile(path)
   names = meta.schema_arrow.names
   missing = [c for c in (image_column, *label_columns) if c not in names]
   if missing:
-    raise ValueError(f'{path}: no column(s) {missing}; it has {names} (set --image-column / '
-                     '--label-column)')
+    raise ValueError(
+      f'{path}: no column(s) {missing}; it has {names} (set --image-column / --label-column)'
+    )
   table = pq.read_table(path, columns=list(label_columns)) if label_columns else None
   columns = [table.column(c).to_pylist() for c in label_columns] if table is not None else []
   items, row = [], 0
@@ -226,8 +238,13 @@ def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) ->
       labels, fault = None, ''
       if columns:
         try:
-          labels = sum((parse_label_ids(col[row], f'{path}#{row} column {name!r}')
-                        for col, name in zip(columns, label_columns)), ())
+          labels = sum(
+            (
+              parse_label_ids(col[row], f'{path}#{row} column {name!r}')
+              for col, name in zip(columns, label_columns)
+            ),
+            (),
+          )
         except ImageError as e:
           fault = str(e)
       items.append(ImageItem(f'{path}#{row}', labels, path, group, j, fault))
@@ -238,19 +255,27 @@ def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) ->
 def parquet_image_column(path: str, image_column: str | None) -> str:
   """The image column: the one named, else the first of IMAGE_COLUMNS the file has."""
   import pyarrow.parquet as pq
+
   names = pq.ParquetFile(path).schema_arrow.names
   if image_column:
     return image_column
   for name in IMAGE_COLUMNS:
     if name in names:
       return name
-  raise ValueError(f'{path}: none of the columns {names} is an image column I know '
-                   f'({", ".join(IMAGE_COLUMNS)}); name it with --image-column')
+  raise ValueError(
+    f'{path}: none of the columns {names} is an image column I know '
+    f'({", ".join(IMAGE_COLUMNS)}); name it with --image-column'
+  )
 
 
-def list_images(source: str, kind: str | None = None, labels: str | None = None,
-                json_label_key: str = 'label', image_column: str | None = None,
-                label_columns: Sequence[str] = ()) -> tuple[list[ImageItem], dict]:
+def list_images(
+  source: str,
+  kind: str | None = None,
+  labels: str | None = None,
+  json_label_key: str = 'label',
+  image_column: str | None = None,
+  label_columns: Sequence[str] = (),
+) -> tuple[list[ImageItem], dict]:
   """The images of `source` and what the plan records about how they were listed."""
   kind = kind or source_kind(source)
   if kind not in KINDS:
@@ -266,10 +291,16 @@ def list_images(source: str, kind: str | None = None, labels: str | None = None,
     listing['json_label_key'] = json_label_key
     # Labels are all or nothing: a sample without one in a labelled set is a failure.
     if any(i.labels for i in items):
-      items = [i if i.labels or i.problem else dataclasses.replace(
-          i, problem=f'{i.path}: no label (key.cls, or key.json field {json_label_key!r}) '
-          'where other samples have one')
-               for i in items]
+      items = [
+        i
+        if i.labels or i.problem
+        else dataclasses.replace(
+          i,
+          problem=f'{i.path}: no label (key.cls, or key.json field {json_label_key!r}) '
+          'where other samples have one',
+        )
+        for i in items
+      ]
   else:
     paths = expand_files(source)
     image_column = parquet_image_column(paths[0], image_column)
@@ -284,6 +315,7 @@ def list_images(source: str, kind: str | None = None, labels: str | None = None,
 # One image (in the workers)
 # ---------------------------------------------------------------------------------------------
 
+
 def prepare_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
   """The bytes a record stores for an encoded image, and what was done ('' kept, else the
   conversion); raises ImageError for an image that is rejected (module docstring)."""
@@ -296,8 +328,10 @@ def prepare_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[by
       image = Image.open(io.BytesIO(data))
     width, height = image.size
     if width * height > max_pixels:
-      raise ImageError(f'decompression bomb: {width} x {height} = {width * height} pixels > '
-                       f'max_pixels {max_pixels}')
+      raise ImageError(
+        f'decompression bomb: {width} x {height} = {width * height} pixels > '
+        f'max_pixels {max_pixels}'
+      )
     image.load()  # the full decode: a truncated or corrupt file fails here
   except Image.DecompressionBombError as e:
     raise ImageError(f'decompression bomb: {e}') from None
@@ -315,12 +349,15 @@ def prepare_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[by
   elif mode in SIXTEEN_BIT_MODES:
     values = np.asarray(image, dtype=np.int64)
     if values.min() < 0 or values.max() > 0xFFFF:
-      raise ImageError(f'mode {mode} with values in [{values.min()}, {values.max()}], beyond '
-                       '16 bits; convert it to 8 bits first')
+      raise ImageError(
+        f'mode {mode} with values in [{values.min()}, {values.max()}], beyond '
+        '16 bits; convert it to 8 bits first'
+      )
     converted = Image.fromarray((values >> 8).astype(np.uint8), mode='L')
   else:
-    raise ImageError(f'mode {mode} is not supported (8-bit, CMYK, YCbCr or 16-bit grey); '
-                     'convert it to RGB first')
+    raise ImageError(
+      f'mode {mode} is not supported (8-bit, CMYK, YCbCr or 16-bit grey); convert it to RGB first'
+    )
   buffer = io.BytesIO()
   converted.save(buffer, format='PNG')
   return buffer.getvalue(), f'{mode} -> {converted.mode}'
@@ -346,8 +383,10 @@ def parquet_cell(path: str, group: int, row: int, column: str) -> Any:
   key = (path, group)
   if key not in _groups:
     import pyarrow.parquet as pq
-    _groups[key] = pq.ParquetFile(path).read_row_group(group, columns=[column]).column(
-        column).to_pylist()
+
+    _groups[key] = (
+      pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column).to_pylist()
+    )
     while len(_groups) > _GROUPS_KEPT:
       _groups.popitem(last=False)
   return _groups[key][row]
@@ -396,16 +435,31 @@ def process_image(item: ImageItem) -> Done | Failed:
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def precompute_images(source: str, out_dir: str, *, kind: str | None = None,
-                      labels: str | None = None, json_label_key: str = 'label',
-                      image_column: str | None = None, label_columns: Sequence[str] = (),
-                      images_per_shard: int = 10000, num_shards: int | None = None,
-                      shuffle_seed: int | None | str = 'auto',
-                      workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      image_timeout: float | None = 60.0, name: str = 'images',
-                      split: str = 'train', overwrite: bool = False, progress: bool = True,
-                      max_shards: int | None = None, task_index: int = 0,
-                      num_tasks: int = 1, retry_failures: bool = False) -> dict:
+
+def precompute_images(
+  source: str,
+  out_dir: str,
+  *,
+  kind: str | None = None,
+  labels: str | None = None,
+  json_label_key: str = 'label',
+  image_column: str | None = None,
+  label_columns: Sequence[str] = (),
+  images_per_shard: int = 10000,
+  num_shards: int | None = None,
+  shuffle_seed: int | None | str = 'auto',
+  workers: int | None = None,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+  image_timeout: float | None = 60.0,
+  name: str = 'images',
+  split: str = 'train',
+  overwrite: bool = False,
+  progress: bool = True,
+  max_shards: int | None = None,
+  task_index: int = 0,
+  num_tasks: int = 1,
+  retry_failures: bool = False,
+) -> dict:
   """Runs (or resumes) an image corpus into `out_dir`; returns the summary (its `clips` are
   images).
 
@@ -427,24 +481,47 @@ def precompute_images(source: str, out_dir: str, *, kind: str | None = None,
     overwrite, progress, max_shards, task_index, num_tasks, retry_failures: as in
       `precompute.precompute`.
   """
-  precompute.check_run_arguments(name, split, 'records', image_timeout, task_index, num_tasks,
-                                 overwrite)
+  precompute.check_run_arguments(
+    name, split, 'records', image_timeout, task_index, num_tasks, overwrite
+  )
   if not 0 < max_pixels <= 2 * DEFAULT_MAX_PIXELS:
-    raise ValueError(f'max_pixels={max_pixels}: between 1 and {2 * DEFAULT_MAX_PIXELS} (beyond '
-                     'it pillow refuses the image whatever we allow)')
-  items, listing = list_images(source, kind, labels, json_label_key, image_column,
-                               label_columns)
+    raise ValueError(
+      f'max_pixels={max_pixels}: between 1 and {2 * DEFAULT_MAX_PIXELS} (beyond '
+      'it pillow refuses the image whatever we allow)'
+    )
+  items, listing = list_images(source, kind, labels, json_label_key, image_column, label_columns)
   if shuffle_seed == 'auto':
     shuffle_seed = 0 if listing['kind'] in ('folder', 'list') else None
   if workers is None:
     workers = workers_lib.usable_cpus()
   planned = precompute.plan_shards(
-      items, num_shards or precompute.num_shards_for(len(items), images_per_shard), shuffle_seed)
+    items, num_shards or precompute.num_shards_for(len(items), images_per_shard), shuffle_seed
+  )
   settings = ImageSettings(int(max_pixels), listing.get('image_column', ''))
-  common = {'work': 'images', 'source': listing, 'max_pixels': int(max_pixels),
-            'format': 'records', 'shard_template': SHARD_TEMPLATE}
+  common = {
+    'work': 'images',
+    'source': listing,
+    'max_pixels': int(max_pixels),
+    'format': 'records',
+    'shard_template': SHARD_TEMPLATE,
+  }
   plan = precompute.make_plan(items, planned, name, split, shuffle_seed, common)
   return precompute.run_plan(
-      out_dir, plan, planned, task_index, num_tasks, overwrite, retry_failures,
-      lambda run: run.execute(settings, workers, image_timeout, max_shards, progress,
-                              work=process_image, initializer=init_image_worker, unit='image'))
+    out_dir,
+    plan,
+    planned,
+    task_index,
+    num_tasks,
+    overwrite,
+    retry_failures,
+    lambda run: run.execute(
+      settings,
+      workers,
+      image_timeout,
+      max_shards,
+      progress,
+      work=process_image,
+      initializer=init_image_worker,
+      unit='image',
+    ),
+  )

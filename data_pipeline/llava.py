@@ -30,6 +30,7 @@ top-k order (stage2 sorts them before packing, so the canvases are the same).
 `release_record` reads stage1's files (ours or the release's) into a clip record of
 `data_pipeline.records`, so data selected by the release trains here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,6 +63,7 @@ def stem_of(video: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Item:
   """One line of the dataset: a sample id, its video path, its conversation, its row."""
+
   id: str
   video: str
   conversations: list
@@ -72,8 +74,10 @@ class Item:
     return f'{self.video}|{self.id}|{self.row}'
 
   def stage1_prefix(self, num_frames: int, resolution: int, patch_size: int, budget: int) -> str:
-    return (f'sample_{self.id}__{stem_of(self.video)}__{sha8(self.video)}__'
-            f'{sha8(self.sample_key)}_T{num_frames}_square{resolution}_p{patch_size}_K{budget}')
+    return (
+      f'sample_{self.id}__{stem_of(self.video)}__{sha8(self.video)}__'
+      f'{sha8(self.sample_key)}_T{num_frames}_square{resolution}_p{patch_size}_K{budget}'
+    )
 
   @property
   def pack_dir(self) -> str:
@@ -98,14 +102,21 @@ def read_items(path: str) -> list[Item]:
     if not isinstance(rows, list):
       raise ValueError(f'{path}: a .json dataset must hold an array of objects')
   else:
-    raise ValueError(f'{path}: unsupported dataset; use .jsonl, .json (an array) or .txt (one '
-                     f'video path a line)')
+    raise ValueError(
+      f'{path}: unsupported dataset; use .jsonl, .json (an array) or .txt (one video path a line)'
+    )
   items = []
   for i, row in enumerate(rows):
     if not isinstance(row, dict) or row.get('id') is None or not row.get('video'):
       raise ValueError(f'{path}: row {i} needs the fields "id" and "video", got {row!r:.200}')
-    items.append(Item(str(row['id']), str(row['video']), list(row.get('conversations') or []),
-                      int(row.get('_row_idx', i))))
+    items.append(
+      Item(
+        str(row['id']),
+        str(row['video']),
+        list(row.get('conversations') or []),
+        int(row.get('_row_idx', i)),
+      )
+    )
   return items
 
 
@@ -116,8 +127,12 @@ def conversations_with_images(conversations: Sequence, num_images: int) -> list:
   images = '\n'.join(['<image>'] * num_images)
   out, done = [], False
   for turn in conversations:
-    if not done and isinstance(turn, dict) and turn.get('from') == 'human' and isinstance(
-        turn.get('value'), str):
+    if (
+      not done
+      and isinstance(turn, dict)
+      and turn.get('from') == 'human'
+      and isinstance(turn.get('value'), str)
+    ):
       turn, value, done = dict(turn), turn['value'], True
       if '<video>' in value:
         turn['value'] = value.replace('<video>', images, 1)
@@ -132,38 +147,53 @@ def valid_ranges(valid_HpxWp: np.ndarray) -> dict:
   out = {'S_valid': int(valid_HpxWp.sum()), 'hb_total': int(hb), 'wb_total': int(wb)}
   ys, xs = np.nonzero(valid_HpxWp)
   if ys.size:
-    out.update(valid_h_start=int(ys.min()), valid_h_end=int(ys.max()) + 1,
-               valid_w_start=int(xs.min()), valid_w_end=int(xs.max()) + 1)
+    out.update(
+      valid_h_start=int(ys.min()),
+      valid_h_end=int(ys.max()) + 1,
+      valid_w_start=int(xs.min()),
+      valid_w_end=int(xs.max()) + 1,
+    )
   return out
 
 
-def pack_canvases(frames_TxRxRx3: np.ndarray, positions_Kx3: np.ndarray, num_images: int,
-                  patch_size: int, first_full: bool = True) -> tuple[list, np.ndarray]:
+def pack_canvases(
+  frames_TxRxRx3: np.ndarray,
+  positions_Kx3: np.ndarray,
+  num_images: int,
+  patch_size: int,
+  first_full: bool = True,
+) -> tuple[list, np.ndarray]:
   """(canvases uint8 [R, R, 3] each, positions_thw int32 [n, 3]) as the release's stage2 packs
   them (module docstring). K must be num_images x a whole number of patches per canvas, at most
   the (R/P)^2 cells of one canvas."""
   _, res, _, _ = frames_TxRxRx3.shape
   side, k = res // patch_size, len(positions_Kx3)
   if k % num_images:
-    raise ValueError(f'{k} selected patches do not split into {num_images} canvases; use a '
-                     f'budget that is a multiple of --num-images')
+    raise ValueError(
+      f'{k} selected patches do not split into {num_images} canvases; use a '
+      f'budget that is a multiple of --num-images'
+    )
   per_image = k // num_images
   if per_image > side * side:
-    raise ValueError(f'{per_image} patches per canvas exceed its {side}x{side} cells; raise '
-                     f'--num-images or lower the budget')
+    raise ValueError(
+      f'{per_image} patches per canvas exceed its {side}x{side} cells; raise '
+      f'--num-images or lower the budget'
+    )
   thw = np.asarray(positions_Kx3, np.int64)
   thw = thw[np.lexsort((thw[:, 2], thw[:, 1], thw[:, 0]))]
   canvases, packed = [], []
   ps = patch_size
   for i in range(num_images):
-    chunk = thw[i * per_image:(i + 1) * per_image]
+    chunk = thw[i * per_image : (i + 1) * per_image]
     if first_full and i == 0:
       canvases.append(frames_TxRxRx3[0].copy())
       continue
     canvas = np.zeros((res, res, 3), np.uint8)
     for j, (t, h, w) in enumerate(chunk):
       y, x = (j // side) * ps, (j % side) * ps
-      canvas[y:y + ps, x:x + ps] = frames_TxRxRx3[t, h * ps:(h + 1) * ps, w * ps:(w + 1) * ps]
+      canvas[y : y + ps, x : x + ps] = frames_TxRxRx3[
+        t, h * ps : (h + 1) * ps, w * ps : (w + 1) * ps
+      ]
     canvases.append(canvas)
     packed.append(chunk)
   positions = (np.concatenate(packed) if packed else np.zeros((0, 3))).astype(np.int32)
@@ -172,6 +202,7 @@ def pack_canvases(frames_TxRxRx3: np.ndarray, positions_Kx3: np.ndarray, num_ima
 
 def encode_image(rgb_HxWx3: np.ndarray, image_format: str) -> bytes:
   from PIL import Image
+
   buffer = io.BytesIO()
   if image_format == 'jpg':
     # The release writes with OpenCV's default JPEG quality, 95.
@@ -191,37 +222,53 @@ def save_npy(path: str, array: np.ndarray) -> None:
 class Settings:
   """The release's stage1 / stage2 defaults: 64 frames on a 576 canvas of 16-pixel patches,
   8 canvases of 36 x 36 patches (K = 10368), the first canvas the whole first frame."""
-  num_frames: int = 64            # stage1 --sequence_length
-  resolution: int = 576           # --square_size
-  patch_size: int = 16            # --patch_size / --patch
-  budget: int = 10368             # K = keep_frames_equiv (8) x 36 x 36
-  num_images: int = 8             # stage2 --num_images
-  first_full: bool = True         # stage2 --first_full
-  image_format: str = 'jpg'       # 'png' keeps pixels exact (stage2 reads either)
-  preset: str = 'release_llava'   # codec.select preset
+
+  num_frames: int = 64  # stage1 --sequence_length
+  resolution: int = 576  # --square_size
+  patch_size: int = 16  # --patch_size / --patch
+  budget: int = 10368  # K = keep_frames_equiv (8) x 36 x 36
+  num_images: int = 8  # stage2 --num_images
+  first_full: bool = True  # stage2 --first_full
+  image_format: str = 'jpg'  # 'png' keeps pixels exact (stage2 reads either)
+  preset: str = 'release_llava'  # codec.select preset
 
 
 def clip_paths(item: Item, visidx_root: str, image_root: str, s: Settings) -> dict:
-  prefix = os.path.join(visidx_root, item.stage1_prefix(s.num_frames, s.resolution,
-                                                        s.patch_size, s.budget))
+  prefix = os.path.join(
+    visidx_root, item.stage1_prefix(s.num_frames, s.resolution, s.patch_size, s.budget)
+  )
   pack = os.path.join(image_root, item.pack_dir)
   stem = stem_of(item.video)
-  return {'visidx': prefix + '.visidx_thw.npy', 'frame_ids': prefix + '.frame_ids.npy',
-          'meta': prefix + '.meta.json', 'positions': os.path.join(pack, 'positions_thw.npy'),
-          'images': [os.path.join(pack, f'{stem}_{i:03d}.{s.image_format}')
-                     for i in range(s.num_images)]}
+  return {
+    'visidx': prefix + '.visidx_thw.npy',
+    'frame_ids': prefix + '.frame_ids.npy',
+    'meta': prefix + '.meta.json',
+    'positions': os.path.join(pack, 'positions_thw.npy'),
+    'images': [os.path.join(pack, f'{stem}_{i:03d}.{s.image_format}') for i in range(s.num_images)],
+  }
 
 
 def jsonl_line(item: Item, paths: dict, s: Settings) -> dict:
-  return {'id': item.id, 'conversations': conversations_with_images(item.conversations,
-                                                                     s.num_images),
-          'image': paths['images'], 'positions_thw': paths['positions']}
+  return {
+    'id': item.id,
+    'conversations': conversations_with_images(item.conversations, s.num_images),
+    'image': paths['images'],
+    'positions_thw': paths['positions'],
+  }
 
 
 def finished(paths: dict) -> bool:
   """All of a clip's files exist (each is written atomically; the meta last of stage1's)."""
-  return all(os.path.exists(p) for p in [paths['visidx'], paths['frame_ids'], paths['meta'],
-                                         paths['positions'], *paths['images']])
+  return all(
+    os.path.exists(p)
+    for p in [
+      paths['visidx'],
+      paths['frame_ids'],
+      paths['meta'],
+      paths['positions'],
+      *paths['images'],
+    ]
+  )
 
 
 def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **options) -> dict:
@@ -231,12 +278,17 @@ def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **opti
   from data_pipeline.codec import bitstream, geometry
 
   paths = clip_paths(item, visidx_root, image_root, s)
-  sel = codec.select(item.video, num_frames=s.num_frames, budget=s.budget,
-                     resolution=s.resolution, patch_size=s.patch_size, preset=s.preset,
-                     **options)
+  sel = codec.select(
+    item.video,
+    num_frames=s.num_frames,
+    budget=s.budget,
+    resolution=s.resolution,
+    patch_size=s.patch_size,
+    preset=s.preset,
+    **options,
+  )
   frames = geometry.decode_canvas(item.video, sel.frame_ids, s.resolution, 'letterbox')
-  canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size,
-                                   s.first_full)
+  canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size, s.first_full)
   for path, canvas in zip(paths['images'], canvases):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fileio.write_atomic(path, encode_image(canvas, s.image_format))
@@ -244,28 +296,53 @@ def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **opti
 
   info = bitstream.probe(item.video)
   box = geometry.canvas(info.height, info.width, s.resolution, 'letterbox')
-  valid = geometry.valid_patches(info.height, info.width, s.resolution, s.patch_size,
-                                 'letterbox')
+  valid = geometry.valid_patches(info.height, info.width, s.resolution, s.patch_size, 'letterbox')
   os.makedirs(visidx_root, exist_ok=True)
   save_npy(paths['visidx'], sel.positions.astype(np.int32))
   save_npy(paths['frame_ids'], sel.frame_ids.astype(np.int32))
   side = s.resolution // s.patch_size
-  fileio.write_json(paths['meta'], {
-      'sample_id': item.id, 'sample_key': item.sample_key, 'video': item.video,
-      'T': s.num_frames, 'frame_ids': None, 'preprocess': f'square{s.resolution}',
-      'square_size': s.resolution, 'patch': s.patch_size,
-      'keep_frames_equiv': s.budget // (side * side), 'padding_policy': 'zero',
-      'keep_uniform_first': False, 'keep_first_full_frame': True, 'H0': info.height,
+  fileio.write_json(
+    paths['meta'],
+    {
+      'sample_id': item.id,
+      'sample_key': item.sample_key,
+      'video': item.video,
+      'T': s.num_frames,
+      'frame_ids': None,
+      'preprocess': f'square{s.resolution}',
+      'square_size': s.resolution,
+      'patch': s.patch_size,
+      'keep_frames_equiv': s.budget // (side * side),
+      'padding_policy': 'zero',
+      'keep_uniform_first': False,
+      'keep_first_full_frame': True,
+      'H0': info.height,
       'W0': info.width,
-      'pad_info': {'scale': s.resolution / max(info.height, info.width), 'Hn': box.new_h,
-                   'Wn': box.new_w, 'pad_top': box.top, 'pad_left': box.left,
-                   'pad_bottom': s.resolution - box.new_h - box.top,
-                   'pad_right': s.resolution - box.new_w - box.left,
-                   'out_size': s.resolution, 'H0': info.height, 'W0': info.width},
-      'hb': side, 'wb': side, 'S_total': side * side, 'S_valid': int(valid.sum()),
-      'K': int(len(sel.positions)), 'padding_patch_filtered': 0,
-      'valid_ranges': valid_ranges(valid), 'selection': s.preset, 'codec': sel.codec,
-      'transcoded': bool(sel.transcoded)}, sort_keys=False)
+      'pad_info': {
+        'scale': s.resolution / max(info.height, info.width),
+        'Hn': box.new_h,
+        'Wn': box.new_w,
+        'pad_top': box.top,
+        'pad_left': box.left,
+        'pad_bottom': s.resolution - box.new_h - box.top,
+        'pad_right': s.resolution - box.new_w - box.left,
+        'out_size': s.resolution,
+        'H0': info.height,
+        'W0': info.width,
+      },
+      'hb': side,
+      'wb': side,
+      'S_total': side * side,
+      'S_valid': int(valid.sum()),
+      'K': int(len(sel.positions)),
+      'padding_patch_filtered': 0,
+      'valid_ranges': valid_ranges(valid),
+      'selection': s.preset,
+      'codec': sel.codec,
+      'transcoded': bool(sel.transcoded),
+    },
+    sort_keys=False,
+  )
   return jsonl_line(item, paths, s)
 
 
@@ -277,10 +354,18 @@ def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
   return f'{out_jsonl}.shard{task_index:02d}of{num_tasks:02d}.jsonl'
 
 
-def run(dataset: str, visidx_root: str, image_root: str, out_jsonl: str,
-        settings: Settings = Settings(), failures: str | None = None,
-        retry_failures: bool = False, task_index: int = 0, num_tasks: int = 1,
-        **options) -> dict:
+def run(
+  dataset: str,
+  visidx_root: str,
+  image_root: str,
+  out_jsonl: str,
+  settings: Settings = Settings(),
+  failures: str | None = None,
+  retry_failures: bool = False,
+  task_index: int = 0,
+  num_tasks: int = 1,
+  **options,
+) -> dict:
   """The whole list: each clip's files, then the jsonl (written atomically, in dataset order).
 
   A video that fails is recorded in `failures` (default `<jsonl>.failures.jsonl`: id, video,
@@ -289,20 +374,27 @@ def run(dataset: str, visidx_root: str, image_root: str, out_jsonl: str,
   machines), task I takes the rows I, I + N, ... and writes `task_jsonl(out_jsonl, I, N)`;
   concatenating the N jsonl files gives the whole set. Returns the counts."""
   if settings.image_format not in IMAGE_FORMATS:
-    raise ValueError(f'image_format={settings.image_format!r}: allowed values are '
-                     f'{", ".join(IMAGE_FORMATS)}')
+    raise ValueError(
+      f'image_format={settings.image_format!r}: allowed values are {", ".join(IMAGE_FORMATS)}'
+    )
   side = settings.resolution // max(settings.patch_size, 1)
-  if (settings.resolution % max(settings.patch_size, 1) or settings.budget % settings.num_images
-      or settings.budget // settings.num_images > side * side):
+  if (
+    settings.resolution % max(settings.patch_size, 1)
+    or settings.budget % settings.num_images
+    or settings.budget // settings.num_images > side * side
+  ):
     # Checked here, not per clip: a setting error would otherwise fail every clip, and known
     # failures are skipped on re-runs.
-    raise ValueError(f'resolution={settings.resolution}, patch_size={settings.patch_size}, '
-                     f'budget={settings.budget}, num_images={settings.num_images}: the budget '
-                     f'must split into num_images canvases of at most {side}x{side} patches '
-                     f'(the release: 576, 16, 10368, 8)')
+    raise ValueError(
+      f'resolution={settings.resolution}, patch_size={settings.patch_size}, '
+      f'budget={settings.budget}, num_images={settings.num_images}: the budget '
+      f'must split into num_images canvases of at most {side}x{side} patches '
+      f'(the release: 576, 16, 10368, 8)'
+    )
   if not 0 <= task_index < num_tasks:
-    raise ValueError(f'task_index={task_index}, num_tasks={num_tasks}: need '
-                     f'0 <= task_index < num_tasks')
+    raise ValueError(
+      f'task_index={task_index}, num_tasks={num_tasks}: need 0 <= task_index < num_tasks'
+    )
   items = read_items(dataset)[task_index::num_tasks]
   out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'
@@ -330,8 +422,9 @@ def run(dataset: str, visidx_root: str, image_root: str, out_jsonl: str,
       counts['failed'] += 1
     # Failures are written as they happen, so a killed run keeps them.
     fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
-  fileio.write_atomic(out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n'
-                                         for line in lines))
+  fileio.write_atomic(
+    out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
+  )
   return counts
 
 
@@ -344,26 +437,34 @@ def read_failures(path: str) -> list[dict]:
 
 # ------------------------------------------------------------------ the release's files -> ours
 
-def regrid(positions_Kx3: np.ndarray, num_frames: int, grid: int, model_grid: int,
-           min_cover: float = 0.5) -> np.ndarray:
+
+def regrid(
+  positions_Kx3: np.ndarray, num_frames: int, grid: int, model_grid: int, min_cover: float = 0.5
+) -> np.ndarray:
   """(t, h, w) on a `grid` x `grid` square canvas -> the cells of a `model_grid` x `model_grid`
   grid over the same canvas that the selected cells cover for at least `min_cover` of their
   area, int64 [K', 3] sorted. Both grids split one square canvas (the release's 576 / 16 = 36
   and our 224 / 14 = 16 tile the same letterboxed picture), so the overlap is exact."""
+
   def overlap(fine: int, coarse: int) -> np.ndarray:
     lo_f, hi_f = np.arange(fine) / fine, np.arange(1, fine + 1) / fine
     lo_c, hi_c = np.arange(coarse)[:, None] / coarse, np.arange(1, coarse + 1)[:, None] / coarse
     return np.clip(np.minimum(hi_f, hi_c) - np.maximum(lo_f, lo_c), 0, None) * coarse
-  m = overlap(grid, model_grid)                                    # [model_grid, grid]
+
+  m = overlap(grid, model_grid)  # [model_grid, grid]
   chosen_TxGxG = np.zeros((num_frames, grid, grid))
   chosen_TxGxG[tuple(np.asarray(positions_Kx3, np.int64).T)] = 1.0
   cover_TxMxM = np.einsum('ag,tgh,bh->tab', m, chosen_TxGxG, m)
   return np.argwhere(cover_TxMxM >= min_cover - 1e-9).astype(np.int64)
 
 
-def release_record(visidx_path: str, frame_ids_path: str | None = None,
-                   source: str | None = None, grid: int | None = None,
-                   model_grid: int | None = None) -> dict[str, Any]:
+def release_record(
+  visidx_path: str,
+  frame_ids_path: str | None = None,
+  source: str | None = None,
+  grid: int | None = None,
+  model_grid: int | None = None,
+) -> dict[str, Any]:
   """A clip record (`data_pipeline.records`) of stage1's `*.visidx_thw.npy` and its
   `*.frame_ids.npy` (default: the same prefix). `source` defaults to the video named in the
   `*.meta.json` beside them; `grid` (patches a side) defaults to the meta's hb.
@@ -373,39 +474,43 @@ def release_record(visidx_path: str, frame_ids_path: str | None = None,
   unknown (the release does not store them)."""
   if not visidx_path.endswith('.visidx_thw.npy'):
     raise ValueError(f'{visidx_path}: not a stage1 selection file (*.visidx_thw.npy)')
-  prefix = visidx_path[:-len('.visidx_thw.npy')]
+  prefix = visidx_path[: -len('.visidx_thw.npy')]
   frame_ids_path = frame_ids_path or prefix + '.frame_ids.npy'
   meta = fileio.read_json(prefix + '.meta.json') or {}
   if not os.path.exists(frame_ids_path):
-    raise ValueError(f'{visidx_path}: its frame ids {frame_ids_path} are missing; pass '
-                     f'frame_ids_path')
+    raise ValueError(
+      f'{visidx_path}: its frame ids {frame_ids_path} are missing; pass frame_ids_path'
+    )
   thw = np.load(visidx_path, allow_pickle=False)
   frame_ids = np.load(frame_ids_path, allow_pickle=False)
   if thw.ndim != 2 or thw.shape[1] != 3 or thw.dtype.kind not in 'iu':
-    raise ValueError(f'{visidx_path}: expected integer [K, 3] (t, h, w), got {thw.dtype} '
-                     f'{thw.shape}')
+    raise ValueError(
+      f'{visidx_path}: expected integer [K, 3] (t, h, w), got {thw.dtype} {thw.shape}'
+    )
   if frame_ids.ndim != 1 or frame_ids.dtype.kind not in 'iu':
-    raise ValueError(f'{frame_ids_path}: expected integer [T] frame ids, got {frame_ids.dtype} '
-                     f'{frame_ids.shape}')
+    raise ValueError(
+      f'{frame_ids_path}: expected integer [T] frame ids, got {frame_ids.dtype} {frame_ids.shape}'
+    )
   grid = int(grid or meta.get('hb') or 0)
   if not grid:
     raise ValueError(f'{visidx_path}: no meta.json gives the grid (hb); pass grid')
-  if len(thw) and (thw.min() < 0 or thw[:, 0].max() >= len(frame_ids)
-                   or thw[:, 1:].max() >= grid):
+  if len(thw) and (thw.min() < 0 or thw[:, 0].max() >= len(frame_ids) or thw[:, 1:].max() >= grid):
     raise ValueError(f'{visidx_path}: positions outside T={len(frame_ids)} x {grid} x {grid}')
-  thw = np.unique(thw.astype(np.int64), axis=0)          # sorted by (t, h, w), no repeats
+  thw = np.unique(thw.astype(np.int64), axis=0)  # sorted by (t, h, w), no repeats
   if model_grid and model_grid != grid:
     thw, grid = regrid(thw, len(frame_ids), grid, model_grid), model_grid
   source = source or meta.get('video')
   if not source:
     raise ValueError(f'{visidx_path}: no meta.json names the video; pass source')
-  return {'source': str(source), 'frame_ids': frame_ids.astype(np.int32),
-          'positions': thw.astype(np.int16),
-          'picture_types': np.zeros(len(frame_ids), np.uint8),
-          'stats_kept_fraction': float(len(thw) / (len(frame_ids) * grid * grid))}
+  return {
+    'source': str(source),
+    'frame_ids': frame_ids.astype(np.int32),
+    'positions': thw.astype(np.int16),
+    'picture_types': np.zeros(len(frame_ids), np.uint8),
+    'stats_kept_fraction': float(len(thw) / (len(frame_ids) * grid * grid)),
+  }
 
 
 def release_files(visidx_root: str) -> Iterator[str]:
   """Every `*.visidx_thw.npy` under a stage1 folder, sorted."""
-  yield from sorted(glob.glob(os.path.join(visidx_root, '**', '*.visidx_thw.npy'),
-                              recursive=True))
+  yield from sorted(glob.glob(os.path.join(visidx_root, '**', '*.visidx_thw.npy'), recursive=True))

@@ -7,6 +7,7 @@ its contents only serve the message of a refused run. flock works on local file 
 NFS (Linux maps it to NFS byte-range locks); some cluster file systems need it enabled (Lustre's
 `flock` mount option).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,10 @@ def owner_text(path: str) -> str:
   try:
     with open(path, encoding='utf-8') as f:
       owner = json.load(f)
-    return (f'pid {owner["pid"]} on host {owner["host"]}, {owner.get("what", "a run")}, '
-            f'started {owner["started"]}')
+    return (
+      f'pid {owner["pid"]} on host {owner["host"]}, {owner.get("what", "a run")}, '
+      f'started {owner["started"]}'
+    )
   except (OSError, ValueError, KeyError, TypeError):
     return 'a run that has not written its name yet'
 
@@ -44,8 +47,11 @@ def _try_flock(fd: int, path: str) -> bool:
   except OSError as e:
     if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
       return False
-    raise OSError(e.errno, f'{path}: cannot lock ({e.strerror}); the file system may not '
-                  'support flock (Lustre: mount with -o flock)') from e
+    raise OSError(
+      e.errno,
+      f'{path}: cannot lock ({e.strerror}); the file system may not '
+      'support flock (Lustre: mount with -o flock)',
+    ) from e
 
 
 def is_held(path: str) -> bool:
@@ -64,9 +70,13 @@ def is_held(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def hold(folder: str, name: str, what: str,
-         conflicts: Callable[[str], bool] = lambda name: False,
-         wait: Callable[[str], None] | None = None) -> Iterator[str]:
+def hold(
+  folder: str,
+  name: str,
+  what: str,
+  conflicts: Callable[[str], bool] = lambda name: False,
+  wait: Callable[[str], None] | None = None,
+) -> Iterator[str]:
   """Holds the lock `folder/.lock-{name}` for the block, or raises Locked naming its holder.
 
   `conflicts(other_name)`: whether another lock of the folder belongs to a run that would write
@@ -81,15 +91,23 @@ def hold(folder: str, name: str, what: str,
       wait(f'{folder} is in use by {owner_text(path)}; waiting for it')
       fcntl.flock(fd, fcntl.LOCK_EX)
     elif not _try_flock(fd, path):
-      raise Locked(f'{folder} is in use by another precompute run ({owner_text(path)}); wait '
-                   'for it to finish or stop it (its lock is released when it exits)')
+      raise Locked(
+        f'{folder} is in use by another precompute run ({owner_text(path)}); wait '
+        'for it to finish or stop it (its lock is released when it exits)'
+      )
     for other in sorted(glob.glob(os.path.join(glob.escape(folder), LOCK_PREFIX + '*'))):
-      other_name = os.path.basename(other)[len(LOCK_PREFIX):]
+      other_name = os.path.basename(other)[len(LOCK_PREFIX) :]
       if other_name != name and conflicts(other_name) and is_held(other):
-        raise Locked(f'{folder} is in use by another precompute run ({owner_text(other)}) that '
-                     f'writes the same shards as {what}; wait for it to finish or stop it')
-    owner = {'pid': os.getpid(), 'host': socket.gethostname(), 'what': what,
-             'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}
+        raise Locked(
+          f'{folder} is in use by another precompute run ({owner_text(other)}) that '
+          f'writes the same shards as {what}; wait for it to finish or stop it'
+        )
+    owner = {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'what': what,
+      'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(owner).encode(), 0)
     os.fsync(fd)

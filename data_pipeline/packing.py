@@ -22,6 +22,7 @@ Batch (numpy), from samples of `data_pipeline.transforms`:
 processes) with exact checkpointing: its state is the upstream state just before the first
 element of the batch being filled, so a restore re-reads and re-packs that batch identically.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
@@ -47,11 +48,20 @@ def sample_name(sample: Mapping[str, Any]) -> str:
 class BatchPacker:
   """Fills one batch of R rows first-fit; `add` says whether a sample fitted, `finish` emits."""
 
-  def __init__(self, rows: int, tokens_per_row: int, max_segments: int, num_labels: int, *,
-               patch_dtype: str = 'float32'):
+  def __init__(
+    self,
+    rows: int,
+    tokens_per_row: int,
+    max_segments: int,
+    num_labels: int,
+    *,
+    patch_dtype: str = 'float32',
+  ):
     if min(rows, tokens_per_row, max_segments, num_labels) < 1:
-      raise ValueError(f'rows={rows}, tokens_per_row={tokens_per_row}, max_segments={max_segments}'
-                       f', num_labels={num_labels}: all must be >= 1')
+      raise ValueError(
+        f'rows={rows}, tokens_per_row={tokens_per_row}, max_segments={max_segments}'
+        f', num_labels={num_labels}: all must be >= 1'
+      )
     if patch_dtype not in PATCH_DTYPES:
       raise ValueError(f'patch_dtype={patch_dtype!r}; choose one of {PATCH_DTYPES}')
     self.rows, self.tokens_per_row = rows, tokens_per_row
@@ -67,8 +77,8 @@ class BatchPacker:
     self._labels_RxSxN = np.zeros((r, s, self.num_labels), np.int32)
     self._mode_RxS = np.full((r, s), -1, np.int32)
     self._index_RxS = np.full((r, s), -1, np.int64)
-    self._used_R = np.zeros(r, np.int64)       # tokens filled per row
-    self._segments_R = np.zeros(r, np.int64)   # samples per row
+    self._used_R = np.zeros(r, np.int64)  # tokens filled per row
+    self._segments_R = np.zeros(r, np.int64)  # samples per row
     self.num_samples = 0
 
   def check(self, sample: Mapping[str, Any]) -> int:
@@ -76,31 +86,35 @@ class BatchPacker:
     n = len(sample['patches'])
     if n > self.tokens_per_row:
       raise SampleTooLongError(
-          f'{sample_name(sample)}: {n} tokens do not fit a row of tokens_per_row='
-          f'{self.tokens_per_row}; raise tokens_per_row or lower this head\'s token budget')
+        f'{sample_name(sample)}: {n} tokens do not fit a row of tokens_per_row='
+        f"{self.tokens_per_row}; raise tokens_per_row or lower this head's token budget"
+      )
     if n == 0:
       raise ValueError(f'{sample_name(sample)}: a sample with no tokens')
     if sample['patches'].shape != (n, tokens.PATCH_DIM) or sample['positions'].shape != (n, 3):
-      raise ValueError(f'{sample_name(sample)}: patches {sample["patches"].shape} / positions '
-                       f'{sample["positions"].shape}; expected [{n}, {tokens.PATCH_DIM}] / '
-                       f'[{n}, 3]')
+      raise ValueError(
+        f'{sample_name(sample)}: patches {sample["patches"].shape} / positions '
+        f'{sample["positions"].shape}; expected [{n}, {tokens.PATCH_DIM}] / '
+        f'[{n}, 3]'
+      )
     if np.shape(sample['labels']) != (self.num_labels,):
-      raise ValueError(f'{sample_name(sample)}: labels of shape {np.shape(sample["labels"])}; '
-                       f'this head packs {self.num_labels} per sample')
+      raise ValueError(
+        f'{sample_name(sample)}: labels of shape {np.shape(sample["labels"])}; '
+        f'this head packs {self.num_labels} per sample'
+      )
     return n
 
   def add(self, sample: Mapping[str, Any]) -> bool:
     """Places the sample in the first row with room; False (and no change) when none has room."""
     n = self.check(sample)
-    fits_R = ((self.tokens_per_row - self._used_R >= n) &
-              (self._segments_R < self.max_segments))
+    fits_R = (self.tokens_per_row - self._used_R >= n) & (self._segments_R < self.max_segments)
     if not fits_R.any():
       return False
     row = int(np.argmax(fits_R))
     start, seg = int(self._used_R[row]), int(self._segments_R[row])
-    self._patches_RxLxP[row, start:start + n] = sample['patches']
-    self._positions_RxLx3[row, start:start + n] = sample['positions']
-    self._segment_ids_RxL[row, start:start + n] = seg + 1
+    self._patches_RxLxP[row, start : start + n] = sample['patches']
+    self._positions_RxLx3[row, start : start + n] = sample['positions']
+    self._segment_ids_RxL[row, start : start + n] = seg + 1
     self._labels_RxSxN[row, seg] = sample['labels']
     self._mode_RxS[row, seg] = int(sample.get('mode', -1))
     self._index_RxS[row, seg] = int(sample.get('index', -1))
@@ -117,22 +131,28 @@ class BatchPacker:
     else:
       patches = self._patches_RxLxP
     batch = {
-        'patches': patches,
-        'positions': self._positions_RxLx3,
-        'segment_ids': self._segment_ids_RxL,
-        'labels': self._labels_RxSxN,
-        'segment_valid': self._mode_RxS >= 0,
-        'segment_mode': self._mode_RxS,
-        'sample_index': self._index_RxS,
-        'num_skipped': np.asarray(num_skipped, np.int32),
+      'patches': patches,
+      'positions': self._positions_RxLx3,
+      'segment_ids': self._segment_ids_RxL,
+      'labels': self._labels_RxSxN,
+      'segment_valid': self._mode_RxS >= 0,
+      'segment_mode': self._mode_RxS,
+      'sample_index': self._index_RxS,
+      'num_skipped': np.asarray(num_skipped, np.int32),
     }
     self._reset()
     return batch
 
 
-def pack(samples: Iterable[Mapping[str, Any]], *, rows: int, tokens_per_row: int,
-         max_segments: int, num_labels: int, patch_dtype: str = 'float32'
-         ) -> list[dict[str, np.ndarray]]:
+def pack(
+  samples: Iterable[Mapping[str, Any]],
+  *,
+  rows: int,
+  tokens_per_row: int,
+  max_segments: int,
+  num_labels: int,
+  patch_dtype: str = 'float32',
+) -> list[dict[str, np.ndarray]]:
   """Packs a finite list of samples into batches, exactly as the pipeline does (no skips)."""
   packer = BatchPacker(rows, tokens_per_row, max_segments, num_labels, patch_dtype=patch_dtype)
   batches = []
@@ -148,12 +168,25 @@ def pack(samples: Iterable[Mapping[str, Any]], *, rows: int, tokens_per_row: int
 class PackIterDataset(grain.IterDataset):
   """Grain stage: samples (or SKIPPED markers) in, packed batches out, checkpointable."""
 
-  def __init__(self, parent: grain.IterDataset, *, rows: int, tokens_per_row: int,
-               max_segments: int, num_labels: int, patch_dtype: str = 'float32',
-               max_consecutive_skips: int = 1000):
+  def __init__(
+    self,
+    parent: grain.IterDataset,
+    *,
+    rows: int,
+    tokens_per_row: int,
+    max_segments: int,
+    num_labels: int,
+    patch_dtype: str = 'float32',
+    max_consecutive_skips: int = 1000,
+  ):
     super().__init__(parent)
-    self._kwargs = dict(rows=rows, tokens_per_row=tokens_per_row, max_segments=max_segments,
-                        num_labels=num_labels, patch_dtype=patch_dtype)
+    self._kwargs = dict(
+      rows=rows,
+      tokens_per_row=tokens_per_row,
+      max_segments=max_segments,
+      num_labels=num_labels,
+      patch_dtype=patch_dtype,
+    )
     BatchPacker(**self._kwargs)  # validate the arguments here, not in a worker process
     self._max_consecutive_skips = max_consecutive_skips
 
@@ -165,9 +198,9 @@ class PackIterDataset(grain.IterDataset):
 
 
 class _PackIterator(grain.DatasetIterator):
-
-  def __init__(self, parent: grain.DatasetIterator, packer_kwargs: dict[str, Any],
-               max_consecutive_skips: int):
+  def __init__(
+    self, parent: grain.DatasetIterator, packer_kwargs: dict[str, Any], max_consecutive_skips: int
+  ):
     super().__init__(parent)
     self._packer_kwargs = packer_kwargs
     self._packer = BatchPacker(**packer_kwargs)
@@ -204,8 +237,9 @@ class _PackIterator(grain.DatasetIterator):
     self._consecutive_skips += 1
     if 0 < self._max_consecutive_skips <= self._consecutive_skips:
       raise RuntimeError(
-          f'{self._consecutive_skips} records in a row could not be used (the last: '
-          f'{sample[SKIPPED]}); the source is probably wrong, not just a few corrupt records')
+        f'{self._consecutive_skips} records in a row could not be used (the last: '
+        f'{sample[SKIPPED]}); the source is probably wrong, not just a few corrupt records'
+      )
 
   def get_state(self) -> dict[str, Any]:
     # Between batches nothing is half packed: resume at the pending sample, or where upstream is.
@@ -220,4 +254,3 @@ class _PackIterator(grain.DatasetIterator):
 
   def __str__(self) -> str:
     return 'PackIterator'
-

@@ -15,6 +15,7 @@ have written since).
 Readers that need a local file (ArrayRecord's C++ reader) get one from `stage`, which copies an
 object into a local cache folder once (docs/storage.md says when to mount a bucket instead).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,6 +66,7 @@ def basename(path: str) -> str:
 def epath(path: Any):
   """The `etils.epath.Path` of `path` (a URL stays a URL; a local path is made absolute)."""
   from etils import epath as epath_lib  # imported on use: local-only runs never load fsspec
+
   return epath_lib.Path(absolute(path))
 
 
@@ -72,6 +74,7 @@ def _fs(path: str):
   """The fsspec file system epath uses for a URL, with its listing cache dropped, or None where
   epath uses another backend (TensorFlow's gfile when TF is installed: it caches nothing)."""
   from etils.epath import backend  # pylint: disable=g-import-not-at-top
+
   p = epath(path)
   if p._backend is not backend.fsspec_backend:  # pylint: disable=protected-access
     return None
@@ -117,13 +120,14 @@ def glob(pattern: str) -> list[str]:
   pattern = os.path.expanduser(pattern.strip())
   if not is_url(pattern):
     import glob as glob_lib  # pylint: disable=g-import-not-at-top
+
     return sorted(glob_lib.glob(pattern, recursive=True))
   scheme = pattern.split('://', 1)[0]
   fs = _fs(pattern)
   if fs is None:  # epath's own glob, from the folder above the first wildcard
     fixed = re.split(r'[*?[]', pattern, maxsplit=1)[0]
     folder = dirname(fixed + 'x')
-    return sorted(str(p) for p in epath(folder).glob(pattern[len(folder) + 1:]))
+    return sorted(str(p) for p in epath(folder).glob(pattern[len(folder) + 1 :]))
   return sorted(f'{scheme}://{p}' for p in fs.glob(pattern))
 
 
@@ -139,12 +143,15 @@ def open_file(path: Any, mode: str = 'r', encoding: str | None = None) -> IO:
   if not is_url(path):
     return open(absolute(path), mode, encoding=encoding)  # pylint: disable=unspecified-encoding
   if 'a' in mode or '+' in mode:
-    raise ValueError(f'{path}: mode {mode!r} cannot be used on an object store (objects are '
-                     'written whole); write the object again instead')
+    raise ValueError(
+      f'{path}: mode {mode!r} cannot be used on an object store (objects are '
+      'written whole); write the object again instead'
+    )
   handle = epath(path).open(mode.replace('t', '').replace('b', '') + 'b')
   if 'b' in mode:
     return handle
   import io  # pylint: disable=g-import-not-at-top
+
   return io.TextIOWrapper(handle, encoding=encoding or 'utf-8')
 
 
@@ -229,8 +236,11 @@ def cache_path(url: str, cache_dir: str | None = None) -> str:
   `<cache_dir>/<scheme>/<bucket>/<key>`; for things that must be local files next to a URL
   workdir (a staged shard, wandb's run folder, the built-in demo data)."""
   scheme, rest = absolute(url).split('://', 1)
-  return os.path.join(os.path.abspath(cache_dir or default_cache_dir()), scheme,
-                      *[p for p in rest.split('/') if p not in ('', '.', '..')])
+  return os.path.join(
+    os.path.abspath(cache_dir or default_cache_dir()),
+    scheme,
+    *[p for p in rest.split('/') if p not in ('', '.', '..')],
+  )
 
 
 def local_folder(path: str, cache_dir: str | None = None) -> str:
@@ -247,6 +257,7 @@ def stage(path: str, cache_dir: str | None = None) -> str:
   if not is_url(path):
     return absolute(path)
   from data_pipeline import fileio  # pylint: disable=g-import-not-at-top  (fileio imports us)
+
   local = cache_path(path, cache_dir)
   size = getsize(path)
   if os.path.isfile(local) and os.path.getsize(local) == size:

@@ -31,6 +31,7 @@ ml_collections dict:
              'video': {'kind': 'video', 'source': '/data/k400-*.array_record', 'rows': 8,
                        'tokens_per_row': 2048, 'max_segments': 1}}}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,9 +53,9 @@ MIXING = ('all', 'weighted')
 # Per kind: labels per sample, resolution, crop, flip probability (docs/spec.md §3; the OCR crop
 # is the release's: short side to 448, centre crop, which keeps text undistorted).
 _KIND_DEFAULTS = {
-    'image': dict(num_labels=10, resolution=224, crop='random_resized', flip_prob=0.5),
-    'ocr': dict(num_labels=100, resolution=448, crop='centre', flip_prob=0.0),
-    'video': dict(num_labels=10),  # frames are always 224 (the codec grid), never flipped
+  'image': dict(num_labels=10, resolution=224, crop='random_resized', flip_prob=0.5),
+  'ocr': dict(num_labels=100, resolution=448, crop='centre', flip_prob=0.0),
+  'video': dict(num_labels=10),  # frames are always 224 (the codec grid), never flipped
 }
 
 
@@ -64,26 +65,27 @@ class HeadConfig:
 
   Fields left None take the kind's default (`_KIND_DEFAULTS`).
   """
-  kind: str                                    # 'image', 'ocr' or 'video'
-  source: str | tuple[str, ...]          # see sources.open_source
-  rows: int = 8                                # R: rows per per-host batch
-  tokens_per_row: int = 2048                   # L
-  max_segments: int = 8                        # S: samples per row at most
-  weight: float = 1.0                          # share of steps under mixing='weighted'
-  num_labels: int | None = None                # n: 10 (image, video) or 100 (OCR)
+
+  kind: str  # 'image', 'ocr' or 'video'
+  source: str | tuple[str, ...]  # see sources.open_source
+  rows: int = 8  # R: rows per per-host batch
+  tokens_per_row: int = 2048  # L
+  max_segments: int = 8  # S: samples per row at most
+  weight: float = 1.0  # share of steps under mixing='weighted'
+  num_labels: int | None = None  # n: 10 (image, video) or 100 (OCR)
   # Images and OCR.
-  resolution: int | None = None                # 224 or 448
-  crop: str | None = None                      # 'random_resized', 'centre' or 'resize'
+  resolution: int | None = None  # 224 or 448
+  crop: str | None = None  # 'random_resized', 'centre' or 'resize'
   area_range: tuple[float, float] = (0.7, 1.0)
   aspect_range: tuple[float, float] = (0.8, 1.25)
   flip_prob: float | None = None
-  native_aspect: bool = False                  # keep the image's aspect, up to max_image_tokens
-  max_image_tokens: int | None = None          # native-aspect budget (default tokens_per_row)
+  native_aspect: bool = False  # keep the image's aspect, up to max_image_tokens
+  max_image_tokens: int | None = None  # native-aspect budget (default tokens_per_row)
   # Videos.
   video_modes: tuple[float, ...] = (0.5, 0.375, 0.125)  # codec, uniform, collage[, random]
-  num_frames: int = 8                          # frames of the uniform and collage modes
+  num_frames: int = 8  # frames of the uniform and collage modes
   temporal_size: int = tokens.TEMPORAL_SIZE
-  video_root: str = ''                         # prefix of records' relative `source` paths
+  video_root: str = ''  # prefix of records' relative `source` paths
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -94,16 +96,23 @@ class HeadConfig:
     # Samples of a known size must fit a row; say so here rather than from a worker process.
     # (Codec samples have the size their record gives; a too-long one is named when packed.)
     if self.kind == 'video':
-      frames_tokens = self.num_frames * tokens.VIDEO_GRID ** 2
+      frames_tokens = self.num_frames * tokens.VIDEO_GRID**2
       if max(self.video_modes[1:3]) > 0 and frames_tokens > self.tokens_per_row:
-        raise ValueError(f'{self.num_frames} frames x {tokens.VIDEO_GRID ** 2} patches = '
-                         f'{frames_tokens} tokens > tokens_per_row={self.tokens_per_row}')
+        raise ValueError(
+          f'{self.num_frames} frames x {tokens.VIDEO_GRID**2} patches = '
+          f'{frames_tokens} tokens > tokens_per_row={self.tokens_per_row}'
+        )
     else:
-      image_tokens = ((self.max_image_tokens or self.tokens_per_row) if self.native_aspect
-                      else (self.get('resolution') // tokens.PATCH) ** 2)
+      image_tokens = (
+        (self.max_image_tokens or self.tokens_per_row)
+        if self.native_aspect
+        else (self.get('resolution') // tokens.PATCH) ** 2
+      )
       if image_tokens > self.tokens_per_row:
-        raise ValueError(f'{self.kind} samples have up to {image_tokens} tokens > '
-                         f'tokens_per_row={self.tokens_per_row}')
+        raise ValueError(
+          f'{self.kind} samples have up to {image_tokens} tokens > '
+          f'tokens_per_row={self.tokens_per_row}'
+        )
 
   def get(self, field: str) -> Any:
     value = getattr(self, field)
@@ -113,32 +122,41 @@ class HeadConfig:
     """The sample transform of this head (transforms.ImageTransform or VideoTransform)."""
     if self.kind == 'video':
       return transforms.VideoTransform(
-          mode_probs=tuple(self.video_modes), num_frames=self.num_frames,
-          temporal_size=self.temporal_size, num_labels=self.get('num_labels'),
-          video_root=self.video_root)
+        mode_probs=tuple(self.video_modes),
+        num_frames=self.num_frames,
+        temporal_size=self.temporal_size,
+        num_labels=self.get('num_labels'),
+        video_root=self.video_root,
+      )
     return transforms.ImageTransform(
-        resolution=self.get('resolution'), crop=self.get('crop'),
-        area_range=tuple(self.area_range), aspect_range=tuple(self.aspect_range),
-        flip_prob=self.get('flip_prob'), native_aspect=self.native_aspect,
-        max_tokens=self.max_image_tokens or self.tokens_per_row, num_labels=self.get('num_labels'))
+      resolution=self.get('resolution'),
+      crop=self.get('crop'),
+      area_range=tuple(self.area_range),
+      aspect_range=tuple(self.aspect_range),
+      flip_prob=self.get('flip_prob'),
+      native_aspect=self.native_aspect,
+      max_tokens=self.max_image_tokens or self.tokens_per_row,
+      num_labels=self.get('num_labels'),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """The whole input: heads, seed, this host's place, workers."""
+
   heads: Mapping[str, HeadConfig]
-  seed: int = 0                    # shared by all hosts: one global shuffle, then [i::n]
-  num_epochs: int | None = None    # None: repeat forever (each epoch reshuffled)
-  process_index: int = 0           # this host (jax.process_index() in the trainer)
+  seed: int = 0  # shared by all hosts: one global shuffle, then [i::n]
+  num_epochs: int | None = None  # None: repeat forever (each epoch reshuffled)
+  process_index: int = 0  # this host (jax.process_index() in the trainer)
   process_count: int = 1
-  worker_count: int = 2            # worker processes per head; 0 = in the calling process
-  worker_buffer: int = 2           # batches each worker prepares ahead
-  read_threads: int = 1            # threads per process decoding records
-  read_buffer: int = 4             # records decoded ahead per process
-  mixing: str = 'all'              # 'all': every head each step; 'weighted': one head per step
-  patch_dtype: str = 'float32'     # 'float32' (CLIP-normalised) or 'uint8' (normalise on device)
+  worker_count: int = 2  # worker processes per head; 0 = in the calling process
+  worker_buffer: int = 2  # batches each worker prepares ahead
+  read_threads: int = 1  # threads per process decoding records
+  read_buffer: int = 4  # records decoded ahead per process
+  mixing: str = 'all'  # 'all': every head each step; 'weighted': one head per step
+  patch_dtype: str = 'float32'  # 'float32' (CLIP-normalised) or 'uint8' (normalise on device)
   max_consecutive_skips: int = 1000  # this many failed records in a row is an error, not bad luck
-  local_cache_dir: str = ''        # where shards in object storage are staged ('': default)
+  local_cache_dir: str = ''  # where shards in object storage are staged ('': default)
 
   def __post_init__(self):
     if not self.heads:
@@ -169,8 +187,9 @@ class PipelineConfig:
         head = dict(head)
         unknown = set(head) - head_fields
         if unknown:
-          raise ValueError(f'head {name!r}: unknown key(s) {sorted(unknown)}; known: '
-                           f'{sorted(head_fields)}')
+          raise ValueError(
+            f'head {name!r}: unknown key(s) {sorted(unknown)}; known: {sorted(head_fields)}'
+          )
         head = HeadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in head.items()})
       heads[name] = head
     config['heads'] = heads
@@ -186,10 +205,12 @@ def head_seed(seed: int, name: str) -> int:
 # Records to samples, never raising on bad data
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class SampleFn:
   """Grain random_map: a source item -> a sample, or a SKIPPED marker for a bad record."""
-  transform: Any                   # transforms.ImageTransform | transforms.VideoTransform
+
+  transform: Any  # transforms.ImageTransform | transforms.VideoTransform
   head: str = ''
 
   def __call__(self, item: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -209,11 +230,14 @@ class SampleFn:
 # One head
 # ------------------------------------------------------------------------------------------------
 
-def sample_dataset(name: str, head: HeadConfig, cfg: PipelineConfig, source=None
-                   ) -> grain.MapDataset:
+
+def sample_dataset(
+  name: str, head: HeadConfig, cfg: PipelineConfig, source=None
+) -> grain.MapDataset:
   """This host's samples of one head (before packing): a MapDataset, indexable for inspection."""
-  source = (sources.open_source(head.source, cfg.local_cache_dir or None) if source is None
-            else source)
+  source = (
+    sources.open_source(head.source, cfg.local_cache_dir or None) if source is None else source
+  )
   if len(source) == 0:
     raise ValueError(f'head {name!r}: the source {head.source!r} has no records')
   seed = head_seed(cfg.seed, name)
@@ -221,27 +245,38 @@ def sample_dataset(name: str, head: HeadConfig, cfg: PipelineConfig, source=None
   ds = ds.repeat(cfg.num_epochs)
   # Before the host slice: a record's random choices depend on its global position only.
   ds = ds.random_map(SampleFn(head.transform(), name), seed=(seed + 1) % 2**32)
-  return ds[cfg.process_index::cfg.process_count]
+  return ds[cfg.process_index :: cfg.process_count]
 
 
-def head_dataset(name: str, head: HeadConfig, cfg: PipelineConfig, source=None
-                 ) -> grain.IterDataset:
+def head_dataset(
+  name: str, head: HeadConfig, cfg: PipelineConfig, source=None
+) -> grain.IterDataset:
   """This host's packed batches of one head, prepared in `cfg.worker_count` processes."""
   ds = sample_dataset(name, head, cfg, source).to_iter_dataset(
-      grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
+    grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer)
+  )
   ds = packing.PackIterDataset(
-      ds, rows=head.rows, tokens_per_row=head.tokens_per_row, max_segments=head.max_segments,
-      num_labels=head.get('num_labels'), patch_dtype=cfg.patch_dtype,
-      max_consecutive_skips=cfg.max_consecutive_skips)
+    ds,
+    rows=head.rows,
+    tokens_per_row=head.tokens_per_row,
+    max_segments=head.max_segments,
+    num_labels=head.get('num_labels'),
+    patch_dtype=cfg.patch_dtype,
+    max_consecutive_skips=cfg.max_consecutive_skips,
+  )
   if cfg.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer
+      )
+    )
   return ds
 
 
 # ------------------------------------------------------------------------------------------------
 # Heads together
 # ------------------------------------------------------------------------------------------------
+
 
 class HeadMixIterDataset(grain.IterDataset):
   """{head: batch} per step: every head ('all'), or one head drawn by weight ('weighted').
@@ -251,8 +286,14 @@ class HeadMixIterDataset(grain.IterDataset):
   head runs out (as Grain's own mix does).
   """
 
-  def __init__(self, parents: Mapping[str, grain.IterDataset], *, mixing: str = 'all',
-               weights: Sequence[float] | None = None, seed: int = 0):
+  def __init__(
+    self,
+    parents: Mapping[str, grain.IterDataset],
+    *,
+    mixing: str = 'all',
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+  ):
     super().__init__(list(parents.values()))
     if mixing not in MIXING:
       raise ValueError(f'mixing={mixing!r}; choose one of {MIXING}')
@@ -264,15 +305,15 @@ class HeadMixIterDataset(grain.IterDataset):
     self._mixing, self._seed = mixing, seed
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _HeadMixIterator([p.__iter__() for p in self._parents], self._names, self._mixing,
-                            self._probs, self._seed)
+    return _HeadMixIterator(
+      [p.__iter__() for p in self._parents], self._names, self._mixing, self._probs, self._seed
+    )
 
   def __str__(self) -> str:
     return f'HeadMixIterDataset({self._names}, mixing={self._mixing})'
 
 
 class _HeadMixIterator(grain.DatasetIterator):
-
   def __init__(self, parents, names, mixing, probs, seed):
     super().__init__(parents)
     self._names, self._mixing, self._probs, self._seed = names, mixing, probs, seed
@@ -289,14 +330,17 @@ class _HeadMixIterator(grain.DatasetIterator):
     return out
 
   def get_state(self) -> dict[str, Any]:
-    return {'step': self._step,
-            'heads': {name: it.get_state() for name, it in zip(self._names, self._parents)}}
+    return {
+      'step': self._step,
+      'heads': {name: it.get_state() for name, it in zip(self._names, self._parents)},
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     missing = set(self._names) - set(state['heads'])
     if missing:
-      raise ValueError(f'the saved data state has no head(s) {sorted(missing)}; it has '
-                       f'{sorted(state["heads"])}')
+      raise ValueError(
+        f'the saved data state has no head(s) {sorted(missing)}; it has {sorted(state["heads"])}'
+      )
     for name, it in zip(self._names, self._parents):
       it.set_state(state['heads'][name])
     self._step = int(state['step'])
@@ -307,6 +351,7 @@ def _ensure_absl_flags_parsed():
   # UnparsedFlagAccessError in programs that do not use absl.app (plain scripts, notebooks).
   # Programs that parse flags themselves are left alone.
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -320,10 +365,13 @@ def build(cfg: PipelineConfig | Mapping[str, Any], sources_by_head=None) -> grai
     cfg = PipelineConfig.from_dict(cfg)
   _ensure_absl_flags_parsed()
   sources_by_head = sources_by_head or {}
-  heads = {name: head_dataset(name, head, cfg, sources_by_head.get(name))
-           for name, head in cfg.heads.items()}
-  return HeadMixIterDataset(heads, mixing=cfg.mixing, seed=cfg.seed,
-                            weights=[head.weight for head in cfg.heads.values()])
+  heads = {
+    name: head_dataset(name, head, cfg, sources_by_head.get(name))
+    for name, head in cfg.heads.items()
+  }
+  return HeadMixIterDataset(
+    heads, mixing=cfg.mixing, seed=cfg.seed, weights=[head.weight for head in cfg.heads.values()]
+  )
 
 
 def make_iterator(cfg: PipelineConfig | Mapping[str, Any]) -> grain.DatasetIterator:
@@ -335,12 +383,16 @@ def make_iterator(cfg: PipelineConfig | Mapping[str, Any]) -> grain.DatasetItera
 # Resuming on another process count
 # ------------------------------------------------------------------------------------------------
 
+
 def _index_leaves(state: Any, path: tuple = ()) -> list[tuple]:
   """The paths of every `next_index` in an iterator state, in order (one per reading iterator:
   the host's, or each worker's)."""
   if isinstance(state, Mapping):
-    return [p for k in sorted(state) for p in (
-        [path + (k,)] if k == 'next_index' else _index_leaves(state[k], path + (k,)))]
+    return [
+      p
+      for k in sorted(state)
+      for p in ([path + (k,)] if k == 'next_index' else _index_leaves(state[k], path + (k,)))
+    ]
   if isinstance(state, (list, tuple)):
     return [p for i, v in enumerate(state) for p in _index_leaves(v, path + (i,))]
   return []
@@ -355,12 +407,19 @@ def _get(state, path):
 def records_read(state: Mapping[str, Any]) -> dict[str, int]:
   """Per head, how many of its host's records an iterator (a `make_iterator` state) has used: the
   records of the batches it gave (what workers read ahead is not in a state)."""
-  return {name: sum(int(_get(head, p)) for p in _index_leaves(head))
-          for name, head in state['heads'].items()}
+  return {
+    name: sum(int(_get(head, p)) for p in _index_leaves(head))
+    for name, head in state['heads'].items()
+  }
 
 
-def state_after(fresh: Mapping[str, Any], global_read: Mapping[str, int], process_index: int,
-                process_count: int, draws: int) -> dict[str, Any]:
+def state_after(
+  fresh: Mapping[str, Any],
+  global_read: Mapping[str, int],
+  process_index: int,
+  process_count: int,
+  draws: int,
+) -> dict[str, Any]:
   """An iterator state for host `process_index` of `process_count` that starts each head at
   global record `global_read[head]` of the shuffled order (the sum of every old host's
   `records_read`), from `fresh` (a new iterator's `get_state()`), and the head mixture at its

@@ -29,6 +29,7 @@ Guarantees:
   shard finished writes the corpus's failure manifest, summary and TFDS metadata, and `check`
   says whether a folder is complete and which shards (of which task) are missing.
 """
+
 from __future__ import annotations
 
 import glob
@@ -78,8 +79,23 @@ from data_pipeline.shards import (  # noqa: F401
   write_tfds_metadata,
 )
 
-VIDEO_EXTENSIONS = ('.mp4', '.m4v', '.mkv', '.webm', '.avi', '.mov', '.mpg', '.mpeg', '.ts',
-                    '.flv', '.3gp', '.wmv', '.h264', '.264', '.hevc')
+VIDEO_EXTENSIONS = (
+  '.mp4',
+  '.m4v',
+  '.mkv',
+  '.webm',
+  '.avi',
+  '.mov',
+  '.mpg',
+  '.mpeg',
+  '.ts',
+  '.flv',
+  '.3gp',
+  '.wmv',
+  '.h264',
+  '.264',
+  '.hevc',
+)
 # The name plans record for the default selection (codec.select, called directly).
 DEFAULT_SELECTOR = 'data_pipeline.codec:select'
 DEFAULT_NAME = 'ove_codec'
@@ -97,6 +113,7 @@ class PlanMismatch(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Inputs and shard plan
 # ---------------------------------------------------------------------------------------------
+
 
 def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Clip]:
   """The clips named by a list file or found under a folder.
@@ -124,8 +141,10 @@ def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> li
     with open(source, encoding='utf-8') as f:
       lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
   except UnicodeDecodeError:
-    raise ValueError(f'{source}: not a text list of videos (one path per line); give a list '
-                     'file or a folder of videos') from None
+    raise ValueError(
+      f'{source}: not a text list of videos (one path per line); give a list '
+      'file or a folder of videos'
+    ) from None
   for number, line in enumerate(lines, 1):
     line = line.rstrip('\r\n')
     if not line.strip() or line.lstrip().startswith('#'):
@@ -137,8 +156,9 @@ def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> li
       try:
         labels = tuple(int(x) for x in re.split(r'[,\s]+', label_text.strip()))
       except ValueError:
-        raise ValueError(f'{source}:{number}: label ids must be integers, got '
-                         f'{label_text.strip()!r}') from None
+        raise ValueError(
+          f'{source}:{number}: label ids must be integers, got {label_text.strip()!r}'
+        ) from None
     clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
   return clips
 
@@ -147,8 +167,9 @@ def num_shards_for(num_clips: int, clips_per_shard: int) -> int:
   return max(1, math.ceil(num_clips / max(1, clips_per_shard)))
 
 
-def plan_shards(clips: Sequence[Clip], num_shards: int, shuffle_seed: int | None = 0
-                ) -> list[list[Clip]]:
+def plan_shards(
+  clips: Sequence[Clip], num_shards: int, shuffle_seed: int | None = 0
+) -> list[list[Clip]]:
   """Balanced contiguous shards of the clips, after a seeded shuffle (None keeps the order).
 
   Shuffling at write time matters: grain gives each host a contiguous range of records, and a
@@ -163,15 +184,17 @@ def plan_shards(clips: Sequence[Clip], num_shards: int, shuffle_seed: int | None
   else:
     order = np.random.default_rng(shuffle_seed).permutation(n)
   bounds = [i * n // num_shards for i in range(num_shards + 1)]
-  return [[clips[j] for j in order[bounds[i]:bounds[i + 1]]] for i in range(num_shards)]
+  return [[clips[j] for j in order[bounds[i] : bounds[i + 1]]] for i in range(num_shards)]
 
 
 def task_shards(num_shards: int, task_index: int = 0, num_tasks: int = 1) -> list[int]:
   """The shards task `task_index` of `num_tasks` writes: every num_tasks-th, from its index
   (interleaved, so tasks that start together share the work evenly even when stopped early)."""
   if num_tasks < 1 or not 0 <= task_index < num_tasks:
-    raise ValueError(f'task_index={task_index}, num_tasks={num_tasks}: need num_tasks >= 1 and '
-                     '0 <= task_index < num_tasks')
+    raise ValueError(
+      f'task_index={task_index}, num_tasks={num_tasks}: need num_tasks >= 1 and '
+      '0 <= task_index < num_tasks'
+    )
   return list(range(task_index, num_shards, num_tasks))
 
 
@@ -182,10 +205,13 @@ def check_options(options: Mapping[str, Any], selector: str | None) -> None:
   if selector:
     return
   from data_pipeline import codec
+
   # select's own arguments (the grid, and whatever it names besides Options' fields).
   named = {'num_frames', 'budget', 'resolution', 'patch_size'} | {
-      p.name for p in inspect.signature(codec.select).parameters.values()
-      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    p.name
+    for p in inspect.signature(codec.select).parameters.values()
+    if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  }
   codec.Options.from_kwargs({k: v for k, v in options.items() if k not in named})
 
 
@@ -193,15 +219,29 @@ def digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def make_plan(clips: Sequence[Clip], shards: Sequence[Sequence[Clip]], name: str, split: str,
-              shuffle_seed: int | None, common: dict) -> dict:
+def make_plan(
+  clips: Sequence[Clip],
+  shards: Sequence[Sequence[Clip]],
+  name: str,
+  split: str,
+  shuffle_seed: int | None,
+  common: dict,
+) -> dict:
   """plan.json: what was asked, with a digest per shard (its clips and the settings)."""
-  shard_digests = [digest({'clips': [[c.path, c.labels] for c in shard], **common})
-                   for shard in shards]
-  plan = {'version': PLAN_VERSION, 'name': name, 'split': split, 'num_shards': len(shards),
-          'num_clips': len(clips), 'shuffle_seed': shuffle_seed, **common,
-          'inputs_digest': digest([[c.path, c.labels] for c in clips]),
-          'shard_digests': shard_digests}
+  shard_digests = [
+    digest({'clips': [[c.path, c.labels] for c in shard], **common}) for shard in shards
+  ]
+  plan = {
+    'version': PLAN_VERSION,
+    'name': name,
+    'split': split,
+    'num_shards': len(shards),
+    'num_clips': len(clips),
+    'shuffle_seed': shuffle_seed,
+    **common,
+    'inputs_digest': digest([[c.path, c.labels] for c in clips]),
+    'shard_digests': shard_digests,
+  }
   # Compared with the plan.json of an earlier run, so in its JSON form (tuples become lists).
   return json.loads(json.dumps(plan))
 
@@ -215,8 +255,11 @@ def plan_changes(old: dict, new: dict) -> list[str]:
     if key == 'shard_digests' or a == b:
       continue
     if isinstance(a, dict) and isinstance(b, dict):
-      changed += [f'{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
-                  if a.get(k) != b.get(k)]
+      changed += [
+        f'{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}'
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+      ]
     elif key == 'inputs_digest':
       changed.append('the input list')
     else:
@@ -227,8 +270,10 @@ def plan_changes(old: dict, new: dict) -> list[str]:
 def clear_outputs(out_dir: str, plan: dict) -> None:
   """Removes what a previous plan wrote (its shards, markers and metadata), nothing else."""
   for i in range(plan['num_shards']):
-    for path in [shard_path(out_dir, plan, i), *paths.glob(glob.escape(shard_path(
-        out_dir, plan, i)) + '.tmp*')]:
+    for path in [
+      shard_path(out_dir, plan, i),
+      *paths.glob(glob.escape(shard_path(out_dir, plan, i)) + '.tmp*'),
+    ]:
       paths.remove(path)
   paths.rmtree(paths.join(out_dir, PROGRESS_DIR))
   for name in (PLAN, FAILURES, SUMMARY, *TFDS_FILES):
@@ -264,16 +309,32 @@ def intact(path: str, marker: dict) -> bool:
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def precompute(inputs, out_dir: str, *, options: Mapping[str, Any] | None = None,
-               clips_per_shard: int = 1000, num_shards: int | None = None,
-               shuffle_seed: int | None = 0, workers: int | None = None,
-               inline_max_bytes: int = 1 << 20, store_scores: bool = False,
-               name: str = DEFAULT_NAME, split: str = DEFAULT_SPLIT,
-               record_format: str = 'records', selector: str | None = None,
-               reader: str | None = None, overwrite: bool = False, progress: bool = True,
-               max_shards: int | None = None, store_patches: bool = False,
-               clip_timeout: float | None = None, task_index: int = 0, num_tasks: int = 1,
-               retry_failures: bool = False) -> dict:
+
+def precompute(
+  inputs,
+  out_dir: str,
+  *,
+  options: Mapping[str, Any] | None = None,
+  clips_per_shard: int = 1000,
+  num_shards: int | None = None,
+  shuffle_seed: int | None = 0,
+  workers: int | None = None,
+  inline_max_bytes: int = 1 << 20,
+  store_scores: bool = False,
+  name: str = DEFAULT_NAME,
+  split: str = DEFAULT_SPLIT,
+  record_format: str = 'records',
+  selector: str | None = None,
+  reader: str | None = None,
+  overwrite: bool = False,
+  progress: bool = True,
+  max_shards: int | None = None,
+  store_patches: bool = False,
+  clip_timeout: float | None = None,
+  task_index: int = 0,
+  num_tasks: int = 1,
+  retry_failures: bool = False,
+) -> dict:
   """Runs (or resumes) the selection over `inputs` into `out_dir`; returns the summary.
 
   Args:
@@ -308,8 +369,7 @@ def precompute(inputs, out_dir: str, *, options: Mapping[str, Any] | None = None
     retry_failures: select again the clips that failed in earlier runs (default: a known
       failure is kept, not retried).
   """
-  check_run_arguments(name, split, record_format, clip_timeout, task_index, num_tasks,
-                      overwrite)
+  check_run_arguments(name, split, record_format, clip_timeout, task_index, num_tasks, overwrite)
   if isinstance(inputs, (str, os.PathLike)):
     clips = read_inputs(inputs)
   else:
@@ -323,25 +383,52 @@ def precompute(inputs, out_dir: str, *, options: Mapping[str, Any] | None = None
   check_options(options, selector)
   if workers is None:
     workers = workers_lib.usable_cpus()
-  shards = plan_shards(clips, num_shards or num_shards_for(len(clips), clips_per_shard),
-                       shuffle_seed)
-  settings = Settings(options, int(inline_max_bytes), bool(store_scores), record_format,
-                      bool(store_patches), selector, reader)
-  common = {'selector': selector or DEFAULT_SELECTOR, 'options': options,
-            'inline_max_bytes': int(inline_max_bytes), 'store_scores': bool(store_scores),
-            'format': record_format}
+  shards = plan_shards(
+    clips, num_shards or num_shards_for(len(clips), clips_per_shard), shuffle_seed
+  )
+  settings = Settings(
+    options,
+    int(inline_max_bytes),
+    bool(store_scores),
+    record_format,
+    bool(store_patches),
+    selector,
+    reader,
+  )
+  common = {
+    'selector': selector or DEFAULT_SELECTOR,
+    'options': options,
+    'inline_max_bytes': int(inline_max_bytes),
+    'store_scores': bool(store_scores),
+    'format': record_format,
+  }
   # Only when set, so earlier runs' plans still match.
   if store_patches:
     common['store_patches'] = True
   if reader:
     common['reader'] = reader
   plan = make_plan(clips, shards, name, split, shuffle_seed, common)
-  return run_plan(out_dir, plan, shards, task_index, num_tasks, overwrite, retry_failures,
-                  lambda run: run.execute(settings, workers, clip_timeout, max_shards, progress))
+  return run_plan(
+    out_dir,
+    plan,
+    shards,
+    task_index,
+    num_tasks,
+    overwrite,
+    retry_failures,
+    lambda run: run.execute(settings, workers, clip_timeout, max_shards, progress),
+  )
 
 
-def check_run_arguments(name: str, split: str, record_format: str, clip_timeout: float | None,
-                        task_index: int, num_tasks: int, overwrite: bool) -> None:
+def check_run_arguments(
+  name: str,
+  split: str,
+  record_format: str,
+  clip_timeout: float | None,
+  task_index: int,
+  num_tasks: int,
+  overwrite: bool,
+) -> None:
   """The checks of a run's arguments that need no input: before anything is read or written."""
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
     raise ValueError(f'dataset name {name!r}: use lower case letters, digits and _ (TFDS rule)')
@@ -353,13 +440,22 @@ def check_run_arguments(name: str, split: str, record_format: str, clip_timeout:
     raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
   task_shards(0, task_index, num_tasks)  # validates the task numbers
   if overwrite and num_tasks > 1:
-    raise ValueError('overwrite with num_tasks > 1: tasks would delete each other\'s shards; '
-                     'clear the folder once (a single --overwrite run, or rm) before the tasks')
+    raise ValueError(
+      "overwrite with num_tasks > 1: tasks would delete each other's shards; "
+      'clear the folder once (a single --overwrite run, or rm) before the tasks'
+    )
 
 
-def run_plan(out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]], task_index: int,
-             num_tasks: int, overwrite: bool, retry_failures: bool,
-             execute: Callable[[Run], dict]) -> dict:
+def run_plan(
+  out_dir: str,
+  plan: dict,
+  shards: Sequence[Sequence[Clip]],
+  task_index: int,
+  num_tasks: int,
+  overwrite: bool,
+  retry_failures: bool,
+  execute: Callable[[Run], dict],
+) -> dict:
   """Runs `execute` on this task's `Run` of `plan`, holding the task's lock on `out_dir`: an
   earlier plan there is resumed when equal, cleared with `overwrite`, else refused. Shared by
   every precompute (videos here, images in `data_pipeline.image_precompute`). The task locks of
@@ -367,16 +463,21 @@ def run_plan(out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]], task_in
   locked): they keep two runs of one task on one machine apart, not on two."""
   paths.makedirs(out_dir)
   os.makedirs(paths.local_folder(out_dir), exist_ok=True)
-  with locks.hold(paths.local_folder(out_dir), f'task-{task_index:05d}-of-{num_tasks:05d}',
-                  f'task {task_index} of {num_tasks}',
-                  conflicts=lambda other: not other.endswith(f'-of-{num_tasks:05d}')):
+  with locks.hold(
+    paths.local_folder(out_dir),
+    f'task-{task_index:05d}-of-{num_tasks:05d}',
+    f'task {task_index} of {num_tasks}',
+    conflicts=lambda other: not other.endswith(f'-of-{num_tasks:05d}'),
+  ):
     old_plan = read_plan(out_dir)
     if old_plan is not None and overwrite:
       clear_outputs(out_dir, old_plan)
     elif old_plan is not None and old_plan != plan:
       changes = '; '.join(plan_changes(old_plan, plan))
-      raise PlanMismatch(f'{out_dir} holds the output of a different run ({changes}); use a new '
-                         'folder, or overwrite=True / --overwrite to replace it')
+      raise PlanMismatch(
+        f'{out_dir} holds the output of a different run ({changes}); use a new '
+        'folder, or overwrite=True / --overwrite to replace it'
+      )
     paths.makedirs(paths.join(out_dir, PROGRESS_DIR))
     fileio.write_json(paths.join(out_dir, PLAN), plan)
     return execute(Run(out_dir, plan, shards, task_index, num_tasks, retry_failures))
@@ -385,8 +486,15 @@ def run_plan(out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]], task_in
 class Run:
   """One run of one task over a plan: which shards to do, their known failures, the loop."""
 
-  def __init__(self, out_dir: str, plan: dict, shards: Sequence[Sequence[Clip]],
-               task_index: int, num_tasks: int, retry_failures: bool):
+  def __init__(
+    self,
+    out_dir: str,
+    plan: dict,
+    shards: Sequence[Sequence[Clip]],
+    task_index: int,
+    num_tasks: int,
+    retry_failures: bool,
+  ):
     self.out_dir, self.plan, self.shards = out_dir, plan, shards
     self.task = (task_index, num_tasks)
     mine = task_shards(len(shards), task_index, num_tasks)
@@ -398,9 +506,15 @@ class Run:
     self.skipped = len(self.markers)
     # Failures of unfinished shards recorded by a run that was killed: kept, not retried.
     todo = set(self.todo)
-    self.known = {} if retry_failures else {
-        (e['shard'], e['file']): e['reason'] for e in shard_format.read_journals(out_dir)
-        if e.get('shard') in todo and 'file' in e and 'reason' in e}
+    self.known = (
+      {}
+      if retry_failures
+      else {
+        (e['shard'], e['file']): e['reason']
+        for e in shard_format.read_journals(out_dir)
+        if e.get('shard') in todo and 'file' in e and 'reason' in e
+      }
+    )
     self.journal = shard_format.journal_path(out_dir, task_index, num_tasks)
     # The journal restarts from the finished shards' failures and the known ones, so failures
     # of an unfinished shard are not listed twice; new ones are appended as they happen.
@@ -408,8 +522,14 @@ class Run:
     entries = [e for i in sorted(listed) for e in listed[i]['failures']]
     entries += [{'file': f, 'reason': r, 'shard': s} for (s, f), r in sorted(self.known.items())]
     shard_format.write_failures(self.journal, entries)
-    self.counts = {'processed': 0, 'failed': 0, 'unexpected': 0, 'written': 0, 'known': 0,
-                   'select_seconds': 0.0}
+    self.counts = {
+      'processed': 0,
+      'failed': 0,
+      'unexpected': 0,
+      'written': 0,
+      'known': 0,
+      'select_seconds': 0.0,
+    }
 
   def tasks(self, todo: Sequence[int]):
     """The clips the workers select: every clip of the shards to do, but known failures."""
@@ -418,9 +538,17 @@ class Run:
         if (i, clip.path) not in self.known:
           yield clip
 
-  def execute(self, settings: Settings, workers: int, clip_timeout: float | None,
-              max_shards: int | None, progress: bool, work: Callable = process_clip,
-              initializer: Callable = init_worker, unit: str = 'clip') -> dict:
+  def execute(
+    self,
+    settings: Settings,
+    workers: int,
+    clip_timeout: float | None,
+    max_shards: int | None,
+    progress: bool,
+    work: Callable = process_clip,
+    initializer: Callable = init_worker,
+    unit: str = 'clip',
+  ) -> dict:
     """Writes this task's shards to do; `work(clip)` (run in the workers after
     `initializer(settings, blas_threads)`) returns a `Done` or a `Failed` per input."""
     todo = self.todo[:max_shards]
@@ -429,14 +557,25 @@ class Run:
         paths.remove(stale)
     start = time.perf_counter()
     from tqdm import tqdm
-    bar = tqdm(total=sum(len(self.shards[i]) for i in todo), unit=unit, desc='precompute',
-               disable=not progress, dynamic_ncols=True)
+
+    bar = tqdm(
+      total=sum(len(self.shards[i]) for i in todo),
+      unit=unit,
+      desc='precompute',
+      disable=not progress,
+      dynamic_ncols=True,
+    )
     # One BLAS thread per worker: processes are the parallelism. The selection's matrix work
     # is small, and a second BLAS thread per worker made it 3.5x slower per clip on a busy
     # 2-core machine (1.1 s -> 3.9 s for a 64-frame clip).
-    results = workers_lib.ordered_map(work, self.tasks(todo), workers,
-                                      timeout=clip_timeout, initializer=initializer,
-                                      initargs=(settings, 1 if workers else 0))
+    results = workers_lib.ordered_map(
+      work,
+      self.tasks(todo),
+      workers,
+      timeout=clip_timeout,
+      initializer=initializer,
+      initargs=(settings, 1 if workers else 0),
+    )
     writer = None
     try:
       with open(self.journal, 'a', encoding='utf-8') as journal:
@@ -478,18 +617,24 @@ class Run:
         self.counts['unexpected'] += not result.video_error
         if self.counts['processed'] == self.counts['unexpected'] == ABORT_WINDOW:
           raise RuntimeError(
-              f'the first {ABORT_WINDOW} clips all failed with errors that are not '
-              f'VideoError, e.g. {result.reason!r}; check the options and the selector '
-              f'(failures in {self.journal})')
+            f'the first {ABORT_WINDOW} clips all failed with errors that are not '
+            f'VideoError, e.g. {result.reason!r}; check the options and the selector '
+            f'(failures in {self.journal})'
+          )
       bar.update(1)
       bar.set_postfix(failed=self.counts['failed'], refresh=False)
     num_bytes = writer.commit()  # fsynced and renamed: the marker may name it now
     self.counts['select_seconds'] += seconds
-    self.markers[i] = {'shard': i, 'digest': self.plan['shard_digests'][i],
-                       'file': os.path.basename(writer.path),
-                       'num_records': writer.count, 'num_bytes': num_bytes,
-                       'kept_patches': kept, 'candidate_patches': candidates,
-                       'failures': shard_failures}
+    self.markers[i] = {
+      'shard': i,
+      'digest': self.plan['shard_digests'][i],
+      'file': os.path.basename(writer.path),
+      'num_records': writer.count,
+      'num_bytes': num_bytes,
+      'kept_patches': kept,
+      'candidate_patches': candidates,
+      'failures': shard_failures,
+    }
     # The marker goes last: a shard file without its marker is redone on the next run.
     fileio.write_json(marker_path(self.out_dir, i), self.markers[i])
     self.counts['written'] += 1
@@ -505,31 +650,41 @@ class Run:
 
     def summary_of(markers: Mapping[int, dict]) -> dict:
       out = make_summary(self.out_dir, self.plan, markers, self.counts, self.skipped, seconds)
-      out.update(complete=complete, task_index=task_index, num_tasks=num_tasks,
-                 shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
-                 corpus_shards_finished=len(all_markers),
-                 failure_manifest=paths.join(self.out_dir, FAILURES) if complete
-                 else self.journal)
+      out.update(
+        complete=complete,
+        task_index=task_index,
+        num_tasks=num_tasks,
+        shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
+        corpus_shards_finished=len(all_markers),
+        failure_manifest=paths.join(self.out_dir, FAILURES) if complete else self.journal,
+      )
       return out
 
     summary = summary_of(all_markers if num_tasks == 1 else self.markers)
     if num_tasks > 1:
-      fileio.write_json(paths.join(self.out_dir, PROGRESS_DIR, f'summary-task-'
-                                   f'{task_index:05d}-of-{num_tasks:05d}.json'), summary)
+      fileio.write_json(
+        paths.join(
+          self.out_dir, PROGRESS_DIR, f'summary-task-{task_index:05d}-of-{num_tasks:05d}.json'
+        ),
+        summary,
+      )
     if num_tasks == 1 or complete:
-      fileio.write_json(paths.join(self.out_dir, SUMMARY),
-                        summary if num_tasks == 1 else summary_of(all_markers))
+      fileio.write_json(
+        paths.join(self.out_dir, SUMMARY), summary if num_tasks == 1 else summary_of(all_markers)
+      )
     return summary
 
 
 def finalize(out_dir: str, plan: dict, markers: Mapping[int, dict], record_format: str) -> None:
   """What a complete corpus gets once: the failure manifest in shard order (whatever order the
   runs went in) and, for format 'tfds', the TFDS metadata."""
-  shard_format.write_failures(paths.join(out_dir, FAILURES),
-                 [e for i in sorted(markers) for e in markers[i]['failures']])
+  shard_format.write_failures(
+    paths.join(out_dir, FAILURES), [e for i in sorted(markers) for e in markers[i]['failures']]
+  )
   if record_format == 'tfds':
-    write_tfds_metadata(out_dir, plan['name'], plan['split'],
-                        [markers[i] for i in range(plan['num_shards'])])
+    write_tfds_metadata(
+      out_dir, plan['name'], plan['split'], [markers[i] for i in range(plan['num_shards'])]
+    )
 
 
 def make_summary(out_dir, plan, markers, counts, skipped, seconds) -> dict:
@@ -541,24 +696,24 @@ def make_summary(out_dir, plan, markers, counts, skipped, seconds) -> dict:
   candidates = sum(m['candidate_patches'] for m in markers.values())
   selected = counts['processed'] - counts['failed']
   return {
-      'out_dir': paths.absolute(out_dir),
-      'shards': plan['num_shards'],
-      'shards_finished': len(markers),
-      'shards_written': counts['written'],
-      'shards_skipped': skipped,
-      'clips': plan['num_clips'],
-      'clips_processed': counts['processed'],
-      'records': records_total,
-      'failures': sum(len(m['failures']) for m in markers.values()),
-      'failures_this_run': counts['failed'],
-      'failures_known': counts['known'],
-      # Over the finished shards: the share of clips that became records, and the share of
-      # candidate patches the selection kept.
-      'clips_kept_fraction': records_total / clips_done if clips_done else 0.0,
-      'patches_kept_fraction': kept / candidates if candidates else 0.0,
-      'seconds': round(seconds, 3),
-      'clips_per_second': counts['processed'] / seconds if seconds > 0 else 0.0,
-      'select_seconds_per_clip': counts['select_seconds'] / selected if selected else 0.0,
+    'out_dir': paths.absolute(out_dir),
+    'shards': plan['num_shards'],
+    'shards_finished': len(markers),
+    'shards_written': counts['written'],
+    'shards_skipped': skipped,
+    'clips': plan['num_clips'],
+    'clips_processed': counts['processed'],
+    'records': records_total,
+    'failures': sum(len(m['failures']) for m in markers.values()),
+    'failures_this_run': counts['failed'],
+    'failures_known': counts['known'],
+    # Over the finished shards: the share of clips that became records, and the share of
+    # candidate patches the selection kept.
+    'clips_kept_fraction': records_total / clips_done if clips_done else 0.0,
+    'patches_kept_fraction': kept / candidates if candidates else 0.0,
+    'seconds': round(seconds, 3),
+    'clips_per_second': counts['processed'] / seconds if seconds > 0 else 0.0,
+    'select_seconds_per_clip': counts['select_seconds'] / selected if selected else 0.0,
   }
 
 
@@ -575,7 +730,12 @@ def check(out_dir: str) -> dict:
   complete = not missing
   if complete:
     finalize(out_dir, plan, markers, plan['format'])
-  return {'out_dir': paths.absolute(out_dir), 'complete': complete,
-          'shards': plan['num_shards'], 'finished': len(markers), 'missing': missing,
-          'records': sum(m['num_records'] for m in markers.values()),
-          'failures': sum(len(m['failures']) for m in markers.values())}
+  return {
+    'out_dir': paths.absolute(out_dir),
+    'complete': complete,
+    'shards': plan['num_shards'],
+    'finished': len(markers),
+    'missing': missing,
+    'records': sum(m['num_records'] for m in markers.values()),
+    'failures': sum(len(m['failures']) for m in markers.values()),
+  }

@@ -33,6 +33,7 @@ token budget:
 The random draws (offsets, jitter, which patches, the permutation) come from the `rng` argument:
 the protocol seeds it per (seed, epoch, clip) when training and per clip at test.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,13 +60,14 @@ KINDS = ('codec', 'uniform')
 INTERVENTIONS = ('none', 'shuffle_positions', 'static_motion', 'counterfactual_motion')
 CODEC_TIMELINE = 64  # the release's codec probe reads 64 frames (sequence_length 64)
 CODEC_PRESET = 'release_probe'
-DONOR_TRIES = 8      # clips counterfactual_motion looks at for a selection other than the clip's
-SEGMENT_CRF = 18     # re-encoding of a segment / a frames array before its codec selection
+DONOR_TRIES = 8  # clips counterfactual_motion looks at for a selection other than the clip's
+SEGMENT_CRF = 18  # re-encoding of a segment / a frames array before its codec selection
 
 
 @dataclasses.dataclass(frozen=True)
 class InputMode:
   """'codec:K' or 'uniform:N', optionally '+intervention'."""
+
   kind: str
   amount: int
   intervention: str = 'none'
@@ -76,17 +78,20 @@ class InputMode:
     if self.intervention not in INTERVENTIONS:
       raise ValueError(f'intervention {self.intervention!r}: choose one of {INTERVENTIONS}')
     if self.kind != 'codec' and self.intervention in ('static_motion', 'counterfactual_motion'):
-      raise ValueError(f'{self.name}: {self.intervention} changes a codec selection; use it '
-                       'with codec:K')
+      raise ValueError(
+        f'{self.name}: {self.intervention} changes a codec selection; use it with codec:K'
+      )
 
   @classmethod
   def parse(cls, text: str) -> InputMode:
     base, _, intervention = text.strip().partition('+')
     kind, sep, amount = base.partition(':')
     if not sep or not amount.strip().isdigit():
-      raise ValueError(f'input mode {text!r}: write codec:K or uniform:N (e.g. codec:2048, '
-                       'uniform:8), optionally +shuffle_positions / +static_motion / '
-                       '+counterfactual_motion')
+      raise ValueError(
+        f'input mode {text!r}: write codec:K or uniform:N (e.g. codec:2048, '
+        'uniform:8), optionally +shuffle_positions / +static_motion / '
+        '+counterfactual_motion'
+      )
     return cls(kind.strip(), int(amount), intervention.strip() or 'none')
 
   @property
@@ -103,8 +108,10 @@ class InputMode:
 # Frame sampling and augmentation
 # ------------------------------------------------------------------------------------------------
 
-def segment_frame_ids(num_frames: int, count: int, *, train: bool,
-                      rng: np.random.Generator | None = None) -> np.ndarray:
+
+def segment_frame_ids(
+  num_frames: int, count: int, *, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
   """The release's segment sampling (ap_dataloader_dali._get_frame_indices): `count` segments
   of (num_frames - 1) / count, a uniform offset in each when training, the centre at test; a
   clip shorter than `count` repeats its last frame."""
@@ -115,16 +122,18 @@ def segment_frame_ids(num_frames: int, count: int, *, train: bool,
   return (seg * np.arange(count) + offsets).astype(np.int64)
 
 
-def grid_times(frame_ids: np.ndarray, num_frames: int, temporal_size: int = TEMPORAL_SIZE
-               ) -> np.ndarray:
+def grid_times(
+  frame_ids: np.ndarray, num_frames: int, temporal_size: int = TEMPORAL_SIZE
+) -> np.ndarray:
   """Grid time of frame ids of a clip of `num_frames`: round(id / (frames - 1) * (size - 1))."""
   scaled = np.asarray(frame_ids, np.float64) / max(num_frames - 1, 1) * (temporal_size - 1)
   return np.clip(np.round(scaled), 0, temporal_size - 1).astype(np.int32)
 
 
 # RGB <-> YIQ, the colour space DALI's hue / saturation operators work in.
-_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                        [0.211, -0.523, 0.312]], np.float32)
+_RGB_TO_YIQ = np.array(
+  [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
@@ -139,6 +148,7 @@ class ColorJitter:
   does. saturation (0.8): the YIQ chroma scaled by U(0.6, 1.4). hue (0.8): the chroma rotated by
   U(-0.2, 0.2) degrees (DALI's unit). channel swap (0.1): RGB -> BGR.
   """
+
   p_brightness_contrast: float = 0.8
   contrast: tuple[float, float] = (0.6, 1.4)
   brightness: tuple[float, float] = (-0.125, 0.125)
@@ -167,8 +177,9 @@ class ColorJitter:
   @staticmethod
   def _chroma(x: np.ndarray, *, scale: float, degrees: float) -> np.ndarray:
     angle = np.deg2rad(degrees)
-    rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
-                    [0, np.sin(angle), np.cos(angle)]], np.float32) * [[1], [scale], [scale]]
+    rot = np.array(
+      [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]], np.float32
+    ) * [[1], [scale], [scale]]
     matrix = _YIQ_TO_RGB @ rot.astype(np.float32) @ _RGB_TO_YIQ
     return np.clip(x @ matrix.T, 0, 255)
 
@@ -176,6 +187,7 @@ class ColorJitter:
 # ------------------------------------------------------------------------------------------------
 # Interventions
 # ------------------------------------------------------------------------------------------------
+
 
 def shuffle_positions(positions_Nx3: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """The positions permuted over the tokens (a derangement when there are two or more distinct
@@ -186,8 +198,9 @@ def shuffle_positions(positions_Nx3: np.ndarray, rng: np.random.Generator) -> np
   return np.asarray(positions_Nx3)[source]
 
 
-def static_replacement(positions_Kx3: np.ndarray, scores_TxHxW: np.ndarray, share: float,
-                       rng: np.random.Generator) -> np.ndarray:
+def static_replacement(
+  positions_Kx3: np.ndarray, scores_TxHxW: np.ndarray, share: float, rng: np.random.Generator
+) -> np.ndarray:
   """`share` of the selected positions (drawn at random) replaced by as many of the clip's
   lowest-scoring unselected patches (ties: (t, h, w) order); sorted by (t, h, w)."""
   positions = np.asarray(positions_Kx3, np.int64)
@@ -207,33 +220,43 @@ def static_replacement(positions_Kx3: np.ndarray, scores_TxHxW: np.ndarray, shar
 # Clips -> samples
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ClipSelection:
   """What the sampler keeps of a clip's codec selection (not its timings or picture types)."""
-  frame_ids: np.ndarray    # int [64] source frames of the timeline
-  positions: np.ndarray    # int [K, 3] (t, h, w), t on the timeline
-  scores: np.ndarray       # float16 [64, 16, 16] (the static_motion intervention's ranking)
+
+  frame_ids: np.ndarray  # int [64] source frames of the timeline
+  positions: np.ndarray  # int [K, 3] (t, h, w), t on the timeline
+  scores: np.ndarray  # float16 [64, 16, 16] (the static_motion intervention's ranking)
 
 
 def _crop(frames_TxHxWx3: np.ndarray) -> np.ndarray:
-  return np.stack([video_lib.resize_short_side_centre_crop(f, VIDEO_RESOLUTION)
-                   for f in frames_TxHxWx3])
+  return np.stack(
+    [video_lib.resize_short_side_centre_crop(f, VIDEO_RESOLUTION) for f in frames_TxHxWx3]
+  )
 
 
 class ClipSampler:
   """Token samples of a list of clips in one input mode (see the module docstring)."""
 
-  def __init__(self, clips: Sequence[ProbeClip], mode: InputMode | str, *,
-               augment: ColorJitter | None = ColorJitter(), static_share: float = 0.5,
-               preset: str = CODEC_PRESET, temporal_size: int = TEMPORAL_SIZE,
-               selection_cache: str | None = None):
+  def __init__(
+    self,
+    clips: Sequence[ProbeClip],
+    mode: InputMode | str,
+    *,
+    augment: ColorJitter | None = ColorJitter(),
+    static_share: float = 0.5,
+    preset: str = CODEC_PRESET,
+    temporal_size: int = TEMPORAL_SIZE,
+    selection_cache: str | None = None,
+  ):
     """`selection_cache`: a folder keeping every clip's codec selection as .npz (by a hash of
     the clip, K and the preset), so a rerun or another encoder does not make it again (the
     release caches its visible indices the same way)."""
     self.clips = list(clips)
     self.mode = InputMode.parse(mode) if isinstance(mode, str) else mode
     if self.mode.intervention == 'counterfactual_motion' and len(self.clips) < 2:
-      raise ValueError('counterfactual_motion borrows another clip\'s selection: give >= 2 clips')
+      raise ValueError("counterfactual_motion borrows another clip's selection: give >= 2 clips")
     if not 0 <= static_share <= 1:
       raise ValueError(f'static_share={static_share}: must be in [0, 1]')
     self.augment, self.static_share = augment, static_share
@@ -272,6 +295,7 @@ class ClipSampler:
       return len(clip.video)
     if index not in self._frame_counts:  # the container's count, read once
       from data_pipeline.codec import bitstream
+
       self._frame_counts[index] = bitstream.probe(clip.video).num_frames
     return self._frame_counts[index]
 
@@ -290,6 +314,7 @@ class ClipSampler:
     if clip.start is None and not isinstance(clip.video, np.ndarray):
       return clip.video
     from data_pipeline.synthetic import encode
+
     frames = self.frames(index, np.arange(self.num_frames(index)))
     return encode(frames, 'h264', gop=16, crf=SEGMENT_CRF)
 
@@ -305,10 +330,19 @@ class ClipSampler:
         found = ClipSelection(stored['frame_ids'], stored['positions'], stored['scores'])
     else:
       from data_pipeline import codec
-      sel = codec.select(self.video(index), num_frames=CODEC_TIMELINE, budget=self.mode.amount,
-                         resolution=VIDEO_RESOLUTION, preset=self.preset)
-      found = ClipSelection(sel.frame_ids.astype(np.int32), sel.positions.astype(np.int16),
-                            sel.scores.astype(np.float16))
+
+      sel = codec.select(
+        self.video(index),
+        num_frames=CODEC_TIMELINE,
+        budget=self.mode.amount,
+        resolution=VIDEO_RESOLUTION,
+        preset=self.preset,
+      )
+      found = ClipSelection(
+        sel.frame_ids.astype(np.int32),
+        sel.positions.astype(np.int16),
+        sel.scores.astype(np.float16),
+      )
       if path:
         buffer = io.BytesIO()
         np.savez(buffer, **dataclasses.asdict(found))
@@ -322,8 +356,9 @@ class ClipSampler:
       return None
     clip = self.clips[index]
     if isinstance(clip.video, (bytes, bytearray, np.ndarray)):
-      what = hashlib.sha1(bytes(clip.video) if not isinstance(clip.video, np.ndarray)
-                          else clip.video.tobytes()).hexdigest()
+      what = hashlib.sha1(
+        bytes(clip.video) if not isinstance(clip.video, np.ndarray) else clip.video.tobytes()
+      ).hexdigest()
     else:
       what = os.path.abspath(os.fspath(clip.video))
     key = f'{what}\0{clip.start}\0{clip.end}\0{self.mode.amount}\0{self.preset}'
@@ -356,15 +391,17 @@ class ClipSampler:
     sel = self.selection(index)
     positions = np.asarray(sel.positions, np.int64)
     if self.mode.intervention == 'static_motion':
-      positions = static_replacement(positions, sel.scores.astype(np.float32),
-                                     self.static_share, rng)
+      positions = static_replacement(
+        positions, sel.scores.astype(np.float32), self.static_share, rng
+      )
     elif self.mode.intervention == 'counterfactual_motion':
       positions = np.asarray(self.donor_selection(index).positions, np.int64)
     # The pixels come from the clip itself (its file, segment or array), only the frames used.
     used_t = np.unique(positions[:, 0])
     frames = self.frames(index, np.asarray(sel.frame_ids)[used_t])
-    patches = gather_patches(frames, np.searchsorted(used_t, positions[:, 0]), positions[:, 1],
-                             positions[:, 2])
+    patches = gather_patches(
+      frames, np.searchsorted(used_t, positions[:, 0]), positions[:, 1], positions[:, 2]
+    )
     assert patches.shape == (self.mode.amount, PATCH_DIM), patches.shape
     grid_t = timeline_to_grid(len(sel.frame_ids), self.temporal_size)
     positions = np.stack([grid_t[positions[:, 0]], positions[:, 1], positions[:, 2]], -1)

@@ -14,6 +14,7 @@ Video clip records (written by tools/precompute_codec.py):
   stats_*       float / int      selection statistics (kept fraction, timings, ...)
 Image records: `image` (encoded bytes), `labels` int32 [n], optional `source`.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,7 +51,7 @@ def decode(data: bytes) -> dict[str, Any]:
     for key in npz.files:
       value = npz[key]
       if key.startswith(_BYTES_PREFIX):
-        out[key[len(_BYTES_PREFIX):]] = value.tobytes()
+        out[key[len(_BYTES_PREFIX) :]] = value.tobytes()
       elif value.ndim == 0 and value.dtype.kind == 'U':
         out[key] = str(value)
       elif value.ndim == 0:

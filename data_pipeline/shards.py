@@ -25,6 +25,7 @@ Two record formats, the same content:
   fail on it, so 'records' folders carry no TFDS metadata.)
 `read_record`, `read_shard` and `tfds_data_source` read either format back as record dicts.
 """
+
 from __future__ import annotations
 
 import glob
@@ -54,8 +55,12 @@ def shard_path(out_dir: str, plan: dict, index: int) -> str:
   (a str.format of name, split, index and num_shards; image corpora end in .array_record)."""
   template = plan.get('shard_template')
   if template:
-    return paths.join(out_dir, template.format(name=plan['name'], split=plan['split'],
-                                               index=index, num_shards=plan['num_shards']))
+    return paths.join(
+      out_dir,
+      template.format(
+        name=plan['name'], split=plan['split'], index=index, num_shards=plan['num_shards']
+      ),
+    )
   return paths.join(out_dir, shard_name(plan['name'], plan['split'], index, plan['num_shards']))
 
 
@@ -84,6 +89,7 @@ def shard_files(out_dir: str) -> list[str]:
 def count_records(path: str) -> int:
   """The number of records in one shard (read from its index, not by reading the records)."""
   from array_record.python.array_record_module import ArrayRecordReader
+
   reader = ArrayRecordReader(paths.stage(path))  # the reader needs a local file
   try:
     return reader.num_records()
@@ -102,6 +108,7 @@ class ShardWriter:
 
   def __init__(self, path: str):
     from array_record.python.array_record_module import ArrayRecordWriter
+
     self.path, self.tmp = path, fileio.temp_name(path)
     # group_size:1 is what grain and TFDS want for fast random access.
     self._writer = ArrayRecordWriter(self.tmp, 'group_size:1')
@@ -138,28 +145,41 @@ def tfds_features():
   global _features
   if _features is None:
     import tensorflow_datasets as tfds  # slow to import; only the 'tfds' format needs it
+
     _features = tfds.features.FeaturesDict(
-        {'record': tfds.features.Tensor(shape=(), dtype=np.object_)})
+      {'record': tfds.features.Tensor(shape=(), dtype=np.object_)}
+    )
   return _features
 
 
 def write_tfds_metadata(out_dir: str, name: str, split: str, markers: Sequence[dict]) -> None:
   """dataset_info.json and features.json describing the shards, for TFDS's folder loader."""
   import tensorflow_datasets as tfds
-  template = tfds.core.ShardedFileTemplate(data_dir=out_dir, dataset_name=name, split=split,
-                                           filetype_suffix='array_record')
-  split_info = tfds.core.SplitInfo(name=split, shard_lengths=[m['num_records'] for m in markers],
-                                   num_bytes=sum(m['num_bytes'] for m in markers),
-                                   filename_template=template)
+
+  template = tfds.core.ShardedFileTemplate(
+    data_dir=out_dir, dataset_name=name, split=split, filetype_suffix='array_record'
+  )
+  split_info = tfds.core.SplitInfo(
+    name=split,
+    shard_lengths=[m['num_records'] for m in markers],
+    num_bytes=sum(m['num_bytes'] for m in markers),
+    filename_template=template,
+  )
   base = os.path.basename(os.path.normpath(out_dir))
   version = base if tfds.core.Version.is_valid(base) else '1.0.0'
   tfds.folder_dataset.write_metadata(
-      data_dir=out_dir, features=tfds_features(), split_infos=[split_info], version=version,
-      check_data=False,
-      description=('OneVision-Encoder codec patch selections (data_pipeline.precompute): one '
-                   'video clip per example; the feature `record` holds '
-                   'data_pipeline.records.encode bytes (frame ids, positions, picture types, '
-                   'labels, source, stats_*), decoded by data_pipeline.records.decode.'))
+    data_dir=out_dir,
+    features=tfds_features(),
+    split_infos=[split_info],
+    version=version,
+    check_data=False,
+    description=(
+      'OneVision-Encoder codec patch selections (data_pipeline.precompute): one '
+      'video clip per example; the feature `record` holds '
+      'data_pipeline.records.encode bytes (frame ids, positions, picture types, '
+      'labels, source, stats_*), decoded by data_pipeline.records.decode.'
+    ),
+  )
 
 
 class DecodedSource:
@@ -182,9 +202,12 @@ def tfds_data_source(out_dir: str, split: str = 'train') -> DecodedSource:
   """The records of a 'tfds'-format output folder through TFDS, decoded."""
   plan = read_plan(out_dir)
   if plan is not None and plan['format'] != 'tfds':
-    raise ValueError(f'{out_dir} was written in format {plan["format"]!r}, not as a TFDS '
-                     'dataset; read its shards with data_pipeline.sources or read_shard')
+    raise ValueError(
+      f'{out_dir} was written in format {plan["format"]!r}, not as a TFDS '
+      'dataset; read its shards with data_pipeline.sources or read_shard'
+    )
   import tensorflow_datasets as tfds
+
   return DecodedSource(tfds.builder_from_directory(out_dir).as_data_source(split))
 
 
@@ -212,6 +235,7 @@ def encode_entry(record: dict, record_format: str) -> bytes:
 def read_record(path: str, index: int) -> dict:
   """Record `index` of one shard, decoded (either format; see the run's plan.json)."""
   from array_record.python.array_record_data_source import ArrayRecordDataSource
+
   with ArrayRecordDataSource([paths.stage(path)]) as source:
     if not 0 <= index < len(source):
       raise IndexError(f'{path}: record {index} out of range (the shard has {len(source)})')
@@ -221,6 +245,7 @@ def read_record(path: str, index: int) -> dict:
 def read_shard(path: str) -> list[dict]:
   """Every record of one shard, decoded (for tools and tests; training reads through grain)."""
   from array_record.python.array_record_data_source import ArrayRecordDataSource
+
   record_format = shard_format(path)
   with ArrayRecordDataSource([paths.stage(path)]) as source:
     return [decode_entry(source[i], record_format) for i in range(len(source))]
@@ -230,6 +255,7 @@ def read_shard(path: str) -> list[dict]:
 # Failure journals
 # ---------------------------------------------------------------------------------------------
 
+
 def journal_path(out_dir: str, task_index: int, num_tasks: int) -> str:
   """Where a run appends failures as they happen: the manifest itself for a single task, a file
   per task otherwise (tasks may run on machines that share no append-safe file). Objects cannot
@@ -238,8 +264,9 @@ def journal_path(out_dir: str, task_index: int, num_tasks: int) -> str:
   out_dir = paths.local_folder(out_dir)
   if num_tasks == 1:
     return os.path.join(out_dir, FAILURES)
-  return os.path.join(out_dir, PROGRESS_DIR,
-                      f'failures-task-{task_index:05d}-of-{num_tasks:05d}.jsonl')
+  return os.path.join(
+    out_dir, PROGRESS_DIR, f'failures-task-{task_index:05d}-of-{num_tasks:05d}.jsonl'
+  )
 
 
 def read_journals(out_dir: str) -> list[dict]:
@@ -247,9 +274,14 @@ def read_journals(out_dir: str) -> list[dict]:
   entries = []
   # A URL's journals are local (in its local folder).
   folders = dict.fromkeys([paths.absolute(out_dir), paths.local_folder(out_dir)])
-  for path in [p for folder in folders for p in [
-      paths.join(folder, FAILURES), *paths.glob(paths.join(
-          glob.escape(folder), PROGRESS_DIR, 'failures-task-*.jsonl'))]]:
+  for path in [
+    p
+    for folder in folders
+    for p in [
+      paths.join(folder, FAILURES),
+      *paths.glob(paths.join(glob.escape(folder), PROGRESS_DIR, 'failures-task-*.jsonl')),
+    ]
+  ]:
     try:
       with paths.open_file(path, 'r', encoding='utf-8') as f:
         lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here

@@ -17,6 +17,7 @@ pipeline's error handling, so one corrupt record cannot stop the pipeline. Sourc
   'tfds:ove_codec?data_dir=/data/ove_codec_tfds'                     ... data_dir may also be the
                                                                      dataset's own folder
 """
+
 from __future__ import annotations
 
 import bisect
@@ -68,6 +69,7 @@ class ArrayRecordSource:
   def __init__(self, patterns: str | Sequence[str], cache_dir: str | None = None):
     # Imported here: array_record is only needed by pipelines that read shards.
     from array_record.python import array_record_data_source, array_record_module
+
     self.paths = expand_paths(patterns)
     local = [paths.stage(p, cache_dir) for p in self.paths]
     counts = []
@@ -120,14 +122,18 @@ class ImageFolderSource:
       if table.ndim == 1:
         table = table[:, None]
       if table.ndim != 2 or len(table) != len(self.files):
-        raise ValueError(f'{labels}: labels of shape {table.shape}; expected [{len(self.files)}] '
-                         f'or [{len(self.files)}, n], one row per image in sorted order')
+        raise ValueError(
+          f'{labels}: labels of shape {table.shape}; expected [{len(self.files)}] '
+          f'or [{len(self.files)}, n], one row per image in sorted order'
+        )
       self.labels = table.astype(np.int32)
     else:
       tops = [f.split(os.sep)[0] if os.sep in f else None for f in self.files]
       if None in tops:
-        raise ValueError(f'{self.root}: images directly in the folder have no class; give a '
-                         'labels .npy or put each class in its own subfolder')
+        raise ValueError(
+          f'{self.root}: images directly in the folder have no class; give a '
+          'labels .npy or put each class in its own subfolder'
+        )
       classes = sorted(set(tops))
       self.labels = np.asarray([[classes.index(t)] for t in tops], np.int32)
 
@@ -139,8 +145,11 @@ class ImageFolderSource:
     path = os.path.join(self.root, self.files[index])
     with open(path, 'rb') as f:
       data = f.read()
-    return {'index': index, 'name': path,
-            'raw': {'image': data, 'labels': self.labels[index], 'source': path}}
+    return {
+      'index': index,
+      'name': path,
+      'raw': {'image': data, 'labels': self.labels[index], 'source': path},
+    }
 
   def __repr__(self) -> str:
     return f'ImageFolderSource({self.root!r}, {len(self)} images)'
@@ -167,13 +176,15 @@ def tfds_dataset_folder(name: str, data_dir: str | None) -> str | None:
     if info.get('name') == base and (not version or info.get('version') == version):
       return data_dir
     raise FileNotFoundError(
-        f'tfds:{name} with data_dir={data_dir}: that folder is the dataset '
-        f'{info.get("name")!r} version {info.get("version")!r}, not {name!r}')
+      f'tfds:{name} with data_dir={data_dir}: that folder is the dataset '
+      f'{info.get("name")!r} version {info.get("version")!r}, not {name!r}'
+    )
   if not os.path.isdir(os.path.join(data_dir, base)):
     raise FileNotFoundError(
-        f'tfds:{name} with data_dir={data_dir}: no dataset there (looked for '
-        f'{os.path.join(data_dir, base)}/[config/]VERSION/ and {info_path}); give the folder that '
-        'holds dataset_info.json, or its grandparent when it is NAME/VERSION')
+      f'tfds:{name} with data_dir={data_dir}: no dataset there (looked for '
+      f'{os.path.join(data_dir, base)}/[config/]VERSION/ and {info_path}); give the folder that '
+      'holds dataset_info.json, or its grandparent when it is NAME/VERSION'
+    )
   return None
 
 
@@ -193,6 +204,7 @@ class TfdsSource:
   def _open(self):
     if self._source is None:
       import tensorflow_datasets as tfds  # imported here: slow, and only TFDS sources need it
+
       folder = tfds_dataset_folder(self.name, self.data_dir)
       if folder is not None:
         self._source = tfds.builder_from_directory(folder).as_data_source(self.split)

@@ -12,6 +12,7 @@ JAX arrays alike (the trainer normalises uint8 patches on the device with the sa
 pipeline uses on the host). The models import this module (it is the contract, not the data
 machinery); it imports nothing of the project.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,19 +20,21 @@ import numpy as np
 PATCH = 14
 CHANNELS = 3
 PATCH_DIM = PATCH * PATCH * CHANNELS  # 588
-VIDEO_RESOLUTION = 224                # the codec grid: 16 x 16 patches per frame
+VIDEO_RESOLUTION = 224  # the codec grid: 16 x 16 patches per frame
 VIDEO_GRID = VIDEO_RESOLUTION // PATCH
-TEMPORAL_SIZE = 64                    # the encoder's virtual frame grid (rope_temporal_size)
+TEMPORAL_SIZE = 64  # the encoder's virtual frame grid (rope_temporal_size)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Per value, normalised = pixel * _SCALE + _OFFSET == (pixel / 255 - mean) / std, the channel
 # pattern repeated over the 196 pixels of a patch (channel fastest).
-_SCALE_P = np.tile(1.0 / (255.0 * np.asarray(CLIP_STD, np.float64)),
-                   PATCH * PATCH).astype(np.float32)
-_OFFSET_P = np.tile(-np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64),
-                    PATCH * PATCH).astype(np.float32)
+_SCALE_P = np.tile(1.0 / (255.0 * np.asarray(CLIP_STD, np.float64)), PATCH * PATCH).astype(
+  np.float32
+)
+_OFFSET_P = np.tile(
+  -np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64), PATCH * PATCH
+).astype(np.float32)
 
 
 def normalise(patches_NxP):
@@ -47,8 +50,10 @@ def patchify(pixels_BxTxHxWxC, patch_size: int = PATCH):
   (row, column, channel) within a token. numpy or JAX arrays."""
   b, t, h, w, c = pixels_BxTxHxWxC.shape
   if h % patch_size or w % patch_size:
-    raise ValueError(f'pixels of shape {tuple(pixels_BxTxHxWxC.shape)}: H and W must be multiples '
-                     f'of the patch size {patch_size}')
+    raise ValueError(
+      f'pixels of shape {tuple(pixels_BxTxHxWxC.shape)}: H and W must be multiples '
+      f'of the patch size {patch_size}'
+    )
   hp, wp = h // patch_size, w // patch_size
   x = pixels_BxTxHxWxC.reshape(b, t, hp, patch_size, wp, patch_size, c)
   x = x.transpose(0, 1, 2, 4, 3, 5, 6)
@@ -71,8 +76,11 @@ def grid_positions(t: int, hp: int, wp: int) -> np.ndarray:
 
 def clip_positions(num_frames: int, hp: int, wp: int) -> np.ndarray:
   """(t, h, w) of every patch of `num_frames` whole frames, t = 0..T-1: int32 [T*hp*wp, 3]."""
-  return np.concatenate([grid_positions(t, hp, wp) for t in range(num_frames)]) if num_frames \
-      else np.zeros((0, 3), np.int32)
+  return (
+    np.concatenate([grid_positions(t, hp, wp) for t in range(num_frames)])
+    if num_frames
+    else np.zeros((0, 3), np.int32)
+  )
 
 
 def timeline_to_grid(num_frames: int, temporal_size: int = TEMPORAL_SIZE) -> np.ndarray:

@@ -32,6 +32,7 @@ Timeline index j sits on the encoder's virtual 64-frame grid at floor(linspace(0
 Every random choice comes from the `rng` argument, which the pipeline seeds from the pipeline seed
 and the element's index, so a restored iterator makes the same choices.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,6 +74,7 @@ CROPS = ('random_resized', 'centre', 'resize')
 # Shared helpers
 # ------------------------------------------------------------------------------------------------
 
+
 def cyclic_labels(labels: Any, num_labels: int) -> np.ndarray:
   """Labels padded by repeating them cyclically (or truncated) to exactly `num_labels` ids.
 
@@ -97,6 +99,7 @@ def _record_labels(record: Mapping[str, Any], num_labels: int) -> np.ndarray:
 # Images
 # ------------------------------------------------------------------------------------------------
 
+
 def decode_image(data: bytes) -> Image.Image:
   """RGB PIL image from encoded bytes (any format pillow reads); raises on corrupt data."""
   image = Image.open(io.BytesIO(data))
@@ -104,10 +107,15 @@ def decode_image(data: bytes) -> Image.Image:
   return image.convert('RGB')
 
 
-def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
-                            area_range: Sequence[float] = (0.7, 1.0),
-                            aspect_range: Sequence[float] = (0.8, 1.25), *,
-                            relative_aspect: bool = False) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  area_range: Sequence[float] = (0.7, 1.0),
+  aspect_range: Sequence[float] = (0.8, 1.25),
+  *,
+  relative_aspect: bool = False,
+) -> tuple[int, int, int, int]:
   """(top, left, crop_h, crop_w) of a random crop with area fraction and aspect (w/h) in range.
 
   The aspect is drawn log-uniformly, and up to 10 draws are tried, as in the usual Inception-style
@@ -157,13 +165,14 @@ def native_grid(height: int, width: int, max_tokens: int) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class ImageTransform:
   """An image record (`image` bytes, `labels`) -> a sample on an Hp x Wp grid at t = 0."""
+
   resolution: int = 224
-  crop: str = 'random_resized'      # 'random_resized', 'centre' (short side + centre), 'resize'
+  crop: str = 'random_resized'  # 'random_resized', 'centre' (short side + centre), 'resize'
   area_range: tuple[float, float] = (0.7, 1.0)
   aspect_range: tuple[float, float] = (0.8, 1.25)
   flip_prob: float = 0.5
-  native_aspect: bool = False       # keep the crop's aspect: the largest grid within max_tokens
-  max_tokens: int = 1024            # token budget of a native-aspect image
+  native_aspect: bool = False  # keep the crop's aspect: the largest grid within max_tokens
+  max_tokens: int = 1024  # token budget of a native-aspect image
   num_labels: int = 10
 
   def __post_init__(self):
@@ -180,8 +189,8 @@ class ImageTransform:
     width, height = image.size
     if self.crop == 'random_resized':
       top, left, crop_h, crop_w = random_resized_crop_box(
-          height, width, rng, self.area_range, self.aspect_range,
-          relative_aspect=self.native_aspect)
+        height, width, rng, self.area_range, self.aspect_range, relative_aspect=self.native_aspect
+      )
     elif self.crop == 'centre' and not self.native_aspect:
       side = min(height, width)
       top, left, crop_h, crop_w = (height - side) // 2, (width - side) // 2, side, side
@@ -191,17 +200,27 @@ class ImageTransform:
       hp, wp = native_grid(crop_h, crop_w, self.max_tokens)
     else:
       hp = wp = self.resolution // PATCH
-    pixels = np.asarray(image.resize((wp * PATCH, hp * PATCH), Image.Resampling.BICUBIC,
-                                     box=(left, top, left + crop_w, top + crop_h)))
+    pixels = np.asarray(
+      image.resize(
+        (wp * PATCH, hp * PATCH),
+        Image.Resampling.BICUBIC,
+        box=(left, top, left + crop_w, top + crop_h),
+      )
+    )
     if self.flip_prob > 0 and rng.random() < self.flip_prob:
       pixels = pixels[:, ::-1]
-    return {'patches': to_patches(pixels), 'positions': grid_positions(0, hp, wp),
-            'labels': labels, 'mode': MODE_IMAGE}
+    return {
+      'patches': to_patches(pixels),
+      'positions': grid_positions(0, hp, wp),
+      'labels': labels,
+      'mode': MODE_IMAGE,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # Videos
 # ------------------------------------------------------------------------------------------------
+
 
 def pick_uniform_frames(num_timeline: int, num_frames: int, rng: np.random.Generator) -> np.ndarray:
   """One random timeline index per bin, `num_frames` contiguous bins over the T-frame timeline.
@@ -229,10 +248,15 @@ def check_positions(positions, num_frames: int) -> np.ndarray:
   if pos_Kx3.ndim != 2 or pos_Kx3.shape[1] != 3 or len(pos_Kx3) == 0:
     raise ValueError(f'`positions` of shape {pos_Kx3.shape}; expected [K > 0, 3]')
   t_K, h_K, w_K = pos_Kx3.T
-  if (t_K.min() < 0 or t_K.max() >= num_frames or min(h_K.min(), w_K.min()) < 0
-      or max(h_K.max(), w_K.max()) >= VIDEO_GRID):
-    raise ValueError(f'`positions` outside the {num_frames} x {VIDEO_GRID} x {VIDEO_GRID} '
-                     'grid of the clip')
+  if (
+    t_K.min() < 0
+    or t_K.max() >= num_frames
+    or min(h_K.min(), w_K.min()) < 0
+    or max(h_K.max(), w_K.max()) >= VIDEO_GRID
+  ):
+    raise ValueError(
+      f'`positions` outside the {num_frames} x {VIDEO_GRID} x {VIDEO_GRID} grid of the clip'
+    )
   return pos_Kx3
 
 
@@ -246,8 +270,9 @@ def codec_patches(video, frame_ids: np.ndarray, positions, geometry: str = 'crop
   return gather_patches(frames, np.searchsorted(used_t, t_K), h_K, w_K)
 
 
-def gather_patches(frames_UxHxWx3: np.ndarray, frame_U_of_K: np.ndarray, h_K: np.ndarray,
-                   w_K: np.ndarray) -> np.ndarray:
+def gather_patches(
+  frames_UxHxWx3: np.ndarray, frame_U_of_K: np.ndarray, h_K: np.ndarray, w_K: np.ndarray
+) -> np.ndarray:
   """Patch (h, w) of frame u for every selected token: uint8 [K, 588]."""
   u, res = frames_UxHxWx3.shape[0], frames_UxHxWx3.shape[1]
   grid = frames_UxHxWx3.reshape(u, res // PATCH, PATCH, res // PATCH, PATCH, CHANNELS)
@@ -258,18 +283,21 @@ def gather_patches(frames_UxHxWx3: np.ndarray, frame_U_of_K: np.ndarray, h_K: np
 @dataclasses.dataclass(frozen=True)
 class VideoTransform:
   """A video clip record -> a sample in one of the modes codec / uniform / collage / random."""
+
   mode_probs: tuple[float, ...] = (0.5, 0.375, 0.125)  # codec, uniform, collage[, random]
-  num_frames: int = 8               # frames of the uniform and collage modes
+  num_frames: int = 8  # frames of the uniform and collage modes
   temporal_size: int = TEMPORAL_SIZE
   num_labels: int = 10
-  video_root: str = ''              # joined to a record's `source` when it carries no bytes
-  geometry: str = 'crop'            # canvas of the records' codec positions: 'crop', 'letterbox'
+  video_root: str = ''  # joined to a record's `source` when it carries no bytes
+  geometry: str = 'crop'  # canvas of the records' codec positions: 'crop', 'letterbox'
 
   def __post_init__(self):
     probs = np.asarray(self.mode_probs, np.float64)
     if probs.shape not in ((3,), (4,)) or probs.min() < 0 or probs.sum() <= 0:
-      raise ValueError(f'mode_probs={self.mode_probs}: three or four non-negative weights for '
-                       f'{VIDEO_MODES} (a missing fourth is 0), not all 0')
+      raise ValueError(
+        f'mode_probs={self.mode_probs}: three or four non-negative weights for '
+        f'{VIDEO_MODES} (a missing fourth is 0), not all 0'
+      )
 
   def choose_mode(self, rng: np.random.Generator) -> str:
     probs = np.asarray(self.mode_probs, np.float64)
@@ -292,8 +320,12 @@ class VideoTransform:
       patches, positions = self.random(record, rng)
     else:
       patches, positions = self.frames(record, rng, collage=mode == 'collage')
-    return {'patches': patches, 'positions': positions, 'labels': labels,
-            'mode': _VIDEO_MODE_IDS[VIDEO_MODES.index(mode)]}
+    return {
+      'patches': patches,
+      'positions': positions,
+      'labels': labels,
+      'mode': _VIDEO_MODE_IDS[VIDEO_MODES.index(mode)],
+    }
 
   def _timeline(self, record: Mapping[str, Any]) -> np.ndarray:
     frame_ids = np.asarray(record.get('frame_ids', ()), np.int64).reshape(-1)
@@ -306,27 +338,30 @@ class VideoTransform:
     gathered from only the frames they use."""
     frame_ids = self._timeline(record)
     if record.get('positions') is None:
-      raise ValueError('codec mode needs the record\'s selected `positions` [K, 3]')
+      raise ValueError("codec mode needs the record's selected `positions` [K, 3]")
     pos_Kx3 = check_positions(record['positions'], len(frame_ids))
     if record.get('patches') is not None:
       patches = np.asarray(record['patches'])
       if patches.dtype != np.uint8 or patches.shape != (len(pos_Kx3), PATCH_DIM):
-        raise ValueError(f'stored `patches` {patches.dtype} {patches.shape}; expected uint8 '
-                         f'[{len(pos_Kx3)}, {PATCH_DIM}] (one per position)')
+        raise ValueError(
+          f'stored `patches` {patches.dtype} {patches.shape}; expected uint8 '
+          f'[{len(pos_Kx3)}, {PATCH_DIM}] (one per position)'
+        )
     else:
       patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3, self.geometry)
     t_K, h_K, w_K = pos_Kx3.T
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[t_K]
     return patches, np.stack([grid_t, h_K, w_K], axis=-1).astype(np.int32)
 
-  def random(self, record: Mapping[str, Any], rng: np.random.Generator
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def random(
+    self, record: Mapping[str, Any], rng: np.random.Generator
+  ) -> tuple[np.ndarray, np.ndarray]:
     """As many patches as the record's codec selection (its budget K), drawn uniformly without
     replacement from all T x 16 x 16 of the timeline, sorted by (t, h, w), at their true t on
     the grid: the ablation's baseline of equal budget and no codec signal."""
     frame_ids = self._timeline(record)
     if record.get('positions') is None:
-      raise ValueError('random mode takes its budget from the record\'s `positions` [K, 3]')
+      raise ValueError("random mode takes its budget from the record's `positions` [K, 3]")
     budget = len(check_positions(record['positions'], len(frame_ids)))
     candidates_Nx3 = clip_positions(len(frame_ids), VIDEO_GRID, VIDEO_GRID)  # token order
     flat = np.sort(rng.choice(len(candidates_Nx3), size=budget, replace=False))
@@ -335,8 +370,9 @@ class VideoTransform:
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[pos_Kx3[:, 0]]
     return patches, np.stack([grid_t, pos_Kx3[:, 1], pos_Kx3[:, 2]], axis=-1).astype(np.int32)
 
-  def frames(self, record: Mapping[str, Any], rng: np.random.Generator, *, collage: bool
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def frames(
+    self, record: Mapping[str, Any], rng: np.random.Generator, *, collage: bool
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Uniform frames at their true t, or the same frames as one tall collage image at t = 0."""
     frame_ids = self._timeline(record)
     picks = pick_uniform_frames(len(frame_ids), self.num_frames, rng)

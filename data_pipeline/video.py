@@ -3,6 +3,7 @@
 Shared by the codec analysis, the precompute tool and the input pipeline. `video` is everywhere a
 path or the bytes of a file.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,8 +54,10 @@ def open_video(video: VideoSource):
     kinds = sorted({s.type for s in container.streams}) or ['none']
     container.close()
     raise VideoError(f'{name}: no video stream (streams: {", ".join(kinds)})')
-  if (container.format.name in TEXT_FORMATS
-      or container.streams.video[0].codec_context.name in TEXT_CODECS):
+  if (
+    container.format.name in TEXT_FORMATS
+    or container.streams.video[0].codec_context.name in TEXT_CODECS
+  ):
     fmt = container.format.name
     container.close()
     raise VideoError(f'{name}: not a video (FFmpeg reads it as text, format {fmt!r})')
@@ -69,9 +72,10 @@ def resize_short_side_centre_crop(rgb_HxWx3: np.ndarray, resolution: int) -> np.
 
 def _resize_crop_frame(frame, resolution: int) -> np.ndarray:
   _, new_h, new_w, top, left = crop_box(frame.height, frame.width, resolution)
-  rgb = frame.reformat(width=new_w, height=new_h, format='rgb24',
-                       interpolation='BICUBIC').to_ndarray()
-  return np.ascontiguousarray(rgb[top:top + resolution, left:left + resolution])
+  rgb = frame.reformat(
+    width=new_w, height=new_h, format='rgb24', interpolation='BICUBIC'
+  ).to_ndarray()
+  return np.ascontiguousarray(rgb[top : top + resolution, left : left + resolution])
 
 
 def crop_box(height: int, width: int, resolution: int) -> tuple[float, int, int, int, int]:
@@ -85,8 +89,9 @@ def crop_box(height: int, width: int, resolution: int) -> tuple[float, int, int,
   return scale, new_h, new_w, (new_h - resolution) // 2, (new_w - resolution) // 2
 
 
-def decode_frames(video: VideoSource, frame_ids: Sequence[int], resolution: int = 224
-                  ) -> np.ndarray:
+def decode_frames(
+  video: VideoSource, frame_ids: Sequence[int], resolution: int = 224
+) -> np.ndarray:
   """RGB uint8 [len(frame_ids), resolution, resolution, 3] of the given frames.
 
   Frame ids count decoded frames in presentation order from 0. Only frames up to the largest id

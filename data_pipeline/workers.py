@@ -12,6 +12,7 @@ dead worker held (a shared task queue, as in concurrent.futures, loses that: a d
 breaks the whole pool). `usable_cpus()` is the default worker count: the CPUs this process may
 use (its affinity mask and its cgroup's CPU quota), not the machine's.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,6 +40,7 @@ WORKER_THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_T
 @dataclasses.dataclass
 class Lost:
   """The result of an item whose worker timed out or died."""
+
   reason: str
 
 
@@ -46,8 +48,7 @@ class WorkerStartError(RuntimeError):
   """A worker process could not start (the set-up is wrong, not an item)."""
 
 
-def cgroup_cpu_limit(proc_root: str = '/proc', cgroup_root: str = '/sys/fs/cgroup'
-                     ) -> float | None:
+def cgroup_cpu_limit(proc_root: str = '/proc', cgroup_root: str = '/sys/fs/cgroup') -> float | None:
   """The CPU quota of this process's cgroup in CPUs (cgroup v2 `cpu.max`, v1 `cpu.cfs_*`, the
   smallest along the path to the root), or None when there is none."""
   try:
@@ -59,16 +60,27 @@ def cgroup_cpu_limit(proc_root: str = '/proc', cgroup_root: str = '/sys/fs/cgrou
   for line in lines:
     _, controllers, path = line.split(':', 2)
     if controllers == '':  # v2: one unified hierarchy
-      candidates = [(os.path.join(cgroup_root, p.lstrip('/'), 'cpu.max'), None)
-                    for p in _ancestors(path)]
+      candidates = [
+        (os.path.join(cgroup_root, p.lstrip('/'), 'cpu.max'), None) for p in _ancestors(path)
+      ]
     elif 'cpu' in controllers.split(','):  # v1: the cpu controller's own hierarchy
-      mount = next((os.path.join(cgroup_root, m) for m in (controllers, 'cpu,cpuacct', 'cpu')
-                    if os.path.isdir(os.path.join(cgroup_root, m))), None)
+      mount = next(
+        (
+          os.path.join(cgroup_root, m)
+          for m in (controllers, 'cpu,cpuacct', 'cpu')
+          if os.path.isdir(os.path.join(cgroup_root, m))
+        ),
+        None,
+      )
       if mount is None:
         continue
-      candidates = [(os.path.join(mount, p.lstrip('/'), 'cpu.cfs_quota_us'),
-                     os.path.join(mount, p.lstrip('/'), 'cpu.cfs_period_us'))
-                    for p in _ancestors(path)]
+      candidates = [
+        (
+          os.path.join(mount, p.lstrip('/'), 'cpu.cfs_quota_us'),
+          os.path.join(mount, p.lstrip('/'), 'cpu.cfs_period_us'),
+        )
+        for p in _ancestors(path)
+      ]
     else:
       continue
     for quota_path, period_path in candidates:
@@ -118,8 +130,10 @@ def death_reason(exitcode: int | None) -> str:
     except ValueError:
       name = f'signal {-exitcode}'
     if -exitcode == signal.SIGKILL:
-      return (f'the worker process was killed by {name} (the kernel\'s out-of-memory killer, '
-              'or another process)')
+      return (
+        f"the worker process was killed by {name} (the kernel's out-of-memory killer, "
+        'or another process)'
+      )
     if -exitcode == signal.SIGSEGV:
       return f'the worker process crashed with {name} (segmentation fault, e.g. in the decoder)'
     return f'the worker process died of {name}'
@@ -131,6 +145,7 @@ def _die_with_parent(parent_pid: int) -> None:
   never outlives a run that was killed (the parent's own time limits die with it)."""
   try:
     import ctypes
+
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
   except (OSError, AttributeError):  # not Linux: workers still exit when their pipe closes
     return
@@ -138,8 +153,9 @@ def _die_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _worker_main(conn, fn: Callable, initializer: Callable | None, initargs: tuple,
-                 parent_pid: int) -> None:
+def _worker_main(
+  conn, fn: Callable, initializer: Callable | None, initargs: tuple, parent_pid: int
+) -> None:
   _die_with_parent(parent_pid)
   # Ctrl-C reaches the whole process group: the parent stops the workers, they do not stop
   # themselves mid-task with a traceback each.
@@ -170,8 +186,9 @@ class _Slot:
 
   def __init__(self, fn, initializer, initargs):
     self.conn, child = _CONTEXT.Pipe()
-    self.process = _CONTEXT.Process(target=_worker_main, daemon=True,
-                                    args=(child, fn, initializer, initargs, os.getpid()))
+    self.process = _CONTEXT.Process(
+      target=_worker_main, daemon=True, args=(child, fn, initializer, initargs, os.getpid())
+    )
     # A spawned child takes the parent's environment when it starts; set the thread limits for
     # that moment only, so the parent's own libraries keep theirs.
     unset = [name for name in WORKER_THREAD_VARIABLES if name not in os.environ]
@@ -203,9 +220,16 @@ class _Slot:
     self.conn.close()
 
 
-def ordered_map(fn: Callable, items: Iterable, workers: int, *,
-                timeout: float | None = None, initializer: Callable | None = None,
-                initargs: tuple = (), window: int | None = None) -> Iterator:
+def ordered_map(
+  fn: Callable,
+  items: Iterable,
+  workers: int,
+  *,
+  timeout: float | None = None,
+  initializer: Callable | None = None,
+  initargs: tuple = (),
+  window: int | None = None,
+) -> Iterator:
   """fn over items, results in input order, in `workers` spawned processes (0: in this process,
   where there is no time limit and a crash is the caller's).
 
@@ -250,11 +274,13 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *,
             slots[i] = _Slot(fn, initializer, initargs)
       busy = [s for s in slots if s.task is not None or not s.ready]
       now = time.monotonic()
-      deadlines = [s.started + (timeout if s.ready else STARTUP_SECONDS) for s in busy
-                   if timeout or not s.ready]
+      deadlines = [
+        s.started + (timeout if s.ready else STARTUP_SECONDS)
+        for s in busy
+        if timeout or not s.ready
+      ]
       wait_for = max(0.0, min(deadlines) - now) if deadlines else None
-      ready = connection.wait([s.conn for s in busy] + [s.process.sentinel for s in busy],
-                              wait_for)
+      ready = connection.wait([s.conn for s in busy] + [s.process.sentinel for s in busy], wait_for)
       for i, slot in enumerate(slots):
         if slot not in busy:
           continue
@@ -265,9 +291,10 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *,
         index, value = said
         if not was_ready:
           raise WorkerStartError(
-              f'a worker process could not start ({value.reason}; its error is printed '
-              'above); if this runs from a script, the script needs an `if __name__ == '
-              "'__main__':` guard (workers are spawned and import the main module)")
+            f'a worker process could not start ({value.reason}; its error is printed '
+            'above); if this runs from a script, the script needs an `if __name__ == '
+            "'__main__':` guard (workers are spawned and import the main module)"
+          )
         done[index] = value
         if slot.task is not None:  # timed out or died holding its task: a fresh worker
           slot.stop(kill=True)
@@ -277,8 +304,7 @@ def ordered_map(fn: Callable, items: Iterable, workers: int, *,
       slot.stop(kill=slot.task is not None)
 
 
-def _collect(slot: _Slot, ready: list, timeout: float | None
-             ) -> tuple[int | None, Any] | None:
+def _collect(slot: _Slot, ready: list, timeout: float | None) -> tuple[int | None, Any] | None:
   """What a busy slot has to say: None while it works (or when it just became ready); else
   (index, result) of its task, with `Lost` as the result when the task timed out or the
   process died (the slot's task then stays set, so the caller replaces the worker)."""

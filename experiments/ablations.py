@@ -50,6 +50,7 @@ Arguments: smoke, study=NAME (which sweep), budget=K (0: 512 smoke, 2048 full), 
 one built-in data folder for every run; only for studies that keep budget and policy), and
 video_data=TEMPLATE plus every argument of experiments/stage2_video.py (full size).
 """
+
 import os
 
 from ove_jax import config as config_lib
@@ -59,10 +60,13 @@ demo_cpu = config_lib.load_module(os.path.join(_HERE, 'demo_cpu.py'))
 stage2 = config_lib.load_module(os.path.join(_HERE, 'stage2_video.py'))
 
 STUDIES = ('selection', 'budget', 'policy', 'rope', 'margin', 'scale', 'sample_rate')
-FRAME_PATCHES = 256                       # 16 x 16 patches of a 224 frame
+FRAME_PATCHES = 256  # 16 x 16 patches of a 224 frame
 # data.heads.video.video_modes: weights of (codec, uniform, collage, random).
-SELECTIONS = {'codec': (1.0, 0.0, 0.0, 0.0), 'uniform': (0.0, 1.0, 0.0, 0.0),
-              'random': (0.0, 0.0, 0.0, 1.0)}
+SELECTIONS = {
+  'codec': (1.0, 0.0, 0.0, 0.0),
+  'uniform': (0.0, 1.0, 0.0, 0.0),
+  'random': (0.0, 0.0, 0.0, 1.0),
+}
 BUDGETS = (512, 1024, 2048, 4096)
 POLICIES = ('zero', 'paper', 'first_frame')
 ROPES = ('3d', '1d', 'none')
@@ -74,8 +78,15 @@ SMOKE_STEPS = 10
 FULL_SAMPLES = 3.2e8
 VIDEO_DATA = '/data/video-codec-k{budget}-{policy}-*.array_record'
 
-ARGS = {**stage2.ARGS, 'samples': FULL_SAMPLES, 'workers': -1, 'study': 'selection',
-        'budget': 0, 'policy': 'zero', 'video_data': VIDEO_DATA}
+ARGS = {
+  **stage2.ARGS,
+  'samples': FULL_SAMPLES,
+  'workers': -1,
+  'study': 'selection',
+  'budget': 0,
+  'policy': 'zero',
+  'video_data': VIDEO_DATA,
+}
 
 
 def get_config(arg=None):
@@ -125,12 +136,14 @@ def _parse(arg):
     raise config_lib.ConfigError(f'argument budget={budget}: 1..{64 * FRAME_PATCHES} patches')
   if a.study == 'selection' and budget % FRAME_PATCHES:
     raise config_lib.ConfigError(
-        f'argument budget={budget}: the selection study compares it with whole frames, so it '
-        f'must be a multiple of {FRAME_PATCHES} (e.g. budget={max(1, budget // 256) * 256})')
+      f'argument budget={budget}: the selection study compares it with whole frames, so it '
+      f'must be a multiple of {FRAME_PATCHES} (e.g. budget={max(1, budget // 256) * 256})'
+    )
   if a.smoke and a.data_root and a.study in ('budget', 'policy'):
     raise config_lib.ConfigError(
-        f'argument data_root with study={a.study}: its runs need different built-in data, so '
-        'each makes its own in its run folder; leave data_root unset')
+      f'argument data_root with study={a.study}: its runs need different built-in data, so '
+      'each makes its own in its run folder; leave data_root unset'
+    )
   return a
 
 
@@ -145,7 +158,7 @@ def _smoke(a):
   del c.heads['image']
   del c.data.heads['image']
   c.builtin.root = a.data_root
-  c.checkpoint_every = c.total_steps   # one save, at the end: what tools/sweep.py looks for
+  c.checkpoint_every = c.total_steps  # one save, at the end: what tools/sweep.py looks for
   return c
 
 
@@ -169,9 +182,11 @@ def _set_video(c, a, *, budget: int, policy: str) -> None:
 def _video_overrides(a, budget: int, policy: str) -> dict:
   """What a budget or policy changes: the built-in data's selection (smoke) or the video
   records (full), and the tokens per row (one clip per row)."""
-  out = {'data.heads.video.tokens_per_row': budget,
-         # The uniform and collage modes' frames at the same token count (selection study).
-         'data.heads.video.num_frames': max(1, budget // FRAME_PATCHES)}
+  out = {
+    'data.heads.video.tokens_per_row': budget,
+    # The uniform and collage modes' frames at the same token count (selection study).
+    'data.heads.video.num_frames': max(1, budget // FRAME_PATCHES),
+  }
   if a.smoke:
     out.update({'builtin.budget': budget, 'builtin.policy': policy})
   else:

@@ -32,6 +32,7 @@ processes per head), data_root=PATH (where the built-in data lives; default
 uniform=W, collage=W (the video modes' weights; codec=1,uniform=0,collage=0 trains on codec
 inputs only).
 """
+
 import json
 import os
 
@@ -47,14 +48,26 @@ VIDEO_MODES = (0.5, 0.375, 0.125)
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, smoke=False, steps=0, workers=1, data_root='', clips=0, images=0,
-                           student='', codec=VIDEO_MODES[0], uniform=VIDEO_MODES[1],
-                           collage=VIDEO_MODES[2])
+  a = config_lib.parse_arg(
+    arg,
+    smoke=False,
+    steps=0,
+    workers=1,
+    data_root='',
+    clips=0,
+    images=0,
+    student='',
+    codec=VIDEO_MODES[0],
+    uniform=VIDEO_MODES[1],
+    collage=VIDEO_MODES[2],
+  )
   modes = (a.codec, a.uniform, a.collage)
   if min(modes) < 0 or sum(modes) <= 0:
-    raise config_lib.ConfigError(f'demo_cpu: codec={a.codec}, uniform={a.uniform}, '
-                                 f'collage={a.collage}: the video modes\' weights must be >= 0 '
-                                 'and not all 0')
+    raise config_lib.ConfigError(
+      f'demo_cpu: codec={a.codec}, uniform={a.uniform}, '
+      f"collage={a.collage}: the video modes' weights must be >= 0 "
+      'and not all 0'
+    )
   c = config_lib.defaults()
   c.total_steps = a.steps or (20 if a.smoke else 300)
   c.log_every = 2 if a.smoke else 10
@@ -85,12 +98,26 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
 
   c.data.worker_count = a.workers
-  c.data.patch_dtype = 'uint8'   # 4x less to move between processes; normalised on the device
-  video = dict(kind='video', source='{builtin:video}', rows=8, tokens_per_row=512,
-               max_segments=1, num_labels=3, video_modes=modes,
-               num_frames=c.builtin.budget // tokens.VIDEO_GRID ** 2)
-  image = dict(kind='image', source='{builtin:image}', rows=8, tokens_per_row=256,
-               max_segments=1, num_labels=builtin.IMAGE_LABELS, resolution=224)
+  c.data.patch_dtype = 'uint8'  # 4x less to move between processes; normalised on the device
+  video = dict(
+    kind='video',
+    source='{builtin:video}',
+    rows=8,
+    tokens_per_row=512,
+    max_segments=1,
+    num_labels=3,
+    video_modes=modes,
+    num_frames=c.builtin.budget // tokens.VIDEO_GRID**2,
+  )
+  image = dict(
+    kind='image',
+    source='{builtin:image}',
+    rows=8,
+    tokens_per_row=256,
+    max_segments=1,
+    num_labels=builtin.IMAGE_LABELS,
+    resolution=224,
+  )
   if not a.student:
     # The clips' first three labels (fine, shape, direction); the fourth, texture, is the probe's.
     c.heads.video = config_lib.head(builtin.VIDEO_CLASSES)
@@ -101,19 +128,23 @@ def get_config(arg=None):
     labels = os.path.abspath(os.path.expanduser(a.student))
     c.builtin.enabled = False  # the clips come relabelled, from DIR/video/records
     c.heads.video = config_lib.head(_num_centres(os.path.join(labels, 'video'), a.student))
-    c.data.heads.video = dict(video, source=os.path.join(labels, 'video', 'records', '*'),
-                              num_labels=STUDENT_LABELS)
+    c.data.heads.video = dict(
+      video, source=os.path.join(labels, 'video', 'records', '*'), num_labels=STUDENT_LABELS
+    )
     image_labels = os.path.join(labels, 'image')
     if os.path.isdir(image_labels):
       if not a.data_root:
         raise config_lib.ConfigError(
-            f'demo_cpu:student={a.student}: {image_labels} labels images; give data_root=PATH, '
-            'the built-in data folder that holds them (PATH/images)')
+          f'demo_cpu:student={a.student}: {image_labels} labels images; give data_root=PATH, '
+          'the built-in data folder that holds them (PATH/images)'
+        )
       images = os.path.join(os.path.abspath(os.path.expanduser(a.data_root)), 'images')
       c.heads.image = config_lib.head(_num_centres(image_labels, a.student))
       c.data.heads.image = dict(
-          image, source=f'folder:{images}?labels={os.path.join(image_labels, "labels.npy")}',
-          num_labels=STUDENT_LABELS)
+        image,
+        source=f'folder:{images}?labels={os.path.join(image_labels, "labels.npy")}',
+        num_labels=STUDENT_LABELS,
+      )
   return c
 
 
@@ -125,6 +156,7 @@ def _num_centres(folder: str, arg: str) -> int:
       return int(json.load(f)['k'])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise config_lib.ConfigError(
-        f'demo_cpu:student={arg}: cannot read k from {report} ({e}); make the labels first, '
-        'e.g. python tools/cluster_labels.py --features FEATURES.npz --records '
-        f'<built-in data>/records --k K --out {folder}') from None
+      f'demo_cpu:student={arg}: cannot read k from {report} ({e}); make the labels first, '
+      'e.g. python tools/cluster_labels.py --features FEATURES.npz --records '
+      f'<built-in data>/records --k K --out {folder}'
+    ) from None

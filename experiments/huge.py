@@ -32,15 +32,17 @@ micro-batches), and as 2 hosts x 4 devices:
 
 Arguments: those of experiments/stage2_video.py, with gpus=256 and fsdp=16 by default.
 """
+
 import os
 
 from ove_jax import config as config_lib
 
-stage2 = config_lib.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             'stage2_video.py'))
+stage2 = config_lib.load_module(
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), 'stage2_video.py')
+)
 
 
-SMOKE_CLASSES = 4096   # per head: 8 sampling blocks of 512 classes, 51 sampled from each
+SMOKE_CLASSES = 4096  # per head: 8 sampling blocks of 512 classes, 51 sampled from each
 
 
 def get_config(arg=None):

@@ -23,6 +23,7 @@ data_pipeline.benchmarks), root (joined to a list's relative paths), num_classes
 epochs for your own set (a paper benchmark's recipe with train / test given overrides its
 files); seeds=N (seeds 0..N-1); val_fraction=F; smoke (1 epoch, seed 0: a quick check).
 """
+
 from data_pipeline import benchmarks as benchmarks_lib
 from ove_jax import config as config_lib
 
@@ -31,30 +32,69 @@ PROBE_SUITE = True
 
 
 def _entry(name, train, test, root, num_classes, batch_size, epochs, lrs):
-  return dict(name=name, train=train, test=test, root=root, num_classes=num_classes,
-              batch_size=batch_size, epochs=epochs, learning_rates=tuple(lrs))
+  return dict(
+    name=name,
+    train=train,
+    test=test,
+    root=root,
+    num_classes=num_classes,
+    batch_size=batch_size,
+    epochs=epochs,
+    learning_rates=tuple(lrs),
+  )
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, data_root='', name='', train='', test='', root='',
-                           num_classes=0, batch_size=0, epochs=0, seeds=3, val_fraction=0.1,
-                           smoke=False)
+  a = config_lib.parse_arg(
+    arg,
+    data_root='',
+    name='',
+    train='',
+    test='',
+    root='',
+    num_classes=0,
+    batch_size=0,
+    epochs=0,
+    seeds=3,
+    val_fraction=0.1,
+    smoke=False,
+  )
   entries = []
   if a.name and a.name not in benchmarks_lib.BENCHMARKS:
     if not (a.train and a.test and a.num_classes):
       raise config_lib.ConfigError(
-          f'probe_benchmarks:name={a.name}: a set of your own needs train=LIST, test=LIST and '
-          f'num_classes=N (the paper\'s sets: {", ".join(benchmarks_lib.BENCHMARKS)})')
-    entries.append(_entry(a.name, a.train, a.test, a.root or None, a.num_classes,
-                          a.batch_size or 32, a.epochs or 10, (1e-4,)))
+        f'probe_benchmarks:name={a.name}: a set of your own needs train=LIST, test=LIST and '
+        f"num_classes=N (the paper's sets: {', '.join(benchmarks_lib.BENCHMARKS)})"
+      )
+    entries.append(
+      _entry(
+        a.name,
+        a.train,
+        a.test,
+        a.root or None,
+        a.num_classes,
+        a.batch_size or 32,
+        a.epochs or 10,
+        (1e-4,),
+      )
+    )
   else:
     names = [a.name] if a.name else list(benchmarks_lib.BENCHMARKS)
     for name in names:
       b = benchmarks_lib.BENCHMARKS[name]
       train, test = b.lists(a.data_root or '.')
-      entries.append(_entry(name, a.train or train, a.test or test, a.root or None,
-                            a.num_classes or b.num_classes, a.batch_size or b.global_batch_size,
-                            a.epochs or b.epochs, b.learning_rates))
+      entries.append(
+        _entry(
+          name,
+          a.train or train,
+          a.test or test,
+          a.root or None,
+          a.num_classes or b.num_classes,
+          a.batch_size or b.global_batch_size,
+          a.epochs or b.epochs,
+          b.learning_rates,
+        )
+      )
   if a.smoke:
     for e in entries:
       e['epochs'] = 1

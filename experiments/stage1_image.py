@@ -43,6 +43,7 @@ Arguments: smoke, paper, batch=N (global images per step), samples=X (images see
 total_steps = samples / batch), steps=N (total_steps directly), blocks=N (loss.sampling_blocks),
 workers=N (input worker processes per host), data_root=PATH (smoke: the built-in data's folder).
 """
+
 from ove_jax import config as config_lib
 
 RELEASE = dict(preset='base', lr=1e-3, weight_decay=0.05, samples=13e9)
@@ -54,14 +55,33 @@ WATCHDOG_SECONDS = 1800.0
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, smoke=False, paper=False, batch=1024, samples=RELEASE['samples'],
-                           steps=0, blocks=1024, workers=8, data_root='')
+  a = config_lib.parse_arg(
+    arg,
+    smoke=False,
+    paper=False,
+    batch=1024,
+    samples=RELEASE['samples'],
+    steps=0,
+    blocks=1024,
+    workers=8,
+    data_root='',
+  )
   c = config_lib.defaults()
   c.model.preset = PAPER['preset'] if a.paper else RELEASE['preset']
   c.model.dtype = 'bfloat16'
-  c.optim.update(dict(lr=RELEASE['lr'], warmup=0.1, decay='linear', end_lr_fraction=0.0,
-                      b1=0.9, b2=0.999, eps=1e-8, clip_norm=5.0,
-                      weight_decay=PAPER['weight_decay'] if a.paper else RELEASE['weight_decay']))
+  c.optim.update(
+    dict(
+      lr=RELEASE['lr'],
+      warmup=0.1,
+      decay='linear',
+      end_lr_fraction=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      clip_norm=5.0,
+      weight_decay=PAPER['weight_decay'] if a.paper else RELEASE['weight_decay'],
+    )
+  )
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
   c.loss.sampling_blocks = a.blocks
   c.total_steps = a.steps or max(1, round(a.samples / a.batch))
@@ -70,9 +90,17 @@ def get_config(arg=None):
   c.watchdog_seconds = WATCHDOG_SECONDS
   c.data.patch_dtype = 'uint8'
   c.heads.image = config_lib.head(IMAGE_CLASSES)
-  c.data.heads.image = dict(kind='image', source='/data/laion-*.array_record', rows=a.batch,
-                            tokens_per_row=256, max_segments=1, num_labels=10, resolution=224,
-                            crop='random_resized', flip_prob=0.5)
+  c.data.heads.image = dict(
+    kind='image',
+    source='/data/laion-*.array_record',
+    rows=a.batch,
+    tokens_per_row=256,
+    max_segments=1,
+    num_labels=10,
+    resolution=224,
+    crop='random_resized',
+    flip_prob=0.5,
+  )
   if a.smoke:
     config_lib.cpu_smoke(c, data_root=a.data_root, steps=a.steps or 3)
     c.heads.image = config_lib.head(64)  # built-in labels are 0..28

@@ -70,19 +70,33 @@ blocks=N (loss.sampling_blocks), init=PATH (an earlier stage's workdir or step f
 heads=fresh|keep, workers=N (input worker processes per head and host), data_root=PATH (smoke:
 the built-in data's folder).
 """
+
 from ove_jax import config as config_lib
 
-PER_GPU = {'image': 16, 'ocr': 8, 'video': 16}     # the release's per-GPU batches
+PER_GPU = {'image': 16, 'ocr': 8, 'video': 16}  # the release's per-GPU batches
 CLASSES = {'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
 # No finished step in this long: stacks of every thread, exit 70 (ove_jax/preemption.py). It
 # covers the restore and the first step's compilation at this size.
 WATCHDOG_SECONDS = 1800.0
 # The release's single-node stage 2 (shells/ov_encoder_large_stage2_residual_8gpus.sh).
 RELEASE_PER_GPU = {'image': 8, 'video': 8}
-RELEASE_CENTRES = '%s/ov_encoder_si_8gpus/ov_encoder_si_%%03d.npy'   # % si, then % rank
-ARGS = dict(smoke=False, paper=False, release_single_node=False, si='', gpus=128, fsdp=8,
-            batch=20_480, samples=4e9, steps=0, blocks=1024, init='', heads='fresh', workers=8,
-            data_root='')
+RELEASE_CENTRES = '%s/ov_encoder_si_8gpus/ov_encoder_si_%%03d.npy'  # % si, then % rank
+ARGS = dict(
+  smoke=False,
+  paper=False,
+  release_single_node=False,
+  si='',
+  gpus=128,
+  fsdp=8,
+  batch=20_480,
+  samples=4e9,
+  steps=0,
+  blocks=1024,
+  init='',
+  heads='fresh',
+  workers=8,
+  data_root='',
+)
 
 
 def get_config(arg=None):
@@ -94,14 +108,25 @@ def build(a, *, preset: str):
   per_step = sum(PER_GPU.values()) * a.gpus
   if a.batch % per_step:
     raise config_lib.ConfigError(
-        f'argument batch={a.batch} is not a multiple of the {per_step} samples of one '
-        f'micro-batch ({" + ".join(map(str, PER_GPU.values()))} per GPU x gpus={a.gpus})')
+      f'argument batch={a.batch} is not a multiple of the {per_step} samples of one '
+      f'micro-batch ({" + ".join(map(str, PER_GPU.values()))} per GPU x gpus={a.gpus})'
+    )
   c = config_lib.defaults()
   c.model.update(dict(preset=preset, dtype='bfloat16', remat='full'))
   c.init.checkpoint, c.init.heads = a.init, a.heads
-  c.optim.update(dict(lr=1e-4 if a.paper else 5e-5, warmup=1e-4, decay='linear',
-                      end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-                      clip_norm=5.0))
+  c.optim.update(
+    dict(
+      lr=1e-4 if a.paper else 5e-5,
+      warmup=1e-4,
+      decay='linear',
+      end_lr_fraction=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      clip_norm=5.0,
+    )
+  )
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, a.fsdp, 1
   c.accumulate = a.batch // per_step
   c.total_steps = a.steps or max(1, round(a.samples / a.batch))
@@ -114,16 +139,39 @@ def build(a, *, preset: str):
   for name, classes in CLASSES.items():
     c.heads[name] = config_lib.head(classes)
   rows = {name: n * a.gpus for name, n in PER_GPU.items()}
-  c.data.heads.image = dict(kind='image', source='/data/laion-*.array_record', rows=rows['image'],
-                            tokens_per_row=1024, max_segments=1, num_labels=10, resolution=448,
-                            crop='random_resized', flip_prob=0.5)
-  c.data.heads.ocr = dict(kind='ocr', source='/data/ocr-*.array_record', rows=rows['ocr'],
-                          tokens_per_row=1024, max_segments=1, num_labels=100, resolution=448,
-                          crop='centre', flip_prob=0.0)
-  c.data.heads.video = dict(kind='video', source='/data/video-codec-*.array_record',
-                            rows=rows['video'], tokens_per_row=2048, max_segments=1,
-                            num_labels=10, video_modes=(0.5, 0.375, 0.125), num_frames=8,
-                            video_root='')
+  c.data.heads.image = dict(
+    kind='image',
+    source='/data/laion-*.array_record',
+    rows=rows['image'],
+    tokens_per_row=1024,
+    max_segments=1,
+    num_labels=10,
+    resolution=448,
+    crop='random_resized',
+    flip_prob=0.5,
+  )
+  c.data.heads.ocr = dict(
+    kind='ocr',
+    source='/data/ocr-*.array_record',
+    rows=rows['ocr'],
+    tokens_per_row=1024,
+    max_segments=1,
+    num_labels=100,
+    resolution=448,
+    crop='centre',
+    flip_prob=0.0,
+  )
+  c.data.heads.video = dict(
+    kind='video',
+    source='/data/video-codec-*.array_record',
+    rows=rows['video'],
+    tokens_per_row=2048,
+    max_segments=1,
+    num_labels=10,
+    video_modes=(0.5, 0.375, 0.125),
+    num_frames=8,
+    video_root='',
+  )
   if a.release_single_node:
     release_single_node(c, a, preset)
   if a.smoke:
@@ -135,8 +183,9 @@ def release_single_node(c, a, preset: str):
   """The release's 8-GPU stage 2 from its `-si` checkpoint (the module docstring cites it)."""
   if preset != 'large' or not a.si:
     raise config_lib.ConfigError(
-        'argument release_single_node needs si=DIR (the release\'s onevision-encoder-large-si '
-        f'folder) and the large encoder (this experiment\'s preset is {preset!r})')
+      "argument release_single_node needs si=DIR (the release's onevision-encoder-large-si "
+      f"folder) and the large encoder (this experiment's preset is {preset!r})"
+    )
   gpus, accumulate = 8, 4
   c.init.pytorch, c.init.checkpoint, c.init.heads = a.si, '', 'fresh'
   c.init.release_centres = f'image={RELEASE_CENTRES % a.si}'
@@ -146,8 +195,9 @@ def release_single_node(c, a, preset: str):
   del c.heads['ocr']
   del c.data.heads['ocr']
   c.data.heads.image.rows = RELEASE_PER_GPU['image'] * gpus
-  c.data.heads.video.update(dict(rows=RELEASE_PER_GPU['video'] * gpus,
-                                 video_modes=(0.375, 0.375, 0.25)))
+  c.data.heads.video.update(
+    dict(rows=RELEASE_PER_GPU['video'] * gpus, video_modes=(0.375, 0.375, 0.25))
+  )
 
 
 def smoke(c, a):
@@ -156,9 +206,11 @@ def smoke(c, a):
   config_lib.cpu_smoke(c, data_root=a.data_root, steps=a.steps or 3)
   c.accumulate = 2
   for name in CLASSES:
-    c.heads[name] = config_lib.head(64)   # built-in labels: images 0..28, videos 0..52
+    c.heads[name] = config_lib.head(64)  # built-in labels: images 0..28, videos 0..52
   for name in ('image', 'ocr'):
-    c.data.heads[name].update(dict(source='{builtin:image}', rows=8, tokens_per_row=64,
-                                   num_labels=3, resolution=112))
-  c.data.heads.video.update(dict(source='{builtin:video}', rows=8, tokens_per_row=512,
-                                 num_labels=3, num_frames=2))
+    c.data.heads[name].update(
+      dict(source='{builtin:image}', rows=8, tokens_per_row=64, num_labels=3, resolution=112)
+    )
+  c.data.heads.video.update(
+    dict(source='{builtin:video}', rows=8, tokens_per_row=512, num_labels=3, num_frames=2)
+  )

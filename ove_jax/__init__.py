@@ -1,2 +1,3 @@
 """ove_jax: OneVision-Encoder pretraining in JAX/Flax."""
+
 __version__ = '0.1.0'

@@ -5,6 +5,7 @@ and the sharded k-means pass against scikit-learn. The programs `ove-bench-encod
 Figures are ratios measured side by side in one run (sparse vs dense, our code vs a baseline,
 achieved FLOP/s vs the machine's measured matmul peak); nothing here asserts a time.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,8 @@ from ove_jax.models import encoder as enc
 
 IMAGE_SIZE = 224
 PATCH_SIZE = 14
-GRID = IMAGE_SIZE // PATCH_SIZE          # 16 patches a side
-PATCHES_PER_FRAME = GRID * GRID          # 256
+GRID = IMAGE_SIZE // PATCH_SIZE  # 16 patches a side
+PATCHES_PER_FRAME = GRID * GRID  # 256
 
 # Benchmark-only sizes (width, depth, heads, mlp_dim); ove-bench-encoder's help says why.
 BENCH_PRESETS = {'micro': (64, 2, 1, 256)}
@@ -53,6 +54,7 @@ COMPARE_WIDTHS = (256, 512, 768, 1024)
 # Inputs
 # ------------------------------------------------------------------------------------------------
 
+
 def clip_inputs(cfg, batch: int, frames: int, budget: int, seed: int):
   """Dense patches [B, N, P] and (t, h, w) [B, N, 3] of a random clip, and the sparse choice of
   `budget` of them per row (sorted, as the codec selection hands them over)."""
@@ -73,6 +75,7 @@ def clip_inputs(cfg, batch: int, frames: int, budget: int, seed: int):
 # Timing
 # ------------------------------------------------------------------------------------------------
 
+
 def time_runs(fn, *, warmup: int, repeats: int) -> dict:
   """Wall times of `repeats` calls after `warmup`, their median, and the process's CPU time per
   call split into user and system (on CPU a large system share is page faults, not compute)."""
@@ -85,9 +88,12 @@ def time_runs(fn, *, warmup: int, repeats: int) -> dict:
     fn()
     times.append(time.perf_counter() - start)
   cpu_end = os.times()
-  return {'times_s': times, 'median_s': statistics.median(times),
-          'user_s': (cpu_end.user - cpu_start.user) / repeats,
-          'sys_s': (cpu_end.system - cpu_start.system) / repeats}
+  return {
+    'times_s': times,
+    'median_s': statistics.median(times),
+    'user_s': (cpu_end.user - cpu_start.user) / repeats,
+    'sys_s': (cpu_end.system - cpu_start.system) / repeats,
+  }
 
 
 def paired_runs(fns: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int) -> dict:
@@ -140,6 +146,7 @@ def available_memory_bytes() -> tuple[float | None, float]:
 # JAX
 # ------------------------------------------------------------------------------------------------
 
+
 def make_jax_step(model):
   """Jitted (loss, grads) of sum(pooled^2) w.r.t. all parameters, and the forward alone."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -168,8 +175,10 @@ def compile_jax(step, params, patches, positions, *, check_memory=False):
   if check_memory and planned is not None:
     available, margin = available_memory_bytes()
     if available is not None and planned * margin > available:
-      result['skipped'] = (f'needs about {planned * margin / 1e9:.1f} GB ({planned / 1e9:.1f} GB '
-                           f'planned by XLA x {margin:g}), {available / 1e9:.1f} GB available')
+      result['skipped'] = (
+        f'needs about {planned * margin / 1e9:.1f} GB ({planned / 1e9:.1f} GB '
+        f'planned by XLA x {margin:g}), {available / 1e9:.1f} GB available'
+      )
       return result, None
   return result, lambda: jax.block_until_ready(compiled(params, patches, positions))
 
@@ -188,6 +197,7 @@ def bench_jax(step, params, patches, positions, *, warmup, repeats, check_memory
 # PyTorch
 # ------------------------------------------------------------------------------------------------
 
+
 def release_inputs(patches_BxKxP: np.ndarray, positions_BxKx3: np.ndarray, patch_size: int):
   """The sparse input as the release's trainer feeds its model: the K patches packed into
   K / 256 frames of pixels [B, 3, K/256, 224, 224] (channels first), in order, and their flat
@@ -195,11 +205,13 @@ def release_inputs(patches_BxKxP: np.ndarray, positions_BxKx3: np.ndarray, patch
   them (docs/spec.md §1.3)."""
   b, k, _ = patches_BxKxP.shape
   if k % PATCHES_PER_FRAME:
-    raise ValueError(f'K = {k} patches do not pack into whole frames of {PATCHES_PER_FRAME}; '
-                     f'choose --budget as a multiple of {PATCHES_PER_FRAME}')
+    raise ValueError(
+      f'K = {k} patches do not pack into whole frames of {PATCHES_PER_FRAME}; '
+      f'choose --budget as a multiple of {PATCHES_PER_FRAME}'
+    )
   frames = k // PATCHES_PER_FRAME
   ps = patch_size
-  x = patches_BxKxP.reshape(b, frames, GRID, GRID, ps, ps, -1)      # (row, column, channel)
+  x = patches_BxKxP.reshape(b, frames, GRID, GRID, ps, ps, -1)  # (row, column, channel)
   x = x.transpose(0, 6, 1, 2, 4, 3, 5).reshape(b, -1, frames, GRID * ps, GRID * ps)
   t, h, w = (positions_BxKx3[..., i].astype(np.int64) for i in range(3))
   return np.ascontiguousarray(x), t * PATCHES_PER_FRAME + h * GRID + w
@@ -232,8 +244,11 @@ def make_torch_step(model, cfg, patches_np, positions_np, *, dtype, attention: s
   pixels = torch.from_numpy(pixels_np).to(device)
   indices = torch.from_numpy(indices_np).to(device)
   # Our bfloat16 is mixed precision (float32 parameters, bfloat16 compute): autocast is that.
-  autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
-              else contextlib.nullcontext())
+  autocast = (
+    torch.autocast(device.type, dtype=torch.bfloat16)
+    if dtype == 'bfloat16'
+    else contextlib.nullcontext()
+  )
   sync = torch.cuda.synchronize if on_gpu else (lambda: None)
 
   def forward():
@@ -253,9 +268,14 @@ def make_torch_step(model, cfg, patches_np, positions_np, *, dtype, attention: s
     grads = {k: p.grad.float().cpu().numpy() for k, p in tmodel.named_parameters()}
     with torch.no_grad():
       pooled = forward().float().cpu().numpy()
-    info = {'device': str(device), 'attention': attention, 'threads': torch.get_num_threads(),
-            'version': torch.__version__}
+    info = {
+      'device': str(device),
+      'attention': attention,
+      'threads': torch.get_num_threads(),
+      'version': torch.__version__,
+    }
     return pooled, loss, grads, info
+
   return step, results
 
 
@@ -269,11 +289,17 @@ def max_rel_diff(a, b) -> float:
 # Reporting
 # ------------------------------------------------------------------------------------------------
 
+
 def device_info() -> dict:
   dev = jax.devices()[0]
-  info = {'backend': jax.default_backend(), 'device_kind': dev.device_kind,
-          'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'jax': jax.__version__, 'python': platform.python_version()}
+  info = {
+    'backend': jax.default_backend(),
+    'device_kind': dev.device_kind,
+    'num_devices': jax.device_count(),
+    'cpu_count': os.cpu_count(),
+    'jax': jax.__version__,
+    'python': platform.python_version(),
+  }
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
@@ -288,17 +314,30 @@ def device_info() -> dict:
   return info
 
 
-def encoder_config(preset: str, *, width=None, depth=None, heads=None, mlp_dim=None,
-                   dtype: str = 'float32', attention: str = 'xla') -> enc.EncoderConfig:
+def encoder_config(
+  preset: str,
+  *,
+  width=None,
+  depth=None,
+  heads=None,
+  mlp_dim=None,
+  dtype: str = 'float32',
+  attention: str = 'xla',
+) -> enc.EncoderConfig:
   """The benchmarked encoder: a preset (BENCH_PRESETS or the model's) with sizes overridden."""
   if preset in BENCH_PRESETS:
     d_width, d_depth, d_heads, d_mlp = BENCH_PRESETS[preset]
   else:
     d_width, d_depth, d_heads, d_mlp = enc.PRESETS[preset]
-  sizes = {'width': width or d_width, 'depth': depth or d_depth,
-           'num_heads': heads or d_heads, 'mlp_dim': mlp_dim or d_mlp}
-  return enc.EncoderConfig(**sizes, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, dtype=dtype,
-                           attention=attention)
+  sizes = {
+    'width': width or d_width,
+    'depth': depth or d_depth,
+    'num_heads': heads or d_heads,
+    'mlp_dim': mlp_dim or d_mlp,
+  }
+  return enc.EncoderConfig(
+    **sizes, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, dtype=dtype, attention=attention
+  )
 
 
 def attention_error(attention: str) -> str | None:
@@ -306,8 +345,10 @@ def attention_error(attention: str) -> str | None:
   backend = jax.default_backend()
   needs = {'cudnn': ('gpu',), 'pallas_gpu': ('gpu',), 'splash': ('tpu',)}.get(attention)
   if needs and backend not in needs:
-    return (f'--attention {attention} needs a {needs[0].upper()}; this backend is {backend!r} '
-            '(use xla or jax)')
+    return (
+      f'--attention {attention} needs a {needs[0].upper()}; this backend is {backend!r} '
+      '(use xla or jax)'
+    )
   return None
 
 
@@ -317,13 +358,15 @@ def env_settings(info: dict) -> str:
 
 
 def format_seconds(seconds) -> str:
-  return '-' if seconds is None else (f'{seconds * 1e3:.1f} ms' if seconds < 1 else
-                                      f'{seconds:.2f} s')
+  return (
+    '-' if seconds is None else (f'{seconds * 1e3:.1f} ms' if seconds < 1 else f'{seconds:.2f} s')
+  )
 
 
 # ------------------------------------------------------------------------------------------------
 # The encoder benchmark's figures
 # ------------------------------------------------------------------------------------------------
+
 
 def add_rates(result: dict, cfg, batch: int, tokens: int, peak: float) -> dict:
   """Adds the step's analytic FLOPs (forward + backward), achieved FLOP/s and share of `peak`
@@ -348,25 +391,39 @@ def torch_unavailable(skip: bool) -> str | None:
   except ImportError:
     return 'skipped: torch is not installed (pip install -e .[torch])'
   if jax.default_backend() != 'cpu' and not torch.cuda.is_available():
-    return (f'skipped: JAX runs on {jax.default_backend()} but this torch has no CUDA; a '
-            'GPU/TPU against a CPU says nothing about the code')
+    return (
+      f'skipped: JAX runs on {jax.default_backend()} but this torch has no CUDA; a '
+      'GPU/TPU against a CPU says nothing about the code'
+    )
   return None
 
 
-def torch_agreement(cfg, jax_grads, jax_pooled, jax_loss: float, t_pooled, t_loss: float,
-                    t_grads: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def torch_agreement(
+  cfg,
+  jax_grads,
+  jax_pooled,
+  jax_loss: float,
+  t_pooled,
+  t_loss: float,
+  t_grads: Mapping[str, np.ndarray],
+) -> dict[str, Any]:
   """How far our PyTorch port's pooled output, loss and gradients are from JAX's, and whether
   they agree: float32 judges output and gradients at 1e-4; bfloat16 the output at 5e-2 (our
   bfloat16 rounds every layer's output, autocast keeps norms and softmax in float32, so small
   gradients such as norm biases differ by tens of percent)."""
   from ove_jax.convert import hf  # pylint: disable=g-import-not-at-top
+
   flat = {tuple(path): np.asarray(v[...]) for path, v in nnx.to_flat_state(jax_grads)}
   jax_grads_hf = hf.params_to_hf(flat, cfg)
   grad_diffs = {key: max_rel_diff(jax_grads_hf[key], t_grads[key]) for key in t_grads}
   worst = max(grad_diffs, key=grad_diffs.get)
-  check = {'pooled_max_rel_diff': max_rel_diff(jax_pooled, t_pooled),
-           'loss_jax': jax_loss, 'loss_torch': t_loss,
-           'grad_max_rel_diff': grad_diffs[worst], 'grad_worst_key': worst}
+  check = {
+    'pooled_max_rel_diff': max_rel_diff(jax_pooled, t_pooled),
+    'loss_jax': jax_loss,
+    'loss_torch': t_loss,
+    'grad_max_rel_diff': grad_diffs[worst],
+    'grad_worst_key': worst,
+  }
   if cfg.dtype == 'float32':
     tol = 1e-4
     check['agree'] = max(check['pooled_max_rel_diff'], check['grad_max_rel_diff']) < tol
@@ -377,8 +434,9 @@ def torch_agreement(cfg, jax_grads, jax_pooled, jax_loss: float, t_pooled, t_los
   return check
 
 
-def compare_with_torch(cfg, *, batch: int, frames: int, budget: int, seed: int, warmup: int,
-                       repeats: int, peak: float) -> dict[str, Any]:
+def compare_with_torch(
+  cfg, *, batch: int, frames: int, budget: int, seed: int, warmup: int, repeats: int, peak: float
+) -> dict[str, Any]:
   """Our JAX step against our PyTorch port run the release's way (`make_torch_step`: eager
   attention, pixels packed into frames with visible indices), on the same weights and the same
   sparse input of `budget` patches, timed side by side (`paired_runs`); with their agreement.
@@ -400,10 +458,20 @@ def compare_with_torch(cfg, *, batch: int, frames: int, budget: int, seed: int, 
   torch_row = add_rates({**timing['torch'], **info}, cfg, batch, budget, peak)
   ratios = [t / j for j, t in zip(jax_row['times_s'], torch_row['times_s'])]
   cpu = lambda row: row['user_s'] + row['sys_s']
-  return {'width': cfg.width, 'depth': cfg.depth, 'heads': cfg.num_heads, 'mlp': cfg.mlp_dim,
-          'params': enc.num_params(cfg), 'jax': jax_row, 'torch': torch_row, 'check': check,
-          'speed': statistics.median(ratios), 'speed_min': min(ratios),
-          'speed_max': max(ratios), 'speed_cpu': cpu(torch_row) / cpu(jax_row)}
+  return {
+    'width': cfg.width,
+    'depth': cfg.depth,
+    'heads': cfg.num_heads,
+    'mlp': cfg.mlp_dim,
+    'params': enc.num_params(cfg),
+    'jax': jax_row,
+    'torch': torch_row,
+    'check': check,
+    'speed': statistics.median(ratios),
+    'speed_min': min(ratios),
+    'speed_max': max(ratios),
+    'speed_cpu': cpu(torch_row) / cpu(jax_row),
+  }
 
 
 def sparse_speedup(rows: Mapping[str, dict]) -> dict[str, float]:
@@ -413,44 +481,74 @@ def sparse_speedup(rows: Mapping[str, dict]) -> dict[str, float]:
     return {}
   measured = dense['median_s'] / sparse['median_s']
   analytic = dense['flops'] / sparse['flops']
-  return {'speedup_measured': measured, 'speedup_analytic': analytic,
-          'speedup_fraction': measured / analytic}
+  return {
+    'speedup_measured': measured,
+    'speedup_analytic': analytic,
+    'speedup_fraction': measured / analytic,
+  }
 
 
-def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, frames: int,
-                     repeats: int, peak: float, rows: Mapping[str, dict], summary: dict,
-                     comparisons: list, dense_note: str | None, torch_note: str | None,
-                     tuning: str) -> list[str]:
+def markdown_summary(
+  *,
+  command: str,
+  info: dict,
+  preset: str,
+  cfg,
+  batch: int,
+  frames: int,
+  repeats: int,
+  peak: float,
+  rows: Mapping[str, dict],
+  summary: dict,
+  comparisons: list,
+  dense_note: str | None,
+  torch_note: str | None,
+  tuning: str,
+) -> list[str]:
   """The Markdown section README records: sparse vs dense, then JAX vs PyTorch per width."""
   on_cpu = info['backend'] == 'cpu'
   env_text = env_settings(info)
   cpu_col = ' CPU s/step (user + sys) |' if on_cpu else ''
-  lines = ['', '## Encoder benchmark', '', f'`{command}`', '',
-           f"Device: {info['device_kind']} ({info['backend']}), {info['cpu_count']} CPUs"
-           f"{' (' + info['cpu_model'] + ')' if 'cpu_model' in info else ''}; jax {info['jax']}"
-           f"{'; env `' + env_text + '`' if env_text else ''}; {tuning}.", '',
-           f'Sparse vs dense: {preset} (width {cfg.width}, depth {cfg.depth}, heads '
-           f'{cfg.num_heads}, MLP {cfg.mlp_dim}), {cfg.dtype}, attention {cfg.attention}; batch '
-           f'{batch}, {frames} frames; forward+backward, median of {repeats}. Matmul peak '
-           f'measured: {peak / 1e9:.1f} GFLOP/s.', '',
-           '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |'
-           + cpu_col, '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else '')]
+  lines = [
+    '',
+    '## Encoder benchmark',
+    '',
+    f'`{command}`',
+    '',
+    f'Device: {info["device_kind"]} ({info["backend"]}), {info["cpu_count"]} CPUs'
+    f'{" (" + info["cpu_model"] + ")" if "cpu_model" in info else ""}; jax {info["jax"]}'
+    f'{"; env `" + env_text + "`" if env_text else ""}; {tuning}.',
+    '',
+    f'Sparse vs dense: {preset} (width {cfg.width}, depth {cfg.depth}, heads '
+    f'{cfg.num_heads}, MLP {cfg.mlp_dim}), {cfg.dtype}, attention {cfg.attention}; batch '
+    f'{batch}, {frames} frames; forward+backward, median of {repeats}. Matmul peak '
+    f'measured: {peak / 1e9:.1f} GFLOP/s.',
+    '',
+    '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |' + cpu_col,
+    '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else ''),
+  ]
   for name, row in rows.items():
     if 'median_s' not in row:
-      lines.append(f"| {name} | {row['tokens']} | {row['flops'] / 1e9:.1f} | skipped | | | |"
-                   + (' |' if on_cpu else ''))
+      lines.append(
+        f'| {name} | {row["tokens"]} | {row["flops"] / 1e9:.1f} | skipped | | | |'
+        + (' |' if on_cpu else '')
+      )
       continue
-    lines.append(f"| {name} | {row['tokens']} | {row['flops'] / 1e9:.1f} | "
-                 f"{format_seconds(row['median_s'])} | {row['flops_per_s'] / 1e9:.1f} | "
-                 f"{100 * row['peak_fraction']:.0f}% | {row['compile_s']:.1f} s |"
-                 + (f" {row['user_s']:.2f} + {row['sys_s']:.2f} |" if on_cpu else ''))
+    lines.append(
+      f'| {name} | {row["tokens"]} | {row["flops"] / 1e9:.1f} | '
+      f'{format_seconds(row["median_s"])} | {row["flops_per_s"] / 1e9:.1f} | '
+      f'{100 * row["peak_fraction"]:.0f}% | {row["compile_s"]:.1f} s |'
+      + (f' {row["user_s"]:.2f} + {row["sys_s"]:.2f} |' if on_cpu else '')
+    )
   lines.append('')
   if summary:
     met = summary['speedup_fraction'] >= SPEEDUP_AIM
-    lines.append(f"Sparse speedup (dense / sparse time): {summary['speedup_measured']:.1f}x "
-                 f"measured vs {summary['speedup_analytic']:.1f}x analytic FLOP ratio = "
-                 f"{100 * summary['speedup_fraction']:.0f}% (aim >= {100 * SPEEDUP_AIM:.0f}%: "
-                 f"{'met' if met else 'NOT met'}).")
+    lines.append(
+      f'Sparse speedup (dense / sparse time): {summary["speedup_measured"]:.1f}x '
+      f'measured vs {summary["speedup_analytic"]:.1f}x analytic FLOP ratio = '
+      f'{100 * summary["speedup_fraction"]:.0f}% (aim >= {100 * SPEEDUP_AIM:.0f}%: '
+      f'{"met" if met else "NOT met"}).'
+    )
   else:
     lines.append(f'Sparse speedup: dense case {dense_note}.')
   lines.append('')
@@ -458,28 +556,39 @@ def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, 
     lines.append(f'JAX vs PyTorch: {torch_note}.')
     return lines
   t = comparisons[0]['torch']
-  lines += [f"JAX vs our PyTorch port run the release's way (torch {t['version']} on "
-            f"{t['device']}, {t['threads']} threads, {t['attention']} attention, the K patches "
-            f'packed into frames with visible indices), {cfg.dtype}, forward+backward, the two '
-            f'steps alternated {repeats} times. Speed = PyTorch time / JAX time (above 1: ours '
-            'is faster), median [min, max] over the pairs.', '',
-            '| width | depth | heads | MLP | JAX | PyTorch | speed | speed by CPU time |'
-            + (' JAX CPU s (user + sys) | PyTorch CPU s |' if on_cpu else '') + ' agree |',
-            '|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if on_cpu else '')
-            + '---|']
+  lines += [
+    f"JAX vs our PyTorch port run the release's way (torch {t['version']} on "
+    f'{t["device"]}, {t["threads"]} threads, {t["attention"]} attention, the K patches '
+    f'packed into frames with visible indices), {cfg.dtype}, forward+backward, the two '
+    f'steps alternated {repeats} times. Speed = PyTorch time / JAX time (above 1: ours '
+    'is faster), median [min, max] over the pairs.',
+    '',
+    '| width | depth | heads | MLP | JAX | PyTorch | speed | speed by CPU time |'
+    + (' JAX CPU s (user + sys) | PyTorch CPU s |' if on_cpu else '')
+    + ' agree |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|---:|' if on_cpu else '') + '---|',
+  ]
   for c in comparisons:
     j, t = c['jax'], c['torch']
-    cpu_cells = (f" {j['user_s']:.2f} + {j['sys_s']:.2f} | {t['user_s']:.2f} + "
-                 f"{t['sys_s']:.2f} |" if on_cpu else '')
-    agree = f"{'yes' if c['check']['agree'] else 'NO'} ({c['check']['grad_max_rel_diff']:.0e})"
-    lines.append(f"| {c['width']} | {c['depth']} | {c['heads']} | {c['mlp']} | "
-                 f"{format_seconds(j['median_s'])} | {format_seconds(t['median_s'])} | "
-                 f"{c['speed']:.2f}x [{c['speed_min']:.2f}, {c['speed_max']:.2f}] | "
-                 f"{c['speed_cpu']:.2f}x |{cpu_cells} {agree} |")
+    cpu_cells = (
+      f' {j["user_s"]:.2f} + {j["sys_s"]:.2f} | {t["user_s"]:.2f} + {t["sys_s"]:.2f} |'
+      if on_cpu
+      else ''
+    )
+    agree = f'{"yes" if c["check"]["agree"] else "NO"} ({c["check"]["grad_max_rel_diff"]:.0e})'
+    lines.append(
+      f'| {c["width"]} | {c["depth"]} | {c["heads"]} | {c["mlp"]} | '
+      f'{format_seconds(j["median_s"])} | {format_seconds(t["median_s"])} | '
+      f'{c["speed"]:.2f}x [{c["speed_min"]:.2f}, {c["speed_max"]:.2f}] | '
+      f'{c["speed_cpu"]:.2f}x |{cpu_cells} {agree} |'
+    )
   worst = min(c['speed'] for c in comparisons)
-  lines += ['', f'Slowest width: {worst:.2f}x the PyTorch speed (aim >= {TORCH_AIM:g}x: '
-            f"{'met' if worst >= TORCH_AIM else 'NOT met'}; target {TORCH_TARGET:g}x: "
-            f"{'met' if worst >= TORCH_TARGET else 'not met'})."]
+  lines += [
+    '',
+    f'Slowest width: {worst:.2f}x the PyTorch speed (aim >= {TORCH_AIM:g}x: '
+    f'{"met" if worst >= TORCH_AIM else "NOT met"}; target {TORCH_TARGET:g}x: '
+    f'{"met" if worst >= TORCH_TARGET else "not met"}).',
+  ]
   return lines
 
 
@@ -487,8 +596,17 @@ def markdown_summary(*, command: str, info: dict, preset: str, cfg, batch: int, 
 # K-means assignment throughput
 # ------------------------------------------------------------------------------------------------
 
-def kmeans_throughput(n: int, d: int, k: int, *, chunk: int | None = None, repeats: int = 3,
-                      sklearn: bool = True, say: Callable[[str], None] = print) -> dict:
+
+def kmeans_throughput(
+  n: int,
+  d: int,
+  k: int,
+  *,
+  chunk: int | None = None,
+  repeats: int = 3,
+  sklearn: bool = True,
+  say: Callable[[str], None] = print,
+) -> dict:
   """One Lloyd pass of `ove_jax.kmeans` (assignment and per-cluster sums, on points already on
   the devices of the current mesh) against scikit-learn's `KMeans.predict` (assignment only) on
   the same N random points and k centres: best of `repeats` after a warm-up, in points x
@@ -502,29 +620,44 @@ def kmeans_throughput(n: int, d: int, k: int, *, chunk: int | None = None, repea
   centres = x[rng.choice(n, k, replace=False)]
   pairs = n * k
   mesh = sharding.current_mesh()
-  figures = {'n': n, 'd': d, 'k': k, 'devices': mesh.size, 'mesh': list(mesh.shape.values()),
-             'platform': jax.devices()[0].platform}
+  figures = {
+    'n': n,
+    'd': d,
+    'k': k,
+    'devices': mesh.size,
+    'mesh': list(mesh.shape.values()),
+    'platform': jax.devices()[0].platform,
+  }
   lay = kmeans.layout(n, k, chunk)
   xs, valid, _ = kmeans.put_points(x, lay)
   cs = kmeans.put_centres(centres, lay)
   run = lambda: jax.block_until_ready(kmeans.lloyd_pass(xs, valid, cs, lay, False))
   t_jax = min(time_runs(run, warmup=1, repeats=repeats)['times_s'])
-  figures.update(jax_seconds=t_jax, jax_pairs_per_second=pairs / t_jax,
-                 jax_chunk=lay.rows * lay.devices)
-  say(f'N={n} D={d} k={k} on {mesh.size} {figures["platform"]} device(s), mesh '
-      f'{tuple(figures["mesh"])}, chunk {figures["jax_chunk"]}')
-  say(f'  jax Lloyd pass (assign + sums)  {t_jax * 1e3:9.1f} ms   '
-      f'{pairs / t_jax:.3e} points x centres / s')
+  figures.update(
+    jax_seconds=t_jax, jax_pairs_per_second=pairs / t_jax, jax_chunk=lay.rows * lay.devices
+  )
+  say(
+    f'N={n} D={d} k={k} on {mesh.size} {figures["platform"]} device(s), mesh '
+    f'{tuple(figures["mesh"])}, chunk {figures["jax_chunk"]}'
+  )
+  say(
+    f'  jax Lloyd pass (assign + sums)  {t_jax * 1e3:9.1f} ms   '
+    f'{pairs / t_jax:.3e} points x centres / s'
+  )
   if sklearn:
     from sklearn.cluster import KMeans
+
     with warnings.catch_warnings():  # fitted on the centres themselves, only to make predict()
       warnings.simplefilter('ignore')
       km = KMeans(k, init=centres, n_init=1, max_iter=1).fit(centres)
     km.cluster_centers_ = centres.copy()  # the same centres as the JAX pass
     t_sk = min(time_runs(lambda: km.predict(x), warmup=1, repeats=repeats)['times_s'])
-    figures.update(sklearn_seconds=t_sk, sklearn_pairs_per_second=pairs / t_sk,
-                   jax_over_sklearn=t_sk / t_jax)
-    say(f'  sklearn predict (assign)        {t_sk * 1e3:9.1f} ms   '
-        f'{pairs / t_sk:.3e} points x centres / s')
+    figures.update(
+      sklearn_seconds=t_sk, sklearn_pairs_per_second=pairs / t_sk, jax_over_sklearn=t_sk / t_jax
+    )
+    say(
+      f'  sklearn predict (assign)        {t_sk * 1e3:9.1f} ms   '
+      f'{pairs / t_sk:.3e} points x centres / s'
+    )
     say(f'  jax / sklearn throughput: {t_sk / t_jax:.2f}x')
   return figures

@@ -16,6 +16,7 @@ Exporting an encoder reads only its parameters (`restore_params`): the optimiser
 the parameters' size, are never read. (The release's own format, which ove_jax.convert writes, is
 docs/spec.md §1.4.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,20 +32,23 @@ from ove_jax import sharding
 from ove_jax.models.encoder import PRESETS, Encoder, EncoderConfig
 
 PARAMS_DIR, CONFIG_FILE = 'params', 'encoder_config.json'
-CHECKPOINT_DIR = 'checkpoints'             # of a training workdir
+CHECKPOINT_DIR = 'checkpoints'  # of a training workdir
 STATE, DATA, META = 'state', 'data', 'meta'  # the items of a training checkpoint step
-ENCODER = ('params', 'encoder')            # where the encoder sits in the train state
+ENCODER = ('params', 'encoder')  # where the encoder sits in the train state
 
-ACCEPTED = (f'a training workdir, its {CHECKPOINT_DIR} folder or one step folder; a '
-            'release-format (Hugging Face) directory with config.json and model.safetensors (or '
-            'shards), or its hub id org/name[@revision] (from the local cache offline); an '
-            f'ove_jax parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> '
-            f'with a preset of {sorted(PRESETS)}')
+ACCEPTED = (
+  f'a training workdir, its {CHECKPOINT_DIR} folder or one step folder; a '
+  'release-format (Hugging Face) directory with config.json and model.safetensors (or '
+  'shards), or its hub id org/name[@revision] (from the local cache offline); an '
+  f'ove_jax parameter directory ({CONFIG_FILE} and {PARAMS_DIR}/); or random:<preset> '
+  f'with a preset of {sorted(PRESETS)}'
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Nested dicts
 # ------------------------------------------------------------------------------------------------
+
 
 def nest(flat: dict[tuple, np.ndarray], key=str) -> dict:
   """{('blocks', 0, 'mlp', 'fc1', 'kernel'): a} -> {'blocks': {'0': {...}}}: string keys, or keys
@@ -74,6 +78,7 @@ def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
 # Parameter directories
 # ------------------------------------------------------------------------------------------------
 
+
 def save_params(directory: str, cfg: EncoderConfig, params: dict[tuple, np.ndarray]) -> str:
   directory = paths.absolute(directory)
   paths.makedirs(directory)
@@ -98,8 +103,10 @@ def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]
   directory = paths.absolute(directory)
   config_path = paths.join(directory, CONFIG_FILE)
   if not paths.isfile(config_path):
-    raise FileNotFoundError(f'{config_path} is missing; {directory} is not an ove_jax parameter '
-                            'directory (made by save_params or ove-convert from-hf)')
+    raise FileNotFoundError(
+      f'{config_path} is missing; {directory} is not an ove_jax parameter '
+      'directory (made by save_params or ove-convert from-hf)'
+    )
   cfg = encoder_config(fileio.read_json(config_path), config_path)
   tree = ocp.StandardCheckpointer().restore(paths.join(directory, PARAMS_DIR))
   return cfg, {k: np.asarray(jax.device_get(v)) for k, v in flatten(tree).items()}
@@ -109,28 +116,41 @@ def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]
 # A training run's checkpoints: managers, steps, meta
 # ------------------------------------------------------------------------------------------------
 
+
 def root_of(workdir: str) -> str:
   """The checkpoints folder of a training workdir (a local folder or a URL: `gs://b/run`
   gives `gs://b/run/checkpoints`, handed to orbax as it is)."""
   return paths.join(paths.absolute(workdir), CHECKPOINT_DIR)
 
 
-def open_manager(root: str, *, max_to_keep: int | None = None, keep_period: int | None = None,
-                 create: bool = False, asynchronous: bool = False) -> ocp.CheckpointManager:
+def open_manager(
+  root: str,
+  *,
+  max_to_keep: int | None = None,
+  keep_period: int | None = None,
+  create: bool = False,
+  asynchronous: bool = False,
+) -> ocp.CheckpointManager:
   """An orbax CheckpointManager on a checkpoints folder: for writing (the trainer: `create`,
   `asynchronous`, retention) or for reading (the defaults). A reading manager knows the handler
   of every item, so that asking for a step's metadata reads it without orbax warning about items
   it cannot interpret, and reads at most 1 GB at a time (orbax's restore_concurrent_gb), so a
   restore holds its result and little more."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, keep_period=keep_period, create=create,
-      enable_async_checkpointing=asynchronous)
+    max_to_keep=max_to_keep,
+    keep_period=keep_period,
+    create=create,
+    enable_async_checkpointing=asynchronous,
+  )
   handlers = None
   if not create:
     import grain
-    handlers = {STATE: ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1),
-                META: ocp.JsonCheckpointHandler(),
-                DATA: grain.checkpoint.CheckpointHandler()}
+
+    handlers = {
+      STATE: ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1),
+      META: ocp.JsonCheckpointHandler(),
+      DATA: grain.checkpoint.CheckpointHandler(),
+    }
   return ocp.CheckpointManager(root, options=options, item_handlers=handlers)
 
 
@@ -150,8 +170,10 @@ def list_steps(workdir: str) -> list[int]:
   return []
 
 
-TRAINING = (f'a training workdir (<workdir>/{CHECKPOINT_DIR}/<step>), its checkpoints folder or '
-            'one step folder')
+TRAINING = (
+  f'a training workdir (<workdir>/{CHECKPOINT_DIR}/<step>), its checkpoints folder or '
+  'one step folder'
+)
 
 
 def locate(path: str, step: int | None = None, *, accepted: str = TRAINING) -> tuple[str, int]:
@@ -190,8 +212,9 @@ def read_meta(path: str, step: int | None = None) -> dict:
 def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
   if META not in manager.metadata(step).item_metadata.keys():
     return {}
-  return dict(manager.restore(step, args=ocp.args.Composite(
-      **{META: ocp.args.JsonRestore()}))[META])
+  return dict(
+    manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  )
 
 
 class Position:
@@ -204,15 +227,23 @@ class Position:
     return self._json.encode()
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, position: str,
-         meta: Mapping[str, Any]) -> None:
+def save(
+  manager: ocp.CheckpointManager, step: int, state, position: str, meta: Mapping[str, Any]
+) -> None:
   """Saves step `step` (asynchronously with a trainer's manager): the train state, this
   process's input position after the step's batches (JSON) and the run's meta."""
   import grain
-  manager.save(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardSave(state),
-      DATA: grain.checkpoint.CheckpointSave(Position(position)),
-      META: ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=list)))}))
+
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      **{
+        STATE: ocp.args.StandardSave(state),
+        DATA: grain.checkpoint.CheckpointSave(Position(position)),
+        META: ocp.args.JsonSave(json.loads(json.dumps(dict(meta), default=list))),
+      }
+    ),
+  )
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, iterator=None):
@@ -220,6 +251,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, ite
   shardings: any mesh shape, any process count), and the input iterator moved to where it was
   (this process's own saved position: same process count only; None leaves it alone)."""
   import grain
+
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(iterator)
@@ -230,15 +262,17 @@ def read_positions(manager: ocp.CheckpointManager, step: int, processes: int) ->
   """Every process's saved input position at `step` of a run of `processes` processes (Grain's
   handler writes one JSON file per process into the step's data item)."""
   from etils import epath
-  folder = (epath.Path(manager.directory) / ocp.step.standard_name_format().build_name(step)
-            / DATA)
-  return [json.loads((folder / f'process_{i}-of-{processes}.json').read_text())
-          for i in range(processes)]
+
+  folder = epath.Path(manager.directory) / ocp.step.standard_name_format().build_name(step) / DATA
+  return [
+    json.loads((folder / f'process_{i}-of-{processes}.json').read_text()) for i in range(processes)
+  ]
 
 
 # ------------------------------------------------------------------------------------------------
 # Parameters only
 # ------------------------------------------------------------------------------------------------
+
 
 def _child(node, key, where: str):
   """node[key] for a key that may be saved as a string ('0') and asked for as an int (0)."""
@@ -249,8 +283,9 @@ def _child(node, key, where: str):
   raise ValueError(f'{where}: no {key!r} in the checkpoint (it has {have})')
 
 
-def restore_params(path: str, step: int | None = None, *,
-                   subtree: Sequence[str] = ENCODER, target=None) -> tuple[Any, dict, int]:
+def restore_params(
+  path: str, step: int | None = None, *, subtree: Sequence[str] = ENCODER, target=None
+) -> tuple[Any, dict, int]:
   """(a part of the parameters, the run's meta, step) of a training checkpoint.
 
   Only the leaves under `subtree` of the train state are read, with orbax's partial restore
@@ -268,11 +303,14 @@ def restore_params(path: str, step: int | None = None, *,
   else:
     _check_shapes(node, target, '/'.join(subtree))
     item = target
-  return _restore_parts(manager, step, tuple(subtree), item, target is None), _meta(
-      manager, step), step
+  return (
+    _restore_parts(manager, step, tuple(subtree), item, target is None),
+    _meta(manager, step),
+    step,
+  )
 
 
-PART_BYTES = 64 * 2**20   # restore at most about this much per orbax call
+PART_BYTES = 64 * 2**20  # restore at most about this much per orbax call
 
 
 def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, item, host: bool):
@@ -280,8 +318,11 @@ def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, it
   (a dict of more than PART_BYTES goes key by key), so that what orbax holds in flight besides
   the result stays small: one block of a large encoder, not the whole of it."""
   leaves = jax.tree.leaves(item)
-  if isinstance(item, Mapping) and len(leaves) > 1 and sum(
-      int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves) > PART_BYTES:
+  if (
+    isinstance(item, Mapping)
+    and len(leaves) > 1
+    and sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves) > PART_BYTES
+  ):
     return {k: _restore_parts(manager, step, subtree + (k,), v, host) for k, v in item.items()}
   if host:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -290,8 +331,12 @@ def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, it
   nested, nested_args = item, restore_args
   for key in reversed(subtree):
     nested, nested_args = {key: nested}, {key: nested_args}
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
-      item=nested, restore_args=nested_args, partial_restore=True)}))[STATE]
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      **{STATE: ocp.args.PyTreeRestore(item=nested, restore_args=nested_args, partial_restore=True)}
+    ),
+  )[STATE]
   for key in subtree:
     restored = _child(restored, key, 'the restored state')
   return restored
@@ -321,8 +366,9 @@ def _check_shapes(saved, target, prefix: str) -> None:
     for k, v in target.items():
       _check_shapes(_child(saved, k, prefix), v, f'{prefix}/{k}')
   elif tuple(saved.shape) != tuple(target.shape):
-    raise ValueError(f'{prefix}: shape {tuple(saved.shape)} in the checkpoint, '
-                     f'{tuple(target.shape)} here')
+    raise ValueError(
+      f'{prefix}: shape {tuple(saved.shape)} in the checkpoint, {tuple(target.shape)} here'
+    )
 
 
 def place(host_tree, target_tree, prefix: str = ''):
@@ -330,12 +376,17 @@ def place(host_tree, target_tree, prefix: str = ''):
   ShapeDtypeStructs with shardings, keys as nnx.to_pure_dict makes them): its dtypes and
   shardings. A missing key or a shape that differs is a ValueError naming the key."""
   if isinstance(target_tree, Mapping):
-    return {k: place(_child(host_tree, k, prefix or 'the source'), v,
-                     f'{prefix}/{k}' if prefix else str(k)) for k, v in target_tree.items()}
+    return {
+      k: place(
+        _child(host_tree, k, prefix or 'the source'), v, f'{prefix}/{k}' if prefix else str(k)
+      )
+      for k, v in target_tree.items()
+    }
   value = np.asarray(host_tree)
   if tuple(value.shape) != tuple(target_tree.shape):
-    raise ValueError(f'{prefix}: shape {tuple(value.shape)} in the source, '
-                     f'{tuple(target_tree.shape)} in this run')
+    raise ValueError(
+      f'{prefix}: shape {tuple(value.shape)} in the source, {tuple(target_tree.shape)} in this run'
+    )
   return jax.device_put(value.astype(target_tree.dtype, copy=False), target_tree.sharding)
 
 
@@ -343,14 +394,16 @@ def place(host_tree, target_tree, prefix: str = ''):
 # One encoder from anywhere
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class LoadedEncoder:
   """An encoder ready for inference (float32, no remat, XLA attention) and where it came from."""
+
   model: Encoder
   config: EncoderConfig
-  step: int | None          # the training step, for a training checkpoint
-  heads: list[str]          # the cluster heads the checkpoint also holds (not loaded)
-  source: str               # for people: 'training run /x step 20', 'random init base', ...
+  step: int | None  # the training step, for a training checkpoint
+  heads: list[str]  # the cluster heads the checkpoint also holds (not loaded)
+  source: str  # for people: 'training run /x step 20', 'random init base', ...
 
 
 def _inference(cfg: EncoderConfig) -> EncoderConfig:
@@ -362,6 +415,7 @@ def encoder_from_tree(cfg: EncoderConfig, tree: dict, source: str) -> Encoder:
   Leaves are moved into the model one at a time and dropped from `tree` (which is emptied), so
   the parameters are held once, not twice. With a mesh set, each is placed by its logical axes."""
   from flax import nnx
+
   abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = flatten(tree)
@@ -375,8 +429,9 @@ def encoder_from_tree(cfg: EncoderConfig, tree: dict, source: str) -> Encoder:
     value = flat.pop(path)
     expected = var.get_raw_value().shape
     if tuple(value.shape) != tuple(expected):
-      raise ValueError(f'{source}: parameter {name} has shape {tuple(value.shape)}, expected '
-                       f'{tuple(expected)}')
+      raise ValueError(
+        f'{source}: parameter {name} has shape {tuple(value.shape)}, expected {tuple(expected)}'
+      )
     spec = sharding.logical_to_spec(var.get_metadata().get('out_sharding') or ()) if mesh else None
     leaves.append((path, var.replace(jax.device_put(np.asarray(value, np.float32), spec))))
     del value
@@ -394,43 +449,51 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
     if preset not in PRESETS:
       raise ValueError(f'{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
     from flax import nnx
+
     cfg = _inference(EncoderConfig.preset(preset))
-    return LoadedEncoder(Encoder(cfg, rngs=nnx.Rngs(seed)), cfg, None, [],
-                         f'random init {preset} (seed {seed})')
+    return LoadedEncoder(
+      Encoder(cfg, rngs=nnx.Rngs(seed)), cfg, None, [], f'random init {preset} (seed {seed})'
+    )
   full = paths.absolute(path)
   from ove_jax.convert import hub
+
   # org/name[@rev]: the hub's cache
   if not paths.is_url(path) and not paths.exists(full) and hub.is_hub_id(path):
     from ove_jax import convert
+
     model = convert.load_pytorch(path)
     return LoadedEncoder(model, model.cfg, None, [], f'Hugging Face hub id {path}')
   if not paths.isdir(full):
     raise FileNotFoundError(f'{path}: no such directory; expected {ACCEPTED}')
   # A training workdir holds a config.json too (the experiment's): the weights file decides.
-  if any(paths.isfile(paths.join(full, n)) for n in (hub.WEIGHTS_NAME,
-                                                      hub.WEIGHTS_INDEX_NAME)):
+  if any(paths.isfile(paths.join(full, n)) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)):
     from ove_jax import convert
+
     model = convert.load_pytorch(full)
     return LoadedEncoder(model, model.cfg, None, [], f'release-format directory {full}')
   if paths.isfile(paths.join(full, CONFIG_FILE)):
     cfg, flat = load_params(full)
     cfg = _inference(cfg)
-    return LoadedEncoder(encoder_from_tree(cfg, nest(flat), full), cfg, None, [],
-                         f'ove_jax parameter directory {full}')
+    return LoadedEncoder(
+      encoder_from_tree(cfg, nest(flat), full), cfg, None, [], f'ove_jax parameter directory {full}'
+    )
   root, found = locate(full, step, accepted=ACCEPTED)
   meta = read_meta(root, found)
   where = f'{root} step {found}'
   heads = sorted(meta['config'].get('heads', {})) if 'config' in meta else []
-  cfg = _inference(encoder_config(_child(meta, 'encoder_config', f'{where} meta'),
-                                  f'{where} (meta)'))
+  cfg = _inference(
+    encoder_config(_child(meta, 'encoder_config', f'{where} meta'), f'{where} (meta)')
+  )
   if sharding.current_mesh() is not None:  # placed by the logical axes on that mesh
     model = encoder_from_tree(cfg, restore_params(root, found)[0], where)
   else:  # straight into device arrays: the parameters are held once, with no host copy
     from flax import nnx
+
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=device),
-                          nnx.to_pure_dict(state))
+    target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=device), nnx.to_pure_dict(state)
+    )
     nnx.replace_by_pure_dict(state, restore_params(root, found, target=target)[0])
     model = nnx.merge(graphdef, state)
   return LoadedEncoder(model, cfg, found, heads, f'training run {full} step {found}')

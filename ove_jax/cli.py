@@ -5,6 +5,7 @@ Tools that take an experiment (`ove-sweep`, `ove-aot-memory`) accept the trainer
 `--config.KEY=VALUE` (or `--config.KEY VALUE`) beside their own flags; argparse does not know
 those keys, so they come back from `parse_known_args` and are split off here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def about(flag: str, value: str, error: Exception) -> str:
   with the value already: it is not repeated)."""
   message = str(error)
   if message.startswith(f'{value}: '):
-    message = message[len(value) + 2:]
+    message = message[len(value) + 2 :]
   return f'{flag} {value}: {message}'
 
 
@@ -45,9 +46,9 @@ def config_overrides(rest: Sequence[str]) -> list[str]:
   while i < len(rest):
     arg = rest[i]
     if arg.startswith(OVERRIDE_PREFIX) and '=' in arg:
-      overrides.append(arg[len(OVERRIDE_PREFIX):])
+      overrides.append(arg[len(OVERRIDE_PREFIX) :])
     elif arg.startswith(OVERRIDE_PREFIX) and i + 1 < len(rest):
-      overrides.append(f'{arg[len(OVERRIDE_PREFIX):]}={rest[i + 1]}')
+      overrides.append(f'{arg[len(OVERRIDE_PREFIX) :]}={rest[i + 1]}')
       i += 1
     else:
       unknown.append(arg)
@@ -61,15 +62,21 @@ def doc_parser(prog: str, doc: str) -> Parser:
   """A tool's `Parser`: `prog` its console script, the first paragraph of its docstring the
   description and the rest, as written, the epilog."""
   description, _, epilog = doc.partition('\n\n')
-  return Parser(prog=prog, description=description, epilog=epilog,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+  return Parser(
+    prog=prog,
+    description=description,
+    epilog=epilog,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
 
 
-def main_of(prog: str, parser: argparse.ArgumentParser, run, errors: tuple, argv=None,
-            ok=lambda result: True) -> int:
+def main_of(
+  prog: str, parser: argparse.ArgumentParser, run, errors: tuple, argv=None, ok=lambda result: True
+) -> int:
   """A tool's main(): `run(args)`; a usage error or one of `errors` is printed as
   `prog: error: ...` with status 2; else status 0, or 1 when `ok(result)` is false."""
   import sys
+
   try:
     result = run(parser.parse_args(argv))
   except (UsageError, *errors) as e:
@@ -94,20 +101,36 @@ where its checkpoints, metrics.jsonl and TensorBoard logs are."""
 def train_parser() -> argparse.ArgumentParser:
   """`ove-train`'s flags (ove_jax/train.py)."""
   from ove_jax import sharding
+
   parser = argparse.ArgumentParser(
-      prog='ove-train', formatter_class=argparse.RawDescriptionHelpFormatter,
-      description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
-                  'a run.', epilog=TRAIN_EPILOG)
-  parser.add_argument('--config', required=True, metavar='EXPERIMENT[:ARGS]',
-                      help='the experiment file and its arguments, e.g. '
-                           'experiments/demo_cpu.py:smoke')
-  parser.add_argument('--workdir', metavar='DIR',
-                      help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
-                           '(required unless --show-config)')
-  parser.add_argument('--mesh', metavar='SIZES',
-                      help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}')
-  parser.add_argument('--show-config', action='store_true',
-                      help='print every key of the config (after overrides) and exit')
+    prog='ove-train',
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '
+    'a run.',
+    epilog=TRAIN_EPILOG,
+  )
+  parser.add_argument(
+    '--config',
+    required=True,
+    metavar='EXPERIMENT[:ARGS]',
+    help='the experiment file and its arguments, e.g. experiments/demo_cpu.py:smoke',
+  )
+  parser.add_argument(
+    '--workdir',
+    metavar='DIR',
+    help='where checkpoints, metrics.jsonl, TensorBoard logs and config.json go '
+    '(required unless --show-config)',
+  )
+  parser.add_argument(
+    '--mesh',
+    metavar='SIZES',
+    help=f'the device mesh, overriding config.mesh: {sharding.MESH_FORMS}',
+  )
+  parser.add_argument(
+    '--show-config',
+    action='store_true',
+    help='print every key of the config (after overrides) and exit',
+  )
   return parser
 
 
@@ -115,12 +138,13 @@ def parse_train_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]
   """(flags, config overrides 'key=value'). `--config.KEY=VALUE` and `--config.KEY VALUE`, like
   every flag, are accepted in both spellings."""
   from ove_jax import sharding
+
   parser = train_parser()
   rest, overrides, argv = [], [], list(argv)
   while argv:
     arg = argv.pop(0)
     if arg.startswith('--config.'):
-      item = arg[len('--config.'):]
+      item = arg[len('--config.') :]
       if '=' not in item:
         if not argv:
           parser.error(f'{arg} needs a value: {arg}=VALUE')

@@ -12,6 +12,7 @@ Every key or value error (an unknown key, a value outside its allowed set, a mes
 divide the devices, a batch that does not divide the mesh) is a `ConfigError` that names the key
 and what it accepts, raised before anything is compiled.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,17 @@ import ml_collections
 
 INIT_HEADS = ('keep', 'matching', 'fresh')
 # Sections whose keys are fixed by defaults() (a typo there must not be silently ignored).
-FIXED_SECTIONS = ('mesh', 'distributed', 'metrics', 'model', 'init', 'loss', 'optim',
-                  'builtin', 'probe')
+FIXED_SECTIONS = (
+  'mesh',
+  'distributed',
+  'metrics',
+  'model',
+  'init',
+  'loss',
+  'optim',
+  'builtin',
+  'probe',
+)
 
 
 class ConfigError(ValueError):
@@ -40,10 +50,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.log_every = 10
   c.checkpoint_every = 100
-  c.keep_checkpoints = 3        # the last N checkpoints ...
-  c.keep_every = 0              # ... plus every M-th step for good (0: none)
-  c.eval_every = 0              # evaluation loss every N steps (0: never); a multiple of log_every
-  c.eval_steps = 2              # batches per evaluation
+  c.keep_checkpoints = 3  # the last N checkpoints ...
+  c.keep_every = 0  # ... plus every M-th step for good (0: none)
+  c.eval_every = 0  # evaluation loss every N steps (0: never); a multiple of log_every
+  c.eval_steps = 2  # batches per evaluation
   # Per head, where evaluation batches come from: a source string like data.heads.<name>.source.
   # Heads not named here evaluate on their training source, reshuffled (not held out).
   c.eval_sources = ml_collections.ConfigDict()
@@ -53,12 +63,22 @@ def defaults() -> ml_collections.ConfigDict:
   # records; label: the label slot; mode: 'codec' or 'uniform' (num_frames frames; 0: the codec
   # budget in frames); the first max_records records, test_fraction of them the probes' test part.
   c.probe_every = 0
-  c.probe = ml_collections.ConfigDict(dict(
-      source='', label=0, probes=('knn', 'linear'), mode='codec', num_frames=0,
-      test_fraction=0.3, max_records=512, batch_size=8, knn_k=20))
-  c.accumulate = 1              # micro-batches per step (gradient accumulation by scan)
-  c.peak_flops = 0.0            # per device, for MFU; 0: the device table, or measured on CPU
-  c.cpu_devices = 0              # virtual CPU devices per process (CPU only; 0: as started)
+  c.probe = ml_collections.ConfigDict(
+    dict(
+      source='',
+      label=0,
+      probes=('knn', 'linear'),
+      mode='codec',
+      num_frames=0,
+      test_fraction=0.3,
+      max_records=512,
+      batch_size=8,
+      knn_k=20,
+    )
+  )
+  c.accumulate = 1  # micro-batches per step (gradient accumulation by scan)
+  c.peak_flops = 0.0  # per device, for MFU; 0: the device table, or measured on CPU
+  c.cpu_devices = 0  # virtual CPU devices per process (CPU only; 0: as started)
   # No finished step (nor evaluation, nor save) in this time: every thread's stack to stderr, then
   # exit with preemption.HANG_EXIT_CODE. 0: off. The real experiments set it; it must cover the
   # restore and the first step's compilation.
@@ -68,15 +88,21 @@ def defaults() -> ml_collections.ConfigDict:
   # outlives a preempted machine and every host of the run shares it; '' turns it off, and
   # JAX_COMPILATION_CACHE_DIR in the environment wins.
   c.compilation_cache_dir = '{workdir}/compilation_cache'
-  c.profile_start = -1          # first step of a profiler trace into <workdir>/profile (-1: none)
+  c.profile_start = -1  # first step of a profiler trace into <workdir>/profile (-1: none)
   c.profile_steps = 3
   # Where metrics lines go (metrics.WRITERS): metrics.jsonl (read back by read_metrics and the
   # tools), TensorBoard, Weights & Biases (pip install 'ove_jax[wandb]'). The wandb_* keys are
   # wandb.init's project, name, entity and mode ('' leaves each to wandb and its WANDB_*
   # environment variables; mode 'offline' keeps the run on disk under <workdir>/wandb).
-  c.metrics = ml_collections.ConfigDict(dict(
-      writers=('jsonl', 'tensorboard'), wandb_project='ove_jax', wandb_name='', wandb_entity='',
-      wandb_mode=''))
+  c.metrics = ml_collections.ConfigDict(
+    dict(
+      writers=('jsonl', 'tensorboard'),
+      wandb_project='ove_jax',
+      wandb_name='',
+      wandb_entity='',
+      wandb_mode='',
+    )
+  )
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one size may be -1
   # How many TPU slices (or GPU nodes) each axis spans; each divides its axis's size above. The
@@ -84,49 +110,93 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.update(dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
   # jax.distributed.initialize's timeouts, in seconds (multi-process runs only).
   c.distributed = ml_collections.ConfigDict(dict(initialization_timeout=300, heartbeat_timeout=100))
-  c.rules = ()                  # ((logical name, mesh axes), ...) overriding sharding.DEFAULT_RULES
+  c.rules = ()  # ((logical name, mesh axes), ...) overriding sharding.DEFAULT_RULES
 
-  c.model = ml_collections.ConfigDict(dict(
-      preset='tiny', dtype='bfloat16', remat='none', attention='xla', rope_theta=10000.0,
-      rope='3d',                # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
-      scan_layers=None))        # blocks through one nnx.scan; None: the preset's default (on for
-                                # base/large/huge, off for tiny/small)
+  c.model = ml_collections.ConfigDict(
+    dict(
+      preset='tiny',
+      dtype='bfloat16',
+      remat='none',
+      attention='xla',
+      rope_theta=10000.0,
+      rope='3d',  # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
+      scan_layers=None,
+    )
+  )  # blocks through one nnx.scan; None: the preset's default (on for
+  # base/large/huge, off for tiny/small)
 
-  c.init = ml_collections.ConfigDict(dict(
-      pytorch='',               # a release-format directory (config.json + model.safetensors)
-      checkpoint='',            # an earlier stage's workdir or checkpoint step directory
-      heads='keep',             # with `checkpoint`: 'keep' its heads (all must exist there),
-                                # 'matching' (keep those it has, same shape; others fresh), 'fresh'
-      release_centres='',       # head=SOURCE,...: Partial FC centres from the release's per-rank
-                                # .npy shards (a %03d template, a glob or a folder)
-  ))
+  c.init = ml_collections.ConfigDict(
+    dict(
+      pytorch='',  # a release-format directory (config.json + model.safetensors)
+      checkpoint='',  # an earlier stage's workdir or checkpoint step directory
+      heads='keep',  # with `checkpoint`: 'keep' its heads (all must exist there),
+      # 'matching' (keep those it has, same shape; others fresh), 'fresh'
+      release_centres='',  # head=SOURCE,...: Partial FC centres from the release's per-rank
+      # .npy shards (a %03d template, a glob or a folder)
+    )
+  )
 
   # Defaults of every head's Partial FC loss (docs/spec.md §4); heads.<name> may override any.
-  c.loss = ml_collections.ConfigDict(dict(
-      sample_rate=0.1, num_slots=8, margin=0.3, scale=64.0, filter_threshold=0.75,
-      sampling_blocks=256, init_std=0.01,
-      positive_headroom=1.0))   # room for positives past a class block's quota (x quota)
-  c.heads = ml_collections.ConfigDict()   # name -> {num_classes, weight, [loss overrides]}
+  c.loss = ml_collections.ConfigDict(
+    dict(
+      sample_rate=0.1,
+      num_slots=8,
+      margin=0.3,
+      scale=64.0,
+      filter_threshold=0.75,
+      sampling_blocks=256,
+      init_std=0.01,
+      positive_headroom=1.0,
+    )
+  )  # room for positives past a class block's quota (x quota)
+  c.heads = ml_collections.ConfigDict()  # name -> {num_classes, weight, [loss overrides]}
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup=0.1, decay='linear', end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.05, weight_decay_mask='all', clip_norm=5.0))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      lr=1e-3,
+      warmup=0.1,
+      decay='linear',
+      end_lr_fraction=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      weight_decay_mask='all',
+      clip_norm=5.0,
+    )
+  )
 
   # The input pipeline (data_pipeline.pipeline.PipelineConfig); heads' `rows` are GLOBAL rows,
   # divided among the hosts. Sources may name '{builtin:video}' / '{builtin:image}'.
-  c.data = ml_collections.ConfigDict(dict(
-      seed=0, worker_count=2, worker_buffer=2, mixing='all', patch_dtype='float32',
-      local_cache_dir='', heads=ml_collections.ConfigDict()))
+  c.data = ml_collections.ConfigDict(
+    dict(
+      seed=0,
+      worker_count=2,
+      worker_buffer=2,
+      mixing='all',
+      patch_dtype='float32',
+      local_cache_dir='',
+      heads=ml_collections.ConfigDict(),
+    )
+  )
   # Built-in synthetic data (data_pipeline.builtin), generated on first use. `policy` is the codec
   # selection's frame policy (docs/spec.md §2.6: 'paper', 'first_frame', 'zero'); like budget, a
   # value other than the data's needs its own root.
-  c.builtin = ml_collections.ConfigDict(dict(
-      enabled=False, root='', clips=32, images=64, budget=1024, policy='zero'))
+  c.builtin = ml_collections.ConfigDict(
+    dict(enabled=False, root='', clips=32, images=64, budget=1024, policy='zero')
+  )
   return c
 
 
-HEAD_LOSS_KEYS = ('sample_rate', 'num_slots', 'margin', 'scale', 'filter_threshold',
-                  'sampling_blocks', 'positive_headroom')
+HEAD_LOSS_KEYS = (
+  'sample_rate',
+  'num_slots',
+  'margin',
+  'scale',
+  'filter_threshold',
+  'sampling_blocks',
+  'positive_headroom',
+)
 
 
 def head(num_classes: int, weight: float = 1.0, **loss_overrides) -> ml_collections.ConfigDict:
@@ -143,6 +213,7 @@ def head(num_classes: int, weight: float = 1.0, **loss_overrides) -> ml_collecti
 # get_config(arg): typed argument strings such as 'variant=L/14,frames=64,smoke'
 # ------------------------------------------------------------------------------------------------
 
+
 def parse_arg(arg: str | None, **defaults_: Any) -> ml_collections.ConfigDict:
   """Parses `arg` against typed defaults; a bare word is a boolean flag set to True."""
   out = ml_collections.ConfigDict(defaults_)
@@ -153,8 +224,10 @@ def parse_arg(arg: str | None, **defaults_: Any) -> ml_collections.ConfigDict:
     key, eq, text = item.partition('=')
     key = key.strip()
     if key not in defaults_:
-      raise ConfigError(f'unknown experiment argument {key!r}; allowed: '
-                        f'{", ".join(f"{k}={v!r}" for k, v in defaults_.items())}')
+      raise ConfigError(
+        f'unknown experiment argument {key!r}; allowed: '
+        f'{", ".join(f"{k}={v!r}" for k, v in defaults_.items())}'
+      )
     out[key] = _coerce(f'argument {key}', defaults_[key], text.strip() if eq else 'true')
   return out
 
@@ -209,15 +282,20 @@ def experiments_dir() -> str:
     found = None
   if found is not None and found.submodule_search_locations:
     return os.path.abspath(list(found.submodule_search_locations)[0])
-  raise ConfigError(f'the experiments that ship with ove_jax are not installed (no package '
-                    f'{EXPERIMENTS_PACKAGE!r} and no checkout at {root}); reinstall ove_jax, or '
-                    'give an experiment file by path')
+  raise ConfigError(
+    f'the experiments that ship with ove_jax are not installed (no package '
+    f'{EXPERIMENTS_PACKAGE!r} and no checkout at {root}); reinstall ove_jax, or '
+    'give an experiment file by path'
+  )
 
 
 def experiment_names() -> list[str]:
   """The names of the shipped experiments (`stage2_video`, ...), sorted."""
-  return sorted(name[:-3] for name in os.listdir(experiments_dir())
-                if name.endswith('.py') and not name.startswith(('_', '.')))
+  return sorted(
+    name[:-3]
+    for name in os.listdir(experiments_dir())
+    if name.endswith('.py') and not name.startswith(('_', '.'))
+  )
 
 
 def experiment_path(name_or_path: str) -> str:
@@ -235,10 +313,12 @@ def experiment_path(name_or_path: str) -> str:
     if os.path.isfile(shipped):
       return shipped
   names = experiment_names()
-  raise ConfigError(f'--config={name_or_path}: no experiment file {text!r} and no shipped '
-                    f'experiment of that name; the experiments are {", ".join(names)} (in '
-                    f'{experiments_dir()}): give one by name (--config=NAME[:args]) or a path '
-                    'to your own file (--config=path/to/exp.py[:args])')
+  raise ConfigError(
+    f'--config={name_or_path}: no experiment file {text!r} and no shipped '
+    f'experiment of that name; the experiments are {", ".join(names)} (in '
+    f'{experiments_dir()}): give one by name (--config=NAME[:args]) or a path '
+    'to your own file (--config=path/to/exp.py[:args])'
+  )
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -258,8 +338,10 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   validated."""
   module, arg = load_experiment(spec)
   if getattr(module, 'PROBE_SUITE', False):
-    raise ConfigError(f'--config={spec}: {module.__file__} holds probe benchmarks, not a '
-                      f'training run; run it with ove-probe-suite --config={spec} ...')
+    raise ConfigError(
+      f'--config={spec}: {module.__file__} holds probe benchmarks, not a '
+      f'training run; run it with ove-probe-suite --config={spec} ...'
+    )
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{module.__file__} has no get_config(arg) function')
   config = module.get_config(arg or None)
@@ -273,7 +355,8 @@ def load_module(path: str):
   """Imports an experiment file by path (experiments are files, not a package); an experiment
   builds on another with `load_module(os.path.join(os.path.dirname(__file__), 'other.py'))`."""
   module_spec = importlib.util.spec_from_file_location(
-      f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path)
+    f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path
+  )
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module
@@ -293,13 +376,15 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
       return
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
       known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
-      raise ConfigError(f'--config.{key}: {where} has no key {part!r}; its keys: '
-                        f'{", ".join(known)}')
+      raise ConfigError(
+        f'--config.{key}: {where} has no key {part!r}; its keys: {", ".join(known)}'
+      )
     if depth == len(parts) - 1:
       current = node[part]
       if isinstance(current, (ml_collections.ConfigDict, dict)):
-        raise ConfigError(f'--config.{key} is a section ({", ".join(sorted(current.keys()))}); '
-                          'set one of its keys')
+        raise ConfigError(
+          f'--config.{key} is a section ({", ".join(sorted(current.keys()))}); set one of its keys'
+        )
       with config.unlocked():
         node[part] = _coerce(f'--config.{key}', current, text)
     else:
@@ -309,6 +394,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Validation (no devices needed; the trainer checks the mesh against the devices it has)
 # ------------------------------------------------------------------------------------------------
+
 
 def _one_of(key, value, allowed):
   if value not in allowed:
@@ -331,37 +417,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   missing = sorted(set(defaults().keys()) - set(config.keys()))
   if missing:
-    raise ConfigError(f'the config lacks {", ".join(missing)}: build it on '
-                      'ove_jax.config.defaults()')
+    raise ConfigError(
+      f'the config lacks {", ".join(missing)}: build it on ove_jax.config.defaults()'
+    )
   unknown = sorted(set(config.keys()) - set(defaults().keys()))
   if unknown:
-    raise ConfigError(f'unknown top-level key(s) {", ".join(unknown)}; known: '
-                      f'{", ".join(sorted(defaults().keys()))}')
+    raise ConfigError(
+      f'unknown top-level key(s) {", ".join(unknown)}; known: '
+      f'{", ".join(sorted(defaults().keys()))}'
+    )
   reference = defaults()
   for section in FIXED_SECTIONS:
     extra = sorted(set(config[section].keys()) - set(reference[section].keys()))
     lacking = sorted(set(reference[section].keys()) - set(config[section].keys()))
     if extra or lacking:
-      raise ConfigError(f'{section}: ' + '; '.join(
-          ([f'unknown key(s) {extra}'] if extra else []) +
-          ([f'missing key(s) {lacking}'] if lacking else [])) +
-          f'; its keys: {", ".join(sorted(reference[section].keys()))}')
-  for key in ('total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'accumulate',
-              'eval_steps'):
+      raise ConfigError(
+        f'{section}: '
+        + '; '.join(
+          ([f'unknown key(s) {extra}'] if extra else [])
+          + ([f'missing key(s) {lacking}'] if lacking else [])
+        )
+        + f'; its keys: {", ".join(sorted(reference[section].keys()))}'
+      )
+  for key in (
+    'total_steps',
+    'log_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'accumulate',
+    'eval_steps',
+  ):
     _at_least(key, config[key], 1)
   for key in ('keep_every', 'eval_every', 'probe_every', 'profile_steps', 'cpu_devices'):
     _at_least(key, config[key], 0)
   if config.keep_every and config.keep_every % config.checkpoint_every:
-    raise ConfigError(f'keep_every={config.keep_every} must be a multiple of checkpoint_every='
-                      f'{config.checkpoint_every} (only saved steps can be kept)')
+    raise ConfigError(
+      f'keep_every={config.keep_every} must be a multiple of checkpoint_every='
+      f'{config.checkpoint_every} (only saved steps can be kept)'
+    )
   if config.optim.warmup >= 1 and config.optim.warmup != int(config.optim.warmup):
-    raise ConfigError(f'optim.warmup={config.optim.warmup}: a step count (a whole number >= 1) '
-                      'or a fraction of total_steps (< 1)')
+    raise ConfigError(
+      f'optim.warmup={config.optim.warmup}: a step count (a whole number >= 1) '
+      'or a fraction of total_steps (< 1)'
+    )
   if config.eval_every and config.eval_every % config.log_every:
-    raise ConfigError(f'eval_every={config.eval_every} must be a multiple of log_every='
-                      f'{config.log_every} (evaluations are logged on metrics lines)')
+    raise ConfigError(
+      f'eval_every={config.eval_every} must be a multiple of log_every='
+      f'{config.log_every} (evaluations are logged on metrics lines)'
+    )
   if config.probe_every:
     from ove_jax import training_probes  # JAX and the probes, only for runs that probe
+
     training_probes.check(config)
 
   try:
@@ -384,8 +490,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for axis, size in sizes.items():
     _at_least(f'mesh.dcn_{axis}', config.mesh[f'dcn_{axis}'], 1)
     if size != -1 and size % config.mesh[f'dcn_{axis}']:
-      raise ConfigError(f'mesh.dcn_{axis}={config.mesh[f"dcn_{axis}"]} must divide mesh.{axis}='
-                        f'{size} (the slices or nodes the axis spans)')
+      raise ConfigError(
+        f'mesh.dcn_{axis}={config.mesh[f"dcn_{axis}"]} must divide mesh.{axis}='
+        f'{size} (the slices or nodes the axis spans)'
+      )
   for key in ('initialization_timeout', 'heartbeat_timeout'):
     _at_least(f'distributed.{key}', config.distributed[key], 1)
 
@@ -397,29 +505,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('optim.decay', o.decay, optim.DECAYS)
   _one_of('optim.weight_decay_mask', o.weight_decay_mask, optim.DECAY_MASKS)
   if not o.lr > 0 or o.warmup < 0 or not 0 <= o.end_lr_fraction <= 1:
-    raise ConfigError(f'optim: lr={o.lr} must be > 0, warmup={o.warmup} >= 0 (steps, or a '
-                      f'fraction < 1), end_lr_fraction={o.end_lr_fraction} in [0, 1]')
+    raise ConfigError(
+      f'optim: lr={o.lr} must be > 0, warmup={o.warmup} >= 0 (steps, or a '
+      f'fraction < 1), end_lr_fraction={o.end_lr_fraction} in [0, 1]'
+    )
 
   heads = set(config.heads.keys())
   data_heads = set(config.data.heads.keys())
   if not heads:
     raise ConfigError('no heads: set heads.<name> = ove_jax.config.head(num_classes)')
   if heads != data_heads:
-    raise ConfigError(f'heads {sorted(heads)} and data.heads {sorted(data_heads)} must name the '
-                      'same heads')
+    raise ConfigError(
+      f'heads {sorted(heads)} and data.heads {sorted(data_heads)} must name the same heads'
+    )
   for name in sorted(heads):
     head_loss_config(config, name)  # raises on bad loss values
   if config.accumulate > 1 and config.data.mixing != 'all':
     raise ConfigError('accumulate > 1 needs data.mixing="all" (every micro-batch has every head)')
   try:
-    pipeline.PipelineConfig.from_dict(pipeline_dict(
-        config, placeholder_sources=True, source_overrides=dict(config.eval_sources)))
+    pipeline.PipelineConfig.from_dict(
+      pipeline_dict(config, placeholder_sources=True, source_overrides=dict(config.eval_sources))
+    )
   except (ValueError, TypeError) as e:
     raise ConfigError(f'data: {e}') from None
 
 
-def check_layout(config, mesh_shape: Mapping[str, int], batch_axes: Sequence[str],
-                 process_count: int) -> None:
+def check_layout(
+  config, mesh_shape: Mapping[str, int], batch_axes: Sequence[str], process_count: int
+) -> None:
   """What a mesh of `mesh_shape` (batch split over `batch_axes`) must fit for this config: every
   head's class blocks, every head's global rows, and whole batch shards for each process."""
   devices = math.prod(mesh_shape.values())
@@ -432,17 +545,21 @@ def check_layout(config, mesh_shape: Mapping[str, int], batch_axes: Sequence[str
   axes = ' x '.join(batch_axes)
   for name, h in config.data.heads.items():
     if h.rows % batch_shards:
-      raise ConfigError(f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
-                        f'{batch_shards} batch shards of the mesh ({axes})')
+      raise ConfigError(
+        f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
+        f'{batch_shards} batch shards of the mesh ({axes})'
+      )
   if batch_shards % process_count:
     raise ConfigError(
-        f'the mesh has {batch_shards} batch shards ({axes}) for {process_count} processes: each '
-        'process must feed whole batch shards, so make mesh.data x mesh.fsdp a multiple of the '
-        'process count')
+      f'the mesh has {batch_shards} batch shards ({axes}) for {process_count} processes: each '
+      'process must feed whole batch shards, so make mesh.data x mesh.fsdp a multiple of the '
+      'process count'
+    )
 
 
 def head_loss_config(config, name: str):
   from ove_jax import losses
+
   h = dict(config.heads[name])
   allowed = {'num_classes', 'weight'} | set(HEAD_LOSS_KEYS)
   unknown = sorted(set(h) - allowed)
@@ -453,18 +570,29 @@ def head_loss_config(config, name: str):
   merged = {**dict(config.loss), **{k: v for k, v in h.items() if v is not None}}
   try:
     return losses.PartialFCConfig(
-        num_classes=merged['num_classes'], sample_rate=merged['sample_rate'],
-        num_slots=merged['num_slots'], margin=merged['margin'], scale=merged['scale'],
-        filter_threshold=merged['filter_threshold'], sampling_blocks=merged['sampling_blocks'],
-        positive_headroom=merged['positive_headroom'], seed=config.seed)
+      num_classes=merged['num_classes'],
+      sample_rate=merged['sample_rate'],
+      num_slots=merged['num_slots'],
+      margin=merged['margin'],
+      scale=merged['scale'],
+      filter_threshold=merged['filter_threshold'],
+      sampling_blocks=merged['sampling_blocks'],
+      positive_headroom=merged['positive_headroom'],
+      seed=config.seed,
+    )
   except ValueError as e:
     raise ConfigError(f'heads.{name}: {e}') from None
 
 
-def pipeline_dict(config, *, process_index: int = 0, process_count: int = 1,
-                  sources: Mapping[str, str] | None = None,
-                  placeholder_sources: bool = False,
-                  source_overrides: Mapping[str, str] | None = None) -> dict:
+def pipeline_dict(
+  config,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  sources: Mapping[str, str] | None = None,
+  placeholder_sources: bool = False,
+  source_overrides: Mapping[str, str] | None = None,
+) -> dict:
   """The PipelineConfig dict of this host: global rows divided among the hosts, builtin sources
   filled in, and any head's source replaced by `source_overrides` (evaluation)."""
   data = config.data.to_dict()
@@ -472,16 +600,18 @@ def pipeline_dict(config, *, process_index: int = 0, process_count: int = 1,
   overrides = dict(source_overrides or {})
   unknown = sorted(set(overrides) - set(data['heads']))
   if unknown:
-    raise ConfigError(f'eval_sources names head(s) {unknown}; the heads are '
-                      f'{sorted(data["heads"])}')
+    raise ConfigError(
+      f'eval_sources names head(s) {unknown}; the heads are {sorted(data["heads"])}'
+    )
   for name, h in data.pop('heads').items():
     h = dict(h)
     if name in overrides:
       h['source'] = overrides[name]
     rows = h.get('rows', 8)
     if rows % process_count:
-      raise ConfigError(f'data.heads.{name}.rows={rows} (global) is not divisible by the '
-                        f'{process_count} processes')
+      raise ConfigError(
+        f'data.heads.{name}.rows={rows} (global) is not divisible by the {process_count} processes'
+      )
     h['rows'] = rows // process_count
     src = h.get('source', '')
     if isinstance(src, str) and src.startswith('{builtin:'):
@@ -511,8 +641,9 @@ def flatten(config, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def cpu_smoke(c: ml_collections.ConfigDict, *, data_root: str = '', steps: int = 3
-              ) -> ml_collections.ConfigDict:
+def cpu_smoke(
+  c: ml_collections.ConfigDict, *, data_root: str = '', steps: int = 3
+) -> ml_collections.ConfigDict:
   """Shrinks experiment `c` to a few steps on 8 virtual CPU devices on the built-in data (the
   experiment then sets its heads): the tiny preset in float32, data 4 x fsdp 2, every class scored
   (the class counts are tiny), 3 label slots (built-in samples have 3 labels), no input workers."""

@@ -25,6 +25,7 @@ Environment variables (all optional):
 JAX itself also reads JAX_COORDINATOR_ADDRESS, JAX_COORDINATOR_PORT (the port on the detected
 coordinator host) and JAX_LOCAL_DEVICE_IDS.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,16 +43,16 @@ DEFAULT_HEARTBEAT_TIMEOUT = 100
 
 # (argument of `initialize` and of jax.distributed.initialize, its OVE variable).
 OVERRIDES = (
-    ('coordinator_address', 'OVE_COORDINATOR_ADDRESS'),
-    ('num_processes', 'OVE_NUM_PROCESSES'),
-    ('process_id', 'OVE_PROCESS_ID'),
+  ('coordinator_address', 'OVE_COORDINATOR_ADDRESS'),
+  ('num_processes', 'OVE_NUM_PROCESSES'),
+  ('process_id', 'OVE_PROCESS_ID'),
 )
 LOCAL_DEVICE_IDS_VAR = 'OVE_LOCAL_DEVICE_IDS'
 
 # Where SLURM and Open MPI say this process's rank on its node and how many processes share it.
 _LOCAL_LAYOUT = {
-    'SlurmCluster': ('SLURM_LOCALID', None),
-    'OmpiCluster': ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE'),
+  'SlurmCluster': ('SLURM_LOCALID', None),
+  'OmpiCluster': ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE'),
 }
 
 
@@ -64,13 +65,25 @@ def detect_cluster():
   `GkeTpuCluster`, `GceTpuCluster`, `K8sCluster`), with JAX's `get_process_count()` etc.
   """
   from jax._src import clusters
-  return next((env for env in clusters.ClusterEnv._cluster_types
-               if not env.opt_in_only_method and env.is_env_present()), None)
+
+  return next(
+    (
+      env
+      for env in clusters.ClusterEnv._cluster_types
+      if not env.opt_in_only_method and env.is_env_present()
+    ),
+    None,
+  )
 
 
-def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
-         *, initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT,
-         heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT) -> dict | None:
+def plan(
+  explicit: Mapping[str, Any],
+  env: Mapping[str, str],
+  cluster,
+  *,
+  initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT,
+  heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT,
+) -> dict | None:
   """The keyword arguments for `jax.distributed.initialize`, or None for a single-process run.
 
   `explicit` holds the arguments given to `initialize` (None: not given); they win over the
@@ -88,25 +101,29 @@ def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
   if 'num_processes' in values:
     values['num_processes'] = _as_int(values['num_processes'], sources['num_processes'])
     if values['num_processes'] < 1:
-      raise ValueError(f'{sources["num_processes"]}={values["num_processes"]}: the number of '
-                       'processes must be at least 1.')
+      raise ValueError(
+        f'{sources["num_processes"]}={values["num_processes"]}: the number of '
+        'processes must be at least 1.'
+      )
   if 'process_id' in values:
     values['process_id'] = _as_int(values['process_id'], sources['process_id'])
   if 'coordinator_address' in values:
-    values['coordinator_address'] = _check_address(values['coordinator_address'],
-                                                   sources['coordinator_address'])
+    values['coordinator_address'] = _check_address(
+      values['coordinator_address'], sources['coordinator_address']
+    )
 
   if cluster is None:
     if not values or set(values) == {'num_processes'} and values['num_processes'] == 1:
-      return None   # nothing asked for, or `OVE_NUM_PROCESSES=1` alone: said outright
+      return None  # nothing asked for, or `OVE_NUM_PROCESSES=1` alone: said outright
     missing = [var for field, var in OVERRIDES if field not in values]
     if missing:
       given = ', '.join(sources[f] for f, _ in OVERRIDES if f in sources)
       raise ValueError(
-          f'A multi-process run was asked for ({given}) but {", ".join(missing)} is missing and '
-          'no cluster that jax.distributed detects (Cloud TPU, GKE, SLURM under srun, Open MPI, '
-          'a Kubernetes Job) is present. Set all of OVE_COORDINATOR_ADDRESS, OVE_NUM_PROCESSES '
-          'and OVE_PROCESS_ID, or none of them for a single-process run.')
+        f'A multi-process run was asked for ({given}) but {", ".join(missing)} is missing and '
+        'no cluster that jax.distributed detects (Cloud TPU, GKE, SLURM under srun, Open MPI, '
+        'a Kubernetes Job) is present. Set all of OVE_COORDINATOR_ADDRESS, OVE_NUM_PROCESSES '
+        'and OVE_PROCESS_ID, or none of them for a single-process run.'
+      )
     count = values['num_processes']
   elif 'num_processes' in values:
     count = values['num_processes']
@@ -115,27 +132,36 @@ def plan(explicit: Mapping[str, Any], env: Mapping[str, str], cluster,
       count = cluster.get_process_count()
     except Exception as e:  # JAX's detectors raise what their scheduler's API raises
       raise RuntimeError(
-          f'JAX detected {cluster.__name__} here but could not read its process count ({e!r}). '
-          'Fix the scheduler setup (see docs/launch.md), or set OVE_NUM_PROCESSES=1 for a '
-          'single-process run on this machine.') from e
+        f'JAX detected {cluster.__name__} here but could not read its process count ({e!r}). '
+        'Fix the scheduler setup (see docs/launch.md), or set OVE_NUM_PROCESSES=1 for a '
+        'single-process run on this machine.'
+      ) from e
   if 'process_id' in values and not 0 <= values['process_id'] < count:
-    count_source = (sources['num_processes'] if 'num_processes' in sources
-                    else f'the {cluster.__name__} process count')
-    raise ValueError(f'{sources["process_id"]}={values["process_id"]} is out of range for '
-                     f'{count_source}={count}: process ids run from 0 to {count - 1}.')
+    count_source = (
+      sources['num_processes']
+      if 'num_processes' in sources
+      else f'the {cluster.__name__} process count'
+    )
+    raise ValueError(
+      f'{sources["process_id"]}={values["process_id"]} is out of range for '
+      f'{count_source}={count}: process ids run from 0 to {count - 1}.'
+    )
   if count == 1:
     return None
-  kwargs = dict(values, initialization_timeout=int(initialization_timeout),
-                heartbeat_timeout_seconds=int(heartbeat_timeout))
-  device_ids = local_device_ids(env, cluster and cluster.__name__,
-                               explicit.get('local_device_ids'))
+  kwargs = dict(
+    values,
+    initialization_timeout=int(initialization_timeout),
+    heartbeat_timeout_seconds=int(heartbeat_timeout),
+  )
+  device_ids = local_device_ids(env, cluster and cluster.__name__, explicit.get('local_device_ids'))
   if device_ids is not None:
     kwargs['local_device_ids'] = device_ids
   return kwargs
 
 
-def local_device_ids(env: Mapping[str, str], cluster_name: str | None,
-                     explicit: Any = None) -> list[int] | None:
+def local_device_ids(
+  env: Mapping[str, str], cluster_name: str | None, explicit: Any = None
+) -> list[int] | None:
   """The accelerators (numbers among those this process can see) it should own, or None to leave
   it to JAX. An empty list means all the process can see. `cluster_name` is the class name of
   `detect_cluster()`'s answer.
@@ -162,14 +188,18 @@ def local_device_ids(env: Mapping[str, str], cluster_name: str | None,
     try:
       return [int(i) for i in text.split(',')]
     except ValueError:
-      raise ValueError(f'{LOCAL_DEVICE_IDS_VAR}={text!r}: expected device numbers such as 0,1 '
-                       'or "all".') from None
+      raise ValueError(
+        f'{LOCAL_DEVICE_IDS_VAR}={text!r}: expected device numbers such as 0,1 or "all".'
+      ) from None
   if env.get('JAX_LOCAL_DEVICE_IDS', '').strip() or cluster_name not in _LOCAL_LAYOUT:
     return None
   rank_var, size_var = _LOCAL_LAYOUT[cluster_name]
   rank = _as_int(env[rank_var], rank_var)
-  size = (_as_int(env[size_var], size_var) if size_var and env.get(size_var, '').strip()
-          else slurm_tasks_on_node(env))
+  size = (
+    _as_int(env[size_var], size_var)
+    if size_var and env.get(size_var, '').strip()
+    else slurm_tasks_on_node(env)
+  )
   if size is None:
     return [rank]
   if size == 1:
@@ -190,8 +220,10 @@ def slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
   writes run-length coded (`4(x2),2` is 4, 4, 2); None when neither is set."""
   if env.get('SLURM_NTASKS_PER_NODE', '').strip():
     return _as_int(env['SLURM_NTASKS_PER_NODE'], 'SLURM_NTASKS_PER_NODE')
-  var = next((v for v in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE')
-              if env.get(v, '').strip()), None)
+  var = next(
+    (v for v in ('SLURM_STEP_TASKS_PER_NODE', 'SLURM_TASKS_PER_NODE') if env.get(v, '').strip()),
+    None,
+  )
   if var is None:
     return None
   counts = []
@@ -219,17 +251,24 @@ def _check_address(address, source: str) -> str:
   text = str(address).strip()
   host, sep, port = text.rpartition(':')
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ValueError(f'{source}={text!r}: the coordinator address must be host:port, e.g. '
-                     '127.0.0.1:12355 (process 0 listens on that port; every process uses the '
-                     'same address).')
+    raise ValueError(
+      f'{source}={text!r}: the coordinator address must be host:port, e.g. '
+      '127.0.0.1:12355 (process 0 listens on that port; every process uses the '
+      'same address).'
+    )
   return text
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_count: int | None = None, *,
-               local_device_ids: list[int] | str | None = None,
-               initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT,
-               heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT) -> dict:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_count: int | None = None,
+  *,
+  local_device_ids: list[int] | str | None = None,
+  initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT,
+  heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT,
+) -> dict:
   """Starts JAX for this run, multi-process when asked, and returns what it sees.
 
   Call it first, before any other JAX call: `jax.distributed` and the CPU device count can only
@@ -251,8 +290,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     heartbeat_timeout: seconds without a heartbeat after which a process counts as dead and the
       job is stopped (config `distributed.heartbeat_timeout`).
   """
-  explicit = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
-              'process_id': process_id, 'local_device_ids': local_device_ids}
+  explicit = {
+    'coordinator_address': coordinator_address,
+    'num_processes': num_processes,
+    'process_id': process_id,
+    'local_device_ids': local_device_ids,
+  }
   devices = _local_device_count(local_device_count)
   started = jax.distributed.is_initialized()
 
@@ -261,38 +304,52 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   if not started:
     cluster = detect_cluster()
-    setup = plan(explicit, os.environ, cluster, initialization_timeout=initialization_timeout,
-                 heartbeat_timeout=heartbeat_timeout)
+    setup = plan(
+      explicit,
+      os.environ,
+      cluster,
+      initialization_timeout=initialization_timeout,
+      heartbeat_timeout=heartbeat_timeout,
+    )
     if setup is None:
       logger.info('Single-process run: jax.distributed not started.')
     else:
       if _backend_initialized():
         raise RuntimeError(
-            'ove_jax.distributed.initialize: a multi-process run was requested '
-            f'({_describe(setup, cluster)}) but the JAX backend has already started in this '
-            'process, so it can only see its own devices. Call ove_jax.distributed.initialize() '
-            'at the very start of the program, before anything else uses JAX (jax.devices(), '
-            'creating arrays, jit, jax.config changes that start the backend).')
+          'ove_jax.distributed.initialize: a multi-process run was requested '
+          f'({_describe(setup, cluster)}) but the JAX backend has already started in this '
+          'process, so it can only see its own devices. Call ove_jax.distributed.initialize() '
+          'at the very start of the program, before anything else uses JAX (jax.devices(), '
+          'creating arrays, jit, jax.config changes that start the backend).'
+        )
       logger.info('Starting jax.distributed: %s.', _describe(setup, cluster))
       jax.distributed.initialize(**setup)
 
   info = {
-      'process_index': jax.process_index(),
-      'process_count': jax.process_count(),
-      'local_device_count': jax.local_device_count(),
-      'global_device_count': jax.device_count(),
-      'platform': jax.default_backend(),
+    'process_index': jax.process_index(),
+    'process_count': jax.process_count(),
+    'local_device_count': jax.local_device_count(),
+    'global_device_count': jax.device_count(),
+    'platform': jax.default_backend(),
   }
-  logger.info('JAX process %d/%d: %d local devices, %d global devices, platform %s.',
-              info['process_index'], info['process_count'], info['local_device_count'],
-              info['global_device_count'], info['platform'])
+  logger.info(
+    'JAX process %d/%d: %d local devices, %d global devices, platform %s.',
+    info['process_index'],
+    info['process_count'],
+    info['local_device_count'],
+    info['global_device_count'],
+    info['platform'],
+  )
   return info
 
 
 def _describe(setup: Mapping[str, Any], cluster) -> str:
   detected = f'JAX detected {cluster.__name__}' if cluster is not None else 'no cluster detected'
-  given = ', '.join(f'{k}={setup[k]}' for k in ('coordinator_address', 'num_processes',
-                                                  'process_id', 'local_device_ids') if k in setup)
+  given = ', '.join(
+    f'{k}={setup[k]}'
+    for k in ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids')
+    if k in setup
+  )
   return f'{detected}; given {given or "nothing else"}'
 
 
@@ -321,10 +378,11 @@ def use_cpu_devices(count: int, *, caller: str = 'ove_jax.distributed.use_cpu_de
     jax.config.update('jax_num_cpu_devices', count)
   elif jax.default_backend() == 'cpu' and jax.local_device_count() != count:
     raise RuntimeError(
-        f'{caller}: asked for {count} CPU devices but the JAX backend already started with '
-        f'{jax.local_device_count()}. Call it at the very start of the program, before any '
-        'other JAX call (jax.devices(), jnp arrays, jit), or set '
-        f'XLA_FLAGS={CPU_DEVICES_FLAG}=N before Python starts.')
+      f'{caller}: asked for {count} CPU devices but the JAX backend already started with '
+      f'{jax.local_device_count()}. Call it at the very start of the program, before any '
+      'other JAX call (jax.devices(), jnp arrays, jit), or set '
+      f'XLA_FLAGS={CPU_DEVICES_FLAG}=N before Python starts.'
+    )
 
 
 CPU_DEVICES_FLAG = '--xla_force_host_platform_device_count'
@@ -344,6 +402,7 @@ def cpu_devices_env(env: Mapping[str, str], count: int) -> dict[str, str]:
 def _backend_initialized() -> bool:
   # No public API says whether the backend exists; this private one has been stable for years.
   from jax._src import xla_bridge
+
   return xla_bridge.backends_are_initialized()
 
 

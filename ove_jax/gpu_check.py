@@ -19,6 +19,7 @@ Two parts, each a list of results that say pass, fail, skipped (with the reason)
 On a machine without a GPU (`tiny=True`, CPU) it runs what it can: xla, jax and the Pallas
 kernels in interpret mode, a tiny-preset step; what needs a GPU is reported as skipped.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,13 @@ from ove_jax.models import attention
 TOLERANCES = {'float32': 1e-4, 'bfloat16': 1e-2}
 GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 # Where each implementation runs natively; elsewhere the Pallas kernels run interpreted.
-NATIVE = {'xla': None, 'jax': None, 'cudnn': GPU_PLATFORMS, 'splash': ('tpu',),
-          'pallas_gpu': GPU_PLATFORMS}
+NATIVE = {
+  'xla': None,
+  'jax': None,
+  'cudnn': GPU_PLATFORMS,
+  'splash': ('tpu',),
+  'pallas_gpu': GPU_PLATFORMS,
+}
 PASS, FAIL, SKIPPED, ERROR = 'pass', 'fail', 'skipped', 'error'
 
 
@@ -51,17 +57,19 @@ def is_gpu(platform: str) -> bool:
 # Attention
 # ------------------------------------------------------------------------------------------------
 
+
 def packed_inputs(batch: int, length: int, heads: int, head_dim: int, seed: int = 0):
   """(q, k, v [B, L, H, D] float32, segment_ids [B, L], cotangent [B, L, H, D]): each row packs
   segments of uneven lengths (1, 2, 3, ...) and ends in padding (id 0); the cotangent is zero on
   padding, whose outputs are never read, so every path's padding gradients are zero too."""
   rng = np.random.default_rng(seed)
-  q, k, v, cot = (rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
-                  for _ in range(4))
+  q, k, v, cot = (
+    rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32) for _ in range(4)
+  )
   segment_ids = np.zeros((batch, length), np.int32)
   for b in range(batch):
     cuts = np.sort(rng.choice(np.arange(1, length - length // 8), size=2 + b % 2, replace=False))
-    bounds = [0, *cuts, length - length // 8]   # the last eighth (at least) is padding
+    bounds = [0, *cuts, length - length // 8]  # the last eighth (at least) is padding
     for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
       segment_ids[b, lo:hi] = s + 1
   cot *= (segment_ids > 0)[:, :, None, None]
@@ -80,34 +88,44 @@ def errors(got, want) -> dict[str, float]:
   return {'max_abs': max_abs, 'scale': scale, 'max_rel': max_abs / scale}
 
 
-def compare(outputs: Mapping[str, Any], reference: Mapping[str, Any], tolerance: float
-            ) -> dict[str, Any]:
+def compare(
+  outputs: Mapping[str, Any], reference: Mapping[str, Any], tolerance: float
+) -> dict[str, Any]:
   """Every named array of `outputs` ('out', 'dq', 'dk', 'dv') against `reference`: pass when
   each one's largest error is within `tolerance` x the reference's scale (NaN fails)."""
   per = {name: errors(outputs[name], reference[name]) for name in reference}
   worst = max(per.values(), key=lambda e: e['max_rel'])
   ok = all(e['max_rel'] <= tolerance for e in per.values())
-  return {'status': PASS if ok else FAIL, 'tolerance': tolerance, 'max_abs': worst['max_abs'],
-          'max_rel': worst['max_rel'], 'errors': per}
+  return {
+    'status': PASS if ok else FAIL,
+    'tolerance': tolerance,
+    'max_abs': worst['max_abs'],
+    'max_rel': worst['max_rel'],
+    'errors': per,
+  }
 
 
-def attention_outputs(implementation: str, inputs, dtype: str, *, interpret: bool = False
-                      ) -> dict[str, np.ndarray]:
+def attention_outputs(
+  implementation: str, inputs, dtype: str, *, interpret: bool = False
+) -> dict[str, np.ndarray]:
   """Output (real tokens only; padding is zeroed) and gradients of q, k, v of one path."""
   q, k, v, segment_ids, cot = inputs
   real = jnp.asarray(segment_ids > 0)[:, :, None, None]
 
   def loss(q, k, v):
-    out = attention.dot_product_attention(q, k, v, segment_ids, implementation=implementation,
-                                          interpret=interpret)
+    out = attention.dot_product_attention(
+      q, k, v, segment_ids, implementation=implementation, interpret=interpret
+    )
     return jnp.sum(out.astype(jnp.float32) * cot), out
 
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
   cast = [jnp.asarray(x, jnp.dtype(dtype)) for x in (q, k, v)]
   (_, out), (dq, dk, dv) = fn(*cast)
   out = jnp.where(real, out, 0)
-  return {name: np.asarray(jax.device_get(x).astype(np.float32))
-          for name, x in (('out', out), ('dq', dq), ('dk', dk), ('dv', dv))}
+  return {
+    name: np.asarray(jax.device_get(x).astype(np.float32))
+    for name, x in (('out', out), ('dq', dq), ('dk', dk), ('dv', dv))
+  }
 
 
 def attention_plan(platform: str, implementations: Sequence[str]) -> list[tuple[str, bool, str]]:
@@ -122,15 +140,27 @@ def attention_plan(platform: str, implementations: Sequence[str]) -> list[tuple[
     elif name in attention.KERNEL_IMPLEMENTATIONS and not is_gpu(platform):
       plan.append((name, True, ''))
     else:
-      plan.append((name, False, f'needs a {"GPU" if native == GPU_PLATFORMS else "TPU"}; '
-                   f'the backend is {platform}'))
+      plan.append(
+        (
+          name,
+          False,
+          f'needs a {"GPU" if native == GPU_PLATFORMS else "TPU"}; the backend is {platform}',
+        )
+      )
   return plan
 
 
-def check_attention(platform: str, *, implementations: Sequence[str] | None = None,
-                    dtypes: Sequence[str] = ('float32', 'bfloat16'), batch: int = 2,
-                    length: int = 512, heads: int = 4, head_dim: int = 64,
-                    fp32_precision: str = 'highest') -> list[dict[str, Any]]:
+def check_attention(
+  platform: str,
+  *,
+  implementations: Sequence[str] | None = None,
+  dtypes: Sequence[str] = ('float32', 'bfloat16'),
+  batch: int = 2,
+  length: int = 512,
+  heads: int = 4,
+  head_dim: int = 64,
+  fp32_precision: str = 'highest',
+) -> list[dict[str, Any]]:
   """One result per (implementation, dtype) against 'xla' in the same dtype on this backend.
 
   float32 runs under `jax.default_matmul_precision(fp32_precision)`: at 'highest' the reference
@@ -145,8 +175,13 @@ def check_attention(platform: str, *, implementations: Sequence[str] | None = No
     with jax.default_matmul_precision(precision):
       reference = attention_outputs('xla', inputs, dtype)
       for name, interpret, skip in attention_plan(platform, implementations):
-        r = {'implementation': name, 'dtype': dtype, 'interpret': interpret,
-             'shape': [batch, length, heads, head_dim], 'precision': precision}
+        r = {
+          'implementation': name,
+          'dtype': dtype,
+          'interpret': interpret,
+          'shape': [batch, length, heads, head_dim],
+          'precision': precision,
+        }
         if skip:
           results.append({**r, 'status': SKIPPED, 'reason': skip})
           continue
@@ -165,16 +200,25 @@ def check_attention(platform: str, *, implementations: Sequence[str] | None = No
 # Train steps
 # ------------------------------------------------------------------------------------------------
 
-def step_config(preset: str, num_devices: int, *, tiny: bool = False, classes: int = 0,
-                attention_impl: str = 'xla'):
+
+def step_config(
+  preset: str,
+  num_devices: int,
+  *,
+  tiny: bool = False,
+  classes: int = 0,
+  attention_impl: str = 'xla',
+):
   """experiments/stage2_video.py sized for `num_devices` (its per-GPU batches 16 / 8 / 16, its
   heads, bf16, remat, optimiser), one micro-batch a step, on `preset` with scanned layers.
   `classes` > 0 replaces every head's class count (to fit a smaller device); `tiny` shrinks it
   to seconds on a CPU: the given preset, 2 rows a head and device, 112-pixel images (64 tokens),
   2-frame clips of 512 tokens, 1024 classes, float32 without remat (XLA:CPU compiles bf16 and
   remat slowly, and the tiny step is there to check the tool, not the numerics)."""
-  c = config_lib.load(f'stage2_video:gpus={num_devices},fsdp={num_devices}',
-                      [f'model.preset={preset}', f'model.attention={attention_impl}'])
+  c = config_lib.load(
+    f'stage2_video:gpus={num_devices},fsdp={num_devices}',
+    [f'model.preset={preset}', f'model.attention={attention_impl}'],
+  )
   c.model.scan_layers = True
   c.accumulate = 1
   c.data.mixing = 'all'
@@ -208,14 +252,15 @@ def synthetic_batch(program, config, seed: int = 0) -> dict[str, dict[str, np.nd
     else:
       patches = rng.standard_normal((rows, length, program.encoder_cfg.patch_dim), np.float32)
     out[name] = {
-        'patches': patches,
-        'positions': np.broadcast_to(positions, (rows, length, 3)).astype(np.int32),
-        'segment_ids': np.ones((rows, length), np.int32),
-        'labels': rng.integers(0, config.heads[name].num_classes,
-                               (rows, segments, h.num_labels)).astype(np.int32),
-        'segment_valid': np.ones((rows, segments), bool),
-        'sample_index': np.arange(rows * segments, dtype=np.int32).reshape(rows, segments),
-        'num_skipped': 0,
+      'patches': patches,
+      'positions': np.broadcast_to(positions, (rows, length, 3)).astype(np.int32),
+      'segment_ids': np.ones((rows, length), np.int32),
+      'labels': rng.integers(
+        0, config.heads[name].num_classes, (rows, segments, h.num_labels)
+      ).astype(np.int32),
+      'segment_valid': np.ones((rows, segments), bool),
+      'sample_index': np.arange(rows * segments, dtype=np.int32).reshape(rows, segments),
+      'num_skipped': 0,
     }
   return out
 
@@ -226,11 +271,12 @@ def peak_bytes(device) -> int | None:
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
 
 
-def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
-               peak_flops: float = 0.0) -> dict[str, Any]:
+def check_step(
+  config, devices: Sequence, *, warmup: int = 2, steps: int = 5, peak_flops: float = 0.0
+) -> dict[str, Any]:
   """Compiles, plans, warms up and times one config's train step on `devices`."""
   mesh = train.make_mesh(config, devices)
-  before = peak_bytes(devices[0])   # the process's peak so far (earlier checks, steps)
+  before = peak_bytes(devices[0])  # the process's peak so far (earlier checks, steps)
   with jax.set_mesh(mesh):
     program = train.Program(config, mesh)
     state = program.init()
@@ -254,50 +300,74 @@ def check_step(config, devices: Sequence, *, warmup: int = 2, steps: int = 5,
   planned = plan['total_bytes']
   loss = float(aux['loss'])
   return {
-      'status': PASS if math.isfinite(loss) else FAIL,
-      'preset': config.model.preset, 'scan_layers': bool(program.encoder_cfg.scan_layers),
-      'dtype': config.model.dtype, 'remat': config.model.remat,
-      'attention': config.model.attention, 'devices': len(devices),
-      'mesh': {k: int(v) for k, v in mesh.shape.items()},
-      'rows': {n: int(h.rows) for n, h in sorted(config.data.heads.items())},
-      'tokens_per_row': {n: int(h.tokens_per_row) for n, h in sorted(config.data.heads.items())},
-      'classes': {n: int(h.num_classes) for n, h in sorted(config.heads.items())},
-      'loss': loss, 'compile_seconds': round(compile_seconds, 2),
-      'step_seconds': seconds, 'step_seconds_min': min(times), 'timed_steps': len(times),
-      'flops_per_step': flops, 'peak_flops_per_device': peak, 'peak_source': source,
-      'mfu': flops / seconds / (peak * len(devices)) if peak > 0 else None,
-      'peak_bytes_in_use': measured, 'peak_bytes_before': before, 'plan': plan,
-      'peak_over_plan': measured / planned if measured and planned else None,
+    'status': PASS if math.isfinite(loss) else FAIL,
+    'preset': config.model.preset,
+    'scan_layers': bool(program.encoder_cfg.scan_layers),
+    'dtype': config.model.dtype,
+    'remat': config.model.remat,
+    'attention': config.model.attention,
+    'devices': len(devices),
+    'mesh': {k: int(v) for k, v in mesh.shape.items()},
+    'rows': {n: int(h.rows) for n, h in sorted(config.data.heads.items())},
+    'tokens_per_row': {n: int(h.tokens_per_row) for n, h in sorted(config.data.heads.items())},
+    'classes': {n: int(h.num_classes) for n, h in sorted(config.heads.items())},
+    'loss': loss,
+    'compile_seconds': round(compile_seconds, 2),
+    'step_seconds': seconds,
+    'step_seconds_min': min(times),
+    'timed_steps': len(times),
+    'flops_per_step': flops,
+    'peak_flops_per_device': peak,
+    'peak_source': source,
+    'mfu': flops / seconds / (peak * len(devices)) if peak > 0 else None,
+    'peak_bytes_in_use': measured,
+    'peak_bytes_before': before,
+    'plan': plan,
+    'peak_over_plan': measured / planned if measured and planned else None,
   }
 
 
-def check_steps(platform: str, devices: Sequence, presets: Sequence[str], *, tiny: bool,
-                classes: int = 0, attention_impl: str | None = None, warmup: int = 2,
-                steps: int = 5, peak_flops: float = 0.0) -> list[dict[str, Any]]:
+def check_steps(
+  platform: str,
+  devices: Sequence,
+  presets: Sequence[str],
+  *,
+  tiny: bool,
+  classes: int = 0,
+  attention_impl: str | None = None,
+  warmup: int = 2,
+  steps: int = 5,
+  peak_flops: float = 0.0,
+) -> list[dict[str, Any]]:
   """One result per preset; a step that raises (out of memory, say) is an 'error' result.
   Without a GPU only `tiny` steps run (base/large would take hours on a CPU)."""
   impl = attention_impl or ('cudnn' if is_gpu(platform) else 'xla')
   results = []
   for preset in presets:
     if not tiny and not is_gpu(platform):
-      results.append({'preset': preset, 'status': SKIPPED,
-                      'reason': f'a {preset} step needs a GPU; the backend is {platform} '
-                                '(use --tiny for a tiny step)'})
+      results.append(
+        {
+          'preset': preset,
+          'status': SKIPPED,
+          'reason': f'a {preset} step needs a GPU; the backend is {platform} '
+          '(use --tiny for a tiny step)',
+        }
+      )
       continue
     try:
-      config = step_config(preset, len(devices), tiny=tiny, classes=classes,
-                           attention_impl=impl)
-      results.append(check_step(config, devices, warmup=warmup, steps=steps,
-                                peak_flops=peak_flops))
+      config = step_config(preset, len(devices), tiny=tiny, classes=classes, attention_impl=impl)
+      results.append(check_step(config, devices, warmup=warmup, steps=steps, peak_flops=peak_flops))
     except Exception as e:  # pylint: disable=broad-except  (an OOM is a result, not a crash)
-      results.append({'preset': preset, 'status': ERROR,
-                      'reason': f'{type(e).__name__}: {e}'[:1000]})
+      results.append(
+        {'preset': preset, 'status': ERROR, 'reason': f'{type(e).__name__}: {e}'[:1000]}
+      )
   return results
 
 
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
+
 
 def summary(report: Mapping[str, Any]) -> dict[str, Any]:
   """Counts of pass / fail / skipped / error over every result, and `ok` (nothing failed)."""
@@ -311,47 +381,79 @@ def _gb(n) -> str:
 
 
 def table_lines(report: Mapping[str, Any]) -> list[str]:
-  lines = [f'backend {report["platform"]} ({report["device_kind"]}), jax {report["jax"]}',
-           'attention vs xla           dtype     status   max rel err  tolerance',]
+  lines = [
+    f'backend {report["platform"]} ({report["device_kind"]}), jax {report["jax"]}',
+    'attention vs xla           dtype     status   max rel err  tolerance',
+  ]
   for r in report['attention']:
     name = r['implementation'] + (' (interpret)' if r.get('interpret') else '')
     err = f'{r["max_rel"]:.3g}' if 'max_rel' in r else '-'
     tol = f'{r["tolerance"]:g}' if 'tolerance' in r else '-'
-    lines.append(f'  {name:<24} {r["dtype"]:<9} {r["status"]:<8} {err:<12} {tol}'
-                 + (f'  {r["reason"]}' if r.get('reason') else '')
-                 + (f'  ({r["note"]})' if r.get('note') else ''))
+    lines.append(
+      f'  {name:<24} {r["dtype"]:<9} {r["status"]:<8} {err:<12} {tol}'
+      + (f'  {r["reason"]}' if r.get('reason') else '')
+      + (f'  ({r["note"]})' if r.get('note') else '')
+    )
   lines.append('train step   status   step s     MFU      peak memory  AOT plan')
   for r in report['steps']:
     if r['status'] in (SKIPPED, ERROR):
       lines.append(f'  {r["preset"]:<10} {r["status"]:<8} {r["reason"]}')
       continue
     mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
-    lines.append(f'  {r["preset"]:<10} {r["status"]:<8} {r["step_seconds"]:<10.4g} {mfu:<8} '
-                 f'{_gb(r["peak_bytes_in_use"]):<12} {_gb(r["plan"]["total_bytes"])}')
+    lines.append(
+      f'  {r["preset"]:<10} {r["status"]:<8} {r["step_seconds"]:<10.4g} {mfu:<8} '
+      f'{_gb(r["peak_bytes_in_use"]):<12} {_gb(r["plan"]["total_bytes"])}'
+    )
   s = report['summary']
-  lines.append(f'{s[PASS]} passed, {s[FAIL]} failed, {s[ERROR]} errors, {s[SKIPPED]} skipped'
-               + ('' if is_gpu(report['platform']) else
-                  ' (no GPU: the GPU checks above are skipped, not passed)'))
+  lines.append(
+    f'{s[PASS]} passed, {s[FAIL]} failed, {s[ERROR]} errors, {s[SKIPPED]} skipped'
+    + (
+      ''
+      if is_gpu(report['platform'])
+      else ' (no GPU: the GPU checks above are skipped, not passed)'
+    )
+  )
   return lines
 
 
-def run(*, platform: str, tiny: bool, presets: Sequence[str] = ('base', 'large'),
-        implementations: Sequence[str] | None = None, num_devices: int = 1, classes: int = 0,
-        step_attention: str | None = None, warmup: int = 2, steps: int = 5,
-        peak_flops: float = 0.0, fp32_precision: str = 'highest') -> dict[str, Any]:
+def run(
+  *,
+  platform: str,
+  tiny: bool,
+  presets: Sequence[str] = ('base', 'large'),
+  implementations: Sequence[str] | None = None,
+  num_devices: int = 1,
+  classes: int = 0,
+  step_attention: str | None = None,
+  warmup: int = 2,
+  steps: int = 5,
+  peak_flops: float = 0.0,
+  fp32_precision: str = 'highest',
+) -> dict[str, Any]:
   """Every check on the first `num_devices` devices of the running backend; the report dict."""
   devices = jax.devices()[:num_devices]
   if len(devices) < num_devices:
     raise ValueError(f'--devices={num_devices}: the {platform} backend has {len(devices)}')
   size = dict(batch=2, length=64, heads=2) if tiny else {}
   report = {
-      'platform': platform, 'device_kind': devices[0].device_kind, 'jax': jax.__version__,
-      'tiny': tiny,
-      'attention': check_attention(platform, implementations=implementations,
-                                   fp32_precision=fp32_precision, **size),
-      'steps': check_steps(platform, devices, presets, tiny=tiny, classes=classes,
-                           attention_impl=step_attention, warmup=warmup, steps=steps,
-                           peak_flops=peak_flops),
+    'platform': platform,
+    'device_kind': devices[0].device_kind,
+    'jax': jax.__version__,
+    'tiny': tiny,
+    'attention': check_attention(
+      platform, implementations=implementations, fp32_precision=fp32_precision, **size
+    ),
+    'steps': check_steps(
+      platform,
+      devices,
+      presets,
+      tiny=tiny,
+      classes=classes,
+      attention_impl=step_attention,
+      warmup=warmup,
+      steps=steps,
+      peak_flops=peak_flops,
+    ),
   }
   report['summary'] = summary(report)
   return report

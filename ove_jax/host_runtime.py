@@ -19,6 +19,7 @@ variable is set. `OVE_HOST_TUNING=0` turns all of it off. XLA reads XLA_FLAGS wh
 backend starts, so `configure()` must run before the first JAX computation (importing jax is
 fine); the command lines call it first thing in main().
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -71,8 +72,9 @@ def tune_malloc() -> bool:
   return all(mallopt(param, value) == 1 for param, value in MALLOPT_SETTINGS)
 
 
-def configure(environ: MutableMapping[str, str] | None = None, malloc: bool = True
-              ) -> dict[str, object]:
+def configure(
+  environ: MutableMapping[str, str] | None = None, malloc: bool = True
+) -> dict[str, object]:
   """Applies CPU_XLA_FLAGS and (with `malloc`) tune_malloc where the user has not chosen
   otherwise; returns what was applied ({} when OVE_HOST_TUNING=0), for the command line to
   report. The XLA flags must come before JAX starts; malloc may be tuned later

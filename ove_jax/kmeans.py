@@ -31,6 +31,7 @@ next farthest for the next empty cluster, ...), as scikit-learn does; the re-see
 `nearest` ranks all centres per point by cosine with the same layout (top-n per shard, then the
 shards' candidates merged), which is how the labels are made from the centres.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,13 +58,14 @@ PLUSPLUS_SAMPLE = 20_000
 @dataclasses.dataclass
 class KMeans:
   """A k-means result. The labels, sizes and inertia are those of the final centres."""
-  centres: np.ndarray           # float32 [k, D] (unit rows when spherical)
-  inertia: float                # sum of squared distances to the nearest centre
-  n_iter: int                   # Lloyd iterations run
-  sizes: np.ndarray             # int64 [k] points per cluster
-  labels: np.ndarray            # int32 [N] nearest centre of each point
-  empty_reseeded: int           # empty clusters re-seeded over all iterations
-  converged: bool               # stopped by the tolerance or unchanged labels, not by `iters`
+
+  centres: np.ndarray  # float32 [k, D] (unit rows when spherical)
+  inertia: float  # sum of squared distances to the nearest centre
+  n_iter: int  # Lloyd iterations run
+  sizes: np.ndarray  # int64 [k] points per cluster
+  labels: np.ndarray  # int32 [N] nearest centre of each point
+  empty_reseeded: int  # empty clusters re-seeded over all iterations
+  converged: bool  # stopped by the tolerance or unchanged labels, not by `iters`
   sharded_centres: jax.Array | None = None  # [k_padded, D] on the devices, by cluster
 
 
@@ -71,16 +73,18 @@ class KMeans:
 # Layout: the mesh, padding and chunking
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """The sharded layout of one k-means problem (`layout`); `put_points` / `put_centres` place
   host arrays by it, and `lloyd_pass` / `fit` / `nearest` read it."""
-  axes: tuple[str, ...]   # every mesh axis: centres and points are both sharded over all of them
+
+  axes: tuple[str, ...]  # every mesh axis: centres and points are both sharded over all of them
   devices: int
   k: int
-  k_local: int            # centres per device (k padded to a multiple of `devices`)
-  rows: int               # points per device per chunk
-  chunks: int             # chunks per pass
+  k_local: int  # centres per device (k padded to a multiple of `devices`)
+  rows: int  # points per device per chunk
+  chunks: int  # chunks per pass
   n: int
 
   @property
@@ -96,9 +100,12 @@ def _mesh_scope():
   """The mesh set with `jax.set_mesh`, or a mesh of one device (same code, no sharding)."""
   if sharding.current_mesh() is not None:
     return contextlib.nullcontext()
-  one = jax.make_mesh((1,) * len(sharding.MESH_AXES), sharding.MESH_AXES,
-                      axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES),
-                      devices=jax.devices()[:1])
+  one = jax.make_mesh(
+    (1,) * len(sharding.MESH_AXES),
+    sharding.MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES),
+    devices=jax.devices()[:1],
+  )
   return jax.set_mesh(one)
 
 
@@ -125,7 +132,7 @@ def put_points(x_NxD: np.ndarray, lay: Layout):
   its part of chunk c.
   """
   x = np.zeros((lay.n_padded, x_NxD.shape[1]), np.float32)
-  x[:lay.n] = x_NxD
+  x[: lay.n] = x_NxD
   valid = np.arange(lay.n_padded) < lay.n
   # Real points are spread over the devices chunk by chunk, so padding never fills a whole shard
   # while another device has all the work: global row i goes to (device, chunk, row) in
@@ -138,13 +145,14 @@ def put_points(x_NxD: np.ndarray, lay: Layout):
 
 def put_centres(c_KxD: np.ndarray, lay: Layout) -> jax.Array:
   c = np.zeros((lay.k_padded, c_KxD.shape[1]), np.float32)
-  c[:lay.k] = c_KxD
+  c[: lay.k] = c_KxD
   return jax.device_put(c, P(lay.axes))
 
 
 # ------------------------------------------------------------------------------------------------
 # One Lloyd pass: assign every point, accumulate the owners' sums and counts
 # ------------------------------------------------------------------------------------------------
+
 
 def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
   """(new centres, counts, labels, min sq. distances, inertia, centre shift) of one pass.
@@ -169,7 +177,7 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
     def body(carry, block):
       sums, counts, inertia = carry
       xb, vb = block
-      xc = jax.lax.all_gather(xb, axes, axis=0, tiled=True, to='invarying')    # [chunk, D]
+      xc = jax.lax.all_gather(xb, axes, axis=0, tiled=True, to='invarying')  # [chunk, D]
       vc = jax.lax.all_gather(vb, axes, axis=0, tiled=True, to='invarying')
       # top_k of the negation: one pass over the buffer (min + argmin take two on XLA:CPU), and
       # it keeps the lowest index among equals.
@@ -184,8 +192,9 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
       mine = label - offset
       mine = jnp.where(vc & (mine >= 0) & (mine < k_local), mine, k_local)
       sums = sums + jax.ops.segment_sum(xc, mine, num_segments=k_local + 1)[:k_local]
-      counts = counts + jax.ops.segment_sum(jnp.ones_like(dist), mine,
-                                            num_segments=k_local + 1)[:k_local]
+      counts = (
+        counts + jax.ops.segment_sum(jnp.ones_like(dist), mine, num_segments=k_local + 1)[:k_local]
+      )
       own = jax.lax.dynamic_slice_in_dim(label, d * rows, rows)
       own_dist = jnp.where(vb, jax.lax.dynamic_slice_in_dim(dist, d * rows, rows), -1.0)
       return (sums, counts, inertia), (own, own_dist)
@@ -199,8 +208,12 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
     return new, counts, labels.reshape(-1), dists.reshape(-1), inertia, shift
 
   spec = P(axes)
-  return jax.shard_map(local, mesh=sharding.current_mesh(), in_specs=(spec, spec, spec),
-                       out_specs=(spec, spec, spec, spec, P(), P()))(x_NxD, valid_N, centres_KxD)
+  return jax.shard_map(
+    local,
+    mesh=sharding.current_mesh(),
+    in_specs=(spec, spec, spec),
+    out_specs=(spec, spec, spec, spec, P(), P()),
+  )(x_NxD, valid_N, centres_KxD)
 
 
 # One jitted Lloyd pass on points and centres already placed by `put_points` / `put_centres`:
@@ -219,8 +232,10 @@ def _reseed(centres_KxD, x_NxD, dists_N, empty_ids_E):
 # Initialisation
 # ------------------------------------------------------------------------------------------------
 
-def kmeans_plusplus(x_NxD: np.ndarray, k: int, seed: int = 0,
-                    sample: int = PLUSPLUS_SAMPLE) -> np.ndarray:
+
+def kmeans_plusplus(
+  x_NxD: np.ndarray, k: int, seed: int = 0, sample: int = PLUSPLUS_SAMPLE
+) -> np.ndarray:
   """k-means++ (D^2 sampling with 2 + log k greedy trials per centre, as scikit-learn).
 
   Sequential in k and O(N k D) in all, so data larger than `sample` points is subsampled at random
@@ -233,8 +248,10 @@ def kmeans_plusplus(x_NxD: np.ndarray, k: int, seed: int = 0,
     x = x[np.sort(rng.choice(len(x), sample, replace=False))]
   n = len(x)
   if k > n:
-    raise ValueError(f'k={k} centres from a k-means++ sample of {n} points; lower k, raise the '
-                     'sample or use init="random"')
+    raise ValueError(
+      f'k={k} centres from a k-means++ sample of {n} points; lower k, raise the '
+      'sample or use init="random"'
+    )
   trials = 2 + int(math.log(k))
   x_sq = np.einsum('nd,nd->n', x, x)
   centres = np.empty((k, x.shape[1]), np.float32)
@@ -279,6 +296,7 @@ def initial_centres(x_NxD, k, init, seed, spherical) -> np.ndarray:
 # Entry points
 # ------------------------------------------------------------------------------------------------
 
+
 def _check_points(x_NxD, k: int) -> np.ndarray:
   x = np.asarray(x_NxD, np.float32)
   if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -290,9 +308,17 @@ def _check_points(x_NxD, k: int) -> np.ndarray:
   return x
 
 
-def fit(x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int = 100,
-        tol: float = 1e-4, seed: int = 0, spherical: bool = False,
-        chunk: int | None = None) -> KMeans:
+def fit(
+  x_NxD,
+  k: int,
+  *,
+  init: str | np.ndarray = 'k-means++',
+  iters: int = 100,
+  tol: float = 1e-4,
+  seed: int = 0,
+  spherical: bool = False,
+  chunk: int | None = None,
+) -> KMeans:
   """Lloyd k-means of the rows of `x_NxD`; sharded over the mesh when one is set.
 
   Args:
@@ -334,10 +360,17 @@ def fit(x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int = 100
     _, counts, labels, _, inertia, _ = lloyd_pass(xs, valid, centres, lay, spherical)
     unpermute = np.empty_like(order)
     unpermute[order] = np.arange(len(order))
-    labels_N = np.asarray(labels)[unpermute][:lay.n].astype(np.int32)
-    return KMeans(centres=np.asarray(centres)[:k], inertia=float(inertia), n_iter=it,
-                  sizes=np.asarray(counts)[:k].astype(np.int64), labels=labels_N,
-                  empty_reseeded=reseeded, converged=converged, sharded_centres=centres)
+    labels_N = np.asarray(labels)[unpermute][: lay.n].astype(np.int32)
+    return KMeans(
+      centres=np.asarray(centres)[:k],
+      inertia=float(inertia),
+      n_iter=it,
+      sizes=np.asarray(counts)[:k].astype(np.int64),
+      labels=labels_N,
+      empty_reseeded=reseeded,
+      converged=converged,
+      sharded_centres=centres,
+    )
 
 
 def _nearest_pass(x_NxD, valid_N, centres_KxD, lay: Layout, n: int, spherical: bool):
@@ -352,12 +385,12 @@ def _nearest_pass(x_NxD, valid_N, centres_KxD, lay: Layout, n: int, spherical: b
     c_sq = jnp.sum(centres * centres, axis=1)
 
     def body(_, xb):
-      xc = jax.lax.all_gather(xb, axes, axis=0, tiled=True, to='invarying')    # [chunk, D]
+      xc = jax.lax.all_gather(xb, axes, axis=0, tiled=True, to='invarying')  # [chunk, D]
       dot = jnp.dot(xc, centres.T, precision=jax.lax.Precision.HIGHEST)
       # Higher is nearer: the cosine on the sphere, minus the squared distance off it.
       score = dot if spherical else 2.0 * dot - c_sq[None, :] - jnp.sum(xc * xc, 1)[:, None]
       score = jnp.where(real[None, :], score, -jnp.inf)
-      top, arg = jax.lax.top_k(score, take)                                    # [chunk, take]
+      top, arg = jax.lax.top_k(score, take)  # [chunk, take]
       # Every shard's candidates, in shard (= centre id) order, then the best n of them.
       top = jax.lax.all_gather(top, axes, axis=1, tiled=True, to='invarying')
       cand = jax.lax.all_gather(ids[arg], axes, axis=1, tiled=True, to='invarying')
@@ -370,15 +403,17 @@ def _nearest_pass(x_NxD, valid_N, centres_KxD, lay: Layout, n: int, spherical: b
     return ids_out.reshape(-1, n), scores.reshape(-1, n)
 
   spec = P(axes)
-  return jax.shard_map(local, mesh=sharding.current_mesh(), in_specs=(spec, spec, spec),
-                       out_specs=(spec, spec))(x_NxD, valid_N, centres_KxD)
+  return jax.shard_map(
+    local, mesh=sharding.current_mesh(), in_specs=(spec, spec, spec), out_specs=(spec, spec)
+  )(x_NxD, valid_N, centres_KxD)
 
 
 _jit_nearest = jax.jit(_nearest_pass, static_argnums=(3, 4, 5))
 
 
-def nearest(x_NxD, centres_KxD, n: int = 10, *, spherical: bool = True,
-            chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nearest(
+  x_NxD, centres_KxD, n: int = 10, *, spherical: bool = True, chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The n nearest centres of every point: (ids int32 [N, n], scores float32 [N, n]), nearest first.
 
   spherical: by cosine (points and centres normalised here; scores are cosines, decreasing).
@@ -402,7 +437,6 @@ def nearest(x_NxD, centres_KxD, n: int = 10, *, spherical: bool = True,
     ids, scores = _jit_nearest(xs, valid, put_centres(centres, lay), lay, n, spherical)
     unpermute = np.empty_like(order)
     unpermute[order] = np.arange(len(order))
-    ids = np.asarray(ids)[unpermute][:lay.n].astype(np.int32)
-    scores = np.asarray(scores)[unpermute][:lay.n]
+    ids = np.asarray(ids)[unpermute][: lay.n].astype(np.int32)
+    scores = np.asarray(scores)[unpermute][: lay.n]
   return ids, (scores if spherical else -scores)
-

@@ -19,6 +19,7 @@ an array), so the three start from the same centres. Every engine runs `iters` c
 (faiss has no tolerance; pass tol=0 to the others for the same count) and the returned labels,
 sizes and inertia belong to the returned centres.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,13 @@ def unit(x: np.ndarray) -> np.ndarray:
   return l2_normalise(np.asarray(x, np.float32))
 
 
-def initial_centres(x_NxD: np.ndarray, k: int, init: str | np.ndarray = 'k-means++',
-                    seed: int = 0, spherical: bool = False) -> np.ndarray:
+def initial_centres(
+  x_NxD: np.ndarray,
+  k: int,
+  init: str | np.ndarray = 'k-means++',
+  seed: int = 0,
+  spherical: bool = False,
+) -> np.ndarray:
   """[k, D] float32 starting centres shared by every backend (unit rows when spherical).
 
   'k-means++' is `ove_jax.kmeans.kmeans_plusplus` (on a subsample of large data), 'random' is k
@@ -48,8 +54,9 @@ def initial_centres(x_NxD: np.ndarray, k: int, init: str | np.ndarray = 'k-means
   return kmeans.initial_centres(x, k, init, seed, spherical)  # kmeans.fit's own init
 
 
-def assign(x_NxD: np.ndarray, centres_KxD: np.ndarray, *, spherical: bool = False,
-           backend: str = 'jax') -> tuple[np.ndarray, np.ndarray]:
+def assign(
+  x_NxD: np.ndarray, centres_KxD: np.ndarray, *, spherical: bool = False, backend: str = 'jax'
+) -> tuple[np.ndarray, np.ndarray]:
   """Nearest centre of every point: (labels int32 [N], squared distances float32 [N]).
 
   Spherical: on the unit sphere (distance 2 - 2 cos). The assignment step of every backend, and
@@ -63,7 +70,8 @@ def assign(x_NxD: np.ndarray, centres_KxD: np.ndarray, *, spherical: bool = Fals
     return ids[:, 0], np.maximum(d, 0.0).astype(np.float32)
   if backend == 'sklearn':
     from sklearn.metrics import pairwise_distances_argmin_min
-    ids, d = pairwise_distances_argmin_min(x, c)   # Euclidean; on the sphere the same order
+
+    ids, d = pairwise_distances_argmin_min(x, c)  # Euclidean; on the sphere the same order
     return ids.astype(np.int32), (d.astype(np.float32) ** 2)
   if backend == 'faiss':
     faiss = _faiss()
@@ -86,8 +94,10 @@ def _faiss():
   try:
     import faiss
   except ImportError as e:
-    raise ImportError("backend='faiss' needs faiss: pip install 'ove-jax[faiss]' (faiss-cpu), "
-                      'or a GPU build of faiss from conda') from e
+    raise ImportError(
+      "backend='faiss' needs faiss: pip install 'ove-jax[faiss]' (faiss-cpu), "
+      'or a GPU build of faiss from conda'
+    ) from e
   return faiss
 
 
@@ -102,9 +112,18 @@ def _on_gpu(faiss, index):
   return index
 
 
-def fit(x_NxD: np.ndarray, k: int, *, backend: str = 'jax',
-        init: str | np.ndarray = 'k-means++', iters: int = 100, tol: float = 1e-4,
-        seed: int = 0, spherical: bool = False, chunk: int | None = None) -> kmeans.KMeans:
+def fit(
+  x_NxD: np.ndarray,
+  k: int,
+  *,
+  backend: str = 'jax',
+  init: str | np.ndarray = 'k-means++',
+  iters: int = 100,
+  tol: float = 1e-4,
+  seed: int = 0,
+  spherical: bool = False,
+  chunk: int | None = None,
+) -> kmeans.KMeans:
   """Lloyd k-means of the rows of `x_NxD` with `backend` ('jax', 'sklearn' or 'faiss').
 
   Same arguments as `ove_jax.kmeans.fit` (chunk: JAX only; tol: not faiss, which always runs
@@ -116,21 +135,31 @@ def fit(x_NxD: np.ndarray, k: int, *, backend: str = 'jax',
     raise ValueError(f'points of shape {x.shape} and k={k}; expected [N, D] and 1 <= k <= N')
   c0 = initial_centres(x, k, init, seed, spherical)
   if backend == 'jax':
-    return kmeans.fit(x, k, init=c0, iters=iters, tol=tol, seed=seed, spherical=spherical,
-                      chunk=chunk)
+    return kmeans.fit(
+      x, k, init=c0, iters=iters, tol=tol, seed=seed, spherical=spherical, chunk=chunk
+    )
   if backend == 'sklearn':
     from sklearn.cluster import KMeans as SkKMeans
-    sk = SkKMeans(k, init=c0, n_init=1, max_iter=iters, tol=tol, algorithm='lloyd',
-                  random_state=seed).fit(x)
+
+    sk = SkKMeans(
+      k, init=c0, n_init=1, max_iter=iters, tol=tol, algorithm='lloyd', random_state=seed
+    ).fit(x)
     centres, n_iter = sk.cluster_centers_.astype(np.float32), int(sk.n_iter_)
     converged = n_iter < iters
   elif backend == 'faiss':
     faiss = _faiss()
     # No subsampling (faiss trains on 256 points per centre by default) and no warnings for
     # small clusters: the same data the other backends see.
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, spherical=spherical, seed=seed,
-                      max_points_per_centroid=len(x), min_points_per_centroid=1,
-                      gpu=_has_gpu(faiss))
+    km = faiss.Kmeans(
+      x.shape[1],
+      k,
+      niter=iters,
+      spherical=spherical,
+      seed=seed,
+      max_points_per_centroid=len(x),
+      min_points_per_centroid=1,
+      gpu=_has_gpu(faiss),
+    )
     km.train(np.ascontiguousarray(x), init_centroids=np.ascontiguousarray(c0))
     centres, n_iter, converged = np.asarray(km.centroids, np.float32), iters, False
   else:
@@ -138,22 +167,36 @@ def fit(x_NxD: np.ndarray, k: int, *, backend: str = 'jax',
   if spherical:
     centres = unit(centres)
   labels, d = assign(x, centres, spherical=spherical, backend='jax')
-  return kmeans.KMeans(centres=centres, inertia=float(np.sum(d, dtype=np.float64)),
-                       n_iter=n_iter, sizes=np.bincount(labels, minlength=k).astype(np.int64),
-                       labels=labels, empty_reseeded=-1, converged=converged)
+  return kmeans.KMeans(
+    centres=centres,
+    inertia=float(np.sum(d, dtype=np.float64)),
+    n_iter=n_iter,
+    sizes=np.bincount(labels, minlength=k).astype(np.int64),
+    labels=labels,
+    empty_reseeded=-1,
+    converged=converged,
+  )
 
 
 @dataclasses.dataclass
 class BenchRow:
   backend: str
-  assign_points_per_s: float    # points assigned to their nearest of k centres per second
-  fit_s: float                  # wall time of `fit` (initial centres given)
-  objective: float              # `objective` of the fitted centres
+  assign_points_per_s: float  # points assigned to their nearest of k centres per second
+  fit_s: float  # wall time of `fit` (initial centres given)
+  objective: float  # `objective` of the fitted centres
   n_iter: int
 
 
-def bench(x_NxD: np.ndarray, k: int, *, backends=BACKENDS, iters: int = 10,
-          spherical: bool = False, seed: int = 0, repeats: int = 3) -> list[BenchRow]:
+def bench(
+  x_NxD: np.ndarray,
+  k: int,
+  *,
+  backends=BACKENDS,
+  iters: int = 10,
+  spherical: bool = False,
+  seed: int = 0,
+  repeats: int = 3,
+) -> list[BenchRow]:
   """Every backend on the same data from the same k-means++ centres: assignment throughput (the
   best of `repeats` timed passes after a warm-up, which also compiles JAX), fit time and final
   objective (tol=0: every backend runs `iters` updates)."""
@@ -168,8 +211,8 @@ def bench(x_NxD: np.ndarray, k: int, *, backends=BACKENDS, iters: int = 10,
       assign(x, c0, spherical=spherical, backend=name)
       best = min(best, time.perf_counter() - t)
     t = time.perf_counter()
-    result = fit(x, k, backend=name, init=c0, iters=iters, tol=0.0, seed=seed,
-                 spherical=spherical)
-    rows.append(BenchRow(name, len(x) / best, time.perf_counter() - t, result.inertia,
-                         result.n_iter))
+    result = fit(x, k, backend=name, init=c0, iters=iters, tol=0.0, seed=seed, spherical=spherical)
+    rows.append(
+      BenchRow(name, len(x) / best, time.perf_counter() - t, result.inertia, result.n_iter)
+    )
   return rows

@@ -23,6 +23,7 @@ The objective, stopping rule, empty-cluster re-seeding (farthest points), spheri
 the last assignment pass are those of `ove_jax.kmeans.fit`; from the same centres the two agree
 (tests/test_kmeans_backends.py runs 2 processes x 4 CPU devices against one process).
 """
+
 from __future__ import annotations
 
 import jax
@@ -67,8 +68,10 @@ def _ring_pass(x, valid, centres, *, k: int, rows: int, spherical: bool, mesh):
       mine = lv - offset
       mine = jnp.where(vv & (mine >= 0) & (mine < k_local), mine, k_local)
       sums = sums + jax.ops.segment_sum(xv, mine, num_segments=k_local + 1)[:k_local]
-      counts = counts + jax.ops.segment_sum(vv.astype(jnp.float32), mine,
-                                            num_segments=k_local + 1)[:k_local]
+      counts = (
+        counts
+        + jax.ops.segment_sum(vv.astype(jnp.float32), mine, num_segments=k_local + 1)[:k_local]
+      )
       return (sums, counts, *send(xv, lv, vv))
 
     def chunk(carry, block):
@@ -78,8 +81,9 @@ def _ring_pass(x, valid, centres, *, k: int, rows: int, spherical: bool, mesh):
       _, best, lab = jax.lax.fori_loop(0, n, lambda _, s: nearest_here(*s), start)
       dist = jnp.maximum(best + jnp.sum(xb * xb, axis=1), 0.0)
       inertia = inertia + jnp.sum(jnp.where(vb, dist, 0.0))
-      sums, counts, *_ = jax.lax.fori_loop(0, n, lambda _, s: add_mine(s),
-                                           (sums, counts, xb, lab, vb))
+      sums, counts, *_ = jax.lax.fori_loop(
+        0, n, lambda _, s: add_mine(s), (sums, counts, xb, lab, vb)
+      )
       return (sums, counts, inertia), (lab, jnp.where(vb, dist, -1.0))
 
     blocks = (x_RxD.reshape(-1, rows, x_RxD.shape[1]), valid_R.reshape(-1, rows))
@@ -90,17 +94,25 @@ def _ring_pass(x, valid, centres, *, k: int, rows: int, spherical: bool, mesh):
       new = new / jnp.maximum(jnp.linalg.norm(new, axis=1, keepdims=True), 1e-12)
       new = jnp.where(counts[:, None] > 0, new, c_KxD)
     shift = jax.lax.psum(jnp.sum(jnp.where((ids < k)[:, None], (new - c_KxD) ** 2, 0.0)), AXIS)
-    return (new, counts, labels.reshape(-1), dists.reshape(-1), jax.lax.psum(inertia, AXIS),
-            shift)
+    return (new, counts, labels.reshape(-1), dists.reshape(-1), jax.lax.psum(inertia, AXIS), shift)
 
   s = P(AXIS)
-  return jax.shard_map(local, mesh=mesh, in_specs=(s, s, s), out_specs=(s, s, s, s, P(), P()),
-                       check_vma=False)(x, valid, centres)
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(s, s, s), out_specs=(s, s, s, s, P(), P()), check_vma=False
+  )(x, valid, centres)
 
 
-def fit(local_x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int = 100,
-        tol: float = 1e-4, seed: int = 0, spherical: bool = False,
-        chunk_rows: int | None = None) -> kmeans.KMeans:
+def fit(
+  local_x_NxD,
+  k: int,
+  *,
+  init: str | np.ndarray = 'k-means++',
+  iters: int = 100,
+  tol: float = 1e-4,
+  seed: int = 0,
+  spherical: bool = False,
+  chunk_rows: int | None = None,
+) -> kmeans.KMeans:
   """Lloyd k-means over the points of every process (call it on every process, each with its
   own rows; a single process works too).
 
@@ -146,7 +158,7 @@ def fit(local_x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int
   rows = max(1, min(per_device, chunk_rows or max(1, (1 << 21) // k_local)))
   per_device = -(-per_device // rows) * rows
   padded = np.zeros((per_device * local_devices, x.shape[1]), np.float32)
-  padded[:len(x)] = x
+  padded[: len(x)] = x
   sharded = NamedSharding(mesh, P(AXIS))
   xs = jax.make_array_from_process_local_data(sharded, padded)
   valid = jax.make_array_from_process_local_data(sharded, np.arange(len(padded)) < len(x))
@@ -155,8 +167,9 @@ def fit(local_x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int
   centres = jax.make_array_from_callback(c_pad.shape, sharded, lambda i: c_pad[i])
 
   replicated = NamedSharding(mesh, P())
-  step = jax.jit(lambda x, v, c: _ring_pass(x, v, c, k=k, rows=rows, spherical=spherical,
-                                            mesh=mesh))
+  step = jax.jit(
+    lambda x, v, c: _ring_pass(x, v, c, k=k, rows=rows, spherical=spherical, mesh=mesh)
+  )
   gather = jax.jit(lambda a: a, out_shardings=replicated)
   same = jax.jit(lambda a, b: jnp.all(a == b), out_shardings=replicated)
 
@@ -188,8 +201,15 @@ def fit(local_x_NxD, k: int, *, init: str | np.ndarray = 'k-means++', iters: int
     prev = labels
   _, count, labels, _, inertia, _ = step(xs, valid, centres)
   mine = sorted(labels.addressable_shards, key=lambda s: s.index[0].start or 0)
-  local_labels = np.concatenate([np.asarray(s.data) for s in mine])[:len(x)].astype(np.int32)
+  local_labels = np.concatenate([np.asarray(s.data) for s in mine])[: len(x)].astype(np.int32)
   host_centres = np.asarray(multihost_utils.process_allgather(centres, tiled=True))[:k]
-  return kmeans.KMeans(centres=host_centres, inertia=float(gather(inertia)), n_iter=it,
-                       sizes=np.asarray(gather(count))[:k].astype(np.int64), labels=local_labels,
-                       empty_reseeded=reseeded, converged=converged, sharded_centres=centres)
+  return kmeans.KMeans(
+    centres=host_centres,
+    inertia=float(gather(inertia)),
+    n_iter=it,
+    sizes=np.asarray(gather(count))[:k].astype(np.int64),
+    labels=local_labels,
+    empty_reseeded=reseeded,
+    converged=converged,
+    sharded_centres=centres,
+  )

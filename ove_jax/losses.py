@@ -37,6 +37,7 @@ accumulated micro-batches score different random classes, as separate steps of t
 `partial_fc_loss` runs sharded when a mesh is set (jax.set_mesh) and plainly otherwise;
 `reference_loss` is the plain single-device form of the same maths, for tests.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,14 +56,15 @@ _NEG = -1e9  # logit of an unsampled slot: exp() underflows to exactly 0, gradie
 @dataclasses.dataclass(frozen=True)
 class PartialFCConfig:
   """One head's loss. Defaults are the release's values (docs/spec.md §4)."""
+
   num_classes: int
-  sample_rate: float = 0.1        # share of each block's centres scored per slot
-  num_slots: int = 8              # label slots per step (at most the labels per sample)
-  margin: float = 0.3             # CosFace: target logit cos - margin
-  scale: float = 64.0             # s: logits are s * cos
+  sample_rate: float = 0.1  # share of each block's centres scored per slot
+  num_slots: int = 8  # label slots per step (at most the labels per sample)
+  margin: float = 0.3  # CosFace: target logit cos - margin
+  scale: float = 64.0  # s: logits are s * cos
   filter_threshold: float = 0.75  # non-target cos above this -> 0 (>= 1 disables)
-  sampling_blocks: int = 8        # a multiple of the device count (see the module docstring)
-  seed: int = 0                   # salt of the sampling hashes
+  sampling_blocks: int = 8  # a multiple of the device count (see the module docstring)
+  seed: int = 0  # salt of the sampling hashes
   positive_headroom: float = 1.0  # extra classes per block for overflowing positives, in quotas
 
   def __post_init__(self):
@@ -77,8 +79,10 @@ class PartialFCConfig:
     if self.scale <= 0:
       raise ValueError(f'scale={self.scale}; must be > 0')
     if self.positive_headroom < 0:
-      raise ValueError(f'positive_headroom={self.positive_headroom}; must be >= 0 (0 keeps at '
-                       'most the quota of positives per block)')
+      raise ValueError(
+        f'positive_headroom={self.positive_headroom}; must be >= 0 (0 keeps at '
+        'most the quota of positives per block)'
+      )
 
   @property
   def padded_classes(self) -> int:
@@ -106,14 +110,16 @@ class PartialFCConfig:
       where = f'heads.{name}.' if name else ''
       multiple = num_devices * max(1, round(self.sampling_blocks / num_devices))
       raise ValueError(
-          f'{where}sampling_blocks={self.sampling_blocks} is not a multiple of the {num_devices} '
-          f'devices the class centres are sharded over; set --config.{where}sampling_blocks='
-          f'{multiple} (any multiple of {num_devices})')
+        f'{where}sampling_blocks={self.sampling_blocks} is not a multiple of the {num_devices} '
+        f'devices the class centres are sharded over; set --config.{where}sampling_blocks='
+        f'{multiple} (any multiple of {num_devices})'
+      )
 
 
 # ------------------------------------------------------------------------------------------------
 # Deterministic hashing (uniform 32-bit values from integers, the same on every device and mesh)
 # ------------------------------------------------------------------------------------------------
+
 
 def _mix32(x):
   x = x ^ (x >> 16)
@@ -137,8 +143,9 @@ def class_keys(cfg: PartialFCConfig, step, micro, slot, class_ids) -> jax.Array:
   return (hash_u32(cfg.seed, step, micro, slot, class_ids) >> 2).astype(jnp.int32)
 
 
-def choose_slots(labels_BxN: jax.Array, sample_ids_B: jax.Array, step, cfg: PartialFCConfig
-                 ) -> jax.Array:
+def choose_slots(
+  labels_BxN: jax.Array, sample_ids_B: jax.Array, step, cfg: PartialFCConfig
+) -> jax.Array:
   """[J, B] labels: J = min(num_slots, n) of each sample's n labels, without replacement."""
   n = labels_BxN.shape[1]
   j = min(cfg.num_slots, n)
@@ -151,6 +158,7 @@ def choose_slots(labels_BxN: jax.Array, sample_ids_B: jax.Array, step, cfg: Part
 # The loss of one slot on one shard of the centres, with the cross-shard reductions passed in
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Reduce:
   sum: Callable
@@ -160,20 +168,22 @@ class _Reduce:
 _LOCAL = _Reduce(sum=lambda x: x, max=lambda x: x)
 
 
-def _slot(e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: PartialFCConfig,
-          reduce: _Reduce):
+def _slot(
+  e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: PartialFCConfig, reduce: _Reduce
+):
   """Per-sample loss, found-target flag and correctness of one slot; see the module docstring."""
   n_local = centres_NxC.shape[0]
   bs, k = cfg.block_size, cfg.block_samples
   cap = cfg.block_capacity(y_B.shape[0])
-  ids = offset + jnp.arange(n_local, dtype=jnp.int32)          # global class ids of this shard
+  ids = offset + jnp.arange(n_local, dtype=jnp.int32)  # global class ids of this shard
   # Positives of the global batch that live here.
   local_y = y_B - offset
   here = valid_B & (local_y >= 0) & (local_y < n_local)
-  positive = jnp.zeros((n_local,), bool).at[jnp.where(here, local_y, n_local)].set(
-      True, mode='drop')
+  positive = (
+    jnp.zeros((n_local,), bool).at[jnp.where(here, local_y, n_local)].set(True, mode='drop')
+  )
   # Positives first, then a hash order; padding classes last.
-  rand = class_keys(cfg, step, micro, slot, ids)                  # [0, 2^30)
+  rand = class_keys(cfg, step, micro, slot, ids)  # [0, 2^30)
   # Positives in [2^30, 2^31), ordered among themselves by the same hash: when a block has more
   # positives than its capacity, which ones are left out is random, not always the highest ids.
   score = jnp.where(positive, rand | jnp.int32(2**30), jnp.where(ids < cfg.num_classes, rand, -1))
@@ -187,7 +197,7 @@ def _slot(e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: Part
 
   w = centres_NxC[chosen].astype(jnp.float32)
   w = w * jax.lax.rsqrt(jnp.maximum(jnp.sum(w * w, axis=1, keepdims=True), 1e-24))
-  cos = jnp.clip(e_BxC @ w.T, -1.0, 1.0)                        # [B, k_local], float32
+  cos = jnp.clip(e_BxC @ w.T, -1.0, 1.0)  # [B, k_local], float32
   is_target = (chosen_ids[None, :] == y_B[:, None]) & real[None, :]
   too_close = jax.lax.stop_gradient(~is_target & (cos > cfg.filter_threshold))
   logits = cfg.scale * jnp.where(is_target, cos - cfg.margin, jnp.where(too_close, 0.0, cos))
@@ -208,8 +218,18 @@ def _slot(e_BxC, y_B, valid_B, centres_NxC, offset, step, micro, slot, cfg: Part
   return loss, found, correct
 
 
-def _head_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, offset, step, micro,
-               cfg: PartialFCConfig, reduce: _Reduce) -> dict[str, jax.Array]:
+def _head_loss(
+  e_BxC,
+  valid_B,
+  labels_BxN,
+  sample_ids_B,
+  centres_NxC,
+  offset,
+  step,
+  micro,
+  cfg: PartialFCConfig,
+  reduce: _Reduce,
+) -> dict[str, jax.Array]:
   """Mean over slots of the mean over the valid samples whose target was sampled."""
   e = jnp.asarray(e_BxC, jnp.float32)
   centres_NxC, valid_B = jnp.asarray(centres_NxC), jnp.asarray(valid_B, bool)
@@ -219,15 +239,15 @@ def _head_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, offset, st
   y_JxB = choose_slots(labels_BxN, sample_ids_B, step, cfg)
   slots = jnp.arange(y_JxB.shape[0])
   loss, found, correct = jax.vmap(
-      lambda y, j: _slot(e, y, valid_B, centres_NxC, offset, step, micro, j, cfg, reduce))(
-          y_JxB, slots)
-  use = valid_B[None, :] & found                                  # [J, B]
+    lambda y, j: _slot(e, y, valid_B, centres_NxC, offset, step, micro, j, cfg, reduce)
+  )(y_JxB, slots)
+  use = valid_B[None, :] & found  # [J, B]
   count = jnp.sum(use, axis=1)
   per_slot = jnp.sum(jnp.where(use, loss, 0.0), axis=1) / jnp.maximum(count, 1)
   return {
-      'loss': jnp.mean(per_slot),
-      'accuracy': jnp.sum(use & correct) / jnp.maximum(jnp.sum(use), 1),
-      'dropped': jnp.sum(valid_B[None, :] & ~found),
+    'loss': jnp.mean(per_slot),
+    'accuracy': jnp.sum(use & correct) / jnp.maximum(jnp.sum(use), 1),
+    'dropped': jnp.sum(valid_B[None, :] & ~found),
   }
 
 
@@ -235,17 +255,37 @@ def _head_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, offset, st
 # Entry points
 # ------------------------------------------------------------------------------------------------
 
-def reference_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step,
-                   cfg: PartialFCConfig, micro=0) -> dict[str, jax.Array]:
+
+def reference_loss(
+  e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step, cfg: PartialFCConfig, micro=0
+) -> dict[str, jax.Array]:
   """The loss on one device, all centres local: the plain form of `partial_fc_loss`."""
   _check_shapes(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, cfg)
-  return _head_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, 0,
-                    jnp.asarray(step, jnp.int32), jnp.asarray(micro, jnp.int32), cfg, _LOCAL)
+  return _head_loss(
+    e_BxC,
+    valid_B,
+    labels_BxN,
+    sample_ids_B,
+    centres_NxC,
+    0,
+    jnp.asarray(step, jnp.int32),
+    jnp.asarray(micro, jnp.int32),
+    cfg,
+    _LOCAL,
+  )
 
 
-def partial_fc_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step,
-                    cfg: PartialFCConfig, rules=sharding.DEFAULT_RULES, micro=0
-                    ) -> dict[str, jax.Array]:
+def partial_fc_loss(
+  e_BxC,
+  valid_B,
+  labels_BxN,
+  sample_ids_B,
+  centres_NxC,
+  step,
+  cfg: PartialFCConfig,
+  rules=sharding.DEFAULT_RULES,
+  micro=0,
+) -> dict[str, jax.Array]:
   """The head loss; sharded over the mesh when one is set (`jax.set_mesh`).
 
   Args:
@@ -264,40 +304,48 @@ def partial_fc_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step,
   step, micro = jnp.asarray(step, jnp.int32), jnp.asarray(micro, jnp.int32)
   mesh = sharding.current_mesh()
   if mesh is None or mesh.size == 1:
-    return _head_loss(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, 0, step, micro,
-                      cfg, _LOCAL)
+    return _head_loss(
+      e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, 0, step, micro, cfg, _LOCAL
+    )
   cfg.check_devices(mesh.size)
   class_axes = tuple(mesh.axis_names)
   batch_axes = sharding.batch_axes(mesh, rules)
-  reduce = _Reduce(sum=lambda x: jax.lax.psum(x, class_axes),
-                   max=lambda x: jax.lax.pmax(x, class_axes))
+  reduce = _Reduce(
+    sum=lambda x: jax.lax.psum(x, class_axes), max=lambda x: jax.lax.pmax(x, class_axes)
+  )
   n_local = cfg.padded_classes // mesh.size
 
   def local(e, valid, labels, ids, centres, step, micro):
     if batch_axes:
       # 'invarying': the gathered batch is the same on every device (typed so for shard_map).
       e, valid, labels, ids = (
-          jax.lax.all_gather(x, batch_axes, axis=0, tiled=True, to='invarying')
-          for x in (e, valid, labels, ids))
+        jax.lax.all_gather(x, batch_axes, axis=0, tiled=True, to='invarying')
+        for x in (e, valid, labels, ids)
+      )
     offset = jax.lax.axis_index(class_axes) * n_local
     return _head_loss(e, valid, labels, ids, centres, offset, step, micro, cfg, reduce)
 
   batch = P(batch_axes or None)
   return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(batch, batch, batch, batch, P(class_axes), P(), P()),
-      out_specs=P(),
+    local,
+    mesh=mesh,
+    in_specs=(batch, batch, batch, batch, P(class_axes), P(), P()),
+    out_specs=P(),
   )(e_BxC, valid_B, labels_BxN, sample_ids_B, centres_NxC, step, micro)
 
 
 def _check_shapes(e, valid, labels, ids, centres, cfg):
   b = e.shape[0]
   if valid.shape != (b,) or ids.shape != (b,) or labels.ndim != 2 or labels.shape[0] != b:
-    raise ValueError(f'embeddings {e.shape}, valid {valid.shape}, labels {labels.shape}, '
-                     f'sample ids {ids.shape}: expected [B, C], [B], [B, n], [B]')
+    raise ValueError(
+      f'embeddings {e.shape}, valid {valid.shape}, labels {labels.shape}, '
+      f'sample ids {ids.shape}: expected [B, C], [B], [B, n], [B]'
+    )
   if centres.shape != (cfg.padded_classes, e.shape[1]):
-    raise ValueError(f'centres {centres.shape}; expected {(cfg.padded_classes, e.shape[1])} '
-                     f'({cfg.num_classes} classes padded to {cfg.sampling_blocks} blocks)')
+    raise ValueError(
+      f'centres {centres.shape}; expected {(cfg.padded_classes, e.shape[1])} '
+      f'({cfg.num_classes} classes padded to {cfg.sampling_blocks} blocks)'
+    )
 
 
 def init_centres(key, cfg: PartialFCConfig, width: int, std: float = 0.01) -> jax.Array:

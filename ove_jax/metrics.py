@@ -7,6 +7,7 @@ Biases. `device_memory` reads what the accelerators say they hold.
 machine's). `Watchdog` turns a silent hang (a stuck
 collective, a dead data worker) into a stack dump in the log.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -55,10 +56,15 @@ class MetricWriter:
   multi-host run) all methods do nothing and nothing is created on disk.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True,
-               writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
-               wandb_options: Mapping[str, str] | None = None,
-               run_config: Mapping[str, Any] | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    enabled: bool = True,
+    writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
+    wandb_options: Mapping[str, str] | None = None,
+    run_config: Mapping[str, Any] | None = None,
+  ):
     check_writers(writers)
     self.enabled = enabled
     self._outputs: list[Any] = []
@@ -67,8 +73,9 @@ class MetricWriter:
     paths.makedirs(workdir)
     for name in writers:
       if name == 'jsonl':
-        self._outputs.append(_JsonlOutput(workdir) if not paths.is_url(workdir)
-                             else _JsonlObjectOutput(workdir))
+        self._outputs.append(
+          _JsonlOutput(workdir) if not paths.is_url(workdir) else _JsonlObjectOutput(workdir)
+        )
       elif name == 'tensorboard':
         self._outputs.append(_TensorBoardOutput(workdir))
       else:
@@ -116,8 +123,10 @@ def check_writers(writers) -> None:
   """Raises ValueError naming the fix unless `writers` is a non-empty tuple of WRITERS names,
   each once."""
   if isinstance(writers, str) or not writers:
-    raise ValueError(f'metrics.writers={writers!r}: a non-empty tuple of names out of {WRITERS}, '
-                     "e.g. metrics.writers=\"('jsonl','tensorboard')\"")
+    raise ValueError(
+      f'metrics.writers={writers!r}: a non-empty tuple of names out of {WRITERS}, '
+      "e.g. metrics.writers=\"('jsonl','tensorboard')\""
+    )
   unknown = [w for w in writers if w not in WRITERS]
   if unknown:
     raise ValueError(f'metrics.writers: unknown writer(s) {unknown}; known: {", ".join(WRITERS)}')
@@ -183,6 +192,7 @@ class _TensorBoardOutput:
   def __init__(self, workdir: str):
     # tensorboardX is imported here so that processes that never write do not load it.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
     # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
     self._tb = SummaryWriter(paths.join(workdir, TENSORBOARD_DIR), flush_secs=30)
 
@@ -209,14 +219,16 @@ class _WandbOutput:
   wandb run instead of starting a new one.
   """
 
-  def __init__(self, workdir: str, options: Mapping[str, str],
-               run_config: Mapping[str, Any] | None):
+  def __init__(
+    self, workdir: str, options: Mapping[str, str], run_config: Mapping[str, Any] | None
+  ):
     try:
       import wandb  # pylint: disable=g-import-not-at-top  -- only when chosen
     except ImportError as e:
-      raise ImportError("metrics.writers names 'wandb' but wandb is not installed: "
-                        "pip install 'ove_jax[wandb]' (or drop 'wandb' from metrics.writers)"
-                        ) from e
+      raise ImportError(
+        "metrics.writers names 'wandb' but wandb is not installed: "
+        "pip install 'ove_jax[wandb]' (or drop 'wandb' from metrics.writers)"
+      ) from e
     id_path = paths.join(workdir, WANDB_RUN_ID_FILE)
     if paths.exists(id_path):
       run_id = paths.read_bytes(id_path).decode('utf-8').strip()
@@ -226,8 +238,9 @@ class _WandbOutput:
     kwargs = {k: v for k, v in options.items() if v}
     local = paths.local_folder(workdir)  # wandb writes local files only
     os.makedirs(local, exist_ok=True)
-    self._run = wandb.init(id=run_id, resume='allow', dir=local, config=dict(run_config or {}),
-                           **kwargs)
+    self._run = wandb.init(
+      id=run_id, resume='allow', dir=local, config=dict(run_config or {}), **kwargs
+    )
 
   def write(self, step: int, values: Mapping[str, int | float]) -> None:
     self._run.log(dict(values), step=step)
@@ -264,8 +277,9 @@ def read_metrics(path: str, *, merge_steps: bool = False) -> list[dict]:
       except json.JSONDecodeError:
         line = None
       if not isinstance(line, dict) or not isinstance(line.get('step'), int):
-        logging.warning('%s:%d is not a metrics line (a run killed mid-write?); skipped', path,
-                        number)
+        logging.warning(
+          '%s:%d is not a metrics line (a run killed mid-write?); skipped', path, number
+        )
         continue
       values = {key: _decode_nonfinite(value) for key, value in line.items()}
       if merge_steps:
@@ -324,16 +338,16 @@ UNKNOWN_PEAK_SOURCE = 'unknown: set config.peak_flops'
 # whose peak differs and is not listed here (H100 NVL, H200 NVL, TPU v4 lite) map to None: an
 # unknown peak is reported as such, never borrowed from a sibling.
 _PEAK_TABLE: tuple[tuple[str, float | None, str], ...] = (
-    (r'\bh[12]00\b.*\bnvl\b', None, ''),
-    (r'\bh100\b.*\bpcie\b', 756e12, 'NVIDIA H100 PCIe'),
-    (r'\bh100\b', 989e12, 'NVIDIA H100 SXM'),
-    (r'\bh200\b', 989e12, 'NVIDIA H200'),
-    (r'\ba100\b', 312e12, 'NVIDIA A100'),
-    (r'\bl4\b', 121e12, 'NVIDIA L4'),  # \b keeps L40 and L40S out
-    (r'^tpu v4$', 275e12, 'TPU v4'),
-    (r'^tpu v5 ?(lite|e)$', 197e12, 'TPU v5e'),
-    (r'^tpu v5p?$', 459e12, 'TPU v5p'),  # JAX names v5p plain 'TPU v5'
-    (r'^tpu v6 ?(lite|e)$', 918e12, 'TPU v6e'),
+  (r'\bh[12]00\b.*\bnvl\b', None, ''),
+  (r'\bh100\b.*\bpcie\b', 756e12, 'NVIDIA H100 PCIe'),
+  (r'\bh100\b', 989e12, 'NVIDIA H100 SXM'),
+  (r'\bh200\b', 989e12, 'NVIDIA H200'),
+  (r'\ba100\b', 312e12, 'NVIDIA A100'),
+  (r'\bl4\b', 121e12, 'NVIDIA L4'),  # \b keeps L40 and L40S out
+  (r'^tpu v4$', 275e12, 'TPU v4'),
+  (r'^tpu v5 ?(lite|e)$', 197e12, 'TPU v5e'),
+  (r'^tpu v5p?$', 459e12, 'TPU v5p'),  # JAX names v5p plain 'TPU v5'
+  (r'^tpu v6 ?(lite|e)$', 918e12, 'TPU v6e'),
 )
 
 _host_flops: float | None = None
@@ -366,8 +380,9 @@ def peak_flops_per_device(device=None, *, override: float = 0.0) -> tuple[float,
   return 0.0, UNKNOWN_PEAK_SOURCE
 
 
-def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, *, device=None,
-                      size: int | None = None) -> float:
+def matmul_peak_flops(
+  dtype: str = 'float32', repeats: int = 5, *, device=None, size: int | None = None
+) -> float:
   """FLOP/s of the fastest of `repeats` runs (after a warm-up) of a jitted square matmul of
   `dtype` with float32 accumulation on `device` (default: the first): this machine's practical
   peak for the dtype. `size` defaults to 2048 on CPU, 8192 on accelerators."""
@@ -375,8 +390,10 @@ def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, *, device=None,
     device = jax.local_devices()[0]
   n = size or (2048 if device.platform == 'cpu' else 8192)
   rng = np.random.default_rng(0)
-  a, b = (jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), device)
-          for _ in range(2))
+  a, b = (
+    jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), device)
+    for _ in range(2)
+  )
   matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()  # compiles and warms up
   best = math.inf
@@ -384,7 +401,7 @@ def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, *, device=None,
     tick = time.perf_counter()
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - tick)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def _measure_host_flops(device) -> float:
@@ -398,6 +415,7 @@ def _measure_host_flops(device) -> float:
 # ------------------------------------------------------------------------------------------------
 # Device memory
 # ------------------------------------------------------------------------------------------------
+
 
 def device_memory(devices=None) -> dict[str, int]:
   """The accelerator memory this process's devices (default: `jax.local_devices()`) hold:
@@ -423,6 +441,7 @@ def device_memory(devices=None) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 # Hang watchdog
 # ------------------------------------------------------------------------------------------------
+
 
 class Watchdog:
   """Dumps every Python thread's stack to stderr when no step finishes within `timeout_seconds`.
@@ -492,9 +511,11 @@ class Watchdog:
 
   def _report(self, waited: float, step: int | None) -> None:
     last = 'none yet' if step is None else str(step)
-    sys.stderr.write(f'Watchdog: no step finished in {waited:.1f} s (timeout '
-                     f'{self.timeout_seconds:g} s); last kicked step: {last}. '
-                     'Stacks of all threads follow.\n')
+    sys.stderr.write(
+      f'Watchdog: no step finished in {waited:.1f} s (timeout '
+      f'{self.timeout_seconds:g} s); last kicked step: {last}. '
+      'Stacks of all threads follow.\n'
+    )
     sys.stderr.flush()
     try:
       faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

@@ -4,6 +4,7 @@ Groups are the top-level parts of the parameter tree: the backbone ('encoder') a
 ('heads/<name>'). The release clips each group's gradient to global norm 5 on its own, so one
 head's burst cannot scale down the others' updates.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple
@@ -67,7 +68,8 @@ def clip_by_group_norm(max_norm: float) -> optax.GradientTransformation:
     norms = group_norms(updates)
     factors = {g: jnp.minimum(1.0, max_norm / jnp.maximum(n, 1e-12)) for g, n in norms.items()}
     updates = jax.tree_util.tree_map_with_path(
-        lambda path, u: (u * factors[group_of(path)]).astype(u.dtype), updates)
+      lambda path, u: (u * factors[group_of(path)]).astype(u.dtype), updates
+    )
     return updates, state
 
   return optax.GradientTransformation(lambda params: _Empty(), update)
@@ -80,18 +82,28 @@ def decay_mask(kind: str):
   if kind == 'all':
     return None
   from ove_jax.models import layout  # scanned blocks: the leading layers axis is not a matrix's
+
   return lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim - layout.is_stacked_path(path) >= 2, params)
+    lambda path, p: p.ndim - layout.is_stacked_path(path) >= 2, params
+  )
 
 
-def make(cfg: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation,
-                                                            optax.Schedule]:
+def make(
+  cfg: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(transformation, learning-rate schedule) from the experiment's `optim` section."""
   lr = schedule(cfg, total_steps)
   parts = []
   if cfg['clip_norm'] > 0:
     parts.append(clip_by_group_norm(cfg['clip_norm']))
-  parts.append(optax.adamw(lr, b1=cfg['b1'], b2=cfg['b2'], eps=cfg['eps'],
-                           weight_decay=cfg['weight_decay'],
-                           mask=decay_mask(cfg['weight_decay_mask'])))
+  parts.append(
+    optax.adamw(
+      lr,
+      b1=cfg['b1'],
+      b2=cfg['b2'],
+      eps=cfg['eps'],
+      weight_decay=cfg['weight_decay'],
+      mask=decay_mask(cfg['weight_decay_mask']),
+    )
+  )
   return optax.chain(*parts), lr

@@ -22,6 +22,7 @@ A hang (a collective a peer never joins, a stuck input read) ends through the wa
 process exits with `HANG_EXIT_CODE` (70, EX_SOFTWARE), so the job fails instead of holding its
 machines until its wall-clock limit.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,8 @@ import sys
 
 import jax
 
-PREEMPTED_EXIT_CODE = 75   # saved after SIGTERM: restart me (sysexits EX_TEMPFAIL)
-HANG_EXIT_CODE = 70        # the watchdog saw no finished step in time (sysexits EX_SOFTWARE)
+PREEMPTED_EXIT_CODE = 75  # saved after SIGTERM: restart me (sysexits EX_TEMPFAIL)
+HANG_EXIT_CODE = 70  # the watchdog saw no finished step in time (sysexits EX_SOFTWARE)
 
 
 def _sync_manager_running() -> bool:
@@ -44,7 +45,7 @@ class Preemption:
   step where every process should save and stop. See the module docstring for how."""
 
   def __init__(self):
-    self.requested = False     # SIGTERM seen (one process), or the sync point reached
+    self.requested = False  # SIGTERM seen (one process), or the sync point reached
     self._synced = False
     self._previous = None
 
@@ -65,6 +66,7 @@ class Preemption:
     """True on every process at the same step once any of them got SIGTERM."""
     if self._synced:
       from jax.experimental import multihost_utils
+
       self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
     return self.requested
 

@@ -7,6 +7,7 @@ after its batches: what a checkpoint saved after that step must hold, however fa
 read ahead (so a resumed run repeats the uninterrupted one exactly). `device_batch` makes those
 global arrays from the host's share.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,22 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 # What the step reads of each head's batch; `skipped` is made here from `num_skipped`.
-BATCH_FIELDS = ('patches', 'positions', 'segment_ids', 'labels', 'segment_valid', 'sample_index',
-                'skipped')
+BATCH_FIELDS = (
+  'patches',
+  'positions',
+  'segment_ids',
+  'labels',
+  'segment_valid',
+  'sample_index',
+  'skipped',
+)
 
 
-def device_batch(host_batches: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
-                 mesh: jax.sharding.Mesh, batch_axes: Sequence[str]) -> dict:
+def device_batch(
+  host_batches: Sequence[Mapping[str, Mapping[str, np.ndarray]]],
+  mesh: jax.sharding.Mesh,
+  batch_axes: Sequence[str],
+) -> dict:
   """Stacks this host's micro-batches ({head: fields}) and makes global [A, rows, ...] arrays
   whose rows are split over `batch_axes` of the mesh, each host holding its share."""
   sharding = NamedSharding(mesh, P(None, tuple(batch_axes) or None))
@@ -54,8 +65,9 @@ class DevicePrefetch:
 
   _END = object()
 
-  def __init__(self, iterator, to_device: Callable[[Sequence[Any]], Any], accumulate: int,
-               size: int = 2):
+  def __init__(
+    self, iterator, to_device: Callable[[Sequence[Any]], Any], accumulate: int, size: int = 2
+  ):
     self._iterator, self._to_device, self._accumulate = iterator, to_device, accumulate
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()

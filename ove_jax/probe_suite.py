@@ -14,6 +14,7 @@ Clips are read once per (benchmark, mode) and shared by the encoders; codec sele
 once per clip and K and kept in `selection_cache` (default OUT/selections), so a rerun reads them;
 each encoder is loaded once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,9 +32,26 @@ from data_pipeline import fileio
 from data_pipeline.probe_inputs import ClipSampler, ColorJitter, InputMode
 from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
 
-COLUMNS = ('benchmark', 'mode', 'encoder', 'status', 'top1', 'top1_std', 'top5', 'top5_std',
-           'seeds', 'lr', 'epoch', 'num_train', 'num_val', 'num_test', 'num_classes', 'tokens',
-           'seconds', 'error')
+COLUMNS = (
+  'benchmark',
+  'mode',
+  'encoder',
+  'status',
+  'top1',
+  'top1_std',
+  'top5',
+  'top5_std',
+  'seeds',
+  'lr',
+  'epoch',
+  'num_train',
+  'num_val',
+  'num_test',
+  'num_classes',
+  'tokens',
+  'seconds',
+  'error',
+)
 
 
 class SuiteError(ValueError):
@@ -43,6 +61,7 @@ class SuiteError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSpec:
   """One benchmark of a plan: where its clips are and its recipe."""
+
   name: str
   train: str
   test: str
@@ -58,20 +77,28 @@ class Plan:
   benchmarks: tuple[BenchmarkSpec, ...]
   modes: tuple[InputMode, ...]
   encoders: tuple[str, ...]
-  protocol: ProtocolConfig          # epochs, batch and lrs are each benchmark's
+  protocol: ProtocolConfig  # epochs, batch and lrs are each benchmark's
   static_share: float = 0.5
-  encoder_seed: int = 0             # the init of random:<preset> encoders
+  encoder_seed: int = 0  # the init of random:<preset> encoders
   selection_cache: str | None = None  # codec selections kept here (default OUT/selections)
 
   def cells(self) -> list[tuple[BenchmarkSpec, InputMode, str]]:
     return [(b, m, e) for b in self.benchmarks for m in self.modes for e in self.encoders]
 
 
-def suite_plan(config, *, encoders: Sequence[str], modes: Sequence[str] = (),
-               benchmarks: Sequence[str] = (), seeds: Sequence[int] = (),
-               epochs: int | None = None, batch_size: int | None = None,
-               eval_batch_size: int = 32, encoder_seed: int = 0,
-               selection_cache: str | None = None) -> Plan:
+def suite_plan(
+  config,
+  *,
+  encoders: Sequence[str],
+  modes: Sequence[str] = (),
+  benchmarks: Sequence[str] = (),
+  seeds: Sequence[int] = (),
+  epochs: int | None = None,
+  batch_size: int | None = None,
+  eval_batch_size: int = 32,
+  encoder_seed: int = 0,
+  selection_cache: str | None = None,
+) -> Plan:
   """A plan from an experiment config (experiments/probe_benchmarks.py) and command-line picks
   (empty: the config's)."""
   entries = [dict(e) for e in config.benchmarks]
@@ -79,26 +106,48 @@ def suite_plan(config, *, encoders: Sequence[str], modes: Sequence[str] = (),
     known = [e['name'] for e in entries]
     unknown = [b for b in benchmarks if b not in known]
     if unknown:
-      raise SuiteError(f'--benchmarks {",".join(benchmarks)}: {",".join(unknown)} not in the '
-                       f'config (it has {", ".join(known)})')
+      raise SuiteError(
+        f'--benchmarks {",".join(benchmarks)}: {",".join(unknown)} not in the '
+        f'config (it has {", ".join(known)})'
+      )
     entries = [e for e in entries if e['name'] in benchmarks]
   try:
     parsed = tuple(InputMode.parse(m) for m in (modes or config.modes))
   except ValueError as e:
     raise SuiteError(f'--modes: {e}') from None
   if not encoders:
-    raise SuiteError('--encoders: give at least one (a checkpoint, a release directory or '
-                     'random:<preset>)')
-  specs = tuple(BenchmarkSpec(e['name'], e['train'], e['test'], int(e['num_classes']),
-                              int(batch_size or e['batch_size']), int(epochs or e['epochs']),
-                              tuple(e['learning_rates']), e.get('root'))
-                for e in entries)
-  protocol = ProtocolConfig(seeds=tuple(seeds or config.seeds), val_fraction=config.val_fraction,
-                            end_learning_rate=config.end_learning_rate,
-                            label_smoothing=config.label_smoothing,
-                            init_scale=config.init_scale, eval_batch_size=eval_batch_size)
-  return Plan(specs, parsed, tuple(encoders), protocol, encoder_seed=encoder_seed,
-              selection_cache=selection_cache)
+    raise SuiteError(
+      '--encoders: give at least one (a checkpoint, a release directory or random:<preset>)'
+    )
+  specs = tuple(
+    BenchmarkSpec(
+      e['name'],
+      e['train'],
+      e['test'],
+      int(e['num_classes']),
+      int(batch_size or e['batch_size']),
+      int(epochs or e['epochs']),
+      tuple(e['learning_rates']),
+      e.get('root'),
+    )
+    for e in entries
+  )
+  protocol = ProtocolConfig(
+    seeds=tuple(seeds or config.seeds),
+    val_fraction=config.val_fraction,
+    end_learning_rate=config.end_learning_rate,
+    label_smoothing=config.label_smoothing,
+    init_scale=config.init_scale,
+    eval_batch_size=eval_batch_size,
+  )
+  return Plan(
+    specs,
+    parsed,
+    tuple(encoders),
+    protocol,
+    encoder_seed=encoder_seed,
+    selection_cache=selection_cache,
+  )
 
 
 def cell_key(benchmark: str, mode: str, encoder: str) -> str:
@@ -115,10 +164,22 @@ def cell_path(out_dir: str, benchmark: str, mode: str, encoder: str) -> str:
 def _row(cell: dict) -> dict[str, Any]:
   result = cell.get('result') or {}
   runs = result.get('runs', [])
-  row = {k: cell.get(k, '') for k in ('benchmark', 'mode', 'encoder', 'status', 'error',
-                                      'seconds')}
-  row.update({k: result.get(k, '') for k in ('top1', 'top1_std', 'top5', 'top5_std', 'num_train',
-                                             'num_val', 'num_test', 'num_classes')})
+  row = {k: cell.get(k, '') for k in ('benchmark', 'mode', 'encoder', 'status', 'error', 'seconds')}
+  row.update(
+    {
+      k: result.get(k, '')
+      for k in (
+        'top1',
+        'top1_std',
+        'top5',
+        'top5_std',
+        'num_train',
+        'num_val',
+        'num_test',
+        'num_classes',
+      )
+    }
+  )
   row['tokens'] = result.get('tokens_per_sample', '')
   row['seeds'] = len(runs) or ''
   row['lr'] = '/'.join(f'{r["lr"]:g}' for r in runs)
@@ -130,21 +191,28 @@ def read_cells(out_dir: str) -> list[dict]:
   folder = os.path.join(out_dir, 'cells')
   if not os.path.isdir(folder):
     return []
-  return [fileio.read_json(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
-          if n.endswith('.json')]
+  return [
+    fileio.read_json(os.path.join(folder, n))
+    for n in sorted(os.listdir(folder))
+    if n.endswith('.json')
+  ]
 
 
 def format_markdown(rows: Sequence[dict]) -> str:
   """The table as Markdown: top-1 / top-5 as mean ± std in percent."""
-  lines = ['| benchmark | mode | encoder | top-1 | top-5 | seeds | lr / epoch | status |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| benchmark | mode | encoder | top-1 | top-5 | seeds | lr / epoch | status |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
     ok = r['status'] == 'ok'
     top1 = f'{100 * r["top1"]:.1f} ± {100 * r["top1_std"]:.1f}' if ok else ''
     top5 = f'{100 * r["top5"]:.1f} ± {100 * r["top5_std"]:.1f}' if ok else ''
     status = 'ok' if ok else f'{r["status"]}: {str(r["error"]).splitlines()[0][:80]}'
-    lines.append(f'| {r["benchmark"]} | {r["mode"]} | {r["encoder"]} | {top1} | {top5} | '
-                 f'{r["seeds"]} | {r["lr"]} / {r["epoch"]} | {status} |')
+    lines.append(
+      f'| {r["benchmark"]} | {r["mode"]} | {r["encoder"]} | {top1} | {top5} | '
+      f'{r["seeds"]} | {r["lr"]} / {r["epoch"]} | {status} |'
+    )
   return '\n'.join(lines) + '\n'
 
 
@@ -153,15 +221,17 @@ def write_table(out_dir: str, plan: Plan | None = None) -> list[dict]:
   cells = read_cells(out_dir)
   if plan is not None:
     order = {cell_key(b.name, m.name, e): i for i, (b, m, e) in enumerate(plan.cells())}
-    cells.sort(key=lambda c: order.get(cell_key(c['benchmark'], c['mode'], c['encoder']),
-                                       len(order)))
+    cells.sort(
+      key=lambda c: order.get(cell_key(c['benchmark'], c['mode'], c['encoder']), len(order))
+    )
   rows = [_row(c) for c in cells]
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator='\n')
   writer.writeheader()
   for r in rows:
-    writer.writerow({k: str(r[k]).splitlines()[0] if k == 'error' and r[k] else r[k]
-                     for k in COLUMNS})
+    writer.writerow(
+      {k: str(r[k]).splitlines()[0] if k == 'error' and r[k] else r[k] for k in COLUMNS}
+    )
   fileio.write_atomic(os.path.join(out_dir, 'results.csv'), buffer.getvalue().encode())
   fileio.write_atomic(os.path.join(out_dir, 'results.md'), format_markdown(rows).encode())
   return rows
@@ -185,24 +255,38 @@ class _Resources:
           self.clips[(bench.name, spec)] = benchmarks_lib.open_clips(spec, bench.root)
         splits.append(self.clips[(bench.name, spec)])
       common = dict(static_share=self.plan.static_share, selection_cache=self.selection_cache)
-      self.samplers[key] = (ClipSampler(splits[0], mode, augment=ColorJitter(), **common),
-                            ClipSampler(splits[1], mode, augment=None, **common))
+      self.samplers[key] = (
+        ClipSampler(splits[0], mode, augment=ColorJitter(), **common),
+        ClipSampler(splits[1], mode, augment=None, **common),
+      )
     return self.samplers[key]
 
   def encoder(self, spec: str):
     if spec not in self.encoders:
       from ove_jax import checkpoint
+
       self.encoders[spec] = checkpoint.load_encoder(spec, seed=self.plan.encoder_seed).model
     return self.encoders[spec]
 
 
-def run_cell(plan: Plan, resources: _Resources, bench: BenchmarkSpec, mode: InputMode,
-             encoder: str, log: Callable[[str], None] | None = None) -> dict:
+def run_cell(
+  plan: Plan,
+  resources: _Resources,
+  bench: BenchmarkSpec,
+  mode: InputMode,
+  encoder: str,
+  log: Callable[[str], None] | None = None,
+) -> dict:
   train, test = resources.samplers_of(bench, mode)
-  config = dataclasses.replace(plan.protocol, epochs=bench.epochs, batch_size=bench.batch_size,
-                               learning_rates=bench.learning_rates)
-  return run_protocol(resources.encoder(encoder), train, test, config,
-                      num_classes=bench.num_classes, log=log)
+  config = dataclasses.replace(
+    plan.protocol,
+    epochs=bench.epochs,
+    batch_size=bench.batch_size,
+    learning_rates=bench.learning_rates,
+  )
+  return run_protocol(
+    resources.encoder(encoder), train, test, config, num_classes=bench.num_classes, log=log
+  )
 
 
 def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -> list[dict]:
@@ -223,11 +307,16 @@ def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -
     try:
       result = run_cell(plan, resources, bench, mode, encoder, log=log)
       cell.update(status='ok', result=result, error='')
-      log(f'{where}: top-1 {result["top1"]:.4f} ± {result["top1_std"]:.4f}, top-5 '
-          f'{result["top5"]:.4f}')
+      log(
+        f'{where}: top-1 {result["top1"]:.4f} ± {result["top1_std"]:.4f}, top-5 '
+        f'{result["top5"]:.4f}'
+      )
     except Exception as e:  # pylint: disable=broad-except  -- recorded, and the suite goes on
-      cell.update(status='failed', result=None,
-                  error=f'{type(e).__name__}: {e}\n' + ''.join(traceback.format_exc()[-2000:]))
+      cell.update(
+        status='failed',
+        result=None,
+        error=f'{type(e).__name__}: {e}\n' + ''.join(traceback.format_exc()[-2000:]),
+      )
       log(f'{where}: failed: {type(e).__name__}: {e}')
     cell['seconds'] = round(time.perf_counter() - start, 2)
     fileio.write_json(path, cell)

@@ -26,6 +26,7 @@ training features (`AttentiveConfig.val_fraction`), never on the test split. Wit
 the attentive and linear probes are retrained per seed and the table gives mean ± std (k-NN is
 deterministic and runs once).
 """
+
 from __future__ import annotations
 
 import glob
@@ -55,16 +56,20 @@ class ProbeError(ValueError):
 # Records and labels
 # ------------------------------------------------------------------------------------------------
 
+
 def _check_records(path: str, shard: Sequence[dict]) -> None:
   for i, record in enumerate(shard):
     if record.get('labels') is None or record.get('positions') is None:
-      raise ProbeError(f'{path}: record {i} is not a labelled video record (it has '
-                       f'{sorted(record)}); the probes need `labels` and codec `positions`')
+      raise ProbeError(
+        f'{path}: record {i} is not a labelled video record (it has '
+        f'{sorted(record)}); the probes need `labels` and codec `positions`'
+      )
 
 
 def read_records(paths: Sequence[str]) -> list[dict]:
   """The labelled video records of these record files, in order."""
   from data_pipeline import precompute
+
   records = []
   for path in paths:
     try:
@@ -78,18 +83,26 @@ def read_records(paths: Sequence[str]) -> list[dict]:
 
 def record_files(patterns: str) -> list[str]:
   """The files of comma-separated globs, sorted."""
-  paths = sorted({p for pattern in patterns.split(',') if pattern
-                  for p in glob.glob(os.path.expanduser(pattern))})
+  paths = sorted(
+    {
+      p
+      for pattern in patterns.split(',')
+      if pattern
+      for p in glob.glob(os.path.expanduser(pattern))
+    }
+  )
   if not paths:
     raise ProbeError(f'--records {patterns!r}: no file matches')
   return paths
 
 
-def builtin_records(root: str, *, clips: int = 16, budget: int = 512
-                    ) -> tuple[list[dict], str, tuple[str, ...]]:
+def builtin_records(
+  root: str, *, clips: int = 16, budget: int = 512
+) -> tuple[list[dict], str, tuple[str, ...]]:
   """(records, description, label names) of data_pipeline.builtin data in `root`, made there on
   first use (with `clips` clips at `budget` patches); data made before is taken as it is."""
   from data_pipeline import builtin
+
   root = os.path.abspath(root)
   params = {'clips': clips, 'images': 1, 'budget': budget, 'seed': 0}
   marker = os.path.join(root, 'builtin.json')
@@ -114,8 +127,10 @@ def label_names(records: Sequence[dict], names: Sequence[str] | None = None) -> 
     return tuple(f'label{i}' for i in range(slots))
   names = tuple(names)
   if len(names) != slots or len(set(names)) != len(names):
-    raise ProbeError(f'--label-names {",".join(names)}: the records have {slots} label slot(s); '
-                     f'give {slots} different names')
+    raise ProbeError(
+      f'--label-names {",".join(names)}: the records have {slots} label slot(s); '
+      f'give {slots} different names'
+    )
   return names
 
 
@@ -124,8 +139,9 @@ def label_index(label: str | int, names: Sequence[str]) -> int:
   if isinstance(label, int) or str(label).lstrip('-').isdigit():
     return int(label)
   if label not in names:
-    raise ProbeError(f'--label {label}: the records\' labels are {", ".join(names)} (or give a '
-                     'slot number)')
+    raise ProbeError(
+      f"--label {label}: the records' labels are {', '.join(names)} (or give a slot number)"
+    )
   return list(names).index(label)
 
 
@@ -147,13 +163,26 @@ def split(n: int, test_fraction: float) -> tuple[list[int], list[int]]:
 # The run
 # ------------------------------------------------------------------------------------------------
 
-def probe_records(encoder, records: Sequence[dict], *, label: int = 0,
-                  label_names: Sequence[str] = (), modes: Sequence[str] = ('codec', 'uniform'),
-                  num_frames: int | None = None, test_fraction: float = 0.3,
-                  probes: Sequence[str] = evaluators.PROBES, epochs: int | None = None,
-                  lr: float = 1e-4, batch_size: int = 32, extract_batch_size: int = 8,
-                  knn_k: int = 20, seeds: Sequence[int] = (0,), video_root: str = '',
-                  log: Callable[[str], None] = print) -> dict:
+
+def probe_records(
+  encoder,
+  records: Sequence[dict],
+  *,
+  label: int = 0,
+  label_names: Sequence[str] = (),
+  modes: Sequence[str] = ('codec', 'uniform'),
+  num_frames: int | None = None,
+  test_fraction: float = 0.3,
+  probes: Sequence[str] = evaluators.PROBES,
+  epochs: int | None = None,
+  lr: float = 1e-4,
+  batch_size: int = 32,
+  extract_batch_size: int = 8,
+  knn_k: int = 20,
+  seeds: Sequence[int] = (0,),
+  video_root: str = '',
+  log: Callable[[str], None] = print,
+) -> dict:
   """Probes the frozen `encoder` on label slot `label` of `records` in each input mode.
 
   Returns the results: the split and settings, and per mode the `evaluators.evaluate` entry
@@ -165,8 +194,13 @@ def probe_records(encoder, records: Sequence[dict], *, label: int = 0,
     raise ProbeError(f'--probes {",".join(probes)}: {e}') from None
   if not 0 < test_fraction < 1:
     raise ProbeError(f'--test-fraction {test_fraction}: must be between 0 and 1')
-  for flag, value in (('epochs', epochs), ('num-frames', num_frames), ('batch-size', batch_size),
-                      ('extract-batch-size', extract_batch_size), ('knn-k', knn_k)):
+  for flag, value in (
+    ('epochs', epochs),
+    ('num-frames', num_frames),
+    ('batch-size', batch_size),
+    ('extract-batch-size', extract_batch_size),
+    ('knn-k', knn_k),
+  ):
     if value is not None and value < 1:
       raise ProbeError(f'--{flag} {value}: must be >= 1')
   if lr <= 0:
@@ -178,36 +212,61 @@ def probe_records(encoder, records: Sequence[dict], *, label: int = 0,
     raise ProbeError(f'--label {name}: {e}') from None
   train_idx, test_idx = split(len(records), test_fraction)
   if not train_idx or not test_idx:
-    raise ProbeError(f'--test-fraction {test_fraction} of {len(records)} record(s) leaves '
-                     f'{len(train_idx)} for training and {len(test_idx)} for testing; both need '
-                     'at least one')
+    raise ProbeError(
+      f'--test-fraction {test_fraction} of {len(records)} record(s) leaves '
+      f'{len(train_idx)} for training and {len(test_idx)} for testing; both need '
+      'at least one'
+    )
   budget = int(np.median([len(r['positions']) for r in records]))
   num_frames = num_frames or max(1, round(budget / FRAME_TOKENS))
   epochs = epochs or (30 if len(train_idx) < SMALL_SET else 10)
-  log(f'{len(records)} clips ({len(train_idx)} train, {len(test_idx)} test), label {name!r} '
-      f'(slot {label}) with {len(set(labels))} classes; codec K = {budget}, uniform '
-      f'{num_frames} frames = {num_frames * FRAME_TOKENS} tokens')
+  log(
+    f'{len(records)} clips ({len(train_idx)} train, {len(test_idx)} test), label {name!r} '
+    f'(slot {label}) with {len(set(labels))} classes; codec K = {budget}, uniform '
+    f'{num_frames} frames = {num_frames * FRAME_TOKENS} tokens'
+  )
   if 'uniform' in modes and num_frames * FRAME_TOKENS != budget:
     log(f'note: the token budgets differ (codec {budget}, uniform {num_frames * FRAME_TOKENS})')
   start = time.perf_counter()
-  results = {'num_records': len(records), 'num_train': len(train_idx), 'num_test': len(test_idx),
-             'label': name, 'label_index': label, 'label_names': list(label_names),
-             'num_classes': len(set(labels)), 'num_frames': num_frames, 'codec_budget': budget,
-             'epochs': epochs, 'seeds': list(seeds), 'probes': list(probes),
-             'test_fraction': test_fraction, 'modes': {}}
+  results = {
+    'num_records': len(records),
+    'num_train': len(train_idx),
+    'num_test': len(test_idx),
+    'label': name,
+    'label_index': label,
+    'label_names': list(label_names),
+    'num_classes': len(set(labels)),
+    'num_frames': num_frames,
+    'codec_budget': budget,
+    'epochs': epochs,
+    'seeds': list(seeds),
+    'probes': list(probes),
+    'test_fraction': test_fraction,
+    'modes': {},
+  }
   attentive = evaluators.AttentiveConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr)
   for mode in modes:
     try:
-      samples = evaluators.video_samples(records, mode, num_frames, label_index=label,
-                                         video_root=video_root)
+      samples = evaluators.video_samples(
+        records, mode, num_frames, label_index=label, video_root=video_root
+      )
     except (OSError, ValueError) as e:
       raise ProbeError(f'cannot build the {mode} samples: {e}') from None
     entry = evaluators.evaluate(
-        encoder, [samples[i] for i in train_idx], [samples[i] for i in test_idx], probes=probes,
-        batch_size=extract_batch_size, seeds=seeds, attentive=attentive, knn_k=knn_k)
+      encoder,
+      [samples[i] for i in train_idx],
+      [samples[i] for i in test_idx],
+      probes=probes,
+      batch_size=extract_batch_size,
+      seeds=seeds,
+      attentive=attentive,
+      knn_k=knn_k,
+    )
     results['modes'][mode] = entry
-    log(f'{mode}: features in {entry["features_seconds"]:.1f} s, ' + ', '.join(
-        f'{p} top-1 {entry[p]["top1"]:.3f}' for p in probes))
+    log(
+      f'{mode}: features in {entry["features_seconds"]:.1f} s, '
+      + ', '.join(f'{p} top-1 {entry[p]["top1"]:.3f}' for p in probes)
+    )
   results['seconds'] = time.perf_counter() - start
   return results
 
@@ -219,9 +278,14 @@ def format_table(results: dict) -> str:
   for mode, entry in results['modes'].items():
     for probe in results['probes']:
       r = entry[probe]
-      extra = (f'  (epoch chosen on validation of {r["runs"][0]["epochs"]}; top-5 '
-               f'{r["top5"]:.3f}; last epoch {r["top1_last"]:.3f})' if probe == 'attentive'
-               else '')
-      lines.append(f'{mode:8} {entry["tokens_per_sample"]:6.0f}  {probe:9}  '
-                   f'{r["top1"]:.3f} ± {r["top1_std"]:.3f}{extra}')
+      extra = (
+        f'  (epoch chosen on validation of {r["runs"][0]["epochs"]}; top-5 '
+        f'{r["top5"]:.3f}; last epoch {r["top1_last"]:.3f})'
+        if probe == 'attentive'
+        else ''
+      )
+      lines.append(
+        f'{mode:8} {entry["tokens_per_sample"]:6.0f}  {probe:9}  '
+        f'{r["top1"]:.3f} ± {r["top1_std"]:.3f}{extra}'
+      )
   return '\n'.join(lines)

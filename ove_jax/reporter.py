@@ -8,6 +8,7 @@ and tokens per second, input-wait fraction, MFU), the input wait of the slowest 
 device memory in use, the dropped records, and what the loop added since (`extra`: evaluation
 results, checkpoint time).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from ove_jax import metrics as metrics_lib
 
 log = logging.getLogger('ove_jax.train')
 
-COUNTS = ('clips', 'tokens', 'skipped')   # summed over the window, not logged per step
+COUNTS = ('clips', 'tokens', 'skipped')  # summed over the window, not logged per step
 
 
 class TrainingError(RuntimeError):
@@ -33,10 +34,11 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class StepResult:
   """A step whose metrics may still be on the devices."""
+
   step: int
-  metrics: dict[str, jax.Array]   # replicated scalars
-  wait: float                     # seconds the step waited for its input
-  seconds: float                  # wall time since the previous step ended
+  metrics: dict[str, jax.Array]  # replicated scalars
+  wait: float  # seconds the step waited for its input
+  seconds: float  # wall time since the previous step ended
 
 
 class Window:
@@ -51,9 +53,12 @@ class Window:
   def rates(self, flops_per_step: int | None, peak_per_device: float, devices: int) -> dict:
     if not self.steps:
       return {}
-    out = {'step_seconds': self.seconds / self.steps, 'clips_per_second': self.clips / self.seconds,
-           'tokens_per_second': self.tokens / self.seconds,
-           'input_wait_fraction': self.wait / self.seconds}
+    out = {
+      'step_seconds': self.seconds / self.steps,
+      'clips_per_second': self.clips / self.seconds,
+      'tokens_per_second': self.tokens / self.seconds,
+      'input_wait_fraction': self.wait / self.seconds,
+    }
     if peak_per_device > 0 and flops_per_step:
       out['mfu'] = flops_per_step * self.steps / self.seconds / (peak_per_device * devices)
     return out
@@ -69,10 +74,14 @@ def input_wait_across_processes(wait_fraction: float) -> dict[str, float]:
   if jax.process_count() == 1:
     fractions = np.asarray([wait_fraction], np.float32)
   else:
-    fractions = np.asarray(multihost_utils.process_allgather(
-        np.asarray([wait_fraction], np.float32))).reshape(-1)
-  return {'input_wait/max': float(fractions.max()), 'input_wait/mean': float(fractions.mean()),
-          'input_wait/slowest_process': int(fractions.argmax())}
+    fractions = np.asarray(
+      multihost_utils.process_allgather(np.asarray([wait_fraction], np.float32))
+    ).reshape(-1)
+  return {
+    'input_wait/max': float(fractions.max()),
+    'input_wait/mean': float(fractions.mean()),
+    'input_wait/slowest_process': int(fractions.argmax()),
+  }
 
 
 def fetch(tree: dict[str, jax.Array]) -> dict[str, float]:
@@ -85,22 +94,46 @@ class StepReporter:
   """The metrics writer, the progress bar and the current window of one training process (only
   the main process writes)."""
 
-  def __init__(self, workdir: str, *, total_steps: int, log_every: int, start: int,
-               peak_per_device: float, devices: int, checkpoints: str, main_process: bool,
-               writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
-               wandb_options: dict[str, str] | None = None, run_config: dict | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    log_every: int,
+    start: int,
+    peak_per_device: float,
+    devices: int,
+    checkpoints: str,
+    main_process: bool,
+    writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
+    wandb_options: dict[str, str] | None = None,
+    run_config: dict | None = None,
+  ):
     from tqdm import tqdm
+
     self.total_steps, self.log_every, self.start = total_steps, log_every, start
     self.peak_per_device, self.devices, self.checkpoints = peak_per_device, devices, checkpoints
     self.writers = writers
-    self.flops_per_step: int | None = None   # set by the loop once it has seen a batch
-    self.extra: dict[str, float] = {}        # for the next metrics line
-    self.last: dict[str, Any] = {}           # the last line written
+    self.flops_per_step: int | None = None  # set by the loop once it has seen a batch
+    self.extra: dict[str, float] = {}  # for the next metrics line
+    self.last: dict[str, Any] = {}  # the last line written
     self.window = Window()
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=main_process, writers=writers,
-                                           wandb_options=wandb_options, run_config=run_config)
-    self.progress = tqdm(total=total_steps, initial=start, disable=not main_process, desc='train',
-                         unit='step', dynamic_ncols=True, mininterval=1.0)
+    self.writer = metrics_lib.MetricWriter(
+      workdir,
+      enabled=main_process,
+      writers=writers,
+      wandb_options=wandb_options,
+      run_config=run_config,
+    )
+    self.progress = tqdm(
+      total=total_steps,
+      initial=start,
+      disable=not main_process,
+      desc='train',
+      unit='step',
+      dynamic_ncols=True,
+      mininterval=1.0,
+    )
 
   def finish(self, done: StepResult) -> None:
     """Checks a finished step, counts it, and writes the metrics line every log_every steps."""
@@ -111,9 +144,10 @@ class StepReporter:
     bad = [k for k in checked if not np.isfinite(values[k])]
     if bad:
       raise TrainingError(
-          f'{", ".join(f"{k} is {values[k]}" for k in bad)} at step {done.step}; stopping '
-          f'without saving this state. The last checkpoint is in {self.checkpoints}; lower '
-          'optim.lr or check the data of this step.')
+        f'{", ".join(f"{k} is {values[k]}" for k in bad)} at step {done.step}; stopping '
+        f'without saving this state. The last checkpoint is in {self.checkpoints}; lower '
+        'optim.lr or check the data of this step.'
+      )
     counts = {k: values.pop(k) for k in COUNTS}
     if done.step > self.start + 1:  # the first step of a process compiles: not in the rates
       w = self.window
@@ -126,11 +160,13 @@ class StepReporter:
       return
     dropped = {k: v for k, v in values.items() if k.endswith('/dropped') and v > 0}
     if dropped:
-      log.warning('step %d: positives left out of the loss (more distinct positives in a class '
-                  'block than its capacity, quota + headroom; raise loss.positive_headroom): %s',
-                  done.step, dropped)
-    line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device,
-                                          self.devices)}
+      log.warning(
+        'step %d: positives left out of the loss (more distinct positives in a class '
+        'block than its capacity, quota + headroom; raise loss.positive_headroom): %s',
+        done.step,
+        dropped,
+      )
+    line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device, self.devices)}
     line['skipped_records'] = self.window.skipped
     if self.window.steps:  # the same on every process: each joins the gather or none does
       line.update(input_wait_across_processes(self.window.wait / self.window.seconds))
@@ -143,12 +179,17 @@ class StepReporter:
 
   def print_outputs(self, workdir: str, heading: str, steps: list[int]) -> None:
     """Prints where the run's checkpoints (`steps` of them) and the writers' outputs are."""
-    outputs = {'jsonl': f'metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}',
-               'tensorboard': 'TensorBoard: tensorboard --logdir '
-                              f'{os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}',
-               'wandb': f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}'}
-    print(f'{heading} of {workdir}\n  checkpoints: {self.checkpoints} (steps {steps})' +
-          ''.join(f'\n  {outputs[w]}' for w in self.writers), flush=True)
+    outputs = {
+      'jsonl': f'metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}',
+      'tensorboard': 'TensorBoard: tensorboard --logdir '
+      f'{os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}',
+      'wandb': f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}',
+    }
+    print(
+      f'{heading} of {workdir}\n  checkpoints: {self.checkpoints} (steps {steps})'
+      + ''.join(f'\n  {outputs[w]}' for w in self.writers),
+      flush=True,
+    )
 
   def close(self) -> None:
     self.progress.close()

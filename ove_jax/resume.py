@@ -12,6 +12,7 @@ losses do not repeat the uninterrupted run's; a warning says so.
 Config changes since the checkpoint are named: an error where the saved state cannot fit, a
 warning where the run will not repeat the original exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,23 @@ from ove_jax import config as config_lib
 log = logging.getLogger('ove_jax.train')
 
 # Keys that may change between a run and its resumption (layout, logging, housekeeping).
-RESUME_FREE = ('mesh.', 'cpu_devices', 'log_every', 'checkpoint_every', 'keep_', 'eval_',
-               'profile_', 'watchdog_seconds', 'peak_flops', 'init.', 'builtin.root',
-               'data.worker_buffer', 'compilation_cache_dir', 'distributed.', 'probe')
+RESUME_FREE = (
+  'mesh.',
+  'cpu_devices',
+  'log_every',
+  'checkpoint_every',
+  'keep_',
+  'eval_',
+  'profile_',
+  'watchdog_seconds',
+  'peak_flops',
+  'init.',
+  'builtin.root',
+  'data.worker_buffer',
+  'compilation_cache_dir',
+  'distributed.',
+  'probe',
+)
 # Keys whose change makes the saved state unusable (shapes), not merely the resumption inexact.
 RESUME_FATAL = ('model.preset', 'heads.', 'loss.sampling_blocks', 'rules')
 
@@ -40,18 +55,21 @@ def check_resume(saved: Mapping[str, Any], config) -> None:
   before = config_lib.flatten(ml_collections.ConfigDict(saved))
   now = config_lib.flatten(config)
   same = lambda k: json.dumps(before.get(k), default=list) == json.dumps(now.get(k), default=list)
-  changed = sorted(k for k in set(before) | set(now)
-                   if not same(k) and not k.startswith(RESUME_FREE))
+  changed = sorted(
+    k for k in set(before) | set(now) if not same(k) and not k.startswith(RESUME_FREE)
+  )
   fatal = [k for k in changed if k.startswith(RESUME_FATAL)]
   if fatal:
     raise config_lib.ConfigError(
-        'the checkpoint in this workdir was written with other values of '
-        + ', '.join(f'{k} ({before.get(k)!r} then, {now.get(k)!r} now)' for k in fatal)
-        + '; use another --workdir, or start from it with --config.init.checkpoint=<workdir>')
+      'the checkpoint in this workdir was written with other values of '
+      + ', '.join(f'{k} ({before.get(k)!r} then, {now.get(k)!r} now)' for k in fatal)
+      + '; use another --workdir, or start from it with --config.init.checkpoint=<workdir>'
+    )
   if changed:
-    log.warning('resuming with changed config values (the run will not repeat the original '
-                'exactly): %s', ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}'
-                                          for k in changed))
+    log.warning(
+      'resuming with changed config values (the run will not repeat the original exactly): %s',
+      ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed),
+    )
 
 
 def start_state(manager, workdir: str, iterator, program, config) -> tuple[dict, int]:
@@ -76,17 +94,29 @@ def reposition(iterator, saved_positions: list[dict], step: int, config) -> None
   """Moves this process's fresh `iterator` to the global record count of the old processes'
   positions (`saved_positions`, one per old process), with the warning that says what differs."""
   from data_pipeline import pipeline
+
   read: dict[str, int] = {}
   for position in saved_positions:
     for head, n in pipeline.records_read(position).items():
       read[head] = read.get(head, 0) + n
-  iterator.set_state(pipeline.state_after(iterator.get_state(), read, jax.process_index(),
-                                          jax.process_count(), draws=step * config.accumulate))
+  iterator.set_state(
+    pipeline.state_after(
+      iterator.get_state(),
+      read,
+      jax.process_index(),
+      jax.process_count(),
+      draws=step * config.accumulate,
+    )
+  )
   log.warning(
-      'resuming step %d, saved by %d process(es), on %d: parameters, optimizer state and step '
-      'are restored; the input restarts at the global record count the old processes had read '
-      '(%s), split over the new ones. The records from there are those the uninterrupted run '
-      'reads, up to the few each old process had read ahead of the others, but other records '
-      'share a batch (packing runs per process and input worker), so the losses will not repeat '
-      'the uninterrupted run\'s.', step, len(saved_positions), jax.process_count(),
-      ', '.join(f'{head}: {n}' for head, n in sorted(read.items())))
+    'resuming step %d, saved by %d process(es), on %d: parameters, optimizer state and step '
+    'are restored; the input restarts at the global record count the old processes had read '
+    '(%s), split over the new ones. The records from there are those the uninterrupted run '
+    'reads, up to the few each old process had read ahead of the others, but other records '
+    'share a batch (packing runs per process and input worker), so the losses will not repeat '
+    "the uninterrupted run's.",
+    step,
+    len(saved_positions),
+    jax.process_count(),
+    ', '.join(f'{head}: {n}' for head, n in sorted(read.items())),
+  )

@@ -8,6 +8,7 @@ in the experiment config, decides how each is laid out on the mesh (axes `data`,
 The mesh itself comes from sizes per axis (`make_mesh`), written in a config's `mesh` section or
 on a command line as `--mesh data=4,fsdp=2` / `--mesh 4x2x1` (`parse_mesh`).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,29 +22,31 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-MESH_FORMS = ('data=4,fsdp=2 (axes not named have size 1), or sizes in the order data, fsdp, '
-              'tensor: 4x2x1 or 4,2,1; one size may be -1 (the rest of the devices)')
+MESH_FORMS = (
+  'data=4,fsdp=2 (axes not named have size 1), or sizes in the order data, fsdp, '
+  'tensor: 4x2x1 or 4,2,1; one size may be -1 (the rest of the devices)'
+)
 
 # FSDP shards the model dimension of every weight matrix; tensor parallelism shards heads and
 # the MLP hidden dimension (Megatron-style: column-parallel in, row-parallel out).
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # parameters
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('patch', None),
-    ('norm', None),
-    # class centres of the cluster-discrimination heads: rows over every device (ove_jax.losses)
-    ('classes', ('data', 'fsdp', 'tensor')),
-    ('centre_embed', None),
-    # the leading axis of scanned blocks' stacked parameters (models.encoder scan_layers)
-    ('layers', None),
-    # activations
-    ('act_batch', ('data', 'fsdp')),
-    ('act_length', None),
-    ('act_embed', None),
-    ('act_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
+  # parameters
+  ('embed', 'fsdp'),
+  ('heads', 'tensor'),
+  ('mlp', 'tensor'),
+  ('patch', None),
+  ('norm', None),
+  # class centres of the cluster-discrimination heads: rows over every device (ove_jax.losses)
+  ('classes', ('data', 'fsdp', 'tensor')),
+  ('centre_embed', None),
+  # the leading axis of scanned blocks' stacked parameters (models.encoder scan_layers)
+  ('layers', None),
+  # activations
+  ('act_batch', ('data', 'fsdp')),
+  ('act_length', None),
+  ('act_embed', None),
+  ('act_heads', 'tensor'),
+  ('act_mlp', 'tensor'),
 )
 
 
@@ -90,14 +93,17 @@ def _keep_axes(entry, axis_names):
 # The mesh
 # ------------------------------------------------------------------------------------------------
 
+
 def _describe(sizes: Mapping[str, int]) -> str:
   return ' x '.join(f'{a}={sizes[a]}' for a in MESH_AXES)
 
 
 def _check_sizes(sizes: Mapping[str, int]) -> None:
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
-    raise ValueError(f'mesh {_describe(sizes)}: sizes are >= 1, and at most one may be -1 '
-                     '(the rest of the devices)')
+    raise ValueError(
+      f'mesh {_describe(sizes)}: sizes are >= 1, and at most one may be -1 '
+      '(the rest of the devices)'
+    )
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -113,25 +119,30 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   rest = [a for a, v in full.items() if v == -1]
   if rest:
     if num_devices % known:
-      raise ValueError(f'mesh {_describe(full)}: the fixed sizes ({known}) do not divide the '
-                       f'{num_devices} devices')
+      raise ValueError(
+        f'mesh {_describe(full)}: the fixed sizes ({known}) do not divide the {num_devices} devices'
+      )
     full[rest[0]] = num_devices // known
   if math.prod(full.values()) != num_devices:
-    raise ValueError(f'mesh {_describe(full)} needs {math.prod(full.values())} devices but this '
-                     f'run has {num_devices}; set one size to -1 (the rest) or change the sizes')
+    raise ValueError(
+      f'mesh {_describe(full)} needs {math.prod(full.values())} devices but this '
+      f'run has {num_devices}; set one size to -1 (the rest) or change the sizes'
+    )
   return tuple(full[a] for a in MESH_AXES)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
-              ) -> jax.sharding.Mesh:
+def make_mesh(
+  sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A mesh over `devices` (default: all of them) with axes MESH_AXES of the given sizes (see
   `mesh_shape`), every axis `AxisType.Auto` (what `with_sharding_constraint` and Flax need)."""
   devices = list(devices) if devices is not None else jax.devices()
   if any(int(sizes.get(k, 1)) != 1 for k in DCN_KEYS):
     return make_hybrid_mesh(sizes, devices)
   shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -166,8 +177,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 DCN_KEYS = tuple(f'dcn_{axis}' for axis in MESH_AXES)
 
 
-def make_hybrid_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
-                     ) -> jax.sharding.Mesh:
+def make_hybrid_mesh(
+  sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A mesh whose axes span several granules (TPU slices, GPU nodes) by the `dcn_*` sizes.
 
   `sizes` is a config's `mesh` section: `data`, `fsdp`, `tensor` are each axis's whole size (as
@@ -187,14 +199,18 @@ def make_hybrid_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | N
   dcn = tuple(int(sizes.get(k, 1)) for k in DCN_KEYS)
   for axis, size, across in zip(MESH_AXES, shape, dcn):
     if across < 1 or size % across:
-      raise ValueError(f'mesh dcn_{axis}={across} must be >= 1 and divide {axis}={size} '
-                       f'(mesh {_describe(dict(zip(MESH_AXES, shape)))})')
+      raise ValueError(
+        f'mesh dcn_{axis}={across} must be >= 1 and divide {axis}={size} '
+        f'(mesh {_describe(dict(zip(MESH_AXES, shape)))})'
+      )
   ici = tuple(size // across for size, across in zip(shape, dcn))
   if len({getattr(d, 'slice_index', 0) for d in devices}) > 1:
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   else:
-    blocks = [mesh_utils.create_device_mesh(ici, group)
-              for group in device_granules(devices, math.prod(dcn))]
+    blocks = [
+      mesh_utils.create_device_mesh(ici, group)
+      for group in device_granules(devices, math.prod(dcn))
+    ]
     grid = np.empty(dcn, dtype=object)
     for index, block in zip(np.ndindex(*dcn), blocks):
       grid[index] = block
@@ -208,14 +224,19 @@ def device_granules(devices: Sequence[jax.Device], count: int) -> list[list[jax.
   processes cannot be grouped so."""
   ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
   if len(ordered) % count:
-    raise ValueError(f'{len(ordered)} devices cannot be cut into {count} equal granules (the '
-                     'product of the mesh dcn_* sizes)')
+    raise ValueError(
+      f'{len(ordered)} devices cannot be cut into {count} equal granules (the '
+      'product of the mesh dcn_* sizes)'
+    )
   size = len(ordered) // count
-  groups = [ordered[i * size:(i + 1) * size] for i in range(count)]
+  groups = [ordered[i * size : (i + 1) * size] for i in range(count)]
   processes = [{d.process_index for d in group} for group in groups]
   if len({d.process_index for d in ordered}) > 1 and any(
-      a & b for a, b in zip(processes, processes[1:])):
-    raise ValueError(f'the mesh dcn_* sizes ask for {count} granules of {size} devices, which '
-                     'would split a process between granules; the number of processes must be a '
-                     'multiple of the product of the dcn_* sizes')
+    a & b for a, b in zip(processes, processes[1:])
+  ):
+    raise ValueError(
+      f'the mesh dcn_* sizes ask for {count} granules of {size} devices, which '
+      'would split a process between granules; the number of processes must be a '
+      'multiple of the product of the dcn_* sizes'
+    )
   return groups

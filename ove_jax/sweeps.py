@@ -32,6 +32,7 @@ and probe/* values (the latest value of each key). A config error (an unknown ke
 value that does not survive the command line, a duplicate name) raises `config.ConfigError`
 naming the point and the key, before anything runs. The command line is `ove-sweep`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,6 +65,7 @@ _MAX_NAME = 120
 class Point:
   """One run of a sweep: its folder name, its overrides (dotted key -> value, in the order the
   experiment gave them) and its table columns (the label, else the shortened keys)."""
+
   name: str
   overrides: Mapping[str, Any]
   columns: Mapping[str, Any]
@@ -76,6 +78,7 @@ class Point:
 # ------------------------------------------------------------------------------------------------
 # Expansion and names
 # ------------------------------------------------------------------------------------------------
+
 
 def format_value(value: Any) -> str:
   """A value as `--config.key=` text that config.apply_override turns back into the value."""
@@ -105,8 +108,9 @@ def short_keys(keys: Sequence[str]) -> dict[str, str]:
     parts = key.split('.')
     for n in range(1, len(parts) + 1):
       short = '.'.join(parts[-n:])
-      if not any(other != key and (other == short or other.endswith('.' + short))
-                 for other in keys):
+      if not any(
+        other != key and (other == short or other.endswith('.' + short)) for other in keys
+      ):
         break
     out[key] = short
   return out
@@ -119,33 +123,41 @@ def point_name(columns: Mapping[str, Any]) -> str:
   if safe.startswith(('.', '-')):
     safe = '_' + safe
   if len(safe) > _MAX_NAME:  # keep it readable and unique: a prefix and a digest of the whole
-    safe = safe[:_MAX_NAME - 11] + '-' + hashlib.sha1(text.encode()).hexdigest()[:10]
+    safe = safe[: _MAX_NAME - 11] + '-' + hashlib.sha1(text.encode()).hexdigest()[:10]
   return safe
 
 
 def expand(spec: str) -> list[Point]:
   """The points of the experiment `spec` (`name_or_path[:arg]`), from its sweep(add, arg)."""
-  path, arg = config_lib.split_spec(spec)   # a path, or a shipped experiment's name
+  path, arg = config_lib.split_spec(spec)  # a path, or a shipped experiment's name
   module = config_lib.load_module(path)
   sweep_fn = getattr(module, 'sweep', None)
   if sweep_fn is None:
     raise config_lib.ConfigError(
-        f'{path} has no sweep(add, arg=None) function; define one that calls add(**overrides) '
-        'once per run (see the ove_jax.sweeps docstring)')
+      f'{path} has no sweep(add, arg=None) function; define one that calls add(**overrides) '
+      'once per run (see the ove_jax.sweeps docstring)'
+    )
   points: list[Point] = []
 
   def add(label: Mapping[str, Any] | None = None, **overrides: Any) -> None:
     where = f'{path}: sweep point {len(points) + 1}'
-    if label is not None and (not isinstance(label, Mapping) or not label
-                              or not all(isinstance(k, str) for k in label)):
-      raise config_lib.ConfigError(f'{where}: label={label!r}; give a non-empty dict of '
-                                   'column name -> value, e.g. label={"selection": "uniform"}')
+    if label is not None and (
+      not isinstance(label, Mapping) or not label or not all(isinstance(k, str) for k in label)
+    ):
+      raise config_lib.ConfigError(
+        f'{where}: label={label!r}; give a non-empty dict of '
+        'column name -> value, e.g. label={"selection": "uniform"}'
+      )
     reserved = sorted(set(label or ()) & {'name', 'status', 'step'})
     if reserved:
-      raise config_lib.ConfigError(f'{where}: label column(s) {reserved} are the results '
-                                   'table\'s own; rename them')
-    columns = dict(label) if label else {
-        short: overrides[key] for key, short in short_keys(list(overrides)).items()}
+      raise config_lib.ConfigError(
+        f"{where}: label column(s) {reserved} are the results table's own; rename them"
+      )
+    columns = (
+      dict(label)
+      if label
+      else {short: overrides[key] for key, short in short_keys(list(overrides)).items()}
+    )
     points.append(Point(point_name(columns), dict(overrides), columns))
 
   if len(inspect.signature(sweep_fn).parameters) >= 2:
@@ -158,9 +170,10 @@ def expand(spec: str) -> list[Point]:
   for point in points:
     if point.name in seen:
       raise config_lib.ConfigError(
-          f'{path}: two sweep points are both named {point.name!r} '
-          f'({dict(seen[point.name].overrides)}'
-          f' and {dict(point.overrides)}); give them labels that differ')
+        f'{path}: two sweep points are both named {point.name!r} '
+        f'({dict(seen[point.name].overrides)}'
+        f' and {dict(point.overrides)}); give them labels that differ'
+      )
     seen[point.name] = point
   return points
 
@@ -172,8 +185,9 @@ def select(points: Sequence[Point], only: Sequence[str] | None) -> list[Point]:
   names = {p.name for p in points}
   unknown = [n for n in only if n not in names]
   if unknown:
-    raise config_lib.ConfigError(f'--only names {unknown}; the points are '
-                                 f'{", ".join(sorted(names))}')
+    raise config_lib.ConfigError(
+      f'--only names {unknown}; the points are {", ".join(sorted(names))}'
+    )
   return [p for p in points if p.name in only]
 
 
@@ -185,8 +199,9 @@ def point_config(spec: str, point: Point, common: Sequence[str] = ()):
     key = item.partition('=')[0]
     if key in swept:
       raise config_lib.ConfigError(
-          f'--config.{item}: {key} is swept by the experiment (point {point.name}); change the '
-          'sweep, or run that point by hand with python -m ove_jax.train')
+        f'--config.{item}: {key} is swept by the experiment (point {point.name}); change the '
+        'sweep, or run that point by hand with python -m ove_jax.train'
+      )
   try:
     config = config_lib.load(spec, [*point.override_args(), *common])
   except config_lib.ConfigError as e:
@@ -197,38 +212,54 @@ def point_config(spec: str, point: Point, common: Sequence[str] = ()):
     want = tuple(value) if isinstance(value, list) else value
     if got != want or type(got) is not type(want) and not _same_number(got, want):
       raise config_lib.ConfigError(
-          f'sweep point {point.name}: {key}={value!r} becomes {got!r} on the command line '
-          f'(the key holds a {type(got).__name__}); give a value of that type')
+        f'sweep point {point.name}: {key}={value!r} becomes {got!r} on the command line '
+        f'(the key holds a {type(got).__name__}); give a value of that type'
+      )
   return config
 
 
 def _same_number(a, b) -> bool:
   numbers = (int, float)
-  return (isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool)
-          and not isinstance(b, bool) and a == b)
+  return (
+    isinstance(a, numbers)
+    and isinstance(b, numbers)
+    and not isinstance(a, bool)
+    and not isinstance(b, bool)
+    and a == b
+  )
 
 
 def builtin_folder(config) -> str | None:
   """The shared built-in data folder name of a config that makes its own (None otherwise)."""
   from data_pipeline import builtin
+
   b = config.builtin
   if not b.enabled or b.root:
     return None
   # Its version too: data of an older layout is refused by builtin.ensure, not silently reused.
-  return (f'budget{b.budget}_policy-{b.policy}_clips{b.clips}_images{b.images}_'
-          f'seed{config.seed}_v{builtin.VERSION}')
+  return (
+    f'budget{b.budget}_policy-{b.policy}_clips{b.clips}_images{b.images}_'
+    f'seed{config.seed}_v{builtin.VERSION}'
+  )
 
 
-def train_command(spec: str, root: str, point: Point, config, common: Sequence[str] = (),
-                  python: str = 'python') -> list[str]:
+def train_command(
+  spec: str, root: str, point: Point, config, common: Sequence[str] = (), python: str = 'python'
+) -> list[str]:
   """argv of the point's trainer run."""
-  args = [python, '-m', 'ove_jax.train', f'--config={spec}',
-          f'--workdir={paths.join(root, point.name)}']
+  args = [
+    python,
+    '-m',
+    'ove_jax.train',
+    f'--config={spec}',
+    f'--workdir={paths.join(root, point.name)}',
+  ]
   args += [f'--config.{item}' for item in [*point.override_args(), *common]]
   folder = builtin_folder(config)
   if folder:  # generated data is local files: a URL root keeps it in its local folder
-    args.append(f'--config.builtin.root='
-                f'{os.path.join(paths.local_folder(root), BUILTIN_DIR, folder)}')
+    args.append(
+      f'--config.builtin.root={os.path.join(paths.local_folder(root), BUILTIN_DIR, folder)}'
+    )
   return args
 
 
@@ -236,9 +267,11 @@ def train_command(spec: str, root: str, point: Point, config, common: Sequence[s
 # Run state and results
 # ------------------------------------------------------------------------------------------------
 
+
 def is_finished(run_dir: str, total_steps: int) -> bool:
   """The trainer's checkpoint of step `total_steps` is in `run_dir` and committed."""
   from ove_jax import checkpoint
+
   return total_steps in checkpoint.list_steps(run_dir)
 
 
@@ -247,6 +280,7 @@ def final_metrics(run_dir: str) -> dict[str, Any]:
   step winning: a resumed run rewrites steps, and probes may log on a line of their own); {}
   when there is none. Lines that are not JSON (a killed run's last) are skipped."""
   from ove_jax import metrics as metrics_lib
+
   try:
     lines = metrics_lib.read_metrics(run_dir, merge_steps=True)
   except FileNotFoundError:
@@ -265,8 +299,12 @@ def result_keys(metrics: Mapping[str, Any]) -> list[str]:
   return [k for k in ('loss',) if k in metrics] + heads + evals + probes
 
 
-def gather(root: str, points: Sequence[Point], configs: Mapping[str, Any],
-           failures: Mapping[str, str] | None = None) -> tuple[list[str], list[dict]]:
+def gather(
+  root: str,
+  points: Sequence[Point],
+  configs: Mapping[str, Any],
+  failures: Mapping[str, str] | None = None,
+) -> tuple[list[str], list[dict]]:
   """(columns, one row per point) of the results table."""
   failures = failures or {}
   rows, metric_keys, label_keys = [], [], []
@@ -281,8 +319,12 @@ def gather(root: str, points: Sequence[Point], configs: Mapping[str, Any],
       status = 'unfinished'
     else:
       status = 'not started'
-    row = {'name': point.name, **{k: _cell(v) for k, v in point.columns.items()},
-           'status': status, 'step': metrics.get('step', '')}
+    row = {
+      'name': point.name,
+      **{k: _cell(v) for k, v in point.columns.items()},
+      'status': status,
+      'step': metrics.get('step', ''),
+    }
     for key in result_keys(metrics):
       row[key] = metrics[key]
       if key not in metric_keys:
@@ -300,13 +342,15 @@ def _cell(value):
   return _name_value(value) if isinstance(value, (list, tuple, bool)) or value is None else value
 
 
-def write_results(root: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
-                  ) -> tuple[str, str]:
+def write_results(
+  root: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> tuple[str, str]:
   """results.csv (full precision) and results.md (a Markdown table, 4 significant digits)."""
   csv_path, md_path = paths.join(root, RESULTS_CSV), paths.join(root, RESULTS_MD)
   buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction='ignore',
-                          lineterminator='\n')
+  writer = csv.DictWriter(
+    buffer, fieldnames=list(columns), extrasaction='ignore', lineterminator='\n'
+  )
   writer.writeheader()
   for row in rows:
     writer.writerow({k: row.get(k, '') for k in columns})
@@ -320,20 +364,41 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) ->
     if isinstance(value, float):
       return 'nan' if math.isnan(value) else f'{value:.4g}'
     return str(value).replace('|', '\\|')
+
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   lines += ['| ' + ' | '.join(cell(row.get(k, '')) for k in columns) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
 
 
-
-def write_sweep_json(root: str, spec: str, points: Sequence[Point],
-                     commands: Mapping[str, Sequence[str]], status: Mapping[str, str]) -> str:
+def write_sweep_json(
+  root: str,
+  spec: str,
+  points: Sequence[Point],
+  commands: Mapping[str, Sequence[str]],
+  status: Mapping[str, str],
+) -> str:
   path = paths.join(root, SWEEP_JSON)
-  fileio.write_atomic(path, json.dumps({
-      'config': spec, 'points': [
-          {'name': p.name, 'overrides': dict(p.overrides), 'columns': dict(p.columns),
-           'command': shlex.join(commands[p.name]), 'status': status.get(p.name, '')}
-          for p in points]}, indent=2, default=list) + '\n')
+  fileio.write_atomic(
+    path,
+    json.dumps(
+      {
+        'config': spec,
+        'points': [
+          {
+            'name': p.name,
+            'overrides': dict(p.overrides),
+            'columns': dict(p.columns),
+            'command': shlex.join(commands[p.name]),
+            'status': status.get(p.name, ''),
+          }
+          for p in points
+        ],
+      },
+      indent=2,
+      default=list,
+    )
+    + '\n',
+  )
   return path
 
 
@@ -341,27 +406,28 @@ def write_sweep_json(root: str, spec: str, points: Sequence[Point],
 # Modes
 # ------------------------------------------------------------------------------------------------
 
+
 def job_array_text(spec: str, root: str, commands: Sequence[Sequence[str]], path: str) -> str:
   """The job array file `path`: a comment on how to index it, then one command a line."""
   n, here = len(commands), os.getcwd()
   header = [
-      f'# ove-sweep job array: {n} runs of {spec} under {root}',
-      '# Array task i runs the (i+1)-th line that is not a comment, from the directory the',
-      f'# sweep was made in ({here}). A SLURM wrapper (sbatch wrapper.sh):',
-      '#   #!/bin/bash',
-      f'#   #SBATCH --array=0-{n - 1}',
-      f'#   cd {shlex.quote(here)}',
-      f'#   eval "$(grep -v \'^#\' {shlex.quote(path)} | sed -n "$((SLURM_ARRAY_TASK_ID + 1))p")"',
-      '# Any scheduler: replace SLURM_ARRAY_TASK_ID by its task index. A finished run started',
-      '# again ends at once; an unfinished one resumes. Results afterwards:',
-      f'#   ove-sweep --config={shlex.quote(spec)} --root={shlex.quote(root)} '
-      '--collect',
+    f'# ove-sweep job array: {n} runs of {spec} under {root}',
+    '# Array task i runs the (i+1)-th line that is not a comment, from the directory the',
+    f'# sweep was made in ({here}). A SLURM wrapper (sbatch wrapper.sh):',
+    '#   #!/bin/bash',
+    f'#   #SBATCH --array=0-{n - 1}',
+    f'#   cd {shlex.quote(here)}',
+    f'#   eval "$(grep -v \'^#\' {shlex.quote(path)} | sed -n "$((SLURM_ARRAY_TASK_ID + 1))p")"',
+    '# Any scheduler: replace SLURM_ARRAY_TASK_ID by its task index. A finished run started',
+    '# again ends at once; an unfinished one resumes. Results afterwards:',
+    f'#   ove-sweep --config={shlex.quote(spec)} --root={shlex.quote(root)} --collect',
   ]
   return '\n'.join(header + [shlex.join(c) for c in commands]) + '\n'
 
 
-def write_job_array(path: str, spec: str, root: str, points: Sequence[Point],
-                    commands: Mapping[str, Sequence[str]]) -> str:
+def write_job_array(
+  path: str, spec: str, root: str, points: Sequence[Point], commands: Mapping[str, Sequence[str]]
+) -> str:
   """The job array file `path` (one command a line) and <root>/sweep.json; returns `path`."""
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -371,9 +437,14 @@ def write_job_array(path: str, spec: str, root: str, points: Sequence[Point],
   return path
 
 
-def collect(root: str, spec: str, points: Sequence[Point], configs: Mapping[str, Any],
-            commands: Mapping[str, Sequence[str]], failures: Mapping[str, str] | None = None
-            ) -> tuple[str, str]:
+def collect(
+  root: str,
+  spec: str,
+  points: Sequence[Point],
+  configs: Mapping[str, Any],
+  commands: Mapping[str, Sequence[str]],
+  failures: Mapping[str, str] | None = None,
+) -> tuple[str, str]:
   """The results of the runs in `root`: sweep.json (with each point's status), results.csv and
   results.md; returns the paths of the last two."""
   paths.makedirs(root)
@@ -382,9 +453,15 @@ def collect(root: str, spec: str, points: Sequence[Point], configs: Mapping[str,
   return write_results(root, columns, rows)
 
 
-def run_points(root: str, points: Sequence[Point], configs: Mapping[str, Any],
-               commands: Mapping[str, Sequence[str]], *, compile_cache: str = '',
-               say: Callable[[str], None] = print) -> dict[str, str]:
+def run_points(
+  root: str,
+  points: Sequence[Point],
+  configs: Mapping[str, Any],
+  commands: Mapping[str, Sequence[str]],
+  *,
+  compile_cache: str = '',
+  say: Callable[[str], None] = print,
+) -> dict[str, str]:
   """Runs the unfinished points in turn; returns {name: failure text} of those that failed."""
   env = dict(os.environ)
   if compile_cache:
@@ -406,14 +483,16 @@ def run_points(root: str, points: Sequence[Point], configs: Mapping[str, Any],
     with open(log_path, 'a', encoding='utf-8') as log:
       log.write(f'$ {shlex.join(commands[point.name])}\n')
       log.flush()
-      code = subprocess.run(list(commands[point.name]), stdout=log, stderr=subprocess.STDOUT,
-                            env=env, check=False).returncode
+      code = subprocess.run(
+        list(commands[point.name]), stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+      ).returncode
     seconds = time.perf_counter() - start
     if code == 0 and is_finished(run_dir, configs[point.name].total_steps):
       say(f'{where}: finished in {seconds:.1f} s')
       continue
-    failures[point.name] = (f'failed (exit {code})' if code else
-                            'failed (exited 0 before total_steps)')
+    failures[point.name] = (
+      f'failed (exit {code})' if code else 'failed (exited 0 before total_steps)'
+    )
     say(f'{where}: {failures[point.name]} after {seconds:.1f} s; last lines of {log_path}:')
     say(_tail(log_path))
   return failures

@@ -15,6 +15,7 @@ Multi-host: run one copy per host (ove-launch-local does it on one machine); eac
 share of the global batch, every process writes its part of the checkpoints, only process 0
 writes metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
 # Mesh
 # ------------------------------------------------------------------------------------------------
 
+
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   """The config's mesh sizes (`config.mesh`, one may be -1) resolved for `num_devices`."""
   try:
@@ -72,14 +74,15 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The config's mesh over `devices` (default: all of this run's)."""
   devices = list(devices) if devices is not None else jax.devices()
-  mesh_shape(config, len(devices))   # a ConfigError naming the fix when it does not fit
+  mesh_shape(config, len(devices))  # a ConfigError naming the fix when it does not fit
   return sharding.make_mesh(dict(config.mesh), devices)
 
 
 def rules_of(config) -> tuple:
   custom = {name: axes for name, axes in (config.rules or ())}
   return tuple((name, custom.pop(name, axes)) for name, axes in sharding.DEFAULT_RULES) + tuple(
-      custom.items())
+    custom.items()
+  )
 
 
 def _local_devices(config) -> int | None:
@@ -92,25 +95,43 @@ def _local_devices(config) -> int | None:
 # Data
 # ------------------------------------------------------------------------------------------------
 
+
 def data_sources(config, workdir: str) -> dict[str, str]:
   """The built-in data's source strings (generated on first use) when builtin.enabled."""
   if not config.builtin.enabled:
     return {}
   from data_pipeline import builtin
+
   root = config.builtin.root or paths.local_folder(paths.join(workdir, 'builtin_data'))
-  info = builtin.ensure(root, clips=config.builtin.clips, images=config.builtin.images,
-                        budget=config.builtin.budget, policy=config.builtin.policy,
-                        seed=config.seed,
-                        progress=jax.process_index() == 0)
+  info = builtin.ensure(
+    root,
+    clips=config.builtin.clips,
+    images=config.builtin.images,
+    budget=config.builtin.budget,
+    policy=config.builtin.policy,
+    seed=config.seed,
+    progress=jax.process_index() == 0,
+  )
   return {'{builtin:video}': info['video_source'], '{builtin:image}': info['image_source']}
 
 
-def make_iterator(config, sources: Mapping[str, str], *, seed_offset: int = 0,
-                  worker_count: int | None = None, evaluation: bool = False):
+def make_iterator(
+  config,
+  sources: Mapping[str, str],
+  *,
+  seed_offset: int = 0,
+  worker_count: int | None = None,
+  evaluation: bool = False,
+):
   from data_pipeline import pipeline
+
   data = config_lib.pipeline_dict(
-      config, process_index=jax.process_index(), process_count=jax.process_count(),
-      sources=sources, source_overrides=dict(config.eval_sources) if evaluation else None)
+    config,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    sources=sources,
+    source_overrides=dict(config.eval_sources) if evaluation else None,
+  )
   data['seed'] = (data['seed'] + seed_offset) % 2**32
   if worker_count is not None:
     data['worker_count'] = worker_count
@@ -121,24 +142,44 @@ def make_iterator(config, sources: Mapping[str, str], *, seed_offset: int = 0,
 # Model and optimiser, sharded init, the step
 # ------------------------------------------------------------------------------------------------
 
+
 def encoder_config(config) -> EncoderConfig:
   m = config.model
-  return EncoderConfig.preset(m.preset, dtype=m.dtype, remat=m.remat, attention=m.attention,
-                              rope_theta=m.rope_theta, rope=m.rope, scan_layers=m.scan_layers)
+  return EncoderConfig.preset(
+    m.preset,
+    dtype=m.dtype,
+    remat=m.remat,
+    attention=m.attention,
+    rope_theta=m.rope_theta,
+    rope=m.rope,
+    scan_layers=m.scan_layers,
+  )
 
 
 class PretrainModel(nnx.Module):
   """The encoder and one matrix of class centres per head (rows sharded by `classes`)."""
 
-  def __init__(self, cfg: EncoderConfig, heads: Mapping[str, losses.PartialFCConfig], *,
-               rngs: nnx.Rngs, rules=sharding.DEFAULT_RULES, init_std: float = 0.01):
+  def __init__(
+    self,
+    cfg: EncoderConfig,
+    heads: Mapping[str, losses.PartialFCConfig],
+    *,
+    rngs: nnx.Rngs,
+    rules=sharding.DEFAULT_RULES,
+    init_std: float = 0.01,
+  ):
     self.encoder = Encoder(cfg, rngs=rngs, rules=rules)
-    init = nnx.with_partitioning(nnx.initializers.normal(init_std), ('classes', 'centre_embed'),
-                                 sharding_rules=rules)
+    init = nnx.with_partitioning(
+      nnx.initializers.normal(init_std), ('classes', 'centre_embed'), sharding_rules=rules
+    )
     eager = sharding.current_mesh() is not None
     with nnx.use_eager_sharding(eager):
-      self.heads = nnx.Dict({name: nnx.Param(init(rngs.params(), (h.padded_classes, cfg.width)))
-                             for name, h in sorted(heads.items())})
+      self.heads = nnx.Dict(
+        {
+          name: nnx.Param(init(rngs.params(), (h.padded_classes, cfg.width)))
+          for name, h in sorted(heads.items())
+        }
+      )
 
 
 class Program:
@@ -159,36 +200,61 @@ class Program:
       abstract = nnx.eval_shape(self._model)
     self.graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
-    self.param_shardings = checkpoint.nest(dict(
-        (path, NamedSharding(mesh, sharding.logical_to_spec(
-            var.get_metadata().get('out_sharding') or (), self.rules))) for path, var in flat),
-        key=lambda k: k)  # int list indices, as nnx.to_pure_dict has them
+    self.param_shardings = checkpoint.nest(
+      dict(
+        (
+          path,
+          NamedSharding(
+            mesh, sharding.logical_to_spec(var.get_metadata().get('out_sharding') or (), self.rules)
+          ),
+        )
+        for path, var in flat
+      ),
+      key=lambda k: k,
+    )  # int list indices, as nnx.to_pure_dict has them
     abstract_params = nnx.to_pure_dict(abstract_state)
     replicated = NamedSharding(mesh, P())
     opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
     opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, opt_abstract, self.param_shardings,
-        transform_non_params=lambda _: replicated)
-    self.state_shardings = {'params': self.param_shardings, 'opt_state': opt_shardings,
-                            'step': replicated}
-    abstract_state_tree = {'params': abstract_params, 'opt_state': opt_abstract,
-                           'step': jax.ShapeDtypeStruct((), jnp.int32)}
+      self.tx,
+      lambda _, s: s,
+      opt_abstract,
+      self.param_shardings,
+      transform_non_params=lambda _: replicated,
+    )
+    self.state_shardings = {
+      'params': self.param_shardings,
+      'opt_state': opt_shardings,
+      'step': replicated,
+    }
+    abstract_state_tree = {
+      'params': abstract_params,
+      'opt_state': opt_abstract,
+      'step': jax.ShapeDtypeStruct((), jnp.int32),
+    }
     self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state_tree, self.state_shardings)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state_tree,
+      self.state_shardings,
+    )
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
-    self.step = jax.jit(self._step, out_shardings=(self.state_shardings, replicated),
-                        donate_argnums=0)
+    self.step = jax.jit(
+      self._step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
+    )
     self.evaluate = jax.jit(self._evaluate, out_shardings=replicated)
 
   def _model(self) -> PretrainModel:
-    return PretrainModel(self.encoder_cfg, self.heads, rngs=nnx.Rngs(self.config.seed),
-                         rules=self.rules, init_std=self.config.loss.init_std)
+    return PretrainModel(
+      self.encoder_cfg,
+      self.heads,
+      rngs=nnx.Rngs(self.config.seed),
+      rules=self.rules,
+      init_std=self.config.loss.init_std,
+    )
 
   def _init(self):
     params = nnx.to_pure_dict(nnx.state(self._model()))
-    return {'params': params, 'opt_state': self.tx.init(params),
-            'step': jnp.zeros((), jnp.int32)}
+    return {'params': params, 'opt_state': self.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
 
   # ----------------------------------------------------------------------------------------------
   # The step
@@ -206,9 +272,16 @@ class Program:
       out = model.encoder(patches, b['positions'], b['segment_ids'], num_segments=segments)
       e = out['pooled'].reshape(rows * segments, -1)
       res = losses.partial_fc_loss(
-          e, b['segment_valid'].reshape(-1), b['labels'].reshape(rows * segments, n),
-          b['sample_index'].reshape(-1), model.heads[name][...], step, self.heads[name],
-          self.rules, micro=micro)
+        e,
+        b['segment_valid'].reshape(-1),
+        b['labels'].reshape(rows * segments, n),
+        b['sample_index'].reshape(-1),
+        model.heads[name][...],
+        step,
+        self.heads[name],
+        self.rules,
+        micro=micro,
+      )
       total = total + self.weights[name] * res['loss']
       aux.update({f'{name}/{k}': v for k, v in res.items()})
     aux['loss'] = total
@@ -249,9 +322,13 @@ class Program:
 
   def meta(self, step: int) -> dict:
     """What a checkpoint of this program records besides the state (checkpoint.read_meta)."""
-    return {'step': step, 'config': self.config.to_dict(),
-            'encoder_config': dataclasses.asdict(self.encoder_cfg),
-            'process_count': jax.process_count(), 'mesh': dict(self.mesh.shape)}
+    return {
+      'step': step,
+      'config': self.config.to_dict(),
+      'encoder_config': dataclasses.asdict(self.encoder_cfg),
+      'process_count': jax.process_count(),
+      'mesh': dict(self.mesh.shape),
+    }
 
   def device_batch(self, host_batches: Sequence[Mapping[str, Mapping[str, np.ndarray]]]):
     """This host's micro-batches as the step's global [A, rows, ...] arrays (prefetch)."""
@@ -263,8 +340,9 @@ class Program:
     for name, b in batch.items():
       a, rows, length = b['patches'].shape[:3]
       _, _, segments, n = b['labels'].shape
-      total += a * rows * encoder_flops(self.encoder_cfg, length, num_segments=segments,
-                                        backward=True)
+      total += (
+        a * rows * encoder_flops(self.encoder_cfg, length, num_segments=segments, backward=True)
+      )
       total += a * losses.loss_flops(self.heads[name], rows * segments, self.encoder_cfg.width, n)
     return total
 
@@ -273,15 +351,16 @@ class Program:
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 
+
 def evaluate(program: Program, state, iterator, config) -> dict[str, float]:
   """Loss and accuracy on `eval_steps` batches of every head (from `eval_sources`, else the
   training data reshuffled), no update."""
   from ove_jax.reporter import fetch
+
   totals: dict[str, float] = {}
   for i in range(config.eval_steps):
     host = [next(iterator) for _ in range(config.accumulate)]
-    values = fetch(program.evaluate(state['params'], program.device_batch(host),
-                                    jnp.int32(-1 - i)))
+    values = fetch(program.evaluate(state['params'], program.device_batch(host), jnp.int32(-1 - i)))
     for k, v in values.items():
       totals[k] = totals.get(k, 0.0) + v / config.eval_steps
   return {f'eval/{k}': v for k, v in totals.items()}
@@ -291,24 +370,27 @@ def evaluate(program: Program, state, iterator, config) -> dict[str, float]:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Loop:
   """Where the loop stands between steps."""
-  state: dict                        # params, opt_state, step: on the mesh
+
+  state: dict  # params, opt_state, step: on the mesh
   step: int
   pending: StepResult | None = None  # the last step, reported one step late
-  tick: float = 0.0                  # when the last step (or evaluation, or save) ended
-  started: float = 0.0               # when train() was called
+  tick: float = 0.0  # when the last step (or evaluation, or save) ended
+  started: float = 0.0  # when train() was called
   profiling: bool = False
 
 
 @dataclasses.dataclass
 class Run:
   """One training process's run: what the loop works with."""
+
   config: ml_collections.ConfigDict
   workdir: str
   program: Program
-  manager: Any                       # orbax CheckpointManager of <workdir>/checkpoints
+  manager: Any  # orbax CheckpointManager of <workdir>/checkpoints
   sources: dict[str, str]
   prefetch: DevicePrefetch
   reporter: StepReporter
@@ -326,8 +408,10 @@ class Run:
     try:
       batch, position = self.prefetch.next()
     except StopIteration:
-      raise TrainingError(f'the input ran out at step {loop.step} (data.num_epochs is set); '
-                          'unset it to repeat the data') from None
+      raise TrainingError(
+        f'the input ran out at step {loop.step} (data.num_epochs is set); '
+        'unset it to repeat the data'
+      ) from None
     wait = time.perf_counter() - t0
     if self.reporter.flops_per_step is None:
       self.reporter.flops_per_step = self.program.flops_per_step(batch)
@@ -335,8 +419,11 @@ class Run:
     loop.step += 1
     if loop.step == self.reporter.start + 1:  # compiled and ran: what a restart waits for
       jax.block_until_ready(device_metrics)
-      log.info('first step of this process (%d) done %.1f s after the trainer started',
-               loop.step, time.perf_counter() - loop.started)
+      log.info(
+        'first step of this process (%d) done %.1f s after the trainer started',
+        loop.step,
+        time.perf_counter() - loop.started,
+      )
     self.report(loop)
     now = time.perf_counter()
     loop.pending, loop.tick = StepResult(loop.step, device_metrics, wait, now - loop.tick), now
@@ -346,8 +433,12 @@ class Run:
       loop.profiling = False
     if c.eval_every and loop.step % c.eval_every == 0:
       t_eval = time.perf_counter()
-      results = evaluate(self.program, loop.state, make_iterator(
-          c, self.sources, seed_offset=1, worker_count=0, evaluation=True), c)
+      results = evaluate(
+        self.program,
+        loop.state,
+        make_iterator(c, self.sources, seed_offset=1, worker_count=0, evaluation=True),
+        c,
+      )
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
       self.watchdog.kick(loop.step)
@@ -361,14 +452,17 @@ class Run:
     if stopping or loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps:
       self.report(loop)
       t_save = time.perf_counter()
-      checkpoint.save(self.manager, loop.step, loop.state, position,
-                      self.program.meta(loop.step))
+      checkpoint.save(self.manager, loop.step, loop.state, position, self.program.meta(loop.step))
       self.reporter.extra['checkpoint_seconds'] = time.perf_counter() - t_save
       loop.tick = time.perf_counter()
-      self.watchdog.kick(loop.step)   # an evaluation or a save is progress too
+      self.watchdog.kick(loop.step)  # an evaluation or a save is progress too
     if stopping:
-      log.warning('preempted (SIGTERM): saved step %d in %s; exiting with code %d', loop.step,
-                  self.workdir, preemption.PREEMPTED_EXIT_CODE)
+      log.warning(
+        'preempted (SIGTERM): saved step %d in %s; exiting with code %d',
+        loop.step,
+        self.workdir,
+        preemption.PREEMPTED_EXIT_CODE,
+      )
     return stopping
 
   def report(self, loop: Loop) -> None:
@@ -382,45 +476,76 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ends by printing where the checkpoints and the outputs of the metrics writers are. After a
   preemption save the result has 'stopped' (main exits with PREEMPTED_EXIT_CODE)."""
   started = time.perf_counter()
-  info = distributed.initialize(local_device_count=_local_devices(config),
-                                **config.distributed.to_dict())
+  info = distributed.initialize(
+    local_device_count=_local_devices(config), **config.distributed.to_dict()
+  )
   main_process = info['process_index'] == 0
   if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
     log.info('malloc: %s', host_runtime.configure_malloc())
   workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
   paths.makedirs(workdir)
   cache = distributed.use_compilation_cache(
-      config.compilation_cache_dir.replace('{workdir}', workdir))
+    config.compilation_cache_dir.replace('{workdir}', workdir)
+  )
   mesh = make_mesh(config)
   peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
   log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)
-  log.info('mesh %s on %d devices (%d processes); compilation cache: %s', dict(mesh.shape),
-           mesh.size, info['process_count'], cache or 'off')
+  log.info(
+    'mesh %s on %d devices (%d processes); compilation cache: %s',
+    dict(mesh.shape),
+    mesh.size,
+    info['process_count'],
+    cache or 'off',
+  )
 
-  sources = data_sources(config, workdir)   # built-in data made on first use: minutes, not a hang
+  sources = data_sources(config, workdir)  # built-in data made on first use: minutes, not a hang
   # From here on a stall (a lost peer, a stuck input or restore) ends the process with the stacks.
-  with (metrics_lib.Watchdog(config.watchdog_seconds, on_timeout=preemption.exit_hung) as watchdog,
-        jax.set_mesh(mesh), preemption.Preemption() as stop):
+  with (
+    metrics_lib.Watchdog(config.watchdog_seconds, on_timeout=preemption.exit_hung) as watchdog,
+    jax.set_mesh(mesh),
+    preemption.Preemption() as stop,
+  ):
     program = Program(config, mesh)
     manager = checkpoint.open_manager(
-        checkpoint.root_of(workdir), max_to_keep=config.keep_checkpoints,
-        keep_period=config.keep_every or None, create=True, asynchronous=True)
+      checkpoint.root_of(workdir),
+      max_to_keep=config.keep_checkpoints,
+      keep_period=config.keep_every or None,
+      create=True,
+      asynchronous=True,
+    )
     iterator = make_iterator(config, sources)
     state, start = resume.start_state(manager, workdir, iterator, program, config)
     if main_process:
-      fileio.write_json(os.path.join(workdir, 'config.json'), config.to_dict(), sort_keys=False,
-                        default=list)
-    reporter = StepReporter(workdir, total_steps=config.total_steps, log_every=config.log_every,
-                            start=start, peak_per_device=peak, devices=mesh.size,
-                            checkpoints=checkpoint.root_of(workdir), main_process=main_process,
-                            writers=tuple(config.metrics.writers),
-                            wandb_options={k[len('wandb_'):]: v for k, v in
-                                           config.metrics.items() if k.startswith('wandb_')},
-                            run_config=config.to_dict())
+      fileio.write_json(
+        os.path.join(workdir, 'config.json'), config.to_dict(), sort_keys=False, default=list
+      )
+    reporter = StepReporter(
+      workdir,
+      total_steps=config.total_steps,
+      log_every=config.log_every,
+      start=start,
+      peak_per_device=peak,
+      devices=mesh.size,
+      checkpoints=checkpoint.root_of(workdir),
+      main_process=main_process,
+      writers=tuple(config.metrics.writers),
+      wandb_options={
+        k[len('wandb_') :]: v for k, v in config.metrics.items() if k.startswith('wandb_')
+      },
+      run_config=config.to_dict(),
+    )
     loop = Loop(state=state, step=start, tick=time.perf_counter(), started=started)
-    run = Run(config, workdir, program, manager, sources,
-              DevicePrefetch(iterator, program.device_batch, config.accumulate), reporter,
-              watchdog, stop)
+    run = Run(
+      config,
+      workdir,
+      program,
+      manager,
+      sources,
+      DevicePrefetch(iterator, program.device_batch, config.accumulate),
+      reporter,
+      watchdog,
+      stop,
+    )
     try:
       while loop.step < config.total_steps and not run.step(loop):
         pass
@@ -433,14 +558,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         jax.profiler.stop_trace()
   last = dict(reporter.last, **({'stopped': 'SIGTERM'} if stop.requested else {}))
   if main_process:  # the manager's own list: opening another would wait for the other processes
-    reporter.print_outputs(workdir, f'{"stopped (SIGTERM) at" if stop.requested else "finished"} '
-                           f'step {loop.step}', sorted(manager.all_steps()))
+    reporter.print_outputs(
+      workdir,
+      f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step}',
+      sorted(manager.all_steps()),
+    )
   return last
 
 
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
+
 
 def main(argv: Sequence[str] | None = None) -> int:
   # Before JAX starts: XLA:CPU flags (the user's own values win); malloc once the backend is known.
@@ -449,17 +578,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   # which would make basicConfig a no-op and drop every INFO line.
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', force=True)
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
   args, overrides = cli.parse_train_args(sys.argv[1:] if argv is None else argv)
   logging.info(host_runtime.describe(tuning))
   try:
-    config = config_lib.load(args.config, overrides)   # before JAX starts: errors come fast
+    config = config_lib.load(args.config, overrides)  # before JAX starts: errors come fast
     if args.show_config:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')
       return 0
     if train(config, args.workdir).get('stopped'):
-      return preemption.PREEMPTED_EXIT_CODE   # saved: a scheduler should restart the job
+      return preemption.PREEMPTED_EXIT_CODE  # saved: a scheduler should restart the job
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2

@@ -18,6 +18,7 @@ The probe sees only features of the current parameters: it changes nothing in th
 run with probes trains exactly as one without. Its time is not counted in the next step's
 rates. It runs in the training process on the training mesh (tested with one process).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,15 @@ def due(config, step: int) -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def probe_samples(source: str, label: int, mode: str, num_frames: int, test_fraction: float,
-                  max_records: int, seed: int) -> tuple[list[dict], list[dict]]:
+def probe_samples(
+  source: str,
+  label: int,
+  mode: str,
+  num_frames: int,
+  test_fraction: float,
+  max_records: int,
+  seed: int,
+) -> tuple[list[dict], list[dict]]:
   """(train samples, test samples) of the held-out records: read and decoded once per process
   (cached), the first `max_records` of the files in name order, split by record index."""
   try:
@@ -52,17 +60,19 @@ def probe_samples(source: str, label: int, mode: str, num_frames: int, test_frac
   train_idx, test_idx = probes_lib.split(len(records), test_fraction)
   if not train_idx or not test_idx:
     raise config_lib.ConfigError(
-        f'probe.source={source!r}: {len(records)} record(s) with probe.test_fraction='
-        f'{test_fraction} leave {len(train_idx)} to train and {len(test_idx)} to test the probe; '
-        'both need at least one (give more records)')
+      f'probe.source={source!r}: {len(records)} record(s) with probe.test_fraction='
+      f'{test_fraction} leave {len(train_idx)} to train and {len(test_idx)} to test the probe; '
+      'both need at least one (give more records)'
+    )
   if not num_frames:  # the codec budget in whole frames: the equal-budget comparison
     budget = int(np.median([len(r['positions']) for r in records]))
     num_frames = max(1, round(budget / evaluators.features.FRAME_TOKENS))
   try:
     samples = evaluators.video_samples(records, mode, num_frames, seed=seed, label_index=label)
   except (OSError, ValueError) as e:
-    raise config_lib.ConfigError(f'probe.source={source!r}, probe.label={label}, '
-                                 f'probe.mode={mode!r}: {e}') from None
+    raise config_lib.ConfigError(
+      f'probe.source={source!r}, probe.label={label}, probe.mode={mode!r}: {e}'
+    ) from None
   return [samples[i] for i in train_idx], [samples[i] for i in test_idx]
 
 
@@ -71,14 +81,28 @@ def run(config, program, state) -> dict[str, float]:
   the `program`'s graphdef, not changed): {probe/<probe>_top1, probe/seconds}."""
   start = time.perf_counter()
   p = config.probe
-  train, test = probe_samples(p.source, int(p.label), p.mode, int(p.num_frames),
-                              float(p.test_fraction), int(p.max_records), int(config.seed))
+  train, test = probe_samples(
+    p.source,
+    int(p.label),
+    p.mode,
+    int(p.num_frames),
+    float(p.test_fraction),
+    int(p.max_records),
+    int(config.seed),
+  )
   encoder = nnx.merge(program.graphdef, state['params']).encoder
-  results = evaluators.evaluate(encoder, train, test, probes=tuple(p.probes),
-                                batch_size=int(p.batch_size), seeds=(int(config.seed),),
-                                knn_k=int(p.knn_k))
-  out: dict[str, Any] = {f'{PREFIX}{probe}_top1': results[probe]['top1']
-                         for probe in evaluators.check_probes(p.probes)}
+  results = evaluators.evaluate(
+    encoder,
+    train,
+    test,
+    probes=tuple(p.probes),
+    batch_size=int(p.batch_size),
+    seeds=(int(config.seed),),
+    knn_k=int(p.knn_k),
+  )
+  out: dict[str, Any] = {
+    f'{PREFIX}{probe}_top1': results[probe]['top1'] for probe in evaluators.check_probes(p.probes)
+  }
   out[f'{PREFIX}seconds'] = time.perf_counter() - start
   return out
 
@@ -90,24 +114,28 @@ def check(config) -> None:
   p = config.probe
   if config.probe_every % config.log_every:
     raise config_lib.ConfigError(
-        f'probe_every={config.probe_every} must be a multiple of log_every={config.log_every} '
-        '(probes are logged on metrics lines)')
+      f'probe_every={config.probe_every} must be a multiple of log_every={config.log_every} '
+      '(probes are logged on metrics lines)'
+    )
   if not p.source:
     raise config_lib.ConfigError(
-        f'probe_every={config.probe_every} needs probe.source: the held-out labelled video '
-        "records to probe on, e.g. --config.probe.source='/data/heldout/records/*'")
+      f'probe_every={config.probe_every} needs probe.source: the held-out labelled video '
+      "records to probe on, e.g. --config.probe.source='/data/heldout/records/*'"
+    )
   try:
     evaluators.check_probes(p.probes)
   except ValueError as e:
     raise config_lib.ConfigError(f'probe.probes: {e}') from None
   if p.mode not in evaluators.features.MODES:
-    raise config_lib.ConfigError(f'probe.mode={p.mode!r}: choose one of '
-                                 f'{evaluators.features.MODES}')
+    raise config_lib.ConfigError(
+      f'probe.mode={p.mode!r}: choose one of {evaluators.features.MODES}'
+    )
   if not 0 < p.test_fraction < 1:
     raise config_lib.ConfigError(f'probe.test_fraction={p.test_fraction}: between 0 and 1')
   for key in ('max_records', 'batch_size', 'knn_k'):
     if p[key] < 1:
       raise config_lib.ConfigError(f'probe.{key}={p[key]}: must be >= 1')
   if p.num_frames < 0:
-    raise config_lib.ConfigError(f'probe.num_frames={p.num_frames}: >= 0 (0: the records\' '
-                                 'codec budget in whole frames)')
+    raise config_lib.ConfigError(
+      f"probe.num_frames={p.num_frames}: >= 0 (0: the records' codec budget in whole frames)"
+    )

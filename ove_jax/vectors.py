@@ -5,6 +5,7 @@ probes' pooled embeddings are all put on the unit sphere the same way, whether t
 host (scikit-learn, the k-NN probe) or on the devices (the sharded k-means). One function, one
 eps, so a host and a device computation of the same thing agree.
 """
+
 from __future__ import annotations
 
 import sys

@@ -6,6 +6,7 @@ stage starting from an earlier one). Only parameters are read (never the source'
 state), straight onto this run's shardings, whatever mesh wrote them; the optimiser state and the
 step start fresh.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,17 +38,20 @@ def _release_centres(params: dict, config, program) -> dict:
   """Heads started from the release's Partial FC centres (its per-rank .npy shards), the padding
   rows drawn as a fresh head's (docs/kmeans_and_release_heads.md)."""
   from ove_jax.convert import release_heads
+
   where = f'init.release_centres={config.init.release_centres}'
   try:
-    found = release_heads.load_release_centres(config.init.release_centres, program.heads,
-                                               program.encoder_cfg.width)
+    found = release_heads.load_release_centres(
+      config.init.release_centres, program.heads, program.encoder_cfg.width
+    )
     heads = dict(params['heads'])
     for name, centres_NxC in found.items():
       head = program.heads[name]
       full = release_heads.into_head(centres_NxC, head.padded_classes, config.seed)
       heads[name] = checkpoint.place(full, params['heads'][name], f'heads/{name}')
-      log.info('initialised head %s from the release\'s centres (%d classes)', name,
-               centres_NxC.shape[0])
+      log.info(
+        "initialised head %s from the release's centres (%d classes)", name, centres_NxC.shape[0]
+      )
   except (OSError, ValueError) as e:
     raise config_lib.ConfigError(f'{where}: {e}') from None
   return {**params, 'heads': heads}
@@ -58,18 +62,24 @@ def _check_arch(source: str, theirs: dict[str, Any], config, program) -> None:
   for field in ARCH_FIELDS:
     if field in theirs and theirs[field] != getattr(mine, field):
       raise config_lib.ConfigError(
-          f'{source}: its {field} is {theirs[field]}, this run\'s '
-          f'model.preset={config.model.preset} has {getattr(mine, field)}')
+        f"{source}: its {field} is {theirs[field]}, this run's "
+        f'model.preset={config.model.preset} has {getattr(mine, field)}'
+      )
 
 
 def _from_release(params: dict, config, program) -> dict:
   import dataclasses
 
   from ove_jax.convert import hf
+
   directory = config.init.pytorch
   raw, tensors = hf.read_directory(directory)
-  _check_arch(f'init.pytorch={directory}', dataclasses.asdict(hf.config_from_hf(
-      raw, source=directory)), config, program)
+  _check_arch(
+    f'init.pytorch={directory}',
+    dataclasses.asdict(hf.config_from_hf(raw, source=directory)),
+    config,
+    program,
+  )
   flat = hf.hf_to_params(tensors, program.encoder_cfg, source=directory)
   try:
     encoder = checkpoint.place(checkpoint.nest(flat), params['encoder'], 'encoder')
@@ -84,11 +94,16 @@ def _from_checkpoint(params: dict, config, program) -> dict:
   where = f'init.checkpoint={source}'
   try:
     meta = checkpoint.read_meta(source)
-    _check_arch(where + f' (model.preset={meta.get("config", {}).get("model", {}).get("preset")})',
-                meta.get('encoder_config', {}), config, program)
+    _check_arch(
+      where + f' (model.preset={meta.get("config", {}).get("model", {}).get("preset")})',
+      meta.get('encoder_config', {}),
+      config,
+      program,
+    )
     abstract = program.abstract_state['params']
-    encoder, _, step = checkpoint.restore_params(source, subtree=checkpoint.ENCODER,
-                                                 target=abstract['encoder'])
+    encoder, _, step = checkpoint.restore_params(
+      source, subtree=checkpoint.ENCODER, target=abstract['encoder']
+    )
     heads = dict(params['heads'])
     theirs = checkpoint.param_shapes(source, step, subtree=('params', 'heads'))
     kept = []
@@ -97,13 +112,15 @@ def _from_checkpoint(params: dict, config, program) -> dict:
         if config.init.heads == 'matching':
           continue
         raise config_lib.ConfigError(
-            f'init.heads=keep: the source has no head {name!r} (it has {sorted(theirs)}); use '
-            '--config.init.heads=matching (keep the heads it has, start the others fresh) or '
-            'fresh')
+          f'init.heads=keep: the source has no head {name!r} (it has {sorted(theirs)}); use '
+          '--config.init.heads=matching (keep the heads it has, start the others fresh) or '
+          'fresh'
+        )
       if config.init.heads == 'matching' and theirs[name] != tuple(heads[name].shape):
         continue
       heads[name], _, _ = checkpoint.restore_params(
-          source, step, subtree=('params', 'heads', name), target=abstract['heads'][name])
+        source, step, subtree=('params', 'heads', name), target=abstract['heads'][name]
+      )
       kept.append(name)
   except (FileNotFoundError, ValueError) as e:
     if isinstance(e, config_lib.ConfigError):

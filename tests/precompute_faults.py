@@ -6,6 +6,7 @@ SIGKILL of the kernel's out-of-memory killer; 'hang' ones never return, as a stu
 or decoder does; any other name is a local path. `work` is the same for
 `data_pipeline.workers.ordered_map` on plain numbers.
 """
+
 import os
 import signal
 import time

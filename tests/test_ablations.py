@@ -1,6 +1,7 @@
 """The ablation knobs really change what is trained: RoPE variants, the random selection mode,
 the built-in data's frame policy, and experiments/ablations.py's sweeps (experiments/ablations.py,
 data_pipeline.transforms, data_pipeline.builtin, ove_jax.models.encoder)."""
+
 import json
 import os
 
@@ -38,6 +39,7 @@ def _inputs(n=12, seed=0):
 # RoPE variants
 # ------------------------------------------------------------------------------------------------
 
+
 def test_rope_default_is_the_release_3d():
   cfg = EncoderConfig.preset('tiny')
   assert cfg.rope == '3d' and config_lib.defaults().model.rope == '3d'
@@ -61,10 +63,12 @@ def test_rope_1d_is_one_flat_index_over_the_whole_head_dim(sharpen):
   positions[0, 0], other[0, 0] = (0, 1, 0), (0, 0, enc.ROPE_1D_GRID)
   one_d, three_d = _model('1d', sharpen), _model('3d', sharpen)
   np.testing.assert_array_equal(call(one_d, patches, positions), call(one_d, patches, other))
-  assert not np.allclose(call(three_d, patches, positions), call(three_d, patches, other),
-                         atol=1e-3)
-  assert not np.allclose(call(one_d, patches, positions), call(three_d, patches, positions),
-                         atol=1e-3)
+  assert not np.allclose(
+    call(three_d, patches, positions), call(three_d, patches, other), atol=1e-3
+  )
+  assert not np.allclose(
+    call(one_d, patches, positions), call(three_d, patches, positions), atol=1e-3
+  )
 
 
 def test_rope_none_ignores_positions(sharpen):
@@ -75,8 +79,9 @@ def test_rope_none_ignores_positions(sharpen):
   np.testing.assert_array_equal(out, call(none, patches, shuffled))
   # No rotation is the 3D rotation at position 0 (cos 1, sin 0); same weights (same seed).
   np.testing.assert_allclose(out, call(three_d, patches, np.zeros_like(positions)), atol=1e-6)
-  assert not np.allclose(call(three_d, patches, positions), call(three_d, patches, shuffled),
-                         atol=1e-3)
+  assert not np.allclose(
+    call(three_d, patches, positions), call(three_d, patches, shuffled), atol=1e-3
+  )
 
 
 def test_rope_variant_is_checked_and_named():
@@ -108,13 +113,18 @@ def test_trainer_builds_the_configured_rope():
 # The random selection mode
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope='module')
 def clip_record():
   clip = synthetic.make_clip(3, num_frames=16, height=64, width=64)
-  hh, ww = np.meshgrid(np.arange(3), np.arange(16), indexing='ij')   # "codec": rows 0-2 of t=0
+  hh, ww = np.meshgrid(np.arange(3), np.arange(16), indexing='ij')  # "codec": rows 0-2 of t=0
   positions = np.stack([np.zeros(48), hh.reshape(-1), ww.reshape(-1)], -1).astype(np.int16)
-  return {'video': clip.data, 'frame_ids': np.arange(16, dtype=np.int32),
-          'positions': positions, 'labels': np.arange(3, dtype=np.int32)}
+  return {
+    'video': clip.data,
+    'frame_ids': np.arange(16, dtype=np.int32),
+    'positions': positions,
+    'labels': np.arange(3, dtype=np.int32),
+  }
 
 
 def test_random_mode_draws_the_budget_from_random_positions(clip_record):
@@ -131,12 +141,16 @@ def test_random_mode_draws_the_budget_from_random_positions(clip_record):
   # The pixels are those of the drawn positions.
   frames = video_lib.decode_frames(clip_record['video'], clip_record['frame_ids'], 224)
   timeline_t = np.searchsorted(transforms.timeline_to_grid(16), pos[:, 0])
-  expected = np.stack([frames[t, 14 * h:14 * h + 14, 14 * w:14 * w + 14].reshape(-1)
-                       for t, h, w in zip(timeline_t, pos[:, 1], pos[:, 2])])
+  expected = np.stack(
+    [
+      frames[t, 14 * h : 14 * h + 14, 14 * w : 14 * w + 14].reshape(-1)
+      for t, h, w in zip(timeline_t, pos[:, 1], pos[:, 2])
+    ]
+  )
   np.testing.assert_array_equal(sample['patches'], expected)
 
   again = vt(clip_record, np.random.default_rng(0))
-  np.testing.assert_array_equal(again['positions'], pos)   # a function of the seeded rng
+  np.testing.assert_array_equal(again['positions'], pos)  # a function of the seeded rng
   other = vt(clip_record, np.random.default_rng(1))
   assert not np.array_equal(other['positions'], pos)
   bigger = dict(clip_record, positions=np.concatenate([clip_record['positions']] * 2)[:80])
@@ -146,7 +160,7 @@ def test_random_mode_draws_the_budget_from_random_positions(clip_record):
 
 def test_video_modes_take_three_or_four_weights():
   head = dict(kind='video', source='unused', rows=2, tokens_per_row=512, num_frames=8)
-  pipeline.HeadConfig(**head, video_modes=(0, 0, 0, 1))   # random tokens are the record's K
+  pipeline.HeadConfig(**head, video_modes=(0, 0, 0, 1))  # random tokens are the record's K
   pipeline.HeadConfig(**head, video_modes=(1, 0, 0))
   with pytest.raises(ValueError, match='2048 tokens > tokens_per_row=512'):
     pipeline.HeadConfig(**head, video_modes=(0, 1, 0, 0))
@@ -157,6 +171,7 @@ def test_video_modes_take_three_or_four_weights():
 # ------------------------------------------------------------------------------------------------
 # The frame policy of the built-in data
 # ------------------------------------------------------------------------------------------------
+
 
 def _records(result):
   return [r for path in result['video_source'].split(',') for r in precompute.read_shard(path)]
@@ -171,11 +186,11 @@ def test_frame_policy_reaches_the_records(tmp_path):
       t = record['positions'][:, 0]
       intra = np.flatnonzero(record['picture_types'] == 1)  # records.PICTURE_TYPES 'I'
       assert len(t) == 512 and len(intra) == 2
-      if policy == 'zero':       # I-frame and first-frame scores zeroed
+      if policy == 'zero':  # I-frame and first-frame scores zeroed
         assert not np.isin(t, intra).any()
       elif policy == 'first_frame':
         assert np.sum(t == 0) == per_frame
-      else:                      # both I-frames whole: the whole budget
+      else:  # both I-frames whole: the whole budget
         assert sorted(set(t.tolist())) == intra.tolist()
   with pytest.raises(ValueError, match=r"policy='first_frame' there, 'zero' asked"):
     builtin.ensure(str(tmp_path / 'first_frame'), **small)
@@ -189,6 +204,7 @@ def test_trainer_passes_the_frame_policy(tmp_path, monkeypatch):
   def ensure(root, **kwargs):
     seen.update(kwargs, root=root)
     return {'video_source': 'v', 'image_source': 'i'}
+
   monkeypatch.setattr(builtin, 'ensure', ensure)
   c = config_lib.load(ABLATIONS + ':smoke', ['builtin.policy=paper'])
   train.data_sources(c, str(tmp_path))
@@ -198,6 +214,7 @@ def test_trainer_passes_the_frame_policy(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # experiments/ablations.py
 # ------------------------------------------------------------------------------------------------
+
 
 def test_selection_points_differ_only_in_the_selection_at_one_budget():
   spec = ABLATIONS + ':smoke,study=selection'
@@ -209,20 +226,32 @@ def test_selection_points_differ_only_in_the_selection_at_one_budget():
   modes = [f['data.heads.video.video_modes'] for f in flats]
   assert modes == [(1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 0.0, 1.0)]
   f = flats[1]
-  assert f['data.heads.video.num_frames'] * 256 == f['data.heads.video.tokens_per_row'] == \
-      f['builtin.budget'] == 512
+  assert (
+    f['data.heads.video.num_frames'] * 256
+    == f['data.heads.video.tokens_per_row']
+    == f['builtin.budget']
+    == 512
+  )
 
 
 def test_every_study_sweeps_a_real_key_in_both_sizes():
-  expected = {'budget': 'builtin.budget', 'policy': 'builtin.policy', 'rope': 'model.rope',
-              'margin': 'loss.margin', 'scale': 'loss.scale', 'sample_rate': 'loss.sample_rate'}
+  expected = {
+    'budget': 'builtin.budget',
+    'policy': 'builtin.policy',
+    'rope': 'model.rope',
+    'margin': 'loss.margin',
+    'scale': 'loss.scale',
+    'sample_rate': 'loss.sample_rate',
+  }
   for study, key in expected.items():
     for size, key_full in (('smoke,', key), ('', key)):
       if size == '' and study in ('budget', 'policy'):
-        key_full = 'data.heads.video.source'   # full size: other precomputed records
+        key_full = 'data.heads.video.source'  # full size: other precomputed records
       spec = f'{ABLATIONS}:{size}study={study}'
-      values = {repr(config_lib.flatten(sweeps.point_config(spec, p))[key_full])
-                for p in sweeps.expand(spec)}
+      values = {
+        repr(config_lib.flatten(sweeps.point_config(spec, p))[key_full])
+        for p in sweeps.expand(spec)
+      }
       assert len(values) >= 3, (spec, values)
   with pytest.raises(config_lib.ConfigError, match='argument study=.lr.; allowed: selection'):
     sweeps.expand(ABLATIONS + ':study=lr')

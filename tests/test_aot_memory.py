@@ -4,6 +4,7 @@ Two compiles of the demo config: on one device from the command line (a subproce
 contract), and on 8 devices in-process (conftest has started JAX with 8 CPU devices; the tool
 takes the first N of them). Bad input never compiles.
 """
+
 import json
 import os
 import subprocess
@@ -22,17 +23,33 @@ DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
 # Class counts no other dimension of the tiny model has (the demo's own may equal a head size):
 # 997 and 601 classes, padded to 8 sampling blocks: 1000 and 608.
 CLASSES = ('--config.heads.video.num_classes=997', '--config.heads.image.num_classes=601')
-KEYS = ('devices', 'mesh', 'params_bytes', 'optimizer_bytes', 'temp_bytes', 'total_bytes',
-        'flops_per_step', 'fits', 'max_buffer_elements', 'batch_by_classes_buffer')
+KEYS = (
+  'devices',
+  'mesh',
+  'params_bytes',
+  'optimizer_bytes',
+  'temp_bytes',
+  'total_bytes',
+  'flops_per_step',
+  'fits',
+  'max_buffer_elements',
+  'batch_by_classes_buffer',
+)
 
 jax.devices()  # the backend starts here with conftest's 8 devices; the tool then takes N of them
 
 
 def cli(*argv):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)   # the tool sets its own device count
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'aot_memory.py'), *argv],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  env.pop('XLA_FLAGS', None)  # the tool sets its own device count
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'tools', 'aot_memory.py'), *argv],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def last_json(out):
@@ -53,6 +70,7 @@ def eight_devices():
   """The demo on 8 devices with its own mesh (data=-1 x fsdp=2), in-process."""
   import contextlib
   import io
+
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     code = aot_memory.main([f'--config={DEMO}', '--devices=8', '--device-memory=0.001', *CLASSES])
@@ -64,13 +82,13 @@ def test_one_device_exact_params_and_finds_the_unsharded_logits(one_device):
   out, r = one_device
   assert all(k in r for k in KEYS), sorted(r)
   assert r['devices'] == 1 and r['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
-  config = config_lib.load(DEMO, [c[len('--config.'):] for c in CLASSES])
+  config = config_lib.load(DEMO, [c[len('--config.') :] for c in CLASSES])
   cfg = EncoderConfig.preset(config.model.preset)
   heads = {name: config_lib.head_loss_config(config, name) for name in config.heads}
   # Every parameter on the one device, float32: the encoder's and each head's padded centres.
   want = 4 * (num_params(cfg) + sum(h.padded_classes * cfg.width for h in heads.values()))
   assert r['params_bytes'] == want
-  assert 2 * want <= r['optimizer_bytes'] < 2 * want + 1024   # AdamW's moments + counters
+  assert 2 * want <= r['optimizer_bytes'] < 2 * want + 1024  # AdamW's moments + counters
   assert r['total_bytes'] >= r['params_bytes'] + r['optimizer_bytes'] + r['temp_bytes'] > 0
   # Unsharded, the loss holds [slots, batch, classes] logits: the check must see them.
   assert r['batch_by_classes_buffer'] is True and r['batch_by_classes_unchecked'] == []
@@ -89,40 +107,54 @@ def test_eight_devices_shard_params_and_logits(one_device, eight_devices):
   # fsdp halves the encoder's matrices, the centres are split over all 8 devices.
   assert r['params_bytes'] < 0.6 * one['params_bytes']
   assert r['optimizer_bytes'] < 0.6 * one['optimizer_bytes']
-  assert r['batch_bytes'] * 8 == one['batch_bytes']   # rows over data x fsdp = 8 shards
+  assert r['batch_bytes'] * 8 == one['batch_bytes']  # rows over data x fsdp = 8 shards
   assert r['total_bytes'] >= r['params_bytes'] + r['optimizer_bytes'] + r['temp_bytes']
   assert r['batch_by_classes_buffer'] is False and r['batch_by_classes_shapes'] == {}
   assert r['batch_by_classes_unchecked'] == []
   assert 'no batch x classes buffer' in out
-  assert r['flops_per_step'] == one['flops_per_step'] > 0    # the same global batch
+  assert r['flops_per_step'] == one['flops_per_step'] > 0  # the same global batch
   assert r['max_buffer_elements'] > 0 and r['max_buffer_shape']
-  assert r['fits'] == {'H100 80GB': True, 'H200 141GB': True, 'TPU v5p 95GB': True,
-                       'custom 0.001GB': False}
+  assert r['fits'] == {
+    'H100 80GB': True,
+    'H200 141GB': True,
+    'TPU v5p 95GB': True,
+    'custom 0.001GB': False,
+  }
   assert r['heads']['video'] == {'classes': 997, 'padded_classes': 1000, 'per_device_classes': 125}
 
 
 def test_batch_by_class_shapes_reads_hlo_shapes():
-  text = ('%a = f32[3,8,56]{2,1,0} fusion(...), %b = bf16[8,256,2,56]{3,2,1,0} dot(...), '
-          '%c = pred[56,8]{1,0} compare(...), %d = f32[1,56]{1,0} x, %e = s32[] constant(0)')
+  text = (
+    '%a = f32[3,8,56]{2,1,0} fusion(...), %b = bf16[8,256,2,56]{3,2,1,0} dot(...), '
+    '%c = pred[56,8]{1,0} compare(...), %d = f32[1,56]{1,0} x, %e = s32[] constant(0)'
+  )
   shapes = memory.hlo_shapes(text)
   assert ('s32', ()) in shapes and ('f32', (3, 8, 56)) in shapes
   # Adjacent batch and class dimensions only; a batch of one is no batch.
   assert memory.batch_by_class_shapes(shapes, {8, 1}, {56}) == ['f32[3,8,56]', 'pred[56,8]']
   assert memory.batch_by_class_shapes(shapes, {8}, {53}) == []
-  assert memory.largest_buffer(shapes) == (8 * 256 * 2 * 56, 2 * 8 * 256 * 2 * 56,
-                                               'bf16[8,256,2,56]')
+  assert memory.largest_buffer(shapes) == (
+    8 * 256 * 2 * 56,
+    2 * 8 * 256 * 2 * 56,
+    'bf16[8,256,2,56]',
+  )
 
 
-@pytest.mark.parametrize('argv, message', [
+@pytest.mark.parametrize(
+  'argv, message',
+  [
     (['--devices=8', '--mesh=4,4,1'], '--mesh: mesh data=4 x fsdp=4 x tensor=1 needs 16 devices'),
     (['--devices=8', '--mesh=3,-1,1'], '--mesh: mesh data=3 x fsdp=-1 x tensor=1: the fixed'),
     (['--devices=8', '--mesh=2,2'], '--mesh=2,2: expected data,fsdp,tensor'),
     (['--devices=0'], '--devices=0: give the number of devices, 1 or more'),
     (['--devices=8', '--config.optim.lrr=1'], '--config: --config.optim.lrr: optim has no key'),
-    (['--devices=8', '--config.heads.video.sampling_blocks=4'],
-     'sampling_blocks=4 is not a multiple of the 8 devices'),
+    (
+      ['--devices=8', '--config.heads.video.sampling_blocks=4'],
+      'sampling_blocks=4 is not a multiple of the 8 devices',
+    ),
     (['--devices=16', '--platform=native'], 'this machine has 8 cpu device(s)'),
-])
+  ],
+)
 def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
   code = aot_memory.main([f'--config={DEMO}', *argv])
   out, err = capsys.readouterr()

@@ -1,4 +1,5 @@
 """Attention implementations against the xla reference, on CPU (Pallas kernels interpreted)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,10 +29,10 @@ def _inputs(num_heads, seed=0):
 
 def _loss(implementation, cotangent, **kw):
   def loss(q, k, v, segment_ids):
-    out = attention.dot_product_attention(q, k, v, segment_ids, implementation=implementation,
-                                          **kw)
+    out = attention.dot_product_attention(q, k, v, segment_ids, implementation=implementation, **kw)
     real = (segment_ids > 0)[:, :, None, None]
     return jnp.sum(jnp.where(real, out * cotangent, 0.0))
+
   return loss
 
 
@@ -41,16 +42,20 @@ def _assert_real_close(got, want, segment_ids, atol=1e-5):
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=atol, rtol=1e-5)
 
 
-@pytest.mark.parametrize('implementation,kw', [
+@pytest.mark.parametrize(
+  'implementation,kw',
+  [
     ('jax', {}),
     ('splash', {'interpret': True}),
     ('pallas_gpu', {'interpret': True}),
-])
+  ],
+)
 def test_forward_and_grads_match_xla(implementation, kw):
   q, k, v, segment_ids, cotangent = _inputs(num_heads=2)
   want = attention.dot_product_attention(q, k, v, segment_ids)
-  got = jax.jit(lambda *a: attention.dot_product_attention(
-      *a, implementation=implementation, **kw))(q, k, v, segment_ids)
+  got = jax.jit(
+    lambda *a: attention.dot_product_attention(*a, implementation=implementation, **kw)
+  )(q, k, v, segment_ids)
   _assert_real_close(got, want, segment_ids)
   # The row's own padding (id 0) never mixes with the kernels' extra positions (id -1), so even
   # the padding outputs equal the reference's.
@@ -59,7 +64,8 @@ def test_forward_and_grads_match_xla(implementation, kw):
   # All three kernels have a backward pass (splash: dq + dkv kernels; pallas_gpu: fused Triton
   # backward kernel), so the gradients are compared for each.
   grads = jax.jit(jax.grad(_loss(implementation, cotangent, **kw), argnums=(0, 1, 2)))(
-      q, k, v, segment_ids)
+    q, k, v, segment_ids
+  )
   want_grads = jax.grad(_loss('xla', cotangent), argnums=(0, 1, 2))(q, k, v, segment_ids)
   for name, g, w in zip('qkv', grads, want_grads):
     assert float(jnp.abs(w).max()) > 1e-2, name  # the comparison is not vacuous
@@ -73,8 +79,9 @@ def test_reference_keeps_segments_apart():
   in_seg2 = (segment_ids == 2)[:, :, None, None]
   k2, v2 = jnp.where(in_seg2, -k, k), jnp.where(in_seg2, v + 3.0, v)
   for implementation, kw in [('xla', {}), ('splash', {'interpret': True})]:
-    out2 = attention.dot_product_attention(q, k2, v2, segment_ids,
-                                           implementation=implementation, **kw)
+    out2 = attention.dot_product_attention(
+      q, k2, v2, segment_ids, implementation=implementation, **kw
+    )
     other = np.asarray(segment_ids != 2)
     np.testing.assert_allclose(np.asarray(out2)[other], np.asarray(out)[other], atol=1e-5)
     assert np.abs(np.asarray(out2)[~other] - np.asarray(out)[~other]).min() > 1.0
@@ -82,9 +89,22 @@ def test_reference_keeps_segments_apart():
 
 def test_padded_lengths():
   assert [attention.padded_length(n, 'splash') for n in (1, 128, 200, 256, 2048, 16384)] == [
-      128, 128, 256, 256, 2048, 16384]
+    128,
+    128,
+    256,
+    256,
+    2048,
+    16384,
+  ]
   assert [attention.padded_length(n, 'pallas_gpu') for n in (1, 5, 20, 128, 130, 200, 16384)] == [
-      16, 16, 32, 128, 256, 256, 16384]
+    16,
+    16,
+    32,
+    128,
+    256,
+    256,
+    16384,
+  ]
   assert attention._splash_block(16384) == 512 and attention._splash_block(384) == 128
 
 
@@ -94,8 +114,9 @@ def test_small_odd_length():
   segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 2, 2, 2]], jnp.int32)
   want = attention.dot_product_attention(q, k, v, segment_ids)
   for implementation in ('splash', 'pallas_gpu'):
-    got = attention.dot_product_attention(q, k, v, segment_ids, implementation=implementation,
-                                          interpret=True)
+    got = attention.dot_product_attention(
+      q, k, v, segment_ids, implementation=implementation, interpret=True
+    )
     _assert_real_close(got, want, segment_ids)
 
 
@@ -126,10 +147,13 @@ def _mesh():
   return jax.make_mesh((1, 2, 4), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
 
 
-@pytest.mark.parametrize('num_heads', [
+@pytest.mark.parametrize(
+  'num_heads',
+  [
     4,  # batch over fsdp=2, heads over tensor=4: every device holds one (row, head)
     2,  # heads not divisible by tensor=4: heads stay whole, the tensor axis computes redundantly
-])
+  ],
+)
 def test_splash_under_mesh_matches_unsharded_xla(num_heads):
   q, k, v, segment_ids, cotangent = _inputs(num_heads=num_heads, seed=1)
   want = attention.dot_product_attention(q, k, v, segment_ids)
@@ -140,7 +164,8 @@ def test_splash_under_mesh_matches_unsharded_xla(num_heads):
     assert 'shard_map' in str(jaxpr)
     got = jax.jit(fn)(q, k, v, segment_ids)
     grads = jax.jit(jax.grad(_loss('splash', cotangent, interpret=True), argnums=(0, 1, 2)))(
-        q, k, v, segment_ids)
+      q, k, v, segment_ids
+    )
   _assert_real_close(got, want, segment_ids)
   for name, g, w in zip('qkv', grads, want_grads):
     np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5, err_msg=f'd{name}')

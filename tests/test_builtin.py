@@ -3,6 +3,7 @@
 One small set (4 clips, 6 images, budget 512) is made once for the module; the resume, lock and
 failure tests make their own, smaller ones (2 clips at budget 256, selection in-process).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,15 @@ def test_result_sources_and_labels(built):
   root, result = built
   images = os.path.join(root, 'images')
   assert result == {
-      'video_source': result['video_source'],
-      'image_source': f'folder:{images}?labels={images}/labels.npy',
-      'video_classes': 57, 'image_classes': 29, 'video_labels': 4, 'image_labels': 3,
-      'clips': 4, 'images': 6}
+    'video_source': result['video_source'],
+    'image_source': f'folder:{images}?labels={images}/labels.npy',
+    'video_classes': 57,
+    'image_classes': 29,
+    'video_labels': 4,
+    'image_labels': 3,
+    'clips': 4,
+    'images': 6,
+  }
   assert len(sources.open_source(result['video_source'])) == 4
   assert len(sources.open_source(result['image_source'])) == 6
 
@@ -57,12 +63,16 @@ def test_result_sources_and_labels(built):
       assert len(record['positions']) == SMALL['budget']
       clip_labels[os.path.basename(record['source'])] = (fine, shape, direction, texture)
   assert sorted(clip_labels) == [f'clip-{i:05d}.mp4' for i in range(4)]
-  clip = synthetic.make_clip(builtin.item_seed(0, 0, 1), num_frames=64, bframes=2,
-                             num_objects=1, background='pan')
+  clip = synthetic.make_clip(
+    builtin.item_seed(0, 0, 1), num_frames=64, bframes=2, num_objects=1, background='pan'
+  )
   truth = clip.labels
-  assert clip_labels['clip-00001.mp4'] == (truth['shape_id'] * 8 + truth['direction_id'],
-                                           40 + truth['shape_id'], 45 + truth['direction_id'],
-                                           53 + truth['texture_id'])
+  assert clip_labels['clip-00001.mp4'] == (
+    truth['shape_id'] * 8 + truth['direction_id'],
+    40 + truth['shape_id'],
+    45 + truth['direction_id'],
+    53 + truth['texture_id'],
+  )
   with open(os.path.join(root, 'videos', 'clip-00001.mp4'), 'rb') as f:
     assert f.read() == clip.data
 
@@ -80,18 +90,37 @@ def test_result_sources_and_labels(built):
 def test_pipeline_reads_both_sources(built):
   _, result = built
   budget = SMALL['budget']
-  cfg = {'seed': 0, 'worker_count': 0, 'heads': {
-      'video': {'kind': 'video', 'source': result['video_source'], 'rows': 4,
-                'video_modes': (1.0, 0.0, 0.0), 'tokens_per_row': budget, 'max_segments': 1,
-                'num_labels': 3},  # the first three of the clips' four
-      'image': {'kind': 'image', 'source': result['image_source'], 'rows': 4,
-                'resolution': 224, 'tokens_per_row': 256, 'max_segments': 1,
-                'num_labels': result['image_labels']}}}
+  cfg = {
+    'seed': 0,
+    'worker_count': 0,
+    'heads': {
+      'video': {
+        'kind': 'video',
+        'source': result['video_source'],
+        'rows': 4,
+        'video_modes': (1.0, 0.0, 0.0),
+        'tokens_per_row': budget,
+        'max_segments': 1,
+        'num_labels': 3,
+      },  # the first three of the clips' four
+      'image': {
+        'kind': 'image',
+        'source': result['image_source'],
+        'rows': 4,
+        'resolution': 224,
+        'tokens_per_row': 256,
+        'max_segments': 1,
+        'num_labels': result['image_labels'],
+      },
+    },
+  }
   iterator = pipeline.make_iterator(cfg)
   for _ in range(2):
     batch = next(iterator)
-    for head, tokens, classes in (('video', budget, result['video_classes']),
-                                  ('image', 256, result['image_classes'])):
+    for head, tokens, classes in (
+      ('video', budget, result['video_classes']),
+      ('image', 256, result['image_classes']),
+    ):
       b = batch[head]
       assert b['patches'].shape == (4, tokens, 588)
       assert b['segment_valid'].all() and b['num_skipped'] == 0
@@ -134,20 +163,34 @@ def test_killed_run_resumes(tmp_path):
   after = mtimes(root)
   remade = {p for p in after if before.get(p) != after[p]}
   assert {'videos/clip-00001.mp4', 'images/img-00001.png', 'builtin.json'} <= remade
-  assert not remade & {'videos/clip-00000.mp4', 'images/img-00000.png', 'videos/clips.tsv',
-                       'images/labels.npy'}
+  assert not remade & {
+    'videos/clip-00000.mp4',
+    'images/img-00000.png',
+    'videos/clips.tsv',
+    'images/labels.npy',
+  }
   with open(clip, 'rb') as f:
     assert f.read() == clip_bytes  # the same seed makes the same file
 
 
 def test_concurrent_calls_make_it_once(tmp_path):
-  code = ('import json, sys; from data_pipeline import builtin; '
-          'print(json.dumps(builtin.ensure(sys.argv[1], clips=2, images=2, budget=256, '
-          'workers=0)))')
+  code = (
+    'import json, sys; from data_pipeline import builtin; '
+    'print(json.dumps(builtin.ensure(sys.argv[1], clips=2, images=2, budget=256, '
+    'workers=0)))'
+  )
   env = {**os.environ, 'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
-  procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-           for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', code, str(tmp_path)],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+    )
+    for _ in range(2)
+  ]
   outputs = [p.communicate(timeout=120)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
@@ -159,6 +202,7 @@ def test_concurrent_calls_make_it_once(tmp_path):
 def test_too_few_selected_clips_fail_clearly(tmp_path, monkeypatch):
   def no_selection(path, **_):
     raise VideoError(f'{path}: no selection (test)')
+
   monkeypatch.setattr(codec, 'select', no_selection)  # precompute calls codec.select
   with pytest.raises(RuntimeError, match='failures.jsonl'):
     builtin.ensure(str(tmp_path), **TINY, workers=0, progress=False)

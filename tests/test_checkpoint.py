@@ -1,5 +1,6 @@
 """The checkpoint layout through orbax's API: steps, meta, params-only restores (an export never
 reads the optimiser state), placing onto shardings, and one `load_encoder` for every source."""
+
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ def run(tmp_path_factory):
   """A workdir with steps 3 and 5 in the trainer's format (checkpoint.save of a smoke program's
   state, one Adam update apart so the moments are not zeros), and that state on the host."""
   workdir = str(tmp_path_factory.mktemp('run'))
-  c = config_lib.load(DEMO + ':smoke', ['optim.warmup=0'])   # lr(0) > 0: the update moves
+  c = config_lib.load(DEMO + ':smoke', ['optim.warmup=0'])  # lr(0) > 0: the update moves
   mesh = train.make_mesh(c)
   with jax.set_mesh(mesh):
     program = train.Program(c, mesh)
@@ -31,8 +32,11 @@ def run(tmp_path_factory):
     checkpoint.save(manager, 3, state, json.dumps({'position': 3}), program.meta(3))
     grads = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), state['params'])
     updates, opt_state = program.tx.update(grads, state['opt_state'], state['params'])
-    state = {'params': jax.tree.map(lambda p, u: p + u, state['params'], updates),
-             'opt_state': opt_state, 'step': state['step'] + 1}
+    state = {
+      'params': jax.tree.map(lambda p, u: p + u, state['params'], updates),
+      'opt_state': opt_state,
+      'step': state['step'] + 1,
+    }
     checkpoint.save(manager, 5, state, json.dumps({'position': 5}), program.meta(5))
     manager.wait_until_finished()
   return workdir, jax.tree.map(np.asarray, state), program
@@ -42,13 +46,17 @@ def run(tmp_path_factory):
 def reads(monkeypatch):
   """The names of the arrays orbax reads (every array and scalar handler's deserialize)."""
   names = []
-  for handler in (ocp.type_handlers.ArrayHandler, ocp.type_handlers.NumpyHandler,
-                  ocp.type_handlers.ScalarHandler):
+  for handler in (
+    ocp.type_handlers.ArrayHandler,
+    ocp.type_handlers.NumpyHandler,
+    ocp.type_handlers.ScalarHandler,
+  ):
     original = handler.deserialize
 
     async def spy(self, infos, args=None, _original=original):
       names.extend(info.name for info in infos)
       return await _original(self, infos, args)
+
     monkeypatch.setattr(handler, 'deserialize', spy)
   return names
 
@@ -73,12 +81,13 @@ def test_export_never_reads_the_optimiser_state(run, reads):
   workdir, state, _ = run
   loaded = checkpoint.load_encoder(workdir)
   encoder_leaves = len(jax.tree.leaves(state['params']['encoder']))
-  assert len(reads) == encoder_leaves and all(n.startswith('params.encoder.') for n in reads), \
-      reads
+  assert len(reads) == encoder_leaves and all(n.startswith('params.encoder.') for n in reads), reads
   assert loaded.step == 5 and loaded.heads == ['image', 'video']
   assert 'step 5' in loaded.source and loaded.config.remat == 'none'
-  np.testing.assert_array_equal(np.asarray(loaded.model.blocks[1].mlp.fc1.kernel[...]),
-                                state['params']['encoder']['blocks'][1]['mlp']['fc1']['kernel'])
+  np.testing.assert_array_equal(
+    np.asarray(loaded.model.blocks[1].mlp.fc1.kernel[...]),
+    state['params']['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
+  )
   # The spy sees what a resume reads: the whole state, moments included.
   reads.clear()
   head, _, _ = checkpoint.restore_params(workdir, subtree=('params', 'heads', 'video'))
@@ -103,18 +112,28 @@ def test_restore_params_onto_another_mesh(run):
   kernel = encoder['blocks'][0]['self_attn']['q_proj']['kernel']
   assert kernel.sharding == target['blocks'][0]['self_attn']['q_proj']['kernel'].sharding
   host, _, _ = checkpoint.restore_params(workdir, 3)
-  np.testing.assert_array_equal(np.asarray(kernel),
-                                host['blocks']['0']['self_attn']['q_proj']['kernel'])
-  assert not np.array_equal(np.asarray(kernel),  # step 5 is another state: 3 was read
-                            state['params']['encoder']['blocks'][0]['self_attn']['q_proj'][
-                                'kernel'])
-  wrong = jax.tree.map(lambda t: jax.ShapeDtypeStruct((16 * t.shape[0],) + t.shape[1:], t.dtype,
-                                                      sharding=t.sharding), target)
-  with pytest.raises(ValueError, match=r'params/encoder/\S+: shape \(\d+.*\) in the checkpoint, '
-                     r'\(\d+.*\) here'):
+  np.testing.assert_array_equal(
+    np.asarray(kernel), host['blocks']['0']['self_attn']['q_proj']['kernel']
+  )
+  assert not np.array_equal(
+    np.asarray(kernel),  # step 5 is another state: 3 was read
+    state['params']['encoder']['blocks'][0]['self_attn']['q_proj']['kernel'],
+  )
+  wrong = jax.tree.map(
+    lambda t: jax.ShapeDtypeStruct((16 * t.shape[0],) + t.shape[1:], t.dtype, sharding=t.sharding),
+    target,
+  )
+  with pytest.raises(
+    ValueError,
+    match=r'params/encoder/\S+: shape \(\d+.*\) in the checkpoint, '
+    r'\(\d+.*\) here',
+  ):
     checkpoint.restore_params(workdir, target=wrong)
-  with pytest.raises(ValueError, match=r"no 'decoder' in the checkpoint \(it has \['encoder', "
-                     r"'heads'\]\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"no 'decoder' in the checkpoint \(it has \['encoder', "
+    r"'heads'\]\)",
+  ):
     checkpoint.restore_params(workdir, subtree=('params', 'decoder'))
 
 
@@ -133,6 +152,7 @@ def test_place_checks_shapes_by_key():
 
 def test_load_encoder_from_every_source(run, tmp_path):
   from ove_jax import convert
+
   workdir, state, _ = run
   step_dir = os.path.join(checkpoint.root_of(workdir), '3')
   assert checkpoint.load_encoder(step_dir).step == 3
@@ -140,15 +160,20 @@ def test_load_encoder_from_every_source(run, tmp_path):
   fresh = checkpoint.load_encoder('random:tiny', seed=4)
   assert fresh.step is None and fresh.config == EncoderConfig.preset('tiny')
   again = checkpoint.load_encoder('random:tiny', seed=4)
-  np.testing.assert_array_equal(np.asarray(fresh.model.blocks[0].mlp.fc1.kernel[...]),
-                                np.asarray(again.model.blocks[0].mlp.fc1.kernel[...]))
+  np.testing.assert_array_equal(
+    np.asarray(fresh.model.blocks[0].mlp.fc1.kernel[...]),
+    np.asarray(again.model.blocks[0].mlp.fc1.kernel[...]),
+  )
   release = convert.save_pytorch(fresh.model, str(tmp_path / 'release'))
-  params = checkpoint.save_params(str(tmp_path / 'params'), fresh.config,
-                                  convert.model_params(fresh.model))
+  params = checkpoint.save_params(
+    str(tmp_path / 'params'), fresh.config, convert.model_params(fresh.model)
+  )
   for path in (release, params):
     loaded = checkpoint.load_encoder(path)
-    np.testing.assert_array_equal(np.asarray(loaded.model.blocks[0].mlp.fc1.kernel[...]),
-                                  np.asarray(fresh.model.blocks[0].mlp.fc1.kernel[...]))
+    np.testing.assert_array_equal(
+      np.asarray(loaded.model.blocks[0].mlp.fc1.kernel[...]),
+      np.asarray(fresh.model.blocks[0].mlp.fc1.kernel[...]),
+    )
   with pytest.raises(ValueError, match=r"random:giant: unknown preset 'giant'"):
     checkpoint.load_encoder('random:giant')
   for bad in (str(tmp_path / 'missing'), str(tmp_path)):
@@ -174,12 +199,13 @@ def test_restores_in_parts_read_the_same(run, reads, monkeypatch):
   whole = checkpoint.load_encoder(workdir)
   calls = len(reads)
   reads.clear()
-  monkeypatch.setattr(checkpoint, 'PART_BYTES', 1)   # every leaf on its own
+  monkeypatch.setattr(checkpoint, 'PART_BYTES', 1)  # every leaf on its own
   parts = checkpoint.load_encoder(workdir)
   assert sorted(reads) == sorted(n for n in reads if n.startswith('params.encoder.'))
   assert len(reads) == calls
-  for a, b in zip(jax.tree.leaves(nnx_params(whole.model)), jax.tree.leaves(nnx_params(
-      parts.model))):
+  for a, b in zip(
+    jax.tree.leaves(nnx_params(whole.model)), jax.tree.leaves(nnx_params(parts.model))
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   host, _, _ = checkpoint.restore_params(workdir, subtree=('params',))
   np.testing.assert_array_equal(host['heads']['video'], state['params']['heads']['video'])
@@ -187,4 +213,5 @@ def test_restores_in_parts_read_the_same(run, reads, monkeypatch):
 
 def nnx_params(model):
   from flax import nnx
+
   return nnx.state(model, nnx.Param)

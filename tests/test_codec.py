@@ -5,6 +5,7 @@ selection puts far more of its patches on the objects than uniform frames or ran
 With a moving share p of about 0.15 and K = 2048, a chance selection's share has a standard
 deviation of sqrt(p(1-p)/K) ~ 0.008, so the 0.3 margin asserted below is over 30 sigma.
 """
+
 import functools
 import os
 import re
@@ -17,7 +18,7 @@ from data_pipeline import codec, records, synthetic
 from data_pipeline.codec import bitstream, maps
 from data_pipeline.codec.selection import is_static
 
-T, K = 64, 2048       # K = 12.5% of 64 x 16 x 16
+T, K = 64, 2048  # K = 12.5% of 64 x 16 x 16
 
 
 @functools.cache
@@ -45,6 +46,7 @@ def check_contract(selection, num_frames=T, budget=K, grid=16):
 
 # ----------------------------------------------------------------------------- the headline
 
+
 def test_codec_beats_uniform_frames_and_random():
   rows = []
   for seed in range(4):
@@ -63,13 +65,14 @@ def test_codec_beats_uniform_frames_and_random():
 
 # ----------------------------------------------------------------------------- frame policies
 
+
 def test_policy_paper_keeps_i_frames_whole():
-  sel = codec.select(clip(1).data, policy='paper')        # GOP 32 over 64 frames
+  sel = codec.select(clip(1).data, policy='paper')  # GOP 32 over 64 frames
   check_contract(sel)
   assert [i for i, k in enumerate(sel.picture_type_letters) if k == 'I'] == [0, 32]
   assert sel.whole_frames.tolist() == [0, 32]
   assert sel.mask[[0, 32]].all()
-  assert not sel.mask[1:32].all(axis=(1, 2)).any()         # 1536 others are chosen by score
+  assert not sel.mask[1:32].all(axis=(1, 2)).any()  # 1536 others are chosen by score
 
 
 def test_policy_first_frame_and_zero():
@@ -77,36 +80,49 @@ def test_policy_first_frame_and_zero():
   first = codec.select(c.data, policy='first_frame')
   check_contract(first)
   assert first.whole_frames.tolist() == [0] and first.mask[0].all()
-  assert not first.mask[32].all()                          # the I-frame competes on its score
+  assert not first.mask[32].all()  # the I-frame competes on its score
   zero = codec.select(c.data, policy='zero')
   check_contract(zero)
   assert zero.whole_frames.size == 0
-  assert not zero.mask[[0, 32]].any()                      # scores zeroed, pure top-K
+  assert not zero.mask[[0, 32]].any()  # scores zeroed, pure top-K
   assert share(c, zero)[0] > share(c, first)[0] - 0.05
   np.testing.assert_array_equal(zero.scores, first.scores)  # the map itself is not changed
 
 
 def test_whole_frames_over_budget_and_odd_budgets():
-  c = clip(2, gop=8)                                       # 8 I-frames on the timeline
+  c = clip(2, gop=8)  # 8 I-frames on the timeline
   sel = codec.select(c.data, budget=512, policy='paper')
   check_contract(sel, budget=512)
-  assert sel.whole_frames.tolist() == [0, 56]              # 2 fit, spread over the 8
+  assert sel.whole_frames.tolist() == [0, 56]  # 2 fit, spread over the 8
   for budget in (1, 100, 1000):
     check_contract(codec.select(c.data, budget=budget), budget=budget)
 
 
 # ----------------------------------------------------------------------------- vectors
 
+
 def _frame(index, luma, vectors=None, kind='P'):
   return bitstream.CodedFrame(index, -1, kind, luma, vectors)
 
 
 def _vectors(source, dx, height=32, width=32, block=16):
-  dtype = np.dtype([('source', 'int32'), ('w', 'uint8'), ('h', 'uint8'), ('src_x', 'int16'),
-                    ('src_y', 'int16'), ('dst_x', 'int16'), ('dst_y', 'int16'),
-                    ('flags', 'uint64'), ('motion_x', 'int32'), ('motion_y', 'int32'),
-                    ('motion_scale', 'uint16')], align=True)
-  ys, xs = np.mgrid[block // 2:height:block, block // 2:width:block]
+  dtype = np.dtype(
+    [
+      ('source', 'int32'),
+      ('w', 'uint8'),
+      ('h', 'uint8'),
+      ('src_x', 'int16'),
+      ('src_y', 'int16'),
+      ('dst_x', 'int16'),
+      ('dst_y', 'int16'),
+      ('flags', 'uint64'),
+      ('motion_x', 'int32'),
+      ('motion_y', 'int32'),
+      ('motion_scale', 'uint16'),
+    ],
+    align=True,
+  )
+  ys, xs = np.mgrid[block // 2 : height : block, block // 2 : width : block]
   out = np.zeros(xs.size, dtype)
   out['source'], out['w'], out['h'] = source, block, block
   out['dst_x'], out['dst_y'] = xs.ravel(), ys.ravel()
@@ -118,13 +134,13 @@ def _vectors(source, dx, height=32, width=32, block=16):
 def test_both_reference_directions_are_used():
   rng = np.random.default_rng(0)
   ref = rng.integers(0, 256, (32, 40), dtype=np.uint8)
-  luma = np.roll(ref, -3, axis=1)[:, :32]                  # current[y, x] = ref[y, x + 3]
+  luma = np.roll(ref, -3, axis=1)[:, :32]  # current[y, x] = ref[y, x + 3]
   ref = ref[:, :32]
   for source, past, future in ((-1, [_frame(0, ref)], []), (+1, [], [_frame(2, ref)])):
     coded = _frame(1, luma, _vectors(source, 3), kind='B')
     got = maps.frame_maps(coded, past, future)
-    assert got.residual_HxW[:, :29].max() == 0             # the vectors explain the frame
-    np.testing.assert_allclose(got.motion_HxW, 3.0)        # 3 px over 1 frame of distance
+    assert got.residual_HxW[:, :29].max() == 0  # the vectors explain the frame
+    np.testing.assert_allclose(got.motion_HxW, 3.0)  # 3 px over 1 frame of distance
     assert (got.vectors_past > 0) == (source < 0) and (got.vectors_future > 0) == (source > 0)
     # Without the vectors the same references predict badly.
     assert maps.frame_maps(_frame(1, luma, None, 'B'), past, future).residual_HxW.mean() > 40
@@ -135,7 +151,7 @@ def test_both_reference_directions_are_used():
 
 
 def test_paint_vectors_on_the_4x4_grid():
-  v = _vectors(-1, 2, height=16, width=16, block=8)        # four 8x8 blocks
+  v = _vectors(-1, 2, height=16, width=16, block=8)  # four 8x8 blocks
   v['motion_x'] = [4, 8, 12, 16]
   grid = maps.paint_vectors(v, 16, 16, -1)
   np.testing.assert_array_equal(grid.dx_HcxWc, np.kron([[1, 2], [3, 4]], np.ones((2, 2))))
@@ -158,7 +174,8 @@ def test_reference_search_finds_b_pyramid_references():
   container, stream = bitstream.open_with_vectors(c.data)
   with container:
     for frame, past, future in bitstream.frames_with_references(
-        bitstream.container_frames(container, stream), range(1, 16), bitstream.Decoded()):
+      bitstream.container_frames(container, stream), range(1, 16), bitstream.Decoded()
+    ):
       got = maps.frame_maps(frame, past, future)
       diff = np.abs(frame.luma.astype(float) - past[0].luma).mean()
       assert got.residual_HxW.mean() < 0.25 * diff, (frame.index, frame.kind)
@@ -166,13 +183,14 @@ def test_reference_search_finds_b_pyramid_references():
 
 # ----------------------------------------------------------------------------- codecs, sizes
 
+
 @pytest.mark.parametrize('name', ['hevc', 'vp9'])
 def test_other_codecs_are_transcoded(name):
   c = clip(5, codec=name)
   sel = codec.select(c.data)
   check_contract(sel)
   assert sel.transcoded and sel.codec == name and sel.vectors_past > 0
-  assert sel.whole_frames.tolist() == [0, 32]              # the transcode's GOP 32
+  assert sel.whole_frames.tolist() == [0, 32]  # the transcode's GOP 32
   ours, base = share(c, sel)
   assert ours > base + 0.3
 
@@ -198,14 +216,14 @@ def test_short_clips(frames):
   expected = np.floor(np.linspace(0, frames - 1, T)).astype(int)
   np.testing.assert_array_equal(sel.frame_ids, expected)
   repeats = np.flatnonzero(expected[1:] == expected[:-1]) + 1
-  assert not sel.scores[repeats].any()                     # repeats bring nothing new
+  assert not sel.scores[repeats].any()  # repeats bring nothing new
   assert sel.whole_frames.tolist() == [0]
 
 
 def test_short_clip_transcoded():
   sel = codec.select(clip(7, num_frames=2, codec='hevc').data, num_frames=8, budget=300)
   check_contract(sel, num_frames=8, budget=300)
-  assert sel.transcoded and sel.frame_ids.tolist() == [0] * 7 + [1]   # floor(linspace(0, 1, 8))
+  assert sel.transcoded and sel.frame_ids.tolist() == [0] * 7 + [1]  # floor(linspace(0, 1, 8))
   assert sel.scores[7].any() and not sel.scores[1:7].any()
 
 
@@ -215,7 +233,7 @@ def test_static_fallback():
   check_contract(sel)
   assert sel.static_fallback
   assert sel.whole_frames.tolist() == [0, 21, 32, 42, 63]  # 4 spread frames + the I-frames
-  assert not codec.select(still.data).static_fallback      # off unless asked for
+  assert not codec.select(still.data).static_fallback  # off unless asked for
   moving = codec.select(clip(1).data, static_fallback=True)
   assert not moving.static_fallback
   assert is_static(np.zeros(10), 0.02, 0.38) and is_static(np.full(100, 0.5), 0.02, 0.38)
@@ -241,8 +259,12 @@ def test_camera_compensation():
   for seed in (11, 12):
     c = clip(seed, background='pan')
     plain = share(c, codec.select(c.data))[0]
-    gains.append([share(c, codec.select(c.data, camera_compensation=m))[0] - plain
-                  for m in ('median', 'similarity')])
+    gains.append(
+      [
+        share(c, codec.select(c.data, camera_compensation=m))[0] - plain
+        for m in ('median', 'similarity')
+      ]
+    )
   assert np.mean(gains) > 0.1, gains
 
 
@@ -255,9 +277,11 @@ def test_fusion_and_centre_prior():
   np.testing.assert_allclose(maps.fuse(m, r, 'mean', 3, 1), [0.25, 0.5, 0.75])
   prior = maps.centre_prior(41, 81, 0.3)
   assert prior[20, 40] == pytest.approx(1.3) and prior[0, 0] == pytest.approx(
-      1 + 0.3 * np.exp(-0.5 * ((20**2 + 40**2) / (0.35 * 41) ** 2)))
-  np.testing.assert_allclose(maps.normalise(np.arange(101.0), 1.0), np.minimum(
-      np.arange(101) / 95.0, 1))
+    1 + 0.3 * np.exp(-0.5 * ((20**2 + 40**2) / (0.35 * 41) ** 2))
+  )
+  np.testing.assert_allclose(
+    maps.normalise(np.arange(101.0), 1.0), np.minimum(np.arange(101) / 95.0, 1)
+  )
   assert maps.normalise(np.zeros(10), maps.MOTION_FLOOR).max() == 0
   sel = codec.select(clip(1).data, fusion='geomean', centre_prior=0.3, policy='zero')
   check_contract(sel)
@@ -268,32 +292,39 @@ def test_patch_geometry_matches_the_crop():
     ay, ax = maps.patch_integrators(height, width, 224, 14)
     np.testing.assert_allclose(ay @ np.ones((height, width)) @ ax.T, 196, rtol=1e-5)
   # A mark on the source lands in the patch the model sees it in.
-  ay, ax = maps.patch_integrators(320, 180, 224, 14)       # portrait: rows cropped
+  ay, ax = maps.patch_integrators(320, 180, 224, 14)  # portrait: rows cropped
   mark = np.zeros((320, 180))
-  mark[160, 90] = 1.0                                      # the centre
+  mark[160, 90] = 1.0  # the centre
   assert np.unravel_index(np.argmax(ay @ mark @ ax.T), (16, 16)) == (8, 8)
   assert (ay @ mark @ ax.T).sum() == pytest.approx((224 / 180) ** 2, rel=1e-3)
 
 
 def test_banded_patch_sums_equal_the_matrix_products():
   rng = np.random.default_rng(0)
-  for height, width, step, geometry in ((272, 640, 1, 'crop'), (720, 1280, 3, 'crop'),
-                                        (144, 176, 1, 'letterbox'), (1920, 1080, 4, 'letterbox'),
-                                        (50, 70, 1, 'crop')):
+  for height, width, step, geometry in (
+    (272, 640, 1, 'crop'),
+    (720, 1280, 3, 'crop'),
+    (144, 176, 1, 'letterbox'),
+    (1920, 1080, 4, 'letterbox'),
+    (50, 70, 1, 'crop'),
+  ):
     dense = maps.patch_integrators(height, width, 224, 14, step, geometry)
     bands = tuple(maps.Band.of(m) for m in dense)
-    for band, matrix in zip(bands, dense):   # the band holds every non-zero of the matrix
+    for band, matrix in zip(bands, dense):  # the band holds every non-zero of the matrix
       rebuilt = np.zeros_like(matrix)
-      cols = np.minimum(band.start_P[:, None] + np.arange(band.weights_PxB.shape[1]),
-                        matrix.shape[1] - 1)
+      cols = np.minimum(
+        band.start_P[:, None] + np.arange(band.weights_PxB.shape[1]), matrix.shape[1] - 1
+      )
       np.add.at(rebuilt, (np.arange(len(matrix))[:, None], cols), band.weights_PxB)
       np.testing.assert_array_equal(rebuilt, matrix)
     map_HxW = rng.random((height // step, width // step)).astype(np.float32)
-    np.testing.assert_allclose(maps.to_patches_banded(map_HxW, bands),
-                               maps.to_patches(map_HxW, dense), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+      maps.to_patches_banded(map_HxW, bands), maps.to_patches(map_HxW, dense), rtol=1e-5, atol=1e-4
+    )
 
 
 # ----------------------------------------------------------------------------- determinism
+
 
 def test_deterministic():
   for c in (clip(3, bframes=3, background='pan'), clip(5, codec='hevc')):
@@ -309,34 +340,56 @@ def test_deterministic():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 @pytest.fixture(scope='module')
 def bad_inputs(tmp_path_factory):
   root = tmp_path_factory.mktemp('bad')
-  files = {name: root / name for name in ('zero.mp4', 'random.mp4', 'notes.txt', 'audio.m4a',
-                                          'missing.mp4', 'truncated.mp4',
-                                          'truncated_faststart.mp4')}
+  files = {
+    name: root / name
+    for name in (
+      'zero.mp4',
+      'random.mp4',
+      'notes.txt',
+      'audio.m4a',
+      'missing.mp4',
+      'truncated.mp4',
+      'truncated_faststart.mp4',
+    )
+  }
   files['zero.mp4'].write_bytes(b'')
   files['random.mp4'].write_bytes(np.random.default_rng(0).bytes(5000))
   files['notes.txt'].write_text('not a video\n' * 50)
   synthetic.write_audio_only(files['audio.m4a'])
   data = clip(9, num_frames=32).data
-  files['truncated.mp4'].write_bytes(data[:len(data) // 2])
+  files['truncated.mp4'].write_bytes(data[: len(data) // 2])
   # With the index first (faststart) a cut file opens and promises frames that are not there.
   whole = root / 'whole.mp4'
-  with av.open(clip(9, num_frames=32).write(root / 'plain.mp4')) as src, av.open(
-      str(whole), 'w', options={'movflags': 'faststart'}) as dst:
+  with (
+    av.open(clip(9, num_frames=32).write(root / 'plain.mp4')) as src,
+    av.open(str(whole), 'w', options={'movflags': 'faststart'}) as dst,
+  ):
     out = dst.add_stream_from_template(src.streams.video[0])
     for packet in src.demux(src.streams.video[0]):
       if packet.dts is not None:
         packet.stream = out
         dst.mux(packet)
   data = whole.read_bytes()
-  files['truncated_faststart.mp4'].write_bytes(data[:len(data) // 2])
+  files['truncated_faststart.mp4'].write_bytes(data[: len(data) // 2])
   return files
 
 
-@pytest.mark.parametrize('name', ['zero.mp4', 'random.mp4', 'notes.txt', 'audio.m4a',
-                                  'missing.mp4', 'truncated.mp4', 'truncated_faststart.mp4'])
+@pytest.mark.parametrize(
+  'name',
+  [
+    'zero.mp4',
+    'random.mp4',
+    'notes.txt',
+    'audio.m4a',
+    'missing.mp4',
+    'truncated.mp4',
+    'truncated_faststart.mp4',
+  ],
+)
 def test_bad_inputs_raise_video_error(bad_inputs, name):
   path = bad_inputs[name]
   with pytest.raises(codec.VideoError, match=re.escape(str(path))):
@@ -347,8 +400,9 @@ def test_bad_inputs_raise_video_error(bad_inputs, name):
 
 
 def test_truncated_allowed(bad_inputs):
-  sel = codec.select(str(bad_inputs['truncated_faststart.mp4']), num_frames=16, budget=512,
-                     allow_truncated=True)
+  sel = codec.select(
+    str(bad_inputs['truncated_faststart.mp4']), num_frames=16, budget=512, allow_truncated=True
+  )
   check_contract(sel, num_frames=16, budget=512)
   assert sel.truncated and 0 < sel.num_source_frames < 32
   assert sel.frame_ids.max() == sel.num_source_frames - 1
@@ -358,10 +412,14 @@ def test_bad_options():
   data = clip(1).data
   with pytest.raises(ValueError, match="unknown option 'polcy'.*policy"):
     codec.select(data, polcy='zero')
-  for option, value, allowed in (('policy', 'all', 'paper'), ('fusion', 'min', 'geomean'),
-                                 ('camera_compensation', 'homography', 'affine'),
-                                 ('gop', 0, 'integer >= 1'), ('static_fallback', 'yes', 'True'),
-                                 ('centre_prior', -1, '>= 0')):
+  for option, value, allowed in (
+    ('policy', 'all', 'paper'),
+    ('fusion', 'min', 'geomean'),
+    ('camera_compensation', 'homography', 'affine'),
+    ('gop', 0, 'integer >= 1'),
+    ('static_fallback', 'yes', 'True'),
+    ('centre_prior', -1, '>= 0'),
+  ):
     with pytest.raises(ValueError, match=f'{option}.*allowed values.*{allowed}'):
       codec.select(data, **{option: value})
   with pytest.raises(ValueError, match='budget'):
@@ -372,6 +430,7 @@ def test_bad_options():
 
 # ----------------------------------------------------------------------------- baselines, records
 
+
 def test_baselines():
   data = clip(1).data
   uniform = codec.select_uniform_frames(data)
@@ -379,7 +438,7 @@ def test_baselines():
   assert uniform.whole_frames.tolist() == [0, 9, 18, 27, 36, 45, 54, 63]
   partial = codec.select_uniform_frames(data, budget=600)
   check_contract(partial, budget=600)
-  assert partial.whole_frames.tolist() == [0, 31]          # and 600 - 512 patches of frame 63
+  assert partial.whole_frames.tolist() == [0, 31]  # and 600 - 512 patches of frame 63
   assert partial.mask[63].sum() == 600 - 512
   first, again = codec.select_random(data, seed=1), codec.select_random(data, seed=1)
   check_contract(first)
@@ -398,10 +457,10 @@ def test_record_fields_round_trip():
 
 # ----------------------------------------------------------------------------- synthetic clips
 
+
 def test_synthetic_labels_and_masks_follow_the_motion(tmp_path):
   for direction, axis, sign in (('E', 1, +1), ('N', 0, -1), ('SW', 0, +1)):
-    c = synthetic.make_clip(0, num_frames=16, direction=direction, shape='disc',
-                            texture='checker')
+    c = synthetic.make_clip(0, num_frames=16, direction=direction, shape='disc', texture='checker')
     assert c.labels['direction'] == direction and c.labels['shape'] == 'disc'
     centroids = [np.argwhere(m).mean(0)[axis] for m in c.masks]
     assert sign * (centroids[-1] - centroids[0]) > 10
@@ -419,20 +478,40 @@ def test_synthetic_labels_and_masks_follow_the_motion(tmp_path):
 
 def test_bench_selection_speed_mode(capsys, tmp_path):
   from ove_jax_tools import bench_selection
+
   path = clip(2).write(tmp_path / 'clip.mp4')
-  assert bench_selection.main(['--speed', path, '--clips', '1', '--frames', '16', '--repeat',
-                               '1', '--variant', 'preset=release_llava']) == 0
+  assert (
+    bench_selection.main(
+      [
+        '--speed',
+        path,
+        '--clips',
+        '1',
+        '--frames',
+        '16',
+        '--repeat',
+        '1',
+        '--variant',
+        'preset=release_llava',
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
-  rows = [line for line in out.splitlines() if line.startswith('| clip.mp4')
-          or line.startswith('| synthetic 0')]
+  rows = [
+    line
+    for line in out.splitlines()
+    if line.startswith('| clip.mp4') or line.startswith('| synthetic 0')
+  ]
   assert len(rows) == 2 and 'preset=release_llava' in out
-  for row in rows:                          # wall and CPU for both, and three ratios > 0
+  for row in rows:  # wall and CPU for both, and three ratios > 0
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert len(cells) == 8 and all(float(c) > 0 for c in cells[5:])
 
 
 def test_bench_selection_runs(capsys):
   from ove_jax_tools import bench_selection
+
   assert bench_selection.main(['--clips', '2', '--frames', '16', '--variant', 'policy=zero']) == 0
   out = capsys.readouterr().out
   assert '| codec (policy=zero) |' in out and '| uniform frames |' in out

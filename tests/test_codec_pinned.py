@@ -9,6 +9,7 @@ references, bi-prediction), a panning camera (dense motion), frames analysed blo
 source, and the three release presets. A change that moves one patch changes the digest; the
 scores are compared to the pinned sums within float32 rounding.
 """
+
 import hashlib
 
 import numpy as np
@@ -19,27 +20,33 @@ from data_pipeline.codec import maps
 
 # (name, make_clip kwargs, select kwargs)
 CASES = [
-    ('h264_b2_static', dict(seed=3, bframes=2, num_objects=2), {}),
-    ('h264_b3_pan', dict(seed=4, bframes=3, background='pan', num_frames=96),
-     dict(camera_compensation='median')),
-    ('h264_pan_step2', dict(seed=5, height=464, width=496, background='pan', num_objects=3), {}),
-    ('h264_b2_step3', dict(seed=6, height=688, width=720, bframes=2, num_frames=40), {}),
-    ('hevc_transcoded', dict(seed=7, codec='hevc', num_frames=80, background='pan'), {}),
-    ('release_train', dict(seed=8, bframes=2, background='pan'), dict(preset='release_train')),
-    ('release_probe', dict(seed=9, bframes=2, num_objects=3), dict(preset='release_probe')),
-    ('release_llava', dict(seed=10, height=224, width=320, bframes=2),
-     dict(preset='release_llava', resolution=576, patch_size=16, budget=10368)),
+  ('h264_b2_static', dict(seed=3, bframes=2, num_objects=2), {}),
+  (
+    'h264_b3_pan',
+    dict(seed=4, bframes=3, background='pan', num_frames=96),
+    dict(camera_compensation='median'),
+  ),
+  ('h264_pan_step2', dict(seed=5, height=464, width=496, background='pan', num_objects=3), {}),
+  ('h264_b2_step3', dict(seed=6, height=688, width=720, bframes=2, num_frames=40), {}),
+  ('hevc_transcoded', dict(seed=7, codec='hevc', num_frames=80, background='pan'), {}),
+  ('release_train', dict(seed=8, bframes=2, background='pan'), dict(preset='release_train')),
+  ('release_probe', dict(seed=9, bframes=2, num_objects=3), dict(preset='release_probe')),
+  (
+    'release_llava',
+    dict(seed=10, height=224, width=320, bframes=2),
+    dict(preset='release_llava', resolution=576, patch_size=16, budget=10368),
+  ),
 ]
 
 PINNED = {  # name: (digest, sum of the scores)
-    'h264_b2_static': ('9b0ca8b5fa676445', 129512.45107676089),
-    'h264_b3_pan': ('11720f222c896a26', 120629.34357087314),
-    'h264_pan_step2': ('a24d57d4b8fb55e9', 692987.550140053),
-    'h264_b2_step3': ('456596423d9e14ad', 92473.6823765747),
-    'hevc_transcoded': ('5e96d99ece06377c', 764388.010676384),
-    'release_train': ('fa7856ba5b680941', 726029.8170970082),
-    'release_probe': ('959b8284887c9a5d', 214958.6798542738),
-    'release_llava': ('e685a727f9869c81', 249043.46356733888),
+  'h264_b2_static': ('9b0ca8b5fa676445', 129512.45107676089),
+  'h264_b3_pan': ('11720f222c896a26', 120629.34357087314),
+  'h264_pan_step2': ('a24d57d4b8fb55e9', 692987.550140053),
+  'h264_b2_step3': ('456596423d9e14ad', 92473.6823765747),
+  'hevc_transcoded': ('5e96d99ece06377c', 764388.010676384),
+  'release_train': ('fa7856ba5b680941', 726029.8170970082),
+  'release_probe': ('959b8284887c9a5d', 214958.6798542738),
+  'release_llava': ('e685a727f9869c81', 249043.46356733888),
 }
 
 
@@ -68,6 +75,7 @@ def test_selection_is_pinned(name, clip_kwargs, select_kwargs):
 
 # ----------------------------------------------------------------------------- exact kernels
 
+
 def test_percentile_is_numpys_bit_for_bit():
   rng = np.random.default_rng(0)
   for i in range(300):
@@ -76,9 +84,9 @@ def test_percentile_is_numpys_bit_for_bit():
     if kind == 0:
       x = rng.random(n) ** 3 * 50
     elif kind == 1:
-      x = np.round(rng.random(n) * 10)        # many ties
+      x = np.round(rng.random(n) * 10)  # many ties
     elif kind == 2:
-      x = np.where(rng.random(n) < 0.97, 0.0, rng.random(n))   # mostly zero (a still frame)
+      x = np.where(rng.random(n) < 0.97, 0.0, rng.random(n))  # mostly zero (a still frame)
     else:
       x = np.sort(rng.random(n))[::-1]
     x = x.astype(np.float32)
@@ -88,7 +96,7 @@ def test_percentile_is_numpys_bit_for_bit():
   x = rng.random(20000).astype(np.float32)
   x[::16] = 100.0
   assert maps.percentile(x, 90.0) == float(np.percentile(x, 90.0))
-  assert maps.percentile(np.arange(101.0), 95.0) == 95.0    # float64 goes to numpy
+  assert maps.percentile(np.arange(101.0), 95.0) == 95.0  # float64 goes to numpy
 
 
 def reference_bilinear(ref_HxW, grid, step):
@@ -121,7 +129,7 @@ def reference_bilinear(ref_HxW, grid, step):
 @pytest.mark.parametrize('moving_share', [0.1, 0.9])
 def test_prediction_matches_the_four_gather_formula(step, moving_share):
   rng = np.random.default_rng(step)
-  h, w = 61, 83                       # analysis size; the coded frame is step times larger
+  h, w = 61, 83  # analysis size; the coded frame is step times larger
   hc, wc = -(-h * step // maps.CELL), -(-w * step // maps.CELL)
   ref = (rng.random((h, w)) * 255).astype(np.float32)
   moving = rng.random((hc, wc)) < moving_share
@@ -129,7 +137,11 @@ def test_prediction_matches_the_four_gather_formula(step, moving_share):
   dx = np.where(moving, np.round(rng.normal(0, 20, (hc, wc)) * 4) / 4, 0).astype(np.float32)
   dy = np.where(moving, np.round(rng.normal(0, 20, (hc, wc)) * 4) / 4, 0).astype(np.float32)
   grid = maps.VectorGrid(dx, dy, moving)
-  want = np.where(np.repeat(np.repeat(moving, maps.CELL, 0), maps.CELL, 1)[
-      (step * np.arange(h) + step // 2)][:, (step * np.arange(w) + step // 2)],
-      reference_bilinear(ref, grid, step).reshape(h, w), ref)
+  want = np.where(
+    np.repeat(np.repeat(moving, maps.CELL, 0), maps.CELL, 1)[(step * np.arange(h) + step // 2)][
+      :, (step * np.arange(w) + step // 2)
+    ],
+    reference_bilinear(ref, grid, step).reshape(h, w),
+    ref,
+  )
   np.testing.assert_array_equal(maps.predict(ref, grid, step), want)

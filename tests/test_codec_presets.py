@@ -2,6 +2,7 @@
 release's maths (EvolvingLMMs-Lab/OneVision-Encoder: dataloader/ap_dataloader_dali_codec.py,
 tools/tools_for_hevc/step3_generate_video_mv_residual_index.py,
 llava_next/Compressed_Video_Reader/tool/stage1.py), then end to end on encoded clips."""
+
 import math
 
 import numpy as np
@@ -15,10 +16,12 @@ from data_pipeline.codec.options import Options
 # Written from the release's code as it reads, interleaved design rows and all, so that a change
 # of ours that departs from it shows.
 
+
 def ref_fit(vx, vy, mode, max_points=5000, trim=0.7, iters=2):
   hm, wm = vx.shape
-  xx, yy = np.meshgrid(np.linspace(-1.0, 1.0, wm, dtype=np.float32),
-                       np.linspace(-1.0, 1.0, hm, dtype=np.float32))
+  xx, yy = np.meshgrid(
+    np.linspace(-1.0, 1.0, wm, dtype=np.float32), np.linspace(-1.0, 1.0, hm, dtype=np.float32)
+  )
   x, y = xx.reshape(-1), yy.reshape(-1)
   n = x.shape[0]
   if mode == 'similarity':
@@ -49,12 +52,13 @@ def ref_fit(vx, vy, mode, max_points=5000, trim=0.7, iters=2):
   if idx.size < 64:
     return np.full_like(vx, float(np.median(vx))), np.full_like(vy, float(np.median(vy)))
   if idx.size > max_points:
-    idx = idx[::int(math.ceil(idx.size / float(max_points)))]
+    idx = idx[:: int(math.ceil(idx.size / float(max_points)))]
   sel, params = idx, None
   for _ in range(iters):
     rows = np.concatenate([2 * sel, 2 * sel + 1])
-    params = np.linalg.lstsq(a_full[rows], np.concatenate([vxf[sel], vyf[sel]]),
-                             rcond=None)[0].astype(np.float32)
+    params = np.linalg.lstsq(a_full[rows], np.concatenate([vxf[sel], vyf[sel]]), rcond=None)[
+      0
+    ].astype(np.float32)
     dx, dy = predict(params)
     r = np.sqrt((vxf[sel] - dx[sel]) ** 2 + (vyf[sel] - dy[sel]) ** 2)
     if sel.size < 128:
@@ -74,6 +78,7 @@ def ref_local_var(x, k=3):
     ii = np.cumsum(np.cumsum(ap, axis=0), axis=1)
     s = ii[k:, k:] - ii[:-k, k:] - ii[k:, :-k] + ii[:-k, :-k]
     return s / float(k * k)
+
   m1 = box(x)
   return np.maximum(box(x * x) - m1 * m1, 0.0)
 
@@ -82,7 +87,7 @@ def ref_centre_prior(fused, cp, sigma_share=0.35):
   h, w = fused.shape
   sigma = max(sigma_share * min(h, w), 1.0)
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  wgt = np.exp(-0.5 * ((xx - (w - 1) * 0.5) ** 2 + (yy - (h - 1) * 0.5) ** 2) / sigma ** 2)
+  wgt = np.exp(-0.5 * ((xx - (w - 1) * 0.5) ** 2 + (yy - (h - 1) * 0.5) ** 2) / sigma**2)
   return np.clip(fused * (1.0 + cp * wgt / wgt.max()), 0.0, 1.0)
 
 
@@ -100,8 +105,9 @@ def ref_letterbox(h0, w0, out=576, p=16):
   mask = np.zeros((out // p, out // p), bool)
   for h in range(out // p):
     for w in range(out // p):
-      mask[h, w] = (h * p >= top and (h + 1) * p <= top + hn
-                    and w * p >= left and (w + 1) * p <= left + wn)
+      mask[h, w] = (
+        h * p >= top and (h + 1) * p <= top + hn and w * p >= left and (w + 1) * p <= left + wn
+      )
   return (hn, wn, top, left), mask
 
 
@@ -114,7 +120,7 @@ def ref_llava_topk(scores_TxS, valid, keep_frames=8):
   mandatory = {(0, i // wb, i % wb) for i in range(s_total)}
   rest = scores.copy()
   rest[0, :] = -1e6
-  top = np.argsort(-rest.reshape(-1), kind='stable')[:keep_frames * s_total - s_total]
+  top = np.argsort(-rest.reshape(-1), kind='stable')[: keep_frames * s_total - s_total]
   return mandatory | {(int(i // s_total), int(i % s_total // wb), int(i % wb)) for i in top}
 
 
@@ -130,12 +136,13 @@ def vector_field(seed=0, h=72, w=96, zoom=0.04, angle=0.03, shift=(1.5, -0.75)):
   vy[4:9, 6:12] = -3.0
   holes = rng.random((hc, wc)) < 0.1
   vx[holes], vy[holes] = 0.0, 0.0
-  vx, vy = np.round(vx * 4) / 4, np.round(vy * 4) / 4       # quarter-pel
+  vx, vy = np.round(vx * 4) / 4, np.round(vy * 4) / 4  # quarter-pel
   up = np.ones((4, 4), np.float32)
   return np.kron(vx, up).astype(np.float32), np.kron(vy, up).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- formulas
+
 
 @pytest.mark.parametrize('mode', ['similarity', 'affine'])
 def test_camera_fit_matches_release(mode):
@@ -150,12 +157,12 @@ def test_camera_fit_matches_release(mode):
 
 
 def test_camera_fit_caps_points_and_falls_back_to_median():
-  vx, vy = vector_field(h=400, w=400)                   # 160000 moving pixels: subsampled
+  vx, vy = vector_field(h=400, w=400)  # 160000 moving pixels: subsampled
   ours, ref = release.camera_flow(vx, vy, 'similarity'), ref_fit(vx, vy, 'similarity')
   np.testing.assert_allclose(ours[0], ref[0], atol=1e-4)
   few_x = np.zeros((40, 40), np.float32)
   few_y = np.zeros((40, 40), np.float32)
-  few_x[:3, :20] = 2.0                                   # 60 moving pixels < 64: the median
+  few_x[:3, :20] = 2.0  # 60 moving pixels < 64: the median
   flow_x, flow_y = release.camera_flow(few_x, few_y, 'similarity')
   assert np.all(flow_x == np.median(few_x)) and np.all(flow_y == 0)
 
@@ -170,16 +177,17 @@ def test_median_and_mean_compensation_count_zero_vectors():
 
 def test_release_motion_uses_l0_in_pixels():
   h, w = 32, 48
-  grid = maps.VectorGrid(np.zeros((8, 12), np.float32), np.zeros((8, 12), np.float32),
-                         np.zeros((8, 12), bool))
+  grid = maps.VectorGrid(
+    np.zeros((8, 12), np.float32), np.zeros((8, 12), np.float32), np.zeros((8, 12), bool)
+  )
   grid.dx_HcxWc[2:4, 3:6], grid.dy_HcxWc[2:4, 3:6] = 3.0, 4.0
-  grid.has_HcxWc[2:6, 3:6] = True                       # coded cells with zero vectors too
-  grid.dx_HcxWc[6:, :] = 9.0                            # not coded: must count as zero
+  grid.has_HcxWc[2:6, 3:6] = True  # coded cells with zero vectors too
+  grid.dx_HcxWc[6:, :] = 9.0  # not coded: must count as zero
   motion = maps.release_motion(grid, h, w, 'none')
   expected = np.zeros((8, 12), np.float32)
   expected[2:4, 3:6] = 5.0
   np.testing.assert_allclose(motion, np.kron(expected, np.ones((4, 4))), atol=1e-6)
-  median = maps.release_motion(grid, h, w, 'median')    # median over all pixels: 0 here
+  median = maps.release_motion(grid, h, w, 'median')  # median over all pixels: 0 here
   np.testing.assert_allclose(median, motion, atol=1e-6)
 
 
@@ -188,13 +196,13 @@ def test_inconsistency_is_release_local_variance():
   magnitude = np.hypot(*release.compensate(vx, vy, 'similarity'))
   h, w = magnitude.shape
   for k in (3, 5):
-    ref = ref_local_var(magnitude, k)            # (H-1) x (W-1), as the release computes it
-    np.testing.assert_allclose(release.window_variance(magnitude, k), ref, rtol=1e-4,
-                               atol=1e-4)
+    ref = ref_local_var(magnitude, k)  # (H-1) x (W-1), as the release computes it
+    np.testing.assert_allclose(release.window_variance(magnitude, k), ref, rtol=1e-4, atol=1e-4)
     # ... then cv2.resize(INTER_NEAREST) back to the frame: source index floor(i * (H-1) / H).
     rows, cols = (np.arange(h) * (h - 1)) // h, (np.arange(w) * (w - 1)) // w
-    np.testing.assert_allclose(release.local_variance(magnitude, k), ref[rows][:, cols],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+      release.local_variance(magnitude, k), ref[rows][:, cols], rtol=1e-4, atol=1e-4
+    )
   # A uniform field has no inconsistency; an object's outline has.
   assert release.local_variance(np.full((20, 20), 3.0), 3).max() == 0
   assert release.local_variance(magnitude, 3)[16:20, 24:48].max() > 1
@@ -208,8 +216,9 @@ def test_centre_prior_and_clipping_match_release():
   ours = np.clip(fused * maps.centre_prior(45, 80, 0.3, 0.35, 'release'), 0, 1)
   np.testing.assert_allclose(ours, ref_centre_prior(fused, 0.3), atol=1e-6)
   # Through the scorer: normalise, fuse (clipped), prior (clipped), uint8 storage.
-  raw = maps.FrameMaps(rng.random((45, 80)).astype(np.float32) * 7,
-                       rng.random((45, 80)).astype(np.float32) * 40)
+  raw = maps.FrameMaps(
+    rng.random((45, 80)).astype(np.float32) * 7, rng.random((45, 80)).astype(np.float32) * 40
+  )
   got = scorer.fused(raw)
   norm_m = np.clip(raw.motion_HxW / max(np.percentile(raw.motion_HxW, 95), 1e-6), 0, 1)
   norm_r = np.clip(raw.residual_HxW / max(np.percentile(raw.residual_HxW, 95), 1.0), 0, 1)
@@ -218,9 +227,17 @@ def test_centre_prior_and_clipping_match_release():
   assert got.max() <= 1.0
 
 
-@pytest.mark.parametrize('p95,p50,static', [(125.0, 10.0, True), (127.0, 10.0, False),
-                                             (200.0, 140.0, True), (200.0, 110.0, False),
-                                             (251.0, 200.0, True), (253.0, 250.0, False)])
+@pytest.mark.parametrize(
+  'p95,p50,static',
+  [
+    (125.0, 10.0, True),
+    (127.0, 10.0, False),
+    (200.0, 140.0, True),
+    (200.0, 110.0, False),
+    (251.0, 200.0, True),
+    (253.0, 250.0, False),
+  ],
+)
 def test_static_test_thresholds(p95, p50, static):
   # 100 patch means: 50 below p50's value, the rest placed so that the percentiles are exact.
   means = np.concatenate([np.full(50, p50), np.full(45, (p50 + p95) / 2), np.full(5, p95)])
@@ -230,7 +247,7 @@ def test_static_test_thresholds(p95, p50, static):
   p95_now = np.percentile(means, 95)
   rel = (p95_now - np.percentile(means, 50)) / p95_now
   assert got == (p95_now < 126 or (p95_now < 252 and rel < 0.38))
-  assert got == static or abs(p95_now - p95) > 1          # the constructed case is the one meant
+  assert got == static or abs(p95_now - p95) > 1  # the constructed case is the one meant
 
 
 def test_resize_matrices_follow_opencv():
@@ -269,8 +286,12 @@ def test_letterbox_geometry_matches_stage1(hw):
   sums = ay @ np.ones(hw, np.float32) @ ax.T
   np.testing.assert_allclose(sums[mask], 256, rtol=1e-4)
   edges = np.arange(37) * 16
-  outside = ((edges[1:, None] <= top) | (edges[:-1, None] >= top + hn)
-             | (edges[None, 1:] <= left) | (edges[None, :-1] >= left + wn))
+  outside = (
+    (edges[1:, None] <= top)
+    | (edges[:-1, None] >= top + hn)
+    | (edges[None, 1:] <= left)
+    | (edges[None, :-1] >= left + wn)
+  )
   assert np.all(sums[outside] == 0)
 
 
@@ -278,13 +299,15 @@ def test_llava_topk_matches_stage1():
   rng = np.random.default_rng(3)
   _, valid = ref_letterbox(272, 640)
   scores = rng.random((64, 36, 36)).astype(np.float32)
-  scores[:, ~valid] = 0                                  # fused padding is 0 in stage1
+  scores[:, ~valid] = 0  # fused padding is 0 in stage1
   opts = Options.from_kwargs({}, 'release_llava')
-  positions, whole, _ = selection.choose(scores, ['P'] * 64, np.zeros(64, bool), 10368, opts,
-                                         16, valid)
+  positions, whole, _ = selection.choose(
+    scores, ['P'] * 64, np.zeros(64, bool), 10368, opts, 16, valid
+  )
   assert list(whole) == [0]
   assert {tuple(int(v) for v in p) for p in positions} == ref_llava_topk(
-      scores.reshape(64, -1), valid)
+    scores.reshape(64, -1), valid
+  )
 
 
 def test_train_and_probe_policies():
@@ -292,16 +315,15 @@ def test_train_and_probe_policies():
   scores = rng.random((16, 14, 14)).astype(np.float32) + 1
   kinds = ['I'] + ['P'] * 7 + ['I'] + ['P'] * 7
   train = Options.from_kwargs({}, 'release_train')
-  positions, whole, fallback = selection.choose(scores, kinds, np.zeros(16, bool), 1000, train,
-                                                16)
+  positions, whole, fallback = selection.choose(scores, kinds, np.zeros(16, bool), 1000, train, 16)
   # Only t = 0 is zeroed (the release assumes frame 0 is the clip's only I-frame).
   assert not whole.size and not fallback
   assert 0 not in positions[:, 0] and 8 in positions[:, 0]
   probe = Options.from_kwargs({'static_fallback': False}, 'release_probe')
   positions, _, _ = selection.choose(scores, kinds, np.zeros(16, bool), 1000, probe, 16)
-  assert 0 not in positions[:, 0] and 8 not in positions[:, 0]   # every sampled I-frame zeroed
+  assert 0 not in positions[:, 0] and 8 not in positions[:, 0]  # every sampled I-frame zeroed
   # The static test over all patch means: a flat clip keeps 4 evenly spaced frames whole.
-  flat = np.full((16, 14, 14), 0.2 * 256, np.float32)           # patch mean 51 of 255
+  flat = np.full((16, 14, 14), 0.2 * 256, np.float32)  # patch mean 51 of 255
   probe = Options.from_kwargs({}, 'release_probe')
   _, whole, fallback = selection.choose(flat, kinds, np.zeros(16, bool), 1000, probe, 16)
   assert fallback and list(whole) == [0, 5, 10, 15]
@@ -313,8 +335,11 @@ def test_presets_and_overrides():
   assert opts.static_threshold == 126.0 and opts.static_rel_threshold == 0.38
   assert Options.from_kwargs({}, 'release_train').policy == 'zero_first'
   llava = Options.from_kwargs({}, 'release_llava')
-  assert (llava.geometry, llava.policy, llava.camera_compensation) == ('letterbox',
-                                                                       'first_frame', 'median')
+  assert (llava.geometry, llava.policy, llava.camera_compensation) == (
+    'letterbox',
+    'first_frame',
+    'median',
+  )
   with pytest.raises(ValueError, match="preset='release'.*release_train"):
     Options.from_kwargs({}, 'release')
   with pytest.raises(ValueError, match='motion_inconsistency.*odd'):
@@ -323,15 +348,20 @@ def test_presets_and_overrides():
 
 # ----------------------------------------------------------------------------- end to end
 
+
 @pytest.fixture(scope='module')
 def moving_clip():
   return synthetic.make_clip(5, num_frames=48, height=144, width=256, bframes=2, gop=24)
 
 
-@pytest.mark.parametrize('preset,grid', [('release_train', dict(patch_size=16, budget=1500)),
-                                         ('release_probe', dict(budget=1500)),
-                                         ('release_llava', dict(resolution=576, patch_size=16,
-                                                                budget=8 * 1296))])
+@pytest.mark.parametrize(
+  'preset,grid',
+  [
+    ('release_train', dict(patch_size=16, budget=1500)),
+    ('release_probe', dict(budget=1500)),
+    ('release_llava', dict(resolution=576, patch_size=16, budget=8 * 1296)),
+  ],
+)
 def test_presets_end_to_end(moving_clip, preset, grid):
   sel = codec.select(moving_clip.data, num_frames=48, preset=preset, **grid)
   resolution, ps = grid.get('resolution', 224), grid['patch_size'] if 'patch_size' in grid else 14
@@ -343,10 +373,10 @@ def test_presets_end_to_end(moving_clip, preset, grid):
     assert not sel.transcoded and list(sel.whole_frames) == [0]
     assert (sel.positions[:, 0] == 0).sum() == 36 * 36
     later = sel.positions[sel.positions[:, 0] > 0]
-    assert valid[later[:, 1], later[:, 2]].all()          # never on padding after frame 0
+    assert valid[later[:, 1], later[:, 2]].all()  # never on padding after frame 0
     coverage = _letterbox_coverage(moving_clip, sel.frame_ids, resolution, ps)
   else:
-    assert sel.transcoded and 0 not in sel.positions[:, 0]   # GOP-16 re-encode, t = 0 zeroed
+    assert sel.transcoded and 0 not in sel.positions[:, 0]  # GOP-16 re-encode, t = 0 zeroed
     coverage = moving_clip.coverage(sel.frame_ids, resolution, ps)
   moving = coverage >= 0.1
   later = sel.positions[sel.positions[:, 0] > 0]

@@ -1,4 +1,5 @@
 """Conversion to and from the release's format: keys, layouts, round trips, bad directories."""
+
 import json
 import os
 import shutil
@@ -50,10 +51,19 @@ def test_keys_shapes_and_config_match_release(exported):
     cfg = json.load(f)
   assert cfg['model_type'] == 'onevision_encoder'
   assert cfg['architectures'] == ['OneVisionEncoderModel']
-  for key, value in {'hidden_size': c, 'intermediate_size': i, 'num_hidden_layers': 2,
-                     'num_attention_heads': 2, 'patch_size': 14, 'rope_theta': 10000.0,
-                     'rope_temporal_size': 64, 'use_head': True, 'layer_norm_eps': 1e-6,
-                     'hidden_act': 'gelu', 'layer_norm_type': 'layer_norm'}.items():
+  for key, value in {
+    'hidden_size': c,
+    'intermediate_size': i,
+    'num_hidden_layers': 2,
+    'num_attention_heads': 2,
+    'patch_size': 14,
+    'rope_theta': 10000.0,
+    'rope_temporal_size': 64,
+    'use_head': True,
+    'layer_norm_eps': 1e-6,
+    'hidden_act': 'gelu',
+    'layer_norm_type': 'layer_norm',
+  }.items():
     assert cfg[key] == value, key
   with open(os.path.join(directory, 'preprocessor_config.json')) as f:
     pre = json.load(f)
@@ -63,8 +73,9 @@ def test_keys_shapes_and_config_match_release(exported):
 
 def test_patch_embedding_layout_is_conv_over_channel_row_column(exported):
   model, directory = exported
-  weight = safetensors.numpy.load_file(
-      os.path.join(directory, 'model.safetensors'))['embeddings.patch_embedding.weight']
+  weight = safetensors.numpy.load_file(os.path.join(directory, 'model.safetensors'))[
+    'embeddings.patch_embedding.weight'
+  ]
   kernel = np.asarray(model.patch_embed.kernel[...])  # [(row, col, channel), C]
   rng = np.random.RandomState(0)
   patch = rng.randn(14, 14, 3).astype(np.float32)
@@ -82,8 +93,10 @@ def test_round_trip_is_bit_exact(exported, tmp_path):
     assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
   again = str(tmp_path / 'again')
   convert.save_pytorch(back, again)
-  with open(os.path.join(directory, 'model.safetensors'), 'rb') as f1, \
-      open(os.path.join(again, 'model.safetensors'), 'rb') as f2:
+  with (
+    open(os.path.join(directory, 'model.safetensors'), 'rb') as f1,
+    open(os.path.join(again, 'model.safetensors'), 'rb') as f2,
+  ):
     assert f1.read() == f2.read()
 
 
@@ -125,6 +138,7 @@ def test_load_onto_a_mesh_shards_parameters(exported):
 # Bad directories: the error names the file, the key and the expected shape
 # ------------------------------------------------------------------------------------------------
 
+
 def _rewrite(directory, edit):
   path = os.path.join(directory, 'model.safetensors')
   tensors = convert.read_safetensors(path)
@@ -132,14 +146,24 @@ def _rewrite(directory, edit):
   convert.write_safetensors(path, tensors)
 
 
-@pytest.mark.parametrize('edit, message', [
-    (lambda t: t.pop('encoder.layers.1.mlp.fc2.bias'),
-     r'key encoder\.layers\.1\.mlp\.fc2\.bias is missing \(expected shape \(128,\)\)'),
-    (lambda t: t.update({'head.attention.in_proj_weight': np.zeros((128, 128), np.float32)}),
-     r'head\.attention\.in_proj_weight has shape \(128, 128\), expected \(384, 128\)'),
-    (lambda t: t.update({'vision_model.extra': np.zeros(3, np.float32)}),
-     r'unexpected key vision_model\.extra'),
-], ids=['missing_key', 'wrong_shape', 'unexpected_key'])
+@pytest.mark.parametrize(
+  'edit, message',
+  [
+    (
+      lambda t: t.pop('encoder.layers.1.mlp.fc2.bias'),
+      r'key encoder\.layers\.1\.mlp\.fc2\.bias is missing \(expected shape \(128,\)\)',
+    ),
+    (
+      lambda t: t.update({'head.attention.in_proj_weight': np.zeros((128, 128), np.float32)}),
+      r'head\.attention\.in_proj_weight has shape \(128, 128\), expected \(384, 128\)',
+    ),
+    (
+      lambda t: t.update({'vision_model.extra': np.zeros(3, np.float32)}),
+      r'unexpected key vision_model\.extra',
+    ),
+  ],
+  ids=['missing_key', 'wrong_shape', 'unexpected_key'],
+)
 def test_bad_tensors_are_named(exported, tmp_path, edit, message):
   d = _copy(exported[1], tmp_path)
   _rewrite(d, edit)
@@ -172,7 +196,7 @@ def test_truncated_weights_are_reported(exported, tmp_path):
   with open(path, 'rb') as f:
     data = f.read()
   with open(path, 'wb') as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   with pytest.raises(convert.CheckpointError, match='truncated'):
     convert.load_pytorch(d)
 
@@ -181,6 +205,7 @@ def test_truncated_weights_are_reported(exported, tmp_path):
 # The CLI, both directions
 # ------------------------------------------------------------------------------------------------
 
+
 def test_cli_both_directions_and_verify(tmp_path, capsys):
   hf, params, hf2 = (str(tmp_path / n) for n in ('hf', 'params', 'hf2'))
   assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--seed', '3', '--out', hf]) == 0
@@ -188,16 +213,19 @@ def test_cli_both_directions_and_verify(tmp_path, capsys):
   cfg, flat = checkpoint.load_params(params)
   assert cfg == TINY and len(flat) == 51
   assert convert_checkpoint.main(['to-hf', '--params', params, '--out', hf2]) == 0
-  with open(os.path.join(hf, 'model.safetensors'), 'rb') as f1, \
-      open(os.path.join(hf2, 'model.safetensors'), 'rb') as f2:
+  with (
+    open(os.path.join(hf, 'model.safetensors'), 'rb') as f1,
+    open(os.path.join(hf2, 'model.safetensors'), 'rb') as f2,
+  ):
     assert f1.read() == f2.read()
   assert convert_checkpoint.main(['verify', '--hf', hf, '--resolution', '224']) == 0
   assert '"ok": true' in capsys.readouterr().out
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
-  assert convert_checkpoint.main(['from-hf', '--hf', str(tmp_path), '--out',
-                                  str(tmp_path / 'o')]) == 2
+  assert (
+    convert_checkpoint.main(['from-hf', '--hf', str(tmp_path), '--out', str(tmp_path / 'o')]) == 2
+  )
   assert 'config.json is missing' in capsys.readouterr().err
 
 
@@ -205,28 +233,38 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 # A training checkpoint's encoder -> release format (from-train)
 # ------------------------------------------------------------------------------------------------
 
-def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, run_trainer,
-                                                      capsys):
+
+def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, run_trainer, capsys):
   # The demo's smoke run for 2 steps (about 40 s), then its encoder through the CLI; the PyTorch
   # port on the export must compute what our encoder computes from the checkpoint's parameters.
   workdir, out = tmp_path / 'run', str(tmp_path / 'hf')
   proc, train_seconds = run_trainer(
-      f'--config=experiments/demo_cpu.py:smoke,steps=2,data_root={builtin_root}',
-      f'--workdir={workdir}', '--config.checkpoint_every=2')
+    f'--config=experiments/demo_cpu.py:smoke,steps=2,data_root={builtin_root}',
+    f'--workdir={workdir}',
+    '--config.checkpoint_every=2',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   start = time.perf_counter()
-  assert convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '2',
-                                  '--out', out]) == 0
+  assert (
+    convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '2', '--out', out])
+    == 0
+  )
   export_seconds = time.perf_counter() - start
   assert 'step 2' in capsys.readouterr().out
-  assert convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '7',
-                                  '--out', out]) == 2
+  assert (
+    convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '7', '--out', out])
+    == 2
+  )
   err = capsys.readouterr().err
   assert 'no checkpoint of step 7' in err and 'has steps [2]' in err
 
   bf16 = str(tmp_path / 'hf_bf16')
-  assert convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--out', bf16,
-                                  '--dtype', 'bfloat16']) == 0
+  assert (
+    convert_checkpoint.main(
+      ['from-train', '--workdir', str(workdir), '--out', bf16, '--dtype', 'bfloat16']
+    )
+    == 0
+  )
   raw = convert.read_safetensors(os.path.join(bf16, 'model.safetensors'))
   assert raw['head.probe'].dtype == ml_dtypes.bfloat16
 
@@ -238,20 +276,24 @@ def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, ru
 
   rng = np.random.RandomState(0)
   patches = rng.randn(2, 48, 588).astype(np.float32)
-  positions = np.stack([rng.randint(0, 64, (2, 48)), rng.randint(0, 16, (2, 48)),
-                        rng.randint(0, 16, (2, 48))], -1).astype(np.int32)
+  positions = np.stack(
+    [rng.randint(0, 64, (2, 48)), rng.randint(0, 16, (2, 48)), rng.randint(0, 16, (2, 48))], -1
+  ).astype(np.int32)
   ours = nnx.jit(lambda m, p, q, s: m(p, q, s, num_segments=1))(
-      model, patches, positions, np.ones((2, 48), np.int32))['pooled'][:, 0]
+    model, patches, positions, np.ones((2, 48), np.int32)
+  )['pooled'][:, 0]
   with torch.no_grad():
     ref = port.forward_tokens(torch.from_numpy(patches), torch.from_numpy(positions))
   np.testing.assert_allclose(np.asarray(ours), ref['pooler_output'].numpy(), atol=1e-4, rtol=0)
   # The probe and the cluster-label tools take the same workdir as their encoder (a training
   # workdir holds a config.json too; it must not be mistaken for a release-format directory).
   from ove_jax_tools import cluster_labels, probe
+
   for encoder in (probe.load_encoder(str(workdir))[0], cluster_labels.load_teacher(str(workdir))):
     np.testing.assert_array_equal(
-        np.asarray(encoder.blocks[0].mlp.fc1.kernel[...]),
-        np.asarray(params['encoder']['blocks']['0']['mlp']['fc1']['kernel']))
+      np.asarray(encoder.blocks[0].mlp.fc1.kernel[...]),
+      np.asarray(params['encoder']['blocks']['0']['mlp']['fc1']['kernel']),
+    )
   print(f'from-train: training {train_seconds:.1f} s, export {export_seconds:.1f} s')
 
 
@@ -262,6 +304,7 @@ def test_export_converts_one_tensor_at_a_time_and_verifies_tensor_by_tensor(tmp_
   import weakref
 
   from ove_jax.convert import hf
+
   model = create_encoder(EncoderConfig.preset('tiny'), seed=0)
   alive, made = [], [0]
   original = hf._to_hf
@@ -295,8 +338,12 @@ def test_export_converts_one_tensor_at_a_time_and_verifies_tensor_by_tensor(tmp_
 
 def test_cli_writes_sharded_exports_and_checks_every_shard(tmp_path, capsys):
   out = str(tmp_path / 'sharded')
-  assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--out', out,
-                                  '--max-shard-size', '200KB']) == 0
+  assert (
+    convert_checkpoint.main(
+      ['to-hf', '--preset', 'tiny', '--out', out, '--max-shard-size', '200KB']
+    )
+    == 0
+  )
   assert os.path.isfile(os.path.join(out, 'model.safetensors.index.json'))
   shards = sorted(f for f in os.listdir(out) if f.startswith('model-'))
   assert len(shards) > 1 and not os.path.exists(os.path.join(out, 'model.safetensors'))

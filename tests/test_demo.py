@@ -1,4 +1,5 @@
 """README's first command runs end to end and reports what it checked."""
+
 import json
 import math
 import os
@@ -13,8 +14,22 @@ from ove_jax_tools import demo
 def test_demo_runs_and_writes_summary(tmp_path, capsys):
   # The smoke variant of the experiment (8 clips / 16 images of built-in data, 8 held-out clips,
   # k = 8, 2-epoch probes) and 16 steps keep this near a minute; the default run is README's.
-  assert demo.main(['--workdir', str(tmp_path), '--clips', '4', '--budget', '512', '--smoke',
-                    '--train-steps', '16']) == 0
+  assert (
+    demo.main(
+      [
+        '--workdir',
+        str(tmp_path),
+        '--clips',
+        '4',
+        '--budget',
+        '512',
+        '--smoke',
+        '--train-steps',
+        '16',
+      ]
+    )
+    == 0
+  )
   with open(os.path.join(tmp_path, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['sharded_vs_single_max_abs_diff'] < 1e-4
@@ -45,8 +60,14 @@ def test_demo_runs_and_writes_summary(tmp_path, capsys):
   assert summary['clusters']['video']['k'] == 8 and summary['clusters']['video']['N'] == 8
   labels = np.load(os.path.join(summary['cluster_labels'], 'video', 'labels.npy'))
   assert labels.shape == (8, 8) and labels.min() >= 0 and labels.max() < 8
-  for key in ('pretrained', 'random_init', 'codec_inputs', 'uniform_inputs',
-              'codec_inputs_random_init', 'uniform_inputs_random_init'):
+  for key in (
+    'pretrained',
+    'random_init',
+    'codec_inputs',
+    'uniform_inputs',
+    'codec_inputs_random_init',
+    'uniform_inputs_random_init',
+  ):
     assert 0.0 <= summary[f'probe_top1_{key}'] <= 1.0
   assert summary['probe_top1_codec_inputs'] == summary['probe_top1_pretrained']
   assert summary['probe_top1_codec_inputs_random_init'] == summary['probe_top1_random_init']
@@ -54,8 +75,10 @@ def test_demo_runs_and_writes_summary(tmp_path, capsys):
   assert summary['probes'].keys() == {'pretrained', 'random_init'}
   for name in ('pretrained', 'random_init'):
     assert summary['probes'][name].keys() == {'codec', 'uniform'}
-  assert (summary['probe_top1_uniform_inputs_random_init']
-          == summary['probes']['random_init']['uniform']['linear']['top1'])
+  assert (
+    summary['probe_top1_uniform_inputs_random_init']
+    == summary['probes']['random_init']['uniform']['linear']['top1']
+  )
   assert summary['probe_seeds'] == [0] and summary['seed'] == 0
   assert summary['test_clips'] == 8 and summary['seconds'] > 0
 
@@ -68,30 +91,46 @@ def test_demo_runs_and_writes_summary(tmp_path, capsys):
   table = demo_lib.seed_table([summary, dict(summary, seed=1)])
   assert table[0] == '| figure | mean ± std | seed 0 | seed 1 |'
   codec = summary['probe_top1_codec_inputs']
-  assert (f'| linear probe, pretrained, codec inputs | {codec:.3f} ± 0.000 | {codec:.3f} | '
-          f'{codec:.3f} |') in table
+  assert (
+    f'| linear probe, pretrained, codec inputs | {codec:.3f} ± 0.000 | {codec:.3f} | {codec:.3f} |'
+  ) in table
   uniform = summary['probe_top1_uniform_inputs_random_init']
   assert f'| linear probe, random init, uniform frames | {uniform:.3f} ± 0.000 |' in '\n'.join(
-      table)
+    table
+  )
   capsys.readouterr()
   assert demo.main(['--table', os.path.join(tmp_path, 'summary.json')]) == 0
   assert capsys.readouterr().out.splitlines() == demo_lib.seed_table([summary])
 
 
 def test_seed_table_gives_mean_and_population_std():
-  runs = [{'seed': seed, 'probe_top1_codec_inputs': top1, 'probe_top1_uniform_inputs': 0.5,
-           'probe_top1_codec_inputs_random_init': 0.25,
-           'probe_top1_uniform_inputs_random_init': 0.75,
-           'probes': {name: {mode: {'knn': {'top1': 0.5}, 'attentive': {'top1': 0.5}}
-                             for mode in ('codec', 'uniform')}
-                      for name in ('pretrained', 'random_init')},
-           'cluster_nmi': {'texture': 0.5}, 'train_loss_first': 50.0, 'train_loss_last': 40.0,
-           'train_seconds': 100.0, 'probe_seconds': 10.0, 'seconds': 500.0}
-          for seed, top1 in ((0, 0.9), (1, 0.8), (2, 1.0))]
+  runs = [
+    {
+      'seed': seed,
+      'probe_top1_codec_inputs': top1,
+      'probe_top1_uniform_inputs': 0.5,
+      'probe_top1_codec_inputs_random_init': 0.25,
+      'probe_top1_uniform_inputs_random_init': 0.75,
+      'probes': {
+        name: {
+          mode: {'knn': {'top1': 0.5}, 'attentive': {'top1': 0.5}} for mode in ('codec', 'uniform')
+        }
+        for name in ('pretrained', 'random_init')
+      },
+      'cluster_nmi': {'texture': 0.5},
+      'train_loss_first': 50.0,
+      'train_loss_last': 40.0,
+      'train_seconds': 100.0,
+      'probe_seconds': 10.0,
+      'seconds': 500.0,
+    }
+    for seed, top1 in ((0, 0.9), (1, 0.8), (2, 1.0))
+  ]
   table = demo_lib.seed_table(runs)
   assert table[0] == '| figure | mean ± std | seed 0 | seed 1 | seed 2 |'
-  assert ('| linear probe, pretrained, codec inputs | 0.900 ± 0.082 | 0.900 | 0.800 | 1.000 |'
-          in table)
+  assert (
+    '| linear probe, pretrained, codec inputs | 0.900 ± 0.082 | 0.900 | 0.800 | 1.000 |' in table
+  )
   assert '| whole demo seconds | 500.0 ± 0.0 | 500.0 | 500.0 | 500.0 |' in table
 
 

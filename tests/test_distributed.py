@@ -1,5 +1,6 @@
 """Multi-process start-up: what JAX's cluster detection and our overrides make of each scheduler's
 variables (simulated environments), hybrid meshes, and real 2-process runs."""
+
 import http.server
 import json
 import os
@@ -28,9 +29,11 @@ LAUNCHER = os.path.join(REPO, 'tools', 'launch_local.py')
 
 
 # Every variable a scheduler (or a user) sets that JAX's detection or ours reads.
-_SCHEDULER_VARS = re.compile(r'^(SLURM_|OMPI_|OVE_|JAX_COORDINATOR|JAX_LOCAL_DEVICE_IDS|TPU_|'
-                             r'MEGASCALE_|KUBERNETES_SERVICE_HOST$|CUDA_VISIBLE_DEVICES$|'
-                             r'GCE_METADATA_IP$|JOB_COMPLETION_INDEX$)')
+_SCHEDULER_VARS = re.compile(
+  r'^(SLURM_|OMPI_|OVE_|JAX_COORDINATOR|JAX_LOCAL_DEVICE_IDS|TPU_|'
+  r'MEGASCALE_|KUBERNETES_SERVICE_HOST$|CUDA_VISIBLE_DEVICES$|'
+  r'GCE_METADATA_IP$|JOB_COMPLETION_INDEX$)'
+)
 
 
 @pytest.fixture
@@ -46,32 +49,46 @@ def scheduler(monkeypatch):
     for var, value in env.items():
       monkeypatch.setenv(var, value)
     cluster = distributed.detect_cluster()
-    kwargs = distributed.plan(explicit, os.environ, cluster, initialization_timeout=30,
-                              heartbeat_timeout=20)
+    kwargs = distributed.plan(
+      explicit, os.environ, cluster, initialization_timeout=30, heartbeat_timeout=20
+    )
     if kwargs is None:
       return cluster, None, None
     # The call jax.distributed.initialize makes with these arguments (jax/_src/distributed.py).
     seen = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-        kwargs.get('coordinator_address'), kwargs.get('num_processes'),
-        kwargs.get('process_id'), kwargs.get('local_device_ids'), None, timeout)
+      kwargs.get('coordinator_address'),
+      kwargs.get('num_processes'),
+      kwargs.get('process_id'),
+      kwargs.get('local_device_ids'),
+      None,
+      timeout,
+    )
     return cluster, kwargs, tuple(seen)
+
   return run
 
 
 def _slurm(procid, localid, nodeid, tasks_per_node, ntasks, **more):
-  env = {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'gpu[07-08]', 'SLURM_NTASKS': ntasks,
-         'SLURM_PROCID': procid, 'SLURM_LOCALID': localid, 'SLURM_NODEID': nodeid,
-         'SLURM_STEP_TASKS_PER_NODE': tasks_per_node, 'SLURM_STEP_NUM_NODES': '2'}
+  env = {
+    'SLURM_JOB_ID': '4242',
+    'SLURM_STEP_NODELIST': 'gpu[07-08]',
+    'SLURM_NTASKS': ntasks,
+    'SLURM_PROCID': procid,
+    'SLURM_LOCALID': localid,
+    'SLURM_NODEID': nodeid,
+    'SLURM_STEP_TASKS_PER_NODE': tasks_per_node,
+    'SLURM_STEP_NUM_NODES': '2',
+  }
   return {k: str(v) for k, v in {**env, **more}.items()}
 
 
-SLURM_PORT = 4242 % 4096 + 61440   # JAX's port for SLURM job 4242
+SLURM_PORT = 4242 % 4096 + 61440  # JAX's port for SLURM job 4242
 
 
 def test_no_request_is_single_process(scheduler):
   assert scheduler({}) == (None, None, None)
   assert scheduler({'OVE_NUM_PROCESSES': '1'}) == (None, None, None)
-  cluster, kwargs, _ = scheduler(_slurm(0, 0, 0, '1', 1))   # srun -n 1, or one task
+  cluster, kwargs, _ = scheduler(_slurm(0, 0, 0, '1', 1))  # srun -n 1, or one task
   assert cluster.__name__ == 'SlurmCluster' and kwargs is None
 
 
@@ -80,14 +97,18 @@ def test_slurm_one_task_per_gpu(scheduler):
   one numbered by its local rank; JAX's detection gives coordinator, count and id."""
   owned = []
   for localid in range(8):
-    cluster, kwargs, seen = scheduler(_slurm(8 + localid, localid, 1, '8(x2)', 16,
-                                             CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'))
+    cluster, kwargs, seen = scheduler(
+      _slurm(8 + localid, localid, 1, '8(x2)', 16, CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7')
+    )
     assert cluster.__name__ == 'SlurmCluster'
-    assert kwargs == {'local_device_ids': [localid], 'initialization_timeout': 30,
-                      'heartbeat_timeout_seconds': 20}
+    assert kwargs == {
+      'local_device_ids': [localid],
+      'initialization_timeout': 30,
+      'heartbeat_timeout_seconds': 20,
+    }
     assert seen == (f'gpu07:{SLURM_PORT}', 16, 8 + localid, [localid])
     owned.append(seen[3])
-  assert sorted(sum(owned, [])) == list(range(8))   # each GPU owned by exactly one process
+  assert sorted(sum(owned, [])) == list(range(8))  # each GPU owned by exactly one process
   # SLURM bound one GPU to each task (--gpus-per-task=1): the one it sees is its own.
   _, kwargs, seen = scheduler(_slurm(5, 5, 0, '8(x2)', 16, CUDA_VISIBLE_DEVICES='5'))
   assert kwargs['local_device_ids'] == [] and seen[3] == []
@@ -104,28 +125,32 @@ def test_slurm_one_task_per_node(scheduler):
   assert cluster.__name__ == 'SlurmCluster' and kwargs['local_device_ids'] == []
   assert seen == (f'gpu07:{SLURM_PORT}', 2, 1, [])
   jax_alone = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-      None, None, None, None, None, 30)
+    None, None, None, None, None, 30
+  )
   assert jax_alone[3] == [0]
   # Two tasks per node, each seeing the node's 8 GPUs: four each.
   _, kwargs, _ = scheduler(_slurm(3, 1, 1, '2(x2)', 4, CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'))
   assert kwargs['local_device_ids'] == [4, 5, 6, 7]
   # Four GPUs bound to each of two tasks (--gpus-per-task=4): its own four.
-  _, kwargs, _ = scheduler(_slurm(1, 1, 0, '2', 2, CUDA_VISIBLE_DEVICES='4,5,6,7',
-                                  SLURM_GPUS_PER_TASK='a100:4'))
+  _, kwargs, _ = scheduler(
+    _slurm(1, 1, 0, '2', 2, CUDA_VISIBLE_DEVICES='4,5,6,7', SLURM_GPUS_PER_TASK='a100:4')
+  )
   assert kwargs['local_device_ids'] == []
-  assert distributed.slurm_tasks_on_node({'SLURM_STEP_TASKS_PER_NODE': '4(x2),2',
-                                          'SLURM_NODEID': '2'}) == 2
+  assert (
+    distributed.slurm_tasks_on_node({'SLURM_STEP_TASKS_PER_NODE': '4(x2),2', 'SLURM_NODEID': '2'})
+    == 2
+  )
   assert distributed.slurm_tasks_on_node({'SLURM_NTASKS_PER_NODE': '3'}) == 3
 
 
 def test_overrides_win_value_by_value(scheduler):
-  env = _slurm(2, 0, 2, '1(x4)', 4, OVE_COORDINATOR_ADDRESS='head:7000',
-               OVE_LOCAL_DEVICE_IDS='0,1')
+  env = _slurm(2, 0, 2, '1(x4)', 4, OVE_COORDINATOR_ADDRESS='head:7000', OVE_LOCAL_DEVICE_IDS='0,1')
   _, kwargs, seen = scheduler(env)
   assert kwargs['coordinator_address'] == 'head:7000' and 'num_processes' not in kwargs
   assert seen == ('head:7000', 4, 2, [0, 1])
-  _, _, seen = scheduler({'OVE_COORDINATOR_ADDRESS': '', 'OVE_LOCAL_DEVICE_IDS': 'all',
-                          'JAX_COORDINATOR_PORT': '7777'})
+  _, _, seen = scheduler(
+    {'OVE_COORDINATOR_ADDRESS': '', 'OVE_LOCAL_DEVICE_IDS': 'all', 'JAX_COORDINATOR_PORT': '7777'}
+  )
   assert seen == ('gpu07:7777', 4, 2, [])
   _, kwargs, seen = scheduler({}, process_id=3, local_device_ids=[1])
   assert kwargs['process_id'] == 3 and seen == ('gpu07:7777', 4, 3, [1])
@@ -136,19 +161,26 @@ def test_open_mpi(scheduler):
   per GPU its own."""
   uri = '1531576320.0;tcp://10.96.0.1,10.148.0.1,10.108.0.1:34911'
   port = 1531576320 // 4096 % 4096 + 61440
-  env = {'OMPI_MCA_orte_hnp_uri': uri, 'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '2',
-         'OMPI_COMM_WORLD_LOCAL_RANK': '0', 'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}
+  env = {
+    'OMPI_MCA_orte_hnp_uri': uri,
+    'OMPI_COMM_WORLD_SIZE': '4',
+    'OMPI_COMM_WORLD_RANK': '2',
+    'OMPI_COMM_WORLD_LOCAL_RANK': '0',
+    'OMPI_COMM_WORLD_LOCAL_SIZE': '1',
+  }
   cluster, kwargs, seen = scheduler(env)
   assert cluster.__name__ == 'OmpiCluster' and kwargs['local_device_ids'] == []
   assert seen == (f'10.96.0.1:{port}', 4, 2, [])
-  _, kwargs, seen = scheduler({'OMPI_COMM_WORLD_LOCAL_RANK': '2',
-                               'OMPI_COMM_WORLD_LOCAL_SIZE': '4'})
+  _, kwargs, seen = scheduler(
+    {'OMPI_COMM_WORLD_LOCAL_RANK': '2', 'OMPI_COMM_WORLD_LOCAL_SIZE': '4'}
+  )
   assert seen == (f'10.96.0.1:{port}', 4, 2, [2])
 
 
 def _on_tpu_vm(monkeypatch):
   """What jax's import does on a Cloud TPU VM (jax/_src/cloud_tpu_init.py): TPU chips found."""
   from jax._src.clusters import cloud_tpu_cluster, cluster
+
   monkeypatch.setattr(cloud_tpu_cluster, 'running_in_cloud_tpu_vm', True)
   monkeypatch.setattr(cluster, 'running_in_cloud_tpu_vm', True)
 
@@ -157,10 +189,14 @@ def test_gke_tpu_multislice(scheduler, monkeypatch):
   """A GKE JobSet (XPK) of 2 slices of 4 hosts: JAX reads the workers and the slice from the
   variables GKE sets; TPU processes are never restricted to some of their chips."""
   _on_tpu_vm(monkeypatch)
-  env = {'TPU_SKIP_MDS_QUERY': 'true',   # GKE's TPU pods have no TPU VM metadata server
-         'TPU_WORKER_HOSTNAMES': 'localhost,w-1,w-2,w-3', 'TPU_WORKER_ID': '2',
-         'MEGASCALE_NUM_SLICES': '2', 'MEGASCALE_SLICE_ID': '1',
-         'MEGASCALE_COORDINATOR_ADDRESS': 'localhost:8080'}
+  env = {
+    'TPU_SKIP_MDS_QUERY': 'true',  # GKE's TPU pods have no TPU VM metadata server
+    'TPU_WORKER_HOSTNAMES': 'localhost,w-1,w-2,w-3',
+    'TPU_WORKER_ID': '2',
+    'MEGASCALE_NUM_SLICES': '2',
+    'MEGASCALE_SLICE_ID': '1',
+    'MEGASCALE_COORDINATOR_ADDRESS': 'localhost:8080',
+  }
   cluster, kwargs, seen = scheduler(env)
   assert cluster.__name__ == 'GkeTpuCluster' and 'local_device_ids' not in kwargs
   assert seen == ('localhost:8482', 8, 6, None)
@@ -170,8 +206,11 @@ def test_cloud_tpu_vm_pod(scheduler, monkeypatch):
   """`gcloud compute tpus tpu-vm ssh --worker=all`: JAX asks the TPU VM's metadata server (here a
   local one serving what a v4-16's worker 1 gets) for its worker number and the workers."""
   _on_tpu_vm(monkeypatch)
-  attributes = {'agent-worker-number': '1', 'worker-network-endpoints': 'localhost,t1k-w-1',
-                'tpu-env': "ACCELERATOR_TYPE: 'v4-16'\nWORKER_ID: '1'\n"}
+  attributes = {
+    'agent-worker-number': '1',
+    'worker-network-endpoints': 'localhost,t1k-w-1',
+    'tpu-env': "ACCELERATOR_TYPE: 'v4-16'\nWORKER_ID: '1'\n",
+  }
 
   class Metadata(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -202,12 +241,17 @@ def test_kubernetes_indexed_job(scheduler, monkeypatch):
   (here the `kubernetes` client's calls answered as the API server answers them for pod 3) for
   the Job's parallelism and the coordinator pod; no device restriction (one process per pod)."""
   from jax._src.clusters import k8s_cluster
+
   ns = types.SimpleNamespace
-  pod = ns(metadata=ns(name='ove-train-3-abcde', labels={'job-name': 'ove-train'},
-                       owner_references=[ns(controller=True, kind='Job')]),
-           spec=ns(subdomain='ove-svc'))
-  job = ns(metadata=ns(name='ove-train', labels={'job-name': 'ove-train'}),
-           spec=ns(parallelism=4))
+  pod = ns(
+    metadata=ns(
+      name='ove-train-3-abcde',
+      labels={'job-name': 'ove-train'},
+      owner_references=[ns(controller=True, kind='Job')],
+    ),
+    spec=ns(subdomain='ove-svc'),
+  )
+  job = ns(metadata=ns(name='ove-train', labels={'job-name': 'ove-train'}), spec=ns(parallelism=4))
   queries = []
 
   class CoreV1Api:
@@ -221,15 +265,17 @@ def test_kubernetes_indexed_job(scheduler, monkeypatch):
       return job
 
   client = ns(CoreV1Api=CoreV1Api, BatchV1Api=BatchV1Api, exceptions=ns(ApiException=OSError))
-  monkeypatch.setitem(sys.modules, 'kubernetes', ns(config=ns(load_incluster_config=lambda: None),
-                                                     client=client))
+  monkeypatch.setitem(
+    sys.modules, 'kubernetes', ns(config=ns(load_incluster_config=lambda: None), client=client)
+  )
   monkeypatch.setattr(k8s_cluster.K8sCluster, '_namespace', classmethod(lambda cls: 'team'))
   for name in ('_pod', '_job', '_controller', '_headless_svc'):
     k8s_cluster.K8sCluster.__dict__[name].__func__.cache_clear()
   try:
     cluster, kwargs, seen = scheduler(
-        {'KUBERNETES_SERVICE_HOST': '10.0.0.1', 'HOSTNAME': 'localhost',
-         'JOB_COMPLETION_INDEX': '3'}, timeout=0)   # 0: no wait for the coordinator's DNS name
+      {'KUBERNETES_SERVICE_HOST': '10.0.0.1', 'HOSTNAME': 'localhost', 'JOB_COMPLETION_INDEX': '3'},
+      timeout=0,
+    )  # 0: no wait for the coordinator's DNS name
   finally:
     for name in ('_pod', '_job', '_controller', '_headless_svc'):
       k8s_cluster.K8sCluster.__dict__[name].__func__.cache_clear()
@@ -241,52 +287,108 @@ def test_kubernetes_indexed_job(scheduler, monkeypatch):
 def test_unreadable_cluster_layout_explains(scheduler):
   """A cluster JAX detects but cannot read: the error says so, and OVE_NUM_PROCESSES=1 runs this
   machine alone (a notebook pod, a SLURM login shell)."""
-  with pytest.raises(RuntimeError, match="JAX detected SlurmCluster here but could not read its "
-                     "process count.*OVE_NUM_PROCESSES=1"):
+  with pytest.raises(
+    RuntimeError,
+    match='JAX detected SlurmCluster here but could not read its '
+    'process count.*OVE_NUM_PROCESSES=1',
+  ):
     scheduler(_slurm(0, 0, 0, '1', 'all'))
   assert scheduler({'OVE_NUM_PROCESSES': '1'})[1:] == (None, None)
 
 
 def test_ove_variables(scheduler):
-  env = {'OVE_COORDINATOR_ADDRESS': '10.0.0.1:5000', 'OVE_NUM_PROCESSES': '4',
-         'OVE_PROCESS_ID': '3'}
+  env = {
+    'OVE_COORDINATOR_ADDRESS': '10.0.0.1:5000',
+    'OVE_NUM_PROCESSES': '4',
+    'OVE_PROCESS_ID': '3',
+  }
   cluster, kwargs, seen = scheduler(env)
   assert cluster is None and seen == ('10.0.0.1:5000', 4, 3, None)
-  assert kwargs == {'coordinator_address': '10.0.0.1:5000', 'num_processes': 4,
-                    'process_id': 3, 'initialization_timeout': 30,
-                    'heartbeat_timeout_seconds': 20}
+  assert kwargs == {
+    'coordinator_address': '10.0.0.1:5000',
+    'num_processes': 4,
+    'process_id': 3,
+    'initialization_timeout': 30,
+    'heartbeat_timeout_seconds': 20,
+  }
 
 
 def test_explicit_arguments_win():
   env = {'OVE_COORDINATOR_ADDRESS': 'x:1', 'OVE_NUM_PROCESSES': '4', 'OVE_PROCESS_ID': '3'}
   kwargs = distributed.plan({'process_id': 1, 'num_processes': 2}, env, None)
   assert {k: kwargs[k] for k in ('coordinator_address', 'num_processes', 'process_id')} == {
-      'coordinator_address': 'x:1', 'num_processes': 2, 'process_id': 1}
+    'coordinator_address': 'x:1',
+    'num_processes': 2,
+    'process_id': 1,
+  }
 
 
-@pytest.mark.parametrize('env, match', [
-    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '2'},
-     'OVE_PROCESS_ID=2 is out of range'),
-    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '-1'},
-     'OVE_PROCESS_ID=-1 is out of range'),
-    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': 'two', 'OVE_PROCESS_ID': '0'},
-     'OVE_NUM_PROCESSES=.two.: expected a whole number'),
-    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '0', 'OVE_PROCESS_ID': '0'},
-     'OVE_NUM_PROCESSES=0'),
-    ({'OVE_COORDINATOR_ADDRESS': 'localhost', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '0'},
-     'OVE_COORDINATOR_ADDRESS=.localhost.: the coordinator address must be host:port'),
-    ({'OVE_COORDINATOR_ADDRESS': 'h:99999', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '0'},
-     'OVE_COORDINATOR_ADDRESS'),
-    ({'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2'},
-     'OVE_PROCESS_ID is missing and no cluster'),
-    ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
-      'SLURM_LOCALID': '0', 'OVE_PROCESS_ID': '2'},
-     'OVE_PROCESS_ID=2 is out of range for the SlurmCluster process count=2'),
-    ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
-      'SLURM_LOCALID': '0', 'OVE_LOCAL_DEVICE_IDS': 'gpu0'}, 'OVE_LOCAL_DEVICE_IDS=.gpu0.'),
-    ({'SLURM_JOB_ID': '1', 'SLURM_STEP_NODELIST': 'a,b', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '0',
-      'SLURM_LOCALID': '0', 'SLURM_STEP_TASKS_PER_NODE': '2(2)'}, 'SLURM_STEP_TASKS_PER_NODE'),
-])
+@pytest.mark.parametrize(
+  'env, match',
+  [
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '2'},
+      'OVE_PROCESS_ID=2 is out of range',
+    ),
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '-1'},
+      'OVE_PROCESS_ID=-1 is out of range',
+    ),
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': 'two', 'OVE_PROCESS_ID': '0'},
+      'OVE_NUM_PROCESSES=.two.: expected a whole number',
+    ),
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '0', 'OVE_PROCESS_ID': '0'},
+      'OVE_NUM_PROCESSES=0',
+    ),
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'localhost', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '0'},
+      'OVE_COORDINATOR_ADDRESS=.localhost.: the coordinator address must be host:port',
+    ),
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'h:99999', 'OVE_NUM_PROCESSES': '2', 'OVE_PROCESS_ID': '0'},
+      'OVE_COORDINATOR_ADDRESS',
+    ),
+    (
+      {'OVE_COORDINATOR_ADDRESS': 'h:1', 'OVE_NUM_PROCESSES': '2'},
+      'OVE_PROCESS_ID is missing and no cluster',
+    ),
+    (
+      {
+        'SLURM_JOB_ID': '1',
+        'SLURM_STEP_NODELIST': 'a,b',
+        'SLURM_NTASKS': '2',
+        'SLURM_PROCID': '0',
+        'SLURM_LOCALID': '0',
+        'OVE_PROCESS_ID': '2',
+      },
+      'OVE_PROCESS_ID=2 is out of range for the SlurmCluster process count=2',
+    ),
+    (
+      {
+        'SLURM_JOB_ID': '1',
+        'SLURM_STEP_NODELIST': 'a,b',
+        'SLURM_NTASKS': '2',
+        'SLURM_PROCID': '0',
+        'SLURM_LOCALID': '0',
+        'OVE_LOCAL_DEVICE_IDS': 'gpu0',
+      },
+      'OVE_LOCAL_DEVICE_IDS=.gpu0.',
+    ),
+    (
+      {
+        'SLURM_JOB_ID': '1',
+        'SLURM_STEP_NODELIST': 'a,b',
+        'SLURM_NTASKS': '2',
+        'SLURM_PROCID': '0',
+        'SLURM_LOCALID': '0',
+        'SLURM_STEP_TASKS_PER_NODE': '2(2)',
+      },
+      'SLURM_STEP_TASKS_PER_NODE',
+    ),
+  ],
+)
 def test_invalid_values_name_the_variable(scheduler, env, match):
   with pytest.raises(ValueError, match=match):
     scheduler(env)
@@ -300,8 +402,9 @@ def test_initialize_passes_the_plan_to_jax(scheduler, monkeypatch):
   monkeypatch.setattr(distributed, '_backend_initialized', lambda: False)
   scheduler(_slurm(6, 2, 1, '4(x2)', 8))
   distributed.initialize(initialization_timeout=45, heartbeat_timeout=15)
-  assert calls == [{'local_device_ids': [2], 'initialization_timeout': 45,
-                    'heartbeat_timeout_seconds': 15}]
+  assert calls == [
+    {'local_device_ids': [2], 'initialization_timeout': 45, 'heartbeat_timeout_seconds': 15}
+  ]
 
 
 _SLURM_CHILD = """
@@ -331,11 +434,29 @@ def test_two_slurm_tasks_start_through_jax_detection(tmp_path, layout):
   procs = []
   for i in range(2):
     per_gpu = layout == 'per_gpu'
-    env = dict(base, JAX_PLATFORMS='cpu', JAX_COORDINATOR_PORT=port, **_slurm(
-        i, i if per_gpu else 0, 0 if per_gpu else i, '2' if per_gpu else '1(x2)', 2,
-        SLURM_STEP_NODELIST='localhost' if per_gpu else 'localhost,localhost'))
-    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    env = dict(
+      base,
+      JAX_PLATFORMS='cpu',
+      JAX_COORDINATOR_PORT=port,
+      **_slurm(
+        i,
+        i if per_gpu else 0,
+        0 if per_gpu else i,
+        '2' if per_gpu else '1(x2)',
+        2,
+        SLURM_STEP_NODELIST='localhost' if per_gpu else 'localhost,localhost',
+      ),
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+      )
+    )
   results = []
   for proc in procs:
     out, err = proc.communicate(timeout=120)
@@ -348,8 +469,13 @@ def test_two_slurm_tasks_start_through_jax_detection(tmp_path, layout):
 
 
 def test_initialize_after_backend_started_explains(monkeypatch):
-  for var in ('OVE_COORDINATOR_ADDRESS', 'OVE_NUM_PROCESSES', 'OVE_PROCESS_ID',
-              'OVE_LOCAL_DEVICE_COUNT', 'SLURM_NTASKS'):
+  for var in (
+    'OVE_COORDINATOR_ADDRESS',
+    'OVE_NUM_PROCESSES',
+    'OVE_PROCESS_ID',
+    'OVE_LOCAL_DEVICE_COUNT',
+    'SLURM_NTASKS',
+  ):
     monkeypatch.delenv(var, raising=False)
   jax.devices()  # starts the backend, as any earlier JAX call would
   info = distributed.initialize()
@@ -364,8 +490,12 @@ def test_initialize_after_backend_started_explains(monkeypatch):
 
 def test_child_env_replaces_device_count():
   env = launch_local.child_env(
-      {'XLA_FLAGS': '--xla_a=1 --xla_force_host_platform_device_count=8 --xla_b=2', 'KEEP': 'x'},
-      address='127.0.0.1:9', processes=2, index=1, devices=4)
+    {'XLA_FLAGS': '--xla_a=1 --xla_force_host_platform_device_count=8 --xla_b=2', 'KEEP': 'x'},
+    address='127.0.0.1:9',
+    processes=2,
+    index=1,
+    devices=4,
+  )
   assert env['XLA_FLAGS'] == '--xla_a=1 --xla_b=2 --xla_force_host_platform_device_count=4'
   assert env['KEEP'] == 'x' and env['OVE_PROCESS_ID'] == '1' and env['OVE_NUM_PROCESSES'] == '2'
   assert env['OVE_LOCAL_DEVICE_COUNT'] == '4' and env['JAX_PLATFORMS'] == 'cpu'
@@ -373,31 +503,47 @@ def test_child_env_replaces_device_count():
 
 def test_use_cpu_devices_before_and_after_the_backend_starts():
   jax.devices()
-  distributed.use_cpu_devices(jax.local_device_count())   # what it has: accepted
-  with pytest.raises(RuntimeError, match='asked for 3 CPU devices but the JAX backend already '
-                     'started with 8'):
+  distributed.use_cpu_devices(jax.local_device_count())  # what it has: accepted
+  with pytest.raises(
+    RuntimeError, match='asked for 3 CPU devices but the JAX backend already started with 8'
+  ):
     distributed.use_cpu_devices(3)
   with pytest.raises(ValueError, match='at least 1'):
     distributed.use_cpu_devices(0)
   env = distributed.cpu_devices_env({'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, 2)
   env.pop('JAX_PLATFORMS', None)
   result = subprocess.run(
-      [sys.executable, '-c', 'import jax\nfrom ove_jax import distributed\n'
-       'distributed.use_cpu_devices(3)\nprint(jax.local_device_count())'],
-      env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
-      text=True, timeout=120, cwd=REPO)
+    [
+      sys.executable,
+      '-c',
+      'import jax\nfrom ove_jax import distributed\n'
+      'distributed.use_cpu_devices(3)\nprint(jax.local_device_count())',
+    ],
+    env={**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+  )
   assert result.stdout.strip() == '3', result.stderr[-2000:]
-  assert env == {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-                 'OVE_LOCAL_DEVICE_COUNT': '2'}
+  assert env == {
+    'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+    'OVE_LOCAL_DEVICE_COUNT': '2',
+  }
 
 
-@pytest.mark.parametrize('argv, message', [
+@pytest.mark.parametrize(
+  'argv, message',
+  [
     (['--processes=0', '--', 'true'], 'at least 1 process'),
     (['--processes=2', '--devices_per_process=0', '--', 'true'], 'at least 1 device'),
-    (['--processes=2', '--devices-per-process', '0', '--', 'true'],
-     'ove-launch-local: error: --devices-per-process=0: each process needs at least 1 device'),
+    (
+      ['--processes=2', '--devices-per-process', '0', '--', 'true'],
+      'ove-launch-local: error: --devices-per-process=0: each process needs at least 1 device',
+    ),
     (['--processes=2'], 'no command given'),
-])
+  ],
+)
 def test_launcher_argument_errors(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
     launch_local.main(argv)
@@ -408,12 +554,19 @@ def test_launcher_argument_errors(argv, message, capsys):
 def _launch(tmp_path, script, *flags, timeout=60):
   path = tmp_path / 'child.py'
   path.write_text(textwrap.dedent(script))
-  return subprocess.run([sys.executable, LAUNCHER, *flags, '--', sys.executable, str(path)],
-                        capture_output=True, text=True, timeout=timeout, cwd=REPO)
+  return subprocess.run(
+    [sys.executable, LAUNCHER, *flags, '--', sys.executable, str(path)],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=REPO,
+  )
 
 
 def test_two_processes_compute_a_global_sum(tmp_path):
-  result = _launch(tmp_path, """
+  result = _launch(
+    tmp_path,
+    """
       import logging
       import jax
       import jax.numpy as jnp
@@ -439,34 +592,52 @@ def test_two_processes_compute_a_global_sum(tmp_path):
           NamedSharding(hybrid, P(('data', 'fsdp'))), local)
       total = jax.jit(jnp.sum, out_shardings=NamedSharding(hybrid, P()))(y)
       print(f'HYBRID SUM {float(total):.1f} from process {jax.process_index()}')
-      """, '--processes=2', '--devices_per_process=4', '--timeout=50')
+      """,
+    '--processes=2',
+    '--devices_per_process=4',
+    '--timeout=50',
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   for i in range(2):
     assert f'[p{i}] SUM 496.0 from process {i}' in result.stdout, result.stdout + result.stderr
     assert f'[p{i}] HYBRID SUM 496.0 from process {i}' in result.stdout, result.stdout
-    assert f'[p{i}] INFO:ove_jax.distributed:JAX process {i}/2: 4 local devices, 8 global' \
-        in result.stderr
+    assert (
+      f'[p{i}] INFO:ove_jax.distributed:JAX process {i}/2: 4 local devices, 8 global'
+      in result.stderr
+    )
 
 
 def test_failing_process_stops_the_others(tmp_path):
   start = time.monotonic()
-  result = _launch(tmp_path, """
+  result = _launch(
+    tmp_path,
+    """
       import os, sys, time
       if os.environ['OVE_PROCESS_ID'] == '1':
         sys.exit(3)
       print('waiting', flush=True)
       time.sleep(60)
-      """, '--processes=2', '--devices_per_process=1', timeout=30)
+      """,
+    '--processes=2',
+    '--devices_per_process=1',
+    timeout=30,
+  )
   assert result.returncode == 3, result.stdout + result.stderr
   assert time.monotonic() - start < 15
   assert 'process 1 exited with code 3' in result.stderr
 
 
 def test_timeout_returns_124(tmp_path):
-  result = _launch(tmp_path, """
+  result = _launch(
+    tmp_path,
+    """
       import time
       time.sleep(60)
-      """, '--processes=2', '--timeout=1', timeout=30)
+      """,
+    '--processes=2',
+    '--timeout=1',
+    timeout=30,
+  )
   assert result.returncode == 124, result.stdout + result.stderr
   assert 'timed out' in result.stderr
 
@@ -489,8 +660,10 @@ def test_hybrid_mesh_compiles_a_sharded_step():
   def loss(w, x):
     return jnp.mean(jnp.square(x @ w))
 
-  step = jax.jit(jax.value_and_grad(loss), out_shardings=(NamedSharding(mesh, P()),
-                                                          NamedSharding(mesh, P('fsdp'))))
+  step = jax.jit(
+    jax.value_and_grad(loss),
+    out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('fsdp'))),
+  )
   compiled = step.lower(w, x).compile()
   assert 'all-reduce' in compiled.as_text() or 'reduce-scatter' in compiled.as_text()
   value, grad = compiled(w, x)
@@ -512,11 +685,11 @@ def test_hybrid_mesh_granules_and_errors():
   with pytest.raises(ValueError, match='mesh axis .dcn_batch. is not one of'):
     sharding.make_hybrid_mesh({'data': 8, 'dcn_batch': 2})
 
-  class Remote:   # a device of another process, as jax.devices() lists it in a multi-host run
+  class Remote:  # a device of another process, as jax.devices() lists it in a multi-host run
     def __init__(self, device, process):
       self.id, self.process_index = device.id, process
 
-  three_processes = [Remote(d, min(d.id // 3, 2)) for d in devices]   # 3 + 3 + 2 devices
+  three_processes = [Remote(d, min(d.id // 3, 2)) for d in devices]  # 3 + 3 + 2 devices
   with pytest.raises(ValueError, match='would split a process between granules'):
     sharding.device_granules(three_processes, 2)
   four_processes = [Remote(d, d.id // 2) for d in reversed(devices)]
@@ -530,11 +703,16 @@ def test_config_keys_for_launch():
   config = config_lib.load(demo, ['mesh.dcn_fsdp=2', 'distributed.heartbeat_timeout=30'])
   assert (config.mesh.dcn_fsdp, config.distributed.heartbeat_timeout) == (2, 30)
   assert config_lib.defaults().distributed.to_dict() == {
-      'initialization_timeout': distributed.DEFAULT_INITIALIZATION_TIMEOUT,
-      'heartbeat_timeout': distributed.DEFAULT_HEARTBEAT_TIMEOUT}
-  for override, match in (('mesh.dcn_fsdp=3', 'mesh.dcn_fsdp=3 must divide mesh.fsdp=2'),
-                          ('mesh.dcn_data=0', 'mesh.dcn_data=0; must be an integer >= 1'),
-                          ('distributed.initialization_timeout=0',
-                           'distributed.initialization_timeout=0; must be an integer >= 1')):
+    'initialization_timeout': distributed.DEFAULT_INITIALIZATION_TIMEOUT,
+    'heartbeat_timeout': distributed.DEFAULT_HEARTBEAT_TIMEOUT,
+  }
+  for override, match in (
+    ('mesh.dcn_fsdp=3', 'mesh.dcn_fsdp=3 must divide mesh.fsdp=2'),
+    ('mesh.dcn_data=0', 'mesh.dcn_data=0; must be an integer >= 1'),
+    (
+      'distributed.initialization_timeout=0',
+      'distributed.initialization_timeout=0; must be an integer >= 1',
+    ),
+  ):
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.load(demo, [override])

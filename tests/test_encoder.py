@@ -1,4 +1,5 @@
 """The encoder: RoPE facts, packing, the release entry point, sharding, bf16 and remat."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +13,12 @@ from ove_jax.models import encoder as enc
 TINY = EncoderConfig.preset('tiny')
 
 # Jitted entry points: op-by-op eager execution is slow on CPU.
-call = nnx.jit(lambda m, *a, **k: m(*a, **k), static_argnames=('num_segments',
-                                                               'return_hidden_states'))
-pixels = nnx.jit(lambda m, *a, **k: m.forward_pixels(*a, **k),
-                 static_argnames=('output_hidden_states',))
+call = nnx.jit(
+  lambda m, *a, **k: m(*a, **k), static_argnames=('num_segments', 'return_hidden_states')
+)
+pixels = nnx.jit(
+  lambda m, *a, **k: m.forward_pixels(*a, **k), static_argnames=('output_hidden_states',)
+)
 
 
 @pytest.fixture
@@ -31,6 +34,7 @@ def _rng(seed=0):
 # RoPE
 # ------------------------------------------------------------------------------------------------
 
+
 def test_rope_frequencies_follow_spec():
   inv_t, inv_h, inv_w = (np.asarray(f) for f in enc.rope_inv_freqs(64, 10000.0))
   assert (inv_t.size, inv_h.size, inv_w.size) == (8, 12, 12)
@@ -42,8 +46,13 @@ def test_rope_frequencies_follow_spec():
 def test_rope_angles_layout_concat_not_interleave():
   pos = jnp.array([[[3, 5, 7]]])
   a = np.asarray(enc.rope_angles(pos, 64, 10000.0))[0, 0]
-  half = np.concatenate([3 * 10000.0 ** (-np.arange(8) / 8), 5 * 10000.0 ** (-np.arange(12) / 12),
-                         7 * 10000.0 ** (-np.arange(12) / 12)])
+  half = np.concatenate(
+    [
+      3 * 10000.0 ** (-np.arange(8) / 8),
+      5 * 10000.0 ** (-np.arange(12) / 12),
+      7 * 10000.0 ** (-np.arange(12) / 12),
+    ]
+  )
   np.testing.assert_allclose(a, np.concatenate([half, half]), rtol=1e-6)
 
 
@@ -79,8 +88,9 @@ def test_positions_decide_output_token_order_does_not(model):
   out = call(model, patches, pos)
   perm = rng.permutation(24)
   out_p = call(model, patches[:, perm], pos[:, perm])
-  np.testing.assert_allclose(out_p['last_hidden_state'], out['last_hidden_state'][:, perm],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    out_p['last_hidden_state'], out['last_hidden_state'][:, perm], atol=1e-5
+  )
   np.testing.assert_allclose(out_p['pooled'], out['pooled'], atol=1e-5)
   # Same tokens, other positions: the output changes.
   other = call(model, patches, pos[:, rng.permutation(24)])
@@ -103,21 +113,26 @@ def test_rope_as_released_is_not_shift_invariant(model):
 # Packing
 # ------------------------------------------------------------------------------------------------
 
+
 def test_packed_equals_alone(model):
   rng = _rng(5)
   lengths = [7, 12, 5]
-  samples = [(rng.randn(n, TINY.patch_dim).astype(np.float32),
-              np.stack([rng.randint(0, 64, n), rng.randint(0, 16, n), rng.randint(0, 16, n)], -1))
-             for n in lengths]
+  samples = [
+    (
+      rng.randn(n, TINY.patch_dim).astype(np.float32),
+      np.stack([rng.randint(0, 64, n), rng.randint(0, 16, n), rng.randint(0, 16, n)], -1),
+    )
+    for n in lengths
+  ]
   L = 30  # 24 real tokens and 6 of padding
   patches = np.zeros((1, L, TINY.patch_dim), np.float32)
   pos = np.zeros((1, L, 3), np.int32)
   seg = np.zeros((1, L), np.int32)
   start = 0
   for s, (p, q) in enumerate(samples):
-    patches[0, start:start + len(p)] = p
-    pos[0, start:start + len(p)] = q
-    seg[0, start:start + len(p)] = s + 1
+    patches[0, start : start + len(p)] = p
+    pos[0, start : start + len(p)] = q
+    seg[0, start : start + len(p)] = s + 1
     start += len(p)
   patches[0, start:] = rng.randn(L - start, TINY.patch_dim)  # padding content must not matter
   packed = call(model, patches, pos, seg, num_segments=4)
@@ -126,10 +141,13 @@ def test_packed_equals_alone(model):
   for s, (p, q) in enumerate(samples):
     alone = call(model, p[None], q[None])
     n = len(p)
-    np.testing.assert_allclose(packed['last_hidden_state'][0, start:start + n],
-                               alone['last_hidden_state'][0], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(packed['pooled'][0, s], alone['pooled'][0, 0], atol=1e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      packed['last_hidden_state'][0, start : start + n],
+      alone['last_hidden_state'][0],
+      atol=1e-5,
+      rtol=1e-5,
+    )
+    np.testing.assert_allclose(packed['pooled'][0, s], alone['pooled'][0, 0], atol=1e-5, rtol=1e-5)
     start += n
   assert np.isfinite(np.asarray(packed['pooled'])).all()
 
@@ -139,15 +157,19 @@ def test_padding_does_not_change_real_tokens(model):
   p = rng.randn(1, 10, TINY.patch_dim).astype(np.float32)
   q = np.stack([np.zeros(10), rng.randint(0, 16, 10), rng.randint(0, 16, 10)], -1)[None]
   base = call(model, p, q)
-  padded = call(model, np.concatenate([p, rng.randn(1, 6, TINY.patch_dim)], 1),
-                 np.concatenate([q, np.zeros((1, 6, 3))], 1),
-                 np.r_[np.ones(10), np.zeros(6)][None].astype(np.int32))
+  padded = call(
+    model,
+    np.concatenate([p, rng.randn(1, 6, TINY.patch_dim)], 1),
+    np.concatenate([q, np.zeros((1, 6, 3))], 1),
+    np.r_[np.ones(10), np.zeros(6)][None].astype(np.int32),
+  )
   np.testing.assert_allclose(padded['pooled'], base['pooled'], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
 # The release's entry point
 # ------------------------------------------------------------------------------------------------
+
 
 def test_forward_pixels_dense_video_positions(model):
   rng = _rng(7)
@@ -163,7 +185,7 @@ def test_forward_pixels_dense_video_positions(model):
 
 def test_forward_pixels_visible_indices_gather_and_grid(model):
   rng = _rng(8)
-  video = rng.randn(2, 4, 28, 28, 3).astype(np.float32)   # 4 frames x 4 patches = 16 tokens
+  video = rng.randn(2, 4, 28, 28, 3).astype(np.float32)  # 4 frames x 4 patches = 16 tokens
   idx = np.sort(rng.choice(16, size=(2, 6), replace=False), axis=1)
   out = pixels(model, video, visible_indices=idx)
   assert out['last_hidden_state'].shape == (2, 6, TINY.width)
@@ -189,8 +211,9 @@ def test_forward_pixels_rejects_bad_shapes(model):
   with pytest.raises(ValueError, match='patch_positions shape'):
     pixels(model, np.zeros((1, 28, 28, 3), np.float32), patch_positions=np.zeros((1, 3, 3)))
   with pytest.raises(ValueError, match=r'must lie in \[0, 15\]; got \[0, 40\]'):
-    model.forward_pixels(np.zeros((1, 4, 28, 28, 3), np.float32),
-                         visible_indices=np.array([[0, 5, 40]]))
+    model.forward_pixels(
+      np.zeros((1, 4, 28, 28, 3), np.float32), visible_indices=np.array([[0, 5, 40]])
+    )
   with pytest.raises(ValueError, match='patches have 10 values'):
     call(model, np.zeros((1, 4, 10)), np.zeros((1, 4, 3)))
 
@@ -224,6 +247,7 @@ def test_init_statistics():
 # Sharding, bf16, remat
 # ------------------------------------------------------------------------------------------------
 
+
 def test_sharded_forward_equals_single_device():
   rng = _rng(9)
   patches = rng.randn(4, 32, TINY.patch_dim).astype(np.float32)
@@ -240,8 +264,9 @@ def test_sharded_forward_equals_single_device():
     assert len({s.device for s in kernel.addressable_shards}) == 8
     out = nnx.jit(lambda m, a, b, c: m(a, b, c, num_segments=2))(sharded, patches, pos, seg)
   np.testing.assert_allclose(out['pooled'], ref['pooled'], atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(out['last_hidden_state'], ref['last_hidden_state'], atol=1e-5,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out['last_hidden_state'], ref['last_hidden_state'], atol=1e-5, rtol=1e-5
+  )
 
 
 def test_bf16_compute_keeps_fp32_params_and_stays_close(sharpen):
@@ -275,7 +300,9 @@ def test_remat_gives_same_gradients(policy):
 
     def loss(m):
       return jnp.sum(m(patches, pos)['pooled'] ** 2)
+
     return nnx.grad(loss)(m)
+
   g0 = jax.tree.leaves(grads(TINY))
   g1 = jax.tree.leaves(grads(EncoderConfig.preset('tiny', remat=policy)))
   for a, b in zip(g0, g1):
@@ -287,8 +314,9 @@ def test_encoder_flops_analytic_identities():
   c, i, s, l = cfg.width, cfg.mlp_dim, 1, 1024
   f = enc.encoder_flops
   # Doubling the tokens doubles everything except attention's L^2 term and per-row/segment terms.
-  assert f(cfg, 2 * l) - 2 * f(cfg, l) == cfg.depth * 8 * c * l ** 2 - (2 * c * c + 2 * s * (
-      c * c + 2 * c * i))
+  assert f(cfg, 2 * l) - 2 * f(cfg, l) == cfg.depth * 8 * c * l**2 - (
+    2 * c * c + 2 * s * (c * c + 2 * c * i)
+  )
   assert f(cfg, l, backward=True) == 3 * f(cfg, l)
   # Against XLA's own count of the jitted forward (which also counts elementwise work).
   small = EncoderConfig.preset('tiny')

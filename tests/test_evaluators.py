@@ -1,4 +1,5 @@
 """Probes of a frozen encoder (ove_jax.evaluators) and the probe tool (tools/probe.py)."""
+
 import json
 
 import jax
@@ -29,7 +30,7 @@ def _token_set(n, num_classes, seed, *, length=32, random_labels=False):
     labels = rng.integers(0, num_classes, n)
   # Ragged lengths: the last quarter of the samples is shorter, the rest padding (masked out).
   mask = np.ones((n, length), bool)
-  mask[3 * n // 4:, length - 4:] = False
+  mask[3 * n // 4 :, length - 4 :] = False
   tokens[~mask] = 0
   return tokens.astype(np.float32), mask, labels
 
@@ -40,8 +41,9 @@ def test_probes_learn_separable_features_and_stay_near_chance_on_random_labels(r
   train = _token_set(240, k, 0, random_labels=random_labels)
   test = _token_set(100, k, 1, random_labels=random_labels)
   # docs/spec.md §6's settings (lr 1e-4, 30 epochs for a small set), not tuned for the test.
-  result = evaluators.train_attentive(*train, *test, CFG,
-                                      config=evaluators.AttentiveConfig(epochs=30))
+  result = evaluators.train_attentive(
+    *train, *test, CFG, config=evaluators.AttentiveConfig(epochs=30)
+  )
   pooled = [tokens.sum(1) / mask.sum(1, keepdims=True) for tokens, mask, _ in (train, test)]
   linear = evaluators.linear_probe(pooled[0], train[2], pooled[1], test[2])
   knn = evaluators.knn_probe(pooled[0], train[2], pooled[1], test[2])
@@ -63,8 +65,13 @@ def test_probes_learn_separable_features_and_stay_near_chance_on_random_labels(r
 
 def test_attentive_probe_trains_with_spec_settings(monkeypatch):
   defaults = evaluators.AttentiveConfig()
-  assert (defaults.learning_rate, defaults.weight_decay, defaults.label_smoothing,
-          defaults.clip_norm, defaults.epochs) == (1e-4, 0.0, 0.1, 5.0, 10)
+  assert (
+    defaults.learning_rate,
+    defaults.weight_decay,
+    defaults.label_smoothing,
+    defaults.clip_norm,
+    defaults.epochs,
+  ) == (1e-4, 0.0, 0.1, 5.0, 10)
 
   # The optimiser train_attentive actually builds: clip 5, then AdamW with weight decay 0 and a
   # learning rate decaying linearly from 1e-4 to the release's 1e-7 over the run's steps.
@@ -82,8 +89,9 @@ def test_attentive_probe_trains_with_spec_settings(monkeypatch):
   monkeypatch.setattr(optax, 'adamw', adamw)
   monkeypatch.setattr(optax, 'clip_by_global_norm', clip)
   train, test = _token_set(20, 3, 0, length=8), _token_set(8, 3, 1, length=8)
-  result = evaluators.train_attentive(*train, *test, CFG,
-                                      config=evaluators.AttentiveConfig(epochs=3, batch_size=8))
+  result = evaluators.train_attentive(
+    *train, *test, CFG, config=evaluators.AttentiveConfig(epochs=3, batch_size=8)
+  )
   steps = 3 * 3  # ceil(18 / 8) steps per epoch (2 of the 20 held out for validation)
   assert seen['clip'] == 5.0
   assert seen['adamw']['weight_decay'] == 0.0
@@ -105,6 +113,7 @@ def test_run_probes_makes_class_ids_contiguous():
   def features(seed, offset):
     tokens, mask, labels = _token_set(24, 3, seed, length=8)
     return evaluators.Features(tokens, mask, tokens.mean(1), labels + offset)
+
   config = evaluators.AttentiveConfig(epochs=2, batch_size=8)
   low = evaluators.run_probes(features(0, 0), features(1, 0), CFG, attentive=config)
   high = evaluators.run_probes(features(0, 40), features(1, 40), CFG, attentive=config)
@@ -117,9 +126,14 @@ def test_extract_packs_rows_without_changing_features():
   encoder = create_encoder(CFG, seed=0)
   rng = np.random.default_rng(0)
   lengths = (50, 100, 30, 70, 20)
-  samples = [{'patches': rng.integers(0, 256, (n, 588), dtype=np.uint8),
-              'positions': rng.integers(0, 16, (n, 3)).astype(np.int32), 'label': i % 3}
-             for i, n in enumerate(lengths)]
+  samples = [
+    {
+      'patches': rng.integers(0, 256, (n, 588), dtype=np.uint8),
+      'positions': rng.integers(0, 16, (n, 3)).astype(np.int32),
+      'label': i % 3,
+    }
+    for i, n in enumerate(lengths)
+  ]
   one = evaluators.extract(encoder, samples, batch_size=2)
   packed = evaluators.extract(encoder, samples, batch_size=2, num_segments=3)
   assert one.tokens_NxLxC.shape == (5, 100, CFG.width)
@@ -129,8 +143,10 @@ def test_extract_packs_rows_without_changing_features():
   np.testing.assert_allclose(packed.tokens_NxLxC, one.tokens_NxLxC, atol=1e-5)
   np.testing.assert_allclose(packed.pooled_NxC, one.pooled_NxC, atol=1e-5)
   # The same as the encoder on the one sample alone, CLIP-normalised on the host.
-  out = encoder(jnp.asarray(transforms.normalise(samples[1]['patches']))[None],
-                jnp.asarray(samples[1]['positions'])[None])
+  out = encoder(
+    jnp.asarray(transforms.normalise(samples[1]['patches']))[None],
+    jnp.asarray(samples[1]['positions'])[None],
+  )
   np.testing.assert_allclose(one.pooled_NxC[1], out['pooled'][0, 0], atol=1e-5)
   np.testing.assert_allclose(one.tokens_NxLxC[1], out['last_hidden_state'][0], atol=1e-5)
 
@@ -167,8 +183,23 @@ def test_codec_and_uniform_samples_spend_the_same_token_budget(builtin_data):
 def test_probe_tool_runs_both_modes_and_writes_results(builtin_data, tmp_path, capsys):
   root, records = builtin_data
   out = str(tmp_path / 'results.json')
-  assert probe_tool.main(['--checkpoint', 'random:tiny', '--builtin', root, '--epochs', '3',
-                          '--seeds', '0,1', '--out', out]) == 0
+  assert (
+    probe_tool.main(
+      [
+        '--checkpoint',
+        'random:tiny',
+        '--builtin',
+        root,
+        '--epochs',
+        '3',
+        '--seeds',
+        '0,1',
+        '--out',
+        out,
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   with open(out) as f:
     results = json.load(f)
@@ -184,13 +215,16 @@ def test_probe_tool_runs_both_modes_and_writes_results(builtin_data, tmp_path, c
     assert len(entry['attentive']['runs'][0]['history']) == 3
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--checkpoint', 'random:nope'], '--checkpoint random:nope: unknown preset'),
     (['--checkpoint', '/nonexistent/run'], '--checkpoint /nonexistent/run: no such directory'),
     (['--probes', 'attentive,svm'], '--probes'),
     (['--test-fraction', '1.5'], '--test-fraction 1.5'),
     (['--label-index', '7'], '--label-index 7'),
-])
+  ],
+)
 def test_probe_tool_rejects_bad_input(builtin_data, capsys, args, message):
   root, _ = builtin_data
   base = {'--checkpoint': 'random:tiny', '--builtin': root}
@@ -208,6 +242,7 @@ def test_probe_tool_names_records_that_match_nothing(tmp_path, capsys):
 
 def test_probe_labels_are_named_and_a_bad_name_lists_the_names(builtin_data, capsys):
   from ove_jax import probes
+
   root, records = builtin_data
   assert probes.label_index('texture', probes.BUILTIN_LABELS) == 3
   assert probes.label_index('2', probes.BUILTIN_LABELS) == 2
@@ -216,9 +251,14 @@ def test_probe_labels_are_named_and_a_bad_name_lists_the_names(builtin_data, cap
     probes.label_names(records, ['a', 'b'])
   # The built-in data's slot named texture holds the object's texture, offset by a constant.
   textures = probes.record_labels(records, probes.label_index('texture', probes.BUILTIN_LABELS))
-  assert len({t - builtin.video_attributes(r['labels'])['texture']
-              for t, r in zip(textures, records)}) == 1
-  assert probe_tool.main(['--checkpoint', 'random:tiny', '--builtin', root, '--label',
-                          'colour']) == 2
-  assert ('--label colour: the records\' labels are fine, shape, direction, texture'
-          in capsys.readouterr().err)
+  assert (
+    len({t - builtin.video_attributes(r['labels'])['texture'] for t, r in zip(textures, records)})
+    == 1
+  )
+  assert (
+    probe_tool.main(['--checkpoint', 'random:tiny', '--builtin', root, '--label', 'colour']) == 2
+  )
+  assert (
+    "--label colour: the records' labels are fine, shape, direction, texture"
+    in capsys.readouterr().err
+  )

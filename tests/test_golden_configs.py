@@ -16,6 +16,7 @@ rewrites the files (and deletes those no experiment makes any more); review them
 Values that depend on the machine (absolute paths of this checkout, the home or temporary
 folder, the host's CPU count) are refused, so the snapshots are the same everywhere.
 """
+
 import difflib
 import glob
 import os
@@ -37,16 +38,16 @@ REGENERATE = 'OVE_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_configs.py'
 _ABLATION_STUDIES = ('budget', 'policy', 'rope', 'margin', 'scale', 'sample_rate')  # + selection
 # Every experiment file and the argument variants its docstring names.
 VARIANTS = {
-    # (student=DIR reads a labels folder: its config holds that machine's path.)
-    'demo_cpu.py': ['', 'smoke'],
-    'stage1_image.py': ['', 'smoke', 'paper'],
-    'stage2_video.py': ['', 'smoke', 'paper', 'gpus=8', 'release_single_node,si=/ckpt/si'],
-    'huge.py': ['', 'smoke', 'gpus=512,fsdp=32', 'gpus=8,fsdp=8'],
-    # The default study is selection; the others are variants of their own.
-    'ablations.py': ['', 'smoke'] + [f'{size}study={s}' for s in _ABLATION_STUDIES
-                                      for size in ('', 'smoke,')],
-    # A probe recipe (ove-probe-suite): its config is not a trainer's and is not validated.
-    'probe_benchmarks.py': ['', 'smoke', 'data_root=/data/ap'],
+  # (student=DIR reads a labels folder: its config holds that machine's path.)
+  'demo_cpu.py': ['', 'smoke'],
+  'stage1_image.py': ['', 'smoke', 'paper'],
+  'stage2_video.py': ['', 'smoke', 'paper', 'gpus=8', 'release_single_node,si=/ckpt/si'],
+  'huge.py': ['', 'smoke', 'gpus=512,fsdp=32', 'gpus=8,fsdp=8'],
+  # The default study is selection; the others are variants of their own.
+  'ablations.py': ['', 'smoke']
+  + [f'{size}study={s}' for s in _ABLATION_STUDIES for size in ('', 'smoke,')],
+  # A probe recipe (ove-probe-suite): its config is not a trainer's and is not validated.
+  'probe_benchmarks.py': ['', 'smoke', 'data_root=/data/ap'],
 }
 
 
@@ -57,16 +58,19 @@ def _safe(text: str) -> str:
 def _machine_values(flat) -> list[str]:
   """Keys whose values name this machine's folders (they would differ on another machine)."""
   roots = {REPO, os.path.expanduser('~'), tempfile.gettempdir(), os.getcwd()} - {'/', ''}
-  return [f'{k}={v!r}' for k, v in flat.items()
-          if isinstance(v, str) and any(root in v for root in roots)]
+  return [
+    f'{k}={v!r}' for k, v in flat.items() if isinstance(v, str) and any(root in v for root in roots)
+  ]
 
 
 def render(config, title: str) -> str:
   flat = config_lib.flatten(config)
   bad = _machine_values(flat)
   if bad:
-    raise AssertionError(f'{title}: machine-dependent value(s) would enter the snapshot: '
-                         f'{", ".join(bad)}; keep paths relative or placeholders')
+    raise AssertionError(
+      f'{title}: machine-dependent value(s) would enter the snapshot: '
+      f'{", ".join(bad)}; keep paths relative or placeholders'
+    )
   lines = [f'# {title}', f'# After an intended change: {REGENERATE}']
   return '\n'.join(lines + [f'{k}: {v!r}' for k, v in flat.items()]) + '\n'
 
@@ -93,8 +97,8 @@ def snapshots(path: str, variants, stem: str | None = None) -> dict[str, str]:
       for point in sweeps.expand(spec):
         args = ' '.join(f'--config.{a}' for a in point.override_args())
         out[f'{base}--{point.name}.txt'] = render(
-            sweeps.point_config(spec, point),
-            f'{shown}:{variant} sweep point {point.name} ({args})')
+          sweeps.point_config(spec, point), f'{shown}:{variant} sweep point {point.name} ({args})'
+        )
   return out
 
 
@@ -110,12 +114,16 @@ def compare(made: dict[str, str], golden_dir: str = GOLDEN) -> list[str]:
       old = f.read()
     if old == text:
       continue
-    pairs = lambda t: dict(line.split(': ', 1) for line in t.splitlines()
-                           if not line.startswith('#'))
+    pairs = lambda t: dict(
+      line.split(': ', 1) for line in t.splitlines() if not line.startswith('#')
+    )
     before, after = pairs(old), pairs(text)
     keys = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    diff = ''.join(difflib.unified_diff(old.splitlines(True), text.splitlines(True),
-                                        f'golden/{name}', f'now/{name}', n=1))
+    diff = ''.join(
+      difflib.unified_diff(
+        old.splitlines(True), text.splitlines(True), f'golden/{name}', f'now/{name}', n=1
+      )
+    )
     problems.append(f'{name}: changed key(s) {", ".join(keys) or "(comments only)"}\n{diff}')
   return problems
 
@@ -127,8 +135,9 @@ def _made(name: str) -> dict[str, str]:
 def test_every_experiment_file_has_variants():
   found = {os.path.basename(p) for p in glob.glob(os.path.join(EXPERIMENTS, '*.py'))}
   assert found == set(VARIANTS), (
-      f'experiments without golden variants: {sorted(found - set(VARIANTS))}; '
-      f'listed but missing: {sorted(set(VARIANTS) - found)} (edit VARIANTS in this file)')
+    f'experiments without golden variants: {sorted(found - set(VARIANTS))}; '
+    f'listed but missing: {sorted(set(VARIANTS) - found)} (edit VARIANTS in this file)'
+  )
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))
@@ -141,8 +150,11 @@ def test_config_matches_golden(name):
         f.write(text)
   problems = compare(made)
   if problems:
-    pytest.fail(f'{len(problems)} golden config(s) of experiments/{name} differ. If the change '
-                f'is intended: {REGENERATE}\n\n' + '\n'.join(problems), pytrace=False)
+    pytest.fail(
+      f'{len(problems)} golden config(s) of experiments/{name} differ. If the change '
+      f'is intended: {REGENERATE}\n\n' + '\n'.join(problems),
+      pytrace=False,
+    )
 
 
 def test_no_stale_golden_files():
@@ -166,7 +178,7 @@ def test_snapshots_do_not_depend_on_the_host(monkeypatch):
   machine = config_lib.defaults()
   machine.builtin.root = os.path.join(REPO, 'data')
   with pytest.raises(AssertionError, match='machine-dependent value.*builtin.root'):
-    render(machine, 'a config with this checkout\'s path')
+    render(machine, "a config with this checkout's path")
 
 
 def test_an_edited_experiment_fails_and_names_the_key(tmp_path):

@@ -1,5 +1,6 @@
 """ove-gpu-check on CPU: the tool's own run end to end (tiny sizes), its JSON report, and that
 its comparison fails a wrong attention path."""
+
 import json
 
 import numpy as np
@@ -11,16 +12,26 @@ from ove_jax_tools import gpu_check as tool
 
 def test_cpu_mode_end_to_end(tmp_path, capsys):
   out = tmp_path / 'report' / 'gpu.json'
-  code = tool.main(['--platform=cpu', '--tiny', '--paths', 'jax,cudnn,pallas_gpu',
-                    '--warmup=1', '--steps=1', f'--out={out}'])
+  code = tool.main(
+    [
+      '--platform=cpu',
+      '--tiny',
+      '--paths',
+      'jax,cudnn,pallas_gpu',
+      '--warmup=1',
+      '--steps=1',
+      f'--out={out}',
+    ]
+  )
   printed = capsys.readouterr().out
   assert code == 0, printed
   report = json.loads(out.read_text())
-  assert json.loads(printed.strip().splitlines()[-1]) == report   # the last line is the JSON
+  assert json.loads(printed.strip().splitlines()[-1]) == report  # the last line is the JSON
   assert report['platform'] == 'cpu' and report['tiny']
   by = {(r['implementation'], r['dtype']): r for r in report['attention']}
-  assert set(by) == {(p, d) for p in ('jax', 'cudnn', 'pallas_gpu')
-                     for d in ('float32', 'bfloat16')}
+  assert set(by) == {
+    (p, d) for p in ('jax', 'cudnn', 'pallas_gpu') for d in ('float32', 'bfloat16')
+  }
   for dtype, tol in (('float32', 1e-4), ('bfloat16', 1e-2)):
     assert by['cudnn', dtype]['status'] == 'skipped'
     assert 'needs a GPU' in by['cudnn', dtype]['reason']
@@ -33,8 +44,16 @@ def test_cpu_mode_end_to_end(tmp_path, capsys):
   assert step['status'] == 'pass' and step['preset'] == 'tiny'
   assert np.isfinite(step['loss']) and step['step_seconds'] > 0 and step['timed_steps'] == 1
   assert step['flops_per_step'] > 0 and 0 < step['mfu']
-  assert step['plan']['total_bytes'] == (step['plan']['argument_bytes'] + step['plan'][
-      'output_bytes'] - step['plan']['alias_bytes'] + step['plan']['temp_bytes']) > 0
+  assert (
+    step['plan']['total_bytes']
+    == (
+      step['plan']['argument_bytes']
+      + step['plan']['output_bytes']
+      - step['plan']['alias_bytes']
+      + step['plan']['temp_bytes']
+    )
+    > 0
+  )
   assert set(step['rows']) == {'image', 'ocr', 'video'}
   assert report['summary'] == {'pass': 5, 'fail': 0, 'skipped': 2, 'error': 0, 'ok': True}
   assert 'no GPU: the GPU checks above are skipped, not passed' in printed
@@ -42,8 +61,10 @@ def test_cpu_mode_end_to_end(tmp_path, capsys):
 
 def test_base_and_large_are_skipped_without_gpu():
   results = gpu_check.check_steps('cpu', [None], ('base', 'large'), tiny=False)
-  assert [(r['preset'], r['status']) for r in results] == [('base', 'skipped'),
-                                                            ('large', 'skipped')]
+  assert [(r['preset'], r['status']) for r in results] == [
+    ('base', 'skipped'),
+    ('large', 'skipped'),
+  ]
   assert all('needs a GPU' in r['reason'] for r in results)
 
 
@@ -68,19 +89,29 @@ def test_a_wrong_attention_fails_the_comparison(dtype):
 def test_attention_plan_by_platform():
   names = ('jax', 'cudnn', 'splash', 'pallas_gpu')
   assert gpu_check.attention_plan('gpu', names) == [
-      ('jax', False, ''), ('cudnn', False, ''),
-      ('splash', False, 'needs a TPU; the backend is gpu'), ('pallas_gpu', False, '')]
+    ('jax', False, ''),
+    ('cudnn', False, ''),
+    ('splash', False, 'needs a TPU; the backend is gpu'),
+    ('pallas_gpu', False, ''),
+  ]
   cpu = gpu_check.attention_plan('cpu', names)
-  assert [(n, i) for n, i, _ in cpu] == [('jax', False), ('cudnn', False), ('splash', True),
-                                         ('pallas_gpu', True)]
+  assert [(n, i) for n, i, _ in cpu] == [
+    ('jax', False),
+    ('cudnn', False),
+    ('splash', True),
+    ('pallas_gpu', True),
+  ]
   assert cpu[1][2] == 'needs a GPU; the backend is cpu'
 
 
-@pytest.mark.parametrize('argv, message', [
+@pytest.mark.parametrize(
+  'argv, message',
+  [
     (['--paths=flash'], "'flash' is not an attention path"),
     (['--presets=giant'], "'giant' is not a preset"),
     (['--steps=0'], '--steps must be >= 1'),
-])
+  ],
+)
 def test_bad_flags(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     tool.main(argv)
@@ -99,13 +130,24 @@ def test_gpu_step_is_stage2_per_gpu(preset):
   import jax
 
   from ove_jax import train
+
   c = gpu_check.step_config(preset, 1, attention_impl='cudnn')
   assert (c.model.preset, c.model.attention, c.model.dtype, c.accumulate) == (
-      preset, 'cudnn', 'bfloat16', 1)
+    preset,
+    'cudnn',
+    'bfloat16',
+    1,
+  )
   assert {n: h.num_classes for n, h in c.heads.items()} == {
-      'image': 2_000_000, 'ocr': 365_187, 'video': 400_000}
+    'image': 2_000_000,
+    'ocr': 365_187,
+    'video': 400_000,
+  }
   assert {n: (h.rows, h.tokens_per_row) for n, h in c.data.heads.items()} == {
-      'image': (16, 1024), 'ocr': (8, 1024), 'video': (16, 2048)}
+    'image': (16, 1024),
+    'ocr': (8, 1024),
+    'video': (16, 2048),
+  }
   program = train.Program(c, train.make_mesh(c, jax.devices()[:1]))
   assert program.encoder_cfg.scan_layers
   host = gpu_check.synthetic_batch(program, c)

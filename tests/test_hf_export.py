@@ -5,6 +5,7 @@ populated local cache with HF_HUB_OFFLINE=1 (no network).
 
 Weights are sharpened (see conftest) so that attention, and therefore RoPE, matters.
 """
+
 import hashlib
 import json
 import os
@@ -25,8 +26,9 @@ from ove_jax.models import EncoderConfig, create_encoder
 TOL = 1e-5  # relative to the largest magnitude, fp32
 TINY = EncoderConfig.preset('tiny')
 
-pixels = nnx.jit(lambda m, *a, **k: m.forward_pixels(*a, **k),
-                 static_argnames=('output_hidden_states',))
+pixels = nnx.jit(
+  lambda m, *a, **k: m.forward_pixels(*a, **k), static_argnames=('output_hidden_states',)
+)
 
 
 def _rel(a, b):
@@ -44,8 +46,9 @@ def exported(tmp_path_factory, sharpen):
 
 @pytest.fixture(scope='module')
 def automodel(exported):
-  model, info = transformers.AutoModel.from_pretrained(exported[1], trust_remote_code=True,
-                                                       output_loading_info=True)
+  model, info = transformers.AutoModel.from_pretrained(
+    exported[1], trust_remote_code=True, output_loading_info=True
+  )
   assert not any(info.values()), info  # no missing, unexpected or mismatched key
   return model.eval()
 
@@ -76,14 +79,20 @@ def test_export_carries_auto_map_and_remote_code(exported):
   with open(os.path.join(directory, 'config.json')) as f:
     config = json.load(f)
   assert config['auto_map'] == {
-      'AutoConfig': 'configuration_onevision_encoder.OneVisionEncoderConfig',
-      'AutoModel': 'modeling_onevision_encoder.OneVisionEncoderModel'}
+    'AutoConfig': 'configuration_onevision_encoder.OneVisionEncoderConfig',
+    'AutoModel': 'modeling_onevision_encoder.OneVisionEncoderModel',
+  }
   for name in hf_modeling.REMOTE_CODE:
     assert os.path.isfile(os.path.join(directory, name)), name
   auto = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=True)
   assert type(auto).__name__ == 'OneVisionEncoderConfig'
-  assert (auto.model_type, auto.hidden_size, auto.num_hidden_layers, auto.rope_temporal_size,
-          auto.use_head) == ('onevision_encoder', TINY.width, TINY.depth, 64, True)
+  assert (
+    auto.model_type,
+    auto.hidden_size,
+    auto.num_hidden_layers,
+    auto.rope_temporal_size,
+    auto.use_head,
+  ) == ('onevision_encoder', TINY.width, TINY.depth, 64, True)
 
 
 def test_automodel_has_the_release_keys(exported, automodel):
@@ -105,8 +114,7 @@ def test_automodel_equals_jax_on_a_sparse_video(exported, automodel):
   model, _ = exported
   x, idx = _sparse_video(1)
   with torch.no_grad():
-    out = automodel(_to_torch(x), visible_indices=torch.from_numpy(idx),
-                    output_hidden_states=True)
+    out = automodel(_to_torch(x), visible_indices=torch.from_numpy(idx), output_hidden_states=True)
     as_tuple = automodel(_to_torch(x), visible_indices=torch.from_numpy(idx), return_dict=False)
   assert out.last_hidden_state.shape[1] == 300
   _compare(pixels(model, x, output_hidden_states=True, visible_indices=idx), out)
@@ -133,6 +141,7 @@ def test_bad_config_is_refused_naming_the_field():
   config = hf_modeling.with_auto_map(hf.hf_config(TINY))
   config['hidden_act'] = 'gelu_pytorch_tanh'
   from ove_jax.convert.configuration_onevision_encoder import OneVisionEncoderConfig
+
   with pytest.raises(ValueError, match="hidden_act 'gelu_pytorch_tanh'"):
     OneVisionEncoderConfig(**config)
 
@@ -140,6 +149,7 @@ def test_bad_config_is_refused_naming_the_field():
 # ------------------------------------------------------------------------------------------------
 # Sharded exports
 # ------------------------------------------------------------------------------------------------
+
 
 def test_sharded_export_round_trips_through_every_loader(exported, automodel, tmp_path):
   model, single = exported
@@ -187,8 +197,10 @@ def test_missing_shard_is_named(exported, tmp_path):
     torch_model.load_pretrained(directory)
 
 
-@pytest.mark.parametrize('size, expected', [(123, 123), ('5GB', 5 * 10**9), ('200KB', 200_000),
-                                            ('2GiB', 2 * 2**30), ('1.5MB', 1_500_000)])
+@pytest.mark.parametrize(
+  'size, expected',
+  [(123, 123), ('5GB', 5 * 10**9), ('200KB', 200_000), ('2GiB', 2 * 2**30), ('1.5MB', 1_500_000)],
+)
 def test_shard_sizes_parse(size, expected):
   assert hub.parse_size(size) == expected
 
@@ -204,6 +216,7 @@ def test_shard_plan_keeps_order_and_limit():
 # Hub ids: a populated local cache, offline
 # ------------------------------------------------------------------------------------------------
 
+
 def populate_cache(hf_home: str, repo_id: str, directory: str) -> str:
   """Lays `directory` out as huggingface_hub's cache keeps a downloaded repository (refs/main ->
   a commit, snapshots/<commit>/files); returns the commit."""
@@ -216,7 +229,7 @@ def populate_cache(hf_home: str, repo_id: str, directory: str) -> str:
   return commit
 
 
-_OFFLINE_SCRIPT = '''
+_OFFLINE_SCRIPT = """
 import json, sys
 import numpy as np, torch, transformers
 from ove_jax import convert
@@ -239,7 +252,7 @@ try:
 except convert.CheckpointError as e:
   out['error'] = str(e)
 print(json.dumps(out))
-'''
+"""
 
 
 def test_hub_id_loads_from_the_local_cache_offline(exported, tmp_path):
@@ -250,8 +263,14 @@ def test_hub_id_loads_from_the_local_cache_offline(exported, tmp_path):
   np.save(tmp_path / 'x.npy', x)
   env = dict(os.environ, HF_HOME=hf_home, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
   env.pop('HF_HUB_CACHE', None)
-  proc = subprocess.run([sys.executable, '-c', _OFFLINE_SCRIPT, str(tmp_path / 'x.npy')],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', _OFFLINE_SCRIPT, str(tmp_path / 'x.npy')],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   ref = np.asarray(pixels(model, x.transpose(0, 2, 3, 1))['pooler_output'])

@@ -4,6 +4,7 @@ Tiny randomly initialised CLIP vision models are saved locally (no download): on
 image processor (CLIP mean / std at its image_size, `pooler_output`), one with a projection and
 an image processor (`image_embeds`). The hub id is read from a populated local cache, offline.
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,8 +22,14 @@ from data_pipeline import builtin, precompute, records, tokens
 from ove_jax import labels
 from ove_jax_tools import cluster_labels
 
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 image_size=32, patch_size=8)
+TINY_CLIP = dict(
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  image_size=32,
+  patch_size=8,
+)
 
 
 @pytest.fixture(scope='module')
@@ -47,8 +54,9 @@ def clip_proj_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp('clip_proj'))
   config = transformers.CLIPVisionConfig(**TINY_CLIP, projection_dim=16)
   transformers.CLIPVisionModelWithProjection(config).save_pretrained(path)
-  transformers.CLIPImageProcessor(size={'shortest_edge': 32},
-                                  crop_size={'height': 32, 'width': 32}).save_pretrained(path)
+  transformers.CLIPImageProcessor(
+    size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}
+  ).save_pretrained(path)
   return path
 
 
@@ -63,8 +71,9 @@ def corpus(tmp_path_factory):
   writer = precompute.ShardWriter(still)
   for path in sorted(glob.glob(os.path.join(root, 'images', '*.png'))):
     with open(path, 'rb') as f:
-      writer.write(records.encode({'image': f.read(), 'source': path,
-                                   'labels': np.asarray([-1], np.int32)}))
+      writer.write(
+        records.encode({'image': f.read(), 'source': path, 'labels': np.asarray([-1], np.int32)})
+      )
   writer.commit()
   return video, still
 
@@ -89,28 +98,43 @@ def by_hand_pixels(picture_HxWx3):
 
 
 def shard_features(out):
-  return np.concatenate([np.load(p) for p in sorted(glob.glob(str(out / 'features' /
-                                                                   'features-*.npy')))])
+  return np.concatenate(
+    [np.load(p) for p in sorted(glob.glob(str(out / 'features' / 'features-*.npy')))]
+  )
 
 
-def test_video_features_are_eight_frames_concatenated_and_resumed(clip_dir, corpus, tmp_path,
-                                                                  monkeypatch):
+def test_video_features_are_eight_frames_concatenated_and_resumed(
+  clip_dir, corpus, tmp_path, monkeypatch
+):
   video, _ = corpus
   out = tmp_path / 'out'
-  args = ['--teacher', f'hf:{clip_dir}', '--records', video, '--k', '2', '--batch', '5',
-          '--shard-records', '3', '--out', str(out)]
+  args = [
+    '--teacher',
+    f'hf:{clip_dir}',
+    '--records',
+    video,
+    '--k',
+    '2',
+    '--batch',
+    '5',
+    '--shard-records',
+    '3',
+    '--out',
+    str(out),
+  ]
   assert cluster_labels.main(args) == 0
   recs = precompute.read_shard(video)
   assert len(recs) == 4
   feats = shard_features(out)
-  assert feats.shape == (4, 8 * 32)                       # 8 frames x hidden size
+  assert feats.shape == (4, 8 * 32)  # 8 frames x hidden size
   np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
   for i, rec in enumerate(recs):
     pictures = labels.record_pixels(rec, i, seed=0)
     assert pictures.shape == (8, 224, 224, 3)
     # The pictures are the teacher frames of the ove_jax encoder, unpatchified.
-    np.testing.assert_array_equal(tokens.patchify(pictures[None])[0].reshape(8, 256, -1),
-                                  labels.record_frames(rec, i, 0))
+    np.testing.assert_array_equal(
+      tokens.patchify(pictures[None])[0].reshape(8, 256, -1), labels.record_frames(rec, i, 0)
+    )
     want = unit(unit(by_hand(clip_dir, pictures)).reshape(-1))
     np.testing.assert_allclose(feats[i], want, atol=2e-5)
   lab = np.load(out / 'labels.npy')
@@ -132,6 +156,7 @@ def test_video_features_are_eight_frames_concatenated_and_resumed(clip_dir, corp
   def spy(self, pictures):
     calls.append(len(pictures))
     return real_embed(self, pictures)
+
   monkeypatch.setattr(labels.HFTeacher, 'embed', spy)
   assert cluster_labels.main(args) == 0
   assert calls == []
@@ -150,11 +175,15 @@ def test_video_features_are_eight_frames_concatenated_and_resumed(clip_dir, corp
 def test_stills_use_the_image_processor_and_projection(clip_proj_dir, corpus, tmp_path):
   _, still = corpus
   out = tmp_path / 'out'
-  assert cluster_labels.main(['--teacher', f'hf:{clip_proj_dir}', '--records', still, '--k', '2',
-                              '--out', str(out)]) == 0
+  assert (
+    cluster_labels.main(
+      ['--teacher', f'hf:{clip_proj_dir}', '--records', still, '--k', '2', '--out', str(out)]
+    )
+    == 0
+  )
   recs = precompute.read_shard(still)
   feats = shard_features(out)
-  assert feats.shape == (len(recs), 16)                   # projection_dim
+  assert feats.shape == (len(recs), 16)  # projection_dim
   np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
   model = transformers.CLIPVisionModelWithProjection.from_pretrained(clip_proj_dir).eval()
   processor = transformers.CLIPImageProcessor.from_pretrained(clip_proj_dir)
@@ -172,17 +201,28 @@ def test_two_tower_clip_gives_its_image_features(corpus, tmp_path):
   torch.manual_seed(2)
   path = str(tmp_path / 'clip_full')
   config = transformers.CLIPConfig(
-      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, vocab_size=99),
-      vision_config=TINY_CLIP, projection_dim=8)
+    text_config=dict(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      vocab_size=99,
+    ),
+    vision_config=TINY_CLIP,
+    projection_dim=8,
+  )
   transformers.CLIPModel(config).save_pretrained(path)
   out = tmp_path / 'out'
-  assert cluster_labels.main(['--teacher', f'hf:{path}', '--records', still, '--k', '2',
-                              '--out', str(out)]) == 0
+  assert (
+    cluster_labels.main(
+      ['--teacher', f'hf:{path}', '--records', still, '--k', '2', '--out', str(out)]
+    )
+    == 0
+  )
   recs = precompute.read_shard(still)
   pictures = np.concatenate([labels.record_pixels(r, i, 0) for i, r in enumerate(recs)])
   model = transformers.CLIPModel.from_pretrained(path).eval()
-  x = labels.HFTeacher(path).pixel_values(pictures)       # CLIP mean / std at 32 (no processor)
+  x = labels.HFTeacher(path).pixel_values(pictures)  # CLIP mean / std at 32 (no processor)
   np.testing.assert_allclose(x, np.stack([by_hand_pixels(p) for p in pictures]), atol=1e-6)
   with torch.no_grad():
     want = unit(model.get_image_features(pixel_values=torch.from_numpy(x)).numpy())
@@ -194,8 +234,25 @@ def test_two_tower_clip_gives_its_image_features(corpus, tmp_path):
 def test_faiss_backend_labels_by_the_nearest_centre(clip_dir, corpus, tmp_path, capsys):
   video, _ = corpus
   out = tmp_path / 'out'
-  assert cluster_labels.main(['--teacher', f'hf:{clip_dir}', '--records', video, '--k', '3',
-                              '--backend', 'faiss', '--iters', '5', '--out', str(out)]) == 0
+  assert (
+    cluster_labels.main(
+      [
+        '--teacher',
+        f'hf:{clip_dir}',
+        '--records',
+        video,
+        '--k',
+        '3',
+        '--backend',
+        'faiss',
+        '--iters',
+        '5',
+        '--out',
+        str(out),
+      ]
+    )
+    == 0
+  )
   report = json.loads(capsys.readouterr().out)
   assert report['backend'] == 'faiss' and report['k'] == 3 and report['iterations'] == 5
   feats = shard_features(out)
@@ -204,17 +261,20 @@ def test_faiss_backend_labels_by_the_nearest_centre(clip_dir, corpus, tmp_path, 
   cos = feats @ unit(centres).T
   lab = np.load(out / 'labels.npy')
   np.testing.assert_array_equal(lab, np.argsort(-cos, axis=1, kind='stable'))
-  np.testing.assert_allclose(report['inertia'], np.sum(2 - 2 * cos.max(axis=1)), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    report['inertia'], np.sum(2 - 2 * cos.max(axis=1)), rtol=1e-4, atol=1e-5
+  )
 
 
-def test_hub_id_from_the_offline_cache_and_bad_teachers(clip_dir, corpus, tmp_path, capsys,
-                                                        monkeypatch):
+def test_hub_id_from_the_offline_cache_and_bad_teachers(
+  clip_dir, corpus, tmp_path, capsys, monkeypatch
+):
   from huggingface_hub import constants
+
   video, _ = corpus
   cache = tmp_path / 'hub'
   repo = cache / 'models--ove-test--tiny-clip'
-  commit = 'a' * 40          # the cache's layout: refs/main names the snapshot folder
+  commit = 'a' * 40  # the cache's layout: refs/main names the snapshot folder
   (repo / 'refs').mkdir(parents=True)
   (repo / 'refs' / 'main').write_text(commit)
   shutil.copytree(clip_dir, repo / 'snapshots' / commit)
@@ -235,15 +295,29 @@ def test_hub_id_from_the_offline_cache_and_bad_teachers(clip_dir, corpus, tmp_pa
   assert cluster_labels.main(['--teacher', f'hf:{missing}', *base]) == 2
   assert f'--teacher hf:{missing}: ' in capsys.readouterr().err
   text = tmp_path / 'text_model'
-  transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-      vocab_size=99)).save_pretrained(str(text))
+  transformers.CLIPTextModel(
+    transformers.CLIPTextConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      vocab_size=99,
+    )
+  ).save_pretrained(str(text))
   assert cluster_labels.main(['--teacher', f'hf:{text}', *base]) == 2
   assert 'is not a vision model' in capsys.readouterr().err
-  mae = tmp_path / 'mae_model'            # takes pixels but pools nothing
-  transformers.ViTMAEModel(transformers.ViTMAEConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-      image_size=32, patch_size=8)).save_pretrained(str(mae))
+  mae = tmp_path / 'mae_model'  # takes pixels but pools nothing
+  transformers.ViTMAEModel(
+    transformers.ViTMAEConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      image_size=32,
+      patch_size=8,
+    )
+  ).save_pretrained(str(mae))
   assert cluster_labels.main(['--teacher', f'hf:{mae}', *base[:-1], str(tmp_path / 'o2')]) == 2
   assert f'--teacher hf:{mae}: ViTMAEModel gives no pooled image embedding' in (
-      capsys.readouterr().err)
+    capsys.readouterr().err
+  )

@@ -1,5 +1,6 @@
 """The host settings our command lines apply before JAX starts (ove_jax.host_runtime), and the
 release-style packing of the encoder bench's PyTorch input (ove_jax.benchmarks)."""
+
 import sys
 
 import numpy as np
@@ -15,8 +16,10 @@ FLAG_NAME = FLAG.split('=', 1)[0]
 def test_flags_added_to_what_the_user_set():
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
   assert host_runtime.add_xla_flags(env) == list(host_runtime.CPU_XLA_FLAGS)
-  assert env['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=8',
-                                      *host_runtime.CPU_XLA_FLAGS]
+  assert env['XLA_FLAGS'].split() == [
+    '--xla_force_host_platform_device_count=8',
+    *host_runtime.CPU_XLA_FLAGS,
+  ]
   assert host_runtime.add_xla_flags(env) == []  # idempotent
   empty = {}
   host_runtime.add_xla_flags(empty)
@@ -25,8 +28,9 @@ def test_flags_added_to_what_the_user_set():
 
 def test_user_flag_value_is_never_overridden():
   env = {'XLA_FLAGS': f'{FLAG_NAME}=dot'}
-  assert host_runtime.add_xla_flags(env) == [f for f in host_runtime.CPU_XLA_FLAGS
-                                             if not f.startswith(FLAG_NAME + '=')]
+  assert host_runtime.add_xla_flags(env) == [
+    f for f in host_runtime.CPU_XLA_FLAGS if not f.startswith(FLAG_NAME + '=')
+  ]
   assert f'{FLAG_NAME}=dot' in env['XLA_FLAGS'].split()
   assert FLAG not in env['XLA_FLAGS'].split()
 
@@ -76,5 +80,6 @@ def test_malloc_waits_for_the_backend_when_asked():
   assert 'malloc' not in applied and applied['xla_flags']
   assert 'tuned only on a CPU backend' in host_runtime.describe(applied)
   assert host_runtime.configure_malloc({'MALLOC_ARENA_MAX': '4'}) == (
-      'left to the user (MALLOC_ARENA_MAX)')
+    'left to the user (MALLOC_ARENA_MAX)'
+  )
   assert host_runtime.configure_malloc({host_runtime.DISABLE_VAR: '0'}).startswith('left alone')

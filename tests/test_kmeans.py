@@ -1,4 +1,5 @@
 """The sharded k-means (ove_jax.kmeans) against scikit-learn and numpy, and the labels tool."""
+
 from __future__ import annotations
 
 import glob
@@ -15,8 +16,9 @@ from ove_jax_tools import cluster_labels
 
 
 def make_mesh(shape=(2, 4, 1)):
-  return jax.make_mesh(shape, ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  return jax.make_mesh(
+    shape, ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
 
 
 def blobs(n=2000, d=16, centres=30, spread=3.0, seed=0):
@@ -60,7 +62,7 @@ def test_sharded_kmeans_reaches_sklearn_objective_from_the_same_init(data, shard
 
 def test_centres_are_sharded_by_cluster_over_every_device(sharded):
   c = sharded.sharded_centres
-  assert c.shape == (56, 16)                                  # 50 padded to a multiple of 8
+  assert c.shape == (56, 16)  # 50 padded to a multiple of 8
   assert len(c.sharding.device_set) == 8
   assert {s.data.shape for s in c.addressable_shards} == {(7, 16)}
   assert sharded.centres.shape == (50, 16)
@@ -68,7 +70,7 @@ def test_centres_are_sharded_by_cluster_over_every_device(sharded):
 
 def test_one_device_gives_the_mesh_result(data, sharded):
   x, init = data
-  one = kmeans.fit(x, 50, init=init)                          # no mesh set: one device
+  one = kmeans.fit(x, 50, init=init)  # no mesh set: one device
   assert len(one.sharded_centres.sharding.device_set) == 1
   np.testing.assert_allclose(one.centres, sharded.centres, atol=1e-4)
   np.testing.assert_allclose(one.inertia, sharded.inertia, rtol=1e-4)
@@ -93,7 +95,7 @@ def test_empty_clusters_from_duplicate_points_are_reseeded():
 def test_a_far_away_initial_centre_is_reseeded_to_the_farthest_point():
   x = blobs(n=600, centres=4, spread=6.0)
   init = x[:4].copy()
-  init[2] = 1e4                                               # wins no point in the first pass
+  init[2] = 1e4  # wins no point in the first pass
   r = kmeans.fit(x, 4, init=init, iters=50)
   assert r.empty_reseeded >= 1
   assert (r.sizes > 0).all() and np.abs(r.centres).max() < np.abs(x).max()
@@ -135,7 +137,7 @@ def test_kmeans_plusplus_and_bad_arguments():
   x = blobs(n=300, centres=5)
   c = kmeans.kmeans_plusplus(x, 5, seed=0)
   assert c.shape == (5, 16) and len({tuple(r) for r in c}) == 5
-  assert all((x == row).all(1).any() for row in c)           # centres are data points
+  assert all((x == row).all(1).any() for row in c)  # centres are data points
   with pytest.raises(ValueError, match='k=400'):
     kmeans.fit(x, 400)
   with pytest.raises(ValueError, match='init centres of shape'):
@@ -147,6 +149,7 @@ def test_kmeans_plusplus_and_bad_arguments():
 # ------------------------------------------------------------------------------------------------
 # tools/cluster_labels.py
 # ------------------------------------------------------------------------------------------------
+
 
 def direction_blobs(n_per, d, frames=None, seed=0):
   """Three blobs that differ in direction (labels are by cosine), with their blob ids."""
@@ -176,7 +179,7 @@ def test_tool_recovers_blobs(tmp_path, capsys, frames, backend):
     args += ['--mesh', '2,2,2']
   assert cluster_labels.main(args) == 0
   labels = np.load(out / 'labels.npy')
-  assert labels.dtype == np.int32 and labels.shape == (180, 3)   # min(10, k) labels
+  assert labels.dtype == np.int32 and labels.shape == (180, 3)  # min(10, k) labels
   assert_recovers(labels[:, 0], y)
   centres = np.load(out / 'centres.npy')
   assert centres.shape == (3, 12 * (frames or 1))
@@ -191,8 +194,9 @@ def test_tool_recovers_blobs(tmp_path, capsys, frames, backend):
 
 def test_tool_bad_input_names_the_flag_and_file(tmp_path, capsys):
   missing = tmp_path / 'nope.npy'
-  assert cluster_labels.main(['--features', str(missing), '--k', '2', '--out',
-                              str(tmp_path / 'o')]) == 2
+  assert (
+    cluster_labels.main(['--features', str(missing), '--k', '2', '--out', str(tmp_path / 'o')]) == 2
+  )
   assert f'--features {missing}: no such file' in capsys.readouterr().err
   bad = tmp_path / 'bad.npy'
   np.save(bad, np.zeros((4, 2, 3, 5), np.float32))
@@ -213,6 +217,7 @@ def teacher(tmp_path_factory):
   """A release-format directory of a tiny random encoder."""
   from ove_jax import convert
   from ove_jax.models import EncoderConfig, create_encoder
+
   path = tmp_path_factory.mktemp('teacher')
   convert.save_pytorch(create_encoder(EncoderConfig.preset('tiny'), seed=0), str(path))
   return str(path)
@@ -220,6 +225,7 @@ def teacher(tmp_path_factory):
 
 def write_shard(path, recs):
   from data_pipeline import precompute, records
+
   writer = precompute.ShardWriter(str(path))
   for r in recs:
     writer.write(records.encode(r))
@@ -249,20 +255,40 @@ def test_tool_teacher_on_image_records_writes_relabelled_shards(tmp_path, teache
     Image.fromarray(two_kinds(i, 64)).save(buf, format='PNG')
     return {'image': buf.getvalue(), 'source': f'img{i}', 'labels': np.asarray([-1], np.int32)}
 
-  shards = [write_shard(tmp_path / f'img-train.array_record-{s:05d}-of-00002',
-                        [image(6 * s + i) for i in range(6)]) for s in range(2)]
+  shards = [
+    write_shard(
+      tmp_path / f'img-train.array_record-{s:05d}-of-00002', [image(6 * s + i) for i in range(6)]
+    )
+    for s in range(2)
+  ]
   out = tmp_path / 'out'
-  assert cluster_labels.main(['--teacher', teacher, '--records',
-                              str(tmp_path / 'img-train.array_record-*'), '--k', '2',
-                              '--batch', '4', '--out', str(out)]) == 0
+  assert (
+    cluster_labels.main(
+      [
+        '--teacher',
+        teacher,
+        '--records',
+        str(tmp_path / 'img-train.array_record-*'),
+        '--k',
+        '2',
+        '--batch',
+        '4',
+        '--out',
+        str(out),
+      ]
+    )
+    == 0
+  )
   labels = np.load(out / 'labels.npy')
   assert labels.shape == (12, 2)
   copies = sorted(glob.glob(str(out / 'records' / '*')))
   assert [os.path.basename(p) for p in copies] == [os.path.basename(p) for p in shards]
   got = [r for p in copies for r in precompute.read_shard(p)]
   assert [r['source'] for r in got] == [f'img{i}' for i in range(12)]
-  assert all(r['image'] == o['image'] for r, o in
-             zip(got, (r for p in shards for r in precompute.read_shard(p))))
+  assert all(
+    r['image'] == o['image']
+    for r, o in zip(got, (r for p in shards for r in precompute.read_shard(p)))
+  )
   np.testing.assert_array_equal(np.stack([r['labels'] for r in got]), labels)
   # The two kinds of image land in two clusters.
   kind = np.arange(12) % 2
@@ -291,18 +317,33 @@ def test_tool_teacher_on_video_records_uses_eight_frames(tmp_path, teacher):
 
   write_shard(tmp_path / 'vid-train.array_record-00000-of-00001', [clip(i) for i in range(4)])
   out = tmp_path / 'out'
-  assert cluster_labels.main(['--teacher', teacher, '--records',
-                              str(tmp_path / 'vid-train.array_record-*'), '--k', '2',
-                              '--backend', 'jax', '--out', str(out)]) == 0
-  assert np.load(out / 'centres.npy').shape == (2, 8 * 128)   # 8 frames x tiny width
+  assert (
+    cluster_labels.main(
+      [
+        '--teacher',
+        teacher,
+        '--records',
+        str(tmp_path / 'vid-train.array_record-*'),
+        '--k',
+        '2',
+        '--backend',
+        'jax',
+        '--out',
+        str(out),
+      ]
+    )
+    == 0
+  )
+  assert np.load(out / 'centres.npy').shape == (2, 8 * 128)  # 8 frames x tiny width
   first = np.load(out / 'labels.npy')[:, 0]
   assert first[0] == first[2] != first[1] == first[3]
 
 
 def test_l2_normalise_is_one_function_for_numpy_and_jax():
   from ove_jax.vectors import l2_normalise
+
   x = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
-  x[2] = 0.0                                       # a zero row stays zero, not NaN
+  x[2] = 0.0  # a zero row stays zero, not NaN
   host = l2_normalise(x)
   device = l2_normalise(jax.numpy.asarray(x))
   assert isinstance(host, np.ndarray) and host.dtype == np.float32
@@ -310,5 +351,5 @@ def test_l2_normalise_is_one_function_for_numpy_and_jax():
   np.testing.assert_allclose(np.asarray(device), host, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.linalg.norm(host[[0, 1, 3, 4]], axis=1), 1.0, rtol=1e-6)
   assert not host[2].any()
-  traced = jax.jit(l2_normalise)(jax.numpy.asarray(x))     # traceable inside jit
+  traced = jax.jit(l2_normalise)(jax.numpy.asarray(x))  # traceable inside jit
   np.testing.assert_allclose(np.asarray(traced), host, rtol=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """The k-means engines agree: faiss, scikit-learn and the JAX k-means reach the same objective
 from the same centres; the multi-process JAX k-means (2 processes x 4 CPU devices, each with
 only its own points) equals the single-process one."""
+
 import os
 import subprocess
 import sys
@@ -27,12 +28,14 @@ def test_backends_reach_the_same_objective(spherical):
   x = _blobs()
   c0 = kb.initial_centres(x, 24, 'k-means++', seed=3, spherical=spherical)
   start = kb.objective(x, c0, spherical=spherical)
-  results = {b: kb.fit(x, 24, backend=b, init=c0, iters=25, tol=0.0, spherical=spherical)
-             for b in kb.BACKENDS}
+  results = {
+    b: kb.fit(x, 24, backend=b, init=c0, iters=25, tol=0.0, spherical=spherical)
+    for b in kb.BACKENDS
+  }
   ref = results['sklearn'].inertia
   for name, r in results.items():
     assert abs(r.inertia - ref) <= 0.01 * ref, (name, r.inertia, ref)
-    assert r.inertia < 0.9 * start, (name, r.inertia, start)   # they did optimise
+    assert r.inertia < 0.9 * start, (name, r.inertia, start)  # they did optimise
     # The result is scored consistently: inertia = objective of its centres, labels = nearest.
     assert r.inertia == pytest.approx(kb.objective(x, r.centres, spherical=spherical), rel=1e-5)
     assert r.sizes.sum() == len(x) and r.labels.shape == (len(x),)
@@ -88,7 +91,8 @@ def test_two_processes_equal_one(tmp_path):
   c0 = kb.initial_centres(x, 11, 'random', seed=2)
   np.save(tmp_path / 'c0.npy', c0)
   script = tmp_path / 'child.py'
-  script.write_text(textwrap.dedent(f"""
+  script.write_text(
+    textwrap.dedent(f"""
       import jax
       import numpy as np
       from ove_jax import distributed, kmeans_multiprocess
@@ -104,10 +108,24 @@ def test_two_processes_equal_one(tmp_path):
       s = kmeans_multiprocess.fit(mine, 11, init='k-means++', seed=4, spherical=True, iters=40)
       np.savez({str(tmp_path)!r} + f'/s{{jax.process_index()}}.npz', labels=s.labels,
                centres=s.centres, inertia=s.inertia)
-      """))
-  result = subprocess.run([sys.executable, LAUNCHER, '--processes=2', '--devices_per_process=4',
-                           '--timeout=150', '--', sys.executable, str(script)],
-                          capture_output=True, text=True, timeout=180, cwd=REPO)
+      """)
+  )
+  result = subprocess.run(
+    [
+      sys.executable,
+      LAUNCHER,
+      '--processes=2',
+      '--devices_per_process=4',
+      '--timeout=150',
+      '--',
+      sys.executable,
+      str(script),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=180,
+    cwd=REPO,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   ref = kmeans.fit(x, 11, init=c0, iters=40)
   parts = [np.load(tmp_path / f'p{i}.npz') for i in range(2)]
@@ -128,10 +146,16 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_bench_tool_writes_every_backend(tmp_path, capsys):
   from ove_jax_tools import bench_kmeans_backends
+
   out = tmp_path / 'bench.json'
-  assert bench_kmeans_backends.main(['--n=600', '--d=8', '--clusters=6', '--k', '6',
-                                     '--iters=2', '--repeats=1', f'--json={out}']) == 0
+  assert (
+    bench_kmeans_backends.main(
+      ['--n=600', '--d=8', '--clusters=6', '--k', '6', '--iters=2', '--repeats=1', f'--json={out}']
+    )
+    == 0
+  )
   import json
+
   figures = json.loads(out.read_text())
   assert [r['backend'] for r in figures['rows']] == list(kb.BACKENDS)
   assert 'objectives within' in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Letterbox geometry: selection on the square canvas, the pipeline's gather, visualisation."""
+
 import io
 
 import av
@@ -32,14 +33,16 @@ def direct_canvas(data: bytes, index: int, resolution: int, resampler: str) -> n
     scale = resolution / max(h, w)
     new_h, new_w = int(round(h * scale)), int(round(w * scale))
     if resampler == 'swscale':
-      resized = frame.reformat(width=new_w, height=new_h, format='rgb24',
-                               interpolation='BICUBIC').to_ndarray()
+      resized = frame.reformat(
+        width=new_w, height=new_h, format='rgb24', interpolation='BICUBIC'
+      ).to_ndarray()
     else:
-      resized = np.asarray(Image.fromarray(frame.to_ndarray(format='rgb24')).resize(
-          (new_w, new_h), Image.BICUBIC))
+      resized = np.asarray(
+        Image.fromarray(frame.to_ndarray(format='rgb24')).resize((new_w, new_h), Image.BICUBIC)
+      )
   out = np.zeros((resolution, resolution, 3), np.uint8)
   top, left = (resolution - new_h) // 2, (resolution - new_w) // 2
-  out[top:top + new_h, left:left + new_w] = resized
+  out[top : top + new_h, left : left + new_w] = resized
   return out
 
 
@@ -52,12 +55,11 @@ def test_positions_never_on_padding_after_first_frame(clip, policy):
   assert valid[later[:, 1], later[:, 2]].all()
   first = sel.positions[sel.positions[:, 0] == 0]
   if 0 in sel.whole_frames:
-    assert len(first) == valid.size                       # the first frame whole, padding too
+    assert len(first) == valid.size  # the first frame whole, padding too
   else:
     assert valid[first[:, 1], first[:, 2]].all()
   # The picture's moving patches are what is found (coverage on the letterbox canvas).
-  ay, ax = geometry.patch_integrators(clip.height, clip.width, VIDEO_RESOLUTION, PATCH,
-                                      'letterbox')
+  ay, ax = geometry.patch_integrators(clip.height, clip.width, VIDEO_RESOLUTION, PATCH, 'letterbox')
   moving = (ay @ clip.masks[sel.frame_ids].astype(np.float32) @ ax.T) / PATCH**2 >= 0.1
   share = moving[tuple(later.T)].mean()
   assert share > 2 * moving[1:][np.broadcast_to(valid, moving[1:].shape)].mean()
@@ -73,15 +75,17 @@ def test_crop_and_letterbox_differ_only_in_geometry(clip):
 
 
 def test_gather_matches_direct_crop(clip):
-  sel = codec.select(clip.data, num_frames=T, budget=700, geometry='letterbox',
-                     policy='first_frame')
+  sel = codec.select(
+    clip.data, num_frames=T, budget=700, geometry='letterbox', policy='first_frame'
+  )
   patches = transforms.codec_patches(clip.data, sel.frame_ids, sel.positions, 'letterbox')
   assert patches.shape == (700, PATCH * PATCH * 3)
+
   def crops(canvas, shift=0):
     out, canvas = [], np.roll(canvas, -shift, axis=0)
     for k in rows:
       _, h, w = sel.positions[k]
-      out.append(canvas[h * PATCH:(h + 1) * PATCH, w * PATCH:(w + 1) * PATCH].reshape(-1))
+      out.append(canvas[h * PATCH : (h + 1) * PATCH, w * PATCH : (w + 1) * PATCH].reshape(-1))
     return np.stack(out).astype(np.int16)
 
   for t in np.unique(sel.positions[:, 0])[:4]:
@@ -91,8 +95,8 @@ def test_gather_matches_direct_crop(clip):
     np.testing.assert_array_equal(got, crops(exact))
     pil = direct_canvas(clip.data, int(sel.frame_ids[t]), VIDEO_RESOLUTION, 'pil')
     error = np.abs(got - crops(pil)).mean()
-    assert error < 5, error                   # another resampler: close, on the same pixels
-    assert np.abs(got - crops(pil, shift=2)).mean() > 1.5 * error   # two pixels off is worse
+    assert error < 5, error  # another resampler: close, on the same pixels
+    assert np.abs(got - crops(pil, shift=2)).mean() > 1.5 * error  # two pixels off is worse
   # Through the pipeline's transform (codec mode) as well.
   transform = transforms.VideoTransform(mode_probs=(1.0, 0.0, 0.0), geometry='letterbox')
   record = dict(video=clip.data, frame_ids=sel.frame_ids, positions=sel.positions, labels=[3])
@@ -105,14 +109,29 @@ def test_letterbox_canvas_decode_and_visualisation(clip, tmp_path):
   valid = geometry.valid_patches(clip.height, clip.width, VIDEO_RESOLUTION, PATCH, 'letterbox')
   box = geometry.canvas(clip.height, clip.width, VIDEO_RESOLUTION, 'letterbox')
   pad = np.ones((VIDEO_RESOLUTION, VIDEO_RESOLUTION), bool)
-  pad[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = False
+  pad[box.top : box.top + box.new_h, box.left : box.left + box.new_w] = False
   assert frames.shape == (2, 224, 224, 3) and not frames[:, pad].any()
   assert frames[0][~pad].mean() > 20
   from ove_jax_tools import visualize_selection
+
   path = clip.write(tmp_path / 'clip.mp4')
   out = tmp_path / 'vis'
-  assert visualize_selection.main([path, '--out', str(out), '--num-frames', str(T),
-                                   '--budget', '700', '--geometry', 'letterbox']) == 0
+  assert (
+    visualize_selection.main(
+      [
+        path,
+        '--out',
+        str(out),
+        '--num-frames',
+        str(T),
+        '--budget',
+        '700',
+        '--geometry',
+        'letterbox',
+      ]
+    )
+    == 0
+  )
   shown = np.asarray(Image.open(out / 'selection.png'))
   assert shown.shape[0] > 224 and valid.sum() < valid.size
 
@@ -120,5 +139,6 @@ def test_letterbox_canvas_decode_and_visualisation(clip, tmp_path):
 def test_budget_beyond_the_picture_is_refused(clip):
   valid = geometry.valid_patches(clip.height, clip.width, VIDEO_RESOLUTION, PATCH, 'letterbox')
   with pytest.raises(VideoError, match='budget=.*exceeds.*picture covers'):
-    codec.select(clip.data, num_frames=T, budget=T * int(valid.sum()) + 1,
-                 geometry='letterbox', policy='zero')
+    codec.select(
+      clip.data, num_frames=T, budget=T * int(valid.sum()) + 1, geometry='letterbox', policy='zero'
+    )

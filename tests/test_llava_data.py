@@ -1,4 +1,5 @@
 """The release's LLaVA data path (data_pipeline/llava.py, tools/llava_data.py), synthetic clips."""
+
 import hashlib
 import io
 import json
@@ -46,31 +47,43 @@ def made(tmp_path_factory):
     f.write(b'not a video')
   dataset = str(root / 'data.jsonl')
   with open(dataset, 'w') as f:
-    for row in ({'id': 7, 'video': video, 'conversations': [
-        {'from': 'human', 'value': '<video>\nWhat moves?'}, {'from': 'gpt', 'value': 'A cube.'}]},
-                {'id': 8, 'video': bad, 'conversations': []}):
+    for row in (
+      {
+        'id': 7,
+        'video': video,
+        'conversations': [
+          {'from': 'human', 'value': '<video>\nWhat moves?'},
+          {'from': 'gpt', 'value': 'A cube.'},
+        ],
+      },
+      {'id': 8, 'video': bad, 'conversations': []},
+    ):
       f.write(json.dumps(row) + '\n')
-  args = dict(visidx_root=str(root / 'vis'), image_root=str(root / 'img'),
-              out_jsonl=str(root / 'out' / 'train.jsonl'))
+  args = dict(
+    visidx_root=str(root / 'vis'),
+    image_root=str(root / 'img'),
+    out_jsonl=str(root / 'out' / 'train.jsonl'),
+  )
   settings = llava.Settings(image_format='png')
   counts = llava.run(dataset, settings=settings, **args)
-  return dict(root=root, video=video, bad=bad, dataset=dataset, args=args, counts=counts,
-              settings=settings)
+  return dict(
+    root=root, video=video, bad=bad, dataset=dataset, args=args, counts=counts, settings=settings
+  )
 
 
 def test_stage1_files_have_the_release_names_and_shapes(made):
   assert made['counts'] == {'clips': 2, 'made': 1, 'skipped': 0, 'failed': 1}
   video = made['video']
-  prefix = (f'sample_7__walk__{sha8(video)}__{sha8(video + "|7|0")}'
-            f'_T{T}_square{RES}_p{PS}_K{K}')
+  prefix = f'sample_7__walk__{sha8(video)}__{sha8(video + "|7|0")}_T{T}_square{RES}_p{PS}_K{K}'
   vis = made['args']['visidx_root']
   assert sorted(os.listdir(vis)) == sorted(prefix + s for s in llava.STAGE1_SUFFIXES)
   thw = np.load(os.path.join(vis, prefix + '.visidx_thw.npy'))
   frame_ids = np.load(os.path.join(vis, prefix + '.frame_ids.npy'))
   assert thw.dtype == np.int32 and thw.shape == (K, 3)
   assert frame_ids.dtype == np.int32 and frame_ids.shape == (T,)
-  sel = codec.select(video, num_frames=T, budget=K, resolution=RES, patch_size=PS,
-                     preset='release_llava')
+  sel = codec.select(
+    video, num_frames=T, budget=K, resolution=RES, patch_size=PS, preset='release_llava'
+  )
   np.testing.assert_array_equal(thw, sel.positions)
   np.testing.assert_array_equal(frame_ids, sel.frame_ids)
   # The first frame whole (padding too), then only patches inside the picture.
@@ -97,16 +110,19 @@ def test_canvases_hold_exactly_the_selected_pixels(made):
   per_image = K // IMAGES
   # Canvas 0 is the whole first frame; positions_thw lists the packed canvases' patches only.
   assert positions.dtype == np.int32 and positions.shape == (K - per_image, 3)
-  sel = codec.select(video, num_frames=T, budget=K, resolution=RES, patch_size=PS,
-                     preset='release_llava')
+  sel = codec.select(
+    video, num_frames=T, budget=K, resolution=RES, patch_size=PS, preset='release_llava'
+  )
   np.testing.assert_array_equal(positions, sel.positions[per_image:])
   frames = letterboxed(video, sel.frame_ids)
   np.testing.assert_array_equal(canvases[0], frames[0])
   for j, (t, h, w) in enumerate(positions):
     image, cell = 1 + j // per_image, j % per_image
     y, x = (cell // SIDE) * PS, (cell % SIDE) * PS
-    np.testing.assert_array_equal(canvases[image, y:y + PS, x:x + PS],
-                                  frames[t, h * PS:(h + 1) * PS, w * PS:(w + 1) * PS])
+    np.testing.assert_array_equal(
+      canvases[image, y : y + PS, x : x + PS],
+      frames[t, h * PS : (h + 1) * PS, w * PS : (w + 1) * PS],
+    )
 
 
 def test_jsonl_failures_and_rerun(made):
@@ -135,18 +151,22 @@ def test_jsonl_failures_and_rerun(made):
 
 def test_conversation_rewrite_follows_stage2():
   two = '<image>\n<image>'
-  assert llava.conversations_with_images(
-      [{'from': 'human', 'value': 'a <video> b <video>'}], 2)[0]['value'] == (
-          f'a {two} b <video>')
+  assert llava.conversations_with_images([{'from': 'human', 'value': 'a <video> b <video>'}], 2)[0][
+    'value'
+  ] == (f'a {two} b <video>')
   assert llava.conversations_with_images([{'from': 'human', 'value': 'Q'}], 2)[0]['value'] == (
-      f'{two}\nQ')
+    f'{two}\nQ'
+  )
   kept = [{'from': 'human', 'value': '<image>\nQ'}, {'from': 'human', 'value': '<video>'}]
   assert llava.conversations_with_images(kept, 2) == kept
 
 
 def write_release_files(folder, video, thw, frame_ids, grid=SIDE):
-  prefix = os.path.join(folder, f'sample_1__clip__{sha8(video)}__00000000_T{len(frame_ids)}'
-                                f'_square{grid * PS}_p{PS}_K{len(thw)}')
+  prefix = os.path.join(
+    folder,
+    f'sample_1__clip__{sha8(video)}__00000000_T{len(frame_ids)}'
+    f'_square{grid * PS}_p{PS}_K{len(thw)}',
+  )
   np.save(prefix + '.visidx_thw.npy', np.asarray(thw, np.int32))
   np.save(prefix + '.frame_ids.npy', np.asarray(frame_ids, np.int32))
   with open(prefix + '.meta.json', 'w') as f:
@@ -157,7 +177,7 @@ def write_release_files(folder, video, thw, frame_ids, grid=SIDE):
 def test_release_files_round_trip_into_records(tmp_path):
   rng = np.random.default_rng(0)
   flat = rng.choice(16 * SIDE * SIDE, size=900, replace=False)
-  thw = np.stack(np.unravel_index(flat, (16, SIDE, SIDE)), 1)     # the release's top-k order
+  thw = np.stack(np.unravel_index(flat, (16, SIDE, SIDE)), 1)  # the release's top-k order
   path = write_release_files(str(tmp_path), '/videos/clip.mp4', thw, np.arange(0, 160, 10))
   record = records.decode(records.encode(llava.release_record(path)))
   assert record['source'] == '/videos/clip.mp4'
@@ -175,10 +195,11 @@ def test_release_files_round_trip_into_records(tmp_path):
 
 def test_regrid_keeps_cells_mostly_covered():
   whole = np.argwhere(np.ones((1, SIDE, SIDE), bool))
-  np.testing.assert_array_equal(llava.regrid(whole, 1, SIDE, 16),
-                                np.argwhere(np.ones((1, 16, 16), bool)))
-  assert len(llava.regrid(np.array([[0, 5, 5]]), 1, SIDE, 16)) == 0   # a fifth of a cell
-  block = np.argwhere(np.ones((1, 3, 3), bool))                        # covers cell (0, 0)
+  np.testing.assert_array_equal(
+    llava.regrid(whole, 1, SIDE, 16), np.argwhere(np.ones((1, 16, 16), bool))
+  )
+  assert len(llava.regrid(np.array([[0, 5, 5]]), 1, SIDE, 16)) == 0  # a fifth of a cell
+  block = np.argwhere(np.ones((1, 3, 3), bool))  # covers cell (0, 0)
   np.testing.assert_array_equal(llava.regrid(block, 1, SIDE, 16), [[0, 0, 0]])
   same = np.array([[0, 1, 2], [2, 3, 4]])
   np.testing.assert_array_equal(llava.regrid(same, 3, 16, 16), same)
@@ -195,11 +216,13 @@ def test_import_tool_gives_records_the_pipeline_trains_on(made, tmp_path):
   assert (record['positions'][:, 0] == 0).sum() == VIDEO_GRID * VIDEO_GRID
   transform = transforms.VideoTransform(mode_probs=(1.0, 0.0, 0.0), geometry='letterbox')
   sample = transform(dict(record, labels=[1]), np.random.default_rng(0))
-  expected = transforms.codec_patches(made['video'], record['frame_ids'], record['positions'],
-                                      'letterbox')
+  expected = transforms.codec_patches(
+    made['video'], record['frame_ids'], record['positions'], 'letterbox'
+  )
   np.testing.assert_array_equal(sample['patches'], expected)
-  frame0 = geometry.decode_canvas(made['video'], record['frame_ids'][:1], VIDEO_RESOLUTION,
-                                  'letterbox')[0]
+  frame0 = geometry.decode_canvas(
+    made['video'], record['frame_ids'][:1], VIDEO_RESOLUTION, 'letterbox'
+  )[0]
   np.testing.assert_array_equal(sample['patches'][0], frame0[:PATCH, :PATCH].reshape(-1))
 
 
@@ -211,23 +234,57 @@ def test_make_tool_jpeg_and_flags(tmp_path):
   listing = tmp_path / 'videos.txt'
   listing.write_text(video + '\n')
   out = str(tmp_path / 'train.jsonl')
-  assert llava_data.main(['make', str(listing), '--visidx-root', str(tmp_path / 'v'),
-                          f'--image-root={tmp_path / "i"}', '--out-jsonl', out,
-                          '--num-frames=8', '--resolution=192', '--budget=576',
-                          '--num-images=4', '--options={"camera_compensation": "none"}']) == 0
+  assert (
+    llava_data.main(
+      [
+        'make',
+        str(listing),
+        '--visidx-root',
+        str(tmp_path / 'v'),
+        f'--image-root={tmp_path / "i"}',
+        '--out-jsonl',
+        out,
+        '--num-frames=8',
+        '--resolution=192',
+        '--budget=576',
+        '--num-images=4',
+        '--options={"camera_compensation": "none"}',
+      ]
+    )
+    == 0
+  )
   with open(out) as f:
     line = json.loads(f.readline())
   assert [os.path.basename(p) for p in line['image']] == [f'tall_{i:03d}.jpg' for i in range(4)]
   got = np.asarray(Image.open(io.BytesIO(open(line['image'][0], 'rb').read())))
-  sel = codec.select(video, num_frames=8, budget=576, resolution=192, patch_size=16,
-                     preset='release_llava', camera_compensation='none')
+  sel = codec.select(
+    video,
+    num_frames=8,
+    budget=576,
+    resolution=192,
+    patch_size=16,
+    preset='release_llava',
+    camera_compensation='none',
+  )
   first = geometry.decode_canvas(video, sel.frame_ids[:1], 192, 'letterbox')[0]
   assert got.shape == (192, 192, 3)
-  assert np.abs(got.astype(np.int16) - first).mean() < 3          # JPEG quality 95
+  assert np.abs(got.astype(np.int16) - first).mean() < 3  # JPEG quality 95
   np.testing.assert_array_equal(np.load(line['positions_thw']), sel.positions[144:])
   with pytest.raises(SystemExit):
-    llava_data.main(['make', str(listing), '--visidx-root', 'v', '--image-root', 'i',
-                     '--out-jsonl', out, '--options', '[1]'])
+    llava_data.main(
+      [
+        'make',
+        str(listing),
+        '--visidx-root',
+        'v',
+        '--image-root',
+        'i',
+        '--out-jsonl',
+        out,
+        '--options',
+        '[1]',
+      ]
+    )
   assert re.search('ove-llava-data', llava_data.parser().format_usage())
 
 
@@ -235,10 +292,14 @@ def test_tasks_split_the_list(made):
   out = made['args']['out_jsonl']
   with open(out) as f:
     whole = f.read()
-  counts = [llava.run(made['dataset'], settings=made['settings'], task_index=i, num_tasks=2,
-                      **made['args']) for i in range(2)]
-  assert counts == [{'clips': 1, 'made': 0, 'skipped': 1, 'failed': 0},
-                    {'clips': 1, 'made': 0, 'skipped': 0, 'failed': 1}]
+  counts = [
+    llava.run(made['dataset'], settings=made['settings'], task_index=i, num_tasks=2, **made['args'])
+    for i in range(2)
+  ]
+  assert counts == [
+    {'clips': 1, 'made': 0, 'skipped': 1, 'failed': 0},
+    {'clips': 1, 'made': 0, 'skipped': 0, 'failed': 1},
+  ]
   shards = [llava.task_jsonl(out, i, 2) for i in range(2)]
   assert shards[1].endswith('train.jsonl.shard01of02.jsonl')
   assert ''.join(open(p).read() for p in shards) == whole

@@ -1,4 +1,5 @@
 """Partial FC: the maths of docs/spec.md §4 in numpy, the sharded loss against the plain one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +18,13 @@ def make_mesh(shape):
 def numpy_cosface(e, labels_B, centres, cfg):
   """Per-sample loss over all classes, written straight from docs/spec.md §4 (sample_rate 1)."""
   e = e / np.linalg.norm(e, axis=1, keepdims=True)
-  w = centres[:cfg.num_classes]
+  w = centres[: cfg.num_classes]
   w = w / np.linalg.norm(w, axis=1, keepdims=True)
   cos = np.clip(e @ w.T, -1, 1)
   onehot = np.eye(cfg.num_classes, dtype=bool)[labels_B]
-  logits = cfg.scale * np.where(onehot, cos - cfg.margin,
-                                np.where(cos > cfg.filter_threshold, 0.0, cos))
+  logits = cfg.scale * np.where(
+    onehot, cos - cfg.margin, np.where(cos > cfg.filter_threshold, 0.0, cos)
+  )
   top = logits.max(axis=1, keepdims=True)
   return np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0] - logits[onehot]
 
@@ -49,22 +51,28 @@ def test_full_softmax_matches_numpy_spec(close):
   np.testing.assert_allclose(float(out['loss']), want, rtol=1e-5)
   assert int(out['dropped']) == 0
   cos = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (
-      centres[:50] / np.linalg.norm(centres[:50], axis=1, keepdims=True)).T
+    centres[:50] / np.linalg.norm(centres[:50], axis=1, keepdims=True)
+  ).T
   acc = (cos.argmax(1) == labels[:, 0])[valid].mean()
   np.testing.assert_allclose(float(out['accuracy']), acc)
 
 
 def test_sampling_keeps_every_positive_and_the_quota():
-  cfg = losses.PartialFCConfig(num_classes=1000, sample_rate=0.1, num_slots=2,
-                               sampling_blocks=8)
+  cfg = losses.PartialFCConfig(num_classes=1000, sample_rate=0.1, num_slots=2, sampling_blocks=8)
   e, valid, labels, ids, centres = problem(cfg, batch=32)
   # The loss over the sampled subset is smaller than over all classes (fewer negatives) but
   # never loses a target: dropped is 0 with 32 positives over 8 blocks of 13 kept classes.
   out = losses.reference_loss(e, valid, labels, ids, centres, 1, cfg)
   assert int(out['dropped']) == 0
-  full = losses.reference_loss(e, valid, labels, ids, centres, 1,
-                               losses.PartialFCConfig(num_classes=1000, sample_rate=1.0,
-                                                      num_slots=2, sampling_blocks=8))
+  full = losses.reference_loss(
+    e,
+    valid,
+    labels,
+    ids,
+    centres,
+    1,
+    losses.PartialFCConfig(num_classes=1000, sample_rate=1.0, num_slots=2, sampling_blocks=8),
+  )
   assert float(out['loss']) < float(full['loss'])
   # Different steps draw different negatives; the same step the same ones.
   again = losses.reference_loss(e, valid, labels, ids, centres, 1, cfg)
@@ -75,13 +83,16 @@ def test_sampling_keeps_every_positive_and_the_quota():
 
 def test_positives_beyond_the_quota_are_counted_not_hidden():
   # One block keeps 1 class per slot and no headroom; of the distinct positives only one fits.
-  cfg = losses.PartialFCConfig(num_classes=20, sample_rate=0.01, num_slots=1, sampling_blocks=1,
-                               positive_headroom=0.0)
+  cfg = losses.PartialFCConfig(
+    num_classes=20, sample_rate=0.01, num_slots=1, sampling_blocks=1, positive_headroom=0.0
+  )
   e, valid, labels, ids, centres = problem(cfg, num_labels=1)
   y = labels[valid, 0]
   assert len(set(y.tolist())) > 1
-  dropped = {int(losses.reference_loss(e, valid, labels, ids, centres, step, cfg)['dropped'])
-             for step in range(12)}
+  dropped = {
+    int(losses.reference_loss(e, valid, labels, ids, centres, step, cfg)['dropped'])
+    for step in range(12)
+  }
   # Exactly the samples of every other class are left out, whichever class is kept ...
   possible = {int((y != c).sum()) for c in set(y.tolist())}
   assert dropped <= possible
@@ -104,23 +115,30 @@ def test_slot_choice_follows_the_sample_not_its_row():
 
 @pytest.mark.parametrize('mesh_name', sorted(MESHES))
 def test_sharded_loss_and_gradients_equal_plain(mesh_name):
-  cfg = losses.PartialFCConfig(num_classes=203, sample_rate=0.3, num_slots=3, sampling_blocks=8,
-                               filter_threshold=0.2)
+  cfg = losses.PartialFCConfig(
+    num_classes=203, sample_rate=0.3, num_slots=3, sampling_blocks=8, filter_threshold=0.2
+  )
   e, valid, labels, ids, centres = problem(cfg, batch=16, close=True)
 
   def total(fn, e, centres):
     out = fn(e, valid, labels, ids, centres, 11, cfg)
     return out['loss'], out
 
-  plain = jax.jit(jax.value_and_grad(lambda e, c: total(losses.reference_loss, e, c),
-                                     argnums=(0, 1), has_aux=True))
+  plain = jax.jit(
+    jax.value_and_grad(
+      lambda e, c: total(losses.reference_loss, e, c), argnums=(0, 1), has_aux=True
+    )
+  )
   (loss0, aux0), (ge0, gc0) = plain(e, centres)
   mesh = make_mesh(MESHES[mesh_name])
   with jax.set_mesh(mesh):
     e_s = jax.device_put(e, jax.sharding.PartitionSpec(('data', 'fsdp')))
     c_s = jax.device_put(centres, jax.sharding.PartitionSpec(('data', 'fsdp', 'tensor')))
-    sharded = jax.jit(jax.value_and_grad(lambda e, c: total(losses.partial_fc_loss, e, c),
-                                         argnums=(0, 1), has_aux=True))
+    sharded = jax.jit(
+      jax.value_and_grad(
+        lambda e, c: total(losses.partial_fc_loss, e, c), argnums=(0, 1), has_aux=True
+      )
+    )
     (loss1, aux1), (ge1, gc1) = sharded(e_s, c_s)
     # No device holds the whole centre matrix or its gradient.
     assert gc1.sharding.shard_shape(gc1.shape)[0] == cfg.padded_classes // 8
@@ -135,14 +153,19 @@ def test_sharded_loss_and_gradients_equal_plain(mesh_name):
 
 @pytest.mark.parametrize('headroom, kept', [(0.0, 52), (1.0, 64)])
 def test_sharded_step_holds_no_batch_by_classes_buffer(headroom, kept):
-  cfg = losses.PartialFCConfig(num_classes=4096, sample_rate=0.1, num_slots=2,
-                               sampling_blocks=8, positive_headroom=headroom)
+  cfg = losses.PartialFCConfig(
+    num_classes=4096, sample_rate=0.1, num_slots=2, sampling_blocks=8, positive_headroom=headroom
+  )
   assert cfg.block_capacity(64) == kept
   e, valid, labels, ids, centres = problem(cfg, batch=64, width=16)
   mesh = make_mesh((2, 4, 1))
   with jax.set_mesh(mesh):
-    fn = jax.jit(jax.grad(lambda e, c: losses.partial_fc_loss(e, valid, labels, ids, c, 0,
-                                                               cfg)['loss'], argnums=(0, 1)))
+    fn = jax.jit(
+      jax.grad(
+        lambda e, c: losses.partial_fc_loss(e, valid, labels, ids, c, 0, cfg)['loss'],
+        argnums=(0, 1),
+      )
+    )
     text = fn.lower(e, centres).compile().as_text()
   # Per device: 64 x 52 kept classes per slot (64 with the headroom: the batch caps it). A
   # [64, 4096] (or [64, 512] local) buffer would mean logits over every class.
@@ -157,14 +180,21 @@ def test_config_errors_name_the_fix():
   with pytest.raises(ValueError, match=r'heads\.video\.sampling_blocks=8'):
     cfg.check_devices(8, 'video')
   with pytest.raises(ValueError, match='centres'):
-    losses.reference_loss(np.zeros((4, 8), np.float32), np.ones(4, bool),
-                          np.zeros((4, 2), np.int32), np.arange(4, dtype=np.int32),
-                          np.zeros((10, 8), np.float32), 0, cfg)
+    losses.reference_loss(
+      np.zeros((4, 8), np.float32),
+      np.ones(4, bool),
+      np.zeros((4, 2), np.int32),
+      np.arange(4, dtype=np.int32),
+      np.zeros((10, 8), np.float32),
+      0,
+      cfg,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Overflowing blocks keep every positive, as the release's Partial FC
 # ------------------------------------------------------------------------------------------------
+
 
 def release_subset(positives, keys, k):
   """The release's per-rank Partial FC sampling (training/fused_partial_fc_v2_multi_res.py,
@@ -173,7 +203,7 @@ def release_subset(positives, keys, k):
   for its torch.rand draw (the same uniform order our hash gives), indices local to the block."""
   positives = np.unique(positives)
   if k - positives.size >= 0:
-    perm = keys.astype(np.float64) / 2.0 ** 30     # uniform in [0, 1)
+    perm = keys.astype(np.float64) / 2.0**30  # uniform in [0, 1)
     perm[positives] = 2.0
     return np.sort(np.argsort(-perm, kind='stable')[:k])
   return positives
@@ -194,13 +224,14 @@ def release_loss(e, labels_JxB, centres, cfg, step, micro=0):
     for block in range(cfg.sampling_blocks):
       lo = block * bs
       here = y[(y >= lo) & (y < lo + bs)] - lo
-      subset.append(lo + release_subset(here, keys[lo:lo + bs], k))
+      subset.append(lo + release_subset(here, keys[lo : lo + bs], k))
     subset = np.concatenate(subset)
     assert np.isin(y, subset).all()
     cos = np.clip(e @ w_all[subset].T, -1, 1)
     onehot = subset[None, :] == y[:, None]
-    logits = cfg.scale * np.where(onehot, cos - cfg.margin,
-                                  np.where(cos > cfg.filter_threshold, 0.0, cos))
+    logits = cfg.scale * np.where(
+      onehot, cos - cfg.margin, np.where(cos > cfg.filter_threshold, 0.0, cos)
+    )
     top = logits.max(axis=1, keepdims=True)
     loss = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0] - logits[onehot]
     per_slot.append(loss.mean())
@@ -213,15 +244,16 @@ def ocr_problem(batch=48, num_labels=100, num_classes=4000, width=32, seed=0):
   rng = np.random.default_rng(seed)
   ranks = np.arange(1, num_classes + 1, dtype=np.float64)
   p = 1.0 / ranks
-  labels = np.stack([rng.choice(num_classes, num_labels, replace=False, p=p / p.sum())
-                     for _ in range(batch)]).astype(np.int32)
+  labels = np.stack(
+    [rng.choice(num_classes, num_labels, replace=False, p=p / p.sum()) for _ in range(batch)]
+  ).astype(np.int32)
   e = rng.normal(size=(batch, width)).astype(np.float32)
   return e, labels
 
 
 def test_frequency_ordered_labels_keep_every_positive_as_the_release():
   base = dict(num_classes=4000, sample_rate=0.05, num_slots=8, sampling_blocks=8)
-  before = losses.PartialFCConfig(**base, positive_headroom=0.0)   # the quota only, as before
+  before = losses.PartialFCConfig(**base, positive_headroom=0.0)  # the quota only, as before
   cfg = losses.PartialFCConfig(**base, positive_headroom=2.0)
   e, labels = ocr_problem()
   b = e.shape[0]
@@ -229,20 +261,22 @@ def test_frequency_ordered_labels_keep_every_positive_as_the_release():
   centres = np.asarray(losses.init_centres(jax.random.key(1), cfg, e.shape[1]))
   step = 3
   y_JxB = np.asarray(losses.choose_slots(jnp.asarray(labels), jnp.asarray(ids), step, cfg))
-  first_block = (y_JxB < cfg.block_size)
+  first_block = y_JxB < cfg.block_size
   distinct = max(len(set(y[m].tolist())) for y, m in zip(y_JxB, first_block))
   assert distinct > cfg.block_samples == 25  # block 0 overflows its quota in some slot
 
   old = losses.reference_loss(e, valid, labels, ids, centres, step, before)
-  assert int(old['dropped']) > 0            # the quota alone loses positives ...
+  assert int(old['dropped']) > 0  # the quota alone loses positives ...
   new = losses.reference_loss(e, valid, labels, ids, centres, step, cfg)
-  assert int(new['dropped']) == 0           # ... the headroom keeps all of them
-  np.testing.assert_allclose(float(new['loss']), release_loss(e, y_JxB, centres, cfg, step),
-                             rtol=1e-5)
+  assert int(new['dropped']) == 0  # ... the headroom keeps all of them
+  np.testing.assert_allclose(
+    float(new['loss']), release_loss(e, y_JxB, centres, cfg, step), rtol=1e-5
+  )
   # Sharded over 8 devices (one block each): the same loss and the same count.
   with jax.set_mesh(make_mesh((2, 2, 2))):
     sharded = jax.jit(lambda e, c: losses.partial_fc_loss(e, valid, labels, ids, c, step, cfg))(
-        e, centres)
+      e, centres
+    )
   np.testing.assert_allclose(float(sharded['loss']), float(new['loss']), rtol=1e-6)
   assert int(sharded['dropped']) == 0
 
@@ -252,13 +286,20 @@ def test_past_the_headroom_positives_are_counted():
   e, labels = ocr_problem()
   b = e.shape[0]
   valid, ids = np.ones(b, bool), np.arange(b, dtype=np.int32)
-  centres = np.asarray(losses.init_centres(jax.random.key(1), losses.PartialFCConfig(**base),
-                                           e.shape[1]))
-  dropped = [int(losses.reference_loss(e, valid, labels, ids, centres, 3, losses.PartialFCConfig(
-      **base, positive_headroom=h))['dropped']) for h in (0.0, 0.2, 0.6, 2.0)]
+  centres = np.asarray(
+    losses.init_centres(jax.random.key(1), losses.PartialFCConfig(**base), e.shape[1])
+  )
+  dropped = [
+    int(
+      losses.reference_loss(
+        e, valid, labels, ids, centres, 3, losses.PartialFCConfig(**base, positive_headroom=h)
+      )['dropped']
+    )
+    for h in (0.0, 0.2, 0.6, 2.0)
+  ]
   assert dropped[0] > dropped[1] > 0 and dropped[-1] == 0
   assert dropped == sorted(dropped, reverse=True)
-  assert losses.PartialFCConfig(**base).block_capacity(b) == 48   # the batch caps the headroom
-  assert losses.PartialFCConfig(**base).block_capacity(8) == 25   # small batch: no headroom
+  assert losses.PartialFCConfig(**base).block_capacity(b) == 48  # the batch caps the headroom
+  assert losses.PartialFCConfig(**base).block_capacity(8) == 25  # small batch: no headroom
   with pytest.raises(ValueError, match='positive_headroom'):
     losses.PartialFCConfig(**base, positive_headroom=-1)

@@ -1,4 +1,5 @@
 """MetricWriter and read_metrics, the peak FLOP/s table and CPU measurement, and the Watchdog."""
+
 import dataclasses
 import glob
 import json
@@ -19,6 +20,7 @@ from ove_jax.metrics import MetricWriter, Watchdog, peak_flops_per_device, read_
 # MetricWriter
 # ------------------------------------------------------------------------------------------------
 
+
 def _lines(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -27,15 +29,31 @@ def _lines(workdir):
 def test_writer_jsonl_and_tensorboard(tmp_path):
   workdir = str(tmp_path / 'run')
   with MetricWriter(workdir) as writer:
-    writer.write(1, {'video/loss': jnp.float32(2.5), 'lr': np.float64(1e-3), 'tokens': np.int64(7),
-                     'ok': True, 'grad_norm': float('nan'), 'max': jnp.array([float('inf')])})
+    writer.write(
+      1,
+      {
+        'video/loss': jnp.float32(2.5),
+        'lr': np.float64(1e-3),
+        'tokens': np.int64(7),
+        'ok': True,
+        'grad_norm': float('nan'),
+        'max': jnp.array([float('inf')]),
+      },
+    )
     writer.write(2, {'video/loss': jnp.bfloat16(1.5), 'min': -float('inf')})
     writer.write_text(0, 'config', 'lr: 1e-3')
   lines = _lines(workdir)
   assert lines == [
-      {'step': 1, 'video/loss': 2.5, 'lr': 1e-3, 'tokens': 7, 'ok': 1, 'grad_norm': 'nan',
-       'max': 'inf'},
-      {'step': 2, 'video/loss': 1.5, 'min': '-inf'},
+    {
+      'step': 1,
+      'video/loss': 2.5,
+      'lr': 1e-3,
+      'tokens': 7,
+      'ok': 1,
+      'grad_norm': 'nan',
+      'max': 'inf',
+    },
+    {'step': 2, 'video/loss': 1.5, 'min': '-inf'},
   ]
   assert type(lines[0]['tokens']) is int and type(lines[0]['video/loss']) is float
   events = glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))
@@ -79,8 +97,10 @@ def test_read_metrics_keeps_last_line_of_resumed_steps(tmp_path):
 def test_read_metrics_takes_the_file_and_merges_lines_of_a_step(tmp_path):
   path = str(tmp_path / 'metrics.jsonl')
   with open(path, 'w') as f:
-    f.write('{"step": 5, "loss": 2.0, "lr": 0.1}\n["not", "a", "line"]\n'
-            '{"step": 5, "probe/top1": 0.5, "lr": 0.2}\n{"step": 3, "loss": "nan"}\n')
+    f.write(
+      '{"step": 5, "loss": 2.0, "lr": 0.1}\n["not", "a", "line"]\n'
+      '{"step": 5, "probe/top1": 0.5, "lr": 0.2}\n{"step": 3, "loss": "nan"}\n'
+    )
   assert read_metrics(path) == read_metrics(str(tmp_path))
   assert read_metrics(path)[1] == {'step': 5, 'probe/top1': 0.5, 'lr': 0.2}
   merged = read_metrics(path, merge_steps=True)
@@ -94,13 +114,16 @@ def test_read_metrics_takes_the_file_and_merges_lines_of_a_step(tmp_path):
 # Peak FLOP/s
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class FakeDevice:
   device_kind: str
   platform: str = 'gpu'
 
 
-@pytest.mark.parametrize('kind, flops', [
+@pytest.mark.parametrize(
+  'kind, flops',
+  [
     ('NVIDIA H100 80GB HBM3', 989e12),
     ('NVIDIA H100 PCIe', 756e12),
     ('NVIDIA H200', 989e12),
@@ -114,7 +137,8 @@ class FakeDevice:
     ('TPU v5p', 459e12),
     ('TPU v6 lite', 918e12),
     ('TPU v6e', 918e12),
-])
+  ],
+)
 def test_peak_table(kind, flops):
   peak, source = peak_flops_per_device(FakeDevice(kind, 'tpu' if 'TPU' in kind else 'gpu'))
   assert peak == flops
@@ -127,8 +151,7 @@ def test_peak_unknown_accelerator(kind):
 
 
 def test_peak_override_wins():
-  assert peak_flops_per_device(FakeDevice('Some NPU'), override=5e14) == (5e14,
-                                                                           'config.peak_flops')
+  assert peak_flops_per_device(FakeDevice('Some NPU'), override=5e14) == (5e14, 'config.peak_flops')
   assert peak_flops_per_device(jax.devices('cpu')[0], override=1e12)[0] == 1e12
 
 
@@ -154,6 +177,7 @@ def test_matmul_peak_flops_measures_the_dtype():
 # ------------------------------------------------------------------------------------------------
 # Watchdog
 # ------------------------------------------------------------------------------------------------
+
 
 def test_watchdog_fires_once_on_stall(capfd):
   fired = []

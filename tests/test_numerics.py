@@ -1,5 +1,6 @@
 """bf16 numerics as the release trains them (autocast): matmuls in bf16, the residual stream, the
 norms and the MAP head's pooling logits in float32. Bounds of bf16 against fp32, same weights."""
+
 import dataclasses
 
 import jax
@@ -28,8 +29,10 @@ def _pair(scan_layers=False, sharpen=4.0):
       proj.kernel[...] = proj.kernel[...] * sharpen
   params = convert.model_params(m32)
   cfg32 = dataclasses.replace(CFG32, scan_layers=scan_layers)
-  return (convert.model_from_params(cfg32, params),
-          convert.model_from_params(dataclasses.replace(cfg32, dtype='bfloat16'), params))
+  return (
+    convert.model_from_params(cfg32, params),
+    convert.model_from_params(dataclasses.replace(cfg32, dtype='bfloat16'), params),
+  )
 
 
 def _tokens(b=2, l=64, seed=0):
@@ -81,8 +84,12 @@ def test_map_head_logits_are_float32_in_bf16():
   # Exactly one product of the head runs on float32 operands: probe . keys, the pooling logits
   # ([B, H, L]); its q and k come from bf16 matmuls that accumulate and return float32.
   assert len(f32) == 1 and f32[0].outvars[0].aval.size == b * CFG32.num_heads * l
-  projections = [e for e in dots if e.outvars[0].aval.dtype == jnp.float32
-                 and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+  projections = [
+    e
+    for e in dots
+    if e.outvars[0].aval.dtype == jnp.float32
+    and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)
+  ]
   assert len(projections) == 2
   others = [e for e in dots if e not in f32 and e not in projections]
   assert others and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in others)
@@ -102,7 +109,9 @@ def test_bf16_train_step_of_encoder_and_partial_fc_within_bounds():
     def loss(model, centres):
       e = model(patches, pos)['pooled'][:, 0]
       return losses.reference_loss(e, valid, labels, ids, centres, 1, cfg)['loss']
+
     return nnx.value_and_grad(loss, argnums=(0, 1))(model, centres)
+
   run = nnx.jit(step)
   (l32, (g32, gc32)), (l16, (g16, gc16)) = run(m32, centres), run(m16, centres)
   flat32 = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(g32)}
@@ -110,17 +119,22 @@ def test_bf16_train_step_of_encoder_and_partial_fc_within_bounds():
   assert flat16.keys() == flat32.keys()
   assert all(v.dtype == np.float32 for v in flat16.values())
   order = sorted(flat32, key=str)
-  whole = _rel_l2(np.concatenate([flat16[p].ravel() for p in order]),
-                  np.concatenate([flat32[p].ravel() for p in order]))
+  whole = _rel_l2(
+    np.concatenate([flat16[p].ravel() for p in order]),
+    np.concatenate([flat32[p].ravel() for p in order]),
+  )
   loss_err = abs(float(l16) - float(l32)) / abs(float(l32))
-  print(f'bf16 vs fp32: loss {loss_err:.2e}, encoder grads {whole:.2e}, centre grads '
-        f'{_rel_l2(gc16, gc32):.2e}')
+  print(
+    f'bf16 vs fp32: loss {loss_err:.2e}, encoder grads {whole:.2e}, centre grads '
+    f'{_rel_l2(gc16, gc32):.2e}'
+  )
   assert loss_err < 2e-3
   assert whole < 5e-2
   assert _rel_l2(gc16, gc32) < 5e-2
   # Every block's weights get a gradient of the right direction.
   for p in order:
     if p[-1] == 'kernel':
-      cos = float(np.sum(flat16[p] * flat32[p]) /
-                  (np.linalg.norm(flat16[p]) * np.linalg.norm(flat32[p])))
+      cos = float(
+        np.sum(flat16[p] * flat32[p]) / (np.linalg.norm(flat16[p]) * np.linalg.norm(flat32[p]))
+      )
       assert cos > 0.99, p

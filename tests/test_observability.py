@@ -1,5 +1,6 @@
 """Observability: the metrics writers chosen by config (jsonl, TensorBoard, wandb offline) in a
 short training run and its resume, the input wait of the slowest process, and device memory."""
+
 import glob
 import os
 import struct
@@ -23,6 +24,7 @@ def wandb_history(path):
   little-endian length, type; 32 KiB blocks) each holding a protobuf `Record`.
   """
   from wandb.proto import wandb_internal_pb2
+
   data = open(path, 'rb').read()
   assert data[:4] == b':W&B', path
   block, position, pending, history = 32768, 7, b'', {}
@@ -30,8 +32,8 @@ def wandb_history(path):
     if block - position % block < 7:  # a block's tail too short for a header is padding
       position += block - position % block
       continue
-    length, kind = struct.unpack('<HB', data[position + 4:position + 7])
-    pending += data[position + 7:position + 7 + length]
+    length, kind = struct.unpack('<HB', data[position + 4 : position + 7])
+    pending += data[position + 7 : position + 7 + length]
     position += 7 + length
     if kind in (2, 3):  # FIRST, MIDDLE: the record goes on in the next block
       continue
@@ -39,7 +41,8 @@ def wandb_history(path):
     if record.WhichOneof('record_type') == 'history':
       # A key with '/' is stored split, in nested_key.
       history[record.history.step.num] = {
-          '/'.join(item.nested_key) or item.key: item.value_json for item in record.history.item}
+        '/'.join(item.nested_key) or item.key: item.value_json for item in record.history.item
+      }
   return history
 
 
@@ -48,15 +51,26 @@ def train(workdir, steps):
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # the experiment asks for its 8 CPU devices itself
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  env['WANDB_MODE'] = 'offline'   # also set by the config below: either alone keeps it offline
+  env['WANDB_MODE'] = 'offline'  # also set by the config below: either alone keeps it offline
   env.pop('WANDB_API_KEY', None)
   result = subprocess.run(
-      [sys.executable, '-m', 'ove_jax.train',
-       f'--config={DEMO}:smoke,workers=0,steps={steps}',
-       f'--workdir={workdir}', '--config.log_every=1', '--config.checkpoint_every=2',
-       "--config.metrics.writers=('jsonl','tensorboard','wandb')",
-       '--config.metrics.wandb_mode=offline', '--config.metrics.wandb_name=smoke'],
-      env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      '-m',
+      'ove_jax.train',
+      f'--config={DEMO}:smoke,workers=0,steps={steps}',
+      f'--workdir={workdir}',
+      '--config.log_every=1',
+      '--config.checkpoint_every=2',
+      "--config.metrics.writers=('jsonl','tensorboard','wandb')",
+      '--config.metrics.wandb_mode=offline',
+      '--config.metrics.wandb_name=smoke',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -65,7 +79,7 @@ def test_jsonl_tensorboard_and_offline_wandb_in_a_run_and_its_resume(tmp_path):
   workdir = str(tmp_path / 'run')
   train(workdir, steps=4)
   run_id = open(os.path.join(workdir, metrics_lib.WANDB_RUN_ID_FILE)).read().strip()
-  printed = train(workdir, steps=6)   # resumes from the checkpoint of step 4
+  printed = train(workdir, steps=6)  # resumes from the checkpoint of step 4
   assert f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}' in printed
   assert open(os.path.join(workdir, metrics_lib.WANDB_RUN_ID_FILE)).read().strip() == run_id
 
@@ -101,10 +115,14 @@ class FakeDevice:
 
 
 def test_device_memory_is_the_fullest_device_and_nothing_where_unreported():
-  devices = [FakeDevice({'bytes_in_use': 5, 'peak_bytes_in_use': 40, 'bytes_limit': 100}),
-             FakeDevice({'bytes_in_use': 30, 'peak_bytes_in_use': 35})]
-  assert metrics_lib.device_memory(devices) == {'memory/bytes_in_use': 30,
-                                                'memory/peak_bytes_in_use': 40}
+  devices = [
+    FakeDevice({'bytes_in_use': 5, 'peak_bytes_in_use': 40, 'bytes_limit': 100}),
+    FakeDevice({'bytes_in_use': 30, 'peak_bytes_in_use': 35}),
+  ]
+  assert metrics_lib.device_memory(devices) == {
+    'memory/bytes_in_use': 30,
+    'memory/peak_bytes_in_use': 40,
+  }
   assert metrics_lib.device_memory([FakeDevice(None), FakeDevice({})]) == {}
   assert metrics_lib.device_memory() == {}  # the CPU devices of the tests report None
 
@@ -112,11 +130,23 @@ def test_device_memory_is_the_fullest_device_and_nothing_where_unreported():
 def test_reporter_logs_device_memory_where_the_backend_reports_it(tmp_path, monkeypatch):
   import jax
   import jax.numpy as jnp
-  monkeypatch.setattr(jax, 'local_devices', lambda *a, **k: [
-      FakeDevice({'bytes_in_use': 7 << 20, 'peak_bytes_in_use': 9 << 20})])
+
+  monkeypatch.setattr(
+    jax,
+    'local_devices',
+    lambda *a, **k: [FakeDevice({'bytes_in_use': 7 << 20, 'peak_bytes_in_use': 9 << 20})],
+  )
   reporter = reporter_lib.StepReporter(
-      str(tmp_path), total_steps=2, log_every=1, start=0, peak_per_device=0.0, devices=1,
-      checkpoints=str(tmp_path), main_process=True, writers=('jsonl',))
+    str(tmp_path),
+    total_steps=2,
+    log_every=1,
+    start=0,
+    peak_per_device=0.0,
+    devices=1,
+    checkpoints=str(tmp_path),
+    main_process=True,
+    writers=('jsonl',),
+  )
   scalars = {'loss': 1.0, 'param_norm': 2.0, 'clips': 4.0, 'tokens': 64.0, 'skipped': 0.0}
   cpu = jax.devices('cpu')[0]
   for step in (1, 2):
@@ -130,11 +160,14 @@ def test_reporter_logs_device_memory_where_the_backend_reports_it(tmp_path, monk
   assert not os.path.exists(os.path.join(tmp_path, metrics_lib.TENSORBOARD_DIR))  # not chosen
 
 
-@pytest.mark.parametrize('writers, message', [
+@pytest.mark.parametrize(
+  'writers, message',
+  [
     ("('jsonl','mlflow')", "unknown writer(s) ['mlflow']; known: jsonl, tensorboard, wandb"),
     ('()', 'a non-empty tuple of names'),
     ("('jsonl','jsonl')", 'names a writer twice'),
-])
+  ],
+)
 def test_writer_names_are_checked_with_the_config(writers, message):
   c = config_lib.load(DEMO + ':smoke')
   config_lib.apply_override(c, f'metrics.writers={writers}')

@@ -1,4 +1,5 @@
 """The optimiser of docs/spec.md §5: schedules, clipping per parameter group, weight-decay masks."""
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -6,8 +7,18 @@ import pytest
 
 from ove_jax import optim
 
-BASE = dict(lr=1.0, warmup=10, decay='linear', end_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8,
-            weight_decay=0.0, weight_decay_mask='all', clip_norm=5.0)
+BASE = dict(
+  lr=1.0,
+  warmup=10,
+  decay='linear',
+  end_lr_fraction=0.0,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+  weight_decay=0.0,
+  weight_decay_mask='all',
+  clip_norm=5.0,
+)
 
 
 @pytest.mark.parametrize('decay', ['linear', 'cosine', 'constant'])
@@ -23,9 +34,13 @@ def test_warmup_then_decay(decay):
 
 
 def test_each_group_is_clipped_on_its_own():
-  grads = {'encoder': {'w': jnp.full((4,), 10.0)},                  # norm 20: clipped to 5
-           'heads': {'video': jnp.full((4,), 1.0),                  # norm 2: untouched
-                     'image': jnp.full((16,), 100.0)}}              # norm 400: clipped to 5
+  grads = {
+    'encoder': {'w': jnp.full((4,), 10.0)},  # norm 20: clipped to 5
+    'heads': {
+      'video': jnp.full((4,), 1.0),  # norm 2: untouched
+      'image': jnp.full((16,), 100.0),
+    },
+  }  # norm 400: clipped to 5
   tx = optim.clip_by_group_norm(5.0)
   out, _ = tx.update(grads, tx.init(grads))
   norms = {g: float(n) for g, n in optim.group_norms(out).items()}
@@ -39,8 +54,10 @@ def test_weight_decay_masks():
   params = {'encoder': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}}
   zeros = {'encoder': {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros((2,))}}
   for mask, bias_decays in (('all', True), ('matrices', False)):
-    tx, _ = optim.make({**BASE, 'warmup': 0, 'weight_decay': 0.5, 'weight_decay_mask': mask,
-                        'decay': 'constant'}, total_steps=10)
+    tx, _ = optim.make(
+      {**BASE, 'warmup': 0, 'weight_decay': 0.5, 'weight_decay_mask': mask, 'decay': 'constant'},
+      total_steps=10,
+    )
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert float(updates['encoder']['kernel'][0, 0]) == pytest.approx(-0.5)
     assert (float(updates['encoder']['bias'][0]) != 0.0) == bias_decays

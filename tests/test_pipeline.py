@@ -3,6 +3,7 @@
 The data is made here: short H.264 clips of a moving square (PyAV), PNG images (pillow), written
 as `data_pipeline.records` payloads into ArrayRecord shards.
 """
+
 import dataclasses
 import io
 import json
@@ -18,13 +19,14 @@ from data_pipeline import packing, pipeline, records, sources, transforms
 from data_pipeline import video as video_lib
 
 P = transforms.PATCH_DIM
-CLIP_FRAMES = 24     # frames in each synthetic clip
-TIMELINE = 64        # frame_ids per record: the usual 64-frame timeline (repeats frames here)
+CLIP_FRAMES = 24  # frames in each synthetic clip
+TIMELINE = 64  # frame_ids per record: the usual 64-frame timeline (repeats frames here)
 
 
 # ------------------------------------------------------------------------------------------------
 # Tiny dataset
 # ------------------------------------------------------------------------------------------------
+
 
 def encode_clip(seed: int, num_frames: int = CLIP_FRAMES, size: int = 64) -> bytes:
   """H.264 mp4 bytes: a coloured square moving over a gradient, different in every frame."""
@@ -37,12 +39,15 @@ def encode_clip(seed: int, num_frames: int = CLIP_FRAMES, size: int = 64) -> byt
     stream = container.add_stream('libx264', rate=25)
     stream.width = stream.height = size
     stream.pix_fmt = 'yuv420p'
-    stream.options = {'x264-params': 'keyint=8:min-keyint=8:scenecut=0:bframes=0:ref=1',
-                      'preset': 'ultrafast', 'crf': '12'}
+    stream.options = {
+      'x264-params': 'keyint=8:min-keyint=8:scenecut=0:bframes=0:ref=1',
+      'preset': 'ultrafast',
+      'crf': '12',
+    }
     for i in range(num_frames):
       frame = background.copy()
       y, x = (2 * i + 5 * seed) % (size - 16), (3 * i) % (size - 16)
-      frame[y:y + 16, x:x + 16] = colour
+      frame[y : y + 16, x : x + 16] = colour
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')):
         container.mux(packet)
     for packet in stream.encode():
@@ -55,12 +60,12 @@ def clip_record(seed: int, num_selected: int, timeline: int = TIMELINE, video: b
   flat = np.sort(rng.choice(timeline * 256, num_selected, replace=False))
   positions = np.stack([flat // 256, (flat // 16) % 16, flat % 16], -1).astype(np.int16)
   return {
-      'source': f'clip{seed}.mp4',
-      'video': encode_clip(seed) if video is None else video,
-      'frame_ids': np.floor(np.linspace(0, CLIP_FRAMES - 1, timeline)).astype(np.int32),
-      'positions': positions,
-      'picture_types': np.zeros(timeline, np.uint8),
-      'labels': rng.integers(0, 400_000, 10).astype(np.int32),
+    'source': f'clip{seed}.mp4',
+    'video': encode_clip(seed) if video is None else video,
+    'frame_ids': np.floor(np.linspace(0, CLIP_FRAMES - 1, timeline)).astype(np.int32),
+    'positions': positions,
+    'picture_types': np.zeros(timeline, np.uint8),
+    'labels': rng.integers(0, 400_000, 10).astype(np.int32),
   }
 
 
@@ -77,7 +82,8 @@ def write_shards(path_prefix, payloads, num_shards=2):
   """Contiguous runs of payloads per shard, so a payload's list index is its source index."""
   for s, chunk in enumerate(np.array_split(np.arange(len(payloads)), num_shards)):
     writer = array_record_module.ArrayRecordWriter(
-        f'{path_prefix}-{s:05d}-of-{num_shards:05d}.array_record', 'group_size:1')
+      f'{path_prefix}-{s:05d}-of-{num_shards:05d}.array_record', 'group_size:1'
+    )
     for i in chunk:
       writer.write(payloads[i])
     writer.close()
@@ -95,20 +101,29 @@ def data(tmp_path_factory):
   images = [records.encode(png_record(seed)) for seed in range(13)]
   images.insert(7, records.encode({'image': b'\x89PNG garbage', 'labels': np.arange(3)}))
   return {
-      'clips': clips,
-      'video_glob': write_shards(str(root / 'video'), videos),
-      'image_glob': write_shards(str(root / 'image'), images, num_shards=3),
-      'num_videos': len(videos), 'bad_videos': {3, 5},
-      'num_images': len(images), 'bad_images': {7},
+    'clips': clips,
+    'video_glob': write_shards(str(root / 'video'), videos),
+    'image_glob': write_shards(str(root / 'image'), images, num_shards=3),
+    'num_videos': len(videos),
+    'bad_videos': {3, 5},
+    'num_images': len(images),
+    'bad_images': {7},
   }
 
 
 def _config(data, **overrides):
   heads = {
-      'image': pipeline.HeadConfig(kind='image', source=data['image_glob'], rows=2,
-                                   tokens_per_row=256, max_segments=4, resolution=112),
-      'video': pipeline.HeadConfig(kind='video', source=data['video_glob'], rows=2,
-                                   tokens_per_row=2048, max_segments=3),
+    'image': pipeline.HeadConfig(
+      kind='image',
+      source=data['image_glob'],
+      rows=2,
+      tokens_per_row=256,
+      max_segments=4,
+      resolution=112,
+    ),
+    'video': pipeline.HeadConfig(
+      kind='video', source=data['video_glob'], rows=2, tokens_per_row=2048, max_segments=3
+    ),
   }
   heads = {name: heads[name] for name in overrides.pop('heads', heads)}
   return pipeline.PipelineConfig(heads=heads, **{'worker_count': 0, **overrides})
@@ -122,12 +137,17 @@ def _valid_indices(batches):
 # Packing
 # ------------------------------------------------------------------------------------------------
 
+
 def _sample(i, n, num_labels=2):
   rng = np.random.default_rng(i)
-  return {'patches': rng.integers(0, 256, (n, P), dtype=np.uint8),
-          'positions': rng.integers(0, 64, (n, 3)).astype(np.int32),
-          'labels': np.full(num_labels, 10 * i, np.int32), 'mode': transforms.MODE_IMAGE,
-          'index': i, 'name': f'sample-{i}'}
+  return {
+    'patches': rng.integers(0, 256, (n, P), dtype=np.uint8),
+    'positions': rng.integers(0, 64, (n, 3)).astype(np.int32),
+    'labels': np.full(num_labels, 10 * i, np.int32),
+    'mode': transforms.MODE_IMAGE,
+    'index': i,
+    'name': f'sample-{i}',
+  }
 
 
 def test_packing_first_fit_keeps_samples_whole_and_in_place():
@@ -148,24 +168,27 @@ def test_packing_first_fit_keeps_samples_whole_and_in_place():
       for s, i in enumerate(members):
         n = lengths[i]
         # Contiguous, segment ids 1..S in arrival order, content and positions as the sample's.
-        np.testing.assert_array_equal(seg_ids[start:start + n], s + 1)
-        np.testing.assert_array_equal(batch['patches'][r, start:start + n],
-                                      transforms.normalise(samples[i]['patches']))
-        np.testing.assert_array_equal(batch['positions'][r, start:start + n],
-                                      samples[i]['positions'])
+        np.testing.assert_array_equal(seg_ids[start : start + n], s + 1)
+        np.testing.assert_array_equal(
+          batch['patches'][r, start : start + n], transforms.normalise(samples[i]['patches'])
+        )
+        np.testing.assert_array_equal(
+          batch['positions'][r, start : start + n], samples[i]['positions']
+        )
         np.testing.assert_array_equal(batch['labels'][r, s], samples[i]['labels'])
         assert batch['sample_index'][r, s] == i and batch['segment_valid'][r, s]
         start += n
       assert (seg_ids[start:] == 0).all()
       assert (batch['patches'][r, start:] == 0).all() and (batch['positions'][r, start:] == 0).all()
-      assert not batch['segment_valid'][r, len(members):].any()
-      assert (batch['sample_index'][r, len(members):] == -1).all()
+      assert not batch['segment_valid'][r, len(members) :].any()
+      assert (batch['sample_index'][r, len(members) :] == -1).all()
 
 
 def test_packing_max_segments_uint8_and_too_long():
   samples = [_sample(i, 1) for i in range(5)]
-  (batch,) = packing.pack(samples, rows=3, tokens_per_row=8, max_segments=2, num_labels=2,
-                          patch_dtype='uint8')
+  (batch,) = packing.pack(
+    samples, rows=3, tokens_per_row=8, max_segments=2, num_labels=2, patch_dtype='uint8'
+  )
   # Two segments per row at most, though tokens would allow eight.
   np.testing.assert_array_equal(batch['segment_ids'][:, :2], [[1, 2], [1, 2], [1, 0]])
   assert batch['patches'].dtype == np.uint8
@@ -185,8 +208,9 @@ def test_normalise_is_clip():
 # Video modes
 # ------------------------------------------------------------------------------------------------
 
+
 def _manual_patch(frame, h, w):
-  return frame[14 * h:14 * h + 14, 14 * w:14 * w + 14].reshape(P)
+  return frame[14 * h : 14 * h + 14, 14 * w : 14 * w + 14].reshape(P)
 
 
 def test_codec_mode_gathers_exactly_the_selected_patches(data, monkeypatch):
@@ -197,6 +221,7 @@ def test_codec_mode_gathers_exactly_the_selected_patches(data, monkeypatch):
   def spy(video, frame_ids, resolution=224):
     decoded.append(list(frame_ids))
     return real_decode(video, frame_ids, resolution)
+
   monkeypatch.setattr(video_lib, 'decode_frames', spy)
 
   sample = transforms.VideoTransform(mode_probs=(1, 0, 0))(record, np.random.default_rng(0))
@@ -228,23 +253,25 @@ def test_uniform_frames_at_true_t_and_collage_of_the_same_frames(data):
   hh, ww = np.meshgrid(np.arange(16), np.arange(16), indexing='ij')
   frames = []
   for b in range(8):
-    block = uniform['positions'][256 * b:256 * (b + 1)]
+    block = uniform['positions'][256 * b : 256 * (b + 1)]
     t = int(block[0, 0])
     assert 8 * b <= t < 8 * b + 8 and (block[:, 0] == t).all()  # one frame per bin of 8
     np.testing.assert_array_equal(block[:, 1], hh.reshape(-1))
     np.testing.assert_array_equal(block[:, 2], ww.reshape(-1))
     (frame,) = video_lib.decode_frames(record['video'], [frame_ids[t]], 224)
-    expected = np.stack([_manual_patch(frame, h, w) for h, w in zip(hh.reshape(-1),
-                                                                     ww.reshape(-1))])
-    np.testing.assert_array_equal(uniform['patches'][256 * b:256 * (b + 1)], expected)
+    expected = np.stack(
+      [_manual_patch(frame, h, w) for h, w in zip(hh.reshape(-1), ww.reshape(-1))]
+    )
+    np.testing.assert_array_equal(uniform['patches'][256 * b : 256 * (b + 1)], expected)
     frames.append(frame)
 
   # Collage: the same eight frames stacked into one 1792 x 224 image, t = 0, 128 x 16 grid.
   tall = np.concatenate(frames, axis=0)
   assert tall.shape == (1792, 224, 3)
   ch, cw = np.meshgrid(np.arange(128), np.arange(16), indexing='ij')
-  np.testing.assert_array_equal(collage['positions'],
-                                np.stack([np.zeros(2048), ch.reshape(-1), cw.reshape(-1)], -1))
+  np.testing.assert_array_equal(
+    collage['positions'], np.stack([np.zeros(2048), ch.reshape(-1), cw.reshape(-1)], -1)
+  )
   expected = np.stack([_manual_patch(tall, h, w) for h, w in zip(ch.reshape(-1), cw.reshape(-1))])
   np.testing.assert_array_equal(collage['patches'], expected)
 
@@ -260,6 +287,7 @@ def test_video_mode_ratios_follow_config():
 # Images
 # ------------------------------------------------------------------------------------------------
 
+
 def test_image_transforms():
   record = png_record(0, height=60, width=90)
   image = transforms.ImageTransform(resolution=112)(record, np.random.default_rng(0))
@@ -271,8 +299,11 @@ def test_image_transforms():
   ocr = pipeline.HeadConfig(kind='ocr', source='unused').transform()
   sample = ocr(record, np.random.default_rng(0))
   assert sample['patches'].shape == (32 * 32, P)
-  expected = np.asarray(Image.open(io.BytesIO(record['image'])).convert('RGB').resize(
-      (448, 448), Image.Resampling.BICUBIC, box=(15, 0, 75, 60)))
+  expected = np.asarray(
+    Image.open(io.BytesIO(record['image']))
+    .convert('RGB')
+    .resize((448, 448), Image.Resampling.BICUBIC, box=(15, 0, 75, 60))
+  )
   np.testing.assert_array_equal(sample['patches'], transforms.to_patches(expected))
   assert sample['labels'].shape == (100,)
   np.testing.assert_array_equal(sample['labels'][:6], np.tile(record['labels'], 2))
@@ -287,6 +318,7 @@ def test_image_transforms():
 # ------------------------------------------------------------------------------------------------
 # The pipeline
 # ------------------------------------------------------------------------------------------------
+
 
 def test_two_hosts_cover_each_epoch_exactly_once(data):
   n = data['num_images']
@@ -318,8 +350,10 @@ def test_two_hosts_cover_each_epoch_exactly_once(data):
 
 
 def test_corrupt_records_are_skipped_counted_and_logged(data, caplog):
-  for head, bad, total in (('video', data['bad_videos'], data['num_videos']),
-                           ('image', data['bad_images'], data['num_images'])):
+  for head, bad, total in (
+    ('video', data['bad_videos'], data['num_videos']),
+    ('image', data['bad_images'], data['num_images']),
+  ):
     cfg = _config(data, heads=[head], num_epochs=1)
     with caplog.at_level(logging.WARNING, logger='data_pipeline.pipeline'):
       batches = [step[head] for step in pipeline.make_iterator(cfg)]
@@ -355,13 +389,16 @@ def test_restore_with_workers_is_bit_exact(data):
         np.testing.assert_array_equal(got[head][field], want[head][field], err_msg=field)
   # Not trivially equal: the resumed batches are not the run's first ones.
   first = reference[0]
-  assert any(not np.array_equal(first[h]['sample_index'], resumed[0][h]['sample_index'])
-             for h in first if h in resumed[0])
+  assert any(
+    not np.array_equal(first[h]['sample_index'], resumed[0][h]['sample_index'])
+    for h in first
+    if h in resumed[0]
+  )
 
 
 def test_another_host_count_goes_on_from_the_global_record_count(data):
   one = _config(data, heads=['image'], process_index=0, process_count=1)
-  records = pipeline.sample_dataset('image', one.heads['image'], one)   # repeats forever
+  records = pipeline.sample_dataset('image', one.heads['image'], one)  # repeats forever
   order = [int(records[k].get('index', -1)) for k in range(8 * data['num_images'])]
   it = pipeline.make_iterator(one)
   seen = _valid_indices([next(it)['image'] for _ in range(3)])
@@ -377,23 +414,34 @@ def test_another_host_count_goes_on_from_the_global_record_count(data):
     assert state['step'] == 3
     host.set_state(state)
     got = _valid_indices([next(host)['image']])
-    first = read + (read + j) % 2            # the first position of host j at or after `read`
+    first = read + (read + j) % 2  # the first position of host j at or after `read`
     want = [order[p] for p in range(first, first + 4 * len(got), 2) if order[p] >= 0]
-    assert got and sorted(got) == sorted(want[:len(got)]), (j, read)
+    assert got and sorted(got) == sorted(want[: len(got)]), (j, read)
 
   # Input workers: each reads every W-th record of its host's share.
-  workers = {'step': 0, 'heads': {'image': {'next_index_in_cycle': 0, 'iterators_in_use_states': [
-      {'parent': {'next_index': 0}}, {'parent': {'next_index': 0}}]}}}
-  moved = pipeline.state_after(workers, {'image': 11}, 1, 2, draws=0)   # host 1 of 2: 5 records
-  assert [w['parent']['next_index'] for w in moved['heads']['image']['iterators_in_use_states']
-          ] == [3, 2]
+  workers = {
+    'step': 0,
+    'heads': {
+      'image': {
+        'next_index_in_cycle': 0,
+        'iterators_in_use_states': [{'parent': {'next_index': 0}}, {'parent': {'next_index': 0}}],
+      }
+    },
+  }
+  moved = pipeline.state_after(workers, {'image': 11}, 1, 2, draws=0)  # host 1 of 2: 5 records
+  assert [
+    w['parent']['next_index'] for w in moved['heads']['image']['iterators_in_use_states']
+  ] == [3, 2]
   assert pipeline.records_read(moved) == {'image': 5}
 
 
 def test_config_from_dict_and_errors(data):
-  cfg = pipeline.PipelineConfig.from_dict({
-      'seed': 1, 'heads': {'ocr': {'kind': 'ocr', 'source': data['image_glob'],
-                                   'area_range': [0.5, 1.0]}}})
+  cfg = pipeline.PipelineConfig.from_dict(
+    {
+      'seed': 1,
+      'heads': {'ocr': {'kind': 'ocr', 'source': data['image_glob'], 'area_range': [0.5, 1.0]}},
+    }
+  )
   assert cfg.heads['ocr'].get('num_labels') == 100 and cfg.heads['ocr'].area_range == (0.5, 1.0)
   with pytest.raises(ValueError, match='unknown'):
     pipeline.PipelineConfig.from_dict({'heads': {}, 'sede': 1})
@@ -428,8 +476,14 @@ def test_image_folder_and_tfds_sources(tmp_path):
   src = sources.open_source(f'folder:{tmp_path / "images"}')
   assert len(src) == 5 and src.files[0] == 'cat/1.png'
   assert [int(src[i]['raw']['labels'][0]) for i in range(5)] == [0, 0, 1, 1, 1]
-  head = pipeline.HeadConfig(kind='image', source=f'folder:{tmp_path / "images"}', rows=2,
-                             tokens_per_row=256, max_segments=4, resolution=112)
+  head = pipeline.HeadConfig(
+    kind='image',
+    source=f'folder:{tmp_path / "images"}',
+    rows=2,
+    tokens_per_row=256,
+    max_segments=4,
+    resolution=112,
+  )
   cfg = pipeline.PipelineConfig(heads={'images': head}, num_epochs=1, worker_count=0)
   batches = [step['images'] for step in pipeline.make_iterator(cfg)]
   assert sorted(_valid_indices(batches)) == list(range(5))
@@ -440,9 +494,15 @@ def test_image_folder_and_tfds_sources(tmp_path):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'image': tfds.features.Tensor(shape=(), dtype=np.object_),
-          'labels': tfds.features.Tensor(shape=(3,), dtype=np.int32)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'image': tfds.features.Tensor(shape=(), dtype=np.object_),
+            'labels': tfds.features.Tensor(shape=(3,), dtype=np.int32),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -452,19 +512,22 @@ def test_image_folder_and_tfds_sources(tmp_path):
       for i in range(4):
         yield i, png_record(i)
 
-  OvePipelineTestImages(data_dir=str(tmp_path / 'tfds'), file_format='array_record'
-                        ).download_and_prepare()
+  OvePipelineTestImages(
+    data_dir=str(tmp_path / 'tfds'), file_format='array_record'
+  ).download_and_prepare()
   spec = f'tfds:ove_pipeline_test_images?split=train&data_dir={tmp_path / "tfds"}'
   src = sources.open_source(spec)
   assert len(src) == 4 and isinstance(src[0]['raw']['image'], bytes)
-  cfg = pipeline.PipelineConfig(heads={'images': dataclasses.replace(head, source=spec)},
-                                num_epochs=1, worker_count=0)
+  cfg = pipeline.PipelineConfig(
+    heads={'images': dataclasses.replace(head, source=spec)}, num_epochs=1, worker_count=0
+  )
   batches = [step['images'] for step in pipeline.make_iterator(cfg)]
   assert sorted(_valid_indices(batches)) == list(range(4))
 
 
 def test_decode_frames_refuses_text_files(tmp_path):
   from data_pipeline import video
+
   path = tmp_path / 'notes.txt'
   path.write_text('this is not a video\n' * 50)
   with pytest.raises(video.VideoError, match=r'notes\.txt: not a video \(FFmpeg reads it as text'):

@@ -6,6 +6,7 @@ produces. The selection is the real `data_pipeline.codec.select`
 at a small size (8 frames at 112 px: an 8 x 8 patch grid), so the whole module stays a few
 seconds of CPU per run of the corpus.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,15 @@ from ove_jax_tools import precompute_codec, visualize_selection
 
 NUM_FRAMES, BUDGET, RESOLUTION, PATCH = 8, 48, 112, 14
 GRID = RESOLUTION // PATCH
-FLAGS = ['--num-frames', str(NUM_FRAMES), '--budget', str(BUDGET),
-         '--resolution', str(RESOLUTION), '--no-progress']
+FLAGS = [
+  '--num-frames',
+  str(NUM_FRAMES),
+  '--budget',
+  str(BUDGET),
+  '--resolution',
+  str(RESOLUTION),
+  '--no-progress',
+]
 OPTIONS = {'num_frames': NUM_FRAMES, 'budget': BUDGET, 'resolution': RESOLUTION}
 
 
@@ -39,12 +47,14 @@ def write_clip(path, seed: int, frames: int = 16, size: int = 112, faststart: bo
     stream = container.add_stream('libx264', rate=25)
     stream.width = stream.height = size
     stream.pix_fmt = 'yuv420p'
-    stream.options = {'x264-params': 'keyint=8:min-keyint=8:scenecut=0:bframes=0:ref=1',
-                      'preset': 'ultrafast'}
+    stream.options = {
+      'x264-params': 'keyint=8:min-keyint=8:scenecut=0:bframes=0:ref=1',
+      'preset': 'ultrafast',
+    }
     for t in range(frames):
       frame = background.copy()
       y, x = (8 + velocity * t) % (size - 24)
-      frame[y:y + 24, x:x + 24] = square
+      frame[y : y + 24, x : x + 24] = square
       for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')):
         container.mux(packet)
     for packet in stream.encode():
@@ -65,9 +75,18 @@ def corpus(tmp_path_factory):
   labels = clip.labels
   path = clip.write(root / 'synthetic.mp4')
   good[path] = (labels['shape_id'], labels['texture_id'], labels['direction_id'])
-  bad = {name: root / name for name in (
-      'zero.mp4', 'random.mp4', 'notes.txt', 'audio.m4a', 'missing.mp4', 'truncated.mp4',
-      'truncated_faststart.mp4')}
+  bad = {
+    name: root / name
+    for name in (
+      'zero.mp4',
+      'random.mp4',
+      'notes.txt',
+      'audio.m4a',
+      'missing.mp4',
+      'truncated.mp4',
+      'truncated_faststart.mp4',
+    )
+  }
   bad['zero.mp4'].write_bytes(b'')
   bad['random.mp4'].write_bytes(np.random.RandomState(0).bytes(5000))
   bad['notes.txt'].write_text('not a video\n' * 50)
@@ -78,17 +97,20 @@ def corpus(tmp_path_factory):
     whole = root / f'whole_{name}'
     write_clip(whole, seed=9, faststart=faststart)
     data = whole.read_bytes()
-    bad[name].write_bytes(data[:len(data) // 2])
+    bad[name].write_bytes(data[: len(data) // 2])
     whole.unlink()
   list_path = root / 'videos.txt'
   lines = ['# a comment, then good clips with labels and bad files without']
   # Labels as "a,b" and as "a b c": both separators are accepted.
-  lines += [f'{os.path.relpath(p, root)}\t' + (',' if i % 2 else ' ').join(map(str, labels))
-            for i, (p, labels) in enumerate(good.items())]
+  lines += [
+    f'{os.path.relpath(p, root)}\t' + (',' if i % 2 else ' ').join(map(str, labels))
+    for i, (p, labels) in enumerate(good.items())
+  ]
   lines += [name for name in bad]  # relative to the list file, like the good ones
   list_path.write_text('\n'.join(lines) + '\n')
-  return types.SimpleNamespace(root=root, list=str(list_path), good=good,
-                               bad={str(p) for p in bad.values()})
+  return types.SimpleNamespace(
+    root=root, list=str(list_path), good=good, bad={str(p) for p in bad.values()}
+  )
 
 
 def run_tool(list_path, out_dir, *extra):
@@ -134,8 +156,10 @@ def failures(out_dir):
 
 def shard_state(out_dir):
   paths = sorted(p for p in os.listdir(out_dir) if '.array_record-' in p)
-  return {p: (os.stat(os.path.join(out_dir, p)).st_mtime_ns,
-              open(os.path.join(out_dir, p), 'rb').read()) for p in paths}
+  return {
+    p: (os.stat(os.path.join(out_dir, p)).st_mtime_ns, open(os.path.join(out_dir, p), 'rb').read())
+    for p in paths
+  }
 
 
 def test_bad_files_go_to_the_manifest_and_good_clips_to_the_shards(corpus, first_run):
@@ -144,7 +168,8 @@ def test_bad_files_go_to_the_manifest_and_good_clips_to_the_shards(corpus, first
   assert summary['records'] == len(corpus.good)
   assert summary['failures'] == len(corpus.bad)
   assert summary['clips_kept_fraction'] == pytest.approx(
-      len(corpus.good) / (len(corpus.good) + len(corpus.bad)))
+    len(corpus.good) / (len(corpus.good) + len(corpus.bad))
+  )
   assert summary['patches_kept_fraction'] == pytest.approx(BUDGET / (NUM_FRAMES * GRID * GRID))
   assert summary['clips_per_second'] > 0
 
@@ -153,8 +178,7 @@ def test_bad_files_go_to_the_manifest_and_good_clips_to_the_shards(corpus, first
   for r in got:
     assert r['positions'].shape == (BUDGET, 3) and r['positions'].dtype == np.int16
     assert r['positions'][:, 0].max() < NUM_FRAMES and r['positions'][:, 1:].max() < GRID
-    flat = np.ravel_multi_index(tuple(r['positions'].T.astype(np.int64)),
-                                (NUM_FRAMES, GRID, GRID))
+    flat = np.ravel_multi_index(tuple(r['positions'].T.astype(np.int64)), (NUM_FRAMES, GRID, GRID))
     assert np.all(np.diff(flat) > 0)  # sorted by (t, h, w), no duplicates
     assert r['frame_ids'].shape == (NUM_FRAMES,) and r['frame_ids'].dtype == np.int32
     assert np.all(np.diff(r['frame_ids']) >= 0) and r['frame_ids'].max() <= 15
@@ -196,16 +220,19 @@ def test_rerun_skips_finished_shards_and_resumes_a_killed_run(corpus, first_run,
   assert summary['shards_skipped'] == 2 and summary['shards_written'] == 1
   after = shard_state(copy)
   assert {p: v for p, v in after.items() if p != lost} == {
-      p: v for p, v in before.items() if p != lost}
-  assert_same_records(precompute.read_shard(str(copy / lost)), precompute.read_shard(
-      str(out / lost)))
+    p: v for p, v in before.items() if p != lost
+  }
+  assert_same_records(
+    precompute.read_shard(str(copy / lost)), precompute.read_shard(str(out / lost))
+  )
   assert failures(copy) == failures(out)
 
   # A run killed after its first shard, with a half-written temp file and a shard that was
   # renamed but never marked done, is completed by running the command again.
   killed = tmp_path / 'killed'
-  summary = run_tool(corpus.list, killed, '--num-shards', '3', '--workers', '0',
-                     '--max-shards', '1')
+  summary = run_tool(
+    corpus.list, killed, '--num-shards', '3', '--workers', '0', '--max-shards', '1'
+  )
   assert not summary['complete'] and summary['shards_finished'] == 1
   names = sorted(before)
   (killed / (names[1] + '.tmp')).write_bytes(b'half a shard')
@@ -232,24 +259,28 @@ def test_tfds_format_reads_the_same_records(corpus, first_run, tmp_path):
   import tensorflow_datasets as tfds
 
   from data_pipeline import sources
+
   out, _ = first_run
   expected = all_records(out)
   # Through data_pipeline.sources, the way training reads the default format.
   source = sources.open_source(str(out / 'ove_codec-train.array_record-*'))
-  assert_same_records([sources.to_record(source[i]['raw']) for i in range(len(source))],
-                      expected)
+  assert_same_records([sources.to_record(source[i]['raw']) for i in range(len(source))], expected)
 
   data_dir = tmp_path / 'tfds'
   tfds_out = data_dir / 'ove_codec' / '1.0.0'
-  summary = run_tool(corpus.list, tfds_out, '--num-shards', '3', '--workers', '0',
-                     '--format', 'tfds')
+  summary = run_tool(
+    corpus.list, tfds_out, '--num-shards', '3', '--workers', '0', '--format', 'tfds'
+  )
   assert summary['records'] == len(expected)
-  assert_same_records([precompute.tfds_data_source(str(tfds_out))[i]
-                       for i in range(len(expected))], expected)
+  assert_same_records(
+    [precompute.tfds_data_source(str(tfds_out))[i] for i in range(len(expected))], expected
+  )
   by_name = tfds.data_source('ove_codec', split='train', data_dir=str(data_dir), download=False)
   assert len(by_name) == len(expected)
-  assert_same_records([records.decode(ex['record']) for ex in by_name.__getitems__(
-      list(range(len(expected))))], expected)
+  assert_same_records(
+    [records.decode(ex['record']) for ex in by_name.__getitems__(list(range(len(expected))))],
+    expected,
+  )
   spec = sources.open_source(f'tfds:ove_codec?split=train&data_dir={data_dir}')
   assert_same_records([sources.to_record(spec[i]['raw']) for i in range(len(spec))], expected)
   assert_same_records(all_records(tfds_out), expected)
@@ -264,10 +295,18 @@ def test_inputs_and_shard_plan(corpus, tmp_path):
   # A folder: video extensions only, recursively, sorted.
   found = [os.path.relpath(c.path, corpus.root) for c in precompute.read_inputs(str(corpus.root))]
   # Video extensions only (no .txt, .m4a), what exists (no missing.mp4), each folder sorted.
-  assert found == ['random.mp4', 'synthetic.mp4', 'truncated.mp4', 'truncated_faststart.mp4',
-                   'zero.mp4',
-                   'class0/clip0.mp4', 'class0/clip2.mp4', 'class0/clip4.mp4',
-                   'class1/clip1.mp4', 'class1/clip3.mp4']
+  assert found == [
+    'random.mp4',
+    'synthetic.mp4',
+    'truncated.mp4',
+    'truncated_faststart.mp4',
+    'zero.mp4',
+    'class0/clip0.mp4',
+    'class0/clip2.mp4',
+    'class0/clip4.mp4',
+    'class1/clip1.mp4',
+    'class1/clip3.mp4',
+  ]
   bad_list = tmp_path / 'bad.txt'
   bad_list.write_text('a.mp4\tseven\n')
   with pytest.raises(ValueError, match=r'bad.txt:1'):
@@ -292,8 +331,13 @@ def test_wrong_options_stop_the_run_early(corpus, tmp_path, capsys):
   # the run stops after 16 clips instead of listing a whole corpus as bad.
   good = next(iter(corpus.good))
   with pytest.raises(RuntimeError, match='first 16 clips all failed'):
-    precompute.precompute([good] * 20, str(tmp_path / 'b'), workers=0, progress=False,
-                          options={**OPTIONS, 'budget': 10**6})
+    precompute.precompute(
+      [good] * 20,
+      str(tmp_path / 'b'),
+      workers=0,
+      progress=False,
+      options={**OPTIONS, 'budget': 10**6},
+    )
   assert len(failures(tmp_path / 'b')) == 16
 
 
@@ -309,11 +353,28 @@ def test_overlay_dims_dropped_patches_and_outlines_kept_ones():
 
 def test_visualize_a_video_and_a_record(first_run, tmp_path):
   video = synthetic.make_clip(seed=7, num_frames=16, height=112, width=112).write(
-      tmp_path / 'synthetic.mp4')
+    tmp_path / 'synthetic.mp4'
+  )
   out = tmp_path / 'video'
-  assert visualize_selection.main([video, '--out', str(out), '--num-frames', str(NUM_FRAMES),
-                                   '--budget', str(BUDGET), '--resolution', str(RESOLUTION),
-                                   '--heatmap', '--cols', '4']) == 0
+  assert (
+    visualize_selection.main(
+      [
+        video,
+        '--out',
+        str(out),
+        '--num-frames',
+        str(NUM_FRAMES),
+        '--budget',
+        str(BUDGET),
+        '--resolution',
+        str(RESOLUTION),
+        '--heatmap',
+        '--cols',
+        '4',
+      ]
+    )
+    == 0
+  )
   png = Image.open(out / 'selection.png')
   assert png.size[0] == 4 * RESOLUTION + 3 * 2  # 4 frames per row, 2 px gaps
   gif = Image.open(out / 'selection.gif')
@@ -329,6 +390,7 @@ def test_visualize_a_video_and_a_record(first_run, tmp_path):
   # A tile of the grid is its frame with exactly the record's patches bright: check the frame
   # with a partial selection (whole frames and empty frames would hide a wrong mask).
   from data_pipeline.video import decode_frames
+
   record = precompute.read_record(shard, 0)
   frames = decode_frames(record['video'], record['frame_ids'], RESOLUTION)
   kept = visualize_selection.kept_mask(record['positions'], NUM_FRAMES, GRID)
@@ -336,8 +398,9 @@ def test_visualize_a_video_and_a_record(first_run, tmp_path):
   t = int(np.argmax(np.where(counts < GRID * GRID, counts, 0)))
   assert 0 < counts[t] < GRID * GRID
   x = t * (RESOLUTION + 2)  # one row of 8 tiles, 2 px apart
-  tile = np.asarray(Image.open(out / 'selection.png').convert('RGB'))[:RESOLUTION,
-                                                                       x:x + RESOLUTION]
+  tile = np.asarray(Image.open(out / 'selection.png').convert('RGB'))[
+    :RESOLUTION, x : x + RESOLUTION
+  ]
   kept = kept[t].repeat(PATCH, 0).repeat(PATCH, 1)
   dimmed = (frames[t].astype(np.float32) * 0.3).astype(np.uint8)
   np.testing.assert_array_equal(tile[~kept], dimmed[~kept])

@@ -2,6 +2,7 @@
 webdataset tar set and a parquet file, each with a corpus of bad images. Every bad image is in
 the failure manifest; every good one is read by the image (and OCR) head through the trainer's
 pipeline with its labels; a resumed run redoes nothing."""
+
 import io
 import json
 import os
@@ -37,23 +38,23 @@ JPEG = encoded(Image.fromarray(RGB), 'JPEG')
 CMYK = encoded(Image.new('CMYK', (30, 20), (0, 200, 255, 10)), 'JPEG')
 # name -> (bytes, what the trainer must see: None = the file's own decode).
 GOOD = {
-    'rgb.jpg': JPEG,
-    'grey.png': encoded(Image.fromarray(RGB[..., 0]), 'PNG'),
-    'rgba.webp': encoded(Image.fromarray(np.dstack([RGB, RGB[..., :1]]), 'RGBA'), 'WEBP'),
-    'cmyk.jpg': CMYK,                                      # converted to RGB, kept
-    'deep.png': encoded(Image.fromarray(DEEP), 'PNG'),     # 16-bit grey: 8-bit, kept
+  'rgb.jpg': JPEG,
+  'grey.png': encoded(Image.fromarray(RGB[..., 0]), 'PNG'),
+  'rgba.webp': encoded(Image.fromarray(np.dstack([RGB, RGB[..., :1]]), 'RGBA'), 'WEBP'),
+  'cmyk.jpg': CMYK,  # converted to RGB, kept
+  'deep.png': encoded(Image.fromarray(DEEP), 'PNG'),  # 16-bit grey: 8-bit, kept
 }
 # name -> (bytes, a word its manifest reason must hold).
 BAD = {
-    'truncated.jpg': (JPEG[:len(JPEG) // 2], 'truncated'),
-    'text.jpg': (b'not an image, just text\n', 'not an image'),
-    'bomb.png': (bomb_png(), 'decompression bomb'),
-    'float.png': (encoded(Image.fromarray(np.ones((8, 8), np.float32)), 'TIFF'), 'mode F'),
-    'empty.png': (b'', 'empty'),
+  'truncated.jpg': (JPEG[: len(JPEG) // 2], 'truncated'),
+  'text.jpg': (b'not an image, just text\n', 'not an image'),
+  'bomb.png': (bomb_png(), 'decompression bomb'),
+  'float.png': (encoded(Image.fromarray(np.ones((8, 8), np.float32)), 'TIFF'), 'mode F'),
+  'empty.png': (b'', 'empty'),
 }
 EXPECTED_PIXELS = {
-    'cmyk.jpg': np.asarray(Image.open(io.BytesIO(CMYK)).convert('RGB')),
-    'deep.png': np.repeat((DEEP >> 8).astype(np.uint8)[..., None], 3, axis=2),
+  'cmyk.jpg': np.asarray(Image.open(io.BytesIO(CMYK)).convert('RGB')),
+  'deep.png': np.repeat((DEEP >> 8).astype(np.uint8)[..., None], 3, axis=2),
 }
 ORDER = sorted(GOOD) + sorted(BAD)
 LABELS = {name: (i, 100 + i) for i, name in enumerate(ORDER)}
@@ -65,8 +66,9 @@ def all_records(out_dir: str, name: str = 'images') -> tuple[str, list[dict]]:
   return pattern, [r for p in paths for r in shards.read_shard(os.path.join(out_dir, p))]
 
 
-def check_corpus(out_dir: str, bad: dict, labels: dict, extra_bad: dict = None,
-                 ocr: bool = False) -> None:
+def check_corpus(
+  out_dir: str, bad: dict, labels: dict, extra_bad: dict = None, ocr: bool = False
+) -> None:
   """Every bad image (and `extra_bad`: name -> word) in the manifest, the good ones read by the
   image head with their labels and the pixels meant."""
   extra_bad = extra_bad or {}
@@ -113,7 +115,8 @@ def check_corpus(out_dir: str, bad: dict, labels: dict, extra_bad: dict = None,
       assert packing.SKIPPED not in sample, sample
       record = records[sample['index']]
       np.testing.assert_array_equal(
-          sample['labels'], transforms.cyclic_labels(record['labels'], head.get('num_labels')))
+        sample['labels'], transforms.cyclic_labels(record['labels'], head.get('num_labels'))
+      )
       side = head.get('resolution') // transforms.PATCH
       assert sample['patches'].shape == (side * side, transforms.PATCH_DIM)
       seen.add(sample['index'])
@@ -135,14 +138,15 @@ def test_folder_with_bad_images(tmp_path):
   np.save(tmp_path / 'labels.npy', np.asarray([LABELS[n] for n in sorted(ORDER)], np.int32))
   out = str(tmp_path / 'out')
   summary = image_precompute.precompute_images(
-      str(folder), out, labels=str(tmp_path / 'labels.npy'), num_shards=3, workers=0,
-      progress=False)
+    str(folder), out, labels=str(tmp_path / 'labels.npy'), num_shards=3, workers=0, progress=False
+  )
   assert summary['complete'] and summary['records'] == len(GOOD)
   assert summary['failures'] == len(BAD)
   check_corpus(out, BAD, LABELS, ocr=True)
   # The shards are where the experiments look: OUT/NAME-*.array_record.
   assert sorted(os.path.basename(p) for p in shards.shard_files(out)) == [
-      f'images-train-{i:05d}-of-00003.array_record' for i in range(3)]
+    f'images-train-{i:05d}-of-00003.array_record' for i in range(3)
+  ]
 
 
 def test_tar_set_with_bad_images_and_labels(tmp_path):
@@ -151,10 +155,12 @@ def test_tar_set_with_bad_images_and_labels(tmp_path):
   names = ORDER
   for t in range(2):
     with tarfile.open(tmp_path / f'shard-{t:03d}.tar', 'w') as tar:
+
       def add(member: str, data: bytes):
         info = tarfile.TarInfo(member)
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+
       for i, name in enumerate(names[t::2]):
         key, ext = name.split('.')
         add(name, GOOD[name] if name in GOOD else BAD[name][0])
@@ -168,11 +174,18 @@ def test_tar_set_with_bad_images_and_labels(tmp_path):
         add('nolabel.jpg', JPEG)
   out = str(tmp_path / 'out')
   summary = image_precompute.precompute_images(
-      str(tmp_path / 'shard-{000..001}.tar'), out, num_shards=2, workers=2, progress=False)
+    str(tmp_path / 'shard-{000..001}.tar'), out, num_shards=2, workers=2, progress=False
+  )
   assert summary['complete']
-  check_corpus(out, BAD, LABELS, extra_bad={
+  check_corpus(
+    out,
+    BAD,
+    LABELS,
+    extra_bad={
       'badlabel.jpg': "label 'cat' is not integer ids",
-      'nolabel.jpg': "no label (key.cls, or key.json field 'label')"})
+      'nolabel.jpg': "no label (key.cls, or key.json field 'label')",
+    },
+  )
   # Tar sets keep their order (sequential reads): shard 0 starts with the first tar's first key.
   first = shards.read_record(shards.shard_files(out)[0], 0)
   assert first['source'].endswith(f'shard-000.tar#{ORDER[0]}')
@@ -181,16 +194,33 @@ def test_tar_set_with_bad_images_and_labels(tmp_path):
 def test_parquet_with_bad_images_and_the_command_line(tmp_path, capsys):
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   names = ORDER + ['null.jpg']
-  cells = [{'bytes': GOOD[n] if n in GOOD else BAD[n][0], 'path': n} if n != 'null.jpg'
-           else {'bytes': None, 'path': n} for n in names]
+  cells = [
+    {'bytes': GOOD[n] if n in GOOD else BAD[n][0], 'path': n}
+    if n != 'null.jpg'
+    else {'bytes': None, 'path': n}
+    for n in names
+  ]
   # The `datasets` Image feature's layout: a {bytes, path} struct; labels a list<int> column.
-  table = pa.table({'image': cells, 'labels': [list(LABELS.get(n, (0,))) for n in names],
-                    'caption': ['x'] * len(names)})
+  table = pa.table(
+    {
+      'image': cells,
+      'labels': [list(LABELS.get(n, (0,))) for n in names],
+      'caption': ['x'] * len(names),
+    }
+  )
   pq.write_table(table, tmp_path / 'part-0.parquet', row_group_size=4)
   out = str(tmp_path / 'out')
-  argv = [str(tmp_path / '*.parquet'), out, '--label-column', 'labels', '--num-shards=2',
-          '--workers=0', '--no-progress']
+  argv = [
+    str(tmp_path / '*.parquet'),
+    out,
+    '--label-column',
+    'labels',
+    '--num-shards=2',
+    '--workers=0',
+    '--no-progress',
+  ]
   assert cli.main(argv) == 0
   assert json.loads(capsys.readouterr().out)['records'] == len(GOOD)
   # Manifest entries name the row; map them back to the test's names.
@@ -203,20 +233,24 @@ def test_parquet_with_bad_images_and_the_command_line(tmp_path, capsys):
   assert sorted(r['source'] for r in records) == sorted(GOOD)
   for r in records:
     assert tuple(r['labels'].tolist()) == LABELS[r['source']]
-  head = pipeline.HeadConfig(kind='image', source=os.path.join(out, 'images-*.array_record'),
-                             rows=1, tokens_per_row=256)
-  ds = pipeline.sample_dataset('image', head, pipeline.PipelineConfig(
-      heads={'image': head}, num_epochs=1, worker_count=0))
+  head = pipeline.HeadConfig(
+    kind='image', source=os.path.join(out, 'images-*.array_record'), rows=1, tokens_per_row=256
+  )
+  ds = pipeline.sample_dataset(
+    'image', head, pipeline.PipelineConfig(heads={'image': head}, num_epochs=1, worker_count=0)
+  )
   for i in range(len(ds)):
     sample = ds[i]
     assert packing.SKIPPED not in sample
-    np.testing.assert_array_equal(sample['labels'], transforms.cyclic_labels(
-        LABELS[records[sample['index']]['source']], 10))
+    np.testing.assert_array_equal(
+      sample['labels'], transforms.cyclic_labels(LABELS[records[sample['index']]['source']], 10)
+    )
   assert cli.main(['--check', out]) == 0
   # Bad input: a clear error naming it, exit 2; a missing column names the columns there.
-  for argv in ([str(tmp_path / 'none-*.parquet'), out, '--workers=0'],
-               [str(tmp_path / '*.parquet'), str(tmp_path / 'o2'), '--image-column=jpg',
-                '--workers=0']):
+  for argv in (
+    [str(tmp_path / 'none-*.parquet'), out, '--workers=0'],
+    [str(tmp_path / '*.parquet'), str(tmp_path / 'o2'), '--image-column=jpg', '--workers=0'],
+  ):
     with pytest.raises(SystemExit) as exit_info:
       cli.main(argv)
     assert exit_info.value.code == 2
@@ -271,21 +305,28 @@ def test_list_file_with_labels(tmp_path):
   folder.mkdir()
   write_files(str(folder), ['rgb.jpg', 'deep.png', 'text.jpg'])
   (tmp_path / 'list.tsv').write_text(
-      '# path<TAB>labels\nimages/rgb.jpg\t3,4\nimages/deep.png\t5 6\nimages/text.jpg\t7\n')
+    '# path<TAB>labels\nimages/rgb.jpg\t3,4\nimages/deep.png\t5 6\nimages/text.jpg\t7\n'
+  )
   out = str(tmp_path / 'out')
-  summary = image_precompute.precompute_images(str(tmp_path / 'list.tsv'), out, workers=0,
-                                               progress=False)
+  summary = image_precompute.precompute_images(
+    str(tmp_path / 'list.tsv'), out, workers=0, progress=False
+  )
   assert summary['records'] == 2 and summary['failures'] == 1
   _, records = all_records(out)
   assert {os.path.basename(r['source']): r['labels'].tolist() for r in records} == {
-      'rgb.jpg': [3, 4], 'deep.png': [5, 6]}
+    'rgb.jpg': [3, 4],
+    'deep.png': [5, 6],
+  }
 
 
 def test_listing_errors_name_the_input(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothing'):
     image_precompute.list_images(str(tmp_path / 'nothing-{0..1}.tar'))
-  assert image_precompute.expand_braces('s-{008..010}.tar') == ['s-008.tar', 's-009.tar',
-                                                               's-010.tar']
+  assert image_precompute.expand_braces('s-{008..010}.tar') == [
+    's-008.tar',
+    's-009.tar',
+    's-010.tar',
+  ]
   (tmp_path / 'x.tar').write_bytes(b'\x1f\x8b' + b'0' * 600)  # gzip-compressed: no offsets
   items, _ = image_precompute.list_images(str(tmp_path / 'x.tar'))
   assert len(items) == 1 and 'decompressed' in items[0].problem
@@ -298,12 +339,12 @@ def test_listing_errors_name_the_input(tmp_path):
       tar.addfile(info, io.BytesIO(JPEG))
   cut = 512 + 2 * (512 + -(-len(JPEG) // 512) * 512)  # into the third member's data
   (tmp_path / 'cut.tar').write_bytes(buffer.getvalue()[:cut])
-  summary = image_precompute.precompute_images(str(tmp_path / 'cut.tar'), str(tmp_path / 'out'),
-                                               workers=0, progress=False)
+  summary = image_precompute.precompute_images(
+    str(tmp_path / 'cut.tar'), str(tmp_path / 'out'), workers=0, progress=False
+  )
   assert summary['records'] == 2
   with open(tmp_path / 'out' / precompute.FAILURES, encoding='utf-8') as f:
-    reasons = {json.loads(line)['file'].rsplit('#', 1)[1]: json.loads(line)['reason']
-               for line in f}
+    reasons = {json.loads(line)['file'].rsplit('#', 1)[1]: json.loads(line)['reason'] for line in f}
   assert sorted(reasons) == ['(rest)', '2.jpg'] and 'cut short' in reasons['2.jpg']
   assert 'unreadable tar after 3 samples' in reasons['(rest)']
 
@@ -312,29 +353,44 @@ def test_unlabelled_images_get_cluster_labels_then_train(tmp_path):
   """No labels in the source: the shards take their labels from ove-cluster-labels --records,
   whose relabelled copies the image head reads."""
   from ove_jax_tools import cluster_labels
+
   folder = tmp_path / 'images'
   folder.mkdir()
   write_files(str(folder), ORDER)
   out = str(tmp_path / 'laion')
-  summary = image_precompute.precompute_images(str(folder), out, name='laion', num_shards=2,
-                                               workers=0, progress=False)
+  summary = image_precompute.precompute_images(
+    str(folder), out, name='laion', num_shards=2, workers=0, progress=False
+  )
   assert summary['records'] == len(GOOD)
   _, records = all_records(out, 'laion')
   assert all('labels' not in r for r in records)
   features = np.random.default_rng(1).normal(size=(len(GOOD), 8)).astype(np.float32)
   np.save(tmp_path / 'features.npy', features)
-  assert cluster_labels.main(['--features', str(tmp_path / 'features.npy'), '--records', out,
-                              '--k', '2', '--num-labels', '2', '--out',
-                              str(tmp_path / 'labels')]) in (0, None)
+  assert cluster_labels.main(
+    [
+      '--features',
+      str(tmp_path / 'features.npy'),
+      '--records',
+      out,
+      '--k',
+      '2',
+      '--num-labels',
+      '2',
+      '--out',
+      str(tmp_path / 'labels'),
+    ]
+  ) in (0, None)
   labels_NxL = np.load(tmp_path / 'labels' / 'labels.npy')
   relabelled = str(tmp_path / 'labels' / 'records')
   pattern, records = all_records(relabelled, 'laion')
   assert [r['source'] for r in records] == [r['source'] for r in all_records(out, 'laion')[1]]
   head = pipeline.HeadConfig(kind='image', source=pattern, rows=1, tokens_per_row=256)
-  ds = pipeline.sample_dataset('image', head, pipeline.PipelineConfig(
-      heads={'image': head}, num_epochs=1, worker_count=0))
+  ds = pipeline.sample_dataset(
+    'image', head, pipeline.PipelineConfig(heads={'image': head}, num_epochs=1, worker_count=0)
+  )
   assert len(ds) == len(GOOD)
   for i in range(len(ds)):
     sample = ds[i]
-    np.testing.assert_array_equal(sample['labels'],
-                                  transforms.cyclic_labels(labels_NxL[sample['index']], 10))
+    np.testing.assert_array_equal(
+      sample['labels'], transforms.cyclic_labels(labels_NxL[sample['index']], 10)
+    )

@@ -5,6 +5,7 @@ Faults are injected through precompute's real hooks (`reader`, see tests/precomp
 not through test branches in the library. The clips are small synthetic ones (8 frames at 56 px)
 so the selection costs little; the time limit of the hang is what most of the module waits for.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ TIMEOUT = 12.0
 @pytest.fixture(scope='module')
 def clips(tmp_path_factory):
   root = tmp_path_factory.mktemp('clips')
-  return [synthetic.make_clip(seed=i, num_frames=8, height=64, width=64).write(
-      root / f'clip{i}.mp4') for i in range(6)]
+  return [
+    synthetic.make_clip(seed=i, num_frames=8, height=64, width=64).write(root / f'clip{i}.mp4')
+    for i in range(6)
+  ]
 
 
 def failures(out_dir):
@@ -42,25 +45,42 @@ def failures(out_dir):
 
 
 def shard_bytes(out_dir):
-  return {name: open(os.path.join(out_dir, name), 'rb').read()
-          for name in sorted(os.listdir(out_dir)) if '.array_record-' in name}
+  return {
+    name: open(os.path.join(out_dir, name), 'rb').read()
+    for name in sorted(os.listdir(out_dir))
+    if '.array_record-' in name
+  }
 
 
 def test_a_segfault_and_a_hang_cost_their_clip_not_the_run(clips, tmp_path):
-  inputs = [clips[0], str(tmp_path / 'segfault-decoder.mp4'), clips[1],
-            str(tmp_path / 'hang-forever.mp4'), clips[2]]
+  inputs = [
+    clips[0],
+    str(tmp_path / 'segfault-decoder.mp4'),
+    clips[1],
+    str(tmp_path / 'hang-forever.mp4'),
+    clips[2],
+  ]
   out = tmp_path / 'out'
-  summary = precompute.precompute(inputs, str(out), options=OPTIONS, num_shards=2, workers=2,
-                                  clip_timeout=TIMEOUT, reader=READER, progress=False,
-                                  shuffle_seed=None)
+  summary = precompute.precompute(
+    inputs,
+    str(out),
+    options=OPTIONS,
+    num_shards=2,
+    workers=2,
+    clip_timeout=TIMEOUT,
+    reader=READER,
+    progress=False,
+    shuffle_seed=None,
+  )
   assert summary['complete'] and summary['records'] == 3 and summary['failures'] == 2
   reasons = {os.path.basename(e['file']): e['reason'] for e in failures(out)}
   assert sorted(reasons) == ['hang-forever.mp4', 'segfault-decoder.mp4']
   assert 'SIGSEGV' in reasons['segfault-decoder.mp4']
   assert f'timed out after {TIMEOUT:g} s' in reasons['hang-forever.mp4']
   assert all(name in reason for name, reason in reasons.items())  # each names its file
-  got = sorted(r['source'] for p in precompute.shard_files(str(out))
-               for r in precompute.read_shard(p))
+  got = sorted(
+    r['source'] for p in precompute.shard_files(str(out)) for r in precompute.read_shard(p)
+  )
   assert got == sorted(clips[:3])
 
   # A run killed in the middle of shard 0 (its marker and file lost, its failures journalled):
@@ -71,16 +91,33 @@ def test_a_segfault_and_a_hang_cost_their_clip_not_the_run(clips, tmp_path):
   os.remove(precompute.shard_path(str(out), plan, 0))
   before = failures(out)
   assert [e['shard'] for e in before] == [0, 1]
-  summary = precompute.precompute(inputs, str(out), options=OPTIONS, num_shards=2, workers=1,
-                                  clip_timeout=TIMEOUT, reader=READER, progress=False,
-                                  shuffle_seed=None)
+  summary = precompute.precompute(
+    inputs,
+    str(out),
+    options=OPTIONS,
+    num_shards=2,
+    workers=1,
+    clip_timeout=TIMEOUT,
+    reader=READER,
+    progress=False,
+    shuffle_seed=None,
+  )
   assert summary['complete'] and summary['shards_written'] == 1
   assert summary['failures_known'] == 1 and summary['clips_processed'] == 1  # clip0 only
   assert summary['records'] == 3 and failures(out) == before
   # Asked to, it tries the failed clips again (and they fail again, the same way).
-  summary = precompute.precompute(inputs, str(out), options=OPTIONS, num_shards=2, workers=1,
-                                  clip_timeout=TIMEOUT, reader=READER, progress=False,
-                                  shuffle_seed=None, retry_failures=True)
+  summary = precompute.precompute(
+    inputs,
+    str(out),
+    options=OPTIONS,
+    num_shards=2,
+    workers=1,
+    clip_timeout=TIMEOUT,
+    reader=READER,
+    progress=False,
+    shuffle_seed=None,
+    retry_failures=True,
+  )
   assert summary['shards_written'] == 2 and summary['failures_this_run'] == 2
   assert summary['failures_known'] == 0 and failures(out) == before
 
@@ -107,6 +144,7 @@ def test_workers_start_with_one_blas_thread_unless_the_user_set_it(monkeypatch):
 
 def _import_faults():
   import precompute_faults  # tests/ is on sys.path under pytest, and so in spawned workers
+
   return precompute_faults
 
 
@@ -117,10 +155,14 @@ def test_a_second_run_on_the_same_folder_refuses(clips, tmp_path, capsys):
   argv = [str(listing), str(out), *FLAGS, '--reader', READER, '--workers', '1']
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([HERE, os.environ.get('PYTHONPATH', '')])}
   # Its own session, so the test can stop it and its worker together.
-  first = subprocess.Popen([sys.executable, '-m', 'ove_jax_tools.precompute_codec', *argv,
-                            '--clip-timeout', '600'], cwd=REPO, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           start_new_session=True)
+  first = subprocess.Popen(
+    [sys.executable, '-m', 'ove_jax_tools.precompute_codec', *argv, '--clip-timeout', '600'],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    start_new_session=True,
+  )
   lock = out / '.lock-task-00000-of-00001'
   try:
     deadline = time.monotonic() + 120
@@ -135,8 +177,9 @@ def test_a_second_run_on_the_same_folder_refuses(clips, tmp_path, capsys):
       precompute.precompute([clips[0]], str(out), options=OPTIONS, workers=0, progress=False)
     # A task of a split run would write the same shards: refused too.
     with pytest.raises(locks.Locked, match=f'pid {first.pid}'):
-      precompute.precompute([clips[0]], str(out), options=OPTIONS, workers=0, progress=False,
-                            task_index=1, num_tasks=2)
+      precompute.precompute(
+        [clips[0]], str(out), options=OPTIONS, workers=0, progress=False, task_index=1, num_tasks=2
+      )
   finally:
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
@@ -144,13 +187,14 @@ def test_a_second_run_on_the_same_folder_refuses(clips, tmp_path, capsys):
   assert not locks.is_held(str(lock))
 
 
-def test_tasks_write_disjoint_shards_that_equal_one_machine_byte_for_byte(clips, tmp_path,
-                                                                          capsys):
+def test_tasks_write_disjoint_shards_that_equal_one_machine_byte_for_byte(clips, tmp_path, capsys):
   listing = tmp_path / 'videos.txt'
   listing.write_text('\n'.join([*clips, str(tmp_path / 'missing.mp4')]) + '\n')
   one = tmp_path / 'one'
-  assert precompute_codec.main([str(listing), str(one), *FLAGS, '--num-shards', '4',
-                                '--workers', '2']) == 0
+  assert (
+    precompute_codec.main([str(listing), str(one), *FLAGS, '--num-shards', '4', '--workers', '2'])
+    == 0
+  )
   split = tmp_path / 'split'
   args = [str(listing), str(split), *FLAGS, '--num-shards', '4', '--num-tasks', '2']
   assert precompute_codec.main([*args, '--task-index', '1', '--workers', '0']) == 0
@@ -204,12 +248,14 @@ def test_tfds_output_reads_by_name_in_the_readme_layout(clips, tmp_path):
   # README: `precompute_codec.py /data/videos /data/ove_codec_tfds --format tfds`, then
   # `tfds:ove_codec?data_dir=/data/ove_codec_tfds`.
   out = tmp_path / 'ove_codec_tfds'
-  summary = precompute.precompute(clips[:3], str(out), options=OPTIONS, workers=0,
-                                  progress=False, record_format='tfds')
+  summary = precompute.precompute(
+    clips[:3], str(out), options=OPTIONS, workers=0, progress=False, record_format='tfds'
+  )
   assert summary['complete'] and summary['records'] == 3
   source = sources.open_source(f'tfds:ove_codec?split=train&data_dir={out}')
-  assert sorted(sources.to_record(source[i]['raw'])['source'] for i in range(len(source))) == \
-      sorted(clips[:3])
+  assert sorted(
+    sources.to_record(source[i]['raw'])['source'] for i in range(len(source))
+  ) == sorted(clips[:3])
   # A wrong name or folder is named as such, not answered with TFDS's list of every dataset.
   with pytest.raises(FileNotFoundError, match="the dataset 'ove_codec'"):
     sources.open_source(f'tfds:other?data_dir={out}')
@@ -220,8 +266,10 @@ def test_tfds_output_reads_by_name_in_the_readme_layout(clips, tmp_path):
 def test_wrong_hooks_are_refused_before_any_worker_starts(clips, tmp_path, capsys):
   listing = tmp_path / 'videos.txt'
   listing.write_text(clips[0] + '\n')
-  for flag, spec in (('--selector', 'data_pipeline.codec:no_such_selector'),
-                     ('--reader', 'no_such_module:read')):
+  for flag, spec in (
+    ('--selector', 'data_pipeline.codec:no_such_selector'),
+    ('--reader', 'no_such_module:read'),
+  ):
     argv = [str(listing), str(tmp_path / 'out'), *FLAGS, flag, spec]
     assert precompute_codec.main(argv) == 2
     err = capsys.readouterr().err
@@ -231,5 +279,8 @@ def test_wrong_hooks_are_refused_before_any_worker_starts(clips, tmp_path, capsy
   assert f'{clips[0]}: not a text list of videos' in capsys.readouterr().err
   # A worker that cannot start stops the map with the reason, instead of retrying forever.
   with pytest.raises(workers.WorkerStartError, match='could not start'):
-    list(workers.ordered_map(_import_faults().work, [1, 2], 1,
-                             initializer=_import_faults().work, initargs=('raise',)))
+    list(
+      workers.ordered_map(
+        _import_faults().work, [1, 2], 1, initializer=_import_faults().work, initargs=('raise',)
+      )
+    )

@@ -1,5 +1,6 @@
 """The release's attentive-probe protocol (ove_jax.evaluators.protocol), its inputs and the
 paper's interventions (data_pipeline.probe_inputs)."""
+
 import numpy as np
 import pytest
 
@@ -35,7 +36,7 @@ class FakeSampler:
     self.calls.append((index, train))
     label, shown = self.clips[index].label, self.content[index]
     base = np.random.default_rng([7, index]).integers(0, 64, (LENGTH, 588))
-    base[:, shown * 100:(shown + 1) * 100] += 150  # the class is visible in every token
+    base[:, shown * 100 : (shown + 1) * 100] += 150  # the class is visible in every token
     noise = rng.integers(0, 40, base.shape) if train and self.train_noise else 0
     patches = np.clip(base + noise, 0, 255).astype(np.uint8)
     self.drawn.setdefault((index, train), []).append(patches)
@@ -48,20 +49,24 @@ def encoder():
   return create_encoder(CFG, seed=0)
 
 
-CONFIG = protocol.ProtocolConfig(epochs=2, batch_size=4, learning_rates=(1e-4, 1e-3),
-                                 val_fraction=0.25, eval_batch_size=4)
+CONFIG = protocol.ProtocolConfig(
+  epochs=2, batch_size=4, learning_rates=(1e-4, 1e-3), val_fraction=0.25, eval_batch_size=4
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Sampling and augmentation
 # ------------------------------------------------------------------------------------------------
 
+
 def test_segment_sampling_takes_centres_at_test_and_random_offsets_in_training():
   seg = 63 / 8
   centre = probe_inputs.segment_frame_ids(64, 8, train=False)
   assert centre.tolist() == [int(seg * i + seg / 2) for i in range(8)]
-  draws = [probe_inputs.segment_frame_ids(64, 8, train=True, rng=np.random.default_rng(s))
-           for s in range(5)]
+  draws = [
+    probe_inputs.segment_frame_ids(64, 8, train=True, rng=np.random.default_rng(s))
+    for s in range(5)
+  ]
   for ids in draws:
     assert all(int(seg * i) <= f <= int(seg * (i + 1)) for i, f in enumerate(ids))
   assert len({tuple(d) for d in draws}) > 1
@@ -76,26 +81,38 @@ def test_color_jitter_is_the_release_augmentation():
   none = ColorJitter(p_brightness_contrast=0, p_saturation=0, p_hue=0, p_channel_swap=0)
   assert np.array_equal(none(patches, rng), patches)
   swap = ColorJitter(p_brightness_contrast=0, p_saturation=0, p_hue=0, p_channel_swap=1)
-  assert np.array_equal(swap(patches, rng).reshape(5, 196, 3),
-                        patches.reshape(5, 196, 3)[..., ::-1])
+  assert np.array_equal(
+    swap(patches, rng).reshape(5, 196, 3), patches.reshape(5, 196, 3)[..., ::-1]
+  )
   # The defaults: probabilities 0.8 / 0.8 / 0.8 / 0.1; one draw per clip changes it.
   jitter = ColorJitter()
-  assert (jitter.p_brightness_contrast, jitter.p_saturation, jitter.p_hue,
-          jitter.p_channel_swap) == (0.8, 0.8, 0.8, 0.1)
+  assert (
+    jitter.p_brightness_contrast,
+    jitter.p_saturation,
+    jitter.p_hue,
+    jitter.p_channel_swap,
+  ) == (0.8, 0.8, 0.8, 0.1)
   outs = [jitter(patches, np.random.default_rng(s)) for s in range(4)]
   assert all(o.dtype == np.uint8 and o.shape == patches.shape for o in outs)
   assert not np.array_equal(outs[0], outs[1])
   # Saturation 0 leaves grey: all channels equal.
-  grey = ColorJitter(p_brightness_contrast=0, p_saturation=1, saturation=(0.0, 0.0), p_hue=0,
-                     p_channel_swap=0)(patches, rng).reshape(-1, 3).astype(int)
+  grey = (
+    ColorJitter(
+      p_brightness_contrast=0, p_saturation=1, saturation=(0.0, 0.0), p_hue=0, p_channel_swap=0
+    )(patches, rng)
+    .reshape(-1, 3)
+    .astype(int)
+  )
   assert np.abs(grey - grey[:, :1]).max() <= 1
 
 
 @pytest.fixture(scope='module')
 def clip_files(tmp_path_factory):
   folder = tmp_path_factory.mktemp('clips')
-  return [synthetic.make_clip(i, num_frames=16, height=64, width=64).write(folder / f'c{i}.mp4')
-          for i in range(3)]
+  return [
+    synthetic.make_clip(i, num_frames=16, height=64, width=64).write(folder / f'c{i}.mp4')
+    for i in range(3)
+  ]
 
 
 def test_training_draws_differ_and_test_draws_are_the_segment_centres(clip_files):
@@ -117,6 +134,7 @@ def test_training_draws_differ_and_test_draws_are_the_segment_centres(clip_files
 # ------------------------------------------------------------------------------------------------
 # The protocol
 # ------------------------------------------------------------------------------------------------
+
 
 def test_features_are_recomputed_per_batch_from_fresh_draws(encoder, monkeypatch):
   train, test = FakeSampler([0, 1, 2] * 4), FakeSampler([0, 1, 2] * 2)
@@ -176,8 +194,14 @@ def test_test_split_is_scored_once_after_the_choice(encoder, monkeypatch):
 
   train, test = FakeSampler([0, 1, 2] * 4), FakeSampler([0, 1, 2] * 2)
   monkeypatch.setattr(protocol.ClipScorer, '__call__', spy)
-  config = protocol.ProtocolConfig(epochs=1, batch_size=4, learning_rates=(1e-4, 1e-3),
-                                   val_fraction=0.25, seeds=(0, 1), eval_batch_size=4)
+  config = protocol.ProtocolConfig(
+    epochs=1,
+    batch_size=4,
+    learning_rates=(1e-4, 1e-3),
+    val_fraction=0.25,
+    seeds=(0, 1),
+    eval_batch_size=4,
+  )
   result = protocol.run_protocol(encoder, train, test, config, num_classes=3)
   assert order == (['val'] * 2 + ['test']) * 2  # per seed: an epoch per lr, then the test
   assert len(result['runs']) == 2 and result['top1_std'] >= 0
@@ -185,16 +209,23 @@ def test_test_split_is_scored_once_after_the_choice(encoder, monkeypatch):
 
 def test_probe_head_init_scale_schedule_end_and_top5():
   config = protocol.ProtocolConfig().attentive(1e-4, 0)
-  assert (config.end_learning_rate, config.init_scale, config.label_smoothing,
-          config.weight_decay, config.clip_norm) == (1e-7, 1e-3, 0.1, 0.0, 5.0)
+  assert (
+    config.end_learning_rate,
+    config.init_scale,
+    config.label_smoothing,
+    config.weight_decay,
+    config.clip_norm,
+  ) == (1e-7, 1e-3, 0.1, 0.0, 5.0)
   assert protocol.ProtocolConfig().learning_rates == (1e-4,)
   from flax import nnx
+
   probe = attentive.AttentiveProbe(CFG, 400, rngs=nnx.Rngs(0), init_scale=1e-3)
   kernel = np.asarray(probe.classifier.kernel[...])
   assert kernel.std() == pytest.approx(0.02e-3, rel=0.05)
   assert np.all(np.asarray(probe.classifier.bias[...]) == 0)
   schedule = attentive.optimizer(config, 100)  # the last step's learning rate is 1e-7
   import optax
+
   lr = optax.linear_schedule(config.learning_rate, config.end_learning_rate, 100)
   assert float(lr(100)) == pytest.approx(1e-7) and schedule is not None
   logits = np.array([[0.0, 5, 4, 3, 2, 1, -1], [9, 0, 0, 0, 0, 0, 1]])
@@ -213,6 +244,7 @@ def test_linear_probe_is_the_same_for_every_probe_seed():
 # ------------------------------------------------------------------------------------------------
 # Interventions
 # ------------------------------------------------------------------------------------------------
+
 
 def test_shuffled_positions_move_every_token_and_keep_the_budget():
   positions = np.stack(np.unravel_index(np.arange(300), (64, 16, 16)), -1)

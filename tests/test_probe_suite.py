@@ -1,5 +1,6 @@
 """Benchmark sources and recipes (data_pipeline.benchmarks, experiments/probe_benchmarks.py) and
 the probe suite (ove_jax.probe_suite, tools/probe_suite.py) on encoded synthetic clips."""
+
 import csv
 import os
 
@@ -20,8 +21,7 @@ def dataset(tmp_path_factory):
   (root / 'videos').mkdir()
   clips = []
   for i in range(12):
-    clip = synthetic.make_clip(i, num_frames=16, height=64, width=64,
-                               direction=DIRECTIONS[i % 2])
+    clip = synthetic.make_clip(i, num_frames=16, height=64, width=64, direction=DIRECTIONS[i % 2])
     path = clip.write(root / 'videos' / f'clip{i}.mp4')
     clips.append(benchmarks.ProbeClip(str(path), i % 2))
   benchmarks.write_video_list(str(root / 'train.csv'), clips[:8], root=str(root))
@@ -30,10 +30,24 @@ def dataset(tmp_path_factory):
 
 
 def _args(root, out, *extra):
-  config = (f'probe_benchmarks:name=toy,train={root}/train.csv,test={root}/test.csv,'
-            'num_classes=2,batch_size=4,epochs=1,val_fraction=0.25')
-  return [f'--config={config}', '--encoders', 'random:tiny', '--modes', 'uniform:1,codec:256',
-          '--seeds', '0', '--eval-batch-size', '4', '--out', str(out), *extra]
+  config = (
+    f'probe_benchmarks:name=toy,train={root}/train.csv,test={root}/test.csv,'
+    'num_classes=2,batch_size=4,epochs=1,val_fraction=0.25'
+  )
+  return [
+    f'--config={config}',
+    '--encoders',
+    'random:tiny',
+    '--modes',
+    'uniform:1,codec:256',
+    '--seeds',
+    '0',
+    '--eval-batch-size',
+    '4',
+    '--out',
+    str(out),
+    *extra,
+  ]
 
 
 def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, capsys):
@@ -42,7 +56,9 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
   with open(out / 'results.csv') as f:
     rows = list(csv.DictReader(f))
   assert [(r['benchmark'], r['mode'], r['encoder'], r['status']) for r in rows] == [
-      ('toy', 'uniform:1', 'random:tiny', 'ok'), ('toy', 'codec:256', 'random:tiny', 'ok')]
+    ('toy', 'uniform:1', 'random:tiny', 'ok'),
+    ('toy', 'codec:256', 'random:tiny', 'ok'),
+  ]
   for r in rows:
     assert 0 <= float(r['top1']) <= float(r['top5']) <= 1
     assert (r['num_train'], r['num_val'], r['num_test'], r['tokens']) == ('6', '2', '4', '256')
@@ -66,19 +82,22 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
     rows = list(csv.DictReader(f))
   failed = [r for r in rows if r['status'] == 'failed']
   assert len(rows) == 4 and len(failed) == 2
-  assert all(r['encoder'] == 'random:nonexistent' and 'unknown preset' in r['error']
-             for r in failed)
+  assert all(
+    r['encoder'] == 'random:nonexistent' and 'unknown preset' in r['error'] for r in failed
+  )
   assert 'failed: ValueError' in (out / 'results.md').read_text()
 
 
 def test_selections_are_read_back_from_the_cache(dataset, tmp_path, monkeypatch):
   from data_pipeline import codec, probe_inputs
+
   clips = benchmarks.read_video_list(str(dataset / 'test.csv'))
   made = probe_inputs.ClipSampler(clips, 'codec:128', selection_cache=str(tmp_path))
   first = made.sample(1, train=False, rng=np.random.default_rng(0))
 
   def fail(*args, **kwargs):
     raise AssertionError('the selection was made again')
+
   monkeypatch.setattr(codec, 'select', fail)
   again = probe_inputs.ClipSampler(clips, 'codec:128', selection_cache=str(tmp_path))
   second = again.sample(1, train=False, rng=np.random.default_rng(0))
@@ -91,8 +110,7 @@ def test_suite_refuses_bad_input(dataset, tmp_path, capsys):
   assert '--modes' in capsys.readouterr().err
   assert suite_tool.main(_args(dataset, tmp_path, '--benchmarks', 'ssv2')) == 2
   assert '--benchmarks' in capsys.readouterr().err
-  bad = ['--config=probe_benchmarks:name=mine', '--encoders', 'random:tiny', '--out',
-         str(tmp_path)]
+  bad = ['--config=probe_benchmarks:name=mine', '--encoders', 'random:tiny', '--out', str(tmp_path)]
   assert suite_tool.main(bad) == 2
   assert 'num_classes' in capsys.readouterr().err
   assert suite_tool.main(['--encoders', 'random:tiny']) == 2  # --config and --out missing
@@ -105,12 +123,25 @@ def test_recipes_are_the_release_ones(tmp_path):
   config = module.get_config(f'data_root={tmp_path}')
   recipes = {e['name']: e for e in config.benchmarks}
   assert {n: r['num_classes'] for n, r in recipes.items()} == {
-      'ssv2': 174, 'diving48': 48, 'perception_test': 63, 'epic_verb': 97, 'epic_noun': 300,
-      'hmdb51': 51, 'k400': 400, 'charadesego': 157}
+    'ssv2': 174,
+    'diving48': 48,
+    'perception_test': 63,
+    'epic_verb': 97,
+    'epic_noun': 300,
+    'hmdb51': 51,
+    'k400': 400,
+    'charadesego': 157,
+  }
   assert {n: (r['batch_size'], r['epochs']) for n, r in recipes.items()} == {
-      'ssv2': (32, 10), 'diving48': (32, 30), 'perception_test': (32, 30),
-      'epic_verb': (128, 10), 'epic_noun': (128, 10), 'hmdb51': (16, 30), 'k400': (128, 10),
-      'charadesego': (128, 10)}
+    'ssv2': (32, 10),
+    'diving48': (32, 30),
+    'perception_test': (32, 30),
+    'epic_verb': (128, 10),
+    'epic_noun': (128, 10),
+    'hmdb51': (16, 30),
+    'k400': (128, 10),
+    'charadesego': (128, 10),
+  }
   assert recipes['ssv2']['train'] == f'{tmp_path}/ssv2_hevc/ssv2_train_new.csv'
   assert recipes['k400']['test'] == f'{tmp_path}/k400_hevc/val_new.csv'
   assert all(r['learning_rates'] == (1e-4,) for r in recipes.values())
@@ -122,8 +153,10 @@ def test_video_lists_and_example_sources(tmp_path):
   (tmp_path / 'a.csv').write_text('v/x.mp4,3\n\n/abs/y.mp4,1,10,40\n# note\nz.mp4 2\n')
   clips = benchmarks.read_video_list(str(tmp_path / 'a.csv'))
   assert [(c.video, c.label, c.start, c.end) for c in clips] == [
-      (f'{tmp_path}/v/x.mp4', 3, None, None), ('/abs/y.mp4', 1, 10, 40),
-      (f'{tmp_path}/z.mp4', 2, None, None)]
+    (f'{tmp_path}/v/x.mp4', 3, None, None),
+    ('/abs/y.mp4', 1, 10, 40),
+    (f'{tmp_path}/z.mp4', 2, None, None),
+  ]
   assert benchmarks.open_clips(f'list:{tmp_path}/a.csv?root=/r')[0].video == '/r/v/x.mp4'
   (tmp_path / 'bad.csv').write_text('x.mp4,1\ny.mp4,cat\n')
   with pytest.raises(benchmarks.BenchmarkError, match='bad.csv:2'):
@@ -132,9 +165,11 @@ def test_video_lists_and_example_sources(tmp_path):
     benchmarks.open_clips(str(tmp_path / 'none.csv'))
   # Examples as TFDS (frames arrays) and Hugging Face datasets (path / bytes dicts) give them.
   frames = np.zeros((5, 32, 48, 3), np.uint8)
-  examples = [{'video': frames, 'label': np.int64(4)},
-              {'video': {'path': '/d/v.mp4', 'bytes': None}, 'label': 2},
-              {'video': {'bytes': b'123'}, 'label': 0}]
+  examples = [
+    {'video': frames, 'label': np.int64(4)},
+    {'video': {'path': '/d/v.mp4', 'bytes': None}, 'label': 2},
+    {'video': {'bytes': b'123'}, 'label': 0},
+  ]
   got = benchmarks.clips_from_examples(examples)
   assert got[0].video.shape == frames.shape and got[0].label == 4
   assert (got[1].video, got[2].video) == ('/d/v.mp4', b'123')
@@ -146,6 +181,7 @@ def test_video_lists_and_example_sources(tmp_path):
 
 def test_a_frames_array_clip_feeds_both_modes():
   from data_pipeline import probe_inputs
+
   frames = synthetic.make_clip(3, num_frames=16, height=64, width=80, keep_frames=True).frames
   clips = [benchmarks.ProbeClip(frames, 1), benchmarks.ProbeClip(frames, 0, start=2, end=14)]
   for mode, tokens in (('uniform:2', 512), ('codec:128', 128)):
@@ -162,9 +198,15 @@ def test_a_tfds_video_dataset_is_a_source(tmp_path):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'frames': tfds.features.Tensor(shape=(None, 32, 40, 3), dtype=np.uint8),
-          'action': tfds.features.Tensor(shape=(), dtype=np.int64)}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            'frames': tfds.features.Tensor(shape=(None, 32, 40, 3), dtype=np.uint8),
+            'action': tfds.features.Tensor(shape=(), dtype=np.int64),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -176,13 +218,16 @@ def test_a_tfds_video_dataset_is_a_source(tmp_path):
 
   OveProbeTestVideos(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
   clips = benchmarks.open_clips(
-      f'tfds:ove_probe_test_videos?split=test&data_dir={tmp_path}&video=frames&label=action')
+    f'tfds:ove_probe_test_videos?split=test&data_dir={tmp_path}&video=frames&label=action'
+  )
   # (TFDS stores the examples in its own order)
   assert sorted((c.label, c.video.shape[0]) for c in clips) == [(0, 6), (1, 7), (2, 8)]
   from data_pipeline import probe_inputs
+
   which = [c.label for c in clips].index(2)
-  sample = probe_inputs.ClipSampler(clips, 'uniform:2').sample(which, train=False,
-                                                               rng=np.random.default_rng(0))
+  sample = probe_inputs.ClipSampler(clips, 'uniform:2').sample(
+    which, train=False, rng=np.random.default_rng(0)
+  )
   assert sample['label'] == 2 and np.all(sample['patches'] == 80)
   with pytest.raises(benchmarks.BenchmarkError, match='datasets'):
     benchmarks.open_clips('hf:/nowhere?split=train')  # `datasets` is not installed here

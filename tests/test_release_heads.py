@@ -1,5 +1,6 @@
 """The release's per-rank Partial FC centre shards become one [num_classes, C] matrix (fake shards
 written in the release's naming and class split), and bad shard sets fail naming the file."""
+
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ def _write(folder, full, world, name='ov_encoder_si'):
   folder.mkdir(exist_ok=True)
   start = 0
   for r, rows in enumerate(release_heads.rank_rows(len(full), world)):
-    np.save(folder / f'{name}_{r:03d}.npy', full[start:start + rows])
+    np.save(folder / f'{name}_{r:03d}.npy', full[start : start + rows])
     start += rows
   return str(folder / f'{name}_%03d.npy')
 
@@ -30,8 +31,11 @@ def test_split_is_the_releases():
 @pytest.mark.parametrize('form', ['template', 'glob', 'folder'])
 def test_shards_assemble_to_the_matrix(tmp_path, full, form):
   template = _write(tmp_path / 'si', full, 8)
-  source = {'template': template, 'glob': str(tmp_path / 'si' / 'ov_encoder_si_*.npy'),
-            'folder': str(tmp_path / 'si')}[form]
+  source = {
+    'template': template,
+    'glob': str(tmp_path / 'si' / 'ov_encoder_si_*.npy'),
+    'folder': str(tmp_path / 'si'),
+  }[form]
   np.testing.assert_array_equal(release_heads.assemble(source, 1003, 16), full)
   np.testing.assert_array_equal(release_heads.assemble(source), full)
 
@@ -82,8 +86,10 @@ def test_release_single_node_recipe():
 
   from ove_jax import config as config_lib
   from ove_jax import train
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
-                      'stage2_video.py')
+
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'stage2_video.py'
+  )
   module = config_lib.load_module(path)
   c = module.get_config('release_single_node,si=/ckpt/si')
   config_lib.validate(c)
@@ -92,11 +98,12 @@ def test_release_single_node_recipe():
     assert h.rows % (data * fsdp) == 0
     config_lib.head_loss_config(c, name).check_devices(8, name)
   assert (c.init.pytorch, c.init.checkpoint, c.init.heads) == ('/ckpt/si', '', 'fresh')
-  assert module.RELEASE_CENTRES % '/ckpt/si' % 3 == \
-      '/ckpt/si/ov_encoder_si_8gpus/ov_encoder_si_003.npy'
+  assert (
+    module.RELEASE_CENTRES % '/ckpt/si' % 3 == '/ckpt/si/ov_encoder_si_8gpus/ov_encoder_si_003.npy'
+  )
   assert {n: h.num_classes for n, h in c.heads.items()} == {'image': 2_000_000, 'video': 400_000}
   assert {n: h.rows for n, h in c.data.heads.items()} == {'image': 64, 'video': 64}
-  assert c.accumulate == 4 and c.total_steps == 2_500_000    # 1.28e9 samples / (16 x 8 x 4)
+  assert c.accumulate == 4 and c.total_steps == 2_500_000  # 1.28e9 samples / (16 x 8 x 4)
   assert (c.optim.lr, c.optim.warmup, c.model.preset) == (5e-5, 1e-3, 'large')
   assert tuple(c.data.heads.video.video_modes) == (0.375, 0.375, 0.25)
   assert (c.data.heads.image.resolution, c.data.heads.video.num_frames) == (448, 8)
@@ -107,7 +114,9 @@ def test_release_single_node_recipe():
 def test_sources_from_a_config_string(tmp_path, full):
   template = _write(tmp_path / 'si', full, 8)
   assert release_heads.parse_sources(f'image={template}, video=/v/*.npy') == {
-      'image': template, 'video': '/v/*.npy'}
+    'image': template,
+    'video': '/v/*.npy',
+  }
   assert release_heads.parse_sources('') == {}
   cfg = losses.PartialFCConfig(num_classes=1003)
   got = release_heads.load_release_centres(f'image={template}', {'image': cfg})

@@ -1,4 +1,5 @@
 """Scanned layers: the stacked layout runs, converts and shards exactly as the unrolled one."""
+
 import dataclasses
 import os
 
@@ -102,14 +103,17 @@ def test_scanned_equals_unrolled_gradients(pair, remat):
   patches, pos, seg = _inputs(2)
 
   def grads(model):
-    model = convert.model_from_params(dataclasses.replace(model.cfg, remat=remat),
-                                      convert.model_params(model))
+    model = convert.model_from_params(
+      dataclasses.replace(model.cfg, remat=remat), convert.model_params(model)
+    )
 
     def loss(m):
       out = m(patches, pos, seg, num_segments=2)
       return jnp.sum(out['pooled'] ** 2) + jnp.mean(out['last_hidden_state'] ** 2)
+
     g = nnx.grad(loss)(model)
     return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(g)}
+
   g_unrolled = grads(unrolled)
   assert_grads_close(unstack_blocks(grads(scanned)), g_unrolled)
 
@@ -131,8 +135,10 @@ def test_layout_conversion_is_exact_both_ways(pair):
   state = {('opt', 'mu', 'encoder') + k: v for k, v in flat_u.items()}
   state[('opt', 'count')] = np.int32(7)
   stacked_state = stack_blocks(state, 3)
-  assert np.array_equal(stacked_state[('opt', 'mu', 'encoder', 'blocks', 'mlp', 'fc1', 'kernel')],
-                        flat_s[('blocks', 'mlp', 'fc1', 'kernel')])
+  assert np.array_equal(
+    stacked_state[('opt', 'mu', 'encoder', 'blocks', 'mlp', 'fc1', 'kernel')],
+    flat_s[('blocks', 'mlp', 'fc1', 'kernel')],
+  )
   back_state = unstack_blocks(stacked_state)
   assert back_state.keys() == state.keys()
   assert all(np.array_equal(back_state[k], state[k]) for k in state)
@@ -168,8 +174,10 @@ def test_release_format_round_trip_in_both_layouts(pair, tmp_path):
   du, ds = str(tmp_path / 'unrolled'), str(tmp_path / 'scanned')
   convert.save_pytorch(unrolled, du)
   convert.save_pytorch(scanned, ds)
-  with open(os.path.join(du, 'model.safetensors'), 'rb') as f1, \
-      open(os.path.join(ds, 'model.safetensors'), 'rb') as f2:
+  with (
+    open(os.path.join(du, 'model.safetensors'), 'rb') as f1,
+    open(os.path.join(ds, 'model.safetensors'), 'rb') as f2,
+  ):
     assert f1.read() == f2.read()
   ref = convert.model_params(scanned)
   back = convert.load_pytorch(ds, scan_layers=True)
@@ -196,6 +204,7 @@ def test_sharded_scanned_forward_and_grad_equal_single_device(pair):
   def run(model):
     (_, out), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
     return out, {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(g)}
+
   ref_out, ref_g = run(scanned)
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):
@@ -213,6 +222,7 @@ def test_sharded_scanned_forward_and_grad_equal_single_device(pair):
 def test_port_save_loads_into_a_scanned_encoder(pair, tmp_path):
   # The PyTorch port reads the scanned export and its own save loads back stacked, bit-exactly.
   from ove_jax.convert import torch_model
+
   _, scanned = pair
   directory = str(tmp_path / 'scanned')
   convert.save_pytorch(scanned, directory)
@@ -229,6 +239,7 @@ def test_compile_time_tool_compiles_both_layouts(capsys):
   import json
 
   from ove_jax_tools import compile_time
+
   assert compile_time.main(['--preset', 'tiny', '--tokens', '16', '--dtype', 'float32']) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for layout in ('scanned', 'unrolled'):
@@ -246,7 +257,8 @@ def test_scanned_encoder_created_on_a_mesh_equals_the_unsharded_one():
   with jax.set_mesh(mesh):
     model = create_encoder(cfg, seed=3)
     assert model.blocks.mlp.fc1.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
-        None, 'fsdp', 'tensor')
+      None, 'fsdp', 'tensor'
+    )
   got = convert.model_params(model)
   assert got.keys() == ref.keys()
   for k in ref:

@@ -1,4 +1,5 @@
 """The mesh from sizes (`sharding.make_mesh`) and from `--mesh` strings (`sharding.parse_mesh`)."""
+
 import jax
 import pytest
 from jax.sharding import AxisType
@@ -6,19 +7,23 @@ from jax.sharding import AxisType
 from ove_jax import sharding
 
 
-@pytest.mark.parametrize('text, sizes', [
+@pytest.mark.parametrize(
+  'text, sizes',
+  [
     ('data=4,fsdp=2', {'data': 4, 'fsdp': 2, 'tensor': 1}),
     ('tensor=2, data=-1', {'data': -1, 'fsdp': 1, 'tensor': 2}),
     ('4x2x1', {'data': 4, 'fsdp': 2, 'tensor': 1}),
     ('-1,8,1', {'data': -1, 'fsdp': 8, 'tensor': 1}),
     ('2x2', {'data': 2, 'fsdp': 2, 'tensor': 1}),
-])
+  ],
+)
 def test_parse_mesh(text, sizes):
   assert sharding.parse_mesh(text) == sizes
 
 
-@pytest.mark.parametrize('text', ['data=4,expert=2', 'data=2,data=2', '4x2x1x1', 'a,b', '',
-                                  '-1x-1x1', 'data=0'])
+@pytest.mark.parametrize(
+  'text', ['data=4,expert=2', 'data=2,data=2', '4x2x1x1', 'a,b', '', '-1x-1x1', 'data=0']
+)
 def test_parse_mesh_refuses_with_the_forms(text):
   with pytest.raises(ValueError, match='mesh') as err:
     sharding.parse_mesh(text)

@@ -5,6 +5,7 @@ these tests cover the converter's layouts too. Weights are sharpened (see confte
 attention, and therefore RoPE, matters. Every test runs with the blocks unrolled and scanned
 (stacked parameters, exported through the per-layer keys).
 """
+
 import numpy as np
 import pytest
 import torch  # the test install includes the `torch` extra
@@ -16,8 +17,9 @@ from ove_jax.models import EncoderConfig, create_encoder, uniform_frame_times
 
 TOL = 1e-5  # relative to the largest magnitude, fp32
 
-pixels = nnx.jit(lambda m, *a, **k: m.forward_pixels(*a, **k),
-                 static_argnames=('output_hidden_states',))
+pixels = nnx.jit(
+  lambda m, *a, **k: m.forward_pixels(*a, **k), static_argnames=('output_hidden_states',)
+)
 
 
 @pytest.fixture(scope='module', params=['unrolled', 'scanned'])
@@ -107,20 +109,24 @@ def test_packed_tokens_match_port_per_sample(models):
   seg = np.zeros((1, L), np.int32)
   start = 0
   for s, n in enumerate(lengths):
-    patches[0, start:start + n] = rng.randn(n, 588)
-    pos[0, start:start + n] = np.stack([rng.randint(0, 64, n), rng.randint(0, 16, n),
-                                        rng.randint(0, 16, n)], -1)
-    seg[0, start:start + n] = s + 1
+    patches[0, start : start + n] = rng.randn(n, 588)
+    pos[0, start : start + n] = np.stack(
+      [rng.randint(0, 64, n), rng.randint(0, 16, n), rng.randint(0, 16, n)], -1
+    )
+    seg[0, start : start + n] = s + 1
     start += n
   out = nnx.jit(lambda m, a, b, c: m(a, b, c, num_segments=2))(model, patches, pos, seg)
   start = 0
   for s, n in enumerate(lengths):
     with torch.no_grad():
-      ref = port.forward_tokens(torch.from_numpy(patches[:, start:start + n]),
-                                torch.from_numpy(pos[:, start:start + n]))
+      ref = port.forward_tokens(
+        torch.from_numpy(patches[:, start : start + n]), torch.from_numpy(pos[:, start : start + n])
+      )
     assert _rel(out['pooled'][0, s], ref['pooler_output'][0].numpy()) <= TOL
-    assert _rel(out['last_hidden_state'][0, start:start + n],
-                ref['last_hidden_state'][0].numpy()) <= TOL
+    assert (
+      _rel(out['last_hidden_state'][0, start : start + n], ref['last_hidden_state'][0].numpy())
+      <= TOL
+    )
     start += n
 
 
@@ -135,8 +141,11 @@ def test_eager_attention_equals_sdpa(models):
     with torch.no_grad():
       sdpa = port(x, visible_indices=idx)['last_hidden_state'].numpy()
       torch_model.set_attention_implementation(port, 'eager')
-      assert all(m.attn_implementation == 'eager' for m in port.modules()
-                 if isinstance(m, torch_model.OVAttention))
+      assert all(
+        m.attn_implementation == 'eager'
+        for m in port.modules()
+        if isinstance(m, torch_model.OVAttention)
+      )
       eager = port(x, visible_indices=idx)['last_hidden_state'].numpy()
   finally:
     torch_model.set_attention_implementation(port, 'sdpa')

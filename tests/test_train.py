@@ -2,6 +2,7 @@
 after SIGKILL, 2 processes x 4 devices == 1 process x 8, clean stop on SIGTERM (one process or
 two: the same step saved, exit 75, exact resume), the hang watchdog, resume on another process
 count with the optimizer state, later stages."""
+
 import json
 import os
 import re
@@ -26,14 +27,14 @@ DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
 
 def small_config(**changes):
   c = config_lib.load(DEMO + ':smoke')
-  c.optim.warmup = 0          # lr(0) > 0: the first step must move the parameters
+  c.optim.warmup = 0  # lr(0) > 0: the first step must move the parameters
   # Adam's first update is lr * g / (|g| + eps): for gradients at float-noise level (the MAP
   # head's key bias has an exactly zero gradient in exact arithmetic: softmax ignores a shift
   # shared by all keys) it is +-lr whatever the noise's sign, so summation order alone would
   # move such entries by 2 lr. A larger eps keeps the update linear in g there; the gradients
   # themselves are compared through their norms.
   c.optim.eps = 1e-3
-  c.loss.num_slots = 2        # of 4 labels: the slot draw matters
+  c.loss.num_slots = 2  # of 4 labels: the slot draw matters
   c.loss.sample_rate = 0.5
   for key, value in changes.items():
     config_lib.apply_override(c, f'{key}={value}')
@@ -41,21 +42,22 @@ def small_config(**changes):
   return c
 
 
-def host_batch(seed, rows=8, length=64, segments=2, num_labels=4, classes=(('image', 29),
-                                                                           ('video', 53))):
+def host_batch(
+  seed, rows=8, length=64, segments=2, num_labels=4, classes=(('image', 29), ('video', 53))
+):
   rng = np.random.default_rng(seed)
   out = {}
   for name, n_classes in classes:
     seg = np.zeros((rows, length), np.int32)
     seg[:, :30], seg[:, 30:60] = 1, 2
     out[name] = {
-        'patches': rng.normal(size=(rows, length, 588)).astype(np.float32),
-        'positions': rng.integers(0, 16, (rows, length, 3)).astype(np.int32),
-        'segment_ids': seg,
-        'labels': rng.integers(0, n_classes, (rows, segments, num_labels)).astype(np.int32),
-        'segment_valid': np.ones((rows, segments), bool),
-        'sample_index': (seed * 1000 + np.arange(rows * segments)).reshape(rows, segments),
-        'num_skipped': np.int32(0),
+      'patches': rng.normal(size=(rows, length, 588)).astype(np.float32),
+      'positions': rng.integers(0, 16, (rows, length, 3)).astype(np.int32),
+      'segment_ids': seg,
+      'labels': rng.integers(0, n_classes, (rows, segments, num_labels)).astype(np.int32),
+      'segment_valid': np.ones((rows, segments), bool),
+      'sample_index': (seed * 1000 + np.arange(rows * segments)).reshape(rows, segments),
+      'num_skipped': np.int32(0),
     }
   return out
 
@@ -78,10 +80,14 @@ def max_diff(a, b):
 def test_sharded_step_equals_single_device_step(mesh):
   batches = [host_batch(0)]
   data, fsdp, tensor = mesh
-  sharded, m8 = run_step(small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp,
-                                         'mesh.tensor': tensor}), jax.devices(), batches)
-  single, m1 = run_step(small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}),
-                        jax.devices()[:1], batches)
+  sharded, m8 = run_step(
+    small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor}),
+    jax.devices(),
+    batches,
+  )
+  single, m1 = run_step(
+    small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}), jax.devices()[:1], batches
+  )
   assert max_diff(sharded, single) <= 1e-5
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
@@ -95,11 +101,17 @@ def test_sharded_step_equals_single_device_step(mesh):
 
 def test_accumulation_equals_one_large_batch():
   micro = [host_batch(i) for i in range(4)]
-  large = {name: {k: (np.concatenate([m[name][k] for m in micro]) if k != 'num_skipped'
-                      else np.int32(0)) for k in micro[0][name]} for name in micro[0]}
+  large = {
+    name: {
+      k: (np.concatenate([m[name][k] for m in micro]) if k != 'num_skipped' else np.int32(0))
+      for k in micro[0][name]
+    }
+    for name in micro[0]
+  }
   # Every class scored: a large batch and its micro-batches then see the same classes.
-  accumulated, ma = run_step(small_config(accumulate=4, **{'loss.sample_rate': 1.0}),
-                             jax.devices(), micro)
+  accumulated, ma = run_step(
+    small_config(accumulate=4, **{'loss.sample_rate': 1.0}), jax.devices(), micro
+  )
   c = small_config(**{'loss.sample_rate': 1.0})
   for name in ('video', 'image'):
     c.data.heads[name].rows = 32
@@ -129,19 +141,33 @@ def test_mesh_and_batch_errors_name_the_fix():
 # Whole runs (subprocesses): resume, multi-process, SIGTERM
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
   from data_pipeline import builtin
+
   root = str(tmp_path_factory.mktemp('builtin'))
   c = config_lib.load(DEMO + ':smoke')
-  builtin.ensure(root, clips=c.builtin.clips, images=c.builtin.images, budget=c.builtin.budget,
-                 seed=c.seed, progress=False)
+  builtin.ensure(
+    root,
+    clips=c.builtin.clips,
+    images=c.builtin.images,
+    budget=c.builtin.budget,
+    seed=c.seed,
+    progress=False,
+  )
   return root
 
 
 def command(workdir, data_root, *extra, arg='smoke'):
-  return [sys.executable, '-m', 'ove_jax.train', f'--config={DEMO}:{arg},data_root={data_root}',
-          f'--workdir={workdir}', *extra]
+  return [
+    sys.executable,
+    '-m',
+    'ove_jax.train',
+    f'--config={DEMO}:{arg},data_root={data_root}',
+    f'--workdir={workdir}',
+    *extra,
+  ]
 
 
 def env():
@@ -160,8 +186,11 @@ def committed_steps(workdir):
   root = paths.join(workdir, checkpoint.CHECKPOINT_DIR)
   if not paths.isdir(root):
     return []
-  return sorted(int(d) for d in paths.listdir(root)
-                if d.isdigit() and paths.exists(paths.join(root, d, 'commit_success.txt')))
+  return sorted(
+    int(d)
+    for d in paths.listdir(root)
+    if d.isdigit() and paths.exists(paths.join(root, d, 'commit_success.txt'))
+  )
 
 
 @pytest.fixture(scope='module')
@@ -171,12 +200,24 @@ def straight(data_root, tmp_path_factory):
   # Checkpoints at 5, 10, 15, 20: keep the last 2 and every 10th.
   # Evaluation every 10 steps (its own iterator: the training losses are untouched), and a
   # profiler trace of steps 3-4.
-  subprocess.run(command(workdir, data_root, '--config.profile_start=3',
-                         '--config.profile_steps=2', '--config.keep_checkpoints=2',
-                         '--config.keep_every=10', '--config.eval_every=10',
-                         '--config.eval_steps=1', '--config.eval_sources.image=' +
-                         f'folder:{data_root}/images?labels={data_root}/images/labels.npy'),
-                 env=env(), check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    command(
+      workdir,
+      data_root,
+      '--config.profile_start=3',
+      '--config.profile_steps=2',
+      '--config.keep_checkpoints=2',
+      '--config.keep_every=10',
+      '--config.eval_every=10',
+      '--config.eval_steps=1',
+      '--config.eval_sources.image='
+      + f'folder:{data_root}/images?labels={data_root}/images/labels.npy',
+    ),
+    env=env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   return workdir
 
 
@@ -209,9 +250,13 @@ def kill_then_resume(workdir, data_root, after, *extra, arg='smoke'):
   """Starts a run in `workdir`, kills it (SIGKILL, the whole process group: the trainer and its
   input workers die at once, as in a preempted job) once a checkpoint of step `after` or later
   is committed, and runs it again; returns (the step it resumed from, the second run)."""
-  proc = subprocess.Popen(command(workdir, data_root, *extra, arg=arg), env=env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    command(workdir, data_root, *extra, arg=arg),
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   deadline = time.time() + 300
   while not committed_steps(workdir) or committed_steps(workdir)[-1] < after:
     assert proc.poll() is None, 'the run ended before it could be killed'
@@ -220,8 +265,13 @@ def kill_then_resume(workdir, data_root, after, *extra, arg='smoke'):
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   resumed_from = committed_steps(workdir)[-1]
-  result = subprocess.run(command(workdir, data_root, *extra, arg=arg), env=env(),
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    command(workdir, data_root, *extra, arg=arg),
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'resumed from {workdir} step {resumed_from}' in result.stderr
   return resumed_from, result
@@ -250,13 +300,24 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, data_root, straight):
 def test_two_processes_equal_one_process(tmp_path, data_root):
   steps = ['--config.total_steps=6', '--config.checkpoint_every=3']
   one = str(tmp_path / 'one')
-  subprocess.run(command(one, data_root, *steps, arg='smoke,workers=0'), env=env(), check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    command(one, data_root, *steps, arg='smoke,workers=0'),
+    env=env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   two = str(tmp_path / 'two')
   # The experiment asks for 8 CPU devices; the launcher's 4 per process win.
-  launch = [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
-            '--devices_per_process=4', '--timeout=500', '--',
-            *command(two, data_root, *steps, arg='smoke,workers=0')]
+  launch = [
+    sys.executable,
+    os.path.join(ROOT, 'tools', 'launch_local.py'),
+    '--processes=2',
+    '--devices_per_process=4',
+    '--timeout=500',
+    '--',
+    *command(two, data_root, *steps, arg='smoke,workers=0'),
+  ]
   result = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   a, b = losses_by_step(one), losses_by_step(two)
@@ -269,10 +330,18 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
   assert 0 <= lines[-1]['input_wait/mean'] <= lines[-1]['input_wait/max'] <= 1
   # Each process saved its own input position in the same checkpoint step.
   assert sorted(os.listdir(os.path.join(two, 'checkpoints', '6', 'data'))) == [
-      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
+    'commit_success.txt',
+    'process_0-of-2.json',
+    'process_1-of-2.json',
+  ]
   # Resuming it on one process goes on from its state, with the input re-derived and a warning.
-  again = subprocess.run(command(two, data_root, '--config.total_steps=8', arg='smoke,workers=0'),
-                         env=env(), capture_output=True, text=True, timeout=600)
+  again = subprocess.run(
+    command(two, data_root, '--config.total_steps=8', arg='smoke,workers=0'),
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resuming step 6, saved by 2 process(es), on 1' in again.stderr
   assert 'the losses will not repeat' in again.stderr
@@ -281,9 +350,15 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
 
 def launch(workdir, data_root, *extra, timeout=500):
   """The smoke run as 2 processes x 4 devices (tools/launch_local.py)."""
-  return [sys.executable, os.path.join(ROOT, 'tools', 'launch_local.py'), '--processes=2',
-          '--devices_per_process=4', f'--timeout={timeout}', '--',
-          *command(workdir, data_root, *extra, arg='smoke,workers=0')]
+  return [
+    sys.executable,
+    os.path.join(ROOT, 'tools', 'launch_local.py'),
+    '--processes=2',
+    '--devices_per_process=4',
+    f'--timeout={timeout}',
+    '--',
+    *command(workdir, data_root, *extra, arg='smoke,workers=0'),
+  ]
 
 
 def trainer_process(launcher_pid, index):
@@ -304,19 +379,26 @@ def trainer_process(launcher_pid, index):
 def wait_for_metrics(workdir, proc):
   deadline = time.time() + 400
   while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or not metrics_lib.read_metrics(
-      workdir):
+    workdir
+  ):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.2)
 
 
 def test_two_processes_sigterm_to_one_saves_the_same_step_and_resumes_exactly(
-    tmp_path, data_root, straight):
+  tmp_path, data_root, straight
+):
   workdir = str(tmp_path / 'run')
-  proc = subprocess.Popen(launch(workdir, data_root, '--config.checkpoint_every=100'), env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    launch(workdir, data_root, '--config.checkpoint_every=100'),
+    env=env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   wait_for_metrics(workdir, proc)
-  os.kill(trainer_process(proc.pid, 1), signal.SIGTERM)   # the notice reaches one host only
+  os.kill(trainer_process(proc.pid, 1), signal.SIGTERM)  # the notice reaches one host only
   out, err = proc.communicate(timeout=400)
   assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, out[-2000:] + err[-3000:]
   saved = dict(re.findall(r'\[p(\d)\] .*preempted \(SIGTERM\): saved step (\d+)', err))
@@ -328,12 +410,18 @@ def test_two_processes_sigterm_to_one_saves_the_same_step_and_resumes_exactly(
 
 
 def test_two_processes_resume_a_one_process_checkpoint_with_its_optimizer_state(
-    tmp_path, data_root, straight):
+  tmp_path, data_root, straight
+):
   workdir = str(tmp_path / 'run')
   folder = os.path.join(checkpoint.CHECKPOINT_DIR, '10')
   shutil.copytree(os.path.join(straight, folder), os.path.join(workdir, folder))
-  result = subprocess.run(launch(workdir, data_root, '--config.total_steps=11'), env=env(),
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    launch(workdir, data_root, '--config.total_steps=11'),
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resuming step 10, saved by 1 process(es), on 2' in result.stderr
   assert committed_steps(workdir) == [10, 11]
@@ -359,9 +447,18 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
   watchdog dumps every thread's stack and exits with HANG_EXIT_CODE."""
   workdir = str(tmp_path / 'run')
   # The timeout covers the first step's compilation of two processes on a busy machine.
-  proc = subprocess.Popen(launch(workdir, data_root, '--config.watchdog_seconds=90',
-                                 '--config.distributed.heartbeat_timeout=600'),
-                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    launch(
+      workdir,
+      data_root,
+      '--config.watchdog_seconds=90',
+      '--config.distributed.heartbeat_timeout=600',
+    ),
+    env=env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   wait_for_metrics(workdir, proc)
   stopped = trainer_process(proc.pid, 1)
   os.kill(stopped, signal.SIGSTOP)
@@ -374,19 +471,24 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
       pass
   assert proc.returncode == preemption.HANG_EXIT_CODE, out[-2000:] + err[-3000:]
   # (after the progress bar's last '\r', which text mode turns into a line break: no prefix)
-  assert re.search(r'Watchdog: no step finished in \d+\.\d s \(timeout 90 s\)', err), (
-      err[-3000:])
+  assert re.search(r'Watchdog: no step finished in \d+\.\d s \(timeout 90 s\)', err), err[-3000:]
   assert '[p0] Thread 0x' in err and '(most recent call first)' in err
   assert f'[p0] Watchdog: exiting with code {preemption.HANG_EXIT_CODE}' in err
 
 
 def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):
   workdir = str(tmp_path / 'run')
-  proc = subprocess.Popen(command(workdir, data_root, '--config.checkpoint_every=100'),
-                          env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    command(workdir, data_root, '--config.checkpoint_every=100'),
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 300
   while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or not metrics_lib.read_metrics(
-      workdir):
+    workdir
+  ):
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
@@ -400,9 +502,13 @@ def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straigh
   # Resume on data 2 x fsdp 2 x tensor 2: the state is resharded on restore, and the sampling
   # does not depend on the mesh, so the run goes on as the uninterrupted one (up to summation
   # order).
-  result = subprocess.run(command(workdir, data_root, '--config.mesh.data=2',
-                                  '--config.mesh.tensor=2'),
-                          env=env(), capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    command(workdir, data_root, '--config.mesh.data=2', '--config.mesh.tensor=2'),
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'step {saved[0]}' in result.stderr and 'resumed from' in result.stderr
   want, got = losses_by_step(straight), losses_by_step(workdir)
@@ -414,13 +520,23 @@ def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straigh
 
 def test_divergence_stops_with_the_step(tmp_path, data_root):
   result = subprocess.run(
-      command(str(tmp_path / 'nan'), data_root, '--config.optim.lr=1e30', '--config.optim.warmup=0',
-              '--config.optim.clip_norm=0.0'),
-      env=env(), capture_output=True, text=True, timeout=600)
+    command(
+      str(tmp_path / 'nan'),
+      data_root,
+      '--config.optim.lr=1e30',
+      '--config.optim.warmup=0',
+      '--config.optim.clip_norm=0.0',
+    ),
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 1
   # The update at step 1 already overflows the weights: caught there, before anything is saved.
-  assert re.search(r'training stopped: (loss|param_norm) is (nan|inf)\b.* at step 1;',
-                   result.stderr), result.stderr[-2000:]
+  assert re.search(
+    r'training stopped: (loss|param_norm) is (nan|inf)\b.* at step 1;', result.stderr
+  ), result.stderr[-2000:]
   assert not committed_steps(str(tmp_path / 'nan'))
   assert 'Traceback' not in result.stderr
 
@@ -430,7 +546,7 @@ def test_bf16_and_remat_steps(tmp_path):
   devices = jax.devices()
   ref, m32 = run_step(small_config(), devices, batches)
   remat, mr = run_step(small_config(**{'model.remat': 'full'}), devices, batches)
-  assert max_diff(ref, remat) <= 1e-5   # rematerialisation recomputes, it does not change maths
+  assert max_diff(ref, remat) <= 1e-5  # rematerialisation recomputes, it does not change maths
   bf16, m16 = run_step(small_config(**{'model.dtype': 'bfloat16'}), devices, batches)
   assert all(np.isfinite(v) for v in m16.values())
   # bf16 activations, fp32 master weights and fp32 loss: the loss agrees to bf16 precision.
@@ -440,30 +556,44 @@ def test_bf16_and_remat_steps(tmp_path):
 
 def test_later_stage_starts_from_an_earlier_one(tmp_path, data_root):
   first = str(tmp_path / 'stage1')
-  subprocess.run(command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
-                 env=env(), check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
+    env=env(),
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   source, meta, step = checkpoint.restore_params(first, subtree=('params',))
   assert step == 2 and meta['step'] == 2
-  c = small_config(**{'init.checkpoint': first, 'init.heads': 'keep', 'mesh.data': 2,
-                      'mesh.fsdp': 2, 'mesh.tensor': 2})
-  mesh = train.make_mesh(c)   # another mesh shape than the one that wrote it
+  c = small_config(
+    **{
+      'init.checkpoint': first,
+      'init.heads': 'keep',
+      'mesh.data': 2,
+      'mesh.fsdp': 2,
+      'mesh.tensor': 2,
+    }
+  )
+  mesh = train.make_mesh(c)  # another mesh shape than the one that wrote it
   with jax.set_mesh(mesh):
     program = train.Program(c, mesh)
     state = warm_start.initialise_from(program.init(), c, program)
   got = jax.tree.map(np.asarray, state['params'])
   np.testing.assert_array_equal(got['heads']['video'], source['heads']['video'])
-  np.testing.assert_array_equal(got['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
-                                source['encoder']['blocks']['1']['mlp']['fc1']['kernel'])
+  np.testing.assert_array_equal(
+    got['encoder']['blocks'][1]['mlp']['fc1']['kernel'],
+    source['encoder']['blocks']['1']['mlp']['fc1']['kernel'],
+  )
   c.init.heads = 'fresh'
   with jax.set_mesh(mesh):
     fresh = warm_start.initialise_from(program.init(), c, program)
-  assert not np.array_equal(np.asarray(fresh['params']['heads']['video']),
-                            source['heads']['video'])
+  assert not np.array_equal(np.asarray(fresh['params']['heads']['video']), source['heads']['video'])
 
 
 def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
   from ove_jax.convert import hf
   from ove_jax.models import create_encoder
+
   c = small_config()
   released = create_encoder(train.encoder_config(c), seed=123)
   hf.save_pytorch(released, str(tmp_path / 'release'))
@@ -474,8 +604,10 @@ def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
     fresh = program.init()
     state = warm_start.initialise_from(fresh, c, program)
     kernel = state['params']['encoder']['blocks'][0]['self_attn']['q_proj']['kernel']
-    assert kernel.sharding == program.param_shardings['encoder']['blocks'][0]['self_attn'][
-        'q_proj']['kernel']
+    assert (
+      kernel.sharding
+      == program.param_shardings['encoder']['blocks'][0]['self_attn']['q_proj']['kernel']
+    )
   want = hf.model_params(released)
   got = jax.tree_util.tree_leaves_with_path(jax.tree.map(np.asarray, state['params']['encoder']))
   assert len(got) == len(want)
@@ -496,22 +628,34 @@ def test_resume_names_what_changed(caplog):
   resume.check_resume(saved, small_config(**{'optim.lr': 0.5}))
   assert 'optim.lr: 0.002 -> 0.5' in caplog.text
   classes = saved['heads']['video']['num_classes']
-  with pytest.raises(config_lib.ConfigError,
-                     match=rf'heads.video.num_classes \({classes} then, 60 now\)'):
+  with pytest.raises(
+    config_lib.ConfigError, match=rf'heads.video.num_classes \({classes} then, 60 now\)'
+  ):
     resume.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
 def test_command_line_spellings(capsys):
-  args, overrides = cli.parse_train_args(['--config', DEMO + ':smoke', '--workdir=/tmp/w',
-                                      '--config.optim.lr', '0.5', '--config.seed=3',
-                                      '--mesh', 'data=2,tensor=2'])
+  args, overrides = cli.parse_train_args(
+    [
+      '--config',
+      DEMO + ':smoke',
+      '--workdir=/tmp/w',
+      '--config.optim.lr',
+      '0.5',
+      '--config.seed=3',
+      '--mesh',
+      'data=2,tensor=2',
+    ]
+  )
   assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
   assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
   assert cli.parse_train_args([f'--config={DEMO}', '--show-config'])[0].show_config
-  for argv, message in ((['--config', DEMO], '--workdir is required'),
-                        (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
-                        (['--workdir', 'w'], '--config'),
-                        (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus')):
+  for argv, message in (
+    (['--config', DEMO], '--workdir is required'),
+    (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
+    (['--workdir', 'w'], '--config'),
+    (['--config', DEMO, '--workdir', 'w', '--bogus'], '--bogus'),
+  ):
     with pytest.raises(SystemExit):
       cli.parse_train_args(argv)
     assert message in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Probes during training (`probe_every`, ove_jax/training_probes.py): probe/* metrics in
 metrics.jsonl and in the TensorBoard events of a short training run, equal to a probe of the
 saved encoder; config errors named."""
+
 import glob
 import os
 import struct
@@ -24,13 +25,14 @@ def tensorboard_scalars(folder):
   the bytes of an `Event` protobuf, their masked CRC (uint32).
   """
   from tensorboardX.proto import event_pb2
+
   scalars = {}
   for path in sorted(glob.glob(os.path.join(folder, 'events.out.tfevents.*'))):
     data = open(path, 'rb').read()
     position = 0
     while position < len(data):
-      (length,) = struct.unpack('<Q', data[position:position + 8])
-      event = event_pb2.Event.FromString(data[position + 12:position + 12 + length])
+      (length,) = struct.unpack('<Q', data[position : position + 8])
+      event = event_pb2.Event.FromString(data[position + 12 : position + 12 + length])
       position += 12 + length + 4
       for value in event.summary.value:
         if value.HasField('simple_value'):
@@ -40,8 +42,13 @@ def tensorboard_scalars(folder):
 
 
 def probe_config(builtin_root, heldout, **changes):
-  overrides = ['probe_every=2', f'probe.source={heldout}', f'probe.label={TEXTURE}',
-               'log_every=1', "metrics.writers=('jsonl','tensorboard')"]
+  overrides = [
+    'probe_every=2',
+    f'probe.source={heldout}',
+    f'probe.label={TEXTURE}',
+    'log_every=1',
+    "metrics.writers=('jsonl','tensorboard')",
+  ]
   overrides += [f'{k}={v}' for k, v in changes.items()]
   return config_lib.load(f'{DEMO}:smoke,workers=0,steps=4,data_root={builtin_root}', overrides)
 
@@ -54,8 +61,7 @@ def heldout(tmp_path_factory):
   return made['video_source']
 
 
-def test_probe_every_logs_probe_metrics_to_jsonl_and_tensorboard(tmp_path, builtin_root,
-                                                                 heldout):
+def test_probe_every_logs_probe_metrics_to_jsonl_and_tensorboard(tmp_path, builtin_root, heldout):
   workdir = str(tmp_path / 'run')
   config = probe_config(builtin_root, heldout)
   train.train(config, workdir)
@@ -81,25 +87,30 @@ def test_probe_every_logs_probe_metrics_to_jsonl_and_tensorboard(tmp_path, built
   # The step-4 probe is the probe of the saved step-4 encoder (features of the run's params).
   p = config.probe
   train_samples, test_samples = training_probes.probe_samples(
-      p.source, TEXTURE, p.mode, p.num_frames, p.test_fraction, p.max_records, config.seed)
+    p.source, TEXTURE, p.mode, p.num_frames, p.test_fraction, p.max_records, config.seed
+  )
   assert len(train_samples) + len(test_samples) == 12
   assert len(set(s['label'] for s in train_samples)) > 1
   loaded = checkpoint.load_encoder(workdir)
   assert loaded.step == 4
-  again = evaluators.evaluate(loaded.model, train_samples, test_samples, probes=('knn', 'linear'),
-                              seeds=(config.seed,))
+  again = evaluators.evaluate(
+    loaded.model, train_samples, test_samples, probes=('knn', 'linear'), seeds=(config.seed,)
+  )
   for probe in ('knn', 'linear'):
     assert again[probe]['top1'] == pytest.approx(lines[4][f'probe/{probe}_top1'], abs=1e-9)
 
 
-@pytest.mark.parametrize('changes, message', [
+@pytest.mark.parametrize(
+  'changes, message',
+  [
     ({'probe.source': ''}, 'probe_every=2 needs probe.source'),
     ({'probe_every': 3}, 'probe_every=3 must be a multiple of log_every=2'),
     ({'probe.probes': "('knn','svm')"}, 'probe.probes'),
     ({'probe.mode': 'collage'}, "probe.mode='collage'"),
     ({'probe.test_fraction': 1.0}, 'probe.test_fraction=1.0'),
     ({'probe_every': -1}, 'probe_every'),
-])
+  ],
+)
 def test_probe_config_errors_name_the_key(builtin_root, changes, message):
   overrides = ['probe_every=2', 'probe.source=/nowhere/*', 'log_every=2']
   overrides += [f'{k}={v}' for k, v in changes.items()]

@@ -1,20 +1,29 @@
 """What the transcode of a non-H.264 source measures: the step between samples ('sampled') or
 between source frames ('faithful', 'paired'), on a clip of known constant motion."""
+
 import numpy as np
 import pytest
 
 from data_pipeline import codec, synthetic
 from data_pipeline.codec import bitstream
 
-SPEED = 2.0            # pixels per source frame, to the east
+SPEED = 2.0  # pixels per source frame, to the east
 SOURCE_FRAMES, T = 65, 9
-STRIDE = 8             # floor(linspace(0, 64, 9)) = 0, 8, ..., 64
+STRIDE = 8  # floor(linspace(0, 64, 9)) = 0, 8, ..., 64
 
 
 @pytest.fixture(scope='module', params=['mpeg4', 'hevc'])
 def clip(request):
-  return synthetic.make_clip(1, num_frames=SOURCE_FRAMES, height=224, width=224,
-                             codec=request.param, direction='E', speed=SPEED, size=40)
+  return synthetic.make_clip(
+    1,
+    num_frames=SOURCE_FRAMES,
+    height=224,
+    width=224,
+    codec=request.param,
+    direction='E',
+    speed=SPEED,
+    size=40,
+  )
 
 
 def transcoded(clip, mode: str):
@@ -24,8 +33,7 @@ def transcoded(clip, mode: str):
     packets, count, error = bitstream.transcode_segment(clip.data, ids, 224, 224, 32, 18)
     assert count == SOURCE_FRAMES and error is None
     return packets, ids - ids[0]
-  sequence, positions = ((ids, np.arange(T)) if mode == 'sampled'
-                         else bitstream.paired_sequence(ids))
+  sequence, positions = (ids, np.arange(T)) if mode == 'sampled' else bitstream.paired_sequence(ids)
   got, _, _ = bitstream.read_frames(clip.data, sequence, 224, 224)
   intra = positions[::32] if mode == 'paired' else None
   return bitstream.encode_h264([got[int(i)] for i in sequence], 32, 18, intra), positions
@@ -49,7 +57,7 @@ def object_dx(clip, mode: str) -> float:
     mask = clip.masks[sample_at[index]]
     inside = mask[np.clip(v['dst_y'], 0, 223), np.clip(v['dst_x'], 0, 223)] & (v['source'] < 0)
     dx.extend((v['motion_x'][inside] / v['motion_scale'][inside]).tolist())
-  assert kinds == ['I'] + ['P'] * (T - 1)          # I-frames on the same samples in every mode
+  assert kinds == ['I'] + ['P'] * (T - 1)  # I-frames on the same samples in every mode
   assert len(dx) > 5 * (T - 1)
   return float(np.median(dx))
 
@@ -77,8 +85,12 @@ def test_select_in_every_mode(clip, mode):
   later = sel.positions[sel.positions[:, 0] > 0]
   rows, cols = np.nonzero(clip.masks[sel.frame_ids[later[:, 0]]].any(axis=0))
   box = (rows.min() // 14 - 1, rows.max() // 14 + 1, cols.min() // 14 - 1, cols.max() // 14 + 1)
-  on_path = ((later[:, 1] >= box[0]) & (later[:, 1] <= box[1]) & (later[:, 2] >= box[2])
-             & (later[:, 2] <= box[3]))
+  on_path = (
+    (later[:, 1] >= box[0])
+    & (later[:, 1] <= box[1])
+    & (later[:, 2] >= box[2])
+    & (later[:, 2] <= box[3])
+  )
   assert on_path.mean() > 0.5
 
 

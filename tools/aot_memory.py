@@ -53,6 +53,7 @@ Bad input (an unknown experiment file, a mesh that does not match the device cou
 sampling_blocks that the mesh does not divide, --devices < 1) prints one `error:` line naming the
 flag and the fix, and exits with status 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,17 +66,33 @@ MESH_FLAG_HELP = 'data,fsdp,tensor, e.g. 8,8,1 or -1,8,1 (one size may be -1: th
 
 
 def build_parser() -> cli.Parser:
-  parser = cli.Parser(prog='ove-aot-memory', description=__doc__.split('\n\n')[0],
-                      epilog='Any --config.KEY=VALUE overrides the experiment, as in the trainer.')
+  parser = cli.Parser(
+    prog='ove-aot-memory',
+    description=__doc__.split('\n\n')[0],
+    epilog='Any --config.KEY=VALUE overrides the experiment, as in the trainer.',
+  )
   parser.add_argument('--config', required=True, help='experiments/<name>.py[:args]')
-  parser.add_argument('--devices', type=int, required=True,
-                      help='the number of devices to compile for (virtual CPU devices)')
-  parser.add_argument('--mesh', help=f'override the config\'s mesh: {MESH_FLAG_HELP}')
-  parser.add_argument('--platform', choices=('cpu', 'native'), default='cpu',
-                      help='cpu: N virtual CPU devices (any N, XLA:CPU\'s plan); native: the '
-                      'first N of this machine\'s own GPUs/TPUs (their compiler\'s plan)')
-  parser.add_argument('--device-memory', type=float, default=None, metavar='GB',
-                      help='also say whether the step fits a device of this many GB')
+  parser.add_argument(
+    '--devices',
+    type=int,
+    required=True,
+    help='the number of devices to compile for (virtual CPU devices)',
+  )
+  parser.add_argument('--mesh', help=f"override the config's mesh: {MESH_FLAG_HELP}")
+  parser.add_argument(
+    '--platform',
+    choices=('cpu', 'native'),
+    default='cpu',
+    help="cpu: N virtual CPU devices (any N, XLA:CPU's plan); native: the "
+    "first N of this machine's own GPUs/TPUs (their compiler's plan)",
+  )
+  parser.add_argument(
+    '--device-memory',
+    type=float,
+    default=None,
+    metavar='GB',
+    help='also say whether the step fits a device of this many GB',
+  )
   return parser
 
 
@@ -93,6 +110,7 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 def load_config(args, overrides: list[str]):
   """The experiment with its overrides and --mesh, checked against --devices."""
   from ove_jax import config as config_lib
+
   if args.devices < 1:
     raise cli.UsageError(f'--devices={args.devices}: give the number of devices, 1 or more')
   if args.device_memory is not None and not args.device_memory > 0:
@@ -105,7 +123,7 @@ def load_config(args, overrides: list[str]):
   except config_lib.ConfigError as e:
     raise cli.UsageError(f'--config: {e}') from None
   try:
-    memory.check_mesh(config, args.devices)   # before JAX starts: a wrong mesh fails fast
+    memory.check_mesh(config, args.devices)  # before JAX starts: a wrong mesh fails fast
   except memory.PlanError as e:
     where = '--mesh' if args.mesh and 'mesh' in str(e) else '--config'
     raise cli.UsageError(f'{where}: {e}') from None

@@ -55,6 +55,7 @@ Before the dense step runs, its compiled memory plan is checked against the memo
 (host RAM on CPU, with a 2x margin for that undercount; device memory elsewhere); if it would
 not fit, the dense case is skipped with a message rather than the process being killed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,44 +79,72 @@ def width_list(text: str) -> tuple[int, ...]:
   try:
     widths = tuple(int(w) for w in text.split(',') if w.strip())
   except ValueError:
-    raise argparse.ArgumentTypeError(f'--widths {text!r}: give comma-separated integers, '
-                                     'e.g. 256,512') from None
+    raise argparse.ArgumentTypeError(
+      f'--widths {text!r}: give comma-separated integers, e.g. 256,512'
+    ) from None
   if any(w <= 0 or w % 64 for w in widths):
-    raise argparse.ArgumentTypeError(f'--widths {text!r}: each width must be a positive '
-                                     'multiple of 64 (head_dim 64)')
+    raise argparse.ArgumentTypeError(
+      f'--widths {text!r}: each width must be a positive multiple of 64 (head_dim 64)'
+    )
   return widths
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog='ove-bench-encoder', description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
+    prog='ove-bench-encoder',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
   presets = list(bench.BENCH_PRESETS) + list(enc.PRESETS)
-  parser.add_argument('--preset', default='micro', choices=presets,
-                      help="model of the sparse vs dense case (default micro, sized for a CPU; "
-                           "base/large/huge are for GPU/TPU)")
+  parser.add_argument(
+    '--preset',
+    default='micro',
+    choices=presets,
+    help='model of the sparse vs dense case (default micro, sized for a CPU; '
+    'base/large/huge are for GPU/TPU)',
+  )
   parser.add_argument('--width', type=int, help='override the preset width')
   parser.add_argument('--depth', type=int, help='override the preset depth')
   parser.add_argument('--heads', type=int, help='override the preset number of heads')
   parser.add_argument('--mlp-dim', type=int, help='override the preset MLP width')
-  parser.add_argument('--widths', type=width_list,
-                      default=','.join(map(str, bench.COMPARE_WIDTHS)),
-                      help='widths of the JAX vs PyTorch comparison, comma-separated (head_dim '
-                           '64, MLP 4x width; default %(default)s); empty: the preset\'s sizes')
-  parser.add_argument('--compare-depth', type=int, default=2,
-                      help='blocks of the models in the JAX vs PyTorch comparison (default 2)')
+  parser.add_argument(
+    '--widths',
+    type=width_list,
+    default=','.join(map(str, bench.COMPARE_WIDTHS)),
+    help='widths of the JAX vs PyTorch comparison, comma-separated (head_dim '
+    "64, MLP 4x width; default %(default)s); empty: the preset's sizes",
+  )
+  parser.add_argument(
+    '--compare-depth',
+    type=int,
+    default=2,
+    help='blocks of the models in the JAX vs PyTorch comparison (default 2)',
+  )
   parser.add_argument('--frames', type=int, default=64, help='frames in the clip (default 64)')
-  parser.add_argument('--budget', type=int, default=2048,
-                      help='K, patches kept in the sparse case (default 2048; a multiple of 256, '
-                           'the PyTorch step packs them into K / 256 frames)')
+  parser.add_argument(
+    '--budget',
+    type=int,
+    default=2048,
+    help='K, patches kept in the sparse case (default 2048; a multiple of 256, '
+    'the PyTorch step packs them into K / 256 frames)',
+  )
   parser.add_argument('--batch', type=int, default=1, help='clips per step (default 1)')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                      help='compute dtype; parameters stay float32')
-  parser.add_argument('--attention', default='xla', choices=IMPLEMENTATIONS,
-                      help='attention implementation (default xla)')
+  parser.add_argument(
+    '--dtype',
+    default='float32',
+    choices=('float32', 'bfloat16'),
+    help='compute dtype; parameters stay float32',
+  )
+  parser.add_argument(
+    '--attention',
+    default='xla',
+    choices=IMPLEMENTATIONS,
+    help='attention implementation (default xla)',
+  )
   parser.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported')
   parser.add_argument('--warmup', type=int, default=1, help='untimed runs after compiling')
-  parser.add_argument('--seed', type=int, default=0, help='the model\'s init and the input clip')
+  parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
   parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
   parser.add_argument('--json', metavar='PATH', help='also write the results here')
@@ -136,10 +165,13 @@ def print_row(name: str, result: dict) -> None:
     extra += f', XLA temporaries {result["planned_temp_gb"]:.2f} GB'
   if 'peak_rss_gb' in result:
     extra += f', peak RSS so far {result["peak_rss_gb"]:.2f} GB'
-  print(f'{name}: L={result["tokens"]}, fwd+bwd {fmt(result["median_s"])} (median; runs '
-        f'{", ".join(fmt(t) for t in result["times_s"])}), {result["flops"] / 1e9:.1f} GFLOP, '
-        f'{result["flops_per_s"] / 1e9:.1f} GFLOP/s = {100 * result["peak_fraction"]:.0f}% '
-        f'of peak{extra}', flush=True)
+  print(
+    f'{name}: L={result["tokens"]}, fwd+bwd {fmt(result["median_s"])} (median; runs '
+    f'{", ".join(fmt(t) for t in result["times_s"])}), {result["flops"] / 1e9:.1f} GFLOP, '
+    f'{result["flops_per_s"] / 1e9:.1f} GFLOP/s = {100 * result["peak_fraction"]:.0f}% '
+    f'of peak{extra}',
+    flush=True,
+  )
 
 
 def main(argv=None):
@@ -153,36 +185,61 @@ def main(argv=None):
   if error:
     parser.error(error)
   try:
-    cfg = bench.encoder_config(args.preset, width=args.width, depth=args.depth, heads=args.heads,
-                               mlp_dim=args.mlp_dim, dtype=args.dtype, attention=args.attention)
-    compare_cfgs = [bench.encoder_config('tiny', width=w, depth=args.compare_depth,
-                                         heads=w // 64, mlp_dim=4 * w, dtype=args.dtype,
-                                         attention=args.attention) for w in args.widths] or [cfg]
+    cfg = bench.encoder_config(
+      args.preset,
+      width=args.width,
+      depth=args.depth,
+      heads=args.heads,
+      mlp_dim=args.mlp_dim,
+      dtype=args.dtype,
+      attention=args.attention,
+    )
+    compare_cfgs = [
+      bench.encoder_config(
+        'tiny',
+        width=w,
+        depth=args.compare_depth,
+        heads=w // 64,
+        mlp_dim=4 * w,
+        dtype=args.dtype,
+        attention=args.attention,
+      )
+      for w in args.widths
+    ] or [cfg]
   except ValueError as e:
     parser.error(str(e))
   n_all = args.frames * bench.PATCHES_PER_FRAME
   if not 0 < args.budget <= n_all:
-    parser.error(f'--budget {args.budget} must be in [1, {n_all}] ({args.frames} frames x '
-                 f'{bench.PATCHES_PER_FRAME} patches)')
+    parser.error(
+      f'--budget {args.budget} must be in [1, {n_all}] ({args.frames} frames x '
+      f'{bench.PATCHES_PER_FRAME} patches)'
+    )
   if min(args.repeats, args.batch, args.frames, args.compare_depth) < 1 or args.warmup < 0:
-    parser.error('--repeats, --batch, --frames and --compare-depth must be positive, --warmup '
-                 'not negative')
+    parser.error(
+      '--repeats, --batch, --frames and --compare-depth must be positive, --warmup not negative'
+    )
   torch_note = bench.torch_unavailable(args.skip_torch)
   if torch_note is None and args.budget % bench.PATCHES_PER_FRAME:
-    parser.error(f'--budget {args.budget}: the PyTorch step packs the patches into whole frames, '
-                 f'so use a multiple of {bench.PATCHES_PER_FRAME} (or --skip-torch)')
+    parser.error(
+      f'--budget {args.budget}: the PyTorch step packs the patches into whole frames, '
+      f'so use a multiple of {bench.PATCHES_PER_FRAME} (or --skip-torch)'
+    )
 
   command = ' '.join(['ove-bench-encoder', shlex.join(argv)]).strip()
   info = bench.device_info()
   env_text = bench.env_settings(info)
   b, k = args.batch, args.budget
   print(f'command: {command}')
-  print(f"device: {info['device_kind']} ({info['backend']}, {info['num_devices']} device(s)), "
-        f"{info['cpu_count']} CPUs{', ' + info['cpu_model'] if 'cpu_model' in info else ''}; "
-        f"jax {info['jax']}{'; env ' + env_text if env_text else ''}")
+  print(
+    f'device: {info["device_kind"]} ({info["backend"]}, {info["num_devices"]} device(s)), '
+    f'{info["cpu_count"]} CPUs{", " + info["cpu_model"] if "cpu_model" in info else ""}; '
+    f'jax {info["jax"]}{"; env " + env_text if env_text else ""}'
+  )
   print(tuning)
-  print(f'input: batch {b}, {args.frames} frames of {bench.IMAGE_SIZE}x{bench.IMAGE_SIZE} '
-        f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up')
+  print(
+    f'input: batch {b}, {args.frames} frames of {bench.IMAGE_SIZE}x{bench.IMAGE_SIZE} '
+    f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up'
+  )
   sys.stdout.flush()
 
   peak = metrics.matmul_peak_flops(cfg.dtype)
@@ -191,17 +248,26 @@ def main(argv=None):
   # -- sparse vs dense, on the preset ------------------------------------------------------------
   rows, dense_note = {}, 'skipped (--skip-dense)'
   if not args.skip_dense:
-    print(f'sparse vs dense: {args.preset} width={cfg.width} depth={cfg.depth} '
-          f'heads={cfg.num_heads} mlp={cfg.mlp_dim} ({enc.num_params(cfg) / 1e6:.2f}M '
-          f'parameters), dtype={cfg.dtype}, attention={cfg.attention}', flush=True)
+    print(
+      f'sparse vs dense: {args.preset} width={cfg.width} depth={cfg.depth} '
+      f'heads={cfg.num_heads} mlp={cfg.mlp_dim} ({enc.num_params(cfg) / 1e6:.2f}M '
+      f'parameters), dtype={cfg.dtype}, attention={cfg.attention}',
+      flush=True,
+    )
     dense_note = None
     inputs = bench.clip_inputs(cfg, b, args.frames, k, args.seed)
     step, _, params = bench.make_jax_step(enc.create_encoder(cfg, seed=args.seed))
     # Dense last: it is by far the biggest.
     for name, (x, pos), tokens in (('JAX sparse', inputs[1], k), ('JAX dense', inputs[0], n_all)):
-      result, outputs = bench.bench_jax(step, params, jnp.asarray(x), jnp.asarray(pos),
-                                        warmup=args.warmup, repeats=args.repeats,
-                                        check_memory=name == 'JAX dense')
+      result, outputs = bench.bench_jax(
+        step,
+        params,
+        jnp.asarray(x),
+        jnp.asarray(pos),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        check_memory=name == 'JAX dense',
+      )
       del outputs
       gc.collect()
       rows[name] = bench.add_rates(result, cfg, b, tokens, peak)
@@ -214,32 +280,73 @@ def main(argv=None):
 
   # -- JAX vs PyTorch, per width -----------------------------------------------------------------
   comparisons = []
-  for ccfg in ([] if torch_note else compare_cfgs):
-    c = bench.compare_with_torch(ccfg, batch=b, frames=args.frames, budget=k, seed=args.seed,
-                                 warmup=args.warmup, repeats=args.repeats, peak=peak)
+  for ccfg in [] if torch_note else compare_cfgs:
+    c = bench.compare_with_torch(
+      ccfg,
+      batch=b,
+      frames=args.frames,
+      budget=k,
+      seed=args.seed,
+      warmup=args.warmup,
+      repeats=args.repeats,
+      peak=peak,
+    )
     comparisons.append(c)
     for name, row in (('JAX', c['jax']), ('PyTorch', c['torch'])):
       print_row(f'width {c["width"]} depth {c["depth"]} {name}', row)
-    print(f"width {c['width']}: speed vs PyTorch {c['speed']:.2f}x [{c['speed_min']:.2f}, "
-          f"{c['speed_max']:.2f}], by CPU time {c['speed_cpu']:.2f}x; agreement: pooled "
-          f"{c['check']['pooled_max_rel_diff']:.1e}, gradients "
-          f"{c['check']['grad_max_rel_diff']:.1e} ({c['check']['grad_worst_key']}) -> "
-          f"{'agree' if c['check']['agree'] else 'MISMATCH'}", flush=True)
+    print(
+      f'width {c["width"]}: speed vs PyTorch {c["speed"]:.2f}x [{c["speed_min"]:.2f}, '
+      f'{c["speed_max"]:.2f}], by CPU time {c["speed_cpu"]:.2f}x; agreement: pooled '
+      f'{c["check"]["pooled_max_rel_diff"]:.1e}, gradients '
+      f'{c["check"]["grad_max_rel_diff"]:.1e} ({c["check"]["grad_worst_key"]}) -> '
+      f'{"agree" if c["check"]["agree"] else "MISMATCH"}',
+      flush=True,
+    )
     gc.collect()
 
-  print('\n'.join(bench.markdown_summary(
-      command=command, info=info, preset=args.preset, cfg=cfg, batch=b, frames=args.frames,
-      repeats=args.repeats, peak=peak, rows=rows, summary=summary, comparisons=comparisons,
-      dense_note=dense_note, torch_note=torch_note, tuning=tuning)), flush=True)
+  print(
+    '\n'.join(
+      bench.markdown_summary(
+        command=command,
+        info=info,
+        preset=args.preset,
+        cfg=cfg,
+        batch=b,
+        frames=args.frames,
+        repeats=args.repeats,
+        peak=peak,
+        rows=rows,
+        summary=summary,
+        comparisons=comparisons,
+        dense_note=dense_note,
+        torch_note=torch_note,
+        tuning=tuning,
+      )
+    ),
+    flush=True,
+  )
 
   if args.json:
-    report = {'command': command, 'device': info, 'args': vars(args), 'host_tuning': tuning,
-              'config': {'preset': args.preset, 'width': cfg.width, 'depth': cfg.depth,
-                         'num_heads': cfg.num_heads, 'mlp_dim': cfg.mlp_dim,
-                         'num_params': enc.num_params(cfg), 'dtype': cfg.dtype,
-                         'attention': cfg.attention},
-              'matmul_peak_flops_per_s': peak, 'results': rows, 'summary': summary,
-              'comparisons': comparisons}
+    report = {
+      'command': command,
+      'device': info,
+      'args': vars(args),
+      'host_tuning': tuning,
+      'config': {
+        'preset': args.preset,
+        'width': cfg.width,
+        'depth': cfg.depth,
+        'num_heads': cfg.num_heads,
+        'mlp_dim': cfg.mlp_dim,
+        'num_params': enc.num_params(cfg),
+        'dtype': cfg.dtype,
+        'attention': cfg.attention,
+      },
+      'matmul_peak_flops_per_s': peak,
+      'results': rows,
+      'summary': summary,
+      'comparisons': comparisons,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, 'w') as f:
       json.dump(report, f, indent=2)

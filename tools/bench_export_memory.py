@@ -17,6 +17,7 @@ Make a `base`-preset checkpoint on CPU with, e.g.:
   ove-train --config experiments/demo_cpu.py:smoke,steps=2,workers=0 --workdir RUN \\
       --config.model.preset=base --config.checkpoint_every=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ import sys
 import tempfile
 
 # Run in the child: `load()` is the variant's code; the rest measures around it.
-_CHILD = r'''
+_CHILD = r"""
 import json, os, resource, sys, threading, time
 import jax, numpy as np
 sys.path[:0] = SOURCE_PATHS
@@ -64,74 +65,96 @@ else:
 print('RESULT ' + json.dumps({'baseline_bytes': base, 'peak_bytes': peak,
                               'beyond_baseline_bytes': peak - base, 'param_bytes': param_bytes,
                               'seconds': seconds}))
-'''
+"""
 
-_NEW_LOAD = '''
+_NEW_LOAD = """
 def load():
   return _ckpt.load_encoder(WORKDIR).model
-'''
+"""
 # The source's tools/convert_checkpoint.py, imported by path as `cli`.
-_IMPORT_CLI = '''
+_IMPORT_CLI = """
 import importlib.util, tempfile
 spec = importlib.util.spec_from_file_location(
     'convert_checkpoint', os.path.join(SOURCE_PATHS[0], 'tools', 'convert_checkpoint.py'))
 cli = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cli)
-'''
-_OLD_LOAD = _IMPORT_CLI + '''
+"""
+_OLD_LOAD = (
+  _IMPORT_CLI
+  + """
 def load():
   return cli.trained_encoder(WORKDIR)[0]
-'''
-_CLI_LOAD = _IMPORT_CLI + '''
+"""
+)
+_CLI_LOAD = (
+  _IMPORT_CLI
+  + """
 def load():
   out = tempfile.mkdtemp()
   assert cli.main(['from-train', '--workdir', WORKDIR, '--out', out]) == 0
   return out   # the parameter bytes are read from the written files, after the sampling stops
-'''
+"""
+)
 
 
 def measure(workdir: str, source: str, load: str) -> dict:
   """One measurement in a fresh process, with `source` first on the import path."""
-  code = (_CHILD.replace('LOAD', load).replace('SOURCE_PATHS', repr([source]))
-          .replace('WORKDIR', repr(os.path.abspath(workdir))))
+  code = (
+    _CHILD.replace('LOAD', load)
+    .replace('SOURCE_PATHS', repr([source]))
+    .replace('WORKDIR', repr(os.path.abspath(workdir)))
+  )
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([source, os.environ.get('PYTHONPATH', '')])}
   env.pop('XLA_FLAGS', None)  # one CPU device: the export's own setting
   with tempfile.TemporaryDirectory() as cwd:
-    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                          cwd=cwd)
+    proc = subprocess.run(
+      [sys.executable, '-c', code], env=env, capture_output=True, text=True, cwd=cwd
+    )
   lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
   if proc.returncode or not lines:
     raise RuntimeError(f'measurement failed ({source}):\n{proc.stderr[-3000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+  return json.loads(lines[-1][len('RESULT ') :])
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='bench_export_memory', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser = argparse.ArgumentParser(
+    prog='bench_export_memory',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
   parser.add_argument('--workdir', required=True, help='a training workdir with a checkpoint')
-  parser.add_argument('--old-source', help='a checkout of the code before params-only restores '
-                      '(full-state export); omit to measure the params-only export alone')
-  parser.add_argument('--cli', action='store_true',
-                      help='measure the whole `ove-convert from-train` instead of the load')
+  parser.add_argument(
+    '--old-source',
+    help='a checkout of the code before params-only restores '
+    '(full-state export); omit to measure the params-only export alone',
+  )
+  parser.add_argument(
+    '--cli',
+    action='store_true',
+    help='measure the whole `ove-convert from-train` instead of the load',
+  )
   parser.add_argument('--json', help='also write the figures to this file')
   args = parser.parse_args(argv)
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   variants = {'params-only': (here, _CLI_LOAD if args.cli else _NEW_LOAD)}
   if args.old_source:
-    variants['full-state'] = (os.path.abspath(args.old_source),
-                              _CLI_LOAD if args.cli else _OLD_LOAD)
+    variants['full-state'] = (
+      os.path.abspath(args.old_source),
+      _CLI_LOAD if args.cli else _OLD_LOAD,
+    )
   results = {}
   for name, (source, load) in variants.items():
     r = results[name] = measure(args.workdir, source, load)
-    print(f'{name:12s} baseline {r["baseline_bytes"] / 2**20:8.1f} MiB  peak beyond baseline '
-          f'{r["beyond_baseline_bytes"] / 2**20:8.1f} MiB = '
-          f'{r["beyond_baseline_bytes"] / r["param_bytes"]:.2f} x the encoder\'s '
-          f'{r["param_bytes"] / 2**20:.1f} MiB of parameters ({r["seconds"]:.1f} s)')
+    print(
+      f'{name:12s} baseline {r["baseline_bytes"] / 2**20:8.1f} MiB  peak beyond baseline '
+      f'{r["beyond_baseline_bytes"] / 2**20:8.1f} MiB = '
+      f"{r['beyond_baseline_bytes'] / r['param_bytes']:.2f} x the encoder's "
+      f'{r["param_bytes"] / 2**20:.1f} MiB of parameters ({r["seconds"]:.1f} s)'
+    )
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({'workdir': os.path.abspath(args.workdir), 'cli': args.cli, **results}, f,
-                indent=2)
+      json.dump({'workdir': os.path.abspath(args.workdir), 'cli': args.cli, **results}, f, indent=2)
   return 0
 
 

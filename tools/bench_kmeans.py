@@ -13,6 +13,7 @@ second, best of `--repeats` timed runs after one warm-up (the JAX pass is compil
 
 The measurement is `ove_jax.benchmarks.kmeans_throughput`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,12 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='ove-bench-kmeans', description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split('\n\n', 1)[1])
+  p = argparse.ArgumentParser(
+    prog='ove-bench-kmeans',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
   p.add_argument('--n', type=int, default=20_000, help='points')
   p.add_argument('--d', type=int, default=64, help='feature dimension')
   p.add_argument('--k', type=int, default=1000, help='centres')
@@ -39,19 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   from ove_jax import distributed
+
   if args.devices:
     distributed.use_cpu_devices(args.devices)
   import jax
 
   from ove_jax import benchmarks, sharding
+
   try:
     mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh) if args.mesh else {'data': -1})
   except ValueError as e:
     print(f'ove-bench-kmeans: error: --mesh {args.mesh}: {e}', file=sys.stderr)
     return 2
   with jax.set_mesh(mesh):
-    figures = benchmarks.kmeans_throughput(args.n, args.d, args.k, chunk=args.chunk,
-                                           repeats=args.repeats, sklearn=not args.skip_sklearn)
+    figures = benchmarks.kmeans_throughput(
+      args.n, args.d, args.k, chunk=args.chunk, repeats=args.repeats, sklearn=not args.skip_sklearn
+    )
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(figures, f, indent=2)

@@ -13,6 +13,7 @@ objective (sum of squared distances, on the sphere with --spherical), scored by 
 
 Installed as the console script `ove-bench-kmeans-backends`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ import numpy as np
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='ove-bench-kmeans-backends',
-                              description=__doc__.split('\n\n')[0])
+  p = argparse.ArgumentParser(
+    prog='ove-bench-kmeans-backends', description=__doc__.split('\n\n')[0]
+  )
   p.add_argument('--n', type=int, default=100_000, help='points (blobs)')
   p.add_argument('--d', type=int, default=64, help='feature dimension (blobs)')
   p.add_argument('--clusters', type=int, default=1000, help='true centres of the blobs')
@@ -33,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--k', type=int, default=1000, help='centres to fit')
   p.add_argument('--iters', type=int, default=10, help='Lloyd updates of every backend')
   p.add_argument('--spherical', action='store_true', help='cosine k-means on unit vectors')
-  p.add_argument('--backends', default='jax,sklearn,faiss',
-                 help='comma-separated, of jax, sklearn, faiss')
+  p.add_argument(
+    '--backends', default='jax,sklearn,faiss', help='comma-separated, of jax, sklearn, faiss'
+  )
   p.add_argument('--repeats', type=int, default=3, help='timed assignment passes (best counts)')
   p.add_argument('--seed', type=int, default=0, help='of the blobs and the k-means++ centres')
   p.add_argument('--json', help='also write the figures here')
@@ -44,17 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   from ove_jax import kmeans_backends
+
   backends = [b.strip() for b in args.backends.split(',') if b.strip()]
   unknown = sorted(set(backends) - set(kmeans_backends.BACKENDS))
   if unknown:
-    print(f'ove-bench-kmeans-backends: error: --backends {unknown}: choose from '
-          f'{", ".join(kmeans_backends.BACKENDS)}', file=sys.stderr)
+    print(
+      f'ove-bench-kmeans-backends: error: --backends {unknown}: choose from '
+      f'{", ".join(kmeans_backends.BACKENDS)}',
+      file=sys.stderr,
+    )
     return 2
   if args.features:
     x = np.load(args.features, mmap_mode='r')
     if x.ndim != 2:
-      print(f'ove-bench-kmeans-backends: error: {args.features}: shape {x.shape}; expected '
-            '[N, D]', file=sys.stderr)
+      print(
+        f'ove-bench-kmeans-backends: error: {args.features}: shape {x.shape}; expected [N, D]',
+        file=sys.stderr,
+      )
       return 2
     x = np.asarray(x, np.float32)
   else:
@@ -62,10 +71,19 @@ def main(argv=None) -> int:
     true = rng.normal(size=(args.clusters, args.d)).astype(np.float32) * 2
     x = true[rng.integers(args.clusters, size=args.n)] + rng.normal(size=(args.n, args.d))
     x = x.astype(np.float32)
-  rows = kmeans_backends.bench(x, args.k, backends=backends, iters=args.iters,
-                               spherical=args.spherical, seed=args.seed, repeats=args.repeats)
-  print(f'N={len(x)} D={x.shape[1]} k={args.k} iters={args.iters} '
-        f'{"spherical" if args.spherical else "euclidean"}')
+  rows = kmeans_backends.bench(
+    x,
+    args.k,
+    backends=backends,
+    iters=args.iters,
+    spherical=args.spherical,
+    seed=args.seed,
+    repeats=args.repeats,
+  )
+  print(
+    f'N={len(x)} D={x.shape[1]} k={args.k} iters={args.iters} '
+    f'{"spherical" if args.spherical else "euclidean"}'
+  )
   print(f'  {"backend":8s} {"assign points/s":>16s} {"fit s":>9s} {"objective":>16s}')
   for r in rows:
     print(f'  {r.backend:8s} {r.assign_points_per_s:16.4g} {r.fit_s:9.2f} {r.objective:16.8g}')
@@ -74,9 +92,18 @@ def main(argv=None) -> int:
   print(f'  objectives within {spread:.3f}% of the best')
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump({'n': len(x), 'd': x.shape[1], 'k': args.k, 'iters': args.iters,
-                 'spherical': args.spherical, 'rows': [dataclasses.asdict(r) for r in rows]},
-                f, indent=2)
+      json.dump(
+        {
+          'n': len(x),
+          'd': x.shape[1],
+          'k': args.k,
+          'iters': args.iters,
+          'spherical': args.spherical,
+          'rows': [dataclasses.asdict(r) for r in rows],
+        },
+        f,
+        indent=2,
+      )
   return 0
 
 

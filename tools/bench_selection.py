@@ -32,6 +32,7 @@ both shown (CPU time includes every thread, and is the fairer figure on a shared
   python tools/bench_selection.py --speed bikes.mp4 bigbuckbunny.mp4 carphone_pristine.mp4 \
       --clips 3 --repeat 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,11 @@ import numpy as np
 
 from data_pipeline import codec, synthetic
 
-DEFAULT_VARIANTS = ('policy=paper', 'policy=paper,camera_compensation=median',
-                    'policy=zero,camera_compensation=median')
+DEFAULT_VARIANTS = (
+  'policy=paper',
+  'policy=paper,camera_compensation=median',
+  'policy=zero,camera_compensation=median',
+)
 
 
 def parse_variant(text: str) -> dict:
@@ -68,8 +72,9 @@ def parse_variant(text: str) -> dict:
       value = {'True': True, 'False': False, 'None': None}[value]
     options[key.strip()] = value
   # Unknown names and bad values fail here, before the run; preset=NAME picks a release preset.
-  codec.Options.from_kwargs({k: v for k, v in options.items() if k != 'preset'},
-                            options.get('preset'))
+  codec.Options.from_kwargs(
+    {k: v for k, v in options.items() if k != 'preset'}, options.get('preset')
+  )
   return options
 
 
@@ -77,8 +82,12 @@ def measure(clip, selection, budget: int, min_coverage: float) -> dict:
   moving_TxHpxWp = clip.patch_mask(selection.frame_ids, min_coverage=min_coverage)
   hits = int(moving_TxHpxWp[tuple(selection.positions.T)].sum())
   moving = int(moving_TxHpxWp.sum())
-  return dict(share=hits / budget, recall=hits / max(moving, 1),
-              base=float(moving_TxHpxWp.mean()), ceiling=min(1.0, moving / budget))
+  return dict(
+    share=hits / budget,
+    recall=hits / max(moving, 1),
+    base=float(moving_TxHpxWp.mean()),
+    ceiling=min(1.0, moving / budget),
+  )
 
 
 def run(args) -> dict:
@@ -92,42 +101,69 @@ def run(args) -> dict:
   base, ceiling = [], []
   for i in range(args.clips):
     clip = synthetic.make_clip(
-        args.seed + i, num_frames=args.source_frames or args.frames, height=args.height,
-        width=args.width, codec=args.codec, bframes=args.bframes, gop=args.gop,
-        num_objects=1 + i % 3, background='pan' if (i % 2 and args.pan) else 'static')
+      args.seed + i,
+      num_frames=args.source_frames or args.frames,
+      height=args.height,
+      width=args.width,
+      codec=args.codec,
+      bframes=args.bframes,
+      gop=args.gop,
+      num_objects=1 + i % 3,
+      background='pan' if (i % 2 and args.pan) else 'static',
+    )
     for name, (kind, options) in methods.items():
       tick = time.perf_counter()
       if kind == 'codec':
-        sel = codec.select(clip.data, args.frames, budget, args.resolution, args.patch_size,
-                           **options)
+        sel = codec.select(
+          clip.data, args.frames, budget, args.resolution, args.patch_size, **options
+        )
       elif kind == 'uniform':
-        sel = codec.select_uniform_frames(clip.data, args.frames, budget, args.resolution,
-                                          args.patch_size)
+        sel = codec.select_uniform_frames(
+          clip.data, args.frames, budget, args.resolution, args.patch_size
+        )
       else:
-        sel = codec.select_random(clip.data, args.frames, budget, args.resolution,
-                                  args.patch_size, seed=args.seed + i)
+        sel = codec.select_random(
+          clip.data, args.frames, budget, args.resolution, args.patch_size, seed=args.seed + i
+        )
       seconds[name] += time.perf_counter() - tick
       got = measure(clip, sel, budget, args.min_coverage)
       results[name].append(got)
     base.append(got['base'])
     ceiling.append(got['ceiling'])
     if args.verbose:
-      print(f'clip {i}: ' + ', '.join(f'{n} {r[-1]["share"]:.3f}' for n, r in results.items()),
-            file=sys.stderr)
+      print(
+        f'clip {i}: ' + ', '.join(f'{n} {r[-1]["share"]:.3f}' for n, r in results.items()),
+        file=sys.stderr,
+      )
   rows = []
   for name, per_clip in results.items():
     share = np.array([r['share'] for r in per_clip])
     of_perfect = np.array([r['share'] / max(r['ceiling'], 1e-9) for r in per_clip])
     recall = np.array([r['recall'] for r in per_clip])
-    rows.append(dict(method=name, share_mean=float(share.mean()), share_std=float(share.std()),
-                     share_min=float(share.min()), of_perfect=float(of_perfect.mean()),
-                     recall_mean=float(recall.mean()),
-                     lift=float(share.mean() / max(np.mean(base), 1e-9)),
-                     clips_per_s=args.clips / max(seconds[name], 1e-9)))
-  return dict(clips=args.clips, frames=args.frames, budget=budget,
-              candidates=args.frames * hp * hp, codec=args.codec, bframes=args.bframes,
-              size=f'{args.height}x{args.width}', base=float(np.mean(base)),
-              ceiling=float(np.mean(ceiling)), rows=rows)
+    rows.append(
+      dict(
+        method=name,
+        share_mean=float(share.mean()),
+        share_std=float(share.std()),
+        share_min=float(share.min()),
+        of_perfect=float(of_perfect.mean()),
+        recall_mean=float(recall.mean()),
+        lift=float(share.mean() / max(np.mean(base), 1e-9)),
+        clips_per_s=args.clips / max(seconds[name], 1e-9),
+      )
+    )
+  return dict(
+    clips=args.clips,
+    frames=args.frames,
+    budget=budget,
+    candidates=args.frames * hp * hp,
+    codec=args.codec,
+    bframes=args.bframes,
+    size=f'{args.height}x{args.width}',
+    base=float(np.mean(base)),
+    ceiling=float(np.mean(ceiling)),
+    rows=rows,
+  )
 
 
 def _cpu() -> float:
@@ -166,12 +202,20 @@ def speed(args) -> list[dict]:
   options = parse_variant(args.variant[0]) if args.variant else {}
   clips = [(path.rsplit('/', 1)[-1], path) for path in args.speed]
   for i in range(args.clips):
-    clip = synthetic.make_clip(args.seed + i, num_frames=args.source_frames or args.frames,
-                               height=args.height, width=args.width, codec=args.codec,
-                               bframes=args.bframes, gop=args.gop, num_objects=1 + i % 3,
-                               background='pan' if (i % 2 and args.pan) else 'static')
-    clips.append((f'synthetic {i} ({args.codec}, {args.height}x{args.width}, '
-                  f'B {args.bframes})', clip.data))
+    clip = synthetic.make_clip(
+      args.seed + i,
+      num_frames=args.source_frames or args.frames,
+      height=args.height,
+      width=args.width,
+      codec=args.codec,
+      bframes=args.bframes,
+      gop=args.gop,
+      num_objects=1 + i % 3,
+      background='pan' if (i % 2 and args.pan) else 'static',
+    )
+    clips.append(
+      (f'synthetic {i} ({args.codec}, {args.height}x{args.width}, B {args.bframes})', clip.data)
+    )
   rows = []
   hp = args.resolution // args.patch_size
   budget = args.budget or (args.frames * hp * hp) // 8
@@ -180,80 +224,122 @@ def speed(args) -> list[dict]:
     last = int(sel.frame_ids.max())
     decode = _best(lambda v=video, n=last: plain_decode(v, n, False), args.repeat)
     decode_rgb = _best(lambda v=video, n=last: plain_decode(v, n, True), args.repeat)
-    select = _best(lambda v=video: codec.select(v, args.frames, budget, args.resolution,
-                                                args.patch_size, **options), args.repeat)
-    rows.append(dict(clip=name, frames=last + 1, decode_wall=decode[0], decode_cpu=decode[1],
-                     rgb_wall=decode_rgb[0], rgb_cpu=decode_rgb[1], select_wall=select[0],
-                     select_cpu=select[1], transcoded=bool(sel.transcoded)))
+    select = _best(
+      lambda v=video: codec.select(
+        v, args.frames, budget, args.resolution, args.patch_size, **options
+      ),
+      args.repeat,
+    )
+    rows.append(
+      dict(
+        clip=name,
+        frames=last + 1,
+        decode_wall=decode[0],
+        decode_cpu=decode[1],
+        rgb_wall=decode_rgb[0],
+        rgb_cpu=decode_rgb[1],
+        select_wall=select[0],
+        select_cpu=select[1],
+        transcoded=bool(sel.transcoded),
+      )
+    )
   return rows
 
 
 def speed_table(rows: list[dict], options: str) -> str:
-  lines = [f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
-           'of the repeats; ratio = selection / decoding.',
-           '',
-           '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
-           '| ratio wall | ratio cpu | ratio cpu vs decode+rgb |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
+    'of the repeats; ratio = selection / decoding.',
+    '',
+    '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
+    '| ratio wall | ratio cpu | ratio cpu vs decode+rgb |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in rows:
     lines.append(
-        f'| {r["clip"]}{" (transcoded)" if r["transcoded"] else ""} | {r["frames"]} | '
-        f'{r["decode_wall"]:.3f} / {r["decode_cpu"]:.3f} | {r["rgb_wall"]:.3f} / '
-        f'{r["rgb_cpu"]:.3f} | {r["select_wall"]:.3f} / {r["select_cpu"]:.3f} | '
-        f'{r["select_wall"] / r["decode_wall"]:.2f} | '
-        f'{r["select_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
-        f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} |')
+      f'| {r["clip"]}{" (transcoded)" if r["transcoded"] else ""} | {r["frames"]} | '
+      f'{r["decode_wall"]:.3f} / {r["decode_cpu"]:.3f} | {r["rgb_wall"]:.3f} / '
+      f'{r["rgb_cpu"]:.3f} | {r["select_wall"]:.3f} / {r["select_cpu"]:.3f} | '
+      f'{r["select_wall"] / r["decode_wall"]:.2f} | '
+      f'{r["select_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
+      f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} |'
+    )
   return '\n'.join(lines)
 
 
 def table(summary: dict) -> str:
   lines = [
-      f'{summary["clips"]} synthetic clips ({summary["codec"]}, {summary["size"]}, '
-      f'B-frames {summary["bframes"]}), T = {summary["frames"]}, K = {summary["budget"]} of '
-      f'{summary["candidates"]} patches ({100 * summary["budget"] / summary["candidates"]:.1f}%). '
-      f'Chance share (moving patches / all): {summary["base"]:.3f}; '
-      f'perfect selector: {summary["ceiling"]:.3f}.',
-      '',
-      '| method | share on moving objects (mean ± sd) | worst clip | of perfect | recall | '
-      'x chance | clips/s |',
-      '|---|---|---|---|---|---|---|']
+    f'{summary["clips"]} synthetic clips ({summary["codec"]}, {summary["size"]}, '
+    f'B-frames {summary["bframes"]}), T = {summary["frames"]}, K = {summary["budget"]} of '
+    f'{summary["candidates"]} patches ({100 * summary["budget"] / summary["candidates"]:.1f}%). '
+    f'Chance share (moving patches / all): {summary["base"]:.3f}; '
+    f'perfect selector: {summary["ceiling"]:.3f}.',
+    '',
+    '| method | share on moving objects (mean ± sd) | worst clip | of perfect | recall | '
+    'x chance | clips/s |',
+    '|---|---|---|---|---|---|---|',
+  ]
   for row in summary['rows']:
-    lines.append(f'| {row["method"]} | {row["share_mean"]:.3f} ± {row["share_std"]:.3f} | '
-                 f'{row["share_min"]:.3f} | {row["of_perfect"]:.3f} | '
-                 f'{row["recall_mean"]:.3f} | {row["lift"]:.2f} | {row["clips_per_s"]:.1f} |')
+    lines.append(
+      f'| {row["method"]} | {row["share_mean"]:.3f} ± {row["share_std"]:.3f} | '
+      f'{row["share_min"]:.3f} | {row["of_perfect"]:.3f} | '
+      f'{row["recall_mean"]:.3f} | {row["lift"]:.2f} | {row["clips_per_s"]:.1f} |'
+    )
   return '\n'.join(lines)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='ove-bench-selection',
-                                   description=__doc__.split('\n\n')[0],
-                                   epilog=__doc__.split('\n\n', 1)[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog='ove-bench-selection',
+    description=__doc__.split('\n\n')[0],
+    epilog=__doc__.split('\n\n', 1)[1],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument('--clips', type=int, default=16, help='synthetic clips to run')
   parser.add_argument('--frames', type=int, default=64, help='T, frames on the timeline')
-  parser.add_argument('--speed', nargs='*', default=None, metavar='VIDEO',
-                      help='speed mode: selection vs plain decoding of these files and of '
-                           '--clips synthetic clips (the first --variant gives the options)')
-  parser.add_argument('--repeat', type=int, default=3,
-                      help='speed mode: runs per measurement, the best is kept')
-  parser.add_argument('--source-frames', type=int, default=None,
-                      help='frames in each synthetic video (default: T)')
+  parser.add_argument(
+    '--speed',
+    nargs='*',
+    default=None,
+    metavar='VIDEO',
+    help='speed mode: selection vs plain decoding of these files and of '
+    '--clips synthetic clips (the first --variant gives the options)',
+  )
+  parser.add_argument(
+    '--repeat', type=int, default=3, help='speed mode: runs per measurement, the best is kept'
+  )
+  parser.add_argument(
+    '--source-frames', type=int, default=None, help='frames in each synthetic video (default: T)'
+  )
   parser.add_argument('--budget', type=int, default=None, help='K (default: 12.5%% of T x grid)')
   parser.add_argument('--resolution', type=int, default=224, help='model resolution')
   parser.add_argument('--patch-size', type=int, default=14, help='model patch size')
   parser.add_argument('--height', type=int, default=224, help='synthetic video height')
   parser.add_argument('--width', type=int, default=224, help='synthetic video width')
-  parser.add_argument('--codec', default='h264', choices=sorted(synthetic.CODECS),
-                      help='codec of the synthetic clips')
+  parser.add_argument(
+    '--codec', default='h264', choices=sorted(synthetic.CODECS), help='codec of the synthetic clips'
+  )
   parser.add_argument('--bframes', type=int, default=0, help='B-frames of the synthetic clips')
   parser.add_argument('--gop', type=int, default=32, help='GOP of the synthetic clips')
-  parser.add_argument('--no-pan', dest='pan', action='store_false',
-                      help='all clips with a still camera (default: every other clip pans)')
-  parser.add_argument('--variant', action='append', default=None,
-                      help='codec.select options, e.g. policy=zero,fusion=max (repeatable; '
-                           f'default: {" / ".join(DEFAULT_VARIANTS)})')
-  parser.add_argument('--min-coverage', type=float, default=0.1,
-                      help='share of a patch objects must cover for it to count as moving')
+  parser.add_argument(
+    '--no-pan',
+    dest='pan',
+    action='store_false',
+    help='all clips with a still camera (default: every other clip pans)',
+  )
+  parser.add_argument(
+    '--variant',
+    action='append',
+    default=None,
+    help='codec.select options, e.g. policy=zero,fusion=max (repeatable; '
+    f'default: {" / ".join(DEFAULT_VARIANTS)})',
+  )
+  parser.add_argument(
+    '--min-coverage',
+    type=float,
+    default=0.1,
+    help='share of a patch objects must cover for it to count as moving',
+  )
   parser.add_argument('--seed', type=int, default=0, help='seed of the first synthetic clip')
   parser.add_argument('--json', default=None, help='also write the figures here')
   parser.add_argument('--verbose', action='store_true', help='per-clip shares on stderr')

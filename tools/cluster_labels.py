@@ -42,6 +42,7 @@ clusters, cluster sizes (min / median / max and a histogram). With `--records`, 
 holds a copy of every input shard (same file names, records format) with `labels` replaced.
 The work is done by `ove_jax.labels`; this command parses flags and prints the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,37 +55,61 @@ from ove_jax import labels as labels_lib
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='ove-cluster-labels', description=__doc__.split('\n\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__.split('\n\n', 1)[1])
+  p = argparse.ArgumentParser(
+    prog='ove-cluster-labels',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
   src = p.add_argument_group('features (one of)')
-  src.add_argument('--features', help='.npy [N, D] or [N, F, D], or .npz with `features` (and '
-                   'optionally `ids`)')
-  src.add_argument('--teacher', help='ove_jax encoder: release-format HF dir, training workdir '
-                   f'or step folder; or {labels_lib.HF_PREFIX}DIR_OR_HUB_ID: a transformers '
-                   'vision model')
-  p.add_argument('--records', help='precompute output folder, or glob of record shards: the '
-                 'teacher\'s input, and/or records to write relabelled copies of (one per '
-                 'feature row, in sorted shard order)')
+  src.add_argument(
+    '--features', help='.npy [N, D] or [N, F, D], or .npz with `features` (and optionally `ids`)'
+  )
+  src.add_argument(
+    '--teacher',
+    help='ove_jax encoder: release-format HF dir, training workdir '
+    f'or step folder; or {labels_lib.HF_PREFIX}DIR_OR_HUB_ID: a transformers '
+    'vision model',
+  )
+  p.add_argument(
+    '--records',
+    help='precompute output folder, or glob of record shards: the '
+    "teacher's input, and/or records to write relabelled copies of (one per "
+    'feature row, in sorted shard order)',
+  )
   p.add_argument('--step', type=int, help='checkpoint step of a training workdir (default latest)')
   p.add_argument('--batch', type=int, default=32, help='frames per teacher forward')
-  p.add_argument('--shard-records', type=int, default=labels_lib.SHARD_RECORDS,
-                 help='records per feature shard of a transformers (hf:) teacher')
+  p.add_argument(
+    '--shard-records',
+    type=int,
+    default=labels_lib.SHARD_RECORDS,
+    help='records per feature shard of a transformers (hf:) teacher',
+  )
   p.add_argument('--k', type=int, required=True, help='number of centres')
-  p.add_argument('--num-labels', type=int, default=labels_lib.NUM_LABELS,
-                 help='nearest centres per sample')
-  p.add_argument('--backend', choices=labels_lib.BACKENDS, default='auto',
-                 help=f'k-means engine; auto: sklearn when k * N <= '
-                 f'{labels_lib.SKLEARN_MAX_WORK}, else jax')
-  p.add_argument('--init', default='k-means++',
-                 help='"k-means++", "random", or a .npy of [k, D] initial centres')
+  p.add_argument(
+    '--num-labels', type=int, default=labels_lib.NUM_LABELS, help='nearest centres per sample'
+  )
+  p.add_argument(
+    '--backend',
+    choices=labels_lib.BACKENDS,
+    default='auto',
+    help=f'k-means engine; auto: sklearn when k * N <= {labels_lib.SKLEARN_MAX_WORK}, else jax',
+  )
+  p.add_argument(
+    '--init', default='k-means++', help='"k-means++", "random", or a .npy of [k, D] initial centres'
+  )
   p.add_argument('--iters', type=int, default=100, help='at most this many Lloyd iterations')
-  p.add_argument('--tol', type=float, default=1e-4,
-                 help='stop when the squared centre shift is <= tol x the mean feature variance')
+  p.add_argument(
+    '--tol',
+    type=float,
+    default=1e-4,
+    help='stop when the squared centre shift is <= tol x the mean feature variance',
+  )
   p.add_argument('--seed', type=int, default=0, help='k-means initialisation and video frames')
   p.add_argument('--chunk', type=int, help='points scored at once by the JAX k-means')
-  p.add_argument('--mesh', help='data,fsdp,tensor sizes of the JAX mesh (default: all devices '
-                 'on data)')
+  p.add_argument(
+    '--mesh', help='data,fsdp,tensor sizes of the JAX mesh (default: all devices on data)'
+  )
   p.add_argument('--devices', type=int, help='virtual CPU devices to start JAX with')
   p.add_argument('--out', required=True, help='output folder')
   return p
@@ -93,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_teacher(path: str, step: int | None = None):
   """The encoder of --teacher (`checkpoint.load_encoder`, errors naming the flag)."""
   from ove_jax import checkpoint, cli
+
   try:
     return checkpoint.load_encoder(path, step=step).model
   except (OSError, ValueError, KeyError) as e:
@@ -107,6 +133,7 @@ def run(args) -> dict:
     raise labels_lib.LabelsError('--teacher needs --records GLOB (the records to encode)')
   if args.devices:
     from ove_jax import distributed
+
     try:
       distributed.use_cpu_devices(args.devices)
     except RuntimeError as e:
@@ -122,26 +149,48 @@ def run(args) -> dict:
     x, ids = labels_lib.load_features(args.features)
     source = f'--features {args.features}'
     if args.records and len(recs) != len(x):
-      raise labels_lib.LabelsError(f'--records {args.records}: {len(recs)} records but {len(x)} '
-                                   f'feature rows in --features {args.features}')
+      raise labels_lib.LabelsError(
+        f'--records {args.records}: {len(recs)} records but {len(x)} '
+        f'feature rows in --features {args.features}'
+      )
   elif args.teacher.startswith(labels_lib.HF_PREFIX):
     if args.batch < 1:
       raise labels_lib.LabelsError(f'--batch {args.batch}: must be >= 1')
-    teacher = labels_lib.HFTeacher(args.teacher[len(labels_lib.HF_PREFIX):])
+    teacher = labels_lib.HFTeacher(args.teacher[len(labels_lib.HF_PREFIX) :])
     # The resumable feature cache is local files: for an --out URL, in its local folder.
     x, ids = labels_lib.sharded_teacher_features(
-        teacher, recs, paths.local_folder(paths.join(args.out, 'features')), batch=args.batch,
-        seed=args.seed, shard_records=args.shard_records, about=args.teacher)
+      teacher,
+      recs,
+      paths.local_folder(paths.join(args.out, 'features')),
+      batch=args.batch,
+      seed=args.seed,
+      shard_records=args.shard_records,
+      about=args.teacher,
+    )
     source = f'--records {args.records}'
   else:
-    x = labels_lib.teacher_features(load_teacher(args.teacher, args.step), recs, args.batch,
-                                    args.seed)
+    x = labels_lib.teacher_features(
+      load_teacher(args.teacher, args.step), recs, args.batch, args.seed
+    )
     source = f'--records {args.records}'
   return labels_lib.make_labels(
-      x, args.out, k=args.k, num_labels=args.num_labels, ids=ids, shards=shards,
-      shard_records=shard_records, source=source, backend=args.backend, init=args.init,
-      iters=args.iters, tol=args.tol, seed=args.seed, chunk=args.chunk, mesh=mesh(args.mesh),
-      start=start)
+    x,
+    args.out,
+    k=args.k,
+    num_labels=args.num_labels,
+    ids=ids,
+    shards=shards,
+    shard_records=shard_records,
+    source=source,
+    backend=args.backend,
+    init=args.init,
+    iters=args.iters,
+    tol=args.tol,
+    seed=args.seed,
+    chunk=args.chunk,
+    mesh=mesh(args.mesh),
+    start=start,
+  )
 
 
 def mesh(text: str | None):
@@ -151,11 +200,13 @@ def mesh(text: str | None):
   import jax
 
   from ove_jax import sharding
+
   try:
     return sharding.make_mesh(sharding.parse_mesh(text))
   except ValueError as e:
-    raise labels_lib.LabelsError(f'--mesh {text}: {e} (JAX has {jax.device_count()} devices; '
-                                 'set --devices on CPU)') from None
+    raise labels_lib.LabelsError(
+      f'--mesh {text}: {e} (JAX has {jax.device_count()} devices; set --devices on CPU)'
+    ) from None
 
 
 def main(argv=None) -> int:

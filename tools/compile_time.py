@@ -13,6 +13,7 @@ With `scan_layers` the blocks are one `nnx.scan` over stacked parameters, so XLA
 whatever the depth; unrolled, it sees `depth` copies. The last line is one JSON object with
 every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ def compile_step(cfg, tokens: int, batch: int) -> dict:
     def loss(state):
       out = nnx.merge(graphdef, state)(patches, positions)
       return jnp.mean(out['pooled'].astype(jnp.float32) ** 2)
+
     return jax.value_and_grad(loss)(state)
 
   start, start_cpu = time.perf_counter(), time.process_time()
@@ -50,26 +52,43 @@ def compile_step(cfg, tokens: int, batch: int) -> dict:
   compiled = lowered.compile()
   done, done_cpu = time.perf_counter(), time.process_time()
   memory = compiled.memory_analysis()
-  return {'lower_s': round(lowered_at - start, 2), 'compile_s': round(done - lowered_at, 2),
-          'lower_cpu_s': round(lowered_cpu - start_cpu, 2),
-          'compile_cpu_s': round(done_cpu - lowered_cpu, 2),
-          'temp_bytes': int(getattr(memory, 'temp_size_in_bytes', 0) or 0)}
+  return {
+    'lower_s': round(lowered_at - start, 2),
+    'compile_s': round(done - lowered_at, 2),
+    'lower_cpu_s': round(lowered_cpu - start_cpu, 2),
+    'compile_cpu_s': round(done_cpu - lowered_cpu, 2),
+    'temp_bytes': int(getattr(memory, 'temp_size_in_bytes', 0) or 0),
+  }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='ove-compile-time', description=__doc__.split('\n\n')[0],
-                                   allow_abbrev=False)
-  parser.add_argument('--preset', default='large',
-                      help='encoder preset: tiny, small, base, large or huge (default large)')
+  parser = argparse.ArgumentParser(
+    prog='ove-compile-time', description=__doc__.split('\n\n')[0], allow_abbrev=False
+  )
+  parser.add_argument(
+    '--preset',
+    default='large',
+    help='encoder preset: tiny, small, base, large or huge (default large)',
+  )
   parser.add_argument('--tokens', type=int, default=1024, help='tokens per row (default 1024)')
   parser.add_argument('--batch', type=int, default=1, help='rows per step (default 1)')
-  parser.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'),
-                      help='compute dtype (default bfloat16)')
-  parser.add_argument('--remat', default='full', choices=('none', 'full', 'dots'),
-                      help='per-block rematerialisation (default full)')
-  parser.add_argument('--layouts', default=','.join(LAYOUTS),
-                      help='comma-separated block layouts to compile: scanned, unrolled '
-                      '(default both)')
+  parser.add_argument(
+    '--dtype',
+    default='bfloat16',
+    choices=('float32', 'bfloat16'),
+    help='compute dtype (default bfloat16)',
+  )
+  parser.add_argument(
+    '--remat',
+    default='full',
+    choices=('none', 'full', 'dots'),
+    help='per-block rematerialisation (default full)',
+  )
+  parser.add_argument(
+    '--layouts',
+    default=','.join(LAYOUTS),
+    help='comma-separated block layouts to compile: scanned, unrolled (default both)',
+  )
   args = parser.parse_args(argv)
   layouts = [s.strip() for s in args.layouts.split(',') if s.strip()]
   bad = [s for s in layouts if s not in LAYOUTS]
@@ -79,20 +98,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f'--tokens={args.tokens} --batch={args.batch}: both must be 1 or more')
 
   from ove_jax.models import PRESETS, EncoderConfig
+
   if args.preset not in PRESETS:
     parser.error(f'--preset={args.preset}: choose one of {", ".join(PRESETS)}')
   base = EncoderConfig.preset(args.preset, dtype=args.dtype, remat=args.remat)
-  print(f'{args.preset}: width {base.width}, depth {base.depth}; {args.batch} x {args.tokens} '
-        f'tokens, {args.dtype}, remat {args.remat}; forward + backward')
-  result = {'preset': args.preset, 'depth': base.depth, 'tokens': args.tokens,
-            'batch': args.batch, 'dtype': args.dtype, 'remat': args.remat}
+  print(
+    f'{args.preset}: width {base.width}, depth {base.depth}; {args.batch} x {args.tokens} '
+    f'tokens, {args.dtype}, remat {args.remat}; forward + backward'
+  )
+  result = {
+    'preset': args.preset,
+    'depth': base.depth,
+    'tokens': args.tokens,
+    'batch': args.batch,
+    'dtype': args.dtype,
+    'remat': args.remat,
+  }
   for layout in layouts:
     cfg = dataclasses.replace(base, scan_layers=layout == 'scanned')
     r = compile_step(cfg, args.tokens, args.batch)
     result[layout] = r
-    print(f'  {layout:9s} lower {r["lower_s"]:7.2f} s ({r["lower_cpu_s"]:.2f} s CPU)  compile '
-          f'{r["compile_s"]:7.2f} s ({r["compile_cpu_s"]:.2f} s CPU)  temporaries '
-          f'{r["temp_bytes"] / 2**30:.2f} GiB', flush=True)
+    print(
+      f'  {layout:9s} lower {r["lower_s"]:7.2f} s ({r["lower_cpu_s"]:.2f} s CPU)  compile '
+      f'{r["compile_s"]:7.2f} s ({r["compile_cpu_s"]:.2f} s CPU)  temporaries '
+      f'{r["temp_bytes"] / 2**30:.2f} GiB',
+      flush=True,
+    )
   print(json.dumps(result))
   return 0
 

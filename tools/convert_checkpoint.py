@@ -16,6 +16,7 @@ Every conversion ends with a numerical check of the written checkpoint against t
 (parameters bit-exact at the stored precision, and with `verify` both frameworks' outputs on the
 same pixels). Installed as the console script `ove-convert`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,6 +51,7 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
 
   if paths.is_url(out):
     import tempfile
+
     with tempfile.TemporaryDirectory(prefix='ove_export_') as local:
       code = _write(model, local, dtype, source, args)
       if code == 0:
@@ -57,8 +59,9 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
         print(f'uploaded to {out}')
       return code
 
-  convert.save_pytorch(model, out, dtype=dtype,
-                       max_shard_size=getattr(args, 'max_shard_size', None) or '5GB')
+  convert.save_pytorch(
+    model, out, dtype=dtype, max_shard_size=getattr(args, 'max_shard_size', None) or '5GB'
+  )
   worst, count = convert.verify_export(model, out, dtype)  # tensor by tensor: no second copy
   print(f'round trip check ({dtype}): max |difference| over {count} parameters = {worst}')
   if worst != 0.0:
@@ -67,19 +70,28 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
   print(f'wrote {out} ({dtype}) from {source}')
   if getattr(args, 'push_to_hub', None):
     from ove_jax.convert import hf_modeling
+
     print(f'pushed to {hf_modeling.push_to_hub(out, args.push_to_hub, private=args.private)}')
   return 0
 
 
 def _from_train(args) -> int:
   from ove_jax import checkpoint
+
   loaded = checkpoint.load_encoder(args.workdir, step=args.step)
   if loaded.step is None:
-    raise ValueError(f'{args.workdir}: not a training run ({loaded.source}); from-train takes a '
-                     'training workdir, its checkpoints folder or one step folder')
-  return _write(loaded.model, args.out, args.dtype,
-                f'{args.workdir} step {loaded.step} (the encoder; heads left out: '
-                f'{", ".join(loaded.heads) or "none"})', args)
+    raise ValueError(
+      f'{args.workdir}: not a training run ({loaded.source}); from-train takes a '
+      'training workdir, its checkpoints folder or one step folder'
+    )
+  return _write(
+    loaded.model,
+    args.out,
+    args.dtype,
+    f'{args.workdir} step {loaded.step} (the encoder; heads left out: '
+    f'{", ".join(loaded.heads) or "none"})',
+    args,
+  )
 
 
 def _from_hf(args) -> int:
@@ -102,32 +114,38 @@ def _verify(args) -> int:
   from flax import nnx
 
   from ove_jax import convert
+
   try:
     import torch
 
     from ove_jax.convert import torch_model
   except ImportError:
-    print('error: verify needs PyTorch: pip install "ove_jax[torch]" (torch==2.13.0)',
-          file=sys.stderr)
+    print(
+      'error: verify needs PyTorch: pip install "ove_jax[torch]" (torch==2.13.0)', file=sys.stderr
+    )
     return 2
   model = convert.load_pytorch(args.hf)
   port = torch_model.load_pretrained(args.hf).eval()
   rng = np.random.RandomState(0)
   res = args.resolution
   cases = {
-      'image': (rng.randn(1, res, res, 3), {}),
-      'video, 8 frames': (rng.randn(1, 8, 224, 224, 3), {}),
-      'video, 64 frames, 2048 visible patches': (
-          rng.randn(1, 64, 224, 224, 3),
-          {'visible_indices': np.sort(rng.choice(64 * 256, 2048, replace=False))[None]}),
+    'image': (rng.randn(1, res, res, 3), {}),
+    'video, 8 frames': (rng.randn(1, 8, 224, 224, 3), {}),
+    'video, 64 frames, 2048 visible patches': (
+      rng.randn(1, 64, 224, 224, 3),
+      {'visible_indices': np.sort(rng.choice(64 * 256, 2048, replace=False))[None]},
+    ),
   }
   forward = nnx.jit(lambda m, x, **k: m.forward_pixels(x, **k))
   worst = 0.0
   for name, (x, kwargs) in cases.items():
     x = x.astype(np.float32)
     ours = jax.device_get(forward(model, x, **kwargs))
-    tx = torch.from_numpy(x).permute(0, 3, 1, 2) if x.ndim == 4 else \
-        torch.from_numpy(x).permute(0, 4, 1, 2, 3)
+    tx = (
+      torch.from_numpy(x).permute(0, 3, 1, 2)
+      if x.ndim == 4
+      else torch.from_numpy(x).permute(0, 4, 1, 2, 3)
+    )
     with torch.no_grad():
       ref = port(tx, **{k: torch.from_numpy(v) for k, v in kwargs.items()})
     for key in ('last_hidden_state', 'pooler_output'):
@@ -136,59 +154,95 @@ def _verify(args) -> int:
       worst = max(worst, rel)
       print(f'{name:42s} {key:18s} max relative difference {rel:.2e}')
   ok = worst <= args.tolerance
-  print(json.dumps({'directory': args.hf, 'max_relative_difference': worst,
-                    'tolerance': args.tolerance, 'ok': ok}))
+  print(
+    json.dumps(
+      {
+        'directory': args.hf,
+        'max_relative_difference': worst,
+        'tolerance': args.tolerance,
+        'ok': ok,
+      }
+    )
+  )
   return 0 if ok else 1
 
 
 def _export_flags(p) -> None:
-  p.add_argument('--out', required=True, help='the release-format directory to write (a local '
-                 'folder or a gs:// / s3:// URL)')
-  p.add_argument('--max-shard-size', default='5GB',
-                 help='above this, weights are written as model-0000i-of-0000n.safetensors shards '
-                      'with model.safetensors.index.json (bytes, or e.g. 2GB / 500MB)')
-  p.add_argument('--push-to-hub', metavar='ORG/NAME',
-                 help='after the round-trip check, upload the export to this hub repository '
-                      '(needs network and HF_TOKEN or huggingface-cli login)')
+  p.add_argument(
+    '--out',
+    required=True,
+    help='the release-format directory to write (a local folder or a gs:// / s3:// URL)',
+  )
+  p.add_argument(
+    '--max-shard-size',
+    default='5GB',
+    help='above this, weights are written as model-0000i-of-0000n.safetensors shards '
+    'with model.safetensors.index.json (bytes, or e.g. 2GB / 500MB)',
+  )
+  p.add_argument(
+    '--push-to-hub',
+    metavar='ORG/NAME',
+    help='after the round-trip check, upload the export to this hub repository '
+    '(needs network and HF_TOKEN or huggingface-cli login)',
+  )
   p.add_argument('--private', action='store_true', help='with --push-to-hub: a private repository')
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='ove-convert', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser = argparse.ArgumentParser(
+    prog='ove-convert',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
   sub = parser.add_subparsers(dest='command', required=True)
   to_hf = sub.add_parser('to-hf', help='ove_jax (preset or parameters) -> release format')
   src = to_hf.add_mutually_exclusive_group(required=True)
   src.add_argument('--preset', help='tiny, small, base, large or huge, freshly initialised')
   src.add_argument('--params', help='an ove_jax parameter directory (see `from-hf`)')
   to_hf.add_argument('--seed', type=int, default=0, help='the initialisation seed of --preset')
-  to_hf.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
-                     help='the stored precision')
+  to_hf.add_argument(
+    '--dtype',
+    default='float32',
+    choices=('float32', 'bfloat16', 'float16'),
+    help='the stored precision',
+  )
   _export_flags(to_hf)
-  from_train = sub.add_parser('from-train', help='a training checkpoint\'s encoder -> release '
-                              'format')
-  from_train.add_argument('--workdir', required=True, help='the run\'s workdir (ove-train '
-                          '--workdir=...), its checkpoints folder or one step folder')
+  from_train = sub.add_parser(
+    'from-train', help="a training checkpoint's encoder -> release format"
+  )
+  from_train.add_argument(
+    '--workdir',
+    required=True,
+    help="the run's workdir (ove-train --workdir=...), its checkpoints folder or one step folder",
+  )
   from_train.add_argument('--step', type=int, help='the checkpoint step (default: the latest)')
-  from_train.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                          help='the stored precision')
+  from_train.add_argument(
+    '--dtype', default='float32', choices=('float32', 'bfloat16'), help='the stored precision'
+  )
   _export_flags(from_train)
   from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
-  from_hf.add_argument('--hf', required=True, help='directory with config.json and '
-                       'model.safetensors (or shards), or a hub id org/name[@revision]')
+  from_hf.add_argument(
+    '--hf',
+    required=True,
+    help='directory with config.json and '
+    'model.safetensors (or shards), or a hub id org/name[@revision]',
+  )
   from_hf.add_argument('--out', required=True, help='the ove_jax parameter directory to write')
   verify = sub.add_parser('verify', help='JAX vs PyTorch port on one release-format directory')
   verify.add_argument('--hf', required=True, help='the release-format directory or hub id')
   verify.add_argument('--resolution', type=int, default=448, help='image side of the test input')
-  verify.add_argument('--tolerance', type=float, default=1e-4,
-                      help='largest relative difference accepted')
+  verify.add_argument(
+    '--tolerance', type=float, default=1e-4, help='largest relative difference accepted'
+  )
   args = parser.parse_args(argv)
 
   from ove_jax.convert import CheckpointError
+
   try:
-    return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf,
-            'verify': _verify}[args.command](args)
+    return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf, 'verify': _verify}[
+      args.command
+    ](args)
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -45,6 +45,7 @@ It writes `summary.json` into the work directory and exits non-zero when a check
 sharded vs single-device run or the PyTorch port differ by 1e-4 or more, or the training loss
 did not fall (last logged loss >= first). The stages are functions of `ove_jax.demo`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,61 +54,103 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='ove-demo', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split('\n\n', 1)[1])
+  parser = argparse.ArgumentParser(
+    prog='ove-demo',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
   parser.add_argument('--workdir', default='/tmp/ove_demo', help='where everything is written')
-  parser.add_argument('--clips', type=int, default=8,
-                      help='synthetic clips of the codec-selection stages (1-3)')
-  parser.add_argument('--budget', type=int, default=2048,
-                      help='codec patches per clip of stages 1-3 (a multiple of 256)')
+  parser.add_argument(
+    '--clips', type=int, default=8, help='synthetic clips of the codec-selection stages (1-3)'
+  )
+  parser.add_argument(
+    '--budget',
+    type=int,
+    default=2048,
+    help='codec patches per clip of stages 1-3 (a multiple of 256)',
+  )
   parser.add_argument('--devices', type=int, default=8, help='virtual CPU devices')
-  parser.add_argument('--train-steps', type=int, default=None,
-                      help='pretraining steps (default: the experiment\'s, 300; 20 with --smoke)')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='seeds the built-in data, the pretraining and the random-init baseline')
-  parser.add_argument('--test-clips', type=int, default=None,
-                      help='held-out clips for the probes\' test split (default 96; 8 --smoke)')
-  parser.add_argument('--k', type=int, default=None,
-                      help='k-means centres for the clips (default 32; 8 --smoke); images get '
-                      'half')
-  parser.add_argument('--probe-seeds', default=None,
-                      help='probe seeds, comma-separated (default 0: one run of each probe; '
-                      'the spread the docs give is over demo --seed values)')
-  parser.add_argument('--probe-epochs', type=int, default=None,
-                      help='attentive probe epochs (default 30, docs/spec.md §6 for small sets; '
-                      '2 --smoke)')
-  parser.add_argument('--video-modes', default='0.5,0.375,0.125',
-                      help='pretraining\'s video modes: weights of codec patches, uniform frames '
-                      'and collage, comma-separated (default the release\'s 0.5,0.375,0.125; '
-                      '1,0,0 pretrains on codec inputs only)')
-  parser.add_argument('--table', nargs='+', metavar='SUMMARY', default=None,
-                      help='print the Markdown table (mean ± std and per-run values) of earlier '
-                      'runs\' summary.json files, e.g. one per --seed, and exit')
-  parser.add_argument('--smoke', action='store_true',
-                      help='a quick run for the tests: the experiment\'s smoke variant (8 clips '
-                      'and 16 images of built-in data), 8 held-out clips, k = 8, short probes')
+  parser.add_argument(
+    '--train-steps',
+    type=int,
+    default=None,
+    help="pretraining steps (default: the experiment's, 300; 20 with --smoke)",
+  )
+  parser.add_argument(
+    '--seed',
+    type=int,
+    default=0,
+    help='seeds the built-in data, the pretraining and the random-init baseline',
+  )
+  parser.add_argument(
+    '--test-clips',
+    type=int,
+    default=None,
+    help="held-out clips for the probes' test split (default 96; 8 --smoke)",
+  )
+  parser.add_argument(
+    '--k',
+    type=int,
+    default=None,
+    help='k-means centres for the clips (default 32; 8 --smoke); images get half',
+  )
+  parser.add_argument(
+    '--probe-seeds',
+    default=None,
+    help='probe seeds, comma-separated (default 0: one run of each probe; '
+    'the spread the docs give is over demo --seed values)',
+  )
+  parser.add_argument(
+    '--probe-epochs',
+    type=int,
+    default=None,
+    help='attentive probe epochs (default 30, docs/spec.md §6 for small sets; 2 --smoke)',
+  )
+  parser.add_argument(
+    '--video-modes',
+    default='0.5,0.375,0.125',
+    help="pretraining's video modes: weights of codec patches, uniform frames "
+    "and collage, comma-separated (default the release's 0.5,0.375,0.125; "
+    '1,0,0 pretrains on codec inputs only)',
+  )
+  parser.add_argument(
+    '--table',
+    nargs='+',
+    metavar='SUMMARY',
+    default=None,
+    help='print the Markdown table (mean ± std and per-run values) of earlier '
+    "runs' summary.json files, e.g. one per --seed, and exit",
+  )
+  parser.add_argument(
+    '--smoke',
+    action='store_true',
+    help="a quick run for the tests: the experiment's smoke variant (8 clips "
+    'and 16 images of built-in data), 8 held-out clips, k = 8, short probes',
+  )
   return parser
 
 
 def options(parser: argparse.ArgumentParser, argv=None):
   """The checked flags as `ove_jax.demo.Options` (defaults resolved)."""
   from ove_jax import demo
+
   args = parser.parse_args(argv)
   if args.train_steps is not None and args.train_steps < 2:
     parser.error('--train-steps must be at least 2 (the demo compares the first and last loss)')
   if args.devices < 2 or args.devices % 2:
     parser.error('--devices must be even (the meshes have an fsdp axis of 2)')
   if args.budget % 256 or not 256 <= args.budget <= 64 * 256:
-    parser.error(f'--budget {args.budget}: use a multiple of 256 (whole 224x224 frames, for the '
-                 'uniform-frame comparison) between 256 and 16384')
+    parser.error(
+      f'--budget {args.budget}: use a multiple of 256 (whole 224x224 frames, for the '
+      'uniform-frame comparison) between 256 and 16384'
+    )
   if args.clips < 2:
     parser.error('--clips must be at least 2')
   if args.seed < 0:
     parser.error(f'--seed {args.seed}: must be >= 0')
   try:
-    seeds = [int(x) for x in (args.probe_seeds or '0').split(',')
-             if x.strip()]
+    seeds = [int(x) for x in (args.probe_seeds or '0').split(',') if x.strip()]
   except ValueError:
     parser.error(f'--probe-seeds {args.probe_seeds!r}: expected comma-separated integers')
   try:
@@ -115,18 +158,29 @@ def options(parser: argparse.ArgumentParser, argv=None):
   except ValueError:
     modes = ()
   if len(modes) != 3 or min(modes) < 0 or sum(modes) <= 0:
-    parser.error(f'--video-modes {args.video_modes!r}: three comma-separated weights >= 0 '
-                 '(codec, uniform, collage), not all 0')
+    parser.error(
+      f'--video-modes {args.video_modes!r}: three comma-separated weights >= 0 '
+      '(codec, uniform, collage), not all 0'
+    )
   opts = demo.Options(
-      workdir=args.workdir, clips=args.clips, budget=args.budget, devices=args.devices,
-      train_steps=args.train_steps, seed=args.seed,
-      test_clips=args.test_clips or (8 if args.smoke else 96),
-      k=args.k or (8 if args.smoke else 32), probe_seeds=seeds,
-      probe_epochs=args.probe_epochs or (2 if args.smoke else 30), smoke=args.smoke,
-      video_modes=modes)
+    workdir=args.workdir,
+    clips=args.clips,
+    budget=args.budget,
+    devices=args.devices,
+    train_steps=args.train_steps,
+    seed=args.seed,
+    test_clips=args.test_clips or (8 if args.smoke else 96),
+    k=args.k or (8 if args.smoke else 32),
+    probe_seeds=seeds,
+    probe_epochs=args.probe_epochs or (2 if args.smoke else 30),
+    smoke=args.smoke,
+    video_modes=modes,
+  )
   if opts.test_clips < 2 or opts.k < 2 or opts.probe_epochs < 1 or not opts.probe_seeds:
-    parser.error('--test-clips and --k must be at least 2, --probe-epochs at least 1, and '
-                 '--probe-seeds must name a seed')
+    parser.error(
+      '--test-clips and --k must be at least 2, --probe-epochs at least 1, and '
+      '--probe-seeds must name a seed'
+    )
   try:
     demo.find_experiment()
   except (FileNotFoundError, ValueError) as e:
@@ -138,6 +192,7 @@ def print_table(paths) -> int:
   """Prints the seed table of these summary.json files (ove_jax.demo.seed_table)."""
   from data_pipeline import fileio
   from ove_jax import demo
+
   summaries = []
   for path in paths:
     try:
@@ -148,8 +203,9 @@ def print_table(paths) -> int:
   try:
     print('\n'.join(demo.seed_table(summaries)))
   except KeyError as e:
-    print(f'error: --table: a summary lacks {e} (written by an older demo?); rerun it',
-          file=sys.stderr)
+    print(
+      f'error: --table: a summary lacks {e} (written by an older demo?); rerun it', file=sys.stderr
+    )
     return 2
   return 0
 
@@ -161,11 +217,12 @@ def main(argv=None) -> int:
     return print_table(args.table)
   opts = options(parser, argv)
   from ove_jax import demo, distributed
+
   distributed.use_cpu_devices(opts.devices)
   from data_pipeline import pictures
+
   try:
-    summary, failed = demo.run(opts, pictures.render,
-                               say=lambda line: print(line, flush=True))
+    summary, failed = demo.run(opts, pictures.render, say=lambda line: print(line, flush=True))
   except demo.DemoError as e:
     print(f'{"config error" if e.exit_code == 2 else "error"}: {e}', file=sys.stderr)
     return e.exit_code

@@ -12,6 +12,7 @@ one JSON line with every figure, and writes that JSON to --out. A check that nee
 machine lacks is reported as skipped with its reason; the exit status is 1 when any check failed
 or raised, else 0. The computations are ove_jax.gpu_check's; docs/gpu_check.md reads the output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,47 +28,83 @@ def _csv(text: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None):
   from ove_jax.models import PRESETS, attention
-  parser = argparse.ArgumentParser(prog='ove-gpu-check', description=__doc__.split('\n\n')[0],
-                                   allow_abbrev=False)
-  parser.add_argument('--platform', choices=('auto', 'gpu', 'cpu'), default='auto',
-                      help='the JAX backend to run on (auto: the default backend; cpu forces '
-                      'the CPU even where a GPU exists)')
-  parser.add_argument('--tiny', action='store_true',
-                      help='small attention inputs and a tiny-preset step (seconds on a CPU)')
-  parser.add_argument('--presets', type=_csv, default=None,
-                      help='encoder presets of the train steps, comma-separated (default: '
-                      'base,large; with --tiny: tiny)')
-  parser.add_argument('--paths', type=_csv, default=None,
-                      help=f'attention paths to check against xla (default: all of '
-                      f'{",".join(attention.IMPLEMENTATIONS[1:])})')
-  parser.add_argument('--devices', type=int, default=1,
-                      help='devices of the train step (the first N; its batch is the release\'s '
-                      'per-GPU batch times N)')
-  parser.add_argument('--classes', type=int, default=0,
-                      help='every head\'s class count (0: the release\'s 2M / 365k / 400k)')
-  parser.add_argument('--step-attention', default=None,
-                      help='attention path of the train steps (default: cudnn on a GPU, xla '
-                      'elsewhere)')
+
+  parser = argparse.ArgumentParser(
+    prog='ove-gpu-check', description=__doc__.split('\n\n')[0], allow_abbrev=False
+  )
+  parser.add_argument(
+    '--platform',
+    choices=('auto', 'gpu', 'cpu'),
+    default='auto',
+    help='the JAX backend to run on (auto: the default backend; cpu forces '
+    'the CPU even where a GPU exists)',
+  )
+  parser.add_argument(
+    '--tiny',
+    action='store_true',
+    help='small attention inputs and a tiny-preset step (seconds on a CPU)',
+  )
+  parser.add_argument(
+    '--presets',
+    type=_csv,
+    default=None,
+    help='encoder presets of the train steps, comma-separated (default: '
+    'base,large; with --tiny: tiny)',
+  )
+  parser.add_argument(
+    '--paths',
+    type=_csv,
+    default=None,
+    help=f'attention paths to check against xla (default: all of '
+    f'{",".join(attention.IMPLEMENTATIONS[1:])})',
+  )
+  parser.add_argument(
+    '--devices',
+    type=int,
+    default=1,
+    help="devices of the train step (the first N; its batch is the release's "
+    'per-GPU batch times N)',
+  )
+  parser.add_argument(
+    '--classes',
+    type=int,
+    default=0,
+    help="every head's class count (0: the release's 2M / 365k / 400k)",
+  )
+  parser.add_argument(
+    '--step-attention',
+    default=None,
+    help='attention path of the train steps (default: cudnn on a GPU, xla elsewhere)',
+  )
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
   parser.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
-  parser.add_argument('--peak-flops', type=float, default=0.0,
-                      help='peak FLOP/s of one device for MFU (0: the device table)')
-  parser.add_argument('--fp32-precision', choices=('highest', 'high', 'default'),
-                      default='highest', help='matmul precision of the float32 attention checks '
-                      '(GPUs use TF32 at default)')
+  parser.add_argument(
+    '--peak-flops',
+    type=float,
+    default=0.0,
+    help='peak FLOP/s of one device for MFU (0: the device table)',
+  )
+  parser.add_argument(
+    '--fp32-precision',
+    choices=('highest', 'high', 'default'),
+    default='highest',
+    help='matmul precision of the float32 attention checks (GPUs use TF32 at default)',
+  )
   parser.add_argument('--out', default='', help='also write the JSON report to this file')
   a = parser.parse_args(argv)
   for name in a.paths or ():
     if name not in attention.IMPLEMENTATIONS:
-      parser.error(f'--paths: {name!r} is not an attention path; choose from '
-                   f'{",".join(attention.IMPLEMENTATIONS)}')
+      parser.error(
+        f'--paths: {name!r} is not an attention path; choose from '
+        f'{",".join(attention.IMPLEMENTATIONS)}'
+      )
   if a.step_attention and a.step_attention not in attention.IMPLEMENTATIONS:
-    parser.error(f'--step-attention={a.step_attention}: choose one of '
-                 f'{",".join(attention.IMPLEMENTATIONS)}')
+    parser.error(
+      f'--step-attention={a.step_attention}: choose one of {",".join(attention.IMPLEMENTATIONS)}'
+    )
   for name in a.presets or ():
     if name not in PRESETS:
-      parser.error(f'--presets: {name!r} is not a preset; choose from '
-                   f'{",".join(sorted(PRESETS))}')
+      parser.error(f'--presets: {name!r} is not a preset; choose from {",".join(sorted(PRESETS))}')
   if a.devices < 1 or a.steps < 1 or a.warmup < 0 or a.classes < 0:
     parser.error('--devices and --steps must be >= 1, --warmup and --classes >= 0')
   return a
@@ -76,25 +113,36 @@ def parse_args(argv: Sequence[str] | None):
 def main(argv: Sequence[str] | None = None) -> int:
   a = parse_args(argv)
   import jax
+
   if a.platform == 'cpu':
     try:
       jax.config.update('jax_platforms', 'cpu')
-    except RuntimeError:   # the backend is already up (a test): use it as it is
+    except RuntimeError:  # the backend is already up (a test): use it as it is
       pass
   from ove_jax import gpu_check
+
   platform = jax.default_backend()
   if a.platform == 'gpu' and not gpu_check.is_gpu(platform):
-    print(f'error: --platform=gpu, but JAX\'s backend is {platform!r} (no GPU visible; check '
-          'the CUDA jaxlib plugin and CUDA_VISIBLE_DEVICES), or use --platform=cpu --tiny',
-          file=sys.stderr)
+    print(
+      f"error: --platform=gpu, but JAX's backend is {platform!r} (no GPU visible; check "
+      'the CUDA jaxlib plugin and CUDA_VISIBLE_DEVICES), or use --platform=cpu --tiny',
+      file=sys.stderr,
+    )
     return 2
   try:
     report = gpu_check.run(
-        platform=platform, tiny=a.tiny,
-        presets=a.presets or (('tiny',) if a.tiny else ('base', 'large')),
-        implementations=a.paths, num_devices=a.devices, classes=a.classes,
-        step_attention=a.step_attention, warmup=a.warmup, steps=a.steps,
-        peak_flops=a.peak_flops, fp32_precision=a.fp32_precision)
+      platform=platform,
+      tiny=a.tiny,
+      presets=a.presets or (('tiny',) if a.tiny else ('base', 'large')),
+      implementations=a.paths,
+      num_devices=a.devices,
+      classes=a.classes,
+      step_attention=a.step_attention,
+      warmup=a.warmup,
+      steps=a.steps,
+      peak_flops=a.peak_flops,
+      fp32_precision=a.fp32_precision,
+    )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -102,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   line = json.dumps(report, sort_keys=True)
   if a.out:
     from data_pipeline import fileio
+
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     fileio.write_json(a.out, report)
   print(line)

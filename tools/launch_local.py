@@ -12,6 +12,7 @@ the trainer's preemption code (75: it saved after a SIGTERM) is not a failure: i
 the same step and exit too, and the launcher waits for them and exits 75 (as it does when it is
 sent SIGTERM itself and every process saves and exits so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,15 @@ from ove_jax.preemption import PREEMPTED_EXIT_CODE
 def child_env(base: dict, *, address: str, processes: int, index: int, devices: int) -> dict:
   """The environment of process `index`: `base` plus the multi-process and device settings."""
   env = distributed.cpu_devices_env(base, devices)
-  env.update({
+  env.update(
+    {
       'OVE_COORDINATOR_ADDRESS': address,
       'OVE_NUM_PROCESSES': str(processes),
       'OVE_PROCESS_ID': str(index),
       'JAX_PLATFORMS': 'cpu',
       'PYTHONUNBUFFERED': '1',  # so lines arrive as they are printed, not at exit
-  })
+    }
+  )
   return env
 
 
@@ -44,6 +47,7 @@ def free_port() -> int:
   """A free TCP port on this machine, for a coordinator."""
   try:
     import portpicker
+
     return portpicker.pick_unused_port()
   except ImportError:
     with socket.socket() as s:
@@ -92,35 +96,53 @@ def _exit_code(returncode: int) -> int:
 
 def _parse(argv):
   parser = argparse.ArgumentParser(
-      prog='ove-launch-local', description=__doc__.split('\n\n')[0],
-      usage='%(prog)s --processes=N --devices-per-process=M [--port=P] [--timeout=S] '
-            '-- COMMAND [ARGS ...]')
+    prog='ove-launch-local',
+    description=__doc__.split('\n\n')[0],
+    usage='%(prog)s --processes=N --devices-per-process=M [--port=P] [--timeout=S] '
+    '-- COMMAND [ARGS ...]',
+  )
   parser.add_argument('--processes', type=int, required=True, help='processes to start (N)')
-  parser.add_argument('--devices-per-process', '--devices_per_process', type=int, default=1,
-                      dest='devices_per_process',
-                      help='virtual CPU devices in each process (M); --devices_per_process is '
-                           'the older spelling')
-  parser.add_argument('--port', type=int, default=0,
-                      help='coordinator port on 127.0.0.1; default: a free one')
-  parser.add_argument('--timeout', type=float, default=0,
-                      help='seconds before every process is stopped (exit 124); 0: no limit')
-  parser.add_argument('--grace', type=float, default=5.0,
-                      help='seconds between SIGTERM and SIGKILL when stopping processes')
+  parser.add_argument(
+    '--devices-per-process',
+    '--devices_per_process',
+    type=int,
+    default=1,
+    dest='devices_per_process',
+    help='virtual CPU devices in each process (M); --devices_per_process is the older spelling',
+  )
+  parser.add_argument(
+    '--port', type=int, default=0, help='coordinator port on 127.0.0.1; default: a free one'
+  )
+  parser.add_argument(
+    '--timeout',
+    type=float,
+    default=0,
+    help='seconds before every process is stopped (exit 124); 0: no limit',
+  )
+  parser.add_argument(
+    '--grace',
+    type=float,
+    default=5.0,
+    help='seconds between SIGTERM and SIGKILL when stopping processes',
+  )
   argv = list(sys.argv[1:] if argv is None else argv)
   if '--' in argv:
     split = argv.index('--')
-    argv, command = argv[:split], argv[split + 1:]
+    argv, command = argv[:split], argv[split + 1 :]
   else:
     argv, command = argv, []
   args, extra = parser.parse_known_args(argv)
   if extra:
-    parser.error(f'unrecognised arguments {" ".join(extra)}: put the command to run after "--", '
-                 'e.g. -- python train.py')
+    parser.error(
+      f'unrecognised arguments {" ".join(extra)}: put the command to run after "--", '
+      'e.g. -- python train.py'
+    )
   if args.processes < 1:
     parser.error(f'--processes={args.processes}: at least 1 process is needed')
   if args.devices_per_process < 1:
-    parser.error(f'--devices-per-process={args.devices_per_process}: each process needs at '
-                 'least 1 device')
+    parser.error(
+      f'--devices-per-process={args.devices_per_process}: each process needs at least 1 device'
+    )
   if not 0 <= args.port < 65536:
     parser.error(f'--port={args.port}: give a port from 1 to 65535, or 0 for a free one')
   if args.timeout < 0 or args.grace < 0:
@@ -146,14 +168,25 @@ def main(argv=None) -> int:
   code = 0
   try:
     for i in range(args.processes):
-      env = child_env(os.environ, address=address, processes=args.processes, index=i,
-                      devices=args.devices_per_process)
-      proc = subprocess.Popen(args.command, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, start_new_session=True)
+      env = child_env(
+        os.environ,
+        address=address,
+        processes=args.processes,
+        index=i,
+        devices=args.devices_per_process,
+      )
+      proc = subprocess.Popen(
+        args.command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+      )
       procs.append(proc)
       for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-        thread = threading.Thread(target=_forward, args=(stream, out, f'[p{i}] ', lock),
-                                  daemon=True)
+        thread = threading.Thread(
+          target=_forward, args=(stream, out, f'[p{i}] ', lock), daemon=True
+        )
         thread.start()
         threads.append(thread)
     deadline = time.monotonic() + args.timeout if args.timeout else None
@@ -182,7 +215,7 @@ def main(argv=None) -> int:
   finally:
     _stop_all(procs, args.grace)
     if code == 128 + signal.SIGTERM and all(p.returncode == PREEMPTED_EXIT_CODE for p in procs):
-      code = PREEMPTED_EXIT_CODE   # every process saved and asked to be restarted
+      code = PREEMPTED_EXIT_CODE  # every process saved and asked to be restarted
     for thread in threads:
       thread.join(timeout=2)
     if in_main_thread:

@@ -19,6 +19,7 @@ writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for
 with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
 (train with the video head's geometry='letterbox').
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ def json_object(text: str) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='ove-llava-data', description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog='ove-llava-data', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = p.add_subparsers(dest='command', required=True)
   make = sub.add_parser('make', help='video list -> stage1 files, canvases, training jsonl')
   make.add_argument('dataset', help='.jsonl / .json (id, video, conversations) or .txt list')
@@ -58,42 +60,82 @@ def parser() -> argparse.ArgumentParser:
   make.add_argument('--patch-size', type=int, default=16, help='patch side in pixels')
   make.add_argument('--budget', type=int, default=10368, help='selected patches K per clip')
   make.add_argument('--num-images', type=int, default=8, help='canvases per clip')
-  make.add_argument('--image-format', default='jpg', choices=llava.IMAGE_FORMATS,
-                    help='jpg as the release (quality 95); png keeps the pixels exactly')
-  make.add_argument('--no-first-full', action='store_true',
-                    help='pack canvas 0 like the others (default: the whole first frame, '
-                         'as the release\'s --first_full)')
-  make.add_argument('--options', type=json_object, default={},
-                    help='JSON object (or file) of codec.select options over the release_llava '
-                         'preset')
+  make.add_argument(
+    '--image-format',
+    default='jpg',
+    choices=llava.IMAGE_FORMATS,
+    help='jpg as the release (quality 95); png keeps the pixels exactly',
+  )
+  make.add_argument(
+    '--no-first-full',
+    action='store_true',
+    help='pack canvas 0 like the others (default: the whole first frame, '
+    "as the release's --first_full)",
+  )
+  make.add_argument(
+    '--options',
+    type=json_object,
+    default={},
+    help='JSON object (or file) of codec.select options over the release_llava preset',
+  )
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
-  make.add_argument('--retry-failures', action='store_true',
-                    help='try the videos of the failures file again')
-  make.add_argument('--task-index', type=int, default=0,
-                    help='this task\'s index I: it makes rows I, I+N, ... of the list')
-  make.add_argument('--num-tasks', type=int, default=1,
-                    help='N tasks (processes, machines) splitting the list; each writes '
-                         'OUT_JSONL.shardIIofNN.jsonl')
+  make.add_argument(
+    '--retry-failures', action='store_true', help='try the videos of the failures file again'
+  )
+  make.add_argument(
+    '--task-index',
+    type=int,
+    default=0,
+    help="this task's index I: it makes rows I, I+N, ... of the list",
+  )
+  make.add_argument(
+    '--num-tasks',
+    type=int,
+    default=1,
+    help='N tasks (processes, machines) splitting the list; each writes '
+    'OUT_JSONL.shardIIofNN.jsonl',
+  )
   imp = sub.add_parser('import', help='stage1 files -> an ArrayRecord shard of clip records')
   imp.add_argument('visidx_root', help='folder searched for *.visidx_thw.npy')
   imp.add_argument('out', help='the .array_record shard to write')
-  imp.add_argument('--model-grid', type=int, default=None,
-                   help='move positions onto this grid (16 for our 224 / 14 model)')
-  imp.add_argument('--video-root', default='',
-                   help='stored sources relative to this folder (default: as in meta.json)')
+  imp.add_argument(
+    '--model-grid',
+    type=int,
+    default=None,
+    help='move positions onto this grid (16 for our 224 / 14 model)',
+  )
+  imp.add_argument(
+    '--video-root',
+    default='',
+    help='stored sources relative to this folder (default: as in meta.json)',
+  )
   return p
 
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   if args.command == 'make':
-    settings = llava.Settings(num_frames=args.num_frames, resolution=args.resolution,
-                              patch_size=args.patch_size, budget=args.budget,
-                              num_images=args.num_images, first_full=not args.no_first_full,
-                              image_format=args.image_format)
-    counts = llava.run(args.dataset, args.visidx_root, args.image_root, args.out_jsonl,
-                       settings, failures=args.failures, retry_failures=args.retry_failures,
-                       task_index=args.task_index, num_tasks=args.num_tasks, **args.options)
+    settings = llava.Settings(
+      num_frames=args.num_frames,
+      resolution=args.resolution,
+      patch_size=args.patch_size,
+      budget=args.budget,
+      num_images=args.num_images,
+      first_full=not args.no_first_full,
+      image_format=args.image_format,
+    )
+    counts = llava.run(
+      args.dataset,
+      args.visidx_root,
+      args.image_root,
+      args.out_jsonl,
+      settings,
+      failures=args.failures,
+      retry_failures=args.retry_failures,
+      task_index=args.task_index,
+      num_tasks=args.num_tasks,
+      **args.options,
+    )
     print(json.dumps(counts))
     return 0
   paths = list(llava.release_files(args.visidx_root))

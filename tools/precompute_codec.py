@@ -36,6 +36,7 @@ Reading the output (D/ove_codec/1.0.0 as OUT_DIR makes D a TFDS data_dir):
 The library side is data_pipeline/precompute.py (the run) and data_pipeline/shards.py (the
 files).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,69 +67,124 @@ def _parse_options(text: str | None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='ove-precompute-codec', description=__doc__.split('\n')[0], epilog=__doc__,
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('inputs', nargs='?', metavar='VIDEOS',
-                 help='video list file, or a folder searched recursively')
-  p.add_argument('out_dir', nargs='?', metavar='OUT_DIR',
-                 help='output folder (shards, manifests, TFDS metadata)')
-  sel = p.add_argument_group('selection (passed to data_pipeline.codec.select; '
-                             'unset flags keep its defaults)')
+    prog='ove-precompute-codec',
+    description=__doc__.split('\n')[0],
+    epilog=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    'inputs', nargs='?', metavar='VIDEOS', help='video list file, or a folder searched recursively'
+  )
+  p.add_argument(
+    'out_dir', nargs='?', metavar='OUT_DIR', help='output folder (shards, manifests, TFDS metadata)'
+  )
+  sel = p.add_argument_group(
+    'selection (passed to data_pipeline.codec.select; unset flags keep its defaults)'
+  )
   sel.add_argument('--num-frames', type=int, help='frames sampled per clip (T)')
   sel.add_argument('--budget', type=int, help='patches kept per clip (K)')
   sel.add_argument('--resolution', type=int, help='model input side in pixels')
   sel.add_argument('--patch-size', type=int, help='patch side in pixels')
   sel.add_argument('--policy', help='frame policy: paper, first_frame or zero')
-  sel.add_argument('--options', help='more select() keyword arguments: a JSON object or the '
-                   'path of a JSON file; the flags above override its keys')
-  sel.add_argument('--selector', default=None,
-                   help='module:function used instead of data_pipeline.codec.select '
-                   '(e.g. data_pipeline.codec:select_random for an ablation)')
-  sel.add_argument('--reader', default=None,
-                   help='module:function turning each input name into a local path or the '
-                   'file\'s bytes (e.g. a fetcher for gs:// or s3:// names); default: names '
-                   'are local paths')
+  sel.add_argument(
+    '--options',
+    help='more select() keyword arguments: a JSON object or the '
+    'path of a JSON file; the flags above override its keys',
+  )
+  sel.add_argument(
+    '--selector',
+    default=None,
+    help='module:function used instead of data_pipeline.codec.select '
+    '(e.g. data_pipeline.codec:select_random for an ablation)',
+  )
+  sel.add_argument(
+    '--reader',
+    default=None,
+    help='module:function turning each input name into a local path or the '
+    "file's bytes (e.g. a fetcher for gs:// or s3:// names); default: names "
+    'are local paths',
+  )
   out = p.add_argument_group('output')
   out.add_argument('--clips-per-shard', type=int, default=1000, help='clips per shard')
   out.add_argument('--num-shards', type=int, help='shard count (overrides --clips-per-shard)')
-  out.add_argument('--shuffle-seed', type=int, default=0,
-                   help='seed of the write-time shuffle of the input list')
+  out.add_argument(
+    '--shuffle-seed', type=int, default=0, help='seed of the write-time shuffle of the input list'
+  )
   out.add_argument('--no-shuffle', action='store_true', help='keep the input order')
-  out.add_argument('--inline-max-bytes', type=int, default=1 << 20,
-                   help='store files up to this size inside the record (0: never)')
-  out.add_argument('--store-scores', action='store_true',
-                   help='also store each clip\'s score map (float16) for inspection')
-  out.add_argument('--store-patches', action='store_true',
-                   help='also store the selected patches\' pixels (uint8 [K, 588]) so training '
-                   'reads them instead of decoding the video')
+  out.add_argument(
+    '--inline-max-bytes',
+    type=int,
+    default=1 << 20,
+    help='store files up to this size inside the record (0: never)',
+  )
+  out.add_argument(
+    '--store-scores',
+    action='store_true',
+    help="also store each clip's score map (float16) for inspection",
+  )
+  out.add_argument(
+    '--store-patches',
+    action='store_true',
+    help="also store the selected patches' pixels (uint8 [K, 588]) so training "
+    'reads them instead of decoding the video',
+  )
   out.add_argument('--name', default='ove_codec', help='dataset name (TFDS; names the shards)')
   out.add_argument('--split', default='train', help='split name (TFDS; names the shards)')
-  out.add_argument('--format', default='records', choices=('records', 'tfds'),
-                   help='records: records.encode bytes per entry (shard globs of '
-                   'data_pipeline.sources); tfds: tf.train.Example entries plus TFDS metadata '
-                   '(tfds.data_source, builder_from_directory)')
+  out.add_argument(
+    '--format',
+    default='records',
+    choices=('records', 'tfds'),
+    help='records: records.encode bytes per entry (shard globs of '
+    'data_pipeline.sources); tfds: tf.train.Example entries plus TFDS metadata '
+    '(tfds.data_source, builder_from_directory)',
+  )
   run = p.add_argument_group('run')
-  run.add_argument('--workers', type=int, default=None,
-                   help='worker processes (default: the CPUs this process may use, from its '
-                   'affinity mask and cgroup CPU quota; 0: in this process, no time limit)')
-  run.add_argument('--clip-timeout', type=float, default=DEFAULT_CLIP_TIMEOUT,
-                   help='seconds one clip may take before its worker is killed and the clip '
-                   f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)')
-  run.add_argument('--retry-failures', action='store_true',
-                   help='select again the clips that failed in earlier runs (default: known '
-                   'failures are kept)')
-  run.add_argument('--task-index', type=int, default=0,
-                   help='this machine\'s task I of --num-tasks (e.g. $SLURM_ARRAY_TASK_ID, '
-                   '$JOB_COMPLETION_INDEX); it writes shards I, I+N, I+2N, ...')
-  run.add_argument('--num-tasks', type=int, default=1,
-                   help='machines sharing the plan (all run the same command but --task-index)')
-  run.add_argument('--check', metavar='OUT_DIR',
-                   help='only check that OUT_DIR holds its whole corpus (exit 0) or list the '
-                   'missing shards (exit 1); writes the final manifest when complete')
-  run.add_argument('--overwrite', action='store_true',
-                   help='delete an earlier run\'s outputs in OUT_DIR and start over')
-  run.add_argument('--max-shards', type=int,
-                   help='write at most this many shards, then stop (run in instalments)')
+  run.add_argument(
+    '--workers',
+    type=int,
+    default=None,
+    help='worker processes (default: the CPUs this process may use, from its '
+    'affinity mask and cgroup CPU quota; 0: in this process, no time limit)',
+  )
+  run.add_argument(
+    '--clip-timeout',
+    type=float,
+    default=DEFAULT_CLIP_TIMEOUT,
+    help='seconds one clip may take before its worker is killed and the clip '
+    f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',
+  )
+  run.add_argument(
+    '--retry-failures',
+    action='store_true',
+    help='select again the clips that failed in earlier runs (default: known failures are kept)',
+  )
+  run.add_argument(
+    '--task-index',
+    type=int,
+    default=0,
+    help="this machine's task I of --num-tasks (e.g. $SLURM_ARRAY_TASK_ID, "
+    '$JOB_COMPLETION_INDEX); it writes shards I, I+N, I+2N, ...',
+  )
+  run.add_argument(
+    '--num-tasks',
+    type=int,
+    default=1,
+    help='machines sharing the plan (all run the same command but --task-index)',
+  )
+  run.add_argument(
+    '--check',
+    metavar='OUT_DIR',
+    help='only check that OUT_DIR holds its whole corpus (exit 0) or list the '
+    'missing shards (exit 1); writes the final manifest when complete',
+  )
+  run.add_argument(
+    '--overwrite',
+    action='store_true',
+    help="delete an earlier run's outputs in OUT_DIR and start over",
+  )
+  run.add_argument(
+    '--max-shards', type=int, help='write at most this many shards, then stop (run in instalments)'
+  )
   run.add_argument('--no-progress', action='store_true', help='no progress bar')
   return p
 
@@ -150,27 +206,47 @@ def main(argv=None) -> int:
       options[flag] = value
   try:
     summary = precompute.precompute(
-        args.inputs, args.out_dir, options=options, clips_per_shard=args.clips_per_shard,
-        num_shards=args.num_shards, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-        workers=args.workers, inline_max_bytes=args.inline_max_bytes,
-        store_scores=args.store_scores, store_patches=args.store_patches, name=args.name,
-        split=args.split, record_format=args.format, selector=args.selector,
-        reader=args.reader, overwrite=args.overwrite, progress=not args.no_progress,
-        max_shards=args.max_shards, clip_timeout=args.clip_timeout or None,
-        task_index=args.task_index, num_tasks=args.num_tasks,
-        retry_failures=args.retry_failures)
+      args.inputs,
+      args.out_dir,
+      options=options,
+      clips_per_shard=args.clips_per_shard,
+      num_shards=args.num_shards,
+      shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+      workers=args.workers,
+      inline_max_bytes=args.inline_max_bytes,
+      store_scores=args.store_scores,
+      store_patches=args.store_patches,
+      name=args.name,
+      split=args.split,
+      record_format=args.format,
+      selector=args.selector,
+      reader=args.reader,
+      overwrite=args.overwrite,
+      progress=not args.no_progress,
+      max_shards=args.max_shards,
+      clip_timeout=args.clip_timeout or None,
+      task_index=args.task_index,
+      num_tasks=args.num_tasks,
+      retry_failures=args.retry_failures,
+    )
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
     print(f'ove-precompute-codec: {e}', file=sys.stderr)
     return 2
   print(json.dumps(summary, indent=2, sort_keys=True))
-  print(f'{summary["records"]} records in {summary["shards_finished"]}/{summary["shards"]} shards '
-        f'({summary["shards_skipped"]} already done), {summary["failures"]} failures '
-        f'(see {summary["failure_manifest"]}), {summary["clips_per_second"]:.1f} clips/s, '
-        f'{100 * summary["patches_kept_fraction"]:.2f}% of patches kept', file=sys.stderr)
+  print(
+    f'{summary["records"]} records in {summary["shards_finished"]}/{summary["shards"]} shards '
+    f'({summary["shards_skipped"]} already done), {summary["failures"]} failures '
+    f'(see {summary["failure_manifest"]}), {summary["clips_per_second"]:.1f} clips/s, '
+    f'{100 * summary["patches_kept_fraction"]:.2f}% of patches kept',
+    file=sys.stderr,
+  )
   if args.num_tasks > 1:
-    print(f'task {args.task_index} of {args.num_tasks}: corpus '
-          f'{summary["corpus_shards_finished"]}/{summary["shards"]} shards finished'
-          + (' (complete)' if summary['complete'] else ''), file=sys.stderr)
+    print(
+      f'task {args.task_index} of {args.num_tasks}: corpus '
+      f'{summary["corpus_shards_finished"]}/{summary["shards"]} shards finished'
+      + (' (complete)' if summary['complete'] else ''),
+      file=sys.stderr,
+    )
   return 0
 
 
@@ -182,14 +258,20 @@ def _check(precompute, out_dir: str) -> int:
     return 2
   print(json.dumps(report, indent=2, sort_keys=True))
   if report['complete']:
-    print(f'{out_dir}: complete, {report["records"]} records in {report["shards"]} shards, '
-          f'{report["failures"]} failures', file=sys.stderr)
+    print(
+      f'{out_dir}: complete, {report["records"]} records in {report["shards"]} shards, '
+      f'{report["failures"]} failures',
+      file=sys.stderr,
+    )
     return 0
-  shown = ', '.join(map(str, report['missing'][:20])) + (' ...' if len(report['missing']) > 20
-                                                         else '')
-  print(f'{out_dir}: incomplete, {len(report["missing"])} of {report["shards"]} shards missing '
-        f'({shown}); re-run the tasks that own them (shard i belongs to task i % N)',
-        file=sys.stderr)
+  shown = ', '.join(map(str, report['missing'][:20])) + (
+    ' ...' if len(report['missing']) > 20 else ''
+  )
+  print(
+    f'{out_dir}: incomplete, {len(report["missing"])} of {report["shards"]} shards missing '
+    f'({shown}); re-run the tasks that own them (shard i belongs to task i % N)',
+    file=sys.stderr,
+  )
   return 1
 
 

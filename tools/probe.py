@@ -18,6 +18,7 @@ named: the built-in data's slots are fine, shape, direction, texture (default te
 of your own are named with --label-names (else label0, label1, ...). Bad input exits with status
 2 and a message naming the flag or file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,40 +41,63 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='ove-probe', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split('\n\n', 1)[1])
-  parser.add_argument('--checkpoint', required=True,
-                      help='a training workdir (its latest step), a step folder, a '
-                      'release-format directory, or random:<preset>')
+  parser = argparse.ArgumentParser(
+    prog='ove-probe',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1],
+  )
+  parser.add_argument(
+    '--checkpoint',
+    required=True,
+    help='a training workdir (its latest step), a step folder, a '
+    'release-format directory, or random:<preset>',
+  )
   parser.add_argument('--step', type=int, help='the checkpoint step of a training workdir')
   parser.add_argument('--seed', type=int, default=0, help='the random init of random:<preset>')
   data = parser.add_mutually_exclusive_group(required=True)
   data.add_argument('--records', help='video record files (glob; several comma-separated)')
   data.add_argument('--builtin', help='a folder of data_pipeline.builtin data (made if absent)')
   parser.add_argument('--clips', type=int, default=16, help='clips of new --builtin data')
-  parser.add_argument('--budget', type=int, default=512,
-                      help='codec patches per clip of new --builtin data')
-  parser.add_argument('--video-root', default='', help='joined to records\' relative sources')
+  parser.add_argument(
+    '--budget', type=int, default=512, help='codec patches per clip of new --builtin data'
+  )
+  parser.add_argument('--video-root', default='', help="joined to records' relative sources")
   label = parser.add_mutually_exclusive_group()
-  label.add_argument('--label', help='the label to probe, by name (built-in data: fine, shape, '
-                     f'direction, texture; default {probes_lib.BUILTIN_DEFAULT_LABEL}) or slot '
-                     'number (records: default the first slot)')
+  label.add_argument(
+    '--label',
+    help='the label to probe, by name (built-in data: fine, shape, '
+    f'direction, texture; default {probes_lib.BUILTIN_DEFAULT_LABEL}) or slot '
+    'number (records: default the first slot)',
+  )
   label.add_argument('--label-index', type=int, help='the label to probe, by slot number')
-  parser.add_argument('--label-names', help='names of the records\' label slots, '
-                      'comma-separated (default label0, label1, ...; built-in data has its own)')
-  parser.add_argument('--mode', choices=('codec', 'uniform', 'both'), default='both',
-                      help='input mode(s) to probe')
-  parser.add_argument('--num-frames', type=int, default=None,
-                      help='frames of the uniform mode (default: the records\' K / 256, the '
-                      'equal token budget; 8 for K = 2048)')
-  parser.add_argument('--test-fraction', type=float, default=0.3,
-                      help='share of the records that test the probes')
-  parser.add_argument('--probes', default='attentive,linear,knn',
-                      help='comma-separated: attentive, linear, knn')
-  parser.add_argument('--epochs', type=int, default=None,
-                      help=f'attentive probe epochs (default 10; 30 below '
-                      f'{probes_lib.SMALL_SET} clips)')
+  parser.add_argument(
+    '--label-names',
+    help="names of the records' label slots, "
+    'comma-separated (default label0, label1, ...; built-in data has its own)',
+  )
+  parser.add_argument(
+    '--mode', choices=('codec', 'uniform', 'both'), default='both', help='input mode(s) to probe'
+  )
+  parser.add_argument(
+    '--num-frames',
+    type=int,
+    default=None,
+    help="frames of the uniform mode (default: the records' K / 256, the "
+    'equal token budget; 8 for K = 2048)',
+  )
+  parser.add_argument(
+    '--test-fraction', type=float, default=0.3, help='share of the records that test the probes'
+  )
+  parser.add_argument(
+    '--probes', default='attentive,linear,knn', help='comma-separated: attentive, linear, knn'
+  )
+  parser.add_argument(
+    '--epochs',
+    type=int,
+    default=None,
+    help=f'attentive probe epochs (default 10; 30 below {probes_lib.SMALL_SET} clips)',
+  )
   parser.add_argument('--lr', type=float, default=1e-4, help='attentive probe peak lr')
   parser.add_argument('--batch-size', type=int, default=32, help='attentive probe batch')
   parser.add_argument('--extract-batch-size', type=int, default=8, help='encoder forward batch')
@@ -86,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_encoder(spec: str, seed: int = 0, step: int | None = None):
   """(encoder, description) of --checkpoint (`checkpoint.load_encoder`, errors naming the flag)."""
   from ove_jax import checkpoint, cli
+
   try:
     loaded = checkpoint.load_encoder(spec, step=step, seed=seed)
   except (OSError, ValueError, KeyError) as e:
@@ -98,20 +123,25 @@ def run(args) -> dict:
   start = time.perf_counter()
   seeds = _int_list(args.seeds, '--seeds')
   probes = [p.strip() for p in args.probes.split(',') if p.strip()]
-  if args.out and not paths.is_url(args.out) and not paths.isdir(
-      paths.dirname(paths.absolute(args.out))):
+  if (
+    args.out
+    and not paths.is_url(args.out)
+    and not paths.isdir(paths.dirname(paths.absolute(args.out)))
+  ):
     raise probes_lib.ProbeError(f'--out {args.out}: its folder does not exist')
   encoder, source = load_encoder(args.checkpoint, args.seed, args.step)
   if args.builtin:
-    records, where, names = probes_lib.builtin_records(args.builtin, clips=args.clips,
-                                                       budget=args.budget)
+    records, where, names = probes_lib.builtin_records(
+      args.builtin, clips=args.clips, budget=args.budget
+    )
     label = args.label or probes_lib.BUILTIN_DEFAULT_LABEL
   else:
     files = probes_lib.record_files(args.records)
     records = probes_lib.read_records(files)
     where = f'{len(files)} record file(s) of {args.records}'
     names = probes_lib.label_names(
-        records, args.label_names.split(',') if args.label_names else None)
+      records, args.label_names.split(',') if args.label_names else None
+    )
     label = args.label or 0
   if args.label_index is not None:
     label, flag = args.label_index, f'--label-index {args.label_index}'
@@ -126,12 +156,30 @@ def run(args) -> dict:
   print(f'data: {where}')
   modes = ('codec', 'uniform') if args.mode == 'both' else (args.mode,)
   results = probes_lib.probe_records(
-      encoder, records, label=index, label_names=names, modes=modes, num_frames=args.num_frames,
-      test_fraction=args.test_fraction, probes=probes, epochs=args.epochs, lr=args.lr,
-      batch_size=args.batch_size, extract_batch_size=args.extract_batch_size, knn_k=args.knn_k,
-      seeds=seeds, video_root=args.video_root, log=lambda line: print(line, flush=True))
-  results = {'checkpoint': args.checkpoint, 'encoder': source, 'data': where, **results,
-             'seconds': time.perf_counter() - start}
+    encoder,
+    records,
+    label=index,
+    label_names=names,
+    modes=modes,
+    num_frames=args.num_frames,
+    test_fraction=args.test_fraction,
+    probes=probes,
+    epochs=args.epochs,
+    lr=args.lr,
+    batch_size=args.batch_size,
+    extract_batch_size=args.extract_batch_size,
+    knn_k=args.knn_k,
+    seeds=seeds,
+    video_root=args.video_root,
+    log=lambda line: print(line, flush=True),
+  )
+  results = {
+    'checkpoint': args.checkpoint,
+    'encoder': source,
+    'data': where,
+    **results,
+    'seconds': time.perf_counter() - start,
+  }
   print()
   print(probes_lib.format_table(results))
   print(f'\n{results["seconds"]:.1f} s')

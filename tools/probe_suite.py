@@ -19,6 +19,7 @@ Rerun the same command to resume: finished cells are skipped; failed ones (recor
 error, the suite going on) run again. Exit status 0 when every cell is ok, 1 when any failed, 2
 for bad input (a message naming the flag or file).
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,33 +41,48 @@ def _ints(text: str | None, flag: str) -> list[int]:
 
 def build_parser() -> cli.Parser:
   parser = cli.doc_parser('ove-probe-suite', __doc__)
-  parser.add_argument('--config', required=True,
-                      help='the benchmarks: an experiment and its argument, e.g. '
-                      'probe_benchmarks:data_root=/data/ap (experiments/probe_benchmarks.py)')
-  parser.add_argument('--encoders', required=True,
-                      help='comma-separated: training workdirs, release-format directories, '
-                      'random:<preset>')
+  parser.add_argument(
+    '--config',
+    required=True,
+    help='the benchmarks: an experiment and its argument, e.g. '
+    'probe_benchmarks:data_root=/data/ap (experiments/probe_benchmarks.py)',
+  )
+  parser.add_argument(
+    '--encoders',
+    required=True,
+    help='comma-separated: training workdirs, release-format directories, random:<preset>',
+  )
   parser.add_argument('--out', required=True, help='the suite folder (cells/, results.*)')
-  parser.add_argument('--benchmarks', help='comma-separated names of the config\'s benchmarks '
-                      '(default: all of them)')
-  parser.add_argument('--modes', help='comma-separated input modes: codec:K, uniform:N, with an '
-                      'optional +shuffle_positions, +static_motion or +counterfactual_motion '
-                      '(default: the config\'s, codec:2048,codec:4096,uniform:8,uniform:16)')
-  parser.add_argument('--seeds', help='probe seeds, e.g. 0,1,2 (default: the config\'s)')
-  parser.add_argument('--epochs', type=int, help='override every benchmark\'s epochs')
-  parser.add_argument('--batch-size', type=int, help='override every benchmark\'s batch')
-  parser.add_argument('--eval-batch-size', type=int, default=32,
-                      help='clips per encoder forward when scoring')
-  parser.add_argument('--encoder-seed', type=int, default=0,
-                      help='the init of random:<preset> encoders')
-  parser.add_argument('--selection-cache',
-                      help='folder keeping the clips\' codec selections (default OUT/selections)')
+  parser.add_argument(
+    '--benchmarks', help="comma-separated names of the config's benchmarks (default: all of them)"
+  )
+  parser.add_argument(
+    '--modes',
+    help='comma-separated input modes: codec:K, uniform:N, with an '
+    'optional +shuffle_positions, +static_motion or +counterfactual_motion '
+    "(default: the config's, codec:2048,codec:4096,uniform:8,uniform:16)",
+  )
+  parser.add_argument('--seeds', help="probe seeds, e.g. 0,1,2 (default: the config's)")
+  parser.add_argument('--epochs', type=int, help="override every benchmark's epochs")
+  parser.add_argument('--batch-size', type=int, help="override every benchmark's batch")
+  parser.add_argument(
+    '--eval-batch-size', type=int, default=32, help='clips per encoder forward when scoring'
+  )
+  parser.add_argument(
+    '--encoder-seed', type=int, default=0, help='the init of random:<preset> encoders'
+  )
+  parser.add_argument(
+    '--selection-cache', help="folder keeping the clips' codec selections (default OUT/selections)"
+  )
   return parser
 
 
 def run(args) -> list[dict]:
-  for flag, value in (('--epochs', args.epochs), ('--batch-size', args.batch_size),
-                      ('--eval-batch-size', args.eval_batch_size)):
+  for flag, value in (
+    ('--epochs', args.epochs),
+    ('--batch-size', args.batch_size),
+    ('--eval-batch-size', args.eval_batch_size),
+  ):
     if value is not None and value < 1:
       raise probe_suite.SuiteError(f'{flag} {value}: must be >= 1')
   try:
@@ -75,13 +91,22 @@ def run(args) -> list[dict]:
   except (config_lib.ConfigError, ValueError, OSError) as e:
     raise probe_suite.SuiteError(f'--config {args.config}: {e}') from None
   if not hasattr(config, 'benchmarks'):
-    raise probe_suite.SuiteError(f'--config {args.config}: not a probe experiment (it has no '
-                                 '`benchmarks`); use probe_benchmarks')
+    raise probe_suite.SuiteError(
+      f'--config {args.config}: not a probe experiment (it has no '
+      '`benchmarks`); use probe_benchmarks'
+    )
   plan = probe_suite.suite_plan(
-      config, encoders=_names(args.encoders), modes=_names(args.modes),
-      benchmarks=_names(args.benchmarks), seeds=_ints(args.seeds, '--seeds'),
-      epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-      encoder_seed=args.encoder_seed, selection_cache=args.selection_cache)
+    config,
+    encoders=_names(args.encoders),
+    modes=_names(args.modes),
+    benchmarks=_names(args.benchmarks),
+    seeds=_ints(args.seeds, '--seeds'),
+    epochs=args.epochs,
+    batch_size=args.batch_size,
+    eval_batch_size=args.eval_batch_size,
+    encoder_seed=args.encoder_seed,
+    selection_cache=args.selection_cache,
+  )
   rows = probe_suite.run_suite(plan, args.out, log=lambda line: print(line, flush=True))
   print()
   print(probe_suite.format_markdown(rows))
@@ -89,8 +114,14 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-  return cli.main_of('ove-probe-suite', build_parser(), run, (probe_suite.SuiteError,), argv,
-                     ok=lambda rows: all(r['status'] == 'ok' for r in rows))
+  return cli.main_of(
+    'ove-probe-suite',
+    build_parser(),
+    run,
+    (probe_suite.SuiteError,),
+    argv,
+    ok=lambda rows: all(r['status'] == 'ok' for r in rows),
+  )
 
 
 if __name__ == '__main__':

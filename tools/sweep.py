@@ -29,6 +29,7 @@ and --collect write <root>/sweep.json (the points, their commands and status); -
 A config error (an unknown key in a point, a value that does not survive the command line, a
 duplicate name) exits with status 2 before anything runs, naming the point and the key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,26 +43,55 @@ from ove_jax import config as config_lib
 
 
 def build_parser() -> cli.Parser:
-  p = cli.Parser(prog='ove-sweep', description=__doc__.split('\n\n')[0],
-                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                 epilog=__doc__.split('\n\n', 1)[1] + '\nAny --config.KEY=VALUE overrides '
-                 'every point\'s config, as in the trainer.')
-  p.add_argument('--config', required=True, metavar='SPEC',
-                 help='the experiment with its sweep: experiments/<name>.py[:args]')
+  p = cli.Parser(
+    prog='ove-sweep',
+    description=__doc__.split('\n\n')[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split('\n\n', 1)[1] + '\nAny --config.KEY=VALUE overrides '
+    "every point's config, as in the trainer.",
+  )
+  p.add_argument(
+    '--config',
+    required=True,
+    metavar='SPEC',
+    help='the experiment with its sweep: experiments/<name>.py[:args]',
+  )
   p.add_argument('--root', required=True, help='the folder of the runs (one per point)')
   mode = p.add_mutually_exclusive_group()
-  mode.add_argument('--run', action='store_const', const='run', dest='mode',
-                    help='run the unfinished points here, one after another')
-  mode.add_argument('--print', action='store_const', const='print', dest='mode',
-                    help='print the commands, one a line (the default)')
-  mode.add_argument('--job-array', metavar='FILE',
-                    help='write the commands to FILE, one a line, for a scheduler\'s job array')
-  mode.add_argument('--collect', action='store_const', const='collect', dest='mode',
-                    help='only gather the results of the runs in --root')
-  p.add_argument('--only', action='append', metavar='NAME',
-                 help='keep this point (repeat for more)')
-  p.add_argument('--compile-cache', metavar='DIR',
-                 help='JAX compilation cache of --run (default <root>/jax_cache; empty: none)')
+  mode.add_argument(
+    '--run',
+    action='store_const',
+    const='run',
+    dest='mode',
+    help='run the unfinished points here, one after another',
+  )
+  mode.add_argument(
+    '--print',
+    action='store_const',
+    const='print',
+    dest='mode',
+    help='print the commands, one a line (the default)',
+  )
+  mode.add_argument(
+    '--job-array',
+    metavar='FILE',
+    help="write the commands to FILE, one a line, for a scheduler's job array",
+  )
+  mode.add_argument(
+    '--collect',
+    action='store_const',
+    const='collect',
+    dest='mode',
+    help='only gather the results of the runs in --root',
+  )
+  p.add_argument(
+    '--only', action='append', metavar='NAME', help='keep this point (repeat for more)'
+  )
+  p.add_argument(
+    '--compile-cache',
+    metavar='DIR',
+    help='JAX compilation cache of --run (default <root>/jax_cache; empty: none)',
+  )
   return p
 
 
@@ -83,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
   python = sys.executable if mode == 'run' else 'python'
-  commands = {p.name: sweeps.train_command(spec, root, p, configs[p.name], common, python)
-              for p in points}
+  commands = {
+    p.name: sweeps.train_command(spec, root, p, configs[p.name], common, python) for p in points
+  }
   if mode == 'print':
     for p in points:
       print(shlex.join(commands[p.name]))
@@ -112,8 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if interrupted:
     return 130
   if failures:
-    print(f'{len(failures)} of {len(points)} runs failed: {", ".join(failures)}',
-          file=sys.stderr)
+    print(f'{len(failures)} of {len(points)} runs failed: {", ".join(failures)}', file=sys.stderr)
     return 1
   return 0
 

@@ -14,6 +14,7 @@ DIR/selection.gif (one frame per sampled frame) and, with --heatmap, DIR/heatmap
 score map over the frames; for a record it is the stored map, or the selection re-run with the
 run's options when the record has none).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from data_pipeline.pictures import kept_mask, overlay, render  # noqa: F401 (re-
 
 def _select(video, selector: str | None, options: dict):
   import importlib
+
   module, _, attr = (selector or 'data_pipeline.codec:select').partition(':')
   return getattr(importlib.import_module(module), attr)(video, **options)
 
@@ -35,13 +37,13 @@ def _select(video, selector: str | None, options: dict):
 def _run_settings(shard: str) -> tuple[dict, str | None]:
   """The selection options and selector the shard was written with (its run's plan.json)."""
   from data_pipeline.precompute import read_plan
+
   plan = read_plan(os.path.dirname(os.path.abspath(shard)))
   return (dict(plan['options']), plan['selector']) if plan else ({}, None)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='ove-visualize-selection',
-                              description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='ove-visualize-selection', description=__doc__.split('\n')[0])
   p.add_argument('source', help='a video file, or a precomputed shard with --index')
   p.add_argument('--index', type=int, help='record index in the shard (record mode)')
   p.add_argument('--out', required=True, help='output folder')
@@ -77,14 +79,14 @@ def main(argv=None) -> int:
       return 2
     run_options, run_selector = _run_settings(args.source)
     options, selector = {**run_options, **options}, selector or run_selector
-  for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy', 'preset',
-               'geometry'):
+  for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy', 'preset', 'geometry'):
     if getattr(args, flag) is not None:
       options[flag] = getattr(args, flag)
   resolution = int(options.get('resolution', 224))
   patch_size = int(options.get('patch_size', 14))
-  geometry = options.get('geometry') or PRESETS.get(options.get('preset'), {}).get('geometry',
-                                                                                 'crop')
+  geometry = options.get('geometry') or PRESETS.get(options.get('preset'), {}).get(
+    'geometry', 'crop'
+  )
 
   try:
     if record is None:
@@ -110,8 +112,9 @@ def main(argv=None) -> int:
   except ValueError as e:  # VideoError (a bad file) or options the selector refuses
     print(f'visualize_selection: {e}', file=sys.stderr)
     return 2
-  paths = render(frames, frame_ids, positions, types, args.out, patch_size, scores, args.cols,
-                 args.frame_ms)
+  paths = render(
+    frames, frame_ids, positions, types, args.out, patch_size, scores, args.cols, args.frame_ms
+  )
   for kind, path in paths.items():
     print(f'{kind}: {path}')
   return 0

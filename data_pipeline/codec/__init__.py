@@ -28,19 +28,33 @@ normalisation, fusion, camera compensation, centre prior, model-grid scores), `r
 release's maths and the presets), `geometry` (crop / letterbox canvas, resampling, canvas
 decoding), `selection` (policies, static fallback, top-K, baselines), `options`.
 """
+
 from data_pipeline.codec.geometry import GEOMETRIES, decode_canvas
 from data_pipeline.codec.options import (
-                                         CAMERA_COMPENSATIONS,
-                                         DEFAULT_GOP,
-                                         FUSIONS,
-                                         POLICIES,
-                                         TRANSCODES,
-                                         Options,
+  CAMERA_COMPENSATIONS,
+  DEFAULT_GOP,
+  FUSIONS,
+  POLICIES,
+  TRANSCODES,
+  Options,
 )
 from data_pipeline.codec.release import PRESETS
 from data_pipeline.codec.selection import Selection, select, select_random, select_uniform_frames
 from data_pipeline.video import VideoError
 
-__all__ = ['select', 'select_uniform_frames', 'select_random', 'Selection', 'Options',
-           'VideoError', 'POLICIES', 'FUSIONS', 'CAMERA_COMPENSATIONS', 'DEFAULT_GOP', 'PRESETS',
-           'GEOMETRIES', 'TRANSCODES', 'decode_canvas']
+__all__ = [
+  'select',
+  'select_uniform_frames',
+  'select_random',
+  'Selection',
+  'Options',
+  'VideoError',
+  'POLICIES',
+  'FUSIONS',
+  'CAMERA_COMPENSATIONS',
+  'DEFAULT_GOP',
+  'PRESETS',
+  'GEOMETRIES',
+  'TRANSCODES',
+  'decode_canvas',
+]

@@ -17,6 +17,7 @@ frame can only be predicted from frames decoded before it); `maps.py` keeps the 
 predicts the frame best. For the transcoded streams (one reference, no B-frames) the candidate is
 always the previous frame, so there is nothing to guess.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,23 @@ from data_pipeline.video import VideoError, VideoSource, describe, open_video
 # FFmpeg picture types folded onto records.PICTURE_TYPES ('?', 'I', 'P', 'B').
 _KIND_OF_PICTURE = {'I': 'I', 'SI': 'I', 'P': 'P', 'SP': 'P', 'S': 'P', 'B': 'B', 'BI': 'B'}
 # Pixel formats whose first plane is 8-bit luma we can read without a conversion.
-_Y8_FORMATS = frozenset({'yuv420p', 'yuvj420p', 'yuv422p', 'yuvj422p', 'yuv444p', 'yuvj444p',
-                         'yuv440p', 'yuvj440p', 'yuv411p', 'yuv410p', 'nv12', 'nv21', 'gray'})
+_Y8_FORMATS = frozenset(
+  {
+    'yuv420p',
+    'yuvj420p',
+    'yuv422p',
+    'yuvj422p',
+    'yuv444p',
+    'yuvj444p',
+    'yuv440p',
+    'yuvj440p',
+    'yuv411p',
+    'yuv410p',
+    'nv12',
+    'nv21',
+    'gray',
+  }
+)
 # x264 allows up to 16 consecutive B-frames, so no reference lies further away than this.
 REFERENCE_REACH = 18
 TRANSCODE_FPS = 25
@@ -42,12 +58,13 @@ TRANSCODE_FPS = 25
 @dataclasses.dataclass(frozen=True)
 class Probe:
   """What the container says about its first video stream."""
-  name: str           # describe(video), for messages
-  codec: str          # decoder name: 'h264', 'hevc', 'vp9', ...
+
+  name: str  # describe(video), for messages
+  codec: str  # decoder name: 'h264', 'hevc', 'vp9', ...
   width: int
   height: int
-  num_frames: int     # frames in the stream (header count, else counted packets)
-  counted: bool       # True when num_frames came from counting packets
+  num_frames: int  # frames in the stream (header count, else counted packets)
+  counted: bool  # True when num_frames came from counting packets
 
 
 def probe(video: VideoSource) -> Probe:
@@ -65,8 +82,9 @@ def probe(video: VideoSource) -> Probe:
   finally:
     container.close()
   if num_frames <= 0:
-    raise VideoError(f'{name}: the video stream has no frames (empty, or truncated before '
-                     f'the first one)')
+    raise VideoError(
+      f'{name}: the video stream has no frames (empty, or truncated before the first one)'
+    )
   if width <= 0 or height <= 0:
     raise VideoError(f'{name}: the video stream has no frame size ({width}x{height})')
   return Probe(name, codec, width, height, num_frames, counted)
@@ -92,13 +110,14 @@ def timeline(num_source_frames: int, num_frames: int) -> np.ndarray:
 @dataclasses.dataclass
 class CodedFrame:
   """One decoded picture, as much of it as the analysis needs."""
-  index: int                      # presentation index, counting decoded frames from 0
-  decode_index: int               # position in decode order; -1 when the packets carry no pts
-  kind: str                       # 'I', 'P', 'B' or '?'
-  luma: np.ndarray | None      # [H/step, W/step] luma at the analysis resolution (float32);
-                                  # only kept for frames near a wanted one
-  vectors: np.ndarray | None   # the MOTION_VECTORS structured array; wanted frames only
-  height: int = 0                 # the coded frame's size
+
+  index: int  # presentation index, counting decoded frames from 0
+  decode_index: int  # position in decode order; -1 when the packets carry no pts
+  kind: str  # 'I', 'P', 'B' or '?'
+  luma: np.ndarray | None  # [H/step, W/step] luma at the analysis resolution (float32);
+  # only kept for frames near a wanted one
+  vectors: np.ndarray | None  # the MOTION_VECTORS structured array; wanted frames only
+  height: int = 0  # the coded frame's size
   width: int = 0
 
   @property
@@ -145,12 +164,17 @@ class Decoded:
   """How far a `frames_with_references` run got (read after the generator is exhausted)."""
 
   def __init__(self):
-    self.count = 0              # frames decoded
-    self.error: Exception | None = None   # a decoder error that ended the stream early
+    self.count = 0  # frames decoded
+    self.error: Exception | None = None  # a decoder error that ended the stream early
 
 
-def frames_with_references(frames: Iterable[tuple], wanted: Sequence[int], decoded: Decoded,
-                           step: int = 1, reach: int = REFERENCE_REACH) -> Iterator[tuple]:
+def frames_with_references(
+  frames: Iterable[tuple],
+  wanted: Sequence[int],
+  decoded: Decoded,
+  step: int = 1,
+  reach: int = REFERENCE_REACH,
+) -> Iterator[tuple]:
   """For each wanted presentation index: (frame, past candidates, future candidates).
 
   `frames` yields (av frame, decode_index) as `decoded_frames` does, from a decoder with vector
@@ -190,8 +214,9 @@ def frames_with_references(frames: Iterable[tuple], wanted: Sequence[int], decod
         side = frame.side_data.get('MOTION_VECTORS')
         vectors = side.to_ndarray().copy() if side is not None else None
       luma = maps.downscale(luma_of(frame), step) if near_wanted(index) else None
-      coded = CodedFrame(index, decode_index, _kind(frame), luma, vectors, frame.height,
-                         frame.width)
+      coded = CodedFrame(
+        index, decode_index, _kind(frame), luma, vectors, frame.height, frame.width
+      )
       window[index] = coded
       if coded.is_anchor:
         # Every pending B-frame before this anchor now has all its future candidates in view.
@@ -225,8 +250,7 @@ def _candidates(frame: CodedFrame, window: dict, direction: int) -> list[CodedFr
   i = frame.index + direction
   while i in window:
     other = window[i]
-    if (frame.decode_index < 0 or other.decode_index < 0
-        or other.decode_index < frame.decode_index):
+    if frame.decode_index < 0 or other.decode_index < 0 or other.decode_index < frame.decode_index:
       nearest = nearest or other
       if other.is_anchor:
         anchor = other
@@ -276,13 +300,16 @@ def container_frames(container, stream) -> Iterator[tuple]:
 def analysis_size(height: int, width: int, short_side: int) -> tuple[int, int]:
   """Transcode size: short side down to `short_side` (never up), both even and at least 16."""
   scale = min(1.0, short_side / min(height, width))
+
   def even(x: float) -> int:
     return max(16, 2 * int(round(x * scale / 2)))
+
   return even(height), even(width)
 
 
-def scaled_frames(video: VideoSource, frame_ids: Sequence[int], height: int, width: int,
-                  decoded: Decoded) -> Iterator[tuple]:
+def scaled_frames(
+  video: VideoSource, frame_ids: Sequence[int], height: int, width: int, decoded: Decoded
+) -> Iterator[tuple]:
   """(index, yuv420p VideoFrame at height x width) of the wanted frames, in order, decoded with
   frame threads up to the last one; `decoded` says how far decoding got (frames past the end of
   a short or truncated stream are simply not yielded)."""
@@ -295,8 +322,10 @@ def scaled_frames(video: VideoSource, frame_ids: Sequence[int], height: int, wid
     for index, frame in enumerate(container.decode(stream)):
       decoded.count = index + 1
       if index in wanted:
-        yield index, frame.reformat(width=width, height=height, format='yuv420p',
-                                    interpolation='AREA')
+        yield (
+          index,
+          frame.reformat(width=width, height=height, format='yuv420p', interpolation='AREA'),
+        )
       if index >= last:
         break
   except av.FFmpegError as e:
@@ -305,8 +334,9 @@ def scaled_frames(video: VideoSource, frame_ids: Sequence[int], height: int, wid
     container.close()
 
 
-def read_frames(video: VideoSource, frame_ids: Sequence[int], height: int, width: int
-                ) -> tuple[dict, int, Exception | None]:
+def read_frames(
+  video: VideoSource, frame_ids: Sequence[int], height: int, width: int
+) -> tuple[dict, int, Exception | None]:
   """The wanted frames as yuv420p VideoFrames at height x width, decoded with frame threads.
 
   Returns ({index: frame}, frames decoded, decoder error or None); frames past the end of a
@@ -322,9 +352,11 @@ def x264_params(gop: int) -> str:
   # at the previous sampled frame. No weighted prediction, so MC(Y_ref) needs no weights.
   # One thread: x264's output depends on its thread count, so on the machine. mbtree=0: the
   # macroblock-tree is the part of x264 seen to vary from run to run (with B-frames).
-  return (f'keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:ref=1:weightp=0:'
-          f'partitions=p8x8,p4x4,i8x8,i4x4:mbtree=0:threads=1:lookahead-threads=1:'
-          f'sliced-threads=0')
+  return (
+    f'keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:ref=1:weightp=0:'
+    f'partitions=p8x8,p4x4,i8x8,i4x4:mbtree=0:threads=1:lookahead-threads=1:'
+    f'sliced-threads=0'
+  )
 
 
 def h264_encoder(width: int, height: int, gop: int, crf: int):
@@ -341,15 +373,13 @@ def h264_encoder(width: int, height: int, gop: int, crf: int):
 def encode_frame(encoder, frame, index: int, intra: bool = False) -> list:
   """Packets of one yuv420p frame at transcode position `index` (forced intra with `intra`)."""
   # A decoded frame keeps its source picture type, which libx264 would obey as a forced type.
-  frame.pict_type = (av.video.frame.PictureType.I if intra
-                     else av.video.frame.PictureType.NONE)
+  frame.pict_type = av.video.frame.PictureType.I if intra else av.video.frame.PictureType.NONE
   frame.pts = index
   frame.time_base = encoder.time_base
   return list(encoder.encode(frame))
 
 
-def encode_h264(frames: Sequence, gop: int, crf: int,
-                intra: Sequence[int] | None = None) -> list:
+def encode_h264(frames: Sequence, gop: int, crf: int, intra: Sequence[int] | None = None) -> list:
   """libx264 packets of yuv420p VideoFrames (all the same size), in memory: an I-frame every
   `gop` frames, or exactly at the positions `intra` when given."""
   keyint = gop if intra is None else len(frames) + 2
@@ -377,8 +407,9 @@ def paired_sequence(frame_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
   return np.array(sequence, np.int64), np.array(positions, np.int64)
 
 
-def transcode_segment(video: VideoSource, frame_ids: Sequence[int], height: int, width: int,
-                      gop: int, crf: int) -> tuple[list, int, Exception | None]:
+def transcode_segment(
+  video: VideoSource, frame_ids: Sequence[int], height: int, width: int, gop: int, crf: int
+) -> tuple[list, int, Exception | None]:
   """The source-faithful transcode: every source frame from the first to the last of
   `frame_ids` (sorted, distinct) re-encoded at height x width, streamed (decode, scale,
   encode, one frame in memory at a time).

@@ -17,6 +17,7 @@ patch sums of today's `maps.patch_integrators`), 'linear' and 'cubic' are OpenCV
 and INTER_CUBIC resampling (half-pixel centres, replicated edges, no antialiasing), which is how
 the release resizes its fused maps before summing patches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,13 +30,14 @@ from data_pipeline.video import VideoError, VideoSource, crop_box, describe, ope
 
 GEOMETRIES = ('crop', 'letterbox')
 RESAMPLES = ('area', 'linear', 'cubic')
-CUBIC_A = -0.75          # OpenCV's bicubic coefficient
+CUBIC_A = -0.75  # OpenCV's bicubic coefficient
 
 
 @dataclasses.dataclass(frozen=True)
 class Canvas:
   """The picture resized to new_h x new_w, its top-left corner at (top, left) of the canvas
   (negative for a crop: the canvas starts inside the picture)."""
+
   resolution: int
   new_h: int
   new_w: int
@@ -54,21 +56,27 @@ def canvas(height: int, width: int, resolution: int, geometry: str = 'crop') -> 
   raise ValueError(f'geometry={geometry!r}: allowed values are {", ".join(GEOMETRIES)}')
 
 
-def valid_patches(height: int, width: int, resolution: int, patch_size: int,
-                  geometry: str = 'crop') -> np.ndarray:
+def valid_patches(
+  height: int, width: int, resolution: int, patch_size: int, geometry: str = 'crop'
+) -> np.ndarray:
   """bool [Hp, Wp]: patches wholly inside the picture (all of them for a crop)."""
   box = canvas(height, width, resolution, geometry)
   edges = np.arange(resolution // patch_size + 1) * patch_size
+
   def axis(start: int, size: int) -> np.ndarray:
     return (edges[:-1] >= start) & (edges[1:] <= start + size)
+
   return axis(box.top, box.new_h)[:, None] & axis(box.left, box.new_w)[None, :]
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
   x = np.abs(x)
   a = CUBIC_A
-  return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-                  np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+  return np.where(
+    x <= 1,
+    ((a + 2) * x - (a + 3)) * x * x + 1,
+    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0),
+  )
 
 
 def resize_matrix(size: int, new_size: int, kind: str, step: int = 1) -> np.ndarray:
@@ -105,21 +113,25 @@ def resize_matrix(size: int, new_size: int, kind: str, step: int = 1) -> np.ndar
   raise ValueError(f'resample={kind!r}: allowed values are {", ".join(RESAMPLES)}')
 
 
-def canvas_matrices(height: int, width: int, resolution: int, geometry: str, kind: str,
-                    step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def canvas_matrices(
+  height: int, width: int, resolution: int, geometry: str, kind: str, step: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """(Ry [R, H//step], Rx [R, W//step]) float32: canvas = Ry @ map @ Rx.T (zeros on padding)."""
   box = canvas(height, width, resolution, geometry)
+
   def axis(size: int, new_size: int, start: int) -> np.ndarray:
     resized = resize_matrix(size, new_size, kind, step)
     out = np.zeros((resolution, resized.shape[1]))
     lo, hi = max(start, 0), min(start + new_size, resolution)
-    out[lo:hi] = resized[lo - start:hi - start]
+    out[lo:hi] = resized[lo - start : hi - start]
     return out.astype(np.float32)
+
   return axis(height, box.new_h, box.top), axis(width, box.new_w, box.left)
 
 
-def patch_integrators(height: int, width: int, resolution: int, patch_size: int,
-                      geometry: str = 'crop', step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def patch_integrators(
+  height: int, width: int, resolution: int, patch_size: int, geometry: str = 'crop', step: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """(Ay [Hp, H//step], Ax [Wp, W//step]): `Ay @ map @ Ax.T` is the map's exact area integral
   over each model patch in canvas-pixel units (a map of ones gives patch_size**2 on patches
   inside the picture, 0 on padding).
@@ -129,6 +141,7 @@ def patch_integrators(height: int, width: int, resolution: int, patch_size: int,
   map row y (source rows [y*step, (y+1)*step)) with it, times sy.
   """
   box = canvas(height, width, resolution, geometry)
+
   def axis(size: int, new_size: int, start: int) -> np.ndarray:
     scale = new_size / size
     edges = (np.arange(resolution // patch_size + 1) * patch_size - start) / scale
@@ -136,6 +149,7 @@ def patch_integrators(height: int, width: int, resolution: int, patch_size: int,
     pixel = np.arange(size // step)[None, :] * step
     overlap = np.clip(np.minimum(pixel + step, hi) - np.maximum(pixel, lo), 0, None)
     return (overlap * scale).astype(np.float32)
+
   return axis(height, box.new_h, box.top), axis(width, box.new_w, box.left)
 
 
@@ -143,20 +157,22 @@ def letterbox_frame(frame, resolution: int) -> np.ndarray:
   """RGB uint8 [R, R, 3] of a decoded av frame: long side to R (bicubic, as the crop path
   resizes), centred on black."""
   box = canvas(frame.height, frame.width, resolution, 'letterbox')
-  rgb = frame.reformat(width=box.new_w, height=box.new_h, format='rgb24',
-                       interpolation='BICUBIC').to_ndarray()
+  rgb = frame.reformat(
+    width=box.new_w, height=box.new_h, format='rgb24', interpolation='BICUBIC'
+  ).to_ndarray()
   out = np.zeros((resolution, resolution, 3), np.uint8)
-  out[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = rgb
+  out[box.top : box.top + box.new_h, box.left : box.left + box.new_w] = rgb
   return out
 
 
-def decode_canvas(video: VideoSource, frame_ids: Sequence[int], resolution: int = 224,
-                  geometry: str = 'crop') -> np.ndarray:
+def decode_canvas(
+  video: VideoSource, frame_ids: Sequence[int], resolution: int = 224, geometry: str = 'crop'
+) -> np.ndarray:
   """RGB uint8 [len(frame_ids), R, R, 3] of the given frames in `geometry`; ids past the end of
   the stream get its last frame (as `video.decode_frames`, which serves 'crop')."""
   if geometry == 'crop':
     return video_lib.decode_frames(video, frame_ids, resolution)
-  canvas(1, 1, resolution, geometry)   # checks the name
+  canvas(1, 1, resolution, geometry)  # checks the name
   ids = [int(i) for i in np.asarray(frame_ids, np.int64).reshape(-1)]
   wanted, last_wanted = set(ids), max(ids)
   got: dict[int, np.ndarray] = {}

@@ -13,6 +13,7 @@ Vectors are expressed per frame of temporal distance (a P-frame four frames afte
 moves four times as far as its neighbouring B-frames); the per-frame normalisation makes this
 matter little, but it keeps the two directions of one B-frame on the same scale.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,30 +24,32 @@ import numpy as np
 from data_pipeline.codec import geometry as geometry_lib
 from data_pipeline.codec import release
 
-CELL = 4                  # pixels per side of a vector-grid cell
+CELL = 4  # pixels per side of a vector-grid cell
 PERCENTILE = 95.0
-MOTION_FLOOR = 1e-6       # in pixels per frame
-RESIDUAL_FLOOR = 1.0      # in 0-255 luma levels
-TRIM_KEEP = 0.7           # share of points kept by each trimming pass of the similarity fit
+MOTION_FLOOR = 1e-6  # in pixels per frame
+RESIDUAL_FLOOR = 1.0  # in 0-255 luma levels
+TRIM_KEEP = 0.7  # share of points kept by each trimming pass of the similarity fit
 TRIM_PASSES = 2
-PRIOR_SIGMA = 0.35        # centre-prior Gaussian sigma, as a share of min(H, W)
-SPARSE_SHARE = 0.25       # below this share of moving cells `predict` interpolates only them
+PRIOR_SIGMA = 0.35  # centre-prior Gaussian sigma, as a share of min(H, W)
+SPARSE_SHARE = 0.25  # below this share of moving cells `predict` interpolates only them
 
 
 @dataclasses.dataclass
 class VectorGrid:
   """Block vectors of one direction painted on the cell grid: float32 [Hc, Wc] each."""
-  dx_HcxWc: np.ndarray    # displacement src - dst in pixels (sub-pixel)
+
+  dx_HcxWc: np.ndarray  # displacement src - dst in pixels (sub-pixel)
   dy_HcxWc: np.ndarray
-  has_HcxWc: np.ndarray   # bool: a vector was coded for this cell
+  has_HcxWc: np.ndarray  # bool: a vector was coded for this cell
 
   @property
   def count(self) -> int:
     return int(self.has_HcxWc.sum())
 
 
-def paint_vectors(vectors: np.ndarray | None, height: int, width: int, direction: int
-                  ) -> VectorGrid:
+def paint_vectors(
+  vectors: np.ndarray | None, height: int, width: int, direction: int
+) -> VectorGrid:
   """Paint the blocks of one direction (-1 past, +1 future) onto the 4x4-pixel grid.
 
   FFmpeg reports each block by its centre (dst_x, dst_y) and size (w, h); the displacement in
@@ -85,16 +88,16 @@ def paint_vectors(vectors: np.ndarray | None, height: int, width: int, direction
   return VectorGrid(dx, dy, has)
 
 
-def _pixel_cells(height: int, width: int, hc: int, wc: int, step: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_cells(
+  height: int, width: int, hc: int, wc: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
   """The cell row under each analysis row, and the cell column under each analysis column."""
   rows = np.minimum((step * np.arange(height) + step // 2) // CELL, hc - 1)
   cols = np.minimum((step * np.arange(width) + step // 2) // CELL, wc - 1)
   return rows, cols
 
 
-def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1
-                     ) -> np.ndarray:
+def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
   """The cell value under the centre of each analysis pixel (each covers step x step coded)."""
   rows, cols = _pixel_cells(height, width, *cells_HcxWc.shape, step)
   # Columns first (on the small cell grid), then whole rows: 8x faster than rows first, and
@@ -110,7 +113,7 @@ def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
   # Rows, then columns: two reductions over neighbouring memory, ~3x faster than one over
   # axes (1, 3), and the same integer sums.
-  rows = luma_HxW[:h * step, :w * step].reshape(h, step, w * step).sum(axis=1, dtype=np.uint32)
+  rows = luma_HxW[: h * step, : w * step].reshape(h, step, w * step).sum(axis=1, dtype=np.uint32)
   return rows.reshape(h, w, step).sum(axis=2, dtype=np.uint32).astype(np.float32) / (step * step)
 
 
@@ -131,8 +134,9 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   fx_HcxWc, fy_HcxWc = grid.dx_HcxWc / step, grid.dy_HcxWc / step
   ix_HcxWc, iy_HcxWc = np.floor(fx_HcxWc), np.floor(fy_HcxWc)
   if moving_HcxWc.mean() < SPARSE_SHARE:
-    return _predict_moving(flat, h, w, moving_HcxWc, fx_HcxWc - ix_HcxWc, fy_HcxWc - iy_HcxWc,
-                           ix_HcxWc, iy_HcxWc, step)
+    return _predict_moving(
+      flat, h, w, moving_HcxWc, fx_HcxWc - ix_HcxWc, fy_HcxWc - iy_HcxWc, ix_HcxWc, iy_HcxWc, step
+    )
   ax = _cells_to_pixels((fx_HcxWc - ix_HcxWc).astype(np.float32), h, w, step).reshape(-1)
   ay = _cells_to_pixels((fy_HcxWc - iy_HcxWc).astype(np.float32), h, w, step).reshape(-1)
   # The padded index of each sample is the cell's offset iy * (W + 2) + ix plus the pixel's
@@ -146,14 +150,19 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   cells_y, cells_x = np.arange(ix_HcxWc.shape[0]), np.arange(ix_HcxWc.shape[1])
   first_y, last_y = np.searchsorted(rows, cells_y), np.searchsorted(rows, cells_y, 'right') - 1
   first_x, last_x = np.searchsorted(cols, cells_x), np.searchsorted(cols, cells_x, 'right') - 1
-  off_HcxWc = ((iy_HcxWc + first_y[:, None] < -1) | (iy_HcxWc + last_y[:, None] > h - 1)
-               | (ix_HcxWc + first_x < -1) | (ix_HcxWc + last_x > w - 1))
+  off_HcxWc = (
+    (iy_HcxWc + first_y[:, None] < -1)
+    | (iy_HcxWc + last_y[:, None] > h - 1)
+    | (ix_HcxWc + first_x < -1)
+    | (ix_HcxWc + last_x > w - 1)
+  )
   if off_HcxWc.any():
     pixels = np.flatnonzero(off_HcxWc.take(cols, axis=1).take(rows, axis=0))
     py, px = np.divmod(pixels, w)
     cell = rows.take(py) * ix_HcxWc.shape[1] + cols.take(px)
-    index[pixels] = _padded_index(ix_HcxWc.reshape(-1).take(cell) + px,
-                                  iy_HcxWc.reshape(-1).take(cell) + py, h, w)
+    index[pixels] = _padded_index(
+      ix_HcxWc.reshape(-1).take(cell) + px, iy_HcxWc.reshape(-1).take(cell) + py, h, w
+    )
   return _sample(_padded(flat, h, w), index, ax, ay, w).reshape(h, w)
 
 
@@ -180,24 +189,33 @@ def _padded_index(x0: np.ndarray, y0: np.ndarray, h: int, w: int) -> np.ndarray:
   return index
 
 
-def _sample(padded: np.ndarray, index: np.ndarray, ax: np.ndarray, ay: np.ndarray, w: int
-            ) -> np.ndarray:
+def _sample(
+  padded: np.ndarray, index: np.ndarray, ax: np.ndarray, ay: np.ndarray, w: int
+) -> np.ndarray:
   """Bilinear samples at `index` of `_padded` + (ax, ay), the arithmetic of four clipped
   gathers operation for operation."""
   # take() gathers faster than fancy indexing; slices of the padded image shift the index.
   top = padded.take(index)
   top += (padded[1:].take(index) - top) * ax
-  bottom = padded[w + 2:].take(index)
-  bottom += (padded[w + 3:].take(index) - bottom) * ax
+  bottom = padded[w + 2 :].take(index)
+  bottom += (padded[w + 3 :].take(index) - bottom) * ax
   bottom -= top
   bottom *= ay
   top += bottom
   return top
 
 
-def _predict_moving(flat: np.ndarray, h: int, w: int, moving_HcxWc: np.ndarray,
-                    fracx_HcxWc: np.ndarray, fracy_HcxWc: np.ndarray, ix_HcxWc: np.ndarray,
-                    iy_HcxWc: np.ndarray, step: int) -> np.ndarray:
+def _predict_moving(
+  flat: np.ndarray,
+  h: int,
+  w: int,
+  moving_HcxWc: np.ndarray,
+  fracx_HcxWc: np.ndarray,
+  fracy_HcxWc: np.ndarray,
+  ix_HcxWc: np.ndarray,
+  iy_HcxWc: np.ndarray,
+  step: int,
+) -> np.ndarray:
   """`predict`'s arithmetic on the pixels of moving cells only; the others keep `flat`."""
   hc, wc = moving_HcxWc.shape
   rows, cols = _pixel_cells(h, w, hc, wc, step)
@@ -213,8 +231,7 @@ def _predict_moving(flat: np.ndarray, h: int, w: int, moving_HcxWc: np.ndarray,
   return out.reshape(h, w)
 
 
-def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, mask_HxW: np.ndarray
-                  ) -> float:
+def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, mask_HxW: np.ndarray) -> float:
   if not mask_HxW.any():
     return float(np.mean(np.abs(luma_HxW - prediction_HxW)))
   return float(np.mean(np.abs(luma_HxW - prediction_HxW)[mask_HxW]))
@@ -223,15 +240,23 @@ def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, mask_HxW: np
 @dataclasses.dataclass
 class FrameMaps:
   """Raw maps of one frame at the analysis resolution (before normalisation)."""
-  motion_HxW: np.ndarray      # coded pixels per frame of reference distance
-  residual_HxW: np.ndarray    # |Y_t - MC(Y_ref)| in luma levels
-  vectors_past: int = 0       # cells with a past / future vector (both are used when present)
+
+  motion_HxW: np.ndarray  # coded pixels per frame of reference distance
+  residual_HxW: np.ndarray  # |Y_t - MC(Y_ref)| in luma levels
+  vectors_past: int = 0  # cells with a past / future vector (both are used when present)
   vectors_future: int = 0
-  reference_distance: tuple = ()   # chosen (past, future) reference distances, 0 for none
+  reference_distance: tuple = ()  # chosen (past, future) reference distances, 0 for none
 
 
-def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', step: int = 1,
-               maths: str = 'ove', inconsistency: int = 0) -> FrameMaps:
+def frame_maps(
+  frame,
+  past: Sequence,
+  future: Sequence,
+  camera: str = 'none',
+  step: int = 1,
+  maths: str = 'ove',
+  inconsistency: int = 0,
+) -> FrameMaps:
   """Motion and residual maps of a decoded frame given its candidate references.
 
   `frame`, `past`, `future` are `bitstream.CodedFrame`s (index, vectors, and luma at the
@@ -276,13 +301,13 @@ def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', st
     p0 = past_prediction if past_prediction is not None else future_prediction
     p1 = future_prediction if future_prediction is not None else past_prediction
     if not future_grid.has_HcxWc.any():
-      prediction_HxW = p0      # no future vectors (P- and I-frames): what the general case gives
+      prediction_HxW = p0  # no future vectors (P- and I-frames): what the general case gives
     else:
       # 1: past vector only (or none), 2: future only, 3: both; one expansion for the two grids.
-      coded_HxW = _cells_to_pixels(past_grid.has_HcxWc.view(np.uint8)
-                                   + 2 * future_grid.has_HcxWc.view(np.uint8), h, w, step)
-      prediction_HxW = np.where(coded_HxW == 3, 0.5 * (p0 + p1),
-                                np.where(coded_HxW == 2, p1, p0))
+      coded_HxW = _cells_to_pixels(
+        past_grid.has_HcxWc.view(np.uint8) + 2 * future_grid.has_HcxWc.view(np.uint8), h, w, step
+      )
+      prediction_HxW = np.where(coded_HxW == 3, 0.5 * (p0 + p1), np.where(coded_HxW == 2, p1, p0))
     residual_HxW = np.abs(luma - prediction_HxW)
 
   if maths == 'release':
@@ -301,12 +326,18 @@ def frame_maps(frame, past: Sequence, future: Sequence, camera: str = 'none', st
     motion_HxW = _cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
   if inconsistency:
     motion_HxW = release.local_variance(motion_HxW, inconsistency)
-  return FrameMaps(motion_HxW.astype(np.float32), residual_HxW.astype(np.float32),
-                   past_grid.count, future_grid.count, tuple(distances))
+  return FrameMaps(
+    motion_HxW.astype(np.float32),
+    residual_HxW.astype(np.float32),
+    past_grid.count,
+    future_grid.count,
+    tuple(distances),
+  )
 
 
-def release_motion(l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
-                   ) -> np.ndarray:
+def release_motion(
+  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
+) -> np.ndarray:
   """The release's motion magnitude at each analysis pixel: list-0 vectors in pixels (zero where
   none was coded), compensated over all pixels by `release.compensate`."""
   dx = _cells_to_pixels(np.where(l0.has_HcxWc, l0.dx_HcxWc, 0), height, width, step)
@@ -331,12 +362,14 @@ def compensate_camera(grid: VectorGrid, camera: str) -> tuple[np.ndarray, np.nda
   if camera == 'affine':
     flow_x, flow_y = release.camera_flow(np.where(has, dx, 0), np.where(has, dy, 0), 'affine')
     return dx - flow_x, dy - flow_y
-  raise ValueError(f'camera_compensation={camera!r}: allowed values are none, median, mean, '
-                   f'similarity, affine')
+  raise ValueError(
+    f'camera_compensation={camera!r}: allowed values are none, median, mean, similarity, affine'
+  )
 
 
-def similarity_flow(grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def similarity_flow(
+  grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
+) -> tuple[np.ndarray, np.ndarray]:
   """Least-squares similarity motion (zoom, rotation, shift) of the cells, robust to objects.
 
   The displacement d = src - dst of a camera that zooms, rotates and pans is
@@ -353,8 +386,9 @@ def similarity_flow(grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = T
   dx = grid.dx_HcxWc.reshape(-1)[has].astype(np.float64)
   dy = grid.dy_HcxWc.reshape(-1)[has].astype(np.float64)
   n = x.size
-  design = np.concatenate([np.stack([x, -y, np.ones(n), np.zeros(n)], 1),
-                           np.stack([y, x, np.zeros(n), np.ones(n)], 1)])
+  design = np.concatenate(
+    [np.stack([x, -y, np.ones(n), np.zeros(n)], 1), np.stack([y, x, np.zeros(n), np.ones(n)], 1)]
+  )
   target = np.concatenate([dx, dy])
   chosen = np.arange(n)
   for step in range(passes + 1):
@@ -366,7 +400,7 @@ def similarity_flow(grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = T
       break
     fit = design @ params
     error = np.hypot(dx - fit[:n], dy - fit[n:])
-    chosen = np.sort(np.argsort(error, kind='stable')[:max(3, int(np.ceil(keep * n)))])
+    chosen = np.sort(np.argsort(error, kind='stable')[: max(3, int(np.ceil(keep * n)))])
   a, b, tx, ty = params
   flow_x = (a * xs - b * ys + tx).astype(np.float32)
   flow_y = (b * xs + a * ys + ty).astype(np.float32)
@@ -388,7 +422,7 @@ def percentile(values: np.ndarray, q: float) -> float:
   if n < 4096 or flat.dtype != np.float32:
     return float(np.percentile(flat, q))
   share = q / 100
-  virtual = n * share + (1 + share * (1 - 1 - 1)) - 1   # numpy's rank, float op for float op
+  virtual = n * share + (1 + share * (1 - 1 - 1)) - 1  # numpy's rank, float op for float op
   lo = int(np.floor(virtual))
   hi = min(lo + 1, n - 1)
   sample = flat[::16]
@@ -397,7 +431,7 @@ def percentile(values: np.ndarray, q: float) -> float:
   above = flat[flat >= threshold]
   below = n - above.size
   if below > lo:
-    return float(np.percentile(flat, q))   # the sample misled us: rare, still exact
+    return float(np.percentile(flat, q))  # the sample misled us: rare, still exact
   a, b = np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]]
   gamma = virtual - lo
   diff = b - a
@@ -411,12 +445,17 @@ def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, fusion: str = 'mean',
-         motion_weight: float = 1.0, residual_weight: float = 1.0) -> np.ndarray:
+def fuse(
+  motion_HxW: np.ndarray,
+  residual_HxW: np.ndarray,
+  fusion: str = 'mean',
+  motion_weight: float = 1.0,
+  residual_weight: float = 1.0,
+) -> np.ndarray:
   """Fuse two normalised maps: weighted 'mean' (default), 'max', weighted 'sum', 'geomean'."""
   total = motion_weight + residual_weight
   if fusion == 'mean' and motion_weight == 1 and residual_weight == 1:
-    return (motion_HxW + residual_HxW) / total   # x * 1.0 is x: the same sums, two passes less
+    return (motion_HxW + residual_HxW) / total  # x * 1.0 is x: the same sums, two passes less
   if fusion == 'mean':
     return (motion_weight * motion_HxW + residual_weight * residual_HxW) / total
   if fusion == 'max':
@@ -425,13 +464,15 @@ def fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, fusion: str = 'mean',
     return motion_weight * motion_HxW + residual_weight * residual_HxW
   if fusion == 'geomean':
     # Weighted geometric mean; maps are in [0, 1], so zero anywhere gives zero.
-    return (np.power(motion_HxW, motion_weight / total)
-            * np.power(residual_HxW, residual_weight / total))
+    return np.power(motion_HxW, motion_weight / total) * np.power(
+      residual_HxW, residual_weight / total
+    )
   raise ValueError(f'fusion={fusion!r}: allowed values are mean, max, sum, geomean')
 
 
-def centre_prior(height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA,
-                 maths: str = 'ove') -> np.ndarray:
+def centre_prior(
+  height: int, width: int, strength: float, sigma_share: float = PRIOR_SIGMA, maths: str = 'ove'
+) -> np.ndarray:
   """1 + strength * g, g a Gaussian of sigma `sigma_share` * min(H, W) at the centre,
   float32 [H, W]; with maths 'release' g is scaled to peak 1 (`release.centre_prior_map`)."""
   if maths == 'release':
@@ -442,8 +483,9 @@ def centre_prior(height: int, width: int, strength: float, sigma_share: float = 
   return (1.0 + strength * np.outer(gy, gx)).astype(np.float32)
 
 
-def patch_integrators(height: int, width: int, resolution: int, patch_size: int, step: int = 1,
-                      geometry: str = 'crop') -> tuple[np.ndarray, np.ndarray]:
+def patch_integrators(
+  height: int, width: int, resolution: int, patch_size: int, step: int = 1, geometry: str = 'crop'
+) -> tuple[np.ndarray, np.ndarray]:
   """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]);
   `geometry.patch_integrators` (exact area weighting, whatever the scale)."""
   return geometry_lib.patch_integrators(height, width, resolution, patch_size, geometry, step)
@@ -458,6 +500,7 @@ def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) 
 class Band:
   """A matrix whose rows are zero outside one run of columns: row p is `weights_PxB[p]` at
   columns start_P[p] ... start_P[p] + B - 1 (zero weights past the end)."""
+
   start_P: np.ndarray
   weights_PxB: np.ndarray
 
@@ -476,8 +519,9 @@ class Band:
 
   def rows(self, map_HxW: np.ndarray) -> np.ndarray:
     """self @ map without a BLAS call: [P, W]."""
-    index = np.minimum(self.start_P[:, None] + np.arange(self.weights_PxB.shape[1]),
-                       map_HxW.shape[0] - 1)
+    index = np.minimum(
+      self.start_P[:, None] + np.arange(self.weights_PxB.shape[1]), map_HxW.shape[0] - 1
+    )
     return np.einsum('pb,pbw->pw', self.weights_PxB, map_HxW[index])
 
 

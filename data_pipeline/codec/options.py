@@ -5,6 +5,7 @@ evaluation-path extras (camera compensation, centre prior, static fallback) are 
 `select(..., preset='release_train' | 'release_probe' | 'release_llava')` starts from the values
 in `release.PRESETS` instead; options given explicitly win over the preset's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ TRANSCODES = ('sampled', 'faithful', 'paired')
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Every option of `select`; see the field comments for meaning and allowed values."""
+
   # Which frames are kept whole: 'paper' I-frames, 'first_frame' frame 0, 'zero' none (I-frame
   # and first-frame scores set to 0, pure top-K), 'zero_first' none (only the first position's
   # scores set to 0: the release's training data, which assumes only frame 0 is an I-frame).
@@ -51,7 +53,7 @@ class Options:
   motion_inconsistency: int = 0
   # Centre prior strength s: fused * (1 + s * g). The release uses 0.3; 0 turns it off.
   centre_prior: float = 0.0
-  centre_sigma: float = 0.35           # the prior's sigma as a share of min(H, W)
+  centre_sigma: float = 0.35  # the prior's sigma as a share of min(H, W)
   # True: the fused map is stored as uint8 (floor(255 x)) and the canvas rounded to uint8
   # before the patch sums, as the release's train and probe paths do.
   quantise: bool = False
@@ -77,7 +79,7 @@ class Options:
   # GOP of the libx264 transcode. None: H.264 sources are read as they are and other codecs
   # are transcoded with GOP 32 (2 I-frames over 64 frames); an int forces the transcode.
   gop: int | None = None
-  crf: int = 18                        # libx264 quality of the transcode (0-51)
+  crf: int = 18  # libx264 quality of the transcode (0-51)
   # What the transcode re-encodes: 'sampled' the distinct sampled frames only (vectors measure
   # the step from one sample to the next), 'faithful' every source frame from the first sample
   # to the last (vectors measure the step between source frames, as the release's full
@@ -101,8 +103,9 @@ class Options:
       if key not in names:
         raise ValueError(f'unknown option {key!r}; the options are: {", ".join(names)}')
     if preset is not None and preset not in PRESETS:
-      raise ValueError(f'preset={preset!r}: allowed values are None, '
-                       f'{", ".join(repr(p) for p in PRESETS)}')
+      raise ValueError(
+        f'preset={preset!r}: allowed values are None, {", ".join(repr(p) for p in PRESETS)}'
+      )
     values = {**(PRESETS[preset] if preset else {}), **options}
     if values.get('camera_compensation', 'none') is None:
       values['camera_compensation'] = 'none'
@@ -118,35 +121,41 @@ class Options:
     _choice('resample', self.resample, RESAMPLES)
     _choice('geometry', self.geometry, GEOMETRIES)
     _choice('static_test', self.static_test, STATIC_TESTS)
-    _integer('motion_inconsistency', self.motion_inconsistency, '0 or an odd integer >= 3',
-             lambda v: v == 0 or (v >= 3 and v % 2 == 1))
+    _integer(
+      'motion_inconsistency',
+      self.motion_inconsistency,
+      '0 or an odd integer >= 3',
+      lambda v: v == 0 or (v >= 3 and v % 2 == 1),
+    )
     _number('centre_sigma', self.centre_sigma, 'a number > 0', lambda v: v > 0)
     _flag('quantise', self.quantise)
     _number('motion_weight', self.motion_weight, 'a number >= 0', lambda v: v >= 0)
     _number('residual_weight', self.residual_weight, 'a number >= 0', lambda v: v >= 0)
     if self.motion_weight + self.residual_weight <= 0:
-      raise ValueError('motion_weight and residual_weight: allowed values are numbers >= 0, '
-                       'not both 0')
+      raise ValueError(
+        'motion_weight and residual_weight: allowed values are numbers >= 0, not both 0'
+      )
     _number('centre_prior', self.centre_prior, 'a number >= 0', lambda v: v >= 0)
     _flag('static_fallback', self.static_fallback)
     _number('static_threshold', self.static_threshold, 'a number >= 0', lambda v: v >= 0)
-    _number('static_rel_threshold', self.static_rel_threshold, 'a number in [0, 1]',
-            lambda v: 0 <= v <= 1)
+    _number(
+      'static_rel_threshold', self.static_rel_threshold, 'a number in [0, 1]', lambda v: 0 <= v <= 1
+    )
     _integer('static_frames', self.static_frames, 'an integer >= 1', lambda v: v >= 1)
     if self.gop is not None:
       _integer('gop', self.gop, 'None or an integer >= 1', lambda v: v >= 1)
     _choice('transcode', self.transcode, TRANSCODES)
     _integer('crf', self.crf, 'an integer in [0, 51]', lambda v: 0 <= v <= 51)
     if self.analysis_size is not None:
-      _integer('analysis_size', self.analysis_size, 'None or an integer >= 16',
-               lambda v: v >= 16)
+      _integer('analysis_size', self.analysis_size, 'None or an integer >= 16', lambda v: v >= 16)
     _flag('allow_truncated', self.allow_truncated)
 
 
 def _choice(name: str, value, allowed: tuple):
   if not isinstance(value, str) or value not in allowed:
-    raise ValueError(f'option {name}={value!r}: allowed values are '
-                     f'{", ".join(repr(a) for a in allowed)}')
+    raise ValueError(
+      f'option {name}={value!r}: allowed values are {", ".join(repr(a) for a in allowed)}'
+    )
 
 
 def _number(name: str, value, allowed: str, ok):

@@ -35,6 +35,7 @@ What they share, and what `maths='release'` switches on (docs/spec.md §2.4-§2.
   (option `quantise`); the static test looks at all patch means on that 0-255 scale
   (`selection.is_static_release`).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,22 +51,58 @@ MOVING = 1e-3
 # model grid (num_frames, budget, resolution, patch_size) is the caller's: the release's values
 # are in the README table.
 PRESETS = {
-    'release_train': dict(
-        maths='release', policy='zero_first', camera_compensation='none',
-        motion_inconsistency=0, centre_prior=0.0, fusion='mean', motion_weight=1.0,
-        residual_weight=1.0, quantise=True, resample='area', geometry='crop',
-        static_fallback=False, gop=16, crf=23),
-    'release_probe': dict(
-        maths='release', policy='zero', camera_compensation='similarity',
-        motion_inconsistency=3, centre_prior=0.3, centre_sigma=0.35, fusion='mean',
-        motion_weight=1.0, residual_weight=1.0, quantise=True, resample='cubic',
-        geometry='crop', static_fallback=True, static_test='release', static_threshold=126.0,
-        static_rel_threshold=0.38, static_frames=4, gop=16, crf=23),
-    'release_llava': dict(
-        maths='release', policy='first_frame', camera_compensation='median',
-        motion_inconsistency=0, centre_prior=0.0, fusion='mean', motion_weight=1.0,
-        residual_weight=1.0, quantise=False, resample='linear', geometry='letterbox',
-        static_fallback=False, gop=None),
+  'release_train': dict(
+    maths='release',
+    policy='zero_first',
+    camera_compensation='none',
+    motion_inconsistency=0,
+    centre_prior=0.0,
+    fusion='mean',
+    motion_weight=1.0,
+    residual_weight=1.0,
+    quantise=True,
+    resample='area',
+    geometry='crop',
+    static_fallback=False,
+    gop=16,
+    crf=23,
+  ),
+  'release_probe': dict(
+    maths='release',
+    policy='zero',
+    camera_compensation='similarity',
+    motion_inconsistency=3,
+    centre_prior=0.3,
+    centre_sigma=0.35,
+    fusion='mean',
+    motion_weight=1.0,
+    residual_weight=1.0,
+    quantise=True,
+    resample='cubic',
+    geometry='crop',
+    static_fallback=True,
+    static_test='release',
+    static_threshold=126.0,
+    static_rel_threshold=0.38,
+    static_frames=4,
+    gop=16,
+    crf=23,
+  ),
+  'release_llava': dict(
+    maths='release',
+    policy='first_frame',
+    camera_compensation='median',
+    motion_inconsistency=0,
+    centre_prior=0.0,
+    fusion='mean',
+    motion_weight=1.0,
+    residual_weight=1.0,
+    quantise=False,
+    resample='linear',
+    geometry='letterbox',
+    static_fallback=False,
+    gop=None,
+  ),
 }
 
 
@@ -79,16 +116,16 @@ def fit_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 def _design(x: np.ndarray, y: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
   """Rows for dx and for dy of the camera model at points (x, y), float32."""
   one, zero = np.ones_like(x), np.zeros_like(x)
-  if mode == 'similarity':      # parameters (tx, ty, a, b)
+  if mode == 'similarity':  # parameters (tx, ty, a, b)
     return np.stack([one, zero, x, -y], 1), np.stack([zero, one, y, x], 1)
-  if mode == 'affine':          # parameters (a0, a1, a2, b0, b1, b2)
-    return (np.stack([one, x, y, zero, zero, zero], 1),
-            np.stack([zero, zero, zero, one, x, y], 1))
+  if mode == 'affine':  # parameters (a0, a1, a2, b0, b1, b2)
+    return (np.stack([one, x, y, zero, zero, zero], 1), np.stack([zero, zero, zero, one, x, y], 1))
   raise ValueError(f'camera model {mode!r}: allowed values are similarity, affine')
 
 
-def _flow(params: np.ndarray, x: np.ndarray, y: np.ndarray, mode: str
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _flow(
+  params: np.ndarray, x: np.ndarray, y: np.ndarray, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
   # Evaluated term by term in float32 as the release does, so that ties in the trimming
   # (many: a block's pixels share one vector) fall the same way.
   p = [float(v) for v in params]
@@ -99,24 +136,26 @@ def _flow(params: np.ndarray, x: np.ndarray, y: np.ndarray, mode: str
   return a0 + a1 * x + a2 * y, b0 + b1 * x + b2 * y
 
 
-def camera_flow(vx_HxW: np.ndarray, vy_HxW: np.ndarray, mode: str
-                ) -> tuple[np.ndarray, np.ndarray]:
+def camera_flow(vx_HxW: np.ndarray, vy_HxW: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
   """The release's robust camera-motion field (see the module docstring), float32 [H, W] each."""
   h, w = vx_HxW.shape
   vx = vx_HxW.reshape(-1).astype(np.float32)
   vy = vy_HxW.reshape(-1).astype(np.float32)
   chosen = np.flatnonzero(np.abs(vx) + np.abs(vy) > MOVING)
   if chosen.size < FIT_MIN_POINTS:
-    return (np.full((h, w), np.median(vx_HxW), np.float32),
-            np.full((h, w), np.median(vy_HxW), np.float32))
+    return (
+      np.full((h, w), np.median(vx_HxW), np.float32),
+      np.full((h, w), np.median(vy_HxW), np.float32),
+    )
   if chosen.size > FIT_MAX_POINTS:
-    chosen = chosen[::math.ceil(chosen.size / FIT_MAX_POINTS)]
+    chosen = chosen[:: math.ceil(chosen.size / FIT_MAX_POINTS)]
   x, y = fit_grid(h, w)
   params = None
   for _ in range(2):
     rows_x, rows_y = _design(x[chosen], y[chosen], mode)
-    params = np.linalg.lstsq(np.concatenate([rows_x, rows_y]),
-                             np.concatenate([vx[chosen], vy[chosen]]), rcond=None)[0]
+    params = np.linalg.lstsq(
+      np.concatenate([rows_x, rows_y]), np.concatenate([vx[chosen], vy[chosen]]), rcond=None
+    )[0]
     if chosen.size < 2 * FIT_MIN_POINTS:
       break
     keep = int(max(FIT_MIN_POINTS, round(chosen.size * FIT_KEEP)))
@@ -130,8 +169,7 @@ def camera_flow(vx_HxW: np.ndarray, vy_HxW: np.ndarray, mode: str
   return (flow_x.reshape(h, w).astype(np.float32), flow_y.reshape(h, w).astype(np.float32))
 
 
-def compensate(vx_HxW: np.ndarray, vy_HxW: np.ndarray, mode: str
-               ) -> tuple[np.ndarray, np.ndarray]:
+def compensate(vx_HxW: np.ndarray, vy_HxW: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
   """Vectors minus the camera's motion, as the release removes it ('none', 'median', 'mean',
   'similarity', 'affine'); statistics over every pixel, zero vectors included."""
   if mode == 'none':
@@ -153,10 +191,13 @@ def window_variance(x_HxW: np.ndarray, k: int) -> np.ndarray:
   cancellation noise (~1e-4 on flat fields) is part of what it ranks.
   """
   pad = k // 2
+
   def box(a: np.ndarray) -> np.ndarray:
     integral = np.pad(a, pad, mode='edge').cumsum(0).cumsum(1)
-    return (integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k]
-            + integral[:-k, :-k]) / np.float32(k * k)
+    return (
+      integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
+    ) / np.float32(k * k)
+
   x = x_HxW.astype(np.float32)
   mean = box(x)
   return np.maximum(box(x * x) - mean * mean, np.float32(0.0))

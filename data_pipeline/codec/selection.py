@@ -24,6 +24,7 @@ where the spec leaves room:
   sparse re-coding noise of a still clip then looks like a small moving region (rel 1.0).
   The fallback's whole frames are added to the policy's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,21 +41,22 @@ from data_pipeline.video import VideoError, VideoSource
 @dataclasses.dataclass
 class Selection:
   """The selected patches of one clip, and how they were found."""
-  frame_ids: np.ndarray       # int32 [T] source frame (presentation order) of each position
-  positions: np.ndarray       # int32 [K, 3] selected (t, h, w) on the model grid, sorted
-  picture_types: np.ndarray   # uint8 [T] codes into records.PICTURE_TYPES ('?', 'I', 'P', 'B')
-  scores: np.ndarray          # float32 [T, Hp, Wp] fused score per patch (zeros for baselines)
-  whole_frames: np.ndarray    # int32 [n] timeline positions kept whole
-  method: str                 # 'codec', 'uniform_frames' or 'random'
-  source: str = ''            # describe(video)
-  codec: str = ''             # the source's codec
+
+  frame_ids: np.ndarray  # int32 [T] source frame (presentation order) of each position
+  positions: np.ndarray  # int32 [K, 3] selected (t, h, w) on the model grid, sorted
+  picture_types: np.ndarray  # uint8 [T] codes into records.PICTURE_TYPES ('?', 'I', 'P', 'B')
+  scores: np.ndarray  # float32 [T, Hp, Wp] fused score per patch (zeros for baselines)
+  whole_frames: np.ndarray  # int32 [n] timeline positions kept whole
+  method: str  # 'codec', 'uniform_frames' or 'random'
+  source: str = ''  # describe(video)
+  codec: str = ''  # the source's codec
   num_source_frames: int = 0  # frames in the source (what the timeline spans)
-  transcoded: bool = False    # vectors came from the libx264 transcode
+  transcoded: bool = False  # vectors came from the libx264 transcode
   static_fallback: bool = False
-  truncated: bool = False     # fewer frames decoded than promised (allow_truncated=True)
-  vectors_past: int = 0       # 4x4 cells with a past / future vector, over the analysed frames
+  truncated: bool = False  # fewer frames decoded than promised (allow_truncated=True)
+  vectors_past: int = 0  # 4x4 cells with a past / future vector, over the analysed frames
   vectors_future: int = 0
-  timings: dict = dataclasses.field(default_factory=dict)   # seconds per stage and 'total'
+  timings: dict = dataclasses.field(default_factory=dict)  # seconds per stage and 'total'
 
   @property
   def picture_type_letters(self) -> list[str]:
@@ -70,36 +72,50 @@ class Selection:
   def record_fields(self) -> dict:
     """The clip-record fields of `records` (without source, video and labels)."""
     return dict(
-        frame_ids=self.frame_ids.astype(np.int32),
-        positions=self.positions.astype(np.int16),
-        picture_types=self.picture_types.astype(np.uint8),
-        stats_num_source_frames=int(self.num_source_frames),
-        stats_kept_whole=int(len(self.whole_frames)),
-        stats_transcoded=int(self.transcoded),
-        stats_static_fallback=int(self.static_fallback),
-        stats_truncated=int(self.truncated),
-        stats_seconds=float(self.timings.get('total', 0.0)),
+      frame_ids=self.frame_ids.astype(np.int32),
+      positions=self.positions.astype(np.int16),
+      picture_types=self.picture_types.astype(np.uint8),
+      stats_num_source_frames=int(self.num_source_frames),
+      stats_kept_whole=int(len(self.whole_frames)),
+      stats_transcoded=int(self.transcoded),
+      stats_static_fallback=int(self.static_fallback),
+      stats_truncated=int(self.truncated),
+      stats_seconds=float(self.timings.get('total', 0.0)),
     )
 
 
 def _check_grid(num_frames, budget, resolution, patch_size) -> tuple[int, int]:
-  for name, value in (('num_frames', num_frames), ('budget', budget),
-                      ('resolution', resolution), ('patch_size', patch_size)):
+  for name, value in (
+    ('num_frames', num_frames),
+    ('budget', budget),
+    ('resolution', resolution),
+    ('patch_size', patch_size),
+  ):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f'{name}={value!r}: allowed values are integers >= 1')
   if resolution % patch_size:
     raise ValueError(f'resolution={resolution} must be a multiple of patch_size={patch_size}')
   side = resolution // patch_size
   if budget > num_frames * side * side:
-    raise ValueError(f'budget={budget}: allowed values are 1..{num_frames * side * side} '
-                     f'(num_frames x {side}x{side} patches)')
+    raise ValueError(
+      f'budget={budget}: allowed values are 1..{num_frames * side * side} '
+      f'(num_frames x {side}x{side} patches)'
+    )
   return side, side
 
 
 # ----------------------------------------------------------------------------- codec selection
 
-def select(video: VideoSource, num_frames: int = 64, budget: int = 2048, resolution: int = 224,
-           patch_size: int = 14, preset: str | None = None, **options) -> Selection:
+
+def select(
+  video: VideoSource,
+  num_frames: int = 64,
+  budget: int = 2048,
+  resolution: int = 224,
+  patch_size: int = 14,
+  preset: str | None = None,
+  **options,
+) -> Selection:
   """Codec patch selection of one clip (docs/spec.md §2); see `Options` for the options.
 
   `video` is a path or the bytes of a file. `preset` ('release_train', 'release_probe',
@@ -112,52 +128,71 @@ def select(video: VideoSource, num_frames: int = 64, budget: int = 2048, resolut
   start = time.perf_counter()
   info = bitstream.probe(video)
   timings = {'probe': time.perf_counter() - start}
-  analysis = _analyse(video, info, info.num_frames, num_frames, resolution, patch_size, opts,
-                      timings)
+  analysis = _analyse(
+    video, info, info.num_frames, num_frames, resolution, patch_size, opts, timings
+  )
   if analysis.missing:
     if analysis.decoded == 0:
-      raise VideoError(f'{info.name}: corrupt, no frame could be decoded'
-                       + (f' ({analysis.error})' if analysis.error else ''))
+      raise VideoError(
+        f'{info.name}: corrupt, no frame could be decoded'
+        + (f' ({analysis.error})' if analysis.error else '')
+      )
     if not opts.allow_truncated:
       raise VideoError(
-          f'{info.name}: truncated or corrupt: the container promises {info.num_frames} '
-          f'frames but only {analysis.decoded} decode'
-          + (f' ({analysis.error})' if analysis.error else '')
-          + '; pass allow_truncated=True to use the frames that decode')
-    analysis = _analyse(video, info, analysis.decoded, num_frames, resolution, patch_size, opts,
-                        timings)
+        f'{info.name}: truncated or corrupt: the container promises {info.num_frames} '
+        f'frames but only {analysis.decoded} decode'
+        + (f' ({analysis.error})' if analysis.error else '')
+        + '; pass allow_truncated=True to use the frames that decode'
+      )
+    analysis = _analyse(
+      video, info, analysis.decoded, num_frames, resolution, patch_size, opts, timings
+    )
     if analysis.missing:
-      raise VideoError(f'{info.name}: corrupt: decoding is not repeatable '
-                       f'({len(analysis.missing)} frames missing on the second pass)')
+      raise VideoError(
+        f'{info.name}: corrupt: decoding is not repeatable '
+        f'({len(analysis.missing)} frames missing on the second pass)'
+      )
     analysis.truncated = True
 
   tick = time.perf_counter()
   valid = geometry.valid_patches(info.height, info.width, resolution, patch_size, opts.geometry)
   try:
-    positions, whole, fallback = choose(analysis.scores, analysis.kinds, analysis.repeats,
-                                        budget, opts, patch_size, valid)
+    positions, whole, fallback = choose(
+      analysis.scores, analysis.kinds, analysis.repeats, budget, opts, patch_size, valid
+    )
   except ValueError as e:
-    raise VideoError(f'{info.name}: {e}: the {info.width}x{info.height} picture covers '
-                     f'{int(valid.sum())} of the {hp * wp} patches of the {resolution} '
-                     f'{opts.geometry}; lower the budget or use geometry=crop') from e
+    raise VideoError(
+      f'{info.name}: {e}: the {info.width}x{info.height} picture covers '
+      f'{int(valid.sum())} of the {hp * wp} patches of the {resolution} '
+      f'{opts.geometry}; lower the budget or use geometry=crop'
+    ) from e
   timings['select'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
   return Selection(
-      frame_ids=analysis.frame_ids.astype(np.int32), positions=positions,
-      picture_types=np.array([PICTURE_TYPES.index(k) for k in analysis.kinds], np.uint8),
-      scores=analysis.scores, whole_frames=whole, method='codec', source=info.name,
-      codec=info.codec, num_source_frames=analysis.num_source_frames,
-      transcoded=analysis.transcoded, static_fallback=fallback, truncated=analysis.truncated,
-      vectors_past=analysis.vectors_past, vectors_future=analysis.vectors_future,
-      timings=timings)
+    frame_ids=analysis.frame_ids.astype(np.int32),
+    positions=positions,
+    picture_types=np.array([PICTURE_TYPES.index(k) for k in analysis.kinds], np.uint8),
+    scores=analysis.scores,
+    whole_frames=whole,
+    method='codec',
+    source=info.name,
+    codec=info.codec,
+    num_source_frames=analysis.num_source_frames,
+    transcoded=analysis.transcoded,
+    static_fallback=fallback,
+    truncated=analysis.truncated,
+    vectors_past=analysis.vectors_past,
+    vectors_future=analysis.vectors_future,
+    timings=timings,
+  )
 
 
 @dataclasses.dataclass
 class _Analysis:
   frame_ids: np.ndarray
-  scores: np.ndarray            # float32 [T, Hp, Wp]
-  kinds: list                   # 'I' / 'P' / 'B' / '?' per position
-  repeats: np.ndarray           # bool [T]
+  scores: np.ndarray  # float32 [T, Hp, Wp]
+  kinds: list  # 'I' / 'P' / 'B' / '?' per position
+  repeats: np.ndarray  # bool [T]
   num_source_frames: int
   transcoded: bool
   decoded: int
@@ -168,33 +203,50 @@ class _Analysis:
   truncated: bool = False
 
 
-def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: int,
-             resolution: int, patch_size: int, opts: Options, timings: dict) -> _Analysis:
+def _analyse(
+  video,
+  info: bitstream.Probe,
+  num_source_frames: int,
+  num_frames: int,
+  resolution: int,
+  patch_size: int,
+  opts: Options,
+  timings: dict,
+) -> _Analysis:
   tick = time.perf_counter()
   frame_ids = bitstream.timeline(num_source_frames, num_frames)
   distinct = np.unique(frame_ids)
   transcoded = opts.gop is not None or info.codec != 'h264'
   container = None
   if transcoded:
-    height, width = bitstream.analysis_size(info.height, info.width,
-                                            opts.analysis_size or resolution)
+    height, width = bitstream.analysis_size(
+      info.height, info.width, opts.analysis_size or resolution
+    )
     # source_ids[i]: the source frame at transcode position i; wanted: the samples' positions.
     gop = opts.gop or DEFAULT_GOP
     if opts.transcode == 'faithful':
-      packets, count, error = bitstream.transcode_segment(video, distinct, height, width, gop,
-                                                          opts.crf)
+      packets, count, error = bitstream.transcode_segment(
+        video, distinct, height, width, gop, opts.crf
+      )
       missing = [int(i) for i in distinct if int(i) >= count]
       source_ids = np.arange(distinct[0], distinct[-1] + 1)
       wanted = distinct - distinct[0]
     else:
-      source_ids, wanted = (bitstream.paired_sequence(distinct) if opts.transcode == 'paired'
-                            else (distinct, np.arange(distinct.size)))
+      source_ids, wanted = (
+        bitstream.paired_sequence(distinct)
+        if opts.transcode == 'paired'
+        else (distinct, np.arange(distinct.size))
+      )
       got, count, error = bitstream.read_frames(video, source_ids, height, width)
       missing = [int(i) for i in distinct if int(i) not in got]
       if not missing:
         # I-frames on every gop-th sample (for 'sampled', x264's own GOP does the same).
-        packets = bitstream.encode_h264([got[int(i)] for i in source_ids], gop, opts.crf,
-                                        wanted[::gop] if opts.transcode == 'paired' else None)
+        packets = bitstream.encode_h264(
+          [got[int(i)] for i in source_ids],
+          gop,
+          opts.crf,
+          wanted[::gop] if opts.transcode == 'paired' else None,
+        )
     if missing:
       return _Analysis(frame_ids, None, [], None, num_source_frames, True, count, missing, error)
     timings['transcode'] = time.perf_counter() - tick
@@ -216,8 +268,9 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
   try:
     for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
       map_tick = time.perf_counter()
-      raw = maps.frame_maps(frame, past, future, opts.camera_compensation, step, opts.maths,
-                            opts.motion_inconsistency)
+      raw = maps.frame_maps(
+        frame, past, future, opts.camera_compensation, step, opts.maths, opts.motion_inconsistency
+      )
       vectors_past += raw.vectors_past
       vectors_future += raw.vectors_future
       source_id = int(source_ids[frame.index]) if transcoded else frame.index
@@ -227,12 +280,26 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
     if container is not None:
       container.close()
   timings['maps'] = timings.get('maps', 0.0) + map_seconds
-  timings['decode'] = (timings.get('decode', 0.0) + time.perf_counter() - tick - map_seconds
-                       - timings.get('transcode', 0.0))
+  timings['decode'] = (
+    timings.get('decode', 0.0)
+    + time.perf_counter()
+    - tick
+    - map_seconds
+    - timings.get('transcode', 0.0)
+  )
   missing = [int(i) for i in distinct if int(i) not in per_frame]
   if missing:
-    return _Analysis(frame_ids, None, [], None, num_source_frames, transcoded, decoded.count,
-                     missing, decoded.error)
+    return _Analysis(
+      frame_ids,
+      None,
+      [],
+      None,
+      num_source_frames,
+      transcoded,
+      decoded.count,
+      missing,
+      decoded.error,
+    )
 
   side = resolution // patch_size
   scores = np.zeros((num_frames, side, side), np.float32)
@@ -244,8 +311,19 @@ def _analyse(video, info: bitstream.Probe, num_source_frames: int, num_frames: i
     if not repeats[t]:
       scores[t] = patch_scores
     kinds.append(kind)
-  return _Analysis(frame_ids, scores, kinds, repeats, num_source_frames, transcoded,
-                   decoded.count, [], decoded.error, vectors_past, vectors_future)
+  return _Analysis(
+    frame_ids,
+    scores,
+    kinds,
+    repeats,
+    num_source_frames,
+    transcoded,
+    decoded.count,
+    [],
+    decoded.error,
+    vectors_past,
+    vectors_future,
+  )
 
 
 class Scorer:
@@ -260,16 +338,21 @@ class Scorer:
 
   def fused(self, raw: maps.FrameMaps) -> np.ndarray:
     opts = self.opts
-    fused_HxW = maps.fuse(maps.normalise(raw.motion_HxW, maps.MOTION_FLOOR),
-                          maps.normalise(raw.residual_HxW, maps.RESIDUAL_FLOOR),
-                          opts.fusion, opts.motion_weight, opts.residual_weight)
+    fused_HxW = maps.fuse(
+      maps.normalise(raw.motion_HxW, maps.MOTION_FLOOR),
+      maps.normalise(raw.residual_HxW, maps.RESIDUAL_FLOOR),
+      opts.fusion,
+      opts.motion_weight,
+      opts.residual_weight,
+    )
     if opts.maths == 'release':
       fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
     if opts.centre_prior > 0:
       shape = fused_HxW.shape
       if shape not in self._priors:
-        self._priors[shape] = maps.centre_prior(*shape, opts.centre_prior, opts.centre_sigma,
-                                                opts.maths)
+        self._priors[shape] = maps.centre_prior(
+          *shape, opts.centre_prior, opts.centre_sigma, opts.maths
+        )
       fused_HxW = fused_HxW * self._priors[shape]
       if opts.maths == 'release':
         fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
@@ -279,16 +362,17 @@ class Scorer:
     """Resample onto the canvas (rounded to uint8 levels with `quantise`), then patch sums."""
     key = ('canvas', height, width)
     if key not in self._matrices:
-      self._matrices[key] = geometry.canvas_matrices(height, width, self.resolution,
-                                                     self.opts.geometry, self.opts.resample,
-                                                     self.step)
+      self._matrices[key] = geometry.canvas_matrices(
+        height, width, self.resolution, self.opts.geometry, self.opts.resample, self.step
+      )
     ry, rx = self._matrices[key]
     canvas_RxR = ry @ fused_HxW.astype(np.float32) @ rx.T
     if self.opts.quantise:
       canvas_RxR = np.clip(np.rint(canvas_RxR * 255.0), 0, 255) / 255.0
     side, ps = self.resolution // self.patch_size, self.patch_size
-    return canvas_RxR.reshape(side, ps, side, ps).sum(axis=(1, 3), dtype=np.float64
-                                                      ).astype(np.float32)
+    return (
+      canvas_RxR.reshape(side, ps, side, ps).sum(axis=(1, 3), dtype=np.float64).astype(np.float32)
+    )
 
   def __call__(self, raw: maps.FrameMaps, height: int, width: int) -> np.ndarray:
     fused_HxW = self.fused(raw)
@@ -296,14 +380,24 @@ class Scorer:
       return self.canvas_sums(fused_HxW, height, width)
     key = ('area', height, width)
     if key not in self._matrices:
-      self._matrices[key] = tuple(maps.Band.of(m) for m in maps.patch_integrators(
-          height, width, self.resolution, self.patch_size, self.step, self.opts.geometry))
+      self._matrices[key] = tuple(
+        maps.Band.of(m)
+        for m in maps.patch_integrators(
+          height, width, self.resolution, self.patch_size, self.step, self.opts.geometry
+        )
+      )
     return maps.to_patches_banded(fused_HxW, self._matrices[key])
 
 
-def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budget: int,
-           opts: Options, patch_size: int, valid_HpxWp: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray, bool]:
+def choose(
+  scores_TxHpxWp: np.ndarray,
+  kinds: list,
+  repeats_T: np.ndarray,
+  budget: int,
+  opts: Options,
+  patch_size: int,
+  valid_HpxWp: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, bool]:
   """Frame policy, static fallback, global top-K: (positions [K, 3], whole frames, fallback).
 
   Only patches marked in `valid_HpxWp` (the letterbox's picture; default all) are candidates:
@@ -327,16 +421,19 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
   fallback = False
   if opts.static_fallback and opts.static_test == 'release':
     # All T x Hp x Wp patch means on the 0-255 scale, zeroed frames included, as the release.
-    fallback = is_static_release(rank_TxHpxWp.reshape(-1) * 255.0 / patch_size**2,
-                                 opts.static_threshold, opts.static_rel_threshold)
+    fallback = is_static_release(
+      rank_TxHpxWp.reshape(-1) * 255.0 / patch_size**2,
+      opts.static_threshold,
+      opts.static_rel_threshold,
+    )
   elif opts.static_fallback:
     judged = ~repeats_T & ~zeroed
     judged[whole] = False
     # m: each patch location's mean score over the judged frames, per pixel (fused units).
-    mean_HpxWp = (rank_TxHpxWp[judged].mean(axis=0) / patch_size**2 if judged.any()
-                  else np.zeros((0,)))
-    fallback = is_static(mean_HpxWp.reshape(-1), opts.static_threshold,
-                         opts.static_rel_threshold)
+    mean_HpxWp = (
+      rank_TxHpxWp[judged].mean(axis=0) / patch_size**2 if judged.any() else np.zeros((0,))
+    )
+    fallback = is_static(mean_HpxWp.reshape(-1), opts.static_threshold, opts.static_rel_threshold)
   if fallback:
     spread = np.floor(np.linspace(0, num_frames - 1, min(opts.static_frames, num_frames)))
     whole = sorted(set(int(t) for t in whole) | set(int(t) for t in spread))
@@ -357,11 +454,13 @@ def choose(scores_TxHpxWp: np.ndarray, kinds: list, repeats_T: np.ndarray, budge
       open_TxHpxWp &= valid_HpxWp[None]
     candidates = np.flatnonzero(open_TxHpxWp.reshape(-1))
     if candidates.size < rest:
-      raise ValueError(f'budget={budget} exceeds the {candidates.size + budget - rest} patches '
-                       f'that can be selected (whole frames and patches inside the picture)')
+      raise ValueError(
+        f'budget={budget} exceeds the {candidates.size + budget - rest} patches '
+        f'that can be selected (whole frames and patches inside the picture)'
+      )
     order = np.argsort(-rank_TxHpxWp.reshape(-1)[candidates], kind='stable')
     chosen_TxHpxWp.reshape(-1)[candidates[order[:rest]]] = True
-  positions = np.argwhere(chosen_TxHpxWp).astype(np.int32)   # row-major: sorted by (t, h, w)
+  positions = np.argwhere(chosen_TxHpxWp).astype(np.int32)  # row-major: sorted by (t, h, w)
   return positions, whole.astype(np.int32), fallback
 
 
@@ -387,6 +486,7 @@ def is_static_release(patch_means: np.ndarray, threshold: float, rel_threshold: 
 
 # ----------------------------------------------------------------------------- baselines
 
+
 def _baseline(video, num_frames, budget, resolution, patch_size, method, flat):
   hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
   start = time.perf_counter()
@@ -396,16 +496,26 @@ def _baseline(video, num_frames, budget, resolution, patch_size, method, flat):
   chosen_TxHpxWp = chosen.reshape(num_frames, hp, wp)
   whole = np.flatnonzero(chosen_TxHpxWp.all(axis=(1, 2))).astype(np.int32)
   return Selection(
-      frame_ids=bitstream.timeline(info.num_frames, num_frames).astype(np.int32),
-      positions=np.argwhere(chosen_TxHpxWp).astype(np.int32),
-      picture_types=np.zeros(num_frames, np.uint8),  # not decoded: unknown
-      scores=np.zeros((num_frames, hp, wp), np.float32), whole_frames=whole, method=method,
-      source=info.name, codec=info.codec, num_source_frames=info.num_frames,
-      timings={'total': time.perf_counter() - start})
+    frame_ids=bitstream.timeline(info.num_frames, num_frames).astype(np.int32),
+    positions=np.argwhere(chosen_TxHpxWp).astype(np.int32),
+    picture_types=np.zeros(num_frames, np.uint8),  # not decoded: unknown
+    scores=np.zeros((num_frames, hp, wp), np.float32),
+    whole_frames=whole,
+    method=method,
+    source=info.name,
+    codec=info.codec,
+    num_source_frames=info.num_frames,
+    timings={'total': time.perf_counter() - start},
+  )
 
 
-def select_uniform_frames(video: VideoSource, num_frames: int = 64, budget: int = 2048,
-                          resolution: int = 224, patch_size: int = 14) -> Selection:
+def select_uniform_frames(
+  video: VideoSource,
+  num_frames: int = 64,
+  budget: int = 2048,
+  resolution: int = 224,
+  patch_size: int = 14,
+) -> Selection:
   """Whole frames evenly spaced at their true t on the T-frame timeline, K = budget.
 
   ceil(K / (Hp*Wp)) frames at floor(linspace(0, T-1, n)); when K is not a multiple of a frame,
@@ -418,13 +528,27 @@ def select_uniform_frames(video: VideoSource, num_frames: int = 64, budget: int 
   flat = (frames[:-1, None] * per_frame + np.arange(per_frame)[None, :]).reshape(-1)
   remainder = budget - (count - 1) * per_frame
   last = frames[-1] * per_frame + np.floor(np.linspace(0, per_frame - 1, remainder)).astype(
-      np.int64)
-  return _baseline(video, num_frames, budget, resolution, patch_size, 'uniform_frames',
-                   np.concatenate([flat, last]))
+    np.int64
+  )
+  return _baseline(
+    video,
+    num_frames,
+    budget,
+    resolution,
+    patch_size,
+    'uniform_frames',
+    np.concatenate([flat, last]),
+  )
 
 
-def select_random(video: VideoSource, num_frames: int = 64, budget: int = 2048,
-                  resolution: int = 224, patch_size: int = 14, seed: int = 0) -> Selection:
+def select_random(
+  video: VideoSource,
+  num_frames: int = 64,
+  budget: int = 2048,
+  resolution: int = 224,
+  patch_size: int = 14,
+  seed: int = 0,
+) -> Selection:
   """K = budget patches drawn uniformly without replacement from all T x Hp x Wp (seeded)."""
   hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
   flat = np.random.default_rng(seed).choice(num_frames * hp * wp, size=budget, replace=False)

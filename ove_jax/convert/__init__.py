@@ -7,12 +7,28 @@
 
 Attributes load lazily so that `ove_jax.convert.torch_model` works without JAX installed.
 """
+
 import importlib
 
-_HF = ('save_pytorch', 'load_pytorch', 'CheckpointError', 'mapping', 'params_to_hf',
-       'hf_to_params', 'model_params', 'model_from_params', 'read_safetensors',
-       'write_safetensors', 'iter_safetensors', 'verify_export', 'hf_tensors', 'config_from_hf',
-       'hf_config', 'read_directory', 'with_layout')
+_HF = (
+  'save_pytorch',
+  'load_pytorch',
+  'CheckpointError',
+  'mapping',
+  'params_to_hf',
+  'hf_to_params',
+  'model_params',
+  'model_from_params',
+  'read_safetensors',
+  'write_safetensors',
+  'iter_safetensors',
+  'verify_export',
+  'hf_tensors',
+  'config_from_hf',
+  'hf_config',
+  'read_directory',
+  'with_layout',
+)
 
 __all__ = list(_HF)
 

@@ -7,6 +7,7 @@ written by `ove_jax.convert.save_pytorch`; inside ove_jax it is an ordinary modu
 and their defaults are the release schema's `OVEncoderConfig` (release_config.py), which also
 checks them (head_dim, GELU, LayerNorm).
 """
+
 import dataclasses
 
 try:  # transformers 5 names it PreTrainedConfig; 4.x only PretrainedConfig
@@ -25,6 +26,7 @@ FIELDS = {f.name: f.default for f in dataclasses.fields(OVEncoderConfig)}
 
 class OneVisionEncoderConfig(PreTrainedConfig):
   """The release's config.json fields (hidden_size, num_hidden_layers, rope_theta, ...)."""
+
   model_type = MODEL_TYPE
 
   def __init__(self, **kwargs):

@@ -12,6 +12,7 @@ The table is written for the unrolled block layout (`encoder.layers.{n}.*` <-> (
 Only safetensors is read or written (never pickle). The reader and writer here handle bfloat16,
 which `safetensors.numpy` cannot, and need neither torch nor the Hugging Face libraries.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,11 @@ from .release_config import ARCHITECTURES, MODEL_TYPE, OVEncoderConfig
 Path = tuple  # a parameter path in nnx.state, e.g. ('blocks', 0, 'mlp', 'fc1', 'kernel')
 #                (unrolled) or ('blocks', 'mlp', 'fc1', 'kernel') (scanned: [depth, C, I])
 
-CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = ('config.json', 'model.safetensors',
-                                                'preprocessor_config.json')
+CONFIG_FILE, WEIGHTS_FILE, PREPROCESSOR_FILE = (
+  'config.json',
+  'model.safetensors',
+  'preprocessor_config.json',
+)
 
 
 class CheckpointError(ValueError):
@@ -47,10 +51,11 @@ class CheckpointError(ValueError):
 # The mapping table
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   hf_key: str
-  paths: tuple[Path, ...]          # our parameter(s) that make up this release tensor
+  paths: tuple[Path, ...]  # our parameter(s) that make up this release tensor
   hf_shape: tuple[int, ...]
   to_hf: Callable[[Sequence[np.ndarray]], np.ndarray]
   from_hf: Callable[[np.ndarray], Sequence[np.ndarray]]
@@ -80,6 +85,7 @@ def _patch_rules(cfg: EncoderConfig):
 
   def from_hf(array):
     return [array.transpose(2, 3, 1, 0).reshape(ps * ps * ch, c)]
+
   return to_hf, from_hf
 
 
@@ -105,8 +111,11 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
   rules = []
 
   def linear(hf_prefix, path, d_in, d_out):
-    rules.append(Rule(f'{hf_prefix}.weight', (path + ('kernel',),), (d_out, d_in),
-                      _linear_to_hf, _linear_from_hf))
+    rules.append(
+      Rule(
+        f'{hf_prefix}.weight', (path + ('kernel',),), (d_out, d_in), _linear_to_hf, _linear_from_hf
+      )
+    )
     rules.append(Rule(f'{hf_prefix}.bias', (path + ('bias',),), (d_out,), _same, _one))
 
   def layer_norm(hf_prefix, path):
@@ -114,9 +123,15 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
     rules.append(Rule(f'{hf_prefix}.bias', (path + ('bias',),), (c,), _same, _one))
 
   patch_to_hf, patch_from_hf = _patch_rules(cfg)
-  rules.append(Rule('embeddings.patch_embedding.weight', (('patch_embed', 'kernel'),),
-                    (c, cfg.num_channels, cfg.patch_size, cfg.patch_size),
-                    patch_to_hf, patch_from_hf))
+  rules.append(
+    Rule(
+      'embeddings.patch_embedding.weight',
+      (('patch_embed', 'kernel'),),
+      (c, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+      patch_to_hf,
+      patch_from_hf,
+    )
+  )
   layer_norm('layernorm_pre', ('layernorm_pre',))
   for n in range(cfg.depth):
     hf, ours = f'encoder.layers.{n}', ('blocks', n)
@@ -130,10 +145,24 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
     layer_norm('layernorm_post', ('layernorm_post',))
     rules.append(Rule('head.probe', (('head', 'probe'),), (1, 1, c), _same, _one))
     qkv = tuple(('head', p) for p in ('q_proj', 'k_proj', 'v_proj'))
-    rules.append(Rule('head.attention.in_proj_weight', tuple(p + ('kernel',) for p in qkv),
-                      (3 * c, c), _qkv_to_hf, _qkv_from_hf))
-    rules.append(Rule('head.attention.in_proj_bias', tuple(p + ('bias',) for p in qkv),
-                      (3 * c,), _qkv_bias_to_hf, _qkv_bias_from_hf))
+    rules.append(
+      Rule(
+        'head.attention.in_proj_weight',
+        tuple(p + ('kernel',) for p in qkv),
+        (3 * c, c),
+        _qkv_to_hf,
+        _qkv_from_hf,
+      )
+    )
+    rules.append(
+      Rule(
+        'head.attention.in_proj_bias',
+        tuple(p + ('bias',) for p in qkv),
+        (3 * c,),
+        _qkv_bias_to_hf,
+        _qkv_bias_from_hf,
+      )
+    )
     linear('head.attention.out_proj', ('head', 'out_proj'), c, c)
     rules.append(Rule('head.norm.weight', (('head', 'norm', 'scale'),), (c,), _same, _one))
     linear('head.mlp.fc1', ('head', 'mlp', 'fc1'), c, i)
@@ -145,6 +174,7 @@ def mapping(cfg: EncoderConfig) -> list[Rule]:
 class Deferred:
   """A tensor made only when it is written: shape and dtype up front (a safetensors header needs
   them), the values from `make()` later, so an export holds one converted tensor at a time."""
+
   shape: tuple[int, ...]
   dtype: np.dtype
   make: Callable[[], np.ndarray]
@@ -154,8 +184,9 @@ class Deferred:
     return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def hf_tensors(params: dict[Path, np.ndarray], cfg: EncoderConfig, dtype=np.float32
-               ) -> dict[str, Deferred]:
+def hf_tensors(
+  params: dict[Path, np.ndarray], cfg: EncoderConfig, dtype=np.float32
+) -> dict[str, Deferred]:
   """Our flat parameters (path -> array, either block layout) as the release's state dict, each
   tensor converted (and cast to `dtype`) only when its `make()` is called."""
   params = _in_layout(params, cfg, scan_layers=False)
@@ -163,16 +194,20 @@ def hf_tensors(params: dict[Path, np.ndarray], cfg: EncoderConfig, dtype=np.floa
   for rule in mapping(cfg):
     missing = [p for p in rule.paths if p not in params]
     if missing:
-      raise CheckpointError(f'parameter {"/".join(map(str, missing[0]))} is missing; it is needed '
-                            f'for {rule.hf_key} {rule.hf_shape}')
-    out[rule.hf_key] = Deferred(rule.hf_shape, np.dtype(dtype),
-                                lambda rule=rule: _to_hf(rule, params, dtype))
+      raise CheckpointError(
+        f'parameter {"/".join(map(str, missing[0]))} is missing; it is needed '
+        f'for {rule.hf_key} {rule.hf_shape}'
+      )
+    out[rule.hf_key] = Deferred(
+      rule.hf_shape, np.dtype(dtype), lambda rule=rule: _to_hf(rule, params, dtype)
+    )
   return out
 
 
 def _to_hf(rule: Rule, params: dict[Path, np.ndarray], dtype) -> np.ndarray:
-  tensor = np.ascontiguousarray(rule.to_hf([np.asarray(params[p]) for p in rule.paths]),
-                                dtype=dtype)
+  tensor = np.ascontiguousarray(
+    rule.to_hf([np.asarray(params[p]) for p in rule.paths]), dtype=dtype
+  )
   assert tensor.shape == rule.hf_shape, (rule.hf_key, tensor.shape, rule.hf_shape)
   return tensor
 
@@ -182,8 +217,9 @@ def params_to_hf(params: dict[Path, np.ndarray], cfg: EncoderConfig) -> dict[str
   return {key: tensor.make() for key, tensor in hf_tensors(params, cfg).items()}
 
 
-def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
-                 source: str = 'state dict') -> dict[Path, np.ndarray]:
+def hf_to_params(
+  tensors: dict[str, np.ndarray], cfg: EncoderConfig, *, source: str = 'state dict'
+) -> dict[Path, np.ndarray]:
   """The release's state dict to our flat parameters, in the block layout of
   `cfg.scan_layers`; strict about keys and shapes."""
   rules = mapping(cfg)
@@ -191,26 +227,33 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: EncoderConfig, *,
   missing = [r for r in rules if r.hf_key not in tensors]
   if missing:
     r = missing[0]
-    raise CheckpointError(f'{source}: key {r.hf_key} is missing (expected shape {r.hf_shape}); '
-                          f'{len(missing)} of {len(rules)} expected keys are missing')
+    raise CheckpointError(
+      f'{source}: key {r.hf_key} is missing (expected shape {r.hf_shape}); '
+      f'{len(missing)} of {len(rules)} expected keys are missing'
+    )
   unexpected = sorted(set(tensors) - expected)
   if unexpected:
-    raise CheckpointError(f'{source}: unexpected key {unexpected[0]} with shape '
-                          f'{tuple(tensors[unexpected[0]].shape)} ({len(unexpected)} unexpected '
-                          'keys); is config.json the checkpoint\'s own?')
+    raise CheckpointError(
+      f'{source}: unexpected key {unexpected[0]} with shape '
+      f'{tuple(tensors[unexpected[0]].shape)} ({len(unexpected)} unexpected '
+      "keys); is config.json the checkpoint's own?"
+    )
   params = {}
   for rule in rules:
     tensor = tensors[rule.hf_key]
     if tuple(tensor.shape) != rule.hf_shape:
-      raise CheckpointError(f'{source}: key {rule.hf_key} has shape {tuple(tensor.shape)}, '
-                            f'expected {rule.hf_shape} from config.json')
+      raise CheckpointError(
+        f'{source}: key {rule.hf_key} has shape {tuple(tensor.shape)}, '
+        f'expected {rule.hf_shape} from config.json'
+      )
     for path, array in zip(rule.paths, rule.from_hf(np.asarray(tensor))):
       params[path] = np.ascontiguousarray(array)
   return _in_layout(params, cfg, scan_layers=cfg.scan_layers)
 
 
-def _in_layout(params: dict[Path, np.ndarray], cfg: EncoderConfig, *, scan_layers: bool
-               ) -> dict[Path, np.ndarray]:
+def _in_layout(
+  params: dict[Path, np.ndarray], cfg: EncoderConfig, *, scan_layers: bool
+) -> dict[Path, np.ndarray]:
   try:
     return layout.to_layout(params, scan_layers=scan_layers, depth=cfg.depth)
   except ValueError as e:
@@ -221,24 +264,33 @@ def _in_layout(params: dict[Path, np.ndarray], cfg: EncoderConfig, *, scan_layer
 # config.json
 # ------------------------------------------------------------------------------------------------
 
+
 def hf_config(cfg: EncoderConfig, dtype: str = 'float32') -> dict:
   """The release's config.json of `cfg`. Refuses an encoder trained with another RoPE: the format
   has no field for it, and every loader of the release would silently apply 3D RoPE."""
   if cfg.rope != '3d':
     raise CheckpointError(
-        f'this encoder uses rope={cfg.rope!r} (an ablation, model.rope); the release format '
-        'knows only the 3D RoPE, so its loaders would run these weights with the wrong '
-        'positions. Keep it as an ove_jax checkpoint (checkpoint.save_params records the rope '
-        'in encoder_config.json) instead of exporting it')
-  return {'model_type': MODEL_TYPE, 'architectures': list(ARCHITECTURES),
-          **OVEncoderConfig.from_ours(cfg).to_dict(), 'torch_dtype': dtype, 'dtype': dtype}
+      f'this encoder uses rope={cfg.rope!r} (an ablation, model.rope); the release format '
+      'knows only the 3D RoPE, so its loaders would run these weights with the wrong '
+      'positions. Keep it as an ove_jax checkpoint (checkpoint.save_params records the rope '
+      'in encoder_config.json) instead of exporting it'
+    )
+  return {
+    'model_type': MODEL_TYPE,
+    'architectures': list(ARCHITECTURES),
+    **OVEncoderConfig.from_ours(cfg).to_dict(),
+    'torch_dtype': dtype,
+    'dtype': dtype,
+  }
 
 
 def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> EncoderConfig:
   """EncoderConfig from a release config.json dict; refuses what is not an OV-Encoder."""
   if hf.get('model_type') != MODEL_TYPE:
-    raise CheckpointError(f'{source}: model_type is {hf.get("model_type")!r}, expected '
-                          f'{MODEL_TYPE!r}; this is not a OneVision-Encoder checkpoint')
+    raise CheckpointError(
+      f'{source}: model_type is {hf.get("model_type")!r}, expected '
+      f'{MODEL_TYPE!r}; this is not a OneVision-Encoder checkpoint'
+    )
   try:
     release = OVEncoderConfig.from_dict(hf, source)  # its messages name `source`
   except ValueError as e:
@@ -252,19 +304,19 @@ def config_from_hf(hf: dict, *, source: str = CONFIG_FILE, **overrides) -> Encod
 def preprocessor_config(cfg: EncoderConfig) -> dict:
   """The release's CLIP preprocessing: shortest side to image_size (bicubic), centre crop."""
   return {
-      'image_processor_type': 'CLIPImageProcessor',
-      'do_convert_rgb': True,
-      'do_resize': True,
-      'size': {'shortest_edge': cfg.image_size},
-      'resample': 3,  # PIL bicubic
-      'do_center_crop': True,
-      'crop_size': {'height': cfg.image_size, 'width': cfg.image_size},
-      'do_rescale': True,
-      'rescale_factor': 1 / 255,
-      'do_normalize': True,
-      'image_mean': list(CLIP_MEAN),
-      'image_std': list(CLIP_STD),
-      'patch_size': cfg.patch_size,
+    'image_processor_type': 'CLIPImageProcessor',
+    'do_convert_rgb': True,
+    'do_resize': True,
+    'size': {'shortest_edge': cfg.image_size},
+    'resample': 3,  # PIL bicubic
+    'do_center_crop': True,
+    'crop_size': {'height': cfg.image_size, 'width': cfg.image_size},
+    'do_rescale': True,
+    'rescale_factor': 1 / 255,
+    'do_normalize': True,
+    'image_mean': list(CLIP_MEAN),
+    'image_std': list(CLIP_STD),
+    'patch_size': cfg.patch_size,
   }
 
 
@@ -273,16 +325,23 @@ def preprocessor_config(cfg: EncoderConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 _DTYPES = {
-    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
-    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
-    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8),
-    'BOOL': np.dtype(np.bool_),
+  'F64': np.dtype(np.float64),
+  'F32': np.dtype(np.float32),
+  'F16': np.dtype(np.float16),
+  'BF16': np.dtype(ml_dtypes.bfloat16),
+  'I64': np.dtype(np.int64),
+  'I32': np.dtype(np.int32),
+  'I16': np.dtype(np.int16),
+  'I8': np.dtype(np.int8),
+  'U8': np.dtype(np.uint8),
+  'BOOL': np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray | Deferred],
-                      metadata: dict | None = None):
+def write_safetensors(
+  path: str, tensors: dict[str, np.ndarray | Deferred], metadata: dict | None = None
+):
   """Writes `tensors` (arrays, or `Deferred` ones made as they are written: the header needs only
   shapes and dtypes, so at most one tensor is in memory beyond its source)."""
   header, offset = {}, 0
@@ -292,8 +351,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray | Deferred],
     if dtype not in _NAMES:
       raise ValueError(f'{key}: dtype {dtype} cannot be stored in safetensors')
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    header[key] = {'dtype': _NAMES[dtype], 'shape': list(shape),
-                   'data_offsets': [offset, offset + size]}
+    header[key] = {
+      'dtype': _NAMES[dtype],
+      'shape': list(shape),
+      'data_offsets': [offset, offset + size],
+    }
     offset += size
   header['__metadata__'] = {'format': 'pt', **(metadata or {})}
   head = json.dumps(header, separators=(',', ':')).encode()
@@ -306,8 +368,10 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray | Deferred],
         t = tensors[key]
         a = np.ascontiguousarray(t.make() if isinstance(t, Deferred) else t)
         if a.shape != tuple(header[key]['shape']) or _NAMES[a.dtype] != header[key]['dtype']:
-          raise ValueError(f'{key}: made {a.dtype}{list(a.shape)}, announced '
-                           f'{header[key]["dtype"]}{header[key]["shape"]}')
+          raise ValueError(
+            f'{key}: made {a.dtype}{list(a.shape)}, announced '
+            f'{header[key]["dtype"]}{header[key]["shape"]}'
+          )
         f.write(a.reshape(-1).view(np.uint8).data)
         del a
 
@@ -325,8 +389,9 @@ def iter_safetensors(path: str):
       raise CheckpointError(f'{path}: truncated (no safetensors header)')
     (n,) = struct.unpack('<Q', raw)
     if n > size - 8:
-      raise CheckpointError(f'{path}: header length {n} exceeds the file; not a safetensors file '
-                            'or truncated')
+      raise CheckpointError(
+        f'{path}: header length {n} exceeds the file; not a safetensors file or truncated'
+      )
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -352,16 +417,23 @@ def iter_safetensors(path: str):
 # Our model <-> a Hugging Face directory
 # ------------------------------------------------------------------------------------------------
 
+
 def model_params(model: Encoder) -> dict[Path, np.ndarray]:
   """Flat path -> host numpy array of every parameter."""
   state = nnx.state(model, nnx.Param)
-  return {tuple(path): np.asarray(jax.device_get(var[...]))
-          for path, var in nnx.to_flat_state(state)}
+  return {
+    tuple(path): np.asarray(jax.device_get(var[...])) for path, var in nnx.to_flat_state(state)
+  }
 
 
-def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
-                 params: dict[Path, np.ndarray] | None = None,
-                 max_shard_size: int | str = '5GB') -> str:
+def save_pytorch(
+  model: Encoder,
+  directory: str,
+  *,
+  dtype: str = 'float32',
+  params: dict[Path, np.ndarray] | None = None,
+  max_shard_size: int | str = '5GB',
+) -> str:
   """Writes `directory` in the release's format: config.json, model.safetensors (or shards of
   at most `max_shard_size` with an index) and preprocessor_config.json, plus the remote code
   that AutoModel.from_pretrained(directory, trust_remote_code=True) loads (hf_modeling.py).
@@ -370,6 +442,7 @@ def save_pytorch(model: Encoder, directory: str, *, dtype: str = 'float32',
   `params` (flat path -> array) overrides the model's own, for exporting training checkpoints.
   """
   from ove_jax.convert import hf_modeling
+
   cfg = model.cfg
   store = STORE_DTYPES
   if dtype not in store:
@@ -397,6 +470,7 @@ def verify_export(model: Encoder, directory: str, dtype: str = 'float32') -> tup
   tensor at a time, so checking an export holds no second copy of the weights. A key the model
   lacks, or a parameter the files lack, is a CheckpointError."""
   from ove_jax.convert import hub
+
   store = STORE_DTYPES[dtype]
   params = _in_layout(model_params(model), model.cfg, scan_layers=False)
   rules = {rule.hf_key: rule for rule in mapping(model.cfg)}
@@ -411,14 +485,16 @@ def verify_export(model: Encoder, directory: str, dtype: str = 'float32') -> tup
         seen.add(p)
   missing = sorted(set(params) - seen, key=str)
   if missing:
-    raise CheckpointError(f'{directory}: parameter {"/".join(map(str, missing[0]))} was not '
-                          'written')
+    raise CheckpointError(
+      f'{directory}: parameter {"/".join(map(str, missing[0]))} was not written'
+    )
   return worst, len(seen)
 
 
 def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
   """(config.json's dict, tensors) of a directory or hub id; sharded weights are merged."""
   from ove_jax.convert import hf_modeling, hub
+
   try:
     directory = hub.resolve(directory)
   except FileNotFoundError as e:
@@ -429,8 +505,9 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
   for p in (config_path, *([] if sharded else [weights_path])):
     if not os.path.isfile(p):
       extra = ''
-      if p == weights_path and any(f.endswith(('.bin', '.pt', '.pth'))
-                                   for f in os.listdir(directory)):
+      if p == weights_path and any(
+        f.endswith(('.bin', '.pt', '.pth')) for f in os.listdir(directory)
+      ):
         extra = ' (pickled PyTorch weights are never loaded; convert them to safetensors)'
       raise CheckpointError(f'{directory}: {os.path.basename(p)} is missing{extra}')
   try:
@@ -441,22 +518,25 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
   return hf, hf_modeling.read_weights(directory)
 
 
-def load_pytorch(directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES,
-                 **config_overrides) -> Encoder:
+def load_pytorch(
+  directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES, **config_overrides
+) -> Encoder:
   """Our encoder with the weights of a release-format directory (e.g. the released
   `onevision-encoder-large`). `dtype` is the compute dtype; parameters are float32.
 
   With a mesh set (`jax.set_mesh`), parameters are placed sharded by `rules`.
   """
   hf, tensors = read_directory(directory)
-  cfg = config_from_hf(hf, source=os.path.join(directory, CONFIG_FILE), dtype=dtype,
-                       **config_overrides)
+  cfg = config_from_hf(
+    hf, source=os.path.join(directory, CONFIG_FILE), dtype=dtype, **config_overrides
+  )
   params = hf_to_params(tensors, cfg, source=os.path.join(directory, WEIGHTS_FILE))
   return model_from_params(cfg, params, rules=rules)
 
 
-def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
-                      rules=sharding.DEFAULT_RULES) -> Encoder:
+def model_from_params(
+  cfg: EncoderConfig, params: dict[Path, np.ndarray], *, rules=sharding.DEFAULT_RULES
+) -> Encoder:
   """An encoder whose parameters are `params` (flat path -> array), without a random init.
 
   `params` may be in either block layout; they are stacked or unstacked to `cfg.scan_layers`
@@ -473,8 +553,9 @@ def model_from_params(cfg: EncoderConfig, params: dict[Path, np.ndarray], *,
     value = np.asarray(params[path], dtype=np.float32)
     expected = var.get_raw_value().shape
     if value.shape != expected:
-      raise CheckpointError(f'parameter {"/".join(map(str, path))} has shape {value.shape}, '
-                            f'expected {expected}')
+      raise CheckpointError(
+        f'parameter {"/".join(map(str, path))} has shape {value.shape}, expected {expected}'
+      )
     if mesh is not None:
       meta = var.get_metadata()
       spec = sharding.logical_to_spec(meta.get('out_sharding') or (), rules)

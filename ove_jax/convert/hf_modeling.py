@@ -12,6 +12,7 @@ preprocessor_config.json:
     which every loader here reads back (`read_weights`; the port; init.pytorch).
 Directories may be given as Hugging Face hub ids (`hub.resolve`); `push_to_hub` uploads an export.
 """
+
 from __future__ import annotations
 
 import glob
@@ -24,10 +25,17 @@ from data_pipeline import fileio
 from ove_jax.convert import hub
 
 # The remote code every export carries (files of this package, copied unchanged).
-REMOTE_CODE = ('configuration_onevision_encoder.py', 'modeling_onevision_encoder.py',
-               'torch_model.py', 'hub.py', 'release_config.py')
-AUTO_MAP = {'AutoConfig': 'configuration_onevision_encoder.OneVisionEncoderConfig',
-            'AutoModel': 'modeling_onevision_encoder.OneVisionEncoderModel'}
+REMOTE_CODE = (
+  'configuration_onevision_encoder.py',
+  'modeling_onevision_encoder.py',
+  'torch_model.py',
+  'hub.py',
+  'release_config.py',
+)
+AUTO_MAP = {
+  'AutoConfig': 'configuration_onevision_encoder.OneVisionEncoderConfig',
+  'AutoModel': 'modeling_onevision_encoder.OneVisionEncoderModel',
+}
 MAX_SHARD_SIZE = '5GB'  # transformers' default: the large encoder in fp32 (1.26 GB) is one file
 
 
@@ -48,12 +56,14 @@ def write_remote_code(directory: str) -> list[str]:
   return written
 
 
-def write_weights(directory: str, tensors: dict[str, np.ndarray],
-                  max_shard_size: int | str = MAX_SHARD_SIZE) -> list[str]:
+def write_weights(
+  directory: str, tensors: dict[str, np.ndarray], max_shard_size: int | str = MAX_SHARD_SIZE
+) -> list[str]:
   """Writes `tensors` as model.safetensors, or as shards with an index when they exceed
   `max_shard_size` (bytes, or '5GB' / '500MB'); removes the weight files of an earlier export in
   `directory` that the new ones do not replace. Returns the files written."""
   from ove_jax.convert.hf import write_safetensors
+
   sizes = {name: int(tensors[name].nbytes) for name in sorted(tensors)}  # arrays or Deferred
   shards = hub.plan_shards(sizes, hub.parse_size(max_shard_size))
   if len(shards) == 1:
@@ -67,7 +77,8 @@ def write_weights(directory: str, tensors: dict[str, np.ndarray],
     written.append(os.path.join(directory, hub.WEIGHTS_INDEX_NAME))
     fileio.write_json(written[-1], hub.index(shards, sizes))
   earlier = glob.glob(os.path.join(directory, 'model-*-of-*.safetensors')) + [
-      os.path.join(directory, n) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)]
+    os.path.join(directory, n) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
+  ]
   for path in earlier:
     if path not in written and os.path.isfile(path):
       os.remove(path)  # a stale single file would shadow new shards (and stale shards waste space)
@@ -78,6 +89,7 @@ def read_weights(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of `directory`'s model.safetensors or of all its shards (a key in two shards is
   refused)."""
   from ove_jax.convert.hf import CheckpointError, read_safetensors
+
   try:
     files = hub.weight_files(directory)
   except FileNotFoundError as e:
@@ -92,20 +104,33 @@ def read_weights(directory: str) -> dict[str, np.ndarray]:
   return tensors
 
 
-def push_to_hub(directory: str, repo_id: str, *, private: bool = False,
-                revision: str | None = None, token: str | None = None,
-                commit_message: str = 'OneVision-Encoder export (ove_jax)', api=None) -> str:
+def push_to_hub(
+  directory: str,
+  repo_id: str,
+  *,
+  private: bool = False,
+  revision: str | None = None,
+  token: str | None = None,
+  commit_message: str = 'OneVision-Encoder export (ove_jax)',
+  api=None,
+) -> str:
   """Uploads an export directory to the hub repository `repo_id` (created if missing); returns
   the commit's URL. Needs network access and a token (HF_TOKEN or `huggingface-cli login`)."""
-  missing = [n for n in ('config.json', *REMOTE_CODE) if not os.path.isfile(
-      os.path.join(directory, n))]
+  missing = [
+    n for n in ('config.json', *REMOTE_CODE) if not os.path.isfile(os.path.join(directory, n))
+  ]
   if missing:
     raise FileNotFoundError(f'{directory}: {missing} missing; export with save_pytorch first')
   if api is None:
     import huggingface_hub
+
     api = huggingface_hub.HfApi(token=token)
   api.create_repo(repo_id, private=private, exist_ok=True)
-  info = api.upload_folder(folder_path=directory, repo_id=repo_id, revision=revision,
-                           commit_message=commit_message,
-                           allow_patterns=list(hub.ALLOW_PATTERNS))
+  info = api.upload_folder(
+    folder_path=directory,
+    repo_id=repo_id,
+    revision=revision,
+    commit_message=commit_message,
+    allow_patterns=list(hub.ALLOW_PATTERNS),
+  )
   return str(getattr(info, 'commit_url', info))

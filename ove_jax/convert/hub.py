@@ -6,6 +6,7 @@ loader, the PyTorch port and the port's copy inside every export (a relative imp
 torch_model.py) share it. A hub id is fetched by `huggingface_hub.snapshot_download` into its
 cache (HF_HOME / HF_HUB_CACHE) and read from there; with HF_HUB_OFFLINE=1 only the cache is read.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,30 +32,40 @@ def resolve(name_or_path) -> str:
   if os.path.isdir(text):
     return text
   if not is_hub_id(text) or os.path.exists(text) or os.path.isdir(text.split('/')[0]):
-    raise FileNotFoundError(f'{text}: no such directory (and not a Hugging Face hub id such as '
-                            'org/name or org/name@revision)')
+    raise FileNotFoundError(
+      f'{text}: no such directory (and not a Hugging Face hub id such as '
+      'org/name or org/name@revision)'
+    )
   repo_id, _, revision = text.partition('@')
   try:
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
   except ImportError:
-    raise FileNotFoundError(f'{text}: no such directory; to read it as a hub id install '
-                            'huggingface_hub (pip install huggingface_hub)') from None
+    raise FileNotFoundError(
+      f'{text}: no such directory; to read it as a hub id install '
+      'huggingface_hub (pip install huggingface_hub)'
+    ) from None
   try:
-    return huggingface_hub.snapshot_download(repo_id, revision=revision or None,
-                                             allow_patterns=list(ALLOW_PATTERNS))
+    return huggingface_hub.snapshot_download(
+      repo_id, revision=revision or None, allow_patterns=list(ALLOW_PATTERNS)
+    )
   except LocalEntryNotFoundError as e:
     offline = constants.HF_HUB_OFFLINE
     raise FileNotFoundError(
-        f'{text}: no such directory, and the hub id is not in the Hugging Face cache '
-        f'({constants.HF_HUB_CACHE})'
-        + ('; HF_HUB_OFFLINE is set, so nothing is downloaded: fetch it once online '
-           f'(huggingface-cli download {repo_id}) or unset HF_HUB_OFFLINE' if offline else
-           f' and could not be downloaded ({e})')) from None
+      f'{text}: no such directory, and the hub id is not in the Hugging Face cache '
+      f'({constants.HF_HUB_CACHE})'
+      + (
+        '; HF_HUB_OFFLINE is set, so nothing is downloaded: fetch it once online '
+        f'(huggingface-cli download {repo_id}) or unset HF_HUB_OFFLINE'
+        if offline
+        else f' and could not be downloaded ({e})'
+      )
+    ) from None
   except HfHubHTTPError as e:
-    raise FileNotFoundError(f'{text}: not a local directory, and the hub refused it ({e})'
-                            ) from None
+    raise FileNotFoundError(
+      f'{text}: not a local directory, and the hub refused it ({e})'
+    ) from None
 
 
 def weight_files(directory: str) -> list[str]:
@@ -65,8 +76,9 @@ def weight_files(directory: str) -> list[str]:
     return [single]
   index = os.path.join(directory, WEIGHTS_INDEX_NAME)
   if not os.path.isfile(index):
-    raise FileNotFoundError(f'{directory}: {WEIGHTS_NAME} is missing (and there is no '
-                            f'{WEIGHTS_INDEX_NAME} of shards)')
+    raise FileNotFoundError(
+      f'{directory}: {WEIGHTS_NAME} is missing (and there is no {WEIGHTS_INDEX_NAME} of shards)'
+    )
   with open(index, encoding='utf-8') as f:
     try:
       weight_map = json.load(f)['weight_map']
@@ -102,9 +114,12 @@ def shard_name(i: int, n: int) -> str:
 
 def index(shards: list[list[str]], sizes: dict[str, int]) -> dict:
   """The `model.safetensors.index.json` of `shards` (as transformers writes it)."""
-  return {'metadata': {'total_size': int(sum(sizes.values()))},
-          'weight_map': {name: shard_name(i, len(shards))
-                         for i, names in enumerate(shards) for name in names}}
+  return {
+    'metadata': {'total_size': int(sum(sizes.values()))},
+    'weight_map': {
+      name: shard_name(i, len(shards)) for i, names in enumerate(shards) for name in names
+    },
+  }
 
 
 def parse_size(size) -> int:
@@ -117,4 +132,4 @@ def parse_size(size) -> int:
   unit = (match.group(2) or 'B').upper()
   base = 1024 if 'I' in unit else 1000
   power = {'B': 0, 'K': 1, 'M': 2, 'G': 3, 'T': 4}[unit[0]]
-  return int(float(match.group(1)) * base ** power)
+  return int(float(match.group(1)) * base**power)

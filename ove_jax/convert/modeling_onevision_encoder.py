@@ -13,6 +13,7 @@ copy of this file, written by `ove_jax.convert.save_pytorch`.
   out.last_hidden_state  # (B, L, C) after layernorm_post;  out.pooler_output  # (B, C)
   out = model(x, output_hidden_states=True).hidden_states  # block inputs/outputs, no post-norm
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,11 +51,16 @@ class OneVisionEncoderModel(EncoderForward, OneVisionEncoderPreTrainedModel):
     self.build_modules(config)
     self.post_init()
 
-  def forward(self, pixel_values: torch.Tensor, visible_indices: torch.Tensor | None = None,
-              patch_positions: torch.Tensor | None = None,
-              output_attentions: bool | None = None,
-              output_hidden_states: bool | None = None, return_dict: bool | None = None,
-              **kwargs):
+  def forward(
+    self,
+    pixel_values: torch.Tensor,
+    visible_indices: torch.Tensor | None = None,
+    patch_positions: torch.Tensor | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    return_dict: bool | None = None,
+    **kwargs,
+  ):
     """pixel_values (B, 3, H, W) or (B, 3, T, H, W); visible_indices (B, K) flat indices on the
     virtual `rope_temporal_size`-frame grid; patch_positions (B, L, 3) explicit (t, h, w)
     (`patch_postions`, the first release's spelling, is accepted too)."""
@@ -63,17 +69,26 @@ class OneVisionEncoderModel(EncoderForward, OneVisionEncoderPreTrainedModel):
     if kwargs:
       raise TypeError(f'OneVisionEncoderModel.forward got unexpected argument(s) {sorted(kwargs)}')
     if output_attentions:
-      raise ValueError('output_attentions=True: this model attends with torch\'s '
-                       'scaled_dot_product_attention, which returns no attention weights')
+      raise ValueError(
+        "output_attentions=True: this model attends with torch's "
+        'scaled_dot_product_attention, which returns no attention weights'
+      )
     if output_hidden_states is None:
       output_hidden_states = self.config.output_hidden_states
     if return_dict is None:
       return_dict = getattr(self.config, 'return_dict', True)
-    out = EncoderForward.forward(self, pixel_values, visible_indices=visible_indices,
-                                 patch_positions=patch_positions,
-                                 output_hidden_states=bool(output_hidden_states))
+    out = EncoderForward.forward(
+      self,
+      pixel_values,
+      visible_indices=visible_indices,
+      patch_positions=patch_positions,
+      output_hidden_states=bool(output_hidden_states),
+    )
     hidden = out.get('hidden_states')
     if not return_dict:
       return (out['last_hidden_state'], out['pooler_output']) + ((hidden,) if hidden else ())
-    return BaseModelOutputWithPooling(last_hidden_state=out['last_hidden_state'],
-                                      pooler_output=out['pooler_output'], hidden_states=hidden)
+    return BaseModelOutputWithPooling(
+      last_hidden_state=out['last_hidden_state'],
+      pooler_output=out['pooler_output'],
+      hidden_states=hidden,
+    )

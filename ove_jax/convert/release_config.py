@@ -6,6 +6,7 @@ export and the JAX converter (`ove_jax.convert.hf`) all read and write config.js
 the `ove_jax.models.encoder.EncoderConfig` field it maps to (`OURS`), or none where the release
 allows one value only, so the converter maps both ways by the schema instead of a second list.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +33,7 @@ def _key(default, ours: str | None = None):
 class OVEncoderConfig:
   """The fields of the release's `config.json` that shape the model, with the release's
   defaults (its large model)."""
+
   # sizes
   hidden_size: int = _key(1024, 'width')
   intermediate_size: int = _key(4096, 'mlp_dim')
@@ -70,20 +72,27 @@ class OVEncoderConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f'{key} is {value!r}{where}; expected a positive integer')
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_attention_heads '
-                       f'{self.num_attention_heads}{where}')
+      raise ValueError(
+        f'hidden_size {self.hidden_size} is not divisible by num_attention_heads '
+        f'{self.num_attention_heads}{where}'
+      )
     # The 4:6:6 RoPE split needs head_dim / 2 to be a multiple of 16 (64 in every release size).
     if (self.head_dim // 2) % 16 or self.head_dim % 2:
-      raise ValueError(f'head_dim {self.head_dim} (hidden_size / num_attention_heads) is not '
-                       f'supported{where}: head_dim / 2 must be divisible by 16 for the 4:6:6 '
-                       f'RoPE split (the release uses 64)')
+      raise ValueError(
+        f'head_dim {self.head_dim} (hidden_size / num_attention_heads) is not '
+        f'supported{where}: head_dim / 2 must be divisible by 16 for the 4:6:6 '
+        f'RoPE split (the release uses 64)'
+      )
     # Anything else would be computed silently wrong, so refuse it rather than approximate it.
     if self.hidden_act != 'gelu':
-      raise ValueError(f'hidden_act {self.hidden_act!r}{where} is not supported; only the exact '
-                       f'(erf) "gelu" of the release is')
+      raise ValueError(
+        f'hidden_act {self.hidden_act!r}{where} is not supported; only the exact '
+        f'(erf) "gelu" of the release is'
+      )
     if self.layer_norm_type != 'layer_norm':
-      raise ValueError(f'layer_norm_type {self.layer_norm_type!r}{where} is not supported; only '
-                       f'"layer_norm" is')
+      raise ValueError(
+        f'layer_norm_type {self.layer_norm_type!r}{where} is not supported; only "layer_norm" is'
+      )
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> OVEncoderConfig:
@@ -91,8 +100,10 @@ class OVEncoderConfig:
     where = source or 'the config dict'
     model_type = d.get('model_type')
     if model_type is not None and model_type != MODEL_TYPE:
-      raise ValueError(f'{where} has model_type {model_type!r}, expected {MODEL_TYPE!r}; this '
-                       'is not a OneVision-Encoder config')
+      raise ValueError(
+        f'{where} has model_type {model_type!r}, expected {MODEL_TYPE!r}; this '
+        'is not a OneVision-Encoder config'
+      )
     missing = [k for k in REQUIRED_KEYS if k not in d]
     if missing:
       raise ValueError(f'{where} lacks the required field(s) {missing}')
@@ -120,13 +131,19 @@ class OVEncoderConfig:
   @classmethod
   def from_ours(cls, encoder_config) -> OVEncoderConfig:
     """The release fields of an `EncoderConfig` (fixed-value fields keep the release's)."""
-    return cls(**{f.name: getattr(encoder_config, f.metadata[OURS])
-                  for f in dataclasses.fields(cls) if f.metadata[OURS]})
+    return cls(
+      **{
+        f.name: getattr(encoder_config, f.metadata[OURS])
+        for f in dataclasses.fields(cls)
+        if f.metadata[OURS]
+      }
+    )
 
   def ours(self) -> dict[str, Any]:
     """The `EncoderConfig` keyword arguments these fields set."""
-    return {f.metadata[OURS]: getattr(self, f.name)
-            for f in dataclasses.fields(self) if f.metadata[OURS]}
+    return {
+      f.metadata[OURS]: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata[OURS]
+    }
 
 
 def rope_axis_sizes(config) -> tuple:

@@ -17,6 +17,7 @@ keeps one matrix per head, `params/heads/<name>` [padded_classes, C] (docs/spec.
 count padded up to whole sampling blocks); `into_head` fills the rows past num_classes, which no
 label ever names, as a fresh head would be (normal, std 0.01).
 """
+
 from __future__ import annotations
 
 import glob
@@ -42,8 +43,10 @@ def rank_files(pattern: str) -> list[str]:
     extra = glob.glob(re.sub(r'%0?\d*d', '*', pattern))
     if len(extra) != len(files):
       stray = sorted(set(extra) - set(files))
-      raise ValueError(f'{pattern!r}: ranks 0..{len(files) - 1} exist but also {stray[:3]}: a '
-                       'rank is missing in between; copy every rank\'s shard')
+      raise ValueError(
+        f'{pattern!r}: ranks 0..{len(files) - 1} exist but also {stray[:3]}: a '
+        "rank is missing in between; copy every rank's shard"
+      )
     return files
   if os.path.isdir(pattern):
     pattern = os.path.join(pattern, '*.npy')
@@ -54,15 +57,19 @@ def rank_files(pattern: str) -> list[str]:
   for path in found:
     m = _RANK.search(os.path.basename(path))
     if not m:
-      raise ValueError(f'{path}: no rank number before .npy (the release names its shards '
-                       '<head>_%03d.npy); point at the shards only')
+      raise ValueError(
+        f'{path}: no rank number before .npy (the release names its shards '
+        '<head>_%03d.npy); point at the shards only'
+      )
     if int(m.group(1)) in ranked:
       raise ValueError(f'{path} and {ranked[int(m.group(1))]} are both rank {int(m.group(1))}')
     ranked[int(m.group(1))] = path
   missing = sorted(set(range(max(ranked) + 1)) - set(ranked))
   if missing:
-    raise ValueError(f'{pattern}: shards of rank(s) {missing} are missing (found ranks '
-                     f'{sorted(ranked)}); every rank 0..{max(ranked)} is needed')
+    raise ValueError(
+      f'{pattern}: shards of rank(s) {missing} are missing (found ranks '
+      f'{sorted(ranked)}); every rank 0..{max(ranked)} is needed'
+    )
   return [ranked[r] for r in sorted(ranked)]
 
 
@@ -71,8 +78,7 @@ def rank_rows(num_classes: int, world: int) -> list[int]:
   return [num_classes // world + int(r < num_classes % world) for r in range(world)]
 
 
-def assemble(pattern: str, num_classes: int | None = None,
-             width: int | None = None) -> np.ndarray:
+def assemble(pattern: str, num_classes: int | None = None, width: int | None = None) -> np.ndarray:
   """The per-rank shards of one head as one float32 [num_classes, C] matrix.
 
   Checks that every rank is there, that the shards are 2-D of one width (= `width` if given),
@@ -84,25 +90,32 @@ def assemble(pattern: str, num_classes: int | None = None,
     try:
       a = np.load(path, mmap_mode='r', allow_pickle=False)
     except ValueError as e:
-      raise ValueError(f'{path}: not a plain .npy array ({e}); save each rank\'s weight with '
-                       'np.save(path, weight.float().cpu().numpy())') from e
+      raise ValueError(
+        f"{path}: not a plain .npy array ({e}); save each rank's weight with "
+        'np.save(path, weight.float().cpu().numpy())'
+      ) from e
     if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
-      raise ValueError(f'{path}: a {a.dtype} array of shape {a.shape}; expected float '
-                       '[classes of this rank, C]')
+      raise ValueError(
+        f'{path}: a {a.dtype} array of shape {a.shape}; expected float [classes of this rank, C]'
+      )
     if shards and a.shape[1] != shards[0].shape[1]:
       raise ValueError(f'{path}: width {a.shape[1]}, but {files[0]} has {shards[0].shape[1]}')
     shards.append(a)
   if width is not None and shards[0].shape[1] != width:
-    raise ValueError(f'{files[0]}: centres of width {shards[0].shape[1]}; this model\'s heads '
-                     f'are {width} wide (the encoder width): a different model size?')
+    raise ValueError(
+      f"{files[0]}: centres of width {shards[0].shape[1]}; this model's heads "
+      f'are {width} wide (the encoder width): a different model size?'
+    )
   rows = [len(a) for a in shards]
   total = sum(rows) if num_classes is None else num_classes
   expected = rank_rows(total, len(files))
   if rows != expected:
     bad = next(i for i, (a, b) in enumerate(zip(rows, expected)) if a != b)
-    raise ValueError(f'{files[bad]}: {rows[bad]} rows; the release splits {total} classes over '
-                     f'{len(files)} ranks as {expected} (rows found: {rows}); check num_classes '
-                     'and that the shards come from one run')
+    raise ValueError(
+      f'{files[bad]}: {rows[bad]} rows; the release splits {total} classes over '
+      f'{len(files)} ranks as {expected} (rows found: {rows}); check num_classes '
+      'and that the shards come from one run'
+    )
   return np.concatenate([np.asarray(a, np.float32) for a in shards], axis=0)
 
 
@@ -113,16 +126,19 @@ def parse_sources(text: str, key: str = 'init.release_centres') -> dict[str, str
   for item in filter(None, (t.strip() for t in (text or '').split(','))):
     head, eq, source = item.partition('=')
     if not eq or not head.strip() or not source.strip():
-      raise ValueError(f'{key}={text!r}: {item!r} is not head=SOURCE (SOURCE: the release\'s '
-                       '%03d template, a glob or a folder of per-rank .npy shards)')
+      raise ValueError(
+        f"{key}={text!r}: {item!r} is not head=SOURCE (SOURCE: the release's "
+        '%03d template, a glob or a folder of per-rank .npy shards)'
+      )
     if head.strip() in out:
       raise ValueError(f'{key}={text!r}: head {head.strip()!r} is named twice')
     out[head.strip()] = source.strip()
   return out
 
 
-def load_release_centres(sources: str | Mapping[str, str], heads: Mapping[str, object],
-                         width: int | None = None) -> dict[str, np.ndarray]:
+def load_release_centres(
+  sources: str | Mapping[str, str], heads: Mapping[str, object], width: int | None = None
+) -> dict[str, np.ndarray]:
   """{head: float32 [num_classes, C]} for each head named in `sources` (head -> template, glob
   or folder of its shards, or a `parse_sources` string); `heads` maps our head names to their
   losses.PartialFCConfig (or anything with `num_classes`), whose class count the shards must make
@@ -131,13 +147,15 @@ def load_release_centres(sources: str | Mapping[str, str], heads: Mapping[str, o
     sources = parse_sources(sources)
   unknown = sorted(set(sources) - set(heads))
   if unknown:
-    raise ValueError(f'release centres for head(s) {unknown}, but this run has heads '
-                     f'{sorted(heads)}')
+    raise ValueError(
+      f'release centres for head(s) {unknown}, but this run has heads {sorted(heads)}'
+    )
   return {name: assemble(src, heads[name].num_classes, width) for name, src in sources.items()}
 
 
-def into_head(centres_NxC: np.ndarray, padded_classes: int, seed: int = 0,
-              init_std: float = 0.01) -> np.ndarray:
+def into_head(
+  centres_NxC: np.ndarray, padded_classes: int, seed: int = 0, init_std: float = 0.01
+) -> np.ndarray:
   """[padded_classes, C]: the release's rows first, the padding rows drawn like a fresh head's."""
   n, c = centres_NxC.shape
   if n > padded_classes:

@@ -25,6 +25,7 @@ Checkpoints are read with safetensors only; pickled torch files are never opened
 imports use the standard library only: `.hub` finds the files of a directory or a hub id, and
 `.release_config` is the release's config.json schema.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,6 +48,7 @@ PathLike = str | os.PathLike
 # ------------------------------------------------------------------------------------------------
 # Rotary position embedding (docs/spec.md §1.3)
 # ------------------------------------------------------------------------------------------------
+
 
 def rope_inv_freqs(config: OVEncoderConfig, device=None) -> tuple:
   """float32 inverse frequencies per axis; each axis is normalised by its own size (k/n)."""
@@ -83,13 +85,17 @@ def apply_rope(x_BxHxLxD: torch.Tensor, angles_BxLxD: torch.Tensor) -> torch.Ten
 # Modules
 # ------------------------------------------------------------------------------------------------
 
-class OVEmbeddings(nn.Module):
 
+class OVEmbeddings(nn.Module):
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
-    self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
-                                     kernel_size=config.patch_size, stride=config.patch_size,
-                                     bias=False)
+    self.patch_embedding = nn.Conv2d(
+      config.num_channels,
+      config.hidden_size,
+      kernel_size=config.patch_size,
+      stride=config.patch_size,
+      bias=False,
+    )
 
 
 # How OVAttention computes attention: 'sdpa' (F.scaled_dot_product_attention, the default) or
@@ -98,8 +104,14 @@ class OVEmbeddings(nn.Module):
 ATTENTION_IMPLEMENTATIONS = ('sdpa', 'eager')
 
 
-def eager_attention(q_BxHxLxD: torch.Tensor, k_BxHxLxD: torch.Tensor, v_BxHxLxD: torch.Tensor,
-                    scale: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+def eager_attention(
+  q_BxHxLxD: torch.Tensor,
+  k_BxHxLxD: torch.Tensor,
+  v_BxHxLxD: torch.Tensor,
+  scale: float,
+  dropout: float = 0.0,
+  training: bool = False,
+) -> torch.Tensor:
   """transformers' eager_attention_forward: the [B, H, L, L] probabilities materialised."""
   weights = torch.matmul(q_BxHxLxD, k_BxHxLxD.transpose(2, 3)) * scale
   weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q_BxHxLxD.dtype)
@@ -110,8 +122,9 @@ def eager_attention(q_BxHxLxD: torch.Tensor, k_BxHxLxD: torch.Tensor, v_BxHxLxD:
 def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Module:
   """Switches every OVAttention of `model` to `implementation` (ATTENTION_IMPLEMENTATIONS)."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f'attention implementation {implementation!r}; choose one of '
-                     f'{ATTENTION_IMPLEMENTATIONS}')
+    raise ValueError(
+      f'attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}'
+    )
   for module in model.modules():
     if isinstance(module, OVAttention):
       module.attn_implementation = implementation
@@ -119,7 +132,6 @@ def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Mo
 
 
 class OVAttention(nn.Module):
-
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
     self.attn_implementation = 'sdpa'
@@ -139,16 +151,15 @@ class OVAttention(nn.Module):
     k = apply_rope(split(self.k_proj(x_BxLxC)), angles_BxLxD)
     v = split(self.v_proj(x_BxLxC))
     if self.attn_implementation == 'eager':
-      o = eager_attention(q, k, v, self.head_dim ** -0.5, self.dropout, self.training)
+      o = eager_attention(q, k, v, self.head_dim**-0.5, self.dropout, self.training)
     else:
-      o = F.scaled_dot_product_attention(q, k, v,
-                                         dropout_p=self.dropout if self.training else 0.0,
-                                         scale=self.head_dim ** -0.5)
+      o = F.scaled_dot_product_attention(
+        q, k, v, dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim**-0.5
+      )
     return self.out_proj(o.transpose(1, 2).reshape(b, l, c))
 
 
 class OVMLP(nn.Module):
-
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
     self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
@@ -160,7 +171,6 @@ class OVMLP(nn.Module):
 
 
 class OVEncoderLayer(nn.Module):
-
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
     self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -174,7 +184,6 @@ class OVEncoderLayer(nn.Module):
 
 
 class OVEncoder(nn.Module):
-
   def __init__(self, config: OVEncoderConfig):
     super().__init__()
     self.layers = nn.ModuleList([OVEncoderLayer(config) for _ in range(config.num_hidden_layers)])
@@ -272,12 +281,16 @@ class EncoderForward:
     elif pixel_values.dim() == 5:
       frames = pixel_values
     else:
-      raise ValueError(f'pixel_values must be (B, 3, H, W) or (B, 3, T, H, W), got shape '
-                       f'{tuple(pixel_values.shape)}')
+      raise ValueError(
+        f'pixel_values must be (B, 3, H, W) or (B, 3, T, H, W), got shape '
+        f'{tuple(pixel_values.shape)}'
+      )
     b, ch, t, h, w = frames.shape
     if ch != self.config.num_channels:
-      raise ValueError(f'pixel_values has {ch} channels, the model expects '
-                       f'{self.config.num_channels} (channels first)')
+      raise ValueError(
+        f'pixel_values has {ch} channels, the model expects '
+        f'{self.config.num_channels} (channels first)'
+      )
     hp, wp = self._patch_grid(h, w)
     frames = frames.permute(0, 2, 1, 3, 4).reshape(b * t, ch, h, w).to(weight.dtype)
     x = self.embeddings.patch_embedding(frames)  # (B*T, C, Hp, Wp)
@@ -286,14 +299,22 @@ class EncoderForward:
 
   @staticmethod
   def _grid_positions(t: int, hp: int, wp: int, batch: int, device) -> torch.Tensor:
-    tt, hh, ww = torch.meshgrid(torch.arange(t, device=device), torch.arange(hp, device=device),
-                                torch.arange(wp, device=device), indexing='ij')
+    tt, hh, ww = torch.meshgrid(
+      torch.arange(t, device=device),
+      torch.arange(hp, device=device),
+      torch.arange(wp, device=device),
+      indexing='ij',
+    )
     pos = torch.stack([tt, hh, ww], dim=-1).reshape(1, t * hp * wp, 3).to(torch.float32)
     return pos.expand(batch, -1, -1)
 
-  def forward(self, pixel_values: torch.Tensor, visible_indices: torch.Tensor | None = None,
-              patch_positions: torch.Tensor | None = None,
-              output_hidden_states: bool = False) -> dict[str, Any]:
+  def forward(
+    self,
+    pixel_values: torch.Tensor,
+    visible_indices: torch.Tensor | None = None,
+    patch_positions: torch.Tensor | None = None,
+    output_hidden_states: bool = False,
+  ) -> dict[str, Any]:
     """Encodes images (B, 3, H, W) or videos (B, 3, T, H, W) with the release's conventions.
 
     visible_indices (B, K): flat patch indices n on a virtual grid of `rope_temporal_size`
@@ -307,32 +328,40 @@ class EncoderForward:
     positions = None
     if visible_indices is not None:
       if visible_indices.dim() != 2 or visible_indices.shape[0] != b:
-        raise ValueError(f'visible_indices must be (B={b}, K), got shape '
-                         f'{tuple(visible_indices.shape)}')
+        raise ValueError(
+          f'visible_indices must be (B={b}, K), got shape {tuple(visible_indices.shape)}'
+        )
       if visible_indices.is_floating_point():
         raise ValueError('visible_indices must be an integer tensor')
       idx = visible_indices.to(device=x.device, dtype=torch.long)
       if idx.shape[1] != n:
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-          raise ValueError(f'visible_indices must lie in [0, {n}) to gather from the {n} input '
-                           f'patches; got range [{int(idx.min())}, {int(idx.max())}]')
+          raise ValueError(
+            f'visible_indices must lie in [0, {n}) to gather from the {n} input '
+            f'patches; got range [{int(idx.min())}, {int(idx.max())}]'
+          )
         x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-      positions = torch.stack([idx // (hp * wp), (idx // wp) % hp, idx % wp],
-                              dim=-1).to(torch.float32)
+      positions = torch.stack([idx // (hp * wp), (idx // wp) % hp, idx % wp], dim=-1).to(
+        torch.float32
+      )
     if patch_positions is not None:
       if patch_positions.dim() != 3 or patch_positions.shape[-1] != 3:
-        raise ValueError(f'patch_positions must be (B, L, 3), got shape '
-                         f'{tuple(patch_positions.shape)}')
+        raise ValueError(
+          f'patch_positions must be (B, L, 3), got shape {tuple(patch_positions.shape)}'
+        )
       if tuple(patch_positions.shape[:2]) != tuple(x.shape[:2]):
-        raise ValueError(f'patch_positions has shape {tuple(patch_positions.shape)} but there are '
-                         f'{x.shape[1]} tokens for batch {x.shape[0]}')
+        raise ValueError(
+          f'patch_positions has shape {tuple(patch_positions.shape)} but there are '
+          f'{x.shape[1]} tokens for batch {x.shape[0]}'
+        )
       positions = patch_positions.to(device=x.device, dtype=torch.float32)
     if positions is None:
       positions = self._grid_positions(t, hp, wp, b, x.device)
     return self._trunk(x, positions, output_hidden_states)
 
-  def forward_tokens(self, patches: torch.Tensor, positions: torch.Tensor,
-                     output_hidden_states: bool = False) -> dict[str, Any]:
+  def forward_tokens(
+    self, patches: torch.Tensor, positions: torch.Tensor, output_hidden_states: bool = False
+  ) -> dict[str, Any]:
     """Encodes pre-flattened patches (B, L, p*p*3) in (row, column, channel) order.
 
     This is the layout of a packed token pipeline; one sample per row, no padding.
@@ -342,17 +371,16 @@ class EncoderForward:
     if patches.dim() != 3 or patches.shape[-1] != p * p * ch:
       raise ValueError(f'patches must be (B, L, {p * p * ch}), got shape {tuple(patches.shape)}')
     if tuple(positions.shape) != (*patches.shape[:2], 3):
-      raise ValueError(f'positions must be {(*patches.shape[:2], 3)}, got '
-                       f'{tuple(positions.shape)}')
+      raise ValueError(f'positions must be {(*patches.shape[:2], 3)}, got {tuple(positions.shape)}')
     w_rcc = weight.permute(0, 2, 3, 1).reshape(c, p * p * ch)
     x = patches.to(weight.dtype) @ w_rcc.t()
-    return self._trunk(x, positions.to(device=x.device, dtype=torch.float32),
-                       output_hidden_states)
+    return self._trunk(x, positions.to(device=x.device, dtype=torch.float32), output_hidden_states)
 
   # -- transformer -------------------------------------------------------------------------------
 
-  def _trunk(self, x: torch.Tensor, positions: torch.Tensor,
-             output_hidden_states: bool) -> dict[str, Any]:
+  def _trunk(
+    self, x: torch.Tensor, positions: torch.Tensor, output_hidden_states: bool
+  ) -> dict[str, Any]:
     angles = rope_angles(positions, self.config)
     x = self.layernorm_pre(x)
     hidden = [x] if output_hidden_states else None
@@ -393,11 +421,15 @@ class OVEncoderTorch(EncoderForward, nn.Module):
 # Checkpoint I/O
 # ------------------------------------------------------------------------------------------------
 
+
 def expected_shapes(config: OVEncoderConfig) -> dict[str, tuple]:
   """The release's state-dict keys and shapes for `config` (docs/spec.md §1.4)."""
   c, i, p, ch = config.hidden_size, config.intermediate_size, config.patch_size, config.num_channels
-  shapes = {'embeddings.patch_embedding.weight': (c, ch, p, p),
-            'layernorm_pre.weight': (c,), 'layernorm_pre.bias': (c,)}
+  shapes = {
+    'embeddings.patch_embedding.weight': (c, ch, p, p),
+    'layernorm_pre.weight': (c,),
+    'layernorm_pre.bias': (c,),
+  }
   for li in range(config.num_hidden_layers):
     pre = f'encoder.layers.{li}.'
     for name in ('layer_norm1', 'layer_norm2'):
@@ -406,18 +438,31 @@ def expected_shapes(config: OVEncoderConfig) -> dict[str, tuple]:
     for name in ('q_proj', 'k_proj', 'v_proj', 'out_proj'):
       shapes[pre + f'self_attn.{name}.weight'] = (c, c)
       shapes[pre + f'self_attn.{name}.bias'] = (c,)
-    shapes.update({pre + 'mlp.fc1.weight': (i, c), pre + 'mlp.fc1.bias': (i,),
-                   pre + 'mlp.fc2.weight': (c, i), pre + 'mlp.fc2.bias': (c,)})
+    shapes.update(
+      {
+        pre + 'mlp.fc1.weight': (i, c),
+        pre + 'mlp.fc1.bias': (i,),
+        pre + 'mlp.fc2.weight': (c, i),
+        pre + 'mlp.fc2.bias': (c,),
+      }
+    )
   if config.use_head:
-    shapes.update({
-        'layernorm_post.weight': (c,), 'layernorm_post.bias': (c,),
+    shapes.update(
+      {
+        'layernorm_post.weight': (c,),
+        'layernorm_post.bias': (c,),
         'head.probe': (1, 1, c),
-        'head.attention.in_proj_weight': (3 * c, c), 'head.attention.in_proj_bias': (3 * c,),
-        'head.attention.out_proj.weight': (c, c), 'head.attention.out_proj.bias': (c,),
+        'head.attention.in_proj_weight': (3 * c, c),
+        'head.attention.in_proj_bias': (3 * c,),
+        'head.attention.out_proj.weight': (c, c),
+        'head.attention.out_proj.bias': (c,),
         'head.norm.weight': (c,),
-        'head.mlp.fc1.weight': (i, c), 'head.mlp.fc1.bias': (i,),
-        'head.mlp.fc2.weight': (c, i), 'head.mlp.fc2.bias': (c,),
-    })
+        'head.mlp.fc1.weight': (i, c),
+        'head.mlp.fc1.bias': (i,),
+        'head.mlp.fc2.weight': (c, i),
+        'head.mlp.fc2.bias': (c,),
+      }
+    )
   return shapes
 
 
@@ -432,24 +477,28 @@ def _read_weights(directory: pathlib.Path) -> tuple:
   return state, f'{directory / WEIGHTS_INDEX_NAME} (shards {[os.path.basename(p) for p in files]})'
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], config: OVEncoderConfig,
-                     source: str = 'the state dict'):
+def check_state_dict(
+  state: Mapping[str, torch.Tensor], config: OVEncoderConfig, source: str = 'the state dict'
+):
   """Raises ValueError on any missing key, unexpected key or wrong shape."""
   expected = expected_shapes(config)
   missing = [k for k in expected if k not in state]
   if missing:
     k = missing[0]
-    raise ValueError(f'{source} lacks {len(missing)} key(s), first {k!r} (expected shape '
-                     f'{expected[k]}); all missing: {missing}')
+    raise ValueError(
+      f'{source} lacks {len(missing)} key(s), first {k!r} (expected shape '
+      f'{expected[k]}); all missing: {missing}'
+    )
   unexpected = [k for k in state if k not in expected]
   if unexpected:
-    raise ValueError(f'{source} has {len(unexpected)} unexpected key(s) for this config, first '
-                     f'{unexpected[0]!r} (shape {tuple(state[unexpected[0]].shape)}); all: '
-                     f'{unexpected}')
+    raise ValueError(
+      f'{source} has {len(unexpected)} unexpected key(s) for this config, first '
+      f'{unexpected[0]!r} (shape {tuple(state[unexpected[0]].shape)}); all: '
+      f'{unexpected}'
+    )
   for k, shape in expected.items():
     if tuple(state[k].shape) != shape:
-      raise ValueError(f'{source}: key {k!r} has shape {tuple(state[k].shape)}, expected '
-                       f'{shape}')
+      raise ValueError(f'{source}: key {k!r} has shape {tuple(state[k].shape)}, expected {shape}')
 
 
 def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> OVEncoderTorch:
@@ -479,8 +528,12 @@ def save_pretrained(model: OVEncoderTorch, directory: PathLike):
   check_state_dict(state, model.config, 'the model being saved')
   dtypes = {v.dtype for v in state.values()}
   dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-  config = {'model_type': MODEL_TYPE, 'architectures': list(ARCHITECTURES),
-            **model.config.to_dict(), 'torch_dtype': _dtype_name(dtype)}
+  config = {
+    'model_type': MODEL_TYPE,
+    'architectures': list(ARCHITECTURES),
+    **model.config.to_dict(),
+    'torch_dtype': _dtype_name(dtype),
+  }
   with open(directory / CONFIG_NAME, 'w', encoding='utf-8') as f:
     json.dump(config, f, indent=2, sort_keys=True)
     f.write('\n')

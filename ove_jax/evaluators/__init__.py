@@ -15,6 +15,7 @@ of the training features (never on the test split) and `top1_last` the last epoc
 `protocol.run_protocol` is the release's full protocol on clips (features recomputed per batch
 with the training augmentation, a list of learning rates, top-1 and top-5).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,11 +50,19 @@ def _summary(runs: list[dict], keys: Sequence[str]) -> dict[str, Any]:
   return {**out, 'runs': runs}
 
 
-def run_probes(train: Features, test: Features, encoder_config, *,
-               probes: Sequence[str] = PROBES, seeds: Sequence[int] = (0,),
-               attentive: AttentiveConfig = AttentiveConfig(), linear_C: float | None = None,
-               knn_k: int = 20, knn_vote: str = 'weighted',
-               log: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+def run_probes(
+  train: Features,
+  test: Features,
+  encoder_config,
+  *,
+  probes: Sequence[str] = PROBES,
+  seeds: Sequence[int] = (0,),
+  attentive: AttentiveConfig = AttentiveConfig(),
+  linear_C: float | None = None,
+  knn_k: int = 20,
+  knn_vote: str = 'weighted',
+  log: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
   """The chosen probes on extracted features, each repeated over `seeds` (k-NN, deterministic,
   runs once). Returns {probe: {top1, top1_std, runs, ...}}."""
   probes = check_probes(probes)
@@ -63,8 +72,8 @@ def run_probes(train: Features, test: Features, encoder_config, *,
   # Class ids made contiguous (0..K-1 over the labels present), so that a label slot whose ids
   # start high (the builtin data's shape labels are 40..44) does not add unused outputs.
   _, contiguous = np.unique(np.concatenate([train.labels_N, test.labels_N]), return_inverse=True)
-  train = dataclasses.replace(train, labels_N=contiguous[:len(train)])
-  test = dataclasses.replace(test, labels_N=contiguous[len(train):])
+  train = dataclasses.replace(train, labels_N=contiguous[: len(train)])
+  test = dataclasses.replace(test, labels_N=contiguous[len(train) :])
   num_classes = int(contiguous.max()) + 1
   results = {}
   for probe in probes:
@@ -72,33 +81,62 @@ def run_probes(train: Features, test: Features, encoder_config, *,
     if probe == 'attentive':
       if train.tokens_NxLxC is None or test.tokens_NxLxC is None:
         raise ValueError('the attentive probe needs token features (extract with keep_tokens)')
-      runs = [train_attentive(train.tokens_NxLxC, train.mask_NxL, train.labels_N,
-                              test.tokens_NxLxC, test.mask_NxL, test.labels_N, encoder_config,
-                              num_classes=num_classes,
-                              config=dataclasses.replace(attentive, seed=seed), log=log)
-              for seed in seeds]
+      runs = [
+        train_attentive(
+          train.tokens_NxLxC,
+          train.mask_NxL,
+          train.labels_N,
+          test.tokens_NxLxC,
+          test.mask_NxL,
+          test.labels_N,
+          encoder_config,
+          num_classes=num_classes,
+          config=dataclasses.replace(attentive, seed=seed),
+          log=log,
+        )
+        for seed in seeds
+      ]
       results[probe] = _summary(runs, ('top1_best', 'top5', 'top1_last'))
     elif probe == 'linear':
-      runs = [linear_probe(train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N,
-                           C=linear_C, seed=seed) for seed in seeds]
+      runs = [
+        linear_probe(
+          train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N, C=linear_C, seed=seed
+        )
+        for seed in seeds
+      ]
       results[probe] = _summary(runs, ('top1',))
     else:
-      runs = [knn_probe(train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N,
-                        k=knn_k, vote=knn_vote)]
+      runs = [
+        knn_probe(
+          train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N, k=knn_k, vote=knn_vote
+        )
+      ]
       results[probe] = _summary(runs, ('top1',))
     results[probe]['seconds'] = time.perf_counter() - start
     if log is not None:
-      log(f'{probe} probe: top-1 {results[probe]["top1"]:.4f} '
-          f'(± {results[probe]["top1_std"]:.4f} over {len(runs)} run(s))')
+      log(
+        f'{probe} probe: top-1 {results[probe]["top1"]:.4f} '
+        f'(± {results[probe]["top1_std"]:.4f} over {len(runs)} run(s))'
+      )
   return results
 
 
-def evaluate(encoder, train_samples: Sequence[Mapping[str, Any]],
-             test_samples: Sequence[Mapping[str, Any]], *, probes: Sequence[str] = PROBES,
-             batch_size: int = 8, num_segments: int = 1, seeds: Sequence[int] = (0,),
-             attentive: AttentiveConfig = AttentiveConfig(), linear_C: float | None = None,
-             knn_k: int = 20, knn_vote: str = 'weighted', progress: bool = False,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def evaluate(
+  encoder,
+  train_samples: Sequence[Mapping[str, Any]],
+  test_samples: Sequence[Mapping[str, Any]],
+  *,
+  probes: Sequence[str] = PROBES,
+  batch_size: int = 8,
+  num_segments: int = 1,
+  seeds: Sequence[int] = (0,),
+  attentive: AttentiveConfig = AttentiveConfig(),
+  linear_C: float | None = None,
+  knn_k: int = 20,
+  knn_vote: str = 'weighted',
+  progress: bool = False,
+  log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
   """Extracts the frozen encoder's features of both splits once and runs `probes` on them.
 
   Samples are dicts {patches [N_i, 588], positions [N_i, 3], label} (see `video_samples`).
@@ -108,19 +146,59 @@ def evaluate(encoder, train_samples: Sequence[Mapping[str, Any]],
   probes = check_probes(probes)
   start = time.perf_counter()
   keep = 'attentive' in probes
-  train = extract(encoder, train_samples, batch_size=batch_size, num_segments=num_segments,
-                  keep_tokens=keep, progress=progress)
-  test = extract(encoder, test_samples, batch_size=batch_size, num_segments=num_segments,
-                 keep_tokens=keep, progress=progress)
+  train = extract(
+    encoder,
+    train_samples,
+    batch_size=batch_size,
+    num_segments=num_segments,
+    keep_tokens=keep,
+    progress=progress,
+  )
+  test = extract(
+    encoder,
+    test_samples,
+    batch_size=batch_size,
+    num_segments=num_segments,
+    keep_tokens=keep,
+    progress=progress,
+  )
   seconds = time.perf_counter() - start
-  results = run_probes(train, test, encoder.cfg, probes=probes, seeds=seeds, attentive=attentive,
-                       linear_C=linear_C, knn_k=knn_k, knn_vote=knn_vote, log=log)
+  results = run_probes(
+    train,
+    test,
+    encoder.cfg,
+    probes=probes,
+    seeds=seeds,
+    attentive=attentive,
+    linear_C=linear_C,
+    knn_k=knn_k,
+    knn_vote=knn_vote,
+    log=log,
+  )
   lengths = [len(s['patches']) for s in (*train_samples, *test_samples)]
-  return {**results, 'num_train': len(train), 'num_test': len(test),
-          'num_classes': len(np.unique(np.concatenate([train.labels_N, test.labels_N]))),
-          'tokens_per_sample': float(np.mean(lengths)), 'features_seconds': seconds}
+  return {
+    **results,
+    'num_train': len(train),
+    'num_test': len(test),
+    'num_classes': len(np.unique(np.concatenate([train.labels_N, test.labels_N]))),
+    'tokens_per_sample': float(np.mean(lengths)),
+    'features_seconds': seconds,
+  }
 
 
-__all__ = ['PROBES', 'AttentiveConfig', 'AttentiveProbe', 'Features', 'evaluate', 'extract',
-           'knn_probe', 'linear_probe', 'ProtocolConfig', 'record_label', 'run_probes',
-           'run_protocol', 'train_attentive', 'video_samples']
+__all__ = [
+  'PROBES',
+  'AttentiveConfig',
+  'AttentiveProbe',
+  'Features',
+  'evaluate',
+  'extract',
+  'knn_probe',
+  'linear_probe',
+  'ProtocolConfig',
+  'record_label',
+  'run_probes',
+  'run_protocol',
+  'train_attentive',
+  'video_samples',
+]

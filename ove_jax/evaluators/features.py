@@ -10,6 +10,7 @@ tokens (`last_hidden_state`, for the attentive probe) and its pooled embedding (
 and k-NN probes). Every batch has the same shape (rows padded to one length, the last batch
 padded with empty rows), so the jitted forward compiles once whatever the samples' lengths.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ class Features:
   pooled_NxC    float32 pooled embeddings (the MAP head's; the token mean without a head)
   labels_N      int64 class ids (None when the samples carry no `label`)
   """
+
   tokens_NxLxC: np.ndarray | None
   mask_NxL: np.ndarray | None
   pooled_NxC: np.ndarray
@@ -50,23 +52,33 @@ class Features:
 # Samples
 # ------------------------------------------------------------------------------------------------
 
+
 def record_label(record: Mapping[str, Any], label_index: int = 0) -> int:
   """Label `label_index` of a record's `labels` (the builtin data's first is the fine class)."""
   labels = record.get('labels')
   if labels is None:
-    raise ValueError(f'the record {record.get("source", "")!r} has no `labels` field; probes '
-                     'need labelled records')
+    raise ValueError(
+      f'the record {record.get("source", "")!r} has no `labels` field; probes need labelled records'
+    )
   labels = np.asarray(labels).reshape(-1)
   if not -len(labels) <= label_index < len(labels):
-    raise ValueError(f'label_index {label_index}: the record {record.get("source", "")!r} has '
-                     f'{len(labels)} label(s)')
+    raise ValueError(
+      f'label_index {label_index}: the record {record.get("source", "")!r} has '
+      f'{len(labels)} label(s)'
+    )
   return int(labels[label_index])
 
 
-def video_samples(records: Sequence[Mapping[str, Any]], mode: str = 'codec',
-                  num_frames: int = 8, *, seed: int = 0, label_index: int = 0,
-                  temporal_size: int = transforms.TEMPORAL_SIZE, video_root: str = ''
-                  ) -> list[dict[str, Any]]:
+def video_samples(
+  records: Sequence[Mapping[str, Any]],
+  mode: str = 'codec',
+  num_frames: int = 8,
+  *,
+  seed: int = 0,
+  label_index: int = 0,
+  temporal_size: int = transforms.TEMPORAL_SIZE,
+  video_root: str = '',
+) -> list[dict[str, Any]]:
   """Token samples {patches uint8 [N, 588], positions int32 [N, 3], label} of video records.
 
   'codec': the record's K selected patches (stored ones, or gathered from its video).
@@ -79,9 +91,13 @@ def video_samples(records: Sequence[Mapping[str, Any]], mode: str = 'codec',
   if num_frames < 1:
     raise ValueError(f'num_frames={num_frames}; must be >= 1')
   probs = (1.0, 0.0, 0.0) if mode == 'codec' else (0.0, 1.0, 0.0)
-  transform = transforms.VideoTransform(mode_probs=probs, num_frames=num_frames,
-                                        temporal_size=temporal_size, num_labels=1,
-                                        video_root=video_root)
+  transform = transforms.VideoTransform(
+    mode_probs=probs,
+    num_frames=num_frames,
+    temporal_size=temporal_size,
+    num_labels=1,
+    video_root=video_root,
+  )
   samples = []
   for index, record in enumerate(records):
     label = record_label(record, label_index)
@@ -90,14 +106,14 @@ def video_samples(records: Sequence[Mapping[str, Any]], mode: str = 'codec',
     else:
       rng = np.random.default_rng([seed, index])
       patches, positions = transform.frames(record, rng, collage=False)
-    samples.append({'patches': patches, 'positions': positions.astype(np.int32),
-                    'label': label})
+    samples.append({'patches': patches, 'positions': positions.astype(np.int32), 'label': label})
   return samples
 
 
 # ------------------------------------------------------------------------------------------------
 # Extraction
 # ------------------------------------------------------------------------------------------------
+
 
 def _pack(lengths: Sequence[int], row_length: int, num_segments: int) -> list[list[int]]:
   """Sample indices per row, in order: a row takes samples while they fit and it has < S."""
@@ -130,9 +146,15 @@ def _forward(state, patches_BxLxP, positions_BxLx3, segment_ids_BxL, *, graphdef
   return tokens, jnp.einsum('bsl,blc->bsc', weights, tokens)
 
 
-def extract(encoder, samples: Sequence[Mapping[str, Any]], *, batch_size: int = 8,
-            num_segments: int = 1, keep_tokens: bool = True, progress: bool = False
-            ) -> Features:
+def extract(
+  encoder,
+  samples: Sequence[Mapping[str, Any]],
+  *,
+  batch_size: int = 8,
+  num_segments: int = 1,
+  keep_tokens: bool = True,
+  progress: bool = False,
+) -> Features:
   """Runs the frozen encoder over `samples`; returns their `Features`.
 
   Args:
@@ -156,11 +178,13 @@ def extract(encoder, samples: Sequence[Mapping[str, Any]], *, batch_size: int = 
   for i, sample in enumerate(samples):
     patches, positions = np.asarray(sample['patches']), np.asarray(sample['positions'])
     if patches.ndim != 2 or patches.shape[1] != encoder.cfg.patch_dim or len(patches) == 0:
-      raise ValueError(f'sample {i}: patches of shape {patches.shape}; expected [N > 0, '
-                       f'{encoder.cfg.patch_dim}]')
+      raise ValueError(
+        f'sample {i}: patches of shape {patches.shape}; expected [N > 0, {encoder.cfg.patch_dim}]'
+      )
     if positions.shape != (len(patches), 3):
-      raise ValueError(f'sample {i}: positions of shape {positions.shape}; expected '
-                       f'{(len(patches), 3)}')
+      raise ValueError(
+        f'sample {i}: positions of shape {positions.shape}; expected {(len(patches), 3)}'
+      )
     lengths.append(len(patches))
   l_max = max(lengths)
   row_length = -(-l_max // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
@@ -174,9 +198,10 @@ def extract(encoder, samples: Sequence[Mapping[str, Any]], *, batch_size: int = 
   batches = range(0, len(rows), batch_size)
   if progress:
     import tqdm
+
     batches = tqdm.tqdm(batches, desc='features', unit='batch')
   for start in batches:
-    batch_rows = rows[start:start + batch_size]
+    batch_rows = rows[start : start + batch_size]
     patches = np.zeros((batch_size, row_length, encoder.cfg.patch_dim), patch_dtype)
     positions = np.zeros((batch_size, row_length, 3), np.int32)
     segments = np.zeros((batch_size, row_length), np.int32)
@@ -185,17 +210,18 @@ def extract(encoder, samples: Sequence[Mapping[str, Any]], *, batch_size: int = 
       offset = 0
       for s, i in enumerate(row):
         k = lengths[i]
-        patches[r, offset:offset + k] = samples[i]['patches']
-        positions[r, offset:offset + k] = samples[i]['positions']
-        segments[r, offset:offset + k] = s + 1
+        patches[r, offset : offset + k] = samples[i]['patches']
+        positions[r, offset : offset + k] = samples[i]['positions']
+        segments[r, offset : offset + k] = s + 1
         spans.append((i, r, s, offset))
         offset += k
-    tokens_BxLxC, pooled_BxSxC = jax.device_get(_forward(
-        state, patches, positions, segments, graphdef=graphdef, s=num_segments))
+    tokens_BxLxC, pooled_BxSxC = jax.device_get(
+      _forward(state, patches, positions, segments, graphdef=graphdef, s=num_segments)
+    )
     for i, r, s, offset in spans:
       pooled[i] = pooled_BxSxC[r, s]
       if keep_tokens:
-        tokens[i, :lengths[i]] = tokens_BxLxC[r, offset:offset + lengths[i]]
+        tokens[i, : lengths[i]] = tokens_BxLxC[r, offset : offset + lengths[i]]
   mask = (np.arange(l_max)[None, :] < np.asarray(lengths)[:, None]) if keep_tokens else None
   labels = None
   if all('label' in s for s in samples):

@@ -8,6 +8,7 @@ deterministic: the probe gives the same result for every probe seed (std 0 over 
 Passing `C` fixes it and skips the search. Unit-norm features put the logits on a small scale,
 hence a grid that reaches large C.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -25,11 +26,20 @@ FOLD_SEED = 0  # the folds are the same for every probe seed: the probe is deter
 
 def _model(c: float, seed: int):
   from sklearn.linear_model import LogisticRegression
+
   return LogisticRegression(C=c, max_iter=2000, random_state=seed)
 
 
-def linear_probe(train_NxC, train_labels_N, test_MxC, test_labels_M, *, C: float | None = None,
-                 C_grid: Sequence[float] = C_GRID, seed: int = 0) -> dict[str, Any]:
+def linear_probe(
+  train_NxC,
+  train_labels_N,
+  test_MxC,
+  test_labels_M,
+  *,
+  C: float | None = None,
+  C_grid: Sequence[float] = C_GRID,
+  seed: int = 0,
+) -> dict[str, Any]:
   """Top-1 of logistic regression on L2-normalised features.
 
   Returns {top1, C, C_search: {C: mean cross-validated accuracy} (empty when C is fixed)}.
@@ -51,11 +61,15 @@ def linear_probe(train_NxC, train_labels_N, test_MxC, test_labels_M, *, C: float
     if C is None and len(y_train) >= MIN_SAMPLES_FOR_SEARCH:
       folds = KFold(3, shuffle=True, random_state=FOLD_SEED)
       for c in C_grid:
-        search[float(c)] = float(cross_val_score(_model(c, seed), x_train, y_train,
-                                                 cv=folds).mean())
+        search[float(c)] = float(
+          cross_val_score(_model(c, seed), x_train, y_train, cv=folds).mean()
+        )
       C = max(search, key=lambda c: (search[c], -c))  # ties: the stronger regularisation
     elif C is None:
       C = DEFAULT_C
     model = _model(C, seed).fit(x_train, y_train)
-  return {'top1': float((model.predict(x_test) == y_test).mean()), 'C': float(C),
-          'C_search': search}
+  return {
+    'top1': float((model.predict(x_test) == y_test).mean()),
+    'C': float(C),
+    'C_search': search,
+  }

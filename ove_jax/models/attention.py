@@ -31,6 +31,7 @@ kernel paths run under `jax.shard_map`, the batch split over the mesh axes of th
 where the mesh has that axis and it divides the dimension (otherwise that axis computes
 redundantly, replicated). The xla, jax and cudnn paths are left to XLA's partitioner.
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,25 +77,40 @@ def xla_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: fl
     the flash-attention one: dS = e * (dO / l @ V^T - rowsum(dO * O) / l), one pass over [L, L].
   Masked entries get exp(min - max) = 0; every row keeps its own token, so no row sum is 0.
   """
-  q_BxHxLxD, k_BxHxLxD, v_BxHxLxD = (x.transpose(0, 2, 1, 3)
-                                     for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
+  q_BxHxLxD, k_BxHxLxD, v_BxHxLxD = (
+    x.transpose(0, 2, 1, 3) for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+  )
   q_BxHxLxD = q_BxHxLxD * jnp.asarray(scale, q_BxHxLxD.dtype)
-  logits_BxHxLxL = jnp.einsum('bhqd,bhkd->bhqk', q_BxHxLxD, k_BxHxLxD,
-                              preferred_element_type=jnp.float32)
-  logits_BxHxLxL = jnp.where(segment_mask(segment_ids_BxL), logits_BxHxLxL,
-                             jnp.finfo(jnp.float32).min)
+  logits_BxHxLxL = jnp.einsum(
+    'bhqd,bhkd->bhqk', q_BxHxLxD, k_BxHxLxD, preferred_element_type=jnp.float32
+  )
+  logits_BxHxLxL = jnp.where(
+    segment_mask(segment_ids_BxL), logits_BxHxLxL, jnp.finfo(jnp.float32).min
+  )
   max_BxHxLx1 = jax.lax.stop_gradient(logits_BxHxLxL.max(-1, keepdims=True))
   e_BxHxLxL = jnp.exp(logits_BxHxLxL - max_BxHxLx1)
   sum_BxHxLx1 = e_BxHxLxL.sum(-1, keepdims=True)
-  o_BxHxLxD = jnp.einsum('bhqk,bhkd->bhqd', e_BxHxLxL.astype(v_BxHxLxD.dtype), v_BxHxLxD,
-                         preferred_element_type=jnp.float32) / sum_BxHxLx1
+  o_BxHxLxD = (
+    jnp.einsum(
+      'bhqk,bhkd->bhqd',
+      e_BxHxLxL.astype(v_BxHxLxD.dtype),
+      v_BxHxLxD,
+      preferred_element_type=jnp.float32,
+    )
+    / sum_BxHxLx1
+  )
   return o_BxHxLxD.astype(v_BxLxHxD.dtype).transpose(0, 2, 1, 3)
 
 
 def jax_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float):
-  return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
-                                      mask=segment_mask(segment_ids_BxL), scale=scale,
-                                      implementation=None)
+  return jax.nn.dot_product_attention(
+    q_BxLxHxD,
+    k_BxLxHxD,
+    v_BxLxHxD,
+    mask=segment_mask(segment_ids_BxL),
+    scale=scale,
+    implementation=None,
+  )
 
 
 def _platform() -> str:
@@ -106,15 +122,18 @@ def _platform() -> str:
 def cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float):
   platform = _platform()
   if platform not in ('gpu', 'cuda'):
-    raise ValueError(f"attention implementation 'cudnn' needs a GPU (cuDNN flash attention), "
-                     f"but the backend is {platform!r}; use implementation='xla' (or 'jax') "
-                     f"on this machine")
+    raise ValueError(
+      f"attention implementation 'cudnn' needs a GPU (cuDNN flash attention), "
+      f"but the backend is {platform!r}; use implementation='xla' (or 'jax') "
+      f'on this machine'
+    )
   dtype = q_BxLxHxD.dtype
   # cuDNN fused attention accepts only fp16/bf16 (and fp8) inputs.
   compute_dtype = dtype if dtype in (jnp.float16, jnp.bfloat16) else jnp.bfloat16
   q, k, v = (x.astype(compute_dtype) for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
-  out = jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids_BxL), scale=scale,
-                                     implementation='cudnn')
+  out = jax.nn.dot_product_attention(
+    q, k, v, mask=segment_mask(segment_ids_BxL), scale=scale, implementation='cudnn'
+  )
   return out.astype(dtype)
 
 
@@ -126,8 +145,9 @@ def padded_length(length: int, implementation: str) -> int:
     if length <= GPU_BLOCK:
       return max(GPU_MIN_BLOCK, 1 << (length - 1).bit_length())
     return -(-length // GPU_BLOCK) * GPU_BLOCK
-  raise ValueError(f'{implementation!r} is not a Pallas kernel; choose one of '
-                   f'{KERNEL_IMPLEMENTATIONS}')
+  raise ValueError(
+    f'{implementation!r} is not a Pallas kernel; choose one of {KERNEL_IMPLEMENTATIONS}'
+  )
 
 
 def _splash_block(length_padded: int) -> int:
@@ -138,19 +158,28 @@ def _splash_block(length_padded: int) -> int:
   return block
 
 
-def _splash_kernel(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float,
-                   interpret: bool):
+def _splash_kernel(
+  q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float, interpret: bool
+):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
+
   _, length, num_heads, _ = q_BxLxHxD.shape
   block = _splash_block(length)
   block_sizes = splash.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block,
-      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-      block_q_dq=block, block_kv_dq=block)
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
   # Every (query, key) pair is allowed by the static mask; segment ids do all the masking.
   mask = splash.MultiHeadMask([splash.FullMask((length, length))] * num_heads)
-  kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=block_sizes,
-                                  interpret=interpret)
+  kernel = splash.make_splash_mha(
+    mask, head_shards=1, q_seq_shards=1, block_sizes=block_sizes, interpret=interpret
+  )
   # Splash applies no softmax scale: fold it into q (in float32, then back to q's dtype).
   q_BxHxLxD = (q_BxLxHxD.astype(jnp.float32) * scale).astype(q_BxLxHxD.dtype)
   q_BxHxLxD = q_BxHxLxD.transpose(0, 2, 1, 3)
@@ -158,24 +187,39 @@ def _splash_kernel(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: f
   v_BxHxLxD = v_BxLxHxD.transpose(0, 2, 1, 3)
 
   def one_row(q_HxLxD, k_HxLxD, v_HxLxD, segment_ids_L):
-    return kernel(q_HxLxD, k_HxLxD, v_HxLxD,
-                  segment_ids=splash.SegmentIds(q=segment_ids_L, kv=segment_ids_L))
+    return kernel(
+      q_HxLxD, k_HxLxD, v_HxLxD, segment_ids=splash.SegmentIds(q=segment_ids_L, kv=segment_ids_L)
+    )
 
   out_BxHxLxD = jax.vmap(one_row)(q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, segment_ids_BxL)
   return out_BxHxLxD.transpose(0, 2, 1, 3)
 
 
-def _pallas_gpu_kernel(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float,
-                       interpret: bool):
+def _pallas_gpu_kernel(
+  q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float, interpret: bool
+):
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
+
   length = q_BxLxHxD.shape[1]
   block = min(GPU_BLOCK, length)
   bwd_block = min(GPU_BWD_BLOCK, length)
   block_sizes = gpu_attention.BlockSizes(
-      block_q=block, block_k=block, block_q_dkv=bwd_block, block_kv_dkv=bwd_block,
-      block_q_dq=bwd_block, block_kv_dq=bwd_block)
-  return gpu_attention.mha(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, sm_scale=scale,
-                           block_sizes=block_sizes, interpret=interpret)
+    block_q=block,
+    block_k=block,
+    block_q_dkv=bwd_block,
+    block_kv_dkv=bwd_block,
+    block_q_dq=bwd_block,
+    block_kv_dq=bwd_block,
+  )
+  return gpu_attention.mha(
+    q_BxLxHxD,
+    k_BxLxHxD,
+    v_BxLxHxD,
+    segment_ids_BxL,
+    sm_scale=scale,
+    block_sizes=block_sizes,
+    interpret=interpret,
+  )
 
 
 def _fit_axes(entry, dim: int, mesh) -> tuple[str, ...]:
@@ -200,14 +244,17 @@ def _spec_entry(axes: tuple[str, ...]):
   return axes[0] if len(axes) == 1 else axes
 
 
-def _run_kernel(implementation, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *,
-                scale: float, interpret: bool):
+def _run_kernel(
+  implementation, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: float, interpret: bool
+):
   platform = _platform()
   needs = {'splash': ('tpu',), 'pallas_gpu': ('gpu', 'cuda', 'rocm')}[implementation]
   if not interpret and platform not in needs:
-    raise ValueError(f'attention implementation {implementation!r} needs a {needs[0].upper()}, '
-                     f'but the backend is {platform!r}; use implementation=\'xla\', or '
-                     f'interpret=True (slow, for tests)')
+    raise ValueError(
+      f'attention implementation {implementation!r} needs a {needs[0].upper()}, '
+      f"but the backend is {platform!r}; use implementation='xla', or "
+      f'interpret=True (slow, for tests)'
+    )
   kernel = {'splash': _splash_kernel, 'pallas_gpu': _pallas_gpu_kernel}[implementation]
   batch, length, num_heads, _ = q_BxLxHxD.shape
   length_padded = padded_length(length, implementation)
@@ -215,10 +262,9 @@ def _run_kernel(implementation, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL
   if length_padded != length:
     pad = length_padded - length
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (
-        jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
-    segment_ids_BxL = jnp.pad(segment_ids_BxL, ((0, 0), (0, pad)),
-                              constant_values=KERNEL_PAD_ID)
+      jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+    )
+    segment_ids_BxL = jnp.pad(segment_ids_BxL, ((0, 0), (0, pad)), constant_values=KERNEL_PAD_ID)
   fn = functools.partial(kernel, scale=scale, interpret=interpret)
 
   mesh = sharding.current_mesh()
@@ -229,16 +275,28 @@ def _run_kernel(implementation, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL
     qkv_spec = P(_spec_entry(batch_axes), None, _spec_entry(head_axes), None)
     segment_spec = P(_spec_entry(batch_axes), None)
     # Mesh axes absent from the specs compute the same thing on every device along them.
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, segment_spec),
-                       out_specs=qkv_spec, check_vma=False)
+    fn = jax.shard_map(
+      fn,
+      mesh=mesh,
+      in_specs=(qkv_spec, qkv_spec, qkv_spec, segment_spec),
+      out_specs=qkv_spec,
+      check_vma=False,
+    )
 
   out_BxLxHxD = fn(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL)
   return out_BxLxHxD[:, :length]
 
 
-def dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *,
-                          implementation: str = 'xla', scale: float | None = None,
-                          interpret: bool = False):
+def dot_product_attention(
+  q_BxLxHxD,
+  k_BxLxHxD,
+  v_BxLxHxD,
+  segment_ids_BxL,
+  *,
+  implementation: str = 'xla',
+  scale: float | None = None,
+  interpret: bool = False,
+):
   """Segment-masked attention. `scale` defaults to 1/sqrt(head_dim).
 
   `interpret=True` runs the Pallas kernels ('splash', 'pallas_gpu') in Pallas interpret mode, on
@@ -253,7 +311,15 @@ def dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *,
   if implementation == 'cudnn':
     return cudnn_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, scale=scale)
   if implementation in KERNEL_IMPLEMENTATIONS:
-    return _run_kernel(implementation, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL,
-                       scale=scale, interpret=interpret)
-  raise ValueError(f'attention implementation {implementation!r} is unknown; '
-                   f'choose one of {IMPLEMENTATIONS}')
+    return _run_kernel(
+      implementation,
+      q_BxLxHxD,
+      k_BxLxHxD,
+      v_BxLxHxD,
+      segment_ids_BxL,
+      scale=scale,
+      interpret=interpret,
+    )
+  raise ValueError(
+    f'attention implementation {implementation!r} is unknown; choose one of {IMPLEMENTATIONS}'
+  )

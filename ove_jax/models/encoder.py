@@ -16,6 +16,7 @@ the converter permutes to the release's Conv2d (C, 3, 14, 14) layout.
 Every parameter carries logical axis names (see `ove_jax.sharding`); a rules table maps them
 onto the mesh. Parameters are float32; `dtype` sets the compute dtype (bfloat16 for training).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,14 +42,14 @@ from ove_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 # name: (width, depth, heads, mlp_dim). head_dim is 64 in every size: the 4:6:6 RoPE split needs
 # head_dim / 2 divisible by 16.
 PRESETS = {
-    'tiny': (128, 2, 2, 512),
-    'small': (384, 12, 6, 1536),
-    'base': (768, 12, 12, 3072),
-    'large': (1024, 24, 16, 4096),
-    'huge': (1280, 32, 20, 5120),
-    # huge's shape at a CPU-sized width, for experiments/huge.py:smoke: head_dim 64, MLP 4x,
-    # depth / width as huge's 32 / 1280 (rounded up to 4 blocks), scanned as huge is.
-    'huge_smoke': (128, 4, 2, 512),
+  'tiny': (128, 2, 2, 512),
+  'small': (384, 12, 6, 1536),
+  'base': (768, 12, 12, 3072),
+  'large': (1024, 24, 16, 4096),
+  'huge': (1280, 32, 20, 5120),
+  # huge's shape at a CPU-sized width, for experiments/huge.py:smoke: head_dim 64, MLP 4x,
+  # depth / width as huge's 32 / 1280 (rounded up to 4 blocks), scanned as huge is.
+  'huge_smoke': (128, 4, 2, 512),
 }
 
 REMAT_POLICIES = ('none', 'full', 'dots')
@@ -86,23 +87,24 @@ class EncoderConfig:
   patch_size: int = 14
   num_channels: int = 3
   rope_theta: float = 10000.0
-  rope_temporal_size: int = 64   # the virtual frame grid of flat visible indices
-  rope: str = '3d'               # ROPE_VARIANTS; only '3d' exports to the release's format
+  rope_temporal_size: int = 64  # the virtual frame grid of flat visible indices
+  rope: str = '3d'  # ROPE_VARIANTS; only '3d' exports to the release's format
   use_head: bool = True
   layer_norm_eps: float = 1e-6
-  image_size: int = 448          # recorded in exported configs; inputs may have any size
-  dtype: str = 'float32'         # compute dtype; parameters stay float32
-  remat: str = 'none'            # per block: 'none', 'full', or 'dots' (keep matmul outputs)
-  attention: str = 'xla'         # see ove_jax.models.attention.IMPLEMENTATIONS
-  scan_layers: bool = False      # blocks stacked on a leading 'layers' axis, run by one scan
+  image_size: int = 448  # recorded in exported configs; inputs may have any size
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+  remat: str = 'none'  # per block: 'none', 'full', or 'dots' (keep matmul outputs)
+  attention: str = 'xla'  # see ove_jax.models.attention.IMPLEMENTATIONS
+  scan_layers: bool = False  # blocks stacked on a leading 'layers' axis, run by one scan
 
   def __post_init__(self):
     if self.width % self.num_heads:
       raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
     if self.head_dim % 32:
       raise ValueError(
-          f'head_dim = width / num_heads = {self.head_dim}; the 4:6:6 3D RoPE needs head_dim / 2 '
-          'divisible by 16 (use head_dim 64, as every preset does)')
+        f'head_dim = width / num_heads = {self.head_dim}; the 4:6:6 3D RoPE needs head_dim / 2 '
+        'divisible by 16 (use head_dim 64, as every preset does)'
+      )
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat={self.remat!r}; choose one of {REMAT_POLICIES}')
     if self.attention not in IMPLEMENTATIONS:
@@ -132,8 +134,7 @@ class EncoderConfig:
     width, depth, heads, mlp = PRESETS[name]
     if overrides.get('scan_layers') is None:
       overrides['scan_layers'] = name in SCANNED_PRESETS
-    return cls(**{'width': width, 'depth': depth, 'num_heads': heads, 'mlp_dim': mlp,
-                  **overrides})
+    return cls(**{'width': width, 'depth': depth, 'num_heads': heads, 'mlp_dim': mlp, **overrides})
 
 
 def num_params(cfg: EncoderConfig) -> int:
@@ -146,8 +147,9 @@ def num_params(cfg: EncoderConfig) -> int:
   return total
 
 
-def encoder_flops(cfg: EncoderConfig, num_tokens: int, *, num_segments: int = 1,
-                  backward: bool = False) -> int:
+def encoder_flops(
+  cfg: EncoderConfig, num_tokens: int, *, num_segments: int = 1, backward: bool = False
+) -> int:
   """Matmul FLOPs (2 per multiply-add) of the encoder on one row of `num_tokens` tokens.
 
   Forward: 2 x (parameters in matmuls) x L for the patch embedding and the blocks' projections
@@ -164,11 +166,11 @@ def encoder_flops(cfg: EncoderConfig, num_tokens: int, *, num_segments: int = 1,
   flops = 2 * cfg.patch_dim * c * l
   flops += cfg.depth * (2 * (4 * c * c + 2 * c * i) * l + 4 * l * l * c)
   if cfg.use_head:
-    flops += 2 * 2 * c * c * l                  # k and v projections of every token
-    flops += 2 * c * c                          # q projection of the probe
-    flops += 2 * c * l                          # probe . k, all heads, once per row
-    flops += 2 * s * l * c                      # probabilities . v, per segment
-    flops += 2 * s * (c * c + 2 * c * i)        # out projection and MLP, per segment
+    flops += 2 * 2 * c * c * l  # k and v projections of every token
+    flops += 2 * c * c  # q projection of the probe
+    flops += 2 * c * l  # probe . k, all heads, once per row
+    flops += 2 * s * l * c  # probabilities . v, per segment
+    flops += 2 * s * (c * c + 2 * c * i)  # out projection and MLP, per segment
   return 3 * flops if backward else flops
 
 
@@ -176,19 +178,27 @@ def encoder_flops(cfg: EncoderConfig, num_tokens: int, *, num_segments: int = 1,
 # Initialisers with logical axis names
 # ------------------------------------------------------------------------------------------------
 
+
 def _param_init(init, names, rules):
   return nnx.with_partitioning(init, names, sharding_rules=rules)
 
 
-def _dense(cfg, rules, d_in, d_out, names, *, use_bias=True, kernel_init=None, rngs,
-           float32_out=False):
+def _dense(
+  cfg, rules, d_in, d_out, names, *, use_bias=True, kernel_init=None, rngs, float32_out=False
+):
   """A Linear whose inputs are cast to the compute dtype; `float32_out` accumulates and returns
   float32 (bf16 inputs, float32 products: the MAP head's q and k)."""
   return nnx.Linear(
-      d_in, d_out, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-      preferred_element_type=jnp.float32 if float32_out else None,
-      kernel_init=_param_init(kernel_init or nnx.initializers.normal(0.02), names, rules),
-      bias_init=_param_init(nnx.initializers.zeros, names[1:], rules), rngs=rngs)
+    d_in,
+    d_out,
+    use_bias=use_bias,
+    dtype=cfg.compute_dtype,
+    param_dtype=jnp.float32,
+    preferred_element_type=jnp.float32 if float32_out else None,
+    kernel_init=_param_init(kernel_init or nnx.initializers.normal(0.02), names, rules),
+    bias_init=_param_init(nnx.initializers.zeros, names[1:], rules),
+    rngs=rngs,
+  )
 
 
 class LayerNorm(nnx.Module):
@@ -202,10 +212,16 @@ class LayerNorm(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     del rngs
     self.eps = cfg.layer_norm_eps
-    self.scale = nnx.Param(_param_init(nnx.initializers.ones, ('norm',), rules)(
-        jax.random.key(0), (cfg.width,), jnp.float32))
-    self.bias = nnx.Param(_param_init(nnx.initializers.zeros, ('norm',), rules)(
-        jax.random.key(0), (cfg.width,), jnp.float32))
+    self.scale = nnx.Param(
+      _param_init(nnx.initializers.ones, ('norm',), rules)(
+        jax.random.key(0), (cfg.width,), jnp.float32
+      )
+    )
+    self.bias = nnx.Param(
+      _param_init(nnx.initializers.zeros, ('norm',), rules)(
+        jax.random.key(0), (cfg.width,), jnp.float32
+      )
+    )
 
   def __call__(self, x):
     x = x.astype(jnp.float32)
@@ -220,8 +236,11 @@ class RMSNorm(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     del rngs
     self.eps = cfg.layer_norm_eps
-    self.scale = nnx.Param(_param_init(nnx.initializers.ones, ('norm',), rules)(
-        jax.random.key(0), (cfg.width,), jnp.float32))
+    self.scale = nnx.Param(
+      _param_init(nnx.initializers.ones, ('norm',), rules)(
+        jax.random.key(0), (cfg.width,), jnp.float32
+      )
+    )
 
   def __call__(self, x):
     x = x.astype(jnp.float32)
@@ -232,6 +251,7 @@ class RMSNorm(nnx.Module):
 # 3D rotary position embedding (docs/spec.md §1.3; must match the release bit for bit)
 # ------------------------------------------------------------------------------------------------
 
+
 def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
   """Frequencies per axis (t, h, w): 4:6:6 of head_dim / 2, i.e. 8, 12, 12 for head_dim 64."""
   unit = head_dim // 2 // 16
@@ -241,16 +261,18 @@ def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
 def rope_inv_freqs(head_dim: int, theta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   # Each axis is normalised by its own size, and the exponent is k/n (not 2k/n).
   return tuple(
-      1.0 / (jnp.float32(theta) ** (jnp.arange(n, dtype=jnp.float32) / jnp.float32(n)))
-      for n in rope_axis_sizes(head_dim))
+    1.0 / (jnp.float32(theta) ** (jnp.arange(n, dtype=jnp.float32) / jnp.float32(n)))
+    for n in rope_axis_sizes(head_dim)
+  )
 
 
 def rope_angles(positions_BxLx3: jax.Array, head_dim: int, theta: float) -> jax.Array:
   """float32 angles [B, L, head_dim]: concat(t*inv_t, h*inv_h, w*inv_w), duplicated by concat."""
   pos = positions_BxLx3.astype(jnp.float32)
   inv_t, inv_h, inv_w = rope_inv_freqs(head_dim, theta)
-  half = jnp.concatenate([pos[..., 0:1] * inv_t, pos[..., 1:2] * inv_h, pos[..., 2:3] * inv_w],
-                         axis=-1)
+  half = jnp.concatenate(
+    [pos[..., 0:1] * inv_t, pos[..., 1:2] * inv_h, pos[..., 2:3] * inv_w], axis=-1
+  )
   return jnp.concatenate([half, half], axis=-1)
 
 
@@ -294,6 +316,7 @@ def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
 # Blocks
 # ------------------------------------------------------------------------------------------------
 
+
 class SelfAttention(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     self.cfg, self.rules = cfg, rules
@@ -315,8 +338,9 @@ class SelfAttention(nnx.Module):
     k = apply_rope(heads(self.k_proj(x_BxLxC)), cos_BxLxD, sin_BxLxD)
     v = heads(self.v_proj(x_BxLxC))
     o_BxLxHxD = dot_product_attention(q, k, v, segment_ids_BxL, implementation=cfg.attention)
-    o_BxLxC = sharding.constrain(o_BxLxHxD.reshape(b, l, cfg.width),
-                                 ('act_batch', 'act_length', 'act_heads'), self.rules)
+    o_BxLxC = sharding.constrain(
+      o_BxLxHxD.reshape(b, l, cfg.width), ('act_batch', 'act_length', 'act_heads'), self.rules
+    )
     return self.out_proj(o_BxLxC)
 
 
@@ -352,6 +376,7 @@ def _xavier_fused_qkv(width: int):
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -365,15 +390,20 @@ class MAPHead(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     self.cfg, self.rules = cfg, rules
     c = cfg.width
-    self.probe = nnx.Param(_param_init(nnx.initializers.normal(1.0), (None, None, 'embed'), rules)(
-        rngs.params(), (1, 1, c), jnp.float32))
+    self.probe = nnx.Param(
+      _param_init(nnx.initializers.normal(1.0), (None, None, 'embed'), rules)(
+        rngs.params(), (1, 1, c), jnp.float32
+      )
+    )
     xavier = _xavier_fused_qkv(c)
     # q and k come out float32 so that the pooling logits are float32 end to end; v stays in
     # the compute dtype.
-    self.q_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs,
-                         float32_out=True)
-    self.k_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs,
-                         float32_out=True)
+    self.q_proj = _dense(
+      cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs, float32_out=True
+    )
+    self.k_proj = _dense(
+      cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs, float32_out=True
+    )
     self.v_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
     self.out_proj = _dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
     self.norm = RMSNorm(cfg, rules, rngs=rngs)
@@ -388,14 +418,17 @@ class MAPHead(nnx.Module):
     q_1xHxD = self.q_proj(probe_1x1xC).reshape(1, h, d)
     k_BxLxHxD = self.k_proj(x_BxLxC).reshape(b, l, h, d)
     v_BxLxHxD = self.v_proj(x_BxLxC).reshape(b, l, h, d)
-    logits_BxHxL = jnp.einsum('hd,blhd->bhl', q_1xHxD[0], k_BxLxHxD,
-                              preferred_element_type=jnp.float32) * d ** -0.5
+    logits_BxHxL = (
+      jnp.einsum('hd,blhd->bhl', q_1xHxD[0], k_BxLxHxD, preferred_element_type=jnp.float32)
+      * d**-0.5
+    )
     member_BxSxL = segment_ids_BxL[:, None, :] == jnp.arange(1, s + 1)[None, :, None]
     valid_BxS = member_BxSxL.any(-1)
     # An empty segment softmaxes over nothing; let it see everything so values stay finite.
     mask_BxSxL = member_BxSxL | ~valid_BxS[..., None]
-    logits_BxSxHxL = jnp.where(mask_BxSxL[:, :, None, :], logits_BxHxL[:, None],
-                               jnp.finfo(jnp.float32).min)
+    logits_BxSxHxL = jnp.where(
+      mask_BxSxL[:, :, None, :], logits_BxHxL[:, None], jnp.finfo(jnp.float32).min
+    )
     probs = jax.nn.softmax(logits_BxSxHxL, axis=-1).astype(v_BxLxHxD.dtype)
     a_BxSxHxD = jnp.einsum('bshl,blhd->bshd', probs, v_BxLxHxD)
     # The head's residual add in float32, as the blocks'.
@@ -407,6 +440,7 @@ class MAPHead(nnx.Module):
 # The encoder
 # ------------------------------------------------------------------------------------------------
 
+
 def _remat_policy(name):
   return {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
@@ -414,36 +448,44 @@ def _remat_policy(name):
 def _block_fn(cfg: EncoderConfig, *, in_scan: bool):
   """One block's forward, rematerialised by `cfg.remat` (the body of the loop or of the scan;
   a scan body needs no CSE barrier, jax.checkpoint's documented advice)."""
+
   def run_block(block, x, cos, sin, segment_ids):
     return block(x, cos, sin, segment_ids)
+
   if cfg.remat != 'none':
-    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat),
-                          prevent_cse=not in_scan)
+    run_block = nnx.remat(run_block, policy=_remat_policy(cfg.remat), prevent_cse=not in_scan)
   return run_block
 
 
 def stacked_blocks(cfg: EncoderConfig, rules, rngs: nnx.Rngs) -> Block:
   """`cfg.depth` blocks as one Block whose parameters have a leading 'layers' axis (each layer
   drawn from its own split of `rngs`); the axis is unsharded unless `rules` map 'layers'."""
+
   @nnx.split_rngs(splits=cfg.depth)
   @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
   def make(rngs):
     return Block(cfg, rules, rngs=rngs)
+
   return make(rngs)
 
 
-def scan_blocks(cfg: EncoderConfig, blocks: Block, x, cos, sin, segment_ids, *,
-                collect: bool = False):
+def scan_blocks(
+  cfg: EncoderConfig, blocks: Block, x, cos, sin, segment_ids, *, collect: bool = False
+):
   """Runs stacked `blocks` over x with one `nnx.scan`: XLA compiles (and plans the memory of) one
   block whatever the depth. Returns the output and, with `collect`, every block's output
   stacked [depth, ...] (else None)."""
   run_block = _block_fn(cfg, in_scan=True)
 
-  @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=(nnx.Carry, 0),
-            transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  @nnx.scan(
+    in_axes=(0, nnx.Carry, None, None, None),
+    out_axes=(nnx.Carry, 0),
+    transform_metadata={nnx.PARTITION_NAME: 'layers'},
+  )
   def body(block, x, cos, sin, segment_ids):
     y = run_block(block, x, cos, sin, segment_ids)
     return y, (y if collect else None)
+
   return body(blocks, x, cos, sin, segment_ids)
 
 
@@ -456,8 +498,9 @@ class Encoder(nnx.Module):
     rules = self.rules
     no_mesh = sharding.current_mesh() is None
     with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
-      self.patch_embed = _dense(cfg, rules, cfg.patch_dim, cfg.width, ('patch', 'embed'),
-                                use_bias=False, rngs=rngs)
+      self.patch_embed = _dense(
+        cfg, rules, cfg.patch_dim, cfg.width, ('patch', 'embed'), use_bias=False, rngs=rngs
+      )
       self.layernorm_pre = LayerNorm(cfg, rules, rngs=rngs)
       if cfg.scan_layers:
         self.blocks = stacked_blocks(cfg, rules, rngs)
@@ -467,8 +510,15 @@ class Encoder(nnx.Module):
         self.layernorm_post = LayerNorm(cfg, rules, rngs=rngs)
         self.head = MAPHead(cfg, rules, rngs=rngs)
 
-  def __call__(self, patches_BxLxP, positions_BxLx3, segment_ids_BxL=None, *,
-               num_segments: int = 1, return_hidden_states: bool = False) -> dict[str, Any]:
+  def __call__(
+    self,
+    patches_BxLxP,
+    positions_BxLx3,
+    segment_ids_BxL=None,
+    *,
+    num_segments: int = 1,
+    return_hidden_states: bool = False,
+  ) -> dict[str, Any]:
     """Packed forward.
 
     Args:
@@ -485,8 +535,10 @@ class Encoder(nnx.Module):
     cfg = self.cfg
     b, l, p = patches_BxLxP.shape
     if p != cfg.patch_dim:
-      raise ValueError(f'patches have {p} values per token; this encoder expects '
-                       f'{cfg.patch_dim} = {cfg.patch_size}x{cfg.patch_size}x{cfg.num_channels}')
+      raise ValueError(
+        f'patches have {p} values per token; this encoder expects '
+        f'{cfg.patch_dim} = {cfg.patch_size}x{cfg.patch_size}x{cfg.num_channels}'
+      )
     if positions_BxLx3.shape != (b, l, 3):
       raise ValueError(f'positions shape {positions_BxLx3.shape}; expected {(b, l, 3)}')
     if segment_ids_BxL is None:
@@ -499,8 +551,9 @@ class Encoder(nnx.Module):
 
     hidden = [x]
     if cfg.scan_layers:
-      x, outputs_NxBxLxC = scan_blocks(cfg, self.blocks, x, cos, sin, segment_ids_BxL,
-                                       collect=return_hidden_states)
+      x, outputs_NxBxLxC = scan_blocks(
+        cfg, self.blocks, x, cos, sin, segment_ids_BxL, collect=return_hidden_states
+      )
       if return_hidden_states:
         hidden += [outputs_NxBxLxC[n] for n in range(cfg.depth)]
     else:
@@ -522,8 +575,14 @@ class Encoder(nnx.Module):
   # The release's entry point (contract)
   # ----------------------------------------------------------------------------------------------
 
-  def forward_pixels(self, pixel_values, visible_indices=None, patch_positions=None, *,
-                     output_hidden_states: bool = False) -> dict[str, Any]:
+  def forward_pixels(
+    self,
+    pixel_values,
+    visible_indices=None,
+    patch_positions=None,
+    *,
+    output_hidden_states: bool = False,
+  ) -> dict[str, Any]:
     """The released model's forward, in NHWC.
 
     Args:
@@ -543,16 +602,20 @@ class Encoder(nnx.Module):
     if pixel_values.ndim == 4:
       pixel_values = pixel_values[:, None]
     if pixel_values.ndim != 5 or pixel_values.shape[-1] != cfg.num_channels:
-      raise ValueError(f'pixel_values shape {pixel_values.shape}; expected [B, H, W, '
-                       f'{cfg.num_channels}] or [B, T, H, W, {cfg.num_channels}] (channels last)')
+      raise ValueError(
+        f'pixel_values shape {pixel_values.shape}; expected [B, H, W, '
+        f'{cfg.num_channels}] or [B, T, H, W, {cfg.num_channels}] (channels last)'
+      )
     b, t, hgt, wid, _ = pixel_values.shape
     ps = cfg.patch_size
     if hgt % ps or wid % ps:
-      raise ValueError(f'pixel_values are {hgt}x{wid}; height and width must be multiples of the '
-                       f'patch size {ps} (resize or centre-crop first)')
+      raise ValueError(
+        f'pixel_values are {hgt}x{wid}; height and width must be multiples of the '
+        f'patch size {ps} (resize or centre-crop first)'
+      )
     hp, wp = hgt // ps, wid // ps
     n = t * hp * wp
-    patches = patchify(pixel_values, ps)                      # [B, N, P], frame-major order
+    patches = patchify(pixel_values, ps)  # [B, N, P], frame-major order
 
     grid_BxNx3 = jnp.broadcast_to(_grid_positions(t, hp, wp), (b, n, 3))
     positions = grid_BxNx3
@@ -564,31 +627,35 @@ class Encoder(nnx.Module):
       positions = jnp.stack([idx_BxK // plane, (idx_BxK // wp) % hp, idx_BxK % wp], axis=-1)
       if idx_BxK.shape[1] != n:
         if not isinstance(idx_BxK, jax.core.Tracer) and (
-            int(idx_BxK.min()) < 0 or int(idx_BxK.max()) >= n):
+          int(idx_BxK.min()) < 0 or int(idx_BxK.max()) >= n
+        ):
           raise ValueError(
-              f'visible_indices select {idx_BxK.shape[1]} of the {n} input patches, so they must '
-              f'lie in [0, {n - 1}]; got [{int(idx_BxK.min())}, {int(idx_BxK.max())}] (pass '
-              f'all {t} frames of the grid, or as many indices as input patches to only place '
-              'them)')
+            f'visible_indices select {idx_BxK.shape[1]} of the {n} input patches, so they must '
+            f'lie in [0, {n - 1}]; got [{int(idx_BxK.min())}, {int(idx_BxK.max())}] (pass '
+            f'all {t} frames of the grid, or as many indices as input patches to only place '
+            'them)'
+          )
         patches = jnp.take_along_axis(patches, idx_BxK[..., None], axis=1)
     if patch_positions is not None:
       positions = jnp.asarray(patch_positions)
       if positions.shape[:2] != patches.shape[:2] or positions.shape[-1] != 3:
-        raise ValueError(f'patch_positions shape {positions.shape}; expected '
-                         f'{(*patches.shape[:2], 3)} (one (t, h, w) per token)')
+        raise ValueError(
+          f'patch_positions shape {positions.shape}; expected '
+          f'{(*patches.shape[:2], 3)} (one (t, h, w) per token)'
+        )
     out = self(patches, positions, None, num_segments=1, return_hidden_states=output_hidden_states)
-    result = {'last_hidden_state': out['last_hidden_state'],
-              'pooler_output': out['pooled'][:, 0] if cfg.use_head else None}
+    result = {
+      'last_hidden_state': out['last_hidden_state'],
+      'pooler_output': out['pooled'][:, 0] if cfg.use_head else None,
+    }
     if output_hidden_states:
       result['hidden_states'] = out['hidden_states']
     return result
 
 
-
 def _grid_positions(t: int, hp: int, wp: int) -> jax.Array:
   tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(hp), jnp.arange(wp), indexing='ij')
   return jnp.stack([tt, hh, ww], axis=-1).reshape(1, t * hp * wp, 3).astype(jnp.int32)
-
 
 
 def create_encoder(cfg: EncoderConfig, seed: int = 0, *, rules=sharding.DEFAULT_RULES) -> Encoder:

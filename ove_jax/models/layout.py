@@ -11,6 +11,7 @@ training state, or under an optimiser's moments), so a whole train state convert
 Stacking and unstacking only copy values, so a round trip is bit-exact; everything outside
 'blocks' passes through unchanged. Host (numpy) arrays stay numpy, device arrays stay JAX arrays.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -62,14 +63,15 @@ def is_stacked(params: Params) -> bool:
     raise ValueError('no block parameters (paths starting with "blocks") in the parameters')
   unrolled = [_layer_index(p) is not None for p in block_paths]
   if any(unrolled) and not all(unrolled):
-    raise ValueError('the parameters mix the unrolled (blocks/<n>/...) and stacked (blocks/...) '
-                     'layouts')
+    raise ValueError(
+      'the parameters mix the unrolled (blocks/<n>/...) and stacked (blocks/...) layouts'
+    )
   return not unrolled[0]
 
 
 def stack_blocks(params: Params, depth: int) -> dict[tuple, Any]:
   """Unrolled -> stacked: ('blocks', n, *rest) for n < depth -> ('blocks', *rest) [depth, ...]."""
-  per_rest: dict[tuple, dict[int, Any]] = {}   # (prefix, rest) -> layer -> value
+  per_rest: dict[tuple, dict[int, Any]] = {}  # (prefix, rest) -> layer -> value
   out = {}
   for path, value in params.items():
     if not _is_block_path(path):
@@ -84,8 +86,10 @@ def stack_blocks(params: Params, depth: int) -> dict[tuple, Any]:
     if sorted(layers) != list(range(depth)):
       missing = sorted(set(range(depth)) - set(layers)) or sorted(set(layers) - set(range(depth)))
       name = '/'.join(map(str, prefix + ('<n>',) + rest))
-      raise ValueError(f'{name}: layers {sorted(layers)} do not cover 0..{depth - 1} (first '
-                       f'mismatch: {missing[0]}); is depth {depth} the checkpoint\'s own?')
+      raise ValueError(
+        f'{name}: layers {sorted(layers)} do not cover 0..{depth - 1} (first '
+        f"mismatch: {missing[0]}); is depth {depth} the checkpoint's own?"
+      )
     values = [layers[n] for n in range(depth)]
     stack = jnp.stack if any(isinstance(v, jax.Array) for v in values) else np.stack
     out[prefix + rest] = stack(values)
