@@ -1,5 +1,6 @@
-"""What the command lines share: a parser whose errors the caller prints, and `--config.KEY`
-overrides passed through to an experiment.
+"""What the command lines share: a tool's parser built from its console script and docstring
+(`doc_parser`), a parser whose errors the caller prints, parsed flags passed on as keyword
+arguments (`keywords`), and `--config.KEY` overrides passed through to an experiment.
 
 Tools that take an experiment (`ove-sweep`, `ove-aot-memory`) accept the trainer's overrides
 `--config.KEY=VALUE` (or `--config.KEY VALUE`) beside their own flags; argparse does not know
@@ -12,6 +13,9 @@ import argparse
 from typing import Sequence
 
 OVERRIDE_PREFIX = '--config.'
+# What a tool's `--dtype` chooses from: the encoder's compute dtype (parameters stay float32), or
+# the precision an export stores.
+DTYPES = ('float32', 'bfloat16')
 
 
 class UsageError(ValueError):
@@ -58,16 +62,29 @@ def config_overrides(rest: Sequence[str]) -> list[str]:
   return overrides
 
 
-def doc_parser(prog: str, doc: str) -> Parser:
-  """A tool's `Parser`: `prog` its console script, the first paragraph of its docstring the
-  description and the rest, as written, the epilog."""
+def doc_parser(prog: str, doc: str, kind: type[argparse.ArgumentParser] = argparse.ArgumentParser):
+  """A tool's parser: `prog` its console script, the first paragraph of its docstring the
+  description and the rest, as written, the epilog. `kind` is argparse's (a usage error prints
+  the usage and exits with status 2) or `Parser` (it raises `UsageError`, for a main() that
+  prints it)."""
   description, _, epilog = doc.partition('\n\n')
-  return Parser(
+  return kind(
     prog=prog,
     description=description,
     epilog=epilog,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
+
+
+def keywords(args: argparse.Namespace, *names: str) -> dict:
+  """`{name: args.name}` of these flags: parsed values passed on as the library's keyword
+  arguments of the same names, each name written once."""
+  return {name: getattr(args, name) for name in names}
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+  """`--dtype`, one of `DTYPES`."""
+  parser.add_argument('--dtype', default=default, choices=DTYPES, help=help)
 
 
 def main_of(

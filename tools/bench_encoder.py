@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from ove_jax import benchmarks as bench
-from ove_jax import host_runtime, metrics
+from ove_jax import cli, host_runtime, metrics
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
 
@@ -90,12 +90,7 @@ def width_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog='ove-bench-encoder',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  parser = cli.doc_parser('ove-bench-encoder', __doc__)
   presets = list(bench.BENCH_PRESETS) + list(enc.PRESETS)
   parser.add_argument(
     '--preset',
@@ -130,12 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     'the PyTorch step packs them into K / 256 frames)',
   )
   parser.add_argument('--batch', type=int, default=1, help='clips per step (default 1)')
-  parser.add_argument(
-    '--dtype',
-    default='float32',
-    choices=('float32', 'bfloat16'),
-    help='compute dtype; parameters stay float32',
-  )
+  cli.add_dtype_flag(parser, 'float32', 'compute dtype; parameters stay float32')
   parser.add_argument(
     '--attention',
     default='xla',
@@ -186,13 +176,7 @@ def main(argv=None):
     parser.error(error)
   try:
     cfg = bench.encoder_config(
-      args.preset,
-      width=args.width,
-      depth=args.depth,
-      heads=args.heads,
-      mlp_dim=args.mlp_dim,
-      dtype=args.dtype,
-      attention=args.attention,
+      args.preset, **cli.keywords(args, 'width', 'depth', 'heads', 'mlp_dim', 'dtype', 'attention')
     )
     compare_cfgs = [
       bench.encoder_config(
@@ -201,8 +185,7 @@ def main(argv=None):
         depth=args.compare_depth,
         heads=w // 64,
         mlp_dim=4 * w,
-        dtype=args.dtype,
-        attention=args.attention,
+        **cli.keywords(args, 'dtype', 'attention'),
       )
       for w in args.widths
     ] or [cfg]
@@ -284,12 +267,9 @@ def main(argv=None):
     c = bench.compare_with_torch(
       ccfg,
       batch=b,
-      frames=args.frames,
       budget=k,
-      seed=args.seed,
-      warmup=args.warmup,
-      repeats=args.repeats,
       peak=peak,
+      **cli.keywords(args, 'frames', 'seed', 'warmup', 'repeats'),
     )
     comparisons.append(c)
     for name, row in (('JAX', c['jax']), ('PyTorch', c['torch'])):
@@ -334,10 +314,7 @@ def main(argv=None):
       'host_tuning': tuning,
       'config': {
         'preset': args.preset,
-        'width': cfg.width,
-        'depth': cfg.depth,
-        'num_heads': cfg.num_heads,
-        'mlp_dim': cfg.mlp_dim,
+        **{name: getattr(cfg, name) for name in ('width', 'depth', 'num_heads', 'mlp_dim')},
         'num_params': enc.num_params(cfg),
         'dtype': cfg.dtype,
         'attention': cfg.attention,

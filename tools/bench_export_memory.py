@@ -20,12 +20,13 @@ Make a `base`-preset checkpoint on CPU with, e.g.:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+from ove_jax import cli
 
 # Run in the child: `load()` is the variant's code; the rest measures around it.
 _CHILD = r"""
@@ -117,17 +118,14 @@ def measure(workdir: str, source: str, load: str) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='bench_export_memory',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  parser = cli.doc_parser('bench_export_memory', __doc__)
   parser.add_argument('--workdir', required=True, help='a training workdir with a checkpoint')
   parser.add_argument(
     '--old-source',
-    help='a checkout of the code before params-only restores '
-    '(full-state export); omit to measure the params-only export alone',
+    help=(
+      'a checkout of the code before params-only restores '
+      '(full-state export); omit to measure the params-only export alone'
+    ),
   )
   parser.add_argument(
     '--cli',

@@ -20,14 +20,11 @@ import argparse
 import json
 import sys
 
+from ove_jax import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog='ove-bench-kmeans',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  p = cli.doc_parser('ove-bench-kmeans', __doc__)
   p.add_argument('--n', type=int, default=20_000, help='points')
   p.add_argument('--d', type=int, default=64, help='feature dimension')
   p.add_argument('--k', type=int, default=1000, help='centres')

@@ -35,7 +35,6 @@ both shown (CPU time includes every thread, and is the fairer figure on a shared
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import resource
@@ -46,6 +45,7 @@ import av
 import numpy as np
 
 from data_pipeline import codec, synthetic
+from ove_jax import cli
 
 DEFAULT_VARIANTS = (
   'policy=paper',
@@ -90,6 +90,22 @@ def measure(clip, selection, budget: int, min_coverage: float) -> dict:
   )
 
 
+def synthetic_clip(args, i: int):
+  """Synthetic clip `i` of the run (both the quality and the speed runs): 1 to 3 objects, every
+  other clip with a panning camera unless --no-pan."""
+  return synthetic.make_clip(
+    args.seed + i,
+    num_frames=args.source_frames or args.frames,
+    height=args.height,
+    width=args.width,
+    codec=args.codec,
+    bframes=args.bframes,
+    gop=args.gop,
+    num_objects=1 + i % 3,
+    background='pan' if (i % 2 and args.pan) else 'static',
+  )
+
+
 def run(args) -> dict:
   hp = args.resolution // args.patch_size
   budget = args.budget or (args.frames * hp * hp) // 8
@@ -100,17 +116,7 @@ def run(args) -> dict:
   seconds = {name: 0.0 for name in methods}
   base, ceiling = [], []
   for i in range(args.clips):
-    clip = synthetic.make_clip(
-      args.seed + i,
-      num_frames=args.source_frames or args.frames,
-      height=args.height,
-      width=args.width,
-      codec=args.codec,
-      bframes=args.bframes,
-      gop=args.gop,
-      num_objects=1 + i % 3,
-      background='pan' if (i % 2 and args.pan) else 'static',
-    )
+    clip = synthetic_clip(args, i)
     for name, (kind, options) in methods.items():
       tick = time.perf_counter()
       if kind == 'codec':
@@ -202,17 +208,7 @@ def speed(args) -> list[dict]:
   options = parse_variant(args.variant[0]) if args.variant else {}
   clips = [(path.rsplit('/', 1)[-1], path) for path in args.speed]
   for i in range(args.clips):
-    clip = synthetic.make_clip(
-      args.seed + i,
-      num_frames=args.source_frames or args.frames,
-      height=args.height,
-      width=args.width,
-      codec=args.codec,
-      bframes=args.bframes,
-      gop=args.gop,
-      num_objects=1 + i % 3,
-      background='pan' if (i % 2 and args.pan) else 'static',
-    )
+    clip = synthetic_clip(args, i)
     clips.append(
       (f'synthetic {i} ({args.codec}, {args.height}x{args.width}, B {args.bframes})', clip.data)
     )
@@ -289,12 +285,7 @@ def table(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='ove-bench-selection',
-    description=__doc__.split('\n\n')[0],
-    epilog=__doc__.split('\n\n', 1)[1],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
+  parser = cli.doc_parser('ove-bench-selection', __doc__)
   parser.add_argument('--clips', type=int, default=16, help='synthetic clips to run')
   parser.add_argument('--frames', type=int, default=64, help='T, frames on the timeline')
   parser.add_argument(

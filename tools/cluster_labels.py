@@ -51,16 +51,12 @@ import sys
 import time
 
 from data_pipeline import paths
+from ove_jax import cli
 from ove_jax import labels as labels_lib
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog='ove-cluster-labels',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  p = cli.doc_parser('ove-cluster-labels', __doc__)
   src = p.add_argument_group('features (one of)')
   src.add_argument(
     '--features', help='.npy [N, D] or [N, F, D], or .npz with `features` (and optionally `ids`)'
@@ -176,20 +172,13 @@ def run(args) -> dict:
   return labels_lib.make_labels(
     x,
     args.out,
-    k=args.k,
-    num_labels=args.num_labels,
     ids=ids,
     shards=shards,
     shard_records=shard_records,
     source=source,
-    backend=args.backend,
-    init=args.init,
-    iters=args.iters,
-    tol=args.tol,
-    seed=args.seed,
-    chunk=args.chunk,
     mesh=mesh(args.mesh),
     start=start,
+    **cli.keywords(args, 'k', 'num_labels', 'backend', 'init', 'iters', 'tol', 'seed', 'chunk'),
   )
 
 

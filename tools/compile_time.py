@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Sequence
 
+from ove_jax import cli
+
 LAYOUTS = ('scanned', 'unrolled')
 
 
@@ -72,12 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--tokens', type=int, default=1024, help='tokens per row (default 1024)')
   parser.add_argument('--batch', type=int, default=1, help='rows per step (default 1)')
-  parser.add_argument(
-    '--dtype',
-    default='bfloat16',
-    choices=('float32', 'bfloat16'),
-    help='compute dtype (default bfloat16)',
-  )
+  cli.add_dtype_flag(parser, 'bfloat16', 'compute dtype (default bfloat16)')
   parser.add_argument(
     '--remat',
     default='full',

@@ -19,11 +19,12 @@ same pixels). Installed as the console script `ove-convert`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import numpy as np
+
+from ove_jax import cli
 
 
 def _to_hf(args) -> int:
@@ -176,25 +177,24 @@ def _export_flags(p) -> None:
   p.add_argument(
     '--max-shard-size',
     default='5GB',
-    help='above this, weights are written as model-0000i-of-0000n.safetensors shards '
-    'with model.safetensors.index.json (bytes, or e.g. 2GB / 500MB)',
+    help=(
+      'above this, weights are written as model-0000i-of-0000n.safetensors shards '
+      'with model.safetensors.index.json (bytes, or e.g. 2GB / 500MB)'
+    ),
   )
   p.add_argument(
     '--push-to-hub',
     metavar='ORG/NAME',
-    help='after the round-trip check, upload the export to this hub repository '
-    '(needs network and HF_TOKEN or huggingface-cli login)',
+    help=(
+      'after the round-trip check, upload the export to this hub repository '
+      '(needs network and HF_TOKEN or huggingface-cli login)'
+    ),
   )
   p.add_argument('--private', action='store_true', help='with --push-to-hub: a private repository')
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    prog='ove-convert',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  parser = cli.doc_parser('ove-convert', __doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   to_hf = sub.add_parser('to-hf', help='ove_jax (preset or parameters) -> release format')
   src = to_hf.add_mutually_exclusive_group(required=True)
@@ -217,16 +217,16 @@ def main(argv=None) -> int:
     help="the run's workdir (ove-train --workdir=...), its checkpoints folder or one step folder",
   )
   from_train.add_argument('--step', type=int, help='the checkpoint step (default: the latest)')
-  from_train.add_argument(
-    '--dtype', default='float32', choices=('float32', 'bfloat16'), help='the stored precision'
-  )
+  cli.add_dtype_flag(from_train, 'float32', 'the stored precision')
   _export_flags(from_train)
   from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
   from_hf.add_argument(
     '--hf',
     required=True,
-    help='directory with config.json and '
-    'model.safetensors (or shards), or a hub id org/name[@revision]',
+    help=(
+      'directory with config.json and '
+      'model.safetensors (or shards), or a hub id org/name[@revision]'
+    ),
   )
   from_hf.add_argument('--out', required=True, help='the ove_jax parameter directory to write')
   verify = sub.add_parser('verify', help='JAX vs PyTorch port on one release-format directory')

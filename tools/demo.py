@@ -52,17 +52,17 @@ import argparse
 import os
 import sys
 
+from ove_jax import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog='ove-demo',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  parser = cli.doc_parser('ove-demo', __doc__)
   parser.add_argument('--workdir', default='/tmp/ove_demo', help='where everything is written')
   parser.add_argument(
-    '--clips', type=int, default=8, help='synthetic clips of the codec-selection stages (1-3)'
+    '--clips',
+    type=int,
+    default=8,
+    help='synthetic clips of the codec-selection stages (1-3)',
   )
   parser.add_argument(
     '--budget',
@@ -74,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     '--train-steps',
     type=int,
-    default=None,
     help="pretraining steps (default: the experiment's, 300; 20 with --smoke)",
   )
   parser.add_argument(
@@ -86,25 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     '--test-clips',
     type=int,
-    default=None,
     help="held-out clips for the probes' test split (default 96; 8 --smoke)",
   )
   parser.add_argument(
-    '--k',
-    type=int,
-    default=None,
-    help='k-means centres for the clips (default 32; 8 --smoke); images get half',
+    '--k', type=int, help='k-means centres for the clips (default 32; 8 --smoke); images get half'
   )
   parser.add_argument(
     '--probe-seeds',
-    default=None,
     help='probe seeds, comma-separated (default 0: one run of each probe; '
     'the spread the docs give is over demo --seed values)',
   )
   parser.add_argument(
     '--probe-epochs',
     type=int,
-    default=None,
     help='attentive probe epochs (default 30, docs/spec.md §6 for small sets; 2 --smoke)',
   )
   parser.add_argument(
@@ -118,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     '--table',
     nargs='+',
     metavar='SUMMARY',
-    default=None,
     help='print the Markdown table (mean ± std and per-run values) of earlier '
     "runs' summary.json files, e.g. one per --seed, and exit",
   )
@@ -163,17 +155,11 @@ def options(parser: argparse.ArgumentParser, argv=None):
       '(codec, uniform, collage), not all 0'
     )
   opts = demo.Options(
-    workdir=args.workdir,
-    clips=args.clips,
-    budget=args.budget,
-    devices=args.devices,
-    train_steps=args.train_steps,
-    seed=args.seed,
+    **cli.keywords(args, 'workdir', 'clips', 'budget', 'devices', 'train_steps', 'seed', 'smoke'),
     test_clips=args.test_clips or (8 if args.smoke else 96),
     k=args.k or (8 if args.smoke else 32),
     probe_seeds=seeds,
     probe_epochs=args.probe_epochs or (2 if args.smoke else 30),
-    smoke=args.smoke,
     video_modes=modes,
   )
   if opts.test_clips < 2 or opts.k < 2 or opts.probe_epochs < 1 or not opts.probe_seeds:

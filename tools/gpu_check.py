@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Sequence
 
+from ove_jax import cli
+
 
 def _csv(text: str) -> list[str]:
   return [x.strip() for x in text.split(',') if x.strip()]
@@ -136,11 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       presets=a.presets or (('tiny',) if a.tiny else ('base', 'large')),
       implementations=a.paths,
       num_devices=a.devices,
-      classes=a.classes,
-      step_attention=a.step_attention,
-      warmup=a.warmup,
-      steps=a.steps,
-      peak_flops=a.peak_flops,
+      **cli.keywords(a, 'classes', 'step_attention', 'warmup', 'steps', 'peak_flops'),
       fp32_precision=a.fp32_precision,
     )
   except ValueError as e:

@@ -28,6 +28,7 @@ import os
 import sys
 
 from data_pipeline import llava, records, shards
+from ove_jax import cli
 
 
 def json_object(text: str) -> dict:
@@ -80,7 +81,9 @@ def parser() -> argparse.ArgumentParser:
   )
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
   make.add_argument(
-    '--retry-failures', action='store_true', help='try the videos of the failures file again'
+    '--retry-failures',
+    action='store_true',
+    help='try the videos of the failures file again',
   )
   make.add_argument(
     '--task-index',
@@ -115,25 +118,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   if args.command == 'make':
-    settings = llava.Settings(
-      num_frames=args.num_frames,
-      resolution=args.resolution,
-      patch_size=args.patch_size,
-      budget=args.budget,
-      num_images=args.num_images,
-      first_full=not args.no_first_full,
-      image_format=args.image_format,
-    )
+    sizes = ('num_frames', 'resolution', 'patch_size', 'budget', 'num_images', 'image_format')
+    settings = llava.Settings(**cli.keywords(args, *sizes), first_full=not args.no_first_full)
     counts = llava.run(
       args.dataset,
       args.visidx_root,
       args.image_root,
       args.out_jsonl,
       settings,
-      failures=args.failures,
-      retry_failures=args.retry_failures,
-      task_index=args.task_index,
-      num_tasks=args.num_tasks,
+      **cli.keywords(args, 'failures', 'retry_failures', 'task_index', 'num_tasks'),
       **args.options,
     )
     print(json.dumps(counts))

@@ -44,6 +44,8 @@ import json
 import os
 import sys
 
+from ove_jax import cli
+
 # Long enough for an hour of 1080p source (selection reads every frame), short enough that a
 # hung decoder costs minutes, not the run.
 DEFAULT_CLIP_TIMEOUT = 900.0
@@ -63,6 +65,26 @@ def _parse_options(text: str | None) -> dict:
   if not isinstance(options, dict):
     raise SystemExit('--options: must be a JSON object of select() keyword arguments')
   return options
+
+
+# The flags passed to `precompute.precompute` as they are, under the same names.
+RUN_FLAGS = (
+  'clips_per_shard',
+  'num_shards',
+  'workers',
+  'inline_max_bytes',
+  'store_scores',
+  'store_patches',
+  'name',
+  'split',
+  'selector',
+  'reader',
+  'overwrite',
+  'max_shards',
+  'task_index',
+  'num_tasks',
+  'retry_failures',
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,25 +231,11 @@ def main(argv=None) -> int:
       args.inputs,
       args.out_dir,
       options=options,
-      clips_per_shard=args.clips_per_shard,
-      num_shards=args.num_shards,
       shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-      workers=args.workers,
-      inline_max_bytes=args.inline_max_bytes,
-      store_scores=args.store_scores,
-      store_patches=args.store_patches,
-      name=args.name,
-      split=args.split,
       record_format=args.format,
-      selector=args.selector,
-      reader=args.reader,
-      overwrite=args.overwrite,
       progress=not args.no_progress,
-      max_shards=args.max_shards,
       clip_timeout=args.clip_timeout or None,
-      task_index=args.task_index,
-      num_tasks=args.num_tasks,
-      retry_failures=args.retry_failures,
+      **cli.keywords(args, *RUN_FLAGS),
     )
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
     print(f'ove-precompute-codec: {e}', file=sys.stderr)

@@ -27,7 +27,20 @@ import sys
 import time
 
 from data_pipeline import fileio, paths
+from ove_jax import cli
 from ove_jax import probes as probes_lib
+
+# The flags passed to `probes.probe_records` as they are, under the same names.
+PROBE_FLAGS = (
+  'num_frames',
+  'test_fraction',
+  'epochs',
+  'lr',
+  'batch_size',
+  'extract_batch_size',
+  'knn_k',
+  'video_root',
+)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -41,12 +54,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog='ove-probe',
-    description=__doc__.split('\n\n')[0],
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-    epilog=__doc__.split('\n\n', 1)[1],
-  )
+  parser = cli.doc_parser('ove-probe', __doc__)
   parser.add_argument(
     '--checkpoint',
     required=True,
@@ -161,17 +169,10 @@ def run(args) -> dict:
     label=index,
     label_names=names,
     modes=modes,
-    num_frames=args.num_frames,
-    test_fraction=args.test_fraction,
     probes=probes,
-    epochs=args.epochs,
-    lr=args.lr,
-    batch_size=args.batch_size,
-    extract_batch_size=args.extract_batch_size,
-    knn_k=args.knn_k,
     seeds=seeds,
-    video_root=args.video_root,
     log=lambda line: print(line, flush=True),
+    **cli.keywords(args, *PROBE_FLAGS),
   )
   results = {
     'checkpoint': args.checkpoint,

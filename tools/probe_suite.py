@@ -40,7 +40,7 @@ def _ints(text: str | None, flag: str) -> list[int]:
 
 
 def build_parser() -> cli.Parser:
-  parser = cli.doc_parser('ove-probe-suite', __doc__)
+  parser = cli.doc_parser('ove-probe-suite', __doc__, cli.Parser)
   parser.add_argument(
     '--config',
     required=True,
