@@ -1,11 +1,7 @@
 """The end-to-end CPU demo's stages (`ove-demo`): data, codec selection, pipeline, cluster labels,
 pretraining, probes, export. Each stage is a function of the library it shows; `run` chains them
-and returns the summary the command prints and writes.
-
-The teacher of the cluster labels is an ORACLE: no teacher network can be downloaded here (the
-paper's is MetaCLIP-H/14), so each sample's teacher feature embeds the generator's ground truth
-of its object (texture, motion direction, shape; one-hot blocks weighted 1, 0.8, 0.6). The
-student never sees those attributes, only cluster ids.
+and returns the summary the command prints and writes. The cluster labels' oracle teacher is
+`ove_jax.demo_labels`; what a run prints and the table over runs, `ove_jax.demo_report`.
 """
 
 from __future__ import annotations
@@ -62,34 +58,6 @@ class DemoError(RuntimeError):
   def __init__(self, message: str, exit_code: int = 1):
     super().__init__(message)
     self.exit_code = exit_code
-
-
-def oracle_features(attributes):
-  """The demo's teacher: per sample, one-hot blocks of its object's ground truth (texture 1.0,
-  direction 0.8 when the sample has one, shape 0.6), [N, D] float32.
-
-  Stands in for a teacher network's features (the paper clusters MetaCLIP-H/14's). The weights
-  order what k-means splits on first; the cluster ids, not these vectors, are what the student
-  learns from.
-  """
-  from data_pipeline import synthetic
-
-  blocks = (
-    ('texture', len(synthetic.TEXTURES), 1.0),
-    ('direction', len(synthetic.DIRECTIONS), 0.8),
-    ('shape', len(synthetic.SHAPES), 0.6),
-  )
-  rows = []
-  for a in attributes:
-    rows.append(
-      np.concatenate(
-        [
-          np.eye(n, dtype=np.float32)[a[name]] * w if name in a else np.zeros(n, np.float32)
-          for name, n, w in blocks
-        ]
-      )
-    )
-  return np.stack(rows)
 
 
 def find_experiment(name: str = EXPERIMENT) -> str:
@@ -253,64 +221,6 @@ def sharded_vs_single(batch: dict) -> tuple[np.ndarray, dict, float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def cluster_labels(
-  labels_dir: str,
-  train_records: list,
-  video_source: str,
-  image_truth: np.ndarray,
-  k: int,
-  seed: int,
-  say: Callable[[str], None],
-) -> tuple[dict, dict]:
-  """Oracle-teacher cluster labels of the clips (k) and the stills (k / 2) into `labels_dir`
-  (the clips' records rewritten with them): (per kind {k, N, sizes, inertia}, normalised mutual
-  information of the clip clusters with each ground-truth attribute)."""
-  from sklearn.metrics import normalized_mutual_info_score
-
-  from data_pipeline import builtin
-  from ove_jax import labels as labels_lib
-
-  shutil.rmtree(labels_dir, ignore_errors=True)
-  truth = [builtin.video_attributes(r['labels']) for r in train_records]
-  reports = {}
-  for kind, feats, kind_k, shards in (
-    ('video', oracle_features(truth), k, video_source.split(',')),
-    (
-      'image',
-      oracle_features([builtin.image_attributes(row) for row in image_truth]),
-      max(2, k // 2),
-      [],
-    ),
-  ):
-    out = os.path.join(labels_dir, kind)
-    os.makedirs(out)
-    path = os.path.join(out, 'teacher_features.npz')
-    np.savez(path, features=feats)
-    report = labels_lib.make_labels(
-      labels_lib.prepare_features(feats, path),
-      out,
-      k=kind_k,
-      shards=shards,
-      shard_records=labels_lib.read_shards(shards),
-      source=f'--features {path}',
-      backend='sklearn',
-      seed=seed,
-    )
-    sizes = report['sizes']
-    say(
-      f'        {kind}: {report["N"]} samples -> k = {kind_k}, cluster sizes {sizes["min"]} / '
-      f'{sizes["median"]:g} / {sizes["max"]} (min / median / max), '
-      f'{report["iterations"]} iterations'
-    )
-    reports[kind] = {'k': kind_k, 'N': report['N'], 'sizes': sizes, 'inertia': report['inertia']}
-  nearest = np.load(os.path.join(labels_dir, 'video', 'labels.npy'))[:, 0]
-  nmi = {
-    name: round(float(normalized_mutual_info_score([t[name] for t in truth], nearest)), 3)
-    for name in ('texture', 'direction', 'shape')
-  }
-  return reports, nmi
-
-
 def pretrain(config, train_dir: str) -> tuple[list[dict], float]:
   """The trainer on `config` in `train_dir`: (metrics.jsonl lines, seconds)."""
   from absl import logging as absl_logging
@@ -424,7 +334,7 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
   import jax
 
   from data_pipeline import builtin, fileio, synthetic
-  from ove_jax import checkpoint, convert, evaluators, sharding
+  from ove_jax import checkpoint, convert, demo_labels, evaluators, sharding
   from ove_jax import metrics as metrics_lib
   from ove_jax.models import create_encoder
 
@@ -525,7 +435,7 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
     "(the generator's ground truth: no teacher network can be downloaded here)"
   )
   image_truth = np.load(os.path.join(data_root, 'images', 'labels.npy'))
-  reports, nmi = cluster_labels(
+  reports, nmi = demo_labels.cluster_labels(
     labels_dir, train_records, made['video_source'], image_truth, opts.k, opts.seed, say
   )
   say(
@@ -642,78 +552,3 @@ def run(opts: Options, draw, say: Callable[[str], None] = print) -> tuple[dict, 
   if not loss_last < loss_first:
     failed.append(f'the training loss did not fall ({loss_first:.4f} -> {loss_last:.4f})')
   return summary, failed
-
-
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-  """The summary as the demo prints it: every figure, the probe table, where things are."""
-  from ove_jax import evaluators
-
-  lines = ['', 'summary']
-  for key, value in summary.items():
-    if key not in ('probes', 'clusters'):
-      lines.append(f'  {key:42s} {value}')
-  lines.append(
-    f"\nprobe top-1 on the held-out clips' texture (mean ± std over probe seeds "
-    f'{summary["probe_seeds"]}; headline: {HEADLINE_PROBE})'
-  )
-  lines.append(
-    f'  {"encoder":12s} {"inputs":8s} ' + ''.join(f'{p:>16s}' for p in evaluators.PROBES)
-  )
-  for name, modes in summary['probes'].items():
-    for mode, entry in modes.items():
-      lines.append(
-        f'  {name:12s} {mode:8s} '
-        + ''.join(
-          f'{entry[p]["top1"]:>9.3f} ± {entry[p]["top1_std"]:.3f}' for p in evaluators.PROBES
-        )
-      )
-  lines.append(f'\nselection pictures: {", ".join(summary["selection_pictures"].values())}')
-  lines.append(
-    f'TensorBoard logs:   {summary["tensorboard"]}  (tensorboard --logdir {summary["tensorboard"]})'
-  )
-  return lines
-
-
-def seed_figures(summary: dict[str, Any]) -> dict[str, float]:
-  """The figures of one demo run's summary that `seed_table` compares across runs."""
-  out = {
-    'linear probe, pretrained, codec inputs': summary['probe_top1_codec_inputs'],
-    'linear probe, pretrained, uniform frames': summary['probe_top1_uniform_inputs'],
-    'linear probe, random init, codec inputs': summary['probe_top1_codec_inputs_random_init'],
-    'linear probe, random init, uniform frames': summary['probe_top1_uniform_inputs_random_init'],
-  }
-  for probe in ('knn', 'attentive'):
-    for name, mode in PROBE_RUNS:
-      out[f'{probe} probe, {name.replace("_", " ")}, {mode} inputs'] = summary['probes'][name][
-        mode
-      ][probe]['top1']
-  out.update(
-    {
-      'clip clusters vs ground truth (NMI), texture': summary['cluster_nmi']['texture'],
-      'total loss, first logged step': summary['train_loss_first'],
-      'total loss, last logged step': summary['train_loss_last'],
-      'pretraining seconds': summary['train_seconds'],
-      'probe stage seconds': summary['probe_seconds'],
-      'whole demo seconds': summary['seconds'],
-    }
-  )
-  return {k: float(v) for k, v in out.items()}
-
-
-def seed_table(summaries: Sequence[dict[str, Any]]) -> list[str]:
-  """Several demo runs' figures (their summary.json, e.g. one per --seed) as Markdown table
-  lines: per figure, mean ± std (population std over the runs) and each run's value."""
-  figures = [seed_figures(s) for s in summaries]
-  lines = [
-    '| figure | mean ± std | ' + ' | '.join(f'seed {s.get("seed", "?")}' for s in summaries) + ' |',
-    '|---|---|' + '---|' * len(summaries),
-  ]
-  for label in figures[0]:
-    values = np.asarray([f[label] for f in figures])
-    digits = 1 if 'seconds' in label or 'loss' in label else 3
-    lines.append(
-      f'| {label} | {values.mean():.{digits}f} ± {values.std():.{digits}f} | '
-      + ' | '.join(f'{v:.{digits}f}' for v in values)
-      + ' |'
-    )
-  return lines

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ove_jax import demo as demo_lib
+from ove_jax import demo_report
 from ove_jax_tools import demo
 
 
@@ -88,7 +88,7 @@ def test_demo_runs_and_writes_summary(tmp_path, capsys):
   assert summary['torch_port_max_rel_diff'] < 1e-4
 
   # The table over runs: each run's value and mean ± std (two copies: std 0).
-  table = demo_lib.seed_table([summary, dict(summary, seed=1)])
+  table = demo_report.seed_table([summary, dict(summary, seed=1)])
   assert table[0] == '| figure | mean ± std | seed 0 | seed 1 |'
   codec = summary['probe_top1_codec_inputs']
   assert (
@@ -100,7 +100,7 @@ def test_demo_runs_and_writes_summary(tmp_path, capsys):
   )
   capsys.readouterr()
   assert demo.main(['--table', os.path.join(tmp_path, 'summary.json')]) == 0
-  assert capsys.readouterr().out.splitlines() == demo_lib.seed_table([summary])
+  assert capsys.readouterr().out.splitlines() == demo_report.seed_table([summary])
 
 
 def test_seed_table_gives_mean_and_population_std():
@@ -126,7 +126,7 @@ def test_seed_table_gives_mean_and_population_std():
     }
     for seed, top1 in ((0, 0.9), (1, 0.8), (2, 1.0))
   ]
-  table = demo_lib.seed_table(runs)
+  table = demo_report.seed_table(runs)
   assert table[0] == '| figure | mean ± std | seed 0 | seed 1 | seed 2 |'
   assert (
     '| linear probe, pretrained, codec inputs | 0.900 ± 0.082 | 0.900 | 0.800 | 1.000 |' in table

@@ -1,5 +1,5 @@
 """The host settings our command lines apply before JAX starts (ove_jax.host_runtime), and the
-release-style packing of the encoder bench's PyTorch input (ove_jax.benchmarks)."""
+release-style packing of the encoder bench's PyTorch input (ove_jax.torch_comparison)."""
 
 import sys
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.tokens import patchify
-from ove_jax import benchmarks, host_runtime
+from ove_jax import benchmarks, host_runtime, torch_comparison
 
 FLAG = host_runtime.CPU_XLA_FLAGS[0]
 FLAG_NAME = FLAG.split('=', 1)[0]
@@ -65,13 +65,13 @@ def test_release_inputs_pack_patches_into_frames():
   flat = np.stack([np.sort(rng.choice(64 * 256, k, replace=False)) for _ in range(2)])
   g = benchmarks.GRID
   positions = np.stack([flat // (g * g), (flat // g) % g, flat % g], -1)
-  pixels, indices = benchmarks.release_inputs(patches, positions, ps)
+  pixels, indices = torch_comparison.release_inputs(patches, positions, ps)
   assert pixels.shape == (2, 3, 2, 224, 224) and pixels.flags['C_CONTIGUOUS']
   # The release's Conv2d sees frames whose patches, in order, are the K given ones.
   np.testing.assert_array_equal(patchify(pixels.transpose(0, 2, 3, 4, 1), ps), patches)
   np.testing.assert_array_equal(indices, flat)
   with pytest.raises(ValueError, match='multiple of 256'):
-    benchmarks.release_inputs(patches[:, :300], positions[:, :300], ps)
+    torch_comparison.release_inputs(patches[:, :300], positions[:, :300], ps)
 
 
 def test_malloc_waits_for_the_backend_when_asked():

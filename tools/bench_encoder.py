@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 
 from ove_jax import benchmarks as bench
-from ove_jax import cli, host_runtime, metrics
+from ove_jax import cli, host_runtime, metrics, torch_comparison
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
 
@@ -201,7 +201,7 @@ def main(argv=None):
     parser.error(
       '--repeats, --batch, --frames and --compare-depth must be positive, --warmup not negative'
     )
-  torch_note = bench.torch_unavailable(args.skip_torch)
+  torch_note = torch_comparison.torch_unavailable(args.skip_torch)
   if torch_note is None and args.budget % bench.PATCHES_PER_FRAME:
     parser.error(
       f'--budget {args.budget}: the PyTorch step packs the patches into whole frames, '
@@ -264,7 +264,7 @@ def main(argv=None):
   # -- JAX vs PyTorch, per width -----------------------------------------------------------------
   comparisons = []
   for ccfg in [] if torch_note else compare_cfgs:
-    c = bench.compare_with_torch(
+    c = torch_comparison.compare_with_torch(
       ccfg,
       batch=b,
       budget=k,

@@ -175,9 +175,9 @@ def options(parser: argparse.ArgumentParser, argv=None):
 
 
 def print_table(paths) -> int:
-  """Prints the seed table of these summary.json files (ove_jax.demo.seed_table)."""
+  """Prints the seed table of these summary.json files (ove_jax.demo_report.seed_table)."""
   from data_pipeline import fileio
-  from ove_jax import demo
+  from ove_jax import demo_report
 
   summaries = []
   for path in paths:
@@ -187,7 +187,7 @@ def print_table(paths) -> int:
       print(f'error: --table: cannot read {path}: {e}', file=sys.stderr)
       return 2
   try:
-    print('\n'.join(demo.seed_table(summaries)))
+    print('\n'.join(demo_report.seed_table(summaries)))
   except KeyError as e:
     print(
       f'error: --table: a summary lacks {e} (written by an older demo?); rerun it', file=sys.stderr
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
   if args.table:
     return print_table(args.table)
   opts = options(parser, argv)
-  from ove_jax import demo, distributed
+  from ove_jax import demo, demo_report, distributed
 
   distributed.use_cpu_devices(opts.devices)
   from data_pipeline import pictures
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
   except demo.DemoError as e:
     print(f'{"config error" if e.exit_code == 2 else "error"}: {e}', file=sys.stderr)
     return e.exit_code
-  print('\n'.join(demo.summary_lines(summary)))
+  print('\n'.join(demo_report.summary_lines(summary)))
   print(f'wrote {os.path.join(os.path.abspath(opts.workdir), "summary.json")}')
   for failure in failed:
     print(f'error: {failure}', file=sys.stderr)
