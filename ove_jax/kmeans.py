@@ -308,43 +308,44 @@ def _check_points(x_NxD, k: int) -> np.ndarray:
   return x
 
 
-def fit(
-  x_NxD,
-  k: int,
-  *,
-  init: str | np.ndarray = 'k-means++',
-  iters: int = 100,
-  tol: float = 1e-4,
-  seed: int = 0,
-  spherical: bool = False,
-  chunk: int | None = None,
-) -> KMeans:
+@dataclasses.dataclass(frozen=True)
+class FitSettings:
+  """The Lloyd settings every k-means `fit` takes as keyword arguments (this module's,
+  `kmeans_backends.fit` and `kmeans_multiprocess.fit`): one home for their names and defaults."""
+
+  # 'k-means++' (on a subsample of at most PLUSPLUS_SAMPLE points), 'random' (k distinct points)
+  # or a [k, D] array used as given (normalised when spherical).
+  init: str | np.ndarray = 'k-means++'
+  iters: int = 100  # at most this many Lloyd iterations
+  # Stop when the total squared centre shift is <= tol * mean feature variance (sklearn's rule).
+  tol: float = 1e-4
+  seed: int = 0  # of the initialisation
+  spherical: bool = False  # cosine k-means on L2-normalised points and centres
+
+
+def fit(x_NxD, k: int, *, chunk: int | None = None, **settings) -> KMeans:
   """Lloyd k-means of the rows of `x_NxD`; sharded over the mesh when one is set.
 
   Args:
     x_NxD: the points (host array; they are sharded by row over the devices).
     k: number of centres.
-    init: 'k-means++' (on a subsample of at most PLUSPLUS_SAMPLE points), 'random' (k distinct
-      points) or a [k, D] array used as given (normalised when spherical).
-    iters: at most this many Lloyd iterations.
-    tol: stop when the total squared centre shift is <= tol * mean feature variance (sklearn).
-    seed: of the initialisation.
-    spherical: cosine k-means on L2-normalised points and centres.
     chunk: points scored at once (all devices together); each device holds a
       [chunk, k / devices] buffer. Default: 2M elements per device on CPU, 64M elsewhere.
+    settings: init, iters, tol, seed, spherical: see `FitSettings`.
   """
+  s = FitSettings(**settings)
   x = _check_points(x_NxD, k)
-  if spherical:
+  if s.spherical:
     x = l2_normalise(x)
-  centres0 = initial_centres(x, k, init, seed, spherical)
-  threshold = float(tol * np.mean(np.var(x, axis=0)))
+  centres0 = initial_centres(x, k, s.init, s.seed, s.spherical)
+  threshold = float(s.tol * np.mean(np.var(x, axis=0)))
   with _mesh_scope():
     lay = layout(len(x), k, chunk)
     xs, valid, order = put_points(x, lay)
     centres = put_centres(centres0, lay)
     prev, reseeded, converged, it = None, 0, False, 0
-    for it in range(1, iters + 1):  # noqa: B007 (the pass count is reported after the loop)
-      new, counts, labels, dists, _, shift = lloyd_pass(xs, valid, centres, lay, spherical)
+    for it in range(1, s.iters + 1):  # noqa: B007 (the pass count is reported after the loop)
+      new, counts, labels, dists, _, shift = lloyd_pass(xs, valid, centres, lay, s.spherical)
       empty = np.flatnonzero(np.asarray(counts)[:k] == 0)
       if len(empty):
         # The shift counts a re-seeded centre's jump too, so a re-seed never looks converged.
@@ -357,7 +358,7 @@ def fit(
         converged = True
         break
       prev = labels
-    _, counts, labels, _, inertia, _ = lloyd_pass(xs, valid, centres, lay, spherical)
+    _, counts, labels, _, inertia, _ = lloyd_pass(xs, valid, centres, lay, s.spherical)
     unpermute = np.empty_like(order)
     unpermute[order] = np.arange(len(order))
     labels_N = np.asarray(labels)[unpermute][: lay.n].astype(np.int32)

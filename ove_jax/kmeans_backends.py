@@ -113,27 +113,20 @@ def _on_gpu(faiss, index):
 
 
 def fit(
-  x_NxD: np.ndarray,
-  k: int,
-  *,
-  backend: str = 'jax',
-  init: str | np.ndarray = 'k-means++',
-  iters: int = 100,
-  tol: float = 1e-4,
-  seed: int = 0,
-  spherical: bool = False,
-  chunk: int | None = None,
+  x_NxD: np.ndarray, k: int, *, backend: str = 'jax', chunk: int | None = None, **settings
 ) -> kmeans.KMeans:
   """Lloyd k-means of the rows of `x_NxD` with `backend` ('jax', 'sklearn' or 'faiss').
 
-  Same arguments as `ove_jax.kmeans.fit` (chunk: JAX only; tol: not faiss, which always runs
-  `iters` updates). The result's inertia is `objective` of its centres; empty_reseeded is -1
-  where the backend does not report it (scikit-learn, faiss).
+  Same arguments as `ove_jax.kmeans.fit` (`kmeans.FitSettings`; chunk: JAX only; tol: not
+  faiss, which always runs `iters` updates). The result's inertia is `objective` of its centres;
+  empty_reseeded is -1 where the backend does not report it (scikit-learn, faiss).
   """
+  s = kmeans.FitSettings(**settings)
+  iters, tol, seed, spherical = s.iters, s.tol, s.seed, s.spherical
   x = unit(x_NxD) if spherical else np.asarray(x_NxD, np.float32)
   if x.ndim != 2 or not 1 <= k <= len(x):
     raise ValueError(f'points of shape {x.shape} and k={k}; expected [N, D] and 1 <= k <= N')
-  c0 = initial_centres(x, k, init, seed, spherical)
+  c0 = initial_centres(x, k, s.init, seed, spherical)
   if backend == 'jax':
     return kmeans.fit(
       x, k, init=c0, iters=iters, tol=tol, seed=seed, spherical=spherical, chunk=chunk

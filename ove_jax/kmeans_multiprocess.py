@@ -102,31 +102,23 @@ def _ring_pass(x, valid, centres, *, k: int, rows: int, spherical: bool, mesh):
   )(x, valid, centres)
 
 
-def fit(
-  local_x_NxD,
-  k: int,
-  *,
-  init: str | np.ndarray = 'k-means++',
-  iters: int = 100,
-  tol: float = 1e-4,
-  seed: int = 0,
-  spherical: bool = False,
-  chunk_rows: int | None = None,
-) -> kmeans.KMeans:
+def fit(local_x_NxD, k: int, *, chunk_rows: int | None = None, **settings) -> kmeans.KMeans:
   """Lloyd k-means over the points of every process (call it on every process, each with its
   own rows; a single process works too).
 
   Args:
     local_x_NxD: this process's points [N_p, D] (N_p may differ between processes, D may not).
     k: number of centres.
-    init: a [k, D] array (the same on every process), or 'k-means++' / 'random' drawn by
-      process 0 from its own points and broadcast.
-    iters, tol, seed, spherical: as `ove_jax.kmeans.fit`.
     chunk_rows: rows of one device scored at once (the visiting block); default: all of them up
       to 2^21 / (k / devices) elements of score buffer.
+    settings: as `ove_jax.kmeans.fit` (`kmeans.FitSettings`), but init: a [k, D] array (the
+      same on every process), or 'k-means++' / 'random' drawn by process 0 from its own points
+      and broadcast.
   Returns: a KMeans whose labels are those of this process's points, in its order; centres,
     sizes and inertia are global.
   """
+  s = kmeans.FitSettings(**settings)
+  init, iters, tol, seed, spherical = s.init, s.iters, s.tol, s.seed, s.spherical
   x = np.asarray(local_x_NxD, np.float32)
   if x.ndim != 2 or x.shape[1] == 0:
     raise ValueError(f'local points of shape {x.shape}; expected [N_p, D > 0]')

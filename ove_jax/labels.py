@@ -218,16 +218,7 @@ def cluster(
       )
     except ImportError as e:
       raise LabelsError(f'--backend faiss: {e}') from None
-    return {
-      'backend': backend,
-      'centres': r.centres,
-      'inertia': r.inertia,
-      'iterations': r.n_iter,
-      'sizes': r.sizes,
-      'empty_reseeded': None,
-      'converged': r.converged,
-      'objective': SPHERICAL_OBJECTIVE,
-    }
+    return _kmeans_result(backend, r, empty_reseeded=None)
   if backend == 'sklearn':
     from sklearn.cluster import KMeans
 
@@ -253,13 +244,18 @@ def cluster(
     r = kmeans.fit(
       x_NxD, k, init=start, iters=iters, tol=tol, seed=seed, spherical=True, chunk=chunk
     )
+  return _kmeans_result(backend, r, empty_reseeded=r.empty_reseeded)
+
+
+def _kmeans_result(backend: str, r, *, empty_reseeded: int | None) -> dict[str, Any]:
+  """`cluster`'s answer from a spherical `ove_jax.kmeans.KMeans` (the JAX or faiss backend)."""
   return {
     'backend': backend,
     'centres': r.centres,
     'inertia': r.inertia,
     'iterations': r.n_iter,
     'sizes': r.sizes,
-    'empty_reseeded': r.empty_reseeded,
+    'empty_reseeded': empty_reseeded,
     'converged': r.converged,
     'objective': SPHERICAL_OBJECTIVE,
   }
@@ -326,19 +322,16 @@ def make_labels(
   shards: Sequence[str] = (),
   shard_records: Sequence[Sequence[dict]] = (),
   source: str = '',
-  backend: str | None = None,
-  init: str = 'k-means++',
-  iters: int = 100,
-  tol: float = 1e-4,
-  seed: int = 0,
   chunk: int | None = None,
   mesh=None,
   start: float | None = None,
+  **cluster_options,
 ) -> dict[str, Any]:
   """Clusters the unit rows `x_NxD`, labels every row with its `num_labels` nearest centres and
   writes labels.npy, centres.npy, ids.npy (with `ids`), report.json and, with `shards`, the
   relabelled records into `out`. Returns the report (`start`: the perf_counter its `seconds`
-  count from; default now)."""
+  count from; default now). `cluster_options` (backend, init, iters, tol, seed) go to `cluster`
+  as they are."""
   import jax
 
   from ove_jax import kmeans
@@ -355,9 +348,7 @@ def make_labels(
   if shards and num_records != n:
     raise LabelsError(f'{num_records} records but {n} feature rows ({source})')
   mesh = mesh or default_mesh()
-  result = cluster(
-    x_NxD, k, backend=backend, init=init, iters=iters, tol=tol, seed=seed, chunk=chunk, mesh=mesh
-  )
+  result = cluster(x_NxD, k, chunk=chunk, mesh=mesh, **cluster_options)
   with jax.set_mesh(mesh):
     labels, _ = kmeans.nearest(
       x_NxD, result['centres'], min(num_labels, k), spherical=True, chunk=chunk

@@ -14,8 +14,7 @@ from data_pipeline import builtin, pipeline, precompute, synthetic, transforms
 from data_pipeline import video as video_lib
 from ove_jax import checkpoint, convert, sweeps, train
 from ove_jax import config as config_lib
-from ove_jax.models import EncoderConfig, create_encoder
-from ove_jax.models import encoder as enc
+from ove_jax.models import EncoderConfig, create_encoder, rope
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = os.path.join(REPO, 'experiments', 'ablations.py')
@@ -44,23 +43,23 @@ def test_rope_default_is_the_release_3d():
   cfg = EncoderConfig.preset('tiny')
   assert cfg.rope == '3d' and config_lib.defaults().model.rope == '3d'
   _, pos = _inputs()
-  cos, sin = enc.rope_tables(jnp.asarray(pos), cfg)
-  angles = enc.rope_angles(jnp.asarray(pos), 64, 10000.0)
+  cos, sin = rope.rope_tables(jnp.asarray(pos), cfg)
+  angles = rope.rope_angles(jnp.asarray(pos), 64, 10000.0)
   np.testing.assert_array_equal(cos, jnp.cos(angles))
   np.testing.assert_array_equal(sin, jnp.sin(angles))
 
 
 def test_rope_1d_is_one_flat_index_over_the_whole_head_dim(sharpen):
   pos = np.array([[[2, 3, 5]]], np.int32)
-  angles = np.asarray(enc.rope_angles_1d(jnp.asarray(pos), 64, 10000.0))[0, 0]
-  index = (2 * enc.ROPE_1D_GRID + 3) * enc.ROPE_1D_GRID + 5
+  angles = np.asarray(rope.rope_angles_1d(jnp.asarray(pos), 64, 10000.0))[0, 0]
+  index = (2 * rope.ROPE_1D_GRID + 3) * rope.ROPE_1D_GRID + 5
   half = index / 10000.0 ** (np.arange(32) / 32)
   np.testing.assert_allclose(angles, np.concatenate([half, half]), rtol=1e-6)
 
   # (0, 1, 0) and (0, 0, G) flatten to the same index: the same output under '1d', not '3d'.
   patches, positions = _inputs()
   other = positions.copy()
-  positions[0, 0], other[0, 0] = (0, 1, 0), (0, 0, enc.ROPE_1D_GRID)
+  positions[0, 0], other[0, 0] = (0, 1, 0), (0, 0, rope.ROPE_1D_GRID)
   one_d, three_d = _model('1d', sharpen), _model('3d', sharpen)
   np.testing.assert_array_equal(call(one_d, patches, positions), call(one_d, patches, other))
   assert not np.allclose(

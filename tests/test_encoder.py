@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from ove_jax.models import EncoderConfig, create_encoder, num_params, patchify
+from ove_jax.models import EncoderConfig, create_encoder, num_params, patchify, rope
 from ove_jax.models import encoder as enc
 
 TINY = EncoderConfig.preset('tiny')
@@ -36,7 +36,7 @@ def _rng(seed=0):
 
 
 def test_rope_frequencies_follow_spec():
-  inv_t, inv_h, inv_w = (np.asarray(f) for f in enc.rope_inv_freqs(64, 10000.0))
+  inv_t, inv_h, inv_w = (np.asarray(f) for f in rope.rope_inv_freqs(64, 10000.0))
   assert (inv_t.size, inv_h.size, inv_w.size) == (8, 12, 12)
   np.testing.assert_allclose(inv_t, 10000.0 ** (-np.arange(8) / 8), rtol=1e-6)
   np.testing.assert_allclose(inv_h, 10000.0 ** (-np.arange(12) / 12), rtol=1e-6)
@@ -45,7 +45,7 @@ def test_rope_frequencies_follow_spec():
 
 def test_rope_angles_layout_concat_not_interleave():
   pos = jnp.array([[[3, 5, 7]]])
-  a = np.asarray(enc.rope_angles(pos, 64, 10000.0))[0, 0]
+  a = np.asarray(rope.rope_angles(pos, 64, 10000.0))[0, 0]
   half = np.concatenate(
     [
       3 * 10000.0 ** (-np.arange(8) / 8),
@@ -60,7 +60,7 @@ def test_rope_rotates_adjacent_pairs_elementwise():
   rng = _rng(1)
   x = rng.randn(1, 1, 1, 64).astype(np.float32)
   angles = rng.uniform(-3, 3, size=(1, 1, 64)).astype(np.float32)
-  out = np.asarray(enc.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles)))[0, 0, 0]
+  out = np.asarray(rope.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles)))[0, 0, 0]
   c, s, x = np.cos(angles[0, 0]), np.sin(angles[0, 0]), x[0, 0, 0]
   expect = np.empty(64, np.float32)
   expect[0::2] = x[0::2] * c[0::2] - x[1::2] * s[0::2]
@@ -73,8 +73,8 @@ def test_image_positions_leave_temporal_channels_unrotated():
   rng = _rng(2)
   x = jnp.asarray(rng.randn(1, 6, 2, 64).astype(np.float32))
   pos = jnp.asarray(np.stack([np.zeros(6), rng.randint(0, 16, 6), rng.randint(0, 16, 6)], -1)[None])
-  angles = enc.rope_angles(pos, 64, 10000.0)
-  out = enc.apply_rope(x, jnp.cos(angles), jnp.sin(angles))
+  angles = rope.rope_angles(pos, 64, 10000.0)
+  out = rope.apply_rope(x, jnp.cos(angles), jnp.sin(angles))
   temporal = np.r_[0:8, 32:40]
   np.testing.assert_array_equal(np.asarray(out)[..., temporal], np.asarray(x)[..., temporal])
   spatial = np.r_[8:32, 40:64]

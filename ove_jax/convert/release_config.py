@@ -101,8 +101,8 @@ class OVEncoderConfig:
     model_type = d.get('model_type')
     if model_type is not None and model_type != MODEL_TYPE:
       raise ValueError(
-        f'{where} has model_type {model_type!r}, expected {MODEL_TYPE!r}; this '
-        'is not a OneVision-Encoder config'
+        f'{where} has model_type {model_type!r}, '
+        f'expected {MODEL_TYPE!r}; this is not a OneVision-Encoder config'
       )
     missing = [k for k in REQUIRED_KEYS if k not in d]
     if missing:

@@ -38,6 +38,16 @@ from ove_jax.evaluators import attentive
 from ove_jax.evaluators.features import extract
 
 EVAL_SEED = 0x5EED  # the per-clip draws of evaluation samples (interventions): fixed
+# The ProtocolConfig fields every probe of a run trains with, as they are (AttentiveConfig's).
+PROBE_SETTINGS = (
+  'epochs',
+  'batch_size',
+  'end_learning_rate',
+  'weight_decay',
+  'label_smoothing',
+  'clip_norm',
+  'init_scale',
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +82,10 @@ class ProtocolConfig:
       raise ValueError(f'val_fraction={self.val_fraction}: must be in (0, 1)')
 
   def attentive(self, learning_rate: float, seed: int) -> attentive.AttentiveConfig:
-    return attentive.AttentiveConfig(
-      epochs=self.epochs,
-      batch_size=self.batch_size,
-      learning_rate=learning_rate,
-      end_learning_rate=self.end_learning_rate,
-      weight_decay=self.weight_decay,
-      label_smoothing=self.label_smoothing,
-      clip_norm=self.clip_norm,
-      seed=seed,
-      init_scale=self.init_scale,
-    )
+    """One probe's training settings: these settings, at one learning rate and seed (the
+    probe's own val_fraction stays its default: the protocol holds out clips, not features)."""
+    shared = {name: getattr(self, name) for name in PROBE_SETTINGS}
+    return attentive.AttentiveConfig(learning_rate=learning_rate, seed=seed, **shared)
 
 
 def clip_features(

@@ -34,6 +34,7 @@ redundantly, replicated). The xla, jax and cudnn paths are left to XLA's partiti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -165,16 +166,9 @@ def _splash_kernel(
 
   _, length, num_heads, _ = q_BxLxHxD.shape
   block = _splash_block(length)
-  block_sizes = splash.BlockSizes(
-    block_q=block,
-    block_kv=block,
-    block_kv_compute=block,
-    block_q_dkv=block,
-    block_kv_dkv=block,
-    block_kv_dkv_compute=block,
-    block_q_dq=block,
-    block_kv_dq=block,
-  )
+  # One block size for every pass (forward, dK/dV, dQ): each of the kernel's block_* fields.
+  fields = dataclasses.fields(splash.BlockSizes)
+  block_sizes = splash.BlockSizes(**{f.name: block for f in fields if f.name.startswith('block_')})
   # Every (query, key) pair is allowed by the static mask; segment ids do all the masking.
   mask = splash.MultiHeadMask([splash.FullMask((length, length))] * num_heads)
   kernel = splash.make_splash_mha(
@@ -203,14 +197,8 @@ def _pallas_gpu_kernel(
   length = q_BxLxHxD.shape[1]
   block = min(GPU_BLOCK, length)
   bwd_block = min(GPU_BWD_BLOCK, length)
-  block_sizes = gpu_attention.BlockSizes(
-    block_q=block,
-    block_k=block,
-    block_q_dkv=bwd_block,
-    block_kv_dkv=bwd_block,
-    block_q_dq=bwd_block,
-    block_kv_dq=bwd_block,
-  )
+  backward = dict.fromkeys(('block_q_dkv', 'block_kv_dkv', 'block_q_dq', 'block_kv_dq'), bwd_block)
+  block_sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, **backward)
   return gpu_attention.mha(
     q_BxLxHxD,
     k_BxLxHxD,

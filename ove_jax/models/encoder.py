@@ -1,7 +1,8 @@
 """The OneVision encoder: a sparse ViT over codec-selected patches with a shared 3D RoPE.
 
-One file, read top to bottom: config and presets, norms, 3D RoPE, attention, MLP, block, the
-MAP pooling head, and the encoder with its two entry points:
+Read top to bottom: config and presets, attention, MLP, block, the MAP pooling head, and the
+encoder with its two entry points (the 3D RoPE is `ove_jax.models.rope`, the Linear and the
+norms `ove_jax.models.layers`):
 
   `Encoder.__call__(patches_BxLxP, positions_BxLx3, segment_ids_BxL, num_segments=S)`
       the native, packed interface the trainer uses. Rows hold several samples; attention stays
@@ -30,10 +31,12 @@ from flax import nnx
 
 # The token contract (CLIP mean/std, patch order, frame placement) has one home, shared with the
 # input pipeline; re-exported here for the model's users.
-from data_pipeline.tokens import CLIP_MEAN, CLIP_STD, patchify  # noqa: E402,F401
+from data_pipeline.tokens import CLIP_MEAN, CLIP_STD, clip_positions, patchify  # noqa: E402,F401
 from data_pipeline.tokens import timeline_to_grid as uniform_frame_times  # noqa: E402,F401
 from ove_jax import sharding
 from ove_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
+from ove_jax.models.layers import LayerNorm, RMSNorm, dense, param_init
+from ove_jax.models.rope import ROPE_VARIANTS, apply_rope, rope_tables
 
 # ------------------------------------------------------------------------------------------------
 # Config and presets
@@ -65,17 +68,6 @@ def with_layers_rule(rules) -> tuple:
   """`rules` as a tuple of pairs, with LAYERS_RULE added when they do not name 'layers'."""
   rules = tuple(tuple(r) for r in rules)
   return rules if any(name == 'layers' for name, _ in rules) else rules + (LAYERS_RULE,)
-
-
-# Position encodings (an ablation knob; '3d' is the release's and the only one it can load):
-#   '3d'    the release's 4:6:6 split of the frequencies over (t, h, w) (docs/spec.md §1.3);
-#   '1d'    each (t, h, w) flattened to one index (t * G + h) * G + w, G = ROPE_1D_GRID, rotated
-#           with frequencies over the whole head dim, as a language model's RoPE;
-#   'none'  no rotation: the encoder sees no positions at all (a bag of patches).
-ROPE_VARIANTS = ('3d', '1d', 'none')
-# Row and frame strides of the '1d' flattening: 32 patches covers a 448-pixel image, the 16 x 16
-# video grid and the 16-wide collage; grids wider than 32 patches would share indices.
-ROPE_1D_GRID = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,144 +167,6 @@ def encoder_flops(
 
 
 # ------------------------------------------------------------------------------------------------
-# Initialisers with logical axis names
-# ------------------------------------------------------------------------------------------------
-
-
-def _param_init(init, names, rules):
-  return nnx.with_partitioning(init, names, sharding_rules=rules)
-
-
-def _dense(
-  cfg, rules, d_in, d_out, names, *, use_bias=True, kernel_init=None, rngs, float32_out=False
-):
-  """A Linear whose inputs are cast to the compute dtype; `float32_out` accumulates and returns
-  float32 (bf16 inputs, float32 products: the MAP head's q and k)."""
-  return nnx.Linear(
-    d_in,
-    d_out,
-    use_bias=use_bias,
-    dtype=cfg.compute_dtype,
-    param_dtype=jnp.float32,
-    preferred_element_type=jnp.float32 if float32_out else None,
-    kernel_init=_param_init(kernel_init or nnx.initializers.normal(0.02), names, rules),
-    bias_init=_param_init(nnx.initializers.zeros, names[1:], rules),
-    rngs=rngs,
-  )
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm computed in float32 (two-pass variance, as PyTorch), output float32.
-
-  As under the release's autocast, where LayerNorm runs and returns float32: the next matmul
-  casts its input to the compute dtype, and the residual stream stays float32 (docs/spec.md
-  §1.2).
-  """
-
-  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
-    del rngs
-    self.eps = cfg.layer_norm_eps
-    self.scale = nnx.Param(
-      _param_init(nnx.initializers.ones, ('norm',), rules)(
-        jax.random.key(0), (cfg.width,), jnp.float32
-      )
-    )
-    self.bias = nnx.Param(
-      _param_init(nnx.initializers.zeros, ('norm',), rules)(
-        jax.random.key(0), (cfg.width,), jnp.float32
-      )
-    )
-
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-
-
-class RMSNorm(nnx.Module):
-  """RMSNorm in float32, output float32 (as LayerNorm)."""
-
-  def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
-    del rngs
-    self.eps = cfg.layer_norm_eps
-    self.scale = nnx.Param(
-      _param_init(nnx.initializers.ones, ('norm',), rules)(
-        jax.random.key(0), (cfg.width,), jnp.float32
-      )
-    )
-
-  def __call__(self, x):
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
-
-
-# ------------------------------------------------------------------------------------------------
-# 3D rotary position embedding (docs/spec.md §1.3; must match the release bit for bit)
-# ------------------------------------------------------------------------------------------------
-
-
-def rope_axis_sizes(head_dim: int) -> tuple[int, int, int]:
-  """Frequencies per axis (t, h, w): 4:6:6 of head_dim / 2, i.e. 8, 12, 12 for head_dim 64."""
-  unit = head_dim // 2 // 16
-  return 4 * unit, 6 * unit, 6 * unit
-
-
-def rope_inv_freqs(head_dim: int, theta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  # Each axis is normalised by its own size, and the exponent is k/n (not 2k/n).
-  return tuple(
-    1.0 / (jnp.float32(theta) ** (jnp.arange(n, dtype=jnp.float32) / jnp.float32(n)))
-    for n in rope_axis_sizes(head_dim)
-  )
-
-
-def rope_angles(positions_BxLx3: jax.Array, head_dim: int, theta: float) -> jax.Array:
-  """float32 angles [B, L, head_dim]: concat(t*inv_t, h*inv_h, w*inv_w), duplicated by concat."""
-  pos = positions_BxLx3.astype(jnp.float32)
-  inv_t, inv_h, inv_w = rope_inv_freqs(head_dim, theta)
-  half = jnp.concatenate(
-    [pos[..., 0:1] * inv_t, pos[..., 1:2] * inv_h, pos[..., 2:3] * inv_w], axis=-1
-  )
-  return jnp.concatenate([half, half], axis=-1)
-
-
-def rope_angles_1d(positions_BxLx3: jax.Array, head_dim: int, theta: float) -> jax.Array:
-  """float32 angles [B, L, head_dim] of the '1d' ablation: one flat index per token over the
-  whole half dim (inv[k] = theta^(-k/half), the 3D axes' normalisation), duplicated by concat."""
-  pos = positions_BxLx3.astype(jnp.float32)
-  index = (pos[..., 0:1] * ROPE_1D_GRID + pos[..., 1:2]) * ROPE_1D_GRID + pos[..., 2:3]
-  half = head_dim // 2
-  inv = 1.0 / (jnp.float32(theta) ** (jnp.arange(half, dtype=jnp.float32) / jnp.float32(half)))
-  a_half = index * inv
-  return jnp.concatenate([a_half, a_half], axis=-1)
-
-
-def rope_tables(positions_BxLx3: jax.Array, cfg: EncoderConfig):
-  """(cos, sin) [B, L, head_dim] float32 of `cfg.rope`, or (None, None) for 'none'."""
-  if cfg.rope == 'none':
-    return None, None
-  angle_fn = rope_angles if cfg.rope == '3d' else rope_angles_1d
-  angles_BxLxD = angle_fn(positions_BxLx3, cfg.head_dim, cfg.rope_theta)
-  return jnp.cos(angles_BxLxD), jnp.sin(angles_BxLxD)
-
-
-def rotate_pairs(x):
-  """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotation of adjacent pairs."""
-  pairs = x.reshape(*x.shape[:-1], -1, 2)
-  return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-
-
-def apply_rope(x_BxLxHxD, cos_BxLxD, sin_BxLxD):
-  if cos_BxLxD is None:  # rope='none'
-    return x_BxLxHxD
-  # The concatenated angles pair two different neighbouring frequencies, so this is not a pure
-  # rotation; the released weights were trained with it, so it is reproduced exactly.
-  cos = cos_BxLxD[:, :, None, :].astype(x_BxLxHxD.dtype)
-  sin = sin_BxLxD[:, :, None, :].astype(x_BxLxHxD.dtype)
-  return x_BxLxHxD * cos + rotate_pairs(x_BxLxHxD) * sin
-
-
-# ------------------------------------------------------------------------------------------------
 # Blocks
 # ------------------------------------------------------------------------------------------------
 
@@ -321,10 +175,10 @@ class SelfAttention(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     self.cfg, self.rules = cfg, rules
     c = cfg.width
-    self.q_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
-    self.k_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
-    self.v_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
-    self.out_proj = _dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
+    self.q_proj = dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
+    self.k_proj = dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
+    self.v_proj = dense(cfg, rules, c, c, ('embed', 'heads'), rngs=rngs)
+    self.out_proj = dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
 
   def __call__(self, x_BxLxC, cos_BxLxD, sin_BxLxD, segment_ids_BxL):
     cfg = self.cfg
@@ -347,8 +201,8 @@ class SelfAttention(nnx.Module):
 class Mlp(nnx.Module):
   def __init__(self, cfg: EncoderConfig, rules, *, rngs: nnx.Rngs):
     self.rules = rules
-    self.fc1 = _dense(cfg, rules, cfg.width, cfg.mlp_dim, ('embed', 'mlp'), rngs=rngs)
-    self.fc2 = _dense(cfg, rules, cfg.mlp_dim, cfg.width, ('mlp', 'embed'), rngs=rngs)
+    self.fc1 = dense(cfg, rules, cfg.width, cfg.mlp_dim, ('embed', 'mlp'), rngs=rngs)
+    self.fc2 = dense(cfg, rules, cfg.mlp_dim, cfg.width, ('mlp', 'embed'), rngs=rngs)
 
   def __call__(self, x):
     h = jax.nn.gelu(self.fc1(x), approximate=False)  # exact (erf) GELU, as released
@@ -391,21 +245,21 @@ class MAPHead(nnx.Module):
     self.cfg, self.rules = cfg, rules
     c = cfg.width
     self.probe = nnx.Param(
-      _param_init(nnx.initializers.normal(1.0), (None, None, 'embed'), rules)(
+      param_init(nnx.initializers.normal(1.0), (None, None, 'embed'), rules)(
         rngs.params(), (1, 1, c), jnp.float32
       )
     )
     xavier = _xavier_fused_qkv(c)
     # q and k come out float32 so that the pooling logits are float32 end to end; v stays in
     # the compute dtype.
-    self.q_proj = _dense(
+    self.q_proj = dense(
       cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs, float32_out=True
     )
-    self.k_proj = _dense(
+    self.k_proj = dense(
       cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs, float32_out=True
     )
-    self.v_proj = _dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
-    self.out_proj = _dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
+    self.v_proj = dense(cfg, rules, c, c, ('embed', 'heads'), kernel_init=xavier, rngs=rngs)
+    self.out_proj = dense(cfg, rules, c, c, ('heads', 'embed'), rngs=rngs)
     self.norm = RMSNorm(cfg, rules, rngs=rngs)
     self.mlp = Mlp(cfg, rules, rngs=rngs)
 
@@ -498,7 +352,7 @@ class Encoder(nnx.Module):
     rules = self.rules
     no_mesh = sharding.current_mesh() is None
     with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
-      self.patch_embed = _dense(
+      self.patch_embed = dense(
         cfg, rules, cfg.patch_dim, cfg.width, ('patch', 'embed'), use_bias=False, rngs=rngs
       )
       self.layernorm_pre = LayerNorm(cfg, rules, rngs=rngs)
@@ -617,7 +471,7 @@ class Encoder(nnx.Module):
     n = t * hp * wp
     patches = patchify(pixel_values, ps)  # [B, N, P], frame-major order
 
-    grid_BxNx3 = jnp.broadcast_to(_grid_positions(t, hp, wp), (b, n, 3))
+    grid_BxNx3 = jnp.broadcast_to(clip_positions(t, hp, wp), (b, n, 3))
     positions = grid_BxNx3
     if visible_indices is not None:
       idx_BxK = jnp.asarray(visible_indices).astype(jnp.int32)
@@ -651,11 +505,6 @@ class Encoder(nnx.Module):
     if output_hidden_states:
       result['hidden_states'] = out['hidden_states']
     return result
-
-
-def _grid_positions(t: int, hp: int, wp: int) -> jax.Array:
-  tt, hh, ww = jnp.meshgrid(jnp.arange(t), jnp.arange(hp), jnp.arange(wp), indexing='ij')
-  return jnp.stack([tt, hh, ww], axis=-1).reshape(1, t * hp * wp, 3).astype(jnp.int32)
 
 
 def create_encoder(cfg: EncoderConfig, seed: int = 0, *, rules=sharding.DEFAULT_RULES) -> Encoder:

@@ -1,0 +1,249 @@
+"""The plan of a sharded precompute run: its inputs, their cut into shards, plan.json, and which
+shards are finished.
+
+`data_pipeline.precompute` (videos) and `data_pipeline.image_precompute` (images) both run a
+plan: `read_inputs` reads the list file or folder, `plan_shards` cuts the shuffled items into
+balanced contiguous shards, `task_shards` says which of them task I of N writes, and `make_plan`
+records all of it with a digest per shard in plan.json. A later run compares its plan with the
+folder's (`plan_changes` names what differs) and skips the shards whose progress marker carries
+their digest (`finished_markers`). The files themselves are `data_pipeline.shards`'.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from data_pipeline import fileio, paths
+from data_pipeline.clip_work import Clip
+from data_pipeline.shards import (
+  FAILURES,
+  PLAN,
+  PROGRESS_DIR,
+  SUMMARY,
+  TFDS_FILES,
+  count_records,
+  marker_path,
+  shard_path,
+)
+
+VIDEO_EXTENSIONS = (
+  '.mp4',
+  '.m4v',
+  '.mkv',
+  '.webm',
+  '.avi',
+  '.mov',
+  '.mpg',
+  '.mpeg',
+  '.ts',
+  '.flv',
+  '.3gp',
+  '.wmv',
+  '.h264',
+  '.264',
+  '.hevc',
+)
+PLAN_VERSION = 1
+
+
+class PlanMismatch(RuntimeError):
+  """The output folder holds shards of a different run (other inputs, options or sharding)."""
+
+
+def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Clip]:
+  """The clips named by a list file or found under a folder.
+
+  List file: one path per line, optionally a tab then label ids separated by commas or spaces;
+  blank lines and lines starting with '#' are skipped; relative paths are relative to the list
+  file's folder. Folder: every file below it (recursively) whose extension is in `extensions`,
+  in sorted order. Paths are made absolute so a record names its source wherever it is read.
+  """
+  source = os.fspath(source)
+  if os.path.isdir(source):
+    found = []
+    wanted = tuple(e.lower() for e in extensions)
+    for root, dirs, files in os.walk(source):
+      dirs.sort()  # os.walk's order is the file system's; sorting makes the list reproducible
+      for name in sorted(files):
+        if name.lower().endswith(wanted):
+          found.append(Clip(os.path.abspath(os.path.join(root, name))))
+    return found
+  if not os.path.isfile(source):
+    raise FileNotFoundError(f'{source}: neither a video list file nor a folder')
+  base = os.path.dirname(os.path.abspath(source))
+  clips = []
+  try:
+    with open(source, encoding='utf-8') as f:
+      lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
+  except UnicodeDecodeError:
+    raise ValueError(
+      f'{source}: not a text list of videos (one path per line); give a list '
+      'file or a folder of videos'
+    ) from None
+  for number, line in enumerate(lines, 1):
+    line = line.rstrip('\r\n')
+    if not line.strip() or line.lstrip().startswith('#'):
+      continue
+    # Paths may hold spaces, so only a tab separates the labels.
+    path, _, label_text = line.partition('\t')
+    labels = None
+    if label_text.strip():
+      try:
+        labels = tuple(int(x) for x in re.split(r'[,\s]+', label_text.strip()))
+      except ValueError:
+        raise ValueError(
+          f'{source}:{number}: label ids must be integers, got {label_text.strip()!r}'
+        ) from None
+    clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
+  return clips
+
+
+def num_shards_for(num_clips: int, clips_per_shard: int) -> int:
+  return max(1, math.ceil(num_clips / max(1, clips_per_shard)))
+
+
+def plan_shards(
+  clips: Sequence[Clip], num_shards: int, shuffle_seed: int | None = 0
+) -> list[list[Clip]]:
+  """Balanced contiguous shards of the clips, after a seeded shuffle (None keeps the order).
+
+  Shuffling at write time matters: grain gives each host a contiguous range of records, and a
+  list sorted by class folder would otherwise hand a host a few classes only.
+  """
+  n = len(clips)
+  if n == 0:
+    raise ValueError('no input clips')
+  num_shards = max(1, min(num_shards, n))  # never an empty shard by construction
+  if shuffle_seed is None:
+    order = np.arange(n)
+  else:
+    order = np.random.default_rng(shuffle_seed).permutation(n)
+  bounds = [i * n // num_shards for i in range(num_shards + 1)]
+  return [[clips[j] for j in order[bounds[i] : bounds[i + 1]]] for i in range(num_shards)]
+
+
+def task_shards(num_shards: int, task_index: int = 0, num_tasks: int = 1) -> list[int]:
+  """The shards task `task_index` of `num_tasks` writes: every num_tasks-th, from its index
+  (interleaved, so tasks that start together share the work evenly even when stopped early)."""
+  if num_tasks < 1 or not 0 <= task_index < num_tasks:
+    raise ValueError(
+      f'task_index={task_index}, num_tasks={num_tasks}: need num_tasks >= 1 and '
+      '0 <= task_index < num_tasks'
+    )
+  return list(range(task_index, num_shards, num_tasks))
+
+
+def check_options(options: Mapping[str, Any], selector: str | None) -> None:
+  """Unknown names and bad values of codec.select fail here, before a pool starts, not once per
+  clip. (A custom selector checks its own options.)"""
+  json.dumps(dict(options))  # options that cannot be recorded in the plan
+  if selector:
+    return
+  from data_pipeline import codec
+
+  # select's own arguments (the grid, and whatever it names besides Options' fields).
+  named = {'num_frames', 'budget', 'resolution', 'patch_size'} | {
+    p.name
+    for p in inspect.signature(codec.select).parameters.values()
+    if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  }
+  codec.Options.from_kwargs({k: v for k, v in options.items() if k not in named})
+
+
+def digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def make_plan(
+  clips: Sequence[Clip],
+  shards: Sequence[Sequence[Clip]],
+  name: str,
+  split: str,
+  shuffle_seed: int | None,
+  common: dict,
+) -> dict:
+  """plan.json: what was asked, with a digest per shard (its clips and the settings)."""
+  shard_digests = [
+    digest({'clips': [[c.path, c.labels] for c in shard], **common}) for shard in shards
+  ]
+  plan = {
+    'version': PLAN_VERSION,
+    'name': name,
+    'split': split,
+    'num_shards': len(shards),
+    'num_clips': len(clips),
+    'shuffle_seed': shuffle_seed,
+    **common,
+    'inputs_digest': digest([[c.path, c.labels] for c in clips]),
+    'shard_digests': shard_digests,
+  }
+  # Compared with the plan.json of an earlier run, so in its JSON form (tuples become lists).
+  return json.loads(json.dumps(plan))
+
+
+def plan_changes(old: dict, new: dict) -> list[str]:
+  """What differs between two plans, in words (the digests change with everything else, so the
+  cause is named instead)."""
+  changed = []
+  for key in sorted(set(new) | set(old)):
+    a, b = old.get(key), new.get(key)
+    if key == 'shard_digests' or a == b:
+      continue
+    if isinstance(a, dict) and isinstance(b, dict):
+      changed += [
+        f'{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}'
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+      ]
+    elif key == 'inputs_digest':
+      changed.append('the input list')
+    else:
+      changed.append(f'{key}: {a!r} -> {b!r}')
+  return changed
+
+
+def clear_outputs(out_dir: str, plan: dict) -> None:
+  """Removes what a previous plan wrote (its shards, markers and metadata), nothing else."""
+  for i in range(plan['num_shards']):
+    for path in [
+      shard_path(out_dir, plan, i),
+      *paths.glob(glob.escape(shard_path(out_dir, plan, i)) + '.tmp*'),
+    ]:
+      paths.remove(path)
+  paths.rmtree(paths.join(out_dir, PROGRESS_DIR))
+  for name in (PLAN, FAILURES, SUMMARY, *TFDS_FILES):
+    paths.remove(paths.join(out_dir, name))
+
+
+def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int, dict]:
+  """The markers of the plan's finished shards: marker of this plan's shard, and its file there
+  (with `verify`, also of the size and record count the marker says)."""
+  out = {}
+  for i, shard_digest in enumerate(plan['shard_digests']):
+    marker = fileio.read_json(marker_path(out_dir, i))
+    path = shard_path(out_dir, plan, i)
+    if marker is None or marker.get('digest') != shard_digest or not paths.exists(path):
+      continue
+    if verify and not intact(path, marker):
+      continue
+    out[i] = marker
+  return out
+
+
+def intact(path: str, marker: dict) -> bool:
+  """Whether a shard file has the size and record count its marker says."""
+  if paths.getsize(path) != marker['num_bytes']:
+    return False
+  try:
+    return count_records(path) == marker['num_records']
+  except Exception:  # pylint: disable=broad-except  -- any reader error: not intact
+    return False
