@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ove_jax import sharding
+from ove_jax.models import cpu_layouts
 
 IMPLEMENTATIONS = ('xla', 'jax', 'cudnn', 'splash', 'pallas_gpu')
 KERNEL_IMPLEMENTATIONS = ('splash', 'pallas_gpu')
@@ -77,28 +78,14 @@ def xla_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segment_ids_BxL, *, scale: fl
     The max is a constant to autodiff (softmax does not depend on it), so the backward pass is
     the flash-attention one: dS = e * (dO / l @ V^T - rowsum(dO * O) / l), one pass over [L, L].
   Masked entries get exp(min - max) = 0; every row keeps its own token, so no row sum is 0.
+  On the CPU backend the backward pass is laid out for XLA:CPU's matmul (cpu_layouts.py).
   """
   q_BxHxLxD, k_BxHxLxD, v_BxHxLxD = (
     x.transpose(0, 2, 1, 3) for x in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
   )
   q_BxHxLxD = q_BxHxLxD * jnp.asarray(scale, q_BxHxLxD.dtype)
-  logits_BxHxLxL = jnp.einsum(
-    'bhqd,bhkd->bhqk', q_BxHxLxD, k_BxHxLxD, preferred_element_type=jnp.float32
-  )
-  logits_BxHxLxL = jnp.where(
-    segment_mask(segment_ids_BxL), logits_BxHxLxL, jnp.finfo(jnp.float32).min
-  )
-  max_BxHxLx1 = jax.lax.stop_gradient(logits_BxHxLxL.max(-1, keepdims=True))
-  e_BxHxLxL = jnp.exp(logits_BxHxLxL - max_BxHxLx1)
-  sum_BxHxLx1 = e_BxHxLxL.sum(-1, keepdims=True)
-  o_BxHxLxD = (
-    jnp.einsum(
-      'bhqk,bhkd->bhqd',
-      e_BxHxLxL.astype(v_BxHxLxD.dtype),
-      v_BxHxLxD,
-      preferred_element_type=jnp.float32,
-    )
-    / sum_BxHxLx1
+  o_BxHxLxD = cpu_layouts.attention_core(
+    q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, segment_mask(segment_ids_BxL)
   )
   return o_BxHxLxD.astype(v_BxLxHxD.dtype).transpose(0, 2, 1, 3)
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ove_jax.models import cpu_layouts
+
 if TYPE_CHECKING:
   from ove_jax.models.encoder import EncoderConfig
 
@@ -33,6 +35,7 @@ def dense(
     dtype=cfg.compute_dtype,
     param_dtype=jnp.float32,
     preferred_element_type=jnp.float32 if float32_out else None,
+    dot_general=cpu_layouts.dot_general,
     kernel_init=param_init(kernel_init or nnx.initializers.normal(0.02), names, rules),
     bias_init=param_init(nnx.initializers.zeros, names[1:], rules),
     rngs=rngs,

@@ -1,0 +1,119 @@
+"""The CPU-laid-out backward passes (ove_jax/models/cpu_layouts.py) against plain autodiff: the
+dense layers, the xla attention with segment masks, and a whole encoder's gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ove_jax import convert
+from ove_jax.models import EncoderConfig, attention, cpu_layouts, create_encoder
+
+
+def _primitives(jaxpr) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          names |= _primitives(sub)
+  return names
+
+
+def _both(make_fn, *args):
+  """(laid out, autodiff): the same function traced twice, once with the layouts switched off."""
+  laid_out = jax.jit(make_fn())(*args)
+  with cpu_layouts.autodiff_layouts():
+    assert not cpu_layouts.enabled()
+    plain = jax.jit(make_fn())(*args)
+  return laid_out, plain
+
+
+def _dense_grad():
+  def loss(kernel, bias, x):
+    y = cpu_layouts.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    return jnp.sum(jnp.sin(y) * y)
+
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def test_layouts_are_on_for_the_cpu_backend_and_really_traced():
+  assert cpu_layouts.enabled()
+  kernel, x = jnp.ones((16, 32)), jnp.ones((2, 7, 16))
+  traced = _primitives(jax.make_jaxpr(_dense_grad())(kernel, jnp.zeros(32), x).jaxpr)
+  assert 'optimization_barrier' in traced
+  with cpu_layouts.autodiff_layouts():
+    plain = _primitives(jax.make_jaxpr(_dense_grad())(kernel, jnp.zeros(32), x).jaxpr)
+  assert 'optimization_barrier' not in plain
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_dense_gradients_equal_autodiff(dtype, tol):
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(rng.standard_normal((48, 96)) * 0.1, dtype)
+  bias = jnp.asarray(rng.standard_normal(96) * 0.1, dtype)
+  x = jnp.asarray(rng.standard_normal((3, 37, 48)), dtype)
+  got, want = _both(_dense_grad, kernel, bias, x)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype == dtype and g.shape == w.shape
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= tol * np.abs(w).max()
+
+
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attention_gradients_equal_autodiff_with_segments(dtype, tol):
+  rng = np.random.default_rng(1)
+  b, l, h, d = 2, 96, 3, 16
+  q, k, v, cot = (jnp.asarray(rng.standard_normal((b, l, h, d)), dtype) for _ in range(4))
+  # Three packed samples and padding in row 0, one sample filling row 1.
+  segments = np.ones((b, l), np.int32)
+  segments[0, 30:70], segments[0, 70:90], segments[0, 90:] = 2, 3, 0
+  segments = jnp.asarray(segments)
+
+  def make():
+    def loss(q, k, v):
+      out = attention.xla_attention(q, k, v, segments, scale=d**-0.5)
+      return jnp.sum(out.astype(jnp.float32) * cot.astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+  (value, grads), (value_ref, grads_ref) = _both(make, q, k, v)
+  np.testing.assert_allclose(value, value_ref, rtol=tol)
+  for g, w in zip(grads, grads_ref):
+    assert g.dtype == w.dtype == dtype
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.abs(g - w).max() <= tol * np.abs(w).max()
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_encoder_gradients_equal_autodiff(scan_layers):
+  cfg = dataclasses.replace(EncoderConfig.preset('tiny'), depth=2, scan_layers=scan_layers)
+  params = convert.model_params(create_encoder(cfg, seed=4))
+  rng = np.random.RandomState(0)
+  patches = jnp.asarray(rng.randn(2, 40, cfg.patch_dim).astype(np.float32))
+  positions = jnp.asarray(rng.randint(0, 8, (2, 40, 3)))
+
+  def make():
+    def loss(model):
+      return jnp.sum(jnp.square(model(patches, positions)['pooled']))
+
+    return lambda model: nnx.grad(loss)(model)
+
+  def grads():
+    model = convert.model_from_params(cfg, params)
+    return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(jax.jit(make())(model))}
+
+  laid_out = grads()
+  with cpu_layouts.autodiff_layouts():
+    plain = grads()
+  assert laid_out.keys() == plain.keys()
+  # Relative to each leaf, plus rounding noise of the whole gradient's scale (the k bias's
+  # gradient is zero in exact arithmetic: softmax does not see a shift of every logit).
+  noise = 1e-6 * max(np.abs(g).max() for g in plain.values())
+  for path, want in plain.items():
+    assert np.abs(laid_out[path] - want).max() <= 1e-5 * np.abs(want).max() + noise, path
