@@ -45,19 +45,9 @@ def defaults() -> ml_collections.ConfigDict:
   # records; label: the label slot; mode: 'codec' or 'uniform' (num_frames frames; 0: the codec
   # budget in frames); the first max_records records, test_fraction of them the probes' test part.
   c.probe_every = 0
-  c.probe = ml_collections.ConfigDict(
-    dict(
-      source='',
-      label=0,
-      probes=('knn', 'linear'),
-      mode='codec',
-      num_frames=0,
-      test_fraction=0.3,
-      max_records=512,
-      batch_size=8,
-      knn_k=20,
-    )
-  )
+  c.probe = ml_collections.ConfigDict(dict(source='', label=0, probes=('knn', 'linear')))
+  c.probe.update(mode='codec', num_frames=0, test_fraction=0.3, max_records=512)
+  c.probe.update(batch_size=8, knn_k=20)
   c.accumulate = 1  # micro-batches per step (gradient accumulation by scan)
   c.peak_flops = 0.0  # per device, for MFU; 0: the device table, or measured on CPU
   c.cpu_devices = 0  # virtual CPU devices per process (CPU only; 0: as started)
@@ -76,15 +66,8 @@ def defaults() -> ml_collections.ConfigDict:
   # tools), TensorBoard, Weights & Biases (pip install 'ove_jax[wandb]'). The wandb_* keys are
   # wandb.init's project, name, entity and mode ('' leaves each to wandb and its WANDB_*
   # environment variables; mode 'offline' keeps the run on disk under <workdir>/wandb).
-  c.metrics = ml_collections.ConfigDict(
-    dict(
-      writers=('jsonl', 'tensorboard'),
-      wandb_project='ove_jax',
-      wandb_name='',
-      wandb_entity='',
-      wandb_mode='',
-    )
-  )
+  c.metrics = ml_collections.ConfigDict(dict(writers=('jsonl', 'tensorboard')))
+  c.metrics.update(wandb_project='ove_jax', wandb_name='', wandb_entity='', wandb_mode='')
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one size may be -1
   # How many TPU slices (or GPU nodes) each axis spans; each divides its axis's size above. The
@@ -94,18 +77,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(initialization_timeout=300, heartbeat_timeout=100))
   c.rules = ()  # ((logical name, mesh axes), ...) overriding sharding.DEFAULT_RULES
 
-  c.model = ml_collections.ConfigDict(
-    dict(
-      preset='tiny',
-      dtype='bfloat16',
-      remat='none',
-      attention='xla',
-      rope_theta=10000.0,
-      rope='3d',  # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
-      scan_layers=None,
-    )
-  )  # blocks through one nnx.scan; None: the preset's default (on for
-  # base/large/huge, off for tiny/small)
+  c.model = ml_collections.ConfigDict(dict(preset='tiny', dtype='bfloat16', remat='none'))
+  c.model.update(attention='xla', rope_theta=10000.0)
+  c.model.rope = '3d'  # '3d' (the release), '1d' or 'none': models.encoder.ROPE_VARIANTS
+  # Blocks through one nnx.scan; None: the preset's default (on for base/large/huge, off for
+  # tiny/small).
+  c.model.scan_layers = None
 
   c.init = ml_collections.ConfigDict(
     dict(
@@ -119,48 +96,23 @@ def defaults() -> ml_collections.ConfigDict:
   )
 
   # Defaults of every head's Partial FC loss (docs/spec.md §4); heads.<name> may override any.
-  c.loss = ml_collections.ConfigDict(
-    dict(
-      sample_rate=0.1,
-      num_slots=8,
-      margin=0.3,
-      scale=64.0,
-      filter_threshold=0.75,
-      sampling_blocks=256,
-      init_std=0.01,
-      positive_headroom=1.0,
-    )
-  )  # room for positives past a class block's quota (x quota)
+  # positive_headroom: room for positives past a class block's quota (x quota).
+  c.loss = ml_collections.ConfigDict(dict(sample_rate=0.1, num_slots=8, margin=0.3, scale=64.0))
+  c.loss.update(filter_threshold=0.75, sampling_blocks=256, init_std=0.01, positive_headroom=1.0)
   c.heads = ml_collections.ConfigDict()  # name -> {num_classes, weight, [loss overrides]}
 
+  # AdamW (ove_jax/optim.py): warmup (steps, or a fraction of total_steps < 1), then decay to
+  # end_lr_fraction of lr; clipping at clip_norm per parameter group.
   c.optim = ml_collections.ConfigDict(
-    dict(
-      lr=1e-3,
-      warmup=0.1,
-      decay='linear',
-      end_lr_fraction=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.05,
-      weight_decay_mask='all',
-      clip_norm=5.0,
-    )
+    dict(lr=1e-3, warmup=0.1, decay='linear', end_lr_fraction=0.0)
   )
+  c.optim.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, weight_decay_mask='all')
+  c.optim.clip_norm = 5.0
 
   # The input pipeline (data_pipeline.pipeline.PipelineConfig); heads' `rows` are GLOBAL rows,
   # divided among the hosts. Sources may name '{builtin:video}' / '{builtin:image}'.
-  c.data = ml_collections.ConfigDict(
-    dict(
-      seed=0,
-      worker_count=2,
-      worker_buffer=2,
-      mixing='all',
-      patch_dtype='float32',
-      local_cache_dir='',
-      heads=ml_collections.ConfigDict(),
-    )
-  )
+  c.data = ml_collections.ConfigDict(dict(seed=0, worker_count=2, worker_buffer=2, mixing='all'))
+  c.data.update(patch_dtype='float32', local_cache_dir='', heads=ml_collections.ConfigDict())
   # Built-in synthetic data (data_pipeline.builtin), generated on first use. `policy` is the codec
   # selection's frame policy (docs/spec.md §2.6: 'paper', 'first_frame', 'zero'); like budget, a
   # value other than the data's needs its own root.
