@@ -232,6 +232,11 @@ class Settings:
   image_format: str = 'jpg'  # 'png' keeps pixels exact (stage2 reads either)
   preset: str = 'release_llava'  # codec.select preset
 
+  def select_options(self) -> dict:
+    """codec.select's keywords for these settings: the model grid and the preset."""
+    names = ('num_frames', 'budget', 'resolution', 'patch_size', 'preset')
+    return {name: getattr(self, name) for name in names}
+
 
 def clip_paths(item: Item, visidx_root: str, image_root: str, s: Settings) -> dict:
   prefix = os.path.join(
@@ -278,15 +283,7 @@ def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **opti
   from data_pipeline.codec import bitstream, geometry
 
   paths = clip_paths(item, visidx_root, image_root, s)
-  sel = codec.select(
-    item.video,
-    num_frames=s.num_frames,
-    budget=s.budget,
-    resolution=s.resolution,
-    patch_size=s.patch_size,
-    preset=s.preset,
-    **options,
-  )
+  sel = codec.select(item.video, **s.select_options(), **options)
   frames = geometry.decode_canvas(item.video, sel.frame_ids, s.resolution, 'letterbox')
   canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size, s.first_full)
   for path, canvas in zip(paths['images'], canvases):

@@ -45,22 +45,13 @@ STUDENT_LABELS = 3
 # Weights of the video modes codec / uniform frames / collage: the release's large run's
 # (data_pipeline/pipeline.py's default; docs/spec.md §3).
 VIDEO_MODES = (0.5, 0.375, 0.125)
+# get_config's arguments (the module docstring says what each does), with their defaults.
+ARGS = dict(smoke=False, steps=0, workers=1, data_root='', clips=0, images=0, student='')
+ARGS.update(codec=VIDEO_MODES[0], uniform=VIDEO_MODES[1], collage=VIDEO_MODES[2])
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(
-    arg,
-    smoke=False,
-    steps=0,
-    workers=1,
-    data_root='',
-    clips=0,
-    images=0,
-    student='',
-    codec=VIDEO_MODES[0],
-    uniform=VIDEO_MODES[1],
-    collage=VIDEO_MODES[2],
-  )
+  a = config_lib.parse_arg(arg, **ARGS)
   modes = (a.codec, a.uniform, a.collage)
   if min(modes) < 0 or sum(modes) <= 0:
     raise config_lib.ConfigError(
@@ -99,25 +90,12 @@ def get_config(arg=None):
 
   c.data.worker_count = a.workers
   c.data.patch_dtype = 'uint8'  # 4x less to move between processes; normalised on the device
-  video = dict(
-    kind='video',
-    source='{builtin:video}',
-    rows=8,
-    tokens_per_row=512,
-    max_segments=1,
-    num_labels=3,
-    video_modes=modes,
-    num_frames=c.builtin.budget // tokens.VIDEO_GRID**2,
-  )
-  image = dict(
-    kind='image',
-    source='{builtin:image}',
-    rows=8,
-    tokens_per_row=256,
-    max_segments=1,
-    num_labels=builtin.IMAGE_LABELS,
-    resolution=224,
-  )
+  # 8 rows of one sample each; clips of 512 patches (or budget / 256 whole frames), images of
+  # 256 tokens (224 x 224).
+  video = dict(kind='video', source='{builtin:video}', rows=8, tokens_per_row=512, max_segments=1)
+  video.update(num_labels=3, video_modes=modes, num_frames=c.builtin.budget // tokens.VIDEO_GRID**2)
+  image = dict(kind='image', source='{builtin:image}', rows=8, tokens_per_row=256, max_segments=1)
+  image.update(num_labels=builtin.IMAGE_LABELS, resolution=224)
   if not a.student:
     # The clips' first three labels (fine, shape, direction); the fourth, texture, is the probe's.
     c.heads.video = config_lib.head(builtin.VIDEO_CLASSES)

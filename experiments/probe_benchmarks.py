@@ -29,36 +29,22 @@ from ove_jax import config as config_lib
 
 # A recipe for ove-probe-suite, not a trainer config (ove_jax.config.load refuses it by name).
 PROBE_SUITE = True
+# get_config's arguments (the module docstring says what each does), with their defaults.
+ARGS = dict(data_root='', name='', train='', test='', root='', num_classes=0, batch_size=0)
+ARGS.update(epochs=0, seeds=3, val_fraction=0.1, smoke=False)
 
 
-def _entry(name, train, test, root, num_classes, batch_size, epochs, lrs):
-  return dict(
-    name=name,
-    train=train,
-    test=test,
-    root=root,
-    num_classes=num_classes,
-    batch_size=batch_size,
-    epochs=epochs,
-    learning_rates=tuple(lrs),
+def _entry(a, name, train, test, num_classes, batch_size, epochs, learning_rates) -> dict:
+  """One set's recipe for ove-probe-suite: its own values where the arguments `a` give none."""
+  own = dict(
+    train=train, test=test, root=None, num_classes=num_classes, batch_size=batch_size, epochs=epochs
   )
+  given = {key: a[key] or value for key, value in own.items()}
+  return dict(name=name, **given, learning_rates=tuple(learning_rates))
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(
-    arg,
-    data_root='',
-    name='',
-    train='',
-    test='',
-    root='',
-    num_classes=0,
-    batch_size=0,
-    epochs=0,
-    seeds=3,
-    val_fraction=0.1,
-    smoke=False,
-  )
+  a = config_lib.parse_arg(arg, **ARGS)
   entries = []
   if a.name and a.name not in benchmarks_lib.BENCHMARKS:
     if not (a.train and a.test and a.num_classes):
@@ -66,34 +52,14 @@ def get_config(arg=None):
         f'probe_benchmarks:name={a.name}: a set of your own needs train=LIST, test=LIST and '
         f"num_classes=N (the paper's sets: {', '.join(benchmarks_lib.BENCHMARKS)})"
       )
-    entries.append(
-      _entry(
-        a.name,
-        a.train,
-        a.test,
-        a.root or None,
-        a.num_classes,
-        a.batch_size or 32,
-        a.epochs or 10,
-        (1e-4,),
-      )
-    )
+    entries.append(_entry(a, a.name, a.train, a.test, a.num_classes, 32, 10, (1e-4,)))
   else:
     names = [a.name] if a.name else list(benchmarks_lib.BENCHMARKS)
     for name in names:
       b = benchmarks_lib.BENCHMARKS[name]
       train, test = b.lists(a.data_root or '.')
       entries.append(
-        _entry(
-          name,
-          a.train or train,
-          a.test or test,
-          a.root or None,
-          a.num_classes or b.num_classes,
-          a.batch_size or b.global_batch_size,
-          a.epochs or b.epochs,
-          b.learning_rates,
-        )
+        _entry(a, name, train, test, b.num_classes, b.global_batch_size, b.epochs, b.learning_rates)
       )
   if a.smoke:
     for e in entries:

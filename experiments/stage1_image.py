@@ -52,36 +52,20 @@ IMAGE_CLASSES = 2_000_000
 # No finished step in this long: stacks of every thread, exit 70 (ove_jax/preemption.py). It
 # covers the restore and the first step's compilation at this size.
 WATCHDOG_SECONDS = 1800.0
+# get_config's arguments (the module docstring says what each does), with their defaults.
+ARGS = dict(smoke=False, paper=False, batch=1024, samples=RELEASE['samples'], steps=0)
+ARGS.update(blocks=1024, workers=8, data_root='')
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(
-    arg,
-    smoke=False,
-    paper=False,
-    batch=1024,
-    samples=RELEASE['samples'],
-    steps=0,
-    blocks=1024,
-    workers=8,
-    data_root='',
-  )
+  a = config_lib.parse_arg(arg, **ARGS)
   c = config_lib.defaults()
   c.model.preset = PAPER['preset'] if a.paper else RELEASE['preset']
   c.model.dtype = 'bfloat16'
-  c.optim.update(
-    dict(
-      lr=RELEASE['lr'],
-      warmup=0.1,
-      decay='linear',
-      end_lr_fraction=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      clip_norm=5.0,
-      weight_decay=PAPER['weight_decay'] if a.paper else RELEASE['weight_decay'],
-    )
-  )
+  # The release's AdamW: 10% linear warmup, then linear decay to 0; clipping at norm 5.
+  c.optim.update(lr=RELEASE['lr'], warmup=0.1, decay='linear', end_lr_fraction=0.0)
+  c.optim.update(b1=0.9, b2=0.999, eps=1e-8, clip_norm=5.0)
+  c.optim.weight_decay = PAPER['weight_decay'] if a.paper else RELEASE['weight_decay']
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
   c.loss.sampling_blocks = a.blocks
   c.total_steps = a.steps or max(1, round(a.samples / a.batch))
@@ -90,17 +74,10 @@ def get_config(arg=None):
   c.watchdog_seconds = WATCHDOG_SECONDS
   c.data.patch_dtype = 'uint8'
   c.heads.image = config_lib.head(IMAGE_CLASSES)
-  c.data.heads.image = dict(
-    kind='image',
-    source='/data/laion-*.array_record',
-    rows=a.batch,
-    tokens_per_row=256,
-    max_segments=1,
-    num_labels=10,
-    resolution=224,
-    crop='random_resized',
-    flip_prob=0.5,
-  )
+  # One image per row at 224 (16 x 16 = 256 tokens); the source is a placeholder (see above).
+  c.data.heads.image = dict(kind='image', source='/data/laion-*.array_record', rows=a.batch)
+  c.data.heads.image.update(tokens_per_row=256, max_segments=1, num_labels=10, resolution=224)
+  c.data.heads.image.update(crop='random_resized', flip_prob=0.5)
   if a.smoke:
     config_lib.cpu_smoke(c, data_root=a.data_root, steps=a.steps or 3)
     c.heads.image = config_lib.head(64)  # built-in labels are 0..28

@@ -81,22 +81,17 @@ WATCHDOG_SECONDS = 1800.0
 # The release's single-node stage 2 (shells/ov_encoder_large_stage2_residual_8gpus.sh).
 RELEASE_PER_GPU = {'image': 8, 'video': 8}
 RELEASE_CENTRES = '%s/ov_encoder_si_8gpus/ov_encoder_si_%%03d.npy'  # % si, then % rank
-ARGS = dict(
-  smoke=False,
-  paper=False,
-  release_single_node=False,
-  si='',
-  gpus=128,
-  fsdp=8,
-  batch=20_480,
-  samples=4e9,
-  steps=0,
-  blocks=1024,
-  init='',
-  heads='fresh',
-  workers=8,
-  data_root='',
-)
+# get_config's arguments (the module docstring says what each does), with their defaults: the
+# variants, the run's size, where it starts, the input.
+ARGS = dict(smoke=False, paper=False, release_single_node=False, si='')
+ARGS.update(gpus=128, fsdp=8, batch=20_480, samples=4e9, steps=0, blocks=1024)
+ARGS.update(init='', heads='fresh', workers=8, data_root='')
+# The placeholder sources of the heads (the module docstring: point them at your records).
+SOURCES = {
+  'image': '/data/laion-*.array_record',
+  'ocr': '/data/ocr-*.array_record',
+  'video': '/data/video-codec-*.array_record',
+}
 
 
 def get_config(arg=None):
@@ -114,19 +109,9 @@ def build(a, *, preset: str):
   c = config_lib.defaults()
   c.model.update(dict(preset=preset, dtype='bfloat16', remat='full'))
   c.init.checkpoint, c.init.heads = a.init, a.heads
-  c.optim.update(
-    dict(
-      lr=1e-4 if a.paper else 5e-5,
-      warmup=1e-4,
-      decay='linear',
-      end_lr_fraction=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.05,
-      clip_norm=5.0,
-    )
-  )
+  # The release's AdamW: warmup over 1e-4 of the steps, then linear decay to 0; clipping at 5.
+  c.optim.update(lr=1e-4 if a.paper else 5e-5, warmup=1e-4, decay='linear', end_lr_fraction=0.0)
+  c.optim.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, clip_norm=5.0)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, a.fsdp, 1
   c.accumulate = a.batch // per_step
   c.total_steps = a.steps or max(1, round(a.samples / a.batch))
@@ -138,40 +123,18 @@ def build(a, *, preset: str):
   c.data.mixing = 'all'
   for name, classes in CLASSES.items():
     c.heads[name] = config_lib.head(classes)
-  rows = {name: n * a.gpus for name, n in PER_GPU.items()}
-  c.data.heads.image = dict(
-    kind='image',
-    source='/data/laion-*.array_record',
-    rows=rows['image'],
-    tokens_per_row=1024,
-    max_segments=1,
-    num_labels=10,
-    resolution=448,
-    crop='random_resized',
-    flip_prob=0.5,
+  for name, n in PER_GPU.items():  # one sample per row in every head
+    c.data.heads[name] = dict(kind=name, source=SOURCES[name], rows=n * a.gpus, max_segments=1)
+  # Images and words at 448 (32 x 32 = 1024 tokens); clips in the video modes codec / uniform /
+  # collage, 8 frames in the uniform and collage modes.
+  c.data.heads.image.update(
+    tokens_per_row=1024, num_labels=10, resolution=448, crop='random_resized', flip_prob=0.5
   )
-  c.data.heads.ocr = dict(
-    kind='ocr',
-    source='/data/ocr-*.array_record',
-    rows=rows['ocr'],
-    tokens_per_row=1024,
-    max_segments=1,
-    num_labels=100,
-    resolution=448,
-    crop='centre',
-    flip_prob=0.0,
+  c.data.heads.ocr.update(
+    tokens_per_row=1024, num_labels=100, resolution=448, crop='centre', flip_prob=0.0
   )
-  c.data.heads.video = dict(
-    kind='video',
-    source='/data/video-codec-*.array_record',
-    rows=rows['video'],
-    tokens_per_row=2048,
-    max_segments=1,
-    num_labels=10,
-    video_modes=(0.5, 0.375, 0.125),
-    num_frames=8,
-    video_root='',
-  )
+  c.data.heads.video.update(tokens_per_row=2048, num_labels=10, num_frames=8, video_root='')
+  c.data.heads.video.video_modes = (0.5, 0.375, 0.125)
   if a.release_single_node:
     release_single_node(c, a, preset)
   if a.smoke:

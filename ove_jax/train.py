@@ -144,16 +144,10 @@ def make_iterator(
 
 
 def encoder_config(config) -> EncoderConfig:
-  m = config.model
-  return EncoderConfig.preset(
-    m.preset,
-    dtype=m.dtype,
-    remat=m.remat,
-    attention=m.attention,
-    rope_theta=m.rope_theta,
-    rope=m.rope,
-    scan_layers=m.scan_layers,
-  )
+  """The encoder of `config.model`: its preset, and every other key of the section (validate
+  allows no others) as that preset's override."""
+  model = config.model.to_dict()
+  return EncoderConfig.preset(model.pop('preset'), **model)
 
 
 class PretrainModel(nnx.Module):
@@ -201,16 +195,7 @@ class Program:
     self.graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
     self.param_shardings = checkpoint.nest(
-      dict(
-        (
-          path,
-          NamedSharding(
-            mesh, sharding.logical_to_spec(var.get_metadata().get('out_sharding') or (), self.rules)
-          ),
-        )
-        for path, var in flat
-      ),
-      key=lambda k: k,
+      {path: self._sharding(var) for path, var in flat}, key=lambda k: k
     )  # int list indices, as nnx.to_pure_dict has them
     abstract_params = nnx.to_pure_dict(abstract_state)
     replicated = NamedSharding(mesh, P())
@@ -222,16 +207,12 @@ class Program:
       self.param_shardings,
       transform_non_params=lambda _: replicated,
     )
-    self.state_shardings = {
-      'params': self.param_shardings,
-      'opt_state': opt_shardings,
-      'step': replicated,
-    }
-    abstract_state_tree = {
-      'params': abstract_params,
-      'opt_state': opt_abstract,
-      'step': jax.ShapeDtypeStruct((), jnp.int32),
-    }
+    self.state_shardings = dict(
+      params=self.param_shardings, opt_state=opt_shardings, step=replicated
+    )
+    abstract_state_tree = dict(
+      params=abstract_params, opt_state=opt_abstract, step=jax.ShapeDtypeStruct((), jnp.int32)
+    )
     self.abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state_tree,
@@ -242,6 +223,11 @@ class Program:
       self._step, out_shardings=(self.state_shardings, replicated), donate_argnums=0
     )
     self.evaluate = jax.jit(self._evaluate, out_shardings=replicated)
+
+  def _sharding(self, var) -> NamedSharding:
+    """Where a parameter lives: its logical axes through the rules onto the mesh."""
+    axes = var.get_metadata().get('out_sharding') or ()
+    return NamedSharding(self.mesh, sharding.logical_to_spec(axes, self.rules))
 
   def _model(self) -> PretrainModel:
     return PretrainModel(
@@ -433,12 +419,8 @@ class Run:
       loop.profiling = False
     if c.eval_every and loop.step % c.eval_every == 0:
       t_eval = time.perf_counter()
-      results = evaluate(
-        self.program,
-        loop.state,
-        make_iterator(c, self.sources, seed_offset=1, worker_count=0, evaluation=True),
-        c,
-      )
+      iterator = make_iterator(c, self.sources, seed_offset=1, worker_count=0, evaluation=True)
+      results = evaluate(self.program, loop.state, iterator, c)
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
       self.watchdog.kick(loop.step)
@@ -535,17 +517,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       run_config=config.to_dict(),
     )
     loop = Loop(state=state, step=start, tick=time.perf_counter(), started=started)
-    run = Run(
-      config,
-      workdir,
-      program,
-      manager,
-      sources,
-      DevicePrefetch(iterator, program.device_batch, config.accumulate),
-      reporter,
-      watchdog,
-      stop,
-    )
+    prefetch = DevicePrefetch(iterator, program.device_batch, config.accumulate)
+    run = Run(config, workdir, program, manager, sources, prefetch, reporter, watchdog, stop)
     try:
       while loop.step < config.total_steps and not run.step(loop):
         pass

@@ -49,60 +49,36 @@ MOVING = 1e-3
 
 # Every preset sets the values below; explicit options given to `select` win over them. The
 # model grid (num_frames, budget, resolution, patch_size) is the caller's: the release's values
-# are in the README table.
+# are in the README table. One column per pipeline (the module docstring names its source); '-'
+# leaves an option to `select`'s default.
+PRESET_NAMES = ('release_train', 'release_probe', 'release_llava')
+# fmt: off
+PRESET_TABLE = (
+  # option                 release_train   release_probe   release_llava
+  ('maths',                'release',      'release',      'release'),
+  ('policy',               'zero_first',   'zero',         'first_frame'),
+  ('camera_compensation',  'none',         'similarity',   'median'),
+  ('motion_inconsistency', 0,              3,              0),
+  ('centre_prior',         0.0,            0.3,            0.0),
+  ('centre_sigma',         '-',            0.35,           '-'),
+  ('fusion',               'mean',         'mean',         'mean'),
+  ('motion_weight',        1.0,            1.0,            1.0),
+  ('residual_weight',      1.0,            1.0,            1.0),
+  ('quantise',             True,           True,           False),
+  ('resample',             'area',         'cubic',        'linear'),
+  ('geometry',             'crop',         'crop',         'letterbox'),
+  ('static_fallback',      False,          True,           False),
+  ('static_test',          '-',            'release',      '-'),
+  ('static_threshold',     '-',            126.0,          '-'),
+  ('static_rel_threshold', '-',            0.38,           '-'),
+  ('static_frames',        '-',            4,              '-'),
+  ('gop',                  16,             16,             None),
+  ('crf',                  23,             23,             '-'),
+)
+# fmt: on
 PRESETS = {
-  'release_train': dict(
-    maths='release',
-    policy='zero_first',
-    camera_compensation='none',
-    motion_inconsistency=0,
-    centre_prior=0.0,
-    fusion='mean',
-    motion_weight=1.0,
-    residual_weight=1.0,
-    quantise=True,
-    resample='area',
-    geometry='crop',
-    static_fallback=False,
-    gop=16,
-    crf=23,
-  ),
-  'release_probe': dict(
-    maths='release',
-    policy='zero',
-    camera_compensation='similarity',
-    motion_inconsistency=3,
-    centre_prior=0.3,
-    centre_sigma=0.35,
-    fusion='mean',
-    motion_weight=1.0,
-    residual_weight=1.0,
-    quantise=True,
-    resample='cubic',
-    geometry='crop',
-    static_fallback=True,
-    static_test='release',
-    static_threshold=126.0,
-    static_rel_threshold=0.38,
-    static_frames=4,
-    gop=16,
-    crf=23,
-  ),
-  'release_llava': dict(
-    maths='release',
-    policy='first_frame',
-    camera_compensation='median',
-    motion_inconsistency=0,
-    centre_prior=0.0,
-    fusion='mean',
-    motion_weight=1.0,
-    residual_weight=1.0,
-    quantise=False,
-    resample='linear',
-    geometry='letterbox',
-    static_fallback=False,
-    gop=None,
-  ),
+  name: {option: values[i] for option, *values in PRESET_TABLE if values[i] != '-'}
+  for i, name in enumerate(PRESET_NAMES)
 }
 
 
