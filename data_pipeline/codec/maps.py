@@ -12,6 +12,10 @@ vector where no vector was coded.
 Vectors are expressed per frame of temporal distance (a P-frame four frames after its reference
 moves four times as far as its neighbouring B-frames); the per-frame normalisation makes this
 matter little, but it keeps the two directions of one B-frame on the same scale.
+
+The per-pixel passes (painting, prediction, residual, block means, the percentile's filter,
+normalise + fuse, cell expansion) run as compiled kernels (`kernels`, numba) when `KERNELS` is
+set; the numpy code here is their reference, and both give the same bits (tests compare them).
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   only expanded to pixels for the gathers. A zero vector predicts the reference pixel itself
   (the same float32 arithmetic returns it unchanged), so when few cells move only their pixels
   are interpolated (`SPARSE_SHARE`): the same result, a fraction of the work on still scenes.
+  `kernels.predict` does the same in one pass over the cells.
   """
   h, w = ref_HxW.shape
   flat = ref_HxW.reshape(-1).astype(np.float32, copy=False)
@@ -467,7 +472,7 @@ def percentile(values: np.ndarray, q: float) -> float:
   drawn from a sample instead of all of them (the map step's costliest call before).
 
   The two order statistics the interpolation needs sit at ranks lo and lo + 1 of n; every value
-  at least t = a sample's (q - 5)th percentile is kept when at least n - lo values are, and the
+  at least t = a sample's (q - 2)th percentile is kept when at least n - lo values are, and the
   ranks are then looked up among those. The interpolation is numpy's (a + (b - a) g, or
   b - (b - a)(1 - g) for g >= 0.5, in the values' precision).
   """
@@ -480,7 +485,7 @@ def percentile(values: np.ndarray, q: float) -> float:
   lo = int(np.floor(virtual))
   hi = min(lo + 1, n - 1)
   sample = flat[::16]
-  rank = int((sample.size - 1) * max(share - 0.05, 0.0))
+  rank = int((sample.size - 1) * max(share - 0.02, 0.0))
   threshold = np.partition(sample, rank)[rank]
   above = flat[flat >= threshold] if KERNELS is None else KERNELS.at_least(flat, threshold)
   below = n - above.size
