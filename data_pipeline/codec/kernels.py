@@ -175,16 +175,17 @@ def normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale):
 
 
 @jit
-def at_least(flat, threshold):
-  """flat[flat >= threshold] (in order), without a branch per value: each value is written,
-  and the write position only moves on for the kept ones."""
+def split(flat, threshold):
+  """(flat[flat > threshold] in order, count below it, count equal to it), without a branch per
+  value: each value is written, and the write position only moves on for the kept ones."""
   out = np.empty(flat.shape[0] + 1, flat.dtype)
-  kept = 0
+  kept = below = 0
   for i in range(flat.shape[0]):
     value = flat[i]
     out[kept] = value
-    kept += value >= threshold
-  return out[:kept].copy()
+    kept += value > threshold
+    below += value < threshold
+  return out[:kept].copy(), below, flat.shape[0] - kept - below
 
 
 @jit

@@ -473,8 +473,8 @@ def percentile(values: np.ndarray, q: float) -> float:
 
   The two order statistics the interpolation needs sit at ranks lo and lo + 1 of n; every value
   at least t = a sample's (q - 2)th percentile is kept when at least n - lo values are, and the
-  ranks are then looked up among those. The interpolation is numpy's (a + (b - a) g, or
-  b - (b - a)(1 - g) for g >= 0.5, in the values' precision).
+  ranks are then looked up among those (`_at_ranks`). The interpolation is numpy's
+  (a + (b - a) g, or b - (b - a)(1 - g) for g >= 0.5, in the values' precision).
   """
   flat = np.asarray(values).reshape(-1)
   n = flat.size
@@ -486,15 +486,33 @@ def percentile(values: np.ndarray, q: float) -> float:
   hi = min(lo + 1, n - 1)
   sample = flat[::16]
   rank = int((sample.size - 1) * max(share - 0.02, 0.0))
-  threshold = np.partition(sample, rank)[rank]
-  above = flat[flat >= threshold] if KERNELS is None else KERNELS.at_least(flat, threshold)
-  below = n - above.size
-  if below > lo:
+  found = _at_ranks(flat, np.partition(sample, rank)[rank], lo, hi)
+  if found is None:
     return float(np.percentile(flat, q))  # the sample misled us: rare, still exact
-  a, b = np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]]
+  a, b = found
   gamma = virtual - lo
   diff = b - a
   return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+
+
+def _at_ranks(flat: np.ndarray, threshold, lo: int, hi: int) -> list | None:
+  """The values of ranks lo <= hi in `flat`, found among the values at least `threshold`; None
+  when fewer than n - lo values are."""
+  if KERNELS is None:
+    above = flat[flat >= threshold]
+    below = flat.size - above.size
+    if below > lo:
+      return None
+    return list(np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]])
+  # Values equal to the threshold are counted, not kept: a map that is mostly one value (zero
+  # motion on a still background) then leaves little to partition.
+  greater, below, ties = KERNELS.split(flat, threshold)
+  if below > lo:
+    return None
+  ranks = [rank - below - ties for rank in (lo, hi)]
+  wanted = [rank for rank in ranks if rank >= 0]
+  values = iter(np.partition(greater, wanted)[wanted] if wanted else ())
+  return [threshold if rank < 0 else next(values) for rank in ranks]
 
 
 def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
