@@ -138,23 +138,25 @@ def residual(luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, y_runs, x_runs):
 @jit
 def downscale(luma_HxW, step):
   """`maps.downscale` for step > 1: the integer sum of each step x step block over step**2.
-  Row by row into a buffer of column sums (unsigned indices, as in `predict`)."""
+  Per output row, the step source rows are first summed column by column (contiguous, so the
+  compiler vectorises it), then each run of step columns (unsigned indices, as in `predict`)."""
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
+  width = w * step
   out = np.empty((h, w), np.float32)
-  sums = np.empty(w, np.uint32)
+  columns = np.empty(width, np.uint32)
   area, ustep = np.float32(step * step), np.uint64(step)
   for y in range(h):
-    sums[:] = 0
+    columns[:] = 0
     for r in range(y * step, (y + 1) * step):
       row = np.uint64(r)
-      for x in range(w):
-        base = np.uint64(x) * ustep
-        total = sums[x]
-        for k in range(step):
-          total += np.uint32(luma_HxW[row, base + np.uint64(k)])
-        sums[x] = total
+      for x in range(width):
+        columns[x] += np.uint32(luma_HxW[row, np.uint64(x)])
     for x in range(w):
-      out[y, x] = np.float32(sums[x]) / area
+      base = np.uint64(x) * ustep
+      total = np.uint32(0)
+      for k in range(step):
+        total += columns[base + np.uint64(k)]
+      out[y, x] = np.float32(total) / area
   return out
 
 
