@@ -31,7 +31,7 @@ from data_pipeline.codec import release
 
 
 def _load_kernels():
-  """The compiled kernels (`kernels`), or None: when numba does not import, or when
+  """The compiled kernels (`kernels`), or None when numba does not import or
   OVE_CODEC_KERNELS=0 asks for the numpy reference."""
   if os.environ.get('OVE_CODEC_KERNELS', '1') == '0':
     return None
@@ -522,29 +522,21 @@ def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalise_fuse(
-  motion_HxW: np.ndarray,
-  residual_HxW: np.ndarray,
-  fusion: str = 'mean',
-  motion_weight: float = 1.0,
-  residual_weight: float = 1.0,
-) -> np.ndarray:
-  """`fuse` of the two maps `normalise`d by their floors (MOTION_FLOOR, RESIDUAL_FLOOR); the
-  default equal-weight mean in one compiled pass when the kernels are on."""
-  if KERNELS is not None and fusion == 'mean' and motion_weight == 1 and residual_weight == 1:
+def normalise_fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, *fusion) -> np.ndarray:
+  """`fuse(normalise(motion), normalise(residual), *fusion)` with the floors MOTION_FLOOR and
+  RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the kernels are on."""
+  if KERNELS is not None and _plain_mean(*fusion):
     return KERNELS.normalise_fuse(
       motion_HxW,
       max(percentile(motion_HxW, PERCENTILE), MOTION_FLOOR),
       residual_HxW,
       max(percentile(residual_HxW, PERCENTILE), RESIDUAL_FLOOR),
     )
-  return fuse(
-    normalise(motion_HxW, MOTION_FLOOR),
-    normalise(residual_HxW, RESIDUAL_FLOOR),
-    fusion,
-    motion_weight,
-    residual_weight,
-  )
+  return fuse(normalise(motion_HxW, MOTION_FLOOR), normalise(residual_HxW, RESIDUAL_FLOOR), *fusion)
+
+
+def _plain_mean(fusion: str = 'mean', motion_weight: float = 1.0, residual_weight: float = 1.0):
+  return fusion == 'mean' and motion_weight == 1 and residual_weight == 1
 
 
 def fuse(
@@ -556,7 +548,7 @@ def fuse(
 ) -> np.ndarray:
   """Fuse two normalised maps: weighted 'mean' (default), 'max', weighted 'sum', 'geomean'."""
   total = motion_weight + residual_weight
-  if fusion == 'mean' and motion_weight == 1 and residual_weight == 1:
+  if _plain_mean(fusion, motion_weight, residual_weight):
     return (motion_HxW + residual_HxW) / total  # x * 1.0 is x: the same sums, two passes less
   if fusion == 'mean':
     return (motion_weight * motion_HxW + residual_weight * residual_HxW) / total
