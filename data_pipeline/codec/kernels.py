@@ -59,6 +59,16 @@ def paint(dst_x, dst_y, w, h, motion_x, motion_y, scale, src_x, src_y, hc, wc, c
   return dx, dy, has
 
 
+@numba.njit(inline='always')
+def _bilinear(ref, top_left, top_right, bottom_left, bottom_right, ax, ay):
+  """`maps._sample`'s float32 arithmetic for one sample, operation for operation."""
+  top = ref[top_left]
+  top = top + (ref[top_right] - top) * ax
+  bottom = ref[bottom_left]
+  bottom = bottom + (ref[bottom_right] - bottom) * ax
+  return top + (bottom - top) * ay
+
+
 @jit
 def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
   """`maps.predict`: bilinear samples of `ref` (edges replicated) displaced by each pixel's cell
@@ -67,46 +77,54 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
   pixels y_runs[cy] <= y < y_runs[cy + 1], x_runs[cx] <= x < x_runs[cx + 1].
 
   The vector is constant over a cell, so its integer part and fractions are worked out once per
-  cell, the border test once per cell and row, and rows of cells whose samples stay inside the
-  image index without clamping. Indices are unsigned (numba then drops its negative-index
-  wraparound: a third of the time) and rows are not taken as views (each view costs a
-  reference count, more than the pixels of a cell)."""
+  cell, the border test once per cell, and cells whose samples stay inside the image read
+  contiguous runs without clamping. The images are indexed flat with unsigned offsets: numba
+  then drops its negative-index wraparound (a third of the time), and rows are not taken as
+  views (each view costs a reference count, more than the pixels of a cell)."""
   h, w = ref_HxW.shape
   hc, wc = dx_HcxWc.shape
-  out = np.empty((h, w), np.float32)
-  one, scale = np.uint64(1), np.float32(step)
+  ref = ref_HxW.ravel()
+  out = np.empty(h * w, np.float32)
+  one, width, scale = np.uint64(1), np.uint64(w), np.float32(step)
   for cy in range(hc):
+    y_lo, y_hi = y_runs[cy], y_runs[cy + 1]
     for cx in range(wc):
-      y_lo, y_hi, x_lo, x_hi = y_runs[cy], y_runs[cy + 1], x_runs[cx], x_runs[cx + 1]
+      x_lo, x_hi = x_runs[cx], x_runs[cx + 1]
       if dx_HcxWc[cy, cx] == 0 and dy_HcxWc[cy, cx] == 0:
         for py in range(y_lo, y_hi):
-          for px in range(x_lo, x_hi):
-            out[py, px] = ref_HxW[py, px]
+          row = np.uint64(py) * width
+          for px in range(np.uint64(x_lo), np.uint64(x_hi)):
+            out[row + px] = ref[row + px]
         continue
       # numpy's float32 ops: fx = dx / step, ix = floor(fx), ax = fx - ix.
       fx, fy = dx_HcxWc[cy, cx] / scale, dy_HcxWc[cy, cx] / scale
       floor_x, floor_y = np.floor(fx), np.floor(fy)
       ax, ay = fx - floor_x, fy - floor_y
       ix, iy = np.int64(floor_x), np.int64(floor_y)
-      inside = ix + x_lo >= 0 and ix + x_hi <= w - 1
+      # Rows are clipped to one pixel off the image, then clamped onto it: the replicated
+      # border of `maps._padded` without building it.
+      if ix + x_lo >= 0 and ix + x_hi <= w - 1:  # contiguous runs: the compiler vectorises
+        for py in range(y_lo, y_hi):
+          y0 = min(max(iy + py, -1), h - 1)
+          row_a = np.uint64(max(y0, 0)) * width + np.uint64(ix + x_lo)
+          row_b = np.uint64(min(y0 + 1, h - 1)) * width + np.uint64(ix + x_lo)
+          row_out = np.uint64(py) * width + np.uint64(x_lo)
+          for k in range(np.uint64(x_hi - x_lo)):
+            out[row_out + k] = _bilinear(
+              ref, row_a + k, row_a + k + one, row_b + k, row_b + k + one, ax, ay
+            )
+        continue
       for py in range(y_lo, y_hi):
-        # Rows clipped to one pixel off the image, then clamped onto it: the replicated border
-        # of `maps._padded` without building it.
         y0 = min(max(iy + py, -1), h - 1)
-        ya, yb, yo = np.uint64(max(y0, 0)), np.uint64(min(y0 + 1, h - 1)), np.uint64(py)
+        row_a, row_b = np.uint64(max(y0, 0)) * width, np.uint64(min(y0 + 1, h - 1)) * width
+        row_out = np.uint64(py) * width
         for px in range(x_lo, x_hi):
-          if inside:
-            xa = np.uint64(ix + px)
-            xb = xa + one
-          else:
-            x0 = min(max(ix + px, -1), w - 1)
-            xa, xb = np.uint64(max(x0, 0)), np.uint64(min(x0 + 1, w - 1))
-          top = ref_HxW[ya, xa]
-          top = top + (ref_HxW[ya, xb] - top) * ax
-          bottom = ref_HxW[yb, xa]
-          bottom = bottom + (ref_HxW[yb, xb] - bottom) * ax
-          out[yo, np.uint64(px)] = top + (bottom - top) * ay
-  return out
+          x0 = min(max(ix + px, -1), w - 1)
+          xa, xb = np.uint64(max(x0, 0)), np.uint64(min(x0 + 1, w - 1))
+          out[row_out + np.uint64(px)] = _bilinear(
+            ref, row_a + xa, row_a + xb, row_b + xa, row_b + xb, ax, ay
+          )
+  return out.reshape(h, w)
 
 
 @jit
