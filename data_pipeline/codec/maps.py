@@ -12,17 +12,39 @@ vector where no vector was coded.
 Vectors are expressed per frame of temporal distance (a P-frame four frames after its reference
 moves four times as far as its neighbouring B-frames); the per-frame normalisation makes this
 matter little, but it keeps the two directions of one B-frame on the same scale.
+
+The per-pixel passes (painting, prediction, residual, block means, the percentile's filter,
+normalise + fuse, cell expansion) run as compiled kernels (`kernels`, numba) when `KERNELS` is
+set; the numpy code here is their reference, and both give the same bits (tests compare them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Sequence
 
 import numpy as np
 
 from data_pipeline.codec import geometry as geometry_lib
 from data_pipeline.codec import release
+
+
+def _load_kernels():
+  """The compiled kernels (`kernels`), or None when numba does not import or
+  OVE_CODEC_KERNELS=0 asks for the numpy reference."""
+  if os.environ.get('OVE_CODEC_KERNELS', '1') == '0':
+    return None
+  try:
+    from data_pipeline.codec import kernels
+  except ImportError:
+    return None
+  return kernels
+
+
+# The one dispatch point: the per-pixel passes below run as these compiled kernels when set, as
+# their numpy code (the reference, identical results) when None. Tests switch it to compare.
+KERNELS = _load_kernels()
 
 CELL = 4  # pixels per side of a vector-grid cell
 PERCENTILE = 95.0
@@ -41,6 +63,10 @@ class VectorGrid:
   dx_HcxWc: np.ndarray  # displacement src - dst in pixels (sub-pixel)
   dy_HcxWc: np.ndarray
   has_HcxWc: np.ndarray  # bool: a vector was coded for this cell
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.has_HcxWc.shape
 
   @property
   def count(self) -> int:
@@ -65,6 +91,9 @@ def paint_vectors(
   mv = vectors[(vectors['source'] < 0) if direction < 0 else (vectors['source'] > 0)]
   if len(mv) == 0:
     return VectorGrid(dx, dy, has)
+  if KERNELS is not None:
+    fields = ('dst_x', 'dst_y', 'w', 'h', 'motion_x', 'motion_y', 'motion_scale', 'src_x', 'src_y')
+    return VectorGrid(*KERNELS.paint(*(mv[name] for name in fields), hc, wc, CELL))
   bw = np.maximum(mv['w'].astype(np.int64) // CELL, 1)
   bh = np.maximum(mv['h'].astype(np.int64) // CELL, 1)
   x0 = (mv['dst_x'].astype(np.int64) - mv['w'].astype(np.int64) // 2) // CELL
@@ -97,8 +126,16 @@ def _pixel_cells(
   return rows, cols
 
 
-def _cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
+def _cell_runs(height: int, width: int, hc: int, wc: int, step: int) -> tuple[np.ndarray, ...]:
+  """Where each cell's analysis rows and columns start (and the last ends): [hc + 1], [wc + 1]."""
+  rows, cols = _pixel_cells(height, width, hc, wc, step)
+  return np.searchsorted(rows, np.arange(hc + 1)), np.searchsorted(cols, np.arange(wc + 1))
+
+
+def cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
   """The cell value under the centre of each analysis pixel (each covers step x step coded)."""
+  if KERNELS is not None:
+    return KERNELS.expand(cells_HcxWc, *_cell_runs(height, width, *cells_HcxWc.shape, step))
   rows, cols = _pixel_cells(height, width, *cells_HcxWc.shape, step)
   # Columns first (on the small cell grid), then whole rows: 8x faster than rows first, and
   # C-contiguous (indexing the columns of the tall array instead gives a transposed layout
@@ -110,6 +147,8 @@ def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
   """Block mean over step x step pixels (the ragged bottom/right edge is dropped), float32."""
   if step == 1:
     return luma_HxW.astype(np.float32)
+  if KERNELS is not None:
+    return KERNELS.downscale(luma_HxW, step)
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
   # Rows, then columns: two reductions over neighbouring memory, ~3x faster than one over
   # axes (1, 3), and the same integer sums.
@@ -125,9 +164,14 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   only expanded to pixels for the gathers. A zero vector predicts the reference pixel itself
   (the same float32 arithmetic returns it unchanged), so when few cells move only their pixels
   are interpolated (`SPARSE_SHARE`): the same result, a fraction of the work on still scenes.
+  `kernels.predict` does the same in one pass over the cells.
   """
   h, w = ref_HxW.shape
   flat = ref_HxW.reshape(-1).astype(np.float32, copy=False)
+  if KERNELS is not None:
+    return KERNELS.predict(
+      flat.reshape(h, w), grid.dx_HcxWc, grid.dy_HcxWc, step, *_cell_runs(h, w, *grid.shape, step)
+    )
   moving_HcxWc = (grid.dx_HcxWc != 0) | (grid.dy_HcxWc != 0)
   if not moving_HcxWc.any():
     return flat.reshape(h, w).copy()
@@ -137,13 +181,13 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
     return _predict_moving(
       flat, h, w, moving_HcxWc, fx_HcxWc - ix_HcxWc, fy_HcxWc - iy_HcxWc, ix_HcxWc, iy_HcxWc, step
     )
-  ax = _cells_to_pixels((fx_HcxWc - ix_HcxWc).astype(np.float32), h, w, step).reshape(-1)
-  ay = _cells_to_pixels((fy_HcxWc - iy_HcxWc).astype(np.float32), h, w, step).reshape(-1)
+  ax = cells_to_pixels((fx_HcxWc - ix_HcxWc).astype(np.float32), h, w, step).reshape(-1)
+  ay = cells_to_pixels((fy_HcxWc - iy_HcxWc).astype(np.float32), h, w, step).reshape(-1)
   # The padded index of each sample is the cell's offset iy * (W + 2) + ix plus the pixel's
   # own; only samples that fall more than a pixel off the image need clipping, fixed after.
   # intp: take() would convert narrower indices on every call.
   ix_HcxWc, iy_HcxWc = ix_HcxWc.astype(np.intp), iy_HcxWc.astype(np.intp)
-  index = _cells_to_pixels(iy_HcxWc * (w + 2) + ix_HcxWc, h, w, step)
+  index = cells_to_pixels(iy_HcxWc * (w + 2) + ix_HcxWc, h, w, step)
   index += (np.arange(1, h + 1) * (w + 2))[:, None] + np.arange(1, w + 1)
   index = index.reshape(-1)
   rows, cols = _pixel_cells(h, w, *ix_HcxWc.shape, step)
@@ -237,6 +281,23 @@ def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, mask_HxW: np
   return float(np.mean(np.abs(luma_HxW - prediction_HxW)[mask_HxW]))
 
 
+def bipredicted_residual(
+  luma_HxW: np.ndarray, p0_HxW: np.ndarray, p1_HxW: np.ndarray, coded_HcxWc: np.ndarray, step: int
+) -> np.ndarray:
+  """|luma - prediction|, the prediction per cell code (`coded_HcxWc`): 3 the mean of p0 and p1,
+  2 p1, else p0."""
+  h, w = luma_HxW.shape
+  if KERNELS is not None:
+    return KERNELS.residual(
+      luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, *_cell_runs(h, w, *coded_HcxWc.shape, step)
+    )
+  coded_HxW = cells_to_pixels(coded_HcxWc, h, w, step)
+  prediction_HxW = np.where(
+    coded_HxW == 3, 0.5 * (p0_HxW + p1_HxW), np.where(coded_HxW == 2, p1_HxW, p0_HxW)
+  )
+  return np.abs(luma_HxW - prediction_HxW)
+
+
 @dataclasses.dataclass
 class FrameMaps:
   """Raw maps of one frame at the analysis resolution (before normalisation)."""
@@ -277,7 +338,7 @@ def frame_maps(
         continue
       prediction = predict(candidate.luma, grid, step)
       if len(candidates) > 1 and mask_HxW is None:
-        mask_HxW = _cells_to_pixels(grid.has_HcxWc, h, w, step)
+        mask_HxW = cells_to_pixels(grid.has_HcxWc, h, w, step)
       error = _masked_error(luma, prediction, mask_HxW) if len(candidates) > 1 else 0.0
       if error < best_error:
         best, best_error = (candidate, prediction), error
@@ -301,14 +362,12 @@ def frame_maps(
     p0 = past_prediction if past_prediction is not None else future_prediction
     p1 = future_prediction if future_prediction is not None else past_prediction
     if not future_grid.has_HcxWc.any():
-      prediction_HxW = p0  # no future vectors (P- and I-frames): what the general case gives
+      # No future vectors (P- and I-frames): what the general case gives.
+      residual_HxW = np.abs(luma - p0)
     else:
       # 1: past vector only (or none), 2: future only, 3: both; one expansion for the two grids.
-      coded_HxW = _cells_to_pixels(
-        past_grid.has_HcxWc.view(np.uint8) + 2 * future_grid.has_HcxWc.view(np.uint8), h, w, step
-      )
-      prediction_HxW = np.where(coded_HxW == 3, 0.5 * (p0 + p1), np.where(coded_HxW == 2, p1, p0))
-    residual_HxW = np.abs(luma - prediction_HxW)
+      coded_HcxWc = past_grid.has_HcxWc.view(np.uint8) + 2 * future_grid.has_HcxWc.view(np.uint8)
+      residual_HxW = bipredicted_residual(luma, p0, p1, coded_HcxWc, step)
 
   if maths == 'release':
     motion_HxW = release_motion(past_grid, h, w, camera, step)
@@ -323,12 +382,12 @@ def frame_maps(
       dx, dy = compensate_camera(grid, camera)
       magnitude_sum += np.where(grid.has_HcxWc, np.hypot(dx, dy) / distance, 0)
       directions += grid.has_HcxWc
-    motion_HxW = _cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
+    motion_HxW = cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
   if inconsistency:
     motion_HxW = release.local_variance(motion_HxW, inconsistency)
   return FrameMaps(
-    motion_HxW.astype(np.float32),
-    residual_HxW.astype(np.float32),
+    motion_HxW.astype(np.float32, copy=False),
+    residual_HxW.astype(np.float32, copy=False),
     past_grid.count,
     future_grid.count,
     tuple(distances),
@@ -340,8 +399,8 @@ def release_motion(
 ) -> np.ndarray:
   """The release's motion magnitude at each analysis pixel: list-0 vectors in pixels (zero where
   none was coded), compensated over all pixels by `release.compensate`."""
-  dx = _cells_to_pixels(np.where(l0.has_HcxWc, l0.dx_HcxWc, 0), height, width, step)
-  dy = _cells_to_pixels(np.where(l0.has_HcxWc, l0.dy_HcxWc, 0), height, width, step)
+  dx = cells_to_pixels(np.where(l0.has_HcxWc, l0.dx_HcxWc, 0), height, width, step)
+  dy = cells_to_pixels(np.where(l0.has_HcxWc, l0.dy_HcxWc, 0), height, width, step)
   dx, dy = release.compensate(dx.astype(np.float32), dy.astype(np.float32), camera)
   return np.sqrt(dx * dx + dy * dy)
 
@@ -413,9 +472,9 @@ def percentile(values: np.ndarray, q: float) -> float:
   drawn from a sample instead of all of them (the map step's costliest call before).
 
   The two order statistics the interpolation needs sit at ranks lo and lo + 1 of n; every value
-  at least t = a sample's (q - 5)th percentile is kept when at least n - lo values are, and the
-  ranks are then looked up among those. The interpolation is numpy's (a + (b - a) g, or
-  b - (b - a)(1 - g) for g >= 0.5, in the values' precision).
+  at least t = a sample's (q - 2)th percentile is kept when at least n - lo values are, and the
+  ranks are then looked up among those (`_at_ranks`). The interpolation is numpy's
+  (a + (b - a) g, or b - (b - a)(1 - g) for g >= 0.5, in the values' precision).
   """
   flat = np.asarray(values).reshape(-1)
   n = flat.size
@@ -426,16 +485,34 @@ def percentile(values: np.ndarray, q: float) -> float:
   lo = int(np.floor(virtual))
   hi = min(lo + 1, n - 1)
   sample = flat[::16]
-  rank = int((sample.size - 1) * max(share - 0.05, 0.0))
-  threshold = np.partition(sample, rank)[rank]
-  above = flat[flat >= threshold]
-  below = n - above.size
-  if below > lo:
+  rank = int((sample.size - 1) * max(share - 0.02, 0.0))
+  found = _at_ranks(flat, np.partition(sample, rank)[rank], lo, hi)
+  if found is None:
     return float(np.percentile(flat, q))  # the sample misled us: rare, still exact
-  a, b = np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]]
+  a, b = found
   gamma = virtual - lo
   diff = b - a
   return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+
+
+def _at_ranks(flat: np.ndarray, threshold, lo: int, hi: int) -> list | None:
+  """The values of ranks lo <= hi in `flat`, found among the values at least `threshold`; None
+  when fewer than n - lo values are."""
+  if KERNELS is None:
+    above = flat[flat >= threshold]
+    below = flat.size - above.size
+    if below > lo:
+      return None
+    return list(np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]])
+  # Values equal to the threshold are counted, not kept: a map that is mostly one value (zero
+  # motion on a still background) then leaves little to partition.
+  greater, below, ties = KERNELS.split(flat, threshold)
+  if below > lo:
+    return None
+  ranks = [rank - below - ties for rank in (lo, hi)]
+  wanted = [rank for rank in ranks if rank >= 0]
+  values = iter(np.partition(greater, wanted)[wanted] if wanted else ())
+  return [threshold if rank < 0 else next(values) for rank in ranks]
 
 
 def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
@@ -443,6 +520,23 @@ def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
   scale = max(percentile(map_HxW, PERCENTILE), floor)
   out = map_HxW / scale
   return np.clip(out, 0.0, 1.0, out=out)
+
+
+def normalise_fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, *fusion) -> np.ndarray:
+  """`fuse(normalise(motion), normalise(residual), *fusion)` with the floors MOTION_FLOOR and
+  RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the kernels are on."""
+  if KERNELS is not None and _plain_mean(*fusion):
+    return KERNELS.normalise_fuse(
+      motion_HxW,
+      max(percentile(motion_HxW, PERCENTILE), MOTION_FLOOR),
+      residual_HxW,
+      max(percentile(residual_HxW, PERCENTILE), RESIDUAL_FLOOR),
+    )
+  return fuse(normalise(motion_HxW, MOTION_FLOOR), normalise(residual_HxW, RESIDUAL_FLOOR), *fusion)
+
+
+def _plain_mean(fusion: str = 'mean', motion_weight: float = 1.0, residual_weight: float = 1.0):
+  return fusion == 'mean' and motion_weight == 1 and residual_weight == 1
 
 
 def fuse(
@@ -454,7 +548,7 @@ def fuse(
 ) -> np.ndarray:
   """Fuse two normalised maps: weighted 'mean' (default), 'max', weighted 'sum', 'geomean'."""
   total = motion_weight + residual_weight
-  if fusion == 'mean' and motion_weight == 1 and residual_weight == 1:
+  if _plain_mean(fusion, motion_weight, residual_weight):
     return (motion_HxW + residual_HxW) / total  # x * 1.0 is x: the same sums, two passes less
   if fusion == 'mean':
     return (motion_weight * motion_HxW + residual_weight * residual_HxW) / total
@@ -496,37 +590,6 @@ def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) 
   return ay @ map_HxW.astype(np.float32) @ ax.T
 
 
-@dataclasses.dataclass(frozen=True)
-class Band:
-  """A matrix whose rows are zero outside one run of columns: row p is `weights_PxB[p]` at
-  columns start_P[p] ... start_P[p] + B - 1 (zero weights past the end)."""
-
-  start_P: np.ndarray
-  weights_PxB: np.ndarray
-
-  @classmethod
-  def of(cls, matrix_PxN: np.ndarray) -> Band:
-    nonzero = matrix_PxN != 0
-    any_P = nonzero.any(axis=1)
-    first = np.where(any_P, nonzero.argmax(axis=1), 0)
-    last = np.where(any_P, matrix_PxN.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1), 0)
-    width = int((last - first).max()) + 1
-    start = np.minimum(first, max(matrix_PxN.shape[1] - width, 0))
-    cols = np.minimum(start[:, None] + np.arange(width), matrix_PxN.shape[1] - 1)
-    weights = np.take_along_axis(matrix_PxN, cols, axis=1)
-    weights[start[:, None] + np.arange(width) >= matrix_PxN.shape[1]] = 0
-    return cls(start.astype(np.int64), weights.astype(np.float32))
-
-  def rows(self, map_HxW: np.ndarray) -> np.ndarray:
-    """self @ map without a BLAS call: [P, W]."""
-    index = np.minimum(
-      self.start_P[:, None] + np.arange(self.weights_PxB.shape[1]), map_HxW.shape[0] - 1
-    )
-    return np.einsum('pb,pbw->pw', self.weights_PxB, map_HxW[index])
-
-
-def to_patches_banded(map_HxW: np.ndarray, bands: tuple[Band, Band]) -> np.ndarray:
-  """`to_patches` with banded integrators: the same sums, with no BLAS call. (BLAS threads
-  spinning on these small products cost as much CPU again as the whole selection.)"""
-  ay, ax = bands
-  return ax.rows(ay.rows(map_HxW.astype(np.float32, copy=False)).T).T
+# The banded integrators live with the other canvas matrices; callers reach them here too.
+Band = geometry_lib.Band
+to_patches_banded = geometry_lib.to_patches_banded

@@ -335,9 +335,9 @@ class Scorer:
 
   def fused(self, raw: maps.FrameMaps) -> np.ndarray:
     opts = self.opts
-    fused_HxW = maps.fuse(
-      maps.normalise(raw.motion_HxW, maps.MOTION_FLOOR),
-      maps.normalise(raw.residual_HxW, maps.RESIDUAL_FLOOR),
+    fused_HxW = maps.normalise_fuse(
+      raw.motion_HxW,
+      raw.residual_HxW,
       opts.fusion,
       opts.motion_weight,
       opts.residual_weight,
