@@ -317,11 +317,12 @@ def markdown_summary(
   rows: Mapping[str, dict],
   summary: dict,
   comparisons: list,
-  dense_note: str | None,
-  torch_note: str | None,
+  notes: Mapping[str, str | None],
   tuning: str,
 ) -> list[str]:
-  """The Markdown section README records: sparse vs dense, then JAX vs PyTorch per width."""
+  """The Markdown section README records: sparse vs dense, then JAX vs PyTorch per width.
+  `notes['dense']` / `notes['torch']`: why that part was skipped (None: it ran)."""
+  dense_note, torch_note = notes['dense'], notes['torch']
   on_cpu = info['backend'] == 'cpu'
   env_text = env_settings(info)
   cpu_col = ' CPU s/step (user + sys) |' if on_cpu else ''

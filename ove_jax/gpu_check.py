@@ -450,9 +450,7 @@ def run(
       tiny=tiny,
       classes=classes,
       attention_impl=step_attention,
-      warmup=warmup,
-      steps=steps,
-      peak_flops=peak_flops,
+      **dict(warmup=warmup, steps=steps, peak_flops=peak_flops),
     ),
   }
   report['summary'] = summary(report)

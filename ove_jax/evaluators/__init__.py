@@ -163,6 +163,7 @@ def evaluate(
     progress=progress,
   )
   seconds = time.perf_counter() - start
+  knn = {'knn_k': knn_k, 'knn_vote': knn_vote}
   results = run_probes(
     train,
     test,
@@ -171,9 +172,8 @@ def evaluate(
     seeds=seeds,
     attentive=attentive,
     linear_C=linear_C,
-    knn_k=knn_k,
-    knn_vote=knn_vote,
     log=log,
+    **knn,
   )
   lengths = [len(s['patches']) for s in (*train_samples, *test_samples)]
   return {
