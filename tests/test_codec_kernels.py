@@ -91,6 +91,28 @@ def test_predict(monkeypatch, step, moving_share, reach):
   assert_identical(fast, reference)
 
 
+def blocky(cells, size=4):
+  """Each size x size group of cells takes its first cell's value: runs of equal cells along a
+  row, as H.264's 16x16 blocks and still backgrounds paint them (cropped to the grid)."""
+  hc, wc = cells.shape
+  return np.repeat(np.repeat(cells[::size, ::size], size, 0), size, 1)[:hc, :wc].copy()
+
+
+@pytest.mark.parametrize('step', [1, 2, 3])
+@pytest.mark.parametrize('moving_share', [0.3, 1.0])
+@pytest.mark.parametrize('reach', [3, 40])
+def test_predict_on_runs_of_cells(monkeypatch, step, moving_share, reach):
+  """Runs of cells with one vector are predicted as one stretch: still identical, near the
+  borders too (a run that starts inside and ends past an edge)."""
+  rng = np.random.default_rng([7, step, reach])
+  h, w = 61, 83
+  ref = rng.uniform(0, 255, (h, w)).astype(np.float32)
+  grid = random_grid(rng, -(-h * step // maps.CELL), -(-w * step // maps.CELL), moving_share, reach)
+  grid = maps.VectorGrid(blocky(grid.dx_HcxWc), blocky(grid.dy_HcxWc), grid.has_HcxWc)
+  fast, reference = both(monkeypatch, maps.predict, ref, grid, step)
+  assert_identical(fast, reference)
+
+
 @pytest.mark.parametrize('step', [2, 3, 4])
 @pytest.mark.parametrize('height,width', [(64, 96), (61, 83), (722, 1283)])
 def test_downscale(monkeypatch, step, height, width):
@@ -105,8 +127,9 @@ def test_bipredicted_residual(monkeypatch, step):
   h, w = 61, 83
   luma, p0, p1 = (rng.uniform(0, 255, (h, w)).astype(np.float32) for _ in range(3))
   coded = rng.integers(0, 4, (-(-h * step // maps.CELL), -(-w * step // maps.CELL)), np.uint8)
-  fast, reference = both(monkeypatch, maps.bipredicted_residual, luma, p0, p1, coded, step)
-  assert_identical(fast, reference)
+  for codes in (coded, blocky(coded, 3)):
+    fast, reference = both(monkeypatch, maps.bipredicted_residual, luma, p0, p1, codes, step)
+    assert_identical(fast, reference)
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.uint8, bool])
@@ -116,6 +139,36 @@ def test_cells_to_pixels(monkeypatch, dtype, step):
   h, w = 47, 59
   cells = (rng.random((-(-h * step // maps.CELL), -(-w * step // maps.CELL))) * 200).astype(dtype)
   assert_identical(*both(monkeypatch, maps.cells_to_pixels, cells, h, w, step))
+  assert_identical(*both(monkeypatch, maps.cells_to_pixels, blocky(cells, 5), h, w, step))
+
+
+@pytest.mark.parametrize('step', [1, 2, 3])
+@pytest.mark.parametrize('coded_share', [0.0, 0.05, 0.7, 1.0])
+def test_masked_error(monkeypatch, step, coded_share):
+  """The reference choice's error: the same float32 mean as numpy's, over the coded cells'
+  pixels (all pixels when no cell is coded)."""
+  rng = np.random.default_rng([step, int(coded_share * 100)])
+  h, w = 67, 91
+  luma, prediction = (rng.uniform(0, 255, (h, w)).astype(np.float32) for _ in range(2))
+  has = rng.random((-(-h * step // maps.CELL), -(-w * step // maps.CELL))) < coded_share
+  fast, reference = both(monkeypatch, maps.masked_error, luma, prediction, has, step)
+  assert type(fast) is float and fast == reference
+  mask = maps.cells_to_pixels(has, h, w, step)
+  terms = np.abs(luma - prediction)[mask] if mask.any() else np.abs(luma - prediction)
+  assert reference == float(np.mean(terms))
+
+
+def test_pairwise_sum_is_numpys():
+  """float32 sums in numpy's pairwise order, bit for bit, across the block sizes (< 8, <= 128,
+  the halving above) and at the sizes of whole frames."""
+  rng = np.random.default_rng(3)
+  sizes = list(range(0, 300)) + [1023, 4096, 8191, 8192, 8193, 65537, 174080, 921600]
+  for n in sizes:
+    values = (rng.random(n) * 255).astype(np.float32)
+    got = np.float32(0) + kernels.pairwise_sum(values, 0, n)
+    assert got.tobytes() == np.add.reduce(values).tobytes(), n
+    mean = np.mean(values) if n else np.float32(0)
+    assert n == 0 or (got / np.float32(n)).tobytes() == mean.tobytes(), n
 
 
 def random_maps(rng, kind, shape=(120, 170)):
@@ -125,14 +178,54 @@ def random_maps(rng, kind, shape=(120, 170)):
     out = np.zeros(shape, np.float32)
     out[rng.random(shape) < 0.03] = 5.0
     return out
+  if kind == 'signed':  # both signs, and -0.0 among the zeros
+    out = rng.normal(0, 3, shape).astype(np.float32)
+    out[rng.random(shape) < 0.2] = -0.0
+    return out
+  if kind == 'constant':
+    return np.full(shape, 2.5, np.float32)
   return rng.integers(0, 4, shape).astype(np.float32)  # 'levels': a few values, many ties
 
 
-@pytest.mark.parametrize('kind', ['exponential', 'sparse', 'levels'])
+@pytest.mark.parametrize('kind', ['exponential', 'sparse', 'levels', 'signed', 'constant'])
 def test_percentile(monkeypatch, kind):
-  values = random_maps(np.random.default_rng(len(kind)), kind)
-  fast, reference = both(monkeypatch, maps.percentile, values, maps.PERCENTILE)
-  assert fast == reference == float(np.percentile(values, maps.PERCENTILE))
+  rng = np.random.default_rng(len(kind))
+  values = random_maps(rng, kind)
+  for q in (maps.PERCENTILE, 0.0, 50.0, 99.99, 100.0):
+    fast, reference = both(monkeypatch, maps.percentile, values, q)
+    assert fast == reference == float(np.percentile(values, q)), q
+
+
+@pytest.mark.parametrize('kind', ['exponential', 'sparse', 'levels', 'signed'])
+@pytest.mark.parametrize('step', [1, 2, 3])
+def test_percentile_of_cells(monkeypatch, kind, step):
+  """A map constant over cells has the percentile of its cells weighted by their pixels."""
+  rng = np.random.default_rng([len(kind), step])
+  h, w = 120, 170
+  cells = random_maps(rng, kind, (-(-h * step // maps.CELL), -(-w * step // maps.CELL)))
+  runs = maps.cell_runs(h, w, *cells.shape, step)
+  pixels = maps.cells_to_pixels(cells, h, w, step)
+  weights = maps.cell_weights(*runs)
+  fast, reference = both(monkeypatch, maps.percentile, cells, maps.PERCENTILE, weights)
+  assert fast == reference == float(np.percentile(pixels, maps.PERCENTILE))
+
+
+def test_order_statistics():
+  """Ranks of float32 values by their bits: negatives, -0.0 beside 0.0, subnormals, huge values,
+  weights, and both ranks in one radix bin or in two."""
+  rng = np.random.default_rng(5)
+  special = np.array([-0.0, 0.0, 1e-45, -1e-45, 3e38, -3e38, 1.0, 1.0000001], np.float32)
+  values = np.concatenate([special, rng.normal(0, 10, 5000).astype(np.float32)])
+  ordered = np.sort(values)
+  for lo in [0, 1, 2, 3, 7, 2500, 5006, 5007]:
+    for hi in {lo, min(lo + 1, values.size - 1)}:
+      a, b = kernels.order_statistics(values, np.zeros(0, np.int64), lo, hi)
+      assert (a, b) == (ordered[lo], ordered[hi])
+  weights = rng.integers(0, 5, values.size)
+  repeated = np.sort(np.repeat(values, weights))
+  for lo in [0, 100, repeated.size // 2, repeated.size - 2]:
+    a, b = kernels.order_statistics(values, weights, lo, lo + 1)
+    assert (a, b) == (repeated[lo], repeated[lo + 1])
 
 
 @pytest.mark.parametrize('kind', ['exponential', 'sparse', 'levels'])

@@ -69,6 +69,18 @@ def _bilinear(ref, top_left, top_right, bottom_left, bottom_right, ax, ay):
   return top + (bottom - top) * ay
 
 
+@numba.njit(inline='always')
+def _run_end(a_HcxWc, b_HcxWc, cy, cx):
+  """The first cell column after cx where row cy of (a, b) changes value (wc if none): one
+  pass handles a whole block, or a still stretch, however many cells wide. Equal values give
+  equal arithmetic (-0.0 and 0.0 included), so merging cells changes no result."""
+  a, b = a_HcxWc[cy, cx], b_HcxWc[cy, cx]
+  end = cx + 1
+  while end < a_HcxWc.shape[1] and a_HcxWc[cy, end] == a and b_HcxWc[cy, end] == b:
+    end += 1
+  return end
+
+
 @jit
 def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
   """`maps.predict`: bilinear samples of `ref` (edges replicated) displaced by each pixel's cell
@@ -76,9 +88,10 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
   cells keep `ref` (what the arithmetic gives them too). Cell (cy, cx) covers the analysis
   pixels y_runs[cy] <= y < y_runs[cy + 1], x_runs[cx] <= x < x_runs[cx + 1].
 
-  The vector is constant over a cell, so its integer part and fractions are worked out once per
-  cell, the border test once per cell, and cells whose samples stay inside the image read
-  contiguous runs without clamping. The images are indexed flat with unsigned offsets: numba
+  The vector is constant over a cell, and usually over a run of cells of one row (a block, a
+  still background), so its integer part and fractions are worked out once per such run, the
+  border test too, and runs whose samples stay inside the image read contiguous pixels without
+  clamping. The images are indexed flat with unsigned offsets: numba
   then drops its negative-index wraparound (a third of the time), and rows are not taken as
   views (each view costs a reference count, more than the pixels of a cell)."""
   h, w = ref_HxW.shape
@@ -88,16 +101,20 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
   one, width, scale = np.uint64(1), np.uint64(w), np.float32(step)
   for cy in range(hc):
     y_lo, y_hi = y_runs[cy], y_runs[cy + 1]
-    for cx in range(wc):
-      x_lo, x_hi = x_runs[cx], x_runs[cx + 1]
-      if dx_HcxWc[cy, cx] == 0 and dy_HcxWc[cy, cx] == 0:
+    cx = 0
+    while cx < wc:
+      vx, vy = dx_HcxWc[cy, cx], dy_HcxWc[cy, cx]
+      end = _run_end(dx_HcxWc, dy_HcxWc, cy, cx)
+      x_lo, x_hi = x_runs[cx], x_runs[end]
+      cx = end
+      if vx == 0 and vy == 0:
         for py in range(y_lo, y_hi):
           row = np.uint64(py) * width
           for px in range(np.uint64(x_lo), np.uint64(x_hi)):
             out[row + px] = ref[row + px]
         continue
       # numpy's float32 ops: fx = dx / step, ix = floor(fx), ax = fx - ix.
-      fx, fy = dx_HcxWc[cy, cx] / scale, dy_HcxWc[cy, cx] / scale
+      fx, fy = vx / scale, vy / scale
       floor_x, floor_y = np.floor(fx), np.floor(fy)
       ax, ay = fx - floor_x, fy - floor_y
       ix, iy = np.int64(floor_x), np.int64(floor_y)
@@ -131,25 +148,30 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
 def residual(luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, y_runs, x_runs):
   """`maps.bipredicted_residual`: |luma - prediction| with the prediction per cell code: 3 (both
   directions coded) the mean 0.5 * (p0 + p1), 2 (future only) p1, else p0. Cells cover the
-  pixels of `y_runs` / `x_runs` as in `predict`."""
+  pixels of `y_runs` / `x_runs` as in `predict`, and runs of cells with one code are done
+  together (contiguous pixels, one branch)."""
   h, w = luma_HxW.shape
   hc, wc = coded_HcxWc.shape
   out = np.empty((h, w), np.float32)
   half = np.float32(0.5)
   for cy in range(hc):
-    for cx in range(wc):
+    cx = 0
+    while cx < wc:
       code = coded_HcxWc[cy, cx]
+      end = _run_end(coded_HcxWc, coded_HcxWc, cy, cx)
+      x_lo, x_hi = np.uint64(x_runs[cx]), np.uint64(x_runs[end])
+      cx = end
       for y in range(y_runs[cy], y_runs[cy + 1]):
         py = np.uint64(y)
-        for x in range(x_runs[cx], x_runs[cx + 1]):
-          px = np.uint64(x)
-          if code == 3:
-            prediction = half * (p0_HxW[py, px] + p1_HxW[py, px])
-          elif code == 2:
-            prediction = p1_HxW[py, px]
-          else:
-            prediction = p0_HxW[py, px]
-          out[py, px] = abs(luma_HxW[py, px] - prediction)
+        if code == 3:
+          for px in range(x_lo, x_hi):
+            out[py, px] = abs(luma_HxW[py, px] - half * (p0_HxW[py, px] + p1_HxW[py, px]))
+        elif code == 2:
+          for px in range(x_lo, x_hi):
+            out[py, px] = abs(luma_HxW[py, px] - p1_HxW[py, px])
+        else:
+          for px in range(x_lo, x_hi):
+            out[py, px] = abs(luma_HxW[py, px] - p0_HxW[py, px])
   return out
 
 
@@ -195,28 +217,169 @@ def normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale):
 
 
 @jit
-def split(flat, threshold):
-  """(flat[flat > threshold] in order, count below it, count equal to it), without a branch per
-  value: each value is written, and the write position only moves on for the kept ones."""
-  out = np.empty(flat.shape[0] + 1, flat.dtype)
-  kept = below = 0
-  for i in range(flat.shape[0]):
-    value = flat[i]
-    out[kept] = value
-    kept += value > threshold
-    below += value < threshold
-  return out[:kept].copy(), below, flat.shape[0] - kept - below
-
-
-@jit
 def expand(cells_HcxWc, y_runs, x_runs):
-  """`maps.cells_to_pixels`: each cell's value over its run of analysis pixels."""
+  """`maps.cells_to_pixels`: each cell's value over its run of analysis pixels; the first row
+  of a cell row is filled run by run, the rest of its rows are copies of it."""
   hc, wc = cells_HcxWc.shape
   out = np.empty((y_runs[hc], x_runs[wc]), cells_HcxWc.dtype)
   for cy in range(hc):
-    for cx in range(wc):
+    y_lo, y_hi = y_runs[cy], y_runs[cy + 1]
+    if y_lo == y_hi:
+      continue
+    first = np.uint64(y_lo)
+    cx = 0
+    while cx < wc:
       value = cells_HcxWc[cy, cx]
-      for y in range(y_runs[cy], y_runs[cy + 1]):
-        for x in range(x_runs[cx], x_runs[cx + 1]):
-          out[np.uint64(y), np.uint64(x)] = value
+      end = _run_end(cells_HcxWc, cells_HcxWc, cy, cx)
+      for x in range(np.uint64(x_runs[cx]), np.uint64(x_runs[end])):
+        out[first, x] = value
+      cx = end
+    for y in range(y_lo + 1, y_hi):
+      out[np.uint64(y)] = out[first]
   return out
+
+
+@jit
+def masked_error(luma_HxW, prediction_HxW, has_HcxWc, y_runs, x_runs):
+  """`maps._masked_error`: float32 np.mean of |luma - prediction| over the pixels of cells with
+  a vector (all pixels when there are none), the same value bit for bit: the terms are laid out
+  in numpy's (row-major) order and summed as numpy's pairwise float32 sum (`pairwise_sum`)."""
+  h, w = luma_HxW.shape
+  hc, wc = has_HcxWc.shape
+  terms = np.empty(h * w, np.float32)
+  count = 0
+  for cy in range(hc):
+    for y in range(y_runs[cy], y_runs[cy + 1]):
+      py = np.uint64(y)
+      for cx in range(wc):
+        if has_HcxWc[cy, cx]:
+          for px in range(np.uint64(x_runs[cx]), np.uint64(x_runs[cx + 1])):
+            terms[count] = abs(luma_HxW[py, px] - prediction_HxW[py, px])
+            count += 1
+  if count == 0:
+    for y in range(h):
+      for x in range(w):
+        terms[count] = abs(luma_HxW[y, x] - prediction_HxW[y, x])
+        count += 1
+  return (np.float32(0) + pairwise_sum(terms, 0, count)) / np.float32(count)
+
+
+@jit
+def pairwise_sum(values, start, n):
+  """numpy's float32 pairwise summation of values[start:start + n] (its `FLOAT_pairwise_sum`:
+  blocks of up to 128 summed by `_block_sum`, longer runs split in two at a multiple of 8 and
+  the halves' sums added), operation for operation; np.add.reduce of a contiguous float32
+  array starts at 0 and adds this. The recursion is walked with an explicit stack (numba cannot
+  cache a recursive function that other kernels call)."""
+  if n <= 128:
+    return _block_sum(values, start, n)
+  starts = np.empty(64, np.int64)
+  sizes = np.empty(64, np.int64)
+  left = np.empty(64, np.float32)
+  right_pending = np.zeros(64, np.bool_)
+  depth = 0
+  starts[0], sizes[0] = start, n
+  while True:
+    size = sizes[depth]
+    if size > 128:  # descend into the left half first
+      half = size // 2 - (size // 2) % 8
+      right_pending[depth] = True
+      starts[depth + 1], sizes[depth + 1] = starts[depth], half
+      depth += 1
+      continue
+    total = _block_sum(values, starts[depth], size)
+    while True:  # hand the sum up until a right half is still to do
+      depth -= 1
+      if depth < 0:
+        return total
+      if right_pending[depth]:
+        left[depth], right_pending[depth] = total, False
+        half = sizes[depth] // 2 - (sizes[depth] // 2) % 8
+        starts[depth + 1], sizes[depth + 1] = starts[depth] + half, sizes[depth] - half
+        depth += 1
+        break
+      total = left[depth] + total
+
+
+@numba.njit(inline='always')
+def _block_sum(values, start, n):
+  """numpy's pairwise sum of n <= 128 float32 values: one by one below 8, else 8 accumulators
+  over whole groups of 8 combined as a tree, then the rest one by one."""
+  if n < 8:
+    total = np.float32(0)
+    for i in range(start, start + n):
+      total += values[i]
+    return total
+  r = values[start : start + 8].copy()
+  i = 8
+  while i < n - (n % 8):
+    for j in range(8):
+      r[j] += values[start + i + j]
+    i += 8
+  total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+  while i < n:
+    total += values[start + i]
+    i += 1
+  return total
+
+
+@numba.njit(inline='always')
+def _bin_holding(counts, rank):
+  """(bin, count before it) of the bin holding `rank` (0-based), the bins of the float32 bits'
+  top 12 visited in the values' order: negative ones from the most negative (4095) to -0.0
+  (2048), then the non-negative ones upwards (0 to 2047)."""
+  before = 0
+  for k in range(4096):
+    b = 4095 - k if k < 2048 else k - 2048
+    if before + counts[b] > rank:
+      return b, before
+    before += counts[b]
+  return 2047, before
+
+
+@jit
+def order_statistics(values, weights, lo, hi):
+  """The values of ranks lo <= lo + 1 >= hi (0-based) of finite float32 `values` in ascending
+  order, each counted weights[i] times (once when `weights` is empty): what np.partition finds.
+
+  A histogram of the top 12 bits (sign, exponent, 3 mantissa bits: bins an eighth of an octave
+  wide, in the values' order as `_bin_holding` walks them) finds the bins of the two ranks; only
+  those bins' values are gathered and partitioned (sorted when weighted): two plain passes over
+  the values instead of a partition of all of them."""
+  bits = values.view(np.uint32)
+  n = bits.shape[0]
+  weighted = weights.shape[0] > 0
+  counts = np.zeros(4096, np.int64)
+  if weighted:
+    for i in range(n):
+      counts[bits[i] >> np.uint32(20)] += weights[i]
+  else:
+    for i in range(n):
+      counts[bits[i] >> np.uint32(20)] += 1
+  bin_lo, before_lo = _bin_holding(counts, lo)
+  bin_hi = _bin_holding(counts, hi)[0]
+  gathered = np.empty(n, np.float32)
+  kept_weights = np.empty(n if weighted else 0, np.int64)
+  kept = 0
+  for i in range(n):  # branch-free: every value is written, the position moves for kept ones
+    top = bits[i] >> np.uint32(20)
+    gathered[kept] = values[i]
+    if weighted:
+      kept_weights[kept] = weights[i]
+    kept += (top == bin_lo) | (top == bin_hi)
+  rank = lo - before_lo  # bin_lo's values are the smallest gathered; hi is lo or the next
+  if not weighted:
+    part = np.partition(gathered[:kept], rank)
+    return part[rank], part[rank] if hi == lo else part[rank + 1 :].min()
+  order = np.argsort(gathered[:kept])
+  a = b = np.float32(0)
+  total, found = 0, False
+  for k in range(kept):
+    value = gathered[order[k]]
+    total += kept_weights[order[k]]
+    if not found and total > rank:
+      a, found = value, True
+    if total > rank + (hi - lo):
+      b = value
+      break
+  return a, b

@@ -21,6 +21,7 @@ set; the numpy code here is their reference, and both give the same bits (tests 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -126,16 +127,21 @@ def _pixel_cells(
   return rows, cols
 
 
-def _cell_runs(height: int, width: int, hc: int, wc: int, step: int) -> tuple[np.ndarray, ...]:
-  """Where each cell's analysis rows and columns start (and the last ends): [hc + 1], [wc + 1]."""
+@functools.lru_cache(maxsize=64)
+def cell_runs(height: int, width: int, hc: int, wc: int, step: int) -> tuple[np.ndarray, ...]:
+  """Where each cell's analysis rows and columns start (and the last ends): [hc + 1], [wc + 1]
+  (read-only: one pair per frame size, shared by every call)."""
   rows, cols = _pixel_cells(height, width, hc, wc, step)
-  return np.searchsorted(rows, np.arange(hc + 1)), np.searchsorted(cols, np.arange(wc + 1))
+  runs = np.searchsorted(rows, np.arange(hc + 1)), np.searchsorted(cols, np.arange(wc + 1))
+  for run in runs:
+    run.setflags(write=False)
+  return runs
 
 
 def cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
   """The cell value under the centre of each analysis pixel (each covers step x step coded)."""
   if KERNELS is not None:
-    return KERNELS.expand(cells_HcxWc, *_cell_runs(height, width, *cells_HcxWc.shape, step))
+    return KERNELS.expand(cells_HcxWc, *cell_runs(height, width, *cells_HcxWc.shape, step))
   rows, cols = _pixel_cells(height, width, *cells_HcxWc.shape, step)
   # Columns first (on the small cell grid), then whole rows: 8x faster than rows first, and
   # C-contiguous (indexing the columns of the tall array instead gives a transposed layout
@@ -170,7 +176,7 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   flat = ref_HxW.reshape(-1).astype(np.float32, copy=False)
   if KERNELS is not None:
     return KERNELS.predict(
-      flat.reshape(h, w), grid.dx_HcxWc, grid.dy_HcxWc, step, *_cell_runs(h, w, *grid.shape, step)
+      flat.reshape(h, w), grid.dx_HcxWc, grid.dy_HcxWc, step, *cell_runs(h, w, *grid.shape, step)
     )
   moving_HcxWc = (grid.dx_HcxWc != 0) | (grid.dy_HcxWc != 0)
   if not moving_HcxWc.any():
@@ -275,7 +281,19 @@ def _predict_moving(
   return out.reshape(h, w)
 
 
-def _masked_error(luma_HxW: np.ndarray, prediction_HxW: np.ndarray, mask_HxW: np.ndarray) -> float:
+def masked_error(
+  luma_HxW: np.ndarray, prediction_HxW: np.ndarray, has_HcxWc: np.ndarray, step: int
+) -> float:
+  """Mean |luma - prediction| (float32, numpy's sum) over the pixels of the cells that have a
+  vector, over all pixels when none has: how well a candidate reference explains the blocks."""
+  h, w = luma_HxW.shape
+  if KERNELS is not None:
+    return float(
+      KERNELS.masked_error(
+        luma_HxW, prediction_HxW, has_HcxWc, *cell_runs(h, w, *has_HcxWc.shape, step)
+      )
+    )
+  mask_HxW = cells_to_pixels(has_HcxWc, h, w, step)
   if not mask_HxW.any():
     return float(np.mean(np.abs(luma_HxW - prediction_HxW)))
   return float(np.mean(np.abs(luma_HxW - prediction_HxW)[mask_HxW]))
@@ -289,7 +307,7 @@ def bipredicted_residual(
   h, w = luma_HxW.shape
   if KERNELS is not None:
     return KERNELS.residual(
-      luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, *_cell_runs(h, w, *coded_HcxWc.shape, step)
+      luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, *cell_runs(h, w, *coded_HcxWc.shape, step)
     )
   coded_HxW = cells_to_pixels(coded_HcxWc, h, w, step)
   prediction_HxW = np.where(
@@ -307,6 +325,9 @@ class FrameMaps:
   vectors_past: int = 0  # cells with a past / future vector (both are used when present)
   vectors_future: int = 0
   reference_distance: tuple = ()  # chosen (past, future) reference distances, 0 for none
+  # The motion map as the cells it is expanded from, (cells [Hc, Wc], y_runs, x_runs), when it
+  # is constant over them (the default maths); None otherwise.
+  motion_cells: tuple | None = None
 
 
 def frame_maps(
@@ -332,14 +353,12 @@ def frame_maps(
   grids, predictions, distances = [], [], []
   for direction, candidates in ((-1, past), (+1, future)):
     grid = paint_vectors(frame.vectors, h * step, w * step, direction)
-    best, best_error, mask_HxW = None, np.inf, None
+    best, best_error = None, np.inf
     for candidate in candidates:
       if candidate.luma is None or candidate.luma.shape != luma.shape:
         continue
       prediction = predict(candidate.luma, grid, step)
-      if len(candidates) > 1 and mask_HxW is None:
-        mask_HxW = cells_to_pixels(grid.has_HcxWc, h, w, step)
-      error = _masked_error(luma, prediction, mask_HxW) if len(candidates) > 1 else 0.0
+      error = masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1 else 0.0
       if error < best_error:
         best, best_error = (candidate, prediction), error
     if best is None:
@@ -369,6 +388,7 @@ def frame_maps(
       coded_HcxWc = past_grid.has_HcxWc.view(np.uint8) + 2 * future_grid.has_HcxWc.view(np.uint8)
       residual_HxW = bipredicted_residual(luma, p0, p1, coded_HcxWc, step)
 
+  motion_cells = None
   if maths == 'release':
     motion_HxW = release_motion(past_grid, h, w, camera, step)
   else:
@@ -382,7 +402,10 @@ def frame_maps(
       dx, dy = compensate_camera(grid, camera)
       magnitude_sum += np.where(grid.has_HcxWc, np.hypot(dx, dy) / distance, 0)
       directions += grid.has_HcxWc
-    motion_HxW = cells_to_pixels(magnitude_sum / np.maximum(directions, 1), h, w, step)
+    motion_HcxWc = (magnitude_sum / np.maximum(directions, 1)).astype(np.float32, copy=False)
+    motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
+    if not inconsistency:
+      motion_cells = (motion_HcxWc, *cell_runs(h, w, *motion_HcxWc.shape, step))
   if inconsistency:
     motion_HxW = release.local_variance(motion_HxW, inconsistency)
   return FrameMaps(
@@ -391,6 +414,7 @@ def frame_maps(
     past_grid.count,
     future_grid.count,
     tuple(distances),
+    motion_cells,
   )
 
 
@@ -466,30 +490,39 @@ def similarity_flow(
   return flow_x, flow_y
 
 
-def percentile(values: np.ndarray, q: float) -> float:
-  """float(np.percentile(values, q)) (linear interpolation) of finite values, bit for bit; for
-  float32 maps (other types go to numpy) with a partial sort of the values above a threshold
-  drawn from a sample instead of all of them (the map step's costliest call before).
+def percentile(values: np.ndarray, q: float, weights: np.ndarray | None = None) -> float:
+  """float(np.percentile(values, q)) (linear interpolation) of finite values, bit for bit, with
+  values[i] counted weights[i] times when `weights` is given (a map that is constant over cells
+  is its cells weighted by their pixel counts: the same multiset, so the same percentile).
 
-  The two order statistics the interpolation needs sit at ranks lo and lo + 1 of n; every value
-  at least t = a sample's (q - 2)th percentile is kept when at least n - lo values are, and the
-  ranks are then looked up among those (`_at_ranks`). The interpolation is numpy's
-  (a + (b - a) g, or b - (b - a)(1 - g) for g >= 0.5, in the values' precision).
+  Float32 maps find the two order statistics the interpolation needs (ranks lo and lo + 1 of n)
+  without sorting all of them: the compiled radix select (`kernels.order_statistics`), or in the
+  numpy reference a partial sort of the values above a threshold drawn from a 1-in-16 sample
+  (`_at_ranks`). The interpolation is numpy's (a + (b - a) g, or b - (b - a)(1 - g) for
+  g >= 0.5, in the values' precision).
   """
   flat = np.asarray(values).reshape(-1)
-  n = flat.size
+  if weights is not None and (KERNELS is None or flat.dtype != np.float32):
+    flat, weights = np.repeat(flat, np.asarray(weights).reshape(-1)), None
+  n = flat.size if weights is None else int(weights.sum())
   if n < 4096 or flat.dtype != np.float32:
-    return float(np.percentile(flat, q))
+    return float(np.percentile(flat if weights is None else np.repeat(flat, weights), q))
   share = q / 100
   virtual = n * share + (1 + share * (1 - 1 - 1)) - 1  # numpy's rank, float op for float op
   lo = int(np.floor(virtual))
   hi = min(lo + 1, n - 1)
-  sample = flat[::16]
-  rank = int((sample.size - 1) * max(share - 0.02, 0.0))
-  found = _at_ranks(flat, np.partition(sample, rank)[rank], lo, hi)
-  if found is None:
-    return float(np.percentile(flat, q))  # the sample misled us: rare, still exact
-  a, b = found
+  if KERNELS is not None:
+    found = KERNELS.order_statistics(
+      flat, np.zeros(0, np.int64) if weights is None else weights.reshape(-1), lo, hi
+    )
+    a, b = np.float32(found[0]), np.float32(found[1])
+  else:
+    sample = flat[::16]
+    rank = int((sample.size - 1) * max(share - 0.02, 0.0))
+    found = _at_ranks(flat, np.partition(sample, rank)[rank], lo, hi)
+    if found is None:
+      return float(np.percentile(flat, q))  # the sample misled us: rare, still exact
+    a, b = found
   gamma = virtual - lo
   diff = b - a
   return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
@@ -498,41 +531,47 @@ def percentile(values: np.ndarray, q: float) -> float:
 def _at_ranks(flat: np.ndarray, threshold, lo: int, hi: int) -> list | None:
   """The values of ranks lo <= hi in `flat`, found among the values at least `threshold`; None
   when fewer than n - lo values are."""
-  if KERNELS is None:
-    above = flat[flat >= threshold]
-    below = flat.size - above.size
-    if below > lo:
-      return None
-    return list(np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]])
-  # Values equal to the threshold are counted, not kept: a map that is mostly one value (zero
-  # motion on a still background) then leaves little to partition.
-  greater, below, ties = KERNELS.split(flat, threshold)
+  above = flat[flat >= threshold]
+  below = flat.size - above.size
   if below > lo:
     return None
-  ranks = [rank - below - ties for rank in (lo, hi)]
-  wanted = [rank for rank in ranks if rank >= 0]
-  values = iter(np.partition(greater, wanted)[wanted] if wanted else ())
-  return [threshold if rank < 0 else next(values) for rank in ranks]
+  return list(np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]])
 
 
-def normalise(map_HxW: np.ndarray, floor: float) -> np.ndarray:
-  """map / max(p95(map), floor), clipped to [0, 1]."""
-  scale = max(percentile(map_HxW, PERCENTILE), floor)
+def cell_weights(y_runs: np.ndarray, x_runs: np.ndarray) -> np.ndarray:
+  """The analysis pixels under each cell, int64 [Hc * Wc] (row-major, as the cells)."""
+  return np.outer(np.diff(y_runs), np.diff(x_runs)).reshape(-1)
+
+
+def normalise(map_HxW: np.ndarray, floor: float, scale: float | None = None) -> np.ndarray:
+  """map / max(p95(map), floor), clipped to [0, 1] (`scale`: that divisor, when known)."""
+  scale = max(percentile(map_HxW, PERCENTILE), floor) if scale is None else scale
   out = map_HxW / scale
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalise_fuse(motion_HxW: np.ndarray, residual_HxW: np.ndarray, *fusion) -> np.ndarray:
+def normalise_fuse(
+  motion_HxW: np.ndarray, residual_HxW: np.ndarray, *fusion, motion_cells: tuple | None = None
+) -> np.ndarray:
   """`fuse(normalise(motion), normalise(residual), *fusion)` with the floors MOTION_FLOOR and
-  RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the kernels are on."""
+  RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the kernels are on.
+  `motion_cells` (cells [Hc, Wc], y_runs, x_runs: `FrameMaps.motion_cells`) is the motion map
+  as the cell values it expands from; the motion's p95 is then taken over the cells, weighted
+  by their pixels (the same value, a sixteenth of the values to go through)."""
+  if motion_cells is not None:
+    cells, y_runs, x_runs = motion_cells
+    motion_p95 = percentile(cells, PERCENTILE, cell_weights(y_runs, x_runs))
+  else:
+    motion_p95 = percentile(motion_HxW, PERCENTILE)
+  motion_scale = max(motion_p95, MOTION_FLOOR)
+  residual_scale = max(percentile(residual_HxW, PERCENTILE), RESIDUAL_FLOOR)
   if KERNELS is not None and _plain_mean(*fusion):
-    return KERNELS.normalise_fuse(
-      motion_HxW,
-      max(percentile(motion_HxW, PERCENTILE), MOTION_FLOOR),
-      residual_HxW,
-      max(percentile(residual_HxW, PERCENTILE), RESIDUAL_FLOOR),
-    )
-  return fuse(normalise(motion_HxW, MOTION_FLOOR), normalise(residual_HxW, RESIDUAL_FLOOR), *fusion)
+    return KERNELS.normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale)
+  return fuse(
+    normalise(motion_HxW, MOTION_FLOOR, motion_scale),
+    normalise(residual_HxW, RESIDUAL_FLOOR, residual_scale),
+    *fusion,
+  )
 
 
 def _plain_mean(fusion: str = 'mean', motion_weight: float = 1.0, residual_weight: float = 1.0):

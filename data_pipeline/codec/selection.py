@@ -341,6 +341,7 @@ class Scorer:
       opts.fusion,
       opts.motion_weight,
       opts.residual_weight,
+      motion_cells=raw.motion_cells,
     )
     if opts.maths == 'release':
       fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
