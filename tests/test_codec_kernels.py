@@ -119,6 +119,11 @@ def test_downscale(monkeypatch, step, height, width):
   luma = np.random.default_rng(step).integers(0, 256, (height, width)).astype(np.uint8)
   luma[:5] = 255  # full blocks of the largest level: the integer sums must not wrap
   assert_identical(*both(monkeypatch, maps.downscale, luma, step))
+  # A decoder's plane: rows padded to a line size, read in place (`bitstream.luma_of`).
+  padded = np.zeros((height, width + 29), np.uint8)
+  padded[:, :width] = luma
+  for got in both(monkeypatch, maps.downscale, padded[:, :width], step):
+    assert_identical(got, maps.downscale(luma, step))
 
 
 @pytest.mark.parametrize('step', [1, 3])

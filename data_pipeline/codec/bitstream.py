@@ -126,12 +126,13 @@ class CodedFrame:
 
 
 def luma_of(frame) -> np.ndarray:
-  """The 8-bit luma plane of a decoded frame, uint8 [H, W] (a copy)."""
+  """The 8-bit luma plane of a decoded frame, uint8 [H, W]: for 8-bit YUV frames a view of the
+  frame's own buffer (no copy; valid while `frame` is, so callers keep what they derive from
+  it, as `maps.downscale` does), else a gray conversion."""
   h, w = frame.height, frame.width
   if frame.format.name in _Y8_FORMATS:
     plane = frame.planes[0]
-    rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
-    return rows[:h, :w].copy()
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w]
   return frame.reformat(format='gray').to_ndarray()
 
 

@@ -29,28 +29,34 @@ def jit(function):
 
 
 @jit
-def paint(dst_x, dst_y, w, h, motion_x, motion_y, scale, src_x, src_y, hc, wc, cell):
-  """`maps.paint_vectors` on the blocks of one direction: (dx, dy, has) on the cell grid.
+def paint(vectors, direction, hc, wc, cell):
+  """`maps.paint_vectors`: the blocks of one direction (FFmpeg's MOTION_VECTORS records, source
+  < 0 past, > 0 future) painted on the cell grid: (dx, dy, has). The records are read where
+  they lie (no filtered copy, no per-field arrays).
 
   Blocks are painted in order, so where two overlap the later one wins, as numpy's fancy
   assignment does (its last write wins)."""
   dx = np.zeros((hc, wc), np.float32)
   dy = np.zeros((hc, wc), np.float32)
   has = np.zeros((hc, wc), np.bool_)
-  for k in range(dst_x.shape[0]):
-    bw = max(np.int64(w[k]) // cell, 1)
-    bh = max(np.int64(h[k]) // cell, 1)
-    x0 = (np.int64(dst_x[k]) - np.int64(w[k]) // 2) // cell
-    y0 = (np.int64(dst_y[k]) - np.int64(h[k]) // 2) // cell
-    s = np.float32(scale[k])
+  for k in range(vectors.shape[0]):
+    block = vectors[k]
+    if not ((direction < 0 and block.source < 0) or (direction > 0 and block.source > 0)):
+      continue
+    w, h = np.int64(block.w), np.int64(block.h)
+    bw = max(w // cell, 1)
+    bh = max(h // cell, 1)
+    x0 = (np.int64(block.dst_x) - w // 2) // cell
+    y0 = (np.int64(block.dst_y) - h // 2) // cell
+    s = np.float32(block.motion_scale)
     if s > 0:
       # numpy: int32 / float32 is a float64 division, then float32.
       safe = np.float64(max(s, np.float32(1)))
-      vx = np.float32(np.float64(motion_x[k]) / safe)
-      vy = np.float32(np.float64(motion_y[k]) / safe)
+      vx = np.float32(np.float64(block.motion_x) / safe)
+      vy = np.float32(np.float64(block.motion_y) / safe)
     else:
-      vx = np.float32(np.int64(src_x[k]) - np.int64(dst_x[k]))
-      vy = np.float32(np.int64(src_y[k]) - np.int64(dst_y[k]))
+      vx = np.float32(np.int64(block.src_x) - np.int64(block.dst_x))
+      vy = np.float32(np.int64(block.src_y) - np.int64(block.dst_y))
     for cy in range(max(y0, 0), min(y0 + bh, hc)):
       for cx in range(max(x0, 0), min(x0 + bw, wc)):
         dx[cy, cx] = vx

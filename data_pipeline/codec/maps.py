@@ -89,12 +89,11 @@ def paint_vectors(
   has = np.zeros((hc, wc), bool)
   if vectors is None or len(vectors) == 0:
     return VectorGrid(dx, dy, has)
+  if KERNELS is not None:
+    return VectorGrid(*KERNELS.paint(vectors, direction, hc, wc, CELL))
   mv = vectors[(vectors['source'] < 0) if direction < 0 else (vectors['source'] > 0)]
   if len(mv) == 0:
     return VectorGrid(dx, dy, has)
-  if KERNELS is not None:
-    fields = ('dst_x', 'dst_y', 'w', 'h', 'motion_x', 'motion_y', 'motion_scale', 'src_x', 'src_y')
-    return VectorGrid(*KERNELS.paint(*(mv[name] for name in fields), hc, wc, CELL))
   bw = np.maximum(mv['w'].astype(np.int64) // CELL, 1)
   bh = np.maximum(mv['h'].astype(np.int64) // CELL, 1)
   x0 = (mv['dst_x'].astype(np.int64) - mv['w'].astype(np.int64) // 2) // CELL
@@ -150,7 +149,8 @@ def cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int 
 
 
 def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
-  """Block mean over step x step pixels (the ragged bottom/right edge is dropped), float32."""
+  """Block mean over step x step pixels (the ragged bottom/right edge is dropped), float32: a
+  new array, never a view of `luma` (which may be a decoder's buffer, `bitstream.luma_of`)."""
   if step == 1:
     return luma_HxW.astype(np.float32)
   if KERNELS is not None:
