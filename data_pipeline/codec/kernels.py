@@ -329,63 +329,99 @@ def _block_sum(values, start, n):
   return total
 
 
+ZERO_BIN = -1  # `_bin_holding`'s name for the values 0.0 and -0.0, counted apart from their bins
+
+
 @numba.njit(inline='always')
-def _bin_holding(counts, rank):
-  """(bin, count before it) of the bin holding `rank` (0-based), the bins of the float32 bits'
-  top 12 visited in the values' order: negative ones from the most negative (4095) to -0.0
-  (2048), then the non-negative ones upwards (0 to 2047)."""
+def _bin_holding(counts, zeros, rank):
+  """(bin, count before it) of the bin holding `rank` (0-based). Bins are the float32 bits' top
+  12, walked in the values' order: negative ones from the most negative (4095) to the least
+  (2048), the `zeros` (ZERO_BIN), then the positive ones upwards (0 to 2047); `counts` leaves
+  the zeros out."""
   before = 0
-  for k in range(4096):
-    b = 4095 - k if k < 2048 else k - 2048
-    if before + counts[b] > rank:
+  for k in range(4097):
+    if k == 2048:
+      b, count = ZERO_BIN, zeros
+    else:
+      b = 4095 - k if k < 2048 else k - 2049
+      count = counts[b]
+    if before + count > rank:
       return b, before
-    before += counts[b]
+    before += count
   return 2047, before
+
+
+@numba.njit
+def _histogram(bits, weights):
+  """(counts of the top 12 bits without the zeros, count of zeros), each value weighted as in
+  `order_statistics`. Four interleaved tables: runs of one bin (a map's many zeros) would
+  otherwise wait on the same counter element after element."""
+  counts = np.zeros((4, 4096), np.int64)
+  positive_zeros = negative_zeros = 0
+  if weights.shape[0] > 0:
+    for i in range(bits.shape[0]):
+      counts[i & 3, bits[i] >> np.uint32(20)] += weights[i]
+      positive_zeros += weights[i] * (bits[i] == np.uint32(0))
+      negative_zeros += weights[i] * (bits[i] == np.uint32(0x80000000))
+  else:
+    for i in range(bits.shape[0]):
+      counts[i & 3, bits[i] >> np.uint32(20)] += 1
+      positive_zeros += bits[i] == np.uint32(0)
+      negative_zeros += bits[i] == np.uint32(0x80000000)
+  total = counts[0] + counts[1] + counts[2] + counts[3]
+  total[0] -= positive_zeros  # 0.0 sits in bin 0, -0.0 in bin 2048
+  total[2048] -= negative_zeros
+  return total, positive_zeros + negative_zeros
 
 
 @jit
 def order_statistics(values, weights, lo, hi):
-  """The values of ranks lo <= lo + 1 >= hi (0-based) of finite float32 `values` in ascending
-  order, each counted weights[i] times (once when `weights` is empty): what np.partition finds.
+  """The values of ranks lo and hi (hi = lo or lo + 1; 0-based) of finite float32 `values` in
+  ascending order, each counted weights[i] times (once when `weights` is empty): what
+  np.partition finds (a zero comes back as 0.0).
 
   A histogram of the top 12 bits (sign, exponent, 3 mantissa bits: bins an eighth of an octave
-  wide, in the values' order as `_bin_holding` walks them) finds the bins of the two ranks; only
-  those bins' values are gathered and partitioned (sorted when weighted): two plain passes over
-  the values instead of a partition of all of them."""
+  wide) with the exact zeros counted apart finds the bins of the two ranks (`_bin_holding`);
+  only those bins' non-zero values are gathered and partitioned (sorted when weighted). Two
+  plain passes over the values, and none more when a rank falls among the zeros (a still
+  scene's maps, mostly zero, no longer partition nearly all their values)."""
   bits = values.view(np.uint32)
   n = bits.shape[0]
   weighted = weights.shape[0] > 0
-  counts = np.zeros(4096, np.int64)
-  if weighted:
-    for i in range(n):
-      counts[bits[i] >> np.uint32(20)] += weights[i]
-  else:
-    for i in range(n):
-      counts[bits[i] >> np.uint32(20)] += 1
-  bin_lo, before_lo = _bin_holding(counts, lo)
-  bin_hi = _bin_holding(counts, hi)[0]
+  counts, zeros = _histogram(bits, weights)
+  bin_lo, before_lo = _bin_holding(counts, zeros, lo)
+  bin_hi, before_hi = _bin_holding(counts, zeros, hi)
   gathered = np.empty(n, np.float32)
   kept_weights = np.empty(n if weighted else 0, np.int64)
   kept = 0
-  for i in range(n):  # branch-free: every value is written, the position moves for kept ones
-    top = bits[i] >> np.uint32(20)
-    gathered[kept] = values[i]
-    if weighted:
-      kept_weights[kept] = weights[i]
-    kept += (top == bin_lo) | (top == bin_hi)
-  rank = lo - before_lo  # bin_lo's values are the smallest gathered; hi is lo or the next
+  if bin_lo != ZERO_BIN or bin_hi != ZERO_BIN:
+    for i in range(n):  # branch-free: every value is written, the position moves for kept ones
+      top = np.int64(bits[i] >> np.uint32(20))
+      gathered[kept] = values[i]
+      if weighted:
+        kept_weights[kept] = weights[i]
+      nonzero = (bits[i] & np.uint32(0x7FFFFFFF)) != 0
+      kept += nonzero & ((top == bin_lo) | (top == bin_hi))
+  # The gathered values are those of bin_lo (when not the zeros) then of bin_hi: ranks among
+  # them count from the first gathered bin.
+  base = before_lo if bin_lo != ZERO_BIN else before_hi
+  rank_lo, rank_hi = lo - base, hi - base
+  zero = np.float32(0)
   if not weighted:
-    part = np.partition(gathered[:kept], rank)
-    return part[rank], part[rank] if hi == lo else part[rank + 1 :].min()
+    if bin_lo == ZERO_BIN:
+      return zero, zero if bin_hi == ZERO_BIN else gathered[:kept].min()
+    part = np.partition(gathered[:kept], rank_lo)
+    if bin_hi == ZERO_BIN:
+      return part[rank_lo], zero
+    return part[rank_lo], part[rank_lo] if hi == lo else part[rank_lo + 1 :].min()
   order = np.argsort(gathered[:kept])
-  a = b = np.float32(0)
-  total, found = 0, False
+  a = b = zero
+  total = 0
   for k in range(kept):
-    value = gathered[order[k]]
     total += kept_weights[order[k]]
-    if not found and total > rank:
-      a, found = value, True
-    if total > rank + (hi - lo):
-      b = value
+    if bin_lo != ZERO_BIN and total > rank_lo and total - kept_weights[order[k]] <= rank_lo:
+      a = gathered[order[k]]
+    if bin_hi != ZERO_BIN and total > rank_hi:
+      b = gathered[order[k]]
       break
   return a, b

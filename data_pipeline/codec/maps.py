@@ -127,6 +127,16 @@ def _pixel_cells(
 
 
 @functools.lru_cache(maxsize=64)
+def cell_weights(height: int, width: int, hc: int, wc: int, step: int) -> np.ndarray:
+  """The analysis pixels under each cell, int64 [Hc * Wc] (row-major, as the cells; read-only,
+  one per frame size)."""
+  y_runs, x_runs = cell_runs(height, width, hc, wc, step)
+  weights = np.outer(np.diff(y_runs), np.diff(x_runs)).reshape(-1)
+  weights.setflags(write=False)
+  return weights
+
+
+@functools.lru_cache(maxsize=64)
 def cell_runs(height: int, width: int, hc: int, wc: int, step: int) -> tuple[np.ndarray, ...]:
   """Where each cell's analysis rows and columns start (and the last ends): [hc + 1], [wc + 1]
   (read-only: one pair per frame size, shared by every call)."""
@@ -325,7 +335,7 @@ class FrameMaps:
   vectors_past: int = 0  # cells with a past / future vector (both are used when present)
   vectors_future: int = 0
   reference_distance: tuple = ()  # chosen (past, future) reference distances, 0 for none
-  # The motion map as the cells it is expanded from, (cells [Hc, Wc], y_runs, x_runs), when it
+  # The motion map as the cells it is expanded from, (cells [Hc, Wc], `cell_weights`), when it
   # is constant over them (the default maths); None otherwise.
   motion_cells: tuple | None = None
 
@@ -405,7 +415,7 @@ def frame_maps(
     motion_HcxWc = (magnitude_sum / np.maximum(directions, 1)).astype(np.float32, copy=False)
     motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
     if not inconsistency:
-      motion_cells = (motion_HcxWc, *cell_runs(h, w, *motion_HcxWc.shape, step))
+      motion_cells = (motion_HcxWc, cell_weights(h, w, *motion_HcxWc.shape, step))
   if inconsistency:
     motion_HxW = release.local_variance(motion_HxW, inconsistency)
   return FrameMaps(
@@ -538,11 +548,6 @@ def _at_ranks(flat: np.ndarray, threshold, lo: int, hi: int) -> list | None:
   return list(np.partition(above, [lo - below, hi - below])[[lo - below, hi - below]])
 
 
-def cell_weights(y_runs: np.ndarray, x_runs: np.ndarray) -> np.ndarray:
-  """The analysis pixels under each cell, int64 [Hc * Wc] (row-major, as the cells)."""
-  return np.outer(np.diff(y_runs), np.diff(x_runs)).reshape(-1)
-
-
 def normalise(map_HxW: np.ndarray, floor: float, scale: float | None = None) -> np.ndarray:
   """map / max(p95(map), floor), clipped to [0, 1] (`scale`: that divisor, when known)."""
   scale = max(percentile(map_HxW, PERCENTILE), floor) if scale is None else scale
@@ -555,12 +560,12 @@ def normalise_fuse(
 ) -> np.ndarray:
   """`fuse(normalise(motion), normalise(residual), *fusion)` with the floors MOTION_FLOOR and
   RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the kernels are on.
-  `motion_cells` (cells [Hc, Wc], y_runs, x_runs: `FrameMaps.motion_cells`) is the motion map
-  as the cell values it expands from; the motion's p95 is then taken over the cells, weighted
-  by their pixels (the same value, a sixteenth of the values to go through)."""
+  `motion_cells` (cells [Hc, Wc] and their pixel counts `cell_weights`: `FrameMaps.motion_cells`)
+  is the motion map as the cell values it expands from; the motion's p95 is then taken over the
+  cells, weighted by their pixels (the same value, a sixteenth of the values to go through)."""
   if motion_cells is not None:
-    cells, y_runs, x_runs = motion_cells
-    motion_p95 = percentile(cells, PERCENTILE, cell_weights(y_runs, x_runs))
+    cells, weights = motion_cells
+    motion_p95 = percentile(cells, PERCENTILE, weights)
   else:
     motion_p95 = percentile(motion_HxW, PERCENTILE)
   motion_scale = max(motion_p95, MOTION_FLOOR)
