@@ -67,7 +67,7 @@ def paint(vectors, direction, hc, wc, cell):
 
 @numba.njit(inline='always')
 def _bilinear(ref, top_left, top_right, bottom_left, bottom_right, ax, ay):
-  """`maps._sample`'s float32 arithmetic for one sample, operation for operation."""
+  """`prediction._sample`'s float32 arithmetic for one sample, operation for operation."""
   top = ref[top_left]
   top = top + (ref[top_right] - top) * ax
   bottom = ref[bottom_left]
@@ -125,7 +125,7 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
       ax, ay = fx - floor_x, fy - floor_y
       ix, iy = np.int64(floor_x), np.int64(floor_y)
       # Rows are clipped to one pixel off the image, then clamped onto it: the replicated
-      # border of `maps._padded` without building it.
+      # border of `prediction._padded` without building it.
       if ix + x_lo >= 0 and ix + x_hi <= w - 1:  # contiguous runs: the compiler vectorises
         for py in range(y_lo, y_hi):
           y0 = min(max(iy + py, -1), h - 1)
