@@ -113,6 +113,19 @@ def test_predict_on_runs_of_cells(monkeypatch, step, moving_share, reach):
   assert_identical(fast, reference)
 
 
+@pytest.mark.parametrize('camera', ['none', 'median', 'mean', 'similarity', 'affine'])
+@pytest.mark.parametrize('distances', [(1, 2), (3, 0), (0, 2), (0, 0)])
+def test_motion_magnitude(monkeypatch, camera, distances):
+  """Motion per cell from 0, 1 or 2 directions, each camera compensation (the affine fit's
+  float64 flow takes the numpy path; the kernel serves float32 vectors)."""
+  rng = np.random.default_rng([len(camera), *distances])
+  grids = [random_grid(rng, 23, 37, 0.7, 12) for _ in range(2)]
+  fast, reference = both(monkeypatch, maps.motion_magnitude, grids, distances, camera)
+  assert_identical(fast, reference)
+  if distances == (0, 0):
+    assert not reference.any()
+
+
 @pytest.mark.parametrize('step', [2, 3, 4])
 @pytest.mark.parametrize('height,width', [(64, 96), (61, 83), (722, 1283)])
 def test_downscale(monkeypatch, step, height, width):

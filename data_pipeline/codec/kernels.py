@@ -182,6 +182,28 @@ def residual(luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, y_runs, x_runs):
 
 
 @jit
+def motion_magnitude(dx0, dy0, has0, distance0, dx1, dy1, has1, distance1, used):
+  """`maps.motion_magnitude` for float32 vectors of `used` (0-2) directions: per cell,
+  (0 + |v0| / d0 + |v1| / d1) / max(coded directions, 1) with |v| = hypot (numba's float32
+  hypot is numpy's, bit for bit) and the terms of uncoded cells 0, in numpy's order."""
+  hc, wc = dx0.shape
+  out = np.empty((hc, wc), np.float32)
+  zero, one = np.float32(0), np.float32(1)
+  d0, d1 = np.float32(distance0), np.float32(distance1)
+  for y in range(hc):
+    for x in range(wc):
+      total, count = zero, zero
+      if used > 0:
+        total = total + (np.hypot(dx0[y, x], dy0[y, x]) / d0 if has0[y, x] else zero)
+        count = count + (one if has0[y, x] else zero)
+      if used > 1:
+        total = total + (np.hypot(dx1[y, x], dy1[y, x]) / d1 if has1[y, x] else zero)
+        count = count + (one if has1[y, x] else zero)
+      out[y, x] = total / max(count, one)
+  return out
+
+
+@jit
 def downscale(luma_HxW, step):
   """`maps.downscale` for step > 1: the integer sum of each step x step block over step**2.
   Per output row, the step source rows are first summed column by column (contiguous, so the

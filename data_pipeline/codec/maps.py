@@ -273,8 +273,9 @@ def frame_maps(
   else:
     p0 = past_prediction if past_prediction is not None else future_prediction
     p1 = future_prediction if future_prediction is not None else past_prediction
-    if not future_grid.has_HcxWc.any():
-      # No future vectors (P- and I-frames): what the general case gives.
+    if KERNELS is None and not future_grid.has_HcxWc.any():
+      # No future vectors (P- and I-frames): what the general case gives, in numpy's fewest
+      # passes (the compiled residual is one pass either way).
       residual_HxW = np.abs(luma - p0)
     else:
       # 1: past vector only (or none), 2: future only, 3: both; one expansion for the two grids.
@@ -285,17 +286,7 @@ def frame_maps(
   if maths == 'release':
     motion_HxW = release_motion(past_grid, h, w, camera, step)
   else:
-    # Motion: magnitude per frame of reference distance, after removing the camera's motion;
-    # the mean over the directions coded for each cell.
-    magnitude_sum = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
-    directions = np.zeros(past_grid.dx_HcxWc.shape, np.float32)
-    for grid, distance in zip(grids, distances):
-      if distance == 0 or not grid.has_HcxWc.any():
-        continue
-      dx, dy = compensate_camera(grid, camera)
-      magnitude_sum += np.where(grid.has_HcxWc, np.hypot(dx, dy) / distance, 0)
-      directions += grid.has_HcxWc
-    motion_HcxWc = (magnitude_sum / np.maximum(directions, 1)).astype(np.float32, copy=False)
+    motion_HcxWc = motion_magnitude(grids, distances, camera)
     motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
     if not inconsistency:
       motion_cells = (motion_HcxWc, cell_weights(h, w, *motion_HcxWc.shape, step))
@@ -309,6 +300,29 @@ def frame_maps(
     tuple(distances),
     motion_cells,
   )
+
+
+def motion_magnitude(grids: Sequence[VectorGrid], distances: Sequence[int], camera: str):
+  """Motion per cell, float32 [Hc, Wc]: the vector's length per frame of reference distance,
+  after removing the camera's motion (`compensate_camera`), averaged over the directions coded
+  for the cell (0 where none is). A direction without a reference (distance 0) or without
+  vectors does not count."""
+  used = [
+    (*compensate_camera(grid, camera), grid.has_HcxWc, distance)
+    for grid, distance in zip(grids, distances)
+    if distance != 0 and grid.has_HcxWc.any()
+  ]
+  if KERNELS is not None and all(u[0].dtype == u[1].dtype == np.float32 for u in used):
+    # Fixed arity: absent directions repeat the first grid and are not counted.
+    filler = (grids[0].dx_HcxWc, grids[0].dy_HcxWc, grids[0].has_HcxWc, 0)
+    padded = (used + [filler, filler])[:2]
+    return KERNELS.motion_magnitude(*padded[0], *padded[1], len(used))
+  magnitude_sum = np.zeros(grids[0].dx_HcxWc.shape, np.float32)
+  directions = np.zeros(grids[0].dx_HcxWc.shape, np.float32)
+  for dx, dy, has, distance in used:
+    magnitude_sum += np.where(has, np.hypot(dx, dy) / distance, 0)
+    directions += has
+  return (magnitude_sum / np.maximum(directions, 1)).astype(np.float32, copy=False)
 
 
 def release_motion(
