@@ -433,6 +433,9 @@ class Run:
     stopping = self.preemption.reached(loop.step)
     if stopping or loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps:
       self.report(loop)
+      # The lines up to this step are written out (in a bucket: uploaded, docs/storage.md)
+      # before the checkpoint can commit, so a run resumed from it has them.
+      self.reporter.flush()
       t_save = time.perf_counter()
       checkpoint.save(self.manager, loop.step, loop.state, position, self.program.meta(loop.step))
       self.reporter.extra['checkpoint_seconds'] = time.perf_counter() - t_save

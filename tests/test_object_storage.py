@@ -50,6 +50,78 @@ def test_paths_and_atomic_writes_on_a_bucket(gcs, tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ['cache'] and not no_url_folders(tmp_path)
 
 
+def test_metrics_in_a_bucket_are_uploaded_in_batches(gcs, tmp_path, monkeypatch):
+  """metrics.jsonl in a bucket holds, after close, the very bytes a local run writes line by
+  line, but was uploaded at flushes, after the interval and at close only: counted at
+  fileio.write_atomic (the one upload call) and by the object's generation at the server."""
+  import json
+  import types
+
+  from google.auth.credentials import AnonymousCredentials
+  from google.cloud import storage
+
+  uploads, write_atomic = [], fileio.write_atomic
+
+  def counted(path, data):
+    uploads.append(path)
+    write_atomic(path, data)
+
+  monkeypatch.setattr(fileio, 'write_atomic', counted)
+  clock = [1000.0]  # the writer's time.monotonic, moved by hand
+  monkeypatch.setattr(metrics_lib, 'time', types.SimpleNamespace(monotonic=lambda: clock[0]))
+  bucket = storage.Client(project='test', credentials=AnonymousCredentials()).bucket(gcs[5:])
+
+  def generation():
+    blob = bucket.get_blob(f'run/{metrics_lib.METRICS_FILE}')
+    return None if blob is None else blob.generation
+
+  local, run = str(tmp_path / 'local'), paths.join(gcs, 'run')
+  local_file, url = os.path.join(local, metrics_lib.METRICS_FILE), paths.join(run, 'metrics.jsonl')
+  steps = {
+    s: {'loss': 5 - s / 8, 'lr': s * 1e-4, 'grad_norm': float('nan') if s == 3 else 1.0}
+    for s in range(1, 21)
+  }
+  jsonl = {'writers': ('jsonl',)}
+  with (
+    metrics_lib.MetricWriter(local, **jsonl) as here,
+    metrics_lib.MetricWriter(run, **jsonl, object_flush_seconds=30) as there,
+  ):
+    for s in range(1, 11):
+      here.write(s, steps[s])
+      there.write(s, steps[s])
+      clock[0] += 2.9  # 29 s for the ten lines: under the interval
+      assert len(open(local_file).readlines()) == s  # locally, line by line
+    assert uploads == [] and generation() is None  # ten lines, nothing sent
+    there.flush()  # as the trainer does after a checkpoint save
+    assert uploads == [url] and paths.read_bytes(url) == open(local_file, 'rb').read()
+    first = generation()
+    there.flush()  # nothing new: nothing sent
+    for s in range(11, 21):
+      here.write(s, steps[s])
+      there.write(s, steps[s])
+    assert len(uploads) == 1 and generation() == first
+    assert len(paths.read_bytes(url).decode().splitlines()) == 10
+  assert len(uploads) == 2 and generation() != first  # the close sent the rest
+  assert paths.read_bytes(url) == open(local_file, 'rb').read()
+  assert len(open(local_file).readlines()) == 20
+
+  # A resumed run starts from the object's lines; a line written 30 s or more after the last
+  # upload is sent with it (the bound on what a kill without warning loses); a close with
+  # nothing new sends nothing.
+  with metrics_lib.MetricWriter(run, **jsonl, object_flush_seconds=30) as again:
+    again.write(21, {'loss': 1.0})
+    assert len(uploads) == 2
+    clock[0] += 30
+    again.write(22, {'loss': 0.5})
+    assert len(uploads) == 3
+  assert len(uploads) == 3
+  rows = metrics_lib.read_metrics(run)
+  assert [r['step'] for r in rows] == list(range(1, 23)) and rows[-1]['loss'] == 0.5
+  assert [json.dumps(r, sort_keys=True) for r in rows[:20]] == [
+    json.dumps(r, sort_keys=True) for r in metrics_lib.read_metrics(local)
+  ]
+
+
 def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(
   gcs, tmp_path, data_root, monkeypatch
 ):
@@ -71,6 +143,9 @@ def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(
   assert 5 <= resumed_from < 10
   assert f'checkpoints: {run}/checkpoints' in result.stdout
   assert_same_losses_after(resumed_from, local, run, 10)
+  # The killed run's lines up to its checkpoint were uploaded before the checkpoint committed
+  # (metrics.jsonl in a bucket is uploaded in batches, flushed at each checkpoint save).
+  assert_same_losses_after(0, local, run, 10)
   names = paths.listdir(run)
   assert {
     'checkpoints',
