@@ -45,6 +45,28 @@ ACCEPTED = (
 )
 
 
+# The URL schemes where orbax can keep checkpoints (besides local paths): gs:// through
+# TensorStore's gcs driver. orbax-checkpoint 0.12.8 normalises `s3://bucket/key` to
+# `s3:/bucket/key` and then refuses it as not absolute (OCDBT) or writes a local folder named
+# `s3:` (without OCDBT); TensorStore's s3 driver would also need an endpoint that orbax never
+# passes (docs/storage.md).
+CHECKPOINT_SCHEMES = ('gs',)
+
+
+def check_checkpoint_path(path: str) -> None:
+  """Raises ValueError naming `path` and the way out where orbax cannot keep checkpoints (an
+  s3:// or other non-gs:// URL), before anything is written or trained."""
+  if not paths.is_url(path):
+    return
+  scheme = path.split('://', 1)[0].lower()
+  if scheme not in CHECKPOINT_SCHEMES:
+    raise ValueError(
+      f'{path}: orbax-checkpoint {ocp.__version__} cannot keep checkpoints at a {scheme}:// '
+      'URL (it turns s3://bucket/key into s3:/bucket/key); put the workdir on gs:// or a local '
+      'path (an S3 bucket mounted with mountpoint-s3 or s3fs-fuse is a local path)'
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Nested dicts
 # ------------------------------------------------------------------------------------------------
@@ -81,6 +103,7 @@ def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
 
 def save_params(directory: str, cfg: EncoderConfig, params: dict[tuple, np.ndarray]) -> str:
   directory = paths.absolute(directory)
+  check_checkpoint_path(directory)
   paths.makedirs(directory)
   target = paths.join(directory, PARAMS_DIR)
   checkpointer = ocp.StandardCheckpointer()
@@ -101,6 +124,7 @@ def encoder_config(fields: dict, source: str) -> EncoderConfig:
 
 def load_params(directory: str) -> tuple[EncoderConfig, dict[tuple, np.ndarray]]:
   directory = paths.absolute(directory)
+  check_checkpoint_path(directory)
   config_path = paths.join(directory, CONFIG_FILE)
   if not paths.isfile(config_path):
     raise FileNotFoundError(
@@ -136,6 +160,7 @@ def open_manager(
   of every item, so that asking for a step's metadata reads it without orbax warning about items
   it cannot interpret, and reads at most 1 GB at a time (orbax's restore_concurrent_gb), so a
   restore holds its result and little more."""
+  check_checkpoint_path(root)
   options = ocp.CheckpointManagerOptions(
     max_to_keep=max_to_keep,
     keep_period=keep_period,

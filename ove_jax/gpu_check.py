@@ -22,6 +22,7 @@ kernels in interpret mode, a tiny-preset step; what needs a GPU is reported as s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -271,9 +272,26 @@ def peak_bytes(device) -> int | None:
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
 
 
-def check_step(
-  config, devices: Sequence, *, warmup: int = 2, steps: int = 5, peak_flops: float = 0.0
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+  """How a train step is timed: `warmup` untimed steps after compiling, then `steps` timed ones
+  (their median is the step time), and the peak FLOP/s of one device that MFU is taken against
+  (0: `metrics.peak_flops_per_device`'s device table). One value from ove-gpu-check's --warmup,
+  --steps and --peak-flops down to `check_step`."""
+
+  warmup: int = 2
+  steps: int = 5
+  peak_flops: float = 0.0
+
+  def __post_init__(self):
+    if self.warmup < 0 or self.steps < 1:
+      raise ValueError(
+        f'StepTiming(warmup={self.warmup}, steps={self.steps}): warmup must be >= 0 and '
+        'steps >= 1 (the step time is the median of the timed steps)'
+      )
+
+
+def check_step(config, devices: Sequence, timing: StepTiming = StepTiming()) -> dict[str, Any]:
   """Compiles, plans, warms up and times one config's train step on `devices`."""
   mesh = train.make_mesh(config, devices)
   before = peak_bytes(devices[0])  # the process's peak so far (earlier checks, steps)
@@ -287,14 +305,14 @@ def check_step(
     compile_seconds = time.perf_counter() - t0
     plan = memory.plan_bytes(compiled.memory_analysis())
     times, aux = [], None
-    for i in range(warmup + steps):
+    for i in range(timing.warmup + timing.steps):
       tick = time.perf_counter()
       state, aux = compiled(state, batch)
       jax.block_until_ready((state, aux))
-      if i >= warmup:
+      if i >= timing.warmup:
         times.append(time.perf_counter() - tick)
     flops = int(program.flops_per_step(batch))
-  peak, source = metrics.peak_flops_per_device(devices[0], override=peak_flops)
+  peak, source = metrics.peak_flops_per_device(devices[0], override=timing.peak_flops)
   seconds = statistics.median(times)
   measured = peak_bytes(devices[0])
   planned = plan['total_bytes']
@@ -335,9 +353,7 @@ def check_steps(
   tiny: bool,
   classes: int = 0,
   attention_impl: str | None = None,
-  warmup: int = 2,
-  steps: int = 5,
-  peak_flops: float = 0.0,
+  timing: StepTiming = StepTiming(),
 ) -> list[dict[str, Any]]:
   """One result per preset; a step that raises (out of memory, say) is an 'error' result.
   Without a GPU only `tiny` steps run (base/large would take hours on a CPU)."""
@@ -356,7 +372,7 @@ def check_steps(
       continue
     try:
       config = step_config(preset, len(devices), tiny=tiny, classes=classes, attention_impl=impl)
-      results.append(check_step(config, devices, warmup=warmup, steps=steps, peak_flops=peak_flops))
+      results.append(check_step(config, devices, timing))
     except Exception as e:  # pylint: disable=broad-except  (an OOM is a result, not a crash)
       results.append(
         {'preset': preset, 'status': ERROR, 'reason': f'{type(e).__name__}: {e}'[:1000]}
@@ -425,9 +441,7 @@ def run(
   num_devices: int = 1,
   classes: int = 0,
   step_attention: str | None = None,
-  warmup: int = 2,
-  steps: int = 5,
-  peak_flops: float = 0.0,
+  timing: StepTiming = StepTiming(),
   fp32_precision: str = 'highest',
 ) -> dict[str, Any]:
   """Every check on the first `num_devices` devices of the running backend; the report dict."""
@@ -450,7 +464,7 @@ def run(
       tiny=tiny,
       classes=classes,
       attention_impl=step_attention,
-      **dict(warmup=warmup, steps=steps, peak_flops=peak_flops),
+      timing=timing,
     ),
   }
   report['summary'] = summary(report)

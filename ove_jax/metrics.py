@@ -40,6 +40,9 @@ _NONFINITE = {'nan': math.nan, 'inf': math.inf, '-inf': -math.inf}
 # ------------------------------------------------------------------------------------------------
 
 WRITERS = ('jsonl', 'tensorboard', 'wandb')
+# How long metrics.jsonl lines may wait in memory before the object in a bucket is uploaded again
+# (the bound of what a run killed without warning loses there; TensorBoard's flush_secs too).
+OBJECT_FLUSH_SECONDS = 30.0
 WANDB_DIR, WANDB_RUN_ID_FILE = 'wandb', 'wandb_run_id'
 
 
@@ -49,7 +52,11 @@ class MetricWriter:
   `read_metrics`, scripts and tests read back), 'tensorboard' mirrors the scalars to
   `<workdir>/tensorboard`, 'wandb' logs them to a Weights & Biases run under `<workdir>/wandb`.
 
-  Each jsonl line is flushed as it is written, so a run that is killed keeps every step it logged.
+  In a local workdir each jsonl line is flushed as it is written, so a run that is killed keeps
+  every step it logged. In a bucket (a URL workdir) the lines are uploaded in batches
+  (`_JsonlObjectOutput`): at most every `object_flush_seconds`, at `flush()` (the trainer calls it
+  before each checkpoint save) and at `close()`; a run killed without warning loses the lines of
+  the last `object_flush_seconds` at most, a normal end or a preemption save loses none.
   A resumed run appends to the same file and rewrites the steps after its checkpoint;
   `read_metrics` keeps the last line of each step; the wandb run is resumed under the same id
   (kept in `<workdir>/wandb_run_id`). With `enabled=False` (every process but the main one of a
@@ -64,6 +71,7 @@ class MetricWriter:
     writers: tuple[str, ...] = ('jsonl', 'tensorboard'),
     wandb_options: Mapping[str, str] | None = None,
     run_config: Mapping[str, Any] | None = None,
+    object_flush_seconds: float = OBJECT_FLUSH_SECONDS,
   ):
     check_writers(writers)
     self.enabled = enabled
@@ -74,7 +82,9 @@ class MetricWriter:
     for name in writers:
       if name == 'jsonl':
         self._outputs.append(
-          _JsonlOutput(workdir) if not paths.is_url(workdir) else _JsonlObjectOutput(workdir)
+          _JsonlOutput(workdir)
+          if not paths.is_url(workdir)
+          else _JsonlObjectOutput(workdir, object_flush_seconds)
         )
       elif name == 'tensorboard':
         self._outputs.append(_TensorBoardOutput(workdir))
@@ -102,6 +112,8 @@ class MetricWriter:
       output.write_text(int(step), name, text)
 
   def flush(self) -> None:
+    """Hands every output's buffered lines on now: the file, TensorBoard's events and, in a
+    bucket, metrics.jsonl's object."""
     for output in self._outputs:
       output.flush()
 
@@ -159,29 +171,41 @@ class _JsonlOutput:
 
 class _JsonlObjectOutput(_JsonlOutput):
   """metrics.jsonl in an object store, which cannot append: the lines are kept in memory and the
-  whole object is uploaded again after every line. An upload is all-or-nothing, so a reader (or a
-  killed run) sees every line up to some step, never half a line. A resumed run starts from the
-  object's lines. At a line per log step (every 10-100 steps) of a few hundred bytes, the
-  uploads stay small next to a checkpoint."""
+  whole object is uploaded again in batches, not per line: on the first line written
+  `flush_seconds` or more after the last upload, at every `flush` (the trainer flushes before each
+  checkpoint save, so the lines up to a checkpoint are in the bucket before it can commit) and at
+  `close`. An upload is all-or-nothing, so a reader (or a killed run) sees every line up to
+  some step, never half a line; a run killed without warning loses the lines logged in the
+  `flush_seconds` after the last upload at most (a resumed run logs the steps after its
+  checkpoint again). A resumed run starts from the object's lines. Uploading at every line, as
+  a local file appends, would send the whole object again per log step: a cost that grows with
+  the run's length (lines x object size)."""
 
-  def __init__(self, workdir: str):  # pylint: disable=super-init-not-called
+  def __init__(self, workdir: str, flush_seconds: float):  # pylint: disable=super-init-not-called
     self._path = paths.join(workdir, METRICS_FILE)
     try:
       text = paths.read_bytes(self._path).decode('utf-8')
     except FileNotFoundError:
       text = ''
     self._text = text if not text or text.endswith('\n') else text + '\n'
+    self._flush_seconds = flush_seconds
+    self._pending = False  # lines written since the last upload
+    self._uploaded = time.monotonic()
 
   def write(self, step: int, values: Mapping[str, int | float]) -> None:
     line = {'step': step, **{key: _encode_nonfinite(value) for key, value in values.items()}}
     self._text += json.dumps(line, allow_nan=False) + '\n'
-    fileio.write_atomic(self._path, self._text)
+    self._pending = True
+    if time.monotonic() - self._uploaded >= self._flush_seconds:
+      self.flush()
 
   def flush(self) -> None:
-    pass  # every line is uploaded as it is written
+    if self._pending:
+      fileio.write_atomic(self._path, self._text)
+      self._pending, self._uploaded = False, time.monotonic()
 
   def close(self) -> None:
-    pass
+    self.flush()
 
 
 class _TensorBoardOutput:

@@ -260,7 +260,7 @@ def probe_records(
       batch_size=extract_batch_size,
       seeds=seeds,
       attentive=attentive,
-      knn_k=knn_k,
+      knn=evaluators.KnnConfig(k=knn_k),
     )
     results['modes'][mode] = entry
     log(

@@ -191,6 +191,11 @@ class StepReporter:
       flush=True,
     )
 
+  def flush(self) -> None:
+    """Hands the metrics writers' buffered lines on (in a bucket: uploads metrics.jsonl); the
+    trainer calls it before a checkpoint save, so a run resumed from that checkpoint has them."""
+    self.writer.flush()
+
   def close(self) -> None:
     self.progress.close()
     self.writer.close()

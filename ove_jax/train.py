@@ -433,6 +433,9 @@ class Run:
     stopping = self.preemption.reached(loop.step)
     if stopping or loop.step % c.checkpoint_every == 0 or loop.step == c.total_steps:
       self.report(loop)
+      # The lines up to this step are written out (in a bucket: uploaded, docs/storage.md)
+      # before the checkpoint can commit, so a run resumed from it has them.
+      self.reporter.flush()
       t_save = time.perf_counter()
       checkpoint.save(self.manager, loop.step, loop.state, position, self.program.meta(loop.step))
       self.reporter.extra['checkpoint_seconds'] = time.perf_counter() - t_save
@@ -458,6 +461,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ends by printing where the checkpoints and the outputs of the metrics writers are. After a
   preemption save the result has 'stopped' (main exits with PREEMPTED_EXIT_CODE)."""
   started = time.perf_counter()
+  try:  # before any process starts: an s3:// workdir would fail at the first checkpoint save
+    checkpoint.check_checkpoint_path(paths.absolute(workdir))
+  except ValueError as e:
+    raise config_lib.ConfigError(f'--workdir {e}') from None
   info = distributed.initialize(
     local_device_count=_local_devices(config), **config.distributed.to_dict()
   )

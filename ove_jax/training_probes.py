@@ -98,7 +98,7 @@ def run(config, program, state) -> dict[str, float]:
     probes=tuple(p.probes),
     batch_size=int(p.batch_size),
     seeds=(int(config.seed),),
-    knn_k=int(p.knn_k),
+    knn=evaluators.KnnConfig(k=int(p.knn_k)),
   )
   out: dict[str, Any] = {
     f'{PREFIX}{probe}_top1': results[probe]['top1'] for probe in evaluators.check_probes(p.probes)

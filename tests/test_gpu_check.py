@@ -1,6 +1,7 @@
 """ove-gpu-check on CPU: the tool's own run end to end (tiny sizes), its JSON report, and that
 its comparison fails a wrong attention path."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -116,6 +117,27 @@ def test_bad_flags(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     tool.main(argv)
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_timing_flags_reach_the_step_as_one_setting(monkeypatch, capsys):
+  """--warmup, --steps and --peak-flops arrive at check_step as one StepTiming (the step itself
+  is replaced by a recorder here; test_cpu_mode_end_to_end times a real one)."""
+  seen = []
+
+  def record(config, devices, timing=gpu_check.StepTiming()):
+    seen.append(timing)
+    return {'preset': config.model.preset, 'status': 'skipped', 'reason': 'recorded'}
+
+  monkeypatch.setattr(gpu_check, 'check_step', record)
+  argv = ['--platform=cpu', '--tiny', '--paths=jax', '--warmup=0', '--steps=3']
+  assert tool.main([*argv, '--peak-flops=2.5e12']) == 0, capsys.readouterr().out
+  assert seen == [gpu_check.StepTiming(warmup=0, steps=3, peak_flops=2.5e12)]
+  assert gpu_check.StepTiming() == gpu_check.StepTiming(warmup=2, steps=5, peak_flops=0.0)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    seen[0].steps = 1
+  for bad in ({'steps': 0}, {'warmup': -1}):
+    with pytest.raises(ValueError, match='warmup must be >= 0 and steps >= 1'):
+      gpu_check.StepTiming(**bad)
 
 
 def test_platform_gpu_without_a_gpu_is_refused(capsys):

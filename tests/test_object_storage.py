@@ -1,10 +1,14 @@
 """Workdirs, exports and precomputed shards in object storage, against a real GCS API server
-(fake-gcs-server, the `gcs` fixture): paths reach orbax as URLs, no local folder is named after
-a URL, and a run killed with SIGKILL resumes from the bucket to the losses of a local run."""
+(fake-gcs-server, the `gcs` fixture) and a real S3 API server (moto, the `s3` fixture): paths
+reach orbax as URLs, no local folder is named after a URL, a run killed with SIGKILL resumes from
+the bucket to the losses of a local run, and s3:// workdirs, where orbax cannot keep checkpoints,
+are refused before anything runs."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 # The trainer runs' harness (module-scoped data_root fixture, command line, kill and resume).
 from test_train import ROOT, assert_same_losses_after, command, data_root, env, kill_then_resume
@@ -26,10 +30,37 @@ def no_url_folders(*folders):
   ]
 
 
-def test_paths_and_atomic_writes_on_a_bucket(gcs, tmp_path, monkeypatch):
+@pytest.fixture(params=['gcs', 's3'])
+def bucket(request):
+  """A new, empty bucket: gs://... on the GCS server, then s3://... on the S3 server."""
+  return request.getfixturevalue(request.param)
+
+
+def upload_mark(url):
+  """What the server says about the object at `url` that changes with every upload of new
+  content, None when there is none: its generation (GCS), its ETag, the MD5 of its bytes (S3)."""
+  scheme, rest = url.split('://', 1)
+  name, key = rest.split('/', 1)
+  if scheme == 'gs':
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project='test', credentials=AnonymousCredentials())
+    blob = client.bucket(name).get_blob(key)
+    return None if blob is None else blob.generation
+  import boto3
+  import botocore.exceptions
+
+  try:
+    return boto3.client('s3').head_object(Bucket=name, Key=key)['ETag']
+  except botocore.exceptions.ClientError:
+    return None
+
+
+def test_paths_and_atomic_writes_on_a_bucket(bucket, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  run = paths.join(gcs, 'run')
-  assert paths.absolute(run + '/') == run and paths.dirname(run) == gcs
+  run = paths.join(bucket, 'run')
+  assert paths.absolute(run + '/') == run and paths.dirname(run) == bucket
   assert not paths.exists(run) and paths.listdir(run) == []
   fileio.write_json(paths.join(run, 'a', 'x.json'), {'k': 1})
   fileio.write_atomic(paths.join(run, 'b.txt'), 'text')
@@ -48,6 +79,90 @@ def test_paths_and_atomic_writes_on_a_bucket(gcs, tmp_path, monkeypatch):
   paths.rmtree(paths.join(run, 'a'))
   assert paths.listdir(run) == ['b.txt', 'c.bin']
   assert os.listdir(tmp_path) == ['cache'] and not no_url_folders(tmp_path)
+
+
+def test_metrics_in_a_bucket_are_uploaded_in_batches(bucket, tmp_path, monkeypatch):
+  """metrics.jsonl in a bucket holds, after close, the very bytes a local run writes line by
+  line, but was uploaded at flushes, after the interval and at close only: counted at
+  fileio.write_atomic (the one upload call) and by the server (`upload_mark`)."""
+  import json
+  import types
+
+  uploads, write_atomic = [], fileio.write_atomic
+
+  def counted(path, data):
+    uploads.append(path)
+    write_atomic(path, data)
+
+  monkeypatch.setattr(fileio, 'write_atomic', counted)
+  clock = [1000.0]  # the writer's time.monotonic, moved by hand
+  monkeypatch.setattr(metrics_lib, 'time', types.SimpleNamespace(monotonic=lambda: clock[0]))
+  local, run = str(tmp_path / 'local'), paths.join(bucket, 'run')
+  local_file, url = os.path.join(local, metrics_lib.METRICS_FILE), paths.join(run, 'metrics.jsonl')
+  steps = {
+    s: {'loss': 5 - s / 8, 'lr': s * 1e-4, 'grad_norm': float('nan') if s == 3 else 1.0}
+    for s in range(1, 21)
+  }
+  jsonl = {'writers': ('jsonl',)}
+  with (
+    metrics_lib.MetricWriter(local, **jsonl) as here,
+    metrics_lib.MetricWriter(run, **jsonl, object_flush_seconds=30) as there,
+  ):
+    for s in range(1, 11):
+      here.write(s, steps[s])
+      there.write(s, steps[s])
+      clock[0] += 2.9  # 29 s for the ten lines: under the interval
+      assert len(open(local_file).readlines()) == s  # locally, line by line
+    assert uploads == [] and upload_mark(url) is None  # ten lines, nothing sent
+    there.flush()  # as the trainer does after a checkpoint save
+    assert uploads == [url] and paths.read_bytes(url) == open(local_file, 'rb').read()
+    first = upload_mark(url)
+    there.flush()  # nothing new: nothing sent
+    for s in range(11, 21):
+      here.write(s, steps[s])
+      there.write(s, steps[s])
+    assert len(uploads) == 1 and upload_mark(url) == first
+    assert len(paths.read_bytes(url).decode().splitlines()) == 10
+  assert len(uploads) == 2 and upload_mark(url) != first  # the close sent the rest
+  assert paths.read_bytes(url) == open(local_file, 'rb').read()
+  assert len(open(local_file).readlines()) == 20
+
+  # A resumed run starts from the object's lines; a line written 30 s or more after the last
+  # upload is sent with it (the bound on what a kill without warning loses); a close with
+  # nothing new sends nothing.
+  with metrics_lib.MetricWriter(run, **jsonl, object_flush_seconds=30) as again:
+    again.write(21, {'loss': 1.0})
+    assert len(uploads) == 2
+    clock[0] += 30
+    again.write(22, {'loss': 0.5})
+    assert len(uploads) == 3
+  assert len(uploads) == 3
+  rows = metrics_lib.read_metrics(run)
+  assert [r['step'] for r in rows] == list(range(1, 23)) and rows[-1]['loss'] == 0.5
+  assert [json.dumps(r, sort_keys=True) for r in rows[:20]] == [
+    json.dumps(r, sort_keys=True) for r in metrics_lib.read_metrics(local)
+  ]
+
+
+def test_tensorboard_events_in_s3(s3, tmp_path, monkeypatch):
+  """The TensorBoard writer in an s3:// workdir (tensorboardX, through boto3) leaves one events
+  object holding the logged scalars (gs://: the SIGKILL test below, in a subprocess, because
+  tensorboardX's gs:// writer uploads once more when it is garbage-collected, which at the end of
+  this process would wait 120 s on the stopped server)."""
+  import gc
+
+  monkeypatch.chdir(tmp_path)
+  run = paths.join(s3, 'run')
+  with metrics_lib.MetricWriter(run, writers=('jsonl', 'tensorboard')) as writer:
+    for step in (1, 2):
+      writer.write(step, {'loss': 3.0 / step})
+  (events,) = paths.glob(paths.join(run, metrics_lib.TENSORBOARD_DIR, 'events.out.tfevents.*'))
+  data = paths.read_bytes(events)
+  assert data.count(b'loss') == 2, data
+  assert [r['loss'] for r in metrics_lib.read_metrics(run)] == [3.0, 1.5]
+  assert not no_url_folders(tmp_path)
+  del writer
+  gc.collect()  # tensorboardX's record writer uploads again in __del__: while the server is up
 
 
 def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(
@@ -71,6 +186,9 @@ def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(
   assert 5 <= resumed_from < 10
   assert f'checkpoints: {run}/checkpoints' in result.stdout
   assert_same_losses_after(resumed_from, local, run, 10)
+  # The killed run's lines up to its checkpoint were uploaded before the checkpoint committed
+  # (metrics.jsonl in a bucket is uploaded in batches, flushed at each checkpoint save).
+  assert_same_losses_after(0, local, run, 10)
   names = paths.listdir(run)
   assert {
     'checkpoints',
@@ -101,7 +219,7 @@ def test_sigkill_resume_in_a_bucket_matches_a_local_run_then_exports(
   assert not no_url_folders(tmp_path, ROOT)
 
 
-def test_precompute_into_a_bucket_and_the_pipeline_reads_it(gcs, tmp_path, monkeypatch):
+def test_precompute_into_a_bucket_and_the_pipeline_reads_it(bucket, tmp_path, monkeypatch):
   from test_precompute import FLAGS, write_clip
 
   from data_pipeline import pipeline, precompute, sources
@@ -113,7 +231,7 @@ def test_precompute_into_a_bucket_and_the_pipeline_reads_it(gcs, tmp_path, monke
     write_clip(tmp_path / f'clip{i}.mp4', seed=i)
     videos.append(f'clip{i}.mp4\t{i},{i + 1}')
   (tmp_path / 'videos.tsv').write_text('\n'.join(videos) + '\n')
-  out = paths.join(gcs, 'codec')
+  out = paths.join(bucket, 'codec')
   argv = ['videos.tsv', out, *FLAGS, '--clips-per-shard', '2', '--workers', '0']
   assert precompute_codec.main(argv) == 0
   summary = fileio.read_json(paths.join(out, 'summary.json'))
@@ -123,7 +241,7 @@ def test_precompute_into_a_bucket_and_the_pipeline_reads_it(gcs, tmp_path, monke
   assert fileio.read_json(paths.join(out, 'summary.json'))['shards_skipped'] == 2
   pattern = paths.join(out, 'ove_codec-train.*')
   shards = paths.glob(pattern)
-  assert len(shards) == 2 and all(s.startswith(gcs) for s in shards)
+  assert len(shards) == 2 and all(s.startswith(bucket) for s in shards)
   # ArrayRecord reads local files: the shards are staged into data.local_cache_dir once.
   cache = str(tmp_path / 'shard_cache')
   source = sources.open_source(pattern, cache_dir=cache)
@@ -134,9 +252,7 @@ def test_precompute_into_a_bucket_and_the_pipeline_reads_it(gcs, tmp_path, monke
   staged = sorted(
     os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs
   )
-  assert staged == [
-    os.path.join('gs', gcs[len('gs://') :], 'codec', paths.basename(s)) for s in shards
-  ]
+  assert staged == [os.path.join(*bucket.split('://'), 'codec', paths.basename(s)) for s in shards]
   head = pipeline.HeadConfig(
     kind='video',
     source=pattern,
@@ -192,4 +308,66 @@ def test_a_sweep_in_a_bucket_writes_its_job_array_and_collects_the_results(
   rows = table.splitlines()[2:]
   assert rows[0].startswith(f'| {names[0]} |') and '| unfinished | 1 | 4.5 |' in rows[0]
   assert all('| not started |' in row for row in rows[1:])
+  assert not no_url_folders(tmp_path, ROOT)
+
+
+def test_an_s3_workdir_is_refused_before_anything_runs(s3, tmp_path, monkeypatch):
+  """orbax-checkpoint cannot keep checkpoints at s3:// (it makes s3://b/k s3:/b/k): the trainer
+  refuses such a workdir with a config error before any process starts or writes, and the
+  checkpoint layer (save, listing, restore, parameter directories) refuses the URL by name."""
+  import orbax.checkpoint as ocp
+
+  from ove_jax import checkpoint, train
+  from ove_jax import config as config_lib
+  from ove_jax.models import EncoderConfig
+
+  monkeypatch.chdir(tmp_path)
+  run = paths.join(s3, 'run')
+  config = config_lib.load(os.path.join(ROOT, 'experiments', 'demo_cpu.py') + ':smoke', [])
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.train(config, run)
+  assert str(e.value).startswith(f'--workdir {run}: orbax-checkpoint {ocp.__version__} cannot')
+  assert 'put the workdir on gs:// or a local path' in str(e.value)
+  assert paths.listdir(s3) == []  # nothing written
+  message = f'orbax-checkpoint {ocp.__version__} cannot keep checkpoints at a s3:// URL'
+  for call in (
+    lambda: checkpoint.open_manager(checkpoint.root_of(run), create=True),
+    lambda: checkpoint.save_params(run, EncoderConfig.preset('tiny'), {}),
+    lambda: checkpoint.load_params(run),
+  ):
+    with pytest.raises(ValueError, match=message):
+      call()
+  # Files that are not checkpoints stay welcome at s3:// (the test above), and gs:// and local
+  # checkpoint paths pass the check.
+  checkpoint.check_checkpoint_path('gs://bucket/run/checkpoints')
+  checkpoint.check_checkpoint_path(str(tmp_path / 'run'))
+  assert paths.listdir(s3) == [] and not no_url_folders(tmp_path)
+
+
+def test_an_export_to_s3_is_uploaded_and_loads_back(s3, smoke_run, tmp_path, monkeypatch, capsys):
+  """`ove-convert from-train --out s3://...` of a local run: written and checked locally, then
+  uploaded; the objects, staged back, load as the checkpoint's encoder parameters."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from ove_jax import checkpoint
+  from ove_jax_tools import convert_checkpoint
+
+  monkeypatch.chdir(tmp_path)
+  workdir, _, _ = smoke_run
+  out = paths.join(s3, 'hf')
+  assert convert_checkpoint.main(['from-train', '--workdir', workdir, '--out', out]) == 0
+  printed = capsys.readouterr().out
+  assert f'uploaded to {out}' in printed and 'max |difference| over' in printed
+  assert {'config.json', 'model.safetensors'} <= set(paths.listdir(out)), paths.listdir(out)
+  staged = {paths.stage(paths.join(out, name)) for name in ('config.json', 'model.safetensors')}
+  (folder,) = {os.path.dirname(p) for p in staged}
+  assert folder == os.path.join(str(tmp_path / 'cache'), 'ove_jax', 'objects', *out.split('://'))
+  here, there = checkpoint.load_encoder(workdir), checkpoint.load_encoder(folder)
+  want = jax.tree.leaves(nnx.state(here.model, nnx.Param))
+  got = jax.tree.leaves(nnx.state(there.model, nnx.Param))
+  assert len(got) == len(want) > 0
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not no_url_folders(tmp_path, ROOT)

@@ -28,6 +28,8 @@ import tempfile
 
 from ove_jax import cli
 
+PROG = 'bench_export_memory'
+
 # Run in the child: `load()` is the variant's code; the rest measures around it.
 _CHILD = r"""
 import json, os, resource, sys, threading, time
@@ -117,24 +119,37 @@ def measure(workdir: str, source: str, load: str) -> dict:
   return json.loads(lines[-1][len('RESULT ') :])
 
 
-def main(argv=None) -> int:
-  parser = cli.doc_parser('bench_export_memory', __doc__)
-  parser.add_argument('--workdir', required=True, help='a training workdir with a checkpoint')
-  parser.add_argument(
-    '--old-source',
-    help=(
-      'a checkout of the code before params-only restores '
-      '(full-state export); omit to measure the params-only export alone'
-    ),
-  )
-  parser.add_argument(
-    '--cli',
-    action='store_true',
-    help='measure the whole `ove-convert from-train` instead of the load',
-  )
-  parser.add_argument('--json', help='also write the figures to this file')
-  args = parser.parse_args(argv)
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def check_inputs(args) -> None:
+  """Bad input named before any measurement starts: --workdir must hold a committed training
+  checkpoint, --old-source a checkout whose tools/convert_checkpoint.py has `trained_encoder`."""
+  from ove_jax import checkpoint
+
+  try:
+    checkpoint.locate(args.workdir)
+  except FileNotFoundError as e:
+    raise cli.UsageError(
+      f'--workdir {args.workdir}: {e}'.replace(f'{os.path.abspath(args.workdir)}: ', '', 1)
+    ) from None
+  if args.old_source:
+    module = os.path.join(args.old_source, 'tools', 'convert_checkpoint.py')
+    try:
+      with open(module) as f:
+        found = 'def trained_encoder(' in f.read()
+    except OSError:
+      found = False
+    if not found:
+      raise cli.UsageError(
+        f'--old-source {args.old_source}: no tools/convert_checkpoint.py with trained_encoder '
+        'there; give a checkout of the code before params-only restores (git archive <commit> '
+        '| tar -x -C DIR)'
+      )
+
+
+def run(args) -> dict:
+  check_inputs(args)
+  # This checkout: the folder above tools/ (realpath: the module may be reached through a link,
+  # e.g. a package folder ove_jax_tools -> tools).
+  here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
   variants = {'params-only': (here, _CLI_LOAD if args.cli else _NEW_LOAD)}
   if args.old_source:
     variants['full-state'] = (
@@ -153,7 +168,26 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'workdir': os.path.abspath(args.workdir), 'cli': args.cli, **results}, f, indent=2)
-  return 0
+  return results
+
+
+def main(argv=None) -> int:
+  parser = cli.doc_parser(PROG, __doc__, cli.Parser)
+  parser.add_argument('--workdir', required=True, help='a training workdir with a checkpoint')
+  parser.add_argument(
+    '--old-source',
+    help=(
+      'a checkout of the code before params-only restores '
+      '(full-state export); omit to measure the params-only export alone'
+    ),
+  )
+  parser.add_argument(
+    '--cli',
+    action='store_true',
+    help='measure the whole `ove-convert from-train` instead of the load',
+  )
+  parser.add_argument('--json', help='also write the figures to this file')
+  return cli.main_of(PROG, parser, run, (), argv)
 
 
 if __name__ == '__main__':

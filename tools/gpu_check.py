@@ -138,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       presets=a.presets or (('tiny',) if a.tiny else ('base', 'large')),
       implementations=a.paths,
       num_devices=a.devices,
-      **cli.keywords(a, 'classes', 'step_attention', 'warmup', 'steps', 'peak_flops'),
+      **cli.keywords(a, 'classes', 'step_attention'),
+      timing=gpu_check.StepTiming(**cli.keywords(a, 'warmup', 'steps', 'peak_flops')),
       fp32_precision=a.fp32_precision,
     )
   except ValueError as e:

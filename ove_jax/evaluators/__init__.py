@@ -26,7 +26,7 @@ import numpy as np
 
 from ove_jax.evaluators.attentive import AttentiveConfig, AttentiveProbe, train_attentive
 from ove_jax.evaluators.features import Features, extract, record_label, video_samples
-from ove_jax.evaluators.knn import knn_probe
+from ove_jax.evaluators.knn import KnnConfig, knn_probe
 from ove_jax.evaluators.linear import linear_probe
 from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
 
@@ -59,8 +59,7 @@ def run_probes(
   seeds: Sequence[int] = (0,),
   attentive: AttentiveConfig = AttentiveConfig(),
   linear_C: float | None = None,
-  knn_k: int = 20,
-  knn_vote: str = 'weighted',
+  knn: KnnConfig = KnnConfig(),
   log: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
   """The chosen probes on extracted features, each repeated over `seeds` (k-NN, deterministic,
@@ -106,11 +105,7 @@ def run_probes(
       ]
       results[probe] = _summary(runs, ('top1',))
     else:
-      runs = [
-        knn_probe(
-          train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N, k=knn_k, vote=knn_vote
-        )
-      ]
+      runs = [knn_probe(train.pooled_NxC, train.labels_N, test.pooled_NxC, test.labels_N, knn)]
       results[probe] = _summary(runs, ('top1',))
     results[probe]['seconds'] = time.perf_counter() - start
     if log is not None:
@@ -132,8 +127,7 @@ def evaluate(
   seeds: Sequence[int] = (0,),
   attentive: AttentiveConfig = AttentiveConfig(),
   linear_C: float | None = None,
-  knn_k: int = 20,
-  knn_vote: str = 'weighted',
+  knn: KnnConfig = KnnConfig(),
   progress: bool = False,
   log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -163,7 +157,6 @@ def evaluate(
     progress=progress,
   )
   seconds = time.perf_counter() - start
-  knn = {'knn_k': knn_k, 'knn_vote': knn_vote}
   results = run_probes(
     train,
     test,
@@ -172,8 +165,8 @@ def evaluate(
     seeds=seeds,
     attentive=attentive,
     linear_C=linear_C,
+    knn=knn,
     log=log,
-    **knn,
   )
   lengths = [len(s['patches']) for s in (*train_samples, *test_samples)]
   return {
@@ -191,6 +184,7 @@ __all__ = [
   'AttentiveConfig',
   'AttentiveProbe',
   'Features',
+  'KnnConfig',
   'evaluate',
   'extract',
   'knn_probe',
