@@ -140,21 +140,16 @@ def evaluate(
   probes = check_probes(probes)
   start = time.perf_counter()
   keep = 'attentive' in probes
-  train = extract(
-    encoder,
-    train_samples,
-    batch_size=batch_size,
-    num_segments=num_segments,
-    keep_tokens=keep,
-    progress=progress,
-  )
-  test = extract(
-    encoder,
-    test_samples,
-    batch_size=batch_size,
-    num_segments=num_segments,
-    keep_tokens=keep,
-    progress=progress,
+  train, test = (
+    extract(
+      encoder,
+      split,
+      batch_size=batch_size,
+      num_segments=num_segments,
+      keep_tokens=keep,
+      progress=progress,
+    )
+    for split in (train_samples, test_samples)
   )
   seconds = time.perf_counter() - start
   results = run_probes(
