@@ -22,9 +22,8 @@ layer is not: its x^T recomputes the GELU (51 ms a block in a traced 1.6 s step 
 and its dy^T the next LayerNorm's backward pass. A layer that narrows (input wider than
 output) therefore contracts over the tokens as autodiff writes it: XLA:CPU gives that dot to its
 own (Eigen) kernel, not YNNPACK's, which packs the transposed operand itself. On materialised
-operands,
-2048 tokens, GFLOP per CPU-second as written (with x^T copied first): 4096 -> 1024 70 (70),
-2048 -> 512 61 (67); for a widening layer the copy wins: 1024 -> 4096 39 (80).
+operands, 2048 tokens, GFLOP per CPU-second as written (with x^T copied first): 4096 -> 1024 70
+(70), 2048 -> 512 61 (67); for a widening layer the copy wins: 1024 -> 4096 39 (80).
 
 Same maths: the products are the same sums in another memory order, and the attention backward is
 the usual softmax one (dS = P * (dO @ V^T - rowsum(dO * O)), written with the unnormalised
