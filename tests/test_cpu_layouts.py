@@ -52,12 +52,34 @@ def test_layouts_are_on_for_the_cpu_backend_and_really_traced():
   assert 'optimization_barrier' not in plain
 
 
+def _token_contractions(jaxpr) -> list:
+  """Dimension numbers of the dot_generals that contract two matrices over their rows."""
+  return [
+    eqn.params['dimension_numbers']
+    for eqn in jaxpr.eqns
+    if eqn.primitive.name == 'dot_general'
+    and all(v.aval.ndim == 2 for v in eqn.invars)
+    and eqn.params['dimension_numbers'][0] == ((0,), (0,))
+  ]
+
+
+def test_narrowing_dense_contracts_over_tokens_without_a_copy():
+  # x [T, 32] -> y [T, 16]: dW = x^T @ dy over the flattened tokens, no transposed copy.
+  kernel, x = jnp.ones((32, 16)), jnp.ones((2, 7, 32))
+  jaxpr = jax.make_jaxpr(_dense_grad())(kernel, jnp.zeros(16), x).jaxpr
+  assert 'optimization_barrier' not in _primitives(jaxpr)
+  assert _token_contractions(jaxpr)
+  with cpu_layouts.autodiff_layouts():  # autodiff contracts [2, 7, 32] and [2, 7, 16]
+    assert not _token_contractions(jax.make_jaxpr(_dense_grad())(kernel, jnp.zeros(16), x).jaxpr)
+
+
+@pytest.mark.parametrize('d_in,d_out', [(48, 96), (96, 48)])
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_dense_gradients_equal_autodiff(dtype, tol):
+def test_dense_gradients_equal_autodiff(dtype, tol, d_in, d_out):
   rng = np.random.default_rng(0)
-  kernel = jnp.asarray(rng.standard_normal((48, 96)) * 0.1, dtype)
-  bias = jnp.asarray(rng.standard_normal(96) * 0.1, dtype)
-  x = jnp.asarray(rng.standard_normal((3, 37, 48)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((d_in, d_out)) * 0.1, dtype)
+  bias = jnp.asarray(rng.standard_normal(d_out) * 0.1, dtype)
+  x = jnp.asarray(rng.standard_normal((3, 37, d_in)), dtype)
   got, want = _both(_dense_grad, kernel, bias, x)
   for g, w in zip(got, want):
     assert g.dtype == w.dtype == dtype and g.shape == w.shape

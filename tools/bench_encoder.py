@@ -20,7 +20,10 @@ output, and the gradient for every parameter, timed with `jax.block_until_ready`
 Printed beside the times: the analytic FLOPs (`encoder_flops`), achieved GFLOP/s and their share
 of this machine's matmul peak (`metrics.matmul_peak_flops`: one large jitted matmul, the fastest
 of 5), and CPU time per step, user + system (on CPU a large system share is page faults, not
-arithmetic). A markdown summary at the end is what docs/benchmarks.md records.
+arithmetic). The sparse speedup is given by wall time, by user CPU time and by user + system
+CPU time, each with its verdict: wall time counts the other work on a shared machine, system
+time the allocator's page faults, user time the arithmetic. A markdown summary at the end is
+what docs/benchmarks.md records.
 
 Commands:
 
@@ -148,7 +151,8 @@ def print_row(name: str, result: dict) -> None:
     return
   extra = ''
   if jax.default_backend() == 'cpu':
-    extra += f', CPU per step: user {result["user_s"]:.2f} s + sys {result["sys_s"]:.2f} s'
+    cpu = bench.format_cpu_seconds
+    extra += f', CPU per step: user {cpu(result["user_s"])} s + sys {cpu(result["sys_s"])} s'
   if 'compile_s' in result:
     extra += f', compile {result["compile_s"]:.1f} s'
   if 'planned_temp_gb' in result:
@@ -260,6 +264,8 @@ def main(argv=None):
     del inputs, step, params
     gc.collect()
   summary = bench.sparse_speedup(rows)
+  if summary:
+    print('sparse speedup (dense / sparse):\n' + '\n'.join(bench.speedup_verdicts(summary)))
 
   # -- JAX vs PyTorch, per width -----------------------------------------------------------------
   comparisons = []

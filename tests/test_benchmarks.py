@@ -1,0 +1,85 @@
+"""The encoder bench's figures (ove_jax.benchmarks): the sparse speedup by wall, user and
+user + system time with a verdict per measure, the CPU-time formatting, and CPU time measured
+finer than clock ticks."""
+
+import numpy as np
+
+from ove_jax import benchmarks
+
+
+def _row(median_s, user_s, sys_s, flops):
+  return {'median_s': median_s, 'user_s': user_s, 'sys_s': sys_s, 'flops': flops, 'tokens': 1}
+
+
+def test_sparse_speedup_per_measure():
+  rows = {
+    'JAX sparse': _row(0.1, 0.16, 0.02, 8e9),
+    'JAX dense': _row(4.0, 8.0, 0.4, 400e9),
+  }
+  summary = benchmarks.sparse_speedup(rows)
+  np.testing.assert_allclose(summary['speedup_analytic'], 50.0)
+  np.testing.assert_allclose(summary['speedup_measured'], 40.0)
+  np.testing.assert_allclose(summary['speedup_fraction'], 0.8)
+  np.testing.assert_allclose(summary['speedup_user'], 50.0)
+  np.testing.assert_allclose(summary['speedup_user_fraction'], 1.0)
+  np.testing.assert_allclose(summary['speedup_cpu'], 8.4 / 0.18)
+  np.testing.assert_allclose(summary['speedup_cpu_fraction'], 8.4 / 0.18 / 50)
+  wall, user, cpu = benchmarks.speedup_verdicts(summary)
+  assert wall.startswith('- by wall time: 40.00x = 80.0%') and wall.endswith('NOT met)')
+  assert user.startswith('- by user CPU time: 50.00x = 100.0%') and user.endswith(': met)')
+  assert cpu.startswith('- by user+sys CPU time: 46.67x = 93.3%') and cpu.endswith(': met)')
+
+
+def test_sparse_speedup_without_cpu_times_or_dense_case():
+  rows = {'JAX sparse': _row(0.1, 0, 0, 8e9), 'JAX dense': _row(4.0, 0, 0, 400e9)}
+  for row in rows.values():
+    del row['user_s'], row['sys_s']
+  summary = benchmarks.sparse_speedup(rows)
+  assert set(summary) == {'speedup_analytic', 'speedup_measured', 'speedup_fraction'}
+  assert len(benchmarks.speedup_verdicts(summary)) == 1
+  assert benchmarks.sparse_speedup({'JAX sparse': rows['JAX sparse']}) == {}
+
+
+def test_markdown_summary_gives_every_verdict():
+  rows = {
+    'JAX sparse': _row(0.1, 0.16, 0.02, 8e9),
+    'JAX dense': _row(4.0, 8.0, 0.4, 400e9),
+  }
+  for row in rows.values():
+    row.update(flops_per_s=1e9, peak_fraction=0.5, compile_s=1.0)
+  run = {'preset': 'micro', 'batch': 1, 'frames': 64, 'repeats': 3, 'peak': 1e11}
+  lines = benchmarks.markdown_summary(
+    command='ove-bench-encoder',
+    info={'backend': 'cpu', 'device_kind': 'cpu', 'cpu_count': 2, 'jax': 'x'},
+    cfg=benchmarks.encoder_config('micro'),
+    rows=rows,
+    summary=benchmarks.sparse_speedup(rows),
+    comparisons=[],
+    notes={'dense': None, 'torch': 'skipped (--skip-torch)'},
+    tuning='host tuning: off',
+    **run,
+  )
+  text = '\n'.join(lines)
+  assert '| JAX sparse | 1 | 8.0 | 100.0 ms |' in text and '| 0.160 + 0.020 |' in text
+  assert '| 8.00 + 0.400 |' in text
+  for label in ('wall time', 'user CPU time', 'user+sys CPU time'):
+    assert f'- by {label}: ' in text
+
+
+def test_format_cpu_seconds():
+  assert benchmarks.format_cpu_seconds(0.1723) == '0.172'
+  assert benchmarks.format_cpu_seconds(8.2) == '8.20'
+  assert benchmarks.format_cpu_seconds(12.34) == '12.3'
+
+
+def test_cpu_time_is_finer_than_clock_ticks():
+  x = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+  readings = []
+  for _ in range(5):
+    readings += benchmarks.cpu_times()
+    for _ in range(20):
+      x = np.tanh(x @ x.T / 256)
+  # With 10 ms ticks every reading would be a whole number of hundredths.
+  assert any(abs(t * 100 - round(t * 100)) > 1e-6 for t in readings)
+  result = benchmarks.time_runs(lambda: np.tanh(x @ x.T), warmup=0, repeats=3)
+  assert result['user_s'] + result['sys_s'] > 0
