@@ -9,6 +9,7 @@ achieved FLOP/s vs the machine's measured matmul peak); nothing here asserts a t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shlex
@@ -357,24 +358,40 @@ def speedup_verdicts(summary: Mapping[str, float]) -> list[str]:
   return lines
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchSetting:
+  """What one bench run measured under: its command line, the device and host (`device_info`),
+  the host tuning applied, the sparse-vs-dense model (`preset`, `cfg`), the input (batch clips of
+  `frames` frames), timed runs per case, and the measured matmul peak (FLOP/s)."""
+
+  command: str
+  info: dict
+  tuning: str
+  preset: str
+  cfg: Any
+  batch: int
+  frames: int
+  repeats: int
+  peak: float
+
+
 def markdown_summary(
-  *,
-  command: str,
-  info: dict,
-  preset: str,
-  cfg,
-  batch: int,
-  frames: int,
-  repeats: int,
-  peak: float,
+  setting: BenchSetting,
   rows: Mapping[str, dict],
   summary: dict,
   comparisons: list,
   notes: Mapping[str, str | None],
-  tuning: str,
 ) -> list[str]:
   """The Markdown section README records: sparse vs dense, then JAX vs PyTorch per width.
   `notes['dense']` / `notes['torch']`: why that part was skipped (None: it ran)."""
+  command, info, tuning, preset, cfg = (
+    setting.command,
+    setting.info,
+    setting.tuning,
+    setting.preset,
+    setting.cfg,
+  )
+  batch, frames, repeats, peak = setting.batch, setting.frames, setting.repeats, setting.peak
   dense_note, torch_note = notes['dense'], notes['torch']
   on_cpu = info['backend'] == 'cpu'
   env_text = env_settings(info)

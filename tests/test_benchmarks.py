@@ -47,17 +47,23 @@ def test_markdown_summary_gives_every_verdict():
   }
   for row in rows.values():
     row.update(flops_per_s=1e9, peak_fraction=0.5, compile_s=1.0)
-  run = {'preset': 'micro', 'batch': 1, 'frames': 64, 'repeats': 3, 'peak': 1e11}
-  lines = benchmarks.markdown_summary(
+  setting = benchmarks.BenchSetting(
     command='ove-bench-encoder',
     info={'backend': 'cpu', 'device_kind': 'cpu', 'cpu_count': 2, 'jax': 'x'},
-    cfg=benchmarks.encoder_config('micro'),
-    rows=rows,
-    summary=benchmarks.sparse_speedup(rows),
-    comparisons=[],
-    notes={'dense': None, 'torch': 'skipped (--skip-torch)'},
     tuning='host tuning: off',
-    **run,
+    preset='micro',
+    cfg=benchmarks.encoder_config('micro'),
+    batch=1,
+    frames=64,
+    repeats=3,
+    peak=1e11,
+  )
+  lines = benchmarks.markdown_summary(
+    setting,
+    rows,
+    benchmarks.sparse_speedup(rows),
+    [],
+    {'dense': None, 'torch': 'skipped (--skip-torch)'},
   )
   text = '\n'.join(lines)
   assert '| JAX sparse | 1 | 8.0 | 100.0 ms |' in text and '| 0.160 + 0.020 |' in text

@@ -293,17 +293,13 @@ def main(argv=None):
   print(
     '\n'.join(
       bench.markdown_summary(
-        command=command,
-        info=info,
-        tuning=tuning,
-        cfg=cfg,
-        batch=b,
-        **cli.keywords(args, 'preset', 'frames', 'repeats'),
-        peak=peak,
-        rows=rows,
-        summary=summary,
-        comparisons=comparisons,
-        notes={'dense': dense_note, 'torch': torch_note},
+        bench.BenchSetting(
+          command, info, tuning, args.preset, cfg, b, args.frames, args.repeats, peak
+        ),
+        rows,
+        summary,
+        comparisons,
+        {'dense': dense_note, 'torch': torch_note},
       )
     ),
     flush=True,
