@@ -313,7 +313,10 @@ def main(argv=None):
       'host_tuning': tuning,
       'config': {
         'preset': args.preset,
-        **{name: getattr(cfg, name) for name in ('width', 'depth', 'num_heads', 'mlp_dim')},
+        'width': cfg.width,
+        'depth': cfg.depth,
+        'num_heads': cfg.num_heads,
+        'mlp_dim': cfg.mlp_dim,
         'num_params': enc.num_params(cfg),
         'dtype': cfg.dtype,
         'attention': cfg.attention,

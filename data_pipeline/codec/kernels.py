@@ -1,6 +1,6 @@
 """Compiled (numba) kernels for the per-pixel passes of `maps`, bit for bit its numpy arithmetic.
 
-The numpy code in `maps` is the reference; `maps` dispatches here when `maps.use_kernels` is on
+The numpy code in `maps` is the reference; `maps` dispatches here when `maps.KERNELS` is set
 (the default when numba imports). Each kernel is one loop over the analysis pixels doing what
 `maps` does with several full-frame temporaries (expanded cell grids, gather indices, four
 gathers, masks): the same float32 operations in the same order, without fastmath (no operand
@@ -269,7 +269,7 @@ def expand(cells_HcxWc, y_runs, x_runs):
 
 @jit
 def masked_error(luma_HxW, prediction_HxW, has_HcxWc, y_runs, x_runs):
-  """`maps._masked_error`: float32 np.mean of |luma - prediction| over the pixels of cells with
+  """`maps.masked_error`: float32 np.mean of |luma - prediction| over the pixels of cells with
   a vector (all pixels when there are none), the same value bit for bit: the terms are laid out
   in numpy's (row-major) order and summed as numpy's pairwise float32 sum (`pairwise_sum`)."""
   h, w = luma_HxW.shape

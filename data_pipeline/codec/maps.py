@@ -13,8 +13,9 @@ Vectors are expressed per frame of temporal distance (a P-frame four frames afte
 moves four times as far as its neighbouring B-frames); the per-frame normalisation makes this
 matter little, but it keeps the two directions of one B-frame on the same scale.
 
-The per-pixel passes (painting, prediction, residual, block means, the percentile's filter,
-normalise + fuse, cell expansion) run as compiled kernels (`kernels`, numba) when `KERNELS` is
+The per-pixel passes (painting, prediction, the reference choice's error, residual, motion per
+cell, block means, the percentile's order statistics, normalise + fuse, cell expansion) run as
+compiled kernels (`kernels`, numba) when `KERNELS` is
 set; the numpy code here is their reference, and both give the same bits (tests compare them).
 """
 
@@ -403,9 +404,9 @@ def percentile(values: np.ndarray, q: float, weights: np.ndarray | None = None) 
   is its cells weighted by their pixel counts: the same multiset, so the same percentile).
 
   Float32 maps find the two order statistics the interpolation needs (ranks lo and lo + 1 of n)
-  without sorting all of them: the compiled radix select (`kernels.order_statistics`), or in the
-  numpy reference a partial sort of the values above a threshold drawn from a 1-in-16 sample
-  (`_at_ranks`). The interpolation is numpy's (a + (b - a) g, or b - (b - a)(1 - g) for
+  without sorting all of them: the compiled bit-histogram select (`kernels.order_statistics`),
+  or in the numpy reference a partial sort of the values above a threshold drawn from a 1-in-16
+  sample (`_at_ranks`). The interpolation is numpy's (a + (b - a) g, or b - (b - a)(1 - g) for
   g >= 0.5, in the values' precision).
   """
   flat = np.asarray(values).reshape(-1)

@@ -168,19 +168,22 @@ def select(
     ) from e
   timings['select'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
-  # What the analysis found passes into the result as it is.
-  found = 'scores num_source_frames transcoded truncated vectors_past vectors_future'.split()
   return Selection(
     frame_ids=analysis.frame_ids.astype(np.int32),
     positions=positions,
     picture_types=np.array([PICTURE_TYPES.index(k) for k in analysis.kinds], np.uint8),
+    scores=analysis.scores,
     whole_frames=whole,
     method='codec',
     source=info.name,
     codec=info.codec,
+    num_source_frames=analysis.num_source_frames,
+    transcoded=analysis.transcoded,
     static_fallback=fallback,
+    truncated=analysis.truncated,
+    vectors_past=analysis.vectors_past,
+    vectors_future=analysis.vectors_future,
     timings=timings,
-    **{name: getattr(analysis, name) for name in found},
   )
 
 
