@@ -60,10 +60,11 @@ def check_checkpoint_path(path: str) -> None:
     return
   scheme = path.split('://', 1)[0].lower()
   if scheme not in CHECKPOINT_SCHEMES:
+    why = ' (it turns s3://bucket/key into s3:/bucket/key)' if scheme == 's3' else ''
     raise ValueError(
       f'{path}: orbax-checkpoint {ocp.__version__} cannot keep checkpoints at a {scheme}:// '
-      'URL (it turns s3://bucket/key into s3:/bucket/key); put the workdir on gs:// or a local '
-      'path (an S3 bucket mounted with mountpoint-s3 or s3fs-fuse is a local path)'
+      f'URL{why}; put the workdir on gs:// or a local path (a bucket mounted with gcsfuse, '
+      'mountpoint-s3 or s3fs-fuse is a local path)'
     )
 
 

@@ -217,8 +217,10 @@ class _TensorBoardOutput:
     # tensorboardX is imported here so that processes that never write do not load it.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-    # TensorBoard events are buffered; 30 s bounds what a killed run loses (metrics.jsonl has it).
-    self._tb = SummaryWriter(paths.join(workdir, TENSORBOARD_DIR), flush_secs=30)
+    # TensorBoard events are buffered; OBJECT_FLUSH_SECONDS bounds what a killed run loses.
+    self._tb = SummaryWriter(
+      paths.join(workdir, TENSORBOARD_DIR), flush_secs=int(OBJECT_FLUSH_SECONDS)
+    )
 
   def write(self, step: int, values: Mapping[str, int | float]) -> None:
     for key, value in values.items():

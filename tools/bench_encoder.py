@@ -294,7 +294,15 @@ def main(argv=None):
     '\n'.join(
       bench.markdown_summary(
         bench.BenchSetting(
-          command, info, tuning, args.preset, cfg, b, args.frames, args.repeats, peak
+          command=command,
+          info=info,
+          tuning=tuning,
+          preset=args.preset,
+          cfg=cfg,
+          batch=b,
+          frames=args.frames,
+          repeats=args.repeats,
+          peak=peak,
         ),
         rows,
         summary,

@@ -127,9 +127,7 @@ def check_inputs(args) -> None:
   try:
     checkpoint.locate(args.workdir)
   except FileNotFoundError as e:
-    raise cli.UsageError(
-      f'--workdir {args.workdir}: {e}'.replace(f'{os.path.abspath(args.workdir)}: ', '', 1)
-    ) from None
+    raise cli.UsageError(f'--workdir {e}') from None
   if args.old_source:
     module = os.path.join(args.old_source, 'tools', 'convert_checkpoint.py')
     try:
