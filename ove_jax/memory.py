@@ -242,18 +242,24 @@ def analyse(
 ) -> dict[str, Any]:
   """Compiles the train step of `config` on `num_devices` devices (virtual CPU devices, or
   with platform='native' this machine's own); returns the report dict."""
+  import contextlib
+
   import jax
 
   from ove_jax import config as config_lib
   from ove_jax import train
+  from ove_jax.models import cpu_layouts
 
   devices = cpu_devices(num_devices) if platform == 'cpu' else local_devices(num_devices)
+  # Virtual CPU devices stand for the target's accelerators: plan the program they run, plain
+  # autodiff, not the CPU backend's own backward layouts (models/cpu_layouts.py).
+  layouts = cpu_layouts.autodiff_layouts() if platform == 'cpu' else contextlib.nullcontext()
   try:
     mesh = train.make_mesh(config, devices)
   except config_lib.ConfigError as e:
     raise PlanError(f'--mesh / --devices={num_devices}: {e}') from None
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), layouts:
     try:
       program = train.Program(config, mesh)
     except config_lib.ConfigError as e:

@@ -23,6 +23,7 @@ DEMO = os.path.join(ROOT, 'experiments', 'demo_cpu.py')
 # Class counts no other dimension of the tiny model has (the demo's own may equal a head size):
 # 997 and 601 classes, padded to 8 sampling blocks: 1000 and 608.
 CLASSES = ('--config.heads.video.num_classes=997', '--config.heads.image.num_classes=601')
+CLASSES_OVERRIDES = tuple(flag.removeprefix('--config.') for flag in CLASSES)
 KEYS = (
   'devices',
   'mesh',
@@ -121,6 +122,29 @@ def test_eight_devices_shard_params_and_logits(one_device, eight_devices):
     'custom 0.001GB': False,
   }
   assert r['heads']['video'] == {'classes': 997, 'padded_classes': 1000, 'per_device_classes': 125}
+
+
+def test_the_plan_is_of_the_accelerators_program(monkeypatch):
+  """Virtual CPU devices model the target's accelerators: the step is built and traced with plain
+  autodiff, not the CPU backend's own backward layouts (models/cpu_layouts.py), which are back
+  on afterwards."""
+  from ove_jax import train
+  from ove_jax.models import cpu_layouts
+
+  class Built(Exception):
+    pass
+
+  seen = []
+
+  def program(*args, **kwargs):
+    seen.append(cpu_layouts.enabled())
+    raise Built  # what the step is traced under is known here; no need to compile it
+
+  monkeypatch.setattr(train, 'Program', program)
+  assert cpu_layouts.enabled()  # this process runs on the CPU backend with the layouts on
+  with pytest.raises(Built):
+    memory.analyse(config_lib.load(DEMO, CLASSES_OVERRIDES), 8)
+  assert seen == [False] and cpu_layouts.enabled()
 
 
 def test_batch_by_class_shapes_reads_hlo_shapes():

@@ -34,7 +34,7 @@ def compile_step(cfg, tokens: int, batch: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from ove_jax.models import Encoder
+  from ove_jax.models import Encoder, cpu_layouts
 
   abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -49,7 +49,10 @@ def compile_step(cfg, tokens: int, batch: int) -> dict:
     return jax.value_and_grad(loss)(state)
 
   start, start_cpu = time.perf_counter(), time.process_time()
-  lowered = jax.jit(step).lower(state, patches, positions)
+  # The accelerators' program (plain autodiff), as ove-aot-memory plans it, not the CPU
+  # backend's own backward layouts (models/cpu_layouts.py).
+  with cpu_layouts.autodiff_layouts():
+    lowered = jax.jit(step).lower(state, patches, positions)
   lowered_at, lowered_cpu = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   done, done_cpu = time.perf_counter(), time.process_time()
