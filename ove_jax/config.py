@@ -296,6 +296,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least(key, config[key], 1)
   for key in ('keep_every', 'eval_every', 'probe_every', 'profile_steps', 'cpu_devices'):
     _at_least(key, config[key], 0)
+  for key in ('watchdog_seconds', 'watchdog_first_step_seconds'):
+    if not isinstance(config[key], (int, float)) or config[key] < 0:
+      raise ConfigError(
+        f'{key}={config[key]!r}; must be a number of seconds >= 0 (0: off / default)'
+      )
   if config.keep_every and config.keep_every % config.checkpoint_every:
     raise ConfigError(
       f'keep_every={config.keep_every} must be a multiple of checkpoint_every='

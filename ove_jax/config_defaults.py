@@ -52,9 +52,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.peak_flops = 0.0  # per device, for MFU; 0: the device table, or measured on CPU
   c.cpu_devices = 0  # virtual CPU devices per process (CPU only; 0: as started)
   # No finished step (nor evaluation, nor save) in this time: every thread's stack to stderr, then
-  # exit with preemption.HANG_EXIT_CODE. 0: off. The real experiments set it; it must cover the
-  # restore and the first step's compilation.
+  # exit with preemption.HANG_EXIT_CODE. 0: off. The real experiments set it; it must cover an
+  # evaluation's or a save's first compilation too.
   c.watchdog_seconds = 0.0
+  # The limit until this process's first step has finished (the restore and the step's
+  # compilation); 0: watchdog_seconds.
+  c.watchdog_first_step_seconds = 0.0
   # JAX's persistent compilation cache (distributed.use_compilation_cache): a restart loads its
   # executables instead of compiling. In the workdir by default ('{workdir}' is replaced), so it
   # outlives a preempted machine and every host of the run shares it; '' turns it off, and

@@ -474,15 +474,28 @@ class Watchdog:
 
   A multi-host run that hangs (a collective one host never joins, a stuck input worker) otherwise
   sits silent until the job's wall-clock limit. Call `kick(step)` after every step. The clock
-  starts at construction, so the timeout must also cover the first step's compilation. A stall
-  is reported once, then `on_timeout()` is called (e.g. to abort); the next kick re-arms it.
-  `timeout_seconds=0` disables the watchdog: no thread, every method a no-op.
+  starts at construction; until the first kick the limit is `first_timeout_seconds` (the
+  restore and the first step's compilation, minutes for a large model where a step takes
+  seconds; default: `timeout_seconds`). A stall is reported once, then `on_timeout()` is called
+  (e.g. to abort); the next kick re-arms it. `timeout_seconds=0` disables the watchdog: no
+  thread, every method a no-op.
   """
 
-  def __init__(self, timeout_seconds: float, *, on_timeout: Callable[[], Any] | None = None):
+  def __init__(
+    self,
+    timeout_seconds: float,
+    *,
+    first_timeout_seconds: float | None = None,
+    on_timeout: Callable[[], Any] | None = None,
+  ):
     if timeout_seconds < 0:
       raise ValueError(f'timeout_seconds must be >= 0 (0 disables), got {timeout_seconds}')
+    if first_timeout_seconds is not None and first_timeout_seconds <= 0:
+      raise ValueError(
+        f'first_timeout_seconds must be > 0 (None: timeout_seconds), got {first_timeout_seconds}'
+      )
     self.timeout_seconds = float(timeout_seconds)
+    self.first_timeout_seconds = float(first_timeout_seconds or timeout_seconds)
     self._on_timeout = on_timeout
     self._cond = threading.Condition()
     self._last_kick = time.monotonic()
@@ -529,17 +542,18 @@ class Watchdog:
           self._cond.wait()
           continue
         waited = time.monotonic() - self._last_kick
-        if waited < self.timeout_seconds:
-          self._cond.wait(self.timeout_seconds - waited)
+        limit = self.timeout_seconds if self._kicks else self.first_timeout_seconds
+        if waited < limit:
+          self._cond.wait(limit - waited)
           continue
         reported, step = self._kicks, self._last_step
-      self._report(waited, step)
+      self._report(waited, step, limit)
 
-  def _report(self, waited: float, step: int | None) -> None:
+  def _report(self, waited: float, step: int | None, limit: float) -> None:
     last = 'none yet' if step is None else str(step)
     sys.stderr.write(
       f'Watchdog: no step finished in {waited:.1f} s (timeout '
-      f'{self.timeout_seconds:g} s); last kicked step: {last}. '
+      f'{limit:g} s); last kicked step: {last}. '
       'Stacks of all threads follow.\n'
     )
     sys.stderr.flush()

@@ -37,6 +37,7 @@ RESUME_FREE = (
   'eval_',
   'profile_',
   'watchdog_seconds',
+  'watchdog_first_step_seconds',
   'peak_flops',
   'init.',
   'builtin.root',

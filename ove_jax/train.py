@@ -490,7 +490,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sources = data_sources(config, workdir)  # built-in data made on first use: minutes, not a hang
   # From here on a stall (a lost peer, a stuck input or restore) ends the process with the stacks.
   with (
-    metrics_lib.Watchdog(config.watchdog_seconds, on_timeout=preemption.exit_hung) as watchdog,
+    metrics_lib.Watchdog(
+      config.watchdog_seconds,
+      first_timeout_seconds=config.watchdog_first_step_seconds or None,
+      on_timeout=preemption.exit_hung,
+    ) as watchdog,
     jax.set_mesh(mesh),
     preemption.Preemption() as stop,
   ):

@@ -1,5 +1,7 @@
-"""pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers."""
+"""pytest setup: 8 virtual CPU devices before JAX starts; absl flags parsed for grain workers; one
+persistent compilation cache for the trainer subprocesses of the session."""
 
+import atexit
 import contextlib
 import os
 
@@ -11,9 +13,20 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 def pytest_configure(config):
   del config
+  import shutil
+  import tempfile
+
+  import jax  # noqa: F401 (JAX reads JAX_* variables at import: this process keeps no cache)
   from absl import flags
 
   flags.FLAGS.mark_as_parsed()
+  # One persistent compilation cache for the trainer subprocesses of the whole session (several
+  # dozen runs compile the same smoke programs; a run's own cache is per workdir). A cache the
+  # caller set is used as it is; the session's own is removed at exit.
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    cache = tempfile.mkdtemp(prefix='ove_tests_jax_cache_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
 
 
 import pytest  # noqa: E402

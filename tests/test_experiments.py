@@ -311,7 +311,7 @@ def test_unknown_experiment_argument_lists_the_allowed_ones():
 
 
 def test_cli_config_error_exits_2_without_traceback(tmp_path, run_trainer):
-  proc, seconds = run_trainer(
+  proc, _ = run_trainer(
     '--config=experiments/demo_cpu.py:smoke',
     f'--workdir={tmp_path / "run"}',
     '--config.optim.nope=1',
@@ -321,7 +321,6 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path, run_trainer):
   assert "config error: --config.optim.nope: optim has no key 'nope'" in proc.stderr
   assert 'Traceback' not in proc.stderr + proc.stdout
   assert not os.path.exists(tmp_path / 'run')  # refused before anything started
-  assert seconds < 30
 
 
 def test_stage2_smoke_trains_end_to_end(tmp_path, builtin_root, run_trainer):

@@ -220,6 +220,23 @@ def test_watchdog_rearms_after_kick(capfd):
   assert 'last kicked step: none yet' in err and 'last kicked step: 3' in err
 
 
+def test_watchdog_allows_the_first_step_longer(capfd):
+  """Until the first kick the first-step limit holds (compilation), then the steady one."""
+  event = threading.Event()
+  with Watchdog(0.1, first_timeout_seconds=1.0, on_timeout=event.set) as watchdog:
+    assert not event.wait(0.6)  # past the steady limit, within the first-step one
+    watchdog.kick(step=1)
+    start = time.monotonic()
+    assert event.wait(4.0)
+    assert time.monotonic() - start < 0.9  # the steady limit now, not the first-step one
+  err = capfd.readouterr().err
+  assert err.count('Watchdog:') == 1 and 'timeout 0.1 s' in err and 'last kicked step: 1' in err
+  with Watchdog(0.1, first_timeout_seconds=0.2, on_timeout=event.clear) as watchdog:
+    assert watchdog.first_timeout_seconds == 0.2
+  with pytest.raises(ValueError, match='first_timeout_seconds'):
+    Watchdog(1.0, first_timeout_seconds=-1)
+
+
 def test_watchdog_disabled():
   with Watchdog(0) as watchdog:
     watchdog.kick(1)

@@ -36,6 +36,8 @@ def compile_step(cfg, tokens: int, batch: int) -> dict:
 
   from ove_jax.models import Encoder, cpu_layouts
 
+  # A persistent compilation cache (JAX_COMPILATION_CACHE_DIR) would be timed as a compile.
+  jax.config.update('jax_enable_compilation_cache', False)
   abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   patches = jax.ShapeDtypeStruct((batch, tokens, cfg.patch_dim), jnp.float32)
