@@ -23,7 +23,9 @@ Usage:
 
 Checkpoints are read with safetensors only; pickled torch files are never opened. Its relative
 imports use the standard library only: `.hub` finds the files of a directory or a hub id, and
-`.release_config` is the release's config.json schema.
+`.release_config` is the release's config.json schema. A directory in object storage
+(`load_pretrained('gs://bucket/ove-large')`, s3://, any fsspec URL) is read through fsspec and
+the file system of its scheme (gcsfs, s3fs), needed only then; shards are read one at a time.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, resolve, weight_files
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LocalFiles, resolve, weight_files
 from .release_config import ARCHITECTURES, CONFIG_NAME, MODEL_TYPE, OVEncoderConfig, rope_axis_sizes
 
 PathLike = str | os.PathLike
@@ -466,15 +468,56 @@ def expected_shapes(config: OVEncoderConfig) -> dict[str, tuple]:
   return shapes
 
 
-def _read_weights(directory: pathlib.Path) -> tuple:
-  """(state_dict, description of the file(s)); a sharded index is followed if present."""
-  files = weight_files(str(directory))
+class URLFiles:
+  """`hub`'s file access for a URL (gs://, s3://, any fsspec protocol): fsspec, with the file
+  system of the URL's scheme (gcsfs, s3fs); its listing cache is dropped (another process may
+  have written since)."""
+
+  def __init__(self, url: str):
+    try:
+      import fsspec
+
+      self.fs = fsspec.core.url_to_fs(url)[0]
+    except (ImportError, ValueError) as e:
+      raise ImportError(
+        f'{url}: reading a URL needs fsspec and the file system of its scheme '
+        f'(pip install gcsfs for gs://, s3fs for s3://): {e}'
+      ) from None
+    self.fs.invalidate_cache()
+
+  def isdir(self, path: str) -> bool:
+    return self.fs.isdir(path)
+
+  def isfile(self, path: str) -> bool:
+    return self.fs.isfile(path)
+
+  @staticmethod
+  def join(base: str, name: str) -> str:
+    return f'{base.rstrip("/")}/{name}'
+
+  @staticmethod
+  def basename(path: str) -> str:
+    return path.rstrip('/').rsplit('/', 1)[-1]
+
+  def open_file(self, path: str, mode: str = 'r', encoding: str | None = None):
+    return self.fs.open(path, mode, **({'encoding': encoding} if encoding else {}))
+
+
+def _read_weights(directory: str, files) -> tuple:
+  """(state_dict, description of the file(s)); a sharded index is followed if present, its
+  shards read one at a time (an object whole into memory, then into tensors)."""
+  names = weight_files(directory, files)
   state = {}
-  for path in files:
-    state.update(safetensors.torch.load_file(path))
-  if len(files) == 1:
-    return state, files[0]
-  return state, f'{directory / WEIGHTS_INDEX_NAME} (shards {[os.path.basename(p) for p in files]})'
+  for path in names:
+    if files is LocalFiles:
+      state.update(safetensors.torch.load_file(path))
+    else:
+      with files.open_file(path, 'rb') as f:
+        state.update(safetensors.torch.load(f.read()))
+  if len(names) == 1:
+    return state, names[0]
+  shards = [files.basename(p) for p in names]
+  return state, f'{files.join(directory, WEIGHTS_INDEX_NAME)} (shards {shards})'
 
 
 def check_state_dict(
@@ -503,10 +546,15 @@ def check_state_dict(
 
 def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> OVEncoderTorch:
   """Loads a release-format directory (config.json + model.safetensors or its shards) into
-  OVEncoderTorch; a Hugging Face hub id (`org/name[@revision]`) is read from the hub's cache."""
-  directory = pathlib.Path(resolve(directory))
-  config = OVEncoderConfig.from_json_file(directory / CONFIG_NAME)
-  state, source = _read_weights(directory)
+  OVEncoderTorch; a Hugging Face hub id (`org/name[@revision]`) is read from the hub's cache, a
+  gs:// / s3:// URL through fsspec (`URLFiles`)."""
+  text = os.fspath(directory)
+  files = URLFiles(text) if '://' in text else LocalFiles
+  directory = resolve(text, files)
+  config_path = files.join(directory, CONFIG_NAME)
+  with files.open_file(config_path, encoding='utf-8') as f:
+    config = OVEncoderConfig.from_dict(json.load(f), source=config_path)
+  state, source = _read_weights(directory, files)
   check_state_dict(state, config, source)
   state = {k: v.to(dtype) for k, v in state.items()}
   # Built on the meta device so a large model is not randomly initialised only to be overwritten.
