@@ -445,6 +445,8 @@ def test_a_release_directory_in_a_bucket_loads_like_the_local_one(
   assert set(port.state_dict()) == set(theirs)
   for key, value in port.state_dict().items():
     np.testing.assert_array_equal(value.numpy(), theirs[key].numpy(), err_msg=key)
+  with open('/proc/self/maps') as f:  # the port's temporary copies are gone, not mapped
+    assert 'ove_weights_' not in f.read()
   assert not no_url_folders(tmp_path, ROOT)
 
 

@@ -25,7 +25,7 @@ Checkpoints are read with safetensors only; pickled torch files are never opened
 imports use the standard library only: `.hub` finds the files of a directory or a hub id, and
 `.release_config` is the release's config.json schema. A directory in object storage
 (`load_pretrained('gs://bucket/ove-large')`, s3://, any fsspec URL) is read through fsspec and
-the file system of its scheme (gcsfs, s3fs), needed only then; shards are read one at a time.
+the file system of its scheme (gcsfs, s3fs), needed only then; shards one at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -502,18 +503,24 @@ class URLFiles:
   def open_file(self, path: str, mode: str = 'r', encoding: str | None = None):
     return self.fs.open(path, mode, **({'encoding': encoding} if encoding else {}))
 
+  def download(self, path: str, local: str) -> None:
+    self.fs.get_file(path, local)
+
 
 def _read_weights(directory: str, files) -> tuple:
-  """(state_dict, description of the file(s)); a sharded index is followed if present, its
-  shards read one at a time (an object whole into memory, then into tensors)."""
+  """(state_dict, description of the file(s)); a sharded index is followed if present. An object
+  goes through a local temporary copy, one at a time, its tensors cloned out of load_file's map
+  of it (which would hold the deleted copy); from bytes, safetensors holds the file twice."""
   names = weight_files(directory, files)
   state = {}
   for path in names:
     if files is LocalFiles:
       state.update(safetensors.torch.load_file(path))
-    else:
-      with files.open_file(path, 'rb') as f:
-        state.update(safetensors.torch.load(f.read()))
+      continue
+    with tempfile.TemporaryDirectory(prefix='ove_weights_') as tmp:
+      files.download(path, os.path.join(tmp, WEIGHTS_NAME))
+      mapped = safetensors.torch.load_file(os.path.join(tmp, WEIGHTS_NAME))
+      state.update({key: mapped.pop(key).clone() for key in list(mapped)})
   if len(names) == 1:
     return state, names[0]
   shards = [files.basename(p) for p in names]
