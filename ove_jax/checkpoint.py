@@ -464,6 +464,17 @@ def encoder_from_tree(cfg: EncoderConfig, tree: dict, source: str) -> Encoder:
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
+def _release_config(directory: str) -> bool:
+  """Whether `directory` holds a release config.json (model_type onevision_encoder)."""
+  from ove_jax.convert.release_config import MODEL_TYPE
+
+  try:
+    found = fileio.read_json(paths.join(directory, 'config.json'))
+  except ValueError:  # not JSON: not a release config
+    return False
+  return isinstance(found, dict) and found.get('model_type') == MODEL_TYPE
+
+
 def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> LoadedEncoder:
   """The encoder of `path`: a training workdir, its checkpoints folder or one step folder (only
   the encoder's parameters are read), a release-format / Hugging Face directory, an ove_jax
@@ -491,8 +502,11 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
     return LoadedEncoder(model, model.cfg, None, [], f'Hugging Face hub id {path}')
   if not paths.isdir(full):
     raise FileNotFoundError(f'{path}: no such directory; expected {ACCEPTED}')
-  # A training workdir holds a config.json too (the experiment's): the weights file decides.
-  if any(paths.isfile(paths.join(full, n)) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)):
+  # A training workdir holds a config.json too (the experiment's): the weights file decides, or,
+  # without one, a release config.json (then load_pytorch names the missing weights file). A
+  # gs:// / s3:// URL is read in place (convert.hf reads through data_pipeline.paths).
+  weights = (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
+  if any(paths.isfile(paths.join(full, n)) for n in weights) or _release_config(full):
     from ove_jax import convert
 
     model = convert.load_pytorch(full)

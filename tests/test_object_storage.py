@@ -5,9 +5,11 @@ the bucket to the losses of a local run, and s3:// workdirs, where orbax cannot 
 are refused before anything runs."""
 
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 # The trainer runs' harness (module-scoped data_root fixture, command line, kill and resume).
@@ -371,3 +373,115 @@ def test_an_export_to_s3_is_uploaded_and_loads_back(s3, smoke_run, tmp_path, mon
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not no_url_folders(tmp_path, ROOT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Release-format (Hugging Face) directories in a bucket
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def release_export(tmp_path_factory):
+  """A tiny encoder exported locally in the release format: as one model.safetensors
+  ('single') and as shards with model.safetensors.index.json ('sharded')."""
+  from ove_jax import convert
+  from ove_jax.models import EncoderConfig, create_encoder
+
+  model = create_encoder(EncoderConfig.preset('tiny'), seed=5)
+  root = tmp_path_factory.mktemp('release')
+  exports = {'single': str(root / 'single'), 'sharded': str(root / 'sharded')}
+  convert.save_pytorch(model, exports['single'])
+  convert.save_pytorch(model, exports['sharded'], max_shard_size='1MB')  # 3 shards
+  return exports
+
+
+def params_of(model):
+  from flax import nnx
+
+  return {
+    path: np.asarray(var[...]) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
+
+
+def assert_same_params(got, want):
+  assert set(got) == set(want) and want
+  for path, value in want.items():
+    np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+
+
+@pytest.mark.parametrize('layout', ['single', 'sharded'])
+def test_a_release_directory_in_a_bucket_loads_like_the_local_one(
+  bucket, layout, release_export, tmp_path, monkeypatch, capsys
+):
+  """load_encoder, convert.load_pytorch, `ove-convert from-hf` and the PyTorch port read a
+  release-format directory at a gs:// / s3:// URL in place, to the local load's parameters bit
+  for bit, with no local folder named after the URL."""
+  from ove_jax import checkpoint, convert
+  from ove_jax.convert import torch_model
+  from ove_jax_tools import convert_checkpoint
+
+  monkeypatch.chdir(tmp_path)
+  local = release_export[layout]
+  url = paths.join(bucket, 'exports', layout)
+  paths.upload_folder(local, url)
+  names = paths.listdir(url)
+  assert ('model.safetensors' in names) == (layout == 'single'), names
+  assert ('model.safetensors.index.json' in names) == (layout == 'sharded'), names
+  assert (len([n for n in names if n.startswith('model-')]) >= 2) == (layout == 'sharded'), names
+  want = params_of(checkpoint.load_encoder(local).model)
+
+  loaded = checkpoint.load_encoder(url)
+  assert loaded.source == f'release-format directory {url}' and loaded.step is None
+  assert_same_params(params_of(loaded.model), want)
+  assert_same_params(params_of(convert.load_pytorch(url)), want)
+  if layout == 'sharded':  # the command line, once (its reading is load_pytorch's)
+    out = str(tmp_path / 'params')
+    assert convert_checkpoint.main(['from-hf', f'--hf={url}', '--out', out]) == 0
+    assert 'bit-exact' in capsys.readouterr().out
+    assert_same_params(params_of(checkpoint.load_encoder(out).model), want)
+
+  port, reference = torch_model.load_pretrained(url), torch_model.load_pretrained(local)
+  theirs = reference.state_dict()
+  assert set(port.state_dict()) == set(theirs)
+  for key, value in port.state_dict().items():
+    np.testing.assert_array_equal(value.numpy(), theirs[key].numpy(), err_msg=key)
+  with open('/proc/self/maps') as f:  # the port's temporary copies are gone, not mapped
+    assert 'ove_weights_' not in f.read()
+  assert not no_url_folders(tmp_path, ROOT)
+
+
+def assert_every_loader_refuses(url, message, encoder_error):
+  """load_encoder (raising `encoder_error`), convert.load_pytorch (CheckpointError) and the
+  PyTorch port (FileNotFoundError) refuse `url` with `message` (literal)."""
+  from ove_jax import checkpoint, convert
+  from ove_jax.convert import torch_model
+
+  for load, error in (
+    (checkpoint.load_encoder, encoder_error),
+    (convert.load_pytorch, convert.CheckpointError),
+    (torch_model.load_pretrained, FileNotFoundError),
+  ):
+    with pytest.raises(error, match=re.escape(message)):
+      load(url)
+
+
+def test_bad_release_urls_are_named_with_what_is_expected(bucket, release_export):
+  """A URL with nothing under it, a release directory without its weights file, and an index
+  whose shard is gone: each loader's error names the URL and the file it expected (the words of
+  the local errors)."""
+  from ove_jax.convert import CheckpointError, hub
+
+  nothing = paths.join(bucket, 'nothing')
+  assert_every_loader_refuses(nothing, f'{nothing}: no such directory', FileNotFoundError)
+
+  bare = paths.join(bucket, 'bare')  # a release config.json without its weights
+  config = os.path.join(release_export['single'], 'config.json')
+  paths.upload(config, paths.join(bare, 'config.json'))
+  assert_every_loader_refuses(bare, f'{bare}: model.safetensors is missing', CheckpointError)
+
+  sharded = paths.join(bucket, 'sharded')
+  paths.upload_folder(release_export['sharded'], sharded)
+  shards = [n for n in os.listdir(release_export['sharded']) if n.startswith('model-')]
+  paths.remove(paths.join(sharded, hub.shard_name(1, len(shards))))
+  gone = f"{sharded}/model.safetensors.index.json names shard(s) ['model-00002-of"
+  assert_every_loader_refuses(sharded, gone, CheckpointError)

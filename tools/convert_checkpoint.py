@@ -9,6 +9,8 @@
       [--step 20000] [--dtype bfloat16]
   # release-format directory (e.g. the released onevision-encoder-large) -> ove_jax parameters
   python tools/convert_checkpoint.py from-hf --hf /path/to/onevision-encoder-large --out /tmp/p
+  # ... or one kept in a bucket (read in place, shards one at a time; docs/storage.md)
+  python tools/convert_checkpoint.py from-hf --hf gs://bucket/exports/ove-large --out /tmp/p
   # numerical check: our JAX encoder vs our PyTorch port on the same directory and inputs
   python tools/convert_checkpoint.py verify --hf /tmp/ove_large_hf
 
@@ -224,13 +226,17 @@ def main(argv=None) -> int:
     '--hf',
     required=True,
     help=(
-      'directory with config.json and '
-      'model.safetensors (or shards), or a hub id org/name[@revision]'
+      'directory with config.json and model.safetensors (or shards), local or a '
+      'gs:// / s3:// URL, or a hub id org/name[@revision]'
     ),
   )
   from_hf.add_argument('--out', required=True, help='the ove_jax parameter directory to write')
   verify = sub.add_parser('verify', help='JAX vs PyTorch port on one release-format directory')
-  verify.add_argument('--hf', required=True, help='the release-format directory or hub id')
+  verify.add_argument(
+    '--hf',
+    required=True,
+    help='the release-format directory (local or a gs:// / s3:// URL) or hub id',
+  )
   verify.add_argument('--resolution', type=int, default=448, help='image side of the test input')
   verify.add_argument(
     '--tolerance', type=float, default=1e-4, help='largest relative difference accepted'

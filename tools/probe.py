@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     '--checkpoint',
     required=True,
     help='a training workdir (its latest step), a step folder, a '
-    'release-format directory, or random:<preset>',
+    'release-format directory (local or a gs:// / s3:// URL), or random:<preset>',
   )
   parser.add_argument('--step', type=int, help='the checkpoint step of a training workdir')
   parser.add_argument('--seed', type=int, default=0, help='the random init of random:<preset>')

@@ -9,6 +9,9 @@ The table is written for the unrolled block layout (`encoder.layers.{n}.*` <-> (
 ...)); parameters of a scanned encoder (blocks stacked on a leading 'layers' axis, see
 `ove_jax.models.layout`) are unstacked on export and stacked on import, exactly.
 
+Directories are read through `data_pipeline.paths`, so a release-format directory in object
+storage (gs://, s3://) loads like a local one: tensor by tensor, with ranged reads.
+
 Only safetensors is read or written (never pickle). The reader and writer here handle bfloat16,
 which `safetensors.numpy` cannot, and need neither torch nor the Hugging Face libraries.
 """
@@ -26,7 +29,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from data_pipeline import fileio
+from data_pipeline import fileio, paths
 from ove_jax import sharding
 from ove_jax.models import layout
 from ove_jax.models.encoder import CLIP_MEAN, CLIP_STD, Encoder, EncoderConfig
@@ -381,9 +384,10 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def iter_safetensors(path: str):
-  """(key, array) of each tensor of a safetensors file, read one at a time (header order)."""
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
+  """(key, array) of each tensor of a safetensors file (a local file or an object), read one at
+  a time (header order)."""
+  size = paths.getsize(path)
+  with paths.open_file(path, 'rb') as f:
     raw = f.read(8)
     if len(raw) < 8:
       raise CheckpointError(f'{path}: truncated (no safetensors header)')
@@ -475,7 +479,7 @@ def verify_export(model: Encoder, directory: str, dtype: str = 'float32') -> tup
   params = _in_layout(model_params(model), model.cfg, scan_layers=False)
   rules = {rule.hf_key: rule for rule in mapping(model.cfg)}
   worst, seen = 0.0, set()
-  for path in hub.weight_files(directory):
+  for path in hub.weight_files(directory, paths):
     for key, tensor in iter_safetensors(path):
       if key not in rules:
         raise CheckpointError(f'{path}: unexpected key {key}')
@@ -492,26 +496,27 @@ def verify_export(model: Encoder, directory: str, dtype: str = 'float32') -> tup
 
 
 def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
-  """(config.json's dict, tensors) of a directory or hub id; sharded weights are merged."""
+  """(config.json's dict, tensors) of a directory (local or a gs:// / s3:// URL) or hub id;
+  sharded weights are merged."""
   from ove_jax.convert import hf_modeling, hub
 
   try:
-    directory = hub.resolve(directory)
+    directory = hub.resolve(directory, paths)
   except FileNotFoundError as e:
     raise CheckpointError(str(e)) from None
-  config_path = os.path.join(directory, CONFIG_FILE)
-  weights_path = os.path.join(directory, WEIGHTS_FILE)
-  sharded = os.path.isfile(os.path.join(directory, hub.WEIGHTS_INDEX_NAME))
+  config_path = paths.join(directory, CONFIG_FILE)
+  weights_path = paths.join(directory, WEIGHTS_FILE)
+  sharded = paths.isfile(paths.join(directory, hub.WEIGHTS_INDEX_NAME))
   for p in (config_path, *([] if sharded else [weights_path])):
-    if not os.path.isfile(p):
+    if not paths.isfile(p):
       extra = ''
       if p == weights_path and any(
-        f.endswith(('.bin', '.pt', '.pth')) for f in os.listdir(directory)
+        f.endswith(('.bin', '.pt', '.pth')) for f in paths.listdir(directory)
       ):
         extra = ' (pickled PyTorch weights are never loaded; convert them to safetensors)'
-      raise CheckpointError(f'{directory}: {os.path.basename(p)} is missing{extra}')
+      raise CheckpointError(f'{directory}: {paths.basename(p)} is missing{extra}')
   try:
-    with open(config_path) as f:
+    with paths.open_file(config_path, encoding='utf-8') as f:
       hf = json.load(f)
   except json.JSONDecodeError as e:
     raise CheckpointError(f'{config_path}: not valid JSON ({e})') from e
@@ -522,15 +527,16 @@ def load_pytorch(
   directory: str, *, dtype: str = 'float32', rules=sharding.DEFAULT_RULES, **config_overrides
 ) -> Encoder:
   """Our encoder with the weights of a release-format directory (e.g. the released
-  `onevision-encoder-large`). `dtype` is the compute dtype; parameters are float32.
+  `onevision-encoder-large`; local, a gs:// / s3:// URL, or a hub id). `dtype` is the compute
+  dtype; parameters are float32.
 
   With a mesh set (`jax.set_mesh`), parameters are placed sharded by `rules`.
   """
   hf, tensors = read_directory(directory)
   cfg = config_from_hf(
-    hf, source=os.path.join(directory, CONFIG_FILE), dtype=dtype, **config_overrides
+    hf, source=paths.join(directory, CONFIG_FILE), dtype=dtype, **config_overrides
   )
-  params = hf_to_params(tensors, cfg, source=os.path.join(directory, WEIGHTS_FILE))
+  params = hf_to_params(tensors, cfg, source=paths.join(directory, WEIGHTS_FILE))
   return model_from_params(cfg, params, rules=rules)
 
 

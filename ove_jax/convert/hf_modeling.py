@@ -21,7 +21,7 @@ import shutil
 
 import numpy as np
 
-from data_pipeline import fileio
+from data_pipeline import fileio, paths
 from ove_jax.convert import hub
 
 # The remote code every export carries (files of this package, copied unchanged).
@@ -87,11 +87,11 @@ def write_weights(
 
 def read_weights(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of `directory`'s model.safetensors or of all its shards (a key in two shards is
-  refused)."""
+  refused); `directory` may be a gs:// / s3:// URL (read through data_pipeline.paths)."""
   from ove_jax.convert.hf import CheckpointError, read_safetensors
 
   try:
-    files = hub.weight_files(directory)
+    files = hub.weight_files(directory, paths)
   except FileNotFoundError as e:
     raise CheckpointError(str(e)) from None
   tensors: dict[str, np.ndarray] = {}

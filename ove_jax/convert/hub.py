@@ -5,6 +5,11 @@ Needs only the standard library (huggingface_hub when a hub id is given), so tha
 loader, the PyTorch port and the port's copy inside every export (a relative import of
 torch_model.py) share it. A hub id is fetched by `huggingface_hub.snapshot_download` into its
 cache (HF_HOME / HF_HUB_CACHE) and read from there; with HF_HUB_OFFLINE=1 only the cache is read.
+
+Files are reached through `files` (default `LocalFiles`: os.path and open), so that a caller that
+reads object storage passes its own with the same five functions and gets the same checks and
+messages for a gs:// or s3:// directory: ove_jax passes `data_pipeline.paths`, the port an
+fsspec file system (torch_model.py). Nothing here knows what a URL is beyond '://'.
 """
 
 from __future__ import annotations
@@ -20,17 +25,33 @@ ALLOW_PATTERNS = ('*.json', '*.safetensors', '*.py', '*.md', '*.txt')
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$')
 
 
+class LocalFiles:
+  """The file access of `resolve` and `weight_files` for local paths."""
+
+  isdir = staticmethod(os.path.isdir)
+  isfile = staticmethod(os.path.isfile)
+  join = staticmethod(os.path.join)
+  basename = staticmethod(os.path.basename)
+
+  @staticmethod
+  def open_file(path, mode='r', encoding=None):
+    return open(path, mode, encoding=encoding)  # pylint: disable=unspecified-encoding
+
+
 def is_hub_id(text: str) -> bool:
   """'org/name' or 'org/name@revision' (a branch, tag or commit)."""
   return bool(_HUB_ID.match(str(text))) and not str(text).startswith(('.', '/', '~'))
 
 
-def resolve(name_or_path) -> str:
-  """The local directory of a checkpoint given as a directory or a hub id (`org/name[@rev]`).
-  Raises FileNotFoundError naming what was tried."""
+def resolve(name_or_path, files=LocalFiles) -> str:
+  """The directory of a checkpoint given as a directory (a URL where `files` reads URLs) or a hub
+  id (`org/name[@rev]`, fetched into the local cache). Raises FileNotFoundError naming what was
+  tried."""
   text = os.fspath(name_or_path)
-  if os.path.isdir(text):
+  if files.isdir(text):
     return text
+  if '://' in text:
+    raise FileNotFoundError(f'{text}: no such directory (no object is stored under this URL)')
   if not is_hub_id(text) or os.path.exists(text) or os.path.isdir(text.split('/')[0]):
     raise FileNotFoundError(
       f'{text}: no such directory (and not a Hugging Face hub id such as '
@@ -68,27 +89,27 @@ def resolve(name_or_path) -> str:
     ) from None
 
 
-def weight_files(directory: str) -> list[str]:
+def weight_files(directory: str, files=LocalFiles) -> list[str]:
   """The safetensors file(s) holding the weights: `model.safetensors`, else every shard named by
   `model.safetensors.index.json` (each checked to exist). Raises FileNotFoundError."""
-  single = os.path.join(directory, WEIGHTS_NAME)
-  if os.path.isfile(single):
+  single = files.join(directory, WEIGHTS_NAME)
+  if files.isfile(single):
     return [single]
-  index = os.path.join(directory, WEIGHTS_INDEX_NAME)
-  if not os.path.isfile(index):
+  index = files.join(directory, WEIGHTS_INDEX_NAME)
+  if not files.isfile(index):
     raise FileNotFoundError(
       f'{directory}: {WEIGHTS_NAME} is missing (and there is no {WEIGHTS_INDEX_NAME} of shards)'
     )
-  with open(index, encoding='utf-8') as f:
+  with files.open_file(index, encoding='utf-8') as f:
     try:
       weight_map = json.load(f)['weight_map']
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise FileNotFoundError(f'{index}: not a safetensors index with a weight_map ({e!r})') from e
-  files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
-  missing = [os.path.basename(p) for p in files if not os.path.isfile(p)]
+  shards = [files.join(directory, name) for name in sorted(set(weight_map.values()))]
+  missing = [files.basename(p) for p in shards if not files.isfile(p)]
   if missing:
     raise FileNotFoundError(f'{index} names shard(s) {missing} that are not in {directory}')
-  return files
+  return shards
 
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:

@@ -23,7 +23,9 @@ Usage:
 
 Checkpoints are read with safetensors only; pickled torch files are never opened. Its relative
 imports use the standard library only: `.hub` finds the files of a directory or a hub id, and
-`.release_config` is the release's config.json schema.
+`.release_config` is the release's config.json schema. A directory in object storage
+(`load_pretrained('gs://bucket/ove-large')`, s3://, any fsspec URL) is read through fsspec and
+the file system of its scheme (gcsfs, s3fs), needed only then; shards one at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, resolve, weight_files
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LocalFiles, resolve, weight_files
 from .release_config import ARCHITECTURES, CONFIG_NAME, MODEL_TYPE, OVEncoderConfig, rope_axis_sizes
 
 PathLike = str | os.PathLike
@@ -466,15 +469,62 @@ def expected_shapes(config: OVEncoderConfig) -> dict[str, tuple]:
   return shapes
 
 
-def _read_weights(directory: pathlib.Path) -> tuple:
-  """(state_dict, description of the file(s)); a sharded index is followed if present."""
-  files = weight_files(str(directory))
+class URLFiles:
+  """`hub`'s file access for a URL (gs://, s3://, any fsspec protocol): fsspec, with the file
+  system of the URL's scheme (gcsfs, s3fs); its listing cache is dropped (another process may
+  have written since)."""
+
+  def __init__(self, url: str):
+    try:
+      import fsspec
+
+      self.fs = fsspec.core.url_to_fs(url)[0]
+    except (ImportError, ValueError) as e:
+      raise ImportError(
+        f'{url}: reading a URL needs fsspec and the file system of its scheme '
+        f'(pip install gcsfs for gs://, s3fs for s3://): {e}'
+      ) from None
+    self.fs.invalidate_cache()
+
+  def isdir(self, path: str) -> bool:
+    return self.fs.isdir(path)
+
+  def isfile(self, path: str) -> bool:
+    return self.fs.isfile(path)
+
+  @staticmethod
+  def join(base: str, name: str) -> str:
+    return f'{base.rstrip("/")}/{name}'
+
+  @staticmethod
+  def basename(path: str) -> str:
+    return path.rstrip('/').rsplit('/', 1)[-1]
+
+  def open_file(self, path: str, mode: str = 'r', encoding: str | None = None):
+    return self.fs.open(path, mode, **({'encoding': encoding} if encoding else {}))
+
+  def download(self, path: str, local: str) -> None:
+    self.fs.get_file(path, local)
+
+
+def _read_weights(directory: str, files) -> tuple:
+  """(state_dict, description of the file(s)); a sharded index is followed if present. An object
+  goes through a local temporary copy, one at a time, its tensors cloned out of load_file's map
+  of it (which would hold the deleted copy); from bytes, safetensors holds the file twice."""
+  names = weight_files(directory, files)
   state = {}
-  for path in files:
-    state.update(safetensors.torch.load_file(path))
-  if len(files) == 1:
-    return state, files[0]
-  return state, f'{directory / WEIGHTS_INDEX_NAME} (shards {[os.path.basename(p) for p in files]})'
+  for path in names:
+    if files is LocalFiles:
+      state.update(safetensors.torch.load_file(path))
+      continue
+    with tempfile.TemporaryDirectory(prefix='ove_weights_') as tmp:
+      files.download(path, os.path.join(tmp, WEIGHTS_NAME))
+      mapped = safetensors.torch.load_file(os.path.join(tmp, WEIGHTS_NAME))
+      state.update({key: mapped.pop(key).clone() for key in list(mapped)})
+  if len(names) == 1:
+    return state, names[0]
+  shards = [files.basename(p) for p in names]
+  return state, f'{files.join(directory, WEIGHTS_INDEX_NAME)} (shards {shards})'
 
 
 def check_state_dict(
@@ -503,10 +553,15 @@ def check_state_dict(
 
 def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> OVEncoderTorch:
   """Loads a release-format directory (config.json + model.safetensors or its shards) into
-  OVEncoderTorch; a Hugging Face hub id (`org/name[@revision]`) is read from the hub's cache."""
-  directory = pathlib.Path(resolve(directory))
-  config = OVEncoderConfig.from_json_file(directory / CONFIG_NAME)
-  state, source = _read_weights(directory)
+  OVEncoderTorch; a Hugging Face hub id (`org/name[@revision]`) is read from the hub's cache, a
+  gs:// / s3:// URL through fsspec (`URLFiles`)."""
+  text = os.fspath(directory)
+  files = URLFiles(text) if '://' in text else LocalFiles
+  directory = resolve(text, files)
+  config_path = files.join(directory, CONFIG_NAME)
+  with files.open_file(config_path, encoding='utf-8') as f:
+    config = OVEncoderConfig.from_dict(json.load(f), source=config_path)
+  state, source = _read_weights(directory, files)
   check_state_dict(state, config, source)
   state = {k: v.to(dtype) for k, v in state.items()}
   # Built on the meta device so a large model is not randomly initialised only to be overwritten.
