@@ -46,8 +46,8 @@ def wandb_history(path):
   return history
 
 
-def train(workdir, steps):
-  """The demo's smoke run; its built-in data is made in <workdir>/builtin_data once."""
+def train(workdir, steps, data_root):
+  """The demo's smoke run on the session's built-in data (`builtin_root`)."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)  # the experiment asks for its 8 CPU devices itself
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
@@ -58,7 +58,7 @@ def train(workdir, steps):
       sys.executable,
       '-m',
       'ove_jax.train',
-      f'--config={DEMO}:smoke,workers=0,steps={steps}',
+      f'--config={DEMO}:smoke,workers=0,steps={steps},data_root={data_root}',
       f'--workdir={workdir}',
       '--config.log_every=1',
       '--config.checkpoint_every=2',
@@ -75,11 +75,11 @@ def train(workdir, steps):
   return result.stdout
 
 
-def test_jsonl_tensorboard_and_offline_wandb_in_a_run_and_its_resume(tmp_path):
+def test_jsonl_tensorboard_and_offline_wandb_in_a_run_and_its_resume(tmp_path, builtin_root):
   workdir = str(tmp_path / 'run')
-  train(workdir, steps=4)
+  train(workdir, steps=4, data_root=builtin_root)
   run_id = open(os.path.join(workdir, metrics_lib.WANDB_RUN_ID_FILE)).read().strip()
-  printed = train(workdir, steps=6)  # resumes from the checkpoint of step 4
+  printed = train(workdir, steps=6, data_root=builtin_root)  # resumes from the checkpoint of step 4
   assert f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}' in printed
   assert open(os.path.join(workdir, metrics_lib.WANDB_RUN_ID_FILE)).read().strip() == run_id
 
