@@ -233,11 +233,17 @@ def test_keeps_the_last_n_and_every_mth_checkpoint_evaluates_and_profiles(straig
     config_lib.load(DEMO + ':smoke', ['eval_sources.audio=/data/x'])
 
 
+def run_to_end(cmd):
+  """Runs the trainer command `cmd` to its end and checks it succeeded; the CompletedProcess."""
+  result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
 def resumes_as(straight, restart, workdir, step, **tolerance):
   """Runs `restart` (the command that restarts `workdir`, saved at `step`): it resumes there, and
   its later losses are the uninterrupted run's within `tolerance`."""
-  result = subprocess.run(restart, env=env(), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_to_end(restart)
   assert f'resumed from {workdir} step {step}' in result.stderr
   want, got = losses_by_step(straight), losses_by_step(workdir)
   later = [s for s in want if s > step]
@@ -265,14 +271,7 @@ def kill_then_resume(workdir, data_root, after, *extra, arg='smoke'):
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   resumed_from = committed_steps(workdir)[-1]
-  result = subprocess.run(
-    command(workdir, data_root, *extra, arg=arg),
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_to_end(command(workdir, data_root, *extra, arg=arg))
   assert f'resumed from {workdir} step {resumed_from}' in result.stderr
   return resumed_from, result
 
@@ -374,14 +373,7 @@ def test_two_processes_sigterm_to_one_saves_the_same_step_and_resumes_exactly(
     'process_1-of-2.json',
   ]
   # Resuming it on one process goes on from its state, with the input re-derived and a warning.
-  again = subprocess.run(
-    command(workdir, data_root, '--config.total_steps=22', arg='smoke,workers=0'),
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
+  again = run_to_end(command(workdir, data_root, '--config.total_steps=22', arg='smoke,workers=0'))
   assert 'resuming step 20, saved by 2 process(es), on 1' in again.stderr
   assert 'the losses will not repeat' in again.stderr
   assert committed_steps(workdir)[-1] == 22
@@ -393,14 +385,7 @@ def test_two_processes_resume_a_one_process_checkpoint_with_its_optimizer_state(
   workdir = str(tmp_path / 'run')
   folder = os.path.join(checkpoint.CHECKPOINT_DIR, '10')
   shutil.copytree(os.path.join(straight, folder), os.path.join(workdir, folder))
-  result = subprocess.run(
-    launch(workdir, data_root, '--config.total_steps=11'),
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run_to_end(launch(workdir, data_root, '--config.total_steps=11'))
   assert 'resuming step 10, saved by 1 process(es), on 2' in result.stderr
   assert committed_steps(workdir) == [10, 11]
   assert checkpoint.read_meta(workdir, 11)['process_count'] == 2
