@@ -2,9 +2,11 @@
 user + system time with a verdict per measure, the CPU-time formatting, and CPU time measured
 finer than clock ticks."""
 
+import mmap
+
 import numpy as np
 
-from ove_jax import benchmarks
+from ove_jax import benchmarks, host_runtime
 
 
 def _row(median_s, user_s, sys_s, flops):
@@ -71,6 +73,43 @@ def test_markdown_summary_gives_every_verdict():
   for label in ('wall time', 'user CPU time', 'user+sys CPU time'):
     assert f'- by {label}: ' in text
 
+  # The side-by-side table: CPU time and page faults per step of each, warm-up rounds per width.
+  def side(median, user, sys, faults):
+    return {
+      'median_s': median,
+      'user_s': user,
+      'sys_s': sys,
+      'page_faults': faults,
+      'warmup_rounds': 3,
+    }
+
+  torch_row = {
+    **side(1.2, 2.4, 0.0, 1),
+    'version': '2',
+    'device': 'cpu',
+    'threads': 2,
+    'attention': 'eager',
+  }
+  comparison = {
+    'width': 512,
+    'depth': 2,
+    'heads': 8,
+    'mlp': 2048,
+    'jax': side(1.0, 2.0, 0.5, 170000.0),
+    'torch': torch_row,
+    'speed': 1.2,
+    'speed_min': 1.1,
+    'speed_max': 1.3,
+    'speed_cpu': 0.96,
+    'check': {'agree': True, 'grad_max_rel_diff': 3e-6},
+  }
+  text = '\n'.join(
+    benchmarks.markdown_summary(setting, rows, {}, [comparison], {'dense': 'x', 'torch': None})
+  )
+  assert 'alternated 3 times after 3 warm-up rounds' in text
+  assert '| 1.20x [1.10, 1.30] | 0.96x | 2.00 + 0.500 | 2.40 + 0.000 | 170000, 1 | yes' in text
+  assert 'Slowest width: 1.20x the PyTorch speed (aim >= 1x: met; target 1.5x: not met)' in text
+
 
 def test_format_cpu_seconds():
   assert benchmarks.format_cpu_seconds(0.1723) == '0.172'
@@ -82,10 +121,62 @@ def test_cpu_time_is_finer_than_clock_ticks():
   x = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
   readings = []
   for _ in range(5):
-    readings += benchmarks.cpu_times()
+    usage = host_runtime.process_usage()
+    readings += [usage.user_s, usage.system_s]
     for _ in range(20):
       x = np.tanh(x @ x.T / 256)
   # With 10 ms ticks every reading would be a whole number of hundredths.
   assert any(abs(t * 100 - round(t * 100)) > 1e-6 for t in readings)
   result = benchmarks.time_runs(lambda: np.tanh(x @ x.T), warmup=0, repeats=3)
   assert result['user_s'] + result['sys_s'] > 0
+
+
+def _grow(kept: list, pages: int = 1024):
+  """Maps `pages` new anonymous pages, touches each and keeps them: `pages` page faults a call
+  (an mmap, so neither malloc nor transparent huge pages change the count)."""
+  block = mmap.mmap(-1, pages * mmap.PAGESIZE)
+  for i in range(pages):
+    block[i * mmap.PAGESIZE] = 1
+  kept.append(block)
+
+
+def test_paired_runs_warm_up_until_the_heap_stops_growing():
+  growing, settles = [], []
+  calls = {'settles': 0}
+
+  def settling():
+    calls['settles'] += 1
+    if calls['settles'] <= 2:  # grows in its first two calls, then reuses what it has
+      _grow(settles)
+
+  out = benchmarks.paired_runs(
+    {'still': lambda: None, 'settling': settling}, warmup=1, repeats=2, max_extra_warmup=4
+  )
+  # Round 1 grew (the asked-for warm-up), round 2 grew, round 3 was steady: timing starts.
+  assert out['still']['warmup_rounds'] == out['settling']['warmup_rounds'] == 3
+  assert out['settling']['page_faults'] <= benchmarks.STEADY_PAGE_FAULTS
+  assert len(out['still']['times_s']) == len(out['settling']['times_s']) == 2
+
+  # A step that never settles: the extra rounds stop at the cap, and its faults are reported.
+  out = benchmarks.paired_runs(
+    {'growing': lambda: _grow(growing)}, warmup=1, repeats=2, max_extra_warmup=2
+  )
+  assert out['growing']['warmup_rounds'] == 3
+  assert out['growing']['page_faults'] >= 1024
+  # No warm-up asked for: none added.
+  assert (
+    benchmarks.paired_runs({'growing': lambda: _grow(growing)}, warmup=0, repeats=1)['growing'][
+      'warmup_rounds'
+    ]
+    == 0
+  )
+  for block in growing + settles:
+    block.close()
+
+
+def test_time_runs_counts_page_faults():
+  kept = []
+  result = benchmarks.time_runs(lambda: _grow(kept, 512), warmup=0, repeats=2)
+  assert result['page_faults'] >= 512
+  for block in kept:
+    block.close()

@@ -152,7 +152,12 @@ def print_row(name: str, result: dict) -> None:
   extra = ''
   if jax.default_backend() == 'cpu':
     cpu = bench.format_cpu_seconds
-    extra += f', CPU per step: user {cpu(result["user_s"])} s + sys {cpu(result["sys_s"])} s'
+    extra += (
+      f', CPU per step: user {cpu(result["user_s"])} s + sys {cpu(result["sys_s"])} s, '
+      f'{result["page_faults"]:.0f} page faults'
+    )
+  if 'warmup_rounds' in result:
+    extra += f', after {result["warmup_rounds"]} warm-up rounds'
   if 'compile_s' in result:
     extra += f', compile {result["compile_s"]:.1f} s'
   if 'planned_temp_gb' in result:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import io
 import json
-import resource
 import sys
 import time
 
@@ -45,7 +44,7 @@ import av
 import numpy as np
 
 from data_pipeline import codec, synthetic
-from ove_jax import cli
+from ove_jax import cli, host_runtime
 
 DEFAULT_VARIANTS = (
   'policy=paper',
@@ -173,8 +172,8 @@ def run(args) -> dict:
 
 
 def _cpu() -> float:
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
+  usage = host_runtime.process_usage()
+  return usage.user_s + usage.system_s
 
 
 def _best(work, repeat: int) -> tuple[float, float]:
