@@ -109,13 +109,11 @@ def _summary(times: list, usages: list) -> dict:
 
 
 def time_runs(fn, *, warmup: int, repeats: int) -> dict:
-  """Wall times of `repeats` calls after `warmup`, their median, and per call the process's CPU
-  time split into user and system and its page faults (on CPU a large system share is page
-  faults, the allocator mapping memory in, not compute)."""
-  for _ in range(warmup):
-    fn()
-  times, usages = zip(*(_timed(fn) for _ in range(repeats)))
-  return _summary(list(times), list(usages))
+  """Wall times of `repeats` calls after the warm-up, their median, and per call the process's
+  CPU time split into user and system and its page faults (on CPU a large system share is page
+  faults, the allocator mapping memory in, not compute). The warm-up is `paired_runs`': at least
+  `warmup` calls, more while the heap still grows."""
+  return paired_runs({'fn': fn}, warmup=warmup, repeats=repeats)['fn']
 
 
 def paired_runs(
@@ -437,7 +435,9 @@ def markdown_summary(
     '',
     f'Sparse vs dense: {preset} (width {cfg.width}, depth {cfg.depth}, heads '
     f'{cfg.num_heads}, MLP {cfg.mlp_dim}), {cfg.dtype}, attention {cfg.attention}; batch '
-    f'{batch}, {frames} frames; forward+backward, median of {repeats}. Matmul peak '
+    f'{batch}, {frames} frames; forward+backward, median of {repeats} after '
+    f'{" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs. '
+    'Matmul peak '
     f'measured: {peak / 1e9:.1f} GFLOP/s.',
     '',
     '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |' + cpu_col,

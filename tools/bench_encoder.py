@@ -3,7 +3,8 @@
 What it measures, on a 64-frame 224x224 clip (14-pixel patches, 16x16 = 256 per frame, 16,384 in
 all), one jitted training step of the encoder alone: forward, loss = sum of squares of the pooled
 output, and the gradient for every parameter, timed with `jax.block_until_ready` after compiling
-(compile time is reported on its own), median of `--repeats` runs after `--warmup` runs.
+(compile time is reported on its own), median of `--repeats` runs after `--warmup` runs (more,
+up to 4, while a run still faults in fresh memory: `benchmarks.paired_runs`).
 
   1. sparse vs dense, on `--preset` (default 'micro'): K = `--budget` patches drawn at random
      from the clip with their (t, h, w) positions, against all frames x 256 patches; printed
@@ -136,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     help='attention implementation (default xla)',
   )
   parser.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported')
-  parser.add_argument('--warmup', type=int, default=1, help='untimed runs after compiling')
+  parser.add_argument(
+    '--warmup',
+    type=int,
+    default=1,
+    help='untimed runs after compiling (at least; up to 4 more while the heap still grows)',
+  )
   parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
   parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
@@ -230,7 +236,8 @@ def main(argv=None):
   print(tuning)
   print(
     f'input: batch {b}, {args.frames} frames of {bench.IMAGE_SIZE}x{bench.IMAGE_SIZE} '
-    f'({n_all} patches); sparse K={k}; median of {args.repeats} after {args.warmup} warm-up'
+    f'({n_all} patches); sparse K={k}; median of {args.repeats} after at least '
+    f'{args.warmup} warm-up'
   )
   sys.stdout.flush()
 
