@@ -78,9 +78,12 @@ def clip_inputs(cfg, batch: int, frames: int, budget: int, seed: int):
 # ------------------------------------------------------------------------------------------------
 
 
-# A warm-up round is steady when no step in it faulted in more pages than this (1 MiB): the heap
-# has stopped growing, so the timed steps reuse memory already mapped.
+# A warm-up round is clean when no step in it faulted in more pages than this (1 MiB), and the
+# heap has stopped growing after STEADY_ROUNDS clean rounds in a row: one is not enough, as a
+# step's outputs can land in the hole its temporaries left, so that every other run grows the heap
+# (the dense micro step faulted in its 4.45 GB twice, then never).
 STEADY_PAGE_FAULTS = 256
+STEADY_ROUNDS = 2
 # Extra warm-up rounds `paired_runs` may add while the heap still grows.
 MAX_EXTRA_WARMUP = 4
 
@@ -131,14 +134,15 @@ def paired_runs(
   The steps share one heap, so each can leave the free memory cut up where the other's big
   blocks (XLA:CPU's one temporary buffer per step) no longer fit, and the heap grows for a few
   rounds: steps that fault in hundreds of MB, on some virtual machines at 10+ us a page. After
-  `warmup` rounds, up to `max_extra_warmup` more run while a step in the last one faulted in more
-  than STEADY_PAGE_FAULTS pages, so the timed rounds measure the steady state a training loop
-  runs in; faults that still happen are counted and reported, not hidden."""
-  rounds, growing = 0, warmup > 0
+  `warmup` rounds, up to `max_extra_warmup` more run until STEADY_ROUNDS rounds in a row had no
+  step fault in more than STEADY_PAGE_FAULTS pages, so the timed rounds measure the steady state
+  a training loop runs in; faults that still happen are counted and reported, not hidden."""
+  rounds, clean, growing = 0, 0, warmup > 0
   while growing and rounds < warmup + max_extra_warmup:
     faults = [_timed(fn)[1].page_faults for fn in fns.values()]
     rounds += 1
-    growing = rounds < warmup or max(faults) > STEADY_PAGE_FAULTS
+    clean = clean + 1 if max(faults) <= STEADY_PAGE_FAULTS else 0
+    growing = rounds < warmup or clean < STEADY_ROUNDS
   measured = {name: ([], []) for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():

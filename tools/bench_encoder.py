@@ -4,7 +4,7 @@ What it measures, on a 64-frame 224x224 clip (14-pixel patches, 16x16 = 256 per 
 all), one jitted training step of the encoder alone: forward, loss = sum of squares of the pooled
 output, and the gradient for every parameter, timed with `jax.block_until_ready` after compiling
 (compile time is reported on its own), median of `--repeats` runs after `--warmup` runs (more,
-up to 4, while a run still faults in fresh memory: `benchmarks.paired_runs`).
+up to 4, until two runs in a row fault in no fresh memory: `benchmarks.paired_runs`).
 
   1. sparse vs dense, on `--preset` (default 'micro'): K = `--budget` patches drawn at random
      from the clip with their (t, h, w) positions, against all frames x 256 patches; printed
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     '--warmup',
     type=int,
     default=1,
-    help='untimed runs after compiling (at least; up to 4 more while the heap still grows)',
+    help='untimed runs after compiling (at least; up to 4 more until the heap stops growing)',
   )
   parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
   parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
