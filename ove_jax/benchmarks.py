@@ -221,16 +221,6 @@ def compile_jax(step, params, patches, positions, *, check_memory=False):
   return result, lambda: jax.block_until_ready(compiled(params, patches, positions))
 
 
-def bench_jax(step, params, patches, positions, *, warmup, repeats, check_memory=False):
-  """Compiles and times `step`; returns a result dict (with 'skipped' if it would not fit) and
-  the step's outputs (None when skipped)."""
-  result, run = compile_jax(step, params, patches, positions, check_memory=check_memory)
-  if run is None:
-    return result, None
-  result.update(time_runs(run, warmup=warmup, repeats=repeats))
-  return result, run()
-
-
 # ------------------------------------------------------------------------------------------------
 # Reporting
 # ------------------------------------------------------------------------------------------------
@@ -321,7 +311,7 @@ def format_cpu_seconds(seconds: float) -> str:
 
 def add_rates(result: dict, cfg, batch: int, tokens: int, peak: float) -> dict:
   """Adds the step's analytic FLOPs (forward + backward), achieved FLOP/s and share of `peak`
-  (and the peak RSS so far, on CPU) to a `bench_jax` / `bench_torch` result."""
+  (and the peak RSS so far, on CPU) to a timed step's result."""
   flops = batch * enc.encoder_flops(cfg, tokens, backward=True)
   result.update(tokens=tokens, flops=flops)
   if 'median_s' in result:

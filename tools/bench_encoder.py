@@ -7,8 +7,9 @@ output, and the gradient for every parameter, timed with `jax.block_until_ready`
 up to 4, until two runs in a row fault in no fresh memory: `benchmarks.paired_runs`).
 
   1. sparse vs dense, on `--preset` (default 'micro'): K = `--budget` patches drawn at random
-     from the clip with their (t, h, w) positions, against all frames x 256 patches; printed
-     beside the analytic FLOP ratio (aim: measured speedup >= 90% of it);
+     from the clip with their (t, h, w) positions, against all frames x 256 patches, the two
+     steps alternated (`--repeats` pairs); printed beside the analytic FLOP ratio (aim: measured
+     speedup >= 90% of it);
   2. JAX vs PyTorch, at each of `--widths` (default 256, 512, 768, 1024; head_dim 64, MLP 4x,
      `--compare-depth` blocks): the same model exported with `save_pytorch` and loaded in our
      PyTorch port, run the release's way: eager attention (the release's only CPU path) and the
@@ -256,24 +257,22 @@ def main(argv=None):
     dense_note = None
     inputs = bench.clip_inputs(cfg, b, args.frames, k, args.seed)
     step, _, params = bench.make_jax_step(enc.create_encoder(cfg, seed=args.seed))
-    # Dense last: it is by far the biggest.
+    runs = {}
     for name, (x, pos), tokens in (('JAX sparse', inputs[1], k), ('JAX dense', inputs[0], n_all)):
-      result, outputs = bench.bench_jax(
-        step,
-        params,
-        jnp.asarray(x),
-        jnp.asarray(pos),
-        warmup=args.warmup,
-        repeats=args.repeats,
-        check_memory=name == 'JAX dense',
+      result, run = bench.compile_jax(
+        step, params, jnp.asarray(x), jnp.asarray(pos), check_memory=name == 'JAX dense'
       )
-      del outputs
-      gc.collect()
-      rows[name] = bench.add_rates(result, cfg, b, tokens, peak)
-      print_row(name, result)
-      if 'skipped' in result:
+      rows[name] = {**result, 'tokens': tokens}
+      if run is None:
         dense_note = f'skipped: {result["skipped"]}'
-    del inputs, step, params
+      else:
+        runs[name] = run
+    # Alternated like the comparison below, so a change in the machine's speed hits both.
+    timing = bench.paired_runs(runs, warmup=args.warmup, repeats=args.repeats)
+    for name, row in rows.items():
+      rows[name] = bench.add_rates({**row, **timing.get(name, {})}, cfg, b, row['tokens'], peak)
+      print_row(name, rows[name])
+    del runs, timing, inputs, step, params
     gc.collect()
   summary = bench.sparse_speedup(rows)
   if summary:
