@@ -155,6 +155,17 @@ def paired_runs(
   }
 
 
+def merge_runs(parts: list[dict]) -> dict:
+  """One result of several `time_runs` blocks of the same step: all their times (and median),
+  CPU time and page faults per call averaged over every timed call, warm-up runs summed."""
+  times = [t for part in parts for t in part['times_s']]
+  out = {'times_s': times, 'median_s': statistics.median(times)}
+  for key in ('user_s', 'sys_s', 'page_faults'):
+    out[key] = sum(part[key] * len(part['times_s']) for part in parts) / len(times)
+  out['warmup_rounds'] = sum(part['warmup_rounds'] for part in parts)
+  return out
+
+
 def peak_rss_gb() -> float | None:
   try:
     import resource  # pylint: disable=g-import-not-at-top
@@ -429,10 +440,10 @@ def markdown_summary(
     '',
     f'Sparse vs dense: {preset} (width {cfg.width}, depth {cfg.depth}, heads '
     f'{cfg.num_heads}, MLP {cfg.mlp_dim}), {cfg.dtype}, attention {cfg.attention}; batch '
-    f'{batch}, {frames} frames; forward+backward, median of {repeats} after '
-    f'{" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs. '
-    'Matmul peak '
-    f'measured: {peak / 1e9:.1f} GFLOP/s.',
+    f'{batch}, {frames} frames; forward+backward; the sparse step timed {repeats} times before '
+    f'and {repeats} after the dense one, median of each ('
+    f'{" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs). '
+    f'Matmul peak measured: {peak / 1e9:.1f} GFLOP/s.',
     '',
     '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |' + cpu_col,
     '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else ''),

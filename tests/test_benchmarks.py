@@ -180,3 +180,12 @@ def test_time_runs_counts_page_faults():
   assert result['page_faults'] >= 512
   for block in kept:
     block.close()
+
+
+def test_merge_runs_pools_the_blocks_of_one_step():
+  a = {'times_s': [1.0, 3.0], 'user_s': 2.0, 'sys_s': 0.0, 'page_faults': 10.0, 'warmup_rounds': 2}
+  b = {'times_s': [2.0], 'user_s': 5.0, 'sys_s': 0.3, 'page_faults': 0.0, 'warmup_rounds': 2}
+  merged = benchmarks.merge_runs([a, b])
+  assert merged['times_s'] == [1.0, 3.0, 2.0] and merged['median_s'] == 2.0
+  assert merged['user_s'] == 3.0 and abs(merged['sys_s'] - 0.1) < 1e-12
+  assert abs(merged['page_faults'] - 20 / 3) < 1e-12 and merged['warmup_rounds'] == 4

@@ -7,9 +7,10 @@ output, and the gradient for every parameter, timed with `jax.block_until_ready`
 up to 4, until two runs in a row fault in no fresh memory: `benchmarks.paired_runs`).
 
   1. sparse vs dense, on `--preset` (default 'micro'): K = `--budget` patches drawn at random
-     from the clip with their (t, h, w) positions, against all frames x 256 patches, the two
-     steps alternated (`--repeats` pairs); printed beside the analytic FLOP ratio (aim: measured
-     speedup >= 90% of it);
+     from the clip with their (t, h, w) positions, against all frames x 256 patches (`--repeats`
+     sparse steps, as many dense ones, then the sparse ones again, so a drift in the machine's
+     speed shows in both); printed beside the analytic FLOP ratio (aim: measured speedup >= 90%
+     of it);
   2. JAX vs PyTorch, at each of `--widths` (default 256, 512, 768, 1024; head_dim 64, MLP 4x,
      `--compare-depth` blocks): the same model exported with `save_pytorch` and loaded in our
      PyTorch port, run the release's way: eager attention (the release's only CPU path) and the
@@ -267,8 +268,14 @@ def main(argv=None):
         dense_note = f'skipped: {result["skipped"]}'
       else:
         runs[name] = run
-    # Alternated like the comparison below, so a change in the machine's speed hits both.
-    timing = bench.paired_runs(runs, warmup=args.warmup, repeats=args.repeats)
+    # The sparse step is timed before and after the dense one, so a drift in the machine's speed
+    # over the dense block shows in both; each block runs back to back, as a training loop does
+    # (alternating step by step would make every sparse step start on the dense one's caches).
+    order = ['JAX sparse', 'JAX dense', 'JAX sparse'] if 'JAX dense' in runs else ['JAX sparse']
+    blocks = {name: [] for name in runs}
+    for name in order:
+      blocks[name].append(bench.time_runs(runs[name], warmup=args.warmup, repeats=args.repeats))
+    timing = {name: bench.merge_runs(parts) for name, parts in blocks.items()}
     for name, row in rows.items():
       rows[name] = bench.add_rates({**row, **timing.get(name, {})}, cfg, b, row['tokens'], peak)
       print_row(name, rows[name])
