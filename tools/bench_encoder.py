@@ -139,12 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     help='attention implementation (default xla)',
   )
   parser.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported')
-  parser.add_argument(
-    '--warmup',
-    type=int,
-    default=1,
-    help='untimed runs after compiling (at least; up to 4 more until the heap stops growing)',
-  )
+  parser.add_argument('--warmup', type=int, default=1, help='untimed runs, at least (see above)')
   parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
   parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
