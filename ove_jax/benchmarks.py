@@ -440,9 +440,14 @@ def markdown_summary(
     '',
     f'Sparse vs dense: {preset} (width {cfg.width}, depth {cfg.depth}, heads '
     f'{cfg.num_heads}, MLP {cfg.mlp_dim}), {cfg.dtype}, attention {cfg.attention}; batch '
-    f'{batch}, {frames} frames; forward+backward; the sparse step timed {repeats} times before '
-    f'and {repeats} after the dense one, median of each ('
-    f'{" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs). '
+    f'{batch}, {frames} frames; forward+backward; '
+    + (
+      f'the sparse step timed {repeats} times before and {repeats} after the dense one, the '
+      'median over both blocks'
+      if len(rows) > 1 and all('median_s' in r for r in rows.values())
+      else f'median of {repeats}'
+    )
+    + f' ({" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs). '
     f'Matmul peak measured: {peak / 1e9:.1f} GFLOP/s.',
     '',
     '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |' + cpu_col,

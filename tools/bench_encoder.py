@@ -265,7 +265,7 @@ def main(argv=None):
         runs[name] = run
     # The sparse step is timed before and after the dense one, so a drift in the machine's speed
     # over the dense block shows in both; each block runs back to back, as a training loop does
-    # (alternating step by step would make every sparse step start on the dense one's caches).
+    # (alternated step by step, every sparse step would start right after a 4-GB dense one).
     order = ['JAX sparse', 'JAX dense', 'JAX sparse'] if 'JAX dense' in runs else ['JAX sparse']
     blocks = {name: [] for name in runs}
     for name in order:
