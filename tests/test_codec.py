@@ -181,6 +181,42 @@ def test_reference_search_finds_b_pyramid_references():
       assert got.residual_HxW.mean() < 0.25 * diff, (frame.index, frame.kind)
 
 
+@pytest.mark.parametrize('max_pictures', [0, 2])
+def test_luma_taken_on_first_use_gives_the_same_maps(monkeypatch, max_pictures):
+  # The default holds decoded pictures and takes the luma of those a wanted frame uses;
+  # max_pictures=0 takes every near frame's luma at once (as before): the same maps, bit for
+  # bit, with fewer frames' luma taken by default. A small bound takes the oldest held luma early.
+  c = clip(4, num_frames=40, bframes=3, background='pan')
+  taken = []
+  downscale = maps.downscale
+  monkeypatch.setattr(
+    maps, 'downscale', lambda luma, step: taken.append(1) or downscale(luma, step)
+  )
+
+  def run(**kwargs):
+    taken.clear()
+    container, stream = bitstream.open_with_vectors(c.data)
+    seen, out = {}, []
+    with container:
+      frames = bitstream.container_frames(container, stream)
+      for frame, past, future in bitstream.frames_with_references(
+        frames, range(0, 40, 5), bitstream.Decoded(), step=2, **kwargs
+      ):
+        for f in (frame, *past, *future):
+          seen[f.index] = f
+        got = maps.frame_maps(frame, past, future, step=2)
+        out.append((frame.index, got.motion_HxW.tobytes(), got.residual_HxW.tobytes()))
+        held = [f for f in seen.values() if f.picture is not None]
+        assert len(held) <= kwargs.get('max_pictures', bitstream.MAX_PICTURES)
+    return out, seen, len(taken)
+
+  eager, _, eager_taken = run(max_pictures=0)
+  lazy, seen, lazy_taken = run() if max_pictures == 0 else run(max_pictures=max_pictures)
+  assert lazy == eager and len(eager) == 8
+  assert len(seen) <= lazy_taken < eager_taken
+  assert all(f.luma is not None and f.luma.dtype == np.float32 for f in seen.values())
+
+
 # ----------------------------------------------------------------------------- codecs, sizes
 
 

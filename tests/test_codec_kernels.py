@@ -126,7 +126,7 @@ def test_motion_magnitude(monkeypatch, camera, distances):
     assert not reference.any()
 
 
-@pytest.mark.parametrize('step', [2, 3, 4])
+@pytest.mark.parametrize('step', [2, 3, 4, 16])
 @pytest.mark.parametrize('height,width', [(64, 96), (61, 83), (722, 1283)])
 def test_downscale(monkeypatch, step, height, width):
   luma = np.random.default_rng(step).integers(0, 256, (height, width)).astype(np.uint8)
@@ -137,6 +137,18 @@ def test_downscale(monkeypatch, step, height, width):
   padded[:, :width] = luma
   for got in both(monkeypatch, maps.downscale, padded[:, :width], step):
     assert_identical(got, maps.downscale(luma, step))
+
+
+@pytest.mark.parametrize('step', [kernels.MAX_STEP, kernels.MAX_STEP + 1])
+def test_downscale_largest_steps(monkeypatch, step):
+  # All 255: the kernel's uint16 column sums reach step * 255 = 65535 at MAX_STEP, and a larger
+  # step takes the numpy path (uint32 sums).
+  luma = np.full((2 * step + 3, 3 * step + 1), 255, np.uint8)
+  luma[step:, : step + 1] = np.arange(step + 1, dtype=np.uint8)[::-1]
+  fast, reference = both(monkeypatch, maps.downscale, luma, step)
+  assert_identical(fast, reference)
+  area = np.float32(step * step)
+  assert fast.shape == (2, 3) and fast[0, 0] == np.float32(255 * step * step) / area
 
 
 @pytest.mark.parametrize('step', [1, 3])

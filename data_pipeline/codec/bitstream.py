@@ -52,6 +52,8 @@ _Y8_FORMATS = frozenset(
 )
 # x264 allows up to 16 consecutive B-frames, so no reference lies further away than this.
 REFERENCE_REACH = 18
+# Decoded pictures `frames_with_references` holds before taking their luma (`CodedFrame.picture`).
+MAX_PICTURES = 8
 TRANSCODE_FPS = 25
 
 
@@ -114,15 +116,29 @@ class CodedFrame:
   index: int  # presentation index, counting decoded frames from 0
   decode_index: int  # position in decode order; -1 when the packets carry no pts
   kind: str  # 'I', 'P', 'B' or '?'
-  luma: np.ndarray | None  # [H/step, W/step] luma at the analysis resolution (float32);
-  # only kept for frames near a wanted one
+  luma: np.ndarray | None  # [H/step, W/step] luma at the analysis resolution (float32), once
+  # taken (`analysis_luma`); None for frames far from every wanted one
   vectors: np.ndarray | None  # the MOTION_VECTORS structured array; wanted frames only
   height: int = 0  # the coded frame's size
   width: int = 0
+  picture: object = None  # the decoded av frame while its luma is not taken yet
+  step: int = 1  # the block average `analysis_luma` applies
 
   @property
   def is_anchor(self) -> bool:
     return self.kind in ('I', 'P')
+
+  @property
+  def has_luma(self) -> bool:
+    return self.luma is not None or self.picture is not None
+
+  def analysis_luma(self) -> np.ndarray | None:
+    """The luma at the analysis resolution, taken from the decoded picture on first use (then
+    the picture is let go): most frames near a wanted one are never a reference of one."""
+    if self.luma is None and self.picture is not None:
+      self.luma = maps.downscale(luma_of(self.picture), self.step)
+      self.picture = None
+    return self.luma
 
 
 def luma_of(frame) -> np.ndarray:
@@ -175,6 +191,7 @@ def frames_with_references(
   decoded: Decoded,
   step: int = 1,
   reach: int = REFERENCE_REACH,
+  max_pictures: int = MAX_PICTURES,
 ) -> Iterator[tuple]:
   """For each wanted presentation index: (frame, past candidates, future candidates).
 
@@ -184,7 +201,8 @@ def frames_with_references(
   (for P-frames only the latter; with B-pyramids a B-frame may reference another B). An I-frame
   gets its predecessor as the 'past' candidate, used with zero vectors (a frame difference).
   Decoding stops once the last wanted frame is out, so only the needed prefix is decoded.
-  Luma is kept block-averaged by `step` (maps.downscale), so memory follows the analysis size.
+  Luma is taken block-averaged by `step` (maps.downscale) when first used, from the decoded
+  picture the frame holds until then (at most `max_pictures` of them are held).
   """
   wanted_sorted = np.unique(np.asarray(wanted, dtype=np.int64))
   if wanted_sorted.size == 0:
@@ -193,6 +211,7 @@ def frames_with_references(
   last_wanted = int(wanted_sorted[-1])
   window: dict[int, CodedFrame] = {}
   pending: list[CodedFrame] = []
+  deferred: list[CodedFrame] = []  # frames holding their decoded picture, oldest first
 
   def near_wanted(i: int) -> bool:
     j = int(np.searchsorted(wanted_sorted, i - reach))
@@ -214,11 +233,24 @@ def frames_with_references(
       if is_wanted:
         side = frame.side_data.get('MOTION_VECTORS')
         vectors = side.to_ndarray().copy() if side is not None else None
-      luma = maps.downscale(luma_of(frame), step) if near_wanted(index) else None
       coded = CodedFrame(
-        index, decode_index, _kind(frame), luma, vectors, frame.height, frame.width
+        index,
+        decode_index,
+        _kind(frame),
+        None,
+        vectors,
+        frame.height,
+        frame.width,
+        frame if near_wanted(index) else None,
+        step,
       )
       window[index] = coded
+      if coded.picture is not None:
+        # At most `max_pictures` decoded pictures are held (the decoder's buffer pool grows
+        # with them); past that the oldest one's luma is taken now.
+        deferred.append(coded)
+        while len(deferred) > max_pictures:
+          deferred.pop(0).analysis_luma()
       if coded.is_anchor:
         # Every pending B-frame before this anchor now has all its future candidates in view.
         while pending:
@@ -234,6 +266,7 @@ def frames_with_references(
       if index >= last_wanted and not pending:
         return
       _prune(window, min([p.index for p in pending] + [index]))
+      deferred[:] = [f for f in deferred if f.picture is not None and window.get(f.index) is f]
   except av.FFmpegError as e:
     decoded.error = e
   # End of stream (or a decoder error): pending frames get the candidates that exist.
@@ -246,7 +279,7 @@ def _candidates(frame: CodedFrame, window: dict, direction: int) -> list[CodedFr
     if direction > 0:
       return []
     previous = window.get(frame.index - 1)
-    return [previous] if previous is not None and previous.luma is not None else []
+    return [previous] if previous is not None and previous.has_luma else []
   nearest = anchor = None
   i = frame.index + direction
   while i in window:
@@ -265,7 +298,7 @@ def _candidates(frame: CodedFrame, window: dict, direction: int) -> list[CodedFr
     found = [nearest]
   out = []
   for other in found:
-    if other is not None and other.luma is not None and all(other is not o for o in out):
+    if other is not None and other.has_luma and all(other is not o for o in out):
       out.append(other)
   return out
 

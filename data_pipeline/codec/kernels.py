@@ -205,27 +205,37 @@ def motion_magnitude(dx0, dy0, has0, distance0, dx1, dy1, has1, distance1, used)
 
 @jit
 def downscale(luma_HxW, step):
-  """`maps.downscale` for step > 1: the integer sum of each step x step block over step**2.
-  Per output row, the step source rows are first summed column by column (contiguous, so the
-  compiler vectorises it), then each run of step columns (unsigned indices, as in `predict`)."""
+  """`maps.downscale` for 1 < step <= MAX_STEP: the integer sum of each step x step block over
+  step**2. Per output row, the step source rows are first summed column by column in uint16
+  (step * 255 fits; contiguous, so the compiler vectorises it, twice the lanes of uint32), then
+  the step columns of each output pixel are added in float32, which holds these integer sums
+  (< 2**24) exactly: the same values as one integer sum."""
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
   width = w * step
   out = np.empty((h, w), np.float32)
-  columns = np.empty(width, np.uint32)
+  columns = np.empty(width, np.uint16)
   area, ustep = np.float32(step * step), np.uint64(step)
   for y in range(h):
-    columns[:] = 0
-    for r in range(y * step, (y + 1) * step):
+    first = np.uint64(y * step)
+    for x in range(width):
+      columns[x] = np.uint16(luma_HxW[first, np.uint64(x)])
+    for r in range(y * step + 1, (y + 1) * step):
       row = np.uint64(r)
       for x in range(width):
-        columns[x] += np.uint32(luma_HxW[row, np.uint64(x)])
+        columns[x] += np.uint16(luma_HxW[row, np.uint64(x)])
+    row_out = out[y]
     for x in range(w):
-      base = np.uint64(x) * ustep
-      total = np.uint32(0)
-      for k in range(step):
-        total += columns[base + np.uint64(k)]
-      out[y, x] = np.float32(total) / area
+      row_out[x] = np.float32(columns[np.uint64(x) * ustep])
+    for k in range(1, step):
+      for x in range(w):
+        row_out[x] += np.float32(columns[np.uint64(x) * ustep + np.uint64(k)])
+    for x in range(w):
+      row_out[x] = row_out[x] / area
   return out
+
+
+# The largest step `downscale` takes: step * 255 must fit its uint16 column sums.
+MAX_STEP = 257
 
 
 @jit

@@ -150,7 +150,7 @@ def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
   new array, never a view of `luma` (which may be a decoder's buffer, `bitstream.luma_of`)."""
   if step == 1:
     return luma_HxW.astype(np.float32)
-  if KERNELS is not None:
+  if KERNELS is not None and step <= KERNELS.MAX_STEP:
     return KERNELS.downscale(luma_HxW, step)
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
   # Rows, then columns: two reductions over neighbouring memory, ~3x faster than one over
@@ -242,16 +242,17 @@ def frame_maps(
   as the release does (`release_motion`); `inconsistency` > 0 replaces the motion magnitude by
   its local variance in that window (`release.local_variance`).
   """
-  luma = frame.luma.astype(np.float32, copy=False)
+  luma = frame.analysis_luma().astype(np.float32, copy=False)
   h, w = luma.shape
   grids, predictions, distances = [], [], []
   for direction, candidates in ((-1, past), (+1, future)):
     grid = paint_vectors(frame.vectors, h * step, w * step, direction)
     best, best_error = None, np.inf
     for candidate in candidates:
-      if candidate.luma is None or candidate.luma.shape != luma.shape:
+      reference = candidate.analysis_luma()
+      if reference is None or reference.shape != luma.shape:
         continue
-      prediction = predict(candidate.luma, grid, step)
+      prediction = predict(reference, grid, step)
       error = masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1 else 0.0
       if error < best_error:
         best, best_error = (candidate, prediction), error
