@@ -140,7 +140,7 @@ def test_both_reference_directions_are_used():
     coded = _frame(1, luma, _vectors(source, 3), kind='B')
     got = maps.frame_maps(coded, past, future)
     assert got.residual_HxW[:, :29].max() == 0  # the vectors explain the frame
-    np.testing.assert_allclose(got.motion_HxW, 3.0)  # 3 px over 1 frame of distance
+    np.testing.assert_allclose(got.motion_map(), 3.0)  # 3 px over 1 frame of distance
     assert (got.vectors_past > 0) == (source < 0) and (got.vectors_future > 0) == (source > 0)
     # Without the vectors the same references predict badly.
     assert maps.frame_maps(_frame(1, luma, None, 'B'), past, future).residual_HxW.mean() > 40
@@ -205,7 +205,7 @@ def test_luma_taken_on_first_use_gives_the_same_maps(monkeypatch, max_pictures):
         for f in (frame, *past, *future):
           seen[f.index] = f
         got = maps.frame_maps(frame, past, future, step=2)
-        out.append((frame.index, got.motion_HxW.tobytes(), got.residual_HxW.tobytes()))
+        out.append((frame.index, got.motion_map().tobytes(), got.residual_HxW.tobytes()))
         held = [f for f in seen.values() if f.picture is not None]
         assert len(held) <= kwargs.get('max_pictures', bitstream.MAX_PICTURES)
     return out, seen, len(taken)

@@ -264,7 +264,8 @@ def test_order_statistics():
 def test_normalise_fuse(monkeypatch, kind, fusion, weights):
   rng = np.random.default_rng(len(kind))
   motion, residual = random_maps(rng, kind), 40 * random_maps(rng, 'exponential')
-  fast, reference = both(monkeypatch, maps.normalise_fuse, motion, residual, fusion, *weights)
+  raw = maps.FrameMaps(motion, residual)
+  fast, reference = both(monkeypatch, maps.normalise_fuse, raw, fusion, *weights)
   assert_identical(fast, reference)
   # The reference is the two steps it replaces.
   steps = maps.fuse(
@@ -274,6 +275,30 @@ def test_normalise_fuse(monkeypatch, kind, fusion, weights):
     *weights,
   )
   assert_identical(reference, steps)
+
+
+@pytest.mark.parametrize('step', [1, 2, 3])
+@pytest.mark.parametrize('fusion,weights', [('mean', (1.0, 1.0)), ('max', (1.0, 2.0))])
+def test_normalise_fuse_of_motion_cells(monkeypatch, step, fusion, weights):
+  # The motion as cells (runs of equal cells, zeros, -0.0, values past the p95) against the
+  # same motion expanded to pixels: one result, with the kernels and without.
+  rng = np.random.default_rng(step)
+  h, w = 61, 83
+  hc, wc = -(-h * step // maps.CELL), -(-w * step // maps.CELL)
+  cells = np.repeat(rng.exponential(2.0, (hc, wc // 3 + 1)).astype(np.float32), 3, axis=1)
+  cells = cells[:, :wc].copy()
+  cells[rng.random((hc, wc)) < 0.3] = 0.0
+  cells[0, :5] = -0.0
+  residual = 40 * random_maps(rng, 'exponential')[:h, :w].copy()
+  weights_cells = maps.cell_weights(h, w, hc, wc, step)
+  expanded = maps.FrameMaps(maps.cells_to_pixels(cells, h, w, step), residual)
+  as_cells = maps.FrameMaps(None, residual, motion_cells=(cells, weights_cells), step=step)
+  assert as_cells.motion_map().shape == (h, w)
+  as_cells.motion_HxW = None
+  for raw in (expanded, as_cells):
+    fast, reference = both(monkeypatch, maps.normalise_fuse, raw, fusion, *weights)
+    assert_identical(fast, reference)
+    assert_identical(fast, maps.normalise_fuse(expanded, fusion, *weights))
 
 
 SELECTIONS = [

@@ -255,6 +255,31 @@ def normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale):
 
 
 @jit
+def normalise_fuse_cells(cells_HcxWc, motion_scale, residual_HxW, residual_scale, y_runs, x_runs):
+  """`normalise_fuse` with the motion given as cells (each constant over its run of pixels, as
+  in `expand`): the motion term clip(m / sm, 0, 1) is worked out once per run of equal cells,
+  then each pixel is (that + clip(r / sr, 0, 1)) / 2, the same float32 operations."""
+  h, w = residual_HxW.shape
+  hc, wc = cells_HcxWc.shape
+  out = np.empty((h, w), np.float32)
+  sm, sr, two = np.float32(motion_scale), np.float32(residual_scale), np.float32(2)
+  zero, one = np.float32(0), np.float32(1)
+  for cy in range(hc):
+    cx = 0
+    while cx < wc:
+      m = min(max(cells_HcxWc[cy, cx] / sm, zero), one)
+      end = _run_end(cells_HcxWc, cells_HcxWc, cy, cx)
+      x_lo, x_hi = np.uint64(x_runs[cx]), np.uint64(x_runs[end])
+      cx = end
+      for y in range(y_runs[cy], y_runs[cy + 1]):
+        py = np.uint64(y)
+        for px in range(x_lo, x_hi):
+          r = min(max(residual_HxW[py, px] / sr, zero), one)
+          out[py, px] = (m + r) / two
+  return out
+
+
+@jit
 def expand(cells_HcxWc, y_runs, x_runs):
   """`maps.cells_to_pixels`: each cell's value over its run of analysis pixels; the first row
   of a cell row is filled run by run, the rest of its rows are copies of it."""
@@ -286,14 +311,22 @@ def masked_error(luma_HxW, prediction_HxW, has_HcxWc, y_runs, x_runs):
   hc, wc = has_HcxWc.shape
   terms = np.empty(h * w, np.float32)
   count = 0
+  starts = np.empty(wc, np.uint64)  # the runs of coded cells of one cell row, in pixels
+  ends = np.empty(wc, np.uint64)
   for cy in range(hc):
+    runs, cx = 0, 0
+    while cx < wc:
+      end = _run_end(has_HcxWc, has_HcxWc, cy, cx)
+      if has_HcxWc[cy, cx]:
+        starts[runs], ends[runs] = x_runs[cx], x_runs[end]
+        runs += 1
+      cx = end
     for y in range(y_runs[cy], y_runs[cy + 1]):
       py = np.uint64(y)
-      for cx in range(wc):
-        if has_HcxWc[cy, cx]:
-          for px in range(np.uint64(x_runs[cx]), np.uint64(x_runs[cx + 1])):
-            terms[count] = abs(luma_HxW[py, px] - prediction_HxW[py, px])
-            count += 1
+      for k in range(runs):
+        for px in range(starts[k], ends[k]):
+          terms[count] = abs(luma_HxW[py, px] - prediction_HxW[py, px])
+          count += 1
   if count == 0:
     for y in range(h):
       for x in range(w):
@@ -348,13 +381,22 @@ def _block_sum(values, start, n):
     for i in range(start, start + n):
       total += values[i]
     return total
-  r = values[start : start + 8].copy()
+  # Eight scalar accumulators (a small array here would be a heap allocation per block).
+  r0, r1, r2, r3 = values[start], values[start + 1], values[start + 2], values[start + 3]
+  r4, r5, r6, r7 = values[start + 4], values[start + 5], values[start + 6], values[start + 7]
   i = 8
   while i < n - (n % 8):
-    for j in range(8):
-      r[j] += values[start + i + j]
+    at = start + i
+    r0 += values[at]
+    r1 += values[at + 1]
+    r2 += values[at + 2]
+    r3 += values[at + 3]
+    r4 += values[at + 4]
+    r5 += values[at + 5]
+    r6 += values[at + 6]
+    r7 += values[at + 7]
     i += 8
-  total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+  total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
   while i < n:
     total += values[start + i]
     i += 1

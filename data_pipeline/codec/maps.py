@@ -214,7 +214,9 @@ def bipredicted_residual(
 class FrameMaps:
   """Raw maps of one frame at the analysis resolution (before normalisation)."""
 
-  motion_HxW: np.ndarray  # coded pixels per frame of reference distance
+  # Coded pixels per frame of reference distance; None when `motion_cells` holds it (then
+  # `motion_map()` expands it to pixels, which the default scoring never needs).
+  motion_HxW: np.ndarray | None
   residual_HxW: np.ndarray  # |Y_t - MC(Y_ref)| in luma levels
   vectors_past: int = 0  # cells with a past / future vector (both are used when present)
   vectors_future: int = 0
@@ -222,6 +224,14 @@ class FrameMaps:
   # The motion map as the cells it is expanded from, (cells [Hc, Wc], `cell_weights`), when it
   # is constant over them (the default maths); None otherwise.
   motion_cells: tuple | None = None
+  step: int = 1  # coded pixels per analysis pixel (how the cells cover the map)
+
+  def motion_map(self) -> np.ndarray:
+    """The motion at each analysis pixel, float32 [H, W]."""
+    if self.motion_HxW is None:
+      h, w = self.residual_HxW.shape
+      self.motion_HxW = cells_to_pixels(self.motion_cells[0], h, w, self.step)
+    return self.motion_HxW
 
 
 def frame_maps(
@@ -284,23 +294,25 @@ def frame_maps(
       coded_HcxWc = past_grid.has_HcxWc.view(np.uint8) + 2 * future_grid.has_HcxWc.view(np.uint8)
       residual_HxW = bipredicted_residual(luma, p0, p1, coded_HcxWc, step)
 
-  motion_cells = None
+  motion_cells = motion_HxW = None
   if maths == 'release':
     motion_HxW = release_motion(past_grid, h, w, camera, step)
   else:
-    motion_HcxWc = motion_magnitude(grids, distances, camera)
-    motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
-    if not inconsistency:
+    motion_HcxWc = motion_magnitude(grids, distances, camera).astype(np.float32, copy=False)
+    if inconsistency:
+      motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
+    else:
       motion_cells = (motion_HcxWc, cell_weights(h, w, *motion_HcxWc.shape, step))
   if inconsistency:
     motion_HxW = release.local_variance(motion_HxW, inconsistency)
   return FrameMaps(
-    motion_HxW.astype(np.float32, copy=False),
+    None if motion_HxW is None else motion_HxW.astype(np.float32, copy=False),
     residual_HxW.astype(np.float32, copy=False),
     past_grid.count,
     future_grid.count,
     tuple(distances),
     motion_cells,
+    step,
   )
 
 
@@ -454,25 +466,30 @@ def normalise(map_HxW: np.ndarray, floor: float, scale: float | None = None) -> 
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalise_fuse(
-  motion_HxW: np.ndarray, residual_HxW: np.ndarray, *fusion, motion_cells: tuple | None = None
-) -> np.ndarray:
-  """`fuse(normalise(motion), normalise(residual), *fusion)` with the floors MOTION_FLOOR and
-  RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the kernels are on.
-  `motion_cells` (cells [Hc, Wc] and their pixel counts `cell_weights`: `FrameMaps.motion_cells`)
-  is the motion map as the cell values it expands from; the motion's p95 is then taken over the
-  cells, weighted by their pixels (the same value, a sixteenth of the values to go through)."""
-  if motion_cells is not None:
-    cells, weights = motion_cells
+def normalise_fuse(raw: FrameMaps, *fusion) -> np.ndarray:
+  """`fuse(normalise(motion), normalise(residual), *fusion)` of one frame's maps with the floors
+  MOTION_FLOOR and RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the
+  kernels are on. When `raw.motion_cells` holds the motion (cells [Hc, Wc] and their pixel
+  counts `cell_weights`), its p95 is taken over the cells weighted by their pixels (the same
+  value, a sixteenth of the values to go through), and the compiled pass reads each cell's
+  value once for its run of pixels instead of an expanded map."""
+  if raw.motion_cells is not None:
+    cells, weights = raw.motion_cells
     motion_p95 = percentile(cells, PERCENTILE, weights)
   else:
-    motion_p95 = percentile(motion_HxW, PERCENTILE)
+    motion_p95 = percentile(raw.motion_HxW, PERCENTILE)
   motion_scale = max(motion_p95, MOTION_FLOOR)
+  residual_HxW = raw.residual_HxW
   residual_scale = max(percentile(residual_HxW, PERCENTILE), RESIDUAL_FLOOR)
   if KERNELS is not None and _plain_mean(*fusion):
-    return KERNELS.normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale)
+    if raw.motion_HxW is None:
+      h, w = residual_HxW.shape
+      return KERNELS.normalise_fuse_cells(
+        cells, motion_scale, residual_HxW, residual_scale, *cell_runs(h, w, *cells.shape, raw.step)
+      )
+    return KERNELS.normalise_fuse(raw.motion_HxW, motion_scale, residual_HxW, residual_scale)
   return fuse(
-    normalise(motion_HxW, MOTION_FLOOR, motion_scale),
+    normalise(raw.motion_map(), MOTION_FLOOR, motion_scale),
     normalise(residual_HxW, RESIDUAL_FLOOR, residual_scale),
     *fusion,
   )

@@ -338,14 +338,7 @@ class Scorer:
 
   def fused(self, raw: maps.FrameMaps) -> np.ndarray:
     opts = self.opts
-    fused_HxW = maps.normalise_fuse(
-      raw.motion_HxW,
-      raw.residual_HxW,
-      opts.fusion,
-      opts.motion_weight,
-      opts.residual_weight,
-      motion_cells=raw.motion_cells,
-    )
+    fused_HxW = maps.normalise_fuse(raw, opts.fusion, opts.motion_weight, opts.residual_weight)
     if opts.maths == 'release':
       fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
     if opts.centre_prior > 0:
