@@ -7,6 +7,7 @@ deviation of sqrt(p(1-p)/K) ~ 0.008, so the 0.3 margin asserted below is over 30
 """
 
 import functools
+import io
 import os
 import re
 
@@ -215,6 +216,34 @@ def test_luma_taken_on_first_use_gives_the_same_maps(monkeypatch, max_pictures):
   assert lazy == eager and len(eager) == 8
   assert len(seen) <= lazy_taken < eager_taken
   assert all(f.luma is not None and f.luma.dtype == np.float32 for f in seen.values())
+
+
+def _remux(data: bytes, fmt: str) -> bytes:
+  """The same H.264 packets in another container."""
+  out = io.BytesIO()
+  with av.open(io.BytesIO(data)) as source, av.open(out, 'w', format=fmt) as target:
+    stream = target.add_stream_from_template(source.streams.video[0])
+    for packet in source.demux(source.streams.video[0]):
+      if packet.dts is not None:
+        packet.stream = stream
+        target.mux(packet)
+  return out.getvalue()
+
+
+def test_selection_decodes_from_the_container_it_probed():
+  # mp4 carries the frame count: the probed container is kept open for the decode. Matroska
+  # does not: probe demuxes it to count, closes it, and the decode opens the file again. The
+  # same packets give the same selection either way.
+  mp4 = clip(4, num_frames=40, bframes=3).data
+  mkv = _remux(mp4, 'matroska')
+  info, container = bitstream.probe(mp4, keep_open=True)
+  with container:
+    assert not info.counted and next(container.demux(video=0)).pts is not None
+  info_mkv, none = bitstream.probe(mkv, keep_open=True)
+  assert info_mkv.counted and none is None and info_mkv.num_frames == info.num_frames == 40
+  a, b = codec.select(mp4, num_frames=16, budget=256), codec.select(mkv, num_frames=16, budget=256)
+  assert a.scores.tobytes() == b.scores.tobytes()
+  assert a.positions.tolist() == b.positions.tolist()
 
 
 # ----------------------------------------------------------------------------- codecs, sizes

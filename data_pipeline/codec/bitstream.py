@@ -69,10 +69,15 @@ class Probe:
   counted: bool  # True when num_frames came from counting packets
 
 
-def probe(video: VideoSource) -> Probe:
-  """Codec, size and frame count of the first video stream; VideoError if there is none."""
+def probe(video: VideoSource, keep_open: bool = False):
+  """Codec, size and frame count of the first video stream; VideoError if there is none.
+
+  With `keep_open`: (Probe, the open container, nothing read from it yet, or None when the
+  count had to be found by demuxing it): opening a file costs a few decoded frames' time
+  (FFmpeg probes the stream), so `select` decodes from the container it probed."""
   name = describe(video)
   container = open_video(video)
+  keep = False
   try:
     stream = container.streams.video[0]
     ctx = stream.codec_context
@@ -81,15 +86,18 @@ def probe(video: VideoSource) -> Probe:
     if num_frames <= 0:
       # Matroska/WebM and raw streams carry no count; demuxing (no decoding) is cheap and exact.
       num_frames, counted = _count_packets(container, stream, name), True
+    if num_frames <= 0:
+      raise VideoError(
+        f'{name}: the video stream has no frames (empty, or truncated before the first one)'
+      )
+    if width <= 0 or height <= 0:
+      raise VideoError(f'{name}: the video stream has no frame size ({width}x{height})')
+    keep = keep_open and not counted
   finally:
-    container.close()
-  if num_frames <= 0:
-    raise VideoError(
-      f'{name}: the video stream has no frames (empty, or truncated before the first one)'
-    )
-  if width <= 0 or height <= 0:
-    raise VideoError(f'{name}: the video stream has no frame size ({width}x{height})')
-  return Probe(name, codec, width, height, num_frames, counted)
+    if not keep:
+      container.close()
+  info = Probe(name, codec, width, height, num_frames, counted)
+  return (info, container if keep else None) if keep_open else info
 
 
 def _count_packets(container, stream, name: str) -> int:
@@ -317,9 +325,10 @@ def _prune(window: dict, lowest_needed: int, cap: int = 64):
     del window[i]
 
 
-def open_with_vectors(video: VideoSource):
-  """(container, stream) of the first video stream: vector export on, no frame threads."""
-  container = open_video(video)
+def open_with_vectors(video: VideoSource, container=None):
+  """(container, stream) of the first video stream: vector export on, no frame threads.
+  `container`: one already open on `video` and not read from (`probe(keep_open=True)`)."""
+  container = container or open_video(video)
   stream = container.streams.video[0]
   # Frame threads make the exported vectors differ from run to run; slice threads do not.
   stream.thread_type = 'SLICE'

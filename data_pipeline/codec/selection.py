@@ -126,10 +126,10 @@ def select(
   opts = Options.from_kwargs(options, preset)
   hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
   start = time.perf_counter()
-  info = bitstream.probe(video)
+  info, opened = bitstream.probe(video, keep_open=True)
   timings = {'probe': time.perf_counter() - start}
   analysis = _analyse(
-    video, info, info.num_frames, num_frames, resolution, patch_size, opts, timings
+    video, info, info.num_frames, num_frames, resolution, patch_size, opts, timings, opened
   )
   if analysis.missing:
     if analysis.decoded == 0:
@@ -212,13 +212,18 @@ def _analyse(
   patch_size: int,
   opts: Options,
   timings: dict,
+  opened=None,
 ) -> _Analysis:
+  """The per-frame scores of one pass over the clip; `opened`: a container open on `video`
+  and not read from (`bitstream.probe(keep_open=True)`), which this closes."""
   tick = time.perf_counter()
   frame_ids = bitstream.timeline(num_source_frames, num_frames)
   distinct = np.unique(frame_ids)
   transcoded = opts.gop is not None or info.codec != 'h264'
   container = None
   if transcoded:
+    if opened is not None:
+      opened.close()
     height, width = bitstream.analysis_size(
       info.height, info.width, opts.analysis_size or resolution
     )
@@ -253,7 +258,7 @@ def _analyse(
     frames = bitstream.h264_packet_frames(packets)
     step = 1
   else:
-    container, stream = bitstream.open_with_vectors(video)
+    container, stream = bitstream.open_with_vectors(video, opened)
     frames = bitstream.container_frames(container, stream)
     wanted = distinct
     # Large frames are analysed block-averaged, down to a short side of at least analysis_size
