@@ -389,3 +389,20 @@ def _letterbox_coverage(clip, frame_ids, resolution, ps):
   ay, ax = geometry.patch_integrators(clip.height, clip.width, resolution, ps, 'letterbox')
   masks = clip.masks[np.minimum(frame_ids, clip.num_frames - 1)].astype(np.float32)
   return (ay @ masks @ ax.T) / ps**2
+
+
+@pytest.mark.parametrize('kind', ['levels', 'zeros', 'normal'])
+def test_top_indices_is_the_stable_sort_prefix(kind):
+  # The top-K of `choose`: the same set as a stable argsort of -scores, ties (many, and -0.0
+  # against 0.0) taken in index order, at every count from 0 to all.
+  rng = np.random.default_rng(len(kind))
+  values = {
+    'levels': rng.integers(0, 5, 700).astype(np.float32),
+    'zeros': np.where(rng.random(700) < 0.5, np.float32(0.0), rng.random(700).astype(np.float32)),
+    'normal': rng.normal(0, 1, 700).astype(np.float32),
+  }[kind]
+  values[::7] = -0.0 if kind == 'zeros' else values[::7]
+  order = np.argsort(-values, kind='stable')
+  for count in [0, 1, 2, 13, 140, 350, 699, 700]:
+    got = selection.top_indices(values, count)
+    assert got.tolist() == sorted(order[:count].tolist()), count

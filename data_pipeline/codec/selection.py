@@ -457,10 +457,23 @@ def choose(
         f'budget={budget} exceeds the {candidates.size + budget - rest} patches '
         f'that can be selected (whole frames and patches inside the picture)'
       )
-    order = np.argsort(-rank_TxHpxWp.reshape(-1)[candidates], kind='stable')
-    chosen_TxHpxWp.reshape(-1)[candidates[order[:rest]]] = True
+    chosen_TxHpxWp.reshape(-1)[
+      candidates[top_indices(rank_TxHpxWp.reshape(-1)[candidates], rest)]
+    ] = True
   positions = np.argwhere(chosen_TxHpxWp).astype(np.int32)  # row-major: sorted by (t, h, w)
   return positions, whole.astype(np.int32), fallback
+
+
+def top_indices(values: np.ndarray, count: int) -> np.ndarray:
+  """The indices of the `count` largest values, ties taken in index order: the set that
+  np.argsort(-values, kind='stable')[:count] gives (in index order here), found by one
+  partition instead of a sort."""
+  if count >= values.size or count <= 0:
+    return np.arange(min(values.size, max(count, 0)))
+  kth = np.partition(values, values.size - count)[values.size - count]  # the count-th largest
+  above = values > kth
+  ties = np.flatnonzero(values == kth)[: count - int(above.sum())]
+  return np.sort(np.concatenate([np.flatnonzero(above), ties]))
 
 
 def is_static(mean_scores: np.ndarray, threshold: float, rel_threshold: float) -> bool:
