@@ -124,6 +124,14 @@ def test_motion_magnitude(monkeypatch, camera, distances):
   assert_identical(fast, reference)
   if distances == (0, 0):
     assert not reference.any()
+  # Blocks: one vector over runs of 1-4 cells of a row (the kernel reuses a run's hypot), with
+  # coded and uncoded cells inside a run and -0.0 beside 0.0.
+  blocky = []
+  for grid in grids:
+    runs = np.repeat(np.arange(37), rng.integers(1, 5, 37))[:37]
+    blocky.append(maps.VectorGrid(grid.dx_HcxWc[:, runs], grid.dy_HcxWc[:, runs], grid.has_HcxWc))
+  fast, reference = both(monkeypatch, maps.motion_magnitude, blocky, distances, camera)
+  assert_identical(fast, reference)
 
 
 @pytest.mark.parametrize('step', [2, 3, 4, 16])

@@ -190,14 +190,31 @@ def motion_magnitude(dx0, dy0, has0, distance0, dx1, dy1, has1, distance1, used)
   out = np.empty((hc, wc), np.float32)
   zero, one = np.float32(0), np.float32(1)
   d0, d1 = np.float32(distance0), np.float32(distance1)
+  # A block spans several cells of a row with one vector: its hypot is worked out once (the
+  # same inputs give the same bits; NaN never compares equal, so each row starts afresh).
+  nan = np.float32(np.nan)
   for y in range(hc):
+    last_x0 = last_y0 = last_x1 = last_y1 = nan
+    term0 = term1 = zero
     for x in range(wc):
       total, count = zero, zero
       if used > 0:
-        total = total + (np.hypot(dx0[y, x], dy0[y, x]) / d0 if has0[y, x] else zero)
+        if has0[y, x]:
+          if dx0[y, x] != last_x0 or dy0[y, x] != last_y0:
+            last_x0, last_y0 = dx0[y, x], dy0[y, x]
+            term0 = np.hypot(last_x0, last_y0) / d0
+          total = total + term0
+        else:
+          total = total + zero
         count = count + (one if has0[y, x] else zero)
       if used > 1:
-        total = total + (np.hypot(dx1[y, x], dy1[y, x]) / d1 if has1[y, x] else zero)
+        if has1[y, x]:
+          if dx1[y, x] != last_x1 or dy1[y, x] != last_y1:
+            last_x1, last_y1 = dx1[y, x], dy1[y, x]
+            term1 = np.hypot(last_x1, last_y1) / d1
+          total = total + term1
+        else:
+          total = total + zero
         count = count + (one if has1[y, x] else zero)
       out[y, x] = total / max(count, one)
   return out
