@@ -405,6 +405,7 @@ class BenchSetting:
   frames: int
   repeats: int
   peak: float
+  torch_peak: float | None = None  # PyTorch's FLOP/s on the same product, when it ran
 
 
 def markdown_summary(
@@ -492,7 +493,14 @@ def markdown_summary(
     f'{" / ".join(str(c["jax"]["warmup_rounds"]) for c in comparisons)} warm-up rounds at '
     'the widths below (beyond those asked for while the heap still grew, '
     '`benchmarks.paired_runs`). Speed = PyTorch time / JAX time (above 1: ours is faster), '
-    'median [min, max] over the pairs.',
+    'median [min, max] over the pairs.'
+    + (
+      f' The same square matmul as the peak above runs at {setting.torch_peak / 1e9:.1f} '
+      f"GFLOP/s in PyTorch ({setting.torch_peak / setting.peak:.2f}x JAX's "
+      f'{setting.peak / 1e9:.1f}): the GEMM libraries of the two sides on this machine.'
+      if setting.torch_peak
+      else ''
+    ),
     '',
     '| width | depth | heads | MLP | JAX | PyTorch | speed | speed by CPU time |'
     + (

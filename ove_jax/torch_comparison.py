@@ -101,6 +101,36 @@ def make_torch_step(model, cfg, patches_np, positions_np, *, dtype, attention: s
   return step, results
 
 
+def torch_matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, size: int = 2048) -> float:
+  """PyTorch's FLOP/s on `metrics.matmul_peak_flops`'s product (a square matmul of `size`, the
+  fastest of `repeats` runs after a warm-up) on the device `make_torch_step` uses, with its
+  threads: what the same machine's GEMM library gives the other side of the comparison."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  import torch  # pylint: disable=g-import-not-at-top
+
+  on_gpu = jax.default_backend() == 'gpu' and torch.cuda.is_available()
+  device = torch.device('cuda' if on_gpu else 'cpu')
+  sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+  rng = np.random.default_rng(0)
+  a, b = (
+    torch.from_numpy(rng.standard_normal((size, size), np.float32)).to(
+      device, getattr(torch, dtype)
+    )
+    for _ in range(2)
+  )
+  with torch.no_grad():
+    a @ b  # warm-up
+    sync()
+    best = float('inf')
+    for _ in range(max(1, repeats)):
+      tick = time.perf_counter()
+      a @ b
+      sync()
+      best = min(best, time.perf_counter() - tick)
+  return 2 * size**3 / best
+
+
 def max_rel_diff(a, b) -> float:
   """max |a - b| / max |b|: relative to the tensor's scale, so near-zero entries do not blow up."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -2,11 +2,12 @@
 user + system time with a verdict per measure, the CPU-time formatting, and CPU time measured
 finer than clock ticks."""
 
+import dataclasses
 import mmap
 
 import numpy as np
 
-from ove_jax import benchmarks, host_runtime
+from ove_jax import benchmarks, host_runtime, torch_comparison
 
 
 def _row(median_s, user_s, sys_s, flops):
@@ -109,6 +110,18 @@ def test_markdown_summary_gives_every_verdict():
   assert 'alternated 3 times after 3 warm-up rounds' in text
   assert '| 1.20x [1.10, 1.30] | 0.96x | 2.00 + 0.500 | 2.40 + 0.000 | 170000, 1 | yes' in text
   assert 'Slowest width: 1.20x the PyTorch speed (aim >= 1x: met; target 1.5x: not met)' in text
+  assert 'in PyTorch' not in text
+  # PyTorch's own matmul peak, when measured, is printed beside JAX's.
+  with_torch = dataclasses.replace(setting, torch_peak=1.25e11)
+  text = '\n'.join(
+    benchmarks.markdown_summary(with_torch, rows, {}, [comparison], {'dense': 'x', 'torch': None})
+  )
+  assert "runs at 125.0 GFLOP/s in PyTorch (1.25x JAX's 100.0)" in text
+
+
+def test_torch_matmul_peak_is_measured():
+  flops = torch_comparison.torch_matmul_peak_flops(repeats=2, size=256)
+  assert 1e6 < flops < 1e15
 
 
 def test_format_cpu_seconds():

@@ -22,11 +22,11 @@ up to 4, until two runs in a row fault in no fresh memory: `benchmarks.paired_ru
 
 Printed beside the times: the analytic FLOPs (`encoder_flops`), achieved GFLOP/s and their share
 of this machine's matmul peak (`metrics.matmul_peak_flops`: one large jitted matmul, the fastest
-of 5), and CPU time per step, user + system (on CPU a large system share is page faults, not
-arithmetic). The sparse speedup is given by wall time, by user CPU time and by user + system
-CPU time, each with its verdict: wall time counts the other work on a shared machine, system
-time the allocator's page faults, user time the arithmetic. A markdown summary at the end is
-what docs/benchmarks.md records.
+of 5; the same product in PyTorch beside it when the comparison runs), and CPU time per step,
+user + system (on CPU a large system share is page faults, not arithmetic). The sparse speedup
+is given by wall time, by user CPU time and by user + system CPU time, each with its verdict:
+wall time counts the other work on a shared machine, system time the allocator's page faults,
+user time the arithmetic. A markdown summary at the end is what docs/benchmarks.md records.
 
 Commands:
 
@@ -240,6 +240,13 @@ def main(argv=None):
 
   peak = metrics.matmul_peak_flops(cfg.dtype)
   print(f'matmul peak (measured, {cfg.dtype}): {peak / 1e9:.1f} GFLOP/s', flush=True)
+  torch_peak = None
+  if not torch_note and compare_cfgs:
+    torch_peak = torch_comparison.torch_matmul_peak_flops(cfg.dtype)
+    print(
+      f'the same matmul in PyTorch: {torch_peak / 1e9:.1f} GFLOP/s ({torch_peak / peak:.2f}x JAX)',
+      flush=True,
+    )
 
   # -- sparse vs dense, on the preset ------------------------------------------------------------
   rows, dense_note = {}, 'skipped (--skip-dense)'
@@ -316,6 +323,7 @@ def main(argv=None):
           frames=args.frames,
           repeats=args.repeats,
           peak=peak,
+          torch_peak=torch_peak,
         ),
         rows,
         summary,
@@ -343,6 +351,7 @@ def main(argv=None):
         'attention': cfg.attention,
       },
       'matmul_peak_flops_per_s': peak,
+      'torch_matmul_peak_flops_per_s': torch_peak,
       'results': rows,
       'summary': summary,
       'comparisons': comparisons,
