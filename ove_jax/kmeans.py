@@ -217,7 +217,7 @@ def _lloyd_pass(x_NxD, valid_N, centres_KxD, lay: Layout, spherical: bool):
 
 
 # One jitted Lloyd pass on points and centres already placed by `put_points` / `put_centres`:
-# what `fit` iterates, and what ove_jax.benchmarks.kmeans_throughput times.
+# what `fit` iterates, and what ove_jax.kmeans_backends.kmeans_throughput times.
 lloyd_pass = jax.jit(_lloyd_pass, static_argnums=(3, 4))
 
 

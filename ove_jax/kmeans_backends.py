@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -209,3 +210,71 @@ def bench(
       BenchRow(name, len(x) / best, time.perf_counter() - t, result.inertia, result.n_iter)
     )
   return rows
+
+
+def kmeans_throughput(
+  n: int,
+  d: int,
+  k: int,
+  *,
+  chunk: int | None = None,
+  repeats: int = 3,
+  sklearn: bool = True,
+  say: Callable[[str], None] = print,
+) -> dict:
+  """One Lloyd pass of `ove_jax.kmeans` (assignment and per-cluster sums, on points already on
+  the devices of the current mesh) against scikit-learn's `KMeans.predict` (assignment only) on
+  the same N random points and k centres: best of `repeats` after a warm-up, in points x
+  centres per second."""
+  import warnings
+
+  import jax
+
+  from ove_jax import benchmarks, sharding
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  centres = x[rng.choice(n, k, replace=False)]
+  pairs = n * k
+  mesh = sharding.current_mesh()
+  figures = {
+    'n': n,
+    'd': d,
+    'k': k,
+    'devices': mesh.size,
+    'mesh': list(mesh.shape.values()),
+    'platform': jax.devices()[0].platform,
+  }
+  lay = kmeans.layout(n, k, chunk)
+  xs, valid, _ = kmeans.put_points(x, lay)
+  cs = kmeans.put_centres(centres, lay)
+  run = lambda: jax.block_until_ready(kmeans.lloyd_pass(xs, valid, cs, lay, False))
+  t_jax = min(benchmarks.time_runs(run, warmup=1, repeats=repeats)['times_s'])
+  figures.update(
+    jax_seconds=t_jax, jax_pairs_per_second=pairs / t_jax, jax_chunk=lay.rows * lay.devices
+  )
+  say(
+    f'N={n} D={d} k={k} on {mesh.size} {figures["platform"]} device(s), mesh '
+    f'{tuple(figures["mesh"])}, chunk {figures["jax_chunk"]}'
+  )
+  say(
+    f'  jax Lloyd pass (assign + sums)  {t_jax * 1e3:9.1f} ms   '
+    f'{pairs / t_jax:.3e} points x centres / s'
+  )
+  if sklearn:
+    from sklearn.cluster import KMeans
+
+    with warnings.catch_warnings():  # fitted on the centres themselves, only to make predict()
+      warnings.simplefilter('ignore')
+      km = KMeans(k, init=centres, n_init=1, max_iter=1).fit(centres)
+    km.cluster_centers_ = centres.copy()  # the same centres as the JAX pass
+    t_sk = min(benchmarks.time_runs(lambda: km.predict(x), warmup=1, repeats=repeats)['times_s'])
+    figures.update(
+      sklearn_seconds=t_sk, sklearn_pairs_per_second=pairs / t_sk, jax_over_sklearn=t_sk / t_jax
+    )
+    say(
+      f'  sklearn predict (assign)        {t_sk * 1e3:9.1f} ms   '
+      f'{pairs / t_sk:.3e} points x centres / s'
+    )
+    say(f'  jax / sklearn throughput: {t_sk / t_jax:.2f}x')
+  return figures

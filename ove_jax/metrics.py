@@ -415,10 +415,18 @@ def matmul_peak_flops(
   if device is None:
     device = jax.local_devices()[0]
   n = size or (2048 if device.platform == 'cpu' else 8192)
+  return matmul_flops(n, n, n, dtype, repeats, device=device)
+
+
+def matmul_flops(m: int, k: int, n: int, dtype: str = 'float32', repeats: int = 5, *, device=None):
+  """FLOP/s of the fastest of `repeats` runs (after a warm-up) of a jitted [m, k] @ [k, n]
+  matmul of `dtype` with float32 accumulation on `device` (default: the first)."""
+  if device is None:
+    device = jax.local_devices()[0]
   rng = np.random.default_rng(0)
   a, b = (
-    jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), device)
-    for _ in range(2)
+    jax.device_put(rng.standard_normal(shape, np.float32).astype(jnp.dtype(dtype)), device)
+    for shape in ((m, k), (k, n))
   )
   matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()  # compiles and warms up
@@ -427,7 +435,7 @@ def matmul_peak_flops(
     tick = time.perf_counter()
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - tick)
-  return 2 * n**3 / best
+  return 2 * m * k * n / best
 
 
 def _measure_host_flops(device) -> float:

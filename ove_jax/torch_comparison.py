@@ -102,9 +102,15 @@ def make_torch_step(model, cfg, patches_np, positions_np, *, dtype, attention: s
 
 
 def torch_matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, size: int = 2048) -> float:
-  """PyTorch's FLOP/s on `metrics.matmul_peak_flops`'s product (a square matmul of `size`, the
-  fastest of `repeats` runs after a warm-up) on the device `make_torch_step` uses, with its
-  threads: what the same machine's GEMM library gives the other side of the comparison."""
+  """PyTorch's FLOP/s on `metrics.matmul_peak_flops`'s product (a square matmul of `size`):
+  what the same machine's GEMM library gives the other side of the comparison."""
+  return torch_matmul_flops(size, size, size, dtype, repeats)
+
+
+def torch_matmul_flops(m: int, k: int, n: int, dtype: str = 'float32', repeats: int = 5) -> float:
+  """FLOP/s of the fastest of `repeats` runs (after a warm-up) of an [m, k] @ [k, n] matmul in
+  PyTorch, on the device `make_torch_step` uses, with its threads (`metrics.matmul_flops`'s
+  counterpart)."""
   import time  # pylint: disable=g-import-not-at-top
 
   import torch  # pylint: disable=g-import-not-at-top
@@ -114,10 +120,8 @@ def torch_matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, size: int 
   sync = torch.cuda.synchronize if on_gpu else (lambda: None)
   rng = np.random.default_rng(0)
   a, b = (
-    torch.from_numpy(rng.standard_normal((size, size), np.float32)).to(
-      device, getattr(torch, dtype)
-    )
-    for _ in range(2)
+    torch.from_numpy(rng.standard_normal(shape, np.float32)).to(device, getattr(torch, dtype))
+    for shape in ((m, k), (k, n))
   )
   with torch.no_grad():
     a @ b  # warm-up
@@ -128,7 +132,7 @@ def torch_matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, size: int 
       a @ b
       sync()
       best = min(best, time.perf_counter() - tick)
-  return 2 * size**3 / best
+  return 2 * m * k * n / best
 
 
 def max_rel_diff(a, b) -> float:

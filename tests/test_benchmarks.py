@@ -3,9 +3,11 @@ user + system time with a verdict per measure, the CPU-time formatting, and CPU 
 finer than clock ticks."""
 
 import dataclasses
+import json
 import mmap
 
 import numpy as np
+import pytest
 
 from ove_jax import benchmarks, host_runtime, torch_comparison
 
@@ -202,3 +204,29 @@ def test_merge_runs_pools_the_blocks_of_one_step():
   assert merged['times_s'] == [1.0, 3.0, 2.0] and merged['median_s'] == 2.0
   assert merged['user_s'] == 3.0 and abs(merged['sys_s'] - 0.1) < 1e-12
   assert abs(merged['page_faults'] - 20 / 3) < 1e-12 and merged['warmup_rounds'] == 4
+
+
+def test_step_matmul_shapes_cover_a_block():
+  shapes = benchmarks.step_matmul_shapes(256, tokens=512)
+  assert ('MLP up, weight gradient', 256, 512, 1024) in shapes
+  assert ('attention values (one head)', 512, 512, 64) in shapes
+  # Each distinct product once (the four attention projections share one shape).
+  assert len(shapes) == 8 and len(set(shapes)) == 8
+  forward = sum(2 * m * k * n for name, m, k, n in shapes if name.endswith('forward'))
+  assert forward == 2 * 512 * (256 * 256 + 256 * 1024)
+
+
+def test_bench_matmul_tool_prints_both_sides(tmp_path, capsys):
+  from ove_jax_tools import bench_matmul
+
+  out = tmp_path / 'matmul.json'
+  assert (
+    bench_matmul.main(['--widths', '64', '--tokens', '128', '--repeats', '1', '--json', str(out)])
+    == 0
+  )
+  text = capsys.readouterr().out
+  assert '| width 64: MLP up, input gradient | 128 x 256 x 64 |' in text
+  rows = json.loads(out.read_text())['rows']
+  assert len(rows) == 1 + 8 and all(r['jax'] > 0 and r['torch'] > 0 for r in rows)
+  with pytest.raises(SystemExit):
+    bench_matmul.main(['--widths', 'wide'])

@@ -170,3 +170,16 @@ def test_initial_centres_are_those_of_kmeans_fit(init):
   ref = kmeans.fit(x, 5, init=init, seed=7, iters=3)
   got = kmeans.fit(x, 5, init=kb.initial_centres(x, 5, init, seed=7), iters=3)
   np.testing.assert_array_equal(got.centres, ref.centres)
+
+
+def test_kmeans_throughput_times_both_sides():
+  import jax
+
+  from ove_jax import sharding
+
+  said = []
+  with jax.set_mesh(sharding.make_mesh({'data': -1})):
+    figures = kb.kmeans_throughput(2000, 8, 16, repeats=1, say=said.append)
+  assert figures['n'] == 2000 and figures['jax_pairs_per_second'] > 0
+  assert figures['sklearn_pairs_per_second'] > 0 and figures['jax_over_sklearn'] > 0
+  assert any('jax / sklearn throughput' in line for line in said)

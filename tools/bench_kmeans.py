@@ -11,7 +11,7 @@ second, best of `--repeats` timed runs after one warm-up (the JAX pass is compil
   ove-bench-kmeans --devices 8 --mesh 2,4,1   # 8 virtual CPU devices
   ove-bench-kmeans --n 1000000 --k 100000 --d 768 --skip-sklearn   # on a GPU/TPU
 
-The measurement is `ove_jax.benchmarks.kmeans_throughput`.
+The measurement is `ove_jax.kmeans_backends.kmeans_throughput`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     distributed.use_cpu_devices(args.devices)
   import jax
 
-  from ove_jax import benchmarks, sharding
+  from ove_jax import kmeans_backends, sharding
 
   try:
     mesh = sharding.make_mesh(sharding.parse_mesh(args.mesh) if args.mesh else {'data': -1})
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     print(f'ove-bench-kmeans: error: --mesh {args.mesh}: {e}', file=sys.stderr)
     return 2
   with jax.set_mesh(mesh):
-    figures = benchmarks.kmeans_throughput(
+    figures = kmeans_backends.kmeans_throughput(
       args.n, args.d, args.k, chunk=args.chunk, repeats=args.repeats, sklearn=not args.skip_sklearn
     )
   if args.json:

@@ -194,30 +194,27 @@ def motion_magnitude(dx0, dy0, has0, distance0, dx1, dy1, has1, distance1, used)
   # same inputs give the same bits; NaN never compares equal, so each row starts afresh).
   nan = np.float32(np.nan)
   for y in range(hc):
-    last_x0 = last_y0 = last_x1 = last_y1 = nan
-    term0 = term1 = zero
+    last0 = last1 = (nan, nan, zero)  # (dx, dy, |v| / d) of the last coded cell
     for x in range(wc):
       total, count = zero, zero
       if used > 0:
-        if has0[y, x]:
-          if dx0[y, x] != last_x0 or dy0[y, x] != last_y0:
-            last_x0, last_y0 = dx0[y, x], dy0[y, x]
-            term0 = np.hypot(last_x0, last_y0) / d0
-          total = total + term0
-        else:
-          total = total + zero
+        last0 = _length(dx0[y, x], dy0[y, x], d0, last0) if has0[y, x] else last0
+        total = total + (last0[2] if has0[y, x] else zero)
         count = count + (one if has0[y, x] else zero)
       if used > 1:
-        if has1[y, x]:
-          if dx1[y, x] != last_x1 or dy1[y, x] != last_y1:
-            last_x1, last_y1 = dx1[y, x], dy1[y, x]
-            term1 = np.hypot(last_x1, last_y1) / d1
-          total = total + term1
-        else:
-          total = total + zero
+        last1 = _length(dx1[y, x], dy1[y, x], d1, last1) if has1[y, x] else last1
+        total = total + (last1[2] if has1[y, x] else zero)
         count = count + (one if has1[y, x] else zero)
       out[y, x] = total / max(count, one)
   return out
+
+
+@numba.njit(inline='always')
+def _length(dx, dy, distance, last):
+  """(dx, dy, hypot(dx, dy) / distance), reusing `last`'s length when the vector is the same."""
+  if dx == last[0] and dy == last[1]:
+    return last
+  return dx, dy, np.hypot(dx, dy) / distance
 
 
 @jit
