@@ -4,8 +4,9 @@
 two sides' matrix-multiply libraries alone (XLA:CPU's own GEMM against PyTorch's BLAS on a CPU;
 cuBLAS through each on a GPU). For each of `--widths`, every product of one block's step on
 `--tokens` tokens (`benchmarks.step_matmul_shapes`: each dense layer's forward, input gradient
-and weight gradient, one head's attention logits and values), then the square 2048 product of
-the encoder bench's matmul peak: GFLOP/s of the fastest of `--repeats` runs after a warm-up on
+and weight gradient, one head's attention logits and values, each timed as a plain row-major
+product of those sizes: the step's transposed operands are not modelled), after the square 2048
+product of the encoder bench's matmul peak: GFLOP/s of the fastest of `--repeats` runs after a warm-up on
 each side, and PyTorch / JAX (above 1: PyTorch's library is faster on that shape).
 
   python tools/bench_matmul.py                        # widths 256,512,768,1024; float32
