@@ -348,3 +348,23 @@ def test_jit_compiles_without_a_cache_folder(monkeypatch):
     return 2 * x
 
   assert kernels.jit(twice)(21) == 42
+
+
+@pytest.mark.parametrize('geometry', ['crop', 'letterbox'])
+@pytest.mark.parametrize(
+  'height,width,step', [(61, 83, 1), (272, 640, 1), (240, 426, 3), (480, 270, 2)]
+)
+def test_patch_sums(monkeypatch, geometry, height, width, step):
+  # The banded patch integrators (edge bands clamped to the last row / column, zero weights
+  # past the end) on maps of every scale, zeros and -0.0 included.
+  rng = np.random.default_rng([height, width, step])
+  bands = tuple(
+    maps.Band.of(m) for m in maps.patch_integrators(height, width, 224, 14, step, geometry)
+  )
+  h, w = height // step, width // step
+  for scale in (1.0, 1e-30, 3e30):
+    map_HxW = (rng.exponential(1.0, (h, w)) * scale).astype(np.float32)
+    map_HxW[rng.random((h, w)) < 0.2] = -0.0
+    fast, reference = both(monkeypatch, maps.to_patches_banded, map_HxW, bands)
+    assert_identical(fast, reference)
+    assert fast.shape == (16, 16)

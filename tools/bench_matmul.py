@@ -6,8 +6,8 @@ cuBLAS through each on a GPU). For each of `--widths`, every product of one bloc
 `--tokens` tokens (`benchmarks.step_matmul_shapes`: each dense layer's forward, input gradient
 and weight gradient, one head's attention logits and values, each timed as a plain row-major
 product of those sizes: the step's transposed operands are not modelled), after the square 2048
-product of the encoder bench's matmul peak: GFLOP/s of the fastest of `--repeats` runs after a warm-up on
-each side, and PyTorch / JAX (above 1: PyTorch's library is faster on that shape).
+product of the encoder bench's matmul peak: GFLOP/s of the fastest of `--repeats` runs after a
+warm-up on each side, and PyTorch / JAX (above 1: PyTorch's library is faster on that shape).
 
   python tools/bench_matmul.py                        # widths 256,512,768,1024; float32
   python tools/bench_matmul.py --widths 768 --repeats 20 --json /tmp/matmul.json

@@ -216,11 +216,14 @@ class Band:
     return cls(start.astype(np.int64), weights.astype(np.float32))
 
   def rows(self, map_HxW: np.ndarray) -> np.ndarray:
-    """self @ map without a BLAS call: [P, W]."""
-    index = np.minimum(
-      self.start_P[:, None] + np.arange(self.weights_PxB.shape[1]), map_HxW.shape[0] - 1
-    )
-    return np.einsum('pb,pbw->pw', self.weights_PxB, map_HxW[index])
+    """self @ map without a BLAS call: [P, W] float32, each output's terms added in band order
+    to a zero start, one multiply and one add per term (the order numpy's einsum takes here;
+    `kernels.band_patches` repeats it, so the two agree bit for bit on every platform)."""
+    last = map_HxW.shape[0] - 1
+    out = np.zeros((self.start_P.size, map_HxW.shape[1]), np.float32)
+    for b in range(self.weights_PxB.shape[1]):
+      out += self.weights_PxB[:, b, None] * map_HxW[np.minimum(self.start_P + b, last)]
+    return out
 
 
 def to_patches_banded(map_HxW: np.ndarray, bands: tuple[Band, Band]) -> np.ndarray:

@@ -552,4 +552,14 @@ def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) 
 
 # The banded integrators live with the other canvas matrices; callers reach them here too.
 Band = geometry_lib.Band
-to_patches_banded = geometry_lib.to_patches_banded
+
+
+def to_patches_banded(map_HxW: np.ndarray, bands: tuple) -> np.ndarray:
+  """`geometry.to_patches_banded` (the patch sums of a map through its banded integrators), in
+  one compiled pass over the two bands when the kernels are on: the same sums, bit for bit."""
+  if KERNELS is None:
+    return geometry_lib.to_patches_banded(map_HxW, bands)
+  ay, ax = bands
+  return KERNELS.band_patches(
+    ay.start_P, ay.weights_PxB, ax.start_P, ax.weights_PxB, map_HxW.astype(np.float32, copy=False)
+  )
