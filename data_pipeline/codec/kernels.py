@@ -297,25 +297,23 @@ def normalise_fuse_cells(cells_HcxWc, motion_scale, residual_HxW, residual_scale
 def band_patches(start_y, weights_y, start_x, weights_x, map_HxW):
   """`geometry.to_patches_banded`: Ay @ map @ Ax.T with banded Ay [Py, H] and Ax [Px, W]
   (`geometry.Band`: row p is weights[p] from column start[p], indices past the end clamped to
-  the last), as `Band.rows` adds it: rows first, each output's terms in band order from zero,
-  a multiply and an add per term, float32."""
+  the last), as `Band.rows` adds it: rows first, then columns (as rows of the transpose), each
+  output's terms in band order from zero, a multiply and an add per term, float32."""
+  rows = _band_rows(start_y, weights_y, map_HxW)
+  return _band_rows(start_x, weights_x, np.ascontiguousarray(rows.T)).T
+
+
+@numba.njit(inline='always')
+def _band_rows(start, weights, map_HxW):
+  """`geometry.Band.rows`: [P, W], row p the sum over b of weights[p, b] * map[start[p] + b]."""
   h, w = map_HxW.shape
-  py_count, by = weights_y.shape
-  px_count, bx = weights_x.shape
-  rows = np.zeros((py_count, w), np.float32)
-  for p in range(py_count):
-    for b in range(by):
-      r = min(start_y[p] + b, h - 1)
-      weight = weights_y[p, b]
+  out = np.zeros((weights.shape[0], w), np.float32)
+  for p in range(weights.shape[0]):
+    for b in range(weights.shape[1]):
+      r = min(start[p] + b, h - 1)
+      weight = weights[p, b]
       for x in range(w):
-        rows[p, x] += weight * map_HxW[r, x]
-  out = np.zeros((py_count, px_count), np.float32)
-  for q in range(px_count):
-    for b in range(bx):
-      c = min(start_x[q] + b, w - 1)
-      weight = weights_x[q, b]
-      for p in range(py_count):
-        out[p, q] += weight * rows[p, c]
+        out[p, x] += weight * map_HxW[r, x]
   return out
 
 
