@@ -101,21 +101,36 @@ def _timed(fn) -> tuple[float, host_runtime.Usage]:
 
 
 def _summary(times: list, usages: list) -> dict:
-  n = len(usages)
+  return _pooled(
+    times,
+    [u.user_s for u in usages],
+    [u.system_s for u in usages],
+    [u.page_faults for u in usages],
+  )
+
+
+def _pooled(times: list, user: list, system: list, faults: list) -> dict:
+  """Per-run figures and their summary: the medians of wall, user and system time (one run
+  that faults its heap in afresh decides none of them), the mean of page faults (so faults that
+  still happen show)."""
   return {
-    'times_s': times,
+    'times_s': list(times),
     'median_s': statistics.median(times),
-    'user_s': sum(u.user_s for u in usages) / n,
-    'sys_s': sum(u.system_s for u in usages) / n,
-    'page_faults': sum(u.page_faults for u in usages) / n,
+    'user_runs_s': list(user),
+    'sys_runs_s': list(system),
+    'page_fault_runs': list(faults),
+    'user_s': statistics.median(user),
+    'sys_s': statistics.median(system),
+    'page_faults': sum(faults) / len(faults),
   }
 
 
 def time_runs(fn, *, warmup: int, repeats: int) -> dict:
-  """Wall times of `repeats` calls after the warm-up, their median, and per call the process's
-  CPU time split into user and system and its page faults (on CPU a large system share is page
-  faults, the allocator mapping memory in, not compute). The warm-up is `paired_runs`': at least
-  `warmup` calls, more while the heap still grows."""
+  """Wall times of `repeats` calls after the warm-up and per call the process's CPU time split
+  into user and system and its page faults (on CPU a large system share is page faults, the
+  allocator mapping memory in, not compute); the medians of the times, the mean of the faults
+  (`_pooled`). The warm-up is `paired_runs`': at least `warmup` calls, more while the heap
+  still grows."""
   return paired_runs({'fn': fn}, warmup=warmup, repeats=repeats)['fn']
 
 
@@ -156,14 +171,15 @@ def paired_runs(
 
 
 def merge_runs(parts: list[dict]) -> dict:
-  """One result of several `time_runs` blocks of the same step: all their times (and median),
-  CPU time and page faults per call averaged over every timed call, warm-up runs summed."""
-  times = [t for part in parts for t in part['times_s']]
-  out = {'times_s': times, 'median_s': statistics.median(times)}
-  for key in ('user_s', 'sys_s', 'page_faults'):
-    out[key] = sum(part[key] * len(part['times_s']) for part in parts) / len(times)
-  out['warmup_rounds'] = sum(part['warmup_rounds'] for part in parts)
-  return out
+  """One result of several `time_runs` blocks of the same step: all their runs pooled (medians
+  of wall, user and system time, mean page faults, as `time_runs`), warm-up runs summed."""
+  pooled = _pooled(
+    *(
+      [x for part in parts for x in part[key]]
+      for key in ('times_s', 'user_runs_s', 'sys_runs_s', 'page_fault_runs')
+    )
+  )
+  return {**pooled, 'warmup_rounds': sum(part['warmup_rounds'] for part in parts)}
 
 
 def peak_rss_gb() -> float | None:
@@ -352,8 +368,9 @@ def add_rates(result: dict, cfg, batch: int, tokens: int, peak: float) -> dict:
   return result
 
 
-# The measures of the sparse speedup: wall time (median), and CPU time per step, user alone and
-# user + system (system time on CPU is mostly page faults, i.e. the allocator, not arithmetic).
+# The measures of the sparse speedup: wall time, and CPU time per step, user alone and user +
+# system (system time on CPU is mostly page faults, i.e. the allocator, not arithmetic), each the
+# median over the timed runs.
 SPEEDUP_MEASURES = (('wall', 'wall time'), ('user', 'user CPU time'), ('cpu', 'user+sys CPU time'))
 
 
@@ -466,8 +483,9 @@ def markdown_summary(
       if len(rows) > 1 and all('median_s' in r for r in rows.values())
       else f'median of {repeats}'
     )
-    + f' ({" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs). '
-    f'Matmul peak measured: {peak / 1e9:.1f} GFLOP/s.',
+    + f' ({" / ".join(str(r.get("warmup_rounds", "-")) for r in rows.values())} warm-up runs)'
+    + ('; CPU times are per-run medians too' if on_cpu else '')
+    + f'. Matmul peak measured: {peak / 1e9:.1f} GFLOP/s.',
     '',
     '| case | tokens | GFLOP (fwd+bwd) | time | GFLOP/s | % of matmul peak | compile |' + cpu_col,
     '|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if on_cpu else ''),

@@ -198,12 +198,15 @@ def test_time_runs_counts_page_faults():
 
 
 def test_merge_runs_pools_the_blocks_of_one_step():
-  a = {'times_s': [1.0, 3.0], 'user_s': 2.0, 'sys_s': 0.0, 'page_faults': 10.0, 'warmup_rounds': 2}
-  b = {'times_s': [2.0], 'user_s': 5.0, 'sys_s': 0.3, 'page_faults': 0.0, 'warmup_rounds': 2}
-  merged = benchmarks.merge_runs([a, b])
+  usage = host_runtime.Usage
+  a = benchmarks._summary([1.0, 3.0], [usage(2.0, 0.0, 0), usage(2.2, 2.5, 20)])
+  b = benchmarks._summary([2.0], [usage(5.0, 0.3, 0)])
+  merged = benchmarks.merge_runs([{**a, 'warmup_rounds': 2}, {**b, 'warmup_rounds': 2}])
   assert merged['times_s'] == [1.0, 3.0, 2.0] and merged['median_s'] == 2.0
-  assert merged['user_s'] == 3.0 and abs(merged['sys_s'] - 0.1) < 1e-12
+  # CPU times are medians over the pooled runs (a faulting run decides nothing), faults a mean.
+  assert merged['user_s'] == 2.2 and merged['sys_s'] == 0.3
   assert abs(merged['page_faults'] - 20 / 3) < 1e-12 and merged['warmup_rounds'] == 4
+  assert merged['user_runs_s'] == [2.0, 2.2, 5.0] and merged['page_fault_runs'] == [0, 20, 0]
 
 
 def test_step_matmul_shapes_cover_a_block():

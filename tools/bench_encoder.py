@@ -23,7 +23,8 @@ up to 4, until two runs in a row fault in no fresh memory: `benchmarks.paired_ru
 Printed beside the times: the analytic FLOPs (`encoder_flops`), achieved GFLOP/s and their share
 of this machine's matmul peak (`metrics.matmul_peak_flops`: one large jitted matmul, the fastest
 of 5; the same product in PyTorch beside it when the comparison runs), and CPU time per step,
-user + system (on CPU a large system share is page faults, not arithmetic). The sparse speedup
+user + system, each the median over the timed runs as the wall time is (on CPU a large system
+share is page faults, not arithmetic), with the mean page faults per run. The sparse speedup
 is given by wall time, by user CPU time and by user + system CPU time, each with its verdict:
 wall time counts the other work on a shared machine, system time the allocator's page faults,
 user time the arithmetic. A markdown summary at the end is what docs/benchmarks.md records.
@@ -156,8 +157,8 @@ def print_row(name: str, result: dict) -> None:
   if jax.default_backend() == 'cpu':
     cpu = bench.format_cpu_seconds
     extra += (
-      f', CPU per step: user {cpu(result["user_s"])} s + sys {cpu(result["sys_s"])} s, '
-      f'{result["page_faults"]:.0f} page faults'
+      f', CPU per step (medians): user {cpu(result["user_s"])} s + sys '
+      f'{cpu(result["sys_s"])} s, {result["page_faults"]:.0f} page faults (mean)'
     )
   if 'warmup_rounds' in result:
     extra += f', after {result["warmup_rounds"]} warm-up rounds'
