@@ -2,6 +2,7 @@
 from the same centres; the multi-process JAX k-means (2 processes x 4 CPU devices, each with
 only its own points) equals the single-process one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,16 @@ def test_kmeans_throughput_times_both_sides():
   assert figures['n'] == 2000 and figures['jax_pairs_per_second'] > 0
   assert figures['sklearn_pairs_per_second'] > 0 and figures['jax_over_sklearn'] > 0
   assert any('jax / sklearn throughput' in line for line in said)
+
+
+def test_bench_kmeans_tool_writes_figures_and_refuses_a_bad_mesh(tmp_path, capsys):
+  from ove_jax_tools import bench_kmeans
+
+  out = tmp_path / 'kmeans.json'
+  argv = ['--n', '2000', '--d', '8', '--k', '16', '--repeats', '1', '--json', str(out)]
+  assert bench_kmeans.main(argv) == 0
+  figures = json.loads(out.read_text())
+  assert figures['k'] == 16 and figures['jax_pairs_per_second'] > 0
+  assert 'jax / sklearn throughput' in capsys.readouterr().out
+  assert bench_kmeans.main(['--n', '2000', '--mesh', 'three,by,two']) == 2
+  assert '--mesh three,by,two' in capsys.readouterr().err
