@@ -218,16 +218,20 @@ def test_luma_taken_on_first_use_gives_the_same_maps(monkeypatch, max_pictures):
   assert all(f.luma is not None and f.luma.dtype == np.float32 for f in seen.values())
 
 
-def _remux(data: bytes, fmt: str) -> bytes:
-  """The same H.264 packets in another container."""
-  out = io.BytesIO()
-  with av.open(io.BytesIO(data)) as source, av.open(out, 'w', format=fmt) as target:
+def _remux(data: bytes, fmt: str, options: dict | None = None, path=None) -> bytes:
+  """The same H.264 packets in another container (muxer `options`; mp4's faststart rewrites
+  the file by name, so it needs a `path`)."""
+  out = io.BytesIO() if path is None else str(path)
+  with (
+    av.open(io.BytesIO(data)) as source,
+    av.open(out, 'w', format=fmt, options=options or {}) as target,
+  ):
     stream = target.add_stream_from_template(source.streams.video[0])
     for packet in source.demux(source.streams.video[0]):
       if packet.dts is not None:
         packet.stream = stream
         target.mux(packet)
-  return out.getvalue()
+  return out.getvalue() if path is None else path.read_bytes()
 
 
 def test_selection_decodes_from_the_container_it_probed():
@@ -428,17 +432,7 @@ def bad_inputs(tmp_path_factory):
   data = clip(9, num_frames=32).data
   files['truncated.mp4'].write_bytes(data[: len(data) // 2])
   # With the index first (faststart) a cut file opens and promises frames that are not there.
-  whole = root / 'whole.mp4'
-  with (
-    av.open(clip(9, num_frames=32).write(root / 'plain.mp4')) as src,
-    av.open(str(whole), 'w', options={'movflags': 'faststart'}) as dst,
-  ):
-    out = dst.add_stream_from_template(src.streams.video[0])
-    for packet in src.demux(src.streams.video[0]):
-      if packet.dts is not None:
-        packet.stream = out
-        dst.mux(packet)
-  data = whole.read_bytes()
+  data = _remux(clip(9, num_frames=32).data, 'mp4', {'movflags': 'faststart'}, root / 'whole.mp4')
   files['truncated_faststart.mp4'].write_bytes(data[: len(data) // 2])
   return files
 

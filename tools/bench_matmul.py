@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     print(f'ove-bench-matmul: PyTorch {unavailable}', file=sys.stderr)
     return 2
   print(tuning)
-  shapes = [(f'square {2048}', 2048, 2048, 2048)]
+  square = 2048  # metrics.matmul_peak_flops's CPU size, the encoder bench's peak
+  shapes = [(f'square {square}', square, square, square)]
   for width in widths:
     shapes += [
       (f'width {width}: {name}', *mkn)
