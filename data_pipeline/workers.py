@@ -34,7 +34,13 @@ STARTUP_SECONDS = 300.0
 # Each worker is one of `workers` processes already: BLAS/OpenMP pools of one thread per core in
 # every worker oversubscribe the CPUs (2 workers on 2 cores measured 15x slower, most of it system
 # time). Workers start with these at 1 unless the user set them.
-WORKER_THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
+# The same goes for codec selection's decoding thread (`codec.select_threads`).
+WORKER_THREAD_VARIABLES = (
+  'OMP_NUM_THREADS',
+  'OPENBLAS_NUM_THREADS',
+  'MKL_NUM_THREADS',
+  'OVE_SELECT_THREADS',
+)
 
 
 @dataclasses.dataclass

@@ -6,16 +6,19 @@ With a moving share p of about 0.15 and K = 2048, a chance selection's share has
 deviation of sqrt(p(1-p)/K) ~ 0.008, so the 0.3 margin asserted below is over 30 sigma.
 """
 
+import contextlib
 import functools
 import io
 import os
 import re
+import threading
+import time
 
 import av
 import numpy as np
 import pytest
 
-from data_pipeline import codec, records, synthetic
+from data_pipeline import codec, records, synthetic, workers
 from data_pipeline.codec import bitstream, maps
 from data_pipeline.codec.selection import is_static
 
@@ -248,6 +251,114 @@ def test_selection_decodes_from_the_container_it_probed():
   a, b = codec.select(mp4, num_frames=16, budget=256), codec.select(mkv, num_frames=16, budget=256)
   assert a.scores.tobytes() == b.scores.tobytes()
   assert a.positions.tolist() == b.positions.tolist()
+
+
+# ----------------------------------------------------------------------------- decoding thread
+
+
+def test_prefetched_hands_over_every_item_then_the_error_from_its_own_thread():
+  where = []
+
+  def source(n, error=None):
+    for i in range(n):
+      where.append(threading.current_thread().name)
+      yield i
+    if error:
+      raise error
+
+  before = threading.active_count()
+  assert list(bitstream.prefetched(source(50), depth=2)) == list(range(50))
+  assert set(where) == {'ove-decode'}
+  got = []
+  with pytest.raises(av.InvalidDataError, match='cut short'):
+    for item in bitstream.prefetched(source(5, av.InvalidDataError(1094995529, 'cut short'))):
+      got.append(item)
+  assert got == [0, 1, 2, 3, 4] and threading.active_count() == before
+
+
+def test_prefetched_stops_and_joins_its_thread_when_closed_early():
+  closed = threading.Event()
+
+  def endless():
+    try:
+      i = 0
+      while True:
+        yield i
+        i += 1
+    finally:
+      closed.set()  # the source is closed in its thread, before close() returns
+
+  before = threading.active_count()
+  items = bitstream.prefetched(endless(), depth=3)
+  assert [next(items) for _ in range(4)] == [0, 1, 2, 3]
+  time.sleep(0.05)  # the thread has filled its slots and waits
+  items.close()
+  assert closed.is_set() and threading.active_count() == before
+  # An error downstream of the items closes it the same way.
+  closed.clear()
+  with pytest.raises(RuntimeError, match='downstream'):
+    with contextlib.closing(bitstream.prefetched(endless())) as items:
+      for i in items:
+        if i == 10:
+          raise RuntimeError('downstream')
+  assert closed.is_set() and threading.active_count() == before
+  # A generator never started starts no thread.
+  bitstream.prefetched(endless()).close()
+  assert threading.active_count() == before
+
+
+def _same_selection(a, b):
+  for name in ('scores', 'positions', 'whole_frames', 'frame_ids', 'picture_types'):
+    assert getattr(a, name).tobytes() == getattr(b, name).tobytes(), name
+  assert (a.vectors_past, a.vectors_future) == (b.vectors_past, b.vectors_future)
+
+
+@pytest.mark.parametrize(
+  'name,kwargs',
+  [
+    ('B-frames', dict(num_frames=16, budget=256)),
+    ('B-frames, release_probe', dict(num_frames=16, budget=256, preset='release_probe')),
+    ('hevc, faithful', dict(num_frames=8, budget=128, transcode='faithful')),
+  ],
+)
+def test_decode_thread_gives_the_same_selection(name, kwargs):
+  data = (clip(5, codec='hevc') if 'hevc' in name else clip(3, bframes=3, background='pan')).data
+  one = codec.select(data, decode_thread=False, **kwargs)
+  two = codec.select(data, decode_thread=True, **kwargs)
+  assert not one.decode_thread and two.decode_thread
+  _same_selection(one, two)
+
+
+def test_decode_thread_on_a_truncated_stream(bad_inputs):
+  # The decoder's error ends the stream on the thread; the selection sees it as it would.
+  path = str(bad_inputs['truncated_faststart.mp4'])
+  for decode_thread in (False, True):
+    with pytest.raises(codec.VideoError, match='only .* decode'):
+      codec.select(path, num_frames=16, budget=512, decode_thread=decode_thread)
+  a, b = (
+    codec.select(path, num_frames=16, budget=512, allow_truncated=True, decode_thread=d)
+    for d in (False, True)
+  )
+  assert a.truncated and b.truncated and b.decode_thread
+  _same_selection(a, b)
+
+
+def test_decode_thread_by_default_where_decoding_is_the_larger_share(monkeypatch):
+  # 64 source frames for 16 analysed: 4x the pixels to decode, so a thread when 2 are allowed;
+  # 64 for 64: no. OVE_SELECT_THREADS=1 (what precompute's workers run with) turns it off.
+  data = clip(3, bframes=3, background='pan').data
+  monkeypatch.setenv('OVE_SELECT_THREADS', '2')
+  assert codec.select_threads() == 2
+  assert codec.select(data, num_frames=16, budget=256).decode_thread
+  assert not codec.select(data).decode_thread
+  monkeypatch.setenv('OVE_SELECT_THREADS', '1')
+  assert not codec.select(data, num_frames=16, budget=256).decode_thread
+  assert codec.select(data, num_frames=16, budget=256, decode_thread=True).decode_thread
+  monkeypatch.setenv('OVE_SELECT_THREADS', 'two')
+  with pytest.raises(ValueError, match="OVE_SELECT_THREADS='two'.*integers >= 1"):
+    codec.select(data)
+  monkeypatch.delenv('OVE_SELECT_THREADS')
+  assert codec.select_threads() == workers.usable_cpus()
 
 
 # ----------------------------------------------------------------------------- codecs, sizes
@@ -565,7 +676,13 @@ def test_bench_selection_speed_mode(capsys, tmp_path):
   assert len(rows) == 2 and 'preset=release_llava' in out
   for row in rows:  # wall and CPU for both, and three ratios > 0
     cells = [c.strip() for c in row.strip('|').split('|')]
-    assert len(cells) == 8 and all(float(c) > 0 for c in cells[5:])
+    assert len(cells) == 11 and all(float(c) > 0 for c in cells[6:8] + cells[9:])
+    assert float(cells[8].split('/')[0]) > 0
+  # Selection with the default decoding thread where the clip has more to decode than to
+  # analyse (64 source frames for 16 analysed) and 2 threads are allowed; never for the
+  # synthetic 16-frame clip, and the same selection both ways.
+  assert rows[0].split('|')[6].strip() == ('yes' if codec.select_threads() >= 2 else 'no')
+  assert rows[1].split('|')[6].strip() == 'no'
 
 
 def test_bench_selection_runs(capsys):

@@ -135,11 +135,14 @@ def test_the_pool_survives_crashes_hangs_and_errors_in_order():
 
 
 def test_workers_start_with_one_blas_thread_unless_the_user_set_it(monkeypatch):
+  # The same for codec selection: one thread per worker (no decoding thread).
   monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+  monkeypatch.delenv('OVE_SELECT_THREADS', raising=False)
   monkeypatch.setenv('OPENBLAS_NUM_THREADS', '3')
-  names = ['OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS']
-  assert list(workers.ordered_map(_import_faults().env, names, 1)) == ['1', '3']
+  names = ['OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'OVE_SELECT_THREADS']
+  assert list(workers.ordered_map(_import_faults().env, names, 1)) == ['1', '3', '1']
   assert 'OMP_NUM_THREADS' not in os.environ  # the parent's own libraries keep their pools
+  assert 'OVE_SELECT_THREADS' not in os.environ
 
 
 def _import_faults():

@@ -28,6 +28,9 @@ timeline samples (what the selection has to decode too), default threads, frames
 decoded ('decode'), and also converted to RGB arrays ('decode+rgb', what a frame reader pays).
 Each figure is the best of --repeat runs; wall time and the process's user+sys CPU time are
 both shown (CPU time includes every thread, and is the fairer figure on a shared machine).
+The selection runs as `codec.select` does by default (decoding on a thread of its own,
+overlapped with the analysis, where the clip has more to decode than to analyse and 2 CPUs are
+usable) and on one thread (`decode_thread=False`, what each precompute worker runs).
 
   python tools/bench_selection.py --speed bikes.mp4 bigbuckbunny.mp4 carphone_pristine.mp4 \
       --clips 3 --repeat 3
@@ -225,6 +228,12 @@ def speed(args) -> list[dict]:
       ),
       args.repeat,
     )
+    one_thread = _best(
+      lambda v=video: codec.select(
+        v, args.frames, budget, args.resolution, args.patch_size, decode_thread=False, **options
+      ),
+      args.repeat,
+    )
     rows.append(
       dict(
         clip=name,
@@ -235,6 +244,9 @@ def speed(args) -> list[dict]:
         rgb_cpu=decode_rgb[1],
         select_wall=select[0],
         select_cpu=select[1],
+        one_thread_wall=one_thread[0],
+        one_thread_cpu=one_thread[1],
+        decode_thread=bool(sel.decode_thread),
         transcoded=bool(sel.transcoded),
       )
     )
@@ -244,19 +256,24 @@ def speed(args) -> list[dict]:
 def speed_table(rows: list[dict], options: str) -> str:
   lines = [
     f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
-    'of the repeats; ratio = selection / decoding.',
+    'of the repeats; ratio = selection / decoding. "selection": as select() runs by default '
+    '(thread: it decoded on a thread of its own); "one thread": decode_thread=False.',
     '',
     '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
-    '| ratio wall | ratio cpu | ratio cpu vs decode+rgb |',
-    '|---|---|---|---|---|---|---|---|',
+    '| thread | ratio wall | ratio cpu | one thread wall / cpu | one thread ratio wall '
+    '| ratio cpu vs decode+rgb |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
     lines.append(
       f'| {r["clip"]}{" (transcoded)" if r["transcoded"] else ""} | {r["frames"]} | '
       f'{r["decode_wall"]:.3f} / {r["decode_cpu"]:.3f} | {r["rgb_wall"]:.3f} / '
       f'{r["rgb_cpu"]:.3f} | {r["select_wall"]:.3f} / {r["select_cpu"]:.3f} | '
+      f'{"yes" if r["decode_thread"] else "no"} | '
       f'{r["select_wall"] / r["decode_wall"]:.2f} | '
       f'{r["select_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
+      f'{r["one_thread_wall"]:.3f} / {r["one_thread_cpu"]:.3f} | '
+      f'{r["one_thread_wall"] / r["decode_wall"]:.2f} | '
       f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} |'
     )
   return '\n'.join(lines)

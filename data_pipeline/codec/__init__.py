@@ -5,7 +5,7 @@ Contract:
 
   from data_pipeline import codec
   sel = codec.select(video, num_frames=64, budget=2048, resolution=224, patch_size=14,
-                     preset=None, **options)   # video: a path or the bytes of a file
+                     preset=None, decode_thread=None, **options)  # video: path or bytes
   sel.frame_ids      int32 [T]     source frames of the T timeline positions
   sel.positions      int32 [K, 3]  (t, h, w) of the K = budget selected patches, sorted
   sel.picture_types  uint8 [T]     codes into records.PICTURE_TYPES ('?', 'I', 'P', 'B')
@@ -16,6 +16,9 @@ Contract:
 release pipeline (`release.PRESETS`); explicit options win. `geometry='letterbox'` puts positions
 on the square canvas of a letterboxed frame (`geometry`). `transcode` ('paired', 'faithful',
 'sampled') says what the libx264 transcode of a non-H.264 source re-encodes (`bitstream`).
+`decode_thread` decodes on a second thread, overlapped with the analysis (the same selection in
+less wall time; by default when the decoder has the larger share of the work and
+`select_threads()`, $OVE_SELECT_THREADS or the usable CPUs, allows 2 threads).
 
 Baselines with the same return type: `select_uniform_frames`, `select_random`. Options and their
 allowed values: `Options` (unknown names and bad values raise ValueError). Input that cannot be
@@ -39,13 +42,20 @@ from data_pipeline.codec.options import (
   Options,
 )
 from data_pipeline.codec.release import PRESETS
-from data_pipeline.codec.selection import Selection, select, select_random, select_uniform_frames
+from data_pipeline.codec.selection import (
+  Selection,
+  select,
+  select_random,
+  select_threads,
+  select_uniform_frames,
+)
 from data_pipeline.video import VideoError
 
 __all__ = [
   'select',
   'select_uniform_frames',
   'select_random',
+  'select_threads',
   'Selection',
   'Options',
   'VideoError',

@@ -21,6 +21,8 @@ always the previous frame, so there is nothing to guess.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from fractions import Fraction
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -55,6 +57,8 @@ REFERENCE_REACH = 18
 # Decoded pictures `frames_with_references` holds before taking their luma (`CodedFrame.picture`).
 MAX_PICTURES = 8
 TRANSCODE_FPS = 25
+# Decoded frames the decoding thread of `prefetched` may run ahead of the analysis.
+PREFETCH_DEPTH = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +342,58 @@ def open_with_vectors(video: VideoSource, container=None):
 
 def container_frames(container, stream) -> Iterator[tuple]:
   return decoded_frames(container.demux(stream), lambda packet: packet.decode())
+
+
+def prefetched(frames: Iterator, depth: int = PREFETCH_DEPTH) -> Iterator:
+  """The items of `frames` (a generator), produced on a thread of their own up to `depth` ahead.
+
+  FFmpeg decodes with the GIL released and the analysis kernels run without it, so decoding the
+  next frames overlaps the analysis of this one: the same items in the same order, from one
+  decoder, so the same selection. An exception `frames` raises is raised here, after the items
+  before it. Closing this generator (its end, an error downstream, or `.close()`) stops and
+  joins the thread, which closes `frames` in it: close this before the container it reads."""
+  slots: queue.Queue = queue.Queue(depth)
+  stop = threading.Event()
+  end = object()
+
+  def hand_over(item) -> bool:
+    while not stop.is_set():
+      try:
+        slots.put(item, timeout=0.5)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def produce():
+    try:
+      for item in frames:
+        if stop.is_set() or not hand_over((item, None)):
+          return
+      hand_over((end, None))
+    except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+      hand_over((end, e))
+    finally:
+      frames.close()
+
+  thread = threading.Thread(target=produce, name='ove-decode', daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = slots.get()
+      if item is end:
+        if error is not None:
+          raise error
+        return
+      yield item
+  finally:
+    stop.set()
+    while True:  # free a slot the thread may be waiting on
+      try:
+        slots.get_nowait()
+      except queue.Empty:
+        break
+    thread.join()
 
 
 def analysis_size(height: int, width: int, short_side: int) -> tuple[int, int]:
