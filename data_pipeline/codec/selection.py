@@ -130,7 +130,7 @@ def select(
   be used, ValueError for unknown options or bad values.
 
   `decode_thread`: decode on a thread of its own, overlapped with the analysis: the same
-  selection in less wall time, for 5-20% more CPU time (docs/codec.md). None (the default):
+  selection in less wall time, for up to 20% more CPU time (docs/codec.md). None (the default):
   when the selection may use 2 threads (`select_threads`) and the decoder has at least half as
   much again to do as the analysis (`DECODE_THREAD_SHARE`).
   """
