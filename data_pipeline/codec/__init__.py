@@ -29,9 +29,12 @@ x264 for the transcode, ties broken by (t, h, w)).
 Modules: `bitstream` (PyAV reading, vectors, transcode), `maps` (motion/residual maps,
 normalisation, fusion, camera compensation, centre prior, model-grid scores), `release` (the
 release's maths and the presets), `geometry` (crop / letterbox canvas, resampling, canvas
-decoding), `selection` (policies, static fallback, top-K, baselines), `options`.
+decoding), `selection` (policies, static fallback, top-K), `baselines` (uniform frames, random
+patches), `options`.
 """
 
+from data_pipeline.codec.baselines import select_random, select_uniform_frames
+from data_pipeline.codec.bitstream import select_threads
 from data_pipeline.codec.geometry import GEOMETRIES, decode_canvas
 from data_pipeline.codec.options import (
   CAMERA_COMPENSATIONS,
@@ -42,13 +45,7 @@ from data_pipeline.codec.options import (
   Options,
 )
 from data_pipeline.codec.release import PRESETS
-from data_pipeline.codec.selection import (
-  Selection,
-  select,
-  select_random,
-  select_threads,
-  select_uniform_frames,
-)
+from data_pipeline.codec.selection import Selection, select
 from data_pipeline.video import VideoError
 
 __all__ = [

@@ -28,13 +28,10 @@ where the spec leaves room:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import time
 
 import numpy as np
 
-from data_pipeline import workers
 from data_pipeline.codec import bitstream, geometry, maps, release
 from data_pipeline.codec.options import DEFAULT_GOP, Options
 from data_pipeline.records import PICTURE_TYPES
@@ -89,7 +86,7 @@ class Selection:
     )
 
 
-def _check_grid(num_frames, budget, resolution, patch_size) -> tuple[int, int]:
+def check_grid(num_frames, budget, resolution, patch_size) -> tuple[int, int]:
   for name, value in (
     ('num_frames', num_frames),
     ('budget', budget),
@@ -131,13 +128,13 @@ def select(
 
   `decode_thread`: decode on a thread of its own, overlapped with the analysis: the same
   selection in less wall time, for up to 20% more CPU time (docs/codec.md). None (the default):
-  when the selection may use 2 threads (`select_threads`) and the decoder has at least half as
-  much again to do as the analysis (`DECODE_THREAD_SHARE`).
+  when the selection may use 2 threads (`bitstream.select_threads`) and the decoder has at
+  least half as much again to do as the analysis (`bitstream.DECODE_THREAD_SHARE`).
   """
   opts = Options.from_kwargs(options, preset)
-  if decode_thread is None and select_threads() < 2:
+  if decode_thread is None and bitstream.select_threads() < 2:
     decode_thread = False
-  hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
+  hp, wp = check_grid(num_frames, budget, resolution, patch_size)
   start = time.perf_counter()
   info, opened = bitstream.probe(video, keep_open=True)
   timings = {'probe': time.perf_counter() - start}
@@ -218,33 +215,6 @@ def select(
   )
 
 
-# The decoding thread is started when the decoder has this many pixels to decode per pixel the
-# analysis reads (frames up to the last sample x their size, against the analysed frames at the
-# analysis size): a clip longer than its timeline, or larger than the analysis. Below it (a
-# 64-frame clip at 224 pixels) the overlap measured no faster, at 20% more CPU time.
-DECODE_THREAD_SHARE = 1.5
-SELECT_THREADS_VARIABLE = 'OVE_SELECT_THREADS'
-
-
-def select_threads() -> int:
-  """The threads one selection may use: $OVE_SELECT_THREADS when set (precompute's workers
-  run with 1: the processes are the parallelism), else the CPUs this process may use."""
-  value = os.environ.get(SELECT_THREADS_VARIABLE, '').strip()
-  if not value:
-    return _usable_cpus()
-  if not value.isdigit() or int(value) < 1:
-    raise ValueError(
-      f'{SELECT_THREADS_VARIABLE}={value!r}: allowed values are integers >= 1 (1: decode and '
-      'analyse on one thread), or unset'
-    )
-  return int(value)
-
-
-@functools.cache
-def _usable_cpus() -> int:
-  return workers.usable_cpus()
-
-
 @dataclasses.dataclass
 class _Analysis:
   frame_ids: np.ndarray
@@ -276,7 +246,7 @@ def _analyse(
 ) -> _Analysis:
   """The per-frame scores of one pass over the clip; `opened`: a container open on `video`
   and not read from (`bitstream.probe(keep_open=True)`), which this closes; `decode_thread`:
-  True / False, or None to decide by the decoder's share of the work (DECODE_THREAD_SHARE)."""
+  True / False, or None to decide by the decoder's share of the work."""
   tick = time.perf_counter()
   frame_ids = bitstream.timeline(num_source_frames, num_frames)
   distinct = np.unique(frame_ids)
@@ -327,13 +297,13 @@ def _analyse(
     step = max(1, min(info.height, info.width) // (opts.analysis_size or resolution))
 
   if decode_thread is None:
-    # Pixels to decode per pixel analysed (see DECODE_THREAD_SHARE).
+    # Pixels to decode per pixel analysed (see bitstream.DECODE_THREAD_SHARE).
     if transcoded:
       share = source_ids.size / distinct.size  # all at the analysis size
     else:
       share = (distinct[-1] + 1) * info.height * info.width / distinct.size
       share /= max(1, info.height // step) * max(1, info.width // step)
-    decode_thread = share >= DECODE_THREAD_SHARE
+    decode_thread = share >= bitstream.DECODE_THREAD_SHARE
   if decode_thread:
     frames = bitstream.prefetched(frames)
   decoded = bitstream.Decoded()
@@ -568,74 +538,3 @@ def is_static_release(patch_means: np.ndarray, threshold: float, rel_threshold: 
   p50 = float(np.percentile(patch_means, 50.0))
   rel = (p95 - p50) / max(p95, 1e-6)
   return p95 < threshold or (p95 < 2.0 * threshold and rel < rel_threshold)
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def _baseline(video, num_frames, budget, resolution, patch_size, method, flat):
-  hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
-  start = time.perf_counter()
-  info = bitstream.probe(video)
-  chosen = np.zeros(num_frames * hp * wp, bool)
-  chosen[flat] = True
-  chosen_TxHpxWp = chosen.reshape(num_frames, hp, wp)
-  whole = np.flatnonzero(chosen_TxHpxWp.all(axis=(1, 2))).astype(np.int32)
-  return Selection(
-    frame_ids=bitstream.timeline(info.num_frames, num_frames).astype(np.int32),
-    positions=np.argwhere(chosen_TxHpxWp).astype(np.int32),
-    picture_types=np.zeros(num_frames, np.uint8),  # not decoded: unknown
-    scores=np.zeros((num_frames, hp, wp), np.float32),
-    whole_frames=whole,
-    method=method,
-    source=info.name,
-    codec=info.codec,
-    num_source_frames=info.num_frames,
-    timings={'total': time.perf_counter() - start},
-  )
-
-
-def select_uniform_frames(
-  video: VideoSource,
-  num_frames: int = 64,
-  budget: int = 2048,
-  resolution: int = 224,
-  patch_size: int = 14,
-) -> Selection:
-  """Whole frames evenly spaced at their true t on the T-frame timeline, K = budget.
-
-  ceil(K / (Hp*Wp)) frames at floor(linspace(0, T-1, n)); when K is not a multiple of a frame,
-  the last of them contributes the remainder, spread evenly in raster order.
-  """
-  hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
-  per_frame = hp * wp
-  count = -(-budget // per_frame)
-  frames = np.floor(np.linspace(0, num_frames - 1, count)).astype(np.int64)
-  flat = (frames[:-1, None] * per_frame + np.arange(per_frame)[None, :]).reshape(-1)
-  remainder = budget - (count - 1) * per_frame
-  last = frames[-1] * per_frame + np.floor(np.linspace(0, per_frame - 1, remainder)).astype(
-    np.int64
-  )
-  return _baseline(
-    video,
-    num_frames,
-    budget,
-    resolution,
-    patch_size,
-    'uniform_frames',
-    np.concatenate([flat, last]),
-  )
-
-
-def select_random(
-  video: VideoSource,
-  num_frames: int = 64,
-  budget: int = 2048,
-  resolution: int = 224,
-  patch_size: int = 14,
-  seed: int = 0,
-) -> Selection:
-  """K = budget patches drawn uniformly without replacement from all T x Hp x Wp (seeded)."""
-  hp, wp = _check_grid(num_frames, budget, resolution, patch_size)
-  flat = np.random.default_rng(seed).choice(num_frames * hp * wp, size=budget, replace=False)
-  return _baseline(video, num_frames, budget, resolution, patch_size, 'random', flat)
