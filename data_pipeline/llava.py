@@ -276,14 +276,24 @@ def finished(paths: dict) -> bool:
   )
 
 
-def make_clip(item: Item, visidx_root: str, image_root: str, s: Settings, **options) -> dict:
+def make_clip(
+  item: Item,
+  visidx_root: str,
+  image_root: str,
+  s: Settings,
+  selector: str | None = None,
+  **options,
+) -> dict:
   """Select, pack and write one clip's files; returns its jsonl line. Raises VideoError for a
-  video that cannot be used."""
+  video that cannot be used. `selector`: 'module:function' called as codec.select is (the
+  video, `Settings.select_options()` and `options`), instead of it."""
   from data_pipeline import codec
+  from data_pipeline.clip_work import resolve
   from data_pipeline.codec import bitstream, geometry
 
   paths = clip_paths(item, visidx_root, image_root, s)
-  sel = codec.select(item.video, **s.select_options(), **options)
+  select = resolve(selector) if selector else codec.select
+  sel = select(item.video, **s.select_options(), **options)
   frames = geometry.decode_canvas(item.video, sel.frame_ids, s.resolution, 'letterbox')
   canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size, s.first_full)
   for path, canvas in zip(paths['images'], canvases):
@@ -351,6 +361,15 @@ def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
   return f'{out_jsonl}.shard{task_index:02d}of{num_tasks:02d}.jsonl'
 
 
+def make_task(task: tuple) -> dict:
+  """`make_clip` in a worker process: {'line': its jsonl line} or {'reason': why it failed}."""
+  item, visidx_root, image_root, settings, selector, options = task
+  try:
+    return {'line': make_clip(item, visidx_root, image_root, settings, selector, **options)}
+  except Exception as e:  # any bad video: the run records it and goes on
+    return {'reason': f'{type(e).__name__}: {e}'}
+
+
 def run(
   dataset: str,
   visidx_root: str,
@@ -361,15 +380,27 @@ def run(
   retry_failures: bool = False,
   task_index: int = 0,
   num_tasks: int = 1,
+  workers: int | None = None,
+  clip_timeout: float | None = None,
+  selector: str | None = None,
   **options,
 ) -> dict:
   """The whole list: each clip's files, then the jsonl (written atomically, in dataset order).
 
-  A video that fails is recorded in `failures` (default `<jsonl>.failures.jsonl`: id, video,
-  reason) and left out of the jsonl; the run goes on. A re-run skips clips whose files are all
-  there, and known failures unless `retry_failures`. With `num_tasks` N > 1 (N processes or
-  machines), task I takes the rows I, I + N, ... and writes `task_jsonl(out_jsonl, I, N)`;
-  concatenating the N jsonl files gives the whole set. Returns the counts."""
+  Clips are made in `workers` processes (default: the CPUs this process may use; 0: in this
+  process, where there is no time limit and a crash is the run's). A video that fails, or whose
+  worker runs past `clip_timeout` seconds or dies (a segfault in a decoder, the out-of-memory
+  killer), is recorded in `failures` (default
+  `<jsonl>.failures.jsonl`: id, video, reason) and left out of the jsonl; a fresh worker takes
+  over and the run goes on. A re-run skips clips whose files are all there, and known failures
+  unless `retry_failures`. A second run writing the same jsonl at the same time refuses
+  (`locks.Locked`). With `num_tasks` N > 1 (N processes or machines), task I takes the rows
+  I, I + N, ... and writes `task_jsonl(out_jsonl, I, N)`; concatenating the N jsonl files gives
+  the whole set. `selector`: see `make_clip`. Returns the counts."""
+  from data_pipeline import locks
+  from data_pipeline import workers as workers_lib
+  from data_pipeline.clip_work import resolve
+
   if settings.image_format not in IMAGE_FORMATS:
     raise ValueError(
       f'image_format={settings.image_format!r}: allowed values are {", ".join(IMAGE_FORMATS)}'
@@ -392,36 +423,67 @@ def run(
     raise ValueError(
       f'task_index={task_index}, num_tasks={num_tasks}: need 0 <= task_index < num_tasks'
     )
+  if clip_timeout is not None and not clip_timeout > 0:
+    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
+  workers = workers_lib.usable_cpus() if workers is None else workers
+  if selector:
+    resolve(selector)  # a wrong name fails here, not once per clip
   items = read_items(dataset)[task_index::num_tasks]
   out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'
-  known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
   for path in (failures, out_jsonl):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  lines, failed = [], []
-  counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': 0}
-  for item in items:
-    paths = clip_paths(item, visidx_root, image_root, settings)
-    if (item.id, item.video) in known:
-      failed.append(known[(item.id, item.video)])
-      counts['failed'] += 1
-      continue
-    if finished(paths):
-      lines.append(jsonl_line(item, paths, settings))
-      counts['skipped'] += 1
-      continue
+  with locks.hold(
+    os.path.dirname(os.path.abspath(out_jsonl)),
+    os.path.basename(out_jsonl),
+    f'making {out_jsonl}',
+    kind='ove-llava-data',
+  ):
+    known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
+    plan = []  # (item, its paths, 'known' / 'finished' / 'todo')
+    for item in items:
+      paths = clip_paths(item, visidx_root, image_root, settings)
+      state = (
+        'known' if (item.id, item.video) in known else 'finished' if finished(paths) else 'todo'
+      )
+      plan.append((item, paths, state))
+    tasks = (
+      (item, visidx_root, image_root, settings, selector, options)
+      for item, _, state in plan
+      if state == 'todo'
+    )
+    if all(state != 'todo' for _, _, state in plan):
+      workers = 0  # nothing to make: no pool to start
+    results = workers_lib.ordered_map(make_task, tasks, workers, timeout=clip_timeout)
+    lines, failed = [], []
+    counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': 0}
     try:
-      lines.append(make_clip(item, visidx_root, image_root, settings, **options))
-      counts['made'] += 1
-    except Exception as e:  # any bad video: record it, go on
-      reason = f'{type(e).__name__}: {e}'
-      failed.append({'id': item.id, 'video': item.video, 'reason': reason})
-      counts['failed'] += 1
-    # Failures are written as they happen, so a killed run keeps them.
+      for item, paths, state in plan:
+        if state == 'known':
+          failed.append(known[(item.id, item.video)])
+          counts['failed'] += 1
+          continue
+        if state == 'finished':
+          lines.append(jsonl_line(item, paths, settings))
+          counts['skipped'] += 1
+          continue
+        result = next(results)
+        if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
+          result = {'reason': f'{item.video}: {result.reason}'}
+        if 'line' in result:
+          lines.append(result['line'])
+          counts['made'] += 1
+          continue
+        failed.append({'id': item.id, 'video': item.video, 'reason': result['reason']})
+        counts['failed'] += 1
+        # Failures are written as they happen, so a killed run keeps them.
+        fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
+    finally:
+      results.close()  # stops the workers
     fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
-  fileio.write_atomic(
-    out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
-  )
+    fileio.write_atomic(
+      out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
+    )
   return counts
 
 

@@ -76,6 +76,7 @@ def hold(
   what: str,
   conflicts: Callable[[str], bool] = lambda name: False,
   wait: Callable[[str], None] | None = None,
+  kind: str = 'precompute',
 ) -> Iterator[str]:
   """Holds the lock `folder/.lock-{name}` for the block, or raises Locked naming its holder.
 
@@ -83,6 +84,7 @@ def hold(
   the same files; such a lock must not be held either. Checked after taking ours, so of two
   conflicting runs starting together at least one refuses.
   `wait`: instead of refusing, tell this function who holds the lock and wait for it.
+  `kind`: what sort of run takes the lock, for the messages ('precompute', 'ove-llava-data').
   """
   path = os.path.join(folder, LOCK_PREFIX + name)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -92,14 +94,14 @@ def hold(
       fcntl.flock(fd, fcntl.LOCK_EX)
     elif not _try_flock(fd, path):
       raise Locked(
-        f'{folder} is in use by another precompute run ({owner_text(path)}); wait '
+        f'{folder} is in use by another {kind} run ({owner_text(path)}); wait '
         'for it to finish or stop it (its lock is released when it exits)'
       )
     for other in sorted(glob.glob(os.path.join(glob.escape(folder), LOCK_PREFIX + '*'))):
       other_name = os.path.basename(other)[len(LOCK_PREFIX) :]
       if other_name != name and conflicts(other_name) and is_held(other):
         raise Locked(
-          f'{folder} is in use by another precompute run ({owner_text(other)}) that '
+          f'{folder} is in use by another {kind} run ({owner_text(other)}) that '
           f'writes the same shards as {what}; wait for it to finish or stop it'
         )
     owner = {

@@ -1,6 +1,7 @@
 """Faults a web-scale corpus holds, injected through precompute's real hooks (for the tests).
 
-`open_clip` is a `reader` (precompute's hook for corpora behind a custom loader): names starting
+`open_clip` is a `reader` (precompute's hook for corpora behind a custom loader), `select` a
+`selector` (precompute's and ove-llava-data's hook for another selection): names starting
 with 'segfault' crash the worker process with SIGSEGV, as a decoder bug does; 'oom' ones get the
 SIGKILL of the kernel's out-of-memory killer; 'hang' ones never return, as a stuck network read
 or decoder does; any other name is a local path. `work` is the same for
@@ -26,6 +27,14 @@ def crash_or_hang(name: str) -> None:
 def open_clip(name: str) -> str:
   crash_or_hang(name)
   return name
+
+
+def select(video, **options):
+  """codec.select, after `crash_or_hang(video)` (a `selector` for ove-llava-data)."""
+  crash_or_hang(video)
+  from data_pipeline import codec
+
+  return codec.select(video, **options)
 
 
 def work(item):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import codec, llava, records, sources, synthetic, transforms
+from data_pipeline import codec, llava, locks, records, sources, synthetic, transforms
 from data_pipeline.codec import geometry
 from data_pipeline.tokens import PATCH, VIDEO_GRID, VIDEO_RESOLUTION
 from ove_jax_tools import llava_data
@@ -311,3 +311,54 @@ def test_tasks_split_the_list(made):
     llava.run(made['dataset'], settings=llava.Settings(budget=10001), **made['args'])
   with pytest.raises(ValueError, match='at most 36x36 patches'):
     llava.run(made['dataset'], settings=llava.Settings(budget=8 * 1300), **made['args'])
+
+
+def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path):
+  # Faults come through the real `selector` hook (tests/precompute_faults.py): 'segfault*'
+  # kills its worker with SIGSEGV as a decoder bug does, 'hang*' never returns.
+  video = synthetic.make_clip(1, num_frames=8, height=64, width=64).write(tmp_path / 'a.mp4')
+  rows = [video, str(tmp_path / 'segfault-decoder.mp4'), str(tmp_path / 'hang-forever.mp4'), video]
+  dataset = tmp_path / 'data.jsonl'
+  dataset.write_text(
+    ''.join(
+      json.dumps({'id': i, 'video': v, 'conversations': []}) + '\n' for i, v in enumerate(rows)
+    )
+  )
+  settings = llava.Settings(
+    num_frames=4, resolution=64, budget=32, num_images=2, image_format='png'
+  )
+  args = dict(
+    visidx_root=str(tmp_path / 'v'),
+    image_root=str(tmp_path / 'i'),
+    out_jsonl=str(tmp_path / 'out' / 'train.jsonl'),
+    settings=settings,
+  )
+  timeout = 12.0  # far above what one of these clips takes, even on a loaded machine
+  counts = llava.run(
+    str(dataset),
+    workers=2,
+    clip_timeout=timeout,
+    selector='precompute_faults:select',
+    **args,
+  )
+  assert counts == {'clips': 4, 'made': 2, 'skipped': 0, 'failed': 2}
+  out = args['out_jsonl']
+  with open(out) as f:
+    lines = f.read()
+  assert [json.loads(line)['id'] for line in lines.splitlines()] == ['0', '3']
+  reasons = {e['id']: e['reason'] for e in llava.read_failures(out + '.failures.jsonl')}
+  assert sorted(reasons) == ['1', '2']
+  assert 'SIGSEGV' in reasons['1'] and 'segfault-decoder.mp4' in reasons['1']
+  assert f'timed out after {timeout:g} s' in reasons['2'] and 'hang-forever.mp4' in reasons['2']
+  # The re-run redoes nothing and does not crash or wait on the known failures again.
+  counts = llava.run(str(dataset), workers=2, clip_timeout=timeout, **args)
+  assert counts == {'clips': 4, 'made': 0, 'skipped': 2, 'failed': 2}
+  assert open(out).read() == lines
+  # A second run on the same jsonl while one holds it refuses, naming the holder.
+  with locks.hold(str(tmp_path / 'out'), 'train.jsonl', 'the first run', kind='ove-llava-data'):
+    with pytest.raises(locks.Locked, match='in use by another ove-llava-data run.*the first run'):
+      llava.run(str(dataset), **args)
+    flags = ['--visidx-root', args['visidx_root'], '--image-root', args['image_root']]
+    assert llava_data.main(['make', str(dataset), *flags, '--out-jsonl', out]) == 2
+  with pytest.raises(ValueError, match='selector .*no_such_module'):
+    llava.run(str(dataset), selector='no_such_module:select', **args)

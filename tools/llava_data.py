@@ -12,7 +12,10 @@
 `make` follows llava_next/Compressed_Video_Reader/tool/stage1.py and stage2.py (names, shapes,
 the jsonl; data_pipeline/llava.py says what differs); selection is
 codec.select(preset='release_llava'). Bad videos go to OUT_JSONL.failures.jsonl and the run
-goes on; running it again skips finished clips (and known failures unless --retry-failures).
+goes on, as do clips that run past --clip-timeout or crash their worker process (a segfault
+in a decoder); clips are made in --workers processes (default: the usable CPUs). Running it again
+skips finished clips (and known failures unless --retry-failures); a second run on the same
+OUT_JSONL at the same time refuses.
 --task-index I --num-tasks N splits the list over N processes or machines (a SLURM array), each
 writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for the whole set.
 `import` writes records readable by data_pipeline.sources.open_source('out.array_record');
@@ -27,8 +30,11 @@ import json
 import os
 import sys
 
-from data_pipeline import llava, records, shards
+from data_pipeline import llava, locks, records, shards
 from ove_jax import cli
+
+# As ove-precompute-codec's: an hour of 1080p source, and a hung decoder costs minutes.
+DEFAULT_CLIP_TIMEOUT = 900.0
 
 
 def json_object(text: str) -> dict:
@@ -98,6 +104,25 @@ def parser() -> argparse.ArgumentParser:
     help='N tasks (processes, machines) splitting the list; each writes '
     'OUT_JSONL.shardIIofNN.jsonl',
   )
+  make.add_argument(
+    '--workers',
+    type=int,
+    default=None,
+    help='worker processes (default: the CPUs this process may use, from its '
+    'affinity mask and cgroup CPU quota; 0: in this process, no time limit)',
+  )
+  make.add_argument(
+    '--clip-timeout',
+    type=float,
+    default=DEFAULT_CLIP_TIMEOUT,
+    help='seconds one clip may take before its worker is killed and the clip '
+    f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',
+  )
+  make.add_argument(
+    '--selector',
+    default=None,
+    help='module:function called instead of data_pipeline.codec.select, with its arguments',
+  )
   imp = sub.add_parser('import', help='stage1 files -> an ArrayRecord shard of clip records')
   imp.add_argument('visidx_root', help='folder searched for *.visidx_thw.npy')
   imp.add_argument('out', help='the .array_record shard to write')
@@ -120,15 +145,22 @@ def main(argv=None) -> int:
   if args.command == 'make':
     sizes = ('num_frames', 'resolution', 'patch_size', 'budget', 'num_images', 'image_format')
     settings = llava.Settings(**cli.keywords(args, *sizes), first_full=not args.no_first_full)
-    counts = llava.run(
-      args.dataset,
-      args.visidx_root,
-      args.image_root,
-      args.out_jsonl,
-      settings,
-      **cli.keywords(args, 'failures', 'retry_failures', 'task_index', 'num_tasks'),
-      **args.options,
-    )
+    try:
+      counts = llava.run(
+        args.dataset,
+        args.visidx_root,
+        args.image_root,
+        args.out_jsonl,
+        settings,
+        clip_timeout=args.clip_timeout or None,
+        **cli.keywords(
+          args, 'failures', 'retry_failures', 'task_index', 'num_tasks', 'workers', 'selector'
+        ),
+        **args.options,
+      )
+    except (locks.Locked, ValueError) as e:
+      print(f'ove-llava-data: {e}', file=sys.stderr)
+      return 2
     print(json.dumps(counts))
     return 0
   paths = list(llava.release_files(args.visidx_root))
