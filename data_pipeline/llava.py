@@ -27,19 +27,18 @@ Where the pixels differ from the release: frames are decoded by PyAV and resized
 OpenCV and resizes bilinear; stage1's visidx rows are sorted by (t, h, w) where the release keeps
 top-k order (stage2 sorts them before packing, so the canvases are the same).
 
-`release_record` reads stage1's files (ours or the release's) into a clip record of
+`data_pipeline.llava_import` reads stage1's files (ours or the release's) into clip records of
 `data_pipeline.records`, so data selected by the release trains here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import io
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -94,11 +93,20 @@ def read_items(path: str) -> list[Item]:
       videos = [line.strip() for line in f if line.strip()]
     return [Item(str(i), v, [], i) for i, v in enumerate(videos)]
   if lower.endswith('.jsonl'):
+    rows = []
     with open(path, encoding='utf-8') as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      for number, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except ValueError as e:
+            raise ValueError(f'{path}, line {number}: not a JSON object ({e})') from None
   elif lower.endswith('.json'):
     with open(path, encoding='utf-8') as f:
-      rows = json.load(f)
+      try:
+        rows = json.load(f)
+      except ValueError as e:
+        raise ValueError(f'{path}: not JSON ({e})') from None
     if not isinstance(rows, list):
       raise ValueError(f'{path}: a .json dataset must hold an array of objects')
   else:
@@ -361,6 +369,15 @@ def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
   return f'{out_jsonl}.shard{task_index:02d}of{num_tasks:02d}.jsonl'
 
 
+def init_worker(selector: str | None) -> None:
+  """Imports the selection in a fresh worker, so a clip's time limit does not count it."""
+  from data_pipeline import codec  # noqa: F401
+  from data_pipeline.clip_work import resolve
+
+  if selector:
+    resolve(selector)
+
+
 def make_task(task: tuple) -> dict:
   """`make_clip` in a worker process: {'line': its jsonl line} or {'reason': why it failed}."""
   item, visidx_root, image_root, settings, selector, options = task
@@ -387,8 +404,9 @@ def run(
 ) -> dict:
   """The whole list: each clip's files, then the jsonl (written atomically, in dataset order).
 
-  Clips are made in `workers` processes (default: the CPUs this process may use; 0: in this
-  process, where there is no time limit and a crash is the run's). A video that fails, or whose
+  Clips are made in `workers` processes (default: the CPUs this process may use, at most one
+  per clip to make; 0: in this process, where there is no time limit and a crash is the
+  run's). A video that fails, or whose
   worker runs past `clip_timeout` seconds or dies (a segfault in a decoder, the out-of-memory
   killer), is recorded in `failures` (default
   `<jsonl>.failures.jsonl`: id, video, reason) and left out of the jsonl; a fresh worker takes
@@ -426,8 +444,23 @@ def run(
   if clip_timeout is not None and not clip_timeout > 0:
     raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
   workers = workers_lib.usable_cpus() if workers is None else workers
+  if workers < 0:
+    raise ValueError(f'workers={workers}: a number of processes >= 0 (0: in this process)')
+  # Wrong selector names, options and OVE_SELECT_THREADS fail here, not once per clip (as
+  # failures that re-runs would then skip).
+  from data_pipeline import codec
+  from data_pipeline.shard_plan import check_options
+
+  codec.select_threads()
   if selector:
-    resolve(selector)  # a wrong name fails here, not once per clip
+    resolve(selector)
+  clash = sorted(set(options) & set(settings.select_options()))
+  if clash:
+    raise ValueError(
+      f'options {", ".join(clash)}: these come from the settings (llava.Settings; the flags '
+      'of ove-llava-data make), not from the options'
+    )
+  check_options(options, selector)
   items = read_items(dataset)[task_index::num_tasks]
   out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'
@@ -440,32 +473,46 @@ def run(
     kind='ove-llava-data',
   ):
     known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
-    plan = []  # (item, its paths, 'known' / 'finished' / 'todo')
-    for item in items:
+    plan = []  # (item, its paths, 'finished' / 'known' / 'todo')
+    failed = {}  # plan row -> failure entry: the known ones from the start, so none is lost
+    for row, item in enumerate(items):
       paths = clip_paths(item, visidx_root, image_root, settings)
+      # A clip whose files are all there is done, even if a worker died after writing them.
       state = (
-        'known' if (item.id, item.video) in known else 'finished' if finished(paths) else 'todo'
+        'finished' if finished(paths) else 'known' if (item.id, item.video) in known else 'todo'
       )
+      if state == 'known':
+        failed[row] = known[(item.id, item.video)]
       plan.append((item, paths, state))
+
+    def write_failures():
+      entries = [failed[row] for row in sorted(failed)]
+      fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in entries))
+
     tasks = (
       (item, visidx_root, image_root, settings, selector, options)
       for item, _, state in plan
       if state == 'todo'
     )
-    if all(state != 'todo' for _, _, state in plan):
-      workers = 0  # nothing to make: no pool to start
-    results = workers_lib.ordered_map(make_task, tasks, workers, timeout=clip_timeout)
-    lines, failed = [], []
-    counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': 0}
+    # No more workers than clips to make (none: no pool to start).
+    workers = min(workers, sum(state == 'todo' for _, _, state in plan))
+    results = workers_lib.ordered_map(
+      make_task,
+      tasks,
+      workers,
+      timeout=clip_timeout,
+      initializer=init_worker,
+      initargs=(selector,),
+    )
+    lines = []
+    counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': len(failed)}
     try:
-      for item, paths, state in plan:
-        if state == 'known':
-          failed.append(known[(item.id, item.video)])
-          counts['failed'] += 1
-          continue
+      for row, (item, paths, state) in enumerate(plan):
         if state == 'finished':
           lines.append(jsonl_line(item, paths, settings))
           counts['skipped'] += 1
+          continue
+        if state == 'known':
           continue
         result = next(results)
         if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
@@ -474,13 +521,12 @@ def run(
           lines.append(result['line'])
           counts['made'] += 1
           continue
-        failed.append({'id': item.id, 'video': item.video, 'reason': result['reason']})
+        failed[row] = {'id': item.id, 'video': item.video, 'reason': result['reason']}
         counts['failed'] += 1
-        # Failures are written as they happen, so a killed run keeps them.
-        fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
+        write_failures()  # as they happen, so a killed run keeps them
     finally:
       results.close()  # stops the workers
-    fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
+    write_failures()
     fileio.write_atomic(
       out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
     )
@@ -492,84 +538,3 @@ def read_failures(path: str) -> list[dict]:
     return []
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-# ------------------------------------------------------------------ the release's files -> ours
-
-
-def regrid(
-  positions_Kx3: np.ndarray, num_frames: int, grid: int, model_grid: int, min_cover: float = 0.5
-) -> np.ndarray:
-  """(t, h, w) on a `grid` x `grid` square canvas -> the cells of a `model_grid` x `model_grid`
-  grid over the same canvas that the selected cells cover for at least `min_cover` of their
-  area, int64 [K', 3] sorted. Both grids split one square canvas (the release's 576 / 16 = 36
-  and our 224 / 14 = 16 tile the same letterboxed picture), so the overlap is exact."""
-
-  def overlap(fine: int, coarse: int) -> np.ndarray:
-    lo_f, hi_f = np.arange(fine) / fine, np.arange(1, fine + 1) / fine
-    lo_c, hi_c = np.arange(coarse)[:, None] / coarse, np.arange(1, coarse + 1)[:, None] / coarse
-    return np.clip(np.minimum(hi_f, hi_c) - np.maximum(lo_f, lo_c), 0, None) * coarse
-
-  m = overlap(grid, model_grid)  # [model_grid, grid]
-  chosen_TxGxG = np.zeros((num_frames, grid, grid))
-  chosen_TxGxG[tuple(np.asarray(positions_Kx3, np.int64).T)] = 1.0
-  cover_TxMxM = np.einsum('ag,tgh,bh->tab', m, chosen_TxGxG, m)
-  return np.argwhere(cover_TxMxM >= min_cover - 1e-9).astype(np.int64)
-
-
-def release_record(
-  visidx_path: str,
-  frame_ids_path: str | None = None,
-  source: str | None = None,
-  grid: int | None = None,
-  model_grid: int | None = None,
-) -> dict[str, Any]:
-  """A clip record (`data_pipeline.records`) of stage1's `*.visidx_thw.npy` and its
-  `*.frame_ids.npy` (default: the same prefix). `source` defaults to the video named in the
-  `*.meta.json` beside them; `grid` (patches a side) defaults to the meta's hb.
-
-  positions become int16, sorted by (t, h, w) as our records keep them; with `model_grid`
-  (e.g. 16 for our 224 / 14 model) they are moved onto that grid (`regrid`); picture types are
-  unknown (the release does not store them)."""
-  if not visidx_path.endswith('.visidx_thw.npy'):
-    raise ValueError(f'{visidx_path}: not a stage1 selection file (*.visidx_thw.npy)')
-  prefix = visidx_path[: -len('.visidx_thw.npy')]
-  frame_ids_path = frame_ids_path or prefix + '.frame_ids.npy'
-  meta = fileio.read_json(prefix + '.meta.json') or {}
-  if not os.path.exists(frame_ids_path):
-    raise ValueError(
-      f'{visidx_path}: its frame ids {frame_ids_path} are missing; pass frame_ids_path'
-    )
-  thw = np.load(visidx_path, allow_pickle=False)
-  frame_ids = np.load(frame_ids_path, allow_pickle=False)
-  if thw.ndim != 2 or thw.shape[1] != 3 or thw.dtype.kind not in 'iu':
-    raise ValueError(
-      f'{visidx_path}: expected integer [K, 3] (t, h, w), got {thw.dtype} {thw.shape}'
-    )
-  if frame_ids.ndim != 1 or frame_ids.dtype.kind not in 'iu':
-    raise ValueError(
-      f'{frame_ids_path}: expected integer [T] frame ids, got {frame_ids.dtype} {frame_ids.shape}'
-    )
-  grid = int(grid or meta.get('hb') or 0)
-  if not grid:
-    raise ValueError(f'{visidx_path}: no meta.json gives the grid (hb); pass grid')
-  if len(thw) and (thw.min() < 0 or thw[:, 0].max() >= len(frame_ids) or thw[:, 1:].max() >= grid):
-    raise ValueError(f'{visidx_path}: positions outside T={len(frame_ids)} x {grid} x {grid}')
-  thw = np.unique(thw.astype(np.int64), axis=0)  # sorted by (t, h, w), no repeats
-  if model_grid and model_grid != grid:
-    thw, grid = regrid(thw, len(frame_ids), grid, model_grid), model_grid
-  source = source or meta.get('video')
-  if not source:
-    raise ValueError(f'{visidx_path}: no meta.json names the video; pass source')
-  return {
-    'source': str(source),
-    'frame_ids': frame_ids.astype(np.int32),
-    'positions': thw.astype(np.int16),
-    'picture_types': np.zeros(len(frame_ids), np.uint8),
-    'stats_kept_fraction': float(len(thw) / (len(frame_ids) * grid * grid)),
-  }
-
-
-def release_files(visidx_root: str) -> Iterator[str]:
-  """Every `*.visidx_thw.npy` under a stage1 folder, sorted."""
-  yield from sorted(glob.glob(os.path.join(visidx_root, '**', '*.visidx_thw.npy'), recursive=True))

@@ -143,12 +143,14 @@ def task_shards(num_shards: int, task_index: int = 0, num_tasks: int = 1) -> lis
 
 
 def check_options(options: Mapping[str, Any], selector: str | None) -> None:
-  """Unknown names and bad values of codec.select fail here, before a pool starts, not once per
-  clip. (A custom selector checks its own options.)"""
+  """Unknown names and bad values of codec.select (and of $OVE_SELECT_THREADS) fail here, before
+  a pool starts, not once per clip. (A custom selector checks its own options.)"""
   json.dumps(dict(options))  # options that cannot be recorded in the plan
+  from data_pipeline import codec
+
+  codec.select_threads()  # a bad $OVE_SELECT_THREADS would fail every clip
   if selector:
     return
-  from data_pipeline import codec
 
   # select's own arguments (the grid, and whatever it names besides Options' fields).
   named = {'num_frames', 'budget', 'resolution', 'patch_size'} | {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import codec, llava, locks, records, sources, synthetic, transforms
+from data_pipeline import codec, llava, llava_import, locks, records, sources, synthetic, transforms
 from data_pipeline.codec import geometry
 from data_pipeline.tokens import PATCH, VIDEO_GRID, VIDEO_RESOLUTION
 from ove_jax_tools import llava_data
@@ -179,30 +179,30 @@ def test_release_files_round_trip_into_records(tmp_path):
   flat = rng.choice(16 * SIDE * SIDE, size=900, replace=False)
   thw = np.stack(np.unravel_index(flat, (16, SIDE, SIDE)), 1)  # the release's top-k order
   path = write_release_files(str(tmp_path), '/videos/clip.mp4', thw, np.arange(0, 160, 10))
-  record = records.decode(records.encode(llava.release_record(path)))
+  record = records.decode(records.encode(llava_import.release_record(path)))
   assert record['source'] == '/videos/clip.mp4'
   assert record['positions'].dtype == np.int16 and record['frame_ids'].dtype == np.int32
   np.testing.assert_array_equal(record['positions'], np.unique(thw, axis=0))
   np.testing.assert_array_equal(record['frame_ids'], np.arange(0, 160, 10))
   with pytest.raises(ValueError, match='frame ids .* missing'):
     os.remove(path.replace('.visidx_thw.npy', '.frame_ids.npy'))
-    llava.release_record(path)
+    llava_import.release_record(path)
   np.save(path, np.zeros((4, 2), np.int32))
   np.save(tmp_path / 'x.frame_ids.npy', np.arange(16, dtype=np.int32))
   with pytest.raises(ValueError, match=r'visidx_thw.npy: expected integer \[K, 3\]'):
-    llava.release_record(path, frame_ids_path=str(tmp_path / 'x.frame_ids.npy'))
+    llava_import.release_record(path, frame_ids_path=str(tmp_path / 'x.frame_ids.npy'))
 
 
 def test_regrid_keeps_cells_mostly_covered():
   whole = np.argwhere(np.ones((1, SIDE, SIDE), bool))
   np.testing.assert_array_equal(
-    llava.regrid(whole, 1, SIDE, 16), np.argwhere(np.ones((1, 16, 16), bool))
+    llava_import.regrid(whole, 1, SIDE, 16), np.argwhere(np.ones((1, 16, 16), bool))
   )
-  assert len(llava.regrid(np.array([[0, 5, 5]]), 1, SIDE, 16)) == 0  # a fifth of a cell
+  assert len(llava_import.regrid(np.array([[0, 5, 5]]), 1, SIDE, 16)) == 0  # a fifth of a cell
   block = np.argwhere(np.ones((1, 3, 3), bool))  # covers cell (0, 0)
-  np.testing.assert_array_equal(llava.regrid(block, 1, SIDE, 16), [[0, 0, 0]])
+  np.testing.assert_array_equal(llava_import.regrid(block, 1, SIDE, 16), [[0, 0, 0]])
   same = np.array([[0, 1, 2], [2, 3, 4]])
-  np.testing.assert_array_equal(llava.regrid(same, 3, 16, 16), same)
+  np.testing.assert_array_equal(llava_import.regrid(same, 3, 16, 16), same)
 
 
 def test_import_tool_gives_records_the_pipeline_trains_on(made, tmp_path):
@@ -350,10 +350,31 @@ def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path
   assert sorted(reasons) == ['1', '2']
   assert 'SIGSEGV' in reasons['1'] and 'segfault-decoder.mp4' in reasons['1']
   assert f'timed out after {timeout:g} s' in reasons['2'] and 'hang-forever.mp4' in reasons['2']
-  # The re-run redoes nothing and does not crash or wait on the known failures again.
-  counts = llava.run(str(dataset), workers=2, clip_timeout=timeout, **args)
-  assert counts == {'clips': 4, 'made': 0, 'skipped': 2, 'failed': 2}
+  # The re-run (the faults still there) does not try the known failures again: their entries
+  # come back as they were written (marked here), not as a new crash or time-out would write
+  # them. A clip whose files are all there counts as made, even when listed as failed (a
+  # worker killed after its last write), and a clip redone before them loses none of them.
+  failures_file = out + '.failures.jsonl'
+  entries = llava.read_failures(failures_file)
+  for e in entries:
+    e['reason'] += ' [first run]'
+  first = json.dumps({'id': '0', 'video': video, 'reason': 'killed after its files'})
+  with open(failures_file, 'w') as f:
+    f.write(''.join(json.dumps(e) + '\n' for e in [json.loads(first)] + entries))
+  os.remove(json.loads(lines.splitlines()[1])['positions_thw'])  # row 3 is made again
+  counts = llava.run(
+    str(dataset), workers=2, clip_timeout=timeout, selector='precompute_faults:select', **args
+  )
+  assert counts == {'clips': 4, 'made': 1, 'skipped': 1, 'failed': 2}
   assert open(out).read() == lines
+  assert llava.read_failures(failures_file) == entries
+  # Settings of the run and a bad OVE_SELECT_THREADS fail before any clip, not once per clip.
+  with pytest.raises(ValueError, match='options budget: these come from the settings'):
+    llava.run(str(dataset), budget=16, **args)
+  with pytest.raises(ValueError, match="unknown option 'colour'"):
+    llava.run(str(dataset), colour='red', **args)
+  with pytest.raises(ValueError, match='workers=-1'):
+    llava.run(str(dataset), workers=-1, **args)
   # A second run on the same jsonl while one holds it refuses, naming the holder.
   with locks.hold(str(tmp_path / 'out'), 'train.jsonl', 'the first run', kind='ove-llava-data'):
     with pytest.raises(locks.Locked, match='in use by another ove-llava-data run.*the first run'):
@@ -362,3 +383,19 @@ def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path
     assert llava_data.main(['make', str(dataset), *flags, '--out-jsonl', out]) == 2
   with pytest.raises(ValueError, match='selector .*no_such_module'):
     llava.run(str(dataset), selector='no_such_module:select', **args)
+  flags += ['--out-jsonl', out, '--options', '{"workers": 3}']
+  assert llava_data.main(['make', str(dataset), *flags]) == 2
+
+
+def test_bad_dataset_lines_and_select_threads_are_named(tmp_path, monkeypatch, capsys):
+  dataset = tmp_path / 'data.jsonl'
+  dataset.write_text('{"id": 1, "video": "a.mp4"}\n{"id": 2, "video": \n')
+  args = dict(visidx_root=str(tmp_path / 'v'), image_root=str(tmp_path / 'i'))
+  out = str(tmp_path / 'train.jsonl')
+  with pytest.raises(ValueError, match=r'data.jsonl, line 2: not a JSON object'):
+    llava.run(str(dataset), out_jsonl=out, workers=0, **args)
+  dataset.write_text('{"id": 1, "video": "a.mp4"}\n')
+  monkeypatch.setenv('OVE_SELECT_THREADS', 'many')
+  with pytest.raises(ValueError, match="OVE_SELECT_THREADS='many'"):
+    llava.run(str(dataset), out_jsonl=out, **args)
+  assert not os.path.exists(out + '.failures.jsonl')

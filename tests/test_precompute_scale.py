@@ -277,6 +277,12 @@ def test_wrong_hooks_are_refused_before_any_worker_starts(clips, tmp_path, capsy
     assert precompute_codec.main(argv) == 2
     err = capsys.readouterr().err
     assert spec in err and flag[2:] in err
+  # So is a bad OVE_SELECT_THREADS, which every worker would inherit.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('OVE_SELECT_THREADS', '0')
+    assert precompute_codec.main([str(listing), str(tmp_path / 'out'), *FLAGS]) == 2
+    assert "OVE_SELECT_THREADS='0'" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'out' / 'failures.jsonl')
   # A video given where the list goes is named, not answered with a decoding error.
   assert precompute_codec.main([clips[0], str(tmp_path / 'out'), *FLAGS]) == 2
   assert f'{clips[0]}: not a text list of videos' in capsys.readouterr().err

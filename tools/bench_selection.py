@@ -26,8 +26,9 @@ side in one run: the given files (e.g. the three H.264 clips inside the scikit-v
 --clips synthetic ones. Decoding is PyAV's own loop over every frame up to the last one the
 timeline samples (what the selection has to decode too), default threads, frames left as
 decoded ('decode'), and also converted to RGB arrays ('decode+rgb', what a frame reader pays).
-Each figure is the best of --repeat runs; wall time and the process's user+sys CPU time are
-both shown (CPU time includes every thread, and is the fairer figure on a shared machine).
+Each figure is the best of --repeat runs (the four measurements of a clip run alternately);
+wall time and the process's user+sys CPU time are both shown (CPU time includes every thread,
+and is the fairer figure on a shared machine).
 The selection runs as `codec.select` does by default (decoding on a thread of its own,
 overlapped with the analysis, where the clip has more to decode than to analyse and 2 CPUs are
 usable) and on one thread (`decode_thread=False`, what each precompute worker runs).
@@ -38,6 +39,7 @@ usable) and on one thread (`decode_thread=False`, what each precompute worker ru
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import sys
@@ -179,15 +181,18 @@ def _cpu() -> float:
   return usage.user_s + usage.system_s
 
 
-def _best(work, repeat: int) -> tuple[float, float]:
-  """(wall, user+sys CPU) seconds of `work()`, the best of `repeat` runs each."""
-  walls, cpus = [], []
+def _best(*works, repeat: int) -> list[tuple[float, float]]:
+  """(wall, user+sys CPU) seconds of each of `works`, the best of `repeat` runs each; the works
+  run alternately, so a change in the machine's load falls on all of them."""
+  walls = [[] for _ in works]
+  cpus = [[] for _ in works]
   for _ in range(repeat):
-    wall, cpu = time.perf_counter(), _cpu()
-    work()
-    walls.append(time.perf_counter() - wall)
-    cpus.append(_cpu() - cpu)
-  return min(walls), min(cpus)
+    for work, wall_list, cpu_list in zip(works, walls, cpus):
+      wall, cpu = time.perf_counter(), _cpu()
+      work()
+      wall_list.append(time.perf_counter() - wall)
+      cpu_list.append(_cpu() - cpu)
+  return [(min(w), min(c)) for w, c in zip(walls, cpus)]
 
 
 def plain_decode(video, last: int, rgb: bool) -> int:
@@ -220,19 +225,13 @@ def speed(args) -> list[dict]:
   for name, video in clips:
     sel = codec.select(video, args.frames, budget, args.resolution, args.patch_size, **options)
     last = int(sel.frame_ids.max())
-    decode = _best(lambda v=video, n=last: plain_decode(v, n, False), args.repeat)
-    decode_rgb = _best(lambda v=video, n=last: plain_decode(v, n, True), args.repeat)
-    select = _best(
-      lambda v=video: codec.select(
-        v, args.frames, budget, args.resolution, args.patch_size, **options
-      ),
-      args.repeat,
-    )
-    one_thread = _best(
-      lambda v=video: codec.select(
-        v, args.frames, budget, args.resolution, args.patch_size, decode_thread=False, **options
-      ),
-      args.repeat,
+    grid = (args.frames, budget, args.resolution, args.patch_size)
+    decode, decode_rgb, select, one_thread = _best(
+      functools.partial(plain_decode, video, last, False),
+      functools.partial(plain_decode, video, last, True),
+      functools.partial(codec.select, video, *grid, **options),
+      functools.partial(codec.select, video, *grid, decode_thread=False, **options),
+      repeat=args.repeat,
     )
     rows.append(
       dict(

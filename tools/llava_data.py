@@ -26,11 +26,12 @@ with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 /
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
 
-from data_pipeline import llava, locks, records, shards
+from data_pipeline import llava, llava_import, locks, records, shards
 from ove_jax import cli
 
 # As ove-precompute-codec's: an hour of 1080p source, and a hung decoder costs minutes.
@@ -143,6 +144,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   if args.command == 'make':
+    clash = sorted(set(args.options) & set(inspect.signature(llava.run).parameters))
+    if clash:
+      print(
+        f'ove-llava-data: --options {", ".join(clash)}: these are settings of the run, '
+        'not of codec.select; give them as flags',
+        file=sys.stderr,
+      )
+      return 2
     sizes = ('num_frames', 'resolution', 'patch_size', 'budget', 'num_images', 'image_format')
     settings = llava.Settings(**cli.keywords(args, *sizes), first_full=not args.no_first_full)
     try:
@@ -163,13 +172,13 @@ def main(argv=None) -> int:
       return 2
     print(json.dumps(counts))
     return 0
-  paths = list(llava.release_files(args.visidx_root))
+  paths = list(llava_import.release_files(args.visidx_root))
   if not paths:
     raise SystemExit(f'{args.visidx_root}: no *.visidx_thw.npy files found')
   writer = shards.ShardWriter(args.out)
   try:
     for path in paths:
-      record = llava.release_record(path, model_grid=args.model_grid)
+      record = llava_import.release_record(path, model_grid=args.model_grid)
       if args.video_root:
         record['source'] = os.path.relpath(record['source'], args.video_root)
       writer.write(records.encode(record))

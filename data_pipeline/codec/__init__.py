@@ -17,8 +17,8 @@ release pipeline (`release.PRESETS`); explicit options win. `geometry='letterbox
 on the square canvas of a letterboxed frame (`geometry`). `transcode` ('paired', 'faithful',
 'sampled') says what the libx264 transcode of a non-H.264 source re-encodes (`bitstream`).
 `decode_thread` decodes on a second thread, overlapped with the analysis (the same selection in
-less wall time; by default when the decoder has the larger share of the work and
-`select_threads()`, $OVE_SELECT_THREADS or the usable CPUs, allows 2 threads).
+less wall time); by default when the decoder has at least 1.5x the analysis's pixels to go
+through and `select_threads()` ($OVE_SELECT_THREADS, else the usable CPUs) allows 2 threads.
 
 Baselines with the same return type: `select_uniform_frames`, `select_random`. Options and their
 allowed values: `Options` (unknown names and bad values raise ValueError). Input that cannot be

@@ -304,14 +304,14 @@ def _analyse(
       share = (distinct[-1] + 1) * info.height * info.width / distinct.size
       share /= max(1, info.height // step) * max(1, info.width // step)
     decode_thread = share >= bitstream.DECODE_THREAD_SHARE
-  if decode_thread:
-    frames = bitstream.prefetched(frames)
   decoded = bitstream.Decoded()
   per_frame: dict[int, tuple] = {}
-  scorer = Scorer(opts, resolution, patch_size, step)
   vectors_past = vectors_future = 0
   map_seconds = 0.0
   try:
+    if decode_thread:
+      frames = bitstream.prefetched(frames)
+    scorer = Scorer(opts, resolution, patch_size, step)
     for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
       map_tick = time.perf_counter()
       raw = maps.frame_maps(
