@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any, Iterator
 
@@ -89,3 +90,42 @@ def release_record(
 def release_files(visidx_root: str) -> Iterator[str]:
   """Every `*.visidx_thw.npy` under a stage1 folder, sorted."""
   yield from sorted(glob.glob(os.path.join(visidx_root, '**', '*.visidx_thw.npy'), recursive=True))
+
+
+def import_files(
+  visidx_root: str,
+  out: str,
+  model_grid: int | None = None,
+  video_root: str = '',
+  failures: str | None = None,
+) -> dict:
+  """Every stage1 file set under `visidx_root` as a record in one ArrayRecord shard `out`
+  (written atomically); `video_root`: sources stored relative to it. A file set that cannot be
+  read (a corrupt or truncated .npy, a missing frame_ids, bad positions, no video named) is
+  recorded in `failures` (default `out + '.failures.jsonl'`: file, reason) and left out; the
+  import goes on. Returns the counts; ValueError when there is no file set at all."""
+  from data_pipeline import records, shards
+
+  found = list(release_files(visidx_root))
+  if not found:
+    raise ValueError(f'{visidx_root}: no *.visidx_thw.npy files found')
+  failures = failures or out + '.failures.jsonl'
+  failed = []
+  writer = shards.ShardWriter(out)
+  try:
+    for path in found:
+      try:
+        record = release_record(path, model_grid=model_grid)
+      except Exception as e:  # one unreadable file set must not stop the import
+        reason = f'{type(e).__name__}: {e}'
+        failed.append({'file': path, 'reason': reason if path in reason else f'{path}: {reason}'})
+        continue
+      if video_root:
+        record['source'] = os.path.relpath(record['source'], video_root)
+      writer.write(records.encode(record))
+    writer.commit()
+  except BaseException:
+    writer.abandon()
+    raise
+  fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
+  return {'records': len(found) - len(failed), 'failed': len(failed), 'out': out}

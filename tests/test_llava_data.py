@@ -226,6 +226,32 @@ def test_import_tool_gives_records_the_pipeline_trains_on(made, tmp_path):
   np.testing.assert_array_equal(sample['patches'][0], frame0[:PATCH, :PATCH].reshape(-1))
 
 
+def test_import_lists_unreadable_file_sets_and_goes_on(tmp_path, capsys):
+  thw = np.argwhere(np.ones((2, SIDE, SIDE), bool))[::7]
+  os.makedirs(tmp_path / 'v')
+  good, cut, alone = (
+    write_release_files(str(tmp_path / 'v'), f'/videos/{name}.mp4', thw, [0, 5])
+    for name in ('good', 'cut', 'alone')
+  )
+  data = open(cut, 'rb').read()
+  open(cut, 'wb').write(data[: len(data) // 2])  # a copy cut short
+  os.remove(alone.replace('.visidx_thw.npy', '.frame_ids.npy'))
+  out = str(tmp_path / 'release.array_record')
+  assert llava_data.main(['import', str(tmp_path / 'v'), out]) == 0
+  assert json.loads(capsys.readouterr().out)['failed'] == 2
+  assert [
+    r['source'] for r in map(sources.to_record, (x['raw'] for x in sources.open_source(out)))
+  ] == ['/videos/good.mp4']
+  failed = {e['file']: e['reason'] for e in llava.read_failures(out + '.failures.jsonl')}
+  assert sorted(failed) == sorted([cut, alone]) and good not in failed
+  assert 'frame ids' in failed[alone] and cut in failed[cut]
+  # Nothing readable: exit 1; no file sets at all: exit 2, naming the folder.
+  os.remove(good)
+  assert llava_data.main(['import', str(tmp_path / 'v'), out]) == 1
+  assert llava_data.main(['import', str(tmp_path / 'empty'), out]) == 2
+  assert 'empty: no *.visidx_thw.npy files found' in capsys.readouterr().err
+
+
 def test_make_tool_jpeg_and_flags(tmp_path):
   clip = synthetic.make_clip(2, num_frames=8, height=80, width=64, codec='mpeg4')
   video = str(tmp_path / 'tall.mp4')

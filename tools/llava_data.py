@@ -20,7 +20,9 @@ OUT_JSONL at the same time refuses.
 writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for the whole set.
 `import` writes records readable by data_pipeline.sources.open_source('out.array_record');
 with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
-(train with the video head's geometry='letterbox').
+(train with the video head's geometry='letterbox'). A file set it cannot read (a truncated .npy,
+a missing frame_ids) goes to OUT.failures.jsonl and the import goes on; it exits 1 when no
+record could be read.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import json
 import os
 import sys
 
-from data_pipeline import llava, llava_import, locks, records, shards
+from data_pipeline import llava, llava_import, locks
 from ove_jax import cli
 
 # As ove-precompute-codec's: an hour of 1080p source, and a hung decoder costs minutes.
@@ -134,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     help='move positions onto this grid (16 for our 224 / 14 model)',
   )
   imp.add_argument(
+    '--failures', help='where unreadable file sets are listed (default OUT.failures.jsonl)'
+  )
+  imp.add_argument(
     '--video-root',
     default='',
     help='stored sources relative to this folder (default: as in meta.json)',
@@ -172,22 +177,21 @@ def main(argv=None) -> int:
       return 2
     print(json.dumps(counts))
     return 0
-  paths = list(llava_import.release_files(args.visidx_root))
-  if not paths:
-    raise SystemExit(f'{args.visidx_root}: no *.visidx_thw.npy files found')
-  writer = shards.ShardWriter(args.out)
   try:
-    for path in paths:
-      record = llava_import.release_record(path, model_grid=args.model_grid)
-      if args.video_root:
-        record['source'] = os.path.relpath(record['source'], args.video_root)
-      writer.write(records.encode(record))
-    writer.commit()
-  except BaseException:
-    writer.abandon()
-    raise
-  print(json.dumps({'records': len(paths), 'out': args.out}))
-  return 0
+    counts = llava_import.import_files(
+      args.visidx_root, args.out, args.model_grid, args.video_root, args.failures
+    )
+  except ValueError as e:
+    print(f'ove-llava-data: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps(counts))
+  if counts['failed']:
+    print(
+      f'ove-llava-data: {counts["failed"]} file sets could not be read; see '
+      f'{args.failures or args.out + ".failures.jsonl"}',
+      file=sys.stderr,
+    )
+  return 0 if counts['records'] else 1
 
 
 if __name__ == '__main__':
