@@ -406,15 +406,15 @@ def run(
 
   Clips are made in `workers` processes (default: the CPUs this process may use, at most one
   per clip to make; 0: in this process, where there is no time limit and a crash is the
-  run's). A video that fails, or whose
-  worker runs past `clip_timeout` seconds or dies (a segfault in a decoder, the out-of-memory
-  killer), is recorded in `failures` (default
-  `<jsonl>.failures.jsonl`: id, video, reason) and left out of the jsonl; a fresh worker takes
-  over and the run goes on. A re-run skips clips whose files are all there, and known failures
-  unless `retry_failures`. A second run writing the same jsonl at the same time refuses
-  (`locks.Locked`). With `num_tasks` N > 1 (N processes or machines), task I takes the rows
-  I, I + N, ... and writes `task_jsonl(out_jsonl, I, N)`; concatenating the N jsonl files gives
-  the whole set. `selector`: see `make_clip`. Returns the counts."""
+  run's). A video that fails, or whose worker runs past `clip_timeout` seconds or dies (a
+  segfault in a decoder, the out-of-memory killer), is recorded in `failures` (default
+  `<jsonl>.failures.jsonl`: id, video, reason; appended as it happens, rewritten in list order
+  at the end) and left out of the jsonl; a fresh worker takes over and the run goes on. A
+  re-run skips clips whose files are all there, and known failures unless `retry_failures`. A
+  second run writing the same jsonl at the same time refuses (`locks.Locked`). With
+  `num_tasks` N > 1 (N processes or machines), task I takes the rows I, I + N, ... and writes
+  `task_jsonl(out_jsonl, I, N)`; concatenating the N jsonl files gives the whole set.
+  `selector`: see `make_clip`. Returns the counts."""
   from data_pipeline import locks
   from data_pipeline import workers as workers_lib
   from data_pipeline.clip_work import resolve
@@ -506,27 +506,30 @@ def run(
     )
     lines = []
     counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': len(failed)}
-    try:
-      for row, (item, paths, state) in enumerate(plan):
-        if state == 'finished':
-          lines.append(jsonl_line(item, paths, settings))
-          counts['skipped'] += 1
-          continue
-        if state == 'known':
-          continue
-        result = next(results)
-        if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
-          result = {'reason': f'{item.video}: {result.reason}'}
-        if 'line' in result:
-          lines.append(result['line'])
-          counts['made'] += 1
-          continue
-        failed[row] = {'id': item.id, 'video': item.video, 'reason': result['reason']}
-        counts['failed'] += 1
-        write_failures()  # as they happen, so a killed run keeps them
-    finally:
-      results.close()  # stops the workers
-    write_failures()
+    write_failures()  # the known failures of this list; new ones are appended as they happen
+    with open(failures, 'a', encoding='utf-8') as journal:
+      try:
+        for row, (item, paths, state) in enumerate(plan):
+          if state == 'finished':
+            lines.append(jsonl_line(item, paths, settings))
+            counts['skipped'] += 1
+            continue
+          if state == 'known':
+            continue
+          result = next(results)
+          if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
+            result = {'reason': f'{item.video}: {result.reason}'}
+          if 'line' in result:
+            lines.append(result['line'])
+            counts['made'] += 1
+            continue
+          failed[row] = {'id': item.id, 'video': item.video, 'reason': result['reason']}
+          counts['failed'] += 1
+          journal.write(json.dumps(failed[row]) + '\n')  # a killed run keeps it
+          journal.flush()
+      finally:
+        results.close()  # stops the workers
+    write_failures()  # in list order
     fileio.write_atomic(
       out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
     )

@@ -4,8 +4,8 @@
 `selector` (precompute's and ove-llava-data's hook for another selection): names starting
 with 'segfault' crash the worker process with SIGSEGV, as a decoder bug does; 'oom' ones get the
 SIGKILL of the kernel's out-of-memory killer; 'hang' ones never return, as a stuck network read
-or decoder does; any other name is a local path. `work` is the same for
-`data_pipeline.workers.ordered_map` on plain numbers.
+or decoder does; 'interrupt' ones raise KeyboardInterrupt; any other name is a local path.
+`work` is the same for `data_pipeline.workers.ordered_map` on plain numbers.
 """
 
 import os
@@ -19,6 +19,8 @@ def crash_or_hang(name: str) -> None:
     os.kill(os.getpid(), signal.SIGSEGV)
   if base.startswith('oom'):  # what the kernel's out-of-memory killer sends
     os.kill(os.getpid(), signal.SIGKILL)
+  if base.startswith('interrupt'):  # what Ctrl-C or a scheduler's SIGINT does mid-run
+    raise KeyboardInterrupt
   if base.startswith('hang'):
     while True:
       time.sleep(60)

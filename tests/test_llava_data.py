@@ -411,6 +411,15 @@ def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path
     llava.run(str(dataset), selector='no_such_module:select', **args)
   flags += ['--out-jsonl', out, '--options', '{"workers": 3}']
   assert llava_data.main(['make', str(dataset), *flags]) == 2
+  # A run stopped in the middle keeps the failures it met (appended as they happen).
+  stopped = tmp_path / 'stopped.txt'
+  stopped.write_text(f'{tmp_path / "missing.mp4"}\n{tmp_path / "interrupt-now.mp4"}\n')
+  out = str(tmp_path / 'stopped' / 'train.jsonl')
+  with pytest.raises(KeyboardInterrupt):
+    llava.run(
+      str(stopped), **dict(args, out_jsonl=out), workers=0, selector='precompute_faults:select'
+    )
+  assert [e['id'] for e in llava.read_failures(out + '.failures.jsonl')] == ['0']
 
 
 def test_bad_dataset_lines_and_select_threads_are_named(tmp_path, monkeypatch, capsys):
