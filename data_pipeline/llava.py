@@ -446,12 +446,10 @@ def run(
   workers = workers_lib.usable_cpus() if workers is None else workers
   if workers < 0:
     raise ValueError(f'workers={workers}: a number of processes >= 0 (0: in this process)')
-  # Wrong selector names, options and OVE_SELECT_THREADS fail here, not once per clip (as
-  # failures that re-runs would then skip).
-  from data_pipeline import codec
+  # Wrong selector names, options and OVE_SELECT_THREADS (`check_options`) fail here, not once
+  # per clip (as failures that re-runs would then skip).
   from data_pipeline.shard_plan import check_options
 
-  codec.select_threads()
   if selector:
     resolve(selector)
   clash = sorted(set(options) & set(settings.select_options()))

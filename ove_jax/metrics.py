@@ -414,8 +414,16 @@ def matmul_peak_flops(
   peak for the dtype. `size` defaults to 2048 on CPU, 8192 on accelerators."""
   if device is None:
     device = jax.local_devices()[0]
-  n = size or (2048 if device.platform == 'cpu' else 8192)
+  n = size or peak_matmul_size(device)
   return matmul_flops(n, n, n, dtype, repeats, device=device)
+
+
+def peak_matmul_size(device=None) -> int:
+  """The side of `matmul_peak_flops`'s square product on `device` (default: the first): 2048
+  on CPU, 8192 on accelerators. Benches that time the same product elsewhere (PyTorch) take it
+  from here."""
+  device = device or jax.local_devices()[0]
+  return 2048 if device.platform == 'cpu' else 8192
 
 
 def matmul_flops(m: int, k: int, n: int, dtype: str = 'float32', repeats: int = 5, *, device=None):

@@ -5,9 +5,10 @@ two sides' matrix-multiply libraries alone (XLA:CPU's own GEMM against PyTorch's
 cuBLAS through each on a GPU). For each of `--widths`, every product of one block's step on
 `--tokens` tokens (`benchmarks.step_matmul_shapes`: each dense layer's forward, input gradient
 and weight gradient, one head's attention logits and values, each timed as a plain row-major
-product of those sizes: the step's transposed operands are not modelled), after the square 2048
+product of those sizes: the step's transposed operands are not modelled), after the square
 product of the encoder bench's matmul peak: GFLOP/s of the fastest of `--repeats` runs after a
 warm-up on each side, and PyTorch / JAX (above 1: PyTorch's library is faster on that shape).
+The square product is 2048 on a CPU, 8192 on an accelerator (`metrics.peak_matmul_size`).
 
   python tools/bench_matmul.py                        # widths 256,512,768,1024; float32
   python tools/bench_matmul.py --widths 768 --repeats 20 --json /tmp/matmul.json
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     print(f'ove-bench-matmul: PyTorch {unavailable}', file=sys.stderr)
     return 2
   print(tuning)
-  square = 2048  # metrics.matmul_peak_flops's CPU size, the encoder bench's peak
+  square = metrics.peak_matmul_size()  # the encoder bench's matmul peak product
   shapes = [(f'square {square}', square, square, square)]
   for width in widths:
     shapes += [
