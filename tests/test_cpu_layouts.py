@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from flax import nnx
@@ -139,3 +140,47 @@ def test_encoder_gradients_equal_autodiff(scan_layers):
   noise = 1e-6 * max(np.abs(g).max() for g in plain.values())
   for path, want in plain.items():
     assert np.abs(laid_out[path] - want).max() <= 1e-5 * np.abs(want).max() + noise, path
+
+
+def _dot_dtypes(jaxpr) -> list:
+  """(operand dtypes, result dtype) of every dot_general in `jaxpr` and its sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype)))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          found += _dot_dtypes(sub)
+  return found
+
+
+def test_bfloat16_products_accumulate_in_float32_and_round_once():
+  # XLA:CPU's bf16 -> bf16 kernel is slow and rounds differently; the layer's forward, dx and
+  # dW products return float32 and are rounded to bfloat16 once, as PyTorch's autocast matmul.
+  rng = np.random.default_rng(3)
+  bf16 = jnp.bfloat16
+  x = jnp.asarray(rng.standard_normal((256, 768)), bf16)
+  kernel = jnp.asarray(rng.standard_normal((768, 512)), bf16)
+  dy = jnp.asarray(rng.standard_normal((256, 512)), bf16)
+  dims = (((1,), (0,)), ((), ()))
+
+  def layer(x, kernel):
+    return cpu_layouts.dot_general(x, kernel, dims)
+
+  y, vjp = jax.vjp(layer, x, kernel)
+  dx, dw = vjp(dy)
+  step = jax.make_jaxpr(lambda *a: jax.vjp(layer, *a[:2])[1](a[2]))(x, kernel, dy).jaxpr
+  assert _dot_dtypes(step) == [(('bfloat16', 'bfloat16'), 'float32')] * 3
+
+  def once(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(bf16)
+
+  for got, want in (
+    (y, once(x, kernel, dims)),
+    (dx, once(dy, kernel, (((1,), (1,)), ((), ())))),
+    (dw, once(x, dy, (((0,), (0,)), ((), ())))),
+  ):
+    assert got.dtype == bf16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

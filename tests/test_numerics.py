@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from ove_jax import convert, losses
-from ove_jax.models import EncoderConfig, create_encoder
+from ove_jax.models import EncoderConfig, cpu_layouts, create_encoder
 
 CFG32 = dataclasses.replace(EncoderConfig.preset('tiny'), depth=4)
 
@@ -78,7 +78,10 @@ def test_map_head_logits_are_float32_in_bf16():
   b, l = 2, 16
   x = jnp.asarray(np.random.RandomState(1).randn(b, l, CFG32.width), jnp.float32)
   seg = jnp.ones((b, l), jnp.int32)
-  jaxpr = jax.make_jaxpr(lambda x: m16.head(x, seg, 1))(x).jaxpr
+  # The products as the model declares them (the GPU/TPU form): on the CPU backend every bf16
+  # product returns float32 and the layer rounds it after (tests/test_cpu_layouts.py).
+  with cpu_layouts.autodiff_layouts():
+    jaxpr = jax.make_jaxpr(lambda x: m16.head(x, seg, 1))(x).jaxpr
   dots = _dots(jaxpr)
   f32 = [e for e in dots if all(v.aval.dtype == jnp.float32 for v in e.invars)]
   # Exactly one product of the head runs on float32 operands: probe . keys, the pooling logits
