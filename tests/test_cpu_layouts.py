@@ -5,10 +5,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 from ove_jax import convert
 from ove_jax.models import EncoderConfig, attention, cpu_layouts, create_encoder
