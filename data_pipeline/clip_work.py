@@ -170,7 +170,9 @@ def process_clip(clip: Clip):
     selection = _select(video, **settings.options)
     record = selection_record(selection, clip.path, clip.labels, settings.store_scores)
     if settings.store_patches:
-      record['patches'] = transforms.codec_patches(video, record['frame_ids'], record['positions'])
+      record['patches'] = transforms.codec_patches(
+        video, record['frame_ids'], record['positions'], record.get('geometry', 'crop')
+      )
     if settings.inline_max_bytes > 0:
       if isinstance(video, (bytes, bytearray, memoryview)):
         if len(video) <= settings.inline_max_bytes:

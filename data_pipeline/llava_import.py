@@ -83,6 +83,7 @@ def release_record(
     'frame_ids': frame_ids.astype(np.int32),
     'positions': thw.astype(np.int16),
     'picture_types': np.zeros(len(frame_ids), np.uint8),
+    'geometry': 'letterbox',  # stage1's canvas, on whichever grid
     'stats_kept_fraction': float(len(thw) / (len(frame_ids) * grid * grid)),
   }
 

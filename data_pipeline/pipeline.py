@@ -86,6 +86,9 @@ class HeadConfig:
   num_frames: int = 8  # frames of the uniform and collage modes
   temporal_size: int = tokens.TEMPORAL_SIZE
   video_root: str = ''  # prefix of records' relative `source` paths
+  # Canvas of records that do not name theirs ('crop', 'letterbox'); a record's own `geometry`
+  # field (codec.select(geometry='letterbox'), ove-llava-data import) wins.
+  geometry: str = 'crop'
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -127,6 +130,7 @@ class HeadConfig:
         temporal_size=self.temporal_size,
         num_labels=self.get('num_labels'),
         video_root=self.video_root,
+        geometry=self.geometry,
       )
     return transforms.ImageTransform(
       resolution=self.get('resolution'),

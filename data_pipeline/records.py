@@ -10,6 +10,7 @@ Video clip records (written by tools/precompute_codec.py):
   frame_ids     int32 [T]        source frames on the clip's timeline (presentation order)
   positions     int16 [K, 3]     selected patches (t, h, w) on the model grid, sorted
   picture_types uint8 [T]        0 unknown, 1 I, 2 P, 3 B (PICTURE_TYPES)
+  geometry      str      the canvas of `positions`: 'letterbox' (absent: the centre crop)
   labels        int32 [n]        cluster ids (optional until labels are made)
   stats_*       float / int      selection statistics (kept fraction, timings, ...)
 Image records: `image` (encoded bytes), `labels` int32 [n], optional `source`.

@@ -26,6 +26,11 @@ drawn with the head's ratios (the release's large run: 0.5 / 0.375 / 0.125 / 0):
   random   K patches (the record's budget) drawn uniformly from all T x 256 at their true
            (t, h, w): the codec selection's baseline at an equal budget, as codec.select_random
            draws it (not a release mode; for ablations). Needs the video, like uniform.
+Every mode works on the canvas the record's positions are on: its `geometry` field
+('letterbox' for a `codec.select(geometry='letterbox')` or an imported LLaVA selection), else
+the transform's `geometry` (default the centre crop). On a letterbox canvas the uniform and
+collage frames are letterboxed (black padding included, as the LLaVA pipeline's whole first
+frame) and the random mode draws only patches wholly inside the picture.
 Timeline index j sits on the encoder's virtual 64-frame grid at floor(linspace(0, 63, T))[j]
 (the release's placement of uniformly sampled frames); with the usual T = 64 that is t = j.
 
@@ -45,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import video as video_lib
-from data_pipeline.codec.geometry import decode_canvas
+from data_pipeline.codec.geometry import GEOMETRIES, decode_canvas, picture_valid_patches
 from data_pipeline.tokens import (  # noqa: F401
   CHANNELS,
   CLIP_MEAN,
@@ -289,9 +294,11 @@ class VideoTransform:
   temporal_size: int = TEMPORAL_SIZE
   num_labels: int = 10
   video_root: str = ''  # joined to a record's `source` when it carries no bytes
-  geometry: str = 'crop'  # canvas of the records' codec positions: 'crop', 'letterbox'
+  geometry: str = 'crop'  # canvas of records that do not name theirs: 'crop', 'letterbox'
 
   def __post_init__(self):
+    if self.geometry not in GEOMETRIES:
+      raise ValueError(f'geometry={self.geometry!r}: allowed values are {", ".join(GEOMETRIES)}')
     probs = np.asarray(self.mode_probs, np.float64)
     if probs.shape not in ((3,), (4,)) or probs.min() < 0 or probs.sum() <= 0:
       raise ValueError(
@@ -303,6 +310,16 @@ class VideoTransform:
     probs = np.asarray(self.mode_probs, np.float64)
     # Three weights draw exactly as before the random mode existed (same generator calls).
     return VIDEO_MODES[int(rng.choice(len(probs), p=probs / probs.sum()))]
+
+  def geometry_of(self, record: Mapping[str, Any]) -> str:
+    """The canvas of the record's positions: its own `geometry` field, else the transform's."""
+    geometry = record.get('geometry') or self.geometry
+    if geometry not in GEOMETRIES:
+      raise ValueError(
+        f'record {record.get("source", "")!r}: geometry={geometry!r}; allowed values are '
+        f'{", ".join(GEOMETRIES)}'
+      )
+    return geometry
 
   def video_of(self, record: Mapping[str, Any]) -> video_lib.VideoSource:
     if record.get('video') is not None:
@@ -348,7 +365,7 @@ class VideoTransform:
           f'[{len(pos_Kx3)}, {PATCH_DIM}] (one per position)'
         )
     else:
-      patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3, self.geometry)
+      patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3, self.geometry_of(record))
     t_K, h_K, w_K = pos_Kx3.T
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[t_K]
     return patches, np.stack([grid_t, h_K, w_K], axis=-1).astype(np.int32)
@@ -363,10 +380,19 @@ class VideoTransform:
     if record.get('positions') is None:
       raise ValueError("random mode takes its budget from the record's `positions` [K, 3]")
     budget = len(check_positions(record['positions'], len(frame_ids)))
+    geometry, video = self.geometry_of(record), self.video_of(record)
     candidates_Nx3 = clip_positions(len(frame_ids), VIDEO_GRID, VIDEO_GRID)  # token order
+    if geometry != 'crop':  # only patches wholly inside the picture (all of them for a crop)
+      valid_HxW = picture_valid_patches(video, VIDEO_RESOLUTION, PATCH, geometry)
+      candidates_Nx3 = candidates_Nx3[valid_HxW[candidates_Nx3[:, 1], candidates_Nx3[:, 2]]]
+      if len(candidates_Nx3) < budget:
+        raise ValueError(
+          f'{video_lib.describe(video)}: random mode needs {budget} patches, the letterboxed '
+          f'picture has {len(candidates_Nx3)} on its {len(frame_ids)} frames'
+        )
     flat = np.sort(rng.choice(len(candidates_Nx3), size=budget, replace=False))
     pos_Kx3 = candidates_Nx3[flat].astype(np.int64)
-    patches = codec_patches(self.video_of(record), frame_ids, pos_Kx3, self.geometry)
+    patches = codec_patches(video, frame_ids, pos_Kx3, geometry)
     grid_t = timeline_to_grid(len(frame_ids), self.temporal_size)[pos_Kx3[:, 0]]
     return patches, np.stack([grid_t, pos_Kx3[:, 1], pos_Kx3[:, 2]], axis=-1).astype(np.int32)
 
@@ -376,7 +402,9 @@ class VideoTransform:
     """Uniform frames at their true t, or the same frames as one tall collage image at t = 0."""
     frame_ids = self._timeline(record)
     picks = pick_uniform_frames(len(frame_ids), self.num_frames, rng)
-    frames = video_lib.decode_frames(self.video_of(record), frame_ids[picks], VIDEO_RESOLUTION)
+    frames = decode_canvas(
+      self.video_of(record), frame_ids[picks], VIDEO_RESOLUTION, self.geometry_of(record)
+    )
     # Frame k's rows are rows 16k..16k+15 of the collage, so both modes share one patch order.
     patches = frame_patches(frames)
     if collage:

@@ -133,7 +133,9 @@ def build(a, *, preset: str):
   c.data.heads.ocr.update(
     tokens_per_row=1024, num_labels=100, resolution=448, crop='centre', flip_prob=0.0
   )
-  c.data.heads.video.update(tokens_per_row=2048, num_labels=10, num_frames=8, video_root='')
+  c.data.heads.video.update(
+    tokens_per_row=2048, num_labels=10, num_frames=8, video_root='', geometry='crop'
+  )
   c.data.heads.video.video_modes = (0.5, 0.375, 0.125)
   if a.release_single_node:
     release_single_node(c, a, preset)

@@ -181,6 +181,7 @@ def test_release_files_round_trip_into_records(tmp_path):
   path = write_release_files(str(tmp_path), '/videos/clip.mp4', thw, np.arange(0, 160, 10))
   record = records.decode(records.encode(llava_import.release_record(path)))
   assert record['source'] == '/videos/clip.mp4'
+  assert record['geometry'] == 'letterbox'  # the pipeline's transform follows it
   assert record['positions'].dtype == np.int16 and record['frame_ids'].dtype == np.int32
   np.testing.assert_array_equal(record['positions'], np.unique(thw, axis=0))
   np.testing.assert_array_equal(record['frame_ids'], np.arange(0, 160, 10))

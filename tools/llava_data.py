@@ -20,9 +20,9 @@ OUT_JSONL at the same time refuses.
 writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for the whole set.
 `import` writes records readable by data_pipeline.sources.open_source('out.array_record');
 with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
-(train with the video head's geometry='letterbox'). A file set it cannot read (a truncated .npy,
-a missing frame_ids) goes to OUT.failures.jsonl and the import goes on; it exits 1 when no
-record could be read.
+(the records say geometry='letterbox', which the training pipeline follows). A file set it
+cannot read (a truncated .npy, a missing frame_ids) goes to OUT.failures.jsonl and the import
+goes on; it exits 1 when no record could be read.
 """
 
 from __future__ import annotations

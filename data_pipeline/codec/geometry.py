@@ -165,6 +165,28 @@ def letterbox_frame(frame, resolution: int) -> np.ndarray:
   return out
 
 
+def picture_valid_patches(
+  video: VideoSource, resolution: int, patch_size: int, geometry: str = 'crop'
+) -> np.ndarray:
+  """`valid_patches` of a video's first stream (opened only when `geometry` is not the crop,
+  where every patch is valid)."""
+  if geometry == 'crop':
+    side = resolution // patch_size
+    return np.ones((side, side), bool)
+  canvas(1, 1, resolution, geometry)  # checks the name
+  container = open_video(video)
+  try:
+    ctx = container.streams.video[0].codec_context
+    height, width = ctx.height, ctx.width
+  except IndexError as e:
+    raise VideoError(f'{describe(video)}: no video stream') from e
+  finally:
+    container.close()
+  if not height or not width:
+    raise VideoError(f'{describe(video)}: the video stream gives no picture size')
+  return valid_patches(height, width, resolution, patch_size, geometry)
+
+
 def decode_canvas(
   video: VideoSource, frame_ids: Sequence[int], resolution: int = 224, geometry: str = 'crop'
 ) -> np.ndarray:

@@ -57,6 +57,7 @@ class Selection:
   vectors_past: int = 0  # 4x4 cells with a past / future vector, over the analysed frames
   vectors_future: int = 0
   decode_thread: bool = False  # decoded on a thread of its own (`select(decode_thread=...)`)
+  geometry: str = 'crop'  # the canvas the positions are on (`select(geometry=...)`)
   # Seconds per stage and 'total'; with a decoding thread 'decode' is the wait for frames.
   timings: dict = dataclasses.field(default_factory=dict)
 
@@ -72,8 +73,11 @@ class Selection:
     return out
 
   def record_fields(self) -> dict:
-    """The clip-record fields of `records` (without source, video and labels)."""
+    """The clip-record fields of `records` (without source, video and labels); `geometry` only
+    when it is not the crop (records of a crop stay as they were)."""
+    extra = {} if self.geometry == 'crop' else {'geometry': self.geometry}
     return dict(
+      **extra,
       frame_ids=self.frame_ids.astype(np.int32),
       positions=self.positions.astype(np.int16),
       picture_types=self.picture_types.astype(np.uint8),
@@ -211,6 +215,7 @@ def select(
     vectors_past=analysis.vectors_past,
     vectors_future=analysis.vectors_future,
     decode_thread=analysis.decode_thread,
+    geometry=opts.geometry,
     timings=timings,
   )
 
