@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -152,13 +151,13 @@ def check_options(options: Mapping[str, Any], selector: str | None) -> None:
   if selector:
     return
 
-  # select's own arguments (the grid, and whatever it names besides Options' fields).
-  named = {'num_frames', 'budget', 'resolution', 'patch_size'} | {
-    p.name
-    for p in inspect.signature(codec.select).parameters.values()
-    if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-  }
-  codec.Options.from_kwargs({k: v for k, v in options.items() if k not in named})
+  # What select checks before it opens the video: the preset's name, decode_thread, the grid and
+  # every option with the preset applied.
+  if 'video' in options:
+    raise ValueError("options: 'video' is the clip itself, not an option")
+  from data_pipeline.codec.selection import check_arguments
+
+  check_arguments(**options)
 
 
 def digest(obj) -> str:

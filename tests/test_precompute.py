@@ -327,8 +327,19 @@ def test_wrong_options_stop_the_run_early(corpus, tmp_path, capsys):
   argv = [corpus.list, str(tmp_path / 'a'), *FLAGS, '--options', '{"no_such_option": 1}']
   assert precompute_codec.main(argv) == 2
   assert 'no_such_option' in capsys.readouterr().err
-  # A budget larger than the grid fails on every clip, with ValueError rather than VideoError:
-  # the run stops after 16 clips instead of listing a whole corpus as bad.
+  # So are a misspelt preset, a bad decode_thread and a budget larger than the grid: what
+  # codec.select checks before it opens a clip (each would fail every clip).
+  for bad, words in (
+    (['--options', json.dumps({'preset': 'release_lava'})], 'release_lava'),
+    (['--options', json.dumps({'decode_thread': 'yes'})], 'decode_thread'),
+    (['--budget', str(10**6)], 'budget'),
+  ):
+    argv = [corpus.list, str(tmp_path / 'a'), *FLAGS, *bad]
+    assert precompute_codec.main(argv) == 2
+    assert words in capsys.readouterr().err
+  assert not (tmp_path / 'a').exists() or not any((tmp_path / 'a').iterdir())
+  # A selector's own options are its own to check: one that fails every clip with ValueError
+  # rather than VideoError stops the run after 16 clips instead of listing a corpus as bad.
   good = next(iter(corpus.good))
   with pytest.raises(RuntimeError, match='first 16 clips all failed'):
     precompute.precompute(
@@ -337,6 +348,7 @@ def test_wrong_options_stop_the_run_early(corpus, tmp_path, capsys):
       workers=0,
       progress=False,
       options={**OPTIONS, 'budget': 10**6},
+      selector='precompute_faults:select',
     )
   assert len(failures(tmp_path / 'b')) == 16
 

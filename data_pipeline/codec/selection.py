@@ -113,6 +113,26 @@ def check_grid(num_frames, budget, resolution, patch_size) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- codec selection
 
 
+def check_arguments(
+  num_frames=64,
+  budget=2048,
+  resolution=224,
+  patch_size=14,
+  preset=None,
+  decode_thread=None,
+  **options,
+):
+  """`select`'s arguments checked without a video: (Options with the preset applied, the patch
+  grid (Hp, Wp), decode_thread with the thread policy's no already applied); ValueError naming
+  the argument otherwise. Batch tools call it before their first clip."""
+  opts = Options.from_kwargs(options, preset)
+  if decode_thread not in (None, True, False):
+    raise ValueError(f'decode_thread={decode_thread!r}: allowed values are None, True, False')
+  if decode_thread is None and bitstream.select_threads() < 2:
+    decode_thread = False
+  return opts, check_grid(num_frames, budget, resolution, patch_size), decode_thread
+
+
 def select(
   video: VideoSource,
   num_frames: int = 64,
@@ -135,10 +155,9 @@ def select(
   when the selection may use 2 threads (`bitstream.select_threads`) and the decoder has at
   least half as much again to do as the analysis (`bitstream.DECODE_THREAD_SHARE`).
   """
-  opts = Options.from_kwargs(options, preset)
-  if decode_thread is None and bitstream.select_threads() < 2:
-    decode_thread = False
-  hp, wp = check_grid(num_frames, budget, resolution, patch_size)
+  opts, (hp, wp), decode_thread = check_arguments(
+    num_frames, budget, resolution, patch_size, preset, decode_thread, **options
+  )
   start = time.perf_counter()
   info, opened = bitstream.probe(video, keep_open=True)
   timings = {'probe': time.perf_counter() - start}
