@@ -73,6 +73,25 @@ def check_resume(saved: Mapping[str, Any], config) -> None:
     )
 
 
+def check_layout(workdir: str, step: int, program) -> None:
+  """The checkpoint's blocks are in this run's layout (unrolled or stacked); else a ConfigError
+  with the two ways on (a checkpoint from before `model.scan_layers` existed, or a run resumed
+  with it flipped, would otherwise fail inside orbax with a tree-structure dump)."""
+  from ove_jax.models import layout
+
+  saved = layout.is_stacked(
+    checkpoint.flatten(checkpoint.param_shapes(workdir, step, subtree=checkpoint.ENCODER))
+  )
+  mine = layout.is_stacked(checkpoint.flatten(program.abstract_state['params']['encoder']))
+  if saved != mine:
+    name = lambda stacked: 'stacked (scanned)' if stacked else 'unrolled'
+    raise config_lib.ConfigError(
+      f'the checkpoint in {workdir} (step {step}) has its encoder blocks {name(saved)}, this run '
+      f'{name(mine)}: resume with --config.model.scan_layers={saved}, or start a new --workdir '
+      f'with --config.init.checkpoint={workdir} (its weights converted to this layout, exactly)'
+    )
+
+
 def start_state(manager, workdir: str, iterator, program, config) -> tuple[dict, int]:
   """(train state, step) to start from: the workdir's last checkpoint (the iterator moved to
   its position), else `program`'s fresh init, warm-started as config.init says."""
@@ -81,6 +100,7 @@ def start_state(manager, workdir: str, iterator, program, config) -> tuple[dict,
     return warm_start.initialise_from(program.init(), config, program), 0
   meta = checkpoint.read_meta(workdir, start)
   check_resume(meta.get('config', {}), config)
+  check_layout(workdir, start, program)
   saved = meta.get('process_count', jax.process_count())
   if saved == jax.process_count():
     state = checkpoint.restore_state(manager, start, program.abstract_state, iterator)

@@ -4,7 +4,8 @@
 takes the encoder, and with `init.heads` the cluster heads, of another run's checkpoint (a later
 stage starting from an earlier one). Only parameters are read (never the source's optimiser
 state), straight onto this run's shardings, whatever mesh wrote them; the optimiser state and the
-step start fresh.
+step start fresh. A source whose blocks are in the other layout (unrolled vs scanned,
+`model.scan_layers`) is read to the host and converted (`models.layout`: exact).
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ def _from_release(params: dict, config, program) -> dict:
   return {**params, 'encoder': encoder}
 
 
+def _encoder_from_checkpoint(source: str, target, program) -> tuple[Any, int]:
+  """(the source's encoder on this run's shardings, step), converted to this run's block layout
+  when the source has the other one."""
+  from ove_jax.models import layout
+
+  saved = checkpoint.flatten(checkpoint.param_shapes(source, subtree=checkpoint.ENCODER))
+  scan_layers = layout.is_stacked(checkpoint.flatten(target))
+  if layout.is_stacked(saved) == scan_layers:
+    encoder, _, step = checkpoint.restore_params(source, subtree=checkpoint.ENCODER, target=target)
+    return encoder, step
+  host, _, step = checkpoint.restore_params(source, subtree=checkpoint.ENCODER)
+  flat = layout.to_layout(
+    checkpoint.flatten(host), scan_layers=scan_layers, depth=program.encoder_cfg.depth
+  )
+  log.info(
+    'init.checkpoint: the source has its blocks %s, this run %s: converted',
+    *(('unrolled', 'stacked (scan_layers)') if scan_layers else ('stacked', 'unrolled')),
+  )
+  return checkpoint.place(checkpoint.nest(flat), target, 'encoder'), step
+
+
 def _from_checkpoint(params: dict, config, program) -> dict:
   source = config.init.checkpoint
   where = f'init.checkpoint={source}'
@@ -101,9 +123,7 @@ def _from_checkpoint(params: dict, config, program) -> dict:
       program,
     )
     abstract = program.abstract_state['params']
-    encoder, _, step = checkpoint.restore_params(
-      source, subtree=checkpoint.ENCODER, target=abstract['encoder']
-    )
+    encoder, step = _encoder_from_checkpoint(source, abstract['encoder'], program)
     heads = dict(params['heads'])
     theirs = checkpoint.param_shapes(source, step, subtree=('params', 'heads'))
     kept = []

@@ -553,6 +553,24 @@ def test_later_stage_starts_from_an_earlier_one(tmp_path, data_root):
   with jax.set_mesh(mesh):
     fresh = warm_start.initialise_from(program.init(), c, program)
   assert not np.array_equal(np.asarray(fresh['params']['heads']['video']), source['heads']['video'])
+  # A scanned run starts from the unrolled checkpoint (its blocks stacked, exactly); resuming the
+  # unrolled workdir with scanned layers is refused with the two ways on, before orbax runs.
+  c = small_config(**{'init.checkpoint': first, 'model.scan_layers': True})
+  mesh = train.make_mesh(c)
+  with jax.set_mesh(mesh):
+    program = train.Program(c, mesh)
+    state = warm_start.initialise_from(program.init(), c, program)
+    with pytest.raises(config_lib.ConfigError, match='blocks unrolled, this run stacked') as e:
+      resume.check_layout(first, 2, program)
+  assert '--config.model.scan_layers=False' in str(e.value)
+  assert f'--config.init.checkpoint={first}' in str(e.value)
+  stacked = np.asarray(state['params']['encoder']['blocks']['mlp']['fc1']['kernel'])
+  depth = len(source['encoder']['blocks'])
+  assert stacked.shape[0] == depth >= 2
+  for n in range(depth):
+    np.testing.assert_array_equal(
+      stacked[n], source['encoder']['blocks'][str(n)]['mlp']['fc1']['kernel']
+    )
 
 
 def test_initialise_from_a_released_pytorch_checkpoint(tmp_path):
