@@ -118,6 +118,10 @@ class StepReporter:
     self.extra: dict[str, float] = {}  # for the next metrics line
     self.last: dict[str, Any] = {}  # the last line written
     self.window = Window()
+    # Partial FC positives left out, summed over every step since the last line (the first step
+    # of a process included): a drop at any step is reported, not only at logged ones.
+    self.dropped: dict[str, float] = {}
+    self.dropped_steps: list[int] = []
     self.writer = metrics_lib.MetricWriter(
       workdir,
       enabled=main_process,
@@ -149,6 +153,11 @@ class StepReporter:
         'optim.lr or check the data of this step.'
       )
     counts = {k: values.pop(k) for k in COUNTS}
+    for k in [k for k in values if k.endswith('/dropped')]:
+      value = values.pop(k)
+      self.dropped[k] = self.dropped.get(k, 0.0) + value
+      if value > 0 and done.step not in self.dropped_steps:
+        self.dropped_steps.append(done.step)
     if done.step > self.start + 1:  # the first step of a process compiles: not in the rates
       w = self.window
       w.seconds, w.wait, w.steps = w.seconds + done.seconds, w.wait + done.wait, w.steps + 1
@@ -158,14 +167,16 @@ class StepReporter:
     self.progress.set_postfix(loss=f'{values["loss"]:.3f}', refresh=False)
     if done.step % self.log_every and done.step != self.total_steps:
       return
-    dropped = {k: v for k, v in values.items() if k.endswith('/dropped') and v > 0}
-    if dropped:
+    if self.dropped_steps:
       log.warning(
-        'step %d: positives left out of the loss (more distinct positives in a class '
+        'steps %s: positives left out of the loss (more distinct positives in a class '
         'block than its capacity, quota + headroom; raise loss.positive_headroom): %s',
-        done.step,
-        dropped,
+        ', '.join(map(str, self.dropped_steps)),
+        {k: v for k, v in self.dropped.items() if v > 0},
       )
+    # Each '<head>/dropped' of the line is the sum over the steps since the line before.
+    values.update(self.dropped)
+    self.dropped, self.dropped_steps = {}, []
     line = {**values, **self.window.rates(self.flops_per_step, self.peak_per_device, self.devices)}
     line['skipped_records'] = self.window.skipped
     if self.window.steps:  # the same on every process: each joins the gather or none does

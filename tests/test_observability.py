@@ -176,3 +176,37 @@ def test_writer_names_are_checked_with_the_config(writers, message):
   assert message in str(e.value)
   with pytest.raises(ValueError, match='mlflow'):
     metrics_lib.MetricWriter('/nonexistent', writers=('mlflow',))
+
+
+def test_positives_dropped_between_metrics_lines_are_summed_and_warned(tmp_path, caplog):
+  import jax
+  import jax.numpy as jnp
+
+  reporter = reporter_lib.StepReporter(
+    str(tmp_path),
+    total_steps=6,
+    log_every=3,
+    start=0,
+    peak_per_device=0.0,
+    devices=1,
+    checkpoints=str(tmp_path),
+    main_process=True,
+    writers=('jsonl',),
+  )
+  cpu = jax.devices('cpu')[0]
+  drops = {1: 0.0, 2: 5.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 0.0}  # only at step 2, not a logged one
+  for step, dropped in drops.items():
+    scalars = {'loss': 1.0, 'param_norm': 2.0, 'clips': 4.0, 'tokens': 64.0, 'skipped': 0.0}
+    scalars['ocr/dropped'] = dropped
+    device_metrics = {k: jax.device_put(jnp.float32(v), cpu) for k, v in scalars.items()}
+    reporter.finish(reporter_lib.StepResult(step, device_metrics, wait=0.0, seconds=1.0))
+  reporter.close()
+  lines = {line['step']: line for line in metrics_lib.read_metrics(str(tmp_path))}
+  assert sorted(lines) == [3, 6]
+  assert lines[3]['ocr/dropped'] == 5.0 and lines[6]['ocr/dropped'] == 0.0
+  warnings = [r.getMessage() for r in caplog.records if 'left out of the loss' in r.getMessage()]
+  assert (
+    len(warnings) == 1
+    and warnings[0].startswith('steps 2: ')
+    and "'ocr/dropped': 5.0" in warnings[0]
+  )
