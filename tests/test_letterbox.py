@@ -142,3 +142,30 @@ def test_budget_beyond_the_picture_is_refused(clip):
     codec.select(
       clip.data, num_frames=T, budget=T * int(valid.sum()) + 1, geometry='letterbox', policy='zero'
     )
+
+
+@pytest.mark.parametrize('static_test,threshold', [('ove', 0.03), ('release', 126.0)])
+def test_static_test_judges_the_picture_not_the_padding(static_test, threshold):
+  # A flat field of scores (a camera pan) on a 2.35:1 letterbox, mostly padding: judged as
+  # the same field on a crop is; the padding's zeros once made the relative test unable to fire.
+  from data_pipeline.codec import selection
+  from data_pipeline.codec.options import Options
+
+  valid = geometry.valid_patches(544, 1280, VIDEO_RESOLUTION, PATCH, 'letterbox')  # 2.35:1
+  assert 0.3 < valid.mean() < 0.5  # more padding than picture: the median cell is padding
+  kinds, repeats = ['I'] + ['P'] * 15, np.zeros(16, bool)
+  for level in (0.01, 0.7):  # faint, and flat (relative test)
+    flat = np.full((16, 16, 16), level * PATCH**2, np.float32)
+    verdicts = []
+    for geo, scores, mask in (('crop', flat, None), ('letterbox', flat * valid, valid)):
+      opts = Options.from_kwargs(
+        dict(
+          static_fallback=True,
+          static_test=static_test,
+          static_threshold=threshold,
+          policy='first_frame',
+          geometry=geo,
+        )
+      )
+      verdicts.append(selection.choose(scores, kinds, repeats, 700, opts, PATCH, mask)[2])
+    assert verdicts == [True, True], (level, verdicts)

@@ -486,10 +486,13 @@ def choose(
     rank_TxHpxWp[zeroed] = 0
 
   fallback = False
+  # The static tests judge the picture: a letterbox's padding (zero scores, up to half of a 16:9
+  # canvas) would pull the median down and make the relative test unable to fire.
+  inside = np.ones((hp, wp), bool) if valid_HpxWp is None else valid_HpxWp
   if opts.static_fallback and opts.static_test == 'release':
     # All T x Hp x Wp patch means on the 0-255 scale, zeroed frames included, as the release.
     fallback = is_static_release(
-      rank_TxHpxWp.reshape(-1) * 255.0 / patch_size**2,
+      rank_TxHpxWp[:, inside].reshape(-1) * 255.0 / patch_size**2,
       opts.static_threshold,
       opts.static_rel_threshold,
     )
@@ -500,7 +503,8 @@ def choose(
     mean_HpxWp = (
       rank_TxHpxWp[judged].mean(axis=0) / patch_size**2 if judged.any() else np.zeros((0,))
     )
-    fallback = is_static(mean_HpxWp.reshape(-1), opts.static_threshold, opts.static_rel_threshold)
+    mean_M = mean_HpxWp[inside] if mean_HpxWp.size else mean_HpxWp
+    fallback = is_static(mean_M.reshape(-1), opts.static_threshold, opts.static_rel_threshold)
   if fallback:
     spread = np.floor(np.linspace(0, num_frames - 1, min(opts.static_frames, num_frames)))
     whole = sorted(set(int(t) for t in whole) | set(int(t) for t in spread))
