@@ -49,8 +49,8 @@ MOVING = 1e-3
 
 # Every preset sets the values below; explicit options given to `select` win over them. The
 # model grid (num_frames, budget, resolution, patch_size) is the caller's: the release's values
-# are in the README table. One column per pipeline (the module docstring names its source); '-'
-# leaves an option to `select`'s default.
+# are in docs/codec.md's preset table. One column per pipeline (the module docstring names its
+# source); '-' leaves an option to `select`'s default.
 PRESET_NAMES = ('release_train', 'release_probe', 'release_llava')
 # fmt: off
 PRESET_TABLE = (
