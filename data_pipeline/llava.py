@@ -361,6 +361,13 @@ def make_clip(
   return jsonl_line(item, paths, s)
 
 
+def release_task(item: Item, num_tasks: int) -> int:
+  """The task (of `num_tasks`) that takes a row, as the release's stage2 shards its input: the
+  first 8 hex digits of sha1('<video>|<id>|<row>') modulo N."""
+  key = f'{item.video}|{item.id}|{item.row}'
+  return int(hashlib.sha1(key.encode('utf-8')).hexdigest()[:8], 16) % int(num_tasks)
+
+
 def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
   """The jsonl of one task: `out_jsonl` itself, or with the release's per-shard suffix
   `.shard{I:02d}of{N:02d}.jsonl` when the list is split over N > 1 tasks."""
@@ -412,8 +419,9 @@ def run(
   at the end) and left out of the jsonl; a fresh worker takes over and the run goes on. A
   re-run skips clips whose files are all there, and known failures unless `retry_failures`. A
   second run writing the same jsonl at the same time refuses (`locks.Locked`). With
-  `num_tasks` N > 1 (N processes or machines), task I takes the rows I, I + N, ... and writes
-  `task_jsonl(out_jsonl, I, N)`; concatenating the N jsonl files gives the whole set.
+  `num_tasks` N > 1 (N processes or machines), task I takes the rows `release_task` puts there
+  (the release's stage2 rule, so its shards and ours hold the same rows) and writes
+  `task_jsonl(out_jsonl, I, N)`; the N jsonl files together give the whole set.
   `selector`: see `make_clip`. Returns the counts."""
   from data_pipeline import locks
   from data_pipeline import workers as workers_lib
@@ -459,7 +467,7 @@ def run(
       'of ove-llava-data make), not from the options'
     )
   check_options(options, selector)
-  items = read_items(dataset)[task_index::num_tasks]
+  items = [item for item in read_items(dataset) if release_task(item, num_tasks) == task_index]
   out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'
   for path in (failures, out_jsonl):

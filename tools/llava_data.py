@@ -98,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
     '--task-index',
     type=int,
     default=0,
-    help="this task's index I: it makes rows I, I+N, ... of the list",
+    help="this task's index I: it makes the rows the release's stage2 gives shard I "
+    "(sha1 of 'video|id|row' modulo N)",
   )
   make.add_argument(
     '--num-tasks',
