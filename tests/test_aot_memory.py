@@ -190,3 +190,17 @@ def test_command_line_names_a_missing_experiment():
   proc = cli('--config=experiments/nope.py', '--devices=4')
   assert proc.returncode == 2 and proc.stderr.startswith('error: --config')
   assert 'no experiment file' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize(
+  'experiment,devices,limit_gb',
+  [('stage2_video', 64, 80.0), ('huge', 256, 95.0)],
+)
+def test_release_sized_plans_fit_with_the_defaults(experiment, devices, limit_gb):
+  # The issue's limits for the runs the experiments exist for (scanned blocks, the experiments'
+  # remat and accumulation): an 80 GB GPU for stage 2 on 64 devices, a TPU v5p for huge on 256.
+  proc = cli(f'--config={experiment}', f'--devices={devices}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = last_json(proc.stdout)
+  assert r['devices'] == devices and r['batch_by_classes_buffer'] is False
+  assert 0 < r['total_bytes'] <= limit_gb * 1e9, r['total_bytes'] / 1e9

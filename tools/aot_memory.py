@@ -32,12 +32,13 @@ output is one JSON object with every figure (bytes are per device).
 What the figures are. `params`, `optimizer` and `batch` follow from shapes and shardings alone
 and are exact. `temp` (and so `total`) is by default XLA:CPU's buffer assignment of the
 SPMD-partitioned step (one device's program; every device runs the same one), compiled with
-XLA:CPU's memory-minimising scheduler (`compiler_options`). For the large presets it is far above
-what a GPU or TPU compiler plans, for three reasons measured on stage2_video (see README):
-  - the encoder's blocks are unrolled (an nnx.List) and XLA:CPU's scheduler places each block's
+XLA:CPU's memory-minimising scheduler (`compiler_options`). It can be above what a GPU or TPU
+compiler plans:
+  - with unrolled blocks (`model.scan_layers=False`) XLA:CPU's scheduler places each block's
     rematerialised forward early, inside the forward pass, not just before that block's
-    backward; with model.remat='full' the plan still holds nearly every block's attention
-    buffers at once (remat 'full' plans 293 GB where 'none' plans 397 GB);
+    backward, and the plan holds nearly every block's attention buffers at once (stage2_video
+    unrolled: 293 GB a device with remat 'full'); the scanned blocks that base/large/huge use
+    by default plan one block's (stage2_video on 64 devices: 42.5 GB, docs/memory.md);
   - XLA:CPU runs bf16 dots in float32, so the bf16 attention probabilities become float32
     buffers;
   - model.attention='xla' materialises [rows, heads, L, L] logits, which the flash kernels
