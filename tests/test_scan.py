@@ -263,3 +263,54 @@ def test_scanned_encoder_created_on_a_mesh_equals_the_unsharded_one():
   assert got.keys() == ref.keys()
   for k in ref:
     assert np.array_equal(got[k], ref[k]), k
+
+
+def _scan_bodies_have(jaxpr, name: str) -> list[bool]:
+  """For every scan in `jaxpr` (nested too): whether its body holds a `name` primitive."""
+  found = []
+
+  def has(j) -> bool:
+    return any(e.primitive.name == name or any(has(s) for s in _subjaxprs(e)) for e in j.eqns)
+
+  def walk(j):
+    for e in j.eqns:
+      if e.primitive.name == 'scan':
+        found.append(has(e.params['jaxpr'].jaxpr))
+      for s in _subjaxprs(e):
+        walk(s)
+
+  walk(jaxpr)
+  return found
+
+
+def _subjaxprs(eqn):
+  for value in eqn.params.values():
+    for sub in value if isinstance(value, (list, tuple)) else [value]:
+      sub = getattr(sub, 'jaxpr', sub)
+      if hasattr(sub, 'eqns'):
+        yield sub
+
+
+@pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
+def test_remat_runs_inside_the_scan_body(pair, remat):
+  # The checkpoint wraps one block inside the scan (XLA then plans one block's temporaries),
+  # not the whole scan and not nothing: gradient equality alone would not tell.
+  _, scanned = pair
+  model = convert.model_from_params(
+    dataclasses.replace(scanned.cfg, remat=remat), convert.model_params(scanned)
+  )
+  patches, pos, seg = _inputs(2)
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(patches, pos, seg, num_segments=2)
+    return jnp.sum(out['pooled'] ** 2)
+
+  # The traced forward (what jax.grad differentiates): after differentiation the checkpoint is
+  # resolved into the backward scan's recomputation and no longer a primitive.
+  jaxpr = jax.make_jaxpr(loss)(params).jaxpr
+  bodies = _scan_bodies_have(jaxpr, 'remat2')  # jax.checkpoint's primitive
+  assert bodies, 'no scan over the blocks'
+  outside = [e.primitive.name for e in jaxpr.eqns if e.primitive.name == 'remat2']
+  assert not outside  # never around the whole scan
+  assert any(bodies) == (remat != 'none'), bodies
