@@ -333,6 +333,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('model.remat', m.remat, REMAT_POLICIES)
   _one_of('model.attention', m.attention, IMPLEMENTATIONS)
   _one_of('model.rope', m.rope, ROPE_VARIANTS)
+  if m.get('scan_layers') not in (None, True, False):  # 'yes' would scan silently
+    raise ConfigError(
+      f'model.scan_layers={m.scan_layers!r}; allowed values: True, False, None (the preset '
+      'decides: scanned for base/large/huge); on the command line --config.model.scan_layers=False'
+    )
   _one_of('builtin.policy', config.builtin.policy, POLICIES)
 
   sizes = {k: v for k, v in config.mesh.items() if not k.startswith('dcn_')}
@@ -432,7 +437,13 @@ def head_loss_config(config, name: str):
       seed=config.seed,
     )
   except ValueError as e:
-    raise ConfigError(f'heads.{name}: {e}') from None
+    # Name the key the user set: the head's own, else the loss default it inherits.
+    field = str(e).split('=', 1)[0]
+    if h.get(field) is not None or field not in config.loss:
+      raise ConfigError(
+        f'heads.{name}.{field}: {e}' if field in h else f'heads.{name}: {e}'
+      ) from None
+    raise ConfigError(f'loss.{field} (inherited by heads.{name}): {e}') from None
 
 
 def pipeline_dict(

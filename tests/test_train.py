@@ -661,6 +661,26 @@ def test_config_sections_refuse_typos():
     config_lib.load(DEMO + ':smoke', ['keep_every=7'])
 
 
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    ("model.scan_layers='yes'", r"model.scan_layers='yes'; allowed values: True, False, None"),
+    ('loss.positive_headroom=-1.0', r'loss.positive_headroom \(inherited by heads.\w+\): '),
+    ('heads.video.positive_headroom=-1.0', r'heads.video.positive_headroom: positive_headroom=-1'),
+  ],
+)
+def test_config_errors_name_the_key_that_was_set(override, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(DEMO + ':smoke', [override])
+
+
+def test_encoder_sizes_must_be_positive():
+  from ove_jax.models import EncoderConfig
+
+  with pytest.raises(ValueError, match='depth=0; must be an integer >= 1'):
+    EncoderConfig.preset('tiny', depth=0)
+
+
 def test_heads_start_from_the_release_centre_shards(tmp_path):
   # The release saves each rank's rows of a head's centres as one .npy (its row split: the first
   # num_classes % ranks ranks hold one row more); init.release_centres reads them into the head.

@@ -90,6 +90,10 @@ class EncoderConfig:
   scan_layers: bool = False  # blocks stacked on a leading 'layers' axis, run by one scan
 
   def __post_init__(self):
+    for name in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f'{name}={value!r}; must be an integer >= 1')
     if self.width % self.num_heads:
       raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
     if self.head_dim % 32:
