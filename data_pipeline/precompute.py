@@ -317,6 +317,7 @@ class Run:
       'processed': 0,
       'failed': 0,
       'unexpected': 0,
+      'lost': 0,  # timed out or crashed their worker
       'written': 0,
       'known': 0,
       'select_seconds': 0.0,
@@ -399,6 +400,7 @@ class Run:
         seconds += result.seconds
       else:
         if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
+          self.counts['lost'] += 1
           result = Failed(f'{clip.path}: {result.reason}', video_error=False)
         entry = {'file': clip.path, 'reason': result.reason, 'shard': i}
         shard_failures.append(entry)
@@ -407,6 +409,12 @@ class Run:
         self.counts['failed'] += 1
         self.counts['unexpected'] += not result.video_error
         if self.counts['processed'] == self.counts['unexpected'] == ABORT_WINDOW:
+          if self.counts['lost'] == ABORT_WINDOW:
+            raise RuntimeError(
+              f'the first {ABORT_WINDOW} clips all ran past the time limit or lost their worker '
+              f'process, e.g. {result.reason!r}; raise --clip-timeout if clips this long need '
+              f'more time, else check the reader and the decoder (failures in {self.journal})'
+            )
           raise RuntimeError(
             f'the first {ABORT_WINDOW} clips all failed with errors that are not '
             f'VideoError, e.g. {result.reason!r}; check the options and the selector '
