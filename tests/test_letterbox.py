@@ -169,3 +169,27 @@ def test_static_test_judges_the_picture_not_the_padding(static_test, threshold):
       )
       verdicts.append(selection.choose(scores, kinds, repeats, 700, opts, PATCH, mask)[2])
     assert verdicts == [True, True], (level, verdicts)
+
+
+def test_release_llava_fills_a_short_picture_with_padding_as_stage1_does():
+  # A 400x32 clip letterboxed to 576 has two rows of picture patches (72 of 1296 a frame): with
+  # the budget past the picture, stage1 (padding scored -1e-4) takes every picture patch, then
+  # padding; without the preset's padding_fill the clip is refused, naming the way out.
+  wide = synthetic.make_clip(5, num_frames=16, height=32, width=400, gop=8)
+  side = 576 // 16
+  valid = geometry.valid_patches(32, 400, 576, 16, 'letterbox')
+  assert valid.sum() == 72
+  options = dict(num_frames=16, budget=3000, resolution=576, patch_size=16)
+  sel = codec.select(wide.data, preset='release_llava', **options)
+  assert len(sel.positions) == 3000 and list(sel.whole_frames) == [0]
+  t, h, w = sel.positions.T
+  assert (t == 0).sum() == side * side  # the first frame whole
+  later = sel.positions[t > 0]
+  inside = valid[later[:, 1], later[:, 2]]
+  assert inside.sum() == 15 * 72  # every picture patch of the later frames
+  padding = later[~inside]
+  flat = (padding[:, 0] * side + padding[:, 1]) * side + padding[:, 2]
+  all_padding = np.flatnonzero(np.broadcast_to(~valid, (16, side, side))[1:].reshape(-1)) + side**2
+  np.testing.assert_array_equal(flat, all_padding[: len(flat)])  # the first ones, in order
+  with pytest.raises(VideoError, match='padding_fill=True'):
+    codec.select(wide.data, preset='release_llava', padding_fill=False, **options)

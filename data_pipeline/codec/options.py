@@ -63,6 +63,10 @@ class Options:
   # 'crop' (short side to resolution, centre crop) or 'letterbox' (long side to resolution,
   # centred on a zero canvas; only patches wholly inside the picture are candidates).
   geometry: str = 'crop'
+  # When the picture's patches cannot fill the budget (a letterbox of a very wide or tall clip),
+  # fill the rest with padding patches in (t, h, w) order instead of refusing the clip: the
+  # release's LLaVA stage1 scores padding -1e-4, below every picture patch ('release_llava').
+  padding_fill: bool = False
   # Static fallback (docs/spec.md §2.7): a clip whose scores are faint or flat keeps `static_frames`
   # uniformly spaced frames whole. With m the mean score of each patch location over the
   # scored frames (per pixel, so in [0, 1] for 'mean' fusion): static when p95(m) is below
@@ -137,6 +141,7 @@ class Options:
       )
     _number('centre_prior', self.centre_prior, 'a number >= 0', lambda v: v >= 0)
     _flag('static_fallback', self.static_fallback)
+    _flag('padding_fill', self.padding_fill)
     _number('static_threshold', self.static_threshold, 'a number >= 0', lambda v: v >= 0)
     _number(
       'static_rel_threshold', self.static_rel_threshold, 'a number in [0, 1]', lambda v: 0 <= v <= 1

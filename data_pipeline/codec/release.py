@@ -67,6 +67,7 @@ PRESET_TABLE = (
   ('quantise',             True,           True,           False),
   ('resample',             'area',         'cubic',        'linear'),
   ('geometry',             'crop',         'crop',         'letterbox'),
+  ('padding_fill',         '-',            '-',            True),
   ('static_fallback',      False,          True,           False),
   ('static_test',          '-',            'release',      '-'),
   ('static_threshold',     '-',            126.0,          '-'),

@@ -214,7 +214,7 @@ def select(
     raise VideoError(
       f'{info.name}: {e}: the {info.width}x{info.height} picture covers '
       f'{int(valid.sum())} of the {hp * wp} patches of the {resolution} '
-      f'{opts.geometry}; lower the budget or use geometry=crop'
+      f'{opts.geometry}; lower the budget, use geometry=crop, or padding_fill=True'
     ) from e
   timings['select'] = time.perf_counter() - tick
   timings['total'] = time.perf_counter() - start
@@ -524,6 +524,14 @@ def choose(
     if valid_HpxWp is not None:
       open_TxHpxWp &= valid_HpxWp[None]
     candidates = np.flatnonzero(open_TxHpxWp.reshape(-1))
+    if candidates.size < rest and opts.padding_fill and valid_HpxWp is not None:
+      # Every picture patch, then padding patches in (t, h, w) order, as scores just below the
+      # picture's would give them (the release's top-k leaves the order among them to torch).
+      chosen_TxHpxWp.reshape(-1)[candidates] = True
+      padding = ~chosen_TxHpxWp & ~valid_HpxWp[None]
+      fill = np.flatnonzero(padding.reshape(-1))[: rest - candidates.size]
+      chosen_TxHpxWp.reshape(-1)[fill] = True
+      rest, candidates = rest - candidates.size - fill.size, candidates[:0]
     if candidates.size < rest:
       raise ValueError(
         f'budget={budget} exceeds the {candidates.size + budget - rest} patches '
