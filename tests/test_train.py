@@ -76,27 +76,36 @@ def max_diff(a, b):
   return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize('mesh', [(2, 4, 1), (2, 2, 2)])
-def test_sharded_step_equals_single_device_step(mesh):
+@pytest.mark.parametrize(
+  'mesh, scan_layers', [((2, 4, 1), False), ((2, 2, 2), False), ((2, 2, 2), True)]
+)
+def test_sharded_step_equals_single_device_step(mesh, scan_layers):
+  # The whole train step (encoder, Partial FC heads, AdamW), scanned blocks too (the layers axis
+  # unsharded, the rest as unrolled).
   batches = [host_batch(0)]
   data, fsdp, tensor = mesh
+  scan = {'model.scan_layers': scan_layers}
   sharded, m8 = run_step(
-    small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor}),
+    small_config(**{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor}, **scan),
     jax.devices(),
     batches,
   )
   single, m1 = run_step(
-    small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}), jax.devices()[:1], batches
+    small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}, **scan),
+    jax.devices()[:1],
+    batches,
   )
   assert max_diff(sharded, single) <= 1e-5
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=key)
   # The step really moved the parameters (a no-op step would pass the equality trivially).
-  init = small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1})
+  init = small_config(**{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 1}, **scan)
   mesh1 = train.make_mesh(init, jax.devices()[:1])
   with jax.set_mesh(mesh1):
     before = jax.tree.map(np.asarray, train.Program(init, mesh1).init()['params'])
   assert max_diff(before, single) > 1e-4
+  stacked = 'layer_norm1' in sharded['encoder']['blocks']  # no per-layer keys when scanned
+  assert stacked == scan_layers
 
 
 def test_accumulation_equals_one_large_batch():
