@@ -466,7 +466,7 @@ def run(
       f'options {", ".join(clash)}: these come from the settings (llava.Settings; the flags '
       'of ove-llava-data make), not from the options'
     )
-  check_options(options, selector)
+  check_options({**options, **settings.select_options()}, selector)
   items = [item for item in read_items(dataset) if release_task(item, num_tasks) == task_index]
   out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'

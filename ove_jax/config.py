@@ -333,7 +333,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of('model.remat', m.remat, REMAT_POLICIES)
   _one_of('model.attention', m.attention, IMPLEMENTATIONS)
   _one_of('model.rope', m.rope, ROPE_VARIANTS)
-  if m.get('scan_layers') not in (None, True, False):  # 'yes' would scan silently
+  if m.get('scan_layers') is not None and type(m.scan_layers) is not bool:  # 'yes', 1
     raise ConfigError(
       f'model.scan_layers={m.scan_layers!r}; allowed values: True, False, None (the preset '
       'decides: scanned for base/large/huge); on the command line --config.model.scan_layers=False'

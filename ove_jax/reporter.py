@@ -168,10 +168,13 @@ class StepReporter:
     if done.step % self.log_every and done.step != self.total_steps:
       return
     if self.dropped_steps:
+      steps = self.dropped_steps
       log.warning(
-        'steps %s: positives left out of the loss (more distinct positives in a class '
+        '%s: positives left out of the loss (more distinct positives in a class '
         'block than its capacity, quota + headroom; raise loss.positive_headroom): %s',
-        ', '.join(map(str, self.dropped_steps)),
+        f'step {steps[0]}'
+        if len(steps) == 1
+        else f'{len(steps)} steps from {steps[0]} to {steps[-1]}',
         {k: v for k, v in self.dropped.items() if v > 0},
       )
     # Each '<head>/dropped' of the line is the sum over the steps since the line before.

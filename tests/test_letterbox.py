@@ -193,3 +193,23 @@ def test_release_llava_fills_a_short_picture_with_padding_as_stage1_does():
   np.testing.assert_array_equal(flat, all_padding[: len(flat)])  # the first ones, in order
   with pytest.raises(VideoError, match='padding_fill=True'):
     codec.select(wide.data, preset='release_llava', padding_fill=False, **options)
+
+
+def test_a_picture_with_no_whole_patch_is_judged_static_not_a_crash():
+  # A 1000x10 sliver letterboxed to 224 covers no whole 14-pixel patch: nothing to judge.
+  from data_pipeline.codec import selection
+  from data_pipeline.codec.options import Options
+
+  valid = geometry.valid_patches(10, 1000, VIDEO_RESOLUTION, PATCH, 'letterbox')
+  assert not valid.any()
+  for static_test in ('ove', 'release'):
+    opts = Options.from_kwargs(
+      dict(
+        static_fallback=True, static_test=static_test, geometry='letterbox', policy='first_frame'
+      )
+    )
+    scores = np.zeros((16, 16, 16), np.float32)
+    _, whole, fallback = selection.choose(
+      scores, ['I'] + ['P'] * 15, np.zeros(16, bool), 256, opts, PATCH, valid
+    )
+    assert fallback and 0 in whole

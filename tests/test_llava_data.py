@@ -444,3 +444,18 @@ def test_bad_dataset_lines_and_select_threads_are_named(tmp_path, monkeypatch, c
   with pytest.raises(ValueError, match="OVE_SELECT_THREADS='many'"):
     llava.run(str(dataset), out_jsonl=out, **args)
   assert not os.path.exists(out + '.failures.jsonl')
+
+
+def test_release_task_is_stage2s_rule_on_fixed_rows():
+  # Fixed paths, so the split does not depend on a temporary folder: the release's stage2 puts
+  # row r of (video, id) in shard int(sha1('video|id|r')[:8], 16) % N.
+  rows = [llava.Item(str(i), f'/data/v{i % 3}.mp4', [], i) for i in range(40)]
+  for n in (1, 2, 7):
+    got = [llava.release_task(item, n) for item in rows]
+    want = [
+      int(hashlib.sha1(f'/data/v{i % 3}.mp4|{i}|{i}'.encode()).hexdigest()[:8], 16) % n
+      for i in range(40)
+    ]
+    assert got == want and set(got) == set(range(n))
+  # Not the round-robin rows I, I+N, ... it replaced.
+  assert [llava.release_task(item, 2) for item in rows[:8]] != [0, 1] * 4

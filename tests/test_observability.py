@@ -207,6 +207,6 @@ def test_positives_dropped_between_metrics_lines_are_summed_and_warned(tmp_path,
   warnings = [r.getMessage() for r in caplog.records if 'left out of the loss' in r.getMessage()]
   assert (
     len(warnings) == 1
-    and warnings[0].startswith('steps 2: ')
+    and warnings[0].startswith('step 2: ')
     and "'ocr/dropped': 5.0" in warnings[0]
   )

@@ -37,7 +37,7 @@ compiler plans:
   - with unrolled blocks (`model.scan_layers=False`) XLA:CPU's scheduler places each block's
     rematerialised forward early, inside the forward pass, not just before that block's
     backward, and the plan holds nearly every block's attention buffers at once (stage2_video
-    unrolled: 293 GB a device with remat 'full'); the scanned blocks that base/large/huge use
+    unrolled: hundreds of GB a device, docs/memory.md); the scanned blocks that base/large/huge use
     by default plan one block's (stage2_video on 64 devices: 42.5 GB, docs/memory.md);
   - XLA:CPU runs bf16 dots in float32, so the bf16 attention probabilities become float32
     buffers;

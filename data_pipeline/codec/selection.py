@@ -489,7 +489,9 @@ def choose(
   # The static tests judge the picture: a letterbox's padding (zero scores, up to half of a 16:9
   # canvas) would pull the median down and make the relative test unable to fire.
   inside = np.ones((hp, wp), bool) if valid_HpxWp is None else valid_HpxWp
-  if opts.static_fallback and opts.static_test == 'release':
+  if opts.static_fallback and not inside.any():
+    fallback = True  # no picture patch to judge (a sliver letterboxed): nothing moves on it
+  elif opts.static_fallback and opts.static_test == 'release':
     # All T x Hp x Wp patch means on the 0-255 scale, zeroed frames included, as the release.
     fallback = is_static_release(
       rank_TxHpxWp[:, inside].reshape(-1) * 255.0 / patch_size**2,
