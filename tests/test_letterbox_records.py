@@ -89,3 +89,29 @@ def test_geometry_names_are_checked():
     pipeline.HeadConfig(kind='video', source='unused', geometry='square')
   with pytest.raises(ValueError, match="record 'a.mp4': geometry='pad'"):
     transforms.VideoTransform().geometry_of({'source': 'a.mp4', 'geometry': 'pad'})
+
+
+def test_visualising_a_letterbox_record_draws_its_canvas(portrait, tmp_path):
+  # A record outside any precompute run (no plan.json to read the options from): its own
+  # `geometry` field decides the canvas the picture is drawn on.
+  from PIL import Image
+
+  from data_pipeline import shards
+  from ove_jax_tools import visualize_selection
+
+  record = _record(portrait, tmp_path, geometry='letterbox', policy='first_frame')
+  del record['patches']
+  record['video'] = portrait.data
+  path = str(tmp_path / 'one.array_record')
+  writer = shards.ShardWriter(path)
+  writer.write(records.encode(record))
+  writer.commit()
+  out = tmp_path / 'picture'
+  assert visualize_selection.main([path, '--index', '0', '--out', str(out), '--cols', '1']) == 0
+  gif = Image.open(out / 'selection.gif')
+  gif.seek(1)  # a later frame: its kept patches (outlined) are inside the picture
+  frame = np.asarray(gif.convert('RGB'), np.float32)[-VIDEO_RESOLUTION:]  # below any caption
+  box = geometry.canvas(portrait.height, portrait.width, VIDEO_RESOLUTION, 'letterbox')
+  assert box.left > 4
+  assert frame[:, : box.left - 2].mean() < 5  # the black bars of the letterbox
+  assert frame[:, box.left + 2 : box.left + box.new_w - 2].mean() > 20  # the picture

@@ -87,6 +87,8 @@ def main(argv=None) -> int:
   geometry = options.get('geometry') or PRESETS.get(options.get('preset'), {}).get(
     'geometry', 'crop'
   )
+  if record is not None and record.get('geometry') and args.geometry is None:
+    geometry = record['geometry']  # the record says which canvas its positions are on
 
   try:
     if record is None:
