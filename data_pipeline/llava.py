@@ -423,7 +423,7 @@ def run(
   (the release's stage2 rule, so its shards and ours hold the same rows) and writes
   `task_jsonl(out_jsonl, I, N)`; the N jsonl files together give the whole set.
   `selector`: see `make_clip`. Returns the counts."""
-  from data_pipeline import locks
+  from data_pipeline import locks, shards
   from data_pipeline import workers as workers_lib
   from data_pipeline.clip_work import resolve
 
@@ -449,8 +449,7 @@ def run(
     raise ValueError(
       f'task_index={task_index}, num_tasks={num_tasks}: need 0 <= task_index < num_tasks'
     )
-  if clip_timeout is not None and not clip_timeout > 0:
-    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
+  workers_lib.check_timeout(clip_timeout)
   workers = workers_lib.usable_cpus() if workers is None else workers
   if workers < 0:
     raise ValueError(f'workers={workers}: a number of processes >= 0 (0: in this process)')
@@ -492,8 +491,7 @@ def run(
       plan.append((item, paths, state))
 
     def write_failures():
-      entries = [failed[row] for row in sorted(failed)]
-      fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in entries))
+      shards.write_failures(failures, [failed[row] for row in sorted(failed)])
 
     tasks = (
       (item, visidx_root, image_root, settings, selector, options)
@@ -543,7 +541,7 @@ def run(
 
 
 def read_failures(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The failures file's entries (a line torn by a killed run is left out)."""
+  from data_pipeline import shards
+
+  return shards.read_entries(path)

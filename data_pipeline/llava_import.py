@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Any, Iterator
 
@@ -124,9 +123,17 @@ def import_files(
       if video_root:
         record['source'] = os.path.relpath(record['source'], video_root)
       writer.write(records.encode(record))
-    writer.commit()
+    if len(failed) == len(found):
+      writer.abandon()  # nothing read: an earlier `out` stays as it was
+    else:
+      writer.commit()
   except BaseException:
     writer.abandon()
     raise
-  fileio.write_atomic(failures, ''.join(json.dumps(e) + '\n' for e in failed))
-  return {'records': len(found) - len(failed), 'failed': len(failed), 'out': out}
+  shards.write_failures(failures, failed)
+  return {
+    'records': len(found) - len(failed),
+    'failed': len(failed),
+    'out': out,
+    'failures': failures,
+  }

@@ -227,8 +227,7 @@ def check_run_arguments(
     raise ValueError(f'split {split!r}: use lower case letters, digits and _')
   if record_format not in FORMATS:
     raise ValueError(f'record format {record_format!r}: one of {FORMATS}')
-  if clip_timeout is not None and clip_timeout <= 0:
-    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
+  workers_lib.check_timeout(clip_timeout)
   task_shards(0, task_index, num_tasks)  # validates the task numbers
   if overwrite and num_tasks > 1:
     raise ValueError(

@@ -153,8 +153,6 @@ def check_options(options: Mapping[str, Any], selector: str | None) -> None:
 
   # What select checks before it opens the video: the preset's name, decode_thread, the grid and
   # every option with the preset applied.
-  if 'video' in options:
-    raise ValueError("options: 'video' is the clip itself, not an option")
   from data_pipeline.codec.selection import check_arguments
 
   check_arguments(**options)

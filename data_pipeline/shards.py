@@ -282,16 +282,24 @@ def read_journals(out_dir: str) -> list[dict]:
       *paths.glob(paths.join(glob.escape(folder), PROGRESS_DIR, 'failures-task-*.jsonl')),
     ]
   ]:
+    entries += read_entries(path)
+  return entries
+
+
+def read_entries(path: str) -> list[dict]:
+  """The JSON lines of a failures file or journal ([] when it does not exist); a line that does
+  not parse (the last line of a run killed mid-write) is left out."""
+  try:
+    with paths.open_file(path, 'r', encoding='utf-8') as f:
+      lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
+  except FileNotFoundError:
+    return []
+  entries = []
+  for line in lines:
     try:
-      with paths.open_file(path, 'r', encoding='utf-8') as f:
-        lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
-    except FileNotFoundError:
-      continue
-    for line in lines:
-      try:
-        entries.append(json.loads(line))
-      except ValueError:
-        pass  # the last line of a run killed mid-write
+      entries.append(json.loads(line))
+    except ValueError:
+      pass
   return entries
 
 

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline import video as video_lib
-from data_pipeline.codec.geometry import GEOMETRIES, decode_canvas, picture_valid_patches
+from data_pipeline.codec.geometry import check_geometry, decode_canvas, picture_valid_patches
 from data_pipeline.tokens import (  # noqa: F401
   CHANNELS,
   CLIP_MEAN,
@@ -297,8 +297,7 @@ class VideoTransform:
   geometry: str = 'crop'  # canvas of records that do not name theirs: 'crop', 'letterbox'
 
   def __post_init__(self):
-    if self.geometry not in GEOMETRIES:
-      raise ValueError(f'geometry={self.geometry!r}: allowed values are {", ".join(GEOMETRIES)}')
+    check_geometry(self.geometry)
     probs = np.asarray(self.mode_probs, np.float64)
     if probs.shape not in ((3,), (4,)) or probs.min() < 0 or probs.sum() <= 0:
       raise ValueError(
@@ -313,13 +312,10 @@ class VideoTransform:
 
   def geometry_of(self, record: Mapping[str, Any]) -> str:
     """The canvas of the record's positions: its own `geometry` field, else the transform's."""
-    geometry = record.get('geometry') or self.geometry
-    if geometry not in GEOMETRIES:
-      raise ValueError(
-        f'record {record.get("source", "")!r}: geometry={geometry!r}; allowed values are '
-        f'{", ".join(GEOMETRIES)}'
-      )
-    return geometry
+    try:
+      return check_geometry(record.get('geometry') or self.geometry)
+    except ValueError as e:
+      raise ValueError(f'record {record.get("source", "")!r}: {e}') from None
 
   def video_of(self, record: Mapping[str, Any]) -> video_lib.VideoSource:
     if record.get('video') is not None:

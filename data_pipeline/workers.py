@@ -226,6 +226,12 @@ class _Slot:
     self.conn.close()
 
 
+def check_timeout(clip_timeout: float | None) -> None:
+  """A batch tool's per-item time limit: seconds > 0, or None for none (checked before a run)."""
+  if clip_timeout is not None and not clip_timeout > 0:
+    raise ValueError(f'clip_timeout={clip_timeout}: a number of seconds > 0, or None')
+
+
 def ordered_map(
   fn: Callable,
   items: Iterable,

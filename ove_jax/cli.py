@@ -87,6 +87,29 @@ def add_dtype_flag(parser: argparse.ArgumentParser, default: str, help: str) -> 
   parser.add_argument('--dtype', default=default, choices=DTYPES, help=help)
 
 
+# Seconds one clip may take in the batch tools' worker pools (ove-precompute-codec,
+# ove-llava-data) before its worker is killed and the clip listed as failed.
+DEFAULT_CLIP_TIMEOUT = 900.0
+
+
+def add_pool_flags(parser: argparse.ArgumentParser) -> None:
+  """`--workers` and `--clip-timeout` of a tool that runs clips in a worker pool."""
+  parser.add_argument(
+    '--workers',
+    type=int,
+    default=None,
+    help='worker processes (default: the CPUs this process may use, from its '
+    'affinity mask and cgroup CPU quota; 0: in this process, no time limit)',
+  )
+  parser.add_argument(
+    '--clip-timeout',
+    type=float,
+    default=DEFAULT_CLIP_TIMEOUT,
+    help='seconds one clip may take before its worker is killed and the clip '
+    f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',
+  )
+
+
 def main_of(
   prog: str, parser: argparse.ArgumentParser, run, errors: tuple, argv=None, ok=lambda result: True
 ) -> int:

@@ -439,11 +439,13 @@ def head_loss_config(config, name: str):
   except ValueError as e:
     # Name the key the user set: the head's own, else the loss default it inherits.
     field = str(e).split('=', 1)[0]
-    if h.get(field) is not None or field not in config.loss:
-      raise ConfigError(
-        f'heads.{name}.{field}: {e}' if field in h else f'heads.{name}: {e}'
-      ) from None
-    raise ConfigError(f'loss.{field} (inherited by heads.{name}): {e}') from None
+    if h.get(field) is not None:
+      key = f'heads.{name}.{field}'
+    elif field in config.loss:
+      key = f'loss.{field} (inherited by heads.{name})'
+    else:
+      key = f'heads.{name}'
+    raise ConfigError(f'{key}: {e}') from None
 
 
 def pipeline_dict(

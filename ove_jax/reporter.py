@@ -156,7 +156,7 @@ class StepReporter:
     for k in [k for k in values if k.endswith('/dropped')]:
       value = values.pop(k)
       self.dropped[k] = self.dropped.get(k, 0.0) + value
-      if value > 0 and done.step not in self.dropped_steps:
+      if value > 0 and self.dropped_steps[-1:] != [done.step]:  # once a step, however many heads
         self.dropped_steps.append(done.step)
     if done.step > self.start + 1:  # the first step of a process compiles: not in the rates
       w = self.window

@@ -101,9 +101,15 @@ def make_torch_step(model, cfg, patches_np, positions_np, *, dtype, attention: s
   return step, results
 
 
-def torch_matmul_peak_flops(dtype: str = 'float32', repeats: int = 5, size: int = 2048) -> float:
-  """PyTorch's FLOP/s on `metrics.matmul_peak_flops`'s product (a square matmul of `size`):
-  what the same machine's GEMM library gives the other side of the comparison."""
+def torch_matmul_peak_flops(
+  dtype: str = 'float32', repeats: int = 5, size: int | None = None
+) -> float:
+  """PyTorch's FLOP/s on `metrics.matmul_peak_flops`'s product (a square matmul of `size`,
+  default `metrics.peak_matmul_size()`): what the same machine's GEMM library gives the other
+  side of the comparison."""
+  from ove_jax import metrics
+
+  size = size or metrics.peak_matmul_size()
   return torch_matmul_flops(size, size, size, dtype, repeats)
 
 

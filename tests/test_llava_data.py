@@ -246,9 +246,12 @@ def test_import_lists_unreadable_file_sets_and_goes_on(tmp_path, capsys):
   failed = {e['file']: e['reason'] for e in llava.read_failures(out + '.failures.jsonl')}
   assert sorted(failed) == sorted([cut, alone]) and good not in failed
   assert 'frame ids' in failed[alone] and cut in failed[cut]
-  # Nothing readable: exit 1; no file sets at all: exit 2, naming the folder.
+  # Nothing readable: exit 1, and the shard of the run before is left as it was; no file sets
+  # at all: exit 2, naming the folder.
   os.remove(good)
+  before = open(out, 'rb').read()
   assert llava_data.main(['import', str(tmp_path / 'v'), out]) == 1
+  assert open(out, 'rb').read() == before
   assert llava_data.main(['import', str(tmp_path / 'empty'), out]) == 2
   assert 'empty: no *.visidx_thw.npy files found' in capsys.readouterr().err
 
@@ -459,3 +462,12 @@ def test_release_task_is_stage2s_rule_on_fixed_rows():
     assert got == want and set(got) == set(range(n))
   # Not the round-robin rows I, I+N, ... it replaced.
   assert [llava.release_task(item, 2) for item in rows[:8]] != [0, 1] * 4
+
+
+def test_a_failures_line_torn_by_a_killed_run_is_left_out(tmp_path):
+  # The failures file is appended to as failures happen: a run killed mid-write leaves half a
+  # line, which must not stop the next run.
+  path = tmp_path / 'train.jsonl.failures.jsonl'
+  path.write_text('{"id": "3", "video": "/v/a.mp4", "reason": "x"}\n{"id": "4", "video": "/v/b')
+  assert llava.read_failures(str(path)) == [{'id': '3', 'video': '/v/a.mp4', 'reason': 'x'}]
+  assert llava.read_failures(str(tmp_path / 'none.jsonl')) == []

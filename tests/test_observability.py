@@ -127,19 +127,16 @@ def test_device_memory_is_the_fullest_device_and_nothing_where_unreported():
   assert metrics_lib.device_memory() == {}  # the CPU devices of the tests report None
 
 
-def test_reporter_logs_device_memory_where_the_backend_reports_it(tmp_path, monkeypatch):
+def run_reporter(tmp_path, steps: dict, *, log_every: int, wait: float = 0.0) -> None:
+  """A StepReporter (jsonl only) fed one finished step per entry of `steps` (step -> extra
+  scalars besides the loss, norms and counts), as the trainer feeds it."""
   import jax
   import jax.numpy as jnp
 
-  monkeypatch.setattr(
-    jax,
-    'local_devices',
-    lambda *a, **k: [FakeDevice({'bytes_in_use': 7 << 20, 'peak_bytes_in_use': 9 << 20})],
-  )
   reporter = reporter_lib.StepReporter(
     str(tmp_path),
-    total_steps=2,
-    log_every=1,
+    total_steps=max(steps),
+    log_every=log_every,
     start=0,
     peak_per_device=0.0,
     devices=1,
@@ -147,12 +144,25 @@ def test_reporter_logs_device_memory_where_the_backend_reports_it(tmp_path, monk
     main_process=True,
     writers=('jsonl',),
   )
-  scalars = {'loss': 1.0, 'param_norm': 2.0, 'clips': 4.0, 'tokens': 64.0, 'skipped': 0.0}
   cpu = jax.devices('cpu')[0]
-  for step in (1, 2):
-    device_metrics = {k: jax.device_put(jnp.float32(v), cpu) for k, v in scalars.items()}
-    reporter.finish(reporter_lib.StepResult(step, device_metrics, wait=0.25, seconds=1.0))
+  for step, extra in steps.items():
+    scalars = {'loss': 1.0, 'param_norm': 2.0, 'clips': 4.0, 'tokens': 64.0, 'skipped': 0.0}
+    device_metrics = {
+      k: jax.device_put(jnp.float32(v), cpu) for k, v in {**scalars, **extra}.items()
+    }
+    reporter.finish(reporter_lib.StepResult(step, device_metrics, wait=wait, seconds=1.0))
   reporter.close()
+
+
+def test_reporter_logs_device_memory_where_the_backend_reports_it(tmp_path, monkeypatch):
+  import jax
+
+  monkeypatch.setattr(
+    jax,
+    'local_devices',
+    lambda *a, **k: [FakeDevice({'bytes_in_use': 7 << 20, 'peak_bytes_in_use': 9 << 20})],
+  )
+  run_reporter(tmp_path, {1: {}, 2: {}}, log_every=1, wait=0.25)
   lines = metrics_lib.read_metrics(str(tmp_path))
   assert lines[1]['memory/bytes_in_use'] == 7 << 20
   assert lines[1]['memory/peak_bytes_in_use'] == 9 << 20
@@ -179,28 +189,8 @@ def test_writer_names_are_checked_with_the_config(writers, message):
 
 
 def test_positives_dropped_between_metrics_lines_are_summed_and_warned(tmp_path, caplog):
-  import jax
-  import jax.numpy as jnp
-
-  reporter = reporter_lib.StepReporter(
-    str(tmp_path),
-    total_steps=6,
-    log_every=3,
-    start=0,
-    peak_per_device=0.0,
-    devices=1,
-    checkpoints=str(tmp_path),
-    main_process=True,
-    writers=('jsonl',),
-  )
-  cpu = jax.devices('cpu')[0]
   drops = {1: 0.0, 2: 5.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 0.0}  # only at step 2, not a logged one
-  for step, dropped in drops.items():
-    scalars = {'loss': 1.0, 'param_norm': 2.0, 'clips': 4.0, 'tokens': 64.0, 'skipped': 0.0}
-    scalars['ocr/dropped'] = dropped
-    device_metrics = {k: jax.device_put(jnp.float32(v), cpu) for k, v in scalars.items()}
-    reporter.finish(reporter_lib.StepResult(step, device_metrics, wait=0.0, seconds=1.0))
-  reporter.close()
+  run_reporter(tmp_path, {step: {'ocr/dropped': d} for step, d in drops.items()}, log_every=3)
   lines = {line['step']: line for line in metrics_lib.read_metrics(str(tmp_path))}
   assert sorted(lines) == [3, 6]
   assert lines[3]['ocr/dropped'] == 5.0 and lines[6]['ocr/dropped'] == 0.0

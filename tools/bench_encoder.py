@@ -243,9 +243,7 @@ def main(argv=None):
   print(f'matmul peak (measured, {cfg.dtype}): {peak / 1e9:.1f} GFLOP/s', flush=True)
   torch_peak = None
   if not torch_note and compare_cfgs:
-    torch_peak = torch_comparison.torch_matmul_peak_flops(
-      cfg.dtype, size=metrics.peak_matmul_size()
-    )
+    torch_peak = torch_comparison.torch_matmul_peak_flops(cfg.dtype)
     print(
       f'the same matmul in PyTorch: {torch_peak / 1e9:.1f} GFLOP/s ({torch_peak / peak:.2f}x JAX)',
       flush=True,

@@ -36,10 +36,8 @@ import sys
 from data_pipeline import llava, llava_import, locks
 from ove_jax import cli
 
+
 # As ove-precompute-codec's: an hour of 1080p source, and a hung decoder costs minutes.
-DEFAULT_CLIP_TIMEOUT = 900.0
-
-
 def json_object(text: str) -> dict:
   """argparse type of --options: a JSON object given inline or as a file's path."""
   source = text
@@ -108,20 +106,7 @@ def parser() -> argparse.ArgumentParser:
     help='N tasks (processes, machines) splitting the list; each writes '
     'OUT_JSONL.shardIIofNN.jsonl',
   )
-  make.add_argument(
-    '--workers',
-    type=int,
-    default=None,
-    help='worker processes (default: the CPUs this process may use, from its '
-    'affinity mask and cgroup CPU quota; 0: in this process, no time limit)',
-  )
-  make.add_argument(
-    '--clip-timeout',
-    type=float,
-    default=DEFAULT_CLIP_TIMEOUT,
-    help='seconds one clip may take before its worker is killed and the clip '
-    f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',
-  )
+  cli.add_pool_flags(make)
   make.add_argument(
     '--selector',
     default=None,
@@ -188,8 +173,7 @@ def main(argv=None) -> int:
   print(json.dumps(counts))
   if counts['failed']:
     print(
-      f'ove-llava-data: {counts["failed"]} file sets could not be read; see '
-      f'{args.failures or args.out + ".failures.jsonl"}',
+      f'ove-llava-data: {counts["failed"]} file sets could not be read; see {counts["failures"]}',
       file=sys.stderr,
     )
   return 0 if counts['records'] else 1

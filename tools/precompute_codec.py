@@ -46,11 +46,9 @@ import sys
 
 from ove_jax import cli
 
+
 # Long enough for an hour of 1080p source (selection reads every frame), short enough that a
 # hung decoder costs minutes, not the run.
-DEFAULT_CLIP_TIMEOUT = 900.0
-
-
 def _parse_options(text: str | None) -> dict:
   """--options: inline JSON, or the path of a JSON file."""
   if not text:
@@ -161,20 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     '(tfds.data_source, builder_from_directory)',
   )
   run = p.add_argument_group('run')
-  run.add_argument(
-    '--workers',
-    type=int,
-    default=None,
-    help='worker processes (default: the CPUs this process may use, from its '
-    'affinity mask and cgroup CPU quota; 0: in this process, no time limit)',
-  )
-  run.add_argument(
-    '--clip-timeout',
-    type=float,
-    default=DEFAULT_CLIP_TIMEOUT,
-    help='seconds one clip may take before its worker is killed and the clip '
-    f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',
-  )
+  cli.add_pool_flags(run)
   run.add_argument(
     '--retry-failures',
     action='store_true',

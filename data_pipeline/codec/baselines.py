@@ -12,8 +12,9 @@ from data_pipeline.codec.selection import Selection, check_grid
 from data_pipeline.video import VideoSource
 
 
-def _baseline(video, num_frames, budget, resolution, patch_size, method, flat):
-  hp, wp = check_grid(num_frames, budget, resolution, patch_size)
+def _baseline(video, grid_TxHpxWp: tuple[int, int, int], method: str, flat) -> Selection:
+  """The Selection of the patches `flat` (indices into the checked T x Hp x Wp grid)."""
+  num_frames, hp, wp = grid_TxHpxWp
   start = time.perf_counter()
   info = bitstream.probe(video)
   chosen = np.zeros(num_frames * hp * wp, bool)
@@ -55,15 +56,7 @@ def select_uniform_frames(
   last = frames[-1] * per_frame + np.floor(np.linspace(0, per_frame - 1, remainder)).astype(
     np.int64
   )
-  return _baseline(
-    video,
-    num_frames,
-    budget,
-    resolution,
-    patch_size,
-    'uniform_frames',
-    np.concatenate([flat, last]),
-  )
+  return _baseline(video, (num_frames, hp, wp), 'uniform_frames', np.concatenate([flat, last]))
 
 
 def select_random(
@@ -77,4 +70,4 @@ def select_random(
   """K = budget patches drawn uniformly without replacement from all T x Hp x Wp (seeded)."""
   hp, wp = check_grid(num_frames, budget, resolution, patch_size)
   flat = np.random.default_rng(seed).choice(num_frames * hp * wp, size=budget, replace=False)
-  return _baseline(video, num_frames, budget, resolution, patch_size, 'random', flat)
+  return _baseline(video, (num_frames, hp, wp), 'random', flat)

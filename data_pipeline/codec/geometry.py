@@ -45,15 +45,20 @@ class Canvas:
   left: int
 
 
+def check_geometry(geometry: str) -> str:
+  """`geometry` if it is one of GEOMETRIES, else a ValueError listing them."""
+  if geometry not in GEOMETRIES:
+    raise ValueError(f'geometry={geometry!r}: allowed values are {", ".join(GEOMETRIES)}')
+  return geometry
+
+
 def canvas(height: int, width: int, resolution: int, geometry: str = 'crop') -> Canvas:
-  if geometry == 'crop':
+  if check_geometry(geometry) == 'crop':
     _, new_h, new_w, top, left = crop_box(height, width, resolution)
     return Canvas(resolution, new_h, new_w, -top, -left)
-  if geometry == 'letterbox':
-    scale = resolution / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    return Canvas(resolution, new_h, new_w, (resolution - new_h) // 2, (resolution - new_w) // 2)
-  raise ValueError(f'geometry={geometry!r}: allowed values are {", ".join(GEOMETRIES)}')
+  scale = resolution / max(height, width)  # 'letterbox'
+  new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+  return Canvas(resolution, new_h, new_w, (resolution - new_h) // 2, (resolution - new_w) // 2)
 
 
 def valid_patches(
@@ -173,13 +178,11 @@ def picture_valid_patches(
   if geometry == 'crop':
     side = resolution // patch_size
     return np.ones((side, side), bool)
-  canvas(1, 1, resolution, geometry)  # checks the name
-  container = open_video(video)
+  check_geometry(geometry)
+  container = open_video(video)  # has a video stream, or raises VideoError naming the file
   try:
     ctx = container.streams.video[0].codec_context
     height, width = ctx.height, ctx.width
-  except IndexError as e:
-    raise VideoError(f'{describe(video)}: no video stream') from e
   finally:
     container.close()
   if not height or not width:
@@ -194,7 +197,7 @@ def decode_canvas(
   the stream get its last frame (as `video.decode_frames`, which serves 'crop')."""
   if geometry == 'crop':
     return video_lib.decode_frames(video, frame_ids, resolution)
-  canvas(1, 1, resolution, geometry)  # checks the name
+  check_geometry(geometry)
   ids = [int(i) for i in np.asarray(frame_ids, np.int64).reshape(-1)]
   wanted, last_wanted = set(ids), max(ids)
   got: dict[int, np.ndarray] = {}
