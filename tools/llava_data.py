@@ -22,7 +22,7 @@ writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for
 with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
 (the records say geometry='letterbox', which the training pipeline follows). A file set it
 cannot read (a truncated .npy, a missing frame_ids) goes to OUT.failures.jsonl and the import
-goes on; it exits 1 when no record could be read.
+goes on; it exits 1 when no record could be read (an earlier OUT stays as it was).
 """
 
 from __future__ import annotations
