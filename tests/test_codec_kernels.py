@@ -265,6 +265,32 @@ def test_order_statistics():
     assert (a, b) == (repeated[lo], repeated[lo + 1])
 
 
+def test_order_statistics_every_rank():
+  """Every rank of small multisets drawn from values at the bins' edges: both zeros beside the
+  subnormals that share their bins (0 and 2048), ranks either side of 0, and two ranks in bins
+  with empty bins between them, of one sign or of both; unweighted and weighted."""
+  pool = np.array(
+    [-3e38, -2.0, -1.0000001, -1.0, -1e-40, -1e-45, -0.0, 0.0, 1e-45, 1e-40, 1.0, 1.0000001,
+     1.125, 7.0, 3e38],
+    np.float32,
+  )  # fmt: skip
+  rng = np.random.default_rng(11)
+  for draw in range(300):
+    values = rng.choice(pool, size=int(rng.integers(1, 40)))
+    if draw % 3 == 0:  # mostly zeros, as a still scene's maps
+      values[rng.random(values.size) < 0.8] = 0.0
+    ordered = np.sort(values)
+    for lo in range(values.size):
+      for hi in {lo, min(lo + 1, values.size - 1)}:
+        a, b = kernels.order_statistics(values, np.zeros(0, np.int64), lo, hi)
+        assert (a, b) == (ordered[lo], ordered[hi]), (values, lo, hi)
+    weights = rng.integers(0, 4, values.size)
+    repeated = np.sort(np.repeat(values, weights))
+    for lo in range(repeated.size - 1):
+      a, b = kernels.order_statistics(values, weights, lo, lo + 1)
+      assert (a, b) == (repeated[lo], repeated[lo + 1]), (values, weights, lo)
+
+
 @pytest.mark.parametrize('kind', ['exponential', 'sparse', 'levels'])
 @pytest.mark.parametrize(
   'fusion,weights', [('mean', (1.0, 1.0)), ('mean', (2.0, 1.0)), ('geomean', (1.0, 1.0))]

@@ -448,8 +448,9 @@ ZERO_BIN = -1  # `_bin_holding`'s name for the values 0.0 and -0.0, counted apar
 def _bin_holding(counts, zeros, rank):
   """(bin, count before it) of the bin holding `rank` (0-based). Bins are the float32 bits' top
   12, walked in the values' order: negative ones from the most negative (4095) to the least
-  (2048), the `zeros` (ZERO_BIN), then the positive ones upwards (0 to 2047); `counts` leaves
-  the zeros out."""
+  (2048), the `zeros` (ZERO_BIN), then the positive ones upwards (0 to 2047). With `zeros` 0
+  the zeros may be in `counts` (bins 0 and 2048, beside the subnormals of their sign); with
+  more, `counts` leaves them out."""
   before = 0
   for k in range(4097):
     if k == 2048:
@@ -465,25 +466,51 @@ def _bin_holding(counts, zeros, rank):
 
 @numba.njit
 def _histogram(bits, weights):
-  """(counts of the top 12 bits without the zeros, count of zeros), each value weighted as in
-  `order_statistics`. Four interleaved tables: runs of one bin (a map's many zeros) would
-  otherwise wait on the same counter element after element."""
+  """Counts of the top 12 bits, each value weighted as in `order_statistics`; 0.0 sits in bin 0
+  and -0.0 in bin 2048, with the subnormals of its sign. Four interleaved tables: runs of one
+  bin (a map's many zeros) would otherwise wait on the same counter element after element."""
   counts = np.zeros((4, 4096), np.int64)
-  positive_zeros = negative_zeros = 0
   if weights.shape[0] > 0:
     for i in range(bits.shape[0]):
       counts[i & 3, bits[i] >> np.uint32(20)] += weights[i]
-      positive_zeros += weights[i] * (bits[i] == np.uint32(0))
-      negative_zeros += weights[i] * (bits[i] == np.uint32(0x80000000))
   else:
     for i in range(bits.shape[0]):
       counts[i & 3, bits[i] >> np.uint32(20)] += 1
-      positive_zeros += bits[i] == np.uint32(0)
-      negative_zeros += bits[i] == np.uint32(0x80000000)
-  total = counts[0] + counts[1] + counts[2] + counts[3]
-  total[0] -= positive_zeros  # 0.0 sits in bin 0, -0.0 in bin 2048
-  total[2048] -= negative_zeros
-  return total, positive_zeros + negative_zeros
+  return counts[0] + counts[1] + counts[2] + counts[3]
+
+
+@numba.njit
+def _zeros(bits, weights):
+  """(weighted) counts of 0.0 and of -0.0."""
+  positive = negative = 0
+  if weights.shape[0] > 0:
+    for i in range(bits.shape[0]):
+      positive += weights[i] * (bits[i] == np.uint32(0))
+      negative += weights[i] * (bits[i] == np.uint32(0x80000000))
+  else:
+    for i in range(bits.shape[0]):
+      positive += bits[i] == np.uint32(0)
+      negative += bits[i] == np.uint32(0x80000000)
+  return positive, negative
+
+
+@numba.njit(inline='always')
+def _gather(values, bits, weights, bin_a, bin_b, gathered, kept_weights, kept):
+  """Appends to `gathered` (and `kept_weights`) from index `kept` the values whose bit patterns
+  lie in the bins from bin_a to bin_b: one unsigned range test a value, the zero's pattern left
+  out when the range starts with it (each sign's zero is the first pattern of its bin, 0 or
+  2048). Returns the new `kept`."""
+  start = np.uint32(min(bin_a, bin_b)) << np.uint32(20)
+  span = np.uint32(abs(bin_a - bin_b) + 1) << np.uint32(20)
+  if (start & np.uint32(0x7FFFFFFF)) == 0:
+    start, span = start + np.uint32(1), span - np.uint32(1)
+  for i in range(bits.shape[0]):
+    if np.uint32(bits[i] - start) < span:
+      gathered[kept] = values[i]
+      if weights.shape[0] > 0:
+        kept_weights[kept] = weights[i]
+      kept += 1
+  return kept
 
 
 @jit
@@ -493,27 +520,37 @@ def order_statistics(values, weights, lo, hi):
   np.partition finds (a zero comes back as 0.0).
 
   A histogram of the top 12 bits (sign, exponent, 3 mantissa bits: bins an eighth of an octave
-  wide) with the exact zeros counted apart finds the bins of the two ranks (`_bin_holding`);
-  only those bins' non-zero values are gathered and partitioned (sorted when weighted). Two
-  plain passes over the values, and none more when a rank falls among the zeros (a still
-  scene's maps, mostly zero, no longer partition nearly all their values)."""
+  wide) finds the bins of the two ranks (`_bin_holding`); only those bins' non-zero values are
+  gathered (one unsigned range test a value: the bins between the two, in the values' order,
+  are empty) and partitioned (sorted when weighted). Where a rank falls in a bin that holds a
+  zero (bins 0 and 2048, with the subnormals), the zeros are counted apart in one more pass and
+  the bins found again, so no rank among the zeros gathers them (a still scene's maps, mostly
+  zero, would otherwise partition nearly all their values)."""
   bits = values.view(np.uint32)
   n = bits.shape[0]
   weighted = weights.shape[0] > 0
-  counts, zeros = _histogram(bits, weights)
-  bin_lo, before_lo = _bin_holding(counts, zeros, lo)
-  bin_hi, before_hi = _bin_holding(counts, zeros, hi)
+  counts = _histogram(bits, weights)
+  bin_lo, before_lo = _bin_holding(counts, 0, lo)
+  bin_hi, before_hi = _bin_holding(counts, 0, hi)
+  if bin_lo == 0 or bin_lo == 2048 or bin_hi == 0 or bin_hi == 2048:
+    positive_zeros, negative_zeros = _zeros(bits, weights)
+    counts[0] -= positive_zeros
+    counts[2048] -= negative_zeros
+    zeros = positive_zeros + negative_zeros
+    bin_lo, before_lo = _bin_holding(counts, zeros, lo)
+    bin_hi, before_hi = _bin_holding(counts, zeros, hi)
   gathered = np.empty(n, np.float32)
   kept_weights = np.empty(n if weighted else 0, np.int64)
   kept = 0
-  if bin_lo != ZERO_BIN or bin_hi != ZERO_BIN:
-    for i in range(n):  # branch-free: every value is written, the position moves for kept ones
-      top = np.int64(bits[i] >> np.uint32(20))
-      gathered[kept] = values[i]
-      if weighted:
-        kept_weights[kept] = weights[i]
-      nonzero = (bits[i] & np.uint32(0x7FFFFFFF)) != 0
-      kept += nonzero & ((top == bin_lo) | (top == bin_hi))
+  # The bins of the two ranks as one range of bit patterns, zeros never gathered. Ranks either
+  # side of 0 (no zeros between them: values of both signs, bins a >= 2048 and b < 2048) make it
+  # the range from b up to a, which also takes the positive bins above b: values above both
+  # ranks, which change neither statistic (nor does -0.0's pattern, inside it: there are no
+  # zeros). Maps are never negative, so this costs nothing where it matters.
+  a = bin_lo if bin_lo != ZERO_BIN else bin_hi
+  b = bin_hi if bin_hi != ZERO_BIN else bin_lo
+  if a != ZERO_BIN:
+    kept = _gather(values, bits, weights, a, b, gathered, kept_weights, 0)
   # The gathered values are those of bin_lo (when not the zeros) then of bin_hi: ranks among
   # them count from the first gathered bin.
   base = before_lo if bin_lo != ZERO_BIN else before_hi
