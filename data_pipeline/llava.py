@@ -33,7 +33,9 @@ top-k order (stage2 sorts them before packing, so the canvases are the same).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -361,6 +363,28 @@ def make_clip(
   return jsonl_line(item, paths, s)
 
 
+def remove_temporaries(paths: dict, pid: int | None) -> list[str]:
+  """Removes the temporary files (`fileio.temp_name`) that the worker process `pid`, killed or
+  dead, left beside a clip's files (`clip_paths`); returns their paths. Only that process's:
+  another run may be writing beside them (split tasks share `visidx_root`)."""
+  if pid is None:
+    return []
+  mark = f'{fileio.TMP_MARK}{pid}-'
+  patterns = {  # one listing of each folder
+    os.path.join(glob.escape(os.path.dirname(paths['meta'])), f'*{mark}*'),
+    os.path.join(glob.escape(os.path.dirname(paths['positions'])), f'*{mark}*'),
+  }
+  names = {paths['visidx'], paths['frame_ids'], paths['meta'], paths['positions'], *paths['images']}
+  removed = []
+  for pattern in sorted(patterns):
+    for temporary in glob.glob(pattern):
+      if temporary.split(mark, 1)[0] in names:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(temporary)
+        removed.append(temporary)
+  return removed
+
+
 def release_task(item: Item, num_tasks: int) -> int:
   """The task (of `num_tasks`) that takes a row, as the release's stage2 shards its input: the
   first 8 hex digits of sha1('<video>|<id>|<row>') modulo N."""
@@ -522,6 +546,7 @@ def run(
             continue
           result = next(results)
           if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
+            remove_temporaries(paths, result.pid)
             result = {'reason': f'{item.video}: {result.reason}'}
           if 'line' in result:
             lines.append(result['line'])

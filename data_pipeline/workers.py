@@ -45,9 +45,11 @@ WORKER_THREAD_VARIABLES = (
 
 @dataclasses.dataclass
 class Lost:
-  """The result of an item whose worker timed out or died."""
+  """The result of an item whose worker timed out or died; `pid`: that worker's process id (it
+  is gone by the time this is handed over), to find what it left half-written."""
 
   reason: str
+  pid: int | None = None
 
 
 class WorkerStartError(RuntimeError):
@@ -337,10 +339,12 @@ def _collect(slot: _Slot, ready: list, timeout: float | None) -> tuple[int | Non
       return message
   if slot.process.sentinel in ready or not slot.process.is_alive():
     slot.process.join()
-    return slot.task, Lost(death_reason(slot.process.exitcode))
+    return slot.task, Lost(death_reason(slot.process.exitcode), slot.process.pid)
   elapsed = time.monotonic() - slot.started
   if not slot.ready and elapsed > STARTUP_SECONDS:
     return None, Lost(f'no answer after {STARTUP_SECONDS:g} s')
   if slot.ready and timeout and elapsed > timeout:
-    return slot.task, Lost(f'timed out after {timeout:g} s (the worker was killed)')
+    return slot.task, Lost(
+      f'timed out after {timeout:g} s (the worker was killed)', slot.process.pid
+    )
   return None

@@ -53,3 +53,16 @@ def work(item):
 def env(name: str):
   """A worker's view of one environment variable."""
   return os.environ.get(name)
+
+
+def select_torn(video, **options):
+  """`select`, except that a video named 'torn*' writes a temporary file as a killed writer
+  leaves it (`fileio.temp_name` of the path in $OVE_TEST_TORN_PATH, from this process) and then
+  gets the out-of-memory killer's SIGKILL."""
+  if os.path.basename(str(video)).startswith('torn'):
+    from data_pipeline import fileio
+
+    with open(fileio.temp_name(os.environ['OVE_TEST_TORN_PATH']), 'wb') as f:
+      f.write(b'half a picture')
+    os.kill(os.getpid(), signal.SIGKILL)
+  return select(video, **options)

@@ -435,6 +435,40 @@ def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path
   assert [e['id'] for e in llava.read_failures(out + '.failures.jsonl')] == ['0']
 
 
+def test_a_worker_killed_while_writing_leaves_no_temporary(tmp_path, monkeypatch):
+  """A worker killed (SIGKILL) after starting a clip's files: its temporary file goes with it,
+  the clip is a failure, and another process's temporary beside it is left alone."""
+  video = synthetic.make_clip(1, num_frames=8, height=64, width=64).write(tmp_path / 'a.mp4')
+  torn = str(tmp_path / 'torn-write.mp4')
+  dataset = tmp_path / 'data.txt'
+  dataset.write_text(f'{video}\n{torn}\n')
+  settings = llava.Settings(
+    num_frames=4, resolution=64, budget=32, num_images=2, image_format='png'
+  )
+  roots = dict(visidx_root=str(tmp_path / 'v'), image_root=str(tmp_path / 'i'))
+  item = llava.read_items(str(dataset))[1]
+  paths = llava.clip_paths(item, **roots, s=settings)
+  os.makedirs(os.path.dirname(paths['images'][0]))
+  other = paths['images'][0] + '.tmp-1-0000abcd'  # another writer's, in flight
+  open(other, 'wb').close()
+  monkeypatch.setenv('OVE_TEST_TORN_PATH', paths['images'][0])
+  out = str(tmp_path / 'train.jsonl')
+  counts = llava.run(
+    str(dataset),
+    out_jsonl=out,
+    settings=settings,
+    workers=1,
+    selector='precompute_faults:select_torn',
+    **roots,
+  )
+  assert counts == {'clips': 2, 'made': 1, 'skipped': 0, 'failed': 1}
+  (failure,) = llava.read_failures(out + '.failures.jsonl')
+  assert failure['video'] == torn and 'SIGKILL' in failure['reason']
+  left = sorted(p for p in os.listdir(os.path.dirname(other)) if '.tmp-' in p)
+  assert left == [os.path.basename(other)]
+  assert not [p for p in os.listdir(roots['visidx_root']) if '.tmp-' in p]
+
+
 def test_bad_dataset_lines_and_select_threads_are_named(tmp_path, monkeypatch, capsys):
   dataset = tmp_path / 'data.jsonl'
   dataset.write_text('{"id": 1, "video": "a.mp4"}\n{"id": 2, "video": \n')
