@@ -281,11 +281,13 @@ def test_prefetched_hands_over_every_item_then_the_error_from_its_own_thread():
 
 def test_prefetched_stops_and_joins_its_thread_when_closed_early():
   closed = threading.Event()
+  taken = []
 
   def endless():
     try:
       i = 0
       while True:
+        taken.append(i)
         yield i
         i += 1
     finally:
@@ -294,8 +296,10 @@ def test_prefetched_stops_and_joins_its_thread_when_closed_early():
   items = bitstream.prefetched(endless(), depth=3)
   assert [next(items) for _ in range(4)] == [0, 1, 2, 3]
   time.sleep(0.05)  # the thread has most likely filled its slots and waits
+  # It reads ahead at most `depth` items waiting in their slots, and one it waits to hand over.
+  assert len(taken) <= 4 + 3 + 1
   items.close()
-  assert closed.is_set() and not decoding_threads()
+  assert closed.is_set() and not decoding_threads() and len(taken) <= 4 + 3 + 1
   # An error downstream of the items closes it the same way.
   closed.clear()
   with pytest.raises(RuntimeError, match='downstream'):
