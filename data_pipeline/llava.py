@@ -90,6 +90,11 @@ def read_items(path: str) -> list[Item]:
   'video' (and 'conversations', optional; '_row_idx' as the release's pre-sharded files), or a
   .txt of video paths, one a line (id = the line number, no conversation)."""
   lower = path.lower()
+  if not os.path.isfile(path):
+    raise ValueError(
+      f'{path}: no such dataset file; give a .jsonl or .json list of {{"id", "video", '
+      '"conversations"}} objects, or a .txt of video paths'
+    )
   if lower.endswith('.txt'):
     with open(path, encoding='utf-8') as f:
       videos = [line.strip() for line in f if line.strip()]
@@ -501,6 +506,7 @@ def run(
     f'making {out_jsonl}',
     kind='ove-llava-data',
   ):
+    check_settings(out_jsonl, settings, options, selector)
     known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
     plan = []  # (item, its paths, 'finished' / 'known' / 'todo')
     failed = {}  # plan row -> failure entry: the known ones from the start, so none is lost
@@ -563,6 +569,27 @@ def run(
       out_jsonl, ''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines)
     )
   return counts
+
+
+def check_settings(out_jsonl: str, settings: Settings, options: dict, selector: str | None):
+  """Records what makes a clip's files (`<jsonl>.settings.json`: the settings, options and
+  selector) and refuses a run on the same jsonl with others: its canvases would be written over
+  some of the earlier ones and beside the rest (another --image-format, fewer --num-images),
+  and finished clips would be skipped as made."""
+  path = out_jsonl + '.settings.json'
+  wanted = json.loads(
+    json.dumps({**dataclasses.asdict(settings), 'options': options, 'selector': selector})
+  )
+  earlier = fileio.read_json(path)
+  if earlier is not None and earlier != wanted:
+    changed = sorted(k for k in {*earlier, *wanted} if earlier.get(k) != wanted.get(k))
+    differences = '; '.join(f'{k}: {earlier.get(k)!r} then, {wanted.get(k)!r} now' for k in changed)
+    raise ValueError(
+      f'{out_jsonl} was made with other settings ({differences}; see {path}); give this run '
+      'its own --out-jsonl, --visidx-root and --image-root, or delete the earlier files'
+    )
+  if earlier is None:
+    fileio.write_json(path, wanted)
 
 
 def read_failures(path: str) -> list[dict]:

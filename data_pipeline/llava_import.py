@@ -33,6 +33,14 @@ def regrid(
   return np.argwhere(cover_TxMxM >= min_cover - 1e-9).astype(np.int64)
 
 
+def check_model_grid(model_grid: int | None) -> None:
+  if model_grid is not None and model_grid < 1:
+    raise ValueError(
+      f'model_grid={model_grid}: patches a side of the model grid, >= 1 (16 for our 224 / 14 '
+      "model); leave it out to keep the release's grid"
+    )
+
+
 def release_record(
   visidx_path: str,
   frame_ids_path: str | None = None,
@@ -47,6 +55,7 @@ def release_record(
   positions become int16, sorted by (t, h, w) as our records keep them; with `model_grid`
   (e.g. 16 for our 224 / 14 model) they are moved onto that grid (`regrid`); picture types are
   unknown (the release does not store them)."""
+  check_model_grid(model_grid)
   if not visidx_path.endswith('.visidx_thw.npy'):
     raise ValueError(f'{visidx_path}: not a stage1 selection file (*.visidx_thw.npy)')
   prefix = visidx_path[: -len('.visidx_thw.npy')]
@@ -54,7 +63,8 @@ def release_record(
   meta = fileio.read_json(prefix + '.meta.json') or {}
   if not os.path.exists(frame_ids_path):
     raise ValueError(
-      f'{visidx_path}: its frame ids {frame_ids_path} are missing; pass frame_ids_path'
+      f'{visidx_path}: its frame ids {frame_ids_path} are missing (stage1 writes them beside '
+      'the .visidx_thw.npy: copy them there; from Python, frame_ids_path= names another file)'
     )
   thw = np.load(visidx_path, allow_pickle=False)
   frame_ids = np.load(frame_ids_path, allow_pickle=False)
@@ -104,13 +114,16 @@ def import_files(
   read (a corrupt or truncated .npy, a missing frame_ids, bad positions, no video named) is
   recorded in `failures` (default `out + '.failures.jsonl'`: file, reason) and left out; the
   import goes on. Returns the counts; ValueError when there is no file set at all."""
-  from data_pipeline import records, shards
+  from data_pipeline import paths, records, shards
 
+  check_model_grid(model_grid)
   found = list(release_files(visidx_root))
   if not found:
     raise ValueError(f'{visidx_root}: no *.visidx_thw.npy files found')
   failures = failures or out + '.failures.jsonl'
   failed = []
+  if not paths.is_url(out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   writer = shards.ShardWriter(out)
   try:
     for path in found:

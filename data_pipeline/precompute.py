@@ -163,6 +163,16 @@ def precompute(
   check_run_arguments(name, split, record_format, clip_timeout, task_index, num_tasks, overwrite)
   if isinstance(inputs, (str, os.PathLike)):
     clips = read_inputs(inputs)
+    if not clips:
+      kind = 'folder' if os.path.isdir(inputs) else 'list'
+      raise ValueError(
+        f'{os.fspath(inputs)}: no input clips in this {kind} ('
+        + (
+          f'files ending in {", ".join(VIDEO_EXTENSIONS)}, searched recursively)'
+          if kind == 'folder'
+          else "one path a line; blank lines and lines starting with '#' are skipped)"
+        )
+      )
   else:
     clips = [c if isinstance(c, Clip) else Clip(os.path.abspath(os.fspath(c))) for c in inputs]
   options = dict(options or {})

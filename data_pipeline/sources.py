@@ -209,7 +209,17 @@ class TfdsSource:
       if folder is not None:
         self._source = tfds.builder_from_directory(folder).as_data_source(self.split)
       else:
-        self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+        try:
+          self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+          if self.data_dir is not None:
+            raise
+          # Instead of TFDS's list of every dataset it knows.
+          raise FileNotFoundError(
+            f'tfds:{self.name}: not a dataset of the TFDS catalogue; for one that '
+            f'ove-precompute-codec --format tfds wrote, give its folder: '
+            f"'tfds:{self.name}?data_dir=OUT_DIR'"
+          ) from None
     return self._source
 
   def __getstate__(self):

@@ -10,6 +10,9 @@ those keys, so they come back from `parse_known_args` and are split off here.
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 from typing import Sequence
 
 OVERRIDE_PREFIX = '--config.'
@@ -92,18 +95,66 @@ def add_dtype_flag(parser: argparse.ArgumentParser, default: str, help: str) -> 
 DEFAULT_CLIP_TIMEOUT = 900.0
 
 
+def count(text: str) -> int:
+  """argparse type of a number of processes: an integer >= 0."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: a whole number >= 0 (0: in this process)')
+  return value
+
+
+def seconds(text: str) -> float:
+  """argparse type of a time limit: seconds >= 0 (0: no limit)."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not value >= 0 or math.isinf(value):
+    raise argparse.ArgumentTypeError(f'{text!r}: seconds >= 0 (0: no limit)')
+  return value
+
+
+def json_object(text: str) -> dict:
+  """argparse type of an --options flag: a JSON object given inline, or the path of a file
+  holding one."""
+  source = text
+  if os.path.isfile(text):
+    with open(text, encoding='utf-8') as f:
+      source = f.read()
+  elif not text.lstrip().startswith('{') and (text.endswith('.json') or os.sep in text):
+    what = 'a folder, not a JSON file' if os.path.isdir(text) else 'no such file'
+    raise argparse.ArgumentTypeError(
+      f'{text}: {what}; give the path of a JSON file, or the object inline (\'{{"budget": 2048}}\')'
+    )
+  try:
+    value = json.loads(source)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(
+      f'{text!r} is not JSON ({e}); give a JSON object inline (\'{{"budget": 2048}}\') or the '
+      'path of a JSON file'
+    ) from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(
+      f'{text!r}: give a JSON object of codec.select options (\'{{"budget": 2048}}\')'
+    )
+  return value
+
+
 def add_pool_flags(parser: argparse.ArgumentParser) -> None:
   """`--workers` and `--clip-timeout` of a tool that runs clips in a worker pool."""
   parser.add_argument(
     '--workers',
-    type=int,
+    type=count,
     default=None,
     help='worker processes (default: the CPUs this process may use, from its '
     'affinity mask and cgroup CPU quota; 0: in this process, no time limit)',
   )
   parser.add_argument(
     '--clip-timeout',
-    type=float,
+    type=seconds,
     default=DEFAULT_CLIP_TIMEOUT,
     help='seconds one clip may take before its worker is killed and the clip '
     f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',

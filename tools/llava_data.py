@@ -30,27 +30,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import sys
 
 from data_pipeline import llava, llava_import, locks
 from ove_jax import cli
-
-
-# As ove-precompute-codec's: an hour of 1080p source, and a hung decoder costs minutes.
-def json_object(text: str) -> dict:
-  """argparse type of --options: a JSON object given inline or as a file's path."""
-  source = text
-  if os.path.isfile(text):
-    with open(text, encoding='utf-8') as f:
-      source = f.read()
-  try:
-    value = json.loads(source)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(f'not JSON ({e}); give a JSON object or its file') from None
-  if not isinstance(value, dict):
-    raise argparse.ArgumentTypeError('give a JSON object of codec.select options')
-  return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
   )
   make.add_argument(
     '--options',
-    type=json_object,
+    type=cli.json_object,
     default={},
     help='JSON object (or file) of codec.select options over the release_llava preset',
   )

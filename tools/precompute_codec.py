@@ -41,29 +41,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ove_jax import cli
-
-
-# Long enough for an hour of 1080p source (selection reads every frame), short enough that a
-# hung decoder costs minutes, not the run.
-def _parse_options(text: str | None) -> dict:
-  """--options: inline JSON, or the path of a JSON file."""
-  if not text:
-    return {}
-  if os.path.isfile(text):
-    with open(text, encoding='utf-8') as f:
-      text = f.read()
-  try:
-    options = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise SystemExit(f'--options: not JSON and not a JSON file ({e})') from None
-  if not isinstance(options, dict):
-    raise SystemExit('--options: must be a JSON object of select() keyword arguments')
-  return options
-
 
 # The flags passed to `precompute.precompute` as they are, under the same names.
 RUN_FLAGS = (
@@ -108,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
   sel.add_argument('--policy', help='frame policy: paper, first_frame or zero')
   sel.add_argument(
     '--options',
+    type=cli.json_object,
+    default={},
     help='more select() keyword arguments: a JSON object or the '
     'path of a JSON file; the flags above override its keys',
   )
@@ -206,7 +188,7 @@ def main(argv=None) -> int:
 
   if args.check is not None:
     return _check(precompute, args.check)
-  options = _parse_options(args.options)
+  options = dict(args.options)
   for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy'):
     value = getattr(args, flag)
     if value is not None:
@@ -233,6 +215,13 @@ def main(argv=None) -> int:
     f'{100 * summary["patches_kept_fraction"]:.2f}% of patches kept',
     file=sys.stderr,
   )
+  if args.task_index >= summary['shards']:
+    print(
+      f'ove-precompute-codec: warning: task {args.task_index} of {args.num_tasks} owns no shard '
+      f'(the plan has {summary["shards"]}; shard i belongs to task i % {args.num_tasks}): '
+      'use fewer tasks, or more shards (--num-shards, a smaller --clips-per-shard)',
+      file=sys.stderr,
+    )
   if args.num_tasks > 1:
     print(
       f'task {args.task_index} of {args.num_tasks}: corpus '

@@ -18,13 +18,20 @@ run's options when the record has none).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 from data_pipeline.pictures import kept_mask, overlay, render  # noqa: F401 (re-exported)
+from ove_jax import cli
+
+# Shard file names (ArrayRecord, TFDS's template): record mode needs --index.
+SHARD_MARKS = ('.array_record', '.tfrecord')
+
+
+def is_shard(path: str) -> bool:
+  return any(mark in os.path.basename(path) for mark in SHARD_MARKS)
 
 
 def _select(video, selector: str | None, options: dict):
@@ -55,7 +62,12 @@ def main(argv=None) -> int:
   p.add_argument('--policy', help='frame policy: paper, first_frame, zero, zero_first')
   p.add_argument('--preset', help='release_train, release_probe or release_llava')
   p.add_argument('--geometry', help='crop (default) or letterbox')
-  p.add_argument('--options', help='more select() keyword arguments as a JSON object')
+  p.add_argument(
+    '--options',
+    type=cli.json_object,
+    default={},
+    help='more select() keyword arguments: a JSON object, or the path of a JSON file',
+  )
   p.add_argument('--selector', help='module:function instead of data_pipeline.codec:select')
   p.add_argument('--cols', type=int, default=8, help='frames per row of the grid')
   p.add_argument('--frame-ms', type=int, default=120, help='GIF frame duration')
@@ -65,17 +77,28 @@ def main(argv=None) -> int:
   from data_pipeline.codec.release import PRESETS
   from data_pipeline.precompute import picture_type_codes, read_record
 
-  try:
-    options = json.loads(args.options) if args.options else {}
-  except json.JSONDecodeError as e:
-    print(f'visualize_selection: --options is not JSON ({e})', file=sys.stderr)
-    return 2
+  options = dict(args.options)
   record, selector = None, args.selector
+  if args.index is None and is_shard(args.source):
+    print(
+      f'visualize_selection: {args.source} is a shard of records; give --index I (0-based) of '
+      'the record to show',
+      file=sys.stderr,
+    )
+    return 2
   if args.index is not None:
     try:
       record = read_record(args.source, args.index)
     except IndexError as e:
       print(f'visualize_selection: {e}', file=sys.stderr)
+      return 2
+    except (OSError, RuntimeError, ValueError) as e:
+      print(
+        f'visualize_selection: {args.source}: no record {args.index} could be read ({e}); '
+        '--index is for a shard of records (ove-precompute-codec, ove-llava-data import): '
+        'for a video, leave it out',
+        file=sys.stderr,
+      )
       return 2
     run_options, run_selector = _run_settings(args.source)
     options, selector = {**run_options, **options}, selector or run_selector
@@ -89,6 +112,16 @@ def main(argv=None) -> int:
   )
   if record is not None and record.get('geometry') and args.geometry is None:
     geometry = record['geometry']  # the record says which canvas its positions are on
+  grid = resolution // patch_size
+  if record is not None and len(record['positions']) and record['positions'][:, 1:].max() >= grid:
+    print(
+      f'visualize_selection: record {args.index} of {args.source} has positions up to '
+      f'{int(record["positions"][:, 1:].max())}, beyond the {grid} x {grid} grid of '
+      f'{resolution} / {patch_size}; give --resolution and --patch-size of the grid it was '
+      'made on (576 and 16 for LLaVA records imported without --model-grid)',
+      file=sys.stderr,
+    )
+    return 2
 
   try:
     if record is None:
