@@ -143,6 +143,17 @@ def json_object(text: str) -> dict:
   return value
 
 
+def add_options_flag(parser, about: str) -> None:
+  """`--options`: codec.select keywords as a JSON object, inline or in a file (`json_object`)."""
+  parser.add_argument(
+    '--options',
+    type=json_object,
+    default={},
+    help=f'codec.select keyword arguments as a JSON object, inline or the path of a JSON file; '
+    f'{about}',
+  )
+
+
 def add_pool_flags(parser: argparse.ArgumentParser) -> None:
   """`--workers` and `--clip-timeout` of a tool that runs clips in a worker pool."""
   parser.add_argument(

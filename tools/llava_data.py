@@ -63,12 +63,7 @@ def parser() -> argparse.ArgumentParser:
     help='pack canvas 0 like the others (default: the whole first frame, '
     "as the release's --first_full)",
   )
-  make.add_argument(
-    '--options',
-    type=cli.json_object,
-    default={},
-    help='JSON object (or file) of codec.select options over the release_llava preset',
-  )
+  cli.add_options_flag(make, 'over the release_llava preset')
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
   make.add_argument(
     '--retry-failures',

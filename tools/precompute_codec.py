@@ -86,13 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
   sel.add_argument('--resolution', type=int, help='model input side in pixels')
   sel.add_argument('--patch-size', type=int, help='patch side in pixels')
   sel.add_argument('--policy', help='frame policy: paper, first_frame or zero')
-  sel.add_argument(
-    '--options',
-    type=cli.json_object,
-    default={},
-    help='more select() keyword arguments: a JSON object or the '
-    'path of a JSON file; the flags above override its keys',
-  )
+  cli.add_options_flag(sel, 'the flags above override its keys')
   sel.add_argument(
     '--selector',
     default=None,

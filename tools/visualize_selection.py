@@ -62,12 +62,7 @@ def main(argv=None) -> int:
   p.add_argument('--policy', help='frame policy: paper, first_frame, zero, zero_first')
   p.add_argument('--preset', help='release_train, release_probe or release_llava')
   p.add_argument('--geometry', help='crop (default) or letterbox')
-  p.add_argument(
-    '--options',
-    type=cli.json_object,
-    default={},
-    help='more select() keyword arguments: a JSON object, or the path of a JSON file',
-  )
+  cli.add_options_flag(p, 'the flags above override its keys')
   p.add_argument('--selector', help='module:function instead of data_pipeline.codec:select')
   p.add_argument('--cols', type=int, default=8, help='frames per row of the grid')
   p.add_argument('--frame-ms', type=int, default=120, help='GIF frame duration')
