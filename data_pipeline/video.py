@@ -30,6 +30,35 @@ def describe(video: VideoSource) -> str:
   return os.fspath(video)
 
 
+def mp4_without_index(video: VideoSource) -> bool:
+  """Whether `video` is an MP4 / MOV (an 'ftyp' box first) whose top-level boxes, walked from
+  the start, end before a complete 'moov' box (the index)."""
+  if isinstance(video, (bytes, bytearray, memoryview)):
+    stream = io.BytesIO(bytes(video))
+  else:
+    stream = open(os.fspath(video), 'rb')  # noqa: SIM115 (closed below)
+  with stream:
+    size = stream.seek(0, io.SEEK_END)
+    offset, first = 0, True
+    while offset + 8 <= size:
+      stream.seek(offset)
+      header = stream.read(16)
+      length, kind = int.from_bytes(header[:4], 'big'), header[4:8]
+      if first and kind != b'ftyp':
+        return False
+      first = False
+      if length == 1 and len(header) == 16:
+        length = int.from_bytes(header[8:16], 'big')
+      elif length == 0:
+        length = size - offset
+      if length < 8:
+        return True  # a broken box: no index can follow
+      if kind == b'moov':
+        return offset + length > size
+      offset += length
+    return not first
+
+
 def open_video(video: VideoSource):
   """An open PyAV container with at least one video stream, or a VideoError saying why not."""
   name = describe(video)
@@ -49,6 +78,13 @@ def open_video(video: VideoSource):
   try:
     container = av.open(source, mode='r')
   except av.FFmpegError as e:
+    if mp4_without_index(video):
+      raise VideoError(
+        f"{name}: an MP4 cut short before its index (no complete 'moov' box: a download or copy "
+        'that stopped early, where the index is written last); nothing in it can be decoded: '
+        'fetch it again (an MP4 written with the index in front, ffmpeg -movflags +faststart, '
+        'can be read cut short with allow_truncated=True)'
+      ) from e
     raise VideoError(f'{name}: not a video PyAV can read ({e.__class__.__name__}: {e})') from e
   if not container.streams.video:
     kinds = sorted({s.type for s in container.streams}) or ['none']

@@ -592,6 +592,22 @@ def test_bad_inputs_raise_video_error(bad_inputs, name):
       codec.select(path.read_bytes())
 
 
+def test_an_mp4_cut_before_its_index_is_named_so(bad_inputs):
+  """A download cut short loses an ordinary MP4's index (written last): the error says so and
+  what to do, for a path and for bytes; other unreadable files keep the generic message."""
+  path = bad_inputs['truncated.mp4']
+  for video in (str(path), path.read_bytes()):
+    with pytest.raises(codec.VideoError, match=r'cut short before its index .*fetch it again'):
+      codec.select(video, allow_truncated=True)
+  with pytest.raises(codec.VideoError, match='not a video PyAV can read'):
+    codec.select(str(bad_inputs['random.mp4']))
+  whole = bad_inputs['truncated.mp4'].parent / 'whole.mp4'  # faststart: index first
+  from data_pipeline import video as video_lib
+
+  assert not video_lib.mp4_without_index(str(whole))
+  assert not video_lib.mp4_without_index(bad_inputs['truncated_faststart.mp4'].read_bytes())
+
+
 def test_truncated_allowed(bad_inputs):
   sel = codec.select(
     str(bad_inputs['truncated_faststart.mp4']), num_frames=16, budget=512, allow_truncated=True
