@@ -474,6 +474,15 @@ def run(
       f'must split into num_images canvases of at most {side}x{side} patches '
       f'(the release: 576, 16, 10368, 8)'
     )
+  if settings.first_full and settings.budget != settings.num_images * side * side:
+    # Canvas 0 is then the whole first frame in place of the first budget / num_images
+    # selected patches: with fewer per canvas than its cells those patches would be lost.
+    raise ValueError(
+      f'budget={settings.budget}, num_images={settings.num_images}: with the first canvas the '
+      f'whole first frame (first_full), every canvas holds its {side}x{side} patches, so the '
+      f'budget must be num_images x {side * side} = {settings.num_images * side * side} (the '
+      'release: 8 x 36 x 36 = 10368); or pack canvas 0 like the others (--no-first-full)'
+    )
   if not 0 <= task_index < num_tasks:
     raise ValueError(
       f'task_index={task_index}, num_tasks={num_tasks}: need 0 <= task_index < num_tasks'

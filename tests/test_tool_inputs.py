@@ -106,6 +106,21 @@ def test_llava_tool_refuses_a_missing_list_and_a_bad_grid(tmp_path, capsys):
   assert 'model_grid=0: patches a side of the model grid, >= 1 (16 for our 224 / 14 model)' in err
 
 
+def test_llava_budget_must_fill_the_canvases_when_the_first_is_a_whole_frame(tmp_path, video):
+  dataset = tmp_path / 'data.txt'
+  dataset.write_text(f'{video}\n')
+  args = dict(visidx_root=str(tmp_path / 'v'), image_root=str(tmp_path / 'i'), workers=0)
+  small = llava.Settings(num_frames=4, resolution=64, budget=24, num_images=2)
+  with pytest.raises(ValueError, match=r'budget must be num_images x 16 = 32 .*--no-first-full'):
+    llava.run(str(dataset), out_jsonl=str(tmp_path / 'a.jsonl'), settings=small, **args)
+  assert not os.path.exists(args['visidx_root'])
+  packed = llava.Settings(num_frames=4, resolution=64, budget=24, num_images=2, first_full=False)
+  out = str(tmp_path / 'b.jsonl')
+  assert llava.run(str(dataset), out_jsonl=out, settings=packed, **args)['made'] == 1
+  (line,) = [json.loads(text) for text in open(out)]
+  assert np.load(line['positions_thw']).shape == (24, 3)  # every selected patch is on a canvas
+
+
 def stage1_files(folder, name='clip', grid=36):
   """One clip's stage1 files as the release writes them."""
   os.makedirs(folder, exist_ok=True)
