@@ -235,15 +235,25 @@ class SampleFn:
 # ------------------------------------------------------------------------------------------------
 
 
+class SourceError(ValueError):
+  """A head's source cannot be opened (no file matches, no such dataset) or holds nothing."""
+
+  def __init__(self, head: str, source, reason: str):
+    super().__init__(f'head {head!r}: the source {source!r}: {reason}')
+    self.head, self.source, self.reason = head, source, reason
+
+
 def sample_dataset(
   name: str, head: HeadConfig, cfg: PipelineConfig, source=None
 ) -> grain.MapDataset:
   """This host's samples of one head (before packing): a MapDataset, indexable for inspection."""
-  source = (
-    sources.open_source(head.source, cfg.local_cache_dir or None) if source is None else source
-  )
+  if source is None:
+    try:
+      source = sources.open_source(head.source, cfg.local_cache_dir or None)
+    except (OSError, ValueError) as e:
+      raise SourceError(name, head.source, str(e)) from e
   if len(source) == 0:
-    raise ValueError(f'head {name!r}: the source {head.source!r} has no records')
+    raise SourceError(name, head.source, 'it has no records')
   seed = head_seed(cfg.seed, name)
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds.repeat(cfg.num_epochs)

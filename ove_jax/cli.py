@@ -236,13 +236,25 @@ def train_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def attach_values(argv: Sequence[str], flags: Sequence[str] = ('--mesh',)) -> list[str]:
+  """`FLAG VALUE` as `FLAG=VALUE` for `flags`, whose values may start with '-' (a mesh size of
+  -1), which argparse would otherwise take for a flag."""
+  out, argv = [], list(argv)
+  while argv:
+    arg = argv.pop(0)
+    if arg in flags and argv:
+      arg = f'{arg}={argv.pop(0)}'
+    out.append(arg)
+  return out
+
+
 def parse_train_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   """(flags, config overrides 'key=value'). `--config.KEY=VALUE` and `--config.KEY VALUE`, like
   every flag, are accepted in both spellings."""
   from ove_jax import sharding
 
   parser = train_parser()
-  rest, overrides, argv = [], [], list(argv)
+  rest, overrides, argv = [], [], attach_values(argv)
   while argv:
     arg = argv.pop(0)
     if arg.startswith('--config.'):

@@ -396,14 +396,23 @@ def check_layout(
     try:
       head_loss_config(config, name).check_devices(devices, name)
     except ValueError as e:
-      raise ConfigError(str(e)) from None
+      message = str(e)
+      if config.heads[name].get('sampling_blocks') is None:  # inherited: fix it for every head
+        own = f'heads.{name}.sampling_blocks'
+        message = message.replace(f'{own}=', 'loss.sampling_blocks=', 1).replace(
+          own, 'loss.sampling_blocks'
+        )
+        message += f' (inherited by heads.{name} and every head without its own)'
+      raise ConfigError(message) from None
   batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
   axes = ' x '.join(batch_axes)
   for name, h in config.data.heads.items():
     if h.rows % batch_shards:
       raise ConfigError(
         f'data.heads.{name}.rows={h.rows} (global rows) is not divisible by the '
-        f'{batch_shards} batch shards of the mesh ({axes})'
+        f'{batch_shards} batch shards of the mesh ({axes}); set it to a multiple of '
+        f'{batch_shards} (e.g. --config.data.heads.{name}.rows='
+        f'{batch_shards * max(1, round(h.rows / batch_shards))}) or use fewer batch shards'
       )
   if batch_shards % process_count:
     raise ConfigError(

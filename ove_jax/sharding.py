@@ -119,8 +119,11 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   rest = [a for a, v in full.items() if v == -1]
   if rest:
     if num_devices % known:
+      largest = max((a for a, v in full.items() if v > 1), key=full.get)
       raise ValueError(
-        f'mesh {_describe(full)}: the fixed sizes ({known}) do not divide the {num_devices} devices'
+        f'mesh {_describe(full)}: the fixed sizes ({known}) do not divide the {num_devices} '
+        f'devices; make their product divide {num_devices} (e.g. {largest}='
+        f'{_fitting(full, largest, num_devices)}), or run on a multiple of {known} devices'
       )
     full[rest[0]] = num_devices // known
   if math.prod(full.values()) != num_devices:
@@ -129,6 +132,17 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
       f'run has {num_devices}; set one size to -1 (the rest) or change the sizes'
     )
   return tuple(full[a] for a in MESH_AXES)
+
+
+def _fitting(full: Mapping[str, int], axis: str, num_devices: int) -> int:
+  """The largest size of `axis` that makes the fixed sizes divide `num_devices`."""
+  others = math.prod(v for a, v in full.items() if v != -1 and a != axis)
+  return max(
+    (
+      d for d in range(1, full[axis] + 1) if full[axis] % d == 0 and num_devices % (others * d) == 0
+    ),
+    default=1,
+  )
 
 
 def make_mesh(

@@ -68,7 +68,8 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   try:
     return sharding.mesh_shape(dict(config.mesh), num_devices)
   except ValueError as e:
-    raise config_lib.ConfigError(f'{e} (e.g. --config.mesh.data=-1)') from None
+    hint = '' if -1 in dict(config.mesh).values() else ' (e.g. --config.mesh.data=-1)'
+    raise config_lib.ConfigError(f'{e}{hint}') from None
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -135,7 +136,18 @@ def make_iterator(
   data['seed'] = (data['seed'] + seed_offset) % 2**32
   if worker_count is not None:
     data['worker_count'] = worker_count
-  return pipeline.make_iterator(data)
+  try:
+    return pipeline.make_iterator(data)
+  except pipeline.SourceError as e:
+    key = (
+      f'eval_sources.{e.head}'
+      if evaluation and e.head in config.eval_sources
+      else f'data.heads.{e.head}.source'
+    )
+    raise config_lib.ConfigError(
+      f'{key}={e.source!r}: {e.reason}; give a file, a glob, a folder of shards or a tfds: '
+      'name that holds records (docs/pipeline.md)'
+    ) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,9 +477,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpoint.check_checkpoint_path(paths.absolute(workdir))
   except ValueError as e:
     raise config_lib.ConfigError(f'--workdir {e}') from None
-  info = distributed.initialize(
-    local_device_count=_local_devices(config), **config.distributed.to_dict()
-  )
+  try:  # OVE_* variables set in part, or out of range: the launch's config, exit status 2
+    info = distributed.initialize(
+      local_device_count=_local_devices(config), **config.distributed.to_dict()
+    )
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   main_process = info['process_index'] == 0
   if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
     log.info('malloc: %s', host_runtime.configure_malloc())
@@ -498,6 +513,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     jax.set_mesh(mesh),
     preemption.Preemption() as stop,
   ):
+    iterator = make_iterator(config, sources)  # a source that cannot be read fails here
+    if config.eval_every:  # and an evaluation source, not at the first evaluation
+      make_iterator(config, sources, seed_offset=1, worker_count=0, evaluation=True)
     program = Program(config, mesh)
     manager = checkpoint.open_manager(
       checkpoint.root_of(workdir),
@@ -506,7 +524,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       create=True,
       asynchronous=True,
     )
-    iterator = make_iterator(config, sources)
     state, start = resume.start_state(manager, workdir, iterator, program, config)
     if main_process:
       fileio.write_json(

@@ -74,17 +74,19 @@ def _from_release(params: dict, config, program) -> dict:
   from ove_jax.convert import hf
 
   directory = config.init.pytorch
-  raw, tensors = hf.read_directory(directory)
-  _check_arch(
-    f'init.pytorch={directory}',
-    dataclasses.asdict(hf.config_from_hf(raw, source=directory)),
-    config,
-    program,
-  )
-  flat = hf.hf_to_params(tensors, program.encoder_cfg, source=directory)
-  try:
+  try:  # a missing or broken directory is the config's error, named by its key
+    raw, tensors = hf.read_directory(directory)
+    _check_arch(
+      f'init.pytorch={directory}',
+      dataclasses.asdict(hf.config_from_hf(raw, source=directory)),
+      config,
+      program,
+    )
+    flat = hf.hf_to_params(tensors, program.encoder_cfg, source=directory)
     encoder = checkpoint.place(checkpoint.nest(flat), params['encoder'], 'encoder')
-  except ValueError as e:
+  except config_lib.ConfigError:
+    raise
+  except (OSError, ValueError) as e:  # hf.CheckpointError is a ValueError
     raise config_lib.ConfigError(f'init.pytorch={directory}: {e}') from None
   log.info('initialised the encoder from %s (heads fresh)', directory)
   return {**params, 'encoder': encoder}

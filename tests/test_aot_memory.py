@@ -169,7 +169,9 @@ def test_batch_by_class_shapes_reads_hlo_shapes():
   [
     (['--devices=8', '--mesh=4,4,1'], '--mesh: mesh data=4 x fsdp=4 x tensor=1 needs 16 devices'),
     (['--devices=8', '--mesh=3,-1,1'], '--mesh: mesh data=3 x fsdp=-1 x tensor=1: the fixed'),
-    (['--devices=8', '--mesh=2,2'], '--mesh=2,2: expected data,fsdp,tensor'),
+    (['--devices=8', '--mesh=2,2,2,2'], "--mesh=2,2,2,2: mesh '2,2,2,2': expected data=4"),
+    (['--devices=8', '--mesh', '-1,3,1'], 'the fixed sizes (3) do not divide the 8 devices'),
+    (['--devices=8', '--mesh=4x4'], '--mesh: mesh data=4 x fsdp=4 x tensor=1 needs 16 devices'),
     (['--devices=0'], '--devices=0: give the number of devices, 1 or more'),
     (['--devices=8', '--config.optim.lrr=1'], '--config: --config.optim.lrr: optim has no key'),
     (

@@ -144,6 +144,38 @@ def test_mesh_and_batch_errors_name_the_fix():
   c = small_config(**{'heads.video.sampling_blocks': 4})
   with pytest.raises(config_lib.ConfigError, match='sampling_blocks=8'):
     train.Program(c, train.make_mesh(c))
+  # The fix named is the key that was set: a size of the mesh that is not -1, the rows as a
+  # multiple, the loss default that every head inherits.
+  c = small_config(**{'mesh.data': -1, 'mesh.fsdp': 3})
+  with pytest.raises(config_lib.ConfigError, match=r'do not divide the 8 devices.*\(e.g. fsdp=1\)'):
+    train.make_mesh(c)
+  assert '--config.mesh.data=-1' not in str(
+    pytest.raises(config_lib.ConfigError, train.make_mesh, c).value
+  )
+  c = small_config()
+  c.data.heads.video.rows = 12
+  with pytest.raises(config_lib.ConfigError, match=r'rows=12 .*--config.data.heads.video.rows=16'):
+    train.Program(c, train.make_mesh(c))
+  c = small_config(**{'loss.sampling_blocks': 4})
+  with pytest.raises(config_lib.ConfigError, match=r'--config.loss.sampling_blocks=8 .*inherited'):
+    train.Program(c, train.make_mesh(c))
+
+
+def test_unreadable_sources_and_init_are_config_errors(tmp_path):
+  """A source that matches nothing (a placeholder left in an experiment) and a missing release
+  directory are the config's errors, named by their keys, before a step is built."""
+  c = small_config(**{'data.heads.image.source': str(tmp_path / 'nothing-*.array_record')})
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"data.heads.image.source='.*nothing-\*.array_record': no files match",
+  ):
+    train.make_iterator(c, {'{builtin:video}': str(tmp_path / 'x')})
+  c = small_config(**{'init.pytorch': str(tmp_path / 'missing')})
+  mesh = train.make_mesh(c)
+  with jax.set_mesh(mesh):
+    program = train.Program(c, mesh)
+    with pytest.raises(config_lib.ConfigError, match=r'init.pytorch=.*missing: .*no such'):
+      warm_start.initialise_from(jax.eval_shape(program.init), c, program)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -626,7 +658,7 @@ def test_resume_names_what_changed(caplog):
     resume.check_resume(saved, small_config(**{'heads.video.num_classes': 60}))
 
 
-def test_command_line_spellings(capsys):
+def test_command_line_spellings(capsys, monkeypatch, tmp_path):
   args, overrides = cli.parse_train_args(
     [
       '--config',
@@ -642,6 +674,9 @@ def test_command_line_spellings(capsys):
   assert (args.config, args.workdir) == (DEMO + ':smoke', '/tmp/w')
   assert overrides == ['optim.lr=0.5', 'seed=3', 'mesh.data=2', 'mesh.fsdp=1', 'mesh.tensor=2']
   assert cli.parse_train_args([f'--config={DEMO}', '--show-config'])[0].show_config
+  # A size of -1 first, in the spelling with a space (argparse would take it for a flag).
+  overrides = cli.parse_train_args([f'--config={DEMO}', '--workdir=w', '--mesh', '-1,2,1'])[1]
+  assert overrides == ['mesh.data=-1', 'mesh.fsdp=2', 'mesh.tensor=1']
   for argv, message in (
     (['--config', DEMO], '--workdir is required'),
     (['--config', DEMO, '--workdir', 'w', '--mesh', '3x'], "mesh '3x'"),
@@ -658,6 +693,12 @@ def test_command_line_spellings(capsys):
   assert 'list them with their values' in text and text.startswith('usage: ove-train')
   assert train.main(['--config', DEMO + ':smoke', '--show-config', '--config.optim.lr=0.25']) == 0
   assert 'optim.lr = 0.25' in capsys.readouterr().out.splitlines()
+  # A launch set up in part is the config's error (exit status 2), one line, before JAX starts.
+  monkeypatch.setenv('OVE_NUM_PROCESSES', '2')
+  assert train.main(['--config', DEMO + ':smoke', '--workdir', str(tmp_path / 'w')]) == 2
+  err = capsys.readouterr().err
+  assert 'config error: A multi-process run was asked for (OVE_NUM_PROCESSES)' in err
+  assert 'Traceback' not in err
 
 
 def test_config_sections_refuse_typos():

@@ -63,7 +63,10 @@ from typing import Sequence
 
 from ove_jax import cli, memory
 
-MESH_FLAG_HELP = 'data,fsdp,tensor, e.g. 8,8,1 or -1,8,1 (one size may be -1: the rest)'
+MESH_FLAG_HELP = (
+  'data=8,fsdp=8, or sizes in the order data, fsdp, tensor: 8,8,1 or 8x8x1; one size may be -1 '
+  '(the rest of the devices)'
+)
 
 
 def build_parser() -> cli.Parser:
@@ -97,15 +100,13 @@ def build_parser() -> cli.Parser:
   return parser
 
 
-def parse_mesh(text: str) -> tuple[int, int, int]:
-  parts = [p.strip() for p in text.split(',')]
+def parse_mesh(text: str) -> dict[str, int]:
+  from ove_jax import sharding
+
   try:
-    sizes = tuple(int(p) for p in parts)
-  except ValueError:
-    sizes = ()
-  if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-    raise cli.UsageError(f'--mesh={text}: expected {MESH_FLAG_HELP}')
-  return sizes
+    return sharding.parse_mesh(text)
+  except ValueError as e:
+    raise cli.UsageError(f'--mesh={text}: {e}') from None
 
 
 def load_config(args, overrides: list[str]):
@@ -117,8 +118,7 @@ def load_config(args, overrides: list[str]):
   if args.device_memory is not None and not args.device_memory > 0:
     raise cli.UsageError(f'--device-memory={args.device_memory:g}: give a size in GB above 0')
   if args.mesh:
-    data, fsdp, tensor = parse_mesh(args.mesh)
-    overrides = overrides + [f'mesh.data={data}', f'mesh.fsdp={fsdp}', f'mesh.tensor={tensor}']
+    overrides = overrides + [f'mesh.{axis}={size}' for axis, size in parse_mesh(args.mesh).items()]
   try:
     config = config_lib.load(args.config, overrides)
   except config_lib.ConfigError as e:
@@ -134,7 +134,7 @@ def load_config(args, overrides: list[str]):
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
-    args, rest = build_parser().parse_known_args(argv)
+    args, rest = build_parser().parse_known_args(cli.attach_values(argv))
     config = load_config(args, cli.config_overrides(rest))
     result = memory.analyse(config, args.devices, args.device_memory, args.platform)
   except (cli.UsageError, memory.PlanError) as e:
