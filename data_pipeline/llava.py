@@ -369,24 +369,18 @@ def make_clip(
 
 
 def remove_temporaries(paths: dict, pid: int | None) -> list[str]:
-  """Removes the temporary files (`fileio.temp_name`) that the worker process `pid`, killed or
-  dead, left beside a clip's files (`clip_paths`); returns their paths. Only that process's:
-  another run may be writing beside them (split tasks share `visidx_root`)."""
-  if pid is None:
-    return []
+  """Removes the temporary files (`fileio.temp_name`) that the dead worker process `pid` left
+  beside a clip's files (`clip_paths`), no other process's (split tasks share `visidx_root`)."""
   mark = f'{fileio.TMP_MARK}{pid}-'
-  patterns = {  # one listing of each folder
-    os.path.join(glob.escape(os.path.dirname(paths['meta'])), f'*{mark}*'),
-    os.path.join(glob.escape(os.path.dirname(paths['positions'])), f'*{mark}*'),
-  }
   names = {paths['visidx'], paths['frame_ids'], paths['meta'], paths['positions'], *paths['images']}
-  removed = []
-  for pattern in sorted(patterns):
-    for temporary in glob.glob(pattern):
-      if temporary.split(mark, 1)[0] in names:
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(temporary)
-        removed.append(temporary)
+  folders = {os.path.dirname(paths['meta']), os.path.dirname(paths['positions'])}
+  removed = [] if pid is None else [
+    t for f in sorted(folders) for t in glob.glob(os.path.join(glob.escape(f), f'*{mark}*'))
+    if t.split(mark, 1)[0] in names
+  ]  # fmt: skip
+  for temporary in removed:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
   return removed
 
 
@@ -581,10 +575,8 @@ def run(
 
 
 def check_settings(out_jsonl: str, settings: Settings, options: dict, selector: str | None):
-  """Records what makes a clip's files (`<jsonl>.settings.json`: the settings, options and
-  selector) and refuses a run on the same jsonl with others: its canvases would be written over
-  some of the earlier ones and beside the rest (another --image-format, fewer --num-images),
-  and finished clips would be skipped as made."""
+  """Keeps what makes a clip's files in `<jsonl>.settings.json` and refuses a run on the same
+  jsonl with others (its canvases would land over some earlier ones and beside the rest)."""
   path = out_jsonl + '.settings.json'
   wanted = json.loads(
     json.dumps({**dataclasses.asdict(settings), 'options': options, 'selector': selector})

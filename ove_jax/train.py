@@ -11,9 +11,8 @@ starts), checkpoint (the layout on disk), warm_start (a first state from a relea
 stage), prefetch (batches onto the devices ahead of the step), reporter (the metrics line, NaN
 check, MFU) and preemption (SIGTERM: save, exit PREEMPTED_EXIT_CODE; the hang watchdog's exit).
 
-Multi-host: run one copy per host (ove-launch-local does it on one machine); each loads its
-share of the global batch, every process writes its part of the checkpoints, only process 0
-writes metrics.
+Multi-host: one copy per host (ove-launch-local on one machine); each loads its share of the
+global batch and writes its part of the checkpoints; only process 0 writes metrics.
 """
 
 from __future__ import annotations
@@ -139,14 +138,11 @@ def make_iterator(
   try:
     return pipeline.make_iterator(data)
   except pipeline.SourceError as e:
-    key = (
-      f'eval_sources.{e.head}'
-      if evaluation and e.head in config.eval_sources
-      else f'data.heads.{e.head}.source'
-    )
+    own = evaluation and e.head in config.eval_sources
+    key = f'eval_sources.{e.head}' if own else f'data.heads.{e.head}.source'
     raise config_lib.ConfigError(
-      f'{key}={e.source!r}: {e.reason}; give a file, a glob, a folder of shards or a tfds: '
-      'name that holds records (docs/pipeline.md)'
+      f'{key}={e.source!r}: {e.reason}; give a file, glob, folder of shards or tfds: name '
+      'that holds records (docs/pipeline.md)'
     ) from None
 
 
