@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -55,8 +56,10 @@ CHECKPOINT_SCHEMES = ('gs',)
 
 def check_checkpoint_path(path: str) -> None:
   """Raises ValueError naming `path` and the way out where orbax cannot keep checkpoints (an
-  s3:// or other non-gs:// URL), before anything is written or trained."""
+  existing file, an s3:// or other non-gs:// URL), before anything is written or trained."""
   if not paths.is_url(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f'{path}: a file, not a folder; give a new or existing folder')
     return
   scheme = path.split('://', 1)[0].lower()
   if scheme not in CHECKPOINT_SCHEMES:

@@ -227,6 +227,16 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     convert_checkpoint.main(['from-hf', '--hf', str(tmp_path), '--out', str(tmp_path / 'o')]) == 2
   )
   assert 'config.json is missing' in capsys.readouterr().err
+  taken = tmp_path / 'a_file'
+  taken.write_text('')
+  assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--out', str(taken)]) == 2
+  assert f'--out {taken}: a file, not a folder' in capsys.readouterr().err
+  hf = str(tmp_path / 'hf')
+  assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--out', hf]) == 0
+  with open(os.path.join(hf, 'config.json'), 'w') as f:
+    f.write('{"model_type": ')
+  with pytest.raises(ValueError, match=r'hf/config.json: not JSON'):
+    torch_model.load_pretrained(hf)
 
 
 # ------------------------------------------------------------------------------------------------

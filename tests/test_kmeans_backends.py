@@ -162,6 +162,9 @@ def test_bench_tool_writes_every_backend(tmp_path, capsys):
   assert 'objectives within' in capsys.readouterr().out
   assert bench_kmeans_backends.main(['--backends=jax,cuml']) == 2
   assert "['cuml']" in capsys.readouterr().err
+  missing = str(out.parent / 'missing.npy')
+  assert bench_kmeans_backends.main(['--features', missing]) == 2
+  assert f'{missing}: not a .npy array of [N, D] points' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('init', ['k-means++', 'random'])

@@ -126,6 +126,9 @@ def test_sweep_arg_and_errors_of_the_command_line(tmp_path, capsys):
   assert sweep.main([f'--config={spec}', '--root=/tmp/x', '--run', '--print']) == 2
   assert sweep.main([f'--config={spec}', '--root=/tmp/x', '--only=rope=2d']) == 2
   assert "--only names ['rope=2d']" in capsys.readouterr().err
+  # Runs whose checkpoints orbax cannot keep there are refused before any starts.
+  assert sweep.main([f'--config={spec}', '--root=s3://bucket/sweep', '--run']) == 2
+  assert 'error: --root s3://bucket/sweep: orbax-checkpoint' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

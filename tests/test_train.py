@@ -693,6 +693,10 @@ def test_command_line_spellings(capsys, monkeypatch, tmp_path):
   assert 'list them with their values' in text and text.startswith('usage: ove-train')
   assert train.main(['--config', DEMO + ':smoke', '--show-config', '--config.optim.lr=0.25']) == 0
   assert 'optim.lr = 0.25' in capsys.readouterr().out.splitlines()
+  taken = tmp_path / 'a_file'
+  taken.write_text('')
+  assert train.main(['--config', DEMO + ':smoke', '--workdir', str(taken)]) == 2
+  assert f'--workdir {taken}: a file, not a folder' in capsys.readouterr().err
   # A launch set up in part is the config's error (exit status 2), one line, before JAX starts.
   monkeypatch.setenv('OVE_NUM_PROCESSES', '2')
   assert train.main(['--config', DEMO + ':smoke', '--workdir', str(tmp_path / 'w')]) == 2

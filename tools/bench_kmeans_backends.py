@@ -58,12 +58,13 @@ def main(argv=None) -> int:
     )
     return 2
   if args.features:
-    x = np.load(args.features, mmap_mode='r')
-    if x.ndim != 2:
-      print(
-        f'ove-bench-kmeans-backends: error: {args.features}: shape {x.shape}; expected [N, D]',
-        file=sys.stderr,
-      )
+    try:
+      x = np.load(args.features, mmap_mode='r', allow_pickle=False)
+      problem = None if x.ndim == 2 else f'shape {x.shape}; expected [N, D]'
+    except (OSError, ValueError) as e:
+      problem = f'not a .npy array of [N, D] points ({e})'
+    if problem:
+      print(f'ove-bench-kmeans-backends: error: {args.features}: {problem}', file=sys.stderr)
       return 2
     x = np.asarray(x, np.float32)
   else:

@@ -22,6 +22,7 @@ same pixels). Installed as the console script `ove-convert`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -245,6 +246,12 @@ def main(argv=None) -> int:
 
   from ove_jax.convert import CheckpointError
 
+  out = getattr(args, 'out', None)
+  if out and os.path.isfile(out):  # an export is a folder (config.json, weights, code)
+    print(
+      f'error: --out {out}: a file, not a folder; give a new or existing folder', file=sys.stderr
+    )
+    return 2
   try:
     return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf, 'verify': _verify}[
       args.command

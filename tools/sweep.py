@@ -106,6 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   mode = 'job-array' if args.job_array else (args.mode or 'print')
   spec, root = args.config, paths.absolute(args.root)  # a URL (gs://...) stays one
   try:
+    if mode in ('run', 'job-array'):  # the points' workdirs: where checkpoints can be kept
+      from ove_jax import checkpoint
+
+      checkpoint.check_checkpoint_path(root)
+  except ValueError as e:
+    print(f'error: --root {e}', file=sys.stderr)
+    return 2
+  try:
     points = sweeps.select(sweeps.expand(spec), args.only)
     configs = {p.name: sweeps.point_config(spec, p, common) for p in points}
   except config_lib.ConfigError as e:

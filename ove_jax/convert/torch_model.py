@@ -1,10 +1,8 @@
 """A self-contained PyTorch OneVision encoder that reads and writes the release's checkpoints.
 
-This module depends only on torch, numpy and safetensors, so a checkpoint exported from the
-JAX code can be used by people who do not have JAX installed, and so the converter has an
-independent reference to compare against. The module names and parameter shapes follow the
-public release exactly (docs/spec.md §1.4), which means a release directory loads here unchanged
-and a directory written here loads in the release.
+It needs only torch, numpy and safetensors: a checkpoint exported from the JAX code works without
+JAX, and the converter has an independent reference. Module names and parameter shapes follow
+the release exactly (docs/spec.md §1.4): a release directory loads here, and ours in it.
 
 Usage:
 
@@ -552,15 +550,19 @@ def check_state_dict(
 
 
 def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> OVEncoderTorch:
-  """Loads a release-format directory (config.json + model.safetensors or its shards) into
-  OVEncoderTorch; a Hugging Face hub id (`org/name[@revision]`) is read from the hub's cache, a
-  gs:// / s3:// URL through fsspec (`URLFiles`)."""
+  """A release-format directory (config.json + model.safetensors or its shards) as an
+  OVEncoderTorch: a local folder, a hub id (`org/name[@revision]`, from the hub's cache) or a
+  gs:// / s3:// URL (fsspec, `URLFiles`)."""
   text = os.fspath(directory)
   files = URLFiles(text) if '://' in text else LocalFiles
   directory = resolve(text, files)
   config_path = files.join(directory, CONFIG_NAME)
   with files.open_file(config_path, encoding='utf-8') as f:
-    config = OVEncoderConfig.from_dict(json.load(f), source=config_path)
+    text = f.read()
+  try:
+    config = OVEncoderConfig.from_dict(json.loads(text), source=config_path)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{config_path}: not JSON ({e})') from None
   state, source = _read_weights(directory, files)
   check_state_dict(state, config, source)
   state = {k: v.to(dtype) for k, v in state.items()}

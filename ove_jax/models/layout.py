@@ -27,6 +27,11 @@ Params = Mapping[tuple, Any]
 
 def _split(path: tuple):
   """(prefix up to and with 'blocks', the rest) of a block parameter's path, else None."""
+  if isinstance(path, str):
+    raise ValueError(
+      f'parameter key {path!r} is a string; keys are path tuples such as '
+      "('blocks', 0, 'mlp', 'fc1', 'kernel') (tuple(key.split('/')) makes one)"
+    )
   if BLOCKS not in path[:-1]:
     return None
   i = path.index(BLOCKS) + 1
