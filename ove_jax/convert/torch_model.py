@@ -20,10 +20,9 @@ Usage:
   save_pretrained(model, 'some/dir')  # config.json + model.safetensors
 
 Checkpoints are read with safetensors only; pickled torch files are never opened. Its relative
-imports use the standard library only: `.hub` finds the files of a directory or a hub id, and
-`.release_config` is the release's config.json schema. A directory in object storage
-(`load_pretrained('gs://bucket/ove-large')`, s3://, any fsspec URL) is read through fsspec and
-the file system of its scheme (gcsfs, s3fs), needed only then; shards one at a time.
+imports use the standard library only: `.hub` finds the files of a directory or a hub id,
+`.release_config` is the release's config.json schema. Object storage (`gs://bucket/ove-large`,
+s3://, any fsspec URL) is read through fsspec and its scheme's file system, shard by shard.
 """
 
 from __future__ import annotations
