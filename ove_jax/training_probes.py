@@ -2,7 +2,7 @@
 trained on a held-out set of labelled video records, logged as `probe/*` metrics.
 
   ove-train --config=demo_cpu --workdir=/tmp/run --config.probe_every=100 \\
-      --config.probe.source='/data/heldout/records/*' --config.probe.label=3
+      --config.probe.source='/data/heldout/records/*.array_record*' --config.probe.label=3
 
 The held-out records (`probe.source`, comma-separated globs of labelled video records as
 `ove-precompute-codec` or the built-in data writes them) are read and turned into token samples
@@ -120,7 +120,7 @@ def check(config) -> None:
   if not p.source:
     raise config_lib.ConfigError(
       f'probe_every={config.probe_every} needs probe.source: the held-out labelled video '
-      "records to probe on, e.g. --config.probe.source='/data/heldout/records/*'"
+      "records to probe on, e.g. --config.probe.source='/data/heldout/records/*.array_record*'"
     )
   try:
     evaluators.check_probes(p.probes)
