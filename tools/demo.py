@@ -1,7 +1,7 @@
 """End-to-end pretraining demo on built-in data, CPU (README's first command).
 
   ove-demo --workdir /tmp/ove_demo                           # a few minutes on 2 cores
-  ove-demo --workdir /tmp/ove_quick --smoke --train-steps 6   # the tests' version
+  ove-demo --workdir /tmp/ove_quick --clips 4 --budget 512 --smoke --train-steps 16  # the tests'
   ove-demo --table /tmp/ove_demo_s{0,1,2}/summary.json          # several runs' figures
 
 The stages (each prints its progress):

@@ -13,10 +13,10 @@
 Features of every clip are extracted once per input mode; the attentive, logistic-regression and
 k-NN probes are trained on the training split and scored (top-1) on the test split, at an equal
 token budget for the two modes ('codec': a clip's K selected patches; 'uniform': K / 256 whole
-frames). The split, the epochs and the seeds: `ove_jax.probes` (docs/probes.md). The label is
-named: the built-in data's slots are fine, shape, direction, texture (default texture); records
-of your own are named with --label-names (else label0, label1, ...). Bad input exits with status
-2 and a message naming the flag or file.
+frames). The split, the epochs and the seeds: `ove_jax.probes` (docs/labels_and_probes.md). The
+label is named: the built-in data's slots are fine, shape, direction, texture (default
+texture); records of your own are named with --label-names (else label0, label1, ...). Bad input
+exits with status 2 and a message naming the flag or file.
 """
 
 from __future__ import annotations
