@@ -280,6 +280,15 @@ def list_images(
   kind = kind or source_kind(source)
   if kind not in KINDS:
     raise ValueError(f'kind {kind!r}: one of {KINDS}')
+  if kind != 'folder' and os.path.isdir(source):
+    raise ValueError(
+      f'{source}: a folder, but kind {kind!r} reads files ({kind} patterns); give the files, '
+      "or kind 'folder' for a folder of images"
+    )
+  if kind == 'folder' and labels not in (None, 'folders') and not os.path.isfile(labels):
+    raise FileNotFoundError(
+      f'labels {labels}: no such file; give "folders" or a .npy of label ids, a row per image'
+    )
   listing: dict[str, Any] = {'kind': kind}
   if kind == 'folder':
     items = folder_items(source, labels)

@@ -530,6 +530,8 @@ def check(out_dir: str) -> dict:
   and record count its marker says. Finalises a complete corpus (manifest, TFDS metadata) and
   returns {'complete', 'shards', 'finished', 'missing': [shard indices], 'records', 'failures'}.
   """
+  if not paths.isdir(out_dir):
+    raise FileNotFoundError(f'{out_dir}: no such folder (give the OUT_DIR a run wrote)')
   plan = read_plan(out_dir)
   if plan is None:
     raise FileNotFoundError(f'{out_dir}: no {PLAN}; not a precompute output folder')

@@ -106,6 +106,17 @@ def count(text: str) -> int:
   return value
 
 
+def positive(text: str) -> int:
+  """argparse type of a size or count that must be at least 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: a whole number >= 1')
+  return value
+
+
 def seconds(text: str) -> float:
   """argparse type of a time limit: seconds >= 0 (0: no limit)."""
   try:

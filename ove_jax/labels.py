@@ -32,6 +32,7 @@ replaced. Bad input raises `LabelsError`, whose message names the argument (spel
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -344,6 +345,12 @@ def make_labels(
   n = len(x_NxD)
   if k > n:
     raise LabelsError(f'--k {k} is more than the N = {n} samples of {source or "the features"}')
+  if num_labels > k:  # a sample has only k nearest centres
+    print(
+      f'warning: --num-labels {num_labels} > --k {k}: each sample gets its {k} nearest centres '
+      '(report.json and labels.npy say so)',
+      file=sys.stderr,
+    )
   num_records = sum(len(r) for r in shard_records)
   if shards and num_records != n:
     raise LabelsError(f'{num_records} records but {n} feature rows ({source})')

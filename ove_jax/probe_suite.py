@@ -246,6 +246,20 @@ class _Resources:
     self.samplers: dict[tuple[str, str], tuple[ClipSampler, ClipSampler]] = {}
     self.encoders: dict[str, Any] = {}
 
+  def check_inputs(self) -> None:
+    """Every benchmark's lists read (kept for the cells), every local encoder path there: a
+    SuiteError naming it otherwise, before any cell runs."""
+    for bench in self.plan.benchmarks:
+      for spec in (bench.train, bench.test):
+        try:
+          self.clips[(bench.name, spec)] = benchmarks_lib.open_clips(spec, bench.root)
+        except (OSError, ValueError) as e:  # benchmarks.BenchmarkError is a ValueError
+          raise SuiteError(f'benchmark {bench.name}: {e}') from None
+    for spec in self.plan.encoders:
+      local = spec.startswith(('/', './', '../', '~'))
+      if local and not os.path.exists(os.path.expanduser(spec)):
+        raise SuiteError(f'--encoders {spec}: no such checkpoint or release directory')
+
   def samplers_of(self, bench: BenchmarkSpec, mode: InputMode):
     key = (bench.name, mode.name)
     if key not in self.samplers:
@@ -294,6 +308,7 @@ def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -
   os.makedirs(os.path.join(out_dir, 'cells'), exist_ok=True)
   fileio.remove_stale_temporaries(os.path.join(out_dir, 'cells'))
   resources = _Resources(plan, plan.selection_cache or os.path.join(out_dir, 'selections'))
+  resources.check_inputs()  # a list or encoder that every cell of it would fail on: bad input
   cells = plan.cells()
   for n, (bench, mode, encoder) in enumerate(cells, 1):
     path = cell_path(out_dir, bench.name, mode.name, encoder)

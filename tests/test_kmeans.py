@@ -210,6 +210,12 @@ def test_tool_bad_input_names_the_flag_and_file(tmp_path, capsys):
   np.savez(npz, feats=np.zeros((5, 3)))
   assert cluster_labels.main(['--features', str(npz), '--k', '2', '--out', str(tmp_path)]) == 2
   assert 'it needs `features`' in capsys.readouterr().err
+  # More labels than centres: each sample gets its k nearest, and the run says so.
+  out = tmp_path / 'few'
+  argv = ['--features', str(small), '--k', '2', '--num-labels', '4', '--out', str(out)]
+  assert cluster_labels.main(argv) == 0
+  assert '--num-labels 4 > --k 2: each sample gets its 2 nearest' in capsys.readouterr().err
+  assert np.load(out / 'labels.npy').shape == (5, 2)
 
 
 @pytest.fixture(scope='module')

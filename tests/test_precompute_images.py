@@ -347,6 +347,27 @@ def test_listing_errors_name_the_input(tmp_path):
     reasons = {json.loads(line)['file'].rsplit('#', 1)[1]: json.loads(line)['reason'] for line in f}
   assert sorted(reasons) == ['(rest)', '2.jpg'] and 'cut short' in reasons['2.jpg']
   assert 'unreadable tar after 3 samples' in reasons['(rest)']
+  # A folder given as tar or parquet, labels that are not there: named before anything runs.
+  for kind in ('tar', 'parquet'):
+    with pytest.raises(ValueError, match=f"a folder, but kind '{kind}' reads files"):
+      image_precompute.list_images(str(tmp_path), kind=kind)
+  with pytest.raises(FileNotFoundError, match='labels bogus.npy: no such file'):
+    image_precompute.list_images(str(tmp_path), kind='folder', labels='bogus.npy')
+  with pytest.raises(FileNotFoundError, match='nothing: no such folder'):
+    precompute.check(str(tmp_path / 'nothing'))
+
+
+def test_command_line_refuses_bad_counts(tmp_path, capsys):
+  for flag, value, message in (
+    ('--num-shards', '0', "'0': a whole number >= 1"),
+    ('--images-per-shard', '-3', "'-3': a whole number >= 1"),
+    ('--workers', '-1', "'-1': a whole number >= 0"),
+    ('--image-timeout', '-1', "'-1': seconds >= 0 (0: no limit)"),
+  ):
+    with pytest.raises(SystemExit) as e:
+      cli.main([str(tmp_path), str(tmp_path / 'out'), flag, value])
+    assert e.value.code == 2
+    assert f'{flag}: {message}' in capsys.readouterr().err
 
 
 def test_unlabelled_images_get_cluster_labels_then_train(tmp_path):

@@ -86,6 +86,16 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
     r['encoder'] == 'random:nonexistent' and 'unknown preset' in r['error'] for r in failed
   )
   assert 'failed: ValueError' in (out / 'results.md').read_text()
+  # A list or encoder path every cell would fail on is bad input: refused before any cell.
+  args = _args(dataset, tmp_path / 'bad')
+  args[args.index('random:tiny')] = str(tmp_path / 'no_checkpoint')
+  assert suite_tool.main(args) == 2
+  assert 'no_checkpoint: no such checkpoint' in capsys.readouterr().err
+  assert not os.listdir(tmp_path / 'bad' / 'cells')
+  args = _args(dataset, tmp_path / 'bad')
+  args[0] = args[0].replace('train.csv', 'nosuch.csv')
+  assert suite_tool.main(args) == 2
+  assert 'benchmark toy: ' in (err := capsys.readouterr().err) and 'no such video list' in err
 
 
 def test_selections_are_read_back_from_the_cache(dataset, tmp_path, monkeypatch):

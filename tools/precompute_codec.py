@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     'are local paths',
   )
   out = p.add_argument_group('output')
-  out.add_argument('--clips-per-shard', type=int, default=1000, help='clips per shard')
-  out.add_argument('--num-shards', type=int, help='shard count (overrides --clips-per-shard)')
+  out.add_argument('--clips-per-shard', type=cli.positive, default=1000, help='clips per shard')
+  out.add_argument(
+    '--num-shards', type=cli.positive, help='shard count (overrides --clips-per-shard)'
+  )
   out.add_argument(
     '--shuffle-seed', type=int, default=0, help='seed of the write-time shuffle of the input list'
   )

@@ -33,6 +33,8 @@ import argparse
 import json
 import sys
 
+from ove_jax import cli
+
 PROG = 'ove-precompute-images'
 
 
@@ -41,14 +43,14 @@ RUN_FLAGS = (
   (
     '--workers',
     dict(
-      type=int,
+      type=cli.count,
       help='worker processes (default: the usable CPUs; 0: in this process, no time limit)',
     ),
   ),
   (
     '--image-timeout',
     dict(
-      type=float,
+      type=cli.seconds,
       default=60.0,
       help='seconds one image may take before '
       'its worker is killed and the image listed as failed (0: none)',
@@ -152,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     help='dataset name: shards are OUT_DIR/NAME-SPLIT-00000-of-000NN.array_record',
   )
   out.add_argument('--split', default='train', help='split name (in the shard names)')
-  out.add_argument('--images-per-shard', type=int, default=10000, help='images per shard')
-  out.add_argument('--num-shards', type=int, help='shard count (overrides --images-per-shard)')
+  out.add_argument('--images-per-shard', type=cli.positive, default=10000, help='images per shard')
+  out.add_argument(
+    '--num-shards', type=cli.positive, help='shard count (overrides --images-per-shard)'
+  )
   out.add_argument(
     '--shuffle-seed',
     type=int,
