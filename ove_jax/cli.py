@@ -95,26 +95,24 @@ def add_dtype_flag(parser: argparse.ArgumentParser, default: str, help: str) -> 
 DEFAULT_CLIP_TIMEOUT = 900.0
 
 
-def count(text: str) -> int:
-  """argparse type of a number of processes: an integer >= 0."""
+def _whole_number(text: str, low: int, note: str = '') -> int:
   try:
     value = int(text)
   except ValueError:
-    value = -1
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'{text!r}: a whole number >= 0 (0: in this process)')
+    value = low - 1
+  if value < low:
+    raise argparse.ArgumentTypeError(f'{text!r}: a whole number >= {low}{note}')
   return value
+
+
+def count(text: str) -> int:
+  """argparse type of a number of processes: an integer >= 0."""
+  return _whole_number(text, 0, ' (0: in this process)')
 
 
 def positive(text: str) -> int:
   """argparse type of a size or count that must be at least 1."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{text!r}: a whole number >= 1')
-  return value
+  return _whole_number(text, 1)
 
 
 def seconds(text: str) -> float:
