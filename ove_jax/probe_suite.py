@@ -322,9 +322,9 @@ def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -
     try:
       result = run_cell(plan, resources, bench, mode, encoder, log=log)
       cell.update(status='ok', result=result, error='')
-      log(
-        f'{where}: top-1 {result["top1"]:.4f} ± {result["top1_std"]:.4f}, top-5 '
-        f'{result["top5"]:.4f}'
+      log(  # in percent, as the table
+        f'{where}: top-1 {100 * result["top1"]:.2f} ± {100 * result["top1_std"]:.2f}%, top-5 '
+        f'{100 * result["top5"]:.2f}%'
       )
     except Exception as e:  # pylint: disable=broad-except  -- recorded, and the suite goes on
       cell.update(
