@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -210,6 +211,10 @@ def head_seed(seed: int, name: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+_MEMORY_FILE = re.compile(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>')
+_WARNED: set[tuple[str, str]] = set()  # (head, record) skipped and logged by this process
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleFn:
   """Grain random_map: a source item -> a sample, or a SKIPPED marker for a bad record."""
@@ -223,8 +228,11 @@ class SampleFn:
     except Exception as e:  # pylint: disable=broad-except
       # Corrupt data raises anything from zipfile, PIL, PyAV or numpy; one bad record among
       # millions must not stop a run. PackIterDataset counts these and stops only if they never end.
-      reason = f'{item["name"]}: {type(e).__name__}: {e}'
-      _log.warning('[%s] skipping record %s', self.head, reason)
+      message = _MEMORY_FILE.sub('its bytes', str(e))  # PIL names the in-memory file, not ours
+      reason = f'{item["name"]}: {type(e).__name__}: {message}'
+      if (self.head, item['name']) not in _WARNED:  # once a process: a source repeats each epoch
+        _WARNED.add((self.head, item['name']))
+        _log.warning('[%s] skipping record %s (again each epoch, unlogged)', self.head, reason)
       return {packing.SKIPPED: reason}
     sample['index'], sample['name'] = item['index'], item['name']
     return sample

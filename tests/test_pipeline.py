@@ -468,6 +468,24 @@ def test_a_source_of_only_bad_records_is_an_error(data):
     next(it)
 
 
+def test_a_corrupt_record_is_skipped_every_epoch_and_logged_once(tmp_path, caplog):
+  folder = tmp_path / 'cat'
+  folder.mkdir()
+  for i in range(3):
+    (folder / f'{i}.png').write_bytes(png_record(i)['image'])
+  (folder / 'bad.png').write_bytes(b'not a picture')
+  head = pipeline.HeadConfig(
+    kind='image', source=f'folder:{tmp_path}', rows=2, tokens_per_row=256, resolution=112
+  )
+  cfg = pipeline.PipelineConfig(heads={'images': head}, num_epochs=3, worker_count=0)
+  with caplog.at_level('WARNING', logger='data_pipeline.pipeline'):
+    batches = [step['images'] for step in pipeline.make_iterator(cfg)]
+  assert len(_valid_indices(batches)) == 9  # the three good images, three epochs
+  warned = [r.getMessage() for r in caplog.records if 'skipping record' in r.getMessage()]
+  assert len(warned) == 1 and 'bad.png' in warned[0], warned
+  assert 'BytesIO' not in warned[0] and 'its bytes' in warned[0]
+
+
 def test_image_folder_and_tfds_sources(tmp_path):
   for i in range(5):
     folder = tmp_path / 'images' / ('cat' if i % 2 else 'dog')
