@@ -249,12 +249,22 @@ class _Resources:
   def check_inputs(self) -> None:
     """Every benchmark's lists read (kept for the cells), every local encoder path there: a
     SuiteError naming it otherwise, before any cell runs."""
+    from ove_jax.evaluators import attentive
+
     for bench in self.plan.benchmarks:
       for spec in (bench.train, bench.test):
         try:
           self.clips[(bench.name, spec)] = benchmarks_lib.open_clips(spec, bench.root)
         except (OSError, ValueError) as e:  # benchmarks.BenchmarkError is a ValueError
           raise SuiteError(f'benchmark {bench.name}: {e}') from None
+      n, share = len(self.clips[(bench.name, bench.train)]), self.plan.protocol.val_fraction
+      fit, val = attentive.split_indices(n, share)
+      if not len(fit) or not len(val):
+        raise SuiteError(
+          f'benchmark {bench.name}: {n} training clip(s) with val_fraction {share} leave '
+          f'{len(fit)} to train and {len(val)} to validate; set val_fraction (the config '
+          'argument val_fraction=...) so that both get at least one'
+        )
     for spec in self.plan.encoders:
       local = spec.startswith(('/', './', '../', '~'))
       if local and not os.path.exists(os.path.expanduser(spec)):

@@ -96,6 +96,12 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
   args[0] = args[0].replace('train.csv', 'nosuch.csv')
   assert suite_tool.main(args) == 2
   assert 'benchmark toy: ' in (err := capsys.readouterr().err) and 'no such video list' in err
+  args = _args(dataset, tmp_path / 'bad')
+  args[0] = args[0].replace('val_fraction=0.25', 'val_fraction=0.01')
+  assert suite_tool.main(args) == 2
+  assert '8 training clip(s) with val_fraction 0.01 leave 8 to train and 0 to validate' in (
+    capsys.readouterr().err
+  )
 
 
 def test_selections_are_read_back_from_the_cache(dataset, tmp_path, monkeypatch):
