@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import uuid
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 from data_pipeline import paths
 
@@ -122,12 +122,18 @@ def read_json(path: str) -> Any | None:
     return None
 
 
-def remove_stale_temporaries(folder: str) -> list[str]:
-  """Removes temporary files a killed writer left in `folder`; returns their paths. (An object
-  store holds none: its temporary files are local.)"""
+def remove_stale_temporaries(
+  folder: str, pid: int | None = None, targets: Collection[str] | None = None
+) -> list[str]:
+  """Removes temporary files a killed writer left in `folder` (only process `pid`'s, and only
+  those of files in `targets`, when given); returns their paths. (An object store holds none:
+  its temporary files are local.)"""
   if paths.is_url(folder):
     return []
-  stale = glob.glob(os.path.join(glob.escape(folder), f'*{TMP_MARK}*'))
+  mark = TMP_MARK if pid is None else f'{TMP_MARK}{pid}-'
+  stale = glob.glob(os.path.join(glob.escape(folder), f'*{mark}*'))
+  if targets is not None:
+    stale = [path for path in stale if path.split(mark, 1)[0] in targets]
   for path in stale:
     with contextlib.suppress(FileNotFoundError):
       os.remove(path)

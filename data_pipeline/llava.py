@@ -33,9 +33,7 @@ top-k order (stage2 sorts them before packing, so the canvases are the same).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -371,17 +369,11 @@ def make_clip(
 def remove_temporaries(paths: dict, pid: int | None) -> list[str]:
   """Removes the temporary files (`fileio.temp_name`) that the dead worker process `pid` left
   beside a clip's files (`clip_paths`), no other process's (split tasks share `visidx_root`)."""
-  mark = f'{fileio.TMP_MARK}{pid}-'
+  if pid is None:
+    return []
   names = {paths['visidx'], paths['frame_ids'], paths['meta'], paths['positions'], *paths['images']}
   folders = {os.path.dirname(paths['meta']), os.path.dirname(paths['positions'])}
-  removed = [] if pid is None else [
-    t for f in sorted(folders) for t in glob.glob(os.path.join(glob.escape(f), f'*{mark}*'))
-    if t.split(mark, 1)[0] in names
-  ]  # fmt: skip
-  for temporary in removed:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(temporary)
-  return removed
+  return [t for f in sorted(folders) for t in fileio.remove_stale_temporaries(f, pid, names)]
 
 
 def release_task(item: Item, num_tasks: int) -> int:

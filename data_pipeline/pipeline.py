@@ -213,6 +213,7 @@ def head_seed(seed: int, name: str) -> int:
 
 _MEMORY_FILE = re.compile(r'<_io\.BytesIO object at 0x[0-9a-fA-F]+>')
 _WARNED: set[tuple[str, str]] = set()  # (head, record) skipped and logged by this process
+MAX_WARNED = 1000  # records logged a process; PackIterDataset still counts every skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,9 +231,15 @@ class SampleFn:
       # millions must not stop a run. PackIterDataset counts these and stops only if they never end.
       message = _MEMORY_FILE.sub('its bytes', str(e))  # PIL names the in-memory file, not ours
       reason = f'{item["name"]}: {type(e).__name__}: {message}'
-      if (self.head, item['name']) not in _WARNED:  # once a process: a source repeats each epoch
-        _WARNED.add((self.head, item['name']))
-        _log.warning('[%s] skipping record %s (again each epoch, unlogged)', self.head, reason)
+      key = (self.head, item['name'])
+      if key not in _WARNED and len(_WARNED) < MAX_WARNED:  # a source repeats each epoch
+        _WARNED.add(key)
+        _log.warning(
+          '[%s] skipping record %s (logged once a process, the first %d)',
+          self.head,
+          reason,
+          MAX_WARNED,
+        )
       return {packing.SKIPPED: reason}
     sample['index'], sample['name'] = item['index'], item['name']
     return sample

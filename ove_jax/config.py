@@ -393,17 +393,14 @@ def check_layout(
   head's class blocks, every head's global rows, and whole batch shards for each process."""
   devices = math.prod(mesh_shape.values())
   for name in config.heads:
+    inherited = config.heads[name].get('sampling_blocks') is None  # fixed for every head then
     try:
-      head_loss_config(config, name).check_devices(devices, name)
+      head_loss_config(config, name).check_devices(
+        devices, name, 'loss.sampling_blocks' if inherited else ''
+      )
     except ValueError as e:
-      message = str(e)
-      if config.heads[name].get('sampling_blocks') is None:  # inherited: fix it for every head
-        own = f'heads.{name}.sampling_blocks'
-        message = message.replace(f'{own}=', 'loss.sampling_blocks=', 1).replace(
-          own, 'loss.sampling_blocks'
-        )
-        message += f' (inherited by heads.{name} and every head without its own)'
-      raise ConfigError(message) from None
+      note = f' (inherited by heads.{name} and every head without its own)' if inherited else ''
+      raise ConfigError(f'{e}{note}') from None
   batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
   axes = ' x '.join(batch_axes)
   for name, h in config.data.heads.items():

@@ -104,14 +104,15 @@ class PartialFCConfig:
     extra = math.ceil(self.positive_headroom * k)
     return max(k, min(self.block_size, batch, k + extra))
 
-  def check_devices(self, num_devices: int, name: str = '') -> None:
-    """The centres are sharded by whole blocks over every device."""
+  def check_devices(self, num_devices: int, name: str = '', key: str = '') -> None:
+    """The centres are sharded by whole blocks over every device. The error names `key` (the
+    config key that set sampling_blocks), else heads.<name>.sampling_blocks."""
     if self.sampling_blocks % num_devices:
-      where = f'heads.{name}.' if name else ''
+      key = key or (f'heads.{name}.' if name else '') + 'sampling_blocks'
       multiple = num_devices * max(1, round(self.sampling_blocks / num_devices))
       raise ValueError(
-        f'{where}sampling_blocks={self.sampling_blocks} is not a multiple of the {num_devices} '
-        f'devices the class centres are sharded over; set --config.{where}sampling_blocks='
+        f'{key}={self.sampling_blocks} is not a multiple of the {num_devices} '
+        f'devices the class centres are sharded over; set --config.{key}='
         f'{multiple} (any multiple of {num_devices})'
       )
 

@@ -551,8 +551,8 @@ def order_statistics(values, weights, lo, hi):
   b = bin_hi if bin_hi != ZERO_BIN else bin_lo
   if a != ZERO_BIN:
     kept = _gather(values, bits, weights, a, b, gathered, kept_weights, 0)
-  # The gathered values are those of bin_lo (when not the zeros) then of bin_hi: ranks among
-  # them count from the first gathered bin.
+  # Every gathered value is at least the smallest of the first rank's bin (bin_lo, or bin_hi
+  # when bin_lo is the zeros), so ranks among them count from that bin's first value.
   base = before_lo if bin_lo != ZERO_BIN else before_hi
   rank_lo, rank_hi = lo - base, hi - base
   zero = np.float32(0)
