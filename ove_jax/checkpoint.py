@@ -478,6 +478,20 @@ def _release_config(directory: str) -> bool:
   return isinstance(found, dict) and found.get('model_type') == MODEL_TYPE
 
 
+def _is_hub_id(path: str) -> bool:
+  from ove_jax.convert import hub
+
+  return not paths.is_url(path) and not paths.exists(paths.absolute(path)) and hub.is_hub_id(path)
+
+
+def encoder_source_error(path: str) -> str | None:
+  """Why `load_encoder` cannot read `path` (no such directory, nor random:<preset>, nor a hub
+  id), without reading it; None when it may."""
+  if path.startswith('random:') or _is_hub_id(path) or paths.isdir(paths.absolute(path)):
+    return None
+  return f'{path}: no such directory; expected {ACCEPTED}'
+
+
 def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> LoadedEncoder:
   """The encoder of `path`: a training workdir, its checkpoints folder or one step folder (only
   the encoder's parameters are read), a release-format / Hugging Face directory, an ove_jax
@@ -495,19 +509,19 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
       Encoder(cfg, rngs=nnx.Rngs(seed)), cfg, None, [], f'random init {preset} (seed {seed})'
     )
   full = paths.absolute(path)
-  from ove_jax.convert import hub
-
-  # org/name[@rev]: the hub's cache
-  if not paths.is_url(path) and not paths.exists(full) and hub.is_hub_id(path):
+  error = encoder_source_error(path)
+  if error:
+    raise FileNotFoundError(error)
+  if _is_hub_id(path):  # org/name[@rev]: the hub's cache
     from ove_jax import convert
 
     model = convert.load_pytorch(path)
     return LoadedEncoder(model, model.cfg, None, [], f'Hugging Face hub id {path}')
-  if not paths.isdir(full):
-    raise FileNotFoundError(f'{path}: no such directory; expected {ACCEPTED}')
   # A training workdir holds a config.json too (the experiment's): the weights file decides, or,
   # without one, a release config.json (then load_pytorch names the missing weights file). A
   # gs:// / s3:// URL is read in place (convert.hf reads through data_pipeline.paths).
+  from ove_jax.convert import hub
+
   weights = (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
   if any(paths.isfile(paths.join(full, n)) for n in weights) or _release_config(full):
     from ove_jax import convert

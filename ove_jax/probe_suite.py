@@ -265,10 +265,12 @@ class _Resources:
           f'{len(fit)} to train and {len(val)} to validate; set val_fraction (the config '
           'argument val_fraction=...) so that both get at least one'
         )
+    from ove_jax import checkpoint
+
     for spec in self.plan.encoders:
-      local = spec.startswith(('/', './', '../', '~'))
-      if local and not os.path.exists(os.path.expanduser(spec)):
-        raise SuiteError(f'--encoders {spec}: no such checkpoint or release directory')
+      error = checkpoint.encoder_source_error(spec)
+      if error:
+        raise SuiteError(f'--encoders {error}')
 
   def samplers_of(self, bench: BenchmarkSpec, mode: InputMode):
     key = (bench.name, mode.name)

@@ -90,7 +90,7 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
   args = _args(dataset, tmp_path / 'bad')
   args[args.index('random:tiny')] = str(tmp_path / 'no_checkpoint')
   assert suite_tool.main(args) == 2
-  assert 'no_checkpoint: no such checkpoint' in capsys.readouterr().err
+  assert 'no_checkpoint: no such directory; expected' in capsys.readouterr().err
   assert not os.listdir(tmp_path / 'bad' / 'cells')
   args = _args(dataset, tmp_path / 'bad')
   args[0] = args[0].replace('train.csv', 'nosuch.csv')
