@@ -184,3 +184,21 @@ def test_bfloat16_products_accumulate_in_float32_and_round_once():
   ):
     assert got.dtype == bf16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize('width', [1, 16, 17, 33, 2048, 2049])
+def test_row_max_folds_and_equals_max_with_nans_infs_and_odd_widths(width):
+  rng = np.random.default_rng(width)
+  x = rng.standard_normal((3, 5, width)).astype(np.float32)
+  x[0, 0, -1] = np.inf
+  x[0, 1, :] = -np.inf
+  x[1, 2, width // 2] = np.nan
+  x[2, 3, 0] = np.finfo(np.float32).min
+  folded = jax.jit(cpu_layouts.row_max)(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(folded), x.max(-1, keepdims=True))
+  traced = jax.make_jaxpr(lambda a: cpu_layouts.row_max(a))(jnp.asarray(x)).jaxpr
+  steps = sum(eqn.primitive.name == 'max' for eqn in traced.eqns)
+  assert steps == (0 if width <= cpu_layouts.FOLD_TO else int(np.ceil(np.log2(width / 16))))
+  with cpu_layouts.autodiff_layouts():
+    plain = jax.make_jaxpr(lambda a: cpu_layouts.row_max(a))(jnp.asarray(x)).jaxpr
+  assert not any(eqn.primitive.name == 'max' for eqn in plain.eqns)

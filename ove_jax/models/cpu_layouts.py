@@ -49,6 +49,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# row_max folds the last axis down to this many columns before its final reduce.
+FOLD_TO = 16
+
 _DISABLED = [os.environ.get('OVE_CPU_LAYOUTS', '1') == '0']
 
 
@@ -154,6 +157,24 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def row_max(x):
+  """`x.max(-1, keepdims=True)`; with `enabled()`, as a fold of overlapping halves.
+
+  XLA:CPU turns a max over a long last axis into a reduce-window that does not vectorise: 58 ms
+  for the [12, 2048, 2048] attention logits on the 2-core development Xeon, against 12 ms for
+  `maximum(x[..., :h], x[..., n - h:])` repeated down to 16 columns (elementwise maxima, which
+  XLA fuses into one vectorised loop) and a max over those. A max is exact and idempotent, so
+  the overlap of the halves when the width is odd changes nothing: the result is the same, NaNs
+  included.
+  """
+  if not enabled():
+    return x.max(-1, keepdims=True)
+  while x.shape[-1] > FOLD_TO:
+    half = -(-x.shape[-1] // 2)
+    x = jnp.maximum(x[..., :half], x[..., x.shape[-1] - half :])
+  return x.max(-1, keepdims=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention core: heads-major, q already scaled, unnormalised softmax (see attention.py)
 # ------------------------------------------------------------------------------------------------
@@ -164,7 +185,7 @@ def _attention_forward(q_BxHxLxD, k_BxHxLxD, v_BxHxLxD, mask_Bx1xLxL):
     'bhqd,bhkd->bhqk', q_BxHxLxD, k_BxHxLxD, preferred_element_type=jnp.float32
   )
   logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
-  max_BxHxLx1 = lax.stop_gradient(logits_BxHxLxL.max(-1, keepdims=True))
+  max_BxHxLx1 = lax.stop_gradient(row_max(logits_BxHxLxL))
   e_BxHxLxL = jnp.exp(logits_BxHxLxL - max_BxHxLx1)
   sum_BxHxLx1 = e_BxHxLxL.sum(-1, keepdims=True)
   o_BxHxLxD = (
