@@ -258,16 +258,32 @@ class SourceError(ValueError):
     self.head, self.source, self.reason = head, source, reason
 
 
+def open_head_source(name: str, head: HeadConfig, cfg: PipelineConfig):
+  """The random-access source of one head, checked to hold records (else SourceError)."""
+  try:
+    source = sources.open_source(head.source, cfg.local_cache_dir or None)
+  except (OSError, ValueError) as e:
+    raise SourceError(name, head.source, str(e)) from e
+  if len(source) == 0:
+    raise SourceError(name, head.source, 'it has no records')
+  return source
+
+
+def check_sources(cfg: PipelineConfig | Mapping[str, Any]) -> dict[str, int]:
+  """Opens every head's source without building a pipeline (no reader threads, no workers):
+  its record count by head name, or SourceError for the first that cannot be read."""
+  if not isinstance(cfg, PipelineConfig):
+    cfg = PipelineConfig.from_dict(cfg)
+  return {name: len(open_head_source(name, head, cfg)) for name, head in cfg.heads.items()}
+
+
 def sample_dataset(
   name: str, head: HeadConfig, cfg: PipelineConfig, source=None
 ) -> grain.MapDataset:
   """This host's samples of one head (before packing): a MapDataset, indexable for inspection."""
   if source is None:
-    try:
-      source = sources.open_source(head.source, cfg.local_cache_dir or None)
-    except (OSError, ValueError) as e:
-      raise SourceError(name, head.source, str(e)) from e
-  if len(source) == 0:
+    source = open_head_source(name, head, cfg)
+  elif len(source) == 0:
     raise SourceError(name, head.source, 'it has no records')
   seed = head_seed(cfg.seed, name)
   ds = grain.MapDataset.source(source).shuffle(seed=seed)

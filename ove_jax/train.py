@@ -2,14 +2,15 @@
 
   ove-train --config experiments/demo_cpu.py[:args] --workdir DIR [--config.key=value ...]
 
-Reads top to bottom: the mesh, the data, the model and optimiser with their sharded init, the step,
+Reads top to bottom: the mesh, the model and optimiser with their sharded init, the step,
 evaluation, the loop, `main` (its flags are parsed in cli.parse_train_args). A restart in the same
 workdir resumes from its last checkpoint: parameters, optimiser, step and every host's input-
 iterator position, so the resumed run repeats the uninterrupted one exactly (on another process
 count: the same state, the input re-derived; see resume). Its neighbours: resume (where a process
-starts), checkpoint (the layout on disk), warm_start (a first state from a release or an earlier
-stage), prefetch (batches onto the devices ahead of the step), reporter (the metrics line, NaN
-check, MFU) and preemption (SIGTERM: save, exit PREEMPTED_EXIT_CODE; the hang watchdog's exit).
+starts), train_inputs (the sources and the input iterator), checkpoint (the layout on disk),
+warm_start (a first state from a release or an earlier stage), prefetch (batches onto the devices
+ahead of the step), reporter (the metrics line, NaN check, MFU) and preemption (SIGTERM: save,
+exit PREEMPTED_EXIT_CODE; the hang watchdog's exit).
 
 Multi-host: one copy per host (ove-launch-local on one machine); each loads its share of the
 global batch and writes its part of the checkpoints; only process 0 writes metrics.
@@ -44,6 +45,7 @@ from ove_jax import (
   preemption,
   resume,
   sharding,
+  train_inputs,
   training_probes,
 )
 from ove_jax import config as config_lib
@@ -89,61 +91,6 @@ def _local_devices(config) -> int | None:
   # A launcher's OVE_LOCAL_DEVICE_COUNT states the topology it started; it wins over the config.
   env = os.environ.get('OVE_LOCAL_DEVICE_COUNT')
   return int(env) if env else (config.cpu_devices or None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-def data_sources(config, workdir: str) -> dict[str, str]:
-  """The built-in data's source strings (generated on first use) when builtin.enabled."""
-  if not config.builtin.enabled:
-    return {}
-  from data_pipeline import builtin
-
-  root = config.builtin.root or paths.local_folder(paths.join(workdir, 'builtin_data'))
-  info = builtin.ensure(
-    root,
-    clips=config.builtin.clips,
-    images=config.builtin.images,
-    budget=config.builtin.budget,
-    policy=config.builtin.policy,
-    seed=config.seed,
-    progress=jax.process_index() == 0,
-  )
-  return {'{builtin:video}': info['video_source'], '{builtin:image}': info['image_source']}
-
-
-def make_iterator(
-  config,
-  sources: Mapping[str, str],
-  *,
-  seed_offset: int = 0,
-  worker_count: int | None = None,
-  evaluation: bool = False,
-):
-  from data_pipeline import pipeline
-
-  data = config_lib.pipeline_dict(
-    config,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    sources=sources,
-    source_overrides=dict(config.eval_sources) if evaluation else None,
-  )
-  data['seed'] = (data['seed'] + seed_offset) % 2**32
-  if worker_count is not None:
-    data['worker_count'] = worker_count
-  try:
-    return pipeline.make_iterator(data)
-  except pipeline.SourceError as e:
-    own = evaluation and e.head in config.eval_sources
-    key = f'eval_sources.{e.head}' if own else f'data.heads.{e.head}.source'
-    raise config_lib.ConfigError(
-      f'{key}={e.source!r}: {e.reason}; give a file, glob, folder of shards or tfds: name '
-      'that holds records (docs/pipeline.md)'
-    ) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,7 +374,9 @@ class Run:
       loop.profiling = False
     if c.eval_every and loop.step % c.eval_every == 0:
       t_eval = time.perf_counter()
-      iterator = make_iterator(c, self.sources, seed_offset=1, worker_count=0, evaluation=True)
+      iterator = train_inputs.make_iterator(
+        c, self.sources, seed_offset=1, worker_count=0, evaluation=True
+      )
       results = evaluate(self.program, loop.state, iterator, c)
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
@@ -498,7 +447,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cache or 'off',
   )
 
-  sources = data_sources(config, workdir)  # built-in data made on first use: minutes, not a hang
+  # Built-in data is made on first use: minutes, not a hang.
+  sources = train_inputs.data_sources(config, workdir)
   # From here on a stall (a lost peer, a stuck input or restore) ends the process with the stacks.
   with (
     metrics_lib.Watchdog(
@@ -509,9 +459,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     jax.set_mesh(mesh),
     preemption.Preemption() as stop,
   ):
-    iterator = make_iterator(config, sources)  # a source that cannot be read fails here
+    iterator = train_inputs.make_iterator(
+      config, sources
+    )  # a source that cannot be read fails here
     if config.eval_every:  # and an evaluation source, not at the first evaluation
-      make_iterator(config, sources, seed_offset=1, worker_count=0, evaluation=True)
+      train_inputs.check_sources(config, sources, evaluation=True)
     program = Program(config, mesh)
     manager = checkpoint.open_manager(
       checkpoint.root_of(workdir),

@@ -12,7 +12,7 @@ from flax import nnx
 
 from data_pipeline import builtin, pipeline, precompute, synthetic, transforms
 from data_pipeline import video as video_lib
-from ove_jax import checkpoint, convert, sweeps, train
+from ove_jax import checkpoint, convert, sweeps, train, train_inputs
 from ove_jax import config as config_lib
 from ove_jax.models import EncoderConfig, create_encoder, rope
 
@@ -206,7 +206,7 @@ def test_trainer_passes_the_frame_policy(tmp_path, monkeypatch):
 
   monkeypatch.setattr(builtin, 'ensure', ensure)
   c = config_lib.load(ABLATIONS + ':smoke', ['builtin.policy=paper'])
-  train.data_sources(c, str(tmp_path))
+  train_inputs.data_sources(c, str(tmp_path))
   assert seen['policy'] == 'paper' and seen['budget'] == 512
 
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import paths
-from ove_jax import checkpoint, cli, preemption, resume, train, warm_start
+from ove_jax import checkpoint, cli, preemption, resume, train, train_inputs, warm_start
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
 
@@ -169,7 +170,15 @@ def test_unreadable_sources_and_init_are_config_errors(tmp_path):
     config_lib.ConfigError,
     match=r"data.heads.image.source='.*nothing-\*.array_record': no files match",
   ):
-    train.make_iterator(c, {'{builtin:video}': str(tmp_path / 'x')})
+    train_inputs.make_iterator(c, {'{builtin:video}': str(tmp_path / 'x')})
+  # An evaluation source is checked by opening it, without a pipeline (no reader threads).
+  c = small_config(**{'eval_sources.image': str(tmp_path / 'held-out-*.array_record')})
+  threads = threading.active_count()
+  with pytest.raises(
+    config_lib.ConfigError, match=r"eval_sources.image='.*held-out-\*.array_record': no files"
+  ):
+    train_inputs.check_sources(c, {'{builtin:video}': str(tmp_path / 'x')}, evaluation=True)
+  assert threading.active_count() == threads
   c = small_config(**{'init.pytorch': str(tmp_path / 'missing')})
   mesh = train.make_mesh(c)
   with jax.set_mesh(mesh):
