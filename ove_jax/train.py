@@ -459,10 +459,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     jax.set_mesh(mesh),
     preemption.Preemption() as stop,
   ):
-    iterator = train_inputs.make_iterator(
-      config, sources
-    )  # a source that cannot be read fails here
-    if config.eval_every:  # and an evaluation source, not at the first evaluation
+    # A source that cannot be read fails here, an evaluation source too (opened, no pipeline),
+    # not at the first evaluation.
+    iterator = train_inputs.make_iterator(config, sources)
+    if config.eval_every:
       train_inputs.check_sources(config, sources, evaluation=True)
     program = Program(config, mesh)
     manager = checkpoint.open_manager(
