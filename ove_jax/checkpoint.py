@@ -58,8 +58,12 @@ def check_checkpoint_path(path: str) -> None:
   """Raises ValueError naming `path` and the way out where orbax cannot keep checkpoints (an
   existing file, an s3:// or other non-gs:// URL), before anything is written or trained."""
   if not paths.is_url(path):
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise ValueError(f'{path}: a file, not a folder; give a new or existing folder')
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+      parent = os.path.dirname(parent)  # the nearest part of the path that exists
+    if not os.path.isdir(parent):
+      inside = '' if parent == os.path.abspath(path) else f' (inside {parent}, a file)'
+      raise ValueError(f'{path}: a file, not a folder{inside}; give a new or existing folder')
     return
   scheme = path.split('://', 1)[0].lower()
   if scheme not in CHECKPOINT_SCHEMES:
@@ -211,7 +215,7 @@ def locate(path: str, step: int | None = None, *, accepted: str = TRAINING) -> t
   error says a caller takes when `path` is none of them."""
   path = paths.absolute(path)
   if not paths.isdir(path):
-    raise FileNotFoundError(f'{path}: no such directory; expected {accepted}')
+    raise FileNotFoundError(_not_a_directory(path, accepted))
   for root in (root_of(path), path):
     steps = _steps_in(root)
     if steps:
@@ -238,12 +242,44 @@ def read_meta(path: str, step: int | None = None) -> dict:
   return _meta(open_manager(root), step)
 
 
-def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
-  if META not in manager.metadata(step).item_metadata.keys():
-    return {}
-  return dict(
-    manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+class DamagedCheckpointError(ValueError):
+  """A committed step whose files cannot be read (a copy or upload cut short, a disk error)."""
+
+
+def _read(manager: ocp.CheckpointManager, step: int, what: str, read):
+  """read(), with any error of orbax or tensorstore beneath it (plain Exceptions, KeyErrors,
+  OSErrors) as a DamagedCheckpointError naming the step and the steps beside it."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(manager, step, what, str(e).strip().splitlines()[:1]) from e
+
+
+def _damaged(manager, step: int, what: str, reason: list) -> DamagedCheckpointError:
+  steps = sorted(manager.all_steps())
+  others = [s for s in steps if s != step]
+  way = f'pass another (--step {others[-1]})' if others else 'restore the folder from a copy'
+  return DamagedCheckpointError(
+    f'{manager.directory} step {step}: {what} cannot be read ({(reason or [""])[0][:200]}); the '
+    f'step is incomplete or damaged (a copy or upload cut short, a disk error): it has steps '
+    f'{steps}, {way}'
   )
+
+
+def _items(manager: ocp.CheckpointManager, step: int):
+  """The step's item metadata (meta, state, data); a step holding neither meta nor state is
+  damaged."""
+  items = _read(manager, step, 'the metadata', lambda: manager.metadata(step).item_metadata)
+  if META not in items.keys() and STATE not in items.keys():
+    raise _damaged(manager, step, 'the train state', ['no meta/ and no state/ in the step'])
+  return items
+
+
+def _meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  if META not in _items(manager, step).keys():
+    return {}
+  args = ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+  return dict(_read(manager, step, 'meta/', lambda: manager.restore(step, args=args))[META])
 
 
 class Position:
@@ -360,12 +396,10 @@ def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, it
   nested, nested_args = item, restore_args
   for key in reversed(subtree):
     nested, nested_args = {key: nested}, {key: nested_args}
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      **{STATE: ocp.args.PyTreeRestore(item=nested, restore_args=nested_args, partial_restore=True)}
-    ),
-  )[STATE]
+  args = ocp.args.Composite(
+    **{STATE: ocp.args.PyTreeRestore(item=nested, restore_args=nested_args, partial_restore=True)}
+  )
+  restored = _read(manager, step, 'state/', lambda: manager.restore(step, args=args))[STATE]
   for key in subtree:
     restored = _child(restored, key, 'the restored state')
   return restored
@@ -373,8 +407,10 @@ def _restore_parts(manager: ocp.CheckpointManager, step: int, subtree: tuple, it
 
 def _saved(manager: ocp.CheckpointManager, step: int, subtree: Sequence[str], where: str):
   """The orbax metadata (shape, dtype) of the train state's leaves under `subtree`."""
-  node = manager.metadata(step).item_metadata[STATE]
-  node = getattr(node, 'tree', node)
+  items = _items(manager, step)
+  if STATE not in items.keys():
+    raise _damaged(manager, step, 'the train state', ['no state/ in the step'])
+  node = getattr(items[STATE], 'tree', items[STATE])
   for key in subtree:
     node = _child(node, key, where)
   return node
@@ -489,7 +525,14 @@ def encoder_source_error(path: str) -> str | None:
   id), without reading it; None when it may."""
   if path.startswith('random:') or _is_hub_id(path) or paths.isdir(paths.absolute(path)):
     return None
-  return f'{path}: no such directory; expected {ACCEPTED}'
+  return _not_a_directory(path, ACCEPTED)
+
+
+def _not_a_directory(path: str, accepted: str) -> str:
+  if paths.isfile(paths.absolute(path)):
+    folder = paths.dirname(paths.absolute(path))
+    return f'{path}: a file, not a directory; give the folder that holds it ({folder}): {accepted}'
+  return f'{path}: no such directory; expected {accepted}'
 
 
 def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> LoadedEncoder:

@@ -31,6 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
+import time
 from typing import Any, Mapping
 
 import jax
@@ -112,9 +114,21 @@ def plan(
       values['coordinator_address'], sources['coordinator_address']
     )
 
+  # OVE_LOCAL_DEVICE_IDS is checked whatever the run, not only where it is used.
+  device_ids = local_device_ids(env, cluster and cluster.__name__, explicit.get('local_device_ids'))
   if cluster is None:
-    if not values or set(values) == {'num_processes'} and values['num_processes'] == 1:
-      return None  # nothing asked for, or `OVE_NUM_PROCESSES=1` alone: said outright
+    one = values.get('num_processes') == 1 and set(values) <= {'num_processes', 'process_id'}
+    if not values or one and values.get('process_id', 0) == 0:
+      # Nothing asked for, or one process said outright (a launcher's WORLD_SIZE=1, RANK=0).
+      index = env.get('JOB_COMPLETION_INDEX', '').strip()
+      if env.get('KUBERNETES_SERVICE_HOST') and index not in ('', '0') and not values:
+        raise ValueError(
+          f'JOB_COMPLETION_INDEX={index}: this pod is one of a Kubernetes Indexed Job, but '
+          'jax.distributed detects no cluster here (install jax[k8s], see docs/launch.md), '
+          "so it would train alone as process 0 beside the Job's other pods. Install it, or "
+          'set OVE_COORDINATOR_ADDRESS, OVE_NUM_PROCESSES and OVE_PROCESS_ID.'
+        )
+      return None
     missing = [var for field, var in OVERRIDES if field not in values]
     if missing:
       given = ', '.join(sources[f] for f, _ in OVERRIDES if f in sources)
@@ -153,7 +167,6 @@ def plan(
     initialization_timeout=int(initialization_timeout),
     heartbeat_timeout_seconds=int(heartbeat_timeout),
   )
-  device_ids = local_device_ids(env, cluster and cluster.__name__, explicit.get('local_device_ids'))
   if device_ids is not None:
     kwargs['local_device_ids'] = device_ids
   return kwargs
@@ -259,6 +272,47 @@ def _check_address(address, source: str) -> str:
   return text
 
 
+def check_coordinator(address: str, process_id: int, timeout: float, source: str) -> None:
+  """Before jax.distributed starts (a coordinator it cannot reach ends the process with a C++
+  abort that blames 'another task'; a port in use, with a bare 'Failed to start RPC server'):
+  the host resolves; for process 0 the port is free here; for the others something accepts
+  connections there within `timeout` seconds. ValueError naming `source` otherwise."""
+  host, _, port = address.rpartition(':')
+  host, port = host.strip('[]'), int(port)
+  try:
+    socket.getaddrinfo(host, port)
+  except socket.gaierror as e:
+    raise ValueError(
+      f'{source}={address}: the host {host!r} does not resolve here ({e.strerror}); give '
+      'the address of process 0 as this machine reaches it.'
+    ) from None
+  if process_id == 0:
+    with socket.socket() as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      try:
+        probe.bind(('', port))
+      except OSError as e:
+        raise ValueError(
+          f'{source}={address}: port {port} is in use on this host ({e.strerror}), so process '
+          '0 cannot listen there; choose a free port (ove-launch-local --port, or another '
+          'port in the address every process is given).'
+        ) from None
+    return
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ValueError(
+          f'{source}={address}: nothing accepted a connection there in {timeout:g} s ({e}); '
+          'is process 0 running, and is that address reachable from this host (a firewall, '
+          'a wrong host)? distributed.initialization_timeout sets the wait.'
+        ) from None
+      time.sleep(0.5)
+
+
 def initialize(
   coordinator_address: str | None = None,
   num_processes: int | None = None,
@@ -321,6 +375,11 @@ def initialize(
           'process, so it can only see its own devices. Call ove_jax.distributed.initialize() '
           'at the very start of the program, before anything else uses JAX (jax.devices(), '
           'creating arrays, jit, jax.config changes that start the backend).'
+        )
+      if 'coordinator_address' in setup and 'process_id' in setup:
+        given = 'argument coordinator_address' if coordinator_address else OVERRIDES[0][1]
+        check_coordinator(
+          setup['coordinator_address'], setup['process_id'], initialization_timeout, given
         )
       logger.info('Starting jax.distributed: %s.', _describe(setup, cluster))
       jax.distributed.initialize(**setup)

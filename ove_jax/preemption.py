@@ -76,6 +76,28 @@ class Preemption:
     return False
 
 
+def exit_on_sigterm_while_starting() -> None:
+  """One process, before `Preemption` is entered (built-in data being made, the compilation
+  cache opened): SIGTERM exits at once with PREEMPTED_EXIT_CODE, as a restart loses nothing yet;
+  without it Python's default would end the process with 143, which a scheduler counts as a
+  failure. Several processes keep JAX's notifier (see the module docstring)."""
+  if jax.process_count() > 1 or not hasattr(signal, 'SIGTERM'):
+    return
+
+  def handle(signum, frame):
+    del signum, frame
+    sys.stderr.write(
+      f'SIGTERM while starting, nothing to save: exiting with code '
+      f'{PREEMPTED_EXIT_CODE} (the restart starts over)\n'
+    )
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+  try:
+    signal.signal(signal.SIGTERM, handle)
+  except ValueError:  # not the main thread
+    pass
+
+
 def exit_hung() -> None:
   """The watchdog's `on_timeout`: exits now with HANG_EXIT_CODE (os._exit: a thread blocked in a
   collective would keep a normal exit waiting forever)."""

@@ -88,9 +88,11 @@ def rules_of(config) -> tuple:
 
 
 def _local_devices(config) -> int | None:
-  # A launcher's OVE_LOCAL_DEVICE_COUNT states the topology it started; it wins over the config.
-  env = os.environ.get('OVE_LOCAL_DEVICE_COUNT')
-  return int(env) if env else (config.cpu_devices or None)
+  # A launcher's OVE_LOCAL_DEVICE_COUNT states the topology it started; it wins over the config
+  # (None here: distributed.initialize reads and checks it, naming the variable).
+  if os.environ.get('OVE_LOCAL_DEVICE_COUNT', '').strip():
+    return None
+  return config.cpu_devices or None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,6 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
+  preemption.exit_on_sigterm_while_starting()
   main_process = info['process_index'] == 0
   if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
     log.info('malloc: %s', host_runtime.configure_malloc())

@@ -191,3 +191,43 @@ def nnx_params(model):
   from flax import nnx
 
   return nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize('damage', ['truncated arrays', 'no state', 'emptied step'])
+def test_a_damaged_step_is_named_with_the_steps_beside_it(smoke_run, tmp_path, damage):
+  """A step cut short by a copy or an upload (its arrays truncated, its state/ or every item
+  gone) reads as one error naming the step and another to pass, not orbax's traceback."""
+  import shutil
+
+  workdir, _, _ = smoke_run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  step = os.path.join(checkpoint.root_of(copy), '5')
+  if damage == 'truncated arrays':
+    for folder, _, files in os.walk(os.path.join(step, 'state')):
+      for name in files:
+        if os.path.basename(folder) == 'd':  # the OCDBT data files
+          with open(os.path.join(folder, name), 'r+b') as f:
+            f.truncate(100)
+  else:
+    for item in ['state'] if damage == 'no state' else os.listdir(step):
+      target = os.path.join(step, item)
+      shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+  assert checkpoint.list_steps(copy) == [3, 5]
+  with pytest.raises(checkpoint.DamagedCheckpointError) as caught:
+    checkpoint.load_encoder(copy)
+  message = str(caught.value)
+  assert f'{checkpoint.root_of(copy)} step 5: ' in message
+  assert 'incomplete or damaged' in message and 'pass another (--step 3)' in message
+  assert len(message.splitlines()) == 1
+  assert checkpoint.load_encoder(copy, step=3).step == 3
+
+
+def test_a_workdir_inside_a_file_is_refused_before_anything_is_written(tmp_path):
+  afile = tmp_path / 'afile'
+  afile.write_text('x')
+  with pytest.raises(ValueError, match=rf'{afile}/sub/run: a file, not a folder \(inside {afile}'):
+    checkpoint.check_checkpoint_path(str(afile / 'sub' / 'run'))
+  with pytest.raises(ValueError, match=rf'{afile}: a file, not a folder; give'):
+    checkpoint.check_checkpoint_path(str(afile))
+  checkpoint.check_checkpoint_path(str(tmp_path / 'new' / 'run'))  # made later, as it should be

@@ -5,6 +5,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -88,6 +89,8 @@ SLURM_PORT = 4242 % 4096 + 61440  # JAX's port for SLURM job 4242
 def test_no_request_is_single_process(scheduler):
   assert scheduler({}) == (None, None, None)
   assert scheduler({'OVE_NUM_PROCESSES': '1'}) == (None, None, None)
+  # A launcher's WORLD_SIZE=1, RANK=0 mapped to the variables: one process, said outright.
+  assert scheduler({'OVE_NUM_PROCESSES': '1', 'OVE_PROCESS_ID': '0'}) == (None, None, None)
   cluster, kwargs, _ = scheduler(_slurm(0, 0, 0, '1', 1))  # srun -n 1, or one task
   assert cluster.__name__ == 'SlurmCluster' and kwargs is None
 
@@ -392,6 +395,39 @@ def test_explicit_arguments_win():
 def test_invalid_values_name_the_variable(scheduler, env, match):
   with pytest.raises(ValueError, match=match):
     scheduler(env)
+
+
+def test_single_process_runs_check_device_ids_and_kubernetes_indices():
+  with pytest.raises(ValueError, match="OVE_LOCAL_DEVICE_IDS='abc': expected device numbers"):
+    distributed.plan({}, {'OVE_LOCAL_DEVICE_IDS': 'abc'}, None)
+  pod = {'KUBERNETES_SERVICE_HOST': '10.0.0.1', 'JOB_COMPLETION_INDEX': '1'}
+  with pytest.raises(ValueError, match=r'JOB_COMPLETION_INDEX=1: .*\(install jax\[k8s\]'):
+    distributed.plan({}, pod, None)  # no cluster detected: it would train alone as process 0
+  assert distributed.plan({}, {**pod, 'JOB_COMPLETION_INDEX': '0'}, None) is None
+  assert distributed.plan({}, {'JOB_COMPLETION_INDEX': '3'}, None) is None  # not in Kubernetes
+
+
+def test_local_device_count_errors_name_the_variable(monkeypatch):
+  monkeypatch.setenv('OVE_LOCAL_DEVICE_COUNT', 'abc')
+  with pytest.raises(ValueError, match="OVE_LOCAL_DEVICE_COUNT='abc'"):
+    distributed.initialize()
+
+
+def test_the_coordinator_is_checked_before_jax_distributed_starts():
+  var = 'OVE_COORDINATOR_ADDRESS'
+  with pytest.raises(ValueError, match=r'=nosuchhost.invalid:12355: the host .* does not resolve'):
+    distributed.check_coordinator('nosuchhost.invalid:12355', 1, 1, var)
+  with socket.socket() as listener:
+    listener.bind(('127.0.0.1', 0))
+    listener.listen()
+    address = f'127.0.0.1:{listener.getsockname()[1]}'
+    distributed.check_coordinator(address, 1, 1, var)  # process 0 listens: go on
+    with pytest.raises(ValueError, match=rf'{var}={address}: port \d+ is in use on this host'):
+      distributed.check_coordinator(address, 0, 1, var)
+  # Nothing listens any more: process 1 waits the timeout, then says so.
+  with pytest.raises(ValueError, match=rf'{address}: nothing accepted a connection there in 1 s'):
+    distributed.check_coordinator(address, 1, 1, var)
+  distributed.check_coordinator(address, 0, 1, var)  # and process 0 may listen there
 
 
 def test_initialize_passes_the_plan_to_jax(scheduler, monkeypatch):

@@ -19,7 +19,7 @@ import torch
 import transformers
 from flax import nnx
 
-from ove_jax import convert
+from ove_jax import checkpoint, convert
 from ove_jax.convert import hf, hf_modeling, hub, torch_model
 from ove_jax.models import EncoderConfig, create_encoder
 
@@ -232,7 +232,7 @@ def populate_cache(hf_home: str, repo_id: str, directory: str) -> str:
 _OFFLINE_SCRIPT = """
 import json, sys
 import numpy as np, torch, transformers
-from ove_jax import convert
+from ove_jax import checkpoint, convert
 from ove_jax.convert import torch_model
 x = torch.from_numpy(np.load(sys.argv[1]))
 out = {}
@@ -298,6 +298,46 @@ def test_push_to_hub_uploads_the_export(exported):
   assert upload['folder_path'] == directory and upload['repo_id'] == 'me/ove-tiny'
   assert '*.safetensors' in upload['allow_patterns'] and '*.py' in upload['allow_patterns']
   assert not any(p.endswith(('.bin', '.pt')) for p in upload['allow_patterns'])
+
+
+def test_a_push_that_fails_says_why_and_keeps_the_export(exported):
+  _, directory = exported
+
+  class OfflineApi:  # what requests raises without network
+    def create_repo(self, repo_id, **kwargs):
+      raise ConnectionError(f"Failed to resolve 'huggingface.co' ({repo_id})\nmore lines")
+
+  with pytest.raises(hf_modeling.PushError) as caught:
+    hf_modeling.push_to_hub(directory, 'me/ove-tiny', api=OfflineApi())
+  message = str(caught.value)
+  assert "ConnectionError: Failed to resolve 'huggingface.co' (me/ove-tiny))" in message
+  assert f'the export in {directory} is kept' in message and 'HF_TOKEN' in message
+  assert 'more lines' not in message
+  assert os.path.isfile(os.path.join(directory, 'config.json'))
+
+
+def test_a_file_given_for_a_checkpoint_folder_names_its_folder(exported, tmp_path):
+  _, directory = exported
+  weights = os.path.join(directory, 'model.safetensors')
+  with pytest.raises(FileNotFoundError, match=r'a file, not a directory; give the folder that'):
+    hub.resolve(weights)
+  with pytest.raises(FileNotFoundError, match=rf'a file, not a directory.*\({directory}\)'):
+    checkpoint.load_encoder(weights)
+  assert 'a file, not a directory' in checkpoint.encoder_source_error(weights)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'empty', 'garbage'])
+def test_the_port_names_an_unreadable_weights_file(exported, tmp_path, damage):
+  _, directory = exported
+  broken = tmp_path / 'broken'
+  shutil.copytree(directory, broken)
+  weights = broken / 'model.safetensors'
+  data = weights.read_bytes()
+  weights.write_bytes(
+    {'truncated': data[: len(data) // 2], 'empty': b'', 'garbage': b'x' * 64}[damage]
+  )
+  with pytest.raises(ValueError, match=rf'{weights}: unreadable safetensors \(.*\); export or'):
+    torch_model.load_pretrained(str(broken))
 
 
 def test_paths_that_are_not_hub_ids_never_reach_the_hub(tmp_path, monkeypatch):

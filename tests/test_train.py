@@ -491,6 +491,26 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
   assert f'[p0] Watchdog: exiting with code {preemption.HANG_EXIT_CODE}' in err
 
 
+def test_sigterm_while_making_the_builtin_data_exits_as_preempted(tmp_path):
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'ove_jax.train', f'--config={DEMO}:smoke', f'--workdir={workdir}'],
+    env=env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 300
+  while not (workdir / 'builtin_data').exists():  # made after the handler is in place
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
+  assert 'SIGTERM while starting, nothing to save' in err
+  assert not (workdir / 'checkpoints').exists()
+
+
 def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(

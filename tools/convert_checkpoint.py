@@ -244,7 +244,7 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
 
-  from ove_jax.convert import CheckpointError
+  from ove_jax.convert import CheckpointError, hf_modeling
 
   out = getattr(args, 'out', None)
   if out and os.path.isfile(out):  # an export is a folder (config.json, weights, code)
@@ -259,6 +259,9 @@ def main(argv=None) -> int:
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except hf_modeling.PushError as e:  # written and checked, not uploaded
+    print(f'error: {e}', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

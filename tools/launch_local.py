@@ -10,7 +10,9 @@ are stopped (a process waiting on a dead peer would otherwise hang in a collecti
 launcher exits with the failing code; 124 on --timeout, 130 on Ctrl-C. A process that exits with
 the trainer's preemption code (75: it saved after a SIGTERM) is not a failure: its peers saved
 the same step and exit too, and the launcher waits for them and exits 75 (as it does when it is
-sent SIGTERM itself and every process saves and exits so).
+sent SIGTERM itself and every process saves and exits so). A process saves after the step in
+flight, so --grace (default 5 s, then SIGKILL) must cover a step and its save: raise it when a
+SIGTERM may come while the first step still compiles (15-25 s for the demo on 2 cores).
 """
 
 from __future__ import annotations

@@ -125,12 +125,25 @@ def push_to_hub(
     import huggingface_hub
 
     api = huggingface_hub.HfApi(token=token)
-  api.create_repo(repo_id, private=private, exist_ok=True)
-  info = api.upload_folder(
-    folder_path=directory,
-    repo_id=repo_id,
-    revision=revision,
-    commit_message=commit_message,
-    allow_patterns=list(hub.ALLOW_PATTERNS),
-  )
+  try:
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(
+      folder_path=directory,
+      repo_id=repo_id,
+      revision=revision,
+      commit_message=commit_message,
+      allow_patterns=list(hub.ALLOW_PATTERNS),
+    )
+  except Exception as e:  # requests / huggingface_hub: no network, no token, no write access
+    reason = (str(e).strip().splitlines() or [''])[0][:300]
+    raise PushError(
+      f'pushing {directory} to the hub repository {repo_id} failed ({type(e).__name__}: '
+      f'{reason}); the export in {directory} is kept. Check network access and a token with '
+      f'write access (HF_TOKEN or `huggingface-cli login`), then push it again '
+      f'(`huggingface-cli upload {repo_id} {directory}`)'
+    ) from e
   return str(getattr(info, 'commit_url', info))
+
+
+class PushError(RuntimeError):
+  """An export that could not be uploaded to the hub (it stays on disk)."""

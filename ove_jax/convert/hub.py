@@ -50,6 +50,11 @@ def resolve(name_or_path, files=LocalFiles) -> str:
   text = os.fspath(name_or_path)
   if files.isdir(text):
     return text
+  if files.isfile(text):
+    raise FileNotFoundError(
+      f'{text}: a file, not a directory; give the folder that holds it '
+      f'({os.path.dirname(text) or "."})'
+    )
   if '://' in text:
     raise FileNotFoundError(f'{text}: no such directory (no object is stored under this URL)')
   if not is_hub_id(text) or os.path.exists(text) or os.path.isdir(text.split('/')[0]):

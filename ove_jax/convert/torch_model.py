@@ -15,8 +15,7 @@ Usage:
   out['last_hidden_state']  # (B, L, C), after layernorm_post
   out['pooler_output']      # (B, C), the MAP head's embedding (None without the head)
 
-  model = OVEncoderTorch(OVEncoderConfig(hidden_size=128, intermediate_size=512,
-                                         num_hidden_layers=2, num_attention_heads=2))
+  model = OVEncoderTorch(OVEncoderConfig(hidden_size=128, num_hidden_layers=2, ...))
   save_pretrained(model, 'some/dir')  # config.json + model.safetensors
 
 Checkpoints are read with safetensors only; pickled torch files are never opened. Its relative
@@ -104,19 +103,13 @@ class OVEmbeddings(nn.Module):
 ATTENTION_IMPLEMENTATIONS = ('sdpa', 'eager')
 
 
-def eager_attention(
-  q_BxHxLxD: torch.Tensor,
-  k_BxHxLxD: torch.Tensor,
-  v_BxHxLxD: torch.Tensor,
-  scale: float,
-  dropout: float = 0.0,
-  training: bool = False,
-) -> torch.Tensor:
-  """transformers' eager_attention_forward: the [B, H, L, L] probabilities materialised."""
-  weights = torch.matmul(q_BxHxLxD, k_BxHxLxD.transpose(2, 3)) * scale
-  weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q_BxHxLxD.dtype)
+def eager_attention(q, k, v, scale: float, dropout: float = 0.0, training: bool = False):
+  """transformers' eager_attention_forward on [B, H, L, D] tensors: the [B, H, L, L]
+  probabilities materialised."""
+  weights = torch.matmul(q, k.transpose(2, 3)) * scale
+  weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
   weights = F.dropout(weights, p=dropout, training=training)
-  return torch.matmul(weights, v_BxHxLxD)
+  return torch.matmul(weights, v)
 
 
 def set_attention_implementation(model: nn.Module, implementation: str) -> nn.Module:
@@ -504,6 +497,13 @@ class URLFiles:
     self.fs.get_file(path, local)
 
 
+def _load_file(local: str, name: str) -> dict:
+  try:  # a truncated, empty or garbled file: safetensors' own error names no path
+    return safetensors.torch.load_file(local)
+  except safetensors.SafetensorError as e:
+    raise ValueError(f'{name}: unreadable safetensors ({e}); export or fetch it again') from None
+
+
 def _read_weights(directory: str, files) -> tuple:
   """(state_dict, description of the file(s)); a sharded index is followed if present. An object
   goes through a local temporary copy, one at a time, its tensors cloned out of load_file's map
@@ -512,11 +512,11 @@ def _read_weights(directory: str, files) -> tuple:
   state = {}
   for path in names:
     if files is LocalFiles:
-      state.update(safetensors.torch.load_file(path))
+      state.update(_load_file(path, path))
       continue
     with tempfile.TemporaryDirectory(prefix='ove_weights_') as tmp:
       files.download(path, os.path.join(tmp, WEIGHTS_NAME))
-      mapped = safetensors.torch.load_file(os.path.join(tmp, WEIGHTS_NAME))
+      mapped = _load_file(os.path.join(tmp, WEIGHTS_NAME), path)
       state.update({key: mapped.pop(key).clone() for key in list(mapped)})
   if len(names) == 1:
     return state, names[0]
