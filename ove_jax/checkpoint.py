@@ -530,8 +530,9 @@ def encoder_source_error(path: str) -> str | None:
 
 def _not_a_directory(path: str, accepted: str) -> str:
   if paths.isfile(paths.absolute(path)):
-    folder = paths.dirname(paths.absolute(path))
-    return f'{path}: a file, not a directory; give the folder that holds it ({folder}): {accepted}'
+    from ove_jax.convert import hub
+
+    return f'{hub.file_not_directory(paths.absolute(path))}: {accepted}'
   return f'{path}: no such directory; expected {accepted}'
 
 

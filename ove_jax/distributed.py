@@ -114,8 +114,8 @@ def plan(
       values['coordinator_address'], sources['coordinator_address']
     )
 
-  # OVE_LOCAL_DEVICE_IDS is checked whatever the run, not only where it is used.
-  device_ids = local_device_ids(env, cluster and cluster.__name__, explicit.get('local_device_ids'))
+  if env.get(LOCAL_DEVICE_IDS_VAR, '').strip():  # checked whatever the run, not only where used
+    local_device_ids(env, None)
   if cluster is None:
     one = values.get('num_processes') == 1 and set(values) <= {'num_processes', 'process_id'}
     if not values or one and values.get('process_id', 0) == 0:
@@ -167,6 +167,7 @@ def plan(
     initialization_timeout=int(initialization_timeout),
     heartbeat_timeout_seconds=int(heartbeat_timeout),
   )
+  device_ids = local_device_ids(env, cluster and cluster.__name__, explicit.get('local_device_ids'))
   if device_ids is not None:
     kwargs['local_device_ids'] = device_ids
   return kwargs

@@ -25,6 +25,7 @@ machines until its wall-clock limit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -76,26 +77,31 @@ class Preemption:
     return False
 
 
-def exit_on_sigterm_while_starting() -> None:
-  """One process, before `Preemption` is entered (built-in data being made, the compilation
-  cache opened): SIGTERM exits at once with PREEMPTED_EXIT_CODE, as a restart loses nothing yet;
-  without it Python's default would end the process with 143, which a scheduler counts as a
-  failure. Several processes keep JAX's notifier (see the module docstring)."""
-  if jax.process_count() > 1 or not hasattr(signal, 'SIGTERM'):
-    return
+@contextlib.contextmanager
+def exit_on_sigterm_while_starting():
+  """While entered, in one process (built-in data being made, the compilation cache opened,
+  before `Preemption`): SIGTERM exits at once with PREEMPTED_EXIT_CODE, as a restart loses
+  nothing yet; without it Python's default would end the process with 143, which a scheduler
+  counts as a failure. Several processes keep JAX's notifier (see the module docstring). The
+  previous handler is restored on exit."""
 
   def handle(signum, frame):
     del signum, frame
     sys.stderr.write(
-      f'SIGTERM while starting, nothing to save: exiting with code '
-      f'{PREEMPTED_EXIT_CODE} (the restart starts over)\n'
+      f'SIGTERM while starting, nothing to save: exiting with code {PREEMPTED_EXIT_CODE} '
+      '(the restart starts over)\n'
     )
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
+  previous = None
+  if jax.process_count() == 1 and hasattr(signal, 'SIGTERM'):
+    with contextlib.suppress(ValueError):  # not the main thread: no handler
+      previous = signal.signal(signal.SIGTERM, handle)
   try:
-    signal.signal(signal.SIGTERM, handle)
-  except ValueError:  # not the main thread
-    pass
+    yield
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def exit_hung() -> None:

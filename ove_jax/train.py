@@ -430,28 +430,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
-  preemption.exit_on_sigterm_while_starting()
-  main_process = info['process_index'] == 0
-  if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
-    log.info('malloc: %s', host_runtime.configure_malloc())
-  workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
-  paths.makedirs(workdir)
-  cache = distributed.use_compilation_cache(
-    config.compilation_cache_dir.replace('{workdir}', workdir)
-  )
-  mesh = make_mesh(config)
-  peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
-  log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)
-  log.info(
-    'mesh %s on %d devices (%d processes); compilation cache: %s',
-    dict(mesh.shape),
-    mesh.size,
-    info['process_count'],
-    cache or 'off',
-  )
+  # Until the loop's own handler is in place, a SIGTERM exits as preempted (nothing to save).
+  with preemption.exit_on_sigterm_while_starting():
+    main_process = info['process_index'] == 0
+    if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
+      log.info('malloc: %s', host_runtime.configure_malloc())
+    workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
+    paths.makedirs(workdir)
+    cache = distributed.use_compilation_cache(
+      config.compilation_cache_dir.replace('{workdir}', workdir)
+    )
+    mesh = make_mesh(config)
+    peak, peak_source = metrics_lib.peak_flops_per_device(override=config.peak_flops)
+    log.info('peak FLOP/s per device for MFU: %.3g (%s)', peak, peak_source)
+    log.info(
+      'mesh %s on %d devices (%d processes); compilation cache: %s',
+      dict(mesh.shape),
+      mesh.size,
+      info['process_count'],
+      cache or 'off',
+    )
 
-  # Built-in data is made on first use: minutes, not a hang.
-  sources = train_inputs.data_sources(config, workdir)
+    # Built-in data is made on first use: minutes, not a hang.
+    sources = train_inputs.data_sources(config, workdir)
   # From here on a stall (a lost peer, a stuck input or restore) ends the process with the stacks.
   with (
     metrics_lib.Watchdog(

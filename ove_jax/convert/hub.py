@@ -43,6 +43,12 @@ def is_hub_id(text: str) -> bool:
   return bool(_HUB_ID.match(str(text))) and not str(text).startswith(('.', '/', '~'))
 
 
+def file_not_directory(path: str) -> str:
+  """The message for a file given where a checkpoint directory is expected."""
+  folder = os.path.dirname(path) or '.'
+  return f'{path}: a file, not a directory; give the folder that holds it ({folder})'
+
+
 def resolve(name_or_path, files=LocalFiles) -> str:
   """The directory of a checkpoint given as a directory (a URL where `files` reads URLs) or a hub
   id (`org/name[@rev]`, fetched into the local cache). Raises FileNotFoundError naming what was
@@ -51,10 +57,7 @@ def resolve(name_or_path, files=LocalFiles) -> str:
   if files.isdir(text):
     return text
   if files.isfile(text):
-    raise FileNotFoundError(
-      f'{text}: a file, not a directory; give the folder that holds it '
-      f'({os.path.dirname(text) or "."})'
-    )
+    raise FileNotFoundError(file_not_directory(text))
   if '://' in text:
     raise FileNotFoundError(f'{text}: no such directory (no object is stored under this URL)')
   if not is_hub_id(text) or os.path.exists(text) or os.path.isdir(text.split('/')[0]):
