@@ -587,6 +587,63 @@ def test_launcher_argument_errors(argv, message, capsys):
   assert message in capsys.readouterr().err
 
 
+class _Collect:
+  """A text stream that records what each write() brought, for the forwarding tests."""
+
+  def __init__(self):
+    self.writes, self.event = [], threading.Event()
+
+  def write(self, text):
+    self.writes.append(text)
+    self.event.set()
+
+  def flush(self):
+    pass
+
+  def text(self):
+    return ''.join(self.writes)
+
+
+def test_launcher_forwards_progress_updates_as_they_come():
+  read_fd, write_fd = os.pipe()
+  out, lock = _Collect(), threading.Lock()
+  thread = threading.Thread(
+    target=launch_local._forward, args=(os.fdopen(read_fd, 'rb'), out, '[p0] ', lock)
+  )
+  thread.start()
+  # A tqdm update ends in '\r' and no newline follows until the bar closes: it must come out
+  # while the child is still running, prefixed, not when the line ends.
+  for piece in (b'train: 1/3\r', b'train: 2/3\r'):
+    out.event.clear()
+    os.write(write_fd, piece)
+    assert out.event.wait(10), f'{piece!r} was not forwarded before the line ended'
+  assert out.text() == '[p0] train: 1/3\r[p0] train: 2/3\r'
+  # '\r\n' (whole or cut between two reads), a multi-byte character cut between reads, an
+  # unterminated last line.
+  for piece in (b'train: 3/3\r', b'\nwin\r\nline\n'):
+    out.event.clear()
+    os.write(write_fd, piece)
+    assert out.event.wait(10)
+  os.write(write_fd, 'caf\u00e9'.encode()[:4])
+  time.sleep(0.2)  # most often read apart; the result is the same either way
+  os.write(write_fd, 'caf\u00e9'.encode()[4:] + b' last')
+  os.close(write_fd)
+  thread.join(10)
+  assert out.text() == (
+    '[p0] train: 1/3\r[p0] train: 2/3\r[p0] train: 3/3\r\n[p0] win\n[p0] line\n'
+    '[p0] caf\u00e9 last\n'
+  )
+
+
+def test_launcher_keeps_a_last_progress_update():
+  read_fd, write_fd = os.pipe()
+  out = _Collect()
+  os.write(write_fd, b'a\nstep 5\r')
+  os.close(write_fd)
+  launch_local._forward(os.fdopen(read_fd, 'rb'), out, '[p1] ', threading.Lock())
+  assert out.text() == '[p1] a\n[p1] step 5\r\n'
+
+
 def _launch(tmp_path, script, *flags, timeout=60):
   path = tmp_path / 'child.py'
   path.write_text(textwrap.dedent(script))

@@ -5,7 +5,8 @@
 It stands in for a multi-host cluster on one CPU machine: each copy gets the environment that
 `ove_jax.distributed.initialize()` reads (OVE_COORDINATOR_ADDRESS on a free local port,
 OVE_NUM_PROCESSES, OVE_PROCESS_ID, OVE_LOCAL_DEVICE_COUNT), JAX_PLATFORMS=cpu and an XLA_FLAGS
-device count of M. Output lines come back prefixed `[p<i>] `. When one process fails the others
+device count of M. Output lines come back prefixed `[p<i>] `, a progress bar's carriage-return
+updates too, as they come. When one process fails the others
 are stopped (a process waiting on a dead peer would otherwise hang in a collective), and the
 launcher exits with the failing code; 124 on --timeout, 130 on Ctrl-C. A process that exits with
 the trainer's preemption code (75: it saved after a SIGTERM) is not a failure: its peers saved
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,11 +63,32 @@ class _Stop(Exception):
   """Raised in the main thread when the launcher itself is sent SIGTERM."""
 
 
+# A child's output is cut at '\n', '\r\n' and '\r': a progress bar's '\r' updates (tqdm) are
+# forwarded as they come, each with the prefix, not held until the line's end.
+_BREAK = re.compile(rb'\r\n|\r|\n')
+
+
 def _forward(stream, out, prefix: str, lock: threading.Lock):
-  for raw in iter(stream.readline, b''):
-    line = raw.decode('utf-8', errors='replace')
-    with lock:
-      out.write(prefix + line if line.endswith('\n') else prefix + line + '\n')
+  pending, after_cr = b'', False
+  while chunk := stream.read1(1 << 16):
+    if after_cr and chunk.startswith(b'\n'):  # a '\r\n' cut between two reads: end that line
+      with lock:
+        out.write('\n')
+      chunk = chunk[1:]
+    data, start, pieces = pending + chunk, 0, []
+    for brk in _BREAK.finditer(data):
+      pieces.append(prefix + data[start : brk.start()].decode('utf-8', errors='replace'))
+      pieces.append('\r' if brk.group() == b'\r' else '\n')
+      start = brk.end()
+    pending = data[start:]
+    after_cr = bool(pieces) and pieces[-1] == '\r' and not pending
+    if pieces:
+      with lock:
+        out.write(''.join(pieces))
+        out.flush()
+  with lock:
+    if pending or after_cr:  # an unterminated last line, or the last progress update, kept
+      out.write(prefix + pending.decode('utf-8', errors='replace') + '\n' if pending else '\n')
       out.flush()
   stream.close()
 
