@@ -187,7 +187,9 @@ def pipeline_batch(shards: Sequence[str], budget: int) -> dict:
       },
     }
   )
-  return next(pipeline.make_iterator(cfg))['video']
+  # Plain copies: Grain's workers hand over arrays in shared memory, which a batch kept until the
+  # interpreter exits leaves to Python's resource tracker (a "leaked shared_memory" warning).
+  return {k: np.array(v) for k, v in next(pipeline.make_iterator(cfg))['video'].items()}
 
 
 def pooled_forward():

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from ove_jax import demo as demo_stages
 from ove_jax import demo_report
 from ove_jax_tools import demo
 
@@ -86,6 +87,16 @@ def test_demo_runs_and_writes_summary(tmp_path, capsys):
   assert summary['export_step'] == 16
   assert os.path.isfile(os.path.join(summary['export'], 'model.safetensors'))
   assert summary['torch_port_max_rel_diff'] < 1e-4
+
+  # The demo's Grain batch is plain arrays: arrays in the workers' shared memory, held to the
+  # end, would make Python warn of leaked shared_memory objects at exit.
+  shards = sorted(
+    os.path.join(summary['records'], f)
+    for f in os.listdir(summary['records'])
+    if '.array_record' in f
+  )
+  batch = demo_stages.pipeline_batch(shards, 512)
+  assert {type(v) for v in batch.values()} == {np.ndarray}, {k: type(v) for k, v in batch.items()}
 
   # The table over runs: each run's value and mean ± std (two copies: std 0).
   table = demo_report.seed_table([summary, dict(summary, seed=1)])
