@@ -113,6 +113,54 @@ def write_npy(path: str, array) -> None:
   write_atomic(path, buffer.getvalue())
 
 
+class ArrayFileError(ValueError):
+  """A .npy / .npz file that cannot be read; the message names the file, what it was given as,
+  and what is wrong with it."""
+
+
+def read_arrays(path: str, what: str = 'the file') -> Any:
+  """The array of a .npy file, or a dict of every array of a .npz file (read whole), on a local
+  path or a URL, without pickles. `what` names the file's role in messages (`--features`, say):
+  a missing, empty, truncated or garbled file, or one of Python objects, is an ArrayFileError
+  that says which and how to mend it, not numpy's EOFError or BadZipFile."""
+  import io  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  where = f'{what} {path}'
+  if paths.isdir(path):
+    raise ArrayFileError(f'{where}: a directory; give a .npy or .npz file')
+  try:
+    data = paths.read_bytes(path)
+  except FileNotFoundError:
+    raise ArrayFileError(f'{where}: no such file') from None
+  except OSError as e:
+    raise ArrayFileError(f'{where}: cannot be read ({e})') from None
+  if not data:
+    raise ArrayFileError(f'{where}: empty (0 bytes); write it again (numpy.save / numpy.savez)')
+  try:
+    loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+      with loaded:
+        return {name: loaded[name] for name in loaded.files}
+    return loaded
+  except ValueError as e:
+    if 'Object arrays' in str(e):
+      raise ArrayFileError(
+        f'{where}: holds Python objects (pickled), which are not loaded; save numeric or string '
+        'arrays instead (numpy.save of an array of numbers, not of objects)'
+      ) from None
+    raise ArrayFileError(
+      f'{where}: truncated or not a .npy / .npz file ({e}); write it again'
+    ) from None
+  except (EOFError, OSError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+    raise ArrayFileError(
+      f'{where}: truncated or not a .npy / .npz file ({type(e).__name__}: {e}); write it again'
+    ) from None
+
+
 def read_json(path: str) -> Any | None:
   """The JSON value in `path`, or None when there is no such file."""
   try:

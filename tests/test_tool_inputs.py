@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -193,3 +194,33 @@ def test_llava_run_refuses_other_settings_on_the_same_jsonl(tmp_path, video):
     llava.run(str(dataset), settings=settings, camera_compensation='none', **args)
   images = sorted(os.listdir(os.path.join(args['image_root'], os.listdir(args['image_root'])[0])))
   assert [name.rsplit('.', 1)[1] for name in images if '_0' in name] == ['jpg', 'jpg']
+
+
+def test_read_arrays_names_the_file_and_what_is_wrong(tmp_path):
+  from data_pipeline import fileio
+
+  good = tmp_path / 'good.npz'
+  np.savez(good, features=np.ones((3, 2), np.float32), ids=np.array(['a', 'b', 'c']))
+  arrays = fileio.read_arrays(str(good), '--features')
+  assert sorted(arrays) == ['features', 'ids'] and arrays['features'].shape == (3, 2)
+  np.save(tmp_path / 'one.npy', np.arange(4))
+  assert fileio.read_arrays(str(tmp_path / 'one.npy')).tolist() == [0, 1, 2, 3]
+
+  (tmp_path / 'empty.npy').write_bytes(b'')
+  (tmp_path / 'trunc.npz').write_bytes(good.read_bytes()[:100])
+  (tmp_path / 'garbage.npy').write_bytes(b'not numpy at all' * 10)
+  np.save(tmp_path / 'objects.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+  np.save(tmp_path / 'short.npy', np.arange(1000))
+  (tmp_path / 'short.npy').write_bytes((tmp_path / 'short.npy').read_bytes()[:300])
+  for name, message in [
+    ('missing.npy', 'no such file'),
+    ('empty.npy', 'empty (0 bytes)'),
+    ('trunc.npz', 'truncated or not a .npy / .npz file'),
+    ('garbage.npy', 'truncated or not a .npy / .npz file'),
+    ('objects.npy', 'holds Python objects'),
+    ('short.npy', 'truncated or not a .npy / .npz file'),
+    ('', 'a directory'),
+  ]:
+    path = str(tmp_path / name)
+    with pytest.raises(fileio.ArrayFileError, match=re.escape(f'--init {path}: {message}')):
+      fileio.read_arrays(path, '--init')
