@@ -10,7 +10,8 @@ Sources (`list_images`):
   folder      every image file below it (`sources.IMAGE_EXTENSIONS`); labels from a .npy with a
               row per image in sorted relative-path order, or the class-per-subfolder index
               (the conventions of `sources.ImageFolderSource`), or none
-  list file   one path per line, optionally a tab and label ids (`precompute.read_inputs`)
+  list file   one path per line, optionally a tab and label ids (`precompute.read_inputs`;
+              every line or none, ids >= 0)
   tar set     webdataset shards ('shard-{000..009}.tar', globs, comma-separated): the members
               key.jpg / key.jpeg / key.png / key.webp of one key are its image, key.cls (ids in
               text) or key.json (`json_label_key`) its labels
@@ -27,14 +28,14 @@ trainer's `transforms.decode_image` to the pixels meant:
   rejected        not an image, truncated or corrupt data, an empty file, more pixels than
                   `max_pixels` (a decompression bomb; checked from the header, before decoding),
                   other modes (32-bit float, I beyond 16 bits, LAB, HSV), a bad label
-A rejected image is a failure manifest entry {"file", "reason", "shard"}, never an exception.
+A rejected image is a failure manifest entry {"file", "reason", "shard"}, never an exception; so
+is the damage of a tar (`shard.tar#(rest)`) or an unreadable parquet file (`part.parquet#(file)`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -95,37 +96,6 @@ class ImageSettings:
 # ---------------------------------------------------------------------------------------------
 # Listing a source
 # ---------------------------------------------------------------------------------------------
-
-
-def expand_braces(pattern: str) -> list[str]:
-  """'shard-{000..009}.tar' -> shard-000.tar ... shard-009.tar (widths kept), '{a,b}' -> both;
-  the first brace group is expanded, then the rest recursively."""
-  match = re.search(r'\{([^{}]*)\}', pattern)
-  if match is None:
-    return [pattern]
-  head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
-  numbers = re.fullmatch(r'(\d+)\.\.(\d+)', body)
-  if numbers:
-    lo, hi = numbers.groups()
-    width = len(lo) if lo.startswith('0') else 0
-    choices = [f'{i:0{width}d}' for i in range(int(lo), int(hi) + 1)]
-  else:
-    choices = body.split(',')
-  return [p for c in choices for p in expand_braces(head + c + tail)]
-
-
-def expand_files(spec: str) -> list[str]:
-  """The files of comma-separated brace patterns / globs, each pattern's matches sorted; a
-  pattern that matches nothing is an error naming it."""
-  paths = []
-  # Commas inside braces belong to the brace group, not to the list of patterns.
-  for part in re.split(r',(?![^{]*\})', spec):
-    for pattern in expand_braces(part.strip()):
-      matched = sorted(glob.glob(os.path.expanduser(pattern)))
-      if not matched:
-        raise FileNotFoundError(f'no files match {pattern!r} (of {spec!r})')
-      paths.extend(os.path.abspath(p) for p in matched)
-  return paths
 
 
 def source_kind(source: str) -> str:
@@ -220,17 +190,26 @@ def tar_items(path: str, json_label_key: str = 'label') -> list[ImageItem]:
 
 
 def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) -> list[ImageItem]:
-  """One item per row of a parquet file (labels read now; image bytes by the workers)."""
+  """One item per row of a parquet file (labels read now; image bytes by the workers). A file
+  pyarrow cannot read (not parquet, truncated) is one item `path#(file)` that fails, as the
+  damage of a tar is: the other files' images go on."""
   import pyarrow.parquet as pq
 
-  meta = pq.ParquetFile(path)
-  names = meta.schema_arrow.names
+  errors = parquet_errors()
+  try:
+    meta = pq.ParquetFile(path)
+    names = meta.schema_arrow.names
+  except errors as e:
+    return [unreadable_parquet(path, e)]
   missing = [c for c in (image_column, *label_columns) if c not in names]
   if missing:
     raise ValueError(
       f'{path}: no column(s) {missing}; it has {names} (set --image-column / --label-column)'
     )
-  table = pq.read_table(path, columns=list(label_columns)) if label_columns else None
+  try:
+    table = pq.read_table(path, columns=list(label_columns)) if label_columns else None
+  except errors as e:
+    return [unreadable_parquet(path, e)]
   columns = [table.column(c).to_pylist() for c in label_columns] if table is not None else []
   items, row = [], 0
   for group in range(meta.num_row_groups):
@@ -252,20 +231,76 @@ def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) ->
   return items
 
 
-def parquet_image_column(path: str, image_column: str | None) -> str:
-  """The image column: the one named, else the first of IMAGE_COLUMNS the file has."""
+def parquet_errors() -> tuple[type[Exception], ...]:
+  """What pyarrow raises for a file it cannot read: ArrowInvalid (not parquet, 0 bytes,
+  truncated), OSError (a folder, no permission) and its other errors."""
+  import pyarrow as pa
+
+  return (OSError, pa.ArrowException)
+
+
+def unreadable_parquet(path: str, error: Exception) -> ImageItem:
+  return ImageItem(
+    f'{path}#(file)',
+    None,
+    path,
+    problem=f'{path}: unreadable parquet file ({type(error).__name__}: {error}); none of its '
+    'images are read',
+  )
+
+
+def parquet_image_column(files: Sequence[str], image_column: str | None) -> str:
+  """The image column: the one named, else the first of IMAGE_COLUMNS the first readable file
+  has (unreadable files are failures of their own: `parquet_items`)."""
   import pyarrow.parquet as pq
 
-  names = pq.ParquetFile(path).schema_arrow.names
   if image_column:
     return image_column
-  for name in IMAGE_COLUMNS:
-    if name in names:
-      return name
+  for path in files:
+    try:
+      names = pq.ParquetFile(path).schema_arrow.names
+    except parquet_errors():
+      continue
+    for name in IMAGE_COLUMNS:
+      if name in names:
+        return name
+    raise ValueError(
+      f'{path}: none of the columns {names} is an image column I know '
+      f'({", ".join(IMAGE_COLUMNS)}); name it with --image-column'
+    )
   raise ValueError(
-    f'{path}: none of the columns {names} is an image column I know '
-    f'({", ".join(IMAGE_COLUMNS)}); name it with --image-column'
+    f'{files[0]}: pyarrow reads none of the {len(files)} parquet file(s) given; check that they '
+    'are parquet files (not cut short)'
   )
+
+
+def list_file_items(source: str) -> list[ImageItem]:
+  """The images of a list file (`precompute.read_inputs`). Its labels are all or nothing, and ids
+  are >= 0, as a tar set's: a line that breaks either is refused by file:line, because the
+  trainer cannot use a record without labels in a labelled corpus."""
+  try:
+    with open(source, encoding='utf-8') as f:
+      lines = f.read().split('\n')  # read_inputs' reading, so that the line numbers agree
+  except UnicodeDecodeError:
+    raise ValueError(
+      f'{source}: not a text list of images (one path per line, optionally a tab and label ids); '
+      'give a list file, an image folder, .tar files or .parquet files'
+    ) from None
+  numbers = [n for n, text in enumerate(lines, 1) if text.strip() and text.lstrip()[:1] != '#']
+  clips = precompute.read_inputs(source)
+  labelled = next((n for n, c in zip(numbers, clips) if c.labels is not None), None)
+  for number, clip in zip(numbers, clips):
+    if labelled is not None and clip.labels is None:
+      raise ValueError(
+        f'{source}:{number}: no label ids, but line {labelled} has some; labels are all or '
+        'nothing: give every line a tab and its ids, or none'
+      )
+    if clip.labels is not None and min(clip.labels) < 0:
+      raise ValueError(
+        f'{source}:{number}: label ids {",".join(map(str, clip.labels))}; ids are whole numbers '
+        '>= 0'
+      )
+  return [ImageItem(c.path, c.labels) for c in clips]
 
 
 def list_images(
@@ -294,9 +329,9 @@ def list_images(
     items = folder_items(source, labels)
     listing['labels'] = labels
   elif kind == 'list':
-    items = [ImageItem(c.path, c.labels) for c in precompute.read_inputs(source)]
+    items = list_file_items(source)
   elif kind == 'tar':
-    items = [i for path in expand_files(source) for i in tar_items(path, json_label_key)]
+    items = [i for path in sources.expand_files(source) for i in tar_items(path, json_label_key)]
     listing['json_label_key'] = json_label_key
     # Labels are all or nothing: a sample without one in a labelled set is a failure.
     if any(i.labels for i in items):
@@ -311,9 +346,9 @@ def list_images(
         for i in items
       ]
   else:
-    paths = expand_files(source)
-    image_column = parquet_image_column(paths[0], image_column)
-    items = [i for path in paths for i in parquet_items(path, image_column, label_columns)]
+    files = sources.expand_files(source)
+    image_column = parquet_image_column(files, image_column)
+    items = [i for path in files for i in parquet_items(path, image_column, label_columns)]
     listing.update(image_column=image_column, label_columns=list(label_columns))
   if not items:
     raise FileNotFoundError(f'{source}: no images found')
@@ -393,11 +428,16 @@ def parquet_cell(path: str, group: int, row: int, column: str) -> Any:
   if key not in _groups:
     import pyarrow.parquet as pq
 
-    _groups[key] = (
-      pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column).to_pylist()
-    )
+    try:
+      _groups[key] = (
+        pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column).to_pylist()
+      )
+    except parquet_errors() as e:  # kept as text: each image of the group fails without a reread
+      _groups[key] = f'{path}: row group {group} unreadable ({type(e).__name__}: {e})'
     while len(_groups) > _GROUPS_KEPT:
       _groups.popitem(last=False)
+  if isinstance(_groups[key], str):
+    raise ImageError(_groups[key])
   return _groups[key][row]
 
 
@@ -491,7 +531,7 @@ def precompute_images(
       `precompute.precompute`.
   """
   precompute.check_run_arguments(
-    name, split, 'records', image_timeout, task_index, num_tasks, overwrite
+    out_dir, name, split, 'records', image_timeout, task_index, num_tasks, overwrite
   )
   if not 0 < max_pixels <= 2 * DEFAULT_MAX_PIXELS:
     raise ValueError(

@@ -105,6 +105,20 @@ def isfile(path: Any) -> bool:
   return epath(path).is_file()
 
 
+def not_a_folder(path: Any) -> str | None:
+  """Why `path` cannot be made a folder: "a file, not a folder" for an existing file, with
+  " (inside X, a file)" when a part of the path above it is a file; None where it can (a folder,
+  a path that mkdir would make, any URL: an object store has no file in the way of a prefix)."""
+  if is_url(path):
+    return None
+  full = part = absolute(path)
+  while not os.path.exists(part) and os.path.dirname(part) != part:
+    part = os.path.dirname(part)  # the nearest part of the path that exists
+  if os.path.isdir(part):
+    return None
+  return 'a file, not a folder' + ('' if part == full else f' (inside {part}, a file)')
+
+
 def listdir(path: Any) -> list[str]:
   """The names (not paths) directly under `path`, sorted; [] where there is nothing."""
   if not is_url(path):

@@ -160,7 +160,9 @@ def precompute(
     retry_failures: select again the clips that failed in earlier runs (default: a known
       failure is kept, not retried).
   """
-  check_run_arguments(name, split, record_format, clip_timeout, task_index, num_tasks, overwrite)
+  check_run_arguments(
+    out_dir, name, split, record_format, clip_timeout, task_index, num_tasks, overwrite
+  )
   if isinstance(inputs, (str, os.PathLike)):
     clips = read_inputs(inputs)
     if not clips:
@@ -222,6 +224,7 @@ def precompute(
 
 
 def check_run_arguments(
+  out_dir: str,
   name: str,
   split: str,
   record_format: str,
@@ -231,6 +234,9 @@ def check_run_arguments(
   overwrite: bool,
 ) -> None:
   """The checks of a run's arguments that need no input: before anything is read or written."""
+  blocked = paths.not_a_folder(out_dir)
+  if blocked:
+    raise ValueError(f'OUT_DIR {out_dir}: {blocked}; give a new or existing one')
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
     raise ValueError(f'dataset name {name!r}: use lower case letters, digits and _ (TFDS rule)')
   if not re.fullmatch(r'[a-z][a-z0-9_]*', split):

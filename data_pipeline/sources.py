@@ -21,14 +21,16 @@ pipeline's error handling, so one corrupt record cannot stop the pipeline. Sourc
 from __future__ import annotations
 
 import bisect
+import glob
 import json
 import os
+import re
 import urllib.parse
 from typing import Any, Sequence
 
 import numpy as np
 
-from data_pipeline import paths, records
+from data_pipeline import fileio, paths, records
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 
@@ -46,6 +48,38 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
       raise FileNotFoundError(f'no files match {pattern!r}')
     found.extend(matched)
   return found
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """'shard-{000..009}.tar' -> shard-000.tar ... shard-009.tar (widths kept), '{a,b}' -> both;
+  the first brace group is expanded, then the rest recursively."""
+  match = re.search(r'\{([^{}]*)\}', pattern)
+  if match is None:
+    return [pattern]
+  head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
+  numbers = re.fullmatch(r'(\d+)\.\.(\d+)', body)
+  if numbers:
+    lo, hi = numbers.groups()
+    width = len(lo) if lo.startswith('0') else 0
+    choices = [f'{i:0{width}d}' for i in range(int(lo), int(hi) + 1)]
+  else:
+    choices = body.split(',')
+  return [p for c in choices for p in expand_braces(head + c + tail)]
+
+
+def expand_files(spec: str) -> list[str]:
+  """The local files of comma-separated brace patterns / globs (the image precompute's tar and
+  parquet sources), each pattern's matches sorted; a pattern that matches nothing is an error
+  naming it."""
+  files = []
+  # Commas inside braces belong to the brace group, not to the list of patterns.
+  for part in re.split(r',(?![^{]*\})', spec):
+    for pattern in expand_braces(part.strip()):
+      matched = sorted(glob.glob(os.path.expanduser(pattern)))
+      if not matched:
+        raise FileNotFoundError(f'no files match {pattern!r} (of {spec!r})')
+      files.extend(os.path.abspath(p) for p in matched)
+  return files
 
 
 def to_record(raw: bytes | dict) -> dict[str, Any]:
@@ -97,12 +131,41 @@ class ArrayRecordSource:
     return f'ArrayRecordSource({len(self.paths)} shards, {len(self)} records)'
 
 
+def read_label_table(path: str, rows: int) -> np.ndarray:
+  """The int32 [rows, n] label ids of a .npy of shape [rows] or [rows, n]. Ids are whole numbers
+  from 0 to 2**31 - 1 (floats that are whole numbers too); anything else is a ValueError naming
+  the file and its first bad row, since casting would store 0.5 as 0 and keep -2 as a label."""
+  table = fileio.read_arrays(path, 'labels')
+  if isinstance(table, dict):
+    raise ValueError(f'labels {path}: a .npz; give a .npy of label ids, a row per image')
+  shape = table.shape
+  if table.ndim == 1:
+    table = table[:, None]
+  if table.ndim != 2 or len(table) != rows or not table.shape[1]:
+    raise ValueError(
+      f'labels {path}: shape {shape}; expected [{rows}] or [{rows}, n >= 1], one row per image '
+      'in sorted order'
+    )
+  if table.dtype.kind not in 'iuf':
+    raise ValueError(f'labels {path}: dtype {table.dtype}; give integer label ids')
+  with np.errstate(invalid='ignore'):
+    good = (table >= 0) & (table <= np.iinfo(np.int32).max) & (table == np.floor(table))
+  bad = np.flatnonzero(~good.all(axis=1))
+  if len(bad):
+    raise ValueError(
+      f'labels {path}: row {bad[0]} holds {table[bad[0]].tolist()} ({len(bad)} bad row(s)); '
+      'label ids are whole numbers >= 0'
+    )
+  return table.astype(np.int32)
+
+
 class ImageFolderSource:
   """Image files under a folder (recursive, sorted by relative path) as image records.
 
-  Labels: `labels` names a .npy of shape [N] or [N, n] int, row i for the i-th file in sorted
-  order (cluster ids from the k-means tool); without it, the index of the file's top-level
-  subfolder among the sorted subfolders is its one label (a class-per-folder layout).
+  Labels: `labels` names a .npy of shape [N] or [N, n] ids >= 0 (`read_label_table`), row i for
+  the i-th file in sorted order (cluster ids from the k-means tool); without it, the index of the
+  file's top-level subfolder among the sorted subfolders is its one label (a class-per-folder
+  layout).
   """
 
   def __init__(self, root: str, labels: str | None = None):
@@ -118,15 +181,7 @@ class ImageFolderSource:
     if not self.files:
       raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {self.root!r}')
     if labels is not None:
-      table = np.load(labels, allow_pickle=False)
-      if table.ndim == 1:
-        table = table[:, None]
-      if table.ndim != 2 or len(table) != len(self.files):
-        raise ValueError(
-          f'{labels}: labels of shape {table.shape}; expected [{len(self.files)}] '
-          f'or [{len(self.files)}, n], one row per image in sorted order'
-        )
-      self.labels = table.astype(np.int32)
+      self.labels = read_label_table(labels, len(self.files))
     else:
       tops = [f.split(os.sep)[0] if os.sep in f else None for f in self.files]
       if None in tops:

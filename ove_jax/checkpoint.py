@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -58,12 +57,9 @@ def check_checkpoint_path(path: str) -> None:
   """Raises ValueError naming `path` and the way out where orbax cannot keep checkpoints (an
   existing file, an s3:// or other non-gs:// URL), before anything is written or trained."""
   if not paths.is_url(path):
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-      parent = os.path.dirname(parent)  # the nearest part of the path that exists
-    if not os.path.isdir(parent):
-      inside = '' if parent == os.path.abspath(path) else f' (inside {parent}, a file)'
-      raise ValueError(f'{path}: a file, not a folder{inside}; give a new or existing folder')
+    blocked = paths.not_a_folder(path)
+    if blocked:
+      raise ValueError(f'{path}: {blocked}; give a new or existing folder')
     return
   scheme = path.split('://', 1)[0].lower()
   if scheme not in CHECKPOINT_SCHEMES:

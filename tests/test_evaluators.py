@@ -290,3 +290,20 @@ def test_probe_labels_are_named_and_a_bad_name_lists_the_names(builtin_data, cap
     "--label colour: the records' labels are fine, shape, direction, texture"
     in capsys.readouterr().err
   )
+
+
+def test_probe_tool_checks_out_before_any_probe(tmp_path, monkeypatch, capsys):
+  # Checked first: no encoder is loaded and no probe runs for results that could not be saved.
+  def no_work(*args, **kwargs):
+    raise AssertionError('the encoder was loaded before --out was checked')
+
+  monkeypatch.setattr(probe_tool, 'load_encoder', no_work)
+  (tmp_path / 'afile').write_text('')
+  for out, message in (
+    (tmp_path, f'--out {tmp_path}: a folder; give the path of the JSON file'),
+    (tmp_path / 'afile' / 'r.json', f'inside {tmp_path / "afile"}, a file'),
+    (tmp_path / 'nodir' / 'r.json', f'its folder {tmp_path / "nodir"} does not exist'),
+  ):
+    argv = ['--checkpoint', 'random:tiny', '--builtin', str(tmp_path / 'b'), '--out', str(out)]
+    assert probe_tool.main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -338,6 +338,11 @@ def test_wrong_options_stop_the_run_early(corpus, tmp_path, capsys):
     assert precompute_codec.main(argv) == 2
     assert words in capsys.readouterr().err
   assert not (tmp_path / 'a').exists() or not any((tmp_path / 'a').iterdir())
+  # An OUT_DIR that is a file, or lies inside one, is named before the list is read.
+  (tmp_path / 'afile').write_text('')
+  for out in ('afile', 'afile/sub'):
+    assert precompute_codec.main([str(tmp_path / 'no-list.txt'), str(tmp_path / out)]) == 2
+    assert f'OUT_DIR {tmp_path / out}: a file, not a folder' in capsys.readouterr().err
   # A selector's own options are its own to check: one that fails every clip with ValueError
   # rather than VideoError stops the run after 16 clips instead of listing a corpus as bad.
   good = next(iter(corpus.good))

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import image_precompute, packing, pipeline, precompute, shards, transforms
+from data_pipeline import (
+  image_precompute,
+  packing,
+  pipeline,
+  precompute,
+  shards,
+  sources,
+  transforms,
+)
 from ove_jax_tools import precompute_images as cli
 
 
@@ -322,7 +330,7 @@ def test_list_file_with_labels(tmp_path):
 def test_listing_errors_name_the_input(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothing'):
     image_precompute.list_images(str(tmp_path / 'nothing-{0..1}.tar'))
-  assert image_precompute.expand_braces('s-{008..010}.tar') == [
+  assert sources.expand_braces('s-{008..010}.tar') == [
     's-008.tar',
     's-009.tar',
     's-010.tar',
@@ -355,6 +363,97 @@ def test_listing_errors_name_the_input(tmp_path):
     image_precompute.list_images(str(tmp_path), kind='folder', labels='bogus.npy')
   with pytest.raises(FileNotFoundError, match='nothing: no such folder'):
     precompute.check(str(tmp_path / 'nothing'))
+
+
+def refusal(argv, capsys) -> str:
+  """The one-line error of a command line refused with exit status 2."""
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([*argv, '--workers=0', '--no-progress'])
+  assert exit_info.value.code == 2
+  return capsys.readouterr().err
+
+
+def test_bad_label_files_are_refused_naming_the_file_and_row(tmp_path, capsys):
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  write_files(str(folder), ['rgb.jpg', 'grey.png', 'deep.png'])
+  # Casting would store 0.5 as 0 and keep -2: whole numbers >= 0 only; an empty file is named.
+  for name, table, message in (
+    ('half.npy', np.asarray([0.0, 0.5, 1.5]), 'row 1 holds [0.5] (2 bad row(s))'),
+    ('neg.npy', np.asarray([[1, 2], [3, 4], [5, -2]]), 'row 2 holds [5, -2]'),
+    ('nan.npy', np.asarray([0.0, 1.0, np.nan]), 'row 2 holds [nan]'),
+    ('text.npy', np.asarray(['a', 'b', 'c']), 'dtype <U1; give integer label ids'),
+    ('empty.npy', None, 'empty (0 bytes)'),
+  ):
+    path = tmp_path / name
+    if table is None:
+      path.write_bytes(b'')
+    else:
+      np.save(path, table)
+    err = refusal([str(folder), str(tmp_path / name[:-4]), '--labels', str(path)], capsys)
+    assert f'labels {path}: {message}' in err, err
+    assert not (tmp_path / name[:-4]).exists()  # refused before anything was written
+  # Floats that are whole numbers are ids.
+  np.save(tmp_path / 'whole.npy', np.asarray([2.0, 0.0, 1.0]))
+  out = str(tmp_path / 'out')
+  assert cli.main([str(folder), out, '--labels', str(tmp_path / 'whole.npy'), '--workers=0']) == 0
+  _, records = all_records(out)
+  assert sorted(r['labels'].tolist() for r in records) == [[0], [1], [2]]
+
+
+def test_list_labels_are_all_or_nothing_and_an_image_list_says_images(tmp_path, capsys):
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  write_files(str(folder), ['rgb.jpg', 'deep.png'])
+  for text, message in (
+    ('images/rgb.jpg\t3\n# a comment\n\nimages/deep.png\n', ':4: no label ids, but line 1 has'),
+    ('images/rgb.jpg\t3\nimages/deep.png\t4,-2\n', ':2: label ids 4,-2; ids are whole numbers'),
+  ):
+    (tmp_path / 'list.tsv').write_text(text)
+    err = refusal([str(tmp_path / 'list.tsv'), str(tmp_path / 'out')], capsys)
+    assert f'list.tsv{message}' in err, err
+  err = refusal([str(folder / 'rgb.jpg'), str(tmp_path / 'out')], capsys)
+  assert 'rgb.jpg: not a text list of images' in err and 'video' not in err
+
+
+def test_unreadable_parquet_file_is_a_failure_and_the_run_goes_on(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  names = ['rgb.jpg', 'grey.png', 'cmyk.jpg']
+  table = pa.table({'image': [GOOD[n] for n in names], 'labels': [[i] for i in range(3)]})
+  pq.write_table(table, tmp_path / 'b-good.parquet')
+  # Sorted first: the image column is found in the first file pyarrow reads.
+  (tmp_path / 'a-garbage.parquet').write_bytes(b'not parquet at all' * 8)
+  (tmp_path / 'c-empty.parquet').write_bytes(b'')
+  summary = image_precompute.precompute_images(
+    str(tmp_path / '*.parquet'),
+    str(tmp_path / 'out'),
+    label_columns=['labels'],
+    workers=0,
+    progress=False,
+  )
+  assert summary['complete'] and summary['records'] == 3 and summary['failures'] == 2
+  with open(tmp_path / 'out' / precompute.FAILURES, encoding='utf-8') as f:
+    reasons = {json.loads(line)['file']: json.loads(line)['reason'] for line in f}
+  for name in ('a-garbage.parquet', 'c-empty.parquet'):
+    assert (
+      f'{tmp_path / name}: unreadable parquet file (ArrowInvalid'
+      in reasons[f'{tmp_path / name}#(file)']
+    )
+  with pytest.raises(ValueError, match='pyarrow reads none of the 2 parquet file'):
+    image_precompute.list_images(str(tmp_path / '[ac]-*.parquet'))
+
+
+def test_out_dir_that_is_a_file_is_refused_first(tmp_path, capsys):
+  (tmp_path / 'afile').write_text('')
+  # The source is never listed: a missing one would be named otherwise.
+  for out, message in (
+    ('afile', 'a file, not a folder; give a new or existing one'),
+    ('afile/sub', f'a file, not a folder (inside {tmp_path / "afile"}, a file)'),
+  ):
+    err = refusal([str(tmp_path / 'none-*.tar'), str(tmp_path / out)], capsys)
+    assert f'OUT_DIR {tmp_path / out}: {message}' in err, err
 
 
 def test_command_line_refuses_bad_counts(tmp_path, capsys):

@@ -5,15 +5,18 @@
       [--label-column labels ...] [--workers 16] [--max-pixels 89478485]
 
 SOURCE is an image folder (searched recursively), a list file (one path per line, optionally a
-tab and label ids "3,17,42"), a webdataset tar set ('/data/wds/shard-{000..099}.tar', globs,
-comma-separated; members key.jpg/.png/.webp with optional key.cls or key.json labels) or parquet
-files ('/data/laion/*.parquet', a Hugging Face dataset's parquet files too: an image column of
-bytes or {bytes, path}, optional label columns). Every good image becomes one record
+tab and label ids "3,17,42", on every line or none), a webdataset tar set
+('/data/wds/shard-{000..099}.tar', globs, comma-separated; members key.jpg/.png/.webp with
+optional key.cls or key.json labels) or parquet files ('/data/laion/*.parquet', a Hugging Face
+dataset's parquet files too: an image column of bytes or {bytes, path}, optional label
+columns). Every good image becomes one record
 (data_pipeline/records.py: image bytes, labels, source) in OUT_DIR/NAME-SPLIT-00000-of-000NN.
 array_record, which the trainer reads as --config.data.heads.image.source='OUT_DIR/NAME-*.
 array_record'. CMYK, YCbCr and 16-bit grey images are converted (stored as PNG); bad images (not
 an image, truncated, a decompression bomb over --max-pixels, other modes, a bad label) are listed
-in OUT_DIR/failures.jsonl and never stop the run.
+in OUT_DIR/failures.jsonl and never stop the run, nor do a damaged tar or an unreadable parquet
+file (one entry each). Input wrong for the whole run (OUT_DIR a file, a --labels file that is not
+whole ids >= 0, a list mixing labelled and unlabelled lines) exits 2 before any image is read.
 
 Running the same command again skips the finished shards, so a killed run is resumed by
 re-running it; known failures are not retried unless --retry-failures. N machines split one plan
@@ -127,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument(
     '--labels',
     help='folders: "folders" (the index of each image\'s top subfolder) or a '
-    '.npy of label ids, a row per image in sorted relative-path order; default: '
-    'no labels (make them with ove-cluster-labels --records)',
+    '.npy of label ids (whole numbers >= 0), a row per image in sorted relative-path order; '
+    'default: no labels (make them with ove-cluster-labels --records)',
   )
   src.add_argument(
     '--json-label-key',

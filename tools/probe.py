@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -126,17 +127,31 @@ def load_encoder(spec: str, seed: int = 0, step: int | None = None):
   return loaded.model, loaded.source
 
 
+def check_out(out: str) -> None:
+  """Refuses an --out the results could not be written to (a folder, a path inside a file, a
+  folder that is missing or read-only), before any probe runs and its work is lost."""
+  if paths.is_url(out):
+    return  # an object store has no folders in the way: an object and a prefix may share a name
+  if paths.isdir(out):
+    raise probes_lib.ProbeError(
+      f'--out {out}: a folder; give the path of the JSON file, e.g. {paths.join(out, "probe.json")}'
+    )
+  folder = paths.dirname(paths.absolute(out))
+  if paths.exists(folder) and not paths.isdir(folder):
+    raise probes_lib.ProbeError(f'--out {out}: inside {folder}, a file; give a path in a folder')
+  if not paths.isdir(folder):
+    raise probes_lib.ProbeError(f'--out {out}: its folder {folder} does not exist; make it first')
+  if not os.access(folder, os.W_OK):
+    raise probes_lib.ProbeError(f'--out {out}: its folder {folder} is not writable')
+
+
 def run(args) -> dict:
   """The probes of the parsed command line; prints progress and the table, returns the results."""
   start = time.perf_counter()
   seeds = _int_list(args.seeds, '--seeds')
   probes = [p.strip() for p in args.probes.split(',') if p.strip()]
-  if (
-    args.out
-    and not paths.is_url(args.out)
-    and not paths.isdir(paths.dirname(paths.absolute(args.out)))
-  ):
-    raise probes_lib.ProbeError(f'--out {args.out}: its folder does not exist')
+  if args.out:
+    check_out(args.out)
   encoder, source = load_encoder(args.checkpoint, args.seed, args.step)
   if args.builtin:
     records, where, names = probes_lib.builtin_records(
@@ -185,7 +200,12 @@ def run(args) -> dict:
   print(probes_lib.format_table(results))
   print(f'\n{results["seconds"]:.1f} s')
   if args.out:
-    fileio.write_atomic(args.out, json.dumps(results, indent=1))  # a local path or a URL
+    try:
+      fileio.write_atomic(args.out, json.dumps(results, indent=1))  # a local path or a URL
+    except OSError as e:
+      raise probes_lib.ProbeError(
+        f'--out {args.out}: not written ({e}); the table above holds the results'
+      ) from None
     print(f'wrote {args.out}')
   return results
 
