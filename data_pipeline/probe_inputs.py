@@ -39,8 +39,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -62,6 +63,8 @@ CODEC_TIMELINE = 64  # the release's codec probe reads 64 frames (sequence_lengt
 CODEC_PRESET = 'release_probe'
 DONOR_TRIES = 8  # clips counterfactual_motion looks at for a selection other than the clip's
 SEGMENT_CRF = 18  # re-encoding of a segment / a frames array before its codec selection
+SELECTION_FIELDS = frozenset({'frame_ids', 'positions', 'scores'})  # of a cached selection
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +239,83 @@ def _crop(frames_TxHxWx3: np.ndarray) -> np.ndarray:
   )
 
 
+def selection_key(video) -> str:
+  """What identifies a clip's video for its cached selection: the content's hash for bytes or
+  frames; for a file its absolute path, size and modification time, so a file replaced at the
+  same path (a re-encode) gets a new selection."""
+  if isinstance(video, np.ndarray):
+    return hashlib.sha1(video.tobytes()).hexdigest()
+  if isinstance(video, (bytes, bytearray, memoryview)):
+    return hashlib.sha1(bytes(video)).hexdigest()
+  path = os.path.abspath(os.fspath(video))
+  try:
+    stat = os.stat(path)
+  except OSError:  # not there: the selection fails with a VideoError naming it
+    return path
+  return f'{path}\0{stat.st_size}\0{stat.st_mtime_ns}'
+
+
+def video_frame_count(video, counts: dict) -> int:
+  """Frames of a clip's whole video: a frames array's length, else the container's count,
+  probed once per file (kept in `counts`, by path; bytes by the object)."""
+  if isinstance(video, np.ndarray):
+    return len(video)
+  key = id(video) if isinstance(video, (bytes, bytearray, memoryview)) else os.fspath(video)
+  if key not in counts:
+    from data_pipeline.codec import bitstream
+
+    counts[key] = bitstream.probe(video).num_frames
+  return counts[key]
+
+
+def segment_error(clip: ProbeClip, total: int) -> str | None:
+  """Why a clip's segment does not fit its video of `total` frames; None when it does."""
+  if clip.start is None or clip.end <= total:
+    return None
+  return (
+    f'{clip.name or clip.video}: the segment {clip.start}..{clip.end} (end exclusive) runs past '
+    f"the video's {total} frames; fix the line (0 <= start < end <= {total})"
+  )
+
+
+def check_clips(
+  clips: Sequence[ProbeClip], *, num_classes: int | None = None, frame_counts: dict | None = None
+) -> None:
+  """A ValueError naming the first bad clip (its list file and line) and how many more there
+  are, checked in this order: a label outside 0..num_classes - 1, a video file that is not
+  there, a segment past its video's end or in a video that cannot be read (one probe per file,
+  kept in `frame_counts`). Cheap next to a probe run; a damaged whole-file video is found only
+  when it is read."""
+  counts = {} if frame_counts is None else frame_counts
+
+  def label(clip):
+    if num_classes is None or 0 <= clip.label < num_classes:
+      return None
+    return (
+      f'{clip.name}: label {clip.label} is outside 0..{num_classes - 1} (num_classes '
+      f'{num_classes}); fix the label or set num_classes'
+    )
+
+  def missing(clip):
+    if isinstance(clip.video, (str, os.PathLike)) and not os.path.isfile(clip.video):
+      return f'{clip.name}: {os.fspath(clip.video)}: no such video file'
+    return None
+
+  def segment(clip):
+    if clip.start is None:
+      return None
+    try:
+      return segment_error(clip, video_frame_count(clip.video, counts))
+    except ValueError as e:  # video.VideoError
+      return f'{clip.name}: {e}'
+
+  for check in (label, missing, segment):
+    problems = [p for p in map(check, clips) if p]
+    if problems:
+      more = f' (and {len(problems) - 1} more clip(s) like it)' if len(problems) > 1 else ''
+      raise ValueError(problems[0] + more)
+
+
 class ClipSampler:
   """Token samples of a list of clips in one input mode (see the module docstring)."""
 
@@ -249,10 +329,15 @@ class ClipSampler:
     preset: str = CODEC_PRESET,
     temporal_size: int = TEMPORAL_SIZE,
     selection_cache: str | None = None,
+    frame_counts: dict | None = None,
+    log: Callable[[str], None] | None = None,
   ):
     """`selection_cache`: a folder keeping every clip's codec selection as .npz (by a hash of
-    the clip, K and the preset), so a rerun or another encoder does not make it again (the
-    release caches its visible indices the same way)."""
+    the clip's identity, `selection_key`, K and the preset), so a rerun or another encoder does
+    not make it again (the release caches its visible indices the same way); a damaged one is
+    named through `log` and made again. `frame_counts`: the videos' frame counts (by
+    `frame_count_key`), shared between samplers of the same clips so each video is probed
+    once."""
     self.clips = list(clips)
     self.mode = InputMode.parse(mode) if isinstance(mode, str) else mode
     if self.mode.intervention == 'counterfactual_motion' and len(self.clips) < 2:
@@ -262,8 +347,9 @@ class ClipSampler:
     self.augment, self.static_share = augment, static_share
     self.preset, self.temporal_size = preset, temporal_size
     self.selection_cache = selection_cache
+    self.log = log or _LOG.warning
     self._selections: dict[int, Any] = {}
-    self._frame_counts: dict[int, int] = {}
+    self._frame_counts = {} if frame_counts is None else frame_counts
 
   def __len__(self) -> int:
     return len(self.clips)
@@ -288,16 +374,15 @@ class ClipSampler:
   # -- reading -----------------------------------------------------------------------------------
 
   def num_frames(self, index: int) -> int:
+    """Frames of the clip: its segment's (checked to lie within the video), else its video's."""
     clip = self.clips[index]
-    if clip.start is not None:
-      return clip.end - clip.start
-    if isinstance(clip.video, np.ndarray):
-      return len(clip.video)
-    if index not in self._frame_counts:  # the container's count, read once
-      from data_pipeline.codec import bitstream
-
-      self._frame_counts[index] = bitstream.probe(clip.video).num_frames
-    return self._frame_counts[index]
+    total = video_frame_count(clip.video, self._frame_counts)
+    if clip.start is None:
+      return total
+    error = segment_error(clip, total)
+    if error:
+      raise ValueError(error)
+    return clip.end - clip.start
 
   def frames(self, index: int, frame_ids: np.ndarray) -> np.ndarray:
     """uint8 [n, 224, 224, 3] of the clip's frames (ids within its segment)."""
@@ -325,10 +410,8 @@ class ClipSampler:
     if index in self._selections:
       return self._selections[index]
     path = self._cache_path(index)
-    if path and os.path.isfile(path):
-      with np.load(path) as stored:
-        found = ClipSelection(stored['frame_ids'], stored['positions'], stored['scores'])
-    else:
+    found = self._cached_selection(path) if path and os.path.isfile(path) else None
+    if found is None:
       from data_pipeline import codec
 
       sel = codec.select(
@@ -351,17 +434,32 @@ class ClipSampler:
       self._selections[index] = found
     return found
 
+  def _cached_selection(self, path: str) -> ClipSelection | None:
+    """The selection kept in `path`, or None (named through `log`) when the file is damaged:
+    unreadable, or not the arrays of a selection at this K."""
+    what = 'the cached codec selection'
+    try:
+      stored = fileio.read_arrays(path, what)
+      held = sorted(stored) if isinstance(stored, dict) else 'one array'
+      if held != sorted(SELECTION_FIELDS):
+        raise ValueError(f'{what} {path}: holds {held}; expected {sorted(SELECTION_FIELDS)}')
+      found = ClipSelection(stored['frame_ids'], stored['positions'], stored['scores'])
+      if found.positions.shape != (self.mode.amount, 3) or found.scores.ndim != 3:
+        raise ValueError(
+          f'{what} {path}: positions {found.positions.shape}, scores {found.scores.shape}; '
+          f'expected positions ({self.mode.amount}, 3) and scores [T, H, W]'
+        )
+      return found
+    except ValueError as e:  # fileio.ArrayFileError is a ValueError
+      self.log(f'{e}; making the selection again')
+      return None
+
   def _cache_path(self, index: int) -> str | None:
     if not self.selection_cache:
       return None
     clip = self.clips[index]
-    if isinstance(clip.video, (bytes, bytearray, np.ndarray)):
-      what = hashlib.sha1(
-        bytes(clip.video) if not isinstance(clip.video, np.ndarray) else clip.video.tobytes()
-      ).hexdigest()
-    else:
-      what = os.path.abspath(os.fspath(clip.video))
-    key = f'{what}\0{clip.start}\0{clip.end}\0{self.mode.amount}\0{self.preset}'
+    parts = (selection_key(clip.video), clip.start, clip.end, self.mode.amount, self.preset)
+    key = '\0'.join(map(str, parts))
     os.makedirs(self.selection_cache, exist_ok=True)
     return os.path.join(self.selection_cache, hashlib.sha1(key.encode()).hexdigest() + '.npz')
 

@@ -5,14 +5,22 @@
 
 Every cell (benchmark, input mode, encoder) runs `evaluators.protocol.run_protocol` and is
 written as `cells/<key>.json` when it ends (atomically, `data_pipeline.fileio`), with status
-'ok' or 'failed' (the error and its traceback's tail): a cell that fails is recorded and the
-suite goes on. Rerunning the same command resumes: cells already 'ok' are read, not rerun; failed
-and missing ones run. The table (`results.csv`, `results.md`) is rewritten from all cell files
-after every cell, so it is current while the suite runs.
+'ok' or 'failed' (the error and its traceback's tail) and the settings it ran with
+(`cell_settings`): a cell that fails is recorded and the suite goes on. Rerunning the same
+command resumes: cells already 'ok' are read, not rerun; failed, missing and unreadable ones
+run. An 'ok' cell stored with other settings than the plan's (a changed --seeds, --epochs, list,
+...) is refused before any cell runs, naming the cell and the settings, unless `rerun_changed`
+(then it runs again and its file is replaced). The table (`results.csv`, `results.md`) holds the
+plan's cells, rewritten from their files after every cell, so it is current while the suite
+runs; cell files of other plans in the folder stay, outside the table.
 
-Clips are read once per (benchmark, mode) and shared by the encoders; codec selections are made
-once per clip and K and kept in `selection_cache` (default OUT/selections), so a rerun reads them;
-each encoder is loaded once.
+Before any cell runs, what every cell of a benchmark or encoder would fail on is refused as a
+SuiteError: a list that cannot be read, a label outside the class count, a missing video file, a
+segment past its video's end, a split that leaves no clip to train or validate on, an encoder
+that cannot be loaded. Clips are read once per (benchmark, mode) and shared by the encoders;
+codec selections are made once per clip and K and kept in `selection_cache` (default
+OUT/selections), so a rerun reads them (a damaged one is named and made again); each encoder is
+loaded once.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import time
@@ -28,8 +37,9 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from data_pipeline import benchmarks as benchmarks_lib
-from data_pipeline import fileio
+from data_pipeline import fileio, probe_inputs
 from data_pipeline.probe_inputs import ClipSampler, ColorJitter, InputMode
+from ove_jax import cli
 from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
 
 COLUMNS = (
@@ -85,6 +95,47 @@ class Plan:
   def cells(self) -> list[tuple[BenchmarkSpec, InputMode, str]]:
     return [(b, m, e) for b in self.benchmarks for m in self.modes for e in self.encoders]
 
+  def protocol_of(self, bench: BenchmarkSpec) -> ProtocolConfig:
+    """The protocol of a benchmark's cells: the plan's, at the benchmark's recipe."""
+    return dataclasses.replace(
+      self.protocol,
+      epochs=bench.epochs,
+      batch_size=bench.batch_size,
+      learning_rates=bench.learning_rates,
+    )
+
+
+# Protocol settings that change how fast a cell runs, not its result: not compared on resume.
+SPEED_SETTINGS = ('eval_batch_size', 'eval_cache_bytes')
+
+
+def cell_settings(plan: Plan, bench: BenchmarkSpec, mode: InputMode, encoder: str) -> dict:
+  """What a cell's result depends on beyond its key (benchmark, mode, encoder), as JSON values:
+  the benchmark's sources and classes, the protocol, and where they apply the random encoder's
+  seed, the codec preset and the static share. Stored with the cell and compared on resume."""
+  protocol = dataclasses.asdict(plan.protocol_of(bench))
+  settings = {k: v for k, v in protocol.items() if k not in SPEED_SETTINGS}
+  settings.update(train=bench.train, test=bench.test, root=bench.root)
+  settings['num_classes'] = bench.num_classes
+  if encoder.startswith('random:'):
+    settings['encoder_seed'] = plan.encoder_seed
+  if mode.kind == 'codec':
+    settings['codec_preset'] = probe_inputs.CODEC_PRESET
+  if mode.intervention == 'static_motion':
+    settings['static_share'] = plan.static_share
+  return json.loads(json.dumps(settings))  # tuples as lists: as read back from a cell file
+
+
+def settings_change(stored: dict | None, wanted: dict) -> str:
+  """The settings that differ, as 'name stored -> wanted; ...' ('' when none)."""
+  if not isinstance(stored, dict):
+    return 'settings not recorded (an older version wrote the cell)'
+  return '; '.join(
+    f'{k} {stored.get(k, "(unset)")} -> {wanted.get(k, "(unset)")}'
+    for k in sorted(set(stored) | set(wanted))
+    if stored.get(k) != wanted.get(k)
+  )
+
 
 def suite_plan(
   config,
@@ -132,22 +183,31 @@ def suite_plan(
     )
     for e in entries
   )
-  protocol = ProtocolConfig(
-    seeds=tuple(seeds or config.seeds),
-    val_fraction=config.val_fraction,
-    end_learning_rate=config.end_learning_rate,
-    label_smoothing=config.label_smoothing,
-    init_scale=config.init_scale,
-    eval_batch_size=eval_batch_size,
-  )
-  return Plan(
-    specs,
-    parsed,
-    tuple(encoders),
-    protocol,
-    encoder_seed=encoder_seed,
-    selection_cache=selection_cache,
-  )
+  try:  # the protocol's own checks (val_fraction in (0, 1), seeds, ...), at every recipe
+    protocol = ProtocolConfig(
+      seeds=tuple(seeds or config.seeds),
+      val_fraction=config.val_fraction,
+      end_learning_rate=config.end_learning_rate,
+      label_smoothing=config.label_smoothing,
+      init_scale=config.init_scale,
+      eval_batch_size=eval_batch_size,
+    )
+    plan = Plan(
+      specs,
+      parsed,
+      tuple(encoders),
+      protocol,
+      encoder_seed=encoder_seed,
+      selection_cache=selection_cache,
+    )
+    for spec in specs:
+      plan.protocol_of(spec)
+  except ValueError as e:
+    raise SuiteError(
+      f'the config: {e}; fix the experiment argument (e.g. val_fraction=0.1) or the flag that '
+      'sets it'
+    ) from None
+  return plan
 
 
 def cell_key(benchmark: str, mode: str, encoder: str) -> str:
@@ -187,15 +247,31 @@ def _row(cell: dict) -> dict[str, Any]:
   return row
 
 
-def read_cells(out_dir: str) -> list[dict]:
+def read_cell(path: str, log: Callable[[str], None] | None = None) -> dict | None:
+  """A cell file's content; None when there is none, or when it is damaged (not a cell's JSON:
+  named through `log`, and the cell counts as not run)."""
+  try:
+    cell = fileio.read_json(path)
+  except (ValueError, OSError) as e:  # json.JSONDecodeError and UnicodeDecodeError: ValueErrors
+    cell = e
+  if cell is None:
+    return None
+  if not isinstance(cell, dict) or not all(k in cell for k in ('benchmark', 'mode', 'status')):
+    if log is not None:
+      why = f'{type(cell).__name__}: {cell}' if isinstance(cell, Exception) else 'not a cell'
+      log(f'{path}: unreadable cell file ({why}); the cell runs again')
+    return None
+  return cell
+
+
+def read_cells(out_dir: str, log: Callable[[str], None] | None = None) -> list[dict]:
+  """Every readable cell file of the folder (of any plan)."""
   folder = os.path.join(out_dir, 'cells')
   if not os.path.isdir(folder):
     return []
-  return [
-    fileio.read_json(os.path.join(folder, n))
-    for n in sorted(os.listdir(folder))
-    if n.endswith('.json')
-  ]
+  names = sorted(n for n in os.listdir(folder) if n.endswith('.json'))
+  found = (read_cell(os.path.join(folder, n), log) for n in names)
+  return [c for c in found if c is not None]
 
 
 def format_markdown(rows: Sequence[dict]) -> str:
@@ -217,13 +293,13 @@ def format_markdown(rows: Sequence[dict]) -> str:
 
 
 def write_table(out_dir: str, plan: Plan | None = None) -> list[dict]:
-  """results.csv and results.md from the cell files (in the plan's order when given)."""
-  cells = read_cells(out_dir)
-  if plan is not None:
-    order = {cell_key(b.name, m.name, e): i for i, (b, m, e) in enumerate(plan.cells())}
-    cells.sort(
-      key=lambda c: order.get(cell_key(c['benchmark'], c['mode'], c['encoder']), len(order))
-    )
+  """results.csv and results.md: the plan's cells that have a readable file, in the plan's
+  order (every cell file of the folder when no plan is given)."""
+  if plan is None:
+    cells = read_cells(out_dir)
+  else:
+    found = (read_cell(cell_path(out_dir, b.name, m.name, e)) for b, m, e in plan.cells())
+    cells = [c for c in found if c is not None]
   rows = [_row(c) for c in cells]
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator='\n')
@@ -237,62 +313,76 @@ def write_table(out_dir: str, plan: Plan | None = None) -> list[dict]:
   return rows
 
 
+def prepare_folder(path: str, flag: str) -> None:
+  """Makes the folder `path` (given as `flag`), or a SuiteError naming it and the fix."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise SuiteError(f'{flag} {path}: a file is there, not a folder; give a folder path')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise SuiteError(f'{flag} {path}: cannot make the folder ({e.strerror or e})') from None
+
+
 class _Resources:
   """Clips, samplers and encoders, each made once per suite run."""
 
-  def __init__(self, plan: Plan, selection_cache: str):
-    self.plan, self.selection_cache = plan, selection_cache
+  def __init__(self, plan: Plan, selection_cache: str, log: Callable[[str], None]):
+    self.plan, self.selection_cache, self.log = plan, selection_cache, log
     self.clips: dict[tuple[str, str], list] = {}
+    self.frame_counts: dict[str, dict] = {}  # per benchmark: its videos' frame counts
     self.samplers: dict[tuple[str, str], tuple[ClipSampler, ClipSampler]] = {}
     self.encoders: dict[str, Any] = {}
 
-  def check_inputs(self) -> None:
-    """Every benchmark's lists read (kept for the cells), every local encoder path there: a
-    SuiteError naming it otherwise, before any cell runs."""
+  def check_benchmark(self, bench: BenchmarkSpec) -> None:
+    """The benchmark's lists read (kept for the cells) and their clips checked
+    (`probe_inputs.check_clips`), its training list split: a SuiteError naming the benchmark,
+    the list line and the fix otherwise."""
     from ove_jax.evaluators import attentive
 
-    for bench in self.plan.benchmarks:
-      for spec in (bench.train, bench.test):
-        try:
-          self.clips[(bench.name, spec)] = benchmarks_lib.open_clips(spec, bench.root)
-        except (OSError, ValueError) as e:  # benchmarks.BenchmarkError is a ValueError
-          raise SuiteError(f'benchmark {bench.name}: {e}') from None
-      n, share = len(self.clips[(bench.name, bench.train)]), self.plan.protocol.val_fraction
-      fit, val = attentive.split_indices(n, share)
-      if not len(fit) or not len(val):
-        raise SuiteError(
-          f'benchmark {bench.name}: {n} training clip(s) with val_fraction {share} leave '
-          f'{len(fit)} to train and {len(val)} to validate; set val_fraction (the config '
-          'argument val_fraction=...) so that both get at least one'
-        )
+    counts = self.frame_counts.setdefault(bench.name, {})
+    for spec in (bench.train, bench.test):
+      try:
+        clips = benchmarks_lib.open_clips(spec, bench.root)
+        probe_inputs.check_clips(clips, num_classes=bench.num_classes, frame_counts=counts)
+      except (OSError, ValueError) as e:  # benchmarks.BenchmarkError is a ValueError
+        raise SuiteError(f'benchmark {bench.name}: {e}') from None
+      self.clips[(bench.name, spec)] = clips
+    n, share = len(self.clips[(bench.name, bench.train)]), self.plan.protocol.val_fraction
+    fit, val = attentive.split_indices(n, share)
+    if not len(fit) or not len(val):
+      raise SuiteError(
+        f'benchmark {bench.name}: {n} training clip(s) with val_fraction {share} leave '
+        f'{len(fit)} to train and {len(val)} to validate; set val_fraction (the config '
+        'argument val_fraction=...) so that both get at least one'
+      )
+
+  def load_encoder(self, spec: str) -> None:
+    """Loads the encoder once, or a SuiteError naming it (the suite's cells would all fail)."""
     from ove_jax import checkpoint
 
-    for spec in self.plan.encoders:
-      error = checkpoint.encoder_source_error(spec)
-      if error:
-        raise SuiteError(f'--encoders {error}')
+    error = checkpoint.encoder_source_error(spec)
+    if error:
+      raise SuiteError(f'--encoders {error}')
+    try:
+      self.encoders[spec] = checkpoint.load_encoder(spec, seed=self.plan.encoder_seed).model
+    except Exception as e:  # pylint: disable=broad-except  -- any loader error: bad input
+      raise SuiteError(cli.about('--encoders', spec, e) + ' (it cannot be loaded)') from None
 
   def samplers_of(self, bench: BenchmarkSpec, mode: InputMode):
     key = (bench.name, mode.name)
     if key not in self.samplers:
-      splits = []
-      for spec in (bench.train, bench.test):
-        if (bench.name, spec) not in self.clips:
-          self.clips[(bench.name, spec)] = benchmarks_lib.open_clips(spec, bench.root)
-        splits.append(self.clips[(bench.name, spec)])
-      common = dict(static_share=self.plan.static_share, selection_cache=self.selection_cache)
+      splits = [self.clips[(bench.name, spec)] for spec in (bench.train, bench.test)]
+      common = dict(
+        static_share=self.plan.static_share,
+        selection_cache=self.selection_cache,
+        frame_counts=self.frame_counts[bench.name],
+        log=self.log,
+      )
       self.samplers[key] = (
         ClipSampler(splits[0], mode, augment=ColorJitter(), **common),
         ClipSampler(splits[1], mode, augment=None, **common),
       )
     return self.samplers[key]
-
-  def encoder(self, spec: str):
-    if spec not in self.encoders:
-      from ove_jax import checkpoint
-
-      self.encoders[spec] = checkpoint.load_encoder(spec, seed=self.plan.encoder_seed).model
-    return self.encoders[spec]
 
 
 def run_cell(
@@ -304,33 +394,74 @@ def run_cell(
   log: Callable[[str], None] | None = None,
 ) -> dict:
   train, test = resources.samplers_of(bench, mode)
-  config = dataclasses.replace(
-    plan.protocol,
-    epochs=bench.epochs,
-    batch_size=bench.batch_size,
-    learning_rates=bench.learning_rates,
-  )
   return run_protocol(
-    resources.encoder(encoder), train, test, config, num_classes=bench.num_classes, log=log
+    resources.encoders[encoder],
+    train,
+    test,
+    plan.protocol_of(bench),
+    num_classes=bench.num_classes,
+    log=log,
   )
 
 
-def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -> list[dict]:
+def cells_to_run(
+  plan: Plan, out_dir: str, *, rerun_changed: bool, log: Callable[[str], None]
+) -> list[tuple[BenchmarkSpec, InputMode, str]]:
+  """The plan's cells without an 'ok' file at the plan's settings. 'ok' cells stored with other
+  settings are a SuiteError naming them and the settings, unless `rerun_changed`."""
+  todo, changed = [], []
+  for bench, mode, encoder in plan.cells():
+    cell = read_cell(cell_path(out_dir, bench.name, mode.name, encoder), log)
+    if cell is None or cell.get('status') != 'ok':
+      todo.append((bench, mode, encoder))
+      continue
+    change = settings_change(cell.get('settings'), cell_settings(plan, bench, mode, encoder))
+    if change:
+      todo.append((bench, mode, encoder))
+      changed.append(f'{bench.name} {mode.name} {encoder} ({change})')
+  if changed and not rerun_changed:
+    more = f'; and {len(changed) - 3} more' if len(changed) > 3 else ''
+    raise SuiteError(
+      f'--out {out_dir}: {len(changed)} finished cell(s) there ran with other settings: '
+      f'{"; ".join(changed[:3])}{more}. Give a new --out to keep both, or add --rerun-changed '
+      'to run them again with these settings (their results are replaced)'
+    )
+  return todo
+
+
+def run_suite(
+  plan: Plan,
+  out_dir: str,
+  *,
+  log: Callable[[str], None] = print,
+  rerun_changed: bool = False,
+) -> list[dict]:
   """Runs the plan's unfinished cells (see the module docstring); returns the table's rows."""
-  os.makedirs(os.path.join(out_dir, 'cells'), exist_ok=True)
+  prepare_folder(out_dir, '--out')
+  prepare_folder(os.path.join(out_dir, 'cells'), '--out')
+  selections = plan.selection_cache or os.path.join(out_dir, 'selections')
+  prepare_folder(selections, '--selection-cache')
   fileio.remove_stale_temporaries(os.path.join(out_dir, 'cells'))
-  resources = _Resources(plan, plan.selection_cache or os.path.join(out_dir, 'selections'))
-  resources.check_inputs()  # a list or encoder that every cell of it would fail on: bad input
+  todo = cells_to_run(plan, out_dir, rerun_changed=rerun_changed, log=log)
+  # What every cell of a benchmark or encoder would fail on is bad input, refused before any
+  # cell runs (checked only for those with cells to run).
+  resources = _Resources(plan, selections, log)
+  for bench in plan.benchmarks:
+    if any(b is bench for b, _, _ in todo):
+      resources.check_benchmark(bench)
+  for encoder in plan.encoders:
+    if any(e == encoder for _, _, e in todo):
+      resources.load_encoder(encoder)
   cells = plan.cells()
   for n, (bench, mode, encoder) in enumerate(cells, 1):
-    path = cell_path(out_dir, bench.name, mode.name, encoder)
     where = f'[{n}/{len(cells)}] {bench.name} {mode.name} {encoder}'
-    if os.path.isfile(path) and fileio.read_json(path).get('status') == 'ok':
+    if (bench, mode, encoder) not in todo:
       log(f'{where}: done before, skipped')
       continue
     log(f'{where}: running')
     start = time.perf_counter()
     cell = {'benchmark': bench.name, 'mode': mode.name, 'encoder': encoder}
+    cell['settings'] = cell_settings(plan, bench, mode, encoder)
     try:
       result = run_cell(plan, resources, bench, mode, encoder, log=log)
       cell.update(status='ok', result=result, error='')
@@ -346,6 +477,9 @@ def run_suite(plan: Plan, out_dir: str, *, log: Callable[[str], None] = print) -
       )
       log(f'{where}: failed: {type(e).__name__}: {e}')
     cell['seconds'] = round(time.perf_counter() - start, 2)
-    fileio.write_json(path, cell)
+    fileio.write_json(cell_path(out_dir, bench.name, mode.name, encoder), cell)
     write_table(out_dir, plan)
+  others = len(read_cells(out_dir)) - len(cells)
+  if others > 0:
+    log(f'{others} cell file(s) of other commands kept in {out_dir}/cells, not in this table')
   return write_table(out_dir, plan)

@@ -3,6 +3,7 @@ the probe suite (ove_jax.probe_suite, tools/probe_suite.py) on encoded synthetic
 
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -50,11 +51,33 @@ def _args(root, out, *extra):
   ]
 
 
-def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, capsys):
-  out = tmp_path / 'suite'
-  assert suite_tool.main(_args(dataset, out)) == 0
+def _table(out):
   with open(out / 'results.csv') as f:
-    rows = list(csv.DictReader(f))
+    return list(csv.DictReader(f))
+
+
+def _stamps(out):
+  return {n: os.stat(out / 'cells' / n).st_mtime_ns for n in sorted(os.listdir(out / 'cells'))}
+
+
+@pytest.fixture(scope='module')
+def finished(dataset, tmp_path_factory):
+  """A suite folder whose two cells (uniform:1, codec:256 of random:tiny) are done."""
+  out = tmp_path_factory.mktemp('finished') / 'suite'
+  assert suite_tool.main(_args(dataset, out)) == 0
+  return out
+
+
+@pytest.fixture
+def suite_copy(finished, tmp_path):
+  out = tmp_path / 'suite'
+  shutil.copytree(finished, out)
+  return out
+
+
+def test_suite_writes_the_table(finished):
+  out = finished
+  rows = _table(out)
   assert [(r['benchmark'], r['mode'], r['encoder'], r['status']) for r in rows] == [
     ('toy', 'uniform:1', 'random:tiny', 'ok'),
     ('toy', 'codec:256', 'random:tiny', 'ok'),
@@ -65,43 +88,156 @@ def test_suite_writes_the_table_resumes_and_records_failures(dataset, tmp_path, 
   table = (out / 'results.md').read_text()
   assert '| toy | codec:256 | random:tiny |' in table and 'top-5' in table
   assert len(os.listdir(out / 'selections')) == 12  # every clip's codec:256 selection, kept
-  cells = sorted(os.listdir(out / 'cells'))
-  stamps = {n: os.stat(out / 'cells' / n).st_mtime_ns for n in cells}
 
-  # Resume: finished cells are skipped (their files untouched); a new encoder that fails is
-  # recorded, and the suite goes on to the cells after it.
+
+def test_resume_skips_cells_of_the_same_settings_and_refuses_changed_ones(
+  dataset, suite_copy, capsys
+):
+  out = suite_copy
+  stamps = _stamps(out)
   capsys.readouterr()
-  args = _args(dataset, out)
-  args[args.index('random:tiny')] = 'random:nonexistent,random:tiny'
-  code = suite_tool.main(args)
+  assert suite_tool.main(_args(dataset, out, '--eval-batch-size', '2')) == 0  # speed only
+  assert capsys.readouterr().out.count('done before, skipped') == 2
+  assert _stamps(out) == stamps
+  # Other settings into the same folder: refused before any cell runs, naming the cells and
+  # the settings that differ, and the fixes; nothing is rewritten.
+  for extra, change in (
+    (('--seeds', '0,1', '--epochs', '2'), 'epochs 1 -> 2; seeds [0] -> [0, 1]'),
+    (('--encoder-seed', '5'), 'encoder_seed 0 -> 5'),
+  ):
+    assert suite_tool.main(_args(dataset, out, *extra)) == 2  # the last --seeds counts
+    err = capsys.readouterr().err
+    assert (
+      f'2 finished cell(s) there ran with other settings: toy uniform:1 random:tiny ({change})'
+      in err
+    )
+    assert 'new --out' in err and '--rerun-changed' in err
+    assert _stamps(out) == stamps
+  # --rerun-changed runs them again at the new settings; the table holds this command's cells
+  # only (the codec cell, not in it, stays on disk).
+  args = _args(dataset, out, '--encoder-seed', '5', '--rerun-changed')
+  args[args.index('uniform:1,codec:256')] = 'uniform:1'
+  assert suite_tool.main(args) == 0
   printed = capsys.readouterr().out
-  assert code == 1
-  assert printed.count('done before, skipped') == 2
-  assert {n: os.stat(out / 'cells' / n).st_mtime_ns for n in cells} == stamps
-  with open(out / 'results.csv') as f:
-    rows = list(csv.DictReader(f))
-  failed = [r for r in rows if r['status'] == 'failed']
-  assert len(rows) == 4 and len(failed) == 2
-  assert all(
-    r['encoder'] == 'random:nonexistent' and 'unknown preset' in r['error'] for r in failed
+  assert '[1/1] toy uniform:1 random:tiny: running' in printed and 'skipped' not in printed
+  assert '1 cell file(s) of other commands kept' in printed
+  assert [(r['mode'], r['status']) for r in _table(out)] == [('uniform:1', 'ok')]
+  assert len(os.listdir(out / 'cells')) == 2
+  args = _args(dataset, out, '--encoder-seed', '5')
+  args[args.index('uniform:1,codec:256')] = 'uniform:1'
+  assert suite_tool.main(args) == 0
+  assert 'done before, skipped' in capsys.readouterr().out
+
+
+def test_a_failed_cell_is_recorded_run_again_and_leaves_no_stale_row(dataset, tmp_path, capsys):
+  (tmp_path / 'garbage.mp4').write_bytes(b'not a video' * 100)
+  lines = (dataset / 'train.csv').read_text().splitlines()
+  lines = [f'{dataset}/{line}' for line in lines]
+  lines[2] = f'{tmp_path}/garbage.mp4,0'
+  (tmp_path / 'train.csv').write_text('\n'.join(lines) + '\n')
+  out = tmp_path / 'suite'
+  args = _args(dataset, out)
+  args[0] = args[0].replace(
+    f'name=toy,train={dataset}/train.csv', f'name=bad,train={tmp_path}/train.csv'
   )
-  assert 'failed: ValueError' in (out / 'results.md').read_text()
-  # A list or encoder path every cell would fail on is bad input: refused before any cell.
-  args = _args(dataset, tmp_path / 'bad')
-  args[args.index('random:tiny')] = str(tmp_path / 'no_checkpoint')
-  assert suite_tool.main(args) == 2
-  assert 'no_checkpoint: no such directory; expected' in capsys.readouterr().err
-  assert not os.listdir(tmp_path / 'bad' / 'cells')
-  args = _args(dataset, tmp_path / 'bad')
-  args[0] = args[0].replace('train.csv', 'nosuch.csv')
-  assert suite_tool.main(args) == 2
-  assert 'benchmark toy: ' in (err := capsys.readouterr().err) and 'no such video list' in err
-  args = _args(dataset, tmp_path / 'bad')
-  args[0] = args[0].replace('val_fraction=0.25', 'val_fraction=0.01')
-  assert suite_tool.main(args) == 2
-  assert '8 training clip(s) with val_fraction 0.01 leave 8 to train and 0 to validate' in (
-    capsys.readouterr().err
+  args[args.index('uniform:1,codec:256')] = 'uniform:1'
+  for _ in range(2):  # recorded with its error, and run again by the rerun
+    capsys.readouterr()
+    assert suite_tool.main(args) == 1
+    assert 'skipped' not in capsys.readouterr().out
+    rows = _table(out)
+    assert [(r['benchmark'], r['status']) for r in rows] == [('bad', 'failed')]
+    assert 'garbage.mp4' in rows[0]['error']
+  # Another plan into the same folder: its own table and exit status.
+  args = _args(dataset, out)
+  args[args.index('uniform:1,codec:256')] = 'uniform:1'
+  assert suite_tool.main(args) == 0
+  assert [(r['benchmark'], r['status']) for r in _table(out)] == [('toy', 'ok')]
+  assert 'bad' not in (out / 'results.md').read_text()
+
+
+def test_damaged_cell_and_selection_files_are_named_and_redone(
+  dataset, suite_copy, capsys, monkeypatch
+):
+  from ove_jax import checkpoint
+
+  out = suite_copy
+  cells = sorted(os.listdir(out / 'cells'))
+  for name in cells:
+    (out / 'cells' / name).write_text('')
+  selection = out / 'selections' / sorted(os.listdir(out / 'selections'))[0]
+  selection.write_bytes(b'')
+  loads = []
+  load = checkpoint.load_encoder
+  monkeypatch.setattr(checkpoint, 'load_encoder', lambda *a, **k: loads.append(a) or load(*a, **k))
+  capsys.readouterr()
+  assert suite_tool.main(_args(dataset, out)) == 0
+  printed = capsys.readouterr().out
+  for name in cells:
+    assert f'{out}/cells/{name}: unreadable cell file (JSONDecodeError' in printed
+  assert f'the cached codec selection {selection}: empty (0 bytes)' in printed
+  assert 'making the selection again' in printed
+  assert selection.stat().st_size > 0 and len(os.listdir(out / 'selections')) == 12
+  assert [r['status'] for r in _table(out)] == ['ok', 'ok']
+  assert loads == [('random:tiny',)]  # loaded once for both cells
+
+
+def test_bad_input_is_refused_before_any_cell_runs(dataset, tmp_path, capsys):
+  def refused(config_from, config_to, message, *, encoder='random:tiny', out=None):
+    out = out or tmp_path / 'bad'
+    args = _args(dataset, out)
+    args[0] = args[0].replace(config_from, config_to)
+    args[args.index('random:tiny')] = encoder
+    assert suite_tool.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.isdir(out / 'cells') or not os.listdir(out / 'cells')
+
+  def a_list(name, line):
+    lines = (dataset / 'train.csv').read_text().splitlines()
+    lines[2] = line
+    (tmp_path / name).write_text(''.join(f'{dataset}/{x}\n' for x in lines))
+    return f'train={tmp_path}/{name}'
+
+  train = f'train={dataset}/train.csv'
+  refused('val_fraction=0.25', 'val_fraction=0', 'the config: val_fraction=0.0: must be in (0, 1)')
+  refused(
+    'val_fraction=0.25',
+    'val_fraction=0.01',
+    '8 training clip(s) with val_fraction 0.01 leave 8 to train and 0 to validate',
   )
+  refused(train, train.replace('train.csv', 'nosuch.csv'), 'no such video list')
+  refused(
+    train,
+    a_list('label.csv', 'videos/clip2.mp4,5'),
+    'label.csv:3: label 5 is outside 0..1 (num_classes 2)',
+  )
+  refused(
+    train,
+    a_list('missing.csv', 'videos/none.mp4,0'),
+    f'missing.csv:3: {dataset}/videos/none.mp4: no such video file',
+  )
+  refused(
+    train,
+    a_list('segment.csv', 'videos/clip2.mp4,0,5000,6000'),
+    "segment.csv:3: the segment 5000..6000 (end exclusive) runs past the video's 16 frames",
+  )
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'trunc').mkdir()
+  (tmp_path / 'trunc' / 'model.safetensors').write_bytes(b'\xff' * 8)
+  for encoder, message in (
+    ('random:nosuchpreset', "--encoders random:nosuchpreset: unknown preset 'nosuchpreset'"),
+    (str(tmp_path / 'none'), 'none: no such directory; expected'),
+    (str(tmp_path / 'empty'), 'empty: no committed training checkpoint there'),
+    (str(tmp_path / 'trunc'), 'trunc: config.json is missing (it cannot be loaded)'),
+  ):
+    refused('', '', message, encoder=f'random:tiny,{encoder}')
+  (tmp_path / 'afile').write_text('')
+  refused('', '', 'afile: a file is there, not a folder', out=tmp_path / 'afile')
+  assert (
+    suite_tool.main(_args(dataset, tmp_path / 'bad', '--selection-cache', str(tmp_path / 'afile')))
+    == 2
+  )
+  assert '--selection-cache' in capsys.readouterr().err
 
 
 def test_selections_are_read_back_from_the_cache(dataset, tmp_path, monkeypatch):
@@ -119,6 +255,28 @@ def test_selections_are_read_back_from_the_cache(dataset, tmp_path, monkeypatch)
   second = again.sample(1, train=False, rng=np.random.default_rng(0))
   assert np.array_equal(first['patches'], second['patches'])
   assert np.array_equal(first['positions'], second['positions'])
+
+
+def test_a_video_replaced_at_its_path_gets_a_new_selection(dataset, tmp_path):
+  from data_pipeline import probe_inputs
+
+  video = tmp_path / 'clip.mp4'
+  shutil.copy(dataset / 'videos' / 'clip0.mp4', video)
+  clips = [benchmarks.ProbeClip(str(video), 0)]
+  cache = tmp_path / 'selections'
+
+  def positions():
+    sampler = probe_inputs.ClipSampler(clips, 'codec:64', selection_cache=str(cache))
+    return np.asarray(sampler.selection(0).positions)
+
+  first = positions()
+  shutil.copy(dataset / 'videos' / 'clip1.mp4', video)  # re-encoded: another clip, same path
+  stat = video.stat()
+  os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  second = positions()
+  fresh = probe_inputs.ClipSampler(clips, 'codec:64').selection(0).positions
+  assert len(os.listdir(cache)) == 2 and np.array_equal(second, fresh)
+  assert not np.array_equal(first, second)
 
 
 def test_suite_refuses_bad_input(dataset, tmp_path, capsys):
@@ -205,6 +363,9 @@ def test_a_frames_array_clip_feeds_both_modes():
     for i in range(2):
       sample = sampler.sample(i, train=False, rng=np.random.default_rng(0))
       assert sample['patches'].shape == (tokens, 588) and sample['positions'].shape == (tokens, 3)
+  past = [benchmarks.ProbeClip(frames, 1, start=2, end=40, name='list.csv:7')]
+  with pytest.raises(ValueError, match="list.csv:7: the segment 2..40 .* the video's 16 frames"):
+    probe_inputs.ClipSampler(past, 'uniform:2').sample(0, train=False, rng=None)
 
 
 def test_a_tfds_video_dataset_is_a_source(tmp_path):

@@ -15,9 +15,12 @@ r"""Attentive probes over benchmarks x input modes x encoders, as the release's 
 
 Writes OUT/cells/<cell>.json per (benchmark, mode, encoder) as each ends, and OUT/results.csv
 and OUT/results.md (top-1 and top-5, mean ± std over seeds, the chosen lr and epoch per seed).
-Rerun the same command to resume: finished cells are skipped; failed ones (recorded with their
-error, the suite going on) run again. Exit status 0 when every cell is ok, 1 when any failed, 2
-for bad input (a message naming the flag or file).
+The table holds this command's cells. Rerun the same command to resume: finished cells are
+skipped; failed ones (recorded with their error, the suite going on) run again. A finished cell
+stored with other settings (--seeds, --epochs, --encoder-seed, the config's lists, ...) is
+refused, naming them: give a new --out, or add --rerun-changed to run it again and replace it.
+Exit status 0 when every cell of the command is ok, 1 when any failed, 2 for bad input (a
+message naming the flag, file or list line), refused before any cell runs.
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ def build_parser() -> cli.Parser:
   parser.add_argument(
     '--selection-cache', help="folder keeping the clips' codec selections (default OUT/selections)"
   )
+  parser.add_argument(
+    '--rerun-changed',
+    action='store_true',
+    help='run again the finished cells of --out stored with other settings than this '
+    "command's, replacing them (without it such cells are refused)",
+  )
   return parser
 
 
@@ -107,7 +116,9 @@ def run(args) -> list[dict]:
     encoder_seed=args.encoder_seed,
     selection_cache=args.selection_cache,
   )
-  rows = probe_suite.run_suite(plan, args.out, log=lambda line: print(line, flush=True))
+  rows = probe_suite.run_suite(
+    plan, args.out, log=lambda line: print(line, flush=True), rerun_changed=args.rerun_changed
+  )
   print()
   print(probe_suite.format_markdown(rows))
   return rows
