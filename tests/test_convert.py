@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import tempfile
 import time
 
 import jax
@@ -14,8 +16,9 @@ import torch
 from flax import nnx
 from jax.sharding import AxisType
 
+from data_pipeline import paths
 from ove_jax import checkpoint, convert
-from ove_jax.convert import torch_model
+from ove_jax.convert import hf_modeling, torch_model
 from ove_jax.models import EncoderConfig, create_encoder
 from ove_jax_tools import convert_checkpoint
 
@@ -186,6 +189,12 @@ def test_missing_files_and_pickles_are_refused(exported, tmp_path):
     f.write(b'not loaded')
   with pytest.raises(convert.CheckpointError, match='model.safetensors is missing.*never loaded'):
     convert.load_pytorch(d)
+  os.remove(os.path.join(d, 'pytorch_model.bin'))
+  message = f'{d}: model.safetensors is missing (and there is no model.safetensors.index.json of '
+  with pytest.raises(convert.CheckpointError, match=re.escape(message + 'shards)')):
+    convert.load_pytorch(d)  # the words of the PyTorch port (hub.weight_files) and docs/storage.md
+  with pytest.raises(FileNotFoundError, match=re.escape(message + 'shards)')):
+    torch_model.load_pretrained(d)
   with pytest.raises(convert.CheckpointError, match='no such directory'):
     convert.load_pytorch(str(tmp_path / 'nowhere'))
 
@@ -368,3 +377,131 @@ def test_cli_writes_sharded_exports_and_checks_every_shard(tmp_path, capsys):
   fresh = create_encoder(EncoderConfig.preset('tiny'), seed=0)
   assert convert.verify_export(fresh, out)[0] > 0.5
   assert convert.verify_export(model, out)[0] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Where an export may go: not into its training run; a bucket checked first, stale weights gone
+# ------------------------------------------------------------------------------------------------
+
+
+def params_of(directory):
+  return convert.model_params(convert.load_pytorch(directory))
+
+
+def assert_params_of_seed(directory, seed):
+  want = convert.model_params(create_encoder(TINY, seed=seed))
+  got = params_of(directory)
+  assert set(got) == set(want)
+  for path, value in want.items():
+    np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+
+
+def test_reexport_to_a_bucket_leaves_no_stale_weights(gcs, tmp_path, monkeypatch, capsys):
+  # One file, then shards, then one file again into the same gs:// folder: each time only the
+  # new export's weights are there (a stale model.safetensors is read before the shards).
+  monkeypatch.chdir(tmp_path)
+  url = paths.join(gcs, 'exports', 'E')
+  to_hf = ['to-hf', '--preset', 'tiny', '--out', url, '--seed']
+  assert convert_checkpoint.main([*to_hf, '1']) == 0
+  assert 'model.safetensors' in paths.listdir(url)
+  assert convert_checkpoint.main([*to_hf, '2', '--max-shard-size', '200KB']) == 0
+  names = paths.listdir(url)
+  shards = [n for n in names if n.startswith('model-')]
+  assert 'model.safetensors' not in names and 'model.safetensors.index.json' in names, names
+  assert len(shards) >= 3, names
+  assert_params_of_seed(url, 2)
+  assert convert_checkpoint.main([*to_hf, '3']) == 0
+  names = paths.listdir(url)
+  assert [n for n in names if n.endswith(('.safetensors', '.json')) and 'config' not in n] == [
+    'model.safetensors'
+  ], names
+  assert hf_modeling.WRITE_CHECK not in names
+  assert_params_of_seed(url, 3)
+  assert capsys.readouterr().out.count(f'uploaded to {url}') == 3
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
+@pytest.mark.parametrize(
+  'workdir, out, where',
+  [
+    ('run', 'run', 'is'),
+    ('run/checkpoints', 'run/', 'is'),
+    ('run/checkpoints/10', 'run/checkpoints/export', 'lies inside'),
+    ('link/checkpoints', 'run/export', 'lies inside'),  # a symbolic link to run
+    ('run', '.', 'contains'),
+    ('gs://bkt/run', 'gs://bkt/run/', 'is'),
+    ('gs://bkt/run/checkpoints', 'gs://bkt/run/hf', 'lies inside'),
+    ('gs://bkt/run/checkpoints/10', 'gs://bkt', 'contains'),
+  ],
+)
+def test_from_train_refuses_an_out_that_nests_with_the_run(
+  tmp_path, monkeypatch, capsys, workdir, out, where
+):
+  # Refused before anything is read (no checkpoint is needed, the bucket is never reached); the
+  # run's config.json stays the training config.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  (tmp_path / 'run' / 'config.json').write_text('{"training": true}')
+  (tmp_path / 'link').symlink_to(tmp_path / 'run')
+  assert convert_checkpoint.main(['from-train', '--workdir', workdir, '--out', out]) == 2
+  err = capsys.readouterr().err
+  run = workdir.split('/checkpoints')[0]
+  run = run if '://' in run else str(tmp_path / 'run')
+  assert len(err.strip().splitlines()) == 1, err
+  assert f'error: --out {out} {where} the training run {run} (--workdir {workdir})' in err, err
+  assert f'give a folder outside the run, e.g. --out {run}_hf' in err, err
+  assert (tmp_path / 'run' / 'config.json').read_text() == '{"training": true}'
+  assert sorted(os.listdir(tmp_path / 'run')) == ['checkpoints', 'config.json']
+
+
+def test_outs_beside_a_run_are_not_taken_for_it(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for out, workdir in (
+    ('run_hf', 'run'),
+    ('run2', 'run/checkpoints'),
+    ('other/checkpoints', 'run/checkpoints'),
+    ('gs://bkt/run_hf', 'gs://bkt/run'),
+    ('gs://bkt2/run', 'gs://bkt/run'),
+  ):
+    assert convert_checkpoint.run_overlap(out, workdir) is None, (out, workdir)
+
+
+def test_an_unwritable_out_url_is_refused_before_converting(gcs, tmp_path, monkeypatch, capsys):
+  # A bucket that does not exist (gs://) and missing credentials (s3://): one line, exit 2, and
+  # nothing converted (no temporary export made).
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  for name in ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_PROFILE'):
+    monkeypatch.delenv(name, raising=False)
+  for name in ('AWS_SHARED_CREDENTIALS_FILE', 'AWS_CONFIG_FILE'):
+    monkeypatch.setenv(name, str(tmp_path / 'none'))
+  monkeypatch.setenv('AWS_EC2_METADATA_DISABLED', 'true')  # no instance-metadata lookups
+  import s3fs
+
+  s3fs.S3FileSystem.clear_instance_cache()  # none made with another test's credentials
+  missing = gcs + '-missing'
+  for out, reason in (
+    (f'{missing}/x', f'(no such bucket, or no access); check that the bucket {missing} exists'),
+    ('s3://ove-no-credentials/x', 'NoCredentialsError'),
+  ):
+    assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--out', out]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f'error: {out}: cannot write there (') and reason in captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert 'round trip check' not in captured.out and not os.listdir(tmp_path), captured
+  s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_failed_upload_keeps_the_checked_export(gcs, tmp_path, monkeypatch, capsys):
+  # The bucket passes the check, then is gone by the upload (here: the check skipped and a bucket
+  # that does not exist): exit 1, and the checked export stays in the folder the error names.
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  monkeypatch.setattr(hf_modeling, 'check_writable', lambda url: None)
+  out = f'{gcs}-missing/x'
+  assert convert_checkpoint.main(['to-hf', '--preset', 'tiny', '--seed', '4', '--out', out]) == 1
+  captured = capsys.readouterr()
+  (local,) = [str(p) for p in tmp_path.iterdir()]
+  assert 'round trip check' in captured.out and 'uploaded' not in captured.out
+  assert captured.err.startswith(f'error: uploading {local} to {out} failed (')
+  assert f'the checked export in {local} is kept' in captured.err
+  assert len(captured.err.strip().splitlines()) == 1, captured.err
+  assert_params_of_seed(local, 4)

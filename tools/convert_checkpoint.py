@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -49,19 +51,27 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
   """Saves `model` in the release format, then checks the written file against its parameters
   (bit-exact in float32; in bfloat16 / float16, to the stored precision); with --push-to-hub,
   uploads the checked export. An `out` in object storage (gs://, s3://) is written and checked
-  in a local temporary folder, then uploaded file by file."""
+  in a local temporary folder, then uploaded file by file (weight files of an earlier export at
+  `out` that the new one does not write are removed); a failed upload keeps that folder and names
+  it (hf_modeling.PushError)."""
   from data_pipeline import paths
   from ove_jax import convert
+  from ove_jax.convert import hf_modeling
 
   if paths.is_url(out):
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix='ove_export_') as local:
+    local = tempfile.mkdtemp(prefix='ove_export_')
+    try:
       code = _write(model, local, dtype, source, args)
       if code == 0:
-        paths.upload_folder(local, out)
+        hf_modeling.upload_export(local, out)
         print(f'uploaded to {out}')
-      return code
+    except hf_modeling.PushError:
+      raise  # its message names `local`, which is kept
+    except BaseException:
+      shutil.rmtree(local, ignore_errors=True)
+      raise
+    shutil.rmtree(local, ignore_errors=True)  # uploaded, or refused by the round-trip check
+    return code
 
   convert.save_pytorch(
     model, out, dtype=dtype, max_shard_size=getattr(args, 'max_shard_size', None) or '5GB'
@@ -73,8 +83,6 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
     return 1
   print(f'wrote {out} ({dtype}) from {source}')
   if getattr(args, 'push_to_hub', None):
-    from ove_jax.convert import hf_modeling
-
     print(f'pushed to {hf_modeling.push_to_hub(out, args.push_to_hub, private=args.private)}')
   return 0
 
@@ -96,6 +104,36 @@ def _from_train(args) -> int:
     f'{", ".join(loaded.heads) or "none"})',
     args,
   )
+
+
+def run_overlap(out: str, workdir: str) -> str | None:
+  """Why the export folder `out` may not be written, None when it may: it is, contains or lies
+  inside the training run of `workdir` (a workdir, its checkpoints folder or one step folder).
+  An export into the workdir replaces the run's config.json, after which the run is refused as
+  a training run and load_encoder(workdir) returns the export."""
+  from data_pipeline import paths
+  from ove_jax import checkpoint
+
+  def norm(path):
+    full = paths.absolute(path)
+    return full if paths.is_url(full) else os.path.realpath(full)
+
+  target, given = norm(out), norm(workdir)
+  run = given  # the run's workdir, from its checkpoints folder or one of its step folders
+  if paths.basename(given) == checkpoint.CHECKPOINT_DIR:
+    run = paths.dirname(given)
+  elif paths.basename(paths.dirname(given)) == checkpoint.CHECKPOINT_DIR:
+    run = paths.dirname(paths.dirname(given))
+  inside = target == run or target.startswith(run.rstrip('/') + '/')
+  if inside or run.startswith(target.rstrip('/') + '/'):
+    where = 'is' if target == run else 'lies inside' if inside else 'contains'
+    suggestion = paths.join(paths.dirname(run), paths.basename(run) + '_hf')
+    return (
+      f'--out {out} {where} the training run {run} (--workdir {workdir}); an export and a run '
+      "must not nest (an export into the workdir replaces the run's config.json, and the run "
+      f'then loads as the export); give a folder outside the run, e.g. --out {suggestion}'
+    )
+  return None
 
 
 def _from_hf(args) -> int:
@@ -244,6 +282,7 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
 
+  from data_pipeline import paths
   from ove_jax.convert import CheckpointError, hf_modeling
 
   out = getattr(args, 'out', None)
@@ -252,7 +291,13 @@ def main(argv=None) -> int:
       f'error: --out {out}: a file, not a folder; give a new or existing folder', file=sys.stderr
     )
     return 2
+  refused = run_overlap(out, args.workdir) if args.command == 'from-train' else None
+  if refused:
+    print(f'error: {refused}', file=sys.stderr)
+    return 2
   try:
+    if out and paths.is_url(out):  # before any conversion: a bucket that is there, credentials
+      hf_modeling.check_writable(out)
     return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf, 'verify': _verify}[
       args.command
     ](args)

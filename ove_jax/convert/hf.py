@@ -510,10 +510,10 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
   for p in (config_path, *([] if sharded else [weights_path])):
     if not paths.isfile(p):
       extra = ''
-      if p == weights_path and any(
-        f.endswith(('.bin', '.pt', '.pth')) for f in paths.listdir(directory)
-      ):
-        extra = ' (pickled PyTorch weights are never loaded; convert them to safetensors)'
+      if p == weights_path:  # the words of hub.weight_files, which the PyTorch port raises
+        extra = f' (and there is no {hub.WEIGHTS_INDEX_NAME} of shards)'
+        if any(f.endswith(('.bin', '.pt', '.pth')) for f in paths.listdir(directory)):
+          extra += '; pickled PyTorch weights are never loaded: convert them to safetensors'
       raise CheckpointError(f'{directory}: {paths.basename(p)} is missing{extra}')
   try:
     with paths.open_file(config_path, encoding='utf-8') as f:

@@ -10,12 +10,12 @@ preprocessor_config.json:
   - the weights as one model.safetensors, or, above `max_shard_size`, as shards
     model-0000i-of-0000n.safetensors with model.safetensors.index.json (transformers' layout),
     which every loader here reads back (`read_weights`; the port; init.pytorch).
-Directories may be given as Hugging Face hub ids (`hub.resolve`); `push_to_hub` uploads an export.
+Directories may be given as Hugging Face hub ids (`hub.resolve`); `push_to_hub` uploads an export
+to the hub, `upload_export` to object storage (gs://, s3://), after `check_writable`.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 
@@ -76,13 +76,23 @@ def write_weights(
       write_safetensors(written[-1], {name: tensors[name] for name in names})
     written.append(os.path.join(directory, hub.WEIGHTS_INDEX_NAME))
     fileio.write_json(written[-1], hub.index(shards, sizes))
-  earlier = glob.glob(os.path.join(directory, 'model-*-of-*.safetensors')) + [
-    os.path.join(directory, n) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
-  ]
-  for path in earlier:
-    if path not in written and os.path.isfile(path):
-      os.remove(path)  # a stale single file would shadow new shards (and stale shards waste space)
+  remove_stale_weights(directory, {os.path.basename(p) for p in written})
   return written
+
+
+def remove_stale_weights(directory: str, keep) -> list[str]:
+  """Removes the weight files of an earlier export in `directory` (a local folder or a gs:// /
+  s3:// URL) whose names are not in `keep`: a stale model.safetensors would be read instead of
+  new shards (loaders try it first), and stale shards waste space. Returns the paths removed."""
+  earlier = paths.glob(paths.join(directory, 'model-*-of-*.safetensors')) + [
+    paths.join(directory, n) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
+  ]
+  removed = []
+  for path in earlier:
+    if paths.basename(path) not in keep and paths.isfile(path):
+      paths.remove(path)
+      removed.append(path)
+  return removed
 
 
 def read_weights(directory: str) -> dict[str, np.ndarray]:
@@ -135,15 +145,62 @@ def push_to_hub(
       allow_patterns=list(hub.ALLOW_PATTERNS),
     )
   except Exception as e:  # requests / huggingface_hub: no network, no token, no write access
-    reason = (str(e).strip().splitlines() or [''])[0][:300]
     raise PushError(
-      f'pushing {directory} to the hub repository {repo_id} failed ({type(e).__name__}: '
-      f'{reason}); the export in {directory} is kept. Check network access and a token with '
+      f'pushing {directory} to the hub repository {repo_id} failed ({first_line(e)}); the '
+      f'export in {directory} is kept. Check network access and a token with '
       f'write access (HF_TOKEN or `huggingface-cli login`), then push it again '
       f'(`huggingface-cli upload {repo_id} {directory}`)'
     ) from e
   return str(getattr(info, 'commit_url', info))
 
 
+WRITE_CHECK = '.ove_write_check'  # the object check_writable writes and removes again
+
+
+def check_writable(url: str) -> None:
+  """Raises TargetError, naming `url` and the fix, when objects cannot be written and removed
+  under `url` (no such bucket, no credentials, no write access); checked by writing a small
+  object and removing it, before an export is made."""
+  probe = paths.join(url, WRITE_CHECK)
+  try:
+    with paths.open_file(probe, 'wb') as f:
+      f.write(b'ove_jax write check')
+    paths.remove(probe)
+  except Exception as e:  # gcsfs / s3fs / botocore: a missing bucket, credentials, permission
+    scheme, rest = url.split('://', 1)
+    bucket = f'{scheme}://{rest.split("/")[0]}'
+    reason = 'no such bucket, or no access' if isinstance(e, FileNotFoundError) else first_line(e)
+    raise TargetError(
+      f'{url}: cannot write there ({reason}); check that the bucket {bucket} exists and that '
+      'your credentials may write and delete objects in it'
+    ) from None
+
+
+def upload_export(local: str, url: str) -> list[str]:
+  """Uploads the export folder `local` to `url` file by file, then removes the weight files of
+  an earlier export at `url` that this one does not replace; returns the URLs written. A failed
+  upload is a PushError naming `local`, which the caller keeps."""
+  try:
+    written = paths.upload_folder(local, url)
+    remove_stale_weights(url, set(os.listdir(local)))
+  except Exception as e:  # gcsfs / s3fs / botocore: network, credentials, permission
+    raise PushError(
+      f'uploading {local} to {url} failed ({first_line(e)}); the checked export in {local} is '
+      f'kept: once the cause is fixed, export again, or copy its files to {url} and delete the '
+      'weight files there that it lacks'
+    ) from e
+  return written
+
+
+def first_line(error: BaseException) -> str:
+  """`Type: first line of the message` (at most 300 characters) of `error`, for one-line
+  reports of what a storage or network library raised."""
+  return f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:300]}'
+
+
 class PushError(RuntimeError):
-  """An export that could not be uploaded to the hub (it stays on disk)."""
+  """An export that could not be uploaded to the hub or to object storage (it stays on disk)."""
+
+
+class TargetError(ValueError):
+  """An upload target (a gs:// / s3:// URL) where nothing can be written: checked before work."""
