@@ -3,7 +3,8 @@
   points = expand('experiments/ablations.py:smoke,study=selection')
   configs = {p.name: point_config(spec, p) for p in points}          # validated, as the trainer
   commands = {p.name: train_command(spec, root, p, configs[p.name]) for p in points}
-  failures = run_points(root, points, configs, commands)            # one after another, here
+  check_saved_configs(root, points, configs)    # runs already in root were made with these
+  failures = sweep_runs.run_points(root, points, configs, commands)  # one after another, here
   columns, rows = gather(root, points, configs, failures)           # the results table
   write_results(root, columns, rows)                                 # results.csv, results.md
 
@@ -24,13 +25,18 @@ point's overrides, then the common ones (which may not set a swept key). Points 
 data would be the same (builtin.enabled with no builtin.root) share one folder under
 <root>/builtin_data, named by the data's parameters, instead of making it once per run.
 
-A finished run (its checkpoint of step total_steps is committed) is skipped by `run_points`; an
-unfinished one is resumed by the trainer; a failed one is reported (its output is in
-<root>/<name>/train.log) and the sweep goes on. The results table holds per point its swept
-values, status, final step, and from metrics.jsonl the loss, each head's accuracy, the eval/*
-and probe/* values (the latest value of each key). A config error (an unknown key in a point, a
-value that does not survive the command line, a duplicate name) raises `config.ConfigError`
-naming the point and the key, before anything runs. The command line is `ove-sweep`.
+A run counts as finished when its newest committed checkpoint is of step total_steps
+(`checkpoint_state`; one beyond it is a failure that names both). How `--run` runs the points,
+skips, resumes and reports them, and stops on SIGTERM or SIGINT: `ove_jax.sweep_runs`. A run
+already in <root> that was made with another config than the sweep gives now (its
+`config.json`, RESUMABLE_KEYS aside) is refused by `check_saved_configs`, naming the point and
+the keys (saved -> now), so that its results are never reported under settings they were not
+made with. The results table holds per point its swept values, status, final step, and from
+metrics.jsonl the loss, each head's accuracy, the eval/* and probe/* values (the latest value of
+each key). A config error (an experiment file that does not load, a sweep() that raises or does
+not take (add, arg=None), an unknown key in a point, a value that does not survive the command
+line, a duplicate name) raises `config.ConfigError` naming the file or the point and the key,
+before anything runs. The command line is `ove-sweep`.
 """
 
 from __future__ import annotations
@@ -45,9 +51,7 @@ import math
 import os
 import re
 import shlex
-import subprocess
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from data_pipeline import fileio, paths
 from ove_jax import config as config_lib
@@ -130,12 +134,15 @@ def point_name(columns: Mapping[str, Any]) -> str:
 def expand(spec: str) -> list[Point]:
   """The points of the experiment `spec` (`name_or_path[:arg]`), from its sweep(add, arg)."""
   path, arg = config_lib.split_spec(spec)  # a path, or a shipped experiment's name
-  module = config_lib.load_module(path)
+  try:
+    module = config_lib.load_module(path)
+  except Exception as e:  # the experiment's own code: a syntax error, a failed import, ...
+    raise config_lib.ConfigError(f'{path} cannot be loaded: {_error_text(e)}') from None
   sweep_fn = getattr(module, 'sweep', None)
+  usage = 'define sweep(add, arg=None) that calls add(**overrides) once per run'
   if sweep_fn is None:
     raise config_lib.ConfigError(
-      f'{path} has no sweep(add, arg=None) function; define one that calls add(**overrides) '
-      'once per run (see the ove_jax.sweeps docstring)'
+      f'{path} has no sweep(add, arg=None) function; {usage} (see the ove_jax.sweeps docstring)'
     )
   points: list[Point] = []
 
@@ -160,10 +167,22 @@ def expand(spec: str) -> list[Point]:
     )
     points.append(Point(point_name(columns), dict(overrides), columns))
 
-  if len(inspect.signature(sweep_fn).parameters) >= 2:
-    sweep_fn(add, arg or None)
-  else:  # sweep(add): one sweep whatever the argument
-    sweep_fn(add)
+  try:
+    signature = inspect.signature(sweep_fn)
+    # sweep(add, arg=None), or sweep(add): one sweep whatever the argument.
+    call = (add, arg or None) if len(signature.parameters) >= 2 else (add,)
+    signature.bind(*call)
+  except (TypeError, ValueError):
+    raise config_lib.ConfigError(
+      f'{path}: sweep is {getattr(sweep_fn, "__name__", "sweep")}'
+      f'{_signature_text(sweep_fn)}; {usage}'
+    ) from None
+  try:
+    sweep_fn(*call)
+  except config_lib.ConfigError:
+    raise
+  except Exception as e:  # the experiment's own code
+    raise config_lib.ConfigError(f'{path}: sweep({arg}) raised {_error_text(e)}') from None
   if not points:
     raise config_lib.ConfigError(f'{path}: sweep({arg or ""}) added no points')
   seen: dict[str, Point] = {}
@@ -176,6 +195,19 @@ def expand(spec: str) -> list[Point]:
       )
     seen[point.name] = point
   return points
+
+
+def _error_text(e: BaseException) -> str:
+  if isinstance(e, SyntaxError):
+    return f'SyntaxError: {e.msg} (line {e.lineno})'
+  return f'{type(e).__name__}: {e}'
+
+
+def _signature_text(fn) -> str:
+  try:
+    return str(inspect.signature(fn))
+  except (TypeError, ValueError):
+    return ' (not a function)'
 
 
 def select(points: Sequence[Point], only: Sequence[str] | None) -> list[Point]:
@@ -256,11 +288,15 @@ def train_command(
   ]
   args += [f'--config.{item}' for item in [*point.override_args(), *common]]
   folder = builtin_folder(config)
-  if folder:  # generated data is local files: a URL root keeps it in its local folder
-    args.append(
-      f'--config.builtin.root={os.path.join(paths.local_folder(root), BUILTIN_DIR, folder)}'
-    )
+  if folder:
+    args.append(f'--config.builtin.root={shared_builtin_root(root, folder)}')
   return args
+
+
+def shared_builtin_root(root: str, folder: str) -> str:
+  """The shared built-in data folder `folder` (builtin_folder's name) of the sweep in `root`:
+  generated data is local files, so a URL root keeps it in its local folder."""
+  return os.path.join(paths.local_folder(root), BUILTIN_DIR, folder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,10 +305,86 @@ def train_command(
 
 
 def is_finished(run_dir: str, total_steps: int) -> bool:
-  """The trainer's checkpoint of step `total_steps` is in `run_dir` and committed."""
+  """The newest committed checkpoint in `run_dir` is the trainer's of step `total_steps`."""
+  return checkpoint_state(run_dir, total_steps) == 'finished'
+
+
+def checkpoint_state(run_dir: str, total_steps: int) -> str | None:
+  """'finished' when the newest committed checkpoint in `run_dir` is of step `total_steps`, the
+  failure text when it is beyond it (a run made with a larger total_steps: the trainer has
+  nothing to do), None otherwise."""
   from ove_jax import checkpoint
 
-  return total_steps in checkpoint.list_steps(run_dir)
+  steps = checkpoint.list_steps(run_dir)
+  if not steps or steps[-1] < total_steps:
+    return None
+  if steps[-1] == total_steps:
+    return 'finished'
+  return (
+    f'failed (its checkpoint of step {steps[-1]} is beyond total_steps {total_steps}; give '
+    f'--config.total_steps={steps[-1]} or more, or a new --root)'
+  )
+
+
+# Keys a resume may change (docs/training.md#checkpoints): where and how the run goes on (another
+# mesh or number of processes, its watchdog, profiling, logging and compilation cache) and how far
+# (a larger total_steps continues it; a checkpoint beyond a smaller one is reported).
+RESUMABLE_KEYS = tuple(
+  'total_steps mesh. distributed. watchdog_seconds watchdog_first_step_seconds '
+  'compilation_cache_dir profile_start profile_steps log_every metrics.'.split()
+)
+
+
+def saved_config_changes(run_dir: str, config) -> dict[str, tuple[Any, Any]]:
+  """{key: (saved value, value now)} of the keys where the config the trainer saved in
+  `<run_dir>/config.json` differs from `config` as the point's command gives it, RESUMABLE_KEYS
+  aside; {} when there is none. A key the saved config lacks (one added to the code since)
+  counts only when `config` gives it another value than the default. The shared built-in data
+  folder counts by its name (the data's parameters), not by where it is: a URL root's local
+  folder depends on the machine's cache folder."""
+  saved = fileio.read_json(paths.join(run_dir, 'config.json'))
+  if not isinstance(saved, dict):
+    return {}
+  old = config_lib.flatten(saved)
+  new, defaults = (_as_saved(c) for c in (config, config_lib.defaults()))
+  folder = builtin_folder(config)
+  if folder:  # train_command gives the point the shared folder of its built-in data
+    kept = str(old.get('builtin.root', ''))
+    same = os.path.basename(kept.rstrip('/')) == folder
+    new['builtin.root'] = kept if same else shared_builtin_root(paths.dirname(run_dir), folder)
+  missing = object()
+  changes = {}
+  for key in sorted(set(old) | set(new)):
+    if key.startswith(RESUMABLE_KEYS):
+      continue
+    before, after = old.get(key, missing), new.get(key, missing)
+    if before is missing and after == defaults.get(key, missing):
+      continue
+    if before != after:
+      changes[key] = tuple('(unset)' if v is missing else v for v in (before, after))
+  return changes
+
+
+def _as_saved(config) -> dict[str, Any]:
+  """The flattened config as the trainer's config.json holds it (tuples as lists)."""
+  return config_lib.flatten(json.loads(json.dumps(config.to_dict(), default=list)))
+
+
+def check_saved_configs(root: str, points: Sequence[Point], configs: Mapping[str, Any]) -> None:
+  """Raises ConfigError naming each point whose run in `root` was made with another config than
+  the sweep would run now (its results would be reported under settings they were not made with),
+  with the keys that differ (saved -> now)."""
+  problems = []
+  for point in points:
+    changes = saved_config_changes(paths.join(root, point.name), configs[point.name])
+    if changes:
+      text = ', '.join(f'{k} {old!r} -> {new!r}' for k, (old, new) in changes.items())
+      problems.append(f'{point.name} ({text})')
+  if problems:
+    raise config_lib.ConfigError(
+      f'runs in {root} were made with another config than this sweep gives: '
+      f"{'; '.join(problems)}; give a new --root, or remove those runs' folders to run them again"
+    )
 
 
 def final_metrics(run_dir: str) -> dict[str, Any]:
@@ -311,10 +423,11 @@ def gather(
   for point in points:
     run_dir = paths.join(root, point.name)
     metrics = final_metrics(run_dir)
+    state = checkpoint_state(run_dir, configs[point.name].total_steps)
     if point.name in failures:
       status = failures[point.name]
-    elif is_finished(run_dir, configs[point.name].total_steps):
-      status = 'finished'
+    elif state:
+      status = state
     elif paths.isdir(run_dir):
       status = 'unfinished'
     else:
@@ -417,7 +530,7 @@ def job_array_text(spec: str, root: str, commands: Sequence[Sequence[str]], path
     '#   #!/bin/bash',
     f'#   #SBATCH --array=0-{n - 1}',
     f'#   cd {shlex.quote(here)}',
-    f'#   eval "$(grep -v \'^#\' {shlex.quote(path)} | sed -n "$((SLURM_ARRAY_TASK_ID + 1))p")"',
+    f'#   eval "$({_commands_of(path)} | sed -n "$((SLURM_ARRAY_TASK_ID + 1))p")"',
     '# Any scheduler: replace SLURM_ARRAY_TASK_ID by its task index. A finished run started',
     '# again ends at once; an unfinished one resumes. Results afterwards:',
     f'#   ove-sweep --config={shlex.quote(spec)} --root={shlex.quote(root)} --collect',
@@ -425,12 +538,28 @@ def job_array_text(spec: str, root: str, commands: Sequence[Sequence[str]], path
   return '\n'.join(header + [shlex.join(c) for c in commands]) + '\n'
 
 
+# Prints an object (a job array file at gs://...) with the Python the array tasks run.
+_CAT_OBJECT = (
+  'import sys; from data_pipeline import paths; '
+  'sys.stdout.write(paths.read_bytes(sys.argv[1]).decode())'
+)
+
+
+def _commands_of(path: str) -> str:
+  """The shell command that prints the lines of the job array file `path` (a local path or a
+  URL) that are not comments."""
+  if paths.is_url(path):
+    return f"python -c {shlex.quote(_CAT_OBJECT)} {shlex.quote(path)} | grep -v '^#'"
+  return f"grep -v '^#' {shlex.quote(path)}"
+
+
 def write_job_array(
   path: str, spec: str, root: str, points: Sequence[Point], commands: Mapping[str, Sequence[str]]
 ) -> str:
-  """The job array file `path` (one command a line) and <root>/sweep.json; returns `path`."""
-  path = os.path.abspath(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  """The job array file `path` (one command a line; a URL is written to the object store) and
+  <root>/sweep.json; returns `path`."""
+  path = paths.absolute(path)  # a URL (gs://...) stays one
+  paths.makedirs(paths.dirname(path))
   paths.makedirs(root)
   fileio.write_atomic(path, job_array_text(spec, root, [commands[p.name] for p in points], path))
   write_sweep_json(root, spec, points, commands, {})
@@ -451,55 +580,3 @@ def collect(
   columns, rows = gather(root, points, configs, failures)
   write_sweep_json(root, spec, points, commands, {r['name']: r['status'] for r in rows})
   return write_results(root, columns, rows)
-
-
-def run_points(
-  root: str,
-  points: Sequence[Point],
-  configs: Mapping[str, Any],
-  commands: Mapping[str, Sequence[str]],
-  *,
-  compile_cache: str = '',
-  say: Callable[[str], None] = print,
-) -> dict[str, str]:
-  """Runs the unfinished points in turn; returns {name: failure text} of those that failed."""
-  env = dict(os.environ)
-  if compile_cache:
-    env.setdefault('JAX_COMPILATION_CACHE_DIR', compile_cache)
-  failures: dict[str, str] = {}
-  for i, point in enumerate(points, start=1):
-    run_dir = paths.join(root, point.name)
-    where = f'[{i}/{len(points)}] {point.name}'
-    if is_finished(run_dir, configs[point.name].total_steps):
-      say(f'{where}: finished already, skipped')
-      continue
-    # The trainer's output is appended as it runs: a local file (for a URL root, in its local
-    # folder: objects cannot be appended to).
-    log_dir = paths.local_folder(run_dir)
-    os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, TRAIN_LOG)
-    say(f'{where}: running (output in {log_path})')
-    start = time.perf_counter()
-    with open(log_path, 'a', encoding='utf-8') as log:
-      log.write(f'$ {shlex.join(commands[point.name])}\n')
-      log.flush()
-      code = subprocess.run(
-        list(commands[point.name]), stdout=log, stderr=subprocess.STDOUT, env=env, check=False
-      ).returncode
-    seconds = time.perf_counter() - start
-    if code == 0 and is_finished(run_dir, configs[point.name].total_steps):
-      say(f'{where}: finished in {seconds:.1f} s')
-      continue
-    failures[point.name] = (
-      f'failed (exit {code})' if code else 'failed (exited 0 before total_steps)'
-    )
-    say(f'{where}: {failures[point.name]} after {seconds:.1f} s; last lines of {log_path}:')
-    say(_tail(log_path))
-  return failures
-
-
-def _tail(path: str, lines: int = 12) -> str:
-  with open(path, encoding='utf-8', errors='replace') as f:
-    # The progress bar redraws with carriage returns: keep each line's last state.
-    text = [line.rsplit('\r', 1)[-1] for line in f.read().splitlines()]
-  return '\n'.join('    ' + line for line in text[-lines:])

@@ -5,12 +5,18 @@ show finished runs are skipped and failures recorded."""
 import csv
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
+import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
+from data_pipeline import fileio, paths
 from ove_jax import config as config_lib
 from ove_jax import sweeps
 from ove_jax_tools import sweep
@@ -329,3 +335,210 @@ def test_run_records_a_failure_goes_on_and_skips_finished_runs(tmp_path, capsys)
   assert sweep.main(args[:2] + ['--collect']) == 0
   saved = json.load(open(os.path.join(root, sweeps.SWEEP_JSON)))
   assert [p['status'] for p in saved['points']] == ['unfinished', 'finished']
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken experiments, reruns into the same root, signals, job arrays in a bucket
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'body, message',
+  [
+    (
+      "def sweep(add, arg=None):\n  raise RuntimeError('boom')\n",
+      r'sweep\(\) raised RuntimeError: boom',
+    ),
+    ('def sweep():\n  pass\n', r'sweep is sweep\(\); define sweep\(add, arg=None\)'),
+    ('def sweep(add, arg, extra):\n  pass\n', r'sweep is sweep\(add, arg, extra\)'),
+    ('sweep = 3\n', r'sweep is sweep \(not a function\)'),
+    ('def sweep(add, arg=None)\n  pass\n', r'cannot be loaded: SyntaxError: .*\(line 10\)'),
+    ('import no_such_module_here\n', "cannot be loaded: ModuleNotFoundError: No module named 'no_"),
+  ],
+)
+def test_a_broken_experiment_file_is_a_config_error_naming_it(tmp_path, capsys, body, message):
+  spec = _experiment(tmp_path, body)
+  assert sweep.main([f'--config={spec}', f'--root={tmp_path / "root"}', '--run']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'config error: {spec}') and len(err.splitlines()) == 1
+  assert re.search(message, err), err
+  assert not os.path.exists(tmp_path / 'root')
+
+
+def _saved_run(root, spec, point, common=(), edit=None):
+  """A run folder as the trainer leaves it: its config.json (with `edit` applied to it)."""
+  config = sweeps.point_config(spec, point, common)
+  folder = sweeps.builtin_folder(config)
+  config = config.to_dict()
+  config['builtin']['root'] = sweeps.shared_builtin_root(root, folder)  # as its command gives it
+  if edit:
+    edit(config)
+  run_dir = os.path.join(root, point.name)
+  os.makedirs(run_dir, exist_ok=True)
+  fileio.write_json(os.path.join(run_dir, 'config.json'), config, sort_keys=False, default=list)
+  return run_dir
+
+
+def test_runs_made_with_another_config_are_refused_naming_the_keys(tmp_path, capsys):
+  spec = _experiment(
+    tmp_path,
+    """\
+      def sweep(add, arg=None):
+        add(**{'loss.scale': 16.0})
+        add(**{'loss.scale': 32.0})
+      """,
+  )
+  root = str(tmp_path / 'root')
+  points = sweeps.expand(spec)
+  first = _saved_run(root, spec, points[0])  # the first sweep ran with the experiment's values
+  margin, lr = (sweeps.point_config(spec, points[0]).get(k) for k in ('loss', 'optim'))
+  margin, lr = margin.margin, lr.lr
+  args = [f'--config={spec}', f'--root={root}', '--config.loss.margin=0.5', '--config.optim.lr=0.5']
+  for mode in ('--run', '--collect', f'--job-array={tmp_path / "jobs"}'):
+    assert sweep.main([*args, mode]) == 2
+    err = capsys.readouterr().err
+    assert f'runs in {root} were made with another config' in err
+    assert f'scale=16.0 (loss.margin {margin!r} -> 0.5, optim.lr {lr!r} -> 0.5)' in err
+    assert 'scale=32.0' not in err  # not run yet: nothing to compare
+    assert "give a new --root, or remove those runs' folders" in err
+  assert not os.path.exists(os.path.join(first, sweeps.TRAIN_LOG))  # nothing ran
+  assert not os.path.exists(os.path.join(root, sweeps.SWEEP_JSON))
+  # The same flags as the first sweep, and keys a resume may change, are accepted.
+  resumable = ['--config.total_steps=5', '--config.log_every=3', '--config.mesh.data=8']
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--collect', *resumable]) == 0
+  capsys.readouterr()
+
+  # The shared built-in data counts by its folder's name, not by where it was (a URL root's local
+  # folder depends on the cache folder); other data is another config.
+  def elsewhere(config):
+    config['builtin']['root'] = '/elsewhere/builtin_data/' + os.path.basename(
+      config['builtin']['root']
+    )
+
+  _saved_run(root, spec, points[0], edit=elsewhere)
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--collect']) == 0
+  _saved_run(root, spec, points[0], edit=lambda c: c['builtin'].update(root='/data/other'))
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--collect']) == 2
+  assert "(builtin.root '/data/other' -> " in capsys.readouterr().err
+
+  # A key the saved config lacks (added to the code since) counts only when set to another value.
+  def drop(config):
+    del config['loss']['margin'], config['seed']
+
+  _saved_run(root, spec, points[0], edit=drop)
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--collect']) == 0
+  assert sweep.main([*args[:3], '--collect']) == 2
+  assert "(loss.margin '(unset)' -> 0.5)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_beyond_total_steps_is_reported_without_running(tmp_path, capsys):
+  spec = _experiment(tmp_path, "def sweep(add, arg=None):\n  add(**{'loss.margin': 0.2})\n")
+  root = str(tmp_path / 'root')
+  point = sweeps.expand(spec)[0]
+  run_dir = _saved_run(root, spec, point, edit=lambda c: c.update(total_steps=60))
+  for step in (2, 60):  # a run of total_steps=60 keeps step 2 too (keep_every)
+    os.makedirs(os.path.join(run_dir, 'checkpoints', str(step)))
+    open(os.path.join(run_dir, 'checkpoints', str(step), 'commit_success.txt'), 'w').close()
+  why = 'failed (its checkpoint of step 60 is beyond total_steps 2; give --config.total_steps=60'
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--run']) == 1
+  out = capsys.readouterr()
+  assert f'[1/1] margin=0.2: {why}' in out.out and '1 of 1 runs failed' in out.err
+  assert not os.path.exists(os.path.join(run_dir, sweeps.TRAIN_LOG))  # the trainer never started
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--collect']) == 0
+  rows = list(csv.DictReader(open(os.path.join(root, sweeps.RESULTS_CSV))))
+  assert rows[0]['status'].startswith(why)
+
+
+# A trainer stand-in: a process group of two (it and a child of its own), each saving on SIGTERM.
+FAKE_TRAINER = """\
+import os, signal, subprocess, sys, time
+workdir, child = sys.argv[1], None
+def save(name):
+  def handle(signum, frame):
+    open(os.path.join(workdir, name), 'w').write(signal.Signals(signum).name)
+    if child is not None:  # a trainer waits for its workers
+      child.wait()
+    sys.exit(75)
+  return handle
+if len(sys.argv) > 2:
+  signal.signal(signal.SIGTERM, save('child_saved'))
+  open(os.path.join(workdir, 'child_started'), 'w').close()
+  time.sleep(60)
+signal.signal(signal.SIGTERM, save('saved'))
+child = subprocess.Popen([sys.executable, __file__, workdir, 'x'])
+open(os.path.join(workdir, 'started'), 'w').close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_signal_to_the_sweep_stops_its_trainer_which_saves(
+  tmp_path, capsys, monkeypatch, signum, code
+):
+  spec = _experiment(
+    tmp_path,
+    """\
+      def sweep(add, arg=None):
+        add(**{'loss.margin': 0.1})
+        add(**{'loss.margin': 0.2})
+      """,
+  )
+  root, trainer = str(tmp_path / 'root'), tmp_path / 'trainer.py'
+  trainer.write_text(FAKE_TRAINER)
+  monkeypatch.setattr(
+    sweeps,
+    'train_command',
+    lambda spec, root, p, *a: [sys.executable, str(trainer), os.path.join(root, p.name)],
+  )
+  first = os.path.join(root, 'margin=0.1')
+
+  def send():
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(first, 'child_started')):
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    os.kill(os.getpid(), signum)
+
+  sender = threading.Thread(target=send)
+  sender.start()
+  assert sweep.main([f'--config={spec}', f'--root={root}', '--run']) == code
+  sender.join()
+  out = capsys.readouterr()
+  # The trainer and its child got SIGTERM (the trainer saves on it), and the sweep waited.
+  assert open(os.path.join(first, 'saved')).read() == 'SIGTERM'
+  assert open(os.path.join(first, 'child_saved')).read() == 'SIGTERM'
+  assert f'[1/2] margin=0.1: stopped ({signal.Signals(signum).name}), exit 75' in out.out
+  assert f'interrupted ({signal.Signals(signum).name}): writing the results so far' in out.err
+  assert not os.path.exists(os.path.join(root, 'margin=0.2'))  # the next point never started
+  assert os.path.exists(os.path.join(root, sweeps.RESULTS_MD))
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the sweep's handlers are gone
+
+
+def test_collect_into_a_file_is_refused(tmp_path, capsys):
+  afile = tmp_path / 'afile'
+  afile.write_text('')
+  spec = ABLATIONS + ':smoke,study=rope'
+  assert sweep.main([f'--config={spec}', f'--root={afile}', '--collect']) == 2
+  assert f'error: --root {afile}: a file, not a folder' in capsys.readouterr().err
+
+
+def test_a_job_array_file_in_a_bucket_is_written_there(gcs, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  spec = ABLATIONS + ':smoke,study=rope'
+  root, jobs = paths.join(gcs, 'sweep'), paths.join(gcs, 'sweep', 'jobs.txt')
+  assert sweep.main([f'--config={spec}', f'--root={root}', f'--job-array={jobs}']) == 0
+  assert capsys.readouterr().out == f'wrote 3 commands to {jobs}\n'
+  assert not os.path.exists(tmp_path / 'gs:')
+  text = paths.read_bytes(jobs).decode().splitlines()
+  commands = [line for line in text if not line.startswith('#')]
+  assert len(commands) == 3 and all(f'--workdir={root}/rope=' in c for c in commands)
+  # The wrapper's own line reads the object (eval replaced by printf to see it).
+  wrapper = next(line for line in text if 'SLURM_ARRAY_TASK_ID + 1' in line)
+  env = {
+    **os.environ,
+    'SLURM_ARRAY_TASK_ID': '1',
+    'PATH': os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'],
+  }
+  shown = wrapper.replace('#   eval ', 'printf %s ', 1)
+  out = subprocess.run(['bash', '-c', shown], env=env, capture_output=True, text=True, check=True)
+  assert out.stdout == commands[1]

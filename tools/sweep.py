@@ -13,21 +13,31 @@ the `ove_jax.sweeps` docstring (docs/sweeps.md). Each point's command is
 point's overrides, then the --config.KEY=VALUE given here (which may not set a swept key).
 
 Modes (one; --print when none is given):
-  --run        run the points here in turn. A finished run (its checkpoint of step total_steps is
-               committed) is skipped; an unfinished one is resumed by the trainer. A run that fails
-               is reported (its output is in <root>/<name>/train.log) and the sweep goes on; the
-               exit status is 1 when any failed. The runs share a JAX compilation cache
-               (--compile-cache, default <root>/jax_cache), so points of one shape compile once.
+  --run        run the points here in turn. A finished run (its newest committed checkpoint is of
+               step total_steps) is skipped; an unfinished one is resumed by the trainer. A run
+               that fails, or whose checkpoint is beyond total_steps, is reported (its output is
+               in <root>/<name>/train.log) and the sweep goes on; the exit status is 1 when any
+               failed. SIGTERM or SIGINT (Ctrl-C) is forwarded to the running trainer as SIGTERM:
+               it saves its step and exits, and the sweep writes the results so far and exits
+               with 75 (SIGTERM, as the trainer: restart me) or 130 (SIGINT); a rerun resumes.
+               The runs share a JAX compilation cache (--compile-cache, default
+               <root>/jax_cache), so points of one shape compile once.
   --print      print the commands, one a line.
-  --job-array FILE  write the commands to FILE, one a line, under a comment showing how an array
-               task picks its line (SLURM's sbatch --array, or any scheduler's task index).
+  --job-array FILE  write the commands to FILE (a path or a gs:// URL), one a line, under a
+               comment showing how an array task picks its line (SLURM's sbatch --array, or any
+               scheduler's task index).
   --collect    only gather the results of the runs in <root>.
 --only NAME keeps the named point (repeat it for more; names may hold commas). --job-array, --run
 and --collect write <root>/sweep.json (the points, their commands and status); --run and
 --collect write <root>/results.csv and results.md. --print writes nothing.
 
-A config error (an unknown key in a point, a value that does not survive the command line, a
-duplicate name) exits with status 2 before anything runs, naming the point and the key.
+A config error (an experiment file that does not load, a sweep() that raises or does not take
+(add, arg=None), an unknown key in a point, a value that does not survive the command line, a
+duplicate name) exits with status 2 before anything runs, naming the file or the point and the
+key. So does a run already in <root> whose config.json differs from the config the sweep gives
+it now (a rerun with other --config. flags), naming the point and the keys (saved -> now): give
+a new --root, or remove that run's folder to run it again. Keys a resume may change (the mesh,
+total_steps, logging, the watchdog; ove_jax.sweeps.RESUMABLE_KEYS) are not compared.
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ import sys
 from typing import Sequence
 
 from data_pipeline import paths
-from ove_jax import cli, sweeps
+from ove_jax import cli, sweep_runs, sweeps
 from ove_jax import config as config_lib
 
 
@@ -106,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   mode = 'job-array' if args.job_array else (args.mode or 'print')
   spec, root = args.config, paths.absolute(args.root)  # a URL (gs://...) stays one
   try:
-    if mode in ('run', 'job-array'):  # the points' workdirs: where checkpoints can be kept
+    if mode != 'print':  # the points' workdirs: where checkpoints can be kept
       from ove_jax import checkpoint
 
       checkpoint.check_checkpoint_path(root)
@@ -116,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     points = sweeps.select(sweeps.expand(spec), args.only)
     configs = {p.name: sweeps.point_config(spec, p, common) for p in points}
+    if mode != 'print':  # the runs already there must be the ones this sweep would make
+      sweeps.check_saved_configs(root, points, configs)
   except config_lib.ConfigError as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
@@ -134,22 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
   failures: dict[str, str] = {}
-  interrupted = False
+  interrupted = None
   if mode == 'run':
     cache = args.compile_cache
     cache = paths.join(root, 'jax_cache') if cache is None else cache
     paths.makedirs(root)
     try:
-      failures = sweeps.run_points(root, points, configs, commands, compile_cache=cache)
-    except KeyboardInterrupt:
-      interrupted = True
-      print('interrupted; writing the results so far', file=sys.stderr)
+      failures = sweep_runs.run_points(root, points, configs, commands, compile_cache=cache)
+    except sweep_runs.Interrupted as e:
+      interrupted, failures = e, e.failures
+      print(f'{e}: writing the results so far (a rerun resumes)', file=sys.stderr)
   csv_path, md_path = sweeps.collect(root, spec, points, configs, commands, failures)
   with paths.open_file(md_path, encoding='utf-8') as f:
     print(f.read(), end='')
   print(f'results: {md_path}, {csv_path}')
   if interrupted:
-    return 130
+    return interrupted.exit_code
   if failures:
     print(f'{len(failures)} of {len(points)} runs failed: {", ".join(failures)}', file=sys.stderr)
     return 1
