@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 
 import jax
@@ -53,6 +54,12 @@ _BUFFER_ELEMENTS = {'cpu': 1 << 21}
 _BUFFER_ELEMENTS_ACCELERATOR = 1 << 26
 # k-means++ runs on at most this many points (a random subsample of larger data).
 PLUSPLUS_SAMPLE = 20_000
+# init='k-means++' for more centres than this runs init='random' (`init_method`): k-means++ takes
+# k sequential steps over its sample, and a sample of PLUSPLUS_SAMPLE points cannot seed the
+# release's 400k / 2M centres (nor seed k close to its size any better than random points).
+PLUSPLUS_MAX_K = PLUSPLUS_SAMPLE // 4
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -239,8 +246,8 @@ def kmeans_plusplus(
   """k-means++ (D^2 sampling with 2 + log k greedy trials per centre, as scikit-learn).
 
   Sequential in k and O(N k D) in all, so data larger than `sample` points is subsampled at random
-  first: the centres then come from the subsample. For k in the hundreds of thousands use
-  init='random' (k-means++ needs k sequential steps whatever N is).
+  first: the centres then come from the subsample. `initial_centres` (every `fit`) calls it only
+  for k <= PLUSPLUS_MAX_K and draws random points for more centres (`init_method`).
   """
   rng = np.random.default_rng(seed)
   x = np.asarray(x_NxD, np.float32)
@@ -273,10 +280,31 @@ def kmeans_plusplus(
   return centres
 
 
+def init_method(init, k: int):
+  """The init `initial_centres` runs for `init` and k: `init` itself, except 'random' for
+  'k-means++' with k > PLUSPLUS_MAX_K (k sequential k-means++ steps over a sample of at most
+  PLUSPLUS_SAMPLE points cannot seed hundreds of thousands of centres)."""
+  if isinstance(init, str) and init == 'k-means++' and k > PLUSPLUS_MAX_K:
+    return 'random'
+  return init
+
+
+def plusplus_note(k: int) -> str:
+  """What is said when k-means++ gives way to random points (`init_method`)."""
+  return (
+    f'k = {k} centres: k-means++ is used up to k = {PLUSPLUS_MAX_K} (it seeds from a sample of '
+    f'{PLUSPLUS_SAMPLE} points); starting from {k} distinct random points instead (init="random")'
+  )
+
+
 def initial_centres(x_NxD, k, init, seed, spherical) -> np.ndarray:
-  """[k, D] float32 starting centres: k-means++, k distinct random points, or a given array
-  (checked); unit rows when spherical. Shared with ove_jax.kmeans_backends."""
+  """[k, D] float32 starting centres: k-means++ (random points for k > PLUSPLUS_MAX_K, logged:
+  `init_method`), k distinct random points, or a given array (checked); unit rows when spherical.
+  Shared with ove_jax.kmeans_backends."""
   if isinstance(init, str):
+    if init_method(init, k) != init:
+      log.warning(plusplus_note(k))
+      init = 'random'
     if init == 'k-means++':
       c = kmeans_plusplus(x_NxD, k, seed)
     elif init == 'random':
@@ -313,8 +341,9 @@ class FitSettings:
   """The Lloyd settings every k-means `fit` takes as keyword arguments (this module's,
   `kmeans_backends.fit` and `kmeans_multiprocess.fit`): one home for their names and defaults."""
 
-  # 'k-means++' (on a subsample of at most PLUSPLUS_SAMPLE points), 'random' (k distinct points)
-  # or a [k, D] array used as given (normalised when spherical).
+  # 'k-means++' (on a subsample of at most PLUSPLUS_SAMPLE points; 'random' for k >
+  # PLUSPLUS_MAX_K), 'random' (k distinct points) or a [k, D] array used as given (normalised
+  # when spherical).
   init: str | np.ndarray = 'k-means++'
   iters: int = 100  # at most this many Lloyd iterations
   # Stop when the total squared centre shift is <= tol * mean feature variance (sklearn's rule).

@@ -14,8 +14,9 @@ scored by one function (`objective`), so they compare on equal terms:
   its centres are normalised at the end (close to spherical k-means for compact clusters, and
   scored by the same spherical objective).
 
-Initial centres come from `initial_centres` (k-means++ from `ove_jax.kmeans`, k random points, or
-an array), so the three start from the same centres. Every engine runs `iters` centre updates
+Initial centres come from `initial_centres` (k-means++ from `ove_jax.kmeans`, random points
+instead above `kmeans.PLUSPLUS_MAX_K` centres; k random points; or an array), so the three start
+from the same centres. Every engine runs `iters` centre updates
 (faiss has no tolerance; pass tol=0 to the others for the same count) and the returned labels,
 sizes and inertia belong to the returned centres.
 """
@@ -48,8 +49,9 @@ def initial_centres(
 ) -> np.ndarray:
   """[k, D] float32 starting centres shared by every backend (unit rows when spherical).
 
-  'k-means++' is `ove_jax.kmeans.kmeans_plusplus` (on a subsample of large data), 'random' is k
-  distinct points; an array is checked and used as given.
+  'k-means++' is `ove_jax.kmeans.kmeans_plusplus` (on a subsample of large data; k distinct
+  random points, logged, for k > kmeans.PLUSPLUS_MAX_K), 'random' is k distinct points; an array
+  is checked and used as given.
   """
   x = unit(x_NxD) if spherical else np.asarray(x_NxD, np.float32)
   return kmeans.initial_centres(x, k, init, seed, spherical)  # kmeans.fit's own init

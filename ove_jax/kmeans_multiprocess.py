@@ -113,7 +113,8 @@ def fit(local_x_NxD, k: int, *, chunk_rows: int | None = None, **settings) -> km
       to 2^21 / (k / devices) elements of score buffer.
     settings: as `ove_jax.kmeans.fit` (`kmeans.FitSettings`), but init: a [k, D] array (the
       same on every process), or 'k-means++' / 'random' drawn by process 0 from its own points
-      and broadcast.
+      and broadcast (`kmeans.initial_centres`: random points for k-means++ of more than
+      kmeans.PLUSPLUS_MAX_K centres).
   Returns: a KMeans whose labels are those of this process's points, in its order; centres,
     sizes and inertia are global.
   """

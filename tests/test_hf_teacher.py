@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 
 from data_pipeline import builtin, precompute, records, tokens
-from ove_jax import labels
+from ove_jax import hf_teacher, labels
 from ove_jax_tools import cluster_labels
 
 TINY_CLIP = dict(
@@ -103,6 +103,19 @@ def shard_features(out):
   )
 
 
+def count_forwards(monkeypatch) -> list[int]:
+  """The pictures of every teacher forward from now on, in a list filled as they run."""
+  calls = []
+  real_embed = hf_teacher.HFTeacher.embed
+
+  def spy(self, pictures):
+    calls.append(len(pictures))
+    return real_embed(self, pictures)
+
+  monkeypatch.setattr(hf_teacher.HFTeacher, 'embed', spy)
+  return calls
+
+
 def test_video_features_are_eight_frames_concatenated_and_resumed(
   clip_dir, corpus, tmp_path, monkeypatch
 ):
@@ -129,7 +142,7 @@ def test_video_features_are_eight_frames_concatenated_and_resumed(
   assert feats.shape == (4, 8 * 32)  # 8 frames x hidden size
   np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
   for i, rec in enumerate(recs):
-    pictures = labels.record_pixels(rec, i, seed=0)
+    pictures = hf_teacher.record_pixels(rec, i, seed=0)
     assert pictures.shape == (8, 224, 224, 3)
     # The pictures are the teacher frames of the ove_jax encoder, unpatchified.
     np.testing.assert_array_equal(
@@ -150,14 +163,7 @@ def test_video_features_are_eight_frames_concatenated_and_resumed(
 
   # A re-run reads the shards: no forward pass, files untouched, same labels.
   mtimes = {p: os.stat(p).st_mtime_ns for p in shards}
-  calls = []
-  real_embed = labels.HFTeacher.embed
-
-  def spy(self, pictures):
-    calls.append(len(pictures))
-    return real_embed(self, pictures)
-
-  monkeypatch.setattr(labels.HFTeacher, 'embed', spy)
+  calls = count_forwards(monkeypatch)
   assert cluster_labels.main(args) == 0
   assert calls == []
   assert {p: os.stat(p).st_mtime_ns for p in shards} == mtimes
@@ -187,7 +193,7 @@ def test_stills_use_the_image_processor_and_projection(clip_proj_dir, corpus, tm
   np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
   model = transformers.CLIPVisionModelWithProjection.from_pretrained(clip_proj_dir).eval()
   processor = transformers.CLIPImageProcessor.from_pretrained(clip_proj_dir)
-  pictures = np.concatenate([labels.record_pixels(r, i, 0) for i, r in enumerate(recs)])
+  pictures = np.concatenate([hf_teacher.record_pixels(r, i, 0) for i, r in enumerate(recs)])
   x = processor(images=list(pictures), return_tensors='pt')['pixel_values']
   with torch.no_grad():
     want = unit(model(pixel_values=x).image_embeds.numpy())
@@ -220,9 +226,9 @@ def test_two_tower_clip_gives_its_image_features(corpus, tmp_path):
     == 0
   )
   recs = precompute.read_shard(still)
-  pictures = np.concatenate([labels.record_pixels(r, i, 0) for i, r in enumerate(recs)])
+  pictures = np.concatenate([hf_teacher.record_pixels(r, i, 0) for i, r in enumerate(recs)])
   model = transformers.CLIPModel.from_pretrained(path).eval()
-  x = labels.HFTeacher(path).pixel_values(pictures)  # CLIP mean / std at 32 (no processor)
+  x = hf_teacher.HFTeacher(path).pixel_values(pictures)  # CLIP mean / std at 32 (no processor)
   np.testing.assert_allclose(x, np.stack([by_hand_pixels(p) for p in pictures]), atol=1e-6)
   with torch.no_grad():
     want = unit(model.get_image_features(pixel_values=torch.from_numpy(x)).numpy())
@@ -321,3 +327,45 @@ def test_hub_id_from_the_offline_cache_and_bad_teachers(
   assert f'--teacher hf:{mae}: ViTMAEModel gives no pooled image embedding' in (
     capsys.readouterr().err
   )
+  # Damaged weights (model.safetensors of random bytes) are refused naming --teacher.
+  damaged = tmp_path / 'damaged_clip'
+  shutil.copytree(clip_dir, damaged)
+  (damaged / 'model.safetensors').write_bytes(os.urandom(256))
+  assert cluster_labels.main(['--teacher', f'hf:{damaged}', *base]) == 2
+  assert f'--teacher hf:{damaged}: transformers cannot load it (SafetensorError' in (
+    capsys.readouterr().err
+  )
+
+
+def test_damaged_or_short_feature_shards_are_computed_again(
+  clip_dir, corpus, tmp_path, capsys, monkeypatch
+):
+  """A cached shard that is empty, truncated or short is named and computed again; the rest are
+  read as they are, and the features equal those of the first run."""
+  video, _ = corpus
+  out = tmp_path / 'out'
+  args = ['--teacher', f'hf:{clip_dir}', '--records', video, '--k', '2', '--out', str(out)]
+  args += ['--batch', '8', '--shard-records', '1']  # a shard and a forward per clip
+  assert cluster_labels.main(args) == 0
+  feats = shard_features(out)
+  folder = out / 'features'
+  (folder / 'features-00000.npy').write_bytes(b'')  # emptied
+  ids = (folder / 'ids-00001.npy').read_bytes()
+  (folder / 'ids-00001.npy').write_bytes(ids[: len(ids) // 2])  # truncated
+  np.save(folder / 'features-00002.npy', feats[2:3][:, :100])  # short rows: another width
+  untouched = os.stat(folder / 'features-00003.npy').st_mtime_ns
+  calls = count_forwards(monkeypatch)
+  capsys.readouterr()
+  assert cluster_labels.main(args) == 0
+  err = capsys.readouterr().err
+  assert calls == [8, 8, 8]  # shards 0, 1 and 2; shard 3 is read
+  assert f'note: feature shard {folder / "features-00000.npy"}: empty (0 bytes)' in err
+  assert f'note: feature shard {folder / "ids-00001.npy"}: truncated' in err
+  assert f'note: {folder / "features-00002.npy"}: features of shape (1, 100)' in err
+  assert os.stat(folder / 'features-00003.npy').st_mtime_ns == untouched
+  np.testing.assert_allclose(shard_features(out), feats, atol=1e-6)
+  # A shard of fewer rows than its ids is computed again too.
+  np.save(folder / 'features-00001.npy', feats[:0])
+  assert cluster_labels.main(args) == 0
+  assert calls == [8, 8, 8, 8]
+  assert 'features of shape (0, 256) and ids of shape (1,) for 1 records' in capsys.readouterr().err

@@ -146,6 +146,25 @@ def test_kmeans_plusplus_and_bad_arguments():
     kmeans.nearest(x, c, 11)
 
 
+def test_kmeans_plusplus_gives_way_to_random_points_for_large_k(caplog):
+  """k beyond the k-means++ sample (the release's 400k / 2M centres at scale: here k = 20050 of
+  N = 20100 points, more than the 20000-point sample) starts from k distinct random points, with
+  a logged note, instead of failing; up to PLUSPLUS_MAX_K centres k-means++ is unchanged."""
+  x = np.random.default_rng(0).normal(size=(20_100, 4)).astype(np.float32)
+  k = 20_050
+  assert k > kmeans.PLUSPLUS_SAMPLE > kmeans.PLUSPLUS_MAX_K
+  assert kmeans.init_method('k-means++', k) == 'random'
+  with caplog.at_level('WARNING', logger='ove_jax.kmeans'):
+    got = kmeans.initial_centres(x, k, 'k-means++', 3, False)
+  np.testing.assert_array_equal(got, kmeans.initial_centres(x, k, 'random', 3, False))
+  assert 'k-means++ is used up to k = 5000' in caplog.text and 'init="random"' in caplog.text
+  small = kmeans.PLUSPLUS_MAX_K
+  assert kmeans.init_method('k-means++', small) == 'k-means++'
+  np.testing.assert_array_equal(
+    kmeans.initial_centres(x[:300], 5, 'k-means++', 0, False), kmeans.kmeans_plusplus(x[:300], 5)
+  )
+
+
 # ------------------------------------------------------------------------------------------------
 # tools/cluster_labels.py
 # ------------------------------------------------------------------------------------------------

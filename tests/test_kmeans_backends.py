@@ -200,3 +200,20 @@ def test_bench_kmeans_tool_writes_figures_and_refuses_a_bad_mesh(tmp_path, capsy
   assert 'jax / sklearn throughput' in capsys.readouterr().out
   assert bench_kmeans.main(['--n', '2000', '--mesh', 'three,by,two']) == 2
   assert '--mesh three,by,two' in capsys.readouterr().err
+
+
+def test_kmeans_plusplus_above_its_limit_starts_every_engine_from_random_points(monkeypatch):
+  """init='k-means++' for more than kmeans.PLUSPLUS_MAX_K centres (lowered here to reach the
+  release-scale path on a small problem) starts every engine, and the multi-process k-means,
+  from the random points of init='random'."""
+  x = _blobs(600, k=12)
+  monkeypatch.setattr(kmeans, 'PLUSPLUS_MAX_K', 8)
+  random = kb.initial_centres(x, 12, 'random', seed=2, spherical=True)
+  np.testing.assert_array_equal(kb.initial_centres(x, 12, 'k-means++', 2, True), random)
+  for backend in kb.BACKENDS:
+    got = kb.fit(x, 12, backend=backend, init='k-means++', seed=2, iters=3, tol=0.0, spherical=True)
+    ref = kb.fit(x, 12, backend=backend, init=random, seed=2, iters=3, tol=0.0, spherical=True)
+    np.testing.assert_array_equal(got.centres, ref.centres)
+  got = kmeans_multiprocess.fit(x, 12, init='k-means++', seed=2, iters=3, spherical=True)
+  ref = kmeans_multiprocess.fit(x, 12, init=random, seed=2, iters=3, spherical=True)
+  np.testing.assert_array_equal(got.centres, ref.centres)

@@ -1,6 +1,8 @@
 """The release's per-rank Partial FC centre shards become one [num_classes, C] matrix (fake shards
 written in the release's naming and class split), and bad shard sets fail naming the file."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,37 @@ def test_sources_from_a_config_string(tmp_path, full):
     release_heads.parse_sources('image')
   with pytest.raises(ValueError, match="head 'image' is named twice"):
     release_heads.parse_sources('image=a,image=b')
+
+
+@pytest.mark.parametrize('damage', ['empty', 'truncated', 'pickled'])
+def test_a_damaged_rank_file_names_it_and_stops_warm_start(tmp_path, full, damage):
+  """An emptied, truncated or pickled rank file is a ValueError naming it (not numpy's EOFError),
+  so a run with init.release_centres stops at start with a config error naming the key."""
+  from types import SimpleNamespace
+
+  from ove_jax import config as config_lib
+  from ove_jax import warm_start
+
+  template = _write(tmp_path / 'si', full, 8)
+  bad = tmp_path / 'si' / 'ov_encoder_si_002.npy'
+  if damage == 'empty':
+    bad.write_bytes(b'')
+  elif damage == 'truncated':
+    bad.write_bytes(bad.read_bytes()[:300])
+  else:
+    np.save(bad, np.array([{'weight': 1}], dtype=object), allow_pickle=True)
+  why = {'empty': 'empty (0 bytes)', 'truncated': 'truncated', 'pickled': 'holds Python objects'}[
+    damage
+  ]
+  with pytest.raises(ValueError, match=re.escape(f'release centre shard {bad}: {why}')):
+    release_heads.assemble(template, 1003, 16)
+  cfg = losses.PartialFCConfig(num_classes=1003)
+  config = SimpleNamespace(
+    init=SimpleNamespace(pytorch='', checkpoint='', release_centres=f'image={template}'), seed=0
+  )
+  program = SimpleNamespace(heads={'image': cfg}, encoder_cfg=SimpleNamespace(width=16))
+  state = {'params': {'encoder': {}, 'heads': {'image': np.zeros((1024, 16), np.float32)}}}
+  with pytest.raises(
+    config_lib.ConfigError, match=f'init.release_centres=image=.*{re.escape(f"{bad}: {why}")}'
+  ):
+    warm_start.initialise_from(state, config, program)

@@ -27,18 +27,29 @@ HF_HUB_OFFLINE=1) on the same frames at its own input size: its pooled image emb
 (`image_embeds` / `get_image_features` with a projection, else `pooler_output`), prepared by the
 directory's image processor when it has one, else CLIP mean / std. Its features are written to
 OUT/features/ (features-SSSSS.npy and ids-SSSSS.npy per --shard-records records); a re-run reads
-the shards already there and computes only the missing ones.
+the shards already there and computes only the missing ones (and, with a note naming it, any
+shard whose files are damaged or short).
+
+Records. `--records` is a precompute output folder whose shards are all finished (a partial one
+is refused, naming the unfinished shards), or a glob of shards (`'OUT/records/*.array_record*'`
+for relabelled copies, or the finished shards of a partial folder).
 
 Clustering. k-means with `--backend sklearn` (scikit-learn, Lloyd, one init), `--backend jax`
 (`ove_jax.kmeans`: centres sharded over the mesh, points in chunks) or `--backend faiss`
 (spherical faiss k-means, GPU faiss where installed; runs --iters updates, no --tol); `auto`
-(the default) is sklearn when k * N is small, else jax. Features are L2-normalised first and the
-JAX and faiss k-means are spherical (cosine), as the labels are by cosine; scikit-learn runs
-Euclidean k-means on the normalised features.
+(the default) is sklearn when k * N is small, else jax. `--init k-means++` (the default) seeds
+up to 5000 centres (`ove_jax.kmeans.PLUSPLUS_MAX_K`; from a sample of 20,000 points); for more
+centres, as the release's 400k / 2M, it starts from k distinct random points, says so in a note
+and in report.json (`init`). Features are L2-normalised first and the JAX and faiss k-means are
+spherical (cosine), as the labels are by cosine; scikit-learn runs Euclidean k-means on the
+normalised features.
+
+Every flag, --init's file, --records and --out are checked before features are read or a
+teacher runs; bad input exits with status 2 and a message naming the flag or file.
 
 Outputs in `--out`: labels.npy int32 [N, n] (the n = 10 nearest centres by cosine, nearest
-first), centres.npy float32 [k, D], report.json (printed too): k, N, inertia, iterations, empty
-clusters, cluster sizes (min / median / max and a histogram). With `--records`, OUT/records/
+first), centres.npy float32 [k, D], report.json (printed too): k, N, init, inertia, iterations,
+empty clusters, cluster sizes (min / median / max and a histogram). With `--records`, OUT/records/
 holds a copy of every input shard (same file names, records format) with `labels` replaced.
 The work is done by `ove_jax.labels`; this command parses flags and prints the report.
 """
@@ -51,7 +62,7 @@ import sys
 import time
 
 from data_pipeline import paths
-from ove_jax import cli
+from ove_jax import cli, hf_teacher
 from ove_jax import labels as labels_lib
 
 
@@ -64,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
   src.add_argument(
     '--teacher',
     help='ove_jax encoder: release-format HF dir, training workdir '
-    f'or step folder; or {labels_lib.HF_PREFIX}DIR_OR_HUB_ID: a transformers '
+    f'or step folder; or {hf_teacher.HF_PREFIX}DIR_OR_HUB_ID: a transformers '
     'vision model',
   )
   p.add_argument(
     '--records',
-    help='precompute output folder, or glob of record shards: the '
+    help='precompute output folder (all shards finished), or glob of record shards: the '
     "teacher's input, and/or records to write relabelled copies of (one per "
     'feature row, in sorted shard order)',
   )
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     '--shard-records',
     type=int,
-    default=labels_lib.SHARD_RECORDS,
+    default=hf_teacher.SHARD_RECORDS,
     help='records per feature shard of a transformers (hf:) teacher',
   )
   p.add_argument('--k', type=int, required=True, help='number of centres')
@@ -92,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     help=f'k-means engine; auto: sklearn when k * N <= {labels_lib.SKLEARN_MAX_WORK}, else jax',
   )
   p.add_argument(
-    '--init', default='k-means++', help='"k-means++", "random", or a .npy of [k, D] initial centres'
+    '--init',
+    default='k-means++',
+    help='"k-means++" (random points above 5000 centres), "random", or a .npy of [k, D] '
+    'initial centres',
   )
   p.add_argument('--iters', type=int, default=100, help='at most this many Lloyd iterations')
   p.add_argument(
@@ -122,11 +136,20 @@ def load_teacher(path: str, step: int | None = None):
 
 
 def run(args) -> dict:
-  """The labels of the parsed command line; returns the report."""
+  """The labels of the parsed command line; returns the report. Every flag, --init's file,
+  --records and --out are checked before features are read or a teacher runs."""
   if bool(args.features) == bool(args.teacher):
     raise labels_lib.LabelsError('give exactly one of --features FILE and --teacher DIR')
   if args.teacher and not args.records:
     raise labels_lib.LabelsError('--teacher needs --records GLOB (the records to encode)')
+  start = time.perf_counter()
+  settings = cli.keywords(args, 'k', 'num_labels', 'backend', 'init', 'iters', 'tol', 'chunk')
+  settings['init'] = labels_lib.check_settings(**settings)
+  # The centres of an --init file are read once; later checks (N, D) name the file.
+  about = {'init_about': f'--init {args.init}'}
+  for flag, value in (('--batch', args.batch), ('--shard-records', args.shard_records)):
+    if value < 1:
+      raise labels_lib.LabelsError(f'{flag} {value}: must be >= 1')
   if args.devices:
     from ove_jax import distributed
 
@@ -134,27 +157,26 @@ def run(args) -> dict:
       distributed.use_cpu_devices(args.devices)
     except RuntimeError as e:
       raise labels_lib.LabelsError(f'--devices {args.devices}: {e}') from None
-  start = time.perf_counter()
-  shards, shard_records = [], []
-  if args.records:
-    shards = labels_lib.record_shards(args.records)
-    shard_records = labels_lib.read_shards(shards)
+  the_mesh = mesh(args.mesh)
+  shards = labels_lib.record_shards(args.records) if args.records else []
+  labels_lib.check_out(args.out, shards)
+  shard_records = labels_lib.read_shards(shards)
   recs = [r for rs in shard_records for r in rs]
-  ids = None
+  ids, source = None, f'--records {args.records}'
   if args.features:
     x, ids = labels_lib.load_features(args.features)
     source = f'--features {args.features}'
+    labels_lib.check_settings(**settings, **about, n=len(x), d=x.shape[1], source=source)
     if args.records and len(recs) != len(x):
       raise labels_lib.LabelsError(
         f'--records {args.records}: {len(recs)} records but {len(x)} '
         f'feature rows in --features {args.features}'
       )
-  elif args.teacher.startswith(labels_lib.HF_PREFIX):
-    if args.batch < 1:
-      raise labels_lib.LabelsError(f'--batch {args.batch}: must be >= 1')
-    teacher = labels_lib.HFTeacher(args.teacher[len(labels_lib.HF_PREFIX) :])
+  elif args.teacher.startswith(hf_teacher.HF_PREFIX):
+    labels_lib.check_settings(**settings, **about, n=len(recs), source=source)
+    teacher = hf_teacher.HFTeacher(args.teacher[len(hf_teacher.HF_PREFIX) :])
     # The resumable feature cache is local files: for an --out URL, in its local folder.
-    x, ids = labels_lib.sharded_teacher_features(
+    x, ids = hf_teacher.sharded_teacher_features(
       teacher,
       recs,
       paths.local_folder(paths.join(args.out, 'features')),
@@ -163,22 +185,16 @@ def run(args) -> dict:
       shard_records=args.shard_records,
       about=args.teacher,
     )
-    source = f'--records {args.records}'
   else:
-    x = labels_lib.teacher_features(
-      load_teacher(args.teacher, args.step), recs, args.batch, args.seed
-    )
-    source = f'--records {args.records}'
+    labels_lib.check_settings(**settings, **about, n=len(recs), source=source)
+    model = load_teacher(args.teacher, args.step)
+    # Its features are not kept, so --init's width is checked before they are computed.
+    d = labels_lib.frames_per_record(recs) * model.cfg.width
+    labels_lib.check_settings(**settings, **about, d=d)
+    x = labels_lib.teacher_features(model, recs, args.batch, args.seed)
+  where = dict(ids=ids, shards=shards, shard_records=shard_records, source=source)
   return labels_lib.make_labels(
-    x,
-    args.out,
-    ids=ids,
-    shards=shards,
-    shard_records=shard_records,
-    source=source,
-    mesh=mesh(args.mesh),
-    start=start,
-    **cli.keywords(args, 'k', 'num_labels', 'backend', 'init', 'iters', 'tol', 'seed', 'chunk'),
+    x, args.out, mesh=the_mesh, start=start, seed=args.seed, **where, **settings
   )
 
 

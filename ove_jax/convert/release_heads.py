@@ -27,6 +27,8 @@ from typing import Mapping
 
 import numpy as np
 
+from data_pipeline import fileio
+
 _RANK = re.compile(r'(\d+)\.npy$')
 
 
@@ -78,6 +80,24 @@ def rank_rows(num_classes: int, world: int) -> list[int]:
   return [num_classes // world + int(r < num_classes % world) for r in range(world)]
 
 
+def read_rank(path: str) -> np.ndarray:
+  """One rank's shard, memory-mapped (a rank of the release's 2M-class head is 1 GB). A file that
+  cannot be mapped is read by `fileio.read_arrays`, whose ArrayFileError (a ValueError) names the
+  file and what is wrong with it (empty, truncated, garbled, pickled)."""
+  try:
+    return np.load(path, mmap_mode='r', allow_pickle=False)
+  except (EOFError, OSError, ValueError):
+    try:
+      a = fileio.read_arrays(path, 'release centre shard')
+    except fileio.ArrayFileError as e:
+      raise fileio.ArrayFileError(
+        f"{e} (each rank's weight: np.save(path, weight.float().cpu().numpy()))"
+      ) from None
+  if isinstance(a, dict):
+    raise ValueError(f'release centre shard {path}: a .npz; each rank is one .npy array')
+  return a
+
+
 def assemble(pattern: str, num_classes: int | None = None, width: int | None = None) -> np.ndarray:
   """The per-rank shards of one head as one float32 [num_classes, C] matrix.
 
@@ -87,13 +107,7 @@ def assemble(pattern: str, num_classes: int | None = None, width: int | None = N
   files = rank_files(pattern)
   shards = []
   for path in files:
-    try:
-      a = np.load(path, mmap_mode='r', allow_pickle=False)
-    except ValueError as e:
-      raise ValueError(
-        f"{path}: not a plain .npy array ({e}); save each rank's weight with "
-        'np.save(path, weight.float().cpu().numpy())'
-      ) from e
+    a = read_rank(path)
     if a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
       raise ValueError(
         f'{path}: a {a.dtype} array of shape {a.shape}; expected float [classes of this rank, C]'
