@@ -32,6 +32,46 @@ def is_url(path: Any) -> bool:
   return bool(_URL.match(os.fspath(path) if not isinstance(path, str) else path))
 
 
+# 'gs:/bucket' or 's3:/bucket': a URL with one slash, which every path function would take for a
+# local path (a folder named 'gs:' in the working directory).
+_ONE_SLASH = re.compile(r'(?<![A-Za-z0-9+.-])(gs|s3):/(?!/)', re.IGNORECASE)
+# The object-store URLs in a text (a source string may hold several, comma-separated).
+_BUCKET = re.compile(r'(?<![A-Za-z0-9+.-])((?:gs|s3)://[^/,?&\s]+)', re.IGNORECASE)
+
+
+def one_slash_url(text: str) -> str | None:
+  """The fix for a one-slash object-store URL in `text` ('gs:/bucket/run' for
+  'gs://bucket/run'), None where there is none."""
+  match = _ONE_SLASH.search(text)
+  if match is None:
+    return None
+  scheme = match.group(1)
+  return f'{scheme}:/ is a URL with one slash (a local folder named "{scheme}:"); write {scheme}://'
+
+
+def buckets_in(text: str) -> list[str]:
+  """The buckets ('gs://name', 's3://name') of the object-store URLs in `text`, in order, once
+  each."""
+  return list(dict.fromkeys(m.rstrip('/') for m in _BUCKET.findall(text)))
+
+
+def bucket_problem(bucket: str) -> str | None:
+  """Why the bucket `gs://name` (or `s3://name`) cannot be used, "gs://name: no such bucket (or
+  no access)", before anything is written there; None when its objects can be listed, and where
+  epath reaches it through another backend than fsspec (not checked). Listing needs the same
+  permission as reading the bucket's objects; asking for the bucket's metadata would need more."""
+  fs = _fs(bucket)
+  if fs is None:
+    return None
+  try:
+    fs.ls(bucket.split('://', 1)[1], refresh=True)
+  except (FileNotFoundError, PermissionError):
+    return f'{bucket}: no such bucket (or no access)'
+  except Exception as e:  # pylint: disable=broad-except  (a client's own error types)
+    return f'{bucket}: cannot be listed ({type(e).__name__}: {str(e).strip()[:200]})'
+  return None
+
+
 def absolute(path: Any) -> str:
   """`path` as a string that means the same from any working directory: a URL unchanged (less a
   trailing slash), a local path expanded (`~`) and made absolute."""
@@ -243,6 +283,20 @@ def default_cache_dir() -> str:
   object twice."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(base, 'ove_jax', 'objects')
+
+
+def default_cache_problem() -> str | None:
+  """Why `default_cache_dir()` cannot be made a folder, naming the variable that put it there
+  (XDG_CACHE_HOME, else HOME) and the fix; None where it can."""
+  folder = default_cache_dir()
+  why = not_a_folder(folder)
+  if why is None:
+    return None
+  name = 'XDG_CACHE_HOME' if os.environ.get('XDG_CACHE_HOME') else 'HOME'
+  return (
+    f'{name}={os.environ.get(name, "")}: the local cache folder {folder} (for objects of a '
+    f'bucket) is {why}; point {name} at a folder'
+  )
 
 
 def cache_path(url: str, cache_dir: str | None = None) -> str:

@@ -239,7 +239,11 @@ def read_meta(path: str, step: int | None = None) -> dict:
 
 
 class DamagedCheckpointError(ValueError):
-  """A committed step whose files cannot be read (a copy or upload cut short, a disk error)."""
+  """A committed step whose files cannot be read (a copy or upload cut short, a disk error).
+  args: what is wrong (ending with the folder's steps), then ove-convert's way on."""
+
+  def __str__(self) -> str:
+    return ', '.join(self.args)
 
 
 def _read(manager: ocp.CheckpointManager, step: int, what: str, read):
@@ -258,7 +262,8 @@ def _damaged(manager, step: int, what: str, reason: list) -> DamagedCheckpointEr
   return DamagedCheckpointError(
     f'{manager.directory} step {step}: {what} cannot be read ({(reason or [""])[0][:200]}); the '
     f'step is incomplete or damaged (a copy or upload cut short, a disk error): it has steps '
-    f'{steps}, {way}'
+    f'{steps}',
+    way,
   )
 
 
@@ -316,18 +321,8 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, ite
   items = {STATE: ocp.args.StandardRestore(abstract_state)}
   if iterator is not None:
     items[DATA] = grain.checkpoint.CheckpointRestore(iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items))[STATE]
-
-
-def read_positions(manager: ocp.CheckpointManager, step: int, processes: int) -> list[dict]:
-  """Every process's saved input position at `step` of a run of `processes` processes (Grain's
-  handler writes one JSON file per process into the step's data item)."""
-  from etils import epath
-
-  folder = epath.Path(manager.directory) / ocp.step.standard_name_format().build_name(step) / DATA
-  return [
-    json.loads((folder / f'process_{i}-of-{processes}.json').read_text()) for i in range(processes)
-  ]
+  args = ocp.args.Composite(**items)
+  return _read(manager, step, 'state/', lambda: manager.restore(step, args=args))[STATE]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,18 +10,23 @@ goes on over the same records in the same global order, but grouped into other b
 losses do not repeat the uninterrupted run's; a warning says so.
 
 Config changes since the checkpoint are named: an error where the saved state cannot fit, a
-warning where the run will not repeat the original exactly.
+warning where the run will not repeat the original exactly. Before any of this, process 0 takes
+the workdir's lock (one trainer per workdir), and a last checkpoint past total_steps ends the
+run with one line; a newest step that cannot be read is one error naming it and the way on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Any, Mapping
+import os
+from typing import Any, Iterator, Mapping
 
 import jax
 import ml_collections
 
+from data_pipeline import locks, paths
 from ove_jax import checkpoint, warm_start
 from ove_jax import config as config_lib
 
@@ -92,23 +97,83 @@ def check_layout(workdir: str, step: int, program) -> None:
     )
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str, main_process: bool) -> Iterator[None]:
+  """For the block, process 0 holds the workdir's run lock (`data_pipeline.locks`: an flock,
+  which the kernel releases when its holder ends, however it ends, so a killed trainer leaves no
+  stale lock); a second trainer on the workdir is refused with a ConfigError naming the holder
+  (pid, host). A URL workdir's lock lies in its local cache folder (`paths.local_folder`): it
+  keeps out a second trainer on the same machine only (docs/storage.md)."""
+  with contextlib.ExitStack() as stack:
+    if main_process:
+      folder = paths.local_folder(workdir)
+      os.makedirs(folder, exist_ok=True)
+      try:
+        stack.enter_context(locks.hold(folder, 'train', 'ove-train', kind='ove-train'))
+      except locks.Locked as e:
+        raise config_lib.ConfigError(f'--workdir {workdir}: {e}') from None
+    yield
+
+
+def past_total_steps(workdir: str, config) -> str | None:
+  """The line that says there is nothing to train when the workdir's last checkpoint lies beyond
+  total_steps (a run restarted with a smaller total_steps); None otherwise."""
+  steps = checkpoint.list_steps(workdir)
+  if not steps or steps[-1] <= config.total_steps:
+    return None
+  return (
+    f'checkpoint step {steps[-1]} is past total_steps {config.total_steps}: nothing to train '
+    f'(in {workdir}; raise --config.total_steps to train on, or give another --workdir)'
+  )
+
+
+def damaged(error: checkpoint.DamagedCheckpointError, manager, step: int) -> str:
+  """A damaged newest step, with the trainer's ways on: delete it (the run then resumes from the
+  step before), or restore it from a copy. The trainer does not fall back by itself: the
+  damaged folder would stay the newest step (every restart would meet it again) and block a new
+  save of that step, and deleting it would remove what a copy may still restore."""
+  before = [s for s in sorted(manager.all_steps()) if s < step]
+  then = f'to resume from step {before[-1]}' if before else 'to start over'
+  return (
+    f'{error.args[0]}; the trainer resumes from the newest step only: delete '
+    f'{paths.join(str(manager.directory), str(step))} {then}, or restore it from a copy'
+  )
+
+
 def start_state(manager, workdir: str, iterator, program, config) -> tuple[dict, int]:
   """(train state, step) to start from: the workdir's last checkpoint (the iterator moved to
-  its position), else `program`'s fresh init, warm-started as config.init says."""
+  its position), else `program`'s fresh init, warm-started as config.init says. A last step
+  that cannot be read is a ConfigError naming it and the fix (`damaged`)."""
   start = manager.latest_step()
   if start is None:
     return warm_start.initialise_from(program.init(), config, program), 0
-  meta = checkpoint.read_meta(workdir, start)
-  check_resume(meta.get('config', {}), config)
-  check_layout(workdir, start, program)
-  saved = meta.get('process_count', jax.process_count())
-  if saved == jax.process_count():
-    state = checkpoint.restore_state(manager, start, program.abstract_state, iterator)
-  else:
-    state = checkpoint.restore_state(manager, start, program.abstract_state)
-    reposition(iterator, checkpoint.read_positions(manager, start, saved), start, config)
+  try:
+    meta = checkpoint.read_meta(workdir, start)
+    check_resume(meta.get('config', {}), config)
+    check_layout(workdir, start, program)
+    saved = meta.get('process_count', jax.process_count())
+    if saved == jax.process_count():
+      state = checkpoint.restore_state(manager, start, program.abstract_state, iterator)
+    else:
+      state = checkpoint.restore_state(manager, start, program.abstract_state)
+      reposition(iterator, read_positions(manager, start, saved), start, config)
+  except checkpoint.DamagedCheckpointError as e:
+    raise config_lib.ConfigError(damaged(e, manager, start)) from None
   log.info('resumed from %s step %d', workdir, start)
   return state, start
+
+
+def read_positions(manager, step: int, processes: int) -> list[dict]:
+  """Every process's saved input position at `step` of a run of `processes` processes (Grain's
+  handler writes one JSON file per process into the step's data item)."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  name = ocp.step.standard_name_format().build_name(step)
+  folder = epath.Path(manager.directory) / name / checkpoint.DATA
+  return [
+    json.loads((folder / f'process_{i}-of-{processes}.json').read_text()) for i in range(processes)
+  ]
 
 
 def reposition(iterator, saved_positions: list[dict], step: int, config) -> None:

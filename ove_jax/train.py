@@ -18,6 +18,7 @@ global batch and writes its part of the checkpoints; only process 0 writes metri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -424,18 +425,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpoint.check_checkpoint_path(paths.absolute(workdir))
   except ValueError as e:
     raise config_lib.ConfigError(f'--workdir {e}') from None
+  # One-slash URLs, missing buckets, a URL as builtin.root, a cache folder that is a file.
+  train_inputs.check_paths(config, workdir)
   try:  # OVE_* variables set in part, or out of range: the launch's config, exit status 2
     info = distributed.initialize(
       local_device_count=_local_devices(config), **config.distributed.to_dict()
     )
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
+  workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
+  # One trainer per workdir: a second one is refused while this one runs.
+  with resume.workdir_lock(workdir, info['process_index'] == 0):
+    done = resume.past_total_steps(workdir, config)
+    if done:
+      if info['process_index'] == 0:
+        print(done)
+      return {}
+    return run_training(config, workdir, info, started)
+
+
+def run_training(config, workdir: str, info: Mapping[str, int], started: float) -> dict[str, Any]:
+  """`train` once the workdir is checked and locked: builds, resumes and runs the loop."""
   # Until the loop's own handler is in place, a SIGTERM exits as preempted (nothing to save).
   with preemption.exit_on_sigterm_while_starting():
     main_process = info['process_index'] == 0
     if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
       log.info('malloc: %s', host_runtime.configure_malloc())
-    workdir = paths.absolute(workdir)  # a URL (gs://, s3://) stays one: docs/storage.md
     paths.makedirs(workdir)
     cache = distributed.use_compilation_cache(
       config.compilation_cache_dir.replace('{workdir}', workdir)
@@ -462,10 +477,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ) as watchdog,
     jax.set_mesh(mesh),
     preemption.Preemption() as stop,
+    # A source that cannot be read fails here, not at the first step. Closed at the end, also
+    # when resuming fails (its worker processes stopped, not left to the interpreter's exit).
+    contextlib.closing(train_inputs.make_iterator(config, sources)) as iterator,
   ):
-    # A source that cannot be read fails here, an evaluation source too (opened, no pipeline),
-    # not at the first evaluation.
-    iterator = train_inputs.make_iterator(config, sources)
+    # An evaluation source is checked too (opened, no pipeline), not at the first evaluation.
     if config.eval_every:
       train_inputs.check_sources(config, sources, evaluation=True)
     program = Program(config, mesh)

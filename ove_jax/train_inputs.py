@@ -17,6 +17,45 @@ from data_pipeline import paths
 from ove_jax import config as config_lib
 
 
+def check_paths(config, workdir: str) -> None:
+  """Every path the run takes (--workdir and each string of the config: sources, builtin.root,
+  init.*, data.local_cache_dir, ...) checked before anything is made or compiled: a ConfigError
+  naming the key and the fix for a one-slash URL ('gs:/b', a local folder named 'gs:'), a URL
+  as builtin.root (built-in data is made and read locally), a bucket that does not exist or
+  cannot be listed, and a local cache folder (data.local_cache_dir, or the default one under
+  XDG_CACHE_HOME when a URL is used) that is a file."""
+  given = {'--workdir': workdir}
+  given.update(
+    (k, v) for k, v in config_lib.flatten(config).items() if isinstance(v, str) and v.strip()
+  )
+  for key, value in given.items():
+    typo = paths.one_slash_url(value)
+    if typo:
+      raise config_lib.ConfigError(f'{key}={value}: {typo}')
+  if paths.is_url(config.builtin.root or ''):
+    raise config_lib.ConfigError(
+      f"builtin.root={config.builtin.root} (an experiment's data_root=): built-in data is made "
+      'and read on local disk; give a local folder, or leave it empty (a URL workdir keeps its '
+      'built-in data in the local cache folder, docs/storage.md)'
+    )
+  if config.data.local_cache_dir and paths.not_a_folder(config.data.local_cache_dir):
+    why = paths.not_a_folder(config.data.local_cache_dir)
+    raise config_lib.ConfigError(
+      f'data.local_cache_dir={config.data.local_cache_dir}: {why}; give a folder (objects of a '
+      'bucket are staged there)'
+    )
+  checked = set()
+  for key, value in given.items():
+    for bucket in paths.buckets_in(value):
+      problem = None if bucket in checked else paths.bucket_problem(bucket)
+      checked.add(bucket)
+      if problem:
+        raise config_lib.ConfigError(f'{key}={value}: {problem}')
+  problem = paths.default_cache_problem() if checked else None
+  if problem:
+    raise config_lib.ConfigError(problem)
+
+
 def data_sources(config, workdir: str) -> dict[str, str]:
   """The built-in data's source strings (generated on first use) when builtin.enabled."""
   if not config.builtin.enabled:

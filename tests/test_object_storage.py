@@ -485,3 +485,37 @@ def test_bad_release_urls_are_named_with_what_is_expected(bucket, release_export
   paths.remove(paths.join(sharded, hub.shard_name(1, len(shards))))
   gone = f"{sharded}/model.safetensors.index.json names shard(s) ['model-00002-of"
   assert_every_loader_refuses(sharded, gone, CheckpointError)
+
+
+def test_a_missing_bucket_and_a_cache_that_is_a_file_are_refused_first(gcs, tmp_path, monkeypatch):
+  """A bucket that does not exist, as --workdir or in a data source, is named as such, and an
+  XDG_CACHE_HOME that is a file by that variable, before built-in data is made or anything
+  compiles: nothing is written, locally or in the bucket."""
+  from ove_jax import config as config_lib
+  from ove_jax import train
+
+  monkeypatch.chdir(tmp_path)
+  demo = os.path.join(ROOT, 'experiments', 'demo_cpu.py') + ':smoke'
+  nobucket = 'gs://nobucket-' + gcs.rsplit('-', 1)[-1]
+  source = f'{nobucket}/codec/ove_codec-train.*'
+  cases = [
+    (
+      f'{nobucket}/run',
+      [],
+      rf'--workdir={nobucket}/run: {nobucket}: no such bucket \(or no access\)',
+    ),
+    (
+      paths.join(gcs, 'run'),
+      [f'data.heads.video.source={source}'],
+      rf'data.heads.video.source={re.escape(source)}: {nobucket}: no such bucket \(or no',
+    ),
+  ]
+  for workdir, overrides, message in cases:
+    with pytest.raises(config_lib.ConfigError, match=f'^{message}'):
+      train.train(config_lib.load(demo, overrides), workdir)
+  afile = tmp_path / 'afile'
+  afile.write_text('')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(afile))
+  with pytest.raises(config_lib.ConfigError, match=r'^XDG_CACHE_HOME=.*afile: the local cache'):
+    train.train(config_lib.load(demo), paths.join(gcs, 'run'))
+  assert paths.listdir(gcs) == [] and os.listdir(tmp_path) == ['afile']

@@ -797,3 +797,73 @@ def test_heads_start_from_the_release_centre_shards(tmp_path):
   with pytest.raises(config_lib.ConfigError, match='init.release_centres'):
     with jax.set_mesh(mesh):
       warm_start.initialise_from(fresh, c, program)
+
+
+def test_paths_are_checked_before_anything_is_made(tmp_path, monkeypatch):
+  """A one-slash URL in --workdir or in any config path, a URL as builtin.root (data_root=) and
+  a data.local_cache_dir that is a file are config errors naming the key and the fix, raised
+  before a folder or built-in data is made (no local folder named 'gs:')."""
+  monkeypatch.chdir(tmp_path)
+  afile = tmp_path / 'afile'
+  afile.write_text('')
+  run = str(tmp_path / 'run')
+  cases = [
+    ('gs:/bkt/typo', {}, r'--workdir=gs:/bkt/typo: gs:/ is a URL with one slash .*write gs://'),
+    (run, {'init.checkpoint': 's3:/b/x'}, r'init.checkpoint=s3:/b/x: s3:/ is a URL .*write s3://'),
+    (run, {'builtin.root': 'gs://bkt/bd'}, r'builtin.root=gs://bkt/bd .*give a local folder'),
+    (run, {'data.local_cache_dir': str(afile)}, r'data.local_cache_dir=.*afile: a file, not a'),
+  ]
+  for workdir, changes, message in cases:
+    with pytest.raises(config_lib.ConfigError, match=message):
+      train.train(
+        config_lib.load(DEMO + ':smoke', [f'{k}={v}' for k, v in changes.items()]), workdir
+      )
+  assert sorted(os.listdir(tmp_path)) == ['afile']
+
+
+def test_one_trainer_per_workdir_past_total_steps_and_a_damaged_step(tmp_path, data_root):
+  """A second trainer on a workdir is refused (exit 2) naming the holder's pid and host; a killed
+  holder leaves no lock behind; a checkpoint past total_steps says so in one line (exit 0); a
+  damaged newest step is one config error naming it and the way on, not orbax's traceback."""
+  import socket
+
+  workdir = str(tmp_path / 'run')
+  run_to_end(command(workdir, data_root, '--config.total_steps=2', '--config.checkpoint_every=1'))
+  assert committed_steps(workdir) == [1, 2]
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      '-c',
+      'import sys, time\nfrom data_pipeline import locks\n'
+      f'with locks.hold({workdir!r}, "train", "ove-train", kind="ove-train"):\n'
+      '  print("held", flush=True); time.sleep(600)',
+    ],
+    env=env(),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    second = subprocess.run(command(workdir, data_root), env=env(), capture_output=True, text=True)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f'pid {holder.pid} on host {socket.gethostname()}' in second.stderr
+    assert 'in use by another ove-train run' in second.stderr and 'Traceback' not in second.stderr
+  finally:
+    holder.kill()
+    holder.wait()
+  past = run_to_end(command(workdir, data_root, '--config.total_steps=1'))  # the lock is free
+  assert 'checkpoint step 2 is past total_steps 1: nothing to train' in past.stdout
+  assert 'finished step' not in past.stdout + past.stderr
+  assert committed_steps(workdir) == [1, 2]
+  data = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, '2', 'state', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data):
+    os.remove(os.path.join(data, name))
+  damaged = subprocess.run(
+    command(workdir, data_root, '--config.total_steps=3'), env=env(), capture_output=True, text=True
+  )
+  assert damaged.returncode == 2 and 'Traceback' not in damaged.stderr, damaged.stderr[-3000:]
+  last = damaged.stderr.strip().splitlines()[-1]
+  assert re.match(
+    r'config error: .*checkpoints step 2: state/ cannot be read \(.*it has steps', last
+  )
+  assert f'delete {workdir}/checkpoints/2 to resume from step 1, or restore it' in last
