@@ -190,7 +190,12 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     )
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{module.__file__} has no get_config(arg) function')
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except Exception as e:  # a bad argument, or the experiment's own bug
+    raise ConfigError(f'{module.__file__}: get_config({arg!r}) failed: {error_text(e)}') from None
   for item in overrides:
     apply_override(config, item)
   validate(config)
@@ -204,8 +209,20 @@ def load_module(path: str):
     f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path
   )
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except ConfigError:
+    raise
+  except Exception as e:  # the experiment's own code: a syntax error, a failed import, ...
+    raise ConfigError(f'{path} cannot be loaded: {error_text(e)}') from None
   return module
+
+
+def error_text(e: BaseException) -> str:
+  """An exception of an experiment file's code in one line (a syntax error with its line)."""
+  if isinstance(e, SyntaxError):
+    return f'SyntaxError: {e.msg} (line {e.lineno})'
+  return f'{type(e).__name__}: {e}'
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

@@ -134,10 +134,7 @@ def point_name(columns: Mapping[str, Any]) -> str:
 def expand(spec: str) -> list[Point]:
   """The points of the experiment `spec` (`name_or_path[:arg]`), from its sweep(add, arg)."""
   path, arg = config_lib.split_spec(spec)  # a path, or a shipped experiment's name
-  try:
-    module = config_lib.load_module(path)
-  except Exception as e:  # the experiment's own code: a syntax error, a failed import, ...
-    raise config_lib.ConfigError(f'{path} cannot be loaded: {_error_text(e)}') from None
+  module = config_lib.load_module(path)  # a ConfigError names a file that cannot be loaded
   sweep_fn = getattr(module, 'sweep', None)
   usage = 'define sweep(add, arg=None) that calls add(**overrides) once per run'
   if sweep_fn is None:
@@ -182,7 +179,9 @@ def expand(spec: str) -> list[Point]:
   except config_lib.ConfigError:
     raise
   except Exception as e:  # the experiment's own code
-    raise config_lib.ConfigError(f'{path}: sweep({arg}) raised {_error_text(e)}') from None
+    raise config_lib.ConfigError(
+      f'{path}: sweep({arg}) raised {config_lib.error_text(e)}'
+    ) from None
   if not points:
     raise config_lib.ConfigError(f'{path}: sweep({arg or ""}) added no points')
   seen: dict[str, Point] = {}
@@ -195,12 +194,6 @@ def expand(spec: str) -> list[Point]:
       )
     seen[point.name] = point
   return points
-
-
-def _error_text(e: BaseException) -> str:
-  if isinstance(e, SyntaxError):
-    return f'SyntaxError: {e.msg} (line {e.lineno})'
-  return f'{type(e).__name__}: {e}'
 
 
 def _signature_text(fn) -> str:

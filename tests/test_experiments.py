@@ -115,6 +115,23 @@ def test_unknown_experiment_lists_the_shipped_ones(spec, tmp_path, monkeypatch):
   assert '--config=path/to/exp.py' in message
 
 
+@pytest.mark.parametrize(
+  'source, message',
+  [
+    ('def get_config(arg):\n  return (\n', 'cannot be loaded: SyntaxError'),
+    ('import no_such_module_here\n', "cannot be loaded: ModuleNotFoundError: No module named 'no_"),
+    ('def get_config(arg):\n  raise KeyError(arg)\n', "get_config('x') failed: KeyError: 'x'"),
+  ],
+)
+def test_a_broken_experiment_file_is_a_config_error(source, message, tmp_path, capsys):
+  path = tmp_path / 'broken.py'
+  path.write_text(source)
+  assert train.main([f'--config={path}:x', f'--workdir={tmp_path / "run"}']) == 2
+  err = capsys.readouterr().err
+  assert str(path) in err and message in err, err
+  assert 'Traceback' not in err and not (tmp_path / 'run').exists()
+
+
 def test_cli_resolves_a_name_outside_the_checkout(tmp_path):
   # A config error about an override means the experiment was found and built first.
   proc = subprocess.run(
