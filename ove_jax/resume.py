@@ -118,7 +118,10 @@ def workdir_lock(workdir: str, main_process: bool) -> Iterator[None]:
 def past_total_steps(workdir: str, config) -> str | None:
   """The line that says there is nothing to train when the workdir's last checkpoint lies beyond
   total_steps (a run restarted with a smaller total_steps); None otherwise."""
-  steps = checkpoint.list_steps(workdir)
+  # The checkpoints folder only: a manager opened on the workdir itself would write orbax's
+  # metadata there, and in a multi-process run each process would make that folder at its own
+  # time (orbax's sync points then differ between processes). A new run has no such folder.
+  steps = checkpoint.list_steps(checkpoint.root_of(workdir))
   if not steps or steps[-1] <= config.total_steps:
     return None
   return (

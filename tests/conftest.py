@@ -255,6 +255,26 @@ def s3_server(tmp_path_factory):
     yield url
 
 
+def reset_object_store_clients():
+  """Drops the S3 clients that s3fs and etils keep for the whole process (etils caches one file
+  system per scheme): the next one is made from the environment as it is now, so a test without
+  credentials cannot leave its client to the tests with them, nor the other way round."""
+  import s3fs
+  from etils.epath import backend
+
+  s3fs.S3FileSystem.clear_instance_cache()
+  backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def fresh_object_store_clients():
+  """For a test that changes the credentials itself: clients made before and during it dropped
+  (`reset_object_store_clients`) at its start and its end."""
+  reset_object_store_clients()
+  yield
+  reset_object_store_clients()
+
+
 @pytest.fixture
 def s3(s3_server, monkeypatch, tmp_path):
   """A new, empty bucket on the S3 server as 's3://<name>'. AWS_ENDPOINT_URL points botocore
@@ -273,6 +293,7 @@ def s3(s3_server, monkeypatch, tmp_path):
   ):
     monkeypatch.setenv(name, value)
   monkeypatch.delenv('AWS_PROFILE', raising=False)
+  reset_object_store_clients()
   name = f'ove-{uuid.uuid4().hex[:12]}'
   boto3.client('s3').create_bucket(Bucket=name)
   return f's3://{name}'

@@ -466,7 +466,9 @@ def test_outs_beside_a_run_are_not_taken_for_it(tmp_path, monkeypatch):
     assert convert_checkpoint.run_overlap(out, workdir) is None, (out, workdir)
 
 
-def test_an_unwritable_out_url_is_refused_before_converting(gcs, tmp_path, monkeypatch, capsys):
+def test_an_unwritable_out_url_is_refused_before_converting(
+  gcs, tmp_path, monkeypatch, capsys, fresh_object_store_clients
+):
   # A bucket that does not exist (gs://) and missing credentials (s3://): one line, exit 2, and
   # nothing converted (no temporary export made).
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
@@ -475,9 +477,6 @@ def test_an_unwritable_out_url_is_refused_before_converting(gcs, tmp_path, monke
   for name in ('AWS_SHARED_CREDENTIALS_FILE', 'AWS_CONFIG_FILE'):
     monkeypatch.setenv(name, str(tmp_path / 'none'))
   monkeypatch.setenv('AWS_EC2_METADATA_DISABLED', 'true')  # no instance-metadata lookups
-  import s3fs
-
-  s3fs.S3FileSystem.clear_instance_cache()  # none made with another test's credentials
   missing = gcs + '-missing'
   for out, reason in (
     (f'{missing}/x', f'(no such bucket, or no access); check that the bucket {missing} exists'),
@@ -488,7 +487,6 @@ def test_an_unwritable_out_url_is_refused_before_converting(gcs, tmp_path, monke
     assert captured.err.startswith(f'error: {out}: cannot write there (') and reason in captured.err
     assert len(captured.err.strip().splitlines()) == 1, captured.err
     assert 'round trip check' not in captured.out and not os.listdir(tmp_path), captured
-  s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_a_failed_upload_keeps_the_checked_export(gcs, tmp_path, monkeypatch, capsys):
