@@ -10,7 +10,7 @@ Sources (`list_images`):
   folder      every image file below it (`sources.IMAGE_EXTENSIONS`); labels from a .npy with a
               row per image in sorted relative-path order, or the class-per-subfolder index
               (the conventions of `sources.ImageFolderSource`), or none
-  list file   one path per line, optionally a tab and label ids (`precompute.read_inputs`;
+  list file   one path per line, optionally a tab and label ids (`precompute.read_inputs`:
               every line or none, ids >= 0)
   tar set     webdataset shards ('shard-{000..009}.tar', globs, comma-separated): the members
               key.jpg / key.jpeg / key.png / key.webp of one key are its image, key.cls (ids in
@@ -274,35 +274,6 @@ def parquet_image_column(files: Sequence[str], image_column: str | None) -> str:
   )
 
 
-def list_file_items(source: str) -> list[ImageItem]:
-  """The images of a list file (`precompute.read_inputs`). Its labels are all or nothing, and ids
-  are >= 0, as a tar set's: a line that breaks either is refused by file:line, because the
-  trainer cannot use a record without labels in a labelled corpus."""
-  try:
-    with open(source, encoding='utf-8') as f:
-      lines = f.read().split('\n')  # read_inputs' reading, so that the line numbers agree
-  except UnicodeDecodeError:
-    raise ValueError(
-      f'{source}: not a text list of images (one path per line, optionally a tab and label ids); '
-      'give a list file, an image folder, .tar files or .parquet files'
-    ) from None
-  numbers = [n for n, text in enumerate(lines, 1) if text.strip() and text.lstrip()[:1] != '#']
-  clips = precompute.read_inputs(source)
-  labelled = next((n for n, c in zip(numbers, clips) if c.labels is not None), None)
-  for number, clip in zip(numbers, clips):
-    if labelled is not None and clip.labels is None:
-      raise ValueError(
-        f'{source}:{number}: no label ids, but line {labelled} has some; labels are all or '
-        'nothing: give every line a tab and its ids, or none'
-      )
-    if clip.labels is not None and min(clip.labels) < 0:
-      raise ValueError(
-        f'{source}:{number}: label ids {",".join(map(str, clip.labels))}; ids are whole numbers '
-        '>= 0'
-      )
-  return [ImageItem(c.path, c.labels) for c in clips]
-
-
 def list_images(
   source: str,
   kind: str | None = None,
@@ -329,7 +300,7 @@ def list_images(
     items = folder_items(source, labels)
     listing['labels'] = labels
   elif kind == 'list':
-    items = list_file_items(source)
+    items = [ImageItem(c.path, c.labels) for c in precompute.read_inputs(source, what='images')]
   elif kind == 'tar':
     items = [i for path in sources.expand_files(source) for i in tar_items(path, json_label_key)]
     listing['json_label_key'] = json_label_key

@@ -58,13 +58,18 @@ class PlanMismatch(RuntimeError):
   """The output folder holds shards of a different run (other inputs, options or sharding)."""
 
 
-def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Clip]:
+def read_inputs(
+  source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS, what: str = 'videos'
+) -> list[Clip]:
   """The clips named by a list file or found under a folder.
 
   List file: one path per line, optionally a tab then label ids separated by commas or spaces;
   blank lines and lines starting with '#' are skipped; relative paths are relative to the list
-  file's folder. Folder: every file below it (recursively) whose extension is in `extensions`,
-  in sorted order. Paths are made absolute so a record names its source wherever it is read.
+  file's folder. Labels are all or nothing and ids are >= 0: a line that breaks either is a
+  ValueError naming file:line (a labelled corpus with an unlabelled record fails in training).
+  Folder: every file below it (recursively) whose extension is in `extensions`, in sorted order.
+  Paths are made absolute so a record names its source wherever it is read. `what` names the
+  items in messages ('videos', 'images').
   """
   source = os.fspath(source)
   if os.path.isdir(source):
@@ -85,9 +90,10 @@ def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> li
       lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
   except UnicodeDecodeError:
     raise ValueError(
-      f'{source}: not a text list of videos (one path per line); give a list '
-      'file or a folder of videos'
+      f'{source}: not a text list of {what} (one path per line, optionally a tab and label '
+      f'ids); give a list file or a folder of {what}'
     ) from None
+  labelled = unlabelled = None  # the first line with label ids, the first without
   for number, line in enumerate(lines, 1):
     line = line.rstrip('\r\n')
     if not line.strip() or line.lstrip().startswith('#'):
@@ -102,6 +108,18 @@ def read_inputs(source: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> li
         raise ValueError(
           f'{source}:{number}: label ids must be integers, got {label_text.strip()!r}'
         ) from None
+      if min(labels) < 0:
+        raise ValueError(
+          f'{source}:{number}: label ids {",".join(map(str, labels))}; ids are whole numbers >= 0'
+        )
+      labelled = labelled or number
+    else:
+      unlabelled = unlabelled or number
+    if labelled and unlabelled:
+      raise ValueError(
+        f'{source}:{unlabelled}: no label ids, but line {labelled} has some; labels are all or '
+        'nothing: give every line a tab and its ids, or none'
+      )
     clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
   return clips
 

@@ -100,13 +100,13 @@ def corpus(tmp_path_factory):
     bad[name].write_bytes(data[: len(data) // 2])
     whole.unlink()
   list_path = root / 'videos.txt'
-  lines = ['# a comment, then good clips with labels and bad files without']
+  lines = ['# a comment, then good clips and bad files, each with labels (all or none)']
   # Labels as "a,b" and as "a b c": both separators are accepted.
   lines += [
     f'{os.path.relpath(p, root)}\t' + (',' if i % 2 else ' ').join(map(str, labels))
     for i, (p, labels) in enumerate(good.items())
   ]
-  lines += [name for name in bad]  # relative to the list file, like the good ones
+  lines += [f'{name}\t0' for name in bad]  # relative to the list file, like the good ones
   list_path.write_text('\n'.join(lines) + '\n')
   return types.SimpleNamespace(
     root=root, list=str(list_path), good=good, bad={str(p) for p in bad.values()}
@@ -291,7 +291,8 @@ def test_tfds_format_reads_the_same_records(corpus, first_run, tmp_path):
 def test_inputs_and_shard_plan(corpus, tmp_path):
   clips = precompute.read_inputs(corpus.list)
   assert len(clips) == len(corpus.good) + len(corpus.bad)
-  assert {c.path: c.labels for c in clips if c.labels} == corpus.good
+  assert {c.path: c.labels for c in clips if c.path in corpus.good} == corpus.good
+  assert {c.labels for c in clips if c.path not in corpus.good} == {(0,)}
   # A folder: video extensions only, recursively, sorted.
   found = [os.path.relpath(c.path, corpus.root) for c in precompute.read_inputs(str(corpus.root))]
   # Video extensions only (no .txt, .m4a), what exists (no missing.mp4), each folder sorted.
@@ -343,6 +344,14 @@ def test_wrong_options_stop_the_run_early(corpus, tmp_path, capsys):
   for out in ('afile', 'afile/sub'):
     assert precompute_codec.main([str(tmp_path / 'no-list.txt'), str(tmp_path / out)]) == 2
     assert f'OUT_DIR {tmp_path / out}: a file, not a folder' in capsys.readouterr().err
+  # A video list's labels are all or nothing, and ids >= 0 (file:line named, nothing read).
+  for text, message in (
+    ('a.mp4\t3\n# a comment\nb.mp4\n', 'videos.tsv:3: no label ids, but line 1 has some'),
+    ('a.mp4\t3\nb.mp4\t1,-4\n', 'videos.tsv:2: label ids 1,-4; ids are whole numbers >= 0'),
+  ):
+    (tmp_path / 'videos.tsv').write_text(text)
+    assert precompute_codec.main([str(tmp_path / 'videos.tsv'), str(tmp_path / 'b')]) == 2
+    assert message in capsys.readouterr().err
   # A selector's own options are its own to check: one that fails every clip with ValueError
   # rather than VideoError stops the run after 16 clips instead of listing a corpus as bad.
   good = next(iter(corpus.good))
