@@ -369,8 +369,9 @@ def records_copy(records_dir: str, shard: str) -> str:
 def check_out(out: str, shards: Sequence[str] = ()) -> None:
   """Makes the output folder, before any work: refused when `out` is a file, cannot be made, or
   would have the relabelled copies of `shards` overwrite them."""
-  if paths.exists(out) and not paths.isdir(out):
-    raise LabelsError(f'--out {out}: a file, not a folder; give a folder (made when missing)')
+  blocked = paths.not_a_folder(out)  # a file, or a path inside one
+  if blocked:
+    raise LabelsError(f'--out {out}: {blocked}; give a folder (made when missing)')
   for shard in shards:
     records_copy(paths.join(out, 'records'), shard)
   try:

@@ -38,8 +38,8 @@ def check_paths(config, workdir: str) -> None:
       'and read on local disk; give a local folder, or leave it empty (a URL workdir keeps its '
       'built-in data in the local cache folder, docs/storage.md)'
     )
-  if config.data.local_cache_dir and paths.not_a_folder(config.data.local_cache_dir):
-    why = paths.not_a_folder(config.data.local_cache_dir)
+  why = config.data.local_cache_dir and paths.not_a_folder(config.data.local_cache_dir)
+  if why:
     raise config_lib.ConfigError(
       f'data.local_cache_dir={config.data.local_cache_dir}: {why}; give a folder (objects of a '
       'bucket are staged there)'

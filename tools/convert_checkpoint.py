@@ -286,10 +286,9 @@ def main(argv=None) -> int:
   from ove_jax.convert import CheckpointError, hf_modeling
 
   out = getattr(args, 'out', None)
-  if out and os.path.isfile(out):  # an export is a folder (config.json, weights, code)
-    print(
-      f'error: --out {out}: a file, not a folder; give a new or existing folder', file=sys.stderr
-    )
+  blocked = out and paths.not_a_folder(out)  # an export is a folder (config.json, weights, code)
+  if blocked:
+    print(f'error: --out {out}: {blocked}; give a new or existing folder', file=sys.stderr)
     return 2
   refused = run_overlap(out, args.workdir) if args.command == 'from-train' else None
   if refused:
