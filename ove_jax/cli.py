@@ -25,7 +25,40 @@ class UsageError(ValueError):
   """Bad command-line input; printed as one `error: ...` line, exit status 2."""
 
 
-class Parser(argparse.ArgumentParser):
+def one_slash_problem(parser: argparse.ArgumentParser, parsed: argparse.Namespace, rest) -> str:
+  """'FLAG VALUE: ...; write gs://' for the first flag value (or unparsed argument) that holds a
+  one-slash object-store URL ('gs:/bucket/run', which every path function would take for a local
+  folder named 'gs:'), '' where there is none."""
+  from data_pipeline import paths  # pylint: disable=g-import-not-at-top
+
+  flags = {a.dest: (a.option_strings or [a.dest])[-1] for a in parser._actions}  # pylint: disable=protected-access
+  given = [(flags.get(k, k), v) for k, v in vars(parsed).items()] + [('argument', r) for r in rest]
+  for flag, value in given:
+    for text in value if isinstance(value, (list, tuple)) else [value]:
+      typo = isinstance(text, str) and paths.one_slash_url(text)
+      if typo:
+        return f'{flag} {text}: {typo}'
+  return ''
+
+
+class _UrlChecked(argparse.ArgumentParser):
+  """A parser that refuses one-slash object-store URLs in any flag, through its `error`."""
+
+  def parse_known_args(self, args=None, namespace=None):
+    parsed, rest = super().parse_known_args(args, namespace)
+    problem = one_slash_problem(self, parsed, rest)
+    if problem:
+      self.error(problem)
+    return parsed, rest
+
+
+class ArgumentParser(_UrlChecked):
+  """argparse's parser (a usage error prints the usage and exits with status 2) that also
+  refuses a one-slash URL ('gs:/bucket') in any flag: every tool's parser is one of these or a
+  `Parser`."""
+
+
+class Parser(_UrlChecked):
   """argparse, except that a usage error raises `UsageError` (argparse would print the usage
   and exit): a tool's main() prints one error line and returns 2, and tests call main()."""
 
@@ -65,7 +98,7 @@ def config_overrides(rest: Sequence[str]) -> list[str]:
   return overrides
 
 
-def doc_parser(prog: str, doc: str, kind: type[argparse.ArgumentParser] = argparse.ArgumentParser):
+def doc_parser(prog: str, doc: str, kind: type[argparse.ArgumentParser] = ArgumentParser):
   """A tool's parser: `prog` its console script, the first paragraph of its docstring the
   description and the rest, as written, the epilog. `kind` is argparse's (a usage error prints
   the usage and exits with status 2) or `Parser` (it raises `UsageError`, for a main() that
@@ -213,7 +246,7 @@ def train_parser() -> argparse.ArgumentParser:
   """`ove-train`'s flags (ove_jax/train.py)."""
   from ove_jax import sharding
 
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
     prog='ove-train',
     formatter_class=argparse.RawDescriptionHelpFormatter,
     description='Pretrains the encoder (cluster discrimination) on a device mesh, or resumes '

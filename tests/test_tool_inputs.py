@@ -224,3 +224,39 @@ def test_read_arrays_names_the_file_and_what_is_wrong(tmp_path):
     path = str(tmp_path / name)
     with pytest.raises(fileio.ArrayFileError, match=re.escape(f'--init {path}: {message}')):
       fileio.read_arrays(path, '--init')
+
+
+def test_every_tool_refuses_a_one_slash_url(tmp_path, video, capsys):
+  """'gs:/bucket' (one slash) would be a local folder named 'gs:' to every path function: each
+  tool's parser refuses it in any flag, positional or passed-on --config.KEY, naming both."""
+  from ove_jax_tools import convert_checkpoint, probe, sweep
+
+  listing = tmp_path / 'videos.txt'
+  listing.write_text(f'{video}\n')
+  for main, argv, flag in [
+    (precompute_codec.main, [str(listing), 'gs:/bucket/out'], 'out_dir gs:/bucket/out'),
+    (
+      llava_data.main,
+      ['make', str(listing), '--visidx-root=v', '--image-root=S3:/b/i', '--out-jsonl=o.jsonl'],
+      '--image-root S3:/b/i',
+    ),
+    (sweep.main, ['--config', 'x.py', '--root', '/r', '--job-array=gs:/b/jobs'], '--job-array'),
+    (sweep.main, ['--config', 'x.py', '--root', '/r', '--config.init.encoder=gs:/b/w'], 'argument'),
+    (
+      convert_checkpoint.main,
+      ['from-train', '--workdir', 'gs:/b/run', '--out', str(tmp_path / 'o')],
+      '--workdir',
+    ),
+    (
+      probe.main,
+      ['--checkpoint', 'random:tiny', '--records', 'r', '--out', 'gs:/b/p.json'],
+      '--out gs:/b/p.json',
+    ),
+  ]:
+    err = refused(main, argv, capsys)
+    assert flag in err and 'a URL with one slash' in err and '://' in err, (argv, err)
+    assert not os.path.exists('gs:') and not os.path.exists('S3:')
+  # Two slashes, and a colon elsewhere in a value, pass the parser.
+  args = precompute_codec.build_parser().parse_args([str(listing), 'gs://bucket/out'])
+  assert args.out_dir == 'gs://bucket/out'
+  assert cli.one_slash_problem(precompute_codec.build_parser(), args, ['key=a:/b']) == ''

@@ -23,11 +23,11 @@ import sys
 
 import numpy as np
 
+from ove_jax import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog='ove-bench-kmeans-backends', description=__doc__.split('\n\n')[0]
-  )
+  p = cli.ArgumentParser(prog='ove-bench-kmeans-backends', description=__doc__.split('\n\n')[0])
   p.add_argument('--n', type=int, default=100_000, help='points (blobs)')
   p.add_argument('--d', type=int, default=64, help='feature dimension (blobs)')
   p.add_argument('--clusters', type=int, default=1000, help='true centres of the blobs')

@@ -23,9 +23,11 @@ import argparse
 import json
 import sys
 
+from ove_jax import cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='ove-bench-matmul', description=__doc__.split('\n\n')[0])
+  p = cli.ArgumentParser(prog='ove-bench-matmul', description=__doc__.split('\n\n')[0])
   p.add_argument('--widths', default='256,512,768,1024', help='model widths, comma-separated')
   p.add_argument('--tokens', type=int, default=2048, help='tokens of the step (K)')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])

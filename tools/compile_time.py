@@ -16,7 +16,6 @@ every figure.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -69,7 +68,7 @@ def compile_step(cfg, tokens: int, batch: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='ove-compile-time', description=__doc__.split('\n\n')[0], allow_abbrev=False
   )
   parser.add_argument(

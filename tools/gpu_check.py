@@ -15,7 +15,6 @@ or raised, else 0. The computations are ove_jax.gpu_check's; docs/gpu_check.md r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ def _csv(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None):
   from ove_jax.models import PRESETS, attention
 
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='ove-gpu-check', description=__doc__.split('\n\n')[0], allow_abbrev=False
   )
   parser.add_argument(

@@ -18,7 +18,6 @@ SIGTERM may come while the first step still compiles (15-25 s for the demo on 2 
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -28,7 +27,7 @@ import sys
 import threading
 import time
 
-from ove_jax import distributed
+from ove_jax import cli, distributed
 from ove_jax.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -120,7 +119,7 @@ def _exit_code(returncode: int) -> int:
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='ove-launch-local',
     description=__doc__.split('\n\n')[0],
     usage='%(prog)s --processes=N --devices-per-process=M [--port=P] [--timeout=S] '

@@ -37,7 +37,7 @@ from ove_jax import cli
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
     prog='ove-llava-data', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   sub = p.add_subparsers(dest='command', required=True)

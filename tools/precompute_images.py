@@ -108,7 +108,7 @@ RUN_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
     prog=PROG,
     description=__doc__.split('\n')[0],
     epilog=__doc__,

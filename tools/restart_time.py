@@ -15,7 +15,6 @@ columns of one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from ove_jax import checkpoint
+from ove_jax import checkpoint, cli
 
 FIRST_STEP = 'first step of this process'  # the trainer's log line (ove_jax/train.py)
 MORE_STEPS = 2  # each restart trains this many steps
@@ -80,7 +79,7 @@ def restart(root: str, source: str, step: int, name: str, command: list[str]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
     prog='ove-restart-time', description=__doc__.split('\n\n')[0], allow_abbrev=False
   )
   parser.add_argument(

@@ -17,7 +17,6 @@ run's options when the record has none).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -50,7 +49,7 @@ def _run_settings(shard: str) -> tuple[dict, str | None]:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='ove-visualize-selection', description=__doc__.split('\n')[0])
+  p = cli.ArgumentParser(prog='ove-visualize-selection', description=__doc__.split('\n')[0])
   p.add_argument('source', help='a video file, or a precomputed shard with --index')
   p.add_argument('--index', type=int, help='record index in the shard (record mode)')
   p.add_argument('--out', required=True, help='output folder')
