@@ -253,9 +253,10 @@ class SampleFn:
 class SourceError(ValueError):
   """A head's source cannot be opened (no file matches, no such dataset) or holds nothing."""
 
-  def __init__(self, head: str, source, reason: str):
-    super().__init__(f'head {head!r}: the source {source!r}: {reason}')
-    self.head, self.source, self.reason = head, source, reason
+  def __init__(self, head: str, source, reason: str, fix: str = ''):
+    """`fix`: what to do, where it is not to give another source (the callers' default)."""
+    super().__init__(f'head {head!r}: the source {source!r}: {reason}' + (fix and f'; {fix}'))
+    self.head, self.source, self.reason, self.fix = head, source, reason, fix
 
 
 def open_head_source(name: str, head: HeadConfig, cfg: PipelineConfig):
@@ -266,7 +267,27 @@ def open_head_source(name: str, head: HeadConfig, cfg: PipelineConfig):
     raise SourceError(name, head.source, str(e)) from e
   if len(source) == 0:
     raise SourceError(name, head.source, 'it has no records')
+  if _lacks_labels(source):
+    raise SourceError(
+      name,
+      head.source,
+      f'its first record ({source[0].get("name", 0)}) has no `labels` field (a head trains on '
+      'cluster labels)',
+      'make them with ove-cluster-labels --records (docs/labels_and_probes.md) and point the '
+      'source at the labelled records it writes',
+    )
   return source
+
+
+def _lacks_labels(source) -> bool:
+  """True when the source's first record reads and has no `labels` field (records without
+  labels, a codec precompute's output say, cannot train a head; every sample would be skipped).
+  A first record that does not read is left to the pipeline, which skips corrupt records."""
+  try:
+    record = sources.to_record(source[0]['raw'])
+  except Exception:  # pylint: disable=broad-except  (corrupt data raises anything)
+    return False
+  return 'labels' not in record
 
 
 def check_sources(cfg: PipelineConfig | Mapping[str, Any]) -> dict[str, int]:

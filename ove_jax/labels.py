@@ -31,7 +31,6 @@ records, OUT/records/ holds a copy of every input shard (same file names, record
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -111,9 +110,9 @@ def record_shards(pattern: str) -> list[str]:
   from data_pipeline import shards as shard_lib
   from data_pipeline import sources
 
-  a_glob = f"--records '{os.path.join(pattern, '*.array_record*')}'"
+  a_glob = f"--records '{paths.join(pattern, '*.array_record*')}'"
   try:
-    if os.path.isdir(pattern):
+    if paths.isdir(pattern):
       plan = shard_lib.read_plan(pattern)
       if plan is None:
         raise LabelsError(
@@ -137,7 +136,7 @@ def record_shards(pattern: str) -> list[str]:
       found = [
         p
         for p in sources.expand_paths(pattern)
-        if os.path.isfile(p) and '.array_record' in os.path.basename(p)
+        if paths.isfile(p) and '.array_record' in paths.basename(p)
       ]
   except FileNotFoundError as e:
     raise LabelsError(f'--records {pattern}: {e}') from None

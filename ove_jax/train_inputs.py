@@ -99,10 +99,10 @@ def _source_errors_as_config(config, evaluation: bool):
   except pipeline.SourceError as e:
     own = evaluation and e.head in config.eval_sources
     key = f'eval_sources.{e.head}' if own else f'data.heads.{e.head}.source'
-    raise config_lib.ConfigError(
-      f'{key}={e.source!r}: {e.reason}; give a file, glob, folder of shards or tfds: name '
-      'that holds records (docs/pipeline.md)'
-    ) from None
+    fix = e.fix or (
+      'give a file, glob, folder of shards or tfds: name that holds records (docs/pipeline.md)'
+    )
+    raise config_lib.ConfigError(f'{key}={e.source!r}: {e.reason}; {fix}') from None
 
 
 def make_iterator(

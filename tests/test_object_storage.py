@@ -267,6 +267,18 @@ def test_precompute_into_a_bucket_and_the_pipeline_reads_it(bucket, tmp_path, mo
   cfg = pipeline.PipelineConfig(heads={'video': head}, worker_count=0, local_cache_dir=cache)
   batch = next(iter(pipeline.build(cfg)))['video']
   assert batch['segment_valid'].any()
+  # docs/storage.md's recipe: cluster labels from the bucket's precompute folder, into the bucket.
+  from ove_jax_tools import cluster_labels
+
+  labelled = paths.join(bucket, 'labels')
+  argv = ['--teacher', 'random:tiny', '--records', out, '--k', '2', '--num-labels', '2']
+  assert cluster_labels.main([*argv, '--out', labelled]) == 0
+  relabelled = sources.open_source(paths.join(labelled, 'records', '*.array_record*'), cache)
+  assert len(relabelled) == 3 and all(p.startswith(labelled) for p in relabelled.paths)
+  new_labels = [sources.to_record(relabelled[i]['raw'])['labels'] for i in range(3)]
+  assert [list(x) for x in new_labels] == fileio.read_arrays(
+    paths.join(labelled, 'labels.npy')
+  ).tolist()
   assert not no_url_folders(tmp_path)
 
 

@@ -468,6 +468,27 @@ def test_a_source_of_only_bad_records_is_an_error(data):
     next(it)
 
 
+def test_records_without_labels_are_refused_when_opened(tmp_path):
+  """A codec precompute's records (no `labels` yet) given as a head's source: one SourceError
+  naming the head, the record and the labels tool when the pipeline is made, not a thousand
+  skipped samples at the first step. A corrupt first record is left to the skip counter."""
+  unlabelled = [clip_record(s, 60) for s in range(3)]
+  for record in unlabelled:
+    del record['labels']
+  glob = write_shards(str(tmp_path / 'codec'), [records.encode(r) for r in unlabelled], 1)
+  data = {'video_glob': glob, 'image_glob': ''}
+  for call in (pipeline.check_sources, pipeline.make_iterator):
+    with pytest.raises(pipeline.SourceError, match='no `labels` field') as e:
+      call(_config(data, heads=['video']))
+    assert e.value.head == 'video' and 'codec-00000-of-00001.array_record#0' in str(e.value)
+    assert 'ove-cluster-labels' in str(e.value)
+  # The same records with labels open; so do ones whose first record is corrupt.
+  labelled = [records.encode(clip_record(s, 60)) for s in range(3)]
+  for payloads, name in ((labelled, 'ok'), ([b'not a record', *labelled], 'corrupt_first')):
+    data['video_glob'] = write_shards(str(tmp_path / name), payloads, 1)
+    assert pipeline.check_sources(_config(data, heads=['video'])) == {'video': len(payloads)}
+
+
 def test_a_corrupt_record_is_skipped_every_epoch_and_logged_once(tmp_path, caplog):
   folder = tmp_path / 'cat'
   folder.mkdir()
