@@ -317,19 +317,45 @@ def local_folder(path: str, cache_dir: str | None = None) -> str:
   return cache_path(path, cache_dir) if is_url(path) else absolute(path)
 
 
+# What tells one version of an object from another, where the store reports it: GCS's generation
+# (new at every write) and hashes, S3's ETag (the content's MD5 for a single-part upload) and
+# VersionId (versioned buckets).
+_VERSION_KEYS = ('generation', 'etag', 'ETag', 'VersionId', 'crc32c', 'md5Hash')
+# Beside a staged copy: the version of the object it was copied from (`object_version`).
+STAGED_VERSION_SUFFIX = '.version'
+
+
+def object_version(url: str) -> str:
+  """The size and version of the object at `url`, one line ('size=10 generation=17... etag=...'):
+  another upload to the same name changes it, also one of the same size."""
+  fs = _fs(url)
+  if fs is None:  # another backend than fsspec: the size is what it reports
+    return f'size={getsize(url)}'
+  info = fs.info(url)
+  return ' '.join(
+    [f'size={info["size"]}'] + [f'{k}={info[k]}' for k in _VERSION_KEYS if info.get(k)]
+  )
+
+
 def stage(path: str, cache_dir: str | None = None) -> str:
   """A local file with the contents of `path`: `path` itself when it is local; for a URL, a copy
   under `cache_dir` (default `default_cache_dir()`) at `<cache_dir>/<scheme>/<bucket>/<key>`,
-  downloaded when missing or of another size than the object, through a temporary name (two
-  processes staging one object at once each write their own and the last rename wins)."""
+  downloaded unless the copy there was made from the object's current version (`object_version`,
+  kept beside it in `<copy>.version`: a re-uploaded shard of the same size is fetched again) and
+  has its size,
+  through a temporary name (two processes staging one object at once each write their own and
+  the last rename wins)."""
   if not is_url(path):
     return absolute(path)
   from data_pipeline import fileio  # pylint: disable=g-import-not-at-top  (fileio imports us)
 
   local = cache_path(path, cache_dir)
-  size = getsize(path)
-  if os.path.isfile(local) and os.path.getsize(local) == size:
-    return local
+  marker = local + STAGED_VERSION_SUFFIX
+  version = object_version(path)
+  if os.path.isfile(local) and os.path.isfile(marker):
+    with open(marker, encoding='utf-8') as f:
+      if f.read() == version and f'size={os.path.getsize(local)} ' in f'{version} ':
+        return local
   os.makedirs(os.path.dirname(local), exist_ok=True)
   with fileio.atomic_path(local) as tmp:
     fs = _fs(path)
@@ -338,4 +364,5 @@ def stage(path: str, cache_dir: str | None = None) -> str:
     else:
       with open_file(path, 'rb') as src, open(tmp, 'wb') as dst:
         shutil.copyfileobj(src, dst)
+  fileio.write_atomic(marker, version)
   return local

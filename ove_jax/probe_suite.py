@@ -37,7 +37,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from data_pipeline import benchmarks as benchmarks_lib
-from data_pipeline import fileio, probe_inputs
+from data_pipeline import fileio, paths, probe_inputs
 from data_pipeline.probe_inputs import ClipSampler, ColorJitter, InputMode
 from ove_jax import cli
 from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
@@ -315,8 +315,9 @@ def write_table(out_dir: str, plan: Plan | None = None) -> list[dict]:
 
 def prepare_folder(path: str, flag: str) -> None:
   """Makes the folder `path` (given as `flag`), or a SuiteError naming it and the fix."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise SuiteError(f'{flag} {path}: a file is there, not a folder; give a folder path')
+  why = paths.not_a_folder(path)
+  if why:
+    raise SuiteError(f'{flag} {path}: {why}; give a folder path')
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:

@@ -78,6 +78,18 @@ def test_paths_and_atomic_writes_on_a_bucket(bucket, tmp_path, monkeypatch):
   assert paths.glob(paths.join(run, '*.txt')) == [paths.join(run, 'b.txt')]
   staged = paths.stage(paths.join(run, 'c.bin'))
   assert staged.startswith(str(tmp_path / 'cache')) and open(staged, 'rb').read() == b'\0' * 10
+  # A second stage of the same version copies nothing (the same file, not a new one); an upload
+  # of the same size is fetched again, and so is a copy cut short.
+  before = os.stat(staged)
+  assert paths.stage(paths.join(run, 'c.bin')) == staged
+  assert (os.stat(staged).st_ino, os.stat(staged).st_mtime_ns) == (
+    before.st_ino,
+    before.st_mtime_ns,
+  )
+  fileio.write_atomic(paths.join(run, 'c.bin'), b'\1' * 10)
+  assert open(paths.stage(paths.join(run, 'c.bin')), 'rb').read() == b'\1' * 10
+  os.truncate(staged, 4)
+  assert open(paths.stage(paths.join(run, 'c.bin')), 'rb').read() == b'\1' * 10
   paths.rmtree(paths.join(run, 'a'))
   assert paths.listdir(run) == ['b.txt', 'c.bin']
   assert os.listdir(tmp_path) == ['cache'] and not no_url_folders(tmp_path)
@@ -254,7 +266,8 @@ def test_precompute_into_a_bucket_and_the_pipeline_reads_it(bucket, tmp_path, mo
   staged = sorted(
     os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs
   )
-  assert staged == [os.path.join(*bucket.split('://'), 'codec', paths.basename(s)) for s in shards]
+  copies = [os.path.join(*bucket.split('://'), 'codec', paths.basename(s)) for s in shards]
+  assert staged == sorted(copies + [c + paths.STAGED_VERSION_SUFFIX for c in copies])
   head = pipeline.HeadConfig(
     kind='video',
     source=pattern,

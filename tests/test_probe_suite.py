@@ -232,7 +232,9 @@ def test_bad_input_is_refused_before_any_cell_runs(dataset, tmp_path, capsys):
   ):
     refused('', '', message, encoder=f'random:tiny,{encoder}')
   (tmp_path / 'afile').write_text('')
-  refused('', '', 'afile: a file is there, not a folder', out=tmp_path / 'afile')
+  refused('', '', 'afile: a file, not a folder', out=tmp_path / 'afile')
+  inside = f'afile/out: a file, not a folder (inside {tmp_path / "afile"}, a file)'
+  refused('', '', inside, out=tmp_path / 'afile' / 'out')
   assert (
     suite_tool.main(_args(dataset, tmp_path / 'bad', '--selection-cache', str(tmp_path / 'afile')))
     == 2
