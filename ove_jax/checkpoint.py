@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipeline import fileio, paths
-from ove_jax import sharding
+from ove_jax import encoder_source, sharding
 from ove_jax.models.encoder import PRESETS, Encoder, EncoderConfig
 
 PARAMS_DIR, CONFIG_FILE = 'params', 'encoder_config.json'
@@ -494,27 +494,10 @@ def encoder_from_tree(cfg: EncoderConfig, tree: dict, source: str) -> Encoder:
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def _release_config(directory: str) -> bool:
-  """Whether `directory` holds a release config.json (model_type onevision_encoder)."""
-  from ove_jax.convert.release_config import MODEL_TYPE
-
-  try:
-    found = fileio.read_json(paths.join(directory, 'config.json'))
-  except ValueError:  # not JSON: not a release config
-    return False
-  return isinstance(found, dict) and found.get('model_type') == MODEL_TYPE
-
-
-def _is_hub_id(path: str) -> bool:
-  from ove_jax.convert import hub
-
-  return not paths.is_url(path) and not paths.exists(paths.absolute(path)) and hub.is_hub_id(path)
-
-
 def encoder_source_error(path: str) -> str | None:
   """Why `load_encoder` cannot read `path` (no such directory, nor random:<preset>, nor a hub
   id), without reading it; None when it may."""
-  if path.startswith('random:') or _is_hub_id(path) or paths.isdir(paths.absolute(path)):
+  if encoder_source.encoder_kind(path) in ('random', 'hub') or paths.isdir(paths.absolute(path)):
     return None
   return _not_a_directory(path, ACCEPTED)
 
@@ -531,9 +514,15 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
   """The encoder of `path`: a training workdir, its checkpoints folder or one step folder (only
   the encoder's parameters are read), a release-format / Hugging Face directory, an ove_jax
   parameter directory, or `random:<preset>` (a fresh init with `seed`). `step` picks a training
-  checkpoint (default: the latest). FileNotFoundError / ValueError name the path and what is
-  accepted."""
-  if path.startswith('random:'):
+  checkpoint (default: the latest; for anything else than a training run it is a ValueError).
+  FileNotFoundError / ValueError name the path and what is accepted."""
+  kind = encoder_source.encoder_kind(path)  # one decision, shared with the probe suite
+  if step is not None and kind != 'training':
+    raise ValueError(
+      f'{path}: step={step} picks a checkpoint of a training run, and this is '
+      f'{encoder_source.ENCODER_KINDS[kind]}'
+    )
+  if kind == 'random':
     preset = path.split(':', 1)[1]
     if preset not in PRESETS:
       raise ValueError(f'{path}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}')
@@ -547,7 +536,7 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
   error = encoder_source_error(path)
   if error:
     raise FileNotFoundError(error)
-  if _is_hub_id(path):  # org/name[@rev]: the hub's cache
+  if kind == 'hub':  # org/name[@rev]: the hub's cache
     from ove_jax import convert
 
     model = convert.load_pytorch(path)
@@ -555,15 +544,12 @@ def load_encoder(path: str, *, step: int | None = None, seed: int = 0) -> Loaded
   # A training workdir holds a config.json too (the experiment's): the weights file decides, or,
   # without one, a release config.json (then load_pytorch names the missing weights file). A
   # gs:// / s3:// URL is read in place (convert.hf reads through data_pipeline.paths).
-  from ove_jax.convert import hub
-
-  weights = (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
-  if any(paths.isfile(paths.join(full, n)) for n in weights) or _release_config(full):
+  if kind == 'release':
     from ove_jax import convert
 
     model = convert.load_pytorch(full)
     return LoadedEncoder(model, model.cfg, None, [], f'release-format directory {full}')
-  if paths.isfile(paths.join(full, CONFIG_FILE)):
+  if kind == 'params':
     cfg, flat = load_params(full)
     cfg = _inference(cfg)
     return LoadedEncoder(

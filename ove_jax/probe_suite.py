@@ -9,8 +9,9 @@ written as `cells/<key>.json` when it ends (atomically, `data_pipeline.fileio`),
 (`cell_settings`): a cell that fails is recorded and the suite goes on. Rerunning the same
 command resumes: cells already 'ok' are read, not rerun; failed, missing and unreadable ones
 run. An 'ok' cell stored with other settings than the plan's (a changed --seeds, --epochs, list,
-...) is refused before any cell runs, naming the cell and the settings, unless `rerun_changed`
-(then it runs again and its file is replaced). The table (`results.csv`, `results.md`) holds the
+an encoder trained on or rewritten in place since: `encoder_source.encoder_identity`, ...) is
+refused before any cell runs, naming the cell and the settings, unless `rerun_changed` (then it
+runs again and its file is replaced). The table (`results.csv`, `results.md`) holds the
 plan's cells, rewritten from their files after every cell, so it is current while the suite
 runs; cell files of other plans in the folder stay, outside the table.
 
@@ -39,13 +40,14 @@ from typing import Any, Callable, Sequence
 from data_pipeline import benchmarks as benchmarks_lib
 from data_pipeline import fileio, paths, probe_inputs
 from data_pipeline.probe_inputs import ClipSampler, ColorJitter, InputMode
-from ove_jax import cli
+from ove_jax import cli, encoder_source
 from ove_jax.evaluators.protocol import ProtocolConfig, run_protocol
 
 COLUMNS = (
   'benchmark',
   'mode',
   'encoder',
+  'encoder_version',
   'status',
   'top1',
   'top1_std',
@@ -109,21 +111,34 @@ class Plan:
 SPEED_SETTINGS = ('eval_batch_size', 'eval_cache_bytes')
 
 
-def cell_settings(plan: Plan, bench: BenchmarkSpec, mode: InputMode, encoder: str) -> dict:
+def cell_settings(plan: Plan, bench: BenchmarkSpec, mode: InputMode, identity: dict) -> dict:
   """What a cell's result depends on beyond its key (benchmark, mode, encoder), as JSON values:
-  the benchmark's sources and classes, the protocol, and where they apply the random encoder's
-  seed, the codec preset and the static share. Stored with the cell and compared on resume."""
+  the benchmark's sources and classes, the protocol, the encoder's version (`identity`, from
+  `encoder_identity`), and where they apply the codec preset and the static share. Stored with
+  the cell and compared on resume."""
   protocol = dataclasses.asdict(plan.protocol_of(bench))
   settings = {k: v for k, v in protocol.items() if k not in SPEED_SETTINGS}
   settings.update(train=bench.train, test=bench.test, root=bench.root)
   settings['num_classes'] = bench.num_classes
-  if encoder.startswith('random:'):
-    settings['encoder_seed'] = plan.encoder_seed
+  settings.update(identity)
   if mode.kind == 'codec':
     settings['codec_preset'] = probe_inputs.CODEC_PRESET
   if mode.intervention == 'static_motion':
     settings['static_share'] = plan.static_share
   return json.loads(json.dumps(settings))  # tuples as lists: as read back from a cell file
+
+
+def encoder_version(settings: dict | None) -> str:
+  """The encoder's version in a cell's settings, short, for the table: 'step 20', 'weights
+  <hash>' or 'seed 0' ('' for a cell that did not store it)."""
+  settings = settings if isinstance(settings, dict) else {}
+  if 'encoder_step' in settings:
+    return f'step {settings["encoder_step"]}'
+  if 'encoder_weights' in settings:
+    return f'weights {str(settings["encoder_weights"]).rsplit(" ", 1)[-1]}'
+  if 'encoder_seed' in settings:
+    return f'seed {settings["encoder_seed"]}'
+  return ''
 
 
 def settings_change(stored: dict | None, wanted: dict) -> str:
@@ -240,6 +255,7 @@ def _row(cell: dict) -> dict[str, Any]:
       )
     }
   )
+  row['encoder_version'] = encoder_version(cell.get('settings'))
   row['tokens'] = result.get('tokens_per_sample', '')
   row['seeds'] = len(runs) or ''
   row['lr'] = '/'.join(f'{r["lr"]:g}' for r in runs)
@@ -285,8 +301,9 @@ def format_markdown(rows: Sequence[dict]) -> str:
     top1 = f'{100 * r["top1"]:.1f} ± {100 * r["top1_std"]:.1f}' if ok else ''
     top5 = f'{100 * r["top5"]:.1f} ± {100 * r["top5_std"]:.1f}' if ok else ''
     status = 'ok' if ok else f'{r["status"]}: {str(r["error"]).splitlines()[0][:80]}'
+    encoder = f'{r["encoder"]} ({r["encoder_version"]})' if r['encoder_version'] else r['encoder']
     lines.append(
-      f'| {r["benchmark"]} | {r["mode"]} | {r["encoder"]} | {top1} | {top5} | '
+      f'| {r["benchmark"]} | {r["mode"]} | {encoder} | {top1} | {top5} | '
       f'{r["seeds"]} | {r["lr"]} / {r["epoch"]} | {status} |'
     )
   return '\n'.join(lines) + '\n'
@@ -357,15 +374,14 @@ class _Resources:
         'argument val_fraction=...) so that both get at least one'
       )
 
-  def load_encoder(self, spec: str) -> None:
-    """Loads the encoder once, or a SuiteError naming it (the suite's cells would all fail)."""
+  def load_encoder(self, spec: str, step: int | None) -> None:
+    """Loads the encoder once (a training run at `step`, the one its cells record), or a
+    SuiteError naming it (the suite's cells would all fail)."""
     from ove_jax import checkpoint
 
-    error = checkpoint.encoder_source_error(spec)
-    if error:
-      raise SuiteError(f'--encoders {error}')
     try:
-      self.encoders[spec] = checkpoint.load_encoder(spec, seed=self.plan.encoder_seed).model
+      loaded = checkpoint.load_encoder(spec, seed=self.plan.encoder_seed, step=step)
+      self.encoders[spec] = loaded.model
     except Exception as e:  # pylint: disable=broad-except  -- any loader error: bad input
       raise SuiteError(cli.about('--encoders', spec, e) + ' (it cannot be loaded)') from None
 
@@ -405,18 +421,42 @@ def run_cell(
   )
 
 
+def identify_encoders(plan: Plan) -> dict[str, dict]:
+  """Each encoder's `encoder_identity` (its step, weights or seed), or a SuiteError naming an
+  encoder that cannot be read."""
+  from ove_jax import checkpoint
+
+  found = {}
+  for spec in plan.encoders:
+    error = checkpoint.encoder_source_error(spec)
+    if error:
+      raise SuiteError(f'--encoders {error}')
+    try:
+      found[spec] = encoder_source.encoder_identity(spec, seed=plan.encoder_seed)
+    except (OSError, ValueError) as e:
+      raise SuiteError(cli.about('--encoders', spec, e) + ' (it cannot be loaded)') from None
+  return found
+
+
 def cells_to_run(
-  plan: Plan, out_dir: str, *, rerun_changed: bool, log: Callable[[str], None]
+  plan: Plan,
+  out_dir: str,
+  identities: dict[str, dict],
+  *,
+  rerun_changed: bool,
+  log: Callable[[str], None],
 ) -> list[tuple[BenchmarkSpec, InputMode, str]]:
-  """The plan's cells without an 'ok' file at the plan's settings. 'ok' cells stored with other
-  settings are a SuiteError naming them and the settings, unless `rerun_changed`."""
+  """The plan's cells without an 'ok' file at the plan's settings (with the encoders'
+  `identities`). 'ok' cells stored with other settings (an encoder trained on or rewritten in
+  place among them) are a SuiteError naming them and the settings, unless `rerun_changed`."""
   todo, changed = [], []
   for bench, mode, encoder in plan.cells():
     cell = read_cell(cell_path(out_dir, bench.name, mode.name, encoder), log)
     if cell is None or cell.get('status') != 'ok':
       todo.append((bench, mode, encoder))
       continue
-    change = settings_change(cell.get('settings'), cell_settings(plan, bench, mode, encoder))
+    wanted = cell_settings(plan, bench, mode, identities[encoder])
+    change = settings_change(cell.get('settings'), wanted)
     if change:
       todo.append((bench, mode, encoder))
       changed.append(f'{bench.name} {mode.name} {encoder} ({change})')
@@ -443,7 +483,8 @@ def run_suite(
   selections = plan.selection_cache or os.path.join(out_dir, 'selections')
   prepare_folder(selections, '--selection-cache')
   fileio.remove_stale_temporaries(os.path.join(out_dir, 'cells'))
-  todo = cells_to_run(plan, out_dir, rerun_changed=rerun_changed, log=log)
+  identities = identify_encoders(plan)
+  todo = cells_to_run(plan, out_dir, identities, rerun_changed=rerun_changed, log=log)
   # What every cell of a benchmark or encoder would fail on is bad input, refused before any
   # cell runs (checked only for those with cells to run).
   resources = _Resources(plan, selections, log)
@@ -452,7 +493,7 @@ def run_suite(
       resources.check_benchmark(bench)
   for encoder in plan.encoders:
     if any(e == encoder for _, _, e in todo):
-      resources.load_encoder(encoder)
+      resources.load_encoder(encoder, identities[encoder].get('encoder_step'))
   cells = plan.cells()
   for n, (bench, mode, encoder) in enumerate(cells, 1):
     where = f'[{n}/{len(cells)}] {bench.name} {mode.name} {encoder}'
@@ -462,7 +503,7 @@ def run_suite(
     log(f'{where}: running')
     start = time.perf_counter()
     cell = {'benchmark': bench.name, 'mode': mode.name, 'encoder': encoder}
-    cell['settings'] = cell_settings(plan, bench, mode, encoder)
+    cell['settings'] = cell_settings(plan, bench, mode, identities[encoder])
     try:
       result = run_cell(plan, resources, bench, mode, encoder, log=log)
       cell.update(status='ok', result=result, error='')

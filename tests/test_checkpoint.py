@@ -150,6 +150,11 @@ def test_load_encoder_from_every_source(smoke_run, tmp_path):
       np.asarray(loaded.model.blocks[0].mlp.fc1.kernel[...]),
       np.asarray(fresh.model.blocks[0].mlp.fc1.kernel[...]),
     )
+    # A step picks a training checkpoint: for anything else it is refused, not ignored.
+    with pytest.raises(ValueError, match=r'step=3 picks a checkpoint of a training run, and this'):
+      checkpoint.load_encoder(path, step=3)
+  with pytest.raises(ValueError, match='this is a random:<preset> init'):
+    checkpoint.load_encoder('random:tiny', step=3)
   with pytest.raises(ValueError, match=r"random:giant: unknown preset 'giant'"):
     checkpoint.load_encoder('random:giant')
   for bad in (str(tmp_path / 'missing'), str(tmp_path)):

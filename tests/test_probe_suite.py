@@ -86,7 +86,8 @@ def test_suite_writes_the_table(finished):
     assert 0 <= float(r['top1']) <= float(r['top5']) <= 1
     assert (r['num_train'], r['num_val'], r['num_test'], r['tokens']) == ('6', '2', '4', '256')
   table = (out / 'results.md').read_text()
-  assert '| toy | codec:256 | random:tiny |' in table and 'top-5' in table
+  assert '| toy | codec:256 | random:tiny (seed 0) |' in table and 'top-5' in table
+  assert [r['encoder_version'] for r in rows] == ['seed 0', 'seed 0']
   assert len(os.listdir(out / 'selections')) == 12  # every clip's codec:256 selection, kept
 
 
@@ -127,6 +128,112 @@ def test_resume_skips_cells_of_the_same_settings_and_refuses_changed_ones(
   args[args.index('uniform:1,codec:256')] = 'uniform:1'
   assert suite_tool.main(args) == 0
   assert 'done before, skipped' in capsys.readouterr().out
+
+
+def _one_mode(args, encoder):
+  """`args` (of `_args`) for the uniform:1 cell of `encoder` only."""
+  args[args.index('uniform:1,codec:256')] = 'uniform:1'
+  args[args.index('random:tiny')] = encoder
+  return args
+
+
+def test_a_training_run_trained_on_is_a_changed_setting(dataset, smoke_run, tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  shutil.copytree(smoke_run[0], workdir)
+  later = tmp_path / 'step5'
+  shutil.move(workdir / 'checkpoints' / '5', later)  # the run at step 3
+  out = tmp_path / 'suite'
+  assert suite_tool.main(_one_mode(_args(dataset, out), str(workdir))) == 0
+  assert [(r['encoder'], r['encoder_version']) for r in _table(out)] == [(str(workdir), 'step 3')]
+  assert f'| {workdir} (step 3) |' in (out / 'results.md').read_text()
+  stamps = _stamps(out)
+  shutil.move(later, workdir / 'checkpoints' / '5')  # trained on to step 5
+  capsys.readouterr()
+  assert suite_tool.main(_one_mode(_args(dataset, out), str(workdir))) == 2
+  err = capsys.readouterr().err
+  assert f'ran with other settings: toy uniform:1 {workdir} (encoder_step 3 -> 5)' in err
+  assert '--rerun-changed' in err and _stamps(out) == stamps
+  assert suite_tool.main(_one_mode(_args(dataset, out, '--rerun-changed'), str(workdir))) == 0
+  assert 'running' in capsys.readouterr().out
+  assert [r['encoder_version'] for r in _table(out)] == ['step 5']
+  assert suite_tool.main(_one_mode(_args(dataset, out), str(workdir))) == 0
+  assert 'done before, skipped' in capsys.readouterr().out
+  # A step folder names its step.
+  step3 = str(workdir / 'checkpoints' / '3')
+  assert suite_tool.main(_one_mode(_args(dataset, out), step3)) == 0
+  assert [r['encoder_version'] for r in _table(out)] == ['step 3']
+
+
+def test_an_export_rewritten_in_place_is_a_changed_setting(dataset, tmp_path, capsys):
+  from ove_jax import convert
+  from ove_jax.models import EncoderConfig, create_encoder
+
+  export, out = tmp_path / 'export', tmp_path / 'suite'
+  convert.save_pytorch(create_encoder(EncoderConfig.preset('tiny'), seed=5), str(export))
+  assert suite_tool.main(_one_mode(_args(dataset, out), str(export))) == 0
+  (version,) = [r['encoder_version'] for r in _table(out)]
+  assert version.startswith('weights ')
+  capsys.readouterr()
+  assert suite_tool.main(_one_mode(_args(dataset, out), str(export))) == 0  # the same files
+  assert 'done before, skipped' in capsys.readouterr().out
+  stamps = _stamps(out)
+  # Another model written over it (same names and sizes), later.
+  convert.save_pytorch(create_encoder(EncoderConfig.preset('tiny'), seed=7), str(export))
+  weights = export / 'model.safetensors'
+  stat = weights.stat()
+  os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  assert suite_tool.main(_one_mode(_args(dataset, out), str(export))) == 2
+  err = capsys.readouterr().err
+  assert f'toy uniform:1 {export} (encoder_weights 2 file(s), ' in err
+  assert f'id {version.split()[1]} -> 2 file(s), ' in err and _stamps(out) == stamps
+  assert suite_tool.main(_one_mode(_args(dataset, out, '--rerun-changed'), str(export))) == 0
+  assert [r['encoder_version'] for r in _table(out)] != [version]
+
+
+def test_encoder_kinds_and_versions(smoke_run, tmp_path):
+  from ove_jax import checkpoint, convert
+  from ove_jax.encoder_source import encoder_identity, encoder_kind
+  from ove_jax.models import EncoderConfig, create_encoder
+
+  model = create_encoder(EncoderConfig.preset('tiny'), seed=5)
+  params = checkpoint.save_params(str(tmp_path / 'params'), model.cfg, convert.model_params(model))
+  workdir = smoke_run[0]
+  assert [encoder_kind(s) for s in ('random:tiny', 'org/name', params, workdir)] == [
+    'random',
+    'hub',
+    'params',
+    'training',
+  ]
+  assert encoder_identity('random:tiny', seed=3) == {'encoder_seed': 3}
+  assert encoder_identity(workdir) == {'encoder_step': 5}
+  assert encoder_identity(workdir, step=3) == {'encoder_step': 3}
+  first = encoder_identity(params)['encoder_weights']
+  assert first == encoder_identity(params)['encoder_weights']
+  config = tmp_path / 'params' / checkpoint.CONFIG_FILE
+  config.write_text(config.read_text() + ' ')  # a byte more
+  assert encoder_identity(params)['encoder_weights'] != first
+
+
+def test_probe_refuses_step_for_anything_but_a_training_run(tmp_path, capsys, monkeypatch):
+  from ove_jax import checkpoint, convert
+  from ove_jax.models import EncoderConfig, create_encoder
+  from ove_jax_tools import probe as probe_tool
+
+  export = tmp_path / 'export'
+  convert.save_pytorch(create_encoder(EncoderConfig.preset('tiny'), seed=5), str(export))
+
+  def never(*args, **kwargs):
+    raise AssertionError('the encoder was loaded')
+
+  monkeypatch.setattr(checkpoint, 'load_encoder', never)
+  data = ['--builtin', str(tmp_path / 'data'), '--out', str(tmp_path / 'r.json')]
+  for spec, kind in ((str(export), 'a release-format directory'), ('random:tiny', 'a random:')):
+    assert probe_tool.main(['--checkpoint', spec, '--step', '4', *data]) == 2
+    err = capsys.readouterr().err
+    only = '--step 4: picks a checkpoint of a training workdir only'
+    assert f'{only}, and --checkpoint {spec} is {kind}' in err
+    assert 'drop --step' in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / 'data').exists() and not (tmp_path / 'r.json').exists()
 
 
 def test_a_failed_cell_is_recorded_run_again_and_leaves_no_stale_row(dataset, tmp_path, capsys):
@@ -228,7 +335,7 @@ def test_bad_input_is_refused_before_any_cell_runs(dataset, tmp_path, capsys):
     ('random:nosuchpreset', "--encoders random:nosuchpreset: unknown preset 'nosuchpreset'"),
     (str(tmp_path / 'none'), 'none: no such directory; expected'),
     (str(tmp_path / 'empty'), 'empty: no committed training checkpoint there'),
-    (str(tmp_path / 'trunc'), 'trunc: config.json is missing (it cannot be loaded)'),
+    (str(tmp_path / 'trunc'), 'trunc: config.json is missing'),
   ):
     refused('', '', message, encoder=f'random:tiny,{encoder}')
   (tmp_path / 'afile').write_text('')

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     help='a training workdir (its latest step), a step folder, a '
     'release-format directory (local or a gs:// / s3:// URL), or random:<preset>',
   )
-  parser.add_argument('--step', type=int, help='the checkpoint step of a training workdir')
+  parser.add_argument(
+    '--step', type=int, help='the checkpoint step of a training workdir (refused for others)'
+  )
   parser.add_argument('--seed', type=int, default=0, help='the random init of random:<preset>')
   data = parser.add_mutually_exclusive_group(required=True)
   data.add_argument('--records', help='video record files (glob; several comma-separated)')
@@ -127,6 +129,18 @@ def load_encoder(spec: str, seed: int = 0, step: int | None = None):
   return loaded.model, loaded.source
 
 
+def check_step(spec: str, step: int | None) -> None:
+  """Refuses --step for a --checkpoint that is not a training run (it would be ignored)."""
+  from ove_jax import encoder_source
+
+  kind = encoder_source.encoder_kind(spec) if step is not None else 'training'
+  if kind != 'training':
+    raise probes_lib.ProbeError(
+      f'--step {step}: picks a checkpoint of a training workdir only, and --checkpoint {spec} is '
+      f'{encoder_source.ENCODER_KINDS[kind]}; drop --step (or give the training workdir)'
+    )
+
+
 def check_out(out: str) -> None:
   """Refuses an --out the results could not be written to (a folder, a path inside a file, a
   folder that is missing or read-only), before any probe runs and its work is lost."""
@@ -148,6 +162,7 @@ def check_out(out: str) -> None:
 def run(args) -> dict:
   """The probes of the parsed command line; prints progress and the table, returns the results."""
   start = time.perf_counter()
+  check_step(args.checkpoint, args.step)
   seeds = _int_list(args.seeds, '--seeds')
   probes = [p.strip() for p in args.probes.split(',') if p.strip()]
   if args.out:

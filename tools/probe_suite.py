@@ -17,8 +17,9 @@ Writes OUT/cells/<cell>.json per (benchmark, mode, encoder) as each ends, and OU
 and OUT/results.md (top-1 and top-5, mean ± std over seeds, the chosen lr and epoch per seed).
 The table holds this command's cells. Rerun the same command to resume: finished cells are
 skipped; failed ones (recorded with their error, the suite going on) run again. A finished cell
-stored with other settings (--seeds, --epochs, --encoder-seed, the config's lists, ...) is
-refused, naming them: give a new --out, or add --rerun-changed to run it again and replace it.
+stored with other settings (--seeds, --epochs, --encoder-seed, the config's lists, the
+encoder's version: a training run's step, a fingerprint of an export's files, ...) is refused,
+naming them: give a new --out, or add --rerun-changed to run it again and replace it.
 Exit status 0 when every cell of the command is ok, 1 when any failed, 2 for bad input (a
 message naming the flag, file or list line), refused before any cell runs.
 """
