@@ -18,7 +18,7 @@ from jax.sharding import AxisType
 
 from data_pipeline import paths
 from ove_jax import checkpoint, convert
-from ove_jax.convert import hf_modeling, torch_model
+from ove_jax.convert import hf_modeling, hub, torch_model
 from ove_jax.models import EncoderConfig, create_encoder
 from ove_jax_tools import convert_checkpoint
 
@@ -372,7 +372,7 @@ def test_cli_writes_sharded_exports_and_checks_every_shard(tmp_path, capsys):
   tensors = convert.read_safetensors(path)
   key = sorted(tensors)[0]
   tensors[key] = tensors[key] + 1.0
-  convert.write_safetensors(path, tensors)
+  convert.write_safetensors(path, tensors, hub.safetensors_metadata(path))  # the export's id kept
   model = convert.load_pytorch(out)
   fresh = create_encoder(EncoderConfig.preset('tiny'), seed=0)
   assert convert.verify_export(fresh, out)[0] > 0.5

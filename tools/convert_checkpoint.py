@@ -114,11 +114,7 @@ def run_overlap(out: str, workdir: str) -> str | None:
   from data_pipeline import paths
   from ove_jax import checkpoint
 
-  def norm(path):
-    full = paths.absolute(path)
-    return full if paths.is_url(full) else os.path.realpath(full)
-
-  target, given = norm(out), norm(workdir)
+  target, given = _norm(out), _norm(workdir)
   run = given  # the run's workdir, from its checkpoints folder or one of its step folders
   if paths.basename(given) == checkpoint.CHECKPOINT_DIR:
     run = paths.dirname(given)
@@ -127,13 +123,67 @@ def run_overlap(out: str, workdir: str) -> str | None:
   inside = target == run or target.startswith(run.rstrip('/') + '/')
   if inside or run.startswith(target.rstrip('/') + '/'):
     where = 'is' if target == run else 'lies inside' if inside else 'contains'
-    suggestion = paths.join(paths.dirname(run), paths.basename(run) + '_hf')
-    return (
-      f'--out {out} {where} the training run {run} (--workdir {workdir}); an export and a run '
-      "must not nest (an export into the workdir replaces the run's config.json, and the run "
-      f'then loads as the export); give a folder outside the run, e.g. --out {suggestion}'
-    )
+    return _nested(out, where, run, f' (--workdir {workdir})')
   return None
+
+
+def run_at(out: str) -> str | None:
+  """Why `out` may not be written, None when it may: it is a training run (a folder with
+  config.json and checkpoints/), lies inside one (its checkpoints folder, a step folder, any
+  folder below), or holds one directly. Every subcommand that writes checks its --out."""
+  from data_pipeline import paths
+
+  target = folder = _norm(out)
+  while True:  # the folder itself, then each folder above it
+    if _is_run(folder):
+      return _nested(out, 'is' if folder == target else 'lies inside', folder)
+    parent = paths.dirname(folder)
+    if not parent or parent == folder:
+      break
+    folder = parent
+  if paths.isdir(target):
+    for name in paths.listdir(target):
+      if _is_run(paths.join(target, name)):
+        return _nested(out, 'contains', paths.join(target, name))
+  return None
+
+
+def _is_run(folder: str) -> bool:
+  from data_pipeline import paths
+  from ove_jax import checkpoint
+
+  return paths.isdir(paths.join(folder, checkpoint.CHECKPOINT_DIR)) and paths.isfile(
+    paths.join(folder, 'config.json')
+  )
+
+
+def _norm(path: str) -> str:
+  from data_pipeline import paths
+
+  full = paths.absolute(path)
+  return full if paths.is_url(full) else os.path.realpath(full)
+
+
+def _nested(out: str, where: str, run: str, note: str = '') -> str:
+  from data_pipeline import paths
+
+  suggestion = paths.join(paths.dirname(run), paths.basename(run) + '_hf')
+  return (
+    f'--out {out} {where} the training run {run}{note}; what ove-convert writes and a run must '
+    'not nest (the run would then load as what is written there, and an export replaces its '
+    f'config.json); give a folder outside the run, e.g. --out {suggestion}'
+  )
+
+
+def push_flags_error(args) -> str | None:
+  """Why --push-to-hub / --private cannot be used as given (checked before any conversion)."""
+  from ove_jax.convert import hf_modeling
+
+  repo = getattr(args, 'push_to_hub', None)
+  if getattr(args, 'private', False) and not repo:
+    return '--private applies to --push-to-hub only; add --push-to-hub ORG/NAME or drop --private'
+  problem = repo and hf_modeling.repo_id_problem(repo)
+  return f'--push-to-hub {repo}: {problem}' if problem else None
 
 
 def _from_hf(args) -> int:
@@ -209,7 +259,16 @@ def _verify(args) -> int:
   return 0 if ok else 1
 
 
+EXPORT_DTYPES = ('float32', 'bfloat16', 'float16')  # hf.STORE_DTYPES, without importing JAX
+
+
 def _export_flags(p) -> None:
+  p.add_argument(
+    '--dtype',
+    default='float32',
+    choices=EXPORT_DTYPES,
+    help='the precision the weights are stored in',
+  )
   p.add_argument(
     '--out',
     required=True,
@@ -242,12 +301,6 @@ def main(argv=None) -> int:
   src.add_argument('--preset', help='tiny, small, base, large or huge, freshly initialised')
   src.add_argument('--params', help='an ove_jax parameter directory (see `from-hf`)')
   to_hf.add_argument('--seed', type=int, default=0, help='the initialisation seed of --preset')
-  to_hf.add_argument(
-    '--dtype',
-    default='float32',
-    choices=('float32', 'bfloat16', 'float16'),
-    help='the stored precision',
-  )
   _export_flags(to_hf)
   from_train = sub.add_parser(
     'from-train', help="a training checkpoint's encoder -> release format"
@@ -258,7 +311,6 @@ def main(argv=None) -> int:
     help="the run's workdir (ove-train --workdir=...), its checkpoints folder or one step folder",
   )
   from_train.add_argument('--step', type=int, help='the checkpoint step (default: the latest)')
-  cli.add_dtype_flag(from_train, 'float32', 'the stored precision')
   _export_flags(from_train)
   from_hf = sub.add_parser('from-hf', help='release format -> ove_jax parameters')
   from_hf.add_argument(
@@ -291,12 +343,17 @@ def main(argv=None) -> int:
     print(f'error: --out {out}: {blocked}; give a new or existing folder', file=sys.stderr)
     return 2
   refused = run_overlap(out, args.workdir) if args.command == 'from-train' else None
+  refused = refused or push_flags_error(args)
   if refused:
     print(f'error: {refused}', file=sys.stderr)
     return 2
   try:
     if out and paths.is_url(out):  # before any conversion: a bucket that is there, credentials
       hf_modeling.check_writable(out)
+    refused = out and run_at(out)  # into, inside or around a training run
+    if refused:
+      print(f'error: {refused}', file=sys.stderr)
+      return 2
     return {'to-hf': _to_hf, 'from-train': _from_train, 'from-hf': _from_hf, 'verify': _verify}[
       args.command
     ](args)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
 from typing import Callable, Sequence
 
@@ -441,7 +440,8 @@ def save_pytorch(
   """Writes `directory` in the release's format: config.json, model.safetensors (or shards of
   at most `max_shard_size` with an index) and preprocessor_config.json, plus the remote code
   that AutoModel.from_pretrained(directory, trust_remote_code=True) loads (hf_modeling.py).
-  `dtype` is the stored precision (float32, bfloat16 or float16).
+  `dtype` is the stored precision (float32, bfloat16 or float16). Every file carries the
+  export's id, so that an export cut short over an earlier one is refused by the loaders.
 
   `params` (flat path -> array) overrides the model's own, for exporting training checkpoints.
   """
@@ -452,16 +452,16 @@ def save_pytorch(
   if dtype not in store:
     raise ValueError(f'dtype={dtype!r}; choose one of {sorted(store)}')
   config = hf_config(cfg, dtype)  # refuses what the format cannot hold, before writing anything
+  params = _in_layout(params if params is not None else model_params(model), cfg, scan_layers=False)
   # Deferred: each tensor is converted and cast as it is written (one at a time in memory).
-  tensors = hf_tensors(params if params is not None else model_params(model), cfg, store[dtype])
-  os.makedirs(directory, exist_ok=True)
-  hf_modeling.write_weights(directory, tensors, max_shard_size)
-  hf_modeling.write_remote_code(directory)
-  config = hf_modeling.with_auto_map(config)
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    json.dump(config, f, indent=2)
-  with open(os.path.join(directory, PREPROCESSOR_FILE), 'w') as f:
-    json.dump(preprocessor_config(cfg), f, indent=2)
+  hf_modeling.write_export(
+    directory,
+    hf_tensors(params, cfg, store[dtype]),
+    config,
+    preprocessor_config(cfg),
+    export_id=hf_modeling.export_id(params, config, dtype, max_shard_size),
+    max_shard_size=max_shard_size,
+  )
   return directory
 
 
@@ -502,19 +502,15 @@ def read_directory(directory: str) -> tuple[EncoderConfig, dict[str, np.ndarray]
 
   try:
     directory = hub.resolve(directory, paths)
+    hub.release_directory(directory, paths)
+  except hub.MissingWeightsError as e:
+    extra = ''
+    if any(f.endswith(('.bin', '.pt', '.pth')) for f in paths.listdir(directory)):
+      extra = '; pickled PyTorch weights are never loaded: convert them to safetensors'
+    raise CheckpointError(f'{e}{extra}') from None
   except FileNotFoundError as e:
     raise CheckpointError(str(e)) from None
   config_path = paths.join(directory, CONFIG_FILE)
-  weights_path = paths.join(directory, WEIGHTS_FILE)
-  sharded = paths.isfile(paths.join(directory, hub.WEIGHTS_INDEX_NAME))
-  for p in (config_path, *([] if sharded else [weights_path])):
-    if not paths.isfile(p):
-      extra = ''
-      if p == weights_path:  # the words of hub.weight_files, which the PyTorch port raises
-        extra = f' (and there is no {hub.WEIGHTS_INDEX_NAME} of shards)'
-        if any(f.endswith(('.bin', '.pt', '.pth')) for f in paths.listdir(directory)):
-          extra += '; pickled PyTorch weights are never loaded: convert them to safetensors'
-      raise CheckpointError(f'{directory}: {paths.basename(p)} is missing{extra}')
   try:
     with paths.open_file(config_path, encoding='utf-8') as f:
       hf = json.load(f)

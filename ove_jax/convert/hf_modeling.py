@@ -9,13 +9,19 @@ preprocessor_config.json:
     LLaVA-style code loads the released vision tower) with no ove_jax installed;
   - the weights as one model.safetensors, or, above `max_shard_size`, as shards
     model-0000i-of-0000n.safetensors with model.safetensors.index.json (transformers' layout),
-    which every loader here reads back (`read_weights`; the port; init.pytorch).
+    which every loader here reads back (`read_weights`; the port; init.pytorch);
+  - one export id (`export_id`, a hash of what is exported) in every weight file's metadata, the
+    index's metadata and config.json, written config.json last: a folder whose files carry
+    different ids, such as a re-export killed half-way, is refused by every loader here
+    (`hub.check_one_export`).
 Directories may be given as Hugging Face hub ids (`hub.resolve`); `push_to_hub` uploads an export
 to the hub, `upload_export` to object storage (gs://, s3://), after `check_writable`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 
@@ -56,37 +62,82 @@ def write_remote_code(directory: str) -> list[str]:
   return written
 
 
+def export_id(params: dict, config: dict, dtype: str, max_shard_size: int | str) -> str:
+  """The id of an export: a hash of the parameters (flat path -> array), config.json's dict, the
+  stored dtype and the shard size, so the same export gives the same files, byte for byte, and
+  any other export another id."""
+  digest = hashlib.sha256(
+    json.dumps([config, dtype, hub.parse_size(max_shard_size)], sort_keys=True).encode()
+  )
+  for path in sorted(params, key=str):
+    array = np.ascontiguousarray(params[path])
+    digest.update(repr((path, array.dtype.str, array.shape)).encode())
+    digest.update(array.reshape(-1).view(np.uint8).data)
+  return digest.hexdigest()[:16]
+
+
+def write_export(
+  directory: str,
+  tensors: dict,
+  config: dict,
+  preprocessor: dict,
+  *,
+  export_id: str,
+  max_shard_size: int | str = MAX_SHARD_SIZE,
+) -> None:
+  """Writes an export into `directory`: the weights (stale ones of an earlier export removed),
+  the remote code, preprocessor_config.json, then config.json, each file atomically and each
+  carrying `export_id`, so that a write cut short leaves files the loaders refuse as a mix."""
+  from ove_jax.convert.hf import CONFIG_FILE, PREPROCESSOR_FILE
+
+  os.makedirs(directory, exist_ok=True)
+  write_weights(directory, tensors, max_shard_size, export_id=export_id)
+  write_remote_code(directory)
+  fileio.write_json(os.path.join(directory, PREPROCESSOR_FILE), preprocessor, sort_keys=False)
+  config = {**with_auto_map(config), hub.EXPORT_ID: export_id}
+  fileio.write_json(os.path.join(directory, CONFIG_FILE), config, sort_keys=False)
+
+
 def write_weights(
-  directory: str, tensors: dict[str, np.ndarray], max_shard_size: int | str = MAX_SHARD_SIZE
+  directory: str,
+  tensors: dict[str, np.ndarray],
+  max_shard_size: int | str = MAX_SHARD_SIZE,
+  *,
+  export_id: str | None = None,
 ) -> list[str]:
-  """Writes `tensors` as model.safetensors, or as shards with an index when they exceed
-  `max_shard_size` (bytes, or '5GB' / '500MB'); removes the weight files of an earlier export in
-  `directory` that the new ones do not replace. Returns the files written."""
+  """Writes `tensors` as model.safetensors, or as shards with an index (written last) when they
+  exceed `max_shard_size` (bytes, or '5GB' / '500MB'), with `export_id` in each file's metadata;
+  removes the weight files of an earlier export in `directory` that the new ones do not replace,
+  and temporary files a killed export left. Returns the files written."""
   from ove_jax.convert.hf import write_safetensors
 
+  metadata = {hub.EXPORT_ID: export_id} if export_id else None
   sizes = {name: int(tensors[name].nbytes) for name in sorted(tensors)}  # arrays or Deferred
   shards = hub.plan_shards(sizes, hub.parse_size(max_shard_size))
   if len(shards) == 1:
     written = [os.path.join(directory, hub.WEIGHTS_NAME)]
-    write_safetensors(written[0], tensors)
+    write_safetensors(written[0], tensors, metadata)
   else:
     written = []
     for i, names in enumerate(shards):
       written.append(os.path.join(directory, hub.shard_name(i, len(shards))))
-      write_safetensors(written[-1], {name: tensors[name] for name in names})
+      write_safetensors(written[-1], {name: tensors[name] for name in names}, metadata)
     written.append(os.path.join(directory, hub.WEIGHTS_INDEX_NAME))
-    fileio.write_json(written[-1], hub.index(shards, sizes))
+    fileio.write_json(written[-1], hub.index(shards, sizes, export_id))
   remove_stale_weights(directory, {os.path.basename(p) for p in written})
   return written
 
 
 def remove_stale_weights(directory: str, keep) -> list[str]:
   """Removes the weight files of an earlier export in `directory` (a local folder or a gs:// /
-  s3:// URL) whose names are not in `keep`: a stale model.safetensors would be read instead of
-  new shards (loaders try it first), and stale shards waste space. Returns the paths removed."""
-  earlier = paths.glob(paths.join(directory, 'model-*-of-*.safetensors')) + [
-    paths.join(directory, n) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)
-  ]
+  s3:// URL) whose names are not in `keep`, and the temporary weight files a killed export left
+  (`model*.tmp-*`): a stale model.safetensors would be read instead of new shards (loaders try it
+  first), and stale shards waste space. Returns the paths removed."""
+  earlier = (
+    paths.glob(paths.join(directory, 'model-*-of-*.safetensors'))
+    + [paths.join(directory, n) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)]
+    + paths.glob(paths.join(directory, f'model*{fileio.TMP_MARK}*'))
+  )
   removed = []
   for path in earlier:
     if paths.basename(path) not in keep and paths.isfile(path):
@@ -102,7 +153,7 @@ def read_weights(directory: str) -> dict[str, np.ndarray]:
 
   try:
     files = hub.weight_files(directory, paths)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, hub.MixedExportError) as e:
     raise CheckpointError(str(e)) from None
   tensors: dict[str, np.ndarray] = {}
   for path in files:
@@ -126,6 +177,9 @@ def push_to_hub(
 ) -> str:
   """Uploads an export directory to the hub repository `repo_id` (created if missing); returns
   the commit's URL. Needs network access and a token (HF_TOKEN or `huggingface-cli login`)."""
+  problem = repo_id_problem(repo_id)
+  if problem:
+    raise ValueError(f'{repo_id}: {problem}')
   missing = [
     n for n in ('config.json', *REMOTE_CODE) if not os.path.isfile(os.path.join(directory, n))
   ]
@@ -152,6 +206,23 @@ def push_to_hub(
       f'(`huggingface-cli upload {repo_id} {directory}`)'
     ) from e
   return str(getattr(info, 'commit_url', info))
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+  """Why `repo_id` cannot name a hub repository (huggingface_hub's own check, made without the
+  network), None when it can; for checking a push target before anything is converted."""
+  try:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+  except ImportError:
+    return 'pushing to the hub needs huggingface_hub (pip install huggingface_hub)'
+  try:
+    validate_repo_id(repo_id)
+  except HFValidationError as e:
+    return (
+      f'not a hub repository id ({first_line(e)}); give NAME or ORG/NAME, e.g. me/my-ove-encoder'
+    )
+  return None
 
 
 WRITE_CHECK = '.ove_write_check'  # the object check_writable writes and removes again

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LocalFiles, resolve, weight_files
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, LocalFiles, release_directory, weight_files
 from .release_config import ARCHITECTURES, CONFIG_NAME, MODEL_TYPE, OVEncoderConfig, rope_axis_sizes
 
 PathLike = str | os.PathLike
@@ -554,7 +554,7 @@ def load_pretrained(directory: PathLike, dtype: torch.dtype = torch.float32) -> 
   gs:// / s3:// URL (fsspec, `URLFiles`)."""
   text = os.fspath(directory)
   files = URLFiles(text) if '://' in text else LocalFiles
-  directory = resolve(text, files)
+  directory = release_directory(text, files)  # a training run, or no export, says so
   config_path = files.join(directory, CONFIG_NAME)
   with files.open_file(config_path, encoding='utf-8') as f:
     text = f.read()
