@@ -37,6 +37,8 @@ from typing import Any, Mapping
 
 import jax
 
+from data_pipeline import paths
+
 logger = logging.getLogger('ove_jax.distributed')
 
 # JAX's own defaults for jax.distributed.initialize; the config's distributed.* keys set them.
@@ -55,6 +57,18 @@ LOCAL_DEVICE_IDS_VAR = 'OVE_LOCAL_DEVICE_IDS'
 _LOCAL_LAYOUT = {
   'SlurmCluster': ('SLURM_LOCALID', None),
   'OmpiCluster': ('OMPI_COMM_WORLD_LOCAL_RANK', 'OMPI_COMM_WORLD_LOCAL_SIZE'),
+}
+# What JAX detects SLURM and Open MPI by, what starts their processes, and where it reads the
+# process count and this process's id. JAX reads those unchecked: a missing one is a bare KeyError
+# inside jax.distributed.initialize (Open MPI is detected by its URI variable alone).
+SCHEDULER_VARS = {
+  'SlurmCluster': ('SLURM_JOB_ID', 'srun', 'SLURM_NTASKS', 'SLURM_PROCID'),
+  'OmpiCluster': (
+    'OMPI_MCA_orte_hnp_uri',
+    'mpirun or mpiexec',
+    'OMPI_COMM_WORLD_SIZE',
+    'OMPI_COMM_WORLD_RANK',
+  ),
 }
 
 
@@ -92,7 +106,7 @@ def plan(
   `OVE_*` variables of `env`, value by value. `cluster` is `detect_cluster()`'s answer. Values
   neither given nor overridden are left out, for JAX's detection to fill in. Without a detected
   cluster, overrides must give all three of coordinator, count and id. Raises ValueError naming
-  the variable when a value is malformed or missing.
+  the variable when a value is malformed or missing (a scheduler's too: check_scheduler_vars).
   """
   values, sources = {}, {}
   for field, var in OVERRIDES:
@@ -141,11 +155,13 @@ def plan(
     count = values['num_processes']
   elif 'num_processes' in values:
     count = values['num_processes']
+  elif cluster.__name__ in SCHEDULER_VARS:
+    count = check_scheduler_vars(env, cluster.__name__, values, explicit)
   else:
     try:
       count = cluster.get_process_count()
     except Exception as e:  # JAX's detectors raise what their scheduler's API raises
-      raise RuntimeError(
+      raise ValueError(
         f'JAX detected {cluster.__name__} here but could not read its process count ({e!r}). '
         'Fix the scheduler setup (see docs/launch.md), or set OVE_NUM_PROCESSES=1 for a '
         'single-process run on this machine.'
@@ -162,6 +178,8 @@ def plan(
     )
   if count == 1:
     return None
+  if cluster is not None and cluster.__name__ in SCHEDULER_VARS:  # the id and the local rank
+    check_scheduler_vars(env, cluster.__name__, values, explicit)
   kwargs = dict(
     values,
     initialization_timeout=int(initialization_timeout),
@@ -171,6 +189,42 @@ def plan(
   if device_ids is not None:
     kwargs['local_device_ids'] = device_ids
   return kwargs
+
+
+def check_scheduler_vars(
+  env: Mapping[str, str], cluster_name: str, values: Mapping[str, Any], explicit: Mapping[str, Any]
+) -> int:
+  """The process count of a SLURM or Open MPI run (`cluster_name`), once every variable of
+  SCHEDULER_VARS and _LOCAL_LAYOUT that this run reads is a whole number: those that `values`
+  (the OVE_* overrides) or device ids given another way leave to the scheduler; a count of 1
+  reads nothing else. A ValueError names all that are missing or malformed, and the fix."""
+  marker, starter, count_var, id_var = SCHEDULER_VARS[cluster_name]
+  if 'num_processes' not in values and env.get(count_var, '').strip() == '1':
+    return 1  # one process: nothing else is read
+  needed = [
+    var for key, var in (('num_processes', count_var), ('process_id', id_var)) if key not in values
+  ]
+  ids_given = explicit.get('local_device_ids') is not None or any(
+    env.get(var, '').strip() for var in (LOCAL_DEVICE_IDS_VAR, 'JAX_LOCAL_DEVICE_IDS')
+  )
+  if not ids_given:
+    needed.append(_LOCAL_LAYOUT[cluster_name][0])
+  missing = [var for var in needed if not env.get(var, '').strip()]
+  malformed = [
+    f'{var}={env[var]!r}' for var in needed if var not in missing and not env[var].strip().isdigit()
+  ]
+  if missing or malformed:
+    problems = [
+      f'{", ".join(names)} {"is" if len(names) == 1 else "are"} {what}'
+      for names, what in ((missing, 'not set'), (malformed, 'not a whole number'))
+      if names
+    ]
+    raise ValueError(
+      f'JAX detected {cluster_name} here ({marker} is set) but {"; ".join(problems)}: start '
+      f'the processes with {starter}, which sets all of them (see docs/launch.md), set them '
+      f'yourself, or unset {marker} (or set OVE_NUM_PROCESSES=1) for a single-process run.'
+    )
+  return values['num_processes'] if 'num_processes' in values else int(env[count_var])
 
 
 def local_device_ids(
@@ -480,6 +534,20 @@ CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
 # the CPU demo), not the many tiny jits of array setup, whose entries would cost more to write to
 # a bucket than to compile again (JAX's own default is 1 s, which misses small models' steps).
 CACHE_MIN_COMPILE_SECONDS = 0.1
+
+
+def check_compilation_cache(directory: str) -> None:
+  """A ValueError naming JAX_COMPILATION_CACHE_DIR, else compilation_cache_dir, when the cache
+  folder in use cannot be a folder (a file, or a path inside one): JAX would only warn at each
+  read and run without a cache."""
+  source, fix = 'compilation_cache_dir', '--config.compilation_cache_dir="" for none'
+  if os.environ.get(CACHE_ENV):
+    source, directory, fix = CACHE_ENV, os.environ[CACHE_ENV], f'unset {CACHE_ENV}'
+  why = directory and paths.not_a_folder(directory)
+  if why:
+    raise ValueError(
+      f'{source}={directory}: {why}; give a folder for the compilation cache, or {fix}'
+    )
 
 
 def use_compilation_cache(directory: str) -> str:

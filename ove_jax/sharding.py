@@ -214,8 +214,9 @@ def make_hybrid_mesh(
   for axis, size, across in zip(MESH_AXES, shape, dcn):
     if across < 1 or size % across:
       raise ValueError(
-        f'mesh dcn_{axis}={across} must be >= 1 and divide {axis}={size} '
-        f'(mesh {_describe(dict(zip(MESH_AXES, shape)))})'
+        f'mesh.dcn_{axis}={across} must be >= 1 and divide mesh.{axis}={size} (mesh '
+        f'{_describe(dict(zip(MESH_AXES, shape)))} on {len(devices)} devices): set '
+        f'mesh.dcn_{axis} to a divisor of {size}, or mesh.{axis} to a multiple of it'
       )
   ici = tuple(size // across for size, across in zip(shape, dcn))
   if len({getattr(d, 'slice_index', 0) for d in devices}) > 1:
@@ -245,12 +246,11 @@ def device_granules(devices: Sequence[jax.Device], count: int) -> list[list[jax.
   size = len(ordered) // count
   groups = [ordered[i * size : (i + 1) * size] for i in range(count)]
   processes = [{d.process_index for d in group} for group in groups]
-  if len({d.process_index for d in ordered}) > 1 and any(
-    a & b for a, b in zip(processes, processes[1:])
-  ):
+  process_count = len({d.process_index for d in ordered})
+  if process_count > 1 and any(a & b for a, b in zip(processes, processes[1:])):
     raise ValueError(
-      f'the mesh dcn_* sizes ask for {count} granules of {size} devices, which '
-      'would split a process between granules; the number of processes must be a '
-      'multiple of the product of the dcn_* sizes'
+      f'the mesh.dcn_* sizes ask for {count} granules (their product) of {size} devices, which '
+      'would split a process between granules: make the product of mesh.dcn_data, '
+      f'mesh.dcn_fsdp and mesh.dcn_tensor divide the {process_count} processes of this run'
     )
   return groups

@@ -78,7 +78,10 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.shardi
   """The config's mesh over `devices` (default: all of this run's)."""
   devices = list(devices) if devices is not None else jax.devices()
   mesh_shape(config, len(devices))  # a ConfigError naming the fix when it does not fit
-  return sharding.make_mesh(dict(config.mesh), devices)
+  try:  # the dcn_* sizes, checked against the resolved axes and the processes
+    return sharding.make_mesh(dict(config.mesh), devices)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
 
 
 def rules_of(config) -> tuple:
@@ -427,7 +430,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise config_lib.ConfigError(f'--workdir {e}') from None
   # One-slash URLs, missing buckets, a URL as builtin.root, a cache folder that is a file.
   train_inputs.check_paths(config, workdir)
-  try:  # OVE_* variables set in part, or out of range: the launch's config, exit status 2
+  # The launch's config, exit status 2: OVE_*, SLURM or Open MPI variables missing or out of
+  # range, a compilation cache folder that cannot be one (JAX would only warn).
+  try:
+    distributed.check_compilation_cache(config.compilation_cache_dir.replace('{workdir}', workdir))
     info = distributed.initialize(
       local_device_count=_local_devices(config), **config.distributed.to_dict()
     )

@@ -291,9 +291,9 @@ def test_unreadable_cluster_layout_explains(scheduler):
   """A cluster JAX detects but cannot read: the error says so, and OVE_NUM_PROCESSES=1 runs this
   machine alone (a notebook pod, a SLURM login shell)."""
   with pytest.raises(
-    RuntimeError,
-    match='JAX detected SlurmCluster here but could not read its '
-    'process count.*OVE_NUM_PROCESSES=1',
+    ValueError,
+    match="JAX detected SlurmCluster here .SLURM_JOB_ID is set. but SLURM_NTASKS='all' is not a "
+    'whole number: start the processes with srun.*OVE_NUM_PROCESSES=1',
   ):
     scheduler(_slurm(0, 0, 0, '1', 'all'))
   assert scheduler({'OVE_NUM_PROCESSES': '1'})[1:] == (None, None)
@@ -773,7 +773,7 @@ def test_hybrid_mesh_granules_and_errors():
   mesh = sharding.make_hybrid_mesh({'data': 4, 'fsdp': 2, 'dcn_data': 2, 'dcn_fsdp': 2})
   assert dict(mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
   assert [[d.id for d in row.flat] for row in mesh.devices] == [[0, 2], [1, 3], [4, 6], [5, 7]]
-  with pytest.raises(ValueError, match='dcn_fsdp=3 must be >= 1 and divide fsdp=4'):
+  with pytest.raises(ValueError, match='dcn_fsdp=3 must be >= 1 and divide mesh.fsdp=4'):
     sharding.make_hybrid_mesh({'data': 2, 'fsdp': 4, 'dcn_fsdp': 3})
   with pytest.raises(ValueError, match='mesh axis .dcn_batch. is not one of'):
     sharding.make_hybrid_mesh({'data': 8, 'dcn_batch': 2})

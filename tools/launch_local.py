@@ -11,9 +11,13 @@ are stopped (a process waiting on a dead peer would otherwise hang in a collecti
 launcher exits with the failing code; 124 on --timeout, 130 on Ctrl-C. A process that exits with
 the trainer's preemption code (75: it saved after a SIGTERM) is not a failure: its peers saved
 the same step and exit too, and the launcher waits for them and exits 75 (as it does when it is
-sent SIGTERM itself and every process saves and exits so). A process saves after the step in
-flight, so --grace (default 5 s, then SIGKILL) must cover a step and its save: raise it when a
-SIGTERM may come while the first step still compiles (15-25 s for the demo on 2 cores).
+sent SIGTERM itself and every process saves and exits so). The processes agree on the step after
+the largest one any of them has reached, so a save can come up to two steps after the SIGTERM:
+--grace (default 25 s, then SIGKILL; schedulers commonly allow 30 s) must cover two steps, the
+save and the exit. Processes still running after it are killed, named in one line, and the
+launcher then exits with the signal's code (143 after SIGTERM), not 75. Raise --grace for slower
+steps, and when a SIGTERM may come while the first step still compiles (15-25 s for the demo
+on 2 cores); keep it below the scheduler's own grace period.
 """
 
 from __future__ import annotations
@@ -102,12 +106,20 @@ def _signal_all(procs, sig):
         pass
 
 
-def _stop_all(procs, grace: float):
-  """SIGTERM to every running process, SIGKILL to those still running after `grace` seconds."""
+def _stop_all(procs, grace: float, lock: threading.Lock):
+  """SIGTERM to every running process, SIGKILL to those still running after `grace` seconds
+  (named in one line)."""
   _signal_all(procs, signal.SIGTERM)
   deadline = time.monotonic() + grace
   while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
     time.sleep(0.05)
+  running = [i for i, p in enumerate(procs) if p.poll() is None]
+  if running:
+    _report(
+      lock,
+      f'process{"es" if len(running) > 1 else ""} {", ".join(map(str, running))} still running '
+      f'{grace:g} s after SIGTERM: killed (SIGKILL); raise --grace if they were saving',
+    )
   _signal_all(procs, signal.SIGKILL)
   for proc in procs:
     proc.wait()
@@ -122,7 +134,7 @@ def _parse(argv):
   parser = cli.ArgumentParser(
     prog='ove-launch-local',
     description=__doc__.split('\n\n')[0],
-    usage='%(prog)s --processes=N --devices-per-process=M [--port=P] [--timeout=S] '
+    usage='%(prog)s --processes=N --devices-per-process=M [--port=P] [--timeout=S] [--grace=S] '
     '-- COMMAND [ARGS ...]',
   )
   parser.add_argument('--processes', type=int, required=True, help='processes to start (N)')
@@ -146,8 +158,9 @@ def _parse(argv):
   parser.add_argument(
     '--grace',
     type=float,
-    default=5.0,
-    help='seconds between SIGTERM and SIGKILL when stopping processes',
+    default=25.0,
+    help='seconds between SIGTERM and SIGKILL when stopping processes: enough for two steps, a '
+    "checkpoint save and the exit; below the scheduler's own grace period (often 30 s)",
   )
   argv = list(sys.argv[1:] if argv is None else argv)
   if '--' in argv:
@@ -237,7 +250,9 @@ def main(argv=None) -> int:
     _report(lock, f'cannot start {args.command[0]!r}: {err}')
     code = 127
   finally:
-    _stop_all(procs, args.grace)
+    if in_main_thread:  # a second SIGTERM must not cut the stop short (the processes would stay)
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _stop_all(procs, args.grace, lock)
     if code == 128 + signal.SIGTERM and all(p.returncode == PREEMPTED_EXIT_CODE for p in procs):
       code = PREEMPTED_EXIT_CODE  # every process saved and asked to be restarted
     for thread in threads:
