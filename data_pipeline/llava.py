@@ -140,12 +140,8 @@ def conversations_with_images(conversations: Sequence, num_images: int) -> list:
   images = '\n'.join(['<image>'] * num_images)
   out, done = [], False
   for turn in conversations:
-    if (
-      not done
-      and isinstance(turn, dict)
-      and turn.get('from') == 'human'
-      and isinstance(turn.get('value'), str)
-    ):
+    human = isinstance(turn, dict) and turn.get('from') == 'human'
+    if not done and human and isinstance(turn.get('value'), str):
       turn, value, done = dict(turn), turn['value'], True
       if '<video>' in value:
         turn['value'] = value.replace('<video>', images, 1)
@@ -169,6 +165,36 @@ def valid_ranges(valid_HpxWp: np.ndarray) -> dict:
   return out
 
 
+def multiples_near(value: int, step: int) -> str:
+  """The multiples of `step` either side of `value`, for a message: '496 or 512'."""
+  below = value // step * step
+  return f'{below} or {below + step}' if below else str(step)
+
+
+def check_split(budget: int, num_images: int, resolution: int, patch_size: int) -> None:
+  """Refuses settings whose `budget` patches do not fill `num_images` canvases of
+  (resolution / patch_size)^2 cells equally, naming the rule that fails and the fix."""
+  if resolution % patch_size:
+    near = multiples_near(resolution, patch_size)
+    raise ValueError(
+      f'resolution={resolution}, patch_size={patch_size}: a canvas side must be a whole number '
+      f'of patches; give --resolution a multiple of --patch-size ({near}; the release: 576)'
+    )
+  if budget % num_images:
+    raise ValueError(
+      f'budget={budget}, num_images={num_images}: every canvas holds the same number of '
+      f'patches, so the budget must be a multiple of --num-images ({budget} / {num_images} '
+      f'leaves {budget % num_images}); give --budget {multiples_near(budget, num_images)}'
+    )
+  side = resolution // patch_size
+  if budget // num_images > side * side:
+    raise ValueError(
+      f'budget={budget}, num_images={num_images}: {budget // num_images} patches a canvas '
+      f'exceed its {side}x{side} = {side * side} cells (resolution {resolution} / patch_size '
+      f'{patch_size}); give --budget at most {num_images * side * side}, or more --num-images'
+    )
+
+
 def pack_canvases(
   frames_TxRxRx3: np.ndarray,
   positions_Kx3: np.ndarray,
@@ -181,17 +207,8 @@ def pack_canvases(
   the (R/P)^2 cells of one canvas."""
   _, res, _, _ = frames_TxRxRx3.shape
   side, k = res // patch_size, len(positions_Kx3)
-  if k % num_images:
-    raise ValueError(
-      f'{k} selected patches do not split into {num_images} canvases; use a '
-      f'budget that is a multiple of --num-images'
-    )
+  check_split(k, num_images, res, patch_size)
   per_image = k // num_images
-  if per_image > side * side:
-    raise ValueError(
-      f'{per_image} patches per canvas exceed its {side}x{side} cells; raise '
-      f'--num-images or lower the budget'
-    )
   thw = np.asarray(positions_Kx3, np.int64)
   thw = thw[np.lexsort((thw[:, 2], thw[:, 1], thw[:, 0]))]
   canvases, packed = [], []
@@ -275,18 +292,14 @@ def jsonl_line(item: Item, paths: dict, s: Settings) -> dict:
   }
 
 
+def clip_files(paths: dict) -> list[str]:
+  """Every file of a clip (`clip_paths`)."""
+  return [paths['visidx'], paths['frame_ids'], paths['meta'], paths['positions'], *paths['images']]
+
+
 def finished(paths: dict) -> bool:
   """All of a clip's files exist (each is written atomically; the meta last of stage1's)."""
-  return all(
-    os.path.exists(p)
-    for p in [
-      paths['visidx'],
-      paths['frame_ids'],
-      paths['meta'],
-      paths['positions'],
-      *paths['images'],
-    ]
-  )
+  return all(os.path.exists(p) for p in clip_files(paths))
 
 
 def make_clip(
@@ -371,7 +384,7 @@ def remove_temporaries(paths: dict, pid: int | None) -> list[str]:
   beside a clip's files (`clip_paths`), no other process's (split tasks share `visidx_root`)."""
   if pid is None:
     return []
-  names = {paths['visidx'], paths['frame_ids'], paths['meta'], paths['positions'], *paths['images']}
+  names = set(clip_files(paths))
   folders = {os.path.dirname(paths['meta']), os.path.dirname(paths['positions'])}
   return [t for f in sorted(folders) for t in fileio.remove_stale_temporaries(f, pid, names)]
 
@@ -446,21 +459,14 @@ def run(
     raise ValueError(
       f'image_format={settings.image_format!r}: allowed values are {", ".join(IMAGE_FORMATS)}'
     )
-  side = settings.resolution // max(settings.patch_size, 1)
-  if (
-    settings.resolution % max(settings.patch_size, 1)
-    or settings.budget % settings.num_images
-    or settings.budget // settings.num_images > side * side
-  ):
-    # Checked here, not per clip: a setting error would otherwise fail every clip, and known
-    # failures are skipped on re-runs.
-    raise ValueError(
-      f'resolution={settings.resolution}, patch_size={settings.patch_size}, '
-      f'budget={settings.budget}, num_images={settings.num_images}: the budget '
-      f'must split into num_images canvases of at most {side}x{side} patches '
-      f'(the release: 576, 16, 10368, 8)'
-    )
-  if settings.first_full and settings.budget != settings.num_images * side * side:
+  # Checked here, not per clip: a setting error would otherwise fail every clip, and known
+  # failures are skipped on re-runs.
+  for name in ('num_frames', 'resolution', 'patch_size', 'budget', 'num_images'):
+    if getattr(settings, name) < 1:
+      flag = '--' + name.replace('_', '-')
+      raise ValueError(f'{name}={getattr(settings, name)}: give {flag} a whole number >= 1')
+  side, cut = divmod(settings.resolution, settings.patch_size)
+  if settings.first_full and not cut and settings.budget != settings.num_images * side * side:
     # Canvas 0 is then the whole first frame in place of the first budget / num_images
     # selected patches: with fewer per canvas than its cells those patches would be lost.
     raise ValueError(
@@ -469,6 +475,7 @@ def run(
       f'budget must be num_images x {side * side} = {settings.num_images * side * side} (the '
       'release: 8 x 36 x 36 = 10368); or pack canvas 0 like the others (--no-first-full)'
     )
+  check_split(settings.budget, settings.num_images, settings.resolution, settings.patch_size)
   if not 0 <= task_index < num_tasks:
     raise ValueError(
       f'task_index={task_index}, num_tasks={num_tasks}: need 0 <= task_index < num_tasks'

@@ -113,15 +113,22 @@ def import_files(
   (written atomically); `video_root`: sources stored relative to it. A file set that cannot be
   read (a corrupt or truncated .npy, a missing frame_ids, bad positions, no video named) is
   recorded in `failures` (default `out + '.failures.jsonl'`: file, reason) and left out; the
-  import goes on. Returns the counts; ValueError when there is no file set at all."""
+  import goes on. A record whose video is not found from here (`video_root` joined to its
+  source, as the training pipeline reads it; a relative path in meta.json is from the folder
+  stage1 ran in) is written all the same, and counted in 'videos_missing' with the first in
+  'video_missing' (the videos may be on the training machines only). Returns the counts;
+  ValueError when `visidx_root` is not a folder or holds no file set at all."""
   from data_pipeline import paths, records, shards
 
   check_model_grid(model_grid)
+  if not os.path.isdir(visidx_root):
+    what = 'a file, not a folder' if os.path.exists(visidx_root) else 'no such folder'
+    raise ValueError(f'{visidx_root}: {what}; give the folder of the stage1 *.visidx_thw.npy files')
   found = list(release_files(visidx_root))
   if not found:
     raise ValueError(f'{visidx_root}: no *.visidx_thw.npy files found')
   failures = failures or out + '.failures.jsonl'
-  failed = []
+  failed, missing = [], {'videos_missing': 0, 'video_missing': None}
   if not paths.is_url(out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   writer = shards.ShardWriter(out)
@@ -135,6 +142,10 @@ def import_files(
         continue
       if video_root:
         record['source'] = os.path.relpath(record['source'], video_root)
+      video = os.path.join(video_root, record['source'])
+      if not paths.is_url(video) and not os.path.exists(video):
+        missing['videos_missing'] += 1
+        missing['video_missing'] = missing['video_missing'] or video
       writer.write(records.encode(record))
     if len(failed) == len(found):
       writer.abandon()  # nothing read: an earlier `out` stays as it was
@@ -147,6 +158,7 @@ def import_files(
   return {
     'records': len(found) - len(failed),
     'failed': len(failed),
+    **missing,
     'out': out,
     'failures': failures,
   }

@@ -10,6 +10,7 @@ those keys, so they come back from `parse_known_args` and are split off here.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -159,9 +160,14 @@ def seconds(text: str) -> float:
   return value
 
 
-def json_object(text: str) -> dict:
+# The object an --options error shows as an example; a tool whose options lack `budget` names
+# another (add_options_flag's `example`).
+OPTIONS_EXAMPLE = '{"budget": 2048}'
+
+
+def json_object(text: str, example: str = OPTIONS_EXAMPLE) -> dict:
   """argparse type of an --options flag: a JSON object given inline, or the path of a file
-  holding one."""
+  holding one; errors show `example`."""
   source = text
   if os.path.isfile(text):
     with open(text, encoding='utf-8') as f:
@@ -169,27 +175,30 @@ def json_object(text: str) -> dict:
   elif not text.lstrip().startswith('{') and (text.endswith('.json') or os.sep in text):
     what = 'a folder, not a JSON file' if os.path.isdir(text) else 'no such file'
     raise argparse.ArgumentTypeError(
-      f'{text}: {what}; give the path of a JSON file, or the object inline (\'{{"budget": 2048}}\')'
+      f"{text}: {what}; give the path of a JSON file, or the object inline ('{example}')"
     )
   try:
     value = json.loads(source)
   except ValueError as e:
     raise argparse.ArgumentTypeError(
-      f'{text!r} is not JSON ({e}); give a JSON object inline (\'{{"budget": 2048}}\') or the '
-      'path of a JSON file'
+      f"{text!r} is not JSON ({e}); give a JSON object inline ('{example}') or the path of a "
+      'JSON file'
     ) from None
   if not isinstance(value, dict):
     raise argparse.ArgumentTypeError(
-      f'{text!r}: give a JSON object of codec.select options (\'{{"budget": 2048}}\')'
+      f"{text!r}: give a JSON object of codec.select options ('{example}')"
     )
   return value
 
 
-def add_options_flag(parser, about: str) -> None:
-  """`--options`: codec.select keywords as a JSON object, inline or in a file (`json_object`)."""
+def add_options_flag(parser, about: str, example: str = OPTIONS_EXAMPLE) -> None:
+  """`--options`: codec.select keywords as a JSON object, inline or in a file (`json_object`,
+  its errors showing `example`)."""
   parser.add_argument(
     '--options',
-    type=json_object,
+    type=json_object
+    if example == OPTIONS_EXAMPLE
+    else functools.partial(json_object, example=example),
     default={},
     help=f'codec.select keyword arguments as a JSON object, inline or the path of a JSON file; '
     f'{about}',

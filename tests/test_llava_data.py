@@ -252,8 +252,42 @@ def test_import_lists_unreadable_file_sets_and_goes_on(tmp_path, capsys):
   before = open(out, 'rb').read()
   assert llava_data.main(['import', str(tmp_path / 'v'), out]) == 1
   assert open(out, 'rb').read() == before
+  capsys.readouterr()
+  assert llava_data.main(['import', str(tmp_path / 'nodir'), out]) == 2
+  assert 'nodir: no such folder; give the folder of the stage1' in capsys.readouterr().err
+  os.makedirs(tmp_path / 'empty')
   assert llava_data.main(['import', str(tmp_path / 'empty'), out]) == 2
   assert 'empty: no *.visidx_thw.npy files found' in capsys.readouterr().err
+
+
+def test_import_warns_of_videos_not_found_from_where_it_runs(tmp_path, monkeypatch, capsys):
+  # `make` ran in ll/ with the video written as ../corpus/s1.mp4; the path in meta.json is read
+  # from the folder the import (and later the training) runs in.
+  os.makedirs(tmp_path / 'corpus')
+  (tmp_path / 'corpus' / 's1.mp4').write_bytes(b'only its existence is checked')
+  os.makedirs(tmp_path / 'll' / 'visidx')
+  thw = np.argwhere(np.ones((2, SIDE, SIDE), bool))[::7]
+  for name in ('a', 'b'):
+    os.makedirs(tmp_path / 'll' / 'visidx' / name)
+    write_release_files(str(tmp_path / 'll' / 'visidx' / name), '../corpus/s1.mp4', thw, [0, 5])
+
+  def run(folder, *flags):
+    monkeypatch.chdir(folder)
+    visidx = 'visidx' if folder.name == 'll' else 'll/visidx'
+    assert llava_data.main(['import', visidx, 'x.array_record', *flags]) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+  counts, err = run(tmp_path)
+  assert counts['records'] == 2 and counts['videos_missing'] == 2
+  assert err.count('warning') == 1 and 'warning: 2 of 2 records name a video not found' in err
+  assert '(e.g. ../corpus/s1.mp4)' in err and '--video-root ROOT' in err
+  counts, err = run(tmp_path / 'll')  # where make ran: found
+  assert counts['videos_missing'] == 0 and 'warning' not in err
+  counts, err = run(tmp_path / 'll', '--video-root=../corpus')  # readers join ../corpus
+  assert counts['videos_missing'] == 0 and 'warning' not in err
+  source = sources.open_source(str(tmp_path / 'll' / 'x.array_record'))
+  assert sources.to_record(source[0]['raw'])['source'] == 's1.mp4'
 
 
 def test_make_tool_jpeg_and_flags(tmp_path):
@@ -318,6 +352,48 @@ def test_make_tool_jpeg_and_flags(tmp_path):
   assert re.search('ove-llava-data', llava_data.parser().format_usage())
 
 
+def test_make_names_each_broken_canvas_rule(tmp_path, capsys):
+  # Each rule gets its own message naming the rule, the values and the fix; all are refused
+  # before the list is read (the dataset does not exist here).
+  cases = {
+    ('--budget=9000', '--num-images=7', '--no-first-full'): 'budget=9000, num_images=7: every '
+    'canvas holds the same number of patches, so the budget must be a multiple of --num-images '
+    '(9000 / 7 leaves 5); give --budget 8995 or 9002',
+    ('--budget=20000', '--num-images=2', '--no-first-full'): 'budget=20000, num_images=2: 10000 '
+    'patches a canvas exceed its 36x36 = 1296 cells (resolution 576 / patch_size 16); give '
+    '--budget at most 2592, or more --num-images',
+    ('--resolution=500',): 'resolution=500, patch_size=16: a canvas side must be a whole number '
+    'of patches; give --resolution a multiple of --patch-size (496 or 512; the release: 576)',
+    ('--budget=9000', '--num-images=7'): 'so the budget must be num_images x 1296 = 9072',
+    ('--num-images=0',): 'num_images=0: give --num-images a whole number >= 1',
+  }
+  roots = ['--visidx-root', 'v', '--image-root', 'i', '--out-jsonl', str(tmp_path / 'o.jsonl')]
+  for flags, message in cases.items():
+    assert llava_data.main(['make', str(tmp_path / 'none.jsonl'), *roots, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('ove-llava-data: ') and message in err and err.count('\n') == 1
+  with pytest.raises(ValueError, match=r'budget=5, num_images=2: .* give --budget 4 or 6'):
+    llava.pack_canvases(np.zeros((1, 32, 32, 3), np.uint8), np.zeros((5, 3)), 2, 16)
+  assert not os.listdir(tmp_path)
+
+
+def test_make_options_hint_names_a_key_make_accepts(tmp_path, capsys):
+  listing = tmp_path / 'videos.txt'
+  listing.write_text(str(tmp_path / 'missing.mp4') + '\n')
+  flags = ['--visidx-root', str(tmp_path / 'v'), '--image-root', str(tmp_path / 'i')]
+  flags += ['--out-jsonl', str(tmp_path / 'train.jsonl'), '--workers=0']
+  with pytest.raises(SystemExit) as exit:
+    llava_data.main(['make', str(listing), *flags, '--options', '[1]'])
+  err = capsys.readouterr().err.splitlines()[-1]  # after argparse's usage lines
+  assert exit.value.code == 2 and err.startswith('ove-llava-data make: error: argument --options')
+  assert '"budget"' not in err
+  example = re.search(r"\('(\{.*\})'\)", err).group(1)
+  assert example == '{"camera_compensation": "median"}'
+  # Following the hint gets past every check: the run goes on to the (missing) video.
+  assert llava_data.main(['make', str(listing), *flags, '--options', example]) == 0
+  assert json.loads(capsys.readouterr().out)['failed'] == 1
+
+
 def test_tasks_split_the_list(made):
   out = made['args']['out_jsonl']
   with open(out) as f:
@@ -345,11 +421,14 @@ def test_tasks_split_the_list(made):
   assert counts[failed_task]['failed'] == 1
   with pytest.raises(ValueError, match='task_index=2, num_tasks=2'):
     llava.run(made['dataset'], task_index=2, num_tasks=2, **made['args'])
-  # A budget that cannot fill the canvases stops the run before any clip is tried.
-  with pytest.raises(ValueError, match='budget=10001, num_images=8: the budget must split'):
-    llava.run(made['dataset'], settings=llava.Settings(budget=10001), **made['args'])
-  with pytest.raises(ValueError, match='at most 36x36 patches'):
-    llava.run(made['dataset'], settings=llava.Settings(budget=8 * 1300), **made['args'])
+  # A budget that cannot fill the canvases stops the run before any clip is tried, naming the
+  # rule it breaks (each rule is checked alone in test_make_names_each_broken_canvas_rule).
+  split = llava.Settings(budget=10001, first_full=False)
+  with pytest.raises(ValueError, match='budget=10001, num_images=8: .* a multiple of'):
+    llava.run(made['dataset'], settings=split, **made['args'])
+  with pytest.raises(ValueError, match='1300 patches a canvas exceed its 36x36 = 1296 cells'):
+    over = llava.Settings(budget=8 * 1300, first_full=False)
+    llava.run(made['dataset'], settings=over, **made['args'])
 
 
 def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path):

@@ -22,7 +22,10 @@ writing OUT_JSONL.shardIIofNN.jsonl as the release's stage2 does; `cat` them for
 with --model-grid 16 positions move from the release's 36 x 36 grid to our 224 / 14 model grid
 (the records say geometry='letterbox', which the training pipeline follows). A file set it
 cannot read (a truncated .npy, a missing frame_ids) goes to OUT.failures.jsonl and the import
-goes on; it exits 1 when no record could be read (an earlier OUT stays as it was).
+goes on; it exits 1 when no record could be read (an earlier OUT stays as it was). Records whose
+video is not found from here are written with a warning: a relative video path in meta.json is
+read from the folder `make` ran in, so import there (with --video-root ROOT to store the paths
+relative to ROOT, for readers that join ROOT: data.heads.video.video_root).
 """
 
 from __future__ import annotations
@@ -63,7 +66,12 @@ def parser() -> argparse.ArgumentParser:
     help='pack canvas 0 like the others (default: the whole first frame, '
     "as the release's --first_full)",
   )
-  cli.add_options_flag(make, 'over the release_llava preset')
+  cli.add_options_flag(
+    make,
+    'over the release_llava preset (num_frames, budget, resolution and patch_size come from the '
+    'flags)',
+    example='{"camera_compensation": "median"}',
+  )
   make.add_argument('--failures', help='failures file (default OUT_JSONL.failures.jsonl)')
   make.add_argument(
     '--retry-failures',
@@ -105,7 +113,8 @@ def parser() -> argparse.ArgumentParser:
   imp.add_argument(
     '--video-root',
     default='',
-    help='stored sources relative to this folder (default: as in meta.json)',
+    help='store the video paths relative to this folder, for readers that join it '
+    '(data.heads.video.video_root; default: the paths as in meta.json)',
   )
   return p
 
@@ -149,6 +158,15 @@ def main(argv=None) -> int:
     print(f'ove-llava-data: {e}', file=sys.stderr)
     return 2
   print(json.dumps(counts))
+  if counts['videos_missing']:
+    print(
+      f'ove-llava-data: warning: {counts["videos_missing"]} of {counts["records"]} records name a '
+      f'video not found from here (e.g. {counts["video_missing"]}); a relative path in '
+      'meta.json is read from the folder `make` ran in: run the import there (--video-root ROOT '
+      'then stores the paths relative to ROOT, for readers that join ROOT: '
+      'data.heads.video.video_root)',
+      file=sys.stderr,
+    )
   if counts['failed']:
     print(
       f'ove-llava-data: {counts["failed"]} file sets could not be read; see {counts["failures"]}',
