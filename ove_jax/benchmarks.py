@@ -50,6 +50,26 @@ TORCH_TARGET = 1.5
 
 # Widths compared with PyTorch by default (head_dim 64, MLP 4x width): base's and large's.
 COMPARE_WIDTHS = (256, 512, 768, 1024)
+# The head size of every preset, and of the benches' models at any width (heads = width / 64).
+HEAD_DIM = 64
+
+
+def width_list(text: str) -> tuple[int, ...]:
+  """argparse type of a bench's --widths: '256,512' -> (256, 512); '' -> (); each a positive
+  multiple of HEAD_DIM, as the models at those widths have width / HEAD_DIM heads."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  try:
+    widths = tuple(int(w) for w in text.split(',') if w.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f'{text!r}: give comma-separated integers, e.g. 256,512'
+    ) from None
+  if any(w <= 0 or w % HEAD_DIM for w in widths):
+    raise argparse.ArgumentTypeError(
+      f'{text!r}: each width must be a positive multiple of {HEAD_DIM} (head_dim {HEAD_DIM})'
+    )
+  return widths
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +268,7 @@ def compile_jax(step, params, patches, positions, *, check_memory=False):
   return result, lambda: jax.block_until_ready(compiled(params, patches, positions))
 
 
-def step_matmul_shapes(width: int, tokens: int = 2048, head_dim: int = 64) -> list[tuple]:
+def step_matmul_shapes(width: int, tokens: int = 2048, head_dim: int = HEAD_DIM) -> list[tuple]:
   """The (name, m, k, n) matrix products of one encoder block's training step on `tokens`
   tokens at `width` (MLP 4x): forward, the input gradient and the weight gradient of each
   dense layer, and one head's attention logits and values."""

@@ -149,15 +149,72 @@ def positive(text: str) -> int:
   return _whole_number(text, 1)
 
 
-def seconds(text: str) -> float:
-  """argparse type of a time limit: seconds >= 0 (0: no limit)."""
+def non_negative(text: str) -> int:
+  """argparse type of a count that may be 0 (warm-up runs, say)."""
+  return _whole_number(text, 0)
+
+
+def _finite_at_least_zero(text: str, what: str) -> float:
   try:
     value = float(text)
   except ValueError:
     value = math.nan
   if not value >= 0 or math.isinf(value):
-    raise argparse.ArgumentTypeError(f'{text!r}: seconds >= 0 (0: no limit)')
+    raise argparse.ArgumentTypeError(f'{text!r}: {what}')
   return value
+
+
+def seconds(text: str) -> float:
+  """argparse type of a time limit: seconds >= 0 (0: no limit)."""
+  return _finite_at_least_zero(text, 'seconds >= 0 (0: no limit)')
+
+
+def non_negative_number(text: str) -> float:
+  """argparse type of a finite number >= 0 (a rate whose 0 means 'look it up', say)."""
+  return _finite_at_least_zero(text, 'a finite number >= 0')
+
+
+def output_file_problem(path: str) -> str | None:
+  """Why results could not be written to the file `path`, or None where they can: a folder is
+  in the way, a file stands where a folder of its path should be, or the nearest existing folder
+  is read-only. A missing folder is no problem (`write_output_json` makes it); a URL is only
+  checked when written. Tools check this before the work whose results would be lost."""
+  from data_pipeline import paths  # pylint: disable=g-import-not-at-top
+
+  if paths.is_url(path):
+    return None
+  full = os.path.abspath(path)
+  if os.path.isdir(full):
+    return f'a folder; give the path of a file, e.g. {os.path.join(path, "results.json")}'
+  folder = os.path.dirname(full)
+  problem = paths.not_a_folder(folder)
+  if problem:
+    return f'its folder {folder} cannot be made: {problem}; give a path in a folder'
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return f'the folder {existing} is not writable; give a path you may write to'
+  return None
+
+
+def output_file(text: str) -> str:
+  """argparse type of a flag naming the file results go to (`--json`, `--out`): a path they
+  could not be written to is refused as the flags are parsed, before any work ('': none)."""
+  problem = text and output_file_problem(text)
+  if problem:
+    raise argparse.ArgumentTypeError(f'{text}: {problem}')
+  return text
+
+
+def write_output_json(path: str, obj, *, sort_keys: bool = False) -> None:
+  """`obj` as indented JSON in the file `path` of an `output_file` flag, written atomically
+  (`fileio.write_json`), its folder made where missing."""
+  from data_pipeline import fileio, paths  # pylint: disable=g-import-not-at-top
+
+  if not paths.is_url(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fileio.write_json(path, obj, sort_keys=sort_keys)
 
 
 # The object an --options error shows as an example; a tool whose options lack `budget` names

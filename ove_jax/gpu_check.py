@@ -289,6 +289,10 @@ class StepTiming:
         f'StepTiming(warmup={self.warmup}, steps={self.steps}): warmup must be >= 0 and '
         'steps >= 1 (the step time is the median of the timed steps)'
       )
+    if not 0 <= self.peak_flops < float('inf'):
+      raise ValueError(
+        f'StepTiming(peak_flops={self.peak_flops}): a finite FLOP/s >= 0 (0: the device table)'
+      )
 
 
 def check_step(config, devices: Sequence, timing: StepTiming = StepTiming()) -> dict[str, Any]:

@@ -110,7 +110,7 @@ def test_attention_plan_by_platform():
   [
     (['--paths=flash'], "'flash' is not an attention path"),
     (['--presets=giant'], "'giant' is not a preset"),
-    (['--steps=0'], '--steps must be >= 1'),
+    (['--steps=0'], "argument --steps: '0': a whole number >= 1"),
   ],
 )
 def test_bad_flags(argv, message, capsys):

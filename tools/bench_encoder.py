@@ -67,8 +67,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import shlex
 import sys
 
@@ -79,21 +77,6 @@ from ove_jax import benchmarks as bench
 from ove_jax import cli, host_runtime, metrics, torch_comparison
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
-
-
-def width_list(text: str) -> tuple[int, ...]:
-  """'256,512' -> (256, 512); '' -> () (compare at the preset's own sizes)."""
-  try:
-    widths = tuple(int(w) for w in text.split(',') if w.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-      f'--widths {text!r}: give comma-separated integers, e.g. 256,512'
-    ) from None
-  if any(w <= 0 or w % 64 for w in widths):
-    raise argparse.ArgumentTypeError(
-      f'--widths {text!r}: each width must be a positive multiple of 64 (head_dim 64)'
-    )
-  return widths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--mlp-dim', type=int, help='override the preset MLP width')
   parser.add_argument(
     '--widths',
-    type=width_list,
+    type=bench.width_list,
     default=','.join(map(str, bench.COMPARE_WIDTHS)),
     help='widths of the JAX vs PyTorch comparison, comma-separated (head_dim '
     "64, MLP 4x width; default %(default)s); empty: the preset's sizes",
@@ -144,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
   parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
-  parser.add_argument('--json', metavar='PATH', help='also write the results here')
+  parser.add_argument(
+    '--json',
+    metavar='PATH',
+    type=cli.output_file,
+    help='also write the results here (checked first; its folder is made where missing)',
+  )
   return parser
 
 
@@ -196,7 +184,7 @@ def main(argv=None):
         'tiny',
         width=w,
         depth=args.compare_depth,
-        heads=w // 64,
+        heads=w // bench.HEAD_DIM,
         mlp_dim=4 * w,
         **cli.keywords(args, 'dtype', 'attention'),
       )
@@ -357,9 +345,7 @@ def main(argv=None):
       'summary': summary,
       'comparisons': comparisons,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump(report, f, indent=2)
+    cli.write_output_json(args.json, report)
     print(f'wrote {args.json}')
 
 

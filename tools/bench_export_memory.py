@@ -89,11 +89,13 @@ def load():
   return cli.trained_encoder(WORKDIR)[0]
 """
 )
-_CLI_LOAD = (
+# `--cli`'s load (public: a test runs it against a stand-in converter).
+CLI_LOAD = (
   _IMPORT_CLI
   + """
 def load():
-  out = tempfile.mkdtemp()
+  # In the working folder, which `measure` removes with all in it, also on an error.
+  out = tempfile.mkdtemp(dir=os.getcwd())
   assert cli.main(['from-train', '--workdir', WORKDIR, '--out', out]) == 0
   return out   # the parameter bytes are read from the written files, after the sampling stops
 """
@@ -109,6 +111,7 @@ def measure(workdir: str, source: str, load: str) -> dict:
   )
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join([source, os.environ.get('PYTHONPATH', '')])}
   env.pop('XLA_FLAGS', None)  # one CPU device: the export's own setting
+  # The child's working folder; `--cli` exports into it, so nothing is left behind.
   with tempfile.TemporaryDirectory() as cwd:
     proc = subprocess.run(
       [sys.executable, '-c', code], env=env, capture_output=True, text=True, cwd=cwd
@@ -148,11 +151,11 @@ def run(args) -> dict:
   # This checkout: the folder above tools/ (realpath: the module may be reached through a link,
   # e.g. a package folder ove_jax_tools -> tools).
   here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-  variants = {'params-only': (here, _CLI_LOAD if args.cli else _NEW_LOAD)}
+  variants = {'params-only': (here, CLI_LOAD if args.cli else _NEW_LOAD)}
   if args.old_source:
     variants['full-state'] = (
       os.path.abspath(args.old_source),
-      _CLI_LOAD if args.cli else _OLD_LOAD,
+      CLI_LOAD if args.cli else _OLD_LOAD,
     )
   results = {}
   for name, (source, load) in variants.items():
@@ -164,8 +167,9 @@ def run(args) -> dict:
       f'{r["param_bytes"] / 2**20:.1f} MiB of parameters ({r["seconds"]:.1f} s)'
     )
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'workdir': os.path.abspath(args.workdir), 'cli': args.cli, **results}, f, indent=2)
+    cli.write_output_json(
+      args.json, {'workdir': os.path.abspath(args.workdir), 'cli': args.cli, **results}
+    )
   return results
 
 
@@ -184,7 +188,11 @@ def main(argv=None) -> int:
     action='store_true',
     help='measure the whole `ove-convert from-train` instead of the load',
   )
-  parser.add_argument('--json', help='also write the figures to this file')
+  parser.add_argument(
+    '--json',
+    type=cli.output_file,
+    help='also write the figures to this file (checked first; its folder is made where missing)',
+  )
   return cli.main_of(PROG, parser, run, (), argv)
 
 

@@ -17,7 +17,6 @@ The measurement is `ove_jax.kmeans_backends.kmeans_throughput`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ove_jax import cli
@@ -25,20 +24,27 @@ from ove_jax import cli
 
 def build_parser() -> argparse.ArgumentParser:
   p = cli.doc_parser('ove-bench-kmeans', __doc__)
-  p.add_argument('--n', type=int, default=20_000, help='points')
-  p.add_argument('--d', type=int, default=64, help='feature dimension')
-  p.add_argument('--k', type=int, default=1000, help='centres')
-  p.add_argument('--chunk', type=int, help='points per chunk of the JAX pass')
-  p.add_argument('--repeats', type=int, default=3, help='timed runs; the best is reported')
-  p.add_argument('--devices', type=int, help='virtual CPU devices (set before JAX starts)')
+  p.add_argument('--n', type=cli.positive, default=20_000, help='points')
+  p.add_argument('--d', type=cli.positive, default=64, help='feature dimension')
+  p.add_argument('--k', type=cli.positive, default=1000, help='centres (at most --n)')
+  p.add_argument('--chunk', type=cli.positive, help='points per chunk of the JAX pass')
+  p.add_argument('--repeats', type=cli.positive, default=3, help='timed runs; the best is reported')
+  p.add_argument('--devices', type=cli.positive, help='virtual CPU devices (set before JAX starts)')
   p.add_argument('--mesh', help='data,fsdp,tensor (default: all devices on data)')
   p.add_argument('--skip-sklearn', action='store_true', help='JAX only (sizes sklearn cannot do)')
-  p.add_argument('--json', help='also write the figures here')
+  p.add_argument(
+    '--json',
+    type=cli.output_file,
+    help='also write the figures here (checked first; its folder is made where missing)',
+  )
   return p
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.k > args.n:
+    parser.error(f'--k {args.k}: more centres than the {args.n} points (--n); lower --k')
   from ove_jax import distributed
 
   if args.devices:
@@ -57,8 +63,7 @@ def main(argv=None) -> int:
       args.n, args.d, args.k, chunk=args.chunk, repeats=args.repeats, sklearn=not args.skip_sklearn
     )
   if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(figures, f, indent=2)
+    cli.write_output_json(args.json, figures)
   return 0
 
 

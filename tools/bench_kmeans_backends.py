@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import numpy as np
@@ -28,20 +27,31 @@ from ove_jax import cli
 
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog='ove-bench-kmeans-backends', description=__doc__.split('\n\n')[0])
-  p.add_argument('--n', type=int, default=100_000, help='points (blobs)')
-  p.add_argument('--d', type=int, default=64, help='feature dimension (blobs)')
-  p.add_argument('--clusters', type=int, default=1000, help='true centres of the blobs')
+  p.add_argument('--n', type=cli.positive, default=100_000, help='points (blobs)')
+  p.add_argument('--d', type=cli.positive, default=64, help='feature dimension (blobs)')
+  p.add_argument('--clusters', type=cli.positive, default=1000, help='true centres of the blobs')
   p.add_argument('--features', help='a .npy file of [N, D] points instead of blobs')
-  p.add_argument('--k', type=int, default=1000, help='centres to fit')
-  p.add_argument('--iters', type=int, default=10, help='Lloyd updates of every backend')
+  p.add_argument('--k', type=cli.positive, default=1000, help='centres to fit (at most the points)')
+  p.add_argument('--iters', type=cli.positive, default=10, help='Lloyd updates of every backend')
   p.add_argument('--spherical', action='store_true', help='cosine k-means on unit vectors')
   p.add_argument(
     '--backends', default='jax,sklearn,faiss', help='comma-separated, of jax, sklearn, faiss'
   )
-  p.add_argument('--repeats', type=int, default=3, help='timed assignment passes (best counts)')
+  p.add_argument(
+    '--repeats', type=cli.positive, default=3, help='timed assignment passes (best counts)'
+  )
   p.add_argument('--seed', type=int, default=0, help='of the blobs and the k-means++ centres')
-  p.add_argument('--json', help='also write the figures here')
+  p.add_argument(
+    '--json',
+    type=cli.output_file,
+    help='also write the figures here (checked first; its folder is made where missing)',
+  )
   return p
+
+
+def _error(message: str) -> int:
+  print(f'ove-bench-kmeans-backends: error: {message}', file=sys.stderr)
+  return 2
 
 
 def main(argv=None) -> int:
@@ -50,22 +60,23 @@ def main(argv=None) -> int:
 
   backends = [b.strip() for b in args.backends.split(',') if b.strip()]
   unknown = sorted(set(backends) - set(kmeans_backends.BACKENDS))
-  if unknown:
-    print(
-      f'ove-bench-kmeans-backends: error: --backends {unknown}: choose from '
-      f'{", ".join(kmeans_backends.BACKENDS)}',
-      file=sys.stderr,
+  if unknown or not backends:
+    return _error(
+      f'--backends {unknown or repr(args.backends)}: choose one or more of '
+      f'{", ".join(kmeans_backends.BACKENDS)}'
     )
-    return 2
+  if not args.features and args.k > args.n:
+    return _error(f'--k {args.k}: more centres than the {args.n} points (--n); lower --k')
   if args.features:
     try:
       x = np.load(args.features, mmap_mode='r', allow_pickle=False)
-      problem = None if x.ndim == 2 else f'shape {x.shape}; expected [N, D]'
+      problem = None if x.ndim == 2 and x.size else f'shape {x.shape}; expected [N, D]'
     except (OSError, ValueError) as e:
       problem = f'not a .npy array of [N, D] points ({e})'
+    if not problem and args.k > len(x):
+      problem = f'{len(x)} points, fewer than --k {args.k} centres; lower --k'
     if problem:
-      print(f'ove-bench-kmeans-backends: error: {args.features}: {problem}', file=sys.stderr)
-      return 2
+      return _error(f'--features {args.features}: {problem}')
     x = np.asarray(x, np.float32)
   else:
     rng = np.random.default_rng(args.seed)
@@ -92,19 +103,17 @@ def main(argv=None) -> int:
   spread = 100 * (max(r.objective for r in rows) / best - 1)
   print(f'  objectives within {spread:.3f}% of the best')
   if args.json:
-    with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(
-        {
-          'n': len(x),
-          'd': x.shape[1],
-          'k': args.k,
-          'iters': args.iters,
-          'spherical': args.spherical,
-          'rows': [dataclasses.asdict(r) for r in rows],
-        },
-        f,
-        indent=2,
-      )
+    cli.write_output_json(
+      args.json,
+      {
+        'n': len(x),
+        'd': x.shape[1],
+        'k': args.k,
+        'iters': args.iters,
+        'spherical': args.spherical,
+        'rows': [dataclasses.asdict(r) for r in rows],
+      },
+    )
   return 0
 
 

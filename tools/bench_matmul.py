@@ -20,7 +20,6 @@ so both see the same XLA flags. Installed as the console script `ove-bench-matmu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ove_jax import cli
@@ -28,11 +27,25 @@ from ove_jax import cli
 
 def build_parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog='ove-bench-matmul', description=__doc__.split('\n\n')[0])
-  p.add_argument('--widths', default='256,512,768,1024', help='model widths, comma-separated')
-  p.add_argument('--tokens', type=int, default=2048, help='tokens of the step (K)')
+  from ove_jax import benchmarks  # pylint: disable=g-import-not-at-top
+
+  p.add_argument(
+    '--widths',
+    type=benchmarks.width_list,
+    default='256,512,768,1024',
+    help=f'model widths, comma-separated, each a multiple of the head size '
+    f'{benchmarks.HEAD_DIM} (the attention rows are one head of that size)',
+  )
+  p.add_argument('--tokens', type=cli.positive, default=2048, help='tokens of the step (K)')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--repeats', type=int, default=10, help='timed runs per product; the best is kept')
-  p.add_argument('--json', help='also write the figures here')
+  p.add_argument(
+    '--repeats', type=cli.positive, default=10, help='timed runs per product; the best is kept'
+  )
+  p.add_argument(
+    '--json',
+    type=cli.output_file,
+    help='also write the figures here (checked first; its folder is made where missing)',
+  )
   return p
 
 
@@ -42,12 +55,8 @@ def main(argv=None) -> int:
   tuning = host_runtime.describe(host_runtime.configure())
   parser = build_parser()
   args = parser.parse_args(argv)
-  try:
-    widths = [int(w) for w in args.widths.split(',') if w.strip()]
-  except ValueError:
-    parser.error(f'--widths {args.widths!r}: give comma-separated integers, e.g. 256,768')
-  if not widths or min(widths) < 1 or args.tokens < 1 or args.repeats < 1:
-    parser.error('--widths, --tokens and --repeats must be positive')
+  if not args.widths:
+    parser.error('--widths: give at least one width, e.g. 256,768')
 
   from ove_jax import benchmarks, metrics, torch_comparison  # pylint: disable=g-import-not-at-top
 
@@ -58,7 +67,7 @@ def main(argv=None) -> int:
   print(tuning)
   square = metrics.peak_matmul_size()  # the encoder bench's matmul peak product
   shapes = [(f'square {square}', square, square, square)]
-  for width in widths:
+  for width in args.widths:
     shapes += [
       (f'width {width}: {name}', *mkn)
       for name, *mkn in benchmarks.step_matmul_shapes(width, args.tokens)
@@ -76,8 +85,9 @@ def main(argv=None) -> int:
       flush=True,
     )
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'command': ' '.join(sys.argv), 'tuning': tuning, 'rows': rows}, f, indent=2)
+    cli.write_output_json(
+      args.json, {'command': ' '.join(sys.argv), 'tuning': tuning, 'rows': rows}
+    )
   return 0
 
 

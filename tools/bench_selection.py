@@ -41,14 +41,13 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import sys
 import time
 
 import av
 import numpy as np
 
-from data_pipeline import codec, synthetic
+from data_pipeline import codec, synthetic, video
 from ove_jax import cli, host_runtime
 
 DEFAULT_VARIANTS = (
@@ -222,15 +221,15 @@ def speed(args) -> list[dict]:
   rows = []
   hp = args.resolution // args.patch_size
   budget = args.budget or (args.frames * hp * hp) // 8
-  for name, video in clips:
-    sel = codec.select(video, args.frames, budget, args.resolution, args.patch_size, **options)
+  for name, source in clips:
+    sel = codec.select(source, args.frames, budget, args.resolution, args.patch_size, **options)
     last = int(sel.frame_ids.max())
     grid = (args.frames, budget, args.resolution, args.patch_size)
     decode, decode_rgb, select, one_thread = _best(
-      functools.partial(plain_decode, video, last, False),
-      functools.partial(plain_decode, video, last, True),
-      functools.partial(codec.select, video, *grid, **options),
-      functools.partial(codec.select, video, *grid, decode_thread=False, **options),
+      functools.partial(plain_decode, source, last, False),
+      functools.partial(plain_decode, source, last, True),
+      functools.partial(codec.select, source, *grid, **options),
+      functools.partial(codec.select, source, *grid, decode_thread=False, **options),
       repeat=args.repeat,
     )
     rows.append(
@@ -299,10 +298,40 @@ def table(summary: dict) -> str:
   return '\n'.join(lines)
 
 
+def check_inputs(args) -> None:
+  """A ValueError naming the flag for what would fail only after the clips were made: a patch
+  grid that does not divide, a --budget beyond the grid, no clip to run, a --speed file that is
+  not a readable video."""
+  if args.resolution % args.patch_size:
+    raise ValueError(
+      f'--resolution {args.resolution}: not a multiple of --patch-size {args.patch_size}'
+    )
+  candidates = args.frames * (args.resolution // args.patch_size) ** 2
+  if args.budget is not None and args.budget > candidates:
+    raise ValueError(
+      f'--budget {args.budget}: more than the {candidates} patches of --frames {args.frames} x '
+      f'{args.resolution // args.patch_size}^2; lower --budget or raise --frames'
+    )
+  if args.speed is None and not args.clips:
+    raise ValueError('--clips 0: the quality run needs at least 1 synthetic clip')
+  if args.speed is not None and not (args.speed or args.clips):
+    raise ValueError('--speed: give video files, or --clips 1 or more synthetic clips')
+  for path in args.speed or ():
+    try:
+      video.open_video(path).close()
+    except video.VideoError as e:
+      raise ValueError(f'--speed {e}') from None
+
+
 def main(argv=None) -> int:
   parser = cli.doc_parser('ove-bench-selection', __doc__)
-  parser.add_argument('--clips', type=int, default=16, help='synthetic clips to run')
-  parser.add_argument('--frames', type=int, default=64, help='T, frames on the timeline')
+  parser.add_argument(
+    '--clips',
+    type=cli.non_negative,
+    default=16,
+    help='synthetic clips to run (0: none, in speed mode with files)',
+  )
+  parser.add_argument('--frames', type=cli.positive, default=64, help='T, frames on the timeline')
   parser.add_argument(
     '--speed',
     nargs='*',
@@ -312,16 +341,27 @@ def main(argv=None) -> int:
     '--clips synthetic clips (the first --variant gives the options)',
   )
   parser.add_argument(
-    '--repeat', type=int, default=3, help='speed mode: runs per measurement, the best is kept'
+    '--repeat',
+    type=cli.positive,
+    default=3,
+    help='speed mode: runs per measurement, the best is kept',
   )
   parser.add_argument(
-    '--source-frames', type=int, default=None, help='frames in each synthetic video (default: T)'
+    '--source-frames',
+    type=cli.positive,
+    default=None,
+    help='frames in each synthetic video (default: T)',
   )
-  parser.add_argument('--budget', type=int, default=None, help='K (default: 12.5%% of T x grid)')
-  parser.add_argument('--resolution', type=int, default=224, help='model resolution')
-  parser.add_argument('--patch-size', type=int, default=14, help='model patch size')
-  parser.add_argument('--height', type=int, default=224, help='synthetic video height')
-  parser.add_argument('--width', type=int, default=224, help='synthetic video width')
+  parser.add_argument(
+    '--budget',
+    type=cli.positive,
+    default=None,
+    help='K, at most T x grid (default: 12.5%% of T x grid)',
+  )
+  parser.add_argument('--resolution', type=cli.positive, default=224, help='model resolution')
+  parser.add_argument('--patch-size', type=cli.positive, default=14, help='model patch size')
+  parser.add_argument('--height', type=cli.positive, default=224, help='synthetic video height')
+  parser.add_argument('--width', type=cli.positive, default=224, help='synthetic video width')
   parser.add_argument(
     '--codec', default='h264', choices=sorted(synthetic.CODECS), help='codec of the synthetic clips'
   )
@@ -347,27 +387,31 @@ def main(argv=None) -> int:
     help='share of a patch objects must cover for it to count as moving',
   )
   parser.add_argument('--seed', type=int, default=0, help='seed of the first synthetic clip')
-  parser.add_argument('--json', default=None, help='also write the figures here')
+  parser.add_argument(
+    '--json',
+    type=cli.output_file,
+    default=None,
+    help='also write the figures here (checked first; its folder is made where missing)',
+  )
   parser.add_argument('--verbose', action='store_true', help='per-clip shares on stderr')
   args = parser.parse_args(argv)
   try:
     for v in args.variant or ():
       parse_variant(v)
+    check_inputs(args)
   except ValueError as e:
     parser.error(str(e))
   if args.speed is not None:
     rows = speed(args)
     print(speed_table(rows, args.variant[0] if args.variant else ''))
     if args.json:
-      with open(args.json, 'w') as f:
-        json.dump(rows, f, indent=2)
+      cli.write_output_json(args.json, rows)
     return 0
   args.variant = args.variant or list(DEFAULT_VARIANTS)
   summary = run(args)
   print(table(summary))
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(summary, f, indent=2)
+    cli.write_output_json(args.json, summary)
   return 0
 
 

@@ -16,7 +16,6 @@ or raised, else 0. The computations are ove_jax.gpu_check's; docs/gpu_check.md r
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Sequence
 
@@ -61,14 +60,14 @@ def parse_args(argv: Sequence[str] | None):
   )
   parser.add_argument(
     '--devices',
-    type=int,
+    type=cli.positive,
     default=1,
     help="devices of the train step (the first N; its batch is the release's "
     'per-GPU batch times N)',
   )
   parser.add_argument(
     '--classes',
-    type=int,
+    type=cli.non_negative,
     default=0,
     help="every head's class count (0: the release's 2M / 365k / 400k)",
   )
@@ -77,11 +76,15 @@ def parse_args(argv: Sequence[str] | None):
     default=None,
     help='attention path of the train steps (default: cudnn on a GPU, xla elsewhere)',
   )
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps (the median is reported)')
+  parser.add_argument(
+    '--warmup', type=cli.non_negative, default=2, help='untimed steps after compiling'
+  )
+  parser.add_argument(
+    '--steps', type=cli.positive, default=5, help='timed steps (the median is reported)'
+  )
   parser.add_argument(
     '--peak-flops',
-    type=float,
+    type=cli.non_negative_number,
     default=0.0,
     help='peak FLOP/s of one device for MFU (0: the device table)',
   )
@@ -91,7 +94,13 @@ def parse_args(argv: Sequence[str] | None):
     default='highest',
     help='matmul precision of the float32 attention checks (GPUs use TF32 at default)',
   )
-  parser.add_argument('--out', default='', help='also write the JSON report to this file')
+  parser.add_argument(
+    '--out',
+    type=cli.output_file,
+    default='',
+    help='also write the JSON report to this file (checked before any check runs; its folder is '
+    'made where missing)',
+  )
   a = parser.parse_args(argv)
   for name in a.paths or ():
     if name not in attention.IMPLEMENTATIONS:
@@ -106,8 +115,6 @@ def parse_args(argv: Sequence[str] | None):
   for name in a.presets or ():
     if name not in PRESETS:
       parser.error(f'--presets: {name!r} is not a preset; choose from {",".join(sorted(PRESETS))}')
-  if a.devices < 1 or a.steps < 1 or a.warmup < 0 or a.classes < 0:
-    parser.error('--devices and --steps must be >= 1, --warmup and --classes >= 0')
   return a
 
 
@@ -147,10 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print('\n'.join(gpu_check.table_lines(report)))
   line = json.dumps(report, sort_keys=True)
   if a.out:
-    from data_pipeline import fileio
-
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    fileio.write_json(a.out, report)
+    cli.write_output_json(a.out, report, sort_keys=True)
   print(line)
   return 0 if report['summary']['ok'] else 1
 
