@@ -207,6 +207,19 @@ def output_file(text: str) -> str:
   return text
 
 
+def add_output_flag(parser, flag: str = '--json', what: str = 'the figures') -> None:
+  """`--json PATH` (or `flag`): also write `what` to a JSON file, an `output_file` checked as the
+  flags are parsed ('' or absent: none)."""
+  parser.add_argument(
+    flag,
+    metavar='PATH',
+    type=output_file,
+    default='',
+    help=f'also write {what} to this JSON file (checked before any work; its folder is made '
+    'where missing)',
+  )
+
+
 def write_output_json(path: str, obj, *, sort_keys: bool = False) -> None:
   """`obj` as indented JSON in the file `path` of an `output_file` flag, written atomically
   (`fileio.write_json`), its folder made where missing."""

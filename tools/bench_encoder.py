@@ -127,12 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--seed', type=int, default=0, help="the model's init and the input clip")
   parser.add_argument('--skip-dense', action='store_true', help='no sparse vs dense case')
   parser.add_argument('--skip-torch', action='store_true', help='no PyTorch comparison')
-  parser.add_argument(
-    '--json',
-    metavar='PATH',
-    type=cli.output_file,
-    help='also write the results here (checked first; its folder is made where missing)',
-  )
+  cli.add_output_flag(parser, what='the results')
   return parser
 
 

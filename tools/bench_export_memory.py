@@ -188,11 +188,7 @@ def main(argv=None) -> int:
     action='store_true',
     help='measure the whole `ove-convert from-train` instead of the load',
   )
-  parser.add_argument(
-    '--json',
-    type=cli.output_file,
-    help='also write the figures to this file (checked first; its folder is made where missing)',
-  )
+  cli.add_output_flag(parser)
   return cli.main_of(PROG, parser, run, (), argv)
 
 

@@ -32,11 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--devices', type=cli.positive, help='virtual CPU devices (set before JAX starts)')
   p.add_argument('--mesh', help='data,fsdp,tensor (default: all devices on data)')
   p.add_argument('--skip-sklearn', action='store_true', help='JAX only (sizes sklearn cannot do)')
-  p.add_argument(
-    '--json',
-    type=cli.output_file,
-    help='also write the figures here (checked first; its folder is made where missing)',
-  )
+  cli.add_output_flag(p)
   return p
 
 

@@ -41,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     '--repeats', type=cli.positive, default=3, help='timed assignment passes (best counts)'
   )
   p.add_argument('--seed', type=int, default=0, help='of the blobs and the k-means++ centres')
-  p.add_argument(
-    '--json',
-    type=cli.output_file,
-    help='also write the figures here (checked first; its folder is made where missing)',
-  )
+  cli.add_output_flag(p)
   return p
 
 

@@ -41,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     '--repeats', type=cli.positive, default=10, help='timed runs per product; the best is kept'
   )
-  p.add_argument(
-    '--json',
-    type=cli.output_file,
-    help='also write the figures here (checked first; its folder is made where missing)',
-  )
+  cli.add_output_flag(p)
   return p
 
 

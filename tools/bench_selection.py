@@ -387,12 +387,7 @@ def main(argv=None) -> int:
     help='share of a patch objects must cover for it to count as moving',
   )
   parser.add_argument('--seed', type=int, default=0, help='seed of the first synthetic clip')
-  parser.add_argument(
-    '--json',
-    type=cli.output_file,
-    default=None,
-    help='also write the figures here (checked first; its folder is made where missing)',
-  )
+  cli.add_output_flag(parser)
   parser.add_argument('--verbose', action='store_true', help='per-clip shares on stderr')
   args = parser.parse_args(argv)
   try:

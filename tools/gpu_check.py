@@ -59,48 +59,40 @@ def parse_args(argv: Sequence[str] | None):
     f'{",".join(attention.IMPLEMENTATIONS[1:])})',
   )
   parser.add_argument(
-    '--devices',
-    type=cli.positive,
-    default=1,
-    help="devices of the train step (the first N; its batch is the release's "
-    'per-GPU batch times N)',
-  )
-  parser.add_argument(
-    '--classes',
-    type=cli.non_negative,
-    default=0,
-    help="every head's class count (0: the release's 2M / 365k / 400k)",
-  )
-  parser.add_argument(
     '--step-attention',
     default=None,
     help='attention path of the train steps (default: cudnn on a GPU, xla elsewhere)',
   )
-  parser.add_argument(
-    '--warmup', type=cli.non_negative, default=2, help='untimed steps after compiling'
-  )
-  parser.add_argument(
-    '--steps', type=cli.positive, default=5, help='timed steps (the median is reported)'
-  )
-  parser.add_argument(
-    '--peak-flops',
-    type=cli.non_negative_number,
-    default=0.0,
-    help='peak FLOP/s of one device for MFU (0: the device table)',
-  )
+  for flag, kind, default, text in (
+    (
+      '--devices',
+      cli.positive,
+      1,
+      "devices of the train step (the first N; its batch is the release's per-GPU batch times N)",
+    ),
+    (
+      '--classes',
+      cli.non_negative,
+      0,
+      "every head's class count (0: the release's 2M / 365k / 400k)",
+    ),
+    ('--warmup', cli.non_negative, 2, 'untimed steps after compiling'),
+    ('--steps', cli.positive, 5, 'timed steps (the median is reported)'),
+    (
+      '--peak-flops',
+      cli.non_negative_number,
+      0.0,
+      'peak FLOP/s of one device for MFU (0: the device table)',
+    ),
+  ):
+    parser.add_argument(flag, type=kind, default=default, help=text)
   parser.add_argument(
     '--fp32-precision',
     choices=('highest', 'high', 'default'),
     default='highest',
     help='matmul precision of the float32 attention checks (GPUs use TF32 at default)',
   )
-  parser.add_argument(
-    '--out',
-    type=cli.output_file,
-    default='',
-    help='also write the JSON report to this file (checked before any check runs; its folder is '
-    'made where missing)',
-  )
+  cli.add_output_flag(parser, '--out', 'the report')
   a = parser.parse_args(argv)
   for name in a.paths or ():
     if name not in attention.IMPLEMENTATIONS:
