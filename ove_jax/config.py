@@ -17,6 +17,7 @@ and what it accepts, raised before anything is compiled.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import math
 import os
@@ -158,6 +159,11 @@ def experiment_path(name_or_path: str) -> str:
     shipped = os.path.join(experiments_dir(), f'{name}.py')
     if os.path.isfile(shipped):
       return shipped
+  if os.path.isdir(text):
+    raise ConfigError(
+      f'--config={name_or_path}: {text!r} is a folder, not an experiment file; give the '
+      f'experiment file in it (--config={os.path.join(text, "NAME.py")}[:args])'
+    )
   names = experiment_names()
   raise ConfigError(
     f'--config={name_or_path}: no experiment file {text!r} and no shipped '
@@ -205,8 +211,10 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 def load_module(path: str):
   """Imports an experiment file by path (experiments are files, not a package); an experiment
   builds on another with `load_module(os.path.join(os.path.dirname(__file__), 'other.py'))`."""
+  name = f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}'
+  # The loader given: without it a file not named .py (`mycfg`, `notes.txt`) gets no spec.
   module_spec = importlib.util.spec_from_file_location(
-    f'ove_experiment_{os.path.splitext(os.path.basename(path))[0]}', path
+    name, path, loader=importlib.machinery.SourceFileLoader(name, path)
   )
   module = importlib.util.module_from_spec(module_spec)
   try:

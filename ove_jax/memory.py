@@ -390,7 +390,9 @@ def report_lines(r: Mapping[str, Any], spec: str) -> list[str]:
       + '; '.join(f'{k}: {", ".join(v)}' for k, v in r['batch_by_classes_shapes'].items())
     )
   elif len(r['batch_by_classes_unchecked']) < len(r['heads']):
-    lines.append('no batch x classes buffer on any device (class dimension sharded)')
+    split = any(h['per_device_classes'] < h['padded_classes'] for h in r['heads'].values())
+    where = '(class dimension sharded)' if split else '(one device holds every class: not sharded)'
+    lines.append(f'no batch x classes buffer on any device {where}')
   lines.append(
     f'analytic FLOPs per step (for MFU): {r["flops_per_step"]:.4g} '
     f'({r["flops_per_step"] / r["devices"]:.4g} per device)'

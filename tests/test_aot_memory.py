@@ -124,6 +124,17 @@ def test_eight_devices_shard_params_and_logits(one_device, eight_devices):
   assert r['heads']['video'] == {'classes': 997, 'padded_classes': 1000, 'per_device_classes': 125}
 
 
+def test_class_dimension_is_called_sharded_only_when_split(eight_devices):
+  out, r = eight_devices
+  assert 'no batch x classes buffer on any device (class dimension sharded)' in out
+  # The same report on one device: every class on it, so nothing is sharded.
+  heads = {k: dict(h, per_device_classes=h['padded_classes']) for k, h in r['heads'].items()}
+  mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  text = '\n'.join(memory.report_lines(dict(r, devices=1, mesh=mesh, heads=heads), 'demo'))
+  assert 'no batch x classes buffer on any device (one device holds every class' in text
+  assert 'class dimension sharded' not in text
+
+
 def test_the_plan_is_of_the_accelerators_program(monkeypatch):
   """Virtual CPU devices model the target's accelerators: the step is built and traced with plain
   autodiff, not the CPU backend's own backward layouts (models/cpu_layouts.py), which are back
@@ -192,6 +203,14 @@ def test_command_line_names_a_missing_experiment():
   proc = cli('--config=experiments/nope.py', '--devices=4')
   assert proc.returncode == 2 and proc.stderr.startswith('error: --config')
   assert 'no experiment file' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_a_folder_as_experiment_is_named_a_folder(tmp_path, capsys):
+  assert aot_memory.main([f'--config={tmp_path}:smoke', '--devices=8']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --config') and err.count('\n') == 1, err
+  assert f"'{tmp_path}' is a folder, not an experiment file" in err
+  assert f'--config={tmp_path / "NAME.py"}[:args]' in err
 
 
 @pytest.mark.parametrize(

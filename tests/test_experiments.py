@@ -115,6 +115,20 @@ def test_unknown_experiment_lists_the_shipped_ones(spec, tmp_path, monkeypatch):
   assert '--config=path/to/exp.py' in message
 
 
+@pytest.mark.parametrize('name', ['mycfg', 'notes.txt'])
+def test_an_experiment_file_without_py_extension_loads(name, tmp_path, capsys):
+  path = tmp_path / name
+  path.write_text(open(_path('demo_cpu.py')).read())
+  config = config_lib.load(f'{path}:smoke', ['total_steps=7'])
+  assert config.total_steps == 7
+  assert config.model.preset == _get('demo_cpu.py', 'smoke').model.preset
+  # Not Python: the config error of any broken file, naming it.
+  path.write_text('just some notes\n')
+  assert train.main([f'--config={path}', f'--workdir={tmp_path / "run"}']) == 2
+  err = capsys.readouterr().err
+  assert f'{path} cannot be loaded: SyntaxError' in err and 'Traceback' not in err, err
+
+
 @pytest.mark.parametrize(
   'source, message',
   [
