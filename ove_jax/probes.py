@@ -29,7 +29,6 @@ deterministic and runs once).
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 from typing import Callable, Sequence
@@ -37,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data_pipeline import fileio
+from data_pipeline import paths as paths_lib
 from ove_jax import evaluators
 
 SMALL_SET = 1000  # training clips below which docs/spec.md §6's 30 epochs apply instead of 10
@@ -82,18 +82,31 @@ def read_records(paths: Sequence[str]) -> list[dict]:
 
 
 def record_files(patterns: str) -> list[str]:
-  """The files of comma-separated globs, sorted."""
-  paths = sorted(
-    {
-      p
-      for pattern in patterns.split(',')
-      if pattern
-      for p in glob.glob(os.path.expanduser(pattern))
-    }
-  )
-  if not paths:
+  """The record files of comma-separated sources, sorted: a glob's ArrayRecord files
+  (`*.array_record*`: the plan, summary, failure and progress files beside a precompute's shards
+  are skipped), or a precompute output folder's shards (`labels.record_shards`); local paths or
+  gs:// / s3:// URLs."""
+  from ove_jax import labels  # pylint: disable=g-import-not-at-top
+
+  found = set()
+  for pattern in (os.path.expanduser(p.strip()) for p in patterns.split(',') if p.strip()):
+    if paths_lib.isdir(pattern):
+      try:
+        found.update(labels.record_shards(pattern))
+      except labels.LabelsError as e:
+        raise ProbeError(str(e)) from None
+      continue
+    matched = paths_lib.glob(pattern)
+    records = [p for p in matched if '.array_record' in paths_lib.basename(p)]
+    if matched and not records:
+      raise ProbeError(
+        f'--records {pattern!r}: none of the {len(matched)} file(s) it matches is an ArrayRecord '
+        "file (*.array_record*); give the shards' glob or a precompute output folder"
+      )
+    found.update(records)
+  if not found:
     raise ProbeError(f'--records {patterns!r}: no file matches')
-  return paths
+  return sorted(found)
 
 
 def builtin_records(

@@ -430,6 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise config_lib.ConfigError(f'--workdir {e}') from None
   # One-slash URLs, missing buckets, a URL as builtin.root, a cache folder that is a file.
   train_inputs.check_paths(config, workdir)
+  training_probes.check_source(config)  # the held-out records of probe_every, if any
   # The launch's config, exit status 2: OVE_*, SLURM or Open MPI variables missing or out of
   # range, a compilation cache folder that cannot be one (JAX would only warn).
   try:

@@ -55,7 +55,7 @@ def probe_samples(
   try:
     records = probes_lib.read_records(probes_lib.record_files(source))
   except probes_lib.ProbeError as e:
-    raise config_lib.ConfigError(f'probe.source={source!r}: {e}') from None
+    raise config_lib.ConfigError(f'probe.source={source!r}: {message(e)}') from None
   records = records[:max_records]
   train_idx, test_idx = probes_lib.split(len(records), test_fraction)
   if not train_idx or not test_idx:
@@ -105,6 +105,21 @@ def run(config, program, state) -> dict[str, float]:
   }
   out[f'{PREFIX}seconds'] = time.perf_counter() - start
   return out
+
+
+def check_source(config) -> None:
+  """With probe_every: a ConfigError now, before data is made or anything compiles, when
+  probe.source names no record files (the records are read at the first probe)."""
+  if config.probe_every and config.probe.source:
+    try:
+      probes_lib.record_files(config.probe.source)
+    except probes_lib.ProbeError as e:
+      raise config_lib.ConfigError(f'probe.source={config.probe.source!r}: {message(e)}') from None
+
+
+def message(error: Exception) -> str:
+  """A probes error without the --records flag it names for ove-probe."""
+  return str(error).removeprefix('--records: ').removeprefix('--records ')
 
 
 def check(config) -> None:

@@ -327,6 +327,15 @@ def test_hub_id_from_the_offline_cache_and_bad_teachers(
   assert f'--teacher hf:{mae}: ViTMAEModel gives no pooled image embedding' in (
     capsys.readouterr().err
   )
+  # A OneVision-Encoder export is ours to run: named before transformers' trust prompt.
+  from ove_jax import checkpoint, convert
+
+  export = convert.save_pytorch(checkpoint.load_encoder('random:tiny').model, str(tmp_path / 'ov'))
+  assert cluster_labels.main(['--teacher', f'hf:{export}', *base]) == 2
+  assert (
+    f'which ove_jax runs itself: give it without hf: (--teacher {export})'
+    in capsys.readouterr().err
+  )
   # Damaged weights (model.safetensors of random bytes) are refused naming --teacher.
   damaged = tmp_path / 'damaged_clip'
   shutil.copytree(clip_dir, damaged)

@@ -123,6 +123,26 @@ def test_probe_source_without_records_is_a_named_error(tmp_path):
     training_probes.probe_samples(str(tmp_path / 'none-*'), 0, 'codec', 0, 0.3, 10, 0)
 
 
+def test_probe_source_is_a_glob_or_a_precompute_folder_checked_before_work(tmp_path, heldout):
+  from ove_jax import probes
+
+  files = probes.record_files(heldout)
+  folder = os.path.dirname(files[0])
+  assert probes.record_files(folder) == files  # the precompute output folder
+  # README's 'HELDOUT/*': the plan, summary, failure and progress files beside the shards skipped.
+  assert probes.record_files(os.path.join(folder, '*')) == files
+  (tmp_path / 'a.json').write_text('{}')
+  with pytest.raises(
+    probes.ProbeError, match=r'none of the 1 file\(s\) it matches is an ArrayRecord'
+  ):
+    probes.record_files(str(tmp_path / '*.json'))
+  # ove-train names a source without records before built-in data is made or anything compiles.
+  config = probe_config(str(tmp_path / 'never_made'), str(tmp_path / 'none-*'))
+  with pytest.raises(config_lib.ConfigError, match=r"^probe.source='.*none-\*': '.*': no file"):
+    train.train(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'never_made') and not os.path.exists(tmp_path / 'run')
+
+
 def test_probes_are_off_by_default():
   config = config_lib.defaults()
   assert config.probe_every == 0
