@@ -262,10 +262,17 @@ def test_probe_tool_rejects_bad_input(builtin_data, capsys, args, message):
   assert message in capsys.readouterr().err
 
 
-def test_probe_tool_names_records_that_match_nothing(tmp_path, capsys):
+def test_probe_tool_names_records_that_match_nothing(tmp_path, capsys, monkeypatch):
+  def no_load(*args, **kwargs):
+    raise AssertionError('the encoder was loaded before the records were checked')
+
+  monkeypatch.setattr(probe_tool, 'load_encoder', no_load)
   pattern = str(tmp_path / 'none-*')
   assert probe_tool.main(['--checkpoint', 'random:tiny', '--records', pattern]) == 2
   assert f'--records {pattern!r}: no file matches' in capsys.readouterr().err
+  missing = str(tmp_path / 'no_run')
+  assert probe_tool.main(['--checkpoint', missing, '--records', pattern]) == 2
+  assert f'--checkpoint {missing}: no such directory' in capsys.readouterr().err
 
 
 def test_probe_labels_are_named_and_a_bad_name_lists_the_names(builtin_data, capsys):

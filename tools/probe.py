@@ -167,7 +167,11 @@ def run(args) -> dict:
   probes = [p.strip() for p in args.probes.split(',') if p.strip()]
   if args.out:
     check_out(args.out)
-  encoder, source = load_encoder(args.checkpoint, args.seed, args.step)
+  from ove_jax import checkpoint
+
+  missing = checkpoint.encoder_source_error(args.checkpoint)  # cheap: the load comes last
+  if missing:
+    raise probes_lib.ProbeError(f'--checkpoint {missing}')
   if args.builtin:
     records, where, names = probes_lib.builtin_records(
       args.builtin, clips=args.clips, budget=args.budget
@@ -190,6 +194,7 @@ def run(args) -> dict:
     probes_lib.record_labels(records, index)
   except probes_lib.ProbeError as e:
     raise probes_lib.ProbeError(f'{flag}: {e}') from None
+  encoder, source = load_encoder(args.checkpoint, args.seed, args.step)  # after the data's checks
   print(f'encoder: {source} (width {encoder.cfg.width}, depth {encoder.cfg.depth})')
   print(f'data: {where}')
   modes = ('codec', 'uniform') if args.mode == 'both' else (args.mode,)
