@@ -267,27 +267,29 @@ def open_head_source(name: str, head: HeadConfig, cfg: PipelineConfig):
     raise SourceError(name, head.source, str(e)) from e
   if len(source) == 0:
     raise SourceError(name, head.source, 'it has no records')
-  if _lacks_labels(source):
+  unlabelled = _unlabelled_first_record(source)
+  if unlabelled:
     raise SourceError(
       name,
       head.source,
-      f'its first record ({source[0].get("name", 0)}) has no `labels` field (a head trains on '
-      'cluster labels)',
+      f'its first record ({unlabelled}) has no `labels` field (a head trains on cluster labels)',
       'make them with ove-cluster-labels --records (docs/labels_and_probes.md) and point the '
       'source at the labelled records it writes',
     )
   return source
 
 
-def _lacks_labels(source) -> bool:
-  """True when the source's first record reads and has no `labels` field (records without
-  labels, a codec precompute's output say, cannot train a head; every sample would be skipped).
-  A first record that does not read is left to the pipeline, which skips corrupt records."""
+def _unlabelled_first_record(source) -> str:
+  """The name of the source's first record when it reads and has no `labels` field (records
+  without labels, a codec precompute's output say, cannot train a head; every sample would be
+  skipped), else ''. A first record that does not read is left to the pipeline, which skips
+  corrupt records."""
   try:
-    record = sources.to_record(source[0]['raw'])
+    item = source[0]
+    record = sources.to_record(item['raw'])
   except Exception:  # pylint: disable=broad-except  (corrupt data raises anything)
-    return False
-  return 'labels' not in record
+    return ''
+  return '' if 'labels' in record else str(item.get('name', 0))
 
 
 def check_sources(cfg: PipelineConfig | Mapping[str, Any]) -> dict[str, int]:
