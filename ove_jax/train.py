@@ -51,7 +51,7 @@ from ove_jax import (
 )
 from ove_jax import config as config_lib
 from ove_jax import metrics as metrics_lib
-from ove_jax.models import Encoder, EncoderConfig, encoder_flops
+from ove_jax.models import Encoder, EncoderConfig, cpu_blas, encoder_flops
 from ove_jax.prefetch import BATCH_FIELDS, DevicePrefetch, device_batch  # noqa: F401 (tools)
 from ove_jax.reporter import StepReporter, StepResult, TrainingError
 
@@ -560,13 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.info(host_runtime.describe(tuning))
   try:
     config = config_lib.load(args.config, overrides)  # before JAX starts: errors come fast
+    logging.info(cpu_blas.describe())
     if args.show_config:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')
       return 0
     if train(config, args.workdir).get('stopped'):
       return preemption.PREEMPTED_EXIT_CODE  # saved: a scheduler should restart the job
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, cpu_blas.BlasError) as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
   except TrainingError as e:

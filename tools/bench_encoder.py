@@ -75,6 +75,7 @@ import jax.numpy as jnp
 
 from ove_jax import benchmarks as bench
 from ove_jax import cli, host_runtime, metrics, torch_comparison
+from ove_jax.models import cpu_blas
 from ove_jax.models import encoder as enc
 from ove_jax.models.attention import IMPLEMENTATIONS
 
@@ -185,6 +186,8 @@ def main(argv=None):
       )
       for w in args.widths
     ] or [cfg]
+    # Where the dense layers' float32 products go on a one-device CPU (a bad OVE_CPU_BLAS: here).
+    tuning = f'{tuning}; {cpu_blas.describe()}'
   except ValueError as e:
     parser.error(str(e))
   n_all = args.frames * bench.PATCHES_PER_FRAME

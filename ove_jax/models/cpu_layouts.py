@@ -39,6 +39,11 @@ development Xeon. Rounding the float32 result once is also what PyTorch's autoca
 bit for bit on that product; XLA's bfloat16-output kernel differed from it in 0.015% of the
 entries by one unit in the last place.
 
+On a one-device CPU backend with an MKL at hand (the PyTorch wheel's), the dense layers' float32
+products (forward, dx and dW) go to MKL's sgemm instead (`cpu_blas`, 1.1-1.3x faster than
+XLA:CPU's kernels on the development Xeon); dW = x^T @ dy is then one sgemm reading x^T in place,
+no copy. Everything else here stays as described.
+
 Same maths: the products are the same sums in another memory order, and the attention backward is
 the usual softmax one (dS = P * (dO @ V^T - rowsum(dO * O)), written with the unnormalised
 exponentials of the forward pass). Gradients agree with autodiff to float rounding; tests compare
@@ -54,6 +59,8 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ove_jax.models import cpu_blas
 
 # row_max folds the last axis down to this many columns before its final reduce.
 FOLD_TO = 16
@@ -120,9 +127,25 @@ def _narrow_float(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
+def _blas_product(lhs, rhs, dims, dtype):
+  """The product by `cpu_blas` when it takes it (float32, one device, a BLAS found), else None.
+  `dims` is one of the dense layer's three forms: x @ W, dy @ W^T, x^T @ dy (2-D)."""
+  (lhs_contract, rhs_contract), _ = dims
+  if not cpu_blas.use_for(lhs, rhs, dtype):
+    return None
+  transpose_a = tuple(lhs_contract) == (0,) and lhs.ndim == 2
+  transpose_b = tuple(rhs_contract) == (1,)
+  a = lhs if transpose_a else lhs.reshape(-1, lhs.shape[-1])
+  out = cpu_blas.matmul(a, rhs, transpose_a=transpose_a, transpose_b=transpose_b)
+  return out if transpose_a else out.reshape(*lhs.shape[:-1], out.shape[-1])
+
+
 def _product(lhs, rhs, dims, precision, dtype):
   """lax.dot_general with a `dtype` result; low-precision operands accumulate and return float32
   from the dot and are rounded to `dtype` once after it (see the module docstring)."""
+  out = _blas_product(lhs, rhs, dims, dtype)
+  if out is not None:
+    return out
   low = any(_narrow_float(a.dtype) for a in (lhs, rhs)) and _narrow_float(dtype)
   accumulate = jnp.float32 if low else dtype
   out = lax.dot_general(lhs, rhs, dims, precision=precision, preferred_element_type=accumulate)
@@ -149,6 +172,9 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
   # dx = dy @ W^T: XLA:CPU's kernel handles a transposed right operand at full speed.
   dx = _product(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision, x.dtype)
   x_TxD, dy_TxF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  if cpu_blas.use_for(x_TxD, dy_TxF, w.dtype):
+    # The BLAS reads x^T in place: dW = x^T @ dy as one sgemm, no copy.
+    return dx, _product(x_TxD, dy_TxF, (((0,), (0,)), ((), ())), precision, w.dtype)
   if x_TxD.shape[1] <= dy_TxF.shape[1]:
     # dW = x^T @ dy over every token, with x^T copied once.
     dims = ((1,), (0,)), ((), ())

@@ -1,0 +1,185 @@
+"""Float32 products through the host's MKL on the CPU backend (an XLA FFI custom call).
+
+XLA:CPU multiplies float32 matrices with its own kernels (YNNPACK, Eigen). On the 2-core
+development Xeon (AVX-512) Intel's MKL, which PyTorch's CPU wheel carries, is 1.10-1.37x faster
+on every dense-layer product of an encoder step (`tools/bench_matmul.py`), and XLA:CPU's other
+back ends (oneDNN, XNNPACK) changed nothing. So where an MKL is at hand the encoder's dense
+layers (`cpu_layouts.dot_general`: forward, dx and dW) call its `sgemm` through a typed XLA FFI
+handler: no copy, no Python, no GIL on the way; the handler is a numba `cfunc` that reads XLA's
+call frame (`xla/ffi/api/c_api.h`, API 0.x) and calls the Fortran `sgemm_` on the buffers XLA
+allocated. Everything else (attention, norms, fusions) stays XLA's.
+
+Where the MKL comes from (`OVE_CPU_BLAS`):
+  - unset or `auto`: the MKL inside the installed PyTorch CPU wheel (the `torch` extra):
+    `torch/lib/libtorch_cpu.so` exports MKL's `sgemm_`; it is loaded with ctypes, torch itself
+    is not imported. No torch: XLA's own products, as before;
+  - a path: a shared library exporting the LP64 Fortran `sgemm_` (the `mkl` wheel's
+    `libmkl_rt.so.3`, say);
+  - `0` / `off`: XLA's own products.
+
+When it is used (`use_for`): the CPU backend, one device in the process (a product on sharded
+operands is left to XLA's partitioner, which cannot split a custom call), float32 operands and
+result, 2-D products whose sizes fit the LP64 interface. `xla_products()` switches it off while a
+function is traced (for comparisons).
+
+Same maths: a float32 matrix product with float32 accumulation. The sums are taken in MKL's
+order, not XLA's, so results differ from XLA's product by float rounding (relative 1e-6 on the
+encoder's products); MKL's results are the same from run to run for the same thread count and
+the 64-byte aligned buffers XLA hands it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TARGET = 'ove_cpu_sgemm'
+# [off, forced]: xla_products() / blas_products() while a function is traced.
+_MODE = [False, False]
+# LP64 sgemm takes 32-bit sizes.
+MAX_DIM = 2**31 - 1
+
+
+def _torch_mkl() -> Path | None:
+  spec = importlib.util.find_spec('torch')
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = Path(next(iter(spec.submodule_search_locations))) / 'lib' / 'libtorch_cpu.so'
+  return path if path.is_file() else None
+
+
+def setting() -> str:
+  return os.environ.get('OVE_CPU_BLAS', 'auto').strip() or 'auto'
+
+
+def library_path() -> Path | None:
+  """The library `OVE_CPU_BLAS` names, or the one `auto` finds; None when off or none found."""
+  value = setting()
+  if value.lower() in ('0', 'off', 'false', 'no'):
+    return None
+  if value.lower() == 'auto':
+    return _torch_mkl()
+  path = Path(value).expanduser()
+  if not path.is_file():
+    raise BlasError(
+      f'OVE_CPU_BLAS={value}: no such file. Name a shared library exporting the Fortran sgemm_ '
+      "(MKL's libmkl_rt.so), 'auto', or 0 to use XLA's own products."
+    )
+  return path
+
+
+class BlasError(ValueError):
+  """OVE_CPU_BLAS names a library that cannot serve the products."""
+
+
+def describe() -> str:
+  """One line for a log: where a one-device CPU run's float32 dense products go. Loads the
+  library, so a bad OVE_CPU_BLAS raises BlasError here, before any work."""
+  path = library_path()
+  if path is None:
+    why = 'OVE_CPU_BLAS=' + setting() if setting().lower() != 'auto' else 'no torch wheel found'
+    return f"CPU dense products: XLA's own ({why})"
+  _sgemm(str(path))
+  return f'CPU dense products (one CPU device, float32): sgemm_ from {path} (OVE_CPU_BLAS=0: XLA)'
+
+
+@functools.cache
+def _sgemm(path: str):
+  """The ctypes `sgemm_` of the library at `path` (loaded once)."""
+  try:
+    lib = ctypes.CDLL(path)
+  except OSError as err:
+    raise BlasError(
+      f'OVE_CPU_BLAS: cannot load {path}: {err}. Set OVE_CPU_BLAS=0 to use XLA.'
+    ) from err
+  try:
+    sgemm = lib.sgemm_
+  except AttributeError as err:
+    raise BlasError(
+      f'OVE_CPU_BLAS: {path} exports no sgemm_ (the LP64 Fortran BLAS call). Name an MKL '
+      "(libmkl_rt.so) or set OVE_CPU_BLAS=0 to use XLA's own products."
+    ) from err
+  sgemm.argtypes = [ctypes.c_void_p] * 13
+  sgemm.restype = None
+  return sgemm
+
+
+@functools.cache
+def _register(path: str) -> str:
+  """Compiles the handler around `path`'s sgemm_ and registers it; returns its FFI target name
+  (one per library, so a process that switches OVE_CPU_BLAS registers each once)."""
+  from ove_jax.models import cpu_blas_handler  # numba: compiled (about 1 s) only when used
+
+  address = cpu_blas_handler.compile_handler(_sgemm(path))
+  name = f'{TARGET}_{_register.cache_info().currsize}'
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(address), platform='cpu')
+  return name
+
+
+def available() -> bool:
+  """Whether products can go to a BLAS here (a library found and registered)."""
+  path = library_path()
+  return path is not None and bool(_register(str(path)))
+
+
+@contextlib.contextmanager
+def _mode(off: bool, forced: bool):
+  saved = list(_MODE)
+  _MODE[:] = [off, forced]
+  try:
+    yield
+  finally:
+    _MODE[:] = saved
+
+
+def xla_products():
+  """Functions traced inside use XLA's own products (for comparisons; jit caches by function,
+  so trace a fresh function here)."""
+  return _mode(True, False)
+
+
+def blas_products():
+  """Functions traced inside use the BLAS even where the process has several devices, for
+  computations on one of them (unsharded operands); a library must be found."""
+  return _mode(False, True)
+
+
+def use_for(a, b, out_dtype) -> bool:
+  """Whether the product of `a` and `b` (2-D after the caller's reshape) goes to the BLAS now."""
+  off, forced = _MODE
+  if off or jax.default_backend() != 'cpu' or not (forced or jax.device_count() == 1):
+    return False
+  if not all(jnp.dtype(d) == jnp.float32 for d in (a.dtype, b.dtype, out_dtype)):
+    return False
+  if max(int(np.prod(a.shape[:-1])), a.shape[-1], *b.shape) > MAX_DIM:
+    return False
+  return available()
+
+
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
+  """op(a) @ op(b) for 2-D float32 `a`, `b` (op transposes when asked), by the BLAS."""
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(f'cpu_blas.matmul takes 2-D operands, got {a.shape} and {b.shape}')
+  m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+  k2, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
+  if k != k2:
+    raise ValueError(f'cpu_blas.matmul: contracted sizes differ ({a.shape}, {b.shape})')
+  if 0 in (m, n, k):
+    return jnp.zeros((m, n), jnp.float32)  # nothing to multiply; sgemm refuses a zero stride
+  path = library_path()
+  if path is None:
+    raise BlasError(
+      "cpu_blas.matmul: no BLAS (OVE_CPU_BLAS is off or no torch wheel); use XLA's product"
+    )
+  call = jax.ffi.ffi_call(
+    _register(str(path)), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method='sequential'
+  )
+  return call(a, b, transpose_a=np.int32(transpose_a), transpose_b=np.int32(transpose_b))

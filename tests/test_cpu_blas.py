@@ -1,0 +1,186 @@
+"""The CPU dense products through MKL's sgemm_ (ove_jax/models/cpu_blas.py): the FFI handler
+against float64 numpy, its error path, the dense layer and a whole encoder step against XLA's
+own products, when it is used (one device) and when not (several, switched off), and the
+configuration errors."""
+
+import dataclasses
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ove_jax import benchmarks as bench
+from ove_jax import convert
+from ove_jax.models import EncoderConfig, cpu_blas, cpu_layouts, create_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hlo(fn, *args) -> str:
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize(
+  'm,k,n', [(1, 1, 1), (3, 5, 7), (17, 33, 1), (64, 48, 96), (0, 4, 5), (4, 0, 5)]
+)
+@pytest.mark.parametrize('transpose_a', [False, True])
+@pytest.mark.parametrize('transpose_b', [False, True])
+def test_matmul_equals_float64_numpy(m, k, n, transpose_a, transpose_b):
+  rng = np.random.default_rng(m * 100 + k * 10 + n)
+  a = rng.standard_normal((k, m) if transpose_a else (m, k)).astype(np.float32)
+  b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(np.float32)
+  got = jax.jit(
+    lambda x, y: cpu_blas.matmul(x, y, transpose_a=transpose_a, transpose_b=transpose_b)
+  )(a, b)
+  want = (a.T if transpose_a else a).astype(np.float64) @ (b.T if transpose_b else b)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_is_repeatable_and_batches_under_vmap():
+  rng = np.random.default_rng(1)
+  a, b = rng.random((3, 40, 24), np.float32), rng.random((3, 24, 56), np.float32)
+  batched = jax.jit(jax.vmap(cpu_blas.matmul))
+  first, second = np.asarray(batched(a, b)), np.asarray(batched(a, b))
+  assert np.array_equal(first, second)
+  np.testing.assert_allclose(first, np.einsum('bmk,bkn->bmn', a, b), rtol=1e-5)
+
+
+def test_the_handler_returns_an_error_for_operands_it_cannot_take():
+  target = cpu_blas._register(str(cpu_blas.library_path()))
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((2, 2), jnp.float32))
+  flags = {'transpose_a': np.int32(0), 'transpose_b': np.int32(0)}
+  with pytest.raises(Exception, match='ove cpu_blas: expected two float32 rank-2 operands'):
+    jax.block_until_ready(
+      jax.jit(lambda x, y: call(x, y, **flags))(jnp.ones((2, 2), jnp.int32), jnp.ones((2, 2)))
+    )
+  with pytest.raises(Exception, match='ove cpu_blas: expected'):  # no attributes
+    jax.block_until_ready(jax.jit(lambda x, y: call(x, y))(jnp.ones((2, 2)), jnp.ones((2, 2))))
+
+
+def _dense_loss(kernel, bias, x):
+  y = cpu_layouts.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+  return jnp.sum(jnp.sin(y) * y)
+
+
+@pytest.mark.parametrize('d_in,d_out', [(48, 96), (96, 48)])
+def test_dense_layer_forward_and_gradients_equal_xla_products(d_in, d_out):
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(rng.standard_normal((d_in, d_out)).astype(np.float32) * 0.1)
+  bias = jnp.asarray(rng.standard_normal(d_out).astype(np.float32))
+  x = jnp.asarray(rng.standard_normal((2, 37, d_in)).astype(np.float32))
+  def step():  # a fresh function for each setting: jit caches traces by function
+    return jax.value_and_grad(_dense_loss, argnums=(0, 1, 2))
+
+  with cpu_blas.blas_products():
+    assert cpu_blas.use_for(x, kernel, jnp.float32)
+    assert _hlo(step(), kernel, bias, x).count(f'custom_call_target="{cpu_blas.TARGET}') == 3
+    blas_value, blas_grads = jax.jit(step())(kernel, bias, x)
+  with cpu_blas.xla_products():
+    assert cpu_blas.TARGET not in _hlo(step(), kernel, bias, x)
+    value, grads = jax.jit(step())(kernel, bias, x)
+  np.testing.assert_allclose(blas_value, value, rtol=1e-5)
+  for got, want in zip(blas_grads, grads):
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_not_used_with_several_devices_nor_for_bfloat16():
+  x, kernel = jnp.ones((4, 8)), jnp.ones((8, 16))
+  assert jax.device_count() == 8  # conftest: a sharded step's products stay XLA's
+  assert not cpu_blas.use_for(x, kernel, jnp.float32)
+  assert cpu_blas.TARGET not in _hlo(jax.grad(_dense_loss), kernel, jnp.zeros(16), x)
+  with cpu_blas.blas_products():
+    assert not cpu_blas.use_for(x.astype(jnp.bfloat16), kernel, jnp.bfloat16)
+    assert not cpu_blas.use_for(x, kernel, jnp.bfloat16)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_encoder_step_equals_xla_products(scan_layers):
+  cfg = dataclasses.replace(EncoderConfig.preset('tiny'), depth=2, scan_layers=scan_layers)
+  params = convert.model_params(create_encoder(cfg, seed=4))
+  rng = np.random.RandomState(0)
+  patches = jnp.asarray(rng.randn(2, 40, cfg.patch_dim).astype(np.float32))
+  positions = jnp.asarray(rng.randint(0, 8, (2, 40, 3)))
+
+  def run():
+    step, _, state = bench.make_jax_step(convert.model_from_params(cfg, params))
+    hlo = step.lower(state, patches, positions).compile().as_text()
+    loss, grads = step(state, patches, positions)
+    return hlo, float(loss), {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+
+  with cpu_blas.blas_products():
+    hlo, blas_loss, blas_grads = run()
+  assert cpu_blas.TARGET in hlo
+  with cpu_blas.xla_products():
+    hlo, loss, grads = run()
+  assert cpu_blas.TARGET not in hlo
+  assert blas_loss == pytest.approx(loss, rel=1e-5)
+  noise = 1e-6 * max(np.abs(g).max() for g in grads.values())
+  for path, want in grads.items():
+    assert np.abs(blas_grads[path] - want).max() <= 1e-5 * np.abs(want).max() + noise, path
+
+
+def _child_env(**extra):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
+  env['PYTHONPATH'] = ROOT
+  env.update(extra)
+  return env
+
+
+def test_a_one_device_process_uses_it_by_default_and_off_turns_it_off():
+  script = (
+    'import jax, jax.numpy as jnp\n'
+    'from ove_jax.models import cpu_layouts\n'
+    'f = lambda x, w: cpu_layouts.dot_general(x, w, (((1,), (0,)), ((), ())))\n'
+    'print(jax.device_count(), "ove_cpu_sgemm" in jax.jit(f).lower(jnp.ones((4, 8)), '
+    'jnp.ones((8, 3))).compile().as_text())\n'
+  )
+  used = subprocess.run(
+    [sys.executable, '-c', script], env=_child_env(), capture_output=True, text=True
+  )
+  assert used.stdout.split() == ['1', 'True'], used.stderr[-2000:]
+  off = subprocess.run(
+    [sys.executable, '-c', script], env=_child_env(OVE_CPU_BLAS='0'), capture_output=True, text=True
+  )
+  assert off.stdout.split() == ['1', 'False'], off.stderr[-2000:]
+
+
+def test_bad_settings_are_named(monkeypatch):
+  monkeypatch.setenv('OVE_CPU_BLAS', '/no/such/libmkl_rt.so')
+  with pytest.raises(cpu_blas.BlasError, match='OVE_CPU_BLAS=/no/such/libmkl_rt.so: no such file'):
+    cpu_blas.describe()
+  # numpy's OpenBLAS is ILP64 with prefixed names: no LP64 sgemm_.
+  openblas = glob.glob(os.path.join(os.path.dirname(np.__file__), '..', 'numpy.libs', '*openblas*'))
+  monkeypatch.setenv('OVE_CPU_BLAS', openblas[0])
+  with pytest.raises(cpu_blas.BlasError, match='exports no sgemm_'):
+    cpu_blas.describe()
+  monkeypatch.setenv('OVE_CPU_BLAS', '0')
+  assert "XLA's own (OVE_CPU_BLAS=0)" in cpu_blas.describe()
+  with cpu_blas.blas_products():
+    assert not cpu_blas.use_for(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.float32)
+  monkeypatch.setenv('OVE_CPU_BLAS', str(cpu_blas._torch_mkl()))  # a path, as a user names MKL
+  assert 'sgemm_ from' in cpu_blas.describe()
+
+
+def test_ove_train_refuses_a_bad_setting_before_any_work(tmp_path):
+  run = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'ove_jax.train',
+      f'--config={ROOT}/experiments/demo_cpu.py:smoke',
+      f'--workdir={tmp_path / "run"}',
+    ],
+    env=_child_env(OVE_CPU_BLAS=str(tmp_path / 'missing.so')),
+    capture_output=True,
+    text=True,
+  )
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert f'config error: OVE_CPU_BLAS={tmp_path / "missing.so"}: no such file' in run.stderr
+  assert not (tmp_path / 'run').exists()
