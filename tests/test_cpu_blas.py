@@ -75,6 +75,7 @@ def test_dense_layer_forward_and_gradients_equal_xla_products(d_in, d_out):
   kernel = jnp.asarray(rng.standard_normal((d_in, d_out)).astype(np.float32) * 0.1)
   bias = jnp.asarray(rng.standard_normal(d_out).astype(np.float32))
   x = jnp.asarray(rng.standard_normal((2, 37, d_in)).astype(np.float32))
+
   def step():  # a fresh function for each setting: jit caches traces by function
     return jax.value_and_grad(_dense_loss, argnums=(0, 1, 2))
 
@@ -133,22 +134,24 @@ def _child_env(**extra):
   return env
 
 
-def test_a_one_device_process_uses_it_by_default_and_off_turns_it_off():
+def test_a_one_device_process_uses_it_by_default_for_large_products_only():
   script = (
     'import jax, jax.numpy as jnp\n'
     'from ove_jax.models import cpu_layouts\n'
     'f = lambda x, w: cpu_layouts.dot_general(x, w, (((1,), (0,)), ((), ())))\n'
-    'print(jax.device_count(), "ove_cpu_sgemm" in jax.jit(f).lower(jnp.ones((4, 8)), '
-    'jnp.ones((8, 3))).compile().as_text())\n'
+    'for m, k, n in ((2048, 256, 768), (2048, 64, 256)):\n'
+    '  hlo = jax.jit(f).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile().as_text()\n'
+    '  print(jax.device_count(), "ove_cpu_sgemm" in hlo)\n'
   )
   used = subprocess.run(
     [sys.executable, '-c', script], env=_child_env(), capture_output=True, text=True
   )
-  assert used.stdout.split() == ['1', 'True'], used.stderr[-2000:]
+  # 403 M multiply-adds go to MKL; 34 M (a 'micro' step's) stay XLA's (cpu_blas.MIN_MULTIPLY_ADDS).
+  assert used.stdout.split() == ['1', 'True', '1', 'False'], used.stderr[-2000:]
   off = subprocess.run(
     [sys.executable, '-c', script], env=_child_env(OVE_CPU_BLAS='0'), capture_output=True, text=True
   )
-  assert off.stdout.split() == ['1', 'False'], off.stderr[-2000:]
+  assert off.stdout.split() == ['1', 'False', '1', 'False'], off.stderr[-2000:]
 
 
 def test_bad_settings_are_named(monkeypatch):

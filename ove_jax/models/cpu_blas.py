@@ -46,6 +46,11 @@ TARGET = 'ove_cpu_sgemm'
 _MODE = [False, False]
 # LP64 sgemm takes 32-bit sizes.
 MAX_DIM = 2**31 - 1
+# Smaller products stay XLA's: alone MKL is faster at every size measured, but inside a step the
+# custom call costs its operands' layouts and XLA's fusions around it; the 'micro' bench step
+# (products of 8-34 M multiply-adds) ran 5% slower in wall time with them on MKL, while width
+# 256's step (134-537 M) and the 16k-token dense step (268 M) ran faster.
+MIN_MULTIPLY_ADDS = 2**26
 
 
 def _torch_mkl() -> Path | None:
@@ -147,19 +152,25 @@ def xla_products():
 
 
 def blas_products():
-  """Functions traced inside use the BLAS even where the process has several devices, for
-  computations on one of them (unsharded operands); a library must be found."""
+  """Functions traced inside use the BLAS for every float32 product, small ones and where the
+  process has several devices (for computations on one of them: unsharded operands); a library
+  must be found."""
   return _mode(False, True)
 
 
-def use_for(a, b, out_dtype) -> bool:
-  """Whether the product of `a` and `b` (2-D after the caller's reshape) goes to the BLAS now."""
+def use_for(a, b, out_dtype, contracted: int | None = None) -> bool:
+  """Whether the product of `a` and `b` (2-D after the caller's reshape) goes to the BLAS now;
+  `contracted` is the size of the axis they share (default: a's last)."""
   off, forced = _MODE
   if off or jax.default_backend() != 'cpu' or not (forced or jax.device_count() == 1):
     return False
   if not all(jnp.dtype(d) == jnp.float32 for d in (a.dtype, b.dtype, out_dtype)):
     return False
-  if max(int(np.prod(a.shape[:-1])), a.shape[-1], *b.shape) > MAX_DIM:
+  rows = int(np.prod(a.shape[:-1]))
+  if max(rows, a.shape[-1], *b.shape) > MAX_DIM:
+    return False
+  multiply_adds = a.size * b.size // max(1, a.shape[-1] if contracted is None else contracted)
+  if not forced and multiply_adds < MIN_MULTIPLY_ADDS:
     return False
   return available()
 

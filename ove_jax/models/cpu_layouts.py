@@ -131,7 +131,7 @@ def _blas_product(lhs, rhs, dims, dtype):
   """The product by `cpu_blas` when it takes it (float32, one device, a BLAS found), else None.
   `dims` is one of the dense layer's three forms: x @ W, dy @ W^T, x^T @ dy (2-D)."""
   (lhs_contract, rhs_contract), _ = dims
-  if not cpu_blas.use_for(lhs, rhs, dtype):
+  if not cpu_blas.use_for(lhs, rhs, dtype, lhs.shape[lhs_contract[0]]):
     return None
   transpose_a = tuple(lhs_contract) == (0,) and lhs.ndim == 2
   transpose_b = tuple(rhs_contract) == (1,)
@@ -172,7 +172,7 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
   # dx = dy @ W^T: XLA:CPU's kernel handles a transposed right operand at full speed.
   dx = _product(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision, x.dtype)
   x_TxD, dy_TxF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if cpu_blas.use_for(x_TxD, dy_TxF, w.dtype):
+  if cpu_blas.use_for(x_TxD, dy_TxF, w.dtype, x_TxD.shape[0]):
     # The BLAS reads x^T in place: dW = x^T @ dy as one sgemm, no copy.
     return dx, _product(x_TxD, dy_TxF, (((0,), (0,)), ((), ())), precision, w.dtype)
   if x_TxD.shape[1] <= dy_TxF.shape[1]:
