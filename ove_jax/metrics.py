@@ -426,9 +426,12 @@ def peak_matmul_size(device=None) -> int:
   return 2048 if device.platform == 'cpu' else 8192
 
 
-def matmul_flops(m: int, k: int, n: int, dtype: str = 'float32', repeats: int = 5, *, device=None):
+def matmul_flops(
+  m: int, k: int, n: int, dtype: str = 'float32', repeats: int = 5, *, device=None, product=None
+):
   """FLOP/s of the fastest of `repeats` runs (after a warm-up) of a jitted [m, k] @ [k, n]
-  matmul of `dtype` with float32 accumulation on `device` (default: the first)."""
+  matmul of `dtype` with float32 accumulation on `device` (default: the first); `product(x, y)`
+  replaces XLA's dot (`cpu_blas.matmul`, say)."""
   if device is None:
     device = jax.local_devices()[0]
   rng = np.random.default_rng(0)
@@ -436,7 +439,7 @@ def matmul_flops(m: int, k: int, n: int, dtype: str = 'float32', repeats: int = 
     jax.device_put(rng.standard_normal(shape, np.float32).astype(jnp.dtype(dtype)), device)
     for shape in ((m, k), (k, n))
   )
-  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  matmul = jax.jit(product or (lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)))
   matmul(a, b).block_until_ready()  # compiles and warms up
   best = math.inf
   for _ in range(max(1, repeats)):

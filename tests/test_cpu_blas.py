@@ -136,22 +136,30 @@ def _child_env(**extra):
 
 def test_a_one_device_process_uses_it_by_default_for_large_products_only():
   script = (
-    'import jax, jax.numpy as jnp\n'
+    'import hashlib, jax, numpy as np\n'
     'from ove_jax.models import cpu_layouts\n'
     'f = lambda x, w: cpu_layouts.dot_general(x, w, (((1,), (0,)), ((), ())))\n'
+    'rng = np.random.default_rng(0)\n'
     'for m, k, n in ((2048, 256, 768), (2048, 64, 256)):\n'
-    '  hlo = jax.jit(f).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile().as_text()\n'
-    '  print(jax.device_count(), "ove_cpu_sgemm" in hlo)\n'
+    '  x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)\n'
+    '  hlo = jax.jit(f).lower(x, w).compile().as_text()\n'
+    '  digest = hashlib.sha256(np.asarray(jax.jit(f)(x, w)).tobytes()).hexdigest()\n'
+    '  print(jax.device_count(), "ove_cpu_sgemm" in hlo, digest)\n'
   )
-  used = subprocess.run(
-    [sys.executable, '-c', script], env=_child_env(), capture_output=True, text=True
-  )
+
+  def run(**env):
+    done = subprocess.run(
+      [sys.executable, '-c', script], env=_child_env(**env), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line.split() for line in done.stdout.splitlines()]
+
+  first = run()
+  (devices, big, _), (_, small, _) = first
   # 403 M multiply-adds go to MKL; 34 M (a 'micro' step's) stay XLA's (cpu_blas.MIN_MULTIPLY_ADDS).
-  assert used.stdout.split() == ['1', 'True', '1', 'False'], used.stderr[-2000:]
-  off = subprocess.run(
-    [sys.executable, '-c', script], env=_child_env(OVE_CPU_BLAS='0'), capture_output=True, text=True
-  )
-  assert off.stdout.split() == ['1', 'False', '1', 'False'], off.stderr[-2000:]
+  assert (devices, big, small) == ('1', 'True', 'False')
+  assert run() == first  # the same bits in another process
+  assert [(device, used) for device, used, _ in run(OVE_CPU_BLAS='0')] == [('1', 'False')] * 2
 
 
 def test_bad_settings_are_named(monkeypatch):

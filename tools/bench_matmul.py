@@ -9,6 +9,8 @@ product of those sizes: the step's transposed operands are not modelled), after 
 product of the encoder bench's matmul peak: GFLOP/s of the fastest of `--repeats` runs after a
 warm-up on each side, and PyTorch / JAX (above 1: PyTorch's library is faster on that shape).
 The square product is 2048 on a CPU, 8192 on an accelerator (`metrics.peak_matmul_size`).
+On a CPU with an MKL at hand (`ove_jax.models.cpu_blas`, float32) each product is also timed
+through `cpu_blas.matmul`, the route a one-device run's dense layers take, beside PyTorch's.
 
   python tools/bench_matmul.py                        # widths 256,512,768,1024; float32
   python tools/bench_matmul.py --widths 768 --repeats 20 --json /tmp/matmul.json
@@ -54,13 +56,15 @@ def main(argv=None) -> int:
   if not args.widths:
     parser.error('--widths: give at least one width, e.g. 256,768')
 
+  import jax  # pylint: disable=g-import-not-at-top
+
   from ove_jax import benchmarks, metrics, torch_comparison  # pylint: disable=g-import-not-at-top
+  from ove_jax.models import cpu_blas  # pylint: disable=g-import-not-at-top
 
   unavailable = torch_comparison.torch_unavailable(False)
   if unavailable:
     print(f'ove-bench-matmul: PyTorch {unavailable}', file=sys.stderr)
     return 2
-  print(tuning)
   square = metrics.peak_matmul_size()  # the encoder bench's matmul peak product
   shapes = [(f'square {square}', square, square, square)]
   for width in args.widths:
@@ -68,21 +72,36 @@ def main(argv=None) -> int:
       (f'width {width}: {name}', *mkn)
       for name, *mkn in benchmarks.step_matmul_shapes(width, args.tokens)
     ]
+  try:
+    products = cpu_blas.describe()
+  except cpu_blas.BlasError as e:
+    print(f'ove-bench-matmul: {e}', file=sys.stderr)
+    return 2
+  print(f'{tuning}; {products}')
+  # The MKL route the encoder's dense layers take on a one-device CPU (float32 only).
+  blas = args.dtype == 'float32' and jax.default_backend() == 'cpu' and cpu_blas.available()
   rows = []
-  print('| product | m x k x n | JAX GFLOP/s | PyTorch GFLOP/s | PyTorch / JAX |')
-  print('|---|---|---:|---:|---:|')
+  blas_head = (
+    (' | JAX via cpu_blas GFLOP/s | PyTorch / cpu_blas', '|---:|---:') if blas else ('', '')
+  )
+  print(f'| product | m x k x n | JAX GFLOP/s | PyTorch GFLOP/s | PyTorch / JAX{blas_head[0]} |')
+  print(f'|---|---|---:|---:|---:{blas_head[1]}|')
   for name, m, k, n in shapes:
     jax_flops = metrics.matmul_flops(m, k, n, args.dtype, args.repeats)
     torch_flops = torch_comparison.torch_matmul_flops(m, k, n, args.dtype, args.repeats)
-    rows.append(dict(product=name, m=m, k=k, n=n, jax=jax_flops, torch=torch_flops))
-    print(
-      f'| {name} | {m} x {k} x {n} | {jax_flops / 1e9:.1f} | {torch_flops / 1e9:.1f} | '
-      f'{torch_flops / jax_flops:.2f} |',
-      flush=True,
-    )
+    row = dict(product=name, m=m, k=k, n=n, jax=jax_flops, torch=torch_flops)
+    cells = f'| {name} | {m} x {k} x {n} | {jax_flops / 1e9:.1f} | {torch_flops / 1e9:.1f} | '
+    cells += f'{torch_flops / jax_flops:.2f} |'
+    if blas:
+      row['cpu_blas'] = metrics.matmul_flops(
+        m, k, n, args.dtype, args.repeats, product=cpu_blas.matmul
+      )
+      cells += f' {row["cpu_blas"] / 1e9:.1f} | {torch_flops / row["cpu_blas"]:.2f} |'
+    rows.append(row)
+    print(cells, flush=True)
   if args.json:
     cli.write_output_json(
-      args.json, {'command': ' '.join(sys.argv), 'tuning': tuning, 'rows': rows}
+      args.json, {'command': ' '.join(sys.argv), 'tuning': f'{tuning}; {products}', 'rows': rows}
     )
   return 0
 
