@@ -22,12 +22,9 @@ exits with status 2 and a message naming the flag or file.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
-from data_pipeline import fileio, paths
 from ove_jax import cli
 from ove_jax import probes as probes_lib
 
@@ -114,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument('--extract-batch-size', type=int, default=8, help='encoder forward batch')
   parser.add_argument('--knn-k', type=int, default=20, help='neighbours of the k-NN probe')
   parser.add_argument('--seeds', default='0', help='probe seeds, e.g. 0,1,2')
-  parser.add_argument('--out', help='write the results here as JSON')
+  parser.add_argument(
+    '--out',
+    type=cli.output_file,
+    default='',
+    help='write the results here as JSON (checked before any work; its folder is made)',
+  )
   return parser
 
 
@@ -141,32 +143,12 @@ def check_step(spec: str, step: int | None) -> None:
     )
 
 
-def check_out(out: str) -> None:
-  """Refuses an --out the results could not be written to (a folder, a path inside a file, a
-  folder that is missing or read-only), before any probe runs and its work is lost."""
-  if paths.is_url(out):
-    return  # an object store has no folders in the way: an object and a prefix may share a name
-  if paths.isdir(out):
-    raise probes_lib.ProbeError(
-      f'--out {out}: a folder; give the path of the JSON file, e.g. {paths.join(out, "probe.json")}'
-    )
-  folder = paths.dirname(paths.absolute(out))
-  if paths.exists(folder) and not paths.isdir(folder):
-    raise probes_lib.ProbeError(f'--out {out}: inside {folder}, a file; give a path in a folder')
-  if not paths.isdir(folder):
-    raise probes_lib.ProbeError(f'--out {out}: its folder {folder} does not exist; make it first')
-  if not os.access(folder, os.W_OK):
-    raise probes_lib.ProbeError(f'--out {out}: its folder {folder} is not writable')
-
-
 def run(args) -> dict:
   """The probes of the parsed command line; prints progress and the table, returns the results."""
   start = time.perf_counter()
   check_step(args.checkpoint, args.step)
   seeds = _int_list(args.seeds, '--seeds')
   probes = [p.strip() for p in args.probes.split(',') if p.strip()]
-  if args.out:
-    check_out(args.out)
   from ove_jax import checkpoint
 
   missing = checkpoint.encoder_source_error(args.checkpoint)  # cheap: the load comes last
@@ -221,7 +203,7 @@ def run(args) -> dict:
   print(f'\n{results["seconds"]:.1f} s')
   if args.out:
     try:
-      fileio.write_atomic(args.out, json.dumps(results, indent=1))  # a local path or a URL
+      cli.write_output_json(args.out, results)  # a local path (folder made) or a URL
     except OSError as e:
       raise probes_lib.ProbeError(
         f'--out {args.out}: not written ({e}); the table above holds the results'
