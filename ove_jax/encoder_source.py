@@ -14,7 +14,7 @@ import hashlib
 import os
 from typing import Sequence
 
-from data_pipeline import fileio, paths
+from data_pipeline import paths
 
 # What an encoder argument names, as `checkpoint.load_encoder` tells them apart.
 ENCODER_KINDS = {
@@ -31,8 +31,7 @@ def encoder_kind(spec: str) -> str:
   workdir holds a config.json too: the weights file or a release config.json decides), without
   reading any weights. A path that is none of the others is 'training' (the load says why not)."""
   from ove_jax import checkpoint
-  from ove_jax.convert import hub
-  from ove_jax.convert.release_config import MODEL_TYPE
+  from ove_jax.convert import hub, release_config
 
   if spec.startswith('random:'):
     return 'random'
@@ -41,11 +40,7 @@ def encoder_kind(spec: str) -> str:
     return 'hub'
   if any(paths.isfile(paths.join(full, n)) for n in (hub.WEIGHTS_NAME, hub.WEIGHTS_INDEX_NAME)):
     return 'release'
-  try:
-    config = fileio.read_json(paths.join(full, 'config.json'))
-  except (ValueError, OSError):  # not JSON, or not a folder: not a release config
-    config = None
-  if isinstance(config, dict) and config.get('model_type') == MODEL_TYPE:
+  if release_config.is_release_folder_config(full):
     return 'release'
   return 'params' if paths.isfile(paths.join(full, checkpoint.CONFIG_FILE)) else 'training'
 

@@ -59,14 +59,9 @@ class HFTeacher:
       self.path = hub.resolve(name)
     except FileNotFoundError as e:
       raise LabelsError(f'{where}: {e}') from None
-    from data_pipeline import fileio
-    from ove_jax.convert.release_config import MODEL_TYPE
+    from ove_jax.convert import release_config
 
-    try:
-      found = fileio.read_json(os.path.join(self.path, 'config.json'))
-    except (OSError, ValueError):  # transformers names what is wrong with it, below
-      found = None
-    if isinstance(found, dict) and found.get('model_type') == MODEL_TYPE:  # before the trust prompt
+    if release_config.is_release_folder_config(self.path):  # before transformers' trust prompt
       raise LabelsError(
         f'{where}: a OneVision-Encoder export (release format), which ove_jax runs itself: give '
         f'it without {HF_PREFIX} (--teacher {name})'

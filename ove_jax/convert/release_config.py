@@ -24,6 +24,18 @@ REQUIRED_KEYS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_a
 OURS = 'ove_jax'
 
 
+def is_release_folder_config(folder: str) -> bool:
+  """Whether `folder` (local or a URL) has a config.json of ours (`model_type` MODEL_TYPE),
+  read without transformers; a missing or unreadable one is not."""
+  from data_pipeline import fileio, paths  # pylint: disable=g-import-not-at-top
+
+  try:
+    config = fileio.read_json(paths.join(folder, CONFIG_NAME))
+  except (ValueError, OSError):  # not JSON, or not a folder
+    return False
+  return isinstance(config, dict) and config.get('model_type') == MODEL_TYPE
+
+
 def _key(default, ours: str | None = None):
   """A release field with its default; `ours` names the EncoderConfig field it maps to."""
   return dataclasses.field(default=default, metadata={OURS: ours})
