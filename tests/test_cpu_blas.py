@@ -3,11 +3,13 @@ against float64 numpy, its error path, the dense layer and a whole encoder step 
 own products, when it is used (one device) and when not (several, switched off), and the
 configuration errors."""
 
+import ctypes
 import dataclasses
 import glob
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -195,3 +197,96 @@ def test_ove_train_refuses_a_bad_setting_before_any_work(tmp_path):
   assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert f'config error: OVE_CPU_BLAS={tmp_path / "missing.so"}: no such file' in run.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_the_handler_refuses_flags_that_are_not_int32():
+  target = cpu_blas._register(str(cpu_blas.library_path()))
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((3, 3), jnp.float32))
+  a = jnp.asarray(np.arange(9, dtype=np.float32).reshape(3, 3))
+  for flags in (
+    {'transpose_a': np.bool_(False), 'transpose_b': np.bool_(False)},  # a 1-byte PRED
+    {'transpose_a': np.int32(0), 'transpose_b': np.int32(2)},  # neither 0 nor 1
+  ):
+    with pytest.raises(Exception, match='int32 transpose_a / transpose_b attributes'):
+      jax.block_until_ready(jax.jit(lambda x, flags=flags: call(x, x, **flags))(a))
+
+
+@pytest.mark.parametrize('transpose_a', [False, True])
+@pytest.mark.parametrize('transpose_b', [False, True])
+def test_matmul_gradients_to_second_order_equal_xla(transpose_a, transpose_b):
+  rng = np.random.default_rng(2)
+  a = jnp.asarray(rng.standard_normal((6, 5) if transpose_a else (5, 6)).astype(np.float32))
+  b = jnp.asarray(rng.standard_normal((7, 6) if transpose_b else (6, 7)).astype(np.float32))
+
+  def op(x, t):
+    return x.T if t else x
+
+  def loss(product):
+    def value(a, b):
+      return jnp.sum(jnp.sin(product(a, b)))
+
+    # The gradient's own norm, differentiated again: second order through the products.
+    return lambda a, b: jnp.sum(
+      jnp.square(jnp.concatenate([g.ravel() for g in jax.grad(value, (0, 1))(a, b)]))
+    )
+
+  blas = jax.grad(
+    loss(lambda a, b: cpu_blas.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)),
+    (0, 1),
+  )(a, b)
+  want = jax.grad(loss(lambda a, b: op(a, transpose_a) @ op(b, transpose_b)), (0, 1))(a, b)
+  for got, ref in zip(blas, want):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_remat_dots_keeps_the_blas_products_as_it_keeps_dots():
+  cfg = EncoderConfig.preset('tiny')
+  counts = {}
+  for remat in ('none', 'dots', 'full'):
+    model = create_encoder(dataclasses.replace(cfg, depth=2, remat=remat), seed=0)
+    x, pos = jnp.ones((2, 40, cfg.patch_dim)), jnp.zeros((2, 40, 3), jnp.int32)
+    with cpu_blas.blas_products():
+      step, _, state = bench.make_jax_step(model)
+      counts[remat] = step.lower(state, x, pos).compile().as_text().count(cpu_blas.TARGET)
+  # 'dots' saves the forward products (no recompute), 'full' recomputes them.
+  assert counts['none'] == counts['dots'] < counts['full']
+
+
+def _python_sgemm(size_bytes):
+  """A ctypes sgemm_ reading sizes of `size_bytes` (4: LP64, 8: ILP64) that refuses sizes over
+  2^31 as a BLAS's parameter check does; computes column-major C = A B for 'N', 'N'."""
+
+  def read(address):
+    return (
+      ctypes.c_int64.from_address(address).value
+      if size_bytes == 8
+      else ctypes.c_int32.from_address(address).value
+    )
+
+  @ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 13)
+  def sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    m, n, k, lda, ldb, ldc = (read(p) for p in (m, n, k, lda, ldb, ldc))
+    if max(m, n, k, lda, ldb, ldc) > 2**31:
+      return  # refused: C untouched
+    av = np.ctypeslib.as_array((ctypes.c_float * (lda * k)).from_address(a)).reshape(k, lda).T[:m]
+    bv = np.ctypeslib.as_array((ctypes.c_float * (ldb * n)).from_address(b)).reshape(n, ldb).T[:k]
+    cv = np.ctypeslib.as_array((ctypes.c_float * (ldc * n)).from_address(c)).reshape(n, ldc)
+    cv[:, :m] = (av @ bv).T
+
+  return sgemm
+
+
+def test_the_library_self_test_refuses_64_bit_sizes():
+  cpu_blas._self_test(_python_sgemm(4), 'lp64.so')  # passes
+  with pytest.raises(cpu_blas.BlasError, match='ilp64.so: its sgemm_ did not compute .* LP64'):
+    cpu_blas._self_test(_python_sgemm(8), 'ilp64.so')
+
+
+def test_auto_falls_back_to_xla_when_the_torch_library_cannot_serve(monkeypatch, caplog):
+  openblas = glob.glob(os.path.join(os.path.dirname(np.__file__), '..', 'numpy.libs', '*openblas*'))
+  monkeypatch.setattr(cpu_blas, '_torch_mkl', lambda: Path(openblas[0]))
+  monkeypatch.setenv('OVE_CPU_BLAS', 'auto')
+  with cpu_blas.blas_products():
+    assert not cpu_blas.use_for(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.float32)
+  assert 'exports no sgemm_' in caplog.text and "XLA's own are used" in caplog.text
+  assert cpu_blas.describe().startswith("CPU dense products: XLA's own (")

@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import functools
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -46,6 +47,9 @@ TARGET = 'ove_cpu_sgemm'
 _MODE = [False, False]
 # LP64 sgemm takes 32-bit sizes.
 MAX_DIM = 2**31 - 1
+MKL_INTERFACE_LP64 = 0  # mkl_service.h
+# The checkpoint name of a product's output, so remat policies that keep dots keep these too.
+SAVE_NAME = 'cpu_blas_product'
 # Smaller products stay XLA's: alone MKL is faster at every size measured, but inside a step the
 # custom call costs its operands' layouts and XLA's fusions around it; the 'micro' bench step
 # (products of 8-34 M multiply-adds) ran 5% slower in wall time with them on MKL, while width
@@ -86,19 +90,53 @@ class BlasError(ValueError):
 
 
 def describe() -> str:
-  """One line for a log: where a one-device CPU run's float32 dense products go. Loads the
-  library, so a bad OVE_CPU_BLAS raises BlasError here, before any work."""
+  """One line for a log: where a one-device CPU run's float32 dense products go. Loads and
+  checks the library, so a library named by OVE_CPU_BLAS that cannot serve raises BlasError
+  here, before any work (with `auto`, the line says XLA's products are used and why)."""
   path = library_path()
   if path is None:
     why = 'OVE_CPU_BLAS=' + setting() if setting().lower() != 'auto' else 'no torch wheel found'
     return f"CPU dense products: XLA's own ({why})"
-  _sgemm(str(path))
+  try:
+    _sgemm(str(path))
+  except BlasError as err:
+    if setting().lower() != 'auto':
+      raise
+    return f"CPU dense products: XLA's own ({path} cannot serve them: {err})"
   return f'CPU dense products (one CPU device, float32): sgemm_ from {path} (OVE_CPU_BLAS=0: XLA)'
+
+
+def _self_test(sgemm, path: str) -> None:
+  """A 2x3 @ 3x2 product through `sgemm` with LP64 sizes; raises BlasError unless it is right.
+  Each size sits in the low half of a 64-bit slot whose high half is 0x7FFF, so a library that
+  reads 64-bit sizes (ILP64) sees sizes it refuses and leaves C untouched, rather than running."""
+  a = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+  b = np.arange(1, 7, dtype=np.float32).reshape(3, 2)
+  c = np.full((2, 2), np.nan, np.float32)
+  # Row-major C = A @ B is column-major C^T = B^T A^T: sgemm_(N, N, n=2, m=2, k=3, ...).
+  sizes = {
+    name: np.array([v | (0x7FFF << 32)], np.int64) for name, v in dict(m=2, n=2, k=3).items()
+  }
+  ld = {name: np.array([v | (0x7FFF << 32)], np.int64) for name, v in dict(a=3, b=2, c=2).items()}
+  no, one, zero = np.array([78], np.uint8), np.ones(1, np.float32), np.zeros(1, np.float32)
+  pointer = ctypes.c_void_p
+  sgemm(
+    *(pointer(x.ctypes.data) for x in (no, no, sizes['n'], sizes['m'], sizes['k'], one, b)),
+    *(pointer(x.ctypes.data) for x in (ld['b'], a, ld['a'], zero, c, ld['c'])),
+  )
+  if not np.array_equal(c, a @ b):
+    raise BlasError(
+      f'OVE_CPU_BLAS: {path}: its sgemm_ did not compute a 2x3 @ 3x2 product with 32-bit '
+      "(LP64) sizes (an ILP64 build?). Name an LP64 MKL or set OVE_CPU_BLAS=0 to use XLA's own "
+      'products.'
+    )
 
 
 @functools.cache
 def _sgemm(path: str):
-  """The ctypes `sgemm_` of the library at `path` (loaded once)."""
+  """The ctypes `sgemm_` of the library at `path` (loaded once), checked by `_self_test`. An MKL
+  single dynamic library (libmkl_rt) is set to its LP64 interface first: it reads
+  MKL_INTERFACE_LAYER, which could ask for 64-bit sizes."""
   try:
     lib = ctypes.CDLL(path)
   except OSError as err:
@@ -114,6 +152,11 @@ def _sgemm(path: str):
     ) from err
   sgemm.argtypes = [ctypes.c_void_p] * 13
   sgemm.restype = None
+  set_layer = getattr(lib, 'MKL_Set_Interface_Layer', None)
+  if set_layer is not None:
+    set_layer.argtypes, set_layer.restype = [ctypes.c_int], ctypes.c_int
+    set_layer(MKL_INTERFACE_LP64)
+  _self_test(sgemm, path)
   return sgemm
 
 
@@ -130,9 +173,24 @@ def _register(path: str) -> str:
 
 
 def available() -> bool:
-  """Whether products can go to a BLAS here (a library found and registered)."""
+  """Whether products can go to a BLAS here (a library found, checked and registered). With
+  `auto`, a torch wheel whose library cannot serve (see `_sgemm`) or a handler XLA refuses falls
+  back to XLA's own products, with one warning; a library named by path raises BlasError."""
   path = library_path()
-  return path is not None and bool(_register(str(path)))
+  if path is None:
+    return False
+  if setting().lower() != 'auto':
+    return bool(_register(str(path)))
+  try:
+    return bool(_register(str(path)))
+  except Exception as err:  # pylint: disable=broad-except (anything: XLA's products still work)
+    _warn_once(f"OVE_CPU_BLAS=auto: {path} cannot serve the products ({err}); XLA's own are used")
+    return False
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 @contextlib.contextmanager
@@ -176,21 +234,51 @@ def use_for(a, b, out_dtype, contracted: int | None = None) -> bool:
 
 
 def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False):
-  """op(a) @ op(b) for 2-D float32 `a`, `b` (op transposes when asked), by the BLAS."""
+  """op(a) @ op(b) for 2-D float32 `a`, `b` (op transposes when asked), by the BLAS;
+  differentiable to any order (its gradients are products of the same kind)."""
   if a.ndim != 2 or b.ndim != 2:
     raise ValueError(f'cpu_blas.matmul takes 2-D operands, got {a.shape} and {b.shape}')
-  m, k = (a.shape[1], a.shape[0]) if transpose_a else a.shape
-  k2, n = (b.shape[1], b.shape[0]) if transpose_b else b.shape
-  if k != k2:
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    raise ValueError(f'cpu_blas.matmul takes float32 operands, got {a.dtype} and {b.dtype}')
+  k = a.shape[0] if transpose_a else a.shape[1]
+  if k != (b.shape[1] if transpose_b else b.shape[0]):
     raise ValueError(f'cpu_blas.matmul: contracted sizes differ ({a.shape}, {b.shape})')
+  return _matmul(a, b, bool(transpose_a), bool(transpose_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a, b, transpose_a: bool, transpose_b: bool):
+  m = a.shape[1] if transpose_a else a.shape[0]
+  k = a.shape[0] if transpose_a else a.shape[1]
+  n = b.shape[0] if transpose_b else b.shape[1]
   if 0 in (m, n, k):
     return jnp.zeros((m, n), jnp.float32)  # nothing to multiply; sgemm refuses a zero stride
   path = library_path()
   if path is None:
-    raise BlasError(
-      "cpu_blas.matmul: no BLAS (OVE_CPU_BLAS is off or no torch wheel); use XLA's product"
-    )
+    raise BlasError("cpu_blas.matmul: no BLAS (OVE_CPU_BLAS is off or no torch wheel); use XLA's")
   call = jax.ffi.ffi_call(
     _register(str(path)), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method='sequential'
   )
   return call(a, b, transpose_a=np.int32(transpose_a), transpose_b=np.int32(transpose_b))
+
+
+def _matmul_fwd(a, b, transpose_a, transpose_b):
+  return _matmul(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _matmul_bwd(transpose_a, transpose_b, residuals, dc):
+  """C = op(A) op(B): d op(A) = dC op(B)^T and d op(B) = op(A)^T dC, transposed back where
+  op transposed; each one product of this kind, with its own flags."""
+  a, b = residuals
+  if transpose_a:  # dA = (dC op(B)^T)^T = op(B) dC^T
+    da = _matmul(b, dc, transpose_b, True)
+  else:
+    da = _matmul(dc, b, False, not transpose_b)
+  if transpose_b:  # dB = (op(A)^T dC)^T = dC^T op(A)
+    db = _matmul(dc, a, True, transpose_a)
+  else:
+    db = _matmul(a, dc, not transpose_a, False)
+  return da, db
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -10,7 +10,8 @@ read here as arrays of 64-bit words, at these offsets (x86-64 / aarch64 LP64 lay
     15-20 attrs {struct_size, extension_start, size, types, names, attrs}, 21 future;
   XLA_FFI_Buffer: 3 data, 4 rank, 5 dims;  XLA_FFI_Scalar: 0 dtype, 1 value;
   XLA_FFI_Extension_Base: 0 struct_size, 1 type (1 = metadata), 2 next;
-    metadata extension: 3 XLA_FFI_Metadata* {0 struct_size, 1-3 api_version, 4 traits};
+    metadata extension: 3 XLA_FFI_Metadata* {0 struct_size, 1-3 api_version (major and minor
+    in its 32-bit words 6 and 7), 32-bit word 8 traits};
   XLA_FFI_Api: 6 XLA_FFI_Error_Create.
 
 The handler answers XLA's metadata query with the API version it was written against, does
@@ -37,15 +38,18 @@ FRAME_BYTES = 168  # XLA_FFI_DEFINE_STRUCT_TRAITS(XLA_FFI_CallFrame, attrs): up 
 EXECUTE = 3
 METADATA = 1
 F32 = 11
+S32 = 4
 SCALAR = 3
 INVALID_ARGUMENT = 3
 
 _MESSAGES = {
-  'frame': b'ove cpu_blas: XLA FFI call frame of an unexpected size (this jaxlib is newer than '
-  b'the handler); set OVE_CPU_BLAS=0',
-  'operands': b'ove cpu_blas: expected two float32 rank-2 operands, one result and the '
-  b'transpose_a / transpose_b attributes; set OVE_CPU_BLAS=0',
+  'frame': b'ove cpu_blas: an XLA FFI call frame smaller than the handler reads (a jaxlib other '
+  b'than the one of requirements.txt); set OVE_CPU_BLAS=0',
+  'operands': b'ove cpu_blas: expected two float32 rank-2 operands, one result and the int32 '
+  b'transpose_a / transpose_b attributes (0 or 1); set OVE_CPU_BLAS=0',
 }
+# Compiled handlers, kept for the process: XLA holds their addresses.
+_COMPILED = []
 # Kept alive for the process: the handler passes their addresses to XLA_FFI_Error_Create.
 _BUFFERS = {key: ctypes.create_string_buffer(text) for key, text in _MESSAGES.items()}
 
@@ -109,9 +113,14 @@ def compile_handler(sgemm) -> int:
 
   @numba.njit(cache=False)
   def scalar(attrs, types_, i):
+    """Attribute i as a 0/1 flag: an int32 scalar (XLA_FFI_Scalar: 4-byte dtype, value*)."""
     if _int32s(types_)[i] != SCALAR:  # XLA_FFI_AttrType is a 4-byte enum
       return -1
-    return _int32s(_words(attrs[i])[1])[0]
+    value = _words(attrs[i])
+    if _int32s(attrs[i])[0] != S32:
+      return -1
+    flag = _int32s(value[1])[0]
+    return flag if flag in (0, 1) else -1
 
   @numba.cfunc(types.int64(types.CPointer(types.int64)), nopython=True)
   def handler(frame):
@@ -119,9 +128,9 @@ def compile_handler(sgemm) -> int:
     if extension != 0:
       base = _words(extension)
       if (base[1] & 0xFFFFFFFF) == METADATA:
-        metadata = _words(base[3])
-        metadata[3] = (API_MINOR << 32) | API_MAJOR
-        metadata[4] = 0
+        version = _int32s(base[3])  # XLA_FFI_Metadata as 32-bit words
+        version[6], version[7] = API_MAJOR, API_MINOR  # api_version.major_version, minor
+        version[8] = 0  # traits
         return 0
     if frame[0] < FRAME_BYTES:
       return error(frame, frame_message)
@@ -169,4 +178,5 @@ def compile_handler(sgemm) -> int:
     )
     return 0
 
+  _COMPILED.append(handler)  # the address must stay valid for the process
   return handler.address

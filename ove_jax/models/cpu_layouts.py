@@ -59,6 +59,7 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from ove_jax.models import cpu_blas
 
@@ -137,6 +138,8 @@ def _blas_product(lhs, rhs, dims, dtype):
   transpose_b = tuple(rhs_contract) == (1,)
   a = lhs if transpose_a else lhs.reshape(-1, lhs.shape[-1])
   out = cpu_blas.matmul(a, rhs, transpose_a=transpose_a, transpose_b=transpose_b)
+  # Named so that remat='dots' keeps it as it keeps a dot_general's output (cpu_blas.SAVE_NAME).
+  out = checkpoint_name(out, cpu_blas.SAVE_NAME)
   return out if transpose_a else out.reshape(*lhs.shape[:-1], out.shape[-1])
 
 

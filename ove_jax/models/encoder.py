@@ -34,6 +34,7 @@ from flax import nnx
 from data_pipeline.tokens import CLIP_MEAN, CLIP_STD, clip_positions, patchify  # noqa: E402,F401
 from data_pipeline.tokens import timeline_to_grid as uniform_frame_times  # noqa: E402,F401
 from ove_jax import sharding
+from ove_jax.models import cpu_blas
 from ove_jax.models.attention import IMPLEMENTATIONS, dot_product_attention
 from ove_jax.models.layers import LayerNorm, RMSNorm, dense, param_init
 from ove_jax.models.rope import ROPE_VARIANTS, apply_rope, rope_tables
@@ -300,7 +301,13 @@ class MAPHead(nnx.Module):
 
 
 def _remat_policy(name):
-  return {'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+  """'dots' keeps the matmul outputs without batch dimensions: the dot_generals, and the dense
+  products a one-device CPU run computes with MKL (custom calls, named cpu_blas.SAVE_NAME)."""
+  policies = jax.checkpoint_policies
+  dots = policies.save_from_both_policies(
+    policies.dots_with_no_batch_dims_saveable, policies.save_only_these_names(cpu_blas.SAVE_NAME)
+  )
+  return {'full': None, 'dots': dots}[name]
 
 
 def _block_fn(cfg: EncoderConfig, *, in_scan: bool):
