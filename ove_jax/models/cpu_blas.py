@@ -181,16 +181,19 @@ def available() -> bool:
     return False
   if setting().lower() != 'auto':
     return bool(_register(str(path)))
-  try:
-    return bool(_register(str(path)))
-  except Exception as err:  # pylint: disable=broad-except (anything: XLA's products still work)
-    _warn_once(f"OVE_CPU_BLAS=auto: {path} cannot serve the products ({err}); XLA's own are used")
-    return False
+  return _auto_usable(str(path))
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
-  logging.warning(message)
+def _auto_usable(path: str) -> bool:
+  """`_register(path)` for `auto`, once per process: False, with a warning, where it fails."""
+  try:
+    return bool(_register(path))
+  except Exception as err:  # pylint: disable=broad-except (anything: XLA's products still work)
+    logging.warning(
+      "OVE_CPU_BLAS=auto: %s cannot serve the products (%s); XLA's own are used", path, err
+    )
+    return False
 
 
 @contextlib.contextmanager
