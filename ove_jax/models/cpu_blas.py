@@ -12,15 +12,18 @@ allocated. Everything else (attention, norms, fusions) stays XLA's.
 Where the MKL comes from (`OVE_CPU_BLAS`):
   - unset or `auto`: the MKL inside the installed PyTorch CPU wheel (the `torch` extra):
     `torch/lib/libtorch_cpu.so` exports MKL's `sgemm_`; it is loaded with ctypes, torch itself
-    is not imported. No torch: XLA's own products, as before;
+    is not imported. No torch, or a library that fails its check (`_sgemm`): XLA's own
+    products, with one warning;
   - a path: a shared library exporting the LP64 Fortran `sgemm_` (the `mkl` wheel's
     `libmkl_rt.so.3`, say);
   - `0` / `off`: XLA's own products.
 
 When it is used (`use_for`): the CPU backend, one device in the process (a product on sharded
 operands is left to XLA's partitioner, which cannot split a custom call), float32 operands and
-result, 2-D products whose sizes fit the LP64 interface. `xla_products()` switches it off while a
-function is traced (for comparisons).
+result, 2-D products of at least MIN_MULTIPLY_ADDS whose sizes fit the LP64 interface.
+`xla_products()` switches it off while a function is traced (for comparisons), `blas_products()`
+on for every float32 product (tests). `matmul` is differentiable to any order, and its outputs
+carry a checkpoint name (SAVE_NAME) that the encoder's remat='dots' policy keeps.
 
 Same maths: a float32 matrix product with float32 accumulation. The sums are taken in MKL's
 order, not XLA's, so results differ from XLA's product by float rounding (relative 1e-6 on the
