@@ -458,6 +458,10 @@ def run_training(config, workdir: str, info: Mapping[str, int], started: float) 
     main_process = info['process_index'] == 0
     if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
       log.info('malloc: %s', host_runtime.configure_malloc())
+      if jax.device_count() == 1:  # loads the library: only where it can be used
+        log.info(cpu_blas.describe())
+      else:
+        log.info("CPU dense products: XLA's own (%d devices: sharded)", jax.device_count())
     paths.makedirs(workdir)
     cache = distributed.use_compilation_cache(
       config.compilation_cache_dir.replace('{workdir}', workdir)
@@ -560,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.info(host_runtime.describe(tuning))
   try:
     config = config_lib.load(args.config, overrides)  # before JAX starts: errors come fast
-    logging.info(cpu_blas.describe())
+    cpu_blas.check_setting()  # a library named by OVE_CPU_BLAS that cannot serve: exit 2 now
     if args.show_config:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')

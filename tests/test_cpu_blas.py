@@ -179,6 +179,12 @@ def test_bad_settings_are_named(monkeypatch):
     assert not cpu_blas.use_for(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.float32)
   monkeypatch.setenv('OVE_CPU_BLAS', str(cpu_blas._torch_mkl()))  # a path, as a user names MKL
   assert 'sgemm_ from' in cpu_blas.describe()
+  cpu_blas.check_setting()
+  monkeypatch.setenv('OVE_CPU_BLAS', openblas[0])
+  with pytest.raises(cpu_blas.BlasError, match='exports no sgemm_'):
+    cpu_blas.check_setting()
+  monkeypatch.setenv('OVE_CPU_BLAS', 'auto')
+  cpu_blas.check_setting()  # loads nothing: a GPU or TPU run never maps the torch library
 
 
 def test_ove_train_refuses_a_bad_setting_before_any_work(tmp_path):

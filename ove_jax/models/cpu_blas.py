@@ -92,6 +92,13 @@ class BlasError(ValueError):
   """OVE_CPU_BLAS names a library that cannot serve the products."""
 
 
+def check_setting() -> None:
+  """Raises BlasError where OVE_CPU_BLAS names a library that cannot serve (missing, no LP64
+  `sgemm_`), for command lines to refuse before any work; `auto` and `0` load nothing here."""
+  if library_path() is not None and setting().lower() != 'auto':
+    _sgemm(str(library_path()))
+
+
 def describe() -> str:
   """One line for a log: where a one-device CPU run's float32 dense products go. Loads and
   checks the library, so a library named by OVE_CPU_BLAS that cannot serve raises BlasError
