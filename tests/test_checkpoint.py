@@ -236,3 +236,49 @@ def test_a_workdir_inside_a_file_is_refused_before_anything_is_written(tmp_path)
   with pytest.raises(ValueError, match=rf'{afile}: a file, not a folder; give'):
     checkpoint.check_checkpoint_path(str(afile))
   checkpoint.check_checkpoint_path(str(tmp_path / 'new' / 'run'))  # made later, as it should be
+
+
+def test_a_failed_read_quiets_only_orbaxs_leftovers(monkeypatch):
+  """After a failed restore, orbax's unfinished coroutines and tensorstore's callbacks into its
+  closed loop end at exit as 'Exception ignored' tracebacks: dropped; anything else is not."""
+  import sys
+  import types
+
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+
+  class Manager:
+    directory = '/runs/r/checkpoints'
+
+    def all_steps(self):
+      return [3, 5]
+
+  def fail():
+    raise OSError('truncated')
+
+  with pytest.raises(checkpoint.DamagedCheckpointError, match='step 5: state/ cannot be read'):
+    checkpoint._read(Manager(), 5, 'state/', fail)
+
+  async def orbax_like():
+    pass
+
+  coroutine = orbax_like()
+  code = types.SimpleNamespace(
+    co_filename=os.path.join('site-packages', 'orbax', 'x', 'serialization.py')
+  )
+
+  def unraisable(obj, exc):
+    return types.SimpleNamespace(
+      object=obj, exc_value=exc, exc_type=type(exc), exc_traceback=None, err_msg=None
+    )
+
+  sys.unraisablehook(unraisable(types.SimpleNamespace(cr_code=code), Exception('read error')))
+  sys.unraisablehook(unraisable(None, RuntimeError('Event loop is closed')))
+  assert seen == []
+  other = unraisable(coroutine, ValueError('ours'))
+  sys.unraisablehook(other)
+  sys.unraisablehook(unraisable(None, RuntimeError('another')))
+  assert [u.exc_value.args[0] for u in seen] == ['ours', 'another']
+  coroutine.close()
+  checkpoint.quiet_failed_read_leftovers()  # installed once: not wrapped again
+  assert sys.unraisablehook.ove_quiets_failed_reads
