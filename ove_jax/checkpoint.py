@@ -258,26 +258,20 @@ def _read(manager: ocp.CheckpointManager, step: int, what: str, read):
     raise _damaged(manager, step, what, str(e).strip().splitlines()[:1]) from e
 
 
-def _is_failed_read_leftover(unraisable) -> bool:
-  code = getattr(unraisable.object, 'cr_code', None)  # a coroutine of orbax's never finished
-  if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
-    return True
-  exc = unraisable.exc_value  # a tensorstore callback into orbax's closed asyncio loop
-  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
-
-
 def quiet_failed_read_leftovers() -> None:
-  """After a failed restore, orbax's pending reads end later, at garbage collection or exit:
-  its serialization coroutines never finished and tensorstore's callbacks into its closed
-  asyncio loop, which Python prints as 'Exception ignored in ...' tracebacks after the one-line
-  error that already reports the failure (a damaged step's exit 2 ended in two of them). From
-  then on this process drops those, and only those (`sys.unraisablehook`)."""
+  """After a failed restore, orbax's pending reads end at garbage collection or exit (its
+  unfinished coroutines, tensorstore's callbacks into its closed asyncio loop), printed as
+  'Exception ignored' tracebacks after the error that reports the failure: from then on this
+  process drops those, and only those (`sys.unraisablehook`)."""
   previous = sys.unraisablehook
   if getattr(previous, 'ove_quiets_failed_reads', False):
     return
 
   def hook(unraisable):
-    if not _is_failed_read_leftover(unraisable):
+    code, exc = getattr(unraisable.object, 'cr_code', None), unraisable.exc_value
+    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+      return
+    if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
       previous(unraisable)
 
   hook.ove_quiets_failed_reads = True
