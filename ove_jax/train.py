@@ -458,10 +458,7 @@ def run_training(config, workdir: str, info: Mapping[str, int], started: float) 
     main_process = info['process_index'] == 0
     if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
       log.info('malloc: %s', host_runtime.configure_malloc())
-      if jax.device_count() == 1:  # loads the library: only where it can be used
-        log.info(cpu_blas.describe())
-      else:
-        log.info("CPU dense products: XLA's own (%d devices: sharded)", jax.device_count())
+      log.info(cpu_blas.describe(jax.device_count()))  # loads the library only for one device
     paths.makedirs(workdir)
     cache = distributed.use_compilation_cache(
       config.compilation_cache_dir.replace('{workdir}', workdir)

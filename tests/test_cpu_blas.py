@@ -175,6 +175,9 @@ def test_bad_settings_are_named(monkeypatch):
     cpu_blas.describe()
   monkeypatch.setenv('OVE_CPU_BLAS', '0')
   assert "XLA's own (OVE_CPU_BLAS=0)" in cpu_blas.describe()
+  monkeypatch.setenv('OVE_CPU_BLAS', '/no/such/libmkl_rt.so')  # several devices: nothing loaded
+  assert cpu_blas.describe(8) == "CPU dense products: XLA's own (8 devices: sharded)"
+  monkeypatch.setenv('OVE_CPU_BLAS', '0')
   with cpu_blas.blas_products():
     assert not cpu_blas.use_for(jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.float32)
   monkeypatch.setenv('OVE_CPU_BLAS', str(cpu_blas._torch_mkl()))  # a path, as a user names MKL

@@ -95,14 +95,18 @@ class BlasError(ValueError):
 def check_setting() -> None:
   """Raises BlasError where OVE_CPU_BLAS names a library that cannot serve (missing, no LP64
   `sgemm_`), for command lines to refuse before any work; `auto` and `0` load nothing here."""
-  if library_path() is not None and setting().lower() != 'auto':
-    _sgemm(str(library_path()))
+  path = library_path()
+  if path is not None and setting().lower() != 'auto':
+    _sgemm(str(path))
 
 
-def describe() -> str:
-  """One line for a log: where a one-device CPU run's float32 dense products go. Loads and
-  checks the library, so a library named by OVE_CPU_BLAS that cannot serve raises BlasError
-  here, before any work (with `auto`, the line says XLA's products are used and why)."""
+def describe(device_count: int = 1) -> str:
+  """One line for a log: where a CPU run of `device_count` devices puts its float32 dense
+  products. With one device it loads and checks the library, so a library named by OVE_CPU_BLAS
+  that cannot serve raises BlasError here (with `auto`, the line says XLA's are used and why);
+  with several it loads nothing (their products are sharded: XLA's)."""
+  if device_count != 1:
+    return f"CPU dense products: XLA's own ({device_count} devices: sharded)"
   path = library_path()
   if path is None:
     why = 'OVE_CPU_BLAS=' + setting() if setting().lower() != 'auto' else 'no torch wheel found'

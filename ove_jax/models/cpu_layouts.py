@@ -175,9 +175,10 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
   # dx = dy @ W^T: XLA:CPU's kernel handles a transposed right operand at full speed.
   dx = _product(dy, w, (((dy.ndim - 1,), (1,)), ((), ())), precision, x.dtype)
   x_TxD, dy_TxF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  if cpu_blas.use_for(x_TxD, dy_TxF, w.dtype, x_TxD.shape[0]):
-    # The BLAS reads x^T in place: dW = x^T @ dy as one sgemm, no copy.
-    return dx, _product(x_TxD, dy_TxF, (((0,), (0,)), ((), ())), precision, w.dtype)
+  # Where the BLAS takes it, dW = x^T @ dy is one sgemm reading x^T in place, no copy.
+  dw = _blas_product(x_TxD, dy_TxF, (((0,), (0,)), ((), ())), w.dtype)
+  if dw is not None:
+    return dx, dw
   if x_TxD.shape[1] <= dy_TxF.shape[1]:
     # dW = x^T @ dy over every token, with x^T copied once.
     dims = ((1,), (0,)), ((), ())
