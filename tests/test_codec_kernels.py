@@ -394,3 +394,43 @@ def test_patch_sums(monkeypatch, geometry, height, width, step):
     fast, reference = both(monkeypatch, maps.to_patches_banded, map_HxW, bands)
     assert_identical(fast, reference)
     assert fast.shape == (16, 16)
+
+
+@pytest.mark.parametrize('resample', ['area', 'linear', 'cubic'])
+@pytest.mark.parametrize('geometry', ['crop', 'letterbox'])
+@pytest.mark.parametrize(
+  'height,width,step,resolution', [(272, 640, 1, 224), (240, 426, 3, 224), (144, 176, 1, 576)]
+)
+def test_canvas_resize(monkeypatch, resample, geometry, height, width, step, resolution):
+  # The presets' resize onto the canvas (Ry @ map @ Rx.T) runs through the banded matrices: the
+  # bands hold every weight of the dense matrices, the kernel and numpy add them in the same
+  # order (the same bits on any CPU, no BLAS call), and the result is the dense product's.
+  from data_pipeline.codec import geometry as geometry_lib
+
+  rng = np.random.default_rng([height, width, step, resolution])
+  dense = geometry_lib.canvas_matrices(height, width, resolution, geometry, resample, step)
+  bands = tuple(maps.Band.of(m) for m in dense)
+  for band, matrix in zip(bands, dense):
+    rebuilt = np.zeros_like(matrix)
+    rows = np.arange(matrix.shape[0])[:, None]
+    cols = band.start_P[:, None] + np.arange(band.weights_PxB.shape[1])
+    np.add.at(rebuilt, (rows, np.minimum(cols, matrix.shape[1] - 1)), band.weights_PxB)
+    assert_identical(rebuilt, matrix)
+    assert band.weights_PxB.shape[1] <= 6  # a band, not the whole row
+  map_HxW = rng.random((height // step, width // step)).astype(np.float32)
+  fast, reference = both(monkeypatch, maps.to_patches_banded, map_HxW, bands)
+  assert_identical(fast, reference)
+  ry, rx = (m.astype(np.float64) for m in dense)
+  np.testing.assert_allclose(fast, ry @ map_HxW.astype(np.float64) @ rx.T, rtol=1e-5, atol=1e-6)
+  # The scorer's canvas sums are these banded sums, bit for bit (unquantised, as release_llava).
+  from data_pipeline.codec import options as options_lib
+  from data_pipeline.codec import selection
+
+  opts = options_lib.Options.from_kwargs(
+    dict(geometry=geometry, resample=resample, quantise=False, maths='release')
+  )
+  ps = 14 if resolution == 224 else 16
+  sums = selection.Scorer(opts, resolution, ps, step).canvas_sums(map_HxW, height, width)
+  side = resolution // ps
+  expected = fast.reshape(side, ps, side, ps).sum(axis=(1, 3), dtype=np.float64)
+  assert_identical(sums, expected.astype(np.float32))

@@ -15,7 +15,9 @@ through one matrix per axis, `canvas_matrices`: row c of Ry holds the weights of
 for canvas row c (zero rows on padding). 'area' weights are exact pixel-area overlaps (the
 patch sums of today's `maps.patch_integrators`), 'linear' and 'cubic' are OpenCV's INTER_LINEAR
 and INTER_CUBIC resampling (half-pixel centres, replicated edges, no antialiasing), which is how
-the release resizes its fused maps before summing patches.
+the release resizes its fused maps before summing patches. Both matrices are banded (a few
+weights a row), so the products run through `Band` (`to_patches_banded`): a fixed order of
+additions, the same bits on every CPU and BLAS build, and no BLAS threads.
 """
 
 from __future__ import annotations

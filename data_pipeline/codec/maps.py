@@ -555,8 +555,9 @@ Band = geometry_lib.Band
 
 
 def to_patches_banded(map_HxW: np.ndarray, bands: tuple) -> np.ndarray:
-  """`geometry.to_patches_banded` (the patch sums of a map through its banded integrators), in
-  one compiled pass over the two bands when the kernels are on: the same sums, bit for bit."""
+  """`geometry.to_patches_banded`: Ay @ map @ Ax.T through banded matrices (the patch
+  integrators, or the presets' resize onto the canvas), in one compiled pass over the two bands
+  when the kernels are on: the same sums, bit for bit."""
   if KERNELS is None:
     return geometry_lib.to_patches_banded(map_HxW, bands)
   ay, ax = bands

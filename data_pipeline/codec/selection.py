@@ -429,11 +429,15 @@ class Scorer:
     """Resample onto the canvas (rounded to uint8 levels with `quantise`), then patch sums."""
     key = ('canvas', height, width)
     if key not in self._matrices:
-      self._matrices[key] = geometry.canvas_matrices(
-        height, width, self.resolution, self.opts.geometry, self.opts.resample, self.step
+      self._matrices[key] = tuple(
+        maps.Band.of(m)
+        for m in geometry.canvas_matrices(
+          height, width, self.resolution, self.opts.geometry, self.opts.resample, self.step
+        )
       )
-    ry, rx = self._matrices[key]
-    canvas_RxR = ry @ fused_HxW.astype(np.float32) @ rx.T
+    # Ry @ map @ Rx.T through the banded matrices (`geometry.Band`): every canvas pixel's terms
+    # in one fixed order, so the same bits on every CPU and BLAS build, and no BLAS threads.
+    canvas_RxR = maps.to_patches_banded(fused_HxW, self._matrices[key])
     if self.opts.quantise:
       canvas_RxR = np.clip(np.rint(canvas_RxR * 255.0), 0, 255) / 255.0
     side, ps = self.resolution // self.patch_size, self.patch_size
