@@ -304,7 +304,7 @@ def frame_maps(
     else:
       motion_cells = (motion_HcxWc, cell_weights(h, w, *motion_HcxWc.shape, step))
   if inconsistency:
-    motion_HxW = release.local_variance(motion_HxW, inconsistency)
+    motion_HxW = local_variance(motion_HxW, inconsistency)
   return FrameMaps(
     None if motion_HxW is None else motion_HxW.astype(np.float32, copy=False),
     residual_HxW.astype(np.float32, copy=False),
@@ -314,6 +314,18 @@ def frame_maps(
     motion_cells,
     step,
   )
+
+
+def local_variance(motion_HxW: np.ndarray, k: int) -> np.ndarray:
+  """`release.local_variance` (the MV inconsistency), as one compiled pass when the kernels are
+  on (`release_kernels.local_variance`, the same bits)."""
+  motion_HxW = motion_HxW.astype(np.float32, copy=False)
+  h, w = motion_HxW.shape
+  if KERNELS is None or min(h, w) + 2 * (k // 2) - k < 1:
+    return release.local_variance(motion_HxW, k)
+  from data_pipeline.codec import release_kernels
+
+  return release_kernels.local_variance(motion_HxW, k)
 
 
 def motion_magnitude(grids: Sequence[VectorGrid], distances: Sequence[int], camera: str):

@@ -38,6 +38,7 @@ What they share, and what `maths='release'` switches on (docs/spec.md §2.4-§2.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -83,11 +84,16 @@ PRESETS = {
 }
 
 
+@functools.lru_cache(maxsize=16)
 def fit_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pixel coordinates in [-1, 1], float32 [H*W] each (x along columns, y along rows)."""
+  """Pixel coordinates in [-1, 1], float32 [H*W] each (x along columns, y along rows);
+  read-only, one pair per frame size."""
   ys = np.linspace(-1.0, 1.0, height, dtype=np.float32)
   xs = np.linspace(-1.0, 1.0, width, dtype=np.float32)
-  return np.tile(xs, height), np.repeat(ys, width)
+  grid = np.tile(xs, height), np.repeat(ys, width)
+  for axis in grid:
+    axis.setflags(write=False)
+  return grid
 
 
 def _design(x: np.ndarray, y: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
