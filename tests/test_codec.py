@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import codec, records, synthetic, workers
-from data_pipeline.codec import bitstream, maps
+from data_pipeline.codec import bitstream, camera, maps
 from data_pipeline.codec.selection import is_static
 
 T, K = 64, 2048  # K = 12.5% of 64 x 16 x 16
@@ -452,10 +452,10 @@ def test_camera_compensation():
   dx, dy = flow_x.copy(), flow_y.copy()
   dx[:10, :10] += 6
   grid = maps.VectorGrid(dx.astype(np.float32), dy.astype(np.float32), np.ones((hc, wc), bool))
-  fit_x, fit_y = maps.similarity_flow(grid)
+  fit_x, fit_y = camera.similarity_flow(grid)
   np.testing.assert_allclose(fit_x, flow_x, atol=1e-3)
   np.testing.assert_allclose(fit_y, flow_y, atol=1e-3)
-  left_x, _ = maps.compensate_camera(grid, 'median')
+  left_x, _ = camera.compensate(grid, 'median')
   assert abs(np.median(left_x)) < 1e-6
   # On panning clips the compensated selection finds the objects better.
   gains = []

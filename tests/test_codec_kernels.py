@@ -452,3 +452,31 @@ def test_local_variance(monkeypatch, height, width, k):
       continue
     fast, reference = both(monkeypatch, maps.local_variance, x, k)
     assert_identical(fast, reference)
+
+
+@pytest.mark.parametrize('camera', ['none', 'median'])
+@pytest.mark.parametrize(
+  'height,width,step', [(61, 83, 1), (272, 640, 1), (240, 426, 3), (8, 8, 2)]
+)
+def test_release_motion_on_cells(monkeypatch, camera, height, width, step):
+  # release_train's and release_llava's motion map is constant over cells: computed there (the
+  # median over pixels as the cells' median weighted by pixel counts) and expanded, it is the
+  # pixel map bit for bit, kernels on or off; even and odd pixel counts, ties, half the cells
+  # uncoded (zeros), a majority of one value.
+  rng = np.random.default_rng([height, width, step])
+  h, w = height // step, width // step
+  hc, wc = -(-height // maps.CELL), -(-width // maps.CELL)
+  for share in (0.5, 0.02, 1.0):
+    dx = (rng.integers(-40, 40, (hc, wc)) / 4).astype(np.float32)
+    dy = (rng.integers(-3, 3, (hc, wc)) / 4).astype(np.float32)
+    grid = maps.VectorGrid(dx, dy, rng.random((hc, wc)) < share)
+    pixels = maps.release_motion(grid, h, w, camera, step)
+    fast, reference = both(monkeypatch, maps.release_motion_cells, grid, h, w, camera, step)
+    assert_identical(fast, reference)
+    assert_identical(maps.cells_to_pixels(fast, h, w, step), pixels)
+  values = np.array([3.0, 1.0, 2.0, 1.0], np.float32)
+  for weights in ([1, 1, 1, 1], [2, 1, 0, 1], [1, 0, 5, 0], [3, 3, 3, 4]):
+    weights = np.array(weights, np.int64)
+    expected = np.median(np.repeat(values, weights))
+    fast, reference = both(monkeypatch, maps.median, values, weights)
+    assert fast == reference == expected and type(fast) is type(expected) is np.float32

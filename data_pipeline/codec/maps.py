@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from data_pipeline.codec import camera as camera_lib
 from data_pipeline.codec import geometry as geometry_lib
 from data_pipeline.codec import prediction, release
 
@@ -52,8 +53,6 @@ CELL = prediction.CELL  # pixels per side of a vector-grid cell
 PERCENTILE = 95.0
 MOTION_FLOOR = 1e-6  # in pixels per frame
 RESIDUAL_FLOOR = 1.0  # in 0-255 luma levels
-TRIM_KEEP = 0.7  # share of points kept by each trimming pass of the similarity fit
-TRIM_PASSES = 2
 PRIOR_SIGMA = 0.35  # centre-prior Gaussian sigma, as a share of min(H, W)
 
 
@@ -295,10 +294,13 @@ def frame_maps(
       residual_HxW = bipredicted_residual(luma, p0, p1, coded_HcxWc, step)
 
   motion_cells = motion_HxW = None
-  if maths == 'release':
-    motion_HxW = release_motion(past_grid, h, w, camera, step)
-  else:
+  if maths != 'release':
     motion_HcxWc = motion_magnitude(grids, distances, camera).astype(np.float32, copy=False)
+  elif camera in RELEASE_CELL_CAMERAS:
+    motion_HcxWc = release_motion_cells(past_grid, h, w, camera, step)
+  else:
+    motion_HxW = release_motion(past_grid, h, w, camera, step)
+  if motion_HxW is None:
     if inconsistency:
       motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
     else:
@@ -330,11 +332,11 @@ def local_variance(motion_HxW: np.ndarray, k: int) -> np.ndarray:
 
 def motion_magnitude(grids: Sequence[VectorGrid], distances: Sequence[int], camera: str):
   """Motion per cell, float32 [Hc, Wc]: the vector's length per frame of reference distance,
-  after removing the camera's motion (`compensate_camera`), averaged over the directions coded
+  after removing the camera's motion (`camera.compensate`), averaged over the directions coded
   for the cell (0 where none is). A direction without a reference (distance 0) or without
   vectors does not count."""
   used = [
-    (*compensate_camera(grid, camera), grid.has_HcxWc, distance)
+    (*camera_lib.compensate(grid, camera), grid.has_HcxWc, distance)
     for grid, distance in zip(grids, distances)
     if distance != 0 and grid.has_HcxWc.any()
   ]
@@ -362,65 +364,39 @@ def release_motion(
   return np.sqrt(dx * dx + dy * dy)
 
 
-def compensate_camera(grid: VectorGrid, camera: str) -> tuple[np.ndarray, np.ndarray]:
-  """The grid's vectors minus the camera's motion, statistics over the coded cells: 'none',
-  'median', 'mean', 'similarity' (`similarity_flow`) or 'affine' (the release's fit)."""
-  dx, dy, has = grid.dx_HcxWc, grid.dy_HcxWc, grid.has_HcxWc
-  if camera == 'none' or has.sum() < 3:
-    return dx, dy
+# The release's compensations whose statistic over the pixels a cell grid weighted by its pixel
+# counts gives exactly (none; the median is an order statistic of the same multiset).
+RELEASE_CELL_CAMERAS = ('none', 'median')
+
+
+def release_motion_cells(
+  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
+) -> np.ndarray:
+  """`release_motion` on the cell grid, float32 [Hc, Wc], for the `RELEASE_CELL_CAMERAS`: the
+  map is constant over each cell, so the median over the pixels is the cells' median weighted
+  by their pixel counts (`median`), and the rest is the same float32 arithmetic per cell;
+  expanded, it is `release_motion`'s map bit for bit."""
+  dx = np.where(l0.has_HcxWc, l0.dx_HcxWc, 0).astype(np.float32, copy=False)
+  dy = np.where(l0.has_HcxWc, l0.dy_HcxWc, 0).astype(np.float32, copy=False)
   if camera == 'median':
-    return dx - np.median(dx[has]), dy - np.median(dy[has])
-  if camera == 'mean':
-    return dx - np.mean(dx[has]), dy - np.mean(dy[has])
-  if camera == 'similarity':
-    flow_x, flow_y = similarity_flow(grid)
-    return dx - flow_x, dy - flow_y
-  if camera == 'affine':
-    flow_x, flow_y = release.camera_flow(np.where(has, dx, 0), np.where(has, dy, 0), 'affine')
-    return dx - flow_x, dy - flow_y
-  raise ValueError(
-    f'camera_compensation={camera!r}: allowed values are none, median, mean, similarity, affine'
-  )
+    weights = cell_weights(height, width, *dx.shape, step)
+    dx, dy = dx - median(dx, weights), dy - median(dy, weights)
+  elif camera != 'none':
+    raise ValueError(f'camera {camera!r}: the cell path serves {RELEASE_CELL_CAMERAS}')
+  return np.sqrt(dx * dx + dy * dy)
 
 
-def similarity_flow(
-  grid: VectorGrid, passes: int = TRIM_PASSES, keep: float = TRIM_KEEP
-) -> tuple[np.ndarray, np.ndarray]:
-  """Least-squares similarity motion (zoom, rotation, shift) of the cells, robust to objects.
-
-  The displacement d = src - dst of a camera that zooms, rotates and pans is
-  dx = a*x - b*y + tx, dy = b*x + a*y + ty (a, b linear in scale and angle). Fit on all cells,
-  then `passes` times: rank all cells by their residual to the current fit, refit on the best
-  `keep` share. Returns the fitted flow on the whole grid.
-  """
-  hc, wc = grid.has_HcxWc.shape
-  ys, xs = np.mgrid[0:hc, 0:wc].astype(np.float64) * CELL + CELL / 2
-  cy, cx = ys.mean(), xs.mean()
-  xs, ys = xs - cx, ys - cy  # centred coordinates keep the normal equations well conditioned
-  has = grid.has_HcxWc.reshape(-1)
-  x, y = xs.reshape(-1)[has], ys.reshape(-1)[has]
-  dx = grid.dx_HcxWc.reshape(-1)[has].astype(np.float64)
-  dy = grid.dy_HcxWc.reshape(-1)[has].astype(np.float64)
-  n = x.size
-  design = np.concatenate(
-    [np.stack([x, -y, np.ones(n), np.zeros(n)], 1), np.stack([y, x, np.zeros(n), np.ones(n)], 1)]
-  )
-  target = np.concatenate([dx, dy])
-  chosen = np.arange(n)
-  for step in range(passes + 1):
-    rows = np.concatenate([chosen, chosen + n])
-    # Normal equations: 4 unknowns, so a 4x4 solve is far cheaper than an SVD of the rows.
-    fit_rows = design[rows]
-    params = np.linalg.lstsq(fit_rows.T @ fit_rows, fit_rows.T @ target[rows], rcond=None)[0]
-    if step == passes:
-      break
-    fit = design @ params
-    error = np.hypot(dx - fit[:n], dy - fit[n:])
-    chosen = np.sort(np.argsort(error, kind='stable')[: max(3, int(np.ceil(keep * n)))])
-  a, b, tx, ty = params
-  flow_x = (a * xs - b * ys + tx).astype(np.float32)
-  flow_y = (b * xs + a * ys + ty).astype(np.float32)
-  return flow_x, flow_y
+def median(values: np.ndarray, weights: np.ndarray) -> np.float32:
+  """np.median of float32 `values` counted weights[i] times (finite values): the middle value,
+  or the float32 mean of the two middle ones, as np.median gives them."""
+  flat = values.reshape(-1)
+  n = int(weights.sum())
+  if KERNELS is None or n == 0:
+    return np.median(np.repeat(flat, weights.reshape(-1)))
+  hi = n // 2
+  lo = hi if n % 2 else hi - 1
+  a, b = (np.float32(v) for v in KERNELS.order_statistics(flat, weights.reshape(-1), lo, hi))
+  return a if lo == hi else np.float32(np.float32(a + b) / 2)
 
 
 def percentile(values: np.ndarray, q: float, weights: np.ndarray | None = None) -> float:
