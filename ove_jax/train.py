@@ -380,10 +380,12 @@ class Run:
       loop.profiling = False
     if c.eval_every and loop.step % c.eval_every == 0:
       t_eval = time.perf_counter()
-      iterator = train_inputs.make_iterator(
-        c, self.sources, seed_offset=1, worker_count=0, evaluation=True
-      )
-      results = evaluate(self.program, loop.state, iterator, c)
+      # Closed after its batches: its reader threads stop instead of reading ahead until
+      # the garbage collector finds the iterator.
+      with contextlib.closing(
+        train_inputs.make_iterator(c, self.sources, seed_offset=1, worker_count=0, evaluation=True)
+      ) as iterator:
+        results = evaluate(self.program, loop.state, iterator, c)
       self.reporter.extra.update(results, eval_seconds=time.perf_counter() - t_eval)
       loop.tick = time.perf_counter()  # evaluation time is not the next step's
       self.watchdog.kick(loop.step)
