@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from transformers import AutoModel
 
 from ove_jax import checkpoint, convert
 from ove_jax.convert import hf, hf_modeling, hub, torch_model
@@ -53,6 +54,8 @@ def loader_errors(directory, tmp_path, capsys):
     ('read_directory (init.pytorch)', lambda: hf.read_directory(directory)),
     ('load_encoder', lambda: checkpoint.load_encoder(directory)),
     ('torch_model.load_pretrained', lambda: torch_model.load_pretrained(directory)),
+    # transformers' own loader, through the export's remote code (LLaVA-style users' path).
+    ('AutoModel', lambda: AutoModel.from_pretrained(directory, trust_remote_code=True)),
   ):
     with pytest.raises(ValueError) as e:
       load()

@@ -16,6 +16,8 @@ copy of this file, written by `ove_jax.convert.save_pytorch`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -25,7 +27,7 @@ from .configuration_onevision_encoder import OneVisionEncoderConfig
 # transformers copies a local export's modules through the direct relative imports of the file
 # it loads only, so the port's own `.hub` and
 # `.release_config` are named here too.
-from .hub import WEIGHTS_NAME  # noqa: F401
+from .hub import WEIGHTS_NAME, weight_files  # noqa: F401
 from .release_config import CONFIG_NAME  # noqa: F401
 from .torch_model import EncoderForward, OVPoolingHead, init_head, init_module
 
@@ -35,6 +37,19 @@ class OneVisionEncoderPreTrainedModel(PreTrainedModel):
   base_model_prefix = 'onevision_encoder'
   main_input_name = 'pixel_values'
   _no_split_modules = ['OVEncoderLayer']
+
+  @classmethod
+  def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+    """transformers' loader, after the check every loader of ours makes on a local folder: files
+    that carry different export ids (a re-export cut short over an earlier one) are refused
+    with hub.MixedExportError naming the folder, instead of loading a mix of two models."""
+    path = pretrained_model_name_or_path
+    if isinstance(path, (str, os.PathLike)):
+      subfolder = kwargs.get('subfolder')
+      folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+      if os.path.isdir(folder):
+        weight_files(folder)
+    return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
   def _init_weights(self, module):
     """From-scratch initialisation (docs/spec.md §1.2) of weights a checkpoint lacks."""
