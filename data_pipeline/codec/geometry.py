@@ -23,6 +23,7 @@ additions, the same bits on every CPU and BLAS build, and no BLAS threads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -160,6 +161,23 @@ def patch_integrators(
   return axis(height, box.new_h, box.top), axis(width, box.new_w, box.left)
 
 
+@functools.lru_cache(maxsize=64)
+def canvas_bands(
+  height: int, width: int, resolution: int, geometry: str, kind: str, step: int = 1
+) -> tuple[Band, Band]:
+  """`canvas_matrices` as `Band`s, made once per frame size and options (read-only)."""
+  return tuple(Band.of(m) for m in canvas_matrices(height, width, resolution, geometry, kind, step))
+
+
+@functools.lru_cache(maxsize=64)
+def patch_bands(
+  height: int, width: int, resolution: int, patch_size: int, geometry: str = 'crop', step: int = 1
+) -> tuple[Band, Band]:
+  """`patch_integrators` as `Band`s, made once per frame size and options (read-only)."""
+  matrices = patch_integrators(height, width, resolution, patch_size, geometry, step)
+  return tuple(Band.of(m) for m in matrices)
+
+
 def letterbox_frame(frame, resolution: int) -> np.ndarray:
   """RGB uint8 [R, R, 3] of a decoded av frame: long side to R (bicubic, as the crop path
   resizes), centred on black."""
@@ -240,7 +258,10 @@ class Band:
     cols = np.minimum(start[:, None] + np.arange(width), matrix_PxN.shape[1] - 1)
     weights = np.take_along_axis(matrix_PxN, cols, axis=1)
     weights[start[:, None] + np.arange(width) >= matrix_PxN.shape[1]] = 0
-    return cls(start.astype(np.int64), weights.astype(np.float32))
+    band = cls(start.astype(np.int64), weights.astype(np.float32))
+    for array in (band.start_P, band.weights_PxB):
+      array.setflags(write=False)  # bands are shared (`canvas_bands`, `patch_bands`)
+    return band
 
   def rows(self, map_HxW: np.ndarray) -> np.ndarray:
     """self @ map without a BLAS call: [P, W] float32, each output's terms added in band order

@@ -401,13 +401,12 @@ def _analyse(
 
 class Scorer:
   """Raw per-frame maps -> model-grid scores [Hp, Wp] under one clip's options (docs/spec.md
-  §2.5-§2.6): normalise, fuse, centre prior, then onto the canvas. Caches the prior and the
-  canvas matrices per frame size."""
+  §2.5-§2.6): normalise, fuse, centre prior, then onto the canvas. Caches the prior per frame
+  size (the canvas's banded matrices are cached in `geometry`, for every clip)."""
 
   def __init__(self, opts: Options, resolution: int, patch_size: int, step: int):
     self.opts, self.resolution, self.patch_size, self.step = opts, resolution, patch_size, step
     self._priors: dict[tuple, np.ndarray] = {}
-    self._matrices: dict[tuple, tuple] = {}
 
   def fused(self, raw: maps.FrameMaps) -> np.ndarray:
     opts = self.opts
@@ -427,17 +426,12 @@ class Scorer:
 
   def canvas_sums(self, fused_HxW: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resample onto the canvas (rounded to uint8 levels with `quantise`), then patch sums."""
-    key = ('canvas', height, width)
-    if key not in self._matrices:
-      self._matrices[key] = tuple(
-        maps.Band.of(m)
-        for m in geometry.canvas_matrices(
-          height, width, self.resolution, self.opts.geometry, self.opts.resample, self.step
-        )
-      )
+    bands = geometry.canvas_bands(
+      height, width, self.resolution, self.opts.geometry, self.opts.resample, self.step
+    )
     # Ry @ map @ Rx.T through the banded matrices (`geometry.Band`): every canvas pixel's terms
     # in one fixed order, so the same bits on every CPU and BLAS build, and no BLAS threads.
-    canvas_RxR = maps.to_patches_banded(fused_HxW, self._matrices[key])
+    canvas_RxR = maps.to_patches_banded(fused_HxW, bands)
     if self.opts.quantise:
       canvas_RxR = np.clip(np.rint(canvas_RxR * 255.0), 0, 255) / 255.0
     side, ps = self.resolution // self.patch_size, self.patch_size
@@ -449,15 +443,10 @@ class Scorer:
     fused_HxW = self.fused(raw)
     if self.opts.resample != 'area' or self.opts.quantise:
       return self.canvas_sums(fused_HxW, height, width)
-    key = ('area', height, width)
-    if key not in self._matrices:
-      self._matrices[key] = tuple(
-        maps.Band.of(m)
-        for m in maps.patch_integrators(
-          height, width, self.resolution, self.patch_size, self.step, self.opts.geometry
-        )
-      )
-    return maps.to_patches_banded(fused_HxW, self._matrices[key])
+    bands = geometry.patch_bands(
+      height, width, self.resolution, self.patch_size, self.opts.geometry, self.step
+    )
+    return maps.to_patches_banded(fused_HxW, bands)
 
 
 def choose(
