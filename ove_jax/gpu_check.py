@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +162,10 @@ def check_attention(
   heads: int = 4,
   head_dim: int = 64,
   fp32_precision: str = 'highest',
+  on_result: Callable[[str, dict], None] | None = None,
 ) -> list[dict[str, Any]]:
-  """One result per (implementation, dtype) against 'xla' in the same dtype on this backend.
+  """One result per (implementation, dtype) against 'xla' in the same dtype on this backend,
+  each also handed to `on_result('attention', result)` as it is made.
 
   float32 runs under `jax.default_matmul_precision(fp32_precision)`: at 'highest' the reference
   is a float32 computation (GPUs otherwise use TF32 for float32 dots, which alone exceeds 1e-4).
@@ -171,10 +174,19 @@ def check_attention(
   implementations = [i for i in (implementations or attention.IMPLEMENTATIONS) if i != 'xla']
   inputs = packed_inputs(batch, length, heads, head_dim)
   results = []
+
+  def add(result: dict[str, Any]) -> None:
+    results.append(result)
+    if on_result is not None:
+      on_result('attention', result)
+
   for dtype in dtypes:
     precision = fp32_precision if dtype == 'float32' else 'default'
     with jax.default_matmul_precision(precision):
-      reference = attention_outputs('xla', inputs, dtype)
+      try:
+        reference = attention_outputs('xla', inputs, dtype)
+      except Exception as e:  # pylint: disable=broad-except  (every path of this dtype fails)
+        reference, broken = None, f'the xla reference raised {type(e).__name__}: {e}'[:500]
       for name, interpret, skip in attention_plan(platform, implementations):
         r = {
           'implementation': name,
@@ -184,17 +196,39 @@ def check_attention(
           'precision': precision,
         }
         if skip:
-          results.append({**r, 'status': SKIPPED, 'reason': skip})
+          add({**r, 'status': SKIPPED, 'reason': skip})
+          continue
+        if reference is None:
+          add({**r, 'status': ERROR, 'reason': broken})
           continue
         compute = 'bfloat16' if name == 'cudnn' else dtype
         note = {'note': 'cudnn computes float32 inputs in bfloat16'} if compute != dtype else {}
         try:
           got = attention_outputs(name, inputs, dtype, interpret=interpret)
+          result = {**r, **note, **compare(got, reference, TOLERANCES[compute])}
         except Exception as e:  # pylint: disable=broad-except  (a broken path is a result)
-          results.append({**r, 'status': ERROR, 'reason': f'{type(e).__name__}: {e}'[:500]})
-          continue
-        results.append({**r, **note, **compare(got, reference, TOLERANCES[compute])})
+          result = {**r, 'status': ERROR, 'reason': f'{type(e).__name__}: {e}'[:500]}
+        add(result)
   return results
+
+
+# Attention paths a GPU train step may use, best first: the first whose bfloat16 check passed.
+STEP_ATTENTION_ORDER = ('cudnn', 'pallas_gpu')
+
+
+def step_attention_for(platform: str, attention_results: Sequence[Mapping[str, Any]]) -> str:
+  """The train steps' attention path: on a GPU the first of STEP_ATTENTION_ORDER whose bfloat16
+  check passed here (the steps run in bfloat16), else 'xla'."""
+  if is_gpu(platform):
+    passed = {
+      r['implementation']
+      for r in attention_results
+      if r.get('dtype') == 'bfloat16' and r.get('status') == PASS
+    }
+    for name in STEP_ATTENTION_ORDER:
+      if name in passed:
+        return name
+  return 'xla'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,10 +300,15 @@ def synthetic_batch(program, config, seed: int = 0) -> dict[str, dict[str, np.nd
   return out
 
 
+def memory_stat(device, name: str) -> int | None:
+  """One of the device's memory_stats() (None where the backend keeps none)."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  return int(stats[name]) if stats and name in stats else None
+
+
 def peak_bytes(device) -> int | None:
   """The device's peak allocation so far in this process (None where the backend keeps none)."""
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+  return memory_stat(device, 'peak_bytes_in_use')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +346,7 @@ def check_step(config, devices: Sequence, timing: StepTiming = StepTiming()) -> 
     t0 = time.perf_counter()
     compiled = program.step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0
+    after_compile = peak_bytes(devices[0])  # the compiler's autotuning allocates too
     plan = memory.plan_bytes(compiled.memory_analysis())
     times, aux = [], None
     for i in range(timing.warmup + timing.steps):
@@ -344,6 +384,8 @@ def check_step(config, devices: Sequence, timing: StepTiming = StepTiming()) -> 
     'mfu': flops / seconds / (peak * len(devices)) if peak > 0 else None,
     'peak_bytes_in_use': measured,
     'peak_bytes_before': before,
+    'peak_bytes_after_compile': after_compile,
+    'bytes_limit': memory_stat(devices[0], 'bytes_limit'),
     'plan': plan,
     'peak_over_plan': measured / planned if measured and planned else None,
   }
@@ -358,30 +400,44 @@ def check_steps(
   classes: int = 0,
   attention_impl: str | None = None,
   timing: StepTiming = StepTiming(),
+  on_result: Callable[[str, dict], None] | None = None,
 ) -> list[dict[str, Any]]:
-  """One result per preset; a step that raises (out of memory, say) is an 'error' result.
-  Without a GPU only `tiny` steps run (base/large would take hours on a CPU)."""
+  """One result per preset (each also handed to `on_result('steps', result)`); a step that
+  raises (out of memory, say) is an 'error' result. A step on another attention path than xla
+  that raises is run once more on xla (its result says so: `attention_fallback`). Without a GPU
+  only `tiny` steps run (base/large would take hours on a CPU)."""
   impl = attention_impl or ('cudnn' if is_gpu(platform) else 'xla')
   results = []
   for preset in presets:
     if not tiny and not is_gpu(platform):
-      results.append(
-        {
-          'preset': preset,
-          'status': SKIPPED,
-          'reason': f'a {preset} step needs a GPU; the backend is {platform} '
-          '(use --tiny for a tiny step)',
-        }
-      )
-      continue
-    try:
-      config = step_config(preset, len(devices), tiny=tiny, classes=classes, attention_impl=impl)
-      results.append(check_step(config, devices, timing))
-    except Exception as e:  # pylint: disable=broad-except  (an OOM is a result, not a crash)
-      results.append(
-        {'preset': preset, 'status': ERROR, 'reason': f'{type(e).__name__}: {e}'[:1000]}
-      )
+      result = {
+        'preset': preset,
+        'status': SKIPPED,
+        'reason': f'a {preset} step needs a GPU; the backend is {platform} '
+        '(use --tiny for a tiny step)',
+      }
+    else:
+      result = _step_result(preset, devices, tiny, classes, impl, timing)
+      if result['status'] == ERROR and impl != 'xla':
+        retry = _step_result(preset, devices, tiny, classes, 'xla', timing)
+        result = {**retry, 'attention_fallback': {'from': impl, 'reason': result['reason']}}
+    results.append(result)
+    if on_result is not None:
+      on_result('steps', result)
   return results
+
+
+def _step_result(preset, devices, tiny, classes, impl, timing) -> dict[str, Any]:
+  try:
+    config = step_config(preset, len(devices), tiny=tiny, classes=classes, attention_impl=impl)
+    return check_step(config, devices, timing)
+  except Exception as e:  # pylint: disable=broad-except  (an OOM is a result, not a crash)
+    return {
+      'preset': preset,
+      'attention': impl,
+      'status': ERROR,
+      'reason': f'{type(e).__name__}: {e}'[:1000],
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,30 +456,37 @@ def _gb(n) -> str:
   return '-' if n is None else f'{n / 1e9:.2f} GB'
 
 
+def attention_line(r: Mapping[str, Any]) -> str:
+  name = r['implementation'] + (' (interpret)' if r.get('interpret') else '')
+  err = f'{r["max_rel"]:.3g}' if 'max_rel' in r else '-'
+  tol = f'{r["tolerance"]:g}' if 'tolerance' in r else '-'
+  return (
+    f'  {name:<24} {r["dtype"]:<9} {r["status"]:<8} {err:<12} {tol}'
+    + (f'  {r["reason"]}' if r.get('reason') else '')
+    + (f'  ({r["note"]})' if r.get('note') else '')
+  )
+
+
+def step_line(r: Mapping[str, Any]) -> str:
+  if r['status'] in (SKIPPED, ERROR):
+    return f'  {r["preset"]:<10} {r["status"]:<8} {r["reason"]}'
+  mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
+  fallback = r.get('attention_fallback')
+  return (
+    f'  {r["preset"]:<10} {r["status"]:<8} {r["step_seconds"]:<10.4g} {mfu:<8} '
+    f'{_gb(r["peak_bytes_in_use"]):<12} {_gb(r["plan"]["total_bytes"]):<12} {r["attention"]}'
+    + (f' ({fallback["from"]} raised: {fallback["reason"][:200]})' if fallback else '')
+  )
+
+
 def table_lines(report: Mapping[str, Any]) -> list[str]:
   lines = [
     f'backend {report["platform"]} ({report["device_kind"]}), jax {report["jax"]}',
     'attention vs xla           dtype     status   max rel err  tolerance',
   ]
-  for r in report['attention']:
-    name = r['implementation'] + (' (interpret)' if r.get('interpret') else '')
-    err = f'{r["max_rel"]:.3g}' if 'max_rel' in r else '-'
-    tol = f'{r["tolerance"]:g}' if 'tolerance' in r else '-'
-    lines.append(
-      f'  {name:<24} {r["dtype"]:<9} {r["status"]:<8} {err:<12} {tol}'
-      + (f'  {r["reason"]}' if r.get('reason') else '')
-      + (f'  ({r["note"]})' if r.get('note') else '')
-    )
-  lines.append('train step   status   step s     MFU      peak memory  AOT plan')
-  for r in report['steps']:
-    if r['status'] in (SKIPPED, ERROR):
-      lines.append(f'  {r["preset"]:<10} {r["status"]:<8} {r["reason"]}')
-      continue
-    mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
-    lines.append(
-      f'  {r["preset"]:<10} {r["status"]:<8} {r["step_seconds"]:<10.4g} {mfu:<8} '
-      f'{_gb(r["peak_bytes_in_use"]):<12} {_gb(r["plan"]["total_bytes"])}'
-    )
+  lines.extend(attention_line(r) for r in report['attention'])
+  lines.append('train step   status   step s     MFU      peak memory  AOT plan     attention')
+  lines.extend(step_line(r) for r in report['steps'])
   s = report['summary']
   lines.append(
     f'{s[PASS]} passed, {s[FAIL]} failed, {s[ERROR]} errors, {s[SKIPPED]} skipped'
@@ -434,6 +497,54 @@ def table_lines(report: Mapping[str, Any]) -> list[str]:
     )
   )
   return lines
+
+
+def environment(devices: Sequence) -> dict[str, Any]:
+  """What a GPU result cannot be read without: jax and jaxlib versions, the CUDA and cuDNN
+  versions jaxlib reports, the device's compute capability and memory limit, and the XLA
+  settings of the environment."""
+  import jaxlib
+
+  env = {
+    'jaxlib': getattr(jaxlib, '__version__', None),
+    'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
+    **{k: v for k, v in sorted(os.environ.items()) if k.startswith('XLA_PYTHON_CLIENT_')},
+    'bytes_limit': memory_stat(devices[0], 'bytes_limit') if devices else None,
+    'compute_capability': getattr(devices[0], 'compute_capability', None) if devices else None,
+  }
+  try:  # jaxlib's own record of the CUDA libraries it runs with (GPU builds)
+    from jax._src.lib import cuda_versions
+
+    if cuda_versions is not None:
+      env['cuda_runtime'] = cuda_versions.cuda_runtime_get_version()
+      env['cudnn'] = cuda_versions.cudnn_get_version()
+  except Exception:  # pylint: disable=broad-except  (a CPU build has none)
+    pass
+  return env
+
+
+def header(platform: str, devices: Sequence, tiny: bool) -> dict[str, Any]:
+  return {
+    'platform': platform,
+    'device_kind': devices[0].device_kind if devices else None,
+    'jax': jax.__version__,
+    'tiny': tiny,
+    'environment': environment(devices),
+  }
+
+
+def json_safe(value):
+  """`value` with non-finite floats as strings ('inf', 'nan'): JSON proper, not Infinity/NaN."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, Mapping):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
+PARTS = ('attention', 'steps')
 
 
 def run(
@@ -447,29 +558,35 @@ def run(
   step_attention: str | None = None,
   timing: StepTiming = StepTiming(),
   fp32_precision: str = 'highest',
+  parts: Sequence[str] = PARTS,
+  on_result: Callable[[str, dict], None] | None = None,
 ) -> dict[str, Any]:
-  """Every check on the first `num_devices` devices of the running backend; the report dict."""
+  """The checks of `parts` on the first `num_devices` devices of the running backend; the report
+  dict. `on_result(part, result)` sees each result as it is made. The steps' attention path is
+  `step_attention`, else the best GPU path whose bfloat16 check passed (`step_attention_for`)."""
   devices = jax.devices()[:num_devices]
   if len(devices) < num_devices:
     raise ValueError(f'--devices={num_devices}: the {platform} backend has {len(devices)}')
   size = dict(batch=2, length=64, heads=2) if tiny else {}
-  report = {
-    'platform': platform,
-    'device_kind': devices[0].device_kind,
-    'jax': jax.__version__,
-    'tiny': tiny,
-    'attention': check_attention(
-      platform, implementations=implementations, fp32_precision=fp32_precision, **size
-    ),
-    'steps': check_steps(
+  report = {**header(platform, devices, tiny), 'attention': [], 'steps': []}
+  if 'attention' in parts:
+    report['attention'] = check_attention(
+      platform,
+      implementations=implementations,
+      fp32_precision=fp32_precision,
+      on_result=on_result,
+      **size,
+    )
+  if 'steps' in parts:
+    report['steps'] = check_steps(
       platform,
       devices,
       presets,
       tiny=tiny,
       classes=classes,
-      attention_impl=step_attention,
+      attention_impl=step_attention or step_attention_for(platform, report['attention']),
       timing=timing,
-    ),
-  }
+      on_result=on_result,
+    )
   report['summary'] = summary(report)
   return report

@@ -3,6 +3,7 @@ its comparison fails a wrong attention path."""
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -140,9 +141,125 @@ def test_timing_flags_reach_the_step_as_one_setting(monkeypatch, capsys):
       gpu_check.StepTiming(**bad)
 
 
-def test_platform_gpu_without_a_gpu_is_refused(capsys):
-  assert tool.main(['--platform=gpu']) == 2
+def test_platform_gpu_without_a_gpu_is_refused(capsys, monkeypatch):
+  monkeypatch.setattr(tool, 'nvidia_visible', lambda: False)
+  assert tool.main(['--platform=gpu']) == 2  # isolated: refused before any child starts
+  assert '--platform=gpu, but no NVIDIA GPU is visible' in capsys.readouterr().err
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75')  # restored after the test
+  assert tool.main(['--platform=gpu', '--no-isolate']) == 2
   assert "--platform=gpu, but JAX's backend is 'cpu'" in capsys.readouterr().err
+
+
+def test_a_visible_gpu_that_jax_did_not_start_is_refused(capsys, monkeypatch):
+  """jax 0.10.2 falls back to the CPU with only a warning when its CUDA plugin fails: with a GPU
+  in sight, auto refuses instead of reporting CPU figures as the GPU check's."""
+  monkeypatch.setattr(tool, 'nvidia_visible', lambda: True)
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75')
+  assert tool.main(['--platform=auto', '--no-isolate', '--tiny']) == 2
+  assert 'a GPU is visible' in capsys.readouterr().err
+
+
+def fake_children(monkeypatch, replace):
+  """child_command with the parts named in `replace` swapped for other programs."""
+  real = tool.child_command
+
+  def command(flags):
+    for part, program in replace.items():
+      if f'--part={part}' in flags:
+        return [sys.executable, '-c', program]
+    return real(flags)
+
+  monkeypatch.setattr(tool, 'child_command', command)
+
+
+def test_isolated_parts_and_a_crashing_step(tmp_path, monkeypatch, capsys):
+  """Off the CPU each part runs in a child process: a child that dies (a segfault in a kernel)
+  is its part's error result, and the parts before it keep theirs, in --out too."""
+  out = tmp_path / 'gpu.json'
+  argv = ['--platform=cpu', '--isolate', '--tiny', '--paths=jax', '--warmup=0', '--steps=1']
+  assert tool.main([*argv, f'--out={out}']) == 0, capsys.readouterr()
+  report = json.loads(out.read_text())
+  assert report['isolated'] and report['complete'] and report['platform'] == 'cpu'
+  assert [r['status'] for r in report['attention']] == ['pass', 'pass']
+  assert [(r['preset'], r['status']) for r in report['steps']] == [('tiny', 'pass')]
+  assert report['environment']['jaxlib']
+
+  crash = 'import os, signal; os.kill(os.getpid(), signal.SIGSEGV)'
+  fake_children(monkeypatch, {'steps:tiny': crash})
+  assert tool.main([*argv, f'--out={out}']) == 1
+  report = json.loads(out.read_text())
+  assert [r['status'] for r in report['attention']] == ['pass', 'pass']
+  (step,) = report['steps']
+  assert step['status'] == 'error' and 'signal SIGSEGV' in step['reason'], step
+  assert report['summary']['error'] == 1 and not report['summary']['ok']
+
+
+def test_a_hanging_part_is_stopped_at_the_deadline(tmp_path, monkeypatch, capsys):
+  out = tmp_path / 'gpu.json'
+  hang = 'import time; time.sleep(120)'
+  fake_children(monkeypatch, {'attention': hang, 'steps:tiny': hang})
+  argv = ['--platform=cpu', '--isolate', '--tiny', '--deadline=3', f'--out={out}']
+  assert tool.main(argv) == 1
+  report = json.loads(out.read_text())
+  (attention,) = report['attention']
+  assert attention['status'] == 'error' and 'stopped at the deadline' in attention['reason']
+  (step,) = report['steps']
+  assert step['status'] == 'error' and 'not started: the --deadline of 3 s' in step['reason']
+
+
+def test_results_reach_the_report_file_as_they_come(tmp_path, monkeypatch, capsys):
+  """--out is rewritten after each result: what a run killed in its step had is on disk."""
+  out = tmp_path / 'gpu.json'
+  seen = []
+
+  def step_reading_the_report(config, devices, timing=gpu_check.StepTiming()):
+    seen.append(json.loads(out.read_text()))
+    raise RuntimeError('out of memory')
+
+  monkeypatch.setattr(gpu_check, 'check_step', step_reading_the_report)
+  argv = ['--platform=cpu', '--tiny', '--paths=jax', f'--out={out}']
+  assert tool.main(argv) == 1
+  (during,) = seen
+  assert not during['complete'] and len(during['attention']) == 2 and during['steps'] == []
+  final = json.loads(out.read_text())
+  assert final['complete'] and final['steps'][0]['status'] == 'error'
+  assert 'out of memory' in final['steps'][0]['reason']
+
+
+def test_a_step_whose_attention_raises_runs_again_on_xla(monkeypatch):
+  calls = []
+
+  def step(config, devices, timing=gpu_check.StepTiming()):
+    calls.append(config.model.attention)
+    if config.model.attention != 'xla':
+      raise RuntimeError('cuDNN: no kernel for this configuration')
+    return {'preset': config.model.preset, 'status': 'pass', 'attention': 'xla'}
+
+  monkeypatch.setattr(gpu_check, 'check_step', step)
+  (result,) = gpu_check.check_steps('gpu', [None], ('tiny',), tiny=True, attention_impl='cudnn')
+  assert calls == ['cudnn', 'xla'] and result['status'] == 'pass'
+  assert result['attention_fallback']['from'] == 'cudnn'
+  assert 'no kernel' in result['attention_fallback']['reason']
+
+
+def test_step_attention_follows_the_attention_checks():
+  def results(**status):
+    return [
+      {'implementation': name, 'dtype': dtype, 'status': st}
+      for name, st in status.items()
+      for dtype in ('float32', 'bfloat16')
+    ]
+
+  assert gpu_check.step_attention_for('gpu', results(cudnn='pass', pallas_gpu='pass')) == 'cudnn'
+  assert gpu_check.step_attention_for('gpu', results(cudnn='fail', pallas_gpu='pass')) == (
+    'pallas_gpu'
+  )
+  assert gpu_check.step_attention_for('gpu', results(cudnn='error', pallas_gpu='fail')) == 'xla'
+  assert gpu_check.step_attention_for('cpu', results(cudnn='pass')) == 'xla'
+  assert gpu_check.json_safe({'a': [float('inf'), 1.5], 'b': float('nan')}) == {
+    'a': ['inf', 1.5],
+    'b': 'nan',
+  }
 
 
 @pytest.mark.parametrize('preset', ['base', 'large'])
