@@ -35,11 +35,11 @@ import numpy as np
 
 from ove_jax import config as config_lib
 from ove_jax import memory, metrics, train
+from ove_jax.gpu_report import ERROR, FAIL, GPU_PLATFORMS, PASS, SKIPPED, is_gpu, summary
 from ove_jax.models import attention
 
 # docs/spec.md §1.4: the tolerance seen between the release's own attention kernels.
 TOLERANCES = {'float32': 1e-4, 'bfloat16': 1e-2}
-GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 # Where each implementation runs natively; elsewhere the Pallas kernels run interpreted.
 NATIVE = {
   'xla': None,
@@ -48,11 +48,6 @@ NATIVE = {
   'splash': ('tpu',),
   'pallas_gpu': GPU_PLATFORMS,
 }
-PASS, FAIL, SKIPPED, ERROR = 'pass', 'fail', 'skipped', 'error'
-
-
-def is_gpu(platform: str) -> bool:
-  return platform in GPU_PLATFORMS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,11 +396,13 @@ def check_steps(
   attention_impl: str | None = None,
   timing: StepTiming = StepTiming(),
   on_result: Callable[[str, dict], None] | None = None,
+  fallback: bool = True,
 ) -> list[dict[str, Any]]:
   """One result per preset (each also handed to `on_result('steps', result)`); a step that
-  raises (out of memory, say) is an 'error' result. A step on another attention path than xla
-  that raises is run once more on xla (its result says so: `attention_fallback`). Without a GPU
-  only `tiny` steps run (base/large would take hours on a CPU)."""
+  raises (out of memory, say) is an 'error' result. With `fallback`, a step on another attention
+  path than xla that raises (not for lack of memory) is run once more on xla: its figures are
+  xla's, its status 'fail' (the path asked for did not run), its `attention_fallback` the path
+  and its error. Without a GPU only `tiny` steps run (base/large would take hours on a CPU)."""
   impl = attention_impl or ('cudnn' if is_gpu(platform) else 'xla')
   results = []
   for preset in presets:
@@ -418,13 +415,20 @@ def check_steps(
       }
     else:
       result = _step_result(preset, devices, tiny, classes, impl, timing)
-      if result['status'] == ERROR and impl != 'xla':
+      if fallback and result['status'] == ERROR and impl != 'xla' and not _out_of_memory(result):
         retry = _step_result(preset, devices, tiny, classes, 'xla', timing)
         result = {**retry, 'attention_fallback': {'from': impl, 'reason': result['reason']}}
+        if result['status'] == PASS:
+          result['status'] = FAIL
     results.append(result)
     if on_result is not None:
       on_result('steps', result)
   return results
+
+
+def _out_of_memory(result: Mapping[str, Any]) -> bool:
+  reason = result.get('reason', '')
+  return 'RESOURCE_EXHAUSTED' in reason or 'out of memory' in reason.lower()
 
 
 def _step_result(preset, devices, tiny, classes, impl, timing) -> dict[str, Any]:
@@ -438,65 +442,6 @@ def _step_result(preset, devices, tiny, classes, impl, timing) -> dict[str, Any]
       'status': ERROR,
       'reason': f'{type(e).__name__}: {e}'[:1000],
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------
-
-
-def summary(report: Mapping[str, Any]) -> dict[str, Any]:
-  """Counts of pass / fail / skipped / error over every result, and `ok` (nothing failed)."""
-  results = list(report['attention']) + list(report['steps'])
-  counts = {s: sum(r['status'] == s for r in results) for s in (PASS, FAIL, SKIPPED, ERROR)}
-  return {**counts, 'ok': counts[FAIL] == 0 and counts[ERROR] == 0}
-
-
-def _gb(n) -> str:
-  return '-' if n is None else f'{n / 1e9:.2f} GB'
-
-
-def attention_line(r: Mapping[str, Any]) -> str:
-  name = r['implementation'] + (' (interpret)' if r.get('interpret') else '')
-  err = f'{r["max_rel"]:.3g}' if 'max_rel' in r else '-'
-  tol = f'{r["tolerance"]:g}' if 'tolerance' in r else '-'
-  return (
-    f'  {name:<24} {r["dtype"]:<9} {r["status"]:<8} {err:<12} {tol}'
-    + (f'  {r["reason"]}' if r.get('reason') else '')
-    + (f'  ({r["note"]})' if r.get('note') else '')
-  )
-
-
-def step_line(r: Mapping[str, Any]) -> str:
-  if r['status'] in (SKIPPED, ERROR):
-    return f'  {r["preset"]:<10} {r["status"]:<8} {r["reason"]}'
-  mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
-  fallback = r.get('attention_fallback')
-  return (
-    f'  {r["preset"]:<10} {r["status"]:<8} {r["step_seconds"]:<10.4g} {mfu:<8} '
-    f'{_gb(r["peak_bytes_in_use"]):<12} {_gb(r["plan"]["total_bytes"]):<12} {r["attention"]}'
-    + (f' ({fallback["from"]} raised: {fallback["reason"][:200]})' if fallback else '')
-  )
-
-
-def table_lines(report: Mapping[str, Any]) -> list[str]:
-  lines = [
-    f'backend {report["platform"]} ({report["device_kind"]}), jax {report["jax"]}',
-    'attention vs xla           dtype     status   max rel err  tolerance',
-  ]
-  lines.extend(attention_line(r) for r in report['attention'])
-  lines.append('train step   status   step s     MFU      peak memory  AOT plan     attention')
-  lines.extend(step_line(r) for r in report['steps'])
-  s = report['summary']
-  lines.append(
-    f'{s[PASS]} passed, {s[FAIL]} failed, {s[ERROR]} errors, {s[SKIPPED]} skipped'
-    + (
-      ''
-      if is_gpu(report['platform'])
-      else ' (no GPU: the GPU checks above are skipped, not passed)'
-    )
-  )
-  return lines
 
 
 def environment(devices: Sequence) -> dict[str, Any]:
@@ -533,17 +478,6 @@ def header(platform: str, devices: Sequence, tiny: bool) -> dict[str, Any]:
   }
 
 
-def json_safe(value):
-  """`value` with non-finite floats as strings ('inf', 'nan'): JSON proper, not Infinity/NaN."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
-  if isinstance(value, Mapping):
-    return {k: json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_safe(v) for v in value]
-  return value
-
-
 PARTS = ('attention', 'steps')
 
 
@@ -560,6 +494,7 @@ def run(
   fp32_precision: str = 'highest',
   parts: Sequence[str] = PARTS,
   on_result: Callable[[str, dict], None] | None = None,
+  step_fallback: bool = True,
 ) -> dict[str, Any]:
   """The checks of `parts` on the first `num_devices` devices of the running backend; the report
   dict. `on_result(part, result)` sees each result as it is made. The steps' attention path is
@@ -587,6 +522,7 @@ def run(
       attention_impl=step_attention or step_attention_for(platform, report['attention']),
       timing=timing,
       on_result=on_result,
+      fallback=step_fallback,
     )
   report['summary'] = summary(report)
   return report

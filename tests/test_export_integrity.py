@@ -129,6 +129,20 @@ def test_a_reexport_cut_short_is_refused_by_every_loader(
   assert convert_checkpoint.main(['verify', '--hf', directory, '--resolution', '224']) == 0
 
 
+def test_automodel_still_loads_what_transformers_saves(models, tmp_path):
+  """The export-id check runs where transformers reads our safetensors only: a folder that
+  transformers itself saved as pytorch_model.bin (config.json keeping the export's id) loads."""
+  directory = str(tmp_path / 'export')
+  convert.save_pytorch(models[1], directory)
+  model = AutoModel.from_pretrained(directory, trust_remote_code=True)
+  saved = str(tmp_path / 'saved_bin')
+  model.save_pretrained(saved, safe_serialization=False)
+  assert os.path.exists(os.path.join(saved, 'pytorch_model.bin'))
+  again = AutoModel.from_pretrained(saved, trust_remote_code=True)
+  for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    assert a.equal(b), name
+
+
 def test_the_same_export_gives_the_same_files_and_another_export_another_id(models, tmp_path):
   a, b, c = (str(tmp_path / n) for n in 'abc')
   convert.save_pytorch(models[1], a, max_shard_size=SHARDS)

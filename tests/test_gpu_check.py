@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ove_jax import gpu_check
+from ove_jax import gpu_check, gpu_report
 from ove_jax_tools import gpu_check as tool
 
 
@@ -198,13 +198,13 @@ def test_a_hanging_part_is_stopped_at_the_deadline(tmp_path, monkeypatch, capsys
   out = tmp_path / 'gpu.json'
   hang = 'import time; time.sleep(120)'
   fake_children(monkeypatch, {'attention': hang, 'steps:tiny': hang})
-  argv = ['--platform=cpu', '--isolate', '--tiny', '--deadline=3', f'--out={out}']
+  argv = ['--platform=cpu', '--isolate', '--tiny', '--deadline=8', f'--out={out}']
   assert tool.main(argv) == 1
   report = json.loads(out.read_text())
   (attention,) = report['attention']
   assert attention['status'] == 'error' and 'stopped at the deadline' in attention['reason']
   (step,) = report['steps']
-  assert step['status'] == 'error' and 'not started: the --deadline of 3 s' in step['reason']
+  assert step['status'] == 'error' and 'not started: the --deadline of 8 s' in step['reason']
 
 
 def test_results_reach_the_report_file_as_they_come(tmp_path, monkeypatch, capsys):
@@ -237,9 +237,34 @@ def test_a_step_whose_attention_raises_runs_again_on_xla(monkeypatch):
 
   monkeypatch.setattr(gpu_check, 'check_step', step)
   (result,) = gpu_check.check_steps('gpu', [None], ('tiny',), tiny=True, attention_impl='cudnn')
-  assert calls == ['cudnn', 'xla'] and result['status'] == 'pass'
+  # xla's figures, but a fail: the path asked for did not run.
+  assert calls == ['cudnn', 'xla'] and result['status'] == 'fail'
   assert result['attention_fallback']['from'] == 'cudnn'
   assert 'no kernel' in result['attention_fallback']['reason']
+  # Not for a path given on purpose, nor when the step ran out of memory.
+  calls.clear()
+  (result,) = gpu_check.check_steps(
+    'gpu', [None], ('tiny',), tiny=True, attention_impl='cudnn', fallback=False
+  )
+  assert calls == ['cudnn'] and result['status'] == 'error'
+
+  def out_of_memory(config, devices, timing=gpu_check.StepTiming()):
+    calls.append(config.model.attention)
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB')
+
+  calls.clear()
+  monkeypatch.setattr(gpu_check, 'check_step', out_of_memory)
+  (result,) = gpu_check.check_steps('gpu', [None], ('tiny',), tiny=True, attention_impl='cudnn')
+  assert calls == ['cudnn'] and result['status'] == 'error'
+
+
+def test_a_report_read_back_prints_its_non_finite_figures():
+  """A NaN-producing kernel's errors are 'inf' once through JSON: the table still prints."""
+  r = {'implementation': 'pallas_gpu', 'dtype': 'bfloat16', 'status': 'fail'}
+  line = gpu_report.attention_line(
+    json.loads(json.dumps(gpu_report.json_safe({**r, 'max_rel': float('inf'), 'tolerance': 0.01})))
+  )
+  assert 'fail' in line and 'inf' in line and '0.01' in line
 
 
 def test_step_attention_follows_the_attention_checks():
@@ -256,7 +281,7 @@ def test_step_attention_follows_the_attention_checks():
   )
   assert gpu_check.step_attention_for('gpu', results(cudnn='error', pallas_gpu='fail')) == 'xla'
   assert gpu_check.step_attention_for('cpu', results(cudnn='pass')) == 'xla'
-  assert gpu_check.json_safe({'a': [float('inf'), 1.5], 'b': float('nan')}) == {
+  assert gpu_report.json_safe({'a': [float('inf'), 1.5], 'b': float('nan')}) == {
     'a': ['inf', 1.5],
     'b': 'nan',
   }

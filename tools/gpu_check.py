@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Sequence
 
-from ove_jax import cli
+from ove_jax import cli, gpu_report
 
 
 def _csv(text: str) -> list[str]:
@@ -74,8 +74,10 @@ def parse_args(argv: Sequence[str] | None):
   parser.add_argument(
     '--step-attention',
     default=None,
-    help='attention path of the train steps (default: cudnn on a GPU, xla elsewhere)',
+    help='attention path of the train steps (default: the first of cudnn, pallas_gpu whose '
+    'bfloat16 check passed, else xla; a step that raises on it runs again on xla)',
   )
+  parser.add_argument('--step-attention-auto', action='store_true', help=argparse.SUPPRESS)
   for flag, kind, default, text in (
     (
       '--devices',
@@ -109,8 +111,9 @@ def parse_args(argv: Sequence[str] | None):
     '--deadline',
     type=cli.non_negative_number,
     default=0.0,
-    help='seconds the whole run may take (0: no limit); a part still running then is stopped '
-    'and reported as an error, the results before it kept',
+    help='seconds the whole run may take (0: no limit). In child processes a part still '
+    'running then is stopped and reported as an error, parts not started as such; in one '
+    'process the run exits, --out holding the results before',
   )
   parser.add_argument(
     '--isolate',
@@ -141,6 +144,7 @@ def parse_args(argv: Sequence[str] | None):
 # Where the GPU backend would give way to the CPU with only a warning (jax 0.10.2 starts on the
 # CPU when the CUDA plugin fails), these say a GPU is there.
 NVIDIA_DEVICE = '/dev/nvidia0'
+MIN_PART_SECONDS = 5  # a part with less of --deadline left is not started
 MEMORY_FRACTION = '0.92'  # of the device for JAX's allocator (its default, 0.75, is short)
 
 
@@ -182,32 +186,31 @@ def start_backend(a) -> tuple[str | None, str]:
 
 
 class Report:
-  """The report as it grows: each result printed when it comes and --out rewritten after it."""
+  """The report as it grows: each result printed when it comes and --out rewritten after it
+  (from the start: a run that dies before its first result still leaves its header)."""
 
   def __init__(self, out: str | None, header: dict | None = None, quiet: bool = False):
     self.out, self.quiet = out, quiet
     self.data = {**(header or {}), 'attention': [], 'steps': [], 'complete': False}
+    if header:
+      self.write()
 
   def add(self, part: str, result: dict) -> None:
-    from ove_jax import gpu_check
 
     self.data[part].append(result)
     if not self.quiet:
-      line = gpu_check.attention_line if part == 'attention' else gpu_check.step_line
+      line = gpu_report.attention_line if part == 'attention' else gpu_report.step_line
       print(f'[{part}]' + line(result), flush=True)
     self.write()
 
   def write(self) -> None:
     if self.out:
-      from ove_jax import gpu_check
-
-      cli.write_output_json(self.out, gpu_check.json_safe(self.data), sort_keys=True)
+      cli.write_output_json(self.out, gpu_report.json_safe(self.data), sort_keys=True)
 
   def finish(self, report: dict) -> dict:
-    from ove_jax import gpu_check
 
     report = {**report, 'complete': True}
-    report['summary'] = gpu_check.summary(report)
+    report['summary'] = gpu_report.summary(report)
     self.data = report
     self.write()
     return report
@@ -233,7 +236,7 @@ def run_here(a) -> int:
   if a.part:
     part, _, preset = a.part.partition(':')
     parts, presets = (part,), ((preset,) if preset else presets)
-  partial = Report(a.out)
+  partial = Report(a.out, gpu_check.header(platform, jax.devices()[: a.devices], a.tiny))
   report = gpu_check.run(
     platform=platform,
     tiny=a.tiny,
@@ -245,6 +248,7 @@ def run_here(a) -> int:
     fp32_precision=a.fp32_precision,
     parts=parts,
     on_result=partial.add,
+    step_fallback=a.step_attention is None or a.step_attention_auto,
   )
   report = partial.finish(report)
   if a.part:
@@ -253,10 +257,9 @@ def run_here(a) -> int:
 
 
 def print_report(report: dict) -> int:
-  from ove_jax import gpu_check
 
-  print('\n'.join(gpu_check.table_lines(report)))
-  print(json.dumps(gpu_check.json_safe(report), sort_keys=True))
+  print('\n'.join(gpu_report.table_lines(report)))
+  print(json.dumps(gpu_report.json_safe(report), sort_keys=True))
   return 0 if report['summary']['ok'] else 1
 
 
@@ -277,7 +280,9 @@ def child_command(flags: Sequence[str]) -> list[str]:
 
 
 def run_child(part: str, flags: list[str], folder: str, timeout: float | None) -> tuple[dict, str]:
-  """(the child's report, '' or why it has no complete one) of one part in a child process."""
+  """(the child's report, '' or why it has no complete one) of one part in a child process. The
+  child's stdout (its results as they come) is this one's; its stderr is copied to this one's
+  when it ends, and its end is quoted in the reason when the child failed."""
   out = os.path.join(folder, part.replace(':', '_') + '.json')
   err = os.path.join(folder, part.replace(':', '_') + '.stderr')
   command = child_command([*flags, f'--part={part}', f'--out={out}'])
@@ -289,17 +294,23 @@ def run_child(part: str, flags: list[str], folder: str, timeout: float | None) -
       why = '' if code == 0 else f'exited with {describe_exit(code)}'
     except subprocess.TimeoutExpired:
       why = f'was stopped at the deadline ({timeout:.0f} s left for it)'
+  with open(err, 'rb') as f:
+    logged = f.read().decode('utf-8', 'replace')
+  sys.stderr.write(logged)
   report = {}
   try:
     with open(out, encoding='utf-8') as f:
       report = json.load(f)
   except (OSError, ValueError):
     why = why or 'wrote no report'
+  if report.get('complete') and why.startswith('exited'):
+    # Every result is in: a crash on the way out (the CUDA teardown, say) is noted, not failed.
+    report.setdefault('notes', []).append(f'{part}: the child process {why} after its report')
+    why = ''
   if not why and not report.get('complete'):
     why = 'left its report incomplete'
   if why:
-    with open(err, 'rb') as f:
-      tail = f.read()[-1500:].decode('utf-8', 'replace').strip()
+    tail = logged[-1500:].strip()
     why = f'its child process {why}' + (f'; its stderr ended: {tail}' if tail else '')
   return report, why
 
@@ -330,21 +341,23 @@ def run_isolated(a) -> int:
   flags = child_flags(a)
   presets = a.presets or (('tiny',) if a.tiny else ('base', 'large'))
   partial = Report(a.out, quiet=True)
-  report = {'attention': [], 'steps': [], 'isolated': True}
+  report = {'attention': [], 'steps': [], 'isolated': True, 'notes': []}
   with tempfile.TemporaryDirectory(prefix='ove-gpu-check-') as folder:
     for part in ['attention', *[f'steps:{p}' for p in presets]]:
       left = a.deadline - (time.monotonic() - start) if a.deadline else None
       kind = part.partition(':')[0]
-      if left is not None and left <= 1:
-        got, why = {}, f'not started: the --deadline of {a.deadline:g} s had passed'
+      if left is not None and left < MIN_PART_SECONDS:
+        got, why = {}, f'not started: the --deadline of {a.deadline:g} s had (nearly) passed'
       else:
         step_flags = []
         if kind == 'steps':
-          chosen = a.step_attention or gpu_check.step_attention_for(
-            report.get('platform', ''), report['attention']
-          )
-          step_flags = [f'--step-attention={chosen}']
+          step_flags = [f'--step-attention={a.step_attention}']
+          if not a.step_attention:
+            platform = report.get('platform') or ('gpu' if a.platform == 'gpu' else '')
+            chosen = gpu_check.step_attention_for(platform, report['attention'])
+            step_flags = [f'--step-attention={chosen}', '--step-attention-auto']
         got, why = run_child(part, flags + step_flags, folder, left)
+      report['notes'].extend(got.get('notes', []))
       for key in ('platform', 'device_kind', 'jax', 'tiny', 'environment'):
         if key in got and key not in report:
           report[key] = got[key]
@@ -361,7 +374,7 @@ def run_isolated(a) -> int:
         failed['reason'] = why
         report[kind].append(failed)
         partial.add(kind, failed)
-        line = gpu_check.attention_line if kind == 'attention' else gpu_check.step_line
+        line = gpu_report.attention_line if kind == 'attention' else gpu_report.step_line
         print(f'[{kind}]' + line(failed), flush=True)
   report.setdefault('platform', a.platform)
   report.setdefault('device_kind', None)
@@ -371,16 +384,25 @@ def run_isolated(a) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  a = parse_args(argv)
-  isolate = a.isolate if a.isolate is not None else a.platform != 'cpu'
-  if isolate and not a.part:
-    return run_isolated(a)
-  if a.deadline:  # past it: every thread's stack on stderr, and exit (--out holds what was done)
-    faulthandler.dump_traceback_later(a.deadline, exit=True)
+  # The deadline is armed before the flags are parsed (that imports JAX): past it, every
+  # thread's stack on stderr and exit, --out holding what was done.
+  early = argparse.ArgumentParser(add_help=False)
+  early.add_argument('--deadline', type=float, default=0.0)
+  early.add_argument('--isolate', action=argparse.BooleanOptionalAction, default=None)
+  early.add_argument('--platform', default='auto')
+  early.add_argument('--part', default=None)
+  seen, _ = early.parse_known_args(argv)
+  isolate = seen.isolate if seen.isolate is not None else seen.platform != 'cpu'
+  armed = seen.deadline > 0 and (seen.part or not isolate)
+  if armed:
+    faulthandler.dump_traceback_later(seen.deadline, exit=True)
   try:
+    a = parse_args(argv)
+    if isolate and not a.part:
+      return run_isolated(a)
     return run_here(a)
   finally:
-    if a.deadline:
+    if armed:
       faulthandler.cancel_dump_traceback_later()
 
 

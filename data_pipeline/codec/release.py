@@ -84,7 +84,7 @@ PRESETS = {
 }
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)  # a 1080p pair is 16 MB; a clip has one frame size
 def fit_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   """Pixel coordinates in [-1, 1], float32 [H*W] each (x along columns, y along rows);
   read-only, one pair per frame size."""

@@ -27,7 +27,7 @@ from .configuration_onevision_encoder import OneVisionEncoderConfig
 # transformers copies a local export's modules through the direct relative imports of the file
 # it loads only, so the port's own `.hub` and
 # `.release_config` are named here too.
-from .hub import WEIGHTS_NAME, weight_files  # noqa: F401
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, weight_files
 from .release_config import CONFIG_NAME  # noqa: F401
 from .torch_model import EncoderForward, OVPoolingHead, init_head, init_module
 
@@ -42,12 +42,20 @@ class OneVisionEncoderPreTrainedModel(PreTrainedModel):
   def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
     """transformers' loader, after the check every loader of ours makes on a local folder: files
     that carry different export ids (a re-export cut short over an earlier one) are refused
-    with hub.MixedExportError naming the folder, instead of loading a mix of two models."""
+    with hub.MixedExportError naming the folder, instead of loading a mix of two models. Only
+    where transformers will read the safetensors weights our exports write (model.safetensors
+    or its index); other folders (pytorch_model.bin, a variant, a given state_dict) are left to
+    transformers as they are."""
     path = pretrained_model_name_or_path
-    if isinstance(path, (str, os.PathLike)):
+    other_weights = any(kwargs.get(k) for k in ('state_dict', 'variant', 'gguf_file'))
+    if (
+      isinstance(path, (str, os.PathLike))
+      and not other_weights
+      and kwargs.get('use_safetensors') is not False
+    ):
       subfolder = kwargs.get('subfolder')
       folder = os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
-      if os.path.isdir(folder):
+      if any(os.path.isfile(os.path.join(folder, n)) for n in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
         weight_files(folder)
     return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
