@@ -145,6 +145,7 @@ def parse_args(argv: Sequence[str] | None):
 # CPU when the CUDA plugin fails), these say a GPU is there.
 NVIDIA_DEVICE = '/dev/nvidia0'
 MIN_PART_SECONDS = 5  # a part with less of --deadline left is not started
+CHILD_MARGIN_SECONDS = 15  # a child's own deadline is this much before it would be stopped
 MEMORY_FRACTION = '0.92'  # of the device for JAX's allocator (its default, 0.75, is short)
 
 
@@ -189,16 +190,16 @@ class Report:
   """The report as it grows: each result printed when it comes and --out rewritten after it
   (from the start: a run that dies before its first result still leaves its header)."""
 
-  def __init__(self, out: str | None, header: dict | None = None, quiet: bool = False):
-    self.out, self.quiet = out, quiet
+  def __init__(self, out: str | None, header: dict | None = None):
+    self.out = out
     self.data = {**(header or {}), 'attention': [], 'steps': [], 'complete': False}
     if header:
       self.write()
 
-  def add(self, part: str, result: dict) -> None:
-
+  def add(self, part: str, result: dict, show: bool = True) -> None:
+    """`show`: print its line (a child's results were printed by the child)."""
     self.data[part].append(result)
-    if not self.quiet:
+    if show:
       line = gpu_report.attention_line if part == 'attention' else gpu_report.step_line
       print(f'[{part}]' + line(result), flush=True)
     self.write()
@@ -208,7 +209,6 @@ class Report:
       cli.write_output_json(self.out, gpu_report.json_safe(self.data), sort_keys=True)
 
   def finish(self, report: dict) -> dict:
-
     report = {**report, 'complete': True}
     report['summary'] = gpu_report.summary(report)
     self.data = report
@@ -257,7 +257,6 @@ def run_here(a) -> int:
 
 
 def print_report(report: dict) -> int:
-
   print('\n'.join(gpu_report.table_lines(report)))
   print(json.dumps(gpu_report.json_safe(report), sort_keys=True))
   return 0 if report['summary']['ok'] else 1
@@ -286,8 +285,9 @@ def run_child(part: str, flags: list[str], folder: str, timeout: float | None) -
   out = os.path.join(folder, part.replace(':', '_') + '.json')
   err = os.path.join(folder, part.replace(':', '_') + '.stderr')
   command = child_command([*flags, f'--part={part}', f'--out={out}'])
-  if timeout is not None:  # the child prints its stacks and exits first
-    command.append(f'--deadline={max(timeout - 5, 1):g}')
+  if timeout is not None:  # the child prints its stacks and exits first (it arms its deadline
+    # once its flags are read, after importing JAX: a few seconds)
+    command.append(f'--deadline={max(timeout - CHILD_MARGIN_SECONDS, 1):g}')
   with open(err, 'wb') as stderr:
     try:
       code = subprocess.run(command, stderr=stderr, timeout=timeout, check=False).returncode
@@ -340,8 +340,9 @@ def run_isolated(a) -> int:
   start = time.monotonic()
   flags = child_flags(a)
   presets = a.presets or (('tiny',) if a.tiny else ('base', 'large'))
-  partial = Report(a.out, quiet=True)
-  report = {'attention': [], 'steps': [], 'isolated': True, 'notes': []}
+  partial = Report(a.out)
+  report = partial.data
+  report.update(isolated=True, notes=[])
   with tempfile.TemporaryDirectory(prefix='ove-gpu-check-') as folder:
     for part in ['attention', *[f'steps:{p}' for p in presets]]:
       left = a.deadline - (time.monotonic() - start) if a.deadline else None
@@ -359,50 +360,34 @@ def run_isolated(a) -> int:
         got, why = run_child(part, flags + step_flags, folder, left)
       report['notes'].extend(got.get('notes', []))
       for key in ('platform', 'device_kind', 'jax', 'tiny', 'environment'):
-        if key in got and key not in report:
-          report[key] = got[key]
-          partial.data[key] = got[key]
+        if key in got:
+          report.setdefault(key, got[key])
       for result in got.get(kind, []):
-        report[kind].append(result)
-        partial.add(kind, result)
+        partial.add(kind, result, show=False)
       if why:
         failed = (
           {'implementation': 'attention part', 'dtype': '-', 'status': gpu_check.ERROR}
           if kind == 'attention'
           else {'preset': part.partition(':')[2], 'status': gpu_check.ERROR}
         )
-        failed['reason'] = why
-        report[kind].append(failed)
-        partial.add(kind, failed)
-        line = gpu_report.attention_line if kind == 'attention' else gpu_report.step_line
-        print(f'[{kind}]' + line(failed), flush=True)
-  report.setdefault('platform', a.platform)
-  report.setdefault('device_kind', None)
-  report.setdefault('jax', None)
+        partial.add(kind, {**failed, 'reason': why})
+  for key, value in (('platform', a.platform), ('device_kind', None), ('jax', None)):
+    report.setdefault(key, value)
   report.setdefault('tiny', a.tiny)
   return print_report(partial.finish(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  # The deadline is armed before the flags are parsed (that imports JAX): past it, every
-  # thread's stack on stderr and exit, --out holding what was done.
-  early = argparse.ArgumentParser(add_help=False)
-  early.add_argument('--deadline', type=float, default=0.0)
-  early.add_argument('--isolate', action=argparse.BooleanOptionalAction, default=None)
-  early.add_argument('--platform', default='auto')
-  early.add_argument('--part', default=None)
-  seen, _ = early.parse_known_args(argv)
-  isolate = seen.isolate if seen.isolate is not None else seen.platform != 'cpu'
-  armed = seen.deadline > 0 and (seen.part or not isolate)
-  if armed:
-    faulthandler.dump_traceback_later(seen.deadline, exit=True)
+  a = parse_args(argv)
+  isolate = a.isolate if a.isolate is not None else a.platform != 'cpu'
+  if isolate and not a.part:
+    return run_isolated(a)
+  if a.deadline:  # past it: every thread's stack on stderr and exit, --out holding what was done
+    faulthandler.dump_traceback_later(a.deadline, exit=True)
   try:
-    a = parse_args(argv)
-    if isolate and not a.part:
-      return run_isolated(a)
     return run_here(a)
   finally:
-    if armed:
+    if a.deadline:
       faulthandler.cancel_dump_traceback_later()
 
 
