@@ -196,19 +196,6 @@ def test_masked_error(monkeypatch, step, coded_share):
   assert reference == float(np.mean(terms))
 
 
-def test_pairwise_sum_is_numpys():
-  """float32 sums in numpy's pairwise order, bit for bit, across the block sizes (< 8, <= 128,
-  the halving above) and at the sizes of whole frames."""
-  rng = np.random.default_rng(3)
-  sizes = list(range(0, 300)) + [1023, 4096, 8191, 8192, 8193, 65537, 174080, 921600]
-  for n in sizes:
-    values = (rng.random(n) * 255).astype(np.float32)
-    got = np.float32(0) + kernels.pairwise_sum(values, 0, n)
-    assert got.tobytes() == np.add.reduce(values).tobytes(), n
-    mean = np.mean(values) if n else np.float32(0)
-    assert n == 0 or (got / np.float32(n)).tobytes() == mean.tobytes(), n
-
-
 def random_maps(rng, kind, shape=(120, 170)):
   if kind == 'exponential':
     return rng.exponential(2.0, shape).astype(np.float32)

@@ -38,21 +38,8 @@ from data_pipeline.video import VideoError, VideoSource, describe, open_video
 _KIND_OF_PICTURE = {'I': 'I', 'SI': 'I', 'P': 'P', 'SP': 'P', 'S': 'P', 'B': 'B', 'BI': 'B'}
 # Pixel formats whose first plane is 8-bit luma we can read without a conversion.
 _Y8_FORMATS = frozenset(
-  {
-    'yuv420p',
-    'yuvj420p',
-    'yuv422p',
-    'yuvj422p',
-    'yuv444p',
-    'yuvj444p',
-    'yuv440p',
-    'yuvj440p',
-    'yuv411p',
-    'yuv410p',
-    'nv12',
-    'nv21',
-    'gray',
-  }
+  'yuv420p yuvj420p yuv422p yuvj422p yuv444p yuvj444p yuv440p yuvj440p yuv411p yuv410p nv12 nv21'
+  ' gray'.split()
 )
 # x264 allows up to 16 consecutive B-frames, so no reference lies further away than this.
 REFERENCE_REACH = 18
@@ -132,11 +119,27 @@ class CodedFrame:
   kind: str  # 'I', 'P', 'B' or '?'
   luma: np.ndarray | None  # [H/step, W/step] luma at the analysis resolution (float32), once
   # taken (`analysis_luma`); None for frames far from every wanted one
-  vectors: np.ndarray | None  # the MOTION_VECTORS structured array; wanted frames only
+  vectors: np.ndarray | None  # the MOTION_VECTORS structured array (or None, see `grids`)
   height: int = 0  # the coded frame's size
   width: int = 0
   picture: object = None  # the decoded av frame while its luma is not taken yet
   step: int = 1  # the block average `analysis_luma` applies
+  # Wanted decoded frames: their vectors painted on the cell grid when decoded, (past, future)
+  # `maps.VectorGrid`s over the analysed area, read from the side data where it lies (no copy
+  # of the records is kept), and whether any record points to the future.
+  grids: tuple | None = None
+  future_vectors: bool = False
+
+  @property
+  def has_vectors(self) -> bool:
+    return self.vectors is not None or self.grids is not None
+
+  def vector_grid(self, direction: int, height: int, width: int) -> maps.VectorGrid:
+    """The blocks of one direction (-1 past, +1 future) on the cell grid of a height x width
+    area (`maps.paint_vectors`), painted at decode time where they were."""
+    if self.grids is not None:
+      return self.grids[direction > 0]
+    return maps.paint_vectors(self.vectors, height, width, direction)
 
   @property
   def is_anchor(self) -> bool:
@@ -167,11 +170,18 @@ def luma_of(frame) -> np.ndarray:
 
 
 def _kind(frame) -> str:
-  try:
-    name = av.video.frame.PictureType(frame.pict_type).name
-  except ValueError:
-    return '?'
-  return _KIND_OF_PICTURE.get(name, '?')
+  code = frame.pict_type
+  kind = _KIND_OF_CODE.get(code)
+  if kind is None:  # first sight of this code: look its name up once (an enum per frame costs)
+    try:
+      name = av.video.frame.PictureType(code).name
+    except ValueError:
+      name = ''
+    kind = _KIND_OF_CODE[code] = _KIND_OF_PICTURE.get(name, '?')
+  return kind
+
+
+_KIND_OF_CODE: dict = {}  # PyAV's pict_type -> 'I', 'P', 'B' or '?'
 
 
 def decoded_frames(packets: Iterable, decode: Callable) -> Iterator[tuple]:
@@ -227,37 +237,45 @@ def frames_with_references(
   pending: list[CodedFrame] = []
   deferred: list[CodedFrame] = []  # frames holding their decoded picture, oldest first
 
+  # Frames within `reach` of a wanted one (their luma may be a candidate reference's).
+  near = np.zeros(last_wanted + reach + 1, bool)
+  for i in wanted_sorted:
+    near[max(int(i) - reach, 0) : int(i) + reach + 1] = True
+  near = near.tolist()
+
   def near_wanted(i: int) -> bool:
-    j = int(np.searchsorted(wanted_sorted, i - reach))
-    return j < wanted_sorted.size and int(wanted_sorted[j]) <= i + reach
+    return i < len(near) and near[i]
 
   def release(frame: CodedFrame):
     return frame, _candidates(frame, window, -1), _candidates(frame, window, +1)
 
   def needs_future(frame: CodedFrame) -> bool:
-    if frame.kind == 'B':
-      return True
-    return frame.vectors is not None and bool(np.any(frame.vectors['source'] > 0))
+    return frame.kind == 'B' or frame.future_vectors
 
   try:
     for index, (frame, decode_index) in enumerate(frames):
       decoded.count = index + 1
       is_wanted = index in wanted_set
-      vectors = None
-      if is_wanted:
-        side = frame.side_data.get('MOTION_VECTORS')
-        vectors = side.to_ndarray().copy() if side is not None else None
       coded = CodedFrame(
         index,
         decode_index,
         _kind(frame),
         None,
-        vectors,
+        None,
         frame.height,
         frame.width,
         frame if near_wanted(index) else None,
         step,
       )
+      if is_wanted:
+        side = frame.side_data.get('MOTION_VECTORS')
+        if side is not None:
+          # A view of the frame's side data, painted now (the analysed area: whole blocks of
+          # `step`, as `maps.downscale` keeps) and let go: no copy of the records.
+          records = side.to_ndarray()
+          height, width = frame.height // step * step, frame.width // step * step
+          coded.grids = tuple(maps.paint_vectors(records, height, width, d) for d in (-1, 1))
+          coded.future_vectors = bool(np.any(records['source'] > 0))
       window[index] = coded
       if coded.picture is not None:
         # At most `max_pictures` decoded pictures are held (the decoder's buffer pool grows
@@ -289,7 +307,7 @@ def frames_with_references(
 
 
 def _candidates(frame: CodedFrame, window: dict, direction: int) -> list[CodedFrame]:
-  if frame.kind == 'I' or (frame.vectors is None and frame.kind != 'B'):
+  if frame.kind == 'I' or (not frame.has_vectors and frame.kind != 'B'):
     if direction > 0:
       return []
     previous = window.get(frame.index - 1)

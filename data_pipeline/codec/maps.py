@@ -83,13 +83,13 @@ def paint_vectors(
   (coded sizes are padded to macroblocks) are clipped.
   """
   hc, wc = -(-height // CELL), -(-width // CELL)
+  if KERNELS is not None and vectors is not None and len(vectors):
+    return VectorGrid(*KERNELS.paint(vectors, direction, hc, wc, CELL))
   dx = np.zeros((hc, wc), np.float32)
   dy = np.zeros((hc, wc), np.float32)
   has = np.zeros((hc, wc), bool)
   if vectors is None or len(vectors) == 0:
     return VectorGrid(dx, dy, has)
-  if KERNELS is not None:
-    return VectorGrid(*KERNELS.paint(vectors, direction, hc, wc, CELL))
   mv = vectors[(vectors['source'] < 0) if direction < 0 else (vectors['source'] > 0)]
   if len(mv) == 0:
     return VectorGrid(dx, dy, has)
@@ -181,11 +181,10 @@ def masked_error(
   vector, over all pixels when none has: how well a candidate reference explains the blocks."""
   h, w = luma_HxW.shape
   if KERNELS is not None:
-    return float(
-      KERNELS.masked_error(
-        luma_HxW, prediction_HxW, has_HcxWc, *cell_runs(h, w, *has_HcxWc.shape, step)
-      )
+    terms, count = KERNELS.masked_terms(
+      luma_HxW, prediction_HxW, has_HcxWc, *cell_runs(h, w, *has_HcxWc.shape, step)
     )
+    return float(np.mean(terms[:count]))
   mask_HxW = cells_to_pixels(has_HcxWc, h, w, step)
   if not mask_HxW.any():
     return float(np.mean(np.abs(luma_HxW - prediction_HxW)))
@@ -255,7 +254,7 @@ def frame_maps(
   h, w = luma.shape
   grids, predictions, distances = [], [], []
   for direction, candidates in ((-1, past), (+1, future)):
-    grid = paint_vectors(frame.vectors, h * step, w * step, direction)
+    grid = frame.vector_grid(direction, h * step, w * step)
     best, best_error = None, np.inf
     for candidate in candidates:
       reference = candidate.analysis_luma()
