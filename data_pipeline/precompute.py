@@ -54,11 +54,14 @@ from data_pipeline.clip_work import (  # noqa: F401
   selection_record,
 )
 from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was this module's)
+  ROLLED_BACK,
   VIDEO_EXTENSIONS,
+  Aborted,
   PlanMismatch,
   check_options,
   clear_outputs,
   finished_markers,
+  intact,
   make_plan,
   num_shards_for,
   plan_changes,
@@ -305,6 +308,15 @@ class Run:
     self.task = (task_index, num_tasks)
     mine = task_shards(len(shards), task_index, num_tasks)
     finished = finished_markers(out_dir, plan)
+    # This task's finished shards are read back (size and record count): a file damaged since
+    # its marker was written (cut short by a full disk, overwritten) is redone, not skipped.
+    self.damaged = [
+      i
+      for i in sorted(finished)
+      if i in mine and not intact(shard_path(out_dir, plan, i), finished[i])
+    ]
+    for i in self.damaged:
+      del finished[i]
     if retry_failures:
       finished = {i: m for i, m in finished.items() if not m['failures'] or i not in mine}
     self.markers = {i: m for i, m in finished.items() if i in mine}
@@ -328,6 +340,8 @@ class Run:
     entries = [e for i in sorted(listed) for e in listed[i]['failures']]
     entries += [{'file': f, 'reason': r, 'shard': s} for (s, f), r in sorted(self.known.items())]
     shard_format.write_failures(self.journal, entries)
+    self.journal_start = os.path.getsize(self.journal)  # what an aborted run rolls back to
+    self.written_now: list[int] = []  # the shards this run finished
     self.counts = {
       'processed': 0,
       'failed': 0,
@@ -424,16 +438,17 @@ class Run:
         self.counts['failed'] += 1
         self.counts['unexpected'] += not result.video_error
         if self.counts['processed'] == self.counts['unexpected'] == ABORT_WINDOW:
+          journal.close()
+          self.roll_back()
           if self.counts['lost'] == ABORT_WINDOW:
-            raise RuntimeError(
+            raise Aborted(
               f'the first {ABORT_WINDOW} clips all ran past the time limit or lost their worker '
               f'process, e.g. {result.reason!r}; raise --clip-timeout if clips this long need '
-              f'more time, else check the reader and the decoder (failures in {self.journal})'
+              f'more time, else check the reader and the decoder; {ROLLED_BACK}'
             )
-          raise RuntimeError(
+          raise Aborted(
             f'the first {ABORT_WINDOW} clips all failed with errors that are not '
-            f'VideoError, e.g. {result.reason!r}; check the options and the selector '
-            f'(failures in {self.journal})'
+            f'VideoError, e.g. {result.reason!r}; check the options and the selector; {ROLLED_BACK}'
           )
       bar.update(1)
       bar.set_postfix(failed=self.counts['failed'], refresh=False)
@@ -452,12 +467,34 @@ class Run:
     # The marker goes last: a shard file without its marker is redone on the next run.
     fileio.write_json(marker_path(self.out_dir, i), self.markers[i])
     self.counts['written'] += 1
+    self.written_now.append(i)
+
+  def roll_back(self) -> None:
+    """Undoes an aborted run: every clip it processed failed for a reason the run's settings
+    give (`Aborted`), so its shards (nothing but failures) and journal lines go, and the next
+    run, its settings mended, processes those clips again instead of skipping them as known
+    failures."""
+    for i in self.written_now:
+      paths.remove(marker_path(self.out_dir, i))
+      paths.remove(shard_path(self.out_dir, self.plan, i))
+      del self.markers[i]
+    with open(self.journal, 'r+', encoding='utf-8') as journal:
+      journal.truncate(self.journal_start)
+    # A single task with nothing finished leaves the folder as it found it: its plan goes too,
+    # so the run with other options is not refused as a different run (with several tasks
+    # the others hold this plan: --overwrite on every task replaces it).
+    if self.task[1] == 1 and not finished_markers(self.out_dir, self.plan):
+      if not self.journal_start:
+        paths.remove(self.journal)
+      paths.remove(paths.join(self.out_dir, PLAN))
 
   def finish(self, seconds: float, record_format: str) -> dict:
     """Summaries: this task's (returned; summary.json of a single task), and once every shard
     is finished the corpus's (summary.json, with the final manifest and metadata)."""
     task_index, num_tasks = self.task
     all_markers = finished_markers(self.out_dir, self.plan)
+    if len(all_markers) == self.plan['num_shards']:  # read every shard back before saying so
+      all_markers = finished_markers(self.out_dir, self.plan, verify=True)
     complete = len(all_markers) == self.plan['num_shards']
     if complete:
       finalize(self.out_dir, self.plan, all_markers, record_format)
@@ -470,6 +507,7 @@ class Run:
         num_tasks=num_tasks,
         shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
         corpus_shards_finished=len(all_markers),
+        shards_damaged_redone=self.damaged,
         failure_manifest=paths.join(self.out_dir, FAILURES) if complete else self.journal,
       )
       return out

@@ -54,6 +54,19 @@ VIDEO_EXTENSIONS = (
 PLAN_VERSION = 1
 
 
+ROLLED_BACK = (
+  'nothing this run wrote is kept (its failures are not recorded as known), so the same command '
+  'with that mended processes these clips again'
+)
+
+
+class Aborted(RuntimeError):
+  """The run stopped because its first `precompute.ABORT_WINDOW` clips all failed for reasons
+  that are the run's, not the clips' (a wrong option or selector, a time limit too short); what
+  it wrote is rolled back (`precompute.Run.roll_back`), so a re-run with the settings mended
+  processes them."""
+
+
 class PlanMismatch(RuntimeError):
   """The output folder holds shards of a different run (other inputs, options or sharding)."""
 

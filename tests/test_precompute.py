@@ -9,6 +9,7 @@ seconds of CPU per run of the corpus.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -227,6 +228,19 @@ def test_rerun_skips_finished_shards_and_resumes_a_killed_run(corpus, first_run,
   )
   assert failures(copy) == failures(out)
 
+  # A shard damaged after its marker was written (cut short, overwritten) is read back on the
+  # next run and redone, not skipped: the corpus is complete again, and --check agrees.
+  damaged = sorted(before)[2]
+  with open(copy / damaged, 'r+b') as f:
+    f.truncate(1000)
+  summary = run_tool(corpus.list, copy, '--num-shards', '3', '--workers', '0')
+  assert summary['shards_damaged_redone'] == [2] and summary['shards_written'] == 1
+  assert summary['complete'] and summary['records'] == len(corpus.good)
+  assert_same_records(
+    precompute.read_shard(str(copy / damaged)), precompute.read_shard(str(out / damaged))
+  )
+  assert precompute.check(str(copy))['complete']
+
   # A run killed after its first shard, with a half-written temp file and a shard that was
   # renamed but never marked done, is completed by running the command again.
   killed = tmp_path / 'killed'
@@ -355,16 +369,30 @@ def test_wrong_options_stop_the_run_early(corpus, tmp_path, capsys):
   # A selector's own options are its own to check: one that fails every clip with ValueError
   # rather than VideoError stops the run after 16 clips instead of listing a corpus as bad.
   good = next(iter(corpus.good))
-  with pytest.raises(RuntimeError, match='first 16 clips all failed'):
-    precompute.precompute(
-      [good] * 20,
-      str(tmp_path / 'b'),
-      workers=0,
-      progress=False,
-      options={**OPTIONS, 'budget': 10**6},
-      selector='precompute_faults:select',
-    )
-  assert len(failures(tmp_path / 'b')) == 16
+  run = functools.partial(
+    precompute.precompute,
+    [good] * 20,
+    str(tmp_path / 'b'),
+    workers=0,
+    progress=False,
+    selector='precompute_faults:select',
+    clips_per_shard=4,
+  )
+  with pytest.raises(precompute.Aborted, match='first 16 clips all failed'):
+    run(options={**OPTIONS, 'budget': 10**6})
+  # Nothing of the stopped run is kept (its four shards of failures, their markers, the
+  # failures' lines), so the run with the option mended selects those clips, not skips them.
+  assert sorted(os.listdir(tmp_path / 'b')) == ['.lock-task-00000-of-00001', 'progress']
+  assert not os.listdir(tmp_path / 'b' / 'progress')
+  summary = run(options=OPTIONS)
+  assert summary['records'] == 20 and summary['failures'] == 0 and summary['complete']
+  # The command line says what stopped it and that a re-run starts afresh (exit 1).
+  (tmp_path / 'twenty.txt').write_text(f'{good}\n' * 20)
+  argv = [str(tmp_path / 'twenty.txt'), str(tmp_path / 'c'), *FLAGS, '--workers', '0']
+  argv += ['--selector', 'precompute_faults:select']
+  assert precompute_codec.main([*argv, '--budget', str(10**6)]) == 1
+  err = capsys.readouterr().err
+  assert 'stopped: the first' in err and 'nothing this run wrote is kept' in err
 
 
 def test_overlay_dims_dropped_patches_and_outlines_kept_ones():

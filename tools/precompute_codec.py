@@ -203,7 +203,16 @@ def main(argv=None) -> int:
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
     print(f'ove-precompute-codec: {e}', file=sys.stderr)
     return 2
+  except precompute.Aborted as e:
+    print(f'ove-precompute-codec: stopped: {e}', file=sys.stderr)
+    return 1
   print(json.dumps(summary, indent=2, sort_keys=True))
+  for i in summary['shards_damaged_redone']:
+    print(
+      f'ove-precompute-codec: shard {i} did not match its marker (size or record count: damaged '
+      'since it was written) and was made again',
+      file=sys.stderr,
+    )
   print(
     f'{summary["records"]} records in {summary["shards_finished"]}/{summary["shards"]} shards '
     f'({summary["shards_skipped"]} already done), {summary["failures"]} failures '

@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     )
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
     parser.exit(2, f'{PROG}: {e}\n')
+  except precompute.Aborted as e:
+    parser.exit(1, f'{PROG}: stopped: {e}\n')
   print(json.dumps(summary, indent=2, sort_keys=True))
   state = (
     'complete'
