@@ -628,9 +628,15 @@ def test_bad_options():
     ('gop', 0, 'integer >= 1'),
     ('static_fallback', 'yes', 'True'),
     ('centre_prior', -1, '>= 0'),
+    # Non-finite numbers would make every score NaN and the selection shorter than its budget.
+    ('centre_prior', float('inf'), '>= 0 .finite'),
+    ('motion_weight', float('nan'), '>= 0 .finite'),
+    ('static_rel_threshold', float('nan'), r'\[0, 1\] .finite'),
   ):
     with pytest.raises(ValueError, match=f'{option}.*allowed values.*{allowed}'):
       codec.select(data, **{option: value})
+  with pytest.raises(ValueError, match='motion_weight=1e.308 and .*a finite sum'):
+    codec.select(data, motion_weight=1e308, residual_weight=1e308)
   with pytest.raises(ValueError, match='budget'):
     codec.select(data, budget=T * 256 + 1)
   with pytest.raises(ValueError, match='multiple of patch_size'):

@@ -9,6 +9,7 @@ in `release.PRESETS` instead; options given explicitly win over the preset's.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -135,9 +136,11 @@ class Options:
     _flag('quantise', self.quantise)
     _number('motion_weight', self.motion_weight, 'a number >= 0', lambda v: v >= 0)
     _number('residual_weight', self.residual_weight, 'a number >= 0', lambda v: v >= 0)
-    if self.motion_weight + self.residual_weight <= 0:
+    total = self.motion_weight + self.residual_weight
+    if not 0 < total < math.inf:
       raise ValueError(
-        'motion_weight and residual_weight: allowed values are numbers >= 0, not both 0'
+        f'motion_weight={self.motion_weight!r} and residual_weight={self.residual_weight!r}: '
+        'allowed values are numbers >= 0, not both 0, with a finite sum'
       )
     _number('centre_prior', self.centre_prior, 'a number >= 0', lambda v: v >= 0)
     _flag('static_fallback', self.static_fallback)
@@ -164,8 +167,9 @@ def _choice(name: str, value, allowed: tuple):
 
 
 def _number(name: str, value, allowed: str, ok):
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
-    raise ValueError(f'option {name}={value!r}: allowed values are {allowed}')
+  real = not isinstance(value, bool) and isinstance(value, numbers.Real)
+  if not real or not math.isfinite(value) or not ok(value):
+    raise ValueError(f'option {name}={value!r}: allowed values are {allowed} (finite)')
 
 
 def _integer(name: str, value, allowed: str, ok):
