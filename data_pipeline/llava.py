@@ -91,7 +91,7 @@ def read_items(path: str) -> list[Item]:
   if not os.path.isfile(path):
     raise ValueError(
       f'{path}: no such dataset file; give a .jsonl or .json list of {{"id", "video", '
-      '"conversations"}} objects, or a .txt of video paths'
+      '"conversations"} objects, or a .txt of video paths'
     )
   if lower.endswith('.txt'):
     with open(path, encoding='utf-8') as f:
@@ -302,93 +302,6 @@ def finished(paths: dict) -> bool:
   return all(os.path.exists(p) for p in clip_files(paths))
 
 
-def make_clip(
-  item: Item,
-  visidx_root: str,
-  image_root: str,
-  s: Settings,
-  selector: str | None = None,
-  **options,
-) -> dict:
-  """Select, pack and write one clip's files; returns its jsonl line. Raises VideoError for a
-  video that cannot be used. `selector`: 'module:function' called as codec.select is (the
-  video, `Settings.select_options()` and `options`), instead of it."""
-  from data_pipeline import codec
-  from data_pipeline.clip_work import resolve
-  from data_pipeline.codec import bitstream, geometry
-
-  paths = clip_paths(item, visidx_root, image_root, s)
-  select = resolve(selector) if selector else codec.select
-  sel = select(item.video, **s.select_options(), **options)
-  frames = geometry.decode_canvas(item.video, sel.frame_ids, s.resolution, 'letterbox')
-  canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size, s.first_full)
-  for path, canvas in zip(paths['images'], canvases):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fileio.write_atomic(path, encode_image(canvas, s.image_format))
-  save_npy(paths['positions'], packed)
-
-  info = bitstream.probe(item.video)
-  box = geometry.canvas(info.height, info.width, s.resolution, 'letterbox')
-  valid = geometry.valid_patches(info.height, info.width, s.resolution, s.patch_size, 'letterbox')
-  os.makedirs(visidx_root, exist_ok=True)
-  save_npy(paths['visidx'], sel.positions.astype(np.int32))
-  save_npy(paths['frame_ids'], sel.frame_ids.astype(np.int32))
-  side = s.resolution // s.patch_size
-  fileio.write_json(
-    paths['meta'],
-    {
-      'sample_id': item.id,
-      'sample_key': item.sample_key,
-      'video': item.video,
-      'T': s.num_frames,
-      'frame_ids': None,
-      'preprocess': f'square{s.resolution}',
-      'square_size': s.resolution,
-      'patch': s.patch_size,
-      'keep_frames_equiv': s.budget // (side * side),
-      'padding_policy': 'zero',
-      'keep_uniform_first': False,
-      'keep_first_full_frame': True,
-      'H0': info.height,
-      'W0': info.width,
-      'pad_info': {
-        'scale': s.resolution / max(info.height, info.width),
-        'Hn': box.new_h,
-        'Wn': box.new_w,
-        'pad_top': box.top,
-        'pad_left': box.left,
-        'pad_bottom': s.resolution - box.new_h - box.top,
-        'pad_right': s.resolution - box.new_w - box.left,
-        'out_size': s.resolution,
-        'H0': info.height,
-        'W0': info.width,
-      },
-      'hb': side,
-      'wb': side,
-      'S_total': side * side,
-      'S_valid': int(valid.sum()),
-      'K': int(len(sel.positions)),
-      'padding_patch_filtered': 0,
-      'valid_ranges': valid_ranges(valid),
-      'selection': s.preset,
-      'codec': sel.codec,
-      'transcoded': bool(sel.transcoded),
-    },
-    sort_keys=False,
-  )
-  return jsonl_line(item, paths, s)
-
-
-def remove_temporaries(paths: dict, pid: int | None) -> list[str]:
-  """Removes the temporary files (`fileio.temp_name`) that the dead worker process `pid` left
-  beside a clip's files (`clip_paths`), no other process's (split tasks share `visidx_root`)."""
-  if pid is None:
-    return []
-  names = set(clip_files(paths))
-  folders = {os.path.dirname(paths['meta']), os.path.dirname(paths['positions'])}
-  return [t for f in sorted(folders) for t in fileio.remove_stale_temporaries(f, pid, names)]
-
-
 def release_task(item: Item, num_tasks: int) -> int:
   """The task (of `num_tasks`) that takes a row, as the release's stage2 shards its input: the
   first 8 hex digits of sha1('<video>|<id>|<row>') modulo N."""
@@ -402,24 +315,6 @@ def task_jsonl(out_jsonl: str, task_index: int, num_tasks: int) -> str:
   if num_tasks == 1:
     return out_jsonl
   return f'{out_jsonl}.shard{task_index:02d}of{num_tasks:02d}.jsonl'
-
-
-def init_worker(selector: str | None) -> None:
-  """Imports the selection in a fresh worker, so a clip's time limit does not count it."""
-  from data_pipeline import codec  # noqa: F401
-  from data_pipeline.clip_work import resolve
-
-  if selector:
-    resolve(selector)
-
-
-def make_task(task: tuple) -> dict:
-  """`make_clip` in a worker process: {'line': its jsonl line} or {'reason': why it failed}."""
-  item, visidx_root, image_root, settings, selector, options = task
-  try:
-    return {'line': make_clip(item, visidx_root, image_root, settings, selector, **options)}
-  except Exception as e:  # any bad video: the run records it and goes on
-    return {'reason': f'{type(e).__name__}: {e}'}
 
 
 def run(
@@ -453,7 +348,8 @@ def run(
   `selector`: see `make_clip`. Returns the counts."""
   from data_pipeline import locks, shards
   from data_pipeline import workers as workers_lib
-  from data_pipeline.clip_work import resolve
+  from data_pipeline.llava_clip import check_selection, init_worker, make_task, remove_temporaries
+  from data_pipeline.shard_plan import ABORT_WINDOW, ROLLED_BACK, Aborted, check_options
 
   if settings.image_format not in IMAGE_FORMATS:
     raise ValueError(
@@ -484,12 +380,8 @@ def run(
   workers = workers_lib.usable_cpus() if workers is None else workers
   if workers < 0:
     raise ValueError(f'workers={workers}: a number of processes >= 0 (0: in this process)')
-  # Wrong selector names, options and OVE_SELECT_THREADS (`check_options`) fail here, not once
-  # per clip (as failures that re-runs would then skip).
-  from data_pipeline.shard_plan import check_options
-
-  if selector:
-    resolve(selector)
+  # Wrong selector names and signatures, options and OVE_SELECT_THREADS (`check_options`) fail
+  # here, not once per clip (as failures that re-runs would then skip).
   clash = sorted(set(options) & set(settings.select_options()))
   if clash:
     raise ValueError(
@@ -497,6 +389,7 @@ def run(
       'of ove-llava-data make), not from the options'
     )
   check_options({**options, **settings.select_options()}, selector)
+  check_selection(settings, options, selector)
   items = [item for item in read_items(dataset) if release_task(item, num_tasks) == task_index]
   out_jsonl = task_jsonl(out_jsonl, task_index, num_tasks)
   failures = failures or out_jsonl + '.failures.jsonl'
@@ -508,7 +401,7 @@ def run(
     f'making {out_jsonl}',
     kind='ove-llava-data',
   ):
-    check_settings(out_jsonl, settings, options, selector)
+    check_settings(out_jsonl, (visidx_root, image_root), settings, options, selector)
     known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
     plan = []  # (item, its paths, 'finished' / 'known' / 'todo')
     failed = {}  # plan row -> failure entry: the known ones from the start, so none is lost
@@ -542,6 +435,7 @@ def run(
     )
     lines = []
     counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': len(failed)}
+    known_rows, processed, unexpected = set(failed), 0, 0
     write_failures()  # the known failures of this list; new ones are appended as they happen
     with open(failures, 'a', encoding='utf-8') as journal:
       try:
@@ -553,9 +447,10 @@ def run(
           if state == 'known':
             continue
           result = next(results)
+          processed += 1
           if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
             remove_temporaries(paths, result.pid)
-            result = {'reason': f'{item.video}: {result.reason}'}
+            result = {'reason': f'{item.video}: {result.reason}', 'video_error': False}
           if 'line' in result:
             lines.append(result['line'])
             counts['made'] += 1
@@ -564,6 +459,16 @@ def run(
           counts['failed'] += 1
           journal.write(json.dumps(failed[row]) + '\n')  # a killed run keeps it
           journal.flush()
+          unexpected += not result['video_error']
+          if processed == unexpected == ABORT_WINDOW:
+            # The run is wrong, not its clips: none of its failures is kept as known.
+            failed = {row: failed[row] for row in known_rows}
+            write_failures()
+            raise Aborted(
+              f'the first {ABORT_WINDOW} clips all failed with errors that are not VideoError '
+              f'or ran past the time limit or crashed their worker, e.g. {result["reason"]!r}; '
+              f'check the options, the selector and --clip-timeout; {ROLLED_BACK}'
+            )
       finally:
         results.close()  # stops the workers
     write_failures()  # in list order
@@ -573,23 +478,35 @@ def run(
   return counts
 
 
-def check_settings(out_jsonl: str, settings: Settings, options: dict, selector: str | None):
-  """Keeps what makes a clip's files in `<jsonl>.settings.json` and refuses a run on the same
-  jsonl with others (its canvases would land over some earlier ones and beside the rest)."""
-  path = out_jsonl + '.settings.json'
+def check_settings(
+  out_jsonl: str, roots: Sequence[str], settings: Settings, options: dict, selector: str | None
+):
+  """Keeps what makes a clip's files in `<jsonl>.settings.json` and in each of `roots` (the
+  visidx and image roots, as `ove-llava-settings.json`), and refuses a run whose settings differ
+  from any of them: its canvases would land over some earlier ones and beside the rest, and
+  finished clips would be skipped as made with other options."""
   wanted = json.loads(
     json.dumps({**dataclasses.asdict(settings), 'options': options, 'selector': selector})
   )
-  earlier = fileio.read_json(path)
-  if earlier is not None and earlier != wanted:
-    changed = sorted(k for k in {*earlier, *wanted} if earlier.get(k) != wanted.get(k))
-    differences = '; '.join(f'{k}: {earlier.get(k)!r} then, {wanted.get(k)!r} now' for k in changed)
-    raise ValueError(
-      f'{out_jsonl} was made with other settings ({differences}; see {path}); give this run '
-      'its own --out-jsonl, --visidx-root and --image-root, or delete the earlier files'
-    )
-  if earlier is None:
-    fileio.write_json(path, wanted)
+  paths = [out_jsonl + '.settings.json', *(os.path.join(r, SETTINGS_FILE) for r in roots)]
+  for path in paths:
+    earlier = fileio.read_json(path)
+    if earlier is not None and earlier != wanted:
+      changed = sorted(k for k in {*earlier, *wanted} if earlier.get(k) != wanted.get(k))
+      differences = '; '.join(
+        f'{k}: {earlier.get(k)!r} then, {wanted.get(k)!r} now' for k in changed
+      )
+      raise ValueError(
+        f"{path}: this run's output was made with other settings ({differences}); give this "
+        'run its own --out-jsonl, --visidx-root and --image-root, or delete the earlier files'
+      )
+  for path in paths:
+    if fileio.read_json(path) is None:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      fileio.write_json(path, wanted)
+
+
+SETTINGS_FILE = 'ove-llava-settings.json'  # in the visidx and image roots (`check_settings`)
 
 
 def read_failures(path: str) -> list[dict]:

@@ -54,6 +54,7 @@ from data_pipeline.clip_work import (  # noqa: F401
   selection_record,
 )
 from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was this module's)
+  ABORT_WINDOW,
   ROLLED_BACK,
   VIDEO_EXTENSIONS,
   Aborted,
@@ -94,9 +95,6 @@ from data_pipeline.shards import (  # noqa: F401
 DEFAULT_SELECTOR = 'data_pipeline.codec:select'
 DEFAULT_NAME = 'ove_codec'
 DEFAULT_SPLIT = 'train'
-# A run whose first this-many clips all fail with errors other than VideoError is stopped: the
-# options or the selector are wrong, and a million-line failure manifest helps nobody.
-ABORT_WINDOW = 16
 
 
 # ---------------------------------------------------------------------------------------------

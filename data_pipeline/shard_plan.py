@@ -54,6 +54,10 @@ VIDEO_EXTENSIONS = (
 PLAN_VERSION = 1
 
 
+# A run whose first this-many clips all fail for reasons that are not the videos' (errors other
+# than VideoError, time limits, crashed workers) is stopped (`Aborted`): the options, the
+# selector or the time limit are wrong, and a million-line failure manifest helps nobody.
+ABORT_WINDOW = 16
 ROLLED_BACK = (
   'nothing this run wrote is kept (its failures are not recorded as known), so the same command '
   'with that mended processes these clips again'

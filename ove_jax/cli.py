@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import sys
 from typing import Sequence
 
 OVERRIDE_PREFIX = '--config.'
@@ -287,10 +288,23 @@ def add_pool_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     '--clip-timeout',
     type=seconds,
-    default=DEFAULT_CLIP_TIMEOUT,
+    default=None,
     help='seconds one clip may take before its worker is killed and the clip '
     f'listed as failed (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit)',
   )
+
+
+def clip_timeout(args: argparse.Namespace, prog: str) -> float | None:
+  """The time limit of `add_pool_flags` (None: no limit), with a warning where one was given
+  that cannot apply: with --workers 0 the clips run in the command's own process."""
+  if args.workers == 0 and args.clip_timeout:
+    print(
+      f'{prog}: warning: --clip-timeout {args.clip_timeout:g} does not apply with --workers 0 '
+      '(clips run in this process, which nothing stops); use --workers 1 for a limit',
+      file=sys.stderr,
+    )
+  value = DEFAULT_CLIP_TIMEOUT if args.clip_timeout is None else args.clip_timeout
+  return value or None
 
 
 def main_of(

@@ -4,7 +4,8 @@
 `selector` (precompute's and ove-llava-data's hook for another selection): names starting
 with 'segfault' crash the worker process with SIGSEGV, as a decoder bug does; 'oom' ones get the
 SIGKILL of the kernel's out-of-memory killer; 'hang' ones never return, as a stuck network read
-or decoder does; 'interrupt' ones raise KeyboardInterrupt; any other name is a local path.
+or decoder does; 'interrupt' ones raise KeyboardInterrupt; 'error' ones raise RuntimeError (a
+selector's bug); any other name is a local path.
 `work` is the same for `data_pipeline.workers.ordered_map` on plain numbers.
 """
 
@@ -24,6 +25,8 @@ def crash_or_hang(name: str) -> None:
   if base.startswith('hang'):
     while True:
       time.sleep(60)
+  if base.startswith('error'):  # a selector's own bug: not the video's fault
+    raise RuntimeError(f'{base}: the selector failed')
 
 
 def open_clip(name: str) -> str:

@@ -1,5 +1,6 @@
 """The release's LLaVA data path (data_pipeline/llava.py, tools/llava_data.py), synthetic clips."""
 
+import functools
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ from PIL import Image
 
 from data_pipeline import codec, llava, llava_import, locks, records, sources, synthetic, transforms
 from data_pipeline.codec import geometry
+from data_pipeline.shard_plan import Aborted
 from data_pipeline.tokens import PATCH, VIDEO_GRID, VIDEO_RESOLUTION
 from ove_jax_tools import llava_data
 
@@ -76,7 +78,10 @@ def test_stage1_files_have_the_release_names_and_shapes(made):
   video = made['video']
   prefix = f'sample_7__walk__{sha8(video)}__{sha8(video + "|7|0")}_T{T}_square{RES}_p{PS}_K{K}'
   vis = made['args']['visidx_root']
-  assert sorted(os.listdir(vis)) == sorted(prefix + s for s in llava.STAGE1_SUFFIXES)
+  # Beside them, what the run was made with (`check_settings`).
+  assert sorted(os.listdir(vis)) == sorted(
+    [llava.SETTINGS_FILE, *(prefix + s for s in llava.STAGE1_SUFFIXES)]
+  )
   thw = np.load(os.path.join(vis, prefix + '.visidx_thw.npy'))
   frame_ids = np.load(os.path.join(vis, prefix + '.frame_ids.npy'))
   assert thw.dtype == np.int32 and thw.shape == (K, 3)
@@ -206,7 +211,10 @@ def test_regrid_keeps_cells_mostly_covered():
   np.testing.assert_array_equal(llava_import.regrid(same, 3, 16, 16), same)
 
 
-def test_import_tool_gives_records_the_pipeline_trains_on(made, tmp_path):
+def test_import_tool_gives_records_the_pipeline_trains_on(made, tmp_path, capsys):
+  # OUT a folder: named before any file is read.
+  assert llava_data.main(['import', made['args']['visidx_root'], str(tmp_path)]) == 2
+  assert f'OUT {tmp_path}: a folder' in capsys.readouterr().err
   out = str(tmp_path / 'release.array_record')
   assert llava_data.main(['import', made['args']['visidx_root'], out, '--model-grid=16']) == 0
   source = sources.open_source(out)
@@ -375,6 +383,51 @@ def test_make_names_each_broken_canvas_rule(tmp_path, capsys):
   with pytest.raises(ValueError, match=r'budget=5, num_images=2: .* give --budget 4 or 6'):
     llava.pack_canvases(np.zeros((1, 32, 32, 3), np.uint8), np.zeros((5, 3)), 2, 16)
   assert not os.listdir(tmp_path)
+
+
+def test_make_refuses_options_and_selectors_that_cannot_make_its_files(made, tmp_path):
+  args = dict(made['args'], out_jsonl=str(tmp_path / 'train.jsonl'))
+  run = functools.partial(llava.run, made['dataset'], settings=made['settings'], workers=0)
+  for options, message in (
+    ({'geometry': 'crop'}, "geometry='crop': the release's LLaVA canvases are letterboxed"),
+    ({'policy': 'zero'}, "policy='zero': canvas 0 is the whole first frame"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      run(**args, **options)
+  with pytest.raises(ValueError, match='selector data_pipeline.codec:select_random: it must take'):
+    run(**args, selector='data_pipeline.codec:select_random')
+  # Another jsonl over the same roots with other options: the roots remember what made them.
+  with pytest.raises(ValueError, match='ove-llava-settings.json: .*other settings .*options'):
+    run(**args, centre_prior=0.3)
+  assert not os.path.exists(args['out_jsonl'])
+
+
+def test_a_run_whose_first_clips_all_fail_for_its_own_reasons_stops_and_keeps_nothing(
+  tmp_path, capsys
+):
+  # A selector that fails every clip (a bug, not the videos) stops the run after 16 clips, and
+  # none of them is kept as a known failure: the mended run makes them.
+  video = synthetic.make_clip(1, num_frames=8, height=64, width=64).write(tmp_path / 'a.mp4')
+  dataset = tmp_path / 'data.txt'
+  dataset.write_text(''.join(f'{tmp_path}/error-{i}.mp4\n' for i in range(16)) + video + '\n')
+  args = dict(
+    visidx_root=str(tmp_path / 'v'),
+    image_root=str(tmp_path / 'i'),
+    out_jsonl=str(tmp_path / 'train.jsonl'),
+    settings=llava.Settings(num_frames=4, resolution=64, budget=32, num_images=2),
+    selector='precompute_faults:select',
+    workers=0,
+  )
+  with pytest.raises(Aborted, match='first 16 clips all failed .*the selector failed'):
+    llava.run(str(dataset), **args)
+  assert llava.read_failures(args['out_jsonl'] + '.failures.jsonl') == []
+  assert not os.path.exists(args['out_jsonl'])
+  # The command line: the reason and exit 1, not a traceback.
+  flags = ['--visidx-root', args['visidx_root'], '--image-root', args['image_root']]
+  flags += ['--out-jsonl', args['out_jsonl'], '--workers', '0', '--num-frames', '4']
+  flags += ['--resolution', '64', '--budget', '32', '--num-images', '2']
+  assert llava_data.main(['make', str(dataset), *flags, '--selector', args['selector']]) == 1
+  assert 'stopped: the first 16 clips' in capsys.readouterr().err
 
 
 def test_make_options_hint_names_a_key_make_accepts(tmp_path, capsys):

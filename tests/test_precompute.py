@@ -462,3 +462,18 @@ def test_visualize_a_video_and_a_record(first_run, tmp_path):
   assert as_is[kept].all()
   # A record that is not there is an error, not a traceback.
   assert visualize_selection.main([shard, '--index', '99', '--out', str(out)]) == 2
+  # An --out that cannot be a folder is named before any selection runs; --cols is >= 1.
+  (tmp_path / 'afile').write_text('')
+  assert visualize_selection.main([video, '--out', str(tmp_path / 'afile')]) == 2
+  with pytest.raises(SystemExit):
+    visualize_selection.main([video, '--out', str(out), '--cols', '0'])
+  # A shard away from its run's plan.json (how imported LLaVA records come): its heatmap would
+  # be another selection's unless the settings are given.
+  alone = tmp_path / 'alone'
+  alone.mkdir()
+  shutil.copy(shard, alone)
+  moved = str(alone / os.path.basename(shard))
+  args = [moved, '--index', '0', '--out', str(tmp_path / 'alone-out'), '--heatmap']
+  assert visualize_selection.main(args) == 2
+  sizes = ['--num-frames', str(NUM_FRAMES), '--budget', str(BUDGET)]
+  assert visualize_selection.main([*args, *sizes, '--resolution', str(RESOLUTION)]) == 0

@@ -73,7 +73,19 @@ def test_precompute_refuses_bad_flags_and_empty_inputs(tmp_path, video, capsys):
   (tmp_path / 'no_videos' / 'notes.txt').write_text('not a video')
   err = refused(precompute_codec.main, [str(tmp_path / 'no_videos'), out], capsys)
   assert 'no input clips in this folder (files ending in .mp4, .m4v' in err
+  for flag, value, words in (
+    ('--max-shards', '0', "'0': a whole number >= 1"),
+    ('--inline-max-bytes', '-1', "'-1': a whole number >= 0"),
+  ):
+    assert words in refused(precompute_codec.main, [str(listing), out, flag, value], capsys)
   assert not os.path.exists(out)
+  # A time limit that cannot apply (clips in the command's own process) is said, not ignored.
+  flags = ['--num-frames', '4', '--budget', '8', '--resolution', '56', '--no-progress']
+  argv = [str(listing), out, *flags, '--workers', '0']
+  assert precompute_codec.main([*argv, '--clip-timeout', '5']) == 0
+  assert '--clip-timeout 5 does not apply with --workers 0' in capsys.readouterr().err
+  assert precompute_codec.main(argv) == 0  # the default limit: nothing to say
+  assert 'does not apply' not in capsys.readouterr().err
 
 
 def test_a_task_that_owns_no_shard_says_so(tmp_path, video, capsys):
@@ -192,7 +204,8 @@ def test_llava_run_refuses_other_settings_on_the_same_jsonl(tmp_path, video):
     llava.run(str(dataset), settings=png, **args)
   with pytest.raises(ValueError, match='options:'):
     llava.run(str(dataset), settings=settings, camera_compensation='none', **args)
-  images = sorted(os.listdir(os.path.join(args['image_root'], os.listdir(args['image_root'])[0])))
+  (pack,) = [n for n in os.listdir(args['image_root']) if n != llava.SETTINGS_FILE]
+  images = sorted(os.listdir(os.path.join(args['image_root'], pack)))
   assert [name.rsplit('.', 1)[1] for name in images if '_0' in name] == ['jpg', 'jpg']
 
 

@@ -36,6 +36,7 @@ import json
 import sys
 
 from data_pipeline import llava, llava_import, locks
+from data_pipeline.shard_plan import Aborted
 from ove_jax import cli
 
 
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         args.image_root,
         args.out_jsonl,
         settings,
-        clip_timeout=args.clip_timeout or None,
+        clip_timeout=cli.clip_timeout(args, 'ove-llava-data make'),
         **cli.keywords(
           args, 'failures', 'retry_failures', 'task_index', 'num_tasks', 'workers', 'selector'
         ),
@@ -148,8 +149,15 @@ def main(argv=None) -> int:
     except (locks.Locked, ValueError) as e:
       print(f'ove-llava-data: {e}', file=sys.stderr)
       return 2
+    except Aborted as e:
+      print(f'ove-llava-data: stopped: {e}', file=sys.stderr)
+      return 1
     print(json.dumps(counts))
     return 0
+  problem = cli.output_file_problem(args.out)
+  if problem:  # before the files are read, whose records would have nowhere to go
+    print(f'ove-llava-data import: OUT {args.out}: {problem}', file=sys.stderr)
+    return 2
   try:
     counts = llava_import.import_files(
       args.visidx_root, args.out, args.model_grid, args.video_root, args.failures

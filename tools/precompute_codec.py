@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
   sel.add_argument('--budget', type=int, help='patches kept per clip (K)')
   sel.add_argument('--resolution', type=int, help='model input side in pixels')
   sel.add_argument('--patch-size', type=int, help='patch side in pixels')
-  sel.add_argument('--policy', help='frame policy: paper, first_frame or zero')
+  sel.add_argument('--policy', help='frame policy: paper, first_frame, zero or zero_first')
   cli.add_options_flag(sel, 'the flags above override its keys')
   sel.add_argument(
     '--selector',
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
   out.add_argument('--no-shuffle', action='store_true', help='keep the input order')
   out.add_argument(
     '--inline-max-bytes',
-    type=int,
+    type=cli.non_negative,
     default=1 << 20,
     help='store files up to this size inside the record (0: never)',
   )
@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="delete an earlier run's outputs in OUT_DIR and start over",
   )
   run.add_argument(
-    '--max-shards', type=int, help='write at most this many shards, then stop (run in instalments)'
+    '--max-shards',
+    type=cli.positive,
+    help='write at most this many shards, then stop (run in instalments)',
   )
   run.add_argument('--no-progress', action='store_true', help='no progress bar')
   return p
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
       shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
       record_format=args.format,
       progress=not args.no_progress,
-      clip_timeout=args.clip_timeout or None,
+      clip_timeout=cli.clip_timeout(args, 'ove-precompute-codec'),
       **cli.keywords(args, *RUN_FLAGS),
     )
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:

@@ -63,16 +63,22 @@ def main(argv=None) -> int:
   p.add_argument('--geometry', help='crop (default) or letterbox')
   cli.add_options_flag(p, 'the flags above override its keys')
   p.add_argument('--selector', help='module:function instead of data_pipeline.codec:select')
-  p.add_argument('--cols', type=int, default=8, help='frames per row of the grid')
+  p.add_argument('--cols', type=cli.positive, default=8, help='frames per row of the grid')
   p.add_argument('--frame-ms', type=int, default=120, help='GIF frame duration')
   args = p.parse_args(argv)
+  from data_pipeline import paths as paths_lib
+
+  problem = paths_lib.not_a_folder(args.out)
+  if problem:  # before the selection, whose pictures would have nowhere to go
+    print(f'visualize_selection: --out {args.out}: {problem}; give a folder', file=sys.stderr)
+    return 2
 
   from data_pipeline.codec.geometry import decode_canvas
   from data_pipeline.codec.release import PRESETS
   from data_pipeline.precompute import picture_type_codes, read_record
 
   options = dict(args.options)
-  record, selector = None, args.selector
+  record, selector, settings_known = None, args.selector, False
   if args.index is None and is_shard(args.source):
     print(
       f'visualize_selection: {args.source} is a shard of records; give --index I (0-based) of '
@@ -95,10 +101,12 @@ def main(argv=None) -> int:
       )
       return 2
     run_options, run_selector = _run_settings(args.source)
+    settings_known = bool(run_options or run_selector or options or selector)
     options, selector = {**run_options, **options}, selector or run_selector
   for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy', 'preset', 'geometry'):
     if getattr(args, flag) is not None:
       options[flag] = getattr(args, flag)
+      settings_known = True
   resolution = int(options.get('resolution', 224))
   patch_size = int(options.get('patch_size', 14))
   geometry = options.get('geometry') or PRESETS.get(options.get('preset'), {}).get(
@@ -106,6 +114,18 @@ def main(argv=None) -> int:
   )
   if record is not None and record.get('geometry') and args.geometry is None:
     geometry = record['geometry']  # the record says which canvas its positions are on
+  if record is not None and args.heatmap and record.get('scores') is None:
+    if not settings_known:
+      print(
+        f'visualize_selection: record {args.index} of {args.source} stores no scores, and no '
+        'plan.json beside it says how it was selected (a record ove-llava-data import made, '
+        'say): a selection re-run with the defaults would draw another map; give the settings '
+        "it was made with (--preset release_llava for the release's LLaVA data, --options) "
+        'or leave out --heatmap',
+        file=sys.stderr,
+      )
+      return 2
+    options['geometry'] = geometry  # the map on the record's canvas
   grid = resolution // patch_size
   if record is not None and len(record['positions']) and record['positions'][:, 1:].max() >= grid:
     print(
