@@ -78,7 +78,10 @@ def release_record(
     )
   grid = int(grid or meta.get('hb') or 0)
   if not grid:
-    raise ValueError(f'{visidx_path}: no meta.json gives the grid (hb); pass grid')
+    raise ValueError(
+      f'{visidx_path}: no {prefix}.meta.json gives the grid (its hb: patches a side); stage1 '
+      'writes it beside the .visidx_thw.npy: copy it there (from Python, grid= gives it)'
+    )
   if len(thw) and (thw.min() < 0 or thw[:, 0].max() >= len(frame_ids) or thw[:, 1:].max() >= grid):
     raise ValueError(f'{visidx_path}: positions outside T={len(frame_ids)} x {grid} x {grid}')
   thw = np.unique(thw.astype(np.int64), axis=0)  # sorted by (t, h, w), no repeats

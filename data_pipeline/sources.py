@@ -262,7 +262,14 @@ class TfdsSource:
 
       folder = tfds_dataset_folder(self.name, self.data_dir)
       if folder is not None:
-        self._source = tfds.builder_from_directory(folder).as_data_source(self.split)
+        builder = tfds.builder_from_directory(folder)
+        splits = sorted(builder.info.splits)
+        if self.split not in splits:  # TFDS's own error names neither the choices nor the fix
+          raise ValueError(
+            f'tfds:{self.name} in {folder}: no split {self.split!r}; it has '
+            f'{", ".join(splits)}: add &split={splits[0]} (or ?split=) to the source'
+          )
+        self._source = builder.as_data_source(self.split)
       else:
         try:
           self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)

@@ -132,6 +132,13 @@ def test_bench_selection_speed_mode_takes_files_alone(tmp_path, capsys, monkeypa
   assert bench_selection.main([*argv, f'--json={tmp_path / "out" / "speed.json"}']) == 0
   rows = json.loads((tmp_path / 'out' / 'speed.json').read_text())
   assert [r['clip'] for r in rows] == ['a.mp4'] and '| a.mp4 |' in capsys.readouterr().out
+  # A clip the options cannot select from (a 640x16 strip under letterbox) is named, exit 2.
+  wide = synthetic.make_clip(0, num_frames=8, height=16, width=640).write(tmp_path / 'wide.mp4')
+  argv = ['--speed', wide, '--clips', '0', '--frames', '8', '--repeat', '1']
+  with pytest.raises(SystemExit) as stop:
+    bench_selection.main([*argv, '--budget', '512', '--variant', 'geometry=letterbox'])
+  assert stop.value.code == 2
+  assert 'wide.mp4: no selection to time: ' in capsys.readouterr().err
 
 
 # -- ove-bench-kmeans, ove-bench-kmeans-backends -------------------------------------------------

@@ -268,6 +268,9 @@ def test_tfds_output_reads_by_name_in_the_readme_layout(clips, tmp_path):
     sources.open_source(f'tfds:other?data_dir={out}')
   with pytest.raises(FileNotFoundError, match='no dataset there'):
     sources.open_source(f'tfds:ove_codec?data_dir={tmp_path}')
+  # A split it does not have names the ones it has and the fix.
+  with pytest.raises(ValueError, match="no split 'val'; it has train: add &split=train"):
+    sources.open_source(f'tfds:ove_codec?split=val&data_dir={out}')
 
 
 def test_wrong_hooks_are_refused_before_any_worker_starts(clips, tmp_path, capsys):

@@ -155,6 +155,10 @@ def test_import_makes_its_folder_and_names_missing_frame_ids(tmp_path, capsys):
   os.remove(prefix + '.frame_ids.npy')
   with pytest.raises(ValueError, match='frame_ids.npy are missing .stage1 writes them beside'):
     llava_import.release_record(prefix + '.visidx_thw.npy')
+  prefix = stage1_files(str(tmp_path / 'w'))
+  os.remove(prefix + '.meta.json')
+  with pytest.raises(ValueError, match=r'no .*clip.meta.json gives the grid .* copy it there'):
+    llava_import.release_record(prefix + '.visidx_thw.npy', source='a.mp4')
 
 
 def test_visualiser_tells_videos_from_shards(tmp_path, video, capsys):

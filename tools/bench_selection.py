@@ -222,7 +222,10 @@ def speed(args) -> list[dict]:
   hp = args.resolution // args.patch_size
   budget = args.budget or (args.frames * hp * hp) // 8
   for name, source in clips:
-    sel = codec.select(source, args.frames, budget, args.resolution, args.patch_size, **options)
+    try:
+      sel = codec.select(source, args.frames, budget, args.resolution, args.patch_size, **options)
+    except ValueError as e:  # VideoError: a clip these options cannot select from
+      raise ValueError(f'{name}: no selection to time: {e}') from None
     last = int(sel.frame_ids.max())
     grid = (args.frames, budget, args.resolution, args.patch_size)
     decode, decode_rgb, select, one_thread = _best(
@@ -258,7 +261,7 @@ def speed_table(rows: list[dict], options: str) -> str:
     '(thread: it decoded on a thread of its own); "one thread": decode_thread=False.',
     '',
     '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
-    '| thread | ratio wall | ratio cpu | one thread wall / cpu | one thread ratio wall '
+    '| thread | ratio wall | ratio cpu | one thread wall / cpu | one thread ratio wall / cpu '
     '| ratio cpu vs decode+rgb |',
     '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
@@ -271,7 +274,8 @@ def speed_table(rows: list[dict], options: str) -> str:
       f'{r["select_wall"] / r["decode_wall"]:.2f} | '
       f'{r["select_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
       f'{r["one_thread_wall"]:.3f} / {r["one_thread_cpu"]:.3f} | '
-      f'{r["one_thread_wall"] / r["decode_wall"]:.2f} | '
+      f'{r["one_thread_wall"] / r["decode_wall"]:.2f} / '
+      f'{r["one_thread_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
       f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} |'
     )
   return '\n'.join(lines)
@@ -397,7 +401,10 @@ def main(argv=None) -> int:
   except ValueError as e:
     parser.error(str(e))
   if args.speed is not None:
-    rows = speed(args)
+    try:
+      rows = speed(args)
+    except ValueError as e:
+      parser.exit(2, f'{parser.prog}: {e}\n')
     print(speed_table(rows, args.variant[0] if args.variant else ''))
     if args.json:
       cli.write_output_json(args.json, rows)
