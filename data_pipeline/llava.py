@@ -349,7 +349,7 @@ def run(
   from data_pipeline import locks, shards
   from data_pipeline import workers as workers_lib
   from data_pipeline.llava_clip import check_selection, init_worker, make_task, remove_temporaries
-  from data_pipeline.shard_plan import ABORT_WINDOW, ROLLED_BACK, Aborted, check_options
+  from data_pipeline.shard_plan import ABORT_WINDOW, Aborted, check_options, rolled_back
 
   if settings.image_format not in IMAGE_FORMATS:
     raise ValueError(
@@ -401,7 +401,7 @@ def run(
     f'making {out_jsonl}',
     kind='ove-llava-data',
   ):
-    check_settings(out_jsonl, (visidx_root, image_root), settings, options, selector)
+    fresh = check_settings(out_jsonl, (visidx_root, image_root), settings, options, selector)
     known = {} if retry_failures else {(e['id'], e['video']): e for e in read_failures(failures)}
     plan = []  # (item, its paths, 'finished' / 'known' / 'todo')
     failed = {}  # plan row -> failure entry: the known ones from the start, so none is lost
@@ -464,10 +464,13 @@ def run(
             # The run is wrong, not its clips: none of its failures is kept as known.
             failed = {row: failed[row] for row in known_rows}
             write_failures()
+            for path in fresh:  # no earlier run left settings: this one's files go too
+              os.remove(path)
+            advice = rolled_back(bool(fresh), 'its own --out-jsonl, --visidx-root and --image-root')
             raise Aborted(
               f'the first {ABORT_WINDOW} clips all failed with errors that are not VideoError '
               f'or ran past the time limit or crashed their worker, e.g. {result["reason"]!r}; '
-              f'check the options, the selector and --clip-timeout; {ROLLED_BACK}'
+              f'check the options, the selector and --clip-timeout; {advice}'
             )
       finally:
         results.close()  # stops the workers
@@ -484,11 +487,13 @@ def check_settings(
   """Keeps what makes a clip's files in `<jsonl>.settings.json` and in each of `roots` (the
   visidx and image roots, as `ove-llava-settings.json`), and refuses a run whose settings differ
   from any of them: its canvases would land over some earlier ones and beside the rest, and
-  finished clips would be skipped as made with other options."""
+  finished clips would be skipped as made with other options. Returns the files it wrote where
+  none was there (a first run), else []."""
   wanted = json.loads(
     json.dumps({**dataclasses.asdict(settings), 'options': options, 'selector': selector})
   )
   paths = [out_jsonl + '.settings.json', *(os.path.join(r, SETTINGS_FILE) for r in roots)]
+  paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
   for path in paths:
     earlier = fileio.read_json(path)
     if earlier is not None and earlier != wanted:
@@ -500,10 +505,11 @@ def check_settings(
         f"{path}: this run's output was made with other settings ({differences}); give this "
         'run its own --out-jsonl, --visidx-root and --image-root, or delete the earlier files'
       )
-  for path in paths:
-    if fileio.read_json(path) is None:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      fileio.write_json(path, wanted)
+  created = [path for path in paths if fileio.read_json(path) is None]
+  for path in created:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fileio.write_json(path, wanted)
+  return created if len(created) == len(paths) else []
 
 
 SETTINGS_FILE = 'ove-llava-settings.json'  # in the visidx and image roots (`check_settings`)

@@ -146,12 +146,13 @@ def check_selection(settings: Settings, options: dict, selector: str | None) -> 
   from data_pipeline.clip_work import resolve
   from data_pipeline.codec import Options
 
-  if options.get('geometry', 'letterbox') != 'letterbox':
+  opts = Options.from_kwargs(options, settings.preset)
+  if opts.geometry != 'letterbox':
     raise ValueError(
-      f"options geometry={options['geometry']!r}: the release's LLaVA canvases are letterboxed "
-      "(stage1's square canvas); leave geometry to the preset ('letterbox')"
+      f"geometry={opts.geometry!r} (preset {settings.preset}, options {options}): the release's "
+      "LLaVA canvases are letterboxed (stage1's square canvas); give geometry='letterbox'"
     )
-  policy = Options.from_kwargs(options, settings.preset).policy
+  policy = opts.policy
   if settings.first_full and policy not in WHOLE_FIRST_FRAME:
     raise ValueError(
       f'options policy={policy!r}: canvas 0 is the whole first frame (first_full), so the '

@@ -55,7 +55,6 @@ from data_pipeline.clip_work import (  # noqa: F401
 )
 from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was this module's)
   ABORT_WINDOW,
-  ROLLED_BACK,
   VIDEO_EXTENSIONS,
   Aborted,
   PlanMismatch,
@@ -68,6 +67,7 @@ from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was
   plan_changes,
   plan_shards,
   read_inputs,
+  rolled_back,
   task_shards,
 )
 from data_pipeline.shards import (  # noqa: F401
@@ -306,12 +306,14 @@ class Run:
     self.task = (task_index, num_tasks)
     mine = task_shards(len(shards), task_index, num_tasks)
     finished = finished_markers(out_dir, plan)
-    # This task's finished shards are read back (size and record count): a file damaged since
-    # its marker was written (cut short by a full disk, overwritten) is redone, not skipped.
+    # This task's finished shards are read back (size and record count; the size alone in an
+    # object store, where counting downloads the shard): a file damaged since its marker was
+    # written (cut short by a full disk, overwritten) is redone, not skipped.
+    self.count = not paths.is_url(out_dir)
     self.damaged = [
       i
       for i in sorted(finished)
-      if i in mine and not intact(shard_path(out_dir, plan, i), finished[i])
+      if i in mine and not intact(shard_path(out_dir, plan, i), finished[i], self.count)
     ]
     for i in self.damaged:
       del finished[i]
@@ -437,16 +439,16 @@ class Run:
         self.counts['unexpected'] += not result.video_error
         if self.counts['processed'] == self.counts['unexpected'] == ABORT_WINDOW:
           journal.close()
-          self.roll_back()
+          advice = self.roll_back()
           if self.counts['lost'] == ABORT_WINDOW:
             raise Aborted(
               f'the first {ABORT_WINDOW} clips all ran past the time limit or lost their worker '
               f'process, e.g. {result.reason!r}; raise --clip-timeout if clips this long need '
-              f'more time, else check the reader and the decoder; {ROLLED_BACK}'
+              f'more time, else check the reader and the decoder; {advice}'
             )
           raise Aborted(
             f'the first {ABORT_WINDOW} clips all failed with errors that are not '
-            f'VideoError, e.g. {result.reason!r}; check the options and the selector; {ROLLED_BACK}'
+            f'VideoError, e.g. {result.reason!r}; check the options and the selector; {advice}'
           )
       bar.update(1)
       bar.set_postfix(failed=self.counts['failed'], refresh=False)
@@ -467,24 +469,25 @@ class Run:
     self.counts['written'] += 1
     self.written_now.append(i)
 
-  def roll_back(self) -> None:
+  def roll_back(self) -> str:
     """Undoes an aborted run: every clip it processed failed for a reason the run's settings
-    give (`Aborted`), so its shards (nothing but failures) and journal lines go, and the next
-    run, its settings mended, processes those clips again instead of skipping them as known
-    failures."""
+    give (`Aborted`), so its shards (nothing but failures) and journal lines go. Where no shard
+    of the plan is finished (by any task) the plan and this task's journal go too, so the
+    command with other options or another selector is not refused as a different run. Returns
+    the message's advice (`rolled_back`)."""
     for i in self.written_now:
       paths.remove(marker_path(self.out_dir, i))
       paths.remove(shard_path(self.out_dir, self.plan, i))
       del self.markers[i]
-    with open(self.journal, 'r+', encoding='utf-8') as journal:
-      journal.truncate(self.journal_start)
-    # A single task with nothing finished leaves the folder as it found it: its plan goes too,
-    # so the run with other options is not refused as a different run (with several tasks
-    # the others hold this plan: --overwrite on every task replaces it).
-    if self.task[1] == 1 and not finished_markers(self.out_dir, self.plan):
-      if not self.journal_start:
-        paths.remove(self.journal)
+    cleared = not finished_markers(self.out_dir, self.plan)
+    if cleared:  # the journal's known failures were recorded under this plan
+      os.remove(self.journal)
       paths.remove(paths.join(self.out_dir, PLAN))
+    else:
+      with open(self.journal, 'r+', encoding='utf-8') as journal:
+        journal.truncate(self.journal_start)
+    single = ' (or, with a single task, --overwrite)' if self.task[1] == 1 else ''
+    return rolled_back(cleared, f'a new folder{single}')
 
   def finish(self, seconds: float, record_format: str) -> dict:
     """Summaries: this task's (returned; summary.json of a single task), and once every shard
@@ -492,7 +495,7 @@ class Run:
     task_index, num_tasks = self.task
     all_markers = finished_markers(self.out_dir, self.plan)
     if len(all_markers) == self.plan['num_shards']:  # read every shard back before saying so
-      all_markers = finished_markers(self.out_dir, self.plan, verify=True)
+      all_markers = finished_markers(self.out_dir, self.plan, True, self.count)
     complete = len(all_markers) == self.plan['num_shards']
     if complete:
       finalize(self.out_dir, self.plan, all_markers, record_format)
@@ -505,7 +508,8 @@ class Run:
         num_tasks=num_tasks,
         shards_of_task=len(task_shards(self.plan['num_shards'], *self.task)),
         corpus_shards_finished=len(all_markers),
-        shards_damaged_redone=self.damaged,
+        shards_damaged=self.damaged,
+        shards_damaged_redone=[i for i in self.damaged if i in self.written_now],
         failure_manifest=paths.join(self.out_dir, FAILURES) if complete else self.journal,
       )
       return out

@@ -58,10 +58,18 @@ PLAN_VERSION = 1
 # than VideoError, time limits, crashed workers) is stopped (`Aborted`): the options, the
 # selector or the time limit are wrong, and a million-line failure manifest helps nobody.
 ABORT_WINDOW = 16
-ROLLED_BACK = (
-  'nothing this run wrote is kept (its failures are not recorded as known), so the same command '
-  'with that mended processes these clips again'
-)
+
+
+def rolled_back(cleared: bool, elsewhere: str) -> str:
+  """What an `Aborted` run's message ends with: `cleared` when nothing of its settings is left
+  (a mended command starts afresh), else where a run with other settings must go."""
+  kept = 'nothing this run wrote is kept (its failures are not recorded as known)'
+  if cleared:
+    return f'{kept}, so the same command with that mended processes these clips again'
+  return (
+    f'{kept}; finished work of these settings stays, so a run with other options or another '
+    f'selector is a different run: give it {elsewhere} (a time limit alone may change)'
+  )
 
 
 class Aborted(RuntimeError):
@@ -258,25 +266,30 @@ def clear_outputs(out_dir: str, plan: dict) -> None:
     paths.remove(paths.join(out_dir, name))
 
 
-def finished_markers(out_dir: str, plan: dict, verify: bool = False) -> dict[int, dict]:
+def finished_markers(
+  out_dir: str, plan: dict, verify: bool = False, count: bool = True
+) -> dict[int, dict]:
   """The markers of the plan's finished shards: marker of this plan's shard, and its file there
-  (with `verify`, also of the size and record count the marker says)."""
+  (with `verify`, also of the size and, with `count`, the record count the marker says)."""
   out = {}
   for i, shard_digest in enumerate(plan['shard_digests']):
     marker = fileio.read_json(marker_path(out_dir, i))
     path = shard_path(out_dir, plan, i)
     if marker is None or marker.get('digest') != shard_digest or not paths.exists(path):
       continue
-    if verify and not intact(path, marker):
+    if verify and not intact(path, marker, count):
       continue
     out[i] = marker
   return out
 
 
-def intact(path: str, marker: dict) -> bool:
-  """Whether a shard file has the size and record count its marker says."""
+def intact(path: str, marker: dict, count: bool = True) -> bool:
+  """Whether a shard file has the size and (with `count`) the record count its marker says
+  (counting reads an object-store shard whole: runs check only the size there)."""
   if paths.getsize(path) != marker['num_bytes']:
     return False
+  if not count:
+    return True
   try:
     return count_records(path) == marker['num_records']
   except Exception:  # pylint: disable=broad-except  -- any reader error: not intact

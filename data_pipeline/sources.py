@@ -264,7 +264,10 @@ class TfdsSource:
       if folder is not None:
         builder = tfds.builder_from_directory(folder)
         splits = sorted(builder.info.splits)
-        if self.split not in splits:  # TFDS's own error names neither the choices nor the fix
+        # TFDS's own error names neither the choices nor the fix; slices ('train[:10%]') and
+        # unions ('train+val') name their splits before any '['.
+        asked = [part.split('[')[0].strip() for part in self.split.split('+')]
+        if any(name not in splits for name in asked):
           raise ValueError(
             f'tfds:{self.name} in {folder}: no split {self.split!r}; it has '
             f'{", ".join(splits)}: add &split={splits[0]} (or ?split=) to the source'

@@ -1,5 +1,6 @@
 """The release's LLaVA data path (data_pipeline/llava.py, tools/llava_data.py), synthetic clips."""
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -389,13 +390,16 @@ def test_make_refuses_options_and_selectors_that_cannot_make_its_files(made, tmp
   args = dict(made['args'], out_jsonl=str(tmp_path / 'train.jsonl'))
   run = functools.partial(llava.run, made['dataset'], settings=made['settings'], workers=0)
   for options, message in (
-    ({'geometry': 'crop'}, "geometry='crop': the release's LLaVA canvases are letterboxed"),
+    ({'geometry': 'crop'}, "geometry='crop' .*: the release's LLaVA canvases are letterboxed"),
     ({'policy': 'zero'}, "policy='zero': canvas 0 is the whole first frame"),
   ):
     with pytest.raises(ValueError, match=message):
       run(**args, **options)
   with pytest.raises(ValueError, match='selector data_pipeline.codec:select_random: it must take'):
     run(**args, selector='data_pipeline.codec:select_random')
+  crop = dataclasses.replace(made['settings'], preset='release_train')  # a crop preset
+  with pytest.raises(ValueError, match="geometry='crop' .preset release_train"):
+    llava.run(made['dataset'], settings=crop, workers=0, **args)
   # Another jsonl over the same roots with other options: the roots remember what made them.
   with pytest.raises(ValueError, match='ove-llava-settings.json: .*other settings .*options'):
     run(**args, centre_prior=0.3)
@@ -427,7 +431,12 @@ def test_a_run_whose_first_clips_all_fail_for_its_own_reasons_stops_and_keeps_no
   flags += ['--out-jsonl', args['out_jsonl'], '--workers', '0', '--num-frames', '4']
   flags += ['--resolution', '64', '--budget', '32', '--num-images', '2']
   assert llava_data.main(['make', str(dataset), *flags, '--selector', args['selector']]) == 1
-  assert 'stopped: the first 16 clips' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert 'stopped: the first 16 clips' in err and 'the same command with that mended' in err
+  # Mended (codec.select itself): the run is not refused as other settings, and the 16 names,
+  # which are no videos, are now the videos' failures, not the selector's.
+  counts = llava.run(str(dataset), **dict(args, selector=None))
+  assert counts == {'clips': 17, 'made': 1, 'skipped': 0, 'failed': 16}
 
 
 def test_make_options_hint_names_a_key_make_accepts(tmp_path, capsys):

@@ -230,15 +230,20 @@ def test_rerun_skips_finished_shards_and_resumes_a_killed_run(corpus, first_run,
 
   # A shard damaged after its marker was written (cut short, overwritten) is read back on the
   # next run and redone, not skipped: the corpus is complete again, and --check agrees.
-  damaged = sorted(before)[2]
-  with open(copy / damaged, 'r+b') as f:
-    f.truncate(1000)
-  summary = run_tool(corpus.list, copy, '--num-shards', '3', '--workers', '0')
+  for name in sorted(before)[0], sorted(before)[2]:
+    with open(copy / name, 'r+b') as f:
+      f.truncate(1000)
+  flags = ['--num-shards', '3', '--workers', '0']
+  summary = run_tool(corpus.list, copy, *flags, '--max-shards', '1')  # one of them now
+  assert summary['shards_damaged'] == [0, 2] and summary['shards_damaged_redone'] == [0]
+  assert not summary['complete'] and precompute.check(str(copy))['missing'] == [2]
+  summary = run_tool(corpus.list, copy, *flags)
   assert summary['shards_damaged_redone'] == [2] and summary['shards_written'] == 1
   assert summary['complete'] and summary['records'] == len(corpus.good)
-  assert_same_records(
-    precompute.read_shard(str(copy / damaged)), precompute.read_shard(str(out / damaged))
-  )
+  for name in sorted(before):
+    assert_same_records(
+      precompute.read_shard(str(copy / name)), precompute.read_shard(str(out / name))
+    )
   assert precompute.check(str(copy))['complete']
 
   # A run killed after its first shard, with a half-written temp file and a shard that was

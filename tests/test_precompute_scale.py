@@ -8,6 +8,7 @@ so the selection costs little; the time limit of the hang is what most of the mo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -271,6 +272,8 @@ def test_tfds_output_reads_by_name_in_the_readme_layout(clips, tmp_path):
   # A split it does not have names the ones it has and the fix.
   with pytest.raises(ValueError, match="no split 'val'; it has train: add &split=train"):
     sources.open_source(f'tfds:ove_codec?split=val&data_dir={out}')
+  # TFDS's slices of a split it has still work.
+  assert len(sources.open_source(f'tfds:ove_codec?split=train[:2]&data_dir={out}')) == 2
 
 
 def test_wrong_hooks_are_refused_before_any_worker_starts(clips, tmp_path, capsys):
@@ -314,3 +317,35 @@ def test_a_corpus_whose_first_clips_all_crash_stops_with_the_cause(tmp_path):
   # Rolled back (no failures listed, no plan): a re-run tries these clips again.
   assert not os.path.exists(tmp_path / 'out' / 'failures.jsonl')
   assert not os.path.exists(tmp_path / 'out' / 'plan.json')
+
+
+def test_a_stopped_task_keeps_the_finished_work_of_its_plan_and_says_where_a_new_run_goes(
+  clips, tmp_path
+):
+  # Two tasks; task 0's first shard (good clips) is finished, then its next 16 clips all fail
+  # in the reader (a bug, not the videos): the stop rolls back only those, keeps the plan the
+  # finished shard belongs to, and says a run with other settings needs a new folder.
+  errors = [str(tmp_path / f'error-{i}.mp4') for i in range(32)]  # 16 in task 0's shards
+  run = functools.partial(
+    precompute.precompute,
+    clips[:4] + clips[:4] + errors,
+    str(tmp_path / 'out'),
+    options=OPTIONS,
+    workers=0,
+    reader=READER,
+    progress=False,
+    shuffle_seed=None,
+    clips_per_shard=4,
+    num_tasks=2,
+    task_index=0,
+  )
+  summary = run(max_shards=1)
+  assert summary['shards_written'] == 1 and summary['records'] == 4
+  with pytest.raises(precompute.Aborted, match='all failed with errors that are not') as e:
+    run()
+  assert 'finished work of these settings stays' in str(e.value)
+  assert 'give it a new folder' in str(e.value) and '--overwrite' not in str(e.value)
+  assert os.path.exists(tmp_path / 'out' / 'plan.json')
+  journal = tmp_path / 'out' / 'progress' / 'failures-task-00000-of-00002.jsonl'
+  assert journal.read_text() == ''
+  assert precompute.check(str(tmp_path / 'out'))['missing'] == list(range(1, 10))

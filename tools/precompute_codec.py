@@ -209,10 +209,11 @@ def main(argv=None) -> int:
     print(f'ove-precompute-codec: stopped: {e}', file=sys.stderr)
     return 1
   print(json.dumps(summary, indent=2, sort_keys=True))
-  for i in summary['shards_damaged_redone']:
+  for i in summary['shards_damaged']:
+    done = i in summary['shards_damaged_redone']
     print(
       f'ove-precompute-codec: shard {i} did not match its marker (size or record count: damaged '
-      'since it was written) and was made again',
+      f'since it was written) and was {"made again" if done else "left for a later run"}',
       file=sys.stderr,
     )
   print(

@@ -204,6 +204,12 @@ def select(
       )
     analysis.truncated = True
 
+  if not np.isfinite(analysis.scores).all():  # float32 maps overflow long before float64 does
+    raise ValueError(
+      f'{info.name}: the scores overflowed float32 under motion_weight={opts.motion_weight}, '
+      f'residual_weight={opts.residual_weight}, centre_prior={opts.centre_prior}: use smaller '
+      'values (only their ratio matters to fusion=mean)'
+    )
   tick = time.perf_counter()
   valid = geometry.valid_patches(info.height, info.width, resolution, patch_size, opts.geometry)
   try:
