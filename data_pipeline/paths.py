@@ -35,18 +35,27 @@ def is_url(path: Any) -> bool:
 # 'gs:/bucket' or 's3:/bucket': a URL with one slash, which every path function would take for a
 # local path (a folder named 'gs:' in the working directory).
 _ONE_SLASH = re.compile(r'(?<![A-Za-z0-9+.-])(gs|s3):/(?!/)', re.IGNORECASE)
+# 'gs://', 'gs:///run', 's3://?x': a URL without a bucket, which path joins would turn into a
+# one-slash local path.
+_NO_BUCKET = re.compile(r'(?<![A-Za-z0-9+.-])(gs|s3)://(?=$|[/,?&\s])', re.IGNORECASE)
 # The object-store URLs in a text (a source string may hold several, comma-separated).
 _BUCKET = re.compile(r'(?<![A-Za-z0-9+.-])((?:gs|s3)://[^/,?&\s]+)', re.IGNORECASE)
 
 
 def one_slash_url(text: str) -> str | None:
-  """The fix for a one-slash object-store URL in `text` ('gs:/bucket/run' for
-  'gs://bucket/run'), None where there is none."""
+  """The fix for a malformed object-store URL in `text`: one slash ('gs:/bucket/run' for
+  'gs://bucket/run'), or no bucket ('gs://', 'gs:///run'); None where there is none."""
   match = _ONE_SLASH.search(text)
-  if match is None:
-    return None
-  scheme = match.group(1)
-  return f'{scheme}:/ is a URL with one slash (a local folder named "{scheme}:"); write {scheme}://'
+  if match is not None:
+    scheme = match.group(1)
+    return (
+      f'{scheme}:/ is a URL with one slash (a local folder named "{scheme}:"); write {scheme}://'
+    )
+  match = _NO_BUCKET.search(text)
+  if match is not None:
+    scheme = match.group(1)
+    return f'{scheme}:// names no bucket; write {scheme}://BUCKET/PATH'
+  return None
 
 
 def buckets_in(text: str) -> list[str]:
@@ -69,6 +78,16 @@ def bucket_problem(bucket: str) -> str | None:
     return f'{bucket}: no such bucket (or no access)'
   except Exception as e:  # pylint: disable=broad-except  (a client's own error types)
     return f'{bucket}: cannot be listed ({type(e).__name__}: {str(e).strip()[:200]})'
+  return None
+
+
+def buckets_problem(text: str) -> str | None:
+  """The first `bucket_problem` of the buckets `text` names (`buckets_in`), None where every one
+  can be used: a tool's check of an output URL before its work."""
+  for bucket in buckets_in(text):
+    problem = bucket_problem(bucket)
+    if problem:
+      return problem
   return None
 
 

@@ -538,12 +538,12 @@ CACHE_MIN_COMPILE_SECONDS = 0.1
 
 def check_compilation_cache(directory: str) -> None:
   """A ValueError naming JAX_COMPILATION_CACHE_DIR, else compilation_cache_dir, when the cache
-  folder in use cannot be a folder (a file, or a path inside one): JAX would only warn at each
-  read and run without a cache."""
+  folder in use cannot be a folder (a file, or a path inside one; a bucket that is not there):
+  JAX would only warn at each read and run without a cache."""
   source, fix = 'compilation_cache_dir', '--config.compilation_cache_dir="" for none'
   if os.environ.get(CACHE_ENV):
     source, directory, fix = CACHE_ENV, os.environ[CACHE_ENV], f'unset {CACHE_ENV}'
-  why = directory and paths.not_a_folder(directory)
+  why = directory and (paths.not_a_folder(directory) or paths.buckets_problem(directory))
   if why:
     raise ValueError(
       f'{source}={directory}: {why}; give a folder for the compilation cache, or {fix}'

@@ -368,7 +368,7 @@ def records_copy(records_dir: str, shard: str) -> str:
 def check_out(out: str, shards: Sequence[str] = ()) -> None:
   """Makes the output folder, before any work: refused when `out` is a file, cannot be made, or
   would have the relabelled copies of `shards` overwrite them."""
-  blocked = paths.not_a_folder(out)  # a file, or a path inside one
+  blocked = paths.not_a_folder(out) or paths.buckets_problem(out)  # a file; a missing bucket
   if blocked:
     raise LabelsError(f'--out {out}: {blocked}; give a folder (made when missing)')
   for shard in shards:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from data_pipeline import paths
 from ove_jax import metrics as metrics_lib
 
 log = logging.getLogger('ove_jax.train')
@@ -197,7 +198,8 @@ class StepReporter:
       'jsonl': f'metrics:     {os.path.join(workdir, metrics_lib.METRICS_FILE)}',
       'tensorboard': 'TensorBoard: tensorboard --logdir '
       f'{os.path.join(workdir, metrics_lib.TENSORBOARD_DIR)}',
-      'wandb': f'wandb:       {os.path.join(workdir, metrics_lib.WANDB_DIR)}',
+      # wandb writes local files only: a URL workdir's are in its local folder.
+      'wandb': f'wandb:       {os.path.join(paths.local_folder(workdir), metrics_lib.WANDB_DIR)}',
     }
     print(
       f'{heading} of {workdir}\n  checkpoints: {self.checkpoints} (steps {steps})'

@@ -107,11 +107,16 @@ def workdir_lock(workdir: str, main_process: bool) -> Iterator[None]:
   with contextlib.ExitStack() as stack:
     if main_process:
       folder = paths.local_folder(workdir)
-      os.makedirs(folder, exist_ok=True)
       try:
+        os.makedirs(folder, exist_ok=True)
         stack.enter_context(locks.hold(folder, 'train', 'ove-train', kind='ove-train'))
       except locks.Locked as e:
         raise config_lib.ConfigError(f'--workdir {workdir}: {e}') from None
+      except OSError as e:  # a read-only file system, no permission: before any work
+        raise config_lib.ConfigError(
+          f'--workdir {workdir}: {folder} cannot be made or written ({e.strerror}); give a '
+          'folder you may write to'
+        ) from None
     yield
 
 

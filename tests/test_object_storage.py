@@ -544,3 +544,34 @@ def test_a_missing_bucket_and_a_cache_that_is_a_file_are_refused_first(gcs, tmp_
   with pytest.raises(config_lib.ConfigError, match=r'^XDG_CACHE_HOME=.*afile: the local cache'):
     train.train(config_lib.load(demo), paths.join(gcs, 'run'))
   assert paths.listdir(gcs) == [] and os.listdir(tmp_path) == ['afile']
+
+
+def test_batch_tools_name_a_missing_bucket_before_any_work(gcs, tmp_path, capsys, monkeypatch):
+  """ove-precompute-codec, ove-sweep and ove-cluster-labels check an output bucket before any
+  clip, trainer or teacher runs (they wrote a traceback after the work); so does the trainer for
+  a JAX_COMPILATION_CACHE_DIR in one (JAX would only warn at every compile)."""
+  from ove_jax import distributed, labels
+  from ove_jax_tools import precompute_codec, sweep
+
+  nobucket = 'gs://nobucket-' + gcs.rsplit('-', 1)[-1]
+  listing = tmp_path / 'videos.txt'
+  listing.write_text('never-read.mp4\n')
+  missing = f'{nobucket}: no such bucket (or no access)'
+  assert precompute_codec.main([str(listing), f'{nobucket}/codec']) == 2
+  assert f'OUT_DIR {nobucket}/codec: {missing}' in capsys.readouterr().err
+  ablations = os.path.join(ROOT, 'experiments', 'ablations.py') + ':smoke,study=selection'
+  for flags, named in (
+    (['--root', f'{nobucket}/sweep', '--run'], f'--root {nobucket}/sweep: {missing}'),
+    (
+      ['--root', str(tmp_path / 'sw'), '--job-array', f'{nobucket}/jobs'],
+      f'--job-array {nobucket}/jobs: {missing}',
+    ),
+  ):
+    assert sweep.main(['--config', ablations, *flags]) == 2
+    assert named in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'sw')
+  with pytest.raises(labels.LabelsError, match=re.escape(f'--out {nobucket}/labels: {missing}')):
+    labels.check_out(f'{nobucket}/labels')
+  monkeypatch.setenv(distributed.CACHE_ENV, f'{nobucket}/cache')
+  with pytest.raises(ValueError, match=re.escape(f'{distributed.CACHE_ENV}={nobucket}/cache: ')):
+    distributed.check_compilation_cache('')

@@ -273,6 +273,15 @@ def test_every_tool_refuses_a_one_slash_url(tmp_path, video, capsys):
     err = refused(main, argv, capsys)
     assert flag in err and 'a URL with one slash' in err and '://' in err, (argv, err)
     assert not os.path.exists('gs:') and not os.path.exists('S3:')
+  # A URL naming no bucket ('gs://', 'gs:///run') would become a local 'gs:' folder as well.
+  for main, argv, flag in [
+    (precompute_codec.main, [str(listing), 's3://'], 'out_dir s3://'),
+    (sweep.main, ['--config', 'x.py', '--root', 'gs:///b/sweep'], '--root gs:///b/sweep'),
+    (probe.main, ['--checkpoint', 'random:tiny', '--records', 'gs://', '--out', 'p.json'], 'gs://'),
+  ]:
+    err = refused(main, argv, capsys)
+    assert flag in err and 'names no bucket; write ' in err, (argv, err)
+    assert not os.path.exists('gs:') and not os.path.exists('s3:')
   # Two slashes, and a colon elsewhere in a value, pass the parser.
   args = precompute_codec.build_parser().parse_args([str(listing), 'gs://bucket/out'])
   assert args.out_dir == 'gs://bucket/out'

@@ -867,3 +867,13 @@ def test_one_trainer_per_workdir_past_total_steps_and_a_damaged_step(tmp_path, d
     r'config error: .*checkpoints step 2: state/ cannot be read \(.*it has steps', last
   )
   assert f'delete {workdir}/checkpoints/2 to resume from step 1, or restore it' in last
+
+
+def test_a_workdir_that_cannot_be_written_is_a_config_error(tmp_path):
+  # A read-only file system or a file in the way: the run lock's folder cannot be made, which
+  # is named with the reason (exit 2), not an OSError traceback (exit 1).
+  (tmp_path / 'afile').write_text('')
+  workdir = str(tmp_path / 'afile' / 'run')
+  with pytest.raises(config_lib.ConfigError, match=r'cannot be made or written \(Not a direct'):
+    with resume.workdir_lock(workdir, main_process=True):
+      pass

@@ -186,6 +186,12 @@ def main(argv=None) -> int:
 
   if args.check is not None:
     return _check(precompute, args.check)
+  from data_pipeline import paths
+
+  problem = paths.buckets_problem(args.out_dir)  # before the list is read and workers start
+  if problem:
+    print(f'ove-precompute-codec: OUT_DIR {args.out_dir}: {problem}', file=sys.stderr)
+    return 2
   options = dict(args.options)
   for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy'):
     value = getattr(args, flag)

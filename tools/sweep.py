@@ -115,14 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   mode = 'job-array' if args.job_array else (args.mode or 'print')
   spec, root = args.config, paths.absolute(args.root)  # a URL (gs://...) stays one
-  try:
-    if mode != 'print':  # the points' workdirs: where checkpoints can be kept
-      from ove_jax import checkpoint
+  from ove_jax import checkpoint
 
-      checkpoint.check_checkpoint_path(root)
+  try:  # the points' workdirs: where checkpoints can be kept (what --print prints too)
+    checkpoint.check_checkpoint_path(root)
   except ValueError as e:
     print(f'error: --root {e}', file=sys.stderr)
     return 2
+  if mode != 'print':  # buckets that are not there, before any point starts
+    for flag, url in (('--root', root), ('--job-array', args.job_array or '')):
+      problem = paths.buckets_problem(url)
+      if problem:
+        print(f'error: {flag} {url}: {problem}', file=sys.stderr)
+        return 2
   try:
     points = sweeps.select(sweeps.expand(spec), args.only)
     configs = {p.name: sweeps.point_config(spec, p, common) for p in points}
