@@ -168,6 +168,9 @@ def _nested(out: str, where: str, run: str, note: str = '') -> str:
   from data_pipeline import paths
 
   suggestion = paths.join(paths.dirname(run), paths.basename(run) + '_hf')
+  if paths.dirname(run) == run.rstrip('/'):  # a bucket's root: everything in it is inside
+    scheme = run.split('://', 1)[0]
+    suggestion = f'{scheme}://OTHER_BUCKET/{paths.basename(run)}_hf, or a local folder'
   return (
     f'--out {out} {where} the training run {run}{note}; what ove-convert writes and a run must '
     'not nest (the run would then load as what is written there, and an export replaces its '
