@@ -349,7 +349,7 @@ def run(
   from data_pipeline import locks, shards
   from data_pipeline import workers as workers_lib
   from data_pipeline.llava_clip import check_selection, init_worker, make_task, remove_temporaries
-  from data_pipeline.shard_plan import ABORT_WINDOW, Aborted, check_options, rolled_back
+  from data_pipeline.shard_plan import Aborted, abort_reason, check_options, rolled_back
 
   if settings.image_format not in IMAGE_FORMATS:
     raise ValueError(
@@ -435,7 +435,7 @@ def run(
     )
     lines = []
     counts = {'clips': len(items), 'made': 0, 'skipped': 0, 'failed': len(failed)}
-    known_rows, processed, unexpected = set(failed), 0, 0
+    known_rows, processed, unexpected, lost = set(failed), 0, 0, 0
     write_failures()  # the known failures of this list; new ones are appended as they happen
     with open(failures, 'a', encoding='utf-8') as journal:
       try:
@@ -451,6 +451,7 @@ def run(
           if isinstance(result, workers_lib.Lost):  # the worker timed out or died on this clip
             remove_temporaries(paths, result.pid)
             result = {'reason': f'{item.video}: {result.reason}', 'video_error': False}
+            lost += 1
           if 'line' in result:
             lines.append(result['line'])
             counts['made'] += 1
@@ -460,18 +461,14 @@ def run(
           journal.write(json.dumps(failed[row]) + '\n')  # a killed run keeps it
           journal.flush()
           unexpected += not result['video_error']
-          if processed == unexpected == ABORT_WINDOW:
-            # The run is wrong, not its clips: none of its failures is kept as known.
+          reason = abort_reason(processed, unexpected, lost, result['reason'])
+          if reason:  # the run is wrong, not its clips: none of its failures is kept as known
             failed = {row: failed[row] for row in known_rows}
             write_failures()
             for path in fresh:  # no earlier run left settings: this one's files go too
               os.remove(path)
-            advice = rolled_back(bool(fresh), 'its own --out-jsonl, --visidx-root and --image-root')
-            raise Aborted(
-              f'the first {ABORT_WINDOW} clips all failed with errors that are not VideoError '
-              f'or ran past the time limit or crashed their worker, e.g. {result["reason"]!r}; '
-              f'check the options, the selector and --clip-timeout; {advice}'
-            )
+            where = 'its own --out-jsonl, --visidx-root and --image-root'
+            raise Aborted(f'{reason}; {rolled_back(bool(fresh), where)}')
       finally:
         results.close()  # stops the workers
     write_failures()  # in list order
@@ -494,8 +491,8 @@ def check_settings(
   )
   paths = [out_jsonl + '.settings.json', *(os.path.join(r, SETTINGS_FILE) for r in roots)]
   paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
-  for path in paths:
-    earlier = fileio.read_json(path)
+  earlier_of = {path: fileio.read_json(path) for path in paths}
+  for path, earlier in earlier_of.items():
     if earlier is not None and earlier != wanted:
       changed = sorted(k for k in {*earlier, *wanted} if earlier.get(k) != wanted.get(k))
       differences = '; '.join(
@@ -505,7 +502,7 @@ def check_settings(
         f"{path}: this run's output was made with other settings ({differences}); give this "
         'run its own --out-jsonl, --visidx-root and --image-root, or delete the earlier files'
       )
-  created = [path for path in paths if fileio.read_json(path) is None]
+  created = [path for path, earlier in earlier_of.items() if earlier is None]
   for path in created:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fileio.write_json(path, wanted)

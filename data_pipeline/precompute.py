@@ -54,10 +54,10 @@ from data_pipeline.clip_work import (  # noqa: F401
   selection_record,
 )
 from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was this module's)
-  ABORT_WINDOW,
   VIDEO_EXTENSIONS,
   Aborted,
   PlanMismatch,
+  abort_reason,
   check_options,
   clear_outputs,
   finished_markers,
@@ -437,19 +437,11 @@ class Run:
         journal.flush()
         self.counts['failed'] += 1
         self.counts['unexpected'] += not result.video_error
-        if self.counts['processed'] == self.counts['unexpected'] == ABORT_WINDOW:
+        c = self.counts
+        reason = abort_reason(c['processed'], c['unexpected'], c['lost'], result.reason)
+        if reason:
           journal.close()
-          advice = self.roll_back()
-          if self.counts['lost'] == ABORT_WINDOW:
-            raise Aborted(
-              f'the first {ABORT_WINDOW} clips all ran past the time limit or lost their worker '
-              f'process, e.g. {result.reason!r}; raise --clip-timeout if clips this long need '
-              f'more time, else check the reader and the decoder; {advice}'
-            )
-          raise Aborted(
-            f'the first {ABORT_WINDOW} clips all failed with errors that are not '
-            f'VideoError, e.g. {result.reason!r}; check the options and the selector; {advice}'
-          )
+          raise Aborted(f'{reason}; {self.roll_back()}')
       bar.update(1)
       bar.set_postfix(failed=self.counts['failed'], refresh=False)
     num_bytes = writer.commit()  # fsynced and renamed: the marker may name it now
@@ -495,7 +487,8 @@ class Run:
     task_index, num_tasks = self.task
     all_markers = finished_markers(self.out_dir, self.plan)
     if len(all_markers) == self.plan['num_shards']:  # read every shard back before saying so
-      all_markers = finished_markers(self.out_dir, self.plan, True, self.count)
+      # (this task's own were read back at the start or written by this run)
+      all_markers = finished_markers(self.out_dir, self.plan, True, self.count, self.markers)
     complete = len(all_markers) == self.plan['num_shards']
     if complete:
       finalize(self.out_dir, self.plan, all_markers, record_format)

@@ -60,6 +60,24 @@ PLAN_VERSION = 1
 ABORT_WINDOW = 16
 
 
+def abort_reason(processed: int, unexpected: int, lost: int, example: str) -> str | None:
+  """Why a run stops (the head of its `Aborted` message) once the first ABORT_WINDOW clips it
+  processed all failed for the run's reasons (`unexpected`: not the video's fault; `lost`: of
+  those, timed out or crashed their worker), `example` the last reason; None otherwise."""
+  if not processed == unexpected == ABORT_WINDOW:
+    return None
+  if lost == ABORT_WINDOW:
+    return (
+      f'the first {ABORT_WINDOW} clips all ran past the time limit or lost their worker '
+      f'process, e.g. {example!r}; raise --clip-timeout if clips this long need more time, '
+      'else check the reader and the decoder'
+    )
+  return (
+    f'the first {ABORT_WINDOW} clips all failed with errors that are not VideoError (or lost '
+    f'their worker), e.g. {example!r}; check the options and the selector'
+  )
+
+
 def rolled_back(cleared: bool, elsewhere: str) -> str:
   """What an `Aborted` run's message ends with: `cleared` when nothing of its settings is left
   (a mended command starts afresh), else where a run with other settings must go."""
@@ -73,7 +91,7 @@ def rolled_back(cleared: bool, elsewhere: str) -> str:
 
 
 class Aborted(RuntimeError):
-  """The run stopped because its first `precompute.ABORT_WINDOW` clips all failed for reasons
+  """The run stopped because its first `ABORT_WINDOW` clips all failed for reasons
   that are the run's, not the clips' (a wrong option or selector, a time limit too short); what
   it wrote is rolled back (`precompute.Run.roll_back`), so a re-run with the settings mended
   processes them."""
@@ -267,17 +285,18 @@ def clear_outputs(out_dir: str, plan: dict) -> None:
 
 
 def finished_markers(
-  out_dir: str, plan: dict, verify: bool = False, count: bool = True
+  out_dir: str, plan: dict, verify: bool = False, count: bool = True, trusted=()
 ) -> dict[int, dict]:
   """The markers of the plan's finished shards: marker of this plan's shard, and its file there
-  (with `verify`, also of the size and, with `count`, the record count the marker says)."""
+  (with `verify`, also of the size and, with `count`, the record count the marker says, except
+  for the shards in `trusted`: ones the caller has just read back or written)."""
   out = {}
   for i, shard_digest in enumerate(plan['shard_digests']):
     marker = fileio.read_json(marker_path(out_dir, i))
     path = shard_path(out_dir, plan, i)
     if marker is None or marker.get('digest') != shard_digest or not paths.exists(path):
       continue
-    if verify and not intact(path, marker, count):
+    if verify and i not in trusted and not intact(path, marker, count):
       continue
     out[i] = marker
   return out

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
   from data_pipeline.precompute import picture_type_codes, read_record
 
   options = dict(args.options)
-  record, selector, settings_known = None, args.selector, False
+  record, selector = None, args.selector
   if args.index is None and is_shard(args.source):
     print(
       f'visualize_selection: {args.source} is a shard of records; give --index I (0-based) of '
@@ -101,12 +101,10 @@ def main(argv=None) -> int:
       )
       return 2
     run_options, run_selector = _run_settings(args.source)
-    settings_known = bool(run_options or run_selector or options or selector)
     options, selector = {**run_options, **options}, selector or run_selector
   for flag in ('num_frames', 'budget', 'resolution', 'patch_size', 'policy', 'preset', 'geometry'):
     if getattr(args, flag) is not None:
       options[flag] = getattr(args, flag)
-      settings_known = True
   resolution = int(options.get('resolution', 224))
   patch_size = int(options.get('patch_size', 14))
   geometry = options.get('geometry') or PRESETS.get(options.get('preset'), {}).get(
@@ -115,7 +113,7 @@ def main(argv=None) -> int:
   if record is not None and record.get('geometry') and args.geometry is None:
     geometry = record['geometry']  # the record says which canvas its positions are on
   if record is not None and args.heatmap and record.get('scores') is None:
-    if not settings_known:
+    if not options and not selector:  # neither its run's plan.json nor flags say how
       print(
         f'visualize_selection: record {args.index} of {args.source} stores no scores, and no '
         'plan.json beside it says how it was selected (a record ove-llava-data import made, '
