@@ -207,6 +207,7 @@ class Decoded:
   def __init__(self):
     self.count = 0  # frames decoded
     self.error: Exception | None = None  # a decoder error that ended the stream early
+    self.skipped = 0  # of `count`, frames left undecoded (`skipping`)
 
 
 def frames_with_references(
@@ -220,9 +221,10 @@ def frames_with_references(
   """For each wanted presentation index: (frame, past candidates, future candidates).
 
   `frames` yields (av frame, decode_index) as `decoded_frames` does, from a decoder with vector
-  export on. Wanted frames come out in increasing index order. Candidates per direction, nearest
-  first, are frames decoded before this one: the nearest such frame and the nearest I/P frame
-  (for P-frames only the latter; with B-pyramids a B-frame may reference another B). An I-frame
+  export on, or (None, decode_index) for a frame left undecoded (`skipping.frames`). Wanted
+  frames come out in increasing index order. Candidates per direction, nearest first, are
+  frames decoded before this one: the nearest such frame and the nearest I/P frame (for
+  P-frames only the latter; with B-pyramids a B-frame may reference another B). An I-frame
   gets its predecessor as the 'past' candidate, used with zero vectors (a frame difference).
   Decoding stops once the last wanted frame is out, so only the needed prefix is decoded.
   Luma is taken block-averaged by `step` (maps.downscale) when first used, from the decoded
@@ -256,17 +258,13 @@ def frames_with_references(
     for index, (frame, decode_index) in enumerate(frames):
       decoded.count = index + 1
       is_wanted = index in wanted_set
-      coded = CodedFrame(
-        index,
-        decode_index,
-        _kind(frame),
-        None,
-        None,
-        frame.height,
-        frame.width,
-        frame if near_wanted(index) else None,
-        step,
-      )
+      if frame is None:  # a disposable B-frame left undecoded (`skipping`): never wanted
+        coded = CodedFrame(index, decode_index, 'B', None, None)
+        decoded.skipped += 1
+      else:
+        picture = frame if near_wanted(index) else None
+        kind, height, width = _kind(frame), frame.height, frame.width
+        coded = CodedFrame(index, decode_index, kind, None, None, height, width, picture, step)
       if is_wanted:
         side = frame.side_data.get('MOTION_VECTORS')
         if side is not None:

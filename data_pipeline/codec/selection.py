@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from data_pipeline.codec import bitstream, geometry, maps, release
+from data_pipeline.codec import bitstream, geometry, maps, release, skipping
 from data_pipeline.codec.options import DEFAULT_GOP, Options
 from data_pipeline.records import PICTURE_TYPES
 from data_pipeline.video import VideoError, VideoSource
@@ -57,6 +57,7 @@ class Selection:
   vectors_past: int = 0  # 4x4 cells with a past / future vector, over the analysed frames
   vectors_future: int = 0
   decode_thread: bool = False  # decoded on a thread of its own (`select(decode_thread=...)`)
+  skipped_frames: int = 0  # disposable B-frames left undecoded (`codec.skipping`)
   geometry: str = 'crop'  # the canvas the positions are on (`select(geometry=...)`)
   # Seconds per stage and 'total'; with a decoding thread 'decode' is the wait for frames.
   timings: dict = dataclasses.field(default_factory=dict)
@@ -240,6 +241,7 @@ def select(
     vectors_past=analysis.vectors_past,
     vectors_future=analysis.vectors_future,
     decode_thread=analysis.decode_thread,
+    skipped_frames=analysis.skipped,
     geometry=opts.geometry,
     timings=timings,
   )
@@ -260,6 +262,7 @@ class _Analysis:
   vectors_future: int = 0
   truncated: bool = False
   decode_thread: bool = False
+  skipped: int = 0
 
 
 def _analyse(
@@ -320,8 +323,11 @@ def _analyse(
     step = 1
   else:
     container, stream = bitstream.open_with_vectors(video, opened)
-    frames = bitstream.container_frames(container, stream)
     wanted = distinct
+    # Disposable B-frames no wanted frame can read are not decoded (`skipping`).
+    plan = skipping.plan(container, stream, wanted)
+    frames = skipping.frames(container, stream, plan) if plan else None
+    frames = frames or bitstream.container_frames(container, stream)
     # Large frames are analysed block-averaged, down to a short side of at least analysis_size
     # (the transcode path scales to it); the vectors stay in coded pixels.
     step = max(1, min(info.height, info.width) // (opts.analysis_size or resolution))
@@ -334,29 +340,38 @@ def _analyse(
       share = (distinct[-1] + 1) * info.height * info.width / distinct.size
       share /= max(1, info.height // step) * max(1, info.width // step)
     decode_thread = share >= bitstream.DECODE_THREAD_SHARE
-  decoded = bitstream.Decoded()
-  per_frame: dict[int, tuple] = {}
-  vectors_past = vectors_future = 0
-  map_seconds = 0.0
-  try:
-    if decode_thread:
-      frames = bitstream.prefetched(frames)
-    scorer = Scorer(opts, resolution, patch_size, step)
-    for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
-      map_tick = time.perf_counter()
-      raw = maps.frame_maps(
-        frame, past, future, opts.camera_compensation, step, opts.maths, opts.motion_inconsistency
-      )
-      vectors_past += raw.vectors_past
-      vectors_future += raw.vectors_future
-      source_id = int(source_ids[frame.index]) if transcoded else frame.index
-      per_frame[source_id] = (scorer(raw, frame.height, frame.width), frame.kind)
-      map_seconds += time.perf_counter() - map_tick
-  finally:
-    if decode_thread:
-      frames.close()  # joins the decoding thread before its container closes
-    if container is not None:
-      container.close()
+  while True:
+    decoded = bitstream.Decoded()
+    per_frame: dict[int, tuple] = {}
+    vectors_past = vectors_future = 0
+    map_seconds = 0.0
+    try:
+      if decode_thread:
+        frames = bitstream.prefetched(frames)
+      scorer = Scorer(opts, resolution, patch_size, step)
+      for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
+        map_tick = time.perf_counter()
+        raw = maps.frame_maps(
+          frame, past, future, opts.camera_compensation, step, opts.maths, opts.motion_inconsistency
+        )
+        vectors_past += raw.vectors_past
+        vectors_future += raw.vectors_future
+        source_id = int(source_ids[frame.index]) if transcoded else frame.index
+        per_frame[source_id] = (scorer(raw, frame.height, frame.width), frame.kind)
+        map_seconds += time.perf_counter() - map_tick
+      again = False
+    except skipping.Mismatch:
+      again = True  # the skipping decode went otherwise than planned
+    finally:
+      if decode_thread:
+        frames.close()  # joins the decoding thread before its container closes
+      if container is not None:
+        container.close()
+    if not again:
+      break
+    # Decode every frame, from a new open.
+    container, stream = bitstream.open_with_vectors(video)
+    frames = bitstream.container_frames(container, stream)
   timings['maps'] = timings.get('maps', 0.0) + map_seconds
   timings['decode'] = (
     timings.get('decode', 0.0)
@@ -402,6 +417,7 @@ def _analyse(
     vectors_past,
     vectors_future,
     decode_thread=bool(decode_thread),
+    skipped=decoded.skipped,
   )
 
 
