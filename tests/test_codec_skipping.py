@@ -26,18 +26,7 @@ def clips():
 
 def to_mpegts(data: bytes) -> bytes:
   """The same packets in MPEG-TS: Annex B start codes instead of MP4's length prefixes."""
-  source = av.open(io.BytesIO(data))
-  stream = source.streams.video[0]
-  out_buffer = io.BytesIO()
-  out = av.open(out_buffer, 'w', format='mpegts')
-  target = out.add_stream_from_template(stream)
-  for packet in source.demux(stream):
-    if packet.size:
-      packet.stream = target
-      out.mux(packet)
-  out.close()
-  source.close()
-  return out_buffer.getvalue()
+  return remux(data, 'mpegts')
 
 
 def decode(data: bytes, skip_everywhere: bool = False) -> dict:
@@ -239,3 +228,41 @@ def test_skipped_frames_hold_their_place(clips):
     else:
       assert pts not in plan.skip and describe_frame(frame) == described
   assert sum(frame is None for frame, _ in got) == len(plan.skip) > 0
+
+
+def remux(data: bytes, format_name: str, options: dict | None = None, path=None) -> bytes:
+  """The same packets in another container (into `path` where the muxer rewrites its output:
+  MP4's faststart)."""
+  source = av.open(io.BytesIO(data))
+  stream = source.streams.video[0]
+  out_buffer = io.BytesIO() if path is None else str(path)
+  out = av.open(out_buffer, 'w', format=format_name, options=options or {})
+  target = out.add_stream_from_template(stream)
+  for packet in source.demux(stream):
+    if packet.size:
+      packet.stream = target
+      out.mux(packet)
+  out.close()
+  source.close()
+  return out_buffer.getvalue() if path is None else path.read_bytes()
+
+
+@pytest.mark.parametrize('keep', [0.55, 0.8])
+def test_a_clip_cut_short_gets_what_a_full_decode_gives(monkeypatch, tmp_path, clips, keep):
+  """An MP4 with its index first, cut short: it promises frames that are not there. With
+  skipping the plan's pass ends where the data does; the selection (allow_truncated) or the
+  error is the full decode's."""
+  whole = remux(clips['b3'], 'mp4', {'movflags': 'faststart'}, tmp_path / 'whole.mp4')
+  data = whole[: int(len(whole) * keep)]
+  made, plans = skipping.plan, []
+  monkeypatch.setattr(skipping, 'plan', lambda *args: plans.append(made(*args)) or plans[-1])
+  outcomes = []
+  for enabled in (False, True):
+    monkeypatch.setattr(skipping, 'ENABLED', enabled)
+    try:
+      selection = codec.select(data, num_frames=16, allow_truncated=True)
+      outcomes.append((selection_digest(selection), selection.truncated))
+    except codec.VideoError as e:
+      outcomes.append((type(e), str(e)))
+  assert outcomes[0] == outcomes[1]
+  assert any(plan is not None for plan in plans)  # a skipping decode was tried

@@ -325,7 +325,11 @@ def _analyse(
     container, stream = bitstream.open_with_vectors(video, opened)
     wanted = distinct
     # Disposable B-frames no wanted frame can read are not decoded (`skipping`).
-    plan = skipping.plan(container, stream, wanted)
+    try:
+      plan = skipping.plan(container, stream, wanted)
+    except skipping.Mismatch:  # read once and not sought back: decode it in full, opened again
+      container.close()
+      container, stream, plan = *bitstream.open_with_vectors(video), None
     frames = skipping.frames(container, stream, plan) if plan else None
     frames = frames or bitstream.container_frames(container, stream)
     # Large frames are analysed block-averaged, down to a short side of at least analysis_size

@@ -17,9 +17,10 @@ skipped still takes its place in the presentation order as an undecoded B-frame 
 
 The decode checks the plan as it goes: the packets must come in the planned order and every
 decoded frame at its planned presentation index; if not (a container whose second read
-differs, a decoder that drops or adds a frame), `Mismatch` is raised and the caller decodes
-again without skipping. One difference is left: a decoder error inside a skipped packet is not
-seen (a full decode would end the stream there), so such a damaged clip may get a selection
+differs, a decoder that drops or adds a frame, any decoder error: with fewer frames held back
+a damaged stream's frames come out otherwise before the error), `Mismatch` is raised and the
+caller decodes again without skipping. One difference is left: damage inside a skipped packet
+is not seen (a full decode would end the stream there), so such a clip may get a selection
 where a full decode gets a shorter stream.
 """
 
@@ -29,6 +30,7 @@ import heapq
 import os
 from typing import Iterator, Sequence
 
+import av
 import numpy as np
 
 # False decodes every frame (OVE_CODEC_SKIP=0; tests compare both ways).
@@ -152,8 +154,9 @@ class Plan:
 def plan(container, stream, wanted: Sequence[int]) -> Plan | None:
   """The skipping plan for decoding `stream` of `container` (vector export set, nothing read
   from it yet), or None (and the container untouched) where skipping is off, the stream has no
-  reordered frames (no B-frames), sampling is dense, or packets lack distinct pts. With a plan
-  the container has been read once and sought back to its start."""
+  reordered frames (no B-frames), sampling is dense, or packets lack distinct pts. Otherwise the
+  container has been read once and sought back to its start (Mismatch where it cannot be: the
+  caller opens it again)."""
   wanted = np.unique(np.asarray(wanted, np.int64))
   if not ENABLED or wanted.size == 0 or not stream.codec_context.has_b_frames:
     return None
@@ -161,17 +164,23 @@ def plan(container, stream, wanted: Sequence[int]) -> Plan | None:
     return None
   length_size = nal_length_size(stream.codec_context.extradata)
   pts, all_b, disposable = [], [], []
-  for packet in container.demux(stream):
-    if not packet.size:
-      continue
-    if packet.pts is None:
-      pts = []
-      break
-    b, skippable = access_unit(bytes(packet), length_size)
-    pts.append(packet.pts)
-    all_b.append(b)
-    disposable.append(skippable)
-  container.seek(0, stream=stream)
+  try:
+    for packet in container.demux(stream):
+      if not packet.size:
+        continue
+      if packet.pts is None:
+        pts = []
+        break
+      b, skippable = access_unit(bytes(packet), length_size)
+      pts.append(packet.pts)
+      all_b.append(b)
+      disposable.append(skippable)
+  except av.FFmpegError:
+    pts = []  # a damaged stream is decoded in full, its error found where a full decode does
+  try:
+    container.seek(0, stream=stream)
+  except (av.FFmpegError, OSError, ValueError) as e:
+    raise Mismatch(f'the container cannot go back to its start ({e}): open it again') from e
   if not pts or len(set(pts)) != len(pts) or not any(disposable):
     return None
   found = Plan(pts, all_b, disposable, wanted)
@@ -181,7 +190,7 @@ def plan(container, stream, wanted: Sequence[int]) -> Plan | None:
 def frames(container, stream, plan: Plan) -> Iterator[tuple]:
   """`bitstream.container_frames` with `plan`'s packets skipped: (frame, decode_index) in
   presentation order, (None, decode_index) in a skipped frame's place. Raises Mismatch where
-  the stream or the decoder goes otherwise than planned."""
+  the stream or the decoder goes otherwise than planned, and at any demuxer or decoder error."""
   context = stream.codec_context
   skipping = False
   waiting: list[tuple[int, int]] = []  # (pts, decode index) of skipped frames not yet placed
@@ -198,22 +207,27 @@ def frames(container, stream, plan: Plan) -> Iterator[tuple]:
       yield None, decode_index
 
   count = 0
-  for packet in container.demux(stream):
-    if packet.size:
-      if count >= len(plan.pts) or packet.pts != plan.pts[count]:
-        raise Mismatch(f'packet {count} has pts {packet.pts}, the plan says otherwise')
-      order[packet.pts] = count
-      skip = packet.pts in plan.skip
-      if skip != skipping:
-        context.skip_frame = 'NONREF' if skip else 'DEFAULT'
-        skipping = skip
-      if skip:
-        heapq.heappush(waiting, (packet.pts, count))
-      count += 1
-    for frame in packet.decode():
-      yield from place_before(frame.pts)
-      if plan.index_of_pts.get(frame.pts) != placed:
-        raise Mismatch(f'frame pts {frame.pts} decoded at presentation index {placed}')
-      placed += 1
-      yield frame, order.pop(frame.pts)
+  try:
+    for packet in container.demux(stream):
+      if packet.size:
+        if count >= len(plan.pts) or packet.pts != plan.pts[count]:
+          raise Mismatch(f'packet {count} has pts {packet.pts}, the plan says otherwise')
+        order[packet.pts] = count
+        skip = packet.pts in plan.skip
+        if skip != skipping:
+          context.skip_frame = 'NONREF' if skip else 'DEFAULT'
+          skipping = skip
+        if skip:
+          heapq.heappush(waiting, (packet.pts, count))
+        count += 1
+      for frame in packet.decode():
+        yield from place_before(frame.pts)
+        if plan.index_of_pts.get(frame.pts) != placed:
+          raise Mismatch(f'frame pts {frame.pts} decoded at presentation index {placed}')
+        placed += 1
+        yield frame, order.pop(frame.pts)
+  except av.FFmpegError as e:
+    # Where a full decode meets an error depends on how many frames the decoder holds back,
+    # which skipping changes: the full decode says which frames came out before it.
+    raise Mismatch(f'a decoder error ({e}): decode in full') from e
   yield from place_before(float('inf'))
