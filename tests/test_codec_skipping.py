@@ -266,3 +266,12 @@ def test_a_clip_cut_short_gets_what_a_full_decode_gives(monkeypatch, tmp_path, c
       outcomes.append((type(e), str(e)))
   assert outcomes[0] == outcomes[1]
   assert any(plan is not None for plan in plans)  # a skipping decode was tried
+
+
+def test_the_speed_bench_says_how_many_frames_were_skipped(capsys):
+  from ove_jax_tools import bench_selection
+
+  argv = ['--speed', '--clips', '1', '--frames', '16', '--source-frames', '64', '--bframes', '2']
+  assert bench_selection.main(argv + ['--repeat', '1']) == 0
+  row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| synth'))
+  assert int(row.strip('|').split('|')[-1]) > 0  # of 64 frames with B-frames, 16 sampled

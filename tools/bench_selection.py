@@ -249,6 +249,7 @@ def speed(args) -> list[dict]:
         one_thread_cpu=one_thread[1],
         decode_thread=bool(sel.decode_thread),
         transcoded=bool(sel.transcoded),
+        skipped=int(sel.skipped_frames),
       )
     )
   return rows
@@ -258,12 +259,13 @@ def speed_table(rows: list[dict], options: str) -> str:
   lines = [
     f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
     'of the repeats; ratio = selection / decoding. "selection": as select() runs by default '
-    '(thread: it decoded on a thread of its own); "one thread": decode_thread=False.',
+    '(thread: it decoded on a thread of its own); "one thread": decode_thread=False; '
+    '"skipped": disposable B-frames the selection left undecoded (codec.skipping).',
     '',
     '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
     '| thread | ratio wall | ratio cpu | one thread wall / cpu | one thread ratio wall / cpu '
-    '| ratio cpu vs decode+rgb |',
-    '|---|---|---|---|---|---|---|---|---|---|---|',
+    '| ratio cpu vs decode+rgb | skipped |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
     lines.append(
@@ -276,7 +278,7 @@ def speed_table(rows: list[dict], options: str) -> str:
       f'{r["one_thread_wall"]:.3f} / {r["one_thread_cpu"]:.3f} | '
       f'{r["one_thread_wall"] / r["decode_wall"]:.2f} / '
       f'{r["one_thread_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
-      f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} |'
+      f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} | {r["skipped"]} |'
     )
   return '\n'.join(lines)
 
