@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -30,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipeline import fileio, paths
-from ove_jax import encoder_source, sharding
+from ove_jax import encoder_source, orbax_leftovers, sharding
 from ove_jax.models.encoder import PRESETS, Encoder, EncoderConfig
 
 PARAMS_DIR, CONFIG_FILE = 'params', 'encoder_config.json'
@@ -254,28 +252,8 @@ def _read(manager: ocp.CheckpointManager, step: int, what: str, read):
   try:
     return read()
   except Exception as e:  # pylint: disable=broad-except
-    quiet_failed_read_leftovers()
+    orbax_leftovers.quiet()  # the restore's other reads end later: not as tracebacks
     raise _damaged(manager, step, what, str(e).strip().splitlines()[:1]) from e
-
-
-def quiet_failed_read_leftovers() -> None:
-  """After a failed restore, orbax's pending reads end at garbage collection or exit (its
-  unfinished coroutines, tensorstore's callbacks into its closed asyncio loop), printed as
-  'Exception ignored' tracebacks after the error that reports the failure: from then on this
-  process drops those, and only those (`sys.unraisablehook`)."""
-  previous = sys.unraisablehook
-  if getattr(previous, 'ove_quiets_failed_reads', False):
-    return
-
-  def hook(unraisable):
-    code, exc = getattr(unraisable.object, 'cr_code', None), unraisable.exc_value
-    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
-      return
-    if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
-      previous(unraisable)
-
-  hook.ove_quiets_failed_reads = True
-  sys.unraisablehook = hook
 
 
 def _damaged(manager, step: int, what: str, reason: list) -> DamagedCheckpointError:
