@@ -334,11 +334,12 @@ def check_coordinator(address: str, process_id: int, timeout: float, source: str
   connections there within `timeout` seconds. ValueError naming `source` otherwise."""
   host, _, port = address.rpartition(':')
   host, port = host.strip('[]'), int(port)
+  where = source if address in source else f'{source}={address}'
   try:
     socket.getaddrinfo(host, port)
   except socket.gaierror as e:
     raise ValueError(
-      f'{source}={address}: the host {host!r} does not resolve here ({e.strerror}); give '
+      f'{where}: the host {host!r} does not resolve here ({e.strerror}); give '
       'the address of process 0 as this machine reaches it.'
     ) from None
   if process_id == 0:
@@ -348,7 +349,7 @@ def check_coordinator(address: str, process_id: int, timeout: float, source: str
         probe.bind(('', port))
       except OSError as e:
         raise ValueError(
-          f'{source}={address}: port {port} is in use on this host ({e.strerror}), so process '
+          f'{where}: port {port} is in use on this host ({e.strerror}), so process '
           '0 cannot listen there; choose a free port (ove-launch-local --port, or another '
           'port in the address every process is given).'
         ) from None
@@ -361,7 +362,7 @@ def check_coordinator(address: str, process_id: int, timeout: float, source: str
     except OSError as e:
       if time.monotonic() >= deadline:
         raise ValueError(
-          f'{source}={address}: nothing accepted a connection there in {timeout:g} s ({e}); '
+          f'{where}: nothing accepted a connection there in {timeout:g} s ({e}); '
           'is process 0 running, and is that address reachable from this host (a firewall, '
           'a wrong host)? distributed.initialization_timeout sets the wait.'
         ) from None
@@ -431,11 +432,10 @@ def initialize(
           'at the very start of the program, before anything else uses JAX (jax.devices(), '
           'creating arrays, jit, jax.config changes that start the backend).'
         )
-      if 'coordinator_address' in setup and 'process_id' in setup:
-        given = 'argument coordinator_address' if coordinator_address else OVERRIDES[0][1]
-        check_coordinator(
-          setup['coordinator_address'], setup['process_id'], initialization_timeout, given
-        )
+      checked = _coordinator_to_check(setup, cluster, coordinator_address)
+      if checked is not None:
+        address, process, source = checked
+        check_coordinator(address, process, initialization_timeout, source)
       logger.info('Starting jax.distributed: %s.', _describe(setup, cluster))
       jax.distributed.initialize(**setup)
 
@@ -455,6 +455,31 @@ def initialize(
     info['platform'],
   )
   return info
+
+
+def _coordinator_to_check(setup: Mapping[str, Any], cluster, argument) -> tuple | None:
+  """(address, process id, where the address comes from) of the coordinator this process will
+  use where it is known before jax.distributed starts: given (argument, OVE_COORDINATOR_ADDRESS),
+  or JAX's for SLURM (the first host of SLURM_STEP_NODELIST and a port from SLURM_JOB_ID: a job
+  whose port another program holds on that host would crash in JAX's start)."""
+  if 'coordinator_address' in setup and 'process_id' in setup:
+    given = 'argument coordinator_address' if argument else OVERRIDES[0][1]
+    return setup['coordinator_address'], setup['process_id'], given
+  if 'coordinator_address' not in setup and getattr(cluster, 'name', '') == 'slurm':
+    process = setup.get('process_id', cluster.get_process_id())
+    given = os.environ.get('JAX_COORDINATOR_ADDRESS', '').strip()
+    if given:  # what JAX then uses as it is
+      return _check_address(given, 'JAX_COORDINATOR_ADDRESS'), process, 'JAX_COORDINATOR_ADDRESS'
+    port = os.environ.get('JAX_COORDINATOR_PORT', '').strip() or None
+    address = cluster.get_coordinator_address(None, port)
+    address = _check_address(address, 'JAX_COORDINATOR_PORT' if port else 'SLURM_JOB_ID')
+    source = (
+      f"SLURM job {os.environ.get('SLURM_JOB_ID', '')}'s coordinator {address} (JAX's: the "
+      'first host of SLURM_STEP_NODELIST, a port from SLURM_JOB_ID or JAX_COORDINATOR_PORT; '
+      f'JAX_COORDINATOR_PORT=port or {OVERRIDES[0][1]}=host:port on every task changes it)'
+    )
+    return address, process, source
+  return None
 
 
 def _describe(setup: Mapping[str, Any], cluster) -> str:

@@ -4,6 +4,7 @@ variables (simulated environments), hybrid meshes, and real 2-process runs."""
 import http.server
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -433,14 +434,55 @@ def test_the_coordinator_is_checked_before_jax_distributed_starts():
 def test_initialize_passes_the_plan_to_jax(scheduler, monkeypatch):
   """What `initialize` hands jax.distributed.initialize under SLURM, one task per GPU: nothing
   but the device ids and the config's timeouts; JAX detects the rest."""
-  calls = []
+  calls, checked = [], []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
   monkeypatch.setattr(distributed, '_backend_initialized', lambda: False)
+  monkeypatch.setattr(distributed, 'check_coordinator', lambda *args: checked.append(args))
   scheduler(_slurm(6, 2, 1, '4(x2)', 8))
   distributed.initialize(initialization_timeout=45, heartbeat_timeout=15)
   assert calls == [
     {'local_device_ids': [2], 'initialization_timeout': 45, 'heartbeat_timeout_seconds': 15}
   ]
+  # JAX's own coordinator for the job is checked first: the first node, the job's port.
+  [(address, process, timeout, source)] = checked
+  assert (address, process, timeout) == (f'gpu07:{SLURM_PORT}', 6, 45)
+  assert source.startswith(f"SLURM job 4242's coordinator gpu07:{SLURM_PORT} (JAX's")
+
+
+def taken_port_in(low: int, high: int) -> socket.socket:
+  """A listening socket on a port of [low, high] (where JAX puts SLURM jobs' coordinators)."""
+  for port in random.Random(os.getpid()).sample(range(low, high + 1), 200):
+    listener = socket.socket()
+    try:
+      listener.bind(('', port))
+    except OSError:
+      listener.close()
+      continue
+    listener.listen()
+    return listener
+  raise AssertionError(f'no free port in {low}-{high}')
+
+
+@pytest.mark.parametrize('how', ['job id', 'JAX_COORDINATOR_PORT'])
+def test_a_slurm_jobs_coordinator_port_in_use_is_named(scheduler, monkeypatch, how):
+  """Process 0 of a SLURM job whose port (JAX's: 61440 + job id % 4096, or JAX_COORDINATOR_PORT)
+  another program holds: a ValueError naming the job, the address and the way out, before
+  jax.distributed starts (which crashed the process in its C++)."""
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: pytest.fail('started'))
+  monkeypatch.setattr(distributed, '_backend_initialized', lambda: False)
+  with taken_port_in(61440, 65535) as listener:
+    port = listener.getsockname()[1]
+    job = port - 61440 if how == 'job id' else 77
+    more = {} if how == 'job id' else {'JAX_COORDINATOR_PORT': str(port)}
+    scheduler(
+      _slurm(0, 0, 0, '1(x2)', 2, SLURM_JOB_ID=job, SLURM_STEP_NODELIST='localhost,b', **more)
+    )
+    with pytest.raises(ValueError) as raised:
+      distributed.initialize()
+  message = str(raised.value)
+  assert message.startswith(f"SLURM job {job}'s coordinator localhost:{port} (JAX's"), message
+  assert f'port {port} is in use on this host' in message
+  assert 'JAX_COORDINATOR_PORT=port or OVE_COORDINATOR_ADDRESS=host:port on every task' in message
 
 
 _SLURM_CHILD = """
@@ -809,3 +851,31 @@ def test_config_keys_for_launch():
   ):
     with pytest.raises(config_lib.ConfigError, match=match):
       config_lib.load(demo, [override])
+
+
+def test_ove_train_on_a_slurm_job_whose_port_is_taken_exits_2(tmp_path):
+  """The trainer as srun starts process 0, the job's coordinator port held by another program:
+  one config error line (exit 2) and no workdir, where JAX's start crashed the process (exit 134
+  or 139)."""
+  base = {k: v for k, v in os.environ.items() if not _SCHEDULER_VARS.match(k)}
+  with taken_port_in(61440, 65535) as listener:
+    port = listener.getsockname()[1]
+    env = dict(
+      base,
+      PYTHONPATH=REPO,
+      **_slurm(0, 0, 0, '1(x2)', 2, SLURM_JOB_ID=port - 61440, SLURM_STEP_NODELIST='localhost,b'),
+    )
+    workdir = tmp_path / 'run'
+    demo = os.path.join(REPO, 'experiments', 'demo_cpu.py')
+    result = subprocess.run(
+      [sys.executable, '-m', 'ove_jax.train', f'--config={demo}:smoke', f'--workdir={workdir}'],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"config error: SLURM job {port - 61440}'s coordinator localhost:{port}")
+  assert f'port {port} is in use on this host' in last and 'Traceback' not in result.stderr
+  assert not workdir.exists()
