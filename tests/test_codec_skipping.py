@@ -275,3 +275,59 @@ def test_the_speed_bench_says_how_many_frames_were_skipped(capsys):
   assert bench_selection.main(argv + ['--repeat', '1']) == 0
   row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| synth'))
   assert int(row.strip('|').split('|')[-1]) > 0  # of 64 frames with B-frames, 16 sampled
+
+
+def trim_edit_list(data: bytes, drop: int, frames: int) -> bytes:
+  """The MP4 with its one edit (version 0) ending `drop` frames before the media does: the
+  demuxer marks those packets discard and a decoder outputs nothing for them."""
+  at = data.index(b'elst')
+  assert data[at + 4] == 0 and int.from_bytes(data[at + 8 : at + 12], 'big') == 1
+  duration = int.from_bytes(data[at + 12 : at + 16], 'big')
+  shorter = (duration * (frames - drop) // frames).to_bytes(4, 'big')
+  return data[: at + 12] + shorter + data[at + 16 :]
+
+
+@pytest.mark.parametrize('allow_truncated', [False, True])
+def test_an_edit_list_that_trims_frames_is_decoded_in_full(monkeypatch, allow_truncated):
+  """Packets the demuxer marks discard (an edit list ending before the media) give no frame in a
+  full decode; a skipped one among them would still have been counted: no plan is made, and the
+  outcome is the full decode's."""
+  data = trim_edit_list(synthetic.make_clip(11, num_frames=61, bframes=2).data, 3, 61)
+  container = av.open(io.BytesIO(data))
+  assert any(p.is_discard for p in container.demux(container.streams.video[0]) if p.size)
+  container.close()
+  made, plans = skipping.plan, []
+  monkeypatch.setattr(skipping, 'plan', lambda *args: plans.append(made(*args)) or plans[-1])
+  outcomes = []
+  for enabled in (False, True):
+    monkeypatch.setattr(skipping, 'ENABLED', enabled)
+    try:
+      selection = codec.select(data, num_frames=16, allow_truncated=allow_truncated)
+      outcomes.append((selection_digest(selection), selection.num_source_frames))
+    except codec.VideoError as e:
+      outcomes.append(str(e))
+  assert outcomes[0] == outcomes[1]
+  assert plans[-1] is None
+
+
+def test_a_frame_flagged_corrupt_ends_the_skipping_decode(clips):
+  """A cut-short MPEG-TS whose last frame decodes concealed (flagged corrupt, no error): its
+  vectors come from the decoder's reused buffers, which skipping changes, so the skipping decode
+  stops there (Mismatch) and the selection decodes in full."""
+  ts = to_mpegts(clips['b3'])
+  for keep in np.arange(0.99, 0.5, -0.01):
+    data = ts[: int(len(ts) * keep) // 188 * 188]
+    container, stream = bitstream.open_with_vectors(data)
+    corrupt = [f.is_corrupt for _, f in zip(range(10**6), container.decode(stream))]
+    container.close()
+    if corrupt and corrupt[-1] and not any(corrupt[:-1]):
+      break
+  else:
+    pytest.fail('no cut leaves a concealed last frame')
+  container, stream = bitstream.open_with_vectors(data)
+  plan = skipping.plan(container, stream, bitstream.timeline(len(corrupt), 12))
+  assert plan is not None
+  with pytest.raises(skipping.Mismatch, match='flagged corrupt'):
+    list(skipping.frames(container, stream, plan))
+  container.close()
+  assert codec.select(data, num_frames=12, allow_truncated=True).skipped_frames == 0

@@ -17,9 +17,11 @@ skipped still takes its place in the presentation order as an undecoded B-frame 
 
 The decode checks the plan as it goes: the packets must come in the planned order and every
 decoded frame at its planned presentation index; if not (a container whose second read
-differs, a decoder that drops or adds a frame, any decoder error: with fewer frames held back
-a damaged stream's frames come out otherwise before the error), `Mismatch` is raised and the
-caller decodes again without skipping. One difference is left: damage inside a skipped packet
+differs, a decoder that drops or adds a frame, a stream that ends early, any decoder error or
+frame the decoder flags corrupt: with fewer frames held back a damaged stream's frames come out
+otherwise before an error, and a damaged frame's vectors hold whatever the decoder's reused
+buffers held), `Mismatch` is raised and the caller decodes again without skipping. Streams
+with edit-list trims (packets the demuxer marks discard) are not planned. One difference is left: damage inside a skipped packet
 is not seen (a full decode would end the stream there), so such a clip may get a selection
 where a full decode gets a shorter stream.
 """
@@ -168,7 +170,9 @@ def plan(container, stream, wanted: Sequence[int]) -> Plan | None:
     for packet in container.demux(stream):
       if not packet.size:
         continue
-      if packet.pts is None:
+      if packet.pts is None or packet.is_discard:
+        # No order to plan by, or an edit list's trimmed frames (the decoder drops them; a
+        # skipped one among them would still be counted): decoded in full.
         pts = []
         break
       b, skippable = access_unit(bytes(packet), length_size)
@@ -221,6 +225,12 @@ def frames(container, stream, plan: Plan) -> Iterator[tuple]:
           heapq.heappush(waiting, (packet.pts, count))
         count += 1
       for frame in packet.decode():
+        if frame.is_corrupt:
+          # A damaged frame's vectors hold what the decoder's reused buffers held, which
+          # skipping changes: the full decode says what they are.
+          raise Mismatch(f'frame pts {frame.pts} is flagged corrupt: decode in full')
+        if frame.pts is None or frame.pts not in order:
+          raise Mismatch(f'a frame with pts {frame.pts} that no packet of the plan has')
         yield from place_before(frame.pts)
         if plan.index_of_pts.get(frame.pts) != placed:
           raise Mismatch(f'frame pts {frame.pts} decoded at presentation index {placed}')
@@ -231,3 +241,5 @@ def frames(container, stream, plan: Plan) -> Iterator[tuple]:
     # which skipping changes: the full decode says which frames came out before it.
     raise Mismatch(f'a decoder error ({e}): decode in full') from e
   yield from place_before(float('inf'))
+  if count != len(plan.pts) or placed != len(plan.pts):  # the stream ended otherwise
+    raise Mismatch(f'{count} of {len(plan.pts)} packets read, {placed} frames placed')
