@@ -21,9 +21,9 @@ differs, a decoder that drops or adds a frame, a stream that ends early, any dec
 frame the decoder flags corrupt: with fewer frames held back a damaged stream's frames come out
 otherwise before an error, and a damaged frame's vectors hold whatever the decoder's reused
 buffers held), `Mismatch` is raised and the caller decodes again without skipping. Streams
-with edit-list trims (packets the demuxer marks discard) are not planned. One difference is left: damage inside a skipped packet
-is not seen (a full decode would end the stream there), so such a clip may get a selection
-where a full decode gets a shorter stream.
+with edit-list trims (packets the demuxer marks discard) are not planned. One difference is
+left: damage inside a skipped packet is not seen (a full decode would end the stream there), so
+such a clip may get a selection where a full decode gets a shorter stream.
 """
 
 from __future__ import annotations
