@@ -38,6 +38,7 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -336,9 +337,19 @@ def head_dataset(
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer
-      )
+      ),
+      worker_init_fn=leave_interrupts_to_the_parent,
     )
   return ds
+
+
+def leave_interrupts_to_the_parent(worker_index: int, worker_count: int) -> None:
+  """In each Grain worker process: SIGINT ignored. A terminal's Ctrl-C reaches the whole
+  process group; the trainer stops on it after saving (`ove_jax.preemption`) and then closes
+  its iterator, which ends the workers. Without this each worker died at once with a
+  KeyboardInterrupt traceback, and a step still to be fed would have waited on them."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -233,9 +233,16 @@ def pretrain(config, train_dir: str) -> tuple[list[dict], float]:
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every step of its work at INFO
   start = time.time()
   try:
-    train.train(config, train_dir)
+    stopped = train.train(config, train_dir).get('stopped')
   except train.TrainingError as e:
     raise DemoError(f'training stopped: {e}') from None
+  if stopped:  # Ctrl-C or SIGTERM: the trainer saved and stopped; no report from half a run
+    from ove_jax import preemption
+
+    raise DemoError(
+      f'training stopped ({stopped}); the demo starts over when run again',
+      exit_code=preemption.exit_code(stopped),
+    )
   return metrics_lib.read_metrics(train_dir), time.time() - start
 
 

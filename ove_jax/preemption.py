@@ -11,11 +11,17 @@ stop:
   step, within a step or two of the notice. The check itself is local (no collective), so it
   costs nothing per step. Python's SIGTERM handler is left alone here: installing one would
   replace JAX's notifier.
-- One process: a SIGTERM handler sets a flag; the step in flight finishes and is saved.
+- One process: a SIGTERM handler sets a flag; the step in flight finishes and is saved. Ctrl-C
+  (SIGINT) does the same, and a second Ctrl-C stops at once without saving (`Interrupted`);
+  several processes leave SIGINT to Python (an interrupted process ends, its peers time out), as a
+  stop one process alone decides would leave the others waiting in a collective. Launchers
+  (`ove-launch-local`, `ove-sweep`) turn their Ctrl-C into SIGTERM for every process.
 
 After the preemption save the trainer exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL of
 sysexits.h: "try again later"), not 0: a Kubernetes Job counts exit 0 as success and never
-restarts it. docs/launch.md has the scheduler settings that restart on this code.
+restarts it. docs/launch.md has the scheduler settings that restart on this code. After a Ctrl-C
+it exits with `INTERRUPTED_EXIT_CODE` (130, 128 + SIGINT, as a shell's), saved or not: the user
+stopped it.
 
 A hang (a collective a peer never joins, a stuck input read) ends through the watchdog
 (`metrics.Watchdog`, `on_timeout=exit_hung`): every thread's stack goes to stderr, then the
@@ -34,6 +40,7 @@ import jax
 
 PREEMPTED_EXIT_CODE = 75  # saved after SIGTERM: restart me (sysexits EX_TEMPFAIL)
 HANG_EXIT_CODE = 70  # the watchdog saw no finished step in time (sysexits EX_SOFTWARE)
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT): the user stopped the run
 
 
 def _sync_manager_running() -> bool:
@@ -46,22 +53,38 @@ class Preemption:
   step where every process should save and stop. See the module docstring for how."""
 
   def __init__(self):
-    self.requested = False  # SIGTERM seen (one process), or the sync point reached
+    self.requested = False  # SIGTERM or Ctrl-C seen (one process), or the sync point reached
+    self.interrupted = False  # the request was a Ctrl-C
     self._synced = False
-    self._previous = None
+    self._previous = {}  # signal -> the handler before ours
 
   def __enter__(self) -> Preemption:
+    if _interrupted[0]:  # a Ctrl-C while starting whose Interrupted Python dropped
+      raise Interrupted
     self._synced = jax.process_count() > 1 and _sync_manager_running()
-    if not self._synced and hasattr(signal, 'SIGTERM'):
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: no handler, no clean stop
-        self._previous = None
+    if not self._synced:
+      ours = {'SIGTERM': self._handle, 'SIGINT': self._interrupt}
+      for name, handler in ours.items():
+        if hasattr(signal, name) and (name == 'SIGTERM' or jax.process_count() == 1):
+          number = getattr(signal, name)
+          with contextlib.suppress(ValueError):  # not the main thread: no handler, no clean stop
+            self._previous[number] = signal.signal(number, handler)
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def _interrupt(self, signum, frame):
+    del signum, frame
+    if self.requested:  # a second Ctrl-C, or one after SIGTERM: stop now, unsaved
+      raise Interrupted
+    self.requested = self.interrupted = True
+    sys.stderr.write(
+      '\nCtrl-C: the step in flight finishes and is saved, then the run stops (Ctrl-C again '
+      'stops at once, without saving)\n'
+    )
+    sys.stderr.flush()
 
   def reached(self, step: int) -> bool:
     """True on every process at the same step once any of them got SIGTERM."""
@@ -72,8 +95,8 @@ class Preemption:
     return self.requested
 
   def __exit__(self, *exc) -> bool:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, previous in self._previous.items():
+      signal.signal(number, previous)
     return False
 
 
@@ -102,6 +125,57 @@ def exit_on_sigterm_while_starting():
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
+
+
+def exit_code(stopped: str | None) -> int:
+  """A finished run's exit code: 0, or after a stop that saved ('stopped' of the trainer's
+  result) INTERRUPTED_EXIT_CODE for a Ctrl-C (the user stopped it) and PREEMPTED_EXIT_CODE for
+  SIGTERM (a scheduler should restart the job)."""
+  if not stopped:
+    return 0
+  return INTERRUPTED_EXIT_CODE if stopped == 'Ctrl-C' else PREEMPTED_EXIT_CODE
+
+
+class Interrupted(BaseException):
+  """Ctrl-C: stop at once, without saving. A BaseException as KeyboardInterrupt is, and not
+  one: a KeyboardInterrupt raised inside some C calls marks the interpreter, which then ends the
+  process with SIGINT at exit (status -2) whatever exit code was asked for."""
+
+
+_interrupted = [False]  # a Ctrl-C raised Interrupted since `ctrl_c_raises_interrupted` began
+
+
+def raise_interrupted(signum, frame):
+  """The SIGINT handler that stops at once. Python drops an exception raised inside a garbage
+  collector callback or a __del__ (a signal may land there: JAX runs one at every collection), so
+  the Ctrl-C is also remembered, and `Preemption` raises it on entering."""
+  del signum, frame
+  _interrupted[0] = True
+  raise Interrupted
+
+
+@contextlib.contextmanager
+def ctrl_c_raises_interrupted():
+  """While entered, in the main thread: Ctrl-C raises `Interrupted` (the trainer's main turns
+  it into one line and INTERRUPTED_EXIT_CODE); `Preemption` replaces this while the steps run."""
+  previous, _interrupted[0] = None, False
+  if hasattr(signal, 'SIGINT'):
+    with contextlib.suppress(ValueError):  # not the main thread: Python's own handling
+      previous = signal.signal(signal.SIGINT, raise_interrupted)
+  unraisable = sys.unraisablehook
+
+  def hook(report):  # a dropped Interrupted is remembered (above), not printed as a traceback
+    if not isinstance(report.exc_value, Interrupted):
+      unraisable(report)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    if sys.unraisablehook is hook:  # else a later hook wraps this one: left as it is
+      sys.unraisablehook = unraisable
+    if previous is not None:
+      signal.signal(signal.SIGINT, previous)
 
 
 def exit_hung() -> None:

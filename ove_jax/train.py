@@ -407,11 +407,13 @@ class Run:
       loop.tick = time.perf_counter()
       self.watchdog.kick(loop.step)  # an evaluation or a save is progress too
     if stopping:
+      interrupted = self.preemption.interrupted
       log.warning(
-        'preempted (SIGTERM): saved step %d in %s; exiting with code %d',
+        '%s: saved step %d in %s; exiting with code %d',
+        'interrupted (Ctrl-C)' if interrupted else 'preempted (SIGTERM)',
         loop.step,
         self.workdir,
-        preemption.PREEMPTED_EXIT_CODE,
+        preemption.INTERRUPTED_EXIT_CODE if interrupted else preemption.PREEMPTED_EXIT_CODE,
       )
     return stopping
 
@@ -535,11 +537,12 @@ def run_training(config, workdir: str, info: Mapping[str, int], started: float) 
       reporter.close()
       if loop.profiling:
         jax.profiler.stop_trace()
-  last = dict(reporter.last, **({'stopped': 'SIGTERM'} if stop.requested else {}))
+  why = ('Ctrl-C' if stop.interrupted else 'SIGTERM') if stop.requested else None
+  last = dict(reporter.last, **({'stopped': why} if why else {}))
   if main_process:  # the manager's own list: opening another would wait for the other processes
     reporter.print_outputs(
       workdir,
-      f'{"stopped (SIGTERM) at" if stop.requested else "finished"} step {loop.step}',
+      f'{f"stopped ({why}) at" if why else "finished"} step {loop.step}',
       sorted(manager.all_steps()),
     )
   return last
@@ -562,21 +565,32 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, overrides = cli.parse_train_args(sys.argv[1:] if argv is None else argv)
   logging.info(host_runtime.describe(tuning))
   try:
+    with preemption.ctrl_c_raises_interrupted():
+      return _run(args, overrides)
+  except (KeyboardInterrupt, preemption.Interrupted):
+    print(
+      f'interrupted (Ctrl-C): stopped without saving; run the same command to resume from '
+      f'the last checkpoint in {args.workdir}',
+      file=sys.stderr,
+    )
+    return preemption.INTERRUPTED_EXIT_CODE
+
+
+def _run(args, overrides) -> int:
+  try:
     config = config_lib.load(args.config, overrides)  # before JAX starts: errors come fast
     cpu_blas.check_setting()  # a library named by OVE_CPU_BLAS that cannot serve: exit 2 now
     if args.show_config:
       for key, value in config_lib.flatten(config).items():
         print(f'{key} = {value!r}')
       return 0
-    if train(config, args.workdir).get('stopped'):
-      return preemption.PREEMPTED_EXIT_CODE  # saved: a scheduler should restart the job
+    return preemption.exit_code(train(config, args.workdir).get('stopped'))
   except (config_lib.ConfigError, cpu_blas.BlasError) as e:
     print(f'config error: {e}', file=sys.stderr)
     return 2
   except TrainingError as e:
     print(f'training stopped: {e}', file=sys.stderr)
     return 1
-  return 0
 
 
 if __name__ == '__main__':

@@ -491,8 +491,8 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
   assert f'[p0] Watchdog: exiting with code {preemption.HANG_EXIT_CODE}' in err
 
 
-def test_sigterm_while_making_the_builtin_data_exits_as_preempted(tmp_path):
-  workdir = tmp_path / 'run'
+def _signal_while_making_the_builtin_data(workdir, signum):
+  """The trainer sent `signum` while it makes its built-in data: (exit code, stderr)."""
   proc = subprocess.Popen(
     [sys.executable, '-m', 'ove_jax.train', f'--config={DEMO}:smoke', f'--workdir={workdir}'],
     env=env(),
@@ -501,24 +501,71 @@ def test_sigterm_while_making_the_builtin_data_exits_as_preempted(tmp_path):
     text=True,
   )
   deadline = time.time() + 300
-  while not (workdir / 'builtin_data').exists():  # made after the handler is in place
+  while not (workdir / 'builtin_data').exists():  # made after the handlers are in place
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
+  return proc.returncode, err
+
+
+def test_sigterm_while_making_the_builtin_data_exits_as_preempted(tmp_path):
+  workdir = tmp_path / 'run'
+  code, err = _signal_while_making_the_builtin_data(workdir, signal.SIGTERM)
+  assert code == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
   assert 'SIGTERM while starting, nothing to save' in err
   assert not (workdir / 'checkpoints').exists()
 
 
-def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):
-  workdir = str(tmp_path / 'run')
+def test_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(capsys):
+  """One process: the first SIGINT asks for the save after the step in flight (and says so);
+  the next one raises Interrupted at once; the handlers before are back afterwards."""
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with preemption.Preemption() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.reached(1) and stop.interrupted
+    assert 'Ctrl-C: the step in flight finishes and is saved' in capsys.readouterr().err
+    with pytest.raises(preemption.Interrupted):
+      os.kill(os.getpid(), signal.SIGINT)
+  with preemption.Preemption() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # a preemption is not an interruption
+    assert stop.reached(1) and not stop.interrupted
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_ctrl_c_python_drops_while_starting_still_stops(capsys):
+  """While starting, Ctrl-C raises Interrupted at once; where it lands in a __del__ or a
+  collector callback (JAX runs one at every collection) Python drops the exception: it is
+  remembered, not printed, and the run stops where the steps would begin."""
+  before = sys.unraisablehook
+
+  class Collected:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)  # the handler runs here, inside __del__
+
+  with preemption.ctrl_c_raises_interrupted():
+    Collected()
+    assert 'Interrupted' not in capsys.readouterr().err
+    with pytest.raises(preemption.Interrupted):
+      preemption.Preemption().__enter__()
+    with pytest.raises(preemption.Interrupted):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+  assert sys.unraisablehook is before
+
+
+def _stopped_after_a_step(workdir, data_root, signum, code):
+  """The trainer sent `signum` once a step is logged (SIGINT to its whole process group, as a
+  terminal's Ctrl-C: its Grain workers too; SIGTERM to the trainer alone, as a scheduler's
+  notice) exits with `code` having saved one step: (that step, stderr)."""
   proc = subprocess.Popen(
     command(workdir, data_root, '--config.checkpoint_every=100'),
     env=env(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
+    start_new_session=True,
   )
   deadline = time.time() + 300
   while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or not metrics_lib.read_metrics(
@@ -526,12 +573,51 @@ def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straigh
   ):
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  if signum == signal.SIGINT:
+    os.killpg(proc.pid, signum)
+  else:
+    proc.send_signal(signum)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, err[-3000:]
+  assert proc.returncode == code, err[-3000:]
   saved = committed_steps(workdir)
   assert len(saved) == 1 and 0 < saved[0] < 20, saved
-  assert f'preempted (SIGTERM): saved step {saved[0]}' in err
+  return saved[0], err
+
+
+def test_ctrl_c_saves_stops_with_130_and_resumes(tmp_path, data_root):
+  """A terminal's Ctrl-C: the step in flight is saved, exit 130, no traceback from the trainer
+  or its data workers; the same command resumes there."""
+  workdir = str(tmp_path / 'run')
+  step, err = _stopped_after_a_step(
+    workdir, data_root, signal.SIGINT, preemption.INTERRUPTED_EXIT_CODE
+  )
+  assert f'interrupted (Ctrl-C): saved step {step}' in err
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+  result = run_to_end(command(workdir, data_root))
+  assert f'resumed from {workdir} step {step}' in result.stderr
+
+
+def test_ctrl_c_while_starting_stops_without_a_traceback(tmp_path):
+  """Before the first step (here: the built-in data being made) there is nothing to save: one
+  line saying so, exit 130."""
+  workdir = tmp_path / 'run'
+  code, err = _signal_while_making_the_builtin_data(workdir, signal.SIGINT)
+  assert code == preemption.INTERRUPTED_EXIT_CODE, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+    f'interrupted (Ctrl-C): stopped without saving; run the same command to resume from the '
+    f'last checkpoint in {workdir}'
+  )
+  assert 'Traceback' not in err
+  assert not (workdir / 'checkpoints').exists()
+
+
+def test_sigterm_saves_then_resumes_on_another_mesh(tmp_path, data_root, straight):
+  workdir = str(tmp_path / 'run')
+  step, err = _stopped_after_a_step(
+    workdir, data_root, signal.SIGTERM, preemption.PREEMPTED_EXIT_CODE
+  )
+  saved = [step]
+  assert f'preempted (SIGTERM): saved step {step}' in err
   with open(os.path.join(workdir, 'checkpoints', str(saved[0]), 'meta', 'metadata')) as f:
     assert json.load(f)['mesh'] == {'data': 4, 'fsdp': 2, 'tensor': 1}
   # Resume on data 2 x fsdp 2 x tensor 2: the state is resharded on restore, and the sampling

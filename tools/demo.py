@@ -202,15 +202,20 @@ def main(argv=None) -> int:
   if args.table:
     return print_table(args.table)
   opts = options(parser, argv)
-  from ove_jax import demo, demo_report, distributed
+  from ove_jax import demo, demo_report, distributed, preemption
 
   distributed.use_cpu_devices(opts.devices)
   from data_pipeline import pictures
 
   try:
-    summary, failed = demo.run(opts, pictures.render, say=lambda line: print(line, flush=True))
+    with preemption.ctrl_c_raises_interrupted():  # while training: save, then stop (a 2nd: now)
+      summary, failed = demo.run(opts, pictures.render, say=lambda line: print(line, flush=True))
+  except (KeyboardInterrupt, preemption.Interrupted):
+    print('interrupted (Ctrl-C); the demo starts over when run again', file=sys.stderr)
+    return preemption.INTERRUPTED_EXIT_CODE
   except demo.DemoError as e:
-    print(f'{"config error" if e.exit_code == 2 else "error"}: {e}', file=sys.stderr)
+    kind = {2: 'config error', 75: 'stopped', 130: 'interrupted'}.get(e.exit_code, 'error')
+    print(f'{kind}: {e}', file=sys.stderr)
     return e.exit_code
   print('\n'.join(demo_report.summary_lines(summary)))
   print(f'wrote {os.path.join(os.path.abspath(opts.workdir), "summary.json")}')
