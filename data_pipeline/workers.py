@@ -148,17 +148,45 @@ def death_reason(exitcode: int | None) -> str:
   return f'the worker process exited with code {exitcode}'
 
 
-def _die_with_parent(parent_pid: int) -> None:
-  """Linux: this process gets SIGKILL when its parent dies, so a worker stuck in a hung decoder
-  never outlives a run that was killed (the parent's own time limits die with it)."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _prctl():
+  """libc's prctl, or None (not Linux)."""
   try:
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-  except (OSError, AttributeError):  # not Linux: workers still exit when their pipe closes
-    return
-  if os.getppid() != parent_pid:  # the parent died before the line above
-    os._exit(1)
+    return ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+
+
+def _signal_on_parent_death(prctl, parent_pid: int, signum: int) -> None:
+  prctl(_PR_SET_PDEATHSIG, signum)
+  if os.getppid() != parent_pid:  # the parent died before the line above: no signal would come
+    os.kill(os.getpid(), signum)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+  """Linux: this process gets SIGKILL when its parent dies, so a worker stuck in a hung decoder
+  never outlives a run that was killed (the parent's own time limits die with it). Elsewhere
+  workers still exit when their pipe closes."""
+  prctl = _prctl()
+  if prctl is not None:
+    _signal_on_parent_death(prctl, parent_pid, signal.SIGKILL)
+
+
+def ends_with_parent(signum: int) -> Callable[[], None] | None:
+  """A `preexec_fn` for subprocess.Popen: the child gets `signum` when the thread that started it
+  ends (its process dying, SIGKILL included: Linux's PR_SET_PDEATHSIG), or None where there is
+  no such guard. A child in a session of its own (start_new_session) otherwise outlives its
+  launcher's kill -9. prctl is looked up here, in the parent: between fork and exec the child
+  only calls it."""
+  prctl = _prctl()
+  if prctl is None:
+    return None
+  parent = os.getpid()
+  return lambda: _signal_on_parent_death(prctl, parent, signum)
 
 
 def _worker_main(

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from data_pipeline import paths
+from data_pipeline import paths, workers
 from ove_jax import sweeps
 
 
@@ -137,7 +137,14 @@ def _run_trainer(run_dir, command, env, where, signals, say) -> tuple[int, float
     # Its own group: a terminal's Ctrl-C reaches the sweep alone, which forwards SIGTERM (a
     # trainer saves on SIGTERM; SIGINT would stop it without saving).
     signals.child = subprocess.Popen(
-      list(command), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+      list(command),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      env=env,
+      start_new_session=True,
+      # The sweep killed (kill -9): the trainer saves and stops (its output is a file), and
+      # the sweep's rerun resumes it, instead of finding it still running on the run's lock.
+      preexec_fn=workers.ends_with_parent(signal.SIGTERM),
     )
     signals.forward()  # a signal that came while it was starting
     code = signals.child.wait()

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import pytest
@@ -256,9 +257,8 @@ SLOW_SAVE = """
 """
 
 
-def sigterm_to_launcher(tmp_path, seconds, *flags):
-  """Starts 2 SLOW_SAVE processes under the launcher, sends it SIGTERM once both are ready and
-  returns (its exit status, stdout, stderr)."""
+def launched_and_ready(tmp_path, seconds, *flags):
+  """The launcher running 2 SLOW_SAVE processes, once both are ready: (launcher, their pids)."""
   child = tmp_path / 'child.py'
   child.write_text(textwrap.dedent(SLOW_SAVE.format(seconds=seconds)))
   proc = subprocess.Popen(
@@ -273,9 +273,77 @@ def sigterm_to_launcher(tmp_path, seconds, *flags):
     line = proc.stdout.readline()
     assert line, proc.communicate(timeout=30)[1]
     ready += [line] if line.endswith('] ready\n') else []
+  children = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True)
+  return proc, [int(pid) for pid in children.stdout.split()]
+
+
+def sigterm_to_launcher(tmp_path, seconds, *flags):
+  """Sends the launcher of 2 ready SLOW_SAVE processes SIGTERM: (its exit status, stdout,
+  stderr)."""
+  proc, _ = launched_and_ready(tmp_path, seconds, *flags)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=60)
   return proc.returncode, out, err
+
+
+def test_a_launcher_killed_takes_its_processes_with_it(tmp_path):
+  """kill -9 of the launcher: its processes (a session of their own, their output in its pipes)
+  are killed too, instead of living on writing into pipes nobody reads."""
+  proc, children = launched_and_ready(tmp_path, 0)
+  assert len(children) == 2
+  proc.kill()
+  proc.communicate(timeout=30)
+  deadline = time.monotonic() + 30
+  while any(_running(pid) for pid in children):
+    assert time.monotonic() < deadline, [pid for pid in children if _running(pid)]
+    time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+  """Alive and not a zombie (a killed child of a dead launcher waits for init to reap it)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def test_a_child_started_with_ends_with_parent_gets_the_signal_when_its_parent_dies(tmp_path):
+  """`workers.ends_with_parent(SIGTERM)` (ove-sweep's trainer): the parent killed with
+  SIGKILL, the child gets SIGTERM (a trainer then saves and stops)."""
+  marker = tmp_path / 'got'
+  child = (
+    'import signal, sys, time\n'
+    'def got(signum, frame):\n'
+    f'  open({str(marker)!r}, "w").write(signal.Signals(signum).name); sys.exit(75)\n'
+    'signal.signal(signal.SIGTERM, got)\n'
+    'print("ready", flush=True)\n'
+    'time.sleep(60)\n'
+  )
+  parent = (
+    'import signal, subprocess, sys\n'
+    'from data_pipeline import workers\n'
+    f'child = subprocess.Popen([sys.executable, "-c", {child!r}], start_new_session=True,\n'
+    '  preexec_fn=workers.ends_with_parent(signal.SIGTERM))\n'
+    'print(child.pid, flush=True)\n'
+    'child.wait()\n'
+  )
+  proc = subprocess.Popen(
+    [sys.executable, '-c', parent],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  pid = int(proc.stdout.readline())
+  assert proc.stdout.readline() == 'ready\n'
+  proc.kill()
+  proc.wait(timeout=30)
+  deadline = time.monotonic() + 30
+  while not marker.exists() or _running(pid):
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  assert marker.read_text() == 'SIGTERM'
 
 
 def test_launcher_default_grace_covers_a_slow_save(tmp_path):

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 
+from data_pipeline import workers
 from ove_jax import cli, distributed
 from ove_jax.preemption import PREEMPTED_EXIT_CODE
 
@@ -218,6 +219,10 @@ def main(argv=None) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        # Killed with the launcher (kill -9): their output would go nowhere, and a process
+        # whose writes fail stops in a collective its peer never joins. Stopped with SIGTERM or
+        # Ctrl-C, the launcher lets them save first.
+        preexec_fn=workers.ends_with_parent(signal.SIGKILL),
       )
       procs.append(proc)
       for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
