@@ -256,6 +256,9 @@ def frames_with_references(
 
   try:
     for index, (frame, decode_index) in enumerate(frames):
+      if frame is not None and frame.is_corrupt:  # concealed: parts come from reused buffers,
+        decoded.error = VideoError(f'frame {index} decodes with errors (concealed)')
+        break  # which differ run to run; the stream ends here, as at a decoder error
       decoded.count = index + 1
       is_wanted = index in wanted_set
       if frame is None:  # a disposable B-frame left undecoded (`skipping`): never wanted
