@@ -387,6 +387,8 @@ def test_an_export_to_s3_is_uploaded_and_loads_back(s3, smoke_run, tmp_path, mon
   assert convert_checkpoint.main(['from-train', '--workdir', workdir, '--out', out]) == 0
   printed = capsys.readouterr().out
   assert f'uploaded to {out}' in printed and 'max |difference| over' in printed
+  assert f'wrote the export for {out} (checked locally)' in printed  # not the deleted folder
+  assert 'ove_export_' not in printed
   assert {'config.json', 'model.safetensors'} <= set(paths.listdir(out)), paths.listdir(out)
   staged = {paths.stage(paths.join(out, name)) for name in ('config.json', 'model.safetensors')}
   (folder,) = {os.path.dirname(p) for p in staged}

@@ -47,7 +47,7 @@ def _to_hf(args) -> int:
   return _write(model, args.out, args.dtype, source, args)
 
 
-def _write(model, out: str, dtype: str, source: str, args=None) -> int:
+def _write(model, out: str, dtype: str, source: str, args=None, upload_to: str = '') -> int:
   """Saves `model` in the release format, then checks the written file against its parameters
   (bit-exact in float32; in bfloat16 / float16, to the stored precision); with --push-to-hub,
   uploads the checked export. An `out` in object storage (gs://, s3://) is written and checked
@@ -61,7 +61,7 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
   if paths.is_url(out):
     local = tempfile.mkdtemp(prefix='ove_export_')
     try:
-      code = _write(model, local, dtype, source, args)
+      code = _write(model, local, dtype, source, args, upload_to=out)
       if code == 0:
         hf_modeling.upload_export(local, out)
         print(f'uploaded to {out}')
@@ -81,7 +81,9 @@ def _write(model, out: str, dtype: str, source: str, args=None) -> int:
   if worst != 0.0:
     print('error: the written checkpoint does not reproduce the parameters', file=sys.stderr)
     return 1
-  print(f'wrote {out} ({dtype}) from {source}')
+  # Made for an upload: the temporary folder is gone once the export is uploaded.
+  where = f'the export for {upload_to} (checked locally)' if upload_to else out
+  print(f'wrote {where} ({dtype}) from {source}')
   if getattr(args, 'push_to_hub', None):
     print(f'pushed to {hf_modeling.push_to_hub(out, args.push_to_hub, private=args.private)}')
   return 0
