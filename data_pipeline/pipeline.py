@@ -350,6 +350,8 @@ def leave_interrupts_to_the_parent(worker_index: int, worker_count: int) -> None
   KeyboardInterrupt traceback, and a step still to be fed would have waited on them."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if hasattr(signal, 'pthread_sigmask'):  # started from a thread that blocks it (prefetch.py)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 # ------------------------------------------------------------------------------------------------

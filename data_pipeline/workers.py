@@ -164,7 +164,7 @@ def _prctl():
 def _signal_on_parent_death(prctl, parent_pid: int, signum: int) -> None:
   prctl(_PR_SET_PDEATHSIG, signum)
   if os.getppid() != parent_pid:  # the parent died before the line above: no signal would come
-    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # (a signal here could meet the parent's Python handler, copied)
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -466,7 +466,7 @@ def _coordinator_to_check(setup: Mapping[str, Any], cluster, argument) -> tuple 
     given = 'argument coordinator_address' if argument else OVERRIDES[0][1]
     return setup['coordinator_address'], setup['process_id'], given
   if 'coordinator_address' not in setup and getattr(cluster, 'name', '') == 'slurm':
-    process = setup.get('process_id', cluster.get_process_id())
+    process = setup['process_id'] if 'process_id' in setup else cluster.get_process_id()
     given = os.environ.get('JAX_COORDINATOR_ADDRESS', '').strip()
     if given:  # what JAX then uses as it is
       return _check_address(given, 'JAX_COORDINATOR_ADDRESS'), process, 'JAX_COORDINATOR_ADDRESS'

@@ -12,10 +12,12 @@ stop:
   costs nothing per step. Python's SIGTERM handler is left alone here: installing one would
   replace JAX's notifier.
 - One process: a SIGTERM handler sets a flag; the step in flight finishes and is saved. Ctrl-C
-  (SIGINT) does the same, and a second Ctrl-C stops at once without saving (`Interrupted`);
-  several processes leave SIGINT to Python (an interrupted process ends, its peers time out), as a
-  stop one process alone decides would leave the others waiting in a collective. Launchers
-  (`ove-launch-local`, `ove-sweep`) turn their Ctrl-C into SIGTERM for every process.
+  (SIGINT) does the same once a step has finished; before that (restoring, compiling), a second
+  Ctrl-C, or one after SIGTERM, stops at once without saving (`Interrupted`); one during the
+  stop's save waits for it. Several processes stop at once on Ctrl-C (an interrupted process
+  ends, its peers time out), as a save one process alone decides would leave the others waiting
+  in a collective. Launchers (`ove-launch-local`, `ove-sweep`) turn their Ctrl-C into SIGTERM for
+  every process.
 
 After the preemption save the trainer exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL of
 sysexits.h: "try again later"), not 0: a Kubernetes Job counts exit 0 as success and never
@@ -55,6 +57,8 @@ class Preemption:
   def __init__(self):
     self.requested = False  # SIGTERM or Ctrl-C seen (one process), or the sync point reached
     self.interrupted = False  # the request was a Ctrl-C
+    self.saving = False  # the stop's save under way: a further Ctrl-C waits for it
+    self._stepped = False  # a step has finished: before that a Ctrl-C has nothing to save
     self._synced = False
     self._previous = {}  # signal -> the handler before ours
 
@@ -76,27 +80,37 @@ class Preemption:
     self.requested = True
 
   def _interrupt(self, signum, frame):
-    del signum, frame
-    if self.requested:  # a second Ctrl-C, or one after SIGTERM: stop now, unsaved
-      raise Interrupted
-    self.requested = self.interrupted = True
-    sys.stderr.write(
-      '\nCtrl-C: the step in flight finishes and is saved, then the run stops (Ctrl-C again '
-      'stops at once, without saving)\n'
-    )
+    if self.saving:  # stopping already: the save finishes (kill the process to stop sooner)
+      sys.stderr.write('\nCtrl-C: saving before the stop; it ends when the save is written\n')
+    elif self.requested or not self._stepped:
+      # A second Ctrl-C, one after SIGTERM, or one before any step finished (restoring,
+      # compiling: nothing new to save): stop now, unsaved.
+      raise_interrupted(signum, frame)
+    else:
+      self.requested = self.interrupted = True
+      sys.stderr.write(
+        '\nCtrl-C: the step in flight finishes and is saved, then the run stops (Ctrl-C again '
+        'stops at once, without saving)\n'
+      )
     sys.stderr.flush()
 
   def reached(self, step: int) -> bool:
-    """True on every process at the same step once any of them got SIGTERM."""
+    """True on every process at the same step once any of them got SIGTERM; raises Interrupted
+    for a stop-now Ctrl-C whose exception Python dropped (`raise_interrupted`)."""
+    self._stepped = True
+    if _interrupted[0]:
+      raise Interrupted
     if self._synced:
       from jax.experimental import multihost_utils
 
       self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    self.saving = self.requested
     return self.requested
 
   def __exit__(self, *exc) -> bool:
     for number, previous in self._previous.items():
-      signal.signal(number, previous)
+      if previous is not None:  # None: a handler from outside Python, which cannot be put back
+        signal.signal(number, previous)
     return False
 
 
@@ -172,6 +186,7 @@ def ctrl_c_raises_interrupted():
   try:
     yield
   finally:
+    _interrupted[0] = False
     if sys.unraisablehook is hook:  # else a later hook wraps this one: left as it is
       sys.unraisablehook = unraisable
     if previous is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -84,6 +85,12 @@ class DevicePrefetch:
     return False
 
   def _run(self):
+    # SIGINT blocked in this thread (Python handles signals in the main thread anyway), so the
+    # input workers it starts (Grain spawns them at the first batch) inherit it blocked: a
+    # Ctrl-C while they import cannot kill them before they set it ignored
+    # (`pipeline.leave_interrupts_to_the_parent`).
+    if hasattr(signal, 'pthread_sigmask'):
+      signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
       while not self._stop.is_set():
         host = [next(self._iterator) for _ in range(self._accumulate)]

@@ -518,16 +518,33 @@ def test_sigterm_while_making_the_builtin_data_exits_as_preempted(tmp_path):
 
 
 def test_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(capsys):
-  """One process: the first SIGINT asks for the save after the step in flight (and says so);
-  the next one raises Interrupted at once; the handlers before are back afterwards."""
+  """One process: a Ctrl-C before any step finished (restoring, compiling) stops at once; after
+  one, the first asks for the save after the step in flight (and says so), the next stops at
+  once, one during the stop's save waits for it; the handlers before are back afterwards, and
+  nothing is left over for the next run in this process."""
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-  with preemption.Preemption() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.reached(1) and stop.interrupted
-    assert 'Ctrl-C: the step in flight finishes and is saved' in capsys.readouterr().err
-    with pytest.raises(preemption.Interrupted):
+  with preemption.ctrl_c_raises_interrupted():
+    with pytest.raises(preemption.Interrupted), preemption.Preemption():
       os.kill(os.getpid(), signal.SIGINT)
-  with preemption.Preemption() as stop:
+      time.sleep(0.01)
+  with preemption.ctrl_c_raises_interrupted():  # (a stop-now Ctrl-C ends the trainer)
+    with preemption.Preemption() as stop:
+      assert not stop.reached(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+      assert stop.reached(2) and stop.interrupted and stop.saving
+      assert 'Ctrl-C: the step in flight finishes and is saved' in capsys.readouterr().err
+      os.kill(os.getpid(), signal.SIGINT)  # during the save: it goes on
+      time.sleep(0.01)
+      assert 'saving before the stop' in capsys.readouterr().err
+    with preemption.Preemption() as stop:
+      stop.reached(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.01)
+      with pytest.raises(preemption.Interrupted):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+  with preemption.Preemption() as stop:  # later runs in this process start clean
     os.kill(os.getpid(), signal.SIGTERM)  # a preemption is not an interruption
     assert stop.reached(1) and not stop.interrupted
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
