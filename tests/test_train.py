@@ -610,7 +610,7 @@ def test_ctrl_c_saves_stops_with_130_and_resumes(tmp_path, data_root):
   )
   assert f'interrupted (Ctrl-C): saved step {step}' in err
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-  result = run_to_end(command(workdir, data_root))
+  result = run_to_end(command(workdir, data_root, f'--config.total_steps={step + 1}'))
   assert f'resumed from {workdir} step {step}' in result.stderr
 
 
