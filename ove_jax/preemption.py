@@ -108,6 +108,7 @@ class Preemption:
     return self.requested
 
   def __exit__(self, *exc) -> bool:
+    _interrupted[0] = False  # the run is over: nothing carries over to another in this process
     for number, previous in self._previous.items():
       if previous is not None:  # None: a handler from outside Python, which cannot be put back
         signal.signal(number, previous)

@@ -544,7 +544,12 @@ def test_ctrl_c_asks_for_a_save_and_a_second_stops_at_once(capsys):
       with pytest.raises(preemption.Interrupted):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
-  with preemption.Preemption() as stop:  # later runs in this process start clean
+  # Without main's handler (a notebook calling train.train): a stop-now Ctrl-C ends that run
+  # only; later runs in this process start clean.
+  with pytest.raises(preemption.Interrupted), preemption.Preemption():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+  with preemption.Preemption() as stop:
     os.kill(os.getpid(), signal.SIGTERM)  # a preemption is not an interruption
     assert stop.reached(1) and not stop.interrupted
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
