@@ -247,6 +247,24 @@ def remux(data: bytes, format_name: str, options: dict | None = None, path=None)
   return out_buffer.getvalue() if path is None else path.read_bytes()
 
 
+def outcomes_both_ways(monkeypatch, data, **options):
+  """([the outcome of select(data) without skipping, with it], every plan `skipping.plan` made):
+  an outcome is the selection's digest, truncation and frame count, or its VideoError."""
+  made, plans = skipping.plan, []
+  monkeypatch.setattr(skipping, 'plan', lambda *args: plans.append(made(*args)) or plans[-1])
+  outcomes = []
+  for enabled in (False, True):
+    monkeypatch.setattr(skipping, 'ENABLED', enabled)
+    try:
+      selection = codec.select(data, **options)
+      outcomes.append(
+        (selection_digest(selection), selection.truncated, selection.num_source_frames)
+      )
+    except codec.VideoError as e:
+      outcomes.append((type(e), str(e)))
+  return outcomes, plans
+
+
 @pytest.mark.parametrize('keep', [0.55, 0.8])
 def test_a_clip_cut_short_gets_what_a_full_decode_gives(monkeypatch, tmp_path, clips, keep):
   """An MP4 with its index first, cut short: it promises frames that are not there. With
@@ -254,16 +272,7 @@ def test_a_clip_cut_short_gets_what_a_full_decode_gives(monkeypatch, tmp_path, c
   error is the full decode's."""
   whole = remux(clips['b3'], 'mp4', {'movflags': 'faststart'}, tmp_path / 'whole.mp4')
   data = whole[: int(len(whole) * keep)]
-  made, plans = skipping.plan, []
-  monkeypatch.setattr(skipping, 'plan', lambda *args: plans.append(made(*args)) or plans[-1])
-  outcomes = []
-  for enabled in (False, True):
-    monkeypatch.setattr(skipping, 'ENABLED', enabled)
-    try:
-      selection = codec.select(data, num_frames=16, allow_truncated=True)
-      outcomes.append((selection_digest(selection), selection.truncated))
-    except codec.VideoError as e:
-      outcomes.append((type(e), str(e)))
+  outcomes, plans = outcomes_both_ways(monkeypatch, data, num_frames=16, allow_truncated=True)
   assert outcomes[0] == outcomes[1]
   assert any(plan is not None for plan in plans)  # a skipping decode was tried
 
@@ -296,16 +305,9 @@ def test_an_edit_list_that_trims_frames_is_decoded_in_full(monkeypatch, allow_tr
   container = av.open(io.BytesIO(data))
   assert any(p.is_discard for p in container.demux(container.streams.video[0]) if p.size)
   container.close()
-  made, plans = skipping.plan, []
-  monkeypatch.setattr(skipping, 'plan', lambda *args: plans.append(made(*args)) or plans[-1])
-  outcomes = []
-  for enabled in (False, True):
-    monkeypatch.setattr(skipping, 'ENABLED', enabled)
-    try:
-      selection = codec.select(data, num_frames=16, allow_truncated=allow_truncated)
-      outcomes.append((selection_digest(selection), selection.num_source_frames))
-    except codec.VideoError as e:
-      outcomes.append(str(e))
+  outcomes, plans = outcomes_both_ways(
+    monkeypatch, data, num_frames=16, allow_truncated=allow_truncated
+  )
   assert outcomes[0] == outcomes[1]
   assert plans[-1] is None
 

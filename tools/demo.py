@@ -214,7 +214,11 @@ def main(argv=None) -> int:
     print('interrupted (Ctrl-C); the demo starts over when run again', file=sys.stderr)
     return preemption.INTERRUPTED_EXIT_CODE
   except demo.DemoError as e:
-    kind = {2: 'config error', 75: 'stopped', 130: 'interrupted'}.get(e.exit_code, 'error')
+    kind = {
+      2: 'config error',
+      preemption.PREEMPTED_EXIT_CODE: 'stopped',
+      preemption.INTERRUPTED_EXIT_CODE: 'interrupted',
+    }.get(e.exit_code, 'error')
     print(f'{kind}: {e}', file=sys.stderr)
     return e.exit_code
   print('\n'.join(demo_report.summary_lines(summary)))

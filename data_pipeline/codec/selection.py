@@ -330,8 +330,10 @@ def _analyse(
     except skipping.Mismatch:  # read once and not sought back: decode it in full, opened again
       container.close()
       container, stream, plan = *bitstream.open_with_vectors(video), None
-    frames = skipping.frames(container, stream, plan) if plan else None
-    frames = frames or bitstream.container_frames(container, stream)
+    if plan is not None:
+      frames = skipping.frames(container, stream, plan)
+    else:
+      frames = bitstream.container_frames(container, stream)
     # Large frames are analysed block-averaged, down to a short side of at least analysis_size
     # (the transcode path scales to it); the vectors stay in coded pixels.
     step = max(1, min(info.height, info.width) // (opts.analysis_size or resolution))

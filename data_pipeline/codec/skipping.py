@@ -226,8 +226,9 @@ def frames(container, stream, plan: Plan) -> Iterator[tuple]:
         count += 1
       for frame in packet.decode():
         if frame.is_corrupt:
-          # A damaged frame's vectors hold what the decoder's reused buffers held, which
-          # skipping changes: the full decode says what they are.
+          # Concealed: its pixels and vectors hold what the decoder's reused buffers held,
+          # which skipping changes; the full decode ends the stream before it
+          # (`bitstream.frames_with_references`), whatever came out before it.
           raise Mismatch(f'frame pts {frame.pts} is flagged corrupt: decode in full')
         if frame.pts is None or frame.pts not in order:
           raise Mismatch(f'a frame with pts {frame.pts} that no packet of the plan has')
