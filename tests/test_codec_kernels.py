@@ -66,6 +66,10 @@ def test_paint_vectors(monkeypatch, height, width, direction):
   for name in ('dx_HcxWc', 'dy_HcxWc', 'has_HcxWc'):
     assert_identical(getattr(fast, name), getattr(reference, name))
   assert reference.has_HcxWc.any() and not reference.has_HcxWc.all()
+  # The kernel's lengths (one hypot a block) are numpy's hypot of the painted cells.
+  assert reference.length_HcxWc is None
+  lengths = np.where(reference.has_HcxWc, np.hypot(reference.dx_HcxWc, reference.dy_HcxWc), 0)
+  assert_identical(fast.length_HcxWc, lengths.astype(np.float32))
 
 
 def random_grid(rng, hc, wc, moving_share, reach):
@@ -132,13 +136,20 @@ def test_motion_magnitude(monkeypatch, camera, distances):
     blocky.append(maps.VectorGrid(grid.dx_HcxWc[:, runs], grid.dy_HcxWc[:, runs], grid.has_HcxWc))
   fast, reference = both(monkeypatch, maps.motion_magnitude, blocky, distances, camera)
   assert_identical(fast, reference)
+  # Lengths given with the grids (as `paint` gives them): read, not worked out, for 'none'.
+  for grid in blocky:
+    hypot = np.hypot(grid.dx_HcxWc, grid.dy_HcxWc)
+    grid.length_HcxWc = np.where(grid.has_HcxWc, hypot, 0).astype(np.float32)
+  fast, reference = both(monkeypatch, maps.motion_magnitude, blocky, distances, camera)
+  assert_identical(fast, reference)
 
 
-@pytest.mark.parametrize('step', [2, 3, 4, 16])
+# Every step compiled as a constant (2 to SMALL_STEPS), and two of the general path.
+@pytest.mark.parametrize('step', [*range(2, kernels.SMALL_STEPS + 1), 9, 16])
 @pytest.mark.parametrize('height,width', [(64, 96), (61, 83), (722, 1283)])
 def test_downscale(monkeypatch, step, height, width):
   luma = np.random.default_rng(step).integers(0, 256, (height, width)).astype(np.uint8)
-  luma[:5] = 255  # full blocks of the largest level: the integer sums must not wrap
+  luma[:16] = 255  # full blocks of the largest level: the integer sums must not wrap
   assert_identical(*both(monkeypatch, maps.downscale, luma, step))
   # A decoder's plane: rows padded to a line size, read in place (`bitstream.luma_of`).
   padded = np.zeros((height, width + 29), np.uint8)

@@ -31,14 +31,17 @@ def jit(function):
 @jit
 def paint(vectors, direction, hc, wc, cell):
   """`maps.paint_vectors`: the blocks of one direction (FFmpeg's MOTION_VECTORS records, source
-  < 0 past, > 0 future) painted on the cell grid: (dx, dy, has). The records are read where
-  they lie (no filtered copy, no per-field arrays).
+  < 0 past, > 0 future) painted on the cell grid: (dx, dy, has, length), length the vector's
+  np.hypot(dx, dy) worked out once a block (0 where no block is), which `motion_magnitude`
+  reads instead of a hypot per cell. The records are read where they lie (no filtered copy, no
+  per-field arrays).
 
   Blocks are painted in order, so where two overlap the later one wins, as numpy's fancy
   assignment does (its last write wins)."""
   dx = np.zeros((hc, wc), np.float32)
   dy = np.zeros((hc, wc), np.float32)
   has = np.zeros((hc, wc), np.bool_)
+  length = np.zeros((hc, wc), np.float32)
   for k in range(vectors.shape[0]):
     block = vectors[k]
     if not ((direction < 0 and block.source < 0) or (direction > 0 and block.source > 0)):
@@ -57,12 +60,14 @@ def paint(vectors, direction, hc, wc, cell):
     else:
       vx = np.float32(np.int64(block.src_x) - np.int64(block.dst_x))
       vy = np.float32(np.int64(block.src_y) - np.int64(block.dst_y))
+    size = np.hypot(vx, vy)
     for cy in range(max(y0, 0), min(y0 + bh, hc)):
       for cx in range(max(x0, 0), min(x0 + bw, wc)):
         dx[cy, cx] = vx
         dy[cy, cx] = vy
         has[cy, cx] = True
-  return dx, dy, has
+        length[cy, cx] = size
+  return dx, dy, has, length
 
 
 @numba.njit(inline='always')
@@ -154,67 +159,85 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
 def residual(luma_HxW, p0_HxW, p1_HxW, coded_HcxWc, y_runs, x_runs):
   """`maps.bipredicted_residual`: |luma - prediction| with the prediction per cell code: 3 (both
   directions coded) the mean 0.5 * (p0 + p1), 2 (future only) p1, else p0. Cells cover the
-  pixels of `y_runs` / `x_runs` as in `predict`, and runs of cells with one code are done
-  together (contiguous pixels, one branch)."""
+  pixels of `y_runs` / `x_runs` as in `predict`. Per cell row the codes are laid out once over
+  the pixels of a row (run by run), then each pixel row is one pass over the whole width (long
+  loops the compiler vectorises, where a cell's run is a few pixels)."""
   h, w = luma_HxW.shape
   hc, wc = coded_HcxWc.shape
   out = np.empty((h, w), np.float32)
+  codes = np.empty(w, np.uint8)
   half = np.float32(0.5)
   for cy in range(hc):
+    if y_runs[cy] == y_runs[cy + 1]:
+      continue
     cx = 0
     while cx < wc:
       code = coded_HcxWc[cy, cx]
       end = _run_end(coded_HcxWc, coded_HcxWc, cy, cx)
-      x_lo, x_hi = np.uint64(x_runs[cx]), np.uint64(x_runs[end])
+      for px in range(np.uint64(x_runs[cx]), np.uint64(x_runs[end])):
+        codes[px] = code
       cx = end
-      for y in range(y_runs[cy], y_runs[cy + 1]):
-        py = np.uint64(y)
-        if code == 3:
-          for px in range(x_lo, x_hi):
-            out[py, px] = abs(luma_HxW[py, px] - half * (p0_HxW[py, px] + p1_HxW[py, px]))
-        elif code == 2:
-          for px in range(x_lo, x_hi):
-            out[py, px] = abs(luma_HxW[py, px] - p1_HxW[py, px])
-        else:
-          for px in range(x_lo, x_hi):
-            out[py, px] = abs(luma_HxW[py, px] - p0_HxW[py, px])
+    for y in range(y_runs[cy], y_runs[cy + 1]):
+      luma, p0, p1, row_out = luma_HxW[y], p0_HxW[y], p1_HxW[y], out[y]
+      for px in range(w):
+        a, b, code = p0[px], p1[px], codes[px]
+        prediction = half * (a + b) if code == 3 else (b if code == 2 else a)
+        row_out[px] = abs(luma[px] - prediction)
   return out
 
 
 @jit
-def motion_magnitude(dx0, dy0, has0, distance0, dx1, dy1, has1, distance1, used):
-  """`maps.motion_magnitude` for float32 vectors of `used` (0-2) directions: per cell,
-  (0 + |v0| / d0 + |v1| / d1) / max(coded directions, 1) with |v| = hypot (numba's float32
-  hypot is numpy's, bit for bit) and the terms of uncoded cells 0, in numpy's order."""
-  hc, wc = dx0.shape
-  out = np.empty((hc, wc), np.float32)
-  zero, one = np.float32(0), np.float32(1)
-  d0, d1 = np.float32(distance0), np.float32(distance1)
-  # A block spans several cells of a row with one vector: its hypot is worked out once (the
-  # same inputs give the same bits; NaN never compares equal, so each row starts afresh).
+def lengths(dx_HcxWc, dy_HcxWc, has_HcxWc):
+  """np.hypot(dx, dy) per cell where `has`, 0 elsewhere, float32: `paint`'s lengths for vectors
+  it did not paint (camera-compensated ones). A block spans several cells of a row with one
+  vector: its hypot is worked out once (the same inputs give the same bits; NaN never compares
+  equal, so each row starts afresh)."""
+  hc, wc = dx_HcxWc.shape
+  out = np.zeros((hc, wc), np.float32)
   nan = np.float32(np.nan)
   for y in range(hc):
-    last0 = last1 = (nan, nan, zero)  # (dx, dy, |v| / d) of the last coded cell
+    last = (nan, nan, nan)  # (dx, dy, hypot) of the last coded cell
     for x in range(wc):
-      total, count = zero, zero
-      if used > 0:
-        last0 = _length(dx0[y, x], dy0[y, x], d0, last0) if has0[y, x] else last0
-        total = total + (last0[2] if has0[y, x] else zero)
-        count = count + (one if has0[y, x] else zero)
-      if used > 1:
-        last1 = _length(dx1[y, x], dy1[y, x], d1, last1) if has1[y, x] else last1
-        total = total + (last1[2] if has1[y, x] else zero)
-        count = count + (one if has1[y, x] else zero)
-      out[y, x] = total / max(count, one)
+      if has_HcxWc[y, x]:
+        last = _length(dx_HcxWc[y, x], dy_HcxWc[y, x], last)
+        out[y, x] = last[2]
   return out
 
 
 @numba.njit(inline='always')
-def _length(dx, dy, distance, last):
-  """(dx, dy, hypot(dx, dy) / distance), reusing `last`'s length when the vector is the same."""
+def _length(dx, dy, last):
+  """(dx, dy, hypot(dx, dy)), reusing `last`'s length when the vector is the same."""
   if dx == last[0] and dy == last[1]:
     return last
-  return dx, dy, np.hypot(dx, dy) / distance
+  return dx, dy, np.hypot(dx, dy)
+
+
+@jit
+def motion_magnitude(length0, has0, distance0, length1, has1, distance1, used):
+  """`maps.motion_magnitude` from the vectors' lengths (`paint`, `lengths`) of `used` (0-2)
+  directions: per cell, (0 + |v0| / d0 + |v1| / d1) / max(coded directions, 1), the terms of
+  uncoded cells 0, in numpy's order and float32. Every cell does the same operations (a select
+  where numpy's `where` picks), so each row is one vectorised pass."""
+  hc, wc = length0.shape
+  out = np.empty((hc, wc), np.float32)
+  zero, one = np.float32(0), np.float32(1)
+  d0, d1 = np.float32(distance0), np.float32(distance1)
+  for y in range(hc):
+    l0, h0, l1, h1, row = length0[y], has0[y], length1[y], has1[y], out[y]
+    if used == 0:
+      for x in range(wc):
+        row[x] = zero / one
+    elif used == 1:
+      for x in range(wc):
+        term = l0[x] / d0
+        row[x] = (zero + (term if h0[x] else zero)) / max(zero + (one if h0[x] else zero), one)
+    else:
+      for x in range(wc):
+        term0, term1 = l0[x] / d0, l1[x] / d1
+        total = (zero + (term0 if h0[x] else zero)) + (term1 if h1[x] else zero)
+        count = (zero + (one if h0[x] else zero)) + (one if h1[x] else zero)
+        row[x] = total / max(count, one)
+  return out
 
 
 @jit
@@ -223,20 +246,14 @@ def downscale(luma_HxW, step):
   step**2. Per output row, the step source rows are first summed column by column in uint16
   (step * 255 fits; contiguous, so the compiler vectorises it, twice the lanes of uint32), then
   the step columns of each output pixel are added in float32, which holds these integer sums
-  (< 2**24) exactly: the same values as one integer sum."""
+  (< 2**24) exactly: the same values as one integer sum. The common steps have kernels of their
+  own (`DOWNSCALE_AT_STEP`)."""
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
-  width = w * step
   out = np.empty((h, w), np.float32)
-  columns = np.empty(width, np.uint16)
   area, ustep = np.float32(step * step), np.uint64(step)
+  columns = np.empty(w * step, np.uint16)
   for y in range(h):
-    first = np.uint64(y * step)
-    for x in range(width):
-      columns[x] = np.uint16(luma_HxW[first, np.uint64(x)])
-    for r in range(y * step + 1, (y + 1) * step):
-      row = np.uint64(r)
-      for x in range(width):
-        columns[x] += np.uint16(luma_HxW[row, np.uint64(x)])
+    _sum_rows(luma_HxW, columns, y, step)
     row_out = out[y]
     for x in range(w):
       row_out[x] = np.float32(columns[np.uint64(x) * ustep])
@@ -248,8 +265,49 @@ def downscale(luma_HxW, step):
   return out
 
 
+def _downscale_at(step: int):
+  """`downscale` compiled with `step` a constant (numba freezes a closure's variables; its disk
+  cache keys on them): the compiler then reads each output pixel's columns with shuffles
+  instead of one strided load at a time, about 3x faster, and the block sums (at most
+  SMALL_STEPS**2 * 255) stay in uint16 before the one division. The same values."""
+
+  @jit
+  def downscale_at_step(luma_HxW):
+    h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
+    out = np.empty((h, w), np.float32)
+    area = np.float32(step * step)
+    columns = np.empty(w * step, np.uint16)
+    for y in range(h):
+      _sum_rows(luma_HxW, columns, y, step)
+      for x in range(w):
+        total = columns[np.uint64(x * step)]
+        for k in range(1, step):
+          total += columns[np.uint64(x * step + k)]
+        out[np.uint64(y), np.uint64(x)] = np.float32(total) / area
+    return out
+
+  return downscale_at_step
+
+
+@numba.njit(inline='always')
+def _sum_rows(luma_HxW, columns, y, step):
+  """columns[x] = the sum of source rows y * step .. (y + 1) * step - 1 at column x (uint16)."""
+  first = np.uint64(y * step)
+  for x in range(columns.shape[0]):
+    columns[x] = np.uint16(luma_HxW[first, np.uint64(x)])
+  for r in range(y * step + 1, (y + 1) * step):
+    row = np.uint64(r)
+    for x in range(columns.shape[0]):
+      columns[x] += np.uint16(luma_HxW[row, np.uint64(x)])
+
+
 # The largest step `downscale` takes: step * 255 must fit its uint16 column sums.
 MAX_STEP = 257
+
+# The steps with a kernel of their own (720p and 1080p sources at 224 are 3 and 4), each
+# compiled at its first use.
+SMALL_STEPS = 8
+DOWNSCALE_AT_STEP = {step: _downscale_at(step) for step in range(2, SMALL_STEPS + 1)}
 
 
 @jit
@@ -271,25 +329,31 @@ def normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale):
 @jit
 def normalise_fuse_cells(cells_HcxWc, motion_scale, residual_HxW, residual_scale, y_runs, x_runs):
   """`normalise_fuse` with the motion given as cells (each constant over its run of pixels, as
-  in `expand`): the motion term clip(m / sm, 0, 1) is worked out once per run of equal cells,
-  then each pixel is (that + clip(r / sr, 0, 1)) / 2, the same float32 operations."""
+  in `expand`): per cell row the motion term clip(m / sm, 0, 1) is worked out once per run of
+  equal cells and laid over the pixels of a row, then each pixel row is one pass over the whole
+  width (vectorised): (that + clip(r / sr, 0, 1)) / 2, the same float32 operations (x * 0.5 is
+  x / 2 bit for bit: both are the exact half, rounded once)."""
   h, w = residual_HxW.shape
   hc, wc = cells_HcxWc.shape
   out = np.empty((h, w), np.float32)
-  sm, sr, two = np.float32(motion_scale), np.float32(residual_scale), np.float32(2)
+  terms = np.empty(w, np.float32)
+  sm, sr, half = np.float32(motion_scale), np.float32(residual_scale), np.float32(0.5)
   zero, one = np.float32(0), np.float32(1)
   for cy in range(hc):
+    if y_runs[cy] == y_runs[cy + 1]:
+      continue
     cx = 0
     while cx < wc:
       m = min(max(cells_HcxWc[cy, cx] / sm, zero), one)
       end = _run_end(cells_HcxWc, cells_HcxWc, cy, cx)
-      x_lo, x_hi = np.uint64(x_runs[cx]), np.uint64(x_runs[end])
+      for px in range(np.uint64(x_runs[cx]), np.uint64(x_runs[end])):
+        terms[px] = m
       cx = end
-      for y in range(y_runs[cy], y_runs[cy + 1]):
-        py = np.uint64(y)
-        for px in range(x_lo, x_hi):
-          r = min(max(residual_HxW[py, px] / sr, zero), one)
-          out[py, px] = (m + r) / two
+    for y in range(y_runs[cy], y_runs[cy + 1]):
+      residual, row_out = residual_HxW[y], out[y]
+      for px in range(w):
+        r = min(max(residual[px] / sr, zero), one)
+        row_out[px] = (terms[px] + r) * half
   return out
 
 

@@ -63,6 +63,9 @@ class VectorGrid:
   dx_HcxWc: np.ndarray  # displacement src - dst in pixels (sub-pixel)
   dy_HcxWc: np.ndarray
   has_HcxWc: np.ndarray  # bool: a vector was coded for this cell
+  # np.hypot(dx, dy) where a vector was coded, 0 elsewhere, when painted by the kernels (one
+  # hypot a block); None: worked out from dx, dy when needed.
+  length_HcxWc: np.ndarray | None = None
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -150,7 +153,8 @@ def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
   if step == 1:
     return luma_HxW.astype(np.float32)
   if KERNELS is not None and step <= KERNELS.MAX_STEP:
-    return KERNELS.downscale(luma_HxW, step)
+    at_step = KERNELS.DOWNSCALE_AT_STEP.get(step)
+    return KERNELS.downscale(luma_HxW, step) if at_step is None else at_step(luma_HxW)
   h, w = luma_HxW.shape[0] // step, luma_HxW.shape[1] // step
   # Rows, then columns: two reductions over neighbouring memory, ~3x faster than one over
   # axes (1, 3), and the same integer sums.
@@ -334,22 +338,27 @@ def motion_magnitude(grids: Sequence[VectorGrid], distances: Sequence[int], came
   after removing the camera's motion (`camera.compensate`), averaged over the directions coded
   for the cell (0 where none is). A direction without a reference (distance 0) or without
   vectors does not count."""
-  used = [
-    (*camera_lib.compensate(grid, camera), grid.has_HcxWc, distance)
-    for grid, distance in zip(grids, distances)
-    if distance != 0 and grid.has_HcxWc.any()
-  ]
+  counted = [(g, d) for g, d in zip(grids, distances) if d != 0 and g.has_HcxWc.any()]
+  painted = all(g.length_HcxWc is not None for g, _ in counted)
+  if KERNELS is not None and camera == 'none' and painted:
+    return _motion_from_lengths([(g.length_HcxWc, g.has_HcxWc, d) for g, d in counted], grids)
+  used = [(*camera_lib.compensate(g, camera), g.has_HcxWc, d) for g, d in counted]
   if KERNELS is not None and all(u[0].dtype == u[1].dtype == np.float32 for u in used):
-    # Fixed arity: absent directions repeat the first grid and are not counted.
-    filler = (grids[0].dx_HcxWc, grids[0].dy_HcxWc, grids[0].has_HcxWc, 0)
-    padded = (used + [filler, filler])[:2]
-    return KERNELS.motion_magnitude(*padded[0], *padded[1], len(used))
+    return _motion_from_lengths([(KERNELS.lengths(*u[:3]), *u[2:]) for u in used], grids)
   magnitude_sum = np.zeros(grids[0].dx_HcxWc.shape, np.float32)
   directions = np.zeros(grids[0].dx_HcxWc.shape, np.float32)
   for dx, dy, has, distance in used:
     magnitude_sum += np.where(has, np.hypot(dx, dy) / distance, 0)
     directions += has
   return (magnitude_sum / np.maximum(directions, 1)).astype(np.float32, copy=False)
+
+
+def _motion_from_lengths(used: list, grids: Sequence[VectorGrid]) -> np.ndarray:
+  """`KERNELS.motion_magnitude` of the (length, has, distance) of the directions `used`; fixed
+  arity: absent ones repeat the first (or zeros) and are not counted."""
+  filler = used[0] if used else (np.zeros(grids[0].shape, np.float32), grids[0].has_HcxWc, 0)
+  padded = (used + [filler, filler])[:2]
+  return KERNELS.motion_magnitude(*padded[0], *padded[1], len(used))
 
 
 def release_motion(
