@@ -93,6 +93,15 @@ def test_predict(monkeypatch, step, moving_share, reach):
   grid = random_grid(rng, -(-h * step // maps.CELL), -(-w * step // maps.CELL), moving_share, reach)
   fast, reference = both(monkeypatch, maps.predict, ref, grid, step)
   assert_identical(fast, reference)
+  assert_residual_in_the_same_pass(monkeypatch, rng, ref, grid, step, reference)
+
+
+def assert_residual_in_the_same_pass(monkeypatch, rng, ref, grid, step, prediction):
+  """`predict` with `minus` (a frame's luma) gives |luma - prediction|, compiled and numpy."""
+  luma = rng.uniform(0, 255, ref.shape).astype(np.float32)
+  fast, reference = both(monkeypatch, maps.predict, ref, grid, step, luma)
+  assert_identical(fast, reference)
+  assert_identical(fast, np.abs(luma - prediction))
 
 
 def blocky(cells, size=4):
@@ -115,6 +124,7 @@ def test_predict_on_runs_of_cells(monkeypatch, step, moving_share, reach):
   grid = maps.VectorGrid(blocky(grid.dx_HcxWc), blocky(grid.dy_HcxWc), grid.has_HcxWc)
   fast, reference = both(monkeypatch, maps.predict, ref, grid, step)
   assert_identical(fast, reference)
+  assert_residual_in_the_same_pass(monkeypatch, rng, ref, grid, step, reference)
 
 
 @pytest.mark.parametrize('camera', ['none', 'median', 'mean', 'similarity', 'affine'])

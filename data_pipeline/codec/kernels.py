@@ -93,11 +93,13 @@ def _run_end(a_HcxWc, b_HcxWc, cy, cx):
 
 
 @jit
-def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
+def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs, luma_HxW):
   """`maps.predict`: bilinear samples of `ref` (edges replicated) displaced by each pixel's cell
   vector (dx, dy in coded pixels, `step` coded pixels per analysis pixel); pixels of still
   cells keep `ref` (what the arithmetic gives them too). Cell (cy, cx) covers the analysis
-  pixels y_runs[cy] <= y < y_runs[cy + 1], x_runs[cx] <= x < x_runs[cx + 1].
+  pixels y_runs[cy] <= y < y_runs[cy + 1], x_runs[cx] <= x < x_runs[cx + 1]. When `luma` has
+  rows, each pixel is |luma - prediction| instead (`maps.predict`'s `minus`): a frame's
+  residual from its one reference in the same pass.
 
   The vector is constant over a cell, and usually over a run of cells of one row (a block, a
   still background), so its integer part and fractions are worked out once per such run, the
@@ -108,6 +110,8 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
   h, w = ref_HxW.shape
   hc, wc = dx_HcxWc.shape
   ref = ref_HxW.ravel()
+  minus = luma_HxW.shape[0] > 0
+  luma = luma_HxW.ravel()
   out = np.empty(h * w, np.float32)
   one, width, scale = np.uint64(1), np.uint64(w), np.float32(step)
   for cy in range(hc):
@@ -122,7 +126,7 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
         for py in range(y_lo, y_hi):
           row = np.uint64(py) * width
           for px in range(np.uint64(x_lo), np.uint64(x_hi)):
-            out[row + px] = ref[row + px]
+            _put(out, luma, row + px, ref[row + px], minus)
         continue
       # numpy's float32 ops: fx = dx / step, ix = floor(fx), ax = fx - ix.
       fx, fy = vx / scale, vy / scale
@@ -138,9 +142,8 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
           row_b = np.uint64(min(y0 + 1, h - 1)) * width + np.uint64(ix + x_lo)
           row_out = np.uint64(py) * width + np.uint64(x_lo)
           for k in range(np.uint64(x_hi - x_lo)):
-            out[row_out + k] = _bilinear(
-              ref, row_a + k, row_a + k + one, row_b + k, row_b + k + one, ax, ay
-            )
+            value = _bilinear(ref, row_a + k, row_a + k + one, row_b + k, row_b + k + one, ax, ay)
+            _put(out, luma, row_out + k, value, minus)
         continue
       for py in range(y_lo, y_hi):
         y0 = min(max(iy + py, -1), h - 1)
@@ -149,10 +152,18 @@ def predict(ref_HxW, dx_HcxWc, dy_HcxWc, step, y_runs, x_runs):
         for px in range(x_lo, x_hi):
           x0 = min(max(ix + px, -1), w - 1)
           xa, xb = np.uint64(max(x0, 0)), np.uint64(min(x0 + 1, w - 1))
-          out[row_out + np.uint64(px)] = _bilinear(
-            ref, row_a + xa, row_a + xb, row_b + xa, row_b + xb, ax, ay
-          )
+          value = _bilinear(ref, row_a + xa, row_a + xb, row_b + xa, row_b + xb, ax, ay)
+          _put(out, luma, row_out + np.uint64(px), value, minus)
   return out.reshape(h, w)
+
+
+@numba.njit(inline='always')
+def _put(out, luma, i, value, minus):
+  """out[i] = value, or |luma[i] - value| (`residual`'s arithmetic) when `minus`."""
+  if minus:
+    out[i] = abs(luma[i] - value)
+  else:
+    out[i] = value
 
 
 @jit

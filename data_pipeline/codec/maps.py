@@ -162,8 +162,12 @@ def downscale(luma_HxW: np.ndarray, step: int) -> np.ndarray:
   return rows.reshape(h, w, step).sum(axis=2, dtype=np.uint32).astype(np.float32) / (step * step)
 
 
-def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
-  """Bilinear motion-compensated prediction of a frame from `ref` (edges replicated), float32.
+def predict(
+  ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1, minus: np.ndarray | None = None
+) -> np.ndarray:
+  """Bilinear motion-compensated prediction of a frame from `ref` (edges replicated), float32;
+  with `minus` (the frame's luma, float32 [H, W]) |minus - prediction| instead: the residual,
+  in the same pass when compiled.
 
   `ref` is at the analysis resolution (coded / step); vectors are in coded pixels. Compiled
   (`kernels.predict`: one pass over runs of equal cells) or numpy (`prediction.predict`, the
@@ -172,10 +176,14 @@ def predict(ref_HxW: np.ndarray, grid: VectorGrid, step: int = 1) -> np.ndarray:
   h, w = ref_HxW.shape
   flat = ref_HxW.reshape(-1).astype(np.float32, copy=False)
   if KERNELS is not None:
-    return KERNELS.predict(
-      flat.reshape(h, w), grid.dx_HcxWc, grid.dy_HcxWc, step, *cell_runs(h, w, *grid.shape, step)
-    )
-  return prediction.predict(flat, h, w, grid.dx_HcxWc, grid.dy_HcxWc, step)
+    luma = _NO_LUMA if minus is None else minus.astype(np.float32, copy=False)
+    runs = cell_runs(h, w, *grid.shape, step)
+    return KERNELS.predict(flat.reshape(h, w), grid.dx_HcxWc, grid.dy_HcxWc, step, *runs, luma)
+  predicted = prediction.predict(flat, h, w, grid.dx_HcxWc, grid.dy_HcxWc, step)
+  return predicted if minus is None else np.abs(minus - predicted)
+
+
+_NO_LUMA = np.zeros((0, 0), np.float32)  # `KERNELS.predict`'s "no minus"
 
 
 def masked_error(
@@ -257,6 +265,9 @@ def frame_maps(
   luma = frame.analysis_luma().astype(np.float32, copy=False)
   h, w = luma.shape
   grids, predictions, distances = [], [], []
+  # One past candidate and no future one (P- and I-frames): the prediction is read only as the
+  # residual |luma - p0| (below), which the compiled `predict` gives in its own pass.
+  fused = KERNELS is not None and len(past) == 1 and not future
   for direction, candidates in ((-1, past), (+1, future)):
     grid = frame.vector_grid(direction, h * step, w * step)
     best, best_error = None, np.inf
@@ -264,7 +275,7 @@ def frame_maps(
       reference = candidate.analysis_luma()
       if reference is None or reference.shape != luma.shape:
         continue
-      prediction = predict(reference, grid, step)
+      prediction = predict(reference, grid, step, luma if fused else None)
       error = masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1 else 0.0
       if error < best_error:
         best, best_error = (candidate, prediction), error
@@ -285,6 +296,8 @@ def frame_maps(
   # I-frames) use the zero vector from the past reference (the future one if there is no past).
   if past_prediction is None and future_prediction is None:
     residual_HxW = np.zeros((h, w), np.float32)
+  elif fused:
+    residual_HxW = past_prediction  # |luma - p0|: what the general case gives with p0 alone
   else:
     p0 = past_prediction if past_prediction is not None else future_prediction
     p1 = future_prediction if future_prediction is not None else past_prediction
