@@ -72,6 +72,24 @@ def test_paint_vectors(monkeypatch, height, width, direction):
   assert_identical(fast.length_HcxWc, lengths.astype(np.float32))
 
 
+def test_paint_directions_flags_future_blocks(monkeypatch):
+  """Both grids in one pass, and whether any block refers to the future (a block past the
+  frame's edge counts too: it is coded, just not painted), compiled as numpy."""
+  rng = np.random.default_rng(5)
+  vectors = random_vectors(rng, 300, 64, 96)
+  for source, future in ((vectors['source'], True), (-np.abs(vectors['source']), False)):
+    vectors['source'] = source
+    vectors['dst_x'][-1], vectors['source'][-1] = 400, 1 if future else -1  # off the frame
+    fast, reference = both(monkeypatch, maps.paint_directions, vectors, 64, 96)
+    assert fast[2] is reference[2] is future
+    for got, want in zip(fast[:2], reference[:2]):
+      for name in ('dx_HcxWc', 'dy_HcxWc', 'has_HcxWc'):
+        assert_identical(getattr(got, name), getattr(want, name))
+  vectors['source'][:-1], vectors['source'][-1] = -1, 1  # only the off-frame block is future
+  fast, reference = both(monkeypatch, maps.paint_directions, vectors, 64, 96)
+  assert fast[2] is reference[2] is True and not fast[1].has_HcxWc.any()
+
+
 def random_grid(rng, hc, wc, moving_share, reach):
   """Quarter-pel vectors up to `reach` coded pixels (far past the borders for large reach) on a
   share of the cells, zero elsewhere; -0.0 in some still cells."""

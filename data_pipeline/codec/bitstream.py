@@ -275,8 +275,8 @@ def frames_with_references(
           # `step`, as `maps.downscale` keeps) and let go: no copy of the records.
           records = side.to_ndarray()
           height, width = frame.height // step * step, frame.width // step * step
-          coded.grids = tuple(maps.paint_vectors(records, height, width, d) for d in (-1, 1))
-          coded.future_vectors = bool(np.any(records['source'] > 0))
+          grids = maps.paint_directions(records, height, width)
+          coded.grids, coded.future_vectors = grids[:2], grids[2]
       window[index] = coded
       if coded.picture is not None:
         # At most `max_pictures` decoded pictures are held (the decoder's buffer pool grows

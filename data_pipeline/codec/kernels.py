@@ -29,23 +29,26 @@ def jit(function):
 
 
 @jit
-def paint(vectors, direction, hc, wc, cell):
-  """`maps.paint_vectors`: the blocks of one direction (FFmpeg's MOTION_VECTORS records, source
-  < 0 past, > 0 future) painted on the cell grid: (dx, dy, has, length), length the vector's
-  np.hypot(dx, dy) worked out once a block (0 where no block is), which `motion_magnitude`
-  reads instead of a hypot per cell. The records are read where they lie (no filtered copy, no
-  per-field arrays).
+def paint(vectors, hc, wc, cell):
+  """`maps.paint_vectors` of both directions in one pass over FFmpeg's MOTION_VECTORS records
+  (source < 0 past, > 0 future): (dx, dy, has, length) each [2, hc, wc], index 0 the past and 1
+  the future, and the count of future blocks. length is the vector's np.hypot(dx, dy) worked
+  out once a block (0 where no block is), which `motion_magnitude` reads instead of a hypot
+  per cell. The records are read where they lie (no filtered copy, no per-field arrays).
 
   Blocks are painted in order, so where two overlap the later one wins, as numpy's fancy
   assignment does (its last write wins)."""
-  dx = np.zeros((hc, wc), np.float32)
-  dy = np.zeros((hc, wc), np.float32)
-  has = np.zeros((hc, wc), np.bool_)
-  length = np.zeros((hc, wc), np.float32)
+  dx = np.zeros((2, hc, wc), np.float32)
+  dy = np.zeros((2, hc, wc), np.float32)
+  has = np.zeros((2, hc, wc), np.bool_)
+  length = np.zeros((2, hc, wc), np.float32)
+  future = 0
   for k in range(vectors.shape[0]):
     block = vectors[k]
-    if not ((direction < 0 and block.source < 0) or (direction > 0 and block.source > 0)):
+    if block.source == 0:
       continue
+    d = 0 if block.source < 0 else 1
+    future += d
     w, h = np.int64(block.w), np.int64(block.h)
     bw = max(w // cell, 1)
     bh = max(h // cell, 1)
@@ -63,11 +66,11 @@ def paint(vectors, direction, hc, wc, cell):
     size = np.hypot(vx, vy)
     for cy in range(max(y0, 0), min(y0 + bh, hc)):
       for cx in range(max(x0, 0), min(x0 + bw, wc)):
-        dx[cy, cx] = vx
-        dy[cy, cx] = vy
-        has[cy, cx] = True
-        length[cy, cx] = size
-  return dx, dy, has, length
+        dx[d, cy, cx] = vx
+        dy[d, cy, cx] = vy
+        has[d, cy, cx] = True
+        length[d, cy, cx] = size
+  return dx, dy, has, length, future
 
 
 @numba.njit(inline='always')

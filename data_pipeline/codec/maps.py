@@ -87,7 +87,7 @@ def paint_vectors(
   """
   hc, wc = -(-height // CELL), -(-width // CELL)
   if KERNELS is not None and vectors is not None and len(vectors):
-    return VectorGrid(*KERNELS.paint(vectors, direction, hc, wc, CELL))
+    return paint_directions(vectors, height, width)[0 if direction < 0 else 1]
   dx = np.zeros((hc, wc), np.float32)
   dy = np.zeros((hc, wc), np.float32)
   has = np.zeros((hc, wc), bool)
@@ -117,6 +117,23 @@ def paint_vectors(
   dy[cy, cx] = vy[block]
   has[cy, cx] = True
   return VectorGrid(dx, dy, has)
+
+
+def paint_directions(
+  vectors: np.ndarray | None, height: int, width: int
+) -> tuple[VectorGrid, VectorGrid, bool]:
+  """(past grid, future grid, whether any block refers to the future): `paint_vectors` of
+  both directions, in one pass over the records when compiled."""
+  if KERNELS is None or vectors is None or len(vectors) == 0:
+    future = vectors is not None and bool(np.any(vectors['source'] > 0))
+    return (
+      paint_vectors(vectors, height, width, -1),
+      paint_vectors(vectors, height, width, 1),
+      future,
+    )
+  *painted, future = KERNELS.paint(vectors, -(-height // CELL), -(-width // CELL), CELL)
+  past_grid, future_grid = (VectorGrid(*(a[d] for a in painted)) for d in (0, 1))
+  return past_grid, future_grid, future > 0
 
 
 @functools.lru_cache(maxsize=64)
