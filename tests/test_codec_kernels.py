@@ -2,10 +2,13 @@
 `maps`, bit for bit: each pass on random inputs (borders, overlaps, ties, odd sizes), then whole
 selections on encoded clips with the kernels on and off."""
 
+import functools
+
 import numpy as np
 import pytest
 
 from data_pipeline import codec, synthetic
+from data_pipeline.codec import geometry as geometry_lib
 from data_pipeline.codec import kernels, maps
 
 # FFmpeg's MOTION_VECTORS side data as PyAV hands it over.
@@ -355,10 +358,15 @@ def test_normalise_fuse_of_motion_cells(monkeypatch, step, fusion, weights):
   as_cells = maps.FrameMaps(None, residual, motion_cells=(cells, weights_cells), step=step)
   assert as_cells.motion_map().shape == (h, w)
   as_cells.motion_HxW = None
+  part = (slice(7, 50), slice(20, 61))
   for raw in (expanded, as_cells):
     fast, reference = both(monkeypatch, maps.normalise_fuse, raw, fusion, *weights)
     assert_identical(fast, reference)
     assert_identical(fast, maps.normalise_fuse(expanded, fusion, *weights))
+    # A part alone (the scales still the whole frame's): the whole map's values there.
+    of_part = functools.partial(maps.normalise_fuse, part=part)
+    for got in both(monkeypatch, of_part, raw, fusion, *weights):
+      assert_identical(got, np.ascontiguousarray(fast[part]))
 
 
 SELECTIONS = [
@@ -420,6 +428,12 @@ def test_patch_sums(monkeypatch, geometry, height, width, step):
     fast, reference = both(monkeypatch, maps.to_patches_banded, map_HxW, bands)
     assert_identical(fast, reference)
     assert fast.shape == (16, 16)
+    # The part of the map the bands read gives the same sums (the scorer fuses only that part).
+    part, moved = geometry_lib.read_part(bands, h, w)
+    read = np.ascontiguousarray(map_HxW[part])
+    assert_identical(maps.to_patches_banded(read, moved), fast)
+  if geometry == 'crop' and width > 2 * height:  # a wide frame's centre crop: its middle only
+    assert part[0] == slice(0, h) and part[1].stop - part[1].start < 0.5 * w
 
 
 @pytest.mark.parametrize('resample', ['area', 'linear', 'cubic'])

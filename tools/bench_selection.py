@@ -31,7 +31,8 @@ wall time and the process's user+sys CPU time are both shown (CPU time includes 
 and is the fairer figure on a shared machine).
 The selection runs as `codec.select` does by default (decoding on a thread of its own,
 overlapped with the analysis, where the clip has more to decode than to analyse and 2 CPUs are
-usable) and on one thread (`decode_thread=False`, what each precompute worker runs).
+usable) and on one thread, as each precompute worker runs it (OVE_SELECT_THREADS=1: no decoding
+thread, and the decoder without slice threads).
 
   python tools/bench_selection.py --speed bikes.mp4 bigbuckbunny.mp4 carphone_pristine.mp4 \
       --clips 3 --repeat 3
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import sys
 import time
 
@@ -194,6 +196,21 @@ def _best(*works, repeat: int) -> list[tuple[float, float]]:
   return [(min(w), min(c)) for w, c in zip(walls, cpus)]
 
 
+def select_on_one_thread(source, *args, **options):
+  """`codec.select` as a precompute worker runs it: OVE_SELECT_THREADS=1 (no decoding thread,
+  no slice threads in the decoder)."""
+  variable = codec.bitstream.SELECT_THREADS_VARIABLE
+  before = os.environ.get(variable)
+  os.environ[variable] = '1'
+  try:
+    return codec.select(source, *args, **options)
+  finally:
+    if before is None:
+      del os.environ[variable]
+    else:
+      os.environ[variable] = before
+
+
 def plain_decode(video, last: int, rgb: bool) -> int:
   """PyAV decoding of frames 0..last (default threads); the frame count."""
   container = av.open(video if isinstance(video, str) else io.BytesIO(video))
@@ -232,7 +249,7 @@ def speed(args) -> list[dict]:
       functools.partial(plain_decode, source, last, False),
       functools.partial(plain_decode, source, last, True),
       functools.partial(codec.select, source, *grid, **options),
-      functools.partial(codec.select, source, *grid, decode_thread=False, **options),
+      functools.partial(select_on_one_thread, source, *grid, **options),
       repeat=args.repeat,
     )
     rows.append(
@@ -259,7 +276,8 @@ def speed_table(rows: list[dict], options: str) -> str:
   lines = [
     f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
     'of the repeats; ratio = selection / decoding. "selection": as select() runs by default '
-    '(thread: it decoded on a thread of its own); "one thread": decode_thread=False; '
+    '(thread: it decoded on a thread of its own); "one thread": OVE_SELECT_THREADS=1, as a '
+    'precompute worker runs it (no decoding thread, no slice threads); '
     '"skipped": disposable B-frames the selection left undecoded (codec.skipping).',
     '',
     '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '

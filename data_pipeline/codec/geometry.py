@@ -274,6 +274,21 @@ class Band:
     return out
 
 
+def read_part(bands: tuple[Band, Band], height: int, width: int) -> tuple[tuple, tuple]:
+  """((rows, columns) slices, bands): the part of a [height, width] map that the banded product
+  `to_patches_banded` reads (from the first band's start to the last band's end, within the
+  map), and the bands as they read that part: the same sums from map[rows, columns] as from the
+  whole map. (Where a band runs past the map's end its weights are zero: those terms add 0 to
+  sums of non-negative terms either way.) A centre crop of a wide frame reads its middle."""
+  part, moved = [], []
+  for band, size in zip(bands, (height, width)):
+    first = int(band.start_P.min())
+    last = min(size, int(band.start_P.max()) + band.weights_PxB.shape[1])
+    part.append(slice(first, last))
+    moved.append(Band(band.start_P - first, band.weights_PxB))
+  return tuple(part), tuple(moved)
+
+
 def to_patches_banded(map_HxW: np.ndarray, bands: tuple[Band, Band]) -> np.ndarray:
   """`to_patches` with banded integrators: the same sums, with no BLAS call. (BLAS threads
   spinning on these small products cost as much CPU again as the whole selection.)"""

@@ -341,33 +341,36 @@ def normalise_fuse(motion_HxW, motion_scale, residual_HxW, residual_scale):
 
 
 @jit
-def normalise_fuse_cells(cells_HcxWc, motion_scale, residual_HxW, residual_scale, y_runs, x_runs):
+def normalise_fuse_cells(
+  cells_HcxWc, motion_scale, residual_HxW, residual_scale, y_runs, x_runs, y0, y1, x0, x1
+):
   """`normalise_fuse` with the motion given as cells (each constant over its run of pixels, as
-  in `expand`): per cell row the motion term clip(m / sm, 0, 1) is worked out once per run of
-  equal cells and laid over the pixels of a row, then each pixel row is one pass over the whole
-  width (vectorised): (that + clip(r / sr, 0, 1)) / 2, the same float32 operations (x * 0.5 is
-  x / 2 bit for bit: both are the exact half, rounded once)."""
-  h, w = residual_HxW.shape
+  in `expand`), of the rows y0 <= y < y1 and columns x0 <= x < x1 only (what the patch sums
+  read: `geometry.read_part`): per cell row the motion term clip(m / sm, 0, 1) is worked out
+  once per run of equal cells and laid over the pixels of a row, then each pixel row is one
+  pass over the part's width (vectorised): (that + clip(r / sr, 0, 1)) / 2, the same float32
+  operations (x * 0.5 is x / 2 bit for bit: both are the exact half, rounded once)."""
   hc, wc = cells_HcxWc.shape
-  out = np.empty((h, w), np.float32)
-  terms = np.empty(w, np.float32)
+  out = np.empty((y1 - y0, x1 - x0), np.float32)
+  terms = np.empty(x_runs[wc], np.float32)
   sm, sr, half = np.float32(motion_scale), np.float32(residual_scale), np.float32(0.5)
   zero, one = np.float32(0), np.float32(1)
   for cy in range(hc):
-    if y_runs[cy] == y_runs[cy + 1]:
+    rows_lo, rows_hi = max(y_runs[cy], y0), min(y_runs[cy + 1], y1)
+    if rows_lo >= rows_hi:
       continue
     cx = 0
     while cx < wc:
       m = min(max(cells_HcxWc[cy, cx] / sm, zero), one)
       end = _run_end(cells_HcxWc, cells_HcxWc, cy, cx)
-      for px in range(np.uint64(x_runs[cx]), np.uint64(x_runs[end])):
+      for px in range(np.uint64(max(x_runs[cx], x0)), np.uint64(min(x_runs[end], x1))):
         terms[px] = m
       cx = end
-    for y in range(y_runs[cy], y_runs[cy + 1]):
-      residual, row_out = residual_HxW[y], out[y]
-      for px in range(w):
+    for y in range(rows_lo, rows_hi):
+      residual, row_out = residual_HxW[y], out[y - y0]
+      for px in range(x0, x1):
         r = min(max(residual[px] / sr, zero), one)
-        row_out[px] = (terms[px] + r) * half
+        row_out[px - x0] = (terms[px] + r) * half
   return out
 
 

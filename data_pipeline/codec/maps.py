@@ -493,13 +493,16 @@ def normalise(map_HxW: np.ndarray, floor: float, scale: float | None = None) -> 
   return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalise_fuse(raw: FrameMaps, *fusion) -> np.ndarray:
+def normalise_fuse(raw: FrameMaps, *fusion, part: tuple | None = None) -> np.ndarray:
   """`fuse(normalise(motion), normalise(residual), *fusion)` of one frame's maps with the floors
   MOTION_FLOOR and RESIDUAL_FLOOR; the default equal-weight mean in one compiled pass when the
   kernels are on. When `raw.motion_cells` holds the motion (cells [Hc, Wc] and their pixel
   counts `cell_weights`), its p95 is taken over the cells weighted by their pixels (the same
   value, a sixteenth of the values to go through), and the compiled pass reads each cell's
-  value once for its run of pixels instead of an expanded map."""
+  value once for its run of pixels instead of an expanded map.
+
+  `part`: (rows, columns) slices; the fused map of that part only (the scales are still the
+  whole frame's), which the compiled pass computes alone."""
   if raw.motion_cells is not None:
     cells, weights = raw.motion_cells
     motion_p95 = percentile(cells, PERCENTILE, weights)
@@ -508,18 +511,23 @@ def normalise_fuse(raw: FrameMaps, *fusion) -> np.ndarray:
   motion_scale = max(motion_p95, MOTION_FLOOR)
   residual_HxW = raw.residual_HxW
   residual_scale = max(percentile(residual_HxW, PERCENTILE), RESIDUAL_FLOOR)
+  h, w = residual_HxW.shape
+  rows, cols = part or (slice(0, h), slice(0, w))
   if KERNELS is not None and _plain_mean(*fusion):
     if raw.motion_HxW is None:
-      h, w = residual_HxW.shape
+      runs = cell_runs(h, w, *cells.shape, raw.step)
+      bounds = (rows.start, rows.stop, cols.start, cols.stop)
       return KERNELS.normalise_fuse_cells(
-        cells, motion_scale, residual_HxW, residual_scale, *cell_runs(h, w, *cells.shape, raw.step)
+        cells, motion_scale, residual_HxW, residual_scale, *runs, *bounds
       )
-    return KERNELS.normalise_fuse(raw.motion_HxW, motion_scale, residual_HxW, residual_scale)
-  return fuse(
-    normalise(raw.motion_map(), MOTION_FLOOR, motion_scale),
-    normalise(residual_HxW, RESIDUAL_FLOOR, residual_scale),
-    *fusion,
-  )
+    fused = KERNELS.normalise_fuse(raw.motion_HxW, motion_scale, residual_HxW, residual_scale)
+  else:
+    fused = fuse(
+      normalise(raw.motion_map(), MOTION_FLOOR, motion_scale),
+      normalise(residual_HxW, RESIDUAL_FLOOR, residual_scale),
+      *fusion,
+    )
+  return fused if part is None else np.ascontiguousarray(fused[rows, cols])
 
 
 def _plain_mean(fusion: str = 'mean', motion_weight: float = 1.0, residual_weight: float = 1.0):

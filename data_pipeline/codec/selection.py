@@ -435,6 +435,7 @@ class Scorer:
   def __init__(self, opts: Options, resolution: int, patch_size: int, step: int):
     self.opts, self.resolution, self.patch_size, self.step = opts, resolution, patch_size, step
     self._priors: dict[tuple, np.ndarray] = {}
+    self._parts: dict[tuple, tuple] = {}  # per map and frame size: `geometry.read_part`
 
   def fused(self, raw: maps.FrameMaps) -> np.ndarray:
     opts = self.opts
@@ -468,13 +469,21 @@ class Scorer:
     )
 
   def __call__(self, raw: maps.FrameMaps, height: int, width: int) -> np.ndarray:
-    fused_HxW = self.fused(raw)
-    if self.opts.resample != 'area' or self.opts.quantise:
-      return self.canvas_sums(fused_HxW, height, width)
-    bands = geometry.patch_bands(
-      height, width, self.resolution, self.patch_size, self.opts.geometry, self.step
-    )
-    return maps.to_patches_banded(fused_HxW, bands)
+    opts = self.opts
+    if opts.resample != 'area' or opts.quantise:
+      return self.canvas_sums(self.fused(raw), height, width)
+    key = (raw.residual_HxW.shape, height, width)
+    if key not in self._parts:
+      bands = geometry.patch_bands(
+        height, width, self.resolution, self.patch_size, opts.geometry, self.step
+      )
+      self._parts[key] = geometry.read_part(bands, *raw.residual_HxW.shape)
+    part, bands = self._parts[key]
+    if opts.maths == 'release' or opts.centre_prior > 0:
+      return maps.to_patches_banded(np.ascontiguousarray(self.fused(raw)[part]), bands)
+    # The fused map of the part the patch sums read (a crop's middle), computed alone.
+    fusion = opts.fusion, opts.motion_weight, opts.residual_weight
+    return maps.to_patches_banded(maps.normalise_fuse(raw, *fusion, part=part), bands)
 
 
 def choose(
