@@ -31,24 +31,27 @@ def jit(function):
 @jit
 def paint(vectors, hc, wc, cell):
   """`maps.paint_vectors` of both directions in one pass over FFmpeg's MOTION_VECTORS records
-  (source < 0 past, > 0 future): (dx, dy, has, length) each [2, hc, wc], index 0 the past and 1
-  the future, and the count of future blocks. length is the vector's np.hypot(dx, dy) worked
-  out once a block (0 where no block is), which `motion_magnitude` reads instead of a hypot
-  per cell. The records are read where they lie (no filtered copy, no per-field arrays).
+  (source < 0 past, > 0 future): (dx, dy, has, length) each [D, hc, wc], index 0 the past and 1
+  the future, and the count of future blocks; D is 1 when there are none (P-frames: no zeroed
+  grids nobody paints). length is the vector's np.hypot(dx, dy) worked out once a block (0
+  where no block is), which `motion_magnitude` reads instead of a hypot per cell. The records
+  are read where they lie (no filtered copy, no per-field arrays).
 
   Blocks are painted in order, so where two overlap the later one wins, as numpy's fancy
   assignment does (its last write wins)."""
-  dx = np.zeros((2, hc, wc), np.float32)
-  dy = np.zeros((2, hc, wc), np.float32)
-  has = np.zeros((2, hc, wc), np.bool_)
-  length = np.zeros((2, hc, wc), np.float32)
   future = 0
+  for k in range(vectors.shape[0]):
+    future += vectors[k].source > 0
+  directions = 2 if future else 1
+  dx = np.zeros((directions, hc, wc), np.float32)
+  dy = np.zeros((directions, hc, wc), np.float32)
+  has = np.zeros((directions, hc, wc), np.bool_)
+  length = np.zeros((directions, hc, wc), np.float32)
   for k in range(vectors.shape[0]):
     block = vectors[k]
     if block.source == 0:
       continue
     d = 0 if block.source < 0 else 1
-    future += d
     w, h = np.int64(block.w), np.int64(block.h)
     bw = max(w // cell, 1)
     bh = max(h // cell, 1)

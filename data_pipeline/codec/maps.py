@@ -131,9 +131,17 @@ def paint_directions(
       paint_vectors(vectors, height, width, 1),
       future,
     )
-  *painted, future = KERNELS.paint(vectors, -(-height // CELL), -(-width // CELL), CELL)
-  past_grid, future_grid = (VectorGrid(*(a[d] for a in painted)) for d in (0, 1))
-  return past_grid, future_grid, future > 0
+  hc, wc = -(-height // CELL), -(-width // CELL)
+  *painted, future = KERNELS.paint(vectors, hc, wc, CELL)
+  grids = [VectorGrid(*(a[d] for a in painted)) for d in range(painted[0].shape[0])]
+  return grids[0], grids[1] if future else _no_vectors(hc, wc), future > 0
+
+
+def _no_vectors(hc: int, wc: int) -> VectorGrid:
+  """The grid of a direction no block refers to: np.zeros, which the allocator hands over as
+  untouched zero pages (no memset; most are never read)."""
+  zeros = functools.partial(np.zeros, (hc, wc))
+  return VectorGrid(zeros(np.float32), zeros(np.float32), zeros(bool), zeros(np.float32))
 
 
 @functools.lru_cache(maxsize=64)
