@@ -158,6 +158,29 @@ class CodedFrame:
     return self.luma
 
 
+def motion_vectors(frame):
+  """The frame's MOTION_VECTORS side data (PyAV's MotionVectors), or None.
+
+  Read through a side-data container of our own, not `frame.side_data`: that one is cached on
+  the frame and refers back to it, a reference cycle that keeps every frame read so (and its
+  decoded picture) alive until the garbage collector's next pass. Meanwhile the decoder
+  allocates fresh pictures: on a 720p clip 15-30 thousand page faults more per decode, and
+  about a tenth more decoding time (measured with PyAV 18.1)."""
+  container = _SIDE_DATA_CONTAINER(frame) if _SIDE_DATA_CONTAINER else frame.side_data
+  return container.get('MOTION_VECTORS')
+
+
+def _side_data_container():
+  try:
+    from av.sidedata.sidedata import SideDataContainer
+  except ImportError:  # another PyAV layout: the frame's own (cached) container
+    return None
+  return SideDataContainer
+
+
+_SIDE_DATA_CONTAINER = _side_data_container()
+
+
 def luma_of(frame) -> np.ndarray:
   """The 8-bit luma plane of a decoded frame, uint8 [H, W]: for 8-bit YUV frames a view of the
   frame's own buffer (no copy; valid while `frame` is, so callers keep what they derive from
@@ -269,7 +292,7 @@ def frames_with_references(
         kind, height, width = _kind(frame), frame.height, frame.width
         coded = CodedFrame(index, decode_index, kind, None, None, height, width, picture, step)
       if is_wanted:
-        side = frame.side_data.get('MOTION_VECTORS')
+        side = motion_vectors(frame)
         if side is not None:
           # A view of the frame's side data, painted now (the analysed area: whole blocks of
           # `step`, as `maps.downscale` keeps) and let go: no copy of the records.
