@@ -25,6 +25,8 @@ import time
 from multiprocessing import connection
 from typing import Any, Callable, Iterable, Iterator
 
+from data_pipeline import host_memory
+
 # Spawned, not forked: the parent may hold threads (tqdm, grain, JAX in a notebook) that fork
 # would copy in whatever state they are in.
 _CONTEXT = multiprocessing.get_context('spawn')
@@ -196,6 +198,9 @@ def _worker_main(
   # Ctrl-C reaches the whole process group: the parent stops the workers, they do not stop
   # themselves mid-task with a traceback each.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  # One item after another on one thread, each allocating and freeing large arrays (a clip's
+  # maps): freed memory stays in the process instead of being faulted in again (`host_memory`).
+  host_memory.configure_malloc()
   if initializer is not None:
     initializer(*initargs)
   conn.send('ready')

@@ -6,9 +6,10 @@ arithmetic decided the figures:
   - page faults: XLA:CPU allocates a step's temporaries afresh on every run. glibc serves large
     blocks with mmap and returns them to the kernel on free, so every step faults its
     temporaries in again (the dense 16k-token step spent more system time in faults than user
-    time in arithmetic). `tune_malloc` keeps freed memory in the process (one malloc arena,
-    no mmap'd blocks, no trimming), so from the second step on the temporaries reuse pages
-    already mapped. Same results, bit for bit: only where the bytes live changes.
+    time in arithmetic). `tune_malloc` (`data_pipeline.host_memory`, which the input side's
+    worker processes use too) keeps freed memory in the process (one malloc arena, no mmap'd
+    blocks, no trimming), so from the second step on the temporaries reuse pages already
+    mapped. Same results, bit for bit: only where the bytes live changes.
   - YNNPACK reduce fusions: XLA:CPU hands the softmax's reductions to YNNPACK, which ran them far
     slower than XLA's own loops. `CPU_XLA_FLAGS` turns them off (XLA's loops compute the same
     sums; the parity and scan tests pass either way).
@@ -22,23 +23,22 @@ fine); the command lines call it first thing in main().
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import os
-import sys
 from typing import MutableMapping
+
+# The malloc half lives with the input side, whose worker processes tune it too; named here for
+# the command lines and the training loop.
+from data_pipeline.host_memory import (  # noqa: F401
+  DISABLE_VAR,
+  MALLOPT_SETTINGS,
+  configure_malloc,
+  tune_malloc,
+  user_malloc_settings,
+)
 
 # XLA:CPU flags added to XLA_FLAGS when the user's XLA_FLAGS does not name them.
 CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-reduce',)
-
-# mallopt parameters (glibc malloc.h) and the values tune_malloc sets.
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-# M_TRIM_THRESHOLD -1 turns trimming off (mallopt(3)); a finite threshold is an int, at most
-# 2 GB, and a dense step's 4.5 GB of temporaries went back to the kernel at every step with it.
-MALLOPT_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
-
-DISABLE_VAR = 'OVE_HOST_TUNING'
 
 
 def add_xla_flags(environ: MutableMapping[str, str], flags=CPU_XLA_FLAGS) -> list[str]:
@@ -50,27 +50,6 @@ def add_xla_flags(environ: MutableMapping[str, str], flags=CPU_XLA_FLAGS) -> lis
   if added:
     environ['XLA_FLAGS'] = ' '.join(current + added)
   return added
-
-
-def user_malloc_settings(environ: MutableMapping[str, str]) -> list[str]:
-  """The environment variables by which the user already configured glibc malloc."""
-  chosen = [k for k in environ if k.startswith('MALLOC_')]
-  if 'glibc.malloc' in environ.get('GLIBC_TUNABLES', ''):
-    chosen.append('GLIBC_TUNABLES')
-  return chosen
-
-
-def tune_malloc() -> bool:
-  """Keeps freed memory in the process (see the module docstring); True when glibc took every
-  setting. False off Linux/glibc."""
-  if not sys.platform.startswith('linux'):
-    return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
-    return False
-  return all(mallopt(param, value) == 1 for param, value in MALLOPT_SETTINGS)
 
 
 def configure(
@@ -87,19 +66,6 @@ def configure(
   if malloc:
     applied['malloc'] = configure_malloc(environ)
   return applied
-
-
-def configure_malloc(environ: MutableMapping[str, str] | None = None) -> str:
-  """tune_malloc unless the user configured malloc or set OVE_HOST_TUNING=0; says what it did.
-  Worth it where XLA:CPU allocates every step's temporaries from the host heap; a GPU or TPU
-  host's data threads keep glibc's defaults (one arena would serialise their allocations)."""
-  environ = os.environ if environ is None else environ
-  if environ.get(DISABLE_VAR, '1') == '0':
-    return f'left alone ({DISABLE_VAR}=0)'
-  user = user_malloc_settings(environ)
-  if user:
-    return f'left to the user ({", ".join(user)})'
-  return 'one arena, no mmap, no trim' if tune_malloc() else 'not tuned (no glibc mallopt)'
 
 
 @dataclasses.dataclass(frozen=True)

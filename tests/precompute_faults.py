@@ -69,3 +69,10 @@ def select_torn(video, **options):
       f.write(b'half a picture')
     os.kill(os.getpid(), signal.SIGKILL)
   return select(video, **options)
+
+
+def malloc_state(_item) -> str | None:
+  """What the worker's `host_memory.configure_malloc` did."""
+  from data_pipeline import host_memory
+
+  return host_memory.APPLIED

@@ -146,6 +146,21 @@ def test_workers_start_with_one_blas_thread_unless_the_user_set_it(monkeypatch):
   assert 'OVE_SELECT_THREADS' not in os.environ
 
 
+def test_workers_keep_freed_memory_unless_the_user_chose(monkeypatch):
+  # Each worker keeps freed memory in the process (no page faults for every clip's maps), but
+  # leaves malloc to a user who configured it, or to OVE_HOST_TUNING=0.
+  state = _import_faults().malloc_state
+  for name in ('OVE_HOST_TUNING', 'GLIBC_TUNABLES', 'MALLOC_ARENA_MAX'):
+    monkeypatch.delenv(name, raising=False)
+  tuned = 'one arena, no mmap, no trim' if sys.platform.startswith('linux') else 'not tuned'
+  assert list(workers.ordered_map(state, [0], 1))[0].startswith(tuned)
+  monkeypatch.setenv('MALLOC_ARENA_MAX', '2')
+  assert list(workers.ordered_map(state, [0], 1)) == ['left to the user (MALLOC_ARENA_MAX)']
+  monkeypatch.delenv('MALLOC_ARENA_MAX')
+  monkeypatch.setenv('OVE_HOST_TUNING', '0')
+  assert list(workers.ordered_map(state, [0], 1)) == ['left alone (OVE_HOST_TUNING=0)']
+
+
 def _import_faults():
   import precompute_faults  # tests/ is on sys.path under pytest, and so in spawned workers
 

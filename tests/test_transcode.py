@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import codec, synthetic
-from data_pipeline.codec import bitstream
+from data_pipeline.codec import bitstream, transcode
 
 SPEED = 2.0  # pixels per source frame, to the east
 SOURCE_FRAMES, T = 65, 9
@@ -30,13 +30,13 @@ def transcoded(clip, mode: str):
   """(packets, the samples' transcode positions) of one transcode mode, as `select` makes it."""
   ids = bitstream.timeline(SOURCE_FRAMES, T)
   if mode == 'faithful':
-    packets, count, error = bitstream.transcode_segment(clip.data, ids, 224, 224, 32, 18)
+    packets, count, error = transcode.transcode_segment(clip.data, ids, 224, 224, 32, 18)
     assert count == SOURCE_FRAMES and error is None
     return packets, ids - ids[0]
-  sequence, positions = (ids, np.arange(T)) if mode == 'sampled' else bitstream.paired_sequence(ids)
-  got, _, _ = bitstream.read_frames(clip.data, sequence, 224, 224)
+  sequence, positions = (ids, np.arange(T)) if mode == 'sampled' else transcode.paired_sequence(ids)
+  got, _, _ = transcode.read_frames(clip.data, sequence, 224, 224)
   intra = positions[::32] if mode == 'paired' else None
-  return bitstream.encode_h264([got[int(i)] for i in sequence], 32, 18, intra), positions
+  return transcode.encode_h264([got[int(i)] for i in sequence], 32, 18, intra), positions
 
 
 def object_dx(clip, mode: str) -> float:
@@ -46,7 +46,7 @@ def object_dx(clip, mode: str) -> float:
   ids = bitstream.timeline(SOURCE_FRAMES, T)
   sample_at = {int(p): int(i) for p, i in zip(positions, ids)}
   dx, kinds = [], []
-  for index, (frame, _) in enumerate(bitstream.h264_packet_frames(packets)):
+  for index, (frame, _) in enumerate(transcode.h264_packet_frames(packets)):
     if index not in sample_at:
       continue
     side = frame.side_data.get('MOTION_VECTORS')
@@ -70,7 +70,7 @@ def test_faithful_and_paired_measure_source_frames_sampled_measures_samples(clip
 
 
 def test_paired_sequence():
-  sequence, positions = bitstream.paired_sequence([0, 1, 5, 9, 10])
+  sequence, positions = transcode.paired_sequence([0, 1, 5, 9, 10])
   assert sequence.tolist() == [0, 1, 4, 5, 8, 9, 10]
   assert sequence[positions].tolist() == [0, 1, 5, 9, 10]
 

@@ -272,12 +272,13 @@ def speed(args) -> list[dict]:
   return rows
 
 
-def speed_table(rows: list[dict], options: str) -> str:
+def speed_table(rows: list[dict], options: str, malloc: str = '') -> str:
   lines = [
-    f'Selection ({options or "default options"}) vs plain PyAV decoding; seconds, best '
-    'of the repeats; ratio = selection / decoding. "selection": as select() runs by default '
-    '(thread: it decoded on a thread of its own); "one thread": OVE_SELECT_THREADS=1, as a '
-    'precompute worker runs it (no decoding thread, no slice threads); '
+    f'Selection ({options or "default options"}) vs plain PyAV decoding (malloc: {malloc}); '
+    'seconds, best of the repeats; ratio = selection / decoding. "selection": as select() '
+    'runs by default (thread: it decoded on a thread of its own); "one thread": '
+    'OVE_SELECT_THREADS=1, as a precompute worker runs it (no decoding thread, no slice '
+    'threads); '
     '"skipped": disposable B-frames the selection left undecoded (codec.skipping).',
     '',
     '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
@@ -421,11 +422,15 @@ def main(argv=None) -> int:
   except ValueError as e:
     parser.error(str(e))
   if args.speed is not None:
+    # As precompute's workers run (`data_pipeline.workers`): freed memory stays in the process.
+    # Decoding and selection share the process, so both run with it; OVE_HOST_TUNING=0 measures
+    # glibc's defaults.
+    malloc = host_runtime.configure_malloc()
     try:
       rows = speed(args)
     except ValueError as e:
       parser.exit(2, f'{parser.prog}: {e}\n')
-    print(speed_table(rows, args.variant[0] if args.variant else ''))
+    print(speed_table(rows, args.variant[0] if args.variant else '', malloc))
     if args.json:
       cli.write_output_json(args.json, rows)
     return 0

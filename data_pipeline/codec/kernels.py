@@ -321,8 +321,7 @@ def _sum_rows(luma_HxW, columns, y, step):
 # The largest step `downscale` takes: step * 255 must fit its uint16 column sums.
 MAX_STEP = 257
 
-# The steps with a kernel of their own (720p and 1080p sources at 224 are 3 and 4), each
-# compiled at its first use.
+# Steps with a kernel of their own, compiled at first use (720p and 1080p at 224: 3 and 4).
 SMALL_STEPS = 8
 DOWNSCALE_AT_STEP = {step: _downscale_at(step) for step in range(2, SMALL_STEPS + 1)}
 

@@ -126,22 +126,11 @@ def paint_directions(
   both directions, in one pass over the records when compiled."""
   if KERNELS is None or vectors is None or len(vectors) == 0:
     future = vectors is not None and bool(np.any(vectors['source'] > 0))
-    return (
-      paint_vectors(vectors, height, width, -1),
-      paint_vectors(vectors, height, width, 1),
-      future,
-    )
-  hc, wc = -(-height // CELL), -(-width // CELL)
-  *painted, future = KERNELS.paint(vectors, hc, wc, CELL)
+    return (*(paint_vectors(vectors, height, width, d) for d in (-1, 1)), future)
+  *painted, future = KERNELS.paint(vectors, -(-height // CELL), -(-width // CELL), CELL)
   grids = [VectorGrid(*(a[d] for a in painted)) for d in range(painted[0].shape[0])]
-  return grids[0], grids[1] if future else _no_vectors(hc, wc), future > 0
-
-
-def _no_vectors(hc: int, wc: int) -> VectorGrid:
-  """The grid of a direction no block refers to: np.zeros, which the allocator hands over as
-  untouched zero pages (no memset; most are never read)."""
-  zeros = functools.partial(np.zeros, (hc, wc))
-  return VectorGrid(zeros(np.float32), zeros(np.float32), zeros(bool), zeros(np.float32))
+  # No future block (P-frames): the kernel painted the past only; the future grid is zeros.
+  return grids[0], grids[1] if future else paint_vectors(None, height, width, 1), future > 0
 
 
 @functools.lru_cache(maxsize=64)

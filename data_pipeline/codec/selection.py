@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from data_pipeline.codec import bitstream, geometry, maps, release, skipping
+from data_pipeline.codec import bitstream, geometry, maps, release, skipping, transcode
 from data_pipeline.codec.options import DEFAULT_GOP, Options
 from data_pipeline.records import PICTURE_TYPES
 from data_pipeline.video import VideoError, VideoSource
@@ -288,13 +288,13 @@ def _analyse(
   if transcoded:
     if opened is not None:
       opened.close()
-    height, width = bitstream.analysis_size(
+    height, width = transcode.analysis_size(
       info.height, info.width, opts.analysis_size or resolution
     )
     # source_ids[i]: the source frame at transcode position i; wanted: the samples' positions.
     gop = opts.gop or DEFAULT_GOP
     if opts.transcode == 'faithful':
-      packets, count, error = bitstream.transcode_segment(
+      packets, count, error = transcode.transcode_segment(
         video, distinct, height, width, gop, opts.crf
       )
       missing = [int(i) for i in distinct if int(i) >= count]
@@ -302,15 +302,15 @@ def _analyse(
       wanted = distinct - distinct[0]
     else:
       source_ids, wanted = (
-        bitstream.paired_sequence(distinct)
+        transcode.paired_sequence(distinct)
         if opts.transcode == 'paired'
         else (distinct, np.arange(distinct.size))
       )
-      got, count, error = bitstream.read_frames(video, source_ids, height, width)
+      got, count, error = transcode.read_frames(video, source_ids, height, width)
       missing = [int(i) for i in distinct if int(i) not in got]
       if not missing:
         # I-frames on every gop-th sample (for 'sampled', x264's own GOP does the same).
-        packets = bitstream.encode_h264(
+        packets = transcode.encode_h264(
           [got[int(i)] for i in source_ids],
           gop,
           opts.crf,
@@ -319,7 +319,7 @@ def _analyse(
     if missing:
       return _Analysis(frame_ids, None, [], None, num_source_frames, True, count, missing, error)
     timings['transcode'] = time.perf_counter() - tick
-    frames = bitstream.h264_packet_frames(packets)
+    frames = transcode.h264_packet_frames(packets)
     step = 1
   else:
     container, stream = bitstream.open_with_vectors(video, opened)
@@ -379,26 +379,12 @@ def _analyse(
     container, stream = bitstream.open_with_vectors(video)
     frames = bitstream.container_frames(container, stream)
   timings['maps'] = timings.get('maps', 0.0) + map_seconds
-  timings['decode'] = (
-    timings.get('decode', 0.0)
-    + time.perf_counter()
-    - tick
-    - map_seconds
-    - timings.get('transcode', 0.0)
-  )
+  elapsed = time.perf_counter() - tick - map_seconds - timings.get('transcode', 0.0)
+  timings['decode'] = timings.get('decode', 0.0) + elapsed
   missing = [int(i) for i in distinct if int(i) not in per_frame]
+  counts = (num_source_frames, transcoded, decoded.count)
   if missing:
-    return _Analysis(
-      frame_ids,
-      None,
-      [],
-      None,
-      num_source_frames,
-      transcoded,
-      decoded.count,
-      missing,
-      decoded.error,
-    )
+    return _Analysis(frame_ids, None, [], None, *counts, missing, decoded.error)
 
   side = resolution // patch_size
   scores = np.zeros((num_frames, side, side), np.float32)
@@ -415,9 +401,7 @@ def _analyse(
     scores,
     kinds,
     repeats,
-    num_source_frames,
-    transcoded,
-    decoded.count,
+    *counts,
     [],
     decoded.error,
     vectors_past,
@@ -437,18 +421,20 @@ class Scorer:
     self._priors: dict[tuple, np.ndarray] = {}
     self._parts: dict[tuple, tuple] = {}  # per map and frame size: `geometry.read_part`
 
-  def fused(self, raw: maps.FrameMaps) -> np.ndarray:
+  def fused(self, raw: maps.FrameMaps, part: tuple | None = None) -> np.ndarray:
+    """The fused map; of `part` only ((rows, columns) slices: what the patch sums read)."""
     opts = self.opts
-    fused_HxW = maps.normalise_fuse(raw, opts.fusion, opts.motion_weight, opts.residual_weight)
+    fusion = opts.fusion, opts.motion_weight, opts.residual_weight
+    fused_HxW = maps.normalise_fuse(raw, *fusion, part=part)
     if opts.maths == 'release':
       fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
     if opts.centre_prior > 0:
-      shape = fused_HxW.shape
+      shape = raw.residual_HxW.shape
       if shape not in self._priors:
         self._priors[shape] = maps.centre_prior(
           *shape, opts.centre_prior, opts.centre_sigma, opts.maths
         )
-      fused_HxW = fused_HxW * self._priors[shape]
+      fused_HxW = fused_HxW * (self._priors[shape] if part is None else self._priors[shape][part])
       if opts.maths == 'release':
         fused_HxW = np.clip(fused_HxW, 0.0, 1.0)
     return release.quantise(fused_HxW) if opts.quantise else fused_HxW
@@ -478,12 +464,8 @@ class Scorer:
         height, width, self.resolution, self.patch_size, opts.geometry, self.step
       )
       self._parts[key] = geometry.read_part(bands, *raw.residual_HxW.shape)
-    part, bands = self._parts[key]
-    if opts.maths == 'release' or opts.centre_prior > 0:
-      return maps.to_patches_banded(np.ascontiguousarray(self.fused(raw)[part]), bands)
-    # The fused map of the part the patch sums read (a crop's middle), computed alone.
-    fusion = opts.fusion, opts.motion_weight, opts.residual_weight
-    return maps.to_patches_banded(maps.normalise_fuse(raw, *fusion, part=part), bands)
+    part, bands = self._parts[key]  # a crop reads the middle of a wide frame: fused alone
+    return maps.to_patches_banded(self.fused(raw, part), bands)
 
 
 def choose(
