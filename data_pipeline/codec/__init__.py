@@ -26,11 +26,11 @@ used raises `VideoError` naming the file and the reason. The same input gives th
 on every run and every machine (no frame threads while vectors are exported, single-threaded
 x264 for the transcode, ties broken by (t, h, w)).
 
-Modules: `bitstream` (PyAV reading, vectors, transcode), `maps` (motion/residual maps,
-normalisation, fusion, camera compensation, centre prior, model-grid scores), `release` (the
-release's maths and the presets), `geometry` (crop / letterbox canvas, resampling, canvas
-decoding), `selection` (policies, static fallback, top-K), `baselines` (uniform frames, random
-patches), `options`.
+Modules: `bitstream` (PyAV reading, vectors), `transcode` (the in-memory libx264 re-encode),
+`maps` (motion/residual maps, normalisation, fusion, camera compensation, centre prior,
+model-grid scores), `release` (the release's maths and the presets), `geometry` (crop / letterbox
+canvas, resampling, canvas decoding), `selection` (policies, static fallback, top-K),
+`baselines` (uniform frames, random patches), `options`.
 """
 
 from data_pipeline.codec.baselines import select_random, select_uniform_frames
