@@ -150,7 +150,8 @@ def test_workers_keep_freed_memory_unless_the_user_chose(monkeypatch):
   # Each worker keeps freed memory in the process (no page faults for every clip's maps), but
   # leaves malloc to a user who configured it, or to OVE_HOST_TUNING=0.
   state = _import_faults().malloc_state
-  for name in ['OVE_HOST_TUNING', 'GLIBC_TUNABLES', *(n for n in os.environ if n.startswith('MALLOC_'))]:
+  malloc_variables = [n for n in os.environ if n.startswith('MALLOC_')]
+  for name in ['OVE_HOST_TUNING', 'GLIBC_TUNABLES', *malloc_variables]:
     monkeypatch.delenv(name, raising=False)
   tuned = 'one arena, no mmap, no trim' if sys.platform.startswith('linux') else 'not tuned'
   assert list(workers.ordered_map(state, [0], 1))[0].startswith(tuned)
