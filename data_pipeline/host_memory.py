@@ -11,7 +11,8 @@ peak.
 
 Used by `ove_jax.host_runtime` (XLA:CPU steps: the dense 16k-token step spent more system time
 in faults than user time in arithmetic) and by every worker of `data_pipeline.workers` (codec
-selection on one thread: 6-16% less CPU time a clip, docs/codec.md). Left alone when the user
+selection on one thread: bikes, analysed at its full 640x272, went from 175-190 ms of CPU a
+selection to 150-170 ms; docs/codec.md). Left alone when the user
 configured malloc (GLIBC_TUNABLES naming glibc.malloc.*, or any MALLOC_* variable) or set
 OVE_HOST_TUNING=0. Imports only the standard library.
 """

@@ -27,15 +27,9 @@ import dataclasses
 import os
 from typing import MutableMapping
 
-# The malloc half lives with the input side, whose worker processes tune it too; named here for
-# the command lines and the training loop.
-from data_pipeline.host_memory import (  # noqa: F401
-  DISABLE_VAR,
-  MALLOPT_SETTINGS,
-  configure_malloc,
-  tune_malloc,
-  user_malloc_settings,
-)
+# The malloc half lives with the input side, whose worker processes tune it too.
+from data_pipeline import host_memory
+from data_pipeline.host_memory import DISABLE_VAR
 
 # XLA:CPU flags added to XLA_FLAGS when the user's XLA_FLAGS does not name them.
 CPU_XLA_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=-reduce',)
@@ -58,13 +52,13 @@ def configure(
   """Applies CPU_XLA_FLAGS and (with `malloc`) tune_malloc where the user has not chosen
   otherwise; returns what was applied ({} when OVE_HOST_TUNING=0), for the command line to
   report. The XLA flags must come before JAX starts; malloc may be tuned later
-  (`configure_malloc`), once the process knows its backend is the CPU."""
+  (`host_memory.configure_malloc`), once the process knows its backend is the CPU."""
   environ = os.environ if environ is None else environ
   if environ.get(DISABLE_VAR, '1') == '0':
     return {}
   applied: dict[str, object] = {'xla_flags': add_xla_flags(environ)}
   if malloc:
-    applied['malloc'] = configure_malloc(environ)
+    applied['malloc'] = host_memory.configure_malloc(environ)
   return applied
 
 

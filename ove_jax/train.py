@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from data_pipeline import fileio, paths, tokens
+from data_pipeline import fileio, host_memory, paths, tokens
 from ove_jax import (
   checkpoint,
   cli,
@@ -461,7 +461,7 @@ def run_training(config, workdir: str, info: Mapping[str, int], started: float) 
   with preemption.exit_on_sigterm_while_starting():
     main_process = info['process_index'] == 0
     if jax.default_backend() == 'cpu':  # XLA:CPU's step temporaries live on the host heap
-      log.info('malloc: %s', host_runtime.configure_malloc())
+      log.info('malloc: %s', host_memory.configure_malloc())
       log.info(cpu_blas.describe(jax.device_count()))  # loads the library only for one device
     paths.makedirs(workdir)
     cache = distributed.use_compilation_cache(

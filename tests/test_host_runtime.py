@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline import host_memory
 from data_pipeline.tokens import patchify
 from ove_jax import benchmarks, host_runtime, torch_comparison
 
@@ -36,14 +37,14 @@ def test_user_flag_value_is_never_overridden():
 
 
 def test_user_malloc_settings_are_left_alone():
-  assert host_runtime.user_malloc_settings({}) == []
-  assert host_runtime.user_malloc_settings({'MALLOC_ARENA_MAX': '2'}) == ['MALLOC_ARENA_MAX']
+  assert host_memory.user_malloc_settings({}) == []
+  assert host_memory.user_malloc_settings({'MALLOC_ARENA_MAX': '2'}) == ['MALLOC_ARENA_MAX']
   env = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1', 'XLA_FLAGS': ''}
-  assert host_runtime.user_malloc_settings(env) == ['GLIBC_TUNABLES']
+  assert host_memory.user_malloc_settings(env) == ['GLIBC_TUNABLES']
   applied = host_runtime.configure(env)
   assert applied['malloc'] == 'left to the user (GLIBC_TUNABLES)'
   assert 'GLIBC_TUNABLES' in host_runtime.describe(applied)
-  assert host_runtime.user_malloc_settings({'GLIBC_TUNABLES': 'glibc.rtld.nns=2'}) == []
+  assert host_memory.user_malloc_settings({'GLIBC_TUNABLES': 'glibc.rtld.nns=2'}) == []
 
 
 def test_switched_off():
@@ -55,7 +56,7 @@ def test_switched_off():
 
 def test_malloc_tuned_on_glibc():
   # Only where the bytes live changes (the process keeps freed memory); safe to apply here.
-  assert host_runtime.tune_malloc() == sys.platform.startswith('linux')
+  assert host_memory.tune_malloc() == sys.platform.startswith('linux')
 
 
 def test_release_inputs_pack_patches_into_frames():
@@ -79,7 +80,7 @@ def test_malloc_waits_for_the_backend_when_asked():
   applied = host_runtime.configure(env, malloc=False)
   assert 'malloc' not in applied and applied['xla_flags']
   assert 'tuned only on a CPU backend' in host_runtime.describe(applied)
-  assert host_runtime.configure_malloc({'MALLOC_ARENA_MAX': '4'}) == (
+  assert host_memory.configure_malloc({'MALLOC_ARENA_MAX': '4'}) == (
     'left to the user (MALLOC_ARENA_MAX)'
   )
-  assert host_runtime.configure_malloc({host_runtime.DISABLE_VAR: '0'}).startswith('left alone')
+  assert host_memory.configure_malloc({host_runtime.DISABLE_VAR: '0'}).startswith('left alone')

@@ -49,7 +49,7 @@ import time
 import av
 import numpy as np
 
-from data_pipeline import codec, synthetic, video
+from data_pipeline import codec, host_memory, synthetic, video
 from ove_jax import cli, host_runtime
 
 DEFAULT_VARIANTS = (
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     # As precompute's workers run (`data_pipeline.workers`): freed memory stays in the process.
     # Decoding and selection share the process, so both run with it; OVE_HOST_TUNING=0 measures
     # glibc's defaults.
-    malloc = host_runtime.configure_malloc()
+    malloc = host_memory.configure_malloc()
     try:
       rows = speed(args)
     except ValueError as e:

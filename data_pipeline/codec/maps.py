@@ -281,7 +281,7 @@ def frame_maps(
   grids, predictions, distances = [], [], []
   # One past candidate and no future one (P- and I-frames): the prediction is read only as the
   # residual |luma - p0| (below), which the compiled `predict` gives in its own pass.
-  fused = KERNELS is not None and len(past) == 1 and not future
+  residual_in_predict = KERNELS is not None and len(past) == 1 and not future
   for direction, candidates in ((-1, past), (+1, future)):
     grid = frame.vector_grid(direction, h * step, w * step)
     best, best_error = None, np.inf
@@ -289,7 +289,7 @@ def frame_maps(
       reference = candidate.analysis_luma()
       if reference is None or reference.shape != luma.shape:
         continue
-      prediction = predict(reference, grid, step, luma if fused else None)
+      prediction = predict(reference, grid, step, luma if residual_in_predict else None)
       error = masked_error(luma, prediction, grid.has_HcxWc, step) if len(candidates) > 1 else 0.0
       if error < best_error:
         best, best_error = (candidate, prediction), error
@@ -310,7 +310,7 @@ def frame_maps(
   # I-frames) use the zero vector from the past reference (the future one if there is no past).
   if past_prediction is None and future_prediction is None:
     residual_HxW = np.zeros((h, w), np.float32)
-  elif fused:
+  elif residual_in_predict:
     residual_HxW = past_prediction  # |luma - p0|: what the general case gives with p0 alone
   else:
     p0 = past_prediction if past_prediction is not None else future_prediction
