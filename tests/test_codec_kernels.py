@@ -9,7 +9,7 @@ import pytest
 
 from data_pipeline import codec, synthetic
 from data_pipeline.codec import geometry as geometry_lib
-from data_pipeline.codec import kernels, maps
+from data_pipeline.codec import kernels, maps, rank_kernels
 
 # FFmpeg's MOTION_VECTORS side data as PyAV hands it over.
 VECTOR_DTYPE = np.dtype(
@@ -285,12 +285,12 @@ def test_order_statistics():
   ordered = np.sort(values)
   for lo in [0, 1, 2, 3, 7, 2500, 5006, 5007]:
     for hi in {lo, min(lo + 1, values.size - 1)}:
-      a, b = kernels.order_statistics(values, np.zeros(0, np.int64), lo, hi)
+      a, b = rank_kernels.order_statistics(values, np.zeros(0, np.int64), lo, hi)
       assert (a, b) == (ordered[lo], ordered[hi])
   weights = rng.integers(0, 5, values.size)
   repeated = np.sort(np.repeat(values, weights))
   for lo in [0, 100, repeated.size // 2, repeated.size - 2]:
-    a, b = kernels.order_statistics(values, weights, lo, lo + 1)
+    a, b = rank_kernels.order_statistics(values, weights, lo, lo + 1)
     assert (a, b) == (repeated[lo], repeated[lo + 1])
 
 
@@ -311,12 +311,12 @@ def test_order_statistics_every_rank():
     ordered = np.sort(values)
     for lo in range(values.size):
       for hi in {lo, min(lo + 1, values.size - 1)}:
-        a, b = kernels.order_statistics(values, np.zeros(0, np.int64), lo, hi)
+        a, b = rank_kernels.order_statistics(values, np.zeros(0, np.int64), lo, hi)
         assert (a, b) == (ordered[lo], ordered[hi]), (values, lo, hi)
     weights = rng.integers(0, 4, values.size)
     repeated = np.sort(np.repeat(values, weights))
     for lo in range(repeated.size - 1):
-      a, b = kernels.order_statistics(values, weights, lo, lo + 1)
+      a, b = rank_kernels.order_statistics(values, weights, lo, lo + 1)
       assert (a, b) == (repeated[lo], repeated[lo + 1]), (values, weights, lo)
 
 

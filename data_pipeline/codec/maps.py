@@ -15,7 +15,7 @@ matter little, but it keeps the two directions of one B-frame on the same scale.
 
 The per-pixel passes (painting, prediction, the reference choice's error, residual, motion per
 cell, block means, the percentile's order statistics, normalise + fuse, cell expansion) run as
-compiled kernels (`kernels`, numba) when `KERNELS` is
+compiled kernels (numba: `kernels`; the order statistics in `rank_kernels`) when `KERNELS` is
 set; the numpy code here is their reference, and both give the same bits (tests compare them).
 """
 
@@ -34,8 +34,7 @@ from data_pipeline.codec import prediction, release
 
 
 def _load_kernels():
-  """The compiled kernels (`kernels`), or None when numba does not import or
-  OVE_CODEC_KERNELS=0 asks for the numpy reference."""
+  """The compiled kernels (`kernels`), or None: no numba, or OVE_CODEC_KERNELS=0 asked."""
   if os.environ.get('OVE_CODEC_KERNELS', '1') == '0':
     return None
   try:
@@ -431,7 +430,9 @@ def median(values: np.ndarray, weights: np.ndarray) -> np.float32:
     return np.median(np.repeat(flat, weights.reshape(-1)))
   hi = n // 2
   lo = hi if n % 2 else hi - 1
-  a, b = (np.float32(v) for v in KERNELS.order_statistics(flat, weights.reshape(-1), lo, hi))
+  from data_pipeline.codec.rank_kernels import order_statistics
+
+  a, b = (np.float32(v) for v in order_statistics(flat, weights.reshape(-1), lo, hi))
   return a if lo == hi else np.float32(np.float32(a + b) / 2)
 
 
@@ -441,7 +442,7 @@ def percentile(values: np.ndarray, q: float, weights: np.ndarray | None = None) 
   is its cells weighted by their pixel counts: the same multiset, so the same percentile).
 
   Float32 maps find the two order statistics the interpolation needs (ranks lo and lo + 1 of n)
-  without sorting all of them: the compiled bit-histogram select (`kernels.order_statistics`),
+  without sorting all of them: the compiled bit-histogram select (`rank_kernels.order_statistics`),
   or in the numpy reference a partial sort of the values above a threshold drawn from a 1-in-16
   sample (`_at_ranks`). The interpolation is numpy's (a + (b - a) g, or b - (b - a)(1 - g) for
   g >= 0.5, in the values' precision).
@@ -457,7 +458,9 @@ def percentile(values: np.ndarray, q: float, weights: np.ndarray | None = None) 
   lo = int(np.floor(virtual))
   hi = min(lo + 1, n - 1)
   if KERNELS is not None:
-    found = KERNELS.order_statistics(
+    from data_pipeline.codec.rank_kernels import order_statistics
+
+    found = order_statistics(
       flat, np.zeros(0, np.int64) if weights is None else weights.reshape(-1), lo, hi
     )
     a, b = np.float32(found[0]), np.float32(found[1])
@@ -587,9 +590,8 @@ Band = geometry_lib.Band
 
 
 def to_patches_banded(map_HxW: np.ndarray, bands: tuple) -> np.ndarray:
-  """`geometry.to_patches_banded`: Ay @ map @ Ax.T through banded matrices (the patch
-  integrators, or the presets' resize onto the canvas), in one compiled pass over the two bands
-  when the kernels are on: the same sums, bit for bit."""
+  """`geometry.to_patches_banded`: Ay @ map @ Ax.T through banded matrices (patch integrators,
+  or a preset's resize onto the canvas), one compiled pass when the kernels are on (same bits)."""
   if KERNELS is None:
     return geometry_lib.to_patches_banded(map_HxW, bands)
   ay, ax = bands
