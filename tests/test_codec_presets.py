@@ -391,10 +391,14 @@ def _letterbox_coverage(clip, frame_ids, resolution, ps):
   return (ay @ masks @ ax.T) / ps**2
 
 
+@pytest.mark.parametrize('kernels', [True, False])
 @pytest.mark.parametrize('kind', ['levels', 'zeros', 'normal'])
-def test_top_indices_is_the_stable_sort_prefix(kind):
+def test_top_indices_is_the_stable_sort_prefix(kind, kernels, monkeypatch):
   # The top-K of `choose`: the same set as a stable argsort of -scores, ties (many, and -0.0
-  # against 0.0) taken in index order, at every count from 0 to all.
+  # against 0.0) taken in index order, at every count from 0 to all; through the compiled order
+  # statistics and through np.partition.
+  if not kernels:
+    monkeypatch.setattr(maps, 'KERNELS', None)
   rng = np.random.default_rng(len(kind))
   values = {
     'levels': rng.integers(0, 5, 700).astype(np.float32),
