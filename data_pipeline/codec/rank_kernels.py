@@ -128,8 +128,11 @@ def order_statistics(values, weights, lo, hi):
   a = bin_lo if bin_lo != ZERO_BIN else bin_hi
   b = bin_hi if bin_hi != ZERO_BIN else bin_lo
   # Room for what the two bins and those between hold (their counts, zeros taken out where
-  # counted apart: all of them or more), not for all n: a large map's ranks gather a few values.
-  room = n if weighted or a == ZERO_BIN else counts[min(a, b) : max(a, b) + 1].sum()
+  # counted apart and then not gathered), not for all n: a large map's ranks gather a few
+  # values. A range over both signs may gather a -0.0 its counts no longer hold: room for all.
+  first_bin, last_bin = min(a, b), max(a, b)
+  both_signs = first_bin < 2048 <= last_bin
+  room = n if weighted or a == ZERO_BIN or both_signs else counts[first_bin : last_bin + 1].sum()
   gathered = np.empty(room, np.float32)
   kept_weights = np.empty(room if weighted else 0, np.int64)
   if a != ZERO_BIN:
