@@ -460,13 +460,14 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
   watchdog dumps every thread's stack and exits with HANG_EXIT_CODE."""
   workdir = str(tmp_path / 'run')
   # The first-step limit covers the compilation of two processes on a busy machine; the steady
-  # limit only a step (and the first checkpoint save's, at step 5).
+  # limit only a step (no checkpoint is saved before the stall: a save's time is not waited for).
   proc = subprocess.Popen(
     launch(
       workdir,
       data_root,
       '--config.watchdog_first_step_seconds=300',
-      '--config.watchdog_seconds=25',
+      '--config.watchdog_seconds=10',
+      '--config.checkpoint_every=100',
       '--config.distributed.heartbeat_timeout=600',
     ),
     env=env(),
@@ -486,7 +487,7 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
       pass
   assert proc.returncode == preemption.HANG_EXIT_CODE, out[-2000:] + err[-3000:]
   # (after the progress bar's last '\r', which text mode turns into a line break: no prefix)
-  assert re.search(r'Watchdog: no step finished in \d+\.\d s \(timeout 25 s\)', err), err[-3000:]
+  assert re.search(r'Watchdog: no step finished in \d+\.\d s \(timeout 10 s\)', err), err[-3000:]
   assert '[p0] Thread 0x' in err and '(most recent call first)' in err
   assert f'[p0] Watchdog: exiting with code {preemption.HANG_EXIT_CODE}' in err
 
