@@ -96,7 +96,8 @@ def make_clip(
       'S_total': side * side,
       'S_valid': int(valid.sum()),
       'K': int(len(sel.positions)),
-      'padding_patch_filtered': 0,
+      # stage1's count of selected patches on padding (frame 0's, kept whole): not a removal
+      'padding_patch_filtered': int((~valid[sel.positions[:, 1], sel.positions[:, 2]]).sum()),
       'valid_ranges': valid_ranges(valid),
       'selection': s.preset,
       'codec': sel.codec,

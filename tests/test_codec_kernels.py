@@ -419,7 +419,7 @@ def test_patch_sums(monkeypatch, geometry, height, width, step):
   # past the end) on maps of every scale, zeros and -0.0 included.
   rng = np.random.default_rng([height, width, step])
   bands = tuple(
-    maps.Band.of(m) for m in maps.patch_integrators(height, width, 224, 14, step, geometry)
+    geometry_lib.Band.of(m) for m in maps.patch_integrators(height, width, 224, 14, step, geometry)
   )
   h, w = height // step, width // step
   for scale in (1.0, 1e-30, 3e30):
@@ -449,7 +449,7 @@ def test_canvas_resize(monkeypatch, resample, geometry, height, width, step, res
 
   rng = np.random.default_rng([height, width, step, resolution])
   dense = geometry_lib.canvas_matrices(height, width, resolution, geometry, resample, step)
-  bands = tuple(maps.Band.of(m) for m in dense)
+  bands = tuple(geometry_lib.Band.of(m) for m in dense)
   for band, matrix in zip(bands, dense):
     rebuilt = np.zeros_like(matrix)
     rows = np.arange(matrix.shape[0])[:, None]

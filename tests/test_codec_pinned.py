@@ -29,10 +29,30 @@ CASES = [
   ('h264_pan_step2', dict(seed=5, height=464, width=496, background='pan', num_objects=3), {}),
   ('h264_b2_step3', dict(seed=6, height=688, width=720, bframes=2, num_frames=40), {}),
   ('hevc_transcoded', dict(seed=7, codec='hevc', num_frames=80, background='pan'), {}),
-  ('release_train', dict(seed=8, bframes=2, background='pan'), dict(preset='release_train')),
+  (  # the preset's transcode before it re-encoded the samples alone (its pinned digest)
+    'release_train',
+    dict(seed=8, bframes=2, background='pan'),
+    dict(preset='release_train', transcode='paired'),
+  ),
+  (  # the preset as it is: the samples re-encoded (recorded when that came in)
+    'release_train_sampled',
+    dict(seed=8, bframes=2, background='pan'),
+    dict(preset='release_train'),
+  ),
   ('release_probe', dict(seed=9, bframes=2, num_objects=3), dict(preset='release_probe')),
-  (
+  (  # the quarter-pel vectors of the preset before it read whole pixels (its pinned digest)
     'release_llava',
+    dict(seed=10, height=224, width=320, bframes=2),
+    dict(
+      preset='release_llava',
+      resolution=576,
+      patch_size=16,
+      budget=10368,
+      whole_pixel_vectors=False,
+    ),
+  ),
+  (  # the preset as it is: whole-pixel vectors (recorded when they came in)
+    'release_llava_whole_pixels',
     dict(seed=10, height=224, width=320, bframes=2),
     dict(preset='release_llava', resolution=576, patch_size=16, budget=10368),
   ),
@@ -45,8 +65,10 @@ PINNED = {  # name: (digest, sum of the scores)
   'h264_b2_step3': ('456596423d9e14ad', 92473.6823765747),
   'hevc_transcoded': ('5e96d99ece06377c', 764388.010676384),
   'release_train': ('fa7856ba5b680941', 726029.8170970082),
+  'release_train_sampled': ('933007230a0e2b45', 748573.2210728526),
   'release_probe': ('959b8284887c9a5d', 214958.6798542738),
   'release_llava': ('e685a727f9869c81', 249043.46356733888),
+  'release_llava_whole_pixels': ('44c19157520d121f', 231971.84872283787),
 }
 
 

@@ -191,6 +191,37 @@ def test_release_motion_uses_l0_in_pixels():
   np.testing.assert_allclose(median, motion, atol=1e-6)
 
 
+def test_llava_motion_reads_whole_pixel_vectors():
+  """FFmpeg exports a vector's source position with C's integer division (src_x = dst_x +
+  motion_x / motion_scale) and the LLaVA reader (`h264_api.cpp`) takes src - dst: whole pixels,
+  truncated toward zero, 0 where no L0 vector; stage1's `_mv_energy_norm` then divides by 4
+  again, subtracts the median over all cells and normalises by the p95 (where the /4 cancels)."""
+  rng = np.random.default_rng(3)
+  hc, wc = 9, 16
+  motion_x, motion_y = rng.integers(-23, 24, (2, hc, wc))  # quarter-pel, as H.264 codes them
+  has = rng.random((hc, wc)) < 0.8
+  grid = maps.VectorGrid(
+    (motion_x / 4).astype(np.float32), (motion_y / 4).astype(np.float32), has
+  )  # what `maps.paint_vectors` holds: motion / motion_scale
+
+  def c_division(a, b):
+    return np.array([int(v / b) for v in a.ravel()]).reshape(a.shape)
+
+  def normalised(mag):
+    return np.clip(mag / max(float(np.percentile(mag, 95)), 1e-6), 0.0, 1.0)
+
+  mvx, mvy = (np.where(has, c_division(m, 4), 0).astype(np.int32) for m in (motion_x, motion_y))
+  vx, vy = mvx.astype(np.float32) / 4.0, mvy.astype(np.float32) / 4.0
+  vx, vy = vx - np.median(vx), vy - np.median(vy)
+  want = normalised(np.sqrt(vx * vx + vy * vy))
+  got = maps.release_motion_cells(grid, 4 * hc, 4 * wc, 'median', whole=True)
+  np.testing.assert_allclose(normalised(got), want, atol=1e-6)
+  pixels = maps.release_motion(grid, 4 * hc, 4 * wc, 'median', whole=True)
+  np.testing.assert_array_equal(pixels, np.kron(got, np.ones((4, 4), np.float32)))
+  quarter = maps.release_motion_cells(grid, 4 * hc, 4 * wc, 'median')
+  assert np.abs(normalised(quarter) - want).max() > 0.1  # sub-pixel vectors read otherwise
+
+
 def test_inconsistency_is_release_local_variance():
   vx, vy = vector_field(seed=1)
   magnitude = np.hypot(*release.compensate(vx, vy, 'similarity'))
@@ -340,6 +371,11 @@ def test_presets_and_overrides():
     'first_frame',
     'median',
   )
+  assert (
+    llava.whole_pixel_vectors and not Options.from_kwargs({}, 'release_probe').whole_pixel_vectors
+  )
+  with pytest.raises(ValueError, match="whole_pixel_vectors=True needs maths='release'"):
+    Options.from_kwargs({'whole_pixel_vectors': True})
   with pytest.raises(ValueError, match="preset='release'.*release_train"):
     Options.from_kwargs({}, 'release')
   with pytest.raises(ValueError, match='motion_inconsistency.*odd'):

@@ -101,6 +101,8 @@ def test_stage1_files_have_the_release_names_and_shapes(made):
     meta = json.load(f)
   assert meta['K'] == K and meta['hb'] == SIDE and meta['video'] == video
   assert meta['valid_ranges']['S_valid'] == valid.sum()
+  # stage1 counts the selected patches on padding (before its 'exclude' policy): frame 0's
+  assert meta['padding_patch_filtered'] == SIDE * SIDE - valid.sum() > 0
   box = geometry.canvas(96, 160, RES, 'letterbox')
   assert (meta['pad_info']['Hn'], meta['pad_info']['pad_top']) == (box.new_h, box.top)
 

@@ -265,6 +265,7 @@ def frame_maps(
   step: int = 1,
   maths: str = 'ove',
   inconsistency: int = 0,
+  whole_pixels: bool = False,
 ) -> FrameMaps:
   """Motion and residual maps of a decoded frame given its candidate references.
 
@@ -273,7 +274,8 @@ def frame_maps(
   one direction, the one whose motion-compensated prediction fits the blocks coded in that
   direction best is taken as the reference the encoder used. `maths='release'` measures motion
   as the release does (`release_motion`); `inconsistency` > 0 replaces the motion magnitude by
-  its local variance in that window (`release.local_variance`).
+  its local variance in that window (`release.local_variance`); `whole_pixels` truncates its
+  vectors to whole pixels first (`Options.whole_pixel_vectors`).
   """
   luma = frame.analysis_luma().astype(np.float32, copy=False)
   h, w = luma.shape
@@ -327,9 +329,9 @@ def frame_maps(
   if maths != 'release':
     motion_HcxWc = motion_magnitude(grids, distances, camera).astype(np.float32, copy=False)
   elif camera in RELEASE_CELL_CAMERAS:
-    motion_HcxWc = release_motion_cells(past_grid, h, w, camera, step)
+    motion_HcxWc = release_motion_cells(past_grid, h, w, camera, step, whole_pixels)
   else:
-    motion_HxW = release_motion(past_grid, h, w, camera, step)
+    motion_HxW = release_motion(past_grid, h, w, camera, step, whole_pixels)
   if motion_HxW is None:
     if inconsistency:
       motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
@@ -389,12 +391,13 @@ def _motion_from_lengths(used: list, grids: Sequence[VectorGrid]) -> np.ndarray:
 
 
 def release_motion(
-  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
+  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1, whole: bool = False
 ) -> np.ndarray:
   """The release's motion magnitude at each analysis pixel: list-0 vectors in pixels (zero where
-  none was coded), compensated over all pixels by `release.compensate`."""
-  dx = cells_to_pixels(np.where(l0.has_HcxWc, l0.dx_HcxWc, 0), height, width, step)
-  dy = cells_to_pixels(np.where(l0.has_HcxWc, l0.dy_HcxWc, 0), height, width, step)
+  none was coded; `whole`: truncated to whole pixels), compensated over all pixels by
+  `release.compensate`."""
+  dx, dy = (release.l0_cells(l0.has_HcxWc, d, whole) for d in (l0.dx_HcxWc, l0.dy_HcxWc))
+  dx, dy = (cells_to_pixels(d, height, width, step) for d in (dx, dy))
   dx, dy = release.compensate(dx.astype(np.float32), dy.astype(np.float32), camera)
   return np.sqrt(dx * dx + dy * dy)
 
@@ -405,14 +408,13 @@ RELEASE_CELL_CAMERAS = ('none', 'median')
 
 
 def release_motion_cells(
-  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1
+  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1, whole: bool = False
 ) -> np.ndarray:
   """`release_motion` on the cell grid, float32 [Hc, Wc], for the `RELEASE_CELL_CAMERAS`: the
   map is constant over each cell, so the median over the pixels is the cells' median weighted
   by their pixel counts (`median`), and the rest is the same float32 arithmetic per cell;
   expanded, it is `release_motion`'s map bit for bit."""
-  dx = np.where(l0.has_HcxWc, l0.dx_HcxWc, 0).astype(np.float32, copy=False)
-  dy = np.where(l0.has_HcxWc, l0.dy_HcxWc, 0).astype(np.float32, copy=False)
+  dx, dy = (release.l0_cells(l0.has_HcxWc, d, whole) for d in (l0.dx_HcxWc, l0.dy_HcxWc))
   if camera == 'median':
     weights = cell_weights(height, width, *dx.shape, step)
     dx, dy = dx - median(dx, weights), dy - median(dy, weights)
@@ -578,15 +580,6 @@ def patch_integrators(
   """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]);
   `geometry.patch_integrators` (exact area weighting, whatever the scale)."""
   return geometry_lib.patch_integrators(height, width, resolution, patch_size, geometry, step)
-
-
-def to_patches(map_HxW: np.ndarray, integrators: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-  ay, ax = integrators
-  return ay @ map_HxW.astype(np.float32) @ ax.T
-
-
-# The banded integrators live with the other canvas matrices; callers reach them here too.
-Band = geometry_lib.Band
 
 
 def to_patches_banded(map_HxW: np.ndarray, bands: tuple) -> np.ndarray:

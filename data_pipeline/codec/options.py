@@ -49,6 +49,11 @@ class Options:
   # keeping 70% of the coded cells; 'release': the release's fit on moving vectors), 'affine'
   # (six-parameter least squares, the release's fit).
   camera_compensation: str = 'none'
+  # True (maths 'release'): the motion reads each vector in whole pixels, truncated toward zero,
+  # as FFmpeg exports it in a vector's source position (src_x = dst_x + motion_x / motion_scale,
+  # integer division) and the release's LLaVA reader takes it (src - dst); the prediction still
+  # uses the exact quarter-pel vector. False: motion_x / motion_scale.
+  whole_pixel_vectors: bool = False
   # 0, or an odd k >= 3: the motion score is the k x k local variance of the compensated
   # magnitude (the release's MV "inconsistency") instead of the magnitude.
   motion_inconsistency: int = 0
@@ -126,6 +131,9 @@ class Options:
     _choice('resample', self.resample, RESAMPLES)
     _choice('geometry', self.geometry, GEOMETRIES)
     _choice('static_test', self.static_test, STATIC_TESTS)
+    _flag('whole_pixel_vectors', self.whole_pixel_vectors)
+    if self.whole_pixel_vectors and self.maths != 'release':
+      raise ValueError("option whole_pixel_vectors=True needs maths='release' (its motion path)")
     _integer(
       'motion_inconsistency',
       self.motion_inconsistency,

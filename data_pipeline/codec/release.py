@@ -11,8 +11,9 @@ EvolvingLMMs-Lab/OneVision-Encoder computes its scores in three places, each a l
 
 What they share, and what `maths='release'` switches on (docs/spec.md §2.4-§2.6):
 
-- Motion: list-0 vectors only (the release reads L0; L1 is ignored), in pixels (quarter-pel / 4),
-  not divided by the reference distance; a cell with no L0 vector (intra, I-frame, L1-only)
+- Motion: list-0 vectors only (the release reads L0; L1 is ignored), in pixels (quarter-pel / 4;
+  the LLaVA reader's are whole pixels, truncated: `l0_cells`), not divided by the reference
+  distance; a cell with no L0 vector (intra, I-frame, L1-only)
   counts as a zero vector, in the statistics too. The grid is sampled at every analysis pixel
   (the release upsamples its 4x4-cell grid to the frame by nearest neighbour before the
   statistics in the train and probe paths; LLaVA takes them on the cells, which gives the same
@@ -59,6 +60,7 @@ PRESET_TABLE = (
   ('maths',                'release',      'release',      'release'),
   ('policy',               'zero_first',   'zero',         'first_frame'),
   ('camera_compensation',  'none',         'similarity',   'median'),
+  ('whole_pixel_vectors',  False,          False,          True),
   ('motion_inconsistency', 0,              3,              0),
   ('centre_prior',         0.0,            0.3,            0.0),
   ('centre_sigma',         '-',            0.35,           '-'),
@@ -76,12 +78,23 @@ PRESET_TABLE = (
   ('static_frames',        '-',            4,              '-'),
   ('gop',                  16,             16,             None),
   ('crf',                  23,             23,             '-'),
+  ('transcode',            'sampled',      '-',            '-'),
 )
 # fmt: on
 PRESETS = {
   name: {option: values[i] for option, *values in PRESET_TABLE if values[i] != '-'}
   for i, name in enumerate(PRESET_NAMES)
 }
+
+
+def l0_cells(has_HcxWc: np.ndarray, d_HcxWc: np.ndarray, whole: bool = False) -> np.ndarray:
+  """One component of the list-0 vectors on the cell grid as the release reads it, float32
+  [Hc, Wc]: in pixels, 0 where no L0 vector was coded; `whole`: truncated toward zero to whole
+  pixels, what FFmpeg's exported source position holds (src_x = dst_x + motion_x / motion_scale,
+  C's integer division) and the LLaVA reader takes (`h264_api.cpp`: src_x - dst_x). Quarter-pel
+  values are exact in float32, so np.trunc gives the integer division's result."""
+  d_HcxWc = np.where(has_HcxWc, d_HcxWc, 0).astype(np.float32, copy=False)
+  return np.trunc(d_HcxWc) if whole else d_HcxWc
 
 
 @functools.lru_cache(maxsize=4)  # a 1080p pair is 16 MB; a clip has one frame size

@@ -355,11 +355,11 @@ def _analyse(
       if decode_thread:
         frames = bitstream.prefetched(frames)
       scorer = Scorer(opts, resolution, patch_size, step)
+      how = (opts.camera_compensation, step, opts.maths, opts.motion_inconsistency)
+      how += (opts.whole_pixel_vectors,)  # `maps.frame_maps`' arguments after the references
       for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
         map_tick = time.perf_counter()
-        raw = maps.frame_maps(
-          frame, past, future, opts.camera_compensation, step, opts.maths, opts.motion_inconsistency
-        )
+        raw = maps.frame_maps(frame, past, future, *how)
         vectors_past += raw.vectors_past
         vectors_future += raw.vectors_future
         source_id = int(source_ids[frame.index]) if transcoded else frame.index
