@@ -421,6 +421,31 @@ def test_presets_end_to_end(moving_clip, preset, grid):
   assert share > 2 * chance, (share, chance)
 
 
+def test_repeated_frames_score_as_each_release_path():
+  """A clip shorter than T repeats frames on the timeline. The probe loader maps each frame to
+  its last position (idx2pos = {fid: i}, the later i wins) and leaves the other copies zero;
+  stage1 builds a map for every position; ours scores the first copy by default."""
+  clip = synthetic.make_clip(2, num_frames=24, height=96, width=128, num_objects=2)
+  grid = dict(num_frames=64, budget=512, resolution=224, patch_size=14)
+  sels = {
+    how: codec.select(clip.data, **grid, repeated_frames=how) for how in ('first', 'last', 'all')
+  }
+  ids = sels['first'].frame_ids
+  assert len(set(ids.tolist())) == 24 and ids.size == 64
+  first = {int(f): i for i, f in reversed(list(enumerate(ids)))}
+  last = {int(f): i for i, f in enumerate(ids)}  # the release's idx2pos
+  per_frame = {f: sels['first'].scores[i] for f, i in first.items()}
+  for how, kept in (('first', first), ('last', last), ('all', None)):
+    scores = sels[how].scores
+    for t, f in enumerate(ids.tolist()):
+      want = per_frame[f] if kept is None or kept[f] == t else np.zeros_like(per_frame[f])
+      np.testing.assert_array_equal(scores[t], want, err_msg=f'{how} t={t}')
+  assert Options.from_kwargs({}, 'release_probe').repeated_frames == 'last'
+  assert Options.from_kwargs({}, 'release_llava').repeated_frames == 'all'
+  with pytest.raises(ValueError, match="repeated_frames='every'.*'first', 'last', 'all'"):
+    Options.from_kwargs({'repeated_frames': 'every'})
+
+
 def _letterbox_coverage(clip, frame_ids, resolution, ps):
   ay, ax = geometry.patch_integrators(clip.height, clip.width, resolution, ps, 'letterbox')
   masks = clip.masks[np.minimum(frame_ids, clip.num_frames - 1)].astype(np.float32)

@@ -25,6 +25,7 @@ MATHS = ('ove', 'release')
 STATIC_TESTS = ('ove', 'release')
 DEFAULT_GOP = 32
 TRANSCODES = ('sampled', 'faithful', 'paired')
+REPEATED_FRAMES = ('first', 'last', 'all')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,10 @@ class Options:
   static_threshold: float = 0.03
   static_rel_threshold: float = 0.38
   static_frames: int = 4
+  # Which copies of a frame the timeline repeats (clips shorter than T) are scored: 'first' (the
+  # others score 0 and are never kept whole), 'last' (the release's probe loader: its position
+  # map keeps a frame's last position), 'all' (the release's LLaVA stage1 scores every one).
+  repeated_frames: str = 'first'
   # GOP of the libx264 transcode. None: H.264 sources are read as they are and other codecs
   # are transcoded with GOP 32 (2 I-frames over 64 frames); an int forces the transcode.
   gop: int | None = None
@@ -161,6 +166,7 @@ class Options:
     if self.gop is not None:
       _integer('gop', self.gop, 'None or an integer >= 1', lambda v: v >= 1)
     _choice('transcode', self.transcode, TRANSCODES)
+    _choice('repeated_frames', self.repeated_frames, REPEATED_FRAMES)
     _integer('crf', self.crf, 'an integer in [0, 51]', lambda v: 0 <= v <= 51)
     if self.analysis_size is not None:
       _integer('analysis_size', self.analysis_size, 'None or an integer >= 16', lambda v: v >= 16)

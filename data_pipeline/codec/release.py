@@ -79,6 +79,7 @@ PRESET_TABLE = (
   ('gop',                  16,             16,             None),
   ('crf',                  23,             23,             '-'),
   ('transcode',            'sampled',      '-',            '-'),
+  ('repeated_frames',      '-',            'last',         'all'),
 )
 # fmt: on
 PRESETS = {

@@ -5,8 +5,8 @@ then applies the frame policy, the optional static fallback and one global top-K
 where the spec leaves room:
 
 - A timeline position that repeats the frame of the position before it (clips shorter than T)
-  brings nothing new: its scores are 0 and it is never kept whole. Both the native and the
-  transcoded path analyse each distinct frame once (the transcode's I-frames fall on every
+  brings nothing new: its scores are 0 and it is never kept whole (or see `repeated_frames`).
+  Both paths analyse each distinct frame once (the transcode's I-frames fall on every
   gop-th distinct frame in every `transcode` mode, so its GOP counts distinct frames).
 - K always equals the budget. If the whole frames (policy plus static fallback) hold more than
   the budget, the budget // (Hp*Wp) of them evenly spaced over the list are kept whole (the
@@ -388,8 +388,11 @@ def _analyse(
 
   side = resolution // patch_size
   scores = np.zeros((num_frames, side, side), np.float32)
-  repeats = np.zeros(num_frames, bool)
-  repeats[1:] = frame_ids[1:] == frame_ids[:-1]
+  repeats = np.zeros(num_frames, bool)  # positions that score 0 (`Options.repeated_frames`)
+  if opts.repeated_frames == 'first':
+    repeats[1:] = frame_ids[1:] == frame_ids[:-1]
+  elif opts.repeated_frames == 'last':
+    repeats[:-1] = frame_ids[:-1] == frame_ids[1:]
   kinds = []
   for t, source_id in enumerate(frame_ids):
     patch_scores, kind = per_frame[int(source_id)]
@@ -561,9 +564,8 @@ def choose(
 def top_indices(values: np.ndarray, count: int) -> np.ndarray:
   """The indices of the `count` largest values, ties taken in index order: the set that
   np.argsort(-values, kind='stable')[:count] gives (in index order here), found by one
-  selection instead of a sort: the compiled order statistics for float32 scores when the kernels
-  are on (np.partition takes a millisecond where most scores are 0, a still scene's, 40x as
-  long; -0.0 comes back as 0.0, which compares the same), else np.partition."""
+  selection: the compiled order statistics for float32 scores when the kernels are on (40x
+  np.partition's speed where most scores are 0; -0.0 comes back as 0.0, which compares the same)."""
   if count >= values.size or count <= 0:
     return np.arange(min(values.size, max(count, 0)))
   rank = values.size - count
