@@ -39,7 +39,16 @@ CASES = [
     dict(seed=8, bframes=2, background='pan'),
     dict(preset='release_train'),
   ),
-  ('release_probe', dict(seed=9, bframes=2, num_objects=3), dict(preset='release_probe')),
+  (  # the preset's I-frames before they fell on the source's keyframes (its pinned digest)
+    'release_probe',
+    dict(seed=9, bframes=2, num_objects=3),
+    dict(preset='release_probe', keyframes='samples', max_zeroed=0),
+  ),
+  (  # the preset as it is: I-frames on source frames 0, 16, 32, ... (recorded when that came in)
+    'release_probe_source_keyframes',
+    dict(seed=9, bframes=2, num_objects=3),
+    dict(preset='release_probe'),
+  ),
   (  # the quarter-pel vectors of the preset before it read whole pixels (its pinned digest)
     'release_llava',
     dict(seed=10, height=224, width=320, bframes=2),
@@ -67,6 +76,7 @@ PINNED = {  # name: (digest, sum of the scores)
   'release_train': ('fa7856ba5b680941', 726029.8170970082),
   'release_train_sampled': ('933007230a0e2b45', 748573.2210728526),
   'release_probe': ('959b8284887c9a5d', 214958.6798542738),
+  'release_probe_source_keyframes': ('d1c026ec3929c0d5', 209524.7150053829),
   'release_llava': ('e685a727f9869c81', 249043.46356733888),
   'release_llava_whole_pixels': ('44c19157520d121f', 231971.84872283787),
 }

@@ -5,12 +5,14 @@ llava_next/Compressed_Video_Reader/tool/stage1.py), then end to end on encoded c
 
 import math
 
+import av
 import numpy as np
 import pytest
 
 from data_pipeline import codec, synthetic
-from data_pipeline.codec import geometry, maps, release, selection
+from data_pipeline.codec import geometry, maps, release, selection, transcode
 from data_pipeline.codec.options import Options
+from data_pipeline.records import PICTURE_TYPES
 
 # ----------------------------------------------------------------------------- transcriptions
 # Written from the release's code as it reads, interleaved design rows and all, so that a change
@@ -444,6 +446,32 @@ def test_repeated_frames_score_as_each_release_path():
   assert Options.from_kwargs({}, 'release_llava').repeated_frames == 'all'
   with pytest.raises(ValueError, match="repeated_frames='every'.*'first', 'last', 'all'"):
     Options.from_kwargs({'repeated_frames': 'every'})
+
+
+def test_probe_keyframes_are_the_source_reencodes_and_at_most_8_are_zeroed():
+  """The probe loader zeroes the sampled frames that are keyframes of its GOP-16 re-encode of
+  the whole source (decord's key indices: source frames 0, 16, 32, ...), at most 8 of them
+  (`I_list[:tokeq_target_frames]`). 253 frames at T = 64 sample 16 such frames."""
+  clip = synthetic.make_clip(4, num_frames=253, height=96, width=128)
+  opts = dict(preset='release_probe', static_fallback=False, budget=2048)
+  sel = codec.select(clip.data, num_frames=64, **opts)
+  on_keyframes = [t for t, f in enumerate(sel.frame_ids) if f % 16 == 0]
+  assert len(on_keyframes) == 16
+  kinds = [PICTURE_TYPES[k] for k in sel.picture_types]
+  assert [t for t, k in enumerate(kinds) if k == 'I'] == on_keyframes
+  zeroed = on_keyframes[:8]  # what the release zeroes
+  assert not set(sel.positions[:, 0].tolist()) & set(zeroed)
+  # ... and only those: with every score equal the top-K takes every other frame whole.
+  probe = Options.from_kwargs({'static_fallback': False}, 'release_probe')
+  ones = np.ones((64, 16, 16), np.float32)
+  positions, _, _ = selection.choose(ones, kinds, np.zeros(64, bool), 56 * 256, probe, 14)
+  assert sorted(set(positions[:, 0].tolist())) == sorted(set(range(64)) - set(zeroed))
+  # The faithful transcode puts its I-frames on the same source frames.
+  ids = np.unique(sel.frame_ids)
+  packets, _, _ = transcode.transcode_segment(clip.data, ids, 96, 128, 16, 23, 'source')
+  coded = [f.pict_type for f, _ in transcode.h264_packet_frames(packets)]
+  intra = [i for i, kind in enumerate(coded) if int(kind) == int(av.video.frame.PictureType.I)]
+  assert intra == list(range(0, ids[-1] + 1, 16))
 
 
 def _letterbox_coverage(clip, frame_ids, resolution, ps):

@@ -26,6 +26,7 @@ STATIC_TESTS = ('ove', 'release')
 DEFAULT_GOP = 32
 TRANSCODES = ('sampled', 'faithful', 'paired')
 REPEATED_FRAMES = ('first', 'last', 'all')
+KEYFRAMES = ('samples', 'source')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,13 @@ class Options:
   # source frames at twice the frames of 'sampled'). I-frames fall on the same samples in all
   # three. docs/codec.md gives the costs.
   transcode: str = 'paired'
+  # Where the transcode's I-frames fall: 'samples' (every gop-th sample) or 'source' (on source
+  # frames 0, gop, 2 gop, ...: a whole-source re-encode's keyframes, which the release's probe
+  # reads from its GOP-16 HEVC files; samples between them are P-frames).
+  keyframes: str = 'samples'
+  # Policy 'zero': at most this many I-frame positions zeroed, the earliest (0: every one; the
+  # release's probe zeroes at most 8, its tokeq_target_frames).
+  max_zeroed: int = 0
   # Short side of the analysis, None: `resolution`. The transcode scales to it (never up);
   # H.264 read as it is is block-averaged by the largest integer factor that keeps its short
   # side at least this (vectors stay in coded pixels).
@@ -167,6 +175,8 @@ class Options:
       _integer('gop', self.gop, 'None or an integer >= 1', lambda v: v >= 1)
     _choice('transcode', self.transcode, TRANSCODES)
     _choice('repeated_frames', self.repeated_frames, REPEATED_FRAMES)
+    _choice('keyframes', self.keyframes, KEYFRAMES)
+    _integer('max_zeroed', self.max_zeroed, 'an integer >= 0', lambda v: v >= 0)
     _integer('crf', self.crf, 'an integer in [0, 51]', lambda v: 0 <= v <= 51)
     if self.analysis_size is not None:
       _integer('analysis_size', self.analysis_size, 'None or an integer >= 16', lambda v: v >= 16)

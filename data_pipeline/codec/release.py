@@ -80,6 +80,8 @@ PRESET_TABLE = (
   ('crf',                  23,             23,             '-'),
   ('transcode',            'sampled',      '-',            '-'),
   ('repeated_frames',      '-',            'last',         'all'),
+  ('keyframes',            '-',            'source',       '-'),
+  ('max_zeroed',           '-',            8,              '-'),
 )
 # fmt: on
 PRESETS = {

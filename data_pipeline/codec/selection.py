@@ -295,7 +295,7 @@ def _analyse(
     gop = opts.gop or DEFAULT_GOP
     if opts.transcode == 'faithful':
       packets, count, error = transcode.transcode_segment(
-        video, distinct, height, width, gop, opts.crf
+        video, distinct, height, width, gop, opts.crf, opts.keyframes
       )
       missing = [int(i) for i in distinct if int(i) >= count]
       source_ids = np.arange(distinct[0], distinct[-1] + 1)
@@ -309,13 +309,8 @@ def _analyse(
       got, count, error = transcode.read_frames(video, source_ids, height, width)
       missing = [int(i) for i in distinct if int(i) not in got]
       if not missing:
-        # I-frames on every gop-th sample (for 'sampled', x264's own GOP does the same).
-        packets = transcode.encode_h264(
-          [got[int(i)] for i in source_ids],
-          gop,
-          opts.crf,
-          wanted[::gop] if opts.transcode == 'paired' else None,
-        )
+        intra = transcode.intra_positions(distinct, wanted, gop, opts.transcode, opts.keyframes)
+        packets = transcode.encode_h264([got[int(i)] for i in source_ids], gop, opts.crf, intra)
     if missing:
       return _Analysis(frame_ids, None, [], None, num_source_frames, True, count, missing, error)
     timings['transcode'] = time.perf_counter() - tick
@@ -497,6 +492,7 @@ def choose(
   else:  # 'zero' / 'zero_first'
     whole = []
     zeroed = is_intra.copy() if opts.policy == 'zero' else np.zeros(num_frames, bool)
+    zeroed[np.flatnonzero(zeroed)[opts.max_zeroed or num_frames :]] = False  # the earliest ones
     zeroed[0] = True
     rank_TxHpxWp[zeroed] = 0
 

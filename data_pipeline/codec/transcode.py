@@ -132,8 +132,26 @@ def paired_sequence(frame_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
   return np.array(sequence, np.int64), np.array(positions, np.int64)
 
 
+def intra_positions(
+  distinct: np.ndarray, wanted: np.ndarray, gop: int, mode: str, keyframes: str = 'samples'
+) -> np.ndarray | None:
+  """Where the 'paired' / 'sampled' transcode codes I-frames (positions in its sequence; None:
+  x264's own GOP, every gop-th frame): on every gop-th sample, or (`keyframes='source'`) on the
+  samples that are source frames 0, gop, 2 gop, ...: where a re-encode of the whole source
+  with that GOP has its keyframes, as the release's probe reads its GOP-16 HEVC files."""
+  if keyframes == 'source':
+    return wanted[np.asarray(distinct) % gop == 0]
+  return wanted[::gop] if mode == 'paired' else None
+
+
 def transcode_segment(
-  video: VideoSource, frame_ids: Sequence[int], height: int, width: int, gop: int, crf: int
+  video: VideoSource,
+  frame_ids: Sequence[int],
+  height: int,
+  width: int,
+  gop: int,
+  crf: int,
+  keyframes: str = 'samples',
 ) -> tuple[list, int, Exception | None]:
   """The source-faithful transcode: every source frame from the first to the last of
   `frame_ids` (sorted, distinct) re-encoded at height x width, streamed (decode, scale,
@@ -142,12 +160,16 @@ def transcode_segment(
   So that the picture types of the sampled frames are those of the sampled transcode, the
   sampled frames k * gop (k = 0, 1, ...) are forced intra and x264 places no other I-frame:
   the two transcodes differ only in what a P-frame's vectors measure (the step from the source
-  frame before, not from the sample before). Transcode position i is source frame
-  frame_ids[0] + i. Returns (packets, source frames decoded, decoder error or None).
+  frame before, not from the sample before). `keyframes='source'`: the source frames 0, gop,
+  2 gop, ... are intra instead (a whole-source re-encode's keyframes, `intra_positions`).
+  Transcode position i is source frame frame_ids[0] + i. Returns (packets, source frames
+  decoded, decoder error or None).
   """
   ids = np.asarray(frame_ids, np.int64)
   first, last = int(ids[0]), int(ids[-1])
   intra = set(int(i) for i in ids[::gop])
+  if keyframes == 'source':
+    intra = set(range(-(-first // gop) * gop, last + 1, gop))
   encoder = h264_encoder(width, height, last - first + 2, crf)
   packets, decoded = [], Decoded()
   for index, frame in scaled_frames(video, range(first, last + 1), height, width, decoded):
