@@ -97,11 +97,11 @@ class Options:
   gop: int | None = None
   crf: int = 18  # libx264 quality of the transcode (0-51)
   # What the transcode re-encodes: 'sampled' the distinct sampled frames only (vectors measure
-  # the step from one sample to the next), 'faithful' every source frame from the first sample
-  # to the last (vectors measure the step between source frames, as the release's full
-  # re-encode), 'paired' each sample after the source frame just before it (the step between
-  # source frames at twice the frames of 'sampled'). I-frames fall on the same samples in all
-  # three. docs/codec.md gives the costs.
+  # the step from one sample to the next, as the release's training data), 'faithful' every
+  # source frame from the first sample to the last (vectors measure the step between source
+  # frames, as the release's probe data re-encodes whole clips), 'paired' each sample after the
+  # source frame just before it (the step between source frames at twice the frames of
+  # 'sampled'). I-frames fall on the same samples in all three. docs/codec.md gives the costs.
   transcode: str = 'paired'
   # Where the transcode's I-frames fall: 'samples' (every gop-th sample) or 'source' (on source
   # frames 0, gop, 2 gop, ...: a whole-source re-encode's keyframes, which the release's probe

@@ -2,8 +2,9 @@
 H.264), or an H.264 source when a fixed GOP is asked for, are re-encoded in memory to a plain
 H.264 stream (fixed GOP, no scene-cut I-frames, no B-frames, one reference frame) whose vectors
 `bitstream` then reads. `encode_h264` re-encodes the sampled frames only (motion between
-samples); `transcode_segment` every source frame from the first sample to the last (motion
-between source frames, as the release's full re-encode); `paired_sequence` each sample after
+samples, as the release's training data measures it); `transcode_segment` every source frame
+from the first sample to the last (motion between source frames, as the release's probe data
+re-encodes whole clips); `paired_sequence` each sample after
 the source frame before it (motion between source frames at the samples, at twice the sampled
 cost); option `transcode`.
 """
