@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from ove_jax import cli
@@ -153,8 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument(
     '--num-tasks',
     type=int,
-    default=1,
-    help='machines sharing the plan (all run the same command but --task-index)',
+    default=None,
+    help='machines sharing the plan (all run the same command but --task-index; default 1); '
+    "with --runner beam the pipeline's elements (default: one per shard)",
+  )
+  run.add_argument(
+    '--runner',
+    choices=('local', 'beam'),
+    default='local',
+    help='local: this process and its workers; beam: an Apache Beam pipeline running every '
+    'task of the plan (the beam extra), with --beam-args',
+  )
+  run.add_argument(
+    '--beam-args',
+    default='--runner=DirectRunner',
+    help="Beam's pipeline options, one string after '=' (e.g. --beam-args='--runner="
+    'DataflowRunner --project=P --region=R --temp_location=gs://B/tmp '
+    "--extra_package=dist/ove_jax-0.1.0-py3-none-any.whl'; docs/codec.md has Flink and Spark)",
   )
   run.add_argument(
     '--check',
@@ -197,6 +213,9 @@ def main(argv=None) -> int:
     value = getattr(args, flag)
     if value is not None:
       options[flag] = value
+  if args.runner == 'beam':
+    return _run_beam(parser, args, options, precompute, locks)
+  args.num_tasks = args.num_tasks or 1
   try:
     summary = precompute.precompute(
       args.inputs,
@@ -246,12 +265,43 @@ def main(argv=None) -> int:
   return 0
 
 
+def _run_beam(parser, args, options: dict, precompute, locks) -> int:
+  """--runner beam: every task of the plan as a Beam pipeline's elements, then the check."""
+  if args.task_index or args.max_shards:
+    parser.error('--task-index and --max-shards are for --runner local (Beam runs every task)')
+  from data_pipeline import beam_runner
+
+  beam_set = ('task_index', 'num_tasks', 'max_shards')  # what the Beam runner decides
+  keywords = cli.keywords(args, *(f for f in RUN_FLAGS if f not in beam_set))
+  try:
+    report = beam_runner.run(
+      args.inputs,
+      args.out_dir,
+      num_tasks=args.num_tasks,
+      pipeline_args=shlex.split(args.beam_args),
+      options=options,
+      shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+      record_format=args.format,
+      clip_timeout=cli.clip_timeout(args, 'ove-precompute-codec'),
+      **keywords,
+    )
+  except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
+    print(f'ove-precompute-codec: {e}', file=sys.stderr)
+    return 2
+  return _report(report, args.out_dir)
+
+
 def _check(precompute, out_dir: str) -> int:
   try:
     report = precompute.check(out_dir)
   except FileNotFoundError as e:
     print(f'ove-precompute-codec: {e}', file=sys.stderr)
     return 2
+  return _report(report, out_dir)
+
+
+def _report(report: dict, out_dir: str) -> int:
+  """Prints `precompute.check`'s report; 0 when the corpus is complete, else 1."""
   print(json.dumps(report, indent=2, sort_keys=True))
   if report['complete']:
     print(

@@ -1,0 +1,91 @@
+"""Apache Beam as a runner of codec precompute: the same per-clip work into the same shards.
+
+`run(inputs, out_dir, num_tasks=N, pipeline_args=[...], **options)` runs one Beam pipeline whose
+elements are the task indices 0..N-1 of one plan; each element runs `precompute.precompute` as
+task I of N (shards I, I + N, ...: what a SLURM array task runs), so the per-clip work, its time
+limit and crash containment (`data_pipeline.workers`), the shard files and their markers, the
+failure manifest and the final metadata are precompute's own, byte for byte. A task Beam retries
+resumes: its finished shards are skipped. When the pipeline ends, `precompute.check` reads the
+folder back and says whether the corpus is complete.
+
+The runner is Beam's, chosen by `pipeline_args`: DirectRunner here (the tests), or Dataflow,
+Flink or Spark (docs/codec.md#precompute-at-scale shows each). The input list is read where the
+pipeline is launched and handed to every task; on a cluster every worker must read the clips
+(a file system mounted at the same path, or a `reader` hook that fetches each name) and OUT_DIR
+(a shared file system or a bucket: gs://, s3://), and needs this package (a wheel through
+--extra_package, or a container image with it installed).
+`--workers` is per task: the processes one Beam worker starts for its clips.
+
+Needs the `beam` extra (`pip install 'ove-jax[beam]'`, apache-beam 2.77.0).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from data_pipeline import precompute
+from data_pipeline.shard_plan import num_shards_for, read_inputs
+
+
+def run(
+  inputs,
+  out_dir: str,
+  *,
+  num_tasks: int | None = None,
+  pipeline_args: Sequence[str] = ('--runner=DirectRunner',),
+  **options: Any,
+) -> dict:
+  """Precompute `inputs` into `out_dir` as `num_tasks` Beam elements (default: one per shard of
+  the plan); returns `precompute.check(out_dir)` once the pipeline has run. `options`: the
+  keyword arguments of `precompute.precompute` but task_index / num_tasks / progress."""
+  for name in ('task_index', 'num_tasks', 'progress'):
+    if name in options:
+      raise ValueError(f'{name}: the Beam runner sets it (give num_tasks to run() instead)')
+  beam, pipeline_options = _beam()
+  # The list is read here, once, and handed to every task: workers on other machines need not
+  # see the list file (they do need to read the clips, or the `reader` hook to fetch them).
+  clips = read_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+  if not clips:
+    raise ValueError(f'{inputs}: no input clips')
+  if num_tasks is None:
+    num_tasks = options.get('num_shards') or num_shards_for(
+      len(clips), options.get('clips_per_shard', 1000)
+    )
+  # What precompute checks before reading anything, checked once here and not in N workers.
+  precompute.check_run_arguments(
+    out_dir,
+    options.get('name', precompute.DEFAULT_NAME),
+    options.get('split', precompute.DEFAULT_SPLIT),
+    options.get('record_format', 'records'),
+    options.get('clip_timeout'),
+    0,
+    num_tasks,
+    options.get('overwrite', False),
+  )
+  with beam.Pipeline(options=pipeline_options(list(pipeline_args))) as pipeline:
+    _ = (
+      pipeline
+      | 'tasks' >> beam.Create(list(range(num_tasks)))
+      | 'spread' >> beam.Reshuffle()  # one task a worker, not all of them in one bundle
+      | 'precompute' >> beam.Map(run_task, clips, out_dir, num_tasks, options)
+    )
+  return precompute.check(out_dir)
+
+
+def run_task(task_index: int, clips: list, out_dir: str, num_tasks: int, options: dict) -> dict:
+  """One element: task `task_index` of `num_tasks` of the plan (its summary)."""
+  return precompute.precompute(
+    clips, out_dir, task_index=task_index, num_tasks=num_tasks, progress=False, **options
+  )
+
+
+def _beam():
+  try:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+  except ImportError as e:
+    raise ImportError(
+      f'the Beam runner needs apache-beam ({e}): pip install "ove-jax[beam]"'
+    ) from e
+  return beam, PipelineOptions
