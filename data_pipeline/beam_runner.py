@@ -5,8 +5,9 @@ elements are the task indices 0..N-1 of one plan; each element runs `precompute.
 task I of N (shards I, I + N, ...: what a SLURM array task runs), so the per-clip work, its time
 limit and crash containment (`data_pipeline.workers`), the shard files and their markers, the
 failure manifest and the final metadata are precompute's own, byte for byte. A task Beam retries
-resumes: its finished shards are skipped. When the pipeline ends, `precompute.check` reads the
-folder back and says whether the corpus is complete.
+resumes: its finished shards are skipped (`overwrite` clears the folder once, at the launch).
+When the pipeline ends, `precompute.check` reads the folder back and says whether the corpus is
+complete.
 
 The runner is Beam's, chosen by `pipeline_args`: DirectRunner here (the tests), or Dataflow,
 Flink or Spark (docs/codec.md#precompute-at-scale shows each). The input list is read where the
@@ -24,8 +25,13 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from data_pipeline import precompute
-from data_pipeline.shard_plan import num_shards_for, read_inputs
+from data_pipeline import fileio, paths, precompute
+from data_pipeline.clip_work import Clip
+from data_pipeline.shard_plan import clear_outputs, num_shards_for, read_inputs
+from data_pipeline.shards import PROGRESS_DIR, read_plan
+
+# The input list as the launch read it, for every task: OUT_DIR/progress/beam_inputs.json.
+INPUTS = 'beam_inputs.json'
 
 
 def run(
@@ -43,11 +49,14 @@ def run(
     if name in options:
       raise ValueError(f'{name}: the Beam runner sets it (give num_tasks to run() instead)')
   beam, pipeline_options = _beam()
-  # The list is read here, once, and handed to every task: workers on other machines need not
-  # see the list file (they do need to read the clips, or the `reader` hook to fetch them).
+  # The list is read here, once, and written beside the plan for every task (not into the
+  # pipeline's graph, which a runner ships whole): workers on other machines need not see the
+  # list file (they do need to read the clips, or the `reader` hook to fetch them).
   clips = read_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else list(inputs)
   if not clips:
-    raise ValueError(f'{inputs}: no input clips')
+    raise ValueError(
+      f'{inputs}: no input clips (a list file: one path a line; a folder: video files below it)'
+    )
   if num_tasks is None:
     num_tasks = options.get('num_shards') or num_shards_for(
       len(clips), options.get('clips_per_shard', 1000)
@@ -61,20 +70,29 @@ def run(
     options.get('clip_timeout'),
     0,
     num_tasks,
-    options.get('overwrite', False),
+    False,
   )
+  if options.pop('overwrite', False):  # cleared once, here: a task Beam retries must resume
+    old_plan = read_plan(out_dir)
+    if old_plan is not None:
+      clear_outputs(out_dir, old_plan)
+  listing = paths.join(out_dir, PROGRESS_DIR, INPUTS)
+  paths.makedirs(paths.join(out_dir, PROGRESS_DIR))
+  fileio.write_json(listing, [[c.path, c.labels] for c in clips], sort_keys=False)
   with beam.Pipeline(options=pipeline_options(list(pipeline_args))) as pipeline:
     _ = (
       pipeline
       | 'tasks' >> beam.Create(list(range(num_tasks)))
       | 'spread' >> beam.Reshuffle()  # one task a worker, not all of them in one bundle
-      | 'precompute' >> beam.Map(run_task, clips, out_dir, num_tasks, options)
+      | 'precompute' >> beam.Map(run_task, listing, out_dir, num_tasks, options)
     )
   return precompute.check(out_dir)
 
 
-def run_task(task_index: int, clips: list, out_dir: str, num_tasks: int, options: dict) -> dict:
-  """One element: task `task_index` of `num_tasks` of the plan (its summary)."""
+def run_task(task_index: int, listing: str, out_dir: str, num_tasks: int, options: dict) -> dict:
+  """One element: task `task_index` of `num_tasks` of the plan (its summary), over the clips the
+  launch listed in `listing`."""
+  clips = [Clip(path, labels and tuple(labels)) for path, labels in fileio.read_json(listing)]
   return precompute.precompute(
     clips, out_dir, task_index=task_index, num_tasks=num_tasks, progress=False, **options
   )

@@ -53,6 +53,7 @@ from data_pipeline.clip_work import (  # noqa: F401
   resolve,
   selection_record,
 )
+from data_pipeline.codec.release import PRESETS
 from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was this module's)
   VIDEO_EXTENSIONS,
   Aborted,
@@ -211,6 +212,8 @@ def precompute(
     common['store_patches'] = True
   if reader:
     common['reader'] = reader
+  if options.get('preset') in PRESETS:  # what the preset meant when the run began
+    common['preset_values'] = PRESETS[options['preset']]
   plan = make_plan(clips, shards, name, split, shuffle_seed, common)
   return run_plan(
     out_dir,

@@ -442,6 +442,12 @@ def test_repeated_frames_score_as_each_release_path():
     for t, f in enumerate(ids.tolist()):
       want = per_frame[f] if kept is None or kept[f] == t else np.zeros_like(per_frame[f])
       np.testing.assert_array_equal(scores[t], want, err_msg=f'{how} t={t}')
+  # A policy keeps whole (or zeroes) one copy of a frame only: the first, with 'all' too.
+  paper = dict(num_frames=64, budget=2048, policy='paper', gop=8)
+  wholes = [codec.select(clip.data, **paper, repeated_frames=how) for how in ('first', 'all')]
+  assert list(wholes[1].whole_frames) == list(wholes[0].whole_frames)
+  kept = wholes[1].frame_ids[wholes[1].whole_frames]
+  assert len(set(kept.tolist())) == len(kept) > 1
   assert Options.from_kwargs({}, 'release_probe').repeated_frames == 'last'
   assert Options.from_kwargs({}, 'release_llava').repeated_frames == 'all'
   with pytest.raises(ValueError, match="repeated_frames='every'.*'first', 'last', 'all'"):

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import pictures, precompute, records, synthetic
+from data_pipeline.codec import release
 from ove_jax_tools import precompute_codec, visualize_selection
 
 NUM_FRAMES, BUDGET, RESOLUTION, PATCH = 8, 48, 112, 14
@@ -272,6 +273,25 @@ def test_a_different_plan_in_the_same_folder_is_refused(corpus, first_run, capsy
   assert precompute_codec.main(argv) == 2
   assert 'budget' in capsys.readouterr().err  # names what changed
   assert shard_state(out) == state
+
+
+def test_a_plan_keeps_what_its_preset_meant(tmp_path, capsys):
+  """A run with a preset records the preset's values: a run begun when the preset meant other
+  values (its plan without them, or with others) is a different run, not resumed under the new
+  meaning."""
+  clip = synthetic.make_clip(seed=1, num_frames=8, height=64, width=64).write(tmp_path / 'a.mp4')
+  options = {'preset': 'release_train', 'num_frames': 4, 'budget': 16, 'resolution': 56}
+  out = str(tmp_path / 'out')
+  precompute.precompute([clip], out, options=options, workers=0, progress=False)
+  plan_file = os.path.join(out, 'plan.json')
+  with open(plan_file) as f:
+    plan = json.load(f)
+  assert plan['preset_values'] == json.loads(json.dumps(release.PRESETS['release_train']))
+  del plan['preset_values']  # as an earlier version wrote it
+  with open(plan_file, 'w') as f:
+    json.dump(plan, f)
+  with pytest.raises(precompute.PlanMismatch, match='preset_values'):
+    precompute.precompute([clip], out, options=options, workers=0, progress=False)
 
 
 def test_tfds_format_reads_the_same_records(corpus, first_run, tmp_path):

@@ -1,6 +1,6 @@
 """Apache Beam as precompute's runner (DirectRunner): the same shards, byte for byte, as one
 local run, the failure manifest and the final check; a second Beam run resumes (nothing to
-redo), and the flags that only a local run takes are refused."""
+redo), --overwrite starts over once, and the flags that only a local run takes are refused."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def test_beam_writes_the_shards_of_one_local_run_and_resumes(tmp_path, capsys):
     workers=1,
   )
   assert report['complete'] and shard_bytes(beam) == shard_bytes(local)
+  # --overwrite clears the folder once, at the launch (not in each task), and starts over.
+  assert precompute_codec.main([*args, '--beam-args=--runner=DirectRunner', '--overwrite']) == 0
+  assert json.loads(capsys.readouterr().out)['complete']
+  assert shard_bytes(beam) == shard_bytes(local)
+  with open(beam / 'progress' / 'beam_inputs.json') as f:
+    assert [path for path, _ in json.load(f)] == [*clips, str(tmp_path / 'broken.mp4')]
 
   with pytest.raises(SystemExit):
     precompute_codec.main([*args, '--task-index', '1'])

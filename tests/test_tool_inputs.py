@@ -73,6 +73,8 @@ def test_precompute_refuses_bad_flags_and_empty_inputs(tmp_path, video, capsys):
   (tmp_path / 'no_videos' / 'notes.txt').write_text('not a video')
   err = refused(precompute_codec.main, [str(tmp_path / 'no_videos'), out], capsys)
   assert 'no input clips in this folder (files ending in .mp4, .m4v' in err
+  err = refused(precompute_codec.main, [str(listing), out, '--num-tasks', '0'], capsys)
+  assert 'num_tasks=0: need num_tasks >= 1' in err
   for flag, value, words in (
     ('--max-shards', '0', "'0': a whole number >= 1"),
     ('--inline-max-bytes', '-1', "'-1': a whole number >= 0"),

@@ -215,7 +215,8 @@ def main(argv=None) -> int:
       options[flag] = value
   if args.runner == 'beam':
     return _run_beam(parser, args, options, precompute, locks)
-  args.num_tasks = args.num_tasks or 1
+  if args.num_tasks is None:
+    args.num_tasks = 1
   try:
     summary = precompute.precompute(
       args.inputs,
@@ -288,6 +289,9 @@ def _run_beam(parser, args, options: dict, precompute, locks) -> int:
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
     print(f'ove-precompute-codec: {e}', file=sys.stderr)
     return 2
+  except precompute.Aborted as e:
+    print(f'ove-precompute-codec: stopped: {e}', file=sys.stderr)
+    return 1
   return _report(report, args.out_dir)
 
 

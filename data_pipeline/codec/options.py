@@ -90,7 +90,8 @@ class Options:
   static_frames: int = 4
   # Which copies of a frame the timeline repeats (clips shorter than T) are scored: 'first' (the
   # others score 0 and are never kept whole), 'last' (the release's probe loader: its position
-  # map keeps a frame's last position), 'all' (the release's LLaVA stage1 scores every one).
+  # map keeps a frame's last position), 'all' (the release's LLaVA stage1 scores every one; the
+  # first copy alone is the one a policy keeps whole or zeroes).
   repeated_frames: str = 'first'
   # GOP of the libx264 transcode. None: H.264 sources are read as they are and other codecs
   # are transcoded with GOP 32 (2 I-frames over 64 frames); an int forces the transcode.

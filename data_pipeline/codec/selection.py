@@ -7,7 +7,8 @@ where the spec leaves room:
 - A timeline position that repeats the frame of the position before it (clips shorter than T)
   brings nothing new: its scores are 0 and it is never kept whole (or see `repeated_frames`).
   Both paths analyse each distinct frame once (the transcode's I-frames fall on every
-  gop-th distinct frame in every `transcode` mode, so its GOP counts distinct frames).
+  gop-th distinct frame in every `transcode` mode, or with `keyframes='source'` on source frames
+  0, gop, 2 gop, ...).
 - K always equals the budget. If the whole frames (policy plus static fallback) hold more than
   the budget, the budget // (Hp*Wp) of them evenly spaced over the list are kept whole (the
   earliest ones would all sit at the start of a clip with many I-frames) and the remainder is
@@ -383,15 +384,17 @@ def _analyse(
 
   side = resolution // patch_size
   scores = np.zeros((num_frames, side, side), np.float32)
-  repeats = np.zeros(num_frames, bool)  # positions that score 0 (`Options.repeated_frames`)
-  if opts.repeated_frames == 'first':
-    repeats[1:] = frame_ids[1:] == frame_ids[:-1]
-  elif opts.repeated_frames == 'last':
+  # The copies of a frame but the one that counts (never kept whole, zeroed or judged): they
+  # score 0, or as the frame with repeated_frames='all'.
+  repeats = np.zeros(num_frames, bool)
+  if opts.repeated_frames == 'last':
     repeats[:-1] = frame_ids[:-1] == frame_ids[1:]
+  else:
+    repeats[1:] = frame_ids[1:] == frame_ids[:-1]
   kinds = []
   for t, source_id in enumerate(frame_ids):
     patch_scores, kind = per_frame[int(source_id)]
-    if not repeats[t]:
+    if not repeats[t] or opts.repeated_frames == 'all':
       scores[t] = patch_scores
     kinds.append(kind)
   return _Analysis(
