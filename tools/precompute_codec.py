@@ -213,19 +213,22 @@ def main(argv=None) -> int:
     value = getattr(args, flag)
     if value is not None:
       options[flag] = value
-  if args.runner == 'beam':
-    return _run_beam(parser, args, options, precompute, locks)
-  if args.num_tasks is None:
+  common = dict(
+    options=options,
+    shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+    record_format=args.format,
+    clip_timeout=cli.clip_timeout(args, 'ove-precompute-codec'),
+  )
+  if args.num_tasks is None and args.runner == 'local':
     args.num_tasks = 1
   try:
+    if args.runner == 'beam':
+      return _run_beam(parser, args, common)
     summary = precompute.precompute(
       args.inputs,
       args.out_dir,
-      options=options,
-      shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-      record_format=args.format,
       progress=not args.no_progress,
-      clip_timeout=cli.clip_timeout(args, 'ove-precompute-codec'),
+      **common,
       **cli.keywords(args, *RUN_FLAGS),
     )
   except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
@@ -266,32 +269,21 @@ def main(argv=None) -> int:
   return 0
 
 
-def _run_beam(parser, args, options: dict, precompute, locks) -> int:
+def _run_beam(parser, args, common: dict) -> int:
   """--runner beam: every task of the plan as a Beam pipeline's elements, then the check."""
   if args.task_index or args.max_shards:
     parser.error('--task-index and --max-shards are for --runner local (Beam runs every task)')
   from data_pipeline import beam_runner
 
   beam_set = ('task_index', 'num_tasks', 'max_shards')  # what the Beam runner decides
-  keywords = cli.keywords(args, *(f for f in RUN_FLAGS if f not in beam_set))
-  try:
-    report = beam_runner.run(
-      args.inputs,
-      args.out_dir,
-      num_tasks=args.num_tasks,
-      pipeline_args=shlex.split(args.beam_args),
-      options=options,
-      shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-      record_format=args.format,
-      clip_timeout=cli.clip_timeout(args, 'ove-precompute-codec'),
-      **keywords,
-    )
-  except (precompute.PlanMismatch, locks.Locked, FileNotFoundError, ValueError) as e:
-    print(f'ove-precompute-codec: {e}', file=sys.stderr)
-    return 2
-  except precompute.Aborted as e:
-    print(f'ove-precompute-codec: stopped: {e}', file=sys.stderr)
-    return 1
+  report = beam_runner.run(
+    args.inputs,
+    args.out_dir,
+    num_tasks=args.num_tasks,
+    pipeline_args=shlex.split(args.beam_args),
+    **common,
+    **cli.keywords(args, *(f for f in RUN_FLAGS if f not in beam_set)),
+  )
   return _report(report, args.out_dir)
 
 
