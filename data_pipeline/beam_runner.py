@@ -22,12 +22,11 @@ Needs the `beam` extra (`pip install 'ove-jax[beam]'`, apache-beam 2.77.0).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Sequence
 
 from data_pipeline import fileio, paths, precompute
 from data_pipeline.clip_work import Clip
-from data_pipeline.shard_plan import clear_outputs, num_shards_for, read_inputs
+from data_pipeline.shard_plan import clear_outputs, num_shards_for
 from data_pipeline.shards import PROGRESS_DIR, read_plan
 
 # The input list as the launch read it, for every task: OUT_DIR/progress/beam_inputs.json.
@@ -52,11 +51,12 @@ def run(
   # The list is read here, once, and written beside the plan for every task (not into the
   # pipeline's graph, which a runner ships whole): workers on other machines need not see the
   # list file (they do need to read the clips, or the `reader` hook to fetch them).
-  clips = read_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-  if not clips:
-    raise ValueError(
-      f'{inputs}: no input clips (a list file: one path a line; a folder: video files below it)'
-    )
+  clips = precompute.input_clips(inputs)
+  if options.get('selector') == precompute.DEFAULT_SELECTOR:
+    options['selector'] = None
+  precompute.check_hooks(
+    options.get('options') or {}, options.get('selector'), options.get('reader')
+  )
   if num_tasks is None:
     num_tasks = options.get('num_shards') or num_shards_for(
       len(clips), options.get('clips_per_shard', 1000)

@@ -59,9 +59,11 @@ from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was
   Aborted,
   PlanMismatch,
   abort_reason,
+  check_hooks,
   check_options,
   clear_outputs,
   finished_markers,
+  input_clips,
   intact,
   make_plan,
   num_shards_for,
@@ -165,27 +167,11 @@ def precompute(
   check_run_arguments(
     out_dir, name, split, record_format, clip_timeout, task_index, num_tasks, overwrite
   )
-  if isinstance(inputs, (str, os.PathLike)):
-    clips = read_inputs(inputs)
-    if not clips:
-      kind = 'folder' if os.path.isdir(inputs) else 'list'
-      raise ValueError(
-        f'{os.fspath(inputs)}: no input clips in this {kind} ('
-        + (
-          f'files ending in {", ".join(VIDEO_EXTENSIONS)}, searched recursively)'
-          if kind == 'folder'
-          else "one path a line; blank lines and lines starting with '#' are skipped)"
-        )
-      )
-  else:
-    clips = [c if isinstance(c, Clip) else Clip(os.path.abspath(os.fspath(c))) for c in inputs]
+  clips = input_clips(inputs)
   options = dict(options or {})
   if selector == DEFAULT_SELECTOR:
     selector = None
-  for spec, what in ((selector, 'selector'), (reader, 'reader')):
-    if spec:
-      resolve(spec, what)  # a wrong name fails here, not in every worker
-  check_options(options, selector)
+  check_hooks(options, selector, reader)  # before any worker starts, not in every one
   if workers is None:
     workers = workers_lib.usable_cpus()
   shards = plan_shards(

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from data_pipeline import fileio, paths
-from data_pipeline.clip_work import Clip
+from data_pipeline.clip_work import Clip, resolve
 from data_pipeline.shards import (
   FAILURES,
   PLAN,
@@ -200,6 +200,34 @@ def task_shards(num_shards: int, task_index: int = 0, num_tasks: int = 1) -> lis
       '0 <= task_index < num_tasks'
     )
   return list(range(task_index, num_shards, num_tasks))
+
+
+def input_clips(inputs) -> list[Clip]:
+  """The clips of a list file or folder (`read_inputs`; none is a ValueError saying what was
+  looked for), or of a sequence of `Clip`s / paths."""
+  if not isinstance(inputs, (str, os.PathLike)):
+    return [c if isinstance(c, Clip) else Clip(os.path.abspath(os.fspath(c))) for c in inputs]
+  clips = read_inputs(inputs)
+  if not clips:
+    kind = 'folder' if os.path.isdir(inputs) else 'list'
+    raise ValueError(
+      f'{os.fspath(inputs)}: no input clips in this {kind} ('
+      + (
+        f'files ending in {", ".join(VIDEO_EXTENSIONS)}, searched recursively)'
+        if kind == 'folder'
+        else "one path a line; blank lines and lines starting with '#' are skipped)"
+      )
+    )
+  return clips
+
+
+def check_hooks(options: Mapping[str, Any], selector: str | None, reader: str | None) -> None:
+  """A wrong selector or reader name ('module:function'; None: codec.select, names are paths),
+  or options the selector refuses, fail here: before a pool starts, not in every worker."""
+  for spec, what in ((selector, 'selector'), (reader, 'reader')):
+    if spec:
+      resolve(spec, what)
+  check_options(options, selector)
 
 
 def check_options(options: Mapping[str, Any], selector: str | None) -> None:

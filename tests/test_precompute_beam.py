@@ -66,5 +66,9 @@ def test_beam_writes_the_shards_of_one_local_run_and_resumes(tmp_path, capsys):
   with pytest.raises(SystemExit):
     precompute_codec.main([*args, '--task-index', '1'])
   assert '--task-index and --max-shards are for --runner local' in capsys.readouterr().err
+  # Wrong options fail at the launch, before any task (not once in every Beam worker).
+  with pytest.raises(ValueError, match="unknown option 'polcy'"):
+    beam_runner.run(str(listing), str(tmp_path / 'never'), options={'polcy': 'zero'})
+  assert not (tmp_path / 'never').exists()
   with pytest.raises(ValueError, match='progress: the Beam runner sets it'):
     beam_runner.run(str(listing), str(beam), progress=False)
