@@ -59,6 +59,38 @@ def builtin_root(tmp_path_factory):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, 'experiments', 'demo_cpu.py')
+
+
+@pytest.fixture(scope='session')
+def data_root(builtin_root):
+  """`builtin_root` with the smoke configs' built-in data made now (the tests that time or signal
+  a trainer run must not have it make the data first)."""
+  from data_pipeline import builtin
+  from ove_jax import config as config_lib
+
+  c = config_lib.load(DEMO + ':smoke')
+  builtin.ensure(
+    builtin_root,
+    clips=c.builtin.clips,
+    images=c.builtin.images,
+    budget=c.builtin.budget,
+    seed=c.seed,
+    progress=False,
+  )
+  return builtin_root
+
+
+@pytest.fixture(scope='session')
+def two_step_run(data_root, run_trainer, tmp_path_factory):
+  """A workdir the trainer wrote: the demo's smoke run for 2 steps, checkpoint at step 2 (and the
+  seconds it took). Read, never written, by the tests that use it."""
+  workdir = tmp_path_factory.mktemp('two_step_run') / 'run'
+  proc, seconds = run_trainer(
+    f'--config={DEMO}:smoke,steps=2,data_root={data_root}', f'--workdir={workdir}'
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(workdir), seconds
 
 
 @pytest.fixture(scope='session')

@@ -253,16 +253,12 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_cli_from_train_exports_a_training_checkpoint(tmp_path, builtin_root, run_trainer, capsys):
-  # The demo's smoke run for 2 steps (about 40 s), then its encoder through the CLI; the PyTorch
-  # port on the export must compute what our encoder computes from the checkpoint's parameters.
-  workdir, out = tmp_path / 'run', str(tmp_path / 'hf')
-  proc, train_seconds = run_trainer(
-    f'--config=experiments/demo_cpu.py:smoke,steps=2,data_root={builtin_root}',
-    f'--workdir={workdir}',
-    '--config.checkpoint_every=2',
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def test_cli_from_train_exports_a_training_checkpoint(two_step_run, tmp_path, capsys):
+  # The demo's smoke run for 2 steps (tests/conftest.py), then its encoder through the CLI; the
+  # PyTorch port on the export must compute what our encoder computes from the checkpoint's
+  # parameters.
+  workdir, train_seconds = two_step_run
+  out = str(tmp_path / 'hf')
   start = time.perf_counter()
   assert (
     convert_checkpoint.main(['from-train', '--workdir', str(workdir), '--step', '2', '--out', out])

@@ -12,13 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-# The trainer runs' harness (module-scoped data_root fixture, command line, kill and resume).
-from test_train import ROOT, assert_same_losses_after, command, data_root, env, kill_then_resume
+# The trainer runs' harness (command line, kill and resume; data_root: tests/conftest.py).
+from test_train import ROOT, assert_same_losses_after, command, env, kill_then_resume
 
 from data_pipeline import fileio, paths
 from ove_jax import metrics as metrics_lib
-
-assert data_root  # a fixture, used by the tests below by name
 
 
 def no_url_folders(*folders):

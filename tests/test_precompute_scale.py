@@ -28,7 +28,7 @@ OPTIONS = {'num_frames': 4, 'budget': 16, 'resolution': 56}
 FLAGS = ['--num-frames', '4', '--budget', '16', '--resolution', '56', '--no-progress']
 READER = 'precompute_faults:open_clip'
 # Far above what one of these clips takes (a fraction of a second) even on a loaded machine.
-TIMEOUT = 12.0
+TIMEOUT = 6.0
 
 
 @pytest.fixture(scope='module')

@@ -192,23 +192,6 @@ def test_unreadable_sources_and_init_are_config_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  from data_pipeline import builtin
-
-  root = str(tmp_path_factory.mktemp('builtin'))
-  c = config_lib.load(DEMO + ':smoke')
-  builtin.ensure(
-    root,
-    clips=c.builtin.clips,
-    images=c.builtin.images,
-    budget=c.builtin.budget,
-    seed=c.seed,
-    progress=False,
-  )
-  return root
-
-
 def command(workdir, data_root, *extra, arg='smoke'):
   return [
     sys.executable,
@@ -698,15 +681,8 @@ def test_bf16_and_remat_steps(tmp_path):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
 
 
-def test_later_stage_starts_from_an_earlier_one(tmp_path, data_root):
-  first = str(tmp_path / 'stage1')
-  subprocess.run(
-    command(first, data_root, '--config.total_steps=2', '--config.checkpoint_every=2'),
-    env=env(),
-    check=True,
-    capture_output=True,
-    timeout=600,
-  )
+def test_later_stage_starts_from_an_earlier_one(two_step_run):
+  first, _ = two_step_run  # the trainer's 2-step smoke run (tests/conftest.py)
   source, meta, step = checkpoint.restore_params(first, subtree=('params',))
   assert step == 2 and meta['step'] == 2
   c = small_config(
