@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline import fileio
+from data_pipeline.codec.release import PRESETS
 
 STAGE1_SUFFIXES = ('.visidx_thw.npy', '.frame_ids.npy', '.meta.json')
 IMAGE_FORMATS = ('jpg', 'png')
@@ -484,11 +485,13 @@ def check_settings(
   """Keeps what makes a clip's files in `<jsonl>.settings.json` and in each of `roots` (the
   visidx and image roots, as `ove-llava-settings.json`), and refuses a run whose settings differ
   from any of them: its canvases would land over some earlier ones and beside the rest, and
-  finished clips would be skipped as made with other options. Returns the files it wrote where
-  none was there (a first run), else []."""
-  wanted = json.loads(
-    json.dumps({**dataclasses.asdict(settings), 'options': options, 'selector': selector})
-  )
+  finished clips would be skipped as made with other options. The preset's values are kept too:
+  a run begun under an earlier meaning of the preset is refused, not resumed. Returns the files
+  it wrote where none was there (a first run), else []."""
+  wanted = {**dataclasses.asdict(settings), 'options': options, 'selector': selector}
+  if settings.preset in PRESETS:  # what the preset meant when the run began (as precompute's plan)
+    wanted['preset_values'] = PRESETS[settings.preset]
+  wanted = json.loads(json.dumps(wanted))
   paths = [out_jsonl + '.settings.json', *(os.path.join(r, SETTINGS_FILE) for r in roots)]
   paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
   earlier_of = {path: fileio.read_json(path) for path in paths}

@@ -13,7 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import codec, llava, llava_import, locks, records, sources, synthetic, transforms
+from data_pipeline import (
+  codec,
+  fileio,
+  llava,
+  llava_import,
+  locks,
+  records,
+  sources,
+  synthetic,
+  transforms,
+)
 from data_pipeline.codec import geometry
 from data_pipeline.shard_plan import Aborted
 from data_pipeline.tokens import PATCH, VIDEO_GRID, VIDEO_RESOLUTION
@@ -408,6 +418,26 @@ def test_make_refuses_options_and_selectors_that_cannot_make_its_files(made, tmp
   assert not os.path.exists(args['out_jsonl'])
 
 
+def test_a_run_begun_under_an_earlier_meaning_of_the_preset_is_refused(made, tmp_path):
+  from data_pipeline.codec.release import PRESETS
+
+  recorded = fileio.read_json(os.path.join(made['args']['visidx_root'], llava.SETTINGS_FILE))
+  assert recorded['preset'] == 'release_llava'
+  assert recorded['preset_values'] == json.loads(json.dumps(PRESETS['release_llava']))
+  # Roots an earlier version filled: its settings file has no preset values (or older ones).
+  args = {k: str(tmp_path / k) for k in ('visidx_root', 'image_root')}
+  del recorded['preset_values']
+  for root in args.values():
+    os.makedirs(root)
+    fileio.write_json(os.path.join(root, llava.SETTINGS_FILE), recorded)
+  out = str(tmp_path / 'train.jsonl')
+  with pytest.raises(ValueError, match=r'other settings \(preset_values: None then, \{'):
+    llava.run(made['dataset'], settings=made['settings'], workers=0, out_jsonl=out, **args)
+  assert not os.path.exists(out) and sorted(os.listdir(args['visidx_root'])) == [
+    llava.SETTINGS_FILE
+  ]
+
+
 def test_a_run_whose_first_clips_all_fail_for_its_own_reasons_stops_and_keeps_nothing(
   tmp_path, capsys
 ):
@@ -515,7 +545,7 @@ def test_a_segfault_and_a_hang_cost_their_clip_and_a_second_run_refuses(tmp_path
     out_jsonl=str(tmp_path / 'out' / 'train.jsonl'),
     settings=settings,
   )
-  timeout = 12.0  # far above what one of these clips takes, even on a loaded machine
+  timeout = 6.0  # far above what one of these clips takes, even on a loaded machine
   counts = llava.run(
     str(dataset),
     workers=2,
