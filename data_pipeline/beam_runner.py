@@ -5,7 +5,8 @@ elements are the task indices 0..N-1 of one plan; each element runs `precompute.
 task I of N (shards I, I + N, ...: what a SLURM array task runs), so the per-clip work, its time
 limit and crash containment (`data_pipeline.workers`), the shard files and their markers, the
 failure manifest and the final metadata are precompute's own, byte for byte. A task Beam retries
-resumes: its finished shards are skipped (`overwrite` clears the folder once, at the launch).
+resumes: its finished shards are skipped (`overwrite` clears the folder once, at the launch,
+which holds the folder's lock: a second launch, or a precompute task writing there, is refused).
 When the pipeline ends, `precompute.check` reads the folder back and says whether the corpus is
 complete.
 
@@ -22,9 +23,10 @@ Needs the `beam` extra (`pip install 'ove-jax[beam]'`, apache-beam 2.77.0).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
-from data_pipeline import fileio, paths, precompute
+from data_pipeline import fileio, locks, paths, precompute
 from data_pipeline.clip_work import Clip
 from data_pipeline.shard_plan import clear_outputs, num_shards_for
 from data_pipeline.shards import PROGRESS_DIR, read_plan
@@ -72,20 +74,32 @@ def run(
     num_tasks,
     False,
   )
-  if options.pop('overwrite', False):  # cleared once, here: a task Beam retries must resume
-    old_plan = read_plan(out_dir)
-    if old_plan is not None:
-      clear_outputs(out_dir, old_plan)
-  listing = paths.join(out_dir, PROGRESS_DIR, INPUTS)
-  paths.makedirs(paths.join(out_dir, PROGRESS_DIR))
-  fileio.write_json(listing, [[c.path, c.labels] for c in clips], sort_keys=False)
-  with beam.Pipeline(options=pipeline_options(list(pipeline_args))) as pipeline:
-    _ = (
-      pipeline
-      | 'tasks' >> beam.Create(list(range(num_tasks)))
-      | 'spread' >> beam.Reshuffle()  # one task a worker, not all of them in one bundle
-      | 'precompute' >> beam.Map(run_task, listing, out_dir, num_tasks, options)
-    )
+  overwrite = options.pop('overwrite', False)
+  paths.makedirs(out_dir)
+  os.makedirs(paths.local_folder(out_dir), exist_ok=True)
+  # Held while the pipeline runs: a second launch on this folder from this machine, or a launch
+  # while a precompute task writes here, is refused before anything is cleared. (Named like a
+  # task lock of this plan, so the launch's own tasks do not take it for another plan's run.)
+  with locks.hold(
+    paths.local_folder(out_dir),
+    f'beam-launch-of-{num_tasks:05d}',
+    'a Beam launch',
+    conflicts=lambda other: True,
+  ):
+    if overwrite:  # cleared once, here: a task Beam retries must resume
+      old_plan = read_plan(out_dir)
+      if old_plan is not None:
+        clear_outputs(out_dir, old_plan)
+    listing = paths.join(out_dir, PROGRESS_DIR, INPUTS)
+    paths.makedirs(paths.join(out_dir, PROGRESS_DIR))
+    fileio.write_json(listing, [[c.path, c.labels] for c in clips], sort_keys=False)
+    with beam.Pipeline(options=pipeline_options(list(pipeline_args))) as pipeline:
+      _ = (
+        pipeline
+        | 'tasks' >> beam.Create(list(range(num_tasks)))
+        | 'spread' >> beam.Reshuffle()  # one task a worker, not all of them in one bundle
+        | 'precompute' >> beam.Map(run_task, listing, out_dir, num_tasks, options)
+      )
   return precompute.check(out_dir)
 
 

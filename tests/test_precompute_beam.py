@@ -1,6 +1,7 @@
 """Apache Beam as precompute's runner (DirectRunner): the same shards, byte for byte, as one
 local run, the failure manifest and the final check; a second Beam run resumes (nothing to
-redo), --overwrite starts over once, and the flags that only a local run takes are refused."""
+redo), --overwrite starts over once (not while a task writes there), and the flags that only a
+local run takes are refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 
 import pytest
 
-from data_pipeline import beam_runner, synthetic
+from data_pipeline import beam_runner, locks, synthetic
 from ove_jax_tools import precompute_codec
 
 FLAGS = ['--num-frames', '4', '--budget', '16', '--resolution', '56', '--no-progress']
@@ -62,6 +63,14 @@ def test_beam_writes_the_shards_of_one_local_run_and_resumes(tmp_path, capsys):
   assert shard_bytes(beam) == shard_bytes(local)
   with open(beam / 'progress' / 'beam_inputs.json') as f:
     assert [path for path, _ in json.load(f)] == [*clips, str(tmp_path / 'broken.mp4')]
+  # A launch while a precompute task writes into the folder (here: its lock held) is refused
+  # before anything is cleared.
+  with locks.hold(str(beam), 'task-00000-of-00001', 'task 0 of 1'):
+    assert precompute_codec.main([*args, '--beam-args=--runner=DirectRunner', '--overwrite']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'ove-precompute-codec: {beam} is in use by another precompute run (pid')
+  assert 'that writes the same shards as a Beam launch' in err
+  assert shard_bytes(beam) == shard_bytes(local)
 
   with pytest.raises(SystemExit):
     precompute_codec.main([*args, '--task-index', '1'])
