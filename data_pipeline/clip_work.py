@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from data_pipeline import records, shards, transforms
+from data_pipeline import paths, records, shards, transforms
 from data_pipeline.video import VideoError
 
 
@@ -165,8 +165,12 @@ def process_clip(clip: Clip):
   settings = _settings
   start = time.perf_counter()
   try:
-    # A path, not bytes, unless a reader says otherwise: the selector's errors then name it.
-    video = _read(clip.path) if _read is not None else clip.path
+    # A path, not bytes, unless a reader says otherwise (or the clip is an object in a bucket:
+    # its bytes): the selector's errors then name it.
+    if _read is not None:
+      video = _read(clip.path)
+    else:
+      video = paths.read_bytes(clip.path) if paths.is_url(clip.path) else clip.path
     selection = _select(video, **settings.options)
     record = selection_record(selection, clip.path, clip.labels, settings.store_scores)
     if settings.store_patches:

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_pipeline import precompute, shards, sources
+from data_pipeline import paths, precompute, shards, sources
 from data_pipeline import workers as workers_lib
 from data_pipeline.clip_work import Clip, Done, Failed, failure_reason
 
@@ -413,8 +413,11 @@ def parquet_cell(path: str, group: int, row: int, column: str) -> Any:
 
 
 def read_image_bytes(item: ImageItem) -> bytes:
-  """The encoded image an item names: a file, a tar member or a parquet cell."""
+  """The encoded image an item names: a file (or an object in a bucket), a tar member or a
+  parquet cell."""
   if not item.container:
+    if paths.is_url(item.path):
+      return paths.read_bytes(item.path)
     with open(item.path, 'rb') as f:
       return f.read()
   if item.container.endswith('.parquet'):

@@ -113,24 +113,41 @@ def read_inputs(
   Folder: every file below it (recursively) whose extension is in `extensions`, in sorted order.
   Paths are made absolute so a record names its source wherever it is read. `what` names the
   items in messages ('videos', 'images').
+
+  Either may be in a bucket (gs://, s3://: a list object, or every object under a prefix), and a
+  list may name URLs: they are kept as they are, and a relative name in a bucket's list is
+  relative to the list's prefix. (Precompute's workers read URL clips through `paths`, or the
+  `reader` hook when one is given.)
   """
   source = os.fspath(source)
-  if os.path.isdir(source):
+  wanted = tuple(e.lower() for e in extensions)
+  problem = paths.one_slash_url(source) or (paths.is_url(source) and paths.buckets_problem(source))
+  if problem:
+    raise FileNotFoundError(f'{source}: {problem}')
+  if paths.is_url(source):
+    if paths.isdir(source):
+      return [Clip(p) for p in paths.walk_files(source) if p.lower().endswith(wanted)]
+    if not paths.isfile(source):
+      raise FileNotFoundError(f'{source}: neither a video list object nor a prefix with objects')
+    base = paths.dirname(source)
+    data = paths.read_bytes(source)
+  elif os.path.isdir(source):
     found = []
-    wanted = tuple(e.lower() for e in extensions)
     for root, dirs, files in os.walk(source):
       dirs.sort()  # os.walk's order is the file system's; sorting makes the list reproducible
       for name in sorted(files):
         if name.lower().endswith(wanted):
           found.append(Clip(os.path.abspath(os.path.join(root, name))))
     return found
-  if not os.path.isfile(source):
+  elif not os.path.isfile(source):
     raise FileNotFoundError(f'{source}: neither a video list file nor a folder')
-  base = os.path.dirname(os.path.abspath(source))
+  else:
+    base = os.path.dirname(os.path.abspath(source))
+    with open(source, 'rb') as f:
+      data = f.read()
   clips = []
   try:
-    with open(source, encoding='utf-8') as f:
-      lines = f.read().split('\n')  # universal newlines: '\r\n' is '\n' here
+    lines = data.decode('utf-8').replace('\r\n', '\n').replace('\r', '\n').split('\n')
   except UnicodeDecodeError:
     raise ValueError(
       f'{source}: not a text list of {what} (one path per line, optionally a tab and label '
@@ -163,8 +180,18 @@ def read_inputs(
         f'{source}:{unlabelled}: no label ids, but line {labelled} has some; labels are all or '
         'nothing: give every line a tab and its ids, or none'
       )
-    clips.append(Clip(os.path.normpath(os.path.join(base, path.strip())), labels))
+    clips.append(Clip(_resolved(base, path.strip()), labels))
   return clips
+
+
+def _resolved(base: str, name: str) -> str:
+  """A list line's path: a URL as it is, else relative to the list's folder (`base`, a local
+  folder or a bucket's prefix; a name starting with '/' in a bucket's list is a local path)."""
+  if paths.is_url(name) or (paths.is_url(base) and name.startswith('/')):
+    return name
+  if paths.is_url(base):
+    return paths.join(base, *name.split('/'))
+  return os.path.normpath(os.path.join(base, name))
 
 
 def num_shards_for(num_clips: int, clips_per_shard: int) -> int:
@@ -209,7 +236,7 @@ def input_clips(inputs) -> list[Clip]:
     return [c if isinstance(c, Clip) else Clip(os.path.abspath(os.fspath(c))) for c in inputs]
   clips = read_inputs(inputs)
   if not clips:
-    kind = 'folder' if os.path.isdir(inputs) else 'list'
+    kind = 'folder' if paths.isdir(os.fspath(inputs)) else 'list'
     raise ValueError(
       f'{os.fspath(inputs)}: no input clips in this {kind} ('
       + (
