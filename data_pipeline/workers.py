@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import math
 import multiprocessing
 import os
+import shutil
 import signal
+import sys
 import time
 from multiprocessing import connection
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from data_pipeline import host_memory
 
@@ -178,17 +181,47 @@ def _die_with_parent(parent_pid: int) -> None:
     _signal_on_parent_death(prctl, parent_pid, signal.SIGKILL)
 
 
-def ends_with_parent(signum: int) -> Callable[[], None] | None:
-  """A `preexec_fn` for subprocess.Popen: the child gets `signum` when the thread that started it
-  ends (its process dying, SIGKILL included: Linux's PR_SET_PDEATHSIG), or None where there is
-  no such guard. A child in a session of its own (start_new_session) otherwise outlives its
-  launcher's kill -9. prctl is looked up here, in the parent: between fork and exec the child
-  only calls it."""
-  prctl = _prctl()
-  if prctl is None:
-    return None
-  parent = os.getpid()
-  return lambda: _signal_on_parent_death(prctl, parent, signum)
+def ends_with_parent(command: Sequence[str], signum: int, env=None) -> list[str]:
+  """`command` as an argv for subprocess.Popen whose process gets `signum` when the thread that
+  starts it ends (its process dying, SIGKILL included: Linux's PR_SET_PDEATHSIG); `command`
+  unchanged where there is no such guard. A child in a session of its own (start_new_session)
+  otherwise outlives its launcher's kill -9.
+
+  The signal is asked for by a small stdlib-only Python (`_PARENT_DEATH_EXEC`) that then execs
+  `command` in its place (the same pid): nothing of the launcher's runs between its fork and the
+  exec, as a preexec_fn would, which is unsafe in a threaded process such as one with JAX (JAX
+  warns of deadlocks at every such fork). A command that is not found raises FileNotFoundError
+  here, as Popen would (`env`: the child's environment, whose PATH is searched)."""
+  if _prctl() is None:
+    return list(command)
+  search = (env if env is not None else os.environ).get('PATH', os.defpath)
+  if shutil.which(command[0], path=search) is None:
+    raise FileNotFoundError(errno.ENOENT, 'No such file or directory', command[0])
+  return [
+    sys.executable,
+    '-S',
+    '-E',
+    '-c',
+    _PARENT_DEATH_EXEC,
+    str(os.getpid()),
+    str(int(signum)),
+    *command,
+  ]
+
+
+# argv: parent pid, signal number, the command. Exits 128 + signal where the parent died before
+# the guard was in place (no signal would come), 127 where the command cannot be executed.
+_PARENT_DEATH_EXEC = f"""import ctypes, os, sys
+parent, signum = int(sys.argv[1]), int(sys.argv[2])
+ctypes.CDLL(None, use_errno=True).prctl({_PR_SET_PDEATHSIG}, signum)
+if os.getppid() != parent:
+  os._exit(128 + signum)
+try:
+  os.execvp(sys.argv[3], sys.argv[3:])
+except OSError as e:
+  sys.stderr.write(f'{{sys.argv[3]}}: {{e}}\\n')
+  os._exit(127)
+"""
 
 
 def _worker_main(

@@ -136,15 +136,14 @@ def _run_trainer(run_dir, command, env, where, signals, say) -> tuple[int, float
     log.flush()
     # Its own group: a terminal's Ctrl-C reaches the sweep alone, which forwards SIGTERM (a
     # trainer saves on SIGTERM; SIGINT would stop it without saving).
+    # The sweep killed (kill -9): the trainer gets SIGTERM, saves and stops (its output is a
+    # file), and the sweep's rerun resumes it, instead of finding it still running on the lock.
     signals.child = subprocess.Popen(
-      list(command),
+      workers.ends_with_parent(command, signal.SIGTERM, env),
       stdout=log,
       stderr=subprocess.STDOUT,
       env=env,
       start_new_session=True,
-      # The sweep killed (kill -9): the trainer saves and stops (its output is a file), and
-      # the sweep's rerun resumes it, instead of finding it still running on the run's lock.
-      preexec_fn=workers.ends_with_parent(signal.SIGTERM),
     )
     signals.forward()  # a signal that came while it was starting
     code = signals.child.wait()

@@ -14,6 +14,7 @@ import jax
 import pytest
 from jax._src.clusters import ompi_cluster
 
+from data_pipeline import workers
 from ove_jax import config as config_lib
 from ove_jax import distributed, train
 
@@ -323,8 +324,8 @@ def test_a_child_started_with_ends_with_parent_gets_the_signal_when_its_parent_d
   parent = (
     'import signal, subprocess, sys\n'
     'from data_pipeline import workers\n'
-    f'child = subprocess.Popen([sys.executable, "-c", {child!r}], start_new_session=True,\n'
-    '  preexec_fn=workers.ends_with_parent(signal.SIGTERM))\n'
+    f'command = workers.ends_with_parent([sys.executable, "-c", {child!r}], signal.SIGTERM)\n'
+    'child = subprocess.Popen(command, start_new_session=True)\n'
     'print(child.pid, flush=True)\n'
     'child.wait()\n'
   )
@@ -344,6 +345,30 @@ def test_a_child_started_with_ends_with_parent_gets_the_signal_when_its_parent_d
     assert time.monotonic() < deadline
     time.sleep(0.05)
   assert marker.read_text() == 'SIGTERM'
+
+
+def test_ends_with_parent_runs_nothing_between_fork_and_exec(tmp_path):
+  """The guard is set by the exec'd helper, not by a preexec_fn: starting the child from this
+  process (JAX imported, threads running) forks without JAX's deadlock warning, the child keeps
+  the pid Popen gave, and a command that does not exist is refused here as Popen would."""
+  import warnings
+
+  assert jax.devices()  # JAX's threads are up
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    child = subprocess.Popen(
+      workers.ends_with_parent(
+        [sys.executable, '-c', 'import os; print(os.getpid())'], signal.SIGTERM
+      ),
+      stdout=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+    )
+    out, _ = child.communicate(timeout=60)
+  assert child.returncode == 0 and int(out) == child.pid
+  assert not [w for w in caught if 'fork' in str(w.message)], [str(w.message) for w in caught]
+  with pytest.raises(FileNotFoundError, match='no-such-command-ove'):
+    workers.ends_with_parent(['no-such-command-ove', '--help'], signal.SIGTERM)
 
 
 def test_launcher_default_grace_covers_a_slow_save(tmp_path):

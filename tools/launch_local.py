@@ -213,16 +213,15 @@ def main(argv=None) -> int:
         index=i,
         devices=args.devices_per_process,
       )
+      # Killed with the launcher (kill -9): their output would go nowhere, and a process whose
+      # writes fail stops in a collective its peer never joins. Stopped with SIGTERM or Ctrl-C,
+      # the launcher lets them save first.
       proc = subprocess.Popen(
-        args.command,
+        workers.ends_with_parent(args.command, signal.SIGKILL, env),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        # Killed with the launcher (kill -9): their output would go nowhere, and a process
-        # whose writes fail stops in a collective its peer never joins. Stopped with SIGTERM or
-        # Ctrl-C, the launcher lets them save first.
-        preexec_fn=workers.ends_with_parent(signal.SIGKILL),
       )
       procs.append(proc)
       for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
