@@ -461,6 +461,9 @@ def test_a_stalled_peer_trips_the_watchdog(tmp_path, data_root):
   wait_for_metrics(workdir, proc)
   stopped = trainer_process(proc.pid, 1)
   os.kill(stopped, signal.SIGSTOP)
+  # Still running when the peer stopped: a watchdog exit below is the stall's, not a slow step's
+  # before it (whose exit would have ended the launcher already).
+  assert proc.poll() is None, proc.communicate()[1][-3000:]
   try:
     out, err = proc.communicate(timeout=400)
   finally:
