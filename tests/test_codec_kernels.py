@@ -320,6 +320,52 @@ def test_order_statistics_every_rank():
       assert (a, b) == (repeated[lo], repeated[lo + 1]), (values, weights, lo)
 
 
+def test_order_statistics_stay_in_bounds_under_numba_boundscheck(tmp_path):
+  """The order-statistics and percentile tests above again with numba's bounds checks on
+  (NUMBA_BOUNDSCHECK=1, compiled afresh into an empty cache): an index past an array, such as a
+  `room` allocation bound too small for what `_gather` writes, raises there instead of writing
+  past the buffer unseen. First, that the variable does turn the checks on with this numba."""
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, NUMBA_BOUNDSCHECK='1', NUMBA_CACHE_DIR=str(tmp_path / 'numba'))
+  probe = (
+    'import numba, numpy as np\n'
+    '@numba.njit\n'
+    'def past(a):\n'
+    '  a[a.shape[0]] = 1.0\n'
+    'try:\n'
+    '  past(np.zeros(3))\n'
+    'except IndexError as e:\n'
+    '  print("checked:", e)\n'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', probe], env=env, capture_output=True, text=True, timeout=120
+  )
+  assert out.stdout.startswith('checked: index is out of bounds'), out.stdout + out.stderr
+  tests = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-p',
+      'no:cacheprovider',
+      __file__,
+      '-k',
+      '(order_statistics or percentile) and not boundscheck',
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
+  assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+  assert '19 passed' in tests.stdout, tests.stdout[-3000:]
+
+
 @pytest.mark.parametrize('kind', ['exponential', 'sparse', 'levels'])
 @pytest.mark.parametrize(
   'fusion,weights', [('mean', (1.0, 1.0)), ('mean', (2.0, 1.0)), ('geomean', (1.0, 1.0))]
