@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline import fileio
+from data_pipeline import paths as paths_lib
 from data_pipeline.codec.release import PRESETS
 
 STAGE1_SUFFIXES = ('.visidx_thw.npy', '.frame_ids.npy', '.meta.json')
@@ -87,38 +88,38 @@ class Item:
 def read_items(path: str) -> list[Item]:
   """The dataset: a .jsonl (one object a line) or .json (an array) of objects with 'id' and
   'video' (and 'conversations', optional; '_row_idx' as the release's pre-sharded files), or a
-  .txt of video paths, one a line (id = the line number, no conversation)."""
+  .txt of video paths, one a line (id = the line number, no conversation). The file may be an
+  object in a bucket (gs://, s3://), and so may the videos it names."""
   lower = path.lower()
-  if not os.path.isfile(path):
+  if not paths_lib.isfile(path):
     raise ValueError(
       f'{path}: no such dataset file; give a .jsonl or .json list of {{"id", "video", '
       '"conversations"} objects, or a .txt of video paths'
     )
-  if lower.endswith('.txt'):
-    with open(path, encoding='utf-8') as f:
-      videos = [line.strip() for line in f if line.strip()]
-    return [Item(str(i), v, [], i) for i, v in enumerate(videos)]
-  if lower.endswith('.jsonl'):
-    rows = []
-    with open(path, encoding='utf-8') as f:
-      for number, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            rows.append(json.loads(line))
-          except ValueError as e:
-            raise ValueError(f'{path}, line {number}: not a JSON object ({e})') from None
-  elif lower.endswith('.json'):
-    with open(path, encoding='utf-8') as f:
-      try:
-        rows = json.load(f)
-      except ValueError as e:
-        raise ValueError(f'{path}: not JSON ({e})') from None
-    if not isinstance(rows, list):
-      raise ValueError(f'{path}: a .json dataset must hold an array of objects')
-  else:
+  if not lower.endswith(('.txt', '.jsonl', '.json')):
     raise ValueError(
       f'{path}: unsupported dataset; use .jsonl, .json (an array) or .txt (one video path a line)'
     )
+  with paths_lib.open_file(path, 'r', encoding='utf-8') as f:
+    text = f.read()  # universal newlines: '\r\n' is '\n' here
+  if lower.endswith('.txt'):
+    videos = [line.strip() for line in text.split('\n') if line.strip()]
+    return [Item(str(i), v, [], i) for i, v in enumerate(videos)]
+  if lower.endswith('.jsonl'):
+    rows = []
+    for number, line in enumerate(text.split('\n'), 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except ValueError as e:
+          raise ValueError(f'{path}, line {number}: not a JSON object ({e})') from None
+  else:
+    try:
+      rows = json.loads(text)
+    except ValueError as e:
+      raise ValueError(f'{path}: not JSON ({e})') from None
+    if not isinstance(rows, list):
+      raise ValueError(f'{path}: a .json dataset must hold an array of objects')
   items = []
   for i, row in enumerate(rows):
     if not isinstance(row, dict) or row.get('id') is None or not row.get('video'):

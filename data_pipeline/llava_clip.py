@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from data_pipeline import fileio
+from data_pipeline import paths as paths_lib
 from data_pipeline.llava import (
   Item,
   Settings,
@@ -40,7 +41,9 @@ def make_clip(
 
   paths = clip_paths(item, visidx_root, image_root, s)
   select = resolve(selector) if selector else codec.select
-  sel = select(item.video, **s.select_options(), **options)
+  # A video in a bucket is read once, its bytes selected from and decoded (the files keep the URL).
+  video = paths_lib.read_bytes(item.video) if paths_lib.is_url(item.video) else item.video
+  sel = select(video, **s.select_options(), **options)
   side = s.resolution // s.patch_size
   first_whole = int(np.sum(np.asarray(sel.positions)[:, 0] == 0)) == side * side
   if s.first_full and not first_whole:
@@ -49,14 +52,14 @@ def make_clip(
       "first frame, first_full) assumes; keep the preset's policy, or pack canvas 0 like the "
       'others (--no-first-full)'
     )
-  frames = geometry.decode_canvas(item.video, sel.frame_ids, s.resolution, 'letterbox')
+  frames = geometry.decode_canvas(video, sel.frame_ids, s.resolution, 'letterbox')
   canvases, packed = pack_canvases(frames, sel.positions, s.num_images, s.patch_size, s.first_full)
   for path, canvas in zip(paths['images'], canvases):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fileio.write_atomic(path, encode_image(canvas, s.image_format))
   save_npy(paths['positions'], packed)
 
-  info = bitstream.probe(item.video)
+  info = bitstream.probe(video)
   box = geometry.canvas(info.height, info.width, s.resolution, 'letterbox')
   valid = geometry.valid_patches(info.height, info.width, s.resolution, s.patch_size, 'letterbox')
   os.makedirs(visidx_root, exist_ok=True)

@@ -80,3 +80,39 @@ def test_precompute_reads_its_list_and_clips_from_a_bucket(gcs, tmp_path, capsys
     local = codec.select(str(tmp_path / f'clip{i}.mp4'), **options)
     np.testing.assert_array_equal(record['positions'], local.positions)
   assert fileio.read_json(os.path.join(out, 'summary.json'))['complete']
+
+
+def test_llava_data_reads_its_dataset_and_videos_from_a_bucket(gcs, tmp_path):
+  from data_pipeline import llava, synthetic
+
+  synthetic.make_clip(5, num_frames=16, height=96, width=160).write(tmp_path / 'walk.mp4')
+  paths.upload(str(tmp_path / 'walk.mp4'), paths.join(gcs, 'llava/walk.mp4'))
+  rows = [
+    {'id': 7, 'video': f'{gcs}/llava/walk.mp4', 'conversations': []},
+    {'id': 8, 'video': f'{gcs}/llava/gone.mp4', 'conversations': []},
+  ]
+  dataset = _text(tmp_path / 'data.jsonl', '\n'.join(json.dumps(r) for r in rows) + '\n')
+  paths.upload(str(dataset), paths.join(gcs, 'llava/data.jsonl'))
+  out = {k: str(tmp_path / k) for k in ('visidx_root', 'image_root')}
+  counts = llava.run(
+    paths.join(gcs, 'llava/data.jsonl'),
+    settings=llava.Settings(image_format='png', num_frames=16, budget=16 * 36 * 36 // 2),
+    workers=1,
+    out_jsonl=str(tmp_path / 'train.jsonl'),
+    **out,
+  )
+  assert counts == {'clips': 2, 'made': 1, 'skipped': 0, 'failed': 1}
+  [visidx] = [n for n in os.listdir(out['visidx_root']) if n.endswith('.visidx_thw.npy')]
+  with open(os.path.join(out['visidx_root'], visidx.replace('.visidx_thw.npy', '.meta.json'))) as f:
+    assert json.load(f)['video'] == f'{gcs}/llava/walk.mp4'
+  local = codec.select(
+    str(tmp_path / 'walk.mp4'),
+    num_frames=16,
+    budget=16 * 36 * 36 // 2,
+    resolution=576,
+    patch_size=16,
+    preset='release_llava',
+  )
+  np.testing.assert_array_equal(np.load(os.path.join(out['visidx_root'], visidx)), local.positions)
+  [failure] = llava.read_failures(str(tmp_path / 'train.jsonl') + '.failures.jsonl')
+  assert failure['video'] == f'{gcs}/llava/gone.mp4'
