@@ -5,7 +5,8 @@ the step and the way on), orbax's other reads of that restore are still under wa
 of its deserializer whose exceptions nobody retrieves, coroutines that never finish, and
 tensorstore's callbacks into orbax's closed event loop. They end later, at garbage collection or
 at exit, and Python reports each: asyncio logs 'Task exception was never retrieved' with the
-task's traceback (through the 'asyncio' logger), the interpreter prints 'Exception ignored in ...'
+task's traceback (through the 'asyncio' logger; '_GatheringFuture exception was never retrieved'
+for the future of a gather of them), the interpreter prints 'Exception ignored in ...'
 (through `sys.unraisablehook`). Both came after the one-line error of a damaged step's exit 2,
 hundreds of lines of the same failure, and only now and then (it depends on when the collector
 runs). `quiet()` drops those, and only those, for the rest of the process.
@@ -18,16 +19,34 @@ import os
 import sys
 
 _ORBAX = f'{os.sep}orbax{os.sep}'
-_UNRETRIEVED = 'Task exception was never retrieved'
+# asyncio's report of a failed task or future (an asyncio.gather of orbax's reads: its class,
+# '_GatheringFuture', starts the line) whose exception nobody retrieved.
+_UNRETRIEVED = ' exception was never retrieved'
 
 
 class _UnretrievedOrbaxTasks(logging.Filter):
-  """Drops asyncio's report of an orbax task whose exception nobody retrieved (the task's repr,
-  in the message, names the coroutine's file)."""
+  """Drops asyncio's report of an orbax task or future whose exception nobody retrieved: the
+  task's repr in the message names the coroutine's file, and a future's exception was raised in
+  orbax's code (its traceback, or that of the exception it was raised from, passes through it)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith(_UNRETRIEVED) and _ORBAX in message)
+    if not message.split('\n', 1)[0].endswith(_UNRETRIEVED):
+      return True
+    return not (_ORBAX in message or _raised_in_orbax(record.exc_info))
+
+
+def _raised_in_orbax(exc_info) -> bool:
+  error, seen = exc_info[1] if exc_info else None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      if _ORBAX in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _is_leftover(unraisable) -> bool:

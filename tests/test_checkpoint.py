@@ -319,12 +319,31 @@ def test_unretrieved_orbax_task_errors_are_not_logged(monkeypatch, tmp_path, cap
     del task
     gc.collect()
 
+  def fail_gathered(coroutine):
+    """The same for the future of an asyncio.gather: '_GatheringFuture exception was never
+    retrieved' (a CI run's likely leftover), its message naming no file, the exception's
+    traceback orbax's."""
+    loop = asyncio.new_event_loop()
+
+    async def gathered():
+      return asyncio.gather(coroutine)
+
+    future = loop.run_until_complete(gathered())
+    loop.run_until_complete(asyncio.wait([future]))
+    loop.close()
+    del future
+    gc.collect()
+
   orbax_leftovers.quiet()
   orbax_leftovers.quiet()
   assert sum(type(f).__name__ == '_UnretrievedOrbaxTasks' for f in asyncio_logger.filters) == 1
   with caplog.at_level(logging.ERROR, logger='asyncio'):
     fail_unretrieved(orbax_like.async_deserialize())
     fail_unretrieved(ours())
+    fail_gathered(orbax_like.async_deserialize())
+    fail_gathered(ours())
   reports = [r.getMessage() for r in caplog.records if r.name == 'asyncio']
-  assert len(reports) == 1 and 'Task exception was never retrieved' in reports[0]
+  assert len(reports) == 2 and 'Task exception was never retrieved' in reports[0]
   assert 'ours()' in reports[0] and 'async_deserialize' not in reports[0]
+  assert reports[1].startswith('_GatheringFuture exception was never retrieved')
+  assert "ValueError('ours')" in reports[1]
