@@ -32,6 +32,23 @@ def pytest_configure(config):
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+  """Drops the root StreamHandlers a test left (the trainer's `main` calls logging.basicConfig,
+  which binds one to the stream stderr is while the test runs, pytest's capture). A later test's
+  log line through it met a closed file, and logging's error report ('Message: ... Arguments:
+  ...') then came out in the middle of the suite's output."""
+  import logging
+
+  root = logging.getLogger()
+  before, level = list(root.handlers), root.level
+  yield
+  for handler in list(root.handlers):
+    if type(handler) is logging.StreamHandler and handler not in before:
+      root.removeHandler(handler)
+  root.setLevel(level)
+
+
 @pytest.fixture(scope='session')
 def sharpen():
   """Scales every q/k projection so attention is far from uniform.
