@@ -44,7 +44,7 @@ import numpy as np
 
 from data_pipeline import fileio
 from data_pipeline import paths as paths_lib
-from data_pipeline.codec.release import PRESETS
+from data_pipeline.codec.release import preset_record
 
 STAGE1_SUFFIXES = ('.visidx_thw.npy', '.frame_ids.npy', '.meta.json')
 IMAGE_FORMATS = ('jpg', 'png')
@@ -490,9 +490,7 @@ def check_settings(
   a run begun under an earlier meaning of the preset is refused, not resumed. Returns the files
   it wrote where none was there (a first run), else []."""
   wanted = {**dataclasses.asdict(settings), 'options': options, 'selector': selector}
-  if settings.preset in PRESETS:  # what the preset meant when the run began (as precompute's plan)
-    wanted['preset_values'] = PRESETS[settings.preset]
-  wanted = json.loads(json.dumps(wanted))
+  wanted = json.loads(json.dumps({**wanted, **preset_record(settings.preset)}))
   paths = [out_jsonl + '.settings.json', *(os.path.join(r, SETTINGS_FILE) for r in roots)]
   paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
   earlier_of = {path: fileio.read_json(path) for path in paths}

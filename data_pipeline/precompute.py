@@ -53,7 +53,7 @@ from data_pipeline.clip_work import (  # noqa: F401
   resolve,
   selection_record,
 )
-from data_pipeline.codec.release import PRESETS
+from data_pipeline.codec.release import preset_record
 from data_pipeline.shard_plan import (  # noqa: F401  (re-exported: the plan was this module's)
   VIDEO_EXTENSIONS,
   Aborted,
@@ -198,8 +198,7 @@ def precompute(
     common['store_patches'] = True
   if reader:
     common['reader'] = reader
-  if options.get('preset') in PRESETS:  # what the preset meant when the run began
-    common['preset_values'] = PRESETS[options['preset']]
+  common.update(preset_record(options.get('preset')))  # what the preset meant when the run began
   plan = make_plan(clips, shards, name, split, shuffle_seed, common)
   return run_plan(
     out_dir,

@@ -128,7 +128,10 @@ def read_inputs(
     if paths.isdir(source):
       return [Clip(p) for p in paths.walk_files(source) if p.lower().endswith(wanted)]
     if not paths.isfile(source):
-      raise FileNotFoundError(f'{source}: neither a video list object nor a prefix with objects')
+      raise FileNotFoundError(
+        f'{source}: no such object or prefix; give a list object of {what} (one name a line) or '
+        f'a prefix with {what} under it'
+      )
     base = paths.dirname(source)
     data = paths.read_bytes(source)
   elif os.path.isdir(source):
@@ -140,7 +143,10 @@ def read_inputs(
           found.append(Clip(os.path.abspath(os.path.join(root, name))))
     return found
   elif not os.path.isfile(source):
-    raise FileNotFoundError(f'{source}: neither a video list file nor a folder')
+    raise FileNotFoundError(
+      f'{source}: neither a list file of {what} nor a folder; give a list (one path a line) or a '
+      f'folder of {what}'
+    )
   else:
     base = os.path.dirname(os.path.abspath(source))
     with open(source, 'rb') as f:

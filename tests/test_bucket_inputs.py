@@ -43,7 +43,7 @@ def test_lists_and_prefixes_in_a_bucket_name_their_objects(bucket, tmp_path):
     f'{bucket}/a/one.mp4',
     str(tmp_path / 'c.mp4'),
   ]
-  with pytest.raises(FileNotFoundError, match='neither a video list object nor a prefix'):
+  with pytest.raises(FileNotFoundError, match='no such object or prefix; give a list object of'):
     shard_plan.read_inputs(paths.join(bucket, 'nothing/here.txt'))
   with pytest.raises(ValueError, match=r'/c: no input clips in this folder \(files ending'):
     shard_plan.input_clips(paths.join(bucket, 'c'))

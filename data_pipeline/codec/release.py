@@ -90,6 +90,13 @@ PRESETS = {
 }
 
 
+def preset_record(preset: str | None) -> dict:
+  """What a run keeps of the preset it selects with (precompute's plan, ove-llava-data's
+  settings): {'preset_values': its values now}, so a run begun under an earlier meaning of the
+  preset is refused as a different run, not resumed; {} without a preset."""
+  return {'preset_values': PRESETS[preset]} if preset in PRESETS else {}
+
+
 def l0_cells(has_HcxWc: np.ndarray, d_HcxWc: np.ndarray, whole: bool = False) -> np.ndarray:
   """One component of the list-0 vectors on the cell grid as the release reads it, float32
   [Hc, Wc]: in pixels, 0 where no L0 vector was coded; `whole`: truncated toward zero to whole
