@@ -100,6 +100,41 @@ def ref_is_static(patch_mean, abs_thresh, rel_thresh):
   return (p95 < abs_thresh) or ((p95 < abs_thresh * 2.0) and (rel < rel_thresh))
 
 
+def ref_static_fallback(patch_sums, budget, per_frame, frames=4):
+  """The probe's static branch once the clip is judged static: sorted flat indices of the
+  frames' patches (spread over them when the budget cannot hold them), then the top of the rest
+  by score (ties in index order, as ours break them)."""
+  num_frames = patch_sums.size // per_frame
+  count = max(1, min(num_frames, frames))
+  if count >= num_frames:
+    t_list = list(range(num_frames))
+  else:
+    t_list = list(dict.fromkeys(np.linspace(0, num_frames - 1, count, dtype=int).tolist()))
+  uniform = []
+  if budget >= len(t_list) * per_frame:
+    for t in t_list:
+      uniform += range(t * per_frame, (t + 1) * per_frame)
+  else:
+    base, rem = divmod(budget, len(t_list))
+    for j, t in enumerate(t_list):
+      k = base + (1 if j < rem else 0)
+      if k <= 0:
+        continue
+      places = range(per_frame) if k >= per_frame else []
+      if k < per_frame:
+        step = float(per_frame) / float(k)
+        places = list(dict.fromkeys(min(per_frame - 1, int(round(i * step))) for i in range(k)))
+      uniform += [t * per_frame + p for p in places]
+  uniform = uniform[:budget]
+  rest = budget - len(uniform)
+  if rest <= 0:
+    return sorted(uniform)
+  scores = patch_sums.astype(np.float64).copy()
+  scores[uniform] = -np.inf
+  top = np.argsort(-scores, kind='stable')[:rest]
+  return sorted(set(uniform) | set(int(i) for i in top))
+
+
 def ref_letterbox(h0, w0, out=576, p=16):
   scale = out / max(h0, w0)
   hn, wn = max(1, int(round(h0 * scale))), max(1, int(round(w0 * scale)))
@@ -275,12 +310,44 @@ def test_static_test_thresholds(p95, p50, static):
   # 100 patch means: 50 below p50's value, the rest placed so that the percentiles are exact.
   means = np.concatenate([np.full(50, p50), np.full(45, (p50 + p95) / 2), np.full(5, p95)])
   means = np.sort(means)
-  got = selection.is_static_release(means, 126.0, 0.38)
+  got = release.is_static(means, 126.0, 0.38)
   assert got == ref_is_static(means, 126.0, 0.38)
   p95_now = np.percentile(means, 95)
   rel = (p95_now - np.percentile(means, 50)) / p95_now
   assert got == (p95_now < 126 or (p95_now < 252 and rel < 0.38))
   assert got == static or abs(p95_now - p95) > 1  # the constructed case is the one meant
+
+
+@pytest.mark.parametrize('budget', [1, 3, 5, 99, 195, 196, 197, 595, 783, 784, 785, 1000])
+def test_static_fallback_spreads_a_small_budget_as_the_release(budget):
+  # A faint clip (patch means under 51 of 255: static by the release's test) on a 16 x 14 x 14
+  # grid; t = 0 is the I-frame the probe zeroes. Four frames hold 784 patches.
+  rng = np.random.default_rng(budget)
+  scores = (rng.random((16, 14, 14)) * 0.2 * 16**2).astype(np.float32)
+  kinds = ['I'] + ['P'] * 15
+  probe = Options.from_kwargs({}, 'release_probe')
+  repeats = np.zeros(16, bool)
+  positions, whole, fallback = selection.choose(scores, kinds, repeats, budget, probe, 16)
+  assert fallback and len(positions) == budget
+  ranked = scores.astype(np.float64).reshape(-1) * 255.0
+  ranked[: 14 * 14] = 0  # the zeroed I-frame
+  flat = positions[:, 0] * 196 + positions[:, 1] * 14 + positions[:, 2]
+  assert flat.tolist() == ref_static_fallback(ranked, budget, 196)
+  assert list(whole) == ([0, 5, 10, 15] if budget >= 784 else [])
+
+
+def test_static_spread_keeps_to_the_picture():
+  # A letterbox's picture (rows 3-10 of 14): the spread places stay on it.
+  valid = np.zeros((14, 14), bool)
+  valid[3:11] = True
+  flat = np.full((16, 14, 14), 0.1 * 16**2, np.float32)
+  probe = Options.from_kwargs({}, 'release_probe')
+  repeats = np.zeros(16, bool)
+  positions, whole, fallback = selection.choose(flat, ['P'] * 16, repeats, 301, probe, 16, valid)
+  assert fallback and not whole.size and len(positions) == 301
+  assert valid[positions[:, 1], positions[:, 2]].all()
+  assert sorted(set(positions[:, 0].tolist())) == [0, 5, 10, 15]
+  assert np.bincount(positions[:, 0], minlength=16)[[0, 5, 10, 15]].tolist() == [76, 75, 75, 75]
 
 
 def test_resize_matrices_follow_opencv():

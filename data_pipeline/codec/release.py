@@ -34,7 +34,7 @@ What they share, and what `maths='release'` switches on (docs/spec.md §2.4-§2.
   [0, 1].
 - The train and probe paths store the fused map as uint8 (floor(255 * x)) and resize that
   (option `quantise`); the static test looks at all patch means on that 0-255 scale
-  (`selection.is_static_release`).
+  (`is_static`; when its frames cannot be kept whole, `static_spread`).
 """
 
 from __future__ import annotations
@@ -240,3 +240,32 @@ def centre_prior_map(height: int, width: int, sigma_share: float) -> np.ndarray:
 def quantise(map_HxW: np.ndarray) -> np.ndarray:
   """The release's uint8 storage of a [0, 1] map, back in [0, 1]: floor(255 x) / 255."""
   return np.floor(np.clip(map_HxW, 0.0, 1.0) * 255.0).astype(np.float32) / 255.0
+
+
+def is_static(patch_means: np.ndarray, threshold: float, rel_threshold: float) -> bool:
+  """The probe's static test on patch means m (0-255 scale): p95 < threshold, or
+  p95 < 2 * threshold and (p95 - p50) / max(p95, 1e-6) < rel_threshold."""
+  p95 = float(np.percentile(patch_means, 95.0))
+  p50 = float(np.percentile(patch_means, 50.0))
+  rel = (p95 - p50) / max(p95, 1e-6)
+  return p95 < threshold or (p95 < 2.0 * threshold and rel < rel_threshold)
+
+
+def static_spread(
+  frames: list, budget: int, candidates: np.ndarray, num_frames: int, per_frame: int
+) -> np.ndarray:
+  """The probe's static fallback when its evenly spaced frames cannot all be kept whole
+  (budget < frames x candidates): bool [T, per_frame], `budget` patches and no others. Frame j
+  of `frames` gets budget // F patches, one more for the first budget % F of them, at evenly
+  spaced places among its `candidates` (flat patch indices in raster order: all of a frame's, or
+  a letterbox's picture): the n / k-th ones, rounded half to even (Python's round, as the
+  release's), for k of n. With k <= n the places are distinct and below n, so the release's
+  de-duplication and clamp never act."""
+  chosen = np.zeros((num_frames, per_frame), bool)
+  share, extra = divmod(budget, len(frames))
+  n = candidates.size
+  for j, t in enumerate(frames):
+    k = min(share + (j < extra), n)
+    if k > 0:
+      chosen[t, candidates[np.rint(np.arange(k) * (n / k)).astype(np.int64)]] = True
+  return chosen

@@ -23,7 +23,9 @@ where the spec leaves room:
   just above), clips with moving objects p95 0.2-0.35 and rel > 0.85, a camera pan with no
   object rel ~ 0.2. Taking m over all (t, h, w) candidates instead separates far worse: the
   sparse re-coding noise of a still clip then looks like a small moving region (rel 1.0).
-  The fallback's whole frames are added to the policy's.
+  The fallback's whole frames are added to the policy's. With the release's static test, a
+  budget that cannot hold them whole is spread over them as the release does
+  (`release.static_spread`): no frame whole, no patch ranked.
 """
 
 from __future__ import annotations
@@ -507,7 +509,7 @@ def choose(
     fallback = True  # no picture patch to judge (a sliver letterboxed): nothing moves on it
   elif opts.static_fallback and opts.static_test == 'release':
     # All T x Hp x Wp patch means on the 0-255 scale, zeroed frames included, as the release.
-    fallback = is_static_release(
+    fallback = release.is_static(
       rank_TxHpxWp[:, inside].reshape(-1) * 255.0 / patch_size**2,
       opts.static_threshold,
       opts.static_rel_threshold,
@@ -524,6 +526,12 @@ def choose(
   if fallback:
     spread = np.floor(np.linspace(0, num_frames - 1, min(opts.static_frames, num_frames)))
     whole = sorted(set(int(t) for t in whole) | set(int(t) for t in spread))
+    picture = np.flatnonzero(inside.reshape(-1))
+    if opts.static_test == 'release' and budget < len(whole) * picture.size:
+      # The release's rule when its frames cannot be kept whole: K spread over them.
+      chosen = release.static_spread(whole, budget, picture, num_frames, per_frame)
+      positions = np.argwhere(chosen.reshape(num_frames, hp, wp)).astype(np.int32)
+      return positions, np.zeros(0, np.int32), True
 
   whole = np.array(sorted(int(t) for t in whole), np.int64)
   room = budget // per_frame
@@ -588,12 +596,3 @@ def is_static(mean_scores: np.ndarray, threshold: float, rel_threshold: float) -
   if p95 < threshold or p95 <= 0:
     return True
   return (p95 - p50) / p95 < rel_threshold
-
-
-def is_static_release(patch_means: np.ndarray, threshold: float, rel_threshold: float) -> bool:
-  """The release probe's static test on patch means m (0-255 scale): p95 < threshold, or
-  p95 < 2 * threshold and (p95 - p50) / max(p95, 1e-6) < rel_threshold."""
-  p95 = float(np.percentile(patch_means, 95.0))
-  p50 = float(np.percentile(patch_means, 50.0))
-  rel = (p95 - p50) / max(p95, 1e-6)
-  return p95 < threshold or (p95 < 2.0 * threshold and rel < rel_threshold)
