@@ -728,9 +728,11 @@ def test_bench_selection_speed_mode(capsys, tmp_path):
   assert len(rows) == 2 and 'preset=release_llava' in out
   for row in rows:  # wall and CPU for both, and the ratios > 0
     cells = [c.strip() for c in row.strip('|').split('|')]
-    assert len(cells) == 12 and all(float(c) > 0 for c in cells[6:8] + cells[10:11])
-    assert all(float(v) > 0 for c in cells[8:10] for v in c.split('/'))
+    assert len(cells) == 13 and all(float(c) > 0 for c in cells[6:8] + cells[10:11])
+    assert all(float(v) > 0 for c in cells[8:10] + cells[12:] for v in c.split('/'))
     assert int(cells[11]) >= 0  # frames left undecoded
+  # The vectors-only decode reads frames 0..last, as a one-thread selection opens them.
+  assert bench_selection.vector_decode(path, 9) == 10
   # Selection with the default decoding thread where the clip has more to decode than to
   # analyse (64 source frames for 16 analysed) and 2 threads are allowed; never for the
   # synthetic 16-frame clip.

@@ -40,6 +40,7 @@ thread, and the decoder without slice threads).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -196,19 +197,45 @@ def _best(*works, repeat: int) -> list[tuple[float, float]]:
   return [(min(w), min(c)) for w, c in zip(walls, cpus)]
 
 
-def select_on_one_thread(source, *args, **options):
-  """`codec.select` as a precompute worker runs it: OVE_SELECT_THREADS=1 (no decoding thread,
-  no slice threads in the decoder)."""
+@contextlib.contextmanager
+def one_thread():
+  """OVE_SELECT_THREADS=1 for the block, as a precompute worker runs: no decoding thread, no
+  slice threads in the decoder."""
   variable = codec.bitstream.SELECT_THREADS_VARIABLE
   before = os.environ.get(variable)
   os.environ[variable] = '1'
   try:
-    return codec.select(source, *args, **options)
+    yield
   finally:
     if before is None:
       del os.environ[variable]
     else:
       os.environ[variable] = before
+
+
+def select_on_one_thread(source, *args, **options):
+  """`codec.select` as a precompute worker runs it (`one_thread`)."""
+  with one_thread():
+    return codec.select(source, *args, **options)
+
+
+def vector_decode(video, last: int) -> int:
+  """Decoding of frames 0..last as a one-thread selection opens the stream (vectors exported,
+  no slice threads), each frame's vectors taken as an array: what any selection from the
+  bitstream pays before a map is made (it may decode less: `skipping`). The frame count."""
+  with one_thread():
+    container, stream = codec.bitstream.open_with_vectors(video)
+  count = 0
+  try:
+    for count, frame in enumerate(container.decode(stream), 1):
+      side = codec.bitstream.motion_vectors(frame)
+      if side is not None:
+        side.to_ndarray()
+      if count > last:
+        break
+  finally:
+    container.close()
+  return count
 
 
 def plain_decode(video, last: int, rgb: bool) -> int:
@@ -245,11 +272,12 @@ def speed(args) -> list[dict]:
       raise ValueError(f'{name}: no selection to time: {e}') from None
     last = int(sel.frame_ids.max())
     grid = (args.frames, budget, args.resolution, args.patch_size)
-    decode, decode_rgb, select, one_thread = _best(
+    decode, decode_rgb, select, single, vectors = _best(
       functools.partial(plain_decode, source, last, False),
       functools.partial(plain_decode, source, last, True),
       functools.partial(codec.select, source, *grid, **options),
       functools.partial(select_on_one_thread, source, *grid, **options),
+      functools.partial(vector_decode, source, last) if not sel.transcoded else (lambda: 0),
       repeat=args.repeat,
     )
     rows.append(
@@ -262,8 +290,9 @@ def speed(args) -> list[dict]:
         rgb_cpu=decode_rgb[1],
         select_wall=select[0],
         select_cpu=select[1],
-        one_thread_wall=one_thread[0],
-        one_thread_cpu=one_thread[1],
+        one_thread_wall=single[0],
+        one_thread_cpu=single[1],
+        vectors_cpu=None if sel.transcoded else vectors[1],
         decode_thread=bool(sel.decode_thread),
         transcoded=bool(sel.transcoded),
         skipped=int(sel.skipped_frames),
@@ -279,14 +308,19 @@ def speed_table(rows: list[dict], options: str, malloc: str = '') -> str:
     'runs by default (thread: it decoded on a thread of its own); "one thread": '
     'OVE_SELECT_THREADS=1, as a precompute worker runs it (no decoding thread, no slice '
     'threads); '
-    '"skipped": disposable B-frames the selection left undecoded (codec.skipping).',
+    '"skipped": disposable B-frames the selection left undecoded (codec.skipping); '
+    '"vectors": decoding as a one-thread selection does, vectors exported and read, no '
+    'analysis (cpu, ratio to decode; - for a transcoded clip).',
     '',
     '| clip | frames | decode wall / cpu | decode+rgb wall / cpu | selection wall / cpu '
     '| thread | ratio wall | ratio cpu | one thread wall / cpu | one thread ratio wall / cpu '
-    '| ratio cpu vs decode+rgb | skipped |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| ratio cpu vs decode+rgb | skipped | vectors cpu / ratio |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
+    vectors = '-'
+    if r['vectors_cpu'] is not None:
+      vectors = f'{r["vectors_cpu"]:.3f} / {r["vectors_cpu"] / max(r["decode_cpu"], 1e-9):.2f}'
     lines.append(
       f'| {r["clip"]}{" (transcoded)" if r["transcoded"] else ""} | {r["frames"]} | '
       f'{r["decode_wall"]:.3f} / {r["decode_cpu"]:.3f} | {r["rgb_wall"]:.3f} / '
@@ -297,7 +331,7 @@ def speed_table(rows: list[dict], options: str, malloc: str = '') -> str:
       f'{r["one_thread_wall"]:.3f} / {r["one_thread_cpu"]:.3f} | '
       f'{r["one_thread_wall"] / r["decode_wall"]:.2f} / '
       f'{r["one_thread_cpu"] / max(r["decode_cpu"], 1e-9):.2f} | '
-      f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} | {r["skipped"]} |'
+      f'{r["select_cpu"] / max(r["rgb_cpu"], 1e-9):.2f} | {r["skipped"]} | {vectors} |'
     )
   return '\n'.join(lines)
 
