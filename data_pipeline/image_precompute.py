@@ -99,19 +99,22 @@ class ImageSettings:
 
 
 def source_kind(source: str) -> str:
-  """'folder', 'list', 'tar' or 'parquet', from what `source` names."""
-  if os.path.isdir(os.path.expanduser(source)):
+  """'folder', 'list', 'tar' or 'parquet', from what `source` names (locally or in a bucket)."""
+  url = paths.is_url(source)
+  if not url and os.path.isdir(os.path.expanduser(source)):
     return 'folder'
   last = re.split(r',(?![^{]*\})', source)[-1].strip().lower()
   if last.endswith('.tar'):
     return 'tar'
   if last.endswith('.parquet'):
     return 'parquet'
-  if os.path.isfile(source):
+  if paths.isfile(source):
     return 'list'
+  if url and paths.isdir(source):  # a prefix with objects under it
+    return 'folder'
   raise FileNotFoundError(
-    f'{source}: not a folder, a list file, .tar files or .parquet files; '
-    'give one of those (or name the kind with --kind)'
+    f'{source}: not a folder (or a bucket prefix with objects under it), a list file, .tar '
+    'files or .parquet files; give one of those (or name the kind with --kind)'
   )
 
 
@@ -140,7 +143,7 @@ def folder_items(root: str, labels: str | None) -> list[ImageItem]:
     return [ImageItem(c.path) for c in precompute.read_inputs(root, sources.IMAGE_EXTENSIONS)]
   folder = sources.ImageFolderSource(root, None if labels == 'folders' else labels)
   return [
-    ImageItem(os.path.abspath(os.path.join(folder.root, f)), tuple(map(int, row)))
+    ImageItem(paths.absolute(paths.join(folder.root, f)), tuple(map(int, row)))
     for f, row in zip(folder.files, folder.labels)
   ]
 
@@ -150,7 +153,8 @@ def tar_items(path: str, json_label_key: str = 'label') -> list[ImageItem]:
   found: dict[str, dict[str, Any]] = collections.OrderedDict()
   problem = ''
   try:
-    with tarfile.open(path, 'r:') as tar:  # uncompressed only: members are read by offset
+    with paths.open_file(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:') as tar:
+      # Uncompressed only: members are read by offset (in a bucket, by range).
       for member in tar:
         if not member.isfile():
           continue
@@ -193,11 +197,9 @@ def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) ->
   """One item per row of a parquet file (labels read now; image bytes by the workers). A file
   pyarrow cannot read (not parquet, truncated) is one item `path#(file)` that fails, as the
   damage of a tar is: the other files' images go on."""
-  import pyarrow.parquet as pq
-
   errors = parquet_errors()
   try:
-    meta = pq.ParquetFile(path)
+    meta = parquet_file(path)
     names = meta.schema_arrow.names
   except errors as e:
     return [unreadable_parquet(path, e)]
@@ -207,7 +209,7 @@ def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) ->
       f'{path}: no column(s) {missing}; it has {names} (set --image-column / --label-column)'
     )
   try:
-    table = pq.read_table(path, columns=list(label_columns)) if label_columns else None
+    table = meta.read(columns=list(label_columns)) if label_columns else None
   except errors as e:
     return [unreadable_parquet(path, e)]
   columns = [table.column(c).to_pylist() for c in label_columns] if table is not None else []
@@ -231,6 +233,13 @@ def parquet_items(path: str, image_column: str, label_columns: Sequence[str]) ->
   return items
 
 
+def parquet_file(path: str):
+  """pyarrow's ParquetFile of a local file or an object in a bucket (read by range)."""
+  import pyarrow.parquet as pq
+
+  return pq.ParquetFile(paths.open_file(path, 'rb') if paths.is_url(path) else path)
+
+
 def parquet_errors() -> tuple[type[Exception], ...]:
   """What pyarrow raises for a file it cannot read: ArrowInvalid (not parquet, 0 bytes,
   truncated), OSError (a folder, no permission) and its other errors."""
@@ -252,13 +261,11 @@ def unreadable_parquet(path: str, error: Exception) -> ImageItem:
 def parquet_image_column(files: Sequence[str], image_column: str | None) -> str:
   """The image column: the one named, else the first of IMAGE_COLUMNS the first readable file
   has (unreadable files are failures of their own: `parquet_items`)."""
-  import pyarrow.parquet as pq
-
   if image_column:
     return image_column
   for path in files:
     try:
-      names = pq.ParquetFile(path).schema_arrow.names
+      names = parquet_file(path).schema_arrow.names
     except parquet_errors():
       continue
     for name in IMAGE_COLUMNS:
@@ -286,12 +293,12 @@ def list_images(
   kind = kind or source_kind(source)
   if kind not in KINDS:
     raise ValueError(f'kind {kind!r}: one of {KINDS}')
-  if kind != 'folder' and os.path.isdir(source):
+  if kind != 'folder' and not paths.is_url(source) and os.path.isdir(source):
     raise ValueError(
       f'{source}: a folder, but kind {kind!r} reads files ({kind} patterns); give the files, '
       "or kind 'folder' for a folder of images"
     )
-  if kind == 'folder' and labels not in (None, 'folders') and not os.path.isfile(labels):
+  if kind == 'folder' and labels not in (None, 'folders') and not paths.isfile(labels):
     raise FileNotFoundError(
       f'labels {labels}: no such file; give "folders" or a .npy of label ids, a row per image'
     )
@@ -397,11 +404,9 @@ def parquet_cell(path: str, group: int, row: int, column: str) -> Any:
   come in file order unless the plan shuffles them)."""
   key = (path, group)
   if key not in _groups:
-    import pyarrow.parquet as pq
-
     try:
       _groups[key] = (
-        pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column).to_pylist()
+        parquet_file(path).read_row_group(group, columns=[column]).column(column).to_pylist()
       )
     except parquet_errors() as e:  # kept as text: each image of the group fails without a reread
       _groups[key] = f'{path}: row group {group} unreadable ({type(e).__name__}: {e})'
@@ -429,7 +434,7 @@ def read_image_bytes(item: ImageItem) -> bytes:
     if not isinstance(cell, (bytes, bytearray)):
       raise ImageError(f'the image cell holds {type(cell).__name__}, not bytes')
     return bytes(cell)
-  with open(item.container, 'rb') as f:
+  with paths.open_file(item.container, 'rb') as f:
     f.seek(item.offset)
     data = f.read(item.size)
   if len(data) != item.size:

@@ -267,6 +267,11 @@ def walk_files(path: Any) -> Iterator[str]:
       for name in sorted(files):
         yield os.path.join(folder, name)
     return
+  fs = _fs(path)
+  if fs is not None:  # one recursive listing, not a request per object
+    scheme = path.split('://', 1)[0]
+    yield from sorted(f'{scheme}://{p}' for p in fs.find(path))
+    return
   yield from (p for p in glob(join(path, '**')) if isfile(p))
 
 

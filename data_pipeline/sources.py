@@ -68,17 +68,21 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_files(spec: str) -> list[str]:
-  """The local files of comma-separated brace patterns / globs (the image precompute's tar and
-  parquet sources), each pattern's matches sorted; a pattern that matches nothing is an error
-  naming it."""
+  """The files of comma-separated brace patterns / globs (the image precompute's tar and parquet
+  sources), each pattern's matches sorted: local paths made absolute, objects in a bucket
+  (gs://, s3://) as URLs; a pattern that matches nothing is an error naming it."""
   files = []
   # Commas inside braces belong to the brace group, not to the list of patterns.
   for part in re.split(r',(?![^{]*\})', spec):
     for pattern in expand_braces(part.strip()):
-      matched = sorted(glob.glob(os.path.expanduser(pattern)))
+      if paths.is_url(pattern):
+        wild = any(c in pattern for c in '*?[')
+        matched = paths.glob(pattern) if wild else [pattern] * paths.isfile(pattern)
+      else:
+        matched = [os.path.abspath(p) for p in sorted(glob.glob(os.path.expanduser(pattern)))]
       if not matched:
         raise FileNotFoundError(f'no files match {pattern!r} (of {spec!r})')
-      files.extend(os.path.abspath(p) for p in matched)
+      files.extend(matched)
   return files
 
 
@@ -159,6 +163,17 @@ def read_label_table(path: str, rows: int) -> np.ndarray:
   return table.astype(np.int32)
 
 
+def image_files(root: str) -> list[str]:
+  """The image files under a folder or a bucket prefix (recursive), as relative names with '/'
+  between their parts, sorted."""
+  prefix = root.rstrip('/') + '/' if paths.is_url(root) else None
+  found = []
+  for path in paths.walk_files(root):
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+      found.append(path[len(prefix) :] if prefix else os.path.relpath(path, root))
+  return sorted(f.replace(os.sep, '/') for f in found)
+
+
 class ImageFolderSource:
   """Image files under a folder (recursive, sorted by relative path) as image records.
 
@@ -169,21 +184,16 @@ class ImageFolderSource:
   """
 
   def __init__(self, root: str, labels: str | None = None):
-    self.root = os.path.expanduser(root)
-    if not os.path.isdir(self.root):
+    self.root = root if paths.is_url(root) else os.path.expanduser(root)
+    if not paths.isdir(self.root):
       raise FileNotFoundError(f'image folder {self.root!r} does not exist')
-    files = []
-    for folder, _, names in os.walk(self.root):
-      for name in names:
-        if name.lower().endswith(IMAGE_EXTENSIONS):
-          files.append(os.path.relpath(os.path.join(folder, name), self.root))
-    self.files = sorted(files)
+    self.files = image_files(self.root)
     if not self.files:
       raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {self.root!r}')
     if labels is not None:
       self.labels = read_label_table(labels, len(self.files))
     else:
-      tops = [f.split(os.sep)[0] if os.sep in f else None for f in self.files]
+      tops = [f.split('/')[0] if '/' in f else None for f in self.files]
       if None in tops:
         raise ValueError(
           f'{self.root}: images directly in the folder have no class; give a '
@@ -197,9 +207,8 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
-    path = os.path.join(self.root, self.files[index])
-    with open(path, 'rb') as f:
-      data = f.read()
+    path = paths.join(self.root, self.files[index])
+    data = paths.read_bytes(path)
     return {
       'index': index,
       'name': path,
