@@ -101,6 +101,9 @@ class ImageSettings:
 def source_kind(source: str) -> str:
   """'folder', 'list', 'tar' or 'parquet', from what `source` names (locally or in a bucket)."""
   url = paths.is_url(source)
+  problem = paths.one_slash_url(source) or (url and paths.buckets_problem(source))
+  if problem:
+    raise FileNotFoundError(problem)
   if not url and os.path.isdir(os.path.expanduser(source)):
     return 'folder'
   last = re.split(r',(?![^{]*\})', source)[-1].strip().lower()

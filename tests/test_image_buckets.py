@@ -141,6 +141,10 @@ def test_tar_set_and_parquet_in_a_bucket(bucket, tmp_path):
 
 
 def test_missing_objects_are_named(gcs, tmp_path):
+  with pytest.raises(FileNotFoundError, match='gs://nobucket-of-ove: no such bucket'):
+    image_precompute.source_kind('gs://nobucket-of-ove/imgs')
+  with pytest.raises(FileNotFoundError, match='gs://'):
+    image_precompute.source_kind('gs:/bucket/imgs')  # one slash
   with pytest.raises(FileNotFoundError, match='not a folder .or a bucket prefix'):
     image_precompute.source_kind(paths.join(gcs, 'nothing/here'))
   with pytest.raises(FileNotFoundError, match=r"no files match '.*/nothing-\*\.tar'"):
