@@ -30,7 +30,7 @@ from typing import Sequence
 import av
 import numpy as np
 
-from data_pipeline.codec import maps
+from data_pipeline.codec import geometry
 
 SHAPES = ('disc', 'square', 'triangle', 'ring', 'cross')
 TEXTURES = ('checker', 'stripes', 'noise', 'photo')
@@ -97,7 +97,7 @@ class SyntheticClip:
     """float32 [T, Hp, Wp]: share of each model patch covered by moving objects."""
     ids = np.arange(self.num_frames) if frame_ids is None else np.asarray(frame_ids)
     ids = np.minimum(ids, self.num_frames - 1)  # past the end: the last frame, as decoding does
-    ay, ax = maps.patch_integrators(self.height, self.width, resolution, patch_size)
+    ay, ax = geometry.patch_integrators(self.height, self.width, resolution, patch_size)
     covered_TxHpxWp = (ay @ self.masks[ids].astype(np.float32)) @ ax.T
     return covered_TxHpxWp / patch_size**2
 

@@ -493,10 +493,10 @@ def test_fusion_and_centre_prior():
 
 def test_patch_geometry_matches_the_crop():
   for height, width in ((224, 224), (171, 225), (320, 180), (50, 70)):
-    ay, ax = maps.patch_integrators(height, width, 224, 14)
+    ay, ax = geometry_lib.patch_integrators(height, width, 224, 14)
     np.testing.assert_allclose(ay @ np.ones((height, width)) @ ax.T, 196, rtol=1e-5)
   # A mark on the source lands in the patch the model sees it in.
-  ay, ax = maps.patch_integrators(320, 180, 224, 14)  # portrait: rows cropped
+  ay, ax = geometry_lib.patch_integrators(320, 180, 224, 14)  # portrait: rows cropped
   mark = np.zeros((320, 180))
   mark[160, 90] = 1.0  # the centre
   assert np.unravel_index(np.argmax(ay @ mark @ ax.T), (16, 16)) == (8, 8)
@@ -512,7 +512,7 @@ def test_banded_patch_sums_equal_the_matrix_products():
     (1920, 1080, 4, 'letterbox'),
     (50, 70, 1, 'crop'),
   ):
-    dense = maps.patch_integrators(height, width, 224, 14, step, geometry)
+    dense = geometry_lib.patch_integrators(height, width, 224, 14, geometry, step)
     bands = tuple(geometry_lib.Band.of(m) for m in dense)
     for band, matrix in zip(bands, dense):  # the band holds every non-zero of the matrix
       rebuilt = np.zeros_like(matrix)

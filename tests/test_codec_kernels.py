@@ -10,7 +10,7 @@ import pytest
 
 from data_pipeline import codec, synthetic
 from data_pipeline.codec import geometry as geometry_lib
-from data_pipeline.codec import kernels, maps, rank_kernels
+from data_pipeline.codec import kernels, maps, rank_kernels, release_motion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -461,9 +461,8 @@ def test_patch_sums(monkeypatch, geometry, height, width, step):
   # The banded patch integrators (edge bands clamped to the last row / column, zero weights
   # past the end) on maps of every scale, zeros and -0.0 included.
   rng = np.random.default_rng([height, width, step])
-  bands = tuple(
-    geometry_lib.Band.of(m) for m in maps.patch_integrators(height, width, 224, 14, step, geometry)
-  )
+  matrices = geometry_lib.patch_integrators(height, width, 224, 14, geometry, step)
+  bands = tuple(geometry_lib.Band.of(m) for m in matrices)
   h, w = height // step, width // step
   for scale in (1.0, 1e-30, 3e30):
     map_HxW = (rng.exponential(1.0, (h, w)) * scale).astype(np.float32)
@@ -553,8 +552,8 @@ def test_release_motion_on_cells(monkeypatch, camera, height, width, step):
     dx = (rng.integers(-40, 40, (hc, wc)) / 4).astype(np.float32)
     dy = (rng.integers(-3, 3, (hc, wc)) / 4).astype(np.float32)
     grid = maps.VectorGrid(dx, dy, rng.random((hc, wc)) < share)
-    pixels = maps.release_motion(grid, h, w, camera, step)
-    fast, reference = both(monkeypatch, maps.release_motion_cells, grid, h, w, camera, step)
+    pixels = release_motion.pixels(grid, h, w, camera, step)
+    fast, reference = both(monkeypatch, release_motion.cells, grid, h, w, camera, step)
     assert_identical(fast, reference)
     assert_identical(maps.cells_to_pixels(fast, h, w, step), pixels)
   values = np.array([3.0, 1.0, 2.0, 1.0], np.float32)

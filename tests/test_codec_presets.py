@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import codec, synthetic
-from data_pipeline.codec import geometry, maps, release, selection, transcode
+from data_pipeline.codec import geometry, maps, release, release_motion, selection, transcode
 from data_pipeline.codec.options import Options
 from data_pipeline.records import PICTURE_TYPES
 
@@ -220,11 +220,11 @@ def test_release_motion_uses_l0_in_pixels():
   grid.dx_HcxWc[2:4, 3:6], grid.dy_HcxWc[2:4, 3:6] = 3.0, 4.0
   grid.has_HcxWc[2:6, 3:6] = True  # coded cells with zero vectors too
   grid.dx_HcxWc[6:, :] = 9.0  # not coded: must count as zero
-  motion = maps.release_motion(grid, h, w, 'none')
+  motion = release_motion.pixels(grid, h, w, 'none')
   expected = np.zeros((8, 12), np.float32)
   expected[2:4, 3:6] = 5.0
   np.testing.assert_allclose(motion, np.kron(expected, np.ones((4, 4))), atol=1e-6)
-  median = maps.release_motion(grid, h, w, 'median')  # median over all pixels: 0 here
+  median = release_motion.pixels(grid, h, w, 'median')  # median over all pixels: 0 here
   np.testing.assert_allclose(median, motion, atol=1e-6)
 
 
@@ -251,11 +251,11 @@ def test_llava_motion_reads_whole_pixel_vectors():
   vx, vy = mvx.astype(np.float32) / 4.0, mvy.astype(np.float32) / 4.0
   vx, vy = vx - np.median(vx), vy - np.median(vy)
   want = normalised(np.sqrt(vx * vx + vy * vy))
-  got = maps.release_motion_cells(grid, 4 * hc, 4 * wc, 'median', whole=True)
+  got = release_motion.cells(grid, 4 * hc, 4 * wc, 'median', whole=True)
   np.testing.assert_allclose(normalised(got), want, atol=1e-6)
-  pixels = maps.release_motion(grid, 4 * hc, 4 * wc, 'median', whole=True)
+  pixels = release_motion.pixels(grid, 4 * hc, 4 * wc, 'median', whole=True)
   np.testing.assert_array_equal(pixels, np.kron(got, np.ones((4, 4), np.float32)))
-  quarter = maps.release_motion_cells(grid, 4 * hc, 4 * wc, 'median')
+  quarter = release_motion.cells(grid, 4 * hc, 4 * wc, 'median')
   assert np.abs(normalised(quarter) - want).max() > 0.1  # sub-pixel vectors read otherwise
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from data_pipeline.codec import maps
+from data_pipeline.codec import maps, release_motion
 from data_pipeline.video import VideoError, VideoSource, describe, open_video
 
 # FFmpeg picture types folded onto records.PICTURE_TYPES ('?', 'I', 'P', 'B').
@@ -122,6 +122,7 @@ class CodedFrame:
   # of the records is kept), and whether any record points to the future.
   grids: tuple | None = None
   future_vectors: bool = False
+  llava_l0: object = None  # the list-0 vectors on the LLaVA reader's grid, when asked for
 
   @property
   def has_vectors(self) -> bool:
@@ -233,6 +234,7 @@ def frames_with_references(
   step: int = 1,
   reach: int = REFERENCE_REACH,
   max_pictures: int = MAX_PICTURES,
+  llava: bool = False,
 ) -> Iterator[tuple]:
   """For each wanted presentation index: (frame, past candidates, future candidates).
 
@@ -244,7 +246,8 @@ def frames_with_references(
   gets its predecessor as the 'past' candidate, used with zero vectors (a frame difference).
   Decoding stops once the last wanted frame is out, so only the needed prefix is decoded.
   Luma is taken block-averaged by `step` (maps.downscale) when first used, from the decoded
-  picture the frame holds until then (at most `max_pictures` of them are held).
+  picture the frame holds until then (at most `max_pictures` of them are held). `llava`: wanted
+  frames also get their list-0 vectors on the LLaVA reader's grid (`CodedFrame.llava_l0`).
   """
   wanted_sorted = np.unique(np.asarray(wanted, dtype=np.int64))
   if wanted_sorted.size == 0:
@@ -293,6 +296,8 @@ def frames_with_references(
           height, width = frame.height // step * step, frame.width // step * step
           grids = maps.paint_directions(records, height, width)
           coded.grids, coded.future_vectors = grids[:2], grids[2]
+          if llava:  # the reader's grid of the whole decoded frame (`release_motion`)
+            coded.llava_l0 = release_motion.llava_paint(records, frame.height, frame.width)
       window[index] = coded
       if coded.picture is not None:
         # At most `max_pictures` decoded pictures are held (the decoder's buffer pool grows

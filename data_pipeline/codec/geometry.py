@@ -13,7 +13,7 @@ Two geometries (docs/spec.md §2.3 leaves the resize open; the release uses both
 A map at the analysis resolution (one value per step x step source pixels) reaches the canvas
 through one matrix per axis, `canvas_matrices`: row c of Ry holds the weights of the map rows
 for canvas row c (zero rows on padding). 'area' weights are exact pixel-area overlaps (the
-patch sums of today's `maps.patch_integrators`), 'linear' and 'cubic' are OpenCV's INTER_LINEAR
+patch sums of `patch_integrators`), 'linear' and 'cubic' are OpenCV's INTER_LINEAR
 and INTER_CUBIC resampling (half-pixel centres, replicated edges, no antialiasing), which is how
 the release resizes its fused maps before summing patches. Both matrices are banded (a few
 weights a row), so the products run through `Band` (`to_patches_banded`): a fixed order of

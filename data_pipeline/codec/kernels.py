@@ -29,19 +29,21 @@ def jit(function):
 
 
 @jit
-def paint(vectors, hc, wc, cell):
+def paint(vectors, hc, wc, cell, min_side):
   """`maps.paint_vectors` of both directions in one pass over FFmpeg's MOTION_VECTORS records
   (source < 0 past, > 0 future): (dx, dy, has, length) each [D, hc, wc], index 0 the past and 1
   the future, and the count of future blocks; D is 1 when there are none (P-frames: no zeroed
   grids nobody paints). length is the vector's np.hypot(dx, dy) worked out once a block (0
   where no block is), which `motion_magnitude` reads instead of a hypot per cell. The records
-  are read where they lie (no filtered copy, no per-field arrays).
+  are read where they lie (no filtered copy, no per-field arrays). Blocks narrower or shorter
+  than `min_side` pixels are not painted (0: all are).
 
   Blocks are painted in order, so where two overlap the later one wins, as numpy's fancy
   assignment does (its last write wins)."""
   future = 0
   for k in range(vectors.shape[0]):
-    future += vectors[k].source > 0
+    block = vectors[k]
+    future += block.source > 0 and block.w >= min_side and block.h >= min_side
   directions = 2 if future else 1
   dx = np.zeros((directions, hc, wc), np.float32)
   dy = np.zeros((directions, hc, wc), np.float32)
@@ -49,7 +51,7 @@ def paint(vectors, hc, wc, cell):
   length = np.zeros((directions, hc, wc), np.float32)
   for k in range(vectors.shape[0]):
     block = vectors[k]
-    if block.source == 0:
+    if block.source == 0 or block.w < min_side or block.h < min_side:
       continue
     d = 0 if block.source < 0 else 1
     w, h = np.int64(block.w), np.int64(block.h)

@@ -76,23 +76,25 @@ class VectorGrid:
 
 
 def paint_vectors(
-  vectors: np.ndarray | None, height: int, width: int, direction: int
+  vectors: np.ndarray | None, height: int, width: int, direction: int, min_side: int = 0
 ) -> VectorGrid:
   """Paint the blocks of one direction (-1 past, +1 future) onto the 4x4-pixel grid.
 
   FFmpeg reports each block by its centre (dst_x, dst_y) and size (w, h); the displacement in
   pixels is motion / motion_scale (= src - dst, sub-pixel). Blocks reaching past the frame
-  (coded sizes are padded to macroblocks) are clipped.
+  (coded sizes are padded to macroblocks) are clipped; blocks narrower or shorter than
+  `min_side` pixels are left out.
   """
   hc, wc = -(-height // CELL), -(-width // CELL)
   if KERNELS is not None and vectors is not None and len(vectors):
-    return paint_directions(vectors, height, width)[0 if direction < 0 else 1]
+    return paint_directions(vectors, height, width, min_side)[0 if direction < 0 else 1]
   dx = np.zeros((hc, wc), np.float32)
   dy = np.zeros((hc, wc), np.float32)
   has = np.zeros((hc, wc), bool)
   if vectors is None or len(vectors) == 0:
     return VectorGrid(dx, dy, has)
   mv = vectors[(vectors['source'] < 0) if direction < 0 else (vectors['source'] > 0)]
+  mv = mv[(mv['w'] >= min_side) & (mv['h'] >= min_side)]
   if len(mv) == 0:
     return VectorGrid(dx, dy, has)
   bw = np.maximum(mv['w'].astype(np.int64) // CELL, 1)
@@ -119,14 +121,20 @@ def paint_vectors(
 
 
 def paint_directions(
-  vectors: np.ndarray | None, height: int, width: int
+  vectors: np.ndarray | None, height: int, width: int, min_side: int = 0
 ) -> tuple[VectorGrid, VectorGrid, bool]:
-  """(past grid, future grid, whether any block refers to the future): `paint_vectors` of
-  both directions, in one pass over the records when compiled."""
+  """(past grid, future grid, whether any painted block refers to the future): `paint_vectors`
+  of both directions, in one pass over the records when compiled."""
   if KERNELS is None or vectors is None or len(vectors) == 0:
-    future = vectors is not None and bool(np.any(vectors['source'] > 0))
-    return (*(paint_vectors(vectors, height, width, d) for d in (-1, 1)), future)
-  *painted, future = KERNELS.paint(vectors, -(-height // CELL), -(-width // CELL), CELL)
+    kept = (
+      vectors
+      if vectors is None
+      else vectors[(vectors['w'] >= min_side) & (vectors['h'] >= min_side)]
+    )
+    future = kept is not None and bool(np.any(kept['source'] > 0))
+    return (*(paint_vectors(vectors, height, width, d, min_side) for d in (-1, 1)), future)
+  hc, wc = -(-height // CELL), -(-width // CELL)
+  *painted, future = KERNELS.paint(vectors, hc, wc, CELL, min_side)
   grids = [VectorGrid(*(a[d] for a in painted)) for d in range(painted[0].shape[0])]
   # No future block (P-frames): the kernel painted the past only; the future grid is zeros.
   return grids[0], grids[1] if future else paint_vectors(None, height, width, 1), future > 0
@@ -153,10 +161,17 @@ def cell_runs(height: int, width: int, hc: int, wc: int, step: int) -> tuple[np.
   return runs
 
 
-def cells_to_pixels(cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1) -> np.ndarray:
-  """The cell value under the centre of each analysis pixel (each covers step x step coded)."""
+def cells_to_pixels(
+  cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1, runs: tuple | None = None
+) -> np.ndarray:
+  """The cell value under the centre of each analysis pixel (each covers step x step coded), or
+  over the `runs` given (`llava_grid.stretch_runs`)."""
   if KERNELS is not None:
-    return KERNELS.expand(cells_HcxWc, *cell_runs(height, width, *cells_HcxWc.shape, step))
+    runs = runs or cell_runs(height, width, *cells_HcxWc.shape, step)
+    return KERNELS.expand(cells_HcxWc, *runs)
+  if runs is not None:
+    rows, cols = (np.diff(r) for r in runs)
+    return np.repeat(np.repeat(cells_HcxWc, rows, axis=0), cols, axis=1)
   return prediction.expand(cells_HcxWc, height, width, step)
 
 
@@ -248,12 +263,13 @@ class FrameMaps:
   # is constant over them (the default maths); None otherwise.
   motion_cells: tuple | None = None
   step: int = 1  # coded pixels per analysis pixel (how the cells cover the map)
+  runs: tuple | None = None  # the cells' runs of pixels, when not `cell_runs`' (vector_grid)
 
   def motion_map(self) -> np.ndarray:
     """The motion at each analysis pixel, float32 [H, W]."""
     if self.motion_HxW is None:
       h, w = self.residual_HxW.shape
-      self.motion_HxW = cells_to_pixels(self.motion_cells[0], h, w, self.step)
+      self.motion_HxW = cells_to_pixels(self.motion_cells[0], h, w, self.step, self.runs)
     return self.motion_HxW
 
 
@@ -266,6 +282,7 @@ def frame_maps(
   maths: str = 'ove',
   inconsistency: int = 0,
   whole_pixels: bool = False,
+  vector_grid: str = 'cover',
 ) -> FrameMaps:
   """Motion and residual maps of a decoded frame given its candidate references.
 
@@ -275,7 +292,8 @@ def frame_maps(
   direction best is taken as the reference the encoder used. `maths='release'` measures motion
   as the release does (`release_motion`); `inconsistency` > 0 replaces the motion magnitude by
   its local variance in that window (`release.local_variance`); `whole_pixels` truncates its
-  vectors to whole pixels first (`Options.whole_pixel_vectors`).
+  vectors to whole pixels first (`Options.whole_pixel_vectors`); `vector_grid='llava'` takes
+  that motion on the LLaVA reader's grid (`llava_grid`).
   """
   luma = frame.analysis_luma().astype(np.float32, copy=False)
   h, w = luma.shape
@@ -325,18 +343,26 @@ def frame_maps(
       coded_HcxWc = past_grid.has_HcxWc.view(np.uint8) + 2 * future_grid.has_HcxWc.view(np.uint8)
       residual_HxW = bipredicted_residual(luma, p0, p1, coded_HcxWc, step)
 
-  motion_cells = motion_HxW = None
+  motion_cells = motion_HxW = runs = None
   if maths != 'release':
     motion_HcxWc = motion_magnitude(grids, distances, camera).astype(np.float32, copy=False)
-  elif camera in RELEASE_CELL_CAMERAS:
-    motion_HcxWc = release_motion_cells(past_grid, h, w, camera, step, whole_pixels)
   else:
-    motion_HxW = release_motion(past_grid, h, w, camera, step, whole_pixels)
+    from data_pipeline.codec import release_motion  # it builds on this module
+
+    if vector_grid == 'llava':
+      motion_HcxWc, weights, runs = release_motion.llava_cells(
+        frame.llava_l0, h, w, camera, step, whole_pixels, frame.height, frame.width
+      )
+    elif camera in release_motion.CELL_CAMERAS:
+      motion_HcxWc = release_motion.cells(past_grid, h, w, camera, step, whole_pixels)
+    else:
+      motion_HxW = release_motion.pixels(past_grid, h, w, camera, step, whole_pixels)
   if motion_HxW is None:
     if inconsistency:
-      motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step)
+      motion_HxW = cells_to_pixels(motion_HcxWc, h, w, step, runs)
     else:
-      motion_cells = (motion_HcxWc, cell_weights(h, w, *motion_HcxWc.shape, step))
+      weights = weights if runs else cell_weights(h, w, *motion_HcxWc.shape, step)
+      motion_cells = (motion_HcxWc, weights)
   if inconsistency:
     motion_HxW = local_variance(motion_HxW, inconsistency)
   return FrameMaps(
@@ -347,6 +373,7 @@ def frame_maps(
     tuple(distances),
     motion_cells,
     step,
+    runs,
   )
 
 
@@ -388,39 +415,6 @@ def _motion_from_lengths(used: list, grids: Sequence[VectorGrid]) -> np.ndarray:
   filler = used[0] if used else (np.zeros(grids[0].shape, np.float32), grids[0].has_HcxWc, 0)
   padded = (used + [filler, filler])[:2]
   return KERNELS.motion_magnitude(*padded[0], *padded[1], len(used))
-
-
-def release_motion(
-  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1, whole: bool = False
-) -> np.ndarray:
-  """The release's motion magnitude at each analysis pixel: list-0 vectors in pixels (zero where
-  none was coded; `whole`: truncated to whole pixels), compensated over all pixels by
-  `release.compensate`."""
-  dx, dy = (release.l0_cells(l0.has_HcxWc, d, whole) for d in (l0.dx_HcxWc, l0.dy_HcxWc))
-  dx, dy = (cells_to_pixels(d, height, width, step) for d in (dx, dy))
-  dx, dy = release.compensate(dx.astype(np.float32), dy.astype(np.float32), camera)
-  return np.sqrt(dx * dx + dy * dy)
-
-
-# The release's compensations whose statistic over the pixels a cell grid weighted by its pixel
-# counts gives exactly (none; the median is an order statistic of the same multiset).
-RELEASE_CELL_CAMERAS = ('none', 'median')
-
-
-def release_motion_cells(
-  l0: VectorGrid, height: int, width: int, camera: str, step: int = 1, whole: bool = False
-) -> np.ndarray:
-  """`release_motion` on the cell grid, float32 [Hc, Wc], for the `RELEASE_CELL_CAMERAS`: the
-  map is constant over each cell, so the median over the pixels is the cells' median weighted
-  by their pixel counts (`median`), and the rest is the same float32 arithmetic per cell;
-  expanded, it is `release_motion`'s map bit for bit."""
-  dx, dy = (release.l0_cells(l0.has_HcxWc, d, whole) for d in (l0.dx_HcxWc, l0.dy_HcxWc))
-  if camera == 'median':
-    weights = cell_weights(height, width, *dx.shape, step)
-    dx, dy = dx - median(dx, weights), dy - median(dy, weights)
-  elif camera != 'none':
-    raise ValueError(f'camera {camera!r}: the cell path serves {RELEASE_CELL_CAMERAS}')
-  return np.sqrt(dx * dx + dy * dy)
 
 
 def median(values: np.ndarray, weights: np.ndarray) -> np.float32:
@@ -517,7 +511,7 @@ def normalise_fuse(raw: FrameMaps, *fusion, part: tuple | None = None) -> np.nda
   rows, cols = part or (slice(0, h), slice(0, w))
   if KERNELS is not None and _plain_mean(*fusion):
     if raw.motion_HxW is None:
-      runs = cell_runs(h, w, *cells.shape, raw.step)
+      runs = raw.runs or cell_runs(h, w, *cells.shape, raw.step)
       bounds = (rows.start, rows.stop, cols.start, cols.stop)
       return KERNELS.normalise_fuse_cells(
         cells, motion_scale, residual_HxW, residual_scale, *runs, *bounds
@@ -572,14 +566,6 @@ def centre_prior(
   gy = np.exp(-0.5 * ((np.arange(height) - (height - 1) / 2) / sigma) ** 2)
   gx = np.exp(-0.5 * ((np.arange(width) - (width - 1) / 2) / sigma) ** 2)
   return (1.0 + strength * np.outer(gy, gx)).astype(np.float32)
-
-
-def patch_integrators(
-  height: int, width: int, resolution: int, patch_size: int, step: int = 1, geometry: str = 'crop'
-) -> tuple[np.ndarray, np.ndarray]:
-  """Matrices that sum a map over each model patch: (Ay [Hp, H//step], Ax [Wp, W//step]);
-  `geometry.patch_integrators` (exact area weighting, whatever the scale)."""
-  return geometry_lib.patch_integrators(height, width, resolution, patch_size, geometry, step)
 
 
 def to_patches_banded(map_HxW: np.ndarray, bands: tuple) -> np.ndarray:

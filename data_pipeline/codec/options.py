@@ -27,6 +27,7 @@ DEFAULT_GOP = 32
 TRANSCODES = ('sampled', 'faithful', 'paired')
 REPEATED_FRAMES = ('first', 'last', 'all')
 KEYFRAMES = ('samples', 'source')
+VECTOR_GRIDS = ('cover', 'llava')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,12 @@ class Options:
   # integer division) and the release's LLaVA reader takes it (src - dst); the prediction still
   # uses the exact quarter-pel vector. False: motion_x / motion_scale.
   whole_pixel_vectors: bool = False
+  # The grid the motion is taken on (maths 'release'): 'cover' every coded block on
+  # ceil(H / 4) x ceil(W / 4) cells, pixels read by their centre; 'llava' the release's LLaVA
+  # reader's (`release_motion`: floor(H / 4) x floor(W / 4) cells, blocks with a 4-pixel side
+  # left out, statistics over the cells, stretched by nearest neighbour). The prediction keeps
+  # 'cover'.
+  vector_grid: str = 'cover'
   # 0, or an odd k >= 3: the motion score is the k x k local variance of the compensated
   # magnitude (the release's MV "inconsistency") instead of the magnitude.
   motion_inconsistency: int = 0
@@ -148,6 +155,11 @@ class Options:
     _flag('whole_pixel_vectors', self.whole_pixel_vectors)
     if self.whole_pixel_vectors and self.maths != 'release':
       raise ValueError("option whole_pixel_vectors=True needs maths='release' (its motion path)")
+    _choice('vector_grid', self.vector_grid, VECTOR_GRIDS)
+    if self.vector_grid != 'cover' and self.maths != 'release':
+      raise ValueError(
+        f"option vector_grid={self.vector_grid!r} needs maths='release' (its motion path)"
+      )
     _integer(
       'motion_inconsistency',
       self.motion_inconsistency,

@@ -16,8 +16,8 @@ What they share, and what `maths='release'` switches on (docs/spec.md §2.4-§2.
   distance; a cell with no L0 vector (intra, I-frame, L1-only)
   counts as a zero vector, in the statistics too. The grid is sampled at every analysis pixel
   (the release upsamples its 4x4-cell grid to the frame by nearest neighbour before the
-  statistics in the train and probe paths; LLaVA takes them on the cells, which gives the same
-  median and a p95 that can differ by the percentile's interpolation only).
+  statistics in the train and probe paths; LLaVA takes them on its reader's grid of cells and
+  stretches the normalised grid: `vector_grid='llava'`, `release_motion.llava_cells`).
 - Camera compensation (`compensate`): 'median' / 'mean' subtract the per-frame median / mean
   vector over all pixels; 'similarity' / 'affine' fit dx = tx + a*x - b*y, dy = ty + b*x + a*y
   (affine: six free coefficients) by least squares on coordinates in [-1, 1]
@@ -61,6 +61,7 @@ PRESET_TABLE = (
   ('policy',               'zero_first',   'zero',         'first_frame'),
   ('camera_compensation',  'none',         'similarity',   'median'),
   ('whole_pixel_vectors',  False,          False,          True),
+  ('vector_grid',          'cover',        'cover',        'llava'),
   ('motion_inconsistency', 0,              3,              0),
   ('centre_prior',         0.0,            0.3,            0.0),
   ('centre_sigma',         '-',            0.35,           '-'),

@@ -23,9 +23,8 @@ where the spec leaves room:
   just above), clips with moving objects p95 0.2-0.35 and rel > 0.85, a camera pan with no
   object rel ~ 0.2. Taking m over all (t, h, w) candidates instead separates far worse: the
   sparse re-coding noise of a still clip then looks like a small moving region (rel 1.0).
-  The fallback's whole frames are added to the policy's. With the release's static test, a
-  budget that cannot hold them whole is spread over them as the release does
-  (`release.static_spread`): no frame whole, no patch ranked.
+  The fallback's whole frames are added to the policy's; with the release's test, a budget that
+  cannot hold them is spread over them instead (`release.static_spread`).
 """
 
 from __future__ import annotations
@@ -354,8 +353,11 @@ def _analyse(
         frames = bitstream.prefetched(frames)
       scorer = Scorer(opts, resolution, patch_size, step)
       how = (opts.camera_compensation, step, opts.maths, opts.motion_inconsistency)
-      how += (opts.whole_pixel_vectors,)  # `maps.frame_maps`' arguments after the references
-      for frame, past, future in bitstream.frames_with_references(frames, wanted, decoded, step):
+      how += (opts.whole_pixel_vectors, opts.vector_grid)  # frame_maps' after the references
+      found = bitstream.frames_with_references(
+        frames, wanted, decoded, step, llava=how[-1] == 'llava'
+      )
+      for frame, past, future in found:
         map_tick = time.perf_counter()
         raw = maps.frame_maps(frame, past, future, *how)
         vectors_past += raw.vectors_past
