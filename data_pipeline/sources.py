@@ -12,6 +12,7 @@ pipeline's error handling, so one corrupt record cannot stop the pipeline. Sourc
 `open_source(spec)` picks a source from a config string:
   '/data/train-*.array_record' (one or more comma-separated globs)   ArrayRecord shards, sorted
   'folder:/data/images'                                              an image folder
+  'folder:gs://bucket/images'                                        ... or a bucket prefix
   'folder:/data/images?labels=/data/labels.npy'                      ... with cluster labels
   'tfds:my_dataset/config:1.0.0?split=train&data_dir=/data/tfds'     a TFDS ArrayRecord build
   'tfds:ove_codec?data_dir=/data/ove_codec_tfds'                     ... data_dir may also be the

@@ -165,7 +165,7 @@ def cells_to_pixels(
   cells_HcxWc: np.ndarray, height: int, width: int, step: int = 1, runs: tuple | None = None
 ) -> np.ndarray:
   """The cell value under the centre of each analysis pixel (each covers step x step coded), or
-  over the `runs` given (`llava_grid.stretch_runs`)."""
+  over the `runs` given (`release_motion.stretch_runs`)."""
   if KERNELS is not None:
     runs = runs or cell_runs(height, width, *cells_HcxWc.shape, step)
     return KERNELS.expand(cells_HcxWc, *runs)
@@ -293,7 +293,7 @@ def frame_maps(
   as the release does (`release_motion`); `inconsistency` > 0 replaces the motion magnitude by
   its local variance in that window (`release.local_variance`); `whole_pixels` truncates its
   vectors to whole pixels first (`Options.whole_pixel_vectors`); `vector_grid='llava'` takes
-  that motion on the LLaVA reader's grid (`llava_grid`).
+  that motion on the LLaVA reader's grid (`release_motion.llava_cells`).
   """
   luma = frame.analysis_luma().astype(np.float32, copy=False)
   h, w = luma.shape
