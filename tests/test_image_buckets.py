@@ -1,13 +1,13 @@
 """Image corpora in a bucket: ove-precompute-images reads a folder (a prefix, class per top
 subfolder or a labels .npy), a webdataset tar set and parquet files from gs:// and s3:// (the
-local API servers of tests/conftest.py), in worker processes, with no local copy; each run's
-records and failures are those of the same corpus read from local files, names aside."""
+local API servers of tests/conftest.py), in worker processes, with no local copy, into shards in
+the bucket; each run's records and failures are those of the same corpus read from local files,
+names aside."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -32,20 +32,21 @@ def _records(out: str) -> dict:
 
 
 def _failures(out: str) -> list[str]:
-  with open(os.path.join(out, precompute.FAILURES), encoding='utf-8') as f:
+  with paths.open_file(paths.join(out, precompute.FAILURES), encoding='utf-8') as f:
     return sorted(json.loads(line)['file'] for line in f if line.strip())
 
 
 def _same_run(local_source: str, url_source: str, local_root: str, url_root: str, tmp, **kw):
-  """Runs both sources; the URL run's records and failures are the local run's, with the local
-  root's name replaced by the bucket's."""
+  """Runs both sources, the local one into a local folder and the bucket's into the bucket; the
+  URL run's records and failures are the local run's, with the local root's name replaced by
+  the bucket's."""
   runs = []
-  for source, workers in ((local_source, 0), (url_source, 2)):
-    out = str(tmp / f'out-{len(runs)}')
+  bucket_out = paths.join(paths.buckets_in(url_root)[0], f'{tmp.name}-out')
+  for source, workers, out in ((local_source, 0, str(tmp / 'out')), (url_source, 2, bucket_out)):
     summary = image_precompute.precompute_images(
       source, out, num_shards=2, workers=workers, progress=False, **kw
     )
-    assert summary['complete']
+    assert summary['complete'] and precompute.check(out)['complete']
     runs.append((_records(out), _failures(out)))
   (local, local_failed), (remote, remote_failed) = runs
   assert local and all(name.startswith(url_root) for name in remote)
