@@ -32,7 +32,8 @@ and is the fairer figure on a shared machine).
 The selection runs as `codec.select` does by default (decoding on a thread of its own,
 overlapped with the analysis, where the clip has more to decode than to analyse and 2 CPUs are
 usable) and on one thread, as each precompute worker runs it (OVE_SELECT_THREADS=1: no decoding
-thread, and the decoder without slice threads).
+thread, and the decoder without slice threads). 'vectors' times the decode a one-thread
+selection opens, vectors exported and read but no analysis: the bitstream's share of its time.
 
   python tools/bench_selection.py --speed bikes.mp4 bigbuckbunny.mp4 carphone_pristine.mp4 \
       --clips 3 --repeat 3
