@@ -26,7 +26,7 @@ side in one run: the given files (e.g. the three H.264 clips inside the scikit-v
 --clips synthetic ones. Decoding is PyAV's own loop over every frame up to the last one the
 timeline samples (what the selection has to decode too), default threads, frames left as
 decoded ('decode'), and also converted to RGB arrays ('decode+rgb', what a frame reader pays).
-Each figure is the best of --repeat runs (the four measurements of a clip run alternately);
+Each figure is the best of --repeat runs (the five measurements of a clip run alternately);
 wall time and the process's user+sys CPU time are both shown (CPU time includes every thread,
 and is the fairer figure on a shared machine).
 The selection runs as `codec.select` does by default (decoding on a thread of its own,
