@@ -35,6 +35,7 @@ is the damage of a tar (`shard.tar#(rest)`) or an unreadable parquet file (`part
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import json
@@ -101,9 +102,9 @@ class ImageSettings:
 def source_kind(source: str) -> str:
   """'folder', 'list', 'tar' or 'parquet', from what `source` names (locally or in a bucket)."""
   url = paths.is_url(source)
-  problem = paths.one_slash_url(source) or (url and paths.buckets_problem(source))
+  problem = paths.input_problem(source)
   if problem:
-    raise FileNotFoundError(problem)
+    raise FileNotFoundError(f'{source}: {problem}')
   if not url and os.path.isdir(os.path.expanduser(source)):
     return 'folder'
   last = re.split(r',(?![^{]*\})', source)[-1].strip().lower()
@@ -400,6 +401,7 @@ def init_image_worker(settings: ImageSettings, blas_threads: int = 0) -> None:
   del blas_threads  # no matrix work here
   _settings = settings
   _groups.clear()
+  _close_tar()
 
 
 def parquet_cell(path: str, group: int, row: int, column: str) -> Any:
@@ -420,6 +422,31 @@ def parquet_cell(path: str, group: int, row: int, column: str) -> Any:
   return _groups[key][row]
 
 
+def _tar_member(path: str, offset: int, size: int) -> bytes:
+  """`size` bytes at `offset` of a tar, through one handle kept open per worker for the tar it
+  reads (a worker's members come in tar order unless the plan shuffles them: in a bucket, one
+  open and the handle's read-ahead instead of two requests a member); dropped on any error."""
+  if not _tar_open or _tar_open[0] != path:
+    _close_tar()
+    _tar_open[:] = [path, paths.open_file(path, 'rb')]
+  try:
+    _tar_open[1].seek(offset)
+    return _tar_open[1].read(size)
+  except BaseException:
+    _close_tar()
+    raise
+
+
+def _close_tar() -> None:
+  if _tar_open:
+    with contextlib.suppress(Exception):
+      _tar_open[1].close()
+    _tar_open.clear()
+
+
+_tar_open: list = []  # [path, open handle] of the tar this worker last read a member of
+
+
 def read_image_bytes(item: ImageItem) -> bytes:
   """The encoded image an item names: a file (or an object in a bucket), a tar member or a
   parquet cell."""
@@ -437,9 +464,7 @@ def read_image_bytes(item: ImageItem) -> bytes:
     if not isinstance(cell, (bytes, bytearray)):
       raise ImageError(f'the image cell holds {type(cell).__name__}, not bytes')
     return bytes(cell)
-  with paths.open_file(item.container, 'rb') as f:
-    f.seek(item.offset)
-    data = f.read(item.size)
+  data = _tar_member(item.container, item.offset, item.size)
   if len(data) != item.size:
     raise ImageError(f'tar member cut short: {len(data)} of {item.size} bytes')
   return data

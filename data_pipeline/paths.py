@@ -81,6 +81,12 @@ def bucket_problem(bucket: str) -> str | None:
   return None
 
 
+def input_problem(source: str) -> str | None:
+  """Why an input path cannot be read, before it is listed: a malformed URL (`one_slash_url`)
+  or, for a URL, a bucket that does not exist (`buckets_problem`); None otherwise."""
+  return one_slash_url(source) or (buckets_problem(source) if is_url(source) else None)
+
+
 def buckets_problem(text: str) -> str | None:
   """The first `bucket_problem` of the buckets `text` names (`buckets_in`), None where every one
   can be used: a tool's check of an output URL before its work."""

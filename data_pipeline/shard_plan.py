@@ -121,7 +121,7 @@ def read_inputs(
   """
   source = os.fspath(source)
   wanted = tuple(e.lower() for e in extensions)
-  problem = paths.one_slash_url(source) or (paths.is_url(source) and paths.buckets_problem(source))
+  problem = paths.input_problem(source)
   if problem:
     raise FileNotFoundError(f'{source}: {problem}')
   if paths.is_url(source):

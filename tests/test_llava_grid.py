@@ -67,11 +67,14 @@ def stage1_motion(mv: np.ndarray, height: int, width: int) -> np.ndarray:
   a = max(float(np.percentile(mag, 95.0)), 1e-6)
   norm = np.clip(mag / a, 0.0, 1.0)
 
-  def index(dst: int, src: int) -> np.ndarray:
-    scale = 1.0 / (dst / src)
-    return np.array([min(math.floor(x * scale), src - 1) for x in range(dst)])
+  return norm[opencv_nearest(height, norm.shape[0])][:, opencv_nearest(width, norm.shape[1])]
 
-  return norm[index(height, norm.shape[0])][:, index(width, norm.shape[1])]
+
+def opencv_nearest(dst: int, src: int) -> np.ndarray:
+  """cv2.resize INTER_NEAREST's source index of each of `dst` outputs: floor(x * ifx) in
+  doubles, ifx = 1 / (dst / src), clamped to the last."""
+  scale = 1.0 / (dst / src)
+  return np.array([min(math.floor(x * scale), src - 1) for x in range(dst)])
 
 
 def ours(records: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -114,8 +117,9 @@ def test_stretch_runs_are_opencvs_nearest():
     cells, analysed = size // 4, size // step
     runs = release_motion.stretch_runs(analysed, analysed, cells, cells, step, size, size)[1]
     under = np.repeat(np.arange(cells), np.diff(runs))
+    # Each analysis pixel reads the cell OpenCV's stretch gives its middle coded pixel.
     middle = step * np.arange(analysed) + step // 2
-    np.testing.assert_array_equal(under, np.minimum(middle * cells // size, cells - 1))
+    np.testing.assert_array_equal(under, opencv_nearest(size, cells)[middle])
     if step == 1:
       # Cell c starts at pixel 4c where the size is a multiple of 4; at 854 (213 cells) it
       # drifts right by up to half a cell, and the last cell takes the ragged edge.

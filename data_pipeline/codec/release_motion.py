@@ -24,6 +24,8 @@ covering grid (the reader's residual is not made from vectors).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from data_pipeline.codec import maps, release
@@ -38,6 +40,7 @@ def llava_paint(records: np.ndarray | None, height: int, width: int) -> maps.Vec
   return maps.paint_vectors(records, height // cell * cell, width // cell * cell, -1, MIN_SIDE)
 
 
+@functools.lru_cache(maxsize=16)  # one frame size a clip: the same runs every frame
 def stretch_runs(
   height: int, width: int, hc: int, wc: int, step: int, coded_height: int, coded_width: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -72,13 +75,21 @@ def llava_cells(
   if grid is None:
     grid = maps.paint_vectors(None, hc * maps.CELL, wc * maps.CELL, -1)
   dx, dy = (release.l0_cells(grid.has_HcxWc, d, whole) for d in (grid.dx_HcxWc, grid.dy_HcxWc))
-  ones = np.ones(hc * wc, np.int64)
+  ones = _ones(hc * wc)
   if camera == 'median':  # np.median's value, by the compiled order statistics
     dx, dy = dx - maps.median(dx, ones), dy - maps.median(dy, ones)
   else:
     dx, dy = release.compensate(dx, dy, camera)
   magnitude = np.sqrt(dx * dx + dy * dy).astype(np.float32, copy=False)
   return magnitude, ones, stretch_runs(height, width, hc, wc, step, coded_height, coded_width)
+
+
+@functools.lru_cache(maxsize=4)
+def _ones(count: int) -> np.ndarray:
+  """int64 ones [count], read-only: each cell counted once in the statistics."""
+  ones = np.ones(count, np.int64)
+  ones.setflags(write=False)
+  return ones
 
 
 def pixels(
