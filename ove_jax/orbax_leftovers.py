@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 _ORBAX = f'{os.sep}orbax{os.sep}'
@@ -33,7 +34,21 @@ class _UnretrievedOrbaxTasks(logging.Filter):
     message = record.getMessage()
     if not message.split('\n', 1)[0].endswith(_UNRETRIEVED):
       return True
-    return not (_ORBAX in message or _raised_in_orbax(record.exc_info))
+    error = record.exc_info[1] if record.exc_info else None
+    return not (_ORBAX in message or _raised_in_orbax(record.exc_info) or _native_read(error))
+
+
+# TensorStore's errors (what orbax's array reads raise) carry an absl status code first.
+_STATUS = re.compile(r'^(FAILED_PRECONDITION|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|UNKNOWN|'
+                     r'INTERNAL|OUT_OF_RANGE|UNAVAILABLE|ABORTED|CANCELLED): ')  # fmt: skip
+
+
+def _native_read(error) -> bool:
+  """An error TensorStore set on a future from its own threads: no Python traceback, its
+  message an absl status ('FAILED_PRECONDITION: Error reading ... in OCDBT database ...'). A
+  plain future of orbax's reads ends so, its report naming no orbax file (a CI run's last
+  stderr line, 'ValueError: FAILED_PRECONDITION: ... Truncated Zstd-compressed stream')."""
+  return error is not None and error.__traceback__ is None and bool(_STATUS.match(str(error)))
 
 
 def _raised_in_orbax(exc_info) -> bool:
@@ -54,7 +69,9 @@ def _is_leftover(unraisable) -> bool:
   if code is not None and _ORBAX in code.co_filename:
     return True
   exc = unraisable.exc_value  # a tensorstore callback into orbax's closed asyncio loop
-  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  return unraisable.exc_traceback is None and _native_read(exc)
 
 
 def quiet() -> None:

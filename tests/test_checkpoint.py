@@ -275,11 +275,19 @@ def test_a_failed_read_quiets_only_orbaxs_leftovers(monkeypatch):
 
   sys.unraisablehook(unraisable(types.SimpleNamespace(cr_code=code), Exception('read error')))
   sys.unraisablehook(unraisable(None, RuntimeError('Event loop is closed')))
+  # TensorStore's own error, set from its threads: no traceback, an absl status first.
+  native = ValueError('FAILED_PRECONDITION: Error reading "x" in OCDBT database at "s/"')
+  sys.unraisablehook(unraisable(None, native))
   assert seen == []
   other = unraisable(coroutine, ValueError('ours'))
   sys.unraisablehook(other)
   sys.unraisablehook(unraisable(None, RuntimeError('another')))
-  assert [u.exc_value.args[0] for u in seen] == ['ours', 'another']
+  sys.unraisablehook(unraisable(None, ValueError('FAILED_PRECONDITION but ours, not a status')))
+  assert [u.exc_value.args[0] for u in seen] == [
+    'ours',
+    'another',
+    'FAILED_PRECONDITION but ours, not a status',
+  ]
   coroutine.close()
   orbax_leftovers.quiet()  # installed once: not wrapped again
   assert sys.unraisablehook.ove_quiets_failed_reads
@@ -342,8 +350,22 @@ def test_unretrieved_orbax_task_errors_are_not_logged(monkeypatch, tmp_path, cap
     fail_unretrieved(ours())
     fail_gathered(orbax_like.async_deserialize())
     fail_gathered(ours())
+    # A plain future whose exception TensorStore set from its own thread (no traceback): a
+    # status-coded read error is dropped, another error is reported.
+    for error in (
+      ValueError('FAILED_PRECONDITION: Error reading "x" in OCDBT database at "s/"'),
+      ValueError('FAILED_PRECONDITION, ours'),
+    ):
+      loop = asyncio.new_event_loop()
+      future = loop.create_future()
+      future.set_exception(error)
+      loop.close()
+      del future, error
+      gc.collect()
   reports = [r.getMessage() for r in caplog.records if r.name == 'asyncio']
-  assert len(reports) == 2 and 'Task exception was never retrieved' in reports[0]
+  assert len(reports) == 3 and 'Task exception was never retrieved' in reports[0]
+  assert reports[2].startswith('Future exception was never retrieved')
+  assert 'FAILED_PRECONDITION, ours' in reports[2]
   assert 'ours()' in reports[0] and 'async_deserialize' not in reports[0]
   assert reports[1].startswith('_GatheringFuture exception was never retrieved')
   assert "ValueError('ours')" in reports[1]
